@@ -12,10 +12,14 @@ import contextlib
 import logging
 import signal
 from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+
+# grpc-stubs does not describe the asyncio health servicer.
+HealthServicer: Any = health.aio.HealthServicer  # type: ignore[attr-defined]
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +49,7 @@ class Served:
     def __init__(
         self,
         server: grpc.aio.Server,
-        health_servicer: health.aio.HealthServicer,
+        health_servicer: Any,
         port: int,
         services: list[str],
     ) -> None:
@@ -85,7 +89,7 @@ async def serve(
     server = grpc.aio.server(options=SERVER_OPTIONS)
     for add in register:
         add(server)
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         [*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server

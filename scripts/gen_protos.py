@@ -1,8 +1,8 @@
 """Generate the Python code for the wire contract: the only writer of ``amm/v1/``.
 
-``protos/amm/v1/*.proto`` is compiled with ``-I protos`` so that the generated modules import each
-other as ``from amm.v1 import ...`` with no patching. ``--check`` regenerates into a temporary folder
-and fails when the checked-in files differ, which is how CI keeps them honest.
+``protos/amm/v1/*.proto`` is compiled with ``-I protos`` so that the generated modules import
+each other as ``from amm.v1 import ...`` with no patching. ``--check`` regenerates into a
+temporary folder and fails when the checked-in files differ, which is how CI keeps them honest.
 """
 
 from __future__ import annotations
