@@ -1,1 +1,134 @@
-"""Placeholder; filled in by the next commits."""
+"""The ledger of directives in flight, kept across cycles.
+
+Dask forgets its pending replications and drops at the end of every cycle (dask/distributed#5759),
+so a slow transfer invites the next cycle to ask again, or to drop a replica that a transfer is
+still relying on. Here a directive stays in flight until
+
+1. the agent refused or failed it (nothing changed on the agent), or
+2. it was applied *and* a poll has since shown the agent at the outcome's inventory version, so
+   the cluster view already reflects it, or
+3. no outcome arrived within the directive timeout (the agent is gone or the stream broke).
+
+The core reads the ledger through ``InFlight`` to count pending replicas and drops. Pure: the
+caller supplies the clock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from typing import TypeVar
+
+from amm_service.directive import Directive, Op, Outcome, OutcomeStatus
+from amm_service.view import Key, WorkerId
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """A directive in flight: sent at ``sent_at``; ``applied_version`` once the agent applied it."""
+
+    directive: Directive
+    sent_at: float
+    applied_version: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class InFlight:
+    """Pending replications and drops of one key: the workers concerned."""
+
+    replicating: frozenset[WorkerId] = frozenset()
+    dropping: frozenset[WorkerId] = frozenset()
+
+
+_NONE = InFlight()
+_K = TypeVar("_K")
+
+
+class Ledger:
+    """Directives sent and not yet settled, indexed by id and by key."""
+
+    def __init__(self) -> None:
+        self._entries: dict[str, Entry] = {}
+        self._by_key: dict[Key, dict[str, Entry]] = {}
+        self._by_worker: dict[WorkerId, dict[str, Entry]] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, directive_id: object) -> bool:
+        return directive_id in self._entries
+
+    def __iter__(self) -> Iterator[Entry]:
+        return iter(list(self._entries.values()))
+
+    def add(self, directive: Directive, now: float) -> None:
+        self._put(Entry(directive, now))
+
+    def settle(self, outcome: Outcome, observed_version: int) -> Entry | None:
+        """Record an outcome; returns the entry it concerned, or None if unknown (expired).
+
+        ``observed_version`` is the agent's inventory version in the current cluster view.
+        """
+        entry = self._entries.get(outcome.directive_id)
+        if entry is None:
+            return None
+        if outcome.status is OutcomeStatus.APPLIED and outcome.inventory_version > observed_version:
+            self._put(replace(entry, applied_version=outcome.inventory_version))
+        else:
+            self._remove(entry)
+        return entry
+
+    def observe(self, worker: WorkerId, version: int) -> None:
+        """A poll showed ``worker`` at inventory ``version``: applied directives up to it settle."""
+        for entry in list(self._by_worker.get(worker, {}).values()):
+            if entry.applied_version is not None and entry.applied_version <= version:
+                self._remove(entry)
+
+    def forget_worker(self, worker: WorkerId) -> list[Entry]:
+        """Drop every entry sent to ``worker`` (it unregistered or restarted)."""
+        gone = list(self._by_worker.get(worker, {}).values())
+        for entry in gone:
+            self._remove(entry)
+        return gone
+
+    def expire(self, now: float, timeout: float) -> list[Entry]:
+        """Remove and return the entries older than ``timeout`` that are still unanswered.
+
+        Applied entries whose effect no poll has shown yet are expired too: the worker stopped
+        answering polls, so the view cannot be trusted to catch up.
+        """
+        old = [e for e in self._entries.values() if now - e.sent_at > timeout]
+        for entry in old:
+            self._remove(entry)
+        return old
+
+    def in_flight(self, key: Key) -> InFlight:
+        entries = self._by_key.get(key)
+        if not entries:
+            return _NONE
+        repl = [e.directive.worker for e in entries.values() if e.directive.op is Op.REPLICATE]
+        drop = [e.directive.worker for e in entries.values() if e.directive.op is Op.DROP]
+        return InFlight(frozenset(repl), frozenset(drop))
+
+    def keys(self) -> frozenset[Key]:
+        return frozenset(self._by_key)
+
+    def _put(self, entry: Entry) -> None:
+        directive = entry.directive
+        self._entries[directive.id] = entry
+        self._by_key.setdefault(directive.key, {})[directive.id] = entry
+        self._by_worker.setdefault(directive.worker, {})[directive.id] = entry
+
+    def _remove(self, entry: Entry) -> None:
+        directive = entry.directive
+        self._entries.pop(directive.id, None)
+        _discard(self._by_key, directive.key, directive.id)
+        _discard(self._by_worker, directive.worker, directive.id)
+
+
+def _discard(index: dict[_K, dict[str, Entry]], group: _K, directive_id: str) -> None:
+    members = index.get(group)
+    if members is not None:
+        members.pop(directive_id, None)
+        if not members:
+            del index[group]

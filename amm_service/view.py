@@ -1,1 +1,255 @@
-"""Placeholder; filled in by the next commits."""
+"""The AMM's model of the cluster: who holds which key, and each worker's memory and status.
+
+``ClusterState`` is the one mutable copy, fed by the poller with each agent's inventory changes.
+``ClusterView`` is the frozen snapshot a cycle plans on; policies and the core see only views.
+Records are immutable and replaced on change, so a snapshot is a shallow copy of two dicts and a
+set, cheap even with a million keys. No I/O here.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from types import MappingProxyType
+from typing import Literal, NewType
+
+Key = NewType("Key", str)
+WorkerId = NewType("WorkerId", str)
+Measure = Literal["process", "managed", "optimistic"]
+MEASURES: tuple[Measure, ...] = ("process", "managed", "optimistic")
+
+
+class WorkerStatus(enum.Enum):
+    """A worker's status as the AMM sees it; only RUNNING workers receive new replicas."""
+
+    UNKNOWN = "unknown"
+    RUNNING = "running"
+    PAUSED = "paused"
+    CLOSING = "closing"
+
+
+@dataclass(frozen=True, slots=True)
+class Memory:
+    """A worker's memory report, in bytes."""
+
+    process: int = 0
+    managed: int = 0
+    unmanaged_old: int = 0
+    optimistic: int = 0
+    limit: int = 0
+
+    def by(self, measure: Measure) -> int:
+        if measure == "process":
+            return self.process
+        if measure == "managed":
+            return self.managed
+        return self.optimistic
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerView:
+    """One registered worker."""
+
+    address: WorkerId
+    name: str
+    status: WorkerStatus = WorkerStatus.UNKNOWN
+    memory: Memory = field(default_factory=Memory)
+    nkeys: int = 0
+    registered_at: float = 0.0
+    last_poll: float | None = None
+    incarnation: str = ""
+    version: int = 0
+
+    @property
+    def accepts_replicas(self) -> bool:
+        return self.status is WorkerStatus.RUNNING
+
+
+@dataclass(frozen=True, slots=True)
+class KeyView:
+    """One key: its size, checksum, holders and the holders where a reader pinned it."""
+
+    key: Key
+    size: int
+    checksum: str
+    holders: frozenset[WorkerId]
+    pinned_on: frozenset[WorkerId] = frozenset()
+
+
+@dataclass(frozen=True, slots=True)
+class KeyReport:
+    """One key as an agent reports it."""
+
+    key: Key
+    size: int
+    checksum: str
+    pinned: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterView:
+    """A frozen snapshot of the cluster for one cycle."""
+
+    workers: Mapping[WorkerId, WorkerView]
+    keys: Mapping[Key, KeyView]
+    replicated: frozenset[Key]
+    """Keys held by two or more workers: the only ones a drop can concern."""
+
+    def memory(self, worker: WorkerId, measure: Measure) -> int:
+        return self.workers[worker].memory.by(measure)
+
+    def has_what(self, worker: WorkerId) -> tuple[Key, ...]:
+        return tuple(sorted(k for k, kv in self.keys.items() if worker in kv.holders))
+
+
+def empty_view() -> ClusterView:
+    return ClusterView(MappingProxyType({}), MappingProxyType({}), frozenset())
+
+
+class ClusterState:
+    """The mutable cluster model: registration, poll results, snapshots."""
+
+    def __init__(self) -> None:
+        self._workers: dict[WorkerId, WorkerView] = {}
+        self._keys: dict[Key, KeyView] = {}
+        self._held: dict[WorkerId, set[Key]] = {}
+        self._replicated: set[Key] = set()
+
+    # -- workers ---------------------------------------------------------------------------
+
+    def register(self, address: WorkerId, name: str, incarnation: str, now: float) -> bool:
+        """Add a worker, or refresh it; returns True when it is new or a new incarnation.
+
+        A new incarnation (the agent restarted) loses what the old one held.
+        """
+        old = self._workers.get(address)
+        if old is not None and old.incarnation == incarnation:
+            self._workers[address] = replace(old, name=name or old.name)
+            return False
+        if old is not None:
+            self._forget_holdings(address)
+        self._workers[address] = WorkerView(
+            address=address, name=name or address, registered_at=now, incarnation=incarnation
+        )
+        self._held[address] = set()
+        return True
+
+    def unregister(self, address: WorkerId) -> bool:
+        if address not in self._workers:
+            return False
+        self._forget_holdings(address)
+        del self._workers[address]
+        del self._held[address]
+        return True
+
+    def worker(self, address: WorkerId) -> WorkerView | None:
+        return self._workers.get(address)
+
+    @property
+    def worker_ids(self) -> list[WorkerId]:
+        return list(self._workers)
+
+    # -- polls -----------------------------------------------------------------------------
+
+    def apply_poll(
+        self,
+        address: WorkerId,
+        *,
+        incarnation: str,
+        version: int,
+        full: bool,
+        keys: Iterable[KeyReport],
+        removed: Iterable[Key],
+        memory: Memory,
+        status: WorkerStatus,
+        name: str,
+        now: float,
+    ) -> None:
+        """Merge one poll answer. Unknown workers are ignored (they unregistered meanwhile)."""
+        old = self._workers.get(address)
+        if old is None:
+            return
+        if full or incarnation != old.incarnation:
+            self._forget_holdings(address)
+        held = self._held[address]
+        for report in keys:
+            self._set_holding(address, report)
+            held.add(report.key)
+        for key in removed:
+            if key in held:
+                held.discard(key)
+                self._remove_holding(address, key)
+        self._workers[address] = replace(
+            old,
+            name=name or old.name,
+            status=status,
+            memory=memory,
+            nkeys=len(held),
+            last_poll=now,
+            incarnation=incarnation,
+            version=version,
+        )
+
+    def _set_holding(self, worker: WorkerId, report: KeyReport) -> None:
+        kv = self._keys.get(report.key)
+        if kv is None:
+            self._keys[report.key] = KeyView(
+                report.key,
+                report.size,
+                report.checksum,
+                frozenset((worker,)),
+                frozenset((worker,)) if report.pinned else frozenset(),
+            )
+            return
+        holders = kv.holders | {worker}
+        pinned = kv.pinned_on | {worker} if report.pinned else kv.pinned_on - {worker}
+        if holders != kv.holders or pinned != kv.pinned_on:
+            self._keys[report.key] = replace(kv, holders=holders, pinned_on=pinned)
+        if len(holders) > 1:
+            self._replicated.add(report.key)
+
+    def _remove_holding(self, worker: WorkerId, key: Key) -> None:
+        kv = self._keys.get(key)
+        if kv is None or worker not in kv.holders:
+            return
+        holders = kv.holders - {worker}
+        if not holders:
+            del self._keys[key]
+            self._replicated.discard(key)
+            return
+        self._keys[key] = replace(kv, holders=holders, pinned_on=kv.pinned_on - {worker})
+        if len(holders) < 2:
+            self._replicated.discard(key)
+
+    def _forget_holdings(self, worker: WorkerId) -> None:
+        for key in self._held.get(worker, set()):
+            self._remove_holding(worker, key)
+        self._held[worker] = set()
+
+    # -- snapshots -------------------------------------------------------------------------
+
+    def snapshot(self) -> ClusterView:
+        return ClusterView(
+            workers=MappingProxyType(dict(self._workers)),
+            keys=MappingProxyType(dict(self._keys)),
+            replicated=frozenset(self._replicated),
+        )
+
+    def holders(self, key: Key) -> frozenset[WorkerId]:
+        kv = self._keys.get(key)
+        return kv.holders if kv else frozenset()
+
+    def key(self, key: Key) -> KeyView | None:
+        return self._keys.get(key)
+
+    def held_by(self, worker: WorkerId) -> frozenset[Key]:
+        return frozenset(self._held.get(worker, ()))
+
+    @property
+    def nkeys(self) -> int:
+        return len(self._keys)
+
+    @property
+    def nreplicas(self) -> int:
+        return sum(len(h) for h in self._held.values())

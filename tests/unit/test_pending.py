@@ -1,0 +1,60 @@
+"""The in-flight ledger: what stays pending across cycles and what settles it."""
+
+from __future__ import annotations
+
+from amm_service.directive import Directive, Op, Outcome, OutcomeStatus
+from amm_service.pending import Ledger
+from amm_service.view import Key, WorkerId
+
+
+def directive(id_: str, op: Op = Op.DROP, worker: str = "a", key: str = "x") -> Directive:
+    return Directive(id_, 1, op, Key(key), WorkerId(worker), 10, "sum")
+
+
+def test_applied_directives_stay_in_flight_until_a_poll_shows_them() -> None:
+    ledger = Ledger()
+    ledger.add(directive("1"), now=0.0)
+    ledger.settle(Outcome("1", OutcomeStatus.APPLIED, inventory_version=5), observed_version=4)
+    assert ledger.in_flight(Key("x")).dropping == {WorkerId("a")}
+    ledger.observe(WorkerId("a"), 4)
+    assert "1" in ledger
+    ledger.observe(WorkerId("a"), 5)
+    assert "1" not in ledger
+    assert ledger.in_flight(Key("x")).dropping == frozenset()
+
+
+def test_applied_directives_already_visible_settle_at_once() -> None:
+    ledger = Ledger()
+    ledger.add(directive("1"), now=0.0)
+    ledger.settle(Outcome("1", OutcomeStatus.APPLIED, inventory_version=5), observed_version=5)
+    assert len(ledger) == 0
+
+
+def test_refused_and_failed_directives_settle_at_once() -> None:
+    ledger = Ledger()
+    ledger.add(directive("1"), now=0.0)
+    ledger.add(directive("2", Op.REPLICATE, worker="b"), now=0.0)
+    ledger.settle(Outcome("1", OutcomeStatus.REFUSED, "PINNED"), observed_version=0)
+    ledger.settle(Outcome("2", OutcomeStatus.FAILED, "SOURCE_UNAVAILABLE"), observed_version=0)
+    assert len(ledger) == 0
+
+
+def test_unanswered_directives_expire_after_the_timeout() -> None:
+    ledger = Ledger()
+    ledger.add(directive("1"), now=0.0)
+    ledger.add(directive("2", worker="b"), now=10.0)
+    assert [e.directive.id for e in ledger.expire(now=31.0, timeout=30.0)] == ["1"]
+    assert [e.directive.id for e in ledger] == ["2"]
+
+
+def test_outcomes_of_unknown_directives_are_ignored() -> None:
+    ledger = Ledger()
+    assert ledger.settle(Outcome("zzz", OutcomeStatus.APPLIED), observed_version=0) is None
+
+
+def test_forgetting_a_worker_drops_its_entries() -> None:
+    ledger = Ledger()
+    ledger.add(directive("1", worker="a"), now=0.0)
+    ledger.add(directive("2", Op.REPLICATE, worker="b"), now=0.0)
+    assert [e.directive.id for e in ledger.forget_worker(WorkerId("a"))] == ["1"]
+    assert ledger.in_flight(Key("x")).replicating == {WorkerId("b")}

@@ -1,0 +1,83 @@
+"""ReduceReplicas through the core: what it suggests and what survives."""
+
+from __future__ import annotations
+
+import pytest
+
+from amm_service.core import PlanConfig, plan
+from amm_service.directive import Op
+from amm_service.pending import Ledger
+from amm_service.policies import PolicyError, build_all
+from amm_service.policies.reduce_replicas import ReduceReplicas
+from amm_service.view import Key, WorkerId
+from tests.factories import cluster, new_ids, view
+
+CFG = PlanConfig(measure="managed", epoch=1)
+
+
+def test_keeps_one_replica_of_each_key() -> None:
+    v = view(
+        {"a": ["x", "y", "z"], "b": ["x", "y"], "c": ["x"]},
+        memory={"a": 300, "b": 200, "c": 100},
+    )
+    result = plan(v, [ReduceReplicas()], Ledger(), CFG, new_ids())
+    survivors = {
+        k: set(v.keys[Key(k)].holders) - {d.worker for d in result.directives if d.key == k}
+        for k in ("x", "y", "z")
+    }
+    assert all(len(s) == 1 for s in survivors.values())
+    assert all(d.op is Op.DROP and d.policy == "ReduceReplicas" for d in result.directives)
+    assert len(result.directives) == 3
+
+
+def test_keeps_a_replica_on_every_worker_where_it_is_pinned() -> None:
+    v = view(
+        {"a": ["x"], "b": ["x"], "c": ["x"], "d": ["x"]},
+        pinned={"a": ["x"], "b": ["x"]},
+    )
+    result = plan(v, [ReduceReplicas()], Ledger(), CFG, new_ids())
+    assert {d.worker for d in result.directives} == {WorkerId("c"), WorkerId("d")}
+
+
+def test_counts_drops_already_in_flight() -> None:
+    state = cluster({"a": ["x"], "b": ["x"], "c": ["x"]}, memory={"a": 1, "b": 2, "c": 3})
+    ledger = Ledger()
+    first = plan(state.snapshot(), [ReduceReplicas()], ledger, CFG, new_ids())
+    ledger.add(first.directives[0], now=0.0)  # only one of the two drops was sent
+    second = plan(state.snapshot(), [ReduceReplicas()], ledger, CFG, new_ids("e"))
+    assert len(second.directives) == 1
+    assert second.directives[0].worker != first.directives[0].worker
+
+
+def test_nothing_to_do_on_a_cluster_without_duplicates() -> None:
+    v = view({"a": ["x"], "b": ["y"]})
+    result = plan(v, [ReduceReplicas()], Ledger(), CFG, new_ids())
+    assert result.directives == ()
+    assert result.suggestions == 0
+
+
+def test_registry_builds_builtins_and_names_twins_apart() -> None:
+    policies = build_all(
+        [
+            ("ReduceReplicas", {}),
+            ("amm_service.policies.reduce_replicas.ReduceReplicas", {}),
+        ]
+    )
+    assert [p.name for p in policies] == ["ReduceReplicas", "ReduceReplicas#2"]
+
+
+@pytest.mark.parametrize(
+    ("path", "kwargs", "message"),
+    [
+        ("NoSuchPolicy", {}, "built-ins: ReduceReplicas"),
+        ("nosuchmodule.Policy", {}, "cannot import policy module 'nosuchmodule'"),
+        ("amm_service.policies.reduce_replicas.Nope", {}, "has no class 'Nope'"),
+        ("ReduceReplicas", {"bogus": 1}, "invalid arguments for policy 'ReduceReplicas'"),
+        ("collections.OrderedDict", {}, "is not a policy"),
+    ],
+)
+def test_registry_refuses_bad_specs_with_a_clear_message(
+    path: str, kwargs: dict[str, object], message: str
+) -> None:
+    with pytest.raises(PolicyError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        build_all([(path, kwargs)])

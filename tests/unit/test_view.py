@@ -1,0 +1,75 @@
+"""The cluster model: polls merged incrementally, snapshots frozen."""
+
+from __future__ import annotations
+
+from amm_service.view import ClusterState, Key, KeyReport, Memory, WorkerId, WorkerStatus
+
+A, B = WorkerId("a"), WorkerId("b")
+
+
+def poll(state: ClusterState, worker: WorkerId, *, full: bool = False, **kw: object) -> None:
+    state.apply_poll(
+        worker,
+        incarnation=str(kw.get("incarnation", "i1")),
+        version=int(kw.get("version", 1)),  # type: ignore[call-overload]
+        full=full,
+        keys=kw.get("keys", ()),  # type: ignore[arg-type]
+        removed=kw.get("removed", ()),  # type: ignore[arg-type]
+        memory=Memory(managed=1),
+        status=WorkerStatus.RUNNING,
+        name=str(worker),
+        now=1.0,
+    )
+
+
+def test_incremental_polls_add_and_remove_holdings() -> None:
+    state = ClusterState()
+    for w in (A, B):
+        state.register(w, "", "i1", now=0.0)
+    poll(state, A, full=True, keys=[KeyReport(Key("x"), 3, "s")])
+    poll(state, B, full=True, keys=[KeyReport(Key("x"), 3, "s"), KeyReport(Key("y"), 1, "t")])
+    snap = state.snapshot()
+    assert snap.keys[Key("x")].holders == {A, B}
+    assert snap.replicated == {Key("x")}
+    poll(state, B, removed=[Key("x")], version=2)
+    assert state.snapshot().keys[Key("x")].holders == {A}
+    assert state.snapshot().replicated == frozenset()
+    # The earlier snapshot did not change.
+    assert snap.keys[Key("x")].holders == {A, B}
+
+
+def test_pins_are_tracked_per_holder() -> None:
+    state = ClusterState()
+    state.register(A, "", "i1", now=0.0)
+    poll(state, A, full=True, keys=[KeyReport(Key("x"), 3, "s", pinned=True)])
+    assert state.snapshot().keys[Key("x")].pinned_on == {A}
+    poll(state, A, keys=[KeyReport(Key("x"), 3, "s", pinned=False)], version=2)
+    assert state.snapshot().keys[Key("x")].pinned_on == frozenset()
+
+
+def test_full_snapshot_replaces_what_was_known() -> None:
+    state = ClusterState()
+    state.register(A, "", "i1", now=0.0)
+    poll(state, A, full=True, keys=[KeyReport(Key("x"), 3, "s")])
+    poll(state, A, full=True, keys=[KeyReport(Key("y"), 3, "s")], version=9)
+    assert set(state.snapshot().keys) == {Key("y")}
+
+
+def test_a_new_incarnation_loses_the_old_holdings() -> None:
+    state = ClusterState()
+    state.register(A, "", "i1", now=0.0)
+    poll(state, A, full=True, keys=[KeyReport(Key("x"), 3, "s")])
+    assert state.register(A, "", "i2", now=5.0) is True
+    assert state.snapshot().keys == {}
+    assert state.register(A, "", "i2", now=6.0) is False
+
+
+def test_unregistering_removes_the_worker_and_its_holdings() -> None:
+    state = ClusterState()
+    state.register(A, "", "i1", now=0.0)
+    poll(state, A, full=True, keys=[KeyReport(Key("x"), 3, "s")])
+    assert state.unregister(A) is True
+    assert state.unregister(A) is False
+    snap = state.snapshot()
+    assert snap.workers == {}
+    assert snap.keys == {}
