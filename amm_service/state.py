@@ -1,0 +1,198 @@
+"""The AMM's small persistent state, in an embedded SQLite file, so that a restarted AMM resumes.
+
+What is kept and why:
+
+1. The epoch, incremented at every start: agents refuse directives from an older epoch, so a stale
+   AMM (one replaced by a newer start) cannot act.
+2. The running flag: an AMM that was cycling before a restart cycles again after it.
+3. The workers it knew: a later feature grants them a start-up grace period.
+
+The schema is versioned with ``PRAGMA user_version``; :data:`_MIGRATIONS` is the ordered list of
+steps, step ``i`` taking version ``i`` to ``i + 1``. Add a step, never edit a released one.
+
+Not covered: what is decided from this state. The API is synchronous because each call is a tiny
+transaction; a store is not thread-safe and is used from the event loop thread only.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+MEMORY = ":memory:"
+"""The path of a state that lives as long as its store (for tests and throw-away runs)."""
+
+_APPLICATION_ID = 0x414D4D31
+"""``PRAGMA application_id`` marking a SQLite file as ours ("AMM1")."""
+
+_MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        "CREATE TABLE service ("
+        " id INTEGER PRIMARY KEY CHECK (id = 1),"
+        " epoch INTEGER NOT NULL DEFAULT 0,"
+        " running INTEGER NOT NULL DEFAULT 0)",
+        "INSERT INTO service (id) VALUES (1)",
+        "CREATE TABLE workers ("
+        " address TEXT PRIMARY KEY,"
+        " name TEXT NOT NULL,"
+        " first_seen REAL NOT NULL,"
+        " last_seen REAL NOT NULL)",
+    ),
+)
+
+
+class StateError(Exception):
+    """The state file cannot be opened, read or written; the message names the path."""
+
+
+@dataclass(frozen=True, slots=True)
+class KnownWorker:
+    """A worker the AMM has seen; times are Unix seconds."""
+
+    address: str
+    name: str
+    first_seen: float
+    last_seen: float
+
+
+class StateStore:
+    """The AMM's persistent state in the SQLite file at ``path`` (or ``:memory:``).
+
+    ``clock`` gives the Unix time stamped on known workers; tests pass a fake one.
+    """
+
+    def __init__(self, path: str, *, clock: Callable[[], float] = time.time) -> None:
+        self.path = path
+        self._clock = clock
+        self._db: sqlite3.Connection | None = None
+        try:
+            if path != MEMORY:
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(path, isolation_level=None)
+            self._open(self._db)
+        except StateError:
+            self.close()
+            raise
+        except (OSError, sqlite3.Error) as exc:
+            self.close()
+            raise StateError(
+                f"cannot open the AMM state {path!r}: {exc}; repair it, or move it aside to start "
+                "afresh (which resets the epoch)"
+            ) from exc
+
+    def _open(self, db: sqlite3.Connection) -> None:
+        """Check that the file is ours (or empty), enable WAL, then migrate to the latest schema."""
+        (app_id,) = db.execute("PRAGMA application_id").fetchone()
+        (version,) = db.execute("PRAGMA user_version").fetchone()
+        (tables,) = db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        if app_id != _APPLICATION_ID and (app_id != 0 or version != 0 or tables != 0):
+            raise StateError(
+                f"{self.path!r} is a SQLite database of another application, not an AMM state; "
+                "point state_path (AMM_STATE) at another file"
+            )
+        if version > len(_MIGRATIONS):
+            raise StateError(
+                f"the AMM state {self.path!r} has schema version {version}, newer than this amm "
+                f"knows ({len(_MIGRATIONS)}); upgrade amm"
+            )
+        if self.path != MEMORY:
+            db.execute("PRAGMA journal_mode=WAL")
+        for step in range(version, len(_MIGRATIONS)):
+            with self._transaction() as tx:
+                if tx.execute("PRAGMA user_version").fetchone()[0] != step:
+                    continue  # another process migrated it meanwhile
+                for statement in _MIGRATIONS[step]:
+                    tx.execute(statement)
+                tx.execute(f"PRAGMA application_id = {_APPLICATION_ID}")
+                tx.execute(f"PRAGMA user_version = {step + 1}")
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """Several statements as one, holding the write lock from the start."""
+        db = self._connection()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise StateError(f"the AMM state {self.path!r} is closed")
+        return self._db
+
+    def _run(self, sql: str, *params: object) -> list[tuple[Any, ...]]:
+        """One statement (atomic on its own in autocommit mode); SQLite errors become StateError."""
+        try:
+            return self._connection().execute(sql, params).fetchall()
+        except sqlite3.Error as exc:
+            raise StateError(f"the AMM state {self.path!r} failed: {exc}") from exc
+
+    def begin_epoch(self) -> int:
+        """Increment the epoch and return it: 1 on the first start. Call once at each start."""
+        rows = self._run("UPDATE service SET epoch = epoch + 1 RETURNING epoch")
+        return int(rows[0][0])
+
+    @property
+    def epoch(self) -> int:
+        """The current epoch; 0 until the first :meth:`begin_epoch`."""
+        return int(self._run("SELECT epoch FROM service")[0][0])
+
+    @property
+    def running(self) -> bool:
+        """Whether the AMM was cycling; restored at start."""
+        return bool(self._run("SELECT running FROM service")[0][0])
+
+    def set_running(self, running: bool) -> None:
+        """Persist whether the AMM is cycling."""
+        self._run("UPDATE service SET running = ?", int(running))
+
+    def remember_worker(self, address: str, name: str) -> None:
+        """Record that ``address`` was seen now (first sighting or again; the name may change)."""
+        now = self._clock()
+        self._run(
+            "INSERT INTO workers (address, name, first_seen, last_seen) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (address)"
+            " DO UPDATE SET name = excluded.name, last_seen = excluded.last_seen",
+            address,
+            name,
+            now,
+            now,
+        )
+
+    def forget_worker(self, address: str) -> None:
+        """Drop ``address`` from the known workers; unknown addresses are ignored."""
+        self._run("DELETE FROM workers WHERE address = ?", address)
+
+    def known_workers(self) -> list[KnownWorker]:
+        """The remembered workers, ordered by address."""
+        rows = self._run(
+            "SELECT address, name, first_seen, last_seen FROM workers ORDER BY address"
+        )
+        return [KnownWorker(*row) for row in rows]
+
+    def close(self) -> None:
+        """Close the file; idempotent."""
+        db, self._db = self._db, None
+        if db is not None:
+            db.close()
+
+    def __enter__(self) -> StateStore:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

@@ -1,0 +1,138 @@
+"""The AMM's persistent state: what survives a restart, and how a bad file is reported."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from amm_service.state import MEMORY, KnownWorker, StateError, StateStore
+
+
+def fake_clock(start: float = 1000.0) -> Callable[[], float]:
+    """A clock that advances one second per reading."""
+    now = [start]
+
+    def clock() -> float:
+        now[0] += 1.0
+        return now[0]
+
+    return clock
+
+
+def test_epoch_increments_across_reopen(tmp_path: Path) -> None:
+    path = str(tmp_path / "state.sqlite3")
+    with StateStore(path) as store:
+        assert store.epoch == 0
+        assert store.begin_epoch() == 1
+        assert store.epoch == 1
+    with StateStore(path) as store:
+        assert store.epoch == 1
+        assert store.begin_epoch() == 2
+    with StateStore(path) as store:
+        assert store.begin_epoch() == 3
+
+
+def test_parent_directory_is_created_and_wal_is_on(tmp_path: Path) -> None:
+    path = tmp_path / "a" / "b" / "state.sqlite3"
+    with StateStore(str(path)) as store:
+        store.begin_epoch()
+    assert path.is_file()
+    db = sqlite3.connect(path)
+    try:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 1
+    finally:
+        db.close()
+
+
+def test_running_flag_persists(tmp_path: Path) -> None:
+    path = str(tmp_path / "state.sqlite3")
+    with StateStore(path) as store:
+        assert store.running is False
+        store.set_running(True)
+        assert store.running is True
+    with StateStore(path) as store:
+        assert store.running is True
+        store.set_running(False)
+    with StateStore(path) as store:
+        assert store.running is False
+
+
+def test_workers_remembered_and_forgotten_persist(tmp_path: Path) -> None:
+    path = str(tmp_path / "state.sqlite3")
+    with StateStore(path, clock=fake_clock()) as store:
+        store.remember_worker("10.0.0.2:7000", "w2")
+        store.remember_worker("10.0.0.1:7000", "w1")
+        store.remember_worker("10.0.0.3:7000", "w3")
+        store.forget_worker("10.0.0.3:7000")
+        store.forget_worker("10.0.0.9:7000")
+    with StateStore(path, clock=fake_clock(2000.0)) as store:
+        assert store.known_workers() == [
+            KnownWorker("10.0.0.1:7000", "w1", 1002.0, 1002.0),
+            KnownWorker("10.0.0.2:7000", "w2", 1001.0, 1001.0),
+        ]
+        store.remember_worker("10.0.0.1:7000", "w1-renamed")
+    with StateStore(path) as store:
+        assert store.known_workers()[0] == KnownWorker(
+            "10.0.0.1:7000", "w1-renamed", first_seen=1002.0, last_seen=2001.0
+        )
+
+
+def test_memory_store_works_and_keeps_nothing() -> None:
+    with StateStore(MEMORY, clock=fake_clock()) as store:
+        assert store.begin_epoch() == 1
+        assert store.begin_epoch() == 2
+        store.set_running(True)
+        store.remember_worker("w:1", "w")
+        assert store.running is True
+        assert [w.address for w in store.known_workers()] == ["w:1"]
+    with StateStore(MEMORY) as store:
+        assert store.epoch == 0
+        assert store.known_workers() == []
+
+
+def test_garbage_file_is_a_state_error_naming_the_path(tmp_path: Path) -> None:
+    path = tmp_path / "state.sqlite3"
+    path.write_bytes(b"this is not a database, just some text that is long enough" * 100)
+    with pytest.raises(StateError) as info:
+        StateStore(str(path))
+    assert str(path) in str(info.value)
+    assert "move it aside" in str(info.value)
+
+
+def test_another_applications_database_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "other.sqlite3"
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE t (x)")
+    db.commit()
+    db.close()
+    with pytest.raises(StateError, match="another application"):
+        StateStore(str(path))
+
+
+def test_newer_schema_is_refused(tmp_path: Path) -> None:
+    path = str(tmp_path / "state.sqlite3")
+    StateStore(path).close()
+    db = sqlite3.connect(path)
+    db.execute("PRAGMA user_version = 99")
+    db.close()
+    with pytest.raises(StateError, match=r"schema version 99.*upgrade amm"):
+        StateStore(path)
+
+
+def test_unwritable_parent_is_a_state_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(StateError, match="cannot open the AMM state"):
+        StateStore(str(blocker / "state.sqlite3"))
+
+
+def test_close_is_idempotent_and_use_after_close_is_an_error() -> None:
+    store = StateStore(MEMORY)
+    store.close()
+    store.close()
+    with pytest.raises(StateError, match="closed"):
+        store.begin_epoch()
