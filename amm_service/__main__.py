@@ -1,0 +1,62 @@
+"""``python -m amm_service``: run the AMM service.
+
+Flags override ``AMM_*`` environment variables, which override the YAML file given by
+``--config`` (or ``AMM_CONFIG``), which overrides the defaults. Invalid configuration exits with
+status 2 and one line saying what to fix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+
+from amm_service.config import ConfigError, load_config
+from amm_service.policies import PolicyError
+from amm_service.server import run
+from amm_service.state import StateError
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="amm service", description="Run the Active Memory Manager service."
+    )
+    p.add_argument("--config", metavar="FILE", help="YAML configuration file")
+    p.add_argument("--listen", metavar="HOST:PORT", help="address to serve on (127.0.0.1:50051)")
+    p.add_argument("--interval", metavar="DURATION", help="time between cycles, e.g. 2s, 500ms")
+    start = p.add_mutually_exclusive_group()
+    start.add_argument("--start", dest="start", action="store_const", const=True, default=None)
+    start.add_argument("--no-start", dest="start", action="store_const", const=False)
+    p.add_argument("--measure", help="memory measure: process, managed or optimistic")
+    p.add_argument("--state", dest="state_path", metavar="PATH", help="SQLite state file")
+    p.add_argument("--poll-timeout", metavar="DURATION", help="per-agent poll deadline")
+    p.add_argument("--directive-timeout", metavar="DURATION", help="in-flight directive timeout")
+    p.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = vars(parser().parse_args(argv))
+    config_file = args.pop("config")
+    try:
+        config = load_config(file=config_file, overrides=args)
+    except ConfigError as err:
+        print(f"amm service: error: {err}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        asyncio.run(run(config))
+    except (PolicyError, StateError, OSError) as err:
+        print(f"amm service: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,43 @@
+"""The AMM's connections to its agents: one channel per worker address, reused by the poller,
+the dispatcher and the queries. Channels are created inside the running loop, on first use, and
+closed when a worker leaves or the AMM stops."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import grpc
+
+from amm.serving import CHANNEL_OPTIONS
+from amm.v1 import agent_pb2_grpc
+from amm_service.view import WorkerId
+
+log = logging.getLogger(__name__)
+
+
+class AgentLinks:
+    """Channels and stubs to agents, keyed by worker address."""
+
+    def __init__(self) -> None:
+        self._channels: dict[WorkerId, grpc.aio.Channel] = {}
+        self._stubs: dict[WorkerId, agent_pb2_grpc.WorkerAgentAsyncStub] = {}
+
+    def stub(self, worker: WorkerId) -> agent_pb2_grpc.WorkerAgentAsyncStub:
+        stub = self._stubs.get(worker)
+        if stub is None:
+            channel = grpc.aio.insecure_channel(worker, options=CHANNEL_OPTIONS)
+            self._channels[worker] = channel
+            stub = self._stubs[worker] = agent_pb2_grpc.WorkerAgentStub(channel)
+        return stub
+
+    async def close(self, worker: WorkerId) -> None:
+        self._stubs.pop(worker, None)
+        channel = self._channels.pop(worker, None)
+        if channel is not None:
+            with contextlib.suppress(Exception):
+                await channel.close(grace=None)
+
+    async def close_all(self) -> None:
+        for worker in list(self._channels):
+            await self.close(worker)

@@ -1,0 +1,235 @@
+"""The ``amm.v1.ActiveMemoryManager`` servicer: thin edges over ``ActiveMemoryManager``.
+
+Each handler validates its request, calls one manager method and converts the result. Expected
+failures (``AmmServiceError``) become their gRPC status with the message; anything unexpected is
+logged and answered INTERNAL with a short message, never a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from amm.v1 import control_pb2, control_pb2_grpc, types_pb2
+from amm_service import wire
+from amm_service.cycle import CycleRecord
+from amm_service.directive import OutcomeStatus
+from amm_service.errors import AmmServiceError, InvalidArgument
+from amm_service.manager import ActiveMemoryManager
+from amm_service.view import Measure, WorkerView
+
+log = logging.getLogger(__name__)
+
+MAX_KEYS_PER_REQUEST = 100_000
+MAX_DIRECTIVES_REPORTED = 1_000
+_Resp = TypeVar("_Resp")
+_Handler = Callable[[Any, Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[_Resp]]
+
+
+def _edge(handler: _Handler[_Resp]) -> _Handler[_Resp]:
+    """Map domain errors to statuses; keep tracebacks off the wire."""
+
+    @functools.wraps(handler)
+    async def wrapped(
+        self: Any, request: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> _Resp:
+        try:
+            return await handler(self, request, context)
+        except AmmServiceError as err:
+            await context.abort(err.status, str(err))
+        except grpc.aio.AbortError:
+            raise
+        except Exception:
+            log.exception("%s failed", handler.__name__)
+            await context.abort(grpc.StatusCode.INTERNAL, f"{handler.__name__} failed; see AMM log")
+        raise AssertionError("unreachable")
+
+    return wrapped
+
+
+def _check_keys(keys: Any) -> list[str]:
+    if len(keys) > MAX_KEYS_PER_REQUEST:
+        raise InvalidArgument(f"too many keys: {len(keys)} > {MAX_KEYS_PER_REQUEST} per request")
+    if any(not k for k in keys):
+        raise InvalidArgument("keys must not be empty strings")
+    return list(keys)
+
+
+class ControlServicer(control_pb2_grpc.ActiveMemoryManagerServicer):
+    """Serves the AMM's control API."""
+
+    def __init__(self, manager: ActiveMemoryManager) -> None:
+        self._amm = manager
+
+    @_edge
+    async def Start(
+        self, request: control_pb2.StartRequest, context: Any
+    ) -> control_pb2.StartResponse:
+        await self._amm.start()
+        return control_pb2.StartResponse(running=self._amm.running)
+
+    @_edge
+    async def Stop(
+        self, request: control_pb2.StopRequest, context: Any
+    ) -> control_pb2.StopResponse:
+        await self._amm.stop()
+        return control_pb2.StopResponse(running=self._amm.running)
+
+    @_edge
+    async def Running(
+        self, request: control_pb2.RunningRequest, context: Any
+    ) -> control_pb2.RunningResponse:
+        return control_pb2.RunningResponse(running=self._amm.running)
+
+    @_edge
+    async def RunOnce(
+        self, request: control_pb2.RunOnceRequest, context: Any
+    ) -> control_pb2.RunOnceResponse:
+        record = await self._amm.run_cycle(wait=request.wait)
+        return control_pb2.RunOnceResponse(cycle=cycle_to_pb(record))
+
+    @_edge
+    async def GetStatus(
+        self, request: control_pb2.GetStatusRequest, context: Any
+    ) -> control_pb2.GetStatusResponse:
+        amm = self._amm
+        cfg = amm.config
+        view = amm.state.snapshot()
+        workers = view.workers.values()
+        response = control_pb2.GetStatusResponse(
+            running=amm.running,
+            interval=wire.duration(cfg.interval),
+            measure=wire.MEASURES_OUT[cfg.measure],
+            epoch=amm.epoch,
+            cycles=amm.cycles,
+            policies=[
+                control_pb2.PolicyInfo(
+                    name=policy.name,
+                    class_path=spec.class_path,
+                    kwargs_json=json.dumps(dict(spec.kwargs), default=str, sort_keys=True),
+                )
+                for policy, spec in zip(amm.policies, cfg.policies, strict=False)
+            ],
+            totals=control_pb2.ClusterTotals(
+                workers=len(view.workers),
+                keys=len(view.keys),
+                replicas=sum(len(kv.holders) for kv in view.keys.values()),
+                memory_bytes=sum(w.memory.by(cfg.measure) for w in workers),
+                managed_bytes=sum(w.memory.managed for w in workers),
+                process_bytes=sum(w.memory.process for w in workers),
+                directives_in_flight=len(amm.ledger),
+            ),
+            recent_refusals=[
+                control_pb2.RefusalRecord(
+                    directive=wire.directive_to_pb(r.directive),
+                    worker=r.directive.worker,
+                    reason=wire.reason_to_pb(r.outcome.reason),
+                    message=r.outcome.message,
+                    at=wire.timestamp(r.at),
+                )
+                for r in amm.refusals
+            ],
+        )
+        if amm.last_cycle is not None:
+            response.last_cycle.CopyFrom(cycle_to_pb(amm.last_cycle))
+        return response
+
+    @_edge
+    async def RegisterWorker(
+        self, request: control_pb2.RegisterWorkerRequest, context: Any
+    ) -> control_pb2.RegisterWorkerResponse:
+        await self._amm.register(request.address, request.name, request.incarnation)
+        return control_pb2.RegisterWorkerResponse(
+            epoch=self._amm.epoch, interval=wire.duration(self._amm.config.interval)
+        )
+
+    @_edge
+    async def UnregisterWorker(
+        self, request: control_pb2.UnregisterWorkerRequest, context: Any
+    ) -> control_pb2.UnregisterWorkerResponse:
+        if not request.address:
+            raise InvalidArgument("address is required")
+        removed = await self._amm.unregister(request.address)
+        return control_pb2.UnregisterWorkerResponse(removed=removed)
+
+    @_edge
+    async def ListWorkers(
+        self, request: control_pb2.ListWorkersRequest, context: Any
+    ) -> control_pb2.ListWorkersResponse:
+        workers = await self._amm.workers(fresh=request.fresh)
+        measure = self._amm.config.measure
+        return control_pb2.ListWorkersResponse(workers=[worker_to_pb(w, measure) for w in workers])
+
+    @_edge
+    async def WhoHas(
+        self, request: control_pb2.WhoHasRequest, context: Any
+    ) -> control_pb2.WhoHasResponse:
+        entries = await self._amm.who_has(_check_keys(request.keys), fresh=request.fresh)
+        return control_pb2.WhoHasResponse(
+            entries=[control_pb2.KeyHolders(key=k, workers=list(ws)) for k, ws in entries]
+        )
+
+    @_edge
+    async def HasWhat(
+        self, request: control_pb2.HasWhatRequest, context: Any
+    ) -> control_pb2.HasWhatResponse:
+        entries = await self._amm.has_what(list(request.workers), fresh=request.fresh)
+        return control_pb2.HasWhatResponse(
+            entries=[control_pb2.WorkerKeys(worker=w, keys=list(ks)) for w, ks in entries]
+        )
+
+    @_edge
+    async def Forget(
+        self, request: control_pb2.ForgetRequest, context: Any
+    ) -> control_pb2.ForgetResponse:
+        deleted = await self._amm.forget(_check_keys(request.keys))
+        return control_pb2.ForgetResponse(replicas_deleted=deleted)
+
+
+def worker_to_pb(w: WorkerView, measure: Measure) -> control_pb2.WorkerInfo:
+    info = control_pb2.WorkerInfo(
+        address=w.address,
+        name=w.name,
+        status=wire.status_to_pb(w.status),
+        memory=wire.memory_to_pb(w.memory),
+        memory_bytes=w.memory.by(measure),
+        key_count=w.nkeys,
+        registered_at=wire.timestamp(w.registered_at),
+    )
+    if w.last_poll is not None:
+        info.last_poll.CopyFrom(wire.timestamp(w.last_poll))
+    return info
+
+
+def cycle_to_pb(record: CycleRecord) -> types_pb2.CycleReport:
+    directives = list(record.directives.values())
+    return types_pb2.CycleReport(
+        number=record.number,
+        started_at=wire.timestamp(record.started_at),
+        duration=wire.duration(record.duration),
+        plan_duration=wire.duration(record.plan_duration),
+        suggestions=record.suggestions,
+        directives_sent=len(directives),
+        applied=record.count(OutcomeStatus.APPLIED),
+        refused=record.count(OutcomeStatus.REFUSED),
+        failed=record.count(OutcomeStatus.FAILED),
+        rejected=record.rejected,
+        rejections=[wire.rejection_to_pb(r) for r in record.rejections],
+        unreachable_workers=list(record.unreachable),
+        directives=[
+            types_pb2.DirectiveRecord(
+                directive=wire.directive_to_pb(r.directive),
+                worker=r.directive.worker,
+                policy=r.directive.policy,
+                outcome=wire.outcome_to_pb(r.outcome) if r.outcome else None,
+                sent_at=wire.timestamp(r.sent_at),
+                timed_out=r.timed_out,
+            )
+            for r in directives[:MAX_DIRECTIVES_REPORTED]
+        ],
+    )

@@ -1,0 +1,337 @@
+"""The Active Memory Manager: cycles, the worker registry and the queries operators make.
+
+It wires the pure parts (cluster state, ledger, core, policies) to the I/O parts (poller,
+dispatcher) and owns the one background task, the cycle loop. A cycle is: expire stale ledger
+entries, poll every agent, snapshot, plan, send. Cycles never overlap: the loop and ``run_once``
+share a lock. The running flag and the epoch persist in the state store, so a restarted AMM
+resumes as it was, under a new epoch that makes agents ignore the old one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import re
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import grpc
+
+from amm.v1 import agent_pb2
+from amm_service import core
+from amm_service.agents import AgentLinks
+from amm_service.config import AmmConfig
+from amm_service.cycle import CycleRecord
+from amm_service.directive import Directive, Outcome, OutcomeStatus
+from amm_service.dispatcher import Dispatcher
+from amm_service.errors import FailedPrecondition, InvalidArgument, NotFound, listing
+from amm_service.pending import Ledger
+from amm_service.policies import Policy
+from amm_service.poller import Poller
+from amm_service.state import StateStore
+from amm_service.view import ClusterState, ClusterView, Key, WorkerId, WorkerView
+
+log = logging.getLogger(__name__)
+
+_ADDRESS = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[^\s:\[\]]+):([0-9]{1,5})$")
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A directive an agent refused or failed."""
+
+    directive: Directive
+    outcome: Outcome
+    at: float
+
+
+def address_order(address: str) -> tuple[str, int, str]:
+    """Sort key for worker addresses: by host, then numerically by port."""
+    host, _, port = address.rpartition(":")
+    return (host, int(port) if port.isdigit() else -1, address)
+
+
+def check_address(address: str) -> WorkerId:
+    match = _ADDRESS.match(address)
+    if match is None or int(match.group(2)) > 65535 or int(match.group(2)) == 0:
+        raise InvalidArgument(f"invalid worker address {address!r}: expected HOST:PORT")
+    return WorkerId(address)
+
+
+class ActiveMemoryManager:
+    """The AMM's domain object; servicers call one method of it per RPC."""
+
+    def __init__(
+        self,
+        config: AmmConfig,
+        policies: Sequence[Policy],
+        store: StateStore,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.policies = tuple(policies)
+        self._store = store
+        self._clock = clock
+        self.epoch = 0
+        self.state = ClusterState()
+        self.ledger = Ledger()
+        self._links = AgentLinks()
+        self._dispatcher = Dispatcher(self._links, self._on_outcome)
+        self._poller: Poller | None = None
+        self._ids = itertools.count(1)
+        self._cycle_lock = asyncio.Lock()
+        self._loop_task: asyncio.Task[None] | None = None
+        self._cycles = 0
+        self._last: CycleRecord | None = None
+        self._records: deque[CycleRecord] = deque(maxlen=4)
+        self._waiters: dict[str, asyncio.Future[None]] = {}
+        self.refusals: deque[Refusal] = deque(maxlen=config.max_refusals_kept)
+        self._opened = False
+        self._closed = False
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Begin a new epoch, remember known workers, resume cycling if we were running."""
+        if self._opened:
+            return
+        self._opened = True
+        self.epoch = self._store.begin_epoch()
+        self._poller = Poller(
+            self.state,
+            self.ledger,
+            self._links,
+            epoch=self.epoch,
+            timeout=self.config.poll_timeout,
+            clock=self._clock,
+        )
+        now = self._clock()
+        for known in self._store.known_workers():
+            self.state.register(WorkerId(known.address), known.name, "", now)
+        if self.config.start or self._store.running:
+            await self.start()
+
+    async def close(self) -> None:
+        """Stop the loop (without changing the persisted flag) and end every stream; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        await self._stop_loop()
+        for waiter in self._waiters.values():
+            waiter.cancel()
+        await self._dispatcher.close()
+        await self._links.close_all()
+
+    @property
+    def running(self) -> bool:
+        return self._loop_task is not None and not self._loop_task.done()
+
+    async def start(self) -> None:
+        self._store.set_running(True)
+        if not self.running:
+            self._loop_task = asyncio.create_task(self._loop(), name="amm-cycle-loop")
+
+    async def stop(self) -> None:
+        self._store.set_running(False)
+        await self._stop_loop()
+
+    async def _stop_loop(self) -> None:
+        task, self._loop_task = self._loop_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _loop(self) -> None:
+        interval = self.config.interval
+        while True:
+            started = time.monotonic()
+            try:
+                await self.run_cycle()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("AMM cycle failed; the next one runs as usual")
+            await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))
+
+    # -- cycles ----------------------------------------------------------------------------
+
+    async def run_cycle(self, *, wait: bool = False) -> CycleRecord:
+        """Run one cycle; with ``wait``, return once its directives have outcomes or timed out."""
+        async with self._cycle_lock:
+            record = await self._cycle()
+        if wait and record.directives:
+            pending = [self._waiters[i] for i in record.directives if i in self._waiters]
+            if pending:
+                await asyncio.wait(pending, timeout=self.config.directive_timeout)
+        return record
+
+    async def _cycle(self) -> CycleRecord:
+        assert self._poller is not None, "open() first"
+        self._cycles += 1
+        started, t0 = self._clock(), time.perf_counter()
+        record = CycleRecord(self._cycles, started)
+        self._expire(started)
+        record.unreachable = tuple(await self._poller.poll_all())
+        view = self.state.snapshot()
+        t1 = time.perf_counter()
+        plan = core.plan(
+            view,
+            self.policies,
+            self.ledger,
+            core.PlanConfig(self.config.measure, self.epoch),
+            self._new_id,
+        )
+        record.plan_duration = time.perf_counter() - t1
+        now = self._clock()
+        record.planned(plan, now)
+        loop = asyncio.get_running_loop()
+        for directive in plan.directives:
+            self.ledger.add(directive, now)
+            self._waiters[directive.id] = loop.create_future()
+            self._dispatcher.send(directive)
+        for error in plan.policy_errors:
+            log.error("%s", error)
+        record.duration = time.perf_counter() - t0
+        self._last = record
+        self._records.append(record)
+        if plan.directives or plan.rejections:
+            log.info(
+                "cycle %d: %d suggestions, %d directives, %d rejected, plan %.1f ms",
+                record.number,
+                plan.suggestions,
+                len(plan.directives),
+                len(plan.rejections),
+                record.plan_duration * 1e3,
+            )
+        return record
+
+    def _new_id(self) -> str:
+        return f"e{self.epoch}.{next(self._ids)}"
+
+    def _on_outcome(self, worker: WorkerId, outcome: Outcome) -> None:
+        known = self.state.worker(worker)
+        entry = self.ledger.settle(outcome, known.version if known else 0)
+        for record in self._records:
+            rec = record.directives.get(outcome.directive_id)
+            if rec is not None:
+                rec.outcome = outcome
+        if entry is not None and outcome.status is not OutcomeStatus.APPLIED:
+            self.refusals.appendleft(Refusal(entry.directive, outcome, self._clock()))
+            log.info(
+                "%s refused %s %s: %s %s",
+                worker,
+                entry.directive.op.value,
+                entry.directive.key,
+                outcome.reason,
+                outcome.message,
+            )
+        waiter = self._waiters.pop(outcome.directive_id, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _expire(self, now: float) -> None:
+        for entry in self.ledger.expire(now, self.config.directive_timeout):
+            for record in self._records:
+                rec = record.directives.get(entry.directive.id)
+                if rec is not None and rec.outcome is None:
+                    rec.timed_out = True
+            waiter = self._waiters.pop(entry.directive.id, None)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+
+    @property
+    def last_cycle(self) -> CycleRecord | None:
+        return self._last
+
+    @property
+    def cycles(self) -> int:
+        return self._cycles
+
+    # -- registry --------------------------------------------------------------------------
+
+    async def register(self, address: str, name: str, incarnation: str) -> None:
+        worker = check_address(address)
+        if self.state.register(worker, name, incarnation, self._clock()):
+            self.ledger.forget_worker(worker)
+            await self._dispatcher.close_worker(worker)
+            log.info("worker %s registered (%s)", worker, name or worker)
+        self._store.remember_worker(worker, name or worker)
+
+    async def unregister(self, address: str) -> bool:
+        worker = WorkerId(address)
+        removed = self.state.unregister(worker)
+        self.ledger.forget_worker(worker)
+        self._store.forget_worker(worker)
+        await self._dispatcher.close_worker(worker)
+        await self._links.close(worker)
+        if removed:
+            log.info("worker %s unregistered", worker)
+        return removed
+
+    # -- queries ---------------------------------------------------------------------------
+
+    async def refresh(self, fresh: bool) -> ClusterView:
+        if fresh:
+            assert self._poller is not None, "open() first"
+            await self._poller.poll_all()
+        return self.state.snapshot()
+
+    async def workers(self, *, fresh: bool = False) -> list[WorkerView]:
+        view = await self.refresh(fresh)
+        return [view.workers[w] for w in sorted(view.workers, key=address_order)]
+
+    async def who_has(
+        self, keys: Sequence[str], *, fresh: bool
+    ) -> list[tuple[Key, tuple[WorkerId, ...]]]:
+        view = await self.refresh(fresh)
+        wanted = [Key(k) for k in keys] if keys else sorted(view.keys)
+        unknown = [k for k in wanted if k not in view.keys]
+        if unknown:
+            raise NotFound(f"unknown key(s): {listing(unknown)}")
+        return [(k, tuple(sorted(view.keys[k].holders, key=address_order))) for k in wanted]
+
+    async def has_what(
+        self, workers: Sequence[str], *, fresh: bool
+    ) -> list[tuple[WorkerId, tuple[Key, ...]]]:
+        await self.refresh(fresh)
+        known = set(self.state.worker_ids)
+        wanted = [WorkerId(w) for w in workers] if workers else sorted(known, key=address_order)
+        unknown = [w for w in wanted if w not in known]
+        if unknown:
+            raise NotFound(f"unknown worker(s): {listing(unknown)}")
+        return [(w, tuple(sorted(self.state.held_by(w)))) for w in wanted]
+
+    async def forget(self, keys: Sequence[str]) -> int:
+        """Delete every replica of ``keys``; fails listing the replicas that could not go."""
+        if not keys:
+            raise InvalidArgument("no keys given")
+        view = await self.refresh(True)
+        unknown = [k for k in keys if Key(k) not in view.keys]
+        if unknown:
+            raise NotFound(f"unknown key(s): {listing(unknown)}")
+        targets = [(k, w) for k in keys for w in sorted(view.keys[Key(k)].holders)]
+        results = await asyncio.gather(*(self._delete(k, w) for k, w in targets))
+        failures = [r for r in results if isinstance(r, str)]
+        deleted = sum(1 for r in results if r is True)
+        assert self._poller is not None
+        await self._poller.poll_all({w for _, w in targets})
+        if failures:
+            raise FailedPrecondition(
+                f"deleted {deleted} replica(s) but not: " + "; ".join(failures[:10])
+            )
+        return deleted
+
+    async def _delete(self, key: str, worker: WorkerId) -> bool | str:
+        try:
+            resp = await self._links.stub(worker).Delete(
+                agent_pb2.DeleteRequest(key=key), timeout=self.config.poll_timeout * 5
+            )
+        except grpc.aio.AioRpcError as err:
+            return f"{key!r} on {worker}: {err.code().name}: {err.details()}"
+        return bool(resp.deleted)

@@ -1,0 +1,100 @@
+"""Assembling and running the AMM: state store, policies, manager and the gRPC server.
+
+``AmmServer`` is what tests and ``python -m amm_service`` start. Shutdown follows one order:
+health NOT_SERVING, stop the cycle loop, end our directive streams, ``server.stop(grace)``, close
+channels, close the state store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from types import TracebackType
+
+from amm.serving import Served, bound_address, serve, stop_on_signals
+from amm.v1 import control_pb2, control_pb2_grpc
+from amm_service.config import AmmConfig
+from amm_service.control import ControlServicer
+from amm_service.manager import ActiveMemoryManager
+from amm_service.policies import Policy, build_all
+from amm_service.state import StateStore
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = control_pb2.DESCRIPTOR.services_by_name["ActiveMemoryManager"].full_name
+
+
+def build_policies(config: AmmConfig) -> list[Policy]:
+    """Instantiate the configured policies; raises PolicyError with a clear message."""
+    return build_all([(spec.class_path, spec.kwargs) for spec in config.policies])
+
+
+class AmmServer:
+    """The AMM service, started and stopped as one unit."""
+
+    def __init__(self, config: AmmConfig, *, grace: float = 0.5) -> None:
+        self.config = config
+        self._grace = grace
+        self._policies = build_policies(config)
+        self._store: StateStore | None = None
+        self._served: Served | None = None
+        self.manager: ActiveMemoryManager | None = None
+        self.address = ""
+
+    async def start(self) -> None:
+        self._store = StateStore(self.config.state_path)
+        try:
+            self.manager = ActiveMemoryManager(self.config, self._policies, self._store)
+            await self.manager.open()
+            servicer = ControlServicer(self.manager)
+            self._served = await serve(
+                self.config.listen,
+                [
+                    lambda server: control_pb2_grpc.add_ActiveMemoryManagerServicer_to_server(
+                        servicer, server
+                    )
+                ],
+                [SERVICE_NAME],
+            )
+        except BaseException:
+            await self.stop()
+            raise
+        self.address = bound_address(self.config.listen, self._served.port)
+        log.info("AMM serving on %s (epoch %d)", self.address, self.manager.epoch)
+
+    @property
+    def epoch(self) -> int:
+        return self.manager.epoch if self.manager else 0
+
+    async def stop(self) -> None:
+        """Idempotent."""
+        if self._served is not None:
+            await self._served.set_serving(False)
+        if self.manager is not None:
+            await self.manager.close()
+        if self._served is not None:
+            await self._served.stop(self._grace)
+        if self._store is not None:
+            self._store.close()
+
+    async def __aenter__(self) -> AmmServer:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+
+async def run(config: AmmConfig) -> None:
+    """Serve until SIGTERM or SIGINT; print the ready line once serving."""
+    stop = asyncio.Event()
+    async with AmmServer(config) as server:
+        print(f"amm-service ready address={server.address} epoch={server.epoch}", flush=True)
+        with stop_on_signals(stop):
+            await stop.wait()
+        log.info("AMM shutting down")

@@ -1,0 +1,134 @@
+"""Conversions between the service's domain values and the ``amm.v1`` wire messages.
+
+The one place that knows both forms, so the core and the policies never see protobuf and the
+servicers never hand-build domain values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from google.protobuf.duration_pb2 import Duration
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from amm.v1 import agent_pb2, types_pb2
+from amm_service.core import Rejection
+from amm_service.directive import Directive, Op, Outcome, OutcomeStatus
+from amm_service.view import Key, KeyReport, Measure, Memory, WorkerStatus
+
+_OPS = {Op.REPLICATE: types_pb2.DIRECTIVE_OP_REPLICATE, Op.DROP: types_pb2.DIRECTIVE_OP_DROP}
+_STATUSES = {
+    types_pb2.WORKER_STATUS_RUNNING: WorkerStatus.RUNNING,
+    types_pb2.WORKER_STATUS_PAUSED: WorkerStatus.PAUSED,
+    types_pb2.WORKER_STATUS_CLOSING: WorkerStatus.CLOSING,
+}
+_STATUSES_OUT = {v: k for k, v in _STATUSES.items()}
+_OUTCOMES = {
+    types_pb2.OUTCOME_STATUS_APPLIED: OutcomeStatus.APPLIED,
+    types_pb2.OUTCOME_STATUS_REFUSED: OutcomeStatus.REFUSED,
+    types_pb2.OUTCOME_STATUS_FAILED: OutcomeStatus.FAILED,
+}
+_OUTCOMES_OUT = {v: k for k, v in _OUTCOMES.items()}
+MEASURES_OUT: dict[Measure, types_pb2.MemoryMeasure.ValueType] = {
+    "process": types_pb2.MEMORY_MEASURE_PROCESS,
+    "managed": types_pb2.MEMORY_MEASURE_MANAGED,
+    "optimistic": types_pb2.MEMORY_MEASURE_OPTIMISTIC,
+}
+_REASON_PREFIX = "REFUSAL_REASON_"
+
+
+def directive_to_pb(d: Directive) -> types_pb2.Directive:
+    return types_pb2.Directive(
+        id=d.id,
+        epoch=d.epoch,
+        op=_OPS[d.op],
+        key=d.key,
+        size=d.size,
+        checksum=d.checksum,
+        sources=list(d.sources),
+        holders=list(d.holders),
+    )
+
+
+def outcome_from_pb(pb: types_pb2.DirectiveOutcome) -> Outcome:
+    """Unknown statuses count as FAILED: whatever happened, the directive is not applied."""
+    known = pb.reason in types_pb2.RefusalReason.values() and pb.reason != 0
+    reason = types_pb2.RefusalReason.Name(pb.reason) if known else ""
+    return Outcome(
+        directive_id=pb.directive_id,
+        status=_OUTCOMES.get(pb.status, OutcomeStatus.FAILED),
+        reason=reason.removeprefix(_REASON_PREFIX),
+        message=pb.message,
+        inventory_version=pb.inventory_version,
+        duplicate=pb.duplicate,
+    )
+
+
+def reason_to_pb(reason: str) -> types_pb2.RefusalReason.ValueType:
+    name = _REASON_PREFIX + reason
+    if not reason or name not in types_pb2.RefusalReason.keys():  # noqa: SIM118
+        return types_pb2.REFUSAL_REASON_UNSPECIFIED
+    return types_pb2.RefusalReason.Value(name)
+
+
+def outcome_to_pb(o: Outcome) -> types_pb2.DirectiveOutcome:
+    return types_pb2.DirectiveOutcome(
+        directive_id=o.directive_id,
+        status=_OUTCOMES_OUT[o.status],
+        reason=reason_to_pb(o.reason),
+        message=o.message,
+        inventory_version=o.inventory_version,
+        duplicate=o.duplicate,
+    )
+
+
+def status_from_pb(status: types_pb2.WorkerStatus.ValueType) -> WorkerStatus:
+    return _STATUSES.get(status, WorkerStatus.UNKNOWN)
+
+
+def status_to_pb(status: WorkerStatus) -> types_pb2.WorkerStatus.ValueType:
+    return _STATUSES_OUT.get(status, types_pb2.WORKER_STATUS_UNSPECIFIED)
+
+
+def memory_from_pb(pb: types_pb2.MemoryReport) -> Memory:
+    return Memory(
+        process=pb.process_bytes,
+        managed=pb.managed_bytes,
+        unmanaged_old=pb.unmanaged_old_bytes,
+        optimistic=pb.optimistic_bytes,
+        limit=pb.limit_bytes,
+    )
+
+
+def memory_to_pb(m: Memory) -> types_pb2.MemoryReport:
+    return types_pb2.MemoryReport(
+        process_bytes=m.process,
+        managed_bytes=m.managed,
+        unmanaged_old_bytes=m.unmanaged_old,
+        optimistic_bytes=m.optimistic,
+        limit_bytes=m.limit,
+    )
+
+
+def key_reports(keys: Iterable[types_pb2.KeyInfo]) -> list[KeyReport]:
+    return [KeyReport(Key(k.key), k.size, k.checksum, k.pinned) for k in keys]
+
+
+def poll_keys_removed(resp: agent_pb2.PollResponse) -> list[Key]:
+    return [Key(k) for k in resp.removed]
+
+
+def rejection_to_pb(r: Rejection) -> types_pb2.Rejection:
+    return types_pb2.Rejection(policy=r.policy, op=_OPS[r.op], key=r.key, reason=r.reason)
+
+
+def timestamp(seconds: float) -> Timestamp:
+    ts = Timestamp()
+    ts.FromNanoseconds(int(seconds * 1e9))
+    return ts
+
+
+def duration(seconds: float) -> Duration:
+    d = Duration()
+    d.FromNanoseconds(int(seconds * 1e9))
+    return d
