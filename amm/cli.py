@@ -1,0 +1,231 @@
+"""The ``amm`` command: run the service, an agent or a local cluster, and steer a running AMM.
+
+``amm service`` and ``amm agent`` replace themselves (``os.execv``) with ``python -m amm_service``
+or ``python -m worker_agent`` so that signals reach the server directly and this package never
+imports either. ``amm cluster`` runs a ``LocalCluster`` in the foreground. Every other verb is one
+``Client`` call whose result is printed as a plain-text table (see ``amm.tables``) or, with
+``--json``, as JSON. Failures print ``error: <STATUS>: <message>`` and exit 1, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from pathlib import Path
+from types import FrameType
+from typing import NoReturn
+
+from amm import tables
+from amm.client import DEFAULT_ADDRESS, Client
+from amm.cluster import AGENT_MODULE, SERVICE_MODULE, ClusterError, LocalCluster
+from amm.errors import AmmError
+from amm.units import format_bytes, parse_duration
+
+EXEC_COMMANDS = {"service": SERVICE_MODULE, "agent": AGENT_MODULE}
+
+
+def exec_module(module: str, args: Sequence[str]) -> NoReturn:
+    """Replace this process with ``python -m module args...``."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, "-m", module, *args])
+
+
+def _interval(value: str) -> str:
+    try:
+        parse_duration(value)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--amm", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    common.add_argument("--timeout", type=float, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    output = argparse.ArgumentParser(add_help=False, parents=[common])
+    output.add_argument("--json", action="store_true", help="print JSON for scripts")
+
+    parser = argparse.ArgumentParser(
+        prog="amm", description="Run and steer an Active Memory Manager and its worker agents."
+    )
+    parser.add_argument(
+        "--amm",
+        default=os.environ.get("AMM_ADDRESS", DEFAULT_ADDRESS),
+        metavar="HOST:PORT",
+        help="the AMM's address (default: $AMM_ADDRESS or %(default)s)",
+    )
+    parser.add_argument("--timeout", type=float, default=30.0, help="seconds per call")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    sub.add_parser("service", help="run the AMM (python -m amm_service ARGS...)", add_help=False)
+    sub.add_parser(
+        "agent", help="run a worker agent (python -m worker_agent ARGS...)", add_help=False
+    )
+    cluster = sub.add_parser("cluster", help="run an AMM and N agents in the foreground")
+    cluster.add_argument("--workers", type=int, default=4, metavar="N")
+    cluster.add_argument("--listen", default=DEFAULT_ADDRESS, metavar="HOST:PORT")
+    cluster.add_argument("--interval", type=_interval, default=None, metavar="DURATION")
+    cluster.add_argument("--start", action="store_true", help="start cycling at once")
+    cluster.add_argument("--logs", action="store_true", help="show the processes' output")
+
+    sub.add_parser("start", parents=[common], help="start running cycles")
+    sub.add_parser("stop", parents=[common], help="stop running cycles")
+    sub.add_parser("running", parents=[output], help="whether cycles run")
+    run_once = sub.add_parser("run-once", parents=[output], help="run one cycle now")
+    run_once.add_argument("--no-wait", dest="wait", action="store_false")
+    sub.add_parser("status", parents=[output], help="configuration, last cycle and totals")
+    workers = sub.add_parser("workers", parents=[output], help="the registered workers")
+    workers.add_argument("--fresh", action="store_true", help="poll every agent first")
+    who_has = sub.add_parser("who-has", parents=[output], help="which workers hold each key")
+    who_has.add_argument("keys", nargs="*", metavar="KEY")
+    has_what = sub.add_parser("has-what", parents=[output], help="which keys each worker holds")
+    has_what.add_argument("workers", nargs="*", metavar="WORKER")
+    forget = sub.add_parser("forget", parents=[output], help="delete keys on every worker")
+    forget.add_argument("keys", nargs="+", metavar="KEY")
+    put = sub.add_parser("put", parents=[common], help="store a value")
+    put.add_argument("key")
+    source = put.add_mutually_exclusive_group(required=True)
+    source.add_argument("--value", metavar="TEXT", help="the value, as UTF-8 text")
+    source.add_argument("--file", type=Path, metavar="PATH", help="read the value (- for stdin)")
+    put.add_argument("--worker", action="append", dest="workers", metavar="ADDR")
+    get = sub.add_parser("get", parents=[common], help="read a value")
+    get.add_argument("key")
+    get.add_argument("--worker", metavar="ADDR")
+    get.add_argument("--output", "-o", type=Path, metavar="PATH", help="write here, not stdout")
+    return parser
+
+
+def _json_default(value: object) -> object:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    raise TypeError(f"cannot serialize {type(value).__name__}")
+
+
+def to_json(value: object) -> str:
+    """JSON of a result: dataclasses become objects, tuples lists, datetimes ISO 8601 strings."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = dataclasses.asdict(value)
+    elif isinstance(value, list):
+        value = [
+            dataclasses.asdict(v) if dataclasses.is_dataclass(v) and not isinstance(v, type) else v
+            for v in value
+        ]
+    return json.dumps(value, indent=2, default=_json_default)
+
+
+def _emit(args: argparse.Namespace, value: object, text: Callable[[], str]) -> None:
+    print(to_json(value) if getattr(args, "json", False) else text())
+
+
+def _read_value(args: argparse.Namespace) -> bytes:
+    if args.value is not None:
+        return str(args.value).encode()
+    path: Path = args.file
+    return sys.stdin.buffer.read() if str(path) == "-" else path.read_bytes()
+
+
+def run_verb(client: Client, args: argparse.Namespace) -> int:
+    """Carry out one control verb with ``client`` and print its result."""
+    command = args.command
+    if command == "start":
+        client.amm.start()
+        print("AMM started")
+    elif command == "stop":
+        client.amm.stop()
+        print("AMM stopped")
+    elif command == "running":
+        running = client.amm.running()
+        _emit(args, {"running": running}, lambda: "running" if running else "stopped")
+    elif command == "run-once":
+        report = client.amm.run_once(wait=args.wait)
+        _emit(args, report, lambda: tables.render_cycle(report))
+    elif command == "status":
+        status = client.status()
+        _emit(args, status, lambda: tables.render_status(client.address, status))
+    elif command == "workers":
+        found = client.workers(fresh=args.fresh)
+        _emit(args, found, lambda: tables.render_workers(found))
+    elif command == "who-has":
+        holders = client.who_has(args.keys or None)
+        _emit(args, holders, lambda: tables.render_mapping(("KEY", "WORKERS"), holders))
+    elif command == "has-what":
+        keys = client.has_what(args.workers or None)
+        _emit(args, keys, lambda: tables.render_mapping(("WORKER", "KEYS"), keys))
+    elif command == "forget":
+        deleted = client.forget(args.keys)
+        _emit(args, {"replicas_deleted": deleted}, lambda: f"deleted {deleted} replica(s)")
+    elif command == "put":
+        value = _read_value(args)
+        client.put(args.key, value, workers=args.workers)
+        where = ", ".join(args.workers) if args.workers else "the least loaded worker"
+        print(f"stored {args.key!r} ({format_bytes(len(value))}) on {where}")
+    elif command == "get":
+        data = client.get(args.key, worker=args.worker)
+        if args.output is None:
+            sys.stdout.buffer.write(data)
+            sys.stdout.buffer.flush()
+        else:
+            args.output.write_bytes(data)
+    return 0
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def run_cluster(args: argparse.Namespace) -> int:
+    """``amm cluster``: start, print the addresses, wait for Ctrl-C or SIGTERM, stop."""
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    cluster: LocalCluster | None = None
+    try:
+        cluster = LocalCluster(
+            args.workers,
+            listen=args.listen,
+            interval=args.interval,
+            start=args.start,
+            echo=sys.stderr if args.logs else None,
+        )
+        print(tables.render_cluster(cluster.address, cluster.workers), flush=True)
+        while not (ended := cluster.exited()):
+            time.sleep(0.5)
+        names = ", ".join(f"{name} (exit code {code})" for name, code in ended.items())
+        print(f"error: {names} ended unexpectedly; stopping the cluster", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if cluster is not None:
+            cluster.stop()
+            print("cluster stopped", file=sys.stderr)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, previous)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``amm``; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in EXEC_COMMANDS:
+        exec_module(EXEC_COMMANDS[argv[0]], argv[1:])
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "cluster":
+            return run_cluster(args)
+        with Client(args.amm, timeout=args.timeout) as client:
+            return run_verb(client, args)
+    except AmmError as err:
+        print(f"error: {err.status.name}: {err.message}", file=sys.stderr)
+    except (ClusterError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+    except KeyboardInterrupt:
+        return 130
+    return 1

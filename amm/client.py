@@ -1,0 +1,432 @@
+"""The Python client: ``AsyncClient`` over ``grpc.aio`` and ``Client``, its blocking twin.
+
+``AsyncClient`` talks to the AMM's control API for the cluster-wide view (who has what, status,
+start/stop) and straight to the worker agents for data (put, get, pin), as a Dask client talks to
+the scheduler and to workers. ``Client`` runs an ``AsyncClient`` on a private event loop in a
+daemon thread; its methods are generated from the async ones by ``_forward`` so there is one body
+per verb. Every failure reaches the caller as ``AmmError`` with a gRPC status code; an address
+that cannot be reached is named in the message. Not covered here: policies, directives and agent
+registration, which belong to the service and the agents.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import threading
+import weakref
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Concatenate, Generic, ParamSpec, Self, TypeVar
+
+import grpc
+
+from amm.checksum import StreamingChecksum, checksum, chunks
+from amm.errors import AmmError
+from amm.models import (
+    CycleReport,
+    Status,
+    WorkerInfo,
+    address_key,
+    cycle_from_proto,
+    sort_addresses,
+    status_from_proto,
+    worker_from_proto,
+)
+from amm.serving import CHANNEL_OPTIONS
+from amm.v1 import agent_pb2, agent_pb2_grpc, control_pb2, control_pb2_grpc, types_pb2
+
+if TYPE_CHECKING:
+    from amm.v1.agent_pb2_grpc import WorkerAgentAsyncStub
+    from amm.v1.control_pb2_grpc import ActiveMemoryManagerAsyncStub
+
+__all__ = ["AmmControl", "AsyncAmmControl", "AsyncClient", "Client"]
+
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+CHUNK_SIZE = 1024 * 1024
+
+P = ParamSpec("P")
+T = TypeVar("T")
+A = TypeVar("A")
+
+
+def _as_list(items: str | Sequence[str] | None) -> list[str]:
+    if items is None:
+        return []
+    return [items] if isinstance(items, str) else list(items)
+
+
+@contextlib.contextmanager
+def _rpc(role: str, address: str) -> Iterator[None]:
+    """Turn a failed call to ``role`` at ``address`` into ``AmmError``."""
+    try:
+        yield
+    except grpc.aio.AioRpcError as err:
+        code, details = err.code(), err.details() or ""
+        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            raise AmmError(code, f"cannot reach {role} at {address}: {details}") from err
+        raise AmmError(code, details) from err
+
+
+class AsyncAmmControl:
+    """``client.amm``: start, stop and drive the AMM's cycles."""
+
+    def __init__(self, client: AsyncClient) -> None:
+        self._client = client
+
+    async def start(self) -> None:
+        """Run cycles every interval (idempotent)."""
+        stub = self._client._amm_stub()
+        with self._client._amm_rpc():
+            await stub.Start(control_pb2.StartRequest(), timeout=self._client.timeout)
+
+    async def stop(self) -> None:
+        """Stop running cycles (idempotent)."""
+        stub = self._client._amm_stub()
+        with self._client._amm_rpc():
+            await stub.Stop(control_pb2.StopRequest(), timeout=self._client.timeout)
+
+    async def running(self) -> bool:
+        """Whether cycles run every interval."""
+        stub = self._client._amm_stub()
+        with self._client._amm_rpc():
+            reply = await stub.Running(control_pb2.RunningRequest(), timeout=self._client.timeout)
+        return reply.running
+
+    async def run_once(self, wait: bool = True) -> CycleReport:
+        """Run one cycle now, even while stopped; ``wait`` for every directive's outcome."""
+        stub = self._client._amm_stub()
+        with self._client._amm_rpc():
+            reply = await stub.RunOnce(
+                control_pb2.RunOnceRequest(wait=wait), timeout=self._client.timeout
+            )
+        return cycle_from_proto(reply.cycle)
+
+
+class AsyncClient:
+    """Asynchronous client of an AMM and its workers; ``async with`` closes its channels."""
+
+    def __init__(
+        self,
+        address: str = DEFAULT_ADDRESS,
+        *,
+        timeout: float = 30.0,
+        chunk_size: int = CHUNK_SIZE,
+    ) -> None:
+        if chunk_size <= 0:
+            raise ValueError(f"chunk_size must be positive, not {chunk_size}")
+        self.address = address
+        self.timeout = timeout
+        self.chunk_size = chunk_size
+        self.amm = AsyncAmmControl(self)
+        self._channel: grpc.aio.Channel | None = None
+        self._stub: ActiveMemoryManagerAsyncStub | None = None
+        self._agents: dict[str, tuple[grpc.aio.Channel, WorkerAgentAsyncStub]] = {}
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"<AsyncClient amm={self.address}>"
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close every channel; idempotent. The client cannot be used afterwards."""
+        self._closed = True
+        channels = [channel for channel, _ in self._agents.values()]
+        if self._channel is not None:
+            channels.append(self._channel)
+        self._agents.clear()
+        self._channel, self._stub = None, None
+        for channel in channels:
+            await channel.close(None)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise AmmError(grpc.StatusCode.FAILED_PRECONDITION, "the client is closed")
+
+    def _amm_stub(self) -> ActiveMemoryManagerAsyncStub:
+        self._check_open()
+        if self._stub is None:
+            self._channel = grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS)
+            self._stub = control_pb2_grpc.ActiveMemoryManagerStub(self._channel)
+        return self._stub
+
+    def _agent_stub(self, address: str) -> WorkerAgentAsyncStub:
+        self._check_open()
+        if address not in self._agents:
+            channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            self._agents[address] = (channel, agent_pb2_grpc.WorkerAgentStub(channel))
+        return self._agents[address][1]
+
+    def _amm_rpc(self) -> contextlib.AbstractContextManager[None]:
+        return _rpc("the AMM", self.address)
+
+    async def has_what(
+        self, workers: str | Sequence[str] | None = None, *, fresh: bool = True
+    ) -> dict[str, tuple[str, ...]]:
+        """Keys held by each worker; all workers, ordered by address, when ``workers`` is None."""
+        asked = _as_list(workers)
+        stub = self._amm_stub()
+        with self._amm_rpc():
+            reply = await stub.HasWhat(
+                control_pb2.HasWhatRequest(workers=asked, fresh=fresh), timeout=self.timeout
+            )
+        entries = list(reply.entries)
+        if not asked:
+            entries.sort(key=lambda entry: address_key(entry.worker))
+        return {entry.worker: tuple(entry.keys) for entry in entries}
+
+    async def who_has(
+        self, keys: str | Sequence[str] | None = None, *, fresh: bool = True
+    ) -> dict[str, tuple[str, ...]]:
+        """Workers holding each key (ordered by address); every key when ``keys`` is None."""
+        stub = self._amm_stub()
+        with self._amm_rpc():
+            reply = await stub.WhoHas(
+                control_pb2.WhoHasRequest(keys=_as_list(keys), fresh=fresh), timeout=self.timeout
+            )
+        return {entry.key: tuple(sort_addresses(list(entry.workers))) for entry in reply.entries}
+
+    async def workers(self, fresh: bool = False) -> list[WorkerInfo]:
+        """The registered workers, ordered by address."""
+        stub = self._amm_stub()
+        with self._amm_rpc():
+            reply = await stub.ListWorkers(
+                control_pb2.ListWorkersRequest(fresh=fresh), timeout=self.timeout
+            )
+        found = [worker_from_proto(w) for w in reply.workers]
+        return sorted(found, key=lambda w: address_key(w.address))
+
+    async def status(self) -> Status:
+        """The AMM's configuration, epoch, last cycle and cluster totals."""
+        stub = self._amm_stub()
+        with self._amm_rpc():
+            reply = await stub.GetStatus(control_pb2.GetStatusRequest(), timeout=self.timeout)
+        return status_from_proto(reply)
+
+    async def forget(self, keys: str | Sequence[str]) -> int:
+        """Delete keys on every worker that holds them; returns the number of replicas deleted."""
+        stub = self._amm_stub()
+        with self._amm_rpc():
+            reply = await stub.Forget(
+                control_pb2.ForgetRequest(keys=_as_list(keys)), timeout=self.timeout
+            )
+        return reply.replicas_deleted
+
+    async def put(self, key: str, value: bytes, workers: Sequence[str] | None = None) -> None:
+        """Store ``value`` under ``key`` on each of ``workers`` (one after the other).
+
+        With ``workers=None`` the value goes to the running worker with the least managed memory.
+        Storing the same content again is a no-op; different content under an existing key fails
+        with ``ALREADY_EXISTS``.
+        """
+        targets = list(workers) if workers is not None else [await self._least_loaded(key)]
+        digest = checksum(value)
+        for address in targets:
+            await self._put_one(address, key, value, digest)
+
+    async def _least_loaded(self, key: str) -> str:
+        running = [w for w in await self.workers(fresh=True) if w.status == "running"]
+        if not running:
+            raise AmmError(
+                grpc.StatusCode.FAILED_PRECONDITION, f"no running worker to put {key!r} on"
+            )
+        return min(running, key=lambda w: (w.managed_bytes, address_key(w.address))).address
+
+    async def _put_one(self, address: str, key: str, value: bytes, digest: str) -> None:
+        header = agent_pb2.PutHeader(key=key, size=len(value), checksum=digest)
+
+        async def requests() -> AsyncIterator[agent_pb2.PutRequest]:
+            yield agent_pb2.PutRequest(header=header)
+            for chunk in chunks(value, self.chunk_size):
+                yield agent_pb2.PutRequest(chunk=chunk)
+
+        stub = self._agent_stub(address)
+        with _rpc("worker", address):
+            await stub.Put(requests(), timeout=self.timeout)
+
+    async def get(self, key: str, worker: str | None = None) -> bytes:
+        """The value of ``key``, read from ``worker`` or, when None, from a current holder.
+
+        A worker that lacks the key fetches it from a holder and keeps a replica. The data is
+        checked against the size and checksum the worker announced (``DATA_LOSS`` otherwise).
+        """
+        if worker is not None:
+            return await self._get_one(worker, key)
+        holders = (await self.who_has([key], fresh=True)).get(key, ())
+        if not holders:
+            raise AmmError(grpc.StatusCode.NOT_FOUND, f"no worker holds {key!r}")
+        for address in holders[:-1]:
+            try:
+                return await self._get_one(address, key)
+            except AmmError as err:
+                if err.status != grpc.StatusCode.UNAVAILABLE:
+                    raise
+        return await self._get_one(holders[-1], key)
+
+    async def _get_one(self, address: str, key: str) -> bytes:
+        stub = self._agent_stub(address)
+        parts: list[bytes] = []
+        received = StreamingChecksum()
+        header: types_pb2.ValueHeader | None = None
+        with _rpc("worker", address):
+            async for message in stub.Get(agent_pb2.GetRequest(key=key), timeout=self.timeout):
+                if header is None:
+                    if not message.HasField("header"):
+                        raise AmmError(
+                            grpc.StatusCode.DATA_LOSS,
+                            f"{address} sent {key!r} without a header",
+                        )
+                    header = message.header
+                    continue
+                received.update(message.chunk)
+                parts.append(message.chunk)
+        if header is None:
+            raise AmmError(grpc.StatusCode.DATA_LOSS, f"{address} sent nothing for {key!r}")
+        if received.size != header.size or received.hexdigest() != header.checksum:
+            raise AmmError(
+                grpc.StatusCode.DATA_LOSS,
+                f"{key!r} from {address}: received {received.size} bytes with checksum "
+                f"{received.hexdigest()}, announced {header.size} bytes with {header.checksum}",
+            )
+        return b"".join(parts)
+
+    async def pin(self, key: str, worker: str) -> int:
+        """Pin ``key`` on ``worker`` so it is never dropped there; returns the pin count."""
+        stub = self._agent_stub(worker)
+        with _rpc("worker", worker):
+            reply = await stub.Pin(agent_pb2.PinRequest(key=key), timeout=self.timeout)
+        return reply.pins
+
+    async def unpin(self, key: str, worker: str) -> int:
+        """Release one pin on ``key`` at ``worker``; returns the pins still held."""
+        stub = self._agent_stub(worker)
+        with _rpc("worker", worker):
+            reply = await stub.Unpin(agent_pb2.UnpinRequest(key=key), timeout=self.timeout)
+        return reply.pins
+
+
+class _LoopThread:
+    """A private event loop running in a daemon thread; ``run`` blocks on one coroutine."""
+
+    def __init__(self) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="amm-client-loop", daemon=True
+        )
+        self._thread.start()
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        with self._lock:
+            if self._closed:
+                coro.close()
+                raise AmmError(grpc.StatusCode.FAILED_PRECONDITION, "the client is closed")
+            future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            return future.result()
+        except BaseException:
+            future.cancel()
+            raise
+
+    def close(self, final: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        """Run ``final`` on the loop, then stop and close the loop; idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(final(), self._loop).result(timeout=10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        if not self._thread.is_alive():
+            self._loop.close()
+
+
+class _Blocking(Generic[A]):
+    """A blocking facade over an async object whose coroutines run on a ``_LoopThread``."""
+
+    def __init__(self, target: A, portal: _LoopThread) -> None:
+        self._target = target
+        self._portal = portal
+
+
+def _forward(
+    method: Callable[Concatenate[A, P], Coroutine[Any, Any, T]],
+) -> Callable[Concatenate[_Blocking[A], P], T]:
+    """The blocking version of an async method, with the same signature and docstring."""
+
+    @functools.wraps(method)
+    def call(self: _Blocking[A], /, *args: P.args, **kwargs: P.kwargs) -> T:
+        return self._portal.run(method(self._target, *args, **kwargs))
+
+    return call
+
+
+class AmmControl(_Blocking[AsyncAmmControl]):
+    """``client.amm``: start, stop and drive the AMM's cycles."""
+
+    start = _forward(AsyncAmmControl.start)
+    stop = _forward(AsyncAmmControl.stop)
+    running = _forward(AsyncAmmControl.running)
+    run_once = _forward(AsyncAmmControl.run_once)
+
+
+class Client(_Blocking[AsyncClient]):
+    """Blocking client of an AMM and its workers; the same methods as ``AsyncClient``."""
+
+    def __init__(
+        self,
+        address: str = DEFAULT_ADDRESS,
+        *,
+        timeout: float = 30.0,
+        chunk_size: int = CHUNK_SIZE,
+    ) -> None:
+        target = AsyncClient(address, timeout=timeout, chunk_size=chunk_size)
+        portal = _LoopThread()
+        super().__init__(target, portal)
+        self.amm = AmmControl(target.amm, portal)
+        self._finalizer = weakref.finalize(self, portal.close, target.close)
+
+    @property
+    def address(self) -> str:
+        return self._target.address
+
+    def __repr__(self) -> str:
+        return f"<Client amm={self.address}>"
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the channels and stop the private loop; idempotent."""
+        self._finalizer()
+
+    has_what = _forward(AsyncClient.has_what)
+    who_has = _forward(AsyncClient.who_has)
+    workers = _forward(AsyncClient.workers)
+    status = _forward(AsyncClient.status)
+    forget = _forward(AsyncClient.forget)
+    put = _forward(AsyncClient.put)
+    get = _forward(AsyncClient.get)
+    pin = _forward(AsyncClient.pin)
+    unpin = _forward(AsyncClient.unpin)

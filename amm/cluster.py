@@ -1,0 +1,331 @@
+"""``LocalCluster``: an AMM and N worker agents as local subprocesses, for demos and tests.
+
+The processes are started as ``python -m amm_service`` and ``python -m worker_agent`` (never
+imported, so the client package stays independent of both). A process counts as started once it
+prints its ready line on stdout::
+
+    amm-service ready address=HOST:PORT epoch=N
+    amm-agent ready address=HOST:PORT
+
+One thread per pipe keeps reading after that line so the pipes never fill; the last lines of each
+stream are kept for error messages. Failure modes handled while starting:
+
+1. the process exits before its ready line: ``ClusterError`` with its exit code and stderr tail;
+2. no ready line before the deadline: the process is killed, same error;
+3. the agents are serving but not yet registered: ``wait_for_workers`` polls the AMM until they
+   are listed, against the same deadline.
+
+Stopping sends SIGTERM to the agents first (so they unregister while the AMM still listens), then
+to the AMM, and SIGKILLs whatever outlives the deadline. Children get their own session, so a
+terminal's Ctrl-C reaches only the owner, which then stops them in that order.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import weakref
+from collections.abc import Mapping, Sequence
+from types import TracebackType
+from typing import IO, Self
+
+import grpc
+
+from amm.client import Client
+from amm.errors import AmmError
+
+SERVICE_MODULE = "amm_service"
+AGENT_MODULE = "worker_agent"
+SERVICE_READY = "amm-service ready"
+AGENT_READY = "amm-agent ready"
+TAIL_LINES = 40
+
+
+class ClusterError(RuntimeError):
+    """A local process could not be started or did not become ready."""
+
+
+def parse_ready_line(line: str, prefix: str) -> dict[str, str] | None:
+    """``key=value`` fields of a ready line starting with ``prefix``; None for any other line."""
+    if not line.startswith(prefix):
+        return None
+    fields = dict(token.split("=", 1) for token in line[len(prefix) :].split() if "=" in token)
+    return fields if "address" in fields else None
+
+
+def format_interval(interval: str | float) -> str:
+    """``0.5`` -> ``500ms``: the service's ``--interval`` syntax; strings pass through."""
+    if isinstance(interval, str):
+        return interval
+    return f"{round(interval * 1000)}ms"
+
+
+class LocalProcess:
+    """One child process whose stdout and stderr are drained by threads."""
+
+    def __init__(
+        self,
+        name: str,
+        argv: list[str],
+        ready_prefix: str,
+        env: Mapping[str, str],
+        echo: IO[str] | None,
+    ) -> None:
+        self.name = name
+        self.argv = argv
+        self.ready: dict[str, str] | None = None
+        self._ready_prefix = ready_prefix
+        self._echo = echo
+        self._settled = threading.Event()
+        self._stdout: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+        self._stderr: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+        self.popen = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=dict(env),
+            encoding="utf-8",
+            errors="replace",
+            bufsize=1,
+            start_new_session=True,
+        )
+        self._readers = [
+            threading.Thread(
+                target=self._drain,
+                args=(self.popen.stdout, self._stdout, True),
+                name=f"{name}-stdout",
+                daemon=True,
+            ),
+            threading.Thread(
+                target=self._drain,
+                args=(self.popen.stderr, self._stderr, False),
+                name=f"{name}-stderr",
+                daemon=True,
+            ),
+        ]
+        for reader in self._readers:
+            reader.start()
+
+    @property
+    def address(self) -> str:
+        if self.ready is None:
+            raise ClusterError(f"{self.name} is not ready")
+        return self.ready["address"]
+
+    def _drain(self, stream: IO[str] | None, tail: collections.deque[str], stdout: bool) -> None:
+        if stream is None:
+            return
+        with stream:
+            for raw in stream:
+                line = raw.rstrip("\n")
+                tail.append(line)
+                if self._echo is not None:
+                    print(f"[{self.name}] {line}", file=self._echo, flush=True)
+                if stdout and self.ready is None:
+                    self.ready = parse_ready_line(line, self._ready_prefix)
+                    if self.ready is not None:
+                        self._settled.set()
+        if stdout:
+            self._settled.set()
+
+    def wait_ready(self, deadline: float) -> str:
+        """The process's address once its ready line arrived; ``ClusterError`` otherwise."""
+        if not self._settled.wait(max(0.0, deadline - time.monotonic())):
+            self.kill()
+            raise self._failure("printed no ready line in time")
+        if self.ready is None:
+            try:
+                self.popen.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                self.kill()
+            raise self._failure(f"exited with code {self.popen.returncode}")
+        return self.ready["address"]
+
+    def _failure(self, what: str) -> ClusterError:
+        for reader in self._readers:
+            reader.join(timeout=1)
+        tail = "\n".join(f"    {line}" for line in self._stderr) or "    (nothing)"
+        command = " ".join(self.argv)
+        return ClusterError(f"{self.name} {what}\n  command: {command}\n  stderr:\n{tail}")
+
+    def signal(self, sig: int) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(sig)
+
+    def kill(self) -> None:
+        self.signal(signal.SIGKILL)
+        self.popen.wait()
+
+    def wait(self, timeout: float) -> int:
+        """Exit code, SIGKILLing the process if it is still running after ``timeout``."""
+        try:
+            code = self.popen.wait(timeout=max(0.0, timeout))
+        except subprocess.TimeoutExpired:
+            self.kill()
+            code = self.popen.returncode
+        for reader in self._readers:
+            reader.join(timeout=1)
+        return code
+
+
+def _stop_all(processes: list[LocalProcess], timeout: float) -> None:
+    """SIGTERM ``processes``, then SIGKILL those still alive after ``timeout``."""
+    for process in processes:
+        process.signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for process in processes:
+        process.wait(deadline - time.monotonic())
+
+
+def _stop_cluster(agents: list[LocalProcess], service: list[LocalProcess], timeout: float) -> None:
+    _stop_all(agents, timeout)
+    _stop_all(service, timeout)
+
+
+class LocalCluster:
+    """An AMM and ``n_workers`` agents on this machine; ``stop()`` or ``with`` ends them.
+
+    ``interval`` and ``start`` map to the service's ``--interval`` and ``--start/--no-start``;
+    ``state`` to ``--state`` (``:memory:`` by default, so a local cluster remembers nothing);
+    ``service_args`` and ``agent_args`` are passed through verbatim; ``env`` extends the
+    environment. ``echo`` receives every output line of the children, prefixed by their name.
+    """
+
+    def __init__(
+        self,
+        n_workers: int = 2,
+        *,
+        listen: str = "127.0.0.1:0",
+        interval: str | float | None = None,
+        start: bool | None = None,
+        state: str | None = ":memory:",
+        service_args: Sequence[str] = (),
+        agent_args: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+        timeout: float = 30.0,
+        stop_timeout: float = 10.0,
+        echo: IO[str] | None = None,
+    ) -> None:
+        self.timeout = timeout
+        self.stop_timeout = stop_timeout
+        self._env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self._agent_args = list(agent_args)
+        self._echo = echo
+        self._service: list[LocalProcess] = []
+        self._agents: list[LocalProcess] = []
+        self._count = 0
+        self._finalizer = weakref.finalize(
+            self, _stop_cluster, self._agents, self._service, stop_timeout
+        )
+        argv = ["--listen", listen]
+        if interval is not None:
+            argv += ["--interval", format_interval(interval)]
+        if start is not None:
+            argv.append("--start" if start else "--no-start")
+        if state is not None:
+            argv += ["--state", state]
+        try:
+            deadline = time.monotonic() + timeout
+            service = self._spawn("amm-service", SERVICE_MODULE, [*argv, *service_args])
+            self._service.append(service)
+            self.address = service.wait_ready(deadline)
+            self._start_agents(n_workers, deadline)
+        except BaseException:
+            self.stop()
+            raise
+
+    def __repr__(self) -> str:
+        return f"<LocalCluster amm={getattr(self, 'address', '?')} workers={len(self._agents)}>"
+
+    @property
+    def workers(self) -> list[str]:
+        """Addresses of the running agents, in start order."""
+        return [agent.address for agent in self._agents if agent.ready is not None]
+
+    def _spawn(self, name: str, module: str, args: Sequence[str]) -> LocalProcess:
+        argv = [sys.executable, "-m", module, *args]
+        prefix = SERVICE_READY if module == SERVICE_MODULE else AGENT_READY
+        return LocalProcess(name, argv, prefix, self._env, self._echo)
+
+    def _start_agents(self, n: int, deadline: float) -> list[str]:
+        started = []
+        for _ in range(n):
+            name = f"worker-{self._count}"
+            self._count += 1
+            args = ["--amm", self.address, "--listen", "127.0.0.1:0", "--name", name]
+            started.append(self._spawn(name, AGENT_MODULE, [*args, *self._agent_args]))
+        self._agents.extend(started)
+        addresses = [agent.wait_ready(deadline) for agent in started]
+        self.wait_for_workers(addresses, deadline - time.monotonic())
+        return addresses
+
+    def exited(self) -> dict[str, int]:
+        """Exit codes of the processes that ended without being stopped, by process name."""
+        return {
+            p.name: p.popen.returncode
+            for p in [*self._service, *self._agents]
+            if p.popen.poll() is not None
+        }
+
+    def _check_alive(self) -> None:
+        if not self._finalizer.alive:
+            raise ClusterError("the cluster is stopped")
+
+    def add_worker(self) -> str:
+        """Start one more agent and return its address once the AMM lists it."""
+        self._check_alive()
+        return self._start_agents(1, time.monotonic() + self.timeout)[0]
+
+    def wait_for_workers(self, addresses: Sequence[str], timeout: float) -> None:
+        """Block until the AMM lists every address in ``addresses`` as registered."""
+        deadline = time.monotonic() + timeout
+        missing = set(addresses)
+        with Client(self.address, timeout=max(1.0, timeout)) as client:
+            while True:
+                try:
+                    missing = set(addresses) - {w.address for w in client.workers()}
+                except AmmError as err:
+                    if err.status != grpc.StatusCode.UNAVAILABLE:
+                        raise
+                if not missing:
+                    return
+                if time.monotonic() > deadline:
+                    raise ClusterError(f"the AMM did not list {sorted(missing)} in time")
+                time.sleep(0.05)
+
+    def stop_worker(
+        self, address: str, sig: int = signal.SIGTERM, timeout: float | None = None
+    ) -> int:
+        """Send ``sig`` to the agent at ``address`` and return its exit code.
+
+        The agent is SIGKILLed if it is still running after ``timeout`` (``stop_timeout``).
+        """
+        for agent in self._agents:
+            if agent.ready is not None and agent.address == address:
+                break
+        else:
+            raise ClusterError(f"no running worker at {address}; workers: {self.workers}")
+        self._agents.remove(agent)
+        agent.signal(sig)
+        return agent.wait(self.stop_timeout if timeout is None else timeout)
+
+    def stop(self) -> None:
+        """Stop the agents, then the AMM (SIGTERM, then SIGKILL after the deadline); idempotent."""
+        self._finalizer()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()

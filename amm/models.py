@@ -1,0 +1,273 @@
+"""The values the client returns, and their conversion from the wire contract.
+
+Users get frozen dataclasses with plain Python types (``str`` statuses, ``float`` seconds,
+``datetime`` in UTC), never protobuf messages, so that results print, compare and serialize like
+any other value. Every conversion from ``amm.v1`` lives here, once; the client and the CLI only call
+the ``*_from_proto`` functions. Enum values a newer server may send and this client does not know
+read as ``"unspecified"``, as the contract asks.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from google.protobuf.descriptor import EnumDescriptor
+from google.protobuf.duration_pb2 import Duration
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from amm.v1 import control_pb2, types_pb2
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerInfo:
+    """A registered worker as the AMM last saw it; sizes in bytes."""
+
+    address: str
+    name: str
+    status: str
+    process_bytes: int
+    managed_bytes: int
+    unmanaged_old_bytes: int
+    optimistic_bytes: int
+    limit_bytes: int
+    memory_bytes: int
+    key_count: int
+    last_poll: datetime | None
+    registered_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class DirectiveRecord:
+    """A directive the AMM sent in a cycle and, once known, its outcome."""
+
+    id: str
+    op: str
+    key: str
+    worker: str
+    policy: str
+    outcome: str | None
+    reason: str | None
+    message: str
+    sent_at: datetime | None
+    timed_out: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """A suggestion the AMM's core turned down, and why."""
+
+    policy: str
+    op: str
+    key: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class CycleReport:
+    """What one AMM cycle did; durations in seconds."""
+
+    number: int
+    started_at: datetime | None
+    duration: float
+    plan_duration: float
+    suggestions: int
+    directives_sent: int
+    applied: int
+    refused: int
+    failed: int
+    rejected: int
+    directives: tuple[DirectiveRecord, ...]
+    rejections: tuple[Rejection, ...]
+    unreachable_workers: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyInfo:
+    """A configured policy; ``kwargs_json`` is kept verbatim, ``kwargs`` parses it."""
+
+    name: str
+    class_path: str
+    kwargs_json: str
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        parsed = json.loads(self.kwargs_json) if self.kwargs_json else {}
+        return parsed if isinstance(parsed, dict) else {}
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterTotals:
+    """Totals over the cluster as the AMM last saw it; sizes in bytes."""
+
+    workers: int
+    keys: int
+    replicas: int
+    memory_bytes: int
+    managed_bytes: int
+    process_bytes: int
+    directives_in_flight: int
+
+
+@dataclass(frozen=True, slots=True)
+class RefusalRecord:
+    """A directive an agent refused or failed."""
+
+    directive_id: str
+    op: str
+    key: str
+    worker: str
+    reason: str
+    message: str
+    at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    """The AMM's configuration, epoch, last cycle and totals; ``interval`` in seconds."""
+
+    running: bool
+    interval: float
+    measure: str
+    policies: tuple[PolicyInfo, ...]
+    epoch: int
+    cycles: int
+    last_cycle: CycleReport | None
+    totals: ClusterTotals
+    recent_refusals: tuple[RefusalRecord, ...]
+
+
+def enum_name(enum: EnumDescriptor, value: int, prefix: str) -> str:
+    """``WORKER_STATUS_RUNNING`` -> ``running``; an unknown value -> ``unspecified``."""
+    known = enum.values_by_number.get(value)
+    return known.name.removeprefix(prefix).lower() if known else "unspecified"
+
+
+def address_key(address: str) -> tuple[str, int, str]:
+    """Sort key for ``host:port`` addresses: by host, then port numerically."""
+    host, sep, port = address.rpartition(":")
+    if sep and port.isdigit():
+        return host, int(port), ""
+    return address, -1, address
+
+
+def sort_addresses(addresses: list[str] | tuple[str, ...]) -> list[str]:
+    return sorted(addresses, key=address_key)
+
+
+def _seconds(duration: Duration) -> float:
+    return duration.seconds + duration.nanos / 1e9
+
+
+def _time(message: Any, field: str) -> datetime | None:
+    if not message.HasField(field):
+        return None
+    stamp: Timestamp = getattr(message, field)
+    return stamp.ToDatetime(tzinfo=UTC)
+
+
+def _op(value: int) -> str:
+    return enum_name(types_pb2.DirectiveOp.DESCRIPTOR, value, "DIRECTIVE_OP_")
+
+
+def _reason(value: int) -> str:
+    return enum_name(types_pb2.RefusalReason.DESCRIPTOR, value, "REFUSAL_REASON_")
+
+
+def worker_from_proto(msg: control_pb2.WorkerInfo) -> WorkerInfo:
+    memory = msg.memory
+    return WorkerInfo(
+        address=msg.address,
+        name=msg.name or msg.address,
+        status=enum_name(types_pb2.WorkerStatus.DESCRIPTOR, msg.status, "WORKER_STATUS_"),
+        process_bytes=memory.process_bytes,
+        managed_bytes=memory.managed_bytes,
+        unmanaged_old_bytes=memory.unmanaged_old_bytes,
+        optimistic_bytes=memory.optimistic_bytes,
+        limit_bytes=memory.limit_bytes,
+        memory_bytes=msg.memory_bytes,
+        key_count=msg.key_count,
+        last_poll=_time(msg, "last_poll"),
+        registered_at=_time(msg, "registered_at"),
+    )
+
+
+def directive_record_from_proto(msg: types_pb2.DirectiveRecord) -> DirectiveRecord:
+    known = msg.HasField("outcome") and msg.outcome.status != types_pb2.OUTCOME_STATUS_UNSPECIFIED
+    outcome = msg.outcome
+    return DirectiveRecord(
+        id=msg.directive.id,
+        op=_op(msg.directive.op),
+        key=msg.directive.key,
+        worker=msg.worker,
+        policy=msg.policy,
+        outcome=enum_name(types_pb2.OutcomeStatus.DESCRIPTOR, outcome.status, "OUTCOME_STATUS_")
+        if known
+        else None,
+        reason=_reason(outcome.reason)
+        if known and outcome.reason != types_pb2.REFUSAL_REASON_UNSPECIFIED
+        else None,
+        message=outcome.message,
+        sent_at=_time(msg, "sent_at"),
+        timed_out=msg.timed_out,
+    )
+
+
+def cycle_from_proto(msg: types_pb2.CycleReport) -> CycleReport:
+    return CycleReport(
+        number=msg.number,
+        started_at=_time(msg, "started_at"),
+        duration=_seconds(msg.duration),
+        plan_duration=_seconds(msg.plan_duration),
+        suggestions=msg.suggestions,
+        directives_sent=msg.directives_sent,
+        applied=msg.applied,
+        refused=msg.refused,
+        failed=msg.failed,
+        rejected=msg.rejected,
+        directives=tuple(directive_record_from_proto(d) for d in msg.directives),
+        rejections=tuple(
+            Rejection(policy=r.policy, op=_op(r.op), key=r.key, reason=r.reason)
+            for r in msg.rejections
+        ),
+        unreachable_workers=tuple(msg.unreachable_workers),
+    )
+
+
+def status_from_proto(msg: control_pb2.GetStatusResponse) -> Status:
+    totals = msg.totals
+    return Status(
+        running=msg.running,
+        interval=_seconds(msg.interval),
+        measure=enum_name(types_pb2.MemoryMeasure.DESCRIPTOR, msg.measure, "MEMORY_MEASURE_"),
+        policies=tuple(
+            PolicyInfo(name=p.name, class_path=p.class_path, kwargs_json=p.kwargs_json)
+            for p in msg.policies
+        ),
+        epoch=msg.epoch,
+        cycles=msg.cycles,
+        last_cycle=cycle_from_proto(msg.last_cycle) if msg.HasField("last_cycle") else None,
+        totals=ClusterTotals(
+            workers=totals.workers,
+            keys=totals.keys,
+            replicas=totals.replicas,
+            memory_bytes=totals.memory_bytes,
+            managed_bytes=totals.managed_bytes,
+            process_bytes=totals.process_bytes,
+            directives_in_flight=totals.directives_in_flight,
+        ),
+        recent_refusals=tuple(
+            RefusalRecord(
+                directive_id=r.directive.id,
+                op=_op(r.directive.op),
+                key=r.directive.key,
+                worker=r.worker,
+                reason=_reason(r.reason),
+                message=r.message,
+                at=_time(r, "at"),
+            )
+            for r in msg.recent_refusals
+        ),
+    )

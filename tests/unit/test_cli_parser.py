@@ -1,0 +1,95 @@
+"""Argument parsing and dispatch of the ``amm`` command, without any server."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from datetime import UTC, datetime
+
+import pytest
+
+from amm import cli
+from amm.cluster import format_interval, parse_ready_line
+from amm.models import Rejection
+
+
+def test_service_and_agent_exec_the_server_modules(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[str, list[str]]] = []
+
+    def fake_execv(path: str, argv: list[str]) -> None:
+        calls.append((path, argv))
+        raise SystemExit(0)
+
+    monkeypatch.setattr(os, "execv", fake_execv)
+    for argv, module in (
+        (["service", "--listen", "h:1"], "amm_service"),
+        (["agent", "-h"], "worker_agent"),
+    ):
+        with pytest.raises(SystemExit):
+            cli.main(argv)
+        path, args = calls.pop()
+        assert path == sys.executable
+        assert args == [sys.executable, "-m", module, *argv[1:]]
+
+
+def test_amm_address_from_flag_env_or_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("AMM_ADDRESS", raising=False)
+    assert cli.build_parser().parse_args(["status"]).amm == "127.0.0.1:50051"
+    monkeypatch.setenv("AMM_ADDRESS", "env:1")
+    assert cli.build_parser().parse_args(["status"]).amm == "env:1"
+    assert cli.build_parser().parse_args(["--amm", "a:1", "status"]).amm == "a:1"
+    assert cli.build_parser().parse_args(["status", "--amm", "b:2"]).amm == "b:2"
+
+
+def test_verbs_parse() -> None:
+    parse = cli.build_parser().parse_args
+    assert parse(["run-once"]).wait is True
+    assert parse(["run-once", "--no-wait", "--json"]).wait is False
+    assert parse(["who-has"]).keys == []
+    assert parse(["forget", "a", "b"]).keys == ["a", "b"]
+    put = parse(["put", "k", "--value", "v", "--worker", "h:1", "--worker", "h:2"])
+    assert (put.key, put.value, put.workers) == ("k", "v", ["h:1", "h:2"])
+    cluster = parse(["cluster", "--workers", "3", "--interval", "500ms", "--start"])
+    assert (cluster.workers, cluster.interval, cluster.start) == (3, "500ms", True)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["put", "k"], ["put", "k", "--value", "v", "--file", "f"], ["forget"], ["nope"], []],
+)
+def test_invalid_usage_exits_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        cli.main(argv)
+    assert info.value.code == 2
+    assert "usage: amm" in capsys.readouterr().err
+
+
+def test_cluster_interval_is_validated(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        cli.main(["cluster", "--interval", "soon"])
+    assert "invalid duration" in capsys.readouterr().err
+
+
+def test_json_of_results() -> None:
+    when = datetime(2026, 1, 1, tzinfo=UTC)
+    assert json.loads(cli.to_json({"x": ("h:1",)})) == {"x": ["h:1"]}
+    assert json.loads(cli.to_json([Rejection("p", "drop", "k", "r")]))[0]["op"] == "drop"
+    assert json.loads(cli.to_json({"at": when})) == {"at": "2026-01-01T00:00:00+00:00"}
+
+
+def test_ready_lines() -> None:
+    line = "amm-service ready address=127.0.0.1:4000 epoch=3"
+    assert parse_ready_line(line, "amm-service ready") == {
+        "address": "127.0.0.1:4000",
+        "epoch": "3",
+    }
+    assert parse_ready_line("amm-agent ready address=h:1", "amm-agent ready") == {"address": "h:1"}
+    assert parse_ready_line("amm-service ready", "amm-service ready") is None
+    assert parse_ready_line("INFO starting", "amm-service ready") is None
+
+
+def test_intervals_use_the_service_syntax() -> None:
+    assert format_interval(0.5) == "500ms"
+    assert format_interval(2) == "2000ms"
+    assert format_interval("2s") == "2s"
