@@ -3,25 +3,23 @@
 ``AsyncClient`` talks to the AMM's control API for the cluster-wide view (who has what, status,
 start/stop) and straight to the worker agents for data (put, get, pin), as a Dask client talks to
 the scheduler and to workers. ``Client`` runs an ``AsyncClient`` on a private event loop in a
-daemon thread; its methods are generated from the async ones by ``_forward`` so there is one body
-per verb. Every failure reaches the caller as ``AmmError`` with a gRPC status code; an address
-that cannot be reached is named in the message. Not covered here: policies, directives and agent
-registration, which belong to the service and the agents.
+daemon thread; its methods are generated from the async ones by ``amm.blocking.forward``, so
+there is one body per verb. Every failure reaches the caller as ``AmmError`` with a gRPC status
+code; an address that cannot be reached is named in the message. Not covered here: policies,
+directives and agent registration, which belong to the service and the agents.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import functools
-import threading
 import weakref
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Concatenate, Generic, ParamSpec, Self, TypeVar
+from typing import TYPE_CHECKING, Self
 
 import grpc
 
+from amm.blocking import Blocking, LoopThread, forward
 from amm.checksum import StreamingChecksum, checksum, chunks
 from amm.errors import AmmError
 from amm.models import (
@@ -45,10 +43,6 @@ __all__ = ["AmmControl", "AsyncAmmControl", "AsyncClient", "Client"]
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 CHUNK_SIZE = 1024 * 1024
-
-P = ParamSpec("P")
-T = TypeVar("T")
-A = TypeVar("A")
 
 
 def _as_list(items: str | Sequence[str] | None) -> list[str]:
@@ -316,74 +310,16 @@ class AsyncClient:
         return reply.pins
 
 
-class _LoopThread:
-    """A private event loop running in a daemon thread; ``run`` blocks on one coroutine."""
-
-    def __init__(self) -> None:
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(
-            target=self._loop.run_forever, name="amm-client-loop", daemon=True
-        )
-        self._thread.start()
-        self._lock = threading.Lock()
-        self._closed = False
-
-    def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        with self._lock:
-            if self._closed:
-                coro.close()
-                raise AmmError(grpc.StatusCode.FAILED_PRECONDITION, "the client is closed")
-            future = asyncio.run_coroutine_threadsafe(coro, self._loop)
-        try:
-            return future.result()
-        except BaseException:
-            future.cancel()
-            raise
-
-    def close(self, final: Callable[[], Coroutine[Any, Any, None]]) -> None:
-        """Run ``final`` on the loop, then stop and close the loop; idempotent."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-        with contextlib.suppress(Exception):
-            asyncio.run_coroutine_threadsafe(final(), self._loop).result(timeout=10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=10)
-        if not self._thread.is_alive():
-            self._loop.close()
-
-
-class _Blocking(Generic[A]):
-    """A blocking facade over an async object whose coroutines run on a ``_LoopThread``."""
-
-    def __init__(self, target: A, portal: _LoopThread) -> None:
-        self._target = target
-        self._portal = portal
-
-
-def _forward(
-    method: Callable[Concatenate[A, P], Coroutine[Any, Any, T]],
-) -> Callable[Concatenate[_Blocking[A], P], T]:
-    """The blocking version of an async method, with the same signature and docstring."""
-
-    @functools.wraps(method)
-    def call(self: _Blocking[A], /, *args: P.args, **kwargs: P.kwargs) -> T:
-        return self._portal.run(method(self._target, *args, **kwargs))
-
-    return call
-
-
-class AmmControl(_Blocking[AsyncAmmControl]):
+class AmmControl(Blocking[AsyncAmmControl]):
     """``client.amm``: start, stop and drive the AMM's cycles."""
 
-    start = _forward(AsyncAmmControl.start)
-    stop = _forward(AsyncAmmControl.stop)
-    running = _forward(AsyncAmmControl.running)
-    run_once = _forward(AsyncAmmControl.run_once)
+    start = forward(AsyncAmmControl.start)
+    stop = forward(AsyncAmmControl.stop)
+    running = forward(AsyncAmmControl.running)
+    run_once = forward(AsyncAmmControl.run_once)
 
 
-class Client(_Blocking[AsyncClient]):
+class Client(Blocking[AsyncClient]):
     """Blocking client of an AMM and its workers; the same methods as ``AsyncClient``."""
 
     def __init__(
@@ -394,7 +330,7 @@ class Client(_Blocking[AsyncClient]):
         chunk_size: int = CHUNK_SIZE,
     ) -> None:
         target = AsyncClient(address, timeout=timeout, chunk_size=chunk_size)
-        portal = _LoopThread()
+        portal = LoopThread()
         super().__init__(target, portal)
         self.amm = AmmControl(target.amm, portal)
         self._finalizer = weakref.finalize(self, portal.close, target.close)
@@ -421,12 +357,12 @@ class Client(_Blocking[AsyncClient]):
         """Close the channels and stop the private loop; idempotent."""
         self._finalizer()
 
-    has_what = _forward(AsyncClient.has_what)
-    who_has = _forward(AsyncClient.who_has)
-    workers = _forward(AsyncClient.workers)
-    status = _forward(AsyncClient.status)
-    forget = _forward(AsyncClient.forget)
-    put = _forward(AsyncClient.put)
-    get = _forward(AsyncClient.get)
-    pin = _forward(AsyncClient.pin)
-    unpin = _forward(AsyncClient.unpin)
+    has_what = forward(AsyncClient.has_what)
+    who_has = forward(AsyncClient.who_has)
+    workers = forward(AsyncClient.workers)
+    status = forward(AsyncClient.status)
+    forget = forward(AsyncClient.forget)
+    put = forward(AsyncClient.put)
+    get = forward(AsyncClient.get)
+    pin = forward(AsyncClient.pin)
+    unpin = forward(AsyncClient.unpin)

@@ -41,11 +41,14 @@ def port_free(host: str, port: int) -> bool:
     return True
 
 
-def step(source: str, call: Callable[[], T]) -> T:
-    """Print ``>>> source``, run ``call`` and print its result as the REPL would."""
+def step(source: str, call: Callable[[], T], assign: bool = False) -> T:
+    """Print ``>>> source``, run ``call`` and print its result as the REPL would.
+
+    ``assign``: the source is an assignment, so the REPL prints nothing.
+    """
     print(f">>> {source}", flush=True)
     result = call()
-    if result is not None:
+    if result is not None and not assign:
         print(pprint.pformat(result, width=100, sort_dicts=False), flush=True)
     return result
 
@@ -70,7 +73,7 @@ def wait_for_single_replica(client: Client, key: str, timeout: float) -> tuple[s
 def run_example(client: Client) -> None:
     print(">>> from amm import Client")
     print(f'>>> client = Client("{client.address}")')
-    w1, w2, w3, w4 = step("w1, w2, w3, w4 = client.has_what()", client.has_what)
+    w1, w2, w3, w4 = step("w1, w2, w3, w4 = client.has_what()", client.has_what, assign=True)
     step('client.put("x", b"payload", workers=[w1])', lambda: client.put("x", b"payload", [w1]))
     has_what = step("client.has_what()", client.has_what)
     expect(has_what == {w1: ("x",), w2: (), w3: (), w4: ()}, f"x should be on {w1} only")

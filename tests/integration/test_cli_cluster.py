@@ -1,0 +1,50 @@
+"""``amm cluster`` and the demo as a user runs them: real processes, stopped by signals.
+
+Skipped while the service or the agent has no entry point (see tests/support/processes.py).
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from amm import demo
+from amm.client import Client
+from tests.support.processes import require_processes
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_cluster_command_stops_everything_on_signal(sig: signal.Signals) -> None:
+    require_processes()
+    argv = [sys.executable, "-m", "amm", "cluster", "--workers", "1", "--listen", "127.0.0.1:0"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("Press Ctrl-C"):
+                break
+        address = next(line.split()[1] for line in lines if line.startswith("amm "))
+        with Client(address, timeout=5) as client:
+            assert len(client.has_what()) == 1
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=20)
+        assert proc.returncode == 0, err
+        assert "cluster stopped" in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def test_demo_runs_to_completion(capsys: pytest.CaptureFixture[str]) -> None:
+    require_processes()
+    assert demo.main(listen="127.0.0.1:0") == 0
+    out = capsys.readouterr().out
+    assert '>>> client.get("x", worker=w2)' in out
+    assert "b'payload'" in out
+    assert "Cluster stopped" in out

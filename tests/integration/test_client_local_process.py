@@ -1,0 +1,75 @@
+"""``LocalProcess``, the child-process handling under ``LocalCluster``, with stand-in scripts.
+
+The scripts print ready lines, die or hang the way a broken service or agent could, so the
+start-up failure modes are covered whatever state the real service and agent are in.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import textwrap
+import time
+
+import pytest
+
+from amm.cluster import AGENT_READY, ClusterError, LocalProcess
+
+
+def _process(script: str, name: str = "stand-in") -> LocalProcess:
+    argv = [sys.executable, "-c", textwrap.dedent(script)]
+    return LocalProcess(name, argv, AGENT_READY, dict(os.environ), echo=None)
+
+
+def test_ready_line_gives_the_address_and_output_keeps_draining() -> None:
+    process = _process(
+        """
+        import sys
+        print("starting", flush=True)
+        print("amm-agent ready address=127.0.0.1:4321", flush=True)
+        for _ in range(2000):
+            sys.stdout.write("x" * 200 + "\\n")
+            sys.stderr.write("y" * 200 + "\\n")
+        """
+    )
+    assert process.wait_ready(time.monotonic() + 10) == "127.0.0.1:4321"
+    assert process.address == "127.0.0.1:4321"
+    assert process.wait(10) == 0
+
+
+def test_death_before_ready_reports_exit_code_and_stderr() -> None:
+    process = _process(
+        """
+        import sys
+        print("amm agent: error: cannot listen on 127.0.0.1:1", file=sys.stderr)
+        sys.exit(2)
+        """,
+        name="worker-0",
+    )
+    with pytest.raises(ClusterError) as info:
+        process.wait_ready(time.monotonic() + 10)
+    message = str(info.value)
+    assert "worker-0 exited with code 2" in message
+    assert "cannot listen on 127.0.0.1:1" in message
+
+
+def test_no_ready_line_in_time_kills_the_process() -> None:
+    process = _process("import time; print('booting', flush=True); time.sleep(60)")
+    with pytest.raises(ClusterError, match="printed no ready line in time"):
+        process.wait_ready(time.monotonic() + 0.5)
+    assert process.popen.returncode == -signal.SIGKILL
+
+
+def test_wait_kills_a_process_that_ignores_sigterm() -> None:
+    process = _process(
+        """
+        import signal, time
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        print("amm-agent ready address=h:1", flush=True)
+        time.sleep(60)
+        """
+    )
+    process.wait_ready(time.monotonic() + 10)
+    process.signal(signal.SIGTERM)
+    assert process.wait(0.3) == -signal.SIGKILL
