@@ -1,9 +1,11 @@
 """amm: a standalone Active Memory Manager for clusters of workers that hold keyed data in memory.
 
-``from amm import Client`` is what users import; ``amm.v1`` is the generated wire contract.
+``from amm import Client`` is what users import (``LocalCluster`` starts a cluster on this
+machine); ``amm.v1`` is the generated wire contract.
 """
 
 from amm.client import AsyncClient, Client
+from amm.cluster import ClusterError, LocalCluster
 from amm.errors import AmmError
 from amm.models import (
     ClusterTotals,
@@ -20,9 +22,11 @@ __all__ = [
     "AmmError",
     "AsyncClient",
     "Client",
+    "ClusterError",
     "ClusterTotals",
     "CycleReport",
     "DirectiveRecord",
+    "LocalCluster",
     "PolicyInfo",
     "RefusalRecord",
     "Rejection",

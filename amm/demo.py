@@ -49,7 +49,7 @@ def step(source: str, call: Callable[[], T], assign: bool = False) -> T:
     print(f">>> {source}", flush=True)
     result = call()
     if result is not None and not assign:
-        print(pprint.pformat(result, width=100, sort_dicts=False), flush=True)
+        print(pprint.pformat(result, width=80, sort_dicts=False), flush=True)
     return result
 
 
@@ -66,7 +66,14 @@ def wait_for_single_replica(client: Client, key: str, timeout: float) -> tuple[s
         if len(holders) == 1:
             return holders
         if time.monotonic() > deadline:
-            raise DemoFailed(f"{key!r} still has {len(holders)} replicas after {timeout:.0f} s")
+            refusals = [
+                f"{r.op} {r.key!r} on {r.worker}: {r.reason} ({r.message})"
+                for r in client.status().recent_refusals[:3]
+            ]
+            raise DemoFailed(
+                f"{key!r} still has {len(holders)} replicas after {timeout:.0f} s; "
+                f"recent refusals: {'; '.join(refusals) or 'none'}"
+            )
         time.sleep(INTERVAL / 5)
 
 
