@@ -43,6 +43,7 @@ __all__ = ["AmmControl", "AsyncAmmControl", "AsyncClient", "Client"]
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 CHUNK_SIZE = 1024 * 1024
+AMM_ROLE = "the AMM"
 
 
 def _as_list(items: str | Sequence[str] | None) -> list[str]:
@@ -53,13 +54,20 @@ def _as_list(items: str | Sequence[str] | None) -> list[str]:
 
 @contextlib.contextmanager
 def _rpc(role: str, address: str) -> Iterator[None]:
-    """Turn a failed call to ``role`` at ``address`` into ``AmmError``."""
+    """Turn a failed call to ``role`` at ``address`` into ``AmmError``.
+
+    The address is named when it could not be reached or did not answer in time, and always for
+    a worker, since data calls go to one worker among many. An UNAVAILABLE status can also come
+    from a reachable server (say, an agent whose peers are all down): its details tell which.
+    """
     try:
         yield
     except grpc.aio.AioRpcError as err:
         code, details = err.code(), err.details() or ""
-        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-            raise AmmError(code, f"cannot reach {role} at {address}: {details}") from err
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            details = f"{role} at {address} did not answer in time ({details})"
+        elif code == grpc.StatusCode.UNAVAILABLE or role != AMM_ROLE:
+            details = f"{role} at {address}: {details}"
         raise AmmError(code, details) from err
 
 
@@ -163,7 +171,7 @@ class AsyncClient:
         return self._agents[address][1]
 
     def _amm_rpc(self) -> contextlib.AbstractContextManager[None]:
-        return _rpc("the AMM", self.address)
+        return _rpc(AMM_ROLE, self.address)
 
     async def has_what(
         self, workers: str | Sequence[str] | None = None, *, fresh: bool = True
