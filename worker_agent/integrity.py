@@ -1,1 +1,242 @@
-"""Placeholder; filled in by the next commits."""
+"""The agent's local integrity rules: may this directive or request take effect, here and now?
+
+Each rule is a synchronous function of the store, the agent's conditions and ``now`` that returns
+``Accept`` or ``Refuse(reason, message)``; it never mutates anything. The AMM plans no loss of the
+last replica, and the agent refuses anyway: these rules are the second line and are never optional.
+
+The refusal reasons mirror ``amm.v1.RefusalReason`` by name; converting to and from protobuf happens
+at the gRPC edge (``servicer``).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from worker_agent.store import Key, Store
+
+
+class Reason(enum.Enum):
+    """Why a directive or a request was refused or failed (``amm.v1.RefusalReason``)."""
+
+    STALE_EPOCH = 1
+    INVALID = 2
+    PINNED = 3
+    IN_USE = 4
+    NO_CONFIRMED_HOLDER = 5
+    KEEP_PROMISED = 6
+    PAUSED = 7
+    MEMORY_LIMIT = 8
+    SOURCE_UNAVAILABLE = 9
+    CHECKSUM_MISMATCH = 10
+    NOT_HELD = 11
+    DROPPING = 12
+    CLOSING = 13
+
+
+class Op(enum.Enum):
+    """What a directive asks for; UNSPECIFIED stands for anything this agent does not know."""
+
+    UNSPECIFIED = 0
+    REPLICATE = 1
+    DROP = 2
+
+
+@dataclass(frozen=True, slots=True)
+class Directive:
+    """An order from the AMM (``amm.v1.Directive``)."""
+
+    id: str
+    epoch: int
+    op: Op
+    key: Key
+    size: int = 0
+    checksum: str = ""
+    sources: tuple[str, ...] = ()
+    holders: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Conditions:
+    """The agent-wide facts the rules depend on, sampled by the caller."""
+
+    newest_epoch: int = 0
+    paused: bool = False
+    closing: bool = False
+    memory_limit: int = 0
+    max_value_bytes: int = 1 << 30
+
+
+@dataclass(frozen=True, slots=True)
+class Accept:
+    """Go ahead; ``noop`` when the desired state already holds (idempotent directives)."""
+
+    noop: bool = False
+    message: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Refuse:
+    """Do not: ``reason`` for machines, ``message`` for people."""
+
+    reason: Reason
+    message: str
+
+
+Verdict = Accept | Refuse
+
+
+def judge(store: Store, directive: Directive, cond: Conditions, now: float) -> Verdict:
+    """The first look at a directive, before anything is marked or fetched."""
+    stale = judge_epoch(directive, cond)
+    if stale is not None:
+        return stale
+    if not directive.id or not directive.key:
+        return Refuse(Reason.INVALID, "a directive needs an id and a key")
+    if directive.op is Op.DROP:
+        return judge_drop(store, directive, cond, now)
+    if directive.op is Op.REPLICATE:
+        return judge_replicate(store, directive, cond)
+    return Refuse(Reason.INVALID, "unknown directive op")
+
+
+def judge_epoch(directive: Directive, cond: Conditions) -> Refuse | None:
+    """Directives from an AMM epoch older than the newest seen come from a superseded AMM."""
+    if directive.epoch < cond.newest_epoch:
+        return Refuse(
+            Reason.STALE_EPOCH,
+            f"directive epoch {directive.epoch} is older than epoch {cond.newest_epoch}",
+        )
+    return None
+
+
+def judge_drop(store: Store, directive: Directive, cond: Conditions, now: float) -> Verdict:
+    """May the local replica be dropped, once a holder promises to keep the key?"""
+    key = directive.key
+    if cond.closing:
+        return Refuse(Reason.CLOSING, "the agent is shutting down")
+    held = store.get(key)
+    if held is None:
+        return Accept(noop=True, message="not held")
+    if directive.checksum and directive.checksum != held.checksum:
+        return Refuse(
+            Reason.NOT_HELD,
+            f"holds other content under {key!r} (checksum {held.checksum[:12]}, "
+            f"directive expects {directive.checksum[:12]})",
+        )
+    if store.is_dropping(key):
+        return Refuse(Reason.DROPPING, f"already dropping {key!r}")
+    blocked = _local_blockers(store, key, now)
+    if blocked is not None:
+        return blocked
+    if not directive.holders:
+        return Refuse(Reason.NO_CONFIRMED_HOLDER, "the directive names no other holder")
+    return Accept()
+
+
+def judge_drop_commit(store: Store, key: Key, checksum: str, now: float) -> Verdict:
+    """The last look, after a holder promised: readers, pins or leases may have appeared since.
+
+    The caller marked the key DROPPING itself, so that is no obstacle here; the caller removes the
+    key in the same synchronous step as this call.
+    """
+    held = store.get(key)
+    if held is None:
+        return Accept(noop=True, message="not held")
+    if held.checksum != checksum:
+        return Refuse(Reason.NOT_HELD, f"the content under {key!r} changed while dropping")
+    blocked = _local_blockers(store, key, now)
+    return blocked if blocked is not None else Accept()
+
+
+def judge_replicate(store: Store, directive: Directive, cond: Conditions) -> Verdict:
+    """May a replica be fetched and kept? Asked again once the data arrived."""
+    key = directive.key
+    held = store.get(key)
+    if held is not None:
+        if directive.checksum and directive.checksum != held.checksum:
+            return Refuse(
+                Reason.INVALID,
+                f"holds other content under {key!r} (checksum {held.checksum[:12]}, "
+                f"directive expects {directive.checksum[:12]}); keys are immutable",
+            )
+        return Accept(noop=True, message="already held")
+    if cond.closing:
+        return Refuse(Reason.CLOSING, "the agent is shutting down")
+    if cond.paused:
+        return Refuse(Reason.PAUSED, "the worker is paused (memory above its pause threshold)")
+    if not directive.sources:
+        return Refuse(Reason.INVALID, "the directive names no source")
+    return _fits(store, directive.size, cond)
+
+
+def judge_keep(store: Store, key: Key, checksum: str, cond: Conditions) -> Verdict:
+    """May this agent promise a peer to keep ``key``? Refusing while dropping it here is what makes
+    two concurrent drops of the last two replicas safe: each refuses the other."""
+    if cond.closing:
+        return Refuse(Reason.CLOSING, "the agent is shutting down")
+    held = store.get(key)
+    if held is None:
+        return Refuse(Reason.NOT_HELD, f"does not hold {key!r}")
+    if checksum and checksum != held.checksum:
+        return Refuse(Reason.NOT_HELD, f"holds other content under {key!r}")
+    if store.is_dropping(key):
+        return Refuse(Reason.DROPPING, f"is dropping {key!r} itself")
+    return Accept()
+
+
+def judge_delete(store: Store, key: Key, now: float) -> Verdict:
+    """May a user delete the local replica? Same protections as a drop, minus the holders."""
+    if key not in store:
+        return Accept(noop=True, message="not held")
+    blocked = _local_blockers(store, key, now)
+    return blocked if blocked is not None else Accept()
+
+
+def judge_put(store: Store, key: Key, size: int, cond: Conditions) -> Verdict:
+    """May a value of ``size`` bytes be stored under ``key``? (Content is compared later.)"""
+    too_big = _too_big(size, cond)
+    if too_big is not None:
+        return too_big
+    if key in store:
+        return Accept(noop=True, message="already held")
+    return _fits(store, size, cond)
+
+
+def _too_big(size: int, cond: Conditions) -> Refuse | None:
+    if size > cond.max_value_bytes:
+        return Refuse(
+            Reason.MEMORY_LIMIT,
+            f"value of {size} bytes exceeds the largest accepted ({cond.max_value_bytes} bytes)",
+        )
+    return None
+
+
+def _fits(store: Store, size: int, cond: Conditions) -> Verdict:
+    too_big = _too_big(size, cond)
+    if too_big is not None:
+        return too_big
+    if cond.memory_limit and store.total_bytes + size > cond.memory_limit:
+        return Refuse(
+            Reason.MEMORY_LIMIT,
+            f"{size} more bytes would exceed the memory limit: {store.total_bytes} of "
+            f"{cond.memory_limit} bytes managed",
+        )
+    return Accept()
+
+
+def _local_blockers(store: Store, key: Key, now: float) -> Refuse | None:
+    """What protects a held key from removal: local pins, streaming reads, promises to peers."""
+    pins = store.pins(key)
+    if pins:
+        return Refuse(Reason.PINNED, f"{key!r} is pinned ({pins} pin{'s' if pins > 1 else ''})")
+    readers = store.in_use(key)
+    if readers:
+        return Refuse(Reason.IN_USE, f"{key!r} is being read or sent ({readers} streams)")
+    expires = store.promised_until(key, now)
+    if expires is not None:
+        return Refuse(
+            Reason.KEEP_PROMISED,
+            f"promised a peer to keep {key!r} for {expires - now:.1f} s more",
+        )
+    return None

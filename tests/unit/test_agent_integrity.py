@@ -1,0 +1,180 @@
+"""The agent's integrity rules, judged on real stores with no I/O."""
+
+from __future__ import annotations
+
+from amm.checksum import checksum
+from worker_agent import integrity
+from worker_agent.integrity import Accept, Conditions, Directive, Op, Reason, Refuse
+from worker_agent.store import Key, Store
+
+K = Key("k")
+DATA = b"value"
+SUM = checksum(DATA)
+NOW = 100.0
+
+
+def held(data: bytes = DATA) -> Store:
+    store = Store()
+    store.add(K, data, checksum(data))
+    return store
+
+
+def drop(**kwargs: object) -> Directive:
+    values: dict[str, object] = {
+        "id": "d1",
+        "epoch": 3,
+        "op": Op.DROP,
+        "key": K,
+        "checksum": SUM,
+        "holders": ("peer:1",),
+    }
+    values.update(kwargs)
+    return Directive(**values)  # type: ignore[arg-type]
+
+
+def replicate(**kwargs: object) -> Directive:
+    values: dict[str, object] = {
+        "id": "r1",
+        "epoch": 3,
+        "op": Op.REPLICATE,
+        "key": K,
+        "size": len(DATA),
+        "checksum": SUM,
+        "sources": ("peer:1",),
+    }
+    values.update(kwargs)
+    return Directive(**values)  # type: ignore[arg-type]
+
+
+def reason(verdict: integrity.Verdict) -> Reason | None:
+    return verdict.reason if isinstance(verdict, Refuse) else None
+
+
+def test_stale_epoch_is_refused_before_anything_else() -> None:
+    verdict = integrity.judge(held(), drop(epoch=2), Conditions(newest_epoch=3), NOW)
+    assert reason(verdict) is Reason.STALE_EPOCH
+    assert integrity.judge(held(), drop(epoch=3), Conditions(newest_epoch=3), NOW) == Accept()
+
+
+def test_malformed_directives_are_invalid() -> None:
+    assert reason(integrity.judge(held(), drop(key=Key("")), Conditions(), NOW)) is Reason.INVALID
+    assert reason(integrity.judge(held(), drop(id=""), Conditions(), NOW)) is Reason.INVALID
+    unknown = drop(op=Op.UNSPECIFIED)
+    assert reason(integrity.judge(held(), unknown, Conditions(), NOW)) is Reason.INVALID
+
+
+def test_drop_protects_pinned_read_promised_and_dropping_keys() -> None:
+    cases = {}
+    store = held()
+    store.pin(K)
+    cases[Reason.PINNED] = store
+    store = held()
+    store.begin_use(K)
+    cases[Reason.IN_USE] = store
+    store = held()
+    store.promise(K, until=NOW + 1)
+    cases[Reason.KEEP_PROMISED] = store
+    store = held()
+    store.mark_dropping(K)
+    cases[Reason.DROPPING] = store
+    for expected, store in cases.items():
+        assert reason(integrity.judge_drop(store, drop(), Conditions(), NOW)) is expected
+
+
+def test_drop_after_the_lease_expired_is_accepted() -> None:
+    store = held()
+    store.promise(K, until=NOW)
+    assert integrity.judge_drop(store, drop(), Conditions(), NOW) == Accept()
+
+
+def test_drop_needs_a_holder_matching_content_and_a_running_agent() -> None:
+    store = held()
+    no_holders = integrity.judge_drop(store, drop(holders=()), Conditions(), NOW)
+    assert reason(no_holders) is Reason.NO_CONFIRMED_HOLDER
+    other = integrity.judge_drop(store, drop(checksum=checksum(b"other")), Conditions(), NOW)
+    assert reason(other) is Reason.NOT_HELD
+    closing = integrity.judge_drop(store, drop(), Conditions(closing=True), NOW)
+    assert reason(closing) is Reason.CLOSING
+    assert integrity.judge_drop(store, drop(checksum=""), Conditions(), NOW) == Accept()
+
+
+def test_drop_of_a_key_not_held_is_an_idempotent_noop() -> None:
+    assert integrity.judge_drop(Store(), drop(), Conditions(), NOW) == Accept(True, "not held")
+
+
+def test_drop_commit_rechecks_what_may_have_appeared_meanwhile() -> None:
+    store = held()
+    store.mark_dropping(K)
+    assert integrity.judge_drop_commit(store, K, SUM, NOW) == Accept()
+    store.pin(K)
+    assert reason(integrity.judge_drop_commit(store, K, SUM, NOW)) is Reason.PINNED
+    store.unpin(K)
+    store.begin_use(K)
+    assert reason(integrity.judge_drop_commit(store, K, SUM, NOW)) is Reason.IN_USE
+
+
+def test_replicate_rules() -> None:
+    cond = Conditions()
+    assert integrity.judge_replicate(Store(), replicate(), cond) == Accept()
+    assert integrity.judge_replicate(held(), replicate(), cond).noop  # type: ignore[union-attr]
+    other = held(b"other")
+    assert reason(integrity.judge_replicate(other, replicate(), cond)) is Reason.INVALID
+    paused = integrity.judge_replicate(Store(), replicate(), Conditions(paused=True))
+    assert reason(paused) is Reason.PAUSED
+    closing = integrity.judge_replicate(Store(), replicate(), Conditions(closing=True))
+    assert reason(closing) is Reason.CLOSING
+    no_source = integrity.judge_replicate(Store(), replicate(sources=()), cond)
+    assert reason(no_source) is Reason.INVALID
+
+
+def test_replicate_respects_the_memory_limit() -> None:
+    store = Store()
+    store.add(Key("other"), b"x" * 6, checksum(b"x" * 6))
+    limit = Conditions(memory_limit=10)
+    too_much = integrity.judge_replicate(store, replicate(size=5), limit)
+    assert reason(too_much) is Reason.MEMORY_LIMIT
+    assert integrity.judge_replicate(store, replicate(size=4), limit) == Accept()
+
+
+def test_keep_promise_is_refused_while_dropping_or_without_a_matching_copy() -> None:
+    cond = Conditions()
+    assert integrity.judge_keep(held(), K, SUM, cond) == Accept()
+    assert integrity.judge_keep(held(), K, "", cond) == Accept()
+    assert reason(integrity.judge_keep(Store(), K, SUM, cond)) is Reason.NOT_HELD
+    assert reason(integrity.judge_keep(held(b"other"), K, SUM, cond)) is Reason.NOT_HELD
+    store = held()
+    store.mark_dropping(K)
+    assert reason(integrity.judge_keep(store, K, SUM, cond)) is Reason.DROPPING
+    closing = integrity.judge_keep(held(), K, SUM, Conditions(closing=True))
+    assert reason(closing) is Reason.CLOSING
+
+
+def test_concurrent_drops_of_the_last_two_replicas_cannot_both_pass() -> None:
+    """Each agent marks its drop before asking the other, so each refuses the other's ask."""
+    a, b = held(), held()
+    for store in (a, b):
+        assert integrity.judge_drop(store, drop(), Conditions(), NOW) == Accept()
+        store.mark_dropping(K)
+    assert reason(integrity.judge_keep(b, K, SUM, Conditions())) is Reason.DROPPING
+    assert reason(integrity.judge_keep(a, K, SUM, Conditions())) is Reason.DROPPING
+
+
+def test_a_promise_given_blocks_the_own_drop_and_delete() -> None:
+    store = held()
+    assert integrity.judge_keep(store, K, SUM, Conditions()) == Accept()
+    store.promise(K, until=NOW + 10)
+    assert reason(integrity.judge_drop(store, drop(), Conditions(), NOW)) is Reason.KEEP_PROMISED
+    assert reason(integrity.judge_delete(store, K, NOW)) is Reason.KEEP_PROMISED
+
+
+def test_delete_and_put_rules() -> None:
+    assert integrity.judge_delete(Store(), K, NOW) == Accept(True, "not held")
+    store = held()
+    store.pin(K)
+    assert reason(integrity.judge_delete(store, K, NOW)) is Reason.PINNED
+    cond = Conditions(memory_limit=8, max_value_bytes=6)
+    assert reason(integrity.judge_put(Store(), K, 7, cond)) is Reason.MEMORY_LIMIT
+    assert integrity.judge_put(held(), K, 5, cond).noop  # type: ignore[union-attr]
+    full = held()
+    assert reason(integrity.judge_put(full, Key("new"), 4, cond)) is Reason.MEMORY_LIMIT
+    assert integrity.judge_put(full, Key("new"), 3, cond) == Accept()

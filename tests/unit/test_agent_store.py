@@ -1,0 +1,107 @@
+"""The agent's store: values, inventory versions and the changelog, pins, readers, leases."""
+
+from __future__ import annotations
+
+import pytest
+
+from amm.checksum import checksum
+from worker_agent.store import Key, KeyInfo, Store, Value
+
+A, B, C = Key("a"), Key("b"), Key("c")
+
+
+def add(store: Store, key: Key, data: bytes = b"xyz") -> None:
+    assert store.add(key, data, checksum(data))
+
+
+def test_add_get_remove_track_bytes_and_version() -> None:
+    store = Store()
+    add(store, A, b"12345")
+    add(store, B, b"12")
+    assert store.total_bytes == 7
+    assert store.version == 2
+    assert store.get(A) == Value(A, b"12345", checksum(b"12345"))
+    assert not store.add(A, b"other", checksum(b"other")), "keys are immutable"
+    assert store.get(A).data == b"12345"  # type: ignore[union-attr]
+    assert store.remove(A)
+    assert not store.remove(A)
+    assert store.total_bytes == 2
+    assert store.version == 3
+    assert [info.key for info in store.snapshot()] == [B]
+
+
+def test_changes_since_reports_upserts_and_removals_after_a_version() -> None:
+    store = Store()
+    add(store, A)
+    seen = store.version
+    add(store, B)
+    add(store, C)
+    store.remove(B)
+    store.pin(A)
+    changes = store.changes_since(seen)
+    assert changes is not None
+    assert changes.version == store.version == 5
+    assert {info.key: info.pinned for info in changes.upserts} == {C: False, A: True}
+    assert changes.removed == (B,)
+    assert store.changes_since(store.version) == type(changes)((), (), 5)
+
+
+def test_changes_since_is_none_when_out_of_reach() -> None:
+    store = Store(changelog_limit=4)
+    for i in range(20):
+        add(store, Key(f"k{i}"))
+    assert store.changes_since(0) is None, "the changelog no longer reaches back"
+    assert store.changes_since(store.version + 1) is None, "a version from the future"
+    recent = store.changes_since(store.version - 4)
+    assert recent is not None
+    assert [info.key for info in recent.upserts] == ["k16", "k17", "k18", "k19"]
+
+
+def test_pins_are_counted_and_bump_the_version_when_the_flag_flips() -> None:
+    store = Store()
+    add(store, A)
+    v = store.version
+    assert store.pin(A) == 1
+    assert store.pin(A) == 2
+    assert store.version == v + 1
+    assert store.info(A) == KeyInfo(A, 3, checksum(b"xyz"), pinned=True)
+    assert store.unpin(A) == 1
+    assert store.version == v + 1
+    assert store.unpin(A) == 0
+    assert store.version == v + 2
+    assert store.info(A).pinned is False  # type: ignore[union-attr]
+    with pytest.raises(KeyError):
+        store.unpin(A)
+    with pytest.raises(KeyError):
+        store.pin(B)
+
+
+def test_readers_and_dropping_do_not_change_the_inventory() -> None:
+    store = Store()
+    add(store, A)
+    v = store.version
+    store.begin_use(A)
+    store.begin_use(A)
+    store.mark_dropping(A)
+    assert store.in_use(A) == 2
+    assert store.is_dropping(A)
+    store.end_use(A)
+    store.end_use(A)
+    store.unmark_dropping(A)
+    assert store.in_use(A) == 0
+    assert not store.is_dropping(A)
+    assert store.version == v
+
+
+def test_leases_extend_but_never_shorten_and_expire_by_the_given_clock() -> None:
+    store = Store()
+    add(store, A)
+    assert store.promise(A, until=10.0) == 10.0
+    assert store.promise(A, until=5.0) == 10.0
+    assert store.promised_until(A, now=9.9) == 10.0
+    assert store.promised_until(A, now=10.0) is None
+    assert store.promise(A, until=20.0) == 20.0
+    store.remove(A)
+    assert store.promised_until(A, now=0.0) is None
+    with pytest.raises(KeyError):
+        store.promise(A, until=1.0)
