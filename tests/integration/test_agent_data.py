@@ -1,0 +1,195 @@
+"""The agent's data calls over real gRPC: Put, Get, Fetch, Pin, Unpin, Delete, Poll, bad input."""
+
+from __future__ import annotations
+
+import os
+
+import grpc
+import pytest
+
+from amm.checksum import checksum
+from amm.v1 import agent_pb2, types_pb2
+from tests.support.agent import (
+    Stub,
+    agents,
+    dial,
+    fetch,
+    get,
+    poll,
+    put,
+    put_raw,
+    running_agent,
+)
+
+BIG = os.urandom(300_000)
+
+
+async def code_of(call: object) -> grpc.StatusCode:
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await call  # type: ignore[misc]
+    return err.value.code()
+
+
+async def stream_code(stub: Stub, key: str) -> grpc.StatusCode:
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await get(stub, key)
+    return err.value.code()
+
+
+async def test_put_get_fetch_round_trip_in_chunks() -> None:
+    async with running_agent(chunk_size=64 * 1024) as agent, dial(agent.address) as stub:
+        stored = await put(stub, "big", BIG, chunk_size=10_000)
+        assert (stored.key, stored.size, stored.created) == ("big", len(BIG), True)
+        assert stored.checksum == checksum(BIG)
+        messages = [m async for m in stub.Get(agent_pb2.GetRequest(key="big"))]
+        assert len(messages) == 1 + 5, "header, then 64 KiB chunks"
+        header, data = await get(stub, "big")
+        assert data == BIG
+        assert (header.size, header.checksum, header.replicated) == (
+            len(BIG),
+            checksum(BIG),
+            False,
+        )
+        header, data = await fetch(stub, "big", checksum(BIG))
+        assert data == BIG
+        empty = await put(stub, "empty", b"")
+        assert empty.size == 0
+        assert (await get(stub, "empty"))[1] == b""
+
+
+async def test_put_without_checksum_is_accepted_and_checksummed() -> None:
+    async with running_agent() as agent, dial(agent.address) as stub:
+        stored = await put(stub, "k", b"data", with_checksum=False)
+        assert stored.checksum == checksum(b"data")
+
+
+async def test_keys_are_immutable() -> None:
+    async with running_agent() as agent, dial(agent.address) as stub:
+        assert (await put(stub, "k", b"one")).created
+        again = await put(stub, "k", b"one")
+        assert not again.created
+        assert again.checksum == checksum(b"one")
+        assert await code_of(put(stub, "k", b"two")) == grpc.StatusCode.ALREADY_EXISTS
+        assert await code_of(put(stub, "k", b"owt")) == grpc.StatusCode.ALREADY_EXISTS
+        assert (await get(stub, "k"))[1] == b"one"
+
+
+async def test_get_fetches_from_a_source_and_keeps_the_replica() -> None:
+    async with agents(2) as [(a, stub_a), (b, stub_b)]:
+        await put(stub_a, "k", BIG)
+        header, data = await get(stub_b, "k", sources=["127.0.0.1:1", a.address])
+        assert data == BIG
+        assert header.replicated
+        assert "k" in b.store
+        header, data = await get(stub_b, "k")
+        assert not header.replicated
+        assert data == BIG
+
+
+async def test_get_of_an_unknown_key_without_sources_or_amm_is_not_found() -> None:
+    async with agents(2) as [(a, stub_a), (_, stub_b)]:
+        assert await stream_code(stub_a, "missing") == grpc.StatusCode.NOT_FOUND
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await get(stub_b, "missing", sources=[a.address])
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await get(stub_b, "missing", sources=["127.0.0.1:1"])
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_bad_input_gets_the_right_status_codes() -> None:
+    async with running_agent(max_value_bytes=1000) as agent, dial(agent.address) as stub:
+        invalid = grpc.StatusCode.INVALID_ARGUMENT
+        assert await code_of(put(stub, "", b"x")) == invalid
+        assert await code_of(put(stub, "k" * 1025, b"x")) == invalid
+        assert await code_of(put(stub, "é" * 513, b"x")) == invalid, "1026 bytes of UTF-8"
+        assert (await put(stub, "k" * 1024, b"x")).created, "1024 bytes is the longest key"
+        assert await code_of(put(stub, "big", b"x" * 1001)) == grpc.StatusCode.RESOURCE_EXHAUSTED
+        chunk_first = [agent_pb2.PutRequest(chunk=b"x")]
+        assert await code_of(put_raw(stub, chunk_first)) == invalid
+        assert await code_of(put_raw(stub, [])) == invalid
+        header = agent_pb2.PutRequest(header=agent_pb2.PutHeader(key="k", size=3))
+        short = [header, agent_pb2.PutRequest(chunk=b"xy")]
+        assert await code_of(put_raw(stub, short)) == invalid
+        long = [header, agent_pb2.PutRequest(chunk=b"xyzw")]
+        assert await code_of(put_raw(stub, long)) == invalid
+        twice = [header, header]
+        assert await code_of(put_raw(stub, twice)) == invalid
+        wrong_sum = agent_pb2.PutHeader(key="k", size=3, checksum=checksum(b"abc"))
+        wrong = [agent_pb2.PutRequest(header=wrong_sum), agent_pb2.PutRequest(chunk=b"xyz")]
+        assert await code_of(put_raw(stub, wrong)) == invalid
+        assert "k" not in agent.store
+        assert await stream_code(stub, "unknown") == grpc.StatusCode.NOT_FOUND
+        assert await stream_code(stub, "") == invalid
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await fetch(stub, "unknown")
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        pin = stub.Pin(agent_pb2.PinRequest(key="unknown"))
+        assert await code_of(pin) == grpc.StatusCode.NOT_FOUND
+
+
+async def test_put_over_the_memory_limit_is_resource_exhausted() -> None:
+    async with running_agent(memory_limit=1000) as agent, dial(agent.address) as stub:
+        await put(stub, "a", b"x" * 600)
+        assert await code_of(put(stub, "b", b"y" * 600)) == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+async def test_fetch_with_another_checksum_is_not_found() -> None:
+    async with running_agent() as agent, dial(agent.address) as stub:
+        await put(stub, "k", b"data")
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await fetch(stub, "k", checksum(b"other"))
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_pins_unpins_and_deletes() -> None:
+    async with running_agent() as agent, dial(agent.address) as stub:
+        await put(stub, "k", b"data")
+        assert (await stub.Pin(agent_pb2.PinRequest(key="k"))).pins == 1
+        assert (await stub.Pin(agent_pb2.PinRequest(key="k"))).pins == 2
+        delete = stub.Delete(agent_pb2.DeleteRequest(key="k"))
+        assert await code_of(delete) == grpc.StatusCode.FAILED_PRECONDITION
+        assert (await stub.Unpin(agent_pb2.UnpinRequest(key="k"))).pins == 1
+        assert (await stub.Unpin(agent_pb2.UnpinRequest(key="k"))).pins == 0
+        unpin = stub.Unpin(agent_pb2.UnpinRequest(key="k"))
+        assert await code_of(unpin) == grpc.StatusCode.FAILED_PRECONDITION
+        assert (await stub.Delete(agent_pb2.DeleteRequest(key="k"))).deleted
+        assert not (await stub.Delete(agent_pb2.DeleteRequest(key="k"))).deleted
+        assert "k" not in agent.store
+
+
+async def test_poll_is_incremental_and_shows_pins() -> None:
+    async with running_agent(name="w1") as agent, dial(agent.address) as stub:
+        await put(stub, "a", b"1")
+        await put(stub, "b", b"22")
+        first = await poll(stub, epoch=7)
+        assert first.full
+        assert first.incarnation == agent.incarnation
+        assert [(k.key, k.size) for k in first.keys] == [("a", 1), ("b", 2)]
+        assert (first.name, first.epoch, first.status) == ("w1", 7, types_pb2.WORKER_STATUS_RUNNING)
+        assert first.memory.managed_bytes == 3
+        assert first.memory.process_bytes > 0
+        assert first.memory.optimistic_bytes >= 3
+
+        await put(stub, "c", b"333")
+        await stub.Delete(agent_pb2.DeleteRequest(key="a"))
+        await stub.Pin(agent_pb2.PinRequest(key="b"))
+        since = {"since_version": first.version, "incarnation": first.incarnation}
+        changes = await poll(stub, **since)
+        assert not changes.full
+        assert {k.key: k.pinned for k in changes.keys} == {"c": False, "b": True}
+        assert list(changes.removed) == ["a"]
+        assert changes.epoch == 7, "the newest epoch is remembered"
+
+        unchanged = await poll(stub, since_version=changes.version, incarnation=agent.incarnation)
+        assert (unchanged.full, list(unchanged.keys), unchanged.version) == (
+            False,
+            [],
+            changes.version,
+        )
+        asked = await poll(stub, full=True, **since)
+        assert asked.full
+        assert sorted(k.key for k in asked.keys) == ["b", "c"]
+        stranger = await poll(stub, since_version=first.version, incarnation="someone-else")
+        assert stranger.full
+        assert not list(stranger.removed)

@@ -1,0 +1,327 @@
+"""Directives over the real Directives stream: the test plays the AMM, agents run in process."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from typing import Any
+
+import grpc
+import pytest
+from google.protobuf.duration_pb2 import Duration
+
+from amm.checksum import checksum
+from amm.v1 import agent_pb2, agent_pb2_grpc, types_pb2
+from tests.support.agent import (
+    agents,
+    dial,
+    directive_stream,
+    drop,
+    get,
+    new_id,
+    poll,
+    put,
+    reason,
+    replicate,
+    running_agent,
+    status,
+    wait_for,
+)
+from worker_agent.store import Key
+
+DATA = b"the value" * 1000
+UNREACHABLE = "127.0.0.1:1"
+
+
+async def test_drop_is_applied_once_a_holder_promises_to_keep() -> None:
+    async with agents(2) as [(a, stub_a), (b, stub_b)]:
+        await put(stub_a, "k", DATA)
+        await put(stub_b, "k", DATA)
+        async with directive_stream(stub_a) as amm:
+            outcome = await amm.run(drop("k", [UNREACHABLE, b.address], checksum=checksum(DATA)))
+        assert status(outcome) == "APPLIED", outcome.message
+        assert b.address in outcome.message
+        assert "k" not in a.store
+        assert outcome.inventory_version == a.store.version
+        assert [k.key for k in (await poll(stub_a)).keys] == []
+        with _raises(grpc.StatusCode.FAILED_PRECONDITION):
+            await stub_b.Delete(agent_pb2.DeleteRequest(key="k"))
+
+
+async def test_drop_of_a_key_not_held_is_applied() -> None:
+    async with running_agent() as a, dial(a.address) as stub, directive_stream(stub) as amm:
+        outcome = await amm.run(drop("nothing", [UNREACHABLE]))
+        assert (status(outcome), outcome.message) == ("APPLIED", "not held")
+
+
+async def test_drop_is_refused_while_pinned() -> None:
+    async with agents(2) as [(_, stub_a), (b, stub_b)]:
+        await put(stub_a, "k", DATA)
+        await put(stub_b, "k", DATA)
+        await stub_a.Pin(agent_pb2.PinRequest(key="k"))
+        async with directive_stream(stub_a) as amm:
+            outcome = await amm.run(drop("k", [b.address]))
+            assert (status(outcome), reason(outcome)) == ("REFUSED", "PINNED")
+            await stub_a.Unpin(agent_pb2.UnpinRequest(key="k"))
+            assert status(await amm.run(drop("k", [b.address]))) == "APPLIED"
+
+
+async def test_drop_is_refused_while_the_key_is_being_read() -> None:
+    big = bytes(32 * 1024 * 1024)
+    async with agents(2, chunk_size=64 * 1024) as [(a, stub_a), (b, stub_b)]:
+        await put(stub_a, "k", big, chunk_size=1024 * 1024)
+        await put(stub_b, "k", big, chunk_size=1024 * 1024)
+        reader = stub_a.Get(agent_pb2.GetRequest(key="k"))
+        first = await reader.read()
+        assert isinstance(first, agent_pb2.GetResponse)
+        assert first.HasField("header")
+        async with directive_stream(stub_a) as amm:
+            outcome = await amm.run(drop("k", [b.address]))
+            assert (status(outcome), reason(outcome)) == ("REFUSED", "IN_USE")
+            reader.cancel()
+            await wait_for(lambda: a.store.in_use(Key("k")), lambda n: n == 0, what="read released")
+            assert status(await amm.run(drop("k", [b.address]))) == "APPLIED"
+
+
+async def test_drop_is_refused_when_no_holder_confirms() -> None:
+    async with agents(2) as [(a, stub_a), (b, _)]:
+        await put(stub_a, "k", DATA)
+        async with directive_stream(stub_a) as amm:
+            outcome = await amm.run(drop("k", [b.address, UNREACHABLE, a.address]))
+            no_holder = await amm.run(drop("k", []))
+        assert (status(outcome), reason(outcome)) == ("REFUSED", "NO_CONFIRMED_HOLDER")
+        assert f"{b.address}: NOT_HELD" in outcome.message
+        assert f"{UNREACHABLE}: unreachable" in outcome.message
+        assert reason(no_holder) == "NO_CONFIRMED_HOLDER"
+        assert "k" in a.store
+        assert not a.store.is_dropping(Key("k")), "the mark is lifted after a refusal"
+
+
+async def test_drop_is_refused_while_promised_to_a_peer() -> None:
+    async with agents(2) as [(_, stub_a), (b, stub_b)]:
+        await put(stub_a, "k", DATA)
+        await put(stub_b, "k", DATA)
+        lease = Duration(seconds=30)
+        promise = await stub_a.PromiseKeep(
+            agent_pb2.PromiseKeepRequest(key="k", checksum=checksum(DATA), lease=lease)
+        )
+        assert promise.kept
+        assert promise.lease_expires.ToSeconds() > time.time() + 25
+        async with directive_stream(stub_a) as amm:
+            outcome = await amm.run(drop("k", [b.address]))
+        assert (status(outcome), reason(outcome)) == ("REFUSED", "KEEP_PROMISED")
+        with _raises(grpc.StatusCode.FAILED_PRECONDITION):
+            await stub_a.Delete(agent_pb2.DeleteRequest(key="k"))
+
+
+async def test_promise_keep_answers() -> None:
+    async with running_agent(max_lease=5.0, lease=1.0) as a, dial(a.address) as stub:
+        await put(stub, "k", DATA)
+        missing = await stub.PromiseKeep(agent_pb2.PromiseKeepRequest(key="missing"))
+        assert (missing.kept, reason(missing)) == (False, "NOT_HELD")
+        other = await stub.PromiseKeep(
+            agent_pb2.PromiseKeepRequest(key="k", checksum=checksum(b"other"))
+        )
+        assert (other.kept, reason(other)) == (False, "NOT_HELD")
+        capped = await stub.PromiseKeep(
+            agent_pb2.PromiseKeepRequest(key="k", lease=Duration(seconds=3600))
+        )
+        assert capped.kept
+        assert capped.lease_expires.ToSeconds() <= time.time() + 6, "capped at max_lease"
+
+
+async def test_concurrent_drops_of_the_last_two_replicas_never_both_apply() -> None:
+    """Each agent is told to drop its replica, naming the other as holder, at the same moment."""
+    seen: collections.Counter[tuple[str, str]] = collections.Counter()
+    async with (
+        agents(2) as [(a, stub_a), (b, stub_b)],
+        directive_stream(stub_a) as amm_a,
+        directive_stream(stub_b) as amm_b,
+    ):
+
+        async def after(delay: float, coro: Any) -> types_pb2.DirectiveOutcome:
+            await asyncio.sleep(delay)
+            return await coro  # type: ignore[no-any-return]
+
+        for i in range(30):
+            key = f"race-{i}"
+            await put(stub_a, key, DATA)
+            await put(stub_b, key, DATA)
+            jitter = (i % 5) * 0.001
+            first, second = await asyncio.gather(
+                after(0 if i % 2 else jitter, amm_a.run(drop(key, [b.address]))),
+                after(jitter if i % 2 else 0, amm_b.run(drop(key, [a.address]))),
+            )
+            pair = (status(first), status(second))
+            seen[pair] += 1
+            assert pair != ("APPLIED", "APPLIED"), (first, second)
+            assert key in a.store or key in b.store
+            for outcome in (first, second):
+                if status(outcome) != "APPLIED":
+                    assert reason(outcome) in {"NO_CONFIRMED_HOLDER", "KEEP_PROMISED"}
+    assert sum(seen.values()) == 30
+
+
+async def test_replicate_fetches_verifies_and_keeps_the_key() -> None:
+    async with agents(2, chunk_size=1000) as [(a, stub_a), (b, stub_b)]:
+        await put(stub_a, "k", DATA)
+        async with directive_stream(stub_b) as amm:
+            outcome = await amm.run(replicate("k", DATA, [UNREACHABLE, a.address]))
+            assert status(outcome) == "APPLIED", outcome.message
+            assert outcome.inventory_version == b.store.version
+            assert (await get(stub_b, "k"))[1] == DATA
+            again = await amm.run(replicate("k", DATA, [a.address]))
+            assert (status(again), again.message) == ("APPLIED", "already held")
+        inventory = await poll(stub_b)
+        assert [(k.key, k.checksum) for k in inventory.keys] == [("k", checksum(DATA))]
+
+
+async def test_replicate_with_the_wrong_checksum_leaves_no_key() -> None:
+    async with agents(2) as [(a, stub_a), (b, stub_b)]:
+        await put(stub_a, "k", DATA)
+        async with directive_stream(stub_b) as amm:
+            wrong_sum = await amm.run(replicate("k", DATA, [a.address], checksum=checksum(b"x")))
+            wrong_size = await amm.run(replicate("k", DATA, [a.address], size=len(DATA) + 1))
+        assert status(wrong_sum) in {"REFUSED", "FAILED"}
+        assert reason(wrong_sum) in {"CHECKSUM_MISMATCH", "SOURCE_UNAVAILABLE"}
+        assert (status(wrong_size), reason(wrong_size)) == ("REFUSED", "CHECKSUM_MISMATCH")
+        assert "k" not in b.store
+        assert [k.key for k in (await poll(stub_b)).keys] == []
+
+
+class _LyingAgent(agent_pb2_grpc.WorkerAgentServicer):
+    """A peer that announces one checksum and sends other bytes."""
+
+    async def Fetch(self, request: Any, context: Any) -> AsyncIterator[agent_pb2.FetchResponse]:
+        header = types_pb2.ValueHeader(key=request.key, size=len(DATA), checksum=checksum(DATA))
+        yield agent_pb2.FetchResponse(header=header)
+        yield agent_pb2.FetchResponse(chunk=b"X" * len(DATA))
+
+
+@asynccontextmanager
+async def lying_peer() -> AsyncIterator[str]:
+    server = grpc.aio.server()
+    agent_pb2_grpc.add_WorkerAgentServicer_to_server(_LyingAgent(), server)  # type: ignore[abstract]
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        await server.stop(None)
+
+
+async def test_replicate_from_a_corrupt_source_is_refused_checksum_mismatch() -> None:
+    async with lying_peer() as liar, running_agent() as b, dial(b.address) as stub_b:
+        async with directive_stream(stub_b) as amm:
+            outcome = await amm.run(replicate("k", DATA, [liar]))
+        assert (status(outcome), reason(outcome)) == ("REFUSED", "CHECKSUM_MISMATCH")
+        assert "k" not in b.store
+        with _raises(grpc.StatusCode.DATA_LOSS):
+            await get(stub_b, "k", sources=[liar])
+        assert "k" not in b.store
+
+
+async def test_replicate_from_nowhere_fails_source_unavailable() -> None:
+    async with running_agent() as b, dial(b.address) as stub, directive_stream(stub) as amm:
+        outcome = await amm.run(replicate("k", DATA, [UNREACHABLE]))
+        assert (status(outcome), reason(outcome)) == ("FAILED", "SOURCE_UNAVAILABLE")
+        no_source = await amm.run(replicate("k", DATA, []))
+        assert (status(no_source), reason(no_source)) == ("REFUSED", "INVALID")
+
+
+async def test_replicate_is_refused_while_paused() -> None:
+    async with running_agent() as a, dial(a.address) as stub_a:
+        await put(stub_a, "k", DATA)
+        paused = {"memory_limit": 1024 * 1024, "pause_fraction": 0.01}
+        async with running_agent(**paused) as b, dial(b.address) as stub_b:
+            assert (await poll(stub_b)).status == types_pb2.WORKER_STATUS_PAUSED
+            async with directive_stream(stub_b) as amm:
+                outcome = await amm.run(replicate("k", DATA, [a.address]))
+            assert (status(outcome), reason(outcome)) == ("REFUSED", "PAUSED")
+            header, data = await get(stub_b, "k", sources=[a.address])
+            assert data == DATA
+            assert not header.replicated, "a paused worker serves but does not keep"
+            assert "k" not in b.store
+
+
+async def test_replicate_is_refused_over_the_memory_limit() -> None:
+    async with agents(2, memory_limit=1000) as [(a, stub_a), (b, stub_b)]:
+        await put(stub_a, "k", b"x" * 600)
+        await put(stub_b, "other", b"y" * 600)
+        async with directive_stream(stub_b) as amm:
+            outcome = await amm.run(replicate("k", b"x" * 600, [a.address]))
+        assert (status(outcome), reason(outcome)) == ("REFUSED", "MEMORY_LIMIT")
+        assert "k" not in b.store
+
+
+async def test_directives_are_idempotent_by_id() -> None:
+    async with agents(2) as [(a, stub_a), (b, stub_b)]:
+        await put(stub_a, "k", DATA)
+        directive = replicate("k", DATA, [a.address])
+        async with directive_stream(stub_b) as amm:
+            first = await amm.run(directive)
+            version = b.store.version
+            second = await amm.run(directive)
+            assert status(first) == status(second) == "APPLIED"
+            assert (first.duplicate, second.duplicate) == (False, True)
+            assert second.inventory_version == first.inventory_version == version
+            assert b.store.version == version
+
+            await put(stub_a, "k2", DATA)
+            concurrent = replicate("k2", DATA, [a.address])
+            await amm.send(concurrent)
+            await amm.send(concurrent)
+            outcomes = [await amm.outcome(), await amm.outcome()]
+        assert sorted(o.duplicate for o in outcomes) == [False, True]
+        assert {status(o) for o in outcomes} == {"APPLIED"}
+        assert b.store.version == version + 1
+
+
+async def test_stale_epoch_is_refused_after_a_poll_with_a_newer_epoch() -> None:
+    async with agents(2) as [(a, stub_a), (b, stub_b)]:
+        await put(stub_a, "k", DATA)
+        assert (await poll(stub_b, epoch=5)).epoch == 5
+        async with directive_stream(stub_b) as amm:
+            stale = await amm.run(replicate("k", DATA, [a.address], epoch=4))
+            assert (status(stale), reason(stale)) == ("REFUSED", "STALE_EPOCH")
+            assert "k" not in b.store
+            newer = await amm.run(replicate("k", DATA, [a.address], epoch=6))
+            assert status(newer) == "APPLIED"
+        assert (await poll(stub_b)).epoch == 6, "directives raise the epoch too"
+
+
+async def test_malformed_directives_are_refused_invalid() -> None:
+    async with running_agent() as a, dial(a.address) as stub, directive_stream(stub) as amm:
+        unknown_op = types_pb2.Directive(id=new_id(), key="k")
+        no_key = types_pb2.Directive(id=new_id(), op=types_pb2.DIRECTIVE_OP_DROP, holders=["x:1"])
+        for directive in (unknown_op, no_key):
+            outcome = await amm.run(directive)
+            assert (status(outcome), reason(outcome)) == ("REFUSED", "INVALID")
+
+
+async def test_directive_stream_ends_when_the_agent_stops() -> None:
+    async with running_agent() as a, dial(a.address) as stub, directive_stream(stub) as amm:
+        await amm.run(drop("k", ["x:1"]))
+        started = time.monotonic()
+        await a.stop()
+        assert await amm.next_response(within=2) is None
+        assert time.monotonic() - started < 1.5
+
+
+async def test_directive_stream_ends_once_the_amm_stops_sending() -> None:
+    async with running_agent() as a, dial(a.address) as stub, directive_stream(stub) as amm:
+        await amm.send(drop("k", ["x:1"]))
+        amm.done_writing()
+        assert (await amm.outcome()).message == "not held"
+        assert await amm.next_response() is None
+        assert a.store.version == 0
+
+
+@contextmanager
+def _raises(code: grpc.StatusCode) -> Iterator[None]:
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        yield
+    assert err.value.code() == code, err.value

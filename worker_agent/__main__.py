@@ -1,0 +1,132 @@
+"""Run one worker agent: ``python -m worker_agent --amm HOST:PORT [options]``.
+
+Every flag falls back to an ``AMM_AGENT_<FLAG>`` environment variable (``--memory-limit`` to
+``AMM_AGENT_MEMORY_LIMIT``), then to the ``AgentConfig`` default. Once the server is up, one line
+goes to stdout, ``amm-agent ready address=HOST:PORT``, for launchers to wait on. SIGTERM or SIGINT
+stops the agent gracefully with exit code 0; invalid arguments exit 2 with a message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from amm.serving import stop_on_signals
+from amm.units import parse_duration, parse_size
+from worker_agent.agent import Agent
+from worker_agent.config import DEFAULT_MAX_LEASE, AgentConfig
+
+READY_LINE = "amm-agent ready address={address}"
+ENV_PREFIX = "AMM_AGENT_"
+
+
+def _typed(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    return convert
+
+
+def _fraction(text: str) -> float:
+    return float(text)
+
+
+def _log_level(text: str) -> str:
+    level = text.upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise argparse.ArgumentTypeError(
+            f"unknown log level {text!r}: use DEBUG, INFO, WARNING or ERROR"
+        )
+    return level
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m worker_agent",
+        description="The amm worker agent: holds keyed values in memory and carries out the "
+        "AMM's directives. Every flag may also be set as AMM_AGENT_<FLAG>.",
+    )
+
+    def add(flag: str, help: str, **kwargs: Any) -> None:
+        env = ENV_PREFIX + flag.lstrip("-").replace("-", "_").upper()
+        if env in os.environ:
+            # argparse converts a string default with `type`, like a flag.
+            kwargs["default"] = os.environ[env]
+        parser.add_argument(flag, help=f"{help} [env {env}]", **kwargs)
+
+    add("--amm", "address of the AMM to register with (HOST:PORT); omit to run standalone")
+    add("--listen", "address to bind (HOST:PORT, port 0 picks one)", default="127.0.0.1:0")
+    add("--advertise", "address peers and the AMM dial (default: the bound address)")
+    add("--name", "human-readable worker name (default: the advertised address)")
+    add("--memory-limit", "memory limit, e.g. 4GiB (default: none)", type=_typed(parse_size))
+    add(
+        "--pause-fraction",
+        "pause (take no new replicas) above this fraction of the memory limit",
+        type=_typed(_fraction),
+    )
+    add("--lease", "lease of keep-promises asked of peers, e.g. 10s", type=_typed(parse_duration))
+    add("--log-level", "DEBUG, INFO, WARNING or ERROR", default="INFO", type=_log_level)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> AgentConfig:
+    """Raises ValueError with the setting named when a value is out of range."""
+    overrides: dict[str, Any] = {
+        "amm": args.amm or None,
+        "listen": args.listen,
+        "advertise": args.advertise or None,
+        "name": args.name or None,
+    }
+    for field in ("memory_limit", "pause_fraction", "lease"):
+        value = getattr(args, field)
+        if value is not None:
+            overrides[field] = value
+    if "lease" in overrides:
+        overrides["max_lease"] = max(DEFAULT_MAX_LEASE, overrides["lease"])
+    return AgentConfig(**overrides)
+
+
+async def run(config: AgentConfig) -> int:
+    """Serve until SIGTERM or SIGINT; 1 when the address cannot be bound."""
+    stop = asyncio.Event()
+    with stop_on_signals(stop):
+        agent = Agent(config)
+        try:
+            await agent.start()
+        except OSError as err:
+            print(f"amm-agent: {err}", file=sys.stderr)
+            await agent.stop()
+            return 1
+        try:
+            print(READY_LINE.format(address=agent.address), flush=True)
+            await stop.wait()
+        finally:
+            await agent.stop()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        config = config_from_args(args)
+    except ValueError as err:
+        parser.error(str(err))
+    logging.basicConfig(
+        level=args.log_level,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    return asyncio.run(run(config))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

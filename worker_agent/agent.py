@@ -1,0 +1,249 @@
+"""The worker agent as a whole: its gRPC server, its background tasks and its life cycle.
+
+``Agent`` owns a ``Node`` (the state and operations), the server that exposes it, the channel to
+the AMM and two named background tasks: the memory sampler and the registration loop. ``start``
+binds and registers; ``stop`` is idempotent and tears down in order: CLOSING and health
+NOT_SERVING, background tasks cancelled, unregistration (short deadline), directive streams
+ended, ``server.stop(grace)``, channels closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from collections.abc import Callable, Coroutine
+from types import TracebackType
+from typing import Any, Self
+
+import grpc
+
+from amm.serving import CHANNEL_OPTIONS, Served, bound_address, serve
+from amm.v1 import agent_pb2_grpc, control_pb2, control_pb2_grpc
+from worker_agent.config import AgentConfig
+from worker_agent.errors import Unavailable
+from worker_agent.memory import MemoryProbe, PsutilProbe
+from worker_agent.node import Node
+from worker_agent.servicer import SERVICE_NAME, WorkerAgentServicer
+from worker_agent.store import Key, Store
+
+log = logging.getLogger(__name__)
+
+_WILDCARD_HOSTS = {"", "0.0.0.0", "::", "[::]"}
+#: Re-register when the AMM has not polled for this many of its intervals.
+SILENCE_INTERVALS = 3
+UNREGISTER_TIMEOUT = 0.5
+
+
+class Agent:
+    """One worker agent; use ``async with Agent(config) as agent`` or ``start``/``stop``."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        *,
+        probe: MemoryProbe | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.node = Node(
+            config,
+            probe=probe if probe is not None else PsutilProbe(),
+            clock=clock,
+            who_has=self._who_has if config.amm else None,
+        )
+        self._served: Served | None = None
+        self._amm: control_pb2_grpc.ActiveMemoryManagerAsyncStub | None = None
+        self._amm_channel: grpc.aio.Channel | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._registered = False
+        self._started = False
+        self._stopping: asyncio.Task[None] | None = None
+
+    @property
+    def address(self) -> str:
+        """The advertised ``host:port`` peers and the AMM dial; set by ``start``."""
+        if not self.node.address:
+            raise RuntimeError("the agent has no address before start()")
+        return self.node.address
+
+    @property
+    def incarnation(self) -> str:
+        return self.node.incarnation
+
+    @property
+    def store(self) -> Store:
+        return self.node.store
+
+    @property
+    def registered(self) -> bool:
+        """Whether the last registration attempt with the AMM succeeded."""
+        return self._registered
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        """Bind the server, then sample memory and register in the background.
+
+        Raises ``OSError`` when the listen address cannot be bound.
+        """
+        if self._started:
+            return
+        self._started = True
+        servicer = WorkerAgentServicer(self.node)
+        self._served = await serve(
+            self.config.listen,
+            [lambda server: agent_pb2_grpc.add_WorkerAgentServicer_to_server(servicer, server)],
+            [SERVICE_NAME],
+        )
+        self.node.address = self.config.advertise or _advertised(
+            bound_address(self.config.listen, self._served.port)
+        )
+        self.node.sample_memory()
+        self._spawn(self._sample_memory(), "agent memory sampler")
+        if self.config.amm:
+            self._amm_channel = grpc.aio.insecure_channel(self.config.amm, options=CHANNEL_OPTIONS)
+            self._amm = control_pb2_grpc.ActiveMemoryManagerStub(self._amm_channel)
+            self._spawn(self._register(self._amm), "agent registration")
+        log.info(
+            "agent %s serving on %s (incarnation %s)",
+            self.node.name,
+            self.address,
+            self.incarnation,
+        )
+
+    async def stop(self) -> None:
+        """Shut down; idempotent, and concurrent calls wait for the same shutdown."""
+        if self._stopping is None:
+            self._stopping = asyncio.create_task(self._stop(), name="agent stop")
+        await asyncio.shield(self._stopping)
+
+    async def _stop(self) -> None:
+        self.node.closing = True
+        if self._served is not None:
+            await self._served.set_serving(False)
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._unregister()
+        self.node.shutdown.set()
+        if self._served is not None:
+            await self._served.stop(self.config.stop_grace)
+        await self.node.close()
+        if self._amm_channel is not None:
+            await self._amm_channel.close(None)
+        log.info("agent %s stopped", self.node.address or "(never started)")
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        task.add_done_callback(_report_exit)
+        self._tasks.append(task)
+
+    async def _sample_memory(self) -> None:
+        """Keep the unmanaged-memory window filled even when nobody polls."""
+        while True:
+            await asyncio.sleep(self.config.memory_interval)
+            self.node.sample_memory()
+
+    async def _register(self, amm: control_pb2_grpc.ActiveMemoryManagerAsyncStub) -> None:
+        """Register with the AMM, retrying with backoff, and again after any long silence.
+
+        1. The AMM is not up yet: retry from 0.1 s, doubling up to ``register_backoff_max``.
+        2. The AMM restarted and forgot this agent: it stops polling; after ``SILENCE_INTERVALS``
+           of its intervals without a poll, register again.
+        """
+        request = control_pb2.RegisterWorkerRequest(
+            address=self.address, name=self.node.name, incarnation=self.incarnation
+        )
+        delay = 0.1
+        attempts = 0
+        while True:
+            attempts += 1
+            try:
+                response = await amm.RegisterWorker(
+                    request, timeout=max(1.0, self.config.register_backoff_max)
+                )
+            except grpc.aio.AioRpcError as err:
+                self._registered = False
+                level = logging.WARNING if attempts in (1, 10) else logging.DEBUG
+                log.log(
+                    level,
+                    "cannot register with %s yet (%s); retrying",
+                    self.config.amm,
+                    err.code().name,
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.config.register_backoff_max)
+                continue
+            self._registered = True
+            attempts, delay = 0, 0.1
+            self.node.observe_epoch(response.epoch)
+            interval = max(response.interval.ToTimedelta().total_seconds(), 0.05)
+            log.info("registered with %s (epoch %d)", self.config.amm, response.epoch)
+            await self._until_silent(SILENCE_INTERVALS * interval)
+            log.warning("not polled for %.1f s; registering again", SILENCE_INTERVALS * interval)
+
+    async def _until_silent(self, silence: float) -> None:
+        """Return once ``silence`` seconds pass without a poll."""
+        while True:
+            self.node.polled.clear()
+            try:
+                async with asyncio.timeout(silence):
+                    await self.node.polled.wait()
+            except TimeoutError:
+                return
+
+    async def _unregister(self) -> None:
+        if self._amm is None or not self._registered:
+            return
+        try:
+            await self._amm.UnregisterWorker(
+                control_pb2.UnregisterWorkerRequest(address=self.address),
+                timeout=UNREGISTER_TIMEOUT,
+            )
+        except grpc.aio.AioRpcError as err:
+            log.warning("could not unregister from %s: %s", self.config.amm, err.code().name)
+
+    async def _who_has(self, key: Key) -> list[str]:
+        if self._amm is None:
+            return []
+        try:
+            response = await self._amm.WhoHas(
+                control_pb2.WhoHasRequest(keys=[key], fresh=True), timeout=self.config.fetch_timeout
+            )
+        except grpc.aio.AioRpcError as err:
+            raise Unavailable(f"cannot ask the AMM who holds {key!r}: {err.code().name}") from err
+        return [
+            worker for entry in response.entries if entry.key == key for worker in entry.workers
+        ]
+
+
+def _advertised(bound: str) -> str:
+    """Peers cannot dial a wildcard address: advertise the host name instead."""
+    host, _, port = bound.rpartition(":")
+    if host in _WILDCARD_HOSTS:
+        return f"{socket.gethostname()}:{port}"
+    return bound
+
+
+def _report_exit(task: asyncio.Task[None]) -> None:
+    """Background tasks run until cancelled; any other end is a bug worth a log line."""
+    if task.cancelled():
+        return
+    err = task.exception()
+    if err is not None:
+        log.error("background task %s crashed", task.get_name(), exc_info=err)
+        return
+    log.error("background task %s exited unexpectedly", task.get_name())

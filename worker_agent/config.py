@@ -1,0 +1,123 @@
+"""Settings of one worker agent: a frozen, documented dataclass validated once at construction.
+
+It holds values only; reading flags and ``AMM_AGENT_*`` variables is the job of ``__main__``, so
+that tests and embedders build an ``AgentConfig`` directly and every setting is passed explicitly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from amm.serving import MAX_MESSAGE_BYTES
+
+MiB = 1024**2
+GiB = 1024**3
+DEFAULT_MAX_LEASE = 60.0
+
+
+def _check_address(field: str, value: str) -> None:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError(
+            f"{field} must be HOST:PORT (for example 127.0.0.1:50061, port 0 picks a free one), "
+            f"got {value!r}"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class AgentConfig:
+    """How one agent listens, where it registers and which limits protect its worker."""
+
+    #: Address of the AMM (``host:port``) to register with; None runs standalone (tests, demos).
+    amm: str | None = None
+    #: Address the agent's gRPC server binds; port 0 picks a free port.
+    listen: str = "127.0.0.1:0"
+    #: Address peers and the AMM dial; defaults to the bound listen address.
+    advertise: str | None = None
+    #: Human-readable name reported to the AMM; defaults to the advertised address.
+    name: str | None = None
+    #: Memory limit of the worker in bytes; 0 means none. Replicas that would push the managed
+    #: memory over it are refused, and Puts fail with RESOURCE_EXHAUSTED.
+    memory_limit: int = 0
+    #: The agent reports PAUSED (and takes no new replicas) while the process memory exceeds
+    #: ``pause_fraction * memory_limit``; None never pauses. Needs a memory limit.
+    pause_fraction: float | None = None
+    #: Size of the chunks values travel in (Put, Get, Fetch).
+    chunk_size: int = 1 * MiB
+    #: Largest value accepted; a larger Put fails with RESOURCE_EXHAUSTED.
+    max_value_bytes: int = 1 * GiB
+    #: Lease of the keep-promises this agent asks peers for before dropping a key, in seconds.
+    lease: float = 10.0
+    #: Longest lease this agent grants a peer, whatever the peer asks for, in seconds.
+    max_lease: float = DEFAULT_MAX_LEASE
+    #: Unmanaged memory counts as "old" when it persisted over this window, in seconds (Dask's
+    #: optimistic memory: recent spikes do not make a worker look full).
+    unmanaged_window: float = 30.0
+    #: How often the memory is sampled for that window, in seconds.
+    memory_interval: float = 0.5
+    #: Directives carried out at the same time.
+    max_concurrent_directives: int = 8
+    #: Deadline of one peer transfer (one source), in seconds.
+    fetch_timeout: float = 30.0
+    #: Deadline of one PromiseKeep call to a holder during a DROP, in seconds.
+    promise_timeout: float = 2.0
+    #: Longest pause between two registration attempts, in seconds (backoff starts at 0.1 s).
+    register_backoff_max: float = 2.0
+    #: How long ``stop`` lets in-flight calls finish before cancelling them, in seconds.
+    stop_grace: float = 0.5
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the setting and what would be accepted."""
+        _check_address("listen", self.listen)
+        if self.amm is not None:
+            _check_address("amm", self.amm)
+        if self.advertise is not None:
+            _check_address("advertise", self.advertise)
+        if self.name is not None and not self.name.strip():
+            raise ValueError("name must not be blank; leave it unset to use the address")
+        if self.memory_limit < 0:
+            raise ValueError(
+                f"memory_limit must be >= 0 bytes (0 = no limit), got {self.memory_limit}"
+            )
+        if self.pause_fraction is not None:
+            if not (0 < self.pause_fraction <= 1) or math.isnan(self.pause_fraction):
+                raise ValueError(
+                    f"pause_fraction must be in (0, 1], got {self.pause_fraction}; "
+                    "leave it unset to never pause"
+                )
+            if self.memory_limit == 0:
+                raise ValueError("pause_fraction needs a memory_limit (it is a fraction of it)")
+        if not 1 <= self.chunk_size <= MAX_MESSAGE_BYTES // 2:
+            raise ValueError(
+                f"chunk_size must be between 1 byte and {MAX_MESSAGE_BYTES // 2} bytes, "
+                f"got {self.chunk_size}"
+            )
+        if self.max_value_bytes < 1:
+            raise ValueError(f"max_value_bytes must be >= 1, got {self.max_value_bytes}")
+        for field in (
+            "lease",
+            "max_lease",
+            "unmanaged_window",
+            "memory_interval",
+            "fetch_timeout",
+            "promise_timeout",
+            "register_backoff_max",
+        ):
+            value = getattr(self, field)
+            if not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"{field} must be a positive number of seconds, got {value}")
+        if self.stop_grace < 0:
+            raise ValueError(f"stop_grace must be >= 0 seconds, got {self.stop_grace}")
+        if self.lease > self.max_lease:
+            raise ValueError(
+                f"lease ({self.lease} s) must not exceed max_lease ({self.max_lease} s), "
+                "the longest promise this agent would grant itself"
+            )
+        if self.max_concurrent_directives < 1:
+            raise ValueError(
+                f"max_concurrent_directives must be >= 1, got {self.max_concurrent_directives}"
+            )

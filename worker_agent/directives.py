@@ -1,0 +1,258 @@
+"""Carrying out the AMM's directives: REPLICATE and DROP, idempotent, one key at a time.
+
+What it covers: the procedures themselves (judge, mark, ask, re-judge, apply), their idempotency by
+directive id, per-key serialisation and a bound on concurrency. What it does not: deciding (the
+rules are in ``integrity``), the wire (``servicer`` converts messages), peer I/O (``transfer``).
+Outcomes are values: ``Outcome(status, reason, message, inventory_version)``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import dataclasses
+import enum
+import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+from worker_agent import integrity
+from worker_agent.config import AgentConfig
+from worker_agent.integrity import Accept, Conditions, Directive, Op, Reason, Refuse
+from worker_agent.store import Key, Store
+from worker_agent.transfer import FetchFailure, Peers
+
+log = logging.getLogger(__name__)
+
+#: How many directive outcomes are remembered for idempotency.
+HISTORY_LIMIT = 100_000
+
+
+class OutcomeStatus(enum.Enum):
+    APPLIED = 1
+    REFUSED = 2
+    FAILED = 3
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How a directive ended (``amm.v1.DirectiveOutcome``)."""
+
+    directive_id: str
+    status: OutcomeStatus
+    reason: Reason | None
+    message: str
+    inventory_version: int
+    duplicate: bool = False
+
+
+class KeyLocks:
+    """One asyncio lock per key, created on demand and forgotten when nobody holds or awaits it."""
+
+    def __init__(self) -> None:
+        self._locks: dict[Key, tuple[asyncio.Lock, list[int]]] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, key: Key) -> AsyncIterator[None]:
+        entry = self._locks.get(key)
+        if entry is None:
+            entry = self._locks[key] = (asyncio.Lock(), [0])
+        lock, users = entry
+        users[0] += 1
+        try:
+            async with lock:
+                yield
+        finally:
+            users[0] -= 1
+            if users[0] == 0:
+                del self._locks[key]
+
+    def __len__(self) -> int:
+        return len(self._locks)
+
+
+class DirectiveRunner:
+    """Runs directives against the store; ``run`` never raises except on cancellation."""
+
+    def __init__(
+        self,
+        *,
+        config: AgentConfig,
+        store: Store,
+        peers: Peers,
+        locks: KeyLocks,
+        conditions: Callable[[], Conditions],
+        observe_epoch: Callable[[int], None],
+        address: Callable[[], str],
+        clock: Callable[[], float],
+        history_limit: int = HISTORY_LIMIT,
+    ) -> None:
+        self._config = config
+        self._store = store
+        self._peers = peers
+        self._locks = locks
+        self._conditions = conditions
+        self._observe_epoch = observe_epoch
+        self._address = address
+        self._clock = clock
+        self._slots = asyncio.Semaphore(config.max_concurrent_directives)
+        self._history: collections.OrderedDict[str, Outcome] = collections.OrderedDict()
+        self._history_limit = history_limit
+        self._running: dict[str, asyncio.Future[Outcome]] = {}
+
+    async def run(self, directive: Directive) -> Outcome:
+        """Carry out ``directive`` once per id; a repeated id gets the same outcome back.
+
+        1. Seen and finished: the stored outcome, marked duplicate.
+        2. Seen and still running: wait for that run's outcome, marked duplicate.
+        3. The first run was cancelled (its stream ended): run it here after all.
+        """
+        if not directive.id:
+            return self._outcome(directive, Refuse(Reason.INVALID, "a directive needs an id"))
+        while True:
+            done = self._history.get(directive.id)
+            if done is not None:
+                self._history.move_to_end(directive.id)
+                return dataclasses.replace(done, duplicate=True)
+            running = self._running.get(directive.id)
+            if running is None:
+                break
+            try:
+                outcome = await asyncio.shield(running)
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if running.cancelled() and task is not None and not task.cancelling():
+                    continue
+                raise
+            return dataclasses.replace(outcome, duplicate=True)
+
+        future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        self._running[directive.id] = future
+        try:
+            outcome = await self._execute(directive)
+        except asyncio.CancelledError:
+            future.cancel()
+            raise
+        except Exception as err:
+            log.exception("directive %s failed unexpectedly", directive.id)
+            outcome = Outcome(
+                directive.id,
+                OutcomeStatus.FAILED,
+                None,
+                f"internal error: {type(err).__name__}",
+                self._store.version,
+            )
+        finally:
+            del self._running[directive.id]
+        future.set_result(outcome)
+        self._remember(outcome)
+        return outcome
+
+    async def _execute(self, directive: Directive) -> Outcome:
+        self._observe_epoch(directive.epoch)
+        stale = integrity.judge_epoch(directive, self._conditions())
+        if stale is not None:
+            return self._outcome(directive, stale)
+        async with self._locks.hold(directive.key), self._slots:
+            verdict = integrity.judge(self._store, directive, self._conditions(), self._clock())
+            if isinstance(verdict, Refuse) or verdict.noop:
+                return self._outcome(directive, verdict)
+            if directive.op is Op.DROP:
+                return await self._drop(directive)
+            return await self._replicate(directive)
+
+    async def _drop(self, directive: Directive) -> Outcome:
+        """Drop the local replica once another holder promised to keep it.
+
+        Two agents told at once to drop the last two replicas, each naming the other, must not
+        both succeed. Two independent guards see to it:
+
+        1. The key is judged and marked DROPPING in one synchronous step before asking, and this
+           agent refuses to promise a key it is dropping: the two refuse each other.
+        2. A holder that did promise recorded a lease, and the final re-judge (synchronous with
+           the removal) refuses to drop a key promised to a peer.
+        """
+        key = directive.key
+        held = self._store.get(key)
+        if held is None:
+            return self._outcome(directive, Accept(noop=True, message="not held"))
+        self._store.mark_dropping(key)
+        try:
+            keeper = await self._find_keeper(directive, held.checksum)
+            if isinstance(keeper, Refuse):
+                return self._outcome(directive, keeper)
+            verdict = integrity.judge_drop_commit(self._store, key, held.checksum, self._clock())
+            if isinstance(verdict, Accept) and not verdict.noop:
+                self._store.remove(key)
+                verdict = Accept(message=f"dropped; {keeper} keeps it")
+            return self._outcome(directive, verdict)
+        finally:
+            self._store.unmark_dropping(key)
+
+    async def _find_keeper(self, directive: Directive, checksum: str) -> str | Refuse:
+        """The first holder that promises to keep the key, or a refusal listing every answer."""
+        me = self._address()
+        answers: list[str] = []
+        for holder in dict.fromkeys(directive.holders):
+            if holder == me:
+                continue
+            answer = await self._peers.promise_keep(
+                holder,
+                key=directive.key,
+                checksum=checksum,
+                lease=self._config.lease,
+                requester=me,
+                directive_id=directive.id,
+                deadline=self._config.promise_timeout,
+            )
+            if answer.kept:
+                return holder
+            reason = answer.reason.name if answer.reason else "unreachable"
+            answers.append(f"{holder}: {reason} {answer.message}".strip())
+        detail = "; ".join(answers) if answers else "no holder other than this agent was named"
+        return Refuse(
+            Reason.NO_CONFIRMED_HOLDER, f"no holder promised to keep {directive.key!r} ({detail})"
+        )
+
+    async def _replicate(self, directive: Directive) -> Outcome:
+        """Fetch, verify, re-judge (memory may have filled meanwhile), then store.
+
+        The key becomes visible only once its data is verified and stored in one step.
+        """
+        checksum = directive.checksum.lower()
+        result = await self._peers.fetch(
+            directive.key,
+            list(directive.sources),
+            expected_size=directive.size if checksum else None,
+            expected_checksum=checksum,
+            requester=self._address(),
+        )
+        if isinstance(result, FetchFailure):
+            status = (
+                OutcomeStatus.REFUSED
+                if result.reason is Reason.CHECKSUM_MISMATCH
+                else OutcomeStatus.FAILED
+            )
+            return self._outcome(directive, Refuse(result.reason, result.message), status)
+        verdict = integrity.judge_replicate(self._store, directive, self._conditions())
+        if isinstance(verdict, Accept) and not verdict.noop:
+            self._store.add(directive.key, result.data, result.checksum)
+            verdict = Accept(message=f"replicated from {result.source}")
+        return self._outcome(directive, verdict)
+
+    def _outcome(
+        self,
+        directive: Directive,
+        verdict: integrity.Verdict,
+        status: OutcomeStatus = OutcomeStatus.REFUSED,
+    ) -> Outcome:
+        version = self._store.version
+        if isinstance(verdict, Accept):
+            return Outcome(directive.id, OutcomeStatus.APPLIED, None, verdict.message, version)
+        return Outcome(directive.id, status, verdict.reason, verdict.message, version)
+
+    def _remember(self, outcome: Outcome) -> None:
+        self._history[outcome.directive_id] = outcome
+        if len(self._history) > self._history_limit:
+            self._history.popitem(last=False)

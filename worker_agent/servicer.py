@@ -1,0 +1,341 @@
+"""The ``amm.v1.WorkerAgent`` gRPC servicer: the agent's wire edge.
+
+Each handler validates its input, calls one ``Node`` method and converts the answer to protobuf.
+Domain errors become status codes in one place (``_Edge``); anything unexpected is logged and
+answered INTERNAL with a short message, so no traceback crosses the wire. The Directives stream
+ends by itself when the node shuts down, since ``server.stop`` does not end long-lived streams
+(grpc/grpc#37239).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections.abc import AsyncIterator, Iterable
+from types import TracebackType
+from typing import Any
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from amm.checksum import StreamingChecksum
+from amm.v1 import agent_pb2, agent_pb2_grpc, types_pb2
+from worker_agent.directives import Outcome, OutcomeStatus
+from worker_agent.errors import (
+    AgentError,
+    ContentConflict,
+    DataLoss,
+    InvalidRequest,
+    Refused,
+    TooLarge,
+    Unavailable,
+    UnknownKey,
+)
+from worker_agent.integrity import Directive, Op, Reason, Refuse
+from worker_agent.node import Inventory, Node
+from worker_agent.store import Key
+from worker_agent.transfer import value_messages
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME: str = agent_pb2.DESCRIPTOR.services_by_name["WorkerAgent"].full_name
+MAX_KEY_BYTES = 1024
+
+_STATUS: dict[type[AgentError], grpc.StatusCode] = {
+    UnknownKey: grpc.StatusCode.NOT_FOUND,
+    InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
+    ContentConflict: grpc.StatusCode.ALREADY_EXISTS,
+    TooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Refused: grpc.StatusCode.FAILED_PRECONDITION,
+    Unavailable: grpc.StatusCode.UNAVAILABLE,
+    DataLoss: grpc.StatusCode.DATA_LOSS,
+}
+_HEX_SHA256 = re.compile(r"[0-9a-f]{64}")
+_OUTCOME_STATUS = {
+    OutcomeStatus.APPLIED: types_pb2.OUTCOME_STATUS_APPLIED,
+    OutcomeStatus.REFUSED: types_pb2.OUTCOME_STATUS_REFUSED,
+    OutcomeStatus.FAILED: types_pb2.OUTCOME_STATUS_FAILED,
+}
+_OPS = {types_pb2.DIRECTIVE_OP_REPLICATE: Op.REPLICATE, types_pb2.DIRECTIVE_OP_DROP: Op.DROP}
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+class _Edge:
+    """Turns domain errors into status codes and anything else into a logged INTERNAL."""
+
+    def __init__(self, context: Context, method: str) -> None:
+        self._context = context
+        self._method = method
+
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc is None or not isinstance(exc, Exception) or isinstance(exc, grpc.aio.AbortError):
+            return
+        if isinstance(exc, AgentError):
+            await self._context.abort(_STATUS[type(exc)], exc.message)
+        log.error("%s failed unexpectedly", self._method, exc_info=exc)
+        await self._context.abort(grpc.StatusCode.INTERNAL, f"internal error in {self._method}")
+
+
+def reason_to_proto(reason: Reason | None) -> types_pb2.RefusalReason.ValueType:
+    if reason is None:
+        return types_pb2.REFUSAL_REASON_UNSPECIFIED
+    return types_pb2.RefusalReason.Value(f"REFUSAL_REASON_{reason.name}")
+
+
+def directive_from_proto(message: types_pb2.Directive) -> Directive:
+    return Directive(
+        id=message.id,
+        epoch=message.epoch,
+        op=_OPS.get(message.op, Op.UNSPECIFIED),
+        key=Key(message.key),
+        size=message.size,
+        checksum=message.checksum.lower(),
+        sources=tuple(message.sources),
+        holders=tuple(message.holders),
+    )
+
+
+def outcome_to_proto(outcome: Outcome) -> types_pb2.DirectiveOutcome:
+    return types_pb2.DirectiveOutcome(
+        directive_id=outcome.directive_id,
+        status=_OUTCOME_STATUS[outcome.status],
+        reason=reason_to_proto(outcome.reason),
+        message=outcome.message,
+        inventory_version=outcome.inventory_version,
+        duplicate=outcome.duplicate,
+    )
+
+
+def _poll_response(inv: Inventory) -> agent_pb2.PollResponse:
+    memory = inv.memory
+    return agent_pb2.PollResponse(
+        incarnation=inv.incarnation,
+        version=inv.version,
+        full=inv.full,
+        keys=[
+            types_pb2.KeyInfo(key=k.key, size=k.size, checksum=k.checksum, pinned=k.pinned)
+            for k in inv.keys
+        ],
+        removed=list(inv.removed),
+        memory=types_pb2.MemoryReport(
+            process_bytes=memory.process,
+            managed_bytes=memory.managed,
+            unmanaged_old_bytes=memory.unmanaged_old,
+            optimistic_bytes=memory.optimistic,
+            limit_bytes=memory.limit,
+        ),
+        status=types_pb2.WorkerStatus.Value(f"WORKER_STATUS_{inv.status.name}"),
+        name=inv.name,
+        epoch=inv.epoch,
+    )
+
+
+def _key(key: str) -> Key:
+    if not key:
+        raise InvalidRequest("the key must not be empty")
+    if len(key.encode()) > MAX_KEY_BYTES:
+        raise InvalidRequest(f"the key exceeds {MAX_KEY_BYTES} bytes of UTF-8")
+    return Key(key)
+
+
+def _checksum(value: str) -> str:
+    value = value.lower()
+    if value and not _HEX_SHA256.fullmatch(value):
+        raise InvalidRequest("a checksum is 64 hexadecimal digits of SHA-256")
+    return value
+
+
+async def _cancel_all(tasks: Iterable[asyncio.Task[None]]) -> None:
+    """Cancel and await tasks, logging any that had failed."""
+    tasks = list(tasks)
+    for task in tasks:
+        task.cancel()
+    for task, result in zip(
+        tasks, await asyncio.gather(*tasks, return_exceptions=True), strict=True
+    ):
+        if isinstance(result, Exception):
+            log.error("task %s failed", task.get_name(), exc_info=result)
+
+
+class WorkerAgentServicer(agent_pb2_grpc.WorkerAgentServicer):
+    """Serves one ``Node``."""
+
+    def __init__(self, node: Node) -> None:
+        self._node = node
+
+    async def Poll(
+        self, request: agent_pb2.PollRequest, context: Context
+    ) -> agent_pb2.PollResponse:
+        async with _Edge(context, "Poll"):
+            inventory = self._node.poll(
+                since=request.since_version,
+                incarnation=request.incarnation,
+                full=request.full,
+                epoch=request.epoch,
+            )
+            return _poll_response(inventory)
+
+    async def Directives(
+        self,
+        request_iterator: AsyncIterator[agent_pb2.DirectivesRequest],
+        context: Context,
+    ) -> AsyncIterator[agent_pb2.DirectivesResponse]:
+        """Directives in, outcomes out in completion order, one owned task per directive.
+
+        The stream ends when the AMM stops sending and every directive has an outcome, or at once
+        when the agent shuts down (unfinished directives are cancelled; the AMM times them out).
+        """
+        node = self._node
+        outcomes: asyncio.Queue[Outcome | None] = asyncio.Queue()
+        running: set[asyncio.Task[None]] = set()
+
+        async def carry_out(directive: Directive) -> None:
+            outcomes.put_nowait(await node.run_directive(directive))
+
+        async def read() -> None:
+            try:
+                async for request in request_iterator:
+                    directive = directive_from_proto(request.directive)
+                    task = asyncio.create_task(
+                        carry_out(directive), name=f"directive {directive.id!r}"
+                    )
+                    running.add(task)
+                    task.add_done_callback(running.discard)
+                while running:
+                    await asyncio.wait(set(running))
+            finally:
+                outcomes.put_nowait(None)
+
+        async def watch_shutdown() -> None:
+            await node.shutdown.wait()
+            outcomes.put_nowait(None)
+
+        helpers = [
+            asyncio.create_task(read(), name="directives reader"),
+            asyncio.create_task(watch_shutdown(), name="directives shutdown watch"),
+        ]
+        try:
+            async with _Edge(context, "Directives"):
+                while (outcome := await outcomes.get()) is not None:
+                    yield agent_pb2.DirectivesResponse(outcome=outcome_to_proto(outcome))
+        finally:
+            await _cancel_all([*helpers, *running])
+
+    async def Put(
+        self, request_iterator: AsyncIterator[agent_pb2.PutRequest], context: Context
+    ) -> agent_pb2.PutResponse:
+        async with _Edge(context, "Put"):
+            messages = aiter(request_iterator)
+            first = await anext(messages, None)
+            if first is None or first.WhichOneof("item") != "header":
+                raise InvalidRequest("the first message of a Put must be its header")
+            key, size = _key(first.header.key), first.header.size
+            declared = _checksum(first.header.checksum)
+            self._node.check_put(key, size, declared)
+            digest = StreamingChecksum()
+            data = bytearray()
+            async for message in messages:
+                if message.WhichOneof("item") != "chunk":
+                    raise InvalidRequest("a Put has one header, then only chunks")
+                digest.update(message.chunk)
+                if digest.size > size:
+                    raise InvalidRequest(f"more bytes than the {size} declared in the header")
+                data += message.chunk
+            if digest.size != size:
+                raise InvalidRequest(f"received {digest.size} bytes, the header declared {size}")
+            actual = digest.hexdigest()
+            if declared and declared != actual:
+                raise InvalidRequest("the value does not match the checksum in the header")
+            info, created = self._node.put(key, bytes(data), actual)
+            return agent_pb2.PutResponse(
+                key=info.key, size=info.size, checksum=info.checksum, created=created
+            )
+
+    async def Get(
+        self, request: agent_pb2.GetRequest, context: Context
+    ) -> AsyncIterator[agent_pb2.GetResponse]:
+        async with _Edge(context, "Get"):
+            key = _key(request.key)
+            async with self._node.reading(key, fetch=True, sources=request.sources) as reading:
+                value = reading.value
+                header = types_pb2.ValueHeader(
+                    key=key, size=value.size, checksum=value.checksum, replicated=reading.replicated
+                )
+                for message in value_messages(
+                    header,
+                    value.data,
+                    self._node.config.chunk_size,
+                    lambda h: agent_pb2.GetResponse(header=h),
+                    lambda c: agent_pb2.GetResponse(chunk=c),
+                ):
+                    yield message
+
+    async def Fetch(
+        self, request: agent_pb2.FetchRequest, context: Context
+    ) -> AsyncIterator[agent_pb2.FetchResponse]:
+        async with _Edge(context, "Fetch"):
+            key = _key(request.key)
+            expected = _checksum(request.checksum)
+            async with self._node.reading(key) as reading:
+                value = reading.value
+                if expected and expected != value.checksum:
+                    raise UnknownKey(f"holds other content under {key!r}")
+                header = types_pb2.ValueHeader(key=key, size=value.size, checksum=value.checksum)
+                for message in value_messages(
+                    header,
+                    value.data,
+                    self._node.config.chunk_size,
+                    lambda h: agent_pb2.FetchResponse(header=h),
+                    lambda c: agent_pb2.FetchResponse(chunk=c),
+                ):
+                    yield message
+
+    async def Pin(self, request: agent_pb2.PinRequest, context: Context) -> agent_pb2.PinResponse:
+        async with _Edge(context, "Pin"):
+            return agent_pb2.PinResponse(pins=self._node.pin(_key(request.key)))
+
+    async def Unpin(
+        self, request: agent_pb2.UnpinRequest, context: Context
+    ) -> agent_pb2.UnpinResponse:
+        async with _Edge(context, "Unpin"):
+            return agent_pb2.UnpinResponse(pins=self._node.unpin(_key(request.key)))
+
+    async def Delete(
+        self, request: agent_pb2.DeleteRequest, context: Context
+    ) -> agent_pb2.DeleteResponse:
+        async with _Edge(context, "Delete"):
+            return agent_pb2.DeleteResponse(deleted=self._node.delete(_key(request.key)))
+
+    async def PromiseKeep(
+        self, request: agent_pb2.PromiseKeepRequest, context: Context
+    ) -> agent_pb2.PromiseKeepResponse:
+        async with _Edge(context, "PromiseKeep"):
+            key = _key(request.key)
+            lease = (
+                request.lease.ToTimedelta().total_seconds() if request.HasField("lease") else None
+            )
+            answer = self._node.promise_keep(key, _checksum(request.checksum), lease)
+            if isinstance(answer, Refuse):
+                return agent_pb2.PromiseKeepResponse(
+                    kept=False, reason=reason_to_proto(answer.reason), message=answer.message
+                )
+            expires = Timestamp()
+            expires.FromNanoseconds(time.time_ns() + int(answer.remaining * 1e9))
+            log.debug(
+                "promised %s to keep %r (directive %s)",
+                request.requester,
+                key,
+                request.directive_id,
+            )
+            return agent_pb2.PromiseKeepResponse(kept=True, lease_expires=expires)

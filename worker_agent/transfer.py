@@ -1,0 +1,233 @@
+"""Peer-to-peer traffic between agents: chunked value transfers and keep-promise requests.
+
+``Peers`` owns one channel per peer address, created on first use inside the running loop and
+closed by ``close``. Fetching tries the sources in order and verifies size and SHA-256 before
+handing bytes back; failures are values (``FetchFailure``) naming the reason, because for a
+directive they are expected outcomes, not errors. ``value_messages`` is the sending side.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TypeVar
+
+import grpc
+from google.protobuf.duration_pb2 import Duration
+
+from amm.checksum import StreamingChecksum, chunks
+from amm.serving import CHANNEL_OPTIONS
+from amm.v1 import agent_pb2, agent_pb2_grpc, types_pb2
+from worker_agent.integrity import Reason
+from worker_agent.store import Key
+
+log = logging.getLogger(__name__)
+
+M = TypeVar("M")
+
+
+@dataclass(frozen=True, slots=True)
+class Fetched:
+    """A verified value and where it came from."""
+
+    data: bytes
+    checksum: str
+    source: str
+
+
+@dataclass(frozen=True, slots=True)
+class FetchFailure:
+    """No source provided a verified value: SOURCE_UNAVAILABLE or CHECKSUM_MISMATCH.
+
+    ``missing`` when every source answered that it does not hold the key (with that content).
+    """
+
+    reason: Reason
+    message: str
+    missing: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class PromiseAnswer:
+    """A holder's answer to PromiseKeep; ``reason`` is None when it kept the key."""
+
+    address: str
+    kept: bool
+    reason: Reason | None
+    message: str
+
+
+class _Corrupt(Exception):
+    """The data a source sent does not match what it or the caller declared."""
+
+
+def value_messages(
+    header: types_pb2.ValueHeader,
+    data: bytes,
+    chunk_size: int,
+    make_header: Callable[[types_pb2.ValueHeader], M],
+    make_chunk: Callable[[bytes], M],
+) -> Iterator[M]:
+    """The messages of a streamed value (Get, Fetch): the header, then chunks."""
+    yield make_header(header)
+    for chunk in chunks(data, chunk_size):
+        yield make_chunk(chunk)
+
+
+def reason_from_proto(value: int) -> Reason | None:
+    """The domain reason for a wire ``RefusalReason``; None for UNSPECIFIED or unknown values."""
+    try:
+        name = types_pb2.RefusalReason.Name(value)  # type: ignore[arg-type]
+    except ValueError:
+        return None
+    return Reason.__members__.get(name.removeprefix("REFUSAL_REASON_"))
+
+
+class Peers:
+    """Channels to other agents and the calls this agent makes on them."""
+
+    def __init__(self, *, fetch_timeout: float, max_value_bytes: int) -> None:
+        self._fetch_timeout = fetch_timeout
+        self._max_value_bytes = max_value_bytes
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._closed = False
+
+    def stub(self, address: str) -> agent_pb2_grpc.WorkerAgentAsyncStub:
+        if self._closed:
+            raise RuntimeError("peer channels are closed")
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            self._channels[address] = channel
+        return agent_pb2_grpc.WorkerAgentStub(channel)
+
+    async def close(self) -> None:
+        """Close every channel; idempotent."""
+        self._closed = True
+        channels, self._channels = list(self._channels.values()), {}
+        await asyncio.gather(*(channel.close(None) for channel in channels))
+
+    async def fetch(
+        self,
+        key: Key,
+        sources: list[str],
+        *,
+        expected_size: int | None,
+        expected_checksum: str,
+        requester: str,
+    ) -> Fetched | FetchFailure:
+        """The value of ``key`` from the first source that sends it intact.
+
+        1. A source that cannot be reached, lacks the key or holds other content (it answers
+           NOT_FOUND when ``expected_checksum`` differs from its own) is skipped.
+        2. A source whose data does not match the declared size or checksum is skipped too; if
+           that is why every source failed, the failure is CHECKSUM_MISMATCH.
+        """
+        answers: list[str] = []
+        corrupt = False
+        missing = True
+        for source in sources:
+            try:
+                data, digest = await self._fetch_one(
+                    source, key, expected_size, expected_checksum, requester
+                )
+            except grpc.aio.AioRpcError as err:
+                missing = missing and err.code() is grpc.StatusCode.NOT_FOUND
+                answers.append(f"{source}: {err.code().name} {err.details() or ''}".strip())
+                continue
+            except _Corrupt as err:
+                corrupt = True
+                missing = False
+                answers.append(f"{source}: {err}")
+                log.warning("corrupt transfer of %r from %s: %s", key, source, err)
+                continue
+            return Fetched(data, digest, source)
+        if not sources:
+            return FetchFailure(Reason.SOURCE_UNAVAILABLE, f"no source for {key!r}", missing=True)
+        reason = Reason.CHECKSUM_MISMATCH if corrupt else Reason.SOURCE_UNAVAILABLE
+        message = f"could not fetch {key!r}: " + "; ".join(answers)
+        return FetchFailure(reason, message, missing=missing)
+
+    async def _fetch_one(
+        self,
+        source: str,
+        key: Key,
+        expected_size: int | None,
+        expected_checksum: str,
+        requester: str,
+    ) -> tuple[bytes, str]:
+        call = self.stub(source).Fetch(
+            agent_pb2.FetchRequest(key=key, checksum=expected_checksum, requester=requester),
+            timeout=self._fetch_timeout,
+        )
+        try:
+            header: types_pb2.ValueHeader | None = None
+            parts: list[bytes] = []
+            digest = StreamingChecksum()
+            async for message in call:
+                if header is None:
+                    if message.WhichOneof("item") != "header":
+                        raise _Corrupt("the first message is not a header")
+                    header = message.header
+                    _check_header(header, key, expected_size, expected_checksum)
+                    if header.size > self._max_value_bytes:
+                        raise _Corrupt(f"{header.size} bytes exceed the largest value accepted")
+                    continue
+                digest.update(message.chunk)
+                if digest.size > header.size:
+                    raise _Corrupt(f"more than the {header.size} bytes announced")
+                parts.append(message.chunk)
+            if header is None:
+                raise _Corrupt("the stream ended before the header")
+            if digest.size != header.size:
+                raise _Corrupt(f"{digest.size} bytes received, {header.size} announced")
+            if digest.hexdigest() != header.checksum:
+                raise _Corrupt("the data does not match its checksum")
+            return b"".join(parts), header.checksum
+        finally:
+            call.cancel()
+
+    async def promise_keep(
+        self,
+        address: str,
+        *,
+        key: Key,
+        checksum: str,
+        lease: float,
+        requester: str,
+        directive_id: str,
+        deadline: float,
+    ) -> PromiseAnswer:
+        """Ask ``address`` to keep ``key``; an unreachable holder is a refusal, not an error."""
+        duration = Duration()
+        duration.FromNanoseconds(int(lease * 1e9))
+        request = agent_pb2.PromiseKeepRequest(
+            key=key,
+            checksum=checksum,
+            lease=duration,
+            requester=requester,
+            directive_id=directive_id,
+        )
+        try:
+            response = await self.stub(address).PromiseKeep(request, timeout=deadline)
+        except grpc.aio.AioRpcError as err:
+            return PromiseAnswer(address, False, None, f"{err.code().name} {err.details() or ''}")
+        if response.kept:
+            return PromiseAnswer(address, True, None, response.message)
+        reason = reason_from_proto(response.reason)
+        return PromiseAnswer(address, False, reason, response.message)
+
+
+def _check_header(
+    header: types_pb2.ValueHeader, key: Key, expected_size: int | None, expected_checksum: str
+) -> None:
+    if header.key != key:
+        raise _Corrupt(f"sent key {header.key!r} instead")
+    if expected_checksum and header.checksum != expected_checksum:
+        raise _Corrupt(
+            f"announces checksum {header.checksum[:12]}, expected {expected_checksum[:12]}"
+        )
+    if expected_size is not None and header.size != expected_size:
+        raise _Corrupt(f"announces {header.size} bytes, expected {expected_size}")
