@@ -1,0 +1,25 @@
+"""The custom policy of the README, verbatim, so that the documented example is tested."""
+
+from __future__ import annotations
+
+from amm_service.policies import PendingView, PolicyRun, drop
+from amm_service.view import ClusterView, Measure
+
+
+class KeepTwo:
+    """Keep at most `copies` replicas of every key."""
+
+    def __init__(self, *, copies: int = 2, name: str = "KeepTwo") -> None:
+        if copies < 1:
+            raise ValueError("copies must be at least 1")
+        self.copies = copies
+        self.name = name
+
+    def run(self, view: ClusterView, pending: PendingView, measure: Measure) -> PolicyRun:
+        for key in view.replicated:  # keys held by 2+ workers
+            holders = view.keys[key].holders
+            excess = len(holders) - self.copies - len(pending.in_flight(key).dropping)
+            for _ in range(excess):
+                chosen = yield drop(key)  # the core picks the worker, or None
+                if chosen is None:
+                    break
