@@ -169,6 +169,7 @@ class Agent:
         )
         delay = 0.1
         attempts = 0
+        epoch: int | None = None
         while True:
             attempts += 1
             try:
@@ -189,11 +190,14 @@ class Agent:
                 continue
             self._registered = True
             attempts, delay = 0, 0.1
+            if response.epoch != epoch:
+                log.info("registered with %s (epoch %d)", self.config.amm, response.epoch)
+                epoch = response.epoch
             self.node.observe_epoch(response.epoch)
             interval = max(response.interval.ToTimedelta().total_seconds(), 0.05)
-            log.info("registered with %s (epoch %d)", self.config.amm, response.epoch)
             await self._until_silent(SILENCE_INTERVALS * interval)
-            log.warning("not polled for %.1f s; registering again", SILENCE_INTERVALS * interval)
+            # Also routine while the AMM runs no cycles (it polls only then): hence DEBUG.
+            log.debug("not polled for %.2f s; registering again", SILENCE_INTERVALS * interval)
 
     async def _until_silent(self, silence: float) -> None:
         """Return once ``silence`` seconds pass without a poll."""

@@ -214,14 +214,17 @@ class Node:
                 value = self.store.get(key)
                 if value is None:
                     value, replicated = await self._fetch_missing(key, sources)
-                if key in self.store:
+                # A replica not kept (no room) is streamed from this call's copy: nothing to mark.
+                using = key in self.store
+                if using:
                     self.store.begin_use(key)
         else:
+            using = True
             self.store.begin_use(key)
         try:
             yield Reading(value, replicated)
         finally:
-            if self.store.get(key) is value:
+            if using:
                 self.store.end_use(key)
 
     async def _fetch_missing(self, key: Key, sources: Sequence[str]) -> tuple[Value, bool]:

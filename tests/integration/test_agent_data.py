@@ -19,7 +19,9 @@ from tests.support.agent import (
     put,
     put_raw,
     running_agent,
+    wait_for,
 )
+from worker_agent.store import Key
 
 BIG = os.urandom(300_000)
 
@@ -37,6 +39,7 @@ async def stream_code(stub: Stub, key: str) -> grpc.StatusCode:
 
 
 async def test_put_get_fetch_round_trip_in_chunks() -> None:
+    """Also: every finished read releases the key."""
     async with running_agent(chunk_size=64 * 1024) as agent, dial(agent.address) as stub:
         stored = await put(stub, "big", BIG, chunk_size=10_000)
         assert (stored.key, stored.size, stored.created) == ("big", len(BIG), True)
@@ -52,6 +55,7 @@ async def test_put_get_fetch_round_trip_in_chunks() -> None:
         )
         header, data = await fetch(stub, "big", checksum(BIG))
         assert data == BIG
+        await wait_for(lambda: agent.store.in_use(Key("big")), lambda n: n == 0, what="released")
         empty = await put(stub, "empty", b"")
         assert empty.size == 0
         assert (await get(stub, "empty"))[1] == b""
@@ -84,6 +88,8 @@ async def test_get_fetches_from_a_source_and_keeps_the_replica() -> None:
         header, data = await get(stub_b, "k")
         assert not header.replicated
         assert data == BIG
+        await wait_for(lambda: b.store.in_use(Key("k")), lambda n: n == 0, what="reads released")
+        assert (await stub_b.Delete(agent_pb2.DeleteRequest(key="k"))).deleted
 
 
 async def test_get_of_an_unknown_key_without_sources_or_amm_is_not_found() -> None:
