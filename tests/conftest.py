@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TypeVar
 
@@ -17,25 +15,6 @@ from amm_service.config import AmmConfig, load_config
 from amm_service.server import AmmServer
 
 T = TypeVar("T")
-
-
-async def poll_until(
-    probe: Callable[[], Awaitable[T]],
-    accept: Callable[[T], bool],
-    *,
-    within: float = 10.0,
-    every: float = 0.02,
-    what: str = "condition",
-) -> T:
-    """Call ``probe`` until ``accept`` holds; fail with the last value after ``within`` seconds."""
-    deadline = time.monotonic() + within
-    while True:
-        value = await probe()
-        if accept(value):
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached within {within}s; last value: {value!r}")
-        await asyncio.sleep(every)
 
 
 def amm_config(tmp_path: Path, **overrides: object) -> AmmConfig:

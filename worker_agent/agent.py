@@ -228,6 +228,8 @@ class Agent:
                 control_pb2.WhoHasRequest(keys=[key], fresh=True), timeout=self.config.fetch_timeout
             )
         except grpc.aio.AioRpcError as err:
+            if err.code() == grpc.StatusCode.NOT_FOUND:
+                return []  # the AMM knows no holder: the caller answers NOT_FOUND
             raise Unavailable(f"cannot ask the AMM who holds {key!r}: {err.code().name}") from err
         return [
             worker for entry in response.entries if entry.key == key for worker in entry.workers

@@ -1,4 +1,4 @@
-"""The wire contract: generated code is current, and the servers expose what grpcurl users expect."""
+"""The wire contract: generated code is current and imports cleanly."""
 
 from __future__ import annotations
 

@@ -19,8 +19,8 @@ from tests.support.agent import (
     put,
     put_raw,
     running_agent,
-    wait_for,
 )
+from tests.support.waiting import wait_for
 from worker_agent.store import Key
 
 BIG = os.urandom(300_000)

@@ -28,8 +28,8 @@ from tests.support.agent import (
     replicate,
     running_agent,
     status,
-    wait_for,
 )
+from tests.support.waiting import wait_for
 from worker_agent.store import Key
 
 DATA = b"the value" * 1000

@@ -1,53 +1,22 @@
-"""The agent's side of the control API: registration, re-registration, WhoHas, unregistration.
-
-The AMM here is a minimal real gRPC servicer that records what agents tell it.
-"""
+"""Agents and the real AMM: registration, retry, re-registration after an AMM restart, WhoHas-driven
+Get and unregistration. Both sides run in this process on 127.0.0.1."""
 
 from __future__ import annotations
 
 import socket
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from typing import Any
+from pathlib import Path
 
 import grpc
 import pytest
-from google.protobuf.duration_pb2 import Duration
 
+from amm.serving import CHANNEL_OPTIONS
 from amm.v1 import control_pb2, control_pb2_grpc
-from tests.support.agent import agents, dial, get, poll, put, running_agent, wait_for
+from amm_service.server import AmmServer
+from tests.conftest import amm_config
+from tests.support.agent import agents, dial, get, poll, put, running_agent
+from tests.support.waiting import wait_for
 
 DATA = b"payload" * 100
-
-
-class RecordingAmm(control_pb2_grpc.ActiveMemoryManagerServicer):
-    def __init__(self, interval: float = 0.1) -> None:
-        self.interval = interval
-        self.registered: list[control_pb2.RegisterWorkerRequest] = []
-        self.unregistered: list[str] = []
-        self.holders: dict[str, list[str]] = {}
-
-    async def RegisterWorker(self, request: Any, context: Any) -> Any:
-        self.registered.append(request)
-        interval = Duration()
-        interval.FromNanoseconds(int(self.interval * 1e9))
-        return control_pb2.RegisterWorkerResponse(epoch=3, interval=interval)
-
-    async def UnregisterWorker(self, request: Any, context: Any) -> Any:
-        self.unregistered.append(request.address)
-        return control_pb2.UnregisterWorkerResponse(removed=True)
-
-    async def WhoHas(self, request: Any, context: Any) -> Any:
-        entries = [
-            control_pb2.KeyHolders(key=key, workers=self.holders.get(key, []))
-            for key in request.keys
-        ]
-        return control_pb2.WhoHasResponse(entries=entries)
-
-
-def recording_amm(interval: float) -> RecordingAmm:
-    """The servicer's other verbs stay UNIMPLEMENTED; the stub declares them abstract."""
-    return RecordingAmm(interval)  # type: ignore[abstract]
 
 
 def free_port() -> int:
@@ -56,58 +25,54 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-@asynccontextmanager
-async def serving_amm(amm: RecordingAmm, port: int = 0) -> AsyncIterator[str]:
-    server = grpc.aio.server()
-    control_pb2_grpc.add_ActiveMemoryManagerServicer_to_server(amm, server)
-    bound = server.add_insecure_port(f"127.0.0.1:{port}")
-    await server.start()
-    try:
-        yield f"127.0.0.1:{bound}"
-    finally:
-        await server.stop(None)
+async def listed(amm: AmmServer) -> list[tuple[str, str]]:
+    """The workers the AMM lists, as (address, name)."""
+    async with grpc.aio.insecure_channel(amm.address, options=CHANNEL_OPTIONS) as channel:
+        stub = control_pb2_grpc.ActiveMemoryManagerStub(channel)
+        resp = await stub.ListWorkers(control_pb2.ListWorkersRequest())
+    return [(w.address, w.name) for w in resp.workers]
 
 
-async def test_registers_learns_the_epoch_and_unregisters_on_stop() -> None:
-    amm = recording_amm(interval=10.0)
-    async with serving_amm(amm) as address:
-        async with running_agent(amm=address, name="w1") as agent, dial(agent.address) as stub:
-            await wait_for(lambda: len(amm.registered), lambda n: n >= 1, what="registration")
-            request = amm.registered[0]
-            assert (request.address, request.name, request.incarnation) == (
-                agent.address,
-                "w1",
-                agent.incarnation,
-            )
-            assert (await poll(stub)).epoch == 3
-        assert amm.unregistered == [agent.address]
+async def test_registers_learns_the_epoch_and_unregisters_on_stop(tmp_path: Path) -> None:
+    async with AmmServer(amm_config(tmp_path)) as amm:
+        async with running_agent(amm=amm.address, name="w1") as agent, dial(agent.address) as stub:
+            await wait_for(lambda: listed(amm), lambda ws: ws == [(agent.address, "w1")])
+            assert agent.registered
+            assert (await poll(stub)).epoch == amm.epoch
+            address = agent.address
+        assert (address, "w1") not in await listed(amm)
 
 
-async def test_registration_retries_until_the_amm_is_up() -> None:
+async def test_registration_retries_until_the_amm_is_up(tmp_path: Path) -> None:
     port = free_port()
-    amm = recording_amm(interval=10.0)
+    async with running_agent(amm=f"127.0.0.1:{port}", register_backoff_max=0.2) as agent:
+        assert not agent.registered
+        async with AmmServer(amm_config(tmp_path, listen=f"127.0.0.1:{port}")) as amm:
+            await wait_for(lambda: agent.registered, what="registration after the AMM came up")
+            assert [a for a, _ in await listed(amm)] == [agent.address]
+
+
+async def test_an_amm_that_restarted_and_forgot_the_agent_gets_it_back(tmp_path: Path) -> None:
+    port = free_port()
+    config = amm_config(tmp_path, listen=f"127.0.0.1:{port}", interval="100ms")
+    async with AmmServer(config) as amm, running_agent(amm=amm.address) as agent:
+        await wait_for(lambda: agent.registered, what="first registration")
+        await amm.stop()
+        forgetful = amm_config(
+            tmp_path / "other", listen=f"127.0.0.1:{port}", interval="100ms"
+        )  # a new state file: the new AMM knows no workers
+        async with AmmServer(forgetful) as again:
+            assert await listed(again) == []
+            await wait_for(lambda: listed(again), lambda ws: len(ws) == 1, what="re-registration")
+
+
+async def test_get_asks_the_amm_who_holds_a_missing_key(tmp_path: Path) -> None:
     async with (
-        running_agent(amm=f"127.0.0.1:{port}", register_backoff_max=0.2) as agent,
-        serving_amm(amm, port),
+        AmmServer(amm_config(tmp_path)) as amm,
+        agents(2, amm=amm.address) as [(_, stub_a), (_, stub_b)],
     ):
-        await wait_for(lambda: agent.registered, what="registration after the AMM came up")
-        assert len(amm.registered) == 1
-
-
-async def test_registers_again_when_no_longer_polled() -> None:
-    """An AMM that restarted and forgot the agent stops polling it: the agent comes back."""
-    amm = recording_amm(interval=0.05)
-    async with serving_amm(amm) as address, running_agent(amm=address):
-        await wait_for(lambda: len(amm.registered), lambda n: n >= 3, what="re-registrations")
-        incarnations = {request.incarnation for request in amm.registered}
-        assert len(incarnations) == 1, "the same process registers again, same incarnation"
-
-
-async def test_get_asks_the_amm_who_holds_a_missing_key() -> None:
-    amm = recording_amm(interval=10.0)
-    async with serving_amm(amm) as address, agents(2, amm=address) as [(a, stub_a), (b, stub_b)]:
+        await wait_for(lambda: listed(amm), lambda ws: len(ws) == 2, what="registrations")
         await put(stub_a, "k", DATA)
-        amm.holders["k"] = [b.address, a.address]
         header, data = await get(stub_b, "k")
         assert data == DATA
         assert header.replicated

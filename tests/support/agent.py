@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any, TypeAlias, TypeVar
 
@@ -30,26 +29,6 @@ _ids = itertools.count(1)
 
 def new_id(prefix: str = "d") -> str:
     return f"{prefix}-{next(_ids)}"
-
-
-async def wait_for(
-    probe: Callable[[], Awaitable[T]] | Callable[[], T],
-    accept: Callable[[T], bool] = bool,
-    *,
-    within: float = 10.0,
-    what: str = "condition",
-) -> T:
-    """Call ``probe`` until ``accept`` holds; fail with the last value after ``within`` seconds."""
-    deadline = time.monotonic() + within
-    while True:
-        value: Any = probe()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if accept(value):
-            return value  # type: ignore[no-any-return]
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached within {within}s; last value: {value!r}")
-        await asyncio.sleep(0.02)
 
 
 @asynccontextmanager
