@@ -18,7 +18,6 @@ if TYPE_CHECKING:
     from amm.v1.control_pb2_grpc import ActiveMemoryManagerAsyncStub as Stub
 
 
-
 async def test_start_stop_running(control: Stub) -> None:
     assert not (await control.Running(control_pb2.RunningRequest())).running
     assert (await control.Start(control_pb2.StartRequest())).running
