@@ -23,3 +23,15 @@ class KeepTwo:
                 chosen = yield drop(key)  # the core picks the worker, or None
                 if chosen is None:
                     break
+
+
+class DropEverything:
+    """A hostile policy: asks to drop every replica of every key, twice over."""
+
+    def __init__(self, *, name: str = "DropEverything") -> None:
+        self.name = name
+
+    def run(self, view: ClusterView, pending: PendingView, measure: Measure) -> PolicyRun:
+        for key, kv in view.keys.items():
+            for _ in range(2 * len(kv.holders)):
+                yield drop(key)

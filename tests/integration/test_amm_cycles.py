@@ -1,0 +1,193 @@
+"""The AMM steering real agents: cycles, ReduceReplicas, pins, in-flight accounting, Forget, and a
+stale AMM that cannot act. AMM and agents are real grpc.aio servers in this process."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import grpc
+import pytest
+
+from amm.serving import CHANNEL_OPTIONS
+from amm.v1 import agent_pb2, control_pb2, control_pb2_grpc, types_pb2
+from amm_service.server import AmmServer
+from amm_service.state import StateStore
+from tests.conftest import amm_config
+from tests.support.agent import agents, get, put
+from tests.support.waiting import wait_for
+from worker_agent.agent import Agent
+
+if TYPE_CHECKING:
+    from amm.v1.agent_pb2_grpc import WorkerAgentAsyncStub
+    from amm.v1.control_pb2_grpc import ActiveMemoryManagerAsyncStub
+
+DATA = b"0123456789" * 1000
+
+
+class Cluster:
+    """An AMM, its control stub and N agents with their stubs."""
+
+    def __init__(
+        self,
+        amm: AmmServer,
+        control: ActiveMemoryManagerAsyncStub,
+        workers: list[tuple[Agent, WorkerAgentAsyncStub]],
+    ) -> None:
+        self.amm = amm
+        self.control = control
+        self.agents = [a for a, _ in workers]
+        self.stubs = [s for _, s in workers]
+        self.addresses = [a.address for a in self.agents]
+
+    async def has_what(self) -> dict[str, set[str]]:
+        resp = await self.control.HasWhat(control_pb2.HasWhatRequest(fresh=True))
+        return {e.worker: set(e.keys) for e in resp.entries}
+
+    async def holders(self, key: str) -> set[str]:
+        resp = await self.control.WhoHas(control_pb2.WhoHasRequest(keys=[key], fresh=True))
+        return set(resp.entries[0].workers)
+
+    async def run_once(self, wait: bool = True) -> types_pb2.CycleReport:
+        return (await self.control.RunOnce(control_pb2.RunOnceRequest(wait=wait))).cycle
+
+    async def spread(self, key: str, data: bytes = DATA) -> None:
+        """Put ``key`` on the first agent and read it through every other one."""
+        await put(self.stubs[0], key, data)
+        for stub in self.stubs[1:]:
+            await get(stub, key, sources=[self.addresses[0]])
+
+
+@asynccontextmanager
+async def cluster(tmp_path: Path, n: int, **amm_overrides: Any) -> AsyncIterator[Cluster]:
+    overrides = {"measure": "managed", **amm_overrides}
+    async with AsyncExitStack() as stack:
+        amm = await stack.enter_async_context(AmmServer(amm_config(tmp_path, **overrides)))
+        channel = await stack.enter_async_context(
+            grpc.aio.insecure_channel(amm.address, options=CHANNEL_OPTIONS)
+        )
+        control = control_pb2_grpc.ActiveMemoryManagerStub(channel)
+        workers = await stack.enter_async_context(agents(n, amm=amm.address))
+
+        async def count() -> int:
+            resp = await control.ListWorkers(control_pb2.ListWorkersRequest())
+            return len(resp.workers)
+
+        await wait_for(count, lambda c: c == n, what="agents registered")
+        yield Cluster(amm, control, workers)
+
+
+async def test_reduce_replicas_keeps_exactly_one_replica(tmp_path: Path) -> None:
+    async with cluster(tmp_path, 3) as c:
+        await c.spread("x")
+        await c.spread("y")
+        assert await c.holders("x") == set(c.addresses)
+        report = await c.run_once()
+        assert report.directives_sent == 4
+        assert report.applied == 4
+        assert len(await c.holders("x")) == 1
+        assert len(await c.holders("y")) == 1
+        again = await c.run_once()
+        assert again.directives_sent == 0
+
+
+async def test_keys_pinned_on_several_workers_keep_those_replicas(tmp_path: Path) -> None:
+    async with cluster(tmp_path, 3) as c:
+        await c.spread("x")
+        for stub in c.stubs[:2]:
+            await stub.Pin(agent_pb2.PinRequest(key="x"))
+        await c.run_once()
+        assert await c.holders("x") == set(c.addresses[:2])
+        await c.stubs[1].Unpin(agent_pb2.UnpinRequest(key="x"))
+        await c.run_once()
+        assert await c.holders("x") == {c.addresses[0]}
+
+
+async def test_back_to_back_cycles_never_drop_more_than_the_excess(tmp_path: Path) -> None:
+    async with cluster(tmp_path, 4) as c:
+        for i in range(20):
+            await c.spread(f"k{i}")
+        reports = [await c.run_once(wait=False) for _ in range(3)]
+        assert sum(r.directives_sent for r in reports) == 20 * 3
+        await wait_for(c.has_what, lambda hw: sum(len(ks) for ks in hw.values()) == 20)
+        placement = await c.has_what()
+        assert set().union(*placement.values()) == {f"k{i}" for i in range(20)}
+
+
+async def test_the_loop_removes_duplicates_once_started(tmp_path: Path) -> None:
+    async with cluster(tmp_path, 2, interval="50ms") as c:
+        await c.spread("x")
+        await c.control.Start(control_pb2.StartRequest())
+        await wait_for(lambda: c.holders("x"), lambda hs: len(hs) == 1, what="one replica left")
+        status = await c.control.GetStatus(control_pb2.GetStatusRequest())
+        assert status.running
+        assert status.totals.keys == 1
+        assert status.totals.replicas == 1
+        assert status.totals.workers == 2
+
+
+async def test_a_hostile_policy_cannot_drop_the_last_replica(tmp_path: Path) -> None:
+    policies = [{"class": "tests.support.policies.DropEverything"}]
+    async with cluster(tmp_path, 3, policies=policies) as c:
+        await c.spread("x")
+        await put(c.stubs[1], "solo", DATA)
+        report = await c.run_once()
+        assert report.directives_sent == 2
+        assert report.applied == 2
+        assert {r.reason for r in report.rejections} == {"last replica"}
+        assert report.rejected == 2 * 3 + 2 - 2
+        assert len(await c.holders("x")) == 1
+        assert await c.holders("solo") == {c.addresses[1]}
+        for _ in range(3):
+            assert (await c.run_once()).directives_sent == 0
+
+
+async def test_forget_deletes_every_replica(tmp_path: Path) -> None:
+    async with cluster(tmp_path, 3) as c:
+        await c.spread("x")
+        await c.spread("y")
+        resp = await c.control.Forget(control_pb2.ForgetRequest(keys=["x"]))
+        assert resp.replicas_deleted == 3
+        hw = await c.has_what()
+        assert all(keys == {"y"} for keys in hw.values())
+        await c.stubs[0].Pin(agent_pb2.PinRequest(key="y"))
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await c.control.Forget(control_pb2.ForgetRequest(keys=["y"]))
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert c.addresses[0] in (err.value.details() or "")
+        assert await c.holders("y") == {c.addresses[0]}
+
+
+async def test_a_stale_amm_cannot_act(tmp_path: Path) -> None:
+    async with cluster(tmp_path, 2) as c:
+        await c.spread("x")
+        # A second AMM with a newer epoch polls the agents: they learn its epoch.
+        newer_state = tmp_path / "newer.sqlite3"
+        with StateStore(str(newer_state)) as store:
+            for _ in range(5):
+                store.begin_epoch()
+        async with AmmServer(amm_config(tmp_path, state_path=str(newer_state))) as newer:
+            assert newer.epoch > c.amm.epoch
+            assert newer.manager is not None
+            for address in c.addresses:
+                await newer.manager.register(address, address, "")
+            await newer.manager.refresh(fresh=True)
+        # The old AMM still believes it is in charge: its drops are refused.
+        report = await c.run_once()
+        assert report.directives_sent == 1
+        assert report.refused == 1
+        assert report.directives[0].outcome.reason == types_pb2.REFUSAL_REASON_STALE_EPOCH
+        assert await c.holders("x") == set(c.addresses)
+        status = await c.control.GetStatus(control_pb2.GetStatusRequest())
+        assert status.recent_refusals[0].reason == types_pb2.REFUSAL_REASON_STALE_EPOCH
+
+
+async def test_an_agent_that_leaves_is_forgotten(tmp_path: Path) -> None:
+    async with cluster(tmp_path, 2) as c:
+        await c.spread("x")
+        await c.agents[1].stop()
+        await wait_for(lambda: c.has_what(), lambda hw: list(hw) == [c.addresses[0]])
+        report = await c.run_once()
+        assert report.directives_sent == 0
