@@ -48,7 +48,7 @@ class AgentConfig:
     #: Largest value accepted; a larger Put fails with RESOURCE_EXHAUSTED.
     max_value_bytes: int = 1 * GiB
     #: Lease of the keep-promises this agent asks peers for before dropping a key, in seconds.
-    lease: float = 10.0
+    lease: float = 5.0
     #: Longest lease this agent grants a peer, whatever the peer asks for, in seconds.
     max_lease: float = DEFAULT_MAX_LEASE
     #: Unmanaged memory counts as "old" when it persisted over this window, in seconds (Dask's

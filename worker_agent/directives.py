@@ -172,6 +172,10 @@ class DirectiveRunner:
            agent refuses to promise a key it is dropping: the two refuse each other.
         2. A holder that did promise recorded a lease, and the final re-judge (synchronous with
            the removal) refuses to drop a key promised to a peer.
+
+        The promise is only relied on while it surely holds: the keeper's lease started after we
+        asked, so if half the lease has passed since we asked (a stalled loop, a slow answer),
+        the drop is refused rather than trusting a promise that may have lapsed.
         """
         key = directive.key
         held = self._store.get(key)
@@ -182,21 +186,34 @@ class DirectiveRunner:
             keeper = await self._find_keeper(directive, held.checksum)
             if isinstance(keeper, Refuse):
                 return self._outcome(directive, keeper)
+            holder, asked_at = keeper
+            if self._clock() - asked_at >= self._config.lease / 2:
+                return self._outcome(
+                    directive,
+                    Refuse(
+                        Reason.NO_CONFIRMED_HOLDER,
+                        f"{holder}'s promise came too late to rely on; try again",
+                    ),
+                )
             verdict = integrity.judge_drop_commit(self._store, key, held.checksum, self._clock())
             if isinstance(verdict, Accept) and not verdict.noop:
                 self._store.remove(key)
-                verdict = Accept(message=f"dropped; {keeper} keeps it")
+                verdict = Accept(message=f"dropped; {holder} keeps it")
             return self._outcome(directive, verdict)
         finally:
             self._store.unmark_dropping(key)
 
-    async def _find_keeper(self, directive: Directive, checksum: str) -> str | Refuse:
-        """The first holder that promises to keep the key, or a refusal listing every answer."""
+    async def _find_keeper(
+        self, directive: Directive, checksum: str
+    ) -> tuple[str, float] | Refuse:
+        """The first holder that promises to keep the key and when we asked it, or a refusal
+        listing every answer."""
         me = self._address()
         answers: list[str] = []
         for holder in dict.fromkeys(directive.holders):
             if holder == me:
                 continue
+            asked_at = self._clock()
             answer = await self._peers.promise_keep(
                 holder,
                 key=directive.key,
@@ -207,7 +224,7 @@ class DirectiveRunner:
                 deadline=self._config.promise_timeout,
             )
             if answer.kept:
-                return holder
+                return holder, asked_at
             reason = answer.reason.name if answer.reason else "unreachable"
             answers.append(f"{holder}: {reason} {answer.message}".strip())
         detail = "; ".join(answers) if answers else "no holder other than this agent was named"

@@ -224,6 +224,34 @@ async def test_replicate_from_a_corrupt_source_is_refused_checksum_mismatch() ->
         assert "k" not in b.store
 
 
+class _SlowKeeper(agent_pb2_grpc.WorkerAgentServicer):
+    """A peer that promises to keep every key, but answers only after ``delay`` seconds."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+
+    async def PromiseKeep(self, request: Any, context: Any) -> agent_pb2.PromiseKeepResponse:
+        await asyncio.sleep(self.delay)
+        return agent_pb2.PromiseKeepResponse(kept=True)
+
+
+async def test_a_promise_that_arrives_too_late_is_not_relied_on() -> None:
+    server = grpc.aio.server()
+    agent_pb2_grpc.add_WorkerAgentServicer_to_server(_SlowKeeper(0.3), server)  # type: ignore[abstract]
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with running_agent(lease=0.4) as a, dial(a.address) as stub:
+            await put(stub, "k", DATA)
+            async with directive_stream(stub) as amm:
+                outcome = await amm.run(drop("k", [f"127.0.0.1:{port}"]))
+            assert (status(outcome), reason(outcome)) == ("REFUSED", "NO_CONFIRMED_HOLDER")
+            assert "too late" in outcome.message
+            assert "k" in a.store
+    finally:
+        await server.stop(None)
+
+
 async def test_replicate_from_nowhere_fails_source_unavailable() -> None:
     async with running_agent() as b, dial(b.address) as stub, directive_stream(stub) as amm:
         outcome = await amm.run(replicate("k", DATA, [UNREACHABLE]))
