@@ -1,0 +1,87 @@
+"""The real grpcurl binary against a real AMM and agent: reflection, health and the control verbs,
+exactly as the README shows them."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+from amm_service.server import AmmServer
+from tests.conftest import amm_config
+from tests.support.agent import running_agent
+from tests.support.waiting import wait_for
+
+GRPCURL = shutil.which("grpcurl", path=str(Path(sys.executable).parent)) or shutil.which("grpcurl")
+
+
+async def grpcurl(*args: str) -> str:
+    assert GRPCURL is not None, "grpcurl is installed by the dev extras: make install"
+    proc = await asyncio.create_subprocess_exec(
+        GRPCURL,
+        "-plaintext",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), timeout=30)
+    assert proc.returncode == 0, err.decode()
+    return out.decode()
+
+
+async def call(address: str, method: str, body: dict[str, Any] | None = None) -> Any:
+    return json.loads(await grpcurl("-d", json.dumps(body or {}), address, method))
+
+
+async def test_amm_lists_its_services_and_answers_the_control_verbs(tmp_path: Path) -> None:
+    async with AmmServer(amm_config(tmp_path)) as amm:
+        services = (await grpcurl(amm.address, "list")).split()
+        assert {
+            "amm.v1.ActiveMemoryManager",
+            "grpc.health.v1.Health",
+            "grpc.reflection.v1alpha.ServerReflection",
+        } <= set(services)
+        assert await call(amm.address, "amm.v1.ActiveMemoryManager/Start") == {"running": True}
+        status = await call(amm.address, "amm.v1.ActiveMemoryManager/GetStatus")
+        assert status["running"] is True
+        assert status["epoch"] == "1"  # uint64 is a JSON string
+        assert status["measure"] == "MEMORY_MEASURE_OPTIMISTIC"
+        assert status["interval"] == "0.200s"
+        assert await call(amm.address, "amm.v1.ActiveMemoryManager/Stop") == {}
+        health = await call(amm.address, "grpc.health.v1.Health/Check")
+        assert health == {"status": "SERVING"}
+
+
+async def test_agent_lists_its_services_and_reports_keys(tmp_path: Path) -> None:
+    async with AmmServer(amm_config(tmp_path)) as amm, running_agent(amm=amm.address) as agent:
+        await wait_for(lambda: agent.registered, what="registration")
+        services = (await grpcurl(agent.address, "list")).split()
+        assert {"amm.v1.WorkerAgent", "grpc.health.v1.Health"} <= set(services)
+        described = await grpcurl(agent.address, "describe", "amm.v1.WorkerAgent")
+        assert "rpc PromiseKeep" in described
+        poll = await call(agent.address, "amm.v1.WorkerAgent/Poll", {"full": True})
+        assert poll["status"] == "WORKER_STATUS_RUNNING"
+        listed = await call(amm.address, "amm.v1.ActiveMemoryManager/ListWorkers")
+        assert [w["address"] for w in listed["workers"]] == [agent.address]
+
+
+async def test_grpcurl_sees_clear_errors_for_bad_input(tmp_path: Path) -> None:
+    assert GRPCURL is not None
+    async with AmmServer(amm_config(tmp_path)) as amm:
+        proc = await asyncio.create_subprocess_exec(
+            GRPCURL,
+            "-plaintext",
+            "-d",
+            '{"keys": ["ghost"]}',
+            amm.address,
+            "amm.v1.ActiveMemoryManager/WhoHas",
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        _, err = await asyncio.wait_for(proc.communicate(), timeout=30)
+        assert proc.returncode != 0
+        assert "NotFound" in err.decode()
+        assert "unknown key(s): 'ghost'" in err.decode()
