@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
         "pause (take no new replicas) above this fraction of the memory limit",
         type=_typed(_fraction),
     )
-    add("--lease", "lease of keep-promises asked of peers, e.g. 5s (default)", type=_typed(parse_duration))
+    add("--lease", "lease of keep-promises asked of peers (5s)", type=_typed(parse_duration))
     add("--log-level", "DEBUG, INFO, WARNING or ERROR", default="INFO", type=_log_level)
     return parser
 

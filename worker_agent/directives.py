@@ -203,9 +203,7 @@ class DirectiveRunner:
         finally:
             self._store.unmark_dropping(key)
 
-    async def _find_keeper(
-        self, directive: Directive, checksum: str
-    ) -> tuple[str, float] | Refuse:
+    async def _find_keeper(self, directive: Directive, checksum: str) -> tuple[str, float] | Refuse:
         """The first holder that promises to keep the key and when we asked it, or a refusal
         listing every answer."""
         me = self._address()
