@@ -1,7 +1,4 @@
-"""``amm cluster`` and the demo as a user runs them: real processes, stopped by signals.
-
-Skipped while the service or the agent has no entry point (see tests/support/processes.py).
-"""
+"""``amm cluster`` and the demo as a user runs them: real processes, stopped by signals."""
 
 from __future__ import annotations
 
@@ -13,12 +10,10 @@ import pytest
 
 from amm import demo
 from amm.client import Client
-from tests.support.processes import require_processes
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_cluster_command_stops_everything_on_signal(sig: signal.Signals) -> None:
-    require_processes()
     argv = [sys.executable, "-m", "amm", "cluster", "--workers", "1", "--listen", "127.0.0.1:0"]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -42,7 +37,6 @@ def test_cluster_command_stops_everything_on_signal(sig: signal.Signals) -> None
 
 
 def test_demo_runs_to_completion(capsys: pytest.CaptureFixture[str]) -> None:
-    require_processes()
     assert demo.main(listen="127.0.0.1:0") == 0
     out = capsys.readouterr().out
     assert '>>> client.get("x", worker=w2)' in out

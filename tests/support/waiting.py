@@ -48,3 +48,20 @@ async def wait_for(
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} not reached within {within}s; last value: {value!r}")
         await asyncio.sleep(0.02)
+
+
+def poll_until(
+    probe: Callable[[], T | None],
+    within: float = 10.0,
+    what: str = "condition",
+) -> T:
+    """Blocking twin of ``wait_for`` for tests that drive the blocking ``Client``: the first
+    truthy value ``probe`` returns; ``AssertionError`` after ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while True:
+        value = probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not reached within {within}s; last value: {value!r}")
+        time.sleep(0.05)

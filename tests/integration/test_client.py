@@ -1,0 +1,246 @@
+"""The client and the CLI against a real local cluster (service and agent processes).
+
+Cycles are driven by ``run_once`` except where the point is that the AMM runs on its own, and
+positives are awaited with ``poll_until``. One cluster serves the module, so each test uses keys
+of its own. A corrupt agent, which no real agent can be made into, is a tiny lying servicer.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from amm import AmmError, AsyncClient, Client
+from amm.checksum import checksum
+from amm.cli import main as cli_main
+from amm.cluster import LocalCluster
+from amm.models import sort_addresses
+from amm.v1 import agent_pb2, agent_pb2_grpc, types_pb2
+from tests.support.processes import local_cluster
+from tests.support.waiting import poll_until
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[LocalCluster]:
+    with local_cluster(2) as c:
+        yield c
+
+
+@pytest.fixture
+def client(cluster: LocalCluster) -> Iterator[Client]:
+    with Client(cluster.address, timeout=10) as c:
+        c.amm.stop()
+        yield c
+        c.amm.stop()
+
+
+def test_the_dask_style_example(client: Client, cluster: LocalCluster) -> None:
+    w1, w2 = client.has_what()
+    assert [w1, w2] == sort_addresses(cluster.workers)
+    client.put("example", b"payload", workers=[w1])
+    assert client.has_what()[w1] == ("example",)
+    assert client.get("example", worker=w2) == b"payload"
+    assert client.who_has("example") == {"example": (w1, w2)}
+    client.amm.start()
+    assert client.amm.running() is True
+    client.amm.stop()
+    assert client.amm.running() is False
+    report = client.amm.run_once()
+    assert report.number > 0
+    poll_until(lambda: len(client.who_has("example")["example"]) == 1, what="one replica left")
+
+
+def test_running_amm_drops_the_duplicate_by_itself(client: Client) -> None:
+    w1, w2 = client.has_what()
+    client.put("dup", b"v" * 10_000, workers=[w1, w2])
+    client.amm.start()
+
+    def single_holder() -> tuple[str, ...] | None:
+        holders = client.who_has("dup")["dup"]
+        return holders if len(holders) == 1 else None
+
+    holders = poll_until(single_holder, what="the duplicate dropped")
+    assert holders[0] in (w1, w2)
+
+
+def test_put_and_get_without_naming_workers(client: Client) -> None:
+    value = bytes(range(256)) * 9000
+    client.put("anywhere", value)
+    (holder,) = client.who_has("anywhere")["anywhere"]
+    assert client.get("anywhere") == value
+    assert client.who_has("anywhere")["anywhere"] == (holder,)
+    client.forget("anywhere")
+
+
+def test_status_workers_and_errors(client: Client, cluster: LocalCluster) -> None:
+    status = client.status()
+    assert status.totals.workers == 2
+    assert [p.name for p in status.policies]
+    workers = client.workers(fresh=True)
+    assert [w.address for w in workers] == sort_addresses(cluster.workers)
+    assert all(w.status == "running" and w.last_poll is not None for w in workers)
+    with pytest.raises(AmmError) as info:
+        client.who_has(["no-such-key"])
+    assert info.value.status == grpc.StatusCode.NOT_FOUND
+
+
+def test_pin_and_unpin(client: Client) -> None:
+    w1, _ = client.has_what()
+    client.put("pinned", b"p", workers=[w1])
+    assert client.pin("pinned", w1) == 1
+    assert client.unpin("pinned", w1) == 0
+    client.forget("pinned")
+
+
+def test_stopped_worker_leaves_the_cluster(cluster: LocalCluster, client: Client) -> None:
+    extra = cluster.add_worker()
+    assert extra in client.has_what()
+    assert cluster.stop_worker(extra, signal.SIGTERM) == 0
+    poll_until(lambda: extra not in client.has_what(), what="the worker unregistered")
+    with pytest.raises(AmmError) as info:
+        client.get("anything", worker=extra)
+    assert info.value.status == grpc.StatusCode.UNAVAILABLE
+    assert extra in info.value.message
+
+
+async def test_async_client(cluster: LocalCluster) -> None:
+    async with AsyncClient(cluster.address, timeout=10) as client:
+        w1, _ = await client.has_what()
+        await client.put("async", b"value", workers=[w1])
+        assert await client.get("async") == b"value"
+        assert await client.forget("async") == 1
+
+
+def test_cli_verbs(cluster: LocalCluster, capsys: pytest.CaptureFixture[str]) -> None:
+    amm = ["--amm", cluster.address]
+    w1 = sort_addresses(cluster.workers)[0]
+    assert cli_main([*amm, "put", "cli", "--value", "text", "--worker", w1]) == 0
+    assert cli_main([*amm, "who-has", "cli"]) == 0
+    assert cli_main([*amm, "workers"]) == 0
+    assert cli_main([*amm, "status"]) == 0
+    assert cli_main([*amm, "run-once"]) == 0
+    out = capsys.readouterr().out
+    assert f"cli  {w1}" in out
+    assert "ADDRESS" in out
+    assert "cycle" in out
+    assert cli_main([*amm, "forget", "cli"]) == 0
+    assert cli_main([*amm, "who-has", "cli"]) == 1
+    assert capsys.readouterr().err.startswith("error: NOT_FOUND: ")
+
+
+def _closed_port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{s.getsockname()[1]}"
+
+
+class _LyingAgent(agent_pb2_grpc.WorkerAgentServicer):
+    """Announces the checksum of b"value" and sends other bytes."""
+
+    def Get(self, request: Any, context: Any) -> Iterator[agent_pb2.GetResponse]:
+        header = types_pb2.ValueHeader(key=request.key, size=5, checksum=checksum(b"value"))
+        yield agent_pb2.GetResponse(header=header)
+        yield agent_pb2.GetResponse(chunk=b"VALUE")
+
+
+@pytest.fixture
+def liar() -> Iterator[str]:
+    server = grpc.server(ThreadPoolExecutor(max_workers=2))
+    agent_pb2_grpc.add_WorkerAgentServicer_to_server(_LyingAgent(), server)  # type: ignore[abstract]
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield f"127.0.0.1:{port}"
+    server.stop(None)
+
+
+def test_get_verifies_the_announced_checksum(client: Client, liar: str) -> None:
+    with pytest.raises(AmmError) as info:
+        client.get("k", worker=liar)
+    assert info.value.status == grpc.StatusCode.DATA_LOSS
+
+
+def test_put_without_workers_picks_the_least_managed_memory(client: Client) -> None:
+    w1, w2 = client.has_what()
+    client.put("heavy", b"h" * 100_000, workers=[w1])
+    client.put("light", b"l")
+    assert client.who_has("light") == {"light": (w2,)}
+    client.forget(["heavy", "light"])
+
+
+def test_server_errors_keep_their_status(client: Client) -> None:
+    w1, _ = client.has_what()
+    client.put("immutable", b"one", workers=[w1])
+    client.put("immutable", b"one", workers=[w1])  # same content: a no-op
+    with pytest.raises(AmmError) as info:
+        client.put("immutable", b"two", workers=[w1])
+    assert info.value.status == grpc.StatusCode.ALREADY_EXISTS
+    with pytest.raises(AmmError) as info:
+        client.has_what([_closed_port()])
+    assert info.value.status == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(AmmError) as info:
+        client.unpin("immutable", w1)
+    assert info.value.status == grpc.StatusCode.FAILED_PRECONDITION
+    client.forget("immutable")
+
+
+def test_unreachable_addresses_name_the_address() -> None:
+    address = _closed_port()
+    with Client(address, timeout=5) as client:
+        with pytest.raises(AmmError) as info:
+            client.amm.running()
+        assert info.value.status == grpc.StatusCode.UNAVAILABLE
+        assert address in info.value.message
+        with pytest.raises(AmmError) as info:
+            client.get("k", worker=address)
+        assert info.value.status == grpc.StatusCode.UNAVAILABLE
+        assert info.value.message.startswith(f"worker at {address}: ")
+
+
+def test_closed_client_refuses_calls_and_close_is_idempotent(cluster: LocalCluster) -> None:
+    client = Client(cluster.address)
+    client.close()
+    client.close()
+    with pytest.raises(AmmError) as info:
+        client.amm.running()
+    assert info.value.status == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_cli_files_tables_json_and_errors(
+    cluster: LocalCluster, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    amm = ["--amm", cluster.address]
+    w1, w2 = sort_addresses(cluster.workers)
+    source, target = tmp_path / "in.bin", tmp_path / "out.bin"
+    source.write_bytes(bytes(range(256)))
+    assert cli_main([*amm, "put", "file", "--file", str(source), "--worker", w1]) == 0
+    assert capsys.readouterr().out == f"stored 'file' (256 B) on {w1}\n"
+    assert cli_main([*amm, "get", "file", "--worker", w2, "-o", str(target)]) == 0
+    assert target.read_bytes() == bytes(range(256))
+    capsys.readouterr()
+    assert cli_main([*amm, "who-has", "file", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"file": [w1, w2]}
+    assert cli_main([*amm, "running", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"running": False}
+    assert cli_main([*amm, "run-once", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["directives_sent"] == 1
+    assert cli_main([*amm, "who-has", "missing"]) == 1
+    assert capsys.readouterr().err == "error: NOT_FOUND: unknown key(s): 'missing'\n"
+    assert cli_main([*amm, "put", "k", "--file", str(tmp_path / "absent")]) == 1
+    assert capsys.readouterr().err.startswith("error: ")
+    assert cli_main(["--amm", _closed_port(), "--timeout", "5", "status"]) == 1
+    assert "error: UNAVAILABLE: " in capsys.readouterr().err
+    poll_until(lambda: len(cluster_holders(cluster, "file")) == 1, what="one replica left")
+
+
+def cluster_holders(cluster: LocalCluster, key: str) -> tuple[str, ...]:
+    with Client(cluster.address, timeout=10) as client:
+        return client.who_has(key)[key]
