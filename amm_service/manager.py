@@ -330,7 +330,7 @@ class ActiveMemoryManager:
     async def _delete(self, key: str, worker: WorkerId) -> bool | str:
         try:
             resp = await self._links.stub(worker).Delete(
-                agent_pb2.DeleteRequest(key=key), timeout=self.config.poll_timeout * 5
+                agent_pb2.DeleteRequest(key=key, forget=True), timeout=self.config.poll_timeout * 5
             )
         except grpc.aio.AioRpcError as err:
             return f"{key!r} on {worker}: {err.code().name}: {err.details()}"

@@ -185,11 +185,15 @@ def judge_keep(store: Store, key: Key, checksum: str, cond: Conditions) -> Verdi
     return Accept()
 
 
-def judge_delete(store: Store, key: Key, now: float) -> Verdict:
-    """May a user delete the local replica? Same protections as a drop, minus the holders."""
+def judge_delete(store: Store, key: Key, now: float, *, forget: bool = False) -> Verdict:
+    """May a user delete the local replica? Same protections as a drop, minus the holders.
+
+    A cluster-wide forget deletes every replica anyway, so promises to peers do not bind it;
+    local readers still do.
+    """
     if key not in store:
         return Accept(noop=True, message="not held")
-    blocked = _local_blockers(store, key, now)
+    blocked = _local_blockers(store, key, now, promises=not forget)
     return blocked if blocked is not None else Accept()
 
 
@@ -225,7 +229,7 @@ def _fits(store: Store, size: int, cond: Conditions) -> Verdict:
     return Accept()
 
 
-def _local_blockers(store: Store, key: Key, now: float) -> Refuse | None:
+def _local_blockers(store: Store, key: Key, now: float, *, promises: bool = True) -> Refuse | None:
     """What protects a held key from removal: local pins, streaming reads, promises to peers."""
     pins = store.pins(key)
     if pins:
@@ -233,7 +237,7 @@ def _local_blockers(store: Store, key: Key, now: float) -> Refuse | None:
     readers = store.in_use(key)
     if readers:
         return Refuse(Reason.IN_USE, f"{key!r} is being read or sent ({readers} streams)")
-    expires = store.promised_until(key, now)
+    expires = store.promised_until(key, now) if promises else None
     if expires is not None:
         return Refuse(
             Reason.KEEP_PROMISED,

@@ -269,8 +269,8 @@ class Node:
             raise Refused(None, f"{key!r} is not pinned")
         return self.store.unpin(key)
 
-    def delete(self, key: Key) -> bool:
-        verdict = integrity.judge_delete(self.store, key, self.clock())
+    def delete(self, key: Key, *, forget: bool = False) -> bool:
+        verdict = integrity.judge_delete(self.store, key, self.clock(), forget=forget)
         if isinstance(verdict, Refuse):
             raise Refused(verdict.reason, f"cannot delete: {verdict.message}")
         return self.store.remove(key)

@@ -315,7 +315,8 @@ class WorkerAgentServicer(agent_pb2_grpc.WorkerAgentServicer):
         self, request: agent_pb2.DeleteRequest, context: Context
     ) -> agent_pb2.DeleteResponse:
         async with _Edge(context, "Delete"):
-            return agent_pb2.DeleteResponse(deleted=self._node.delete(_key(request.key)))
+            deleted = self._node.delete(_key(request.key), forget=request.forget)
+            return agent_pb2.DeleteResponse(deleted=deleted)
 
     async def PromiseKeep(
         self, request: agent_pb2.PromiseKeepRequest, context: Context

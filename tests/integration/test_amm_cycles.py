@@ -167,6 +167,23 @@ async def test_forget_deletes_every_replica(tmp_path: Path) -> None:
         assert await c.holders("y") == {c.addresses[0]}
 
 
+async def test_forget_is_not_held_back_by_keep_promises(tmp_path: Path) -> None:
+    async with cluster(tmp_path, 2, lease=30.0) as c:
+        await c.spread("x")
+        report = await c.run_once()
+        assert report.applied == 1
+        (survivor,) = await c.holders("x")
+        stub = c.stubs[c.addresses.index(survivor)]
+        # The survivor promised the dropper to keep x: a plain delete is refused...
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.Delete(agent_pb2.DeleteRequest(key="x"))
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "promised" in (err.value.details() or "")
+        # ...but forgetting the key everywhere does not need that promise.
+        resp = await c.control.Forget(control_pb2.ForgetRequest(keys=["x"]))
+        assert resp.replicas_deleted == 1
+
+
 async def test_a_stale_amm_cannot_act(tmp_path: Path) -> None:
     async with cluster(tmp_path, 2) as c:
         await c.spread("x")
