@@ -92,6 +92,12 @@ class _Decider:
         self.memory = {w: ws.memory.by(measure) for w, ws in view.workers.items()}
         self.managed = {w: ws.memory.managed for w, ws in view.workers.items()}
         self.running = frozenset(w for w, ws in view.workers.items() if ws.accepts_replicas)
+        self.closing = frozenset(
+            w for w, ws in view.workers.items() if ws.status is WorkerStatus.CLOSING
+        )
+        self.rank = {
+            w: 0 if ws.status is WorkerStatus.RUNNING else 1 for w, ws in view.workers.items()
+        }
 
     def recipient(self, kv: KeyView, candidates: frozenset[WorkerId] | None) -> WorkerId | _No:
         """The worker to replicate onto, or the reason there is none."""
@@ -110,10 +116,13 @@ class _Decider:
         usable = [w for w in kv.holders if w in self.view.workers and w not in dropping]
         return tuple(sorted(usable, key=self._preference))
 
-    def dropper(self, kv: KeyView, candidates: frozenset[WorkerId] | None) -> WorkerId | _No:
-        """The holder to drop from, or the reason there is none."""
+    def dropper(
+        self, kv: KeyView, candidates: frozenset[WorkerId] | None
+    ) -> tuple[WorkerId, tuple[WorkerId, ...]] | _No:
+        """The holder to drop from with the other holders, most dependable first, or the reason
+        there is none."""
         remaining = kv.holders - self.pending.in_flight(kv.key).dropping
-        durable = {w for w in remaining if self._durable(w)}
+        durable = remaining - self.closing
         if len(remaining) < 2 or not durable:
             return _No("last replica")
         pool = remaining if candidates is None else candidates & remaining
@@ -122,35 +131,27 @@ class _Decider:
         pool = pool - kv.pinned_on
         if not pool:
             return _No("pinned on every candidate")
-        # A drop must leave at least one durable replica behind.
-        safe = [w for w in pool if durable - {w}]
-        if not safe:
-            return _No("last replica")
-        return max(safe, key=lambda w: (self.memory.get(w, 0), w))
-
-    def other_holders(self, kv: KeyView, dropper: WorkerId) -> tuple[WorkerId, ...]:
-        """The holders that may promise to keep the key, most dependable first."""
-        remaining = kv.holders - self.pending.in_flight(kv.key).dropping - {dropper}
-        return tuple(sorted(remaining, key=self._preference))
+        if len(durable) == 1:
+            pool = pool - durable  # a drop must leave at least one durable replica behind
+            if not pool:
+                return _No("last replica")
+        memory = self.memory
+        chosen = max(pool, key=lambda w: (memory[w], w))
+        remaining = remaining - {chosen}
+        return chosen, tuple(sorted(remaining, key=self._preference))
 
     def commit(self, op: Op, kv: KeyView, worker: WorkerId) -> None:
         self.pending.add(op, kv.key, worker)
         delta = kv.size if op is Op.REPLICATE else -kv.size
-        self.memory[worker] = self.memory.get(worker, 0) + delta
-        self.managed[worker] = self.managed.get(worker, 0) + delta
+        self.memory[worker] += delta
+        self.managed[worker] += delta
 
     def _has_room(self, worker: WorkerId, size: int) -> bool:
         limit = self.view.workers[worker].memory.limit
         return limit == 0 or self.managed[worker] + size <= limit
 
-    def _durable(self, worker: WorkerId) -> bool:
-        ws = self.view.workers.get(worker)
-        return ws is not None and ws.status is not WorkerStatus.CLOSING
-
     def _preference(self, worker: WorkerId) -> tuple[int, int, str]:
-        ws = self.view.workers.get(worker)
-        rank = 0 if ws is not None and ws.status is WorkerStatus.RUNNING else 1
-        return (rank, self.memory.get(worker, 0), worker)
+        return (self.rank[worker], self.memory[worker], worker)
 
 
 def plan(
@@ -180,9 +181,9 @@ def plan(
             if not sources:
                 choice = _No("no holder can serve as a source (all are dropping it)")
         else:
-            choice = decider.dropper(kv, suggestion.candidates)
-            if not isinstance(choice, _No):
-                holders = decider.other_holders(kv, choice)
+            picked = decider.dropper(kv, suggestion.candidates)
+            choice = picked if isinstance(picked, _No) else picked[0]
+            holders = () if isinstance(picked, _No) else picked[1]
         if isinstance(choice, _No) or kv is None:
             reason = choice.reason if isinstance(choice, _No) else "unknown key"
             rejections.append(Rejection(policy, suggestion.op, suggestion.key, reason))
