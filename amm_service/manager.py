@@ -110,11 +110,28 @@ class ActiveMemoryManager:
             timeout=self.config.poll_timeout,
             clock=self._clock,
         )
-        now = self._clock()
-        for known in self._store.known_workers():
-            self.state.register(WorkerId(known.address), known.name, "", now)
+        await self._restore_workers()
         if self.config.start or self._store.running:
             await self.start()
+
+    async def _restore_workers(self) -> None:
+        """Take back the workers the previous run knew, if they still answer.
+
+        One poll each, under the poll deadline: those that answer are in the view before the
+        first cycle; those that do not are forgotten (an agent that was only slow re-registers
+        by itself once it notices nobody polls it).
+        """
+        assert self._poller is not None
+        now = self._clock()
+        known = self._store.known_workers()
+        restored = [WorkerId(k.address) for k in known]
+        for worker in known:
+            self.state.register(WorkerId(worker.address), worker.name, "", now)
+        for worker in await self._poller.poll_all(restored):
+            self.state.unregister(worker)
+            self._store.forget_worker(worker)
+        if restored:
+            log.info("restored %d of %d known workers", len(self.state.worker_ids), len(restored))
 
     async def close(self) -> None:
         """Stop the loop (without changing the persisted flag) and end every stream; idempotent."""

@@ -12,6 +12,7 @@ import pytest
 from amm.serving import CHANNEL_OPTIONS
 from amm.v1 import control_pb2, control_pb2_grpc
 from amm_service.server import AmmServer
+from amm_service.state import StateStore
 from tests.conftest import amm_config
 from tests.support.agent import agents, dial, get, poll, put, running_agent
 from tests.support.waiting import wait_for
@@ -79,3 +80,18 @@ async def test_get_asks_the_amm_who_holds_a_missing_key(tmp_path: Path) -> None:
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await get(stub_b, "nobody-has-it")
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_a_restarted_amm_takes_back_live_workers_and_drops_ghosts(tmp_path: Path) -> None:
+    port = free_port()
+    # A long interval: the agent would not re-register by itself for 30 s.
+    config = amm_config(tmp_path, listen=f"127.0.0.1:{port}", interval="10s")
+    async with running_agent(amm=f"127.0.0.1:{port}") as agent:
+        async with AmmServer(config) as amm:
+            await wait_for(lambda: agent.registered, what="registration")
+        with StateStore(config.state_path) as store:
+            store.remember_worker(f"127.0.0.1:{free_port()}", "ghost")
+        async with AmmServer(config) as amm:
+            assert await listed(amm) == [(agent.address, agent.address)]
+        with StateStore(config.state_path) as store:
+            assert [w.address for w in store.known_workers()] == [agent.address]
