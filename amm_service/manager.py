@@ -125,8 +125,8 @@ class ActiveMemoryManager:
         now = self._clock()
         known = self._store.known_workers()
         restored = [WorkerId(k.address) for k in known]
-        for worker in known:
-            self.state.register(WorkerId(worker.address), worker.name, "", now)
+        for record in known:
+            self.state.register(WorkerId(record.address), record.name, "", now)
         for worker in await self._poller.poll_all(restored):
             self.state.unregister(worker)
             self._store.forget_worker(worker)
