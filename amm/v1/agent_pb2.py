@@ -27,7 +27,7 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12\x61mm/v1/agent.proto\x12\x06\x61mm.v1\x1a\x12\x61mm/v1/types.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"V\n\x0bPollRequest\x12\x15\n\rsince_version\x18\x01 \x01(\x04\x12\x13\n\x0bincarnation\x18\x02 \x01(\t\x12\x0c\n\x04\x66ull\x18\x03 \x01(\x08\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\"\xdb\x01\n\x0cPollResponse\x12\x13\n\x0bincarnation\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x0c\n\x04\x66ull\x18\x03 \x01(\x08\x12\x1d\n\x04keys\x18\x04 \x03(\x0b\x32\x0f.amm.v1.KeyInfo\x12\x0f\n\x07removed\x18\x05 \x03(\t\x12$\n\x06memory\x18\x06 \x01(\x0b\x32\x14.amm.v1.MemoryReport\x12$\n\x06status\x18\x07 \x01(\x0e\x32\x14.amm.v1.WorkerStatus\x12\x0c\n\x04name\x18\x08 \x01(\t\x12\r\n\x05\x65poch\x18\t \x01(\x04\"9\n\x11\x44irectivesRequest\x12$\n\tdirective\x18\x01 \x01(\x0b\x32\x11.amm.v1.Directive\"?\n\x12\x44irectivesResponse\x12)\n\x07outcome\x18\x01 \x01(\x0b\x32\x18.amm.v1.DirectiveOutcome\"8\n\tPutHeader\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x10\n\x08\x63hecksum\x18\x03 \x01(\t\"J\n\nPutRequest\x12#\n\x06header\x18\x01 \x01(\x0b\x32\x11.amm.v1.PutHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04item\"K\n\x0bPutResponse\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x10\n\x08\x63hecksum\x18\x03 \x01(\t\x12\x0f\n\x07\x63reated\x18\x04 \x01(\x08\"*\n\nGetRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0f\n\x07sources\x18\x02 \x03(\t\"M\n\x0bGetResponse\x12%\n\x06header\x18\x01 \x01(\x0b\x32\x13.amm.v1.ValueHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04item\"\x19\n\nPinRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\"\x1b\n\x0bPinResponse\x12\x0c\n\x04pins\x18\x01 \x01(\r\"\x1b\n\x0cUnpinRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\"\x1d\n\rUnpinResponse\x12\x0c\n\x04pins\x18\x01 \x01(\r\",\n\rDeleteRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0e\n\x06\x66orget\x18\x02 \x01(\x08\"!\n\x0e\x44\x65leteResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x08\"@\n\x0c\x46\x65tchRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x10\n\x08\x63hecksum\x18\x02 \x01(\t\x12\x11\n\trequester\x18\x03 \x01(\t\"O\n\rFetchResponse\x12%\n\x06header\x18\x01 \x01(\x0b\x32\x13.amm.v1.ValueHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04item\"\x86\x01\n\x12PromiseKeepRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x10\n\x08\x63hecksum\x18\x02 \x01(\t\x12(\n\x05lease\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x11\n\trequester\x18\x04 \x01(\t\x12\x14\n\x0c\x64irective_id\x18\x05 \x01(\t\"\x8e\x01\n\x13PromiseKeepResponse\x12\x0c\n\x04kept\x18\x01 \x01(\x08\x12%\n\x06reason\x18\x02 \x01(\x0e\x32\x15.amm.v1.RefusalReason\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x31\n\rlease_expires\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp2\x8c\x04\n\x0bWorkerAgent\x12\x31\n\x04Poll\x12\x13.amm.v1.PollRequest\x1a\x14.amm.v1.PollResponse\x12G\n\nDirectives\x12\x19.amm.v1.DirectivesRequest\x1a\x1a.amm.v1.DirectivesResponse(\x01\x30\x01\x12\x30\n\x03Put\x12\x12.amm.v1.PutRequest\x1a\x13.amm.v1.PutResponse(\x01\x12\x30\n\x03Get\x12\x12.amm.v1.GetRequest\x1a\x13.amm.v1.GetResponse0\x01\x12.\n\x03Pin\x12\x12.amm.v1.PinRequest\x1a\x13.amm.v1.PinResponse\x12\x34\n\x05Unpin\x12\x14.amm.v1.UnpinRequest\x1a\x15.amm.v1.UnpinResponse\x12\x37\n\x06\x44\x65lete\x12\x15.amm.v1.DeleteRequest\x1a\x16.amm.v1.DeleteResponse\x12\x36\n\x05\x46\x65tch\x12\x14.amm.v1.FetchRequest\x1a\x15.amm.v1.FetchResponse0\x01\x12\x46\n\x0bPromiseKeep\x12\x1a.amm.v1.PromiseKeepRequest\x1a\x1b.amm.v1.PromiseKeepResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12\x61mm/v1/agent.proto\x12\x06\x61mm.v1\x1a\x12\x61mm/v1/types.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"x\n\x0bPollRequest\x12\x15\n\rsince_version\x18\x01 \x01(\x04\x12\x13\n\x0bincarnation\x18\x02 \x01(\t\x12\x0c\n\x04\x66ull\x18\x03 \x01(\x08\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x12\x10\n\x08max_keys\x18\x05 \x01(\r\x12\x0e\n\x06\x63ursor\x18\x06 \x01(\t\"\xfe\x01\n\x0cPollResponse\x12\x13\n\x0bincarnation\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x0c\n\x04\x66ull\x18\x03 \x01(\x08\x12\x1d\n\x04keys\x18\x04 \x03(\x0b\x32\x0f.amm.v1.KeyInfo\x12\x0f\n\x07removed\x18\x05 \x03(\t\x12$\n\x06memory\x18\x06 \x01(\x0b\x32\x14.amm.v1.MemoryReport\x12$\n\x06status\x18\x07 \x01(\x0e\x32\x14.amm.v1.WorkerStatus\x12\x0c\n\x04name\x18\x08 \x01(\t\x12\r\n\x05\x65poch\x18\t \x01(\x04\x12\x13\n\x0bnext_cursor\x18\n \x01(\t\x12\x0c\n\x04more\x18\x0b \x01(\x08\"9\n\x11\x44irectivesRequest\x12$\n\tdirective\x18\x01 \x01(\x0b\x32\x11.amm.v1.Directive\"?\n\x12\x44irectivesResponse\x12)\n\x07outcome\x18\x01 \x01(\x0b\x32\x18.amm.v1.DirectiveOutcome\"8\n\tPutHeader\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x10\n\x08\x63hecksum\x18\x03 \x01(\t\"J\n\nPutRequest\x12#\n\x06header\x18\x01 \x01(\x0b\x32\x11.amm.v1.PutHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04item\"K\n\x0bPutResponse\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x10\n\x08\x63hecksum\x18\x03 \x01(\t\x12\x0f\n\x07\x63reated\x18\x04 \x01(\x08\"*\n\nGetRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0f\n\x07sources\x18\x02 \x03(\t\"M\n\x0bGetResponse\x12%\n\x06header\x18\x01 \x01(\x0b\x32\x13.amm.v1.ValueHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04item\"\x19\n\nPinRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\"\x1b\n\x0bPinResponse\x12\x0c\n\x04pins\x18\x01 \x01(\r\"\x1b\n\x0cUnpinRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\"\x1d\n\rUnpinResponse\x12\x0c\n\x04pins\x18\x01 \x01(\r\",\n\rDeleteRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0e\n\x06\x66orget\x18\x02 \x01(\x08\"!\n\x0e\x44\x65leteResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x08\"@\n\x0c\x46\x65tchRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x10\n\x08\x63hecksum\x18\x02 \x01(\t\x12\x11\n\trequester\x18\x03 \x01(\t\"O\n\rFetchResponse\x12%\n\x06header\x18\x01 \x01(\x0b\x32\x13.amm.v1.ValueHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04item\"\x86\x01\n\x12PromiseKeepRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x10\n\x08\x63hecksum\x18\x02 \x01(\t\x12(\n\x05lease\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x11\n\trequester\x18\x04 \x01(\t\x12\x14\n\x0c\x64irective_id\x18\x05 \x01(\t\"\xb8\x01\n\x13PromiseKeepResponse\x12\x0c\n\x04kept\x18\x01 \x01(\x08\x12%\n\x06reason\x18\x02 \x01(\x0e\x32\x15.amm.v1.RefusalReason\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x31\n\rlease_expires\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12(\n\x05lease\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration2\x8c\x04\n\x0bWorkerAgent\x12\x31\n\x04Poll\x12\x13.amm.v1.PollRequest\x1a\x14.amm.v1.PollResponse\x12G\n\nDirectives\x12\x19.amm.v1.DirectivesRequest\x1a\x1a.amm.v1.DirectivesResponse(\x01\x30\x01\x12\x30\n\x03Put\x12\x12.amm.v1.PutRequest\x1a\x13.amm.v1.PutResponse(\x01\x12\x30\n\x03Get\x12\x12.amm.v1.GetRequest\x1a\x13.amm.v1.GetResponse0\x01\x12.\n\x03Pin\x12\x12.amm.v1.PinRequest\x1a\x13.amm.v1.PinResponse\x12\x34\n\x05Unpin\x12\x14.amm.v1.UnpinRequest\x1a\x15.amm.v1.UnpinResponse\x12\x37\n\x06\x44\x65lete\x12\x15.amm.v1.DeleteRequest\x1a\x16.amm.v1.DeleteResponse\x12\x36\n\x05\x46\x65tch\x12\x14.amm.v1.FetchRequest\x1a\x15.amm.v1.FetchResponse0\x01\x12\x46\n\x0bPromiseKeep\x12\x1a.amm.v1.PromiseKeepRequest\x1a\x1b.amm.v1.PromiseKeepResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,43 +35,43 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'amm.v1.agent_pb2', _globals
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_POLLREQUEST']._serialized_start=115
-  _globals['_POLLREQUEST']._serialized_end=201
-  _globals['_POLLRESPONSE']._serialized_start=204
-  _globals['_POLLRESPONSE']._serialized_end=423
-  _globals['_DIRECTIVESREQUEST']._serialized_start=425
-  _globals['_DIRECTIVESREQUEST']._serialized_end=482
-  _globals['_DIRECTIVESRESPONSE']._serialized_start=484
-  _globals['_DIRECTIVESRESPONSE']._serialized_end=547
-  _globals['_PUTHEADER']._serialized_start=549
-  _globals['_PUTHEADER']._serialized_end=605
-  _globals['_PUTREQUEST']._serialized_start=607
-  _globals['_PUTREQUEST']._serialized_end=681
-  _globals['_PUTRESPONSE']._serialized_start=683
-  _globals['_PUTRESPONSE']._serialized_end=758
-  _globals['_GETREQUEST']._serialized_start=760
-  _globals['_GETREQUEST']._serialized_end=802
-  _globals['_GETRESPONSE']._serialized_start=804
-  _globals['_GETRESPONSE']._serialized_end=881
-  _globals['_PINREQUEST']._serialized_start=883
-  _globals['_PINREQUEST']._serialized_end=908
-  _globals['_PINRESPONSE']._serialized_start=910
-  _globals['_PINRESPONSE']._serialized_end=937
-  _globals['_UNPINREQUEST']._serialized_start=939
-  _globals['_UNPINREQUEST']._serialized_end=966
-  _globals['_UNPINRESPONSE']._serialized_start=968
-  _globals['_UNPINRESPONSE']._serialized_end=997
-  _globals['_DELETEREQUEST']._serialized_start=999
-  _globals['_DELETEREQUEST']._serialized_end=1043
-  _globals['_DELETERESPONSE']._serialized_start=1045
-  _globals['_DELETERESPONSE']._serialized_end=1078
-  _globals['_FETCHREQUEST']._serialized_start=1080
-  _globals['_FETCHREQUEST']._serialized_end=1144
-  _globals['_FETCHRESPONSE']._serialized_start=1146
-  _globals['_FETCHRESPONSE']._serialized_end=1225
-  _globals['_PROMISEKEEPREQUEST']._serialized_start=1228
-  _globals['_PROMISEKEEPREQUEST']._serialized_end=1362
-  _globals['_PROMISEKEEPRESPONSE']._serialized_start=1365
-  _globals['_PROMISEKEEPRESPONSE']._serialized_end=1507
-  _globals['_WORKERAGENT']._serialized_start=1510
-  _globals['_WORKERAGENT']._serialized_end=2034
+  _globals['_POLLREQUEST']._serialized_end=235
+  _globals['_POLLRESPONSE']._serialized_start=238
+  _globals['_POLLRESPONSE']._serialized_end=492
+  _globals['_DIRECTIVESREQUEST']._serialized_start=494
+  _globals['_DIRECTIVESREQUEST']._serialized_end=551
+  _globals['_DIRECTIVESRESPONSE']._serialized_start=553
+  _globals['_DIRECTIVESRESPONSE']._serialized_end=616
+  _globals['_PUTHEADER']._serialized_start=618
+  _globals['_PUTHEADER']._serialized_end=674
+  _globals['_PUTREQUEST']._serialized_start=676
+  _globals['_PUTREQUEST']._serialized_end=750
+  _globals['_PUTRESPONSE']._serialized_start=752
+  _globals['_PUTRESPONSE']._serialized_end=827
+  _globals['_GETREQUEST']._serialized_start=829
+  _globals['_GETREQUEST']._serialized_end=871
+  _globals['_GETRESPONSE']._serialized_start=873
+  _globals['_GETRESPONSE']._serialized_end=950
+  _globals['_PINREQUEST']._serialized_start=952
+  _globals['_PINREQUEST']._serialized_end=977
+  _globals['_PINRESPONSE']._serialized_start=979
+  _globals['_PINRESPONSE']._serialized_end=1006
+  _globals['_UNPINREQUEST']._serialized_start=1008
+  _globals['_UNPINREQUEST']._serialized_end=1035
+  _globals['_UNPINRESPONSE']._serialized_start=1037
+  _globals['_UNPINRESPONSE']._serialized_end=1066
+  _globals['_DELETEREQUEST']._serialized_start=1068
+  _globals['_DELETEREQUEST']._serialized_end=1112
+  _globals['_DELETERESPONSE']._serialized_start=1114
+  _globals['_DELETERESPONSE']._serialized_end=1147
+  _globals['_FETCHREQUEST']._serialized_start=1149
+  _globals['_FETCHREQUEST']._serialized_end=1213
+  _globals['_FETCHRESPONSE']._serialized_start=1215
+  _globals['_FETCHRESPONSE']._serialized_end=1294
+  _globals['_PROMISEKEEPREQUEST']._serialized_start=1297
+  _globals['_PROMISEKEEPREQUEST']._serialized_end=1431
+  _globals['_PROMISEKEEPRESPONSE']._serialized_start=1434
+  _globals['_PROMISEKEEPRESPONSE']._serialized_end=1618
+  _globals['_WORKERAGENT']._serialized_start=1621
+  _globals['_WORKERAGENT']._serialized_end=2145
 # @@protoc_insertion_point(module_scope)

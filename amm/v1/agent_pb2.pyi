@@ -33,6 +33,8 @@ class PollRequest(_message.Message):
     INCARNATION_FIELD_NUMBER: _builtins.int
     FULL_FIELD_NUMBER: _builtins.int
     EPOCH_FIELD_NUMBER: _builtins.int
+    MAX_KEYS_FIELD_NUMBER: _builtins.int
+    CURSOR_FIELD_NUMBER: _builtins.int
     since_version: _builtins.int
     """The inventory version the caller last saw; 0 asks for everything."""
     incarnation: _builtins.str
@@ -41,6 +43,14 @@ class PollRequest(_message.Message):
     """Ask for a full snapshot regardless of since_version."""
     epoch: _builtins.int
     """The caller's AMM epoch; the agent remembers the newest epoch it has seen."""
+    max_keys: _builtins.int
+    """At most this many keys (changed plus removed) in the response; 0 means the agent's default.
+    Larger inventories arrive over several polls (see PollResponse.more and next_cursor).
+    """
+    cursor: _builtins.str
+    """Continue a full snapshot after this key, as returned in PollResponse.next_cursor; when set,
+    since_version and full are ignored.
+    """
     def __init__(
         self,
         *,
@@ -48,10 +58,12 @@ class PollRequest(_message.Message):
         incarnation: _builtins.str = ...,
         full: _builtins.bool = ...,
         epoch: _builtins.int = ...,
+        max_keys: _builtins.int = ...,
+        cursor: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "full", b"full", "incarnation", b"incarnation", "since_version", b"since_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor", "epoch", b"epoch", "full", b"full", "incarnation", b"incarnation", "max_keys", b"max_keys", "since_version", b"since_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -72,6 +84,8 @@ class PollResponse(_message.Message):
     STATUS_FIELD_NUMBER: _builtins.int
     NAME_FIELD_NUMBER: _builtins.int
     EPOCH_FIELD_NUMBER: _builtins.int
+    NEXT_CURSOR_FIELD_NUMBER: _builtins.int
+    MORE_FIELD_NUMBER: _builtins.int
     incarnation: _builtins.str
     """Random id of this agent process; it changes when the agent restarts."""
     version: _builtins.int
@@ -84,6 +98,15 @@ class PollResponse(_message.Message):
     """The worker's name."""
     epoch: _builtins.int
     """The newest AMM epoch this agent has seen."""
+    next_cursor: _builtins.str
+    """Set when a full snapshot continues: poll again with this cursor. Every page of a snapshot
+    carries the version the snapshot started at; once the last page is in, poll incrementally
+    since that version to catch what changed while paging.
+    """
+    more: _builtins.bool
+    """Set when an incremental answer stopped at max_keys: more changes follow `version`; poll again
+    since `version`.
+    """
     @_builtins.property
     def keys(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.KeyInfo]:
         """Keys added or changed (for example pinned or unpinned) since since_version, or all keys when full."""
@@ -108,10 +131,12 @@ class PollResponse(_message.Message):
         status: _types_pb2.WorkerStatus.ValueType = ...,
         name: _builtins.str = ...,
         epoch: _builtins.int = ...,
+        next_cursor: _builtins.str = ...,
+        more: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["memory", b"memory"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "full", b"full", "incarnation", b"incarnation", "keys", b"keys", "memory", b"memory", "name", b"name", "removed", b"removed", "status", b"status", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "full", b"full", "incarnation", b"incarnation", "keys", b"keys", "memory", b"memory", "more", b"more", "name", b"name", "next_cursor", b"next_cursor", "removed", b"removed", "status", b"status", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -565,6 +590,7 @@ class PromiseKeepResponse(_message.Message):
     REASON_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
     LEASE_EXPIRES_FIELD_NUMBER: _builtins.int
+    LEASE_FIELD_NUMBER: _builtins.int
     kept: _builtins.bool
     """True when this agent holds a verified copy and will not drop or delete it before lease_expires."""
     reason: _types_pb2.RefusalReason.ValueType
@@ -573,7 +599,13 @@ class PromiseKeepResponse(_message.Message):
     """Human-readable detail."""
     @_builtins.property
     def lease_expires(self) -> _timestamp_pb2.Timestamp:
-        """When the promise ends."""
+        """When the promise ends, by this agent's clock (for people; peers use `lease`)."""
+
+    @_builtins.property
+    def lease(self) -> _duration_pb2.Duration:
+        """The lease granted, which may be shorter than the one asked for. The requester may rely on the
+        promise only for a fraction of it, counted from when it sent the request.
+        """
 
     def __init__(
         self,
@@ -582,10 +614,11 @@ class PromiseKeepResponse(_message.Message):
         reason: _types_pb2.RefusalReason.ValueType = ...,
         message: _builtins.str = ...,
         lease_expires: _timestamp_pb2.Timestamp | None = ...,
+        lease: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["lease_expires", b"lease_expires"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["lease", b"lease", "lease_expires", b"lease_expires"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["kept", b"kept", "lease_expires", b"lease_expires", "message", b"message", "reason", b"reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kept", b"kept", "lease", b"lease", "lease_expires", b"lease_expires", "message", b"message", "reason", b"reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

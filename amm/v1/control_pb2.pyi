@@ -394,22 +394,28 @@ class RegisterWorkerRequest(_message.Message):
     ADDRESS_FIELD_NUMBER: _builtins.int
     NAME_FIELD_NUMBER: _builtins.int
     INCARNATION_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
     address: _builtins.str
     """The address the AMM and peers dial to reach the agent (host:port)."""
     name: _builtins.str
     """A human-readable name; defaults to the address."""
     incarnation: _builtins.str
-    """The agent's process id incarnation (see PollResponse.incarnation)."""
+    """The agent's incarnation, a random id per process start (see PollResponse.incarnation)."""
+    epoch: _builtins.int
+    """The newest AMM epoch the agent has seen. An AMM that has not run a cycle yet and sees a newer
+    epoch moves its own epoch past it: the most recently started AMM is the one in charge.
+    """
     def __init__(
         self,
         *,
         address: _builtins.str = ...,
         name: _builtins.str = ...,
         incarnation: _builtins.str = ...,
+        epoch: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "incarnation", b"incarnation", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "epoch", b"epoch", "incarnation", b"incarnation", "name", b"name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -523,6 +529,7 @@ class WorkerInfo(_message.Message):
     KEY_COUNT_FIELD_NUMBER: _builtins.int
     LAST_POLL_FIELD_NUMBER: _builtins.int
     REGISTERED_AT_FIELD_NUMBER: _builtins.int
+    MISSED_POLLS_FIELD_NUMBER: _builtins.int
     address: _builtins.str
     """The worker's address."""
     name: _builtins.str
@@ -533,6 +540,8 @@ class WorkerInfo(_message.Message):
     """Its memory by the configured measure, in bytes."""
     key_count: _builtins.int
     """How many keys it holds."""
+    missed_polls: _builtins.int
+    """Polls in a row that it did not answer; its replicas are not counted as durable meanwhile."""
     @_builtins.property
     def memory(self) -> _types_pb2.MemoryReport:
         """Its memory report."""
@@ -556,10 +565,11 @@ class WorkerInfo(_message.Message):
         key_count: _builtins.int = ...,
         last_poll: _timestamp_pb2.Timestamp | None = ...,
         registered_at: _timestamp_pb2.Timestamp | None = ...,
+        missed_polls: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["last_poll", b"last_poll", "memory", b"memory", "registered_at", b"registered_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "key_count", b"key_count", "last_poll", b"last_poll", "memory", b"memory", "memory_bytes", b"memory_bytes", "name", b"name", "registered_at", b"registered_at", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "key_count", b"key_count", "last_poll", b"last_poll", "memory", b"memory", "memory_bytes", b"memory_bytes", "missed_polls", b"missed_polls", "name", b"name", "registered_at", b"registered_at", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
