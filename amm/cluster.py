@@ -254,13 +254,19 @@ class LocalCluster:
         return LocalProcess(name, argv, prefix, self._env, self._echo)
 
     def _start_agents(self, n: int, deadline: float) -> list[str]:
+        """Spawn ``n`` agents and wait until the AMM lists them.
+
+        Each agent joins ``self._agents`` as soon as it is spawned, so that an interrupt or a
+        failed spawn further on leaves it to ``stop()`` rather than running on in its session.
+        """
         started = []
         for _ in range(n):
             name = f"worker-{self._count}"
             self._count += 1
             args = ["--amm", self.address, "--listen", "127.0.0.1:0", "--name", name]
-            started.append(self._spawn(name, AGENT_MODULE, [*args, *self._agent_args]))
-        self._agents.extend(started)
+            agent = self._spawn(name, AGENT_MODULE, [*args, *self._agent_args])
+            self._agents.append(agent)
+            started.append(agent)
         addresses = [agent.wait_ready(deadline) for agent in started]
         self.wait_for_workers(addresses, deadline - time.monotonic())
         return addresses

@@ -1,7 +1,9 @@
-"""``LocalProcess``, the child-process handling under ``LocalCluster``, with stand-in scripts.
+"""``LocalProcess`` and ``LocalCluster``'s start and stop paths, against real child processes.
 
-The scripts print ready lines, die or hang the way a broken service or agent could, so the
-start-up failure modes are covered whatever state the real service and agent are in.
+Stand-in scripts print ready lines, die or hang the way a broken service or agent could, so the
+start-up failure modes are covered whatever state the real service and agent are in. Where the
+point is that nothing is left running after a failure, the real service and agents are started
+and a subclass makes the failure happen at a chosen spawn.
 """
 
 from __future__ import annotations
@@ -11,10 +13,12 @@ import signal
 import sys
 import textwrap
 import time
+from collections.abc import Sequence
+from typing import Any
 
 import pytest
 
-from amm.cluster import AGENT_READY, ClusterError, LocalProcess
+from amm.cluster import AGENT_MODULE, AGENT_READY, ClusterError, LocalCluster, LocalProcess
 
 
 def _process(script: str, name: str = "stand-in") -> LocalProcess:
@@ -73,3 +77,42 @@ def test_wait_kills_a_process_that_ignores_sigterm() -> None:
     process.wait_ready(time.monotonic() + 10)
     process.signal(signal.SIGTERM)
     assert process.wait(0.3) == -signal.SIGKILL
+
+
+class _FailingCluster(LocalCluster):
+    """Raises ``failure`` instead of spawning its third agent; records what it did spawn."""
+
+    def __init__(self, failure: BaseException, spawned: list[LocalProcess], **kwargs: Any) -> None:
+        self._failure = failure
+        self._spawned = spawned
+        super().__init__(4, **kwargs)
+
+    def _spawn(self, name: str, module: str, args: Sequence[str]) -> LocalProcess:
+        if module == AGENT_MODULE and len(self._spawned) == 3:
+            raise self._failure
+        process = super()._spawn(name, module, args)
+        self._spawned.append(process)
+        return process
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [KeyboardInterrupt(), OSError(24, "Too many open files")],
+    ids=["interrupt", "popen-fails"],
+)
+def test_failure_while_spawning_agents_stops_those_already_started(
+    failure: BaseException,
+) -> None:
+    spawned: list[LocalProcess] = []
+    try:
+        with pytest.raises(type(failure)):
+            _FailingCluster(failure, spawned)
+        assert [p.name for p in spawned] == ["amm-service", "worker-0", "worker-1"]
+        assert {p.name: p.popen.poll() is not None for p in spawned} == {
+            "amm-service": True,
+            "worker-0": True,
+            "worker-1": True,
+        }
+    finally:
+        for process in spawned:
+            process.kill()
