@@ -84,6 +84,7 @@ class LocalProcess:
         self._settled = threading.Event()
         self._stdout: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
         self._stderr: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+        self._readers: list[threading.Thread] = []
         self.popen = subprocess.Popen(
             argv,
             stdin=subprocess.DEVNULL,
@@ -95,22 +96,31 @@ class LocalProcess:
             bufsize=1,
             start_new_session=True,
         )
-        self._readers = [
-            threading.Thread(
+        try:
+            self._start_readers()
+        except BaseException:
+            # Nobody knows this child yet (an interrupt, or no thread to be had), and in its own
+            # session it would outlive us: end it here. Pipes without a reader are closed here.
+            self.kill()
+            for stream in (self.popen.stdout, self.popen.stderr)[len(self._readers) :]:
+                if stream is not None:
+                    stream.close()
+            raise
+
+    def _start_readers(self) -> None:
+        """One thread per pipe, stdout first; ``self._readers`` lists those started."""
+        for stream, tail, is_stdout in (
+            (self.popen.stdout, self._stdout, True),
+            (self.popen.stderr, self._stderr, False),
+        ):
+            reader = threading.Thread(
                 target=self._drain,
-                args=(self.popen.stdout, self._stdout, True),
-                name=f"{name}-stdout",
+                args=(stream, tail, is_stdout),
+                name=f"{self.name}-{'stdout' if is_stdout else 'stderr'}",
                 daemon=True,
-            ),
-            threading.Thread(
-                target=self._drain,
-                args=(self.popen.stderr, self._stderr, False),
-                name=f"{name}-stderr",
-                daemon=True,
-            ),
-        ]
-        for reader in self._readers:
+            )
             reader.start()
+            self._readers.append(reader)
 
     @property
     def address(self) -> str:

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import textwrap
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
@@ -77,6 +78,33 @@ def test_wait_kills_a_process_that_ignores_sigterm() -> None:
     process.wait_ready(time.monotonic() + 10)
     process.signal(signal.SIGTERM)
     assert process.wait(0.3) == -signal.SIGKILL
+
+
+class _NoReaders(LocalProcess):
+    """Interrupted right after its child is spawned, before its pipe readers start."""
+
+    popens: ClassVar[list[subprocess.Popen[str]]] = []
+
+    def _start_readers(self) -> None:
+        self.popens.append(self.popen)
+        raise KeyboardInterrupt
+
+
+def test_interrupt_right_after_spawn_kills_the_child() -> None:
+    argv = [sys.executable, "-c", "import time; time.sleep(60)"]
+    with pytest.raises(KeyboardInterrupt):
+        _NoReaders("stand-in", argv, AGENT_READY, dict(os.environ), echo=None)
+    (popen,) = _NoReaders.popens
+    try:
+        assert popen.poll() == -signal.SIGKILL
+        assert popen.stdout is not None
+        assert popen.stdout.closed
+        assert popen.stderr is not None
+        assert popen.stderr.closed
+    finally:
+        if popen.poll() is None:
+            popen.kill()
+            popen.communicate()
 
 
 class _FailingCluster(LocalCluster):
