@@ -16,8 +16,11 @@ stream are kept for error messages. Failure modes handled while starting:
    are listed, against the same deadline.
 
 Stopping sends SIGTERM to the agents first (so they unregister while the AMM still listens), then
-to the AMM, and SIGKILLs whatever outlives the deadline. Children get their own session, so a
-terminal's Ctrl-C reaches only the owner, which then stops them in that order.
+to the AMM, and SIGKILLs whatever outlives the deadline, or whatever is left if the stop itself is
+interrupted. Children get their own session, so a terminal's Ctrl-C reaches only the owner, which
+then stops them in that order. Since nothing else would ever stop them, each child is registered
+for stopping the moment it is spawned: an interrupt or a failure at any point of the start stops
+the children already running.
 """
 
 from __future__ import annotations
@@ -194,8 +197,20 @@ def _stop_all(processes: list[LocalProcess], timeout: float) -> None:
 
 
 def _stop_cluster(agents: list[LocalProcess], service: list[LocalProcess], timeout: float) -> None:
-    _stop_all(agents, timeout)
-    _stop_all(service, timeout)
+    """Agents first, then the AMM; anything that interrupts the waits kills what is left.
+
+    ``stop()`` runs once, so a second Ctrl-C while it waits would otherwise leave the AMM (and
+    any agent not yet signalled) running in its own session, beyond anyone's reach.
+    """
+    try:
+        _stop_all(agents, timeout)
+        _stop_all(service, timeout)
+    except BaseException:
+        for process in [*agents, *service]:
+            process.signal(signal.SIGKILL)
+        for process in [*agents, *service]:
+            process.popen.wait()
+        raise
 
 
 class LocalCluster:

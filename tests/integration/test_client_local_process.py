@@ -8,18 +8,28 @@ and a subclass makes the failure happen at a chosen spawn.
 
 from __future__ import annotations
 
+import _thread
+import io
 import os
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import pytest
 
-from amm.cluster import AGENT_MODULE, AGENT_READY, ClusterError, LocalCluster, LocalProcess
+from amm.cluster import (
+    AGENT_MODULE,
+    AGENT_READY,
+    SERVICE_READY,
+    ClusterError,
+    LocalCluster,
+    LocalProcess,
+)
 
 
 def _process(script: str, name: str = "stand-in") -> LocalProcess:
@@ -144,3 +154,52 @@ def test_failure_while_spawning_agents_stops_those_already_started(
     finally:
         for process in spawned:
             process.kill()
+
+
+class _Lines(io.StringIO):
+    """An ``echo`` that sets ``seen`` once a line containing ``marker`` is written."""
+
+    def __init__(self, marker: str) -> None:
+        super().__init__()
+        self.marker = marker
+        self.seen = threading.Event()
+
+    def write(self, text: str) -> int:
+        if self.marker in text:
+            self.seen.set()
+        return super().write(text)
+
+
+class _StubbornService(LocalCluster):
+    """A stand-in service that ignores SIGTERM (it says so) until SIGKILLed."""
+
+    def _spawn(self, name: str, module: str, args: Sequence[str]) -> LocalProcess:
+        script = """
+            import signal, time
+            signal.signal(signal.SIGTERM, lambda *_: print("ignoring SIGTERM", flush=True))
+            print("amm-service ready address=127.0.0.1:1 epoch=1", flush=True)
+            while True:
+                time.sleep(1)
+            """
+        argv = [sys.executable, "-c", textwrap.dedent(script)]
+        return LocalProcess(name, argv, SERVICE_READY, dict(os.environ), self._echo)
+
+
+def test_interrupt_while_stopping_kills_what_is_left() -> None:
+    echo = _Lines("ignoring SIGTERM")
+    cluster = _StubbornService(0, stop_timeout=30, echo=echo)
+    (service,) = cluster._service
+
+    def interrupt_once_stopping() -> None:
+        if echo.seen.wait(10):
+            _thread.interrupt_main()
+
+    interrupter = threading.Thread(target=interrupt_once_stopping)
+    interrupter.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            cluster.stop()
+        assert cluster.exited() == {"amm-service": -signal.SIGKILL}
+    finally:
+        interrupter.join()
+        service.kill()
