@@ -22,10 +22,13 @@ class AgentLinks:
     def __init__(self) -> None:
         self._channels: dict[WorkerId, grpc.aio.Channel] = {}
         self._stubs: dict[WorkerId, agent_pb2_grpc.WorkerAgentAsyncStub] = {}
+        self._closed = False
 
     def stub(self, worker: WorkerId) -> agent_pb2_grpc.WorkerAgentAsyncStub:
         stub = self._stubs.get(worker)
         if stub is None:
+            if self._closed:
+                raise RuntimeError("the AMM's agent links are closed")
             channel = grpc.aio.insecure_channel(worker, options=CHANNEL_OPTIONS)
             self._channels[worker] = channel
             stub = self._stubs[worker] = agent_pb2_grpc.WorkerAgentStub(channel)
@@ -39,5 +42,6 @@ class AgentLinks:
                 await channel.close(grace=None)
 
     async def close_all(self) -> None:
+        self._closed = True
         for worker in list(self._channels):
             await self.close(worker)

@@ -90,7 +90,10 @@ class ControlServicer(control_pb2_grpc.ActiveMemoryManagerServicer):
     async def RunOnce(
         self, request: control_pb2.RunOnceRequest, context: Any
     ) -> control_pb2.RunOnceResponse:
-        record = await self._amm.run_cycle(wait=request.wait)
+        remaining = context.time_remaining()
+        # Answer before the caller's deadline, with whatever outcomes are in by then.
+        limit = None if remaining is None else max(0.0, remaining * 0.9 - 0.1)
+        record = await self._amm.run_cycle(wait=request.wait, wait_limit=limit)
         return control_pb2.RunOnceResponse(cycle=cycle_to_pb(record))
 
     @_edge
@@ -143,7 +146,7 @@ class ControlServicer(control_pb2_grpc.ActiveMemoryManagerServicer):
     async def RegisterWorker(
         self, request: control_pb2.RegisterWorkerRequest, context: Any
     ) -> control_pb2.RegisterWorkerResponse:
-        await self._amm.register(request.address, request.name, request.incarnation)
+        await self._amm.register(request.address, request.name, request.incarnation, request.epoch)
         return control_pb2.RegisterWorkerResponse(
             epoch=self._amm.epoch, interval=wire.duration(self._amm.config.interval)
         )
@@ -200,6 +203,7 @@ def worker_to_pb(w: WorkerView, measure: Measure) -> control_pb2.WorkerInfo:
         memory_bytes=w.memory.by(measure),
         key_count=w.nkeys,
         registered_at=wire.timestamp(w.registered_at),
+        missed_polls=w.missed_polls,
     )
     if w.last_poll is not None:
         info.last_poll.CopyFrom(wire.timestamp(w.last_poll))

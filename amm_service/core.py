@@ -10,7 +10,11 @@ Dask's AMM does, with what Dask left out added:
   this one, and not counting copies on CLOSING workers as replicas that survive;
 - ``candidates`` restricts the choice (None: anywhere; an empty set: nowhere);
 - each choice adjusts the estimated memory of the worker concerned, so later suggestions in the
-  same cycle spread out instead of piling onto one worker;
+  same cycle spread out instead of piling onto one worker; directives still in flight from
+  earlier cycles are counted the same way; room under a memory limit is only freed by drops a
+  poll has shown, never by planned ones;
+- a worker that missed its last poll is neither a recipient nor a source, and its copies do not
+  count as replicas that survive; a key whose holders hold different content is left alone;
 - a rejected suggestion is recorded with its reason; a policy that raises is reported, not fatal.
 
 Pure: no I/O and no clock. The caller supplies directive ids and what is in flight.
@@ -18,21 +22,24 @@ Pure: no I/O and no clock. The caller supplies directive ids and what is in flig
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 from amm_service.directive import Directive, Op
 from amm_service.pending import InFlight
 from amm_service.policies.base import PendingView, Policy, Suggestion
-from amm_service.view import ClusterView, Key, KeyView, Measure, WorkerId, WorkerStatus
+from amm_service.view import ClusterView, Key, KeyView, Measure, WorkerId
 
 
 @dataclass(frozen=True, slots=True)
 class PlanConfig:
-    """What a plan depends on besides the view: the memory measure and the AMM's epoch."""
+    """What a plan depends on besides the view: the memory measure, the AMM's epoch, and how
+    many suggestions one policy may make in a cycle before it is stopped as runaway."""
 
     measure: Measure
     epoch: int
+    max_suggestions: int = 1_000_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +60,12 @@ class Plan:
     rejections: tuple[Rejection, ...]
     suggestions: int
     policy_errors: tuple[str, ...] = ()
+
+
+class InFlightSource(PendingView, Protocol):
+    """What is in flight from earlier cycles (the ledger)."""
+
+    def directives(self) -> Iterator[Directive]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,18 +99,30 @@ class _CyclePending:
 class _Decider:
     """Chooses workers for one cycle; holds the cycle's memory estimates and pending picks."""
 
-    def __init__(self, view: ClusterView, earlier: PendingView, measure: Measure) -> None:
+    def __init__(self, view: ClusterView, earlier: InFlightSource, measure: Measure) -> None:
+        workers = view.workers
         self.view = view
         self.pending = _CyclePending(earlier)
-        self.memory = {w: ws.memory.by(measure) for w, ws in view.workers.items()}
-        self.managed = {w: ws.memory.managed for w, ws in view.workers.items()}
-        self.running = frozenset(w for w, ws in view.workers.items() if ws.accepts_replicas)
-        self.closing = frozenset(
-            w for w, ws in view.workers.items() if ws.status is WorkerStatus.CLOSING
-        )
-        self.rank = {
-            w: 0 if ws.status is WorkerStatus.RUNNING else 1 for w, ws in view.workers.items()
-        }
+        self.memory = {w: ws.memory.by(measure) for w, ws in workers.items()}
+        self.managed = {w: ws.memory.managed for w, ws in workers.items()}
+        self.running = frozenset(w for w, ws in workers.items() if ws.accepts_replicas)
+        self.fragile = frozenset(w for w, ws in workers.items() if not ws.durable)
+        self.unreachable = frozenset(w for w, ws in workers.items() if not ws.reachable)
+        self.rank = {w: 0 if ws.accepts_replicas else 1 for w, ws in workers.items()}
+        for directive in earlier.directives():
+            self._count_in_flight(directive)
+
+    def _count_in_flight(self, d: Directive) -> None:
+        """Account for a directive of an earlier cycle whose effect no poll has shown yet."""
+        kv = self.view.keys.get(d.key)
+        if d.worker not in self.memory:
+            return
+        holds = kv is not None and d.worker in kv.holders
+        if d.op is Op.REPLICATE and not holds:
+            self.memory[d.worker] += d.size
+            self.managed[d.worker] += d.size
+        elif d.op is Op.DROP and holds:
+            self.memory[d.worker] -= d.size
 
     def recipient(self, kv: KeyView, candidates: frozenset[WorkerId] | None) -> WorkerId | _No:
         """The worker to replicate onto, or the reason there is none."""
@@ -113,7 +138,7 @@ class _Decider:
     def sources(self, kv: KeyView) -> tuple[WorkerId, ...]:
         """Holders to fetch from, most dependable and least loaded first."""
         dropping = self.pending.in_flight(kv.key).dropping
-        usable = [w for w in kv.holders if w in self.view.workers and w not in dropping]
+        usable = [w for w in kv.holders - self.fragile - dropping if w in self.view.workers]
         return tuple(sorted(usable, key=self._preference))
 
     def dropper(
@@ -122,12 +147,13 @@ class _Decider:
         """The holder to drop from with the other holders, most dependable first, or the reason
         there is none."""
         remaining = kv.holders - self.pending.in_flight(kv.key).dropping
-        durable = remaining - self.closing
+        durable = remaining - self.fragile
         if len(remaining) < 2 or not durable:
             return _No("last replica")
         pool = remaining if candidates is None else candidates & remaining
+        pool = pool - self.unreachable  # a directive it cannot hear is no use
         if not pool:
-            return _No("no candidate holds the key (or all are already dropping it)")
+            return _No("no reachable candidate holds the key (or all are already dropping it)")
         pool = pool - kv.pinned_on
         if not pool:
             return _No("pinned on every candidate")
@@ -142,9 +168,11 @@ class _Decider:
 
     def commit(self, op: Op, kv: KeyView, worker: WorkerId) -> None:
         self.pending.add(op, kv.key, worker)
-        delta = kv.size if op is Op.REPLICATE else -kv.size
-        self.memory[worker] += delta
-        self.managed[worker] += delta
+        if op is Op.REPLICATE:
+            self.memory[worker] += kv.size
+            self.managed[worker] += kv.size
+        else:
+            self.memory[worker] -= kv.size
 
     def _has_room(self, worker: WorkerId, size: int) -> bool:
         limit = self.view.workers[worker].memory.limit
@@ -157,7 +185,7 @@ class _Decider:
 def plan(
     view: ClusterView,
     policies: Iterable[Policy],
-    in_flight: PendingView,
+    in_flight: InFlightSource,
     config: PlanConfig,
     new_id: Callable[[], str],
 ) -> Plan:
@@ -175,6 +203,8 @@ def plan(
         holders: tuple[WorkerId, ...] = ()
         if kv is None:
             choice = _No("unknown key")
+        elif kv.conflicting:
+            choice = _No(f"conflicting content on {', '.join(sorted(kv.conflicting))}")
         elif suggestion.op is Op.REPLICATE:
             choice = decider.recipient(kv, suggestion.candidates)
             sources = decider.sources(kv)
@@ -207,13 +237,19 @@ def plan(
 
     for policy in policies:
         run = policy.run(view, decider.pending, config.measure)
+        made = 0
         try:
             suggestion = next(run)
-            while True:
-                count += 1
+            while made < config.max_suggestions:
+                made += 1
                 suggestion = run.send(decide(policy.name, suggestion))
+            run.close()
+            errors.append(
+                f"policy {policy.name} stopped after {made} suggestions in one cycle (runaway?)"
+            )
         except StopIteration:
             pass
         except Exception as err:  # a third-party policy's bug must not stop the others
             errors.append(f"policy {policy.name} failed: {type(err).__name__}: {err}")
+        count += made
     return Plan(tuple(directives), tuple(rejections), count, tuple(errors))

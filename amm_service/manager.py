@@ -28,8 +28,8 @@ from amm_service.config import AmmConfig
 from amm_service.cycle import CycleRecord
 from amm_service.directive import Directive, Outcome, OutcomeStatus
 from amm_service.dispatcher import Dispatcher
-from amm_service.errors import FailedPrecondition, InvalidArgument, NotFound, listing
-from amm_service.pending import Ledger
+from amm_service.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable, listing
+from amm_service.pending import Entry, Ledger
 from amm_service.policies import Policy
 from amm_service.poller import Poller
 from amm_service.state import StateStore
@@ -72,21 +72,33 @@ class ActiveMemoryManager:
         store: StateStore,
         *,
         clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config
         self.policies = tuple(policies)
         self._store = store
         self._clock = clock
+        self._monotonic = monotonic
         self.epoch = 0
         self.state = ClusterState()
         self.ledger = Ledger()
         self._links = AgentLinks()
         self._dispatcher = Dispatcher(self._links, self._on_outcome)
-        self._poller: Poller | None = None
+        self._poller = Poller(
+            self.state,
+            self._links,
+            epoch=0,
+            timeout=config.poll_timeout,
+            on_version=self.ledger.observe,
+            on_restart=self._forget_in_flight,
+            clock=clock,
+        )
         self._ids = itertools.count(1)
         self._cycle_lock = asyncio.Lock()
         self._loop_task: asyncio.Task[None] | None = None
         self._cycles = 0
+        self._acted = False
+        self._fenced_warned = False
         self._last: CycleRecord | None = None
         self._records: deque[CycleRecord] = deque(maxlen=4)
         self._waiters: dict[str, asyncio.Future[None]] = {}
@@ -97,19 +109,18 @@ class ActiveMemoryManager:
     # -- lifecycle -------------------------------------------------------------------------
 
     async def open(self) -> None:
-        """Begin a new epoch, remember known workers, resume cycling if we were running."""
+        """Begin a new epoch, take back known workers, resume cycling if we were running."""
         if self._opened:
             return
         self._opened = True
-        self.epoch = self._store.begin_epoch()
-        self._poller = Poller(
-            self.state,
-            self.ledger,
-            self._links,
-            epoch=self.epoch,
-            timeout=self.config.poll_timeout,
-            clock=self._clock,
-        )
+        self._set_epoch(self._store.begin_epoch())
+        if self.config.directive_timeout < 2 * self.config.interval:
+            log.warning(
+                "directive-timeout (%.1f s) is under two intervals (%.1f s): directives may be "
+                "forgotten before their effect can show",
+                self.config.directive_timeout,
+                2 * self.config.interval,
+            )
         await self._restore_workers()
         if self.config.start or self._store.running:
             await self.start()
@@ -121,17 +132,45 @@ class ActiveMemoryManager:
         first cycle; those that do not are forgotten (an agent that was only slow re-registers
         by itself once it notices nobody polls it).
         """
-        assert self._poller is not None
         now = self._clock()
         known = self._store.known_workers()
-        restored = [WorkerId(k.address) for k in known]
         for record in known:
             self.state.register(WorkerId(record.address), record.name, "", now)
-        for worker in await self._poller.poll_all(restored):
-            self.state.unregister(worker)
-            self._store.forget_worker(worker)
-        if restored:
-            log.info("restored %d of %d known workers", len(self.state.worker_ids), len(restored))
+        for worker in await self._poller.poll_all([WorkerId(k.address) for k in known]):
+            await self._remove(worker)
+        if known:
+            log.info("took back %d of %d known workers", len(self.state.worker_ids), len(known))
+        self._adopt_newer_epoch(self._poller.newest_agent_epoch)
+
+    def _set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self._poller.epoch = epoch
+
+    def _adopt_newer_epoch(self, seen: int) -> None:
+        """Move past an epoch our own agents have seen, as long as we have not acted yet.
+
+        Called with what the agents we restored at start-up, or that register with us, report.
+        A fresh AMM (new, or with a reset state file) whose agents saw a newer epoch would
+        otherwise have every directive refused forever. Before it has sent anything, moving
+        past that epoch is safe: the most recently started AMM is the one in charge. Epochs
+        merely seen in polls never move ours: an AMM that is polling agents registered with
+        another one must stay fenced.
+        """
+        if seen <= self.epoch or self._acted:
+            return
+        self._set_epoch(self._store.raise_epoch(seen))
+        log.warning("agents had seen AMM epoch %d: this AMM now runs as epoch %d", seen, self.epoch)
+
+    def _warn_if_fenced(self) -> None:
+        seen = self._poller.newest_agent_epoch
+        if seen > self.epoch and not self._fenced_warned:
+            self._fenced_warned = True
+            log.warning(
+                "agents have seen AMM epoch %d, newer than ours (%d): another AMM is in charge "
+                "and agents refuse our directives",
+                seen,
+                self.epoch,
+            )
 
     async def close(self) -> None:
         """Stop the loop (without changing the persisted flag) and end every stream; idempotent."""
@@ -139,21 +178,28 @@ class ActiveMemoryManager:
             return
         self._closed = True
         await self._stop_loop()
-        for waiter in self._waiters.values():
-            waiter.cancel()
+        self._release_waiters(list(self._waiters))
         await self._dispatcher.close()
         await self._links.close_all()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise Unavailable("the AMM is shutting down")
+        if not self._opened:
+            raise Unavailable("the AMM is starting")
 
     @property
     def running(self) -> bool:
         return self._loop_task is not None and not self._loop_task.done()
 
     async def start(self) -> None:
+        self._check_open()
         self._store.set_running(True)
         if not self.running:
             self._loop_task = asyncio.create_task(self._loop(), name="amm-cycle-loop")
 
     async def stop(self) -> None:
+        self._check_open()
         self._store.set_running(False)
         await self._stop_loop()
 
@@ -167,34 +213,41 @@ class ActiveMemoryManager:
     async def _loop(self) -> None:
         interval = self.config.interval
         while True:
-            started = time.monotonic()
+            started = self._monotonic()
             try:
                 await self.run_cycle()
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("AMM cycle failed; the next one runs as usual")
-            await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))
+            await asyncio.sleep(max(0.0, interval - (self._monotonic() - started)))
 
     # -- cycles ----------------------------------------------------------------------------
 
-    async def run_cycle(self, *, wait: bool = False) -> CycleRecord:
-        """Run one cycle; with ``wait``, return once its directives have outcomes or timed out."""
+    async def run_cycle(
+        self, *, wait: bool = False, wait_limit: float | None = None
+    ) -> CycleRecord:
+        """Run one cycle; with ``wait``, return once its directives have outcomes, or after
+        ``wait_limit`` seconds (at most the directive timeout)."""
+        self._check_open()
         async with self._cycle_lock:
-            record = await self._cycle()
-        if wait and record.directives:
-            pending = [self._waiters[i] for i in record.directives if i in self._waiters]
-            if pending:
-                await asyncio.wait(pending, timeout=self.config.directive_timeout)
+            record = await self._cycle(wait)
+        waiters = [self._waiters[i] for i in record.directives if i in self._waiters]
+        if waiters:
+            limit = self.config.directive_timeout
+            if wait_limit is not None:
+                limit = max(0.0, min(limit, wait_limit))
+            await asyncio.wait(waiters, timeout=limit)
+            self._release_waiters(list(record.directives))
         return record
 
-    async def _cycle(self) -> CycleRecord:
-        assert self._poller is not None, "open() first"
+    async def _cycle(self, wait: bool) -> CycleRecord:
         self._cycles += 1
         started, t0 = self._clock(), time.perf_counter()
         record = CycleRecord(self._cycles, started)
-        self._expire(started)
+        self._expire()
         record.unreachable = tuple(await self._poller.poll_all())
+        self._warn_if_fenced()
         view = self.state.snapshot()
         t1 = time.perf_counter()
         plan = core.plan(
@@ -205,13 +258,15 @@ class ActiveMemoryManager:
             self._new_id,
         )
         record.plan_duration = time.perf_counter() - t1
-        now = self._clock()
-        record.planned(plan, now)
+        record.planned(plan, self._clock())
+        now = self._monotonic()
         loop = asyncio.get_running_loop()
         for directive in plan.directives:
             self.ledger.add(directive, now)
-            self._waiters[directive.id] = loop.create_future()
+            if wait:
+                self._waiters[directive.id] = loop.create_future()
             self._dispatcher.send(directive)
+        self._acted = self._acted or bool(plan.directives)
         for error in plan.policy_errors:
             log.error("%s", error)
         record.duration = time.perf_counter() - t0
@@ -241,24 +296,35 @@ class ActiveMemoryManager:
         if entry is not None and outcome.status is not OutcomeStatus.APPLIED:
             self.refusals.appendleft(Refusal(entry.directive, outcome, self._clock()))
             log.info(
-                "%s refused %s %s: %s %s",
+                "%s %s %s %s: %s %s",
                 worker,
+                outcome.status.value,
                 entry.directive.op.value,
                 entry.directive.key,
                 outcome.reason,
                 outcome.message,
             )
-        waiter = self._waiters.pop(outcome.directive_id, None)
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        self._release_waiters([outcome.directive_id])
 
-    def _expire(self, now: float) -> None:
-        for entry in self.ledger.expire(now, self.config.directive_timeout):
-            for record in self._records:
-                rec = record.directives.get(entry.directive.id)
+    def _expire(self) -> None:
+        self._settle_lost(self.ledger.expire(self._monotonic(), self.config.directive_timeout))
+
+    def _forget_in_flight(self, worker: WorkerId) -> None:
+        """The worker left or restarted: what was in flight to it will never be answered."""
+        self._settle_lost(self.ledger.forget_worker(worker))
+
+    def _settle_lost(self, entries: list[Entry]) -> None:
+        ids = [e.directive.id for e in entries]
+        for record in self._records:
+            for directive_id in ids:
+                rec = record.directives.get(directive_id)
                 if rec is not None and rec.outcome is None:
                     rec.timed_out = True
-            waiter = self._waiters.pop(entry.directive.id, None)
+        self._release_waiters(ids)
+
+    def _release_waiters(self, ids: list[str]) -> None:
+        for directive_id in ids:
+            waiter = self._waiters.pop(directive_id, None)
             if waiter is not None and not waiter.done():
                 waiter.set_result(None)
 
@@ -272,30 +338,39 @@ class ActiveMemoryManager:
 
     # -- registry --------------------------------------------------------------------------
 
-    async def register(self, address: str, name: str, incarnation: str) -> None:
+    async def register(self, address: str, name: str, incarnation: str, epoch: int = 0) -> None:
+        self._check_open()
         worker = check_address(address)
+        if not incarnation:
+            raise InvalidArgument("incarnation is required: a random id per agent process start")
         if self.state.register(worker, name, incarnation, self._clock()):
-            self.ledger.forget_worker(worker)
+            self._forget_in_flight(worker)
             await self._dispatcher.close_worker(worker)
             log.info("worker %s registered (%s)", worker, name or worker)
         self._store.remember_worker(worker, name or worker)
+        self._adopt_newer_epoch(epoch)
 
     async def unregister(self, address: str) -> bool:
-        worker = WorkerId(address)
+        self._check_open()
+        removed = await self._remove(WorkerId(address))
+        if removed:
+            log.info("worker %s unregistered", address)
+        return removed
+
+    async def _remove(self, worker: WorkerId) -> bool:
         removed = self.state.unregister(worker)
-        self.ledger.forget_worker(worker)
+        self._forget_in_flight(worker)
+        self._poller.forget(worker)
         self._store.forget_worker(worker)
         await self._dispatcher.close_worker(worker)
         await self._links.close(worker)
-        if removed:
-            log.info("worker %s unregistered", worker)
         return removed
 
     # -- queries ---------------------------------------------------------------------------
 
     async def refresh(self, fresh: bool) -> ClusterView:
+        self._check_open()
         if fresh:
-            assert self._poller is not None, "open() first"
             await self._poller.poll_all()
         return self.state.snapshot()
 
@@ -316,6 +391,8 @@ class ActiveMemoryManager:
     async def has_what(
         self, workers: Sequence[str], *, fresh: bool
     ) -> list[tuple[WorkerId, tuple[Key, ...]]]:
+        if any(not w for w in workers):
+            raise InvalidArgument("worker addresses must not be empty strings")
         await self.refresh(fresh)
         known = set(self.state.worker_ids)
         wanted = [WorkerId(w) for w in workers] if workers else sorted(known, key=address_order)
@@ -336,7 +413,6 @@ class ActiveMemoryManager:
         results = await asyncio.gather(*(self._delete(k, w) for k, w in targets))
         failures = [r for r in results if isinstance(r, str)]
         deleted = sum(1 for r in results if r is True)
-        assert self._poller is not None
         await self._poller.poll_all({w for _, w in targets})
         if failures:
             raise FailedPrecondition(

@@ -110,6 +110,10 @@ class Ledger:
         drop = [e.directive.worker for e in entries.values() if e.directive.op is Op.DROP]
         return InFlight(frozenset(repl), frozenset(drop))
 
+    def directives(self) -> Iterator[Directive]:
+        """Every directive in flight, for the core's memory estimates."""
+        return (e.directive for e in self._entries.values())
+
     def keys(self) -> frozenset[Key]:
         return frozenset(self._by_key)
 

@@ -2,8 +2,20 @@
 
 All agents are polled concurrently, each under its own deadline, so one slow agent delays a cycle
 by at most ``timeout``. Polls are incremental (the agent returns what changed since the version we
-saw) and serialised per agent, so that two overlapping polls (a cycle and a fresh query) never
-apply an older answer after a newer one. A poll also tells the agent the AMM's epoch.
+saw) and paged (at most ``page`` keys an answer, so no inventory outgrows a gRPC message), and
+serialised per agent, so that two overlapping polls (a cycle and a fresh query) never apply an
+older answer after a newer one. A poll also tells the agent the AMM's epoch, and tells us the
+newest epoch the agent has seen.
+
+Failure modes handled:
+
+1. The agent does not answer: its missed-poll count goes up (the core stops counting on it).
+2. The agent restarted (new incarnation) without re-registering yet: what was in flight to the
+   old process is moot (``on_restart``), and the full snapshot replaces what we knew.
+3. The agent re-registered while our poll was under way: the answer belongs to the old
+   registration and is dropped.
+4. A full snapshot spans several pages while the inventory keeps changing: pages are merged,
+   then everything since the first page's version is fetched incrementally.
 """
 
 from __future__ import annotations
@@ -18,32 +30,43 @@ import grpc
 from amm.v1 import agent_pb2
 from amm_service import wire
 from amm_service.agents import AgentLinks
-from amm_service.pending import Ledger
-from amm_service.view import ClusterState, WorkerId
+from amm_service.view import ClusterState, KeyReport, WorkerId
 
 log = logging.getLogger(__name__)
 
+PAGE_KEYS = 10_000
+MAX_PAGES = 10_000
+
+
+class _Gone(Exception):
+    """The worker left or re-registered while we polled it."""
+
 
 class Poller:
-    """Polls agents and feeds the cluster state and the in-flight ledger."""
+    """Polls agents and feeds the cluster state."""
 
     def __init__(
         self,
         state: ClusterState,
-        ledger: Ledger,
         links: AgentLinks,
         *,
         epoch: int,
         timeout: float,
+        on_version: Callable[[WorkerId, int], None],
+        on_restart: Callable[[WorkerId], None],
         clock: Callable[[], float] = time.time,
+        page: int = PAGE_KEYS,
     ) -> None:
         self._state = state
-        self._ledger = ledger
         self._links = links
-        self._epoch = epoch
+        self.epoch = epoch
         self._timeout = timeout
+        self._on_version = on_version
+        self._on_restart = on_restart
         self._clock = clock
+        self._page = page
         self._locks: dict[WorkerId, asyncio.Lock] = {}
+        self.newest_agent_epoch = 0
 
     async def poll_all(self, workers: Iterable[WorkerId] | None = None) -> list[WorkerId]:
         """Poll ``workers`` (default: all registered); returns those that did not answer."""
@@ -51,35 +74,95 @@ class Poller:
         answered = await asyncio.gather(*(self.poll(w) for w in targets))
         return [w for w, ok in zip(targets, answered, strict=True) if not ok]
 
+    def forget(self, worker: WorkerId) -> None:
+        self._locks.pop(worker, None)
+
     async def poll(self, worker: WorkerId) -> bool:
         lock = self._locks.setdefault(worker, asyncio.Lock())
         async with lock:
             known = self._state.worker(worker)
             if known is None:
-                self._locks.pop(worker, None)
                 return True
-            request = agent_pb2.PollRequest(
-                since_version=known.version, incarnation=known.incarnation, epoch=self._epoch
-            )
             try:
-                resp = await self._links.stub(worker).Poll(request, timeout=self._timeout)
+                await self._poll(worker, known.incarnation, known.version)
+            except _Gone:
+                return True
             except grpc.aio.AioRpcError as err:
                 log.debug("poll of %s failed: %s", worker, err.code().name)
+                self._state.missed_poll(worker)
                 return False
-            if resp.incarnation != known.incarnation:
-                # The agent restarted: what was in flight to its old process is moot.
-                self._ledger.forget_worker(worker)
-            self._state.apply_poll(
-                worker,
-                incarnation=resp.incarnation,
-                version=resp.version,
-                full=resp.full,
-                keys=wire.key_reports(resp.keys),
-                removed=wire.poll_keys_removed(resp),
-                memory=wire.memory_from_pb(resp.memory),
-                status=wire.status_from_pb(resp.status),
-                name=resp.name,
-                now=self._clock(),
-            )
-            self._ledger.observe(worker, resp.version)
             return True
+
+    async def _poll(self, worker: WorkerId, incarnation: str, since: int) -> None:
+        resp = await self._call(worker, incarnation, since_version=since)
+        if resp.incarnation != incarnation:
+            self._on_restart(worker)
+        if resp.full:
+            since = await self._snapshot(worker, incarnation, resp)
+            incarnation = resp.incarnation
+            if not resp.next_cursor:
+                return
+            resp = await self._call(worker, incarnation, since_version=since)
+        self._apply(worker, incarnation, resp, full=False, keys=wire.key_reports(resp.keys))
+        for _ in range(MAX_PAGES):
+            if not resp.more:
+                return
+            resp = await self._call(worker, incarnation, since_version=resp.version)
+            self._apply(worker, incarnation, resp, full=False, keys=wire.key_reports(resp.keys))
+
+    async def _snapshot(
+        self, worker: WorkerId, incarnation: str, first: agent_pb2.PollResponse
+    ) -> int:
+        """Merge every page of a full snapshot; returns the version it started at."""
+        keys = wire.key_reports(first.keys)
+        resp = first
+        for _ in range(MAX_PAGES):
+            if not resp.next_cursor:
+                break
+            resp = await self._call(worker, first.incarnation, cursor=resp.next_cursor)
+            keys.extend(wire.key_reports(resp.keys))
+        self._apply(worker, incarnation, first, full=True, keys=keys, answer=resp)
+        return first.version
+
+    async def _call(
+        self, worker: WorkerId, incarnation: str, *, since_version: int = 0, cursor: str = ""
+    ) -> agent_pb2.PollResponse:
+        request = agent_pb2.PollRequest(
+            since_version=since_version,
+            incarnation=incarnation,
+            epoch=self.epoch,
+            max_keys=self._page,
+            cursor=cursor,
+        )
+        resp = await self._links.stub(worker).Poll(request, timeout=self._timeout)
+        self.newest_agent_epoch = max(self.newest_agent_epoch, resp.epoch)
+        return resp
+
+    def _apply(
+        self,
+        worker: WorkerId,
+        incarnation: str,
+        resp: agent_pb2.PollResponse,
+        *,
+        full: bool,
+        keys: list[KeyReport],
+        answer: agent_pb2.PollResponse | None = None,
+    ) -> None:
+        """Merge one answer, unless the worker re-registered meanwhile (then raise _Gone)."""
+        known = self._state.worker(worker)
+        if known is None or known.incarnation != incarnation:
+            raise _Gone
+        last = answer or resp
+        self._state.apply_poll(
+            worker,
+            incarnation=resp.incarnation,
+            version=resp.version,
+            full=full,
+            keys=keys,
+            removed=wire.poll_keys_removed(resp),
+            memory=wire.memory_from_pb(last.memory),
+            status=wire.status_from_pb(last.status),
+            name=last.name,
+            now=self._clock(),
+        )
+        self._on_version(worker, resp.version)

@@ -83,7 +83,7 @@ class StateStore:
             self.close()
             raise StateError(
                 f"cannot open the AMM state {path!r}: {exc}; repair it, or move it aside to start "
-                "afresh (which resets the epoch)"
+                "afresh (a fresh AMM moves its epoch past the one its agents report)"
             ) from exc
 
     def _open(self, db: sqlite3.Connection) -> None:
@@ -140,6 +140,15 @@ class StateStore:
     def begin_epoch(self) -> int:
         """Increment the epoch and return it: 1 on the first start. Call once at each start."""
         rows = self._run("UPDATE service SET epoch = epoch + 1 RETURNING epoch")
+        return int(rows[0][0])
+
+    def raise_epoch(self, above: int) -> int:
+        """Move the epoch past ``above`` (if it is not already) and return it.
+
+        For an AMM that finds its agents have seen a newer epoch than its own before it acted:
+        its state was reset or it is new, and the most recently started AMM is the one in charge.
+        """
+        rows = self._run("UPDATE service SET epoch = MAX(epoch, ?) RETURNING epoch", int(above) + 1)
         return int(rows[0][0])
 
     @property

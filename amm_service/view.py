@@ -60,21 +60,38 @@ class WorkerView:
     last_poll: float | None = None
     incarnation: str = ""
     version: int = 0
+    missed_polls: int = 0
+
+    @property
+    def reachable(self) -> bool:
+        """False once it failed to answer a poll, until it answers again."""
+        return self.missed_polls == 0
 
     @property
     def accepts_replicas(self) -> bool:
-        return self.status is WorkerStatus.RUNNING
+        return self.status is WorkerStatus.RUNNING and self.reachable
+
+    @property
+    def durable(self) -> bool:
+        """Whether its copies can be counted on to stay: not closing, still answering."""
+        return self.status is not WorkerStatus.CLOSING and self.reachable
 
 
 @dataclass(frozen=True, slots=True)
 class KeyView:
-    """One key: its size, checksum, holders and the holders where a reader pinned it."""
+    """One key: its size, checksum, holders and the holders where a reader pinned it.
+
+    ``conflicting`` holders hold other content under the same key (keys are immutable per
+    agent, but two agents can each be given different values): they are not replicas of
+    ``checksum``, and nothing of the key is dropped or copied until an operator resolves it.
+    """
 
     key: Key
     size: int
     checksum: str
     holders: frozenset[WorkerId]
     pinned_on: frozenset[WorkerId] = frozenset()
+    conflicting: frozenset[WorkerId] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,7 +111,8 @@ class ClusterView:
     workers: Mapping[WorkerId, WorkerView]
     keys: Mapping[Key, KeyView]
     replicated: frozenset[Key]
-    """Keys held by two or more workers: the only ones a drop can concern."""
+    """Keys held by two or more workers with the same content: the only ones a drop can concern.
+    A set: policies that want a reproducible order sort it."""
 
     def memory(self, worker: WorkerId, measure: Measure) -> int:
         return self.workers[worker].memory.by(measure)
@@ -115,6 +133,8 @@ class ClusterState:
         self._keys: dict[Key, KeyView] = {}
         self._held: dict[WorkerId, set[Key]] = {}
         self._replicated: set[Key] = set()
+        self._odd: dict[Key, dict[WorkerId, KeyReport]] = {}
+        """Per key with conflicting content: what each odd holder reported."""
 
     # -- workers ---------------------------------------------------------------------------
 
@@ -189,7 +209,13 @@ class ClusterState:
             last_poll=now,
             incarnation=incarnation,
             version=version,
+            missed_polls=0,
         )
+
+    def missed_poll(self, address: WorkerId) -> None:
+        old = self._workers.get(address)
+        if old is not None:
+            self._workers[address] = replace(old, missed_polls=old.missed_polls + 1)
 
     def _set_holding(self, worker: WorkerId, report: KeyReport) -> None:
         kv = self._keys.get(report.key)
@@ -204,23 +230,56 @@ class ClusterState:
             return
         holders = kv.holders | {worker}
         pinned = kv.pinned_on | {worker} if report.pinned else kv.pinned_on - {worker}
-        if holders != kv.holders or pinned != kv.pinned_on:
-            self._keys[report.key] = replace(kv, holders=holders, pinned_on=pinned)
-        if len(holders) > 1:
-            self._replicated.add(report.key)
+        conflicting = (
+            kv.conflicting | {worker}
+            if report.checksum != kv.checksum
+            else kv.conflicting - {worker}
+        )
+        if conflicting:
+            self._odd.setdefault(report.key, {})[worker] = report
+        if (holders, pinned, conflicting) != (kv.holders, kv.pinned_on, kv.conflicting):
+            kv = replace(kv, holders=holders, pinned_on=pinned, conflicting=conflicting)
+            self._keys[report.key] = kv
+        self._index_replicated(kv)
 
     def _remove_holding(self, worker: WorkerId, key: Key) -> None:
         kv = self._keys.get(key)
         if kv is None or worker not in kv.holders:
             return
         holders = kv.holders - {worker}
+        odd = self._odd.get(key, {})
+        odd.pop(worker, None)
         if not holders:
             del self._keys[key]
+            self._odd.pop(key, None)
             self._replicated.discard(key)
             return
-        self._keys[key] = replace(kv, holders=holders, pinned_on=kv.pinned_on - {worker})
-        if len(holders) < 2:
-            self._replicated.discard(key)
+        kv = replace(
+            kv,
+            holders=holders,
+            pinned_on=kv.pinned_on - {worker},
+            conflicting=kv.conflicting - {worker},
+        )
+        if kv.conflicting == kv.holders:
+            # The holders of the reference content are gone: the odd ones out are the reference now.
+            kv = self._rebase(kv, odd)
+        if not kv.conflicting:
+            self._odd.pop(key, None)
+        self._keys[key] = kv
+        self._index_replicated(kv)
+
+    def _rebase(self, kv: KeyView, odd: dict[WorkerId, KeyReport]) -> KeyView:
+        first = odd[min(kv.holders)]
+        conflicting = frozenset(w for w in kv.holders if odd[w].checksum != first.checksum)
+        for w in kv.holders - conflicting:
+            odd.pop(w, None)
+        return replace(kv, size=first.size, checksum=first.checksum, conflicting=conflicting)
+
+    def _index_replicated(self, kv: KeyView) -> None:
+        if len(kv.holders) > 1 and not kv.conflicting:
+            self._replicated.add(kv.key)
+        else:
+            self._replicated.discard(kv.key)
 
     def _forget_holdings(self, worker: WorkerId) -> None:
         for key in self._held.get(worker, set()):
@@ -249,6 +308,10 @@ class ClusterState:
     @property
     def nkeys(self) -> int:
         return len(self._keys)
+
+    @property
+    def conflicts(self) -> list[Key]:
+        return sorted(self._odd)
 
     @property
     def nreplicas(self) -> int:

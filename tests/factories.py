@@ -24,11 +24,13 @@ def cluster(
     pinned: Mapping[str, Iterable[str]] | None = None,
     sizes: Mapping[str, int] | None = None,
     limit: Mapping[str, int] | None = None,
+    checksums: Mapping[tuple[str, str], str] | None = None,
 ) -> ClusterState:
     """A cluster state where worker ``w`` holds ``holdings[w]``.
 
     ``memory`` sets every measure of a worker to the same figure; ``pinned[w]`` lists the keys
-    pinned on ``w``; ``sizes`` gives key sizes (default 100 bytes).
+    pinned on ``w``; ``sizes`` gives key sizes (default 100 bytes); ``checksums[(w, k)]``
+    overrides the checksum ``w`` reports for ``k``.
     """
     state = ClusterState()
     for n, (worker, keys) in enumerate(holdings.items()):
@@ -37,7 +39,13 @@ def cluster(
         mem = (memory or {}).get(worker, 0)
         pins = set((pinned or {}).get(worker, ()))
         reports = [
-            KeyReport(Key(k), (sizes or {}).get(k, 100), f"sum-{k}", pinned=k in pins) for k in keys
+            KeyReport(
+                Key(k),
+                (sizes or {}).get(k, 100),
+                (checksums or {}).get((worker, k), f"sum-{k}"),
+                pinned=k in pins,
+            )
+            for k in keys
         ]
         state.apply_poll(
             wid,

@@ -19,7 +19,7 @@ class ReduceReplicas:
         self.name = name
 
     def run(self, view: ClusterView, pending: PendingView, measure: Measure) -> PolicyRun:
-        for key in view.replicated:
+        for key in sorted(view.replicated):
             kv = view.keys[key]
             desired = max(1, len(kv.pinned_on))
             in_flight = pending.in_flight(key)

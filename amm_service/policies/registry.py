@@ -35,6 +35,10 @@ def resolve(class_path: str) -> type:
         module = importlib.import_module(module_name)
     except ImportError as err:
         raise PolicyError(f"cannot import policy module {module_name!r}: {err}") from err
+    except Exception as err:
+        raise PolicyError(
+            f"importing policy module {module_name!r} failed: {type(err).__name__}: {err}"
+        ) from err
     cls = getattr(module, attr, None)
     if not isinstance(cls, type):
         raise PolicyError(
@@ -52,9 +56,13 @@ def build(class_path: str, kwargs: Mapping[str, object], taken: set[str]) -> Pol
         raise PolicyError(f"invalid arguments for policy {class_path!r}: {err}") from err
     except ValueError as err:
         raise PolicyError(f"invalid configuration for policy {class_path!r}: {err}") from err
-    if not isinstance(policy, Policy):
+    except Exception as err:
         raise PolicyError(
-            f"{class_path!r} is not a policy: it needs a `name` attribute and a "
+            f"creating policy {class_path!r} failed: {type(err).__name__}: {err}"
+        ) from err
+    if not isinstance(policy, Policy) or not isinstance(getattr(policy, "name", None), str):
+        raise PolicyError(
+            f"{class_path!r} is not a policy: it needs a `name` string attribute and a "
             "`run(view, pending, measure)` method"
         )
     base = policy.name or cls.__name__

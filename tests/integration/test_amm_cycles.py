@@ -195,8 +195,8 @@ async def test_a_stale_amm_cannot_act(tmp_path: Path) -> None:
         async with AmmServer(amm_config(tmp_path, state_path=str(newer_state))) as newer:
             assert newer.epoch > c.amm.epoch
             assert newer.manager is not None
-            for address in c.addresses:
-                await newer.manager.register(address, address, "")
+            for agent in c.agents:
+                await newer.manager.register(agent.address, agent.address, agent.incarnation)
             await newer.manager.refresh(fresh=True)
         # The old AMM still believes it is in charge: its drops are refused.
         report = await c.run_once()
@@ -206,6 +206,25 @@ async def test_a_stale_amm_cannot_act(tmp_path: Path) -> None:
         assert await c.holders("x") == set(c.addresses)
         status = await c.control.GetStatus(control_pb2.GetStatusRequest())
         assert status.recent_refusals[0].reason == types_pb2.REFUSAL_REASON_STALE_EPOCH
+
+
+async def test_a_fresh_amm_moves_past_the_epoch_its_agents_have_seen(tmp_path: Path) -> None:
+    """The AMM's state file was lost: it restarts at epoch 1 while its agents served epoch 7."""
+    async with (
+        AmmServer(amm_config(tmp_path)) as fresh,
+        agents(2, amm=fresh.address) as pairs,
+    ):
+        assert fresh.epoch == 1
+        for _, stub in pairs:
+            await put(stub, "y", DATA)
+            await stub.Poll(agent_pb2.PollRequest(epoch=7))  # they served the old AMM
+        assert fresh.manager is not None
+        for agent, _ in pairs:
+            await fresh.manager.register(agent.address, "", agent.incarnation, epoch=7)
+        assert fresh.epoch == 8
+        record = await fresh.manager.run_cycle(wait=True)
+        outcomes = [r.outcome for r in record.directives.values()]
+        assert [o.status.value for o in outcomes if o is not None] == ["applied"]
 
 
 async def test_an_agent_that_leaves_is_forgotten(tmp_path: Path) -> None:

@@ -97,7 +97,7 @@ def test_candidates_not_holding_the_key_cannot_drop_it() -> None:
     v = view({"a": ["x"], "b": ["x"], "c": []})
     result = run(v, Scripted([drop(K("x"), frozenset({W("c")}))]))
     assert result.directives == ()
-    assert "no candidate holds the key" in result.rejections[0].reason
+    assert "no reachable candidate holds the key" in result.rejections[0].reason
 
 
 def test_pinned_holders_are_kept() -> None:
@@ -200,3 +200,87 @@ def test_every_measure_is_honoured(measure: Measure) -> None:
     v = state.snapshot()
     result = plan(v, [Scripted([drop(K("x"))])], Ledger(), PlanConfig(measure, 1), new_ids())
     assert len(result.directives) == 1
+
+
+def test_workers_that_missed_a_poll_are_neither_recipients_sources_nor_durable() -> None:
+    state = cluster({"a": ["x"], "b": ["x"], "c": []}, memory={"a": 10, "b": 50, "c": 0})
+    state.missed_poll(W("b"))
+    v = state.snapshot()
+    # b looks fullest, but its copy cannot be counted on, nor can b hear a directive.
+    result = run(v, Scripted([drop(K("x"))]))
+    assert result.directives == ()
+    assert result.rejections[0].reason == "last replica"
+    (d,) = run(v, Scripted([replicate(K("x"))])).directives
+    assert (d.worker, d.sources) == (W("c"), (W("a"),))
+    state.missed_poll(W("c"))
+    assert run(state.snapshot(), Scripted([replicate(K("x"))])).rejections[0].reason == (
+        "no running worker that lacks the key is left to receive it"
+    )
+
+
+def test_keys_with_conflicting_content_are_left_alone() -> None:
+    v = view({"a": ["x"], "b": ["x"], "c": []}, checksums={("b", "x"): "other"})
+    assert v.keys[K("x")].conflicting == {W("b")}
+    assert K("x") not in v.replicated
+    result = run(v, Scripted([drop(K("x")), replicate(K("x"))]))
+    assert result.directives == ()
+    assert {r.reason for r in result.rejections} == {"conflicting content on b"}
+
+
+def test_replications_in_flight_count_against_memory_and_limits() -> None:
+    state = cluster(
+        {"a": ["x", "y"], "b": [], "c": []},
+        memory={"a": 0, "b": 0, "c": 50},
+        sizes={"x": 100, "y": 100},
+        limit={"b": 150},
+    )
+    ledger = Ledger()
+    (first,) = plan(
+        state.snapshot(), [Scripted([replicate(K("x"))])], ledger, CFG, new_ids()
+    ).directives
+    assert first.worker == W("b")
+    ledger.add(first, now=0.0)
+    # x is still on its way to b: b has no room for y as well, c gets it.
+    (second,) = plan(
+        state.snapshot(), [Scripted([replicate(K("y"))])], ledger, CFG, new_ids("e")
+    ).directives
+    assert second.worker == W("c")
+
+
+def test_planned_drops_do_not_free_room_under_a_limit() -> None:
+    v = view(
+        {"a": ["x", "y"], "b": ["x"], "c": []},
+        memory={"a": 0, "b": 100, "c": 500},
+        sizes={"x": 100, "y": 100},
+        limit={"b": 150},
+    )
+    d_drop, d_repl = run(
+        v, Scripted([drop(K("x"), frozenset({W("b")})), replicate(K("y"))])
+    ).directives
+    assert (d_drop.worker, d_repl.worker) == (W("b"), W("c"))
+
+
+def test_reduce_replicas_plans_the_same_whatever_the_hash_seed() -> None:
+    import subprocess
+    import sys
+
+    script = (
+        "from tests.factories import view, new_ids\n"
+        "from amm_service.core import plan, PlanConfig\n"
+        "from amm_service.pending import Ledger\n"
+        "from amm_service.policies.reduce_replicas import ReduceReplicas\n"
+        "v = view({'a': list('abcdef'), 'b': list('abcdef')}, memory={'a': 5, 'b': 5})\n"
+        "r = plan(v, [ReduceReplicas()], Ledger(), PlanConfig('managed', 1), new_ids())\n"
+        "print([(d.key, d.worker) for d in r.directives])\n"
+    )
+    outputs = {
+        subprocess.run(
+            [sys.executable, "-c", script],
+            env={"PYTHONHASHSEED": str(seed), "PATH": ""},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        for seed in range(5)
+    }
+    assert len(outputs) == 1

@@ -73,3 +73,37 @@ def test_unregistering_removes_the_worker_and_its_holdings() -> None:
     snap = state.snapshot()
     assert snap.workers == {}
     assert snap.keys == {}
+
+
+def test_conflicting_content_is_tracked_and_resolves_when_a_side_leaves() -> None:
+    state = ClusterState()
+    C = WorkerId("c")
+    for w in (A, B, C):
+        state.register(w, "", "i1", now=0.0)
+    poll(state, A, full=True, keys=[KeyReport(Key("x"), 3, "s1")])
+    poll(state, B, full=True, keys=[KeyReport(Key("x"), 5, "s2")])
+    poll(state, C, full=True, keys=[KeyReport(Key("x"), 5, "s2")])
+    kv = state.snapshot().keys[Key("x")]
+    assert (kv.checksum, kv.conflicting) == ("s1", frozenset({B, C}))
+    assert state.conflicts == [Key("x")]
+    assert Key("x") not in state.snapshot().replicated
+    # The only holder of s1 leaves: s2, held twice, becomes the content of x.
+    state.unregister(A)
+    kv = state.snapshot().keys[Key("x")]
+    assert (kv.checksum, kv.size, kv.conflicting) == ("s2", 5, frozenset())
+    assert state.conflicts == []
+    assert Key("x") in state.snapshot().replicated
+
+
+def test_missed_polls_count_until_the_worker_answers() -> None:
+    state = ClusterState()
+    state.register(A, "", "i1", now=0.0)
+    state.missed_poll(A)
+    state.missed_poll(A)
+    worker = state.worker(A)
+    assert worker is not None
+    assert (worker.missed_polls, worker.reachable, worker.durable) == (2, False, False)
+    poll(state, A, full=True)
+    worker = state.worker(A)
+    assert worker is not None
+    assert worker.reachable

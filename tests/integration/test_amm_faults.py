@@ -1,0 +1,96 @@
+"""The AMM when agents misbehave: a worker killed outright, a directive stream that breaks, and
+calls that arrive while the AMM shuts down."""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from amm import Client
+from amm.v1 import agent_pb2, agent_pb2_grpc, types_pb2
+from amm_service.errors import Unavailable
+from amm_service.server import AmmServer
+from tests.conftest import amm_config
+from tests.support.processes import local_cluster
+
+
+def test_a_killed_worker_stops_counting_and_cycles_do_not_hang() -> None:
+    with local_cluster(2) as cluster, Client(cluster.address, timeout=10) as client:
+        w1, w2 = client.has_what()
+        client.put("x", b"v" * 1000, workers=[w1, w2])
+        assert client.who_has("x") == {"x": (w1, w2)}  # the AMM has seen both copies
+        cluster.stop_worker(w2, signal.SIGKILL)
+        started = time.monotonic()
+        report = client.amm.run_once()
+        assert time.monotonic() - started < 5
+        assert w2 in report.unreachable_workers
+        assert report.directives_sent == 0  # w1's copy is the only one that counts
+        assert [r.reason for r in report.rejections] == ["last replica"]
+        assert client.get("x", worker=w1) == b"v" * 1000
+
+
+class _BrokenStream(agent_pb2_grpc.WorkerAgentServicer):
+    """Answers polls with one key; breaks every directive stream at the first directive."""
+
+    async def Poll(self, request: Any, context: Any) -> agent_pb2.PollResponse:
+        return agent_pb2.PollResponse(
+            incarnation="broken",
+            version=1,
+            full=True,
+            keys=[types_pb2.KeyInfo(key="x", size=1, checksum="a" * 64)],
+            status=types_pb2.WORKER_STATUS_RUNNING,
+        )
+
+    async def Directives(self, request_iterator: Any, context: Any) -> AsyncIterator[Any]:
+        async for _ in request_iterator:
+            await context.abort(grpc.StatusCode.INTERNAL, "injected fault")
+        yield agent_pb2.DirectivesResponse()  # pragma: no cover
+
+
+@asynccontextmanager
+async def broken_agent() -> AsyncIterator[str]:
+    server = grpc.aio.server()
+    agent_pb2_grpc.add_WorkerAgentServicer_to_server(_BrokenStream(), server)  # type: ignore[abstract]
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        await server.stop(None)
+
+
+async def test_a_broken_directive_stream_fails_its_directives_at_once(tmp_path: Path) -> None:
+    async with (
+        AmmServer(amm_config(tmp_path, directive_timeout="60s")) as amm,
+        broken_agent() as one,
+        broken_agent() as two,
+    ):
+        assert amm.manager is not None
+        await amm.manager.register(one, "one", "broken")
+        await amm.manager.register(two, "two", "broken")
+        started = time.monotonic()
+        record = await amm.manager.run_cycle(wait=True)
+        assert time.monotonic() - started < 5
+        (rec,) = record.directives.values()
+        assert rec.outcome is not None
+        assert rec.outcome.status.value == "failed"
+        assert "directive stream broke" in rec.outcome.message
+        assert len(amm.manager.ledger) == 0
+        assert amm.manager.refusals[0].outcome.status.value == "failed"
+
+
+async def test_calls_during_shutdown_are_refused_cleanly(tmp_path: Path) -> None:
+    async with AmmServer(amm_config(tmp_path)) as amm:
+        assert amm.manager is not None
+        await amm.manager.close()
+        for call in (amm.manager.start(), amm.manager.run_cycle(), amm.manager.refresh(True)):
+            with pytest.raises(Unavailable, match="shutting down"):
+                await call
+        assert not amm.manager.running
