@@ -136,3 +136,11 @@ def test_close_is_idempotent_and_use_after_close_is_an_error() -> None:
     store.close()
     with pytest.raises(StateError, match="closed"):
         store.begin_epoch()
+
+
+def test_raise_epoch_moves_past_a_newer_epoch_only(tmp_path: Path) -> None:
+    with StateStore(str(tmp_path / "s.sqlite3")) as store:
+        assert store.begin_epoch() == 1
+        assert store.raise_epoch(7) == 8
+        assert store.raise_epoch(3) == 8
+        assert store.begin_epoch() == 9
