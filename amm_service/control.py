@@ -126,6 +126,8 @@ class ControlServicer(control_pb2_grpc.ActiveMemoryManagerServicer):
                 managed_bytes=sum(w.memory.managed for w in workers),
                 process_bytes=sum(w.memory.process for w in workers),
                 directives_in_flight=len(amm.ledger),
+                conflicting_keys=len(amm.state.conflicts),
+                unreachable_workers=sum(1 for w in workers if not w.reachable),
             ),
             recent_refusals=[
                 control_pb2.RefusalRecord(

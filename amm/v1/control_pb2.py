@@ -27,7 +27,7 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x61mm/v1/control.proto\x12\x06\x61mm.v1\x1a\x12\x61mm/v1/types.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x0e\n\x0cStartRequest\" \n\rStartResponse\x12\x0f\n\x07running\x18\x01 \x01(\x08\"\r\n\x0bStopRequest\"\x1f\n\x0cStopResponse\x12\x0f\n\x07running\x18\x01 \x01(\x08\"\x10\n\x0eRunningRequest\"\"\n\x0fRunningResponse\x12\x0f\n\x07running\x18\x01 \x01(\x08\"\x1e\n\x0eRunOnceRequest\x12\x0c\n\x04wait\x18\x01 \x01(\x08\"5\n\x0fRunOnceResponse\x12\"\n\x05\x63ycle\x18\x01 \x01(\x0b\x32\x13.amm.v1.CycleReport\"\x12\n\x10GetStatusRequest\"C\n\nPolicyInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nclass_path\x18\x02 \x01(\t\x12\x13\n\x0bkwargs_json\x18\x03 \x01(\t\"\xa2\x01\n\rClusterTotals\x12\x0f\n\x07workers\x18\x01 \x01(\r\x12\x0c\n\x04keys\x18\x02 \x01(\x04\x12\x10\n\x08replicas\x18\x03 \x01(\x04\x12\x14\n\x0cmemory_bytes\x18\x04 \x01(\x04\x12\x15\n\rmanaged_bytes\x18\x05 \x01(\x04\x12\x15\n\rprocess_bytes\x18\x06 \x01(\x04\x12\x1c\n\x14\x64irectives_in_flight\x18\x07 \x01(\r\"\xa5\x01\n\rRefusalRecord\x12$\n\tdirective\x18\x01 \x01(\x0b\x32\x11.amm.v1.Directive\x12\x0e\n\x06worker\x18\x02 \x01(\t\x12%\n\x06reason\x18\x03 \x01(\x0e\x32\x15.amm.v1.RefusalReason\x12\x0f\n\x07message\x18\x04 \x01(\t\x12&\n\x02\x61t\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xbe\x02\n\x11GetStatusResponse\x12\x0f\n\x07running\x18\x01 \x01(\x08\x12+\n\x08interval\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12&\n\x07measure\x18\x03 \x01(\x0e\x32\x15.amm.v1.MemoryMeasure\x12$\n\x08policies\x18\x04 \x03(\x0b\x32\x12.amm.v1.PolicyInfo\x12\r\n\x05\x65poch\x18\x05 \x01(\x04\x12\'\n\nlast_cycle\x18\x06 \x01(\x0b\x32\x13.amm.v1.CycleReport\x12%\n\x06totals\x18\x07 \x01(\x0b\x32\x15.amm.v1.ClusterTotals\x12.\n\x0frecent_refusals\x18\x08 \x03(\x0b\x32\x15.amm.v1.RefusalRecord\x12\x0e\n\x06\x63ycles\x18\t \x01(\x04\"Z\n\x15RegisterWorkerRequest\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0bincarnation\x18\x03 \x01(\t\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\"T\n\x16RegisterWorkerResponse\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12+\n\x08interval\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"*\n\x17UnregisterWorkerRequest\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\"+\n\x18UnregisterWorkerResponse\x12\x0f\n\x07removed\x18\x01 \x01(\x08\"#\n\x12ListWorkersRequest\x12\r\n\x05\x66resh\x18\x01 \x01(\x08\"\x98\x02\n\nWorkerInfo\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12$\n\x06status\x18\x03 \x01(\x0e\x32\x14.amm.v1.WorkerStatus\x12$\n\x06memory\x18\x04 \x01(\x0b\x32\x14.amm.v1.MemoryReport\x12\x14\n\x0cmemory_bytes\x18\x05 \x01(\x04\x12\x11\n\tkey_count\x18\x06 \x01(\x04\x12-\n\tlast_poll\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\rregistered_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0cmissed_polls\x18\t \x01(\r\":\n\x13ListWorkersResponse\x12#\n\x07workers\x18\x01 \x03(\x0b\x32\x12.amm.v1.WorkerInfo\",\n\rWhoHasRequest\x12\x0c\n\x04keys\x18\x01 \x03(\t\x12\r\n\x05\x66resh\x18\x02 \x01(\x08\"*\n\nKeyHolders\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0f\n\x07workers\x18\x02 \x03(\t\"5\n\x0eWhoHasResponse\x12#\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x12.amm.v1.KeyHolders\"0\n\x0eHasWhatRequest\x12\x0f\n\x07workers\x18\x01 \x03(\t\x12\r\n\x05\x66resh\x18\x02 \x01(\x08\"*\n\nWorkerKeys\x12\x0e\n\x06worker\x18\x01 \x01(\t\x12\x0c\n\x04keys\x18\x02 \x03(\t\"6\n\x0fHasWhatResponse\x12#\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x12.amm.v1.WorkerKeys\"\x1d\n\rForgetRequest\x12\x0c\n\x04keys\x18\x01 \x03(\t\"*\n\x0e\x46orgetResponse\x12\x18\n\x10replicas_deleted\x18\x01 \x01(\r2\xd6\x05\n\x13\x41\x63tiveMemoryManager\x12\x34\n\x05Start\x12\x14.amm.v1.StartRequest\x1a\x15.amm.v1.StartResponse\x12\x31\n\x04Stop\x12\x13.amm.v1.StopRequest\x1a\x14.amm.v1.StopResponse\x12:\n\x07Running\x12\x16.amm.v1.RunningRequest\x1a\x17.amm.v1.RunningResponse\x12:\n\x07RunOnce\x12\x16.amm.v1.RunOnceRequest\x1a\x17.amm.v1.RunOnceResponse\x12@\n\tGetStatus\x12\x18.amm.v1.GetStatusRequest\x1a\x19.amm.v1.GetStatusResponse\x12O\n\x0eRegisterWorker\x12\x1d.amm.v1.RegisterWorkerRequest\x1a\x1e.amm.v1.RegisterWorkerResponse\x12U\n\x10UnregisterWorker\x12\x1f.amm.v1.UnregisterWorkerRequest\x1a .amm.v1.UnregisterWorkerResponse\x12\x46\n\x0bListWorkers\x12\x1a.amm.v1.ListWorkersRequest\x1a\x1b.amm.v1.ListWorkersResponse\x12\x37\n\x06WhoHas\x12\x15.amm.v1.WhoHasRequest\x1a\x16.amm.v1.WhoHasResponse\x12:\n\x07HasWhat\x12\x16.amm.v1.HasWhatRequest\x1a\x17.amm.v1.HasWhatResponse\x12\x37\n\x06\x46orget\x12\x15.amm.v1.ForgetRequest\x1a\x16.amm.v1.ForgetResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x61mm/v1/control.proto\x12\x06\x61mm.v1\x1a\x12\x61mm/v1/types.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x0e\n\x0cStartRequest\" \n\rStartResponse\x12\x0f\n\x07running\x18\x01 \x01(\x08\"\r\n\x0bStopRequest\"\x1f\n\x0cStopResponse\x12\x0f\n\x07running\x18\x01 \x01(\x08\"\x10\n\x0eRunningRequest\"\"\n\x0fRunningResponse\x12\x0f\n\x07running\x18\x01 \x01(\x08\"\x1e\n\x0eRunOnceRequest\x12\x0c\n\x04wait\x18\x01 \x01(\x08\"5\n\x0fRunOnceResponse\x12\"\n\x05\x63ycle\x18\x01 \x01(\x0b\x32\x13.amm.v1.CycleReport\"\x12\n\x10GetStatusRequest\"C\n\nPolicyInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nclass_path\x18\x02 \x01(\t\x12\x13\n\x0bkwargs_json\x18\x03 \x01(\t\"\xd9\x01\n\rClusterTotals\x12\x0f\n\x07workers\x18\x01 \x01(\r\x12\x0c\n\x04keys\x18\x02 \x01(\x04\x12\x10\n\x08replicas\x18\x03 \x01(\x04\x12\x14\n\x0cmemory_bytes\x18\x04 \x01(\x04\x12\x15\n\rmanaged_bytes\x18\x05 \x01(\x04\x12\x15\n\rprocess_bytes\x18\x06 \x01(\x04\x12\x1c\n\x14\x64irectives_in_flight\x18\x07 \x01(\r\x12\x18\n\x10\x63onflicting_keys\x18\x08 \x01(\x04\x12\x1b\n\x13unreachable_workers\x18\t \x01(\r\"\xa5\x01\n\rRefusalRecord\x12$\n\tdirective\x18\x01 \x01(\x0b\x32\x11.amm.v1.Directive\x12\x0e\n\x06worker\x18\x02 \x01(\t\x12%\n\x06reason\x18\x03 \x01(\x0e\x32\x15.amm.v1.RefusalReason\x12\x0f\n\x07message\x18\x04 \x01(\t\x12&\n\x02\x61t\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xbe\x02\n\x11GetStatusResponse\x12\x0f\n\x07running\x18\x01 \x01(\x08\x12+\n\x08interval\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12&\n\x07measure\x18\x03 \x01(\x0e\x32\x15.amm.v1.MemoryMeasure\x12$\n\x08policies\x18\x04 \x03(\x0b\x32\x12.amm.v1.PolicyInfo\x12\r\n\x05\x65poch\x18\x05 \x01(\x04\x12\'\n\nlast_cycle\x18\x06 \x01(\x0b\x32\x13.amm.v1.CycleReport\x12%\n\x06totals\x18\x07 \x01(\x0b\x32\x15.amm.v1.ClusterTotals\x12.\n\x0frecent_refusals\x18\x08 \x03(\x0b\x32\x15.amm.v1.RefusalRecord\x12\x0e\n\x06\x63ycles\x18\t \x01(\x04\"Z\n\x15RegisterWorkerRequest\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0bincarnation\x18\x03 \x01(\t\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\"T\n\x16RegisterWorkerResponse\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12+\n\x08interval\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"*\n\x17UnregisterWorkerRequest\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\"+\n\x18UnregisterWorkerResponse\x12\x0f\n\x07removed\x18\x01 \x01(\x08\"#\n\x12ListWorkersRequest\x12\r\n\x05\x66resh\x18\x01 \x01(\x08\"\x98\x02\n\nWorkerInfo\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12$\n\x06status\x18\x03 \x01(\x0e\x32\x14.amm.v1.WorkerStatus\x12$\n\x06memory\x18\x04 \x01(\x0b\x32\x14.amm.v1.MemoryReport\x12\x14\n\x0cmemory_bytes\x18\x05 \x01(\x04\x12\x11\n\tkey_count\x18\x06 \x01(\x04\x12-\n\tlast_poll\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\rregistered_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0cmissed_polls\x18\t \x01(\r\":\n\x13ListWorkersResponse\x12#\n\x07workers\x18\x01 \x03(\x0b\x32\x12.amm.v1.WorkerInfo\",\n\rWhoHasRequest\x12\x0c\n\x04keys\x18\x01 \x03(\t\x12\r\n\x05\x66resh\x18\x02 \x01(\x08\"*\n\nKeyHolders\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0f\n\x07workers\x18\x02 \x03(\t\"5\n\x0eWhoHasResponse\x12#\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x12.amm.v1.KeyHolders\"0\n\x0eHasWhatRequest\x12\x0f\n\x07workers\x18\x01 \x03(\t\x12\r\n\x05\x66resh\x18\x02 \x01(\x08\"*\n\nWorkerKeys\x12\x0e\n\x06worker\x18\x01 \x01(\t\x12\x0c\n\x04keys\x18\x02 \x03(\t\"6\n\x0fHasWhatResponse\x12#\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x12.amm.v1.WorkerKeys\"\x1d\n\rForgetRequest\x12\x0c\n\x04keys\x18\x01 \x03(\t\"*\n\x0e\x46orgetResponse\x12\x18\n\x10replicas_deleted\x18\x01 \x01(\r2\xd6\x05\n\x13\x41\x63tiveMemoryManager\x12\x34\n\x05Start\x12\x14.amm.v1.StartRequest\x1a\x15.amm.v1.StartResponse\x12\x31\n\x04Stop\x12\x13.amm.v1.StopRequest\x1a\x14.amm.v1.StopResponse\x12:\n\x07Running\x12\x16.amm.v1.RunningRequest\x1a\x17.amm.v1.RunningResponse\x12:\n\x07RunOnce\x12\x16.amm.v1.RunOnceRequest\x1a\x17.amm.v1.RunOnceResponse\x12@\n\tGetStatus\x12\x18.amm.v1.GetStatusRequest\x1a\x19.amm.v1.GetStatusResponse\x12O\n\x0eRegisterWorker\x12\x1d.amm.v1.RegisterWorkerRequest\x1a\x1e.amm.v1.RegisterWorkerResponse\x12U\n\x10UnregisterWorker\x12\x1f.amm.v1.UnregisterWorkerRequest\x1a .amm.v1.UnregisterWorkerResponse\x12\x46\n\x0bListWorkers\x12\x1a.amm.v1.ListWorkersRequest\x1a\x1b.amm.v1.ListWorkersResponse\x12\x37\n\x06WhoHas\x12\x15.amm.v1.WhoHasRequest\x1a\x16.amm.v1.WhoHasResponse\x12:\n\x07HasWhat\x12\x16.amm.v1.HasWhatRequest\x1a\x17.amm.v1.HasWhatResponse\x12\x37\n\x06\x46orget\x12\x15.amm.v1.ForgetRequest\x1a\x16.amm.v1.ForgetResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -55,41 +55,41 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_POLICYINFO']._serialized_start=376
   _globals['_POLICYINFO']._serialized_end=443
   _globals['_CLUSTERTOTALS']._serialized_start=446
-  _globals['_CLUSTERTOTALS']._serialized_end=608
-  _globals['_REFUSALRECORD']._serialized_start=611
-  _globals['_REFUSALRECORD']._serialized_end=776
-  _globals['_GETSTATUSRESPONSE']._serialized_start=779
-  _globals['_GETSTATUSRESPONSE']._serialized_end=1097
-  _globals['_REGISTERWORKERREQUEST']._serialized_start=1099
-  _globals['_REGISTERWORKERREQUEST']._serialized_end=1189
-  _globals['_REGISTERWORKERRESPONSE']._serialized_start=1191
-  _globals['_REGISTERWORKERRESPONSE']._serialized_end=1275
-  _globals['_UNREGISTERWORKERREQUEST']._serialized_start=1277
-  _globals['_UNREGISTERWORKERREQUEST']._serialized_end=1319
-  _globals['_UNREGISTERWORKERRESPONSE']._serialized_start=1321
-  _globals['_UNREGISTERWORKERRESPONSE']._serialized_end=1364
-  _globals['_LISTWORKERSREQUEST']._serialized_start=1366
-  _globals['_LISTWORKERSREQUEST']._serialized_end=1401
-  _globals['_WORKERINFO']._serialized_start=1404
-  _globals['_WORKERINFO']._serialized_end=1684
-  _globals['_LISTWORKERSRESPONSE']._serialized_start=1686
-  _globals['_LISTWORKERSRESPONSE']._serialized_end=1744
-  _globals['_WHOHASREQUEST']._serialized_start=1746
-  _globals['_WHOHASREQUEST']._serialized_end=1790
-  _globals['_KEYHOLDERS']._serialized_start=1792
-  _globals['_KEYHOLDERS']._serialized_end=1834
-  _globals['_WHOHASRESPONSE']._serialized_start=1836
-  _globals['_WHOHASRESPONSE']._serialized_end=1889
-  _globals['_HASWHATREQUEST']._serialized_start=1891
-  _globals['_HASWHATREQUEST']._serialized_end=1939
-  _globals['_WORKERKEYS']._serialized_start=1941
-  _globals['_WORKERKEYS']._serialized_end=1983
-  _globals['_HASWHATRESPONSE']._serialized_start=1985
-  _globals['_HASWHATRESPONSE']._serialized_end=2039
-  _globals['_FORGETREQUEST']._serialized_start=2041
-  _globals['_FORGETREQUEST']._serialized_end=2070
-  _globals['_FORGETRESPONSE']._serialized_start=2072
-  _globals['_FORGETRESPONSE']._serialized_end=2114
-  _globals['_ACTIVEMEMORYMANAGER']._serialized_start=2117
-  _globals['_ACTIVEMEMORYMANAGER']._serialized_end=2843
+  _globals['_CLUSTERTOTALS']._serialized_end=663
+  _globals['_REFUSALRECORD']._serialized_start=666
+  _globals['_REFUSALRECORD']._serialized_end=831
+  _globals['_GETSTATUSRESPONSE']._serialized_start=834
+  _globals['_GETSTATUSRESPONSE']._serialized_end=1152
+  _globals['_REGISTERWORKERREQUEST']._serialized_start=1154
+  _globals['_REGISTERWORKERREQUEST']._serialized_end=1244
+  _globals['_REGISTERWORKERRESPONSE']._serialized_start=1246
+  _globals['_REGISTERWORKERRESPONSE']._serialized_end=1330
+  _globals['_UNREGISTERWORKERREQUEST']._serialized_start=1332
+  _globals['_UNREGISTERWORKERREQUEST']._serialized_end=1374
+  _globals['_UNREGISTERWORKERRESPONSE']._serialized_start=1376
+  _globals['_UNREGISTERWORKERRESPONSE']._serialized_end=1419
+  _globals['_LISTWORKERSREQUEST']._serialized_start=1421
+  _globals['_LISTWORKERSREQUEST']._serialized_end=1456
+  _globals['_WORKERINFO']._serialized_start=1459
+  _globals['_WORKERINFO']._serialized_end=1739
+  _globals['_LISTWORKERSRESPONSE']._serialized_start=1741
+  _globals['_LISTWORKERSRESPONSE']._serialized_end=1799
+  _globals['_WHOHASREQUEST']._serialized_start=1801
+  _globals['_WHOHASREQUEST']._serialized_end=1845
+  _globals['_KEYHOLDERS']._serialized_start=1847
+  _globals['_KEYHOLDERS']._serialized_end=1889
+  _globals['_WHOHASRESPONSE']._serialized_start=1891
+  _globals['_WHOHASRESPONSE']._serialized_end=1944
+  _globals['_HASWHATREQUEST']._serialized_start=1946
+  _globals['_HASWHATREQUEST']._serialized_end=1994
+  _globals['_WORKERKEYS']._serialized_start=1996
+  _globals['_WORKERKEYS']._serialized_end=2038
+  _globals['_HASWHATRESPONSE']._serialized_start=2040
+  _globals['_HASWHATRESPONSE']._serialized_end=2094
+  _globals['_FORGETREQUEST']._serialized_start=2096
+  _globals['_FORGETREQUEST']._serialized_end=2125
+  _globals['_FORGETRESPONSE']._serialized_start=2127
+  _globals['_FORGETRESPONSE']._serialized_end=2169
+  _globals['_ACTIVEMEMORYMANAGER']._serialized_start=2172
+  _globals['_ACTIVEMEMORYMANAGER']._serialized_end=2898
 # @@protoc_insertion_point(module_scope)

@@ -246,6 +246,8 @@ class ClusterTotals(_message.Message):
     MANAGED_BYTES_FIELD_NUMBER: _builtins.int
     PROCESS_BYTES_FIELD_NUMBER: _builtins.int
     DIRECTIVES_IN_FLIGHT_FIELD_NUMBER: _builtins.int
+    CONFLICTING_KEYS_FIELD_NUMBER: _builtins.int
+    UNREACHABLE_WORKERS_FIELD_NUMBER: _builtins.int
     workers: _builtins.int
     """Registered workers."""
     keys: _builtins.int
@@ -260,6 +262,12 @@ class ClusterTotals(_message.Message):
     """Sum of workers' process memory, in bytes."""
     directives_in_flight: _builtins.int
     """Directives sent and not yet settled."""
+    conflicting_keys: _builtins.int
+    """Keys whose holders hold different content (given different values on different workers);
+    the AMM leaves them alone until an operator resolves them.
+    """
+    unreachable_workers: _builtins.int
+    """Workers that did not answer their last poll."""
     def __init__(
         self,
         *,
@@ -270,10 +278,12 @@ class ClusterTotals(_message.Message):
         managed_bytes: _builtins.int = ...,
         process_bytes: _builtins.int = ...,
         directives_in_flight: _builtins.int = ...,
+        conflicting_keys: _builtins.int = ...,
+        unreachable_workers: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["directives_in_flight", b"directives_in_flight", "keys", b"keys", "managed_bytes", b"managed_bytes", "memory_bytes", b"memory_bytes", "process_bytes", b"process_bytes", "replicas", b"replicas", "workers", b"workers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["conflicting_keys", b"conflicting_keys", "directives_in_flight", b"directives_in_flight", "keys", b"keys", "managed_bytes", b"managed_bytes", "memory_bytes", b"memory_bytes", "process_bytes", b"process_bytes", "replicas", b"replicas", "unreachable_workers", b"unreachable_workers", "workers", b"workers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

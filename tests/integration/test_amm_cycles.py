@@ -208,6 +208,17 @@ async def test_a_stale_amm_cannot_act(tmp_path: Path) -> None:
         assert status.recent_refusals[0].reason == types_pb2.REFUSAL_REASON_STALE_EPOCH
 
 
+async def test_conflicting_content_is_reported_and_left_alone(tmp_path: Path) -> None:
+    async with cluster(tmp_path, 2) as c:
+        await put(c.stubs[0], "x", b"one")
+        await put(c.stubs[1], "x", b"two")
+        report = await c.run_once()
+        assert report.directives_sent == 0
+        status = await c.control.GetStatus(control_pb2.GetStatusRequest())
+        assert status.totals.conflicting_keys == 1
+        assert await c.holders("x") == set(c.addresses)
+
+
 async def test_a_fresh_amm_moves_past_the_epoch_its_agents_have_seen(tmp_path: Path) -> None:
     """The AMM's state file was lost: it restarts at epoch 1 while its agents served epoch 7."""
     async with (
