@@ -7,8 +7,9 @@ prints its ready line on stdout::
     amm-service ready address=HOST:PORT epoch=N
     amm-agent ready address=HOST:PORT
 
-One thread per pipe keeps reading after that line so the pipes never fill; the last lines of each
-stream are kept for error messages. Failure modes handled while starting:
+One thread per pipe keeps reading after that line so the pipes never fill (an ``echo`` that fails
+is dropped, not the reading); the last lines of each stream are kept for error messages. Failure
+modes handled while starting:
 
 1. the process exits before its ready line: ``ClusterError`` with its exit code and stderr tail;
 2. no ready line before the deadline: the process is killed, same error;
@@ -138,14 +139,27 @@ class LocalProcess:
             for raw in stream:
                 line = raw.rstrip("\n")
                 tail.append(line)
-                if self._echo is not None:
-                    print(f"[{self.name}] {line}", file=self._echo, flush=True)
+                self._echo_line(line)
                 if stdout and self.ready is None:
                     self.ready = parse_ready_line(line, self._ready_prefix)
                     if self.ready is not None:
                         self._settled.set()
         if stdout:
             self._settled.set()
+
+    def _echo_line(self, line: str) -> None:
+        """Echo ``line``; on the first failure (say, ``--logs | head`` exited) stop echoing.
+
+        The reader thread must outlive its echo: once it stops reading, the child blocks on a
+        full pipe, and before its ready line that looks like a child that never got ready.
+        """
+        echo = self._echo
+        if echo is None:
+            return
+        try:
+            print(f"[{self.name}] {line}", file=echo, flush=True)
+        except Exception:
+            self._echo = None
 
     def wait_ready(self, deadline: float) -> str:
         """The process's address once its ready line arrived; ``ClusterError`` otherwise."""

@@ -53,6 +53,30 @@ def test_ready_line_gives_the_address_and_output_keeps_draining() -> None:
     assert process.wait(10) == 0
 
 
+class _BrokenPipe(io.StringIO):
+    """An ``echo`` whose reader went away, as with ``amm cluster --logs | head -1``."""
+
+    def write(self, text: str) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+def test_failing_echo_stops_echoing_but_not_draining() -> None:
+    script = """
+        import sys
+        for _ in range(2000):
+            sys.stdout.write("x" * 200 + "\\n")
+            sys.stderr.write("y" * 200 + "\\n")
+        print("amm-agent ready address=127.0.0.1:4321", flush=True)
+        for _ in range(2000):
+            sys.stdout.write("x" * 200 + "\\n")
+            sys.stderr.write("y" * 200 + "\\n")
+        """
+    argv = [sys.executable, "-c", textwrap.dedent(script)]
+    process = LocalProcess("stand-in", argv, AGENT_READY, dict(os.environ), echo=_BrokenPipe())
+    assert process.wait_ready(time.monotonic() + 10) == "127.0.0.1:4321"
+    assert process.wait(10) == 0
+
+
 def test_death_before_ready_reports_exit_code_and_stderr() -> None:
     process = _process(
         """
