@@ -228,11 +228,17 @@ class AsyncClient:
     async def put(self, key: str, value: bytes, workers: Sequence[str] | None = None) -> None:
         """Store ``value`` under ``key`` on each of ``workers`` (one after the other).
 
-        With ``workers=None`` the value goes to the running worker with the least managed memory.
-        Storing the same content again is a no-op; different content under an existing key fails
-        with ``ALREADY_EXISTS``.
+        With ``workers=None`` the value goes to the running worker with the least managed memory;
+        an empty ``workers`` is ``INVALID_ARGUMENT``, not a put that stores nothing. Storing the
+        same content again is a no-op; different content under an existing key fails with
+        ``ALREADY_EXISTS``.
         """
-        targets = list(workers) if workers is not None else [await self._least_loaded(key)]
+        if workers is None:
+            targets = [await self._least_loaded(key)]
+        else:
+            targets = list(workers)
+            if not targets:
+                raise AmmError(grpc.StatusCode.INVALID_ARGUMENT, "no workers given")
         digest = checksum(value)
         for address in targets:
             await self._put_one(address, key, value, digest)

@@ -175,6 +175,16 @@ def test_put_without_workers_picks_the_least_managed_memory(client: Client) -> N
     client.forget(["heavy", "light"])
 
 
+def test_put_to_no_workers_is_refused_not_silently_dropped(client: Client) -> None:
+    with pytest.raises(AmmError) as info:
+        client.put("nowhere", b"v", workers=[])
+    assert info.value.status == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.message == "no workers given"
+    with pytest.raises(AmmError) as info:
+        client.who_has("nowhere")
+    assert info.value.status == grpc.StatusCode.NOT_FOUND
+
+
 def test_server_errors_keep_their_status(client: Client) -> None:
     w1, _ = client.has_what()
     client.put("immutable", b"one", workers=[w1])
