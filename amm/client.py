@@ -225,8 +225,8 @@ class AsyncClient:
             )
         return reply.replicas_deleted
 
-    async def put(self, key: str, value: bytes, workers: Sequence[str] | None = None) -> None:
-        """Store ``value`` under ``key`` on each of ``workers`` (one after the other).
+    async def put(self, key: str, value: bytes, workers: str | Sequence[str] | None = None) -> None:
+        """Store ``value`` under ``key`` on ``workers``, one address or several (one after another).
 
         With ``workers=None`` the value goes to the running worker with the least managed memory;
         an empty ``workers`` is ``INVALID_ARGUMENT``, not a put that stores nothing. Storing the
@@ -236,7 +236,7 @@ class AsyncClient:
         if workers is None:
             targets = [await self._least_loaded(key)]
         else:
-            targets = list(workers)
+            targets = _as_list(workers)
             if not targets:
                 raise AmmError(grpc.StatusCode.INVALID_ARGUMENT, "no workers given")
         digest = checksum(value)

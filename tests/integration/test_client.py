@@ -185,6 +185,13 @@ def test_put_to_no_workers_is_refused_not_silently_dropped(client: Client) -> No
     assert info.value.status == grpc.StatusCode.NOT_FOUND
 
 
+def test_put_to_one_address_given_as_a_string(client: Client) -> None:
+    _, w2 = client.has_what()
+    client.put("one-address", b"v", workers=w2)
+    assert client.who_has("one-address") == {"one-address": (w2,)}
+    client.forget("one-address")
+
+
 def test_server_errors_keep_their_status(client: Client) -> None:
     w1, _ = client.has_what()
     client.put("immutable", b"one", workers=[w1])
