@@ -268,19 +268,28 @@ class AsyncClient:
 
         A worker that lacks the key fetches it from a holder and keeps a replica. The data is
         checked against the size and checksum the worker announced (``DATA_LOSS`` otherwise).
+        Without ``worker``, the holders the AMM lists are tried in order, and the next one is
+        asked when a holder
+
+        1. cannot be reached (``UNAVAILABLE``): it may have died since the AMM polled it;
+        2. answers ``NOT_FOUND``: it dropped the key since (the AMM, or a forget, removed it).
+
+        When every holder fails so, the last error is raised: ``NOT_FOUND`` if all said so.
         """
         if worker is not None:
             return await self._get_one(worker, key)
         holders = (await self.who_has([key], fresh=True)).get(key, ())
         if not holders:
             raise AmmError(grpc.StatusCode.NOT_FOUND, f"no worker holds {key!r}")
-        for address in holders[:-1]:
+        failures: list[AmmError] = []
+        for address in holders:
             try:
                 return await self._get_one(address, key)
             except AmmError as err:
-                if err.status != grpc.StatusCode.UNAVAILABLE:
+                if err.status not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND):
                     raise
-        return await self._get_one(holders[-1], key)
+                failures.append(err)
+        raise failures[-1]
 
     async def _get_one(self, address: str, key: str) -> bytes:
         stub = self._agent_stub(address)

@@ -2,15 +2,18 @@
 
 Cycles are driven by ``run_once`` except where the point is that the AMM runs on its own, and
 positives are awaited with ``poll_until``. One cluster serves the module, so each test uses keys
-of its own. A corrupt agent, which no real agent can be made into, is a tiny lying servicer.
+of its own. A corrupt agent, which no real agent can be made into, is a tiny lying servicer;
+so are holders that drop a key between the AMM's answer and the read, a race no real cluster
+loses on cue.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -23,7 +26,7 @@ from amm.checksum import checksum
 from amm.cli import main as cli_main
 from amm.cluster import LocalCluster
 from amm.models import sort_addresses
-from amm.v1 import agent_pb2, agent_pb2_grpc, types_pb2
+from amm.v1 import agent_pb2, agent_pb2_grpc, control_pb2, control_pb2_grpc, types_pb2
 from tests.support.processes import local_cluster
 from tests.support.waiting import poll_until
 
@@ -165,6 +168,85 @@ def test_get_verifies_the_announced_checksum(client: Client, liar: str) -> None:
     with pytest.raises(AmmError) as info:
         client.get("k", worker=liar)
     assert info.value.status == grpc.StatusCode.DATA_LOSS
+
+
+@contextlib.contextmanager
+def _serving(add: Callable[[Any, grpc.Server], None], servicer: Any) -> Iterator[str]:
+    """A sync gRPC server for one servicer on 127.0.0.1:0; yields its address."""
+    server = grpc.server(ThreadPoolExecutor(max_workers=2))
+    add(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.stop(None)
+
+
+class _ScriptedAmm(control_pb2_grpc.ActiveMemoryManagerServicer):
+    """Lists ``holders`` for every key asked, as a real AMM whose answer is already stale."""
+
+    def __init__(self, holders: list[str]) -> None:
+        self.holders = holders
+
+    def WhoHas(self, request: Any, context: Any) -> control_pb2.WhoHasResponse:
+        entries = [control_pb2.KeyHolders(key=k, workers=self.holders) for k in request.keys]
+        return control_pb2.WhoHasResponse(entries=entries)
+
+
+class _ScriptedAgent(agent_pb2_grpc.WorkerAgentServicer):
+    """Answers each Get with the next of the shared ``answers``: None for NOT_FOUND."""
+
+    def __init__(self, answers: list[bytes | None], calls: list[int]) -> None:
+        self.answers, self.calls = answers, calls
+
+    def Get(self, request: Any, context: grpc.ServicerContext) -> Iterator[agent_pb2.GetResponse]:
+        self.calls.append(1)
+        value = self.answers.pop(0)
+        if value is None:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"unknown key: {request.key!r}")
+        header = types_pb2.ValueHeader(key=request.key, size=len(value), checksum=checksum(value))
+        yield agent_pb2.GetResponse(header=header)
+        yield agent_pb2.GetResponse(chunk=value)
+
+
+@contextlib.contextmanager
+def _two_holders(answers: list[bytes | None], calls: list[int]) -> Iterator[str]:
+    """An AMM listing two agents that answer from ``answers``, whichever is asked first."""
+    with (
+        _serving(
+            agent_pb2_grpc.add_WorkerAgentServicer_to_server,
+            _ScriptedAgent(answers, calls),  # type: ignore[abstract]
+        ) as a,
+        _serving(
+            agent_pb2_grpc.add_WorkerAgentServicer_to_server,
+            _ScriptedAgent(answers, calls),  # type: ignore[abstract]
+        ) as b,
+        _serving(
+            control_pb2_grpc.add_ActiveMemoryManagerServicer_to_server,
+            _ScriptedAmm([a, b]),  # type: ignore[abstract]
+        ) as amm,
+    ):
+        yield amm
+
+
+def test_get_tries_the_next_holder_when_one_dropped_the_key() -> None:
+    calls: list[int] = []
+    with _two_holders([None, b"value"], calls) as amm, Client(amm, timeout=5) as client:
+        assert client.get("k") == b"value"
+    assert len(calls) == 2
+
+
+def test_get_is_not_found_when_every_holder_dropped_the_key() -> None:
+    calls: list[int] = []
+    with (
+        _two_holders([None, None], calls) as amm,
+        Client(amm, timeout=5) as client,
+        pytest.raises(AmmError) as info,
+    ):
+        client.get("k")
+    assert info.value.status == grpc.StatusCode.NOT_FOUND
+    assert len(calls) == 2
 
 
 def test_put_without_workers_picks_the_least_managed_memory(client: Client) -> None:
