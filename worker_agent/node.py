@@ -23,6 +23,7 @@ from worker_agent.directives import DirectiveRunner, KeyLocks, Outcome
 from worker_agent.errors import (
     ContentConflict,
     DataLoss,
+    InvalidRequest,
     Refused,
     TooLarge,
     Unavailable,
@@ -276,11 +277,14 @@ class Node:
         return self.store.remove(key)
 
     def promise_keep(self, key: Key, checksum: str, lease: float | None) -> Promise | Refuse:
-        """Promise a peer to keep ``key`` for ``lease`` seconds (default and cap from config)."""
+        """Promise a peer to keep ``key`` for ``lease`` seconds (None: the configured lease),
+        at most ``max_lease``. A lease of zero or less is an invalid request."""
+        if lease is not None and not lease > 0:
+            raise InvalidRequest(f"a lease must be positive, got {lease:g} s")
         verdict = integrity.judge_keep(self.store, key, checksum, self.conditions())
         if isinstance(verdict, Refuse):
             return verdict
-        seconds = min(lease or self.config.lease, self.config.max_lease)
+        seconds = min(self.config.lease if lease is None else lease, self.config.max_lease)
         now = self.clock()
         return Promise(self.store.promise(key, now + seconds) - now)
 

@@ -156,6 +156,21 @@ def _checksum(value: str) -> str:
     return value
 
 
+def _requested_lease(request: agent_pb2.PromiseKeepRequest, cap: float) -> float | None:
+    """The lease asked for, in seconds and capped at ``cap``; None when unset (the default).
+
+    Read as integer nanoseconds and capped before any conversion: a Duration holds up to 2^63 s,
+    which overflows a timedelta. A lease of zero or less would promise nothing while answering
+    kept=true, so it is refused.
+    """
+    if not request.HasField("lease"):
+        return None
+    nanos = request.lease.ToNanoseconds()
+    if nanos <= 0:
+        raise InvalidRequest(f"a lease must be positive, got {nanos / 1e9:g} s")
+    return min(nanos, round(cap * 1e9)) / 1e9
+
+
 async def _cancel_all(tasks: Iterable[asyncio.Task[None]]) -> None:
     """Cancel and await tasks, logging any that had failed."""
     tasks = list(tasks)
@@ -323,9 +338,7 @@ class WorkerAgentServicer(agent_pb2_grpc.WorkerAgentServicer):
     ) -> agent_pb2.PromiseKeepResponse:
         async with _Edge(context, "PromiseKeep"):
             key = _key(request.key)
-            lease = (
-                request.lease.ToTimedelta().total_seconds() if request.HasField("lease") else None
-            )
+            lease = _requested_lease(request, self._node.config.max_lease)
             answer = self._node.promise_keep(key, _checksum(request.checksum), lease)
             if isinstance(answer, Refuse):
                 return agent_pb2.PromiseKeepResponse(

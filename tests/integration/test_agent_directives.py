@@ -133,6 +133,25 @@ async def test_promise_keep_answers() -> None:
         assert capped.lease_expires.ToSeconds() <= time.time() + 6, "capped at max_lease"
 
 
+async def test_promise_keep_refuses_leases_that_protect_nothing_and_caps_huge_ones() -> None:
+    """A lease of zero or less answered kept=true yet protected nothing; a lease beyond what a
+    timedelta holds failed with INTERNAL. Unset means the keeper's own lease."""
+    async with running_agent(max_lease=5.0, lease=1.0) as a, dial(a.address) as stub:
+        await put(stub, "k", DATA)
+        for lease in (Duration(seconds=-10), Duration(), Duration(seconds=-(10**15))):
+            with _raises(grpc.StatusCode.INVALID_ARGUMENT):
+                await stub.PromiseKeep(agent_pb2.PromiseKeepRequest(key="k", lease=lease))
+        assert (await stub.Delete(agent_pb2.DeleteRequest(key="k"))).deleted, "nothing promised"
+        await put(stub, "k", DATA)
+        huge = await stub.PromiseKeep(
+            agent_pb2.PromiseKeepRequest(key="k", lease=Duration(seconds=10**15))
+        )
+        assert huge.kept
+        assert huge.lease_expires.ToSeconds() <= time.time() + 6, "capped at max_lease"
+        unset = await stub.PromiseKeep(agent_pb2.PromiseKeepRequest(key="k"))
+        assert unset.kept
+
+
 async def test_concurrent_drops_of_the_last_two_replicas_never_both_apply() -> None:
     """Each agent is told to drop its replica, naming the other as holder, at the same moment."""
     seen: collections.Counter[tuple[str, str]] = collections.Counter()
