@@ -62,7 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="HOST:PORT",
         help="the AMM's address (default: $AMM_ADDRESS or %(default)s)",
     )
-    parser.add_argument("--timeout", type=float, default=30.0, help="seconds per call")
+    parser.add_argument(
+        "--timeout", type=float, default=30.0, help="seconds per call (run-once: at least 60)"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     sub.add_parser("service", help="run the AMM (python -m amm_service ARGS...)", add_help=False)

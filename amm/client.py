@@ -44,6 +44,8 @@ __all__ = ["AmmControl", "AsyncAmmControl", "AsyncClient", "Client"]
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 CHUNK_SIZE = 1024 * 1024
 AMM_ROLE = "the AMM"
+RUN_ONCE_TIMEOUT = 60.0
+"""Least seconds ``run_once`` waits: well above the AMM's default directive timeout (30 s)."""
 
 
 def _as_list(items: str | Sequence[str] | None) -> list[str]:
@@ -97,11 +99,18 @@ class AsyncAmmControl:
         return reply.running
 
     async def run_once(self, wait: bool = True) -> CycleReport:
-        """Run one cycle now, even while stopped; ``wait`` for every directive's outcome."""
+        """Run one cycle now, even while stopped; ``wait`` for every directive's outcome.
+
+        This one call gets ``max(timeout, RUN_ONCE_TIMEOUT)`` (60 s) to answer: with ``wait`` the
+        AMM answers only once each directive has an outcome or has timed out, and its directive
+        timeout (30 s by default) matches the client's default timeout, which would cut a
+        legitimate wait short with ``DEADLINE_EXCEEDED``.
+        """
         stub = self._client._amm_stub()
         with self._client._amm_rpc():
             reply = await stub.RunOnce(
-                control_pb2.RunOnceRequest(wait=wait), timeout=self._client.timeout
+                control_pb2.RunOnceRequest(wait=wait),
+                timeout=max(self._client.timeout, RUN_ONCE_TIMEOUT),
             )
         return cycle_from_proto(reply.cycle)
 

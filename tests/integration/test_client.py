@@ -184,10 +184,20 @@ def _serving(add: Callable[[Any, grpc.Server], None], servicer: Any) -> Iterator
 
 
 class _ScriptedAmm(control_pb2_grpc.ActiveMemoryManagerServicer):
-    """Lists ``holders`` for every key asked, as a real AMM whose answer is already stale."""
+    """Lists ``holders`` for every key asked, as a real AMM whose answer is already stale;
+    records the seconds each call had left before its deadline."""
 
     def __init__(self, holders: list[str]) -> None:
         self.holders = holders
+        self.deadlines: dict[str, float] = {}
+
+    def Running(self, request: Any, context: grpc.ServicerContext) -> control_pb2.RunningResponse:
+        self.deadlines["Running"] = context.time_remaining() or 0.0
+        return control_pb2.RunningResponse(running=False)
+
+    def RunOnce(self, request: Any, context: grpc.ServicerContext) -> control_pb2.RunOnceResponse:
+        self.deadlines["RunOnce"] = context.time_remaining() or 0.0
+        return control_pb2.RunOnceResponse(cycle=types_pb2.CycleReport(number=7))
 
     def WhoHas(self, request: Any, context: Any) -> control_pb2.WhoHasResponse:
         entries = [control_pb2.KeyHolders(key=k, workers=self.holders) for k in request.keys]
@@ -247,6 +257,18 @@ def test_get_is_not_found_when_every_holder_dropped_the_key() -> None:
         client.get("k")
     assert info.value.status == grpc.StatusCode.NOT_FOUND
     assert len(calls) == 2
+
+
+def test_run_once_outlasts_the_amms_directive_timeout() -> None:
+    scripted = _ScriptedAmm([])  # type: ignore[abstract]
+    with (
+        _serving(control_pb2_grpc.add_ActiveMemoryManagerServicer_to_server, scripted) as amm,
+        Client(amm, timeout=5) as client,
+    ):
+        assert client.amm.run_once().number == 7
+        assert client.amm.running() is False
+    assert scripted.deadlines["RunOnce"] > 55
+    assert scripted.deadlines["Running"] <= 5
 
 
 def test_put_without_workers_picks_the_least_managed_memory(client: Client) -> None:
