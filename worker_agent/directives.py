@@ -174,8 +174,10 @@ class DirectiveRunner:
            the removal) refuses to drop a key promised to a peer.
 
         The promise is only relied on while it surely holds: the keeper's lease started after we
-        asked, so if half the lease has passed since we asked (a stalled loop, a slow answer),
-        the drop is refused rather than trusting a promise that may have lapsed.
+        asked, and it may be shorter than the one asked for (the keeper caps it at its
+        ``max_lease`` and says what it granted). So if half of the shorter of the two has passed
+        since we asked (a stalled loop, a slow answer), the drop is refused rather than trusting
+        a promise that may have lapsed.
         """
         key = directive.key
         held = self._store.get(key)
@@ -186,8 +188,8 @@ class DirectiveRunner:
             keeper = await self._find_keeper(directive, held.checksum)
             if isinstance(keeper, Refuse):
                 return self._outcome(directive, keeper)
-            holder, asked_at = keeper
-            if self._clock() - asked_at >= self._config.lease / 2:
+            holder, asked_at, granted = keeper
+            if self._clock() - asked_at >= min(self._config.lease, granted) / 2:
                 return self._outcome(
                     directive,
                     Refuse(
@@ -203,9 +205,12 @@ class DirectiveRunner:
         finally:
             self._store.unmark_dropping(key)
 
-    async def _find_keeper(self, directive: Directive, checksum: str) -> tuple[str, float] | Refuse:
-        """The first holder that promises to keep the key and when we asked it, or a refusal
-        listing every answer."""
+    async def _find_keeper(
+        self, directive: Directive, checksum: str
+    ) -> tuple[str, float, float] | Refuse:
+        """The first holder that promises to keep the key, when we asked it and the lease it
+        granted, or a refusal listing every answer. A promise that names no lease (an older
+        agent) is not relied on: nothing says how long it lasts."""
         me = self._address()
         answers: list[str] = []
         for holder in dict.fromkeys(directive.holders):
@@ -221,8 +226,13 @@ class DirectiveRunner:
                 directive_id=directive.id,
                 deadline=self._config.promise_timeout,
             )
+            if answer.kept and answer.lease is not None:
+                return holder, asked_at, answer.lease
             if answer.kept:
-                return holder, asked_at
+                answers.append(
+                    f"{holder}: kept but granted no lease (an older agent?), not relied on"
+                )
+                continue
             reason = answer.reason.name if answer.reason else "unreachable"
             answers.append(f"{holder}: {reason} {answer.message}".strip())
         detail = "; ".join(answers) if answers else "no holder other than this agent was named"

@@ -18,6 +18,7 @@ from types import TracebackType
 from typing import Any
 
 import grpc
+from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from amm.checksum import StreamingChecksum
@@ -352,4 +353,6 @@ class WorkerAgentServicer(agent_pb2_grpc.WorkerAgentServicer):
                 key,
                 request.directive_id,
             )
-            return agent_pb2.PromiseKeepResponse(kept=True, lease_expires=expires)
+            granted = Duration()
+            granted.FromNanoseconds(round(answer.remaining * 1e9))
+            return agent_pb2.PromiseKeepResponse(kept=True, lease_expires=expires, lease=granted)

@@ -51,12 +51,17 @@ class FetchFailure:
 
 @dataclass(frozen=True, slots=True)
 class PromiseAnswer:
-    """A holder's answer to PromiseKeep; ``reason`` is None when it kept the key."""
+    """A holder's answer to PromiseKeep; ``reason`` is None when it kept the key.
+
+    ``lease`` is the lease granted in seconds, None when the holder did not say (an agent older
+    than ``PromiseKeepResponse.lease``): such a promise cannot be relied on.
+    """
 
     address: str
     kept: bool
     reason: Reason | None
     message: str
+    lease: float | None = None
 
 
 class _Corrupt(Exception):
@@ -215,7 +220,9 @@ class Peers:
         except grpc.aio.AioRpcError as err:
             return PromiseAnswer(address, False, None, f"{err.code().name} {err.details() or ''}")
         if response.kept:
-            return PromiseAnswer(address, True, None, response.message)
+            granted = response.lease.ToNanoseconds() if response.HasField("lease") else 0
+            granted_s = granted / 1e9 if granted > 0 else None
+            return PromiseAnswer(address, True, None, response.message, granted_s)
         reason = reason_from_proto(response.reason)
         return PromiseAnswer(address, False, reason, response.message)
 

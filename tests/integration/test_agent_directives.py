@@ -16,6 +16,7 @@ from google.protobuf.duration_pb2 import Duration
 from amm.checksum import checksum
 from amm.v1 import agent_pb2, agent_pb2_grpc, types_pb2
 from tests.support.agent import (
+    Stub,
     agents,
     dial,
     directive_stream,
@@ -131,6 +132,7 @@ async def test_promise_keep_answers() -> None:
         )
         assert capped.kept
         assert capped.lease_expires.ToSeconds() <= time.time() + 6, "capped at max_lease"
+        assert capped.lease.ToNanoseconds() == 5 * 10**9
 
 
 async def test_promise_keep_refuses_leases_that_protect_nothing_and_caps_huge_ones() -> None:
@@ -221,9 +223,10 @@ class _LyingAgent(agent_pb2_grpc.WorkerAgentServicer):
 
 
 @asynccontextmanager
-async def lying_peer() -> AsyncIterator[str]:
+async def peer(servicer: agent_pb2_grpc.WorkerAgentServicer) -> AsyncIterator[str]:
+    """A hostile or slow peer on 127.0.0.1:0, for faults a real agent cannot produce."""
     server = grpc.aio.server()
-    agent_pb2_grpc.add_WorkerAgentServicer_to_server(_LyingAgent(), server)  # type: ignore[abstract]
+    agent_pb2_grpc.add_WorkerAgentServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:
@@ -233,7 +236,8 @@ async def lying_peer() -> AsyncIterator[str]:
 
 
 async def test_replicate_from_a_corrupt_source_is_refused_checksum_mismatch() -> None:
-    async with lying_peer() as liar, running_agent() as b, dial(b.address) as stub_b:
+    lying = _LyingAgent()  # type: ignore[abstract]
+    async with peer(lying) as liar, running_agent() as b, dial(b.address) as stub_b:
         async with directive_stream(stub_b) as amm:
             outcome = await amm.run(replicate("k", DATA, [liar]))
         assert (status(outcome), reason(outcome)) == ("REFUSED", "CHECKSUM_MISMATCH")
@@ -244,31 +248,80 @@ async def test_replicate_from_a_corrupt_source_is_refused_checksum_mismatch() ->
 
 
 class _SlowKeeper(agent_pb2_grpc.WorkerAgentServicer):
-    """A peer that promises to keep every key, but answers only after ``delay`` seconds."""
+    """A peer that promises to keep every key for the lease asked, but answers only after
+    ``delay`` seconds; with ``grant=False`` it says nothing of the lease, as an older agent."""
 
-    def __init__(self, delay: float) -> None:
+    def __init__(self, delay: float, *, grant: bool = True) -> None:
         self.delay = delay
+        self.grant = grant
 
     async def PromiseKeep(self, request: Any, context: Any) -> agent_pb2.PromiseKeepResponse:
         await asyncio.sleep(self.delay)
-        return agent_pb2.PromiseKeepResponse(kept=True)
+        if not self.grant:
+            return agent_pb2.PromiseKeepResponse(kept=True)
+        return agent_pb2.PromiseKeepResponse(kept=True, lease=request.lease)
+
+
+class _DelayingProxy(agent_pb2_grpc.WorkerAgentServicer):
+    """Forwards PromiseKeep to a real agent and delays its answer (a slow network)."""
+
+    def __init__(self, target: Stub, delay: float) -> None:
+        self.target = target
+        self.delay = delay
+
+    async def PromiseKeep(self, request: Any, context: Any) -> agent_pb2.PromiseKeepResponse:
+        answer = await self.target.PromiseKeep(request)
+        await asyncio.sleep(self.delay)
+        return answer
 
 
 async def test_a_promise_that_arrives_too_late_is_not_relied_on() -> None:
-    server = grpc.aio.server()
-    agent_pb2_grpc.add_WorkerAgentServicer_to_server(_SlowKeeper(0.3), server)  # type: ignore[abstract]
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        async with running_agent(lease=0.4) as a, dial(a.address) as stub:
-            await put(stub, "k", DATA)
-            async with directive_stream(stub) as amm:
-                outcome = await amm.run(drop("k", [f"127.0.0.1:{port}"]))
-            assert (status(outcome), reason(outcome)) == ("REFUSED", "NO_CONFIRMED_HOLDER")
-            assert "too late" in outcome.message
+    keeper = _SlowKeeper(0.3)  # type: ignore[abstract]
+    async with peer(keeper) as slow, running_agent(lease=0.4) as a, dial(a.address) as stub:
+        await put(stub, "k", DATA)
+        async with directive_stream(stub) as amm:
+            outcome = await amm.run(drop("k", [slow]))
+        assert (status(outcome), reason(outcome)) == ("REFUSED", "NO_CONFIRMED_HOLDER")
+        assert "too late" in outcome.message
+        assert "k" in a.store
+
+
+async def test_a_drop_relies_on_the_lease_granted_not_the_one_asked() -> None:
+    """The keeper caps the lease at 0.4 s where the requester asks 5 s, and its answer arrives
+    0.3 s later: past half the granted lease, the promise may lapse before the drop is done (the
+    keeper could then delete its copy too), so the drop is refused. On time, it is applied."""
+    async with (
+        running_agent(lease=5.0) as a,
+        dial(a.address) as stub_a,
+        running_agent(lease=0.4, max_lease=0.4) as b,
+        dial(b.address) as stub_b,
+    ):
+        await put(stub_a, "k", DATA)
+        await put(stub_b, "k", DATA)
+        granted = await stub_b.PromiseKeep(
+            agent_pb2.PromiseKeepRequest(key="k", lease=Duration(seconds=5))
+        )
+        assert granted.lease.ToNanoseconds() == 400_000_000, "the keeper says what it granted"
+        proxy = _DelayingProxy(stub_b, 0.3)  # type: ignore[abstract]
+        async with peer(proxy) as slow_b, directive_stream(stub_a) as amm:
+            late = await amm.run(drop("k", [slow_b], checksum=checksum(DATA)))
+            assert (status(late), reason(late)) == ("REFUSED", "NO_CONFIRMED_HOLDER")
+            assert "too late" in late.message
             assert "k" in a.store
-    finally:
-        await server.stop(None)
+            on_time = await amm.run(drop("k", [b.address], checksum=checksum(DATA)))
+            assert status(on_time) == "APPLIED", on_time.message
+
+
+async def test_a_promise_without_a_granted_lease_is_not_relied_on() -> None:
+    """An older keeper answers kept=true without saying for how long: nothing to count on."""
+    keeper = _SlowKeeper(0, grant=False)  # type: ignore[abstract]
+    async with peer(keeper) as old, running_agent() as a, dial(a.address) as stub:
+        await put(stub, "k", DATA)
+        async with directive_stream(stub) as amm:
+            outcome = await amm.run(drop("k", [old]))
+        assert (status(outcome), reason(outcome)) == ("REFUSED", "NO_CONFIRMED_HOLDER")
+        assert f"{old}: kept but granted no lease" in outcome.message
+        assert "k" in a.store
 
 
 async def test_replicate_from_nowhere_fails_source_unavailable() -> None:
