@@ -13,6 +13,7 @@ import contextlib
 import json
 import signal
 import socket
+import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -332,6 +333,27 @@ def test_closed_client_refuses_calls_and_close_is_idempotent(cluster: LocalClust
     with pytest.raises(AmmError) as info:
         client.amm.running()
     assert info.value.status == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_clients_opened_and_closed_leave_no_threads(cluster: LocalCluster) -> None:
+    w1 = cluster.workers[0]
+
+    def use_one_client() -> None:
+        with Client(cluster.address, timeout=10) as client:
+            assert client.amm.running() is False
+            with pytest.raises(AmmError):
+                client.get("no-such-key", worker=w1)
+
+    use_one_client()  # whatever grpc starts once per process
+    baseline = set(threading.enumerate())
+    for _ in range(20):
+        use_one_client()
+
+    def started_since() -> list[str]:
+        return sorted(t.name for t in set(threading.enumerate()) - baseline)
+
+    poll_until(lambda: not started_since(), what="threads back to the baseline")
+    assert threading.active_count() <= len(baseline), started_since()
 
 
 def test_cli_files_tables_json_and_errors(
