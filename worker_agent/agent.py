@@ -164,14 +164,18 @@ class Agent:
         2. The AMM restarted and forgot this agent: it stops polling; after ``SILENCE_INTERVALS``
            of its intervals without a poll, register again.
         """
-        request = control_pb2.RegisterWorkerRequest(
-            address=self.address, name=self.node.name, incarnation=self.incarnation
-        )
         delay = 0.1
         attempts = 0
         epoch: int | None = None
         while True:
             attempts += 1
+            # The newest epoch seen lets a freshly started AMM move its epoch past it.
+            request = control_pb2.RegisterWorkerRequest(
+                address=self.address,
+                name=self.node.name,
+                incarnation=self.incarnation,
+                epoch=self.node.newest_epoch,
+            )
             try:
                 response = await amm.RegisterWorker(
                     request, timeout=max(1.0, self.config.register_backoff_max)

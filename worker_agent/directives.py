@@ -16,6 +16,7 @@ import enum
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from worker_agent import integrity
 from worker_agent.config import AgentConfig
@@ -45,6 +46,13 @@ class Outcome:
     message: str
     inventory_version: int
     duplicate: bool = False
+
+
+class _Subject(NamedTuple):
+    """What a directive id stands for: a repeated id must name the same key and op."""
+
+    key: Key
+    op: Op
 
 
 class KeyLocks:
@@ -97,27 +105,50 @@ class DirectiveRunner:
         self._address = address
         self._clock = clock
         self._slots = asyncio.Semaphore(config.max_concurrent_directives)
-        self._history: collections.OrderedDict[str, Outcome] = collections.OrderedDict()
+        # By id: what the directive was about (key, op) and how it ended.
+        self._history: collections.OrderedDict[str, tuple[_Subject, Outcome]] = (
+            collections.OrderedDict()
+        )
         self._history_limit = history_limit
-        self._running: dict[str, asyncio.Future[Outcome]] = {}
+        self._running: dict[str, tuple[_Subject, asyncio.Future[Outcome]]] = {}
 
     async def run(self, directive: Directive) -> Outcome:
         """Carry out ``directive`` once per id; a repeated id gets the same outcome back.
 
-        1. Seen and finished: the stored outcome, marked duplicate.
-        2. Seen and still running: wait for that run's outcome, marked duplicate.
-        3. The first run was cancelled (its stream ended): run it here after all.
+        Judged before the history of ids, so that no remembered outcome is handed out:
+
+        1. Malformed: refused INVALID; its epoch does not count as the newest seen.
+        2. From an epoch older than the newest seen: refused STALE_EPOCH, even when its id was
+           seen (a superseded AMM must learn that it is superseded, not get old outcomes back).
+
+        Then, by id:
+
+        3. Seen for another key or op (an AMM that lost its state and reuses ids): refused
+           INVALID; the remembered outcome stays.
+        4. Seen and finished: the stored outcome, marked duplicate.
+        5. Seen and still running: wait for that run's outcome, marked duplicate.
+        6. The first run was cancelled (its stream ended): run it here after all.
         """
-        if not directive.id:
-            return self._outcome(directive, Refuse(Reason.INVALID, "a directive needs an id"))
+        refused = integrity.validate(directive) or integrity.judge_epoch(
+            directive, self._conditions()
+        )
+        if refused is not None:
+            return self._outcome(directive, refused)
+        self._observe_epoch(directive.epoch)
+        subject = _Subject(directive.key, directive.op)
         while True:
             done = self._history.get(directive.id)
             if done is not None:
+                if done[0] != subject:
+                    return self._reused(directive, done[0])
                 self._history.move_to_end(directive.id)
-                return dataclasses.replace(done, duplicate=True)
-            running = self._running.get(directive.id)
-            if running is None:
+                return dataclasses.replace(done[1], duplicate=True)
+            entry = self._running.get(directive.id)
+            if entry is None:
                 break
+            if entry[0] != subject:
+                return self._reused(directive, entry[0])
+            running = entry[1]
             try:
                 outcome = await asyncio.shield(running)
             except asyncio.CancelledError:
@@ -128,7 +159,7 @@ class DirectiveRunner:
             return dataclasses.replace(outcome, duplicate=True)
 
         future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
-        self._running[directive.id] = future
+        self._running[directive.id] = (subject, future)
         try:
             outcome = await self._execute(directive)
         except asyncio.CancelledError:
@@ -146,14 +177,20 @@ class DirectiveRunner:
         finally:
             del self._running[directive.id]
         future.set_result(outcome)
-        self._remember(outcome)
+        self._remember(subject, outcome)
         return outcome
 
+    def _reused(self, directive: Directive, seen: _Subject) -> Outcome:
+        return self._outcome(
+            directive,
+            Refuse(
+                Reason.INVALID,
+                f"directive id {directive.id!r} reused for another key/op: it was "
+                f"{seen.op.name} {seen.key!r}, now {directive.op.name} {directive.key!r}",
+            ),
+        )
+
     async def _execute(self, directive: Directive) -> Outcome:
-        self._observe_epoch(directive.epoch)
-        stale = integrity.judge_epoch(directive, self._conditions())
-        if stale is not None:
-            return self._outcome(directive, stale)
         async with self._locks.hold(directive.key), self._slots:
             verdict = integrity.judge(self._store, directive, self._conditions(), self._clock())
             if isinstance(verdict, Refuse) or verdict.noop:
@@ -277,7 +314,7 @@ class DirectiveRunner:
             return Outcome(directive.id, OutcomeStatus.APPLIED, None, verdict.message, version)
         return Outcome(directive.id, status, verdict.reason, verdict.message, version)
 
-    def _remember(self, outcome: Outcome) -> None:
-        self._history[outcome.directive_id] = outcome
+    def _remember(self, subject: _Subject, outcome: Outcome) -> None:
+        self._history[outcome.directive_id] = (subject, outcome)
         if len(self._history) > self._history_limit:
             self._history.popitem(last=False)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from worker_agent.store import Key, Store
+from worker_agent.store import MAX_KEY_BYTES, Key, Store
 
 
 class Reason(enum.Enum):
@@ -88,16 +88,24 @@ Verdict = Accept | Refuse
 
 def judge(store: Store, directive: Directive, cond: Conditions, now: float) -> Verdict:
     """The first look at a directive, before anything is marked or fetched."""
-    stale = judge_epoch(directive, cond)
-    if stale is not None:
-        return stale
-    if not directive.id or not directive.key:
-        return Refuse(Reason.INVALID, "a directive needs an id and a key")
+    refused = validate(directive) or judge_epoch(directive, cond)
+    if refused is not None:
+        return refused
     if directive.op is Op.DROP:
         return judge_drop(store, directive, cond, now)
-    if directive.op is Op.REPLICATE:
-        return judge_replicate(store, directive, cond)
-    return Refuse(Reason.INVALID, "unknown directive op")
+    return judge_replicate(store, directive, cond)
+
+
+def validate(directive: Directive) -> Refuse | None:
+    """Is the directive well formed? Judged before anything else, its epoch included: nothing in
+    a malformed directive is trusted, so its epoch does not count as the newest seen."""
+    if not directive.id or not directive.key:
+        return Refuse(Reason.INVALID, "a directive needs an id and a key")
+    if len(directive.key.encode()) > MAX_KEY_BYTES:
+        return Refuse(Reason.INVALID, f"the key exceeds {MAX_KEY_BYTES} bytes of UTF-8")
+    if directive.op is Op.UNSPECIFIED:
+        return Refuse(Reason.INVALID, "unknown directive op")
+    return None
 
 
 def judge_epoch(directive: Directive, cond: Conditions) -> Refuse | None:

@@ -36,13 +36,12 @@ from worker_agent.errors import (
 )
 from worker_agent.integrity import Directive, Op, Reason, Refuse
 from worker_agent.node import Inventory, Node
-from worker_agent.store import Key
+from worker_agent.store import MAX_KEY_BYTES, Key
 from worker_agent.transfer import value_messages
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME: str = agent_pb2.DESCRIPTOR.services_by_name["WorkerAgent"].full_name
-MAX_KEY_BYTES = 1024
 
 _STATUS: dict[type[AgentError], grpc.StatusCode] = {
     UnknownKey: grpc.StatusCode.NOT_FOUND,

@@ -19,6 +19,8 @@ Key = NewType("Key", str)
 
 #: How many inventory changes the changelog remembers; an older poll gets a full snapshot.
 CHANGELOG_LIMIT = 100_000
+#: Longest key, in bytes of UTF-8.
+MAX_KEY_BYTES = 1024
 
 
 @dataclass(frozen=True, slots=True)

@@ -393,6 +393,37 @@ async def test_stale_epoch_is_refused_after_a_poll_with_a_newer_epoch() -> None:
         assert (await poll(stub_b)).epoch == 6, "directives raise the epoch too"
 
 
+async def test_the_epoch_is_judged_before_the_id_history_and_an_id_names_one_key_and_op() -> None:
+    async with agents(2) as [(a, stub_a), (b, stub_b)]:
+        await put(stub_a, "k", DATA)
+        await put(stub_a, "other", DATA)
+        async with directive_stream(stub_b) as amm:
+            first = await amm.run(replicate("k", DATA, [a.address], id="e5.1", epoch=5))
+            assert status(first) == "APPLIED"
+            reused = await amm.run(replicate("other", DATA, [a.address], id="e5.1", epoch=5))
+            assert (status(reused), reason(reused), reused.duplicate) == (
+                "REFUSED",
+                "INVALID",
+                False,
+            )
+            assert "reused for another key/op" in reused.message
+            assert "other" not in b.store
+            again = await amm.run(replicate("k", DATA, [a.address], id="e5.1", epoch=5))
+            assert (status(again), again.duplicate) == ("APPLIED", True), "the first outcome stays"
+
+            await poll(stub_b, epoch=6)  # a newer AMM took over
+            stale = await amm.run(replicate("k", DATA, [a.address], id="e5.1", epoch=5))
+            assert (status(stale), reason(stale), stale.duplicate) == (
+                "REFUSED",
+                "STALE_EPOCH",
+                False,
+            )
+
+            malformed = types_pb2.Directive(id=new_id(), epoch=100, op=types_pb2.DIRECTIVE_OP_DROP)
+            assert reason(await amm.run(malformed)) == "INVALID"
+        assert (await poll(stub_b)).epoch == 6, "a malformed directive's epoch is not news"
+
+
 async def test_malformed_directives_are_refused_invalid() -> None:
     async with running_agent() as a, dial(a.address) as stub, directive_stream(stub) as amm:
         unknown_op = types_pb2.Directive(id=new_id(), key="k")

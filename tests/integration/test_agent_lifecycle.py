@@ -1,0 +1,79 @@
+"""The agent against a scripted AMM: what it sends when registering and how it behaves when the
+AMM is slow or gone. A scripted AMM is used where the real one cannot show what it received or
+cannot be made unresponsive; everything else runs against the real AMM
+(``test_agent_registration``)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import grpc
+from google.protobuf.duration_pb2 import Duration
+
+from amm.v1 import control_pb2, control_pb2_grpc
+from tests.support.agent import dial, poll, running_agent
+from tests.support.waiting import wait_for
+
+
+class ScriptedAmm(control_pb2_grpc.ActiveMemoryManagerServicer):
+    """Answers RegisterWorker with ``epoch`` and ``interval`` and records the requests; with
+    ``hang``, UnregisterWorker and WhoHas never answer."""
+
+    def __init__(self, *, epoch: int = 1, interval: float = 100.0, hang: bool = False) -> None:
+        self.epoch = epoch
+        self.interval = interval
+        self.hang = hang
+        self.registrations: list[control_pb2.RegisterWorkerRequest] = []
+        self._never = asyncio.Event()
+
+    async def RegisterWorker(
+        self, request: control_pb2.RegisterWorkerRequest, context: Any
+    ) -> control_pb2.RegisterWorkerResponse:
+        self.registrations.append(request)
+        interval = Duration()
+        interval.FromNanoseconds(round(self.interval * 1e9))
+        return control_pb2.RegisterWorkerResponse(epoch=self.epoch, interval=interval)
+
+    async def UnregisterWorker(
+        self, request: control_pb2.UnregisterWorkerRequest, context: Any
+    ) -> control_pb2.UnregisterWorkerResponse:
+        if self.hang:
+            await self._never.wait()
+        return control_pb2.UnregisterWorkerResponse()
+
+    async def WhoHas(
+        self, request: control_pb2.WhoHasRequest, context: Any
+    ) -> control_pb2.WhoHasResponse:
+        if self.hang:
+            await self._never.wait()
+        return control_pb2.WhoHasResponse()
+
+
+@asynccontextmanager
+async def scripted_amm(amm: ScriptedAmm) -> AsyncIterator[str]:
+    server = grpc.aio.server()
+    control_pb2_grpc.add_ActiveMemoryManagerServicer_to_server(amm, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        await server.stop(None)
+
+
+async def test_registration_sends_the_newest_epoch_seen_and_keeps_the_larger_one() -> None:
+    """A freshly started AMM learns from its agents which epoch it must move past."""
+    amm = ScriptedAmm(epoch=3, interval=0.05)  # type: ignore[abstract]
+    async with scripted_amm(amm) as address, running_agent(amm=address) as agent:
+        await wait_for(lambda: agent.registered, what="registration")
+        assert amm.registrations[0].epoch == 0
+        async with dial(agent.address) as stub:
+            assert (await poll(stub, epoch=9)).epoch == 9  # an AMM at epoch 9 polled once
+        # Not polled since: the agent registers again, telling the epoch it saw.
+        await wait_for(lambda: amm.registrations[-1].epoch, lambda e: e == 9, what="epoch sent")
+        assert agent.node.newest_epoch == 9, "an older AMM's answer does not lower it"
+        amm.epoch = 12
+        await wait_for(lambda: agent.node.newest_epoch, lambda e: e == 12, what="newer epoch")
