@@ -269,7 +269,7 @@ def test_run_once_outlasts_the_amms_directive_timeout() -> None:
         assert client.amm.run_once().number == 7
         assert client.amm.running() is False
     assert scripted.deadlines["RunOnce"] > 55
-    assert scripted.deadlines["Running"] <= 5
+    assert scripted.deadlines["Running"] < 10  # 5 s, give or take the clocks
 
 
 def test_put_without_workers_picks_the_least_managed_memory(client: Client) -> None:
