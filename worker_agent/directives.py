@@ -282,12 +282,11 @@ class DirectiveRunner:
 
         The key becomes visible only once its data is verified and stored in one step.
         """
-        checksum = directive.checksum.lower()
         result = await self._peers.fetch(
             directive.key,
             list(directive.sources),
-            expected_size=directive.size if checksum else None,
-            expected_checksum=checksum,
+            expected_size=directive.size,
+            expected_checksum=directive.checksum,
             requester=self._address(),
         )
         if isinstance(result, FetchFailure):
@@ -297,7 +296,9 @@ class DirectiveRunner:
                 else OutcomeStatus.FAILED
             )
             return self._outcome(directive, Refuse(result.reason, result.message), status)
-        verdict = integrity.judge_replicate(self._store, directive, self._conditions())
+        verdict = integrity.judge_replicate(
+            self._store, directive, self._conditions(), received=len(result.data)
+        )
         if isinstance(verdict, Accept) and not verdict.noop:
             self._store.add(directive.key, result.data, result.checksum)
             verdict = Accept(message=f"replicated from {result.source}")

@@ -11,9 +11,17 @@ at the gRPC edge (``servicer``).
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass
 
 from worker_agent.store import MAX_KEY_BYTES, Key, Store
+
+_CHECKSUM = re.compile(r"[0-9a-f]{64}")
+
+
+def is_checksum(text: str) -> bool:
+    """Lowercase hexadecimal SHA-256, as the contract spells every checksum."""
+    return _CHECKSUM.fullmatch(text) is not None
 
 
 class Reason(enum.Enum):
@@ -105,6 +113,17 @@ def validate(directive: Directive) -> Refuse | None:
         return Refuse(Reason.INVALID, f"the key exceeds {MAX_KEY_BYTES} bytes of UTF-8")
     if directive.op is Op.UNSPECIFIED:
         return Refuse(Reason.INVALID, "unknown directive op")
+    if directive.op is Op.REPLICATE:
+        # Without the checksum nothing could verify the data, nor its size: the memory limit
+        # would be judged on a size the source never has to match.
+        if not is_checksum(directive.checksum):
+            return Refuse(
+                Reason.INVALID, "a REPLICATE needs the value's checksum (64 lowercase hex digits)"
+            )
+        if not directive.sources:
+            return Refuse(Reason.INVALID, "the directive names no source")
+    elif directive.checksum and not is_checksum(directive.checksum):
+        return Refuse(Reason.INVALID, "a checksum is 64 lowercase hexadecimal digits")
     return None
 
 
@@ -157,12 +176,15 @@ def judge_drop_commit(store: Store, key: Key, checksum: str, now: float) -> Verd
     return blocked if blocked is not None else Accept()
 
 
-def judge_replicate(store: Store, directive: Directive, cond: Conditions) -> Verdict:
-    """May a replica be fetched and kept? Asked again once the data arrived."""
+def judge_replicate(
+    store: Store, directive: Directive, cond: Conditions, *, received: int | None = None
+) -> Verdict:
+    """May a replica be fetched and kept? Asked again once the data arrived, with the size
+    ``received``: memory is judged on what arrived as well as on what the AMM announced."""
     key = directive.key
     held = store.get(key)
     if held is not None:
-        if directive.checksum and directive.checksum != held.checksum:
+        if directive.checksum != held.checksum:
             return Refuse(
                 Reason.INVALID,
                 f"holds other content under {key!r} (checksum {held.checksum[:12]}, "
@@ -173,9 +195,7 @@ def judge_replicate(store: Store, directive: Directive, cond: Conditions) -> Ver
         return Refuse(Reason.CLOSING, "the agent is shutting down")
     if cond.paused:
         return Refuse(Reason.PAUSED, "the worker is paused (memory above its pause threshold)")
-    if not directive.sources:
-        return Refuse(Reason.INVALID, "the directive names no source")
-    return _fits(store, directive.size, cond)
+    return _fits(store, max(directive.size, received or 0), cond)
 
 
 def judge_keep(store: Store, key: Key, checksum: str, cond: Conditions) -> Verdict:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from collections.abc import AsyncIterator, Iterable
 from types import TracebackType
@@ -23,6 +22,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from amm.checksum import StreamingChecksum
 from amm.v1 import agent_pb2, agent_pb2_grpc, types_pb2
+from worker_agent import integrity
 from worker_agent.directives import Outcome, OutcomeStatus
 from worker_agent.errors import (
     AgentError,
@@ -52,7 +52,6 @@ _STATUS: dict[type[AgentError], grpc.StatusCode] = {
     Unavailable: grpc.StatusCode.UNAVAILABLE,
     DataLoss: grpc.StatusCode.DATA_LOSS,
 }
-_HEX_SHA256 = re.compile(r"[0-9a-f]{64}")
 _OUTCOME_STATUS = {
     OutcomeStatus.APPLIED: types_pb2.OUTCOME_STATUS_APPLIED,
     OutcomeStatus.REFUSED: types_pb2.OUTCOME_STATUS_REFUSED,
@@ -100,7 +99,7 @@ def directive_from_proto(message: types_pb2.Directive) -> Directive:
         op=_OPS.get(message.op, Op.UNSPECIFIED),
         key=Key(message.key),
         size=message.size,
-        checksum=message.checksum.lower(),
+        checksum=message.checksum,
         sources=tuple(message.sources),
         holders=tuple(message.holders),
     )
@@ -151,7 +150,7 @@ def _key(key: str) -> Key:
 
 def _checksum(value: str) -> str:
     value = value.lower()
-    if value and not _HEX_SHA256.fullmatch(value):
+    if value and not integrity.is_checksum(value):
         raise InvalidRequest("a checksum is 64 hexadecimal digits of SHA-256")
     return value
 

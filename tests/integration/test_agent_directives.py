@@ -324,6 +324,23 @@ async def test_a_promise_without_a_granted_lease_is_not_relied_on() -> None:
         assert "k" in a.store
 
 
+async def test_replicate_without_a_well_formed_checksum_is_refused_invalid() -> None:
+    """Without a checksum the data was neither verified nor held to the announced size, so a
+    value far over the memory limit was kept on the strength of a 10-byte announcement."""
+    big = b"x" * 50_000
+    async with running_agent() as a, dial(a.address) as stub_a:
+        await put(stub_a, "big", big)
+        async with running_agent(memory_limit=1000) as b, dial(b.address) as stub_b:
+            async with directive_stream(stub_b) as amm:
+                for bad in ("", checksum(big).upper(), "not-hex"):
+                    outcome = await amm.run(
+                        replicate("big", big, [a.address], size=10, checksum=bad)
+                    )
+                    assert (status(outcome), reason(outcome)) == ("REFUSED", "INVALID"), bad
+            assert "big" not in b.store
+            assert b.store.total_bytes == 0
+
+
 async def test_replicate_from_nowhere_fails_source_unavailable() -> None:
     async with running_agent() as b, dial(b.address) as stub, directive_stream(stub) as amm:
         outcome = await amm.run(replicate("k", DATA, [UNREACHABLE]))

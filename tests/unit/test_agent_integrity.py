@@ -123,8 +123,20 @@ def test_replicate_rules() -> None:
     assert reason(paused) is Reason.PAUSED
     closing = integrity.judge_replicate(Store(), replicate(), Conditions(closing=True))
     assert reason(closing) is Reason.CLOSING
-    no_source = integrity.judge_replicate(Store(), replicate(sources=()), cond)
+    no_source = integrity.judge(Store(), replicate(sources=()), cond, NOW)
     assert reason(no_source) is Reason.INVALID
+
+
+def test_a_replicate_without_a_well_formed_checksum_is_invalid() -> None:
+    """Nothing could verify the data or its size: the memory limit would be judged on a size
+    the source never has to match."""
+    for bad in ("", SUM.upper(), SUM[:-1], SUM[:-1] + "g"):
+        assert reason(integrity.judge(Store(), replicate(checksum=bad), Conditions(), NOW)) is (
+            Reason.INVALID
+        ), bad
+    assert integrity.validate(replicate()) is None
+    assert integrity.validate(drop(checksum="")) is None, "a DROP's checksum is optional"
+    assert reason(integrity.validate(drop(checksum="xyz"))) is Reason.INVALID  # type: ignore[arg-type]
 
 
 def test_replicate_respects_the_memory_limit() -> None:
@@ -134,6 +146,8 @@ def test_replicate_respects_the_memory_limit() -> None:
     too_much = integrity.judge_replicate(store, replicate(size=5), limit)
     assert reason(too_much) is Reason.MEMORY_LIMIT
     assert integrity.judge_replicate(store, replicate(size=4), limit) == Accept()
+    received = integrity.judge_replicate(store, replicate(size=4), limit, received=5)
+    assert reason(received) is Reason.MEMORY_LIMIT, "judged on what arrived too"
 
 
 def test_keep_promise_is_refused_while_dropping_or_without_a_matching_copy() -> None:
