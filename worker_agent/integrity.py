@@ -122,8 +122,11 @@ def validate(directive: Directive) -> Refuse | None:
             )
         if not directive.sources:
             return Refuse(Reason.INVALID, "the directive names no source")
-    elif directive.checksum and not is_checksum(directive.checksum):
-        return Refuse(Reason.INVALID, "a checksum is 64 lowercase hexadecimal digits")
+    else:
+        if not directive.holders:
+            return Refuse(Reason.INVALID, "a DROP names the other holders; this one names none")
+        if directive.checksum and not is_checksum(directive.checksum):
+            return Refuse(Reason.INVALID, "a checksum is 64 lowercase hexadecimal digits")
     return None
 
 
@@ -154,11 +157,7 @@ def judge_drop(store: Store, directive: Directive, cond: Conditions, now: float)
     if store.is_dropping(key):
         return Refuse(Reason.DROPPING, f"already dropping {key!r}")
     blocked = _local_blockers(store, key, now)
-    if blocked is not None:
-        return blocked
-    if not directive.holders:
-        return Refuse(Reason.NO_CONFIRMED_HOLDER, "the directive names no other holder")
-    return Accept()
+    return blocked if blocked is not None else Accept()
 
 
 def judge_drop_commit(store: Store, key: Key, checksum: str, now: float) -> Verdict:

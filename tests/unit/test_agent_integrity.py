@@ -89,8 +89,8 @@ def test_drop_after_the_lease_expired_is_accepted() -> None:
 
 def test_drop_needs_a_holder_matching_content_and_a_running_agent() -> None:
     store = held()
-    no_holders = integrity.judge_drop(store, drop(holders=()), Conditions(), NOW)
-    assert reason(no_holders) is Reason.NO_CONFIRMED_HOLDER
+    no_holders = integrity.judge(store, drop(holders=()), Conditions(), NOW)
+    assert reason(no_holders) is Reason.INVALID, "malformed, as amm.v1.RefusalReason says"
     other = integrity.judge_drop(store, drop(checksum=checksum(b"other")), Conditions(), NOW)
     assert reason(other) is Reason.NOT_HELD
     closing = integrity.judge_drop(store, drop(), Conditions(closing=True), NOW)
