@@ -37,6 +37,8 @@ class WorkerInfo:
     key_count: int
     last_poll: datetime | None
     registered_at: datetime | None
+    missed_polls: int = 0
+    """Polls in a row it did not answer; its replicas do not count as durable meanwhile."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +111,8 @@ class ClusterTotals:
     managed_bytes: int
     process_bytes: int
     directives_in_flight: int
+    conflicting_keys: int = 0
+    unreachable_workers: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,6 +195,7 @@ def worker_from_proto(msg: control_pb2.WorkerInfo) -> WorkerInfo:
         key_count=msg.key_count,
         last_poll=_time(msg, "last_poll"),
         registered_at=_time(msg, "registered_at"),
+        missed_polls=msg.missed_polls,
     )
 
 
@@ -257,6 +262,8 @@ def status_from_proto(msg: control_pb2.GetStatusResponse) -> Status:
             managed_bytes=totals.managed_bytes,
             process_bytes=totals.process_bytes,
             directives_in_flight=totals.directives_in_flight,
+            conflicting_keys=totals.conflicting_keys,
+            unreachable_workers=totals.unreachable_workers,
         ),
         recent_refusals=tuple(
             RefusalRecord(

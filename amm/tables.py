@@ -56,7 +56,7 @@ def render_workers(workers: Sequence[WorkerInfo], now: datetime | None = None) -
         (
             w.address,
             w.name,
-            w.status,
+            f"unreachable ({w.missed_polls})" if w.missed_polls else w.status,
             w.key_count,
             format_bytes(w.memory_bytes),
             format_bytes(w.managed_bytes),
@@ -135,6 +135,10 @@ def render_status(address: str, status: Status, now: datetime | None = None) -> 
         ("process", format_bytes(totals.process_bytes)),
         ("in flight", _plural(totals.directives_in_flight, "directive")),
     ]
+    if totals.unreachable_workers:
+        summary.append(("unreachable", _plural(totals.unreachable_workers, "worker")))
+    if totals.conflicting_keys:
+        summary.append(("conflicts", f"{_plural(totals.conflicting_keys, 'key')} left alone"))
     parts = [render_table(("", ""), summary).split("\n", 1)[1]]
     if status.policies:
         policies = [(p.name, p.class_path, p.kwargs_json or "{}") for p in status.policies]

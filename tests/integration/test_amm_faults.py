@@ -33,6 +33,9 @@ def test_a_killed_worker_stops_counting_and_cycles_do_not_hang() -> None:
         assert w2 in report.unreachable_workers
         assert report.directives_sent == 0  # w1's copy is the only one that counts
         assert [r.reason for r in report.rejections] == ["last replica"]
+        (info,) = [w for w in client.workers() if w.address == w2]
+        assert info.missed_polls >= 1
+        assert client.status().totals.unreachable_workers == 1
         assert client.get("x", worker=w1) == b"v" * 1000
 
 

@@ -75,6 +75,8 @@ def test_workers_table() -> None:
     assert "2.00 GiB" in second
     assert second.endswith("never")
     assert render_workers([]) == "no workers"
+    (_, gone) = render_workers([_worker("h:3", missed_polls=4)], now=NOW).splitlines()
+    assert "unreachable (4)" in gone
 
 
 def test_mapping_shows_empty_entries_as_dash() -> None:
@@ -137,3 +139,10 @@ def test_status_block() -> None:
     assert "running    no" in lines
     assert "keys       1 (2 replicas)" in lines
     assert lines[-1] == "no cycle yet"
+    assert not any(line.startswith(("unreachable", "conflicts")) for line in lines)
+    troubled = dataclasses.replace(
+        status, totals=dataclasses.replace(status.totals, conflicting_keys=2, unreachable_workers=1)
+    )
+    lines = render_status("h:50051", troubled, now=NOW).splitlines()
+    assert "unreachable  1 worker" in lines
+    assert "conflicts    2 keys left alone" in lines
