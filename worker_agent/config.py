@@ -58,6 +58,8 @@ class AgentConfig:
     memory_interval: float = 0.5
     #: Directives carried out at the same time.
     max_concurrent_directives: int = 8
+    #: Channels to peers kept open at most; beyond it the least recently used idle ones close.
+    max_peer_channels: int = 256
     #: Deadline of one peer transfer (one source), in seconds.
     fetch_timeout: float = 30.0
     #: Deadline of one PromiseKeep call to a holder during a DROP, in seconds.
@@ -117,6 +119,8 @@ class AgentConfig:
                 f"lease ({self.lease} s) must not exceed max_lease ({self.max_lease} s), "
                 "the longest promise this agent would grant itself"
             )
+        if self.max_peer_channels < 1:
+            raise ValueError(f"max_peer_channels must be >= 1, got {self.max_peer_channels}")
         if self.max_concurrent_directives < 1:
             raise ValueError(
                 f"max_concurrent_directives must be >= 1, got {self.max_concurrent_directives}"

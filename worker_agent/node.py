@@ -97,7 +97,9 @@ class Node:
         self.store = Store()
         self.locks = KeyLocks()
         self.peers = Peers(
-            fetch_timeout=config.fetch_timeout, max_value_bytes=config.max_value_bytes
+            fetch_timeout=config.fetch_timeout,
+            max_value_bytes=config.max_value_bytes,
+            max_channels=config.max_peer_channels,
         )
         self.memory = MemoryMonitor(
             probe,
@@ -233,7 +235,8 @@ class Node:
         if not sources:
             if self._who_has is None:
                 raise UnknownKey(f"{key!r} is not held here, and no source or AMM to ask")
-            candidates = [s for s in await self._who_has(key) if s != self.address]
+            named = await self._who_has(key)
+            candidates = [s for s in named if s != self.address and integrity.is_peer_address(s)]
             if not candidates:
                 raise UnknownKey(f"no worker holds {key!r}")
         result = await self.peers.fetch(

@@ -281,6 +281,9 @@ class WorkerAgentServicer(agent_pb2_grpc.WorkerAgentServicer):
     ) -> AsyncIterator[agent_pb2.GetResponse]:
         async with _Edge(context, "Get"):
             key = _key(request.key)
+            bad = integrity.bad_peer_addresses(request.sources)
+            if bad is not None:
+                raise InvalidRequest(f"sources: {bad}")
             async with self._node.reading(key, fetch=True, sources=request.sources) as reading:
                 value = reading.value
                 header = types_pb2.ValueHeader(

@@ -1,16 +1,21 @@
 """Peer-to-peer traffic between agents: chunked value transfers and keep-promise requests.
 
 ``Peers`` owns one channel per peer address, created on first use inside the running loop and
-closed by ``close``. Fetching tries the sources in order and verifies size and SHA-256 before
-handing bytes back; failures are values (``FetchFailure``) naming the reason, because for a
-directive they are expected outcomes, not errors. ``value_messages`` is the sending side.
+closed by ``close``. Callers name the addresses (Get sources, directives), so only ``HOST:PORT``
+is dialled and the channels are a bounded LRU cache: the least recently used idle channels are
+closed beyond ``max_channels``, never one a call is using. Fetching tries the sources in order
+and verifies size and SHA-256 before handing bytes back; failures are values (``FetchFailure``)
+naming the reason, because for a directive they are expected outcomes, not errors.
+``value_messages`` is the sending side.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -20,12 +25,15 @@ from google.protobuf.duration_pb2 import Duration
 from amm.checksum import StreamingChecksum, chunks
 from amm.serving import CHANNEL_OPTIONS
 from amm.v1 import agent_pb2, agent_pb2_grpc, types_pb2
-from worker_agent.integrity import Reason
+from worker_agent.integrity import Reason, is_peer_address
 from worker_agent.store import Key
 
 log = logging.getLogger(__name__)
 
 M = TypeVar("M")
+
+#: Peer channels kept open at most (beyond it, the least recently used idle ones are closed).
+MAX_PEER_CHANNELS = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,28 +98,72 @@ def reason_from_proto(value: int) -> Reason | None:
     return Reason.__members__.get(name.removeprefix("REFUSAL_REASON_"))
 
 
+class _NotAnAddress(Exception):
+    """A peer address that is not ``HOST:PORT``; never dialled."""
+
+
 class Peers:
     """Channels to other agents and the calls this agent makes on them."""
 
-    def __init__(self, *, fetch_timeout: float, max_value_bytes: int) -> None:
+    def __init__(
+        self,
+        *,
+        fetch_timeout: float,
+        max_value_bytes: int,
+        max_channels: int = MAX_PEER_CHANNELS,
+    ) -> None:
         self._fetch_timeout = fetch_timeout
         self._max_value_bytes = max_value_bytes
-        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._max_channels = max_channels
+        # Least recently used first.
+        self._channels: collections.OrderedDict[str, grpc.aio.Channel] = collections.OrderedDict()
+        self._busy: collections.Counter[str] = collections.Counter()
         self._closed = False
 
-    def stub(self, address: str) -> agent_pb2_grpc.WorkerAgentAsyncStub:
+    def __len__(self) -> int:
+        """How many channels are open."""
+        return len(self._channels)
+
+    @contextlib.asynccontextmanager
+    async def _stub(self, address: str) -> AsyncIterator[agent_pb2_grpc.WorkerAgentAsyncStub]:
+        """A stub on the channel to ``address``, marked busy while the caller uses it.
+
+        Idle channels beyond the bound are closed here, before the call, least recently used
+        first: closing one that a call is using would break that call. When every channel is
+        busy the cache grows past the bound for a while, and shrinks at a later call.
+        """
         if self._closed:
             raise RuntimeError("peer channels are closed")
+        if not is_peer_address(address):
+            raise _NotAnAddress(f"not a HOST:PORT address: {address[:100]!r}")
         channel = self._channels.get(address)
         if channel is None:
             channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
             self._channels[address] = channel
-        return agent_pb2_grpc.WorkerAgentStub(channel)
+        else:
+            self._channels.move_to_end(address)
+        self._busy[address] += 1
+        try:
+            await self._evict()
+            yield agent_pb2_grpc.WorkerAgentStub(channel)
+        finally:
+            self._busy[address] -= 1
+            if self._busy[address] <= 0:
+                del self._busy[address]
+
+    async def _evict(self) -> None:
+        excess = len(self._channels) - self._max_channels
+        if excess <= 0:
+            return
+        idle = [address for address in self._channels if not self._busy[address]][:excess]
+        evicted = [self._channels.pop(address) for address in idle]
+        await asyncio.gather(*(channel.close(None) for channel in evicted))
 
     async def close(self) -> None:
         """Close every channel; idempotent."""
         self._closed = True
-        channels, self._channels = list(self._channels.values()), {}
+        channels = list(self._channels.values())
+        self._channels.clear()
         await asyncio.gather(*(channel.close(None) for channel in channels))
 
     async def fetch(
@@ -142,6 +194,10 @@ class Peers:
                 missing = missing and err.code() is grpc.StatusCode.NOT_FOUND
                 answers.append(f"{source}: {err.code().name} {err.details() or ''}".strip())
                 continue
+            except _NotAnAddress as err:
+                missing = False
+                answers.append(str(err))
+                continue
             except _Corrupt as err:
                 corrupt = True
                 missing = False
@@ -163,10 +219,26 @@ class Peers:
         expected_checksum: str,
         requester: str,
     ) -> tuple[bytes, str]:
-        call = self.stub(source).Fetch(
-            agent_pb2.FetchRequest(key=key, checksum=expected_checksum, requester=requester),
-            timeout=self._fetch_timeout,
-        )
+        async with self._stub(source) as stub:
+            return await self._receive(
+                stub.Fetch(
+                    agent_pb2.FetchRequest(
+                        key=key, checksum=expected_checksum, requester=requester
+                    ),
+                    timeout=self._fetch_timeout,
+                ),
+                key,
+                expected_size,
+                expected_checksum,
+            )
+
+    async def _receive(
+        self,
+        call: grpc.aio.UnaryStreamCall[agent_pb2.FetchRequest, agent_pb2.FetchResponse],
+        key: Key,
+        expected_size: int | None,
+        expected_checksum: str,
+    ) -> tuple[bytes, str]:
         try:
             header: types_pb2.ValueHeader | None = None
             parts: list[bytes] = []
@@ -216,9 +288,12 @@ class Peers:
             directive_id=directive_id,
         )
         try:
-            response = await self.stub(address).PromiseKeep(request, timeout=deadline)
+            async with self._stub(address) as stub:
+                response = await stub.PromiseKeep(request, timeout=deadline)
         except grpc.aio.AioRpcError as err:
             return PromiseAnswer(address, False, None, f"{err.code().name} {err.details() or ''}")
+        except _NotAnAddress as err:
+            return PromiseAnswer(address, False, None, str(err))
         if response.kept:
             granted = response.lease.ToNanoseconds() if response.HasField("lease") else 0
             granted_s = granted / 1e9 if granted > 0 else None

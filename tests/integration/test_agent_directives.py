@@ -254,8 +254,10 @@ class _SlowKeeper(agent_pb2_grpc.WorkerAgentServicer):
     def __init__(self, delay: float, *, grant: bool = True) -> None:
         self.delay = delay
         self.grant = grant
+        self.asked = 0
 
     async def PromiseKeep(self, request: Any, context: Any) -> agent_pb2.PromiseKeepResponse:
+        self.asked += 1
         await asyncio.sleep(self.delay)
         if not self.grant:
             return agent_pb2.PromiseKeepResponse(kept=True)
@@ -339,6 +341,46 @@ async def test_replicate_without_a_well_formed_checksum_is_refused_invalid() -> 
                     assert (status(outcome), reason(outcome)) == ("REFUSED", "INVALID"), bad
             assert "big" not in b.store
             assert b.store.total_bytes == 0
+
+
+async def test_peer_channels_are_bounded_and_eviction_spares_calls_in_progress() -> None:
+    """Every address a caller named kept a channel open for good. Now the least recently used
+    idle ones close beyond the bound, and a slow call keeps its channel while others come."""
+    keeper = _SlowKeeper(0.3)  # type: ignore[abstract]
+    async with (
+        peer(keeper) as slow,
+        running_agent(max_peer_channels=2) as a,
+        dial(a.address) as stub,
+        directive_stream(stub) as amm,
+    ):
+        await put(stub, "k", DATA)
+        await amm.send(drop("k", [slow]))
+        await wait_for(lambda: keeper.asked, what="the slow promise asked")
+        for port in range(1, 6):
+            with _raises(grpc.StatusCode.UNAVAILABLE):
+                await get(stub, "missing", sources=[f"127.0.0.1:{port}"])
+            assert len(a.node.peers) <= 2
+        outcome = await amm.outcome()
+        assert status(outcome) == "APPLIED", outcome.message
+
+
+async def test_peers_are_named_host_port_only() -> None:
+    """Callers name peers: the agent must not dial sockets or resolvers of their choosing."""
+    bad = ["unix:/tmp/agent.sock", "dns:///peer:1", "a b:1", "::::", "peer", "peer:0"]
+    async with running_agent() as a, dial(a.address) as stub:
+        await put(stub, "k", DATA)
+        for address in bad:
+            with _raises(grpc.StatusCode.INVALID_ARGUMENT):
+                await get(stub, "missing", sources=[address])
+        async with directive_stream(stub) as amm:
+            for address in bad:
+                copy = await amm.run(replicate("other", DATA, [address]))
+                assert (status(copy), reason(copy)) == ("REFUSED", "INVALID"), address
+                assert "HOST:PORT" in copy.message
+                dropped = await amm.run(drop("k", ["127.0.0.1:1", address]))
+                assert (status(dropped), reason(dropped)) == ("REFUSED", "INVALID"), address
+        assert len(a.node.peers) == 0, "nothing dialled"
+        assert "k" in a.store
 
 
 async def test_replicate_from_nowhere_fails_source_unavailable() -> None:
