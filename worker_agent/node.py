@@ -178,6 +178,7 @@ class Node:
 
     def check_put(self, key: Key, size: int, checksum: str) -> None:
         """Fail early, before the value is received, when it cannot be stored."""
+        self._refuse_if_closing()
         held = self.store.get(key)
         if held is not None and (held.size != size or (checksum and checksum != held.checksum)):
             raise ContentConflict(f"{key!r} already holds other content; keys are immutable")
@@ -186,7 +187,11 @@ class Node:
             raise TooLarge(verdict.message)
 
     def put(self, key: Key, data: bytes, checksum: str) -> tuple[KeyInfo, bool]:
-        """Store a verified value; ``created`` is False when the same content was there."""
+        """Store a verified value; ``created`` is False when the same content was there.
+
+        Refused while the agent shuts down: a value acknowledged now would be lost at exit.
+        """
+        self._refuse_if_closing()
         held = self.store.get(key)
         if held is not None:
             if held.checksum != checksum:
@@ -197,6 +202,10 @@ class Node:
                 raise TooLarge(verdict.message)
             self.store.add(key, data, checksum)
         return KeyInfo(key, len(data), checksum, self.store.pins(key) > 0), held is None
+
+    def _refuse_if_closing(self) -> None:
+        if self.closing:
+            raise Unavailable("agent is shutting down")
 
     @contextlib.asynccontextmanager
     async def reading(

@@ -1,4 +1,4 @@
-"""The agent against a scripted AMM: what it sends when registering and how it behaves when the
+"""The agent's life cycle: what it sends when registering, how it stops, how it behaves when the
 AMM is slow or gone. A scripted AMM is used where the real one cannot show what it received or
 cannot be made unresponsive; everything else runs against the real AMM
 (``test_agent_registration``)."""
@@ -11,9 +11,11 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import grpc
+import pytest
 from google.protobuf.duration_pb2 import Duration
 
-from amm.v1 import control_pb2, control_pb2_grpc
+from amm.checksum import checksum
+from amm.v1 import agent_pb2, control_pb2, control_pb2_grpc
 from tests.support.agent import dial, poll, running_agent
 from tests.support.waiting import wait_for
 
@@ -77,3 +79,34 @@ async def test_registration_sends_the_newest_epoch_seen_and_keeps_the_larger_one
         assert agent.node.newest_epoch == 9, "an older AMM's answer does not lower it"
         amm.epoch = 12
         await wait_for(lambda: agent.node.newest_epoch, lambda e: e == 12, what="newer epoch")
+
+
+async def test_a_put_finishing_while_the_agent_stops_is_refused_not_acknowledged() -> None:
+    """The value would be lost at exit: the client must hear so and store it elsewhere."""
+    async with running_agent() as agent, dial(agent.address) as stub:
+        requests: asyncio.Queue[agent_pb2.PutRequest | None] = asyncio.Queue()
+        header_sent = asyncio.Event()
+
+        async def messages() -> AsyncIterator[agent_pb2.PutRequest]:
+            header = agent_pb2.PutHeader(key="late", size=4, checksum=checksum(b"data"))
+            yield agent_pb2.PutRequest(header=header)
+            header_sent.set()  # asked for the next message: the header is written
+            while (request := await requests.get()) is not None:
+                yield request
+
+        call = stub.Put(messages())
+        await header_sent.wait()
+        # Same connection, streams in order: once this is answered, the server has the Put.
+        await poll(stub)
+        stopping = asyncio.create_task(agent.stop())
+        await wait_for(lambda: agent.node.closing, what="closing")
+        requests.put_nowait(agent_pb2.PutRequest(chunk=b"data"))
+        requests.put_nowait(None)
+        try:
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await call
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "shutting down" in (err.value.details() or "")
+        finally:
+            await stopping
+        assert "late" not in agent.store
