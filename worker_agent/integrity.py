@@ -238,12 +238,14 @@ def judge_keep(store: Store, key: Key, checksum: str, cond: Conditions) -> Verdi
 def judge_delete(store: Store, key: Key, now: float, *, forget: bool = False) -> Verdict:
     """May a user delete the local replica? Same protections as a drop, minus the holders.
 
-    A cluster-wide forget deletes every replica anyway, so promises to peers do not bind it;
-    local readers still do.
+    A cluster-wide forget deletes every replica anyway, so promises to peers do not bind it.
+    Nor do reads in progress: each streams its own immutable bytes, which removing the key does
+    not touch, and a reader that stopped reading must not keep a forgotten key alive. Pins do
+    bind it: a pin is a reader's explicit claim on the key.
     """
     if key not in store:
         return Accept(noop=True, message="not held")
-    blocked = _local_blockers(store, key, now, promises=not forget)
+    blocked = _local_blockers(store, key, now, promises=not forget, readers=not forget)
     return blocked if blocked is not None else Accept()
 
 
@@ -279,14 +281,16 @@ def _fits(store: Store, size: int, cond: Conditions) -> Verdict:
     return Accept()
 
 
-def _local_blockers(store: Store, key: Key, now: float, *, promises: bool = True) -> Refuse | None:
+def _local_blockers(
+    store: Store, key: Key, now: float, *, promises: bool = True, readers: bool = True
+) -> Refuse | None:
     """What protects a held key from removal: local pins, streaming reads, promises to peers."""
     pins = store.pins(key)
     if pins:
         return Refuse(Reason.PINNED, f"{key!r} is pinned ({pins} pin{'s' if pins > 1 else ''})")
-    readers = store.in_use(key)
-    if readers:
-        return Refuse(Reason.IN_USE, f"{key!r} is being read or sent ({readers} streams)")
+    streams = store.in_use(key) if readers else 0
+    if streams:
+        return Refuse(Reason.IN_USE, f"{key!r} is being read or sent ({streams} streams)")
     expires = store.promised_until(key, now) if promises else None
     if expires is not None:
         return Refuse(

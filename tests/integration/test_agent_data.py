@@ -24,6 +24,8 @@ from tests.support.waiting import wait_for
 from worker_agent.store import Key
 
 BIG = os.urandom(300_000)
+#: More than gRPC and the sockets buffer: a reader that stops reading stalls the sender.
+STALLING = 32 * 1024 * 1024
 
 
 async def code_of(call: object) -> grpc.StatusCode:
@@ -199,3 +201,28 @@ async def test_poll_is_incremental_and_shows_pins() -> None:
         stranger = await poll(stub, since_version=first.version, incarnation="someone-else")
         assert stranger.full
         assert not list(stranger.removed)
+
+
+async def test_forget_deletes_a_key_under_a_stalled_reader_who_still_gets_its_value() -> None:
+    """A reader that stopped reading kept the key in use, so even Forget could not delete it."""
+    value = os.urandom(STALLING)
+    async with running_agent(chunk_size=64 * 1024) as agent, dial(agent.address) as stub:
+        await put(stub, "k", value, chunk_size=1024 * 1024)
+        reader = stub.Get(agent_pb2.GetRequest(key="k"))
+        first = await reader.read()
+        assert isinstance(first, agent_pb2.GetResponse)
+        assert agent.store.in_use(Key("k")) == 1
+        delete = stub.Delete(agent_pb2.DeleteRequest(key="k"))
+        assert await code_of(delete) == grpc.StatusCode.FAILED_PRECONDITION, "a user delete waits"
+        assert (await stub.Delete(agent_pb2.DeleteRequest(key="k", forget=True))).deleted
+        assert "k" not in agent.store
+        chunks = []
+        while isinstance(message := await reader.read(), agent_pb2.GetResponse):
+            chunks.append(message.chunk)
+        assert first.header.checksum == checksum(value)
+        assert b"".join(chunks) == value, "the reader's bytes are untouched"
+
+        await put(stub, "pinned", b"data")
+        await stub.Pin(agent_pb2.PinRequest(key="pinned"))
+        forget = stub.Delete(agent_pb2.DeleteRequest(key="pinned", forget=True))
+        assert await code_of(forget) == grpc.StatusCode.FAILED_PRECONDITION, "pins still bind"

@@ -192,3 +192,14 @@ def test_delete_and_put_rules() -> None:
     full = held()
     assert reason(integrity.judge_put(full, Key("new"), 4, cond)) is Reason.MEMORY_LIMIT
     assert integrity.judge_put(full, Key("new"), 3, cond) == Accept()
+
+
+def test_forget_is_held_back_by_pins_only() -> None:
+    """Readers stream their own immutable bytes; a stalled one must not keep a forgotten key."""
+    store = held()
+    store.begin_use(K)
+    store.promise(K, until=NOW + 10)
+    assert reason(integrity.judge_delete(store, K, NOW)) is Reason.IN_USE
+    assert integrity.judge_delete(store, K, NOW, forget=True) == Accept()
+    store.pin(K)
+    assert reason(integrity.judge_delete(store, K, NOW, forget=True)) is Reason.PINNED
