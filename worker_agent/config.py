@@ -62,6 +62,10 @@ class AgentConfig:
     max_peer_channels: int = 256
     #: Deadline of one peer transfer (one source), in seconds.
     fetch_timeout: float = 30.0
+    #: A Get or Fetch whose reader accepts no chunk for this long is ended with
+    #: DEADLINE_EXCEEDED, in seconds: a reader that stopped reading must not keep the key in use
+    #: (undroppable) for as long as its connection lives.
+    stream_idle_timeout: float = 30.0
     #: Deadline of one PromiseKeep call to a holder during a DROP, in seconds.
     promise_timeout: float = 2.0
     #: Longest pause between two registration attempts, in seconds (backoff starts at 0.1 s).
@@ -106,6 +110,7 @@ class AgentConfig:
             "unmanaged_window",
             "memory_interval",
             "fetch_timeout",
+            "stream_idle_timeout",
             "promise_timeout",
             "register_backoff_max",
         ):

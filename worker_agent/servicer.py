@@ -276,9 +276,12 @@ class WorkerAgentServicer(agent_pb2_grpc.WorkerAgentServicer):
                 key=info.key, size=info.size, checksum=info.checksum, created=created
             )
 
-    async def Get(
+    # Get and Fetch use grpc.aio's writer API (context.write) rather than yielding: a yield
+    # cannot be given a deadline, and a reader that stops reading would hold the key in use for
+    # as long as its connection lives. The generated base class describes generators only.
+    async def Get(  # type: ignore[override]
         self, request: agent_pb2.GetRequest, context: Context
-    ) -> AsyncIterator[agent_pb2.GetResponse]:
+    ) -> None:
         async with _Edge(context, "Get"):
             key = _key(request.key)
             bad = integrity.bad_peer_addresses(request.sources)
@@ -289,18 +292,22 @@ class WorkerAgentServicer(agent_pb2_grpc.WorkerAgentServicer):
                 header = types_pb2.ValueHeader(
                     key=key, size=value.size, checksum=value.checksum, replicated=reading.replicated
                 )
-                for message in value_messages(
-                    header,
-                    value.data,
-                    self._node.config.chunk_size,
-                    lambda h: agent_pb2.GetResponse(header=h),
-                    lambda c: agent_pb2.GetResponse(chunk=c),
-                ):
-                    yield message
+                sent = await self._send(
+                    context,
+                    value_messages(
+                        header,
+                        value.data,
+                        self._node.config.chunk_size,
+                        lambda h: agent_pb2.GetResponse(header=h),
+                        lambda c: agent_pb2.GetResponse(chunk=c),
+                    ),
+                )
+            if not sent:
+                self._stalled(context, "Get", key)
 
-    async def Fetch(
+    async def Fetch(  # type: ignore[override]
         self, request: agent_pb2.FetchRequest, context: Context
-    ) -> AsyncIterator[agent_pb2.FetchResponse]:
+    ) -> None:
         async with _Edge(context, "Fetch"):
             key = _key(request.key)
             expected = _checksum(request.checksum)
@@ -309,14 +316,40 @@ class WorkerAgentServicer(agent_pb2_grpc.WorkerAgentServicer):
                 if expected and expected != value.checksum:
                     raise UnknownKey(f"holds other content under {key!r}")
                 header = types_pb2.ValueHeader(key=key, size=value.size, checksum=value.checksum)
-                for message in value_messages(
-                    header,
-                    value.data,
-                    self._node.config.chunk_size,
-                    lambda h: agent_pb2.FetchResponse(header=h),
-                    lambda c: agent_pb2.FetchResponse(chunk=c),
-                ):
-                    yield message
+                sent = await self._send(
+                    context,
+                    value_messages(
+                        header,
+                        value.data,
+                        self._node.config.chunk_size,
+                        lambda h: agent_pb2.FetchResponse(header=h),
+                        lambda c: agent_pb2.FetchResponse(chunk=c),
+                    ),
+                )
+            if not sent:
+                self._stalled(context, "Fetch", key)
+
+    async def _send(self, context: Context, messages: Iterable[Any]) -> bool:
+        """Write the messages, each within ``stream_idle_timeout``; False when the reader
+        stopped reading (the caller then ends the call, once it released the key)."""
+        idle = self._node.config.stream_idle_timeout
+        for message in messages:
+            try:
+                async with asyncio.timeout(idle):
+                    await context.write(message)
+            except TimeoutError:
+                return False
+        return True
+
+    def _stalled(self, context: Context, method: str, key: Key) -> None:
+        """End a call whose reader stopped reading. Not with ``abort``: it would wait behind the
+        unread messages for the reader; the status set here follows them without a wait."""
+        idle = self._node.config.stream_idle_timeout
+        log.info(
+            "%s of %r: the reader accepted nothing for %g s; ending the call", method, key, idle
+        )
+        context.set_code(grpc.StatusCode.DEADLINE_EXCEEDED)
+        context.set_details(f"the reader accepted no data for {idle:g} s")
 
     async def Pin(self, request: agent_pb2.PinRequest, context: Context) -> agent_pb2.PinResponse:
         async with _Edge(context, "Pin"):

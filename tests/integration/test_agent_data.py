@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import grpc
 import pytest
@@ -38,6 +39,14 @@ async def stream_code(stub: Stub, key: str) -> grpc.StatusCode:
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await get(stub, key)
     return err.value.code()
+
+
+VALUE_MESSAGES = (agent_pb2.GetResponse, agent_pb2.FetchResponse)
+
+
+async def read_to_the_end(call: grpc.aio.UnaryStreamCall[Any, Any]) -> None:
+    while isinstance(await call.read(), VALUE_MESSAGES):
+        pass
 
 
 async def test_put_get_fetch_round_trip_in_chunks() -> None:
@@ -226,3 +235,25 @@ async def test_forget_deletes_a_key_under_a_stalled_reader_who_still_gets_its_va
         await stub.Pin(agent_pb2.PinRequest(key="pinned"))
         forget = stub.Delete(agent_pb2.DeleteRequest(key="pinned", forget=True))
         assert await code_of(forget) == grpc.StatusCode.FAILED_PRECONDITION, "pins still bind"
+
+
+async def test_a_reader_that_stops_reading_is_cut_off_and_releases_the_key() -> None:
+    """Without a deadline per chunk, the key stayed in use (undroppable) for as long as the
+    reader's connection lived."""
+    value = os.urandom(STALLING)
+    config = {"chunk_size": 64 * 1024, "stream_idle_timeout": 0.3}
+    async with agents(2, **config) as [(a, stub_a), (b, stub_b)]:
+        await put(stub_a, "k", value, chunk_size=1024 * 1024)
+        calls: list[grpc.aio.UnaryStreamCall[Any, Any]] = [
+            stub_a.Get(agent_pb2.GetRequest(key="k")),
+            stub_a.Fetch(agent_pb2.FetchRequest(key="k", requester=b.address)),
+        ]
+        for call in calls:
+            assert isinstance(await call.read(), VALUE_MESSAGES), "the header"
+        await wait_for(lambda: a.store.in_use(Key("k")), lambda n: n == 0, what="released")
+        for call in calls:
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await read_to_the_end(call)
+            assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        header, data = await get(stub_b, "k", sources=[a.address])
+        assert (header.replicated, data == value) == (True, True), "readers that read are served"
