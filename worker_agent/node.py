@@ -31,12 +31,20 @@ from worker_agent.errors import (
 )
 from worker_agent.integrity import Conditions, Directive, Reason, Refuse
 from worker_agent.memory import MemoryMonitor, MemoryProbe, MemoryReport
-from worker_agent.store import Key, KeyInfo, Store, Value
+from worker_agent.store import Key, KeyInfo, Page, Store, Value
 from worker_agent.transfer import FetchFailure, Peers
 
 log = logging.getLogger(__name__)
 
 WhoHas = Callable[[Key], Awaitable[list[str]]]
+
+#: Keys in a poll answer when the caller asks for no particular number (PollRequest.max_keys 0).
+DEFAULT_POLL_KEYS = 10_000
+#: Most keys in a poll answer, whatever the caller asks.
+MAX_POLL_KEYS = 50_000
+#: Most bytes of keys in a poll answer, about, well below the 16 MiB message cap: 50,000 keys
+#: of 1 KiB would not fit in one message, so answers are cut by bytes too.
+POLL_BYTES = 8 * 1024 * 1024
 
 
 class WorkerStatus(enum.Enum):
@@ -58,6 +66,10 @@ class Inventory:
     status: WorkerStatus
     name: str
     epoch: int
+    #: A snapshot continues after this key (empty when it does not).
+    next_cursor: str = ""
+    #: An incremental answer stopped short: more changes follow ``version``.
+    more: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,31 +158,66 @@ class Node:
             max_value_bytes=self.config.max_value_bytes,
         )
 
-    def poll(self, *, since: int, incarnation: str, full: bool, epoch: int) -> Inventory:
-        """The changes since ``since``, or everything when asked, when the caller knew another
-        incarnation, or when the changelog no longer reaches back that far."""
+    def poll(
+        self,
+        *,
+        since: int,
+        incarnation: str,
+        full: bool,
+        epoch: int,
+        max_keys: int = 0,
+        cursor: str = "",
+    ) -> Inventory:
+        """The inventory, in pages of at most ``max_keys`` keys (0: ``DEFAULT_POLL_KEYS``; never
+        more than ``MAX_POLL_KEYS``, nor about ``POLL_BYTES``). Three kinds of answer:
+
+        1. Incremental, when ``since`` > 0 from this incarnation and the changelog reaches back
+           that far: the keys changed and removed since, in changelog order. ``version`` is the
+           version up to which the answer is complete; ``more`` is set when it stopped short of
+           the current version: poll again since ``version``.
+        2. A snapshot's first page, otherwise (``full``, ``since`` 0, another incarnation, or a
+           caller too far behind): keys in key order from the first, with ``full`` set, and
+           ``next_cursor`` (the page's last key) when more follow.
+        3. A snapshot's next page, when ``cursor`` is set (``since`` and ``full`` are ignored):
+           the keys after the cursor in key order, ``full`` set again, and ``next_cursor`` while
+           more follow. A cursor sent with another incarnation than this one (the agent
+           restarted while the caller paged) is ignored: the answer is a new first page.
+
+        The agent keeps no state per caller, so it cannot tell when a caller's snapshot began:
+        every snapshot page carries the version current when that page is served. The caller
+        must keep the version of the FIRST page and, once the last page is in, poll
+        incrementally since it: that answer holds whatever changed while paging (keys added
+        behind the cursor, keys removed from pages already read).
+        """
         self.observe_epoch(epoch)
         self.polled.set()
+        limit = min(max_keys or DEFAULT_POLL_KEYS, MAX_POLL_KEYS)
+        current = self.store.version
+        same = incarnation == self.incarnation
         changes = None
-        keys: tuple[KeyInfo, ...]
-        removed: tuple[Key, ...]
-        if not full and since > 0 and incarnation == self.incarnation:
-            changes = self.store.changes_since(since)
-        if changes is None:
-            keys, removed, version = tuple(self.store.snapshot()), (), self.store.version
+        if cursor and (same or not incarnation):
+            page = self.store.snapshot_page(Key(cursor), max_keys=limit, max_bytes=POLL_BYTES)
         else:
-            keys, removed, version = changes.upserts, changes.removed, changes.version
+            if not full and since > 0 and same:
+                changes = self.store.changes_since(since, max_keys=limit, max_bytes=POLL_BYTES)
+            page = (
+                self.store.snapshot_page(None, max_keys=limit, max_bytes=POLL_BYTES)
+                if changes is None
+                else Page((), None)
+            )
         report = self.sample_memory()
         return Inventory(
             incarnation=self.incarnation,
-            version=version,
+            version=current if changes is None else changes.version,
             full=changes is None,
-            keys=keys,
-            removed=removed,
+            keys=page.keys if changes is None else changes.upserts,
+            removed=() if changes is None else changes.removed,
             memory=report,
             status=self.status(report),
             name=self.name,
             epoch=self.newest_epoch,
+            next_cursor=page.last or "",
+            more=changes is not None and changes.more,
         )
 
     async def run_directive(self, directive: Directive) -> Outcome:

@@ -137,6 +137,8 @@ def _poll_response(inv: Inventory) -> agent_pb2.PollResponse:
         status=types_pb2.WorkerStatus.Value(f"WORKER_STATUS_{inv.status.name}"),
         name=inv.name,
         epoch=inv.epoch,
+        next_cursor=inv.next_cursor,
+        more=inv.more,
     )
 
 
@@ -197,6 +199,8 @@ class WorkerAgentServicer(agent_pb2_grpc.WorkerAgentServicer):
                 incarnation=request.incarnation,
                 full=request.full,
                 epoch=request.epoch,
+                max_keys=request.max_keys,
+                cursor=request.cursor,
             )
             return _poll_response(inventory)
 

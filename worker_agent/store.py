@@ -1,8 +1,9 @@
 """The agent's in-memory keyed store and the bookkeeping the integrity rules read.
 
 What it covers: immutable values with their size and checksum; an inventory ``version`` with a
-bounded changelog, so that the AMM's polls carry only what changed; pin counts; counters of readers
-and senders per key; the keys this agent is dropping right now; keep-promise leases.
+bounded changelog, so that the AMM's polls carry only what changed; pages of both (a poll answer
+is one message, capped at 16 MiB); pin counts; counters of readers and senders per key; the keys
+this agent is dropping right now; keep-promise leases.
 
 What it does not: deciding whether an operation is allowed (``integrity``), I/O or waiting. It is
 synchronous and never reads a clock: lease expiries are compared with the ``now`` the caller passes.
@@ -11,6 +12,7 @@ A precondition the caller should have checked (pinning a key not held) raises ``
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import NewType
@@ -21,6 +23,9 @@ Key = NewType("Key", str)
 CHANGELOG_LIMIT = 100_000
 #: Longest key, in bytes of UTF-8.
 MAX_KEY_BYTES = 1024
+#: What one key costs in a poll answer besides its own bytes (checksum, size, flags, framing),
+#: rounded up: pages are cut by bytes as well as by count.
+KEY_INFO_OVERHEAD = 96
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,11 +53,42 @@ class KeyInfo:
 
 @dataclass(frozen=True, slots=True)
 class Changes:
-    """The inventory changes after some version, up to ``version``."""
+    """The inventory changes after some version, up to ``version``; ``more`` when the answer
+    stopped at a limit and further changes follow ``version``."""
 
     upserts: tuple[KeyInfo, ...]
     removed: tuple[Key, ...]
     version: int
+    more: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    """Keys of a snapshot in key order; ``last`` is the last key when more follow, else None."""
+
+    keys: tuple[KeyInfo, ...]
+    last: Key | None
+
+
+class _Budget:
+    """At most ``max_keys`` keys and about ``max_bytes`` bytes, but always one key (progress)."""
+
+    def __init__(self, max_keys: int | None, max_bytes: int | None) -> None:
+        self._keys = max_keys
+        self._bytes = max_bytes
+        self._count = 0
+        self._used = 0
+
+    def take(self, key: Key) -> bool:
+        cost = len(key.encode()) + KEY_INFO_OVERHEAD
+        if self._count and (
+            (self._keys is not None and self._count >= self._keys)
+            or (self._bytes is not None and self._used + cost > self._bytes)
+        ):
+            return False
+        self._count += 1
+        self._used += cost
+        return True
 
 
 class Store:
@@ -62,6 +98,9 @@ class Store:
         if changelog_limit < 1:
             raise ValueError(f"changelog_limit must be >= 1, got {changelog_limit}")
         self._values: dict[Key, Value] = {}
+        # The keys held, sorted, for snapshot pages: an insertion is a bisect and one memmove,
+        # cheaper than sorting the inventory for every page.
+        self._sorted: list[Key] = []
         self._pins: dict[Key, int] = {}
         self._in_use: dict[Key, int] = {}
         self._dropping: set[Key] = set()
@@ -97,20 +136,36 @@ class Store:
         return self._values.get(key)
 
     def info(self, key: Key) -> KeyInfo | None:
-        value = self._values.get(key)
-        if value is None:
-            return None
+        return self._info(key) if key in self._values else None
+
+    def _info(self, key: Key) -> KeyInfo:
+        value = self._values[key]
         return KeyInfo(key, value.size, value.checksum, self._pins.get(key, 0) > 0)
 
     def snapshot(self) -> list[KeyInfo]:
         """Every key held, ordered by key."""
-        return [info for key in sorted(self._values) if (info := self.info(key)) is not None]
+        return [self._info(key) for key in self._sorted]
+
+    def snapshot_page(
+        self, after: Key | None, *, max_keys: int | None = None, max_bytes: int | None = None
+    ) -> Page:
+        """The keys after ``after`` (from the first when None) in key order, within the limits."""
+        start = 0 if after is None else bisect.bisect_right(self._sorted, after)
+        budget = _Budget(max_keys, max_bytes)
+        keys: list[KeyInfo] = []
+        for index in range(start, len(self._sorted)):
+            key = self._sorted[index]
+            if not budget.take(key):
+                return Page(tuple(keys), keys[-1].key)
+            keys.append(self._info(key))
+        return Page(tuple(keys), None)
 
     def add(self, key: Key, data: bytes, checksum: str) -> bool:
         """Store a verified value; False when the key is already held (the caller compares)."""
         if key in self._values:
             return False
         self._values[key] = Value(key, data, checksum)
+        bisect.insort(self._sorted, key)
         self._total += len(data)
         self._changed(key)
         return True
@@ -120,6 +175,7 @@ class Store:
         value = self._values.pop(key, None)
         if value is None:
             return False
+        del self._sorted[bisect.bisect_left(self._sorted, key)]
         self._total -= value.size
         self._pins.pop(key, None)
         self._leases.pop(key, None)
@@ -192,12 +248,32 @@ class Store:
 
     # -- inventory versioning -----------------------------------------------------------------
 
-    def changes_since(self, since: int) -> Changes | None:
+    def changes_since(
+        self, since: int, *, max_keys: int | None = None, max_bytes: int | None = None
+    ) -> Changes | None:
         """What changed after version ``since``; None when the changelog no longer reaches back
-        that far (or ``since`` is from the future), so the caller needs a full snapshot."""
+        that far (or ``since`` is from the future), so the caller needs a full snapshot.
+
+        Within the limits, the answer takes the changelog in order and stops before the first
+        key that does not fit: ``version`` is then the version up to which it is complete, and
+        ``more`` is set. Each key is reported as it is now, which may already include later
+        changes; those are reported again after ``version``, so applying the answers in turn
+        ends at the current inventory.
+        """
         if since < self._base or since > self._version:
             return None
-        changed = dict.fromkeys(self._log[since - self._base :])
+        budget = _Budget(max_keys, max_bytes)
+        changed: dict[Key, None] = {}
+        version, more = self._version, False
+        for index in range(since - self._base, len(self._log)):
+            key = self._log[index]
+            if key in changed:
+                continue
+            if not budget.take(key):
+                # _log[index] is the change that made version _base + index + 1.
+                version, more = self._base + index, True
+                break
+            changed[key] = None
         upserts: list[KeyInfo] = []
         removed: list[Key] = []
         for key in changed:
@@ -206,7 +282,7 @@ class Store:
                 removed.append(key)
             else:
                 upserts.append(info)
-        return Changes(tuple(upserts), tuple(removed), self._version)
+        return Changes(tuple(upserts), tuple(removed), version, more)
 
     def _changed(self, key: Key) -> None:
         self._version += 1

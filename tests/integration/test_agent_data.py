@@ -257,3 +257,62 @@ async def test_a_reader_that_stops_reading_is_cut_off_and_releases_the_key() -> 
             assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         header, data = await get(stub_b, "k", sources=[a.address])
         assert (header.replicated, data == value) == (True, True), "readers that read are served"
+
+
+async def test_a_large_inventory_comes_in_pages_and_what_changed_meanwhile_follows() -> None:
+    """One answer held the whole inventory, so past 16 MiB a worker could not be polled at all.
+    The caller keeps the first page's version and polls since it once the last page is in."""
+    async with running_agent() as agent, dial(agent.address) as stub:
+        one = checksum(b"v")
+        for i in range(25_000):  # setup only: 25,000 Puts would take a while
+            agent.store.add(Key(f"key-{i:05d}"), b"v", one)
+        pages = [await poll(stub)]  # max_keys 0: the agent's default, 10,000
+        assert pages[0].full
+        assert pages[0].next_cursor == "key-09999"
+        # While paging: a key behind the cursor, one ahead, removals on both sides of it.
+        await put(stub, "a-new", b"behind the cursor")
+        await put(stub, "zzz-new", b"ahead of it")
+        await stub.Delete(agent_pb2.DeleteRequest(key="key-00000"))
+        await stub.Delete(agent_pb2.DeleteRequest(key="key-24999"))
+        while pages[-1].next_cursor:
+            pages.append(
+                await poll(stub, cursor=pages[-1].next_cursor, incarnation=agent.incarnation)
+            )
+        assert [(len(p.keys), p.full, p.more) for p in pages] == [
+            (10_000, True, False),
+            (10_000, True, False),
+            (5_000, True, False),
+        ]
+        paged = {k.key for p in pages for k in p.keys}
+        assert "a-new" not in paged
+        assert "zzz-new" in paged
+
+        since = {"since_version": pages[0].version, "incarnation": agent.incarnation}
+        follow = await poll(stub, **since)
+        assert (follow.full, follow.more, follow.version) == (False, False, agent.store.version)
+        assert {k.key for k in follow.keys} == {"a-new", "zzz-new"}
+        assert set(follow.removed) == {"key-00000", "key-24999"}
+        assert (paged | {k.key for k in follow.keys}) - set(follow.removed) == set(agent.store)
+
+        # An incremental answer larger than max_keys comes in several, each complete up to its
+        # version.
+        for i in range(25):
+            await put(stub, f"more-{i:02d}", b"x")
+        answers: list[agent_pb2.PollResponse] = []
+        version = follow.version
+        while not answers or answers[-1].more:
+            answers.append(
+                await poll(stub, since_version=version, incarnation=agent.incarnation, max_keys=10)
+            )
+            version = answers[-1].version
+        assert [(len(a.keys), a.full, a.more) for a in answers] == [
+            (10, False, True),
+            (10, False, True),
+            (5, False, False),
+        ]
+        assert [a.version for a in answers] == [
+            follow.version + 10,
+            follow.version + 20,
+            agent.store.version,
+        ]
+        assert [k.key for a in answers for k in a.keys] == [f"more-{i:02d}" for i in range(25)]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from amm.checksum import checksum
-from worker_agent.store import Key, KeyInfo, Store, Value
+from worker_agent.store import KEY_INFO_OVERHEAD, Changes, Key, KeyInfo, Page, Store, Value
 
 A, B, C = Key("a"), Key("b"), Key("c")
 
@@ -105,3 +105,46 @@ def test_leases_extend_but_never_shorten_and_expire_by_the_given_clock() -> None
     assert store.promised_until(A, now=0.0) is None
     with pytest.raises(KeyError):
         store.promise(A, until=1.0)
+
+
+def test_snapshot_pages_follow_key_order_within_the_limits() -> None:
+    store = Store()
+    for i in (3, 1, 4, 0, 2):
+        add(store, Key(f"k{i}"))
+    first = store.snapshot_page(None, max_keys=2)
+    assert ([k.key for k in first.keys], first.last) == (["k0", "k1"], "k1")
+    second = store.snapshot_page(first.last, max_keys=2)
+    assert ([k.key for k in second.keys], second.last) == (["k2", "k3"], "k3")
+    store.remove(Key("k4"))
+    assert store.snapshot_page(second.last, max_keys=2) == Page((), None)
+    assert [k.key for k in store.snapshot_page(Key("k10"), max_keys=9).keys] == ["k2", "k3"]
+    assert store.snapshot_page(None).keys == tuple(store.snapshot())
+
+
+def test_pages_are_cut_by_bytes_too_but_always_progress() -> None:
+    """50,000 keys of 1 KiB would not fit in one 16 MiB message."""
+    store = Store()
+    for i in range(10):
+        add(store, Key(f"{i}" * 1000))
+    cost = 1000 + KEY_INFO_OVERHEAD
+    page = store.snapshot_page(None, max_keys=50_000, max_bytes=3 * cost)
+    assert len(page.keys) == 3
+    assert len(store.snapshot_page(None, max_bytes=1).keys) == 1, "one key at least"
+    changes = store.changes_since(0, max_bytes=4 * cost)
+    assert changes is not None
+    assert (len(changes.upserts), changes.version, changes.more) == (4, 4, True)
+
+
+def test_changes_stop_at_max_keys_complete_up_to_their_version() -> None:
+    store = Store()
+    add(store, A)
+    add(store, B)
+    store.pin(A)  # A again: no new key
+    add(store, C)
+    store.remove(B)
+    first = store.changes_since(0, max_keys=2)
+    assert first is not None
+    assert ([i.key for i in first.upserts], first.removed) == ([A], (B,)), "as they are now"
+    assert (first.version, first.more) == (3, True), "complete up to the version before C"
+    rest = store.changes_since(first.version, max_keys=2)
+    assert rest == Changes((store.info(C),), (B,), 5, False)  # type: ignore[arg-type]
