@@ -3,8 +3,8 @@
 ``Agent`` owns a ``Node`` (the state and operations), the server that exposes it, the channel to
 the AMM and two named background tasks: the memory sampler and the registration loop. ``start``
 binds and registers; ``stop`` is idempotent and tears down in order: CLOSING and health
-NOT_SERVING, background tasks cancelled, unregistration (short deadline), directive streams
-ended, ``server.stop(grace)``, channels closed.
+NOT_SERVING, background tasks cancelled, directive streams ended, then unregistration (short
+deadline) and ``server.stop(grace)`` at the same time, channels closed.
 """
 
 from __future__ import annotations
@@ -137,14 +137,17 @@ class Agent:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        await self._unregister()
-        self.node.shutdown.set()
-        if self._served is not None:
-            await self._served.stop(self.config.stop_grace)
+        self.node.shutdown.set()  # our directive streams end themselves (grpc/grpc#37239)
+        # Each may take its whole deadline (an AMM or clients that do not answer): not in turn.
+        await asyncio.gather(self._unregister(), self._stop_server())
         await self.node.close()
         if self._amm_channel is not None:
             await self._amm_channel.close(None)
         log.info("agent %s stopped", self.node.address or "(never started)")
+
+    async def _stop_server(self) -> None:
+        if self._served is not None:
+            await self._served.stop(self.config.stop_grace)
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
         task = asyncio.create_task(coro, name=name)

@@ -6,6 +6,7 @@ cannot be made unresponsive; everything else runs against the real AMM
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -29,6 +30,7 @@ class ScriptedAmm(control_pb2_grpc.ActiveMemoryManagerServicer):
         self.interval = interval
         self.hang = hang
         self.registrations: list[control_pb2.RegisterWorkerRequest] = []
+        self.who_has_asked = 0
         self._never = asyncio.Event()
 
     async def RegisterWorker(
@@ -49,6 +51,7 @@ class ScriptedAmm(control_pb2_grpc.ActiveMemoryManagerServicer):
     async def WhoHas(
         self, request: control_pb2.WhoHasRequest, context: Any
     ) -> control_pb2.WhoHasResponse:
+        self.who_has_asked += 1
         if self.hang:
             await self._never.wait()
         return control_pb2.WhoHasResponse()
@@ -110,3 +113,19 @@ async def test_a_put_finishing_while_the_agent_stops_is_refused_not_acknowledged
         finally:
             await stopping
         assert "late" not in agent.store
+
+
+async def test_stop_takes_well_under_a_second_with_an_amm_that_does_not_answer() -> None:
+    """Unregistering (0.5 s deadline) and the grace for calls in flight (0.5 s) ran in turn."""
+    amm = ScriptedAmm(hang=True)  # type: ignore[abstract]
+    async with scripted_amm(amm) as address, running_agent(amm=address) as agent:
+        await wait_for(lambda: agent.registered, what="registration")
+        async with dial(agent.address) as stub:
+            # A Get of a key held nowhere asks the AMM who holds it, and waits: a call in flight.
+            reader = stub.Get(agent_pb2.GetRequest(key="missing"))
+            await wait_for(lambda: amm.who_has_asked, what="WhoHas asked")
+            started = time.monotonic()
+            await agent.stop()
+            elapsed = time.monotonic() - started
+            reader.cancel()
+        assert elapsed < 0.8, f"took {elapsed:.2f}s to stop"
