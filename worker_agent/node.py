@@ -305,6 +305,16 @@ class Node:
                 raise UnknownKey(result.message)
             raise Unavailable(result.message)
         value = Value(key, result.data, result.checksum)
+        held = self.store.get(key)
+        if held is not None:
+            # A Put stored the key meanwhile (Puts take no key lock): serve what is stored, and
+            # never stream content other than the key's.
+            if held.checksum != value.checksum:
+                raise ContentConflict(
+                    f"{key!r} was stored with other content while it was being fetched; "
+                    "keys are immutable"
+                )
+            return held, False
         cond = self.conditions()
         verdict = integrity.judge_put(self.store, key, value.size, cond)
         if isinstance(verdict, Refuse):

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 import pytest
 
 from amm.checksum import checksum
-from amm.v1 import agent_pb2, types_pb2
+from amm.v1 import agent_pb2, agent_pb2_grpc, types_pb2
 from tests.support.agent import (
     Stub,
     agents,
     dial,
+    fake_peer,
     fetch,
     get,
     poll,
@@ -316,3 +319,40 @@ async def test_a_large_inventory_comes_in_pages_and_what_changed_meanwhile_follo
             agent.store.version,
         ]
         assert [k.key for a in answers for k in a.keys] == [f"more-{i:02d}" for i in range(25)]
+
+
+class _GatedSource(agent_pb2_grpc.WorkerAgentServicer):
+    """Forwards Fetch to a real agent once ``opened`` is set: a slow source."""
+
+    def __init__(self, target: Stub) -> None:
+        self.target = target
+        self.asked = 0
+        self.opened = asyncio.Event()
+
+    async def Fetch(self, request: Any, context: Any) -> AsyncIterator[agent_pb2.FetchResponse]:
+        self.asked += 1
+        await self.opened.wait()
+        async for message in self.target.Fetch(request):
+            yield message
+
+
+async def test_a_get_that_fetches_serves_what_a_concurrent_put_stored() -> None:
+    """A Put may store the key while a Get fetches it: the Get must stream what is stored (and
+    say it replicated nothing), and refuse rather than stream other content under the key."""
+    async with agents(2) as [(_, stub_a), (_, stub_b)]:
+        await put(stub_a, "same", b"one")
+        await put(stub_a, "other", b"one")
+        gate = _GatedSource(stub_a)  # type: ignore[abstract]
+        async with fake_peer(gate) as slow:
+            same = asyncio.create_task(get(stub_b, "same", sources=[slow]))
+            other = asyncio.create_task(get(stub_b, "other", sources=[slow]))
+            await wait_for(lambda: gate.asked, lambda n: n == 2, what="both fetching")
+            await put(stub_b, "same", b"one")
+            await put(stub_b, "other", b"two")
+            gate.opened.set()
+            header, data = await same
+            assert (header.replicated, data) == (False, b"one")
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await other
+            assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
+        assert (await get(stub_b, "other"))[1] == b"two"

@@ -6,7 +6,7 @@ import asyncio
 import collections
 import time
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import contextmanager
 from typing import Any
 
 import grpc
@@ -21,6 +21,7 @@ from tests.support.agent import (
     dial,
     directive_stream,
     drop,
+    fake_peer,
     get,
     new_id,
     poll,
@@ -222,22 +223,9 @@ class _LyingAgent(agent_pb2_grpc.WorkerAgentServicer):
         yield agent_pb2.FetchResponse(chunk=b"X" * len(DATA))
 
 
-@asynccontextmanager
-async def peer(servicer: agent_pb2_grpc.WorkerAgentServicer) -> AsyncIterator[str]:
-    """A hostile or slow peer on 127.0.0.1:0, for faults a real agent cannot produce."""
-    server = grpc.aio.server()
-    agent_pb2_grpc.add_WorkerAgentServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        await server.stop(None)
-
-
 async def test_replicate_from_a_corrupt_source_is_refused_checksum_mismatch() -> None:
     lying = _LyingAgent()  # type: ignore[abstract]
-    async with peer(lying) as liar, running_agent() as b, dial(b.address) as stub_b:
+    async with fake_peer(lying) as liar, running_agent() as b, dial(b.address) as stub_b:
         async with directive_stream(stub_b) as amm:
             outcome = await amm.run(replicate("k", DATA, [liar]))
         assert (status(outcome), reason(outcome)) == ("REFUSED", "CHECKSUM_MISMATCH")
@@ -279,7 +267,7 @@ class _DelayingProxy(agent_pb2_grpc.WorkerAgentServicer):
 
 async def test_a_promise_that_arrives_too_late_is_not_relied_on() -> None:
     keeper = _SlowKeeper(0.3)  # type: ignore[abstract]
-    async with peer(keeper) as slow, running_agent(lease=0.4) as a, dial(a.address) as stub:
+    async with fake_peer(keeper) as slow, running_agent(lease=0.4) as a, dial(a.address) as stub:
         await put(stub, "k", DATA)
         async with directive_stream(stub) as amm:
             outcome = await amm.run(drop("k", [slow]))
@@ -305,7 +293,7 @@ async def test_a_drop_relies_on_the_lease_granted_not_the_one_asked() -> None:
         )
         assert granted.lease.ToNanoseconds() == 400_000_000, "the keeper says what it granted"
         proxy = _DelayingProxy(stub_b, 0.3)  # type: ignore[abstract]
-        async with peer(proxy) as slow_b, directive_stream(stub_a) as amm:
+        async with fake_peer(proxy) as slow_b, directive_stream(stub_a) as amm:
             late = await amm.run(drop("k", [slow_b], checksum=checksum(DATA)))
             assert (status(late), reason(late)) == ("REFUSED", "NO_CONFIRMED_HOLDER")
             assert "too late" in late.message
@@ -317,7 +305,7 @@ async def test_a_drop_relies_on_the_lease_granted_not_the_one_asked() -> None:
 async def test_a_promise_without_a_granted_lease_is_not_relied_on() -> None:
     """An older keeper answers kept=true without saying for how long: nothing to count on."""
     keeper = _SlowKeeper(0, grant=False)  # type: ignore[abstract]
-    async with peer(keeper) as old, running_agent() as a, dial(a.address) as stub:
+    async with fake_peer(keeper) as old, running_agent() as a, dial(a.address) as stub:
         await put(stub, "k", DATA)
         async with directive_stream(stub) as amm:
             outcome = await amm.run(drop("k", [old]))
@@ -348,7 +336,7 @@ async def test_peer_channels_are_bounded_and_eviction_spares_calls_in_progress()
     idle ones close beyond the bound, and a slow call keeps its channel while others come."""
     keeper = _SlowKeeper(0.3)  # type: ignore[abstract]
     async with (
-        peer(keeper) as slow,
+        fake_peer(keeper) as slow,
         running_agent(max_peer_channels=2) as a,
         dial(a.address) as stub,
         directive_stream(stub) as amm,
