@@ -201,6 +201,7 @@ class Agent:
                 log.info("registered with %s (epoch %d)", self.config.amm, response.epoch)
                 epoch = response.epoch
             self.node.observe_epoch(response.epoch)
+            self.node.registered_epoch = response.epoch
             interval = max(response.interval.ToTimedelta().total_seconds(), 0.05)
             await self._until_silent(SILENCE_INTERVALS * interval)
             # Also routine while the AMM runs no cycles (it polls only then): hence DEBUG.

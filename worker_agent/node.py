@@ -104,6 +104,9 @@ class Node:
         self.address = ""
         self.closing = False
         self.newest_epoch = 0
+        #: The epoch of the AMM this agent last registered with: only its polls (or a newer
+        #: AMM's) show that it still knows this agent.
+        self.registered_epoch = 0
         self.polled = asyncio.Event()
         self.shutdown = asyncio.Event()
         self.store = Store()
@@ -190,7 +193,10 @@ class Node:
         behind the cursor, keys removed from pages already read).
         """
         self.observe_epoch(epoch)
-        self.polled.set()
+        if epoch >= self.registered_epoch:
+            # A superseded AMM (or a person with grpcurl) still polling must not keep this
+            # agent from registering again with the AMM that forgot it.
+            self.polled.set()
         limit = min(max_keys or DEFAULT_POLL_KEYS, MAX_POLL_KEYS)
         current = self.store.version
         same = incarnation == self.incarnation

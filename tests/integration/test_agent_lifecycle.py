@@ -84,6 +84,21 @@ async def test_registration_sends_the_newest_epoch_seen_and_keeps_the_larger_one
         await wait_for(lambda: agent.node.newest_epoch, lambda e: e == 12, what="newer epoch")
 
 
+async def test_only_polls_from_the_registered_epoch_on_postpone_registering_again() -> None:
+    """An AMM at epoch 5 forgot the agent; a superseded one at epoch 4 still polls it. Those
+    polls must not keep the agent from registering again."""
+    amm = ScriptedAmm(epoch=5, interval=0.05)  # type: ignore[abstract]
+    async with scripted_amm(amm) as address, running_agent(amm=address) as agent:
+        await wait_for(lambda: agent.registered, what="registration")
+        async with dial(agent.address) as stub:
+
+            async def stale_poll() -> int:
+                await poll(stub, epoch=4)
+                return len(amm.registrations)
+
+            await wait_for(stale_poll, lambda n: n >= 2, within=3, what="registering again")
+
+
 async def test_a_put_finishing_while_the_agent_stops_is_refused_not_acknowledged() -> None:
     """The value would be lost at exit: the client must hear so and store it elsewhere."""
     async with running_agent() as agent, dial(agent.address) as stub:
