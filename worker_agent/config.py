@@ -56,7 +56,8 @@ class AgentConfig:
     unmanaged_window: float = 30.0
     #: How often the memory is sampled for that window, in seconds.
     memory_interval: float = 0.5
-    #: Directives carried out at the same time.
+    #: Directives carried out at the same time; also how many directives one Directives stream
+    #: has in hand (read, outcome not yet sent) before it reads the next.
     max_concurrent_directives: int = 8
     #: Channels to peers kept open at most; beyond it the least recently used idle ones close.
     max_peer_channels: int = 256

@@ -211,19 +211,30 @@ class WorkerAgentServicer(agent_pb2_grpc.WorkerAgentServicer):
     ) -> AsyncIterator[agent_pb2.DirectivesResponse]:
         """Directives in, outcomes out in completion order, one owned task per directive.
 
+        At most ``max_concurrent_directives`` directives of a stream are in hand at once: the
+        next one is read only when an outcome has been sent, so an AMM that sends faster than
+        directives complete (or reads no outcomes) is held back by gRPC flow control instead of
+        piling up tasks here.
+
         The stream ends when the AMM stops sending and every directive has an outcome, or at once
         when the agent shuts down (unfinished directives are cancelled; the AMM times them out).
         """
         node = self._node
         outcomes: asyncio.Queue[Outcome | None] = asyncio.Queue()
         running: set[asyncio.Task[None]] = set()
+        slots = asyncio.Semaphore(node.config.max_concurrent_directives)
 
         async def carry_out(directive: Directive) -> None:
             outcomes.put_nowait(await node.run_directive(directive))
 
         async def read() -> None:
             try:
-                async for request in request_iterator:
+                requests = aiter(request_iterator)
+                while True:
+                    await slots.acquire()
+                    request = await anext(requests, None)
+                    if request is None:
+                        break
                     directive = directive_from_proto(request.directive)
                     task = asyncio.create_task(
                         carry_out(directive), name=f"directive {directive.id!r}"
@@ -247,6 +258,7 @@ class WorkerAgentServicer(agent_pb2_grpc.WorkerAgentServicer):
             async with _Edge(context, "Directives"):
                 while (outcome := await outcomes.get()) is not None:
                     yield agent_pb2.DirectivesResponse(outcome=outcome_to_proto(outcome))
+                    slots.release()
         finally:
             await _cancel_all([*helpers, *running])
 

@@ -371,6 +371,44 @@ async def test_peers_are_named_host_port_only() -> None:
         assert "k" in a.store
 
 
+class _GatedKeeper(agent_pb2_grpc.WorkerAgentServicer):
+    """A peer that promises to keep every key once ``opened`` is set."""
+
+    def __init__(self) -> None:
+        self.asked = 0
+        self.opened = asyncio.Event()
+
+    async def PromiseKeep(self, request: Any, context: Any) -> agent_pb2.PromiseKeepResponse:
+        self.asked += 1
+        await self.opened.wait()
+        return agent_pb2.PromiseKeepResponse(kept=True, lease=request.lease)
+
+
+def directive_tasks() -> int:
+    return sum(task.get_name().startswith("directive '") for task in asyncio.all_tasks())
+
+
+async def test_a_directive_stream_reads_the_next_directive_only_when_a_slot_is_free() -> None:
+    """Every directive read became a task at once: an AMM sending faster than they complete
+    piled up tasks without limit."""
+    keeper = _GatedKeeper()  # type: ignore[abstract]
+    async with (
+        fake_peer(keeper) as gated,
+        running_agent(max_concurrent_directives=2) as a,
+        dial(a.address) as stub,
+        directive_stream(stub) as amm,
+    ):
+        for i in range(5):
+            await put(stub, f"k{i}", DATA)
+            await amm.send(drop(f"k{i}", [gated]))
+        await wait_for(lambda: keeper.asked, lambda n: n == 2, what="two directives running")
+        assert directive_tasks() == 2
+        keeper.opened.set()
+        outcomes = [await amm.outcome() for _ in range(5)]
+        assert {status(o) for o in outcomes} == {"APPLIED"}
+        assert keeper.asked == 5
+
+
 async def test_replicate_from_nowhere_fails_source_unavailable() -> None:
     async with running_agent() as b, dial(b.address) as stub, directive_stream(stub) as amm:
         outcome = await amm.run(replicate("k", DATA, [UNREACHABLE]))
