@@ -22,7 +22,7 @@ from worker_agent import integrity
 from worker_agent.config import AgentConfig
 from worker_agent.integrity import Accept, Conditions, Directive, Op, Reason, Refuse
 from worker_agent.store import Key, Store
-from worker_agent.transfer import FetchFailure, Peers
+from worker_agent.transfer import FetchFailure, Peers, PromiseAnswer
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,13 @@ class Outcome:
     message: str
     inventory_version: int
     duplicate: bool = False
+
+
+def _describe(answer: PromiseAnswer) -> str:
+    if answer.kept:
+        return f"{answer.address}: kept but granted no lease (an older agent?), not relied on"
+    reason = answer.reason.name if answer.reason else "unreachable"
+    return f"{answer.address}: {reason} {answer.message}".strip()
 
 
 class _Subject(NamedTuple):
@@ -245,36 +252,59 @@ class DirectiveRunner:
     async def _find_keeper(
         self, directive: Directive, checksum: str
     ) -> tuple[str, float, float] | Refuse:
-        """The first holder that promises to keep the key, when we asked it and the lease it
-        granted, or a refusal listing every answer. A promise that names no lease (an older
-        agent) is not relied on: nothing says how long it lasts."""
+        """The first holder that promises to keep the key, when we asked and the lease it
+        granted, or a refusal listing every answer.
+
+        All holders are asked at once, within one ``promise_timeout``: asked in turn, each
+        unreachable holder would cost a whole timeout. The first usable promise wins and the
+        other requests are cancelled; a second holder that promised all the same only keeps its
+        copy a little longer. A promise that names no lease (an older agent) is not usable:
+        nothing says how long it lasts.
+        """
         me = self._address()
-        answers: list[str] = []
-        for holder in dict.fromkeys(directive.holders):
-            if holder == me:
-                continue
-            asked_at = self._clock()
-            answer = await self._peers.promise_keep(
-                holder,
-                key=directive.key,
-                checksum=checksum,
-                lease=self._config.lease,
-                requester=me,
-                directive_id=directive.id,
-                deadline=self._config.promise_timeout,
+        holders = [holder for holder in dict.fromkeys(directive.holders) if holder != me]
+        if not holders:
+            return Refuse(
+                Reason.NO_CONFIRMED_HOLDER,
+                f"no holder promised to keep {directive.key!r} "
+                "(no holder other than this agent was named)",
             )
-            if answer.kept and answer.lease is not None:
-                return holder, asked_at, answer.lease
-            if answer.kept:
-                answers.append(
-                    f"{holder}: kept but granted no lease (an older agent?), not relied on"
-                )
-                continue
-            reason = answer.reason.name if answer.reason else "unreachable"
-            answers.append(f"{holder}: {reason} {answer.message}".strip())
-        detail = "; ".join(answers) if answers else "no holder other than this agent was named"
+        asked_at = self._clock()
+        asks = {
+            asyncio.create_task(
+                self._peers.promise_keep(
+                    holder,
+                    key=directive.key,
+                    checksum=checksum,
+                    lease=self._config.lease,
+                    requester=me,
+                    directive_id=directive.id,
+                    deadline=self._config.promise_timeout,
+                ),
+                name=f"promise {directive.id!r} {holder}",
+            ): holder
+            for holder in holders
+        }
+        answers = {holder: f"{holder}: no answer in time" for holder in holders}
+        pending = set(asks)
+        try:
+            async with asyncio.timeout(self._config.promise_timeout):
+                while pending:
+                    done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                    for task in done:
+                        answer = task.result()
+                        if answer.kept and answer.lease is not None:
+                            return answer.address, asked_at, answer.lease
+                        answers[asks[task]] = _describe(answer)
+        except TimeoutError:
+            pass
+        finally:
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
         return Refuse(
-            Reason.NO_CONFIRMED_HOLDER, f"no holder promised to keep {directive.key!r} ({detail})"
+            Reason.NO_CONFIRMED_HOLDER,
+            f"no holder promised to keep {directive.key!r} ({'; '.join(answers.values())})",
         )
 
     async def _replicate(self, directive: Directive) -> Outcome:

@@ -384,6 +384,26 @@ class _GatedKeeper(agent_pb2_grpc.WorkerAgentServicer):
         return agent_pb2.PromiseKeepResponse(kept=True, lease=request.lease)
 
 
+async def test_holders_are_asked_at_once_and_the_first_promise_wins() -> None:
+    """Asked in turn, a holder that never answers cost a whole promise_timeout before the next
+    was asked; now all are asked at once and a prompt promise is not kept waiting."""
+    silent = _GatedKeeper()  # type: ignore[abstract]
+    async with (
+        fake_peer(silent) as never,
+        agents(2, promise_timeout=3.0) as [(a, stub_a), (b, stub_b)],
+        directive_stream(stub_a) as amm,
+    ):
+        await put(stub_a, "k", DATA)
+        await put(stub_b, "k", DATA)
+        started = time.monotonic()
+        outcome = await amm.run(drop("k", [never, b.address], checksum=checksum(DATA)))
+        elapsed = time.monotonic() - started
+        assert status(outcome) == "APPLIED", outcome.message
+        assert b.address in outcome.message
+        assert elapsed < 1.5, f"took {elapsed:.2f}s"
+        assert "k" not in a.store
+
+
 def directive_tasks() -> int:
     return sum(task.get_name().startswith("directive '") for task in asyncio.all_tasks())
 
