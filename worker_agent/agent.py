@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import socket
 import time
 from collections.abc import Callable, Coroutine
@@ -164,11 +165,16 @@ class Agent:
         """Register with the AMM, retrying with backoff, and again after any long silence.
 
         1. The AMM is not up yet: retry from 0.1 s, doubling up to ``register_backoff_max``.
+           Failures are logged as warnings at the first and tenth attempts, then every
+           ``register_warning_interval`` (the rest at DEBUG), so that a long outage stays
+           visible without flooding the log.
         2. The AMM restarted and forgot this agent: it stops polling; after ``SILENCE_INTERVALS``
            of its intervals without a poll, register again.
         """
+        loop = asyncio.get_running_loop()
         delay = 0.1
         attempts = 0
+        warned_at = -math.inf
         epoch: int | None = None
         while True:
             attempts += 1
@@ -185,12 +191,18 @@ class Agent:
                 )
             except grpc.aio.AioRpcError as err:
                 self._registered = False
-                level = logging.WARNING if attempts in (1, 10) else logging.DEBUG
+                now = loop.time()
+                warn = attempts in (1, 10) or (
+                    attempts > 10 and now - warned_at >= self.config.register_warning_interval
+                )
+                if warn:
+                    warned_at = now
                 log.log(
-                    level,
-                    "cannot register with %s yet (%s); retrying",
+                    logging.WARNING if warn else logging.DEBUG,
+                    "cannot register with %s yet (%s, %d attempts); retrying",
                     self.config.amm,
                     err.code().name,
+                    attempts,
                 )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.config.register_backoff_max)

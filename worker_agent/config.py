@@ -71,6 +71,9 @@ class AgentConfig:
     promise_timeout: float = 2.0
     #: Longest pause between two registration attempts, in seconds (backoff starts at 0.1 s).
     register_backoff_max: float = 2.0
+    #: While registration keeps failing, a warning is logged this often, in seconds (after the
+    #: first and the tenth failed attempts).
+    register_warning_interval: float = 30.0
     #: How long ``stop`` lets in-flight calls finish before cancelling them, in seconds.
     stop_grace: float = 0.5
 
@@ -114,6 +117,7 @@ class AgentConfig:
             "stream_idle_timeout",
             "promise_timeout",
             "register_backoff_max",
+            "register_warning_interval",
         ):
             value = getattr(self, field)
             if not (value > 0 and math.isfinite(value)):

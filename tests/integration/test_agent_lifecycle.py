@@ -6,6 +6,8 @@ cannot be made unresponsive; everything else runs against the real AMM
 from __future__ import annotations
 
 import asyncio
+import logging
+import socket
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -19,6 +21,12 @@ from amm.checksum import checksum
 from amm.v1 import agent_pb2, control_pb2, control_pb2_grpc
 from tests.support.agent import dial, poll, running_agent
 from tests.support.waiting import wait_for
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 class ScriptedAmm(control_pb2_grpc.ActiveMemoryManagerServicer):
@@ -128,6 +136,22 @@ async def test_a_put_finishing_while_the_agent_stops_is_refused_not_acknowledged
         finally:
             await stopping
         assert "late" not in agent.store
+
+
+async def test_failing_registration_keeps_warning_periodically(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """After the tenth failed attempt the agent went silent: an AMM down for hours left no trace
+    in the agent's log."""
+    caplog.set_level(logging.WARNING, logger="worker_agent.agent")
+    config = {"register_backoff_max": 0.01, "register_warning_interval": 0.1}
+    async with running_agent(amm=f"127.0.0.1:{free_port()}", **config):
+
+        def warnings() -> int:
+            return sum("cannot register" in r.getMessage() for r in caplog.records)
+
+        await wait_for(warnings, lambda n: n >= 5, within=3, what="warnings beyond the tenth")
+    assert "attempts" in caplog.records[-1].getMessage()
 
 
 async def test_stop_takes_well_under_a_second_with_an_amm_that_does_not_answer() -> None:
