@@ -347,7 +347,12 @@ class WorkerAgentServicer(agent_pb2_grpc.WorkerAgentServicer):
 
     async def _send(self, context: Context, messages: Iterable[Any]) -> bool:
         """Write the messages, each within ``stream_idle_timeout``; False when the reader
-        stopped reading (the caller then ends the call, once it released the key)."""
+        stopped reading (the caller then ends the call, once it released the key).
+
+        A write that fails means the call is over (the reader cancelled or its connection
+        dropped): nothing is left to send to anyone, so that ends the stream quietly, as gRPC
+        itself would not.
+        """
         idle = self._node.config.stream_idle_timeout
         for message in messages:
             try:
@@ -355,6 +360,9 @@ class WorkerAgentServicer(agent_pb2_grpc.WorkerAgentServicer):
                     await context.write(message)
             except TimeoutError:
                 return False
+            except Exception as err:  # grpc raises a private ExecuteBatchError
+                log.debug("%s: the reader went away (%s)", context.peer(), type(err).__name__)
+                return True
         return True
 
     def _stalled(self, context: Context, method: str, key: Key) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from collections.abc import AsyncIterator
 from typing import Any
@@ -319,6 +320,25 @@ async def test_a_large_inventory_comes_in_pages_and_what_changed_meanwhile_follo
             agent.store.version,
         ]
         assert [k.key for a in answers for k in a.keys] == [f"more-{i:02d}" for i in range(25)]
+
+
+async def test_a_reader_that_cancels_mid_stream_ends_the_call_quietly(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The write in progress fails when the reader cancels; that is no error of the agent's."""
+    caplog.set_level(logging.ERROR)
+    async with running_agent(chunk_size=64 * 1024) as agent, dial(agent.address) as stub:
+        await put(stub, "k", os.urandom(STALLING), chunk_size=1024 * 1024)
+        for _ in range(3):
+            reader = stub.Get(agent_pb2.GetRequest(key="k"))
+            assert isinstance(await reader.read(), agent_pb2.GetResponse)
+            # Not a wait for an outcome: the fault needs a write blocked on flow control, which
+            # the sender reaches within a few milliseconds once the reader stops reading.
+            await asyncio.sleep(0.1)
+            reader.cancel()
+            await wait_for(lambda: agent.store.in_use(Key("k")), lambda n: n == 0, what="released")
+    # The agent stopped: every handler has finished, and logged what it would.
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
 
 
 class _GatedSource(agent_pb2_grpc.WorkerAgentServicer):
