@@ -124,14 +124,15 @@ class DirectiveRunner:
 
         Judged before the history of ids, so that no remembered outcome is handed out:
 
-        1. Malformed: refused INVALID; its epoch does not count as the newest seen.
+        1. Malformed: refused INVALID.
         2. From an epoch older than the newest seen: refused STALE_EPOCH, even when its id was
            seen (a superseded AMM must learn that it is superseded, not get old outcomes back).
+        3. Its id was seen for another key or op (an AMM that lost its state and reuses ids):
+           refused INVALID; the remembered outcome stays.
 
-        Then, by id:
+        A directive refused as invalid (1, 3) tells nothing trustworthy: its epoch does not
+        count as the newest seen. Otherwise, by id:
 
-        3. Seen for another key or op (an AMM that lost its state and reuses ids): refused
-           INVALID; the remembered outcome stays.
         4. Seen and finished: the stored outcome, marked duplicate.
         5. Seen and still running: wait for that run's outcome, marked duplicate.
         6. The first run was cancelled (its stream ended): run it here after all.
@@ -141,20 +142,19 @@ class DirectiveRunner:
         )
         if refused is not None:
             return self._outcome(directive, refused)
-        self._observe_epoch(directive.epoch)
         subject = _Subject(directive.key, directive.op)
+        seen = self._subject_of(directive.id)
+        if seen is not None and seen != subject:
+            return self._reused(directive, seen)
+        self._observe_epoch(directive.epoch)
         while True:
             done = self._history.get(directive.id)
             if done is not None:
-                if done[0] != subject:
-                    return self._reused(directive, done[0])
                 self._history.move_to_end(directive.id)
                 return dataclasses.replace(done[1], duplicate=True)
             entry = self._running.get(directive.id)
             if entry is None:
                 break
-            if entry[0] != subject:
-                return self._reused(directive, entry[0])
             running = entry[1]
             try:
                 outcome = await asyncio.shield(running)
@@ -186,6 +186,14 @@ class DirectiveRunner:
         future.set_result(outcome)
         self._remember(subject, outcome)
         return outcome
+
+    def _subject_of(self, directive_id: str) -> _Subject | None:
+        """What a known id stood for (finished or running), or None for a new id."""
+        done = self._history.get(directive_id)
+        if done is not None:
+            return done[0]
+        running = self._running.get(directive_id)
+        return running[0] if running is not None else None
 
     def _reused(self, directive: Directive, seen: _Subject) -> Outcome:
         return self._outcome(

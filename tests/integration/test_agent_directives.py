@@ -505,7 +505,7 @@ async def test_the_epoch_is_judged_before_the_id_history_and_an_id_names_one_key
         async with directive_stream(stub_b) as amm:
             first = await amm.run(replicate("k", DATA, [a.address], id="e5.1", epoch=5))
             assert status(first) == "APPLIED"
-            reused = await amm.run(replicate("other", DATA, [a.address], id="e5.1", epoch=5))
+            reused = await amm.run(replicate("other", DATA, [a.address], id="e5.1", epoch=50))
             assert (status(reused), reason(reused), reused.duplicate) == (
                 "REFUSED",
                 "INVALID",
@@ -526,7 +526,7 @@ async def test_the_epoch_is_judged_before_the_id_history_and_an_id_names_one_key
 
             malformed = types_pb2.Directive(id=new_id(), epoch=100, op=types_pb2.DIRECTIVE_OP_DROP)
             assert reason(await amm.run(malformed)) == "INVALID"
-        assert (await poll(stub_b)).epoch == 6, "a malformed directive's epoch is not news"
+        assert (await poll(stub_b)).epoch == 6, "an invalid directive's epoch is not news"
 
 
 async def test_malformed_directives_are_refused_invalid() -> None:
