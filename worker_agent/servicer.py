@@ -350,8 +350,8 @@ class WorkerAgentServicer(agent_pb2_grpc.WorkerAgentServicer):
         stopped reading (the caller then ends the call, once it released the key).
 
         A write that fails means the call is over (the reader cancelled or its connection
-        dropped): nothing is left to send to anyone, so that ends the stream quietly, as gRPC
-        itself would not.
+        dropped): nothing is left to send to anyone, so the stream ends there, logged at DEBUG
+        (left to gRPC, the failure would be logged as an error with a traceback).
         """
         idle = self._node.config.stream_idle_timeout
         for message in messages:
