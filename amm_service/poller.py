@@ -94,35 +94,44 @@ class Poller:
             return True
 
     async def _poll(self, worker: WorkerId, incarnation: str, since: int) -> None:
+        """Follow the agent's answers until its whole inventory is merged (bounded)."""
         resp = await self._call(worker, incarnation, since_version=since)
-        if resp.incarnation != incarnation:
-            self._on_restart(worker)
-        if resp.full:
-            since = await self._snapshot(worker, incarnation, resp)
-            incarnation = resp.incarnation
-            if not resp.next_cursor:
-                return
-            resp = await self._call(worker, incarnation, since_version=since)
-        self._apply(worker, incarnation, resp, full=False, keys=wire.key_reports(resp.keys))
         for _ in range(MAX_PAGES):
+            if resp.incarnation != incarnation:
+                self._on_restart(worker)
+            if resp.full:
+                first, last, keys = await self._snapshot(worker, resp)
+                self._apply(worker, incarnation, first, full=True, keys=keys, answer=last)
+                incarnation = first.incarnation
+                if last is first:
+                    return
+                # Paged: catch what changed while the pages were read.
+                resp = await self._call(worker, incarnation, since_version=first.version)
+                continue
+            self._apply(worker, incarnation, resp, full=False, keys=wire.key_reports(resp.keys))
             if not resp.more:
                 return
             resp = await self._call(worker, incarnation, since_version=resp.version)
-            self._apply(worker, incarnation, resp, full=False, keys=wire.key_reports(resp.keys))
+        log.warning("poll of %s stopped after %d answers", worker, MAX_PAGES)
 
     async def _snapshot(
-        self, worker: WorkerId, incarnation: str, first: agent_pb2.PollResponse
-    ) -> int:
-        """Merge every page of a full snapshot; returns the version it started at."""
+        self, worker: WorkerId, first: agent_pb2.PollResponse
+    ) -> tuple[agent_pb2.PollResponse, agent_pb2.PollResponse, list[KeyReport]]:
+        """Read every page of a full snapshot: (first page, last page, all keys).
+
+        If the agent restarts while we page, its answer is the first page of a new snapshot:
+        start over from it.
+        """
         keys = wire.key_reports(first.keys)
         resp = first
         for _ in range(MAX_PAGES):
             if not resp.next_cursor:
                 break
             resp = await self._call(worker, first.incarnation, cursor=resp.next_cursor)
+            if resp.incarnation != first.incarnation:
+                first, keys = resp, []
             keys.extend(wire.key_reports(resp.keys))
-        self._apply(worker, incarnation, first, full=True, keys=keys, answer=resp)
-        return first.version
+        return first, resp, keys
 
     async def _call(
         self, worker: WorkerId, incarnation: str, *, since_version: int = 0, cursor: str = ""

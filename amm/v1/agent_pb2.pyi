@@ -442,7 +442,7 @@ class DeleteRequest(_message.Message):
     """The key to delete."""
     forget: _builtins.bool
     """Set by the AMM's Forget: the key is being deleted on every holder, so promises to keep it made
-    to peers no longer bind. Pins and reads in progress still refuse the delete.
+    to peers no longer bind, and reads in progress keep their own copy. Pins still refuse it.
     """
     def __init__(
         self,

@@ -133,7 +133,8 @@ class WorkerAgentServicer:
 
     def Delete(self, request, context):
         """Delete the local replica of a key (a user's decision, unlike a DROP directive). Refused while
-        the key is pinned or being read or sent, and, unless `forget` is set, while promised to a peer.
+        the key is pinned, and, unless `forget` is set, while it is being read or sent or promised to
+        a peer.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -55,7 +55,8 @@ class WorkerAgentStub:
     """Release one pin taken with Pin."""
     Delete: _grpc.UnaryUnaryMultiCallable[_agent_pb2.DeleteRequest, _agent_pb2.DeleteResponse]
     """Delete the local replica of a key (a user's decision, unlike a DROP directive). Refused while
-    the key is pinned or being read or sent, and, unless `forget` is set, while promised to a peer.
+    the key is pinned, and, unless `forget` is set, while it is being read or sent or promised to
+    a peer.
     """
     Fetch: _grpc.UnaryStreamMultiCallable[_agent_pb2.FetchRequest, _agent_pb2.FetchResponse]
     """Peer transfer: stream a value to another agent, header first, then chunks."""
@@ -87,7 +88,8 @@ class WorkerAgentAsyncStub(WorkerAgentStub):
     """Release one pin taken with Pin."""
     Delete: _aio.UnaryUnaryMultiCallable[_agent_pb2.DeleteRequest, _agent_pb2.DeleteResponse]  # type: ignore[assignment]
     """Delete the local replica of a key (a user's decision, unlike a DROP directive). Refused while
-    the key is pinned or being read or sent, and, unless `forget` is set, while promised to a peer.
+    the key is pinned, and, unless `forget` is set, while it is being read or sent or promised to
+    a peer.
     """
     Fetch: _aio.UnaryStreamMultiCallable[_agent_pb2.FetchRequest, _agent_pb2.FetchResponse]  # type: ignore[assignment]
     """Peer transfer: stream a value to another agent, header first, then chunks."""
@@ -158,7 +160,8 @@ class WorkerAgentServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_agent_pb2.DeleteResponse, _abc.Awaitable[_agent_pb2.DeleteResponse]]:
         """Delete the local replica of a key (a user's decision, unlike a DROP directive). Refused while
-        the key is pinned or being read or sent, and, unless `forget` is set, while promised to a peer.
+        the key is pinned, and, unless `forget` is set, while it is being read or sent or promised to
+        a peer.
         """
 
     @_abc_1.abstractmethod

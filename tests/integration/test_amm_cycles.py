@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import pytest
 
+from amm.checksum import checksum
 from amm.serving import CHANNEL_OPTIONS
 from amm.v1 import agent_pb2, control_pb2, control_pb2_grpc, types_pb2
 from amm_service.server import AmmServer
@@ -19,6 +20,7 @@ from tests.conftest import amm_config
 from tests.support.agent import agents, get, put
 from tests.support.waiting import wait_for
 from worker_agent.agent import Agent
+from worker_agent.store import Key as StoreKey
 
 if TYPE_CHECKING:
     from amm.v1.agent_pb2_grpc import WorkerAgentAsyncStub
@@ -217,6 +219,24 @@ async def test_conflicting_content_is_reported_and_left_alone(tmp_path: Path) ->
         status = await c.control.GetStatus(control_pb2.GetStatusRequest())
         assert status.totals.conflicting_keys == 1
         assert await c.holders("x") == set(c.addresses)
+
+
+async def test_the_amm_sees_a_large_inventory_through_paged_polls(tmp_path: Path) -> None:
+    async with cluster(tmp_path, 2) as c:
+        one = checksum(b"v")
+        for i in range(25_000):  # setup only: 25,000 Puts would take a while
+            c.agents[0].store.add(StoreKey(f"key-{i:05d}"), b"v", one)
+        await put(c.stubs[0], "shared", DATA)
+        await get(c.stubs[1], "shared", sources=[c.addresses[0]])
+        hw = await c.has_what()
+        assert len(hw[c.addresses[0]]) == 25_001
+        assert hw[c.addresses[1]] == {"shared"}
+        # Changes after the snapshot arrive incrementally; the duplicate is dropped.
+        c.agents[0].store.remove(StoreKey("key-00000"))
+        report = await c.run_once()
+        assert report.applied == 1
+        hw = await c.has_what()
+        assert sum(len(keys) for keys in hw.values()) == 25_000
 
 
 async def test_a_fresh_amm_moves_past_the_epoch_its_agents_have_seen(tmp_path: Path) -> None:
