@@ -1,7 +1,6 @@
-"""The agent's life cycle: what it sends when registering, how it stops, how it behaves when the
-AMM is slow or gone. A scripted AMM is used where the real one cannot show what it received or
-cannot be made unresponsive; everything else runs against the real AMM
-(``test_agent_registration``)."""
+"""The agent's life cycle: what it tells the AMM when registering, how it stops, how it behaves
+when the AMM is slow or gone. A scripted AMM stands in only where the real one cannot be made
+unresponsive; everything else runs against the real AMM."""
 
 from __future__ import annotations
 
@@ -11,6 +10,7 @@ import socket
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -19,6 +19,9 @@ from google.protobuf.duration_pb2 import Duration
 
 from amm.checksum import checksum
 from amm.v1 import agent_pb2, control_pb2, control_pb2_grpc
+from amm_service.server import AmmServer
+from amm_service.state import StateStore
+from tests.conftest import amm_config
 from tests.support.agent import dial, poll, running_agent
 from tests.support.waiting import wait_for
 
@@ -30,24 +33,20 @@ def free_port() -> int:
 
 
 class ScriptedAmm(control_pb2_grpc.ActiveMemoryManagerServicer):
-    """Answers RegisterWorker with ``epoch`` and ``interval`` and records the requests; with
-    ``hang``, UnregisterWorker and WhoHas never answer."""
+    """An AMM that registers agents but, with ``hang``, never answers UnregisterWorker or WhoHas:
+    the one behaviour of a stuck AMM that the real one cannot be made to show."""
 
-    def __init__(self, *, epoch: int = 1, interval: float = 100.0, hang: bool = False) -> None:
-        self.epoch = epoch
-        self.interval = interval
+    def __init__(self, *, hang: bool = False) -> None:
         self.hang = hang
-        self.registrations: list[control_pb2.RegisterWorkerRequest] = []
         self.who_has_asked = 0
         self._never = asyncio.Event()
 
     async def RegisterWorker(
         self, request: control_pb2.RegisterWorkerRequest, context: Any
     ) -> control_pb2.RegisterWorkerResponse:
-        self.registrations.append(request)
         interval = Duration()
-        interval.FromNanoseconds(round(self.interval * 1e9))
-        return control_pb2.RegisterWorkerResponse(epoch=self.epoch, interval=interval)
+        interval.FromNanoseconds(100 * 10**9)
+        return control_pb2.RegisterWorkerResponse(epoch=1, interval=interval)
 
     async def UnregisterWorker(
         self, request: control_pb2.UnregisterWorkerRequest, context: Any
@@ -77,34 +76,45 @@ async def scripted_amm(amm: ScriptedAmm) -> AsyncIterator[str]:
         await server.stop(None)
 
 
-async def test_registration_sends_the_newest_epoch_seen_and_keeps_the_larger_one() -> None:
+async def test_registration_tells_a_fresh_amm_the_epoch_to_move_past(tmp_path: Path) -> None:
     """A freshly started AMM learns from its agents which epoch it must move past."""
-    amm = ScriptedAmm(epoch=3, interval=0.05)  # type: ignore[abstract]
-    async with scripted_amm(amm) as address, running_agent(amm=address) as agent:
+    async with (
+        AmmServer(amm_config(tmp_path, interval="50ms")) as amm,
+        running_agent(amm=amm.address) as agent,
+    ):
         await wait_for(lambda: agent.registered, what="registration")
-        assert amm.registrations[0].epoch == 0
+        assert amm.epoch == 1
         async with dial(agent.address) as stub:
             assert (await poll(stub, epoch=9)).epoch == 9  # an AMM at epoch 9 polled once
         # Not polled since: the agent registers again, telling the epoch it saw.
-        await wait_for(lambda: amm.registrations[-1].epoch, lambda e: e == 9, what="epoch sent")
-        assert agent.node.newest_epoch == 9, "an older AMM's answer does not lower it"
-        amm.epoch = 12
-        await wait_for(lambda: agent.node.newest_epoch, lambda e: e == 12, what="newer epoch")
+        await wait_for(lambda: amm.epoch, lambda e: e == 10, what="the AMM moving past 9")
+        await wait_for(lambda: agent.node.newest_epoch, lambda e: e == 10, what="new epoch")
 
 
-async def test_only_polls_from_the_registered_epoch_on_postpone_registering_again() -> None:
-    """An AMM at epoch 5 forgot the agent; a superseded one at epoch 4 still polls it. Those
+async def test_polls_from_a_superseded_amm_do_not_postpone_registering_again(
+    tmp_path: Path,
+) -> None:
+    """The AMM at epoch 5 forgot the agent; a superseded one at epoch 4 still polls it. Those
     polls must not keep the agent from registering again."""
-    amm = ScriptedAmm(epoch=5, interval=0.05)  # type: ignore[abstract]
-    async with scripted_amm(amm) as address, running_agent(amm=address) as agent:
+    state = str(tmp_path / "amm.sqlite3")
+    with StateStore(state) as store:
+        for _ in range(4):
+            store.begin_epoch()
+    async with (
+        AmmServer(amm_config(tmp_path, interval="50ms", state_path=state)) as amm,
+        running_agent(amm=amm.address) as agent,
+        dial(agent.address) as stub,
+    ):
+        assert amm.epoch == 5
         await wait_for(lambda: agent.registered, what="registration")
-        async with dial(agent.address) as stub:
+        assert amm.manager is not None
+        await amm.manager.unregister(agent.address)
 
-            async def stale_poll() -> int:
-                await poll(stub, epoch=4)
-                return len(amm.registrations)
+        async def stale_poll_then_listed() -> bool:
+            await poll(stub, epoch=4)
+            return amm.manager is not None and bool(amm.manager.state.worker_ids)
 
-            await wait_for(stale_poll, lambda n: n >= 2, within=3, what="registering again")
+        await wait_for(stale_poll_then_listed, within=3, what="registering again")
 
 
 async def test_a_put_finishing_while_the_agent_stops_is_refused_not_acknowledged() -> None:
