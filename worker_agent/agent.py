@@ -214,7 +214,8 @@ class Agent:
                 epoch = response.epoch
             self.node.observe_epoch(response.epoch)
             self.node.registered_epoch = response.epoch
-            interval = max(response.interval.ToTimedelta().total_seconds(), 0.05)
+            # Clamped: an absurd interval must neither overflow nor silence re-registration.
+            interval = min(max(response.interval.ToNanoseconds() / 1e9, 0.05), 3600.0)
             await self._until_silent(SILENCE_INTERVALS * interval)
             # Also routine while the AMM runs no cycles (it polls only then): hence DEBUG.
             log.debug("not polled for %.2f s; registering again", SILENCE_INTERVALS * interval)
