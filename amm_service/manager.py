@@ -346,8 +346,8 @@ class ActiveMemoryManager:
         if self.state.register(worker, name, incarnation, self._clock()):
             self._forget_in_flight(worker)
             await self._dispatcher.close_worker(worker)
+            self._store.remember_worker(worker, name or worker)
             log.info("worker %s registered (%s)", worker, name or worker)
-        self._store.remember_worker(worker, name or worker)
         self._adopt_newer_epoch(epoch)
 
     async def unregister(self, address: str) -> bool:
