@@ -17,7 +17,6 @@ from tests.support.agent import (
     Stub,
     agents,
     dial,
-    fake_peer,
     fetch,
     get,
     poll,
@@ -25,6 +24,7 @@ from tests.support.agent import (
     put_raw,
     running_agent,
 )
+from tests.support.faults import fake_peer
 from tests.support.waiting import wait_for
 from worker_agent.store import Key
 

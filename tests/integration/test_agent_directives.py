@@ -21,7 +21,6 @@ from tests.support.agent import (
     dial,
     directive_stream,
     drop,
-    fake_peer,
     get,
     new_id,
     poll,
@@ -31,6 +30,7 @@ from tests.support.agent import (
     running_agent,
     status,
 )
+from tests.support.faults import fake_peer
 from tests.support.waiting import wait_for
 from worker_agent.store import Key
 

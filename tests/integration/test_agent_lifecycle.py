@@ -9,7 +9,6 @@ import logging
 import socket
 import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ from amm_service.server import AmmServer
 from amm_service.state import StateStore
 from tests.conftest import amm_config
 from tests.support.agent import dial, poll, running_agent
+from tests.support.faults import fake_amm
 from tests.support.waiting import wait_for
 
 
@@ -62,18 +62,6 @@ class ScriptedAmm(control_pb2_grpc.ActiveMemoryManagerServicer):
         if self.hang:
             await self._never.wait()
         return control_pb2.WhoHasResponse()
-
-
-@asynccontextmanager
-async def scripted_amm(amm: ScriptedAmm) -> AsyncIterator[str]:
-    server = grpc.aio.server()
-    control_pb2_grpc.add_ActiveMemoryManagerServicer_to_server(amm, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        await server.stop(None)
 
 
 async def test_registration_tells_a_fresh_amm_the_epoch_to_move_past(tmp_path: Path) -> None:
@@ -167,7 +155,7 @@ async def test_failing_registration_keeps_warning_periodically(
 async def test_stop_takes_well_under_a_second_with_an_amm_that_does_not_answer() -> None:
     """Unregistering (0.5 s deadline) and the grace for calls in flight (0.5 s) ran in turn."""
     amm = ScriptedAmm(hang=True)  # type: ignore[abstract]
-    async with scripted_amm(amm) as address, running_agent(amm=address) as agent:
+    async with fake_amm(amm) as address, running_agent(amm=address) as agent:
         await wait_for(lambda: agent.registered, what="registration")
         async with dial(agent.address) as stub:
             # A Get of a key held nowhere asks the AMM who holds it, and waits: a call in flight.

@@ -6,7 +6,6 @@ from __future__ import annotations
 import signal
 import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ from amm.v1 import agent_pb2, agent_pb2_grpc, types_pb2
 from amm_service.errors import Unavailable
 from amm_service.server import AmmServer
 from tests.conftest import amm_config
+from tests.support.faults import fake_peer
 from tests.support.processes import local_cluster
 
 
@@ -57,23 +57,11 @@ class _BrokenStream(agent_pb2_grpc.WorkerAgentServicer):
         yield agent_pb2.DirectivesResponse()  # pragma: no cover
 
 
-@asynccontextmanager
-async def broken_agent() -> AsyncIterator[str]:
-    server = grpc.aio.server()
-    agent_pb2_grpc.add_WorkerAgentServicer_to_server(_BrokenStream(), server)  # type: ignore[abstract]
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        await server.stop(None)
-
-
 async def test_a_broken_directive_stream_fails_its_directives_at_once(tmp_path: Path) -> None:
     async with (
         AmmServer(amm_config(tmp_path, directive_timeout="60s")) as amm,
-        broken_agent() as one,
-        broken_agent() as two,
+        fake_peer(_BrokenStream()) as one,  # type: ignore[abstract]
+        fake_peer(_BrokenStream()) as two,  # type: ignore[abstract]
     ):
         assert amm.manager is not None
         await amm.manager.register(one, "one", "broken")

@@ -40,20 +40,6 @@ async def running_agent(**overrides: Any) -> AsyncIterator[Agent]:
 
 
 @asynccontextmanager
-async def fake_peer(servicer: agent_pb2_grpc.WorkerAgentServicer) -> AsyncIterator[str]:
-    """A hostile or slow peer on 127.0.0.1:0, for faults a real agent cannot produce; its
-    address."""
-    server = grpc.aio.server()
-    agent_pb2_grpc.add_WorkerAgentServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        await server.stop(None)
-
-
-@asynccontextmanager
 async def dial(address: str) -> AsyncIterator[Stub]:
     async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
         yield agent_pb2_grpc.WorkerAgentStub(channel)
