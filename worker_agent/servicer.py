@@ -36,7 +36,7 @@ from worker_agent.errors import (
 )
 from worker_agent.integrity import Directive, Op, Reason, Refuse
 from worker_agent.node import Inventory, Node
-from worker_agent.store import MAX_KEY_BYTES, Key
+from worker_agent.store import MAX_KEY_BYTES, Key, Value
 from worker_agent.transfer import value_messages
 
 log = logging.getLogger(__name__)
@@ -304,22 +304,9 @@ class WorkerAgentServicer(agent_pb2_grpc.WorkerAgentServicer):
             if bad is not None:
                 raise InvalidRequest(f"sources: {bad}")
             async with self._node.reading(key, fetch=True, sources=request.sources) as reading:
-                value = reading.value
-                header = types_pb2.ValueHeader(
-                    key=key, size=value.size, checksum=value.checksum, replicated=reading.replicated
+                await self._stream(
+                    context, "Get", reading.value, agent_pb2.GetResponse, reading.replicated
                 )
-                sent = await self._send(
-                    context,
-                    value_messages(
-                        header,
-                        value.data,
-                        self._node.config.chunk_size,
-                        lambda h: agent_pb2.GetResponse(header=h),
-                        lambda c: agent_pb2.GetResponse(chunk=c),
-                    ),
-                )
-            if not sent:
-                self._stalled(context, "Get", key)
 
     async def Fetch(  # type: ignore[override]
         self, request: agent_pb2.FetchRequest, context: Context
@@ -328,22 +315,31 @@ class WorkerAgentServicer(agent_pb2_grpc.WorkerAgentServicer):
             key = _key(request.key)
             expected = _checksum(request.checksum)
             async with self._node.reading(key) as reading:
-                value = reading.value
-                if expected and expected != value.checksum:
+                if expected and expected != reading.value.checksum:
                     raise UnknownKey(f"holds other content under {key!r}")
-                header = types_pb2.ValueHeader(key=key, size=value.size, checksum=value.checksum)
-                sent = await self._send(
-                    context,
-                    value_messages(
-                        header,
-                        value.data,
-                        self._node.config.chunk_size,
-                        lambda h: agent_pb2.FetchResponse(header=h),
-                        lambda c: agent_pb2.FetchResponse(chunk=c),
-                    ),
-                )
-            if not sent:
-                self._stalled(context, "Fetch", key)
+                await self._stream(context, "Fetch", reading.value, agent_pb2.FetchResponse)
+
+    async def _stream(
+        self,
+        context: Context,
+        method: str,
+        value: Value,
+        response: type[agent_pb2.GetResponse] | type[agent_pb2.FetchResponse],
+        replicated: bool = False,
+    ) -> None:
+        """Send ``value`` as a header and chunks; a reader that stops reading is cut off."""
+        header = types_pb2.ValueHeader(
+            key=value.key, size=value.size, checksum=value.checksum, replicated=replicated
+        )
+        messages = value_messages(
+            header,
+            value.data,
+            self._node.config.chunk_size,
+            lambda h: response(header=h),
+            lambda c: response(chunk=c),
+        )
+        if not await self._send(context, messages):
+            self._stalled(context, method, value.key)
 
     async def _send(self, context: Context, messages: Iterable[Any]) -> bool:
         """Write the messages, each within ``stream_idle_timeout``; False when the reader
