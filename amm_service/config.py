@@ -17,13 +17,12 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from types import MappingProxyType
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 
 from amm.units import parse_duration
-
-Measure = Literal["process", "managed", "optimistic"]
+from amm_service.view import MEASURES, Measure
 
 CONFIG_ENV = "AMM_CONFIG"
 """The environment variable naming the YAML file when ``load_config(file=None)``."""
@@ -99,11 +98,7 @@ class AmmConfig:
 _FIELDS = tuple(f.name for f in fields(AmmConfig))
 _TRUE = frozenset({"true", "1", "yes", "on"})
 _FALSE = frozenset({"false", "0", "no", "off"})
-_MEASURES: Mapping[str, Measure] = {
-    "managed": "managed",
-    "optimistic": "optimistic",
-    "process": "process",
-}
+_MEASURES: Mapping[str, Measure] = {m: m for m in sorted(MEASURES)}
 _LOG_LEVELS = ("CRITICAL", "DEBUG", "ERROR", "INFO", "WARNING")
 _LISTEN = re.compile(r"^(?:\[(?P<v6>[^\]]+)\]|(?P<host>[^\s:\[\]]+)):(?P<port>[0-9]{1,5})$")
 
