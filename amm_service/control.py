@@ -102,8 +102,8 @@ class ControlServicer(control_pb2_grpc.ActiveMemoryManagerServicer):
     ) -> control_pb2.GetStatusResponse:
         amm = self._amm
         cfg = amm.config
-        view = amm.state.snapshot()
-        workers = view.workers.values()
+        state = amm.state
+        workers = state.workers  # counted in place: no snapshot of every key for a status
         response = control_pb2.GetStatusResponse(
             running=amm.running,
             interval=wire.duration(cfg.interval),
@@ -119,14 +119,14 @@ class ControlServicer(control_pb2_grpc.ActiveMemoryManagerServicer):
                 for policy, spec in zip(amm.policies, cfg.policies, strict=False)
             ],
             totals=control_pb2.ClusterTotals(
-                workers=len(view.workers),
-                keys=len(view.keys),
-                replicas=sum(len(kv.holders) for kv in view.keys.values()),
+                workers=len(workers),
+                keys=state.nkeys,
+                replicas=state.nreplicas,
                 memory_bytes=sum(w.memory.by(cfg.measure) for w in workers),
                 managed_bytes=sum(w.memory.managed for w in workers),
                 process_bytes=sum(w.memory.process for w in workers),
                 directives_in_flight=len(amm.ledger),
-                conflicting_keys=len(amm.state.conflicts),
+                conflicting_keys=len(state.conflicts),
                 unreachable_workers=sum(1 for w in workers if not w.reachable),
             ),
             recent_refusals=[

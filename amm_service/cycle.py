@@ -53,7 +53,3 @@ class CycleRecord:
             for r in self.directives.values()
             if r.outcome is not None and r.outcome.status is status
         )
-
-    @property
-    def settled(self) -> bool:
-        return all(r.outcome is not None or r.timed_out for r in self.directives.values())

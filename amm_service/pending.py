@@ -114,9 +114,6 @@ class Ledger:
         """Every directive in flight, for the core's memory estimates."""
         return (e.directive for e in self._entries.values())
 
-    def keys(self) -> frozenset[Key]:
-        return frozenset(self._by_key)
-
     def _put(self, entry: Entry) -> None:
         directive = entry.directive
         self._entries[directive.id] = entry

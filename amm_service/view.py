@@ -114,16 +114,6 @@ class ClusterView:
     """Keys held by two or more workers with the same content: the only ones a drop can concern.
     A set: policies that want a reproducible order sort it."""
 
-    def memory(self, worker: WorkerId, measure: Measure) -> int:
-        return self.workers[worker].memory.by(measure)
-
-    def has_what(self, worker: WorkerId) -> tuple[Key, ...]:
-        return tuple(sorted(k for k, kv in self.keys.items() if worker in kv.holders))
-
-
-def empty_view() -> ClusterView:
-    return ClusterView(MappingProxyType({}), MappingProxyType({}), frozenset())
-
 
 class ClusterState:
     """The mutable cluster model: registration, poll results, snapshots."""
@@ -169,6 +159,10 @@ class ClusterState:
     @property
     def worker_ids(self) -> list[WorkerId]:
         return list(self._workers)
+
+    @property
+    def workers(self) -> list[WorkerView]:
+        return list(self._workers.values())
 
     # -- polls -----------------------------------------------------------------------------
 
@@ -294,13 +288,6 @@ class ClusterState:
             keys=MappingProxyType(dict(self._keys)),
             replicated=frozenset(self._replicated),
         )
-
-    def holders(self, key: Key) -> frozenset[WorkerId]:
-        kv = self._keys.get(key)
-        return kv.holders if kv else frozenset()
-
-    def key(self, key: Key) -> KeyView | None:
-        return self._keys.get(key)
 
     def held_by(self, worker: WorkerId) -> frozenset[Key]:
         return frozenset(self._held.get(worker, ()))
