@@ -33,7 +33,7 @@ from amm_service.pending import Entry, Ledger
 from amm_service.policies import Policy
 from amm_service.poller import Poller
 from amm_service.state import StateStore
-from amm_service.view import ClusterState, ClusterView, Key, WorkerId, WorkerView
+from amm_service.view import ClusterState, Key, KeyView, WorkerId, WorkerView
 
 log = logging.getLogger(__name__)
 
@@ -368,25 +368,23 @@ class ActiveMemoryManager:
 
     # -- queries ---------------------------------------------------------------------------
 
-    async def refresh(self, fresh: bool) -> ClusterView:
+    async def refresh(self, fresh: bool) -> None:
+        """With ``fresh``, poll every agent first. Queries then read the live state directly:
+        they do not await while answering, so it cannot change under them, and a snapshot (a
+        copy of every key) per query would be wasted work."""
         self._check_open()
         if fresh:
             await self._poller.poll_all()
-        return self.state.snapshot()
 
     async def workers(self, *, fresh: bool = False) -> list[WorkerView]:
-        view = await self.refresh(fresh)
-        return [view.workers[w] for w in sorted(view.workers, key=address_order)]
+        await self.refresh(fresh)
+        return sorted(self.state.workers, key=lambda w: address_order(w.address))
 
     async def who_has(
         self, keys: Sequence[str], *, fresh: bool
     ) -> list[tuple[Key, tuple[WorkerId, ...]]]:
-        view = await self.refresh(fresh)
-        wanted = [Key(k) for k in keys] if keys else sorted(view.keys)
-        unknown = [k for k in wanted if k not in view.keys]
-        if unknown:
-            raise NotFound(f"unknown key(s): {listing(unknown)}")
-        return [(k, tuple(sorted(view.keys[k].holders, key=address_order))) for k in wanted]
+        await self.refresh(fresh)
+        return [(kv.key, tuple(sorted(kv.holders, key=address_order))) for kv in self._known(keys)]
 
     async def has_what(
         self, workers: Sequence[str], *, fresh: bool
@@ -405,11 +403,8 @@ class ActiveMemoryManager:
         """Delete every replica of ``keys``; fails listing the replicas that could not go."""
         if not keys:
             raise InvalidArgument("no keys given")
-        view = await self.refresh(True)
-        unknown = [k for k in keys if Key(k) not in view.keys]
-        if unknown:
-            raise NotFound(f"unknown key(s): {listing(unknown)}")
-        targets = [(k, w) for k in keys for w in sorted(view.keys[Key(k)].holders)]
+        await self.refresh(True)
+        targets = [(kv.key, w) for kv in self._known(keys) for w in sorted(kv.holders)]
         results = await asyncio.gather(*(self._delete(k, w) for k, w in targets))
         failures = [r for r in results if isinstance(r, str)]
         deleted = sum(1 for r in results if r is True)
@@ -419,6 +414,16 @@ class ActiveMemoryManager:
                 f"deleted {deleted} replica(s) but not: " + "; ".join(failures[:10])
             )
         return deleted
+
+    def _known(self, keys: Sequence[str]) -> list[KeyView]:
+        """The state of ``keys`` (every key, ordered, when empty); NotFound lists the unknown."""
+        if not keys:
+            return [kv for _, kv in sorted(self.state.keys.items())]
+        found = [self.state.keys.get(Key(k)) for k in keys]
+        unknown = [k for k, kv in zip(keys, found, strict=True) if kv is None]
+        if unknown:
+            raise NotFound(f"unknown key(s): {listing(unknown)}")
+        return [kv for kv in found if kv is not None]
 
     async def _delete(self, key: str, worker: WorkerId) -> bool | str:
         try:

@@ -164,6 +164,11 @@ class ClusterState:
     def workers(self) -> list[WorkerView]:
         return list(self._workers.values())
 
+    @property
+    def keys(self) -> Mapping[Key, KeyView]:
+        """The live keys, read-only: for answers built without awaiting in between."""
+        return MappingProxyType(self._keys)
+
     # -- polls -----------------------------------------------------------------------------
 
     def apply_poll(
