@@ -15,7 +15,3 @@ class AmmError(Exception):
         super().__init__(f"{status.name}: {message}")
         self.status = status
         self.message = message
-
-    @classmethod
-    def from_rpc_error(cls, err: grpc.aio.AioRpcError) -> AmmError:
-        return cls(err.code(), err.details() or "")
