@@ -2,19 +2,29 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from amm_service.view import ClusterState, Key, KeyReport, Memory, WorkerId, WorkerStatus
 
 A, B = WorkerId("a"), WorkerId("b")
 
 
-def poll(state: ClusterState, worker: WorkerId, *, full: bool = False, **kw: object) -> None:
+def poll(
+    state: ClusterState,
+    worker: WorkerId,
+    *,
+    full: bool = False,
+    version: int = 1,
+    keys: Sequence[KeyReport] = (),
+    removed: Sequence[Key] = (),
+) -> None:
     state.apply_poll(
         worker,
-        incarnation=str(kw.get("incarnation", "i1")),
-        version=int(kw.get("version", 1)),  # type: ignore[call-overload]
+        incarnation="i1",
+        version=version,
         full=full,
-        keys=kw.get("keys", ()),  # type: ignore[arg-type]
-        removed=kw.get("removed", ()),  # type: ignore[arg-type]
+        keys=keys,
+        removed=removed,
         memory=Memory(managed=1),
         status=WorkerStatus.RUNNING,
         name=str(worker),
