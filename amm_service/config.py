@@ -38,6 +38,11 @@ ENV_VARS: Mapping[str, str] = MappingProxyType(
         "poll_timeout": "AMM_POLL_TIMEOUT",
         "directive_timeout": "AMM_DIRECTIVE_TIMEOUT",
         "max_refusals_kept": "AMM_MAX_REFUSALS_KEPT",
+        "stale_after": "AMM_STALE_AFTER",
+        "dead_after": "AMM_DEAD_AFTER",
+        "startup_grace": "AMM_STARTUP_GRACE",
+        "max_incoming_transfers": "AMM_MAX_INCOMING_TRANSFERS",
+        "max_outgoing_transfers": "AMM_MAX_OUTGOING_TRANSFERS",
         "log_level": "AMM_LOG_LEVEL",
     }
 )
@@ -93,6 +98,25 @@ class AmmConfig:
     diagnostics; >= 0. Default 100."""
     log_level: str = "INFO"
     """Logging level name: DEBUG, INFO, WARNING, ERROR or CRITICAL. Default INFO."""
+    stale_after: float | None = None
+    """Seconds without an answered poll after which a worker is STALE: it receives no new
+    replicas and its copies do not count as durable. Default (unset): three intervals."""
+    dead_after: float = 30.0
+    """Seconds without an answered poll after which a worker is DEAD: removed from the view, its
+    keys' replica counts drop, keys left without a copy are reported LOST. Default 30s."""
+    startup_grace: float = 30.0
+    """Seconds a freshly started AMM issues no drops while workers it knew from its state file
+    have not reported yet, so a restart never drops a replica it cannot see. Default 30s."""
+    max_incoming_transfers: int = 10
+    """Replications in flight onto one worker at most; 0 means no limit. Default 10."""
+    max_outgoing_transfers: int = 50
+    """Replications in flight served by one worker (the first source) at most; 0 means no limit.
+    Default 50."""
+
+    @property
+    def stale_seconds(self) -> float:
+        """``stale_after``, or three intervals when unset."""
+        return self.stale_after if self.stale_after is not None else 3 * self.interval
 
 
 _FIELDS = tuple(f.name for f in fields(AmmConfig))
@@ -178,6 +202,21 @@ def _max_refusals(value: object, source: str) -> int:
     return count
 
 
+def _count(name: str) -> Callable[[object, str], int]:
+    def convert(value: object, source: str) -> int:
+        try:
+            count = (
+                int(value) if isinstance(value, str | int) and not isinstance(value, bool) else -1
+            )
+        except ValueError:
+            count = -1
+        if count < 0:
+            raise _fail(name, value, source, "expected a whole number >= 0 (0: no limit)")
+        return count
+
+    return convert
+
+
 def _log_level(value: object, source: str) -> str:
     level = value.strip().upper() if isinstance(value, str) else ""
     if level not in _LOG_LEVELS:
@@ -224,6 +263,11 @@ _CONVERTERS: Mapping[str, Callable[[object, str], object]] = {
     "directive_timeout": _duration("directive_timeout"),
     "max_refusals_kept": _max_refusals,
     "log_level": _log_level,
+    "stale_after": _duration("stale_after"),
+    "dead_after": _duration("dead_after"),
+    "startup_grace": _duration("startup_grace"),
+    "max_incoming_transfers": _count("max_incoming_transfers"),
+    "max_outgoing_transfers": _count("max_outgoing_transfers"),
 }
 
 

@@ -195,12 +195,33 @@ class ControlServicer(control_pb2_grpc.ActiveMemoryManagerServicer):
         deleted = await self._amm.forget(_check_keys(request.keys))
         return control_pb2.ForgetResponse(replicas_deleted=deleted)
 
+    async def RetireWorkers(
+        self, request: control_pb2.RetireWorkersRequest, context: Any
+    ) -> control_pb2.RetireWorkersResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "RetireWorkers: not yet")
+        raise AssertionError("unreachable")
+
+    async def Replicate(
+        self, request: control_pb2.ReplicateRequest, context: Any
+    ) -> control_pb2.ReplicateResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Replicate: not yet")
+        raise AssertionError("unreachable")
+
+    async def ListGoals(
+        self, request: control_pb2.ListGoalsRequest, context: Any
+    ) -> control_pb2.ListGoalsResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "ListGoals: not yet")
+        raise AssertionError("unreachable")
+
 
 def worker_to_pb(w: WorkerView, measure: Measure) -> control_pb2.WorkerInfo:
     info = control_pb2.WorkerInfo(
         address=w.address,
         name=w.name,
-        status=wire.status_to_pb(w.status),
+        status=wire.status_to_pb(w.effective_status),
+        reported_status=wire.status_to_pb(w.status),
+        status_since=wire.timestamp(w.status_since),
+        zone=w.zone,
         memory=wire.memory_to_pb(w.memory),
         memory_bytes=w.memory.by(measure),
         key_count=w.nkeys,

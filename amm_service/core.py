@@ -3,11 +3,17 @@
 ``plan`` runs every policy over a frozen cluster view and answers each suggestion exactly as
 Dask's AMM does, with what Dask left out added:
 
-- replicate: onto the RUNNING worker with the lowest memory that neither holds the key nor is
-  already receiving it, and that has room for it under its memory limit;
-- drop: from the holder with the highest memory that has not pinned the key and is not already
-  dropping it; never the last replica, counting drops in flight from earlier cycles as well as
-  this one, and not counting copies on CLOSING workers as replicas that survive;
+- replicate: onto the RUNNING worker that neither holds the key nor is already receiving it, has
+  room for it under its memory limit and a free incoming-transfer slot; workers in a zone with no
+  copy yet come first, then the lowest memory;
+- drop: from a holder that has not pinned the key and is not already dropping it; holders whose
+  zone keeps another copy first, then retiring, then paused workers, then the highest memory;
+  never the last replica, counting drops in flight from earlier cycles as well as this one, and
+  not counting copies on CLOSING, RETIRING or STALE workers as replicas that survive;
+- policies run in ascending priority, so repairs take the throttled transfer slots first;
+- a retire request is accepted unless the worker is the last one taking replicas or the others
+  have no room for what only it holds;
+- during the start-up grace no drop is issued at all;
 - ``candidates`` restricts the choice (None: anywhere; an empty set: nowhere);
 - each choice adjusts the estimated memory of the worker concerned, so later suggestions in the
   same cycle spread out instead of piling onto one worker; directives still in flight from
@@ -22,24 +28,51 @@ Pure: no I/O and no clock. The caller supplies directive ids and what is in flig
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
 from amm_service.directive import Directive, Op
 from amm_service.pending import InFlight
-from amm_service.policies.base import PendingView, Policy, Suggestion
-from amm_service.view import ClusterView, Key, KeyView, Measure, WorkerId
+from amm_service.policies.base import (
+    PendingView,
+    Policy,
+    RetireRequest,
+    Suggestion,
+    priority_of,
+)
+from amm_service.view import ClusterView, Key, KeyView, Measure, WorkerId, WorkerStatus, WorkerView
 
 
 @dataclass(frozen=True, slots=True)
 class PlanConfig:
-    """What a plan depends on besides the view: the memory measure, the AMM's epoch, and how
-    many suggestions one policy may make in a cycle before it is stopped as runaway."""
+    """What a plan depends on besides the view: the memory measure, the AMM's epoch, how many
+    suggestions one policy may make in a cycle before it is stopped as runaway, whether drops
+    are allowed (not during the start-up grace) and the per-worker transfer limits (0: none)."""
 
     measure: Measure
     epoch: int
     max_suggestions: int = 1_000_000
+    allow_drops: bool = True
+    max_incoming: int = 0
+    max_outgoing: int = 0
+
+
+class Why(enum.Enum):
+    """Why a suggestion was rejected, for code that reacts to it (the retirement supervisor
+    abandons a retirement on NO_RECIPIENT or NO_ROOM, never on THROTTLED)."""
+
+    UNKNOWN_KEY = "unknown-key"
+    CONFLICT = "conflict"
+    NO_RECIPIENT = "no-recipient"
+    NO_ROOM = "no-room"
+    THROTTLED = "throttled"
+    NO_SOURCE = "no-source"
+    LAST_REPLICA = "last-replica"
+    UNREACHABLE = "unreachable"
+    PINNED = "pinned"
+    GRACE = "grace"
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +83,19 @@ class Rejection:
     op: Op
     key: Key
     reason: str
+    why: Why = Why.UNKNOWN_KEY
+
+
+@dataclass(frozen=True, slots=True)
+class RetireDecision:
+    """A policy's request to retire a worker, and whether the core accepted it."""
+
+    policy: str
+    worker: WorkerId
+    reason: str
+    accepted: bool
+    verdict: str
+    close: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +106,7 @@ class Plan:
     rejections: tuple[Rejection, ...]
     suggestions: int
     policy_errors: tuple[str, ...] = ()
+    retirements: tuple[RetireDecision, ...] = ()
 
 
 class InFlightSource(PendingView, Protocol):
@@ -73,6 +120,7 @@ class _No:
     """Why no worker fits a suggestion."""
 
     reason: str
+    why: Why
 
 
 class _CyclePending:
@@ -99,16 +147,23 @@ class _CyclePending:
 class _Decider:
     """Chooses workers for one cycle; holds the cycle's memory estimates and pending picks."""
 
-    def __init__(self, view: ClusterView, earlier: InFlightSource, measure: Measure) -> None:
+    def __init__(self, view: ClusterView, earlier: InFlightSource, config: PlanConfig) -> None:
         workers = view.workers
+        measure = config.measure
         self.view = view
+        self.config = config
         self.pending = _CyclePending(earlier)
         self.memory = {w: ws.memory.by(measure) for w, ws in workers.items()}
         self.managed = {w: ws.memory.managed for w, ws in workers.items()}
-        self.running = frozenset(w for w, ws in workers.items() if ws.accepts_replicas)
+        self.running = {w for w, ws in workers.items() if ws.accepts_replicas}
         self.fragile = frozenset(w for w, ws in workers.items() if not ws.durable)
         self.unreachable = frozenset(w for w, ws in workers.items() if not ws.reachable)
+        self.serving = frozenset(w for w, ws in workers.items() if ws.serves)
+        self.zone = {w: ws.zone for w, ws in workers.items()}
         self.rank = {w: 0 if ws.accepts_replicas else 1 for w, ws in workers.items()}
+        self.drop_rank = {w: _drop_rank(ws) for w, ws in workers.items()}
+        self.incoming: dict[WorkerId, int] = {}
+        self.outgoing: dict[WorkerId, int] = {}
         for directive in earlier.directives():
             self._count_in_flight(directive)
 
@@ -121,24 +176,48 @@ class _Decider:
         if d.op is Op.REPLICATE and not holds:
             self.memory[d.worker] += d.size
             self.managed[d.worker] += d.size
+            self.incoming[d.worker] = self.incoming.get(d.worker, 0) + 1
+            if d.sources:
+                self.outgoing[d.sources[0]] = self.outgoing.get(d.sources[0], 0) + 1
         elif d.op is Op.DROP and holds:
             self.memory[d.worker] -= d.size
 
     def recipient(self, kv: KeyView, candidates: frozenset[WorkerId] | None) -> WorkerId | _No:
         """The worker to replicate onto, or the reason there is none."""
         pool = self.running if candidates is None else candidates & self.running
-        pool = pool - kv.holders - self.pending.in_flight(kv.key).replicating
+        replicating = self.pending.in_flight(kv.key).replicating
+        pool = pool - kv.holders - replicating
         if not pool:
-            return _No("no running worker that lacks the key is left to receive it")
+            return _No(
+                "no running worker that lacks the key is left to receive it", Why.NO_RECIPIENT
+            )
         roomy = [w for w in pool if self._has_room(w, kv.size)]
         if not roomy:
-            return _No("no candidate has room for the key under its memory limit")
-        return min(roomy, key=lambda w: (self.memory[w], w))
+            return _No("no candidate has room for the key under its memory limit", Why.NO_ROOM)
+        limit = self.config.max_incoming
+        if limit:
+            roomy = [w for w in roomy if self.incoming.get(w, 0) < limit]
+            if not roomy:
+                return _No(
+                    f"throttled: every candidate has {limit} incoming transfers", Why.THROTTLED
+                )
+        zone = self.zone
+        zones = {zone[w] for w in kv.holders | replicating if zone.get(w)}
+        memory = self.memory
+        return min(roomy, key=lambda w: (zone[w] in zones, memory[w], w))
 
-    def sources(self, kv: KeyView) -> tuple[WorkerId, ...]:
-        """Holders to fetch from, most dependable and least loaded first."""
+    def sources(self, kv: KeyView) -> tuple[WorkerId, ...] | _No:
+        """Holders to fetch from, most dependable and least loaded first, or the reason there is
+        none."""
         dropping = self.pending.in_flight(kv.key).dropping
-        usable = [w for w in kv.holders - self.fragile - dropping if w in self.view.workers]
+        usable = [w for w in kv.holders - dropping if w in self.serving]
+        if not usable:
+            return _No("no holder can serve as a source (all are dropping it)", Why.NO_SOURCE)
+        limit = self.config.max_outgoing
+        if limit:
+            usable = [w for w in usable if self.outgoing.get(w, 0) < limit]
+            if not usable:
+                return _No(f"throttled: every holder has {limit} outgoing transfers", Why.THROTTLED)
         return tuple(sorted(usable, key=self._preference))
 
     def dropper(
@@ -146,31 +225,76 @@ class _Decider:
     ) -> tuple[WorkerId, tuple[WorkerId, ...]] | _No:
         """The holder to drop from with the other holders, most dependable first, or the reason
         there is none."""
+        if not self.config.allow_drops:
+            return _No(
+                "start-up grace: not every worker known before the restart has reported yet",
+                Why.GRACE,
+            )
         remaining = kv.holders - self.pending.in_flight(kv.key).dropping
         durable = remaining - self.fragile
         if len(remaining) < 2 or not durable:
-            return _No("last replica")
+            return _No("last replica", Why.LAST_REPLICA)
         pool = remaining if candidates is None else candidates & remaining
         pool = pool - self.unreachable  # a directive it cannot hear is no use
         if not pool:
-            return _No("no reachable candidate holds the key (or all are already dropping it)")
+            return _No(
+                "no reachable candidate holds the key (or all are already dropping it)",
+                Why.UNREACHABLE,
+            )
         pool = pool - kv.pinned_on
         if not pool:
-            return _No("pinned on every candidate")
+            return _No("pinned on every candidate", Why.PINNED)
         if len(durable) == 1:
             pool = pool - durable  # a drop must leave at least one durable replica behind
             if not pool:
-                return _No("last replica")
-        memory = self.memory
-        chosen = max(pool, key=lambda w: (memory[w], w))
+                return _No("last replica", Why.LAST_REPLICA)
+        memory, zone, rank = self.memory, self.zone, self.drop_rank
+        per_zone: dict[str, int] = {}
+        for w in durable:
+            per_zone[zone[w]] = per_zone.get(zone[w], 0) + 1
+
+        def keeps_zone(w: WorkerId) -> bool:
+            """Whether dropping from ``w`` leaves its zone (if it has one) a durable copy."""
+            return not zone[w] or w not in durable or per_zone[zone[w]] > 1
+
+        chosen = max(pool, key=lambda w: (keeps_zone(w), -rank[w], memory[w], w))
         remaining = remaining - {chosen}
         return chosen, tuple(sorted(remaining, key=self._preference))
 
-    def commit(self, op: Op, kv: KeyView, worker: WorkerId) -> None:
+    def retire(self, request: RetireRequest, accepted: set[WorkerId]) -> str | None:
+        """Why ``request`` must be declined, or None to accept it."""
+        ws = self.view.workers.get(request.worker)
+        if ws is None:
+            return "unknown worker"
+        if ws.retiring or ws.retired:
+            return "already retiring or retired"
+        if not ws.reachable:
+            return "the worker does not answer polls"
+        others = self.running - accepted - {request.worker}
+        if not others:
+            return "it is the last running worker"
+        view = self.view
+        need = 0
+        for key in view.held_by(request.worker):
+            kv = view.keys.get(key)
+            if kv is not None and not (kv.holders - {request.worker}) - self.fragile:
+                need += kv.size
+        limits = [view.workers[w].memory.limit for w in others]
+        if any(limit == 0 for limit in limits):
+            return None
+        room = sum(max(0, view.workers[w].memory.limit - self.managed[w]) for w in others)
+        if need > room:
+            return f"the other workers have no room for its data ({need} bytes, room {room})"
+        return None
+
+    def commit(self, op: Op, kv: KeyView, worker: WorkerId, sources: tuple[WorkerId, ...]) -> None:
         self.pending.add(op, kv.key, worker)
         if op is Op.REPLICATE:
             self.memory[worker] += kv.size
             self.managed[worker] += kv.size
+            self.incoming[worker] = self.incoming.get(worker, 0) + 1
+            if sources:
+                self.outgoing[sources[0]] = self.outgoing.get(sources[0], 0) + 1
         else:
             self.memory[worker] -= kv.size
 
@@ -182,6 +306,15 @@ class _Decider:
         return (self.rank[worker], self.memory[worker], worker)
 
 
+def _drop_rank(ws: WorkerView) -> int:
+    """Lower goes first among drop candidates: retiring workers, then paused ones, then the rest."""
+    if ws.retiring or ws.retired:
+        return 0
+    if ws.status is not WorkerStatus.RUNNING:
+        return 1
+    return 2
+
+
 def plan(
     view: ClusterView,
     policies: Iterable[Policy],
@@ -190,33 +323,56 @@ def plan(
     new_id: Callable[[], str],
 ) -> Plan:
     """Run the policies over ``view`` and decide; see the module docstring for the rules."""
-    decider = _Decider(view, in_flight, config.measure)
+    decider = _Decider(view, in_flight, config)
     directives: list[Directive] = []
     rejections: list[Rejection] = []
+    retirements: list[RetireDecision] = []
+    accepted: set[WorkerId] = set()
     errors: list[str] = []
     count = 0
 
-    def decide(policy: str, suggestion: Suggestion) -> WorkerId | None:
+    def retire(policy: str, request: RetireRequest) -> WorkerId | None:
+        verdict = decider.retire(request, accepted)
+        ok = verdict is None
+        retirements.append(
+            RetireDecision(
+                policy, request.worker, request.reason, ok, verdict or "accepted", request.close
+            )
+        )
+        if not ok:
+            return None
+        accepted.add(request.worker)
+        decider.running.discard(request.worker)
+        return request.worker
+
+    def decide(policy: str, suggestion: Suggestion | RetireRequest) -> WorkerId | None:
+        if isinstance(suggestion, RetireRequest):
+            return retire(policy, suggestion)
         kv = view.keys.get(suggestion.key)
         choice: WorkerId | _No
         sources: tuple[WorkerId, ...] = ()
         holders: tuple[WorkerId, ...] = ()
         if kv is None:
-            choice = _No("unknown key")
+            choice = _No("unknown key", Why.UNKNOWN_KEY)
         elif kv.conflicting:
-            choice = _No(f"conflicting content on {', '.join(sorted(kv.conflicting))}")
+            choice = _No(
+                f"conflicting content on {', '.join(sorted(kv.conflicting))}", Why.CONFLICT
+            )
         elif suggestion.op is Op.REPLICATE:
             choice = decider.recipient(kv, suggestion.candidates)
-            sources = decider.sources(kv)
-            if not sources:
-                choice = _No("no holder can serve as a source (all are dropping it)")
+            if not isinstance(choice, _No):
+                found = decider.sources(kv)
+                if isinstance(found, _No):
+                    choice = found
+                else:
+                    sources = found
         else:
             picked = decider.dropper(kv, suggestion.candidates)
             choice = picked if isinstance(picked, _No) else picked[0]
             holders = () if isinstance(picked, _No) else picked[1]
         if isinstance(choice, _No) or kv is None:
-            reason = choice.reason if isinstance(choice, _No) else "unknown key"
-            rejections.append(Rejection(policy, suggestion.op, suggestion.key, reason))
+            no = choice if isinstance(choice, _No) else _No("unknown key", Why.UNKNOWN_KEY)
+            rejections.append(Rejection(policy, suggestion.op, suggestion.key, no.reason, no.why))
             return None
         directives.append(
             Directive(
@@ -230,12 +386,13 @@ def plan(
                 sources=sources,
                 holders=holders,
                 policy=policy,
+                reason=suggestion.reason,
             )
         )
-        decider.commit(suggestion.op, kv, choice)
+        decider.commit(suggestion.op, kv, choice, sources)
         return choice
 
-    for policy in policies:
+    for policy in sorted(policies, key=priority_of):
         run = policy.run(view, decider.pending, config.measure)
         made = 0
         try:
@@ -252,4 +409,4 @@ def plan(
         except Exception as err:  # a third-party policy's bug must not stop the others
             errors.append(f"policy {policy.name} failed: {type(err).__name__}: {err}")
         count += made
-    return Plan(tuple(directives), tuple(rejections), count, tuple(errors))
+    return Plan(tuple(directives), tuple(rejections), count, tuple(errors), tuple(retirements))

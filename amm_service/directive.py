@@ -42,6 +42,7 @@ class Directive:
     sources: tuple[WorkerId, ...] = ()
     holders: tuple[WorkerId, ...] = ()
     policy: str = ""
+    reason: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,12 +21,19 @@ MEASURES: tuple[Measure, ...] = ("process", "managed", "optimistic")
 
 
 class WorkerStatus(enum.Enum):
-    """A worker's status as the AMM sees it; only RUNNING workers receive new replicas."""
+    """A worker's status as the AMM sees it; only RUNNING workers receive new replicas.
+
+    Agents report RUNNING, PAUSED or CLOSING; RETIRING, RETIRED and STALE are the AMM's own
+    verdicts and override what the agent reports (see ``WorkerView.effective_status``).
+    """
 
     UNKNOWN = "unknown"
     RUNNING = "running"
     PAUSED = "paused"
     CLOSING = "closing"
+    RETIRING = "retiring"
+    RETIRED = "retired"
+    STALE = "stale"
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,20 +68,57 @@ class WorkerView:
     incarnation: str = ""
     version: int = 0
     missed_polls: int = 0
+    zone: str = ""
+    """Its failure domain; empty when it declared none."""
+    retiring: bool = False
+    """Set by the AMM while it retires the worker."""
+    retired: bool = False
+    """Set by the AMM once the worker is retired."""
+    stale: bool = False
+    """Set by the AMM once the worker has not answered polls for ``stale-after``."""
+    status_since: float = 0.0
+    """When ``effective_status`` last changed (wall clock)."""
+
+    @property
+    def effective_status(self) -> WorkerStatus:
+        """The AMM's verdict (retired, retiring, stale) over the status the agent reported."""
+        if self.retired:
+            return WorkerStatus.RETIRED
+        if self.retiring:
+            return WorkerStatus.RETIRING
+        if self.stale:
+            return WorkerStatus.STALE
+        return self.status
+
+    @property
+    def last_seen(self) -> float:
+        """When it last answered a poll, or registered if it never did."""
+        return self.last_poll if self.last_poll is not None else self.registered_at
 
     @property
     def reachable(self) -> bool:
         """False once it failed to answer a poll, until it answers again."""
-        return self.missed_polls == 0
+        return self.missed_polls == 0 and not self.stale
 
     @property
     def accepts_replicas(self) -> bool:
-        return self.status is WorkerStatus.RUNNING and self.reachable
+        return self.effective_status is WorkerStatus.RUNNING and self.reachable
 
     @property
     def durable(self) -> bool:
-        """Whether its copies can be counted on to stay: not closing, still answering."""
-        return self.status is not WorkerStatus.CLOSING and self.reachable
+        """Whether its copies can be counted on to stay: not closing, retiring or retired, and
+        still answering."""
+        return (
+            self.status is not WorkerStatus.CLOSING
+            and not self.retiring
+            and not self.retired
+            and self.reachable
+        )
+
+    @property
+    def serves(self) -> bool:
+        """Whether peers can fetch from it: answering and not shutting down."""
+        return self.reachable and self.status is not WorkerStatus.CLOSING
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +148,13 @@ class KeyReport:
     pinned: bool = False
 
 
+Goal = int | None
+"""A replication goal: copies to keep, or None for every worker (including future ones)."""
+
+_NO_GOALS: Mapping[Key, Goal] = MappingProxyType({})
+_NO_HOLDINGS: Mapping[WorkerId, frozenset[Key]] = MappingProxyType({})
+
+
 @dataclass(frozen=True, slots=True)
 class ClusterView:
     """A frozen snapshot of the cluster for one cycle."""
@@ -113,6 +164,16 @@ class ClusterView:
     replicated: frozenset[Key]
     """Keys held by two or more workers with the same content: the only ones a drop can concern.
     A set: policies that want a reproducible order sort it."""
+    goals: Mapping[Key, Goal] = field(default_factory=lambda: _NO_GOALS)
+    """Tracked replication goals (the Replicate policy keeps them; ReduceReplicas respects them).
+    May name keys that no worker holds any more."""
+    holdings: Mapping[WorkerId, frozenset[Key]] = field(default_factory=lambda: _NO_HOLDINGS)
+    """The keys each worker holds (the inverse of ``KeyView.holders``)."""
+    taken_at: float = 0.0
+    """When the snapshot was taken (wall clock), for policies that reason about durations."""
+
+    def held_by(self, worker: WorkerId) -> frozenset[Key]:
+        return self.holdings.get(worker, frozenset())
 
 
 class ClusterState:
@@ -125,24 +186,34 @@ class ClusterState:
         self._replicated: set[Key] = set()
         self._odd: dict[Key, dict[WorkerId, KeyReport]] = {}
         """Per key with conflicting content: what each odd holder reported."""
+        self._frozen_held: dict[WorkerId, frozenset[Key]] = {}
+        """Per worker, ``_held`` frozen for snapshots; dropped whenever ``_held`` changes."""
 
     # -- workers ---------------------------------------------------------------------------
 
-    def register(self, address: WorkerId, name: str, incarnation: str, now: float) -> bool:
+    def register(
+        self, address: WorkerId, name: str, incarnation: str, now: float, zone: str = ""
+    ) -> bool:
         """Add a worker, or refresh it; returns True when it is new or a new incarnation.
 
         A new incarnation (the agent restarted) loses what the old one held.
         """
         old = self._workers.get(address)
         if old is not None and old.incarnation == incarnation:
-            self._workers[address] = replace(old, name=name or old.name)
+            self._workers[address] = replace(old, name=name or old.name, zone=zone or old.zone)
             return False
         if old is not None:
             self._forget_holdings(address)
         self._workers[address] = WorkerView(
-            address=address, name=name or address, registered_at=now, incarnation=incarnation
+            address=address,
+            name=name or address,
+            registered_at=now,
+            incarnation=incarnation,
+            zone=zone,
+            status_since=now,
         )
         self._held[address] = set()
+        self._frozen_held.pop(address, None)
         return True
 
     def unregister(self, address: WorkerId) -> bool:
@@ -151,6 +222,7 @@ class ClusterState:
         self._forget_holdings(address)
         del self._workers[address]
         del self._held[address]
+        self._frozen_held.pop(address, None)
         return True
 
     def worker(self, address: WorkerId) -> WorkerView | None:
@@ -184,6 +256,7 @@ class ClusterState:
         status: WorkerStatus,
         name: str,
         now: float,
+        zone: str = "",
     ) -> None:
         """Merge one poll answer. Unknown workers are ignored (they unregistered meanwhile)."""
         old = self._workers.get(address)
@@ -192,17 +265,24 @@ class ClusterState:
         if full or incarnation != old.incarnation:
             self._forget_holdings(address)
         held = self._held[address]
+        changed = False
         for report in keys:
             self._set_holding(address, report)
             held.add(report.key)
+            changed = True
         for key in removed:
             if key in held:
                 held.discard(key)
                 self._remove_holding(address, key)
-        self._workers[address] = replace(
+                changed = True
+        if changed:
+            self._frozen_held.pop(address, None)
+        new = replace(
             old,
             name=name or old.name,
+            zone=zone or old.zone,
             status=status,
+            stale=False,
             memory=memory,
             nkeys=len(held),
             last_poll=now,
@@ -210,6 +290,9 @@ class ClusterState:
             version=version,
             missed_polls=0,
         )
+        if new.effective_status is not old.effective_status:
+            new = replace(new, status_since=now)
+        self._workers[address] = new
 
     def missed_poll(self, address: WorkerId) -> None:
         old = self._workers.get(address)
@@ -284,15 +367,50 @@ class ClusterState:
         for key in self._held.get(worker, set()):
             self._remove_holding(worker, key)
         self._held[worker] = set()
+        self._frozen_held.pop(worker, None)
 
     # -- snapshots -------------------------------------------------------------------------
 
-    def snapshot(self) -> ClusterView:
+    def snapshot(self, *, goals: Mapping[Key, Goal] = _NO_GOALS, now: float = 0.0) -> ClusterView:
+        holdings = {}
+        for worker, held in self._held.items():
+            frozen = self._frozen_held.get(worker)
+            if frozen is None:
+                frozen = self._frozen_held[worker] = frozenset(held)
+            holdings[worker] = frozen
         return ClusterView(
             workers=MappingProxyType(dict(self._workers)),
             keys=MappingProxyType(dict(self._keys)),
             replicated=frozenset(self._replicated),
+            goals=MappingProxyType(dict(goals)) if goals else _NO_GOALS,
+            holdings=MappingProxyType(holdings),
+            taken_at=now,
         )
+
+    def set_flags(
+        self,
+        address: WorkerId,
+        now: float,
+        *,
+        retiring: bool | None = None,
+        retired: bool | None = None,
+        stale: bool | None = None,
+    ) -> bool:
+        """Set the AMM's own flags on a worker (None leaves one as it is); returns False for an
+        unknown worker. ``status_since`` moves when the effective status changes."""
+        old = self._workers.get(address)
+        if old is None:
+            return False
+        new = replace(
+            old,
+            retiring=old.retiring if retiring is None else retiring,
+            retired=old.retired if retired is None else retired,
+            stale=old.stale if stale is None else stale,
+        )
+        if new.effective_status is not old.effective_status:
+            new = replace(new, status_since=now)
+        self._workers[address] = new
+        return True
 
     def held_by(self, worker: WorkerId) -> frozenset[Key]:
         return frozenset(self._held.get(worker, ()))

@@ -22,7 +22,13 @@ _STATUSES = {
     types_pb2.WORKER_STATUS_PAUSED: WorkerStatus.PAUSED,
     types_pb2.WORKER_STATUS_CLOSING: WorkerStatus.CLOSING,
 }
-_STATUSES_OUT = {v: k for k, v in _STATUSES.items()}
+"""What an agent may report; the AMM's own verdicts (RETIRING, RETIRED, STALE) are not taken from
+agents."""
+_STATUSES_OUT = {v: k for k, v in _STATUSES.items()} | {
+    WorkerStatus.RETIRING: types_pb2.WORKER_STATUS_RETIRING,
+    WorkerStatus.RETIRED: types_pb2.WORKER_STATUS_RETIRED,
+    WorkerStatus.STALE: types_pb2.WORKER_STATUS_STALE,
+}
 _OUTCOMES = {
     types_pb2.OUTCOME_STATUS_APPLIED: OutcomeStatus.APPLIED,
     types_pb2.OUTCOME_STATUS_REFUSED: OutcomeStatus.REFUSED,
@@ -47,6 +53,8 @@ def directive_to_pb(d: Directive) -> types_pb2.Directive:
         checksum=d.checksum,
         sources=list(d.sources),
         holders=list(d.holders),
+        policy=d.policy,
+        reason=d.reason,
     )
 
 

@@ -410,3 +410,9 @@ class WorkerAgentServicer(agent_pb2_grpc.WorkerAgentServicer):
             granted = Duration()
             granted.FromNanoseconds(round(answer.remaining * 1e9))
             return agent_pb2.PromiseKeepResponse(kept=True, lease_expires=expires, lease=granted)
+
+    async def Close(
+        self, request: agent_pb2.CloseRequest, context: Context
+    ) -> agent_pb2.CloseResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Close: not yet")
+        raise AssertionError("unreachable")

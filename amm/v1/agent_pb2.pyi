@@ -86,6 +86,7 @@ class PollResponse(_message.Message):
     EPOCH_FIELD_NUMBER: _builtins.int
     NEXT_CURSOR_FIELD_NUMBER: _builtins.int
     MORE_FIELD_NUMBER: _builtins.int
+    ZONE_FIELD_NUMBER: _builtins.int
     incarnation: _builtins.str
     """Random id of this agent process; it changes when the agent restarts."""
     version: _builtins.int
@@ -107,6 +108,8 @@ class PollResponse(_message.Message):
     """Set when an incremental answer stopped at max_keys: more changes follow `version`; poll again
     since `version`.
     """
+    zone: _builtins.str
+    """The failure domain (rack, zone, host group) the worker declared; empty when none."""
     @_builtins.property
     def keys(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.KeyInfo]:
         """Keys added or changed (for example pinned or unpinned) since since_version, or all keys when full."""
@@ -133,10 +136,11 @@ class PollResponse(_message.Message):
         epoch: _builtins.int = ...,
         next_cursor: _builtins.str = ...,
         more: _builtins.bool = ...,
+        zone: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["memory", b"memory"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "full", b"full", "incarnation", b"incarnation", "keys", b"keys", "memory", b"memory", "more", b"more", "name", b"name", "next_cursor", b"next_cursor", "removed", b"removed", "status", b"status", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "full", b"full", "incarnation", b"incarnation", "keys", b"keys", "memory", b"memory", "more", b"more", "name", b"name", "next_cursor", b"next_cursor", "removed", b"removed", "status", b"status", "version", b"version", "zone", b"zone"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -623,3 +627,51 @@ class PromiseKeepResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PromiseKeepResponse: _TypeAlias = PromiseKeepResponse  # noqa: Y015
+
+@_typing.final
+class CloseRequest(_message.Message):
+    """Close arguments."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REASON_FIELD_NUMBER: _builtins.int
+    FORCE_FIELD_NUMBER: _builtins.int
+    reason: _builtins.str
+    """Why the agent is asked to close (logged by the agent)."""
+    force: _builtins.bool
+    """Close even while holding keys. Only for operators who accept losing what is held."""
+    def __init__(
+        self,
+        *,
+        reason: _builtins.str = ...,
+        force: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["force", b"force", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CloseRequest: _TypeAlias = CloseRequest  # noqa: Y015
+
+@_typing.final
+class CloseResponse(_message.Message):
+    """Close result."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CLOSING_FIELD_NUMBER: _builtins.int
+    closing: _builtins.bool
+    """True when the agent is shutting down."""
+    def __init__(
+        self,
+        *,
+        closing: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["closing", b"closing"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CloseResponse: _TypeAlias = CloseResponse  # noqa: Y015

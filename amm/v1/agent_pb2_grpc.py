@@ -80,6 +80,11 @@ class WorkerAgentStub:
                 request_serializer=amm_dot_v1_dot_agent__pb2.PromiseKeepRequest.SerializeToString,
                 response_deserializer=amm_dot_v1_dot_agent__pb2.PromiseKeepResponse.FromString,
                 _registered_method=True)
+        self.Close = channel.unary_unary(
+                '/amm.v1.WorkerAgent/Close',
+                request_serializer=amm_dot_v1_dot_agent__pb2.CloseRequest.SerializeToString,
+                response_deserializer=amm_dot_v1_dot_agent__pb2.CloseResponse.FromString,
+                _registered_method=True)
 
 
 class WorkerAgentServicer:
@@ -154,6 +159,15 @@ class WorkerAgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Close(self, request, context):
+        """Shut the agent down cleanly (the AMM calls it for a retired worker). Refused with
+        FAILED_PRECONDITION while the agent holds any key, unless `force` is set: a retired worker
+        holds nothing, and an agent never loses data on someone else's word.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerAgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -201,6 +215,11 @@ def add_WorkerAgentServicer_to_server(servicer, server):
                     servicer.PromiseKeep,
                     request_deserializer=amm_dot_v1_dot_agent__pb2.PromiseKeepRequest.FromString,
                     response_serializer=amm_dot_v1_dot_agent__pb2.PromiseKeepResponse.SerializeToString,
+            ),
+            'Close': grpc.unary_unary_rpc_method_handler(
+                    servicer.Close,
+                    request_deserializer=amm_dot_v1_dot_agent__pb2.CloseRequest.FromString,
+                    response_serializer=amm_dot_v1_dot_agent__pb2.CloseResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -447,6 +466,33 @@ class WorkerAgent:
             '/amm.v1.WorkerAgent/PromiseKeep',
             amm_dot_v1_dot_agent__pb2.PromiseKeepRequest.SerializeToString,
             amm_dot_v1_dot_agent__pb2.PromiseKeepResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Close(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/amm.v1.WorkerAgent/Close',
+            amm_dot_v1_dot_agent__pb2.CloseRequest.SerializeToString,
+            amm_dot_v1_dot_agent__pb2.CloseResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -62,6 +62,11 @@ class WorkerAgentStub:
     """Peer transfer: stream a value to another agent, header first, then chunks."""
     PromiseKeep: _grpc.UnaryUnaryMultiCallable[_agent_pb2.PromiseKeepRequest, _agent_pb2.PromiseKeepResponse]
     """Promise to keep a verified copy of a key for a lease, so that a peer may drop its own replica."""
+    Close: _grpc.UnaryUnaryMultiCallable[_agent_pb2.CloseRequest, _agent_pb2.CloseResponse]
+    """Shut the agent down cleanly (the AMM calls it for a retired worker). Refused with
+    FAILED_PRECONDITION while the agent holds any key, unless `force` is set: a retired worker
+    holds nothing, and an agent never loses data on someone else's word.
+    """
 
 @_typing.type_check_only
 class WorkerAgentAsyncStub(WorkerAgentStub):
@@ -95,6 +100,11 @@ class WorkerAgentAsyncStub(WorkerAgentStub):
     """Peer transfer: stream a value to another agent, header first, then chunks."""
     PromiseKeep: _aio.UnaryUnaryMultiCallable[_agent_pb2.PromiseKeepRequest, _agent_pb2.PromiseKeepResponse]  # type: ignore[assignment]
     """Promise to keep a verified copy of a key for a lease, so that a peer may drop its own replica."""
+    Close: _aio.UnaryUnaryMultiCallable[_agent_pb2.CloseRequest, _agent_pb2.CloseResponse]  # type: ignore[assignment]
+    """Shut the agent down cleanly (the AMM calls it for a retired worker). Refused with
+    FAILED_PRECONDITION while the agent holds any key, unless `force` is set: a retired worker
+    holds nothing, and an agent never loses data on someone else's word.
+    """
 
 class WorkerAgentServicer(metaclass=_abc_1.ABCMeta):
     """Served by every worker agent. The AMM, peers and clients dial the agent's advertised address."""
@@ -179,5 +189,16 @@ class WorkerAgentServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_agent_pb2.PromiseKeepResponse, _abc.Awaitable[_agent_pb2.PromiseKeepResponse]]:
         """Promise to keep a verified copy of a key for a lease, so that a peer may drop its own replica."""
+
+    @_abc_1.abstractmethod
+    def Close(
+        self,
+        request: _agent_pb2.CloseRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_pb2.CloseResponse, _abc.Awaitable[_agent_pb2.CloseResponse]]:
+        """Shut the agent down cleanly (the AMM calls it for a retired worker). Refused with
+        FAILED_PRECONDITION while the agent holds any key, unless `force` is set: a retired worker
+        holds nothing, and an agent never loses data on someone else's word.
+        """
 
 def add_WorkerAgentServicer_to_server(servicer: WorkerAgentServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -147,16 +147,22 @@ class RunOnceRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     WAIT_FIELD_NUMBER: _builtins.int
+    DRY_RUN_FIELD_NUMBER: _builtins.int
     wait: _builtins.bool
     """Return only once every directive of the cycle has an outcome or timed out."""
+    dry_run: _builtins.bool
+    """Plan only: report the directives the policies would produce, each with its policy and reason,
+    and send nothing.
+    """
     def __init__(
         self,
         *,
         wait: _builtins.bool = ...,
+        dry_run: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["wait", b"wait"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dry_run", b"dry_run", "wait", b"wait"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -248,6 +254,11 @@ class ClusterTotals(_message.Message):
     DIRECTIVES_IN_FLIGHT_FIELD_NUMBER: _builtins.int
     CONFLICTING_KEYS_FIELD_NUMBER: _builtins.int
     UNREACHABLE_WORKERS_FIELD_NUMBER: _builtins.int
+    LOST_KEYS_FIELD_NUMBER: _builtins.int
+    KEYS_WITH_GOAL_FIELD_NUMBER: _builtins.int
+    KEYS_BELOW_GOAL_FIELD_NUMBER: _builtins.int
+    RETIRING_WORKERS_FIELD_NUMBER: _builtins.int
+    STALE_WORKERS_FIELD_NUMBER: _builtins.int
     workers: _builtins.int
     """Registered workers."""
     keys: _builtins.int
@@ -268,6 +279,16 @@ class ClusterTotals(_message.Message):
     """
     unreachable_workers: _builtins.int
     """Workers that did not answer their last poll."""
+    lost_keys: _builtins.int
+    """Keys known to be lost: their last holder died before a copy was made elsewhere."""
+    keys_with_goal: _builtins.int
+    """Keys with a replication goal."""
+    keys_below_goal: _builtins.int
+    """Keys with a goal that have fewer live copies than the goal asks for."""
+    retiring_workers: _builtins.int
+    """Workers being retired."""
+    stale_workers: _builtins.int
+    """Workers that have not answered polls for `stale-after`."""
     def __init__(
         self,
         *,
@@ -280,10 +301,15 @@ class ClusterTotals(_message.Message):
         directives_in_flight: _builtins.int = ...,
         conflicting_keys: _builtins.int = ...,
         unreachable_workers: _builtins.int = ...,
+        lost_keys: _builtins.int = ...,
+        keys_with_goal: _builtins.int = ...,
+        keys_below_goal: _builtins.int = ...,
+        retiring_workers: _builtins.int = ...,
+        stale_workers: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["conflicting_keys", b"conflicting_keys", "directives_in_flight", b"directives_in_flight", "keys", b"keys", "managed_bytes", b"managed_bytes", "memory_bytes", b"memory_bytes", "process_bytes", b"process_bytes", "replicas", b"replicas", "unreachable_workers", b"unreachable_workers", "workers", b"workers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["conflicting_keys", b"conflicting_keys", "directives_in_flight", b"directives_in_flight", "keys", b"keys", "keys_below_goal", b"keys_below_goal", "keys_with_goal", b"keys_with_goal", "lost_keys", b"lost_keys", "managed_bytes", b"managed_bytes", "memory_bytes", b"memory_bytes", "process_bytes", b"process_bytes", "replicas", b"replicas", "retiring_workers", b"retiring_workers", "stale_workers", b"stale_workers", "unreachable_workers", b"unreachable_workers", "workers", b"workers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -346,6 +372,8 @@ class GetStatusResponse(_message.Message):
     TOTALS_FIELD_NUMBER: _builtins.int
     RECENT_REFUSALS_FIELD_NUMBER: _builtins.int
     CYCLES_FIELD_NUMBER: _builtins.int
+    RECENT_EVENTS_FIELD_NUMBER: _builtins.int
+    STARTUP_GRACE_FIELD_NUMBER: _builtins.int
     running: _builtins.bool
     """Whether cycles run every interval."""
     measure: _types_pb2.MemoryMeasure.ValueType
@@ -354,6 +382,10 @@ class GetStatusResponse(_message.Message):
     """This AMM's epoch, incremented at every start."""
     cycles: _builtins.int
     """Cycles run since start."""
+    startup_grace: _builtins.bool
+    """True while the AMM is in its start-up grace period and issues no drops: not every worker it
+    knew from its state file has reported yet.
+    """
     @_builtins.property
     def interval(self) -> _duration_pb2.Duration:
         """Time between cycles."""
@@ -374,6 +406,10 @@ class GetStatusResponse(_message.Message):
     def recent_refusals(self) -> _containers.RepeatedCompositeFieldContainer[Global___RefusalRecord]:
         """The most recent refusals and failures reported by agents, newest first."""
 
+    @_builtins.property
+    def recent_events(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Event]:
+        """Recent notable events (worker deaths, lost keys, retirements and their reasons), newest first."""
+
     def __init__(
         self,
         *,
@@ -386,10 +422,12 @@ class GetStatusResponse(_message.Message):
         totals: Global___ClusterTotals | None = ...,
         recent_refusals: _abc.Iterable[Global___RefusalRecord] | None = ...,
         cycles: _builtins.int = ...,
+        recent_events: _abc.Iterable[_types_pb2.Event] | None = ...,
+        startup_grace: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["interval", b"interval", "last_cycle", b"last_cycle", "totals", b"totals"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cycles", b"cycles", "epoch", b"epoch", "interval", b"interval", "last_cycle", b"last_cycle", "measure", b"measure", "policies", b"policies", "recent_refusals", b"recent_refusals", "running", b"running", "totals", b"totals"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cycles", b"cycles", "epoch", b"epoch", "interval", b"interval", "last_cycle", b"last_cycle", "measure", b"measure", "policies", b"policies", "recent_events", b"recent_events", "recent_refusals", b"recent_refusals", "running", b"running", "startup_grace", b"startup_grace", "totals", b"totals"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -405,6 +443,7 @@ class RegisterWorkerRequest(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     INCARNATION_FIELD_NUMBER: _builtins.int
     EPOCH_FIELD_NUMBER: _builtins.int
+    ZONE_FIELD_NUMBER: _builtins.int
     address: _builtins.str
     """The address the AMM and peers dial to reach the agent (host:port)."""
     name: _builtins.str
@@ -415,6 +454,10 @@ class RegisterWorkerRequest(_message.Message):
     """The newest AMM epoch the agent has seen. An AMM that has not run a cycle yet and sees a newer
     epoch moves its own epoch past it: the most recently started AMM is the one in charge.
     """
+    zone: _builtins.str
+    """The failure domain (rack, zone, host group) of the worker; replicas made for a goal spread
+    over zones first. Empty: no zone.
+    """
     def __init__(
         self,
         *,
@@ -422,10 +465,11 @@ class RegisterWorkerRequest(_message.Message):
         name: _builtins.str = ...,
         incarnation: _builtins.str = ...,
         epoch: _builtins.int = ...,
+        zone: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "epoch", b"epoch", "incarnation", b"incarnation", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "epoch", b"epoch", "incarnation", b"incarnation", "name", b"name", "zone", b"zone"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -540,6 +584,9 @@ class WorkerInfo(_message.Message):
     LAST_POLL_FIELD_NUMBER: _builtins.int
     REGISTERED_AT_FIELD_NUMBER: _builtins.int
     MISSED_POLLS_FIELD_NUMBER: _builtins.int
+    ZONE_FIELD_NUMBER: _builtins.int
+    REPORTED_STATUS_FIELD_NUMBER: _builtins.int
+    STATUS_SINCE_FIELD_NUMBER: _builtins.int
     address: _builtins.str
     """The worker's address."""
     name: _builtins.str
@@ -552,6 +599,12 @@ class WorkerInfo(_message.Message):
     """How many keys it holds."""
     missed_polls: _builtins.int
     """Polls in a row that it did not answer; its replicas are not counted as durable meanwhile."""
+    zone: _builtins.str
+    """The worker's failure domain; empty when none."""
+    reported_status: _types_pb2.WorkerStatus.ValueType
+    """The status the agent itself last reported (RUNNING, PAUSED or CLOSING); `status` is what the
+    AMM makes of it (RETIRING, RETIRED or STALE override it).
+    """
     @_builtins.property
     def memory(self) -> _types_pb2.MemoryReport:
         """Its memory report."""
@@ -563,6 +616,10 @@ class WorkerInfo(_message.Message):
     @_builtins.property
     def registered_at(self) -> _timestamp_pb2.Timestamp:
         """When it registered."""
+
+    @_builtins.property
+    def status_since(self) -> _timestamp_pb2.Timestamp:
+        """Since when the worker has had its current `status`."""
 
     def __init__(
         self,
@@ -576,10 +633,13 @@ class WorkerInfo(_message.Message):
         last_poll: _timestamp_pb2.Timestamp | None = ...,
         registered_at: _timestamp_pb2.Timestamp | None = ...,
         missed_polls: _builtins.int = ...,
+        zone: _builtins.str = ...,
+        reported_status: _types_pb2.WorkerStatus.ValueType = ...,
+        status_since: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["last_poll", b"last_poll", "memory", b"memory", "registered_at", b"registered_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["last_poll", b"last_poll", "memory", b"memory", "registered_at", b"registered_at", "status_since", b"status_since"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "key_count", b"key_count", "last_poll", b"last_poll", "memory", b"memory", "memory_bytes", b"memory_bytes", "missed_polls", b"missed_polls", "name", b"name", "registered_at", b"registered_at", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "key_count", b"key_count", "last_poll", b"last_poll", "memory", b"memory", "memory_bytes", b"memory_bytes", "missed_polls", b"missed_polls", "name", b"name", "registered_at", b"registered_at", "reported_status", b"reported_status", "status", b"status", "status_since", b"status_since", "zone", b"zone"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -814,3 +874,247 @@ class ForgetResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ForgetResponse: _TypeAlias = ForgetResponse  # noqa: Y015
+
+@_typing.final
+class RetireWorkersRequest(_message.Message):
+    """RetireWorkers arguments. Give either `workers` or `n`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKERS_FIELD_NUMBER: _builtins.int
+    N_FIELD_NUMBER: _builtins.int
+    CLOSE_FIELD_NUMBER: _builtins.int
+    TIMEOUT_FIELD_NUMBER: _builtins.int
+    n: _builtins.int
+    """Retire this many workers, chosen as the cheapest to retire: idle (nothing pinned) and holding
+    the fewest bytes first. Ignored when `workers` is given.
+    """
+    close: _builtins.bool
+    """Shut the agents of retired workers down once they hold nothing."""
+    @_builtins.property
+    def workers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Addresses of the workers to retire."""
+
+    @_builtins.property
+    def timeout(self) -> _duration_pb2.Duration:
+        """Abandon a retirement that has not finished after this long; unset: no limit."""
+
+    def __init__(
+        self,
+        *,
+        workers: _abc.Iterable[_builtins.str] | None = ...,
+        n: _builtins.int | None = ...,
+        close: _builtins.bool = ...,
+        timeout: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_n", b"_n", "n", b"n", "timeout", b"timeout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_n", b"_n", "close", b"close", "n", b"n", "timeout", b"timeout", "workers", b"workers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__n: _TypeAlias = _typing.Literal["n"]  # noqa: Y015
+    _WhichOneofArgType__n: _TypeAlias = _typing.Literal["_n", b"_n"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__n) -> _WhichOneofReturnType__n | None: ...
+
+Global___RetireWorkersRequest: _TypeAlias = RetireWorkersRequest  # noqa: Y015
+
+@_typing.final
+class RetirementResult(_message.Message):
+    """How the retirement of one worker ended."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKER_FIELD_NUMBER: _builtins.int
+    RETIRED_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    CLOSED_FIELD_NUMBER: _builtins.int
+    worker: _builtins.str
+    """The worker's address."""
+    retired: _builtins.bool
+    """True when the worker was retired; false when its retirement was abandoned."""
+    reason: _builtins.str
+    """Why it was abandoned (or detail about the retirement)."""
+    closed: _builtins.bool
+    """True when its agent was asked to shut down and agreed."""
+    def __init__(
+        self,
+        *,
+        worker: _builtins.str = ...,
+        retired: _builtins.bool = ...,
+        reason: _builtins.str = ...,
+        closed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["closed", b"closed", "reason", b"reason", "retired", b"retired", "worker", b"worker"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RetirementResult: _TypeAlias = RetirementResult  # noqa: Y015
+
+@_typing.final
+class RetireWorkersResponse(_message.Message):
+    """RetireWorkers result."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___RetirementResult]:
+        """One entry per worker whose retirement was attempted, ordered by address."""
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___RetirementResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RetireWorkersResponse: _TypeAlias = RetireWorkersResponse  # noqa: Y015
+
+@_typing.final
+class ReplicateRequest(_message.Message):
+    """Replicate arguments."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEYS_FIELD_NUMBER: _builtins.int
+    N_FIELD_NUMBER: _builtins.int
+    n: _builtins.int
+    """Copies to keep; unset means every worker, including workers that join later. 1 removes the
+    goal (ReduceReplicas may then bring the key back to one copy). 0 is invalid.
+    """
+    @_builtins.property
+    def keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The keys to set the goal for; each must exist."""
+
+    def __init__(
+        self,
+        *,
+        keys: _abc.Iterable[_builtins.str] | None = ...,
+        n: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_n", b"_n", "n", b"n"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_n", b"_n", "keys", b"keys", "n", b"n"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__n: _TypeAlias = _typing.Literal["n"]  # noqa: Y015
+    _WhichOneofArgType__n: _TypeAlias = _typing.Literal["_n", b"_n"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__n) -> _WhichOneofReturnType__n | None: ...
+
+Global___ReplicateRequest: _TypeAlias = ReplicateRequest  # noqa: Y015
+
+@_typing.final
+class ReplicateResponse(_message.Message):
+    """Replicate result."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GOALS_SET_FIELD_NUMBER: _builtins.int
+    GOALS_REMOVED_FIELD_NUMBER: _builtins.int
+    goals_set: _builtins.int
+    """Keys whose goal was set or changed."""
+    goals_removed: _builtins.int
+    """Keys whose goal was removed."""
+    def __init__(
+        self,
+        *,
+        goals_set: _builtins.int = ...,
+        goals_removed: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["goals_removed", b"goals_removed", "goals_set", b"goals_set"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReplicateResponse: _TypeAlias = ReplicateResponse  # noqa: Y015
+
+@_typing.final
+class ListGoalsRequest(_message.Message):
+    """ListGoals arguments."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEYS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The keys to look up; empty means every key with a goal."""
+
+    def __init__(
+        self,
+        *,
+        keys: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["keys", b"keys"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListGoalsRequest: _TypeAlias = ListGoalsRequest  # noqa: Y015
+
+@_typing.final
+class ReplicationGoal(_message.Message):
+    """One key's replication goal."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    N_FIELD_NUMBER: _builtins.int
+    TARGET_FIELD_NUMBER: _builtins.int
+    LIVE_COPIES_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    """The key."""
+    n: _builtins.int
+    """Copies to keep; unset means every worker."""
+    target: _builtins.int
+    """Copies it should have now: n, capped by the workers that can hold it (every running worker
+    when n is unset).
+    """
+    live_copies: _builtins.int
+    """Live copies: on reachable workers that are not retiring."""
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        n: _builtins.int | None = ...,
+        target: _builtins.int = ...,
+        live_copies: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_n", b"_n", "n", b"n"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_n", b"_n", "key", b"key", "live_copies", b"live_copies", "n", b"n", "target", b"target"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__n: _TypeAlias = _typing.Literal["n"]  # noqa: Y015
+    _WhichOneofArgType__n: _TypeAlias = _typing.Literal["_n", b"_n"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__n) -> _WhichOneofReturnType__n | None: ...
+
+Global___ReplicationGoal: _TypeAlias = ReplicationGoal  # noqa: Y015
+
+@_typing.final
+class ListGoalsResponse(_message.Message):
+    """ListGoals result."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GOALS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def goals(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReplicationGoal]:
+        """Goals, ordered by key."""
+
+    def __init__(
+        self,
+        *,
+        goals: _abc.Iterable[Global___ReplicationGoal] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["goals", b"goals"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListGoalsResponse: _TypeAlias = ListGoalsResponse  # noqa: Y015

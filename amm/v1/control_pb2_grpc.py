@@ -90,6 +90,21 @@ class ActiveMemoryManagerStub:
                 request_serializer=amm_dot_v1_dot_control__pb2.ForgetRequest.SerializeToString,
                 response_deserializer=amm_dot_v1_dot_control__pb2.ForgetResponse.FromString,
                 _registered_method=True)
+        self.RetireWorkers = channel.unary_unary(
+                '/amm.v1.ActiveMemoryManager/RetireWorkers',
+                request_serializer=amm_dot_v1_dot_control__pb2.RetireWorkersRequest.SerializeToString,
+                response_deserializer=amm_dot_v1_dot_control__pb2.RetireWorkersResponse.FromString,
+                _registered_method=True)
+        self.Replicate = channel.unary_unary(
+                '/amm.v1.ActiveMemoryManager/Replicate',
+                request_serializer=amm_dot_v1_dot_control__pb2.ReplicateRequest.SerializeToString,
+                response_deserializer=amm_dot_v1_dot_control__pb2.ReplicateResponse.FromString,
+                _registered_method=True)
+        self.ListGoals = channel.unary_unary(
+                '/amm.v1.ActiveMemoryManager/ListGoals',
+                request_serializer=amm_dot_v1_dot_control__pb2.ListGoalsRequest.SerializeToString,
+                response_deserializer=amm_dot_v1_dot_control__pb2.ListGoalsResponse.FromString,
+                _registered_method=True)
 
 
 class ActiveMemoryManagerServicer:
@@ -173,6 +188,30 @@ class ActiveMemoryManagerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RetireWorkers(self, request, context):
+        """Retire workers gracefully: copy what only they hold elsewhere, drop the rest from them, then
+        (with `close`) shut their agents down. Returns once every worker asked for is retired or its
+        retirement was abandoned (no room elsewhere, timeout), with the reason.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Replicate(self, request, context):
+        """Set a tracked replication goal for keys: the AMM keeps that many copies every cycle, across
+        worker deaths and its own restarts. n = 1 removes the goal.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListGoals(self, request, context):
+        """The replication goals and how far each key is from its goal.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ActiveMemoryManagerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -230,6 +269,21 @@ def add_ActiveMemoryManagerServicer_to_server(servicer, server):
                     servicer.Forget,
                     request_deserializer=amm_dot_v1_dot_control__pb2.ForgetRequest.FromString,
                     response_serializer=amm_dot_v1_dot_control__pb2.ForgetResponse.SerializeToString,
+            ),
+            'RetireWorkers': grpc.unary_unary_rpc_method_handler(
+                    servicer.RetireWorkers,
+                    request_deserializer=amm_dot_v1_dot_control__pb2.RetireWorkersRequest.FromString,
+                    response_serializer=amm_dot_v1_dot_control__pb2.RetireWorkersResponse.SerializeToString,
+            ),
+            'Replicate': grpc.unary_unary_rpc_method_handler(
+                    servicer.Replicate,
+                    request_deserializer=amm_dot_v1_dot_control__pb2.ReplicateRequest.FromString,
+                    response_serializer=amm_dot_v1_dot_control__pb2.ReplicateResponse.SerializeToString,
+            ),
+            'ListGoals': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListGoals,
+                    request_deserializer=amm_dot_v1_dot_control__pb2.ListGoalsRequest.FromString,
+                    response_serializer=amm_dot_v1_dot_control__pb2.ListGoalsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -530,6 +584,87 @@ class ActiveMemoryManager:
             '/amm.v1.ActiveMemoryManager/Forget',
             amm_dot_v1_dot_control__pb2.ForgetRequest.SerializeToString,
             amm_dot_v1_dot_control__pb2.ForgetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RetireWorkers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/amm.v1.ActiveMemoryManager/RetireWorkers',
+            amm_dot_v1_dot_control__pb2.RetireWorkersRequest.SerializeToString,
+            amm_dot_v1_dot_control__pb2.RetireWorkersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Replicate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/amm.v1.ActiveMemoryManager/Replicate',
+            amm_dot_v1_dot_control__pb2.ReplicateRequest.SerializeToString,
+            amm_dot_v1_dot_control__pb2.ReplicateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListGoals(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/amm.v1.ActiveMemoryManager/ListGoals',
+            amm_dot_v1_dot_control__pb2.ListGoalsRequest.SerializeToString,
+            amm_dot_v1_dot_control__pb2.ListGoalsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -57,6 +57,17 @@ class ActiveMemoryManagerStub:
     """Which keys each worker holds."""
     Forget: _grpc.UnaryUnaryMultiCallable[_control_pb2.ForgetRequest, _control_pb2.ForgetResponse]
     """Delete keys on every worker that holds them."""
+    RetireWorkers: _grpc.UnaryUnaryMultiCallable[_control_pb2.RetireWorkersRequest, _control_pb2.RetireWorkersResponse]
+    """Retire workers gracefully: copy what only they hold elsewhere, drop the rest from them, then
+    (with `close`) shut their agents down. Returns once every worker asked for is retired or its
+    retirement was abandoned (no room elsewhere, timeout), with the reason.
+    """
+    Replicate: _grpc.UnaryUnaryMultiCallable[_control_pb2.ReplicateRequest, _control_pb2.ReplicateResponse]
+    """Set a tracked replication goal for keys: the AMM keeps that many copies every cycle, across
+    worker deaths and its own restarts. n = 1 removes the goal.
+    """
+    ListGoals: _grpc.UnaryUnaryMultiCallable[_control_pb2.ListGoalsRequest, _control_pb2.ListGoalsResponse]
+    """The replication goals and how far each key is from its goal."""
 
 @_typing.type_check_only
 class ActiveMemoryManagerAsyncStub(ActiveMemoryManagerStub):
@@ -85,6 +96,17 @@ class ActiveMemoryManagerAsyncStub(ActiveMemoryManagerStub):
     """Which keys each worker holds."""
     Forget: _aio.UnaryUnaryMultiCallable[_control_pb2.ForgetRequest, _control_pb2.ForgetResponse]  # type: ignore[assignment]
     """Delete keys on every worker that holds them."""
+    RetireWorkers: _aio.UnaryUnaryMultiCallable[_control_pb2.RetireWorkersRequest, _control_pb2.RetireWorkersResponse]  # type: ignore[assignment]
+    """Retire workers gracefully: copy what only they hold elsewhere, drop the rest from them, then
+    (with `close`) shut their agents down. Returns once every worker asked for is retired or its
+    retirement was abandoned (no room elsewhere, timeout), with the reason.
+    """
+    Replicate: _aio.UnaryUnaryMultiCallable[_control_pb2.ReplicateRequest, _control_pb2.ReplicateResponse]  # type: ignore[assignment]
+    """Set a tracked replication goal for keys: the AMM keeps that many copies every cycle, across
+    worker deaths and its own restarts. n = 1 removes the goal.
+    """
+    ListGoals: _aio.UnaryUnaryMultiCallable[_control_pb2.ListGoalsRequest, _control_pb2.ListGoalsResponse]  # type: ignore[assignment]
+    """The replication goals and how far each key is from its goal."""
 
 class ActiveMemoryManagerServicer(metaclass=_abc_1.ABCMeta):
     """Served by the AMM (default address 127.0.0.1:50051)."""
@@ -176,5 +198,34 @@ class ActiveMemoryManagerServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_control_pb2.ForgetResponse, _abc.Awaitable[_control_pb2.ForgetResponse]]:
         """Delete keys on every worker that holds them."""
+
+    @_abc_1.abstractmethod
+    def RetireWorkers(
+        self,
+        request: _control_pb2.RetireWorkersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_control_pb2.RetireWorkersResponse, _abc.Awaitable[_control_pb2.RetireWorkersResponse]]:
+        """Retire workers gracefully: copy what only they hold elsewhere, drop the rest from them, then
+        (with `close`) shut their agents down. Returns once every worker asked for is retired or its
+        retirement was abandoned (no room elsewhere, timeout), with the reason.
+        """
+
+    @_abc_1.abstractmethod
+    def Replicate(
+        self,
+        request: _control_pb2.ReplicateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_control_pb2.ReplicateResponse, _abc.Awaitable[_control_pb2.ReplicateResponse]]:
+        """Set a tracked replication goal for keys: the AMM keeps that many copies every cycle, across
+        worker deaths and its own restarts. n = 1 removes the goal.
+        """
+
+    @_abc_1.abstractmethod
+    def ListGoals(
+        self,
+        request: _control_pb2.ListGoalsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_control_pb2.ListGoalsResponse, _abc.Awaitable[_control_pb2.ListGoalsResponse]]:
+        """The replication goals and how far each key is from its goal."""
 
 def add_ActiveMemoryManagerServicer_to_server(servicer: ActiveMemoryManagerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

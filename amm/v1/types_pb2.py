@@ -26,37 +26,39 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12\x61mm/v1/types.proto\x12\x06\x61mm.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x88\x01\n\x0cMemoryReport\x12\x15\n\rprocess_bytes\x18\x01 \x01(\x04\x12\x15\n\rmanaged_bytes\x18\x02 \x01(\x04\x12\x1b\n\x13unmanaged_old_bytes\x18\x03 \x01(\x04\x12\x18\n\x10optimistic_bytes\x18\x04 \x01(\x04\x12\x13\n\x0blimit_bytes\x18\x05 \x01(\x04\"F\n\x07KeyInfo\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x10\n\x08\x63hecksum\x18\x03 \x01(\t\x12\x0e\n\x06pinned\x18\x04 \x01(\x08\"\x96\x01\n\tDirective\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x1f\n\x02op\x18\x03 \x01(\x0e\x32\x13.amm.v1.DirectiveOp\x12\x0b\n\x03key\x18\x04 \x01(\t\x12\x0c\n\x04size\x18\x05 \x01(\x04\x12\x10\n\x08\x63hecksum\x18\x06 \x01(\t\x12\x0f\n\x07sources\x18\x07 \x03(\t\x12\x0f\n\x07holders\x18\x08 \x03(\t\"\xb5\x01\n\x10\x44irectiveOutcome\x12\x14\n\x0c\x64irective_id\x18\x01 \x01(\t\x12%\n\x06status\x18\x02 \x01(\x0e\x32\x15.amm.v1.OutcomeStatus\x12%\n\x06reason\x18\x03 \x01(\x0e\x32\x15.amm.v1.RefusalReason\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x19\n\x11inventory_version\x18\x05 \x01(\x04\x12\x11\n\tduplicate\x18\x06 \x01(\x08\"N\n\x0bValueHeader\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x10\n\x08\x63hecksum\x18\x03 \x01(\t\x12\x12\n\nreplicated\x18\x04 \x01(\x08\"\xc2\x01\n\x0f\x44irectiveRecord\x12$\n\tdirective\x18\x01 \x01(\x0b\x32\x11.amm.v1.Directive\x12\x0e\n\x06worker\x18\x02 \x01(\t\x12\x0e\n\x06policy\x18\x03 \x01(\t\x12)\n\x07outcome\x18\x04 \x01(\x0b\x32\x18.amm.v1.DirectiveOutcome\x12+\n\x07sent_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\ttimed_out\x18\x06 \x01(\x08\"Y\n\tRejection\x12\x0e\n\x06policy\x18\x01 \x01(\t\x12\x1f\n\x02op\x18\x02 \x01(\x0e\x32\x13.amm.v1.DirectiveOp\x12\x0b\n\x03key\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\"\x8f\x03\n\x0b\x43ycleReport\x12\x0e\n\x06number\x18\x01 \x01(\x04\x12.\n\nstarted_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x08\x64uration\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x30\n\rplan_duration\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x13\n\x0bsuggestions\x18\x05 \x01(\r\x12\x17\n\x0f\x64irectives_sent\x18\x06 \x01(\r\x12\x0f\n\x07\x61pplied\x18\x07 \x01(\r\x12\x0f\n\x07refused\x18\x08 \x01(\r\x12\x0e\n\x06\x66\x61iled\x18\t \x01(\r\x12+\n\ndirectives\x18\n \x03(\x0b\x32\x17.amm.v1.DirectiveRecord\x12%\n\nrejections\x18\x0b \x03(\x0b\x32\x11.amm.v1.Rejection\x12\x10\n\x08rejected\x18\x0c \x01(\r\x12\x1b\n\x13unreachable_workers\x18\r \x03(\t*}\n\x0cWorkerStatus\x12\x1d\n\x19WORKER_STATUS_UNSPECIFIED\x10\x00\x12\x19\n\x15WORKER_STATUS_RUNNING\x10\x01\x12\x18\n\x14WORKER_STATUS_PAUSED\x10\x02\x12\x19\n\x15WORKER_STATUS_CLOSING\x10\x03*\x86\x01\n\rMemoryMeasure\x12\x1e\n\x1aMEMORY_MEASURE_UNSPECIFIED\x10\x00\x12\x1a\n\x16MEMORY_MEASURE_PROCESS\x10\x01\x12\x1a\n\x16MEMORY_MEASURE_MANAGED\x10\x02\x12\x1d\n\x19MEMORY_MEASURE_OPTIMISTIC\x10\x03*^\n\x0b\x44irectiveOp\x12\x1c\n\x18\x44IRECTIVE_OP_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x44IRECTIVE_OP_REPLICATE\x10\x01\x12\x15\n\x11\x44IRECTIVE_OP_DROP\x10\x02*\x82\x01\n\rOutcomeStatus\x12\x1e\n\x1aOUTCOME_STATUS_UNSPECIFIED\x10\x00\x12\x1a\n\x16OUTCOME_STATUS_APPLIED\x10\x01\x12\x1a\n\x16OUTCOME_STATUS_REFUSED\x10\x02\x12\x19\n\x15OUTCOME_STATUS_FAILED\x10\x03*\xca\x03\n\rRefusalReason\x12\x1e\n\x1aREFUSAL_REASON_UNSPECIFIED\x10\x00\x12\x1e\n\x1aREFUSAL_REASON_STALE_EPOCH\x10\x01\x12\x1a\n\x16REFUSAL_REASON_INVALID\x10\x02\x12\x19\n\x15REFUSAL_REASON_PINNED\x10\x03\x12\x19\n\x15REFUSAL_REASON_IN_USE\x10\x04\x12&\n\"REFUSAL_REASON_NO_CONFIRMED_HOLDER\x10\x05\x12 \n\x1cREFUSAL_REASON_KEEP_PROMISED\x10\x06\x12\x19\n\x15REFUSAL_REASON_PAUSED\x10\x07\x12\x1f\n\x1bREFUSAL_REASON_MEMORY_LIMIT\x10\x08\x12%\n!REFUSAL_REASON_SOURCE_UNAVAILABLE\x10\t\x12$\n REFUSAL_REASON_CHECKSUM_MISMATCH\x10\n\x12\x1b\n\x17REFUSAL_REASON_NOT_HELD\x10\x0b\x12\x1b\n\x17REFUSAL_REASON_DROPPING\x10\x0c\x12\x1a\n\x16REFUSAL_REASON_CLOSING\x10\rb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12\x61mm/v1/types.proto\x12\x06\x61mm.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x88\x01\n\x0cMemoryReport\x12\x15\n\rprocess_bytes\x18\x01 \x01(\x04\x12\x15\n\rmanaged_bytes\x18\x02 \x01(\x04\x12\x1b\n\x13unmanaged_old_bytes\x18\x03 \x01(\x04\x12\x18\n\x10optimistic_bytes\x18\x04 \x01(\x04\x12\x13\n\x0blimit_bytes\x18\x05 \x01(\x04\"F\n\x07KeyInfo\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x10\n\x08\x63hecksum\x18\x03 \x01(\t\x12\x0e\n\x06pinned\x18\x04 \x01(\x08\"\xb6\x01\n\tDirective\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x1f\n\x02op\x18\x03 \x01(\x0e\x32\x13.amm.v1.DirectiveOp\x12\x0b\n\x03key\x18\x04 \x01(\t\x12\x0c\n\x04size\x18\x05 \x01(\x04\x12\x10\n\x08\x63hecksum\x18\x06 \x01(\t\x12\x0f\n\x07sources\x18\x07 \x03(\t\x12\x0f\n\x07holders\x18\x08 \x03(\t\x12\x0e\n\x06policy\x18\t \x01(\t\x12\x0e\n\x06reason\x18\n \x01(\t\"\xb5\x01\n\x10\x44irectiveOutcome\x12\x14\n\x0c\x64irective_id\x18\x01 \x01(\t\x12%\n\x06status\x18\x02 \x01(\x0e\x32\x15.amm.v1.OutcomeStatus\x12%\n\x06reason\x18\x03 \x01(\x0e\x32\x15.amm.v1.RefusalReason\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x19\n\x11inventory_version\x18\x05 \x01(\x04\x12\x11\n\tduplicate\x18\x06 \x01(\x08\"N\n\x0bValueHeader\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x10\n\x08\x63hecksum\x18\x03 \x01(\t\x12\x12\n\nreplicated\x18\x04 \x01(\x08\"\xc2\x01\n\x0f\x44irectiveRecord\x12$\n\tdirective\x18\x01 \x01(\x0b\x32\x11.amm.v1.Directive\x12\x0e\n\x06worker\x18\x02 \x01(\t\x12\x0e\n\x06policy\x18\x03 \x01(\t\x12)\n\x07outcome\x18\x04 \x01(\x0b\x32\x18.amm.v1.DirectiveOutcome\x12+\n\x07sent_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\ttimed_out\x18\x06 \x01(\x08\"Y\n\tRejection\x12\x0e\n\x06policy\x18\x01 \x01(\t\x12\x1f\n\x02op\x18\x02 \x01(\x0e\x32\x13.amm.v1.DirectiveOp\x12\x0b\n\x03key\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\"\xb7\x03\n\x0b\x43ycleReport\x12\x0e\n\x06number\x18\x01 \x01(\x04\x12.\n\nstarted_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x08\x64uration\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x30\n\rplan_duration\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x13\n\x0bsuggestions\x18\x05 \x01(\r\x12\x17\n\x0f\x64irectives_sent\x18\x06 \x01(\r\x12\x0f\n\x07\x61pplied\x18\x07 \x01(\r\x12\x0f\n\x07refused\x18\x08 \x01(\r\x12\x0e\n\x06\x66\x61iled\x18\t \x01(\r\x12+\n\ndirectives\x18\n \x03(\x0b\x32\x17.amm.v1.DirectiveRecord\x12%\n\nrejections\x18\x0b \x03(\x0b\x32\x11.amm.v1.Rejection\x12\x10\n\x08rejected\x18\x0c \x01(\r\x12\x1b\n\x13unreachable_workers\x18\r \x03(\t\x12\x0f\n\x07\x64ry_run\x18\x0e \x01(\x08\x12\x15\n\rstartup_grace\x18\x0f \x01(\x08\"l\n\x05\x45vent\x12&\n\x02\x61t\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0e\n\x06worker\x18\x03 \x01(\t\x12\x0c\n\x04keys\x18\x04 \x03(\t\x12\x0f\n\x07message\x18\x05 \x01(\t*\xcd\x01\n\x0cWorkerStatus\x12\x1d\n\x19WORKER_STATUS_UNSPECIFIED\x10\x00\x12\x19\n\x15WORKER_STATUS_RUNNING\x10\x01\x12\x18\n\x14WORKER_STATUS_PAUSED\x10\x02\x12\x19\n\x15WORKER_STATUS_CLOSING\x10\x03\x12\x1a\n\x16WORKER_STATUS_RETIRING\x10\x04\x12\x19\n\x15WORKER_STATUS_RETIRED\x10\x05\x12\x17\n\x13WORKER_STATUS_STALE\x10\x06*\x86\x01\n\rMemoryMeasure\x12\x1e\n\x1aMEMORY_MEASURE_UNSPECIFIED\x10\x00\x12\x1a\n\x16MEMORY_MEASURE_PROCESS\x10\x01\x12\x1a\n\x16MEMORY_MEASURE_MANAGED\x10\x02\x12\x1d\n\x19MEMORY_MEASURE_OPTIMISTIC\x10\x03*^\n\x0b\x44irectiveOp\x12\x1c\n\x18\x44IRECTIVE_OP_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x44IRECTIVE_OP_REPLICATE\x10\x01\x12\x15\n\x11\x44IRECTIVE_OP_DROP\x10\x02*\x82\x01\n\rOutcomeStatus\x12\x1e\n\x1aOUTCOME_STATUS_UNSPECIFIED\x10\x00\x12\x1a\n\x16OUTCOME_STATUS_APPLIED\x10\x01\x12\x1a\n\x16OUTCOME_STATUS_REFUSED\x10\x02\x12\x19\n\x15OUTCOME_STATUS_FAILED\x10\x03*\xca\x03\n\rRefusalReason\x12\x1e\n\x1aREFUSAL_REASON_UNSPECIFIED\x10\x00\x12\x1e\n\x1aREFUSAL_REASON_STALE_EPOCH\x10\x01\x12\x1a\n\x16REFUSAL_REASON_INVALID\x10\x02\x12\x19\n\x15REFUSAL_REASON_PINNED\x10\x03\x12\x19\n\x15REFUSAL_REASON_IN_USE\x10\x04\x12&\n\"REFUSAL_REASON_NO_CONFIRMED_HOLDER\x10\x05\x12 \n\x1cREFUSAL_REASON_KEEP_PROMISED\x10\x06\x12\x19\n\x15REFUSAL_REASON_PAUSED\x10\x07\x12\x1f\n\x1bREFUSAL_REASON_MEMORY_LIMIT\x10\x08\x12%\n!REFUSAL_REASON_SOURCE_UNAVAILABLE\x10\t\x12$\n REFUSAL_REASON_CHECKSUM_MISMATCH\x10\n\x12\x1b\n\x17REFUSAL_REASON_NOT_HELD\x10\x0b\x12\x1b\n\x17REFUSAL_REASON_DROPPING\x10\x0c\x12\x1a\n\x16REFUSAL_REASON_CLOSING\x10\rb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'amm.v1.types_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_WORKERSTATUS']._serialized_start=1413
-  _globals['_WORKERSTATUS']._serialized_end=1538
-  _globals['_MEMORYMEASURE']._serialized_start=1541
-  _globals['_MEMORYMEASURE']._serialized_end=1675
-  _globals['_DIRECTIVEOP']._serialized_start=1677
-  _globals['_DIRECTIVEOP']._serialized_end=1771
-  _globals['_OUTCOMESTATUS']._serialized_start=1774
-  _globals['_OUTCOMESTATUS']._serialized_end=1904
-  _globals['_REFUSALREASON']._serialized_start=1907
-  _globals['_REFUSALREASON']._serialized_end=2365
+  _globals['_WORKERSTATUS']._serialized_start=1596
+  _globals['_WORKERSTATUS']._serialized_end=1801
+  _globals['_MEMORYMEASURE']._serialized_start=1804
+  _globals['_MEMORYMEASURE']._serialized_end=1938
+  _globals['_DIRECTIVEOP']._serialized_start=1940
+  _globals['_DIRECTIVEOP']._serialized_end=2034
+  _globals['_OUTCOMESTATUS']._serialized_start=2037
+  _globals['_OUTCOMESTATUS']._serialized_end=2167
+  _globals['_REFUSALREASON']._serialized_start=2170
+  _globals['_REFUSALREASON']._serialized_end=2628
   _globals['_MEMORYREPORT']._serialized_start=96
   _globals['_MEMORYREPORT']._serialized_end=232
   _globals['_KEYINFO']._serialized_start=234
   _globals['_KEYINFO']._serialized_end=304
   _globals['_DIRECTIVE']._serialized_start=307
-  _globals['_DIRECTIVE']._serialized_end=457
-  _globals['_DIRECTIVEOUTCOME']._serialized_start=460
-  _globals['_DIRECTIVEOUTCOME']._serialized_end=641
-  _globals['_VALUEHEADER']._serialized_start=643
-  _globals['_VALUEHEADER']._serialized_end=721
-  _globals['_DIRECTIVERECORD']._serialized_start=724
-  _globals['_DIRECTIVERECORD']._serialized_end=918
-  _globals['_REJECTION']._serialized_start=920
-  _globals['_REJECTION']._serialized_end=1009
-  _globals['_CYCLEREPORT']._serialized_start=1012
-  _globals['_CYCLEREPORT']._serialized_end=1411
+  _globals['_DIRECTIVE']._serialized_end=489
+  _globals['_DIRECTIVEOUTCOME']._serialized_start=492
+  _globals['_DIRECTIVEOUTCOME']._serialized_end=673
+  _globals['_VALUEHEADER']._serialized_start=675
+  _globals['_VALUEHEADER']._serialized_end=753
+  _globals['_DIRECTIVERECORD']._serialized_start=756
+  _globals['_DIRECTIVERECORD']._serialized_end=950
+  _globals['_REJECTION']._serialized_start=952
+  _globals['_REJECTION']._serialized_end=1041
+  _globals['_CYCLEREPORT']._serialized_start=1044
+  _globals['_CYCLEREPORT']._serialized_end=1483
+  _globals['_EVENT']._serialized_start=1485
+  _globals['_EVENT']._serialized_end=1593
 # @@protoc_insertion_point(module_scope)

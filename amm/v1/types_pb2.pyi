@@ -40,6 +40,16 @@ class _WorkerStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_WorkerSt
     """Receives no new replicas (for example above its pause threshold); still serves reads."""
     WORKER_STATUS_CLOSING: _WorkerStatus.ValueType  # 3
     """Shutting down: receives no new replicas and is about to leave the cluster."""
+    WORKER_STATUS_RETIRING: _WorkerStatus.ValueType  # 4
+    """Set by the AMM, never reported by an agent: being retired. It receives no new replicas, its
+    keys are copied to other workers and then dropped from it.
+    """
+    WORKER_STATUS_RETIRED: _WorkerStatus.ValueType  # 5
+    """Set by the AMM: retired. It holds nothing that exists nowhere else and takes no new replicas."""
+    WORKER_STATUS_STALE: _WorkerStatus.ValueType  # 6
+    """Set by the AMM: the worker has not answered polls for `stale-after`. No new replicas go to it
+    and its copies do not count as durable; after `dead-after` it is removed as dead.
+    """
 
 class WorkerStatus(_WorkerStatus, metaclass=_WorkerStatusEnumTypeWrapper):
     """A worker's state as far as memory management is concerned."""
@@ -52,6 +62,16 @@ WORKER_STATUS_PAUSED: WorkerStatus.ValueType  # 2
 """Receives no new replicas (for example above its pause threshold); still serves reads."""
 WORKER_STATUS_CLOSING: WorkerStatus.ValueType  # 3
 """Shutting down: receives no new replicas and is about to leave the cluster."""
+WORKER_STATUS_RETIRING: WorkerStatus.ValueType  # 4
+"""Set by the AMM, never reported by an agent: being retired. It receives no new replicas, its
+keys are copied to other workers and then dropped from it.
+"""
+WORKER_STATUS_RETIRED: WorkerStatus.ValueType  # 5
+"""Set by the AMM: retired. It holds nothing that exists nowhere else and takes no new replicas."""
+WORKER_STATUS_STALE: WorkerStatus.ValueType  # 6
+"""Set by the AMM: the worker has not answered polls for `stale-after`. No new replicas go to it
+and its copies do not count as durable; after `dead-after` it is removed as dead.
+"""
 Global___WorkerStatus: _TypeAlias = WorkerStatus  # noqa: Y015
 
 class _MemoryMeasure:
@@ -290,6 +310,8 @@ class Directive(_message.Message):
     CHECKSUM_FIELD_NUMBER: _builtins.int
     SOURCES_FIELD_NUMBER: _builtins.int
     HOLDERS_FIELD_NUMBER: _builtins.int
+    POLICY_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Unique id chosen by the AMM."""
     epoch: _builtins.int
@@ -302,6 +324,10 @@ class Directive(_message.Message):
     """Expected size of the value in bytes, as the AMM last saw it."""
     checksum: _builtins.str
     """Expected lowercase hexadecimal SHA-256 of the value."""
+    policy: _builtins.str
+    """Informational: the name of the policy whose suggestion produced the directive."""
+    reason: _builtins.str
+    """Informational: why the policy suggested it (for example "below replication goal 3")."""
     @_builtins.property
     def sources(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """REPLICATE: addresses of holders to fetch from, in order of preference."""
@@ -321,10 +347,12 @@ class Directive(_message.Message):
         checksum: _builtins.str = ...,
         sources: _abc.Iterable[_builtins.str] | None = ...,
         holders: _abc.Iterable[_builtins.str] | None = ...,
+        policy: _builtins.str = ...,
+        reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["checksum", b"checksum", "epoch", b"epoch", "holders", b"holders", "id", b"id", "key", b"key", "op", b"op", "size", b"size", "sources", b"sources"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checksum", b"checksum", "epoch", b"epoch", "holders", b"holders", "id", b"id", "key", b"key", "op", b"op", "policy", b"policy", "reason", b"reason", "size", b"size", "sources", b"sources"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -509,6 +537,8 @@ class CycleReport(_message.Message):
     REJECTIONS_FIELD_NUMBER: _builtins.int
     REJECTED_FIELD_NUMBER: _builtins.int
     UNREACHABLE_WORKERS_FIELD_NUMBER: _builtins.int
+    DRY_RUN_FIELD_NUMBER: _builtins.int
+    STARTUP_GRACE_FIELD_NUMBER: _builtins.int
     number: _builtins.int
     """Sequence number of the cycle since the AMM started."""
     suggestions: _builtins.int
@@ -523,6 +553,10 @@ class CycleReport(_message.Message):
     """How many failed (so far)."""
     rejected: _builtins.int
     """Total number of suggestions rejected."""
+    dry_run: _builtins.bool
+    """True when the cycle was a dry run: `directives` lists what would have been sent; nothing was."""
+    startup_grace: _builtins.bool
+    """True when drops were held back because the AMM is in its start-up grace period."""
     @_builtins.property
     def started_at(self) -> _timestamp_pb2.Timestamp:
         """When the cycle started."""
@@ -563,11 +597,57 @@ class CycleReport(_message.Message):
         rejections: _abc.Iterable[Global___Rejection] | None = ...,
         rejected: _builtins.int = ...,
         unreachable_workers: _abc.Iterable[_builtins.str] | None = ...,
+        dry_run: _builtins.bool = ...,
+        startup_grace: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration", "plan_duration", b"plan_duration", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied", b"applied", "directives", b"directives", "directives_sent", b"directives_sent", "duration", b"duration", "failed", b"failed", "number", b"number", "plan_duration", b"plan_duration", "refused", b"refused", "rejected", b"rejected", "rejections", b"rejections", "started_at", b"started_at", "suggestions", b"suggestions", "unreachable_workers", b"unreachable_workers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied", b"applied", "directives", b"directives", "directives_sent", b"directives_sent", "dry_run", b"dry_run", "duration", b"duration", "failed", b"failed", "number", b"number", "plan_duration", b"plan_duration", "refused", b"refused", "rejected", b"rejected", "rejections", b"rejections", "started_at", b"started_at", "startup_grace", b"startup_grace", "suggestions", b"suggestions", "unreachable_workers", b"unreachable_workers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CycleReport: _TypeAlias = CycleReport  # noqa: Y015
+
+@_typing.final
+class Event(_message.Message):
+    """Something notable the AMM decided or observed, kept for operators (GetStatus) and logged."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AT_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    WORKER_FIELD_NUMBER: _builtins.int
+    KEYS_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    kind: _builtins.str
+    """What kind of event, for example "worker-dead", "key-lost", "retire-started", "retired",
+    "retire-abandoned", "pause-to-retire", "pause-to-retire-declined", "goal-unmet".
+    """
+    worker: _builtins.str
+    """The worker concerned, if any."""
+    message: _builtins.str
+    """Human-readable detail, including the reason for a decision."""
+    @_builtins.property
+    def at(self) -> _timestamp_pb2.Timestamp:
+        """When it happened."""
+
+    @_builtins.property
+    def keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The keys concerned, if any (at most 100 listed)."""
+
+    def __init__(
+        self,
+        *,
+        at: _timestamp_pb2.Timestamp | None = ...,
+        kind: _builtins.str = ...,
+        worker: _builtins.str = ...,
+        keys: _abc.Iterable[_builtins.str] | None = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "keys", b"keys", "kind", b"kind", "message", b"message", "worker", b"worker"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Event: _TypeAlias = Event  # noqa: Y015

@@ -17,14 +17,31 @@ from amm_service.view import ClusterView, Key, Measure, WorkerId
 
 
 class Suggestion(NamedTuple):
-    """Replicate or drop ``key``; ``candidates`` limits where (None: anywhere, empty: nowhere)."""
+    """Replicate or drop ``key``; ``candidates`` limits where (None: anywhere, empty: nowhere).
+    ``reason`` travels with the directive into reports, dry runs and logs."""
 
     op: Op
     key: Key
     candidates: frozenset[WorkerId] | None = None
+    reason: str = ""
 
 
-PolicyRun = Generator[Suggestion, WorkerId | None, None]
+class RetireRequest(NamedTuple):
+    """Ask the AMM to retire ``worker`` gracefully (PauseToRetire does). The core accepts it
+    unless the worker is the last one taking replicas or the others have no room for its data;
+    the core answers with the worker when accepted, None when declined."""
+
+    worker: WorkerId
+    reason: str
+    close: bool = True
+
+
+PolicyRun = Generator[Suggestion | RetireRequest, WorkerId | None, None]
+
+DEFAULT_PRIORITY = 50
+"""Policies run in ascending ``priority`` (config order among equals); throttled transfer slots go
+to those that run first, so repairs (Replicate: 10, RetireWorker: 20) come before clean-up
+(ReduceReplicas: 50) and balancing (Rebalance: 90). A policy without the attribute gets 50."""
 
 
 class PendingView(Protocol):
@@ -42,9 +59,16 @@ class Policy(Protocol):
     def run(self, view: ClusterView, pending: PendingView, measure: Measure) -> PolicyRun: ...
 
 
-def replicate(key: Key, candidates: frozenset[WorkerId] | None = None) -> Suggestion:
-    return Suggestion(Op.REPLICATE, key, candidates)
+def replicate(
+    key: Key, candidates: frozenset[WorkerId] | None = None, reason: str = ""
+) -> Suggestion:
+    return Suggestion(Op.REPLICATE, key, candidates, reason)
 
 
-def drop(key: Key, candidates: frozenset[WorkerId] | None = None) -> Suggestion:
-    return Suggestion(Op.DROP, key, candidates)
+def drop(key: Key, candidates: frozenset[WorkerId] | None = None, reason: str = "") -> Suggestion:
+    return Suggestion(Op.DROP, key, candidates, reason)
+
+
+def priority_of(policy: Policy) -> int:
+    value = getattr(policy, "priority", DEFAULT_PRIORITY)
+    return value if isinstance(value, int) else DEFAULT_PRIORITY

@@ -92,6 +92,11 @@ def test_all_env_vars(tmp_path: Path) -> None:
         "AMM_MAX_REFUSALS_KEPT": "7",
         "AMM_LOG_LEVEL": "warning",
         "AMM_POLICIES": '[{"class": "mypkg.P", "n": 2}]',
+        "AMM_STALE_AFTER": "5s",
+        "AMM_DEAD_AFTER": "1m",
+        "AMM_STARTUP_GRACE": "10s",
+        "AMM_MAX_INCOMING_TRANSFERS": "3",
+        "AMM_MAX_OUTGOING_TRANSFERS": "0",
     }
     assert set(env) == set(ENV_VARS.values())
     assert load_config(env=env) == AmmConfig(
@@ -105,7 +110,22 @@ def test_all_env_vars(tmp_path: Path) -> None:
         directive_timeout=60.0,
         max_refusals_kept=7,
         log_level="WARNING",
+        stale_after=5.0,
+        dead_after=60.0,
+        startup_grace=10.0,
+        max_incoming_transfers=3,
+        max_outgoing_transfers=0,
     )
+
+
+def test_transfer_limits_reject_negative_counts() -> None:
+    with pytest.raises(ConfigError, match=r"max_incoming_transfers.*whole number >= 0"):
+        load_config(env={}, overrides={"max-incoming-transfers": "-1"})
+
+
+def test_stale_after_defaults_to_three_intervals() -> None:
+    assert load_config(env={}, overrides={"interval": "1s"}).stale_seconds == 3.0
+    assert load_config(env={}, overrides={"stale-after": "7s"}).stale_seconds == 7.0
 
 
 @pytest.mark.parametrize(
