@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 MAX_KEYS_PER_REQUEST = 100_000
 MAX_DIRECTIVES_REPORTED = 1_000
+MAX_EVENTS_REPORTED = 100
 _Resp = TypeVar("_Resp")
 _Handler = Callable[[Any, Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[_Resp]]
 
@@ -139,6 +140,7 @@ class ControlServicer(control_pb2_grpc.ActiveMemoryManagerServicer):
                 )
                 for r in amm.refusals
             ],
+            recent_events=[wire.event_to_pb(e) for e in amm.events.recent(MAX_EVENTS_REPORTED)],
         )
         if amm.last_cycle is not None:
             response.last_cycle.CopyFrom(cycle_to_pb(amm.last_cycle))

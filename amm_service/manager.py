@@ -29,6 +29,7 @@ from amm_service.cycle import CycleRecord
 from amm_service.directive import Directive, Outcome, OutcomeStatus
 from amm_service.dispatcher import Dispatcher
 from amm_service.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable, listing
+from amm_service.events import EventLog
 from amm_service.pending import Entry, Ledger
 from amm_service.policies import Policy
 from amm_service.poller import Poller
@@ -103,6 +104,7 @@ class ActiveMemoryManager:
         self._records: deque[CycleRecord] = deque(maxlen=4)
         self._waiters: dict[str, asyncio.Future[None]] = {}
         self.refusals: deque[Refusal] = deque(maxlen=config.max_refusals_kept)
+        self.events = EventLog(clock=clock)
         self._opened = False
         self._closed = False
 

@@ -14,6 +14,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from amm.v1 import agent_pb2, types_pb2
 from amm_service.core import Rejection
 from amm_service.directive import Directive, Op, Outcome, OutcomeStatus
+from amm_service.events import Event
 from amm_service.view import Key, KeyReport, Measure, Memory, WorkerStatus
 
 _OPS = {Op.REPLICATE: types_pb2.DIRECTIVE_OP_REPLICATE, Op.DROP: types_pb2.DIRECTIVE_OP_DROP}
@@ -128,6 +129,12 @@ def poll_keys_removed(resp: agent_pb2.PollResponse) -> list[Key]:
 
 def rejection_to_pb(r: Rejection) -> types_pb2.Rejection:
     return types_pb2.Rejection(policy=r.policy, op=_OPS[r.op], key=r.key, reason=r.reason)
+
+
+def event_to_pb(e: Event) -> types_pb2.Event:
+    return types_pb2.Event(
+        at=timestamp(e.at), kind=e.kind, worker=e.worker, keys=list(e.keys), message=e.message
+    )
 
 
 def timestamp(seconds: float) -> Timestamp:
