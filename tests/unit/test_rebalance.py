@@ -225,6 +225,23 @@ def test_never_onto_a_worker_that_holds_the_key_nor_a_pinned_or_conflicting_key(
     assert [(d.key, d.worker) for d in result.directives] == [("held", "c"), ("ok", "b")]
 
 
+def test_never_onto_a_worker_already_receiving_the_key() -> None:
+    v = view(
+        {"a": ["x", "y"], "b": [], "c": []},
+        memory={"a": 800},
+        sizes={"x": 200, "y": 200},
+        limit=dict.fromkeys("abc", 2000),
+    )
+    ledger = Ledger()
+    ledger.add(
+        Directive("e1", 1, Op.REPLICATE, Key("x"), WorkerId("b"), 200, "sum-x", (WorkerId("a"),)),
+        now=0.0,
+    )
+    # b is the emptiest but already receiving x: x goes to c, and y to b.
+    result = run(v, Rebalance(), ledger=ledger)
+    assert [(d.key, d.worker) for d in result.directives] == [("x", "c"), ("y", "b")]
+
+
 def test_a_key_spread_over_zones_is_not_moved_into_a_zone_that_already_has_it() -> None:
     state = cluster(
         {"a": ["x"], "b": ["x"], "c": [], "d": []},
