@@ -15,6 +15,7 @@ from amm_service.policies.base import Policy
 
 BUILTINS: Mapping[str, str] = {
     "ReduceReplicas": "amm_service.policies.reduce_replicas.ReduceReplicas",
+    "Replicate": "amm_service.policies.replication.Replicate",
 }
 
 

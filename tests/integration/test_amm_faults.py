@@ -31,8 +31,9 @@ def test_a_killed_worker_stops_counting_and_cycles_do_not_hang() -> None:
         report = client.amm.run_once()
         assert time.monotonic() - started < 5
         assert w2 in report.unreachable_workers
-        assert report.directives_sent == 0  # w1's copy is the only one that counts
-        assert [r.reason for r in report.rejections] == ["last replica"]
+        # w1's copy is the only one that counts: ReduceReplicas has nothing to drop.
+        assert report.directives_sent == 0
+        assert report.suggestions == 0
         (info,) = [w for w in client.workers() if w.address == w2]
         assert info.missed_polls >= 1
         assert client.status().totals.unreachable_workers == 1
