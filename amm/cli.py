@@ -92,6 +92,19 @@ def build_parser() -> argparse.ArgumentParser:
     has_what.add_argument("workers", nargs="*", metavar="WORKER")
     forget = sub.add_parser("forget", parents=[output], help="delete keys on every worker")
     forget.add_argument("keys", nargs="+", metavar="KEY")
+    replicate = sub.add_parser(
+        "replicate", parents=[output], help="keep N copies of keys (a tracked goal)"
+    )
+    replicate.add_argument("keys", nargs="+", metavar="KEY")
+    replicate.add_argument(
+        "-n",
+        type=int,
+        default=None,
+        metavar="N",
+        help="copies to keep (default: every worker, including later ones); 1 removes the goal",
+    )
+    goals = sub.add_parser("goals", parents=[output], help="replication goals and how they stand")
+    goals.add_argument("keys", nargs="*", metavar="KEY")
     put = sub.add_parser("put", parents=[common], help="store a value")
     put.add_argument("key")
     source = put.add_mutually_exclusive_group(required=True)
@@ -164,6 +177,12 @@ def run_verb(client: Client, args: argparse.Namespace) -> int:
     elif command == "forget":
         deleted = client.forget(args.keys)
         _emit(args, {"replicas_deleted": deleted}, lambda: f"deleted {deleted} replica(s)")
+    elif command == "replicate":
+        change = client.replicate(args.keys, n=args.n)
+        _emit(args, change, lambda: tables.render_goal_change(change, args.n))
+    elif command == "goals":
+        goals = client.goals(args.keys or None)
+        _emit(args, goals, lambda: tables.render_goals(goals))
     elif command == "put":
         value = _read_value(args)
         client.put(args.key, value, workers=args.workers)

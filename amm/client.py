@@ -24,10 +24,13 @@ from amm.checksum import StreamingChecksum, checksum, chunks
 from amm.errors import AmmError
 from amm.models import (
     CycleReport,
+    GoalChange,
+    ReplicationGoal,
     Status,
     WorkerInfo,
     address_key,
     cycle_from_proto,
+    goal_from_proto,
     sort_addresses,
     status_from_proto,
     worker_from_proto,
@@ -234,6 +237,33 @@ class AsyncClient:
             )
         return reply.replicas_deleted
 
+    async def replicate(self, keys: str | Sequence[str], n: int | None = None) -> GoalChange:
+        """Keep ``n`` copies of each key, every cycle from now on; ``n=None`` keeps one on every
+        worker, including workers that join later.
+
+        Not a one-off copy: a goal the AMM tracks (and persists), recreating copies lost with
+        their workers. ``n=1`` removes the goal. The keys must exist (``NOT_FOUND`` lists those
+        that do not); ``n=0`` is ``INVALID_ARGUMENT``.
+        """
+        if n is not None and not 0 <= n < 2**32:
+            raise AmmError(grpc.StatusCode.INVALID_ARGUMENT, f"n out of range: {n}")
+        stub = self._amm_stub()
+        with self._amm_rpc():
+            reply = await stub.Replicate(
+                control_pb2.ReplicateRequest(keys=_as_list(keys), n=n), timeout=self.timeout
+            )
+        return GoalChange(goals_set=reply.goals_set, goals_removed=reply.goals_removed)
+
+    async def goals(self, keys: str | Sequence[str] | None = None) -> list[ReplicationGoal]:
+        """The replication goals of ``keys`` (every goal when None), ordered by key, each with
+        its target and live copies; a key without a goal is ``NOT_FOUND``."""
+        stub = self._amm_stub()
+        with self._amm_rpc():
+            reply = await stub.ListGoals(
+                control_pb2.ListGoalsRequest(keys=_as_list(keys)), timeout=self.timeout
+            )
+        return [goal_from_proto(g) for g in reply.goals]
+
     async def put(self, key: str, value: bytes, workers: str | Sequence[str] | None = None) -> None:
         """Store ``value`` under ``key`` on ``workers``, one address or several (one after another).
 
@@ -394,6 +424,8 @@ class Client(Blocking[AsyncClient]):
     workers = forward(AsyncClient.workers)
     status = forward(AsyncClient.status)
     forget = forward(AsyncClient.forget)
+    replicate = forward(AsyncClient.replicate)
+    goals = forward(AsyncClient.goals)
     put = forward(AsyncClient.put)
     get = forward(AsyncClient.get)
     pin = forward(AsyncClient.pin)

@@ -113,6 +113,9 @@ class ClusterTotals:
     directives_in_flight: int
     conflicting_keys: int = 0
     unreachable_workers: int = 0
+    keys_with_goal: int = 0
+    keys_below_goal: int = 0
+    """Keys with a replication goal that have fewer live copies than its target."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +144,32 @@ class Status:
     last_cycle: CycleReport | None
     totals: ClusterTotals
     recent_refusals: tuple[RefusalRecord, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicationGoal:
+    """A key's tracked replication goal: ``n`` copies asked (None: every worker), ``target``
+    copies it should have now (n capped by the workers that can hold it), ``live_copies`` it has
+    on reachable workers that are not leaving."""
+
+    key: str
+    n: int | None
+    target: int
+    live_copies: int
+
+    @property
+    def below(self) -> bool:
+        """Short of its target (a key with no live copy at all always is)."""
+        return self.live_copies < max(1, self.target)
+
+
+@dataclass(frozen=True, slots=True)
+class GoalChange:
+    """What ``replicate`` changed: goals set or changed, goals removed (keys already at the
+    goal asked for count in neither)."""
+
+    goals_set: int
+    goals_removed: int
 
 
 def enum_name(enum: EnumDescriptor, value: int, prefix: str) -> str:
@@ -264,6 +293,8 @@ def status_from_proto(msg: control_pb2.GetStatusResponse) -> Status:
             directives_in_flight=totals.directives_in_flight,
             conflicting_keys=totals.conflicting_keys,
             unreachable_workers=totals.unreachable_workers,
+            keys_with_goal=totals.keys_with_goal,
+            keys_below_goal=totals.keys_below_goal,
         ),
         recent_refusals=tuple(
             RefusalRecord(
@@ -277,4 +308,13 @@ def status_from_proto(msg: control_pb2.GetStatusResponse) -> Status:
             )
             for r in msg.recent_refusals
         ),
+    )
+
+
+def goal_from_proto(msg: control_pb2.ReplicationGoal) -> ReplicationGoal:
+    return ReplicationGoal(
+        key=msg.key,
+        n=msg.n if msg.HasField("n") else None,
+        target=msg.target,
+        live_copies=msg.live_copies,
     )

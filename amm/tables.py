@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 
-from amm.models import CycleReport, Status, WorkerInfo
+from amm.models import CycleReport, GoalChange, ReplicationGoal, Status, WorkerInfo
 from amm.units import format_bytes, format_duration
 
 EMPTY = "-"
@@ -137,6 +137,9 @@ def render_status(address: str, status: Status, now: datetime | None = None) -> 
     ]
     if totals.unreachable_workers:
         summary.append(("unreachable", _plural(totals.unreachable_workers, "worker")))
+    if totals.keys_with_goal:
+        below = f"{totals.keys_below_goal} below"
+        summary.append(("goals", f"{_plural(totals.keys_with_goal, 'key')} ({below})"))
     if totals.conflicting_keys:
         summary.append(("conflicts", f"{_plural(totals.conflicting_keys, 'key')} left alone"))
     parts = [render_table(("", ""), summary).split("\n", 1)[1]]
@@ -153,6 +156,28 @@ def render_status(address: str, status: Status, now: datetime | None = None) -> 
         headers = ("OP", "KEY", "WORKER", "REASON", "MESSAGE", "WHEN")
         parts += ["", "recent refusals:", render_table(headers, rows)]
     return "\n".join(parts)
+
+
+def _goal(n: int | None) -> str:
+    return "all" if n is None else str(n)
+
+
+def render_goals(goals: Sequence[ReplicationGoal]) -> str:
+    """One row per key with a goal: the goal, its current target, live copies, below or met."""
+    if not goals:
+        return "no goals"
+    rows = [
+        (g.key, _goal(g.n), g.target, g.live_copies, "below" if g.below else "met") for g in goals
+    ]
+    return render_table(("KEY", "GOAL", "TARGET", "LIVE", "STATE"), rows, right=range(1, 4))
+
+
+def render_goal_change(change: GoalChange, n: int | None) -> str:
+    """What ``amm replicate`` did."""
+    if n == 1:
+        return f"goal removed for {_plural(change.goals_removed, 'key')}"
+    what = "every worker" if n is None else f"{n} copies"
+    return f"goal of {what} set for {_plural(change.goals_set, 'key')}"
 
 
 def render_cluster(address: str, workers: Sequence[str]) -> str:

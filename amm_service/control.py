@@ -105,6 +105,7 @@ class ControlServicer(control_pb2_grpc.ActiveMemoryManagerServicer):
         cfg = amm.config
         state = amm.state
         workers = state.workers  # counted in place: no snapshot of every key for a status
+        with_goal, below_goal = amm.goals.totals(state)
         response = control_pb2.GetStatusResponse(
             running=amm.running,
             interval=wire.duration(cfg.interval),
@@ -129,6 +130,8 @@ class ControlServicer(control_pb2_grpc.ActiveMemoryManagerServicer):
                 directives_in_flight=len(amm.ledger),
                 conflicting_keys=len(state.conflicts),
                 unreachable_workers=sum(1 for w in workers if not w.reachable),
+                keys_with_goal=with_goal,
+                keys_below_goal=below_goal,
             ),
             recent_refusals=[
                 control_pb2.RefusalRecord(
@@ -203,17 +206,25 @@ class ControlServicer(control_pb2_grpc.ActiveMemoryManagerServicer):
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, "RetireWorkers: not yet")
         raise AssertionError("unreachable")
 
+    @_edge
     async def Replicate(
         self, request: control_pb2.ReplicateRequest, context: Any
     ) -> control_pb2.ReplicateResponse:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Replicate: not yet")
-        raise AssertionError("unreachable")
+        n = request.n if request.HasField("n") else None
+        changed, removed = await self._amm.replicate(_check_keys(request.keys), n)
+        return control_pb2.ReplicateResponse(goals_set=changed, goals_removed=removed)
 
+    @_edge
     async def ListGoals(
         self, request: control_pb2.ListGoalsRequest, context: Any
     ) -> control_pb2.ListGoalsResponse:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "ListGoals: not yet")
-        raise AssertionError("unreachable")
+        statuses = await self._amm.goal_statuses(_check_keys(request.keys))
+        return control_pb2.ListGoalsResponse(
+            goals=[
+                control_pb2.ReplicationGoal(key=s.key, n=s.n, target=s.target, live_copies=s.live)
+                for s in statuses
+            ]
+        )
 
 
 def worker_to_pb(w: WorkerView, measure: Measure) -> control_pb2.WorkerInfo:

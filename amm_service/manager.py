@@ -30,11 +30,13 @@ from amm_service.directive import Directive, Outcome, OutcomeStatus
 from amm_service.dispatcher import Dispatcher
 from amm_service.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable, listing
 from amm_service.events import EventLog
+from amm_service.goals import GoalBook, check_goal
 from amm_service.pending import Entry, Ledger
 from amm_service.policies import Policy
+from amm_service.policies.goals import GoalStatus, describe
 from amm_service.poller import Poller
 from amm_service.state import StateStore
-from amm_service.view import ClusterState, Key, KeyView, WorkerId, WorkerView
+from amm_service.view import ClusterState, Goal, Key, KeyView, WorkerId, WorkerView
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +107,7 @@ class ActiveMemoryManager:
         self._waiters: dict[str, asyncio.Future[None]] = {}
         self.refusals: deque[Refusal] = deque(maxlen=config.max_refusals_kept)
         self.events = EventLog(clock=clock)
+        self.goals = GoalBook(store)
         self._opened = False
         self._closed = False
 
@@ -116,6 +119,7 @@ class ActiveMemoryManager:
             return
         self._opened = True
         self._set_epoch(self._store.begin_epoch())
+        self.goals.load()
         if self.config.directive_timeout < 2 * self.config.interval:
             log.warning(
                 "directive-timeout (%.1f s) is under two intervals (%.1f s): directives may be "
@@ -250,7 +254,7 @@ class ActiveMemoryManager:
         self._expire()
         record.unreachable = tuple(await self._poller.poll_all())
         self._warn_if_fenced()
-        view = self.state.snapshot()
+        view = self.state.snapshot(goals=self.goals.mapping, now=self._clock())
         t1 = time.perf_counter()
         plan = core.plan(
             view,
@@ -402,11 +406,15 @@ class ActiveMemoryManager:
         return [(w, tuple(sorted(self.state.held_by(w)))) for w in wanted]
 
     async def forget(self, keys: Sequence[str]) -> int:
-        """Delete every replica of ``keys``; fails listing the replicas that could not go."""
+        """Delete every replica of ``keys``; fails listing the replicas that could not go.
+
+        Their goals go first: a cycle between two deletes must not copy the key back."""
         if not keys:
             raise InvalidArgument("no keys given")
         await self.refresh(True)
-        targets = [(kv.key, w) for kv in self._known(keys) for w in sorted(kv.holders)]
+        known = self._known(keys)
+        self.goals.remove(keys)
+        targets = [(kv.key, w) for kv in known for w in sorted(kv.holders)]
         results = await asyncio.gather(*(self._delete(k, w) for k, w in targets))
         failures = [r for r in results if isinstance(r, str)]
         deleted = sum(1 for r in results if r is True)
@@ -416,6 +424,33 @@ class ActiveMemoryManager:
                 f"deleted {deleted} replica(s) but not: " + "; ".join(failures[:10])
             )
         return deleted
+
+    async def replicate(self, keys: Sequence[str], n: Goal) -> tuple[int, int]:
+        """Set the replication goal of ``keys`` (1 removes it); returns (set, removed).
+
+        A key must be held by some worker, or already have a goal (so that the goal of a key
+        that was lost can still be removed). Agents are polled first if a key is not known yet:
+        a value put a moment ago must not be reported unknown."""
+        self._check_open()
+        if not keys:
+            raise InvalidArgument("no keys given")
+        check_goal(n)
+        if any(Key(k) not in self.state.keys and k not in self.goals for k in keys):
+            await self.refresh(True)
+        unknown = [k for k in keys if Key(k) not in self.state.keys and k not in self.goals]
+        if unknown:
+            raise NotFound(f"unknown key(s): {listing(unknown)}")
+        changed, removed = self.goals.set(keys, n)
+        if changed:
+            self.events.record("goal-set", f"goal of {describe(n)} for {changed} key(s)", keys=keys)
+        if removed:
+            self.events.record("goal-removed", f"goal removed for {removed} key(s)", keys=keys)
+        return changed, removed
+
+    async def goal_statuses(self, keys: Sequence[str]) -> list[GoalStatus]:
+        """The goals of ``keys`` (every goal when empty) and how far each key is from it."""
+        self._check_open()
+        return self.goals.statuses(keys, self.state)
 
     def _known(self, keys: Sequence[str]) -> list[KeyView]:
         """The state of ``keys`` (every key, ordered, when empty); NotFound lists the unknown."""

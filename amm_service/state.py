@@ -6,6 +6,7 @@ What is kept and why:
    AMM (one replaced by a newer start) cannot act.
 2. The running flag: an AMM that was cycling before a restart cycles again after it.
 3. The workers it knew: a later feature grants them a start-up grace period.
+4. The replication goals set with ``Replicate``: a goal is a promise kept across AMM restarts.
 
 The schema is versioned with ``PRAGMA user_version``; :data:`_MIGRATIONS` is the ordered list of
 steps, step ``i`` taking version ``i`` to ``i + 1``. Add a step, never edit a released one.
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,7 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         " first_seen REAL NOT NULL,"
         " last_seen REAL NOT NULL)",
     ),
+    ("CREATE TABLE goals (key TEXT PRIMARY KEY, n INTEGER NULL CHECK (n IS NULL OR n >= 2))",),
 )
 
 
@@ -188,6 +190,39 @@ class StateStore:
             "SELECT address, name, first_seen, last_seen FROM workers ORDER BY address"
         )
         return [KnownWorker(*row) for row in rows]
+
+    def set_goals(self, keys: Iterable[str], n: int | None) -> None:
+        """Set the replication goal of ``keys`` to ``n`` copies (None: every worker), in one
+        transaction; n must be at least 2 (a goal of 1 is no goal: :meth:`remove_goals`)."""
+        if n is not None and n < 2:
+            raise ValueError(f"a stored goal is at least 2 copies, not {n}")
+        rows = [(key, n) for key in keys]
+        self._many(
+            "INSERT INTO goals (key, n) VALUES (?, ?)"
+            " ON CONFLICT (key) DO UPDATE SET n = excluded.n",
+            rows,
+        )
+
+    def remove_goals(self, keys: Iterable[str]) -> None:
+        """Remove the goals of ``keys``, in one transaction; keys without one are ignored."""
+        self._many("DELETE FROM goals WHERE key = ?", [(key,) for key in keys])
+
+    def goals(self) -> dict[str, int | None]:
+        """Every replication goal: key -> copies (None: every worker)."""
+        return {
+            str(key): None if n is None else int(n)
+            for key, n in self._run("SELECT key, n FROM goals")
+        }
+
+    def _many(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
+        """One statement over many rows, all or nothing; SQLite errors become StateError."""
+        if not rows:
+            return
+        try:
+            with self._transaction() as tx:
+                tx.executemany(sql, rows)
+        except sqlite3.Error as exc:
+            raise StateError(f"the AMM state {self.path!r} failed: {exc}") from exc
 
     def close(self) -> None:
         """Close the file; idempotent."""

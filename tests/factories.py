@@ -25,17 +25,19 @@ def cluster(
     sizes: Mapping[str, int] | None = None,
     limit: Mapping[str, int] | None = None,
     checksums: Mapping[tuple[str, str], str] | None = None,
+    zones: Mapping[str, str] | None = None,
 ) -> ClusterState:
     """A cluster state where worker ``w`` holds ``holdings[w]``.
 
     ``memory`` sets every measure of a worker to the same figure; ``pinned[w]`` lists the keys
     pinned on ``w``; ``sizes`` gives key sizes (default 100 bytes); ``checksums[(w, k)]``
-    overrides the checksum ``w`` reports for ``k``.
+    overrides the checksum ``w`` reports for ``k``; ``zones[w]`` is the zone of ``w``.
     """
     state = ClusterState()
     for n, (worker, keys) in enumerate(holdings.items()):
         wid = WorkerId(worker)
-        state.register(wid, worker, f"inc-{worker}", now=0.0)
+        zone = (zones or {}).get(worker, "")
+        state.register(wid, worker, f"inc-{worker}", now=0.0, zone=zone)
         mem = (memory or {}).get(worker, 0)
         pins = set((pinned or {}).get(worker, ()))
         reports = [
@@ -58,6 +60,7 @@ def cluster(
             status=(status or {}).get(worker, WorkerStatus.RUNNING),
             name=worker,
             now=1.0,
+            zone=zone,
         )
     return state
 

@@ -16,6 +16,7 @@ from amm_service.policies.base import Policy
 BUILTINS: Mapping[str, str] = {
     "ReduceReplicas": "amm_service.policies.reduce_replicas.ReduceReplicas",
     "Rebalance": "amm_service.policies.rebalance.Rebalance",
+    "Replicate": "amm_service.policies.replication.Replicate",
 }
 
 

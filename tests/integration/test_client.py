@@ -26,7 +26,7 @@ from amm import AmmError, AsyncClient, Client
 from amm.checksum import checksum
 from amm.cli import main as cli_main
 from amm.cluster import LocalCluster
-from amm.models import sort_addresses
+from amm.models import GoalChange, ReplicationGoal, sort_addresses
 from amm.v1 import agent_pb2, agent_pb2_grpc, control_pb2, control_pb2_grpc, types_pb2
 from tests.support.processes import local_cluster
 from tests.support.waiting import poll_until
@@ -138,6 +138,51 @@ def test_cli_verbs(cluster: LocalCluster, capsys: pytest.CaptureFixture[str]) ->
     assert cli_main([*amm, "forget", "cli"]) == 0
     assert cli_main([*amm, "who-has", "cli"]) == 1
     assert capsys.readouterr().err.startswith("error: NOT_FOUND: ")
+
+
+def test_replicate_goals_through_client_and_cli(
+    client: Client, cluster: LocalCluster, capsys: pytest.CaptureFixture[str]
+) -> None:
+    w1, w2 = client.has_what()
+    client.put("goal", b"g" * 1000, workers=[w1])
+    assert client.replicate("goal") == GoalChange(goals_set=1, goals_removed=0)
+    assert client.goals() == [ReplicationGoal("goal", n=None, target=2, live_copies=1)]
+    assert client.status().totals.keys_below_goal == 1
+    report = client.amm.run_once()
+    assert [(d.op, d.worker) for d in report.directives if d.key == "goal"] == [("replicate", w2)]
+    assert client.who_has("goal")["goal"] == (w1, w2)
+    amm = ["--amm", cluster.address]
+    assert cli_main([*amm, "goals"]) == 0
+    assert cli_main([*amm, "status"]) == 0
+    out = capsys.readouterr().out
+    assert "goal   all       2     2  met" in out
+    assert "1 key (0 below)" in out
+    assert cli_main([*amm, "goals", "goal", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == [
+        {"key": "goal", "n": None, "target": 2, "live_copies": 2}
+    ]
+    assert cli_main([*amm, "replicate", "goal", "-n", "1"]) == 0
+    assert capsys.readouterr().out == "goal removed for 1 key\n"
+    report = client.amm.run_once()
+    assert [d.op for d in report.directives if d.key == "goal"] == ["drop"]
+
+    def one_copy_left() -> bool:
+        if len(client.who_has("goal")["goal"]) == 1:
+            return True
+        client.amm.run_once()  # a drop refused under load is asked again
+        return False
+
+    poll_until(one_copy_left, what="one copy left")
+    assert cli_main([*amm, "replicate", "goal", "-n", "0"]) == 1
+    assert capsys.readouterr().err.startswith("error: INVALID_ARGUMENT: n = 0 is not a goal")
+    assert cli_main([*amm, "replicate", "ghost", "-n", "2"]) == 1
+    assert capsys.readouterr().err == "error: NOT_FOUND: unknown key(s): 'ghost'\n"
+    assert cli_main([*amm, "goals", "goal"]) == 1
+    assert "no replication goal" in capsys.readouterr().err
+    with pytest.raises(AmmError) as info:
+        client.replicate("goal", n=-1)
+    assert info.value.status == grpc.StatusCode.INVALID_ARGUMENT
+    client.forget("goal")
 
 
 def _closed_port() -> str:

@@ -12,7 +12,7 @@ from typing import Any
 
 from amm_service.server import AmmServer
 from tests.conftest import amm_config
-from tests.support.agent import running_agent
+from tests.support.agent import dial, put, running_agent
 from tests.support.waiting import wait_for
 
 GRPCURL = shutil.which("grpcurl", path=str(Path(sys.executable).parent)) or shutil.which("grpcurl")
@@ -85,3 +85,40 @@ async def test_grpcurl_sees_clear_errors_for_bad_input(tmp_path: Path) -> None:
         assert proc.returncode != 0
         assert "NotFound" in err.decode()
         assert "unknown key(s): 'ghost'" in err.decode()
+
+
+async def test_grpcurl_sets_and_lists_goals(tmp_path: Path) -> None:
+    assert GRPCURL is not None
+    async with (
+        AmmServer(amm_config(tmp_path)) as amm,
+        running_agent(amm=amm.address) as one,
+        running_agent(amm=amm.address) as two,
+    ):
+        await wait_for(lambda: one.registered and two.registered, what="registration")
+        async with dial(one.address) as stub:
+            await put(stub, "x", b"value")
+        method = "amm.v1.ActiveMemoryManager/"
+        assert await call(amm.address, method + "Replicate", {"keys": ["x"], "n": 2}) == {
+            "goals_set": 1
+        }
+        listed = await call(amm.address, method + "ListGoals")
+        assert listed == {"goals": [{"key": "x", "n": 2, "target": 2, "live_copies": 1}]}
+        await call(amm.address, method + "RunOnce", {"wait": True})
+        await call(amm.address, method + "HasWhat", {"fresh": True})  # the copy made is seen
+        status = await call(amm.address, method + "GetStatus")
+        assert status["totals"]["keys_with_goal"] == "1"
+        assert "keys_below_goal" not in status["totals"]  # zero: met
+        proc = await asyncio.create_subprocess_exec(
+            GRPCURL,
+            "-plaintext",
+            "-d",
+            '{"keys": ["x"], "n": 0}',
+            amm.address,
+            method + "Replicate",
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        _, err = await asyncio.wait_for(proc.communicate(), timeout=30)
+        assert proc.returncode != 0
+        assert "InvalidArgument" in err.decode()
+        assert "n = 0 is not a goal" in err.decode()

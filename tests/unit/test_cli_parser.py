@@ -50,13 +50,25 @@ def test_verbs_parse() -> None:
     assert parse(["forget", "a", "b"]).keys == ["a", "b"]
     put = parse(["put", "k", "--value", "v", "--worker", "h:1", "--worker", "h:2"])
     assert (put.key, put.value, put.workers) == ("k", "v", ["h:1", "h:2"])
+    assert (parse(["replicate", "a", "b"]).keys, parse(["replicate", "a"]).n) == (["a", "b"], None)
+    assert parse(["replicate", "a", "-n", "3", "--json"]).n == 3
+    assert parse(["goals"]).keys == []
+    assert parse(["goals", "a", "--json"]).keys == ["a"]
     cluster = parse(["cluster", "--workers", "3", "--interval", "500ms", "--start"])
     assert (cluster.workers, cluster.interval, cluster.start) == (3, "500ms", True)
 
 
 @pytest.mark.parametrize(
     "argv",
-    [["put", "k"], ["put", "k", "--value", "v", "--file", "f"], ["forget"], ["nope"], []],
+    [
+        ["put", "k"],
+        ["put", "k", "--value", "v", "--file", "f"],
+        ["forget"],
+        ["replicate"],
+        ["replicate", "k", "-n", "two"],
+        ["nope"],
+        [],
+    ],
 )
 def test_invalid_usage_exits_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as info:

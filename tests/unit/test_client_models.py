@@ -5,9 +5,11 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from amm.models import (
+    ReplicationGoal,
     address_key,
     cycle_from_proto,
     enum_name,
+    goal_from_proto,
     sort_addresses,
     status_from_proto,
     worker_from_proto,
@@ -79,6 +81,8 @@ def test_status() -> None:
     msg.interval.FromMilliseconds(250)
     msg.policies.add(name="ReduceReplicas", class_path="a.B", kwargs_json='{"n": 1}')
     msg.totals.replicas = 5
+    msg.totals.keys_with_goal = 4
+    msg.totals.keys_below_goal = 1
     refusal = msg.recent_refusals.add(worker="h:1", reason=types_pb2.REFUSAL_REASON_IN_USE)
     refusal.directive.key = "x"
     status = status_from_proto(msg)
@@ -86,6 +90,7 @@ def test_status() -> None:
     assert status.last_cycle is None
     assert status.policies[0].kwargs == {"n": 1}
     assert status.totals.replicas == 5
+    assert (status.totals.keys_with_goal, status.totals.keys_below_goal) == (4, 1)
     assert status.recent_refusals[0].reason == "in_use"
     assert status.recent_refusals[0].op == "unspecified"
 
@@ -93,3 +98,12 @@ def test_status() -> None:
     last_cycle = status_from_proto(msg).last_cycle
     assert last_cycle is not None
     assert last_cycle.number == 7
+
+
+def test_replication_goal() -> None:
+    every = goal_from_proto(control_pb2.ReplicationGoal(key="x", target=3, live_copies=2))
+    assert every == ReplicationGoal("x", n=None, target=3, live_copies=2)
+    assert every.below
+    met = goal_from_proto(control_pb2.ReplicationGoal(key="y", n=2, target=2, live_copies=2))
+    assert (met.n, met.below) == (2, False)
+    assert ReplicationGoal("lost", n=2, target=0, live_copies=0).below

@@ -6,9 +6,20 @@ import dataclasses
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from amm.models import ClusterTotals, CycleReport, DirectiveRecord, Rejection, Status, WorkerInfo
+from amm.models import (
+    ClusterTotals,
+    CycleReport,
+    DirectiveRecord,
+    GoalChange,
+    Rejection,
+    ReplicationGoal,
+    Status,
+    WorkerInfo,
+)
 from amm.tables import (
     render_cycle,
+    render_goal_change,
+    render_goals,
     render_mapping,
     render_status,
     render_table,
@@ -139,10 +150,36 @@ def test_status_block() -> None:
     assert "running    no" in lines
     assert "keys       1 (2 replicas)" in lines
     assert lines[-1] == "no cycle yet"
-    assert not any(line.startswith(("unreachable", "conflicts")) for line in lines)
+    assert not any(line.startswith(("unreachable", "conflicts", "goals")) for line in lines)
     troubled = dataclasses.replace(
-        status, totals=dataclasses.replace(status.totals, conflicting_keys=2, unreachable_workers=1)
+        status,
+        totals=dataclasses.replace(
+            status.totals,
+            conflicting_keys=2,
+            unreachable_workers=1,
+            keys_with_goal=3,
+            keys_below_goal=1,
+        ),
     )
     lines = render_status("h:50051", troubled, now=NOW).splitlines()
     assert "unreachable  1 worker" in lines
     assert "conflicts    2 keys left alone" in lines
+    assert "goals        3 keys (1 below)" in lines
+
+
+def test_goals_table_and_changes() -> None:
+    goals = [
+        ReplicationGoal("a", n=3, target=3, live_copies=3),
+        ReplicationGoal("bb", n=None, target=4, live_copies=2),
+        ReplicationGoal("lost", n=2, target=0, live_copies=0),
+    ]
+    assert render_goals(goals).splitlines() == [
+        "KEY   GOAL  TARGET  LIVE  STATE",
+        "a        3       3     3  met",
+        "bb     all       4     2  below",
+        "lost     2       0     0  below",
+    ]
+    assert render_goals([]) == "no goals"
+    assert render_goal_change(GoalChange(2, 0), 3) == "goal of 3 copies set for 2 keys"
+    assert render_goal_change(GoalChange(1, 0), None) == "goal of every worker set for 1 key"
+    assert render_goal_change(GoalChange(0, 1), 1) == "goal removed for 1 key"

@@ -8,7 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from amm_service.state import MEMORY, KnownWorker, StateError, StateStore
+from amm_service.state import (
+    _APPLICATION_ID,
+    _MIGRATIONS,
+    MEMORY,
+    KnownWorker,
+    StateError,
+    StateStore,
+)
 
 
 def fake_clock(start: float = 1000.0) -> Callable[[], float]:
@@ -43,7 +50,7 @@ def test_parent_directory_is_created_and_wal_is_on(tmp_path: Path) -> None:
     db = sqlite3.connect(path)
     try:
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert db.execute("PRAGMA user_version").fetchone()[0] == 1
+        assert db.execute("PRAGMA user_version").fetchone()[0] == len(_MIGRATIONS)
     finally:
         db.close()
 
@@ -144,3 +151,33 @@ def test_raise_epoch_moves_past_a_newer_epoch_only(tmp_path: Path) -> None:
         assert store.raise_epoch(7) == 8
         assert store.raise_epoch(3) == 8
         assert store.begin_epoch() == 9
+
+
+def test_goals_are_set_changed_removed_and_persist(tmp_path: Path) -> None:
+    path = str(tmp_path / "state.sqlite3")
+    with StateStore(path) as store:
+        assert store.goals() == {}
+        store.set_goals(["x", "y"], 3)
+        store.set_goals(["y", "z"], None)
+        store.remove_goals(["x", "never-had-one"])
+    with StateStore(path) as store:
+        assert store.goals() == {"y": None, "z": None}
+        store.set_goals([], 2)  # nothing to do
+        with pytest.raises(ValueError, match="at least 2"):
+            store.set_goals(["y"], 1)
+        assert store.goals() == {"y": None, "z": None}
+
+
+def test_a_state_file_of_the_first_schema_gains_the_goals_table(tmp_path: Path) -> None:
+    path = str(tmp_path / "state.sqlite3")
+    db = sqlite3.connect(path, isolation_level=None)
+    for statement in _MIGRATIONS[0]:
+        db.execute(statement)
+    db.execute("UPDATE service SET epoch = 4")
+    db.execute(f"PRAGMA application_id = {_APPLICATION_ID}")
+    db.execute("PRAGMA user_version = 1")
+    db.close()
+    with StateStore(path) as store:
+        assert store.epoch == 4
+        store.set_goals(["x"], 2)
+        assert store.goals() == {"x": 2}
