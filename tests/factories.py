@@ -25,17 +25,18 @@ def cluster(
     sizes: Mapping[str, int] | None = None,
     limit: Mapping[str, int] | None = None,
     checksums: Mapping[tuple[str, str], str] | None = None,
+    zones: Mapping[str, str] | None = None,
 ) -> ClusterState:
     """A cluster state where worker ``w`` holds ``holdings[w]``.
 
     ``memory`` sets every measure of a worker to the same figure; ``pinned[w]`` lists the keys
     pinned on ``w``; ``sizes`` gives key sizes (default 100 bytes); ``checksums[(w, k)]``
-    overrides the checksum ``w`` reports for ``k``.
+    overrides the checksum ``w`` reports for ``k``; ``zones[w]`` is the zone ``w`` declared.
     """
     state = ClusterState()
     for n, (worker, keys) in enumerate(holdings.items()):
         wid = WorkerId(worker)
-        state.register(wid, worker, f"inc-{worker}", now=0.0)
+        state.register(wid, worker, f"inc-{worker}", now=0.0, zone=(zones or {}).get(worker, ""))
         mem = (memory or {}).get(worker, 0)
         pins = set((pinned or {}).get(worker, ()))
         reports = [
