@@ -450,6 +450,9 @@ class ActiveMemoryManager:
         if self.state.register(worker, name, incarnation, self._clock(), zone=zone):
             self._forget_in_flight(worker)
             await self._dispatcher.close_worker(worker)
+            # A channel that failed to reach the old process may be backing off for minutes:
+            # the new one gets a fresh connection.
+            await self._links.close(worker)
             self._store.remember_worker(worker, name or worker)
             log.info("worker %s registered (%s)", worker, name or worker)
         self._adopt_newer_epoch(epoch)
