@@ -43,12 +43,17 @@ class TopUp:
 
     priority = 10
 
-    def __init__(self, *, copies: int = 2, name: str = "TopUp") -> None:
+    def __init__(
+        self, *, copies: int = 2, keys: list[str] | None = None, name: str = "TopUp"
+    ) -> None:
         self.copies = copies
+        self.keys = keys
         self.name = name
 
     def run(self, view: ClusterView, pending: PendingView, measure: Measure) -> PolicyRun:
         for key in sorted(view.keys):
+            if self.keys is not None and key not in self.keys:
+                continue
             have = len(view.keys[key].holders) + len(pending.in_flight(key).replicating)
             for _ in range(self.copies - have):
                 reason = f"{have} of {self.copies} copies"
