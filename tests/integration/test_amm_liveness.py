@@ -120,9 +120,14 @@ def test_a_frozen_agent_is_declared_dead_then_comes_back_reconciled(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     args = ["--stale-after", "300ms", "--dead-after", "1s", "--poll-timeout", "200ms"]
-    with local_cluster(2, service_args=args) as cluster, Client(cluster.address, timeout=10) as c:
+    zones = ["rack-a", "rack-b"]
+    with (
+        local_cluster(2, service_args=args, zones=zones) as cluster,
+        Client(cluster.address, timeout=10) as c,
+    ):
         amm = ["--amm", cluster.address]
         w1, w2 = c.has_what()
+        assert sorted(w.zone for w in c.workers()) == zones
         c.put("shared", DATA, workers=[w1, w2])
         c.put("solo", SOLO, workers=[w2])
         assert c.who_has() == {"shared": (w1, w2), "solo": (w2,)}
@@ -135,7 +140,9 @@ def test_a_frozen_agent_is_declared_dead_then_comes_back_reconciled(
 
             poll_until(lambda: cycle_then_statuses().get(w2) == "stale", what="stale")
             assert cli_main([*amm, "workers"]) == 0
-            assert "stale (" in capsys.readouterr().out
+            out = capsys.readouterr().out
+            assert "stale (" in out
+            assert "rack-a" in out
             poll_until(lambda: list(cycle_then_statuses()) == [w1], what="declared dead")
             status = c.status()
             assert status.totals.lost_keys == 1
