@@ -130,6 +130,13 @@ class ActiveMemoryManager:
                 self.config.directive_timeout,
                 2 * self.config.interval,
             )
+        if self.config.dead_after <= self.config.stale_seconds:
+            log.warning(
+                "dead-after (%.1f s) is not above stale-after (%.1f s): silent workers are "
+                "declared dead without ever being stale",
+                self.config.dead_after,
+                self.config.stale_seconds,
+            )
         await self._restore_workers()
         if self.config.start or self._store.running:
             await self.start()
