@@ -119,7 +119,7 @@ async def test_a_silent_worker_goes_stale_then_dead_and_its_lone_keys_are_lost(
 def test_a_frozen_agent_is_declared_dead_then_comes_back_reconciled(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    args = ["--stale-after", "300ms", "--dead-after", "1s", "--poll-timeout", "200ms"]
+    args = ["--stale-after", "300ms", "--dead-after", "1500ms", "--poll-timeout", "200ms"]
     zones = ["rack-a", "rack-b"]
     with (
         local_cluster(2, service_args=args, zones=zones) as cluster,
