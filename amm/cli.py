@@ -46,6 +46,13 @@ def _interval(value: str) -> str:
     return value
 
 
+def _zones(value: str) -> tuple[str, ...]:
+    zones = tuple(z.strip() for z in value.split(","))
+    if not all(zones) or any(" " in z for z in zones):
+        raise argparse.ArgumentTypeError(f"expected comma-separated zone names, got {value!r}")
+    return zones
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--amm", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
@@ -76,6 +83,13 @@ def build_parser() -> argparse.ArgumentParser:
     cluster.add_argument("--listen", default=DEFAULT_ADDRESS, metavar="HOST:PORT")
     cluster.add_argument("--interval", type=_interval, default=None, metavar="DURATION")
     cluster.add_argument("--start", action="store_true", help="start cycling at once")
+    cluster.add_argument(
+        "--zones",
+        type=_zones,
+        default=(),
+        metavar="A,B,...",
+        help="give the agents these zones in turn (failure domains)",
+    )
     cluster.add_argument("--logs", action="store_true", help="show the processes' output")
 
     sub.add_parser("start", parents=[common], help="start running cycles")
@@ -83,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("running", parents=[output], help="whether cycles run")
     run_once = sub.add_parser("run-once", parents=[output], help="run one cycle now")
     run_once.add_argument("--no-wait", dest="wait", action="store_false")
+    run_once.add_argument(
+        "--dry-run", action="store_true", help="plan only: show what would be sent, send nothing"
+    )
     sub.add_parser("status", parents=[output], help="configuration, last cycle and totals")
     workers = sub.add_parser("workers", parents=[output], help="the registered workers")
     workers.add_argument("--fresh", action="store_true", help="poll every agent first")
@@ -160,7 +177,7 @@ def run_verb(client: Client, args: argparse.Namespace) -> int:
         running = client.amm.running()
         _emit(args, {"running": running}, lambda: "running" if running else "stopped")
     elif command == "run-once":
-        report = client.amm.run_once(wait=args.wait)
+        report = client.amm.run_once(wait=args.wait, dry_run=args.dry_run)
         _emit(args, report, lambda: tables.render_cycle(report))
     elif command == "status":
         status = client.status()
@@ -212,6 +229,7 @@ def run_cluster(args: argparse.Namespace) -> int:
             listen=args.listen,
             interval=args.interval,
             start=args.start,
+            zones=args.zones,
             echo=sys.stderr if args.logs else None,
         )
         print(tables.render_cluster(cluster.address, cluster.workers), flush=True)

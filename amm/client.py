@@ -101,8 +101,11 @@ class AsyncAmmControl:
             reply = await stub.Running(control_pb2.RunningRequest(), timeout=self._client.timeout)
         return reply.running
 
-    async def run_once(self, wait: bool = True) -> CycleReport:
+    async def run_once(self, wait: bool = True, dry_run: bool = False) -> CycleReport:
         """Run one cycle now, even while stopped; ``wait`` for every directive's outcome.
+
+        With ``dry_run`` the AMM polls and plans but sends nothing: the report lists the
+        directives the policies would produce, each with its ``policy`` and ``policy_reason``.
 
         This one call gets ``max(timeout, RUN_ONCE_TIMEOUT)`` (60 s) to answer: with ``wait`` the
         AMM answers only once each directive has an outcome or has timed out, and its directive
@@ -112,7 +115,7 @@ class AsyncAmmControl:
         stub = self._client._amm_stub()
         with self._client._amm_rpc():
             reply = await stub.RunOnce(
-                control_pb2.RunOnceRequest(wait=wait),
+                control_pb2.RunOnceRequest(wait=wait, dry_run=dry_run),
                 timeout=max(self._client.timeout, RUN_ONCE_TIMEOUT),
             )
         return cycle_from_proto(reply.cycle)

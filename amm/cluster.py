@@ -233,7 +233,9 @@ class LocalCluster:
     ``interval`` and ``start`` map to the service's ``--interval`` and ``--start/--no-start``;
     ``state`` to ``--state`` (``:memory:`` by default, so a local cluster remembers nothing);
     ``service_args`` and ``agent_args`` are passed through verbatim; ``env`` extends the
-    environment. ``echo`` receives every output line of the children, prefixed by their name.
+    environment. ``zones`` are handed to the agents in turn (``--zone``): agent ``i`` gets
+    ``zones[i % len(zones)]``. ``echo`` receives every output line of the children, prefixed by
+    their name.
     """
 
     def __init__(
@@ -246,6 +248,7 @@ class LocalCluster:
         state: str | None = ":memory:",
         service_args: Sequence[str] = (),
         agent_args: Sequence[str] = (),
+        zones: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
         timeout: float = 30.0,
         stop_timeout: float = 10.0,
@@ -255,6 +258,7 @@ class LocalCluster:
         self.stop_timeout = stop_timeout
         self._env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self._agent_args = list(agent_args)
+        self._zones = list(zones)
         self._echo = echo
         self._service: list[LocalProcess] = []
         self._agents: list[LocalProcess] = []
@@ -303,6 +307,8 @@ class LocalCluster:
             name = f"worker-{self._count}"
             self._count += 1
             args = ["--amm", self.address, "--listen", "127.0.0.1:0", "--name", name]
+            if self._zones:
+                args += ["--zone", self._zones[(self._count - 1) % len(self._zones)]]
             agent = self._spawn(name, AGENT_MODULE, [*args, *self._agent_args])
             self._agents.append(agent)
             started.append(agent)
@@ -359,6 +365,15 @@ class LocalCluster:
         self._agents.remove(agent)
         agent.signal(sig)
         return agent.wait(self.stop_timeout if timeout is None else timeout)
+
+    def signal_worker(self, address: str, sig: int) -> None:
+        """Send ``sig`` to the agent at ``address`` and return at once; it stays in the cluster
+        (``SIGSTOP`` then ``SIGCONT`` freezes a worker, to see the AMM declare it dead)."""
+        for agent in self._agents:
+            if agent.ready is not None and agent.address == address:
+                agent.signal(sig)
+                return
+        raise ClusterError(f"no running worker at {address}; workers: {self.workers}")
 
     def stop(self) -> None:
         """Stop the agents, then the AMM (SIGTERM, then SIGKILL after the deadline); idempotent."""

@@ -39,6 +39,13 @@ class WorkerInfo:
     registered_at: datetime | None
     missed_polls: int = 0
     """Polls in a row it did not answer; its replicas do not count as durable meanwhile."""
+    zone: str = ""
+    """Its failure domain; empty when it declared none."""
+    reported_status: str = "unspecified"
+    """What the agent itself reported (running, paused, closing); ``status`` is the AMM's
+    verdict, which may override it (stale, retiring, retired)."""
+    status_since: datetime | None = None
+    """Since when it has had its current ``status``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +62,8 @@ class DirectiveRecord:
     message: str
     sent_at: datetime | None
     timed_out: bool
+    policy_reason: str = ""
+    """Why the policy suggested it (``reason`` is why an agent refused or failed it)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +93,10 @@ class CycleReport:
     directives: tuple[DirectiveRecord, ...]
     rejections: tuple[Rejection, ...]
     unreachable_workers: tuple[str, ...]
+    dry_run: bool = False
+    """Planned only: ``directives`` lists what would have been sent; nothing was."""
+    startup_grace: bool = False
+    """Drops were held back: the AMM was in its start-up grace."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +129,10 @@ class ClusterTotals:
     keys_with_goal: int = 0
     keys_below_goal: int = 0
     """Keys with a replication goal that have fewer live copies than its target."""
+    lost_keys: int = 0
+    """Keys whose last holder died before a copy was made elsewhere, not seen since."""
+    stale_workers: int = 0
+    """Workers silent for longer than stale-after (not yet declared dead)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +149,17 @@ class RefusalRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class Event:
+    """Something notable the AMM decided or observed (a worker's death, lost keys, ...)."""
+
+    at: datetime | None
+    kind: str
+    worker: str
+    keys: tuple[str, ...]
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
 class Status:
     """The AMM's configuration, epoch, last cycle and totals; ``interval`` in seconds."""
 
@@ -144,6 +172,10 @@ class Status:
     last_cycle: CycleReport | None
     totals: ClusterTotals
     recent_refusals: tuple[RefusalRecord, ...]
+    recent_events: tuple[Event, ...] = ()
+    """Newest first."""
+    startup_grace: bool = False
+    """No drops are issued yet: a worker known before the AMM restarted has not reported."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,6 +257,11 @@ def worker_from_proto(msg: control_pb2.WorkerInfo) -> WorkerInfo:
         last_poll=_time(msg, "last_poll"),
         registered_at=_time(msg, "registered_at"),
         missed_polls=msg.missed_polls,
+        zone=msg.zone,
+        reported_status=enum_name(
+            types_pb2.WorkerStatus.DESCRIPTOR, msg.reported_status, "WORKER_STATUS_"
+        ),
+        status_since=_time(msg, "status_since"),
     )
 
 
@@ -246,6 +283,7 @@ def directive_record_from_proto(msg: types_pb2.DirectiveRecord) -> DirectiveReco
         message=outcome.message,
         sent_at=_time(msg, "sent_at"),
         timed_out=msg.timed_out,
+        policy_reason=msg.directive.reason,
     )
 
 
@@ -267,6 +305,8 @@ def cycle_from_proto(msg: types_pb2.CycleReport) -> CycleReport:
             for r in msg.rejections
         ),
         unreachable_workers=tuple(msg.unreachable_workers),
+        dry_run=msg.dry_run,
+        startup_grace=msg.startup_grace,
     )
 
 
@@ -295,6 +335,8 @@ def status_from_proto(msg: control_pb2.GetStatusResponse) -> Status:
             unreachable_workers=totals.unreachable_workers,
             keys_with_goal=totals.keys_with_goal,
             keys_below_goal=totals.keys_below_goal,
+            lost_keys=totals.lost_keys,
+            stale_workers=totals.stale_workers,
         ),
         recent_refusals=tuple(
             RefusalRecord(
@@ -308,6 +350,17 @@ def status_from_proto(msg: control_pb2.GetStatusResponse) -> Status:
             )
             for r in msg.recent_refusals
         ),
+        recent_events=tuple(
+            Event(
+                at=_time(e, "at"),
+                kind=e.kind,
+                worker=e.worker,
+                keys=tuple(e.keys),
+                message=e.message,
+            )
+            for e in msg.recent_events
+        ),
+        startup_grace=msg.startup_grace,
     )
 
 

@@ -14,6 +14,8 @@ from amm.models import CycleReport, GoalChange, ReplicationGoal, Status, WorkerI
 from amm.units import format_bytes, format_duration
 
 EMPTY = "-"
+EVENTS_SHOWN = 10
+_REPORTED = frozenset({"running", "paused", "closing", "unspecified"})
 
 
 def render_table(
@@ -47,8 +49,18 @@ def _size(n: int) -> str:
     return format_bytes(n) if n else EMPTY
 
 
+def _worker_status(w: WorkerInfo) -> str:
+    """The AMM's verdict (stale, retiring, ...), or ``unreachable (N)`` over what the agent
+    reported while it misses polls."""
+    if not w.missed_polls:
+        return w.status
+    if w.status in _REPORTED:
+        return f"unreachable ({w.missed_polls})"
+    return f"{w.status} ({w.missed_polls} missed)"
+
+
 def render_workers(workers: Sequence[WorkerInfo], now: datetime | None = None) -> str:
-    """One row per worker: address, name, status, keys and memory figures, last poll."""
+    """One row per worker: address, name, zone, status, keys and memory figures, last poll."""
     if not workers:
         return "no workers"
     now = now or datetime.now(UTC)
@@ -56,7 +68,8 @@ def render_workers(workers: Sequence[WorkerInfo], now: datetime | None = None) -
         (
             w.address,
             w.name,
-            f"unreachable ({w.missed_polls})" if w.missed_polls else w.status,
+            w.zone or EMPTY,
+            _worker_status(w),
             w.key_count,
             format_bytes(w.memory_bytes),
             format_bytes(w.managed_bytes),
@@ -66,8 +79,8 @@ def render_workers(workers: Sequence[WorkerInfo], now: datetime | None = None) -
         )
         for w in workers
     ]
-    headers = ("ADDRESS", "NAME", "STATUS", "KEYS", "MEMORY", "MANAGED", "PROCESS", "LIMIT")
-    return render_table((*headers, "LAST POLL"), rows, right=range(3, 8))
+    headers = ("ADDRESS", "NAME", "ZONE", "STATUS", "KEYS", "MEMORY", "MANAGED", "PROCESS")
+    return render_table((*headers, "LIMIT", "LAST POLL"), rows, right=range(4, 9))
 
 
 def render_mapping(headers: tuple[str, str], mapping: Mapping[str, Sequence[str]]) -> str:
@@ -80,12 +93,21 @@ def render_mapping(headers: tuple[str, str], mapping: Mapping[str, Sequence[str]
 
 def summarize_cycle(report: CycleReport) -> str:
     """One line: what the cycle suggested, sent, achieved and rejected, and how long it took."""
+    if report.dry_run:
+        done = (
+            f"dry run {report.number}: {_plural(report.suggestions, 'suggestion')}, "
+            f"{_plural(len(report.directives), 'directive')} would be sent (nothing was), "
+        )
+    else:
+        done = (
+            f"cycle {report.number}: {_plural(report.suggestions, 'suggestion')}, "
+            f"{_plural(report.directives_sent, 'directive')} sent "
+            f"({report.applied} applied, {report.refused} refused, {report.failed} failed), "
+        )
+    grace = "; drops held back (start-up grace)" if report.startup_grace else ""
     return (
-        f"cycle {report.number}: {_plural(report.suggestions, 'suggestion')}, "
-        f"{_plural(report.directives_sent, 'directive')} sent "
-        f"({report.applied} applied, {report.refused} refused, {report.failed} failed), "
-        f"{report.rejected} rejected, in {format_duration(report.duration)} "
-        f"(planning {format_duration(report.plan_duration)})"
+        f"{done}{report.rejected} rejected, in {format_duration(report.duration)} "
+        f"(planning {format_duration(report.plan_duration)}){grace}"
     )
 
 
@@ -94,7 +116,13 @@ def render_cycle(report: CycleReport) -> str:
     parts = [summarize_cycle(report)]
     if report.unreachable_workers:
         parts.append(f"unreachable: {', '.join(report.unreachable_workers)}")
-    if report.directives:
+    if report.directives and report.dry_run:
+        planned = [
+            (d.op, d.key, d.worker, d.policy, d.policy_reason or EMPTY) for d in report.directives
+        ]
+        parts += ["", render_table(("OP", "KEY", "WORKER", "POLICY", "REASON"), planned)]
+    elif report.directives:
+        why = any(d.policy_reason for d in report.directives)
         rows = [
             (
                 d.op,
@@ -103,10 +131,11 @@ def render_cycle(report: CycleReport) -> str:
                 d.policy,
                 "timed out" if d.timed_out else d.outcome or "pending",
                 d.reason or d.message or EMPTY,
+                *((d.policy_reason or EMPTY,) if why else ()),
             )
             for d in report.directives
         ]
-        headers = ("OP", "KEY", "WORKER", "POLICY", "OUTCOME", "REASON")
+        headers = ("OP", "KEY", "WORKER", "POLICY", "OUTCOME", "REASON", *(("WHY",) if why else ()))
         parts += ["", render_table(headers, rows)]
     if report.rejections:
         rejected = [(r.policy, r.op, r.key, r.reason) for r in report.rejections]
@@ -142,6 +171,12 @@ def render_status(address: str, status: Status, now: datetime | None = None) -> 
         summary.append(("goals", f"{_plural(totals.keys_with_goal, 'key')} ({below})"))
     if totals.conflicting_keys:
         summary.append(("conflicts", f"{_plural(totals.conflicting_keys, 'key')} left alone"))
+    if totals.stale_workers:
+        summary.append(("stale", _plural(totals.stale_workers, "worker")))
+    if totals.lost_keys:
+        summary.append(("lost", f"{_plural(totals.lost_keys, 'key')} (no copy left)"))
+    if status.startup_grace:
+        summary.append(("drops", "held back: start-up grace (known workers not all reported)"))
     parts = [render_table(("", ""), summary).split("\n", 1)[1]]
     if status.policies:
         policies = [(p.name, p.class_path, p.kwargs_json or "{}") for p in status.policies]
@@ -155,6 +190,12 @@ def render_status(address: str, status: Status, now: datetime | None = None) -> 
         ]
         headers = ("OP", "KEY", "WORKER", "REASON", "MESSAGE", "WHEN")
         parts += ["", "recent refusals:", render_table(headers, rows)]
+    if status.recent_events:
+        shown = status.recent_events[:EVENTS_SHOWN]
+        events = [(_ago(e.at, now), e.kind, e.worker or EMPTY, e.message) for e in shown]
+        parts += ["", "recent events:", render_table(("WHEN", "KIND", "WORKER", "MESSAGE"), events)]
+        if len(status.recent_events) > EVENTS_SHOWN:
+            parts.append(f"... and {len(status.recent_events) - EVENTS_SHOWN} more (--json)")
     return "\n".join(parts)
 
 

@@ -33,6 +33,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--state", dest="state_path", metavar="PATH", help="SQLite state file")
     p.add_argument("--poll-timeout", metavar="DURATION", help="per-agent poll deadline")
     p.add_argument("--directive-timeout", metavar="DURATION", help="in-flight directive timeout")
+    p.add_argument("--stale-after", metavar="DURATION", help="silence before STALE (3 intervals)")
+    p.add_argument("--dead-after", metavar="DURATION", help="silence before DEAD (30s)")
+    p.add_argument("--startup-grace", metavar="DURATION", help="no drops after a restart (30s)")
+    p.add_argument("--max-incoming-transfers", metavar="N", help="per worker, 0: none (10)")
+    p.add_argument("--max-outgoing-transfers", metavar="N", help="per worker, 0: none (50)")
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR")
     return p
 

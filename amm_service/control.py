@@ -94,7 +94,9 @@ class ControlServicer(control_pb2_grpc.ActiveMemoryManagerServicer):
         remaining = context.time_remaining()
         # Answer before the caller's deadline, with whatever outcomes are in by then.
         limit = None if remaining is None else max(0.0, remaining * 0.9 - 0.1)
-        record = await self._amm.run_cycle(wait=request.wait, wait_limit=limit)
+        record = await self._amm.run_cycle(
+            wait=request.wait, wait_limit=limit, dry_run=request.dry_run
+        )
         return control_pb2.RunOnceResponse(cycle=cycle_to_pb(record))
 
     @_edge
@@ -132,6 +134,8 @@ class ControlServicer(control_pb2_grpc.ActiveMemoryManagerServicer):
                 unreachable_workers=sum(1 for w in workers if not w.reachable),
                 keys_with_goal=with_goal,
                 keys_below_goal=below_goal,
+                stale_workers=sum(1 for w in workers if w.stale),
+                lost_keys=amm.lost_keys,
             ),
             recent_refusals=[
                 control_pb2.RefusalRecord(
@@ -144,6 +148,7 @@ class ControlServicer(control_pb2_grpc.ActiveMemoryManagerServicer):
                 for r in amm.refusals
             ],
             recent_events=[wire.event_to_pb(e) for e in amm.events.recent(MAX_EVENTS_REPORTED)],
+            startup_grace=amm.in_startup_grace(),
         )
         if amm.last_cycle is not None:
             response.last_cycle.CopyFrom(cycle_to_pb(amm.last_cycle))
@@ -153,7 +158,9 @@ class ControlServicer(control_pb2_grpc.ActiveMemoryManagerServicer):
     async def RegisterWorker(
         self, request: control_pb2.RegisterWorkerRequest, context: Any
     ) -> control_pb2.RegisterWorkerResponse:
-        await self._amm.register(request.address, request.name, request.incarnation, request.epoch)
+        await self._amm.register(
+            request.address, request.name, request.incarnation, request.epoch, request.zone
+        )
         return control_pb2.RegisterWorkerResponse(
             epoch=self._amm.epoch, interval=wire.duration(self._amm.config.interval)
         )
@@ -254,7 +261,7 @@ def cycle_to_pb(record: CycleRecord) -> types_pb2.CycleReport:
         duration=wire.duration(record.duration),
         plan_duration=wire.duration(record.plan_duration),
         suggestions=record.suggestions,
-        directives_sent=len(directives),
+        directives_sent=0 if record.dry_run else len(directives),
         applied=record.count(OutcomeStatus.APPLIED),
         refused=record.count(OutcomeStatus.REFUSED),
         failed=record.count(OutcomeStatus.FAILED),
@@ -267,9 +274,11 @@ def cycle_to_pb(record: CycleRecord) -> types_pb2.CycleReport:
                 worker=r.directive.worker,
                 policy=r.directive.policy,
                 outcome=wire.outcome_to_pb(r.outcome) if r.outcome else None,
-                sent_at=wire.timestamp(r.sent_at),
+                sent_at=None if record.dry_run else wire.timestamp(r.sent_at),
                 timed_out=r.timed_out,
             )
             for r in directives[:MAX_DIRECTIVES_REPORTED]
         ],
+        dry_run=record.dry_run,
+        startup_grace=record.startup_grace,
     )

@@ -17,7 +17,7 @@ MAX_REJECTIONS_REPORTED = 100
 
 @dataclass(slots=True)
 class DirectiveRecord:
-    """A directive sent, and its outcome once known."""
+    """A directive sent (or, in a dry run, that would have been), and its outcome once known."""
 
     directive: Directive
     sent_at: float
@@ -39,6 +39,10 @@ class CycleRecord:
     policy_errors: tuple[str, ...] = ()
     unreachable: tuple[WorkerId, ...] = ()
     directives: dict[str, DirectiveRecord] = field(default_factory=dict)
+    dry_run: bool = False
+    """Planned only: ``directives`` lists what would have been sent; nothing was."""
+    startup_grace: bool = False
+    """Drops were held back: the AMM was in its start-up grace."""
 
     def planned(self, plan: Plan, sent_at: float) -> None:
         self.suggestions = plan.suggestions

@@ -1,10 +1,12 @@
 """The Active Memory Manager: cycles, the worker registry and the queries operators make.
 
-It wires the pure parts (cluster state, ledger, core, policies) to the I/O parts (poller,
-dispatcher) and owns the one background task, the cycle loop. A cycle is: expire stale ledger
-entries, poll every agent, snapshot, plan, send. Cycles never overlap: the loop and ``run_once``
-share a lock. The running flag and the epoch persist in the state store, so a restarted AMM
-resumes as it was, under a new epoch that makes agents ignore the old one.
+It wires the pure parts (cluster state, ledger, core, policies, liveness, start-up grace) to the
+I/O parts (poller, dispatcher) and owns the one background task, the cycle loop. A cycle is:
+expire stale ledger entries, poll every agent, judge liveness (flag STALE workers, remove DEAD
+ones and report the keys lost with them), snapshot, plan, send. A dry run polls and plans only.
+Cycles never overlap: the loop and ``run_once`` share a lock. The running flag and the epoch
+persist in the state store, so a restarted AMM resumes as it was, under a new epoch that makes
+agents ignore the old one, and issues no drops until the workers it knew have reported.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ from amm_service.dispatcher import Dispatcher
 from amm_service.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable, listing
 from amm_service.events import EventLog
 from amm_service.goals import GoalBook, check_goal
+from amm_service.grace import StartupGrace
+from amm_service.liveness import Liveness, LostKeys, lost_after_removal
 from amm_service.pending import Entry, Ledger
 from amm_service.policies import Policy
 from amm_service.policies.goals import GoalStatus, describe
@@ -108,6 +112,9 @@ class ActiveMemoryManager:
         self.refusals: deque[Refusal] = deque(maxlen=config.max_refusals_kept)
         self.events = EventLog(clock=clock)
         self.goals = GoalBook(store)
+        self._liveness = Liveness(stale_after=config.stale_seconds, dead_after=config.dead_after)
+        self._lost = LostKeys()
+        self._grace = StartupGrace((), until=0.0)
         self._opened = False
         self._closed = False
 
@@ -127,26 +134,51 @@ class ActiveMemoryManager:
                 self.config.directive_timeout,
                 2 * self.config.interval,
             )
+        if self.config.dead_after <= self.config.stale_seconds:
+            log.warning(
+                "dead-after (%.1f s) is not above stale-after (%.1f s): silent workers are "
+                "declared dead without ever being stale",
+                self.config.dead_after,
+                self.config.stale_seconds,
+            )
         await self._restore_workers()
         if self.config.start or self._store.running:
             await self.start()
 
     async def _restore_workers(self) -> None:
-        """Take back the workers the previous run knew, if they still answer.
+        """Take back the workers the previous run knew, and hold drops until they report.
 
         One poll each, under the poll deadline: those that answer are in the view before the
-        first cycle; those that do not are forgotten (an agent that was only slow re-registers
-        by itself once it notices nobody polls it).
+        first cycle. Those that do not stay registered, unreported: their agents re-register by
+        themselves once they notice nobody polls them, or the liveness rules declare them dead.
+        Until every one has answered or the start-up grace has passed, no drop is issued, so a
+        replica whose other copies sit on a worker we cannot see yet is never counted out.
         """
         now = self._clock()
-        known = self._store.known_workers()
-        for record in known:
+        records = self._store.known_workers()
+        known = [WorkerId(record.address) for record in records]
+        for record in records:
             self.state.register(WorkerId(record.address), record.name, "", now)
-        for worker in await self._poller.poll_all([WorkerId(k.address) for k in known]):
-            await self._remove(worker)
+        silent = await self._poller.poll_all(known)
+        self._liveness.observe(self.state.workers, self._monotonic())
+        self._grace = StartupGrace(known, until=self._monotonic() + self.config.startup_grace)
         if known:
-            log.info("took back %d of %d known workers", len(self.state.worker_ids), len(known))
+            log.info(
+                "took back %d known workers; %d have not answered yet%s",
+                len(known),
+                len(silent),
+                f": no drops for up to {self.config.startup_grace:g} s" if silent else "",
+            )
+        self.in_startup_grace()
         self._adopt_newer_epoch(self._poller.newest_agent_epoch)
+
+    def in_startup_grace(self) -> bool:
+        """Whether drops are held back because a worker known before the restart has not
+        reported yet (and the grace period has not passed)."""
+        ended = self._grace.update(self.state.workers, self._monotonic())
+        if ended is not None:
+            self.events.record("startup-grace-ended", f"drops allowed again: {ended}")
+        return self._grace.active
 
     def _set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -231,13 +263,20 @@ class ActiveMemoryManager:
     # -- cycles ----------------------------------------------------------------------------
 
     async def run_cycle(
-        self, *, wait: bool = False, wait_limit: float | None = None
+        self, *, wait: bool = False, wait_limit: float | None = None, dry_run: bool = False
     ) -> CycleRecord:
         """Run one cycle; with ``wait``, return once its directives have outcomes, or after
-        ``wait_limit`` seconds (at most the directive timeout)."""
+        ``wait_limit`` seconds (at most the directive timeout).
+
+        A ``dry_run`` polls and plans, and returns the directives the policies would produce
+        (each with its policy and reason) without sending them: nothing enters the ledger, no
+        worker is declared stale or dead, and it does not count as having acted.
+        """
         self._check_open()
         async with self._cycle_lock:
-            record = await self._cycle(wait)
+            record = await self._cycle(wait, dry_run)
+        if dry_run:
+            return record
         waiters = [self._waiters[i] for i in record.directives if i in self._waiters]
         if waiters:
             limit = self.config.directive_timeout
@@ -247,24 +286,44 @@ class ActiveMemoryManager:
             self._release_waiters(list(record.directives))
         return record
 
-    async def _cycle(self, wait: bool) -> CycleRecord:
+    async def _cycle(self, wait: bool, dry_run: bool = False) -> CycleRecord:
         self._cycles += 1
         started, t0 = self._clock(), time.perf_counter()
-        record = CycleRecord(self._cycles, started)
-        self._expire()
+        record = CycleRecord(self._cycles, started, dry_run=dry_run)
+        if not dry_run:
+            self._expire()
         record.unreachable = tuple(await self._poller.poll_all())
         self._warn_if_fenced()
+        if not dry_run:
+            await self._judge_liveness()
+        record.startup_grace = self.in_startup_grace()
         view = self.state.snapshot(goals=self.goals.mapping, now=self._clock())
         t1 = time.perf_counter()
         plan = core.plan(
             view,
             self.policies,
             self.ledger,
-            core.PlanConfig(self.config.measure, self.epoch),
+            core.PlanConfig(
+                self.config.measure,
+                self.epoch,
+                allow_drops=not record.startup_grace,
+                max_incoming=self.config.max_incoming_transfers,
+                max_outgoing=self.config.max_outgoing_transfers,
+            ),
             self._new_id,
         )
         record.plan_duration = time.perf_counter() - t1
         record.planned(plan, self._clock())
+        if dry_run:
+            record.duration = time.perf_counter() - t0
+            log.info(
+                "dry run %d: %d suggestions, %d directives (not sent), %d rejected",
+                record.number,
+                plan.suggestions,
+                len(plan.directives),
+                len(plan.rejections),
+            )
+            return record
         now = self._monotonic()
         loop = asyncio.get_running_loop()
         for directive in plan.directives:
@@ -288,6 +347,54 @@ class ActiveMemoryManager:
                 record.plan_duration * 1e3,
             )
         return record
+
+    async def _judge_liveness(self) -> None:
+        """Flag workers silent for ``stale-after`` STALE; remove those silent for
+        ``dead-after`` and report the keys left without a copy as lost; notice lost keys that
+        are back (their holder re-registered, or someone put them again)."""
+        now, wall = self._monotonic(), self._clock()
+        verdict = self._liveness.judge(self.state.workers, now)
+        for worker in verdict.stale:
+            self.state.set_flags(worker, wall, stale=True)
+            self.events.record(
+                "worker-stale",
+                f"no answer to polls for {self._liveness.silent_for(worker, now):.1f} s: it gets "
+                "no new replicas and its copies do not count as durable",
+                worker=worker,
+            )
+        for worker, silent in verdict.dead:
+            await self._declare_dead(worker, silent)
+        back = self._lost.recovered(self.state.keys)
+        if back:
+            self.events.record(
+                "key-recovered", f"{len(back)} lost key(s) are held again", keys=back
+            )
+
+    async def _declare_dead(self, worker: WorkerId, silent: float) -> None:
+        held = self.state.held_by(worker)
+        await self._remove(worker)
+        self._liveness.forget(worker)
+        lost = lost_after_removal(held, self.state.keys)
+        self._lost.add(lost)
+        self.events.record(
+            "worker-dead",
+            f"no answer to polls for {silent:.1f} s (dead-after {self.config.dead_after:g} s): "
+            f"removed; it held {len(held)} key(s), {len(lost)} of them with no copy left",
+            worker=worker,
+            keys=held,
+        )
+        if lost:
+            self.events.record(
+                "key-lost",
+                f"{len(lost)} key(s) had no copy left when {worker} died",
+                worker=worker,
+                keys=lost,
+            )
+
+    @property
+    def lost_keys(self) -> int:
+        """Keys lost with a dead worker and not seen since."""
+        return self._lost.count(self.state.keys)
 
     def _new_id(self) -> str:
         return f"e{self.epoch}.{next(self._ids)}"
@@ -344,14 +451,19 @@ class ActiveMemoryManager:
 
     # -- registry --------------------------------------------------------------------------
 
-    async def register(self, address: str, name: str, incarnation: str, epoch: int = 0) -> None:
+    async def register(
+        self, address: str, name: str, incarnation: str, epoch: int = 0, zone: str = ""
+    ) -> None:
         self._check_open()
         worker = check_address(address)
         if not incarnation:
             raise InvalidArgument("incarnation is required: a random id per agent process start")
-        if self.state.register(worker, name, incarnation, self._clock()):
+        if self.state.register(worker, name, incarnation, self._clock(), zone=zone):
             self._forget_in_flight(worker)
             await self._dispatcher.close_worker(worker)
+            # A channel that failed to reach the old process may be backing off for minutes:
+            # the new one gets a fresh connection.
+            await self._links.close(worker)
             self._store.remember_worker(worker, name or worker)
             log.info("worker %s registered (%s)", worker, name or worker)
         self._adopt_newer_epoch(epoch)
@@ -412,8 +524,14 @@ class ActiveMemoryManager:
         if not keys:
             raise InvalidArgument("no keys given")
         await self.refresh(True)
-        known = self._known(keys)
+        # Forgetting a lost key is how an operator says it is not coming back.
+        lost = {k for k in keys if Key(k) in self._lost and Key(k) not in self.state.keys}
+        remaining = [k for k in keys if k not in lost]
+        known = self._known(remaining) if remaining else []
+        self._lost.discard(Key(k) for k in lost)
         self.goals.remove(keys)
+        if not known:
+            return 0
         targets = [(kv.key, w) for kv in known for w in sorted(kv.holders)]
         results = await asyncio.gather(*(self._delete(k, w) for k, w in targets))
         failures = [r for r in results if isinstance(r, str)]

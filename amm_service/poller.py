@@ -172,6 +172,7 @@ class Poller:
             memory=wire.memory_from_pb(last.memory),
             status=wire.status_from_pb(last.status),
             name=last.name,
+            zone=last.zone,
             now=self._clock(),
         )
         self._on_version(worker, resp.version)

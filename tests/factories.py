@@ -31,7 +31,7 @@ def cluster(
 
     ``memory`` sets every measure of a worker to the same figure; ``pinned[w]`` lists the keys
     pinned on ``w``; ``sizes`` gives key sizes (default 100 bytes); ``checksums[(w, k)]``
-    overrides the checksum ``w`` reports for ``k``; ``zones[w]`` is the zone of ``w``.
+    overrides the checksum ``w`` reports for ``k``; ``zones[w]`` is the zone ``w`` declared.
     """
     state = ClusterState()
     for n, (worker, keys) in enumerate(holdings.items()):

@@ -66,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--listen", "address to bind (HOST:PORT, port 0 picks one)", default="127.0.0.1:0")
     add("--advertise", "address peers and the AMM dial (default: the bound address)")
     add("--name", "human-readable worker name (default: the advertised address)")
+    add("--zone", "failure domain (rack, zone, host group); copies spread over zones first")
     add("--memory-limit", "memory limit, e.g. 4GiB (default: none)", type=_typed(parse_size))
     add(
         "--pause-fraction",
@@ -84,6 +85,7 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         "listen": args.listen,
         "advertise": args.advertise or None,
         "name": args.name or None,
+        "zone": args.zone or "",
     }
     for field in ("memory_limit", "pause_fraction", "lease"):
         value = getattr(args, field)

@@ -184,6 +184,7 @@ class Agent:
                 name=self.node.name,
                 incarnation=self.incarnation,
                 epoch=self.node.newest_epoch,
+                zone=self.config.zone,
             )
             try:
                 response = await amm.RegisterWorker(

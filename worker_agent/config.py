@@ -37,6 +37,9 @@ class AgentConfig:
     advertise: str | None = None
     #: Human-readable name reported to the AMM; defaults to the advertised address.
     name: str | None = None
+    #: The failure domain (rack, zone, host group) reported to the AMM, which spreads the copies
+    #: of a key over zones first; empty: none.
+    zone: str = ""
     #: Memory limit of the worker in bytes; 0 means none. Replicas that would push the managed
     #: memory over it are refused, and Puts fail with RESOURCE_EXHAUSTED.
     memory_limit: int = 0
@@ -89,6 +92,8 @@ class AgentConfig:
             _check_address("advertise", self.advertise)
         if self.name is not None and not self.name.strip():
             raise ValueError("name must not be blank; leave it unset to use the address")
+        if any(c.isspace() for c in self.zone):
+            raise ValueError(f"zone must not contain whitespace, got {self.zone!r}")
         if self.memory_limit < 0:
             raise ValueError(
                 f"memory_limit must be >= 0 bytes (0 = no limit), got {self.memory_limit}"

@@ -66,6 +66,8 @@ class Inventory:
     status: WorkerStatus
     name: str
     epoch: int
+    #: The worker's failure domain; empty when none.
+    zone: str = ""
     #: A snapshot continues after this key (empty when it does not).
     next_cursor: str = ""
     #: An incremental answer stopped short: more changes follow ``version``.
@@ -221,6 +223,7 @@ class Node:
             memory=report,
             status=self.status(report),
             name=self.name,
+            zone=self.config.zone,
             epoch=self.newest_epoch,
             next_cursor=page.last or "",
             more=changes is not None and changes.more,

@@ -136,6 +136,7 @@ def _poll_response(inv: Inventory) -> agent_pb2.PollResponse:
         ),
         status=types_pb2.WorkerStatus.Value(f"WORKER_STATUS_{inv.status.name}"),
         name=inv.name,
+        zone=inv.zone,
         epoch=inv.epoch,
         next_cursor=inv.next_cursor,
         more=inv.more,

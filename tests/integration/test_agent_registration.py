@@ -82,16 +82,41 @@ async def test_get_asks_the_amm_who_holds_a_missing_key(tmp_path: Path) -> None:
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
 
-async def test_a_restarted_amm_takes_back_live_workers_and_drops_ghosts(tmp_path: Path) -> None:
+async def test_a_restarted_amm_takes_back_live_workers_and_ghosts_die(tmp_path: Path) -> None:
     port = free_port()
     # A long interval: the agent would not re-register by itself for 30 s.
-    config = amm_config(tmp_path, listen=f"127.0.0.1:{port}", interval="10s")
+    config = amm_config(
+        tmp_path,
+        listen=f"127.0.0.1:{port}",
+        interval="10s",
+        stale_after="100ms",
+        dead_after="300ms",
+        startup_grace="10s",
+    )
+    ghost = f"127.0.0.1:{free_port()}"
     async with running_agent(amm=f"127.0.0.1:{port}") as agent:
         async with AmmServer(config) as amm:
             await wait_for(lambda: agent.registered, what="registration")
         with StateStore(config.state_path) as store:
-            store.remember_worker(f"127.0.0.1:{free_port()}", "ghost")
+            store.remember_worker(ghost, "ghost")
         async with AmmServer(config) as amm:
-            assert await listed(amm) == [(agent.address, agent.address)]
+            manager = amm.manager
+            assert manager is not None
+            # The ghost is kept (unreported) and holds drops back until the liveness rules
+            # declare it dead.
+            assert sorted(await listed(amm)) == sorted(
+                [(agent.address, agent.address), (ghost, "ghost")]
+            )
+            assert manager.in_startup_grace()
+
+            async def cycle_then_list() -> list[tuple[str, str]]:
+                await manager.run_cycle()
+                return await listed(amm)
+
+            await wait_for(
+                cycle_then_list, lambda ws: ws == [(agent.address, agent.address)], what="death"
+            )
+            assert [e.worker for e in manager.events.of_kind("worker-dead")] == [ghost]
+            assert not manager.in_startup_grace()
         with StateStore(config.state_path) as store:
             assert [w.address for w in store.known_workers()] == [agent.address]

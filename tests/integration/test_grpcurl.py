@@ -122,3 +122,34 @@ async def test_grpcurl_sets_and_lists_goals(tmp_path: Path) -> None:
         assert proc.returncode != 0
         assert "InvalidArgument" in err.decode()
         assert "n = 0 is not a goal" in err.decode()
+
+
+async def test_dry_runs_zones_and_liveness_totals_through_grpcurl(tmp_path: Path) -> None:
+    policies = [{"class": "tests.support.policies.TopUp", "copies": 2}]
+    async with (
+        AmmServer(amm_config(tmp_path, policies=policies)) as amm,
+        running_agent(amm=amm.address, zone="rack-a") as one,
+        running_agent(amm=amm.address, zone="rack-b") as two,
+    ):
+        await wait_for(lambda: one.registered and two.registered, what="registrations")
+        async with dial(one.address) as stub:
+            await put(stub, "x", b"payload")
+        listed = await call(amm.address, "amm.v1.ActiveMemoryManager/ListWorkers", {"fresh": True})
+        assert {w["address"]: w["zone"] for w in listed["workers"]} == {
+            one.address: "rack-a",
+            two.address: "rack-b",
+        }
+        assert {w["status"] for w in listed["workers"]} == {"WORKER_STATUS_RUNNING"}
+        dry = await call(amm.address, "amm.v1.ActiveMemoryManager/RunOnce", {"dry_run": True})
+        cycle = dry["cycle"]
+        assert cycle["dry_run"] is True
+        assert "directives_sent" not in cycle  # zero: nothing was sent
+        (planned,) = cycle["directives"]
+        assert planned["worker"] == two.address
+        assert planned["policy"] == "TopUp"
+        assert planned["directive"]["reason"] == "1 of 2 copies"
+        status = await call(amm.address, "amm.v1.ActiveMemoryManager/GetStatus")
+        assert "startup_grace" not in status  # false: no known worker is missing
+        assert "lost_keys" not in status["totals"]
+        assert "stale_workers" not in status["totals"]
+        assert "directives_in_flight" not in status["totals"]  # the dry run sent nothing

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from amm_service.policies import PendingView, PolicyRun, drop
+from amm_service.policies import PendingView, PolicyRun, drop, replicate
 from amm_service.view import ClusterView, Measure
 
 
@@ -35,3 +35,27 @@ class DropEverything:
         for key, kv in view.keys.items():
             for _ in range(2 * len(kv.holders)):
                 yield drop(key)
+
+
+class TopUp:
+    """A stand-in for a replication goal: at least `copies` replicas of every key, each
+    suggestion with its reason; runs before clean-up, as repairs do."""
+
+    priority = 10
+
+    def __init__(
+        self, *, copies: int = 2, keys: list[str] | None = None, name: str = "TopUp"
+    ) -> None:
+        self.copies = copies
+        self.keys = keys
+        self.name = name
+
+    def run(self, view: ClusterView, pending: PendingView, measure: Measure) -> PolicyRun:
+        for key in sorted(view.keys):
+            if self.keys is not None and key not in self.keys:
+                continue
+            have = len(view.keys[key].holders) + len(pending.in_flight(key).replicating)
+            for _ in range(self.copies - have):
+                reason = f"{have} of {self.copies} copies"
+                if (yield replicate(key, reason=reason)) is None:
+                    break

@@ -63,6 +63,7 @@ def test_psutil_probe_measures_this_process() -> None:
         ({"lease": 0}, "lease must be a positive"),
         ({"lease": 90}, "must not exceed max_lease"),
         ({"max_concurrent_directives": 0}, "max_concurrent_directives"),
+        ({"zone": "rack a"}, "zone must not contain whitespace"),
     ],
 )
 def test_invalid_settings_name_themselves(kwargs: dict[str, object], message: str) -> None:
@@ -82,6 +83,14 @@ def test_flags_and_environment_make_a_config(monkeypatch: pytest.MonkeyPatch) ->
     assert config.lease == 90.0
     assert config.max_lease >= 90.0
     assert config.name == "w1"
+    assert config.zone == ""
+
+
+def test_the_zone_from_a_flag_or_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert config_from_args(build_parser().parse_args(["--zone", "rack-1"])).zone == "rack-1"
+    monkeypatch.setenv("AMM_AGENT_ZONE", "rack-2")
+    assert config_from_args(build_parser().parse_args([])).zone == "rack-2"
+    assert config_from_args(build_parser().parse_args(["--zone", "rack-3"])).zone == "rack-3"
 
 
 @pytest.mark.parametrize(
@@ -92,6 +101,7 @@ def test_flags_and_environment_make_a_config(monkeypatch: pytest.MonkeyPatch) ->
         ["--log-level", "chatty"],
         ["--listen", "nowhere"],
         ["--pause-fraction", "0.5"],
+        ["--zone", "rack 1"],
     ],
 )
 def test_invalid_flags_exit_2_with_a_message(

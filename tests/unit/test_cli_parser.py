@@ -56,6 +56,23 @@ def test_verbs_parse() -> None:
     assert parse(["goals", "a", "--json"]).keys == ["a"]
     cluster = parse(["cluster", "--workers", "3", "--interval", "500ms", "--start"])
     assert (cluster.workers, cluster.interval, cluster.start) == (3, "500ms", True)
+    assert cluster.zones == ()
+    assert parse(["cluster", "--zones", "a, b"]).zones == ("a", "b")
+    assert parse(["run-once"]).dry_run is False
+    assert parse(["run-once", "--dry-run", "--json"]).dry_run is True
+
+
+def test_the_service_takes_flags_for_liveness_grace_and_limits() -> None:
+    from amm_service.__main__ import parser
+    from amm_service.config import load_config
+
+    argv = ["--stale-after", "1s", "--dead-after", "9s", "--startup-grace", "5s"]
+    argv += ["--max-incoming-transfers", "2", "--max-outgoing-transfers", "0"]
+    args = vars(parser().parse_args(argv))
+    args.pop("config")
+    config = load_config(env={}, overrides=args)
+    assert (config.stale_seconds, config.dead_after, config.startup_grace) == (1.0, 9.0, 5.0)
+    assert (config.max_incoming_transfers, config.max_outgoing_transfers) == (2, 0)
 
 
 @pytest.mark.parametrize(
@@ -68,6 +85,7 @@ def test_verbs_parse() -> None:
         ["replicate", "k", "-n", "two"],
         ["nope"],
         [],
+        ["cluster", "--zones", "a,,b"],
     ],
 )
 def test_invalid_usage_exits_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:

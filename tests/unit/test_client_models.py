@@ -47,6 +47,20 @@ def test_worker_info() -> None:
     assert (info.managed_bytes, info.limit_bytes, info.memory_bytes) == (10, 100, 12)
     assert info.last_poll == datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
     assert info.registered_at is None
+    assert (info.zone, info.reported_status, info.status_since) == ("", "unspecified", None)
+
+
+def test_worker_info_with_a_zone_and_the_amms_verdict() -> None:
+    msg = control_pb2.WorkerInfo(
+        address="h:1",
+        zone="rack-b",
+        status=types_pb2.WORKER_STATUS_STALE,
+        reported_status=types_pb2.WORKER_STATUS_RUNNING,
+    )
+    msg.status_since.FromDatetime(datetime(2026, 1, 2, tzinfo=UTC))
+    info = worker_from_proto(msg)
+    assert (info.zone, info.status, info.reported_status) == ("rack-b", "stale", "running")
+    assert info.status_since == datetime(2026, 1, 2, tzinfo=UTC)
 
 
 def test_cycle_report_with_directives_and_rejections() -> None:
@@ -72,6 +86,27 @@ def test_cycle_report_with_directives_and_rejections() -> None:
     assert (second.op, second.outcome, second.reason) == ("replicate", "refused", "pinned")
     assert report.rejections[0].op == "drop"
     assert report.unreachable_workers == ("h:3",)
+    assert (report.dry_run, report.startup_grace) == (False, False)
+
+
+def test_a_dry_run_report_carries_each_directives_policy_and_reason() -> None:
+    msg = types_pb2.CycleReport(number=2, dry_run=True, startup_grace=True)
+    planned = msg.directives.add(worker="h:1", policy="TopUp")
+    planned.directive.CopyFrom(
+        types_pb2.Directive(
+            id="d1",
+            op=types_pb2.DIRECTIVE_OP_REPLICATE,
+            key="x",
+            policy="TopUp",
+            reason="below 2 copies",
+        )
+    )
+    report = cycle_from_proto(msg)
+    assert (report.dry_run, report.startup_grace) == (True, True)
+    (directive,) = report.directives
+    assert (directive.policy, directive.policy_reason) == ("TopUp", "below 2 copies")
+    assert directive.outcome is None
+    assert directive.sent_at is None
 
 
 def test_status() -> None:
@@ -93,6 +128,20 @@ def test_status() -> None:
     assert (status.totals.keys_with_goal, status.totals.keys_below_goal) == (4, 1)
     assert status.recent_refusals[0].reason == "in_use"
     assert status.recent_refusals[0].op == "unspecified"
+    assert (status.recent_events, status.startup_grace) == ((), False)
+    assert (status.totals.lost_keys, status.totals.stale_workers) == (0, 0)
+
+    msg.startup_grace = True
+    msg.totals.lost_keys = 4
+    msg.totals.stale_workers = 1
+    event = msg.recent_events.add(kind="key-lost", worker="h:2", keys=["a"], message="lost")
+    event.at.FromDatetime(datetime(2026, 1, 3, tzinfo=UTC))
+    again = status_from_proto(msg)
+    assert again.startup_grace
+    assert (again.totals.lost_keys, again.totals.stale_workers) == (4, 1)
+    (got,) = again.recent_events
+    assert (got.kind, got.worker, got.keys, got.message) == ("key-lost", "h:2", ("a",), "lost")
+    assert got.at == datetime(2026, 1, 3, tzinfo=UTC)
 
     msg.last_cycle.number = 7
     last_cycle = status_from_proto(msg).last_cycle

@@ -10,6 +10,7 @@ from amm.models import (
     ClusterTotals,
     CycleReport,
     DirectiveRecord,
+    Event,
     GoalChange,
     Rejection,
     ReplicationGoal,
@@ -78,7 +79,8 @@ def test_workers_table() -> None:
     )
     header, first, second = text.splitlines()
     assert header.split() == [
-        "ADDRESS", "NAME", "STATUS", "KEYS", "MEMORY", "MANAGED", "PROCESS", "LIMIT", "LAST", "POLL"
+        "ADDRESS", "NAME", "ZONE", "STATUS", "KEYS", "MEMORY", "MANAGED", "PROCESS", "LIMIT",
+        "LAST", "POLL",
     ]  # fmt: skip
     assert "1.50 KiB" in first
     assert "50.00 MiB" in first
@@ -88,6 +90,22 @@ def test_workers_table() -> None:
     assert render_workers([]) == "no workers"
     (_, gone) = render_workers([_worker("h:3", missed_polls=4)], now=NOW).splitlines()
     assert "unreachable (4)" in gone
+
+
+def test_workers_table_shows_zones_and_the_amms_verdict() -> None:
+    text = render_workers(
+        [
+            _worker("h:1", zone="rack-a"),
+            _worker("h:2", status="stale", reported_status="running", missed_polls=7),
+            _worker("h:3", status="retiring", reported_status="running"),
+        ],
+        now=NOW,
+    )
+    _, first, second, third = text.splitlines()
+    assert first.split()[:4] == ["h:1", "w", "rack-a", "running"]
+    assert second.split()[:5] == ["h:2", "w", "-", "stale", "(7"]
+    assert "stale (7 missed)" in second
+    assert third.split()[3] == "retiring"
 
 
 def test_mapping_shows_empty_entries_as_dash() -> None:
@@ -123,6 +141,47 @@ def test_cycle_summary_and_tables() -> None:
     assert "timed out" in text
     assert "last replica" in text
     assert text.endswith("... and 2 more")
+
+
+def _planned(op: str, key: str, worker: str, why: str) -> DirectiveRecord:
+    return DirectiveRecord(
+        id=f"d-{key}",
+        op=op,
+        key=key,
+        worker=worker,
+        policy="TopUp",
+        outcome=None,
+        reason=None,
+        message="",
+        sent_at=None,
+        timed_out=False,
+        policy_reason=why,
+    )
+
+
+def test_a_dry_run_lists_what_would_be_sent_with_policy_and_reason() -> None:
+    report = _cycle(
+        dry_run=True,
+        startup_grace=True,
+        directives_sent=0,
+        applied=0,
+        directives=(_planned("replicate", "x", "h:2", "below 2 copies"),),
+    )
+    assert summarize_cycle(report) == (
+        "dry run 3: 1 suggestion, 1 directive would be sent (nothing was), 0 rejected, "
+        "in 12.3 ms (planning 100 µs); drops held back (start-up grace)"
+    )
+    _, _, header, row = render_cycle(report).splitlines()
+    assert header.split() == ["OP", "KEY", "WORKER", "POLICY", "REASON"]
+    assert row.split(maxsplit=4) == ["replicate", "x", "h:2", "TopUp", "below 2 copies"]
+
+
+def test_a_cycle_shows_the_policies_reasons_when_they_gave_any() -> None:
+    report = _cycle(directives=(_planned("drop", "x", "h:1", "excess copy"),))
+    _, _, header, row = render_cycle(report).splitlines()
+    assert header.split()[-2:] == ["REASON", "WHY"]
+    assert row.endswith("excess copy")
+    assert "WHY" not in render_cycle(_cycle(directives=(_planned("drop", "x", "h:1", ""),)))
 
 
 def test_status_block() -> None:
@@ -183,3 +242,41 @@ def test_goals_table_and_changes() -> None:
     assert render_goal_change(GoalChange(2, 0), 3) == "goal of 3 copies set for 2 keys"
     assert render_goal_change(GoalChange(1, 0), None) == "goal of every worker set for 1 key"
     assert render_goal_change(GoalChange(0, 1), 1) == "goal removed for 1 key"
+
+
+def test_status_block_shows_liveness_grace_and_events() -> None:
+    status = Status(
+        running=True,
+        interval=2.0,
+        measure="optimistic",
+        policies=(),
+        epoch=1,
+        cycles=4,
+        last_cycle=None,
+        totals=ClusterTotals(
+            workers=2,
+            keys=1,
+            replicas=1,
+            memory_bytes=0,
+            managed_bytes=0,
+            process_bytes=0,
+            directives_in_flight=0,
+            lost_keys=3,
+            stale_workers=1,
+        ),
+        recent_refusals=(),
+        recent_events=(
+            Event(NOW - timedelta(seconds=5), "key-lost", "h:2", ("a", "b", "c"), "3 key(s) lost"),
+            Event(NOW - timedelta(seconds=9), "worker-dead", "h:2", (), "no answer for 30 s"),
+        ),
+        startup_grace=True,
+    )
+    lines = render_status("h:50051", status, now=NOW).splitlines()
+    words = [" ".join(line.split()) for line in lines]
+    assert "stale 1 worker" in words
+    assert "lost 3 keys (no copy left)" in words
+    assert any(w.startswith("drops held back: start-up grace") for w in words)
+    events = lines[lines.index("recent events:") + 1 :]
+    assert events[0].split() == ["WHEN", "KIND", "WORKER", "MESSAGE"]
+    assert events[1].split()[:5] == ["5.00", "s", "ago", "key-lost", "h:2"]
+    assert events[2].endswith("no answer for 30 s")

@@ -1,0 +1,256 @@
+"""The core's rules for zones, retiring workers, transfer limits, the start-up grace, retire
+requests and policy priority, on real views built by small factories; no network."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from amm_service.core import Plan, PlanConfig, RetireDecision, Why, plan
+from amm_service.directive import Op, Outcome, OutcomeStatus
+from amm_service.pending import Ledger
+from amm_service.policies import PolicyRun, RetireRequest, Suggestion, drop, replicate
+from amm_service.view import ClusterView, Key, Measure, WorkerId, WorkerStatus
+from tests.factories import cluster, new_ids, view
+
+CFG = PlanConfig(measure="optimistic", epoch=7)
+
+
+class Scripted:
+    """A policy that yields fixed suggestions (or retire requests) and records the answers."""
+
+    def __init__(
+        self,
+        suggestions: Iterable[Suggestion | RetireRequest],
+        name: str = "scripted",
+        priority: int | None = None,
+    ) -> None:
+        self.name = name
+        self.suggestions = list(suggestions)
+        self.answers: list[WorkerId | None] = []
+        if priority is not None:
+            self.priority = priority
+
+    def run(self, view: ClusterView, pending: object, measure: Measure) -> PolicyRun:
+        for suggestion in self.suggestions:
+            self.answers.append((yield suggestion))
+
+
+def run(
+    v: ClusterView, *policies: Scripted, cfg: PlanConfig = CFG, ledger: Ledger | None = None
+) -> Plan:
+    return plan(v, policies, ledger if ledger is not None else Ledger(), cfg, new_ids())
+
+
+def K(k: str) -> Key:
+    return Key(k)
+
+
+def W(w: str) -> WorkerId:
+    return WorkerId(w)
+
+
+# -- zones -------------------------------------------------------------------------------------
+
+
+def test_a_replica_goes_to_a_zone_without_a_copy_before_a_less_loaded_worker() -> None:
+    v = view(
+        {"a": ["x"], "b": [], "c": []},
+        memory={"a": 0, "b": 0, "c": 500},
+        zones={"a": "z1", "b": "z1", "c": "z2"},
+    )
+    first, second = run(v, Scripted([replicate(K("x")), replicate(K("x"))])).directives
+    # c is fuller but z2 has no copy; once both zones have one, memory decides again.
+    assert (first.worker, second.worker) == (W("c"), W("b"))
+    assert first.sources == (W("a"),)
+
+
+def test_drops_keep_a_copy_in_every_zone() -> None:
+    v = view(
+        {"a": ["x"], "b": ["x"], "c": ["x"]},
+        memory={"a": 10, "b": 20, "c": 90},
+        zones={"a": "z1", "b": "z1", "c": "z2"},
+    )
+    first, *_ = run(v, Scripted([drop(K("x"))])).directives
+    # c is the fullest, but it holds z2's only copy: z1 has one to spare.
+    assert first.worker == W("b")
+    assert set(first.holders) == {W("a"), W("c")}
+
+
+# -- retiring and paused workers -----------------------------------------------------------------
+
+
+def test_retiring_holders_are_dropped_first_then_paused_then_the_fullest() -> None:
+    state = cluster(
+        {"a": ["x"], "b": ["x"], "c": ["x"], "d": ["x"]},
+        memory={"a": 1, "b": 2, "c": 50, "d": 60},
+        status={"b": WorkerStatus.PAUSED},
+    )
+    state.set_flags(W("a"), 0.0, retiring=True)
+    result = run(state.snapshot(), Scripted([drop(K("x"))] * 4))
+    assert [d.worker for d in result.directives] == [W("a"), W("b"), W("d")]
+    assert [r.why for r in result.rejections] == [Why.LAST_REPLICA]
+
+
+def test_a_retiring_holder_serves_as_a_source_but_is_no_surviving_replica() -> None:
+    state = cluster({"a": ["x", "y"], "b": ["x"], "c": []}, memory={"a": 0, "b": 100, "c": 50})
+    state.set_flags(W("a"), 0.0, retiring=True)
+    v = state.snapshot()
+    # b holds the only durable copy of x: only a's copy may go, though b is fuller.
+    result = run(v, Scripted([drop(K("x")), drop(K("x"))]))
+    assert [d.worker for d in result.directives] == [W("a")]
+    assert [r.why for r in result.rejections] == [Why.LAST_REPLICA]
+    # y lives only on a: it is copied from a, never onto it, and a's copy cannot be dropped.
+    result = run(v, Scripted([replicate(K("y")), drop(K("y"))]))
+    (d,) = result.directives
+    assert (d.op, d.worker, d.sources) == (Op.REPLICATE, W("c"), (W("a"),))
+    assert [r.why for r in result.rejections] == [Why.LAST_REPLICA]
+
+
+# -- transfer limits -------------------------------------------------------------------------------
+
+
+def test_incoming_transfers_are_capped_per_worker() -> None:
+    v = view({"a": ["x", "y", "z"], "b": []})
+    cfg = PlanConfig("optimistic", 7, max_incoming=2)
+    result = run(v, Scripted([replicate(K(k)) for k in "xyz"]), cfg=cfg)
+    assert [d.key for d in result.directives] == ["x", "y"]
+    (rejection,) = result.rejections
+    assert (rejection.key, rejection.why) == ("z", Why.THROTTLED)
+    assert "2 incoming transfers" in rejection.reason
+
+
+def test_outgoing_transfers_are_capped_per_source() -> None:
+    v = view({"a": ["x", "y"], "b": [], "c": []})
+    cfg = PlanConfig("optimistic", 7, max_outgoing=1)
+    result = run(v, Scripted([replicate(K("x")), replicate(K("y"))]), cfg=cfg)
+    assert [d.key for d in result.directives] == ["x"]
+    (rejection,) = result.rejections
+    assert (rejection.key, rejection.why) == ("y", Why.THROTTLED)
+    assert "1 outgoing transfers" in rejection.reason
+
+
+def test_transfers_in_flight_from_earlier_cycles_hold_their_slots_until_settled() -> None:
+    state = cluster({"a": ["x", "y"], "b": []})
+    ledger = Ledger()
+    ids = new_ids()
+    for cfg in (
+        PlanConfig("optimistic", 7, max_incoming=1),
+        PlanConfig("optimistic", 7, max_outgoing=1),
+    ):
+
+        def cycle(key: str, cfg: PlanConfig = cfg) -> Plan:
+            return plan(state.snapshot(), [Scripted([replicate(K(key))])], ledger, cfg, ids)
+
+        (first,) = cycle("x").directives
+        ledger.add(first, now=0.0)
+        # Next cycle, x is still on its way: b has no incoming slot, or a no outgoing one, for y.
+        later = cycle("y")
+        assert later.directives == ()
+        assert [r.why for r in later.rejections] == [Why.THROTTLED]
+        # Nor is x asked for twice.
+        assert [r.why for r in cycle("x").rejections] == [Why.NO_RECIPIENT]
+        # Once the transfer is settled its slot is free again.
+        ledger.settle(Outcome(first.id, OutcomeStatus.FAILED), observed_version=1)
+        (freed,) = cycle("y").directives
+        assert freed.worker == W("b")
+
+
+def test_no_limits_when_they_are_zero() -> None:
+    v = view({"a": [f"k{i}" for i in range(30)], "b": []})
+    cfg = PlanConfig("optimistic", 7, max_incoming=0, max_outgoing=0)
+    result = run(v, Scripted([replicate(K(f"k{i}")) for i in range(30)]), cfg=cfg)
+    assert len(result.directives) == 30
+
+
+# -- start-up grace ------------------------------------------------------------------------------
+
+
+def test_no_drop_during_the_startup_grace_but_replicas_are_still_made() -> None:
+    v = view({"a": ["x"], "b": ["x"], "c": []})
+    cfg = PlanConfig("optimistic", 7, allow_drops=False)
+    policy = Scripted([drop(K("x")), replicate(K("x"))])
+    result = run(v, policy, cfg=cfg)
+    (d,) = result.directives
+    assert (d.op, d.worker) == (Op.REPLICATE, W("c"))
+    (rejection,) = result.rejections
+    assert (rejection.op, rejection.why) == (Op.DROP, Why.GRACE)
+    assert "start-up grace" in rejection.reason
+    assert policy.answers == [None, W("c")]
+
+
+# -- retire requests -----------------------------------------------------------------------------
+
+
+def test_an_accepted_retirement_takes_the_worker_out_of_placement_at_once() -> None:
+    v = view({"a": ["x"], "b": [], "c": []}, memory={"a": 0, "b": 0, "c": 50})
+    policy = Scripted([RetireRequest(W("b"), "idle"), replicate(K("x"))])
+    result = run(v, policy)
+    assert result.retirements == (
+        RetireDecision("scripted", W("b"), "idle", True, "accepted", True),
+    )
+    # b has the least memory, but it is on its way out.
+    assert policy.answers == [W("b"), W("c")]
+
+
+def test_retiring_the_last_running_worker_is_declined() -> None:
+    policy = Scripted([RetireRequest(W("a"), "idle"), RetireRequest(W("b"), "idle")])
+    result = run(view({"a": ["x"], "b": []}), policy)
+    assert [(r.worker, r.accepted) for r in result.retirements] == [(W("a"), True), (W("b"), False)]
+    assert result.retirements[1].verdict == "it is the last running worker"
+    assert policy.answers == [W("a"), None]
+
+
+def test_retiring_is_declined_when_the_others_have_no_room_for_its_data() -> None:
+    holdings = {"a": ["x"], "b": []}
+    tight = view(holdings, sizes={"x": 100}, limit={"b": 50})
+    (decision,) = run(tight, Scripted([RetireRequest(W("a"), "idle")])).retirements
+    assert not decision.accepted
+    assert "no room" in decision.verdict
+    # Without a limit on b, or when b holds a copy already, there is room.
+    roomy = view(holdings, sizes={"x": 100})
+    assert run(roomy, Scripted([RetireRequest(W("a"), "idle")])).retirements[0].accepted
+    shared = view({"a": ["x"], "b": ["x"]}, sizes={"x": 100}, limit={"b": 50}, memory={"b": 50})
+    assert run(shared, Scripted([RetireRequest(W("a"), "idle")])).retirements[0].accepted
+
+
+def test_unknown_unreachable_or_already_retiring_workers_are_not_retired() -> None:
+    state = cluster({"a": [], "b": [], "c": [], "d": []})
+    state.set_flags(W("b"), 0.0, retiring=True)
+    state.missed_poll(W("c"))
+    requests = [RetireRequest(W(w), "idle") for w in ("nope", "b", "c")]
+    verdicts = [r.verdict for r in run(state.snapshot(), Scripted(requests)).retirements]
+    assert verdicts == [
+        "unknown worker",
+        "already retiring or retired",
+        "the worker does not answer polls",
+    ]
+
+
+# -- priority and provenance ---------------------------------------------------------------------
+
+
+def test_policies_run_in_priority_order_so_repairs_take_the_throttled_slots() -> None:
+    v = view({"a": ["x", "y", "z"], "b": []})
+    cfg = PlanConfig("optimistic", 7, max_incoming=1)
+    balance = Scripted([replicate(K("x"))], name="balance", priority=90)
+    tidy = Scripted([replicate(K("z"))], name="tidy")  # no attribute: 50
+    repair = Scripted([replicate(K("y"))], name="repair", priority=10)
+    result = run(v, balance, tidy, repair, cfg=cfg)
+    (d,) = result.directives
+    assert (d.key, d.policy) == ("y", "repair")
+    assert [(r.policy, r.why) for r in result.rejections] == [
+        ("tidy", Why.THROTTLED),
+        ("balance", Why.THROTTLED),
+    ]
+
+
+def test_directives_carry_the_policy_and_its_reason() -> None:
+    v = view({"a": ["x"], "b": ["x"], "c": []})
+    result = run(
+        v,
+        Scripted([replicate(K("x"), reason="below goal"), drop(K("x"), reason="excess")], name="p"),
+    )
+    assert [(d.op, d.policy, d.reason) for d in result.directives] == [
+        (Op.REPLICATE, "p", "below goal"),
+        (Op.DROP, "p", "excess"),
+    ]
