@@ -14,6 +14,7 @@ from amm.models import (
     PolicyInfo,
     RefusalRecord,
     Rejection,
+    RetirementResult,
     Status,
     WorkerInfo,
 )
@@ -30,6 +31,7 @@ __all__ = [
     "PolicyInfo",
     "RefusalRecord",
     "Rejection",
+    "RetirementResult",
     "Status",
     "WorkerInfo",
 ]

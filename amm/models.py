@@ -113,6 +113,18 @@ class ClusterTotals:
     directives_in_flight: int
     conflicting_keys: int = 0
     unreachable_workers: int = 0
+    retiring_workers: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class RetirementResult:
+    """How the retirement of one worker ended: ``retired``, or abandoned with the ``reason``;
+    ``closed`` when its agent was asked to shut down and agreed."""
+
+    worker: str
+    retired: bool
+    reason: str
+    closed: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,6 +276,7 @@ def status_from_proto(msg: control_pb2.GetStatusResponse) -> Status:
             directives_in_flight=totals.directives_in_flight,
             conflicting_keys=totals.conflicting_keys,
             unreachable_workers=totals.unreachable_workers,
+            retiring_workers=totals.retiring_workers,
         ),
         recent_refusals=tuple(
             RefusalRecord(
@@ -277,4 +290,10 @@ def status_from_proto(msg: control_pb2.GetStatusResponse) -> Status:
             )
             for r in msg.recent_refusals
         ),
+    )
+
+
+def retirement_from_proto(msg: control_pb2.RetirementResult) -> RetirementResult:
+    return RetirementResult(
+        worker=msg.worker, retired=msg.retired, reason=msg.reason, closed=msg.closed
     )

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 
-from amm.models import CycleReport, Status, WorkerInfo
+from amm.models import CycleReport, RetirementResult, Status, WorkerInfo
 from amm.units import format_bytes, format_duration
 
 EMPTY = "-"
@@ -137,6 +137,8 @@ def render_status(address: str, status: Status, now: datetime | None = None) -> 
     ]
     if totals.unreachable_workers:
         summary.append(("unreachable", _plural(totals.unreachable_workers, "worker")))
+    if totals.retiring_workers:
+        summary.append(("retiring", _plural(totals.retiring_workers, "worker")))
     if totals.conflicting_keys:
         summary.append(("conflicts", f"{_plural(totals.conflicting_keys, 'key')} left alone"))
     parts = [render_table(("", ""), summary).split("\n", 1)[1]]
@@ -153,6 +155,22 @@ def render_status(address: str, status: Status, now: datetime | None = None) -> 
         headers = ("OP", "KEY", "WORKER", "REASON", "MESSAGE", "WHEN")
         parts += ["", "recent refusals:", render_table(headers, rows)]
     return "\n".join(parts)
+
+
+def render_retirements(results: Sequence[RetirementResult]) -> str:
+    """``amm retire``: one row per worker, whether it was retired (and closed), and why."""
+    if not results:
+        return "no worker to retire"
+    rows = [
+        (
+            r.worker,
+            "yes" if r.retired else "no",
+            "yes" if r.closed else "no",
+            r.reason or EMPTY,
+        )
+        for r in results
+    ]
+    return render_table(("WORKER", "RETIRED", "CLOSED", "REASON"), rows)
 
 
 def render_cluster(address: str, workers: Sequence[str]) -> str:

@@ -68,7 +68,10 @@ class PolicySpec:
         object.__setattr__(self, "kwargs", MappingProxyType(dict(self.kwargs)))
 
 
-DEFAULT_POLICIES = (PolicySpec("amm_service.policies.reduce_replicas.ReduceReplicas", {}),)
+DEFAULT_POLICIES = (
+    PolicySpec("amm_service.policies.reduce_replicas.ReduceReplicas", {}),
+    PolicySpec("amm_service.policies.retire_worker.RetireWorker", {}),
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +87,8 @@ class AmmConfig:
     measure: Measure = "optimistic"
     """The memory figure policies use: process (RSS), managed or optimistic. Default optimistic."""
     policies: tuple[PolicySpec, ...] = DEFAULT_POLICIES
-    """Policies run each cycle, in order. Default: ReduceReplicas alone."""
+    """Policies run each cycle, in order of priority. Default: ReduceReplicas and RetireWorker
+    (which ``RetireWorkers`` needs)."""
     state_path: str = ".amm/state.sqlite3"
     """SQLite file of the persistent state (epoch, running flag, known workers); ``:memory:``
     keeps nothing across restarts. Default ``.amm/state.sqlite3``."""

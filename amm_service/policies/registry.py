@@ -15,6 +15,8 @@ from amm_service.policies.base import Policy
 
 BUILTINS: Mapping[str, str] = {
     "ReduceReplicas": "amm_service.policies.reduce_replicas.ReduceReplicas",
+    "RetireWorker": "amm_service.policies.retire_worker.RetireWorker",
+    "PauseToRetire": "amm_service.policies.pause_to_retire.PauseToRetire",
 }
 
 

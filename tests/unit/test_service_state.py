@@ -8,7 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from amm_service.state import MEMORY, KnownWorker, StateError, StateStore
+from amm_service.state import (
+    _MIGRATIONS,
+    MEMORY,
+    KnownWorker,
+    RetirementRecord,
+    StateError,
+    StateStore,
+)
 
 
 def fake_clock(start: float = 1000.0) -> Callable[[], float]:
@@ -43,7 +50,7 @@ def test_parent_directory_is_created_and_wal_is_on(tmp_path: Path) -> None:
     db = sqlite3.connect(path)
     try:
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert db.execute("PRAGMA user_version").fetchone()[0] == 1
+        assert db.execute("PRAGMA user_version").fetchone()[0] == len(_MIGRATIONS)
     finally:
         db.close()
 
@@ -144,3 +151,22 @@ def test_raise_epoch_moves_past_a_newer_epoch_only(tmp_path: Path) -> None:
         assert store.raise_epoch(7) == 8
         assert store.raise_epoch(3) == 8
         assert store.begin_epoch() == 9
+
+
+def test_retirements_persist_until_forgotten(tmp_path: Path) -> None:
+    path = str(tmp_path / "state.sqlite3")
+    under_way = RetirementRecord("h:2", True, 10.0, 40.0, "asked for by a client")
+    retired = RetirementRecord("h:1", False, 5.0, None, "PauseToRetire: paused", retired=True)
+    with StateStore(path) as store:
+        assert store.retirements() == []
+        store.save_retirement(under_way)
+        store.save_retirement(retired)
+    with StateStore(path) as store:
+        assert store.retirements() == [retired, under_way]
+        store.save_retirement(RetirementRecord("h:2", True, 10.0, 40.0, "again", retired=True))
+        store.forget_retirement("h:1")
+        store.forget_retirement("h:9")
+    with StateStore(path) as store:
+        assert [(r.worker, r.reason, r.retired) for r in store.retirements()] == [
+            ("h:2", "again", True)
+        ]
