@@ -485,6 +485,7 @@ class ActiveMemoryManager:
         elif n < 1:
             raise InvalidArgument(f"n must be at least 1, not {n}")
         else:
+            await self.refresh(True)  # which are cheapest is judged on what they hold now
             wanted = cheapest(self.state, n)
         results: list[Result] = []
         started = []

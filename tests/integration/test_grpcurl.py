@@ -85,3 +85,14 @@ async def test_grpcurl_sees_clear_errors_for_bad_input(tmp_path: Path) -> None:
         assert proc.returncode != 0
         assert "NotFound" in err.decode()
         assert "unknown key(s): 'ghost'" in err.decode()
+
+
+async def test_grpcurl_retires_a_worker(tmp_path: Path) -> None:
+    async with AmmServer(amm_config(tmp_path)) as amm, running_agent(amm=amm.address) as agent:
+        await wait_for(lambda: agent.registered, what="registration")
+        body = {"workers": [agent.address], "close": True, "timeout": "10s"}
+        answer = await call(amm.address, "amm.v1.ActiveMemoryManager/RetireWorkers", body)
+        (result,) = answer["results"]
+        assert result["worker"] == agent.address
+        assert (result["retired"], result["closed"]) == (True, True)
+        await asyncio.wait_for(agent.stopped.wait(), 10)

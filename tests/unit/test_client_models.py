@@ -5,9 +5,11 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from amm.models import (
+    RetirementResult,
     address_key,
     cycle_from_proto,
     enum_name,
+    retirement_from_proto,
     sort_addresses,
     status_from_proto,
     worker_from_proto,
@@ -93,3 +95,11 @@ def test_status() -> None:
     last_cycle = status_from_proto(msg).last_cycle
     assert last_cycle is not None
     assert last_cycle.number == 7
+
+
+def test_retirement_results_and_retiring_totals() -> None:
+    result = control_pb2.RetirementResult(worker="h:1", retired=True, reason="r", closed=True)
+    assert retirement_from_proto(result) == RetirementResult("h:1", True, "r", True)
+    msg = control_pb2.GetStatusResponse()
+    msg.totals.retiring_workers = 2
+    assert status_from_proto(msg).totals.retiring_workers == 2

@@ -6,10 +6,19 @@ import dataclasses
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from amm.models import ClusterTotals, CycleReport, DirectiveRecord, Rejection, Status, WorkerInfo
+from amm.models import (
+    ClusterTotals,
+    CycleReport,
+    DirectiveRecord,
+    Rejection,
+    RetirementResult,
+    Status,
+    WorkerInfo,
+)
 from amm.tables import (
     render_cycle,
     render_mapping,
+    render_retirements,
     render_status,
     render_table,
     render_workers,
@@ -146,3 +155,18 @@ def test_status_block() -> None:
     lines = render_status("h:50051", troubled, now=NOW).splitlines()
     assert "unreachable  1 worker" in lines
     assert "conflicts    2 keys left alone" in lines
+
+
+def test_retirements_table() -> None:
+    results = [
+        RetirementResult("h:1", True, "retired after 0.2 s", True),
+        RetirementResult("h:22", False, "timeout: still holds 1 key(s)", False),
+    ]
+    assert render_retirements(results) == "\n".join(
+        [
+            "WORKER  RETIRED  CLOSED  REASON",
+            "h:1     yes      yes     retired after 0.2 s",
+            "h:22    no       no      timeout: still holds 1 key(s)",
+        ]
+    )
+    assert render_retirements([]) == "no worker to retire"
