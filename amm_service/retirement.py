@@ -224,6 +224,8 @@ class Retirements:
         if current is not None:
             if close and not current.close:
                 self._save(replace(current, close=True))
+            if worker not in self._done:  # resumed after a restart: nobody waited for it yet
+                self._done[worker] = asyncio.get_running_loop().create_future()
             return
         self._retired.pop(worker, None)
         deadline = None if timeout is None else now + timeout

@@ -119,6 +119,11 @@ async def test_a_retirement_is_flagged_persisted_and_resumed_after_a_restart() -
         fresh.register(W("a"), "a", "inc", now=0.0)
         again.apply_flags()
         assert fresh.worker(W("a")).retiring  # type: ignore[union-attr]
+        # A caller asking for it again waits for the resumed retirement.
+        again.begin(W("a"), close=False, timeout=None, reason="again")
+        waiter = asyncio.ensure_future(again.wait([W("a")]))
+        again.conclude(W("a"), retired=True, reason="done", closed=True)
+        assert (await waiter)[0].closed
 
 
 async def test_waiters_get_each_result_and_a_retired_worker_stays_retired() -> None:
