@@ -16,6 +16,7 @@ from amm.models import (
     RefusalRecord,
     Rejection,
     ReplicationGoal,
+    RetirementResult,
     Status,
     WorkerInfo,
 )
@@ -34,6 +35,7 @@ __all__ = [
     "RefusalRecord",
     "Rejection",
     "ReplicationGoal",
+    "RetirementResult",
     "Status",
     "WorkerInfo",
 ]

@@ -122,6 +122,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     goals = sub.add_parser("goals", parents=[output], help="replication goals and how they stand")
     goals.add_argument("keys", nargs="*", metavar="KEY")
+    retire = sub.add_parser(
+        "retire",
+        help="retire workers gracefully (or the N cheapest); exit 1 if any retirement failed",
+    )
+    retire.add_argument("--amm", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    retire.add_argument("--json", action="store_true", help="print JSON for scripts")
+    retire.add_argument("workers", nargs="*", metavar="WORKER")
+    retire.add_argument("-n", type=int, metavar="K", help="retire the K cheapest workers")
+    retire.add_argument(
+        "--no-close", dest="close", action="store_false", help="keep the retired agents running"
+    )
+    retire.add_argument(
+        "--timeout",
+        dest="retire_timeout",
+        type=_interval,
+        metavar="DURATION",
+        help="abandon a retirement not finished after this long (default: no limit)",
+    )
     put = sub.add_parser("put", parents=[common], help="store a value")
     put.add_argument("key")
     source = put.add_mutually_exclusive_group(required=True)
@@ -200,6 +218,15 @@ def run_verb(client: Client, args: argparse.Namespace) -> int:
     elif command == "goals":
         goals = client.goals(args.keys or None)
         _emit(args, goals, lambda: tables.render_goals(goals))
+    elif command == "retire":
+        if bool(args.workers) == (args.n is not None):
+            print("error: give the workers to retire, or -n K", file=sys.stderr)
+            return 2
+        results = client.retire_workers(
+            args.workers or None, n=args.n, close=args.close, timeout=args.retire_timeout
+        )
+        _emit(args, results, lambda: tables.render_retirements(results))
+        return 0 if all(r.retired for r in results) else 1
     elif command == "put":
         value = _read_value(args)
         client.put(args.key, value, workers=args.workers)

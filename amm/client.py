@@ -26,16 +26,19 @@ from amm.models import (
     CycleReport,
     GoalChange,
     ReplicationGoal,
+    RetirementResult,
     Status,
     WorkerInfo,
     address_key,
     cycle_from_proto,
     goal_from_proto,
+    retirement_from_proto,
     sort_addresses,
     status_from_proto,
     worker_from_proto,
 )
 from amm.serving import CHANNEL_OPTIONS
+from amm.units import parse_duration
 from amm.v1 import agent_pb2, agent_pb2_grpc, control_pb2, control_pb2_grpc, types_pb2
 
 if TYPE_CHECKING:
@@ -267,6 +270,41 @@ class AsyncClient:
             )
         return [goal_from_proto(g) for g in reply.goals]
 
+    async def retire_workers(
+        self,
+        workers: str | Sequence[str] | None = None,
+        *,
+        n: int | None = None,
+        close: bool = True,
+        timeout: float | str | None = None,  # noqa: ASYNC109 - the retirement's, not the call's
+    ) -> list[RetirementResult]:
+        """Retire ``workers`` gracefully, or the ``n`` cheapest to retire (idle and holding the
+        fewest bytes first), and return how each retirement ended, ordered by address.
+
+        A retiring worker receives no new replicas; what only it holds is copied elsewhere, the
+        rest dropped from it; once it holds nothing it is RETIRED and, with ``close``, its agent
+        shuts down. A retirement is abandoned, the worker back to its previous status and nothing
+        lost, when no other worker can take its data or ``timeout`` (seconds or ``"30s"``)
+        passes; ``reason`` says why. The call returns once every retirement ended: it has no
+        deadline of its own without ``timeout``, and ``timeout`` plus the client's otherwise.
+        """
+        asked = _as_list(workers)
+        if asked and n is not None:
+            raise AmmError(grpc.StatusCode.INVALID_ARGUMENT, "give workers or n, not both")
+        request = control_pb2.RetireWorkersRequest(workers=asked, n=n, close=close)
+        deadline = None
+        if timeout is not None:
+            try:
+                seconds = parse_duration(timeout)
+            except ValueError as err:
+                raise AmmError(grpc.StatusCode.INVALID_ARGUMENT, str(err)) from None
+            request.timeout.FromNanoseconds(round(seconds * 1e9))
+            deadline = seconds + self.timeout
+        stub = self._amm_stub()
+        with self._amm_rpc():
+            reply = await stub.RetireWorkers(request, timeout=deadline)
+        return [retirement_from_proto(r) for r in reply.results]
+
     async def put(self, key: str, value: bytes, workers: str | Sequence[str] | None = None) -> None:
         """Store ``value`` under ``key`` on ``workers``, one address or several (one after another).
 
@@ -429,6 +467,7 @@ class Client(Blocking[AsyncClient]):
     forget = forward(AsyncClient.forget)
     replicate = forward(AsyncClient.replicate)
     goals = forward(AsyncClient.goals)
+    retire_workers = forward(AsyncClient.retire_workers)
     put = forward(AsyncClient.put)
     get = forward(AsyncClient.get)
     pin = forward(AsyncClient.pin)

@@ -133,6 +133,18 @@ class ClusterTotals:
     """Keys whose last holder died before a copy was made elsewhere, not seen since."""
     stale_workers: int = 0
     """Workers silent for longer than stale-after (not yet declared dead)."""
+    retiring_workers: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class RetirementResult:
+    """How the retirement of one worker ended: ``retired``, or abandoned with the ``reason``;
+    ``closed`` when its agent was asked to shut down and agreed."""
+
+    worker: str
+    retired: bool
+    reason: str
+    closed: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -337,6 +349,7 @@ def status_from_proto(msg: control_pb2.GetStatusResponse) -> Status:
             keys_below_goal=totals.keys_below_goal,
             lost_keys=totals.lost_keys,
             stale_workers=totals.stale_workers,
+            retiring_workers=totals.retiring_workers,
         ),
         recent_refusals=tuple(
             RefusalRecord(
@@ -370,4 +383,10 @@ def goal_from_proto(msg: control_pb2.ReplicationGoal) -> ReplicationGoal:
         n=msg.n if msg.HasField("n") else None,
         target=msg.target,
         live_copies=msg.live_copies,
+    )
+
+
+def retirement_from_proto(msg: control_pb2.RetirementResult) -> RetirementResult:
+    return RetirementResult(
+        worker=msg.worker, retired=msg.retired, reason=msg.reason, closed=msg.closed
     )

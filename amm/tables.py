@@ -10,7 +10,14 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 
-from amm.models import CycleReport, GoalChange, ReplicationGoal, Status, WorkerInfo
+from amm.models import (
+    CycleReport,
+    GoalChange,
+    ReplicationGoal,
+    RetirementResult,
+    Status,
+    WorkerInfo,
+)
 from amm.units import format_bytes, format_duration
 
 EMPTY = "-"
@@ -169,6 +176,8 @@ def render_status(address: str, status: Status, now: datetime | None = None) -> 
     if totals.keys_with_goal:
         below = f"{totals.keys_below_goal} below"
         summary.append(("goals", f"{_plural(totals.keys_with_goal, 'key')} ({below})"))
+    if totals.retiring_workers:
+        summary.append(("retiring", _plural(totals.retiring_workers, "worker")))
     if totals.conflicting_keys:
         summary.append(("conflicts", f"{_plural(totals.conflicting_keys, 'key')} left alone"))
     if totals.stale_workers:
@@ -219,6 +228,22 @@ def render_goal_change(change: GoalChange, n: int | None) -> str:
         return f"goal removed for {_plural(change.goals_removed, 'key')}"
     what = "every worker" if n is None else f"{n} copies"
     return f"goal of {what} set for {_plural(change.goals_set, 'key')}"
+
+
+def render_retirements(results: Sequence[RetirementResult]) -> str:
+    """``amm retire``: one row per worker, whether it was retired (and closed), and why."""
+    if not results:
+        return "no worker to retire"
+    rows = [
+        (
+            r.worker,
+            "yes" if r.retired else "no",
+            "yes" if r.closed else "no",
+            r.reason or EMPTY,
+        )
+        for r in results
+    ]
+    return render_table(("WORKER", "RETIRED", "CLOSED", "REASON"), rows)
 
 
 def render_cluster(address: str, workers: Sequence[str]) -> str:

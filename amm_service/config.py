@@ -71,8 +71,10 @@ class PolicySpec:
 DEFAULT_POLICIES = (
     PolicySpec("amm_service.policies.replication.Replicate", {}),
     PolicySpec("amm_service.policies.reduce_replicas.ReduceReplicas", {}),
+    PolicySpec("amm_service.policies.retire_worker.RetireWorker", {}),
 )
-"""Replicate does nothing until a goal is set, so goals work out of the box."""
+"""Replicate does nothing until a goal is set and RetireWorker nothing until a retirement is asked
+for, so goals and ``RetireWorkers`` work out of the box."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,7 +90,8 @@ class AmmConfig:
     measure: Measure = "optimistic"
     """The memory figure policies use: process (RSS), managed or optimistic. Default optimistic."""
     policies: tuple[PolicySpec, ...] = DEFAULT_POLICIES
-    """Policies run each cycle, by priority. Default: Replicate and ReduceReplicas."""
+    """Policies run each cycle, in order of priority. Default: Replicate, ReduceReplicas and
+    RetireWorker."""
     state_path: str = ".amm/state.sqlite3"
     """SQLite file of the persistent state (epoch, running flag, known workers); ``:memory:``
     keeps nothing across restarts. Default ``.amm/state.sqlite3``."""

@@ -136,6 +136,7 @@ class ControlServicer(control_pb2_grpc.ActiveMemoryManagerServicer):
                 keys_below_goal=below_goal,
                 stale_workers=sum(1 for w in workers if w.stale),
                 lost_keys=amm.lost_keys,
+                retiring_workers=sum(1 for w in workers if w.retiring),
             ),
             recent_refusals=[
                 control_pb2.RefusalRecord(
@@ -207,11 +208,29 @@ class ControlServicer(control_pb2_grpc.ActiveMemoryManagerServicer):
         deleted = await self._amm.forget(_check_keys(request.keys))
         return control_pb2.ForgetResponse(replicas_deleted=deleted)
 
+    @_edge
     async def RetireWorkers(
         self, request: control_pb2.RetireWorkersRequest, context: Any
     ) -> control_pb2.RetireWorkersResponse:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "RetireWorkers: not yet")
-        raise AssertionError("unreachable")
+        timeout = None
+        if request.HasField("timeout"):
+            timeout = request.timeout.ToNanoseconds() / 1e9
+            if timeout <= 0:
+                raise InvalidArgument("timeout must be positive; leave it unset for no limit")
+        results = await self._amm.retire_workers(
+            list(request.workers),
+            n=request.n if request.HasField("n") else None,
+            close=request.close,
+            timeout=timeout,
+        )
+        return control_pb2.RetireWorkersResponse(
+            results=[
+                control_pb2.RetirementResult(
+                    worker=r.worker, retired=r.retired, reason=r.reason, closed=r.closed
+                )
+                for r in results
+            ]
+        )
 
     @_edge
     async def Replicate(

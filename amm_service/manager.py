@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import math
 import re
 import time
 from collections import deque
@@ -39,8 +40,9 @@ from amm_service.pending import Entry, Ledger
 from amm_service.policies import Policy
 from amm_service.policies.goals import GoalStatus, describe
 from amm_service.poller import Poller
+from amm_service.retirement import Result, Retirements, cheapest
 from amm_service.state import StateStore
-from amm_service.view import ClusterState, Goal, Key, KeyView, WorkerId, WorkerView
+from amm_service.view import ClusterState, ClusterView, Goal, Key, KeyView, WorkerId, WorkerView
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +117,8 @@ class ActiveMemoryManager:
         self._liveness = Liveness(stale_after=config.stale_seconds, dead_after=config.dead_after)
         self._lost = LostKeys()
         self._grace = StartupGrace((), until=0.0)
+        self.retirements = Retirements(self.state, store, self.events, self.policies, clock=clock)
+        self._driver: asyncio.Task[None] | None = None
         self._opened = False
         self._closed = False
 
@@ -141,7 +145,9 @@ class ActiveMemoryManager:
                 self.config.dead_after,
                 self.config.stale_seconds,
             )
+        self.retirements.load()
         await self._restore_workers()
+        self.retirements.apply_flags()
         if self.config.start or self._store.running:
             await self.start()
 
@@ -216,6 +222,12 @@ class ActiveMemoryManager:
             return
         self._closed = True
         await self._stop_loop()
+        driver, self._driver = self._driver, None
+        if driver is not None:
+            driver.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await driver
+        self.retirements.close()
         self._release_waiters(list(self._waiters))
         await self._dispatcher.close()
         await self._links.close_all()
@@ -297,6 +309,7 @@ class ActiveMemoryManager:
         if not dry_run:
             await self._judge_liveness()
         record.startup_grace = self.in_startup_grace()
+        self.retirements.apply_flags()
         view = self.state.snapshot(goals=self.goals.mapping, now=self._clock())
         t1 = time.perf_counter()
         plan = core.plan(
@@ -334,6 +347,7 @@ class ActiveMemoryManager:
         self._acted = self._acted or bool(plan.directives)
         for error in plan.policy_errors:
             log.error("%s", error)
+        await self._supervise_retirements(view, plan)
         record.duration = time.perf_counter() - t0
         self._last = record
         self._records.append(record)
@@ -465,6 +479,7 @@ class ActiveMemoryManager:
             # the new one gets a fresh connection.
             await self._links.close(worker)
             self._store.remember_worker(worker, name or worker)
+            self.retirements.apply_flags()
             log.info("worker %s registered (%s)", worker, name or worker)
         self._adopt_newer_epoch(epoch)
 
@@ -477,6 +492,7 @@ class ActiveMemoryManager:
 
     async def _remove(self, worker: WorkerId) -> bool:
         removed = self.state.unregister(worker)
+        self.retirements.left(worker)
         self._forget_in_flight(worker)
         self._poller.forget(worker)
         self._store.forget_worker(worker)
@@ -588,3 +604,90 @@ class ActiveMemoryManager:
         except grpc.aio.AioRpcError as err:
             return f"{key!r} on {worker}: {err.code().name}: {err.details()}"
         return bool(resp.deleted)
+
+    # -- retirement ------------------------------------------------------------------------
+
+    async def retire_workers(
+        self,
+        workers: Sequence[str],
+        *,
+        n: int | None = None,
+        close: bool = False,
+        timeout: float | None = None,  # noqa: ASYNC109 - the retirement's, not this call's
+    ) -> list[Result]:
+        """Retire ``workers``, or the ``n`` cheapest to retire, and return how each retirement
+        ended, ordered by address. While the AMM runs no cycles, cycles are run every interval
+        as long as a caller waits. A caller that goes away leaves the retirements going on."""
+        self._check_open()
+        if not self.retirements.retirers:
+            raise FailedPrecondition(
+                "retiring workers needs the RetireWorker policy: add {class: RetireWorker} to "
+                "the configured policies"
+            )
+        if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
+            raise InvalidArgument(f"timeout must be a finite duration > 0, not {timeout!r} s")
+        if workers:
+            if any(not w for w in workers):
+                raise InvalidArgument("worker addresses must not be empty strings")
+            wanted = list(dict.fromkeys(WorkerId(w) for w in workers))
+            unknown = [w for w in wanted if self.state.worker(w) is None]
+            if unknown:
+                raise NotFound(f"unknown worker(s): {listing(unknown)}")
+        elif n is None:
+            raise InvalidArgument("give the workers to retire, or n: how many to retire")
+        elif n < 1:
+            raise InvalidArgument(f"n must be at least 1, not {n}")
+        else:
+            await self.refresh(True)  # which are cheapest is judged on what they hold now
+            wanted = cheapest(self.state, n)
+        results: list[Result] = []
+        started = []
+        for worker in wanted:
+            done = None if close else self.retirements.result_now(worker)
+            if done is not None:
+                results.append(done)
+                continue
+            self.retirements.begin(
+                worker, close=close, timeout=timeout, reason="asked for by a client"
+            )
+            started.append(worker)
+        if started and not self.running and (self._driver is None or self._driver.done()):
+            self._driver = asyncio.create_task(self._drive(), name="amm-retirement-driver")
+        results += await self.retirements.wait(started)
+        return sorted(results, key=lambda r: address_order(r.worker))
+
+    async def _drive(self) -> None:
+        """Run cycles every interval while callers wait for retirements and the loop is off."""
+        interval = self.config.interval
+        while self.retirements.waiting and self.retirements.active and not self.running:
+            started = self._monotonic()
+            try:
+                await self.run_cycle()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("AMM cycle (run for a retirement) failed; the next one runs as usual")
+            await asyncio.sleep(max(0.0, interval - (self._monotonic() - started)))
+
+    async def _supervise_retirements(self, view: ClusterView, plan: core.Plan) -> None:
+        """End the retirements that are over or cannot finish; begin those policies asked for."""
+        await self.retirements.supervise(
+            view,
+            plan,
+            busy=lambda: {entry.directive.worker for entry in self.ledger},
+            close=self._close_agent,
+            remove=self._remove,
+        )
+
+    async def _close_agent(self, worker: WorkerId) -> str | None:
+        """Ask a retired worker's agent to shut down: None when it agreed, "" when it refused
+        because it holds keys again (the retirement goes on), otherwise why it did not close."""
+        request = agent_pb2.CloseRequest(reason="retired by the AMM: it holds nothing")
+        try:
+            await self._links.stub(worker).Close(request, timeout=self.config.poll_timeout)
+        except grpc.aio.AioRpcError as err:
+            if err.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                log.info("%s refused to close (%s); its retirement goes on", worker, err.details())
+                return ""
+            return f"{err.code().name}: {err.details()}"
+        return None

@@ -7,6 +7,8 @@ What is kept and why:
 2. The running flag: an AMM that was cycling before a restart cycles again after it.
 3. The workers it knew: a later feature grants them a start-up grace period.
 4. The replication goals set with ``Replicate``: a goal is a promise kept across AMM restarts.
+5. The retirements under way (and workers retired but not closed), so that a restarted AMM
+   resumes them: see ``amm_service.retirement``.
 
 The schema is versioned with ``PRAGMA user_version``; :data:`_MIGRATIONS` is the ordered list of
 steps, step ``i`` taking version ``i`` to ``i + 1``. Add a step, never edit a released one.
@@ -46,11 +48,33 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         " last_seen REAL NOT NULL)",
     ),
     ("CREATE TABLE goals (key TEXT PRIMARY KEY, n INTEGER NULL CHECK (n IS NULL OR n >= 2))",),
+    (
+        "CREATE TABLE retirements ("
+        " worker TEXT PRIMARY KEY,"
+        " close INTEGER NOT NULL,"
+        " started_at REAL NOT NULL,"
+        " deadline REAL,"
+        " reason TEXT NOT NULL,"
+        " retired INTEGER NOT NULL DEFAULT 0)",
+    ),
 )
 
 
 class StateError(Exception):
     """The state file cannot be opened, read or written; the message names the path."""
+
+
+@dataclass(frozen=True, slots=True)
+class RetirementRecord:
+    """A retirement under way (``retired`` False) or a worker retired and not closed; times are
+    Unix seconds, ``deadline`` None for no limit."""
+
+    worker: str
+    close: bool
+    started_at: float
+    deadline: float | None
+    reason: str
+    retired: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,6 +247,31 @@ class StateStore:
                 tx.executemany(sql, rows)
         except sqlite3.Error as exc:
             raise StateError(f"the AMM state {self.path!r} failed: {exc}") from exc
+
+    def save_retirement(self, record: RetirementRecord) -> None:
+        """Record a retirement (replacing any earlier one of the same worker)."""
+        self._run(
+            "INSERT OR REPLACE INTO retirements"
+            " (worker, close, started_at, deadline, reason, retired) VALUES (?, ?, ?, ?, ?, ?)",
+            record.worker,
+            int(record.close),
+            record.started_at,
+            record.deadline,
+            record.reason,
+            int(record.retired),
+        )
+
+    def forget_retirement(self, worker: str) -> None:
+        """Drop the retirement of ``worker`` (abandoned, or the worker left); unknown: ignored."""
+        self._run("DELETE FROM retirements WHERE worker = ?", worker)
+
+    def retirements(self) -> list[RetirementRecord]:
+        """The recorded retirements, ordered by worker."""
+        rows = self._run(
+            "SELECT worker, close, started_at, deadline, reason, retired FROM retirements"
+            " ORDER BY worker"
+        )
+        return [RetirementRecord(w, bool(c), s, d, r, bool(done)) for w, c, s, d, r, done in rows]
 
     def close(self) -> None:
         """Close the file; idempotent."""

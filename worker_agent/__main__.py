@@ -3,7 +3,8 @@
 Every flag falls back to an ``AMM_AGENT_<FLAG>`` environment variable (``--memory-limit`` to
 ``AMM_AGENT_MEMORY_LIMIT``), then to the ``AgentConfig`` default. Once the server is up, one line
 goes to stdout, ``amm-agent ready address=HOST:PORT``, for launchers to wait on. SIGTERM or SIGINT
-stops the agent gracefully with exit code 0; invalid arguments exit 2 with a message.
+stops the agent gracefully with exit code 0, and so does an accepted ``Close`` call (the AMM makes
+it once the worker is retired); invalid arguments exit 2 with a message.
 """
 
 from __future__ import annotations
@@ -19,10 +20,13 @@ from typing import Any
 from amm.serving import stop_on_signals
 from amm.units import parse_duration, parse_size
 from worker_agent.agent import Agent
-from worker_agent.config import DEFAULT_MAX_LEASE, AgentConfig
+from worker_agent.config import DEFAULT_MAX_LEASE, DEFAULT_PAUSE_FRACTION, AgentConfig
 
 READY_LINE = "amm-agent ready address={address}"
 ENV_PREFIX = "AMM_AGENT_"
+_UNSET = object()
+"""The default of ``--pause-fraction`` when neither the flag nor its variable is given (not a
+string: argparse would convert it)."""
 
 
 def _typed(parse: Callable[[str], Any]) -> Callable[[str], Any]:
@@ -35,7 +39,10 @@ def _typed(parse: Callable[[str], Any]) -> Callable[[str], Any]:
     return convert
 
 
-def _fraction(text: str) -> float:
+def _fraction(text: str) -> float | None:
+    """A fraction, or ``never`` (also ``none``) for an agent that never pauses."""
+    if text.strip().lower() in ("never", "none"):
+        return None
     return float(text)
 
 
@@ -70,8 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--memory-limit", "memory limit, e.g. 4GiB (default: none)", type=_typed(parse_size))
     add(
         "--pause-fraction",
-        "pause (take no new replicas) above this fraction of the memory limit",
+        "pause (take no new replicas) above this fraction of the memory limit, or never "
+        f"(default {DEFAULT_PAUSE_FRACTION} with a memory limit)",
         type=_typed(_fraction),
+        default=_UNSET,
     )
     add("--lease", "lease of keep-promises asked of peers (5s)", type=_typed(parse_duration))
     add("--log-level", "DEBUG, INFO, WARNING or ERROR", default="INFO", type=_log_level)
@@ -87,10 +96,14 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         "name": args.name or None,
         "zone": args.zone or "",
     }
-    for field in ("memory_limit", "pause_fraction", "lease"):
+    for field in ("memory_limit", "lease"):
         value = getattr(args, field)
         if value is not None:
             overrides[field] = value
+    if args.pause_fraction is not _UNSET:
+        if args.pause_fraction is not None and not overrides.get("memory_limit"):
+            raise ValueError("--pause-fraction needs --memory-limit: it is a fraction of it")
+        overrides["pause_fraction"] = args.pause_fraction
     if "lease" in overrides:
         overrides["max_lease"] = max(DEFAULT_MAX_LEASE, overrides["lease"])
     return AgentConfig(**overrides)
@@ -109,10 +122,21 @@ async def run(config: AgentConfig) -> int:
             return 1
         try:
             print(READY_LINE.format(address=agent.address), flush=True)
-            await stop.wait()
+            await _first_of(stop, agent.stopped)
         finally:
             await agent.stop()
     return 0
+
+
+async def _first_of(*events: asyncio.Event) -> None:
+    """Return once any of ``events`` is set."""
+    waiters = [asyncio.create_task(e.wait(), name="agent main wait") for e in events]
+    try:
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+        await asyncio.gather(*waiters, return_exceptions=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

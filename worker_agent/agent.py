@@ -1,10 +1,11 @@
 """The worker agent as a whole: its gRPC server, its background tasks and its life cycle.
 
 ``Agent`` owns a ``Node`` (the state and operations), the server that exposes it, the channel to
-the AMM and two named background tasks: the memory sampler and the registration loop. ``start``
-binds and registers; ``stop`` is idempotent and tears down in order: CLOSING and health
-NOT_SERVING, background tasks cancelled, directive streams ended, then unregistration (short
-deadline) and ``server.stop(grace)`` at the same time, channels closed.
+the AMM and three named background tasks: the memory sampler, the registration loop and the
+close watcher, which stops the agent once a ``Close`` call was accepted. ``start`` binds and
+registers; ``stop`` is idempotent and tears down in order: CLOSING and health NOT_SERVING,
+background tasks cancelled, directive streams ended, then unregistration (short deadline) and
+``server.stop(grace)`` at the same time, channels closed; ``stopped`` is set at the end.
 """
 
 from __future__ import annotations
@@ -61,6 +62,8 @@ class Agent:
         self._registered = False
         self._started = False
         self._stopping: asyncio.Task[None] | None = None
+        #: Set once the agent has stopped, whoever stopped it (``stop`` or a ``Close`` call).
+        self.stopped = asyncio.Event()
 
     @property
     def address(self) -> str:
@@ -113,6 +116,7 @@ class Agent:
         )
         self.node.sample_memory()
         self._spawn(self._sample_memory(), "agent memory sampler")
+        self._spawn(self._close_when_asked(), "agent close watcher")
         if self.config.amm:
             self._amm_channel = grpc.aio.insecure_channel(self.config.amm, options=CHANNEL_OPTIONS)
             self._amm = control_pb2_grpc.ActiveMemoryManagerStub(self._amm_channel)
@@ -145,6 +149,7 @@ class Agent:
         if self._amm_channel is not None:
             await self._amm_channel.close(None)
         log.info("agent %s stopped", self.node.address or "(never started)")
+        self.stopped.set()
 
     async def _stop_server(self) -> None:
         if self._served is not None:
@@ -154,6 +159,12 @@ class Agent:
         task = asyncio.create_task(coro, name=name)
         task.add_done_callback(_report_exit)
         self._tasks.append(task)
+
+    async def _close_when_asked(self) -> None:
+        """Stop once a ``Close`` call was accepted. The stop runs in its own task (``stop``), so
+        that cancelling this watcher, as the stop does, leaves the stop going on."""
+        await self.node.close_requested.wait()
+        await self.stop()
 
     async def _sample_memory(self) -> None:
         """Keep the unmanaged-memory window filled even when nobody polls."""

@@ -14,6 +14,7 @@ from amm.serving import MAX_MESSAGE_BYTES
 MiB = 1024**2
 GiB = 1024**3
 DEFAULT_MAX_LEASE = 60.0
+DEFAULT_PAUSE_FRACTION = 0.8
 
 
 def _check_address(field: str, value: str) -> None:
@@ -44,8 +45,9 @@ class AgentConfig:
     #: memory over it are refused, and Puts fail with RESOURCE_EXHAUSTED.
     memory_limit: int = 0
     #: The agent reports PAUSED (and takes no new replicas) while the process memory exceeds
-    #: ``pause_fraction * memory_limit``; None never pauses. Needs a memory limit.
-    pause_fraction: float | None = None
+    #: ``pause_fraction * memory_limit``, and RUNNING again once it is back below; None never
+    #: pauses. Without a memory limit it never pauses either.
+    pause_fraction: float | None = DEFAULT_PAUSE_FRACTION
     #: Size of the chunks values travel in (Put, Get, Fetch).
     chunk_size: int = 1 * MiB
     #: Largest value accepted; a larger Put fails with RESOURCE_EXHAUSTED.
@@ -98,14 +100,13 @@ class AgentConfig:
             raise ValueError(
                 f"memory_limit must be >= 0 bytes (0 = no limit), got {self.memory_limit}"
             )
-        if self.pause_fraction is not None:
-            if not (0 < self.pause_fraction <= 1) or math.isnan(self.pause_fraction):
-                raise ValueError(
-                    f"pause_fraction must be in (0, 1], got {self.pause_fraction}; "
-                    "leave it unset to never pause"
-                )
-            if self.memory_limit == 0:
-                raise ValueError("pause_fraction needs a memory_limit (it is a fraction of it)")
+        if self.pause_fraction is not None and (
+            not (0 < self.pause_fraction <= 1) or math.isnan(self.pause_fraction)
+        ):
+            raise ValueError(
+                f"pause_fraction must be in (0, 1], got {self.pause_fraction}; "
+                "set it to None to never pause"
+            )
         if not 1 <= self.chunk_size <= MAX_MESSAGE_BYTES // 2:
             raise ValueError(
                 f"chunk_size must be between 1 byte and {MAX_MESSAGE_BYTES // 2} bytes, "

@@ -111,6 +111,8 @@ class Node:
         self.registered_epoch = 0
         self.polled = asyncio.Event()
         self.shutdown = asyncio.Event()
+        #: Set when the AMM (or an operator) asked the agent to shut down (``request_close``).
+        self.close_requested = asyncio.Event()
         self.store = Store()
         self.locks = KeyLocks()
         self.peers = Peers(
@@ -365,6 +367,23 @@ class Node:
         seconds = min(self.config.lease if lease is None else lease, self.config.max_lease)
         now = self.clock()
         return Promise(self.store.promise(key, now + seconds) - now)
+
+    def request_close(self, reason: str, *, force: bool = False) -> None:
+        """Agree to shut down: refused while any key is held, unless ``force``, since an agent
+        never loses data on someone else's word. From here on the agent reports CLOSING and takes
+        no new data; the agent owning this node stops once ``close_requested`` is set."""
+        held = len(self.store)
+        if held and not force:
+            raise Refused(
+                None, f"holds {held} key(s): it closes only when empty (or with force set)"
+            )
+        log.info(
+            "closing on request%s%s",
+            f": {reason}" if reason else "",
+            f" (force: {held} key(s) dropped)" if held else "",
+        )
+        self.closing = True
+        self.close_requested.set()
 
     async def close(self) -> None:
         await self.peers.close()

@@ -415,5 +415,6 @@ class WorkerAgentServicer(agent_pb2_grpc.WorkerAgentServicer):
     async def Close(
         self, request: agent_pb2.CloseRequest, context: Context
     ) -> agent_pb2.CloseResponse:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Close: not yet")
-        raise AssertionError("unreachable")
+        async with _Edge(context, "Close"):
+            self._node.request_close(request.reason, force=request.force)
+            return agent_pb2.CloseResponse(closing=True)

@@ -17,6 +17,8 @@ BUILTINS: Mapping[str, str] = {
     "ReduceReplicas": "amm_service.policies.reduce_replicas.ReduceReplicas",
     "Rebalance": "amm_service.policies.rebalance.Rebalance",
     "Replicate": "amm_service.policies.replication.Replicate",
+    "RetireWorker": "amm_service.policies.retire_worker.RetireWorker",
+    "PauseToRetire": "amm_service.policies.pause_to_retire.PauseToRetire",
 }
 
 

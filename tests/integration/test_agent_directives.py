@@ -453,7 +453,7 @@ async def test_replicate_is_refused_while_paused() -> None:
 
 
 async def test_replicate_is_refused_over_the_memory_limit() -> None:
-    async with agents(2, memory_limit=1000) as [(a, stub_a), (b, stub_b)]:
+    async with agents(2, memory_limit=1000, pause_fraction=None) as [(a, stub_a), (b, stub_b)]:
         await put(stub_a, "k", b"x" * 600)
         await put(stub_b, "other", b"y" * 600)
         async with directive_stream(stub_b) as amm:

@@ -153,3 +153,14 @@ async def test_dry_runs_zones_and_liveness_totals_through_grpcurl(tmp_path: Path
         assert "lost_keys" not in status["totals"]
         assert "stale_workers" not in status["totals"]
         assert "directives_in_flight" not in status["totals"]  # the dry run sent nothing
+
+
+async def test_grpcurl_retires_a_worker(tmp_path: Path) -> None:
+    async with AmmServer(amm_config(tmp_path)) as amm, running_agent(amm=amm.address) as agent:
+        await wait_for(lambda: agent.registered, what="registration")
+        body = {"workers": [agent.address], "close": True, "timeout": "10s"}
+        answer = await call(amm.address, "amm.v1.ActiveMemoryManager/RetireWorkers", body)
+        (result,) = answer["results"]
+        assert result["worker"] == agent.address
+        assert (result["retired"], result["closed"]) == (True, True)
+        await asyncio.wait_for(agent.stopped.wait(), 10)

@@ -43,7 +43,11 @@ async def rebalancing_cluster(
             grpc.aio.insecure_channel(amm.address, options=CHANNEL_OPTIONS)
         )
         control = control_pb2_grpc.ActiveMemoryManagerStub(channel)
-        workers = await stack.enter_async_context(agents(n, amm=amm.address, memory_limit=LIMIT))
+        # The limit bounds managed memory; these agents share the test process, whose RSS would
+        # pause them at the default pause fraction.
+        workers = await stack.enter_async_context(
+            agents(n, amm=amm.address, memory_limit=LIMIT, pause_fraction=None)
+        )
 
         async def registered() -> int:
             return len((await control.ListWorkers(control_pb2.ListWorkersRequest())).workers)

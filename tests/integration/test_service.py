@@ -37,7 +37,7 @@ async def test_run_once_works_while_stopped_and_counts_cycles(control: Stub) -> 
     assert not status.running
     assert status.measure == types_pb2.MEMORY_MEASURE_OPTIMISTIC
     assert status.interval.ToMilliseconds() == 200
-    assert [p.name for p in status.policies] == ["Replicate", "ReduceReplicas"]
+    assert [p.name for p in status.policies] == ["Replicate", "ReduceReplicas", "RetireWorker"]
     assert status.epoch == 1
 
 

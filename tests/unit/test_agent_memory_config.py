@@ -57,7 +57,6 @@ def test_psutil_probe_measures_this_process() -> None:
         ({"listen": "nowhere"}, "listen must be HOST:PORT"),
         ({"amm": "host:port"}, "amm must be HOST:PORT"),
         ({"memory_limit": -1}, "memory_limit"),
-        ({"pause_fraction": 0.5}, "needs a memory_limit"),
         ({"pause_fraction": 1.5, "memory_limit": 10}, "pause_fraction must be in"),
         ({"chunk_size": 0}, "chunk_size"),
         ({"lease": 0}, "lease must be a positive"),
@@ -91,6 +90,19 @@ def test_the_zone_from_a_flag_or_the_environment(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv("AMM_AGENT_ZONE", "rack-2")
     assert config_from_args(build_parser().parse_args([])).zone == "rack-2"
     assert config_from_args(build_parser().parse_args(["--zone", "rack-3"])).zone == "rack-3"
+
+
+def test_pause_fraction_defaults_to_0_8_of_a_memory_limit() -> None:
+    parse = build_parser().parse_args
+    limited = config_from_args(parse(["--memory-limit", "1GiB"]))
+    assert limited.pause_fraction == 0.8
+    probe = FixedProbe(int(0.8 * 1024**3) + 1)
+    monitor = MemoryMonitor(probe, window=1.0, limit=1024**3, pause_fraction=0.8)
+    assert monitor.paused(monitor.sample(0, 0.0))
+    never = config_from_args(parse(["--memory-limit", "1GiB", "--pause-fraction", "never"]))
+    assert never.pause_fraction is None
+    assert AgentConfig().pause_fraction == 0.8, "ignored without a memory limit"
+    assert not MemoryMonitor(probe, window=1.0, pause_fraction=0.8).paused(monitor.sample(0, 0.0))
 
 
 @pytest.mark.parametrize(

@@ -123,3 +123,26 @@ def test_intervals_use_the_service_syntax() -> None:
     assert format_interval(0.5) == "500ms"
     assert format_interval(2) == "2000ms"
     assert format_interval("2s") == "2s"
+
+
+def test_retire_takes_workers_or_n_and_its_own_timeout() -> None:
+    parse = cli.build_parser().parse_args
+    args = parse(["--timeout", "5", "retire", "h:1", "h:2", "--no-close", "--timeout", "2m"])
+    assert (args.workers, args.n, args.close) == (["h:1", "h:2"], None, False)
+    assert (args.timeout, args.retire_timeout) == (5.0, "2m")
+    args = parse(["retire", "-n", "3", "--json"])
+    assert (args.workers, args.n, args.close, args.retire_timeout, args.json) == (
+        [],
+        3,
+        True,
+        None,
+        True,
+    )
+    with pytest.raises(SystemExit):
+        parse(["retire", "--timeout", "soon"])
+
+
+def test_retire_needs_workers_or_n_but_not_both(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["--amm", "127.0.0.1:1", "retire"]) == 2
+    assert cli.main(["--amm", "127.0.0.1:1", "retire", "h:1", "-n", "1"]) == 2
+    assert capsys.readouterr().err.count("give the workers to retire, or -n K") == 2

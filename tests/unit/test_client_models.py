@@ -6,10 +6,12 @@ from datetime import UTC, datetime
 
 from amm.models import (
     ReplicationGoal,
+    RetirementResult,
     address_key,
     cycle_from_proto,
     enum_name,
     goal_from_proto,
+    retirement_from_proto,
     sort_addresses,
     status_from_proto,
     worker_from_proto,
@@ -156,3 +158,11 @@ def test_replication_goal() -> None:
     met = goal_from_proto(control_pb2.ReplicationGoal(key="y", n=2, target=2, live_copies=2))
     assert (met.n, met.below) == (2, False)
     assert ReplicationGoal("lost", n=2, target=0, live_copies=0).below
+
+
+def test_retirement_results_and_retiring_totals() -> None:
+    result = control_pb2.RetirementResult(worker="h:1", retired=True, reason="r", closed=True)
+    assert retirement_from_proto(result) == RetirementResult("h:1", True, "r", True)
+    msg = control_pb2.GetStatusResponse()
+    msg.totals.retiring_workers = 2
+    assert status_from_proto(msg).totals.retiring_workers == 2

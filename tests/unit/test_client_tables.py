@@ -14,6 +14,7 @@ from amm.models import (
     GoalChange,
     Rejection,
     ReplicationGoal,
+    RetirementResult,
     Status,
     WorkerInfo,
 )
@@ -22,6 +23,7 @@ from amm.tables import (
     render_goal_change,
     render_goals,
     render_mapping,
+    render_retirements,
     render_status,
     render_table,
     render_workers,
@@ -280,3 +282,18 @@ def test_status_block_shows_liveness_grace_and_events() -> None:
     assert events[0].split() == ["WHEN", "KIND", "WORKER", "MESSAGE"]
     assert events[1].split()[:5] == ["5.00", "s", "ago", "key-lost", "h:2"]
     assert events[2].endswith("no answer for 30 s")
+
+
+def test_retirements_table() -> None:
+    results = [
+        RetirementResult("h:1", True, "retired after 0.2 s", True),
+        RetirementResult("h:22", False, "timeout: still holds 1 key(s)", False),
+    ]
+    assert render_retirements(results) == "\n".join(
+        [
+            "WORKER  RETIRED  CLOSED  REASON",
+            "h:1     yes      yes     retired after 0.2 s",
+            "h:22    no       no      timeout: still holds 1 key(s)",
+        ]
+    )
+    assert render_retirements([]) == "no worker to retire"

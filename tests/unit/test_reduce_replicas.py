@@ -69,7 +69,7 @@ def test_registry_builds_builtins_and_names_twins_apart() -> None:
 @pytest.mark.parametrize(
     ("path", "kwargs", "message"),
     [
-        ("NoSuchPolicy", {}, "one of the built-ins:"),
+        ("NoSuchPolicy", {}, "built-ins: .*ReduceReplicas.*RetireWorker"),
         ("nosuchmodule.Policy", {}, "cannot import policy module 'nosuchmodule'"),
         ("amm_service.policies.reduce_replicas.Nope", {}, "has no class 'Nope'"),
         ("ReduceReplicas", {"bogus": 1}, "invalid arguments for policy 'ReduceReplicas'"),

@@ -13,6 +13,7 @@ from amm_service.state import (
     _MIGRATIONS,
     MEMORY,
     KnownWorker,
+    RetirementRecord,
     StateError,
     StateStore,
 )
@@ -181,3 +182,22 @@ def test_a_state_file_of_the_first_schema_gains_the_goals_table(tmp_path: Path) 
         assert store.epoch == 4
         store.set_goals(["x"], 2)
         assert store.goals() == {"x": 2}
+
+
+def test_retirements_persist_until_forgotten(tmp_path: Path) -> None:
+    path = str(tmp_path / "state.sqlite3")
+    under_way = RetirementRecord("h:2", True, 10.0, 40.0, "asked for by a client")
+    retired = RetirementRecord("h:1", False, 5.0, None, "PauseToRetire: paused", retired=True)
+    with StateStore(path) as store:
+        assert store.retirements() == []
+        store.save_retirement(under_way)
+        store.save_retirement(retired)
+    with StateStore(path) as store:
+        assert store.retirements() == [retired, under_way]
+        store.save_retirement(RetirementRecord("h:2", True, 10.0, 40.0, "again", retired=True))
+        store.forget_retirement("h:1")
+        store.forget_retirement("h:9")
+    with StateStore(path) as store:
+        assert [(r.worker, r.reason, r.retired) for r in store.retirements()] == [
+            ("h:2", "again", True)
+        ]

@@ -1,0 +1,391 @@
+"""Retiring workers: which are being retired, how each retirement ends, and resuming them.
+
+The RetireWorker policy empties the workers flagged RETIRING; this module owns the rest:
+
+- starting a retirement: flag the worker, persist the retirement (a restarted AMM resumes it),
+  record an event;
+- judging every retirement under way once per cycle, after planning (``review``, pure):
+
+  1. the worker holds nothing and no directive to it is in flight: retired (and, with ``close``,
+     the AMM asks its agent to shut down);
+  2. RetireWorker's suggestion for a key it holds was rejected for want of a recipient or of
+     room, or for conflicting content: abandoned with that reason (never when throttled: that
+     only delays);
+  3. the deadline passed: abandoned ("timeout");
+  4. the worker left (unregistered, or did not answer an AMM restarting): abandoned (``left``).
+
+  Abandoning clears the flag, so the worker returns to the status its agent reports. Nothing is
+  lost either way: RetireWorker drops a key from a retiring worker only where a copy survives.
+- setting the flags again after an agent restarted (a new incarnation starts unflagged) or the
+  AMM restarted;
+- retire requests made by policies (PauseToRetire): an event per decision, a declined verdict
+  recorded once rather than every cycle;
+- the callers waiting for results.
+
+Which workers are cheapest to retire (``cheapest``) is decided here too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from types import MappingProxyType
+from typing import Any
+
+from amm_service.core import Plan, Rejection, RetireDecision, Why
+from amm_service.errors import Unavailable
+from amm_service.events import EventLog
+from amm_service.policies import Policy
+from amm_service.policies.retire_worker import RetireWorker
+from amm_service.state import RetirementRecord, StateStore
+from amm_service.view import ClusterState, ClusterView, WorkerId, WorkerStatus
+
+log = logging.getLogger(__name__)
+
+ABANDON_ON = frozenset({Why.NO_RECIPIENT, Why.NO_ROOM, Why.CONFLICT})
+"""Rejections of RetireWorker's suggestions that no later cycle would change by itself."""
+
+
+@dataclass(frozen=True, slots=True)
+class Retirement:
+    """A retirement under way, or a worker retired and not closed; times are Unix seconds."""
+
+    worker: WorkerId
+    close: bool
+    started_at: float
+    deadline: float | None
+    reason: str
+    """Who asked for it and why."""
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """How the retirement of one worker ended."""
+
+    worker: WorkerId
+    retired: bool
+    reason: str
+    closed: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """``review``'s judgement of one retirement: over (retired) or to abandon, and why."""
+
+    worker: WorkerId
+    retired: bool
+    reason: str
+
+
+def review(
+    retirements: Iterable[Retirement],
+    view: ClusterView,
+    rejections: Iterable[Rejection],
+    *,
+    busy: Collection[WorkerId],
+    retirers: Collection[str],
+    now: float,
+) -> list[Verdict]:
+    """Judge each retirement under way (see the module docstring); those still going on are
+    left out. ``busy`` holds the workers with directives in flight to them, ``retirers`` the
+    names of the RetireWorker policies whose rejections count."""
+    blocked: dict[WorkerId, str] = {}
+    for r in rejections:
+        if r.policy not in retirers or r.why not in ABANDON_ON:
+            continue
+        kv = view.keys.get(r.key)
+        for worker in kv.holders if kv is not None else ():
+            blocked.setdefault(worker, f"cannot move {r.key!r} elsewhere: {r.reason}")
+    verdicts = []
+    for retirement in retirements:
+        worker = retirement.worker
+        if worker not in view.workers:
+            verdicts.append(Verdict(worker, False, "the worker left"))
+        elif not view.held_by(worker) and worker not in busy:
+            verdicts.append(Verdict(worker, True, "holds nothing that exists nowhere else"))
+        elif worker in blocked and view.workers[worker].retiring:
+            verdicts.append(Verdict(worker, False, blocked[worker]))
+        elif retirement.deadline is not None and now >= retirement.deadline:
+            held = len(view.held_by(worker))
+            verdicts.append(Verdict(worker, False, f"timeout: still holds {held} key(s)"))
+    return verdicts
+
+
+def cheapest(state: ClusterState, n: int) -> list[WorkerId]:
+    """The ``n`` workers cheapest to retire: idle (nothing pinned on them) first, then those
+    holding the fewest managed bytes, then by address. Only workers that answer and are neither
+    retiring, retired nor closing are candidates."""
+    keys = state.keys
+
+    def pinned(worker: WorkerId) -> bool:
+        return any(
+            (kv := keys.get(key)) is not None and worker in kv.pinned_on
+            for key in state.held_by(worker)
+        )
+
+    candidates = [
+        w
+        for w in state.workers
+        if not (w.retiring or w.retired)
+        and w.reachable
+        and w.status in (WorkerStatus.RUNNING, WorkerStatus.PAUSED)
+    ]
+    ranked = sorted(
+        candidates,
+        key=lambda w: (pinned(w.address), w.memory.managed, _address_order(w.address)),
+    )
+    return [w.address for w in ranked[:n]]
+
+
+def _address_order(address: str) -> tuple[str, int, str]:
+    host, _, port = address.rpartition(":")
+    return (host, int(port) if port.isdigit() else -1, address)
+
+
+def _gist(verdict: str) -> str:
+    """A verdict without its figures: the same refusal with other byte counts is the same."""
+    return re.sub(r"\d+", "#", verdict)
+
+
+class Retirements:
+    """The retirements under way and the workers retired but not closed, persisted in ``store``.
+
+    Used from the event loop only. ``clock`` is the wall clock stamped on retirements.
+    """
+
+    def __init__(
+        self,
+        state: ClusterState,
+        store: StateStore,
+        events: EventLog,
+        policies: Sequence[Policy],
+        *,
+        clock: Callable[[], float],
+    ) -> None:
+        self.retirers = frozenset(p.name for p in policies if isinstance(p, RetireWorker))
+        """The names of the configured RetireWorker policies; retiring needs one."""
+        self._event_kinds = {
+            p.name: kind
+            for p in policies
+            if isinstance(kind := getattr(p, "retire_event", None), str) and kind
+        }
+        self._state = state
+        self._store = store
+        self._events = events
+        self._clock = clock
+        self._active: dict[WorkerId, Retirement] = {}
+        self._retired: dict[WorkerId, Retirement] = {}
+        self._done: dict[WorkerId, asyncio.Future[Result]] = {}
+        self._declined: dict[WorkerId, str] = {}
+        self._waiting = 0
+        self._closed = False
+        self._closing: asyncio.Future[None] | None = None
+
+    @property
+    def active(self) -> Mapping[WorkerId, Retirement]:
+        return MappingProxyType(self._active)
+
+    @property
+    def waiting(self) -> bool:
+        """Whether a caller is waiting for a result."""
+        return self._waiting > 0
+
+    def load(self) -> None:
+        """Take back what the previous run recorded (before its workers are restored)."""
+        for record in self._store.retirements():
+            worker = WorkerId(record.worker)
+            retirement = Retirement(
+                worker, record.close, record.started_at, record.deadline, record.reason
+            )
+            (self._retired if record.retired else self._active)[worker] = retirement
+        if self._active:
+            log.info("resuming the retirement of %s", ", ".join(sorted(self._active)))
+
+    def apply_flags(self) -> None:
+        """Flag the registered workers as the retirements say (after a restart of either side)."""
+        now = self._clock()
+        for worker in self._active:
+            ws = self._state.worker(worker)
+            if ws is not None and not (ws.retiring and not ws.retired):
+                self._state.set_flags(worker, now, retiring=True, retired=False)
+        for worker in self._retired:
+            ws = self._state.worker(worker)
+            if ws is not None and not (ws.retired and not ws.retiring):
+                self._state.set_flags(worker, now, retiring=False, retired=True)
+
+    def begin(self, worker: WorkerId, *, close: bool, timeout: float | None, reason: str) -> None:
+        """Start retiring ``worker``; a retirement already under way goes on (closing the worker
+        at the end if either asked for it). The worker must be registered."""
+        now = self._clock()
+        current = self._active.get(worker)
+        if current is not None:
+            if close and not current.close:
+                self._save(replace(current, close=True))
+            if worker not in self._done:  # resumed after a restart: nobody waited for it yet
+                self._done[worker] = asyncio.get_running_loop().create_future()
+            return
+        self._retired.pop(worker, None)
+        deadline = None if timeout is None else now + timeout
+        self._save(Retirement(worker, close, now, deadline, reason))
+        self._state.set_flags(worker, now, retiring=True, retired=False)
+        self._done[worker] = asyncio.get_running_loop().create_future()
+        limit = "" if timeout is None else f", timeout {timeout:g} s"
+        self._events.record(
+            "retire-started", f"{reason}{limit}{', then close' if close else ''}", worker=worker
+        )
+
+    def _save(self, retirement: Retirement, *, retired: bool = False) -> None:
+        self._store.save_retirement(
+            RetirementRecord(
+                retirement.worker,
+                retirement.close,
+                retirement.started_at,
+                retirement.deadline,
+                retirement.reason,
+                retired,
+            )
+        )
+        (self._retired if retired else self._active)[retirement.worker] = retirement
+
+    def conclude(
+        self, worker: WorkerId, *, retired: bool, reason: str, closed: bool = False
+    ) -> None:
+        """End the retirement of ``worker``: retired (``closed`` when its agent agreed to shut
+        down) or abandoned, which clears the flag."""
+        retirement = self._active.pop(worker, None)
+        if retirement is None:
+            return
+        now = self._clock()
+        took = f" after {now - retirement.started_at:.1f} s" if retired else ""
+        if retired and not closed:
+            self._save(retirement, retired=True)
+            self._state.set_flags(worker, now, retiring=False, retired=True)
+        else:
+            self._store.forget_retirement(worker)
+            self._state.set_flags(worker, now, retiring=False)
+        if retired:
+            message = f"retired{took}: {reason}"
+            self._events.record("retired", message, worker=worker)
+        else:
+            message = reason
+            self._events.record("retire-abandoned", f"abandoned: {reason}", worker=worker)
+        done = self._done.pop(worker, None)
+        if done is not None and not done.done():
+            done.set_result(Result(worker, retired, message, closed))
+
+    def left(self, worker: WorkerId) -> None:
+        """``worker`` left the registry: its retirement cannot go on."""
+        self._declined.pop(worker, None)
+        if self._retired.pop(worker, None) is not None:
+            self._store.forget_retirement(worker)
+        if worker in self._active:
+            self.conclude(worker, retired=False, reason="the worker left before it was emptied")
+
+    async def supervise(
+        self,
+        view: ClusterView,
+        plan: Plan,
+        *,
+        busy: Callable[[], Collection[WorkerId]],
+        close: Callable[[WorkerId], Awaitable[str | None]],
+        remove: Callable[[WorkerId], Awaitable[object]],
+    ) -> None:
+        """After a cycle's planning: end the retirements that are over or cannot finish, then
+        begin those the policies asked for.
+
+        ``busy`` gives the workers with directives in flight to them; ``close`` asks an agent to
+        shut down (None: it agreed; "": it refused because it holds keys again, so the
+        retirement goes on; otherwise why it failed); ``remove`` takes a closed worker out of the
+        registry.
+        """
+        if self._active:
+            verdicts = review(
+                self._active.values(),
+                view,
+                plan.rejections,
+                busy=busy(),
+                retirers=self.retirers,
+                now=self._clock(),
+            )
+            for verdict in verdicts:
+                worker = verdict.worker
+                if not (verdict.retired and self._active[worker].close):
+                    self.conclude(worker, retired=verdict.retired, reason=verdict.reason)
+                    continue
+                failed = await close(worker)
+                if failed is None:
+                    reason = f"{verdict.reason}; its agent is shutting down"
+                    self.conclude(worker, retired=True, reason=reason, closed=True)
+                    await remove(worker)
+                elif failed:
+                    reason = f"{verdict.reason}; its agent did not close: {failed}"
+                    self.conclude(worker, retired=True, reason=reason)
+        if plan.retirements:
+            self.decided(plan.retirements)
+
+    def decided(self, decisions: Sequence[RetireDecision]) -> None:
+        """Act on the retire requests policies made in a cycle: begin the accepted ones, record
+        each decision as an event (the policy's ``retire_event``, else "retire-requested";
+        "-declined" appended for a refusal), and the same refusal of a worker only once while it
+        keeps being asked for."""
+        asked = set()
+        for d in decisions:
+            asked.add(d.worker)
+            kind = self._event_kinds.get(d.policy, "retire-requested")
+            if d.accepted:
+                self._declined.pop(d.worker, None)
+                self._events.record(kind, f"{d.policy}: {d.reason}; retiring it", worker=d.worker)
+                self.begin(d.worker, close=d.close, timeout=None, reason=f"{d.policy}: {d.reason}")
+            elif self._declined.get(d.worker) != _gist(d.verdict):
+                self._declined[d.worker] = _gist(d.verdict)
+                self._events.record(
+                    f"{kind}-declined",
+                    f"{d.policy}: {d.reason}; not retired: {d.verdict}",
+                    worker=d.worker,
+                )
+        for worker in set(self._declined) - asked:
+            del self._declined[worker]
+
+    def result_now(self, worker: WorkerId) -> Result | None:
+        """The result for a worker already retired and not closed; None otherwise."""
+        if worker in self._retired and worker not in self._active:
+            return Result(worker, True, "already retired")
+        return None
+
+    def wait(self, workers: Iterable[WorkerId]) -> Awaitable[list[Result]]:
+        """The results of the retirements of ``workers`` (begun before), once each ended.
+
+        The retirements are looked up at the call, so one that ends before the caller awaits
+        still gives its result. Cancel-safe: a caller that goes away leaves the retirements
+        going on. Raises ``Unavailable`` when the AMM shuts down first (a restarted AMM resumes
+        them).
+        """
+        return self._wait([self._done[w] for w in workers if w in self._done])
+
+    async def _wait(self, futures: list[asyncio.Future[Result]]) -> list[Result]:
+        if self._closing is None:
+            self._closing = asyncio.get_running_loop().create_future()
+            if self._closed:
+                self._closing.set_result(None)
+        closing = self._closing
+        self._waiting += 1
+        try:
+            while left := [f for f in futures if not f.done()]:
+                if closing.done():
+                    raise Unavailable(
+                        "the AMM is shutting down; it resumes the retirement when it restarts"
+                    )
+                waits: list[asyncio.Future[Any]] = [*left, closing]
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            self._waiting -= 1
+        return [f.result() for f in futures]
+
+    def close(self) -> None:
+        """Release every waiter (the AMM is shutting down); idempotent."""
+        self._closed = True
+        if self._closing is not None and not self._closing.done():
+            self._closing.set_result(None)

@@ -1,0 +1,359 @@
+"""Retiring workers through the real AMM and real agents: RetireWorkers, PauseToRetire, agent
+Close and an AMM restarted mid-retirement. The AMM and agents run in this process on loopback,
+except where an agent process must exit (``LocalCluster``)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from amm import AmmError, AsyncClient, Client
+from amm.cli import main as cli_main
+from amm.v1 import agent_pb2, control_pb2
+from amm_service.server import AmmServer
+from tests.conftest import amm_config
+from tests.support.agent import dial, put, running_agent
+from tests.support.processes import local_cluster
+from tests.support.waiting import poll_until, wait_for
+from worker_agent.agent import Agent
+
+DATA = b"r" * 1000
+PAUSED_ALWAYS = {"memory_limit": 1024 * 1024}
+"""An agent whose process (this test process, tens of MiB) is always above 0.8 MiB: paused."""
+
+
+class Cluster:
+    """An AMM, a client of it and agents registered with it."""
+
+    def __init__(self, amm: AmmServer, client: AsyncClient, agents: list[Agent]) -> None:
+        self.amm = amm
+        self.client = client
+        self.agents = agents
+        self.addresses = [a.address for a in agents]
+
+    async def statuses(self) -> dict[str, str]:
+        return {w.address: w.status for w in await self.client.workers(fresh=True)}
+
+    async def holders(self, key: str) -> set[str]:
+        return set((await self.client.who_has(key))[key])
+
+    async def events(self) -> list[tuple[str, str, str]]:
+        status = await self.control.GetStatus(control_pb2.GetStatusRequest())
+        return [(e.kind, e.worker, e.message) for e in status.recent_events]
+
+    @property
+    def control(self) -> Any:
+        return self.client._amm_stub()
+
+    async def cycle(self) -> None:
+        await self.client.amm.run_once()
+
+
+@asynccontextmanager
+async def cluster(
+    tmp_path: Path,
+    n: int,
+    *,
+    agent_options: Sequence[Mapping[str, Any]] = (),
+    **amm_overrides: Any,
+) -> AsyncIterator[Cluster]:
+    overrides = {"measure": "managed", "interval": "50ms", **amm_overrides}
+    async with AsyncExitStack() as stack:
+        amm = await stack.enter_async_context(AmmServer(amm_config(tmp_path, **overrides)))
+        client = await stack.enter_async_context(AsyncClient(amm.address, timeout=10))
+        agents = []
+        for i in range(n):
+            options = {"lease": 0.3, **(agent_options[i] if i < len(agent_options) else {})}
+            agents.append(
+                await stack.enter_async_context(running_agent(amm=amm.address, **options))
+            )
+        await wait_for(client.workers, lambda ws: len(ws) == n, what="agents registered")
+        yield Cluster(amm, client, agents)
+
+
+async def test_retiring_a_worker_while_a_client_puts_and_reads_loses_nothing(
+    tmp_path: Path,
+) -> None:
+    rng = random.Random(31)
+    async with cluster(tmp_path, 3, start=True, interval="20ms") as c:
+        retiring = c.addresses[0]
+        values: dict[str, bytes] = {}
+        for i, worker in enumerate(c.addresses * 4):
+            values[f"pre{i}"] = rng.randbytes(rng.randrange(100, 3000))
+            await c.client.put(f"pre{i}", values[f"pre{i}"], workers=[worker])
+
+        async def read(key: str, worker: str) -> bytes:
+            """A read through ``worker`` (which keeps a replica); while keys move, the holders
+            the AMM named may have dropped the key already: ask again."""
+            for _ in range(50):
+                try:
+                    return await c.client.get(key, worker=worker)
+                except AmmError as err:
+                    if err.status not in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAVAILABLE):
+                        raise
+                    await asyncio.sleep(0.02)
+            raise AssertionError(f"{key!r} could not be read through {worker}")
+
+        async def busy_client() -> None:
+            for i in range(80):
+                worker = rng.choice(c.addresses)  # the retiring worker included
+                if rng.random() < 0.4:
+                    key = f"new{i}"
+                    values[key] = rng.randbytes(rng.randrange(100, 3000))
+                    await c.client.put(key, values[key], workers=[worker])
+                else:
+                    key = rng.choice(sorted(values))
+                    assert await read(key, worker) == values[key]
+
+        await c.client.pin("pre0", retiring)  # holds the retirement up while the client works
+        retire = asyncio.ensure_future(c.client.retire_workers([retiring], close=False))
+        await wait_for(c.statuses, lambda s: s[retiring] == "retiring", what="retiring")
+        await busy_client()
+        assert not retire.done()
+        await c.client.unpin("pre0", retiring)
+        (result,) = await retire
+        assert (result.worker, result.retired, result.closed) == (retiring, True, False)
+        assert "holds nothing" in result.reason
+        await wait_for(
+            lambda: c.client.has_what(retiring),
+            lambda hw: hw[retiring] == (),
+            what="the retired worker empty",
+        )
+        assert (await c.statuses())[retiring] == "retired"
+        placement = await c.client.who_has()
+        assert set(placement) == set(values)
+        for key, value in values.items():
+            assert retiring not in placement[key]
+            assert await c.client.get(key, worker=placement[key][0]) == value
+        kinds = [kind for kind, worker, _ in await c.events() if worker == retiring]
+        assert kinds[-2:] == ["retired", "retire-started"]  # newest first
+
+
+async def test_retirement_with_no_room_elsewhere_is_abandoned_with_the_reason(
+    tmp_path: Path,
+) -> None:
+    small = {"memory_limit": 5000, "pause_fraction": None}
+    async with cluster(tmp_path, 2, agent_options=[{}, small]) as c:
+        full = c.addresses[0]
+        await c.client.put("big", DATA * 10, workers=[full])
+        (result,) = await c.client.retire_workers([full], close=True)
+        assert (result.worker, result.retired, result.closed) == (full, False, False)
+        assert result.reason == (
+            "cannot move 'big' elsewhere: no candidate has room for the key under its memory limit"
+        )
+        assert (await c.statuses())[full] == "running"
+        assert await c.holders("big") == {full}
+        assert await c.client.get("big") == DATA * 10
+        kind, worker, message = (await c.events())[0]
+        assert (kind, worker) == ("retire-abandoned", full)
+        assert "no candidate has room" in message
+        assert not c.agents[0].stopped.is_set()
+
+
+async def test_a_retirement_past_its_timeout_is_abandoned(tmp_path: Path) -> None:
+    async with cluster(tmp_path, 2) as c:
+        held, other = c.addresses
+        await c.client.put("k", DATA, workers=[held])
+        await c.client.pin("k", held)  # a reader: k is never dropped there
+        (result,) = await c.client.retire_workers(held, close=True, timeout="300ms")
+        assert (result.retired, result.reason) == (False, "timeout: still holds 1 key(s)")
+        assert (await c.statuses())[held] == "running"
+        assert await c.holders("k") == {held, other}, "copied, never dropped"
+        status = await c.client.status()
+        assert status.totals.retiring_workers == 0
+
+
+async def test_n_picks_the_idle_workers_holding_the_fewest_bytes(tmp_path: Path) -> None:
+    async with cluster(tmp_path, 4) as c:
+        pinned, big, small, empty = c.addresses
+        await c.client.put("p", b"p", workers=[pinned])
+        await c.client.pin("p", pinned)
+        await c.client.put("big", DATA * 5, workers=[big])
+        await c.client.put("small", DATA, workers=[small])
+        results = await c.client.retire_workers(n=2, close=False)
+        assert {(r.worker, r.retired) for r in results} == {(small, True), (empty, True)}
+        statuses = await c.statuses()
+        assert [statuses[w] for w in c.addresses] == ["running", "running", "retired", "retired"]
+        assert await c.holders("small") == {pinned}, "to the lowest memory worker"
+
+
+async def test_retire_workers_rejects_bad_requests_with_clear_statuses(tmp_path: Path) -> None:
+    async with cluster(tmp_path, 1) as c:
+        (worker,) = c.addresses
+        cases: list[tuple[control_pb2.RetireWorkersRequest, grpc.StatusCode, str]] = [
+            (control_pb2.RetireWorkersRequest(), grpc.StatusCode.INVALID_ARGUMENT, "or n"),
+            (control_pb2.RetireWorkersRequest(n=0), grpc.StatusCode.INVALID_ARGUMENT, "at least"),
+            (
+                control_pb2.RetireWorkersRequest(workers=["127.0.0.1:1"]),
+                grpc.StatusCode.NOT_FOUND,
+                "unknown worker(s): '127.0.0.1:1'",
+            ),
+        ]
+        negative = control_pb2.RetireWorkersRequest(workers=[worker])
+        negative.timeout.FromMilliseconds(-5)
+        cases.append((negative, grpc.StatusCode.INVALID_ARGUMENT, "timeout must be positive"))
+        for request, code, message in cases:
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await c.control.RetireWorkers(request)
+            assert info.value.code() == code
+            assert message in (info.value.details() or "")
+        with pytest.raises(AmmError, match="not both"):
+            await c.client.retire_workers([worker], n=1)
+    no_retirer = [{"class": "ReduceReplicas"}]
+    async with cluster(tmp_path, 1, policies=no_retirer) as c:
+        with pytest.raises(AmmError, match="needs the RetireWorker policy") as err:
+            await c.client.retire_workers(n=1)
+        assert err.value.status == grpc.StatusCode.FAILED_PRECONDITION
+
+
+async def test_a_caller_that_hangs_up_leaves_the_retirement_to_later_cycles(
+    tmp_path: Path,
+) -> None:
+    async with cluster(tmp_path, 2) as c:
+        held, other = c.addresses
+        await c.client.put("k", DATA, workers=[held])
+        await c.client.pin("k", held)
+        request = control_pb2.RetireWorkersRequest(workers=[held])
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await c.control.RetireWorkers(request, timeout=0.5)
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert (await c.statuses())[held] == "retiring"
+        assert (await c.client.status()).totals.retiring_workers == 1
+        await c.client.unpin("k", held)
+
+        async def cycle_then_status() -> str:
+            await c.cycle()
+            return (await c.statuses())[held]
+
+        await wait_for(cycle_then_status, lambda s: s == "retired", what="retired by RunOnce")
+        assert await c.holders("k") == {other}
+
+
+async def test_an_amm_restarted_mid_retirement_resumes_it(tmp_path: Path) -> None:
+    config = amm_config(tmp_path, measure="managed", interval="50ms")
+    async with AsyncExitStack() as stack:
+        first = AmmServer(config)
+        await first.start()
+        stack.push_async_callback(first.stop)
+        agents = [
+            await stack.enter_async_context(running_agent(amm=first.address, lease=0.3))
+            for _ in range(2)
+        ]
+        held, other = (a.address for a in agents)
+        async with AsyncClient(first.address, timeout=10) as client:
+            await wait_for(client.workers, lambda ws: len(ws) == 2, what="agents registered")
+            await client.put("k", DATA, workers=[held])
+            await client.pin("k", held)  # holds the retirement up
+            retire = asyncio.ensure_future(client.retire_workers([held], close=True))
+            await wait_for(lambda: client.who_has("k"), lambda wh: set(wh["k"]) == {held, other})
+            await first.stop()
+            with pytest.raises(AmmError) as err:
+                await retire
+            assert err.value.status == grpc.StatusCode.UNAVAILABLE
+
+        second = await stack.enter_async_context(AmmServer(config))
+        async with AsyncClient(second.address, timeout=10) as client:
+            statuses = {w.address: w.status for w in await client.workers()}
+            assert statuses == {held: "retiring", other: "running"}
+            await client.unpin("k", held)
+
+            async def cycle_then_stopped() -> bool:
+                await client.amm.run_once()
+                return agents[0].stopped.is_set()
+
+            await wait_for(cycle_then_stopped, what="the retired agent closed")
+            assert [w.address for w in await client.workers(fresh=True)] == [other]
+            assert await client.get("k") == DATA
+            assert second.manager is not None
+            retired = second.manager.events.of_kind("retired")
+            assert [e.worker for e in retired] == [held]
+            assert "its agent is shutting down" in retired[0].message
+
+
+async def test_pause_to_retire_retires_a_worker_paused_too_long(tmp_path: Path) -> None:
+    policies = [
+        {"class": "ReduceReplicas"},
+        {"class": "RetireWorker"},
+        {"class": "PauseToRetire", "timeout": "200ms"},
+    ]
+    async with cluster(tmp_path, 2, agent_options=[PAUSED_ALWAYS], policies=policies) as c:
+        paused, other = c.addresses
+        await c.client.put("k", DATA, workers=[paused])
+        assert (await c.statuses())[paused] == "paused"
+
+        async def cycle_then_stopped() -> bool:
+            await c.cycle()
+            return c.agents[0].stopped.is_set()
+
+        await wait_for(cycle_then_stopped, what="the paused worker retired and closed")
+        assert await c.holders("k") == {other}
+        events = [(kind, worker) for kind, worker, _ in await c.events()]
+        assert events[:3] == [
+            ("retired", paused),
+            ("retire-started", paused),
+            ("pause-to-retire", paused),
+        ]
+        message = next(m for kind, _, m in await c.events() if kind == "pause-to-retire")
+        assert "longer than 0.2 s" in message
+
+
+async def test_pause_to_retire_declines_the_last_running_worker_once(tmp_path: Path) -> None:
+    policies = [{"class": "RetireWorker"}, {"class": "PauseToRetire", "timeout": "100ms"}]
+    async with cluster(tmp_path, 1, agent_options=[PAUSED_ALWAYS], policies=policies) as c:
+
+        async def cycle_then_events() -> list[tuple[str, str, str]]:
+            await c.cycle()
+            return await c.events()
+
+        events = await wait_for(cycle_then_events, what="a pause-to-retire decision")
+        for _ in range(3):
+            await c.cycle()
+        assert await c.events() == events
+        ((kind, worker, message),) = events
+        assert (kind, worker) == ("pause-to-retire-declined", c.addresses[0])
+        assert message.endswith("not retired: it is the last running worker")
+        assert (await c.statuses())[worker] == "paused"
+
+
+async def test_agent_close_refuses_while_it_holds_keys_unless_forced() -> None:
+    async with running_agent() as agent, dial(agent.address) as stub:
+        await put(stub, "k", DATA)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.Close(agent_pb2.CloseRequest(reason="test"))
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "holds 1 key(s)" in (info.value.details() or "")
+        assert not agent.node.closing
+        reply = await stub.Close(agent_pb2.CloseRequest(reason="test", force=True))
+        assert reply.closing
+        await asyncio.wait_for(agent.stopped.wait(), 5)
+
+
+def test_amm_retire_closes_a_real_agent_process_which_exits_cleanly(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with local_cluster(2, interval=0.05) as c, Client(c.address, timeout=10) as client:
+        leaving, staying = c.workers
+        client.put("k", DATA, workers=[leaving])
+        assert cli_main(["--amm", c.address, "retire", leaving, "--json"]) == 0
+        (result,) = json.loads(capsys.readouterr().out)
+        assert result == {
+            "worker": leaving,
+            "retired": True,
+            "reason": result["reason"],
+            "closed": True,
+        }
+        assert poll_until(c.exited, what="the agent process exited") == {"worker-0": 0}
+        assert client.who_has("k") == {"k": (staying,)}
+        assert client.get("k") == DATA
+        assert cli_main(["--amm", c.address, "retire", "-n", "1", "--no-close"]) == 1
+        out = capsys.readouterr().out
+        assert out.splitlines()[0].split() == ["WORKER", "RETIRED", "CLOSED", "REASON"]
+        assert f"{staying}  no " in out
