@@ -149,14 +149,19 @@ def test_every_service_builds_the_one_image_with_the_dockerfiles_arguments() -> 
 
 def test_the_dockerfile_runs_unprivileged_stops_on_sigterm_and_ships_the_traces() -> None:
     text = DOCKERFILE.read_text()
-    assert re.search(r"^FROM \$\{BASE_IMAGE\}$", text, flags=re.MULTILINE)
+    # Both stages, the build and the final one, start from the base image.
+    assert re.findall(r"^FROM (.*)$", text, flags=re.MULTILINE) == [
+        "${BASE_IMAGE} AS build",
+        "${BASE_IMAGE}",
+    ]
+    assert "COPY --from=build /opt/amm /opt/amm" in text
     assert re.search(r"^USER amm$", text, flags=re.MULTILINE)
     assert re.search(r"^STOPSIGNAL SIGTERM$", text, flags=re.MULTILINE)
     assert "COPY benchmarks/traces /app/benchmarks/traces" in text
     assert "--no-index --find-links /tmp/wheelhouse" in text
     assert (ROOT / "benchmarks" / "traces").is_dir()
     assert (ROOT / "wheels").is_dir()
-    for copied in re.findall(r"^COPY (?!\$)(.+) \S+$", text, flags=re.MULTILINE):
+    for copied in re.findall(r"^COPY (?!\$|--from)(.+) \S+$", text, flags=re.MULTILINE):
         for source in copied.split():
             assert (ROOT / source).exists(), f"the Dockerfile copies {source}, which is missing"
 

@@ -33,6 +33,20 @@ def test_auto_takes_the_ip_on_the_route_to_the_amm_and_the_bound_port() -> None:
     }
 
 
+def ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as sock:
+            sock.connect(("::1", 9))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback on this machine")
+def test_auto_brackets_an_ipv6_address() -> None:
+    assert advertised_address("[::]:7000", "auto", "[::1]:50051") == "[::1]:7000"
+
+
 def test_auto_without_an_amm_takes_the_ip_the_host_name_resolves_to() -> None:
     ip = local_ip(None)
     assert ip == socket.gethostbyname(socket.gethostname())
