@@ -4,7 +4,8 @@
 or ``python -m worker_agent`` so that signals reach the server directly and this package never
 imports either. ``amm cluster`` runs a ``LocalCluster`` in the foreground. Every other verb is one
 ``Client`` call whose result is printed as a plain-text table (see ``amm.tables``) or, with
-``--json``, as JSON. Failures print ``error: <STATUS>: <message>`` and exit 1, never a traceback.
+``--json``, as JSON; ``amm health`` asks any server's grpc.health.v1 status, for container
+health checks. Failures print ``error: <STATUS>: <message>`` and exit 1, never a traceback.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 from types import FrameType
 from typing import NoReturn
 
-from amm import tables
+from amm import health, tables
 from amm.client import DEFAULT_ADDRESS, Client
 from amm.cluster import AGENT_MODULE, SERVICE_MODULE, ClusterError, LocalCluster
 from amm.errors import AmmError
@@ -77,6 +78,23 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("service", help="run the AMM (python -m amm_service ARGS...)", add_help=False)
     sub.add_parser(
         "agent", help="run a worker agent (python -m worker_agent ARGS...)", add_help=False
+    )
+    health_check = sub.add_parser(
+        "health", help="grpc.health.v1 check of an AMM or agent: exit 0 when SERVING"
+    )
+    health_check.add_argument(
+        "address", nargs="?", metavar="HOST:PORT", help="the server to ask (default: --amm)"
+    )
+    health_check.add_argument(
+        "--service", default="", metavar="NAME", help="one service's status, not the server's"
+    )
+    health_check.add_argument(
+        "--timeout",
+        dest="health_timeout",
+        type=float,
+        default=health.DEFAULT_TIMEOUT,
+        metavar="SECONDS",
+        help="how long to wait for the answer (%(default)s)",
     )
     cluster = sub.add_parser("cluster", help="run an AMM and N agents in the foreground")
     cluster.add_argument("--workers", type=int, default=4, metavar="N")
@@ -277,6 +295,13 @@ def run_cluster(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGTERM, previous)
 
 
+def run_health(args: argparse.Namespace) -> int:
+    """``amm health``: print the status; exit 0 only when SERVING (a container health check)."""
+    status = health.check(args.address or args.amm, args.service, args.health_timeout)
+    print(status)
+    return 0 if status == health.SERVING else 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``amm``; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -286,6 +311,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "cluster":
             return run_cluster(args)
+        if args.command == "health":
+            return run_health(args)
         with Client(args.amm, timeout=args.timeout) as client:
             return run_verb(client, args)
     except AmmError as err:

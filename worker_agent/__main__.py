@@ -71,7 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     add("--amm", "address of the AMM to register with (HOST:PORT); omit to run standalone")
     add("--listen", "address to bind (HOST:PORT, port 0 picks one)", default="127.0.0.1:0")
-    add("--advertise", "address peers and the AMM dial (default: the bound address)")
+    add(
+        "--advertise",
+        "address peers and the AMM dial (default: the bound address); 'auto': this machine's IP "
+        "on the route to the AMM with the bound port, for replicated containers (listen on "
+        "0.0.0.0:PORT)",
+    )
     add("--name", "human-readable worker name (default: the advertised address)")
     add("--zone", "failure domain (rack, zone, host group); copies spread over zones first")
     add("--memory-limit", "memory limit, e.g. 4GiB (default: none)", type=_typed(parse_size))

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import socket
 import time
 from collections.abc import Callable, Coroutine
 from types import TracebackType
@@ -23,6 +22,7 @@ import grpc
 
 from amm.serving import CHANNEL_OPTIONS, Served, bound_address, serve
 from amm.v1 import agent_pb2_grpc, control_pb2, control_pb2_grpc
+from worker_agent.advertise import advertised_address
 from worker_agent.config import AgentConfig
 from worker_agent.errors import Unavailable
 from worker_agent.memory import MemoryProbe, PsutilProbe
@@ -32,7 +32,6 @@ from worker_agent.store import Key, Store
 
 log = logging.getLogger(__name__)
 
-_WILDCARD_HOSTS = {"", "0.0.0.0", "::", "[::]"}
 #: Re-register when the AMM has not polled for this many of its intervals.
 SILENCE_INTERVALS = 3
 UNREGISTER_TIMEOUT = 0.5
@@ -86,7 +85,11 @@ class Agent:
         return self._registered
 
     async def __aenter__(self) -> Self:
-        await self.start()
+        try:
+            await self.start()
+        except BaseException:
+            await self.stop()  # a start that failed after binding leaves no server behind
+            raise
         return self
 
     async def __aexit__(
@@ -100,7 +103,8 @@ class Agent:
     async def start(self) -> None:
         """Bind the server, then sample memory and register in the background.
 
-        Raises ``OSError`` when the listen address cannot be bound.
+        Raises ``OSError`` when the listen address cannot be bound or, with ``advertise='auto'``,
+        no address to advertise can be found.
         """
         if self._started:
             return
@@ -111,8 +115,11 @@ class Agent:
             [lambda server: agent_pb2_grpc.add_WorkerAgentServicer_to_server(servicer, server)],
             [SERVICE_NAME],
         )
-        self.node.address = self.config.advertise or _advertised(
-            bound_address(self.config.listen, self._served.port)
+        self.node.address = await asyncio.to_thread(
+            advertised_address,
+            bound_address(self.config.listen, self._served.port),
+            self.config.advertise,
+            self.config.amm,
         )
         self.node.sample_memory()
         self._spawn(self._sample_memory(), "agent memory sampler")
@@ -267,14 +274,6 @@ class Agent:
         return [
             worker for entry in response.entries if entry.key == key for worker in entry.workers
         ]
-
-
-def _advertised(bound: str) -> str:
-    """Peers cannot dial a wildcard address: advertise the host name instead."""
-    host, _, port = bound.rpartition(":")
-    if host in _WILDCARD_HOSTS:
-        return f"{socket.gethostname()}:{port}"
-    return bound
 
 
 def _report_exit(task: asyncio.Task[None]) -> None:

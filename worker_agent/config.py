@@ -15,6 +15,9 @@ MiB = 1024**2
 GiB = 1024**3
 DEFAULT_MAX_LEASE = 60.0
 DEFAULT_PAUSE_FRACTION = 0.8
+#: ``advertise`` value that advertises this machine's IP on the route to the AMM (see
+#: ``worker_agent.advertise``).
+ADVERTISE_AUTO = "auto"
 
 
 def _check_address(field: str, value: str) -> None:
@@ -34,7 +37,8 @@ class AgentConfig:
     amm: str | None = None
     #: Address the agent's gRPC server binds; port 0 picks a free port.
     listen: str = "127.0.0.1:0"
-    #: Address peers and the AMM dial; defaults to the bound listen address.
+    #: Address peers and the AMM dial; defaults to the bound listen address. ``"auto"``: this
+    #: machine's IP on the route to the AMM with the bound port (replicated containers).
     advertise: str | None = None
     #: Human-readable name reported to the AMM; defaults to the advertised address.
     name: str | None = None
@@ -90,7 +94,7 @@ class AgentConfig:
         _check_address("listen", self.listen)
         if self.amm is not None:
             _check_address("amm", self.amm)
-        if self.advertise is not None:
+        if self.advertise is not None and self.advertise != ADVERTISE_AUTO:
             _check_address("advertise", self.advertise)
         if self.name is not None and not self.name.strip():
             raise ValueError("name must not be blank; leave it unset to use the address")

@@ -120,3 +120,18 @@ async def test_a_restarted_amm_takes_back_live_workers_and_ghosts_die(tmp_path: 
             assert not manager.in_startup_grace()
         with StateStore(config.state_path) as store:
             assert [w.address for w in store.known_workers()] == [agent.address]
+
+
+async def test_auto_advertises_the_ip_on_the_route_to_the_amm(tmp_path: Path) -> None:
+    """How replicated containers register (docker-compose.yml): listen on the wildcard address,
+    advertise ``auto``; the AMM lists, and dials, an IP address with the bound port."""
+    async with (
+        AmmServer(amm_config(tmp_path)) as amm,
+        running_agent(amm=amm.address, listen="0.0.0.0:0", advertise="auto") as agent,
+    ):
+        await wait_for(lambda: agent.registered, what="registration")
+        port = agent.address.rpartition(":")[2]
+        assert agent.address == f"127.0.0.1:{port}"
+        assert await listed(amm) == [(agent.address, agent.address)]
+        async with dial(agent.address) as stub:
+            assert (await poll(stub)).epoch == amm.epoch

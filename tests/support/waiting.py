@@ -54,9 +54,11 @@ def poll_until(
     probe: Callable[[], T | None],
     within: float = 10.0,
     what: str = "condition",
+    every: float = 0.05,
 ) -> T:
     """Blocking twin of ``wait_for`` for tests that drive the blocking ``Client``: the first
-    truthy value ``probe`` returns; ``AssertionError`` after ``within`` seconds."""
+    truthy value ``probe`` returns, asking every ``every`` seconds (more for costly probes);
+    ``AssertionError`` after ``within`` seconds."""
     deadline = time.monotonic() + within
     while True:
         value = probe()
@@ -64,4 +66,4 @@ def poll_until(
             return value
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} not reached within {within}s; last value: {value!r}")
-        time.sleep(0.05)
+        time.sleep(every)

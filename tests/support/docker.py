@@ -1,0 +1,50 @@
+"""Finding Docker for the compose tests: a compose CLI (needs no engine) and a reachable engine.
+
+Each answer is a reason to skip, or None, so that a skipped test says exactly what was missing.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+#: Set to 0 to skip the compose smoke test even where an engine is reachable (it builds images).
+SMOKE_SWITCH = "AMM_COMPOSE_SMOKE"
+
+
+def compose_cli() -> list[str] | None:
+    """``docker compose`` (v2) or ``docker-compose`` (v1), whichever is installed; None if none."""
+    docker = shutil.which("docker")
+    if docker is not None:
+        probe = subprocess.run(
+            [docker, "compose", "version"], capture_output=True, text=True, timeout=30
+        )
+        if probe.returncode == 0:
+            return [docker, "compose"]
+    legacy = shutil.which("docker-compose")
+    return [legacy] if legacy is not None else None
+
+
+def engine_unavailable() -> str | None:
+    """Why the compose smoke test cannot run here, or None when it can."""
+    if os.environ.get(SMOKE_SWITCH) == "0":
+        return f"{SMOKE_SWITCH}=0"
+    docker = shutil.which("docker")
+    if docker is None:
+        return "no docker CLI on PATH"
+    try:
+        info = subprocess.run(
+            [docker, "info", "--format", "{{.ServerVersion}}"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    except subprocess.TimeoutExpired:
+        return "no Docker engine reachable: `docker info` did not answer within 30 s"
+    if info.returncode != 0 or not info.stdout.strip():
+        said = (info.stderr.strip().splitlines() or ["no server version"])[-1]
+        return f"no Docker engine reachable (`docker info`: {said})"
+    if compose_cli() is None:
+        return "a Docker engine is reachable but no compose CLI (docker compose or docker-compose)"
+    return None
