@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+DIAGNOSTICS_STAMP := $(VENV)/.installed-diagnostics
 
 .PHONY: install demo test lint typecheck contracts protos protos-check test-only cluster clean
 
@@ -14,8 +15,14 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-demo: install
+# The headline: replay the committed Dask trace with the AMM off, then on; a table and
+# demo-memory.png. The plot needs the diagnostics extra (pandas, matplotlib).
+demo: install $(DIAGNOSTICS_STAMP)
 	$(BIN)/python -m amm.demo
+
+$(DIAGNOSTICS_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[dev,diagnostics]'
+	touch $@
 
 cluster: install
 	$(BIN)/amm cluster --workers 4
@@ -43,4 +50,4 @@ test-only: install
 test: lint typecheck contracts protos-check test-only
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache *.egg-info
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache *.egg-info demo-memory.png
