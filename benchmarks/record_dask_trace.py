@@ -147,6 +147,7 @@ def run_once(
         "submitted": submitted,
         "peak_managed_bytes": max(v for _, v in managed.samples["managed"]),
         "peak_process_bytes": max(v for _, v in process.samples["process"]),
+        "start_process_bytes": process.samples["process"][0][1],
         "bytes_transferred": transferred,
         "memory_samples": {
             "managed": [(t - submitted, v) for t, v in managed.samples["managed"]],
@@ -163,6 +164,7 @@ def _summary(run: dict[str, Any]) -> dict[str, Any]:
         "wall_seconds": round(run["wall_seconds"], 3),
         "peak_managed_bytes": run["peak_managed_bytes"],
         "peak_process_bytes": run["peak_process_bytes"],
+        "start_process_bytes": run["start_process_bytes"],
         "bytes_transferred": run["bytes_transferred"],
         "tasks": len(run["tasks"]),
     }
@@ -177,6 +179,7 @@ def _mode(runs: list[dict[str, Any]]) -> dict[str, Any]:
             "wall_seconds",
             "peak_managed_bytes",
             "peak_process_bytes",
+            "start_process_bytes",
             "bytes_transferred",
         )
     }

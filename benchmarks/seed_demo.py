@@ -32,6 +32,7 @@ TRACE = HERE / "traces" / "dot-8000.json.gz"
 ROWS = (
     ("peak_managed", "peak cluster memory, managed"),
     ("peak_process", "peak cluster memory, process"),
+    ("process_added", "  process memory above the start"),
     ("wall", "wall time"),
     ("bytes_transferred", "bytes transferred"),
 )

@@ -48,7 +48,7 @@ freed memory back to the system, so process memory follows what agents hold, as 
 
 @dataclass(frozen=True, slots=True)
 class ReplayOptions:
-    """The command's flags; ``interval`` is the local AMM's cycle and the sampling interval."""
+    """The command's flags; ``interval`` is the local AMM's cycle interval."""
 
     trace: Path
     workers: int | None = None
@@ -60,6 +60,7 @@ class ReplayOptions:
     json: Path | None = None
     interval: float = 0.5
     progress: bool = True
+    sample_interval: float = 0.5
 
 
 @dataclass
@@ -160,7 +161,7 @@ async def _run_once(
         try:
             await (client.amm.start() if amm else client.amm.stop())
             with _Bar(console, label, len(plan.steps), outcome.managed) as bar:
-                interval = options.interval
+                interval = options.sample_interval
                 async with (
                     outcome.managed.sample(
                         label, client=client, measure="managed", interval=interval
@@ -256,6 +257,11 @@ def run_replay(
         outcome.dask,
         outcome.amm_interval,
     )
+    if options.address is not None and len(outcome.runs) > 1:
+        outcome.report += (
+            f"\nBoth runs used the agents at {options.address}: the second run's process "
+            "memory starts where the first one left it."
+        )
     print(f"\n{outcome.report}", file=out, flush=True)
     if options.plot is not None:
         from amm.replay.figure import write_figure
@@ -284,6 +290,7 @@ def options_from_args(args: argparse.Namespace) -> ReplayOptions:
         plot=args.plot,
         json=args.json_path,
         interval=args.interval,
+        sample_interval=args.sample_interval,
         progress=not args.no_progress,
     )
 
@@ -337,7 +344,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=_positive_float,
         default=0.5,
         metavar="SECONDS",
-        help="the local AMM's cycle interval and the memory sampling interval (default 0.5)",
+        help="the local AMM's cycle interval (default 0.5; Dask's AMM runs every 2 s)",
+    )
+    parser.add_argument(
+        "--sample-interval",
+        type=_positive_float,
+        default=0.5,
+        metavar="SECONDS",
+        help="how often cluster memory is sampled (default 0.5, as Dask's MemorySampler)",
     )
     parser.add_argument("--plot", type=Path, default=None, metavar="PATH", help="write the figure")
     parser.add_argument(

@@ -47,6 +47,11 @@ class RunFigures:
     check: str
     check_ok: bool
 
+    @property
+    def process_added(self) -> int:
+        """How far process memory rose above where it was before the replay."""
+        return max(0, self.peak_process - self.start_process)
+
 
 @dataclass(frozen=True, slots=True)
 class DaskFigures:
@@ -61,6 +66,8 @@ class DaskFigures:
     source: str
     off_transferred: float | None = None
     on_transferred: float | None = None
+    off_process_added: float | None = None
+    on_process_added: float | None = None
 
     def ratios(self) -> dict[str, float]:
         ratios = {
@@ -70,6 +77,8 @@ class DaskFigures:
         }
         if self.off_transferred and self.on_transferred is not None:
             ratios["bytes_transferred"] = self.on_transferred / self.off_transferred
+        if self.off_process_added and self.on_process_added is not None:
+            ratios["process_added"] = self.on_process_added / self.off_process_added
         return ratios
 
 
@@ -82,6 +91,17 @@ def _optional_median(runs: Sequence[Mapping[str, Any]], field: str) -> float | N
     return _median(runs, field) if all(field in run for run in runs) else None
 
 
+def _added_median(runs: Sequence[Mapping[str, Any]]) -> float | None:
+    """The median of each run's process memory peak above its first sample, when recorded."""
+    if not all("start_process_bytes" in run for run in runs):
+        return None
+    return float(
+        statistics.median(
+            float(run["peak_process_bytes"]) - float(run["start_process_bytes"]) for run in runs
+        )
+    )
+
+
 def dask_figures(
     meta: Mapping[str, Any], source: str = "recorded with the trace"
 ) -> DaskFigures | None:
@@ -89,6 +109,9 @@ def dask_figures(
     dask = meta.get("dask")
     if not isinstance(dask, Mapping):
         return None
+    settings = meta.get("dask_amm")
+    if isinstance(settings, Mapping) and settings.get("interval"):
+        source += f"; Dask's AMM ran every {settings['interval']}"
     try:
         off, on = dask["amm_off"], dask["amm_on"]
         offs = off.get("runs") or [off]
@@ -103,6 +126,8 @@ def dask_figures(
             source=source,
             off_transferred=_optional_median(offs, "bytes_transferred"),
             on_transferred=_optional_median(ons, "bytes_transferred"),
+            off_process_added=_added_median(offs),
+            on_process_added=_added_median(ons),
         )
     except (KeyError, TypeError, ValueError, AttributeError, statistics.StatisticsError):
         return None
@@ -120,6 +145,7 @@ def amm_ratios(off: RunFigures, on: RunFigures) -> dict[str, float | None]:
     return {
         "peak_managed": ratio(on.peak_managed, off.peak_managed),
         "peak_process": ratio(on.peak_process, off.peak_process),
+        "process_added": ratio(on.process_added, off.process_added),
         "wall": ratio(on.wall_seconds, off.wall_seconds),
         "bytes_transferred": ratio(on.bytes_transferred, off.bytes_transferred),
     }
@@ -178,6 +204,11 @@ def render_table_text(runs: Sequence[RunFigures], dask: DaskFigures | None) -> s
             "  process memory before the replay",
             [format_bytes(r.start_process) for r in runs],
             None,
+        ),
+        row(
+            "  peak process memory above that",
+            [format_bytes(r.process_added) for r in runs],
+            "process_added",
         ),
         row("wall time", [f"{r.wall_seconds:.1f} s" for r in runs], "wall"),
         row(
@@ -244,6 +275,7 @@ def report_document(
                 "peak_managed_bytes": r.peak_managed,
                 "peak_process_bytes": r.peak_process,
                 "start_process_bytes": r.start_process,
+                "process_added_bytes": r.process_added,
                 "bytes_transferred": r.bytes_transferred,
                 "bytes_put": r.bytes_put,
                 "replicas_dropped": r.replicas_dropped,
@@ -270,4 +302,5 @@ def headline(runs: Sequence[RunFigures], dask: DaskFigures | None) -> str | None
     if dask is not None:
         theirs = 1 - dask.ratios()["peak_managed"]
         text += f" (Dask's own AMM: {theirs:.0%} lower on the same workload)"
-    return text + f", and wall time changed by {wall:+.1%}."
+    change = "did not change" if abs(wall) < 0.0005 else f"changed by {wall:+.1%}"
+    return text + f", and wall time {change}."

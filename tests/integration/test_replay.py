@@ -7,6 +7,7 @@ which to drop one of that root's two idle replicas); and an output that reads th
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 import grpc
 import pytest
 
+from amm import demo
 from amm.cli import main as cli_main
 from amm.client import AsyncClient, Client
 from amm.cluster import LocalCluster
@@ -25,6 +27,7 @@ from amm.replay.runner import Replayer, ReplayError
 from amm.replay.trace import TRACE_FORMAT, parse_trace
 from tests.support.processes import local_cluster
 
+PLOTTING = all(importlib.util.find_spec(m) for m in ("matplotlib", "pandas"))
 ROOT = 200_000
 MIDDLE = 100_000
 # Inputs read from another worker than their producer's, each (key, worker) once, AMM off:
@@ -78,6 +81,7 @@ def test_replay_off_then_on_reports_moves_and_leaves_nothing(
         interval=0.2,
         progress=False,
         json=tmp_path / "out.json",
+        plot=tmp_path / "memory.png" if PLOTTING else None,
     )
     outcome = run_replay(options)
     assert outcome.ok
@@ -97,6 +101,16 @@ def test_replay_off_then_on_reports_moves_and_leaves_nothing(
     document = json.loads((tmp_path / "out.json").read_text())
     assert document["ratios"]["bytes_transferred"] == on.bytes_transferred / TRANSFERRED
     assert set(document["samples"]) == {"AMM off", "AMM on"}
+    if PLOTTING:
+        assert (tmp_path / "memory.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_demo_says_where_its_trace_is_missing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert demo.main(["--trace", str(tmp_path / "gone.json.gz")]) == 1
+    assert "demo failed: no trace at" in capsys.readouterr().err
+    assert demo.TRACE.exists()
 
 
 async def test_the_end_check_catches_a_missing_and_an_unexpected_key(trace_file: Path) -> None:

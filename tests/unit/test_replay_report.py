@@ -43,6 +43,7 @@ ON = replace(
     bytes_transferred=125 * MiB,
     replicas_dropped=42,
 )
+EXTRA = {"start_process_bytes": 1000, "bytes_transferred": 100}
 META = {
     "dask": {
         "amm_off": {
@@ -50,12 +51,33 @@ META = {
             "peak_process_bytes": 2000,
             "wall_seconds": 10,
             "runs": [
-                {"peak_managed_bytes": 900, "peak_process_bytes": 2000, "wall_seconds": 10},
-                {"peak_managed_bytes": 1000, "peak_process_bytes": 2100, "wall_seconds": 12},
-                {"peak_managed_bytes": 1100, "peak_process_bytes": 1900, "wall_seconds": 11},
+                {
+                    "peak_managed_bytes": 900,
+                    "peak_process_bytes": 2000,
+                    "wall_seconds": 10,
+                    **EXTRA,
+                },
+                {
+                    "peak_managed_bytes": 1000,
+                    "peak_process_bytes": 2100,
+                    "wall_seconds": 12,
+                    **EXTRA,
+                },
+                {
+                    "peak_managed_bytes": 1100,
+                    "peak_process_bytes": 1900,
+                    "wall_seconds": 11,
+                    **EXTRA,
+                },
             ],
         },
-        "amm_on": {"peak_managed_bytes": 750, "peak_process_bytes": 1800, "wall_seconds": 11.0},
+        "amm_on": {
+            "peak_managed_bytes": 750,
+            "peak_process_bytes": 1800,
+            "wall_seconds": 11.0,
+            "start_process_bytes": 1000,
+            "bytes_transferred": 120,
+        },
     }
 }
 
@@ -79,7 +101,14 @@ def test_dask_figures_are_medians_over_the_recorded_runs() -> None:
     assert dask.off_peak_managed == 1000
     assert dask.off_wall == 11
     assert dask.ratios() == pytest.approx(
-        {"peak_managed": 0.75, "peak_process": 1800 / 2000, "wall": 1.0}
+        {
+            "peak_managed": 0.75,
+            "peak_process": 1800 / 2000,
+            "wall": 1.0,
+            "bytes_transferred": 1.2,
+            # Peaks above the first sample: 800 with the AMM on, a median of 1000 without.
+            "process_added": 0.8,
+        }
     )
 
 
@@ -106,7 +135,9 @@ def test_the_table_shows_each_run_then_both_ratios() -> None:
     wall = next(line for line in lines if line.startswith("wall time"))
     assert wall.split()[-2:] == ["1.010", "1.000"]
     moved = next(line for line in lines if line.startswith("bytes transferred"))
-    assert moved.split()[-2:] == ["1.250", "-"]
+    assert moved.split()[-2:] == ["1.250", "1.200"]
+    added = next(line for line in lines if line.startswith("  peak process memory above"))
+    assert added.split()[-2:] == ["0.750", "0.800"]
     dropped = next(line for line in lines if line.startswith("replicas dropped"))
     assert dropped.split()[-2:] == ["0", "42"]
     assert any("fetched from peers" in line for line in lines)
@@ -128,6 +159,10 @@ def test_headline_and_document() -> None:
         "same workload), and wall time changed by +1.0%."
     )
     assert headline([OFF], None) is None
+    same = replace(ON, wall_seconds=OFF.wall_seconds + 0.001)
+    assert headline([OFF, same], None) == (
+        "With the AMM on, peak managed memory was 25% lower, and wall time did not change."
+    )
     document = report_document("t", plan(), [OFF, ON], None)
     assert document["ratios"]["peak_managed"] == pytest.approx(0.75)
     assert document["byte_scale"] == 1 / 16
