@@ -89,7 +89,7 @@ class _Payloads:
         return value
 
 
-class _Forgetter:
+class Forgetter:
     """Forgets released keys through the AMM in batches; ``drain`` waits until none is left."""
 
     def __init__(self, client: AsyncClient) -> None:
@@ -163,7 +163,7 @@ class Replayer:
         self._produced = {step.key: asyncio.Event() for step in plan.steps}
         self._holders: dict[str, list[str]] = {}
         self._payloads = _Payloads()
-        self._forgetter = _Forgetter(client)
+        self._forgetter = Forgetter(client)
         self._t0 = 0.0
         self._bytes_put = 0
         self._bytes_transferred = 0
@@ -282,7 +282,7 @@ async def forget_prefix(client: AsyncClient, prefix: str) -> int:
     """Forget every key under ``prefix/``: what a failed or interrupted replay left behind."""
     held = await client.who_has(fresh=True)
     keys = [k for k, holders in held.items() if k.startswith(f"{prefix}/") and holders]
-    forgetter = _Forgetter(client)
+    forgetter = Forgetter(client)
     if keys:
         await forgetter.forget(keys)
     return forgetter.deleted

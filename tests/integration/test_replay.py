@@ -23,7 +23,7 @@ from amm.errors import AmmError
 from amm.replay.command import ReplayOptions, run_replay
 from amm.replay.plan import Scale, make_plan
 from amm.replay.report import HONESTY_NOTE
-from amm.replay.runner import Replayer, ReplayError
+from amm.replay.runner import Forgetter, Replayer, ReplayError, forget_prefix
 from amm.replay.trace import TRACE_FORMAT, parse_trace
 from tests.support.processes import local_cluster
 
@@ -191,3 +191,17 @@ def test_prefetch_reads_through_a_worker_without_downloading() -> None:
         with pytest.raises(AmmError) as missing:
             client.prefetch("nope", w2)
         assert missing.value.status == grpc.StatusCode.NOT_FOUND
+
+
+async def test_forgetting_skips_keys_already_gone_and_a_prefix_stays_its_own() -> None:
+    with local_cluster(1) as cluster:
+        (worker,) = cluster.workers
+        async with AsyncClient(cluster.address) as client:
+            for key in ("pre/x", "pre/y", "pre/z", "prefix-other"):
+                await client.put(key, b"v", workers=[worker])
+            forgetter = Forgetter(client)
+            # One Forget fails as a whole on an unknown key: the forgetter goes key by key.
+            await forgetter.forget(["pre/x", "gone"])
+            assert forgetter.deleted == 1
+            assert await forget_prefix(client, "pre") == 2
+            assert set(await client.who_has(fresh=True)) == {"prefix-other"}
