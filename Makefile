@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+DIAGNOSTICS_STAMP := $(VENV)/.installed-diagnostics
 
 .PHONY: install demo test lint typecheck contracts protos protos-check test-only cluster clean \
 	compose-check wheelhouse
@@ -15,8 +16,14 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-demo: install
+# The headline: replay the committed Dask trace with the AMM off, then on; a table and
+# demo-memory.png. The plot needs the diagnostics extra (pandas, matplotlib).
+demo: install $(DIAGNOSTICS_STAMP)
 	$(BIN)/python -m amm.demo
+
+$(DIAGNOSTICS_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[dev,diagnostics]'
+	touch $@
 
 cluster: install
 	$(BIN)/amm cluster --workers 4
@@ -64,4 +71,4 @@ wheelhouse: install
 		--requirement build/image-requirements.txt
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache *.egg-info
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache *.egg-info demo-memory.png

@@ -27,6 +27,9 @@ from amm import health, tables
 from amm.client import DEFAULT_ADDRESS, Client
 from amm.cluster import AGENT_MODULE, SERVICE_MODULE, ClusterError, LocalCluster
 from amm.errors import AmmError
+from amm.replay import command as replay_command
+from amm.replay.runner import ReplayError
+from amm.replay.trace import TraceError
 from amm.units import format_bytes, parse_duration
 
 EXEC_COMMANDS = {"service": SERVICE_MODULE, "agent": AGENT_MODULE}
@@ -109,6 +112,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="give the agents these zones in turn (failure domains)",
     )
     cluster.add_argument("--logs", action="store_true", help="show the processes' output")
+
+    replay = sub.add_parser(
+        "replay",
+        help="replay a recorded trace's data movement with the AMM off and on",
+        description="Replay a recorded trace (benchmarks/record_dask_trace.py) on an amm "
+        "cluster with the AMM off, on, or both, and report peak memory, wall time and bytes "
+        "transferred. A replay of data movement: nothing is computed.",
+    )
+    replay_command.add_arguments(replay)
 
     sub.add_parser("start", parents=[common], help="start running cycles")
     sub.add_parser("stop", parents=[common], help="stop running cycles")
@@ -313,11 +325,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_cluster(args)
         if args.command == "health":
             return run_health(args)
+        if args.command == "replay":
+            return replay_command.run_command(args)
         with Client(args.amm, timeout=args.timeout) as client:
             return run_verb(client, args)
     except AmmError as err:
         print(f"error: {err.status.name}: {err.message}", file=sys.stderr)
-    except (ClusterError, OSError) as err:
+    except (ClusterError, OSError, TraceError, ReplayError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
     except KeyboardInterrupt:
         return 130

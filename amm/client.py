@@ -25,6 +25,7 @@ from amm.errors import AmmError
 from amm.models import (
     CycleReport,
     GoalChange,
+    Prefetched,
     ReplicationGoal,
     RetirementResult,
     Status,
@@ -398,6 +399,30 @@ class AsyncClient:
             )
         return b"".join(parts)
 
+    async def prefetch(self, key: str, worker: str, *, sources: Sequence[str] = ()) -> Prefetched:
+        """Make ``worker`` hold ``key`` as a read through it would, without receiving the value.
+
+        A worker that lacks the key fetches it from ``sources`` (or, when empty, the holders the
+        AMM names) and keeps the replica, as a Dask worker gathers a task's input; the value
+        itself never travels to this client: the call ends once the worker sent the header.
+        ``fetched`` tells whether the worker copied the key from a peer for this call.
+        """
+        stub = self._agent_stub(worker)
+        request = agent_pb2.GetRequest(key=key, sources=list(sources))
+        with _rpc("worker", worker):
+            call = stub.Get(request, timeout=self.timeout)
+            first: agent_pb2.GetResponse | None = None
+            try:
+                async for message in call:
+                    first = message
+                    break
+            finally:
+                call.cancel()
+        if first is None or not first.HasField("header"):
+            raise AmmError(grpc.StatusCode.DATA_LOSS, f"{worker} sent {key!r} without a header")
+        header = first.header
+        return Prefetched(key=key, worker=worker, size=header.size, fetched=header.replicated)
+
     async def pin(self, key: str, worker: str) -> int:
         """Pin ``key`` on ``worker`` so it is never dropped there; returns the pin count."""
         stub = self._agent_stub(worker)
@@ -470,5 +495,6 @@ class Client(Blocking[AsyncClient]):
     retire_workers = forward(AsyncClient.retire_workers)
     put = forward(AsyncClient.put)
     get = forward(AsyncClient.get)
+    prefetch = forward(AsyncClient.prefetch)
     pin = forward(AsyncClient.pin)
     unpin = forward(AsyncClient.unpin)

@@ -1,145 +1,84 @@
-"""``python -m amm.demo`` (``make demo``): the Dask-style example against a real local cluster.
+"""``python -m amm.demo`` (``make demo``): the headline result, made the way Dask's announcement
+made it: cluster-wide memory over time while ``(A @ A.T).sum()`` runs, AMM off against AMM on.
 
-Starts an AMM (on 127.0.0.1:50051 when that port is free) and four agents, then runs the example
-of the README step by step, printed as a REPL session would read: a replica appears when a worker
-reads a key it lacks, and disappears within a few intervals once the AMM runs. Each step checks
-its result, so the demo doubles as a smoke test: any surprise ends it with exit code 1 and a
-message saying which step went wrong.
+It replays the trace committed at ``benchmarks/traces/dot-8000.json.gz`` (recorded from Dask on
+8 single-threaded workers by ``benchmarks/record_dask_trace.py``) on 8 local agent processes,
+once with the AMM off and once with it on, prints the table (peak managed and process memory,
+wall time, bytes transferred, and the ratios, next to Dask's own) and writes
+``demo-memory.png``. It is ``amm replay`` with settings that fit a 2-core machine in well under
+3 minutes: times as recorded, sizes scaled by 1/16 (a recorded 8 MB chunk is put as 500 KB),
+since moving the recorded 10 GB through Python agents on two cores would fall behind the
+recorded schedule and change the very memory curve being measured.
 """
 
 from __future__ import annotations
 
-import pprint
-import socket
+import argparse
 import sys
 import time
-from collections.abc import Callable
-from typing import TypeVar
+from collections.abc import Sequence
+from pathlib import Path
 
-from amm.client import Client
-from amm.cluster import ClusterError, LocalCluster
+from amm.cluster import ClusterError
 from amm.errors import AmmError
-from amm.tables import render_status, render_workers, summarize_cycle
+from amm.replay.command import ReplayOptions, run_replay
+from amm.replay.report import headline
+from amm.replay.runner import ReplayError
+from amm.replay.trace import TraceError
 
-T = TypeVar("T")
-PREFERRED = ("127.0.0.1", 50051)
-INTERVAL = 0.5
-WORKERS = 4
-
-
-class DemoFailed(Exception):
-    """A step of the demo did not give the expected result."""
-
-
-def port_free(host: str, port: int) -> bool:
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-    return True
+TRACE = Path(__file__).resolve().parent.parent / "benchmarks" / "traces" / "dot-8000.json.gz"
+TIME_SCALE = 1.0
+BYTE_SCALE = 1 / 16
+PLOT = Path("demo-memory.png")
 
 
-def step(source: str, call: Callable[[], T], assign: bool = False) -> T:
-    """Print ``>>> source``, run ``call`` and print its result as the REPL would.
-
-    ``assign``: the source is an assignment, so the REPL prints nothing.
-    """
-    print(f">>> {source}", flush=True)
-    result = call()
-    if result is not None and not assign:
-        print(pprint.pformat(result, width=80, sort_dicts=False), flush=True)
-    return result
-
-
-def expect(condition: bool, what: str) -> None:
-    if not condition:
-        raise DemoFailed(what)
-
-
-def wait_for_single_replica(client: Client, key: str, timeout: float) -> tuple[str, ...]:
-    """Poll ``who_has`` until ``key`` has one holder; the AMM's ReduceReplicas at work."""
-    deadline = time.monotonic() + timeout
-    while True:
-        holders = client.who_has(key)[key]
-        if len(holders) == 1:
-            return holders
-        if time.monotonic() > deadline:
-            refusals = [
-                f"{r.op} {r.key!r} on {r.worker}: {r.reason} ({r.message})"
-                for r in client.status().recent_refusals[:3]
-            ]
-            raise DemoFailed(
-                f"{key!r} still has {len(holders)} replicas after {timeout:.0f} s; "
-                f"recent refusals: {'; '.join(refusals) or 'none'}"
-            )
-        time.sleep(INTERVAL / 5)
-
-
-def run_example(client: Client) -> None:
-    print(">>> from amm import Client")
-    print(f'>>> client = Client("{client.address}")')
-    w1, w2, w3, w4 = step("w1, w2, w3, w4 = client.has_what()", client.has_what, assign=True)
-    step('client.put("x", b"payload", workers=[w1])', lambda: client.put("x", b"payload", [w1]))
-    has_what = step("client.has_what()", client.has_what)
-    expect(has_what == {w1: ("x",), w2: (), w3: (), w4: ()}, f"x should be on {w1} only")
-    value = step('client.get("x", worker=w2)', lambda: client.get("x", worker=w2))
-    expect(value == b"payload", "get returned another value")
-    has_what = step("client.has_what()", client.has_what)
-    expect(has_what[w2] == ("x",), f"{w2} should keep a replica of x after reading it")
-
-    print("\n# Now let the AMM run: ReduceReplicas drops the duplicate within a few intervals.")
-    running = step(
-        "client.amm.start(); client.amm.running()",
-        lambda: (client.amm.start(), client.amm.running())[1],
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m amm.demo",
+        description="Replay the committed Dask trace with the AMM off, then on; print the "
+        "table and write the memory plot.",
     )
-    expect(running is True, "the AMM should be running after start()")
-    started = time.monotonic()
-    holders = wait_for_single_replica(client, "x", timeout=max(10.0, 20 * INTERVAL))
-    print(f"# ... {time.monotonic() - started:.1f} s later:")
-    step('client.who_has("x")', lambda: client.who_has("x"))
-    expect(holders[0] in (w1, w2), "x moved to a worker that never had it")
-
-    running = step(
-        "client.amm.stop(); client.amm.running()",
-        lambda: (client.amm.stop(), client.amm.running())[1],
-    )
-    expect(running is False, "the AMM should be stopped after stop()")
-    report = step(
-        "client.amm.run_once()  # one cycle on demand, even while stopped", client.amm.run_once
-    )
-    expect(report.directives_sent == 0, "nothing should be left to do")
-    print(f"# {summarize_cycle(report)}")
-
-    print("\n>>> print(render_status(client.address, client.status()))")
-    print(render_status(client.address, client.status()))
-    print("\n>>> print(render_workers(client.workers(fresh=True)))")
-    print(render_workers(client.workers(fresh=True)))
+    parser.add_argument("--trace", type=Path, default=TRACE, metavar="PATH")
+    parser.add_argument("--time-scale", type=float, default=TIME_SCALE, metavar="X")
+    parser.add_argument("--byte-scale", type=float, default=BYTE_SCALE, metavar="X")
+    parser.add_argument("--plot", type=Path, default=PLOT, metavar="PATH")
+    parser.add_argument("--no-progress", action="store_true")
+    return parser
 
 
-def main(listen: str | None = None) -> int:
-    """Run the demo; the AMM listens on ``listen``, by default 127.0.0.1:50051 if free."""
-    if listen is None:
-        host, port = PREFERRED
-        listen = f"{host}:{port}" if port_free(host, port) else f"{host}:0"
-    started = time.monotonic()
-    print(f"# Starting an AMM on {listen} and {WORKERS} agents (interval {INTERVAL * 1000:.0f}ms)")
-    try:
-        with LocalCluster(WORKERS, listen=listen, interval=INTERVAL, start=False) as cluster:
-            print(f"# AMM at {cluster.address}; workers {', '.join(cluster.workers)}\n")
-            with Client(cluster.address, timeout=10) as client:
-                run_example(client)
-    except DemoFailed as err:
-        print(f"\ndemo failed: {err}", file=sys.stderr)
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not args.trace.exists():
+        print(
+            f"demo failed: no trace at {args.trace}; run the demo from a clone of the "
+            "repository (make demo), or give one with --trace",
+            file=sys.stderr,
+        )
         return 1
+    options = ReplayOptions(
+        trace=args.trace,
+        modes=(False, True),
+        time_scale=args.time_scale,
+        byte_scale=args.byte_scale,
+        plot=args.plot,
+        progress=not args.no_progress,
+    )
+    started = time.monotonic()
+    try:
+        outcome = run_replay(options)
     except AmmError as err:
         print(f"\ndemo failed: {err.status.name}: {err.message}", file=sys.stderr)
         return 1
-    except ClusterError as err:
-        print(f"\ndemo failed: could not start the cluster: {err}", file=sys.stderr)
+    except (TraceError, ReplayError, ClusterError, ImportError, ValueError) as err:
+        print(f"\ndemo failed: {err}", file=sys.stderr)
         return 1
-    print(f"\n# Cluster stopped; the demo took {time.monotonic() - started:.1f} s.")
+    summary = headline(outcome.runs, outcome.dask)
+    if summary:
+        print(f"\n{summary}")
+    print(f"The demo took {time.monotonic() - started:.0f} s.")
+    if not outcome.ok:
+        print("demo failed: an end-state check failed (see the table)", file=sys.stderr)
+        return 1
     return 0
 
 

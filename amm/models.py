@@ -49,6 +49,16 @@ class WorkerInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class Prefetched:
+    """A worker holds a key after ``prefetch``; ``fetched`` when it copied it from a peer for it."""
+
+    key: str
+    worker: str
+    size: int
+    fetched: bool
+
+
+@dataclass(frozen=True, slots=True)
 class DirectiveRecord:
     """A directive the AMM sent in a cycle and, once known, its outcome."""
 

@@ -1,4 +1,4 @@
-"""``amm cluster`` and the demo as a user runs them: real processes, stopped by signals."""
+"""``amm cluster`` and the example as a user runs them: real processes, stopped by signals."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from amm import demo
+from amm import example
 from amm.client import Client
 
 
@@ -36,8 +36,8 @@ def test_cluster_command_stops_everything_on_signal(sig: signal.Signals) -> None
             proc.communicate()
 
 
-def test_demo_runs_to_completion(capsys: pytest.CaptureFixture[str]) -> None:
-    assert demo.main(listen="127.0.0.1:0") == 0
+def test_example_runs_to_completion(capsys: pytest.CaptureFixture[str]) -> None:
+    assert example.main(listen="127.0.0.1:0") == 0
     out = capsys.readouterr().out
     assert '>>> client.get("x", worker=w2)' in out
     assert "b'payload'" in out

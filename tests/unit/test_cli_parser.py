@@ -146,3 +146,41 @@ def test_retire_needs_workers_or_n_but_not_both(capsys: pytest.CaptureFixture[st
     assert cli.main(["--amm", "127.0.0.1:1", "retire"]) == 2
     assert cli.main(["--amm", "127.0.0.1:1", "retire", "h:1", "-n", "1"]) == 2
     assert capsys.readouterr().err.count("give the workers to retire, or -n K") == 2
+
+
+def test_replay_flags_map_onto_options() -> None:
+    from pathlib import Path
+
+    from amm.replay.command import options_from_args
+
+    args = cli.build_parser().parse_args(
+        ["replay", "t.json.gz", "--amm", "on", "--workers", "3", "--time-scale", "0.5",
+         "--byte-scale", "0.25", "--address", "h:1", "--plot", "p.png", "--json", "r.json",
+         "--interval", "2", "--sample-interval", "0.1", "--no-progress"]
+    )  # fmt: skip
+    options = options_from_args(args)
+    assert options.trace == Path("t.json.gz")
+    assert options.modes == (True,)
+    assert (options.workers, options.time_scale, options.byte_scale) == (3, 0.5, 0.25)
+    assert (options.address, options.plot, options.json) == ("h:1", Path("p.png"), Path("r.json"))
+    assert (options.interval, options.sample_interval, options.progress) == (2.0, 0.1, False)
+    defaults = options_from_args(cli.build_parser().parse_args(["replay", "t.json"]))
+    assert defaults.modes == (False, True)
+    assert (defaults.workers, defaults.address, defaults.time_scale) == (None, None, 1.0)
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--time-scale", "0", "must be a positive number"),
+        ("--byte-scale", "inf", "must be a positive number"),
+        ("--workers", "0", "must be at least 1"),
+        ("--amm", "maybe", "invalid choice: 'maybe'"),
+    ],
+)
+def test_replay_refuses_bad_flags(
+    flag: str, value: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["replay", "t.json", flag, value])
+    assert message in capsys.readouterr().err
