@@ -17,6 +17,8 @@ from typing import Any
 import pytest
 import yaml
 
+from amm.demo import BYTE_SCALE
+from amm.replay.command import AGENT_ENV
 from scripts.image_requirements import requirements
 from tests.support.docker import compose_cli
 
@@ -103,6 +105,8 @@ def test_workers_scale_and_advertise_their_own_address() -> None:
     # Anything fixed per container would make `--scale worker=N` fail or collide.
     assert not {"container_name", "hostname", "ports"} & set(worker)
     assert worker["depends_on"]["amm"]["condition"] == "service_healthy"
+    # The replay's local agents run with this too: the demo's process memory means the same.
+    assert AGENT_ENV.items() <= env.items()
 
 
 @pytest.mark.parametrize(
@@ -123,6 +127,8 @@ def test_the_demo_replays_into_a_mounted_folder_under_its_profile() -> None:
     assert command[0] == "benchmarks/traces/dot-8000.json.gz"
     assert command[command.index("--address") + 1] == "amm:50051"
     assert command[command.index("--amm") + 1] == "both"
+    # `make demo`'s sizes: at full size the replay pauses the agents and fails.
+    assert float(command[command.index("--byte-scale") + 1]) == BYTE_SCALE
     plot = command[command.index("--plot") + 1]
     mounts = {m.split(":")[1]: m.split(":")[0] for m in demo["volumes"]}
     assert str(Path(plot).parent) in mounts
