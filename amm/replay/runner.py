@@ -20,13 +20,18 @@ Races with the AMM, which may drop an unpinned replica at any moment, are handle
    with NOT_FOUND and the input is read again (a bounded number of times);
 2. a source the replay remembers may have been dropped: the agent skips it, and if every source
    named is gone, the input is read again letting the agent ask the AMM who holds it.
+
+When a step fails, the others are cancelled and every pin the replay still holds is released, so
+that its keys can be forgotten on a cluster that outlives the replay (``--address``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -162,6 +167,7 @@ class Replayer:
         self._lifetimes = Lifetimes(plan)
         self._produced = {step.key: asyncio.Event() for step in plan.steps}
         self._holders: dict[str, list[str]] = {}
+        self._pins: Counter[tuple[str, str]] = Counter()
         self._payloads = _Payloads()
         self._forgetter = Forgetter(client)
         self._t0 = 0.0
@@ -203,8 +209,17 @@ class Replayer:
                 await self._forgetter.drain()
                 forgetting.cancel()
         except BaseExceptionGroup as group_error:
+            await self.release_pins()
             raise _first_error(group_error) from None
         return wall
+
+    async def release_pins(self) -> None:
+        """Unpin what failed or cancelled steps still hold: pinned replicas cannot be forgotten."""
+        for (key, agent), count in self._pins.items():
+            for _ in range(count):
+                with contextlib.suppress(AmmError):
+                    await self._client.unpin(key, agent)
+        self._pins.clear()
 
     async def check_end(self) -> tuple[EndCheck, dict[str, tuple[str, ...]]]:
         """Compare what the cluster holds under the replay's prefix (asked fresh) with what
@@ -233,7 +248,14 @@ class Replayer:
             for name in step.inputs:
                 await self._produced[name].wait()
             await self._sleep_until(step.queued)
-            await asyncio.gather(*(self._hold(name, agent) for name in step.inputs))
+            # A TaskGroup, not gather: when one input fails, the others are cancelled and
+            # awaited, so no pin lands after the replay released its pins.
+            try:
+                async with asyncio.TaskGroup() as holds:
+                    for name in step.inputs:
+                        holds.create_task(self._hold(name, agent))
+            except BaseExceptionGroup as group_error:
+                raise _first_error(group_error) from None
             self._max_lag = max(self._max_lag, await self._sleep_until(step.start))
             await asyncio.sleep(step.duration)
             await self._client.put(step.key, self._payloads.get(step.nbytes), workers=[agent])
@@ -242,6 +264,7 @@ class Replayer:
             self._produced[step.key].set()
             for name in step.inputs:
                 await self._client.unpin(name, agent)
+                self._pins[(name, agent)] -= 1
         except AmmError as err:
             raise ReplayError(
                 f"step {step.recorded_key!r} on {agent}: {err.status.name}: {err.message}"
@@ -256,6 +279,7 @@ class Replayer:
         for _ in range(MAX_PIN_ATTEMPTS):
             try:
                 await self._client.pin(key, agent)
+                self._pins[(key, agent)] += 1
                 return
             except AmmError as err:
                 if err.status != grpc.StatusCode.NOT_FOUND:
@@ -273,8 +297,9 @@ class Replayer:
                 self._bytes_transferred += got.size
                 self._holders.setdefault(key, []).append(agent)
         raise ReplayError(
-            f"could not pin {key!r} on {agent}: the replica was dropped {MAX_PIN_ATTEMPTS} "
-            "times between its read and the pin"
+            f"could not pin {key!r} on {agent}: the replica was gone {MAX_PIN_ATTEMPTS} "
+            "times between its read and the pin (dropped, or not kept by an agent that is "
+            "paused or at its memory limit)"
         )
 
 

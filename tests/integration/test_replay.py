@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -157,6 +158,20 @@ def test_replay_on_a_running_amm_restores_its_state(trace_file: Path, tmp_path: 
         assert outcome.plan.workers == 2
         with Client(cluster.address) as client:
             assert client.amm.running() is False
+            assert client.who_has(fresh=True) == {}
+
+
+def test_a_failed_replay_on_a_running_amm_leaves_no_pin_and_no_key(trace_file: Path) -> None:
+    # Each agent holds its root and one more, not two (and never pauses: its process is far
+    # above such a limit): a middle task pins one of its inputs, then cannot keep the other
+    # (the agent serves it without a replica), and the replay fails with a pin held.
+    limit = str(2 * ROOT + ROOT // 4)
+    agent_args = ["--memory-limit", limit, "--pause-fraction", "never"]
+    with local_cluster(3, agent_args=agent_args) as cluster:
+        options = ReplayOptions(trace=trace_file, modes=(False,), address=cluster.address)
+        with pytest.raises(ReplayError, match="could not pin"):
+            run_replay(replace(options, progress=False, time_scale=0.5))
+        with Client(cluster.address) as client:
             assert client.who_has(fresh=True) == {}
 
 
