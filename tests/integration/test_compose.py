@@ -2,8 +2,9 @@
 grpc.health.v1 checks, ask the AMM from the host through grpcurl and the Python client, stop
 (every server must exit 0 on SIGTERM) and tear down.
 
-It runs only where a Docker engine is reachable and skips with the reason otherwise (see
-``tests.support.docker``; ``AMM_COMPOSE_SMOKE=0`` skips it on purpose). The build needs a package
+It runs only where a Docker engine is reachable and the base image is on it or can be pulled, and
+skips with the reason otherwise (see ``tests.support.docker``; ``AMM_COMPOSE_SMOKE=0`` skips it on
+purpose). The build needs a package
 index or a wheelhouse in ./wheels (``make wheelhouse``); ``BASE_IMAGE`` and ``WHEELHOUSE`` in the
 environment reach the build as in any ``docker compose`` call. One test does it all, since the
 build dominates its time.
@@ -23,7 +24,12 @@ from typing import Any
 import pytest
 
 from amm import Client
-from tests.support.docker import compose_cli, engine_unavailable
+from tests.support.docker import (
+    base_image,
+    base_image_unavailable,
+    compose_cli,
+    engine_unavailable,
+)
 from tests.support.waiting import poll_until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -86,7 +92,7 @@ def health(containers: list[str]) -> list[str]:
 
 @pytest.mark.timeout(1800)
 def test_the_compose_cluster_serves_the_host_and_stops_gracefully() -> None:
-    reason = engine_unavailable()
+    reason = engine_unavailable() or base_image_unavailable(base_image(ROOT / "Dockerfile"))
     if reason is not None:
         pytest.skip(reason)
     cli = compose_cli()

@@ -6,8 +6,10 @@ Each answer is a reason to skip, or None, so that a skipped test says exactly wh
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
+from pathlib import Path
 
 #: Set to 0 to skip the compose smoke test even where an engine is reachable (it builds images).
 SMOKE_SWITCH = "AMM_COMPOSE_SMOKE"
@@ -47,4 +49,33 @@ def engine_unavailable() -> str | None:
         return f"no Docker engine reachable (`docker info`: {said})"
     if compose_cli() is None:
         return "a Docker engine is reachable but no compose CLI (docker compose or docker-compose)"
+    return None
+
+
+def base_image(dockerfile: Path) -> str:
+    """The image the build starts from: ``$BASE_IMAGE``, else the Dockerfile's default."""
+    if chosen := os.environ.get("BASE_IMAGE"):
+        return chosen
+    match = re.search(r"^ARG BASE_IMAGE=(\S+)", dockerfile.read_text(), re.MULTILINE)
+    assert match is not None, f"{dockerfile} declares no default BASE_IMAGE"
+    return match.group(1)
+
+
+def base_image_unavailable(image: str) -> str | None:
+    """Why the build cannot start from ``image`` here (not on the engine, and no registry gives
+    it), or None when it can. An engine without a registry is a machine limit, not a defect."""
+    if subprocess.run(["docker", "image", "inspect", image], capture_output=True).returncode == 0:
+        return None
+    try:
+        pulled = subprocess.run(
+            ["docker", "pull", image], capture_output=True, text=True, timeout=300
+        )
+    except subprocess.TimeoutExpired:
+        return f"base image {image} is not on the engine and pulling it took over 300 s"
+    if pulled.returncode != 0:
+        said = (pulled.stderr.strip().splitlines() or ["no error output"])[-1]
+        return (
+            f"base image {image} is not on the engine and cannot be pulled ({said}); "
+            "build one locally and set BASE_IMAGE"
+        )
     return None
