@@ -252,6 +252,8 @@ class ActiveMemoryManager:
         self._check_open()
         self._store.set_running(False)
         await self._stop_loop()
+        if self.retirements.waiting and self.retirements.active:
+            self._drive_retirements()  # a RetireWorkers call begun while we ran still waits
 
     async def _stop_loop(self) -> None:
         task, self._loop_task = self._loop_task, None
@@ -651,10 +653,15 @@ class ActiveMemoryManager:
                 worker, close=close, timeout=timeout, reason="asked for by a client"
             )
             started.append(worker)
-        if started and not self.running and (self._driver is None or self._driver.done()):
-            self._driver = asyncio.create_task(self._drive(), name="amm-retirement-driver")
+        if started and not self.running:
+            self._drive_retirements()
         results += await self.retirements.wait(started)
         return sorted(results, key=lambda r: address_order(r.worker))
+
+    def _drive_retirements(self) -> None:
+        """Start the task that runs cycles for waiting callers while the loop is off (once)."""
+        if self._driver is None or self._driver.done():
+            self._driver = asyncio.create_task(self._drive(), name="amm-retirement-driver")
 
     async def _drive(self) -> None:
         """Run cycles every interval while callers wait for retirements and the loop is off."""

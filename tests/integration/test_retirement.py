@@ -357,3 +357,22 @@ def test_amm_retire_closes_a_real_agent_process_which_exits_cleanly(
         out = capsys.readouterr().out
         assert out.splitlines()[0].split() == ["WORKER", "RETIRED", "CLOSED", "REASON"]
         assert f"{staying}  no " in out
+
+
+async def test_a_caller_still_waiting_when_the_amm_is_stopped_gets_its_result(
+    tmp_path: Path,
+) -> None:
+    """Stopping the AMM must not strand a RetireWorkers call begun while it ran: the call runs
+    cycles itself, as it does when it begins on a stopped AMM."""
+    async with cluster(tmp_path, 2, start=True) as c:
+        held, other = c.addresses
+        await c.client.put("k", DATA, workers=[held])
+        await c.client.pin("k", held)  # holds the retirement up until the AMM is stopped
+        retire = asyncio.ensure_future(c.client.retire_workers([held], close=False))
+        await wait_for(c.statuses, lambda s: s[held] == "retiring", what="retiring")
+        await c.client.amm.stop()
+        await c.client.unpin("k", held)
+        (result,) = await asyncio.wait_for(retire, 5)
+        assert (result.worker, result.retired) == (held, True)
+        assert await c.holders("k") == {other}
+        assert not await c.client.amm.running()
