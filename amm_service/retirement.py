@@ -6,8 +6,8 @@ The RetireWorker policy empties the workers flagged RETIRING; this module owns t
   record an event;
 - judging every retirement under way once per cycle, after planning (``review``, pure):
 
-  1. the worker holds nothing and no directive to it is in flight: retired (and, with ``close``,
-     the AMM asks its agent to shut down);
+  1. the worker answered the cycle's poll, holds nothing and no directive to it is in flight:
+     retired (and, with ``close``, the AMM asks its agent to shut down);
   2. RetireWorker's suggestion for a key it holds was rejected for want of a recipient or of
      room, or for conflicting content: abandoned with that reason (never when throttled: that
      only delays);
@@ -104,7 +104,7 @@ def review(
         worker = retirement.worker
         if worker not in view.workers:
             verdicts.append(Verdict(worker, False, "the worker left"))
-        elif not view.held_by(worker) and worker not in busy:
+        elif not view.held_by(worker) and worker not in busy and _inventory_known(view, worker):
             verdicts.append(Verdict(worker, True, "holds nothing that exists nowhere else"))
         elif worker in blocked and view.workers[worker].retiring:
             verdicts.append(Verdict(worker, False, blocked[worker]))
@@ -112,6 +112,14 @@ def review(
             held = len(view.held_by(worker))
             verdicts.append(Verdict(worker, False, f"timeout: still holds {held} key(s)"))
     return verdicts
+
+
+def _inventory_known(view: ClusterView, worker: WorkerId) -> bool:
+    """Whether the view shows what ``worker`` holds now: it answered the cycle's poll, and has
+    answered one since it registered (a worker restored after an AMM restart, or re-registered,
+    holds nothing in the view until then)."""
+    ws = view.workers[worker]
+    return ws.reachable and ws.last_poll is not None
 
 
 def cheapest(state: ClusterState, n: int) -> list[WorkerId]:

@@ -49,6 +49,21 @@ def test_a_worker_that_holds_nothing_and_has_nothing_in_flight_is_retired() -> N
     assert judge(state, under_way("b")) == []
 
 
+def test_a_worker_whose_inventory_is_unknown_is_not_judged_empty() -> None:
+    """An AMM restarted mid-retirement knows a silent worker only by name: holding nothing in
+    the view is not holding nothing. Nor is a worker that missed its last poll judged on an
+    inventory it may have changed since."""
+    state = cluster({"b": ["x"]})
+    state.register(W("a"), "a", "", now=0.0)  # restored from the state file, never polled
+    state.missed_poll(W("a"))
+    assert judge(state, under_way("a")) == []
+    state.register(W("c"), "c", "inc-c", now=0.0)  # registered after the cycle's poll
+    assert judge(state, under_way("c")) == []
+    state = cluster({"a": [], "b": ["x"]})
+    state.missed_poll(W("a"))
+    assert judge(state, under_way("a")) == []
+
+
 def test_no_recipient_no_room_or_a_conflict_abandons_but_throttling_does_not() -> None:
     state = cluster({"a": ["x"], "b": []})
     for why in (Why.NO_RECIPIENT, Why.NO_ROOM, Why.CONFLICT):
