@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import random
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -376,3 +377,27 @@ async def test_a_caller_still_waiting_when_the_amm_is_stopped_gets_its_result(
         assert (result.worker, result.retired) == (held, True)
         assert await c.holders("k") == {other}
         assert not await c.client.amm.running()
+
+
+async def test_the_client_answers_bad_retire_arguments_with_invalid_argument(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async with cluster(tmp_path, 1) as c:
+        (worker,) = c.addresses
+        bad: list[dict[str, Any]] = [
+            {"n": -1},
+            {"n": 2**32},
+            {"workers": [worker], "timeout": math.inf},
+            {"workers": [worker], "timeout": math.nan},
+            {"workers": [worker], "timeout": 1e300},
+        ]
+        for kwargs in bad:
+            with pytest.raises(AmmError) as err:
+                await c.client.retire_workers(**kwargs)
+            assert err.value.status == grpc.StatusCode.INVALID_ARGUMENT, kwargs
+        assert (await c.statuses())[worker] == "running"
+        # A timeout longer than gRPC can express as a deadline leaves the call without one.
+        (result,) = await c.client.retire_workers(worker, close=False, timeout=1e11)
+        assert (result.worker, result.retired) == (worker, True)
+    assert cli_main(["--amm", "127.0.0.1:1", "retire", "-n", "-1"]) == 1
+    assert capsys.readouterr().err == "error: INVALID_ARGUMENT: n out of range: -1\n"
