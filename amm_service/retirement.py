@@ -331,8 +331,7 @@ class Retirements:
                 elif failed:
                     reason = f"{verdict.reason}; its agent did not close: {failed}"
                     self.conclude(worker, retired=True, reason=reason)
-        if plan.retirements:
-            self.decided(plan.retirements)
+        self.decided(plan.retirements)  # none at all too: it ends the refusals not asked again
 
     def decided(self, decisions: Sequence[RetireDecision]) -> None:
         """Act on the retire requests policies made in a cycle: begin the accepted ones, record

@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from amm_service.core import Rejection, RetireDecision, Why
+from amm_service.core import Plan, Rejection, RetireDecision, Why
 from amm_service.directive import Op
 from amm_service.errors import Unavailable
 from amm_service.events import EventLog
@@ -227,3 +227,30 @@ async def test_policy_decisions_are_recorded_and_the_same_refusal_only_once() ->
         other = RetireDecision("Custom", W("b"), "why", False, "no")
         retirements.decided([other])
         assert events.recent()[0].kind == "retire-requested-declined"
+
+
+async def test_a_refusal_is_recorded_again_once_a_cycle_passed_without_the_request() -> None:
+    """Each cycle's requests reach the bookkeeping, none at all included: a worker that resumed
+    and is paused too long again is a new decision, recorded again."""
+    with StateStore(MEMORY) as store:
+        state = cluster({"a": ["x"], "b": []})
+        retirements, events = bookkeeping(state, store, Clock())
+        declined = RetireDecision("PauseToRetire", W("a"), "paused", False, "no room")
+
+        async def cycle(*decisions: RetireDecision) -> None:
+            async def close(worker: WorkerId) -> str | None:
+                raise AssertionError("nothing to close")
+
+            async def remove(worker: WorkerId) -> None:
+                raise AssertionError("nothing to remove")
+
+            plan = Plan((), (), len(decisions), retirements=decisions)
+            await retirements.supervise(
+                state.snapshot(), plan, busy=set, close=close, remove=remove
+            )
+
+        await cycle(declined)
+        await cycle(declined)
+        await cycle()  # it resumed: nothing asked
+        await cycle(declined)
+        assert [e.kind for e in events.recent()] == ["pause-to-retire-declined"] * 2
