@@ -324,6 +324,14 @@ class LocalCluster:
             if p.popen.poll() is not None
         }
 
+    def forget_departed_workers(self) -> list[str]:
+        """Take the agents that exited cleanly by themselves (exit code 0: an agent the AMM
+        retired and closed, or one stopped by a signal) out of the cluster; their names."""
+        departed = [a for a in self._agents if a.popen.poll() == 0]
+        for agent in departed:
+            self._agents.remove(agent)
+        return [agent.name for agent in departed]
+
     def _check_alive(self) -> None:
         if not self._finalizer.alive:
             raise ClusterError("the cluster is stopped")
