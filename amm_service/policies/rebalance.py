@@ -294,10 +294,13 @@ def _recipient(
     cannot, none can), must neither hold the key nor be receiving it, and must not leave the
     key in fewer zones (those skipped for this are pushed back).
     """
-    replicating = pending.in_flight(kv.key).replicating
+    flight = pending.in_flight(kv.key)
+    replicating = flight.replicating
     zones = view.workers
-    before = {zones[w].zone for w in kv.holders if w in zones and zones[w].zone}
-    kept = {zones[w].zone for w in kv.holders - {sender} if w in zones and zones[w].zone}
+    # Zones as the core counts them when it picks the copy to drop: durable copies only.
+    durable = _durable(view, kv.holders) - flight.dropping
+    before = {zones[w].zone for w in durable if zones[w].zone}
+    kept = {zones[w].zone for w in durable - {sender} if zones[w].zone}
     skipped: list[tuple[float, WorkerId]] = []
     found: WorkerId | None = None
     while recipients:
