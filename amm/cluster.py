@@ -288,8 +288,13 @@ class LocalCluster:
 
     @property
     def workers(self) -> list[str]:
-        """Addresses of the running agents, in start order."""
-        return [agent.address for agent in self._agents if agent.ready is not None]
+        """Addresses of the running agents, in start order (not those that exited, such as an
+        agent the AMM retired and closed)."""
+        return [
+            agent.address
+            for agent in self._agents
+            if agent.ready is not None and agent.popen.poll() is None
+        ]
 
     def _spawn(self, name: str, module: str, args: Sequence[str]) -> LocalProcess:
         argv = [sys.executable, "-m", module, *args]

@@ -352,6 +352,7 @@ def test_amm_retire_closes_a_real_agent_process_which_exits_cleanly(
             "closed": True,
         }
         assert poll_until(c.exited, what="the agent process exited") == {"worker-0": 0}
+        assert c.workers == [staying], "a closed agent is no running worker of the cluster"
         assert client.who_has("k") == {"k": (staying,)}
         assert client.get("k") == DATA
         assert cli_main(["--amm", c.address, "retire", "-n", "1", "--no-close"]) == 1
