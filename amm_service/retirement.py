@@ -189,6 +189,9 @@ class Retirements:
         self._done: dict[WorkerId, asyncio.Future[Result]] = {}
         self._declined: dict[WorkerId, str] = {}
         self._waiting = 0
+        self._closing_agents: set[WorkerId] = set()
+        """Workers whose agents are being asked to close: leaving then is closing, not
+        abandoning."""
         self._closed = False
         self._closing: asyncio.Future[None] | None = None
 
@@ -289,7 +292,7 @@ class Retirements:
         self._declined.pop(worker, None)
         if self._retired.pop(worker, None) is not None:
             self._store.forget_retirement(worker)
-        if worker in self._active:
+        if worker in self._active and worker not in self._closing_agents:
             self.conclude(worker, retired=False, reason="the worker left before it was emptied")
 
     async def supervise(
@@ -323,11 +326,18 @@ class Retirements:
                 if not (verdict.retired and self._active[worker].close):
                     self.conclude(worker, retired=verdict.retired, reason=verdict.reason)
                     continue
-                failed = await close(worker)
+                # A closing agent unregisters at once, maybe before its answer is handled here.
+                self._closing_agents.add(worker)
+                try:
+                    failed = await close(worker)
+                finally:
+                    self._closing_agents.discard(worker)
                 if failed is None:
                     reason = f"{verdict.reason}; its agent is shutting down"
                     self.conclude(worker, retired=True, reason=reason, closed=True)
                     await remove(worker)
+                elif self._state.worker(worker) is None:
+                    self.left(worker)
                 elif failed:
                     reason = f"{verdict.reason}; its agent did not close: {failed}"
                     self.conclude(worker, retired=True, reason=reason)

@@ -63,7 +63,7 @@ def test_a_worker_retired_and_closed_leaves_the_cluster_command_running() -> Non
             leaving, staying = client.workers()
             client.put("k", b"kept", workers=[leaving.address])
             (result,) = client.retire_workers(leaving.address)
-            assert (result.retired, result.closed) == (True, True)
+            assert (result.retired, result.closed) == (True, True), result.reason
             # Its next line tells what it made of the exit; at EOF it had stopped everything.
             noticed = proc.stderr.readline()
             assert noticed == f"{leaving.name} exited cleanly and left the cluster\n"

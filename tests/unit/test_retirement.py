@@ -254,3 +254,31 @@ async def test_a_refusal_is_recorded_again_once_a_cycle_passed_without_the_reque
         await cycle()  # it resumed: nothing asked
         await cycle(declined)
         assert [e.kind for e in events.recent()] == ["pause-to-retire-declined"] * 2
+
+
+async def test_an_agent_that_unregisters_before_its_close_is_answered_was_retired() -> None:
+    """An agent asked to close stops and unregisters at once: the AMM may handle that
+    UnregisterWorker before the answer to its Close. The worker left because it closed, so
+    its retirement ended retired and closed, not abandoned."""
+    with StateStore(MEMORY) as store:
+        state = cluster({"a": [], "b": ["x"]})
+        retirements, events = bookkeeping(state, store, Clock())
+        retirements.begin(W("a"), close=True, timeout=None, reason="r")
+        waiter = asyncio.ensure_future(retirements.wait([W("a")]))
+        removed: list[WorkerId] = []
+
+        async def close(worker: WorkerId) -> str | None:
+            state.unregister(worker)  # its UnregisterWorker, handled first
+            retirements.left(worker)
+            return None
+
+        async def remove(worker: WorkerId) -> None:
+            removed.append(worker)
+
+        plan = Plan((), (), 0)
+        await retirements.supervise(state.snapshot(), plan, busy=set, close=close, remove=remove)
+        (result,) = await waiter
+        assert (result.retired, result.closed) == (True, True), result.reason
+        assert events.recent()[0].kind == "retired"
+        assert store.retirements() == []
+        assert removed == [W("a")]
