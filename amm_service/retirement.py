@@ -337,7 +337,10 @@ class Retirements:
                     self.conclude(worker, retired=True, reason=reason, closed=True)
                     await remove(worker)
                 elif self._state.worker(worker) is None:
-                    self.left(worker)
+                    if failed:  # no answer, but it left holding nothing: as good as closed
+                        reason = f"{verdict.reason}; its agent left ({failed})"
+                        self.conclude(worker, retired=True, reason=reason)
+                    self.left(worker)  # refused (it holds keys again), then left: abandoned
                 elif failed:
                     reason = f"{verdict.reason}; its agent did not close: {failed}"
                     self.conclude(worker, retired=True, reason=reason)

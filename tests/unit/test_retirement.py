@@ -256,10 +256,13 @@ async def test_a_refusal_is_recorded_again_once_a_cycle_passed_without_the_reque
         assert [e.kind for e in events.recent()] == ["pause-to-retire-declined"] * 2
 
 
-async def test_an_agent_that_unregisters_before_its_close_is_answered_was_retired() -> None:
+@pytest.mark.parametrize("answer", [None, "DEADLINE_EXCEEDED: no answer in time"])
+async def test_an_agent_that_unregisters_before_its_close_is_answered_was_retired(
+    answer: str | None,
+) -> None:
     """An agent asked to close stops and unregisters at once: the AMM may handle that
-    UnregisterWorker before the answer to its Close. The worker left because it closed, so
-    its retirement ended retired and closed, not abandoned."""
+    UnregisterWorker before the answer to its Close, or get no answer at all. The worker left
+    holding nothing, so its retirement ended retired (closed when it said so), not abandoned."""
     with StateStore(MEMORY) as store:
         state = cluster({"a": [], "b": ["x"]})
         retirements, events = bookkeeping(state, store, Clock())
@@ -270,7 +273,7 @@ async def test_an_agent_that_unregisters_before_its_close_is_answered_was_retire
         async def close(worker: WorkerId) -> str | None:
             state.unregister(worker)  # its UnregisterWorker, handled first
             retirements.left(worker)
-            return None
+            return answer
 
         async def remove(worker: WorkerId) -> None:
             removed.append(worker)
@@ -278,7 +281,8 @@ async def test_an_agent_that_unregisters_before_its_close_is_answered_was_retire
         plan = Plan((), (), 0)
         await retirements.supervise(state.snapshot(), plan, busy=set, close=close, remove=remove)
         (result,) = await waiter
-        assert (result.retired, result.closed) == (True, True), result.reason
+        assert (result.retired, result.closed) == (True, answer is None), result.reason
         assert events.recent()[0].kind == "retired"
         assert store.retirements() == []
-        assert removed == [W("a")]
+        assert retirements.result_now(W("a")) is None
+        assert removed == ([W("a")] if answer is None else [])
