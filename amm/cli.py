@@ -290,7 +290,12 @@ def run_cluster(args: argparse.Namespace) -> int:
             echo=sys.stderr if args.logs else None,
         )
         print(tables.render_cluster(cluster.address, cluster.workers), flush=True)
-        while not (ended := cluster.exited()):
+        while True:
+            # A worker retired and closed by the AMM leaves; the others and their data stay.
+            for name in cluster.forget_departed_workers():
+                print(f"{name} exited cleanly and left the cluster", file=sys.stderr, flush=True)
+            if ended := cluster.exited():
+                break
             time.sleep(0.5)
         names = ", ".join(f"{name} (exit code {code})" for name, code in ended.items())
         print(f"error: {names} ended unexpectedly; stopping the cluster", file=sys.stderr)

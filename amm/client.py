@@ -12,6 +12,7 @@ directives and agent registration, which belong to the service and the agents.
 from __future__ import annotations
 
 import contextlib
+import math
 import weakref
 from collections.abc import AsyncIterator, Iterator, Sequence
 from types import TracebackType
@@ -53,6 +54,10 @@ CHUNK_SIZE = 1024 * 1024
 AMM_ROLE = "the AMM"
 RUN_ONCE_TIMEOUT = 60.0
 """Least seconds ``run_once`` waits: well above the AMM's default directive timeout (30 s)."""
+MAX_DURATION_SECONDS = 315_576_000_000
+"""The longest ``google.protobuf.Duration`` (10,000 years)."""
+MAX_CALL_DEADLINE = 1e9
+"""Seconds: gRPC keeps deadlines in 64-bit nanoseconds, so one much further away overflows."""
 
 
 def _as_list(items: str | Sequence[str] | None) -> list[str]:
@@ -292,6 +297,8 @@ class AsyncClient:
         asked = _as_list(workers)
         if asked and n is not None:
             raise AmmError(grpc.StatusCode.INVALID_ARGUMENT, "give workers or n, not both")
+        if n is not None and not 0 <= n < 2**32:
+            raise AmmError(grpc.StatusCode.INVALID_ARGUMENT, f"n out of range: {n}")
         request = control_pb2.RetireWorkersRequest(workers=asked, n=n, close=close)
         deadline = None
         if timeout is not None:
@@ -299,8 +306,14 @@ class AsyncClient:
                 seconds = parse_duration(timeout)
             except ValueError as err:
                 raise AmmError(grpc.StatusCode.INVALID_ARGUMENT, str(err)) from None
+            if not (math.isfinite(seconds) and seconds <= MAX_DURATION_SECONDS):
+                raise AmmError(
+                    grpc.StatusCode.INVALID_ARGUMENT, f"timeout out of range: {timeout!r}"
+                )
             request.timeout.FromNanoseconds(round(seconds * 1e9))
-            deadline = seconds + self.timeout
+            # Beyond what gRPC can express, a deadline would expire at once: then none.
+            if seconds + self.timeout <= MAX_CALL_DEADLINE:
+                deadline = seconds + self.timeout
         stub = self._amm_stub()
         with self._amm_rpc():
             reply = await stub.RetireWorkers(request, timeout=deadline)

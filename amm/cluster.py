@@ -288,8 +288,13 @@ class LocalCluster:
 
     @property
     def workers(self) -> list[str]:
-        """Addresses of the running agents, in start order."""
-        return [agent.address for agent in self._agents if agent.ready is not None]
+        """Addresses of the running agents, in start order (not those that exited, such as an
+        agent the AMM retired and closed)."""
+        return [
+            agent.address
+            for agent in self._agents
+            if agent.ready is not None and agent.popen.poll() is None
+        ]
 
     def _spawn(self, name: str, module: str, args: Sequence[str]) -> LocalProcess:
         argv = [sys.executable, "-m", module, *args]
@@ -323,6 +328,14 @@ class LocalCluster:
             for p in [*self._service, *self._agents]
             if p.popen.poll() is not None
         }
+
+    def forget_departed_workers(self) -> list[str]:
+        """Take the agents that exited cleanly by themselves (exit code 0: an agent the AMM
+        retired and closed, or one stopped by a signal) out of the cluster; their names."""
+        departed = [a for a in self._agents if a.popen.poll() == 0]
+        for agent in departed:
+            self._agents.remove(agent)
+        return [agent.name for agent in departed]
 
     def _check_alive(self) -> None:
         if not self._finalizer.alive:

@@ -5,7 +5,7 @@ Dask's AMM does, with what Dask left out added:
 
 - replicate: onto the RUNNING worker that neither holds the key nor is already receiving it, has
   room for it under its memory limit and a free incoming-transfer slot; workers in a zone with no
-  copy yet come first, then the lowest memory;
+  durable copy (nor one on its way) yet come first, then the lowest memory;
 - drop: from a holder that has not pinned the key and is not already dropping it; holders whose
   zone keeps another copy first, then retiring, then paused workers, then the highest memory;
   never the last replica, counting drops in flight from earlier cycles as well as this one, and
@@ -202,7 +202,8 @@ class _Decider:
                     f"throttled: every candidate has {limit} incoming transfers", Why.THROTTLED
                 )
         zone = self.zone
-        zones = {zone[w] for w in kv.holders | replicating if zone.get(w)}
+        # A copy on a worker that is leaving or silent does not cover its zone: it may go.
+        zones = {zone[w] for w in (kv.holders - self.fragile) | replicating if zone.get(w)}
         memory = self.memory
         return min(roomy, key=lambda w: (zone[w] in zones, memory[w], w))
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import itertools
 import logging
 import math
@@ -69,6 +70,25 @@ def check_address(address: str) -> WorkerId:
     if match is None or int(match.group(2)) > 65535 or int(match.group(2)) == 0:
         raise InvalidArgument(f"invalid worker address {address!r}: expected HOST:PORT")
     return WorkerId(address)
+
+
+def _copies(policies: Sequence[Policy]) -> list[Policy]:
+    """Deep copies of ``policies`` for a dry run; a policy that cannot be copied (it holds a
+    lock or a connection) plans as itself, and is warned about."""
+    copies = []
+    for policy in policies:
+        try:
+            copies.append(copy.deepcopy(policy))
+        except Exception as err:
+            log.warning(
+                "dry run: policy %s cannot be copied (%s: %s); it plans as itself, and may "
+                "remember what it planned",
+                policy.name,
+                type(err).__name__,
+                err,
+            )
+            copies.append(policy)
+    return copies
 
 
 class ActiveMemoryManager:
@@ -252,6 +272,8 @@ class ActiveMemoryManager:
         self._check_open()
         self._store.set_running(False)
         await self._stop_loop()
+        if self.retirements.waiting and self.retirements.active:
+            self._drive_retirements()  # a RetireWorkers call begun while we ran still waits
 
     async def _stop_loop(self) -> None:
         task, self._loop_task = self._loop_task, None
@@ -282,7 +304,9 @@ class ActiveMemoryManager:
 
         A ``dry_run`` polls and plans, and returns the directives the policies would produce
         (each with its policy and reason) without sending them: nothing enters the ledger, no
-        worker is declared stale or dead, and it does not count as having acted.
+        worker is declared stale or dead, it does not count as having acted, and it plans on
+        copies of the policies, so what a policy remembers across cycles (Rebalance's moves and
+        senders) is as it was.
         """
         self._check_open()
         async with self._cycle_lock:
@@ -314,7 +338,7 @@ class ActiveMemoryManager:
         t1 = time.perf_counter()
         plan = core.plan(
             view,
-            self.policies,
+            _copies(self.policies) if dry_run else self.policies,
             self.ledger,
             core.PlanConfig(
                 self.config.measure,
@@ -651,10 +675,15 @@ class ActiveMemoryManager:
                 worker, close=close, timeout=timeout, reason="asked for by a client"
             )
             started.append(worker)
-        if started and not self.running and (self._driver is None or self._driver.done()):
-            self._driver = asyncio.create_task(self._drive(), name="amm-retirement-driver")
+        if started and not self.running:
+            self._drive_retirements()
         results += await self.retirements.wait(started)
         return sorted(results, key=lambda r: address_order(r.worker))
+
+    def _drive_retirements(self) -> None:
+        """Start the task that runs cycles for waiting callers while the loop is off (once)."""
+        if self._driver is None or self._driver.done():
+            self._driver = asyncio.create_task(self._drive(), name="amm-retirement-driver")
 
     async def _drive(self) -> None:
         """Run cycles every interval while callers wait for retirements and the loop is off."""

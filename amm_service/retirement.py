@@ -6,8 +6,8 @@ The RetireWorker policy empties the workers flagged RETIRING; this module owns t
   record an event;
 - judging every retirement under way once per cycle, after planning (``review``, pure):
 
-  1. the worker holds nothing and no directive to it is in flight: retired (and, with ``close``,
-     the AMM asks its agent to shut down);
+  1. the worker answered the cycle's poll, holds nothing and no directive to it is in flight:
+     retired (and, with ``close``, the AMM asks its agent to shut down);
   2. RetireWorker's suggestion for a key it holds was rejected for want of a recipient or of
      room, or for conflicting content: abandoned with that reason (never when throttled: that
      only delays);
@@ -104,7 +104,7 @@ def review(
         worker = retirement.worker
         if worker not in view.workers:
             verdicts.append(Verdict(worker, False, "the worker left"))
-        elif not view.held_by(worker) and worker not in busy:
+        elif not view.held_by(worker) and worker not in busy and _inventory_known(view, worker):
             verdicts.append(Verdict(worker, True, "holds nothing that exists nowhere else"))
         elif worker in blocked and view.workers[worker].retiring:
             verdicts.append(Verdict(worker, False, blocked[worker]))
@@ -112,6 +112,14 @@ def review(
             held = len(view.held_by(worker))
             verdicts.append(Verdict(worker, False, f"timeout: still holds {held} key(s)"))
     return verdicts
+
+
+def _inventory_known(view: ClusterView, worker: WorkerId) -> bool:
+    """Whether the view shows what ``worker`` holds now: it answered the cycle's poll, and has
+    answered one since it registered (a worker restored after an AMM restart, or re-registered,
+    holds nothing in the view until then)."""
+    ws = view.workers[worker]
+    return ws.reachable and ws.last_poll is not None
 
 
 def cheapest(state: ClusterState, n: int) -> list[WorkerId]:
@@ -181,6 +189,9 @@ class Retirements:
         self._done: dict[WorkerId, asyncio.Future[Result]] = {}
         self._declined: dict[WorkerId, str] = {}
         self._waiting = 0
+        self._closing_agents: set[WorkerId] = set()
+        """Workers whose agents are being asked to close: leaving then is closing, not
+        abandoning."""
         self._closed = False
         self._closing: asyncio.Future[None] | None = None
 
@@ -281,7 +292,7 @@ class Retirements:
         self._declined.pop(worker, None)
         if self._retired.pop(worker, None) is not None:
             self._store.forget_retirement(worker)
-        if worker in self._active:
+        if worker in self._active and worker not in self._closing_agents:
             self.conclude(worker, retired=False, reason="the worker left before it was emptied")
 
     async def supervise(
@@ -315,16 +326,25 @@ class Retirements:
                 if not (verdict.retired and self._active[worker].close):
                     self.conclude(worker, retired=verdict.retired, reason=verdict.reason)
                     continue
-                failed = await close(worker)
+                # A closing agent unregisters at once, maybe before its answer is handled here.
+                self._closing_agents.add(worker)
+                try:
+                    failed = await close(worker)
+                finally:
+                    self._closing_agents.discard(worker)
                 if failed is None:
                     reason = f"{verdict.reason}; its agent is shutting down"
                     self.conclude(worker, retired=True, reason=reason, closed=True)
                     await remove(worker)
+                elif self._state.worker(worker) is None:
+                    if failed:  # no answer, but it left holding nothing: as good as closed
+                        reason = f"{verdict.reason}; its agent left ({failed})"
+                        self.conclude(worker, retired=True, reason=reason)
+                    self.left(worker)  # refused (it holds keys again), then left: abandoned
                 elif failed:
                     reason = f"{verdict.reason}; its agent did not close: {failed}"
                     self.conclude(worker, retired=True, reason=reason)
-        if plan.retirements:
-            self.decided(plan.retirements)
+        self.decided(plan.retirements)  # none at all too: it ends the refusals not asked again
 
     def decided(self, decisions: Sequence[RetireDecision]) -> None:
         """Act on the retire requests policies made in a cycle: begin the accepted ones, record

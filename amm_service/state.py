@@ -5,7 +5,8 @@ What is kept and why:
 1. The epoch, incremented at every start: agents refuse directives from an older epoch, so a stale
    AMM (one replaced by a newer start) cannot act.
 2. The running flag: an AMM that was cycling before a restart cycles again after it.
-3. The workers it knew: a later feature grants them a start-up grace period.
+3. The workers it knew: a restarted AMM takes them back and drops nothing until they have
+   reported (the start-up grace, ``amm_service.grace``).
 4. The replication goals set with ``Replicate``: a goal is a promise kept across AMM restarts.
 5. The retirements under way (and workers retired but not closed), so that a restarted AMM
    resumes them: see ``amm_service.retirement``.

@@ -40,9 +40,11 @@ moves back, and the policy falls silent once balanced. Where it departs from Das
    progress): then a sender must hold ``sender_min`` of everything, and the gap is a fraction
    of the total.
 7. Replication never degrades: the sender's copy is dropped only while at least as many durable
-   copies remain as the key had when the move began, a key spread over several zones is not
-   moved if that would leave it in fewer, and keys pinned on the sender are not moved (its copy
-   cannot be dropped while a reader holds it, so the move would only duplicate the key).
+   copies remain as the key had when the move began, a key is not moved if that would leave
+   it in fewer zones (a zone's only copy does not go to a worker without a zone: the core would
+   drop the new copy rather than that one, and the key would move again every cycle), and keys
+   pinned on the sender are not moved (its copy cannot be dropped while a reader holds it, so
+   the move would only duplicate the key).
 
 Only reachable workers that are running or paused take part (paused ones send, never receive);
 retiring and retired workers are RetireWorker's. Cost per cycle: the keys of the senders, sorted
@@ -289,14 +291,16 @@ def _recipient(
     """Pop and return the emptiest recipient that can take ``kv`` from ``sender``, or None.
 
     It must stay at or below the mean and below the sender after the move (if the emptiest
-    cannot, none can), must neither hold the key nor be receiving it, and must not leave copies
-    spread over several zones in fewer zones (those skipped for this are pushed back).
+    cannot, none can), must neither hold the key nor be receiving it, and must not leave the
+    key in fewer zones (those skipped for this are pushed back).
     """
-    replicating = pending.in_flight(kv.key).replicating
+    flight = pending.in_flight(kv.key)
+    replicating = flight.replicating
     zones = view.workers
-    before = {zones[w].zone for w in kv.holders if w in zones and zones[w].zone}
-    kept = {zones[w].zone for w in kv.holders - {sender} if w in zones and zones[w].zone}
-    spread = len(before) > 1
+    # Zones as the core counts them when it picks the copy to drop: durable copies only.
+    durable = _durable(view, kv.holders) - flight.dropping
+    before = {zones[w].zone for w in durable if zones[w].zone}
+    kept = {zones[w].zone for w in durable - {sender} if zones[w].zone}
     skipped: list[tuple[float, WorkerId]] = []
     found: WorkerId | None = None
     while recipients:
@@ -304,7 +308,7 @@ def _recipient(
         if memory[w] + kv.size > mean or memory[w] + kv.size >= memory[sender] - kv.size:
             break
         zone = zones[w].zone
-        narrows_zones = spread and len(kept | ({zone} if zone else set())) < len(before)
+        narrows_zones = len(kept | ({zone} if zone else set())) < len(before)
         if w in kv.holders or w in replicating or narrows_zones:
             skipped.append(heapq.heappop(recipients))
             continue

@@ -42,3 +42,39 @@ def test_example_runs_to_completion(capsys: pytest.CaptureFixture[str]) -> None:
     assert '>>> client.get("x", worker=w2)' in out
     assert "b'payload'" in out
     assert "Cluster stopped" in out
+
+
+def test_a_worker_retired_and_closed_leaves_the_cluster_command_running() -> None:
+    """``amm retire`` closes the retired agent, which exits cleanly: the AMM and the other
+    workers (and what they hold) stay up. Only a crash stops the whole cluster."""
+    argv = [sys.executable, "-m", "amm", "cluster", "--workers", "2", "--listen", "127.0.0.1:0"]
+    argv += ["--interval", "50ms", "--start"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        assert proc.stderr is not None
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("Press Ctrl-C"):
+                break
+        address = next(line.split()[1] for line in lines if line.startswith("amm "))
+        with Client(address, timeout=10) as client:
+            leaving, staying = client.workers()
+            client.put("k", b"kept", workers=[leaving.address])
+            (result,) = client.retire_workers(leaving.address)
+            assert (result.retired, result.closed) == (True, True), result.reason
+            # Its next line tells what it made of the exit; at EOF it had stopped everything.
+            noticed = proc.stderr.readline()
+            assert noticed == f"{leaving.name} exited cleanly and left the cluster\n"
+            assert proc.poll() is None
+            assert client.get("k") == b"kept"
+            assert [w.address for w in client.workers()] == [staying.address]
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=20)
+        assert proc.returncode == 0, err
+        assert "cluster stopped" in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()

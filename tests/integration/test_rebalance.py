@@ -32,11 +32,11 @@ GAP = 0.10 * LIMIT
 
 @asynccontextmanager
 async def rebalancing_cluster(
-    tmp_path: Path, n: int
+    tmp_path: Path, n: int, limit: int = LIMIT, **amm_overrides: object
 ) -> AsyncIterator[tuple[ActiveMemoryManagerAsyncStub, list[str], list[WorkerAgentAsyncStub]]]:
     """An AMM running ReduceReplicas and Rebalance on managed memory, and ``n`` agents."""
     policies = [{"class": "ReduceReplicas"}, {"class": "Rebalance"}]
-    config = amm_config(tmp_path, measure="managed", policies=policies)
+    config = amm_config(tmp_path, measure="managed", policies=policies, **amm_overrides)
     async with AsyncExitStack() as stack:
         amm = await stack.enter_async_context(AmmServer(config))
         channel = await stack.enter_async_context(
@@ -46,7 +46,7 @@ async def rebalancing_cluster(
         # The limit bounds managed memory; these agents share the test process, whose RSS would
         # pause them at the default pause fraction.
         workers = await stack.enter_async_context(
-            agents(n, amm=amm.address, memory_limit=LIMIT, pause_fraction=None)
+            agents(n, amm=amm.address, memory_limit=limit, pause_fraction=None)
         )
 
         async def registered() -> int:
@@ -92,3 +92,35 @@ async def test_keys_put_on_one_worker_end_spread_within_the_gap(tmp_path: Path) 
             stub = stubs[addresses.index(holders[key][0])]
             _, data = await fetch(stub, key, checksum(value))
             assert checksum(data) == checksum(value)
+
+
+async def test_a_dry_run_leaves_rebalance_as_it_was(tmp_path: Path) -> None:
+    """A dry run plans on copies of the policies: Rebalance, which remembers its senders across
+    cycles, must not forget one because a dry run planned moves that were never sent.
+
+    Limits of 1,000,000 bytes: the sender starts at 320,000 (above sender_min, 300,000) against
+    a mean of 160,000; one move per cycle (one incoming transfer) takes it to 220,000, still
+    above the band (mean + 50,000) but below sender_min: only being a sender already keeps it
+    one. The dry run plans the move that would end its sending; the real cycle must too."""
+    limit = 1_000_000
+    values = {"big": b"b" * 100_000, **{f"s{i:02}": bytes([i]) * 20_000 for i in range(11)}}
+    async with rebalancing_cluster(tmp_path, 2, limit, max_incoming_transfers=1) as (
+        control,
+        addresses,
+        stubs,
+    ):
+        sender, recipient = addresses
+        for key, value in values.items():
+            await put(stubs[0], key, value)
+
+        async def run_once(dry_run: bool) -> set[tuple[int, str, str]]:
+            request = control_pb2.RunOnceRequest(wait=True, dry_run=dry_run)
+            cycle = (await control.RunOnce(request)).cycle
+            return {(d.directive.op, d.directive.key, d.worker) for d in cycle.directives}
+
+        replicate = types_pb2.DIRECTIVE_OP_REPLICATE
+        assert await run_once(dry_run=False) == {(replicate, "big", recipient)}
+        planned = await run_once(dry_run=True)
+        assert (types_pb2.DIRECTIVE_OP_DROP, "big", sender) in planned
+        assert [w for op, _, w in planned if op == replicate] == [recipient], "one more move"
+        assert await run_once(dry_run=False) == planned

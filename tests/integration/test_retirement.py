@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import random
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -351,9 +352,53 @@ def test_amm_retire_closes_a_real_agent_process_which_exits_cleanly(
             "closed": True,
         }
         assert poll_until(c.exited, what="the agent process exited") == {"worker-0": 0}
+        assert c.workers == [staying], "a closed agent is no running worker of the cluster"
         assert client.who_has("k") == {"k": (staying,)}
         assert client.get("k") == DATA
         assert cli_main(["--amm", c.address, "retire", "-n", "1", "--no-close"]) == 1
         out = capsys.readouterr().out
         assert out.splitlines()[0].split() == ["WORKER", "RETIRED", "CLOSED", "REASON"]
         assert f"{staying}  no " in out
+
+
+async def test_a_caller_still_waiting_when_the_amm_is_stopped_gets_its_result(
+    tmp_path: Path,
+) -> None:
+    """Stopping the AMM must not strand a RetireWorkers call begun while it ran: the call runs
+    cycles itself, as it does when it begins on a stopped AMM."""
+    async with cluster(tmp_path, 2, start=True) as c:
+        held, other = c.addresses
+        await c.client.put("k", DATA, workers=[held])
+        await c.client.pin("k", held)  # holds the retirement up until the AMM is stopped
+        retire = asyncio.ensure_future(c.client.retire_workers([held], close=False))
+        await wait_for(c.statuses, lambda s: s[held] == "retiring", what="retiring")
+        await c.client.amm.stop()
+        await c.client.unpin("k", held)
+        (result,) = await asyncio.wait_for(retire, 5)
+        assert (result.worker, result.retired) == (held, True)
+        assert await c.holders("k") == {other}
+        assert not await c.client.amm.running()
+
+
+async def test_the_client_answers_bad_retire_arguments_with_invalid_argument(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async with cluster(tmp_path, 1) as c:
+        (worker,) = c.addresses
+        bad: list[dict[str, Any]] = [
+            {"n": -1},
+            {"n": 2**32},
+            {"workers": [worker], "timeout": math.inf},
+            {"workers": [worker], "timeout": math.nan},
+            {"workers": [worker], "timeout": 1e300},
+        ]
+        for kwargs in bad:
+            with pytest.raises(AmmError) as err:
+                await c.client.retire_workers(**kwargs)
+            assert err.value.status == grpc.StatusCode.INVALID_ARGUMENT, kwargs
+        assert (await c.statuses())[worker] == "running"
+        # A timeout longer than gRPC can express as a deadline leaves the call without one.
+        (result,) = await c.client.retire_workers(worker, close=False, timeout=1e11)
+        assert (result.worker, result.retired) == (worker, True)
+    assert cli_main(["--amm", "127.0.0.1:1", "retire", "-n", "-1"]) == 1
+    assert capsys.readouterr().err == "error: INVALID_ARGUMENT: n out of range: -1\n"

@@ -76,6 +76,20 @@ def test_drops_keep_a_copy_in_every_zone() -> None:
     assert set(first.holders) == {W("a"), W("c")}
 
 
+def test_a_copy_on_a_leaving_or_silent_worker_does_not_cover_its_zone() -> None:
+    """A copy on a retiring or stale worker is about to go: the replica that replaces it goes
+    to that zone, not next to the surviving copy's."""
+    for flags in ({"retiring": True}, {"stale": True}):
+        state = cluster(
+            {"a": ["x"], "b": ["x"], "c": [], "d": []},
+            memory={"a": 0, "b": 0, "c": 0, "d": 500},
+            zones={"a": "z1", "b": "z2", "c": "z1", "d": "z2"},
+        )
+        state.set_flags(W("b"), 2.0, **flags)
+        (first,) = run(state.snapshot(), Scripted([replicate(K("x"))])).directives
+        assert first.worker == W("d"), flags
+
+
 # -- retiring and paused workers -----------------------------------------------------------------
 
 

@@ -255,6 +255,38 @@ def test_a_key_spread_over_zones_is_not_moved_into_a_zone_that_already_has_it() 
     assert [(d.key, d.worker) for d in result.directives] == [("x", "d")]
 
 
+def test_a_zone_s_only_copy_is_not_moved_to_a_worker_without_a_zone() -> None:
+    """The core drops a copy on a worker without a zone before a zone's only copy: moving the
+    key from a zoned sender to an unzoned recipient would have ReduceReplicas drop the new copy,
+    and Rebalance move it again, every cycle. Such a key stays; a recipient in a zone takes it."""
+    holdings = {"a": keys("k", 4), "b": [], "c": []}
+    zones = {"a": "z1", "b": "", "c": ""}
+    sim = Simulation(holdings, [ReduceReplicas(), Rebalance()], sizes=100, limits=1000, zones=zones)
+    sim.run(max_cycles=20)
+    assert sim.replications == []
+    zones["c"] = "z2"
+    sim = Simulation(holdings, [ReduceReplicas(), Rebalance()], sizes=100, limits=1000, zones=zones)
+    sim.run(max_cycles=20)
+    assert [(d.key, d.worker) for d in sim.replications] == [("k0", "c")]
+    assert sim.moved_back == []
+    assert sim.memories() == {"a": 300, "b": 0, "c": 100}
+
+
+def test_a_copy_on_a_silent_or_leaving_worker_does_not_keep_its_zone_for_a_move() -> None:
+    """As for the core, only durable copies count for zones: a's copy is z1's only durable one,
+    so moving it to c (no zone) would have the new copy dropped, and the move made again."""
+    for flags in ({"stale": True}, {"retiring": True}):
+        state = cluster(
+            {"a": ["x"], "b": ["x"], "c": []},
+            memory={"a": 1000, "b": 0},
+            sizes={"x": 200},
+            limit=dict.fromkeys("abc", 2000),
+            zones={"a": "z1", "b": "z1"},
+        )
+        state.set_flags(WorkerId("b"), 2.0, **flags)
+        assert run(state.snapshot(), Rebalance()).directives == (), flags
+
+
 # -- a move over cycles --------------------------------------------------------------------------
 
 

@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from amm_service.core import Rejection, RetireDecision, Why
+from amm_service.core import Plan, Rejection, RetireDecision, Why
 from amm_service.directive import Op
 from amm_service.errors import Unavailable
 from amm_service.events import EventLog
@@ -47,6 +47,21 @@ def test_a_worker_that_holds_nothing_and_has_nothing_in_flight_is_retired() -> N
     ]
     assert judge(state, under_way("a"), busy={W("a")}) == []
     assert judge(state, under_way("b")) == []
+
+
+def test_a_worker_whose_inventory_is_unknown_is_not_judged_empty() -> None:
+    """An AMM restarted mid-retirement knows a silent worker only by name: holding nothing in
+    the view is not holding nothing. Nor is a worker that missed its last poll judged on an
+    inventory it may have changed since."""
+    state = cluster({"b": ["x"]})
+    state.register(W("a"), "a", "", now=0.0)  # restored from the state file, never polled
+    state.missed_poll(W("a"))
+    assert judge(state, under_way("a")) == []
+    state.register(W("c"), "c", "inc-c", now=0.0)  # registered after the cycle's poll
+    assert judge(state, under_way("c")) == []
+    state = cluster({"a": [], "b": ["x"]})
+    state.missed_poll(W("a"))
+    assert judge(state, under_way("a")) == []
 
 
 def test_no_recipient_no_room_or_a_conflict_abandons_but_throttling_does_not() -> None:
@@ -212,3 +227,62 @@ async def test_policy_decisions_are_recorded_and_the_same_refusal_only_once() ->
         other = RetireDecision("Custom", W("b"), "why", False, "no")
         retirements.decided([other])
         assert events.recent()[0].kind == "retire-requested-declined"
+
+
+async def test_a_refusal_is_recorded_again_once_a_cycle_passed_without_the_request() -> None:
+    """Each cycle's requests reach the bookkeeping, none at all included: a worker that resumed
+    and is paused too long again is a new decision, recorded again."""
+    with StateStore(MEMORY) as store:
+        state = cluster({"a": ["x"], "b": []})
+        retirements, events = bookkeeping(state, store, Clock())
+        declined = RetireDecision("PauseToRetire", W("a"), "paused", False, "no room")
+
+        async def cycle(*decisions: RetireDecision) -> None:
+            async def close(worker: WorkerId) -> str | None:
+                raise AssertionError("nothing to close")
+
+            async def remove(worker: WorkerId) -> None:
+                raise AssertionError("nothing to remove")
+
+            plan = Plan((), (), len(decisions), retirements=decisions)
+            await retirements.supervise(
+                state.snapshot(), plan, busy=set, close=close, remove=remove
+            )
+
+        await cycle(declined)
+        await cycle(declined)
+        await cycle()  # it resumed: nothing asked
+        await cycle(declined)
+        assert [e.kind for e in events.recent()] == ["pause-to-retire-declined"] * 2
+
+
+@pytest.mark.parametrize("answer", [None, "DEADLINE_EXCEEDED: no answer in time"])
+async def test_an_agent_that_unregisters_before_its_close_is_answered_was_retired(
+    answer: str | None,
+) -> None:
+    """An agent asked to close stops and unregisters at once: the AMM may handle that
+    UnregisterWorker before the answer to its Close, or get no answer at all. The worker left
+    holding nothing, so its retirement ended retired (closed when it said so), not abandoned."""
+    with StateStore(MEMORY) as store:
+        state = cluster({"a": [], "b": ["x"]})
+        retirements, events = bookkeeping(state, store, Clock())
+        retirements.begin(W("a"), close=True, timeout=None, reason="r")
+        waiter = asyncio.ensure_future(retirements.wait([W("a")]))
+        removed: list[WorkerId] = []
+
+        async def close(worker: WorkerId) -> str | None:
+            state.unregister(worker)  # its UnregisterWorker, handled first
+            retirements.left(worker)
+            return answer
+
+        async def remove(worker: WorkerId) -> None:
+            removed.append(worker)
+
+        plan = Plan((), (), 0)
+        await retirements.supervise(state.snapshot(), plan, busy=set, close=close, remove=remove)
+        (result,) = await waiter
+        assert (result.retired, result.closed) == (True, answer is None), result.reason
+        assert events.recent()[0].kind == "retired"
+        assert store.retirements() == []
+        assert retirements.result_now(W("a")) is None
+        assert removed == ([W("a")] if answer is None else [])
