@@ -394,11 +394,9 @@ def test_clients_opened_and_closed_leave_no_threads(cluster: LocalCluster) -> No
     for _ in range(20):
         use_one_client()
 
-    def started_since() -> list[str]:
-        return sorted(t.name for t in set(threading.enumerate()) - baseline)
-
-    poll_until(lambda: not started_since(), what="threads back to the baseline")
-    assert threading.active_count() <= len(baseline), started_since()
+    # Counted, not compared by identity: grpc may replace its own poller thread (_poll_wrapper)
+    # when the last aio object of a loop goes, which is no leak; 20 leaked clients would show.
+    poll_until(lambda: threading.active_count() <= len(baseline), what="thread count at baseline")
 
 
 def test_cli_files_tables_json_and_errors(
