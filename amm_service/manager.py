@@ -283,15 +283,19 @@ class ActiveMemoryManager:
                 await task
 
     async def _loop(self) -> None:
+        await self._cycle_every_interval(lambda: True, "AMM cycle")
+
+    async def _cycle_every_interval(self, go_on: Callable[[], bool], what: str) -> None:
+        """Run cycles an interval apart while ``go_on()``; a failed cycle is logged, not fatal."""
         interval = self.config.interval
-        while True:
+        while go_on():
             started = self._monotonic()
             try:
                 await self.run_cycle()
             except asyncio.CancelledError:
                 raise
             except Exception:
-                log.exception("AMM cycle failed; the next one runs as usual")
+                log.exception("%s failed; the next one runs as usual", what)
             await asyncio.sleep(max(0.0, interval - (self._monotonic() - started)))
 
     # -- cycles ----------------------------------------------------------------------------
@@ -687,16 +691,10 @@ class ActiveMemoryManager:
 
     async def _drive(self) -> None:
         """Run cycles every interval while callers wait for retirements and the loop is off."""
-        interval = self.config.interval
-        while self.retirements.waiting and self.retirements.active and not self.running:
-            started = self._monotonic()
-            try:
-                await self.run_cycle()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("AMM cycle (run for a retirement) failed; the next one runs as usual")
-            await asyncio.sleep(max(0.0, interval - (self._monotonic() - started)))
+        await self._cycle_every_interval(
+            lambda: bool(self.retirements.waiting and self.retirements.active and not self.running),
+            "AMM cycle (run for a retirement)",
+        )
 
     async def _supervise_retirements(self, view: ClusterView, plan: core.Plan) -> None:
         """End the retirements that are over or cannot finish; begin those policies asked for."""
