@@ -17,7 +17,6 @@ import copy
 import itertools
 import logging
 import math
-import re
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -27,6 +26,7 @@ import grpc
 
 from amm.v1 import agent_pb2
 from amm_service import core
+from amm_service.addresses import address_order, check_address
 from amm_service.agents import AgentLinks
 from amm_service.config import AmmConfig
 from amm_service.cycle import CycleRecord
@@ -47,8 +47,6 @@ from amm_service.view import ClusterState, ClusterView, Goal, Key, KeyView, Work
 
 log = logging.getLogger(__name__)
 
-_ADDRESS = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[^\s:\[\]]+):([0-9]{1,5})$")
-
 
 @dataclass(frozen=True, slots=True)
 class Refusal:
@@ -57,19 +55,6 @@ class Refusal:
     directive: Directive
     outcome: Outcome
     at: float
-
-
-def address_order(address: str) -> tuple[str, int, str]:
-    """Sort key for worker addresses: by host, then numerically by port."""
-    host, _, port = address.rpartition(":")
-    return (host, int(port) if port.isdigit() else -1, address)
-
-
-def check_address(address: str) -> WorkerId:
-    match = _ADDRESS.match(address)
-    if match is None or int(match.group(2)) > 65535 or int(match.group(2)) == 0:
-        raise InvalidArgument(f"invalid worker address {address!r}: expected HOST:PORT")
-    return WorkerId(address)
 
 
 def _copies(policies: Sequence[Policy]) -> list[Policy]:
