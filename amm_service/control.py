@@ -179,7 +179,7 @@ class ControlServicer(control_pb2_grpc.ActiveMemoryManagerServicer):
     async def ListWorkers(
         self, request: control_pb2.ListWorkersRequest, context: Any
     ) -> control_pb2.ListWorkersResponse:
-        workers = await self._amm.workers(fresh=request.fresh)
+        workers = await self._amm.queries.workers(fresh=request.fresh)
         measure = self._amm.config.measure
         return control_pb2.ListWorkersResponse(workers=[worker_to_pb(w, measure) for w in workers])
 
@@ -187,7 +187,7 @@ class ControlServicer(control_pb2_grpc.ActiveMemoryManagerServicer):
     async def WhoHas(
         self, request: control_pb2.WhoHasRequest, context: Any
     ) -> control_pb2.WhoHasResponse:
-        entries = await self._amm.who_has(_check_keys(request.keys), fresh=request.fresh)
+        entries = await self._amm.queries.who_has(_check_keys(request.keys), fresh=request.fresh)
         return control_pb2.WhoHasResponse(
             entries=[control_pb2.KeyHolders(key=k, workers=list(ws)) for k, ws in entries]
         )
@@ -196,7 +196,7 @@ class ControlServicer(control_pb2_grpc.ActiveMemoryManagerServicer):
     async def HasWhat(
         self, request: control_pb2.HasWhatRequest, context: Any
     ) -> control_pb2.HasWhatResponse:
-        entries = await self._amm.has_what(list(request.workers), fresh=request.fresh)
+        entries = await self._amm.queries.has_what(list(request.workers), fresh=request.fresh)
         return control_pb2.HasWhatResponse(
             entries=[control_pb2.WorkerKeys(worker=w, keys=list(ks)) for w, ks in entries]
         )
@@ -205,7 +205,7 @@ class ControlServicer(control_pb2_grpc.ActiveMemoryManagerServicer):
     async def Forget(
         self, request: control_pb2.ForgetRequest, context: Any
     ) -> control_pb2.ForgetResponse:
-        deleted = await self._amm.forget(_check_keys(request.keys))
+        deleted = await self._amm.queries.forget(_check_keys(request.keys))
         return control_pb2.ForgetResponse(replicas_deleted=deleted)
 
     @_edge
@@ -237,14 +237,14 @@ class ControlServicer(control_pb2_grpc.ActiveMemoryManagerServicer):
         self, request: control_pb2.ReplicateRequest, context: Any
     ) -> control_pb2.ReplicateResponse:
         n = request.n if request.HasField("n") else None
-        changed, removed = await self._amm.replicate(_check_keys(request.keys), n)
+        changed, removed = await self._amm.queries.replicate(_check_keys(request.keys), n)
         return control_pb2.ReplicateResponse(goals_set=changed, goals_removed=removed)
 
     @_edge
     async def ListGoals(
         self, request: control_pb2.ListGoalsRequest, context: Any
     ) -> control_pb2.ListGoalsResponse:
-        statuses = await self._amm.goal_statuses(_check_keys(request.keys))
+        statuses = await self._amm.queries.goal_statuses(_check_keys(request.keys))
         return control_pb2.ListGoalsResponse(
             goals=[
                 control_pb2.ReplicationGoal(key=s.key, n=s.n, target=s.target, live_copies=s.live)

@@ -1,4 +1,4 @@
-"""The Active Memory Manager: cycles, the worker registry and the queries operators make.
+"""The Active Memory Manager: cycles and the worker registry; its queries are ``queries``.
 
 It wires the pure parts (cluster state, ledger, core, policies, liveness, start-up grace) to the
 I/O parts (poller, dispatcher) and owns the one background task, the cycle loop. A cycle is:
@@ -34,16 +34,16 @@ from amm_service.directive import Directive, Outcome, OutcomeStatus
 from amm_service.dispatcher import Dispatcher
 from amm_service.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable, listing
 from amm_service.events import EventLog
-from amm_service.goals import GoalBook, check_goal
+from amm_service.goals import GoalBook
 from amm_service.grace import StartupGrace
 from amm_service.liveness import Liveness, LostKeys, lost_after_removal
 from amm_service.pending import Entry, Ledger
 from amm_service.policies import Policy
-from amm_service.policies.goals import GoalStatus, describe
 from amm_service.poller import Poller
+from amm_service.queries import Queries
 from amm_service.retirement import Result, Retirements, cheapest
 from amm_service.state import StateStore
-from amm_service.view import ClusterState, ClusterView, Goal, Key, KeyView, WorkerId, WorkerView
+from amm_service.view import ClusterState, ClusterView, WorkerId
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +121,16 @@ class ActiveMemoryManager:
         self.goals = GoalBook(store)
         self._liveness = Liveness(stale_after=config.stale_seconds, dead_after=config.dead_after)
         self._lost = LostKeys()
+        self.queries = Queries(
+            self.state,
+            self._poller,
+            self._links,
+            self.goals,
+            self._lost,
+            self.events,
+            poll_timeout=config.poll_timeout,
+            check_open=self._check_open,
+        )
         self._grace = StartupGrace((), until=0.0)
         self.retirements = Retirements(self.state, store, self.events, self.policies, clock=clock)
         self._driver: asyncio.Task[None] | None = None
@@ -513,111 +523,6 @@ class ActiveMemoryManager:
         await self._links.close(worker)
         return removed
 
-    # -- queries ---------------------------------------------------------------------------
-
-    async def refresh(self, fresh: bool) -> None:
-        """With ``fresh``, poll every agent first. Queries then read the live state directly:
-        they do not await while answering, so it cannot change under them, and a snapshot (a
-        copy of every key) per query would be wasted work."""
-        self._check_open()
-        if fresh:
-            await self._poller.poll_all()
-
-    async def workers(self, *, fresh: bool = False) -> list[WorkerView]:
-        await self.refresh(fresh)
-        return sorted(self.state.workers, key=lambda w: address_order(w.address))
-
-    async def who_has(
-        self, keys: Sequence[str], *, fresh: bool
-    ) -> list[tuple[Key, tuple[WorkerId, ...]]]:
-        await self.refresh(fresh)
-        return [(kv.key, tuple(sorted(kv.holders, key=address_order))) for kv in self._known(keys)]
-
-    async def has_what(
-        self, workers: Sequence[str], *, fresh: bool
-    ) -> list[tuple[WorkerId, tuple[Key, ...]]]:
-        if any(not w for w in workers):
-            raise InvalidArgument("worker addresses must not be empty strings")
-        await self.refresh(fresh)
-        known = set(self.state.worker_ids)
-        wanted = [WorkerId(w) for w in workers] if workers else sorted(known, key=address_order)
-        unknown = [w for w in wanted if w not in known]
-        if unknown:
-            raise NotFound(f"unknown worker(s): {listing(unknown)}")
-        return [(w, tuple(sorted(self.state.held_by(w)))) for w in wanted]
-
-    async def forget(self, keys: Sequence[str]) -> int:
-        """Delete every replica of ``keys``; fails listing the replicas that could not go.
-
-        Their goals go first: a cycle between two deletes must not copy the key back."""
-        if not keys:
-            raise InvalidArgument("no keys given")
-        await self.refresh(True)
-        # Forgetting a lost key is how an operator says it is not coming back.
-        lost = {k for k in keys if Key(k) in self._lost and Key(k) not in self.state.keys}
-        remaining = [k for k in keys if k not in lost]
-        known = self._known(remaining) if remaining else []
-        self._lost.discard(Key(k) for k in lost)
-        self.goals.remove(keys)
-        if not known:
-            return 0
-        targets = [(kv.key, w) for kv in known for w in sorted(kv.holders)]
-        results = await asyncio.gather(*(self._delete(k, w) for k, w in targets))
-        failures = [r for r in results if isinstance(r, str)]
-        deleted = sum(1 for r in results if r is True)
-        await self._poller.poll_all({w for _, w in targets})
-        if failures:
-            raise FailedPrecondition(
-                f"deleted {deleted} replica(s) but not: " + "; ".join(failures[:10])
-            )
-        return deleted
-
-    async def replicate(self, keys: Sequence[str], n: Goal) -> tuple[int, int]:
-        """Set the replication goal of ``keys`` (1 removes it); returns (set, removed).
-
-        A key must be held by some worker, or already have a goal (so that the goal of a key
-        that was lost can still be removed). Agents are polled first if a key is not known yet:
-        a value put a moment ago must not be reported unknown."""
-        self._check_open()
-        if not keys:
-            raise InvalidArgument("no keys given")
-        check_goal(n)
-        if any(Key(k) not in self.state.keys and k not in self.goals for k in keys):
-            await self.refresh(True)
-        unknown = [k for k in keys if Key(k) not in self.state.keys and k not in self.goals]
-        if unknown:
-            raise NotFound(f"unknown key(s): {listing(unknown)}")
-        changed, removed = self.goals.set(keys, n)
-        if changed:
-            self.events.record("goal-set", f"goal of {describe(n)} for {changed} key(s)", keys=keys)
-        if removed:
-            self.events.record("goal-removed", f"goal removed for {removed} key(s)", keys=keys)
-        return changed, removed
-
-    async def goal_statuses(self, keys: Sequence[str]) -> list[GoalStatus]:
-        """The goals of ``keys`` (every goal when empty) and how far each key is from it."""
-        self._check_open()
-        return self.goals.statuses(keys, self.state)
-
-    def _known(self, keys: Sequence[str]) -> list[KeyView]:
-        """The state of ``keys`` (every key, ordered, when empty); NotFound lists the unknown."""
-        if not keys:
-            return [kv for _, kv in sorted(self.state.keys.items())]
-        found = [self.state.keys.get(Key(k)) for k in keys]
-        unknown = [k for k, kv in zip(keys, found, strict=True) if kv is None]
-        if unknown:
-            raise NotFound(f"unknown key(s): {listing(unknown)}")
-        return [kv for kv in found if kv is not None]
-
-    async def _delete(self, key: str, worker: WorkerId) -> bool | str:
-        try:
-            resp = await self._links.stub(worker).Delete(
-                agent_pb2.DeleteRequest(key=key, forget=True), timeout=self.config.poll_timeout * 5
-            )
-        except grpc.aio.AioRpcError as err:
-            return f"{key!r} on {worker}: {err.code().name}: {err.details()}"
-        return bool(resp.deleted)
-
     # -- retirement ------------------------------------------------------------------------
 
     async def retire_workers(
@@ -651,7 +556,7 @@ class ActiveMemoryManager:
         elif n < 1:
             raise InvalidArgument(f"n must be at least 1, not {n}")
         else:
-            await self.refresh(True)  # which are cheapest is judged on what they hold now
+            await self.queries.refresh(True)  # which are cheapest is judged on what they hold now
             wanted = cheapest(self.state, n)
         results: list[Result] = []
         started = []

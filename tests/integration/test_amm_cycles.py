@@ -199,7 +199,7 @@ async def test_a_stale_amm_cannot_act(tmp_path: Path) -> None:
             assert newer.manager is not None
             for agent in c.agents:
                 await newer.manager.register(agent.address, agent.address, agent.incarnation)
-            await newer.manager.refresh(fresh=True)
+            await newer.manager.queries.refresh(fresh=True)
         # The old AMM still believes it is in charge: its drops are refused.
         report = await c.run_once()
         assert report.directives_sent == 1

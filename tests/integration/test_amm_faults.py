@@ -98,8 +98,9 @@ async def test_a_broken_directive_stream_fails_its_directives_at_once(tmp_path: 
 async def test_calls_during_shutdown_are_refused_cleanly(tmp_path: Path) -> None:
     async with AmmServer(amm_config(tmp_path)) as amm:
         assert amm.manager is not None
-        await amm.manager.close()
-        for call in (amm.manager.start(), amm.manager.run_cycle(), amm.manager.refresh(True)):
+        manager = amm.manager
+        await manager.close()
+        for call in (manager.start(), manager.run_cycle(), manager.queries.refresh(True)):
             with pytest.raises(Unavailable, match="shutting down"):
                 await call
-        assert not amm.manager.running
+        assert not manager.running

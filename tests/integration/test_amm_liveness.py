@@ -80,7 +80,7 @@ async def test_a_silent_worker_goes_stale_then_dead_and_its_lone_keys_are_lost(
         await put(stub, "shared", DATA)
         async with fake_peer(_Holder({"shared": DATA, "solo": SOLO})) as silent:  # type: ignore[abstract]
             await manager.register(silent, "silent", "holder")
-            await manager.refresh(fresh=True)
+            await manager.queries.refresh(fresh=True)
             assert manager.state.keys[Key("solo")].holders == {silent}
         # Its server is gone: polls fail from now on. One missed poll is not yet STALE.
         record = await manager.run_cycle()

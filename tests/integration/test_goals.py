@@ -191,7 +191,7 @@ async def test_goals_survive_an_amm_restart(tmp_path: Path) -> None:
             assert manager is not None
             assert manager.epoch == 2
             assert set(manager.state.worker_ids) == set(addresses)  # taken back from the state
-            (goal,) = await manager.goal_statuses(["x"])
+            (goal,) = await manager.queries.goal_statuses(["x"])
             assert (goal.n, goal.live) == (3, 3)
             record = await manager.run_cycle(wait=True)
             assert record.directives == {}  # without the goal, ReduceReplicas would drop two

@@ -1,0 +1,158 @@
+"""What operators ask about the cluster's data, and the two commands that act on keys.
+
+``workers``, ``who_has`` and ``has_what`` answer from the live cluster state (after a poll of
+every agent when asked for fresh answers); ``forget`` deletes every replica of keys through the
+agents; ``replicate`` and ``goal_statuses`` set and report replication goals. None of them runs
+a cycle or sends a directive: they read what the cycles keep up to date, or act directly.
+
+Not covered: the worker registry and the cycles (``manager``), retiring workers
+(``retirement_driver``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+
+import grpc
+
+from amm.v1 import agent_pb2
+from amm_service.addresses import address_order
+from amm_service.agents import AgentLinks
+from amm_service.errors import FailedPrecondition, InvalidArgument, NotFound, listing
+from amm_service.events import EventLog
+from amm_service.goals import GoalBook, check_goal
+from amm_service.liveness import LostKeys
+from amm_service.policies.goals import GoalStatus, describe
+from amm_service.poller import Poller
+from amm_service.view import ClusterState, Goal, Key, KeyView, WorkerId, WorkerView
+
+
+class Queries:
+    """The AMM's queries and key commands; ``check_open`` raises while the AMM cannot serve."""
+
+    def __init__(
+        self,
+        state: ClusterState,
+        poller: Poller,
+        links: AgentLinks,
+        goals: GoalBook,
+        lost: LostKeys,
+        events: EventLog,
+        *,
+        poll_timeout: float,
+        check_open: Callable[[], None],
+    ) -> None:
+        self._state = state
+        self._poller = poller
+        self._links = links
+        self._goals = goals
+        self._lost = lost
+        self._events = events
+        self._poll_timeout = poll_timeout
+        self._check_open = check_open
+
+    async def refresh(self, fresh: bool) -> None:
+        """With ``fresh``, poll every agent first. Queries then read the live state directly:
+        they do not await while answering, so it cannot change under them, and a snapshot (a
+        copy of every key) per query would be wasted work."""
+        self._check_open()
+        if fresh:
+            await self._poller.poll_all()
+
+    async def workers(self, *, fresh: bool = False) -> list[WorkerView]:
+        await self.refresh(fresh)
+        return sorted(self._state.workers, key=lambda w: address_order(w.address))
+
+    async def who_has(
+        self, keys: Sequence[str], *, fresh: bool
+    ) -> list[tuple[Key, tuple[WorkerId, ...]]]:
+        await self.refresh(fresh)
+        return [(kv.key, tuple(sorted(kv.holders, key=address_order))) for kv in self._known(keys)]
+
+    async def has_what(
+        self, workers: Sequence[str], *, fresh: bool
+    ) -> list[tuple[WorkerId, tuple[Key, ...]]]:
+        if any(not w for w in workers):
+            raise InvalidArgument("worker addresses must not be empty strings")
+        await self.refresh(fresh)
+        known = set(self._state.worker_ids)
+        wanted = [WorkerId(w) for w in workers] if workers else sorted(known, key=address_order)
+        unknown = [w for w in wanted if w not in known]
+        if unknown:
+            raise NotFound(f"unknown worker(s): {listing(unknown)}")
+        return [(w, tuple(sorted(self._state.held_by(w)))) for w in wanted]
+
+    async def forget(self, keys: Sequence[str]) -> int:
+        """Delete every replica of ``keys``; fails listing the replicas that could not go.
+
+        Their goals go first: a cycle between two deletes must not copy the key back."""
+        if not keys:
+            raise InvalidArgument("no keys given")
+        await self.refresh(True)
+        # Forgetting a lost key is how an operator says it is not coming back.
+        lost = {k for k in keys if Key(k) in self._lost and Key(k) not in self._state.keys}
+        remaining = [k for k in keys if k not in lost]
+        known = self._known(remaining) if remaining else []
+        self._lost.discard(Key(k) for k in lost)
+        self._goals.remove(keys)
+        if not known:
+            return 0
+        targets = [(kv.key, w) for kv in known for w in sorted(kv.holders)]
+        results = await asyncio.gather(*(self._delete(k, w) for k, w in targets))
+        failures = [r for r in results if isinstance(r, str)]
+        deleted = sum(1 for r in results if r is True)
+        await self._poller.poll_all({w for _, w in targets})
+        if failures:
+            raise FailedPrecondition(
+                f"deleted {deleted} replica(s) but not: " + "; ".join(failures[:10])
+            )
+        return deleted
+
+    async def replicate(self, keys: Sequence[str], n: Goal) -> tuple[int, int]:
+        """Set the replication goal of ``keys`` (1 removes it); returns (set, removed).
+
+        A key must be held by some worker, or already have a goal (so that the goal of a key
+        that was lost can still be removed). Agents are polled first if a key is not known yet:
+        a value put a moment ago must not be reported unknown."""
+        self._check_open()
+        if not keys:
+            raise InvalidArgument("no keys given")
+        check_goal(n)
+        if any(Key(k) not in self._state.keys and k not in self._goals for k in keys):
+            await self.refresh(True)
+        unknown = [k for k in keys if Key(k) not in self._state.keys and k not in self._goals]
+        if unknown:
+            raise NotFound(f"unknown key(s): {listing(unknown)}")
+        changed, removed = self._goals.set(keys, n)
+        if changed:
+            self._events.record(
+                "goal-set", f"goal of {describe(n)} for {changed} key(s)", keys=keys
+            )
+        if removed:
+            self._events.record("goal-removed", f"goal removed for {removed} key(s)", keys=keys)
+        return changed, removed
+
+    async def goal_statuses(self, keys: Sequence[str]) -> list[GoalStatus]:
+        """The goals of ``keys`` (every goal when empty) and how far each key is from it."""
+        self._check_open()
+        return self._goals.statuses(keys, self._state)
+
+    def _known(self, keys: Sequence[str]) -> list[KeyView]:
+        """The state of ``keys`` (every key, ordered, when empty); NotFound lists the unknown."""
+        if not keys:
+            return [kv for _, kv in sorted(self._state.keys.items())]
+        found = [self._state.keys.get(Key(k)) for k in keys]
+        unknown = [k for k, kv in zip(keys, found, strict=True) if kv is None]
+        if unknown:
+            raise NotFound(f"unknown key(s): {listing(unknown)}")
+        return [kv for kv in found if kv is not None]
+
+    async def _delete(self, key: str, worker: WorkerId) -> bool | str:
+        try:
+            resp = await self._links.stub(worker).Delete(
+                agent_pb2.DeleteRequest(key=key, forget=True), timeout=self._poll_timeout * 5
+            )
+        except grpc.aio.AioRpcError as err:
+            return f"{key!r} on {worker}: {err.code().name}: {err.details()}"
+        return bool(resp.deleted)
