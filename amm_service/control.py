@@ -146,7 +146,7 @@ class ControlServicer(control_pb2_grpc.ActiveMemoryManagerServicer):
                     message=r.outcome.message,
                     at=wire.timestamp(r.at),
                 )
-                for r in amm.refusals
+                for r in amm.outcomes.refusals
             ],
             recent_events=[wire.event_to_pb(e) for e in amm.events.recent(MAX_EVENTS_REPORTED)],
             startup_grace=amm.in_startup_grace(),

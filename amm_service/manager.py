@@ -18,9 +18,7 @@ import itertools
 import logging
 import math
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import grpc
 
@@ -30,14 +28,14 @@ from amm_service.addresses import address_order, check_address
 from amm_service.agents import AgentLinks
 from amm_service.config import AmmConfig
 from amm_service.cycle import CycleRecord
-from amm_service.directive import Directive, Outcome, OutcomeStatus
 from amm_service.dispatcher import Dispatcher
 from amm_service.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable, listing
 from amm_service.events import EventLog
 from amm_service.goals import GoalBook
 from amm_service.grace import StartupGrace
 from amm_service.liveness import Liveness, LostKeys, lost_after_removal
-from amm_service.pending import Entry, Ledger
+from amm_service.outcomes import Outcomes
+from amm_service.pending import Ledger
 from amm_service.policies import Policy
 from amm_service.poller import Poller
 from amm_service.queries import Queries
@@ -46,15 +44,6 @@ from amm_service.state import StateStore
 from amm_service.view import ClusterState, ClusterView, WorkerId
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class Refusal:
-    """A directive an agent refused or failed."""
-
-    directive: Directive
-    outcome: Outcome
-    at: float
 
 
 def _copies(policies: Sequence[Policy]) -> list[Policy]:
@@ -96,15 +85,18 @@ class ActiveMemoryManager:
         self.epoch = 0
         self.state = ClusterState()
         self.ledger = Ledger()
+        self.outcomes = Outcomes(
+            self.state, self.ledger, max_refusals=config.max_refusals_kept, clock=clock
+        )
         self._links = AgentLinks()
-        self._dispatcher = Dispatcher(self._links, self._on_outcome)
+        self._dispatcher = Dispatcher(self._links, self.outcomes.on_outcome)
         self._poller = Poller(
             self.state,
             self._links,
             epoch=0,
             timeout=config.poll_timeout,
             on_version=self.ledger.observe,
-            on_restart=self._forget_in_flight,
+            on_restart=self.outcomes.forget_in_flight,
             clock=clock,
         )
         self._ids = itertools.count(1)
@@ -114,9 +106,6 @@ class ActiveMemoryManager:
         self._acted = False
         self._fenced_warned = False
         self._last: CycleRecord | None = None
-        self._records: deque[CycleRecord] = deque(maxlen=4)
-        self._waiters: dict[str, asyncio.Future[None]] = {}
-        self.refusals: deque[Refusal] = deque(maxlen=config.max_refusals_kept)
         self.events = EventLog(clock=clock)
         self.goals = GoalBook(store)
         self._liveness = Liveness(stale_after=config.stale_seconds, dead_after=config.dead_after)
@@ -243,7 +232,7 @@ class ActiveMemoryManager:
             with contextlib.suppress(asyncio.CancelledError):
                 await driver
         self.retirements.close()
-        self._release_waiters(list(self._waiters))
+        self.outcomes.close()
         await self._dispatcher.close()
         await self._links.close_all()
 
@@ -312,13 +301,10 @@ class ActiveMemoryManager:
             record = await self._cycle(wait, dry_run)
         if dry_run:
             return record
-        waiters = [self._waiters[i] for i in record.directives if i in self._waiters]
-        if waiters:
-            limit = self.config.directive_timeout
-            if wait_limit is not None:
-                limit = max(0.0, min(limit, wait_limit))
-            await asyncio.wait(waiters, timeout=limit)
-            self._release_waiters(list(record.directives))
+        limit = self.config.directive_timeout
+        if wait_limit is not None:
+            limit = max(0.0, min(limit, wait_limit))
+        await self.outcomes.wait(record, limit)
         return record
 
     async def _cycle(self, wait: bool, dry_run: bool = False) -> CycleRecord:
@@ -326,7 +312,7 @@ class ActiveMemoryManager:
         started, t0 = self._clock(), time.perf_counter()
         record = CycleRecord(self._cycles, started, dry_run=dry_run)
         if not dry_run:
-            self._expire()
+            self.outcomes.expire(self._monotonic(), self.config.directive_timeout)
         record.unreachable = tuple(await self._poller.poll_all())
         self._warn_if_fenced()
         if not dry_run:
@@ -361,11 +347,10 @@ class ActiveMemoryManager:
             )
             return record
         now = self._monotonic()
-        loop = asyncio.get_running_loop()
         for directive in plan.directives:
             self.ledger.add(directive, now)
             if wait:
-                self._waiters[directive.id] = loop.create_future()
+                self.outcomes.expect(directive.id)
             self._dispatcher.send(directive)
         self._acted = self._acted or bool(plan.directives)
         for error in plan.policy_errors:
@@ -373,7 +358,7 @@ class ActiveMemoryManager:
         await self._supervise_retirements(view, plan)
         record.duration = time.perf_counter() - t0
         self._last = record
-        self._records.append(record)
+        self.outcomes.track(record)
         if plan.directives or plan.rejections:
             log.info(
                 "cycle %d: %d suggestions, %d directives, %d rejected, plan %.1f ms",
@@ -436,48 +421,6 @@ class ActiveMemoryManager:
     def _new_id(self) -> str:
         return f"e{self.epoch}.{next(self._ids)}"
 
-    def _on_outcome(self, worker: WorkerId, outcome: Outcome) -> None:
-        known = self.state.worker(worker)
-        entry = self.ledger.settle(outcome, known.version if known else 0)
-        for record in self._records:
-            rec = record.directives.get(outcome.directive_id)
-            if rec is not None:
-                rec.outcome = outcome
-        if entry is not None and outcome.status is not OutcomeStatus.APPLIED:
-            self.refusals.appendleft(Refusal(entry.directive, outcome, self._clock()))
-            log.info(
-                "%s %s %s %s: %s %s",
-                worker,
-                outcome.status.value,
-                entry.directive.op.value,
-                entry.directive.key,
-                outcome.reason,
-                outcome.message,
-            )
-        self._release_waiters([outcome.directive_id])
-
-    def _expire(self) -> None:
-        self._settle_lost(self.ledger.expire(self._monotonic(), self.config.directive_timeout))
-
-    def _forget_in_flight(self, worker: WorkerId) -> None:
-        """The worker left or restarted: what was in flight to it will never be answered."""
-        self._settle_lost(self.ledger.forget_worker(worker))
-
-    def _settle_lost(self, entries: list[Entry]) -> None:
-        ids = [e.directive.id for e in entries]
-        for record in self._records:
-            for directive_id in ids:
-                rec = record.directives.get(directive_id)
-                if rec is not None and rec.outcome is None:
-                    rec.timed_out = True
-        self._release_waiters(ids)
-
-    def _release_waiters(self, ids: list[str]) -> None:
-        for directive_id in ids:
-            waiter = self._waiters.pop(directive_id, None)
-            if waiter is not None and not waiter.done():
-                waiter.set_result(None)
-
     @property
     def last_cycle(self) -> CycleRecord | None:
         return self._last
@@ -496,7 +439,7 @@ class ActiveMemoryManager:
         if not incarnation:
             raise InvalidArgument("incarnation is required: a random id per agent process start")
         if self.state.register(worker, name, incarnation, self._clock(), zone=zone):
-            self._forget_in_flight(worker)
+            self.outcomes.forget_in_flight(worker)
             await self._dispatcher.close_worker(worker)
             # A channel that failed to reach the old process may be backing off for minutes:
             # the new one gets a fresh connection.
@@ -516,7 +459,7 @@ class ActiveMemoryManager:
     async def _remove(self, worker: WorkerId) -> bool:
         removed = self.state.unregister(worker)
         self.retirements.left(worker)
-        self._forget_in_flight(worker)
+        self.outcomes.forget_in_flight(worker)
         self._poller.forget(worker)
         self._store.forget_worker(worker)
         await self._dispatcher.close_worker(worker)

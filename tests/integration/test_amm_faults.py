@@ -92,7 +92,7 @@ async def test_a_broken_directive_stream_fails_its_directives_at_once(tmp_path: 
         assert rec.outcome.status.value == "failed"
         assert "directive stream broke" in rec.outcome.message
         assert len(amm.manager.ledger) == 0
-        assert amm.manager.refusals[0].outcome.status.value == "failed"
+        assert amm.manager.outcomes.refusals[0].outcome.status.value == "failed"
 
 
 async def test_calls_during_shutdown_are_refused_cleanly(tmp_path: Path) -> None:
