@@ -217,7 +217,7 @@ class ControlServicer(control_pb2_grpc.ActiveMemoryManagerServicer):
             timeout = request.timeout.ToNanoseconds() / 1e9
             if timeout <= 0:
                 raise InvalidArgument("timeout must be positive; leave it unset for no limit")
-        results = await self._amm.retire_workers(
+        results = await self._amm.retirement_driver.retire_workers(
             list(request.workers),
             n=request.n if request.HasField("n") else None,
             close=request.close,

@@ -16,20 +16,16 @@ import contextlib
 import copy
 import itertools
 import logging
-import math
 import time
 from collections.abc import Callable, Sequence
 
-import grpc
-
-from amm.v1 import agent_pb2
 from amm_service import core
-from amm_service.addresses import address_order, check_address
+from amm_service.addresses import check_address
 from amm_service.agents import AgentLinks
 from amm_service.config import AmmConfig
 from amm_service.cycle import CycleRecord
 from amm_service.dispatcher import Dispatcher
-from amm_service.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable, listing
+from amm_service.errors import InvalidArgument, Unavailable
 from amm_service.events import EventLog
 from amm_service.goals import GoalBook
 from amm_service.grace import StartupGrace
@@ -39,9 +35,10 @@ from amm_service.pending import Ledger
 from amm_service.policies import Policy
 from amm_service.poller import Poller
 from amm_service.queries import Queries
-from amm_service.retirement import Result, Retirements, cheapest
+from amm_service.retirement import Retirements
+from amm_service.retirement_driver import RetirementDriver
 from amm_service.state import StateStore
-from amm_service.view import ClusterState, ClusterView, WorkerId
+from amm_service.view import ClusterState, WorkerId
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +119,18 @@ class ActiveMemoryManager:
         )
         self._grace = StartupGrace((), until=0.0)
         self.retirements = Retirements(self.state, store, self.events, self.policies, clock=clock)
-        self._driver: asyncio.Task[None] | None = None
+        self.retirement_driver = RetirementDriver(
+            self.retirements,
+            self.state,
+            self._links,
+            self.ledger,
+            poll_timeout=config.poll_timeout,
+            check_open=self._check_open,
+            refresh=self.queries.refresh,
+            running=lambda: self.running,
+            run_cycles=self._cycle_every_interval,
+            remove=self._remove,
+        )
         self._opened = False
         self._closed = False
 
@@ -226,11 +234,7 @@ class ActiveMemoryManager:
             return
         self._closed = True
         await self._stop_loop()
-        driver, self._driver = self._driver, None
-        if driver is not None:
-            driver.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await driver
+        await self.retirement_driver.close()
         self.retirements.close()
         self.outcomes.close()
         await self._dispatcher.close()
@@ -257,7 +261,7 @@ class ActiveMemoryManager:
         self._store.set_running(False)
         await self._stop_loop()
         if self.retirements.waiting and self.retirements.active:
-            self._drive_retirements()  # a RetireWorkers call begun while we ran still waits
+            self.retirement_driver.drive()  # a RetireWorkers call begun while we ran waits
 
     async def _stop_loop(self) -> None:
         task, self._loop_task = self._loop_task, None
@@ -355,7 +359,7 @@ class ActiveMemoryManager:
         self._acted = self._acted or bool(plan.directives)
         for error in plan.policy_errors:
             log.error("%s", error)
-        await self._supervise_retirements(view, plan)
+        await self.retirement_driver.supervise(view, plan)
         record.duration = time.perf_counter() - t0
         self._last = record
         self.outcomes.track(record)
@@ -465,89 +469,3 @@ class ActiveMemoryManager:
         await self._dispatcher.close_worker(worker)
         await self._links.close(worker)
         return removed
-
-    # -- retirement ------------------------------------------------------------------------
-
-    async def retire_workers(
-        self,
-        workers: Sequence[str],
-        *,
-        n: int | None = None,
-        close: bool = False,
-        timeout: float | None = None,  # noqa: ASYNC109 - the retirement's, not this call's
-    ) -> list[Result]:
-        """Retire ``workers``, or the ``n`` cheapest to retire, and return how each retirement
-        ended, ordered by address. While the AMM runs no cycles, cycles are run every interval
-        as long as a caller waits. A caller that goes away leaves the retirements going on."""
-        self._check_open()
-        if not self.retirements.retirers:
-            raise FailedPrecondition(
-                "retiring workers needs the RetireWorker policy: add {class: RetireWorker} to "
-                "the configured policies"
-            )
-        if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
-            raise InvalidArgument(f"timeout must be a finite duration > 0, not {timeout!r} s")
-        if workers:
-            if any(not w for w in workers):
-                raise InvalidArgument("worker addresses must not be empty strings")
-            wanted = list(dict.fromkeys(WorkerId(w) for w in workers))
-            unknown = [w for w in wanted if self.state.worker(w) is None]
-            if unknown:
-                raise NotFound(f"unknown worker(s): {listing(unknown)}")
-        elif n is None:
-            raise InvalidArgument("give the workers to retire, or n: how many to retire")
-        elif n < 1:
-            raise InvalidArgument(f"n must be at least 1, not {n}")
-        else:
-            await self.queries.refresh(True)  # which are cheapest is judged on what they hold now
-            wanted = cheapest(self.state, n)
-        results: list[Result] = []
-        started = []
-        for worker in wanted:
-            done = None if close else self.retirements.result_now(worker)
-            if done is not None:
-                results.append(done)
-                continue
-            self.retirements.begin(
-                worker, close=close, timeout=timeout, reason="asked for by a client"
-            )
-            started.append(worker)
-        if started and not self.running:
-            self._drive_retirements()
-        results += await self.retirements.wait(started)
-        return sorted(results, key=lambda r: address_order(r.worker))
-
-    def _drive_retirements(self) -> None:
-        """Start the task that runs cycles for waiting callers while the loop is off (once)."""
-        if self._driver is None or self._driver.done():
-            self._driver = asyncio.create_task(self._drive(), name="amm-retirement-driver")
-
-    async def _drive(self) -> None:
-        """Run cycles every interval while callers wait for retirements and the loop is off."""
-        await self._cycle_every_interval(
-            lambda: bool(self.retirements.waiting and self.retirements.active and not self.running),
-            "AMM cycle (run for a retirement)",
-        )
-
-    async def _supervise_retirements(self, view: ClusterView, plan: core.Plan) -> None:
-        """End the retirements that are over or cannot finish; begin those policies asked for."""
-        await self.retirements.supervise(
-            view,
-            plan,
-            busy=lambda: {entry.directive.worker for entry in self.ledger},
-            close=self._close_agent,
-            remove=self._remove,
-        )
-
-    async def _close_agent(self, worker: WorkerId) -> str | None:
-        """Ask a retired worker's agent to shut down: None when it agreed, "" when it refused
-        because it holds keys again (the retirement goes on), otherwise why it did not close."""
-        request = agent_pb2.CloseRequest(reason="retired by the AMM: it holds nothing")
-        try:
-            await self._links.stub(worker).Close(request, timeout=self.config.poll_timeout)
-        except grpc.aio.AioRpcError as err:
-            if err.code() == grpc.StatusCode.FAILED_PRECONDITION:
-                log.info("%s refused to close (%s); its retirement goes on", worker, err.details())
-                return ""
-            return f"{err.code().name}: {err.details()}"
-        return None
