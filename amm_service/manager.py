@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
-import itertools
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -25,6 +24,7 @@ from amm_service.agents import AgentLinks
 from amm_service.config import AmmConfig
 from amm_service.cycle import CycleRecord
 from amm_service.dispatcher import Dispatcher
+from amm_service.epoch import EpochFence
 from amm_service.errors import InvalidArgument, Unavailable
 from amm_service.events import EventLog
 from amm_service.goals import GoalBook
@@ -79,7 +79,6 @@ class ActiveMemoryManager:
         self._store = store
         self._clock = clock
         self._monotonic = monotonic
-        self.epoch = 0
         self.state = ClusterState()
         self.ledger = Ledger()
         self.outcomes = Outcomes(
@@ -96,12 +95,10 @@ class ActiveMemoryManager:
             on_restart=self.outcomes.forget_in_flight,
             clock=clock,
         )
-        self._ids = itertools.count(1)
+        self._fence = EpochFence(store, self._poller)
         self._cycle_lock = asyncio.Lock()
         self._loop_task: asyncio.Task[None] | None = None
         self._cycles = 0
-        self._acted = False
-        self._fenced_warned = False
         self._last: CycleRecord | None = None
         self.events = EventLog(clock=clock)
         self.goals = GoalBook(store)
@@ -141,7 +138,7 @@ class ActiveMemoryManager:
         if self._opened:
             return
         self._opened = True
-        self._set_epoch(self._store.begin_epoch())
+        self._fence.begin()
         self.goals.load()
         if self.config.directive_timeout < 2 * self.config.interval:
             log.warning(
@@ -188,7 +185,7 @@ class ActiveMemoryManager:
                 f": no drops for up to {self.config.startup_grace:g} s" if silent else "",
             )
         self.in_startup_grace()
-        self._adopt_newer_epoch(self._poller.newest_agent_epoch)
+        self._fence.adopt_newer(self._poller.newest_agent_epoch)
 
     def in_startup_grace(self) -> bool:
         """Whether drops are held back because a worker known before the restart has not
@@ -197,36 +194,6 @@ class ActiveMemoryManager:
         if ended is not None:
             self.events.record("startup-grace-ended", f"drops allowed again: {ended}")
         return self._grace.active
-
-    def _set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-        self._poller.epoch = epoch
-
-    def _adopt_newer_epoch(self, seen: int) -> None:
-        """Move past an epoch our own agents have seen, as long as we have not acted yet.
-
-        Called with what the agents we restored at start-up, or that register with us, report.
-        A fresh AMM (new, or with a reset state file) whose agents saw a newer epoch would
-        otherwise have every directive refused forever. Before it has sent anything, moving
-        past that epoch is safe: the most recently started AMM is the one in charge. Epochs
-        merely seen in polls never move ours: an AMM that is polling agents registered with
-        another one must stay fenced.
-        """
-        if seen <= self.epoch or self._acted:
-            return
-        self._set_epoch(self._store.raise_epoch(seen))
-        log.warning("agents had seen AMM epoch %d: this AMM now runs as epoch %d", seen, self.epoch)
-
-    def _warn_if_fenced(self) -> None:
-        seen = self._poller.newest_agent_epoch
-        if seen > self.epoch and not self._fenced_warned:
-            self._fenced_warned = True
-            log.warning(
-                "agents have seen AMM epoch %d, newer than ours (%d): another AMM is in charge "
-                "and agents refuse our directives",
-                seen,
-                self.epoch,
-            )
 
     async def close(self) -> None:
         """Stop the loop (without changing the persisted flag) and end every stream; idempotent."""
@@ -245,6 +212,11 @@ class ActiveMemoryManager:
             raise Unavailable("the AMM is shutting down")
         if not self._opened:
             raise Unavailable("the AMM is starting")
+
+    @property
+    def epoch(self) -> int:
+        """The epoch this AMM runs as (``EpochFence``)."""
+        return self._fence.epoch
 
     @property
     def running(self) -> bool:
@@ -318,7 +290,7 @@ class ActiveMemoryManager:
         if not dry_run:
             self.outcomes.expire(self._monotonic(), self.config.directive_timeout)
         record.unreachable = tuple(await self._poller.poll_all())
-        self._warn_if_fenced()
+        self._fence.warn_if_fenced()
         if not dry_run:
             await self._judge_liveness()
         record.startup_grace = self.in_startup_grace()
@@ -336,7 +308,7 @@ class ActiveMemoryManager:
                 max_incoming=self.config.max_incoming_transfers,
                 max_outgoing=self.config.max_outgoing_transfers,
             ),
-            self._new_id,
+            self._fence.new_id,
         )
         record.plan_duration = time.perf_counter() - t1
         record.planned(plan, self._clock())
@@ -356,7 +328,7 @@ class ActiveMemoryManager:
             if wait:
                 self.outcomes.expect(directive.id)
             self._dispatcher.send(directive)
-        self._acted = self._acted or bool(plan.directives)
+        self._fence.acted(bool(plan.directives))
         for error in plan.policy_errors:
             log.error("%s", error)
         await self.retirement_driver.supervise(view, plan)
@@ -422,9 +394,6 @@ class ActiveMemoryManager:
         """Keys lost with a dead worker and not seen since."""
         return self._lost.count(self.state.keys)
 
-    def _new_id(self) -> str:
-        return f"e{self.epoch}.{next(self._ids)}"
-
     @property
     def last_cycle(self) -> CycleRecord | None:
         return self._last
@@ -451,7 +420,7 @@ class ActiveMemoryManager:
             self._store.remember_worker(worker, name or worker)
             self.retirements.apply_flags()
             log.info("worker %s registered (%s)", worker, name or worker)
-        self._adopt_newer_epoch(epoch)
+        self._fence.adopt_newer(epoch)
 
     async def unregister(self, address: str) -> bool:
         self._check_open()

@@ -1,0 +1,92 @@
+"""The AMM's epoch: the fencing token on every directive, and when it may move.
+
+Agents refuse directives from an epoch older than the newest they have seen, so of two AMMs
+managing the same workers only the most recently started one acts. The rules:
+
+1. each start begins a new epoch (persisted), so a restarted AMM fences off its previous run;
+2. a fresh AMM (new, or with a reset state file) whose own agents (restored at start-up, or
+   registering) have seen a newer epoch moves past it, but only before it has sent anything;
+3. epochs merely seen in polls never move ours: an AMM polling agents registered with another
+   one stays fenced, and says so once.
+
+Directive ids carry the epoch they were issued under. Pure: the store and the poller are ports.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from typing import Protocol
+
+log = logging.getLogger(__name__)
+
+
+class EpochStore(Protocol):
+    """Where the epoch persists (``state.StateStore``)."""
+
+    def begin_epoch(self) -> int: ...
+
+    def raise_epoch(self, above: int) -> int: ...
+
+
+class EpochCarrier(Protocol):
+    """What tells agents our epoch and hears theirs (``poller.Poller``)."""
+
+    epoch: int
+
+    @property
+    def newest_agent_epoch(self) -> int: ...
+
+
+class EpochFence:
+    """This AMM's epoch and the ids of the directives issued under it."""
+
+    def __init__(self, store: EpochStore, poller: EpochCarrier) -> None:
+        self._store = store
+        self._poller = poller
+        self.epoch = 0
+        self._ids = itertools.count(1)
+        self._acted = False
+        self._fenced_warned = False
+
+    def begin(self) -> None:
+        """Begin a new epoch: called once at each start."""
+        self._set_epoch(self._store.begin_epoch())
+
+    def acted(self, sent: bool) -> None:
+        """Note whether a cycle sent directives: once one has, the epoch never moves again."""
+        self._acted = self._acted or sent
+
+    def new_id(self) -> str:
+        return f"e{self.epoch}.{next(self._ids)}"
+
+    def _set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self._poller.epoch = epoch
+
+    def adopt_newer(self, seen: int) -> None:
+        """Move past an epoch our own agents have seen, as long as we have not acted yet.
+
+        Called with what the agents we restored at start-up, or that register with us, report.
+        A fresh AMM (new, or with a reset state file) whose agents saw a newer epoch would
+        otherwise have every directive refused forever. Before it has sent anything, moving
+        past that epoch is safe: the most recently started AMM is the one in charge. Epochs
+        merely seen in polls never move ours: an AMM that is polling agents registered with
+        another one must stay fenced.
+        """
+        if seen <= self.epoch or self._acted:
+            return
+        self._set_epoch(self._store.raise_epoch(seen))
+        log.warning("agents had seen AMM epoch %d: this AMM now runs as epoch %d", seen, self.epoch)
+
+    def warn_if_fenced(self) -> None:
+        """Say once that agents have seen a newer epoch: another AMM has taken over."""
+        seen = self._poller.newest_agent_epoch
+        if seen > self.epoch and not self._fenced_warned:
+            self._fenced_warned = True
+            log.warning(
+                "agents have seen AMM epoch %d, newer than ours (%d): another AMM is in charge "
+                "and agents refuse our directives",
+                seen,
+                self.epoch,
+            )
