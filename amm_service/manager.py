@@ -1,12 +1,14 @@
-"""The Active Memory Manager: cycles and the worker registry; its queries are ``queries``.
+"""The Active Memory Manager: the cycle loop, the cycles and the worker registry.
 
-It wires the pure parts (cluster state, ledger, core, policies, liveness, start-up grace) to the
-I/O parts (poller, dispatcher) and owns the one background task, the cycle loop. A cycle is:
-expire stale ledger entries, poll every agent, judge liveness (flag STALE workers, remove DEAD
-ones and report the keys lost with them), snapshot, plan, send. A dry run polls and plans only.
-Cycles never overlap: the loop and ``run_once`` share a lock. The running flag and the epoch
-persist in the state store, so a restarted AMM resumes as it was, under a new epoch that makes
-agents ignore the old one, and issues no drops until the workers it knew have reported.
+It wires the pure parts (cluster state, ledger, core, policies, liveness, start-up grace, epoch)
+to the I/O parts (poller, dispatcher) and owns the cycle loop task. A cycle is: expire stale
+ledger entries, poll every agent, judge liveness (flag STALE workers, remove DEAD ones and
+report the keys lost with them), snapshot, plan, send, supervise retirements. A dry run polls
+and plans only. Cycles never overlap: the loop and ``run_once`` share a lock. The running flag
+and the epoch persist in the state store, so a restarted AMM resumes as it was, under a new
+epoch that makes agents ignore the old one, and issues no drops until the workers it knew have
+reported. What becomes of sent directives is ``outcomes``; operators' questions, ``queries``;
+RetireWorkers and its driver task, ``retirement_driver``.
 """
 
 from __future__ import annotations
@@ -63,7 +65,8 @@ def _copies(policies: Sequence[Policy]) -> list[Policy]:
 
 
 class ActiveMemoryManager:
-    """The AMM's domain object; servicers call one method of it per RPC."""
+    """The AMM's domain object; servicers call one method of it, or of its ``queries`` or
+    ``retirement_driver``, per RPC."""
 
     def __init__(
         self,
