@@ -331,13 +331,13 @@ class ActiveMemoryManager:
             if wait:
                 self.outcomes.expect(directive.id)
             self._dispatcher.send(directive)
+        self.outcomes.track(record)
         self._fence.acted(bool(plan.directives))
         for error in plan.policy_errors:
             log.error("%s", error)
         await self.retirement_driver.supervise(view, plan)
         record.duration = time.perf_counter() - t0
         self._last = record
-        self.outcomes.track(record)
         if plan.directives or plan.rejections:
             log.info(
                 "cycle %d: %d suggestions, %d directives, %d rejected, plan %.1f ms",
