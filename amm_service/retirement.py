@@ -35,6 +35,7 @@ from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import Any
 
+from amm_service.addresses import address_order
 from amm_service.core import Plan, Rejection, RetireDecision, Why
 from amm_service.errors import Unavailable
 from amm_service.events import EventLog
@@ -143,14 +144,9 @@ def cheapest(state: ClusterState, n: int) -> list[WorkerId]:
     ]
     ranked = sorted(
         candidates,
-        key=lambda w: (pinned(w.address), w.memory.managed, _address_order(w.address)),
+        key=lambda w: (pinned(w.address), w.memory.managed, address_order(w.address)),
     )
     return [w.address for w in ranked[:n]]
-
-
-def _address_order(address: str) -> tuple[str, int, str]:
-    host, _, port = address.rpartition(":")
-    return (host, int(port) if port.isdigit() else -1, address)
 
 
 def _gist(verdict: str) -> str:
