@@ -256,7 +256,11 @@ class ActiveMemoryManager:
             try:
                 await self.run_cycle()
             except asyncio.CancelledError:
-                raise
+                task = asyncio.current_task()
+                if task is None or task.cancelling():
+                    raise
+                # A call awaited inside the cycle was cancelled (its channel closed), not us.
+                log.exception("%s was cut short; the next one runs as usual", what)
             except Exception:
                 log.exception("%s failed; the next one runs as usual", what)
             await asyncio.sleep(max(0.0, interval - (self._monotonic() - started)))

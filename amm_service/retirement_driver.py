@@ -156,6 +156,12 @@ class RetirementDriver:
                 log.info("%s refused to close (%s); its retirement goes on", worker, err.details())
                 return ""
             return f"{err.code().name}: {err.details()}"
+        except asyncio.CancelledError:
+            # A closing agent unregisters at once, and removing it closes its channel, which
+            # cancels this call: that is the agent leaving, not our task being cancelled.
+            if _being_cancelled():
+                raise
+            return "its channel closed as it unregistered"
         return None
 
     async def close(self) -> None:
@@ -165,3 +171,9 @@ class RetirementDriver:
             driver.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await driver
+
+
+def _being_cancelled() -> bool:
+    """Whether the current task itself is being cancelled (not merely an awaited call)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0

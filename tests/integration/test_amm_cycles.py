@@ -265,3 +265,15 @@ async def test_an_agent_that_leaves_is_forgotten(tmp_path: Path) -> None:
         await wait_for(lambda: c.has_what(), lambda hw: list(hw) == [c.addresses[0]])
         report = await c.run_once()
         assert report.directives_sent == 0
+
+
+async def test_a_cycle_cut_short_by_a_cancelled_call_does_not_end_the_loop(tmp_path: Path) -> None:
+    policies = [{"class": "tests.support.policies.CutShortOnce"}]
+    config = amm_config(tmp_path, policies=policies, interval="20ms", start=True)
+    async with AmmServer(config) as amm:
+        manager = amm.manager
+        assert manager is not None
+        await wait_for(lambda: manager.cycles >= 3, what="cycles after the one cut short")
+        assert manager.running
+    # Stopping still works: a real cancellation of the loop is not swallowed.
+    assert not manager.running

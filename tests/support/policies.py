@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from amm_service.policies import PendingView, PolicyRun, drop, replicate
 from amm_service.view import ClusterView, Measure
 
@@ -59,3 +61,19 @@ class TopUp:
                 reason = f"{have} of {self.copies} copies"
                 if (yield replicate(key, reason=reason)) is None:
                     break
+
+
+class CutShortOnce:
+    """Raises CancelledError from its first run, as an awaited call does when its channel is
+    closed under it (a retired agent unregistering while the AMM awaits its Close answer)."""
+
+    runs = 0
+
+    def __init__(self, *, name: str = "CutShortOnce") -> None:
+        self.name = name
+
+    def run(self, view: ClusterView, pending: PendingView, measure: Measure) -> PolicyRun:
+        CutShortOnce.runs += 1
+        if CutShortOnce.runs == 1:
+            raise asyncio.CancelledError
+        yield from ()
