@@ -221,46 +221,73 @@ class _Decider:
                 return _No(f"throttled: every holder has {limit} outgoing transfers", Why.THROTTLED)
         return tuple(sorted(usable, key=self._preference))
 
-    def dropper(
-        self, kv: KeyView, candidates: frozenset[WorkerId] | None
-    ) -> tuple[WorkerId, tuple[WorkerId, ...]] | _No:
-        """The holder to drop from with the other holders, most dependable first, or the reason
-        there is none."""
+    def droppers(
+        self, kv: KeyView, candidates: frozenset[WorkerId] | None, count: int
+    ) -> tuple[list[tuple[WorkerId, tuple[WorkerId, ...]]], _No | None]:
+        """Up to ``count`` holders to drop from, each with the holders left after it (most
+        dependable first), and why no more could be chosen (None: all ``count`` were).
+
+        Picks what ``count`` calls of one drop would, in one pass: between the drops of one key
+        only what is left of it changes (the dropped holders' memory no longer matters), so the
+        holders are ranked once while the last-replica and zone rules are re-applied per pick.
+        """
         if not self.config.allow_drops:
-            return _No(
+            return [], _No(
                 "start-up grace: not every worker known before the restart has reported yet",
                 Why.GRACE,
             )
         remaining = kv.holders - self.pending.in_flight(kv.key).dropping
         durable = remaining - self.fragile
-        if len(remaining) < 2 or not durable:
-            return _No("last replica", Why.LAST_REPLICA)
         pool = remaining if candidates is None else candidates & remaining
         pool = pool - self.unreachable  # a directive it cannot hear is no use
-        if not pool:
-            return _No(
-                "no reachable candidate holds the key (or all are already dropping it)",
-                Why.UNREACHABLE,
-            )
+        reachable = len(pool)
         pool = pool - kv.pinned_on
-        if not pool:
-            return _No("pinned on every candidate", Why.PINNED)
-        if len(durable) == 1:
-            pool = pool - durable  # a drop must leave at least one durable replica behind
-            if not pool:
-                return _No("last replica", Why.LAST_REPLICA)
+        unpinned = len(pool)
         memory, zone, rank = self.memory, self.zone, self.drop_rank
+        # Best first: a copy its zone can spare, then retiring, then paused, then most memory.
+        order = sorted(pool, key=lambda w: (-rank[w], memory[w], w), reverse=True)
         per_zone: dict[str, int] = {}
         for w in durable:
-            per_zone[zone[w]] = per_zone.get(zone[w], 0) + 1
-
-        def keeps_zone(w: WorkerId) -> bool:
-            """Whether dropping from ``w`` leaves its zone (if it has one) a durable copy."""
-            return not zone[w] or w not in durable or per_zone[zone[w]] > 1
-
-        chosen = max(pool, key=lambda w: (keeps_zone(w), -rank[w], memory[w], w))
-        remaining = remaining - {chosen}
-        return chosen, tuple(sorted(remaining, key=self._preference))
+            if zone[w]:
+                per_zone[zone[w]] = per_zone.get(zone[w], 0) + 1
+        left = sorted(remaining, key=self._preference)
+        nleft, ndurable = len(remaining), len(durable)
+        picks: list[tuple[WorkerId, tuple[WorkerId, ...]]] = []
+        picked: set[WorkerId] = set()
+        for _ in range(count):
+            if nleft < 2 or not ndurable:
+                return picks, _No("last replica", Why.LAST_REPLICA)
+            if not reachable:
+                return picks, _No(
+                    "no reachable candidate holds the key (or all are already dropping it)",
+                    Why.UNREACHABLE,
+                )
+            if not unpinned:
+                return picks, _No("pinned on every candidate", Why.PINNED)
+            # A drop must leave at least one durable replica behind.
+            sole = next(w for w in durable if w not in picked) if ndurable == 1 else None
+            chosen = fallback = None
+            for w in order:
+                if w == sole:
+                    continue
+                if not zone[w] or w not in durable or per_zone[zone[w]] > 1:
+                    chosen = w
+                    break
+                if fallback is None:
+                    fallback = w
+            if chosen is None:
+                chosen = fallback
+            if chosen is None:
+                return picks, _No("last replica", Why.LAST_REPLICA)
+            order.remove(chosen)
+            picked.add(chosen)
+            nleft, reachable, unpinned = nleft - 1, reachable - 1, unpinned - 1
+            if chosen in durable:
+                ndurable -= 1
+                if zone[chosen]:
+                    per_zone[zone[chosen]] -= 1
+            picks.append((chosen, tuple(w for w in left if w not in picked)))
+        return picks, None
 
     def retire(self, request: RetireRequest, accepted: set[WorkerId]) -> str | None:
         """Why ``request`` must be declined, or None to accept it."""
@@ -346,35 +373,18 @@ def plan(
         decider.running.discard(request.worker)
         return request.worker
 
-    def decide(policy: str, suggestion: Suggestion | RetireRequest) -> WorkerId | None:
-        if isinstance(suggestion, RetireRequest):
-            return retire(policy, suggestion)
-        kv = view.keys.get(suggestion.key)
-        choice: WorkerId | _No
-        sources: tuple[WorkerId, ...] = ()
-        holders: tuple[WorkerId, ...] = ()
-        if kv is None:
-            choice = _No("unknown key", Why.UNKNOWN_KEY)
-        elif kv.conflicting:
-            choice = _No(
-                f"conflicting content on {', '.join(sorted(kv.conflicting))}", Why.CONFLICT
-            )
-        elif suggestion.op is Op.REPLICATE:
-            choice = decider.recipient(kv, suggestion.candidates)
-            if not isinstance(choice, _No):
-                found = decider.sources(kv)
-                if isinstance(found, _No):
-                    choice = found
-                else:
-                    sources = found
-        else:
-            picked = decider.dropper(kv, suggestion.candidates)
-            choice = picked if isinstance(picked, _No) else picked[0]
-            holders = () if isinstance(picked, _No) else picked[1]
-        if isinstance(choice, _No) or kv is None:
-            no = choice if isinstance(choice, _No) else _No("unknown key", Why.UNKNOWN_KEY)
-            rejections.append(Rejection(policy, suggestion.op, suggestion.key, no.reason, no.why))
-            return None
+    def reject(policy: str, suggestion: Suggestion, no: _No, times: int) -> None:
+        rejection = Rejection(policy, suggestion.op, suggestion.key, no.reason, no.why)
+        rejections.extend([rejection] * times)
+
+    def emit(
+        policy: str,
+        suggestion: Suggestion,
+        kv: KeyView,
+        choice: WorkerId,
+        sources: tuple[WorkerId, ...] = (),
+        holders: tuple[WorkerId, ...] = (),
+    ) -> None:
         directives.append(
             Directive(
                 id=new_id(),
@@ -391,16 +401,62 @@ def plan(
             )
         )
         decider.commit(suggestion.op, kv, choice, sources)
-        return choice
+
+    def decide(policy: str, suggestion: Suggestion) -> WorkerId | None:
+        count = suggestion.count
+        kv = view.keys.get(suggestion.key)
+        if kv is None:
+            reject(policy, suggestion, _No("unknown key", Why.UNKNOWN_KEY), count)
+            return None
+        if kv.conflicting:
+            conflict = f"conflicting content on {', '.join(sorted(kv.conflicting))}"
+            reject(policy, suggestion, _No(conflict, Why.CONFLICT), count)
+            return None
+        if suggestion.op is Op.DROP:
+            picks, no = decider.droppers(kv, suggestion.candidates, count)
+            for chosen, holders in picks:
+                emit(policy, suggestion, kv, chosen, holders=holders)
+            if no is not None:
+                reject(policy, suggestion, no, count - len(picks))
+                return None
+            return picks[-1][0]
+        answer: WorkerId | None = None
+        for made in range(count):
+            choice = decider.recipient(kv, suggestion.candidates)
+            found = choice if isinstance(choice, _No) else decider.sources(kv)
+            if isinstance(found, _No):
+                reject(policy, suggestion, found, count - made)
+                return None
+            assert not isinstance(choice, _No)
+            emit(policy, suggestion, kv, choice, sources=found)
+            answer = choice
+        return answer
+
+    def answer(policy: str, suggestion: Suggestion | RetireRequest) -> WorkerId | None:
+        if isinstance(suggestion, RetireRequest):
+            return retire(policy, suggestion)
+        return decide(policy, suggestion)
+
+    def units(suggestion: Suggestion | RetireRequest) -> int:
+        """How many suggestions of one this stands for."""
+        if isinstance(suggestion, RetireRequest):
+            return 1
+        if not isinstance(suggestion.count, int) or suggestion.count < 1:
+            raise ValueError(f"a suggestion's count must be 1 or more, not {suggestion.count!r}")
+        return suggestion.count
 
     for policy in sorted(policies, key=priority_of):
         run = policy.run(view, decider.pending, config.measure)
         made = 0
         try:
             suggestion = next(run)
-            while made < config.max_suggestions:
-                made += 1
-                suggestion = run.send(decide(policy.name, suggestion))
+            while made + (n := units(suggestion)) <= config.max_suggestions:
+                made += n
+                suggestion = run.send(answer(policy.name, suggestion))
+            if made < config.max_suggestions:  # decide the copies that fit, as one at a time would
+                assert isinstance(suggestion, Suggestion)
+                answer(policy.name, suggestion._replace(count=config.max_suggestions - made))
+                made = config.max_suggestions
             run.close()
             errors.append(
                 f"policy {policy.name} stopped after {made} suggestions in one cycle (runaway?)"
