@@ -17,7 +17,7 @@ import pytest
 from amm_service.core import Plan, PlanConfig, plan
 from amm_service.directive import Directive, Op
 from amm_service.pending import Ledger
-from amm_service.policies.base import PendingView, Policy, PolicyRun, Suggestion
+from amm_service.policies.base import Policy
 from amm_service.policies.pause_to_retire import PauseToRetire
 from amm_service.policies.rebalance import Rebalance
 from amm_service.policies.reduce_replicas import ReduceReplicas
@@ -91,10 +91,10 @@ def random_ledger(rng: random.Random, view: ClusterView, keys: list[Key]) -> Led
     ledger = Ledger()
     workers = sorted(view.workers)
     for n in range(rng.choice([0, 0, 3, 12])):
-        key = rng.choice(keys + [Key("gone")])
+        key = rng.choice([*keys, Key("gone")])
         kv = view.keys.get(key)
         op = rng.choice([Op.REPLICATE, Op.DROP])
-        worker = rng.choice(workers + [WorkerId("departed")])
+        worker = rng.choice([*workers, WorkerId("departed")])
         sources = tuple(rng.sample(workers, rng.randint(0, 2)))
         directive = Directive(
             f"old{n}", 1, op, key, worker, kv.size if kv else 7, "sum", sources=sources
@@ -105,7 +105,7 @@ def random_ledger(rng: random.Random, view: ClusterView, keys: list[Key]) -> Led
 
 def random_goals(rng: random.Random, keys: list[Key]) -> dict[Key, int | None]:
     goals: dict[Key, int | None] = {}
-    for key in rng.sample(keys, rng.randint(0, len(keys) // 3)) + [Key("nobody-holds")]:
+    for key in [*rng.sample(keys, rng.randint(0, len(keys) // 3)), Key("nobody-holds")]:
         goals[key] = rng.choice([None, 1, 2, 3, 5, 20])
     return goals
 
