@@ -160,6 +160,7 @@ class _Decider:
         self.unreachable = frozenset(w for w, ws in workers.items() if not ws.reachable)
         self.serving = frozenset(w for w, ws in workers.items() if ws.serves)
         self.zone = {w: ws.zone for w, ws in workers.items()}
+        self.zoned = any(self.zone.values())
         self.rank = {w: 0 if ws.accepts_replicas else 1 for w, ws in workers.items()}
         self.drop_rank = {w: _drop_rank(ws) for w, ws in workers.items()}
         self.incoming: dict[WorkerId, int] = {}
@@ -222,14 +223,14 @@ class _Decider:
         return tuple(sorted(usable, key=self._preference))
 
     def droppers(
-        self, kv: KeyView, candidates: frozenset[WorkerId] | None, count: int
+        self, kv: KeyView, candidates: frozenset[WorkerId] | None, copies: int
     ) -> tuple[list[tuple[WorkerId, tuple[WorkerId, ...]]], _No | None]:
-        """Up to ``count`` holders to drop from, each with the holders left after it (most
-        dependable first), and why no more could be chosen (None: all ``count`` were).
+        """Up to ``copies`` holders to drop from, each with the holders left after it (most
+        dependable first), and why no more could be chosen (None: all of them were).
 
-        Picks what ``count`` calls of one drop would, in one pass: between the drops of one key
-        only what is left of it changes (the dropped holders' memory no longer matters), so the
-        holders are ranked once while the last-replica and zone rules are re-applied per pick.
+        Picks what ``copies`` drops of one would, in one pass: between the drops of one key only
+        what is left of it changes (the dropped holders' memory no longer matters), so holders
+        are ranked once while the last-replica and zone rules are re-applied after each pick.
         """
         if not self.config.allow_drops:
             return [], _No(
@@ -244,17 +245,17 @@ class _Decider:
         pool = pool - kv.pinned_on
         unpinned = len(pool)
         memory, zone, rank = self.memory, self.zone, self.drop_rank
-        # Best first: a copy its zone can spare, then retiring, then paused, then most memory.
+        # Best first (zones aside): retiring, then paused, then the most memory.
         order = sorted(pool, key=lambda w: (-rank[w], memory[w], w), reverse=True)
-        per_zone: dict[str, int] = {}
-        for w in durable:
-            if zone[w]:
-                per_zone[zone[w]] = per_zone.get(zone[w], 0) + 1
+        per_zone: dict[str, int] = {}  # durable copies per zone; empty: no zone to keep
+        if self.zoned:
+            for w in durable:
+                if zone[w]:
+                    per_zone[zone[w]] = per_zone.get(zone[w], 0) + 1
         left = sorted(remaining, key=self._preference)
         nleft, ndurable = len(remaining), len(durable)
         picks: list[tuple[WorkerId, tuple[WorkerId, ...]]] = []
-        picked: set[WorkerId] = set()
-        for _ in range(count):
+        for _ in range(copies):
             if nleft < 2 or not ndurable:
                 return picks, _No("last replica", Why.LAST_REPLICA)
             if not reachable:
@@ -264,30 +265,42 @@ class _Decider:
                 )
             if not unpinned:
                 return picks, _No("pinned on every candidate", Why.PINNED)
-            # A drop must leave at least one durable replica behind.
-            sole = next(w for w in durable if w not in picked) if ndurable == 1 else None
-            chosen = fallback = None
-            for w in order:
-                if w == sole:
-                    continue
-                if not zone[w] or w not in durable or per_zone[zone[w]] > 1:
-                    chosen = w
-                    break
-                if fallback is None:
-                    fallback = w
-            if chosen is None:
-                chosen = fallback
-            if chosen is None:
-                return picks, _No("last replica", Why.LAST_REPLICA)
+            if per_zone or ndurable == 1:
+                chosen = self._spare(order, durable, per_zone, ndurable == 1)
+                if chosen is None:
+                    return picks, _No("last replica", Why.LAST_REPLICA)
+            else:
+                chosen = order[0]  # no zone to keep and more than one durable copy left
             order.remove(chosen)
-            picked.add(chosen)
+            left.remove(chosen)
             nleft, reachable, unpinned = nleft - 1, reachable - 1, unpinned - 1
             if chosen in durable:
                 ndurable -= 1
-                if zone[chosen]:
+                if per_zone and zone[chosen]:
                     per_zone[zone[chosen]] -= 1
-            picks.append((chosen, tuple(w for w in left if w not in picked)))
+            picks.append((chosen, tuple(left)))
         return picks, None
+
+    def _spare(
+        self,
+        order: list[WorkerId],
+        durable: frozenset[WorkerId],
+        per_zone: dict[str, int],
+        last: bool,
+    ) -> WorkerId | None:
+        """The first of ``order`` whose zone keeps a durable copy without it (else the first),
+        never the ``last`` durable copy. ``order`` holds no worker picked already, so membership
+        in the key's original ``durable`` holders is membership in those left."""
+        zone = self.zone
+        fallback = None
+        for w in order:
+            if last and w in durable:
+                continue
+            if not zone[w] or w not in durable or per_zone[zone[w]] > 1:
+                return w
+            if fallback is None:
+                fallback = w
+        return fallback
 
     def retire(self, request: RetireRequest, accepted: set[WorkerId]) -> str | None:
         """Why ``request`` must be declined, or None to accept it."""
@@ -403,34 +416,34 @@ def plan(
         decider.commit(suggestion.op, kv, choice, sources)
 
     def decide(policy: str, suggestion: Suggestion) -> WorkerId | None:
-        count = suggestion.count
+        copies = suggestion.copies
         kv = view.keys.get(suggestion.key)
         if kv is None:
-            reject(policy, suggestion, _No("unknown key", Why.UNKNOWN_KEY), count)
+            reject(policy, suggestion, _No("unknown key", Why.UNKNOWN_KEY), copies)
             return None
         if kv.conflicting:
             conflict = f"conflicting content on {', '.join(sorted(kv.conflicting))}"
-            reject(policy, suggestion, _No(conflict, Why.CONFLICT), count)
+            reject(policy, suggestion, _No(conflict, Why.CONFLICT), copies)
             return None
         if suggestion.op is Op.DROP:
-            picks, no = decider.droppers(kv, suggestion.candidates, count)
+            picks, no = decider.droppers(kv, suggestion.candidates, copies)
             for chosen, holders in picks:
                 emit(policy, suggestion, kv, chosen, holders=holders)
             if no is not None:
-                reject(policy, suggestion, no, count - len(picks))
+                reject(policy, suggestion, no, copies - len(picks))
                 return None
             return picks[-1][0]
-        answer: WorkerId | None = None
-        for made in range(count):
+        last: WorkerId | None = None
+        for made in range(copies):
             choice = decider.recipient(kv, suggestion.candidates)
             found = choice if isinstance(choice, _No) else decider.sources(kv)
             if isinstance(found, _No):
-                reject(policy, suggestion, found, count - made)
+                reject(policy, suggestion, found, copies - made)
                 return None
             assert not isinstance(choice, _No)
             emit(policy, suggestion, kv, choice, sources=found)
-            answer = choice
-        return answer
+            last = choice
+        return last
 
     def answer(policy: str, suggestion: Suggestion | RetireRequest) -> WorkerId | None:
         if isinstance(suggestion, RetireRequest):
@@ -441,9 +454,9 @@ def plan(
         """How many suggestions of one this stands for."""
         if isinstance(suggestion, RetireRequest):
             return 1
-        if not isinstance(suggestion.count, int) or suggestion.count < 1:
-            raise ValueError(f"a suggestion's count must be 1 or more, not {suggestion.count!r}")
-        return suggestion.count
+        if not isinstance(suggestion.copies, int) or suggestion.copies < 1:
+            raise ValueError(f"a suggestion's copies must be 1 or more, not {suggestion.copies!r}")
+        return suggestion.copies
 
     for policy in sorted(policies, key=priority_of):
         run = policy.run(view, decider.pending, config.measure)
@@ -455,7 +468,7 @@ def plan(
                 suggestion = run.send(answer(policy.name, suggestion))
             if made < config.max_suggestions:  # decide the copies that fit, as one at a time would
                 assert isinstance(suggestion, Suggestion)
-                answer(policy.name, suggestion._replace(count=config.max_suggestions - made))
+                answer(policy.name, suggestion._replace(copies=config.max_suggestions - made))
                 made = config.max_suggestions
             run.close()
             errors.append(

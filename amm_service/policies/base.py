@@ -20,19 +20,19 @@ class Suggestion(NamedTuple):
     """Replicate or drop ``key``; ``candidates`` limits where (None: anywhere, empty: nowhere).
     ``reason`` travels with the directive into reports, dry runs and logs.
 
-    ``count`` asks for that many copies made or dropped at once, on different workers. The core
-    decides it exactly as ``count`` suggestions of one in a row (each counts against the
-    runaway limit), but cheaper. It answers with the worker of the last one when all were made,
+    ``copies`` asks for that many copies made or dropped at once, on different workers. The core
+    decides it exactly as ``copies`` suggestions of one in a row (each counts against the
+    runaway limit), only cheaper. It answers with the worker of the last one when all were made,
     None when any was rejected: it stops at the first rejection and records it once for each
     copy not made (nothing changed, so asking again would be rejected the same way).
-    ``pending.in_flight(key)`` shows which workers were picked. A count below 1 is a policy
+    ``pending.in_flight(key)`` shows which workers were picked. Fewer than 1 is a policy
     error."""
 
     op: Op
     key: Key
     candidates: frozenset[WorkerId] | None = None
     reason: str = ""
-    count: int = 1
+    copies: int = 1
 
 
 class RetireRequest(NamedTuple):
@@ -69,15 +69,15 @@ class Policy(Protocol):
 
 
 def replicate(
-    key: Key, candidates: frozenset[WorkerId] | None = None, reason: str = "", count: int = 1
+    key: Key, candidates: frozenset[WorkerId] | None = None, reason: str = "", copies: int = 1
 ) -> Suggestion:
-    return Suggestion(Op.REPLICATE, key, candidates, reason, count)
+    return Suggestion(Op.REPLICATE, key, candidates, reason, copies)
 
 
 def drop(
-    key: Key, candidates: frozenset[WorkerId] | None = None, reason: str = "", count: int = 1
+    key: Key, candidates: frozenset[WorkerId] | None = None, reason: str = "", copies: int = 1
 ) -> Suggestion:
-    return Suggestion(Op.DROP, key, candidates, reason, count)
+    return Suggestion(Op.DROP, key, candidates, reason, copies)
 
 
 def priority_of(policy: Policy) -> int:

@@ -46,7 +46,7 @@ class ReduceReplicas:
                     yield drop(key, frozenset((worker,)), reason="copy on a retiring worker")
             ndrop = kept + len(in_flight.replicating) - desired
             if ndrop > 0:  # one suggestion for all of them: the core picks them in one pass
-                yield drop(key, live, f"{kept} live copies, {desired} needed", count=ndrop)
+                yield drop(key, live, f"{kept} live copies, {desired} needed", copies=ndrop)
 
     def __repr__(self) -> str:
         return f"ReduceReplicas(name={self.name!r})"
