@@ -17,7 +17,7 @@ import pytest
 from amm_service.core import Plan, PlanConfig, plan
 from amm_service.directive import Directive, Op
 from amm_service.pending import Ledger
-from amm_service.policies.base import Policy
+from amm_service.policies.base import PendingView, Policy, PolicyRun, Suggestion
 from amm_service.policies.pause_to_retire import PauseToRetire
 from amm_service.policies.rebalance import Rebalance
 from amm_service.policies.reduce_replicas import ReduceReplicas
@@ -167,3 +167,71 @@ def test_builtin_policies_plan_exactly_as_before(block: int) -> None:
         assert new == old, f"seed {seed}"
         drops += sum(d.op is Op.DROP for d in new.directives)
     assert drops > 0
+
+
+class Scripted:
+    """Yields the suggestions drawn from ``seed`` for the view's keys: with ``copies`` as drawn,
+    or (``expand``) as that many suggestions of one, for the reference core."""
+
+    def __init__(self, seed: float, expand: bool) -> None:
+        self.name = "Scripted"
+        self.seed = seed
+        self.expand = expand
+        self.answers: list[WorkerId | None] = []
+
+    def run(self, view: ClusterView, pending: PendingView, measure: Measure) -> PolicyRun:
+        rng = random.Random(self.seed)
+        workers = sorted(view.workers)
+        for key in [*rng.sample(sorted(view.keys), min(len(view.keys), 15)), Key("gone")]:
+            op = rng.choice([Op.DROP, Op.DROP, Op.REPLICATE])
+            candidates = rng.choice(
+                [None, frozenset(rng.sample(workers, rng.randint(0, min(4, len(workers)))))]
+            )
+            copies = rng.randint(1, 5)
+            suggestion = Suggestion(op, key, candidates, "scripted", copies)
+            if not self.expand:
+                self.answers.append((yield suggestion))
+                continue
+            last = None
+            for n in range(copies):
+                last = yield suggestion._replace(copies=1)
+                if last is None:  # the core rejects the rest the same way
+                    for _ in range(copies - n - 1):
+                        yield suggestion._replace(copies=1)
+                    break
+            self.answers.append(last)
+
+
+@pytest.mark.parametrize("block", range(4))
+def test_copies_decide_as_that_many_suggestions_of_one(block: int) -> None:
+    directives = 0
+    for seed in range(block * 100, block * 100 + 100):
+        made: list[Scripted] = []
+
+        def scripted(
+            rng: random.Random, reference: bool, made: list[Scripted] = made
+        ) -> list[Policy]:
+            made.append(Scripted(rng.random(), expand=reference))
+            return [made[-1]]
+
+        new, old = both(seed, scripted)
+        assert new == old, f"seed {seed}"
+        assert made[0].answers == made[1].answers, f"seed {seed}"
+        assert all("stopped after" in e for e in new.policy_errors), new.policy_errors
+        directives += len(new.directives)
+    assert directives > 0
+
+
+def test_copies_below_one_is_a_policy_error() -> None:
+    class Zero:
+        name = "Zero"
+
+        def run(self, view: ClusterView, pending: PendingView, measure: Measure) -> PolicyRun:
+            yield Suggestion(Op.DROP, Key("x"), None, "", 0)
+
+    state, _ = random_state(random.Random(1))
+    result = plan(state.snapshot(), [Zero()], Ledger(), PlanConfig("managed", 1), new_ids())
+    assert result.directives == ()
+    assert result.policy_errors == (
+        "policy Zero failed: ValueError: a suggestion's copies must be 1 or more, not 0",
+    )
