@@ -29,6 +29,7 @@ Pure: no I/O and no clock. The caller supplies directive ids and what is in flig
 from __future__ import annotations
 
 import enum
+import gc
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
@@ -160,6 +161,7 @@ class _Decider:
         self.unreachable = frozenset(w for w, ws in workers.items() if not ws.reachable)
         self.serving = frozenset(w for w, ws in workers.items() if ws.serves)
         self.zone = {w: ws.zone for w, ws in workers.items()}
+        self.zoned = any(self.zone.values())
         self.rank = {w: 0 if ws.accepts_replicas else 1 for w, ws in workers.items()}
         self.drop_rank = {w: _drop_rank(ws) for w, ws in workers.items()}
         self.incoming: dict[WorkerId, int] = {}
@@ -221,46 +223,85 @@ class _Decider:
                 return _No(f"throttled: every holder has {limit} outgoing transfers", Why.THROTTLED)
         return tuple(sorted(usable, key=self._preference))
 
-    def dropper(
-        self, kv: KeyView, candidates: frozenset[WorkerId] | None
-    ) -> tuple[WorkerId, tuple[WorkerId, ...]] | _No:
-        """The holder to drop from with the other holders, most dependable first, or the reason
-        there is none."""
+    def droppers(
+        self, kv: KeyView, candidates: frozenset[WorkerId] | None, copies: int
+    ) -> tuple[list[tuple[WorkerId, tuple[WorkerId, ...]]], _No | None]:
+        """Up to ``copies`` holders to drop from, each with the holders left after it (most
+        dependable first), and why no more could be chosen (None: all of them were).
+
+        Picks what ``copies`` drops of one would, in one pass: between the drops of one key only
+        what is left of it changes (the dropped holders' memory no longer matters), so holders
+        are ranked once while the last-replica and zone rules are re-applied after each pick.
+        """
         if not self.config.allow_drops:
-            return _No(
+            return [], _No(
                 "start-up grace: not every worker known before the restart has reported yet",
                 Why.GRACE,
             )
         remaining = kv.holders - self.pending.in_flight(kv.key).dropping
         durable = remaining - self.fragile
-        if len(remaining) < 2 or not durable:
-            return _No("last replica", Why.LAST_REPLICA)
         pool = remaining if candidates is None else candidates & remaining
         pool = pool - self.unreachable  # a directive it cannot hear is no use
-        if not pool:
-            return _No(
-                "no reachable candidate holds the key (or all are already dropping it)",
-                Why.UNREACHABLE,
-            )
+        reachable = len(pool)
         pool = pool - kv.pinned_on
-        if not pool:
-            return _No("pinned on every candidate", Why.PINNED)
-        if len(durable) == 1:
-            pool = pool - durable  # a drop must leave at least one durable replica behind
-            if not pool:
-                return _No("last replica", Why.LAST_REPLICA)
+        unpinned = len(pool)
         memory, zone, rank = self.memory, self.zone, self.drop_rank
-        per_zone: dict[str, int] = {}
-        for w in durable:
-            per_zone[zone[w]] = per_zone.get(zone[w], 0) + 1
+        # Best first (zones aside): retiring, then paused, then the most memory.
+        order = sorted(pool, key=lambda w: (-rank[w], memory[w], w), reverse=True)
+        per_zone: dict[str, int] = {}  # durable copies per zone; empty: no zone to keep
+        if self.zoned:
+            for w in durable:
+                if zone[w]:
+                    per_zone[zone[w]] = per_zone.get(zone[w], 0) + 1
+        left = sorted(remaining, key=self._preference)
+        nleft, ndurable = len(remaining), len(durable)
+        picks: list[tuple[WorkerId, tuple[WorkerId, ...]]] = []
+        for _ in range(copies):
+            if nleft < 2 or not ndurable:
+                return picks, _No("last replica", Why.LAST_REPLICA)
+            if not reachable:
+                return picks, _No(
+                    "no reachable candidate holds the key (or all are already dropping it)",
+                    Why.UNREACHABLE,
+                )
+            if not unpinned:
+                return picks, _No("pinned on every candidate", Why.PINNED)
+            if per_zone or ndurable == 1:
+                chosen = self._spare(order, durable, per_zone, ndurable == 1)
+                if chosen is None:
+                    return picks, _No("last replica", Why.LAST_REPLICA)
+            else:
+                chosen = order[0]  # no zone to keep and more than one durable copy left
+            order.remove(chosen)
+            left.remove(chosen)
+            nleft, reachable, unpinned = nleft - 1, reachable - 1, unpinned - 1
+            if chosen in durable:
+                ndurable -= 1
+                if per_zone and zone[chosen]:
+                    per_zone[zone[chosen]] -= 1
+            picks.append((chosen, tuple(left)))
+        return picks, None
 
-        def keeps_zone(w: WorkerId) -> bool:
-            """Whether dropping from ``w`` leaves its zone (if it has one) a durable copy."""
-            return not zone[w] or w not in durable or per_zone[zone[w]] > 1
-
-        chosen = max(pool, key=lambda w: (keeps_zone(w), -rank[w], memory[w], w))
-        remaining = remaining - {chosen}
-        return chosen, tuple(sorted(remaining, key=self._preference))
+    def _spare(
+        self,
+        order: list[WorkerId],
+        durable: frozenset[WorkerId],
+        per_zone: dict[str, int],
+        last: bool,
+    ) -> WorkerId | None:
+        """The first of ``order`` whose zone keeps a durable copy without it (else the first),
+        never the ``last`` durable copy. ``order`` holds no worker picked already, so membership
+        in the key's original ``durable`` holders is membership in those left."""
+        zone = self.zone
+        fallback = None
+        for w in order:
+            if last and w in durable:
+                continue
+            if not zone[w] or w not in durable or per_zone[zone[w]] > 1:
+                return w
+            if fallback is None:
+                fallback = w
+        return fallback
 
     def retire(self, request: RetireRequest, accepted: set[WorkerId]) -> str | None:
         """Why ``request`` must be declined, or None to accept it."""
@@ -323,7 +364,27 @@ def plan(
     config: PlanConfig,
     new_id: Callable[[], str],
 ) -> Plan:
-    """Run the policies over ``view`` and decide; see the module docstring for the rules."""
+    """Run the policies over ``view`` and decide; see the module docstring for the rules.
+
+    The cyclic garbage collector is paused meanwhile: a big cycle allocates hundreds of thousands
+    of directives and tuples, none in a reference cycle, and every collection they trigger would
+    walk the whole view again (a third of the time with 100k keys)."""
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        return _plan(view, policies, in_flight, config, new_id)
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def _plan(
+    view: ClusterView,
+    policies: Iterable[Policy],
+    in_flight: InFlightSource,
+    config: PlanConfig,
+    new_id: Callable[[], str],
+) -> Plan:
     decider = _Decider(view, in_flight, config)
     directives: list[Directive] = []
     rejections: list[Rejection] = []
@@ -346,35 +407,18 @@ def plan(
         decider.running.discard(request.worker)
         return request.worker
 
-    def decide(policy: str, suggestion: Suggestion | RetireRequest) -> WorkerId | None:
-        if isinstance(suggestion, RetireRequest):
-            return retire(policy, suggestion)
-        kv = view.keys.get(suggestion.key)
-        choice: WorkerId | _No
-        sources: tuple[WorkerId, ...] = ()
-        holders: tuple[WorkerId, ...] = ()
-        if kv is None:
-            choice = _No("unknown key", Why.UNKNOWN_KEY)
-        elif kv.conflicting:
-            choice = _No(
-                f"conflicting content on {', '.join(sorted(kv.conflicting))}", Why.CONFLICT
-            )
-        elif suggestion.op is Op.REPLICATE:
-            choice = decider.recipient(kv, suggestion.candidates)
-            if not isinstance(choice, _No):
-                found = decider.sources(kv)
-                if isinstance(found, _No):
-                    choice = found
-                else:
-                    sources = found
-        else:
-            picked = decider.dropper(kv, suggestion.candidates)
-            choice = picked if isinstance(picked, _No) else picked[0]
-            holders = () if isinstance(picked, _No) else picked[1]
-        if isinstance(choice, _No) or kv is None:
-            no = choice if isinstance(choice, _No) else _No("unknown key", Why.UNKNOWN_KEY)
-            rejections.append(Rejection(policy, suggestion.op, suggestion.key, no.reason, no.why))
-            return None
+    def reject(policy: str, suggestion: Suggestion, no: _No, times: int) -> None:
+        rejection = Rejection(policy, suggestion.op, suggestion.key, no.reason, no.why)
+        rejections.extend([rejection] * times)
+
+    def emit(
+        policy: str,
+        suggestion: Suggestion,
+        kv: KeyView,
+        choice: WorkerId,
+        sources: tuple[WorkerId, ...] = (),
+        holders: tuple[WorkerId, ...] = (),
+    ) -> None:
         directives.append(
             Directive(
                 id=new_id(),
@@ -391,16 +435,62 @@ def plan(
             )
         )
         decider.commit(suggestion.op, kv, choice, sources)
-        return choice
+
+    def decide(policy: str, suggestion: Suggestion) -> WorkerId | None:
+        copies = suggestion.copies
+        kv = view.keys.get(suggestion.key)
+        if kv is None:
+            reject(policy, suggestion, _No("unknown key", Why.UNKNOWN_KEY), copies)
+            return None
+        if kv.conflicting:
+            conflict = f"conflicting content on {', '.join(sorted(kv.conflicting))}"
+            reject(policy, suggestion, _No(conflict, Why.CONFLICT), copies)
+            return None
+        if suggestion.op is Op.DROP:
+            picks, no = decider.droppers(kv, suggestion.candidates, copies)
+            for chosen, holders in picks:
+                emit(policy, suggestion, kv, chosen, holders=holders)
+            if no is not None:
+                reject(policy, suggestion, no, copies - len(picks))
+                return None
+            return picks[-1][0]
+        last: WorkerId | None = None
+        for made in range(copies):
+            choice = decider.recipient(kv, suggestion.candidates)
+            found = choice if isinstance(choice, _No) else decider.sources(kv)
+            if isinstance(found, _No):
+                reject(policy, suggestion, found, copies - made)
+                return None
+            assert not isinstance(choice, _No)
+            emit(policy, suggestion, kv, choice, sources=found)
+            last = choice
+        return last
+
+    def answer(policy: str, suggestion: Suggestion | RetireRequest) -> WorkerId | None:
+        if isinstance(suggestion, RetireRequest):
+            return retire(policy, suggestion)
+        return decide(policy, suggestion)
+
+    def units(suggestion: Suggestion | RetireRequest) -> int:
+        """How many suggestions of one this stands for."""
+        if isinstance(suggestion, RetireRequest):
+            return 1
+        if not isinstance(suggestion.copies, int) or suggestion.copies < 1:
+            raise ValueError(f"a suggestion's copies must be 1 or more, not {suggestion.copies!r}")
+        return suggestion.copies
 
     for policy in sorted(policies, key=priority_of):
         run = policy.run(view, decider.pending, config.measure)
         made = 0
         try:
             suggestion = next(run)
-            while made < config.max_suggestions:
-                made += 1
-                suggestion = run.send(decide(policy.name, suggestion))
+            while made + (n := units(suggestion)) <= config.max_suggestions:
+                made += n
+                suggestion = run.send(answer(policy.name, suggestion))
+            if made < config.max_suggestions:  # decide the copies that fit, as one at a time would
+                assert isinstance(suggestion, Suggestion)
+                answer(policy.name, suggestion._replace(copies=config.max_suggestions - made))
+                made = config.max_suggestions
             run.close()
             errors.append(
                 f"policy {policy.name} stopped after {made} suggestions in one cycle (runaway?)"

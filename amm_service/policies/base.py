@@ -18,12 +18,21 @@ from amm_service.view import ClusterView, Key, Measure, WorkerId
 
 class Suggestion(NamedTuple):
     """Replicate or drop ``key``; ``candidates`` limits where (None: anywhere, empty: nowhere).
-    ``reason`` travels with the directive into reports, dry runs and logs."""
+    ``reason`` travels with the directive into reports, dry runs and logs.
+
+    ``copies`` asks for that many copies made or dropped at once, on different workers. The core
+    decides it exactly as ``copies`` suggestions of one in a row (each counts against the
+    runaway limit), only cheaper. It answers with the worker of the last one when all were made,
+    None when any was rejected: it stops at the first rejection and records it once for each
+    copy not made (nothing changed, so asking again would be rejected the same way).
+    ``pending.in_flight(key)`` shows which workers were picked. Fewer than 1 is a policy
+    error."""
 
     op: Op
     key: Key
     candidates: frozenset[WorkerId] | None = None
     reason: str = ""
+    copies: int = 1
 
 
 class RetireRequest(NamedTuple):
@@ -60,13 +69,15 @@ class Policy(Protocol):
 
 
 def replicate(
-    key: Key, candidates: frozenset[WorkerId] | None = None, reason: str = ""
+    key: Key, candidates: frozenset[WorkerId] | None = None, reason: str = "", copies: int = 1
 ) -> Suggestion:
-    return Suggestion(Op.REPLICATE, key, candidates, reason)
+    return Suggestion(Op.REPLICATE, key, candidates, reason, copies)
 
 
-def drop(key: Key, candidates: frozenset[WorkerId] | None = None, reason: str = "") -> Suggestion:
-    return Suggestion(Op.DROP, key, candidates, reason)
+def drop(
+    key: Key, candidates: frozenset[WorkerId] | None = None, reason: str = "", copies: int = 1
+) -> Suggestion:
+    return Suggestion(Op.DROP, key, candidates, reason, copies)
 
 
 def priority_of(policy: Policy) -> int:

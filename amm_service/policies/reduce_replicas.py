@@ -45,8 +45,8 @@ class ReduceReplicas:
                 for worker in sorted(extra):
                     yield drop(key, frozenset((worker,)), reason="copy on a retiring worker")
             ndrop = kept + len(in_flight.replicating) - desired
-            for _ in range(ndrop):
-                yield drop(key, live, reason=f"{kept} live copies, {desired} needed")
+            if ndrop > 0:  # one suggestion for all of them: the core picks them in one pass
+                yield drop(key, live, f"{kept} live copies, {desired} needed", copies=ndrop)
 
     def __repr__(self) -> str:
         return f"ReduceReplicas(name={self.name!r})"

@@ -1,0 +1,237 @@
+"""The planning fast paths decide exactly what the core decided before them.
+
+``tests/support/reference_core.py`` keeps the core and ReduceReplicas as they were before the
+fast paths; every plan here runs on a randomized view (zones, pins, paused, closing, retiring,
+retired, stale and unreachable workers, memory limits, conflicts, goals, directives in flight,
+throttles, the start-up grace, a tight suggestion budget) with both, and the two plans must be
+equal: same directives in the same order, same rejections, same retirements, same counts.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+
+import pytest
+
+from amm_service.core import Plan, PlanConfig, plan
+from amm_service.directive import Directive, Op
+from amm_service.pending import Ledger
+from amm_service.policies.base import PendingView, Policy, PolicyRun, Suggestion
+from amm_service.policies.pause_to_retire import PauseToRetire
+from amm_service.policies.rebalance import Rebalance
+from amm_service.policies.reduce_replicas import ReduceReplicas
+from amm_service.policies.replication import Replicate
+from amm_service.policies.retire_worker import RetireWorker
+from amm_service.view import (
+    MEASURES,
+    ClusterState,
+    ClusterView,
+    Key,
+    KeyReport,
+    Measure,
+    Memory,
+    WorkerId,
+    WorkerStatus,
+)
+from tests.factories import new_ids
+from tests.support.reference_core import ReferenceReduceReplicas
+from tests.support.reference_core import plan as reference_plan
+
+STATUSES = (WorkerStatus.RUNNING,) * 6 + (WorkerStatus.PAUSED, WorkerStatus.CLOSING)
+
+
+def random_state(rng: random.Random) -> tuple[ClusterState, list[Key]]:
+    """A cluster of 2-12 workers holding up to 60 keys, with every complication drawn at random."""
+    zoned = rng.random() < 0.5
+    zones = ["", "a", "b", "c"][: rng.randint(1, 4)] if zoned else [""]
+    workers = [WorkerId(f"w{n:02d}") for n in range(rng.randint(2, 12))]
+    keys = [Key(f"k{n:03d}") for n in range(rng.randint(1, 60))]
+    held: dict[WorkerId, list[KeyReport]] = {w: [] for w in workers}
+    for key in keys:
+        size = rng.choice([1, 10, 100, 1000])
+        nholders = rng.randint(1, len(workers))
+        odd = rng.random() < 0.03
+        for n, w in enumerate(rng.sample(workers, nholders)):
+            checksum = f"other-{key}" if odd and n == 0 else f"sum-{key}"
+            held[w].append(KeyReport(key, size, checksum, pinned=rng.random() < 0.15))
+    state = ClusterState()
+    for n, w in enumerate(workers):
+        zone = rng.choice(zones)
+        state.register(w, str(w), "i", now=0.0, zone=zone)
+        mem = rng.choice([0, 100, 500, 1000, 5000])
+        limit = rng.choice([0, 0, 2000, 5000, 20000])
+        state.apply_poll(
+            w,
+            incarnation="i",
+            version=n + 1,
+            full=True,
+            keys=held[w],
+            removed=(),
+            memory=Memory(mem, rng.choice([mem, mem // 2]), 0, rng.choice([mem, mem * 2]), limit),
+            status=rng.choice(STATUSES),
+            name=str(w),
+            now=1.0,
+            zone=zone,
+        )
+        roll = rng.random()
+        if roll < 0.08:
+            state.set_flags(w, 0.0, retiring=True)
+        elif roll < 0.12:
+            state.set_flags(w, 0.0, retired=True)
+        elif roll < 0.16:
+            state.set_flags(w, 0.0, stale=True)
+        elif roll < 0.22:
+            state.missed_poll(w)
+    return state, keys
+
+
+def random_ledger(rng: random.Random, view: ClusterView, keys: list[Key]) -> Ledger:
+    """Directives of earlier cycles still in flight, some already shown by a poll."""
+    ledger = Ledger()
+    workers = sorted(view.workers)
+    for n in range(rng.choice([0, 0, 3, 12])):
+        key = rng.choice([*keys, Key("gone")])
+        kv = view.keys.get(key)
+        op = rng.choice([Op.REPLICATE, Op.DROP])
+        worker = rng.choice([*workers, WorkerId("departed")])
+        sources = tuple(rng.sample(workers, rng.randint(0, 2)))
+        directive = Directive(
+            f"old{n}", 1, op, key, worker, kv.size if kv else 7, "sum", sources=sources
+        )
+        ledger.add(directive, now=0.0)
+    return ledger
+
+
+def random_goals(rng: random.Random, keys: list[Key]) -> dict[Key, int | None]:
+    goals: dict[Key, int | None] = {}
+    for key in [*rng.sample(keys, rng.randint(0, len(keys) // 3)), Key("nobody-holds")]:
+        goals[key] = rng.choice([None, 1, 2, 3, 5, 20])
+    return goals
+
+
+def random_config(rng: random.Random) -> PlanConfig:
+    measure: Measure = rng.choice(MEASURES)
+    return PlanConfig(
+        measure,
+        epoch=3,
+        max_suggestions=rng.choice([1_000_000, 1_000_000, 1_000_000, rng.randint(1, 40)]),
+        allow_drops=rng.random() < 0.9,
+        max_incoming=rng.choice([0, 0, 1, 2]),
+        max_outgoing=rng.choice([0, 0, 1, 3]),
+    )
+
+
+def policies(rng: random.Random, reference: bool) -> list[Policy]:
+    """The built-in policies (a fresh set: some keep state across cycles), drawn the same way for
+    both runs; the reference run gets the reference ReduceReplicas."""
+    every: list[Policy] = [
+        PauseToRetire(timeout=0.5),
+        Replicate(),
+        RetireWorker(),
+        ReferenceReduceReplicas() if reference else ReduceReplicas(),
+        Rebalance(),
+    ]
+    chosen = [p for p in every if rng.random() < 0.6]
+    return chosen or every
+
+
+def both(seed: int, make: Callable[[random.Random, bool], list[Policy]]) -> tuple[Plan, Plan]:
+    """The plan of the reference core and of the core, on the view drawn from ``seed``."""
+    rng = random.Random(seed)
+    state, keys = random_state(rng)
+    view = state.snapshot(goals=random_goals(rng, keys), now=rng.choice([1.0, 10.0]))
+    ledger_seed, config, policy_seed = rng.random(), random_config(rng), rng.random()
+    new = plan(
+        view,
+        make(random.Random(policy_seed), False),
+        random_ledger(random.Random(ledger_seed), view, keys),
+        config,
+        new_ids(),
+    )
+    old = reference_plan(
+        view,
+        make(random.Random(policy_seed), True),
+        random_ledger(random.Random(ledger_seed), view, keys),
+        config,
+        new_ids(),
+    )
+    return new, old
+
+
+@pytest.mark.parametrize("block", range(8))
+def test_builtin_policies_plan_exactly_as_before(block: int) -> None:
+    drops = 0
+    for seed in range(block * 100, block * 100 + 100):
+        new, old = both(seed, policies)
+        assert new == old, f"seed {seed}"
+        drops += sum(d.op is Op.DROP for d in new.directives)
+    assert drops > 0
+
+
+class Scripted:
+    """Yields the suggestions drawn from ``seed`` for the view's keys: with ``copies`` as drawn,
+    or (``expand``) as that many suggestions of one, for the reference core."""
+
+    def __init__(self, seed: float, expand: bool) -> None:
+        self.name = "Scripted"
+        self.seed = seed
+        self.expand = expand
+        self.answers: list[WorkerId | None] = []
+
+    def run(self, view: ClusterView, pending: PendingView, measure: Measure) -> PolicyRun:
+        rng = random.Random(self.seed)
+        workers = sorted(view.workers)
+        for key in [*rng.sample(sorted(view.keys), min(len(view.keys), 15)), Key("gone")]:
+            op = rng.choice([Op.DROP, Op.DROP, Op.REPLICATE])
+            candidates = rng.choice(
+                [None, frozenset(rng.sample(workers, rng.randint(0, min(4, len(workers)))))]
+            )
+            copies = rng.randint(1, 5)
+            suggestion = Suggestion(op, key, candidates, "scripted", copies)
+            if not self.expand:
+                self.answers.append((yield suggestion))
+                continue
+            last = None
+            for n in range(copies):
+                last = yield suggestion._replace(copies=1)
+                if last is None:  # the core rejects the rest the same way
+                    for _ in range(copies - n - 1):
+                        yield suggestion._replace(copies=1)
+                    break
+            self.answers.append(last)
+
+
+@pytest.mark.parametrize("block", range(4))
+def test_copies_decide_as_that_many_suggestions_of_one(block: int) -> None:
+    directives = 0
+    for seed in range(block * 100, block * 100 + 100):
+        made: list[Scripted] = []
+
+        def scripted(
+            rng: random.Random, reference: bool, made: list[Scripted] = made
+        ) -> list[Policy]:
+            made.append(Scripted(rng.random(), expand=reference))
+            return [made[-1]]
+
+        new, old = both(seed, scripted)
+        assert new == old, f"seed {seed}"
+        assert made[0].answers == made[1].answers, f"seed {seed}"
+        assert all("stopped after" in e for e in new.policy_errors), new.policy_errors
+        directives += len(new.directives)
+    assert directives > 0
+
+
+def test_copies_below_one_is_a_policy_error() -> None:
+    class Zero:
+        name = "Zero"
+
+        def run(self, view: ClusterView, pending: PendingView, measure: Measure) -> PolicyRun:
+            yield Suggestion(Op.DROP, Key("x"), None, "", 0)
+
+    state, _ = random_state(random.Random(1))
+    result = plan(state.snapshot(), [Zero()], Ledger(), PlanConfig("managed", 1), new_ids())
+    assert result.directives == ()
+    assert result.policy_errors == (
+        "policy Zero failed: ValueError: a suggestion's copies must be 1 or more, not 0",
+    )
