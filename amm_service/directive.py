@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from amm_service.view import Key, WorkerId
 
@@ -24,12 +25,14 @@ class OutcomeStatus(enum.Enum):
     FAILED = "failed"
 
 
-@dataclass(frozen=True, slots=True)
-class Directive:
+class Directive(NamedTuple):
     """One order for one worker.
 
     ``sources`` (replicate) are holders to fetch from; ``holders`` (drop) are the other holders, one
     of which must promise to keep the key before the agent drops its own replica.
+
+    A NamedTuple, not a frozen dataclass: a cycle may create hundreds of thousands, and a tuple is
+    built several times faster; it is as immutable.
     """
 
     id: str
