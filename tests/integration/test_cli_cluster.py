@@ -12,24 +12,34 @@ from amm import example
 from amm.client import Client
 
 
+def cluster_command(*args: str) -> tuple[subprocess.Popen[str], str]:
+    """``amm cluster ARGS`` as a user runs it, once ready: the process and the AMM's address."""
+    argv = [sys.executable, "-m", "amm", "cluster", "--listen", "127.0.0.1:0", *args]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("Press Ctrl-C"):
+            break
+    return proc, next(line.split()[1] for line in lines if line.startswith("amm "))
+
+
+def interrupt(proc: subprocess.Popen[str], sig: signal.Signals = signal.SIGINT) -> None:
+    """Stop it as Ctrl-C (or ``sig``) does; it must exit 0 saying so."""
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0, err
+    assert "cluster stopped" in err
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_cluster_command_stops_everything_on_signal(sig: signal.Signals) -> None:
-    argv = [sys.executable, "-m", "amm", "cluster", "--workers", "1", "--listen", "127.0.0.1:0"]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc, address = cluster_command("--workers", "1")
     try:
-        assert proc.stdout is not None
-        lines = []
-        for line in proc.stdout:
-            lines.append(line)
-            if line.startswith("Press Ctrl-C"):
-                break
-        address = next(line.split()[1] for line in lines if line.startswith("amm "))
         with Client(address, timeout=5) as client:
             assert len(client.has_what()) == 1
-        proc.send_signal(sig)
-        _, err = proc.communicate(timeout=20)
-        assert proc.returncode == 0, err
-        assert "cluster stopped" in err
+        interrupt(proc, sig)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -47,18 +57,9 @@ def test_example_runs_to_completion(capsys: pytest.CaptureFixture[str]) -> None:
 def test_a_worker_retired_and_closed_leaves_the_cluster_command_running() -> None:
     """``amm retire`` closes the retired agent, which exits cleanly: the AMM and the other
     workers (and what they hold) stay up. Only a crash stops the whole cluster."""
-    argv = [sys.executable, "-m", "amm", "cluster", "--workers", "2", "--listen", "127.0.0.1:0"]
-    argv += ["--interval", "50ms", "--start"]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc, address = cluster_command("--workers", "2", "--interval", "50ms", "--start")
     try:
-        assert proc.stdout is not None
         assert proc.stderr is not None
-        lines = []
-        for line in proc.stdout:
-            lines.append(line)
-            if line.startswith("Press Ctrl-C"):
-                break
-        address = next(line.split()[1] for line in lines if line.startswith("amm "))
         with Client(address, timeout=10) as client:
             leaving, staying = client.workers()
             client.put("k", b"kept", workers=[leaving.address])
@@ -70,10 +71,7 @@ def test_a_worker_retired_and_closed_leaves_the_cluster_command_running() -> Non
             assert proc.poll() is None
             assert client.get("k") == b"kept"
             assert [w.address for w in client.workers()] == [staying.address]
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=20)
-        assert proc.returncode == 0, err
-        assert "cluster stopped" in err
+        interrupt(proc)
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -186,41 +186,40 @@ def test_a_cycle_shows_the_policies_reasons_when_they_gave_any() -> None:
     assert "WHY" not in render_cycle(_cycle(directives=(_planned("drop", "x", "h:1", ""),)))
 
 
-def test_status_block() -> None:
-    status = Status(
-        running=False,
+def _status(running: bool = False, cycles: int = 0, **totals: int) -> Status:
+    """A status of two workers holding one key, with ``totals`` overriding the cluster totals."""
+    base = ClusterTotals(
+        workers=2,
+        keys=1,
+        replicas=2,
+        memory_bytes=0,
+        managed_bytes=0,
+        process_bytes=0,
+        directives_in_flight=0,
+    )
+    return Status(
+        running=running,
         interval=2.0,
         measure="optimistic",
         policies=(),
         epoch=1,
-        cycles=0,
+        cycles=cycles,
         last_cycle=None,
-        totals=ClusterTotals(
-            workers=2,
-            keys=1,
-            replicas=2,
-            memory_bytes=0,
-            managed_bytes=0,
-            process_bytes=0,
-            directives_in_flight=0,
-        ),
+        totals=dataclasses.replace(base, **totals),
         recent_refusals=(),
     )
+
+
+def test_status_block() -> None:
+    status = _status()
     lines = render_status("h:50051", status, now=NOW).splitlines()
     assert lines[0] == "AMM        h:50051"
     assert "running    no" in lines
     assert "keys       1 (2 replicas)" in lines
     assert lines[-1] == "no cycle yet"
     assert not any(line.startswith(("unreachable", "conflicts", "goals")) for line in lines)
-    troubled = dataclasses.replace(
-        status,
-        totals=dataclasses.replace(
-            status.totals,
-            conflicting_keys=2,
-            unreachable_workers=1,
-            keys_with_goal=3,
-            keys_below_goal=1,
-        ),
+    troubled = _status(
+        conflicting_keys=2, unreachable_workers=1, keys_with_goal=3, keys_below_goal=1
     )
     lines = render_status("h:50051", troubled, now=NOW).splitlines()
     assert "unreachable  1 worker" in lines
@@ -247,26 +246,8 @@ def test_goals_table_and_changes() -> None:
 
 
 def test_status_block_shows_liveness_grace_and_events() -> None:
-    status = Status(
-        running=True,
-        interval=2.0,
-        measure="optimistic",
-        policies=(),
-        epoch=1,
-        cycles=4,
-        last_cycle=None,
-        totals=ClusterTotals(
-            workers=2,
-            keys=1,
-            replicas=1,
-            memory_bytes=0,
-            managed_bytes=0,
-            process_bytes=0,
-            directives_in_flight=0,
-            lost_keys=3,
-            stale_workers=1,
-        ),
-        recent_refusals=(),
+    status = dataclasses.replace(
+        _status(running=True, cycles=4, replicas=1, lost_keys=3, stale_workers=1),
         recent_events=(
             Event(NOW - timedelta(seconds=5), "key-lost", "h:2", ("a", "b", "c"), "3 key(s) lost"),
             Event(NOW - timedelta(seconds=9), "worker-dead", "h:2", (), "no answer for 30 s"),
