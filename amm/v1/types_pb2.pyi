@@ -620,8 +620,9 @@ class Event(_message.Message):
     KEYS_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
     kind: _builtins.str
-    """What kind of event, for example "worker-dead", "key-lost", "retire-started", "retired",
-    "retire-abandoned", "pause-to-retire", "pause-to-retire-declined", "goal-unmet".
+    """What kind of event: "worker-stale", "worker-dead", "key-lost", "key-recovered", "goal-set",
+    "goal-removed", "retire-started", "retired", "retire-abandoned", "pause-to-retire",
+    "pause-to-retire-declined", "startup-grace-ended"; readers must accept kinds added later.
     """
     worker: _builtins.str
     """The worker concerned, if any."""
