@@ -20,7 +20,7 @@ import yaml
 from amm.demo import BYTE_SCALE
 from amm.replay.command import AGENT_ENV
 from scripts.image_requirements import requirements
-from tests.support.docker import compose_cli
+from tests.support.docker import compose_cli, dockerfile_args
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -38,11 +38,6 @@ def service(name: str) -> dict[str, Any]:
     found = compose()["services"][name]
     assert isinstance(found, dict)
     return found
-
-
-def dockerfile_args() -> dict[str, str]:
-    """``ARG NAME=default`` lines of the Dockerfile."""
-    return dict(re.findall(r"^ARG (\w+)=(\S*)$", DOCKERFILE.read_text(), flags=re.MULTILINE))
 
 
 def default_of(value: str) -> str:
@@ -140,7 +135,7 @@ def test_the_demo_replays_into_a_mounted_folder_under_its_profile() -> None:
 
 
 def test_every_service_builds_the_one_image_with_the_dockerfiles_arguments() -> None:
-    args = dockerfile_args()
+    args = dockerfile_args(DOCKERFILE)
     assert args["BASE_IMAGE"] == "python:3.11-slim"
     assert args["WHEELHOUSE"] == "wheels"
     builds = [service(name)["build"] for name in compose()["services"]]

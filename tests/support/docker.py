@@ -52,13 +52,18 @@ def engine_unavailable() -> str | None:
     return None
 
 
+def dockerfile_args(dockerfile: Path) -> dict[str, str]:
+    """``ARG NAME=default`` lines of ``dockerfile``."""
+    return dict(re.findall(r"^ARG (\w+)=(\S*)$", dockerfile.read_text(), flags=re.MULTILINE))
+
+
 def base_image(dockerfile: Path) -> str:
     """The image the build starts from: ``$BASE_IMAGE``, else the Dockerfile's default."""
     if chosen := os.environ.get("BASE_IMAGE"):
         return chosen
-    match = re.search(r"^ARG BASE_IMAGE=(\S+)", dockerfile.read_text(), re.MULTILINE)
-    assert match is not None, f"{dockerfile} declares no default BASE_IMAGE"
-    return match.group(1)
+    default = dockerfile_args(dockerfile).get("BASE_IMAGE")
+    assert default, f"{dockerfile} declares no default BASE_IMAGE"
+    return default
 
 
 def base_image_unavailable(image: str) -> str | None:
