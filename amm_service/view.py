@@ -175,6 +175,11 @@ class ClusterView:
     def held_by(self, worker: WorkerId) -> frozenset[Key]:
         return self.holdings.get(worker, frozenset())
 
+    def durable(self, workers: Iterable[WorkerId]) -> frozenset[WorkerId]:
+        """Those of ``workers`` whose copies can be counted on (``WorkerView.durable``)."""
+        known = self.workers
+        return frozenset(w for w in workers if w in known and known[w].durable)
+
 
 class ClusterState:
     """The mutable cluster model: registration, poll results, snapshots."""

@@ -234,7 +234,7 @@ class Rebalance:
                     heapq.heappop(senders)
                     break
                 dropping = pending.in_flight(kv.key).dropping
-                copies = max(1, len(_durable(view, kv.holders) - dropping))
+                copies = max(1, len(view.durable(kv.holders) - dropping))
                 self._moves[kv.key] = Move(kv.key, sender, recipient, kv.size, copies)
                 memory[sender] -= kv.size
                 memory[recipient] += kv.size
@@ -269,7 +269,7 @@ class Rebalance:
     def _keeps_copies(self, move: Move, view: ClusterView, pending: PendingView) -> bool:
         """Whether dropping the sender's copy leaves as many durable copies as the key had."""
         kv = view.keys[move.key]
-        others = _durable(view, kv.holders) - pending.in_flight(move.key).dropping - {move.sender}
+        others = view.durable(kv.holders) - pending.in_flight(move.key).dropping - {move.sender}
         return len(others) >= move.copies
 
     def __repr__(self) -> str:
@@ -298,7 +298,7 @@ def _recipient(
     replicating = flight.replicating
     zones = view.workers
     # Zones as the core counts them when it picks the copy to drop: durable copies only.
-    durable = _durable(view, kv.holders) - flight.dropping
+    durable = view.durable(kv.holders) - flight.dropping
     before = {zones[w].zone for w in durable if zones[w].zone}
     kept = {zones[w].zone for w in durable - {sender} if zones[w].zone}
     skipped: list[tuple[float, WorkerId]] = []
@@ -317,7 +317,3 @@ def _recipient(
     for entry in skipped:
         heapq.heappush(recipients, entry)
     return found
-
-
-def _durable(view: ClusterView, workers: frozenset[WorkerId]) -> frozenset[WorkerId]:
-    return frozenset(w for w in workers if w in view.workers and view.workers[w].durable)

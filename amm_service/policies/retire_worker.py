@@ -44,8 +44,7 @@ class RetireWorker:
                 in_flight = pending.in_flight(key)
                 if worker in in_flight.dropping:
                     continue
-                others = kv.holders - only - in_flight.dropping
-                if any(w in workers and workers[w].durable for w in others):
+                if view.durable(kv.holders - only - in_flight.dropping):
                     yield drop(key, only, reason=f"{worker} is retiring; a copy survives elsewhere")
                 elif not in_flight.replicating:
                     yield replicate(key, reason=f"{worker} is retiring and holds the only copy")
