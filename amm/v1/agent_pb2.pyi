@@ -87,6 +87,7 @@ class PollResponse(_message.Message):
     NEXT_CURSOR_FIELD_NUMBER: _builtins.int
     MORE_FIELD_NUMBER: _builtins.int
     ZONE_FIELD_NUMBER: _builtins.int
+    FEATURES_FIELD_NUMBER: _builtins.int
     incarnation: _builtins.str
     """Random id of this agent process; it changes when the agent restarts."""
     version: _builtins.int
@@ -122,6 +123,13 @@ class PollResponse(_message.Message):
     def memory(self) -> _types_pb2.MemoryReport:
         """Memory of the worker."""
 
+    @_builtins.property
+    def features(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Optional parts of this contract the agent implements, so that an AMM (or a peer) uses them
+        only with agents that do: "directive-batches" (DirectivesRequest.batch), "keep-batches"
+        (PromiseKeepBatch), "put-batches" (PutMany). Unknown names are ignored.
+        """
+
     def __init__(
         self,
         *,
@@ -137,10 +145,11 @@ class PollResponse(_message.Message):
         next_cursor: _builtins.str = ...,
         more: _builtins.bool = ...,
         zone: _builtins.str = ...,
+        features: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["memory", b"memory"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "full", b"full", "incarnation", b"incarnation", "keys", b"keys", "memory", b"memory", "more", b"more", "name", b"name", "next_cursor", b"next_cursor", "removed", b"removed", "status", b"status", "version", b"version", "zone", b"zone"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "features", b"features", "full", b"full", "incarnation", b"incarnation", "keys", b"keys", "memory", b"memory", "more", b"more", "name", b"name", "next_cursor", b"next_cursor", "removed", b"removed", "status", b"status", "version", b"version", "zone", b"zone"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -148,23 +157,33 @@ Global___PollResponse: _TypeAlias = PollResponse  # noqa: Y015
 
 @_typing.final
 class DirectivesRequest(_message.Message):
-    """One message of the directive stream, AMM to agent."""
+    """One message of the directive stream, AMM to agent: one directive, or a batch."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     DIRECTIVE_FIELD_NUMBER: _builtins.int
+    BATCH_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def directive(self) -> _types_pb2.Directive:
         """The directive to carry out."""
+
+    @_builtins.property
+    def batch(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Directive]:
+        """Several directives, carried out as if each had come in a message of its own (the agent may
+        group their work, for example ask each keeper once for all the drops it keeps). The AMM sends
+        batches only to agents that report the feature "directive-batches"; such an agent answers
+        them with batches of outcomes.
+        """
 
     def __init__(
         self,
         *,
         directive: _types_pb2.Directive | None = ...,
+        batch: _abc.Iterable[_types_pb2.Directive] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["directive", b"directive"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["directive", b"directive"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "directive", b"directive"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -172,23 +191,29 @@ Global___DirectivesRequest: _TypeAlias = DirectivesRequest  # noqa: Y015
 
 @_typing.final
 class DirectivesResponse(_message.Message):
-    """One message of the directive stream, agent to AMM."""
+    """One message of the directive stream, agent to AMM: one outcome, or a batch."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     OUTCOME_FIELD_NUMBER: _builtins.int
+    BATCH_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def outcome(self) -> _types_pb2.DirectiveOutcome:
         """The outcome of one directive."""
+
+    @_builtins.property
+    def batch(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.DirectiveOutcome]:
+        """The outcomes of several directives, in completion order."""
 
     def __init__(
         self,
         *,
         outcome: _types_pb2.DirectiveOutcome | None = ...,
+        batch: _abc.Iterable[_types_pb2.DirectiveOutcome] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["outcome", b"outcome"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["outcome", b"outcome"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "outcome", b"outcome"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -627,6 +652,174 @@ class PromiseKeepResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PromiseKeepResponse: _TypeAlias = PromiseKeepResponse  # noqa: Y015
+
+@_typing.final
+class KeepItem(_message.Message):
+    """One key of a PromiseKeepBatch request."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    CHECKSUM_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    """The key the requester wants to drop."""
+    checksum: _builtins.str
+    """The checksum the kept copy must have."""
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        checksum: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checksum", b"checksum", "key", b"key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___KeepItem: _TypeAlias = KeepItem  # noqa: Y015
+
+@_typing.final
+class PromiseKeepBatchRequest(_message.Message):
+    """PromiseKeepBatch arguments."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ITEMS_FIELD_NUMBER: _builtins.int
+    LEASE_FIELD_NUMBER: _builtins.int
+    REQUESTER_FIELD_NUMBER: _builtins.int
+    requester: _builtins.str
+    """Address of the agent that wants to drop its replicas."""
+    @_builtins.property
+    def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___KeepItem]:
+        """The keys, each judged on its own."""
+
+    @_builtins.property
+    def lease(self) -> _duration_pb2.Duration:
+        """How long to keep each key at least; the agent may cap it."""
+
+    def __init__(
+        self,
+        *,
+        items: _abc.Iterable[Global___KeepItem] | None = ...,
+        lease: _duration_pb2.Duration | None = ...,
+        requester: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["lease", b"lease"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["items", b"items", "lease", b"lease", "requester", b"requester"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PromiseKeepBatchRequest: _TypeAlias = PromiseKeepBatchRequest  # noqa: Y015
+
+@_typing.final
+class PromiseKeepBatchResponse(_message.Message):
+    """PromiseKeepBatch result."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ANSWERS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def answers(self) -> _containers.RepeatedCompositeFieldContainer[Global___PromiseKeepResponse]:
+        """One answer per item, in the order of the request's items."""
+
+    def __init__(
+        self,
+        *,
+        answers: _abc.Iterable[Global___PromiseKeepResponse] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answers", b"answers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PromiseKeepBatchResponse: _TypeAlias = PromiseKeepBatchResponse  # noqa: Y015
+
+@_typing.final
+class PutItem(_message.Message):
+    """One value of a PutMany message."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    CHECKSUM_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    """The key; 1 to 1024 bytes of UTF-8."""
+    data: _builtins.bytes
+    """The whole value."""
+    checksum: _builtins.str
+    """Optional lowercase hexadecimal SHA-256 of the value; verified when given."""
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        data: _builtins.bytes = ...,
+        checksum: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checksum", b"checksum", "data", b"data", "key", b"key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PutItem: _TypeAlias = PutItem  # noqa: Y015
+
+@_typing.final
+class PutManyRequest(_message.Message):
+    """One message of a PutMany stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ITEMS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___PutItem]:
+        """Whole values; the message must stay under the 16 MiB message cap."""
+
+    def __init__(
+        self,
+        *,
+        items: _abc.Iterable[Global___PutItem] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["items", b"items"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PutManyRequest: _TypeAlias = PutManyRequest  # noqa: Y015
+
+@_typing.final
+class PutManyResponse(_message.Message):
+    """PutMany result."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CREATED_FIELD_NUMBER: _builtins.int
+    UNCHANGED_FIELD_NUMBER: _builtins.int
+    BYTES_FIELD_NUMBER: _builtins.int
+    created: _builtins.int
+    """How many values were stored."""
+    unchanged: _builtins.int
+    """How many were already stored with the same content (no-ops)."""
+    bytes: _builtins.int
+    """Bytes stored by this call."""
+    def __init__(
+        self,
+        *,
+        created: _builtins.int = ...,
+        unchanged: _builtins.int = ...,
+        bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes", b"bytes", "created", b"created", "unchanged", b"unchanged"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PutManyResponse: _TypeAlias = PutManyResponse  # noqa: Y015
 
 @_typing.final
 class CloseRequest(_message.Message):

@@ -80,6 +80,16 @@ class WorkerAgentStub:
                 request_serializer=amm_dot_v1_dot_agent__pb2.PromiseKeepRequest.SerializeToString,
                 response_deserializer=amm_dot_v1_dot_agent__pb2.PromiseKeepResponse.FromString,
                 _registered_method=True)
+        self.PromiseKeepBatch = channel.unary_unary(
+                '/amm.v1.WorkerAgent/PromiseKeepBatch',
+                request_serializer=amm_dot_v1_dot_agent__pb2.PromiseKeepBatchRequest.SerializeToString,
+                response_deserializer=amm_dot_v1_dot_agent__pb2.PromiseKeepBatchResponse.FromString,
+                _registered_method=True)
+        self.PutMany = channel.stream_unary(
+                '/amm.v1.WorkerAgent/PutMany',
+                request_serializer=amm_dot_v1_dot_agent__pb2.PutManyRequest.SerializeToString,
+                response_deserializer=amm_dot_v1_dot_agent__pb2.PutManyResponse.FromString,
+                _registered_method=True)
         self.Close = channel.unary_unary(
                 '/amm.v1.WorkerAgent/Close',
                 request_serializer=amm_dot_v1_dot_agent__pb2.CloseRequest.SerializeToString,
@@ -159,6 +169,25 @@ class WorkerAgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PromiseKeepBatch(self, request, context):
+        """PromiseKeep for many keys in one call, each judged on its own: an agent dropping a batch of
+        keys asks each keeper once per batch instead of once per key. Agents that report the feature
+        "keep-batches" (PollResponse.features) serve it; a caller that gets UNIMPLEMENTED falls back
+        to PromiseKeep.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PutMany(self, request_iterator, context):
+        """Store many values in one stream: each message carries whole values, stored once verified.
+        Keys are immutable across the batch exactly as for Put. Values too large for one message go
+        through Put. Agents that report the feature "put-batches" serve it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Close(self, request, context):
         """Shut the agent down cleanly (the AMM calls it for a retired worker). Refused with
         FAILED_PRECONDITION while the agent holds any key, unless `force` is set: a retired worker
@@ -215,6 +244,16 @@ def add_WorkerAgentServicer_to_server(servicer, server):
                     servicer.PromiseKeep,
                     request_deserializer=amm_dot_v1_dot_agent__pb2.PromiseKeepRequest.FromString,
                     response_serializer=amm_dot_v1_dot_agent__pb2.PromiseKeepResponse.SerializeToString,
+            ),
+            'PromiseKeepBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.PromiseKeepBatch,
+                    request_deserializer=amm_dot_v1_dot_agent__pb2.PromiseKeepBatchRequest.FromString,
+                    response_serializer=amm_dot_v1_dot_agent__pb2.PromiseKeepBatchResponse.SerializeToString,
+            ),
+            'PutMany': grpc.stream_unary_rpc_method_handler(
+                    servicer.PutMany,
+                    request_deserializer=amm_dot_v1_dot_agent__pb2.PutManyRequest.FromString,
+                    response_serializer=amm_dot_v1_dot_agent__pb2.PutManyResponse.SerializeToString,
             ),
             'Close': grpc.unary_unary_rpc_method_handler(
                     servicer.Close,
@@ -466,6 +505,60 @@ class WorkerAgent:
             '/amm.v1.WorkerAgent/PromiseKeep',
             amm_dot_v1_dot_agent__pb2.PromiseKeepRequest.SerializeToString,
             amm_dot_v1_dot_agent__pb2.PromiseKeepResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PromiseKeepBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/amm.v1.WorkerAgent/PromiseKeepBatch',
+            amm_dot_v1_dot_agent__pb2.PromiseKeepBatchRequest.SerializeToString,
+            amm_dot_v1_dot_agent__pb2.PromiseKeepBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PutMany(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/amm.v1.WorkerAgent/PutMany',
+            amm_dot_v1_dot_agent__pb2.PutManyRequest.SerializeToString,
+            amm_dot_v1_dot_agent__pb2.PutManyResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -62,6 +62,17 @@ class WorkerAgentStub:
     """Peer transfer: stream a value to another agent, header first, then chunks."""
     PromiseKeep: _grpc.UnaryUnaryMultiCallable[_agent_pb2.PromiseKeepRequest, _agent_pb2.PromiseKeepResponse]
     """Promise to keep a verified copy of a key for a lease, so that a peer may drop its own replica."""
+    PromiseKeepBatch: _grpc.UnaryUnaryMultiCallable[_agent_pb2.PromiseKeepBatchRequest, _agent_pb2.PromiseKeepBatchResponse]
+    """PromiseKeep for many keys in one call, each judged on its own: an agent dropping a batch of
+    keys asks each keeper once per batch instead of once per key. Agents that report the feature
+    "keep-batches" (PollResponse.features) serve it; a caller that gets UNIMPLEMENTED falls back
+    to PromiseKeep.
+    """
+    PutMany: _grpc.StreamUnaryMultiCallable[_agent_pb2.PutManyRequest, _agent_pb2.PutManyResponse]
+    """Store many values in one stream: each message carries whole values, stored once verified.
+    Keys are immutable across the batch exactly as for Put. Values too large for one message go
+    through Put. Agents that report the feature "put-batches" serve it.
+    """
     Close: _grpc.UnaryUnaryMultiCallable[_agent_pb2.CloseRequest, _agent_pb2.CloseResponse]
     """Shut the agent down cleanly (the AMM calls it for a retired worker). Refused with
     FAILED_PRECONDITION while the agent holds any key, unless `force` is set: a retired worker
@@ -100,6 +111,17 @@ class WorkerAgentAsyncStub(WorkerAgentStub):
     """Peer transfer: stream a value to another agent, header first, then chunks."""
     PromiseKeep: _aio.UnaryUnaryMultiCallable[_agent_pb2.PromiseKeepRequest, _agent_pb2.PromiseKeepResponse]  # type: ignore[assignment]
     """Promise to keep a verified copy of a key for a lease, so that a peer may drop its own replica."""
+    PromiseKeepBatch: _aio.UnaryUnaryMultiCallable[_agent_pb2.PromiseKeepBatchRequest, _agent_pb2.PromiseKeepBatchResponse]  # type: ignore[assignment]
+    """PromiseKeep for many keys in one call, each judged on its own: an agent dropping a batch of
+    keys asks each keeper once per batch instead of once per key. Agents that report the feature
+    "keep-batches" (PollResponse.features) serve it; a caller that gets UNIMPLEMENTED falls back
+    to PromiseKeep.
+    """
+    PutMany: _aio.StreamUnaryMultiCallable[_agent_pb2.PutManyRequest, _agent_pb2.PutManyResponse]  # type: ignore[assignment]
+    """Store many values in one stream: each message carries whole values, stored once verified.
+    Keys are immutable across the batch exactly as for Put. Values too large for one message go
+    through Put. Agents that report the feature "put-batches" serve it.
+    """
     Close: _aio.UnaryUnaryMultiCallable[_agent_pb2.CloseRequest, _agent_pb2.CloseResponse]  # type: ignore[assignment]
     """Shut the agent down cleanly (the AMM calls it for a retired worker). Refused with
     FAILED_PRECONDITION while the agent holds any key, unless `force` is set: a retired worker
@@ -189,6 +211,29 @@ class WorkerAgentServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_agent_pb2.PromiseKeepResponse, _abc.Awaitable[_agent_pb2.PromiseKeepResponse]]:
         """Promise to keep a verified copy of a key for a lease, so that a peer may drop its own replica."""
+
+    @_abc_1.abstractmethod
+    def PromiseKeepBatch(
+        self,
+        request: _agent_pb2.PromiseKeepBatchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_pb2.PromiseKeepBatchResponse, _abc.Awaitable[_agent_pb2.PromiseKeepBatchResponse]]:
+        """PromiseKeep for many keys in one call, each judged on its own: an agent dropping a batch of
+        keys asks each keeper once per batch instead of once per key. Agents that report the feature
+        "keep-batches" (PollResponse.features) serve it; a caller that gets UNIMPLEMENTED falls back
+        to PromiseKeep.
+        """
+
+    @_abc_1.abstractmethod
+    def PutMany(
+        self,
+        request_iterator: _MaybeAsyncIterator[_agent_pb2.PutManyRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_pb2.PutManyResponse, _abc.Awaitable[_agent_pb2.PutManyResponse]]:
+        """Store many values in one stream: each message carries whole values, stored once verified.
+        Keys are immutable across the batch exactly as for Put. Values too large for one message go
+        through Put. Agents that report the feature "put-batches" serve it.
+        """
 
     @_abc_1.abstractmethod
     def Close(

@@ -334,7 +334,10 @@ class Directive(_message.Message):
 
     @_builtins.property
     def holders(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """DROP: addresses of other holders; at least one must promise to keep the key before the drop."""
+        """DROP: addresses of other holders that keep the key, most dependable first; at least one must
+        promise to keep it before the drop. The AMM names only the holders its plan keeps (not those
+        it tells to drop the key in the same cycle), so siblings never ask each other.
+        """
 
     def __init__(
         self,
