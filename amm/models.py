@@ -144,6 +144,11 @@ class ClusterTotals:
     stale_workers: int = 0
     """Workers silent for longer than stale-after (not yet declared dead)."""
     retiring_workers: int = 0
+    directives_sent: int = 0
+    """Directives sent since the AMM started; the other three count their outcomes."""
+    directives_applied: int = 0
+    directives_refused: int = 0
+    directives_failed: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -360,6 +365,10 @@ def status_from_proto(msg: control_pb2.GetStatusResponse) -> Status:
             lost_keys=totals.lost_keys,
             stale_workers=totals.stale_workers,
             retiring_workers=totals.retiring_workers,
+            directives_sent=totals.directives_sent,
+            directives_applied=totals.directives_applied,
+            directives_refused=totals.directives_refused,
+            directives_failed=totals.directives_failed,
         ),
         recent_refusals=tuple(
             RefusalRecord(

@@ -137,6 +137,10 @@ class ControlServicer(control_pb2_grpc.ActiveMemoryManagerServicer):
                 stale_workers=sum(1 for w in workers if w.stale),
                 lost_keys=amm.lost_keys,
                 retiring_workers=sum(1 for w in workers if w.retiring),
+                directives_sent=amm.outcomes.totals.sent,
+                directives_applied=amm.outcomes.totals.applied,
+                directives_refused=amm.outcomes.totals.refused,
+                directives_failed=amm.outcomes.totals.failed,
             ),
             recent_refusals=[
                 control_pb2.RefusalRecord(

@@ -330,6 +330,7 @@ class ActiveMemoryManager:
             )
             return record
         now = self._monotonic()
+        self.outcomes.totals.sent += len(plan.directives)
         for directive in plan.directives:
             self.ledger.add(directive, now)
             if wait:

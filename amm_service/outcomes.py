@@ -26,6 +26,17 @@ from amm_service.view import ClusterState, WorkerId
 log = logging.getLogger(__name__)
 
 
+@dataclass(slots=True)
+class Totals:
+    """Directives sent since the AMM started, and how they ended (``failed`` includes those
+    that never got an answer)."""
+
+    sent: int = 0
+    applied: int = 0
+    refused: int = 0
+    failed: int = 0
+
+
 @dataclass(frozen=True, slots=True)
 class Refusal:
     """A directive an agent refused or failed."""
@@ -56,6 +67,7 @@ class Outcomes:
         self._waiters: dict[str, asyncio.Future[None]] = {}
         self.refusals: deque[Refusal] = deque(maxlen=max_refusals)
         """The most recent directives refused or failed, newest first."""
+        self.totals = Totals()
 
     def track(self, record: CycleRecord) -> None:
         """Fill in ``record`` as its directives' outcomes arrive (while it is recent)."""
@@ -75,6 +87,8 @@ class Outcomes:
     def on_outcome(self, worker: WorkerId, outcome: Outcome) -> None:
         known = self._state.worker(worker)
         entry = self._ledger.settle(outcome, known.version if known else 0)
+        if entry is not None:
+            self._count(outcome.status)
         for record in self._records:
             rec = record.directives.get(outcome.directive_id)
             if rec is not None:
@@ -100,7 +114,17 @@ class Outcomes:
         """The worker left or restarted: what was in flight to it will never be answered."""
         self._settle_lost(self._ledger.forget_worker(worker))
 
+    def _count(self, status: OutcomeStatus) -> None:
+        totals = self.totals
+        if status is OutcomeStatus.APPLIED:
+            totals.applied += 1
+        elif status is OutcomeStatus.REFUSED:
+            totals.refused += 1
+        else:
+            totals.failed += 1
+
     def _settle_lost(self, entries: list[Entry]) -> None:
+        self.totals.failed += len(entries)
         ids = [e.directive.id for e in entries]
         for record in self._records:
             for directive_id in ids:

@@ -173,6 +173,7 @@ class Poller:
             status=wire.status_from_pb(last.status),
             name=last.name,
             zone=last.zone,
+            features=frozenset(last.features),
             now=self._clock(),
         )
         self._on_version(worker, resp.version)

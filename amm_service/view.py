@@ -78,6 +78,8 @@ class WorkerView:
     """Set by the AMM once the worker has not answered polls for ``stale-after``."""
     status_since: float = 0.0
     """When ``effective_status`` last changed (wall clock)."""
+    features: frozenset[str] = frozenset()
+    """The optional parts of the contract its agent serves (``PollResponse.features``)."""
 
     @property
     def effective_status(self) -> WorkerStatus:
@@ -262,6 +264,7 @@ class ClusterState:
         name: str,
         now: float,
         zone: str = "",
+        features: frozenset[str] | None = None,
     ) -> None:
         """Merge one poll answer. Unknown workers are ignored (they unregistered meanwhile)."""
         old = self._workers.get(address)
@@ -294,6 +297,7 @@ class ClusterState:
             incarnation=incarnation,
             version=version,
             missed_polls=0,
+            features=old.features if features is None else features,
         )
         if new.effective_status is not old.effective_status:
             new = replace(new, status_since=now)

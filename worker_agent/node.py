@@ -359,14 +359,25 @@ class Node:
     def promise_keep(self, key: Key, checksum: str, lease: float | None) -> Promise | Refuse:
         """Promise a peer to keep ``key`` for ``lease`` seconds (None: the configured lease),
         at most ``max_lease``. A lease of zero or less is an invalid request."""
+        return self.promise_keep_batch([(key, checksum)], lease)[0]
+
+    def promise_keep_batch(
+        self, items: Sequence[tuple[Key, str]], lease: float | None
+    ) -> list[Promise | Refuse]:
+        """``promise_keep`` for each ``(key, checksum)``, under one sample of the conditions."""
         if lease is not None and not lease > 0:
             raise InvalidRequest(f"a lease must be positive, got {lease:g} s")
-        verdict = integrity.judge_keep(self.store, key, checksum, self.conditions())
-        if isinstance(verdict, Refuse):
-            return verdict
+        cond = self.conditions()
         seconds = min(self.config.lease if lease is None else lease, self.config.max_lease)
         now = self.clock()
-        return Promise(self.store.promise(key, now + seconds) - now)
+        answers: list[Promise | Refuse] = []
+        for key, checksum in items:
+            verdict = integrity.judge_keep(self.store, key, checksum, cond)
+            if isinstance(verdict, Refuse):
+                answers.append(verdict)
+            else:
+                answers.append(Promise(self.store.promise(key, now + seconds) - now))
+        return answers
 
     def request_close(self, reason: str, *, force: bool = False) -> None:
         """Agree to shut down: refused while any key is held, unless ``force``, since an agent

@@ -35,7 +35,7 @@ from worker_agent.errors import (
     UnknownKey,
 )
 from worker_agent.integrity import Directive, Op, Reason, Refuse
-from worker_agent.node import Inventory, Node
+from worker_agent.node import Inventory, Node, Promise
 from worker_agent.store import MAX_KEY_BYTES, Key, Value
 from worker_agent.transfer import value_messages
 
@@ -58,6 +58,10 @@ _OUTCOME_STATUS = {
     OutcomeStatus.FAILED: types_pb2.OUTCOME_STATUS_FAILED,
 }
 _OPS = {types_pb2.DIRECTIVE_OP_REPLICATE: Op.REPLICATE, types_pb2.DIRECTIVE_OP_DROP: Op.DROP}
+#: The optional parts of the contract this agent serves (``PollResponse.features``).
+FEATURES = ("keep-batches",)
+#: Most items in one PromiseKeepBatch request.
+MAX_KEEP_BATCH = 100_000
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -140,6 +144,7 @@ def _poll_response(inv: Inventory) -> agent_pb2.PollResponse:
         epoch=inv.epoch,
         next_cursor=inv.next_cursor,
         more=inv.more,
+        features=FEATURES,
     )
 
 
@@ -158,7 +163,21 @@ def _checksum(value: str) -> str:
     return value
 
 
-def _requested_lease(request: agent_pb2.PromiseKeepRequest, cap: float) -> float | None:
+def _keep_answer(answer: Promise | Refuse, now_ns: int) -> agent_pb2.PromiseKeepResponse:
+    if isinstance(answer, Refuse):
+        return agent_pb2.PromiseKeepResponse(
+            kept=False, reason=reason_to_proto(answer.reason), message=answer.message
+        )
+    expires = Timestamp()
+    expires.FromNanoseconds(now_ns + int(answer.remaining * 1e9))
+    granted = Duration()
+    granted.FromNanoseconds(round(answer.remaining * 1e9))
+    return agent_pb2.PromiseKeepResponse(kept=True, lease_expires=expires, lease=granted)
+
+
+def _requested_lease(
+    request: agent_pb2.PromiseKeepRequest | agent_pb2.PromiseKeepBatchRequest, cap: float
+) -> float | None:
     """The lease asked for, in seconds and capped at ``cap``; None when unset (the default).
 
     Read as integer nanoseconds and capped before any conversion: a Duration holds up to 2^63 s,
@@ -396,21 +415,37 @@ class WorkerAgentServicer(agent_pb2_grpc.WorkerAgentServicer):
             key = _key(request.key)
             lease = _requested_lease(request, self._node.config.max_lease)
             answer = self._node.promise_keep(key, _checksum(request.checksum), lease)
-            if isinstance(answer, Refuse):
-                return agent_pb2.PromiseKeepResponse(
-                    kept=False, reason=reason_to_proto(answer.reason), message=answer.message
+            if not isinstance(answer, Refuse):
+                log.debug(
+                    "promised %s to keep %r (directive %s)",
+                    request.requester,
+                    key,
+                    request.directive_id,
                 )
-            expires = Timestamp()
-            expires.FromNanoseconds(time.time_ns() + int(answer.remaining * 1e9))
-            log.debug(
-                "promised %s to keep %r (directive %s)",
-                request.requester,
-                key,
-                request.directive_id,
+            return _keep_answer(answer, time.time_ns())
+
+    async def PromiseKeepBatch(
+        self, request: agent_pb2.PromiseKeepBatchRequest, context: Context
+    ) -> agent_pb2.PromiseKeepBatchResponse:
+        async with _Edge(context, "PromiseKeepBatch"):
+            if len(request.items) > MAX_KEEP_BATCH:
+                raise InvalidRequest(
+                    f"{len(request.items)} items exceed the {MAX_KEEP_BATCH} of one request"
+                )
+            items = [(_key(item.key), _checksum(item.checksum)) for item in request.items]
+            lease = _requested_lease(request, self._node.config.max_lease)
+            answers = self._node.promise_keep_batch(items, lease)
+            now_ns = time.time_ns()
+            log.debug("%s asked to keep %d keys", request.requester, len(items))
+            return agent_pb2.PromiseKeepBatchResponse(
+                answers=[_keep_answer(answer, now_ns) for answer in answers]
             )
-            granted = Duration()
-            granted.FromNanoseconds(round(answer.remaining * 1e9))
-            return agent_pb2.PromiseKeepResponse(kept=True, lease_expires=expires, lease=granted)
+
+    async def PutMany(
+        self, request_iterator: AsyncIterator[agent_pb2.PutManyRequest], context: Context
+    ) -> agent_pb2.PutManyResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "PutMany is not served yet")
+        raise AssertionError("unreachable")
 
     async def Close(
         self, request: agent_pb2.CloseRequest, context: Context

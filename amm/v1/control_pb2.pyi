@@ -259,6 +259,10 @@ class ClusterTotals(_message.Message):
     KEYS_BELOW_GOAL_FIELD_NUMBER: _builtins.int
     RETIRING_WORKERS_FIELD_NUMBER: _builtins.int
     STALE_WORKERS_FIELD_NUMBER: _builtins.int
+    DIRECTIVES_SENT_FIELD_NUMBER: _builtins.int
+    DIRECTIVES_APPLIED_FIELD_NUMBER: _builtins.int
+    DIRECTIVES_REFUSED_FIELD_NUMBER: _builtins.int
+    DIRECTIVES_FAILED_FIELD_NUMBER: _builtins.int
     workers: _builtins.int
     """Registered workers."""
     keys: _builtins.int
@@ -289,6 +293,16 @@ class ClusterTotals(_message.Message):
     """Workers being retired."""
     stale_workers: _builtins.int
     """Workers that have not answered polls for `stale-after`."""
+    directives_sent: _builtins.int
+    """Directives sent since the AMM started (each sent once: a directive an agent still holds is
+    never sent again).
+    """
+    directives_applied: _builtins.int
+    """Directives agents applied since the AMM started."""
+    directives_refused: _builtins.int
+    """Directives agents refused since the AMM started."""
+    directives_failed: _builtins.int
+    """Directives that failed since the AMM started, including those that got no answer."""
     def __init__(
         self,
         *,
@@ -306,10 +320,14 @@ class ClusterTotals(_message.Message):
         keys_below_goal: _builtins.int = ...,
         retiring_workers: _builtins.int = ...,
         stale_workers: _builtins.int = ...,
+        directives_sent: _builtins.int = ...,
+        directives_applied: _builtins.int = ...,
+        directives_refused: _builtins.int = ...,
+        directives_failed: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["conflicting_keys", b"conflicting_keys", "directives_in_flight", b"directives_in_flight", "keys", b"keys", "keys_below_goal", b"keys_below_goal", "keys_with_goal", b"keys_with_goal", "lost_keys", b"lost_keys", "managed_bytes", b"managed_bytes", "memory_bytes", b"memory_bytes", "process_bytes", b"process_bytes", "replicas", b"replicas", "retiring_workers", b"retiring_workers", "stale_workers", b"stale_workers", "unreachable_workers", b"unreachable_workers", "workers", b"workers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["conflicting_keys", b"conflicting_keys", "directives_applied", b"directives_applied", "directives_failed", b"directives_failed", "directives_in_flight", b"directives_in_flight", "directives_refused", b"directives_refused", "directives_sent", b"directives_sent", "keys", b"keys", "keys_below_goal", b"keys_below_goal", "keys_with_goal", b"keys_with_goal", "lost_keys", b"lost_keys", "managed_bytes", b"managed_bytes", "memory_bytes", b"memory_bytes", "process_bytes", b"process_bytes", "replicas", b"replicas", "retiring_workers", b"retiring_workers", "stale_workers", b"stale_workers", "unreachable_workers", b"unreachable_workers", "workers", b"workers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
