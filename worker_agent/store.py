@@ -12,10 +12,11 @@ A precondition the caller should have checked (pinning a key not held) raises ``
 
 from __future__ import annotations
 
-import bisect
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import NewType
+
+from sortedcontainers import SortedList
 
 Key = NewType("Key", str)
 
@@ -98,9 +99,9 @@ class Store:
         if changelog_limit < 1:
             raise ValueError(f"changelog_limit must be >= 1, got {changelog_limit}")
         self._values: dict[Key, Value] = {}
-        # The keys held, sorted, for snapshot pages: an insertion is a bisect and one memmove,
-        # cheaper than sorting the inventory for every page.
-        self._sorted: list[Key] = []
+        # The keys held, sorted, for snapshot pages; insertions and removals are O(log n), so
+        # dropping a whole batch of keys does not move a list once per key.
+        self._sorted: SortedList[Key] = SortedList()
         self._pins: dict[Key, int] = {}
         self._in_use: dict[Key, int] = {}
         self._dropping: set[Key] = set()
@@ -150,11 +151,10 @@ class Store:
         self, after: Key | None, *, max_keys: int | None = None, max_bytes: int | None = None
     ) -> Page:
         """The keys after ``after`` (from the first when None) in key order, within the limits."""
-        start = 0 if after is None else bisect.bisect_right(self._sorted, after)
         budget = _Budget(max_keys, max_bytes)
         keys: list[KeyInfo] = []
-        for index in range(start, len(self._sorted)):
-            key = self._sorted[index]
+        following = self._sorted.irange(minimum=after, inclusive=(False, True))
+        for key in following:
             if not budget.take(key):
                 return Page(tuple(keys), keys[-1].key)
             keys.append(self._info(key))
@@ -165,7 +165,7 @@ class Store:
         if key in self._values:
             return False
         self._values[key] = Value(key, data, checksum)
-        bisect.insort(self._sorted, key)
+        self._sorted.add(key)
         self._total += len(data)
         self._changed(key)
         return True
@@ -175,7 +175,7 @@ class Store:
         value = self._values.pop(key, None)
         if value is None:
             return False
-        del self._sorted[bisect.bisect_left(self._sorted, key)]
+        self._sorted.remove(key)
         self._total -= value.size
         self._pins.pop(key, None)
         self._leases.pop(key, None)
