@@ -14,8 +14,8 @@ import contextlib
 import dataclasses
 import enum
 import logging
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from worker_agent import integrity
@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 
 #: How many directive outcomes are remembered for idempotency.
 HISTORY_LIMIT = 100_000
+#: Most keys asked of one keeper in one PromiseKeepBatch call.
+KEEP_BATCH = 10_000
 
 
 class OutcomeStatus(enum.Enum):
@@ -53,6 +55,27 @@ def _describe(answer: PromiseAnswer) -> str:
         return f"{answer.address}: kept but granted no lease (an older agent?), not relied on"
     reason = answer.reason.name if answer.reason else "unreachable"
     return f"{answer.address}: {reason} {answer.message}".strip()
+
+
+@dataclass(slots=True)
+class _Drop:
+    """A drop waiting for a keep-promise: the holders asked and what each answered so far."""
+
+    directive: Directive
+    checksum: str
+    keepers: list[str]
+    answers: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def all_answered(self) -> bool:
+        return len(self.answers) == len(self.keepers)
+
+    def refusal(self) -> Refuse:
+        said = [self.answers.get(k, f"{k}: no answer in time") for k in self.keepers]
+        return Refuse(
+            Reason.NO_CONFIRMED_HOLDER,
+            f"no holder promised to keep {self.directive.key!r} ({'; '.join(said)})",
+        )
 
 
 class _Subject(NamedTuple):
@@ -85,6 +108,10 @@ class KeyLocks:
 
     def __len__(self) -> int:
         return len(self._locks)
+
+    def __contains__(self, key: object) -> bool:
+        """Whether someone holds or awaits the lock of ``key``."""
+        return key in self._locks
 
 
 class DirectiveRunner:
@@ -187,6 +214,77 @@ class DirectiveRunner:
         self._remember(subject, outcome)
         return outcome
 
+    async def run_batch(
+        self, directives: Sequence[Directive], emit: Callable[[list[Outcome]], None]
+    ) -> None:
+        """Carry out a batch as if each directive had come alone; ``emit`` gets the outcomes in
+        groups as they end.
+
+        The DROPs that are new, well formed, current and of distinct keys nothing else here is
+        working on run as one ``_drop_batch`` (each keeper asked once for all its keys);
+        everything else (replicates, repeated ids, refusals) runs through ``run``, concurrently.
+        """
+        cond = self._conditions()
+        grouped: list[Directive] = []
+        alone: list[Directive] = []
+        keys: set[Key] = set()
+        for directive in directives:
+            if (
+                directive.op is Op.DROP
+                and directive.key not in keys
+                and directive.key not in self._locks
+                and self._subject_of(directive.id) is None
+                and integrity.validate(directive) is None
+                and integrity.judge_epoch(directive, cond) is None
+            ):
+                keys.add(directive.key)
+                grouped.append(directive)
+            else:
+                alone.append(directive)
+
+        async def one(directive: Directive) -> None:
+            emit([await self.run(directive)])
+
+        tasks = [asyncio.create_task(one(d), name=f"directive {d.id!r}") for d in alone]
+        try:
+            if grouped:
+                emit(await self._run_drops(grouped))
+            await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _run_drops(self, drops: list[Directive]) -> list[Outcome]:
+        """``_drop_batch`` with the bookkeeping ``run`` keeps per id: a repeated id arriving
+        meanwhile waits for this outcome, and each outcome is remembered."""
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[Outcome]] = []
+        for directive in drops:
+            self._observe_epoch(directive.epoch)
+            future: asyncio.Future[Outcome] = loop.create_future()
+            self._running[directive.id] = (_Subject(directive.key, directive.op), future)
+            futures.append(future)
+        try:
+            async with self._slots:
+                outcomes = await self._drop_batch(drops)
+        except asyncio.CancelledError:
+            for future in futures:
+                future.cancel()
+            raise
+        except Exception as err:
+            log.exception("a batch of %d drops failed unexpectedly", len(drops))
+            message = f"internal error: {type(err).__name__}"
+            version = self._store.version
+            outcomes = [Outcome(d.id, OutcomeStatus.FAILED, None, message, version) for d in drops]
+        finally:
+            for directive in drops:
+                del self._running[directive.id]
+        for directive, future, outcome in zip(drops, futures, outcomes, strict=True):
+            future.set_result(outcome)
+            self._remember(_Subject(directive.key, directive.op), outcome)
+        return outcomes
+
     def _subject_of(self, directive_id: str) -> _Subject | None:
         """What a known id stood for (finished or running), or None for a new id."""
         done = self._history.get(directive_id)
@@ -215,105 +313,129 @@ class DirectiveRunner:
             return await self._replicate(directive)
 
     async def _drop(self, directive: Directive) -> Outcome:
-        """Drop the local replica once another holder promised to keep it.
+        """Drop the local replica once another holder promised to keep it (a batch of one)."""
+        return (await self._drop_batch([directive]))[0]
+
+    async def _drop_batch(self, drops: Sequence[Directive]) -> list[Outcome]:
+        """Drop local replicas, each once one of its named holders promised to keep it.
+
+        Every holder is asked once for all the keys of the batch it is named for (one
+        PromiseKeepBatch call, in chunks), all holders at once, within one ``promise_timeout``:
+        the first usable promise for a key wins. The AMM names as holders only the copies its
+        plan keeps, so siblings dropping the same key in the same cycle do not ask each other.
 
         Two agents told at once to drop the last two replicas, each naming the other, must not
         both succeed. Two independent guards see to it:
 
-        1. The key is judged and marked DROPPING in one synchronous step before asking, and this
+        1. A key is judged and marked DROPPING in one synchronous step before asking, and this
            agent refuses to promise a key it is dropping: the two refuse each other.
         2. A holder that did promise recorded a lease, and the final re-judge (synchronous with
            the removal) refuses to drop a key promised to a peer.
 
-        The promise is only relied on while it surely holds: the keeper's lease started after we
+        A promise is only relied on while it surely holds: the keeper's lease started after we
         asked, and it may be shorter than the one asked for (the keeper caps it at its
         ``max_lease`` and says what it granted). So if half of the shorter of the two has passed
         since we asked (a stalled loop, a slow answer), the drop is refused rather than trusting
         a promise that may have lapsed.
         """
-        key = directive.key
-        held = self._store.get(key)
-        if held is None:
-            return self._outcome(directive, Accept(noop=True, message="not held"))
-        self._store.mark_dropping(key)
-        try:
-            keeper = await self._find_keeper(directive, held.checksum)
-            if isinstance(keeper, Refuse):
-                return self._outcome(directive, keeper)
-            holder, asked_at, granted = keeper
-            if self._clock() - asked_at >= min(self._config.lease, granted) / 2:
-                return self._outcome(
+        store, me = self._store, self._address()
+        cond, now = self._conditions(), self._clock()
+        done: dict[str, Outcome] = {}
+        waiting: dict[str, _Drop] = {}
+        for directive in drops:
+            verdict = integrity.judge(store, directive, cond, now)
+            if isinstance(verdict, Refuse) or verdict.noop:
+                done[directive.id] = self._outcome(directive, verdict)
+                continue
+            keepers = [holder for holder in dict.fromkeys(directive.holders) if holder != me]
+            held = store.get(directive.key)
+            if not keepers or held is None:
+                done[directive.id] = self._outcome(
                     directive,
                     Refuse(
                         Reason.NO_CONFIRMED_HOLDER,
-                        f"{holder}'s promise came too late to rely on; try again",
+                        f"no holder promised to keep {directive.key!r} "
+                        "(no holder other than this agent was named)",
                     ),
                 )
-            verdict = integrity.judge_drop_commit(self._store, key, held.checksum, self._clock())
-            if isinstance(verdict, Accept) and not verdict.noop:
-                self._store.remove(key)
-                verdict = Accept(message=f"dropped; {holder} keeps it")
-            return self._outcome(directive, verdict)
+                continue
+            store.mark_dropping(directive.key)
+            waiting[directive.id] = _Drop(directive, held.checksum, keepers)
+        try:
+            await self._ask_keepers(waiting, done)
         finally:
-            self._store.unmark_dropping(key)
+            for drop in waiting.values():
+                store.unmark_dropping(drop.directive.key)
+                done[drop.directive.id] = self._outcome(drop.directive, drop.refusal())
+        return [done[directive.id] for directive in drops]
 
-    async def _find_keeper(
-        self, directive: Directive, checksum: str
-    ) -> tuple[str, float, float] | Refuse:
-        """The first holder that promises to keep the key, when we asked and the lease it
-        granted, or a refusal listing every answer.
-
-        All holders are asked at once, within one ``promise_timeout``: asked in turn, each
-        unreachable holder would cost a whole timeout. The first usable promise wins and the
-        other requests are cancelled; a second holder that promised all the same only keeps its
-        copy a little longer. A promise that names no lease (an older agent) is not usable:
-        nothing says how long it lasts.
-        """
+    async def _ask_keepers(self, waiting: dict[str, _Drop], done: dict[str, Outcome]) -> None:
+        """Ask every named keeper for its keys at once; settle each drop at its first usable
+        promise (removing it from ``waiting`` into ``done``), or once all its keepers refused."""
         me = self._address()
-        holders = [holder for holder in dict.fromkeys(directive.holders) if holder != me]
-        if not holders:
-            return Refuse(
-                Reason.NO_CONFIRMED_HOLDER,
-                f"no holder promised to keep {directive.key!r} "
-                "(no holder other than this agent was named)",
-            )
+        by_keeper: dict[str, list[_Drop]] = {}
+        for drop in waiting.values():
+            for keeper in drop.keepers:
+                by_keeper.setdefault(keeper, []).append(drop)
         asked_at = self._clock()
-        asks = {
-            asyncio.create_task(
-                self._peers.promise_keep(
-                    holder,
-                    key=directive.key,
-                    checksum=checksum,
-                    lease=self._config.lease,
-                    requester=me,
-                    directive_id=directive.id,
-                    deadline=self._config.promise_timeout,
-                ),
-                name=f"promise {directive.id!r} {holder}",
-            ): holder
-            for holder in holders
-        }
-        answers = {holder: f"{holder}: no answer in time" for holder in holders}
+        asks: dict[asyncio.Task[list[PromiseAnswer]], tuple[str, list[_Drop]]] = {}
+        for keeper, group in by_keeper.items():
+            for start in range(0, len(group), KEEP_BATCH):
+                chunk = group[start : start + KEEP_BATCH]
+                task = asyncio.create_task(
+                    self._peers.promise_keep_batch(
+                        keeper,
+                        [(drop.directive.key, drop.checksum) for drop in chunk],
+                        lease=self._config.lease,
+                        requester=me,
+                        deadline=self._config.promise_timeout,
+                    ),
+                    name=f"promises {keeper} x{len(chunk)}",
+                )
+                asks[task] = (keeper, chunk)
         pending = set(asks)
         try:
             async with asyncio.timeout(self._config.promise_timeout):
-                while pending:
-                    done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                    for task in done:
-                        answer = task.result()
-                        if answer.kept and answer.lease is not None:
-                            return answer.address, asked_at, answer.lease
-                        answers[asks[task]] = _describe(answer)
+                while pending and waiting:
+                    finished, pending = await asyncio.wait(
+                        pending, return_when=asyncio.FIRST_COMPLETED
+                    )
+                    for task in finished:
+                        keeper, chunk = asks[task]
+                        for drop, answer in zip(chunk, task.result(), strict=True):
+                            if drop.directive.id not in waiting:
+                                continue
+                            verdict = self._settle_drop(drop, keeper, answer, asked_at)
+                            if verdict is not None:
+                                del waiting[drop.directive.id]
+                                self._store.unmark_dropping(drop.directive.key)
+                                done[drop.directive.id] = self._outcome(drop.directive, verdict)
         except TimeoutError:
             pass
         finally:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
-        return Refuse(
-            Reason.NO_CONFIRMED_HOLDER,
-            f"no holder promised to keep {directive.key!r} ({'; '.join(answers.values())})",
-        )
+
+    def _settle_drop(
+        self, drop: _Drop, keeper: str, answer: PromiseAnswer, asked_at: float
+    ) -> integrity.Verdict | None:
+        """What ``keeper``'s answer decides for ``drop``: None while other keepers may still
+        promise."""
+        if not (answer.kept and answer.lease is not None):
+            drop.answers[keeper] = _describe(answer)
+            return drop.refusal() if drop.all_answered else None
+        if self._clock() - asked_at >= min(self._config.lease, answer.lease) / 2:
+            return Refuse(
+                Reason.NO_CONFIRMED_HOLDER,
+                f"{keeper}'s promise came too late to rely on; try again",
+            )
+        key = drop.directive.key
+        verdict = integrity.judge_drop_commit(self._store, key, drop.checksum, self._clock())
+        if isinstance(verdict, Accept) and not verdict.noop:
+            self._store.remove(key)
+            verdict = Accept(message=f"dropped; {keeper} keeps it")
+        return verdict
 
     async def _replicate(self, directive: Directive) -> Outcome:
         """Fetch, verify, re-judge (memory may have filled meanwhile), then store.

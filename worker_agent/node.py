@@ -234,6 +234,11 @@ class Node:
     async def run_directive(self, directive: Directive) -> Outcome:
         return await self.runner.run(directive)
 
+    async def run_directive_batch(
+        self, directives: Sequence[Directive], emit: Callable[[list[Outcome]], None]
+    ) -> None:
+        await self.runner.run_batch(directives, emit)
+
     def check_put(self, key: Key, size: int, checksum: str) -> None:
         """Fail early, before the value is received, when it cannot be stored."""
         self._refuse_if_closing()

@@ -59,7 +59,9 @@ _OUTCOME_STATUS = {
 }
 _OPS = {types_pb2.DIRECTIVE_OP_REPLICATE: Op.REPLICATE, types_pb2.DIRECTIVE_OP_DROP: Op.DROP}
 #: The optional parts of the contract this agent serves (``PollResponse.features``).
-FEATURES = ("keep-batches",)
+FEATURES = ("directive-batches", "keep-batches")
+#: Most outcomes in one DirectivesResponse batch.
+OUTCOMES_PER_MESSAGE = 10_000
 #: Most items in one PromiseKeepBatch request.
 MAX_KEEP_BATCH = 100_000
 
@@ -229,23 +231,31 @@ class WorkerAgentServicer(agent_pb2_grpc.WorkerAgentServicer):
         request_iterator: AsyncIterator[agent_pb2.DirectivesRequest],
         context: Context,
     ) -> AsyncIterator[agent_pb2.DirectivesResponse]:
-        """Directives in, outcomes out in completion order, one owned task per directive.
+        """Directives in, outcomes out in completion order, one owned task per message.
 
-        At most ``max_concurrent_directives`` directives of a stream are in hand at once: the
-        next one is read only when an outcome has been sent, so an AMM that sends faster than
-        directives complete (or reads no outcomes) is held back by gRPC flow control instead of
-        piling up tasks here.
+        A message carries one directive or a batch (answered with batches of outcomes). At most
+        ``max_concurrent_directives`` messages of a stream are in hand at once: the next one is
+        read only when one has been fully answered, so an AMM that sends faster than directives
+        complete (or reads no outcomes) is held back by gRPC flow control instead of piling up
+        tasks here.
 
         The stream ends when the AMM stops sending and every directive has an outcome, or at once
         when the agent shuts down (unfinished directives are cancelled; the AMM times them out).
         """
         node = self._node
-        outcomes: asyncio.Queue[Outcome | None] = asyncio.Queue()
+        # (outcomes, as a batch, frees a slot once sent); None ends the stream.
+        outcomes: asyncio.Queue[tuple[list[Outcome], bool, bool] | None] = asyncio.Queue()
         running: set[asyncio.Task[None]] = set()
         slots = asyncio.Semaphore(node.config.max_concurrent_directives)
 
         async def carry_out(directive: Directive) -> None:
-            outcomes.put_nowait(await node.run_directive(directive))
+            outcomes.put_nowait(([await node.run_directive(directive)], False, True))
+
+        async def carry_out_batch(directives: list[Directive]) -> None:
+            await node.run_directive_batch(
+                directives, lambda group: outcomes.put_nowait((group, True, False))
+            )
+            outcomes.put_nowait(([], True, True))
 
         async def read() -> None:
             try:
@@ -255,10 +265,15 @@ class WorkerAgentServicer(agent_pb2_grpc.WorkerAgentServicer):
                     request = await anext(requests, None)
                     if request is None:
                         break
-                    directive = directive_from_proto(request.directive)
-                    task = asyncio.create_task(
-                        carry_out(directive), name=f"directive {directive.id!r}"
-                    )
+                    if request.batch:
+                        batch = [directive_from_proto(d) for d in request.batch]
+                        work = carry_out_batch(batch)
+                        name = f"directive batch x{len(batch)}"
+                    else:
+                        directive = directive_from_proto(request.directive)
+                        work = carry_out(directive)
+                        name = f"directive {directive.id!r}"
+                    task = asyncio.create_task(work, name=name)
                     running.add(task)
                     task.add_done_callback(running.discard)
                 while running:
@@ -276,9 +291,18 @@ class WorkerAgentServicer(agent_pb2_grpc.WorkerAgentServicer):
         ]
         try:
             async with _Edge(context, "Directives"):
-                while (outcome := await outcomes.get()) is not None:
-                    yield agent_pb2.DirectivesResponse(outcome=outcome_to_proto(outcome))
-                    slots.release()
+                while (item := await outcomes.get()) is not None:
+                    group, batch, frees = item
+                    if batch:
+                        for start in range(0, len(group), OUTCOMES_PER_MESSAGE):
+                            part = group[start : start + OUTCOMES_PER_MESSAGE]
+                            yield agent_pb2.DirectivesResponse(
+                                batch=[outcome_to_proto(o) for o in part]
+                            )
+                    else:
+                        yield agent_pb2.DirectivesResponse(outcome=outcome_to_proto(group[0]))
+                    if frees:
+                        slots.release()
         finally:
             await _cancel_all([*helpers, *running])
 

@@ -15,7 +15,7 @@ import asyncio
 import collections
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -34,6 +34,8 @@ M = TypeVar("M")
 
 #: Peer channels kept open at most (beyond it, the least recently used idle ones are closed).
 MAX_PEER_CHANNELS = 256
+#: PromiseKeep calls in flight to one peer that serves no PromiseKeepBatch.
+PROMISES_AT_ONCE = 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -278,12 +280,10 @@ class Peers:
         deadline: float,
     ) -> PromiseAnswer:
         """Ask ``address`` to keep ``key``; an unreachable holder is a refusal, not an error."""
-        duration = Duration()
-        duration.FromNanoseconds(int(lease * 1e9))
         request = agent_pb2.PromiseKeepRequest(
             key=key,
             checksum=checksum,
-            lease=duration,
+            lease=_duration(lease),
             requester=requester,
             directive_id=directive_id,
         )
@@ -294,12 +294,80 @@ class Peers:
             return PromiseAnswer(address, False, None, f"{err.code().name} {err.details() or ''}")
         except _NotAnAddress as err:
             return PromiseAnswer(address, False, None, str(err))
-        if response.kept:
-            granted = response.lease.ToNanoseconds() if response.HasField("lease") else 0
-            granted_s = granted / 1e9 if granted > 0 else None
-            return PromiseAnswer(address, True, None, response.message, granted_s)
-        reason = reason_from_proto(response.reason)
-        return PromiseAnswer(address, False, reason, response.message)
+        return _promise_answer(address, response)
+
+    async def promise_keep_batch(
+        self,
+        address: str,
+        items: Sequence[tuple[Key, str]],
+        *,
+        lease: float,
+        requester: str,
+        deadline: float,
+    ) -> list[PromiseAnswer]:
+        """Ask ``address`` to keep each ``(key, checksum)``: one answer per item, in order.
+
+        One PromiseKeepBatch call; a peer that does not serve it (UNIMPLEMENTED: an agent
+        without "keep-batches") is asked key by key instead. Never raises: an unreachable
+        holder refuses every item.
+        """
+        request = agent_pb2.PromiseKeepBatchRequest(
+            items=[agent_pb2.KeepItem(key=key, checksum=checksum) for key, checksum in items],
+            lease=_duration(lease),
+            requester=requester,
+        )
+        try:
+            async with self._stub(address) as stub:
+                response = await stub.PromiseKeepBatch(request, timeout=deadline)
+        except grpc.aio.AioRpcError as err:
+            if err.code() is grpc.StatusCode.UNIMPLEMENTED:
+                return await self._promise_each(address, items, lease, requester, deadline)
+            refusal = PromiseAnswer(address, False, None, f"{err.code().name} {err.details()}")
+            return [refusal] * len(items)
+        except _NotAnAddress as err:
+            return [PromiseAnswer(address, False, None, str(err))] * len(items)
+        if len(response.answers) != len(items):
+            odd = f"answered {len(response.answers)} of {len(items)} items"
+            return [PromiseAnswer(address, False, None, odd)] * len(items)
+        return [_promise_answer(address, answer) for answer in response.answers]
+
+    async def _promise_each(
+        self,
+        address: str,
+        items: Sequence[tuple[Key, str]],
+        lease: float,
+        requester: str,
+        deadline: float,
+    ) -> list[PromiseAnswer]:
+        slots = asyncio.Semaphore(PROMISES_AT_ONCE)
+
+        async def ask(key: Key, checksum: str) -> PromiseAnswer:
+            async with slots:
+                return await self.promise_keep(
+                    address,
+                    key=key,
+                    checksum=checksum,
+                    lease=lease,
+                    requester=requester,
+                    directive_id="",
+                    deadline=deadline,
+                )
+
+        return list(await asyncio.gather(*(ask(key, checksum) for key, checksum in items)))
+
+
+def _duration(seconds: float) -> Duration:
+    duration = Duration()
+    duration.FromNanoseconds(int(seconds * 1e9))
+    return duration
+
+
+def _promise_answer(address: str, response: agent_pb2.PromiseKeepResponse) -> PromiseAnswer:
+    if response.kept:
+        granted = response.lease.ToNanoseconds() if response.HasField("lease") else 0
+        granted_s = granted / 1e9 if granted > 0 else None
+        return PromiseAnswer(address, True, None, response.message, granted_s)
+    return PromiseAnswer(address, False, reason_from_proto(response.reason), response.message)
 
 
 def _check_header(

@@ -125,6 +125,9 @@ class DirectiveStream:
     async def send(self, directive: types_pb2.Directive) -> None:
         self._requests.put_nowait(agent_pb2.DirectivesRequest(directive=directive))
 
+    async def send_batch(self, directives: list[types_pb2.Directive]) -> None:
+        self._requests.put_nowait(agent_pb2.DirectivesRequest(batch=directives))
+
     def done_writing(self) -> None:
         self._requests.put_nowait(None)
 

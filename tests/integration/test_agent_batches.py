@@ -1,0 +1,169 @@
+"""Directive batches and batched keep-promises, over real Directives streams and real agents.
+
+The test plays the AMM; agents run in process. A counting proxy in front of a real keeper shows
+how many promise calls a batch of drops costs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from typing import Any
+
+from amm.checksum import checksum
+from amm.v1 import agent_pb2, agent_pb2_grpc, types_pb2
+from tests.support.agent import (
+    Stub,
+    agents,
+    dial,
+    directive_stream,
+    drop,
+    poll,
+    put,
+    reason,
+    replicate,
+    status,
+)
+from tests.support.faults import fake_peer
+
+DATA = b"batched" * 100
+DIGEST = checksum(DATA)
+
+
+async def _run_batch(stub: Stub, directives: list[types_pb2.Directive]) -> list[Any]:
+    """Send ``directives`` as one batch message; the outcomes, each once, in arrival order."""
+    outcomes: list[types_pb2.DirectiveOutcome] = []
+    async with directive_stream(stub) as amm:
+        await amm.send_batch(directives)
+        while len(outcomes) < len(directives):
+            response = await amm.next_response(within=20)
+            assert response is not None, "the stream ended before every outcome"
+            assert not response.HasField("outcome"), "a batch is answered with batches"
+            outcomes.extend(response.batch)
+    assert sorted(o.directive_id for o in outcomes) == sorted(d.id for d in directives)
+    return outcomes
+
+
+class _CountingKeeper(agent_pb2_grpc.WorkerAgentServicer):
+    """Forwards keep-promise calls to a real agent and counts them."""
+
+    def __init__(self, target: Stub) -> None:
+        self.target = target
+        self.calls: collections.Counter[str] = collections.Counter()
+        self.items = 0
+
+    async def PromiseKeep(self, request: Any, context: Any) -> agent_pb2.PromiseKeepResponse:
+        self.calls["PromiseKeep"] += 1
+        return await self.target.PromiseKeep(request)  # type: ignore[no-any-return]
+
+    async def PromiseKeepBatch(
+        self, request: Any, context: Any
+    ) -> agent_pb2.PromiseKeepBatchResponse:
+        self.calls["PromiseKeepBatch"] += 1
+        self.items += len(request.items)
+        return await self.target.PromiseKeepBatch(request)  # type: ignore[no-any-return]
+
+
+async def test_a_batch_of_drops_asks_its_keeper_once() -> None:
+    async with agents(2) as [(a, stub_a), (b, stub_b)]:
+        keys = [f"k{i}" for i in range(200)]
+        for key in keys:
+            await put(stub_a, key, DATA)
+            await put(stub_b, key, DATA)
+        counting = _CountingKeeper(stub_b)  # type: ignore[abstract]
+        async with fake_peer(counting) as keeper:
+            outcomes = await _run_batch(
+                stub_a, [drop(key, [keeper], checksum=DIGEST) for key in keys]
+            )
+        assert {status(o) for o in outcomes} == {"APPLIED"}
+        assert counting.calls == {"PromiseKeepBatch": 1}
+        assert counting.items == len(keys)
+        assert not any(key in a.store for key in keys)
+        assert all(key in b.store for key in keys)
+        # The keeper keeps its promise: its copies cannot be dropped during the lease.
+        refused = await _run_batch(stub_b, [drop(keys[0], [a.address], checksum=DIGEST)])
+        assert reason(refused[0]) in {"KEEP_PROMISED", "NO_CONFIRMED_HOLDER"}
+        assert keys[0] in b.store
+
+
+async def test_siblings_dropping_in_one_batch_each_never_drop_the_last_copies() -> None:
+    """Each agent drops its whole inventory in one batch, naming the other as keeper, at the
+    same moment: for every key at most one drop applies."""
+    async with agents(2) as [(a, stub_a), (b, stub_b)]:
+        keys = [f"race-{i}" for i in range(300)]
+        for key in keys:
+            await put(stub_a, key, DATA)
+            await put(stub_b, key, DATA)
+        first, second = await asyncio.gather(
+            _run_batch(stub_a, [drop(key, [b.address], checksum=DIGEST) for key in keys]),
+            _run_batch(stub_b, [drop(key, [a.address], checksum=DIGEST) for key in keys]),
+        )
+        by_key = {o.directive_id: o for o in [*first, *second]}
+        assert len(by_key) == 2 * len(keys)
+        for key in keys:
+            assert key in a.store or key in b.store, f"{key} lost"
+        for outcome in [*first, *second]:
+            if status(outcome) != "APPLIED":
+                assert reason(outcome) in {"NO_CONFIRMED_HOLDER", "KEEP_PROMISED", "DROPPING"}
+
+
+async def test_a_mixed_batch_answers_every_directive_as_if_sent_alone() -> None:
+    async with agents(3) as [(a, stub_a), (b, stub_b), (_, stub_c)]:
+        await put(stub_a, "dropped", DATA)
+        await put(stub_b, "dropped", DATA)
+        await put(stub_b, "copied", DATA)
+        await put(stub_a, "pinned", DATA)
+        await put(stub_b, "pinned", DATA)
+        await stub_a.Pin(agent_pb2.PinRequest(key="pinned"))
+        repeated = drop("dropped", [b.address], checksum=DIGEST)
+        batch = [
+            repeated,
+            replicate("copied", DATA, [b.address]),
+            drop("pinned", [b.address], checksum=DIGEST),
+            drop("", [b.address]),  # malformed
+            drop("dropped", [b.address], checksum=DIGEST),  # the same key under another id
+            drop("absent", [b.address]),
+        ]
+        outcomes = {o.directive_id: o for o in await _run_batch(stub_a, batch)}
+        assert status(outcomes[batch[0].id]) == "APPLIED"
+        assert status(outcomes[batch[1].id]) == "APPLIED"
+        assert reason(outcomes[batch[2].id]) == "PINNED"
+        assert reason(outcomes[batch[3].id]) == "INVALID"
+        assert status(outcomes[batch[4].id]) in {"APPLIED", "REFUSED"}
+        assert (status(outcomes[batch[5].id]), outcomes[batch[5].id].message) == (
+            "APPLIED",
+            "not held",
+        )
+        assert ("copied" in a.store, "pinned" in a.store, "dropped" in a.store) == (
+            True,
+            True,
+            False,
+        )
+        # Idempotent by id, also across batches: the repeated id is answered, not run again.
+        again = await _run_batch(stub_a, [repeated])
+        assert (again[0].duplicate, status(again[0])) == (True, "APPLIED")
+        assert [k.key for k in (await poll(stub_c)).keys] == []
+
+
+async def test_promise_keep_batch_answers_each_item_in_order() -> None:
+    async with agents(1) as [(_, stub)]:
+        await put(stub, "held", DATA)
+        request = agent_pb2.PromiseKeepBatchRequest(
+            items=[
+                agent_pb2.KeepItem(key="held", checksum=DIGEST),
+                agent_pb2.KeepItem(key="absent"),
+                agent_pb2.KeepItem(key="held", checksum=checksum(b"other")),
+            ],
+            requester="test",
+        )
+        answers = (await stub.PromiseKeepBatch(request)).answers
+        assert [answer.kept for answer in answers] == [True, False, False]
+        assert [reason(answer) for answer in answers[1:]] == ["NOT_HELD", "NOT_HELD"]
+        assert answers[0].lease.ToNanoseconds() > 0
+
+
+async def test_agents_report_their_features() -> None:
+    async with agents(1) as [(a, stub)], dial(a.address) as again:
+        features = set((await poll(again)).features)
+        assert {"directive-batches", "keep-batches"} <= features
+        assert (await poll(stub)).features == (await poll(again)).features
