@@ -54,14 +54,14 @@ class _CountingKeeper(agent_pb2_grpc.WorkerAgentServicer):
 
     async def PromiseKeep(self, request: Any, context: Any) -> agent_pb2.PromiseKeepResponse:
         self.calls["PromiseKeep"] += 1
-        return await self.target.PromiseKeep(request)  # type: ignore[no-any-return]
+        return await self.target.PromiseKeep(request)
 
     async def PromiseKeepBatch(
         self, request: Any, context: Any
     ) -> agent_pb2.PromiseKeepBatchResponse:
         self.calls["PromiseKeepBatch"] += 1
         self.items += len(request.items)
-        return await self.target.PromiseKeepBatch(request)  # type: ignore[no-any-return]
+        return await self.target.PromiseKeepBatch(request)
 
 
 async def test_a_batch_of_drops_asks_its_keeper_once() -> None:
