@@ -225,18 +225,22 @@ class _Decider:
 
     def droppers(
         self, kv: KeyView, candidates: frozenset[WorkerId] | None, copies: int
-    ) -> tuple[list[tuple[WorkerId, tuple[WorkerId, ...]]], _No | None]:
-        """Up to ``copies`` holders to drop from, each with the holders left after it (most
-        dependable first), and why no more could be chosen (None: all of them were).
+    ) -> tuple[list[WorkerId], tuple[WorkerId, ...], _No | None]:
+        """Up to ``copies`` holders to drop from, with the holders left after all of them (the
+        keepers, most dependable first), and why no more could be chosen (None: all were).
 
         Picks what ``copies`` drops of one would, in one pass: between the drops of one key only
         what is left of it changes (the dropped holders' memory no longer matters), so holders
         are ranked once while the last-replica and zone rules are re-applied after each pick.
         """
         if not self.config.allow_drops:
-            return [], _No(
-                "start-up grace: not every worker known before the restart has reported yet",
-                Why.GRACE,
+            return (
+                [],
+                (),
+                _No(
+                    "start-up grace: not every worker known before the restart has reported yet",
+                    Why.GRACE,
+                ),
             )
         remaining = kv.holders - self.pending.in_flight(kv.key).dropping
         durable = remaining - self.fragile
@@ -255,21 +259,25 @@ class _Decider:
                     per_zone[zone[w]] = per_zone.get(zone[w], 0) + 1
         left = sorted(remaining, key=self._preference)
         nleft, ndurable = len(remaining), len(durable)
-        picks: list[tuple[WorkerId, tuple[WorkerId, ...]]] = []
+        picks: list[WorkerId] = []
         for _ in range(copies):
             if nleft < 2 or not ndurable:
-                return picks, _No("last replica", Why.LAST_REPLICA)
+                return picks, tuple(left), _No("last replica", Why.LAST_REPLICA)
             if not reachable:
-                return picks, _No(
-                    "no reachable candidate holds the key (or all are already dropping it)",
-                    Why.UNREACHABLE,
+                return (
+                    picks,
+                    tuple(left),
+                    _No(
+                        "no reachable candidate holds the key (or all are already dropping it)",
+                        Why.UNREACHABLE,
+                    ),
                 )
             if not unpinned:
-                return picks, _No("pinned on every candidate", Why.PINNED)
+                return picks, tuple(left), _No("pinned on every candidate", Why.PINNED)
             if per_zone or ndurable == 1:
                 chosen = self._spare(order, durable, per_zone, ndurable == 1)
                 if chosen is None:
-                    return picks, _No("last replica", Why.LAST_REPLICA)
+                    return picks, tuple(left), _No("last replica", Why.LAST_REPLICA)
             else:
                 chosen = order[0]  # no zone to keep and more than one durable copy left
             order.remove(chosen)
@@ -279,8 +287,8 @@ class _Decider:
                 ndurable -= 1
                 if per_zone and zone[chosen]:
                     per_zone[zone[chosen]] -= 1
-            picks.append((chosen, tuple(left)))
-        return picks, None
+            picks.append(chosen)
+        return picks, tuple(left), None
 
     def _spare(
         self,
@@ -392,6 +400,10 @@ def _plan(
     accepted: set[WorkerId] = set()
     errors: list[str] = []
     count = 0
+    # The holders kept once this cycle's drops of a key are done: every drop of the key names
+    # them (and only them), so siblings dropping it in the same cycle never ask each other.
+    keepers_of: dict[Key, tuple[WorkerId, ...]] = {}
+    renamed: set[Key] = set()  # keys dropped by several suggestions: earlier drops named more
 
     def retire(policy: str, request: RetireRequest) -> WorkerId | None:
         verdict = decider.retire(request, accepted)
@@ -447,13 +459,17 @@ def _plan(
             reject(policy, suggestion, _No(conflict, Why.CONFLICT), copies)
             return None
         if suggestion.op is Op.DROP:
-            picks, no = decider.droppers(kv, suggestion.candidates, copies)
-            for chosen, holders in picks:
-                emit(policy, suggestion, kv, chosen, holders=holders)
+            picks, keepers, no = decider.droppers(kv, suggestion.candidates, copies)
+            if picks:
+                if kv.key in keepers_of:
+                    renamed.add(kv.key)
+                keepers_of[kv.key] = keepers
+            for chosen in picks:
+                emit(policy, suggestion, kv, chosen, holders=keepers)
             if no is not None:
                 reject(policy, suggestion, no, copies - len(picks))
                 return None
-            return picks[-1][0]
+            return picks[-1]
         last: WorkerId | None = None
         for made in range(copies):
             choice = decider.recipient(kv, suggestion.candidates)
@@ -500,4 +516,9 @@ def _plan(
         except Exception as err:  # a third-party policy's bug must not stop the others
             errors.append(f"policy {policy.name} failed: {type(err).__name__}: {err}")
         count += made
+    if renamed:
+        directives = [
+            d._replace(holders=keepers_of[d.key]) if d.op is Op.DROP and d.key in renamed else d
+            for d in directives
+        ]
     return Plan(tuple(directives), tuple(rejections), count, tuple(errors), tuple(retirements))

@@ -268,3 +268,32 @@ def test_directives_carry_the_policy_and_its_reason() -> None:
         (Op.REPLICATE, "p", "below goal"),
         (Op.DROP, "p", "excess"),
     ]
+
+
+# -- keepers -----------------------------------------------------------------------------------
+
+
+def test_the_drops_of_a_key_in_one_cycle_name_only_the_holders_kept() -> None:
+    """Siblings told to drop a key in the same cycle must not be asked to keep it: each drop
+    names the same keepers, the holders left once all of them are done."""
+    v = view(
+        {"a": ["x"], "b": ["x"], "c": ["x"], "d": ["x"]},
+        memory={"a": 40, "b": 30, "c": 20, "d": 10},
+    )
+    directives = run(v, Scripted([drop(K("x"), copies=3)])).directives
+    assert [d.worker for d in directives] == [W("a"), W("b"), W("c")]
+    assert {d.holders for d in directives} == {(W("d"),)}
+
+
+def test_drops_of_one_key_by_several_suggestions_name_the_final_keepers() -> None:
+    v = view(
+        {"a": ["x"], "b": ["x"], "c": ["x"], "d": ["x"]},
+        memory={"a": 40, "b": 30, "c": 20, "d": 10},
+    )
+    first = Scripted([drop(K("x"))], name="first", priority=1)
+    second = Scripted([drop(K("x"), copies=2)], name="second", priority=2)
+    directives = run(v, first, second).directives
+    assert [d.worker for d in directives] == [W("a"), W("b"), W("c")]
+    assert {d.holders for d in directives} == {(W("d"),)}
+    for d in directives:
+        assert d.worker not in d.holders
