@@ -26,7 +26,6 @@ from amm_service.view import Measure, WorkerView
 log = logging.getLogger(__name__)
 
 MAX_KEYS_PER_REQUEST = 100_000
-MAX_DIRECTIVES_REPORTED = 1_000
 MAX_EVENTS_REPORTED = 100
 _Resp = TypeVar("_Resp")
 _Handler = Callable[[Any, Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[_Resp]]
@@ -284,7 +283,7 @@ def cycle_to_pb(record: CycleRecord) -> types_pb2.CycleReport:
         duration=wire.duration(record.duration),
         plan_duration=wire.duration(record.plan_duration),
         suggestions=record.suggestions,
-        directives_sent=0 if record.dry_run else len(directives),
+        directives_sent=0 if record.dry_run else record.planned_count,
         applied=record.count(OutcomeStatus.APPLIED),
         refused=record.count(OutcomeStatus.REFUSED),
         failed=record.count(OutcomeStatus.FAILED),
@@ -300,7 +299,7 @@ def cycle_to_pb(record: CycleRecord) -> types_pb2.CycleReport:
                 sent_at=None if record.dry_run else wire.timestamp(r.sent_at),
                 timed_out=r.timed_out,
             )
-            for r in directives[:MAX_DIRECTIVES_REPORTED]
+            for r in directives
         ],
         dry_run=record.dry_run,
         startup_grace=record.startup_grace,

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import enum
 import gc
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -166,10 +166,8 @@ class _Decider:
         self.drop_rank = {w: _drop_rank(ws) for w, ws in workers.items()}
         self.incoming: dict[WorkerId, int] = {}
         self.outgoing: dict[WorkerId, int] = {}
-        for directive in earlier.directives():
-            self._count_in_flight(directive)
 
-    def _count_in_flight(self, d: Directive) -> None:
+    def count_in_flight(self, d: Directive) -> None:
         """Account for a directive of an earlier cycle whose effect no poll has shown yet."""
         kv = self.view.keys.get(d.key)
         if d.worker not in self.memory:
@@ -365,6 +363,11 @@ def _drop_rank(ws: WorkerView) -> int:
     return 2
 
 
+#: Units of work (suggestions of one, directives in flight counted) between two yields of
+#: ``planning``: about 10 ms of planning.
+STEP = 2_048
+
+
 def plan(
     view: ClusterView,
     policies: Iterable[Policy],
@@ -372,18 +375,46 @@ def plan(
     config: PlanConfig,
     new_id: Callable[[], str],
 ) -> Plan:
-    """Run the policies over ``view`` and decide; see the module docstring for the rules.
+    """Run the policies over ``view`` and decide; see the module docstring for the rules."""
+    steps = planning(view, policies, in_flight, config, new_id)
+    while (done := step(steps)) is None:
+        pass
+    return done
 
-    The cyclic garbage collector is paused meanwhile: a big cycle allocates hundreds of thousands
-    of directives and tuples, none in a reference cycle, and every collection they trigger would
-    walk the whole view again (a third of the time with 100k keys)."""
+
+def planning(
+    view: ClusterView,
+    policies: Iterable[Policy],
+    in_flight: InFlightSource,
+    config: PlanConfig,
+    new_id: Callable[[], str],
+) -> Generator[None, None, Plan]:
+    """``plan`` in steps: it yields every ``STEP`` units of work, so that a caller on an event
+    loop can let other work run in between (``step`` drives it); the plan is its return value.
+
+    The view is frozen; what is in flight may change between steps (an outcome settles a
+    directive): later suggestions see the ledger as it is then, as the next cycle would.
+    """
+    return _plan(view, policies, in_flight, config, new_id)
+
+
+def step(steps: Generator[None, None, Plan]) -> Plan | None:
+    """Run one step of ``planning``; the plan once it is done, else None.
+
+    The cyclic garbage collector is paused meanwhile: a big cycle allocates hundreds of
+    thousands of directives and tuples, none in a reference cycle, and every collection they
+    trigger would walk the whole view again (a third of the time with 100k keys)."""
     collecting = gc.isenabled()
     gc.disable()
     try:
-        return _plan(view, policies, in_flight, config, new_id)
+        next(steps)
+    except StopIteration as done:
+        result: Plan = done.value
+        return result
     finally:
         if collecting:
             gc.enable()
+    return None
 
 
 def _plan(
@@ -392,8 +423,13 @@ def _plan(
     in_flight: InFlightSource,
     config: PlanConfig,
     new_id: Callable[[], str],
-) -> Plan:
+) -> Generator[None, None, Plan]:
     decider = _Decider(view, in_flight, config)
+    flying = list(in_flight.directives())  # the ledger may change while we yield
+    for start in range(0, len(flying), STEP):
+        for directive in flying[start : start + STEP]:
+            decider.count_in_flight(directive)
+        yield
     directives: list[Directive] = []
     rejections: list[Rejection] = []
     retirements: list[RetireDecision] = []
@@ -495,6 +531,7 @@ def _plan(
             raise ValueError(f"a suggestion's copies must be 1 or more, not {suggestion.copies!r}")
         return suggestion.copies
 
+    work = 0
     for policy in sorted(policies, key=priority_of):
         run = policy.run(view, decider.pending, config.measure)
         made = 0
@@ -502,6 +539,10 @@ def _plan(
             suggestion = next(run)
             while made + (n := units(suggestion)) <= config.max_suggestions:
                 made += n
+                work += n
+                if work >= STEP:
+                    work = 0
+                    yield
                 suggestion = run.send(answer(policy.name, suggestion))
             if made < config.max_suggestions:  # decide the copies that fit, as one at a time would
                 assert isinstance(suggestion, Suggestion)

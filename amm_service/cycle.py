@@ -1,11 +1,14 @@
 """Records of what AMM cycles did, for RunOnce, GetStatus and logs.
 
 A cycle's record is filled in as its directives' outcomes arrive, which may be after the cycle
-ended; only the most recent cycles keep their records.
+ended; only the most recent cycles keep their records. A cycle may send hundreds of thousands of
+directives, so a record counts their outcomes and keeps each one in detail only for the first
+``MAX_DIRECTIVES_REPORTED`` (what a report lists).
 """
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 
 from amm_service.core import Plan, Rejection
@@ -13,6 +16,8 @@ from amm_service.directive import Directive, Outcome, OutcomeStatus
 from amm_service.view import WorkerId
 
 MAX_REJECTIONS_REPORTED = 100
+#: Directives a record keeps in detail (with their outcomes), and a report lists.
+MAX_DIRECTIVES_REPORTED = 1_000
 
 
 @dataclass(slots=True)
@@ -39,21 +44,83 @@ class CycleRecord:
     policy_errors: tuple[str, ...] = ()
     unreachable: tuple[WorkerId, ...] = ()
     directives: dict[str, DirectiveRecord] = field(default_factory=dict)
+    """The first ``MAX_DIRECTIVES_REPORTED`` directives, by id."""
+    planned_count: int = 0
+    """How many directives the plan made (sent, unless a dry run)."""
     dry_run: bool = False
     """Planned only: ``directives`` lists what would have been sent; nothing was."""
     startup_grace: bool = False
     """Drops were held back: the AMM was in its start-up grace."""
+    applied: int = 0
+    refused: int = 0
+    failed: int = 0
+    timed_out: int = 0
+    """Directives that will get no outcome (expired, or their worker left)."""
+    _settled: asyncio.Event | None = None
 
     def planned(self, plan: Plan, sent_at: float) -> None:
         self.suggestions = plan.suggestions
         self.rejected = len(plan.rejections)
         self.rejections = plan.rejections[:MAX_REJECTIONS_REPORTED]
         self.policy_errors = plan.policy_errors
-        self.directives = {d.id: DirectiveRecord(d, sent_at) for d in plan.directives}
+        self.planned_count = len(plan.directives)
+        self.directives = {
+            d.id: DirectiveRecord(d, sent_at) for d in plan.directives[:MAX_DIRECTIVES_REPORTED]
+        }
+
+    @property
+    def unsettled(self) -> int:
+        """Directives sent that have neither an outcome nor been given up on."""
+        if self.dry_run:
+            return 0
+        done = self.applied + self.refused + self.failed + self.timed_out
+        return max(0, self.planned_count - done)
 
     def count(self, status: OutcomeStatus) -> int:
-        return sum(
-            1
-            for r in self.directives.values()
-            if r.outcome is not None and r.outcome.status is status
-        )
+        if status is OutcomeStatus.APPLIED:
+            return self.applied
+        if status is OutcomeStatus.REFUSED:
+            return self.refused
+        return self.failed
+
+    def settle(self, outcome: Outcome) -> None:
+        """An outcome for one of this cycle's directives."""
+        if outcome.status is OutcomeStatus.APPLIED:
+            self.applied += 1
+        elif outcome.status is OutcomeStatus.REFUSED:
+            self.refused += 1
+        else:
+            self.failed += 1
+        rec = self.directives.get(outcome.directive_id)
+        if rec is not None:
+            rec.outcome = outcome
+        self._check_settled()
+
+    def give_up(self, directive_id: str) -> None:
+        """One of this cycle's directives will get no outcome."""
+        self.timed_out += 1
+        rec = self.directives.get(directive_id)
+        if rec is not None and rec.outcome is None:
+            rec.timed_out = True
+        self._check_settled()
+
+    async def wait_settled(self, limit: float) -> None:
+        """Until every directive has an outcome or was given up on, or ``limit`` seconds."""
+        if self.unsettled == 0:
+            return
+        if self._settled is None:
+            self._settled = asyncio.Event()
+        try:
+            async with asyncio.timeout(limit):
+                await self._settled.wait()
+        except TimeoutError:
+            pass
+
+    def release(self) -> None:
+        """Stop anyone waiting (the AMM is shutting down)."""
+        if self._settled is not None:
+            self._settled.set()
+
+    def _check_settled(self) -> None:
+        if self._settled is not None and self.unsettled == 0:
+            self._settled.set()

@@ -1,11 +1,16 @@
 """Sending directives: one long-lived bidirectional stream per agent.
 
-Directives go out on the worker's stream as soon as the core picks them; outcomes come back in
-completion order and are handed to ``on_outcome``. When a stream ends, every directive sent on it
-without an answer is reported FAILED at once (the agent may or may not have applied it; the next
-poll tells), so nobody waits for the directive timeout on a dead worker. A broken stream is
-reopened on the next send; directives are idempotent and agents enforce integrity themselves, so
-a lost one costs time, never data.
+Directives go out on the worker's stream as soon as the core picks them, in batches of up to
+``BATCH`` per message to agents that take batches (feature "directive-batches"), one per message
+to the others; outcomes come back in completion order (single or batched) and are handed to
+``on_outcomes``. When a stream ends, every directive sent on it without an answer is reported
+FAILED at once (the agent may or may not have applied it; the next poll tells), so nobody waits
+for the directive timeout on a dead worker. A broken stream is reopened on the next send;
+directives are idempotent and agents enforce integrity themselves, so a lost one costs time,
+never data.
+
+Building the messages of a big cycle takes a while, so ``send`` yields to the event loop between
+messages: control calls stay answered while hundreds of thousands of directives go out.
 
 The dispatcher owns one task per stream and ends them itself on ``close`` (a server shutting down
 does not end client streams for us: grpc/grpc#37239).
@@ -16,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 
 import grpc
 
@@ -28,18 +33,20 @@ from amm_service.view import WorkerId
 
 log = logging.getLogger(__name__)
 
-OutcomeHandler = Callable[[WorkerId, Outcome], None]
+OutcomesHandler = Callable[[WorkerId, Sequence[Outcome]], None]
 _CLOSE = None
+#: Directives in one batch message (about 200 bytes each, far below the message cap).
+BATCH = 5_000
 
 
 class _Stream:
     """The directive stream to one agent, with the task that reads its outcomes."""
 
-    def __init__(self, worker: WorkerId, links: AgentLinks, on_outcome: OutcomeHandler) -> None:
+    def __init__(self, worker: WorkerId, links: AgentLinks, on_outcomes: OutcomesHandler) -> None:
         self.worker = worker
         self.queue: asyncio.Queue[agent_pb2.DirectivesRequest | None] = asyncio.Queue()
         self.unanswered: dict[str, None] = {}
-        self._on_outcome = on_outcome
+        self._on_outcomes = on_outcomes
         self._call = links.stub(worker).Directives(self._requests())
         self.task = asyncio.create_task(self._read(), name=f"amm-directives-{worker}")
 
@@ -47,19 +54,29 @@ class _Stream:
         while (item := await self.queue.get()) is not _CLOSE:
             yield item
 
-    def send(self, directive: Directive) -> None:
-        self.unanswered[directive.id] = None
-        self.queue.put_nowait(
-            agent_pb2.DirectivesRequest(directive=wire.directive_to_pb(directive))
-        )
+    def send(self, directives: Sequence[Directive], batch: bool) -> None:
+        unanswered = self.unanswered
+        for directive in directives:
+            unanswered[directive.id] = None
+        messages = [wire.directive_to_pb(d) for d in directives]
+        if batch:
+            self.queue.put_nowait(agent_pb2.DirectivesRequest(batch=messages))
+        else:
+            for message in messages:
+                self.queue.put_nowait(agent_pb2.DirectivesRequest(directive=message))
 
     async def _read(self) -> None:
         why = "the agent ended the directive stream"
+        unanswered = self.unanswered
         try:
             async for response in self._call:
-                outcome = wire.outcome_from_pb(response.outcome)
-                self.unanswered.pop(outcome.directive_id, None)
-                self._on_outcome(self.worker, outcome)
+                items = response.batch if response.batch else (response.outcome,)
+                outcomes = [wire.outcome_from_pb(item) for item in items]
+                for outcome in outcomes:
+                    unanswered.pop(outcome.directive_id, None)
+                self._on_outcomes(self.worker, outcomes)
+                if response.batch:
+                    await asyncio.sleep(0)  # let control calls in between big batches
         except grpc.aio.AioRpcError as err:
             why = f"directive stream broke: {err.code().name}"
             if err.code() != grpc.StatusCode.CANCELLED:
@@ -68,11 +85,15 @@ class _Stream:
             why = "directive stream failed"
             log.exception("directive stream to %s failed", self.worker)
         finally:
-            lost, self.unanswered = list(self.unanswered), {}
-            for directive_id in lost:
-                self._on_outcome(
-                    self.worker, Outcome(directive_id, OutcomeStatus.FAILED, message=why)
-                )
+            lost, self.unanswered = list(unanswered), {}
+            self._on_outcomes(
+                self.worker,
+                [Outcome(directive_id, OutcomeStatus.FAILED, message=why) for directive_id in lost],
+            )
+
+    @property
+    def open(self) -> bool:
+        return not self.task.done()
 
     async def close(self) -> None:
         self.queue.put_nowait(_CLOSE)
@@ -87,21 +108,44 @@ class _Stream:
 class Dispatcher:
     """Sends directives to agents and reports their outcomes."""
 
-    def __init__(self, links: AgentLinks, on_outcome: OutcomeHandler) -> None:
+    def __init__(
+        self,
+        links: AgentLinks,
+        on_outcomes: OutcomesHandler,
+        takes_batches: Callable[[WorkerId], bool] = lambda worker: False,
+    ) -> None:
         self._links = links
-        self._on_outcome = on_outcome
+        self._on_outcomes = on_outcomes
+        self._takes_batches = takes_batches
         self._streams: dict[WorkerId, _Stream] = {}
         self._closed = False
 
-    def send(self, directive: Directive) -> None:
-        if self._closed:
-            raise RuntimeError("dispatcher is closed")
-        stream = self._streams.get(directive.worker)
-        if stream is None or stream.task.done():
-            stream = self._streams[directive.worker] = _Stream(
-                directive.worker, self._links, self._on_outcome
-            )
-        stream.send(directive)
+    async def send(self, directives: Sequence[Directive]) -> None:
+        """Send ``directives`` on their workers' streams, yielding to the loop between
+        messages."""
+        by_worker: dict[WorkerId, list[Directive]] = {}
+        for directive in directives:
+            by_worker.setdefault(directive.worker, []).append(directive)
+        for worker, group in by_worker.items():
+            batch = self._takes_batches(worker)
+            size = BATCH if batch else 100
+            for start in range(0, len(group), size):
+                if self._closed:
+                    raise RuntimeError("dispatcher is closed")
+                self._stream(worker).send(group[start : start + size], batch)
+                await asyncio.sleep(0)
+
+    def _stream(self, worker: WorkerId) -> _Stream:
+        stream = self._streams.get(worker)
+        if stream is None or not stream.open:
+            stream = self._streams[worker] = _Stream(worker, self._links, self._on_outcomes)
+        return stream
+
+    def is_open(self, worker: WorkerId) -> bool:
+        """Whether a directive stream to ``worker`` is open (what was sent on it will be
+        answered, or failed when it breaks)."""
+        stream = self._streams.get(worker)
+        return stream is not None and stream.open
 
     async def close_worker(self, worker: WorkerId) -> None:
         stream = self._streams.pop(worker, None)

@@ -18,7 +18,7 @@ import contextlib
 import copy
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 
 from amm_service import core
 from amm_service.addresses import check_address
@@ -64,6 +64,16 @@ def _copies(policies: Sequence[Policy]) -> list[Policy]:
     return copies
 
 
+async def _finish(steps: Generator[None, None, core.Plan]) -> core.Plan:
+    """Drive ``core.planning`` to its plan, letting the event loop run between steps, so that
+    control calls are answered while a big cycle plans."""
+    while True:
+        plan = core.step(steps)
+        if plan is not None:
+            return plan
+        await asyncio.sleep(0)
+
+
 class ActiveMemoryManager:
     """The AMM's domain object; servicers call one method of it, or of its ``queries`` or
     ``retirement_driver``, per RPC."""
@@ -88,7 +98,9 @@ class ActiveMemoryManager:
             self.state, self.ledger, max_refusals=config.max_refusals_kept, clock=clock
         )
         self._links = AgentLinks()
-        self._dispatcher = Dispatcher(self._links, self.outcomes.on_outcome)
+        self._dispatcher = Dispatcher(
+            self._links, self.outcomes.on_outcomes, takes_batches=self._takes_batches
+        )
         self._poller = Poller(
             self.state,
             self._links,
@@ -287,7 +299,8 @@ class ActiveMemoryManager:
         limit = self.config.directive_timeout
         if wait_limit is not None:
             limit = max(0.0, min(limit, wait_limit))
-        await self.outcomes.wait(record, limit)
+        if wait:
+            await self.outcomes.wait(record, limit)
         return record
 
     async def _cycle(self, wait: bool, dry_run: bool = False) -> CycleRecord:
@@ -295,7 +308,13 @@ class ActiveMemoryManager:
         started, t0 = self._clock(), time.perf_counter()
         record = CycleRecord(self._cycles, started, dry_run=dry_run)
         if not dry_run:
-            self.outcomes.expire(self._monotonic(), self.config.directive_timeout)
+            overdue = self.outcomes.expire(
+                self._monotonic(), self.config.directive_timeout, self._answering
+            )
+            if overdue:
+                log.info("sending %d overdue directives again, under the same ids", len(overdue))
+                self.outcomes.totals.sent += len(overdue)
+                await self._dispatcher.send(overdue)
         record.unreachable = tuple(await self._poller.poll_all())
         self._fence.warn_if_fenced()
         if not dry_run:
@@ -304,7 +323,7 @@ class ActiveMemoryManager:
         self.retirements.apply_flags()
         view = self.state.snapshot(goals=self.goals.mapping, now=self._clock())
         t1 = time.perf_counter()
-        plan = core.plan(
+        steps = core.planning(
             view,
             _copies(self.policies) if dry_run else self.policies,
             self.ledger,
@@ -317,6 +336,7 @@ class ActiveMemoryManager:
             ),
             self._fence.new_id,
         )
+        plan = await _finish(steps)
         record.plan_duration = time.perf_counter() - t1
         record.planned(plan, self._clock())
         if dry_run:
@@ -329,14 +349,12 @@ class ActiveMemoryManager:
                 len(plan.rejections),
             )
             return record
-        now = self._monotonic()
+        now, number = self._monotonic(), record.number
+        self.outcomes.track(record)
         self.outcomes.totals.sent += len(plan.directives)
         for directive in plan.directives:
-            self.ledger.add(directive, now)
-            if wait:
-                self.outcomes.expect(directive.id)
-            self._dispatcher.send(directive)
-        self.outcomes.track(record)
+            self.ledger.add(directive, now, number)
+        await self._dispatcher.send(plan.directives)
         self._fence.acted(bool(plan.directives))
         for error in plan.policy_errors:
             log.error("%s", error)
@@ -353,6 +371,16 @@ class ActiveMemoryManager:
                 record.plan_duration * 1e3,
             )
         return record
+
+    def _takes_batches(self, worker: WorkerId) -> bool:
+        known = self.state.worker(worker)
+        return known is not None and "directive-batches" in known.features
+
+    def _answering(self, worker: WorkerId) -> bool:
+        """Whether ``worker`` answers polls and its directive stream is open: what was sent to
+        it will be answered (see ``pending``)."""
+        known = self.state.worker(worker)
+        return known is not None and known.reachable and self._dispatcher.is_open(worker)
 
     async def _judge_liveness(self) -> None:
         """Flag workers silent for ``stale-after`` STALE; remove those silent for

@@ -7,7 +7,17 @@ still relying on. Here a directive stays in flight until
 1. the agent refused or failed it (nothing changed on the agent), or
 2. it was applied *and* a poll has since shown the agent at the outcome's inventory version, so
    the cluster view already reflects it, or
-3. no outcome arrived within the directive timeout (the agent is gone or the stream broke).
+3. no outcome arrived within the directive timeout and the worker is not answering (it stopped
+   answering polls, or its directive stream is gone), or
+4. the worker left or restarted.
+
+A directive is never planned again while its worker may still hold it: re-planning it would send
+a second directive with a new id for the same work, and at scale (hundreds of thousands of
+directives queued on agents) those re-sends were most of the traffic. A worker that answers polls
+and keeps its stream open answers every directive in the end (its transfers and promises have
+deadlines, and a broken stream fails what it left unanswered at once); one whose directive is
+overdue is sent the same directive again (``overdue``): the agent answers a repeated id with the
+outcome it gave, or waits for the run under way, so that costs one message, never the work twice.
 
 The core reads the ledger through ``InFlight`` to count pending replicas and drops. Pure: the
 caller supplies the clock.
@@ -15,7 +25,7 @@ caller supplies the clock.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import TypeVar
 
@@ -30,6 +40,8 @@ class Entry:
     directive: Directive
     sent_at: float
     applied_version: int | None = None
+    cycle: int = 0
+    """The number of the cycle that sent it (0: none known)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,8 +73,8 @@ class Ledger:
     def __iter__(self) -> Iterator[Entry]:
         return iter(list(self._entries.values()))
 
-    def add(self, directive: Directive, now: float) -> None:
-        self._put(Entry(directive, now))
+    def add(self, directive: Directive, now: float, cycle: int = 0) -> None:
+        self._put(Entry(directive, now, cycle=cycle))
 
     def settle(self, outcome: Outcome, observed_version: int) -> Entry | None:
         """Record an outcome; returns the entry it concerned, or None if unknown (expired).
@@ -70,8 +82,8 @@ class Ledger:
         ``observed_version`` is the agent's inventory version in the current cluster view.
         """
         entry = self._entries.get(outcome.directive_id)
-        if entry is None:
-            return None
+        if entry is None or entry.applied_version is not None:
+            return None  # unknown (expired), or answered already (a directive sent again)
         if outcome.status is OutcomeStatus.APPLIED and outcome.inventory_version > observed_version:
             self._put(replace(entry, applied_version=outcome.inventory_version))
         else:
@@ -91,16 +103,38 @@ class Ledger:
             self._remove(entry)
         return gone
 
-    def expire(self, now: float, timeout: float) -> list[Entry]:
-        """Remove and return the entries older than ``timeout`` that are still unanswered.
+    def expire(
+        self,
+        now: float,
+        timeout: float,
+        answering: Callable[[WorkerId], bool] = lambda worker: False,
+    ) -> list[Entry]:
+        """Remove and return the entries older than ``timeout`` whose worker is not
+        ``answering``; the others stay (see ``overdue``).
 
         Applied entries whose effect no poll has shown yet are expired too: the worker stopped
         answering polls, so the view cannot be trusted to catch up.
         """
-        old = [e for e in self._entries.values() if now - e.sent_at > timeout]
+        old = [
+            e
+            for e in self._entries.values()
+            if now - e.sent_at > timeout and not answering(e.directive.worker)
+        ]
         for entry in old:
             self._remove(entry)
         return old
+
+    def overdue(self, now: float, timeout: float) -> list[Directive]:
+        """The unanswered directives older than ``timeout`` (their workers are answering), to
+        be sent again under the same id; their clocks start over."""
+        late = [
+            e
+            for e in self._entries.values()
+            if e.applied_version is None and now - e.sent_at > timeout
+        ]
+        for entry in late:
+            self._put(replace(entry, sent_at=now))
+        return [e.directive for e in late]
 
     def in_flight(self, key: Key) -> InFlight:
         entries = self._by_key.get(key)

@@ -42,6 +42,12 @@ MEASURES_OUT: dict[Measure, types_pb2.MemoryMeasure.ValueType] = {
     "optimistic": types_pb2.MEMORY_MEASURE_OPTIMISTIC,
 }
 _REASON_PREFIX = "REFUSAL_REASON_"
+_REASONS = {
+    number: name.removeprefix(_REASON_PREFIX)
+    for name, number in types_pb2.RefusalReason.items()
+    if number != types_pb2.REFUSAL_REASON_UNSPECIFIED
+}
+"""Known refusal reasons by wire number (an unknown one reads as none)."""
 
 
 def directive_to_pb(d: Directive) -> types_pb2.Directive:
@@ -61,12 +67,10 @@ def directive_to_pb(d: Directive) -> types_pb2.Directive:
 
 def outcome_from_pb(pb: types_pb2.DirectiveOutcome) -> Outcome:
     """Unknown statuses count as FAILED: whatever happened, the directive is not applied."""
-    known = pb.reason in types_pb2.RefusalReason.values() and pb.reason != 0
-    reason = types_pb2.RefusalReason.Name(pb.reason) if known else ""
     return Outcome(
         directive_id=pb.directive_id,
         status=_OUTCOMES.get(pb.status, OutcomeStatus.FAILED),
-        reason=reason.removeprefix(_REASON_PREFIX),
+        reason=_REASONS.get(pb.reason, ""),
         message=pb.message,
         inventory_version=pb.inventory_version,
         duplicate=pb.duplicate,
