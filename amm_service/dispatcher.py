@@ -29,6 +29,7 @@ from amm.v1 import agent_pb2
 from amm_service import wire
 from amm_service.agents import AgentLinks
 from amm_service.directive import Directive, Outcome, OutcomeStatus
+from amm_service.pacing import breathe
 from amm_service.view import WorkerId
 
 log = logging.getLogger(__name__)
@@ -76,7 +77,7 @@ class _Stream:
                     unanswered.pop(outcome.directive_id, None)
                 self._on_outcomes(self.worker, outcomes)
                 if response.batch:
-                    await asyncio.sleep(0)  # let control calls in between big batches
+                    await breathe()  # let control calls in between big batches
         except grpc.aio.AioRpcError as err:
             why = f"directive stream broke: {err.code().name}"
             if err.code() != grpc.StatusCode.CANCELLED:
@@ -133,7 +134,7 @@ class Dispatcher:
                 if self._closed:
                     raise RuntimeError("dispatcher is closed")
                 self._stream(worker).send(group[start : start + size], batch)
-                await asyncio.sleep(0)
+                await breathe()
 
     def _stream(self, worker: WorkerId) -> _Stream:
         stream = self._streams.get(worker)

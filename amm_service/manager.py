@@ -33,6 +33,7 @@ from amm_service.goals import GoalBook
 from amm_service.grace import StartupGrace
 from amm_service.liveness import Liveness, LostKeys, lost_after_removal
 from amm_service.outcomes import Outcomes
+from amm_service.pacing import breathe
 from amm_service.pending import Ledger
 from amm_service.policies import Policy
 from amm_service.poller import Poller
@@ -71,7 +72,7 @@ async def _finish(steps: Generator[None, None, core.Plan]) -> core.Plan:
         plan = core.step(steps)
         if plan is not None:
             return plan
-        await asyncio.sleep(0)
+        await breathe()
 
 
 class ActiveMemoryManager:

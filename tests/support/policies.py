@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from amm_service.policies import PendingView, PolicyRun, drop, replicate
+from amm_service.policies.reduce_replicas import ReduceReplicas
 from amm_service.view import ClusterView, Measure
 
 
@@ -77,3 +79,23 @@ class CutShortOnce:
         if CutShortOnce.runs == 1:
             raise asyncio.CancelledError
         yield from ()
+
+
+class Watched(ReduceReplicas):
+    """ReduceReplicas that calls ``probe`` (set by a test) at its first and last suggestion,
+    so a test can see what the event loop did while a cycle planned."""
+
+    def __init__(self, *, name: str = "Watched") -> None:
+        super().__init__(name=name)
+        self.probe: Callable[[str], None] = lambda moment: None
+
+    def run(self, view: ClusterView, pending: PendingView, measure: Measure) -> PolicyRun:
+        inner = super().run(view, pending, measure)
+        try:
+            suggestion = next(inner)
+            self.probe("first suggestion")
+            while True:
+                suggestion = inner.send((yield suggestion))
+        except StopIteration:
+            pass
+        self.probe("done")

@@ -58,3 +58,25 @@ def test_forgetting_a_worker_drops_its_entries() -> None:
     ledger.add(directive("2", Op.REPLICATE, worker="b"), now=0.0)
     assert [e.directive.id for e in ledger.forget_worker(WorkerId("a"))] == ["1"]
     assert ledger.in_flight(Key("x")).replicating == {WorkerId("b")}
+
+
+def test_directives_of_answering_workers_do_not_expire_they_become_overdue() -> None:
+    ledger = Ledger()
+    ledger.add(directive("1", worker="a"), now=0.0, cycle=3)
+    ledger.add(directive("2", worker="b", key="y"), now=0.0, cycle=3)
+    answering = {WorkerId("a")}.__contains__
+    assert [e.directive.id for e in ledger.expire(31.0, 30.0, answering)] == ["2"]
+    assert [d.id for d in ledger.overdue(31.0, 30.0)] == ["1"]
+    assert ledger.overdue(32.0, 30.0) == [], "sent again at 31: its clock started over"
+    assert ledger.in_flight(Key("x")).dropping == {WorkerId("a")}
+    (entry,) = ledger
+    assert (entry.cycle, entry.sent_at) == (3, 31.0)
+
+
+def test_a_repeated_answer_settles_nothing_twice() -> None:
+    ledger = Ledger()
+    ledger.add(directive("1"), now=0.0)
+    applied = Outcome("1", OutcomeStatus.APPLIED, inventory_version=5)
+    assert ledger.settle(applied, observed_version=4) is not None
+    assert ledger.settle(applied, observed_version=4) is None
+    assert "1" in ledger

@@ -1,0 +1,170 @@
+"""How directives flow at scale: a directive an agent still holds is never planned again under a
+new id, and the AMM stays responsive while a big cycle plans and sends."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from amm.serving import CHANNEL_OPTIONS
+from amm.v1 import agent_pb2, agent_pb2_grpc, control_pb2, control_pb2_grpc, types_pb2
+from amm_service.server import AmmServer
+from amm_service.view import Key, WorkerId
+from tests.conftest import amm_config
+from tests.support.faults import fake_peer
+from tests.support.policies import Watched
+from tests.support.waiting import wait_for
+
+DIGEST = "a" * 64
+
+
+class _SlowAgent(agent_pb2_grpc.WorkerAgentServicer):
+    """Holds key "x"; takes every directive and answers none until ``release`` is set."""
+
+    def __init__(self, name: str, *, batches: bool) -> None:
+        self.name = name
+        self.features = ["directive-batches"] if batches else []
+        self.received: list[str] = []
+        self.release = asyncio.Event()
+
+    async def Poll(self, request: Any, context: Any) -> agent_pb2.PollResponse:
+        return agent_pb2.PollResponse(
+            incarnation=self.name,
+            version=1,
+            full=True,
+            keys=[types_pb2.KeyInfo(key="x", size=1, checksum=DIGEST)],
+            status=types_pb2.WORKER_STATUS_RUNNING,
+            features=self.features,
+        )
+
+    async def Directives(self, request_iterator: Any, context: Any) -> AsyncIterator[Any]:
+        async def read() -> None:
+            async for request in request_iterator:
+                batch = list(request.batch) or [request.directive]
+                self.received.extend(d.id for d in batch)
+
+        reader = asyncio.create_task(read())
+        try:
+            await self.release.wait()
+            yield agent_pb2.DirectivesResponse(
+                batch=[
+                    types_pb2.DirectiveOutcome(
+                        directive_id=directive_id,
+                        status=types_pb2.OUTCOME_STATUS_REFUSED,
+                        reason=types_pb2.REFUSAL_REASON_PINNED,
+                    )
+                    for directive_id in self.received
+                ]
+            )
+            await reader
+        finally:
+            reader.cancel()
+
+
+async def test_a_directive_the_agent_still_holds_is_sent_again_under_its_id_never_replanned(
+    tmp_path: Path,
+) -> None:
+    one = _SlowAgent("one", batches=True)  # type: ignore[abstract]
+    two = _SlowAgent("two", batches=False)  # type: ignore[abstract]
+    async with (
+        AmmServer(amm_config(tmp_path, directive_timeout="300ms")) as amm,
+        fake_peer(one) as address_one,
+        fake_peer(two) as address_two,
+    ):
+        manager = amm.manager
+        assert manager is not None
+        await manager.register(address_one, "one", "one")
+        await manager.register(address_two, "two", "two")
+        first = await manager.run_cycle()
+        assert first.planned_count == 1  # ReduceReplicas drops one of the two copies of x
+        (sent,) = first.directives
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and len(one.received + two.received) < 3:
+            await asyncio.sleep(0.35)  # past the directive timeout, then one more cycle
+            record = await manager.run_cycle()
+            assert record.planned_count == 0, "x is in flight: nothing new is planned"
+        received = one.received + two.received
+        assert len(received) >= 3, "the overdue directive was sent again"
+        assert set(received) == {sent}, "always under its first id"
+        assert list(manager.ledger.in_flight(Key("x")).dropping) == [
+            WorkerId(first.directives[sent].directive.worker)
+        ]
+        totals = manager.outcomes.totals
+        assert (totals.sent, totals.refused, totals.failed) == (len(received), 0, 0)
+        one.release.set()
+        two.release.set()
+        await wait_for(lambda: len(manager.ledger) == 0, what="the refusal settles x")
+        assert manager.outcomes.totals.refused == 1, "answered once, however often it was sent"
+
+
+class _BigAgent(agent_pb2_grpc.WorkerAgentServicer):
+    """Holds ``keys`` keys (all of them also on its twin); reads directives, answers none."""
+
+    def __init__(self, name: str, keys: int) -> None:
+        self.name = name
+        self.inventory = [
+            types_pb2.KeyInfo(key=f"key-{i:06d}", size=1, checksum=DIGEST) for i in range(keys)
+        ]
+
+    async def Poll(self, request: Any, context: Any) -> agent_pb2.PollResponse:
+        full = request.since_version == 0 or request.incarnation != self.name
+        return agent_pb2.PollResponse(
+            incarnation=self.name,
+            version=1,
+            full=full,
+            keys=self.inventory if full else [],
+            status=types_pb2.WORKER_STATUS_RUNNING,
+            features=["directive-batches"],
+        )
+
+    async def Directives(self, request_iterator: Any, context: Any) -> AsyncIterator[Any]:
+        async for _ in request_iterator:
+            pass
+        yield agent_pb2.DirectivesResponse()  # pragma: no cover
+
+
+async def test_control_calls_are_answered_while_a_big_cycle_plans(tmp_path: Path) -> None:
+    """A cycle that plans 40,000 drops must not hold the event loop: control calls made
+    meanwhile are answered before the plan is done."""
+    config = amm_config(tmp_path, policies=[{"class": "tests.support.policies.Watched"}])
+    answered: list[float] = []
+    moments: dict[str, int] = {}
+    async with (
+        AmmServer(config) as amm,
+        fake_peer(_BigAgent("one", 40_000)) as one,  # type: ignore[abstract]
+        fake_peer(_BigAgent("two", 40_000)) as two,  # type: ignore[abstract]
+        grpc.aio.insecure_channel(amm.address, options=CHANNEL_OPTIONS) as channel,
+    ):
+        manager = amm.manager
+        assert manager is not None
+        (policy,) = manager.policies
+        assert isinstance(policy, Watched)
+
+        def probe(moment: str) -> None:
+            moments.setdefault(moment, len(answered))
+
+        policy.probe = probe
+        await manager.register(one, "one", "one")
+        await manager.register(two, "two", "two")
+        await manager.queries.refresh(True)  # both inventories are in before the cycle
+        stub = control_pb2_grpc.ActiveMemoryManagerStub(channel)
+
+        async def ask() -> None:
+            while True:
+                await stub.Running(control_pb2.RunningRequest())
+                answered.append(time.monotonic())
+
+        asking = asyncio.create_task(ask())
+        await wait_for(lambda: len(answered) > 3, what="control calls are answered")
+        try:
+            record = await manager.run_cycle()
+        finally:
+            asking.cancel()
+        assert record.planned_count == 40_000
+        during = moments["done"] - moments["first suggestion"]
+        assert during >= 2, f"only {during} control calls were answered while planning"
