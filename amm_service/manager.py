@@ -75,6 +75,11 @@ async def _finish(steps: Generator[None, None, core.Plan]) -> core.Plan:
         await breathe()
 
 
+#: The least time between a cycle and the next when the next follows up on applied work, in
+#: seconds (or a twentieth of the interval, if longer).
+FOLLOW_UP = 0.05
+
+
 class ActiveMemoryManager:
     """The AMM's domain object; servicers call one method of it, or of its ``queries`` or
     ``retirement_driver``, per RPC."""
@@ -129,6 +134,7 @@ class ActiveMemoryManager:
             self.events,
             poll_timeout=config.poll_timeout,
             check_open=self._check_open,
+            wake=self.wake,
         )
         self._grace = StartupGrace((), until=0.0)
         self.retirements = Retirements(self.state, store, self.events, self.policies, clock=clock)
@@ -143,7 +149,9 @@ class ActiveMemoryManager:
             running=lambda: self.running,
             run_cycles=self._cycle_every_interval,
             remove=self._remove,
+            wake=self.wake,
         )
+        self._woken = asyncio.Event()
         self._opened = False
         self._closed = False
 
@@ -262,12 +270,22 @@ class ActiveMemoryManager:
         await self._cycle_every_interval(lambda: True, "AMM cycle")
 
     async def _cycle_every_interval(self, go_on: Callable[[], bool], what: str) -> None:
-        """Run cycles an interval apart while ``go_on()``; a failed cycle is logged, not fatal."""
+        """Run cycles an interval apart while ``go_on()``; a failed cycle is logged, not fatal.
+
+        Paced by the work in flight as well as by the clock: once every directive of a cycle
+        has an answer and at least one was applied, the next cycle follows after
+        ``follow_up`` instead of the rest of the interval, so a retirement or a repair moves
+        on as fast as its transfers complete. A cycle that sent nothing, or whose directives
+        were all refused, waits for the interval as usual, unless ``wake`` is called.
+        """
         interval = self.config.interval
+        follow_up = min(interval, max(FOLLOW_UP, interval / 20))
         while go_on():
             started = self._monotonic()
+            self._woken.clear()
+            record = None
             try:
-                await self.run_cycle()
+                record = await self.run_cycle()
             except asyncio.CancelledError:
                 task = asyncio.current_task()
                 if task is None or task.cancelling():
@@ -276,7 +294,20 @@ class ActiveMemoryManager:
                 log.exception("%s was cut short; the next one runs as usual", what)
             except Exception:
                 log.exception("%s failed; the next one runs as usual", what)
-            await asyncio.sleep(max(0.0, interval - (self._monotonic() - started)))
+            rest = max(0.0, interval - (self._monotonic() - started))
+            if record is not None and record.planned_count:
+                waited = self._monotonic()
+                await self.outcomes.wait(record, rest)
+                rest = max(0.0, rest - (self._monotonic() - waited))
+                if record.unsettled == 0 and record.applied:
+                    rest = min(rest, max(0.0, follow_up - (self._monotonic() - started)))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._woken.wait(), rest)
+
+    def wake(self) -> None:
+        """Run the next cycle now, not at the end of the interval: work arrived that a cycle
+        should act on (a retirement began, a goal was set)."""
+        self._woken.set()
 
     # -- cycles ----------------------------------------------------------------------------
 

@@ -42,7 +42,9 @@ class Queries:
         *,
         poll_timeout: float,
         check_open: Callable[[], None],
+        wake: Callable[[], None] = lambda: None,
     ) -> None:
+        self._wake = wake
         self._state = state
         self._poller = poller
         self._links = links
@@ -125,6 +127,8 @@ class Queries:
         if unknown:
             raise NotFound(f"unknown key(s): {listing(unknown)}")
         changed, removed = self._goals.set(keys, n)
+        if changed or removed:
+            self._wake()  # the AMM acts on the goals at its next cycle: now
         if changed:
             self._events.record(
                 "goal-set", f"goal of {describe(n)} for {changed} key(s)", keys=keys

@@ -42,8 +42,8 @@ class RetirementDriver:
 
     It calls back into the manager that owns it: ``check_open`` raises while the AMM cannot
     serve, ``refresh`` polls every agent, ``running`` says whether the AMM's loop runs,
-    ``run_cycles(go_on, what)`` runs cycles an interval apart while ``go_on()``, and ``remove``
-    takes a worker out of the registry.
+    ``run_cycles(go_on, what)`` runs cycles an interval apart while ``go_on()``, ``remove``
+    takes a worker out of the registry, and ``wake`` has the AMM's loop cycle now.
     """
 
     def __init__(
@@ -59,6 +59,7 @@ class RetirementDriver:
         running: Callable[[], bool],
         run_cycles: Callable[[Callable[[], bool], str], Awaitable[None]],
         remove: Callable[[WorkerId], Awaitable[bool]],
+        wake: Callable[[], None] = lambda: None,
     ) -> None:
         self._retirements = retirements
         self._state = state
@@ -70,6 +71,7 @@ class RetirementDriver:
         self._running = running
         self._run_cycles = run_cycles
         self._remove = remove
+        self._wake = wake
         self._driver: asyncio.Task[None] | None = None
 
     async def retire_workers(
@@ -118,6 +120,8 @@ class RetirementDriver:
             started.append(worker)
         if started and not self._running():
             self.drive()
+        elif started:
+            self._wake()  # the retirement begins at the next cycle: now
         results += await self._retirements.wait(started)
         return sorted(results, key=lambda r: address_order(r.worker))
 

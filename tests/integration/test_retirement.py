@@ -402,3 +402,21 @@ async def test_the_client_answers_bad_retire_arguments_with_invalid_argument(
         assert (result.worker, result.retired) == (worker, True)
     assert cli_main(["--amm", "127.0.0.1:1", "retire", "-n", "-1"]) == 1
     assert capsys.readouterr().err == "error: INVALID_ARGUMENT: n out of range: -1\n"
+
+
+async def test_a_retirement_moves_on_as_its_transfers_complete_not_an_interval_later(
+    tmp_path: Path,
+) -> None:
+    """With a 30 s interval, a clock-paced AMM would need two intervals (copy, then drop) to
+    retire a worker; following up on applied work, it needs a fraction of one."""
+    async with cluster(tmp_path, 3, start=True, interval="30s") as c:
+        retiring = c.addresses[0]
+        for i in range(6):
+            await c.client.put(f"k{i}", DATA, workers=[retiring])
+        (result,) = await asyncio.wait_for(
+            c.client.retire_workers([retiring], close=False), timeout=20
+        )
+        assert result.retired, result.reason
+        assert (await c.client.has_what(retiring))[retiring] == ()
+        for i in range(6):
+            assert len(await c.holders(f"k{i}")) == 1
