@@ -1,20 +1,34 @@
-"""Batch puts over real gRPC: the agent's PutMany.
+"""Batch puts over real gRPC: the agent's PutMany and the client's ``put_many``.
 
-Agents run in-process on 127.0.0.1:0 and are called through the generated stubs.
+Agents run in-process on 127.0.0.1:0 and are called through the generated stubs; the client tests
+add an in-process AMM, which ``put_many`` asks for the running workers when it spreads values. An
+agent from before PutMany existed is the real servicer over a real node, with PutMany answering
+UNIMPLEMENTED as it did then.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
 
 import grpc
 import pytest
 
+from amm import AmmError, AsyncClient
+from amm.batches import MESSAGE_BYTES
 from amm.checksum import checksum
 from amm.v1 import agent_pb2
-from tests.support.agent import Stub, dial, get, poll, put, running_agent
+from amm_service.server import AmmServer
+from tests.support.agent import Stub, agents, dial, get, poll, put, running_agent
+from tests.support.faults import fake_peer
 from tests.support.waiting import wait_for
+from worker_agent.agent import Agent
+from worker_agent.config import AgentConfig
+from worker_agent.memory import PsutilProbe
+from worker_agent.node import Node
+from worker_agent.servicer import WorkerAgentServicer
 from worker_agent.store import Key
 
 
@@ -191,3 +205,108 @@ async def test_a_message_arriving_while_the_agent_stops_is_refused() -> None:
             await stopping
         assert "late" not in agent.store
         assert "early" in agent.store
+
+
+# -- the client -----------------------------------------------------------------------------------
+
+
+class _BeforePutMany(WorkerAgentServicer):
+    """The agent's servicer as it was before it served PutMany."""
+
+    async def PutMany(
+        self,
+        request_iterator: AsyncIterator[agent_pb2.PutManyRequest],
+        context: grpc.aio.ServicerContext[agent_pb2.PutManyRequest, agent_pb2.PutManyResponse],
+    ) -> agent_pb2.PutManyResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "PutMany is not served yet")
+        raise AssertionError("unreachable")
+
+
+@asynccontextmanager
+async def older_agent() -> AsyncIterator[tuple[str, Node]]:
+    """A standalone agent without PutMany: its address and its node."""
+    node = Node(AgentConfig(amm=None), probe=PsutilProbe(), clock=time.monotonic)
+    try:
+        async with fake_peer(_BeforePutMany(node)) as address:
+            node.address = address
+            yield address, node
+    finally:
+        await node.close()
+
+
+@asynccontextmanager
+async def cluster(amm: AmmServer, n: int) -> AsyncIterator[tuple[AsyncClient, list[Agent]]]:
+    """``n`` agents registered with ``amm``, and a client of it."""
+    async with agents(n, amm=amm.address) as pairs:
+        workers = [agent for agent, _ in pairs]
+        async with AsyncClient(amm.address, timeout=10) as client:
+            await wait_for(
+                client.workers,
+                lambda listed: {w.address for w in listed} == {a.address for a in workers},
+                what="every agent registered",
+            )
+            yield client, workers
+
+
+async def test_broadcast_stores_every_value_on_every_listed_worker(amm: AmmServer) -> None:
+    items = {f"b-{i}": value(i) for i in range(5000)}
+    big = bytes(range(256)) * (MESSAGE_BYTES // 256 + 1)
+    async with cluster(amm, 3) as (client, workers):
+        a, b, c = workers
+        result = await client.put_many(
+            [*items.items(), ("big", big)], workers=[a.address, b.address, a.address]
+        )
+        assert result.workers == (a.address, b.address)
+        assert (result.created, result.unchanged) == (2 * 5001, 0)
+        assert result.nbytes == 2 * (sum(map(len, items.values())) + len(big))
+        for agent in (a, b):
+            assert set(agent.store) == {Key(k) for k in [*items, "big"]}
+        assert len(c.store) == 0
+        assert await client.get("big", worker=b.address) == big
+        again = await client.put_many(items, workers=b.address)
+        assert (again.created, again.unchanged, again.nbytes) == (0, 5000, 0)
+        holders = await client.who_has(["b-0", "big"])
+        assert holders == {"b-0": tuple(sorted((a.address, b.address))), "big": holders["big"]}
+
+
+async def test_without_workers_values_are_spread_round_robin(amm: AmmServer) -> None:
+    async with cluster(amm, 3) as (client, workers):
+        items = [(f"r-{i}", value(i)) for i in range(3001)]
+        items.append(("r-7", value(7)))  # given twice: one worker judges both
+        result = await client.put_many(items)
+        assert (result.created, result.unchanged) == (3001, 1)
+        assert sorted(result.workers) == sorted(a.address for a in workers)
+        counts = sorted(len(agent.store) for agent in workers)
+        assert counts == [1000, 1000, 1001]
+        held = [k for agent in workers for k in agent.store]
+        assert len(held) == len(set(held)) == 3001, "each key on exactly one worker"
+        assert (await client.put_many({})).workers == ()
+
+
+async def test_conflicts_and_bad_items_raise_amm_error(amm: AmmServer) -> None:
+    async with cluster(amm, 1) as (client, [agent]):
+        await client.put_many({"x": b"1"}, workers=agent.address)
+        with pytest.raises(AmmError) as info:
+            await client.put_many({"y": b"2", "x": b"other"}, workers=agent.address)
+        assert info.value.status == grpc.StatusCode.ALREADY_EXISTS
+        assert agent.address in info.value.message
+        assert "y" not in agent.store
+        with pytest.raises(AmmError) as info:
+            await client.put_many({"z": "text"}, workers=agent.address)  # type: ignore[arg-type]
+        assert info.value.status == grpc.StatusCode.INVALID_ARGUMENT
+        with pytest.raises(AmmError) as info:
+            await client.put_many({"z": b"z"}, workers=[])
+        assert info.value.status == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_an_agent_without_put_many_gets_one_put_per_value(amm: AmmServer) -> None:
+    items = {f"o-{i}": value(i) for i in range(100)}
+    async with older_agent() as (old, node), cluster(amm, 1) as (client, [new]):
+        result = await client.put_many(items, workers=[old, new.address])
+        assert (result.created, result.unchanged) == (200, 0)
+        assert set(node.store) == set(new.store) == {Key(k) for k in items}
+        again = await client.put_many(items, workers=old)
+        assert (again.created, again.unchanged) == (0, 100)
+        with pytest.raises(AmmError) as info:
+            await client.put_many({"o-1": b"other"}, workers=old)
+        assert info.value.status == grpc.StatusCode.ALREADY_EXISTS
