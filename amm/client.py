@@ -11,15 +11,17 @@ directives and agent registration, which belong to the service and the agents.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import math
 import weakref
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Self
+from typing import TYPE_CHECKING, Self, TypeVar, cast
 
 import grpc
 
+from amm import batches
 from amm.blocking import Blocking, LoopThread, forward
 from amm.checksum import StreamingChecksum, checksum, chunks
 from amm.errors import AmmError
@@ -27,6 +29,7 @@ from amm.models import (
     CycleReport,
     GoalChange,
     Prefetched,
+    PutManyResult,
     ReplicationGoal,
     RetirementResult,
     Status,
@@ -58,6 +61,29 @@ MAX_DURATION_SECONDS = 315_576_000_000
 """The longest ``google.protobuf.Duration`` (10,000 years)."""
 MAX_CALL_DEADLINE = 1e9
 """Seconds: gRPC keeps deadlines in 64-bit nanoseconds, so one much further away overflows."""
+LEGACY_PUTS_AT_ONCE = 32
+"""Puts in flight to one agent that does not serve PutMany (``put_many``'s fallback)."""
+
+T = TypeVar("T")
+
+
+async def _all(calls: Iterable[Awaitable[T]]) -> list[T]:
+    """Await ``calls`` concurrently and every one of them to the end; then raise the first
+    failure, if any. Unlike a bare ``gather``, no call is left running after a failure."""
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    return cast(list[T], results)
+
+
+def _total(tallies: Sequence[PutManyResult], workers: Sequence[str]) -> PutManyResult:
+    return PutManyResult(
+        created=sum(t.created for t in tallies),
+        unchanged=sum(t.unchanged for t in tallies),
+        nbytes=sum(t.nbytes for t in tallies),
+        workers=tuple(workers),
+    )
 
 
 def _as_list(items: str | Sequence[str] | None) -> list[str]:
@@ -337,15 +363,104 @@ class AsyncClient:
         for address in targets:
             await self._put_one(address, key, value, digest)
 
-    async def _least_loaded(self, key: str) -> str:
+    async def put_many(
+        self,
+        items: Mapping[str, batches.Data] | Iterable[tuple[str, batches.Data]],
+        workers: str | Sequence[str] | None = None,
+    ) -> PutManyResult:
+        """Store many values at once: ``items`` is a mapping or pairs of ``(key, value)``.
+
+        ``workers`` is one address or several, each of which gets every value (a broadcast,
+        to all of them at once, as Dask's ``scatter(broadcast=True)``), or None: the values are
+        spread round-robin over the running workers, the least loaded first (as ``scatter``).
+        The rules of ``put`` hold for each value; values travel in messages of about 4 MiB
+        (``PutMany``), a value too large for one goes through ``Put``, and an agent that does not
+        serve ``PutMany`` gets one ``Put`` per value.
+
+        An agent stores each message whole or not at all: when the call fails (``AmmError``
+        naming the worker; ``ALREADY_EXISTS`` for different content under a key), values of the
+        messages before it stay stored.
+        """
+        try:
+            values = batches.items_of(items)
+        except TypeError as err:
+            raise AmmError(grpc.StatusCode.INVALID_ARGUMENT, str(err)) from None
+        shares: list[tuple[tuple[str, ...], list[batches.Item]]]
+        if workers is None:
+            if not values:
+                return PutManyResult(0, 0, 0, ())
+            targets = [w.address for w in await self._running_workers(f"{len(values)} values")]
+            shares = [((address,), []) for address in targets]
+            # By key, not by item: a key given twice goes to one worker, which judges the two.
+            slots: dict[str, int] = {}
+            for item in values:
+                slot = slots.setdefault(item.key, len(slots))
+                shares[slot % len(targets)][1].append(item)
+        else:
+            targets = list(dict.fromkeys(_as_list(workers)))
+            if not targets:
+                raise AmmError(grpc.StatusCode.INVALID_ARGUMENT, "no workers given")
+            shares = [(tuple(targets), values)]
+        tallies = await _all(
+            self._put_values(addresses, share) for addresses, share in shares if share
+        )
+        return _total(tallies, [a for addresses, share in shares if share for a in addresses])
+
+    async def _put_values(
+        self, addresses: Sequence[str], values: Sequence[batches.Item]
+    ) -> PutManyResult:
+        """Every value on every one of ``addresses``, one batch at a time, the workers at once."""
+        legacy: set[str] = set()
+        small, large = batches.split(values)
+        tallies: list[PutManyResult] = []
+        for batch in batches.batches(small):
+            tallies += await _all(self._put_batch(a, batch, legacy) for a in addresses)
+        for item in large:
+            tallies += await _all(self._put_item(a, item) for a in addresses)
+        return _total(tallies, addresses)
+
+    async def _put_batch(
+        self, address: str, batch: batches.Batch, legacy: set[str]
+    ) -> PutManyResult:
+        """One PutMany call; an agent that answers UNIMPLEMENTED (it does not report the
+        feature "put-batches") joins ``legacy`` and gets one Put per value from then on."""
+        if address not in legacy:
+            stub = self._agent_stub(address)
+            try:
+                with _rpc("worker", address):
+                    reply = await stub.PutMany(iter(batch.messages), timeout=self.timeout)
+                return PutManyResult(reply.created, reply.unchanged, reply.bytes, (address,))
+            except AmmError as err:
+                if err.status != grpc.StatusCode.UNIMPLEMENTED:
+                    raise
+                legacy.add(address)
+        tallies: list[PutManyResult] = []
+        for start in range(0, len(batch.items), LEGACY_PUTS_AT_ONCE):
+            some = batch.items[start : start + LEGACY_PUTS_AT_ONCE]
+            tallies += await _all(self._put_item(address, item) for item in some)
+        return _total(tallies, [address])
+
+    async def _put_item(self, address: str, item: batches.Item) -> PutManyResult:
+        reply = await self._put_one(address, item.key, item.data, item.checksum)
+        if reply.created:
+            return PutManyResult(1, 0, reply.size, (address,))
+        return PutManyResult(0, 1, 0, (address,))
+
+    async def _running_workers(self, what: str) -> list[WorkerInfo]:
+        """The running workers, least managed memory first; FAILED_PRECONDITION when none."""
         running = [w for w in await self.workers(fresh=True) if w.status == "running"]
         if not running:
             raise AmmError(
-                grpc.StatusCode.FAILED_PRECONDITION, f"no running worker to put {key!r} on"
+                grpc.StatusCode.FAILED_PRECONDITION, f"no running worker to put {what} on"
             )
-        return min(running, key=lambda w: (w.managed_bytes, address_key(w.address))).address
+        return sorted(running, key=lambda w: (w.managed_bytes, address_key(w.address)))
 
-    async def _put_one(self, address: str, key: str, value: bytes, digest: str) -> None:
+    async def _least_loaded(self, key: str) -> str:
+        return (await self._running_workers(repr(key)))[0].address
+
+    async def _put_one(
+        self, address: str, key: str, value: bytes, digest: str
+    ) -> agent_pb2.PutResponse:
         header = agent_pb2.PutHeader(key=key, size=len(value), checksum=digest)
 
         async def requests() -> AsyncIterator[agent_pb2.PutRequest]:
@@ -355,7 +470,7 @@ class AsyncClient:
 
         stub = self._agent_stub(address)
         with _rpc("worker", address):
-            await stub.Put(requests(), timeout=self.timeout)
+            return await stub.Put(requests(), timeout=self.timeout)
 
     async def get(self, key: str, worker: str | None = None) -> bytes:
         """The value of ``key``, read from ``worker`` or, when None, from a current holder.
@@ -507,6 +622,7 @@ class Client(Blocking[AsyncClient]):
     goals = forward(AsyncClient.goals)
     retire_workers = forward(AsyncClient.retire_workers)
     put = forward(AsyncClient.put)
+    put_many = forward(AsyncClient.put_many)
     get = forward(AsyncClient.get)
     prefetch = forward(AsyncClient.prefetch)
     pin = forward(AsyncClient.pin)

@@ -231,6 +231,18 @@ class GoalChange:
     goals_removed: int
 
 
+@dataclass(frozen=True, slots=True)
+class PutManyResult:
+    """What ``put_many`` stored, summed over the ``workers`` it wrote to: values ``created``,
+    values a worker already held with the same content (``unchanged``), and the bytes created
+    (``nbytes``). A value broadcast to 3 workers counts 3 times."""
+
+    created: int
+    unchanged: int
+    nbytes: int
+    workers: tuple[str, ...]
+
+
 def enum_name(enum: EnumDescriptor, value: int, prefix: str) -> str:
     """``WORKER_STATUS_RUNNING`` -> ``running``; an unknown value -> ``unspecified``."""
     known = enum.values_by_number.get(value)

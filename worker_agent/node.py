@@ -1,16 +1,17 @@
 """The agent's state and the operations its gRPC calls map onto, without servers or tasks.
 
 ``Node`` ties the store, the memory monitor, the peer channels and the directive runner together
-and answers each call with one method: ``poll``, ``put``, ``reading``, ``pin``, ``unpin``,
-``delete``, ``promise_keep``, ``run_directive``. User-facing failures raise the domain errors of
-``errors``; the servicer maps them to status codes. Owning the server and the background tasks
-is ``agent``'s job.
+and answers each call with one method: ``poll``, ``put``, ``put_many``, ``reading``, ``pin``,
+``unpin``, ``delete``, ``promise_keep``, ``run_directive``. User-facing failures raise the domain
+errors of ``errors``; the servicer maps them to status codes. Owning the server and the background
+tasks is ``agent``'s job.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import enum
 import logging
 import uuid
@@ -80,6 +81,16 @@ class Reading:
 
     value: Value
     replicated: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """What a batch of puts did: values ``created``, values already held with the same content
+    (``unchanged``), and the bytes created (``nbytes``)."""
+
+    created: int
+    unchanged: int
+    nbytes: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,6 +276,51 @@ class Node:
                 raise TooLarge(verdict.message)
             self.store.add(key, data, checksum)
         return KeyInfo(key, len(data), checksum, self.store.pins(key) > 0), held is None
+
+    def put_many(self, values: Sequence[tuple[Key, bytes, str]]) -> Stored:
+        """Store verified values, each ``(key, data, checksum)``, all of them or none.
+
+        The rules of ``put``, judged for the batch as a whole before anything is stored:
+
+        1. a key held with other content, or given twice with different content:
+           ``ContentConflict``; the same content again counts as ``unchanged``;
+        2. a value larger than ``max_value_bytes``, or new values that together would exceed
+           the memory limit: ``TooLarge`` (memory is judged once, for their sum);
+        3. the agent shutting down: ``Unavailable``.
+        """
+        self._refuse_if_closing()
+        held_value = self.store.get
+        new: dict[Key, tuple[Key, bytes, str]] = {}
+        unchanged = total = largest = 0
+        for value in values:
+            key, data, checksum = value
+            held = held_value(key)
+            if held is None:
+                given = new.get(key)
+                if given is None:
+                    new[key] = value
+                    size = len(data)
+                    total += size
+                    largest = max(largest, size)
+                    continue
+                if given[2] != checksum:
+                    raise ContentConflict(f"{key!r} is given twice with different content")
+            elif held.checksum != checksum:
+                raise ContentConflict(f"{key!r} already holds other content; keys are immutable")
+            unchanged += 1
+        if not new:
+            return Stored(0, unchanged, 0)
+        cond = self.conditions()
+        some = next(iter(new))
+        # The per-value cap holds when the largest value is within it; then the same rule judges
+        # the room for all of them, as one value of their total size.
+        verdict = integrity.judge_put(self.store, some, largest, cond)
+        if not isinstance(verdict, Refuse):
+            whole = dataclasses.replace(cond, max_value_bytes=max(total, cond.max_value_bytes))
+            verdict = integrity.judge_put(self.store, some, total, whole)
+        if isinstance(verdict, Refuse):
+            raise TooLarge(verdict.message)
+        return Stored(len(new), unchanged, self.store.add_many(new.values()))
 
     def _refuse_if_closing(self) -> None:
         if self.closing:

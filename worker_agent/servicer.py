@@ -20,7 +20,7 @@ import grpc
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from amm.checksum import StreamingChecksum
+from amm.checksum import StreamingChecksum, checksum
 from amm.v1 import agent_pb2, agent_pb2_grpc, types_pb2
 from worker_agent import integrity
 from worker_agent.directives import Outcome, OutcomeStatus
@@ -59,7 +59,7 @@ _OUTCOME_STATUS = {
 }
 _OPS = {types_pb2.DIRECTIVE_OP_REPLICATE: Op.REPLICATE, types_pb2.DIRECTIVE_OP_DROP: Op.DROP}
 #: The optional parts of the contract this agent serves (``PollResponse.features``).
-FEATURES = ("directive-batches", "keep-batches")
+FEATURES = ("directive-batches", "keep-batches", "put-batches")
 #: Most outcomes in one DirectivesResponse batch.
 OUTCOMES_PER_MESSAGE = 10_000
 #: Most items in one PromiseKeepBatch request.
@@ -163,6 +163,33 @@ def _checksum(value: str) -> str:
     if value and not integrity.is_checksum(value):
         raise InvalidRequest("a checksum is 64 hexadecimal digits of SHA-256")
     return value
+
+
+def _put_items(items: Iterable[agent_pb2.PutItem]) -> list[tuple[Key, bytes, str]]:
+    """The ``(key, data, checksum)`` of each item of a PutMany message, checksums verified.
+
+    A message may carry 100,000 values: a declared checksum equal to the one computed is taken
+    as it is; only one that differs is looked at for its format and case.
+    """
+    values = []
+    for index, item in enumerate(items):
+        try:
+            key = _key(item.key)
+        except InvalidRequest as err:
+            raise InvalidRequest(f"item {index}: {err.message}") from None
+        data, declared = item.data, item.checksum
+        actual = checksum(data)
+        if declared and declared != actual:
+            try:
+                declared = _checksum(declared)
+            except InvalidRequest as err:
+                raise InvalidRequest(f"item {index} ({key!r}): {err.message}") from None
+            if declared != actual:
+                raise InvalidRequest(
+                    f"item {index} ({key!r}): the value does not match its checksum"
+                )
+        values.append((key, data, actual))
+    return values
 
 
 def _keep_answer(answer: Promise | Refuse, now_ns: int) -> agent_pb2.PromiseKeepResponse:
@@ -468,8 +495,16 @@ class WorkerAgentServicer(agent_pb2_grpc.WorkerAgentServicer):
     async def PutMany(
         self, request_iterator: AsyncIterator[agent_pb2.PutManyRequest], context: Context
     ) -> agent_pb2.PutManyResponse:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "PutMany is not served yet")
-        raise AssertionError("unreachable")
+        """Each message is verified and stored as a whole, or not at all: a failure ends the
+        call, and the values of the messages before it stay stored."""
+        async with _Edge(context, "PutMany"):
+            created = unchanged = stored = 0
+            async for message in request_iterator:
+                batch = self._node.put_many(_put_items(message.items))
+                created += batch.created
+                unchanged += batch.unchanged
+                stored += batch.nbytes
+            return agent_pb2.PutManyResponse(created=created, unchanged=unchanged, bytes=stored)
 
     async def Close(
         self, request: agent_pb2.CloseRequest, context: Context

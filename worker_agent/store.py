@@ -12,7 +12,7 @@ A precondition the caller should have checked (pinning a key not held) raises ``
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import NewType
 
@@ -170,6 +170,28 @@ class Store:
         self._changed(key)
         return True
 
+    def add_many(self, values: Iterable[tuple[Key, bytes, str]]) -> int:
+        """``add`` for many verified values, skipping keys already held; the bytes stored.
+
+        The key index takes the batch in one bulk update.
+        """
+        held = self._values
+        added: list[Key] = []
+        stored = 0
+        for key, data, checksum in values:
+            if key in held:
+                continue
+            held[key] = Value(key, data, checksum)
+            added.append(key)
+            stored += len(data)
+        self._sorted.update(added)
+        self._total += stored
+        # One version per key, as ``add`` would: _log[i] stays the key changed by _base + i + 1.
+        self._version += len(added)
+        self._log += added
+        self._trim()
+        return stored
+
     def remove(self, key: Key) -> bool:
         """Forget a value with its pins and leases; False when it was not held."""
         value = self._values.pop(key, None)
@@ -287,6 +309,9 @@ class Store:
     def _changed(self, key: Key) -> None:
         self._version += 1
         self._log.append(key)
+        self._trim()
+
+    def _trim(self) -> None:
         # Trimming by half the limit at a time keeps appends amortised O(1).
         if len(self._log) >= self._limit + max(1, self._limit // 2):
             cut = len(self._log) - self._limit

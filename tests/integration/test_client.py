@@ -84,6 +84,20 @@ def test_put_and_get_without_naming_workers(client: Client) -> None:
     client.forget("anywhere")
 
 
+def test_put_many_broadcasts_to_the_workers_named_or_spreads_over_all(client: Client) -> None:
+    w1, w2 = client.has_what()
+    items = {f"many-{i}": f"value {i}".encode() for i in range(1000)}
+    result = client.put_many(items, workers=[w1, w2])
+    assert (result.created, result.unchanged, result.workers) == (2000, 0, (w1, w2))
+    assert set(client.who_has(list(items)).values()) == {(w1, w2)}
+    assert client.forget(list(items)) == 2000
+    spread = client.put_many(items.items())
+    assert (spread.created, sorted(spread.workers)) == (1000, [w1, w2])
+    held = client.has_what()
+    assert [sum(k.startswith("many-") for k in held[w]) for w in (w1, w2)] == [500, 500]
+    assert client.forget(list(items)) == 1000
+
+
 def test_status_workers_and_errors(client: Client, cluster: LocalCluster) -> None:
     status = client.status()
     assert status.totals.workers == 2

@@ -148,3 +148,21 @@ def test_changes_stop_at_max_keys_complete_up_to_their_version() -> None:
     assert (first.version, first.more) == (3, True), "complete up to the version before C"
     rest = store.changes_since(first.version, max_keys=2)
     assert rest == Changes((store.info(C),), (B,), 5, False)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("count", [3, 40], ids=["inserted one by one", "merged"])
+def test_add_many_is_add_for_each_value_not_held(count: int) -> None:
+    keys = [Key(f"k{i:03}") for i in range(count)]
+    one_by_one, batched = Store(), Store()
+    for store in (one_by_one, batched):
+        add(store, Key("k001"), b"held")
+        add(store, Key("zz"))
+    values = [(k, k.encode(), checksum(k.encode())) for k in reversed(keys)]
+    for key, data, digest in values:
+        one_by_one.add(key, data, digest)
+    stored = batched.add_many([*values, values[0]])
+    assert stored == sum(len(data) for key, data, _ in values if key != "k001")
+    assert batched.snapshot() == one_by_one.snapshot()
+    assert batched.total_bytes == one_by_one.total_bytes
+    assert batched.version == one_by_one.version
+    assert batched.changes_since(2) == one_by_one.changes_since(2)
