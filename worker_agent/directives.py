@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import enum
 import logging
+import math
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -30,6 +31,12 @@ log = logging.getLogger(__name__)
 HISTORY_LIMIT = 100_000
 #: Most keys asked of one keeper in one PromiseKeepBatch call.
 KEEP_BATCH = 10_000
+#: Keys per extra ``promise_timeout`` a batch of promises may take to be answered: a keeper
+#: busy with its own work answers thousands of keys later than one, and waiting for it costs
+#: far less than refusing thousands of drops to plan them again.
+KEYS_PER_TIMEOUT = 2_000
+#: The longest a batch of promises may take, in seconds.
+MAX_KEEP_WAIT = 20.0
 
 
 class OutcomeStatus(enum.Enum):
@@ -145,6 +152,9 @@ class DirectiveRunner:
         )
         self._history_limit = history_limit
         self._running: dict[str, tuple[_Subject, asyncio.Future[Outcome]]] = {}
+        # One batch of drops at a time: they are CPU work on this loop and on the keepers',
+        # and run side by side they only slowed each other past their promise deadlines.
+        self._dropping = asyncio.Lock()
 
     async def run(self, directive: Directive) -> Outcome:
         """Carry out ``directive`` once per id; a repeated id gets the same outcome back.
@@ -266,7 +276,7 @@ class DirectiveRunner:
             self._running[directive.id] = (_Subject(directive.key, directive.op), future)
             futures.append(future)
         try:
-            async with self._slots:
+            async with self._dropping, self._slots:
                 outcomes = await self._drop_batch(drops)
         except asyncio.CancelledError:
             for future in futures:
@@ -372,11 +382,14 @@ class DirectiveRunner:
     async def _ask_keepers(self, waiting: dict[str, _Drop], done: dict[str, Outcome]) -> None:
         """Ask every named keeper for its keys at once; settle each drop at its first usable
         promise (removing it from ``waiting`` into ``done``), or once all its keepers refused."""
+        if not waiting:
+            return
         me = self._address()
         by_keeper: dict[str, list[_Drop]] = {}
         for drop in waiting.values():
             for keeper in drop.keepers:
                 by_keeper.setdefault(keeper, []).append(drop)
+        wait, lease = self._keep_terms(max(map(len, by_keeper.values())))
         asked_at = self._clock()
         asks: dict[asyncio.Task[list[PromiseAnswer]], tuple[str, list[_Drop]]] = {}
         for keeper, group in by_keeper.items():
@@ -386,16 +399,16 @@ class DirectiveRunner:
                     self._peers.promise_keep_batch(
                         keeper,
                         [(drop.directive.key, drop.checksum) for drop in chunk],
-                        lease=self._config.lease,
+                        lease=lease,
                         requester=me,
-                        deadline=self._config.promise_timeout,
+                        deadline=wait,
                     ),
                     name=f"promises {keeper} x{len(chunk)}",
                 )
                 asks[task] = (keeper, chunk)
         pending = set(asks)
         try:
-            async with asyncio.timeout(self._config.promise_timeout):
+            async with asyncio.timeout(wait):
                 while pending and waiting:
                     finished, pending = await asyncio.wait(
                         pending, return_when=asyncio.FIRST_COMPLETED
@@ -405,7 +418,7 @@ class DirectiveRunner:
                         for drop, answer in zip(chunk, task.result(), strict=True):
                             if drop.directive.id not in waiting:
                                 continue
-                            verdict = self._settle_drop(drop, keeper, answer, asked_at)
+                            verdict = self._settle_drop(drop, keeper, answer, asked_at, lease)
                             if verdict is not None:
                                 del waiting[drop.directive.id]
                                 self._store.unmark_dropping(drop.directive.key)
@@ -417,15 +430,27 @@ class DirectiveRunner:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
 
+    def _keep_terms(self, most: int) -> tuple[float, float]:
+        """How long to wait for promises when a keeper is asked for ``most`` keys at most, and
+        the lease to ask for. Up to ``KEYS_PER_TIMEOUT`` keys: ``promise_timeout`` and the
+        configured lease. Beyond, one more ``promise_timeout`` per ``KEYS_PER_TIMEOUT`` keys (at
+        most ``MAX_KEEP_WAIT``), and a lease long enough that a promise arriving by then can
+        still be relied on (half of it must remain, see ``_settle_drop``)."""
+        timeout, lease = self._config.promise_timeout, self._config.lease
+        if most <= KEYS_PER_TIMEOUT:
+            return timeout, lease
+        wait = min(timeout * math.ceil(most / KEYS_PER_TIMEOUT), max(timeout, MAX_KEEP_WAIT))
+        return wait, max(lease, 2.5 * wait)
+
     def _settle_drop(
-        self, drop: _Drop, keeper: str, answer: PromiseAnswer, asked_at: float
+        self, drop: _Drop, keeper: str, answer: PromiseAnswer, asked_at: float, lease: float
     ) -> integrity.Verdict | None:
         """What ``keeper``'s answer decides for ``drop``: None while other keepers may still
         promise."""
         if not (answer.kept and answer.lease is not None):
             drop.answers[keeper] = _describe(answer)
             return drop.refusal() if drop.all_answered else None
-        if self._clock() - asked_at >= min(self._config.lease, answer.lease) / 2:
+        if self._clock() - asked_at >= min(lease, answer.lease) / 2:
             return Refuse(
                 Reason.NO_CONFIRMED_HOLDER,
                 f"{keeper}'s promise came too late to rely on; try again",

@@ -11,6 +11,7 @@ at the gRPC edge (``servicer``).
 from __future__ import annotations
 
 import enum
+import functools
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ def is_checksum(text: str) -> bool:
     return _CHECKSUM.fullmatch(text) is not None
 
 
+@functools.lru_cache(maxsize=4096)
 def is_peer_address(text: str) -> bool:
     """``HOST:PORT``, the only form of address an agent dials for a peer. Anything else gRPC
     would accept too (``unix:/path``, ``dns:///name``) is refused: callers name peers, and a

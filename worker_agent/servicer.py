@@ -488,9 +488,15 @@ class WorkerAgentServicer(agent_pb2_grpc.WorkerAgentServicer):
             answers = self._node.promise_keep_batch(items, lease)
             now_ns = time.time_ns()
             log.debug("%s asked to keep %d keys", request.requester, len(items))
-            return agent_pb2.PromiseKeepBatchResponse(
-                answers=[_keep_answer(answer, now_ns) for answer in answers]
-            )
+            # Most answers of a batch are alike (the same lease granted): build each kind once.
+            kinds: dict[Promise | Refuse, agent_pb2.PromiseKeepResponse] = {}
+            response = agent_pb2.PromiseKeepBatchResponse()
+            for answer in answers:
+                kind = kinds.get(answer)
+                if kind is None:
+                    kind = kinds[answer] = _keep_answer(answer, now_ns)
+                response.answers.append(kind)
+            return response
 
     async def PutMany(
         self, request_iterator: AsyncIterator[agent_pb2.PutManyRequest], context: Context
