@@ -440,6 +440,7 @@ def _plan(
     # them (and only them), so siblings dropping it in the same cycle never ask each other.
     keepers_of: dict[Key, tuple[WorkerId, ...]] = {}
     renamed: set[Key] = set()  # keys dropped by several suggestions: earlier drops named more
+    shared: dict[tuple[WorkerId, ...], tuple[WorkerId, ...]] = {}
 
     def retire(policy: str, request: RetireRequest) -> WorkerId | None:
         verdict = decider.retire(request, accepted)
@@ -496,6 +497,7 @@ def _plan(
             return None
         if suggestion.op is Op.DROP:
             picks, keepers, no = decider.droppers(kv, suggestion.candidates, copies)
+            keepers = shared.setdefault(keepers, keepers)  # a few distinct tuples for all keys
             if picks:
                 if kv.key in keepers_of:
                     renamed.add(kv.key)

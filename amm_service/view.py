@@ -183,6 +183,11 @@ class ClusterView:
         return frozenset(w for w in workers if w in known and known[w].durable)
 
 
+#: Distinct sets of workers ``ClusterState`` shares between keys, at most.
+MAX_SHARED_SETS = 100_000
+_NOBODY: frozenset[WorkerId] = frozenset()
+
+
 class ClusterState:
     """The mutable cluster model: registration, poll results, snapshots."""
 
@@ -195,6 +200,8 @@ class ClusterState:
         """Per key with conflicting content: what each odd holder reported."""
         self._frozen_held: dict[WorkerId, frozenset[Key]] = {}
         """Per worker, ``_held`` frozen for snapshots; dropped whenever ``_held`` changes."""
+        self._sets: dict[frozenset[WorkerId], frozenset[WorkerId]] = {}
+        """One instance of each set of workers the keys' records hold (see ``_one``)."""
 
     # -- workers ---------------------------------------------------------------------------
 
@@ -310,18 +317,20 @@ class ClusterState:
 
     def _set_holding(self, worker: WorkerId, report: KeyReport) -> None:
         kv = self._keys.get(report.key)
+        one = self._one
         if kv is None:
+            alone = one(frozenset((worker,)))
             self._keys[report.key] = KeyView(
                 report.key,
                 report.size,
                 report.checksum,
-                frozenset((worker,)),
-                frozenset((worker,)) if report.pinned else frozenset(),
+                alone,
+                alone if report.pinned else _NOBODY,
             )
             return
-        holders = kv.holders | {worker}
-        pinned = kv.pinned_on | {worker} if report.pinned else kv.pinned_on - {worker}
-        conflicting = (
+        holders = one(kv.holders | {worker})
+        pinned = one(kv.pinned_on | {worker} if report.pinned else kv.pinned_on - {worker})
+        conflicting = one(
             kv.conflicting | {worker}
             if report.checksum != kv.checksum
             else kv.conflicting - {worker}
@@ -337,7 +346,7 @@ class ClusterState:
         kv = self._keys.get(key)
         if kv is None or worker not in kv.holders:
             return
-        holders = kv.holders - {worker}
+        holders = self._one(kv.holders - {worker})
         odd = self._odd.get(key, {})
         odd.pop(worker, None)
         if not holders:
@@ -348,8 +357,8 @@ class ClusterState:
         kv = replace(
             kv,
             holders=holders,
-            pinned_on=kv.pinned_on - {worker},
-            conflicting=kv.conflicting - {worker},
+            pinned_on=self._one(kv.pinned_on - {worker}),
+            conflicting=self._one(kv.conflicting - {worker}),
         )
         if kv.conflicting == kv.holders:
             # The holders of the reference content are gone: the odd ones out are the reference now.
@@ -358,6 +367,21 @@ class ClusterState:
             self._odd.pop(key, None)
         self._keys[key] = kv
         self._index_replicated(kv)
+
+    def _one(self, workers: frozenset[WorkerId]) -> frozenset[WorkerId]:
+        """The one instance kept of the set ``workers``.
+
+        A cluster of N workers has 100k keys held by a handful of distinct sets of holders, and
+        an empty or small frozenset costs 216 bytes: sharing them saves that much per key. The
+        table is emptied when it outgrows ``MAX_SHARED_SETS`` (sets no key uses any more are
+        dropped with it; those in use are shared again as they change)."""
+        shared = self._sets.get(workers)
+        if shared is not None:
+            return shared
+        if len(self._sets) >= MAX_SHARED_SETS:
+            self._sets.clear()
+        self._sets[workers] = workers
+        return workers
 
     def _rebase(self, kv: KeyView, odd: dict[WorkerId, KeyReport]) -> KeyView:
         first = odd[min(kv.holders)]

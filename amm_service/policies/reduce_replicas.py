@@ -32,6 +32,7 @@ class ReduceReplicas:
         counter = GoalCounter(view.workers)
         leaving = frozenset(w for w, ws in view.workers.items() if ws.serves and not ws.durable)
         goals = view.goals
+        reasons: dict[tuple[int, int], str] = {}
         for key in sorted(view.replicated):
             kv = view.keys[key]
             live = counter.live(kv)
@@ -46,7 +47,10 @@ class ReduceReplicas:
                     yield drop(key, frozenset((worker,)), reason="copy on a retiring worker")
             ndrop = kept + len(in_flight.replicating) - desired
             if ndrop > 0:  # one suggestion for all of them: the core picks them in one pass
-                yield drop(key, live, f"{kept} live copies, {desired} needed", copies=ndrop)
+                reason = reasons.get((kept, desired))
+                if reason is None:  # one string per distinct reason, not one per key
+                    reason = reasons[kept, desired] = f"{kept} live copies, {desired} needed"
+                yield drop(key, live, reason, copies=ndrop)
 
     def __repr__(self) -> str:
         return f"ReduceReplicas(name={self.name!r})"
