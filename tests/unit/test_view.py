@@ -117,3 +117,20 @@ def test_missed_polls_count_until_the_worker_answers() -> None:
     worker = state.worker(A)
     assert worker is not None
     assert worker.reachable
+
+
+def test_keys_held_by_the_same_workers_share_one_set_of_holders() -> None:
+    state = ClusterState()
+    for worker in (A, B):
+        state.register(worker, str(worker), "i1", 0.0)
+    reports = [KeyReport(Key(f"k{i}"), 1, "c") for i in range(3)]
+    poll(state, A, full=True, keys=reports)
+    poll(state, B, full=True, keys=[*reports, KeyReport(Key("only-b"), 1, "c")])
+    keys = state.snapshot().keys
+    first = keys[Key("k0")].holders
+    assert first == {A, B}
+    assert all(keys[Key(f"k{i}")].holders is first for i in range(3))
+    poll(state, A, version=2, removed=[Key("k1")])
+    after = state.snapshot().keys
+    assert after[Key("k1")].holders is after[Key("only-b")].holders
+    assert after[Key("k1")].holders == {B}
