@@ -382,22 +382,6 @@ def plan(
     return done
 
 
-def planning(
-    view: ClusterView,
-    policies: Iterable[Policy],
-    in_flight: InFlightSource,
-    config: PlanConfig,
-    new_id: Callable[[], str],
-) -> Generator[None, None, Plan]:
-    """``plan`` in steps: it yields every ``STEP`` units of work, so that a caller on an event
-    loop can let other work run in between (``step`` drives it); the plan is its return value.
-
-    The view is frozen; what is in flight may change between steps (an outcome settles a
-    directive): later suggestions see the ledger as it is then, as the next cycle would.
-    """
-    return _plan(view, policies, in_flight, config, new_id)
-
-
 def step(steps: Generator[None, None, Plan]) -> Plan | None:
     """Run one step of ``planning``; the plan once it is done, else None.
 
@@ -417,13 +401,19 @@ def step(steps: Generator[None, None, Plan]) -> Plan | None:
     return None
 
 
-def _plan(
+def planning(
     view: ClusterView,
     policies: Iterable[Policy],
     in_flight: InFlightSource,
     config: PlanConfig,
     new_id: Callable[[], str],
 ) -> Generator[None, None, Plan]:
+    """``plan`` in steps: it yields every ``STEP`` units of work, so that a caller on an event
+    loop can let other work run in between (``step`` drives it); the plan is its return value.
+
+    The view is frozen; what is in flight may change between steps (an outcome settles a
+    directive): later suggestions see the ledger as it is then, as the next cycle would.
+    """
     decider = _Decider(view, in_flight, config)
     flying = list(in_flight.directives())  # the ledger may change while we yield
     for start in range(0, len(flying), STEP):
