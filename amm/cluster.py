@@ -287,6 +287,11 @@ class LocalCluster:
         return f"<LocalCluster amm={getattr(self, 'address', '?')} workers={len(self._agents)}>"
 
     @property
+    def service_pid(self) -> int:
+        """The AMM service's process id, to measure its CPU and memory (as benchmarks do)."""
+        return self._service[0].popen.pid
+
+    @property
     def workers(self) -> list[str]:
         """Addresses of the running agents, in start order (not those that exited, such as an
         agent the AMM retired and closed)."""

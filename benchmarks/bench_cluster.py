@@ -1,0 +1,707 @@
+"""A whole cluster, measured: K keys x R replicas on N agent processes, and how the AMM cleans up.
+
+For amm and, when the ``bench`` extra is installed, for Dask in the same run, on the same shapes:
+
+1. build: put K small keys on R workers (amm: ``put_many`` broadcast; Dask:
+   ``scatter(broadcast=True)``), with the AMM stopped;
+2. converge: start the AMM and time until the workers really hold one replica of each key, with
+   the cycles, the directives and the AMM's CPU, peak RSS and control-call latency meanwhile;
+3. replicate: 16 values (1 GiB in all by default) on one worker, copied to n=2 (amm: the
+   ``replicate`` goal; Dask: ``Client.replicate``);
+4. retire: retire a worker holding 16 unique values (1 GiB in all by default).
+
+Each shape gets a fresh cluster per system, and the throughput phases one more. Every phase has a
+deadline (``--timeout``) and reports what it saw when it passes, rather than hang.
+
+    python benchmarks/bench_cluster.py --quick                   # a small run, about a minute
+    python benchmarks/bench_cluster.py                           # 10k, 100k keys x 4 on 4 workers
+    python benchmarks/bench_cluster.py --keys 10000 --skip-dask --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import concurrent.futures
+import contextlib
+import functools
+import importlib.util
+import json
+import logging
+import math
+import os
+import signal
+import statistics
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from amm import AmmError, AsyncClient, LocalCluster
+from amm.tables import render_table
+from amm.units import format_bytes, parse_size
+
+#: Seconds between two convergence checks.
+CHECK_EVERY = 0.5
+#: Seconds between two RSS samples of the measured process.
+RSS_EVERY = 0.05
+#: Seconds the latency probe rests between two rounds of control calls.
+PROBE_PAUSE = 0.1
+#: How many values make up the bytes of the throughput phases.
+BIG_VALUES = 16
+#: Control calls whose latency is measured while the AMM converges.
+PROBES = ("running", "status", "who_has")
+
+Figures = dict[str, Any]
+
+
+# -- measuring -------------------------------------------------------------------------------------
+
+
+class ProcessMeter:
+    """CPU seconds and peak RSS of one process between ``start`` and ``stop``, RSS sampled every
+    ``RSS_EVERY`` seconds from a thread (so that a busy event loop does not skip samples)."""
+
+    def __init__(self, pid: int) -> None:
+        self._process = psutil.Process(pid)
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample, name="rss sampler", daemon=True)
+        self.peak_rss = 0
+        self.cpu_seconds = 0.0
+        self._cpu_start = 0.0
+
+    def _cpu(self) -> float:
+        times = self._process.cpu_times()
+        return times.user + times.system
+
+    def _sample(self) -> None:
+        while not self._done.is_set():
+            with contextlib.suppress(psutil.Error):
+                self.peak_rss = max(self.peak_rss, self._process.memory_info().rss)
+            self._done.wait(RSS_EVERY)
+
+    def start(self) -> None:
+        self._cpu_start = self._cpu()
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join(timeout=5)
+        with contextlib.suppress(psutil.Error):
+            self.cpu_seconds = self._cpu() - self._cpu_start
+
+
+@dataclass
+class Latencies:
+    """Seconds each control call took, by call; calls that failed are counted apart."""
+
+    samples: dict[str, list[float]] = field(default_factory=lambda: {p: [] for p in PROBES})
+    failures: int = 0
+
+    def add(self, name: str, seconds: float) -> None:
+        self.samples[name].append(seconds)
+
+    def figures(self) -> Figures:
+        result: Figures = {"probe_failures": self.failures}
+        for name, values in self.samples.items():
+            result[f"{name}_calls"] = len(values)
+            for label, value in _percentiles(values).items():
+                result[f"{name}_{label}_ms"] = None if value is None else value * 1e3
+        return result
+
+
+def _percentiles(values: list[float]) -> dict[str, float | None]:
+    if not values:
+        return {"p50": None, "p99": None, "max": None}
+    ordered = sorted(values)
+    p99 = ordered[min(len(ordered) - 1, math.ceil(0.99 * len(ordered)) - 1)]
+    return {"p50": statistics.median(ordered), "p99": p99, "max": ordered[-1]}
+
+
+def make_keys(count: int, value_bytes: int) -> dict[str, bytes]:
+    """``count`` distinct small values: the key's number, then filler."""
+    filler = b"x" * max(0, value_bytes - 8)
+    return {f"key-{i:07}": i.to_bytes(8, "little")[:value_bytes] + filler for i in range(count)}
+
+
+def make_big(prefix: str, total: int) -> dict[str, bytes]:
+    """``BIG_VALUES`` distinct values of ``total`` bytes in all (one random body, numbered)."""
+    size = max(8, total // BIG_VALUES)
+    body = os.urandom(size - 8)
+    return {f"{prefix}-{i:02}": i.to_bytes(8, "little") + body for i in range(BIG_VALUES)}
+
+
+def not_done(what: str, seconds: float, detail: str = "") -> str:
+    return f"not {what} after {seconds:g} s" + (f" ({detail})" if detail else "")
+
+
+# -- amm -------------------------------------------------------------------------------------------
+
+
+async def _amm_probe(address: str, key: str, stop: asyncio.Event, lat: Latencies) -> None:
+    """Control calls in a loop, one at a time, on a channel of their own. ``who_has`` is the
+    client's default, fresh: the AMM polls every agent before it answers."""
+    async with AsyncClient(address, timeout=30) as client:
+        calls: dict[str, Callable[[], Awaitable[object]]] = {
+            "running": client.amm.running,
+            "status": client.status,
+            "who_has": lambda: client.who_has([key]),
+        }
+        while not stop.is_set():
+            for name, call in calls.items():
+                started = time.perf_counter()
+                try:
+                    await call()
+                except AmmError:
+                    lat.failures += 1
+                    continue
+                lat.add(name, time.perf_counter() - started)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), PROBE_PAUSE)
+
+
+async def _amm_build_and_converge(
+    cluster: LocalCluster, args: argparse.Namespace, keys: int
+) -> Figures:
+    data = make_keys(keys, args.value_bytes)
+    probe_key = next(iter(data))
+    figures: Figures = {"directives_needed": keys * (args.replicas - 1)}
+    async with AsyncClient(cluster.address, timeout=max(60.0, args.timeout)) as client:
+        await client.amm.stop()
+        targets = list(await client.has_what())[: args.replicas]
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(args.timeout):
+                result = await client.put_many(data, workers=targets)
+        except TimeoutError:
+            figures["build_s"] = not_done("built", args.timeout)
+            return figures
+        figures["build_s"] = time.perf_counter() - started
+        figures["build_created"] = result.created
+
+        before = await client.status()
+        meter = ProcessMeter(cluster.service_pid)
+        lat = Latencies()
+        stop = asyncio.Event()
+        meter.start()
+        started = time.perf_counter()
+        await client.amm.start()
+        probe = asyncio.create_task(
+            _amm_probe(cluster.address, probe_key, stop, lat), name="latency probe"
+        )
+        converged: float | None = None
+        last = before
+        try:
+            deadline = started + args.timeout
+            while time.perf_counter() < deadline:
+                await asyncio.sleep(CHECK_EVERY)
+                # Honest, not the AMM's belief: who_has(fresh=True) makes the AMM poll every
+                # agent before it answers, so the totals read right after count what the agents
+                # hold now (drops applied and not yet polled would otherwise be missed, and
+                # drops in flight counted as done).
+                try:
+                    await client.who_has([probe_key], fresh=True)
+                    last = await client.status()
+                except AmmError as err:
+                    print(f"  convergence check failed: {err}", flush=True)
+                    continue
+                if last.totals.keys == keys and last.totals.replicas == keys:
+                    converged = time.perf_counter() - started
+                    break
+        finally:
+            stop.set()
+            meter.stop()
+            with contextlib.suppress(TimeoutError):  # then wait_for cancelled a stuck call
+                await asyncio.wait_for(probe, 10)
+            await client.amm.stop()
+        totals, base = last.totals, before.totals
+        figures["converge_s"] = (
+            converged if converged is not None else not_done("converged", args.timeout)
+        )
+        figures["replicas_at_end"] = totals.replicas
+        figures["cycles"] = last.cycles - before.cycles
+        figures["directives_sent"] = totals.directives_sent - base.directives_sent
+        figures["directives_applied"] = totals.directives_applied - base.directives_applied
+        figures["directives_refused"] = totals.directives_refused - base.directives_refused
+        figures["directives_failed"] = totals.directives_failed - base.directives_failed
+        reasons = collections.Counter(r.reason for r in last.recent_refusals)
+        figures["recent_refusals"] = ", ".join(f"{r} {n}" for r, n in reasons.most_common(3))
+        figures["cpu_s"] = meter.cpu_seconds
+        figures["peak_rss_bytes"] = meter.peak_rss
+        figures.update(lat.figures())
+    return figures
+
+
+async def _amm_throughput(cluster: LocalCluster, args: argparse.Namespace) -> Figures:
+    figures: Figures = {}
+    total = args.replicate_bytes
+    async with AsyncClient(cluster.address, timeout=max(60.0, args.timeout)) as client:
+        first, *_, last = sorted((await client.has_what()).keys())
+        big = make_big("replicate", total)
+        await client.put_many(big, workers=first)
+        await client.who_has(list(big), fresh=True)  # the AMM knows the keys: a goal needs it
+        await client.amm.start()
+        started = time.perf_counter()
+        await client.replicate(list(big), n=2)
+        elapsed = await _until(
+            lambda: _all_copies(client, list(big), 2), started, args.timeout, "replicated"
+        )
+        figures["replicate_s"] = elapsed
+        if isinstance(elapsed, float):
+            figures["replicate_gb_s"] = sum(map(len, big.values())) / elapsed / 1e9
+        await client.replicate(list(big), n=1)
+        await client.forget(list(big))
+
+        big = make_big("retire", total)
+        await client.put_many(big, workers=last)
+        await client.who_has(list(big), fresh=True)
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(args.timeout):
+                (outcome,) = await client.retire_workers([last], timeout=args.timeout)
+        except TimeoutError:
+            figures["retire_s"] = not_done("retired", args.timeout)
+        else:
+            seconds = time.perf_counter() - started
+            if outcome.retired:
+                figures["retire_s"] = seconds
+                figures["retire_gb_s"] = sum(map(len, big.values())) / seconds / 1e9
+            else:
+                figures["retire_s"] = f"abandoned after {seconds:.1f} s: {outcome.reason}"
+        await client.amm.stop()
+    return figures
+
+
+async def _all_copies(client: AsyncClient, keys: list[str], n: int) -> bool:
+    holders = await client.who_has(keys, fresh=True)
+    return all(len(holders.get(key, ())) >= n for key in keys)
+
+
+async def _until(
+    check: Callable[[], Awaitable[bool]], started: float, limit: float, what: str
+) -> float | str:
+    while time.perf_counter() - started < limit:
+        if await check():
+            return time.perf_counter() - started
+        await asyncio.sleep(CHECK_EVERY / 5)
+    return not_done(what, limit)
+
+
+def run_amm(args: argparse.Namespace) -> Figures:
+    results: Figures = {}
+
+    def shape(keys: int) -> Figures:
+        with LocalCluster(args.workers, interval=args.interval, start=False) as cluster:
+            return asyncio.run(_amm_build_and_converge(cluster, args, keys))
+
+    def throughput() -> Figures:
+        with LocalCluster(args.workers, interval=args.interval, start=False) as cluster:
+            return asyncio.run(_amm_throughput(cluster, args))
+
+    for keys in args.keys:
+        print(f"amm: {keys:,} keys x {args.replicas} on {args.workers} agents ...", flush=True)
+        results[str(keys)] = _guarded("amm", functools.partial(shape, keys))
+    print(f"amm: replicate and retire {format_bytes(args.replicate_bytes)} ...", flush=True)
+    results["throughput"] = _guarded("amm", throughput)
+    return results
+
+
+def _guarded(system: str, phase: Callable[[], Figures]) -> Figures:
+    """The phase's figures, or its failure as a figure: one failed phase leaves the others."""
+    try:
+        return phase()
+    except Exception as err:
+        print(f"  {system}: failed: {type(err).__name__}: {err}", flush=True)
+        return {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:80]}"}
+
+
+# -- Dask ------------------------------------------------------------------------------------------
+
+
+def _scheduler_replicas(dask_scheduler: Any) -> tuple[int, int]:
+    tasks = dask_scheduler.tasks.values()
+    return sum(1 for ts in tasks if ts.who_has), sum(len(ts.who_has) for ts in tasks)
+
+
+def _worker_keys(dask_worker: Any) -> int:
+    return len(dask_worker.data)
+
+
+def _timed(call: Callable[[], Any], timeout: float, what: str) -> tuple[float | str, Any]:
+    """Seconds ``call`` took and what it returned, run in a thread so that it gets a deadline;
+    on the deadline the call is left to end with the cluster."""
+    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="dask call")
+    started = time.perf_counter()
+    try:
+        result = pool.submit(call).result(timeout=timeout)
+        return time.perf_counter() - started, result
+    except concurrent.futures.TimeoutError:
+        return not_done(what, timeout), None
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+@contextlib.contextmanager
+def _dask_cluster(args: argparse.Namespace) -> Iterator[Any]:
+    # Dask logs every connection it closes at INFO, here and in its worker processes, which
+    # read their logging configuration from the environment.
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
+    import dask
+    import distributed
+
+    logging.getLogger("distributed").setLevel(logging.WARNING)
+    config = {
+        "distributed.scheduler.active-memory-manager.start": False,
+        "distributed.scheduler.active-memory-manager.interval": f"{args.dask_interval}s",
+    }
+    with dask.config.set(config):
+        cluster = distributed.LocalCluster(
+            n_workers=args.workers,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=":0",
+            silence_logs=logging.ERROR,
+        )
+        try:
+            client = distributed.Client(cluster)
+            try:
+                yield client
+            finally:
+                # A call left running past its deadline can make closing time out.
+                with contextlib.suppress(Exception):
+                    client.close(timeout=10)
+        finally:
+            with contextlib.suppress(Exception):
+                cluster.close(timeout=10)
+            end_children()
+
+
+def end_children(grace: float = 5.0) -> None:
+    """Terminate, then kill, the processes this script started that are still running (Dask's
+    nannies and workers when closing failed; multiprocessing's resource tracker is left)."""
+    children = []
+    for child in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if "resource_tracker" not in " ".join(child.cmdline()):
+                children.append(child)
+    for child in children:
+        with contextlib.suppress(psutil.Error):
+            child.terminate()
+    _, alive = psutil.wait_procs(children, timeout=grace)
+    for child in alive:
+        with contextlib.suppress(psutil.Error):
+            child.kill()
+
+
+def _dask_probe(client: Any, key: str, stop: threading.Event, lat: Latencies) -> None:
+    calls: dict[str, Callable[[], object]] = {
+        "running": client.amm.running,
+        "status": client.scheduler_info,
+        "who_has": lambda: client.who_has([key]),
+    }
+    while not stop.is_set():
+        for name, call in calls.items():
+            started = time.perf_counter()
+            try:
+                call()
+            except Exception:
+                lat.failures += 1
+                continue
+            lat.add(name, time.perf_counter() - started)
+        stop.wait(PROBE_PAUSE)
+
+
+def _dask_build_and_converge(args: argparse.Namespace, keys: int) -> Figures:
+    figures: Figures = {"directives_needed": keys * (args.replicas - 1)}
+    data = make_keys(keys, args.value_bytes)
+    probe_key = next(iter(data))
+    with _dask_cluster(args) as client:
+        targets = sorted(client.scheduler_info()["workers"])[: args.replicas]
+        figures["build_s"], futures = _timed(
+            lambda: client.scatter(data, workers=targets, broadcast=True), args.timeout, "built"
+        )
+        if futures is None:
+            return figures
+
+        # The scheduler is in this process (LocalCluster), with this script's client and
+        # threads: its CPU and RSS are this process's.
+        meter = ProcessMeter(os.getpid())
+        lat = Latencies()
+        stop = threading.Event()
+        prober = threading.Thread(
+            target=_dask_probe, args=(client, probe_key, stop, lat), daemon=True
+        )
+        meter.start()
+        started = time.perf_counter()
+        client.amm.start()
+        prober.start()
+        converged: float | None = None
+        nkeys = nreplicas = held = 0
+        try:
+            while time.perf_counter() - started < args.timeout:
+                time.sleep(CHECK_EVERY)
+                # The scheduler forgets a replica as soon as it asks a worker to drop it, so its
+                # who_has alone is optimistic: the workers' own stores must agree.
+                nkeys, nreplicas = client.run_on_scheduler(_scheduler_replicas)
+                if nkeys == keys and nreplicas == keys:
+                    held = sum(client.run(_worker_keys).values())
+                    if held == keys:
+                        converged = time.perf_counter() - started
+                        break
+        finally:
+            stop.set()
+            meter.stop()
+            prober.join(timeout=30)
+            client.amm.stop()
+        figures["converge_s"] = (
+            converged if converged is not None else not_done("converged", args.timeout)
+        )
+        figures["replicas_at_end"] = nreplicas  # the scheduler's count
+        figures["cpu_s"] = meter.cpu_seconds
+        figures["peak_rss_bytes"] = meter.peak_rss
+        figures.update(lat.figures())
+        client.cancel(list(futures.values()))
+    return figures
+
+
+def _dask_throughput(args: argparse.Namespace) -> Figures:
+    figures: Figures = {}
+    total = args.replicate_bytes
+    with _dask_cluster(args) as client:
+        first, *_, last = sorted(client.scheduler_info()["workers"])
+        big = make_big("replicate", total)
+        futures = client.scatter(big, workers=[first])
+        # Dask's AMM stays off here: its ReduceReplicas would undo the replication.
+        elapsed, _ = _timed(
+            lambda: client.replicate(list(futures.values()), n=2), args.timeout, "replicated"
+        )
+        if isinstance(elapsed, float):
+            copies = client.who_has(list(futures.values()))
+            if all(len(w) >= 2 for w in copies.values()):
+                figures["replicate_gb_s"] = sum(map(len, big.values())) / elapsed / 1e9
+            else:
+                elapsed = f"returned after {elapsed:.1f} s with fewer than 2 copies"
+        figures["replicate_s"] = elapsed
+        client.cancel(list(futures.values()))
+
+        big = make_big("retire", total)
+        futures = client.scatter(big, workers=[last])
+        elapsed, _ = _timed(lambda: client.retire_workers([last]), args.timeout, "retired")
+        figures["retire_s"] = elapsed
+        if isinstance(elapsed, float):
+            held = client.who_has(list(futures.values()))
+            if all(w and last not in w for w in held.values()):
+                figures["retire_gb_s"] = sum(map(len, big.values())) / elapsed / 1e9
+            else:
+                figures["retire_s"] = f"returned after {elapsed:.1f} s with keys left behind"
+    return figures
+
+
+def run_dask(args: argparse.Namespace) -> Figures:
+    results: Figures = {}
+    for keys in args.keys:
+        print(f"Dask: {keys:,} keys x {args.replicas} on {args.workers} workers ...", flush=True)
+        results[str(keys)] = _guarded(
+            "Dask", functools.partial(_dask_build_and_converge, args, keys)
+        )
+    print(f"Dask: replicate and retire {format_bytes(args.replicate_bytes)} ...", flush=True)
+    results["throughput"] = _guarded("Dask", lambda: _dask_throughput(args))
+    return results
+
+
+# -- the table -------------------------------------------------------------------------------------
+
+
+def _rows_for_shape() -> list[tuple[str, str, str]]:
+    """(figure, label, format) of each row of a shape's block."""
+    rows = [
+        ("build_s", "build: put K keys on R workers", "s"),
+        ("converge_s", "converge: until 1 replica per key", "s"),
+        ("replicas_at_end", "  replicas at the last check", "n"),
+        ("cycles", "  AMM cycles", "n"),
+        ("directives_needed", "  directives needed, K x (R-1)", "n"),
+        ("directives_sent", "  directives sent", "n"),
+        ("directives_applied", "  directives applied", "n"),
+        ("directives_refused", "  directives refused", "n"),
+        ("directives_failed", "  directives failed", "n"),
+        ("recent_refusals", "  reasons of the last refusals kept", "t"),
+        ("cpu_s", "  AMM CPU while converging", "s"),
+        ("peak_rss_bytes", "  AMM peak RSS while converging", "b"),
+    ]
+    for probe in PROBES:
+        for stat in ("p50", "p99", "max"):
+            rows.append((f"{probe}_{stat}_ms", f"  {probe}() latency {stat}", "ms"))
+    return rows
+
+
+THROUGHPUT_ROWS = [
+    ("replicate_s", "replicate to n=2", "s"),
+    ("replicate_gb_s", "  throughput", "gb"),
+    ("retire_s", "retire a worker", "s"),
+    ("retire_gb_s", "  throughput", "gb"),
+]
+
+
+def _cell(value: Any, kind: str) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, str):
+        return value
+    if kind == "s":
+        return f"{value:.2f} s"
+    if kind == "ms":
+        return f"{value:.1f} ms"
+    if kind == "b":
+        return format_bytes(value)
+    if kind == "gb":
+        return f"{value:.3f} GB/s"
+    return f"{value:,}"
+
+
+def _ratio(ours: Any, theirs: Any) -> str:
+    numbers = (int, float)
+    if not isinstance(ours, numbers) or not isinstance(theirs, numbers) or not theirs:
+        return "-"
+    return f"{ours / theirs:.2f}"
+
+
+def render(args: argparse.Namespace, amm: Figures, dask: Figures | None) -> str:
+    headers = ["", "amm", "Dask", "amm / Dask"] if dask is not None else ["", "amm"]
+    rows: list[list[str]] = []
+
+    def block(title: str, part: str, spec: list[tuple[str, str, str]]) -> None:
+        rows.append([title, *([""] * (len(headers) - 1))])
+        ours, theirs = amm.get(part, {}), (dask or {}).get(part, {})
+        if "error" in ours or "error" in theirs:
+            spec = [("error", "  failed", "t"), *spec]
+        for key, label, kind in spec:
+            row = [label, _cell(ours.get(key), kind)]
+            if dask is not None:
+                row += [_cell(theirs.get(key), kind), _ratio(ours.get(key), theirs.get(key))]
+            rows.append(row)
+
+    for keys in args.keys:
+        block(f"{keys:,} keys x {args.replicas} replicas", str(keys), _rows_for_shape())
+    block(
+        f"{format_bytes(args.replicate_bytes)} in {BIG_VALUES} values",
+        "throughput",
+        THROUGHPUT_ROWS,
+    )
+    return render_table(headers, rows, right=range(1, len(headers)))
+
+
+# -- main ------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--keys", type=int, nargs="+", default=None, help="10000 100000")
+    parser.add_argument("--replicas", type=int, default=4, help="replicas put of each key")
+    parser.add_argument("--workers", type=int, default=4, help="agent (worker) processes")
+    parser.add_argument("--value-bytes", type=int, default=100, help="size of each small value")
+    parser.add_argument(
+        "--replicate-bytes",
+        type=parse_size,
+        default=None,
+        help=f"bytes replicated, and held by the retired worker, in {BIG_VALUES} values (1GiB)",
+    )
+    parser.add_argument("--interval", type=float, default=0.5, help="amm's AMM interval, s")
+    parser.add_argument(
+        "--dask-interval", type=float, default=2.0, help="Dask's AMM interval, s (its default)"
+    )
+    parser.add_argument("--timeout", type=float, default=120.0, help="deadline of each phase, s")
+    parser.add_argument("--skip-dask", action="store_true", help="measure amm alone")
+    parser.add_argument(
+        "--quick", action="store_true", help="a small run: 2,000 keys, 64 MiB replicated"
+    )
+    parser.add_argument("--json", type=Path, default=None, metavar="PATH")
+    args = parser.parse_args(argv)
+    if args.keys is None:
+        args.keys = [2_000] if args.quick else [10_000, 100_000]
+    if args.replicate_bytes is None:
+        args.replicate_bytes = 64 * 2**20 if args.quick else 2**30
+    if not 1 <= args.replicas <= args.workers:
+        parser.error("--replicas must be between 1 and --workers")
+    if args.workers < 2:
+        parser.error("--workers must be at least 2 (a retirement needs somewhere to go)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    # SIGTERM stops the run as Ctrl-C does, so that the clusters are stopped on the way out.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    load_start = os.getloadavg()
+    print(
+        f"{args.workers} workers, {args.replicas} replicas, values of {args.value_bytes} B; "
+        f"amm interval {args.interval:g} s, Dask interval {args.dask_interval:g} s; "
+        f"deadline {args.timeout:g} s per phase; load average {_load(load_start)}",
+        flush=True,
+    )
+    dask: Figures | None = None
+    dask_note = ""
+    if not args.skip_dask and importlib.util.find_spec("distributed") is None:
+        dask_note = "Dask skipped: the bench extra is not installed (pip install -e '.[bench]')"
+    try:
+        amm = run_amm(args)
+        if not args.skip_dask and not dask_note:
+            dask = run_dask(args)
+    finally:
+        end_children()
+    load_end = os.getloadavg()
+    print()
+    print(render(args, amm, dask))
+    print()
+    for note in _notes(args, dask_note):
+        print(textwrap.fill(note, width=100, subsequent_indent="  "))
+    print(f"load average at start {_load(load_start)}, at end {_load(load_end)}")
+    if args.json is not None:
+        document = {
+            "args": {k: v for k, v in vars(args).items() if k != "json"},
+            "load_average": {"start": load_start, "end": load_end},
+            "cpus": os.cpu_count(),
+            "amm": amm,
+            "dask": dask,
+        }
+        args.json.write_text(json.dumps(document, indent=2, default=str) + "\n", encoding="utf-8")
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _load(load: tuple[float, float, float]) -> str:
+    return " ".join(f"{x:.2f}" for x in load)
+
+
+def _notes(args: argparse.Namespace, dask_note: str) -> list[str]:
+    notes = [
+        "converged: amm: after a fresh poll of every agent (who_has(fresh=True)), GetStatus "
+        "counts one replica per key; Dask: the scheduler counts one replica per key and the "
+        f"workers' stores hold K keys in all; checked every {CHECK_EVERY:g} s.",
+        "amm's AMM runs in its own process; Dask's scheduler runs in this one (LocalCluster), so "
+        "its CPU and RSS include this script's client and threads.",
+        "latency: one call at a time in a loop while converging; who_has is fresh (amm polls "
+        "every agent first); Dask's status() is scheduler_info(). Dask counts no cycles or "
+        "directives.",
+        "replicate: amm sets a goal n=2 that its running AMM carries out; Dask's "
+        "Client.replicate copies with its AMM off (its ReduceReplicas would undo it).",
+    ]
+    if dask_note:
+        notes.append(dask_note)
+    return notes
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("interrupted: every process this run started is stopped", file=sys.stderr)
+        sys.exit(130)
