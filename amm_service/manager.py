@@ -112,7 +112,6 @@ class ActiveMemoryManager:
             self._links,
             epoch=0,
             timeout=config.poll_timeout,
-            on_version=self.ledger.observe,
             on_restart=self.outcomes.forget_in_flight,
             clock=clock,
         )
@@ -353,6 +352,7 @@ class ActiveMemoryManager:
             await self._judge_liveness()
         record.startup_grace = self.in_startup_grace()
         self.retirements.apply_flags()
+        self.ledger.observe(self._version_of)
         view = self.state.snapshot(goals=self.goals.mapping, now=self._clock())
         t1 = time.perf_counter()
         steps = core.planning(
@@ -403,6 +403,10 @@ class ActiveMemoryManager:
                 record.plan_duration * 1e3,
             )
         return record
+
+    def _version_of(self, worker: WorkerId) -> int | None:
+        known = self.state.worker(worker)
+        return known.version if known is not None else None
 
     def _takes_batches(self, worker: WorkerId) -> bool:
         known = self.state.worker(worker)

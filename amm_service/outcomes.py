@@ -86,11 +86,9 @@ class Outcomes:
         self.on_outcomes(worker, (outcome,))
 
     def on_outcomes(self, worker: WorkerId, outcomes: Iterable[Outcome]) -> None:
-        known = self._state.worker(worker)
-        observed = known.version if known else 0
         settle, records, totals = self._ledger.settle, self._records, self.totals
         for outcome in outcomes:
-            entry = settle(outcome, observed)
+            entry = settle(outcome)
             if entry is None:
                 continue  # expired, or a repeated answer: counted already
             status = outcome.status

@@ -5,8 +5,9 @@ so a slow transfer invites the next cycle to ask again, or to drop a replica tha
 still relying on. Here a directive stays in flight until
 
 1. the agent refused or failed it (nothing changed on the agent), or
-2. it was applied *and* a poll has since shown the agent at the outcome's inventory version, so
-   the cluster view already reflects it, or
+2. it was applied *and* the view a cycle plans on shows the agent at the outcome's inventory
+   version or later (``observe``, called right before the snapshot: an entry settled by a poll
+   made while a cycle plans on an older view would let that cycle plan the same work again), or
 3. no outcome arrived within the directive timeout and the worker is not answering (it stopped
    answering polls, or its directive stream is gone), or
 4. the worker left or restarted.
@@ -63,6 +64,7 @@ class Ledger:
         self._entries: dict[str, Entry] = {}
         self._by_key: dict[Key, dict[str, Entry]] = {}
         self._by_worker: dict[WorkerId, dict[str, Entry]] = {}
+        self._applied: dict[str, None] = {}
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -76,24 +78,28 @@ class Ledger:
     def add(self, directive: Directive, now: float, cycle: int = 0) -> None:
         self._put(Entry(directive, now, cycle=cycle))
 
-    def settle(self, outcome: Outcome, observed_version: int) -> Entry | None:
-        """Record an outcome; returns the entry it concerned, or None if unknown (expired).
-
-        ``observed_version`` is the agent's inventory version in the current cluster view.
-        """
+    def settle(self, outcome: Outcome) -> Entry | None:
+        """Record an outcome; returns the entry it concerned, or None if unknown (expired) or
+        answered already (a directive sent again is answered again). A refused or failed
+        directive leaves the ledger; an applied one stays until ``observe`` sees its effect."""
         entry = self._entries.get(outcome.directive_id)
         if entry is None or entry.applied_version is not None:
-            return None  # unknown (expired), or answered already (a directive sent again)
-        if outcome.status is OutcomeStatus.APPLIED and outcome.inventory_version > observed_version:
+            return None
+        if outcome.status is OutcomeStatus.APPLIED:
             self._put(replace(entry, applied_version=outcome.inventory_version))
+            self._applied[outcome.directive_id] = None
         else:
             self._remove(entry)
         return entry
 
-    def observe(self, worker: WorkerId, version: int) -> None:
-        """A poll showed ``worker`` at inventory ``version``: applied directives up to it settle."""
-        for entry in list(self._by_worker.get(worker, {}).values()):
-            if entry.applied_version is not None and entry.applied_version <= version:
+    def observe(self, versions: Callable[[WorkerId], int | None]) -> None:
+        """Settle the applied directives whose effect the cluster view shows: ``versions``
+        gives each worker's inventory version in the view (None: not known)."""
+        for directive_id in list(self._applied):
+            entry = self._entries[directive_id]
+            seen = versions(entry.directive.worker)
+            applied = entry.applied_version
+            if seen is not None and applied is not None and applied <= seen:
                 self._remove(entry)
 
     def forget_worker(self, worker: WorkerId) -> list[Entry]:
@@ -157,6 +163,7 @@ class Ledger:
     def _remove(self, entry: Entry) -> None:
         directive = entry.directive
         self._entries.pop(directive.id, None)
+        self._applied.pop(directive.id, None)
         _discard(self._by_key, directive.key, directive.id)
         _discard(self._by_worker, directive.worker, directive.id)
 

@@ -52,7 +52,6 @@ class Poller:
         *,
         epoch: int,
         timeout: float,
-        on_version: Callable[[WorkerId, int], None],
         on_restart: Callable[[WorkerId], None],
         clock: Callable[[], float] = time.time,
         page: int = PAGE_KEYS,
@@ -61,7 +60,6 @@ class Poller:
         self._links = links
         self.epoch = epoch
         self._timeout = timeout
-        self._on_version = on_version
         self._on_restart = on_restart
         self._clock = clock
         self._page = page
@@ -176,4 +174,3 @@ class Poller:
             features=frozenset(last.features),
             now=self._clock(),
         )
-        self._on_version(worker, resp.version)

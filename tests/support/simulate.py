@@ -166,7 +166,7 @@ class Simulation:
         for d in sorted(due, key=lambda d: d.op is Op.DROP):
             why = self._apply(d)
             status = OutcomeStatus.APPLIED if why is None else OutcomeStatus.REFUSED
-            self.ledger.settle(Outcome(d.id, status, why or ""), 0)
+            self.ledger.settle(Outcome(d.id, status, why or ""))
             del self._due[d.id]
             if why is not None:
                 landed.refused.append((d, why))
@@ -174,6 +174,7 @@ class Simulation:
                 landed.replicated.append((d.key, d.worker))
             else:
                 landed.dropped.append((d.key, d.worker))
+        self.ledger.observe(lambda worker: 0)  # the view shows every landed directive
         for key, count in self.copies().items():
             self.fewest_copies[key] = min(self.fewest_copies.get(key, count), count)
         for key in self.fewest_copies.keys() - self.copies().keys():

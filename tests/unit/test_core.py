@@ -140,7 +140,7 @@ def test_refused_drops_are_no_longer_in_flight() -> None:
     ledger = Ledger()
     (d,) = plan(state.snapshot(), [ReduceReplicas()], ledger, CFG, new_ids()).directives
     ledger.add(d, now=0.0)
-    ledger.settle(Outcome(d.id, OutcomeStatus.REFUSED, "PINNED"), observed_version=2)
+    ledger.settle(Outcome(d.id, OutcomeStatus.REFUSED, "PINNED"))
     again = plan(state.snapshot(), [ReduceReplicas()], ledger, CFG, new_ids("e"))
     assert [x.worker for x in again.directives] == [W("b")]
 

@@ -164,7 +164,7 @@ def test_transfers_in_flight_from_earlier_cycles_hold_their_slots_until_settled(
         # Nor is x asked for twice.
         assert [r.why for r in cycle("x").rejections] == [Why.NO_RECIPIENT]
         # Once the transfer is settled its slot is free again.
-        ledger.settle(Outcome(first.id, OutcomeStatus.FAILED), observed_version=1)
+        ledger.settle(Outcome(first.id, OutcomeStatus.FAILED))
         (freed,) = cycle("y").directives
         assert freed.worker == W("b")
 

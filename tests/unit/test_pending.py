@@ -11,22 +11,28 @@ def directive(id_: str, op: Op = Op.DROP, worker: str = "a", key: str = "x") -> 
     return Directive(id_, 1, op, Key(key), WorkerId(worker), 10, "sum")
 
 
-def test_applied_directives_stay_in_flight_until_a_poll_shows_them() -> None:
+def test_applied_directives_stay_in_flight_until_the_view_shows_them() -> None:
     ledger = Ledger()
     ledger.add(directive("1"), now=0.0)
-    ledger.settle(Outcome("1", OutcomeStatus.APPLIED, inventory_version=5), observed_version=4)
+    ledger.settle(Outcome("1", OutcomeStatus.APPLIED, inventory_version=5))
     assert ledger.in_flight(Key("x")).dropping == {WorkerId("a")}
-    ledger.observe(WorkerId("a"), 4)
+    ledger.observe({WorkerId("a"): 4}.get)
     assert "1" in ledger
-    ledger.observe(WorkerId("a"), 5)
+    ledger.observe(lambda worker: None)  # the worker is not in the view (any more): nothing to judge by
+    assert "1" in ledger
+    ledger.observe({WorkerId("a"): 5}.get)
     assert "1" not in ledger
     assert ledger.in_flight(Key("x")).dropping == frozenset()
 
 
-def test_applied_directives_already_visible_settle_at_once() -> None:
+def test_applied_directives_settle_at_the_next_observation_not_when_answered() -> None:
+    """A poll made while a cycle plans (a fresh query) must not settle a drop that the cycle's
+    older view still shows undone: the cycle would plan it again."""
     ledger = Ledger()
     ledger.add(directive("1"), now=0.0)
-    ledger.settle(Outcome("1", OutcomeStatus.APPLIED, inventory_version=5), observed_version=5)
+    ledger.settle(Outcome("1", OutcomeStatus.APPLIED, inventory_version=5))
+    assert ledger.in_flight(Key("x")).dropping == {WorkerId("a")}
+    ledger.observe({WorkerId("a"): 9}.get)
     assert len(ledger) == 0
 
 
@@ -34,8 +40,8 @@ def test_refused_and_failed_directives_settle_at_once() -> None:
     ledger = Ledger()
     ledger.add(directive("1"), now=0.0)
     ledger.add(directive("2", Op.REPLICATE, worker="b"), now=0.0)
-    ledger.settle(Outcome("1", OutcomeStatus.REFUSED, "PINNED"), observed_version=0)
-    ledger.settle(Outcome("2", OutcomeStatus.FAILED, "SOURCE_UNAVAILABLE"), observed_version=0)
+    ledger.settle(Outcome("1", OutcomeStatus.REFUSED, "PINNED"))
+    ledger.settle(Outcome("2", OutcomeStatus.FAILED, "SOURCE_UNAVAILABLE"))
     assert len(ledger) == 0
 
 
@@ -49,7 +55,7 @@ def test_unanswered_directives_expire_after_the_timeout() -> None:
 
 def test_outcomes_of_unknown_directives_are_ignored() -> None:
     ledger = Ledger()
-    assert ledger.settle(Outcome("zzz", OutcomeStatus.APPLIED), observed_version=0) is None
+    assert ledger.settle(Outcome("zzz", OutcomeStatus.APPLIED)) is None
 
 
 def test_forgetting_a_worker_drops_its_entries() -> None:
@@ -77,6 +83,6 @@ def test_a_repeated_answer_settles_nothing_twice() -> None:
     ledger = Ledger()
     ledger.add(directive("1"), now=0.0)
     applied = Outcome("1", OutcomeStatus.APPLIED, inventory_version=5)
-    assert ledger.settle(applied, observed_version=4) is not None
-    assert ledger.settle(applied, observed_version=4) is None
+    assert ledger.settle(applied) is not None
+    assert ledger.settle(applied) is None
     assert "1" in ledger
