@@ -36,7 +36,7 @@ KEEP_BATCH = 10_000
 #: far less than refusing thousands of drops to plan them again.
 KEYS_PER_TIMEOUT = 2_000
 #: The longest a batch of promises may take, in seconds.
-MAX_KEEP_WAIT = 20.0
+MAX_KEEP_WAIT = 8.0
 
 
 class OutcomeStatus(enum.Enum):
