@@ -65,6 +65,15 @@ class ControlServicer(control_pb2_grpc.ActiveMemoryManagerServicer):
 
     def __init__(self, manager: ActiveMemoryManager) -> None:
         self._amm = manager
+        self._reported: tuple[tuple[int, int, int, int, int], types_pb2.CycleReport] | None = None
+
+    def _last_cycle_pb(self, record: CycleRecord) -> types_pb2.CycleReport:
+        """The last cycle's report, built again only when it changed: monitors call GetStatus
+        often, and a report lists up to 1,000 directives."""
+        progress = _progress(record)
+        if self._reported is None or self._reported[0] != progress:
+            self._reported = (progress, cycle_to_pb(record))
+        return self._reported[1]
 
     @_edge
     async def Start(
@@ -155,7 +164,7 @@ class ControlServicer(control_pb2_grpc.ActiveMemoryManagerServicer):
             startup_grace=amm.in_startup_grace(),
         )
         if amm.last_cycle is not None:
-            response.last_cycle.CopyFrom(cycle_to_pb(amm.last_cycle))
+            response.last_cycle.CopyFrom(self._last_cycle_pb(amm.last_cycle))
         return response
 
     @_edge
@@ -273,6 +282,11 @@ def worker_to_pb(w: WorkerView, measure: Measure) -> control_pb2.WorkerInfo:
     if w.last_poll is not None:
         info.last_poll.CopyFrom(wire.timestamp(w.last_poll))
     return info
+
+
+def _progress(record: CycleRecord) -> tuple[int, int, int, int, int]:
+    """What changes in a cycle's report once the cycle is over."""
+    return (record.number, record.applied, record.refused, record.failed, record.timed_out)
 
 
 def cycle_to_pb(record: CycleRecord) -> types_pb2.CycleReport:

@@ -59,11 +59,11 @@ class _Stream:
         unanswered = self.unanswered
         for directive in directives:
             unanswered[directive.id] = None
-        messages = [wire.directive_to_pb(d) for d in directives]
         if batch:
-            self.queue.put_nowait(agent_pb2.DirectivesRequest(batch=messages))
+            self.queue.put_nowait(wire.directives_request(directives))
         else:
-            for message in messages:
+            for directive in directives:
+                message = wire.directive_to_pb(directive)
                 self.queue.put_nowait(agent_pb2.DirectivesRequest(directive=message))
 
     async def _read(self) -> None:

@@ -27,16 +27,17 @@ caller supplies the clock.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TypeVar
 
 from amm_service.directive import Directive, Op, Outcome, OutcomeStatus
 from amm_service.view import Key, WorkerId
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Entry:
-    """A directive in flight: sent at ``sent_at``; ``applied_version`` once the agent applied it."""
+    """A directive in flight: sent at ``sent_at``; ``applied_version`` once the agent applied it.
+    Only the ledger changes it."""
 
     directive: Directive
     sent_at: float
@@ -86,7 +87,7 @@ class Ledger:
         if entry is None or entry.applied_version is not None:
             return None
         if outcome.status is OutcomeStatus.APPLIED:
-            self._put(replace(entry, applied_version=outcome.inventory_version))
+            entry.applied_version = outcome.inventory_version
             self._applied[outcome.directive_id] = None
         else:
             self._remove(entry)
@@ -139,7 +140,7 @@ class Ledger:
             if e.applied_version is None and now - e.sent_at > timeout
         ]
         for entry in late:
-            self._put(replace(entry, sent_at=now))
+            entry.sent_at = now
         return [e.directive for e in late]
 
     def in_flight(self, key: Key) -> InFlight:

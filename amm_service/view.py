@@ -12,7 +12,7 @@ import enum
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
-from typing import Literal, NewType
+from typing import Literal, NamedTuple, NewType
 
 Key = NewType("Key", str)
 WorkerId = NewType("WorkerId", str)
@@ -140,9 +140,8 @@ class KeyView:
     conflicting: frozenset[WorkerId] = frozenset()
 
 
-@dataclass(frozen=True, slots=True)
-class KeyReport:
-    """One key as an agent reports it."""
+class KeyReport(NamedTuple):
+    """One key as an agent reports it (a NamedTuple: a poll brings up to 10,000 at a time)."""
 
     key: Key
     size: int
@@ -338,7 +337,8 @@ class ClusterState:
         if conflicting:
             self._odd.setdefault(report.key, {})[worker] = report
         if (holders, pinned, conflicting) != (kv.holders, kv.pinned_on, kv.conflicting):
-            kv = replace(kv, holders=holders, pinned_on=pinned, conflicting=conflicting)
+            # Built directly: dataclasses.replace costs several times more, per key per poll.
+            kv = KeyView(kv.key, kv.size, kv.checksum, holders, pinned, conflicting)
             self._keys[report.key] = kv
         self._index_replicated(kv)
 
@@ -354,11 +354,13 @@ class ClusterState:
             self._odd.pop(key, None)
             self._replicated.discard(key)
             return
-        kv = replace(
-            kv,
-            holders=holders,
-            pinned_on=self._one(kv.pinned_on - {worker}),
-            conflicting=self._one(kv.conflicting - {worker}),
+        kv = KeyView(
+            kv.key,
+            kv.size,
+            kv.checksum,
+            holders,
+            self._one(kv.pinned_on - {worker}),
+            self._one(kv.conflicting - {worker}),
         )
         if kv.conflicting == kv.holders:
             # The holders of the reference content are gone: the odd ones out are the reference now.

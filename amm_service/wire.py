@@ -7,6 +7,7 @@ servicers never hand-build domain values.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -51,18 +52,32 @@ _REASONS = {
 
 
 def directive_to_pb(d: Directive) -> types_pb2.Directive:
-    return types_pb2.Directive(
-        id=d.id,
-        epoch=d.epoch,
-        op=_OPS[d.op],
-        key=d.key,
-        size=d.size,
-        checksum=d.checksum,
-        sources=list(d.sources),
-        holders=list(d.holders),
-        policy=d.policy,
-        reason=d.reason,
-    )
+    return types_pb2.Directive(**_directive_fields(d))
+
+
+def directives_request(directives: Iterable[Directive]) -> agent_pb2.DirectivesRequest:
+    """One batch message; each directive is built in place (building them apart and handing
+    the list over copies every one)."""
+    request = agent_pb2.DirectivesRequest()
+    add = request.batch.add
+    for d in directives:
+        add(**_directive_fields(d))
+    return request
+
+
+def _directive_fields(d: Directive) -> dict[str, Any]:
+    return {
+        "id": d.id,
+        "epoch": d.epoch,
+        "op": _OPS[d.op],
+        "key": d.key,
+        "size": d.size,
+        "checksum": d.checksum,
+        "sources": d.sources,
+        "holders": d.holders,
+        "policy": d.policy,
+        "reason": d.reason,
+    }
 
 
 def outcome_from_pb(pb: types_pb2.DirectiveOutcome) -> Outcome:

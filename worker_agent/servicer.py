@@ -112,27 +112,36 @@ def directive_from_proto(message: types_pb2.Directive) -> Directive:
 
 
 def outcome_to_proto(outcome: Outcome) -> types_pb2.DirectiveOutcome:
-    return types_pb2.DirectiveOutcome(
-        directive_id=outcome.directive_id,
-        status=_OUTCOME_STATUS[outcome.status],
-        reason=reason_to_proto(outcome.reason),
-        message=outcome.message,
-        inventory_version=outcome.inventory_version,
-        duplicate=outcome.duplicate,
-    )
+    return types_pb2.DirectiveOutcome(**_outcome_fields(outcome))
+
+
+def outcomes_response(outcomes: Iterable[Outcome]) -> agent_pb2.DirectivesResponse:
+    """One batch of outcomes, each built in place (a list handed over is copied)."""
+    response = agent_pb2.DirectivesResponse()
+    add = response.batch.add
+    for outcome in outcomes:
+        add(**_outcome_fields(outcome))
+    return response
+
+
+def _outcome_fields(outcome: Outcome) -> dict[str, Any]:
+    return {
+        "directive_id": outcome.directive_id,
+        "status": _OUTCOME_STATUS[outcome.status],
+        "reason": reason_to_proto(outcome.reason),
+        "message": outcome.message,
+        "inventory_version": outcome.inventory_version,
+        "duplicate": outcome.duplicate,
+    }
 
 
 def _poll_response(inv: Inventory) -> agent_pb2.PollResponse:
     memory = inv.memory
-    return agent_pb2.PollResponse(
+    response = agent_pb2.PollResponse(
         incarnation=inv.incarnation,
         version=inv.version,
         full=inv.full,
-        keys=[
-            types_pb2.KeyInfo(key=k.key, size=k.size, checksum=k.checksum, pinned=k.pinned)
-            for k in inv.keys
-        ],
-        removed=list(inv.removed),
+        removed=inv.removed,
         memory=types_pb2.MemoryReport(
             process_bytes=memory.process,
             managed_bytes=memory.managed,
@@ -148,6 +157,10 @@ def _poll_response(inv: Inventory) -> agent_pb2.PollResponse:
         more=inv.more,
         features=FEATURES,
     )
+    add = response.keys.add  # built in place: a list handed over would be copied
+    for k in inv.keys:
+        add(key=k.key, size=k.size, checksum=k.checksum, pinned=k.pinned)
+    return response
 
 
 def _key(key: str) -> Key:
@@ -323,9 +336,7 @@ class WorkerAgentServicer(agent_pb2_grpc.WorkerAgentServicer):
                     if batch:
                         for start in range(0, len(group), OUTCOMES_PER_MESSAGE):
                             part = group[start : start + OUTCOMES_PER_MESSAGE]
-                            yield agent_pb2.DirectivesResponse(
-                                batch=[outcome_to_proto(o) for o in part]
-                            )
+                            yield outcomes_response(part)
                     else:
                         yield agent_pb2.DirectivesResponse(outcome=outcome_to_proto(group[0]))
                     if frees:

@@ -18,7 +18,9 @@ def test_applied_directives_stay_in_flight_until_the_view_shows_them() -> None:
     assert ledger.in_flight(Key("x")).dropping == {WorkerId("a")}
     ledger.observe({WorkerId("a"): 4}.get)
     assert "1" in ledger
-    ledger.observe(lambda worker: None)  # the worker is not in the view (any more): nothing to judge by
+    ledger.observe(
+        lambda worker: None
+    )  # the worker is not in the view (any more): nothing to judge by
     assert "1" in ledger
     ledger.observe({WorkerId("a"): 5}.get)
     assert "1" not in ledger
