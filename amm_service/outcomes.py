@@ -87,6 +87,7 @@ class Outcomes:
 
     def on_outcomes(self, worker: WorkerId, outcomes: Iterable[Outcome]) -> None:
         settle, records, totals = self._ledger.settle, self._records, self.totals
+        refused: list[tuple[Directive, Outcome]] = []
         for outcome in outcomes:
             entry = settle(outcome)
             if entry is None:
@@ -102,19 +103,32 @@ class Outcomes:
             if record is not None:
                 record.settle(outcome)
             if status is not OutcomeStatus.APPLIED:
-                self._refused(worker, entry.directive, outcome)
+                refused.append((entry.directive, outcome))
+        if refused:
+            self._refused(worker, refused)
 
-    def _refused(self, worker: WorkerId, directive: Directive, outcome: Outcome) -> None:
-        self.refusals.appendleft(Refusal(directive, outcome, self._clock()))
-        log.info(
-            "%s %s %s %s: %s %s",
-            worker,
-            outcome.status.value,
-            directive.op.value,
-            directive.key,
-            outcome.reason,
-            outcome.message,
-        )
+    def _refused(self, worker: WorkerId, refused: list[tuple[Directive, Outcome]]) -> None:
+        """Keep the refusals; log one line per kind (thousands of drops of a batch may be
+        refused for one reason), with the first one's detail."""
+        now = self._clock()
+        kinds: dict[tuple[str, str, str], list[tuple[Directive, Outcome]]] = {}
+        for directive, outcome in refused:
+            self.refusals.appendleft(Refusal(directive, outcome, now))
+            kind = (outcome.status.value, directive.op.value, outcome.reason)
+            kinds.setdefault(kind, []).append((directive, outcome))
+        for (status, op, reason), items in kinds.items():
+            directive, outcome = items[0]
+            more = f" (and {len(items) - 1} more {op}s)" if len(items) > 1 else ""
+            log.info(
+                "%s %s %s %s%s: %s %s",
+                worker,
+                status,
+                op,
+                directive.key,
+                more,
+                reason,
+                outcome.message,
+            )
 
     def expire(
         self, now: float, timeout: float, answering: Callable[[WorkerId], bool]

@@ -34,7 +34,7 @@ KEEP_BATCH = 10_000
 #: Keys per extra ``promise_timeout`` a batch of promises may take to be answered: a keeper
 #: busy with its own work answers thousands of keys later than one, and waiting for it costs
 #: far less than refusing thousands of drops to plan them again.
-KEYS_PER_TIMEOUT = 2_000
+KEYS_PER_TIMEOUT = 500
 #: The longest a batch of promises may take, in seconds.
 MAX_KEEP_WAIT = 8.0
 
