@@ -75,6 +75,8 @@ async def _finish(steps: Generator[None, None, core.Plan]) -> core.Plan:
         await breathe()
 
 
+#: Directives entered in the ledger and handed to the dispatcher at a time.
+SEND_STEP = 20_000
 #: The least time between a cycle and the next when the next follows up on applied work, in
 #: seconds (or a twentieth of the interval, if longer).
 FOLLOW_UP = 0.05
@@ -352,7 +354,8 @@ class ActiveMemoryManager:
             await self._judge_liveness()
         record.startup_grace = self.in_startup_grace()
         self.retirements.apply_flags()
-        self.ledger.observe(self._version_of)
+        for _ in self.ledger.observing(self._version_of):
+            await breathe()
         view = self.state.snapshot(goals=self.goals.mapping, now=self._clock())
         t1 = time.perf_counter()
         steps = core.planning(
@@ -384,9 +387,11 @@ class ActiveMemoryManager:
         now, number = self._monotonic(), record.number
         self.outcomes.track(record)
         self.outcomes.totals.sent += len(plan.directives)
-        for directive in plan.directives:
-            self.ledger.add(directive, now, number)
-        await self._dispatcher.send(plan.directives)
+        for start in range(0, len(plan.directives), SEND_STEP):
+            chunk = plan.directives[start : start + SEND_STEP]
+            for directive in chunk:
+                self.ledger.add(directive, now, number)
+            await self._dispatcher.send(chunk)
         self._fence.acted(bool(plan.directives))
         for error in plan.policy_errors:
             log.error("%s", error)

@@ -96,12 +96,24 @@ class Ledger:
     def observe(self, versions: Callable[[WorkerId], int | None]) -> None:
         """Settle the applied directives whose effect the cluster view shows: ``versions``
         gives each worker's inventory version in the view (None: not known)."""
-        for directive_id in list(self._applied):
-            entry = self._entries[directive_id]
-            seen = versions(entry.directive.worker)
-            applied = entry.applied_version
-            if seen is not None and applied is not None and applied <= seen:
-                self._remove(entry)
+        for _ in self.observing(versions):
+            pass
+
+    def observing(
+        self, versions: Callable[[WorkerId], int | None], step: int = 5_000
+    ) -> Iterator[None]:
+        """``observe`` in steps of ``step`` entries, yielding in between (a big cycle has
+        hundreds of thousands applied at once)."""
+        applied = list(self._applied)
+        for start in range(0, len(applied), step):
+            for directive_id in applied[start : start + step]:
+                entry = self._entries.get(directive_id)
+                if entry is None or entry.applied_version is None:
+                    continue
+                seen = versions(entry.directive.worker)
+                if seen is not None and entry.applied_version <= seen:
+                    self._remove(entry)
+            yield
 
     def forget_worker(self, worker: WorkerId) -> list[Entry]:
         """Drop every entry sent to ``worker`` (it unregistered or restarted)."""
@@ -122,11 +134,7 @@ class Ledger:
         Applied entries whose effect no poll has shown yet are expired too: the worker stopped
         answering polls, so the view cannot be trusted to catch up.
         """
-        old = [
-            e
-            for e in self._entries.values()
-            if now - e.sent_at > timeout and not answering(e.directive.worker)
-        ]
+        old = [e for e in self._older(now, timeout) if not answering(e.directive.worker)]
         for entry in old:
             self._remove(entry)
         return old
@@ -134,14 +142,22 @@ class Ledger:
     def overdue(self, now: float, timeout: float) -> list[Directive]:
         """The unanswered directives older than ``timeout`` (their workers are answering), to
         be sent again under the same id; their clocks start over."""
-        late = [
-            e
-            for e in self._entries.values()
-            if e.applied_version is None and now - e.sent_at > timeout
-        ]
+        late = [e for e in self._older(now, timeout) if e.applied_version is None]
         for entry in late:
             entry.sent_at = now
+            del self._entries[entry.directive.id]  # to the end: the oldest stay first
+            self._entries[entry.directive.id] = entry
         return [e.directive for e in late]
+
+    def _older(self, now: float, timeout: float) -> list[Entry]:
+        """The entries sent more than ``timeout`` ago: the first ones, as ``_entries`` is kept
+        in the order they were (last) sent."""
+        old = []
+        for entry in self._entries.values():
+            if now - entry.sent_at <= timeout:
+                break
+            old.append(entry)
+        return old
 
     def in_flight(self, key: Key) -> InFlight:
         entries = self._by_key.get(key)

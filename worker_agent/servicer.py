@@ -61,7 +61,7 @@ _OPS = {types_pb2.DIRECTIVE_OP_REPLICATE: Op.REPLICATE, types_pb2.DIRECTIVE_OP_D
 #: The optional parts of the contract this agent serves (``PollResponse.features``).
 FEATURES = ("directive-batches", "keep-batches", "put-batches")
 #: Most outcomes in one DirectivesResponse batch.
-OUTCOMES_PER_MESSAGE = 10_000
+OUTCOMES_PER_MESSAGE = 2_000
 #: Most items in one PromiseKeepBatch request.
 MAX_KEEP_BATCH = 100_000
 

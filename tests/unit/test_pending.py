@@ -88,3 +88,15 @@ def test_a_repeated_answer_settles_nothing_twice() -> None:
     assert ledger.settle(applied) is not None
     assert ledger.settle(applied) is None
     assert "1" in ledger
+
+
+def test_a_directive_sent_again_goes_to_the_back_of_the_line() -> None:
+    ledger = Ledger()
+    ledger.add(directive("1", worker="a"), now=0.0)
+    ledger.add(directive("2", worker="a", key="y"), now=5.0)
+    answering = {WorkerId("a")}.__contains__
+    assert [d.id for d in ledger.overdue(31.0, 30.0)] == ["1"]
+    assert [e.directive.id for e in ledger] == ["2", "1"]
+    assert ledger.expire(36.0, 30.0, answering) == []
+    assert [d.id for d in ledger.overdue(36.0, 30.0)] == ["2"]
+    assert [e.directive.id for e in ledger.expire(70.0, 30.0)] == ["1", "2"]
