@@ -57,6 +57,7 @@ from worker_agent.store import Key
 HOST_READY = "bench-agents ready"
 STOP_TIMEOUT = 15.0
 TARGET_CYCLE_S = 1.0
+SLOW_CALL_S = 0.1
 SIMULATED = (
     "agents are the real worker_agent.Agent, {per} per host process in one asyncio loop, each "
     "on its own 127.0.0.1 port; keys put with Node.put (what the Put RPC calls), sharing one "
@@ -157,6 +158,8 @@ class Row:
     cycle_max_s: float | None = None
     plan_max_s: float | None = None
     cycle_durations_s: list[float] = field(default_factory=list)
+    cycle_starts: list[float] = field(default_factory=list)
+    """When each measured cycle started (Unix time), to set against ``running_slow``."""
     cpu_s_per_cycle: float | None = None
     cpu_percent: float | None = None
     """AMM CPU over the measured cycles, in % of one core."""
@@ -182,6 +185,10 @@ class Row:
     running_p99_s: float | None = None
     running_max_s: float | None = None
     running_errors: int = 0
+    running_slow: list[tuple[float, float]] = field(default_factory=list)
+    """(Unix time sent, latency) of every running() call slower than 100 ms."""
+    left_registered: int | None = None
+    """Workers the AMM still listed once every agent had stopped (and tried to unregister)."""
     load_before: float = 0.0
     load_after: float = 0.0
     errors: list[str] = field(default_factory=list)
@@ -211,21 +218,28 @@ class Processes:
         self.service: LocalProcess | None = None
         self.hosts: list[LocalProcess] = []
 
+    def stop_hosts(self) -> None:
+        _stop([self.hosts])
+
     def stop(self) -> None:
-        """Hosts first (their agents unregister), then the AMM; an interrupt kills the rest."""
-        groups = [self.hosts, [self.service] if self.service else []]
-        try:
-            for group in groups:
-                for process in group:
-                    process.signal(signal.SIGTERM)
-                deadline = time.monotonic() + STOP_TIMEOUT
-                for process in group:
-                    process.wait(deadline - time.monotonic())
-        except BaseException:
-            for group in groups:
-                for process in group:
-                    process.signal(signal.SIGKILL)
-            raise
+        """Hosts first (their agents unregister), then the AMM."""
+        _stop([self.hosts, [self.service] if self.service else []])
+
+
+def _stop(groups: Sequence[Sequence[LocalProcess]]) -> None:
+    """SIGTERM each group in turn and wait for it; an interrupt kills everything left."""
+    try:
+        for group in groups:
+            for process in group:
+                process.signal(signal.SIGTERM)
+            deadline = time.monotonic() + STOP_TIMEOUT
+            for process in group:
+                process.wait(deadline - time.monotonic())
+    except BaseException:
+        for group in groups:
+            for process in group:
+                process.signal(signal.SIGKILL)
+        raise
 
 
 def _env() -> dict[str, str]:
@@ -278,14 +292,17 @@ async def _probe_running(
     client: AsyncClient, every: float, stop: asyncio.Event, row: Row, latencies: list[float]
 ) -> None:
     while not stop.is_set():
-        t0 = time.perf_counter()
+        sent, t0 = time.time(), time.perf_counter()
         try:
             await client.amm.running()
         except AmmError as err:
             row.running_errors += 1
             log.debug("running() failed: %s", err)
         else:
-            latencies.append(time.perf_counter() - t0)
+            latency = time.perf_counter() - t0
+            latencies.append(latency)
+            if latency > SLOW_CALL_S:
+                row.running_slow.append((sent, latency))
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), every)
 
@@ -330,6 +347,7 @@ async def _follow_cycles(
     first = (await client.status()).cycles + 1
     last = first + cycles - 1
     durations: dict[int, float] = {}
+    starts: dict[int, float] = {}
     plans: list[float] = []
     unreachable: set[str] = set()
     cpu0, hosts0, t0 = _cpu([service]), _cpu(hosts), time.monotonic()
@@ -346,6 +364,8 @@ async def _follow_cycles(
         cycle = status.last_cycle
         if cycle is not None and first <= cycle.number <= last and cycle.number not in durations:
             durations[cycle.number] = cycle.duration
+            if cycle.started_at is not None:
+                starts[cycle.number] = cycle.started_at.timestamp()
             plans.append(cycle.plan_duration)
             unreachable.update(cycle.unreachable_workers)
             row.cycle_unreachable.append(len(cycle.unreachable_workers))
@@ -360,6 +380,7 @@ async def _follow_cycles(
     ended = max(durations, default=first - 1) - first + 1
     row.cycles = len(durations)
     row.cycle_durations_s = [durations[n] for n in sorted(durations)]
+    row.cycle_starts = [starts[n] for n in sorted(starts)]
     row.cycle_p50_s = statistics.median(row.cycle_durations_s) if durations else None
     row.cycle_max_s = max(row.cycle_durations_s, default=None)
     row.plan_max_s = max(plans, default=None)
@@ -415,7 +436,10 @@ async def measure(n: int, args: argparse.Namespace, procs: Processes, state: str
         row.running_p99_s = _quantile(latencies, 0.99)
         row.running_max_s = max(latencies, default=None)
         await _liveness_at_end(client, row)
-    row.load_after = os.getloadavg()[0]
+        row.load_after = os.getloadavg()[0]
+        # Every agent stops at once and unregisters (with the agent's own short deadline).
+        await asyncio.to_thread(procs.stop_hosts)
+        row.left_registered = (await client.status()).totals.workers
     return row
 
 
