@@ -17,9 +17,14 @@ as in production, and said again in the output:
 For each agent count it waits until the AMM lists every agent, then follows ``--cycles`` cycles
 that start after that, sampling ``GetStatus`` (cycle durations, unreachable and stale workers),
 the AMM process (CPU, RSS) and the latency of a ``running()`` call every ``--probe-interval``.
+The first of them polls most agents for the first time (a new connection and a full inventory
+each), so it is the longest. Then every agent stops at once, and the AMM says how many it still
+lists. Agents share the machine's cores with the AMM here, which a deployment would not do: the
+AMM's CPU per cycle is the figure that travels.
 
     python benchmarks/bench_scale.py                          # 100, 500 and 1000 agents
     python benchmarks/bench_scale.py --agents 100 --cycles 5 --json scale.json
+    python benchmarks/bench_scale.py --agents 1000 --amm-state file    # a SQLite state, as deployed
 
 Every wait has a deadline; the processes started are stopped at the end, on an error and on
 Ctrl-C, and a host process stops by itself when this script is gone or after ``--max-run``.
@@ -246,11 +251,23 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 
+#: ``python -m amm_service``, asking Linux first to SIGTERM it should this script die without
+#: stopping it (SIGKILL): the AMM has no parent watch of its own, unlike the agent hosts.
+RUN_SERVICE = (
+    "import ctypes, runpy, signal\n"
+    "try:\n"
+    "    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG\n"
+    "except (AttributeError, OSError):\n"
+    "    pass\n"
+    "runpy.run_module('amm_service', run_name='__main__', alter_sys=True)\n"
+)
+
+
 def start_service(interval: float, log_level: str, state: str) -> LocalProcess:
     argv = [
         sys.executable,
-        "-m",
-        "amm_service",
+        "-c",
+        RUN_SERVICE,
         "--listen",
         "127.0.0.1:0",
         "--interval",
@@ -474,6 +491,7 @@ def render(rows: Sequence[Row]) -> str:
         ("missed polls", 12),
         ("stale", 5),
         ("running() ms", 18),
+        ("left", 5),
         ("load", 9),
         ("target", 6),
     )
@@ -493,6 +511,7 @@ def render(rows: Sequence[Row]) -> str:
             str(max(r.stale_max, r.stale_events)),
             f"{_s(r.running_p50_s, 1e3, 0)}/{_s(r.running_p99_s, 1e3, 0)}/"
             f"{_s(r.running_max_s, 1e3, 0)}",
+            "-" if r.left_registered is None else str(r.left_registered),
             f"{r.load_before:.1f}>{r.load_after:.1f}",
             "met" if r.meets_target else "MISSED",
         )
@@ -508,9 +527,10 @@ registered: agents the AMM listed / agents started, and seconds from starting th
   together). missed polls: most workers one measured cycle could not poll / workers that missed
   any poll in them / most one cycle could not poll while the agents registered. stale: most
   workers flagged STALE at once, or worker-stale events, whichever is larger. running(): latency
-  of a running() call every {probe:g} s during the measured cycles, p50/p99/max. load: 1-minute
-  load average before and after. target: every agent registered, every measured cycle under
-  {target:g} s, no worker marked stale."""
+  of a running() call every {probe:g} s during the measured cycles, p50/p99/max. left: workers
+  the AMM still listed after every agent stopped at once (their unregistration was lost).
+  load: 1-minute load average before and after. target: every agent registered, every measured
+  cycle under {target:g} s, no worker marked stale."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -557,11 +577,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     rows = []
-    for n in args.agents:
-        print(f"-- {n} agents ...", file=sys.stderr, flush=True)
-        rows.append(run_one(n, args))
-        for error in rows[-1].errors:
-            print(f"   {error}", file=sys.stderr)
+    try:
+        for n in args.agents:
+            print(f"-- {n} agents ...", file=sys.stderr, flush=True)
+            rows.append(run_one(n, args))
+            for error in rows[-1].errors:
+                print(f"   {error}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("interrupted: every process started was stopped", file=sys.stderr)
+        return 130
     if args.json:
         report = {
             "interval_s": args.interval,
