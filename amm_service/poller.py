@@ -1,11 +1,14 @@
 """Polling the agents: each one's inventory changes and memory, merged into the cluster state.
 
 All agents are polled concurrently, each under its own deadline, so one slow agent delays a cycle
-by at most ``timeout``. Polls are incremental (the agent returns what changed since the version we
-saw) and paged (at most ``page`` keys an answer, so no inventory outgrows a gRPC message), and
-serialised per agent, so that two overlapping polls (a cycle and a fresh query) never apply an
-older answer after a newer one. A poll also tells the agent the AMM's epoch, and tells us the
-newest epoch the agent has seen.
+by at most ``timeout``. At most ``max_in_flight`` Poll calls are under way at once, over every
+caller (cycles and fresh queries): a call's deadline starts when the call is made, and launching a
+thousand at once spent the deadline of the last ones in the AMM's own queue and in a burst of
+connection set-ups, so that live agents were counted as missing polls. Polls are incremental (the
+agent returns what changed since the version we saw) and paged (at most ``page`` keys an answer,
+so no inventory outgrows a gRPC message), and serialised per agent, so that two overlapping polls
+(a cycle and a fresh query) never apply an older answer after a newer one. A poll also tells the
+agent the AMM's epoch, and tells us the newest epoch the agent has seen.
 
 Failure modes handled:
 
@@ -36,6 +39,13 @@ log = logging.getLogger(__name__)
 
 PAGE_KEYS = 10_000
 MAX_PAGES = 10_000
+#: Poll calls under way at once, at most. Polling 1,000 agents on loopback on 2 busy cores, 128
+#: in flight took about as long as all at once, missed no deadline where all at once missed
+#: hundreds (on first contact, and now and then under load), and stalled the event loop (and so
+#: every control call) for a third as long; 256 and 512 missed some again
+#: (``benchmarks/bench_scale.py``). The cost: past 128 agents that hang rather than refuse, a
+#: cycle's polls take longer than one poll timeout.
+MAX_IN_FLIGHT = 128
 
 
 class _Gone(Exception):
@@ -55,7 +65,10 @@ class Poller:
         on_restart: Callable[[WorkerId], None],
         clock: Callable[[], float] = time.time,
         page: int = PAGE_KEYS,
+        max_in_flight: int = MAX_IN_FLIGHT,
     ) -> None:
+        if max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
         self._state = state
         self._links = links
         self.epoch = epoch
@@ -64,6 +77,7 @@ class Poller:
         self._clock = clock
         self._page = page
         self._locks: dict[WorkerId, asyncio.Lock] = {}
+        self._slots = asyncio.Semaphore(max_in_flight)
         self.newest_agent_epoch = 0
 
     async def poll_all(self, workers: Iterable[WorkerId] | None = None) -> list[WorkerId]:
@@ -141,7 +155,8 @@ class Poller:
             max_keys=self._page,
             cursor=cursor,
         )
-        resp = await self._links.stub(worker).Poll(request, timeout=self._timeout)
+        async with self._slots:  # the deadline starts once a slot is ours
+            resp = await self._links.stub(worker).Poll(request, timeout=self._timeout)
         self.newest_agent_epoch = max(self.newest_agent_epoch, resp.epoch)
         return resp
 

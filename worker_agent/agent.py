@@ -34,6 +34,12 @@ log = logging.getLogger(__name__)
 
 #: Re-register when the AMM has not polled for this many of its intervals.
 SILENCE_INTERVALS = 3
+#: Deadline of one RegisterWorker call (at least ``register_backoff_max``). Generous: an AMM
+#: that a thousand agents join at once answers the last of them seconds later, and an attempt
+#: given up on is sent again, which only adds to its queue (2 s failed 110-640 of 1,000 first
+#: attempts in ``benchmarks/bench_scale.py``'s set-up, 10 s none). An AMM that is down refuses at
+#: once, whatever the deadline; the stop cancels an attempt under way.
+REGISTER_TIMEOUT = 10.0
 UNREGISTER_TIMEOUT = 0.5
 
 
@@ -188,6 +194,8 @@ class Agent:
            visible without flooding the log.
         2. The AMM restarted and forgot this agent: it stops polling; after ``SILENCE_INTERVALS``
            of its intervals without a poll, register again.
+        3. The AMM is up but busy (many agents joining at once): each attempt waits
+           ``REGISTER_TIMEOUT`` for its answer rather than give up and queue another.
         """
         loop = asyncio.get_running_loop()
         delay = 0.1
@@ -206,7 +214,7 @@ class Agent:
             )
             try:
                 response = await amm.RegisterWorker(
-                    request, timeout=max(1.0, self.config.register_backoff_max)
+                    request, timeout=max(REGISTER_TIMEOUT, self.config.register_backoff_max)
                 )
             except grpc.aio.AioRpcError as err:
                 self._registered = False

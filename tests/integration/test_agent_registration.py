@@ -3,11 +3,14 @@ Get and unregistration. Both sides run in this process on 127.0.0.1."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
+from google.protobuf.duration_pb2 import Duration
 
 from amm.serving import CHANNEL_OPTIONS
 from amm.v1 import control_pb2, control_pb2_grpc
@@ -15,6 +18,7 @@ from amm_service.server import AmmServer
 from amm_service.state import StateStore
 from tests.conftest import amm_config
 from tests.support.agent import agents, dial, get, poll, put, running_agent
+from tests.support.faults import fake_amm
 from tests.support.waiting import wait_for
 
 DATA = b"payload" * 100
@@ -51,6 +55,41 @@ async def test_registration_retries_until_the_amm_is_up(tmp_path: Path) -> None:
         async with AmmServer(amm_config(tmp_path, listen=f"127.0.0.1:{port}")) as amm:
             await wait_for(lambda: agent.registered, what="registration after the AMM came up")
             assert [a for a, _ in await listed(amm)] == [agent.address]
+
+
+class _BusyAmm(control_pb2_grpc.ActiveMemoryManagerServicer):
+    """Answers RegisterWorker after ``delay`` seconds, as an AMM does the last of a thousand
+    agents that join at once; counts the attempts."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+        self.attempts = 0
+
+    async def RegisterWorker(
+        self, request: control_pb2.RegisterWorkerRequest, context: Any
+    ) -> control_pb2.RegisterWorkerResponse:
+        self.attempts += 1
+        await asyncio.sleep(self.delay)
+        interval = Duration()
+        interval.FromNanoseconds(100 * 10**9)
+        return control_pb2.RegisterWorkerResponse(epoch=1, interval=interval)
+
+    async def UnregisterWorker(
+        self, request: control_pb2.UnregisterWorkerRequest, context: Any
+    ) -> control_pb2.UnregisterWorkerResponse:
+        return control_pb2.UnregisterWorkerResponse()
+
+
+async def test_a_busy_amm_registers_the_agent_at_the_first_attempt() -> None:
+    """The AMM answers after 1.3 s: with a deadline of about a second (what the agent had with
+    a short backoff), every attempt timed out and the agent never registered."""
+    amm = _BusyAmm(delay=1.3)  # type: ignore[abstract]
+    async with (
+        fake_amm(amm) as address,
+        running_agent(amm=address, register_backoff_max=0.2) as agent,
+    ):
+        await wait_for(lambda: agent.registered, within=5.0, what="registration")
+        assert amm.attempts == 1
 
 
 async def test_an_amm_that_restarted_and_forgot_the_agent_gets_it_back(tmp_path: Path) -> None:

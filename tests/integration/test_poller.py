@@ -1,0 +1,98 @@
+"""The poller against real grpc.aio servers: how many Poll calls it has under way at once.
+
+One server listens on several ports, each port a worker to the AMM, and counts the polls it is
+serving; so many agents sharing one busy host is what it plays (as ``benchmarks/bench_scale.py``
+runs them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import grpc
+
+from amm.v1 import agent_pb2, agent_pb2_grpc, types_pb2
+from amm_service.agents import AgentLinks
+from amm_service.poller import Poller
+from amm_service.view import ClusterState, WorkerId
+
+
+class _BusyHost(agent_pb2_grpc.WorkerAgentServicer):
+    """Answers polls after ``delay`` seconds, ``capacity`` at a time (the rest queue), and
+    records the most polls it had under way at once."""
+
+    def __init__(self, delay: float, capacity: int) -> None:
+        self._delay = delay
+        self._capacity = asyncio.Semaphore(capacity)
+        self.under_way = 0
+        self.most = 0
+
+    async def Poll(self, request: Any, context: Any) -> agent_pb2.PollResponse:
+        self.under_way += 1
+        self.most = max(self.most, self.under_way)
+        try:
+            async with self._capacity:
+                await asyncio.sleep(self._delay)
+        finally:
+            self.under_way -= 1
+        return agent_pb2.PollResponse(
+            incarnation="i", version=1, full=True, status=types_pb2.WORKER_STATUS_RUNNING
+        )
+
+
+@asynccontextmanager
+async def _workers(host: _BusyHost, n: int) -> AsyncIterator[list[WorkerId]]:
+    """``n`` worker addresses, all served by ``host``."""
+    server = grpc.aio.server()
+    agent_pb2_grpc.add_WorkerAgentServicer_to_server(host, server)
+    ports = [server.add_insecure_port("127.0.0.1:0") for _ in range(n)]
+    await server.start()
+    try:
+        yield [WorkerId(f"127.0.0.1:{port}") for port in ports]
+    finally:
+        await server.stop(None)
+
+
+async def _poll_all(
+    workers: list[WorkerId], *, poll_timeout: float, **kwargs: Any
+) -> list[WorkerId]:
+    state = ClusterState()
+    for worker in workers:
+        state.register(worker, worker, "i", now=0.0)
+    links = AgentLinks()
+    poller = Poller(
+        state,
+        links,
+        epoch=1,
+        timeout=poll_timeout,
+        on_restart=lambda worker: None,
+        **kwargs,
+    )
+    try:
+        return await poller.poll_all()
+    finally:
+        await links.close_all()
+
+
+async def test_at_most_max_in_flight_polls_are_under_way() -> None:
+    host = _BusyHost(delay=0.05, capacity=100)  # type: ignore[abstract]
+    async with _workers(host, 12) as workers:
+        missed = await _poll_all(workers, poll_timeout=5.0, max_in_flight=3)
+    assert missed == []
+    assert host.most == 3
+
+
+async def test_polls_queued_in_the_amm_do_not_spend_their_deadline_there() -> None:
+    """A host that answers two polls at a time, 0.1 s each. Sent all at once (as before the
+    bound), eight polls queue there and the last two cannot be answered within their 0.35 s
+    deadline; two at a time, each is answered within 0.2 s of being sent, and every worker
+    counts as reachable."""
+    host = _BusyHost(delay=0.1, capacity=2)  # type: ignore[abstract]
+    async with _workers(host, 8) as workers:
+        all_at_once = await _poll_all(workers, poll_timeout=0.35, max_in_flight=len(workers))
+        two_at_a_time = await _poll_all(workers, poll_timeout=0.35, max_in_flight=2)
+    assert len(all_at_once) >= 2
+    assert two_at_a_time == []
