@@ -106,16 +106,20 @@ class Poller:
             return True
 
     async def _poll(self, worker: WorkerId, incarnation: str, since: int) -> None:
-        """Follow the agent's answers until its whole inventory is merged (bounded)."""
+        """Follow the agent's answers until its whole inventory is merged (bounded).
+
+        Each answer is merged as it arrives, pages of a full snapshot too (the first one with
+        ``full``): merging 100k keys at once held the event loop for a second. Meanwhile the
+        state shows part of the worker's inventory, as it would a worker still filling up.
+        """
         resp = await self._call(worker, incarnation, since_version=since)
         for _ in range(MAX_PAGES):
             if resp.incarnation != incarnation:
                 self._on_restart(worker)
             if resp.full:
-                first, last, keys = await self._snapshot(worker, resp)
-                self._apply(worker, incarnation, first, full=True, keys=keys, answer=last)
+                first, resp = await self._snapshot(worker, incarnation, resp)
                 incarnation = first.incarnation
-                if last is first:
+                if resp is first:
                     return
                 # Paged: catch what changed while the pages were read.
                 resp = await self._call(worker, incarnation, since_version=first.version)
@@ -127,23 +131,30 @@ class Poller:
         log.warning("poll of %s stopped after %d answers", worker, MAX_PAGES)
 
     async def _snapshot(
-        self, worker: WorkerId, first: agent_pb2.PollResponse
-    ) -> tuple[agent_pb2.PollResponse, agent_pb2.PollResponse, list[KeyReport]]:
-        """Read every page of a full snapshot: (first page, last page, all keys).
+        self, worker: WorkerId, incarnation: str, first: agent_pb2.PollResponse
+    ) -> tuple[agent_pb2.PollResponse, agent_pb2.PollResponse]:
+        """Merge every page of a full snapshot as it arrives: (first page, last page). Every
+        page is merged at the first page's version, which the caller then polls since.
 
         If the agent restarts while we page, its answer is the first page of a new snapshot:
         start over from it.
         """
-        keys = wire.key_reports(first.keys)
+        self._apply(worker, incarnation, first, full=True, keys=wire.key_reports(first.keys))
+        incarnation = first.incarnation
         resp = first
         for _ in range(MAX_PAGES):
             if not resp.next_cursor:
                 break
-            resp = await self._call(worker, first.incarnation, cursor=resp.next_cursor)
-            if resp.incarnation != first.incarnation:
-                first, keys = resp, []
-            keys.extend(wire.key_reports(resp.keys))
-        return first, resp, keys
+            resp = await self._call(worker, incarnation, cursor=resp.next_cursor)
+            if resp.incarnation != incarnation:
+                self._on_restart(worker)
+                first = resp
+                self._apply(worker, incarnation, first, full=True, keys=wire.key_reports(resp.keys))
+                incarnation = first.incarnation
+                continue
+            keys = wire.key_reports(resp.keys)
+            self._apply(worker, incarnation, first, full=False, keys=keys, answer=resp)
+        return first, resp
 
     async def _call(
         self, worker: WorkerId, incarnation: str, *, since_version: int = 0, cursor: str = ""

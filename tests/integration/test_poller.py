@@ -1,4 +1,5 @@
-"""The poller against real grpc.aio servers: how many Poll calls it has under way at once.
+"""The poller against real grpc.aio servers: how many Poll calls it has under way at once, and
+paged snapshots from a real agent.
 
 One server listens on several ports, each port a worker to the AMM, and counts the polls it is
 serving; so many agents sharing one busy host is what it plays (as ``benchmarks/bench_scale.py``
@@ -14,10 +15,13 @@ from typing import Any
 
 import grpc
 
+from amm.checksum import checksum
 from amm.v1 import agent_pb2, agent_pb2_grpc, types_pb2
 from amm_service.agents import AgentLinks
 from amm_service.poller import Poller
 from amm_service.view import ClusterState, WorkerId
+from tests.support.agent import running_agent
+from worker_agent.store import Key
 
 
 class _BusyHost(agent_pb2_grpc.WorkerAgentServicer):
@@ -96,3 +100,34 @@ async def test_polls_queued_in_the_amm_do_not_spend_their_deadline_there() -> No
         two_at_a_time = await _poll_all(workers, poll_timeout=0.35, max_in_flight=2)
     assert len(all_at_once) >= 2
     assert two_at_a_time == []
+
+
+async def test_a_paged_snapshot_is_merged_page_by_page_and_caught_up() -> None:
+    """25,000 keys in pages of 10,000: every page merged, then what changed while paging; then
+    incremental answers as the agent drops and adds keys."""
+    async with running_agent() as agent:
+        data = b"v"
+        digest = checksum(data)
+        agent.store.add_many((Key(f"k{i:05d}"), data, digest) for i in range(25_000))
+        worker = WorkerId(agent.address)
+        state = ClusterState()
+        state.register(worker, "a", agent.incarnation, now=0.0)
+        links = AgentLinks()
+        poller = Poller(
+            state, links, epoch=1, timeout=5.0, on_restart=lambda worker: None, page=10_000
+        )
+        try:
+            assert await poller.poll_all() == []
+            assert len(state.held_by(worker)) == 25_000
+            for i in range(5_000):
+                agent.store.remove(Key(f"k{i:05d}"))
+            agent.store.add_many((Key(f"new{i}"), data, digest) for i in range(3_000))
+            assert await poller.poll_all() == []
+        finally:
+            await links.close_all()
+        held = state.held_by(worker)
+        assert len(held) == 23_000
+        assert "k00000" not in held
+        assert "new2999" in held
+        assert state.worker(worker) is not None
+        assert state.snapshot().workers[worker].version == agent.store.version
