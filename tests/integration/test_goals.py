@@ -286,3 +286,15 @@ async def test_listing_the_goal_of_a_key_without_one_is_not_found(tmp_path: Path
             await c.goals("x")
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
         assert "no replication goal for key(s): 'x'" in (err.value.details() or "")
+
+
+async def test_a_goal_set_on_a_running_amm_is_acted_on_at_once_not_an_interval_later(
+    tmp_path: Path,
+) -> None:
+    async with goals_cluster(tmp_path, 3, interval="60s", start=True) as c:
+        await put(c.stubs[0], "x", DATA)
+        await wait_for(lambda: c.manager.cycles >= 1, what="the first cycle")
+        await c.replicate(["x"], 3)
+        await wait_for(
+            lambda: c.holders("x"), lambda holders: len(holders) == 3, what="three copies"
+        )
