@@ -21,6 +21,7 @@ from amm.serving import stop_on_signals
 from amm.units import parse_duration, parse_size
 from worker_agent.agent import Agent
 from worker_agent.config import DEFAULT_MAX_LEASE, DEFAULT_PAUSE_FRACTION, AgentConfig
+from worker_agent.malloc import use_one_arena
 
 READY_LINE = "amm-agent ready address={address}"
 ENV_PREFIX = "AMM_AGENT_"
@@ -156,6 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    use_one_arena()  # before gRPC starts its threads
     return asyncio.run(run(config))
 
 
