@@ -249,6 +249,14 @@ class _Collected:
         self.handlers = dict(handlers)
 
 
+def _put_chunk(message: agent_pb2.PutRequest | memoryview) -> memoryview | bytes | None:
+    """The chunk of a Put message: a ``memoryview`` as ``add_to_server`` registers Put, or a
+    protobuf message as the generated registration does; None for anything but a chunk."""
+    if isinstance(message, memoryview):
+        return message
+    return message.chunk if message.WhichOneof("item") == "chunk" else None
+
+
 def add_to_server(servicer: WorkerAgentServicer, server: grpc.aio.Server) -> None:
     """Register ``servicer``: the generated registration, except that Put's chunks arrive as
     ``memoryview`` and Get and Fetch send chunks already serialized (``amm.streams``), so a
@@ -260,6 +268,7 @@ def add_to_server(servicer: WorkerAgentServicer, server: grpc.aio.Server) -> Non
     handlers["Put"] = handlers["Put"]._replace(request_deserializer=decoder(agent_pb2.PutRequest))
     for method in ("Get", "Fetch"):
         handlers[method] = handlers[method]._replace(response_serializer=serialize)
+    servicer.framed = True
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     server.add_registered_method_handlers(SERVICE_NAME, handlers)  # type: ignore[attr-defined]
 
@@ -269,6 +278,9 @@ class WorkerAgentServicer(agent_pb2_grpc.WorkerAgentServicer):
 
     def __init__(self, node: Node) -> None:
         self._node = node
+        #: Set by ``add_to_server``: Get and Fetch may write chunks already serialized. A servicer
+        #: registered with the generated function writes protobuf messages, more slowly.
+        self.framed = False
 
     async def Poll(
         self, request: agent_pb2.PollRequest, context: Context
@@ -369,8 +381,7 @@ class WorkerAgentServicer(agent_pb2_grpc.WorkerAgentServicer):
         request_iterator: AsyncIterator[agent_pb2.PutRequest | memoryview],
         context: Context,
     ) -> agent_pb2.PutResponse:
-        """A header, then chunks (``memoryview``: see ``add_to_server``), verified before the
-        value is stored."""
+        """A header, then chunks, verified before the value is stored."""
         async with _Edge(context, "Put"):
             messages = aiter(request_iterator)
             first = await anext(messages, None)
@@ -386,10 +397,11 @@ class WorkerAgentServicer(agent_pb2_grpc.WorkerAgentServicer):
             received = Assembly(size)
             try:
                 async for message in messages:
-                    if not isinstance(message, memoryview):
+                    chunk = _put_chunk(message)
+                    if chunk is None:
                         raise InvalidRequest("a Put has one header, then only chunks")
                     try:
-                        await received.add(message)
+                        await received.add(chunk)
                     except Overflow:
                         raise InvalidRequest(
                             f"more bytes than the {size} declared in the header"
@@ -447,16 +459,24 @@ class WorkerAgentServicer(agent_pb2_grpc.WorkerAgentServicer):
         header = types_pb2.ValueHeader(
             key=value.key, size=value.size, checksum=value.checksum, replicated=replicated
         )
-        messages = itertools.chain(
-            [response(header=header)], framed_chunks(value.data, self._node.config.chunk_size)
-        )
+        size = self._node.config.chunk_size
+        chunks: Iterable[Outgoing]
+        if self.framed:
+            chunks = framed_chunks(value.data, size)
+        else:
+            view = memoryview(value.data)
+            chunks = (
+                response(chunk=bytes(view[start : start + size]))
+                for start in range(0, len(view), size)
+            )
+        messages = itertools.chain([response(header=header)], chunks)
         if not await self._send(context, messages):
             self._stalled(context, method, value.key)
 
     async def _send(
         self,
         context: Context,
-        messages: Iterable[agent_pb2.GetResponse | agent_pb2.FetchResponse | bytes],
+        messages: Iterable[Outgoing],
     ) -> bool:
         """Write the messages, each within ``stream_idle_timeout``; False when the reader
         stopped reading (the caller then ends the call, once it released the key).

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -26,8 +27,12 @@ from tests.support.agent import (
     put_raw,
     running_agent,
 )
-from tests.support.faults import fake_peer
+from tests.support.faults import fake_peer, serving
 from tests.support.waiting import wait_for
+from worker_agent.config import AgentConfig
+from worker_agent.memory import PsutilProbe
+from worker_agent.node import Node
+from worker_agent.servicer import WorkerAgentServicer
 from worker_agent.store import Key
 
 BIG = os.urandom(300_000)
@@ -197,6 +202,31 @@ async def test_a_chunk_message_with_a_field_unknown_to_the_agent_is_still_a_chun
         held = agent.store.get(Key("k"))
         assert held is not None
         assert held.data == value
+
+
+async def test_a_servicer_registered_by_the_generated_function_serves_whole_values() -> None:
+    """``add_to_server`` lets Get and Fetch write chunks already serialized; registered with the
+    generated function instead (as a test's fake peer may be), the servicer writes protobuf
+    messages and still reads every Put."""
+    value = os.urandom(300_000)
+    node = Node(
+        AgentConfig(amm=None, chunk_size=64 * 1024), probe=PsutilProbe(), clock=time.monotonic
+    )
+    servicer = WorkerAgentServicer(node)
+    try:
+        async with (
+            serving(
+                lambda server: agent_pb2_grpc.add_WorkerAgentServicer_to_server(servicer, server)
+            ) as address,
+            dial(address) as stub,
+        ):
+            stored = await put(stub, "k", value, chunk_size=100_000)
+            assert (stored.size, stored.checksum) == (len(value), checksum(value))
+            header, data = await get(stub, "k")
+            assert (header.size, data == value) == (len(value), True)
+            assert (await fetch(stub, "k"))[1] == value
+    finally:
+        await node.close()
 
 
 async def test_put_over_the_memory_limit_is_resource_exhausted() -> None:
