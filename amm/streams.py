@@ -156,9 +156,10 @@ class Assembly:
     fault per 4 KiB) costs more than copying. ``io.BytesIO`` is the buffer because its
     ``getvalue`` hands over the ``bytes`` it wrote into without another copy (CPython).
 
-    A chunk of ``THREAD_HASH_BYTES`` or more is hashed in a worker thread while the caller
-    receives the next one; hashing stays in order, since each update starts only once the one
-    before it finished. ``add`` raises ``Overflow`` before taking a byte beyond ``size``.
+    A chunk of ``THREAD_HASH_BYTES`` or more that is not the last is hashed in a worker thread
+    while the caller receives the next one (the last would only be waited for); hashing stays in
+    order, since each update starts only once the one before it finished. ``add`` raises
+    ``Overflow`` before taking a byte beyond ``size``.
     """
 
     __slots__ = ("_buffer", "_digest", "_pending", "received", "size")
@@ -178,7 +179,7 @@ class Assembly:
         if self._pending is not None:
             await self._pending
             self._pending = None
-        if len(chunk) >= THREAD_HASH_BYTES:
+        if len(chunk) >= THREAD_HASH_BYTES and self.received < self.size:
             loop = asyncio.get_running_loop()
             self._pending = loop.run_in_executor(None, self._digest.update, chunk)
         else:
