@@ -54,7 +54,8 @@ if TYPE_CHECKING:
 __all__ = ["AmmControl", "AsyncAmmControl", "AsyncClient", "Client"]
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
-CHUNK_SIZE = 1024 * 1024
+CHUNK_SIZE = 4 * 1024 * 1024
+"""Size of the chunks ``put`` sends: as the agents' default (``worker_agent.config``)."""
 AMM_ROLE = "the AMM"
 RUN_ONCE_TIMEOUT = 60.0
 """Least seconds ``run_once`` waits: well above the AMM's default directive timeout (30 s)."""

@@ -89,6 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=_UNSET,
     )
     add("--lease", "lease of keep-promises asked of peers (5s)", type=_typed(parse_duration))
+    add(
+        "--chunk-size",
+        "size of the chunks values are sent in (Get, Fetch), at most 8MiB (default 4MiB)",
+        type=_typed(parse_size),
+    )
     add("--log-level", "DEBUG, INFO, WARNING or ERROR", default="INFO", type=_log_level)
     return parser
 
@@ -102,7 +107,7 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         "name": args.name or None,
         "zone": args.zone or "",
     }
-    for field in ("memory_limit", "lease"):
+    for field in ("memory_limit", "lease", "chunk_size"):
         value = getattr(args, field)
         if value is not None:
             overrides[field] = value

@@ -60,6 +60,16 @@ def test_an_agent_process_can_allocate_from_one_arena() -> None:
     assert done.stdout.strip() == str(platform.libc_ver()[0] == "glibc")
 
 
+def test_the_chunk_size_from_a_flag_or_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    parse = build_parser().parse_args
+    assert config_from_args(parse([])).chunk_size == 4 * 1024 * 1024
+    assert config_from_args(parse(["--chunk-size", "1MiB"])).chunk_size == 1024 * 1024
+    monkeypatch.setenv("AMM_AGENT_CHUNK_SIZE", "2MiB")
+    assert config_from_args(build_parser().parse_args([])).chunk_size == 2 * 1024 * 1024
+    with pytest.raises(ValueError, match="chunk_size must be between"):
+        config_from_args(parse(["--chunk-size", "1GiB"]))
+
+
 def test_psutil_probe_measures_this_process() -> None:
     assert PsutilProbe().process_bytes() > 1024 * 1024
 
