@@ -7,7 +7,6 @@ in ships it, and it is hardware-accelerated on current CPUs.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
 
 
 def checksum(data: bytes | bytearray | memoryview) -> str:
@@ -30,10 +29,3 @@ class StreamingChecksum:
 
     def hexdigest(self) -> str:
         return self._hash.hexdigest()
-
-
-def chunks(data: bytes, chunk_size: int) -> Iterable[bytes]:
-    """Split a value into chunks for streaming; an empty value yields no chunk."""
-    view = memoryview(data)
-    for start in range(0, len(data), chunk_size):
-        yield bytes(view[start : start + chunk_size])

@@ -23,7 +23,7 @@ import grpc
 
 from amm import batches
 from amm.blocking import Blocking, LoopThread, forward
-from amm.checksum import StreamingChecksum, checksum, chunks
+from amm.checksum import checksum
 from amm.errors import AmmError
 from amm.models import (
     CycleReport,
@@ -43,6 +43,7 @@ from amm.models import (
     worker_from_proto,
 )
 from amm.serving import CHANNEL_OPTIONS
+from amm.streams import Assembly, Overflow, ValueStreams, framed_chunks
 from amm.units import parse_duration
 from amm.v1 import agent_pb2, agent_pb2_grpc, control_pb2, control_pb2_grpc, types_pb2
 
@@ -53,7 +54,8 @@ if TYPE_CHECKING:
 __all__ = ["AmmControl", "AsyncAmmControl", "AsyncClient", "Client"]
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
-CHUNK_SIZE = 1024 * 1024
+CHUNK_SIZE = 4 * 1024 * 1024
+"""Size of the chunks ``put`` sends: as the agents' default (``worker_agent.config``)."""
 AMM_ROLE = "the AMM"
 RUN_ONCE_TIMEOUT = 60.0
 """Least seconds ``run_once`` waits: well above the AMM's default directive timeout (30 s)."""
@@ -174,7 +176,7 @@ class AsyncClient:
         self.amm = AsyncAmmControl(self)
         self._channel: grpc.aio.Channel | None = None
         self._stub: ActiveMemoryManagerAsyncStub | None = None
-        self._agents: dict[str, tuple[grpc.aio.Channel, WorkerAgentAsyncStub]] = {}
+        self._agents: dict[str, tuple[grpc.aio.Channel, WorkerAgentAsyncStub, ValueStreams]] = {}
         self._closed = False
 
     def __repr__(self) -> str:
@@ -194,7 +196,7 @@ class AsyncClient:
     async def close(self) -> None:
         """Close every channel; idempotent. The client cannot be used afterwards."""
         self._closed = True
-        channels = [channel for channel, _ in self._agents.values()]
+        channels = [channel for channel, _, _ in self._agents.values()]
         if self._channel is not None:
             channels.append(self._channel)
         self._agents.clear()
@@ -213,12 +215,23 @@ class AsyncClient:
             self._stub = control_pb2_grpc.ActiveMemoryManagerStub(self._channel)
         return self._stub
 
-    def _agent_stub(self, address: str) -> WorkerAgentAsyncStub:
+    def _agent(self, address: str) -> tuple[grpc.aio.Channel, WorkerAgentAsyncStub, ValueStreams]:
         self._check_open()
         if address not in self._agents:
             channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
-            self._agents[address] = (channel, agent_pb2_grpc.WorkerAgentStub(channel))
-        return self._agents[address][1]
+            self._agents[address] = (
+                channel,
+                agent_pb2_grpc.WorkerAgentStub(channel),
+                ValueStreams(channel),
+            )
+        return self._agents[address]
+
+    def _agent_stub(self, address: str) -> WorkerAgentAsyncStub:
+        return self._agent(address)[1]
+
+    def _value_streams(self, address: str) -> ValueStreams:
+        """Put, Get and Fetch of the agent at ``address``, chunks as bytes (``amm.streams``)."""
+        return self._agent(address)[2]
 
     def _amm_rpc(self) -> contextlib.AbstractContextManager[None]:
         return _rpc(AMM_ROLE, self.address)
@@ -463,14 +476,14 @@ class AsyncClient:
     ) -> agent_pb2.PutResponse:
         header = agent_pb2.PutHeader(key=key, size=len(value), checksum=digest)
 
-        async def requests() -> AsyncIterator[agent_pb2.PutRequest]:
+        async def requests() -> AsyncIterator[agent_pb2.PutRequest | bytes]:
             yield agent_pb2.PutRequest(header=header)
-            for chunk in chunks(value, self.chunk_size):
-                yield agent_pb2.PutRequest(chunk=chunk)
+            for chunk in framed_chunks(value, self.chunk_size):
+                yield chunk
 
-        stub = self._agent_stub(address)
+        streams = self._value_streams(address)
         with _rpc("worker", address):
-            return await stub.Put(requests(), timeout=self.timeout)
+            return await streams.put(requests(), timeout=self.timeout)
 
     async def get(self, key: str, worker: str | None = None) -> bytes:
         """The value of ``key``, read from ``worker`` or, when None, from a current holder.
@@ -501,31 +514,40 @@ class AsyncClient:
         raise failures[-1]
 
     async def _get_one(self, address: str, key: str) -> bytes:
-        stub = self._agent_stub(address)
-        parts: list[bytes] = []
-        received = StreamingChecksum()
+        streams = self._value_streams(address)
         header: types_pb2.ValueHeader | None = None
-        with _rpc("worker", address):
-            async for message in stub.Get(agent_pb2.GetRequest(key=key), timeout=self.timeout):
-                if header is None:
-                    if not message.HasField("header"):
-                        raise AmmError(
-                            grpc.StatusCode.DATA_LOSS,
-                            f"{address} sent {key!r} without a header",
-                        )
-                    header = message.header
-                    continue
-                received.update(message.chunk)
-                parts.append(message.chunk)
-        if header is None:
-            raise AmmError(grpc.StatusCode.DATA_LOSS, f"{address} sent nothing for {key!r}")
-        if received.size != header.size or received.hexdigest() != header.checksum:
-            raise AmmError(
-                grpc.StatusCode.DATA_LOSS,
-                f"{key!r} from {address}: received {received.size} bytes with checksum "
-                f"{received.hexdigest()}, announced {header.size} bytes with {header.checksum}",
-            )
-        return b"".join(parts)
+        received: Assembly | None = None
+
+        def lost(what: str) -> AmmError:
+            return AmmError(grpc.StatusCode.DATA_LOSS, f"{key!r} from {address}: {what}")
+
+        try:
+            with _rpc("worker", address):
+                call = streams.get(agent_pb2.GetRequest(key=key), timeout=self.timeout)
+                async for message in call:
+                    if received is None:
+                        if isinstance(message, memoryview) or not message.HasField("header"):
+                            raise lost("sent without a header")
+                        header = message.header
+                        received = Assembly(header.size)
+                        continue
+                    if not isinstance(message, memoryview):
+                        raise lost("a message after the header holds no chunk")
+                    try:
+                        await received.add(message)
+                    except Overflow as err:
+                        raise lost(str(err)) from None
+            if received is None or header is None:
+                raise AmmError(grpc.StatusCode.DATA_LOSS, f"{address} sent nothing for {key!r}")
+            if received.received != header.size:
+                raise lost(f"received {received.received} bytes, announced {header.size}")
+            data, digest = await received.finish()
+            if digest != header.checksum:
+                raise lost(f"received checksum {digest}, announced {header.checksum}")
+            return data
+        finally:
+            if received is not None:
+                received.abandon()
 
     async def prefetch(self, key: str, worker: str, *, sources: Sequence[str] = ()) -> Prefetched:
         """Make ``worker`` hold ``key`` as a read through it would, without receiving the value.

@@ -21,6 +21,7 @@ from amm.serving import stop_on_signals
 from amm.units import parse_duration, parse_size
 from worker_agent.agent import Agent
 from worker_agent.config import DEFAULT_MAX_LEASE, DEFAULT_PAUSE_FRACTION, AgentConfig
+from worker_agent.malloc import use_one_arena
 
 READY_LINE = "amm-agent ready address={address}"
 ENV_PREFIX = "AMM_AGENT_"
@@ -88,6 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=_UNSET,
     )
     add("--lease", "lease of keep-promises asked of peers (5s)", type=_typed(parse_duration))
+    add(
+        "--chunk-size",
+        "size of the chunks values are sent in (Get, Fetch), at most 8MiB (default 4MiB)",
+        type=_typed(parse_size),
+    )
     add("--log-level", "DEBUG, INFO, WARNING or ERROR", default="INFO", type=_log_level)
     return parser
 
@@ -101,7 +107,7 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         "name": args.name or None,
         "zone": args.zone or "",
     }
-    for field in ("memory_limit", "lease"):
+    for field in ("memory_limit", "lease", "chunk_size"):
         value = getattr(args, field)
         if value is not None:
             overrides[field] = value
@@ -156,6 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    use_one_arena()  # before gRPC starts its threads
     return asyncio.run(run(config))
 
 

@@ -21,13 +21,13 @@ from typing import Any, Self
 import grpc
 
 from amm.serving import CHANNEL_OPTIONS, Served, bound_address, serve
-from amm.v1 import agent_pb2_grpc, control_pb2, control_pb2_grpc
+from amm.v1 import control_pb2, control_pb2_grpc
 from worker_agent.advertise import advertised_address
 from worker_agent.config import AgentConfig
 from worker_agent.errors import Unavailable
 from worker_agent.memory import MemoryProbe, PsutilProbe
 from worker_agent.node import Node
-from worker_agent.servicer import SERVICE_NAME, WorkerAgentServicer
+from worker_agent.servicer import SERVICE_NAME, WorkerAgentServicer, add_to_server
 from worker_agent.store import Key, Store
 
 log = logging.getLogger(__name__)
@@ -118,7 +118,7 @@ class Agent:
         servicer = WorkerAgentServicer(self.node)
         self._served = await serve(
             self.config.listen,
-            [lambda server: agent_pb2_grpc.add_WorkerAgentServicer_to_server(servicer, server)],
+            [lambda server: add_to_server(servicer, server)],
             [SERVICE_NAME],
         )
         self.node.address = await asyncio.to_thread(

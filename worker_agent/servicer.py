@@ -10,6 +10,7 @@ ends by itself when the node shuts down, since ``server.stop`` does not end long
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections.abc import AsyncIterator, Iterable
@@ -20,7 +21,8 @@ import grpc
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from amm.checksum import StreamingChecksum, checksum
+from amm.checksum import checksum
+from amm.streams import Assembly, Overflow, decoder, framed_chunks, serialize
 from amm.v1 import agent_pb2, agent_pb2_grpc, types_pb2
 from worker_agent import integrity
 from worker_agent.directives import Outcome, OutcomeStatus
@@ -37,7 +39,6 @@ from worker_agent.errors import (
 from worker_agent.integrity import Directive, Op, Reason, Refuse
 from worker_agent.node import Inventory, Node, Promise
 from worker_agent.store import MAX_KEY_BYTES, Key, Value
-from worker_agent.transfer import value_messages
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,8 @@ OUTCOMES_PER_MESSAGE = 2_000
 MAX_KEEP_BATCH = 100_000
 
 Context = grpc.aio.ServicerContext[Any, Any]
+#: What Get and Fetch write: the header message, then chunks already serialized.
+Outgoing = agent_pb2.GetResponse | agent_pb2.FetchResponse | bytes
 
 
 class _Edge:
@@ -246,11 +249,51 @@ async def _cancel_all(tasks: Iterable[asyncio.Task[None]]) -> None:
             log.error("task %s failed", task.get_name(), exc_info=result)
 
 
+class _Collected:
+    """Stands in for a server to collect the handlers the generated registration adds."""
+
+    def __init__(self) -> None:
+        self.handlers: dict[str, Any] = {}
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        pass
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
+        self.handlers = dict(handlers)
+
+
+def _put_chunk(message: agent_pb2.PutRequest | memoryview) -> memoryview | bytes | None:
+    """The chunk of a Put message: a ``memoryview`` as ``add_to_server`` registers Put, or a
+    protobuf message as the generated registration does; None for anything but a chunk."""
+    if isinstance(message, memoryview):
+        return message
+    return message.chunk if message.WhichOneof("item") == "chunk" else None
+
+
+def add_to_server(servicer: WorkerAgentServicer, server: grpc.aio.Server) -> None:
+    """Register ``servicer``: the generated registration, except that Put's chunks arrive as
+    ``memoryview`` and Get and Fetch send chunks already serialized (``amm.streams``), so a
+    value's bytes are not copied by protobuf on the way in or out. The bytes on the wire are the
+    same."""
+    collected = _Collected()
+    agent_pb2_grpc.add_WorkerAgentServicer_to_server(servicer, collected)  # type: ignore[arg-type]
+    handlers: dict[str, Any] = collected.handlers
+    handlers["Put"] = handlers["Put"]._replace(request_deserializer=decoder(agent_pb2.PutRequest))
+    for method in ("Get", "Fetch"):
+        handlers[method] = handlers[method]._replace(response_serializer=serialize)
+    servicer.framed = True
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)  # type: ignore[attr-defined]
+
+
 class WorkerAgentServicer(agent_pb2_grpc.WorkerAgentServicer):
     """Serves one ``Node``."""
 
     def __init__(self, node: Node) -> None:
         self._node = node
+        #: Set by ``add_to_server``: Get and Fetch may write chunks already serialized. A servicer
+        #: registered with the generated function writes protobuf messages, more slowly.
+        self.framed = False
 
     async def Poll(
         self, request: agent_pb2.PollRequest, context: Context
@@ -345,31 +388,45 @@ class WorkerAgentServicer(agent_pb2_grpc.WorkerAgentServicer):
             await _cancel_all([*helpers, *running])
 
     async def Put(
-        self, request_iterator: AsyncIterator[agent_pb2.PutRequest], context: Context
+        self,
+        request_iterator: AsyncIterator[agent_pb2.PutRequest | memoryview],
+        context: Context,
     ) -> agent_pb2.PutResponse:
+        """A header, then chunks, verified before the value is stored."""
         async with _Edge(context, "Put"):
             messages = aiter(request_iterator)
             first = await anext(messages, None)
-            if first is None or first.WhichOneof("item") != "header":
+            if (
+                first is None
+                or isinstance(first, memoryview)
+                or first.WhichOneof("item") != "header"
+            ):
                 raise InvalidRequest("the first message of a Put must be its header")
             key, size = _key(first.header.key), first.header.size
             declared = _checksum(first.header.checksum)
             self._node.check_put(key, size, declared)
-            digest = StreamingChecksum()
-            data = bytearray()
-            async for message in messages:
-                if message.WhichOneof("item") != "chunk":
-                    raise InvalidRequest("a Put has one header, then only chunks")
-                digest.update(message.chunk)
-                if digest.size > size:
-                    raise InvalidRequest(f"more bytes than the {size} declared in the header")
-                data += message.chunk
-            if digest.size != size:
-                raise InvalidRequest(f"received {digest.size} bytes, the header declared {size}")
-            actual = digest.hexdigest()
+            received = Assembly(size)
+            try:
+                async for message in messages:
+                    chunk = _put_chunk(message)
+                    if chunk is None:
+                        raise InvalidRequest("a Put has one header, then only chunks")
+                    try:
+                        await received.add(chunk)
+                    except Overflow:
+                        raise InvalidRequest(
+                            f"more bytes than the {size} declared in the header"
+                        ) from None
+                if received.received != size:
+                    raise InvalidRequest(
+                        f"received {received.received} bytes, the header declared {size}"
+                    )
+                data, actual = await received.finish()
+            finally:
+                received.abandon()
             if declared and declared != actual:
                 raise InvalidRequest("the value does not match the checksum in the header")
-            info, created = self._node.put(key, bytes(data), actual)
+            info, created = self._node.put(key, data, actual)
             return agent_pb2.PutResponse(
                 key=info.key, size=info.size, checksum=info.checksum, created=created
             )
@@ -413,17 +470,25 @@ class WorkerAgentServicer(agent_pb2_grpc.WorkerAgentServicer):
         header = types_pb2.ValueHeader(
             key=value.key, size=value.size, checksum=value.checksum, replicated=replicated
         )
-        messages = value_messages(
-            header,
-            value.data,
-            self._node.config.chunk_size,
-            lambda h: response(header=h),
-            lambda c: response(chunk=c),
-        )
+        size = self._node.config.chunk_size
+        chunks: Iterable[Outgoing]
+        if self.framed:
+            chunks = framed_chunks(value.data, size)
+        else:
+            view = memoryview(value.data)
+            chunks = (
+                response(chunk=bytes(view[start : start + size]))
+                for start in range(0, len(view), size)
+            )
+        messages = itertools.chain([response(header=header)], chunks)
         if not await self._send(context, messages):
             self._stalled(context, method, value.key)
 
-    async def _send(self, context: Context, messages: Iterable[Any]) -> bool:
+    async def _send(
+        self,
+        context: Context,
+        messages: Iterable[Outgoing],
+    ) -> bool:
         """Write the messages, each within ``stream_idle_timeout``; False when the reader
         stopped reading (the caller then ends the call, once it released the key).
 

@@ -5,8 +5,8 @@ closed by ``close``. Callers name the addresses (Get sources, directives), so on
 is dialled and the channels are a bounded LRU cache: the least recently used idle channels are
 closed beyond ``max_channels``, never one a call is using. Fetching tries the sources in order
 and verifies size and SHA-256 before handing bytes back; failures are values (``FetchFailure``)
-naming the reason, because for a directive they are expected outcomes, not errors.
-``value_messages`` is the sending side.
+naming the reason, because for a directive they are expected outcomes, not errors. Chunks are
+read as ``memoryview`` and hashed while the next arrives (``amm.streams``).
 """
 
 from __future__ import annotations
@@ -15,22 +15,19 @@ import asyncio
 import collections
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
 
 import grpc
 from google.protobuf.duration_pb2 import Duration
 
-from amm.checksum import StreamingChecksum, chunks
 from amm.serving import CHANNEL_OPTIONS
+from amm.streams import Assembly, Overflow, ValueStreams
 from amm.v1 import agent_pb2, agent_pb2_grpc, types_pb2
 from worker_agent.integrity import Reason, is_peer_address
 from worker_agent.store import Key
 
 log = logging.getLogger(__name__)
-
-M = TypeVar("M")
 
 #: Peer channels kept open at most (beyond it, the least recently used idle ones are closed).
 MAX_PEER_CHANNELS = 256
@@ -78,19 +75,6 @@ class _Corrupt(Exception):
     """The data a source sent does not match what it or the caller declared."""
 
 
-def value_messages(
-    header: types_pb2.ValueHeader,
-    data: bytes,
-    chunk_size: int,
-    make_header: Callable[[types_pb2.ValueHeader], M],
-    make_chunk: Callable[[bytes], M],
-) -> Iterator[M]:
-    """The messages of a streamed value (Get, Fetch): the header, then chunks."""
-    yield make_header(header)
-    for chunk in chunks(data, chunk_size):
-        yield make_chunk(chunk)
-
-
 def reason_from_proto(value: int) -> Reason | None:
     """The domain reason for a wire ``RefusalReason``; None for UNSPECIFIED or unknown values."""
     try:
@@ -127,8 +111,8 @@ class Peers:
         return len(self._channels)
 
     @contextlib.asynccontextmanager
-    async def _stub(self, address: str) -> AsyncIterator[agent_pb2_grpc.WorkerAgentAsyncStub]:
-        """A stub on the channel to ``address``, marked busy while the caller uses it.
+    async def _channel(self, address: str) -> AsyncIterator[grpc.aio.Channel]:
+        """The channel to ``address``, marked busy while the caller uses it.
 
         Idle channels beyond the bound are closed here, before the call, least recently used
         first: closing one that a call is using would break that call. When every channel is
@@ -147,7 +131,7 @@ class Peers:
         self._busy[address] += 1
         try:
             await self._evict()
-            yield agent_pb2_grpc.WorkerAgentStub(channel)
+            yield channel
         finally:
             self._busy[address] -= 1
             if self._busy[address] <= 0:
@@ -221,9 +205,9 @@ class Peers:
         expected_checksum: str,
         requester: str,
     ) -> tuple[bytes, str]:
-        async with self._stub(source) as stub:
+        async with self._channel(source) as channel:
             return await self._receive(
-                stub.Fetch(
+                ValueStreams(channel).fetch(
                     agent_pb2.FetchRequest(
                         key=key, checksum=expected_checksum, requester=requester
                     ),
@@ -236,36 +220,43 @@ class Peers:
 
     async def _receive(
         self,
-        call: grpc.aio.UnaryStreamCall[agent_pb2.FetchRequest, agent_pb2.FetchResponse],
+        call: grpc.aio.UnaryStreamCall[
+            agent_pb2.FetchRequest, agent_pb2.FetchResponse | memoryview
+        ],
         key: Key,
         expected_size: int | None,
         expected_checksum: str,
     ) -> tuple[bytes, str]:
+        received: Assembly | None = None
         try:
             header: types_pb2.ValueHeader | None = None
-            parts: list[bytes] = []
-            digest = StreamingChecksum()
             async for message in call:
-                if header is None:
-                    if message.WhichOneof("item") != "header":
+                if received is None:
+                    if isinstance(message, memoryview) or message.WhichOneof("item") != "header":
                         raise _Corrupt("the first message is not a header")
                     header = message.header
                     _check_header(header, key, expected_size, expected_checksum)
                     if header.size > self._max_value_bytes:
                         raise _Corrupt(f"{header.size} bytes exceed the largest value accepted")
+                    received = Assembly(header.size)
                     continue
-                digest.update(message.chunk)
-                if digest.size > header.size:
-                    raise _Corrupt(f"more than the {header.size} bytes announced")
-                parts.append(message.chunk)
-            if header is None:
+                if not isinstance(message, memoryview):
+                    raise _Corrupt("a message after the header holds no chunk")
+                try:
+                    await received.add(message)
+                except Overflow as err:
+                    raise _Corrupt(str(err)) from None
+            if received is None or header is None:
                 raise _Corrupt("the stream ended before the header")
-            if digest.size != header.size:
-                raise _Corrupt(f"{digest.size} bytes received, {header.size} announced")
-            if digest.hexdigest() != header.checksum:
+            if received.received != header.size:
+                raise _Corrupt(f"{received.received} bytes received, {header.size} announced")
+            data, digest = await received.finish()
+            if digest != header.checksum:
                 raise _Corrupt("the data does not match its checksum")
-            return b"".join(parts), header.checksum
+            return data, header.checksum
         finally:
+            if received is not None:
+                received.abandon()
             call.cancel()
 
     async def promise_keep(
@@ -288,7 +279,8 @@ class Peers:
             directive_id=directive_id,
         )
         try:
-            async with self._stub(address) as stub:
+            async with self._channel(address) as channel:
+                stub = agent_pb2_grpc.WorkerAgentStub(channel)
                 response = await stub.PromiseKeep(request, timeout=deadline)
         except grpc.aio.AioRpcError as err:
             return PromiseAnswer(address, False, None, f"{err.code().name} {err.details() or ''}")
@@ -317,7 +309,8 @@ class Peers:
             requester=requester,
         )
         try:
-            async with self._stub(address) as stub:
+            async with self._channel(address) as channel:
+                stub = agent_pb2_grpc.WorkerAgentStub(channel)
                 response = await stub.PromiseKeepBatch(request, timeout=deadline)
         except grpc.aio.AioRpcError as err:
             if err.code() is grpc.StatusCode.UNIMPLEMENTED:

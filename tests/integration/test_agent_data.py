@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -12,6 +13,8 @@ import grpc
 import pytest
 
 from amm.checksum import checksum
+from amm.serving import CHANNEL_OPTIONS
+from amm.streams import THREAD_HASH_BYTES, frame_chunk
 from amm.v1 import agent_pb2, agent_pb2_grpc, types_pb2
 from tests.support.agent import (
     Stub,
@@ -24,8 +27,12 @@ from tests.support.agent import (
     put_raw,
     running_agent,
 )
-from tests.support.faults import fake_peer
+from tests.support.faults import fake_peer, serving
 from tests.support.waiting import wait_for
+from worker_agent.config import AgentConfig
+from worker_agent.memory import PsutilProbe
+from worker_agent.node import Node
+from worker_agent.servicer import WorkerAgentServicer
 from worker_agent.store import Key
 
 BIG = os.urandom(300_000)
@@ -147,6 +154,79 @@ async def test_bad_input_gets_the_right_status_codes() -> None:
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
         pin = stub.Pin(agent_pb2.PinRequest(key="unknown"))
         assert await code_of(pin) == grpc.StatusCode.NOT_FOUND
+
+
+async def test_values_in_large_chunks_are_verified_as_in_small_ones() -> None:
+    """Chunks from THREAD_HASH_BYTES up are hashed in a thread while the next one arrives."""
+    value = os.urandom(4 * THREAD_HASH_BYTES + 3)
+    big = THREAD_HASH_BYTES + 1
+    async with agents(2, chunk_size=big) as [(a, stub_a), (b, stub_b)]:
+        stored = await put(stub_a, "k", value, chunk_size=big)
+        assert (stored.size, stored.checksum) == (len(value), checksum(value))
+        assert (await get(stub_a, "k"))[1] == value
+        header, data = await get(stub_b, "k", sources=[a.address])
+        assert (header.replicated, header.checksum, data == value) == (True, checksum(value), True)
+        held = b.store.get(Key("k"))
+        assert held is not None
+        assert held.data == value, "the replica kept is the value"
+        invalid = grpc.StatusCode.INVALID_ARGUMENT
+        lying = agent_pb2.PutHeader(key="other", size=len(value), checksum=checksum(b"x"))
+        chunks = [value[i : i + big] for i in range(0, len(value), big)]
+        wrong_sum = [agent_pb2.PutRequest(header=lying)]
+        wrong_sum += [agent_pb2.PutRequest(chunk=c) for c in chunks]
+        assert await code_of(put_raw(stub_a, wrong_sum)) == invalid
+        short = agent_pb2.PutHeader(key="other", size=len(value) - 1)
+        too_long = [agent_pb2.PutRequest(header=short)]
+        too_long += [agent_pb2.PutRequest(chunk=c) for c in chunks]
+        assert await code_of(put_raw(stub_a, too_long)) == invalid
+        assert "other" not in a.store
+
+
+async def test_a_chunk_message_with_a_field_unknown_to_the_agent_is_still_a_chunk() -> None:
+    """Put reads chunks without protobuf when a message is exactly one chunk; any other encoding
+    (here a field a later version of the contract might add) goes through protobuf."""
+    value = os.urandom(100_000)
+    header = agent_pb2.PutRequest(header=agent_pb2.PutHeader(key="k", size=len(value)))
+    unknown = b"\x18\x07"  # field 3, a varint
+    messages = [header.SerializeToString()]
+    messages += [frame_chunk(value[:60_000]) + unknown, unknown + frame_chunk(value[60_000:])]
+    async with running_agent() as agent:
+        async with grpc.aio.insecure_channel(agent.address, options=CHANNEL_OPTIONS) as channel:
+            raw_put = channel.stream_unary(
+                "/amm.v1.WorkerAgent/Put",
+                request_serializer=lambda raw: raw,
+                response_deserializer=agent_pb2.PutResponse.FromString,
+            )
+            stored = await raw_put(iter(messages))
+        assert (stored.size, stored.checksum) == (len(value), checksum(value))
+        held = agent.store.get(Key("k"))
+        assert held is not None
+        assert held.data == value
+
+
+async def test_a_servicer_registered_by_the_generated_function_serves_whole_values() -> None:
+    """``add_to_server`` lets Get and Fetch write chunks already serialized; registered with the
+    generated function instead (as a test's fake peer may be), the servicer writes protobuf
+    messages and still reads every Put."""
+    value = os.urandom(300_000)
+    node = Node(
+        AgentConfig(amm=None, chunk_size=64 * 1024), probe=PsutilProbe(), clock=time.monotonic
+    )
+    servicer = WorkerAgentServicer(node)
+    try:
+        async with (
+            serving(
+                lambda server: agent_pb2_grpc.add_WorkerAgentServicer_to_server(servicer, server)
+            ) as address,
+            dial(address) as stub,
+        ):
+            stored = await put(stub, "k", value, chunk_size=100_000)
+            assert (stored.size, stored.checksum) == (len(value), checksum(value))
+            header, data = await get(stub, "k")
+            assert (header.size, data == value) == (len(value), True)
+            assert (await fetch(stub, "k"))[1] == value
+    finally:
+        await node.close()
 
 
 async def test_put_over_the_memory_limit_is_resource_exhausted() -> None:

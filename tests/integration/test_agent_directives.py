@@ -235,6 +235,32 @@ async def test_replicate_from_a_corrupt_source_is_refused_checksum_mismatch() ->
         assert "k" not in b.store
 
 
+class _StrayHeaderAgent(agent_pb2_grpc.WorkerAgentServicer):
+    """A peer that sends a second header in the middle of the value."""
+
+    async def Fetch(self, request: Any, context: Any) -> AsyncIterator[agent_pb2.FetchResponse]:
+        header = types_pb2.ValueHeader(key=request.key, size=len(DATA), checksum=checksum(DATA))
+        yield agent_pb2.FetchResponse(header=header)
+        yield agent_pb2.FetchResponse(chunk=DATA[:100])
+        yield agent_pb2.FetchResponse(header=header)
+        yield agent_pb2.FetchResponse(chunk=DATA[100:])
+
+
+async def test_a_source_that_breaks_the_stream_layout_is_refused_checksum_mismatch() -> None:
+    """Header, then only chunks: anything else after the header was once read as an empty
+    chunk; now the transfer is refused as corrupt."""
+    async with (
+        fake_peer(_StrayHeaderAgent()) as stray,  # type: ignore[abstract]
+        running_agent() as b,
+        dial(b.address) as stub_b,
+    ):
+        async with directive_stream(stub_b) as amm:
+            outcome = await amm.run(replicate("k", DATA, [stray]))
+        assert (status(outcome), reason(outcome)) == ("REFUSED", "CHECKSUM_MISMATCH")
+        assert "holds no chunk" in outcome.message
+        assert "k" not in b.store
+
+
 class _SlowKeeper(agent_pb2_grpc.WorkerAgentServicer):
     """A peer that promises to keep every key for the lease asked, but answers only after
     ``delay`` seconds; with ``grant=False`` it says nothing of the lease, as an older agent."""

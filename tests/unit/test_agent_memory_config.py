@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import platform
+import subprocess
+import sys
+
 import pytest
 
 from worker_agent.__main__ import build_parser, config_from_args
@@ -45,6 +49,25 @@ def test_paused_above_the_fraction_of_the_limit() -> None:
     assert monitor.paused(monitor.sample(0, 1.0))
     never = MemoryMonitor(probe, window=1.0, limit=1000)
     assert not never.paused(never.sample(0, 0.0))
+
+
+def test_an_agent_process_can_allocate_from_one_arena() -> None:
+    """In a process of its own: the setting lasts for the life of the process."""
+    code = "from worker_agent.malloc import use_one_arena; print(use_one_arena())"
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=30
+    )
+    assert done.stdout.strip() == str(platform.libc_ver()[0] == "glibc")
+
+
+def test_the_chunk_size_from_a_flag_or_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    parse = build_parser().parse_args
+    assert config_from_args(parse([])).chunk_size == 4 * 1024 * 1024
+    assert config_from_args(parse(["--chunk-size", "1MiB"])).chunk_size == 1024 * 1024
+    monkeypatch.setenv("AMM_AGENT_CHUNK_SIZE", "2MiB")
+    assert config_from_args(build_parser().parse_args([])).chunk_size == 2 * 1024 * 1024
+    with pytest.raises(ValueError, match="chunk_size must be between"):
+        config_from_args(parse(["--chunk-size", "1GiB"]))
 
 
 def test_psutil_probe_measures_this_process() -> None:
