@@ -377,13 +377,18 @@ def plan(
 ) -> Plan:
     """Run the policies over ``view`` and decide; see the module docstring for the rules."""
     steps = planning(view, policies, in_flight, config, new_id)
-    while (done := step(steps)) is None:
+    while not isinstance(done := step(steps), Plan):
         pass
     return done
 
 
-def step(steps: Generator[None, None, Plan]) -> Plan | None:
-    """Run one step of ``planning``; the plan once it is done, else None.
+Steps = Generator[tuple[Directive, ...], None, Plan]
+"""``planning``: it yields directives ready to send (with ``stream``), and returns the plan."""
+
+
+def step(steps: Steps) -> Plan | tuple[Directive, ...]:
+    """Run one step of ``planning``: the plan once it is done, else the directives the step
+    released (none unless it streams).
 
     The cyclic garbage collector is paused meanwhile: a big cycle allocates hundreds of
     thousands of directives and tuples, none in a reference cycle, and every collection they
@@ -391,14 +396,13 @@ def step(steps: Generator[None, None, Plan]) -> Plan | None:
     collecting = gc.isenabled()
     gc.disable()
     try:
-        next(steps)
+        return next(steps)
     except StopIteration as done:
         result: Plan = done.value
         return result
     finally:
         if collecting:
             gc.enable()
-    return None
 
 
 def planning(
@@ -407,19 +411,27 @@ def planning(
     in_flight: InFlightSource,
     config: PlanConfig,
     new_id: Callable[[], str],
-) -> Generator[None, None, Plan]:
+    *,
+    stream: bool = False,
+) -> Steps:
     """``plan`` in steps: it yields every ``STEP`` units of work, so that a caller on an event
     loop can let other work run in between (``step`` drives it); the plan is its return value.
 
+    With ``stream``, each step yields the directives decided since the last one, so that the
+    caller sends them while the rest is planned: agents start on a big cycle's work before its
+    plan is done. A directive once yielded is final; only those not yet yielded have their
+    keepers narrowed when a later suggestion drops another copy of their key (see below).
+
     The view is frozen; what is in flight may change between steps (an outcome settles a
-    directive): later suggestions see the ledger as it is then, as the next cycle would.
+    directive, or one this cycle streamed enters the ledger): later suggestions see the ledger
+    as it is then, as the next cycle would; this cycle's own picks are counted once.
     """
     decider = _Decider(view, in_flight, config)
     flying = list(in_flight.directives())  # the ledger may change while we yield
     for start in range(0, len(flying), STEP):
         for directive in flying[start : start + STEP]:
             decider.count_in_flight(directive)
-        yield
+        yield ()
     directives: list[Directive] = []
     rejections: list[Rejection] = []
     retirements: list[RetireDecision] = []
@@ -523,7 +535,7 @@ def planning(
             raise ValueError(f"a suggestion's copies must be 1 or more, not {suggestion.copies!r}")
         return suggestion.copies
 
-    work = 0
+    work = released = 0
     for policy in sorted(policies, key=priority_of):
         run = policy.run(view, decider.pending, config.measure)
         made = 0
@@ -534,7 +546,11 @@ def planning(
                 work += n
                 if work >= STEP:
                     work = 0
-                    yield
+                    if stream:
+                        yield tuple(directives[released:])
+                        released = len(directives)
+                    else:
+                        yield ()
                 suggestion = run.send(answer(policy.name, suggestion))
             if made < config.max_suggestions:  # decide the copies that fit, as one at a time would
                 assert isinstance(suggestion, Suggestion)
@@ -550,8 +566,8 @@ def planning(
             errors.append(f"policy {policy.name} failed: {type(err).__name__}: {err}")
         count += made
     if renamed:
-        directives = [
+        directives[released:] = [
             d._replace(holders=keepers_of[d.key]) if d.op is Op.DROP and d.key in renamed else d
-            for d in directives
+            for d in directives[released:]
         ]
     return Plan(tuple(directives), tuple(rejections), count, tuple(errors), tuple(retirements))

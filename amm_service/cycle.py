@@ -9,6 +9,7 @@ directives, so a record counts their outcomes and keeps each one in detail only 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from amm_service.core import Plan, Rejection
@@ -58,15 +59,20 @@ class CycleRecord:
     """Directives that will get no outcome (expired, or their worker left)."""
     _settled: asyncio.Event | None = None
 
-    def planned(self, plan: Plan, sent_at: float) -> None:
+    def planned(self, plan: Plan) -> None:
+        """What the plan decided besides its directives (``sending`` records those)."""
         self.suggestions = plan.suggestions
         self.rejected = len(plan.rejections)
         self.rejections = plan.rejections[:MAX_REJECTIONS_REPORTED]
         self.policy_errors = plan.policy_errors
-        self.planned_count = len(plan.directives)
-        self.directives = {
-            d.id: DirectiveRecord(d, sent_at) for d in plan.directives[:MAX_DIRECTIVES_REPORTED]
-        }
+
+    def sending(self, directives: Sequence[Directive], sent_at: float) -> None:
+        """Directives of this cycle sent (or, in a dry run, that would be), in order; may be
+        called several times, as a big cycle sends while it plans."""
+        room = MAX_DIRECTIVES_REPORTED - len(self.directives)
+        for d in directives[: max(0, room)]:
+            self.directives[d.id] = DirectiveRecord(d, sent_at)
+        self.planned_count += len(directives)
 
     @property
     def unsettled(self) -> int:

@@ -18,13 +18,14 @@ import contextlib
 import copy
 import logging
 import time
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Sequence
 
 from amm_service import core
 from amm_service.addresses import check_address
 from amm_service.agents import AgentLinks
 from amm_service.config import AmmConfig
 from amm_service.cycle import CycleRecord
+from amm_service.directive import Directive
 from amm_service.dispatcher import Dispatcher
 from amm_service.epoch import EpochFence
 from amm_service.errors import InvalidArgument, Unavailable
@@ -63,16 +64,6 @@ def _copies(policies: Sequence[Policy]) -> list[Policy]:
             )
             copies.append(policy)
     return copies
-
-
-async def _finish(steps: Generator[None, None, core.Plan]) -> core.Plan:
-    """Drive ``core.planning`` to its plan, letting the event loop run between steps, so that
-    control calls are answered while a big cycle plans."""
-    while True:
-        plan = core.step(steps)
-        if plan is not None:
-            return plan
-        await breathe()
 
 
 #: Directives entered in the ledger and handed to the dispatcher at a time.
@@ -371,11 +362,27 @@ class ActiveMemoryManager:
                 max_outgoing=self.config.max_outgoing_transfers,
             ),
             self._fence.new_id,
+            stream=not dry_run,
         )
-        plan = await _finish(steps)
-        record.plan_duration = time.perf_counter() - t1
-        record.planned(plan, self._clock())
+        if not dry_run:
+            self.outcomes.track(record)
+        sending, released = 0.0, 0
+        ready: list[Directive] = []
+        while not isinstance(out := core.step(steps), core.Plan):
+            ready += out
+            released += len(out)
+            if len(ready) >= SEND_STEP:  # send what is decided while the rest is planned
+                started_sending = time.perf_counter()
+                await self._send(record, ready)
+                sending += time.perf_counter() - started_sending
+                ready = []
+            else:
+                await breathe()  # control calls are answered while a big cycle plans
+        plan = out
+        record.plan_duration = time.perf_counter() - t1 - sending
+        record.planned(plan)
         if dry_run:
+            record.sending(plan.directives, self._clock())
             record.duration = time.perf_counter() - t0
             log.info(
                 "dry run %d: %d suggestions, %d directives (not sent), %d rejected",
@@ -385,18 +392,11 @@ class ActiveMemoryManager:
                 len(plan.rejections),
             )
             return record
-        now, number, sending = self._monotonic(), record.number, time.perf_counter()
-        self.outcomes.track(record)
-        self.outcomes.totals.sent += len(plan.directives)
-        for start in range(0, len(plan.directives), SEND_STEP):
-            chunk = plan.directives[start : start + SEND_STEP]
-            for directive in chunk:
-                self.ledger.add(directive, now, number)
-            await self._dispatcher.send(chunk)
-        self._fence.acted(bool(plan.directives))
+        started_sending = time.perf_counter()
+        await self._send(record, [*ready, *plan.directives[released:]])
+        sending += time.perf_counter() - started_sending
         for error in plan.policy_errors:
             log.error("%s", error)
-        sent = time.perf_counter()
         await self.retirement_driver.supervise(view, plan)
         record.duration = time.perf_counter() - t0
         self._last = record
@@ -410,9 +410,23 @@ class ActiveMemoryManager:
                 len(plan.rejections),
                 (polled - t0) * 1e3,
                 record.plan_duration * 1e3,
-                (sent - sending) * 1e3,
+                sending * 1e3,
             )
         return record
+
+    async def _send(self, record: CycleRecord, directives: Sequence[Directive]) -> None:
+        """Enter ``directives`` of ``record``'s cycle in the ledger and send them."""
+        if not directives:
+            return
+        self._fence.acted(True)
+        now, number = self._monotonic(), record.number
+        record.sending(directives, self._clock())
+        self.outcomes.totals.sent += len(directives)
+        for start in range(0, len(directives), SEND_STEP):
+            chunk = directives[start : start + SEND_STEP]
+            for directive in chunk:
+                self.ledger.add(directive, now, number)
+            await self._dispatcher.send(chunk)
 
     def _version_of(self, worker: WorkerId) -> int | None:
         known = self.state.worker(worker)

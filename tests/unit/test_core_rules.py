@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from amm_service.core import Plan, PlanConfig, RetireDecision, Why, plan
-from amm_service.directive import Op, Outcome, OutcomeStatus
+from amm_service.core import STEP, Plan, PlanConfig, RetireDecision, Why, plan, planning, step
+from amm_service.directive import Directive, Op, Outcome, OutcomeStatus
 from amm_service.pending import Ledger
 from amm_service.policies import PolicyRun, RetireRequest, Suggestion, drop, replicate
 from amm_service.view import ClusterView, Key, Measure, WorkerId, WorkerStatus
@@ -297,3 +297,27 @@ def test_drops_of_one_key_by_several_suggestions_name_the_final_keepers() -> Non
     assert {d.holders for d in directives} == {(W("d"),)}
     for d in directives:
         assert d.worker not in d.holders
+
+
+def test_a_streamed_plan_releases_its_directives_as_it_goes_and_in_order() -> None:
+    holdings = {w: [f"k{i:05d}" for i in range(STEP)] for w in "abc"}
+    v = view(holdings)
+    steps = planning(
+        v,
+        [Scripted([drop(K(f"k{i:05d}"), copies=2) for i in range(STEP)])],
+        Ledger(),
+        CFG,
+        new_ids(),
+        stream=True,
+    )
+    released: list[tuple[int, int]] = []
+    streamed: list[Directive] = []
+    while not isinstance(out := step(steps), Plan):
+        if out:
+            released.append((len(streamed), len(out)))
+        streamed.extend(out)
+    assert released, "directives were released before the plan was done"
+    assert len(out.directives) == 2 * STEP
+    assert streamed == list(out.directives[: len(streamed)])
+    whole = run(v, Scripted([drop(K(f"k{i:05d}"), copies=2) for i in range(STEP)]))
+    assert whole.directives == out.directives
