@@ -29,7 +29,7 @@ from amm.v1 import agent_pb2
 from amm_service import wire
 from amm_service.agents import AgentLinks
 from amm_service.directive import Directive, Outcome, OutcomeStatus
-from amm_service.pacing import breathe
+from amm_service.pacing import breathe, gc_paused
 from amm_service.view import WorkerId
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,9 @@ class _Stream:
         for directive in directives:
             unanswered[directive.id] = None
         if batch:
-            self.queue.put_nowait(wire.directives_request(directives))
+            with gc_paused():
+                request = wire.directives_request(directives)
+            self.queue.put_nowait(request)
         else:
             for directive in directives:
                 message = wire.directive_to_pb(directive)
@@ -72,10 +74,11 @@ class _Stream:
         try:
             async for response in self._call:
                 items = response.batch if response.batch else (response.outcome,)
-                outcomes = [wire.outcome_from_pb(item) for item in items]
-                for outcome in outcomes:
-                    unanswered.pop(outcome.directive_id, None)
-                self._on_outcomes(self.worker, outcomes)
+                with gc_paused():
+                    outcomes = [wire.outcome_from_pb(item) for item in items]
+                    for outcome in outcomes:
+                        unanswered.pop(outcome.directive_id, None)
+                    self._on_outcomes(self.worker, outcomes)
                 if response.batch:
                     await breathe()  # let control calls in between big batches
         except grpc.aio.AioRpcError as err:

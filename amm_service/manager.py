@@ -34,7 +34,7 @@ from amm_service.goals import GoalBook
 from amm_service.grace import StartupGrace
 from amm_service.liveness import Liveness, LostKeys, lost_after_removal
 from amm_service.outcomes import Outcomes
-from amm_service.pacing import breathe
+from amm_service.pacing import breathe, gc_paused
 from amm_service.pending import Ledger
 from amm_service.policies import Policy
 from amm_service.poller import Poller
@@ -424,8 +424,9 @@ class ActiveMemoryManager:
         self.outcomes.totals.sent += len(directives)
         for start in range(0, len(directives), SEND_STEP):
             chunk = directives[start : start + SEND_STEP]
-            for directive in chunk:
-                self.ledger.add(directive, now, number)
+            with gc_paused():
+                for directive in chunk:
+                    self.ledger.add(directive, now, number)
             await self._dispatcher.send(chunk)
 
     def _version_of(self, worker: WorkerId) -> int | None:

@@ -77,7 +77,7 @@ class Ledger:
         return iter(list(self._entries.values()))
 
     def add(self, directive: Directive, now: float, cycle: int = 0) -> None:
-        self._put(Entry(directive, now, cycle=cycle))
+        self._put(Entry(directive, now, None, cycle))
 
     def settle(self, outcome: Outcome) -> Entry | None:
         """Record an outcome; returns the entry it concerned, or None if unknown (expired) or
@@ -172,10 +172,18 @@ class Ledger:
         return (e.directive for e in self._entries.values())
 
     def _put(self, entry: Entry) -> None:
+        # get-or-create by hand: setdefault(k, {}) builds a dict per call, 300k in a big cycle
         directive = entry.directive
-        self._entries[directive.id] = entry
-        self._by_key.setdefault(directive.key, {})[directive.id] = entry
-        self._by_worker.setdefault(directive.worker, {})[directive.id] = entry
+        directive_id = directive.id
+        self._entries[directive_id] = entry
+        of_key = self._by_key.get(directive.key)
+        if of_key is None:
+            of_key = self._by_key[directive.key] = {}
+        of_key[directive_id] = entry
+        of_worker = self._by_worker.get(directive.worker)
+        if of_worker is None:
+            of_worker = self._by_worker[directive.worker] = {}
+        of_worker[directive_id] = entry
 
     def _remove(self, entry: Entry) -> None:
         directive = entry.directive

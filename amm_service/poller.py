@@ -33,6 +33,7 @@ import grpc
 from amm.v1 import agent_pb2
 from amm_service import wire
 from amm_service.agents import AgentLinks
+from amm_service.pacing import gc_paused
 from amm_service.view import ClusterState, KeyReport, WorkerId
 
 log = logging.getLogger(__name__)
@@ -187,17 +188,18 @@ class Poller:
         if known is None or known.incarnation != incarnation:
             raise _Gone
         last = answer or resp
-        self._state.apply_poll(
-            worker,
-            incarnation=resp.incarnation,
-            version=resp.version,
-            full=full,
-            keys=keys,
-            removed=wire.poll_keys_removed(resp),
-            memory=wire.memory_from_pb(last.memory),
-            status=wire.status_from_pb(last.status),
-            name=last.name,
-            zone=last.zone,
-            features=frozenset(last.features),
-            now=self._clock(),
-        )
+        with gc_paused():  # a page of up to 10,000 keys (see ``pacing``)
+            self._state.apply_poll(
+                worker,
+                incarnation=resp.incarnation,
+                version=resp.version,
+                full=full,
+                keys=keys,
+                removed=wire.poll_keys_removed(resp),
+                memory=wire.memory_from_pb(last.memory),
+                status=wire.status_from_pb(last.status),
+                name=last.name,
+                zone=last.zone,
+                features=frozenset(last.features),
+                now=self._clock(),
+            )
