@@ -33,7 +33,7 @@ import grpc
 from amm.v1 import agent_pb2
 from amm_service import wire
 from amm_service.agents import AgentLinks
-from amm_service.pacing import gc_paused
+from amm_service.pacing import breathe, gc_paused
 from amm_service.view import ClusterState, KeyReport, WorkerId
 
 log = logging.getLogger(__name__)
@@ -108,20 +108,16 @@ class Poller:
             return True
 
     async def _poll(self, worker: WorkerId, incarnation: str, since: int) -> None:
-        """Follow the agent's answers until its whole inventory is merged (bounded).
-
-        Each answer is merged as it arrives, pages of a full snapshot too (the first one with
-        ``full``): merging 100k keys at once held the event loop for a second. Meanwhile the
-        state shows part of the worker's inventory, as it would a worker still filling up.
-        """
+        """Follow the agent's answers until its whole inventory is merged (bounded)."""
         resp = await self._call(worker, incarnation, since_version=since)
         for _ in range(MAX_PAGES):
             if resp.incarnation != incarnation:
                 self._on_restart(worker)
             if resp.full:
-                first, resp = await self._snapshot(worker, incarnation, resp)
+                first, last, keys = await self._snapshot(worker, resp)
+                await self._apply_snapshot(worker, incarnation, first, last, keys)
                 incarnation = first.incarnation
-                if resp is first:
+                if last is first:
                     return
                 # Paged: catch what changed while the pages were read.
                 resp = await self._call(worker, incarnation, since_version=first.version)
@@ -133,30 +129,44 @@ class Poller:
         log.warning("poll of %s stopped after %d answers", worker, MAX_PAGES)
 
     async def _snapshot(
-        self, worker: WorkerId, incarnation: str, first: agent_pb2.PollResponse
-    ) -> tuple[agent_pb2.PollResponse, agent_pb2.PollResponse]:
-        """Merge every page of a full snapshot as it arrives: (first page, last page). Every
-        page is merged at the first page's version, which the caller then polls since.
+        self, worker: WorkerId, first: agent_pb2.PollResponse
+    ) -> tuple[agent_pb2.PollResponse, agent_pb2.PollResponse, list[KeyReport]]:
+        """Read every page of a full snapshot: (first page, last page, all keys). Nothing is
+        merged until every page is in: a poll that fails half-way must leave what we knew
+        whole, not replace it with half an inventory.
 
         If the agent restarts while we page, its answer is the first page of a new snapshot:
         start over from it.
         """
-        self._apply(worker, incarnation, first, full=True, keys=wire.key_reports(first.keys))
-        incarnation = first.incarnation
+        keys = wire.key_reports(first.keys)
         resp = first
         for _ in range(MAX_PAGES):
             if not resp.next_cursor:
                 break
-            resp = await self._call(worker, incarnation, cursor=resp.next_cursor)
-            if resp.incarnation != incarnation:
-                self._on_restart(worker)
-                first = resp
-                self._apply(worker, incarnation, first, full=True, keys=wire.key_reports(resp.keys))
-                incarnation = first.incarnation
-                continue
-            keys = wire.key_reports(resp.keys)
-            self._apply(worker, incarnation, first, full=False, keys=keys, answer=resp)
-        return first, resp
+            resp = await self._call(worker, first.incarnation, cursor=resp.next_cursor)
+            if resp.incarnation != first.incarnation:
+                first, keys = resp, []
+            keys.extend(wire.key_reports(resp.keys))
+        return first, resp, keys
+
+    async def _apply_snapshot(
+        self,
+        worker: WorkerId,
+        incarnation: str,
+        first: agent_pb2.PollResponse,
+        last: agent_pb2.PollResponse,
+        keys: list[KeyReport],
+    ) -> None:
+        """Merge a whole snapshot, ``PAGE_KEYS`` keys at a time with the loop let in between:
+        merging a million keys in one go held it for seconds. Meanwhile the state shows part of
+        the worker's inventory, as it would a worker still filling up; no call is made in
+        between, so the merge cannot stop half-way."""
+        self._apply(worker, incarnation, first, full=True, keys=keys[:PAGE_KEYS], answer=last)
+        incarnation = first.incarnation
+        for start in range(PAGE_KEYS, len(keys), PAGE_KEYS):
+            await breathe()
+            chunk = keys[start : start + PAGE_KEYS]
+            self._apply(worker, incarnation, first, full=False, keys=chunk, answer=last)
 
     async def _call(
         self, worker: WorkerId, incarnation: str, *, since_version: int = 0, cursor: str = ""

@@ -20,8 +20,10 @@ from sortedcontainers import SortedList
 
 Key = NewType("Key", str)
 
-#: How many inventory changes the changelog remembers; an older poll gets a full snapshot.
-CHANGELOG_LIMIT = 100_000
+#: How many inventory changes the changelog remembers; an older poll gets a full snapshot. A
+#: million (8 MB of references): an AMM busy with a big cycle may poll after hundreds of
+#: thousands of drops, and a full snapshot of a big inventory costs far more than the log.
+CHANGELOG_LIMIT = 1_000_000
 #: Longest key, in bytes of UTF-8.
 MAX_KEY_BYTES = 1024
 #: What one key costs in a poll answer besides its own bytes (checksum, size, flags, framing),

@@ -48,7 +48,9 @@ class _BusyHost(agent_pb2_grpc.WorkerAgentServicer):
 
 
 @asynccontextmanager
-async def _workers(host: _BusyHost, n: int) -> AsyncIterator[list[WorkerId]]:
+async def _workers(
+    host: agent_pb2_grpc.WorkerAgentServicer, n: int
+) -> AsyncIterator[list[WorkerId]]:
     """``n`` worker addresses, all served by ``host``."""
     server = grpc.aio.server()
     agent_pb2_grpc.add_WorkerAgentServicer_to_server(host, server)
@@ -131,3 +133,52 @@ async def test_a_paged_snapshot_is_merged_page_by_page_and_caught_up() -> None:
         assert "new2999" in held
         assert state.worker(worker) is not None
         assert state.snapshot().workers[worker].version == agent.store.version
+
+
+class _FailsMidSnapshot(agent_pb2_grpc.WorkerAgentServicer):
+    """First a whole inventory of three keys; then, asked again, a snapshot whose second page
+    never comes (the agent dies half-way)."""
+
+    def __init__(self) -> None:
+        self.polls = 0
+
+    async def Poll(self, request: Any, context: Any) -> agent_pb2.PollResponse:
+        self.polls += 1
+        if request.cursor:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "gone half-way")
+        keys = [types_pb2.KeyInfo(key=f"k{i}", size=1, checksum="c" * 64) for i in range(3)]
+        if self.polls == 1:
+            return agent_pb2.PollResponse(
+                incarnation="i",
+                version=3,
+                full=True,
+                keys=keys,
+                status=types_pb2.WORKER_STATUS_RUNNING,
+            )
+        return agent_pb2.PollResponse(
+            incarnation="i",
+            version=9,
+            full=True,
+            keys=keys[:1],
+            next_cursor="k0",
+            status=types_pb2.WORKER_STATUS_RUNNING,
+        )
+
+
+async def test_a_snapshot_that_fails_half_way_leaves_what_was_known_whole() -> None:
+    host = _FailsMidSnapshot()  # type: ignore[abstract]
+    async with _workers(host, 1) as [worker]:
+        state = ClusterState()
+        state.register(worker, worker, "i", now=0.0)
+        links = AgentLinks()
+        poller = Poller(state, links, epoch=1, timeout=5.0, on_restart=lambda worker: None)
+        try:
+            assert await poller.poll_all() == []
+            assert len(state.held_by(worker)) == 3
+            assert await poller.poll_all() == [worker]
+        finally:
+            await links.close_all()
+    assert len(state.held_by(worker)) == 3, "half a snapshot must not replace a whole one"
+    known = state.worker(worker)
+    assert known is not None
+    assert known.version == 3
