@@ -137,6 +137,12 @@ class Peers:
             if self._busy[address] <= 0:
                 del self._busy[address]
 
+    @contextlib.asynccontextmanager
+    async def _stub(self, address: str) -> AsyncIterator[agent_pb2_grpc.WorkerAgentAsyncStub]:
+        """A stub on the channel to ``address`` (see ``_channel``)."""
+        async with self._channel(address) as channel:
+            yield agent_pb2_grpc.WorkerAgentStub(channel)
+
     async def _evict(self) -> None:
         excess = len(self._channels) - self._max_channels
         if excess <= 0:
@@ -279,8 +285,7 @@ class Peers:
             directive_id=directive_id,
         )
         try:
-            async with self._channel(address) as channel:
-                stub = agent_pb2_grpc.WorkerAgentStub(channel)
+            async with self._stub(address) as stub:
                 response = await stub.PromiseKeep(request, timeout=deadline)
         except grpc.aio.AioRpcError as err:
             return PromiseAnswer(address, False, None, f"{err.code().name} {err.details() or ''}")
@@ -309,8 +314,7 @@ class Peers:
             requester=requester,
         )
         try:
-            async with self._channel(address) as channel:
-                stub = agent_pb2_grpc.WorkerAgentStub(channel)
+            async with self._stub(address) as stub:
                 response = await stub.PromiseKeepBatch(request, timeout=deadline)
         except grpc.aio.AioRpcError as err:
             if err.code() is grpc.StatusCode.UNIMPLEMENTED:
