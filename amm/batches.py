@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from amm.checksum import checksum
+from amm.base.checksum import checksum
 from amm.v1 import agent_pb2
 
 #: Most bytes of one PutMany message, well under the 16 MiB message cap: an agent stores a

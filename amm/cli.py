@@ -24,13 +24,13 @@ from types import FrameType
 from typing import NoReturn
 
 from amm import health, tables
+from amm.base.units import format_bytes, parse_duration
 from amm.client import DEFAULT_ADDRESS, Client
 from amm.cluster import AGENT_MODULE, SERVICE_MODULE, ClusterError, LocalCluster
 from amm.errors import AmmError
 from amm.replay import command as replay_command
 from amm.replay.runner import ReplayError
 from amm.replay.trace import TraceError
-from amm.units import format_bytes, parse_duration
 
 EXEC_COMMANDS = {"service": SERVICE_MODULE, "agent": AGENT_MODULE}
 

@@ -22,8 +22,11 @@ from typing import TYPE_CHECKING, Self, TypeVar, cast
 import grpc
 
 from amm import batches
+from amm.base.checksum import checksum
+from amm.base.serving import CHANNEL_OPTIONS
+from amm.base.streams import Assembly, Overflow, ValueStreams, framed_chunks
+from amm.base.units import parse_duration
 from amm.blocking import Blocking, LoopThread, forward
-from amm.checksum import checksum
 from amm.errors import AmmError
 from amm.models import (
     CycleReport,
@@ -42,9 +45,6 @@ from amm.models import (
     status_from_proto,
     worker_from_proto,
 )
-from amm.serving import CHANNEL_OPTIONS
-from amm.streams import Assembly, Overflow, ValueStreams, framed_chunks
-from amm.units import parse_duration
 from amm.v1 import agent_pb2, agent_pb2_grpc, control_pb2, control_pb2_grpc, types_pb2
 
 if TYPE_CHECKING:
@@ -230,7 +230,7 @@ class AsyncClient:
         return self._agent(address)[1]
 
     def _value_streams(self, address: str) -> ValueStreams:
-        """Put, Get and Fetch of the agent at ``address``, chunks as bytes (``amm.streams``)."""
+        """Put, Get and Fetch of the agent at ``address``, chunks as bytes; ``amm.base.streams``."""
         return self._agent(address)[2]
 
     def _amm_rpc(self) -> contextlib.AbstractContextManager[None]:

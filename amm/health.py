@@ -1,8 +1,8 @@
 """``amm health``: the grpc.health.v1 check that container health checks run.
 
-The AMM and every agent serve the standard health service (``amm.serving``), NOT_SERVING from the
-moment they begin to stop. Asking it from the ``amm`` command means an image needs no separate
-``grpc_health_probe`` binary. Synchronous: a probe runs once and exits.
+The AMM and every agent serve the standard health service (``amm.base.serving``), NOT_SERVING
+from the moment they begin to stop. Asking it from the ``amm`` command means an image needs no
+separate ``grpc_health_probe`` binary. Synchronous: a probe runs once and exits.
 """
 
 from __future__ import annotations

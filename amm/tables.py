@@ -2,7 +2,7 @@
 
 Hand-formatted so that the client needs no table library; shared by the CLI and the demo. Every
 function is pure (``now`` is a parameter where time matters), returns a string without a trailing
-newline, and shows sizes with ``amm.units.format_bytes``.
+newline, and shows sizes with ``amm.base.units.format_bytes``.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 
+from amm.base.units import format_bytes, format_duration
 from amm.models import (
     CycleReport,
     GoalChange,
@@ -18,7 +19,6 @@ from amm.models import (
     Status,
     WorkerInfo,
 )
-from amm.units import format_bytes, format_duration
 
 EMPTY = "-"
 EVENTS_SHOWN = 10

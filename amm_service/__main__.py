@@ -13,10 +13,10 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from amm_service.api.server import run
 from amm_service.config import ConfigError, load_config
 from amm_service.policies import PolicyError
-from amm_service.server import run
-from amm_service.state import StateError
+from amm_service.runtime.state import StateError
 
 
 def parser() -> argparse.ArgumentParser:

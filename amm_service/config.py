@@ -21,8 +21,8 @@ from typing import Any
 
 import yaml
 
-from amm.units import parse_duration
-from amm_service.view import MEASURES, Measure
+from amm.base.units import parse_duration
+from amm_service.decisions.view import MEASURES, Measure
 
 CONFIG_ENV = "AMM_CONFIG"
 """The environment variable naming the YAML file when ``load_config(file=None)``."""

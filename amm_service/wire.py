@@ -13,10 +13,10 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from amm.v1 import agent_pb2, types_pb2
-from amm_service.core import Rejection
-from amm_service.directive import Directive, Op, Outcome, OutcomeStatus
-from amm_service.events import Event
-from amm_service.view import Key, KeyReport, Measure, Memory, WorkerStatus
+from amm_service.decisions.core import Rejection
+from amm_service.decisions.directive import Directive, Op, Outcome, OutcomeStatus
+from amm_service.decisions.events import Event
+from amm_service.decisions.view import Key, KeyReport, Measure, Memory, WorkerStatus
 
 _OPS = {Op.REPLICATE: types_pb2.DIRECTIVE_OP_REPLICATE, Op.DROP: types_pb2.DIRECTIVE_OP_DROP}
 _STATUSES = {

@@ -45,8 +45,8 @@ from typing import Any
 import psutil
 
 from amm import AmmError, AsyncClient, LocalCluster
+from amm.base.units import format_bytes, parse_size
 from amm.tables import render_table
-from amm.units import format_bytes, parse_size
 
 #: Seconds between two convergence checks.
 CHECK_EVERY = 0.5

@@ -17,10 +17,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from amm_service.core import PlanConfig, plan
-from amm_service.pending import Ledger
+from amm_service.decisions.core import PlanConfig, plan
+from amm_service.decisions.pending import Ledger
+from amm_service.decisions.view import ClusterState, Key, KeyReport, Memory, WorkerId, WorkerStatus
 from amm_service.policies.reduce_replicas import ReduceReplicas
-from amm_service.view import ClusterState, Key, KeyReport, Memory, WorkerId, WorkerStatus
 
 
 def build(keys: int, replicas: int, workers: int) -> ClusterState:

@@ -50,11 +50,11 @@ from pathlib import Path
 
 import psutil
 
-from amm.checksum import checksum
+from amm.base.checksum import checksum
+from amm.base.serving import stop_on_signals
 from amm.client import AsyncClient
 from amm.cluster import SERVICE_READY, LocalProcess, format_interval
 from amm.errors import AmmError
-from amm.serving import stop_on_signals
 from worker_agent.agent import Agent
 from worker_agent.config import AgentConfig
 from worker_agent.store import Key

@@ -38,11 +38,11 @@ from typing import TYPE_CHECKING
 import grpc
 import psutil
 
-from amm.checksum import checksum
+from amm.base.checksum import checksum
+from amm.base.serving import CHANNEL_OPTIONS
+from amm.base.units import parse_size
 from amm.client import AsyncClient
 from amm.cluster import AGENT_MODULE, AGENT_READY, LocalProcess
-from amm.serving import CHANNEL_OPTIONS
-from amm.units import parse_size
 from amm.v1 import agent_pb2, agent_pb2_grpc, types_pb2
 
 if TYPE_CHECKING:

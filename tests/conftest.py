@@ -9,10 +9,10 @@ from typing import TypeVar
 import grpc
 import pytest
 
-from amm.serving import CHANNEL_OPTIONS
+from amm.base.serving import CHANNEL_OPTIONS
 from amm.v1 import control_pb2_grpc
+from amm_service.api.server import AmmServer
 from amm_service.config import AmmConfig, load_config
-from amm_service.server import AmmServer
 
 T = TypeVar("T")
 

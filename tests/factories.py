@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Iterable, Mapping
 
-from amm_service.view import (
+from amm_service.decisions.view import (
     ClusterState,
     ClusterView,
     Key,

@@ -17,8 +17,8 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from amm.serving import stop_on_signals
-from amm.units import parse_duration, parse_size
+from amm.base.serving import stop_on_signals
+from amm.base.units import parse_duration, parse_size
 from worker_agent.agent import Agent
 from worker_agent.config import DEFAULT_MAX_LEASE, DEFAULT_PAUSE_FRACTION, AgentConfig
 from worker_agent.malloc import use_one_arena

@@ -20,7 +20,7 @@ from typing import Any, Self
 
 import grpc
 
-from amm.serving import CHANNEL_OPTIONS, Served, bound_address, serve
+from amm.base.serving import CHANNEL_OPTIONS, Served, bound_address, serve
 from amm.v1 import control_pb2, control_pb2_grpc
 from worker_agent.advertise import advertised_address
 from worker_agent.config import AgentConfig

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from amm.serving import MAX_MESSAGE_BYTES
+from amm.base.serving import MAX_MESSAGE_BYTES
 
 MiB = 1024**2
 GiB = 1024**3

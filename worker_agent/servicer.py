@@ -21,8 +21,8 @@ import grpc
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from amm.checksum import checksum
-from amm.streams import Assembly, Overflow, decoder, framed_chunks, serialize
+from amm.base.checksum import checksum
+from amm.base.streams import Assembly, Overflow, decoder, framed_chunks, serialize
 from amm.v1 import agent_pb2, agent_pb2_grpc, types_pb2
 from worker_agent import integrity
 from worker_agent.directives import Outcome, OutcomeStatus
@@ -272,7 +272,7 @@ def _put_chunk(message: agent_pb2.PutRequest | memoryview) -> memoryview | bytes
 
 def add_to_server(servicer: WorkerAgentServicer, server: grpc.aio.Server) -> None:
     """Register ``servicer``: the generated registration, except that Put's chunks arrive as
-    ``memoryview`` and Get and Fetch send chunks already serialized (``amm.streams``), so a
+    ``memoryview`` and Get and Fetch send chunks already serialized (``amm.base.streams``), so a
     value's bytes are not copied by protobuf on the way in or out. The bytes on the wire are the
     same."""
     collected = _Collected()

@@ -6,7 +6,7 @@ is dialled and the channels are a bounded LRU cache: the least recently used idl
 closed beyond ``max_channels``, never one a call is using. Fetching tries the sources in order
 and verifies size and SHA-256 before handing bytes back; failures are values (``FetchFailure``)
 naming the reason, because for a directive they are expected outcomes, not errors. Chunks are
-read as ``memoryview`` and hashed while the next arrives (``amm.streams``).
+read as ``memoryview`` and hashed while the next arrives (``amm.base.streams``).
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import grpc
 from google.protobuf.duration_pb2 import Duration
 
-from amm.serving import CHANNEL_OPTIONS
-from amm.streams import Assembly, Overflow, ValueStreams
+from amm.base.serving import CHANNEL_OPTIONS
+from amm.base.streams import Assembly, Overflow, ValueStreams
 from amm.v1 import agent_pb2, agent_pb2_grpc, types_pb2
 from worker_agent.integrity import Reason, is_peer_address
 from worker_agent.store import Key

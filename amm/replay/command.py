@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
+from amm.base.units import format_bytes
 from amm.client import AsyncClient
 from amm.cluster import LocalCluster
 from amm.diagnostics import MemorySampler
@@ -34,7 +35,6 @@ from amm.replay.report import (
 )
 from amm.replay.runner import Replayer, ReplayError, ReplayStats, forget_prefix
 from amm.replay.trace import Trace, load_trace
-from amm.units import format_bytes
 
 if TYPE_CHECKING:
     from rich.console import Console

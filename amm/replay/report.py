@@ -13,9 +13,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from amm.base.units import format_bytes
 from amm.replay.plan import ReplayPlan
 from amm.tables import render_table
-from amm.units import format_bytes
 
 HONESTY_NOTE = (
     "This is a replay of data movement, not a computation: every task of the trace runs on the "

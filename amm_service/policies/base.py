@@ -11,9 +11,9 @@ from __future__ import annotations
 from collections.abc import Generator
 from typing import NamedTuple, Protocol, runtime_checkable
 
-from amm_service.directive import Op
-from amm_service.pending import InFlight
-from amm_service.view import ClusterView, Key, Measure, WorkerId
+from amm_service.decisions.directive import Op
+from amm_service.decisions.pending import InFlight
+from amm_service.decisions.view import ClusterView, Key, Measure, WorkerId
 
 
 class Suggestion(NamedTuple):

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from amm_service.view import Goal, Key, KeyView, WorkerId, WorkerView
+from amm_service.decisions.view import Goal, Key, KeyView, WorkerId, WorkerView
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import math
 
-from amm.units import parse_duration
+from amm.base.units import parse_duration
+from amm_service.decisions.view import ClusterView, Measure, WorkerStatus
 from amm_service.policies.base import PendingView, PolicyRun, RetireRequest
-from amm_service.view import ClusterView, Measure, WorkerStatus
 
 DEFAULT_TIMEOUT = 60.0
 

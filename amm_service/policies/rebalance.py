@@ -58,8 +58,8 @@ import heapq
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
+from amm_service.decisions.view import ClusterView, Key, KeyView, Measure, WorkerId, WorkerStatus
 from amm_service.policies.base import PendingView, PolicyRun, drop, replicate
-from amm_service.view import ClusterView, Key, KeyView, Measure, WorkerId, WorkerStatus
 
 _TAKING_PART = (WorkerStatus.RUNNING, WorkerStatus.PAUSED)
 

@@ -17,9 +17,9 @@ A port of Dask's policy of the same name, counting the way the Replicate policy 
 
 from __future__ import annotations
 
+from amm_service.decisions.view import ClusterView, Measure
 from amm_service.policies.base import PendingView, PolicyRun, drop
 from amm_service.policies.goals import GoalCounter
-from amm_service.view import ClusterView, Measure
 
 
 class ReduceReplicas:

@@ -19,9 +19,9 @@ helper every policy imports, and a submodule of that name would replace it once 
 
 from __future__ import annotations
 
+from amm_service.decisions.view import ClusterView, Key, Measure
 from amm_service.policies.base import PendingView, PolicyRun, replicate
 from amm_service.policies.goals import GoalCounter, describe
-from amm_service.view import ClusterView, Key, Measure
 
 
 class Replicate:

@@ -18,8 +18,8 @@ until the reader leaves. Deciding when a retirement is over is the AMM's job, no
 
 from __future__ import annotations
 
+from amm_service.decisions.view import ClusterView, Measure
 from amm_service.policies.base import PendingView, PolicyRun, drop, replicate
-from amm_service.view import ClusterView, Measure
 
 
 class RetireWorker:

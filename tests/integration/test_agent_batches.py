@@ -10,7 +10,7 @@ import asyncio
 import collections
 from typing import Any
 
-from amm.checksum import checksum
+from amm.base.checksum import checksum
 from amm.v1 import agent_pb2, agent_pb2_grpc, types_pb2
 from tests.support.agent import (
     Stub,

@@ -12,9 +12,9 @@ from typing import Any
 import grpc
 import pytest
 
-from amm.checksum import checksum
-from amm.serving import CHANNEL_OPTIONS
-from amm.streams import THREAD_HASH_BYTES, frame_chunk
+from amm.base.checksum import checksum
+from amm.base.serving import CHANNEL_OPTIONS
+from amm.base.streams import THREAD_HASH_BYTES, frame_chunk
 from amm.v1 import agent_pb2, agent_pb2_grpc, types_pb2
 from tests.support.agent import (
     Stub,

@@ -12,10 +12,10 @@ import grpc
 import pytest
 from google.protobuf.duration_pb2 import Duration
 
-from amm.serving import CHANNEL_OPTIONS
+from amm.base.serving import CHANNEL_OPTIONS
 from amm.v1 import control_pb2, control_pb2_grpc
-from amm_service.server import AmmServer
-from amm_service.state import StateStore
+from amm_service.api.server import AmmServer
+from amm_service.runtime.state import StateStore
 from tests.conftest import amm_config
 from tests.support.agent import agents, dial, get, poll, put, running_agent
 from tests.support.faults import fake_amm

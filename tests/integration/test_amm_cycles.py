@@ -11,11 +11,11 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import pytest
 
-from amm.checksum import checksum
-from amm.serving import CHANNEL_OPTIONS
+from amm.base.checksum import checksum
+from amm.base.serving import CHANNEL_OPTIONS
 from amm.v1 import agent_pb2, control_pb2, control_pb2_grpc, types_pb2
-from amm_service.server import AmmServer
-from amm_service.state import StateStore
+from amm_service.api.server import AmmServer
+from amm_service.runtime.state import StateStore
 from tests.conftest import amm_config
 from tests.support.agent import agents, get, put
 from tests.support.waiting import wait_for

@@ -14,8 +14,8 @@ import pytest
 
 from amm import Client
 from amm.v1 import agent_pb2, agent_pb2_grpc, types_pb2
+from amm_service.api.server import AmmServer
 from amm_service.errors import Unavailable
-from amm_service.server import AmmServer
 from tests.conftest import amm_config
 from tests.support.faults import fake_peer
 from tests.support.processes import local_cluster

@@ -16,15 +16,15 @@ import grpc
 import pytest
 
 from amm import Client
-from amm.checksum import checksum
+from amm.base.checksum import checksum
+from amm.base.serving import CHANNEL_OPTIONS
 from amm.cli import main as cli_main
-from amm.serving import CHANNEL_OPTIONS
 from amm.v1 import agent_pb2, agent_pb2_grpc, control_pb2, control_pb2_grpc, types_pb2
-from amm_service.core import Why
-from amm_service.cycle import CycleRecord
-from amm_service.manager import ActiveMemoryManager
-from amm_service.server import AmmServer
-from amm_service.view import Key
+from amm_service.api.server import AmmServer
+from amm_service.decisions.core import Why
+from amm_service.decisions.view import Key
+from amm_service.runtime.cycle import CycleRecord
+from amm_service.runtime.manager import ActiveMemoryManager
 from tests.conftest import amm_config
 from tests.support.agent import dial, put, running_agent
 from tests.support.faults import fake_peer

@@ -16,10 +16,10 @@ import grpc
 import pytest
 
 from amm import AsyncClient
+from amm.base.serving import CHANNEL_OPTIONS
 from amm.cli import main as cli_main
-from amm.serving import CHANNEL_OPTIONS
 from amm.v1 import control_pb2, control_pb2_grpc, types_pb2
-from amm_service.server import AmmServer
+from amm_service.api.server import AmmServer
 from tests.conftest import amm_config
 from tests.support.agent import dial, put, running_agent
 from tests.support.waiting import wait_for

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import grpc
 
-from amm.checksum import checksum
-from amm.serving import CHANNEL_OPTIONS
+from amm.base.checksum import checksum
+from amm.base.serving import CHANNEL_OPTIONS
 from amm.v1 import agent_pb2, control_pb2, control_pb2_grpc
-from amm_service.server import AmmServer
+from amm_service.api.server import AmmServer
 from tests.conftest import amm_config
 from tests.support.agent import agents, get, put
 from tests.support.waiting import wait_for

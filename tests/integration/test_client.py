@@ -23,7 +23,7 @@ import grpc
 import pytest
 
 from amm import AmmError, AsyncClient, Client
-from amm.checksum import checksum
+from amm.base.checksum import checksum
 from amm.cli import main as cli_main
 from amm.cluster import LocalCluster
 from amm.models import GoalChange, ReplicationGoal, sort_addresses

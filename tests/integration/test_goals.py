@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import grpc
 import pytest
 
-from amm.serving import CHANNEL_OPTIONS
+from amm.base.serving import CHANNEL_OPTIONS
 from amm.v1 import control_pb2, control_pb2_grpc, types_pb2
-from amm_service.manager import ActiveMemoryManager
-from amm_service.server import AmmServer
+from amm_service.api.server import AmmServer
+from amm_service.runtime.manager import ActiveMemoryManager
 from tests.conftest import amm_config
 from tests.support.agent import Stub, dial, put, running_agent
 from tests.support.waiting import wait_for

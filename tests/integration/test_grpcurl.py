@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from amm_service.server import AmmServer
+from amm_service.api.server import AmmServer
 from tests.conftest import amm_config
 from tests.support.agent import dial, put, running_agent
 from tests.support.waiting import wait_for

@@ -8,7 +8,7 @@ import socket
 import sys
 from pathlib import Path
 
-from amm_service.server import AmmServer
+from amm_service.api.server import AmmServer
 from tests.conftest import amm_config
 from tests.support.agent import running_agent
 

@@ -15,11 +15,11 @@ from typing import Any
 
 import grpc
 
-from amm.checksum import checksum
+from amm.base.checksum import checksum
 from amm.v1 import agent_pb2, agent_pb2_grpc, types_pb2
-from amm_service.agents import AgentLinks
-from amm_service.poller import Poller
-from amm_service.view import ClusterState, WorkerId
+from amm_service.decisions.view import ClusterState, WorkerId
+from amm_service.runtime.agents import AgentLinks
+from amm_service.runtime.poller import Poller
 from tests.support.agent import running_agent
 from worker_agent.store import Key
 

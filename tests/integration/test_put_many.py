@@ -17,10 +17,10 @@ import grpc
 import pytest
 
 from amm import AmmError, AsyncClient
+from amm.base.checksum import checksum
 from amm.batches import MESSAGE_BYTES
-from amm.checksum import checksum
 from amm.v1 import agent_pb2
-from amm_service.server import AmmServer
+from amm_service.api.server import AmmServer
 from tests.support.agent import Stub, agents, dial, get, poll, put, running_agent
 from tests.support.faults import fake_peer
 from tests.support.waiting import wait_for

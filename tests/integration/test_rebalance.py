@@ -11,10 +11,10 @@ from typing import TYPE_CHECKING
 
 import grpc
 
-from amm.checksum import checksum
-from amm.serving import CHANNEL_OPTIONS
+from amm.base.checksum import checksum
+from amm.base.serving import CHANNEL_OPTIONS
 from amm.v1 import control_pb2, control_pb2_grpc, types_pb2
-from amm_service.server import AmmServer
+from amm_service.api.server import AmmServer
 from tests.conftest import amm_config
 from tests.support.agent import agents, fetch, put
 from tests.support.waiting import wait_for

@@ -19,7 +19,7 @@ import pytest
 from amm import AmmError, AsyncClient, Client
 from amm.cli import main as cli_main
 from amm.v1 import agent_pb2, control_pb2
-from amm_service.server import AmmServer
+from amm_service.api.server import AmmServer
 from tests.conftest import amm_config
 from tests.support.agent import dial, put, running_agent
 from tests.support.processes import local_cluster

@@ -8,10 +8,10 @@ from typing import TYPE_CHECKING
 import grpc
 import pytest
 
-from amm.serving import CHANNEL_OPTIONS
+from amm.base.serving import CHANNEL_OPTIONS
 from amm.v1 import control_pb2, control_pb2_grpc, types_pb2
+from amm_service.api.server import AmmServer
 from amm_service.policies import PolicyError
-from amm_service.server import AmmServer
 from tests.conftest import amm_config
 
 if TYPE_CHECKING:

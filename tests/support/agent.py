@@ -14,8 +14,8 @@ from typing import Any, TypeAlias, TypeVar
 
 import grpc
 
-from amm.checksum import checksum
-from amm.serving import CHANNEL_OPTIONS
+from amm.base.checksum import checksum
+from amm.base.serving import CHANNEL_OPTIONS
 from amm.v1 import agent_pb2, agent_pb2_grpc, types_pb2
 from worker_agent.agent import Agent
 from worker_agent.config import AgentConfig

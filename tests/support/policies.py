@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
+from amm_service.decisions.view import ClusterView, Measure
 from amm_service.policies import PendingView, PolicyRun, drop, replicate
 from amm_service.policies.reduce_replicas import ReduceReplicas
-from amm_service.view import ClusterView, Measure
 
 
 class KeepTwo:

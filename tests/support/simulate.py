@@ -19,11 +19,10 @@ import itertools
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from amm_service.core import Plan, PlanConfig, plan
-from amm_service.directive import Directive, Op, Outcome, OutcomeStatus
-from amm_service.pending import Ledger
-from amm_service.policies import Policy
-from amm_service.view import (
+from amm_service.decisions.core import Plan, PlanConfig, plan
+from amm_service.decisions.directive import Directive, Op, Outcome, OutcomeStatus
+from amm_service.decisions.pending import Ledger
+from amm_service.decisions.view import (
     ClusterState,
     ClusterView,
     Key,
@@ -32,6 +31,7 @@ from amm_service.view import (
     WorkerId,
     WorkerStatus,
 )
+from amm_service.policies import Policy
 
 
 @dataclass

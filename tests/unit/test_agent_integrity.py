@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from amm.checksum import checksum
+from amm.base.checksum import checksum
 from worker_agent import integrity
 from worker_agent.integrity import Accept, Conditions, Directive, Op, Reason, Refuse
 from worker_agent.store import Key, Store

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from amm.checksum import checksum
+from amm.base.checksum import checksum
 from worker_agent.store import KEY_INFO_OVERHEAD, Changes, Key, KeyInfo, Page, Store, Value
 
 A, B, C = Key("a"), Key("b"), Key("c")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from amm.base.checksum import checksum
 from amm.batches import Item, batches, item_bytes, items_of, split
-from amm.checksum import checksum
 
 
 def items(count: int, size: int) -> list[Item]:

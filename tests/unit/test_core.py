@@ -6,12 +6,12 @@ from collections.abc import Iterable
 
 import pytest
 
-from amm_service.core import Plan, PlanConfig, plan
-from amm_service.directive import Op, Outcome, OutcomeStatus
-from amm_service.pending import Ledger
+from amm_service.decisions.core import Plan, PlanConfig, plan
+from amm_service.decisions.directive import Op, Outcome, OutcomeStatus
+from amm_service.decisions.pending import Ledger
+from amm_service.decisions.view import ClusterView, Key, Measure, WorkerId, WorkerStatus
 from amm_service.policies import Policy, PolicyRun, Suggestion, drop, replicate
 from amm_service.policies.reduce_replicas import ReduceReplicas
-from amm_service.view import ClusterView, Key, Measure, WorkerId, WorkerStatus
 from tests.factories import cluster, new_ids, view
 
 CFG = PlanConfig(measure="optimistic", epoch=7)
@@ -266,8 +266,8 @@ def test_reduce_replicas_plans_the_same_whatever_the_hash_seed() -> None:
 
     script = (
         "from tests.factories import view, new_ids\n"
-        "from amm_service.core import plan, PlanConfig\n"
-        "from amm_service.pending import Ledger\n"
+        "from amm_service.decisions.core import plan, PlanConfig\n"
+        "from amm_service.decisions.pending import Ledger\n"
         "from amm_service.policies.reduce_replicas import ReduceReplicas\n"
         "v = view({'a': list('abcdef'), 'b': list('abcdef')}, memory={'a': 5, 'b': 5})\n"
         "r = plan(v, [ReduceReplicas()], Ledger(), PlanConfig('managed', 1), new_ids())\n"

@@ -16,16 +16,10 @@ from collections.abc import Callable
 
 import pytest
 
-from amm_service.core import Plan, PlanConfig, plan
-from amm_service.directive import Directive, Op
-from amm_service.pending import Ledger
-from amm_service.policies.base import PendingView, Policy, PolicyRun, RetireRequest, Suggestion
-from amm_service.policies.pause_to_retire import PauseToRetire
-from amm_service.policies.rebalance import Rebalance
-from amm_service.policies.reduce_replicas import ReduceReplicas
-from amm_service.policies.replication import Replicate
-from amm_service.policies.retire_worker import RetireWorker
-from amm_service.view import (
+from amm_service.decisions.core import Plan, PlanConfig, plan
+from amm_service.decisions.directive import Directive, Op
+from amm_service.decisions.pending import Ledger
+from amm_service.decisions.view import (
     MEASURES,
     ClusterState,
     ClusterView,
@@ -36,6 +30,12 @@ from amm_service.view import (
     WorkerId,
     WorkerStatus,
 )
+from amm_service.policies.base import PendingView, Policy, PolicyRun, RetireRequest, Suggestion
+from amm_service.policies.pause_to_retire import PauseToRetire
+from amm_service.policies.rebalance import Rebalance
+from amm_service.policies.reduce_replicas import ReduceReplicas
+from amm_service.policies.replication import Replicate
+from amm_service.policies.retire_worker import RetireWorker
 from tests.factories import new_ids
 
 STATUSES = (WorkerStatus.RUNNING,) * 6 + (WorkerStatus.PAUSED, WorkerStatus.CLOSING)

@@ -5,11 +5,20 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from amm_service.core import STEP, Plan, PlanConfig, RetireDecision, Why, plan, planning, step
-from amm_service.directive import Directive, Op, Outcome, OutcomeStatus
-from amm_service.pending import Ledger
+from amm_service.decisions.core import (
+    STEP,
+    Plan,
+    PlanConfig,
+    RetireDecision,
+    Why,
+    plan,
+    planning,
+    step,
+)
+from amm_service.decisions.directive import Directive, Op, Outcome, OutcomeStatus
+from amm_service.decisions.pending import Ledger
+from amm_service.decisions.view import ClusterView, Key, Measure, WorkerId, WorkerStatus
 from amm_service.policies import PolicyRun, RetireRequest, Suggestion, drop, replicate
-from amm_service.view import ClusterView, Key, Measure, WorkerId, WorkerStatus
 from tests.factories import cluster, new_ids, view
 
 CFG = PlanConfig(measure="optimistic", epoch=7)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from amm_service.core import PlanConfig, plan
-from amm_service.pending import Ledger
+from amm_service.decisions.core import PlanConfig, plan
+from amm_service.decisions.pending import Ledger
+from amm_service.decisions.view import Key
 from amm_service.policies import PolicyError, build_all
-from amm_service.view import Key
 from tests.factories import new_ids, view
 
 

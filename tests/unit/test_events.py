@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from amm_service.events import MAX_KEYS_LISTED, EventLog
+from amm_service.decisions.events import MAX_KEYS_LISTED, EventLog
 
 
 def test_newest_first_and_bounded() -> None:
@@ -28,7 +28,7 @@ def test_keys_are_listed_sorted_and_capped() -> None:
 
 def test_losses_are_logged_as_warnings(caplog: pytest.LogCaptureFixture) -> None:
     log = EventLog()
-    with caplog.at_level(logging.INFO, logger="amm_service.events"):
+    with caplog.at_level(logging.INFO, logger="amm_service.decisions.events"):
         log.record("key-lost", "3 keys lost", worker="w1")
         log.record("retired", "done", worker="w2")
     levels = {r.getMessage(): r.levelno for r in caplog.records}

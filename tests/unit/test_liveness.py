@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from amm_service.grace import StartupGrace
-from amm_service.liveness import Liveness, LostKeys, Verdict, lost_after_removal
-from amm_service.view import ClusterState, Key, Memory, WorkerId, WorkerStatus
+from amm_service.decisions.grace import StartupGrace
+from amm_service.decisions.liveness import Liveness, LostKeys, Verdict, lost_after_removal
+from amm_service.decisions.view import ClusterState, Key, Memory, WorkerId, WorkerStatus
 from tests.factories import cluster
 
 

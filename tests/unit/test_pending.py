@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from amm_service.directive import Directive, Op, Outcome, OutcomeStatus
-from amm_service.pending import Ledger
-from amm_service.view import Key, WorkerId
+from amm_service.decisions.directive import Directive, Op, Outcome, OutcomeStatus
+from amm_service.decisions.pending import Ledger
+from amm_service.decisions.view import Key, WorkerId
 
 
 def directive(id_: str, op: Op = Op.DROP, worker: str = "a", key: str = "x") -> Directive:

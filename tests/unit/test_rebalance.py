@@ -8,13 +8,13 @@ from collections.abc import Iterable
 import pytest
 
 from amm_service.config import DEFAULT_POLICIES
-from amm_service.core import Plan, PlanConfig, plan
-from amm_service.directive import Directive, Op
-from amm_service.pending import Ledger
+from amm_service.decisions.core import Plan, PlanConfig, plan
+from amm_service.decisions.directive import Directive, Op
+from amm_service.decisions.pending import Ledger
+from amm_service.decisions.view import ClusterView, Key, WorkerId, WorkerStatus
 from amm_service.policies import BUILTINS, Policy, PolicyError, build_all, priority_of
 from amm_service.policies.rebalance import Rebalance
 from amm_service.policies.reduce_replicas import ReduceReplicas
-from amm_service.view import ClusterView, Key, WorkerId, WorkerStatus
 from tests.factories import cluster, new_ids, view
 from tests.support.simulate import Simulation
 

@@ -7,10 +7,10 @@ import random
 
 import pytest
 
-from amm_service.core import PlanConfig
+from amm_service.decisions.core import PlanConfig
+from amm_service.decisions.view import Key
 from amm_service.policies.rebalance import Rebalance
 from amm_service.policies.reduce_replicas import ReduceReplicas
-from amm_service.view import Key
 from tests.support.simulate import Simulation
 
 MiB = 2**20

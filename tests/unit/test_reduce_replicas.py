@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from amm_service.core import PlanConfig, plan
-from amm_service.directive import Op
-from amm_service.pending import Ledger
+from amm_service.decisions.core import PlanConfig, plan
+from amm_service.decisions.directive import Op
+from amm_service.decisions.pending import Ledger
+from amm_service.decisions.view import Key, WorkerId
 from amm_service.policies import PolicyError, build_all
 from amm_service.policies.reduce_replicas import ReduceReplicas
-from amm_service.view import Key, WorkerId
 from tests.factories import cluster, new_ids, view
 
 CFG = PlanConfig(measure="managed", epoch=1)

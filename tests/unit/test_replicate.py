@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
-from amm_service.core import PlanConfig, plan
-from amm_service.directive import Directive, Op
-from amm_service.pending import Ledger
+from amm_service.decisions.core import PlanConfig, plan
+from amm_service.decisions.directive import Directive, Op
+from amm_service.decisions.pending import Ledger
+from amm_service.decisions.view import ClusterState, ClusterView, Goal, Key, WorkerId, WorkerStatus
 from amm_service.policies import Policy, build_all
 from amm_service.policies.goals import GoalCounter, GoalStatus
 from amm_service.policies.reduce_replicas import ReduceReplicas
 from amm_service.policies.replication import Replicate
-from amm_service.view import ClusterState, ClusterView, Goal, Key, WorkerId, WorkerStatus
 from tests.factories import cluster, new_ids
 
 CFG = PlanConfig(measure="managed", epoch=1)

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from amm_service.core import Plan, PlanConfig, Why, plan
-from amm_service.directive import Directive, Op
-from amm_service.pending import Ledger
+from amm_service.decisions.core import Plan, PlanConfig, Why, plan
+from amm_service.decisions.directive import Directive, Op
+from amm_service.decisions.pending import Ledger
+from amm_service.decisions.view import ClusterState, Key, Memory, WorkerId, WorkerStatus
 from amm_service.policies import BUILTINS, Policy, build_all
 from amm_service.policies.pause_to_retire import PauseToRetire
 from amm_service.policies.reduce_replicas import ReduceReplicas
 from amm_service.policies.retire_worker import RetireWorker
-from amm_service.view import ClusterState, Key, Memory, WorkerId, WorkerStatus
 from tests.factories import cluster, new_ids
 
 CFG = PlanConfig(measure="managed", epoch=3)

@@ -7,16 +7,23 @@ import asyncio
 
 import pytest
 
-from amm_service.core import Plan, Rejection, RetireDecision, Why
-from amm_service.directive import Op
+from amm_service.decisions.core import Plan, Rejection, RetireDecision, Why
+from amm_service.decisions.directive import Op
+from amm_service.decisions.events import EventLog
+from amm_service.decisions.view import ClusterState, Key, WorkerId, WorkerStatus
 from amm_service.errors import Unavailable
-from amm_service.events import EventLog
 from amm_service.policies import Policy
 from amm_service.policies.pause_to_retire import PauseToRetire
 from amm_service.policies.retire_worker import RetireWorker
-from amm_service.retirement import Result, Retirement, Retirements, Verdict, cheapest, review
-from amm_service.state import MEMORY, StateStore
-from amm_service.view import ClusterState, Key, WorkerId, WorkerStatus
+from amm_service.runtime.retirement import (
+    Result,
+    Retirement,
+    Retirements,
+    Verdict,
+    cheapest,
+    review,
+)
+from amm_service.runtime.state import MEMORY, StateStore
 from tests.factories import cluster
 
 

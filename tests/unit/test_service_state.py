@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from amm_service.state import (
+from amm_service.runtime.state import (
     _APPLICATION_ID,
     _MIGRATIONS,
     MEMORY,

@@ -1,5 +1,5 @@
-"""Chunks of the value streams as bytes (``amm.streams``): the same wire bytes as protobuf's, read
-back without a copy, and ``Assembly``'s counting and hashing."""
+"""Chunks of the value streams as bytes (``amm.base.streams``): the same wire bytes as
+protobuf's, read back without a copy, and ``Assembly``'s counting and hashing."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 from google.protobuf.message import DecodeError
 
-from amm.checksum import checksum
-from amm.streams import (
+from amm.base.checksum import checksum
+from amm.base.streams import (
     THREAD_HASH_BYTES,
     Assembly,
     Overflow,

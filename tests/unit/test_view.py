@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from amm_service.view import ClusterState, Key, KeyReport, Memory, WorkerId, WorkerStatus
+from amm_service.decisions.view import ClusterState, Key, KeyReport, Memory, WorkerId, WorkerStatus
 
 A, B = WorkerId("a"), WorkerId("b")
 

@@ -13,7 +13,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-log = logging.getLogger("amm_service.events")
+log = logging.getLogger("amm_service.decisions.events")
 
 MAX_KEYS_LISTED = 100
 WARNING_KINDS = frozenset({"worker-dead", "key-lost", "retire-abandoned"})

@@ -30,8 +30,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
 
-from amm_service.directive import Directive, Op, Outcome, OutcomeStatus
-from amm_service.view import Key, WorkerId
+from amm_service.decisions.directive import Directive, Op, Outcome, OutcomeStatus
+from amm_service.decisions.view import Key, WorkerId
 
 
 @dataclass(slots=True)

@@ -17,15 +17,15 @@ from collections.abc import Callable, Sequence
 import grpc
 
 from amm.v1 import agent_pb2
-from amm_service.addresses import address_order
-from amm_service.agents import AgentLinks
+from amm_service.decisions.events import EventLog
+from amm_service.decisions.liveness import LostKeys
+from amm_service.decisions.view import ClusterState, Goal, Key, KeyView, WorkerId, WorkerView
 from amm_service.errors import FailedPrecondition, InvalidArgument, NotFound, listing
-from amm_service.events import EventLog
-from amm_service.goals import GoalBook, check_goal
-from amm_service.liveness import LostKeys
 from amm_service.policies.goals import GoalStatus, describe
-from amm_service.poller import Poller
-from amm_service.view import ClusterState, Goal, Key, KeyView, WorkerId, WorkerView
+from amm_service.runtime.addresses import address_order
+from amm_service.runtime.agents import AgentLinks
+from amm_service.runtime.goals import GoalBook, check_goal
+from amm_service.runtime.poller import Poller
 
 
 class Queries:

@@ -9,9 +9,9 @@ import logging
 
 import grpc
 
-from amm.serving import CHANNEL_OPTIONS
+from amm.base.serving import CHANNEL_OPTIONS
 from amm.v1 import agent_pb2_grpc
-from amm_service.view import WorkerId
+from amm_service.decisions.view import WorkerId
 
 log = logging.getLogger(__name__)
 

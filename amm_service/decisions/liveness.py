@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 
-from amm_service.view import Key, WorkerId, WorkerView
+from amm_service.decisions.view import Key, WorkerId, WorkerView
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,29 +20,29 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 
-from amm_service import core
-from amm_service.addresses import check_address
-from amm_service.agents import AgentLinks
 from amm_service.config import AmmConfig
-from amm_service.cycle import CycleRecord
-from amm_service.directive import Directive
-from amm_service.dispatcher import Dispatcher
-from amm_service.epoch import EpochFence
+from amm_service.decisions import core
+from amm_service.decisions.directive import Directive
+from amm_service.decisions.epoch import EpochFence
+from amm_service.decisions.events import EventLog
+from amm_service.decisions.grace import StartupGrace
+from amm_service.decisions.liveness import Liveness, LostKeys, lost_after_removal
+from amm_service.decisions.pending import Ledger
+from amm_service.decisions.view import ClusterState, WorkerId
 from amm_service.errors import InvalidArgument, Unavailable
-from amm_service.events import EventLog
-from amm_service.goals import GoalBook
-from amm_service.grace import StartupGrace
-from amm_service.liveness import Liveness, LostKeys, lost_after_removal
-from amm_service.outcomes import Outcomes
-from amm_service.pacing import breathe, gc_paused
-from amm_service.pending import Ledger
 from amm_service.policies import Policy
-from amm_service.poller import Poller
-from amm_service.queries import Queries
-from amm_service.retirement import Retirements
-from amm_service.retirement_driver import RetirementDriver
-from amm_service.state import StateStore
-from amm_service.view import ClusterState, WorkerId
+from amm_service.runtime.addresses import check_address
+from amm_service.runtime.agents import AgentLinks
+from amm_service.runtime.cycle import CycleRecord
+from amm_service.runtime.dispatcher import Dispatcher
+from amm_service.runtime.goals import GoalBook
+from amm_service.runtime.outcomes import Outcomes
+from amm_service.runtime.pacing import breathe, gc_paused
+from amm_service.runtime.poller import Poller
+from amm_service.runtime.queries import Queries
+from amm_service.runtime.retirement import Retirements
+from amm_service.runtime.retirement_driver import RetirementDriver
+from amm_service.runtime.state import StateStore
 
 log = logging.getLogger(__name__)
 

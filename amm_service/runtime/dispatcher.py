@@ -27,10 +27,10 @@ import grpc
 
 from amm.v1 import agent_pb2
 from amm_service import wire
-from amm_service.agents import AgentLinks
-from amm_service.directive import Directive, Outcome, OutcomeStatus
-from amm_service.pacing import breathe, gc_paused
-from amm_service.view import WorkerId
+from amm_service.decisions.directive import Directive, Outcome, OutcomeStatus
+from amm_service.decisions.view import WorkerId
+from amm_service.runtime.agents import AgentLinks
+from amm_service.runtime.pacing import breathe, gc_paused
 
 log = logging.getLogger(__name__)
 

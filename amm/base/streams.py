@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Literal, Protocol, TypeVar
 
 import grpc
 
-from amm.checksum import StreamingChecksum
+from amm.base.checksum import StreamingChecksum
 from amm.v1 import agent_pb2
 
 if TYPE_CHECKING:

@@ -13,10 +13,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from types import MappingProxyType
 
+from amm_service.decisions.view import ClusterState, Goal, Key
 from amm_service.errors import InvalidArgument, NotFound, listing
 from amm_service.policies.goals import GoalCounter, GoalStatus
-from amm_service.state import StateStore
-from amm_service.view import ClusterState, Goal, Key
+from amm_service.runtime.state import StateStore
 
 
 def check_goal(n: Goal) -> None:

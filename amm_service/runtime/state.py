@@ -6,10 +6,10 @@ What is kept and why:
    AMM (one replaced by a newer start) cannot act.
 2. The running flag: an AMM that was cycling before a restart cycles again after it.
 3. The workers it knew: a restarted AMM takes them back and drops nothing until they have
-   reported (the start-up grace, ``amm_service.grace``).
+   reported (the start-up grace, ``amm_service.decisions.grace``).
 4. The replication goals set with ``Replicate``: a goal is a promise kept across AMM restarts.
 5. The retirements under way (and workers retired but not closed), so that a restarted AMM
-   resumes them: see ``amm_service.retirement``.
+   resumes them: see ``amm_service.runtime.retirement``.
 
 The schema is versioned with ``PRAGMA user_version``; :data:`_MIGRATIONS` is the ordered list of
 steps, step ``i`` taking version ``i`` to ``i + 1``. Add a step, never edit a released one.

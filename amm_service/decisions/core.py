@@ -34,8 +34,17 @@ from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
-from amm_service.directive import Directive, Op
-from amm_service.pending import InFlight
+from amm_service.decisions.directive import Directive, Op
+from amm_service.decisions.pending import InFlight
+from amm_service.decisions.view import (
+    ClusterView,
+    Key,
+    KeyView,
+    Measure,
+    WorkerId,
+    WorkerStatus,
+    WorkerView,
+)
 from amm_service.policies.base import (
     PendingView,
     Policy,
@@ -43,7 +52,6 @@ from amm_service.policies.base import (
     Suggestion,
     priority_of,
 )
-from amm_service.view import ClusterView, Key, KeyView, Measure, WorkerId, WorkerStatus, WorkerView
 
 
 @dataclass(frozen=True, slots=True)

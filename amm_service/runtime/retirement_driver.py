@@ -26,13 +26,13 @@ from collections.abc import Awaitable, Callable, Sequence
 import grpc
 
 from amm.v1 import agent_pb2
-from amm_service.addresses import address_order
-from amm_service.agents import AgentLinks
-from amm_service.core import Plan
+from amm_service.decisions.core import Plan
+from amm_service.decisions.pending import Ledger
+from amm_service.decisions.view import ClusterState, ClusterView, WorkerId
 from amm_service.errors import FailedPrecondition, InvalidArgument, NotFound, listing
-from amm_service.pending import Ledger
-from amm_service.retirement import Result, Retirements, cheapest
-from amm_service.view import ClusterState, ClusterView, WorkerId
+from amm_service.runtime.addresses import address_order
+from amm_service.runtime.agents import AgentLinks
+from amm_service.runtime.retirement import Result, Retirements, cheapest
 
 log = logging.getLogger(__name__)
 

@@ -12,9 +12,9 @@ import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from amm_service.core import Plan, Rejection
-from amm_service.directive import Directive, Outcome, OutcomeStatus
-from amm_service.view import WorkerId
+from amm_service.decisions.core import Plan, Rejection
+from amm_service.decisions.directive import Directive, Outcome, OutcomeStatus
+from amm_service.decisions.view import WorkerId
 
 MAX_REJECTIONS_REPORTED = 100
 #: Directives a record keeps in detail (with their outcomes), and a report lists.

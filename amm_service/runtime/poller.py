@@ -32,9 +32,9 @@ import grpc
 
 from amm.v1 import agent_pb2
 from amm_service import wire
-from amm_service.agents import AgentLinks
-from amm_service.pacing import breathe, gc_paused
-from amm_service.view import ClusterState, KeyReport, WorkerId
+from amm_service.decisions.view import ClusterState, KeyReport, WorkerId
+from amm_service.runtime.agents import AgentLinks
+from amm_service.runtime.pacing import breathe, gc_paused
 
 log = logging.getLogger(__name__)
 

@@ -18,10 +18,10 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from amm_service.cycle import CycleRecord
-from amm_service.directive import Directive, Outcome, OutcomeStatus
-from amm_service.pending import Entry, Ledger
-from amm_service.view import ClusterState, WorkerId
+from amm_service.decisions.directive import Directive, Outcome, OutcomeStatus
+from amm_service.decisions.pending import Entry, Ledger
+from amm_service.decisions.view import ClusterState, WorkerId
+from amm_service.runtime.cycle import CycleRecord
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from amm_service.view import WorkerId, WorkerView
+from amm_service.decisions.view import WorkerId, WorkerView
 
 
 class StartupGrace:

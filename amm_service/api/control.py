@@ -17,11 +17,11 @@ import grpc
 
 from amm.v1 import control_pb2, control_pb2_grpc, types_pb2
 from amm_service import wire
-from amm_service.cycle import CycleRecord
-from amm_service.directive import OutcomeStatus
+from amm_service.decisions.directive import OutcomeStatus
+from amm_service.decisions.view import Measure, WorkerView
 from amm_service.errors import AmmServiceError, InvalidArgument
-from amm_service.manager import ActiveMemoryManager
-from amm_service.view import Measure, WorkerView
+from amm_service.runtime.cycle import CycleRecord
+from amm_service.runtime.manager import ActiveMemoryManager
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import enum
 from typing import NamedTuple
 
-from amm_service.view import Key, WorkerId
+from amm_service.decisions.view import Key, WorkerId
 
 
 class Op(enum.Enum):

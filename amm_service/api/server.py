@@ -11,13 +11,13 @@ import asyncio
 import logging
 from types import TracebackType
 
-from amm.serving import Served, bound_address, serve, stop_on_signals
+from amm.base.serving import Served, bound_address, serve, stop_on_signals
 from amm.v1 import control_pb2, control_pb2_grpc
+from amm_service.api.control import ControlServicer
 from amm_service.config import AmmConfig
-from amm_service.control import ControlServicer
-from amm_service.manager import ActiveMemoryManager
 from amm_service.policies import Policy, build_all
-from amm_service.state import StateStore
+from amm_service.runtime.manager import ActiveMemoryManager
+from amm_service.runtime.state import StateStore
 
 log = logging.getLogger(__name__)
 

@@ -35,14 +35,14 @@ from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import Any
 
-from amm_service.addresses import address_order
-from amm_service.core import Plan, Rejection, RetireDecision, Why
+from amm_service.decisions.core import Plan, Rejection, RetireDecision, Why
+from amm_service.decisions.events import EventLog
+from amm_service.decisions.view import ClusterState, ClusterView, WorkerId, WorkerStatus
 from amm_service.errors import Unavailable
-from amm_service.events import EventLog
 from amm_service.policies import Policy
 from amm_service.policies.retire_worker import RetireWorker
-from amm_service.state import RetirementRecord, StateStore
-from amm_service.view import ClusterState, ClusterView, WorkerId, WorkerStatus
+from amm_service.runtime.addresses import address_order
+from amm_service.runtime.state import RetirementRecord, StateStore
 
 log = logging.getLogger(__name__)
 

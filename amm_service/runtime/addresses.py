@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import re
 
+from amm_service.decisions.view import WorkerId
 from amm_service.errors import InvalidArgument
-from amm_service.view import WorkerId
 
 _ADDRESS = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[^\s:\[\]]+):([0-9]{1,5})$")
 
