@@ -117,7 +117,7 @@ def bearer_token(metadata: Iterable[tuple[str, str | bytes]]) -> str | Denial | 
     for key, value in metadata:
         if key.lower() != "authorization":
             continue
-        text = value.decode() if isinstance(value, bytes) else value
+        text = value.decode(errors="replace") if isinstance(value, bytes) else value
         scheme, _, token = text.strip().partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             return Denial(grpc.StatusCode.UNAUTHENTICATED, "expected authorization: Bearer <token>")

@@ -26,7 +26,7 @@ import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Self, cast
+from typing import Any, Self, cast
 
 import grpc
 from cryptography import x509
@@ -198,13 +198,13 @@ class Security:
             require_client_authentication=require_client_certificate,
         )
 
-    def authorizer(self, **options: object) -> Authorizer:
+    def authorizer(self, **options: Any) -> Authorizer:
         """The interceptor that authenticates and authorizes every call, checking tokens and
         revocations against this folder's files; ``options`` go to ``Authorizer``."""
         return Authorizer(
             tokens=TokenFile(self.tokens) if self.tokens is not None else None,
             revoked=Revocations(self.revoked) if self.revoked is not None else None,
-            **options,  # type: ignore[arg-type]
+            **options,
         )
 
     # -- clients --------------------------------------------------------------------------------
