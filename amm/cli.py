@@ -23,6 +23,7 @@ from pathlib import Path
 from types import FrameType
 from typing import NoReturn
 
+from amm import certs as certs_command
 from amm import health, tables
 from amm.base.units import format_bytes, parse_duration
 from amm.client import DEFAULT_ADDRESS, Client
@@ -112,6 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="give the agents these zones in turn (failure domains)",
     )
     cluster.add_argument("--logs", action="store_true", help="show the processes' output")
+
+    certs = sub.add_parser(
+        "certs",
+        help="a cluster CA, identities, tokens and revocations for mutual TLS",
+        description="Make and manage the certs folder that --tls DIR and AMM_TLS point at.",
+    )
+    certs_command.add_arguments(certs)
 
     replay = sub.add_parser(
         "replay",
@@ -332,6 +340,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_health(args)
         if args.command == "replay":
             return replay_command.run_command(args)
+        if args.command == "certs":
+            return certs_command.run_command(args)
         with Client(args.amm, timeout=args.timeout) as client:
             return run_verb(client, args)
     except AmmError as err:
