@@ -19,7 +19,7 @@ from grpc_health.v1 import health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from amm.base.security import Authorizer, Security, caller
-from amm.serving import HealthServicer
+from amm.base.serving import HealthServicer
 from amm.v1 import agent_pb2, control_pb2
 
 #: (service, method, request streaming, response streaming) of every amm RPC.
