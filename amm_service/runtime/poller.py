@@ -16,7 +16,9 @@ Failure modes handled:
 2. The agent restarted (new incarnation) without re-registering yet: what was in flight to the
    old process is moot (``on_restart``), and the full snapshot replaces what we knew.
 3. The agent re-registered while our poll was under way: the answer belongs to the old
-   registration and is dropped.
+   registration and is dropped. Re-registering closes the old channel, which cancels the call
+   under way: that poll ends as answered (there is nothing to say about a registration that is
+   gone), never as a cancellation escaping into the cycle or the query that awaited it.
 4. A full snapshot spans several pages while the inventory keeps changing: pages are merged,
    then everything since the first page's version is fetched incrementally.
 """
@@ -33,7 +35,7 @@ import grpc
 from amm.v1 import agent_pb2
 from amm_service import wire
 from amm_service.decisions.view import ClusterState, KeyReport, WorkerId
-from amm_service.runtime.agents import AgentLinks
+from amm_service.runtime.agents import AgentLinks, channel_closed
 from amm_service.runtime.pacing import breathe, gc_paused
 
 log = logging.getLogger(__name__)
@@ -103,6 +105,15 @@ class Poller:
                 return True
             except grpc.aio.AioRpcError as err:
                 log.debug("poll of %s failed: %s", worker, err.code().name)
+                self._state.missed_poll(worker)
+                return False
+            except asyncio.CancelledError:
+                if not channel_closed():
+                    raise
+                now = self._state.worker(worker)
+                if now is None or now.incarnation != known.incarnation:
+                    return True  # it left or registered again: its channel went with the old one
+                log.debug("poll of %s cut short: its channel was closed", worker)
                 self._state.missed_poll(worker)
                 return False
             return True

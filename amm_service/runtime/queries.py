@@ -23,7 +23,7 @@ from amm_service.decisions.view import ClusterState, Goal, Key, KeyView, WorkerI
 from amm_service.errors import FailedPrecondition, InvalidArgument, NotFound, listing
 from amm_service.policies.goals import GoalStatus, describe
 from amm_service.runtime.addresses import address_order
-from amm_service.runtime.agents import AgentLinks
+from amm_service.runtime.agents import AgentLinks, channel_closed
 from amm_service.runtime.goals import GoalBook, check_goal
 from amm_service.runtime.poller import Poller
 
@@ -159,4 +159,8 @@ class Queries:
             )
         except grpc.aio.AioRpcError as err:
             return f"{key!r} on {worker}: {err.code().name}: {err.details()}"
+        except asyncio.CancelledError:
+            if not channel_closed():
+                raise
+            return f"{key!r} on {worker}: it registered again or left while being asked"
         return bool(resp.deleted)
