@@ -10,7 +10,8 @@ The RetireWorker policy empties the workers flagged RETIRING; this module owns t
      retired (and, with ``close``, the AMM asks its agent to shut down);
   2. RetireWorker's suggestion for a key it holds was rejected for want of a recipient or of
      room, or for conflicting content: abandoned with that reason (never when throttled: that
-     only delays);
+     only delays). A copy shared by several retiring workers keeps only one of them, so the
+     others can drop theirs and retire;
   3. the deadline passed: abandoned ("timeout");
   4. the worker left (unregistered, or did not answer an AMM restarting): abandoned (``left``).
 
@@ -37,7 +38,7 @@ from typing import Any
 
 from amm_service.decisions.core import Plan, Rejection, RetireDecision, Why
 from amm_service.decisions.events import EventLog
-from amm_service.decisions.view import ClusterState, ClusterView, WorkerId, WorkerStatus
+from amm_service.decisions.view import ClusterState, ClusterView, Key, WorkerId, WorkerStatus
 from amm_service.errors import Unavailable
 from amm_service.policies import Policy
 from amm_service.policies.retire_worker import RetireWorker
@@ -93,13 +94,7 @@ def review(
     """Judge each retirement under way (see the module docstring); those still going on are
     left out. ``busy`` holds the workers with directives in flight to them, ``retirers`` the
     names of the RetireWorker policies whose rejections count."""
-    blocked: dict[WorkerId, str] = {}
-    for r in rejections:
-        if r.policy not in retirers or r.why not in ABANDON_ON:
-            continue
-        kv = view.keys.get(r.key)
-        for worker in kv.holders if kv is not None else ():
-            blocked.setdefault(worker, f"cannot move {r.key!r} elsewhere: {r.reason}")
+    blocked = _blocked(view, rejections, retirers)
     verdicts = []
     for retirement in retirements:
         worker = retirement.worker
@@ -113,6 +108,40 @@ def review(
             held = len(view.held_by(worker))
             verdicts.append(Verdict(worker, False, f"timeout: still holds {held} key(s)"))
     return verdicts
+
+
+def _blocked(
+    view: ClusterView, rejections: Iterable[Rejection], retirers: Collection[str]
+) -> dict[WorkerId, str]:
+    """The retiring workers that must stay, each with the first key that keeps it.
+
+    A key that cannot go anywhere else keeps every holder of conflicting content, but only one
+    holder of a copy that several retiring workers share: that one stays (abandoned) and the
+    copies on the others may then be dropped, as Dask retires all but one of them. The one kept
+    is a holder already kept for another key if there is one, else one that answers polls, else
+    the last by address.
+    """
+    stuck: dict[Key, Rejection] = {}
+    for r in rejections:
+        if r.policy in retirers and r.why in ABANDON_ON and r.key in view.keys:
+            stuck.setdefault(r.key, r)
+    blocked: dict[WorkerId, str] = {}
+    shared: list[tuple[Key, list[WorkerId]]] = []
+    for key, r in stuck.items():
+        kv = view.keys[key]
+        holders = sorted(kv.holders, key=address_order)
+        retiring = [w for w in holders if view.workers[w].retiring]
+        if r.why is Why.CONFLICT or len(retiring) < 2:
+            for worker in holders:
+                blocked.setdefault(worker, f"cannot move {key!r} elsewhere: {r.reason}")
+        else:
+            shared.append((key, retiring))
+    for key, retiring in shared:
+        if any(w in blocked for w in retiring):
+            continue
+        keeper = max(retiring, key=lambda w: (view.workers[w].reachable, address_order(w)))
+        blocked[keeper] = f"cannot move {key!r} elsewhere: {stuck[key].reason}"
+    return blocked
 
 
 def _inventory_known(view: ClusterView, worker: WorkerId) -> bool:

@@ -82,6 +82,27 @@ def test_no_recipient_no_room_or_a_conflict_abandons_but_throttling_does_not() -
     assert judge(state, under_way("a"), rejections=[other_policy]) == []
 
 
+def test_a_key_only_retiring_workers_hold_keeps_one_of_them_and_lets_the_others_go() -> None:
+    """Every worker retiring at once: nowhere to move a shared key. One holder keeps it (its
+    retirement is abandoned) and the others may go on, as Dask retires one of them; before, both
+    holders of the key were abandoned in the same cycle and neither ever retired."""
+    state = cluster({"a": ["x", "shared"], "b": ["shared"], "c": ["shared", "y"]})
+    retiring = [under_way(w) for w in "abc"]
+    no_recipient = [rejection(k, Why.NO_RECIPIENT) for k in ("x", "shared", "shared", "y")]
+    verdicts = judge(state, *retiring, rejections=no_recipient)
+    # a and c must stay for x and y; shared stays on one of them, so b goes on retiring.
+    assert [(v.worker, v.retired) for v in verdicts] == [(W("a"), False), (W("c"), False)]
+    state = cluster({"a": ["shared"], "b": ["shared"]})
+    (verdict,) = judge(state, under_way("a"), under_way("b"), rejections=no_recipient[1:3])
+    assert (verdict.worker, verdict.retired) == (W("b"), False)
+    assert verdict.reason.startswith("cannot move 'shared' elsewhere")
+    # Conflicting content is not one key kept: every holder of it stays.
+    state = cluster({"a": ["z"], "b": ["z"]}, checksums={("b", "z"): "other"})
+    conflict = [rejection("z", Why.CONFLICT)] * 2
+    verdicts = judge(state, under_way("a"), under_way("b"), rejections=conflict)
+    assert [v.worker for v in verdicts] == [W("a"), W("b")]
+
+
 def test_the_deadline_abandons_and_a_worker_gone_is_abandoned() -> None:
     state = cluster({"a": ["x", "y"], "b": []})
     assert judge(state, under_way("a", deadline=11.0)) == []
