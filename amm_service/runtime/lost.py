@@ -37,7 +37,7 @@ from amm_service.runtime.state import LostRecord, StateError, StateStore
 log = logging.getLogger(__name__)
 
 #: Keys written to the state file in one transaction, the loop let in between.
-SAVE_STEP = 10_000
+SAVE_STEP = 5_000
 #: The reason recorded for keys missing after a restart.
 MISSING = (
     "no worker held it after the AMM restarted: the workers that held it came back without it "
