@@ -205,6 +205,13 @@ class Agent:
         if answer.drained:
             log.info("drained in %.1f s: every key held here has a copy on another worker", took)
             return True
+        if not answer.unique_key_count:
+            log.warning(
+                "could not drain in %.1f s (%s), but no key is held only here: nothing is lost",
+                took,
+                answer.reason,
+            )
+            return False
         log.warning(
             "could not drain in %.1f s (%s): %d key(s) held only here are lost when it exits%s",
             took,

@@ -1,19 +1,30 @@
 """What happens to data when an agent process is stopped, with real AMM and agent processes:
 SIGTERM (``docker stop``, a scale-down) drains it first, SIGINT stops it at once, SIGKILL and a
-restart on the same address lose what only it held; nothing is lost in silence."""
+restart on the same address lose what only it held; nothing is lost in silence. The last tests
+drive ``Agent.drain`` in this process, to look at a draining agent from outside."""
 
 from __future__ import annotations
 
 import io
+import logging
 import os
 import signal
 import sys
 import time
+from pathlib import Path
 
-from amm import Client, LostKey
+import grpc
+import pytest
+from google.protobuf.duration_pb2 import Duration
+
+from amm import AsyncClient, Client, LostKey
 from amm.cluster import AGENT_MODULE, AGENT_READY, LocalProcess
+from amm.v1 import control_pb2
+from amm_service.api.server import AmmServer
+from tests.conftest import amm_config
+from tests.support.agent import dial, get, put, running_agent
 from tests.support.processes import local_cluster
-from tests.support.waiting import poll_until
+from tests.support.waiting import poll_until, wait_for
 
 DATA = b"d" * 10_000
 
@@ -97,3 +108,65 @@ def test_an_agent_killed_and_restarted_on_its_address_before_dead_after_is_on_th
             assert client.who_has() == {"shared": (w1,)}
         finally:
             again.kill()
+
+
+async def test_a_draining_agent_serves_but_takes_nothing_new_and_the_call_is_validated(
+    tmp_path: Path,
+) -> None:
+    async with (
+        AmmServer(amm_config(tmp_path)) as amm,
+        running_agent(amm=amm.address) as leaving,
+        running_agent(amm=amm.address) as staying,
+        AsyncClient(amm.address, timeout=10) as client,
+        dial(leaving.address) as stub,
+    ):
+        await wait_for(lambda: leaving.registered and staying.registered, what="registered")
+        await put(stub, "solo", DATA)
+        await client.pin("solo", leaving.address)  # a reader: its copy stays until unpinned
+        assert await leaving.drain(grace=10)  # a copy elsewhere is enough
+        holders = (await client.who_has("solo"))["solo"]
+        assert set(holders) == {leaving.address, staying.address}
+        header, value = await get(stub, "solo")  # it still serves what it holds
+        assert (header.key, value) == ("solo", DATA)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await put(stub, "late", DATA)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        (worker,) = [w for w in await client.workers() if w.address == leaving.address]
+        assert worker.status == "retired"
+        control = client._amm_stub()
+        bad = [
+            (control_pb2.DrainWorkerRequest(), grpc.StatusCode.INVALID_ARGUMENT),
+            (control_pb2.DrainWorkerRequest(address="h:1"), grpc.StatusCode.NOT_FOUND),
+            (
+                control_pb2.DrainWorkerRequest(
+                    address=staying.address, timeout=Duration(seconds=-1)
+                ),
+                grpc.StatusCode.INVALID_ARGUMENT,
+            ),
+        ]
+        for request, code in bad:
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await control.DrainWorker(request)
+            assert err.value.code() == code
+        await leaving.stop()
+        assert await client.lost_keys() == []
+
+
+async def test_without_retire_worker_an_agent_cannot_drain_and_says_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="worker_agent.agent")
+    config = amm_config(tmp_path, policies=[{"class": "ReduceReplicas"}])
+    async with (
+        AmmServer(config) as amm,
+        running_agent(amm=amm.address) as agent,
+        AsyncClient(amm.address, timeout=10) as client,
+    ):
+        await wait_for(lambda: agent.registered, what="registered")
+        async with dial(agent.address) as stub:
+            await put(stub, "solo", DATA)
+        assert not await agent.drain(grace=5)
+        await agent.stop()
+        assert [k.key for k in await client.lost_keys()] == ["solo"]
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("could not drain (FAILED_PRECONDITION") for m in messages)
