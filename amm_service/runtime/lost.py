@@ -7,15 +7,16 @@ or while the AMM itself was down. The manager calls ``add`` for the first four; 
 the last one itself:
 
 1. The names of the keys the cluster holds are kept in the state file, brought up to date after
-   every round of polls (``save_held``): a key that appears is added, one that no worker holds
-   any more is removed.
+   every round of polls (``save_held``, with ``ClusterState.take_changes``): a key that appears
+   is added, one that no worker holds any more is removed.
 2. A restarted AMM loads those names as *unseen* and crosses off every key a poll shows. Once
    every worker it knew from its state file has reported (or left: declared dead, unregistered),
    the keys still unseen are held by nobody: the workers that held them came back without them
    or never came back. They are lost (``settle``).
 
 A lost key is reported (``GetStatus`` totals, ``ListLost``, events) until a worker holds it again
-(``recovered``) or an operator forgets it (``discard``). The lost keys are kept in the state file
+(``recovered``: a lost key held again is among the keys that appeared since the last round) or
+an operator forgets it (``discard``). The lost keys are kept in the state file
 too, so an AMM restart does not forget them. A key deleted on purpose straight on the agents
 (not through the AMM's ``Forget``) while the AMM was down cannot be told from a lost one: it is
 reported lost, and ``Forget`` clears it.
@@ -30,7 +31,7 @@ import logging
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 
-from amm_service.decisions.view import ClusterState, Key
+from amm_service.decisions.view import Key
 from amm_service.runtime.pacing import breathe
 from amm_service.runtime.state import LostRecord, StateError, StateStore
 
@@ -92,9 +93,10 @@ class LostBook:
         self._lost.update((r.key, r) for r in records)
         return new
 
-    def recovered(self, present: Mapping[Key, object]) -> list[Key]:
-        """Forget and return (sorted) the lost keys that are held again."""
-        back = sorted(k for k in self._lost if k in present)
+    def recovered(self, appeared: Iterable[Key]) -> list[Key]:
+        """Forget and return (sorted) the lost keys among ``appeared``, the keys that are held
+        again (a lost key is held by nobody: it can only come back by appearing)."""
+        back = sorted(k for k in appeared if k in self._lost)
         if back:
             self._store.forget_lost(back)
             for key in back:
@@ -113,9 +115,9 @@ class LostBook:
                 del self._lost[key]
         return gone
 
-    def count(self, present: Mapping[Key, object]) -> int:
-        """How many are still lost, whether or not a cycle has noticed a return yet."""
-        return sum(1 for k in self._lost if k not in present)
+    def count(self) -> int:
+        """How many are lost (a return counts once the round of polls that saw it is over)."""
+        return len(self._lost)
 
     def __contains__(self, key: object) -> bool:
         return key in self._lost
@@ -160,8 +162,9 @@ class LostBook:
         missing, self._unseen = self._unseen, set()
         return self.add(missing, worker="", reason=MISSING)
 
-    async def save_held(self, state: ClusterState) -> None:
-        """Bring the names of the keys held, in the state file, up to date with ``state``.
+    async def save_held(self, born: set[Key], gone: set[Key]) -> None:
+        """Record in the state file that the keys ``born`` are held and the keys ``gone`` are
+        not (``ClusterState.take_changes``).
 
         In steps of ``SAVE_STEP`` keys with the loop let in between; one save at a time, so the
         file ends as the state did. A failure to write is logged once (until a save works
@@ -169,7 +172,7 @@ class LostBook:
         keys lost while the AMM is down falls behind.
         """
         async with self._saving:
-            new_born, new_gone = state.take_changes()
+            new_born, new_gone = born, gone
             old_born, old_gone = self._unsaved
             # What changed since wins over what a failed save left to do (writes are idempotent).
             born = (old_born - new_gone) | new_born

@@ -229,7 +229,7 @@ class ActiveMemoryManager:
             return
         self._closed = True
         await self._stop_loop()
-        await self._lost.save_held(self.state)
+        await self._lost.save_held(*self.state.take_changes())
         await self.retirement_driver.close()
         self.retirements.close()
         self.outcomes.close()
@@ -527,13 +527,14 @@ class ActiveMemoryManager:
             if ws is not None and ws.last_poll is not None:
                 held = self._replacing.pop(worker)
                 self._losing(worker, held, "restarted (registered again as a new process)")
-        back = self._lost.recovered(self.state.keys)
+        born, gone = self.state.take_changes()
+        back = self._lost.recovered(born)
         if back:
             self.events.record(
                 "key-recovered", f"{len(back)} lost key(s) are held again", keys=back
             )
         self._settle_lost()
-        await self._lost.save_held(self.state)
+        await self._lost.save_held(born, gone)
 
     def _settle_lost(self) -> None:
         """After a restart: once every worker known from the state file has reported or left,
@@ -556,7 +557,7 @@ class ActiveMemoryManager:
     @property
     def lost_keys(self) -> int:
         """Keys lost and not seen since."""
-        return self._lost.count(self.state.keys)
+        return self._lost.count()
 
     @property
     def lost(self) -> LostBook:
@@ -580,7 +581,10 @@ class ActiveMemoryManager:
         worker = check_address(address)
         if not incarnation:
             raise InvalidArgument("incarnation is required: a random id per agent process start")
-        held = self.state.held_by(worker)  # by the process registered before, if any
+        known = self.state.worker(worker)
+        held = frozenset[Key]()
+        if known is not None and known.incarnation != incarnation:
+            held = self.state.held_by(worker)  # by the process registered before
         if self.state.register(worker, name, incarnation, self._clock(), zone=zone):
             self.outcomes.forget_in_flight(worker)
             await self._dispatcher.close_worker(worker)
