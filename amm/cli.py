@@ -160,6 +160,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     goals = sub.add_parser("goals", parents=[output], help="replication goals and how they stand")
     goals.add_argument("keys", nargs="*", metavar="KEY")
+    lost = sub.add_parser(
+        "lost", parents=[output], help="keys lost: their last holder went away, and how"
+    )
+    lost.add_argument("keys", nargs="*", metavar="KEY")
+    lost.add_argument(
+        "--limit", type=int, default=1000, metavar="N", help="list at most N (%(default)s)"
+    )
     retire = sub.add_parser(
         "retire",
         help="retire workers gracefully (or the N cheapest); exit 1 if any retirement failed",
@@ -256,6 +263,13 @@ def run_verb(client: Client, args: argparse.Namespace) -> int:
     elif command == "goals":
         goals = client.goals(args.keys or None)
         _emit(args, goals, lambda: tables.render_goals(goals))
+    elif command == "lost":
+        if args.limit < 1:
+            print("error: --limit must be at least 1", file=sys.stderr)
+            return 2
+        listed = client.lost_keys(args.keys or None, limit=args.limit + 1)
+        shown, more = listed[: args.limit], len(listed) > args.limit
+        _emit(args, shown, lambda: tables.render_lost(shown, more))
     elif command == "retire":
         if bool(args.workers) == (args.n is not None):
             print("error: give the workers to retire, or -n K", file=sys.stderr)

@@ -31,6 +31,7 @@ from amm.errors import AmmError
 from amm.models import (
     CycleReport,
     GoalChange,
+    LostKey,
     Prefetched,
     PutManyResult,
     ReplicationGoal,
@@ -40,6 +41,7 @@ from amm.models import (
     address_key,
     cycle_from_proto,
     goal_from_proto,
+    lost_from_proto,
     retirement_from_proto,
     sort_addresses,
     status_from_proto,
@@ -64,6 +66,8 @@ MAX_DURATION_SECONDS = 315_576_000_000
 MAX_CALL_DEADLINE = 1e9
 """Seconds: gRPC keeps deadlines in 64-bit nanoseconds, so one much further away overflows."""
 LEGACY_PUTS_AT_ONCE = 32
+LOST_PAGE = 10_000
+"""Lost keys ``lost_keys`` asks for at a time."""
 """Puts in flight to one agent that does not serve PutMany (``put_many``'s fallback)."""
 
 T = TypeVar("T")
@@ -314,6 +318,29 @@ class AsyncClient:
                 control_pb2.ListGoalsRequest(keys=_as_list(keys)), timeout=self.timeout
             )
         return [goal_from_proto(g) for g in reply.goals]
+
+    async def lost_keys(
+        self, keys: str | Sequence[str] | None = None, *, limit: int | None = None
+    ) -> list[LostKey]:
+        """The keys known to be lost, ordered by key (those of ``keys`` that are lost, or every
+        one), at most ``limit``: each with the worker that held its last copy, when and how it
+        was lost, and whether it has a goal. A key leaves the list once a worker holds it again
+        or it is forgotten; the AMM keeps the list across its restarts."""
+        if limit is not None and limit < 1:
+            raise AmmError(grpc.StatusCode.INVALID_ARGUMENT, f"limit must be >= 1, not {limit}")
+        stub = self._amm_stub()
+        found: list[LostKey] = []
+        after = ""
+        while limit is None or len(found) < limit:
+            page = LOST_PAGE if limit is None else min(LOST_PAGE, limit - len(found))
+            request = control_pb2.ListLostRequest(keys=_as_list(keys), limit=page, after=after)
+            with self._amm_rpc():
+                reply = await stub.ListLost(request, timeout=self.timeout)
+            found += [lost_from_proto(k) for k in reply.lost]
+            if len(reply.lost) < page:
+                break
+            after = reply.lost[-1].key
+        return found
 
     async def retire_workers(
         self,
@@ -642,6 +669,7 @@ class Client(Blocking[AsyncClient]):
     forget = forward(AsyncClient.forget)
     replicate = forward(AsyncClient.replicate)
     goals = forward(AsyncClient.goals)
+    lost_keys = forward(AsyncClient.lost_keys)
     retire_workers = forward(AsyncClient.retire_workers)
     put = forward(AsyncClient.put)
     put_many = forward(AsyncClient.put_many)

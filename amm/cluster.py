@@ -16,10 +16,12 @@ modes handled while starting:
 3. the agents are serving but not yet registered: ``wait_for_workers`` polls the AMM until they
    are listed, against the same deadline.
 
-Stopping sends SIGTERM to the agents first (so they unregister while the AMM still listens), then
-to the AMM, and SIGKILLs whatever outlives the deadline, or whatever is left if the stop itself is
-interrupted. Children get their own session, so a terminal's Ctrl-C reaches only the owner, which
-then stops them in that order. Since nothing else would ever stop them, each child is registered
+Stopping sends SIGINT to the agents first (so they unregister while the AMM still listens; not
+SIGTERM, which would have each drain its keys into the others, all on their way out too), then
+SIGTERM to the AMM, and SIGKILLs whatever outlives the deadline, or whatever is left if the stop
+itself is interrupted. ``stop_worker`` sends SIGTERM by default: one agent leaving drains first.
+Children get their own session, so a terminal's Ctrl-C reaches only the owner, which then stops
+them in that order. Since nothing else would ever stop them, each child is registered
 for stopping the moment it is spawned: an interrupt or a failure at any point of the start stops
 the children already running.
 """
@@ -201,10 +203,10 @@ class LocalProcess:
         return code
 
 
-def _stop_all(processes: list[LocalProcess], timeout: float) -> None:
-    """SIGTERM ``processes``, then SIGKILL those still alive after ``timeout``."""
+def _stop_all(processes: list[LocalProcess], timeout: float, sig: int = signal.SIGTERM) -> None:
+    """Send ``sig`` to ``processes``, then SIGKILL those still alive after ``timeout``."""
     for process in processes:
-        process.signal(signal.SIGTERM)
+        process.signal(sig)
     deadline = time.monotonic() + timeout
     for process in processes:
         process.wait(deadline - time.monotonic())
@@ -217,7 +219,7 @@ def _stop_cluster(agents: list[LocalProcess], service: list[LocalProcess], timeo
     any agent not yet signalled) running in its own session, beyond anyone's reach.
     """
     try:
-        _stop_all(agents, timeout)
+        _stop_all(agents, timeout, signal.SIGINT)  # stop at once: no point draining
         _stop_all(service, timeout)
     except BaseException:
         for process in [*agents, *service]:
@@ -373,7 +375,8 @@ class LocalCluster:
     ) -> int:
         """Send ``sig`` to the agent at ``address`` and return its exit code.
 
-        The agent is SIGKILLed if it is still running after ``timeout`` (``stop_timeout``).
+        SIGTERM has it drain first (up to its ``--drain-grace``), SIGINT stop at once. The agent
+        is SIGKILLed if it is still running after ``timeout`` (``stop_timeout``).
         """
         for agent in self._agents:
             if agent.ready is not None and agent.address == address:

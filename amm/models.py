@@ -215,11 +215,26 @@ class ReplicationGoal:
     n: int | None
     target: int
     live_copies: int
+    lost: bool = False
+    """The key is lost (``Client.lost_keys``): the goal cannot be met until it is put again."""
 
     @property
     def below(self) -> bool:
         """Short of its target (a key with no live copy at all always is)."""
         return self.live_copies < max(1, self.target)
+
+
+@dataclass(frozen=True, slots=True)
+class LostKey:
+    """A key known to be lost: the ``worker`` that held its last copy ("" when not known: it was
+    missing after an AMM restart), when the AMM found it lost, how (``reason``) and whether it
+    has a replication goal."""
+
+    key: str
+    worker: str
+    lost_at: datetime | None
+    reason: str
+    has_goal: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -414,6 +429,17 @@ def goal_from_proto(msg: control_pb2.ReplicationGoal) -> ReplicationGoal:
         n=msg.n if msg.HasField("n") else None,
         target=msg.target,
         live_copies=msg.live_copies,
+        lost=msg.lost,
+    )
+
+
+def lost_from_proto(msg: control_pb2.LostKey) -> LostKey:
+    return LostKey(
+        key=msg.key,
+        worker=msg.worker,
+        lost_at=_time(msg, "lost_at"),
+        reason=msg.reason,
+        has_goal=msg.has_goal,
     )
 
 

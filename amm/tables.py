@@ -14,6 +14,7 @@ from amm.base.units import format_bytes, format_duration
 from amm.models import (
     CycleReport,
     GoalChange,
+    LostKey,
     ReplicationGoal,
     RetirementResult,
     Status,
@@ -216,10 +217,28 @@ def render_goals(goals: Sequence[ReplicationGoal]) -> str:
     """One row per key with a goal: the goal, its current target, live copies, below or met."""
     if not goals:
         return "no goals"
-    rows = [
-        (g.key, _goal(g.n), g.target, g.live_copies, "below" if g.below else "met") for g in goals
-    ]
+    rows = [(g.key, _goal(g.n), g.target, g.live_copies, _goal_state(g)) for g in goals]
     return render_table(("KEY", "GOAL", "TARGET", "LIVE", "STATE"), rows, right=range(1, 4))
+
+
+def _goal_state(g: ReplicationGoal) -> str:
+    if g.lost:
+        return "lost"
+    return "below" if g.below else "met"
+
+
+def render_lost(lost: Sequence[LostKey], more: bool = False, now: datetime | None = None) -> str:
+    """``amm lost``: one row per lost key, the worker that held its last copy, when and how it
+    was lost; ``more`` when the list was cut short."""
+    if not lost:
+        return "no lost keys"
+    now = now or datetime.now(UTC)
+    rows = [
+        (k.key, k.worker or EMPTY, _ago(k.lost_at, now), "yes" if k.has_goal else "no", k.reason)
+        for k in lost
+    ]
+    table = render_table(("KEY", "LAST HOLDER", "LOST", "GOAL", "HOW"), rows)
+    return table + ("\n... and more (--limit N to list more)" if more else "")
 
 
 def render_goal_change(change: GoalChange, n: int | None) -> str:

@@ -2,26 +2,36 @@
 
 Every flag falls back to an ``AMM_AGENT_<FLAG>`` environment variable (``--memory-limit`` to
 ``AMM_AGENT_MEMORY_LIMIT``), then to the ``AgentConfig`` default. Once the server is up, one line
-goes to stdout, ``amm-agent ready address=HOST:PORT``, for launchers to wait on. SIGTERM or SIGINT
-stops the agent gracefully with exit code 0, and so does an accepted ``Close`` call (the AMM makes
-it once the worker is retired); invalid arguments exit 2 with a message.
+goes to stdout, ``amm-agent ready address=HOST:PORT``, for launchers to wait on. Invalid arguments
+exit 2 with a message. Stopping, always with exit code 0:
+
+- SIGTERM (``docker stop``, a Kubernetes or compose scale-down): drain first. The agent asks the
+  AMM to copy what only it holds elsewhere and waits for that up to ``--drain-grace`` (20 s),
+  then unregisters and exits; what could not be copied is logged by key and recorded as lost by
+  the AMM.
+- SIGINT (Ctrl-C), or a second signal while draining: stop at once (the AMM records what only
+  this worker held as lost).
+- An accepted ``Close`` call (the AMM makes it once the worker is retired): it holds nothing.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
+import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from amm.base.serving import stop_on_signals
 from amm.base.units import parse_duration, parse_size
 from worker_agent.agent import Agent
 from worker_agent.config import DEFAULT_MAX_LEASE, DEFAULT_PAUSE_FRACTION, AgentConfig
 from worker_agent.malloc import use_one_arena
+
+log = logging.getLogger("worker_agent")
 
 READY_LINE = "amm-agent ready address={address}"
 ENV_PREFIX = "AMM_AGENT_"
@@ -94,6 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
         "size of the chunks values are sent in (Get, Fetch), at most 8MiB (default 4MiB)",
         type=_typed(parse_size),
     )
+    add(
+        "--drain-grace",
+        "on SIGTERM, how long to wait for the AMM to copy what only this worker holds elsewhere "
+        "before stopping anyway (20s; 0: stop at once)",
+        type=_typed(parse_duration),
+    )
     add("--log-level", "DEBUG, INFO, WARNING or ERROR", default="INFO", type=_log_level)
     return parser
 
@@ -107,7 +123,7 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         "name": args.name or None,
         "zone": args.zone or "",
     }
-    for field in ("memory_limit", "lease", "chunk_size"):
+    for field in ("memory_limit", "lease", "chunk_size", "drain_grace"):
         value = getattr(args, field)
         if value is not None:
             overrides[field] = value
@@ -120,10 +136,41 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
     return AgentConfig(**overrides)
 
 
+class _Signals:
+    """SIGTERM asks for a stop after a drain; SIGINT, or any second signal, for a stop now."""
+
+    def __init__(self) -> None:
+        self.stop = asyncio.Event()
+        self.now = asyncio.Event()
+        self.drain = False
+
+    def received(self, sig: signal.Signals) -> None:
+        if self.stop.is_set() or sig is not signal.SIGTERM:
+            self.now.set()
+        else:
+            self.drain = True
+        self.stop.set()
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        """Handle both signals while inside the block (containers run us as PID 1)."""
+        loop = asyncio.get_running_loop()
+        installed = []
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, self.received, sig)
+                installed.append(sig)
+        try:
+            yield
+        finally:
+            for sig in installed:
+                loop.remove_signal_handler(sig)
+
+
 async def run(config: AgentConfig) -> int:
-    """Serve until SIGTERM or SIGINT; 1 when the address cannot be bound."""
-    stop = asyncio.Event()
-    with stop_on_signals(stop):
+    """Serve until a signal (see the module docstring); 1 when the address cannot be bound."""
+    signals = _Signals()
+    with signals.installed():
         agent = Agent(config)
         try:
             await agent.start()
@@ -133,10 +180,28 @@ async def run(config: AgentConfig) -> int:
             return 1
         try:
             print(READY_LINE.format(address=agent.address), flush=True)
-            await _first_of(stop, agent.stopped)
+            await _first_of(signals.stop, agent.stopped)
+            if signals.drain and not signals.now.is_set() and not agent.stopped.is_set():
+                await _drain(agent, signals)
         finally:
             await agent.stop()
     return 0
+
+
+async def _drain(agent: Agent, signals: _Signals) -> None:
+    """Drain ``agent`` unless a second signal (or a Close) cuts it short."""
+    log.info(
+        "SIGTERM: draining for up to %g s before stopping (SIGINT or another SIGTERM: stop now)",
+        agent.config.drain_grace,
+    )
+    done = asyncio.Event()
+    draining = asyncio.create_task(agent.drain(), name="agent drain")
+    draining.add_done_callback(lambda _: done.set())
+    await _first_of(done, signals.now, agent.stopped)
+    if not draining.done():
+        log.warning("stopping now, without waiting for the drain to end")
+        draining.cancel()
+    await asyncio.gather(draining, return_exceptions=True)
 
 
 async def _first_of(*events: asyncio.Event) -> None:

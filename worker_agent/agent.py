@@ -3,9 +3,13 @@
 ``Agent`` owns a ``Node`` (the state and operations), the server that exposes it, the channel to
 the AMM and three named background tasks: the memory sampler, the registration loop and the
 close watcher, which stops the agent once a ``Close`` call was accepted. ``start`` binds and
-registers; ``stop`` is idempotent and tears down in order: CLOSING and health NOT_SERVING,
-background tasks cancelled, directive streams ended, then unregistration (short deadline) and
-``server.stop(grace)`` at the same time, channels closed; ``stopped`` is set at the end.
+registers; ``drain`` (on SIGTERM) asks the AMM to copy what only this worker holds elsewhere
+before a stop; ``stop`` is idempotent and tears down in order: CLOSING and health NOT_SERVING,
+background tasks cancelled, directive streams ended, unregistration (the AMM polls the agent one
+last time, so the server still takes calls until it is done, or for a short head start), then
+``server.stop(grace)``, channels closed;
+``stopped`` is set at the end. Whatever only this worker held when it unregistered is recorded
+as lost by the AMM, and logged here.
 """
 
 from __future__ import annotations
@@ -14,11 +18,12 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from types import TracebackType
 from typing import Any, Self
 
 import grpc
+from google.protobuf.duration_pb2 import Duration
 
 from amm.base.serving import CHANNEL_OPTIONS, Served, bound_address, serve
 from amm.v1 import control_pb2, control_pb2_grpc
@@ -41,6 +46,12 @@ SILENCE_INTERVALS = 3
 #: once, whatever the deadline; the stop cancels an attempt under way.
 REGISTER_TIMEOUT = 10.0
 UNREGISTER_TIMEOUT = 0.5
+#: How long the server keeps taking new calls while the agent unregisters: the AMM polls it once
+#: more meanwhile, to record what is lost with it (a few ms when all is well). An AMM slower than
+#: this goes by its last poll, and one that does not answer delays the stop by no more than this.
+UNREGISTER_HEAD_START = 0.25
+#: Keys named in a log line, at most.
+KEYS_LOGGED = 20
 
 
 class Agent:
@@ -147,6 +158,69 @@ class Agent:
             self._stopping = asyncio.create_task(self._stop(), name="agent stop")
         await asyncio.shield(self._stopping)
 
+    async def drain(self, grace: float | None = None) -> bool:
+        """Before a stop: have the AMM copy what only this worker holds elsewhere, waiting up to
+        ``grace`` seconds (``drain_grace`` by default). True when nothing is lost by leaving now.
+
+        The agent takes no new data meanwhile but keeps serving, so its keys can be copied from
+        it. Whatever could not be copied is logged, by key; the AMM records it as lost once the
+        agent unregisters (``stop``).
+        """
+        grace = self.config.drain_grace if grace is None else grace
+        self.node.draining = True
+        held = len(self.store)
+        if not held:
+            return True
+        if self._amm is None or grace <= 0:
+            log.warning("stopping without draining: %d key(s) held here", held)
+            return False
+        if not self._registered:
+            log.warning(
+                "not registered with %s: cannot drain; the %d key(s) held here that exist "
+                "nowhere else are lost",
+                self.config.amm,
+                held,
+            )
+            return False
+        # The AMM answers a little before our deadline, with what it knows then.
+        limit = grace - min(2.0, grace / 4)
+        log.info(
+            "draining: asking %s to copy what only this worker holds elsewhere", self.config.amm
+        )
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            answer = await self._amm.DrainWorker(
+                control_pb2.DrainWorkerRequest(address=self.address, timeout=_duration(limit)),
+                timeout=grace,
+            )
+        except grpc.aio.AioRpcError as err:
+            log.warning(
+                "could not drain (%s: %s): the keys held only here are lost when it exits",
+                err.code().name,
+                err.details(),
+            )
+            return False
+        took = loop.time() - started
+        if answer.drained:
+            log.info("drained in %.1f s: every key held here has a copy on another worker", took)
+            return True
+        if not answer.unique_key_count:
+            log.warning(
+                "could not drain in %.1f s (%s), but no key is held only here: nothing is lost",
+                took,
+                answer.reason,
+            )
+            return False
+        log.warning(
+            "could not drain in %.1f s (%s): %d key(s) held only here are lost when it exits%s",
+            took,
+            answer.reason,
+            answer.unique_key_count,
+            _keys(answer.unique_keys, answer.unique_key_count),
+        )
+        return False
+
     async def _stop(self) -> None:
         self.node.closing = True
         if self._served is not None:
@@ -156,8 +230,12 @@ class Agent:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self.node.shutdown.set()  # our directive streams end themselves (grpc/grpc#37239)
-        # Each may take its whole deadline (an AMM or clients that do not answer): not in turn.
-        await asyncio.gather(self._unregister(), self._stop_server())
+        # The AMM polls us once more while we unregister, to record what is lost: the server
+        # takes new calls until then (for a while). Each may take its whole deadline (an AMM or
+        # clients that do not answer): not in turn.
+        unregistering = asyncio.create_task(self._unregister(), name="agent unregister")
+        await asyncio.wait([unregistering], timeout=UNREGISTER_HEAD_START)
+        await asyncio.gather(unregistering, self._stop_server())
         await self.node.close()
         if self._amm_channel is not None:
             await self._amm_channel.close(None)
@@ -261,12 +339,20 @@ class Agent:
         if self._amm is None or not self._registered:
             return
         try:
-            await self._amm.UnregisterWorker(
+            answer = await self._amm.UnregisterWorker(
                 control_pb2.UnregisterWorkerRequest(address=self.address),
                 timeout=UNREGISTER_TIMEOUT,
             )
         except grpc.aio.AioRpcError as err:
             log.warning("could not unregister from %s: %s", self.config.amm, err.code().name)
+            return
+        if answer.lost_key_count:
+            log.warning(
+                "unregistered: %s recorded %d key(s) held only here as lost%s",
+                self.config.amm,
+                answer.lost_key_count,
+                _keys(answer.lost_keys, answer.lost_key_count),
+            )
 
     async def _who_has(self, key: Key) -> list[str]:
         if self._amm is None:
@@ -282,6 +368,21 @@ class Agent:
         return [
             worker for entry in response.entries if entry.key == key for worker in entry.workers
         ]
+
+
+def _duration(seconds: float) -> Duration:
+    duration = Duration()
+    duration.FromNanoseconds(max(1, round(seconds * 1e9)))
+    return duration
+
+
+def _keys(listed: Sequence[str], count: int) -> str:
+    """``: 'a', 'b' and 3 more`` for a log line."""
+    if not listed:
+        return ""
+    shown = ", ".join(repr(k) for k in listed[:KEYS_LOGGED])
+    more = count - min(len(listed), KEYS_LOGGED)
+    return f": {shown}" + (f" and {more} more" if more > 0 else "")
 
 
 def _report_exit(task: asyncio.Task[None]) -> None:

@@ -87,6 +87,10 @@ class AgentConfig:
     register_warning_interval: float = 30.0
     #: How long ``stop`` lets in-flight calls finish before cancelling them, in seconds.
     stop_grace: float = 0.5
+    #: On SIGTERM, how long the agent waits for the AMM to copy what only it holds elsewhere
+    #: before it stops anyway, in seconds (0: stop at once). Below Kubernetes' default of 30 s
+    #: between SIGTERM and SIGKILL, with room left for the stop itself.
+    drain_grace: float = 20.0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -136,6 +140,10 @@ class AgentConfig:
                 raise ValueError(f"{field} must be a positive number of seconds, got {value}")
         if self.stop_grace < 0:
             raise ValueError(f"stop_grace must be >= 0 seconds, got {self.stop_grace}")
+        if not (self.drain_grace >= 0 and math.isfinite(self.drain_grace)):
+            raise ValueError(
+                f"drain_grace must be >= 0 seconds (0: no drain), got {self.drain_grace}"
+            )
         if self.lease > self.max_lease:
             raise ValueError(
                 f"lease ({self.lease} s) must not exceed max_lease ({self.max_lease} s), "

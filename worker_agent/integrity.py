@@ -95,6 +95,9 @@ class Conditions:
     newest_epoch: int = 0
     paused: bool = False
     closing: bool = False
+    #: Draining before a shutdown: it still serves and drops what it holds, but takes nothing
+    #: new and promises nothing (it is about to leave).
+    draining: bool = False
     memory_limit: int = 0
     max_value_bytes: int = 1 << 30
 
@@ -215,7 +218,7 @@ def judge_replicate(
                 f"directive expects {directive.checksum[:12]}); keys are immutable",
             )
         return Accept(noop=True, message="already held")
-    if cond.closing:
+    if cond.closing or cond.draining:
         return Refuse(Reason.CLOSING, "the agent is shutting down")
     if cond.paused:
         return Refuse(Reason.PAUSED, "the worker is paused (memory above its pause threshold)")
@@ -225,7 +228,7 @@ def judge_replicate(
 def judge_keep(store: Store, key: Key, checksum: str, cond: Conditions) -> Verdict:
     """May this agent promise a peer to keep ``key``? Refusing while dropping it here is what makes
     two concurrent drops of the last two replicas safe: each refuses the other."""
-    if cond.closing:
+    if cond.closing or cond.draining:
         return Refuse(Reason.CLOSING, "the agent is shutting down")
     held = store.get(key)
     if held is None:

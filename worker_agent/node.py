@@ -116,6 +116,9 @@ class Node:
         self.incarnation = uuid.uuid4().hex
         self.address = ""
         self.closing = False
+        #: Shutting down, but first draining (SIGTERM): still RUNNING to the AMM, so that it
+        #: serves as a source while the AMM copies its keys elsewhere; takes nothing new.
+        self.draining = False
         self.newest_epoch = 0
         #: The epoch of the AMM this agent last registered with: only its polls (or a newer
         #: AMM's) show that it still knows this agent.
@@ -172,6 +175,7 @@ class Node:
             newest_epoch=self.newest_epoch,
             paused=self.status() is WorkerStatus.PAUSED,
             closing=self.closing,
+            draining=self.draining,
             memory_limit=self.config.memory_limit,
             max_value_bytes=self.config.max_value_bytes,
         )
@@ -323,7 +327,7 @@ class Node:
         return Stored(len(new), unchanged, self.store.add_many(new.values()))
 
     def _refuse_if_closing(self) -> None:
-        if self.closing:
+        if self.closing or self.draining:
             raise Unavailable("agent is shutting down")
 
     @contextlib.asynccontextmanager
@@ -391,8 +395,8 @@ class Node:
         verdict = integrity.judge_put(self.store, key, value.size, cond)
         if isinstance(verdict, Refuse):
             why = verdict.message
-        elif cond.closing or cond.paused:
-            why = "the worker is closing" if cond.closing else "the worker is paused"
+        elif cond.closing or cond.draining or cond.paused:
+            why = "the worker is paused" if cond.paused else "the worker is shutting down"
         else:
             self.store.add(key, value.data, value.checksum)
             return value, True

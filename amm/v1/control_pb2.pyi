@@ -284,7 +284,9 @@ class ClusterTotals(_message.Message):
     unreachable_workers: _builtins.int
     """Workers that did not answer their last poll."""
     lost_keys: _builtins.int
-    """Keys known to be lost: their last holder died before a copy was made elsewhere."""
+    """Keys known to be lost: their last holder died, unregistered or restarted before a copy was
+    made elsewhere, or they were missing after an AMM restart. ListLost lists them.
+    """
     keys_with_goal: _builtins.int
     """Keys with a replication goal."""
     keys_below_goal: _builtins.int
@@ -550,16 +552,29 @@ class UnregisterWorkerResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     REMOVED_FIELD_NUMBER: _builtins.int
+    LOST_KEYS_FIELD_NUMBER: _builtins.int
+    LOST_KEY_COUNT_FIELD_NUMBER: _builtins.int
     removed: _builtins.bool
     """False when the worker was not registered."""
+    lost_key_count: _builtins.int
+    """How many keys were recorded as lost with it (`lost_keys` may list fewer)."""
+    @_builtins.property
+    def lost_keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Keys it held that no other worker holds: the AMM recorded them as lost (at most 1,000
+        listed, ordered). The AMM polls the worker once more before removing it, so this is what it
+        held at the call.
+        """
+
     def __init__(
         self,
         *,
         removed: _builtins.bool = ...,
+        lost_keys: _abc.Iterable[_builtins.str] | None = ...,
+        lost_key_count: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["removed", b"removed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lost_key_count", b"lost_key_count", "lost_keys", b"lost_keys", "removed", b"removed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1085,6 +1100,7 @@ class ReplicationGoal(_message.Message):
     N_FIELD_NUMBER: _builtins.int
     TARGET_FIELD_NUMBER: _builtins.int
     LIVE_COPIES_FIELD_NUMBER: _builtins.int
+    LOST_FIELD_NUMBER: _builtins.int
     key: _builtins.str
     """The key."""
     n: _builtins.int
@@ -1095,6 +1111,10 @@ class ReplicationGoal(_message.Message):
     """
     live_copies: _builtins.int
     """Live copies: on reachable workers that are not retiring."""
+    lost: _builtins.bool
+    """The key is lost (see ListLost): no copy is left to make copies from, so the goal cannot be
+    met until the key is put again; forgetting the key removes the goal.
+    """
     def __init__(
         self,
         *,
@@ -1102,10 +1122,11 @@ class ReplicationGoal(_message.Message):
         n: _builtins.int | None = ...,
         target: _builtins.int = ...,
         live_copies: _builtins.int = ...,
+        lost: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_n", b"_n", "n", b"n"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_n", b"_n", "key", b"key", "live_copies", b"live_copies", "n", b"n", "target", b"target"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_n", b"_n", "key", b"key", "live_copies", b"live_copies", "lost", b"lost", "n", b"n", "target", b"target"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__n: _TypeAlias = _typing.Literal["n"]  # noqa: Y015
     _WhichOneofArgType__n: _TypeAlias = _typing.Literal["_n", b"_n"]  # noqa: Y015
@@ -1136,3 +1157,175 @@ class ListGoalsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListGoalsResponse: _TypeAlias = ListGoalsResponse  # noqa: Y015
+
+@_typing.final
+class ListLostRequest(_message.Message):
+    """ListLost arguments."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEYS_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    AFTER_FIELD_NUMBER: _builtins.int
+    limit: _builtins.int
+    """List at most this many; 0 means 10,000 (the most one answer holds is 100,000)."""
+    after: _builtins.str
+    """List only keys ordered after this one: the last key of the previous page, to page through
+    more than `limit`.
+    """
+    @_builtins.property
+    def keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The keys to look up; empty means every lost key. Keys that are not lost are left out."""
+
+    def __init__(
+        self,
+        *,
+        keys: _abc.Iterable[_builtins.str] | None = ...,
+        limit: _builtins.int = ...,
+        after: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after", b"after", "keys", b"keys", "limit", b"limit"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListLostRequest: _TypeAlias = ListLostRequest  # noqa: Y015
+
+@_typing.final
+class LostKey(_message.Message):
+    """A key known to be lost."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    WORKER_FIELD_NUMBER: _builtins.int
+    LOST_AT_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    HAS_GOAL_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    """The key."""
+    worker: _builtins.str
+    """The worker that held its last copy; empty when not known (the key was missing after an AMM
+    restart).
+    """
+    reason: _builtins.str
+    """How it was lost, for people."""
+    has_goal: _builtins.bool
+    """Whether it has a replication goal, which cannot be met until the key is put again."""
+    @_builtins.property
+    def lost_at(self) -> _timestamp_pb2.Timestamp:
+        """When the AMM found it lost."""
+
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        worker: _builtins.str = ...,
+        lost_at: _timestamp_pb2.Timestamp | None = ...,
+        reason: _builtins.str = ...,
+        has_goal: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["lost_at", b"lost_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["has_goal", b"has_goal", "key", b"key", "lost_at", b"lost_at", "reason", b"reason", "worker", b"worker"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LostKey: _TypeAlias = LostKey  # noqa: Y015
+
+@_typing.final
+class ListLostResponse(_message.Message):
+    """ListLost result."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LOST_FIELD_NUMBER: _builtins.int
+    TOTAL_FIELD_NUMBER: _builtins.int
+    total: _builtins.int
+    """How many keys are lost in all, whether listed or not."""
+    @_builtins.property
+    def lost(self) -> _containers.RepeatedCompositeFieldContainer[Global___LostKey]:
+        """Lost keys, ordered by key, at most `limit`."""
+
+    def __init__(
+        self,
+        *,
+        lost: _abc.Iterable[Global___LostKey] | None = ...,
+        total: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lost", b"lost", "total", b"total"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListLostResponse: _TypeAlias = ListLostResponse  # noqa: Y015
+
+@_typing.final
+class DrainWorkerRequest(_message.Message):
+    """DrainWorker arguments."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    TIMEOUT_FIELD_NUMBER: _builtins.int
+    address: _builtins.str
+    """The address the worker registered with."""
+    @_builtins.property
+    def timeout(self) -> _duration_pb2.Duration:
+        """Give up draining after this long and answer; unset: no limit."""
+
+    def __init__(
+        self,
+        *,
+        address: _builtins.str = ...,
+        timeout: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["timeout", b"timeout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "timeout", b"timeout"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DrainWorkerRequest: _TypeAlias = DrainWorkerRequest  # noqa: Y015
+
+@_typing.final
+class DrainWorkerResponse(_message.Message):
+    """DrainWorker result."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DRAINED_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    UNIQUE_KEYS_FIELD_NUMBER: _builtins.int
+    UNIQUE_KEY_COUNT_FIELD_NUMBER: _builtins.int
+    drained: _builtins.bool
+    """True when every key the worker holds has a copy on a worker that stays: it can leave
+    without losing anything.
+    """
+    reason: _builtins.str
+    """How the drain ended, for people (why it stopped short when `drained` is false)."""
+    unique_key_count: _builtins.int
+    """How many keys only this worker holds (`unique_keys` may list fewer)."""
+    @_builtins.property
+    def unique_keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Keys only this worker holds, which are lost when it leaves now (at most 1,000 listed,
+        ordered).
+        """
+
+    def __init__(
+        self,
+        *,
+        drained: _builtins.bool = ...,
+        reason: _builtins.str = ...,
+        unique_keys: _abc.Iterable[_builtins.str] | None = ...,
+        unique_key_count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["drained", b"drained", "reason", b"reason", "unique_key_count", b"unique_key_count", "unique_keys", b"unique_keys"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DrainWorkerResponse: _TypeAlias = DrainWorkerResponse  # noqa: Y015

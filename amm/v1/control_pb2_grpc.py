@@ -105,6 +105,16 @@ class ActiveMemoryManagerStub:
                 request_serializer=amm_dot_v1_dot_control__pb2.ListGoalsRequest.SerializeToString,
                 response_deserializer=amm_dot_v1_dot_control__pb2.ListGoalsResponse.FromString,
                 _registered_method=True)
+        self.ListLost = channel.unary_unary(
+                '/amm.v1.ActiveMemoryManager/ListLost',
+                request_serializer=amm_dot_v1_dot_control__pb2.ListLostRequest.SerializeToString,
+                response_deserializer=amm_dot_v1_dot_control__pb2.ListLostResponse.FromString,
+                _registered_method=True)
+        self.DrainWorker = channel.unary_unary(
+                '/amm.v1.ActiveMemoryManager/DrainWorker',
+                request_serializer=amm_dot_v1_dot_control__pb2.DrainWorkerRequest.SerializeToString,
+                response_deserializer=amm_dot_v1_dot_control__pb2.DrainWorkerResponse.FromString,
+                _registered_method=True)
 
 
 class ActiveMemoryManagerServicer:
@@ -212,6 +222,24 @@ class ActiveMemoryManagerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListLost(self, request, context):
+        """The keys known to be lost: their last holder died, unregistered or restarted before a copy
+        was made elsewhere, or no worker had them any more after the AMM restarted. A key leaves the
+        list when a worker holds it again or it is forgotten. Kept in the AMM's state file.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DrainWorker(self, request, context):
+        """Called by an agent that is shutting down (SIGTERM): retire it without closing it, and return
+        once every key it holds has a copy on a worker that stays, or the retirement was abandoned
+        or timed out. The agent unregisters next; what it then still holds alone is recorded lost.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ActiveMemoryManagerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -284,6 +312,16 @@ def add_ActiveMemoryManagerServicer_to_server(servicer, server):
                     servicer.ListGoals,
                     request_deserializer=amm_dot_v1_dot_control__pb2.ListGoalsRequest.FromString,
                     response_serializer=amm_dot_v1_dot_control__pb2.ListGoalsResponse.SerializeToString,
+            ),
+            'ListLost': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListLost,
+                    request_deserializer=amm_dot_v1_dot_control__pb2.ListLostRequest.FromString,
+                    response_serializer=amm_dot_v1_dot_control__pb2.ListLostResponse.SerializeToString,
+            ),
+            'DrainWorker': grpc.unary_unary_rpc_method_handler(
+                    servicer.DrainWorker,
+                    request_deserializer=amm_dot_v1_dot_control__pb2.DrainWorkerRequest.FromString,
+                    response_serializer=amm_dot_v1_dot_control__pb2.DrainWorkerResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -665,6 +703,60 @@ class ActiveMemoryManager:
             '/amm.v1.ActiveMemoryManager/ListGoals',
             amm_dot_v1_dot_control__pb2.ListGoalsRequest.SerializeToString,
             amm_dot_v1_dot_control__pb2.ListGoalsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListLost(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/amm.v1.ActiveMemoryManager/ListLost',
+            amm_dot_v1_dot_control__pb2.ListLostRequest.SerializeToString,
+            amm_dot_v1_dot_control__pb2.ListLostResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DrainWorker(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/amm.v1.ActiveMemoryManager/DrainWorker',
+            amm_dot_v1_dot_control__pb2.DrainWorkerRequest.SerializeToString,
+            amm_dot_v1_dot_control__pb2.DrainWorkerResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -68,6 +68,16 @@ class ActiveMemoryManagerStub:
     """
     ListGoals: _grpc.UnaryUnaryMultiCallable[_control_pb2.ListGoalsRequest, _control_pb2.ListGoalsResponse]
     """The replication goals and how far each key is from its goal."""
+    ListLost: _grpc.UnaryUnaryMultiCallable[_control_pb2.ListLostRequest, _control_pb2.ListLostResponse]
+    """The keys known to be lost: their last holder died, unregistered or restarted before a copy
+    was made elsewhere, or no worker had them any more after the AMM restarted. A key leaves the
+    list when a worker holds it again or it is forgotten. Kept in the AMM's state file.
+    """
+    DrainWorker: _grpc.UnaryUnaryMultiCallable[_control_pb2.DrainWorkerRequest, _control_pb2.DrainWorkerResponse]
+    """Called by an agent that is shutting down (SIGTERM): retire it without closing it, and return
+    once every key it holds has a copy on a worker that stays, or the retirement was abandoned
+    or timed out. The agent unregisters next; what it then still holds alone is recorded lost.
+    """
 
 @_typing.type_check_only
 class ActiveMemoryManagerAsyncStub(ActiveMemoryManagerStub):
@@ -107,6 +117,16 @@ class ActiveMemoryManagerAsyncStub(ActiveMemoryManagerStub):
     """
     ListGoals: _aio.UnaryUnaryMultiCallable[_control_pb2.ListGoalsRequest, _control_pb2.ListGoalsResponse]  # type: ignore[assignment]
     """The replication goals and how far each key is from its goal."""
+    ListLost: _aio.UnaryUnaryMultiCallable[_control_pb2.ListLostRequest, _control_pb2.ListLostResponse]  # type: ignore[assignment]
+    """The keys known to be lost: their last holder died, unregistered or restarted before a copy
+    was made elsewhere, or no worker had them any more after the AMM restarted. A key leaves the
+    list when a worker holds it again or it is forgotten. Kept in the AMM's state file.
+    """
+    DrainWorker: _aio.UnaryUnaryMultiCallable[_control_pb2.DrainWorkerRequest, _control_pb2.DrainWorkerResponse]  # type: ignore[assignment]
+    """Called by an agent that is shutting down (SIGTERM): retire it without closing it, and return
+    once every key it holds has a copy on a worker that stays, or the retirement was abandoned
+    or timed out. The agent unregisters next; what it then still holds alone is recorded lost.
+    """
 
 class ActiveMemoryManagerServicer(metaclass=_abc_1.ABCMeta):
     """Served by the AMM (default address 127.0.0.1:50051)."""
@@ -227,5 +247,27 @@ class ActiveMemoryManagerServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_control_pb2.ListGoalsResponse, _abc.Awaitable[_control_pb2.ListGoalsResponse]]:
         """The replication goals and how far each key is from its goal."""
+
+    @_abc_1.abstractmethod
+    def ListLost(
+        self,
+        request: _control_pb2.ListLostRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_control_pb2.ListLostResponse, _abc.Awaitable[_control_pb2.ListLostResponse]]:
+        """The keys known to be lost: their last holder died, unregistered or restarted before a copy
+        was made elsewhere, or no worker had them any more after the AMM restarted. A key leaves the
+        list when a worker holds it again or it is forgotten. Kept in the AMM's state file.
+        """
+
+    @_abc_1.abstractmethod
+    def DrainWorker(
+        self,
+        request: _control_pb2.DrainWorkerRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_control_pb2.DrainWorkerResponse, _abc.Awaitable[_control_pb2.DrainWorkerResponse]]:
+        """Called by an agent that is shutting down (SIGTERM): retire it without closing it, and return
+        once every key it holds has a copy on a worker that stays, or the retirement was abandoned
+        or timed out. The agent unregisters next; what it then still holds alone is recorded lost.
+        """
 
 def add_ActiveMemoryManagerServicer_to_server(servicer: ActiveMemoryManagerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

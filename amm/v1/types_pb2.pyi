@@ -624,8 +624,9 @@ class Event(_message.Message):
     MESSAGE_FIELD_NUMBER: _builtins.int
     kind: _builtins.str
     """What kind of event: "worker-stale", "worker-dead", "key-lost", "key-recovered", "goal-set",
-    "goal-removed", "retire-started", "retired", "retire-abandoned", "pause-to-retire",
-    "pause-to-retire-declined", "startup-grace-ended"; readers must accept kinds added later.
+    "goal-removed", "goal-lost", "retire-started", "retired", "retire-abandoned",
+    "pause-to-retire", "pause-to-retire-declined", "startup-grace-ended"; readers must accept
+    kinds added later.
     """
     worker: _builtins.str
     """The worker concerned, if any."""

@@ -27,6 +27,10 @@ log = logging.getLogger(__name__)
 
 MAX_KEYS_PER_REQUEST = 100_000
 MAX_EVENTS_REPORTED = 100
+#: Keys listed in an UnregisterWorker or DrainWorker answer, at most (the count says the rest).
+MAX_KEYS_LISTED = 1_000
+#: ListLost entries when the request sets no limit.
+DEFAULT_LOST_LISTED = 10_000
 _Resp = TypeVar("_Resp")
 _Handler = Callable[[Any, Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[_Resp]]
 
@@ -184,8 +188,10 @@ class ControlServicer(control_pb2_grpc.ActiveMemoryManagerServicer):
     ) -> control_pb2.UnregisterWorkerResponse:
         if not request.address:
             raise InvalidArgument("address is required")
-        removed = await self._amm.unregister(request.address)
-        return control_pb2.UnregisterWorkerResponse(removed=removed)
+        removed, lost = await self._amm.unregister(request.address)
+        return control_pb2.UnregisterWorkerResponse(
+            removed=removed, lost_keys=lost[:MAX_KEYS_LISTED], lost_key_count=len(lost)
+        )
 
     @_edge
     async def ListWorkers(
@@ -259,9 +265,52 @@ class ControlServicer(control_pb2_grpc.ActiveMemoryManagerServicer):
         statuses = await self._amm.queries.goal_statuses(_check_keys(request.keys))
         return control_pb2.ListGoalsResponse(
             goals=[
-                control_pb2.ReplicationGoal(key=s.key, n=s.n, target=s.target, live_copies=s.live)
+                control_pb2.ReplicationGoal(
+                    key=s.key, n=s.n, target=s.target, live_copies=s.live, lost=s.lost
+                )
                 for s in statuses
             ]
+        )
+
+    @_edge
+    async def ListLost(
+        self, request: control_pb2.ListLostRequest, context: Any
+    ) -> control_pb2.ListLostResponse:
+        limit = request.limit or DEFAULT_LOST_LISTED
+        if limit > MAX_KEYS_PER_REQUEST:
+            raise InvalidArgument(f"limit {limit} is above {MAX_KEYS_PER_REQUEST} per request")
+        found, total = await self._amm.queries.lost(
+            _check_keys(request.keys), after=request.after, limit=limit
+        )
+        return control_pb2.ListLostResponse(
+            lost=[
+                control_pb2.LostKey(
+                    key=r.key,
+                    worker=r.worker,
+                    lost_at=wire.timestamp(r.at),
+                    reason=r.reason,
+                    has_goal=has_goal,
+                )
+                for r, has_goal in found
+            ],
+            total=total,
+        )
+
+    @_edge
+    async def DrainWorker(
+        self, request: control_pb2.DrainWorkerRequest, context: Any
+    ) -> control_pb2.DrainWorkerResponse:
+        timeout = None
+        if request.HasField("timeout"):
+            timeout = request.timeout.ToNanoseconds() / 1e9
+            if timeout <= 0:
+                raise InvalidArgument("timeout must be positive; leave it unset for no limit")
+        result = await self._amm.retirement_driver.drain(request.address, timeout=timeout)
+        return control_pb2.DrainWorkerResponse(
+            drained=result.drained,
+            reason=result.reason,
+            unique_keys=result.unique[:MAX_KEYS_LISTED],
+            unique_key_count=len(result.unique),
         )
 
 

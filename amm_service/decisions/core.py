@@ -9,7 +9,10 @@ Dask's AMM does, with what Dask left out added:
 - drop: from a holder that has not pinned the key and is not already dropping it; holders whose
   zone keeps another copy first, then retiring, then paused workers, then the highest memory;
   never the last replica, counting drops in flight from earlier cycles as well as this one, and
-  not counting copies on CLOSING, RETIRING or STALE workers as replicas that survive;
+  not counting copies on CLOSING, RETIRING or STALE workers as replicas that survive; never the
+  copy of the last running candidate when the workers that pinned the key are all paused or
+  leaving (Dask's rule: the key would be left only on workers on their way out, and copied
+  back by RetireWorker and dropped again by ReduceReplicas, cycle after cycle);
 - policies run in ascending priority, so repairs take the throttled transfer slots first;
 - a retire request is accepted unless the worker is the last one taking replicas or the others
   have no room for what only it holds;
@@ -253,9 +256,13 @@ class _Decider:
         pool = remaining if candidates is None else candidates & remaining
         pool = pool - self.unreachable  # a directive it cannot hear is no use
         reachable = len(pool)
-        pool = pool - kv.pinned_on
+        readers = pool & kv.pinned_on
+        pool = pool - readers
         unpinned = len(pool)
         memory, zone, rank = self.memory, self.zone, self.drop_rank
+        # Dask's rule against ping-pong: when the readers' workers are all paused or leaving,
+        # the last running candidate keeps its copy (it is where new copies can be made from).
+        readers_not_running = bool(readers) and all(rank[w] < RUNNING_RANK for w in readers)
         # Best first (zones aside): retiring, then paused, then the most memory.
         order = sorted(pool, key=lambda w: (-rank[w], memory[w], w), reverse=True)
         per_zone: dict[str, int] = {}  # durable copies per zone; empty: no zone to keep
@@ -286,6 +293,16 @@ class _Decider:
                     return picks, tuple(left), _No("last replica", Why.LAST_REPLICA)
             else:
                 chosen = order[0]  # no zone to keep and more than one durable copy left
+            if unpinned == 1 and readers_not_running and rank[chosen] == RUNNING_RANK:
+                return (
+                    picks,
+                    tuple(left),
+                    _No(
+                        f"kept on {chosen}, the only running candidate: the workers that pinned "
+                        "it are paused or leaving",
+                        Why.PINNED,
+                    ),
+                )
             order.remove(chosen)
             left.remove(chosen)
             nleft, reachable, unpinned = nleft - 1, reachable - 1, unpinned - 1
@@ -362,13 +379,17 @@ class _Decider:
         return (self.rank[worker], self.memory[worker], worker)
 
 
+#: ``_drop_rank`` of a running worker (the last to drop from).
+RUNNING_RANK = 2
+
+
 def _drop_rank(ws: WorkerView) -> int:
     """Lower goes first among drop candidates: retiring workers, then paused ones, then the rest."""
     if ws.retiring or ws.retired:
         return 0
     if ws.status is not WorkerStatus.RUNNING:
         return 1
-    return 2
+    return RUNNING_RANK
 
 
 #: Units of work (suggestions of one, directives in flight counted) between two yields of

@@ -6,7 +6,8 @@ counting on it from its first missed poll) but is judged by how long it has been
 1. for ``stale_after``: STALE. It receives no new replicas and its copies are not durable; it
    stays in the view, so its keys keep their other holders' counts and nothing is re-replicated
    for a blip.
-2. for ``dead_after``: DEAD. The manager removes it; keys left with no copy anywhere are LOST.
+2. for ``dead_after``: DEAD. The manager removes it; keys left with no copy anywhere are LOST
+   (``lost_after_removal``; ``runtime.lost`` keeps them).
 3. it answers again before that: it is forgotten here and counts again at once.
 
 Silence is measured from the first missed poll this tracker observed, not from the worker's last
@@ -73,42 +74,6 @@ class Liveness:
 
     def forget(self, worker: WorkerId) -> None:
         self._since.pop(worker, None)
-
-
-class LostKeys:
-    """Keys whose last holder died before a copy was made elsewhere.
-
-    A key leaves the set when it shows up again: its holder came back and a full poll listed it,
-    or someone put it again. Bounded by what was lost; an operator's ``Forget`` clears a key.
-    """
-
-    def __init__(self) -> None:
-        self._keys: set[Key] = set()
-
-    def add(self, keys: Iterable[Key]) -> None:
-        self._keys.update(keys)
-
-    def discard(self, keys: Iterable[Key]) -> None:
-        self._keys.difference_update(keys)
-
-    def recovered(self, present: Mapping[Key, object]) -> list[Key]:
-        """Remove and return (sorted) the lost keys that are in ``present`` again."""
-        found = sorted(k for k in self._keys if k in present)
-        self._keys.difference_update(found)
-        return found
-
-    def count(self, present: Mapping[Key, object]) -> int:
-        """How many are still lost, whether or not a cycle has noticed a return yet."""
-        return sum(1 for k in self._keys if k not in present)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._keys
-
-    def __len__(self) -> int:
-        return len(self._keys)
-
-    def listed(self) -> list[Key]:
-        return sorted(self._keys)
 
 
 def lost_after_removal(held: Iterable[Key], remaining: Mapping[Key, object]) -> list[Key]:

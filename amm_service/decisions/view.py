@@ -188,9 +188,14 @@ _NOBODY: frozenset[WorkerId] = frozenset()
 
 
 class ClusterState:
-    """The mutable cluster model: registration, poll results, snapshots."""
+    """The mutable cluster model: registration, poll results, snapshots.
 
-    def __init__(self) -> None:
+    With ``track_changes``, it also notes the keys that appeared in the cluster (a first holder)
+    and those that left it (no holder left) since ``take_changes`` was last called: what the AMM
+    persists to tell, after a restart, which keys no worker holds any more.
+    """
+
+    def __init__(self, *, track_changes: bool = False) -> None:
         self._workers: dict[WorkerId, WorkerView] = {}
         self._keys: dict[Key, KeyView] = {}
         self._held: dict[WorkerId, set[Key]] = {}
@@ -201,6 +206,9 @@ class ClusterState:
         """Per worker, ``_held`` frozen for snapshots; dropped whenever ``_held`` changes."""
         self._sets: dict[frozenset[WorkerId], frozenset[WorkerId]] = {}
         """One instance of each set of workers the keys' records hold (see ``_one``)."""
+        self._track = track_changes
+        self._born: set[Key] = set()
+        self._gone: set[Key] = set()
 
     # -- workers ---------------------------------------------------------------------------
 
@@ -318,6 +326,9 @@ class ClusterState:
         kv = self._keys.get(report.key)
         one = self._one
         if kv is None:
+            if self._track:
+                self._gone.discard(report.key)
+                self._born.add(report.key)
             alone = one(frozenset((worker,)))
             self._keys[report.key] = KeyView(
                 report.key,
@@ -353,6 +364,9 @@ class ClusterState:
             del self._keys[key]
             self._odd.pop(key, None)
             self._replicated.discard(key)
+            if self._track:
+                self._born.discard(key)
+                self._gone.add(key)
             return
         kv = KeyView(
             kv.key,
@@ -449,6 +463,13 @@ class ClusterState:
 
     def held_by(self, worker: WorkerId) -> frozenset[Key]:
         return frozenset(self._held.get(worker, ()))
+
+    def take_changes(self) -> tuple[set[Key], set[Key]]:
+        """(keys that appeared, keys that left) since the last call, with ``track_changes``; a
+        key that came and went in between is only in the one it did last."""
+        born, gone = self._born, self._gone
+        self._born, self._gone = set(), set()
+        return born, gone
 
     @property
     def nkeys(self) -> int:

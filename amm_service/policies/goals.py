@@ -25,12 +25,14 @@ from amm_service.decisions.view import Goal, Key, KeyView, WorkerId, WorkerView
 @dataclass(frozen=True, slots=True)
 class GoalStatus:
     """One key's goal as it stands: ``n`` asked (None: every worker), ``target`` copies it should
-    have now, ``live`` copies it has."""
+    have now, ``live`` copies it has, and whether the key is ``lost``."""
 
     key: Key
     n: Goal
     target: int
     live: int
+    lost: bool = False
+    """The key is lost: no copy is left to make copies from (``runtime.lost``)."""
 
     @property
     def below(self) -> bool:

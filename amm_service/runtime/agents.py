@@ -1,9 +1,16 @@
 """The AMM's connections to its agents: one channel per worker address, reused by the poller,
 the dispatcher and the queries. Channels are created inside the running loop, on first use, and
-closed when a worker leaves or the AMM stops."""
+closed when a worker leaves, registers again (a new process) or the AMM stops.
+
+Closing a channel cancels the calls under way on it: their awaiter gets ``CancelledError``
+although its own task was not cancelled. ``channel_closed`` tells the two apart, so that a poll
+cut short by a re-registration is a failed call to its caller, not a cancellation that escapes a
+cycle or an RPC handler.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 
@@ -14,6 +21,13 @@ from amm.v1 import agent_pb2_grpc
 from amm_service.decisions.view import WorkerId
 
 log = logging.getLogger(__name__)
+
+
+def channel_closed() -> bool:
+    """Whether a ``CancelledError`` caught now came from a call whose channel was closed, and
+    not from the current task being cancelled (which must go on propagating)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() == 0
 
 
 class AgentLinks:

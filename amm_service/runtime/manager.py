@@ -4,11 +4,13 @@ It wires the pure parts (cluster state, ledger, core, policies, liveness, start-
 to the I/O parts (poller, dispatcher) and owns the cycle loop task. A cycle is: expire stale
 ledger entries, poll every agent, judge liveness (flag STALE workers, remove DEAD ones and
 report the keys lost with them), snapshot, plan, send, supervise retirements. A dry run polls
-and plans only. Cycles never overlap: the loop and ``run_once`` share a lock. The running flag
-and the epoch persist in the state store, so a restarted AMM resumes as it was, under a new
-epoch that makes agents ignore the old one, and issues no drops until the workers it knew have
-reported. What becomes of sent directives is ``outcomes``; operators' questions, ``queries``;
-RetireWorkers and its driver task, ``retirement_driver``.
+and plans only. However a worker goes away (dead, unregistered, restarted as a new process,
+closed), the keys it held alone are recorded as lost (``lost``); so are keys no worker holds any
+more after an AMM restart. Cycles never overlap: the loop and ``run_once`` share a lock. The
+running flag and the epoch persist in the state store, so a restarted AMM resumes as it was,
+under a new epoch that makes agents ignore the old one, and issues no drops until the workers it
+knew have reported. What becomes of sent directives is ``outcomes``; operators' questions,
+``queries``; RetireWorkers, DrainWorker and their driver task, ``retirement_driver``.
 """
 
 from __future__ import annotations
@@ -26,9 +28,9 @@ from amm_service.decisions.directive import Directive
 from amm_service.decisions.epoch import EpochFence
 from amm_service.decisions.events import EventLog
 from amm_service.decisions.grace import StartupGrace
-from amm_service.decisions.liveness import Liveness, LostKeys, lost_after_removal
+from amm_service.decisions.liveness import Liveness, lost_after_removal
 from amm_service.decisions.pending import Ledger
-from amm_service.decisions.view import ClusterState, WorkerId
+from amm_service.decisions.view import ClusterState, Key, WorkerId
 from amm_service.errors import InvalidArgument, Unavailable
 from amm_service.policies import Policy
 from amm_service.runtime.addresses import check_address
@@ -36,6 +38,7 @@ from amm_service.runtime.agents import AgentLinks
 from amm_service.runtime.cycle import CycleRecord
 from amm_service.runtime.dispatcher import Dispatcher
 from amm_service.runtime.goals import GoalBook
+from amm_service.runtime.lost import LostBook
 from amm_service.runtime.outcomes import Outcomes
 from amm_service.runtime.pacing import breathe, gc_paused
 from amm_service.runtime.poller import Poller
@@ -91,7 +94,7 @@ class ActiveMemoryManager:
         self._store = store
         self._clock = clock
         self._monotonic = monotonic
-        self.state = ClusterState()
+        self.state = ClusterState(track_changes=True)
         self.ledger = Ledger()
         self.outcomes = Outcomes(
             self.state, self.ledger, max_refusals=config.max_refusals_kept, clock=clock
@@ -106,6 +109,8 @@ class ActiveMemoryManager:
             epoch=0,
             timeout=config.poll_timeout,
             on_restart=self.outcomes.forget_in_flight,
+            on_replaced=self._replaced,
+            on_round=self._polled,
             clock=clock,
         )
         self._fence = EpochFence(store, self._poller)
@@ -116,7 +121,12 @@ class ActiveMemoryManager:
         self.events = EventLog(clock=clock)
         self.goals = GoalBook(store)
         self._liveness = Liveness(stale_after=config.stale_seconds, dead_after=config.dead_after)
-        self._lost = LostKeys()
+        self._lost = LostBook(store, clock=clock)
+        self._restored: set[WorkerId] = set()
+        """Workers known from the state file that have neither reported nor left yet."""
+        self._replacing: dict[WorkerId, frozenset[Key]] = {}
+        """What workers that registered again as a new process held before, until the new
+        process has reported (it may have some of it back) or left."""
         self.queries = Queries(
             self.state,
             self._poller,
@@ -171,6 +181,7 @@ class ActiveMemoryManager:
                 self.config.stale_seconds,
             )
         self.retirements.load()
+        self._lost.load()
         await self._restore_workers()
         self.retirements.apply_flags()
         if self.config.start or self._store.running:
@@ -190,7 +201,8 @@ class ActiveMemoryManager:
         known = [WorkerId(record.address) for record in records]
         for record in records:
             self.state.register(WorkerId(record.address), record.name, "", now)
-        silent = await self._poller.poll_all(known)
+        self._restored = set(known)
+        silent = await self._poller.poll_all(known)  # then ``_polled``
         self._liveness.observe(self.state.workers, self._monotonic())
         self._grace = StartupGrace(known, until=self._monotonic() + self.config.startup_grace)
         if known:
@@ -217,6 +229,7 @@ class ActiveMemoryManager:
             return
         self._closed = True
         await self._stop_loop()
+        await self._lost.save_held(*self.state.take_changes())
         await self.retirement_driver.close()
         self.retirements.close()
         self.outcomes.close()
@@ -344,6 +357,7 @@ class ActiveMemoryManager:
         self._fence.warn_if_fenced()
         if not dry_run:
             await self._judge_liveness()
+            self._settle_lost()
         record.startup_grace = self.in_startup_grace()
         self.retirements.apply_flags()
         for _ in self.ledger.observing(self._version_of):
@@ -459,37 +473,96 @@ class ActiveMemoryManager:
             )
         for worker, silent in verdict.dead:
             await self._declare_dead(worker, silent)
-        back = self._lost.recovered(self.state.keys)
+
+    async def _declare_dead(self, worker: WorkerId, silent: float) -> None:
+        held = self.state.held_by(worker)
+        self.events.record(
+            "worker-dead",
+            f"no answer to polls for {silent:.1f} s (dead-after {self.config.dead_after:g} s): "
+            f"removed; it held {len(held)} key(s)",
+            worker=worker,
+            keys=held,
+        )
+        await self._remove(worker, f"died (no answer to polls for {silent:.1f} s)")
+        self._liveness.forget(worker)
+
+    # -- lost keys -------------------------------------------------------------------------
+
+    def _losing(self, worker: WorkerId, held: frozenset[Key], cause: str) -> list[Key]:
+        """``worker`` went away (``cause``) holding ``held``: record and report the keys no
+        other worker holds as lost; returns them."""
+        lost = lost_after_removal(held, self.state.keys)
+        if lost:
+            new = self._lost.add(
+                lost, worker=worker, reason=f"{worker} {cause} before a copy was made elsewhere"
+            )
+            self._report_lost(new, f"had no copy left when {worker} {cause}", worker)
+        return lost
+
+    def _report_lost(self, keys: list[Key], how: str, worker: str = "") -> None:
+        """The events of newly lost ``keys``: ``key-lost``, and ``goal-lost`` for those with a
+        replication goal (recorded once, when they are lost)."""
+        if not keys:
+            return
+        self.events.record("key-lost", f"{len(keys)} key(s) {how}", worker=worker, keys=keys)
+        with_goal = [k for k in keys if k in self.goals]
+        if with_goal:
+            self.events.record(
+                "goal-lost",
+                f"{len(with_goal)} key(s) with a replication goal are lost: no copy is left to "
+                "make copies from; the goals stay until the keys are put again or forgotten",
+                keys=with_goal,
+            )
+
+    def _replaced(self, worker: WorkerId, held: frozenset[Key]) -> None:
+        """A poll found ``worker`` restarted as a new process, which reported ``held`` no more."""
+        self._losing(worker, held, "restarted (a poll found a new process)")
+
+    async def _polled(self) -> None:
+        """After every round of polls: what is lost now that workers registered again as new
+        processes have reported, lost keys held again, and the keys the cluster holds recorded
+        (``LostBook``)."""
+        for worker in list(self._replacing):
+            ws = self.state.worker(worker)
+            if ws is not None and ws.last_poll is not None:
+                held = self._replacing.pop(worker)
+                self._losing(worker, held, "restarted (registered again as a new process)")
+        born, gone = self.state.take_changes()
+        back = self._lost.recovered(born)
         if back:
             self.events.record(
                 "key-recovered", f"{len(back)} lost key(s) are held again", keys=back
             )
+        self._settle_lost()
+        await self._lost.save_held(born, gone)
 
-    async def _declare_dead(self, worker: WorkerId, silent: float) -> None:
-        held = self.state.held_by(worker)
-        await self._remove(worker)
-        self._liveness.forget(worker)
-        lost = lost_after_removal(held, self.state.keys)
-        self._lost.add(lost)
-        self.events.record(
-            "worker-dead",
-            f"no answer to polls for {silent:.1f} s (dead-after {self.config.dead_after:g} s): "
-            f"removed; it held {len(held)} key(s), {len(lost)} of them with no copy left",
-            worker=worker,
-            keys=held,
+    def _settle_lost(self) -> None:
+        """After a restart: once every worker known from the state file has reported or left,
+        the keys held before the restart that no worker holds now are lost."""
+        if not self._lost.unseen:
+            self._restored.clear()
+            return
+        self._restored = {
+            w
+            for w in self._restored
+            if (ws := self.state.worker(w)) is not None and ws.last_poll is None
+        }
+        missing = self._lost.settle(self.state.keys, all_reported=not self._restored)
+        self._report_lost(
+            missing,
+            "were held before the AMM restarted and no worker holds them now: the workers that "
+            "held them came back without them or never came back",
         )
-        if lost:
-            self.events.record(
-                "key-lost",
-                f"{len(lost)} key(s) had no copy left when {worker} died",
-                worker=worker,
-                keys=lost,
-            )
 
     @property
     def lost_keys(self) -> int:
-        """Keys lost with a dead worker and not seen since."""
-        return self._lost.count(self.state.keys)
+        """Keys lost and not seen since."""
+        return self._lost.count()
+
+    @property
+    def lost(self) -> LostBook:
+        """The lost keys (``ListLost``)."""
+        return self._lost
 
     @property
     def last_cycle(self) -> CycleRecord | None:
@@ -508,6 +581,10 @@ class ActiveMemoryManager:
         worker = check_address(address)
         if not incarnation:
             raise InvalidArgument("incarnation is required: a random id per agent process start")
+        known = self.state.worker(worker)
+        held = frozenset[Key]()
+        if known is not None and known.incarnation != incarnation:
+            held = self.state.held_by(worker)  # by the process registered before
         if self.state.register(worker, name, incarnation, self._clock(), zone=zone):
             self.outcomes.forget_in_flight(worker)
             await self._dispatcher.close_worker(worker)
@@ -517,16 +594,28 @@ class ActiveMemoryManager:
             self._store.remember_worker(worker, name or worker)
             self.retirements.apply_flags()
             log.info("worker %s registered (%s)", worker, name or worker)
+            if held:  # judged once the new process has reported: it may have some of it back
+                self._replacing[worker] = held | self._replacing.get(worker, frozenset())
         self._fence.adopt_newer(epoch)
 
-    async def unregister(self, address: str) -> bool:
+    async def unregister(self, address: str) -> tuple[bool, list[Key]]:
+        """Remove a worker whose agent is leaving: (whether it was registered, the keys lost
+        with it). It is polled once more first, so what it holds at the call is what counts."""
         self._check_open()
-        removed = await self._remove(WorkerId(address))
-        if removed:
-            log.info("worker %s unregistered", address)
-        return removed
+        worker = WorkerId(address)
+        known = self.state.worker(worker)
+        if known is None:
+            return False, []
+        if known.reachable:
+            await self._poller.poll(worker)
+        lost = await self._remove(worker, "unregistered")
+        log.info("worker %s unregistered", address)
+        return True, lost
 
-    async def _remove(self, worker: WorkerId) -> bool:
+    async def _remove(self, worker: WorkerId, cause: str = "was removed") -> list[Key]:
+        """Take ``worker`` out of the registry; the keys lost with it (recorded and reported:
+        no path takes a last copy away without a ``key-lost`` record)."""
+        held = self.state.held_by(worker) | self._replacing.pop(worker, frozenset())
         removed = self.state.unregister(worker)
         self.retirements.left(worker)
         self.outcomes.forget_in_flight(worker)
@@ -534,4 +623,4 @@ class ActiveMemoryManager:
         self._store.forget_worker(worker)
         await self._dispatcher.close_worker(worker)
         await self._links.close(worker)
-        return removed
+        return self._losing(worker, held, cause) if removed else []

@@ -8,15 +8,19 @@ connection set-ups, so that live agents were counted as missing polls. Polls are
 agent returns what changed since the version we saw) and paged (at most ``page`` keys an answer,
 so no inventory outgrows a gRPC message), and serialised per agent, so that two overlapping polls
 (a cycle and a fresh query) never apply an older answer after a newer one. A poll also tells the
-agent the AMM's epoch, and tells us the newest epoch the agent has seen.
+agent the AMM's epoch, and tells us the newest epoch the agent has seen. After every round of
+polls, ``on_round`` runs (the AMM records which keys the cluster holds).
 
 Failure modes handled:
 
 1. The agent does not answer: its missed-poll count goes up (the core stops counting on it).
 2. The agent restarted (new incarnation) without re-registering yet: what was in flight to the
-   old process is moot (``on_restart``), and the full snapshot replaces what we knew.
+   old process is moot (``on_restart``), and the full snapshot replaces what we knew; once it is
+   merged, ``on_replaced`` gets what the old process held, to find the keys lost with it.
 3. The agent re-registered while our poll was under way: the answer belongs to the old
-   registration and is dropped.
+   registration and is dropped. Re-registering closes the old channel, which cancels the call
+   under way: that poll ends as answered (there is nothing to say about a registration that is
+   gone), never as a cancellation escaping into the cycle or the query that awaited it.
 4. A full snapshot spans several pages while the inventory keeps changing: pages are merged,
    then everything since the first page's version is fetched incrementally.
 """
@@ -26,14 +30,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 
 import grpc
 
 from amm.v1 import agent_pb2
 from amm_service import wire
-from amm_service.decisions.view import ClusterState, KeyReport, WorkerId
-from amm_service.runtime.agents import AgentLinks
+from amm_service.decisions.view import ClusterState, Key, KeyReport, WorkerId
+from amm_service.runtime.agents import AgentLinks, channel_closed
 from amm_service.runtime.pacing import breathe, gc_paused
 
 log = logging.getLogger(__name__)
@@ -65,6 +69,8 @@ class Poller:
         epoch: int,
         timeout: float,
         on_restart: Callable[[WorkerId], None],
+        on_replaced: Callable[[WorkerId, frozenset[Key]], None] = lambda worker, held: None,
+        on_round: Callable[[], Awaitable[None]] | None = None,
         clock: Callable[[], float] = time.time,
         page: int = PAGE_KEYS,
         max_in_flight: int = MAX_IN_FLIGHT,
@@ -76,6 +82,8 @@ class Poller:
         self.epoch = epoch
         self._timeout = timeout
         self._on_restart = on_restart
+        self._on_replaced = on_replaced
+        self._on_round = on_round
         self._clock = clock
         self._page = page
         self._locks: dict[WorkerId, asyncio.Lock] = {}
@@ -86,6 +94,8 @@ class Poller:
         """Poll ``workers`` (default: all registered); returns those that did not answer."""
         targets = list(self._state.worker_ids if workers is None else workers)
         answered = await asyncio.gather(*(self.poll(w) for w in targets))
+        if self._on_round is not None:
+            await self._on_round()
         return [w for w, ok in zip(targets, answered, strict=True) if not ok]
 
     def forget(self, worker: WorkerId) -> None:
@@ -105,6 +115,15 @@ class Poller:
                 log.debug("poll of %s failed: %s", worker, err.code().name)
                 self._state.missed_poll(worker)
                 return False
+            except asyncio.CancelledError:
+                if not channel_closed():
+                    raise
+                now = self._state.worker(worker)
+                if now is None or now.incarnation != known.incarnation:
+                    return True  # it left or registered again: its channel went with the old one
+                log.debug("poll of %s cut short: its channel was closed", worker)
+                self._state.missed_poll(worker)
+                return False
             return True
 
     async def _poll(self, worker: WorkerId, incarnation: str, since: int) -> None:
@@ -115,7 +134,11 @@ class Poller:
                 self._on_restart(worker)
             if resp.full:
                 first, last, keys = await self._snapshot(worker, resp)
+                restarted = first.incarnation != incarnation
+                before = self._state.held_by(worker) if restarted else frozenset()
                 await self._apply_snapshot(worker, incarnation, first, last, keys)
+                if before:
+                    self._on_replaced(worker, before)
                 incarnation = first.incarnation
                 if last is first:
                     return

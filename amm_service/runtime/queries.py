@@ -2,8 +2,10 @@
 
 ``workers``, ``who_has`` and ``has_what`` answer from the live cluster state (after a poll of
 every agent when asked for fresh answers); ``forget`` deletes every replica of keys through the
-agents; ``replicate`` and ``goal_statuses`` set and report replication goals. None of them runs
-a cycle or sends a directive: they read what the cycles keep up to date, or act directly.
+agents; ``replicate`` and ``goal_statuses`` set and report replication goals; ``lost`` lists the
+keys lost (a key asked for that is lost is NOT_FOUND, and the message says it is lost). None of
+them runs a cycle or sends a directive: they read what the cycles keep up to date, or act
+directly.
 
 Not covered: the worker registry and the cycles (``manager``), retiring workers
 (``retirement_driver``).
@@ -12,19 +14,20 @@ Not covered: the worker registry and the cycles (``manager``), retiring workers
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Callable, Sequence
 
 import grpc
 
 from amm.v1 import agent_pb2
 from amm_service.decisions.events import EventLog
-from amm_service.decisions.liveness import LostKeys
 from amm_service.decisions.view import ClusterState, Goal, Key, KeyView, WorkerId, WorkerView
 from amm_service.errors import FailedPrecondition, InvalidArgument, NotFound, listing
 from amm_service.policies.goals import GoalStatus, describe
 from amm_service.runtime.addresses import address_order
-from amm_service.runtime.agents import AgentLinks
+from amm_service.runtime.agents import AgentLinks, channel_closed
 from amm_service.runtime.goals import GoalBook, check_goal
+from amm_service.runtime.lost import LostBook, LostKey
 from amm_service.runtime.poller import Poller
 
 
@@ -37,7 +40,7 @@ class Queries:
         poller: Poller,
         links: AgentLinks,
         goals: GoalBook,
-        lost: LostKeys,
+        lost: LostBook,
         events: EventLog,
         *,
         poll_timeout: float,
@@ -92,8 +95,9 @@ class Queries:
         if not keys:
             raise InvalidArgument("no keys given")
         await self.refresh(True)
-        # Forgetting a lost key is how an operator says it is not coming back.
-        lost = {k for k in keys if Key(k) in self._lost and Key(k) not in self._state.keys}
+        # Forgetting a lost key is how an operator says it is not coming back (and a key not
+        # seen since the AMM restarted, that it is not awaited).
+        lost = {k for k in keys if Key(k) not in self._state.keys and self._lost.knows(Key(k))}
         remaining = [k for k in keys if k not in lost]
         known = self._known(remaining) if remaining else []
         self._lost.discard(Key(k) for k in lost)
@@ -138,9 +142,27 @@ class Queries:
         return changed, removed
 
     async def goal_statuses(self, keys: Sequence[str]) -> list[GoalStatus]:
-        """The goals of ``keys`` (every goal when empty) and how far each key is from it."""
+        """The goals of ``keys`` (every goal when empty) and how far each key is from it, and
+        whether it is lost."""
         self._check_open()
-        return self._goals.statuses(keys, self._state)
+        present = self._state.keys
+        return [
+            dataclasses.replace(s, lost=True) if s.key in self._lost and s.key not in present else s
+            for s in self._goals.statuses(keys, self._state)
+        ]
+
+    async def lost(
+        self, keys: Sequence[str], *, after: str = "", limit: int
+    ) -> tuple[list[tuple[LostKey, bool]], int]:
+        """(up to ``limit`` lost keys among ``keys`` (all when empty) ordered by key after
+        ``after``, each with whether it has a goal; how many are lost in all)."""
+        self._check_open()
+        if limit < 1:
+            raise InvalidArgument(f"limit must be at least 1, not {limit}")
+        found, total = self._lost.listed(
+            [Key(k) for k in keys], present=self._state.keys, after=after, limit=limit
+        )
+        return [(r, r.key in self._goals) for r in found], total
 
     def _known(self, keys: Sequence[str]) -> list[KeyView]:
         """The state of ``keys`` (every key, ordered, when empty); NotFound lists the unknown."""
@@ -149,7 +171,14 @@ class Queries:
         found = [self._state.keys.get(Key(k)) for k in keys]
         unknown = [k for k, kv in zip(keys, found, strict=True) if kv is None]
         if unknown:
-            raise NotFound(f"unknown key(s): {listing(unknown)}")
+            lost = [k for k in unknown if Key(k) in self._lost]
+            said = (
+                f"; lost: {listing(lost)} (the last worker holding it went away: `amm lost` "
+                "says how)"
+                if lost
+                else ""
+            )
+            raise NotFound(f"unknown key(s): {listing(unknown)}{said}")
         return [kv for kv in found if kv is not None]
 
     async def _delete(self, key: str, worker: WorkerId) -> bool | str:
@@ -159,4 +188,8 @@ class Queries:
             )
         except grpc.aio.AioRpcError as err:
             return f"{key!r} on {worker}: {err.code().name}: {err.details()}"
+        except asyncio.CancelledError:
+            if not channel_closed():
+                raise
+            return f"{key!r} on {worker}: it registered again or left while being asked"
         return bool(resp.deleted)

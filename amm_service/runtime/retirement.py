@@ -7,10 +7,13 @@ The RetireWorker policy empties the workers flagged RETIRING; this module owns t
 - judging every retirement under way once per cycle, after planning (``review``, pure):
 
   1. the worker answered the cycle's poll, holds nothing and no directive to it is in flight:
-     retired (and, with ``close``, the AMM asks its agent to shut down);
+     retired (and, with ``close``, the AMM asks its agent to shut down). A worker *leaving* (its
+     agent is shutting down and asked to be drained) is done sooner: once every key it holds has
+     a copy on a worker that stays, since its own copies go with it anyway;
   2. RetireWorker's suggestion for a key it holds was rejected for want of a recipient or of
      room, or for conflicting content: abandoned with that reason (never when throttled: that
-     only delays);
+     only delays). A copy shared by several retiring workers keeps only one of them, so the
+     others can drop theirs and retire;
   3. the deadline passed: abandoned ("timeout");
   4. the worker left (unregistered, or did not answer an AMM restarting): abandoned (``left``).
 
@@ -37,9 +40,9 @@ from typing import Any
 
 from amm_service.decisions.core import Plan, Rejection, RetireDecision, Why
 from amm_service.decisions.events import EventLog
-from amm_service.decisions.view import ClusterState, ClusterView, WorkerId, WorkerStatus
+from amm_service.decisions.view import ClusterState, ClusterView, Key, WorkerId, WorkerStatus
 from amm_service.errors import Unavailable
-from amm_service.policies import Policy
+from amm_service.policies import PendingView, Policy
 from amm_service.policies.retire_worker import RetireWorker
 from amm_service.runtime.addresses import address_order
 from amm_service.runtime.state import RetirementRecord, StateStore
@@ -60,6 +63,9 @@ class Retirement:
     deadline: float | None
     reason: str
     """Who asked for it and why."""
+    leaving: bool = False
+    """Its agent is shutting down (``DrainWorker``): done once every key it holds has a copy
+    elsewhere. Not persisted: an AMM restarted meanwhile resumes it as an ordinary one."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,17 +95,13 @@ def review(
     busy: Collection[WorkerId],
     retirers: Collection[str],
     now: float,
+    pending: PendingView | None = None,
 ) -> list[Verdict]:
     """Judge each retirement under way (see the module docstring); those still going on are
     left out. ``busy`` holds the workers with directives in flight to them, ``retirers`` the
-    names of the RetireWorker policies whose rejections count."""
-    blocked: dict[WorkerId, str] = {}
-    for r in rejections:
-        if r.policy not in retirers or r.why not in ABANDON_ON:
-            continue
-        kv = view.keys.get(r.key)
-        for worker in kv.holders if kv is not None else ():
-            blocked.setdefault(worker, f"cannot move {r.key!r} elsewhere: {r.reason}")
+    names of the RetireWorker policies whose rejections count, ``pending`` what is in flight
+    (a copy being dropped does not count as one that stays)."""
+    blocked = _blocked(view, rejections, retirers)
     verdicts = []
     for retirement in retirements:
         worker = retirement.worker
@@ -107,12 +109,78 @@ def review(
             verdicts.append(Verdict(worker, False, "the worker left"))
         elif not view.held_by(worker) and worker not in busy and _inventory_known(view, worker):
             verdicts.append(Verdict(worker, True, "holds nothing that exists nowhere else"))
+        elif (
+            retirement.leaving
+            and _inventory_known(view, worker)
+            and not unique(view, worker, pending)
+        ):
+            verdicts.append(
+                Verdict(worker, True, "every key it holds has a copy on a worker that stays")
+            )
         elif worker in blocked and view.workers[worker].retiring:
             verdicts.append(Verdict(worker, False, blocked[worker]))
         elif retirement.deadline is not None and now >= retirement.deadline:
             held = len(view.held_by(worker))
             verdicts.append(Verdict(worker, False, f"timeout: still holds {held} key(s)"))
     return verdicts
+
+
+def _blocked(
+    view: ClusterView, rejections: Iterable[Rejection], retirers: Collection[str]
+) -> dict[WorkerId, str]:
+    """The retiring workers that must stay, each with the first key that keeps it.
+
+    A key that cannot go anywhere else keeps every holder of conflicting content, but only one
+    holder of a copy that several retiring workers share: that one stays (abandoned) and the
+    copies on the others may then be dropped, as Dask retires all but one of them. The one kept
+    is a holder already kept for another key if there is one, else one that answers polls, else
+    the last by address.
+    """
+    stuck: dict[Key, Rejection] = {}
+    for r in rejections:
+        if r.policy in retirers and r.why in ABANDON_ON and r.key in view.keys:
+            stuck.setdefault(r.key, r)
+    blocked: dict[WorkerId, str] = {}
+    shared: list[tuple[Key, list[WorkerId]]] = []
+    for key, r in stuck.items():
+        kv = view.keys[key]
+        holders = sorted(kv.holders, key=address_order)
+        retiring = [w for w in holders if view.workers[w].retiring]
+        if r.why is Why.CONFLICT or len(retiring) < 2:
+            for worker in holders:
+                blocked.setdefault(worker, f"cannot move {key!r} elsewhere: {r.reason}")
+        else:
+            shared.append((key, retiring))
+    for key, retiring in shared:
+        if any(w in blocked for w in retiring):
+            continue
+        keeper = max(retiring, key=lambda w: (view.workers[w].reachable, address_order(w)))
+        blocked[keeper] = f"cannot move {key!r} elsewhere: {stuck[key].reason}"
+    return blocked
+
+
+def unique(
+    view: ClusterView, worker: WorkerId, pending: PendingView | None = None, *, strict: bool = True
+) -> list[Key]:
+    """The keys ``worker`` holds that have no copy elsewhere, sorted: with ``strict``, no copy
+    that stays (on a durable worker, with the same content, not being dropped); otherwise no
+    copy at all (what is lost if the worker leaves now)."""
+    found = []
+    for key in view.held_by(worker):
+        kv = view.keys.get(key)
+        if kv is None:
+            continue
+        others = kv.holders - {worker}
+        if strict:
+            if kv.conflicting:
+                found.append(key)  # which content is whose is for an operator to settle
+                continue
+            if pending is not None:
+                others = others - pending.in_flight(key).dropping
+            others = view.durable(others)
+        if not others:
+            found.append(key)
+    return sorted(found)
 
 
 def _inventory_known(view: ClusterView, worker: WorkerId) -> bool:
@@ -223,20 +291,37 @@ class Retirements:
             if ws is not None and not (ws.retired and not ws.retiring):
                 self._state.set_flags(worker, now, retiring=False, retired=True)
 
-    def begin(self, worker: WorkerId, *, close: bool, timeout: float | None, reason: str) -> None:
+    def begin(
+        self,
+        worker: WorkerId,
+        *,
+        close: bool,
+        timeout: float | None,
+        reason: str,
+        leaving: bool = False,
+    ) -> None:
         """Start retiring ``worker``; a retirement already under way goes on (closing the worker
-        at the end if either asked for it). The worker must be registered."""
+        at the end if either asked for it, done early if either is ``leaving``, and by the
+        earlier deadline). The worker must be registered."""
         now = self._clock()
+        deadline = None if timeout is None else now + timeout
         current = self._active.get(worker)
         if current is not None:
-            if close and not current.close:
-                self._save(replace(current, close=True))
+            if deadline is not None and current.deadline is not None:
+                deadline = min(deadline, current.deadline)
+            changed = replace(
+                current,
+                close=current.close or close,
+                leaving=current.leaving or leaving,
+                deadline=deadline if deadline is not None else current.deadline,
+            )
+            if changed != current:
+                self._save(changed)
             if worker not in self._done:  # resumed after a restart: nobody waited for it yet
                 self._done[worker] = asyncio.get_running_loop().create_future()
             return
         self._retired.pop(worker, None)
-        deadline = None if timeout is None else now + timeout
-        self._save(Retirement(worker, close, now, deadline, reason))
+        self._save(Retirement(worker, close, now, deadline, reason, leaving))
         self._state.set_flags(worker, now, retiring=True, retired=False)
         self._done[worker] = asyncio.get_running_loop().create_future()
         limit = "" if timeout is None else f", timeout {timeout:g} s"
@@ -299,6 +384,7 @@ class Retirements:
         busy: Callable[[], Collection[WorkerId]],
         close: Callable[[WorkerId], Awaitable[str | None]],
         remove: Callable[[WorkerId], Awaitable[object]],
+        pending: PendingView | None = None,
     ) -> None:
         """After a cycle's planning: end the retirements that are over or cannot finish, then
         begin those the policies asked for.
@@ -316,6 +402,7 @@ class Retirements:
                 busy=busy(),
                 retirers=self.retirers,
                 now=self._clock(),
+                pending=pending,
             )
             for verdict in verdicts:
                 worker = verdict.worker

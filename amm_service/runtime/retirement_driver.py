@@ -5,6 +5,9 @@ AMM's I/O and timing around that book:
 
 - ``retire_workers`` validates a RetireWorkers call, picks the cheapest workers when asked for
   ``n``, begins the retirements and waits for their results;
+- ``drain`` does the same for one worker whose agent is shutting down (DrainWorker): a
+  retirement that is over once every key the worker holds has a copy elsewhere, and an answer
+  that lists what would be lost if it left now;
 - the driver task runs cycles every interval while a caller waits for a retirement and the
   AMM's own loop is off (a retirement progresses only when cycles run); it owns that task and
   cancels and awaits it on ``close``;
@@ -22,19 +25,30 @@ import contextlib
 import logging
 import math
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 
 import grpc
 
 from amm.v1 import agent_pb2
 from amm_service.decisions.core import Plan
 from amm_service.decisions.pending import Ledger
-from amm_service.decisions.view import ClusterState, ClusterView, WorkerId
+from amm_service.decisions.view import ClusterState, ClusterView, Key, WorkerId
 from amm_service.errors import FailedPrecondition, InvalidArgument, NotFound, listing
 from amm_service.runtime.addresses import address_order
 from amm_service.runtime.agents import AgentLinks
-from amm_service.runtime.retirement import Result, Retirements, cheapest
+from amm_service.runtime.retirement import Result, Retirements, cheapest, unique
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Drained:
+    """How draining a leaving worker ended: ``drained`` when every key it holds has a copy on a
+    worker that stays; ``unique`` the keys only it holds (lost if it leaves now)."""
+
+    drained: bool
+    reason: str
+    unique: list[Key]
 
 
 class RetirementDriver:
@@ -58,7 +72,7 @@ class RetirementDriver:
         refresh: Callable[[bool], Awaitable[None]],
         running: Callable[[], bool],
         run_cycles: Callable[[Callable[[], bool], str], Awaitable[None]],
-        remove: Callable[[WorkerId], Awaitable[bool]],
+        remove: Callable[[WorkerId], Awaitable[object]],
         wake: Callable[[], None] = lambda: None,
     ) -> None:
         self._retirements = retirements
@@ -125,6 +139,45 @@ class RetirementDriver:
         results += await self._retirements.wait(started)
         return sorted(results, key=lambda r: address_order(r.worker))
 
+    async def drain(
+        self,
+        address: str,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109 - the drain's, not this call's
+    ) -> Drained:
+        """Drain the worker at ``address``, whose agent is shutting down: retire it without
+        closing it until every key it holds has a copy on a worker that stays, the retirement is
+        abandoned (nowhere to put a key) or ``timeout`` passes. Cycles run meanwhile as for
+        ``retire_workers``."""
+        self._check_open()
+        if not address:
+            raise InvalidArgument("address is required")
+        if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
+            raise InvalidArgument(f"timeout must be a finite duration > 0, not {timeout!r} s")
+        worker = WorkerId(address)
+        if self._state.worker(worker) is None:
+            raise NotFound(f"unknown worker: {address}")
+        if not self._retirements.retirers:
+            raise FailedPrecondition(
+                "draining a worker needs the RetireWorker policy: add {class: RetireWorker} to "
+                "the configured policies"
+            )
+        self._retirements.begin(
+            worker,
+            close=False,
+            timeout=timeout,
+            reason="its agent is shutting down and asked to be drained",
+            leaving=True,
+        )
+        if self._running():
+            self._wake()
+        else:
+            self.drive()
+        (result,) = await self._retirements.wait([worker])
+        view = self._state.snapshot()
+        left = unique(view, worker, strict=False) if worker in view.workers else []
+        return Drained(result.retired, result.reason, left)
+
     def drive(self) -> None:
         """Start the task that runs cycles for waiting callers while the loop is off (once)."""
         if self._driver is None or self._driver.done():
@@ -147,6 +200,7 @@ class RetirementDriver:
             busy=lambda: {entry.directive.worker for entry in self._ledger},
             close=self._close_agent,
             remove=self._remove,
+            pending=self._ledger,
         )
 
     async def _close_agent(self, worker: WorkerId) -> str | None:

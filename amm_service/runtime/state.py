@@ -10,6 +10,10 @@ What is kept and why:
 4. The replication goals set with ``Replicate``: a goal is a promise kept across AMM restarts.
 5. The retirements under way (and workers retired but not closed), so that a restarted AMM
    resumes them: see ``amm_service.runtime.retirement``.
+6. The lost keys, with who held them last, when and how they were lost, so that a lost key is
+   still reported after a restart; and the names of the keys the cluster held, so that a
+   restarted AMM can tell which of them no worker holds any more (lost while it was down):
+   see ``amm_service.runtime.lost``.
 
 The schema is versioned with ``PRAGMA user_version``; :data:`_MIGRATIONS` is the ordered list of
 steps, step ``i`` taking version ``i`` to ``i + 1``. Add a step, never edit a released one.
@@ -58,6 +62,14 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         " reason TEXT NOT NULL,"
         " retired INTEGER NOT NULL DEFAULT 0)",
     ),
+    (
+        "CREATE TABLE keys (key TEXT PRIMARY KEY) WITHOUT ROWID",
+        "CREATE TABLE lost ("
+        " key TEXT PRIMARY KEY,"
+        " worker TEXT NOT NULL,"
+        " at REAL NOT NULL,"
+        " reason TEXT NOT NULL)",
+    ),
 )
 
 
@@ -76,6 +88,17 @@ class RetirementRecord:
     deadline: float | None
     reason: str
     retired: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class LostRecord:
+    """A key lost: the worker that held its last copy ("" when not known), when it was found lost
+    (Unix seconds) and how."""
+
+    key: str
+    worker: str
+    at: float
+    reason: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -277,6 +300,34 @@ class StateStore:
             " ORDER BY worker"
         )
         return [RetirementRecord(w, bool(c), s, d, r, bool(done)) for w, c, s, d, r, done in rows]
+
+    def add_keys(self, keys: Iterable[str]) -> None:
+        """Record that the cluster holds ``keys`` (already recorded ones are left as they are)."""
+        self._many("INSERT OR IGNORE INTO keys (key) VALUES (?)", [(key,) for key in keys])
+
+    def remove_keys(self, keys: Iterable[str]) -> None:
+        """Record that no worker holds ``keys`` any more; unrecorded keys are ignored."""
+        self._many("DELETE FROM keys WHERE key = ?", [(key,) for key in keys])
+
+    def held_keys(self) -> set[str]:
+        """Every key recorded as held by the cluster."""
+        return {str(key) for (key,) in self._run("SELECT key FROM keys")}
+
+    def save_lost(self, records: Iterable[LostRecord]) -> None:
+        """Record lost keys (replacing earlier records of the same keys), in one transaction."""
+        self._many(
+            "INSERT OR REPLACE INTO lost (key, worker, at, reason) VALUES (?, ?, ?, ?)",
+            [(r.key, r.worker, r.at, r.reason) for r in records],
+        )
+
+    def forget_lost(self, keys: Iterable[str]) -> None:
+        """Drop the records of ``keys`` (found again, or forgotten); unknown keys are ignored."""
+        self._many("DELETE FROM lost WHERE key = ?", [(key,) for key in keys])
+
+    def lost(self) -> list[LostRecord]:
+        """Every lost key, ordered by key."""
+        rows = self._run("SELECT key, worker, at, reason FROM lost ORDER BY key")
+        return [LostRecord(str(k), str(w), float(at), str(r)) for k, w, at, r in rows]
 
     def close(self) -> None:
         """Close the file; idempotent."""

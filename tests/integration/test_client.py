@@ -173,7 +173,7 @@ def test_replicate_goals_through_client_and_cli(
     assert "1 key (0 below)" in out
     assert cli_main([*amm, "goals", "goal", "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == [
-        {"key": "goal", "n": None, "target": 2, "live_copies": 2}
+        {"key": "goal", "n": None, "target": 2, "live_copies": 2, "lost": False}
     ]
     assert cli_main([*amm, "replicate", "goal", "-n", "1"]) == 0
     assert capsys.readouterr().out == "goal removed for 1 key\n"

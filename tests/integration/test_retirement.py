@@ -324,6 +324,43 @@ async def test_pause_to_retire_declines_the_last_running_worker_once(tmp_path: P
         assert (await c.statuses())[worker] == "paused"
 
 
+async def test_retiring_every_worker_at_once_retires_all_but_one_holder_of_a_shared_key(
+    tmp_path: Path,
+) -> None:
+    """Nowhere to move x: one holder keeps it and the other retires, as in Dask. Before, both
+    retirements were abandoned in the same cycle and neither worker retired."""
+    async with cluster(tmp_path, 2) as c:
+        await c.client.put("x", DATA, workers=c.addresses)
+        results = await c.client.retire_workers(c.addresses, close=False, timeout=10)
+        assert sorted(r.retired for r in results) == [False, True]
+        (kept,) = [r.worker for r in results if not r.retired]
+        assert await c.holders("x") == {kept}
+        statuses = await c.statuses()
+        assert sorted(statuses.values()) == ["retired", "running"]
+
+
+async def test_a_paused_readers_worker_does_not_take_the_running_holders_copy(
+    tmp_path: Path,
+) -> None:
+    """x is pinned on a paused worker and held by a running one too: Dask drops neither. Before,
+    the running worker's copy was dropped and x was left only on the paused worker."""
+    async with cluster(tmp_path, 2, agent_options=[PAUSED_ALWAYS]) as c:
+        paused, running = c.addresses
+        await c.client.put("x", DATA, workers=[paused, running])
+        await c.client.pin("x", paused)
+        assert (await c.statuses())[paused] == "paused"
+        for _ in range(2):
+            report = await c.client.amm.run_once()
+            assert report.directives == ()
+        assert await c.holders("x") == {paused, running}
+        (rejection,) = report.rejections
+        assert "paused or leaving" in rejection.reason
+        # Once the reader is done, the extra copy goes (from the paused worker, first).
+        await c.client.unpin("x", paused)
+        await c.client.amm.run_once()
+        assert await c.holders("x") == {running}
+
+
 async def test_agent_close_refuses_while_it_holds_keys_unless_forced() -> None:
     async with running_agent() as agent, dial(agent.address) as stub:
         await put(stub, "k", DATA)

@@ -86,6 +86,8 @@ def test_psutil_probe_measures_this_process() -> None:
         ({"lease": 90}, "must not exceed max_lease"),
         ({"max_concurrent_directives": 0}, "max_concurrent_directives"),
         ({"zone": "rack a"}, "zone must not contain whitespace"),
+        ({"drain_grace": -1}, "drain_grace must be >= 0"),
+        ({"drain_grace": float("inf")}, "drain_grace must be >= 0"),
     ],
 )
 def test_invalid_settings_name_themselves(kwargs: dict[str, object], message: str) -> None:
@@ -106,6 +108,17 @@ def test_flags_and_environment_make_a_config(monkeypatch: pytest.MonkeyPatch) ->
     assert config.max_lease >= 90.0
     assert config.name == "w1"
     assert config.zone == ""
+
+
+def test_the_drain_grace_is_20s_below_kubernetes_30s_and_set_by_flag_or_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    parse = build_parser().parse_args
+    assert config_from_args(parse([])).drain_grace == 20.0
+    assert config_from_args(parse(["--drain-grace", "5s"])).drain_grace == 5.0
+    assert config_from_args(parse(["--drain-grace", "0"])).drain_grace == 0.0
+    monkeypatch.setenv("AMM_AGENT_DRAIN_GRACE", "1m")
+    assert config_from_args(build_parser().parse_args([])).drain_grace == 60.0
 
 
 def test_the_zone_from_a_flag_or_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -137,6 +150,8 @@ def test_pause_fraction_defaults_to_0_8_of_a_memory_limit() -> None:
         ["--listen", "nowhere"],
         ["--pause-fraction", "0.5"],
         ["--zone", "rack 1"],
+        ["--drain-grace", "later"],
+        ["--drain-grace", "-5s"],
     ],
 )
 def test_invalid_flags_exit_2_with_a_message(

@@ -54,6 +54,9 @@ def test_verbs_parse() -> None:
     assert parse(["replicate", "a", "-n", "3", "--json"]).n == 3
     assert parse(["goals"]).keys == []
     assert parse(["goals", "a", "--json"]).keys == ["a"]
+    assert (parse(["lost"]).keys, parse(["lost"]).limit) == ([], 1000)
+    listed = parse(["lost", "a", "--limit", "5", "--json"])
+    assert (listed.keys, listed.limit, listed.json) == (["a"], 5, True)
     cluster = parse(["cluster", "--workers", "3", "--interval", "500ms", "--start"])
     assert (cluster.workers, cluster.interval, cluster.start) == (3, "500ms", True)
     assert cluster.zones == ()

@@ -12,6 +12,7 @@ from amm.models import (
     DirectiveRecord,
     Event,
     GoalChange,
+    LostKey,
     Rejection,
     ReplicationGoal,
     RetirementResult,
@@ -22,6 +23,7 @@ from amm.tables import (
     render_cycle,
     render_goal_change,
     render_goals,
+    render_lost,
     render_mapping,
     render_retirements,
     render_status,
@@ -231,18 +233,36 @@ def test_goals_table_and_changes() -> None:
     goals = [
         ReplicationGoal("a", n=3, target=3, live_copies=3),
         ReplicationGoal("bb", n=None, target=4, live_copies=2),
-        ReplicationGoal("lost", n=2, target=0, live_copies=0),
+        ReplicationGoal("gone", n=2, target=0, live_copies=0),
+        ReplicationGoal("lost", n=2, target=2, live_copies=0, lost=True),
     ]
     assert render_goals(goals).splitlines() == [
         "KEY   GOAL  TARGET  LIVE  STATE",
         "a        3       3     3  met",
         "bb     all       4     2  below",
-        "lost     2       0     0  below",
+        "gone     2       0     0  below",
+        "lost     2       2     0  lost",
     ]
     assert render_goals([]) == "no goals"
     assert render_goal_change(GoalChange(2, 0), 3) == "goal of 3 copies set for 2 keys"
     assert render_goal_change(GoalChange(1, 0), None) == "goal of every worker set for 1 key"
     assert render_goal_change(GoalChange(0, 1), 1) == "goal removed for 1 key"
+
+
+def test_lost_keys_table() -> None:
+    lost = [
+        LostKey("a", "h:1", NOW - timedelta(seconds=3), "h:1 unregistered before ...", False),
+        LostKey("bb", "", None, "no worker held it after the AMM restarted", True),
+    ]
+    assert render_lost(lost, now=NOW).splitlines() == [
+        "KEY  LAST HOLDER  LOST        GOAL  HOW",
+        "a    h:1          3.00 s ago  no    h:1 unregistered before ...",
+        "bb   -            never       yes   no worker held it after the AMM restarted",
+    ]
+    assert render_lost(lost[:1], more=True, now=NOW).endswith(
+        "... and more (--limit N to list more)"
+    )
+    assert render_lost([]) == "no lost keys"
 
 
 def test_status_block_shows_liveness_grace_and_events() -> None:

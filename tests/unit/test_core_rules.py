@@ -58,6 +58,38 @@ def W(w: str) -> WorkerId:
     return WorkerId(w)
 
 
+# -- readers on paused workers (Dask's ping-pong rule) -------------------------------------------
+
+
+def test_the_only_running_holder_keeps_its_copy_while_the_readers_workers_are_paused() -> None:
+    """x is pinned on a paused worker and also held by a running one: the pinned copy cannot
+    go, and dropping the running copy would leave the key only where no replica can be made
+    from. Dask keeps both (``_find_dropper``); before, amm dropped the running copy."""
+    v = view(
+        {"a": ["x"], "b": ["x"]},
+        status={"a": WorkerStatus.PAUSED},
+        pinned={"a": ["x"]},
+    )
+    result = run(v, Scripted([drop(K("x"))]))
+    assert result.directives == ()
+    (rejected,) = result.rejections
+    assert rejected.why is Why.PINNED
+    assert rejected.reason.startswith("kept on b, the only running candidate")
+    # A running reader's copy leaves nothing to fear: the other copy goes.
+    v = view({"a": ["x"], "b": ["x"]}, pinned={"a": ["x"]})
+    (d,) = run(v, Scripted([drop(K("x"))])).directives
+    assert (d.op, d.worker) == (Op.DROP, W("b"))
+    # Two unpinned copies besides the paused reader's: one of them may go.
+    v = view(
+        {"a": ["x"], "b": ["x"], "c": ["x"]},
+        status={"a": WorkerStatus.PAUSED},
+        pinned={"a": ["x"]},
+        memory={"b": 10, "c": 20},
+    )
+    (d,) = run(v, Scripted([drop(K("x"))])).directives
+    assert d.worker == W("c")
+
+
 # -- zones -------------------------------------------------------------------------------------
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from amm_service.decisions.grace import StartupGrace
-from amm_service.decisions.liveness import Liveness, LostKeys, Verdict, lost_after_removal
+from amm_service.decisions.liveness import Liveness, Verdict, lost_after_removal
 from amm_service.decisions.view import ClusterState, Key, Memory, WorkerId, WorkerStatus
 from tests.factories import cluster
 
@@ -84,24 +84,11 @@ def test_forgotten_and_unregistered_workers_are_not_tracked() -> None:
     assert live.judge(state.workers, now=7.0) == Verdict(dead=((W("a"), 2.0),))
 
 
-def test_keys_lost_with_a_worker_and_found_again() -> None:
+def test_the_keys_a_removed_worker_held_alone_are_lost() -> None:
     state = cluster({"a": ["x", "shared"], "b": ["shared"]})
     held = state.held_by(W("a"))
     state.unregister(W("a"))
-    lost = lost_after_removal(held, state.keys)
-    assert lost == [Key("x")]
-    keys = LostKeys()
-    keys.add(lost)
-    assert (len(keys), keys.count(state.keys), Key("x") in keys) == (1, 1, True)
-    assert keys.recovered(state.keys) == []
-    # Put again, or its holder came back: x is held once more.
-    back = cluster({"c": ["x"]})
-    assert keys.count(back.keys) == 0
-    assert keys.recovered(back.keys) == [Key("x")]
-    assert len(keys) == 0
-    keys.add([Key("y")])
-    keys.discard([Key("y")])
-    assert keys.listed() == []
+    assert lost_after_removal(held, state.keys) == [Key("x")]
 
 
 def test_the_grace_ends_when_every_known_worker_has_reported() -> None:

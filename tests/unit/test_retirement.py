@@ -8,8 +8,9 @@ import asyncio
 import pytest
 
 from amm_service.decisions.core import Plan, Rejection, RetireDecision, Why
-from amm_service.decisions.directive import Op
+from amm_service.decisions.directive import Directive, Op
 from amm_service.decisions.events import EventLog
+from amm_service.decisions.pending import Ledger
 from amm_service.decisions.view import ClusterState, Key, WorkerId, WorkerStatus
 from amm_service.errors import Unavailable
 from amm_service.policies import Policy
@@ -22,6 +23,7 @@ from amm_service.runtime.retirement import (
     Verdict,
     cheapest,
     review,
+    unique,
 )
 from amm_service.runtime.state import MEMORY, StateStore
 from tests.factories import cluster
@@ -37,6 +39,10 @@ def under_way(worker: str, deadline: float | None = None) -> Retirement:
 
 def rejection(key: str, why: Why, policy: str = "RetireWorker") -> Rejection:
     return Rejection(policy, Op.REPLICATE, Key(key), f"because {why.value}", why)
+
+
+def drop_directive(key: str, worker: str) -> Directive:
+    return Directive(f"drop-{key}-{worker}", 1, Op.DROP, Key(key), W(worker), 100, "sum")
 
 
 def judge(state: ClusterState, *retirements: Retirement, **kwargs: object) -> list[Verdict]:
@@ -80,6 +86,51 @@ def test_no_recipient_no_room_or_a_conflict_abandons_but_throttling_does_not() -
     assert judge(state, under_way("a"), rejections=[rejection("x", Why.THROTTLED)]) == []
     other_policy = rejection("x", Why.NO_ROOM, policy="Replicate")
     assert judge(state, under_way("a"), rejections=[other_policy]) == []
+
+
+def test_a_key_only_retiring_workers_hold_keeps_one_of_them_and_lets_the_others_go() -> None:
+    """Every worker retiring at once: nowhere to move a shared key. One holder keeps it (its
+    retirement is abandoned) and the others may go on, as Dask retires one of them; before, both
+    holders of the key were abandoned in the same cycle and neither ever retired."""
+    state = cluster({"a": ["x", "shared"], "b": ["shared"], "c": ["shared", "y"]})
+    retiring = [under_way(w) for w in "abc"]
+    no_recipient = [rejection(k, Why.NO_RECIPIENT) for k in ("x", "shared", "shared", "y")]
+    verdicts = judge(state, *retiring, rejections=no_recipient)
+    # a and c must stay for x and y; shared stays on one of them, so b goes on retiring.
+    assert [(v.worker, v.retired) for v in verdicts] == [(W("a"), False), (W("c"), False)]
+    state = cluster({"a": ["shared"], "b": ["shared"]})
+    (verdict,) = judge(state, under_way("a"), under_way("b"), rejections=no_recipient[1:3])
+    assert (verdict.worker, verdict.retired) == (W("b"), False)
+    assert verdict.reason.startswith("cannot move 'shared' elsewhere")
+    # Conflicting content is not one key kept: every holder of it stays.
+    state = cluster({"a": ["z"], "b": ["z"]}, checksums={("b", "z"): "other"})
+    conflict = [rejection("z", Why.CONFLICT)] * 2
+    verdicts = judge(state, under_way("a"), under_way("b"), rejections=conflict)
+    assert [v.worker for v in verdicts] == [W("a"), W("b")]
+
+
+def test_a_leaving_worker_is_done_once_every_key_it_holds_has_a_copy_that_stays() -> None:
+    """A worker whose agent is shutting down (DrainWorker) need not be emptied: its copies go
+    with it. Only a copy on a durable worker, with the same content and not being dropped,
+    counts."""
+    leaving = Retirement(W("a"), False, 0.0, None, "draining", leaving=True)
+    state = cluster({"a": ["x", "y"], "b": ["x"], "c": ["y"]})
+    assert judge(state, leaving) == [
+        Verdict(W("a"), True, "every key it holds has a copy on a worker that stays")
+    ]
+    assert judge(state, under_way("a")) == [], "an ordinary retirement waits for the drops"
+    ledger = Ledger()
+    ledger.add(drop_directive("y", "c"), 0.0, 1)
+    assert judge(state, leaving, pending=ledger) == []
+    state = cluster({"a": ["x", "y"], "b": ["x"], "c": ["y"]})
+    state.set_flags(W("c"), 0.0, retiring=True)
+    assert judge(state, leaving) == []
+    state = cluster({"a": ["x"], "b": ["x"]}, checksums={("b", "x"): "other"})
+    assert judge(state, leaving) == []
+    state = cluster({"a": ["x"], "b": ["x"]})
+    state.missed_poll(W("a"))  # what it holds now is not known
+    assert judge(state, leaving) == []
+    assert unique(cluster({"a": ["x", "y"], "b": ["x"]}).snapshot(), W("a")) == [Key("y")]
 
 
 def test_the_deadline_abandons_and_a_worker_gone_is_abandoned() -> None:

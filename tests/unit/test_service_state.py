@@ -13,6 +13,7 @@ from amm_service.runtime.state import (
     _MIGRATIONS,
     MEMORY,
     KnownWorker,
+    LostRecord,
     RetirementRecord,
     StateError,
     StateStore,
@@ -201,3 +202,37 @@ def test_retirements_persist_until_forgotten(tmp_path: Path) -> None:
         assert [(r.worker, r.reason, r.retired) for r in store.retirements()] == [
             ("h:2", "again", True)
         ]
+
+
+def test_lost_keys_and_the_keys_held_persist(tmp_path: Path) -> None:
+    path = str(tmp_path / "state.sqlite3")
+    solo = LostRecord("solo", "h:1", 12.5, "h:1 died")
+    with StateStore(path) as store:
+        assert (store.lost(), store.held_keys()) == ([], set())
+        store.add_keys(["a", "b", "solo"])
+        store.add_keys(["a"])  # already recorded
+        store.remove_keys(["solo", "never-held"])
+        store.save_lost([solo, LostRecord("gone", "", 13.0, "missing after a restart")])
+    with StateStore(path) as store:
+        assert store.held_keys() == {"a", "b"}
+        assert [r.key for r in store.lost()] == ["gone", "solo"]
+        assert store.lost()[1] == solo
+        store.save_lost([LostRecord("solo", "h:2", 20.0, "h:2 unregistered")])
+        store.forget_lost(["gone", "never-lost"])
+    with StateStore(path) as store:
+        assert store.lost() == [LostRecord("solo", "h:2", 20.0, "h:2 unregistered")]
+
+
+def test_a_state_file_of_the_third_schema_gains_the_lost_tables(tmp_path: Path) -> None:
+    path = str(tmp_path / "state.sqlite3")
+    db = sqlite3.connect(path, isolation_level=None)
+    for step in _MIGRATIONS[:3]:
+        for statement in step:
+            db.execute(statement)
+    db.execute("INSERT INTO goals (key, n) VALUES ('x', 2)")
+    db.execute(f"PRAGMA application_id = {_APPLICATION_ID}")
+    db.execute("PRAGMA user_version = 3")
+    db.close()
+    with StateStore(path) as store:
+        assert store.goals() == {"x": 2}
+        assert (store.lost(), store.held_keys()) == ([], set())

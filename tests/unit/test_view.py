@@ -134,3 +134,24 @@ def test_keys_held_by_the_same_workers_share_one_set_of_holders() -> None:
     after = state.snapshot().keys
     assert after[Key("k1")].holders is after[Key("only-b")].holders
     assert after[Key("k1")].holders == {B}
+
+
+def test_keys_that_appear_and_leave_the_cluster_are_noted_when_tracked() -> None:
+    state = ClusterState(track_changes=True)
+    for w in (A, B):
+        state.register(w, "", "i1", now=0.0)
+    x, y, z = Key("x"), Key("y"), Key("z")
+    poll(state, A, full=True, keys=[KeyReport(x, 3, "s"), KeyReport(y, 1, "t")])
+    poll(state, B, full=True, keys=[KeyReport(x, 3, "s")])
+    assert state.take_changes() == ({x, y}, set())
+    assert state.take_changes() == (set(), set())
+    poll(state, A, removed=[x, y], version=2)  # x is still on B
+    poll(state, B, keys=[KeyReport(z, 1, "u")], version=2)
+    assert state.take_changes() == ({z}, {y})
+    # Came and went (or went and came) in between: only where it ended counts.
+    poll(state, A, keys=[KeyReport(y, 1, "t")], version=3)
+    poll(state, A, removed=[y], version=4)
+    state.unregister(B)
+    poll(state, A, keys=[KeyReport(x, 3, "s")], version=5)
+    assert state.take_changes() == ({x}, {y, z})
+    assert ClusterState().take_changes() == (set(), set())
