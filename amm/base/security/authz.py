@@ -47,8 +47,10 @@ _AMM = frozenset({Role.AMM})
 RULES: Mapping[str, frozenset[Role]] = MappingProxyType(
     {
         # The control plane (the AMM's port): reading, steering, and agents (un)registering.
-        **{CONTROL + m: _READ for m in ("Running", "GetStatus", "ListWorkers", "HasWhat")},
-        CONTROL + "ListGoals": _READ,
+        **{
+            CONTROL + m: _READ
+            for m in ("Running", "GetStatus", "ListWorkers", "HasWhat", "ListGoals", "ListLost")
+        },
         # Agents ask the AMM who holds a key they are asked for and lack (read-through Get).
         CONTROL + "WhoHas": _READ | _AGENT,
         **{
@@ -57,6 +59,8 @@ RULES: Mapping[str, frozenset[Role]] = MappingProxyType(
         },
         CONTROL + "RegisterWorker": _AGENT,
         CONTROL + "UnregisterWorker": _AGENT,
+        # An agent that is shutting down asks to be drained (itself only, checked by the handler).
+        CONTROL + "DrainWorker": _AGENT,
         # The agent plane (each agent's port): the AMM steers, operators move data, peers fetch.
         **{AGENT + m: _AMM for m in ("Poll", "Directives", "Close", "Delete")},
         **{AGENT + m: _OPERATE for m in ("Put", "PutMany", "Get", "Pin", "Unpin")},
