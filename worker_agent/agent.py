@@ -21,6 +21,7 @@ from typing import Any, Self
 import grpc
 
 from amm.base.serving import CHANNEL_OPTIONS, Served, bound_address, serve
+from amm.base.validation import address_problem
 from amm.v1 import control_pb2, control_pb2_grpc
 from worker_agent.advertise import advertised_address
 from worker_agent.config import AgentConfig
@@ -127,6 +128,9 @@ class Agent:
             self.config.advertise,
             self.config.amm,
         )
+        problem = address_problem("the advertised address", self.node.address)
+        if problem is not None:  # the AMM and every peer would refuse it
+            raise OSError(f"{problem}; set --advertise HOST:PORT")
         self.node.sample_memory()
         self._spawn(self._sample_memory(), "agent memory sampler")
         self._spawn(self._close_when_asked(), "agent close watcher")

@@ -11,20 +11,14 @@ at the gRPC edge (``servicer``).
 from __future__ import annotations
 
 import enum
-import functools
 import re
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from amm.base.validation import bad_addresses, is_address
 from worker_agent.store import MAX_KEY_BYTES, Key, Store
 
 _CHECKSUM = re.compile(r"[0-9a-f]{64}")
-# A host name or IPv4 address, or an IPv6 address in brackets; then a port.
-_PEER_ADDRESS = re.compile(
-    r"(?:\[[0-9A-Fa-f:.]+(?:%[0-9A-Za-z._-]+)?\]|[0-9A-Za-z](?:[0-9A-Za-z._-]{0,251}[0-9A-Za-z])?)"
-    r":([0-9]{1,5})"
-)
 
 
 def is_checksum(text: str) -> bool:
@@ -32,21 +26,10 @@ def is_checksum(text: str) -> bool:
     return _CHECKSUM.fullmatch(text) is not None
 
 
-@functools.lru_cache(maxsize=4096)
 def is_peer_address(text: str) -> bool:
-    """``HOST:PORT``, the only form of address an agent dials for a peer. Anything else gRPC
-    would accept too (``unix:/path``, ``dns:///name``) is refused: callers name peers, and a
-    caller must not make the agent dial sockets or resolvers of its choosing."""
-    match = _PEER_ADDRESS.fullmatch(text)
-    return match is not None and 0 < int(match.group(1)) <= 65535
-
-
-def bad_peer_addresses(addresses: Iterable[str]) -> str | None:
-    """A message naming the addresses that are not ``HOST:PORT``, or None when all are."""
-    bad = [address for address in addresses if not is_peer_address(address)]
-    if not bad:
-        return None
-    return f"not a HOST:PORT address: {', '.join(repr(a[:100]) for a in bad[:3])}"
+    """``HOST:PORT`` with a port from 1, the only form of address an agent dials for a peer
+    (``amm.base.validation``, the rules the AMM applies to registrations)."""
+    return is_address(text)
 
 
 class Reason(enum.Enum):
@@ -151,7 +134,7 @@ def validate(directive: Directive) -> Refuse | None:
             return Refuse(Reason.INVALID, "a DROP names the other holders; this one names none")
         if directive.checksum and not is_checksum(directive.checksum):
             return Refuse(Reason.INVALID, "a checksum is 64 lowercase hexadecimal digits")
-    bad = bad_peer_addresses((*directive.sources, *directive.holders))
+    bad = bad_addresses((*directive.sources, *directive.holders))
     return Refuse(Reason.INVALID, bad) if bad is not None else None
 
 

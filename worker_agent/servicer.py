@@ -23,6 +23,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from amm.base.checksum import checksum
 from amm.base.streams import Assembly, Overflow, decoder, framed_chunks, serialize
+from amm.base.validation import bad_addresses
 from amm.v1 import agent_pb2, agent_pb2_grpc, types_pb2
 from worker_agent import integrity
 from worker_agent.directives import Outcome, OutcomeStatus
@@ -439,7 +440,7 @@ class WorkerAgentServicer(agent_pb2_grpc.WorkerAgentServicer):
     ) -> None:
         async with _Edge(context, "Get"):
             key = _key(request.key)
-            bad = integrity.bad_peer_addresses(request.sources)
+            bad = bad_addresses(request.sources)
             if bad is not None:
                 raise InvalidRequest(f"sources: {bad}")
             async with self._node.reading(key, fetch=True, sources=request.sources) as reading:

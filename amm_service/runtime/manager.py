@@ -20,6 +20,13 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 
+from amm.base.validation import (
+    MAX_ADOPTED_EPOCH,
+    epoch_problem,
+    incarnation_problem,
+    name_problem,
+    zone_problem,
+)
 from amm_service.config import AmmConfig
 from amm_service.decisions import core
 from amm_service.decisions.directive import Directive
@@ -504,10 +511,19 @@ class ActiveMemoryManager:
     async def register(
         self, address: str, name: str, incarnation: str, epoch: int = 0, zone: str = ""
     ) -> None:
+        """Register (or refresh) a worker. Every field is judged by the rules an agent's own
+        flags follow (``amm.base.validation``); ``epoch``, the newest the agent confirmed, may
+        not exceed ``MAX_ADOPTED_EPOCH``: a fresh AMM moves past it, and no AMM issued more."""
         self._check_open()
         worker = check_address(address)
-        if not incarnation:
-            raise InvalidArgument("incarnation is required: a random id per agent process start")
+        problem = (
+            incarnation_problem(incarnation)
+            or (name_problem(name) if name else None)
+            or zone_problem(zone)
+            or epoch_problem("epoch", epoch, most=MAX_ADOPTED_EPOCH)
+        )
+        if problem is not None:
+            raise InvalidArgument(problem)
         if self.state.register(worker, name, incarnation, self._clock(), zone=zone):
             self.outcomes.forget_in_flight(worker)
             await self._dispatcher.close_worker(worker)
