@@ -21,10 +21,11 @@ from typing import Any, Self
 import grpc
 
 from amm.base.serving import CHANNEL_OPTIONS, Served, bound_address, serve
-from amm.base.validation import address_problem
+from amm.base.validation import address_problem, epoch_problem
 from amm.v1 import control_pb2, control_pb2_grpc
 from worker_agent.advertise import advertised_address
 from worker_agent.config import AgentConfig
+from worker_agent.confirm import Membership
 from worker_agent.errors import Unavailable
 from worker_agent.memory import MemoryProbe, PsutilProbe
 from worker_agent.node import Node
@@ -42,6 +43,37 @@ SILENCE_INTERVALS = 3
 #: once, whatever the deadline; the stop cancels an attempt under way.
 REGISTER_TIMEOUT = 10.0
 UNREGISTER_TIMEOUT = 0.5
+#: Deadline of a call that confirms an epoch or peers with the AMM (GetMembership). Generous:
+#: an AMM planning a cycle of 100k keys answers control calls up to about 1 s late.
+CONFIRM_TIMEOUT = 5.0
+
+
+class _AmmLink:
+    """The calls ``confirm`` makes to the AMM, over the agent's channel to it."""
+
+    def __init__(self, agent: Agent, address: str) -> None:
+        self._agent = agent
+        self.address = address
+
+    async def membership(self, epoch: int, version: int) -> Membership | None:
+        amm = self._agent._amm
+        if amm is None:
+            raise Unavailable(f"no channel to the AMM at {self.address} yet")
+        try:
+            response = await amm.GetMembership(
+                control_pb2.GetMembershipRequest(epoch=epoch, version=version),
+                timeout=CONFIRM_TIMEOUT,
+                wait_for_ready=True,  # an AMM that polls before it serves answers a moment later
+            )
+        except grpc.aio.AioRpcError as err:
+            raise Unavailable(
+                f"cannot ask the AMM at {self.address}: {err.code().name} {err.details() or ''}"
+            ) from err
+        if epoch_problem("epoch", response.epoch) is not None:
+            raise Unavailable(f"the AMM at {self.address} answered epoch {response.epoch}")
+        if response.unchanged:
+            return None
+        return Membership(response.epoch, response.version, frozenset(response.workers))
 
 
 class Agent:
@@ -60,6 +92,7 @@ class Agent:
             probe=probe if probe is not None else PsutilProbe(),
             clock=clock,
             who_has=self._who_has if config.amm else None,
+            amm=_AmmLink(self, config.amm) if config.amm else None,
         )
         self._served: Served | None = None
         self._amm: control_pb2_grpc.ActiveMemoryManagerAsyncStub | None = None
@@ -135,7 +168,11 @@ class Agent:
         self._spawn(self._sample_memory(), "agent memory sampler")
         self._spawn(self._close_when_asked(), "agent close watcher")
         if self.config.amm:
-            self._amm_channel = grpc.aio.insecure_channel(self.config.amm, options=CHANNEL_OPTIONS)
+            # Its own subchannel pool: a confirmation refused while the AMM starts (it polls
+            # before it serves) must not put other channels of this process into backoff.
+            self._amm_channel = grpc.aio.insecure_channel(
+                self.config.amm, options=[*CHANNEL_OPTIONS, ("grpc.use_local_subchannel_pool", 1)]
+            )
             self._amm = control_pb2_grpc.ActiveMemoryManagerStub(self._amm_channel)
             self._spawn(self._register(self._amm), "agent registration")
         log.info(
@@ -237,6 +274,12 @@ class Agent:
                 )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.config.register_backoff_max)
+                continue
+            if epoch_problem("epoch", response.epoch) is not None:
+                log.warning(
+                    "the AMM at %s answered epoch %d: ignored", self.config.amm, response.epoch
+                )
+                await asyncio.sleep(self.config.register_backoff_max)
                 continue
             self._registered = True
             attempts, delay = 0, 0.1

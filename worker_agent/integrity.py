@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from amm.base.validation import bad_addresses, is_address
+from amm.base.validation import bad_addresses, epoch_problem, is_address
 from worker_agent.store import MAX_KEY_BYTES, Key, Store
 
 _CHECKSUM = re.compile(r"[0-9a-f]{64}")
@@ -48,6 +48,8 @@ class Reason(enum.Enum):
     NOT_HELD = 11
     DROPPING = 12
     CLOSING = 13
+    UNCONFIRMED_EPOCH = 14
+    UNKNOWN_PEER = 15
 
 
 class Op(enum.Enum):
@@ -76,6 +78,9 @@ class Conditions:
     """The agent-wide facts the rules depend on, sampled by the caller."""
 
     newest_epoch: int = 0
+    #: The agent has an AMM, which alone moves its epoch (``confirm``): a directive of a newer
+    #: epoch than ``newest_epoch`` was not issued by it.
+    confirms_epochs: bool = False
     paused: bool = False
     closing: bool = False
     memory_limit: int = 0
@@ -116,6 +121,9 @@ def validate(directive: Directive) -> Refuse | None:
     a malformed directive is trusted, so its epoch does not count as the newest seen."""
     if not directive.id or not directive.key:
         return Refuse(Reason.INVALID, "a directive needs an id and a key")
+    epoch = epoch_problem("the directive's epoch", directive.epoch)
+    if epoch is not None:
+        return Refuse(Reason.INVALID, epoch)
     if len(directive.key.encode()) > MAX_KEY_BYTES:
         return Refuse(Reason.INVALID, f"the key exceeds {MAX_KEY_BYTES} bytes of UTF-8")
     if directive.op is Op.UNSPECIFIED:
@@ -139,11 +147,18 @@ def validate(directive: Directive) -> Refuse | None:
 
 
 def judge_epoch(directive: Directive, cond: Conditions) -> Refuse | None:
-    """Directives from an AMM epoch older than the newest seen come from a superseded AMM."""
+    """Directives from an AMM epoch older than the newest confirmed come from a superseded AMM;
+    with an AMM to confirm epochs, a newer one than it confirmed was not issued by it."""
     if directive.epoch < cond.newest_epoch:
         return Refuse(
             Reason.STALE_EPOCH,
             f"directive epoch {directive.epoch} is older than epoch {cond.newest_epoch}",
+        )
+    if cond.confirms_epochs and directive.epoch > cond.newest_epoch:
+        return Refuse(
+            Reason.UNCONFIRMED_EPOCH,
+            f"directive epoch {directive.epoch} is newer than epoch {cond.newest_epoch}, the "
+            "one this agent's AMM confirms: its AMM did not issue it",
         )
     return None
 

@@ -18,8 +18,10 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
+from amm.base.validation import epoch_problem
 from worker_agent import integrity
 from worker_agent.config import AgentConfig
+from worker_agent.confirm import AmmPort, Confirmations
 from worker_agent.directives import DirectiveRunner, KeyLocks, Outcome
 from worker_agent.errors import (
     ContentConflict,
@@ -110,6 +112,7 @@ class Node:
         probe: MemoryProbe,
         clock: Callable[[], float],
         who_has: WhoHas | None = None,
+        amm: AmmPort | None = None,
     ) -> None:
         self.config = config
         self.clock = clock
@@ -138,6 +141,13 @@ class Node:
             pause_fraction=config.pause_fraction,
         )
         self._who_has = who_has
+        #: What the agent's AMM confirms (epochs, registered peers); None without an AMM, when
+        #: the agent takes epochs and peers as its callers give them.
+        self.confirmations = (
+            None
+            if amm is None
+            else Confirmations(amm, epoch=lambda: self.newest_epoch, adopt=self.observe_epoch)
+        )
         self.runner = DirectiveRunner(
             config=config,
             store=self.store,
@@ -147,6 +157,7 @@ class Node:
             observe_epoch=self.observe_epoch,
             address=lambda: self.address,
             clock=clock,
+            confirmations=self.confirmations,
         )
 
     @property
@@ -154,7 +165,8 @@ class Node:
         return self.config.name or self.address
 
     def observe_epoch(self, epoch: int) -> None:
-        """Remember the newest AMM epoch seen; directives from older epochs are refused."""
+        """Remember the newest AMM epoch seen (with an AMM: confirmed by it); directives from
+        older epochs are refused."""
         self.newest_epoch = max(self.newest_epoch, epoch)
 
     def sample_memory(self) -> MemoryReport:
@@ -170,6 +182,7 @@ class Node:
     def conditions(self) -> Conditions:
         return Conditions(
             newest_epoch=self.newest_epoch,
+            confirms_epochs=self.confirmations is not None,
             paused=self.status() is WorkerStatus.PAUSED,
             closing=self.closing,
             memory_limit=self.config.memory_limit,
@@ -185,6 +198,7 @@ class Node:
         epoch: int,
         max_keys: int = 0,
         cursor: str = "",
+        membership_version: int = 0,
     ) -> Inventory:
         """The inventory, in pages of at most ``max_keys`` keys (0: ``DEFAULT_POLL_KEYS``; never
         more than ``MAX_POLL_KEYS``, nor about ``POLL_BYTES``). Three kinds of answer:
@@ -206,9 +220,21 @@ class Node:
         must keep the version of the FIRST page and, once the last page is in, poll
         incrementally since it: that answer holds whatever changed while paging (keys added
         behind the cursor, keys removed from pages already read).
+
+        ``epoch`` above ``MAX_EPOCH`` is an invalid request. With an AMM, a poll's epoch is
+        taken only once the AMM confirms it (``confirm``); until then the poll does not count as
+        the AMM's, so a stranger polling with a huge epoch neither fences the AMM off nor keeps
+        the agent from registering again.
         """
-        self.observe_epoch(epoch)
-        if epoch >= self.registered_epoch:
+        problem = epoch_problem("epoch", epoch)
+        if problem is not None:
+            raise InvalidRequest(problem)
+        if self.confirmations is None:
+            self.observe_epoch(epoch)
+            confirmed = True
+        else:
+            confirmed = self.confirmations.note_poll(epoch, membership_version)
+        if confirmed and epoch >= self.registered_epoch:
             # A superseded AMM (or a person with grpcurl) still polling must not keep this
             # agent from registering again with the AMM that forgot it.
             self.polled.set()
@@ -458,4 +484,6 @@ class Node:
         self.close_requested.set()
 
     async def close(self) -> None:
+        if self.confirmations is not None:
+            await self.confirmations.close()
         await self.peers.close()

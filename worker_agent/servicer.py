@@ -307,6 +307,7 @@ class WorkerAgentServicer(agent_pb2_grpc.WorkerAgentServicer):
                 epoch=request.epoch,
                 max_keys=request.max_keys,
                 cursor=request.cursor,
+                membership_version=request.membership_version,
             )
             return _poll_response(inventory)
 

@@ -27,7 +27,7 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x61mm/v1/control.proto\x12\x06\x61mm.v1\x1a\x12\x61mm/v1/types.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x0e\n\x0cStartRequest\" \n\rStartResponse\x12\x0f\n\x07running\x18\x01 \x01(\x08\"\r\n\x0bStopRequest\"\x1f\n\x0cStopResponse\x12\x0f\n\x07running\x18\x01 \x01(\x08\"\x10\n\x0eRunningRequest\"\"\n\x0fRunningResponse\x12\x0f\n\x07running\x18\x01 \x01(\x08\"/\n\x0eRunOnceRequest\x12\x0c\n\x04wait\x18\x01 \x01(\x08\x12\x0f\n\x07\x64ry_run\x18\x02 \x01(\x08\"5\n\x0fRunOnceResponse\x12\"\n\x05\x63ycle\x18\x01 \x01(\x0b\x32\x13.amm.v1.CycleReport\"\x12\n\x10GetStatusRequest\"C\n\nPolicyInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nclass_path\x18\x02 \x01(\t\x12\x13\n\x0bkwargs_json\x18\x03 \x01(\t\"\xba\x03\n\rClusterTotals\x12\x0f\n\x07workers\x18\x01 \x01(\r\x12\x0c\n\x04keys\x18\x02 \x01(\x04\x12\x10\n\x08replicas\x18\x03 \x01(\x04\x12\x14\n\x0cmemory_bytes\x18\x04 \x01(\x04\x12\x15\n\rmanaged_bytes\x18\x05 \x01(\x04\x12\x15\n\rprocess_bytes\x18\x06 \x01(\x04\x12\x1c\n\x14\x64irectives_in_flight\x18\x07 \x01(\r\x12\x18\n\x10\x63onflicting_keys\x18\x08 \x01(\x04\x12\x1b\n\x13unreachable_workers\x18\t \x01(\r\x12\x11\n\tlost_keys\x18\n \x01(\x04\x12\x16\n\x0ekeys_with_goal\x18\x0b \x01(\x04\x12\x17\n\x0fkeys_below_goal\x18\x0c \x01(\x04\x12\x18\n\x10retiring_workers\x18\r \x01(\r\x12\x15\n\rstale_workers\x18\x0e \x01(\r\x12\x17\n\x0f\x64irectives_sent\x18\x0f \x01(\x04\x12\x1a\n\x12\x64irectives_applied\x18\x10 \x01(\x04\x12\x1a\n\x12\x64irectives_refused\x18\x11 \x01(\x04\x12\x19\n\x11\x64irectives_failed\x18\x12 \x01(\x04\"\xa5\x01\n\rRefusalRecord\x12$\n\tdirective\x18\x01 \x01(\x0b\x32\x11.amm.v1.Directive\x12\x0e\n\x06worker\x18\x02 \x01(\t\x12%\n\x06reason\x18\x03 \x01(\x0e\x32\x15.amm.v1.RefusalReason\x12\x0f\n\x07message\x18\x04 \x01(\t\x12&\n\x02\x61t\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xfb\x02\n\x11GetStatusResponse\x12\x0f\n\x07running\x18\x01 \x01(\x08\x12+\n\x08interval\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12&\n\x07measure\x18\x03 \x01(\x0e\x32\x15.amm.v1.MemoryMeasure\x12$\n\x08policies\x18\x04 \x03(\x0b\x32\x12.amm.v1.PolicyInfo\x12\r\n\x05\x65poch\x18\x05 \x01(\x04\x12\'\n\nlast_cycle\x18\x06 \x01(\x0b\x32\x13.amm.v1.CycleReport\x12%\n\x06totals\x18\x07 \x01(\x0b\x32\x15.amm.v1.ClusterTotals\x12.\n\x0frecent_refusals\x18\x08 \x03(\x0b\x32\x15.amm.v1.RefusalRecord\x12\x0e\n\x06\x63ycles\x18\t \x01(\x04\x12$\n\rrecent_events\x18\n \x03(\x0b\x32\r.amm.v1.Event\x12\x15\n\rstartup_grace\x18\x0b \x01(\x08\"h\n\x15RegisterWorkerRequest\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0bincarnation\x18\x03 \x01(\t\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x12\x0c\n\x04zone\x18\x05 \x01(\t\"T\n\x16RegisterWorkerResponse\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12+\n\x08interval\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"*\n\x17UnregisterWorkerRequest\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\"+\n\x18UnregisterWorkerResponse\x12\x0f\n\x07removed\x18\x01 \x01(\x08\"#\n\x12ListWorkersRequest\x12\r\n\x05\x66resh\x18\x01 \x01(\x08\"\x87\x03\n\nWorkerInfo\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12$\n\x06status\x18\x03 \x01(\x0e\x32\x14.amm.v1.WorkerStatus\x12$\n\x06memory\x18\x04 \x01(\x0b\x32\x14.amm.v1.MemoryReport\x12\x14\n\x0cmemory_bytes\x18\x05 \x01(\x04\x12\x11\n\tkey_count\x18\x06 \x01(\x04\x12-\n\tlast_poll\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\rregistered_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0cmissed_polls\x18\t \x01(\r\x12\x0c\n\x04zone\x18\n \x01(\t\x12-\n\x0freported_status\x18\x0b \x01(\x0e\x32\x14.amm.v1.WorkerStatus\x12\x30\n\x0cstatus_since\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\":\n\x13ListWorkersResponse\x12#\n\x07workers\x18\x01 \x03(\x0b\x32\x12.amm.v1.WorkerInfo\",\n\rWhoHasRequest\x12\x0c\n\x04keys\x18\x01 \x03(\t\x12\r\n\x05\x66resh\x18\x02 \x01(\x08\"*\n\nKeyHolders\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0f\n\x07workers\x18\x02 \x03(\t\"5\n\x0eWhoHasResponse\x12#\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x12.amm.v1.KeyHolders\"0\n\x0eHasWhatRequest\x12\x0f\n\x07workers\x18\x01 \x03(\t\x12\r\n\x05\x66resh\x18\x02 \x01(\x08\"*\n\nWorkerKeys\x12\x0e\n\x06worker\x18\x01 \x01(\t\x12\x0c\n\x04keys\x18\x02 \x03(\t\"6\n\x0fHasWhatResponse\x12#\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x12.amm.v1.WorkerKeys\"\x1d\n\rForgetRequest\x12\x0c\n\x04keys\x18\x01 \x03(\t\"*\n\x0e\x46orgetResponse\x12\x18\n\x10replicas_deleted\x18\x01 \x01(\r\"x\n\x14RetireWorkersRequest\x12\x0f\n\x07workers\x18\x01 \x03(\t\x12\x0e\n\x01n\x18\x02 \x01(\rH\x00\x88\x01\x01\x12\r\n\x05\x63lose\x18\x03 \x01(\x08\x12*\n\x07timeout\x18\x04 \x01(\x0b\x32\x19.google.protobuf.DurationB\x04\n\x02_n\"S\n\x10RetirementResult\x12\x0e\n\x06worker\x18\x01 \x01(\t\x12\x0f\n\x07retired\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x0e\n\x06\x63losed\x18\x04 \x01(\x08\"B\n\x15RetireWorkersResponse\x12)\n\x07results\x18\x01 \x03(\x0b\x32\x18.amm.v1.RetirementResult\"6\n\x10ReplicateRequest\x12\x0c\n\x04keys\x18\x01 \x03(\t\x12\x0e\n\x01n\x18\x02 \x01(\rH\x00\x88\x01\x01\x42\x04\n\x02_n\"=\n\x11ReplicateResponse\x12\x11\n\tgoals_set\x18\x01 \x01(\r\x12\x15\n\rgoals_removed\x18\x02 \x01(\r\" \n\x10ListGoalsRequest\x12\x0c\n\x04keys\x18\x01 \x03(\t\"Y\n\x0fReplicationGoal\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0e\n\x01n\x18\x02 \x01(\rH\x00\x88\x01\x01\x12\x0e\n\x06target\x18\x03 \x01(\r\x12\x13\n\x0blive_copies\x18\x04 \x01(\rB\x04\n\x02_n\";\n\x11ListGoalsResponse\x12&\n\x05goals\x18\x01 \x03(\x0b\x32\x17.amm.v1.ReplicationGoal2\xa8\x07\n\x13\x41\x63tiveMemoryManager\x12\x34\n\x05Start\x12\x14.amm.v1.StartRequest\x1a\x15.amm.v1.StartResponse\x12\x31\n\x04Stop\x12\x13.amm.v1.StopRequest\x1a\x14.amm.v1.StopResponse\x12:\n\x07Running\x12\x16.amm.v1.RunningRequest\x1a\x17.amm.v1.RunningResponse\x12:\n\x07RunOnce\x12\x16.amm.v1.RunOnceRequest\x1a\x17.amm.v1.RunOnceResponse\x12@\n\tGetStatus\x12\x18.amm.v1.GetStatusRequest\x1a\x19.amm.v1.GetStatusResponse\x12O\n\x0eRegisterWorker\x12\x1d.amm.v1.RegisterWorkerRequest\x1a\x1e.amm.v1.RegisterWorkerResponse\x12U\n\x10UnregisterWorker\x12\x1f.amm.v1.UnregisterWorkerRequest\x1a .amm.v1.UnregisterWorkerResponse\x12\x46\n\x0bListWorkers\x12\x1a.amm.v1.ListWorkersRequest\x1a\x1b.amm.v1.ListWorkersResponse\x12\x37\n\x06WhoHas\x12\x15.amm.v1.WhoHasRequest\x1a\x16.amm.v1.WhoHasResponse\x12:\n\x07HasWhat\x12\x16.amm.v1.HasWhatRequest\x1a\x17.amm.v1.HasWhatResponse\x12\x37\n\x06\x46orget\x12\x15.amm.v1.ForgetRequest\x1a\x16.amm.v1.ForgetResponse\x12L\n\rRetireWorkers\x12\x1c.amm.v1.RetireWorkersRequest\x1a\x1d.amm.v1.RetireWorkersResponse\x12@\n\tReplicate\x12\x18.amm.v1.ReplicateRequest\x1a\x19.amm.v1.ReplicateResponse\x12@\n\tListGoals\x12\x18.amm.v1.ListGoalsRequest\x1a\x19.amm.v1.ListGoalsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x61mm/v1/control.proto\x12\x06\x61mm.v1\x1a\x12\x61mm/v1/types.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x0e\n\x0cStartRequest\" \n\rStartResponse\x12\x0f\n\x07running\x18\x01 \x01(\x08\"\r\n\x0bStopRequest\"\x1f\n\x0cStopResponse\x12\x0f\n\x07running\x18\x01 \x01(\x08\"\x10\n\x0eRunningRequest\"\"\n\x0fRunningResponse\x12\x0f\n\x07running\x18\x01 \x01(\x08\"/\n\x0eRunOnceRequest\x12\x0c\n\x04wait\x18\x01 \x01(\x08\x12\x0f\n\x07\x64ry_run\x18\x02 \x01(\x08\"5\n\x0fRunOnceResponse\x12\"\n\x05\x63ycle\x18\x01 \x01(\x0b\x32\x13.amm.v1.CycleReport\"\x12\n\x10GetStatusRequest\"C\n\nPolicyInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nclass_path\x18\x02 \x01(\t\x12\x13\n\x0bkwargs_json\x18\x03 \x01(\t\"\xba\x03\n\rClusterTotals\x12\x0f\n\x07workers\x18\x01 \x01(\r\x12\x0c\n\x04keys\x18\x02 \x01(\x04\x12\x10\n\x08replicas\x18\x03 \x01(\x04\x12\x14\n\x0cmemory_bytes\x18\x04 \x01(\x04\x12\x15\n\rmanaged_bytes\x18\x05 \x01(\x04\x12\x15\n\rprocess_bytes\x18\x06 \x01(\x04\x12\x1c\n\x14\x64irectives_in_flight\x18\x07 \x01(\r\x12\x18\n\x10\x63onflicting_keys\x18\x08 \x01(\x04\x12\x1b\n\x13unreachable_workers\x18\t \x01(\r\x12\x11\n\tlost_keys\x18\n \x01(\x04\x12\x16\n\x0ekeys_with_goal\x18\x0b \x01(\x04\x12\x17\n\x0fkeys_below_goal\x18\x0c \x01(\x04\x12\x18\n\x10retiring_workers\x18\r \x01(\r\x12\x15\n\rstale_workers\x18\x0e \x01(\r\x12\x17\n\x0f\x64irectives_sent\x18\x0f \x01(\x04\x12\x1a\n\x12\x64irectives_applied\x18\x10 \x01(\x04\x12\x1a\n\x12\x64irectives_refused\x18\x11 \x01(\x04\x12\x19\n\x11\x64irectives_failed\x18\x12 \x01(\x04\"\xa5\x01\n\rRefusalRecord\x12$\n\tdirective\x18\x01 \x01(\x0b\x32\x11.amm.v1.Directive\x12\x0e\n\x06worker\x18\x02 \x01(\t\x12%\n\x06reason\x18\x03 \x01(\x0e\x32\x15.amm.v1.RefusalReason\x12\x0f\n\x07message\x18\x04 \x01(\t\x12&\n\x02\x61t\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xfb\x02\n\x11GetStatusResponse\x12\x0f\n\x07running\x18\x01 \x01(\x08\x12+\n\x08interval\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12&\n\x07measure\x18\x03 \x01(\x0e\x32\x15.amm.v1.MemoryMeasure\x12$\n\x08policies\x18\x04 \x03(\x0b\x32\x12.amm.v1.PolicyInfo\x12\r\n\x05\x65poch\x18\x05 \x01(\x04\x12\'\n\nlast_cycle\x18\x06 \x01(\x0b\x32\x13.amm.v1.CycleReport\x12%\n\x06totals\x18\x07 \x01(\x0b\x32\x15.amm.v1.ClusterTotals\x12.\n\x0frecent_refusals\x18\x08 \x03(\x0b\x32\x15.amm.v1.RefusalRecord\x12\x0e\n\x06\x63ycles\x18\t \x01(\x04\x12$\n\rrecent_events\x18\n \x03(\x0b\x32\r.amm.v1.Event\x12\x15\n\rstartup_grace\x18\x0b \x01(\x08\"h\n\x15RegisterWorkerRequest\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0bincarnation\x18\x03 \x01(\t\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x12\x0c\n\x04zone\x18\x05 \x01(\t\"T\n\x16RegisterWorkerResponse\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12+\n\x08interval\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"*\n\x17UnregisterWorkerRequest\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\"+\n\x18UnregisterWorkerResponse\x12\x0f\n\x07removed\x18\x01 \x01(\x08\"6\n\x14GetMembershipRequest\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x0f\n\x07version\x18\x02 \x01(\x04\"[\n\x15GetMembershipResponse\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x0f\n\x07workers\x18\x03 \x03(\t\x12\x11\n\tunchanged\x18\x04 \x01(\x08\"#\n\x12ListWorkersRequest\x12\r\n\x05\x66resh\x18\x01 \x01(\x08\"\x87\x03\n\nWorkerInfo\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12$\n\x06status\x18\x03 \x01(\x0e\x32\x14.amm.v1.WorkerStatus\x12$\n\x06memory\x18\x04 \x01(\x0b\x32\x14.amm.v1.MemoryReport\x12\x14\n\x0cmemory_bytes\x18\x05 \x01(\x04\x12\x11\n\tkey_count\x18\x06 \x01(\x04\x12-\n\tlast_poll\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\rregistered_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0cmissed_polls\x18\t \x01(\r\x12\x0c\n\x04zone\x18\n \x01(\t\x12-\n\x0freported_status\x18\x0b \x01(\x0e\x32\x14.amm.v1.WorkerStatus\x12\x30\n\x0cstatus_since\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\":\n\x13ListWorkersResponse\x12#\n\x07workers\x18\x01 \x03(\x0b\x32\x12.amm.v1.WorkerInfo\",\n\rWhoHasRequest\x12\x0c\n\x04keys\x18\x01 \x03(\t\x12\r\n\x05\x66resh\x18\x02 \x01(\x08\"*\n\nKeyHolders\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0f\n\x07workers\x18\x02 \x03(\t\"5\n\x0eWhoHasResponse\x12#\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x12.amm.v1.KeyHolders\"0\n\x0eHasWhatRequest\x12\x0f\n\x07workers\x18\x01 \x03(\t\x12\r\n\x05\x66resh\x18\x02 \x01(\x08\"*\n\nWorkerKeys\x12\x0e\n\x06worker\x18\x01 \x01(\t\x12\x0c\n\x04keys\x18\x02 \x03(\t\"6\n\x0fHasWhatResponse\x12#\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x12.amm.v1.WorkerKeys\"\x1d\n\rForgetRequest\x12\x0c\n\x04keys\x18\x01 \x03(\t\"*\n\x0e\x46orgetResponse\x12\x18\n\x10replicas_deleted\x18\x01 \x01(\r\"x\n\x14RetireWorkersRequest\x12\x0f\n\x07workers\x18\x01 \x03(\t\x12\x0e\n\x01n\x18\x02 \x01(\rH\x00\x88\x01\x01\x12\r\n\x05\x63lose\x18\x03 \x01(\x08\x12*\n\x07timeout\x18\x04 \x01(\x0b\x32\x19.google.protobuf.DurationB\x04\n\x02_n\"S\n\x10RetirementResult\x12\x0e\n\x06worker\x18\x01 \x01(\t\x12\x0f\n\x07retired\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x0e\n\x06\x63losed\x18\x04 \x01(\x08\"B\n\x15RetireWorkersResponse\x12)\n\x07results\x18\x01 \x03(\x0b\x32\x18.amm.v1.RetirementResult\"6\n\x10ReplicateRequest\x12\x0c\n\x04keys\x18\x01 \x03(\t\x12\x0e\n\x01n\x18\x02 \x01(\rH\x00\x88\x01\x01\x42\x04\n\x02_n\"=\n\x11ReplicateResponse\x12\x11\n\tgoals_set\x18\x01 \x01(\r\x12\x15\n\rgoals_removed\x18\x02 \x01(\r\" \n\x10ListGoalsRequest\x12\x0c\n\x04keys\x18\x01 \x03(\t\"Y\n\x0fReplicationGoal\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0e\n\x01n\x18\x02 \x01(\rH\x00\x88\x01\x01\x12\x0e\n\x06target\x18\x03 \x01(\r\x12\x13\n\x0blive_copies\x18\x04 \x01(\rB\x04\n\x02_n\";\n\x11ListGoalsResponse\x12&\n\x05goals\x18\x01 \x03(\x0b\x32\x17.amm.v1.ReplicationGoal2\xf6\x07\n\x13\x41\x63tiveMemoryManager\x12\x34\n\x05Start\x12\x14.amm.v1.StartRequest\x1a\x15.amm.v1.StartResponse\x12\x31\n\x04Stop\x12\x13.amm.v1.StopRequest\x1a\x14.amm.v1.StopResponse\x12:\n\x07Running\x12\x16.amm.v1.RunningRequest\x1a\x17.amm.v1.RunningResponse\x12:\n\x07RunOnce\x12\x16.amm.v1.RunOnceRequest\x1a\x17.amm.v1.RunOnceResponse\x12@\n\tGetStatus\x12\x18.amm.v1.GetStatusRequest\x1a\x19.amm.v1.GetStatusResponse\x12O\n\x0eRegisterWorker\x12\x1d.amm.v1.RegisterWorkerRequest\x1a\x1e.amm.v1.RegisterWorkerResponse\x12U\n\x10UnregisterWorker\x12\x1f.amm.v1.UnregisterWorkerRequest\x1a .amm.v1.UnregisterWorkerResponse\x12L\n\rGetMembership\x12\x1c.amm.v1.GetMembershipRequest\x1a\x1d.amm.v1.GetMembershipResponse\x12\x46\n\x0bListWorkers\x12\x1a.amm.v1.ListWorkersRequest\x1a\x1b.amm.v1.ListWorkersResponse\x12\x37\n\x06WhoHas\x12\x15.amm.v1.WhoHasRequest\x1a\x16.amm.v1.WhoHasResponse\x12:\n\x07HasWhat\x12\x16.amm.v1.HasWhatRequest\x1a\x17.amm.v1.HasWhatResponse\x12\x37\n\x06\x46orget\x12\x15.amm.v1.ForgetRequest\x1a\x16.amm.v1.ForgetResponse\x12L\n\rRetireWorkers\x12\x1c.amm.v1.RetireWorkersRequest\x1a\x1d.amm.v1.RetireWorkersResponse\x12@\n\tReplicate\x12\x18.amm.v1.ReplicateRequest\x1a\x19.amm.v1.ReplicateResponse\x12@\n\tListGoals\x12\x18.amm.v1.ListGoalsRequest\x1a\x19.amm.v1.ListGoalsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -68,44 +68,48 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_UNREGISTERWORKERREQUEST']._serialized_end=1691
   _globals['_UNREGISTERWORKERRESPONSE']._serialized_start=1693
   _globals['_UNREGISTERWORKERRESPONSE']._serialized_end=1736
-  _globals['_LISTWORKERSREQUEST']._serialized_start=1738
-  _globals['_LISTWORKERSREQUEST']._serialized_end=1773
-  _globals['_WORKERINFO']._serialized_start=1776
-  _globals['_WORKERINFO']._serialized_end=2167
-  _globals['_LISTWORKERSRESPONSE']._serialized_start=2169
-  _globals['_LISTWORKERSRESPONSE']._serialized_end=2227
-  _globals['_WHOHASREQUEST']._serialized_start=2229
-  _globals['_WHOHASREQUEST']._serialized_end=2273
-  _globals['_KEYHOLDERS']._serialized_start=2275
-  _globals['_KEYHOLDERS']._serialized_end=2317
-  _globals['_WHOHASRESPONSE']._serialized_start=2319
-  _globals['_WHOHASRESPONSE']._serialized_end=2372
-  _globals['_HASWHATREQUEST']._serialized_start=2374
-  _globals['_HASWHATREQUEST']._serialized_end=2422
-  _globals['_WORKERKEYS']._serialized_start=2424
-  _globals['_WORKERKEYS']._serialized_end=2466
-  _globals['_HASWHATRESPONSE']._serialized_start=2468
-  _globals['_HASWHATRESPONSE']._serialized_end=2522
-  _globals['_FORGETREQUEST']._serialized_start=2524
-  _globals['_FORGETREQUEST']._serialized_end=2553
-  _globals['_FORGETRESPONSE']._serialized_start=2555
-  _globals['_FORGETRESPONSE']._serialized_end=2597
-  _globals['_RETIREWORKERSREQUEST']._serialized_start=2599
-  _globals['_RETIREWORKERSREQUEST']._serialized_end=2719
-  _globals['_RETIREMENTRESULT']._serialized_start=2721
-  _globals['_RETIREMENTRESULT']._serialized_end=2804
-  _globals['_RETIREWORKERSRESPONSE']._serialized_start=2806
-  _globals['_RETIREWORKERSRESPONSE']._serialized_end=2872
-  _globals['_REPLICATEREQUEST']._serialized_start=2874
-  _globals['_REPLICATEREQUEST']._serialized_end=2928
-  _globals['_REPLICATERESPONSE']._serialized_start=2930
-  _globals['_REPLICATERESPONSE']._serialized_end=2991
-  _globals['_LISTGOALSREQUEST']._serialized_start=2993
-  _globals['_LISTGOALSREQUEST']._serialized_end=3025
-  _globals['_REPLICATIONGOAL']._serialized_start=3027
-  _globals['_REPLICATIONGOAL']._serialized_end=3116
-  _globals['_LISTGOALSRESPONSE']._serialized_start=3118
-  _globals['_LISTGOALSRESPONSE']._serialized_end=3177
-  _globals['_ACTIVEMEMORYMANAGER']._serialized_start=3180
-  _globals['_ACTIVEMEMORYMANAGER']._serialized_end=4116
+  _globals['_GETMEMBERSHIPREQUEST']._serialized_start=1738
+  _globals['_GETMEMBERSHIPREQUEST']._serialized_end=1792
+  _globals['_GETMEMBERSHIPRESPONSE']._serialized_start=1794
+  _globals['_GETMEMBERSHIPRESPONSE']._serialized_end=1885
+  _globals['_LISTWORKERSREQUEST']._serialized_start=1887
+  _globals['_LISTWORKERSREQUEST']._serialized_end=1922
+  _globals['_WORKERINFO']._serialized_start=1925
+  _globals['_WORKERINFO']._serialized_end=2316
+  _globals['_LISTWORKERSRESPONSE']._serialized_start=2318
+  _globals['_LISTWORKERSRESPONSE']._serialized_end=2376
+  _globals['_WHOHASREQUEST']._serialized_start=2378
+  _globals['_WHOHASREQUEST']._serialized_end=2422
+  _globals['_KEYHOLDERS']._serialized_start=2424
+  _globals['_KEYHOLDERS']._serialized_end=2466
+  _globals['_WHOHASRESPONSE']._serialized_start=2468
+  _globals['_WHOHASRESPONSE']._serialized_end=2521
+  _globals['_HASWHATREQUEST']._serialized_start=2523
+  _globals['_HASWHATREQUEST']._serialized_end=2571
+  _globals['_WORKERKEYS']._serialized_start=2573
+  _globals['_WORKERKEYS']._serialized_end=2615
+  _globals['_HASWHATRESPONSE']._serialized_start=2617
+  _globals['_HASWHATRESPONSE']._serialized_end=2671
+  _globals['_FORGETREQUEST']._serialized_start=2673
+  _globals['_FORGETREQUEST']._serialized_end=2702
+  _globals['_FORGETRESPONSE']._serialized_start=2704
+  _globals['_FORGETRESPONSE']._serialized_end=2746
+  _globals['_RETIREWORKERSREQUEST']._serialized_start=2748
+  _globals['_RETIREWORKERSREQUEST']._serialized_end=2868
+  _globals['_RETIREMENTRESULT']._serialized_start=2870
+  _globals['_RETIREMENTRESULT']._serialized_end=2953
+  _globals['_RETIREWORKERSRESPONSE']._serialized_start=2955
+  _globals['_RETIREWORKERSRESPONSE']._serialized_end=3021
+  _globals['_REPLICATEREQUEST']._serialized_start=3023
+  _globals['_REPLICATEREQUEST']._serialized_end=3077
+  _globals['_REPLICATERESPONSE']._serialized_start=3079
+  _globals['_REPLICATERESPONSE']._serialized_end=3140
+  _globals['_LISTGOALSREQUEST']._serialized_start=3142
+  _globals['_LISTGOALSREQUEST']._serialized_end=3174
+  _globals['_REPLICATIONGOAL']._serialized_start=3176
+  _globals['_REPLICATIONGOAL']._serialized_end=3265
+  _globals['_LISTGOALSRESPONSE']._serialized_start=3267
+  _globals['_LISTGOALSRESPONSE']._serialized_end=3326
+  _globals['_ACTIVEMEMORYMANAGER']._serialized_start=3329
+  _globals['_ACTIVEMEMORYMANAGER']._serialized_end=4343
 # @@protoc_insertion_point(module_scope)

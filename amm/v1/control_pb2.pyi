@@ -453,7 +453,10 @@ Global___GetStatusResponse: _TypeAlias = GetStatusResponse  # noqa: Y015
 
 @_typing.final
 class RegisterWorkerRequest(_message.Message):
-    """RegisterWorker arguments."""
+    """RegisterWorker arguments. Each field follows the rules of the agent's own flags: an address is
+    HOST:PORT (host at most 253 characters, port 1-65535), a name at most 256 printable characters,
+    a zone at most 128 printable characters without whitespace; anything else is INVALID_ARGUMENT.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -469,8 +472,11 @@ class RegisterWorkerRequest(_message.Message):
     incarnation: _builtins.str
     """The agent's incarnation, a random id per process start (see PollResponse.incarnation)."""
     epoch: _builtins.int
-    """The newest AMM epoch the agent has seen. An AMM that has not run a cycle yet and sees a newer
-    epoch moves its own epoch past it: the most recently started AMM is the one in charge.
+    """The newest AMM epoch the agent has confirmed with its AMM (RegisterWorkerResponse.epoch,
+    GetMembershipResponse.epoch). An AMM that has not run a cycle yet and sees a newer epoch moves
+    its own epoch past it: the most recently started AMM is the one in charge. At most 2^52
+    (INVALID_ARGUMENT above it), so that at least 2^52 restarts remain below the largest epoch,
+    2^53 - 1, whatever a registration claims.
     """
     zone: _builtins.str
     """The failure domain (rack, zone, host group) of the worker; replicas made for a goal spread
@@ -502,7 +508,7 @@ class RegisterWorkerResponse(_message.Message):
     EPOCH_FIELD_NUMBER: _builtins.int
     INTERVAL_FIELD_NUMBER: _builtins.int
     epoch: _builtins.int
-    """The AMM's epoch."""
+    """The AMM's epoch, which the agent adopts: it comes from the AMM the agent is configured with."""
     @_builtins.property
     def interval(self) -> _duration_pb2.Duration:
         """Time between the AMM's cycles."""
@@ -564,6 +570,74 @@ class UnregisterWorkerResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___UnregisterWorkerResponse: _TypeAlias = UnregisterWorkerResponse  # noqa: Y015
+
+@_typing.final
+class GetMembershipRequest(_message.Message):
+    """GetMembership arguments."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EPOCH_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    epoch: _builtins.int
+    """The epoch of the membership the caller holds (GetMembershipResponse.epoch); 0 for none."""
+    version: _builtins.int
+    """The version of the membership the caller holds (GetMembershipResponse.version). When epoch
+    and version are both current, the answer sets `unchanged` and lists no workers.
+    """
+    def __init__(
+        self,
+        *,
+        epoch: _builtins.int = ...,
+        version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetMembershipRequest: _TypeAlias = GetMembershipRequest  # noqa: Y015
+
+@_typing.final
+class GetMembershipResponse(_message.Message):
+    """GetMembership result."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EPOCH_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    WORKERS_FIELD_NUMBER: _builtins.int
+    UNCHANGED_FIELD_NUMBER: _builtins.int
+    epoch: _builtins.int
+    """The AMM's epoch (at most 2^53 - 1): an agent accepts directives of this epoch and refuses
+    older ones (STALE_EPOCH) and newer ones (UNCONFIRMED_EPOCH).
+    """
+    version: _builtins.int
+    """The version of the set of registered workers: it changes whenever a worker registers (or
+    registers a new incarnation) or leaves. Each Poll carries it (PollRequest.membership_version).
+    """
+    unchanged: _builtins.bool
+    """True when the caller's epoch and version are current: its list of workers still holds."""
+    @_builtins.property
+    def workers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The addresses of the registered workers, the caller's included; empty when `unchanged`."""
+
+    def __init__(
+        self,
+        *,
+        epoch: _builtins.int = ...,
+        version: _builtins.int = ...,
+        workers: _abc.Iterable[_builtins.str] | None = ...,
+        unchanged: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "unchanged", b"unchanged", "version", b"version", "workers", b"workers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetMembershipResponse: _TypeAlias = GetMembershipResponse  # noqa: Y015
 
 @_typing.final
 class ListWorkersRequest(_message.Message):

@@ -49,6 +49,12 @@ class ActiveMemoryManagerStub:
     """Called by an agent at start-up."""
     UnregisterWorker: _grpc.UnaryUnaryMultiCallable[_control_pb2.UnregisterWorkerRequest, _control_pb2.UnregisterWorkerResponse]
     """Called by an agent when it shuts down."""
+    GetMembership: _grpc.UnaryUnaryMultiCallable[_control_pb2.GetMembershipRequest, _control_pb2.GetMembershipResponse]
+    """Called by agents: the AMM's epoch and the addresses of the registered workers. An agent takes
+    a newer epoch, and the peers a directive or a Get names, only once its own AMM confirms them
+    with this call: a caller that is not its AMM can neither fence the AMM off with an epoch it
+    never issued nor point the agent at a server of its choosing.
+    """
     ListWorkers: _grpc.UnaryUnaryMultiCallable[_control_pb2.ListWorkersRequest, _control_pb2.ListWorkersResponse]
     """The registered workers."""
     WhoHas: _grpc.UnaryUnaryMultiCallable[_control_pb2.WhoHasRequest, _control_pb2.WhoHasResponse]
@@ -88,6 +94,12 @@ class ActiveMemoryManagerAsyncStub(ActiveMemoryManagerStub):
     """Called by an agent at start-up."""
     UnregisterWorker: _aio.UnaryUnaryMultiCallable[_control_pb2.UnregisterWorkerRequest, _control_pb2.UnregisterWorkerResponse]  # type: ignore[assignment]
     """Called by an agent when it shuts down."""
+    GetMembership: _aio.UnaryUnaryMultiCallable[_control_pb2.GetMembershipRequest, _control_pb2.GetMembershipResponse]  # type: ignore[assignment]
+    """Called by agents: the AMM's epoch and the addresses of the registered workers. An agent takes
+    a newer epoch, and the peers a directive or a Get names, only once its own AMM confirms them
+    with this call: a caller that is not its AMM can neither fence the AMM off with an epoch it
+    never issued nor point the agent at a server of its choosing.
+    """
     ListWorkers: _aio.UnaryUnaryMultiCallable[_control_pb2.ListWorkersRequest, _control_pb2.ListWorkersResponse]  # type: ignore[assignment]
     """The registered workers."""
     WhoHas: _aio.UnaryUnaryMultiCallable[_control_pb2.WhoHasRequest, _control_pb2.WhoHasResponse]  # type: ignore[assignment]
@@ -166,6 +178,18 @@ class ActiveMemoryManagerServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_control_pb2.UnregisterWorkerResponse, _abc.Awaitable[_control_pb2.UnregisterWorkerResponse]]:
         """Called by an agent when it shuts down."""
+
+    @_abc_1.abstractmethod
+    def GetMembership(
+        self,
+        request: _control_pb2.GetMembershipRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_control_pb2.GetMembershipResponse, _abc.Awaitable[_control_pb2.GetMembershipResponse]]:
+        """Called by agents: the AMM's epoch and the addresses of the registered workers. An agent takes
+        a newer epoch, and the peers a directive or a Get names, only once its own AMM confirms them
+        with this call: a caller that is not its AMM can neither fence the AMM off with an epoch it
+        never issued nor point the agent at a server of its choosing.
+        """
 
     @_abc_1.abstractmethod
     def ListWorkers(

@@ -188,6 +188,15 @@ class ControlServicer(control_pb2_grpc.ActiveMemoryManagerServicer):
         return control_pb2.UnregisterWorkerResponse(removed=removed)
 
     @_edge
+    async def GetMembership(
+        self, request: control_pb2.GetMembershipRequest, context: Any
+    ) -> control_pb2.GetMembershipResponse:
+        epoch, version, workers = self._amm.membership(request.epoch, request.version)
+        if workers is None:
+            return control_pb2.GetMembershipResponse(epoch=epoch, version=version, unchanged=True)
+        return control_pb2.GetMembershipResponse(epoch=epoch, version=version, workers=workers)
+
+    @_edge
     async def ListWorkers(
         self, request: control_pb2.ListWorkersRequest, context: Any
     ) -> control_pb2.ListWorkersResponse:

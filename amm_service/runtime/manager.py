@@ -151,6 +151,8 @@ class ActiveMemoryManager:
             wake=self.wake,
         )
         self._woken = asyncio.Event()
+        #: Changes whenever the set of registered workers does (``membership``); polls carry it.
+        self.membership_version = 0
         self._opened = False
         self._closed = False
 
@@ -197,6 +199,7 @@ class ActiveMemoryManager:
         known = [WorkerId(record.address) for record in records]
         for record in records:
             self.state.register(WorkerId(record.address), record.name, "", now)
+        self._membership_changed()
         silent = await self._poller.poll_all(known)
         self._liveness.observe(self.state.workers, self._monotonic())
         self._grace = StartupGrace(known, until=self._monotonic() + self.config.startup_grace)
@@ -525,6 +528,7 @@ class ActiveMemoryManager:
         if problem is not None:
             raise InvalidArgument(problem)
         if self.state.register(worker, name, incarnation, self._clock(), zone=zone):
+            self._membership_changed()
             self.outcomes.forget_in_flight(worker)
             await self._dispatcher.close_worker(worker)
             # A channel that failed to reach the old process may be backing off for minutes:
@@ -542,8 +546,23 @@ class ActiveMemoryManager:
             log.info("worker %s unregistered", address)
         return removed
 
+    def membership(self, epoch: int, version: int) -> tuple[int, int, list[WorkerId] | None]:
+        """Our epoch, the membership version and the registered workers' addresses; None for
+        the addresses when the caller's ``epoch`` and ``version`` are current. Agents confirm
+        epochs and peers with it (``GetMembership``)."""
+        self._check_open()
+        if (epoch, version) == (self.epoch, self.membership_version):
+            return self.epoch, self.membership_version, None
+        return self.epoch, self.membership_version, self.state.worker_ids
+
+    def _membership_changed(self) -> None:
+        self.membership_version += 1
+        self._poller.membership_version = self.membership_version
+
     async def _remove(self, worker: WorkerId) -> bool:
         removed = self.state.unregister(worker)
+        if removed:
+            self._membership_changed()
         self.retirements.left(worker)
         self.outcomes.forget_in_flight(worker)
         self._poller.forget(worker)

@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterable
 
 import grpc
 
+from amm.base.validation import MAX_ADOPTED_EPOCH
 from amm.v1 import agent_pb2
 from amm_service import wire
 from amm_service.decisions.view import ClusterState, KeyReport, WorkerId
@@ -81,6 +82,8 @@ class Poller:
         self._locks: dict[WorkerId, asyncio.Lock] = {}
         self._slots = asyncio.Semaphore(max_in_flight)
         self.newest_agent_epoch = 0
+        #: The AMM's membership version, told to every agent polled (``manager.membership``).
+        self.membership_version = 0
 
     async def poll_all(self, workers: Iterable[WorkerId] | None = None) -> list[WorkerId]:
         """Poll ``workers`` (default: all registered); returns those that did not answer."""
@@ -177,10 +180,12 @@ class Poller:
             epoch=self.epoch,
             max_keys=self._page,
             cursor=cursor,
+            membership_version=self.membership_version,
         )
         async with self._slots:  # the deadline starts once a slot is ours
             resp = await self._links.stub(worker).Poll(request, timeout=self._timeout)
-        self.newest_agent_epoch = max(self.newest_agent_epoch, resp.epoch)
+        if resp.epoch <= MAX_ADOPTED_EPOCH:  # beyond: no AMM issued it, and nothing moves past it
+            self.newest_agent_epoch = max(self.newest_agent_epoch, resp.epoch)
         return resp
 
     def _apply(

@@ -180,7 +180,8 @@ class Restarted:
 
 @asynccontextmanager
 async def restarted(tmp_path: Path, **overrides: Any) -> AsyncIterator[Restarted]:
-    config = amm_config(tmp_path, **overrides)
+    # Back at the same address: agents take epochs only from the AMM they are configured with.
+    config = amm_config(tmp_path, listen=f"127.0.0.1:{free_port()}", **overrides)
     gone = f"127.0.0.1:{free_port()}"
     async with AsyncExitStack() as stack, AsyncExitStack() as b_stack:
         async with AmmServer(config) as first:

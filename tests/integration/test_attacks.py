@@ -3,24 +3,151 @@ playing the attacker. Each test failed against the code before the fix it names.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import pytest
 
 from amm.base.serving import CHANNEL_OPTIONS
-from amm.v1 import control_pb2, control_pb2_grpc
+from amm.base.validation import MAX_ADOPTED_EPOCH, MAX_EPOCH
+from amm.v1 import agent_pb2, control_pb2, control_pb2_grpc, types_pb2
 from amm_service.api.server import AmmServer
+from amm_service.runtime.state import StateError, StateStore
 from tests.conftest import amm_config
+from tests.support.agent import (
+    Stub,
+    agents,
+    directive_stream,
+    drop,
+    get,
+    poll,
+    put,
+    reason,
+    status,
+)
+from tests.support.waiting import wait_for
+from worker_agent.agent import Agent
 from worker_agent.config import AgentConfig
 
+if TYPE_CHECKING:
+    from amm.v1.control_pb2_grpc import ActiveMemoryManagerAsyncStub
 
-async def _code(call: object) -> tuple[grpc.StatusCode, str]:
+DATA = b"the real value " * 100
+
+
+async def _code(call: Awaitable[Any]) -> tuple[grpc.StatusCode, str]:
     """The status code and details of a call that must fail."""
     with pytest.raises(grpc.aio.AioRpcError) as info:
-        await call  # type: ignore[misc]
+        await call
     return info.value.code(), info.value.details() or ""
+
+
+@dataclass
+class Cluster:
+    """A real AMM (cycles stopped) and real agents registered with it, with stubs to each."""
+
+    amm: AmmServer
+    control: ActiveMemoryManagerAsyncStub
+    agents: list[Agent]
+    stubs: list[Stub]
+
+    @property
+    def addresses(self) -> list[str]:
+        return [a.address for a in self.agents]
+
+    async def holders(self, key: str) -> set[str]:
+        resp = await self.control.WhoHas(control_pb2.WhoHasRequest(keys=[key], fresh=True))
+        return set(resp.entries[0].workers)
+
+    async def run_once(self) -> types_pb2.CycleReport:
+        return (await self.control.RunOnce(control_pb2.RunOnceRequest(wait=True))).cycle
+
+
+@asynccontextmanager
+async def cluster(tmp_path: Path, n: int, **overrides: Any) -> AsyncIterator[Cluster]:
+    async with AsyncExitStack() as stack:
+        amm = await stack.enter_async_context(
+            AmmServer(amm_config(tmp_path, measure="managed", **overrides))
+        )
+        channel = await stack.enter_async_context(
+            grpc.aio.insecure_channel(amm.address, options=CHANNEL_OPTIONS)
+        )
+        control = control_pb2_grpc.ActiveMemoryManagerStub(channel)
+        pairs = await stack.enter_async_context(agents(n, amm=amm.address))
+
+        async def registered() -> int:
+            return len((await control.ListWorkers(control_pb2.ListWorkersRequest())).workers)
+
+        await wait_for(registered, lambda count: count == n, what="agents registered")
+        yield Cluster(amm, control, [a for a, _ in pairs], [s for _, s in pairs])
+
+
+# -- 1. One call with a huge epoch locks the AMM out ------------------------------------------
+
+
+async def test_a_strangers_epoch_neither_fences_the_amm_off_nor_is_taken(tmp_path: Path) -> None:
+    async with cluster(tmp_path, 2) as c:
+        a, b = c.stubs
+        await put(a, "x", DATA)
+        await get(b, "x", sources=[c.addresses[0]])
+        # The attacker polls with the largest epoch there is, and beyond it...
+        for stub in c.stubs:
+            await poll(stub, epoch=MAX_EPOCH)
+            code, details = await _code(stub.Poll(agent_pb2.PollRequest(epoch=2**63)))
+            assert code is grpc.StatusCode.INVALID_ARGUMENT
+            assert "out of range" in details
+        # ...and sends directives of an epoch the AMM never issued, on its own stream.
+        async with directive_stream(b) as attacker:
+            for epoch in (c.amm.epoch + 1, MAX_ADOPTED_EPOCH, MAX_EPOCH):
+                outcome = await attacker.run(drop("x", [c.addresses[0]], epoch=epoch))
+                assert (status(outcome), reason(outcome)) == ("REFUSED", "UNCONFIRMED_EPOCH")
+                assert f"newer than epoch {c.amm.epoch}" in outcome.message
+            outcome = await attacker.run(drop("x", [c.addresses[0]], epoch=2**63))
+            assert (status(outcome), reason(outcome)) == ("REFUSED", "INVALID")
+        for stub in c.stubs:
+            assert (await poll(stub)).epoch == c.amm.epoch
+        # The real AMM still acts: ReduceReplicas drops one of the two copies.
+        report = await c.run_once()
+        assert (report.directives_sent, report.applied) == (1, 1)
+        assert len(await c.holders("x")) == 1
+
+
+async def test_the_amm_epoch_stays_bounded_and_keeps_increasing(tmp_path: Path) -> None:
+    config = amm_config(tmp_path)
+    async with (
+        AmmServer(config) as amm,
+        grpc.aio.insecure_channel(amm.address, options=CHANNEL_OPTIONS) as channel,
+    ):
+        stub = control_pb2_grpc.ActiveMemoryManagerStub(channel)
+        for epoch in (2**63, 2**64 - 1, MAX_ADOPTED_EPOCH + 1):
+            request = control_pb2.RegisterWorkerRequest(
+                address="127.0.0.1:5000", incarnation="i", epoch=epoch
+            )
+            code, details = await _code(stub.RegisterWorker(request))
+            assert code is grpc.StatusCode.INVALID_ARGUMENT
+            assert "out of range" in details
+        assert amm.epoch == 1
+        # A fresh AMM does move past the highest epoch a registration may claim...
+        await stub.RegisterWorker(
+            control_pb2.RegisterWorkerRequest(
+                address="127.0.0.1:5000", incarnation="i", epoch=MAX_ADOPTED_EPOCH
+            )
+        )
+        assert amm.epoch == MAX_ADOPTED_EPOCH + 1
+    # ...and every later start still begins a new, higher epoch.
+    for expected in (MAX_ADOPTED_EPOCH + 2, MAX_ADOPTED_EPOCH + 3):
+        async with AmmServer(config) as amm:
+            assert amm.epoch == expected
+    # A state file at the end of the range (only a hand-edited or pre-bound one gets there)
+    # stops the AMM with a message, not an OverflowError at every start.
+    with StateStore(config.state_path) as store:
+        store._run("UPDATE service SET epoch = ?", MAX_EPOCH)
+        with pytest.raises(StateError, match="Move it aside"):
+            store.begin_epoch()
 
 
 # -- 6. RegisterWorker takes what the agent's own flags refuse --------------------------------
