@@ -367,6 +367,7 @@ class Node:
         if value is None:
             if not fetch:
                 raise UnknownKey(f"{key!r} is not held here")
+            await self._vet_sources(sources)
             async with self.locks.hold(key):
                 value = self.store.get(key)
                 if value is None:
@@ -383,6 +384,21 @@ class Node:
         finally:
             if using:
                 self.store.end_use(key)
+
+    async def _vet_sources(self, sources: Sequence[str]) -> None:
+        """With an AMM, a Get fetches only from workers registered with it: not from a server
+        that would hand over other bytes under a real key, and not from any address a caller
+        wants probed from here. Judged before anything is dialled; ``InvalidRequest`` names
+        the strangers."""
+        if self.confirmations is None or not sources:
+            return
+        unknown = await self.confirmations.strangers(s for s in sources if s != self.address)
+        if unknown:
+            shown = ", ".join(repr(s[:100]) for s in unknown[:3])
+            raise InvalidRequest(
+                f"sources must be workers registered with the AMM at {self.confirmations.amm}; "
+                f"not registered: {shown}"
+            )
 
     async def _fetch_missing(self, key: Key, sources: Sequence[str]) -> tuple[Value, bool]:
         candidates = [s for s in sources if s != self.address]

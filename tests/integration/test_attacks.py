@@ -11,10 +11,12 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 import pytest
+from google.protobuf.duration_pb2 import Duration
 
+from amm.base.checksum import checksum
 from amm.base.serving import CHANNEL_OPTIONS
 from amm.base.validation import MAX_ADOPTED_EPOCH, MAX_EPOCH
-from amm.v1 import agent_pb2, control_pb2, control_pb2_grpc, types_pb2
+from amm.v1 import agent_pb2, agent_pb2_grpc, control_pb2, control_pb2_grpc, types_pb2
 from amm_service.api.server import AmmServer
 from amm_service.runtime.state import StateError, StateStore
 from tests.conftest import amm_config
@@ -27,16 +29,20 @@ from tests.support.agent import (
     poll,
     put,
     reason,
+    replicate,
     status,
 )
+from tests.support.faults import fake_peer
 from tests.support.waiting import wait_for
 from worker_agent.agent import Agent
 from worker_agent.config import AgentConfig
+from worker_agent.store import Key
 
 if TYPE_CHECKING:
     from amm.v1.control_pb2_grpc import ActiveMemoryManagerAsyncStub
 
 DATA = b"the real value " * 100
+FAKE = b"the attacker's bytes " * 100
 
 
 async def _code(call: Awaitable[Any]) -> tuple[grpc.StatusCode, str]:
@@ -194,3 +200,99 @@ async def test_registration_refuses_what_the_agent_flags_refuse(
         assert words in details
         listed = await stub.ListWorkers(control_pb2.ListWorkersRequest())
         assert not listed.workers
+
+
+class Liar(agent_pb2_grpc.WorkerAgentServicer):
+    """The attacker's own server: promises to keep anything, serves its own bytes under any
+    key, and counts how often an agent called it."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def PromiseKeep(
+        self, request: agent_pb2.PromiseKeepRequest, context: Any
+    ) -> agent_pb2.PromiseKeepResponse:
+        self.calls += 1
+        return agent_pb2.PromiseKeepResponse(kept=True, lease=Duration(seconds=60))
+
+    async def PromiseKeepBatch(
+        self, request: agent_pb2.PromiseKeepBatchRequest, context: Any
+    ) -> agent_pb2.PromiseKeepBatchResponse:
+        self.calls += 1
+        kept = agent_pb2.PromiseKeepResponse(kept=True, lease=Duration(seconds=60))
+        return agent_pb2.PromiseKeepBatchResponse(answers=[kept] * len(request.items))
+
+    async def Fetch(
+        self, request: agent_pb2.FetchRequest, context: Any
+    ) -> AsyncIterator[agent_pb2.FetchResponse]:
+        self.calls += 1
+        header = types_pb2.ValueHeader(key=request.key, size=len(FAKE), checksum=checksum(FAKE))
+        yield agent_pb2.FetchResponse(header=header)
+        yield agent_pb2.FetchResponse(chunk=FAKE)
+
+
+async def _epoch(c: Cluster) -> int:
+    """What an attacker reads off the AMM: its current epoch."""
+    return (await c.control.GetStatus(control_pb2.GetStatusRequest())).epoch
+
+
+# -- 2. A DROP naming a fake keeper removes the last copy --------------------------------------
+
+
+async def test_a_drop_is_never_kept_by_a_keeper_the_amm_does_not_list(tmp_path: Path) -> None:
+    liar = Liar()  # type: ignore[abstract]
+    async with cluster(tmp_path, 2) as c, fake_peer(liar) as fake:
+        a = c.stubs[0]
+        await put(a, "x", DATA)
+        many = [Key(f"k{i:04d}") for i in range(2_000)]
+        for key in many:  # set-up only: the last copies of 2,000 more keys
+            c.agents[0].store.add(key, DATA, checksum(DATA))
+        assert await c.holders("x") == {c.addresses[0]}
+        epoch = await _epoch(c)
+        async with directive_stream(a) as attacker:
+            outcome = await attacker.run(drop("x", [fake], epoch=epoch, checksum=checksum(DATA)))
+            assert (status(outcome), reason(outcome)) == ("REFUSED", "UNKNOWN_PEER")
+            assert fake in outcome.message
+            # A registered worker that does not hold the key refuses to promise it.
+            outcome = await attacker.run(drop("x", [fake, c.addresses[1]], epoch=epoch))
+            assert (status(outcome), reason(outcome)) == ("REFUSED", "NO_CONFIRMED_HOLDER")
+            # A batch of thousands is judged against the AMM's list at once.
+            await attacker.send_batch([drop(key, [fake], epoch=epoch) for key in many])
+            refused: list[types_pb2.DirectiveOutcome] = []
+            while len(refused) < len(many):
+                response = await attacker.next_response()
+                assert response is not None
+                refused += response.batch
+            assert {reason(o) for o in refused} == {"UNKNOWN_PEER"}
+        assert liar.calls == 0
+        assert (await poll(a)).keys[0].key == "k0000"
+        assert len(c.agents[0].store) == len(many) + 1
+
+
+# -- 3. Get and REPLICATE sources point anywhere -----------------------------------------------
+
+
+async def test_sources_must_be_registered_workers(tmp_path: Path) -> None:
+    liar = Liar()  # type: ignore[abstract]
+    async with cluster(tmp_path, 2) as c, fake_peer(liar) as fake:
+        a, b = c.stubs
+        await put(a, "x", DATA)
+        # The attacker's server as a Get source, to plant its bytes under x on b...
+        code, details = await _code(get(b, "x", sources=[fake]))
+        assert code is grpc.StatusCode.INVALID_ARGUMENT
+        assert f"not registered: {fake!r}" in details
+        # ...or as a REPLICATE source, under the checksum of its own bytes.
+        async with directive_stream(b) as attacker:
+            outcome = await attacker.run(replicate("x", FAKE, [fake], epoch=await _epoch(c)))
+            assert (status(outcome), reason(outcome)) == ("REFUSED", "UNKNOWN_PEER")
+        # Probing ports from the agent's position: open or closed, the answer is the same and
+        # nothing is dialled.
+        for probe in (fake, "127.0.0.1:1", "10.255.255.1:22"):
+            code, details = await _code(get(b, "y", sources=[probe]))
+            assert code is grpc.StatusCode.INVALID_ARGUMENT
+            assert "sources must be workers registered with the AMM" in details
+        assert liar.calls == 0
+        assert not c.agents[1].store
+        # A registered worker is a good source.
+        header, data = await get(b, "x", sources=[c.addresses[0]])
+        assert (data, header.replicated) == (DATA, True)
