@@ -14,7 +14,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from types import TracebackType
 from typing import Any, Self
 
@@ -25,7 +25,7 @@ from amm.base.validation import address_problem, epoch_problem
 from amm.v1 import control_pb2, control_pb2_grpc
 from worker_agent.advertise import advertised_address
 from worker_agent.config import AgentConfig
-from worker_agent.confirm import Membership
+from worker_agent.confirm import KnownKey, Membership
 from worker_agent.errors import Unavailable
 from worker_agent.memory import MemoryProbe, PsutilProbe
 from worker_agent.node import Node
@@ -75,6 +75,25 @@ class _AmmLink:
             return None
         return Membership(response.epoch, response.version, frozenset(response.workers))
 
+    async def lookup(self, keys: Sequence[Key], *, fresh: bool) -> dict[Key, KnownKey]:
+        amm = self._agent._amm
+        if amm is None:
+            raise Unavailable(f"no channel to the AMM at {self.address} yet")
+        try:
+            response = await amm.LookupKeys(
+                control_pb2.LookupKeysRequest(keys=keys, fresh=fresh),
+                timeout=self._agent.config.fetch_timeout,
+            )
+        except grpc.aio.AioRpcError as err:
+            raise Unavailable(
+                f"cannot ask the AMM at {self.address} about {len(keys)} key(s): "
+                f"{err.code().name} {err.details() or ''}"
+            ) from err
+        return {
+            Key(k.key): KnownKey(k.size, k.checksum, tuple(k.holders), tuple(k.conflicting))
+            for k in response.keys
+        }
+
 
 class Agent:
     """One worker agent; use ``async with Agent(config) as agent`` or ``start``/``stop``."""
@@ -91,7 +110,6 @@ class Agent:
             config,
             probe=probe if probe is not None else PsutilProbe(),
             clock=clock,
-            who_has=self._who_has if config.amm else None,
             amm=_AmmLink(self, config.amm) if config.amm else None,
         )
         self._served: Served | None = None
@@ -314,21 +332,6 @@ class Agent:
             )
         except grpc.aio.AioRpcError as err:
             log.warning("could not unregister from %s: %s", self.config.amm, err.code().name)
-
-    async def _who_has(self, key: Key) -> list[str]:
-        if self._amm is None:
-            return []
-        try:
-            response = await self._amm.WhoHas(
-                control_pb2.WhoHasRequest(keys=[key], fresh=True), timeout=self.config.fetch_timeout
-            )
-        except grpc.aio.AioRpcError as err:
-            if err.code() == grpc.StatusCode.NOT_FOUND:
-                return []  # the AMM knows no holder: the caller answers NOT_FOUND
-            raise Unavailable(f"cannot ask the AMM who holds {key!r}: {err.code().name}") from err
-        return [
-            worker for entry in response.entries if entry.key == key for worker in entry.workers
-        ]
 
 
 def _report_exit(task: asyncio.Task[None]) -> None:

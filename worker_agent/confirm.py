@@ -1,5 +1,5 @@
-"""What an agent registered with an AMM takes on that AMM's word alone: a newer epoch, and which
-peers are workers of the cluster.
+"""What an agent registered with an AMM takes on that AMM's word alone: a newer epoch, which
+peers are workers of the cluster, and what content a key has elsewhere.
 
 Anyone who can reach an agent can call it. Believing its callers, an agent let one Poll or
 directive with a huge epoch fence the real AMM off for good, dropped the last copy of a key on
@@ -15,6 +15,11 @@ or a REPLICATE named. So:
    named that it lacks.
 3. The AMM is asked once at a time (callers share the answer under way) and at most once every
    ``min_interval``, so that strangers' calls cost it little.
+4. Keys are immutable cluster-wide: before a key this agent lacks is stored (Put, PutMany, a
+   Get that keeps a replica), the AMM says what content the cluster holds under it
+   (``lookup``), and other content is refused. The AMM learns of a key at its next poll, so two
+   puts of different content on two agents within one interval both pass; the AMM then reports
+   the key as conflicting and neither copies nor drops it.
 
 Not covered: callers that know the current epoch and name registered workers. Without
 authentication (the role work) the agent cannot tell them from its AMM. The AMM port raises
@@ -26,14 +31,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
+
+from worker_agent.store import Key
 
 log = logging.getLogger(__name__)
 
 #: The least time between two calls to the AMM, in seconds.
 MIN_INTERVAL = 0.25
+#: Most keys in one LookupKeys call (the AMM's limit per request).
+LOOKUP_KEYS = 100_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +54,17 @@ class Membership:
     workers: frozenset[str]
 
 
+@dataclass(frozen=True, slots=True)
+class KnownKey:
+    """What the AMM knows of a key: its content (``size``, ``checksum``), the workers holding
+    that content and those holding other content under the key."""
+
+    size: int
+    checksum: str
+    holders: tuple[str, ...]
+    conflicting: tuple[str, ...] = ()
+
+
 class AmmPort(Protocol):
     """The agent's calls to its AMM (``agent.Agent`` makes them over gRPC)."""
 
@@ -53,6 +73,10 @@ class AmmPort(Protocol):
 
     async def membership(self, epoch: int, version: int) -> Membership | None:
         """The current membership, or None when (epoch, version) are still current."""
+        ...
+
+    async def lookup(self, keys: Sequence[Key], *, fresh: bool) -> dict[Key, KnownKey]:
+        """What the AMM knows of ``keys`` (at most ``LOOKUP_KEYS``); unknown keys are absent."""
         ...
 
 
@@ -118,6 +142,13 @@ class Confirmations:
                     return unknown
             await self._ask()
             asked = True
+
+    async def lookup(self, keys: Sequence[Key], *, fresh: bool = False) -> dict[Key, KnownKey]:
+        """What the AMM knows of ``keys``, in calls of at most ``LOOKUP_KEYS`` keys."""
+        known: dict[Key, KnownKey] = {}
+        for start in range(0, len(keys), LOOKUP_KEYS):
+            known.update(await self._port.lookup(keys[start : start + LOOKUP_KEYS], fresh=fresh))
+        return known
 
     async def close(self) -> None:
         task, self._asking = self._asking, None

@@ -15,7 +15,7 @@ import dataclasses
 import enum
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 from amm.base.validation import epoch_problem
@@ -38,8 +38,6 @@ from worker_agent.store import Key, KeyInfo, Page, Store, Value
 from worker_agent.transfer import FetchFailure, Peers
 
 log = logging.getLogger(__name__)
-
-WhoHas = Callable[[Key], Awaitable[list[str]]]
 
 #: Keys in a poll answer when the caller asks for no particular number (PollRequest.max_keys 0).
 DEFAULT_POLL_KEYS = 10_000
@@ -111,7 +109,6 @@ class Node:
         *,
         probe: MemoryProbe,
         clock: Callable[[], float],
-        who_has: WhoHas | None = None,
         amm: AmmPort | None = None,
     ) -> None:
         self.config = config
@@ -140,7 +137,6 @@ class Node:
             limit=config.memory_limit,
             pause_fraction=config.pause_fraction,
         )
-        self._who_has = who_has
         #: What the agent's AMM confirms (epochs, registered peers); None without an AMM, when
         #: the agent takes epochs and peers as its callers give them.
         self.confirmations = (
@@ -276,6 +272,28 @@ class Node:
     ) -> None:
         await self.runner.run_batch(directives, emit)
 
+    async def admit(self, values: Sequence[tuple[Key, str]]) -> None:
+        """Keys are immutable cluster-wide: refuse to store a ``(key, checksum)`` this agent
+        lacks when the AMM knows other content under the key (``ContentConflict``, ALREADY_EXISTS
+        on the wire), or when the AMM cannot be asked (``Unavailable``). One call for all of
+        them; without an AMM, only the local rule holds (``put``)."""
+        if self.confirmations is None:
+            return
+        held = self.store.get
+        new = {key: digest for key, digest in values if held(key) is None}
+        if not new:
+            return
+        known = await self.confirmations.lookup(list(new))
+        for key, digest in new.items():
+            other = known.get(key)
+            if other is None or (other.checksum == digest and other.holders):
+                continue
+            where = ", ".join((*other.holders, *other.conflicting)[:3])
+            raise ContentConflict(
+                f"{key!r} already exists in the cluster with other content (checksum "
+                f"{other.checksum[:12]}, on {where}); keys are immutable cluster-wide"
+            )
+
     def check_put(self, key: Key, size: int, checksum: str) -> None:
         """Fail early, before the value is received, when it cannot be stored."""
         self._refuse_if_closing()
@@ -401,16 +419,34 @@ class Node:
             )
 
     async def _fetch_missing(self, key: Key, sources: Sequence[str]) -> tuple[Value, bool]:
+        """The value of ``key`` from a peer, and whether it was kept here.
+
+        With an AMM, it is asked what content the cluster holds under the key (and, when no
+        source is named, who holds it, after a fresh poll), and only that content is taken: a
+        source holding other content answers NOT_FOUND and the next one is asked, so a fetched
+        replica never shadows the key's content."""
         candidates = [s for s in sources if s != self.address]
-        if not sources:
-            if self._who_has is None:
-                raise UnknownKey(f"{key!r} is not held here, and no source or AMM to ask")
-            named = await self._who_has(key)
-            candidates = [s for s in named if s != self.address and integrity.is_peer_address(s)]
-            if not candidates:
-                raise UnknownKey(f"no worker holds {key!r}")
+        expected_size: int | None = None
+        expected = ""
+        if self.confirmations is not None:
+            known = (await self.confirmations.lookup([key], fresh=not sources)).get(key)
+            if known is not None:
+                expected_size, expected = known.size, known.checksum
+            if not sources:
+                named = known.holders if known is not None else ()
+                candidates = [
+                    s for s in named if s != self.address and integrity.is_peer_address(s)
+                ]
+                if not candidates:
+                    raise UnknownKey(f"no worker holds {key!r}")
+        elif not sources:
+            raise UnknownKey(f"{key!r} is not held here, and no source or AMM to ask")
         result = await self.peers.fetch(
-            key, candidates, expected_size=None, expected_checksum="", requester=self.address
+            key,
+            candidates,
+            expected_size=expected_size,
+            expected_checksum=expected,
+            requester=self.address,
         )
         if isinstance(result, FetchFailure):
             if result.reason is Reason.CHECKSUM_MISMATCH:

@@ -407,6 +407,8 @@ class WorkerAgentServicer(agent_pb2_grpc.WorkerAgentServicer):
             key, size = _key(first.header.key), first.header.size
             declared = _checksum(first.header.checksum)
             self._node.check_put(key, size, declared)
+            if declared:  # judged before a byte of the value is received
+                await self._node.admit([(key, declared)])
             received = Assembly(size)
             try:
                 async for message in messages:
@@ -428,6 +430,8 @@ class WorkerAgentServicer(agent_pb2_grpc.WorkerAgentServicer):
                 received.abandon()
             if declared and declared != actual:
                 raise InvalidRequest("the value does not match the checksum in the header")
+            if not declared:
+                await self._node.admit([(key, actual)])
             info, created = self._node.put(key, data, actual)
             return agent_pb2.PutResponse(
                 key=info.key, size=info.size, checksum=info.checksum, created=created
@@ -584,7 +588,9 @@ class WorkerAgentServicer(agent_pb2_grpc.WorkerAgentServicer):
         async with _Edge(context, "PutMany"):
             created = unchanged = stored = 0
             async for message in request_iterator:
-                batch = self._node.put_many(_put_items(message.items))
+                items = _put_items(message.items)
+                await self._node.admit([(key, digest) for key, _, digest in items])
+                batch = self._node.put_many(items)
                 created += batch.created
                 unchanged += batch.unchanged
                 stored += batch.nbytes

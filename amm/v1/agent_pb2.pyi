@@ -336,7 +336,9 @@ class GetRequest(_message.Message):
     """The key to read."""
     @_builtins.property
     def sources(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Holders to fetch from if this agent lacks the key; empty means ask the AMM who has it."""
+        """Holders to fetch from if this agent lacks the key; empty means ask the AMM who has it. With an
+        AMM, each must be a worker registered with it.
+        """
 
     def __init__(
         self,

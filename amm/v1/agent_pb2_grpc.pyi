@@ -44,10 +44,15 @@ class WorkerAgentStub:
     Put: _grpc.StreamUnaryMultiCallable[_agent_pb2.PutRequest, _agent_pb2.PutResponse]
     """Store a value: a header message, then chunks. Keys are immutable: storing different content
     under an existing key fails with ALREADY_EXISTS; storing the same content again is a no-op.
+    An agent registered with an AMM holds keys immutable cluster-wide: before it stores a key it
+    lacks it asks the AMM (LookupKeys), and fails with ALREADY_EXISTS when the cluster holds other
+    content under it (with UNAVAILABLE when the AMM cannot be asked).
     """
     Get: _grpc.UnaryStreamMultiCallable[_agent_pb2.GetRequest, _agent_pb2.GetResponse]
     """Read a value: a header message, then chunks. An agent that lacks the key fetches it from a
-    holder first and keeps the replica, as a Dask worker does for a task's input.
+    holder first and keeps the replica, as a Dask worker does for a task's input. An agent
+    registered with an AMM fetches only from workers registered with it (INVALID_ARGUMENT for any
+    other source) and only the content the AMM knows under the key (LookupKeys).
     """
     Pin: _grpc.UnaryUnaryMultiCallable[_agent_pb2.PinRequest, _agent_pb2.PinResponse]
     """Mark a key as in use on this worker; a pinned key is never dropped here. Pins are counted."""
@@ -70,8 +75,9 @@ class WorkerAgentStub:
     """
     PutMany: _grpc.StreamUnaryMultiCallable[_agent_pb2.PutManyRequest, _agent_pb2.PutManyResponse]
     """Store many values in one stream: each message carries whole values, stored once verified.
-    Keys are immutable across the batch exactly as for Put. Values too large for one message go
-    through Put. Agents that report the feature "put-batches" serve it.
+    Keys are immutable across the batch, and cluster-wide, exactly as for Put (one LookupKeys per
+    message). Values too large for one message go through Put. Agents that report the feature
+    "put-batches" serve it.
     """
     Close: _grpc.UnaryUnaryMultiCallable[_agent_pb2.CloseRequest, _agent_pb2.CloseResponse]
     """Shut the agent down cleanly (the AMM calls it for a retired worker). Refused with
@@ -93,10 +99,15 @@ class WorkerAgentAsyncStub(WorkerAgentStub):
     Put: _aio.StreamUnaryMultiCallable[_agent_pb2.PutRequest, _agent_pb2.PutResponse]  # type: ignore[assignment]
     """Store a value: a header message, then chunks. Keys are immutable: storing different content
     under an existing key fails with ALREADY_EXISTS; storing the same content again is a no-op.
+    An agent registered with an AMM holds keys immutable cluster-wide: before it stores a key it
+    lacks it asks the AMM (LookupKeys), and fails with ALREADY_EXISTS when the cluster holds other
+    content under it (with UNAVAILABLE when the AMM cannot be asked).
     """
     Get: _aio.UnaryStreamMultiCallable[_agent_pb2.GetRequest, _agent_pb2.GetResponse]  # type: ignore[assignment]
     """Read a value: a header message, then chunks. An agent that lacks the key fetches it from a
-    holder first and keeps the replica, as a Dask worker does for a task's input.
+    holder first and keeps the replica, as a Dask worker does for a task's input. An agent
+    registered with an AMM fetches only from workers registered with it (INVALID_ARGUMENT for any
+    other source) and only the content the AMM knows under the key (LookupKeys).
     """
     Pin: _aio.UnaryUnaryMultiCallable[_agent_pb2.PinRequest, _agent_pb2.PinResponse]  # type: ignore[assignment]
     """Mark a key as in use on this worker; a pinned key is never dropped here. Pins are counted."""
@@ -119,8 +130,9 @@ class WorkerAgentAsyncStub(WorkerAgentStub):
     """
     PutMany: _aio.StreamUnaryMultiCallable[_agent_pb2.PutManyRequest, _agent_pb2.PutManyResponse]  # type: ignore[assignment]
     """Store many values in one stream: each message carries whole values, stored once verified.
-    Keys are immutable across the batch exactly as for Put. Values too large for one message go
-    through Put. Agents that report the feature "put-batches" serve it.
+    Keys are immutable across the batch, and cluster-wide, exactly as for Put (one LookupKeys per
+    message). Values too large for one message go through Put. Agents that report the feature
+    "put-batches" serve it.
     """
     Close: _aio.UnaryUnaryMultiCallable[_agent_pb2.CloseRequest, _agent_pb2.CloseResponse]  # type: ignore[assignment]
     """Shut the agent down cleanly (the AMM calls it for a retired worker). Refused with
@@ -157,6 +169,9 @@ class WorkerAgentServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_agent_pb2.PutResponse, _abc.Awaitable[_agent_pb2.PutResponse]]:
         """Store a value: a header message, then chunks. Keys are immutable: storing different content
         under an existing key fails with ALREADY_EXISTS; storing the same content again is a no-op.
+        An agent registered with an AMM holds keys immutable cluster-wide: before it stores a key it
+        lacks it asks the AMM (LookupKeys), and fails with ALREADY_EXISTS when the cluster holds other
+        content under it (with UNAVAILABLE when the AMM cannot be asked).
         """
 
     @_abc_1.abstractmethod
@@ -166,7 +181,9 @@ class WorkerAgentServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_agent_pb2.GetResponse], _abc.AsyncIterator[_agent_pb2.GetResponse]]:
         """Read a value: a header message, then chunks. An agent that lacks the key fetches it from a
-        holder first and keeps the replica, as a Dask worker does for a task's input.
+        holder first and keeps the replica, as a Dask worker does for a task's input. An agent
+        registered with an AMM fetches only from workers registered with it (INVALID_ARGUMENT for any
+        other source) and only the content the AMM knows under the key (LookupKeys).
         """
 
     @_abc_1.abstractmethod
@@ -231,8 +248,9 @@ class WorkerAgentServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_agent_pb2.PutManyResponse, _abc.Awaitable[_agent_pb2.PutManyResponse]]:
         """Store many values in one stream: each message carries whole values, stored once verified.
-        Keys are immutable across the batch exactly as for Put. Values too large for one message go
-        through Put. Agents that report the feature "put-batches" serve it.
+        Keys are immutable across the batch, and cluster-wide, exactly as for Put (one LookupKeys per
+        message). Values too large for one message go through Put. Agents that report the feature
+        "put-batches" serve it.
         """
 
     @_abc_1.abstractmethod

@@ -640,6 +640,102 @@ class GetMembershipResponse(_message.Message):
 Global___GetMembershipResponse: _TypeAlias = GetMembershipResponse  # noqa: Y015
 
 @_typing.final
+class LookupKeysRequest(_message.Message):
+    """LookupKeys arguments."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEYS_FIELD_NUMBER: _builtins.int
+    FRESH_FIELD_NUMBER: _builtins.int
+    fresh: _builtins.bool
+    """Poll every agent before answering, as WhoHas does: for a key put a moment ago."""
+    @_builtins.property
+    def keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The keys to look up: at most 100,000, none empty (INVALID_ARGUMENT otherwise)."""
+
+    def __init__(
+        self,
+        *,
+        keys: _abc.Iterable[_builtins.str] | None = ...,
+        fresh: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fresh", b"fresh", "keys", b"keys"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LookupKeysRequest: _TypeAlias = LookupKeysRequest  # noqa: Y015
+
+@_typing.final
+class KeyContent(_message.Message):
+    """What the AMM knows of one key."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    CHECKSUM_FIELD_NUMBER: _builtins.int
+    HOLDERS_FIELD_NUMBER: _builtins.int
+    CONFLICTING_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    """The key."""
+    size: _builtins.int
+    """Size in bytes of the key's content: the first the AMM saw, while a worker still holds it."""
+    checksum: _builtins.str
+    """Lowercase hexadecimal SHA-256 of that content."""
+    @_builtins.property
+    def holders(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Addresses of the workers that hold that content, ordered."""
+
+    @_builtins.property
+    def conflicting(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Addresses of workers that hold other content under the key (a conflict the AMM leaves alone),
+        ordered; they are not replicas of the key.
+        """
+
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        size: _builtins.int = ...,
+        checksum: _builtins.str = ...,
+        holders: _abc.Iterable[_builtins.str] | None = ...,
+        conflicting: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checksum", b"checksum", "conflicting", b"conflicting", "holders", b"holders", "key", b"key", "size", b"size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___KeyContent: _TypeAlias = KeyContent  # noqa: Y015
+
+@_typing.final
+class LookupKeysResponse(_message.Message):
+    """LookupKeys result."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEYS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def keys(self) -> _containers.RepeatedCompositeFieldContainer[Global___KeyContent]:
+        """One entry per key asked that the AMM knows, in the order asked."""
+
+    def __init__(
+        self,
+        *,
+        keys: _abc.Iterable[Global___KeyContent] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["keys", b"keys"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LookupKeysResponse: _TypeAlias = LookupKeysResponse  # noqa: Y015
+
+@_typing.final
 class ListWorkersRequest(_message.Message):
     """ListWorkers arguments."""
 

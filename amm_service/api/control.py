@@ -20,6 +20,7 @@ from amm_service import wire
 from amm_service.decisions.directive import OutcomeStatus
 from amm_service.decisions.view import Measure, WorkerView
 from amm_service.errors import AmmServiceError, InvalidArgument
+from amm_service.runtime.addresses import address_order
 from amm_service.runtime.cycle import CycleRecord
 from amm_service.runtime.manager import ActiveMemoryManager
 
@@ -212,6 +213,23 @@ class ControlServicer(control_pb2_grpc.ActiveMemoryManagerServicer):
         return control_pb2.WhoHasResponse(
             entries=[control_pb2.KeyHolders(key=k, workers=list(ws)) for k, ws in entries]
         )
+
+    @_edge
+    async def LookupKeys(
+        self, request: control_pb2.LookupKeysRequest, context: Any
+    ) -> control_pb2.LookupKeysResponse:
+        known = await self._amm.queries.lookup(_check_keys(request.keys), fresh=request.fresh)
+        response = control_pb2.LookupKeysResponse()
+        add = response.keys.add
+        for kv in known:
+            add(
+                key=kv.key,
+                size=kv.size,
+                checksum=kv.checksum,
+                holders=sorted(kv.holders - kv.conflicting, key=address_order),
+                conflicting=sorted(kv.conflicting, key=address_order),
+            )
+        return response
 
     @_edge
     async def HasWhat(

@@ -33,12 +33,12 @@ def free_port() -> int:
 
 
 class ScriptedAmm(control_pb2_grpc.ActiveMemoryManagerServicer):
-    """An AMM that registers agents but, with ``hang``, never answers UnregisterWorker or WhoHas:
-    the one behaviour of a stuck AMM that the real one cannot be made to show."""
+    """An AMM that registers agents but, with ``hang``, never answers UnregisterWorker or
+    LookupKeys: the one behaviour of a stuck AMM that the real one cannot be made to show."""
 
     def __init__(self, *, hang: bool = False) -> None:
         self.hang = hang
-        self.who_has_asked = 0
+        self.lookups = 0
         self._never = asyncio.Event()
 
     async def RegisterWorker(
@@ -55,13 +55,13 @@ class ScriptedAmm(control_pb2_grpc.ActiveMemoryManagerServicer):
             await self._never.wait()
         return control_pb2.UnregisterWorkerResponse()
 
-    async def WhoHas(
-        self, request: control_pb2.WhoHasRequest, context: Any
-    ) -> control_pb2.WhoHasResponse:
-        self.who_has_asked += 1
+    async def LookupKeys(
+        self, request: control_pb2.LookupKeysRequest, context: Any
+    ) -> control_pb2.LookupKeysResponse:
+        self.lookups += 1
         if self.hang:
             await self._never.wait()
-        return control_pb2.WhoHasResponse()
+        return control_pb2.LookupKeysResponse()
 
 
 async def test_registration_tells_a_fresh_amm_the_epoch_to_move_past(tmp_path: Path) -> None:
@@ -162,7 +162,7 @@ async def test_stop_takes_well_under_a_second_with_an_amm_that_does_not_answer()
         async with dial(agent.address) as stub:
             # A Get of a key held nowhere asks the AMM who holds it, and waits: a call in flight.
             reader = stub.Get(agent_pb2.GetRequest(key="missing"))
-            await wait_for(lambda: amm.who_has_asked, what="WhoHas asked")
+            await wait_for(lambda: amm.lookups, what="LookupKeys asked")
             started = time.monotonic()
             await agent.stop()
             elapsed = time.monotonic() - started

@@ -296,3 +296,48 @@ async def test_sources_must_be_registered_workers(tmp_path: Path) -> None:
         # A registered worker is a good source.
         header, data = await get(b, "x", sources=[c.addresses[0]])
         assert (data, header.replicated) == (DATA, True)
+
+
+async def test_a_fetched_replica_never_shadows_the_keys_content(tmp_path: Path) -> None:
+    async with cluster(tmp_path, 3) as c:
+        a, b, _ = c.stubs
+        await put(a, "x", DATA)
+        assert await c.holders("x") == {c.addresses[0]}
+        # A registered worker holds other content under x (a conflict from before keys were
+        # immutable cluster-wide, or two puts within one poll interval): set-up only.
+        c.agents[2].store.add(Key("x"), FAKE, checksum(FAKE))
+        assert await c.holders("x") == {c.addresses[0], c.addresses[2]}
+        code, details = await _code(get(b, "x", sources=[c.addresses[2]]))
+        assert code is grpc.StatusCode.NOT_FOUND
+        assert "holds other content" in details
+        assert "x" not in c.agents[1].store
+        # Named first, the odd copy is passed over for the key's content.
+        header, data = await get(b, "x", sources=[c.addresses[2], c.addresses[0]])
+        assert (data, header.checksum) == (DATA, checksum(DATA))
+        assert c.agents[1].store.get(Key("x")) is not None
+
+
+# -- 4. A Put on another agent stores the attacker's bytes under a real key -------------------
+
+
+async def test_a_put_never_shadows_a_key_held_elsewhere(tmp_path: Path) -> None:
+    async with cluster(tmp_path, 2) as c:
+        a, b = c.stubs
+        await put(a, "x", DATA)
+        assert await c.holders("x") == {c.addresses[0]}
+        # Other content under x, with and without a checksum in the header, and in a PutMany.
+        for with_checksum in (True, False):
+            code, details = await _code(put(b, "x", FAKE, with_checksum=with_checksum))
+            assert code is grpc.StatusCode.ALREADY_EXISTS
+            assert "already exists in the cluster with other content" in details
+            assert c.addresses[0] in details
+        items = [
+            agent_pb2.PutItem(key="fresh", data=b"new"),
+            agent_pb2.PutItem(key="x", data=FAKE),
+        ]
+        code, details = await _code(b.PutMany(iter([agent_pb2.PutManyRequest(items=items)])))
+        assert code is grpc.StatusCode.ALREADY_EXISTS
+        assert not c.agents[1].store  # a message is stored whole or not at all
+        # The key's own content is a copy like any other.
+        assert (await put(b, "x", DATA)).created
+        assert await c.holders("x") == set(c.addresses)
