@@ -71,6 +71,10 @@ class AgentConfig:
     max_peer_channels: int = 256
     #: Deadline of one peer transfer (one source), in seconds.
     fetch_timeout: float = 30.0
+    #: A source must send a value's header within this long, in seconds, or the next source is
+    #: tried: a silent source (a frozen worker, a black-holed address) must not hold a
+    #: directive, and the directive slot it takes, for the whole ``fetch_timeout``.
+    source_timeout: float = 5.0
     #: A Get or Fetch whose reader accepts no chunk for this long is ended with
     #: DEADLINE_EXCEEDED, in seconds: a reader that stopped reading must not keep the key in use
     #: (undroppable) for as long as its connection lives.
@@ -124,6 +128,7 @@ class AgentConfig:
             "unmanaged_window",
             "memory_interval",
             "fetch_timeout",
+            "source_timeout",
             "stream_idle_timeout",
             "promise_timeout",
             "register_backoff_max",

@@ -128,6 +128,7 @@ class Node:
         self.locks = KeyLocks()
         self.peers = Peers(
             fetch_timeout=config.fetch_timeout,
+            source_timeout=config.source_timeout,
             max_value_bytes=config.max_value_bytes,
             max_channels=config.max_peer_channels,
         )

@@ -3,6 +3,9 @@ playing the attacker. Each test failed against the code before the fix it names.
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
@@ -74,7 +77,9 @@ class Cluster:
 
 
 @asynccontextmanager
-async def cluster(tmp_path: Path, n: int, **overrides: Any) -> AsyncIterator[Cluster]:
+async def cluster(
+    tmp_path: Path, n: int, agent_config: dict[str, Any] | None = None, **overrides: Any
+) -> AsyncIterator[Cluster]:
     async with AsyncExitStack() as stack:
         amm = await stack.enter_async_context(
             AmmServer(amm_config(tmp_path, measure="managed", **overrides))
@@ -83,7 +88,7 @@ async def cluster(tmp_path: Path, n: int, **overrides: Any) -> AsyncIterator[Clu
             grpc.aio.insecure_channel(amm.address, options=CHANNEL_OPTIONS)
         )
         control = control_pb2_grpc.ActiveMemoryManagerStub(channel)
-        pairs = await stack.enter_async_context(agents(n, amm=amm.address))
+        pairs = await stack.enter_async_context(agents(n, amm=amm.address, **(agent_config or {})))
 
         async def registered() -> int:
             return len((await control.ListWorkers(control_pb2.ListWorkersRequest())).workers)
@@ -341,3 +346,170 @@ async def test_a_put_never_shadows_a_key_held_elsewhere(tmp_path: Path) -> None:
         # The key's own content is a copy like any other.
         assert (await put(b, "x", DATA)).created
         assert await c.holders("x") == set(c.addresses)
+
+
+# -- 5. Cheap denial of service -----------------------------------------------------------------
+
+#: A RegisterWorkerRequest / PollRequest / GetRequest whose string field 1 (address, key) or 6
+#: (cursor) is not UTF-8: protobuf refuses to decode it.
+NOT_UTF8 = b"\x0a\x02\xff\xfe"
+POLL_NOT_UTF8 = b"\x32\x02\xff\xfe"
+
+
+def _garbled_directive(directive_id: str) -> bytes:
+    """A Directive whose id reads but whose key (field 4) is not UTF-8."""
+    raw_id = directive_id.encode()
+    return b"\x0a" + bytes([len(raw_id)]) + raw_id + b"\x22\x02\xff\xfe"
+
+
+def _raw(channel: grpc.aio.Channel, kind: str, method: str, decode: Any = None) -> Any:
+    """A call of ``method`` that sends bytes as given: the attacker's own encoding."""
+    return getattr(channel, kind)(method, request_serializer=None, response_deserializer=decode)
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    return bytes([number << 3 | 2, len(payload)]) + payload
+
+
+async def test_undecodable_requests_are_invalid_and_logged_once_per_client(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    async with (
+        cluster(tmp_path, 1) as c,
+        grpc.aio.insecure_channel(c.amm.address) as to_amm,
+        grpc.aio.insecure_channel(c.addresses[0]) as to_agent,
+    ):
+        calls = [
+            _raw(to_amm, "unary_unary", "/amm.v1.ActiveMemoryManager/RegisterWorker")(NOT_UTF8),
+            _raw(to_amm, "unary_unary", "/amm.v1.ActiveMemoryManager/WhoHas")(NOT_UTF8),
+            _raw(to_agent, "unary_unary", "/amm.v1.WorkerAgent/Poll")(POLL_NOT_UTF8),
+            _raw(to_agent, "stream_unary", "/amm.v1.WorkerAgent/Put")(iter([_field(1, NOT_UTF8)])),
+            _raw(to_agent, "stream_unary", "/amm.v1.WorkerAgent/PutMany")(
+                iter([_field(1, NOT_UTF8)])
+            ),
+        ]
+        for call in calls:
+            code, details = await _code(call)
+            assert code is grpc.StatusCode.INVALID_ARGUMENT
+            assert "undecodable" in details
+            assert "UTF-8" in details
+        get = _raw(to_agent, "unary_stream", "/amm.v1.WorkerAgent/Get")
+        code, details = await _code(_drain(get(NOT_UTF8)))
+        assert code is grpc.StatusCode.INVALID_ARGUMENT
+        # A flood from one client: every call answered, one log line per server.
+        started = time.monotonic()
+        flood = [
+            *(
+                _code(_raw(to_amm, "unary_unary", "/amm.v1.ActiveMemoryManager/GetStatus")(b"\x80"))
+                for _ in range(200)
+            ),
+            *(
+                _code(_raw(to_agent, "unary_unary", "/amm.v1.WorkerAgent/Poll")(POLL_NOT_UTF8))
+                for _ in range(200)
+            ),
+        ]
+        codes = {code for code, _ in await asyncio.gather(*flood)}
+        assert codes == {grpc.StatusCode.INVALID_ARGUMENT}
+        assert time.monotonic() - started < 10
+    lines = [r for r in caplog.records if "undecodable" in r.getMessage()]
+    assert sorted({r.name for r in lines}) == ["amm_service.api.server", "worker_agent.servicer"]
+    assert len(lines) == 2, [r.getMessage() for r in lines]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+
+
+async def _drain(call: Any) -> None:
+    async for _ in call:
+        pass
+
+
+async def test_every_directive_is_answered_even_an_undecodable_one(tmp_path: Path) -> None:
+    async with (
+        cluster(tmp_path, 1) as c,
+        grpc.aio.insecure_channel(c.addresses[0]) as channel,
+    ):
+        epoch = await _epoch(c)
+        good = drop("gone", [c.addresses[0]], id="good", epoch=epoch).SerializeToString()
+        messages = [
+            _field(1, _garbled_directive("one")),
+            _field(2, _garbled_directive("in-batch")) + _field(2, good),
+            _field(1, b"\x22\x02\xff\xfe"),  # no id at all: nothing to answer to
+        ]
+        stream = _raw(
+            channel,
+            "stream_stream",
+            "/amm.v1.WorkerAgent/Directives",
+            agent_pb2.DirectivesResponse.FromString,
+        )(iter(messages))
+        answered: dict[str, types_pb2.DirectiveOutcome] = {}
+
+        async def read_all() -> None:
+            async for response in stream:
+                single = [response.outcome] if response.HasField("outcome") else []
+                for outcome in [*response.batch, *single]:
+                    answered[outcome.directive_id] = outcome
+
+        code, details = await _code(read_all())
+        assert code is grpc.StatusCode.INVALID_ARGUMENT
+        assert "without a readable id" in details
+        assert sorted(answered) == ["good", "in-batch", "one"]
+        for name in ("one", "in-batch"):
+            assert (status(answered[name]), reason(answered[name])) == ("REFUSED", "INVALID")
+            assert "undecodable directive" in answered[name].message
+        assert status(answered["good"]) == "APPLIED"  # not held: nothing to drop
+
+
+class Silent(agent_pb2_grpc.WorkerAgentServicer):
+    """A source that answers polls but never sends a value."""
+
+    async def Poll(self, request: Any, context: Any) -> agent_pb2.PollResponse:
+        return agent_pb2.PollResponse(
+            incarnation="silent", version=1, full=True, status=types_pb2.WORKER_STATUS_PAUSED
+        )
+
+    async def Fetch(self, request: Any, context: Any) -> AsyncIterator[agent_pb2.FetchResponse]:
+        await asyncio.Event().wait()
+        yield agent_pb2.FetchResponse()  # pragma: no cover
+
+
+async def test_rogue_directives_with_silent_sources_do_not_delay_the_amms(tmp_path: Path) -> None:
+    silent = Silent()  # type: ignore[abstract]
+    async with (
+        cluster(tmp_path, 2, directive_timeout="3s") as c,
+        fake_peer(silent) as nowhere,
+    ):
+        a, b = c.stubs
+        await put(a, "x", DATA)
+        epoch = await _epoch(c)
+        async with directive_stream(b) as attacker:
+            for n in range(20):
+                await attacker.send(replicate(f"rogue-{n}", FAKE, [nowhere], epoch=epoch))
+            # The AMM's own directive to b: a copy of x for a goal of two.
+            await c.control.Replicate(control_pb2.ReplicateRequest(keys=["x"], n=2))
+            started = time.monotonic()
+            report = await c.run_once()
+            assert time.monotonic() - started < 2.5
+            assert (report.directives_sent, report.applied) == (1, 1)
+            rogue = [await attacker.outcome() for _ in range(20)]
+            assert {reason(o) for o in rogue} == {"UNKNOWN_PEER"}
+
+
+async def test_a_silent_registered_source_is_given_up_on_quickly(tmp_path: Path) -> None:
+    silent = Silent()  # type: ignore[abstract]
+    async with (
+        cluster(tmp_path, 2, agent_config={"source_timeout": 0.5}) as c,
+        fake_peer(silent) as nowhere,
+    ):
+        a, b = c.stubs
+        await put(a, "x", DATA)
+        # Without authentication anyone can register a worker: here, the silent server.
+        await c.control.RegisterWorker(
+            control_pb2.RegisterWorkerRequest(address=nowhere, incarnation="silent")
+        )
+        async with directive_stream(b) as amm_like:
+            started = time.monotonic()
+            directive = replicate("x", DATA, [nowhere, c.addresses[0]], epoch=await _epoch(c))
+            outcome = await amm_like.run(directive)
+            assert status(outcome) == "APPLIED"
+            assert time.monotonic() - started < 3
+        assert f"replicated from {c.addresses[0]}" in outcome.message
