@@ -324,6 +324,23 @@ class DirectiveRunner:
             self._remember(subject, outcome)
         return outcomes
 
+    async def drop_for_delete(self, key: Key, checksum: str, keepers: Sequence[str]) -> Outcome:
+        """Drop ``key`` as a DROP naming ``keepers`` would (a user's Delete with the holders
+        the AMM lists): once one of them promised to keep it. Not an AMM's directive, so it
+        has no id to remember; it takes the key lock and a slot like one."""
+        directive = Directive(
+            id=f"delete {key!r}",
+            epoch=self._conditions().newest_epoch,
+            op=Op.DROP,
+            key=key,
+            checksum=checksum,
+            holders=tuple(keepers),
+        )
+        refused = integrity.validate(directive)
+        if refused is not None:
+            return self._outcome(directive, refused)
+        return await self._execute(directive)
+
     def _subject_of(self, directive_id: str) -> _Subject | None:
         """What a known id stood for (finished or running), or None for a new id."""
         done = self._history.get(directive_id)

@@ -22,7 +22,7 @@ from amm.base.validation import epoch_problem
 from worker_agent import integrity
 from worker_agent.config import AgentConfig
 from worker_agent.confirm import AmmPort, Confirmations
-from worker_agent.directives import DirectiveRunner, KeyLocks, Outcome
+from worker_agent.directives import DirectiveRunner, KeyLocks, Outcome, OutcomeStatus
 from worker_agent.errors import (
     ContentConflict,
     DataLoss,
@@ -490,11 +490,46 @@ class Node:
             raise Refused(None, f"{key!r} is not pinned")
         return self.store.unpin(key)
 
-    def delete(self, key: Key, *, forget: bool = False) -> bool:
+    async def delete(self, key: Key, *, forget: bool = False) -> bool:
+        """Delete the local replica; False when it was not held.
+
+        Without ``forget``, an agent with an AMM deletes only as it drops: once a holder of the
+        same content that the AMM lists (asked again after a fresh poll when it lists none)
+        promised to keep the key, so the last copy of a key, or the last two deleted at once,
+        are refused, not lost. ``forget`` is the AMM's Forget deleting every replica: local
+        pins still refuse it. Without an AMM, only the local rules hold."""
         verdict = integrity.judge_delete(self.store, key, self.clock(), forget=forget)
         if isinstance(verdict, Refuse):
             raise Refused(verdict.reason, f"cannot delete: {verdict.message}")
-        return self.store.remove(key)
+        held = self.store.get(key)
+        if held is None:
+            return False
+        if forget or self.confirmations is None:
+            return self.store.remove(key)
+        keepers = await self._other_holders(key, held.checksum)
+        if not keepers:
+            raise Refused(
+                None,
+                f"cannot delete {key!r}: this is its only copy as far as the AMM at "
+                f"{self.confirmations.amm} knows, and it would be lost; forget the key "
+                "everywhere through the AMM (amm forget), or copy it elsewhere first",
+            )
+        outcome = await self.runner.drop_for_delete(key, held.checksum, keepers)
+        if outcome.status is not OutcomeStatus.APPLIED:
+            raise Refused(outcome.reason, f"cannot delete: {outcome.message}")
+        return key not in self.store
+
+    async def _other_holders(self, key: Key, checksum: str) -> list[str]:
+        """The other workers the AMM lists as holding ``key`` with ``checksum``: as it last
+        polled, or, when that names none, after a fresh poll."""
+        assert self.confirmations is not None
+        for fresh in (False, True):
+            known = (await self.confirmations.lookup([key], fresh=fresh)).get(key)
+            if known is not None and known.checksum == checksum:
+                others = [h for h in known.holders if h != self.address]
+                if others:
+                    return others
+        return []
 
     def promise_keep(self, key: Key, checksum: str, lease: float | None) -> Promise | Refuse:
         """Promise a peer to keep ``key`` for ``lease`` seconds (None: the configured lease),
@@ -519,22 +554,57 @@ class Node:
                 answers.append(Promise(self.store.promise(key, now + seconds) - now))
         return answers
 
-    def request_close(self, reason: str, *, force: bool = False) -> None:
+    async def request_close(self, reason: str, *, force: bool = False) -> int:
         """Agree to shut down: refused while any key is held, unless ``force``, since an agent
         never loses data on someone else's word. From here on the agent reports CLOSING and takes
-        no new data; the agent owning this node stops once ``close_requested`` is set."""
+        no new data; the agent owning this node stops once ``close_requested`` is set.
+
+        Returns how many keys are lost with the agent: with ``force``, those of the keys held
+        that no other worker held as far as the AMM knew (all of them without an AMM, or when
+        it cannot be asked), also logged as a warning: never lost silently."""
         held = len(self.store)
         if held and not force:
             raise Refused(
                 None, f"holds {held} key(s): it closes only when empty (or with force set)"
             )
-        log.info(
-            "closing on request%s%s",
-            f": {reason}" if reason else "",
-            f" (force: {held} key(s) dropped)" if held else "",
-        )
-        self.closing = True
+        self.closing = True  # no Put lands while the keys are counted
+        lost = await self._keys_only_here() if held else 0
+        if lost:
+            log.warning(
+                "closing on request (force%s): %d key(s) held, %d of them with no copy on another "
+                "worker as far as the AMM knew: those are lost",
+                f"; {reason}" if reason else "",
+                held,
+                lost,
+            )
+        else:
+            log.info(
+                "closing on request%s%s",
+                f": {reason}" if reason else "",
+                f" (force: {held} key(s) dropped, each held elsewhere)" if held else "",
+            )
         self.close_requested.set()
+        return lost
+
+    async def _keys_only_here(self) -> int:
+        """How many keys held here no other worker holds with the same content, as the AMM
+        knows; every key held when there is no AMM to ask, or it cannot be asked."""
+        held = {key: value.checksum for key in self.store if (value := self.store.get(key))}
+        if self.confirmations is None:
+            return len(held)
+        try:
+            known = await self.confirmations.lookup(list(held))
+        except Unavailable as err:
+            log.warning("cannot ask the AMM which keys exist elsewhere: %s", err.message)
+            return len(held)
+        me = self.address
+        return sum(
+            1
+            for key, digest in held.items()
+            if (k := known.get(key)) is None
+            or k.checksum != digest
+            or not any(h != me for h in k.holders)
+        )
 
     async def close(self) -> None:
         if self.confirmations is not None:

@@ -561,7 +561,7 @@ class WorkerAgentServicer(agent_pb2_grpc.WorkerAgentServicer):
         self, request: agent_pb2.DeleteRequest, context: Context
     ) -> agent_pb2.DeleteResponse:
         async with _Edge(context, "Delete"):
-            deleted = self._node.delete(_key(request.key), forget=request.forget)
+            deleted = await self._node.delete(_key(request.key), forget=request.forget)
             return agent_pb2.DeleteResponse(deleted=deleted)
 
     async def PromiseKeep(
@@ -623,5 +623,5 @@ class WorkerAgentServicer(agent_pb2_grpc.WorkerAgentServicer):
         self, request: agent_pb2.CloseRequest, context: Context
     ) -> agent_pb2.CloseResponse:
         async with _Edge(context, "Close"):
-            self._node.request_close(request.reason, force=request.force)
-            return agent_pb2.CloseResponse(closing=True)
+            lost = await self._node.request_close(request.reason, force=request.force)
+            return agent_pb2.CloseResponse(closing=True, keys_lost=lost)

@@ -867,16 +867,23 @@ class CloseResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     CLOSING_FIELD_NUMBER: _builtins.int
+    KEYS_LOST_FIELD_NUMBER: _builtins.int
     closing: _builtins.bool
     """True when the agent is shutting down."""
+    keys_lost: _builtins.int
+    """With `force`: how many of the keys held here no other worker held, as far as the agent's AMM
+    knew (every key held, for an agent without an AMM or one that could not ask it). They are lost
+    with the agent, which also logs it as a warning.
+    """
     def __init__(
         self,
         *,
         closing: _builtins.bool = ...,
+        keys_lost: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["closing", b"closing"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["closing", b"closing", "keys_lost", b"keys_lost"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -154,7 +154,9 @@ class WorkerAgentServicer:
     def Delete(self, request, context):
         """Delete the local replica of a key (a user's decision, unlike a DROP directive). Refused while
         the key is pinned, and, unless `forget` is set, while it is being read or sent or promised to
-        a peer.
+        a peer. Without `forget`, an agent registered with an AMM deletes only as it drops: once a
+        holder the AMM lists (LookupKeys) promised to keep the key. The last copy of a key is refused
+        with FAILED_PRECONDITION: the AMM's Forget deletes a key everywhere.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -197,7 +199,8 @@ class WorkerAgentServicer:
     def Close(self, request, context):
         """Shut the agent down cleanly (the AMM calls it for a retired worker). Refused with
         FAILED_PRECONDITION while the agent holds any key, unless `force` is set: a retired worker
-        holds nothing, and an agent never loses data on someone else's word.
+        holds nothing, and an agent never loses data on someone else's word. With `force`, the answer
+        says how many keys are lost with the agent (CloseResponse.keys_lost).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

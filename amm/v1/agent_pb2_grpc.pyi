@@ -61,7 +61,9 @@ class WorkerAgentStub:
     Delete: _grpc.UnaryUnaryMultiCallable[_agent_pb2.DeleteRequest, _agent_pb2.DeleteResponse]
     """Delete the local replica of a key (a user's decision, unlike a DROP directive). Refused while
     the key is pinned, and, unless `forget` is set, while it is being read or sent or promised to
-    a peer.
+    a peer. Without `forget`, an agent registered with an AMM deletes only as it drops: once a
+    holder the AMM lists (LookupKeys) promised to keep the key. The last copy of a key is refused
+    with FAILED_PRECONDITION: the AMM's Forget deletes a key everywhere.
     """
     Fetch: _grpc.UnaryStreamMultiCallable[_agent_pb2.FetchRequest, _agent_pb2.FetchResponse]
     """Peer transfer: stream a value to another agent, header first, then chunks."""
@@ -82,7 +84,8 @@ class WorkerAgentStub:
     Close: _grpc.UnaryUnaryMultiCallable[_agent_pb2.CloseRequest, _agent_pb2.CloseResponse]
     """Shut the agent down cleanly (the AMM calls it for a retired worker). Refused with
     FAILED_PRECONDITION while the agent holds any key, unless `force` is set: a retired worker
-    holds nothing, and an agent never loses data on someone else's word.
+    holds nothing, and an agent never loses data on someone else's word. With `force`, the answer
+    says how many keys are lost with the agent (CloseResponse.keys_lost).
     """
 
 @_typing.type_check_only
@@ -116,7 +119,9 @@ class WorkerAgentAsyncStub(WorkerAgentStub):
     Delete: _aio.UnaryUnaryMultiCallable[_agent_pb2.DeleteRequest, _agent_pb2.DeleteResponse]  # type: ignore[assignment]
     """Delete the local replica of a key (a user's decision, unlike a DROP directive). Refused while
     the key is pinned, and, unless `forget` is set, while it is being read or sent or promised to
-    a peer.
+    a peer. Without `forget`, an agent registered with an AMM deletes only as it drops: once a
+    holder the AMM lists (LookupKeys) promised to keep the key. The last copy of a key is refused
+    with FAILED_PRECONDITION: the AMM's Forget deletes a key everywhere.
     """
     Fetch: _aio.UnaryStreamMultiCallable[_agent_pb2.FetchRequest, _agent_pb2.FetchResponse]  # type: ignore[assignment]
     """Peer transfer: stream a value to another agent, header first, then chunks."""
@@ -137,7 +142,8 @@ class WorkerAgentAsyncStub(WorkerAgentStub):
     Close: _aio.UnaryUnaryMultiCallable[_agent_pb2.CloseRequest, _agent_pb2.CloseResponse]  # type: ignore[assignment]
     """Shut the agent down cleanly (the AMM calls it for a retired worker). Refused with
     FAILED_PRECONDITION while the agent holds any key, unless `force` is set: a retired worker
-    holds nothing, and an agent never loses data on someone else's word.
+    holds nothing, and an agent never loses data on someone else's word. With `force`, the answer
+    says how many keys are lost with the agent (CloseResponse.keys_lost).
     """
 
 class WorkerAgentServicer(metaclass=_abc_1.ABCMeta):
@@ -210,7 +216,9 @@ class WorkerAgentServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_agent_pb2.DeleteResponse, _abc.Awaitable[_agent_pb2.DeleteResponse]]:
         """Delete the local replica of a key (a user's decision, unlike a DROP directive). Refused while
         the key is pinned, and, unless `forget` is set, while it is being read or sent or promised to
-        a peer.
+        a peer. Without `forget`, an agent registered with an AMM deletes only as it drops: once a
+        holder the AMM lists (LookupKeys) promised to keep the key. The last copy of a key is refused
+        with FAILED_PRECONDITION: the AMM's Forget deletes a key everywhere.
         """
 
     @_abc_1.abstractmethod
@@ -261,7 +269,8 @@ class WorkerAgentServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_agent_pb2.CloseResponse, _abc.Awaitable[_agent_pb2.CloseResponse]]:
         """Shut the agent down cleanly (the AMM calls it for a retired worker). Refused with
         FAILED_PRECONDITION while the agent holds any key, unless `force` is set: a retired worker
-        holds nothing, and an agent never loses data on someone else's word.
+        holds nothing, and an agent never loses data on someone else's word. With `force`, the answer
+        says how many keys are lost with the agent (CloseResponse.keys_lost).
         """
 
 def add_WorkerAgentServicer_to_server(servicer: WorkerAgentServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

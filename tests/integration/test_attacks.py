@@ -513,3 +513,59 @@ async def test_a_silent_registered_source_is_given_up_on_quickly(tmp_path: Path)
             assert status(outcome) == "APPLIED"
             assert time.monotonic() - started < 3
         assert f"replicated from {c.addresses[0]}" in outcome.message
+
+
+# -- 7. Delete and Close(force) remove the last copy silently ----------------------------------
+
+
+async def test_a_delete_never_removes_the_last_copy(tmp_path: Path) -> None:
+    async with cluster(tmp_path, 2) as c:
+        a, b = c.stubs
+        await put(a, "x", DATA)
+        code, details = await _code(a.Delete(agent_pb2.DeleteRequest(key="x")))
+        assert code is grpc.StatusCode.FAILED_PRECONDITION
+        assert "only copy" in details
+        assert "amm forget" in details
+        # A replica of a key held elsewhere goes, once the other holder promised to keep it;
+        # then the other holder's copy is the last one.
+        await put(a, "y", DATA)
+        await get(b, "y", sources=[c.addresses[0]])
+        assert (await a.Delete(agent_pb2.DeleteRequest(key="y"))).deleted
+        code, details = await _code(b.Delete(agent_pb2.DeleteRequest(key="y")))
+        assert code is grpc.StatusCode.FAILED_PRECONDITION
+        assert await c.holders("x") == {c.addresses[0]}
+        assert await c.holders("y") == {c.addresses[1]}
+        # The AMM's Forget still deletes a key everywhere.
+        assert (
+            await c.control.Forget(control_pb2.ForgetRequest(keys=["x", "y"]))
+        ).replicas_deleted == 2
+
+
+async def test_two_deletes_of_the_last_two_copies_do_not_both_succeed(tmp_path: Path) -> None:
+    async with cluster(tmp_path, 2) as c:
+        a, b = c.stubs
+        await put(a, "x", DATA)
+        await get(b, "x", sources=[c.addresses[0]])
+        assert await c.holders("x") == set(c.addresses)
+        results = await asyncio.gather(
+            *(stub.Delete(agent_pb2.DeleteRequest(key="x")) for stub in c.stubs),
+            return_exceptions=True,
+        )
+        assert sum(isinstance(r, grpc.aio.AioRpcError) for r in results) >= 1
+        assert await c.holders("x")
+
+
+async def test_a_forced_close_says_how_many_keys_it_loses(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with cluster(tmp_path, 2) as c:
+        a, b = c.stubs
+        await put(a, "only-here", DATA)
+        await put(a, "shared", DATA)
+        await get(b, "shared", sources=[c.addresses[0]])
+        await c.holders("shared")  # the AMM has seen both copies
+        reply = await a.Close(agent_pb2.CloseRequest(reason="attack", force=True))
+        assert (reply.closing, reply.keys_lost) == (True, 1)
+        await asyncio.wait_for(c.agents[0].stopped.wait(), 5)
+    (warning,) = [r for r in caplog.records if "are lost" in r.getMessage()]
+    assert "2 key(s) held, 1 of them with no copy on another worker" in warning.getMessage()
