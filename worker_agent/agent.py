@@ -49,14 +49,22 @@ CONFIRM_TIMEOUT = 5.0
 
 
 class _AmmLink:
-    """The calls ``confirm`` makes to the AMM, over the agent's channel to it."""
+    """The calls ``confirm`` makes to the AMM, over the agent's channel to it (``stub`` gives
+    it, None until the agent started)."""
 
-    def __init__(self, agent: Agent, address: str) -> None:
-        self._agent = agent
+    def __init__(
+        self,
+        address: str,
+        stub: Callable[[], control_pb2_grpc.ActiveMemoryManagerAsyncStub | None],
+        *,
+        lookup_timeout: float,
+    ) -> None:
         self.address = address
+        self._stub = stub
+        self._lookup_timeout = lookup_timeout
 
     async def membership(self, epoch: int, version: int) -> Membership | None:
-        amm = self._agent._amm
+        amm = self._stub()
         if amm is None:
             raise Unavailable(f"no channel to the AMM at {self.address} yet")
         try:
@@ -76,13 +84,13 @@ class _AmmLink:
         return Membership(response.epoch, response.version, frozenset(response.workers))
 
     async def lookup(self, keys: Sequence[Key], *, fresh: bool) -> dict[Key, KnownKey]:
-        amm = self._agent._amm
+        amm = self._stub()
         if amm is None:
             raise Unavailable(f"no channel to the AMM at {self.address} yet")
         try:
             response = await amm.LookupKeys(
                 control_pb2.LookupKeysRequest(keys=keys, fresh=fresh),
-                timeout=self._agent.config.fetch_timeout,
+                timeout=self._lookup_timeout,
             )
         except grpc.aio.AioRpcError as err:
             raise Unavailable(
@@ -110,7 +118,11 @@ class Agent:
             config,
             probe=probe if probe is not None else PsutilProbe(),
             clock=clock,
-            amm=_AmmLink(self, config.amm) if config.amm else None,
+            amm=(
+                _AmmLink(config.amm, lambda: self._amm, lookup_timeout=config.fetch_timeout)
+                if config.amm
+                else None
+            ),
         )
         self._served: Served | None = None
         self._amm: control_pb2_grpc.ActiveMemoryManagerAsyncStub | None = None
