@@ -275,7 +275,7 @@ class Agent:
         epoch: int | None = None
         while True:
             attempts += 1
-            # The newest epoch seen lets a freshly started AMM move its epoch past it.
+            # The newest epoch confirmed lets a freshly started AMM move its epoch past it.
             request = control_pb2.RegisterWorkerRequest(
                 address=self.address,
                 name=self.node.name,

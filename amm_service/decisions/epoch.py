@@ -1,7 +1,9 @@
 """The AMM's epoch: the fencing token on every directive, and when it may move.
 
-Agents refuse directives from an epoch older than the newest they have seen, so of two AMMs
-managing the same workers only the most recently started one acts. The rules:
+Agents refuse directives from an epoch older than the newest they have confirmed with the AMM
+they are configured with (and, since they confirm only with it, from a newer one it did not
+issue), so of two AMMs managing the same workers only the most recently started one at that
+address acts. The rules:
 
 1. each start begins a new epoch (persisted), so a restarted AMM fences off its previous run;
 2. a fresh AMM (new, or with a reset state file) whose own agents (restored at start-up, or

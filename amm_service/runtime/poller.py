@@ -8,7 +8,8 @@ connection set-ups, so that live agents were counted as missing polls. Polls are
 agent returns what changed since the version we saw) and paged (at most ``page`` keys an answer,
 so no inventory outgrows a gRPC message), and serialised per agent, so that two overlapping polls
 (a cycle and a fresh query) never apply an older answer after a newer one. A poll also tells the
-agent the AMM's epoch, and tells us the newest epoch the agent has seen.
+agent the AMM's epoch (which the agent confirms with the AMM it is configured with before taking
+it) and its membership version, and tells us the newest epoch the agent has confirmed.
 
 Failure modes handled:
 
