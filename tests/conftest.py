@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TypeVar
@@ -25,6 +26,14 @@ def amm_config(tmp_path: Path, **overrides: object) -> AmmConfig:
     }
     values.update(overrides)
     return load_config(env={}, overrides=values)
+
+
+def free_port() -> int:
+    """A port free on 127.0.0.1 right now: for an AMM restarted at the same address, as its
+    agents expect (they take epochs and peers only from the AMM they are configured with)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 @pytest.fixture

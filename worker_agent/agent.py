@@ -26,9 +26,11 @@ import grpc
 from google.protobuf.duration_pb2 import Duration
 
 from amm.base.serving import CHANNEL_OPTIONS, Served, bound_address, serve
+from amm.base.validation import address_problem, epoch_problem
 from amm.v1 import control_pb2, control_pb2_grpc
 from worker_agent.advertise import advertised_address
 from worker_agent.config import AgentConfig
+from worker_agent.confirm import KnownKey, Membership
 from worker_agent.errors import Unavailable
 from worker_agent.memory import MemoryProbe, PsutilProbe
 from worker_agent.node import Node
@@ -52,6 +54,64 @@ UNREGISTER_TIMEOUT = 0.5
 UNREGISTER_HEAD_START = 0.25
 #: Keys named in a log line, at most.
 KEYS_LOGGED = 20
+#: Deadline of a call that confirms an epoch or peers with the AMM (GetMembership). Generous:
+#: an AMM planning a cycle of 100k keys answers control calls up to about 1 s late.
+CONFIRM_TIMEOUT = 5.0
+
+
+class _AmmLink:
+    """The calls ``confirm`` makes to the AMM, over the agent's channel to it (``stub`` gives
+    it, None until the agent started)."""
+
+    def __init__(
+        self,
+        address: str,
+        stub: Callable[[], control_pb2_grpc.ActiveMemoryManagerAsyncStub | None],
+        *,
+        lookup_timeout: float,
+    ) -> None:
+        self.address = address
+        self._stub = stub
+        self._lookup_timeout = lookup_timeout
+
+    async def membership(self, epoch: int, version: int) -> Membership | None:
+        amm = self._stub()
+        if amm is None:
+            raise Unavailable(f"no channel to the AMM at {self.address} yet")
+        try:
+            response = await amm.GetMembership(
+                control_pb2.GetMembershipRequest(epoch=epoch, version=version),
+                timeout=CONFIRM_TIMEOUT,
+                wait_for_ready=True,  # an AMM that polls before it serves answers a moment later
+            )
+        except grpc.aio.AioRpcError as err:
+            raise Unavailable(
+                f"cannot ask the AMM at {self.address}: {err.code().name} {err.details() or ''}"
+            ) from err
+        if epoch_problem("epoch", response.epoch) is not None:
+            raise Unavailable(f"the AMM at {self.address} answered epoch {response.epoch}")
+        if response.unchanged:
+            return None
+        return Membership(response.epoch, response.version, frozenset(response.workers))
+
+    async def lookup(self, keys: Sequence[Key], *, fresh: bool) -> dict[Key, KnownKey]:
+        amm = self._stub()
+        if amm is None:
+            raise Unavailable(f"no channel to the AMM at {self.address} yet")
+        try:
+            response = await amm.LookupKeys(
+                control_pb2.LookupKeysRequest(keys=keys, fresh=fresh),
+                timeout=self._lookup_timeout,
+            )
+        except grpc.aio.AioRpcError as err:
+            raise Unavailable(
+                f"cannot ask the AMM at {self.address} about {len(keys)} key(s): "
+                f"{err.code().name} {err.details() or ''}"
+            ) from err
+        return {
+            Key(k.key): KnownKey(k.size, k.checksum, tuple(k.holders), tuple(k.conflicting))
+            for k in response.keys
+        }
 
 
 class Agent:
@@ -69,7 +129,11 @@ class Agent:
             config,
             probe=probe if probe is not None else PsutilProbe(),
             clock=clock,
-            who_has=self._who_has if config.amm else None,
+            amm=(
+                _AmmLink(config.amm, lambda: self._amm, lookup_timeout=config.fetch_timeout)
+                if config.amm
+                else None
+            ),
         )
         self._served: Served | None = None
         self._amm: control_pb2_grpc.ActiveMemoryManagerAsyncStub | None = None
@@ -138,11 +202,18 @@ class Agent:
             self.config.advertise,
             self.config.amm,
         )
+        problem = address_problem("the advertised address", self.node.address)
+        if problem is not None:  # the AMM and every peer would refuse it
+            raise OSError(f"{problem}; set --advertise HOST:PORT")
         self.node.sample_memory()
         self._spawn(self._sample_memory(), "agent memory sampler")
         self._spawn(self._close_when_asked(), "agent close watcher")
         if self.config.amm:
-            self._amm_channel = grpc.aio.insecure_channel(self.config.amm, options=CHANNEL_OPTIONS)
+            # Its own subchannel pool: a confirmation refused while the AMM starts (it polls
+            # before it serves) must not put other channels of this process into backoff.
+            self._amm_channel = grpc.aio.insecure_channel(
+                self.config.amm, options=[*CHANNEL_OPTIONS, ("grpc.use_local_subchannel_pool", 1)]
+            )
             self._amm = control_pb2_grpc.ActiveMemoryManagerStub(self._amm_channel)
             self._spawn(self._register(self._amm), "agent registration")
         log.info(
@@ -282,7 +353,7 @@ class Agent:
         epoch: int | None = None
         while True:
             attempts += 1
-            # The newest epoch seen lets a freshly started AMM move its epoch past it.
+            # The newest epoch confirmed lets a freshly started AMM move its epoch past it.
             request = control_pb2.RegisterWorkerRequest(
                 address=self.address,
                 name=self.node.name,
@@ -311,6 +382,12 @@ class Agent:
                 )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.config.register_backoff_max)
+                continue
+            if epoch_problem("epoch", response.epoch) is not None:
+                log.warning(
+                    "the AMM at %s answered epoch %d: ignored", self.config.amm, response.epoch
+                )
+                await asyncio.sleep(self.config.register_backoff_max)
                 continue
             self._registered = True
             attempts, delay = 0, 0.1
@@ -353,21 +430,6 @@ class Agent:
                 answer.lost_key_count,
                 _keys(answer.lost_keys, answer.lost_key_count),
             )
-
-    async def _who_has(self, key: Key) -> list[str]:
-        if self._amm is None:
-            return []
-        try:
-            response = await self._amm.WhoHas(
-                control_pb2.WhoHasRequest(keys=[key], fresh=True), timeout=self.config.fetch_timeout
-            )
-        except grpc.aio.AioRpcError as err:
-            if err.code() == grpc.StatusCode.NOT_FOUND:
-                return []  # the AMM knows no holder: the caller answers NOT_FOUND
-            raise Unavailable(f"cannot ask the AMM who holds {key!r}: {err.code().name}") from err
-        return [
-            worker for entry in response.entries if entry.key == key for worker in entry.workers
-        ]
 
 
 def _duration(seconds: float) -> Duration:

@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass
 
 from amm.base.serving import MAX_MESSAGE_BYTES
+from amm.base.validation import address_problem, name_problem, zone_problem
 
 MiB = 1024**2
 GiB = 1024**3
@@ -20,13 +21,9 @@ DEFAULT_PAUSE_FRACTION = 0.8
 ADVERTISE_AUTO = "auto"
 
 
-def _check_address(field: str, value: str) -> None:
-    host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
-        raise ValueError(
-            f"{field} must be HOST:PORT (for example 127.0.0.1:50061, port 0 picks a free one), "
-            f"got {value!r}"
-        )
+def _check(problem: str | None) -> None:
+    if problem is not None:
+        raise ValueError(problem)
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +71,10 @@ class AgentConfig:
     max_peer_channels: int = 256
     #: Deadline of one peer transfer (one source), in seconds.
     fetch_timeout: float = 30.0
+    #: A source must send a value's header within this long, in seconds, or the next source is
+    #: tried: a silent source (a frozen worker, a black-holed address) must not hold a
+    #: directive, and the directive slot it takes, for the whole ``fetch_timeout``.
+    source_timeout: float = 5.0
     #: A Get or Fetch whose reader accepts no chunk for this long is ended with
     #: DEADLINE_EXCEEDED, in seconds: a reader that stopped reading must not keep the key in use
     #: (undroppable) for as long as its connection lives.
@@ -97,15 +98,16 @@ class AgentConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the setting and what would be accepted."""
-        _check_address("listen", self.listen)
+        # The rules the AMM applies to a registration (amm.base.validation), so that an agent
+        # starts only with what its AMM will accept.
+        _check(address_problem("listen", self.listen, port_zero=True))
         if self.amm is not None:
-            _check_address("amm", self.amm)
+            _check(address_problem("amm", self.amm))
         if self.advertise is not None and self.advertise != ADVERTISE_AUTO:
-            _check_address("advertise", self.advertise)
-        if self.name is not None and not self.name.strip():
-            raise ValueError("name must not be blank; leave it unset to use the address")
-        if any(c.isspace() for c in self.zone):
-            raise ValueError(f"zone must not contain whitespace, got {self.zone!r}")
+            _check(address_problem("advertise", self.advertise))
+        if self.name is not None:
+            _check(name_problem(self.name))
+        _check(zone_problem(self.zone))
         if self.memory_limit < 0:
             raise ValueError(
                 f"memory_limit must be >= 0 bytes (0 = no limit), got {self.memory_limit}"
@@ -130,6 +132,7 @@ class AgentConfig:
             "unmanaged_window",
             "memory_interval",
             "fetch_timeout",
+            "source_timeout",
             "stream_idle_timeout",
             "promise_timeout",
             "register_backoff_max",

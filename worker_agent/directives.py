@@ -18,8 +18,11 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from amm.base.validation import MAX_EPOCH
 from worker_agent import integrity
 from worker_agent.config import AgentConfig
+from worker_agent.confirm import Confirmations
+from worker_agent.errors import Unavailable
 from worker_agent.integrity import Accept, Conditions, Directive, Op, Reason, Refuse
 from worker_agent.store import Key, Store
 from worker_agent.transfer import FetchFailure, Peers, PromiseAnswer
@@ -134,9 +137,12 @@ class DirectiveRunner:
         observe_epoch: Callable[[int], None],
         address: Callable[[], str],
         clock: Callable[[], float],
+        confirmations: Confirmations | None = None,
         history_limit: int = HISTORY_LIMIT,
     ) -> None:
         self._config = config
+        #: None without an AMM: the agent then takes epochs and peers as they come.
+        self._confirmations = confirmations
         self._store = store
         self._peers = peers
         self._locks = locks
@@ -166,16 +172,27 @@ class DirectiveRunner:
         3. Its id was seen for another key or op (an AMM that lost its state and reuses ids):
            refused INVALID; the remembered outcome stays.
 
-        A directive refused as invalid (1, 3) tells nothing trustworthy: its epoch does not
-        count as the newest seen. Otherwise, by id:
+        With an AMM, a directive of a newer epoch than confirmed waits for the AMM to be asked
+        (``confirm``) before 2 is judged, and is refused UNCONFIRMED_EPOCH unless the AMM runs
+        that epoch (FAILED when it cannot be asked). A directive refused as invalid (1, 3)
+        tells nothing trustworthy: its epoch does not count as the newest seen. Otherwise, by
+        id:
 
         4. Seen and finished: the stored outcome, marked duplicate.
         5. Seen and still running: wait for that run's outcome, marked duplicate.
         6. The first run was cancelled (its stream ended): run it here after all.
         """
-        refused = integrity.validate(directive) or integrity.judge_epoch(
-            directive, self._conditions()
-        )
+        refused = integrity.validate(directive)
+        if refused is None:
+            try:
+                await self._confirm_epoch(directive.epoch)
+            except Unavailable as err:
+                return self._outcome(
+                    directive,
+                    Refuse(Reason.UNCONFIRMED_EPOCH, err.message),
+                    OutcomeStatus.FAILED,
+                )
+            refused = integrity.judge_epoch(directive, self._conditions())
         if refused is not None:
             return self._outcome(directive, refused)
         subject = _Subject(directive.key, directive.op)
@@ -232,7 +249,13 @@ class DirectiveRunner:
         The DROPs that are new, well formed, current and of distinct keys nothing else here is
         working on run as one ``_drop_batch`` (each keeper asked once for all its keys);
         everything else (replicates, repeated ids, refusals) runs through ``run``, concurrently.
+        A newer epoch is confirmed with the AMM once for the batch, before it is sorted.
         """
+        newer = [d.epoch for d in directives if d.epoch <= MAX_EPOCH]
+        if newer:
+            # Failing that, each directive of the epoch is failed on its own, saying why.
+            with contextlib.suppress(Unavailable):
+                await self._confirm_epoch(max(newer))
         cond = self._conditions()
         grouped: list[Directive] = []
         alone: list[Directive] = []
@@ -276,8 +299,14 @@ class DirectiveRunner:
             self._running[directive.id] = (subject, future)
             futures.append(future)
         try:
-            async with self._dropping, self._slots:
-                outcomes = await self._drop_batch(drops)
+            vetted, outcome_of = await self._vet_peers(drops)
+            if vetted:
+                async with self._dropping, self._slots:
+                    outcome_of.update(
+                        (d.id, o)
+                        for d, o in zip(vetted, await self._drop_batch(vetted), strict=True)
+                    )
+            outcomes = [outcome_of[d.id] for d in drops]
         except asyncio.CancelledError:
             for future in futures:
                 future.cancel()
@@ -294,6 +323,23 @@ class DirectiveRunner:
             future.set_result(outcome)
             self._remember(subject, outcome)
         return outcomes
+
+    async def drop_for_delete(self, key: Key, checksum: str, keepers: Sequence[str]) -> Outcome:
+        """Drop ``key`` as a DROP naming ``keepers`` would (a user's Delete with the holders
+        the AMM lists): once one of them promised to keep it. Not an AMM's directive, so it
+        has no id to remember; it takes the key lock and a slot like one."""
+        directive = Directive(
+            id=f"delete {key!r}",
+            epoch=self._conditions().newest_epoch,
+            op=Op.DROP,
+            key=key,
+            checksum=checksum,
+            holders=tuple(keepers),
+        )
+        refused = integrity.validate(directive)
+        if refused is not None:
+            return self._outcome(directive, refused)
+        return await self._execute(directive)
 
     def _subject_of(self, directive_id: str) -> _Subject | None:
         """What a known id stood for (finished or running), or None for a new id."""
@@ -313,7 +359,64 @@ class DirectiveRunner:
             ),
         )
 
+    async def _confirm_epoch(self, epoch: int) -> None:
+        """Have the AMM confirm a newer ``epoch`` (a no-op without an AMM)."""
+        if self._confirmations is not None:
+            await self._confirmations.confirm_epoch(epoch)
+
+    async def _vet_peers(
+        self, directives: Sequence[Directive]
+    ) -> tuple[list[Directive], dict[str, Outcome]]:
+        """The directives whose peers (REPLICATE sources, DROP holders) to use, each narrowed to
+        the registered workers, and outcomes for those that name none.
+
+        Judged before any key lock or directive slot is taken, so a directive naming strangers
+        (a silent server, an attacker's keeper) holds nothing up. Without an AMM every peer
+        named is used, as before."""
+        if self._confirmations is None:
+            return list(directives), {}
+
+        def peers(d: Directive) -> tuple[str, ...]:
+            return d.sources if d.op is Op.REPLICATE else d.holders
+
+        named = {peer for d in directives for peer in peers(d)}
+        try:
+            unknown = set(await self._confirmations.strangers(named))
+        except Unavailable as err:
+            failed = Refuse(Reason.UNKNOWN_PEER, f"cannot check the peers named: {err.message}")
+            return [], {d.id: self._outcome(d, failed, OutcomeStatus.FAILED) for d in directives}
+        if not unknown:
+            return list(directives), {}
+        amm = self._confirmations.amm
+        vetted: list[Directive] = []
+        refused: dict[str, Outcome] = {}
+        for d in directives:
+            named_here = peers(d)
+            kept = tuple(peer for peer in named_here if peer not in unknown)
+            if len(kept) == len(named_here):
+                vetted.append(d)
+                continue
+            strangers = ", ".join(sorted(set(named_here) - set(kept))[:3])
+            if not kept:
+                refused[d.id] = self._outcome(
+                    d,
+                    Refuse(
+                        Reason.UNKNOWN_PEER,
+                        f"no peer named is a worker registered with the AMM at {amm}: {strangers}",
+                    ),
+                )
+                continue
+            log.info("directive %s: ignoring peers the AMM does not list: %s", d.id, strangers)
+            vetted.append(
+                d._replace(sources=kept) if d.op is Op.REPLICATE else d._replace(holders=kept)
+            )
+        return vetted, refused
+
     async def _execute(self, directive: Directive) -> Outcome:
+        vetted, refused = await self._vet_peers([directive])
+        if not vetted:
+            return refused[directive.id]
+        directive = vetted[0]
         async with self._locks.hold(directive.key), self._slots:
             verdict = integrity.judge(self._store, directive, self._conditions(), self._clock())
             if isinstance(verdict, Refuse) or verdict.noop:

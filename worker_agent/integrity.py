@@ -11,20 +11,14 @@ at the gRPC edge (``servicer``).
 from __future__ import annotations
 
 import enum
-import functools
 import re
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from amm.base.validation import bad_addresses, epoch_problem, is_address
 from worker_agent.store import MAX_KEY_BYTES, Key, Store
 
 _CHECKSUM = re.compile(r"[0-9a-f]{64}")
-# A host name or IPv4 address, or an IPv6 address in brackets; then a port.
-_PEER_ADDRESS = re.compile(
-    r"(?:\[[0-9A-Fa-f:.]+(?:%[0-9A-Za-z._-]+)?\]|[0-9A-Za-z](?:[0-9A-Za-z._-]{0,251}[0-9A-Za-z])?)"
-    r":([0-9]{1,5})"
-)
 
 
 def is_checksum(text: str) -> bool:
@@ -32,21 +26,10 @@ def is_checksum(text: str) -> bool:
     return _CHECKSUM.fullmatch(text) is not None
 
 
-@functools.lru_cache(maxsize=4096)
 def is_peer_address(text: str) -> bool:
-    """``HOST:PORT``, the only form of address an agent dials for a peer. Anything else gRPC
-    would accept too (``unix:/path``, ``dns:///name``) is refused: callers name peers, and a
-    caller must not make the agent dial sockets or resolvers of its choosing."""
-    match = _PEER_ADDRESS.fullmatch(text)
-    return match is not None and 0 < int(match.group(1)) <= 65535
-
-
-def bad_peer_addresses(addresses: Iterable[str]) -> str | None:
-    """A message naming the addresses that are not ``HOST:PORT``, or None when all are."""
-    bad = [address for address in addresses if not is_peer_address(address)]
-    if not bad:
-        return None
-    return f"not a HOST:PORT address: {', '.join(repr(a[:100]) for a in bad[:3])}"
+    """``HOST:PORT`` with a port from 1, the only form of address an agent dials for a peer
+    (``amm.base.validation``, the rules the AMM applies to registrations)."""
+    return is_address(text)
 
 
 class Reason(enum.Enum):
@@ -65,6 +48,8 @@ class Reason(enum.Enum):
     NOT_HELD = 11
     DROPPING = 12
     CLOSING = 13
+    UNCONFIRMED_EPOCH = 14
+    UNKNOWN_PEER = 15
 
 
 class Op(enum.Enum):
@@ -93,6 +78,9 @@ class Conditions:
     """The agent-wide facts the rules depend on, sampled by the caller."""
 
     newest_epoch: int = 0
+    #: The agent has an AMM, which alone moves its epoch (``confirm``): a directive of a newer
+    #: epoch than ``newest_epoch`` was not issued by it.
+    confirms_epochs: bool = False
     paused: bool = False
     closing: bool = False
     #: Draining before a shutdown: it still serves and drops what it holds, but takes nothing
@@ -136,6 +124,9 @@ def validate(directive: Directive) -> Refuse | None:
     a malformed directive is trusted, so its epoch does not count as the newest seen."""
     if not directive.id or not directive.key:
         return Refuse(Reason.INVALID, "a directive needs an id and a key")
+    epoch = epoch_problem("the directive's epoch", directive.epoch)
+    if epoch is not None:
+        return Refuse(Reason.INVALID, epoch)
     if len(directive.key.encode()) > MAX_KEY_BYTES:
         return Refuse(Reason.INVALID, f"the key exceeds {MAX_KEY_BYTES} bytes of UTF-8")
     if directive.op is Op.UNSPECIFIED:
@@ -154,16 +145,23 @@ def validate(directive: Directive) -> Refuse | None:
             return Refuse(Reason.INVALID, "a DROP names the other holders; this one names none")
         if directive.checksum and not is_checksum(directive.checksum):
             return Refuse(Reason.INVALID, "a checksum is 64 lowercase hexadecimal digits")
-    bad = bad_peer_addresses((*directive.sources, *directive.holders))
+    bad = bad_addresses((*directive.sources, *directive.holders))
     return Refuse(Reason.INVALID, bad) if bad is not None else None
 
 
 def judge_epoch(directive: Directive, cond: Conditions) -> Refuse | None:
-    """Directives from an AMM epoch older than the newest seen come from a superseded AMM."""
+    """Directives from an AMM epoch older than the newest confirmed come from a superseded AMM;
+    with an AMM to confirm epochs, a newer one than it confirmed was not issued by it."""
     if directive.epoch < cond.newest_epoch:
         return Refuse(
             Reason.STALE_EPOCH,
             f"directive epoch {directive.epoch} is older than epoch {cond.newest_epoch}",
+        )
+    if cond.confirms_epochs and directive.epoch > cond.newest_epoch:
+        return Refuse(
+            Reason.UNCONFIRMED_EPOCH,
+            f"directive epoch {directive.epoch} is newer than epoch {cond.newest_epoch}, the "
+            "one this agent's AMM confirms: its AMM did not issue it",
         )
     return None
 

@@ -15,12 +15,14 @@ import dataclasses
 import enum
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
+from amm.base.validation import epoch_problem
 from worker_agent import integrity
 from worker_agent.config import AgentConfig
-from worker_agent.directives import DirectiveRunner, KeyLocks, Outcome
+from worker_agent.confirm import AmmPort, Confirmations
+from worker_agent.directives import DirectiveRunner, KeyLocks, Outcome, OutcomeStatus
 from worker_agent.errors import (
     ContentConflict,
     DataLoss,
@@ -36,8 +38,6 @@ from worker_agent.store import Key, KeyInfo, Page, Store, Value
 from worker_agent.transfer import FetchFailure, Peers
 
 log = logging.getLogger(__name__)
-
-WhoHas = Callable[[Key], Awaitable[list[str]]]
 
 #: Keys in a poll answer when the caller asks for no particular number (PollRequest.max_keys 0).
 DEFAULT_POLL_KEYS = 10_000
@@ -109,7 +109,7 @@ class Node:
         *,
         probe: MemoryProbe,
         clock: Callable[[], float],
-        who_has: WhoHas | None = None,
+        amm: AmmPort | None = None,
     ) -> None:
         self.config = config
         self.clock = clock
@@ -131,6 +131,7 @@ class Node:
         self.locks = KeyLocks()
         self.peers = Peers(
             fetch_timeout=config.fetch_timeout,
+            source_timeout=config.source_timeout,
             max_value_bytes=config.max_value_bytes,
             max_channels=config.max_peer_channels,
         )
@@ -140,7 +141,13 @@ class Node:
             limit=config.memory_limit,
             pause_fraction=config.pause_fraction,
         )
-        self._who_has = who_has
+        #: What the agent's AMM confirms (epochs, registered peers); None without an AMM, when
+        #: the agent takes epochs and peers as its callers give them.
+        self.confirmations = (
+            None
+            if amm is None
+            else Confirmations(amm, epoch=lambda: self.newest_epoch, adopt=self.observe_epoch)
+        )
         self.runner = DirectiveRunner(
             config=config,
             store=self.store,
@@ -150,6 +157,7 @@ class Node:
             observe_epoch=self.observe_epoch,
             address=lambda: self.address,
             clock=clock,
+            confirmations=self.confirmations,
         )
 
     @property
@@ -157,7 +165,8 @@ class Node:
         return self.config.name or self.address
 
     def observe_epoch(self, epoch: int) -> None:
-        """Remember the newest AMM epoch seen; directives from older epochs are refused."""
+        """Remember the newest AMM epoch seen (with an AMM: confirmed by it); directives from
+        older epochs are refused."""
         self.newest_epoch = max(self.newest_epoch, epoch)
 
     def sample_memory(self) -> MemoryReport:
@@ -173,6 +182,7 @@ class Node:
     def conditions(self) -> Conditions:
         return Conditions(
             newest_epoch=self.newest_epoch,
+            confirms_epochs=self.confirmations is not None,
             paused=self.status() is WorkerStatus.PAUSED,
             closing=self.closing,
             draining=self.draining,
@@ -189,6 +199,7 @@ class Node:
         epoch: int,
         max_keys: int = 0,
         cursor: str = "",
+        membership_version: int = 0,
     ) -> Inventory:
         """The inventory, in pages of at most ``max_keys`` keys (0: ``DEFAULT_POLL_KEYS``; never
         more than ``MAX_POLL_KEYS``, nor about ``POLL_BYTES``). Three kinds of answer:
@@ -210,9 +221,21 @@ class Node:
         must keep the version of the FIRST page and, once the last page is in, poll
         incrementally since it: that answer holds whatever changed while paging (keys added
         behind the cursor, keys removed from pages already read).
+
+        ``epoch`` above ``MAX_EPOCH`` is an invalid request. With an AMM, a poll's epoch is
+        taken only once the AMM confirms it (``confirm``); until then the poll does not count as
+        the AMM's, so a stranger polling with a huge epoch neither fences the AMM off nor keeps
+        the agent from registering again.
         """
-        self.observe_epoch(epoch)
-        if epoch >= self.registered_epoch:
+        problem = epoch_problem("epoch", epoch)
+        if problem is not None:
+            raise InvalidRequest(problem)
+        if self.confirmations is None:
+            self.observe_epoch(epoch)
+            confirmed = True
+        else:
+            confirmed = self.confirmations.note_poll(epoch, membership_version)
+        if confirmed and epoch >= self.registered_epoch:
             # A superseded AMM (or a person with grpcurl) still polling must not keep this
             # agent from registering again with the AMM that forgot it.
             self.polled.set()
@@ -253,6 +276,28 @@ class Node:
         self, directives: Sequence[Directive], emit: Callable[[list[Outcome]], None]
     ) -> None:
         await self.runner.run_batch(directives, emit)
+
+    async def admit(self, values: Sequence[tuple[Key, str]]) -> None:
+        """Keys are immutable cluster-wide: refuse to store a ``(key, checksum)`` this agent
+        lacks when the AMM knows other content under the key (``ContentConflict``, ALREADY_EXISTS
+        on the wire), or when the AMM cannot be asked (``Unavailable``). One call for all of
+        them; without an AMM, only the local rule holds (``put``)."""
+        if self.confirmations is None:
+            return
+        held = self.store.get
+        new = {key: digest for key, digest in values if held(key) is None}
+        if not new:
+            return
+        known = await self.confirmations.lookup(list(new))
+        for key, digest in new.items():
+            other = known.get(key)
+            if other is None or (other.checksum == digest and other.holders):
+                continue
+            where = ", ".join((*other.holders, *other.conflicting)[:3])
+            raise ContentConflict(
+                f"{key!r} already exists in the cluster with other content (checksum "
+                f"{other.checksum[:12]}, on {where}); keys are immutable cluster-wide"
+            )
 
     def check_put(self, key: Key, size: int, checksum: str) -> None:
         """Fail early, before the value is received, when it cannot be stored."""
@@ -345,6 +390,7 @@ class Node:
         if value is None:
             if not fetch:
                 raise UnknownKey(f"{key!r} is not held here")
+            await self._vet_sources(sources)
             async with self.locks.hold(key):
                 value = self.store.get(key)
                 if value is None:
@@ -362,17 +408,50 @@ class Node:
             if using:
                 self.store.end_use(key)
 
+    async def _vet_sources(self, sources: Sequence[str]) -> None:
+        """With an AMM, a Get fetches only from workers registered with it: not from a server
+        that would hand over other bytes under a real key, and not from any address a caller
+        wants probed from here. Judged before anything is dialled; ``InvalidRequest`` names
+        the strangers."""
+        if self.confirmations is None or not sources:
+            return
+        unknown = await self.confirmations.strangers(s for s in sources if s != self.address)
+        if unknown:
+            shown = ", ".join(repr(s[:100]) for s in unknown[:3])
+            raise InvalidRequest(
+                f"sources must be workers registered with the AMM at {self.confirmations.amm}; "
+                f"not registered: {shown}"
+            )
+
     async def _fetch_missing(self, key: Key, sources: Sequence[str]) -> tuple[Value, bool]:
+        """The value of ``key`` from a peer, and whether it was kept here.
+
+        With an AMM, it is asked what content the cluster holds under the key (and, when no
+        source is named, who holds it, after a fresh poll), and only that content is taken: a
+        source holding other content answers NOT_FOUND and the next one is asked, so a fetched
+        replica never shadows the key's content."""
         candidates = [s for s in sources if s != self.address]
-        if not sources:
-            if self._who_has is None:
-                raise UnknownKey(f"{key!r} is not held here, and no source or AMM to ask")
-            named = await self._who_has(key)
-            candidates = [s for s in named if s != self.address and integrity.is_peer_address(s)]
-            if not candidates:
-                raise UnknownKey(f"no worker holds {key!r}")
+        expected_size: int | None = None
+        expected = ""
+        if self.confirmations is not None:
+            known = (await self.confirmations.lookup([key], fresh=not sources)).get(key)
+            if known is not None:
+                expected_size, expected = known.size, known.checksum
+            if not sources:
+                named = known.holders if known is not None else ()
+                candidates = [
+                    s for s in named if s != self.address and integrity.is_peer_address(s)
+                ]
+                if not candidates:
+                    raise UnknownKey(f"no worker holds {key!r}")
+        elif not sources:
+            raise UnknownKey(f"{key!r} is not held here, and no source or AMM to ask")
         result = await self.peers.fetch(
-            key, candidates, expected_size=None, expected_checksum="", requester=self.address
+            key,
+            candidates,
+            expected_size=expected_size,
+            expected_checksum=expected,
+            requester=self.address,
         )
         if isinstance(result, FetchFailure):
             if result.reason is Reason.CHECKSUM_MISMATCH:
@@ -415,11 +494,46 @@ class Node:
             raise Refused(None, f"{key!r} is not pinned")
         return self.store.unpin(key)
 
-    def delete(self, key: Key, *, forget: bool = False) -> bool:
+    async def delete(self, key: Key, *, forget: bool = False) -> bool:
+        """Delete the local replica; False when it was not held.
+
+        Without ``forget``, an agent with an AMM deletes only as it drops: once a holder of the
+        same content that the AMM lists (asked again after a fresh poll when it lists none)
+        promised to keep the key, so the last copy of a key, or the last two deleted at once,
+        are refused, not lost. ``forget`` is the AMM's Forget deleting every replica: local
+        pins still refuse it. Without an AMM, only the local rules hold."""
         verdict = integrity.judge_delete(self.store, key, self.clock(), forget=forget)
         if isinstance(verdict, Refuse):
             raise Refused(verdict.reason, f"cannot delete: {verdict.message}")
-        return self.store.remove(key)
+        held = self.store.get(key)
+        if held is None:
+            return False
+        if forget or self.confirmations is None:
+            return self.store.remove(key)
+        keepers = await self._other_holders(key, held.checksum)
+        if not keepers:
+            raise Refused(
+                None,
+                f"cannot delete {key!r}: this is its only copy as far as the AMM at "
+                f"{self.confirmations.amm} knows, and it would be lost; forget the key "
+                "everywhere through the AMM (amm forget), or copy it elsewhere first",
+            )
+        outcome = await self.runner.drop_for_delete(key, held.checksum, keepers)
+        if outcome.status is not OutcomeStatus.APPLIED:
+            raise Refused(outcome.reason, f"cannot delete: {outcome.message}")
+        return key not in self.store
+
+    async def _other_holders(self, key: Key, checksum: str) -> list[str]:
+        """The other workers the AMM lists as holding ``key`` with ``checksum``: as it last
+        polled, or, when that names none, after a fresh poll."""
+        assert self.confirmations is not None
+        for fresh in (False, True):
+            known = (await self.confirmations.lookup([key], fresh=fresh)).get(key)
+            if known is not None and known.checksum == checksum:
+                others = [h for h in known.holders if h != self.address]
+                if others:
+                    return others
+        return []
 
     def promise_keep(self, key: Key, checksum: str, lease: float | None) -> Promise | Refuse:
         """Promise a peer to keep ``key`` for ``lease`` seconds (None: the configured lease),
@@ -444,22 +558,59 @@ class Node:
                 answers.append(Promise(self.store.promise(key, now + seconds) - now))
         return answers
 
-    def request_close(self, reason: str, *, force: bool = False) -> None:
+    async def request_close(self, reason: str, *, force: bool = False) -> int:
         """Agree to shut down: refused while any key is held, unless ``force``, since an agent
         never loses data on someone else's word. From here on the agent reports CLOSING and takes
-        no new data; the agent owning this node stops once ``close_requested`` is set."""
+        no new data; the agent owning this node stops once ``close_requested`` is set.
+
+        Returns how many keys are lost with the agent: with ``force``, those of the keys held
+        that no other worker held as far as the AMM knew (all of them without an AMM, or when
+        it cannot be asked), also logged as a warning: never lost silently."""
         held = len(self.store)
         if held and not force:
             raise Refused(
                 None, f"holds {held} key(s): it closes only when empty (or with force set)"
             )
-        log.info(
-            "closing on request%s%s",
-            f": {reason}" if reason else "",
-            f" (force: {held} key(s) dropped)" if held else "",
-        )
-        self.closing = True
+        self.closing = True  # no Put lands while the keys are counted
+        lost = await self._keys_only_here() if held else 0
+        if lost:
+            log.warning(
+                "closing on request (force%s): %d key(s) held, %d of them with no copy on another "
+                "worker as far as the AMM knew: those are lost",
+                f"; {reason}" if reason else "",
+                held,
+                lost,
+            )
+        else:
+            log.info(
+                "closing on request%s%s",
+                f": {reason}" if reason else "",
+                f" (force: {held} key(s) dropped, each held elsewhere)" if held else "",
+            )
         self.close_requested.set()
+        return lost
+
+    async def _keys_only_here(self) -> int:
+        """How many keys held here no other worker holds with the same content, as the AMM
+        knows; every key held when there is no AMM to ask, or it cannot be asked."""
+        held = {key: value.checksum for key in self.store if (value := self.store.get(key))}
+        if self.confirmations is None:
+            return len(held)
+        try:
+            known = await self.confirmations.lookup(list(held))
+        except Unavailable as err:
+            log.warning("cannot ask the AMM which keys exist elsewhere: %s", err.message)
+            return len(held)
+        me = self.address
+        return sum(
+            1
+            for key, digest in held.items()
+            if (k := known.get(key)) is None
+            or k.checksum != digest
+            or not any(h != me for h in k.holders)
+        )
 
     async def close(self) -> None:
+        if self.confirmations is not None:
+            await self.confirmations.close()
         await self.peers.close()

@@ -22,9 +22,11 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from amm.base.checksum import checksum
+from amm.base.guard import Complaints, collect, register_guarded
 from amm.base.streams import Assembly, Overflow, decoder, framed_chunks, serialize
+from amm.base.validation import bad_addresses
 from amm.v1 import agent_pb2, agent_pb2_grpc, types_pb2
-from worker_agent import integrity
+from worker_agent import garbled, integrity
 from worker_agent.directives import Outcome, OutcomeStatus
 from worker_agent.errors import (
     AgentError,
@@ -249,19 +251,6 @@ async def _cancel_all(tasks: Iterable[asyncio.Task[None]]) -> None:
             log.error("task %s failed", task.get_name(), exc_info=result)
 
 
-class _Collected:
-    """Stands in for a server to collect the handlers the generated registration adds."""
-
-    def __init__(self) -> None:
-        self.handlers: dict[str, Any] = {}
-
-    def add_generic_rpc_handlers(self, handlers: Any) -> None:
-        pass
-
-    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
-        self.handlers = dict(handlers)
-
-
 def _put_chunk(message: agent_pb2.PutRequest | memoryview) -> memoryview | bytes | None:
     """The chunk of a Put message: a ``memoryview`` as ``add_to_server`` registers Put, or a
     protobuf message as the generated registration does; None for anything but a chunk."""
@@ -273,17 +262,19 @@ def _put_chunk(message: agent_pb2.PutRequest | memoryview) -> memoryview | bytes
 def add_to_server(servicer: WorkerAgentServicer, server: grpc.aio.Server) -> None:
     """Register ``servicer``: the generated registration, except that Put's chunks arrive as
     ``memoryview`` and Get and Fetch send chunks already serialized (``amm.base.streams``), so a
-    value's bytes are not copied by protobuf on the way in or out. The bytes on the wire are the
-    same."""
-    collected = _Collected()
-    agent_pb2_grpc.add_WorkerAgentServicer_to_server(servicer, collected)  # type: ignore[arg-type]
-    handlers: dict[str, Any] = collected.handlers
+    value's bytes are not copied by protobuf on the way in or out (the bytes on the wire are the
+    same); that Directives messages that do not decode are salvaged (``garbled``), so each
+    directive in them gets an answer; and that every other undecodable request is answered
+    INVALID_ARGUMENT (``amm.base.guard``)."""
+    handlers = collect(agent_pb2_grpc.add_WorkerAgentServicer_to_server, servicer)
     handlers["Put"] = handlers["Put"]._replace(request_deserializer=decoder(agent_pb2.PutRequest))
+    handlers["Directives"] = handlers["Directives"]._replace(
+        request_deserializer=garbled.decode_directives
+    )
     for method in ("Get", "Fetch"):
         handlers[method] = handlers[method]._replace(response_serializer=serialize)
     servicer.framed = True
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
-    server.add_registered_method_handlers(SERVICE_NAME, handlers)  # type: ignore[attr-defined]
+    register_guarded(server, SERVICE_NAME, handlers, servicer.complaints)
 
 
 class WorkerAgentServicer(agent_pb2_grpc.WorkerAgentServicer):
@@ -291,6 +282,8 @@ class WorkerAgentServicer(agent_pb2_grpc.WorkerAgentServicer):
 
     def __init__(self, node: Node) -> None:
         self._node = node
+        #: Undecodable requests and directives, logged at most once per client per interval.
+        self.complaints = Complaints(log)
         #: Set by ``add_to_server``: Get and Fetch may write chunks already serialized. A servicer
         #: registered with the generated function writes protobuf messages, more slowly.
         self.framed = False
@@ -306,12 +299,13 @@ class WorkerAgentServicer(agent_pb2_grpc.WorkerAgentServicer):
                 epoch=request.epoch,
                 max_keys=request.max_keys,
                 cursor=request.cursor,
+                membership_version=request.membership_version,
             )
             return _poll_response(inventory)
 
     async def Directives(
         self,
-        request_iterator: AsyncIterator[agent_pb2.DirectivesRequest],
+        request_iterator: AsyncIterator[agent_pb2.DirectivesRequest | garbled.Garbled],
         context: Context,
     ) -> AsyncIterator[agent_pb2.DirectivesResponse]:
         """Directives in, outcomes out in completion order, one owned task per message.
@@ -324,10 +318,15 @@ class WorkerAgentServicer(agent_pb2_grpc.WorkerAgentServicer):
 
         The stream ends when the AMM stops sending and every directive has an outcome, or at once
         when the agent shuts down (unfinished directives are cancelled; the AMM times them out).
+        A message that does not decode is salvaged (``garbled``): each directive in it whose id
+        reads is refused INVALID, and one whose id does not ends the stream INVALID_ARGUMENT.
         """
         node = self._node
-        # (outcomes, as a batch, frees a slot once sent); None ends the stream.
-        outcomes: asyncio.Queue[tuple[list[Outcome], bool, bool] | None] = asyncio.Queue()
+        # (outcomes, as a batch, frees a slot once sent); an error ends the stream with its
+        # status, None without one.
+        outcomes: asyncio.Queue[tuple[list[Outcome], bool, bool] | AgentError | None] = (
+            asyncio.Queue()
+        )
         running: set[asyncio.Task[None]] = set()
         slots = asyncio.Semaphore(node.config.max_concurrent_directives)
 
@@ -341,6 +340,7 @@ class WorkerAgentServicer(agent_pb2_grpc.WorkerAgentServicer):
             outcomes.put_nowait(([], True, True))
 
         async def read() -> None:
+            ending: AgentError | None = None
             try:
                 requests = aiter(request_iterator)
                 while True:
@@ -348,7 +348,30 @@ class WorkerAgentServicer(agent_pb2_grpc.WorkerAgentServicer):
                     request = await anext(requests, None)
                     if request is None:
                         break
-                    if request.batch:
+                    if isinstance(request, garbled.Garbled):
+                        self.complaints.note(context.peer(), "Directives message", request.error)
+                        if request.fatal:  # once what is in hand is answered
+                            ending = InvalidRequest(request.fatal)
+                            break
+                        refusals = [
+                            Outcome(
+                                directive_id,
+                                OutcomeStatus.REFUSED,
+                                Reason.INVALID,
+                                f"undecodable directive: {why}",
+                                node.store.version,
+                            )
+                            for directive_id, why in request.refused
+                        ]
+                        if not request.batch:
+                            outcomes.put_nowait((refusals, False, True))
+                            continue
+                        outcomes.put_nowait((refusals, True, False))
+                        request = agent_pb2.DirectivesRequest(batch=request.directives)
+                        batch = [directive_from_proto(d) for d in request.batch]
+                        work = carry_out_batch(batch)
+                        name = f"directive batch x{len(batch)} (salvaged)"
+                    elif request.batch:
                         batch = [directive_from_proto(d) for d in request.batch]
                         work = carry_out_batch(batch)
                         name = f"directive batch x{len(batch)}"
@@ -362,7 +385,7 @@ class WorkerAgentServicer(agent_pb2_grpc.WorkerAgentServicer):
                 while running:
                     await asyncio.wait(set(running))
             finally:
-                outcomes.put_nowait(None)
+                outcomes.put_nowait(ending)
 
         async def watch_shutdown() -> None:
             await node.shutdown.wait()
@@ -375,6 +398,8 @@ class WorkerAgentServicer(agent_pb2_grpc.WorkerAgentServicer):
         try:
             async with _Edge(context, "Directives"):
                 while (item := await outcomes.get()) is not None:
+                    if isinstance(item, AgentError):
+                        raise item
                     group, batch, frees = item
                     if batch:
                         for start in range(0, len(group), OUTCOMES_PER_MESSAGE):
@@ -405,6 +430,8 @@ class WorkerAgentServicer(agent_pb2_grpc.WorkerAgentServicer):
             key, size = _key(first.header.key), first.header.size
             declared = _checksum(first.header.checksum)
             self._node.check_put(key, size, declared)
+            if declared:  # judged before a byte of the value is received
+                await self._node.admit([(key, declared)])
             received = Assembly(size)
             try:
                 async for message in messages:
@@ -426,6 +453,8 @@ class WorkerAgentServicer(agent_pb2_grpc.WorkerAgentServicer):
                 received.abandon()
             if declared and declared != actual:
                 raise InvalidRequest("the value does not match the checksum in the header")
+            if not declared:
+                await self._node.admit([(key, actual)])
             info, created = self._node.put(key, data, actual)
             return agent_pb2.PutResponse(
                 key=info.key, size=info.size, checksum=info.checksum, created=created
@@ -439,7 +468,7 @@ class WorkerAgentServicer(agent_pb2_grpc.WorkerAgentServicer):
     ) -> None:
         async with _Edge(context, "Get"):
             key = _key(request.key)
-            bad = integrity.bad_peer_addresses(request.sources)
+            bad = bad_addresses(request.sources)
             if bad is not None:
                 raise InvalidRequest(f"sources: {bad}")
             async with self._node.reading(key, fetch=True, sources=request.sources) as reading:
@@ -532,7 +561,7 @@ class WorkerAgentServicer(agent_pb2_grpc.WorkerAgentServicer):
         self, request: agent_pb2.DeleteRequest, context: Context
     ) -> agent_pb2.DeleteResponse:
         async with _Edge(context, "Delete"):
-            deleted = self._node.delete(_key(request.key), forget=request.forget)
+            deleted = await self._node.delete(_key(request.key), forget=request.forget)
             return agent_pb2.DeleteResponse(deleted=deleted)
 
     async def PromiseKeep(
@@ -582,7 +611,9 @@ class WorkerAgentServicer(agent_pb2_grpc.WorkerAgentServicer):
         async with _Edge(context, "PutMany"):
             created = unchanged = stored = 0
             async for message in request_iterator:
-                batch = self._node.put_many(_put_items(message.items))
+                items = _put_items(message.items)
+                await self._node.admit([(key, digest) for key, _, digest in items])
+                batch = self._node.put_many(items)
                 created += batch.created
                 unchanged += batch.unchanged
                 stored += batch.nbytes
@@ -592,5 +623,5 @@ class WorkerAgentServicer(agent_pb2_grpc.WorkerAgentServicer):
         self, request: agent_pb2.CloseRequest, context: Context
     ) -> agent_pb2.CloseResponse:
         async with _Edge(context, "Close"):
-            self._node.request_close(request.reason, force=request.force)
-            return agent_pb2.CloseResponse(closing=True)
+            lost = await self._node.request_close(request.reason, force=request.force)
+            return agent_pb2.CloseResponse(closing=True, keys_lost=lost)

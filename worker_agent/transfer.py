@@ -3,8 +3,9 @@
 ``Peers`` owns one channel per peer address, created on first use inside the running loop and
 closed by ``close``. Callers name the addresses (Get sources, directives), so only ``HOST:PORT``
 is dialled and the channels are a bounded LRU cache: the least recently used idle channels are
-closed beyond ``max_channels``, never one a call is using. Fetching tries the sources in order
-and verifies size and SHA-256 before handing bytes back; failures are values (``FetchFailure``)
+closed beyond ``max_channels``, never one a call is using. Fetching tries the sources in order,
+gives up on one that sends no header within ``source_timeout``, and verifies size and SHA-256
+before handing bytes back; failures are values (``FetchFailure``)
 naming the reason, because for a directive they are expected outcomes, not errors. Chunks are
 read as ``memoryview`` and hashed while the next arrives (``amm.base.streams``).
 """
@@ -17,6 +18,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import grpc
 from google.protobuf.duration_pb2 import Duration
@@ -28,6 +30,7 @@ from worker_agent.integrity import Reason, is_peer_address
 from worker_agent.store import Key
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 #: Peer channels kept open at most (beyond it, the least recently used idle ones are closed).
 MAX_PEER_CHANNELS = 256
@@ -75,6 +78,10 @@ class _Corrupt(Exception):
     """The data a source sent does not match what it or the caller declared."""
 
 
+class _Silent(Exception):
+    """A source sent no header within ``source_timeout``."""
+
+
 def reason_from_proto(value: int) -> Reason | None:
     """The domain reason for a wire ``RefusalReason``; None for UNSPECIFIED or unknown values."""
     try:
@@ -97,8 +104,10 @@ class Peers:
         fetch_timeout: float,
         max_value_bytes: int,
         max_channels: int = MAX_PEER_CHANNELS,
+        source_timeout: float | None = None,
     ) -> None:
         self._fetch_timeout = fetch_timeout
+        self._source_timeout = min(source_timeout or fetch_timeout, fetch_timeout)
         self._max_value_bytes = max_value_bytes
         self._max_channels = max_channels
         # Least recently used first.
@@ -186,9 +195,9 @@ class Peers:
                 missing = missing and err.code() is grpc.StatusCode.NOT_FOUND
                 answers.append(f"{source}: {err.code().name} {err.details() or ''}".strip())
                 continue
-            except _NotAnAddress as err:
+            except (_NotAnAddress, _Silent) as err:
                 missing = False
-                answers.append(str(err))
+                answers.append(f"{source}: {err}" if isinstance(err, _Silent) else str(err))
                 continue
             except _Corrupt as err:
                 corrupt = True
@@ -236,7 +245,15 @@ class Peers:
         received: Assembly | None = None
         try:
             header: types_pb2.ValueHeader | None = None
-            async for message in call:
+            messages = aiter(call)
+            try:
+                async with asyncio.timeout(self._source_timeout):
+                    first = await anext(messages, None)
+            except TimeoutError:
+                raise _Silent(f"sent nothing within {self._source_timeout:g} s") from None
+            if first is None:
+                raise _Corrupt("the stream ended before the header")
+            async for message in _chain(first, messages):
                 if received is None:
                     if isinstance(message, memoryview) or message.WhichOneof("item") != "header":
                         raise _Corrupt("the first message is not a header")
@@ -351,6 +368,12 @@ class Peers:
                 )
 
         return list(await asyncio.gather(*(ask(key, checksum) for key, checksum in items)))
+
+
+async def _chain(first: T, rest: AsyncIterator[T]) -> AsyncIterator[T]:
+    yield first
+    async for item in rest:
+        yield item
 
 
 def _duration(seconds: float) -> Duration:

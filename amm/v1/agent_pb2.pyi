@@ -35,6 +35,7 @@ class PollRequest(_message.Message):
     EPOCH_FIELD_NUMBER: _builtins.int
     MAX_KEYS_FIELD_NUMBER: _builtins.int
     CURSOR_FIELD_NUMBER: _builtins.int
+    MEMBERSHIP_VERSION_FIELD_NUMBER: _builtins.int
     since_version: _builtins.int
     """The inventory version the caller last saw; 0 asks for everything."""
     incarnation: _builtins.str
@@ -42,7 +43,11 @@ class PollRequest(_message.Message):
     full: _builtins.bool
     """Ask for a full snapshot regardless of since_version."""
     epoch: _builtins.int
-    """The caller's AMM epoch; the agent remembers the newest epoch it has seen."""
+    """The caller's AMM epoch, at most 2^53 - 1 (INVALID_ARGUMENT above it). An agent registered
+    with an AMM does not take a newer epoch from a poll: it asks its AMM (GetMembership) and
+    adopts what that answers, so a poll from anyone else changes nothing. An agent without an
+    AMM remembers the newest epoch it has seen.
+    """
     max_keys: _builtins.int
     """At most this many keys (changed plus removed) in the response; 0 means the agent's default.
     Larger inventories arrive over several polls (see PollResponse.more and next_cursor).
@@ -50,6 +55,11 @@ class PollRequest(_message.Message):
     cursor: _builtins.str
     """Continue a full snapshot after this key, as returned in PollResponse.next_cursor; when set,
     since_version and full are ignored.
+    """
+    membership_version: _builtins.int
+    """The version of the AMM's set of registered workers (GetMembershipResponse.version). An agent
+    whose copy has another version asks its AMM again before it next relies on the copy (to check
+    the peers a directive or a Get names). A wrong value only costs that one call.
     """
     def __init__(
         self,
@@ -60,10 +70,11 @@ class PollRequest(_message.Message):
         epoch: _builtins.int = ...,
         max_keys: _builtins.int = ...,
         cursor: _builtins.str = ...,
+        membership_version: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor", "epoch", b"epoch", "full", b"full", "incarnation", b"incarnation", "max_keys", b"max_keys", "since_version", b"since_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor", "epoch", b"epoch", "full", b"full", "incarnation", b"incarnation", "max_keys", b"max_keys", "membership_version", b"membership_version", "since_version", b"since_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -99,7 +110,7 @@ class PollResponse(_message.Message):
     name: _builtins.str
     """The worker's name."""
     epoch: _builtins.int
-    """The newest AMM epoch this agent has seen."""
+    """The newest AMM epoch this agent has confirmed with its AMM (without an AMM: seen)."""
     next_cursor: _builtins.str
     """Set when a full snapshot continues: poll again with this cursor. Every page of a snapshot
     carries the version the snapshot started at; once the last page is in, poll incrementally
@@ -325,7 +336,9 @@ class GetRequest(_message.Message):
     """The key to read."""
     @_builtins.property
     def sources(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Holders to fetch from if this agent lacks the key; empty means ask the AMM who has it."""
+        """Holders to fetch from if this agent lacks the key; empty means ask the AMM who has it. With an
+        AMM, each must be a worker registered with it.
+        """
 
     def __init__(
         self,
@@ -854,16 +867,23 @@ class CloseResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     CLOSING_FIELD_NUMBER: _builtins.int
+    KEYS_LOST_FIELD_NUMBER: _builtins.int
     closing: _builtins.bool
     """True when the agent is shutting down."""
+    keys_lost: _builtins.int
+    """With `force`: how many of the keys held here no other worker held, as far as the agent's AMM
+    knew (every key held, for an agent without an AMM or one that could not ask it). They are lost
+    with the agent, which also logs it as a warning.
+    """
     def __init__(
         self,
         *,
         closing: _builtins.bool = ...,
+        keys_lost: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["closing", b"closing"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["closing", b"closing", "keys_lost", b"keys_lost"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

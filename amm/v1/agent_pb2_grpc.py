@@ -119,6 +119,9 @@ class WorkerAgentServicer:
     def Put(self, request_iterator, context):
         """Store a value: a header message, then chunks. Keys are immutable: storing different content
         under an existing key fails with ALREADY_EXISTS; storing the same content again is a no-op.
+        An agent registered with an AMM holds keys immutable cluster-wide: before it stores a key it
+        lacks it asks the AMM (LookupKeys), and fails with ALREADY_EXISTS when the cluster holds other
+        content under it (with UNAVAILABLE when the AMM cannot be asked).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -126,7 +129,9 @@ class WorkerAgentServicer:
 
     def Get(self, request, context):
         """Read a value: a header message, then chunks. An agent that lacks the key fetches it from a
-        holder first and keeps the replica, as a Dask worker does for a task's input.
+        holder first and keeps the replica, as a Dask worker does for a task's input. An agent
+        registered with an AMM fetches only from workers registered with it (INVALID_ARGUMENT for any
+        other source) and only the content the AMM knows under the key (LookupKeys).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -149,7 +154,9 @@ class WorkerAgentServicer:
     def Delete(self, request, context):
         """Delete the local replica of a key (a user's decision, unlike a DROP directive). Refused while
         the key is pinned, and, unless `forget` is set, while it is being read or sent or promised to
-        a peer.
+        a peer. Without `forget`, an agent registered with an AMM deletes only as it drops: once a
+        holder the AMM lists (LookupKeys) promised to keep the key. The last copy of a key is refused
+        with FAILED_PRECONDITION: the AMM's Forget deletes a key everywhere.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -181,8 +188,9 @@ class WorkerAgentServicer:
 
     def PutMany(self, request_iterator, context):
         """Store many values in one stream: each message carries whole values, stored once verified.
-        Keys are immutable across the batch exactly as for Put. Values too large for one message go
-        through Put. Agents that report the feature "put-batches" serve it.
+        Keys are immutable across the batch, and cluster-wide, exactly as for Put (one LookupKeys per
+        message). Values too large for one message go through Put. Agents that report the feature
+        "put-batches" serve it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -191,7 +199,8 @@ class WorkerAgentServicer:
     def Close(self, request, context):
         """Shut the agent down cleanly (the AMM calls it for a retired worker). Refused with
         FAILED_PRECONDITION while the agent holds any key, unless `force` is set: a retired worker
-        holds nothing, and an agent never loses data on someone else's word.
+        holds nothing, and an agent never loses data on someone else's word. With `force`, the answer
+        says how many keys are lost with the agent (CloseResponse.keys_lost).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -44,10 +44,15 @@ class WorkerAgentStub:
     Put: _grpc.StreamUnaryMultiCallable[_agent_pb2.PutRequest, _agent_pb2.PutResponse]
     """Store a value: a header message, then chunks. Keys are immutable: storing different content
     under an existing key fails with ALREADY_EXISTS; storing the same content again is a no-op.
+    An agent registered with an AMM holds keys immutable cluster-wide: before it stores a key it
+    lacks it asks the AMM (LookupKeys), and fails with ALREADY_EXISTS when the cluster holds other
+    content under it (with UNAVAILABLE when the AMM cannot be asked).
     """
     Get: _grpc.UnaryStreamMultiCallable[_agent_pb2.GetRequest, _agent_pb2.GetResponse]
     """Read a value: a header message, then chunks. An agent that lacks the key fetches it from a
-    holder first and keeps the replica, as a Dask worker does for a task's input.
+    holder first and keeps the replica, as a Dask worker does for a task's input. An agent
+    registered with an AMM fetches only from workers registered with it (INVALID_ARGUMENT for any
+    other source) and only the content the AMM knows under the key (LookupKeys).
     """
     Pin: _grpc.UnaryUnaryMultiCallable[_agent_pb2.PinRequest, _agent_pb2.PinResponse]
     """Mark a key as in use on this worker; a pinned key is never dropped here. Pins are counted."""
@@ -56,7 +61,9 @@ class WorkerAgentStub:
     Delete: _grpc.UnaryUnaryMultiCallable[_agent_pb2.DeleteRequest, _agent_pb2.DeleteResponse]
     """Delete the local replica of a key (a user's decision, unlike a DROP directive). Refused while
     the key is pinned, and, unless `forget` is set, while it is being read or sent or promised to
-    a peer.
+    a peer. Without `forget`, an agent registered with an AMM deletes only as it drops: once a
+    holder the AMM lists (LookupKeys) promised to keep the key. The last copy of a key is refused
+    with FAILED_PRECONDITION: the AMM's Forget deletes a key everywhere.
     """
     Fetch: _grpc.UnaryStreamMultiCallable[_agent_pb2.FetchRequest, _agent_pb2.FetchResponse]
     """Peer transfer: stream a value to another agent, header first, then chunks."""
@@ -70,13 +77,15 @@ class WorkerAgentStub:
     """
     PutMany: _grpc.StreamUnaryMultiCallable[_agent_pb2.PutManyRequest, _agent_pb2.PutManyResponse]
     """Store many values in one stream: each message carries whole values, stored once verified.
-    Keys are immutable across the batch exactly as for Put. Values too large for one message go
-    through Put. Agents that report the feature "put-batches" serve it.
+    Keys are immutable across the batch, and cluster-wide, exactly as for Put (one LookupKeys per
+    message). Values too large for one message go through Put. Agents that report the feature
+    "put-batches" serve it.
     """
     Close: _grpc.UnaryUnaryMultiCallable[_agent_pb2.CloseRequest, _agent_pb2.CloseResponse]
     """Shut the agent down cleanly (the AMM calls it for a retired worker). Refused with
     FAILED_PRECONDITION while the agent holds any key, unless `force` is set: a retired worker
-    holds nothing, and an agent never loses data on someone else's word.
+    holds nothing, and an agent never loses data on someone else's word. With `force`, the answer
+    says how many keys are lost with the agent (CloseResponse.keys_lost).
     """
 
 @_typing.type_check_only
@@ -93,10 +102,15 @@ class WorkerAgentAsyncStub(WorkerAgentStub):
     Put: _aio.StreamUnaryMultiCallable[_agent_pb2.PutRequest, _agent_pb2.PutResponse]  # type: ignore[assignment]
     """Store a value: a header message, then chunks. Keys are immutable: storing different content
     under an existing key fails with ALREADY_EXISTS; storing the same content again is a no-op.
+    An agent registered with an AMM holds keys immutable cluster-wide: before it stores a key it
+    lacks it asks the AMM (LookupKeys), and fails with ALREADY_EXISTS when the cluster holds other
+    content under it (with UNAVAILABLE when the AMM cannot be asked).
     """
     Get: _aio.UnaryStreamMultiCallable[_agent_pb2.GetRequest, _agent_pb2.GetResponse]  # type: ignore[assignment]
     """Read a value: a header message, then chunks. An agent that lacks the key fetches it from a
-    holder first and keeps the replica, as a Dask worker does for a task's input.
+    holder first and keeps the replica, as a Dask worker does for a task's input. An agent
+    registered with an AMM fetches only from workers registered with it (INVALID_ARGUMENT for any
+    other source) and only the content the AMM knows under the key (LookupKeys).
     """
     Pin: _aio.UnaryUnaryMultiCallable[_agent_pb2.PinRequest, _agent_pb2.PinResponse]  # type: ignore[assignment]
     """Mark a key as in use on this worker; a pinned key is never dropped here. Pins are counted."""
@@ -105,7 +119,9 @@ class WorkerAgentAsyncStub(WorkerAgentStub):
     Delete: _aio.UnaryUnaryMultiCallable[_agent_pb2.DeleteRequest, _agent_pb2.DeleteResponse]  # type: ignore[assignment]
     """Delete the local replica of a key (a user's decision, unlike a DROP directive). Refused while
     the key is pinned, and, unless `forget` is set, while it is being read or sent or promised to
-    a peer.
+    a peer. Without `forget`, an agent registered with an AMM deletes only as it drops: once a
+    holder the AMM lists (LookupKeys) promised to keep the key. The last copy of a key is refused
+    with FAILED_PRECONDITION: the AMM's Forget deletes a key everywhere.
     """
     Fetch: _aio.UnaryStreamMultiCallable[_agent_pb2.FetchRequest, _agent_pb2.FetchResponse]  # type: ignore[assignment]
     """Peer transfer: stream a value to another agent, header first, then chunks."""
@@ -119,13 +135,15 @@ class WorkerAgentAsyncStub(WorkerAgentStub):
     """
     PutMany: _aio.StreamUnaryMultiCallable[_agent_pb2.PutManyRequest, _agent_pb2.PutManyResponse]  # type: ignore[assignment]
     """Store many values in one stream: each message carries whole values, stored once verified.
-    Keys are immutable across the batch exactly as for Put. Values too large for one message go
-    through Put. Agents that report the feature "put-batches" serve it.
+    Keys are immutable across the batch, and cluster-wide, exactly as for Put (one LookupKeys per
+    message). Values too large for one message go through Put. Agents that report the feature
+    "put-batches" serve it.
     """
     Close: _aio.UnaryUnaryMultiCallable[_agent_pb2.CloseRequest, _agent_pb2.CloseResponse]  # type: ignore[assignment]
     """Shut the agent down cleanly (the AMM calls it for a retired worker). Refused with
     FAILED_PRECONDITION while the agent holds any key, unless `force` is set: a retired worker
-    holds nothing, and an agent never loses data on someone else's word.
+    holds nothing, and an agent never loses data on someone else's word. With `force`, the answer
+    says how many keys are lost with the agent (CloseResponse.keys_lost).
     """
 
 class WorkerAgentServicer(metaclass=_abc_1.ABCMeta):
@@ -157,6 +175,9 @@ class WorkerAgentServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_agent_pb2.PutResponse, _abc.Awaitable[_agent_pb2.PutResponse]]:
         """Store a value: a header message, then chunks. Keys are immutable: storing different content
         under an existing key fails with ALREADY_EXISTS; storing the same content again is a no-op.
+        An agent registered with an AMM holds keys immutable cluster-wide: before it stores a key it
+        lacks it asks the AMM (LookupKeys), and fails with ALREADY_EXISTS when the cluster holds other
+        content under it (with UNAVAILABLE when the AMM cannot be asked).
         """
 
     @_abc_1.abstractmethod
@@ -166,7 +187,9 @@ class WorkerAgentServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_agent_pb2.GetResponse], _abc.AsyncIterator[_agent_pb2.GetResponse]]:
         """Read a value: a header message, then chunks. An agent that lacks the key fetches it from a
-        holder first and keeps the replica, as a Dask worker does for a task's input.
+        holder first and keeps the replica, as a Dask worker does for a task's input. An agent
+        registered with an AMM fetches only from workers registered with it (INVALID_ARGUMENT for any
+        other source) and only the content the AMM knows under the key (LookupKeys).
         """
 
     @_abc_1.abstractmethod
@@ -193,7 +216,9 @@ class WorkerAgentServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_agent_pb2.DeleteResponse, _abc.Awaitable[_agent_pb2.DeleteResponse]]:
         """Delete the local replica of a key (a user's decision, unlike a DROP directive). Refused while
         the key is pinned, and, unless `forget` is set, while it is being read or sent or promised to
-        a peer.
+        a peer. Without `forget`, an agent registered with an AMM deletes only as it drops: once a
+        holder the AMM lists (LookupKeys) promised to keep the key. The last copy of a key is refused
+        with FAILED_PRECONDITION: the AMM's Forget deletes a key everywhere.
         """
 
     @_abc_1.abstractmethod
@@ -231,8 +256,9 @@ class WorkerAgentServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_agent_pb2.PutManyResponse, _abc.Awaitable[_agent_pb2.PutManyResponse]]:
         """Store many values in one stream: each message carries whole values, stored once verified.
-        Keys are immutable across the batch exactly as for Put. Values too large for one message go
-        through Put. Agents that report the feature "put-batches" serve it.
+        Keys are immutable across the batch, and cluster-wide, exactly as for Put (one LookupKeys per
+        message). Values too large for one message go through Put. Agents that report the feature
+        "put-batches" serve it.
         """
 
     @_abc_1.abstractmethod
@@ -243,7 +269,8 @@ class WorkerAgentServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_agent_pb2.CloseResponse, _abc.Awaitable[_agent_pb2.CloseResponse]]:
         """Shut the agent down cleanly (the AMM calls it for a retired worker). Refused with
         FAILED_PRECONDITION while the agent holds any key, unless `force` is set: a retired worker
-        holds nothing, and an agent never loses data on someone else's word.
+        holds nothing, and an agent never loses data on someone else's word. With `force`, the answer
+        says how many keys are lost with the agent (CloseResponse.keys_lost).
         """
 
 def add_WorkerAgentServicer_to_server(servicer: WorkerAgentServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -455,7 +455,10 @@ Global___GetStatusResponse: _TypeAlias = GetStatusResponse  # noqa: Y015
 
 @_typing.final
 class RegisterWorkerRequest(_message.Message):
-    """RegisterWorker arguments."""
+    """RegisterWorker arguments. Each field follows the rules of the agent's own flags: an address is
+    HOST:PORT (host at most 253 characters, port 1-65535), a name at most 256 printable characters,
+    a zone at most 128 printable characters without whitespace; anything else is INVALID_ARGUMENT.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -471,8 +474,11 @@ class RegisterWorkerRequest(_message.Message):
     incarnation: _builtins.str
     """The agent's incarnation, a random id per process start (see PollResponse.incarnation)."""
     epoch: _builtins.int
-    """The newest AMM epoch the agent has seen. An AMM that has not run a cycle yet and sees a newer
-    epoch moves its own epoch past it: the most recently started AMM is the one in charge.
+    """The newest AMM epoch the agent has confirmed with its AMM (RegisterWorkerResponse.epoch,
+    GetMembershipResponse.epoch). An AMM that has not run a cycle yet and sees a newer epoch moves
+    its own epoch past it: the most recently started AMM is the one in charge. At most 2^52
+    (INVALID_ARGUMENT above it), so that at least 2^52 restarts remain below the largest epoch,
+    2^53 - 1, whatever a registration claims.
     """
     zone: _builtins.str
     """The failure domain (rack, zone, host group) of the worker; replicas made for a goal spread
@@ -504,7 +510,7 @@ class RegisterWorkerResponse(_message.Message):
     EPOCH_FIELD_NUMBER: _builtins.int
     INTERVAL_FIELD_NUMBER: _builtins.int
     epoch: _builtins.int
-    """The AMM's epoch."""
+    """The AMM's epoch, which the agent adopts: it comes from the AMM the agent is configured with."""
     @_builtins.property
     def interval(self) -> _duration_pb2.Duration:
         """Time between the AMM's cycles."""
@@ -579,6 +585,170 @@ class UnregisterWorkerResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___UnregisterWorkerResponse: _TypeAlias = UnregisterWorkerResponse  # noqa: Y015
+
+@_typing.final
+class GetMembershipRequest(_message.Message):
+    """GetMembership arguments."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EPOCH_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    epoch: _builtins.int
+    """The epoch of the membership the caller holds (GetMembershipResponse.epoch); 0 for none."""
+    version: _builtins.int
+    """The version of the membership the caller holds (GetMembershipResponse.version). When epoch
+    and version are both current, the answer sets `unchanged` and lists no workers.
+    """
+    def __init__(
+        self,
+        *,
+        epoch: _builtins.int = ...,
+        version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetMembershipRequest: _TypeAlias = GetMembershipRequest  # noqa: Y015
+
+@_typing.final
+class GetMembershipResponse(_message.Message):
+    """GetMembership result."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EPOCH_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    WORKERS_FIELD_NUMBER: _builtins.int
+    UNCHANGED_FIELD_NUMBER: _builtins.int
+    epoch: _builtins.int
+    """The AMM's epoch (at most 2^53 - 1): an agent accepts directives of this epoch and refuses
+    older ones (STALE_EPOCH) and newer ones (UNCONFIRMED_EPOCH).
+    """
+    version: _builtins.int
+    """The version of the set of registered workers: it changes whenever a worker registers (or
+    registers a new incarnation) or leaves. Each Poll carries it (PollRequest.membership_version).
+    """
+    unchanged: _builtins.bool
+    """True when the caller's epoch and version are current: its list of workers still holds."""
+    @_builtins.property
+    def workers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The addresses of the registered workers, the caller's included; empty when `unchanged`."""
+
+    def __init__(
+        self,
+        *,
+        epoch: _builtins.int = ...,
+        version: _builtins.int = ...,
+        workers: _abc.Iterable[_builtins.str] | None = ...,
+        unchanged: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "unchanged", b"unchanged", "version", b"version", "workers", b"workers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetMembershipResponse: _TypeAlias = GetMembershipResponse  # noqa: Y015
+
+@_typing.final
+class LookupKeysRequest(_message.Message):
+    """LookupKeys arguments."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEYS_FIELD_NUMBER: _builtins.int
+    FRESH_FIELD_NUMBER: _builtins.int
+    fresh: _builtins.bool
+    """Poll every agent before answering, as WhoHas does: for a key put a moment ago."""
+    @_builtins.property
+    def keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The keys to look up: at most 100,000, none empty (INVALID_ARGUMENT otherwise)."""
+
+    def __init__(
+        self,
+        *,
+        keys: _abc.Iterable[_builtins.str] | None = ...,
+        fresh: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fresh", b"fresh", "keys", b"keys"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LookupKeysRequest: _TypeAlias = LookupKeysRequest  # noqa: Y015
+
+@_typing.final
+class KeyContent(_message.Message):
+    """What the AMM knows of one key."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    CHECKSUM_FIELD_NUMBER: _builtins.int
+    HOLDERS_FIELD_NUMBER: _builtins.int
+    CONFLICTING_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    """The key."""
+    size: _builtins.int
+    """Size in bytes of the key's content: the first the AMM saw, while a worker still holds it."""
+    checksum: _builtins.str
+    """Lowercase hexadecimal SHA-256 of that content."""
+    @_builtins.property
+    def holders(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Addresses of the workers that hold that content, ordered."""
+
+    @_builtins.property
+    def conflicting(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Addresses of workers that hold other content under the key (a conflict the AMM leaves alone),
+        ordered; they are not replicas of the key.
+        """
+
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        size: _builtins.int = ...,
+        checksum: _builtins.str = ...,
+        holders: _abc.Iterable[_builtins.str] | None = ...,
+        conflicting: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checksum", b"checksum", "conflicting", b"conflicting", "holders", b"holders", "key", b"key", "size", b"size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___KeyContent: _TypeAlias = KeyContent  # noqa: Y015
+
+@_typing.final
+class LookupKeysResponse(_message.Message):
+    """LookupKeys result."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEYS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def keys(self) -> _containers.RepeatedCompositeFieldContainer[Global___KeyContent]:
+        """One entry per key asked that the AMM knows, in the order asked."""
+
+    def __init__(
+        self,
+        *,
+        keys: _abc.Iterable[Global___KeyContent] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["keys", b"keys"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LookupKeysResponse: _TypeAlias = LookupKeysResponse  # noqa: Y015
 
 @_typing.final
 class ListWorkersRequest(_message.Message):

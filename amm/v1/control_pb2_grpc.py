@@ -70,6 +70,16 @@ class ActiveMemoryManagerStub:
                 request_serializer=amm_dot_v1_dot_control__pb2.UnregisterWorkerRequest.SerializeToString,
                 response_deserializer=amm_dot_v1_dot_control__pb2.UnregisterWorkerResponse.FromString,
                 _registered_method=True)
+        self.GetMembership = channel.unary_unary(
+                '/amm.v1.ActiveMemoryManager/GetMembership',
+                request_serializer=amm_dot_v1_dot_control__pb2.GetMembershipRequest.SerializeToString,
+                response_deserializer=amm_dot_v1_dot_control__pb2.GetMembershipResponse.FromString,
+                _registered_method=True)
+        self.LookupKeys = channel.unary_unary(
+                '/amm.v1.ActiveMemoryManager/LookupKeys',
+                request_serializer=amm_dot_v1_dot_control__pb2.LookupKeysRequest.SerializeToString,
+                response_deserializer=amm_dot_v1_dot_control__pb2.LookupKeysResponse.FromString,
+                _registered_method=True)
         self.ListWorkers = channel.unary_unary(
                 '/amm.v1.ActiveMemoryManager/ListWorkers',
                 request_serializer=amm_dot_v1_dot_control__pb2.ListWorkersRequest.SerializeToString,
@@ -165,6 +175,26 @@ class ActiveMemoryManagerServicer:
 
     def UnregisterWorker(self, request, context):
         """Called by an agent when it shuts down.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetMembership(self, request, context):
+        """Called by agents: the AMM's epoch and the addresses of the registered workers. An agent takes
+        a newer epoch, and the peers a directive or a Get names, only once its own AMM confirms them
+        with this call: a caller that is not its AMM can neither fence the AMM off with an epoch it
+        never issued nor point the agent at a server of its choosing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LookupKeys(self, request, context):
+        """Called by agents: what the AMM knows of keys, their content and holders. An agent asks before
+        it stores a key it lacks (Put, PutMany, a Get that keeps a replica) or deletes one (Delete), so
+        that no key is stored with other content than the cluster holds under it and no last copy is
+        deleted unnoticed. Keys the AMM does not know are left out of the answer.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -277,6 +307,16 @@ def add_ActiveMemoryManagerServicer_to_server(servicer, server):
                     servicer.UnregisterWorker,
                     request_deserializer=amm_dot_v1_dot_control__pb2.UnregisterWorkerRequest.FromString,
                     response_serializer=amm_dot_v1_dot_control__pb2.UnregisterWorkerResponse.SerializeToString,
+            ),
+            'GetMembership': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetMembership,
+                    request_deserializer=amm_dot_v1_dot_control__pb2.GetMembershipRequest.FromString,
+                    response_serializer=amm_dot_v1_dot_control__pb2.GetMembershipResponse.SerializeToString,
+            ),
+            'LookupKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.LookupKeys,
+                    request_deserializer=amm_dot_v1_dot_control__pb2.LookupKeysRequest.FromString,
+                    response_serializer=amm_dot_v1_dot_control__pb2.LookupKeysResponse.SerializeToString,
             ),
             'ListWorkers': grpc.unary_unary_rpc_method_handler(
                     servicer.ListWorkers,
@@ -514,6 +554,60 @@ class ActiveMemoryManager:
             '/amm.v1.ActiveMemoryManager/UnregisterWorker',
             amm_dot_v1_dot_control__pb2.UnregisterWorkerRequest.SerializeToString,
             amm_dot_v1_dot_control__pb2.UnregisterWorkerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetMembership(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/amm.v1.ActiveMemoryManager/GetMembership',
+            amm_dot_v1_dot_control__pb2.GetMembershipRequest.SerializeToString,
+            amm_dot_v1_dot_control__pb2.GetMembershipResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LookupKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/amm.v1.ActiveMemoryManager/LookupKeys',
+            amm_dot_v1_dot_control__pb2.LookupKeysRequest.SerializeToString,
+            amm_dot_v1_dot_control__pb2.LookupKeysResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -49,6 +49,18 @@ class ActiveMemoryManagerStub:
     """Called by an agent at start-up."""
     UnregisterWorker: _grpc.UnaryUnaryMultiCallable[_control_pb2.UnregisterWorkerRequest, _control_pb2.UnregisterWorkerResponse]
     """Called by an agent when it shuts down."""
+    GetMembership: _grpc.UnaryUnaryMultiCallable[_control_pb2.GetMembershipRequest, _control_pb2.GetMembershipResponse]
+    """Called by agents: the AMM's epoch and the addresses of the registered workers. An agent takes
+    a newer epoch, and the peers a directive or a Get names, only once its own AMM confirms them
+    with this call: a caller that is not its AMM can neither fence the AMM off with an epoch it
+    never issued nor point the agent at a server of its choosing.
+    """
+    LookupKeys: _grpc.UnaryUnaryMultiCallable[_control_pb2.LookupKeysRequest, _control_pb2.LookupKeysResponse]
+    """Called by agents: what the AMM knows of keys, their content and holders. An agent asks before
+    it stores a key it lacks (Put, PutMany, a Get that keeps a replica) or deletes one (Delete), so
+    that no key is stored with other content than the cluster holds under it and no last copy is
+    deleted unnoticed. Keys the AMM does not know are left out of the answer.
+    """
     ListWorkers: _grpc.UnaryUnaryMultiCallable[_control_pb2.ListWorkersRequest, _control_pb2.ListWorkersResponse]
     """The registered workers."""
     WhoHas: _grpc.UnaryUnaryMultiCallable[_control_pb2.WhoHasRequest, _control_pb2.WhoHasResponse]
@@ -98,6 +110,18 @@ class ActiveMemoryManagerAsyncStub(ActiveMemoryManagerStub):
     """Called by an agent at start-up."""
     UnregisterWorker: _aio.UnaryUnaryMultiCallable[_control_pb2.UnregisterWorkerRequest, _control_pb2.UnregisterWorkerResponse]  # type: ignore[assignment]
     """Called by an agent when it shuts down."""
+    GetMembership: _aio.UnaryUnaryMultiCallable[_control_pb2.GetMembershipRequest, _control_pb2.GetMembershipResponse]  # type: ignore[assignment]
+    """Called by agents: the AMM's epoch and the addresses of the registered workers. An agent takes
+    a newer epoch, and the peers a directive or a Get names, only once its own AMM confirms them
+    with this call: a caller that is not its AMM can neither fence the AMM off with an epoch it
+    never issued nor point the agent at a server of its choosing.
+    """
+    LookupKeys: _aio.UnaryUnaryMultiCallable[_control_pb2.LookupKeysRequest, _control_pb2.LookupKeysResponse]  # type: ignore[assignment]
+    """Called by agents: what the AMM knows of keys, their content and holders. An agent asks before
+    it stores a key it lacks (Put, PutMany, a Get that keeps a replica) or deletes one (Delete), so
+    that no key is stored with other content than the cluster holds under it and no last copy is
+    deleted unnoticed. Keys the AMM does not know are left out of the answer.
+    """
     ListWorkers: _aio.UnaryUnaryMultiCallable[_control_pb2.ListWorkersRequest, _control_pb2.ListWorkersResponse]  # type: ignore[assignment]
     """The registered workers."""
     WhoHas: _aio.UnaryUnaryMultiCallable[_control_pb2.WhoHasRequest, _control_pb2.WhoHasResponse]  # type: ignore[assignment]
@@ -186,6 +210,30 @@ class ActiveMemoryManagerServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_control_pb2.UnregisterWorkerResponse, _abc.Awaitable[_control_pb2.UnregisterWorkerResponse]]:
         """Called by an agent when it shuts down."""
+
+    @_abc_1.abstractmethod
+    def GetMembership(
+        self,
+        request: _control_pb2.GetMembershipRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_control_pb2.GetMembershipResponse, _abc.Awaitable[_control_pb2.GetMembershipResponse]]:
+        """Called by agents: the AMM's epoch and the addresses of the registered workers. An agent takes
+        a newer epoch, and the peers a directive or a Get names, only once its own AMM confirms them
+        with this call: a caller that is not its AMM can neither fence the AMM off with an epoch it
+        never issued nor point the agent at a server of its choosing.
+        """
+
+    @_abc_1.abstractmethod
+    def LookupKeys(
+        self,
+        request: _control_pb2.LookupKeysRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_control_pb2.LookupKeysResponse, _abc.Awaitable[_control_pb2.LookupKeysResponse]]:
+        """Called by agents: what the AMM knows of keys, their content and holders. An agent asks before
+        it stores a key it lacks (Put, PutMany, a Get that keeps a replica) or deletes one (Delete), so
+        that no key is stored with other content than the cluster holds under it and no last copy is
+        deleted unnoticed. Keys the AMM does not know are left out of the answer.
+        """
 
     @_abc_1.abstractmethod
     def ListWorkers(

@@ -163,7 +163,7 @@ class _RefusalReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Refusal
     REFUSAL_REASON_UNSPECIFIED: _RefusalReason.ValueType  # 0
     """No reason (the directive was applied)."""
     REFUSAL_REASON_STALE_EPOCH: _RefusalReason.ValueType  # 1
-    """The directive comes from an AMM epoch older than the newest this agent has seen."""
+    """The directive comes from an AMM epoch older than the newest this agent has confirmed."""
     REFUSAL_REASON_INVALID: _RefusalReason.ValueType  # 2
     """The directive is malformed (unknown op, empty key, no sources or holders)."""
     REFUSAL_REASON_PINNED: _RefusalReason.ValueType  # 3
@@ -188,6 +188,14 @@ class _RefusalReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Refusal
     """This worker is dropping the key itself."""
     REFUSAL_REASON_CLOSING: _RefusalReason.ValueType  # 13
     """This worker is shutting down."""
+    REFUSAL_REASON_UNCONFIRMED_EPOCH: _RefusalReason.ValueType  # 14
+    """The directive's epoch is newer than the epoch this agent's AMM confirms (GetMembership): it
+    comes from another AMM, or from someone who is no AMM. FAILED when the AMM could not be asked.
+    """
+    REFUSAL_REASON_UNKNOWN_PEER: _RefusalReason.ValueType  # 15
+    """None of the peers the directive names (REPLICATE sources, DROP holders) is a worker registered
+    with this agent's AMM. FAILED when the AMM could not be asked.
+    """
 
 class RefusalReason(_RefusalReason, metaclass=_RefusalReasonEnumTypeWrapper):
     """Why an agent refused or failed a directive, or refused to promise to keep a key."""
@@ -195,7 +203,7 @@ class RefusalReason(_RefusalReason, metaclass=_RefusalReasonEnumTypeWrapper):
 REFUSAL_REASON_UNSPECIFIED: RefusalReason.ValueType  # 0
 """No reason (the directive was applied)."""
 REFUSAL_REASON_STALE_EPOCH: RefusalReason.ValueType  # 1
-"""The directive comes from an AMM epoch older than the newest this agent has seen."""
+"""The directive comes from an AMM epoch older than the newest this agent has confirmed."""
 REFUSAL_REASON_INVALID: RefusalReason.ValueType  # 2
 """The directive is malformed (unknown op, empty key, no sources or holders)."""
 REFUSAL_REASON_PINNED: RefusalReason.ValueType  # 3
@@ -220,6 +228,14 @@ REFUSAL_REASON_DROPPING: RefusalReason.ValueType  # 12
 """This worker is dropping the key itself."""
 REFUSAL_REASON_CLOSING: RefusalReason.ValueType  # 13
 """This worker is shutting down."""
+REFUSAL_REASON_UNCONFIRMED_EPOCH: RefusalReason.ValueType  # 14
+"""The directive's epoch is newer than the epoch this agent's AMM confirms (GetMembership): it
+comes from another AMM, or from someone who is no AMM. FAILED when the AMM could not be asked.
+"""
+REFUSAL_REASON_UNKNOWN_PEER: RefusalReason.ValueType  # 15
+"""None of the peers the directive names (REPLICATE sources, DROP holders) is a worker registered
+with this agent's AMM. FAILED when the AMM could not be asked.
+"""
 Global___RefusalReason: _TypeAlias = RefusalReason  # noqa: Y015
 
 @_typing.final
@@ -315,7 +331,10 @@ class Directive(_message.Message):
     id: _builtins.str
     """Unique id chosen by the AMM."""
     epoch: _builtins.int
-    """The AMM's epoch; an agent refuses directives from an epoch older than the newest it has seen."""
+    """The AMM's epoch, at most 2^53 - 1. An agent refuses directives from an epoch older than the
+    newest it has confirmed (STALE_EPOCH); one registered with an AMM also refuses an epoch newer
+    than its AMM confirms issuing (UNCONFIRMED_EPOCH), so a stranger cannot fence the AMM off.
+    """
     op: Global___DirectiveOp.ValueType
     """What to do."""
     key: _builtins.str
@@ -330,13 +349,16 @@ class Directive(_message.Message):
     """Informational: why the policy suggested it (for example "below replication goal 3")."""
     @_builtins.property
     def sources(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """REPLICATE: addresses of holders to fetch from, in order of preference."""
+        """REPLICATE: addresses of holders to fetch from, in order of preference. An agent registered
+        with an AMM fetches only from workers registered with it (GetMembership).
+        """
 
     @_builtins.property
     def holders(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """DROP: addresses of other holders that keep the key, most dependable first; at least one must
         promise to keep it before the drop. The AMM names only the holders its plan keeps (not those
-        it tells to drop the key in the same cycle), so siblings never ask each other.
+        it tells to drop the key in the same cycle), so siblings never ask each other. An agent
+        registered with an AMM asks, and believes, only workers registered with it.
         """
 
     def __init__(

@@ -20,6 +20,7 @@ from amm_service import wire
 from amm_service.decisions.directive import OutcomeStatus
 from amm_service.decisions.view import Measure, WorkerView
 from amm_service.errors import AmmServiceError, InvalidArgument
+from amm_service.runtime.addresses import address_order
 from amm_service.runtime.cycle import CycleRecord
 from amm_service.runtime.manager import ActiveMemoryManager
 
@@ -194,6 +195,15 @@ class ControlServicer(control_pb2_grpc.ActiveMemoryManagerServicer):
         )
 
     @_edge
+    async def GetMembership(
+        self, request: control_pb2.GetMembershipRequest, context: Any
+    ) -> control_pb2.GetMembershipResponse:
+        epoch, version, workers = self._amm.membership(request.epoch, request.version)
+        if workers is None:
+            return control_pb2.GetMembershipResponse(epoch=epoch, version=version, unchanged=True)
+        return control_pb2.GetMembershipResponse(epoch=epoch, version=version, workers=workers)
+
+    @_edge
     async def ListWorkers(
         self, request: control_pb2.ListWorkersRequest, context: Any
     ) -> control_pb2.ListWorkersResponse:
@@ -209,6 +219,23 @@ class ControlServicer(control_pb2_grpc.ActiveMemoryManagerServicer):
         return control_pb2.WhoHasResponse(
             entries=[control_pb2.KeyHolders(key=k, workers=list(ws)) for k, ws in entries]
         )
+
+    @_edge
+    async def LookupKeys(
+        self, request: control_pb2.LookupKeysRequest, context: Any
+    ) -> control_pb2.LookupKeysResponse:
+        known = await self._amm.queries.lookup(_check_keys(request.keys), fresh=request.fresh)
+        response = control_pb2.LookupKeysResponse()
+        add = response.keys.add
+        for kv in known:
+            add(
+                key=kv.key,
+                size=kv.size,
+                checksum=kv.checksum,
+                holders=sorted(kv.holders - kv.conflicting, key=address_order),
+                conflicting=sorted(kv.conflicting, key=address_order),
+            )
+        return response
 
     @_edge
     async def HasWhat(

@@ -11,6 +11,7 @@ import asyncio
 import logging
 from types import TracebackType
 
+from amm.base.guard import Complaints, collect, register_guarded
 from amm.base.serving import Served, bound_address, serve, stop_on_signals
 from amm.v1 import control_pb2, control_pb2_grpc
 from amm_service.api.control import ControlServicer
@@ -47,13 +48,12 @@ class AmmServer:
             self.manager = ActiveMemoryManager(self.config, self._policies, self._store)
             await self.manager.open()
             servicer = ControlServicer(self.manager)
+            # Guarded: an undecodable request is INVALID_ARGUMENT, logged once in a while.
+            handlers = collect(control_pb2_grpc.add_ActiveMemoryManagerServicer_to_server, servicer)
+            complaints = Complaints(log)
             self._served = await serve(
                 self.config.listen,
-                [
-                    lambda server: control_pb2_grpc.add_ActiveMemoryManagerServicer_to_server(
-                        servicer, server
-                    )
-                ],
+                [lambda server: register_guarded(server, SERVICE_NAME, handlers, complaints)],
                 [SERVICE_NAME],
             )
         except BaseException:

@@ -1,13 +1,19 @@
 """The AMM's epoch: the fencing token on every directive, and when it may move.
 
-Agents refuse directives from an epoch older than the newest they have seen, so of two AMMs
-managing the same workers only the most recently started one acts. The rules:
+Agents refuse directives from an epoch older than the newest they have confirmed with the AMM
+they are configured with (and, since they confirm only with it, from a newer one it did not
+issue), so of two AMMs managing the same workers only the most recently started one at that
+address acts. The rules:
 
 1. each start begins a new epoch (persisted), so a restarted AMM fences off its previous run;
 2. a fresh AMM (new, or with a reset state file) whose own agents (restored at start-up, or
    registering) have seen a newer epoch moves past it, but only before it has sent anything;
 3. epochs merely seen in polls never move ours: an AMM polling agents registered with another
-   one stays fenced, and says so once.
+   one stays fenced, and says so once;
+4. epochs are bounded (``amm.base.validation``): we move past one only up to
+   ``MAX_ADOPTED_EPOCH``, so whatever a registration claims, 2^52 starts remain before
+   ``MAX_EPOCH``. Agents registered with us adopt a newer epoch only once we confirm it, so no
+   epoch we did not issue fences us off.
 
 Directive ids carry the epoch they were issued under. Pure: the store and the poller are ports.
 """
@@ -17,6 +23,8 @@ from __future__ import annotations
 import itertools
 import logging
 from typing import Protocol
+
+from amm.base.validation import MAX_ADOPTED_EPOCH
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +83,9 @@ class EpochFence:
         another one must stay fenced.
         """
         if seen <= self.epoch or self._acted:
+            return
+        if seen > MAX_ADOPTED_EPOCH:  # no AMM issued it: callers refuse it, we ignore it
+            log.warning("ignoring AMM epoch %d reported by an agent: beyond any issued", seen)
             return
         self._set_epoch(self._store.raise_epoch(seen))
         log.warning("agents had seen AMM epoch %d: this AMM now runs as epoch %d", seen, self.epoch)

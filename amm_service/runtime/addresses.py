@@ -6,12 +6,9 @@ sort their answers by address, host first, then port as a number (``w:9`` before
 
 from __future__ import annotations
 
-import re
-
+from amm.base.validation import address_problem
 from amm_service.decisions.view import WorkerId
 from amm_service.errors import InvalidArgument
-
-_ADDRESS = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[^\s:\[\]]+):([0-9]{1,5})$")
 
 
 def address_order(address: str) -> tuple[str, int, str]:
@@ -21,7 +18,8 @@ def address_order(address: str) -> tuple[str, int, str]:
 
 
 def check_address(address: str) -> WorkerId:
-    match = _ADDRESS.match(address)
-    if match is None or int(match.group(2)) > 65535 or int(match.group(2)) == 0:
-        raise InvalidArgument(f"invalid worker address {address!r}: expected HOST:PORT")
+    """A worker address by the rules an agent's own flags follow (``amm.base.validation``)."""
+    problem = address_problem("a worker address", address)
+    if problem is not None:
+        raise InvalidArgument(problem)
     return WorkerId(address)

@@ -22,6 +22,13 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 
+from amm.base.validation import (
+    MAX_ADOPTED_EPOCH,
+    epoch_problem,
+    incarnation_problem,
+    name_problem,
+    zone_problem,
+)
 from amm_service.config import AmmConfig
 from amm_service.decisions import core
 from amm_service.decisions.directive import Directive
@@ -154,6 +161,8 @@ class ActiveMemoryManager:
             wake=self.wake,
         )
         self._woken = asyncio.Event()
+        #: Changes whenever the set of registered workers does (``membership``); polls carry it.
+        self.membership_version = 0
         self._opened = False
         self._closed = False
 
@@ -202,6 +211,7 @@ class ActiveMemoryManager:
         for record in records:
             self.state.register(WorkerId(record.address), record.name, "", now)
         self._restored = set(known)
+        self._membership_changed()
         silent = await self._poller.poll_all(known)  # then ``_polled``
         self._liveness.observe(self.state.workers, self._monotonic())
         self._grace = StartupGrace(known, until=self._monotonic() + self.config.startup_grace)
@@ -577,15 +587,25 @@ class ActiveMemoryManager:
     async def register(
         self, address: str, name: str, incarnation: str, epoch: int = 0, zone: str = ""
     ) -> None:
+        """Register (or refresh) a worker. Every field is judged by the rules an agent's own
+        flags follow (``amm.base.validation``); ``epoch``, the newest the agent confirmed, may
+        not exceed ``MAX_ADOPTED_EPOCH``: a fresh AMM moves past it, and no AMM issued more."""
         self._check_open()
         worker = check_address(address)
-        if not incarnation:
-            raise InvalidArgument("incarnation is required: a random id per agent process start")
+        problem = (
+            incarnation_problem(incarnation)
+            or (name_problem(name) if name else None)
+            or zone_problem(zone)
+            or epoch_problem("epoch", epoch, most=MAX_ADOPTED_EPOCH)
+        )
+        if problem is not None:
+            raise InvalidArgument(problem)
         known = self.state.worker(worker)
         held = frozenset[Key]()
         if known is not None and known.incarnation != incarnation:
             held = self.state.held_by(worker)  # by the process registered before
         if self.state.register(worker, name, incarnation, self._clock(), zone=zone):
+            self._membership_changed()
             self.outcomes.forget_in_flight(worker)
             await self._dispatcher.close_worker(worker)
             # A channel that failed to reach the old process may be backing off for minutes:
@@ -612,11 +632,26 @@ class ActiveMemoryManager:
         log.info("worker %s unregistered", address)
         return True, lost
 
+    def membership(self, epoch: int, version: int) -> tuple[int, int, list[WorkerId] | None]:
+        """Our epoch, the membership version and the registered workers' addresses; None for
+        the addresses when the caller's ``epoch`` and ``version`` are current. Agents confirm
+        epochs and peers with it (``GetMembership``)."""
+        self._check_open()
+        if (epoch, version) == (self.epoch, self.membership_version):
+            return self.epoch, self.membership_version, None
+        return self.epoch, self.membership_version, self.state.worker_ids
+
+    def _membership_changed(self) -> None:
+        self.membership_version += 1
+        self._poller.membership_version = self.membership_version
+
     async def _remove(self, worker: WorkerId, cause: str = "was removed") -> list[Key]:
         """Take ``worker`` out of the registry; the keys lost with it (recorded and reported:
         no path takes a last copy away without a ``key-lost`` record)."""
         held = self.state.held_by(worker) | self._replacing.pop(worker, frozenset())
         removed = self.state.unregister(worker)
+        if removed:
+            self._membership_changed()
         self.retirements.left(worker)
         self.outcomes.forget_in_flight(worker)
         self._poller.forget(worker)

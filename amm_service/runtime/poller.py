@@ -8,8 +8,9 @@ connection set-ups, so that live agents were counted as missing polls. Polls are
 agent returns what changed since the version we saw) and paged (at most ``page`` keys an answer,
 so no inventory outgrows a gRPC message), and serialised per agent, so that two overlapping polls
 (a cycle and a fresh query) never apply an older answer after a newer one. A poll also tells the
-agent the AMM's epoch, and tells us the newest epoch the agent has seen. After every round of
-polls, ``on_round`` runs (the AMM records which keys the cluster holds).
+agent the AMM's epoch (which the agent confirms with the AMM it is configured with before taking
+it) and its membership version, and tells us the newest epoch the agent has confirmed. After
+every round of polls, ``on_round`` runs (the AMM records which keys the cluster holds).
 
 Failure modes handled:
 
@@ -34,6 +35,7 @@ from collections.abc import Awaitable, Callable, Iterable
 
 import grpc
 
+from amm.base.validation import MAX_ADOPTED_EPOCH
 from amm.v1 import agent_pb2
 from amm_service import wire
 from amm_service.decisions.view import ClusterState, Key, KeyReport, WorkerId
@@ -89,6 +91,8 @@ class Poller:
         self._locks: dict[WorkerId, asyncio.Lock] = {}
         self._slots = asyncio.Semaphore(max_in_flight)
         self.newest_agent_epoch = 0
+        #: The AMM's membership version, told to every agent polled (``manager.membership``).
+        self.membership_version = 0
 
     async def poll_all(self, workers: Iterable[WorkerId] | None = None) -> list[WorkerId]:
         """Poll ``workers`` (default: all registered); returns those that did not answer."""
@@ -200,10 +204,12 @@ class Poller:
             epoch=self.epoch,
             max_keys=self._page,
             cursor=cursor,
+            membership_version=self.membership_version,
         )
         async with self._slots:  # the deadline starts once a slot is ours
             resp = await self._links.stub(worker).Poll(request, timeout=self._timeout)
-        self.newest_agent_epoch = max(self.newest_agent_epoch, resp.epoch)
+        if resp.epoch <= MAX_ADOPTED_EPOCH:  # beyond: no AMM issued it, and nothing moves past it
+            self.newest_agent_epoch = max(self.newest_agent_epoch, resp.epoch)
         return resp
 
     def _apply(

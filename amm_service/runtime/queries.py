@@ -75,6 +75,13 @@ class Queries:
         await self.refresh(fresh)
         return [(kv.key, tuple(sorted(kv.holders, key=address_order))) for kv in self._known(keys)]
 
+    async def lookup(self, keys: Sequence[str], *, fresh: bool) -> list[KeyView]:
+        """What is known of ``keys`` (content, holders, conflicting holders), in the order
+        asked; unknown keys are left out. Agents ask it before they store or delete a key."""
+        await self.refresh(fresh)
+        known = self._state.keys
+        return [kv for kv in (known.get(Key(k)) for k in keys) if kv is not None]
+
     async def has_what(
         self, workers: Sequence[str], *, fresh: bool
     ) -> list[tuple[WorkerId, tuple[Key, ...]]]:

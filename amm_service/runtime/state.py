@@ -33,6 +33,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from amm.base.validation import MAX_ADOPTED_EPOCH, MAX_EPOCH
+
 MEMORY = ":memory:"
 """The path of a state that lives as long as its store (for tests and throw-away runs)."""
 
@@ -192,7 +194,19 @@ class StateStore:
             raise StateError(f"the AMM state {self.path!r} failed: {exc}") from exc
 
     def begin_epoch(self) -> int:
-        """Increment the epoch and return it: 1 on the first start. Call once at each start."""
+        """Increment the epoch and return it: 1 on the first start. Call once at each start.
+
+        Never beyond ``MAX_EPOCH``: a state whose epoch is there already (only a hand-edited
+        file, or one written before epochs were bounded, gets there) is a ``StateError`` that
+        says what to do, not an overflow at every start.
+        """
+        current = self.epoch
+        if current >= MAX_EPOCH:
+            raise StateError(
+                f"the AMM state {self.path!r} holds epoch {current}, at or beyond the largest "
+                f"epoch ({MAX_EPOCH}): no new epoch can begin. Move it aside to start afresh "
+                "(a fresh AMM moves its epoch past the one its agents report)"
+            )
         rows = self._run("UPDATE service SET epoch = epoch + 1 RETURNING epoch")
         return int(rows[0][0])
 
@@ -201,7 +215,11 @@ class StateStore:
 
         For an AMM that finds its agents have seen a newer epoch than its own before it acted:
         its state was reset or it is new, and the most recently started AMM is the one in charge.
+        ``above`` is at most ``MAX_ADOPTED_EPOCH`` (callers refuse more), which keeps 2^52
+        restarts in hand below ``MAX_EPOCH``.
         """
+        if not 0 <= above <= MAX_ADOPTED_EPOCH:
+            raise ValueError(f"an epoch to move past is 0 to {MAX_ADOPTED_EPOCH}, not {above}")
         rows = self._run("UPDATE service SET epoch = MAX(epoch, ?) RETURNING epoch", int(above) + 1)
         return int(rows[0][0])
 

@@ -33,12 +33,12 @@ def free_port() -> int:
 
 
 class ScriptedAmm(control_pb2_grpc.ActiveMemoryManagerServicer):
-    """An AMM that registers agents but, with ``hang``, never answers UnregisterWorker or WhoHas:
-    the one behaviour of a stuck AMM that the real one cannot be made to show."""
+    """An AMM that registers agents but, with ``hang``, never answers UnregisterWorker or
+    LookupKeys: the one behaviour of a stuck AMM that the real one cannot be made to show."""
 
     def __init__(self, *, hang: bool = False) -> None:
         self.hang = hang
-        self.who_has_asked = 0
+        self.lookups = 0
         self._never = asyncio.Event()
 
     async def RegisterWorker(
@@ -55,13 +55,13 @@ class ScriptedAmm(control_pb2_grpc.ActiveMemoryManagerServicer):
             await self._never.wait()
         return control_pb2.UnregisterWorkerResponse()
 
-    async def WhoHas(
-        self, request: control_pb2.WhoHasRequest, context: Any
-    ) -> control_pb2.WhoHasResponse:
-        self.who_has_asked += 1
+    async def LookupKeys(
+        self, request: control_pb2.LookupKeysRequest, context: Any
+    ) -> control_pb2.LookupKeysResponse:
+        self.lookups += 1
         if self.hang:
             await self._never.wait()
-        return control_pb2.WhoHasResponse()
+        return control_pb2.LookupKeysResponse()
 
 
 async def test_registration_tells_a_fresh_amm_the_epoch_to_move_past(tmp_path: Path) -> None:
@@ -72,9 +72,11 @@ async def test_registration_tells_a_fresh_amm_the_epoch_to_move_past(tmp_path: P
     ):
         await wait_for(lambda: agent.registered, what="registration")
         assert amm.epoch == 1
+        # Its AMM, before the state file was lost, had confirmed epoch 9 to it.
+        agent.node.observe_epoch(9)
         async with dial(agent.address) as stub:
-            assert (await poll(stub, epoch=9)).epoch == 9  # an AMM at epoch 9 polled once
-        # Not polled since: the agent registers again, telling the epoch it saw.
+            assert (await poll(stub)).epoch == 9
+        # Not polled since: the agent registers again, telling the epoch it confirmed.
         await wait_for(lambda: amm.epoch, lambda e: e == 10, what="the AMM moving past 9")
         await wait_for(lambda: agent.node.newest_epoch, lambda e: e == 10, what="new epoch")
 
@@ -160,7 +162,7 @@ async def test_stop_takes_well_under_a_second_with_an_amm_that_does_not_answer()
         async with dial(agent.address) as stub:
             # A Get of a key held nowhere asks the AMM who holds it, and waits: a call in flight.
             reader = stub.Get(agent_pb2.GetRequest(key="missing"))
-            await wait_for(lambda: amm.who_has_asked, what="WhoHas asked")
+            await wait_for(lambda: amm.lookups, what="LookupKeys asked")
             started = time.monotonic()
             await agent.stop()
             elapsed = time.monotonic() - started

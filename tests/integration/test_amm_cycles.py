@@ -187,27 +187,29 @@ async def test_forget_is_not_held_back_by_keep_promises(tmp_path: Path) -> None:
 
 
 async def test_a_stale_amm_cannot_act(tmp_path: Path) -> None:
-    async with cluster(tmp_path, 2) as c:
+    # The agents' AMM runs as epoch 6 (five starts before this one).
+    current_state = tmp_path / "current.sqlite3"
+    with StateStore(str(current_state)) as store:
+        for _ in range(5):
+            store.begin_epoch()
+    async with (
+        cluster(tmp_path, 2, state_path=str(current_state)) as c,
+        AmmServer(amm_config(tmp_path, state_path=str(tmp_path / "old.sqlite3"))) as old,
+    ):
         await c.spread("x")
-        # A second AMM with a newer epoch polls the agents: they learn its epoch.
-        newer_state = tmp_path / "newer.sqlite3"
-        with StateStore(str(newer_state)) as store:
-            for _ in range(5):
-                store.begin_epoch()
-        async with AmmServer(amm_config(tmp_path, state_path=str(newer_state))) as newer:
-            assert newer.epoch > c.amm.epoch
-            assert newer.manager is not None
-            for agent in c.agents:
-                await newer.manager.register(agent.address, agent.address, agent.incarnation)
-            await newer.manager.queries.refresh(fresh=True)
-        # The old AMM still believes it is in charge: its drops are refused.
-        report = await c.run_once()
-        assert report.directives_sent == 1
-        assert report.refused == 1
-        assert report.directives[0].outcome.reason == types_pb2.REFUSAL_REASON_STALE_EPOCH
+        # An older AMM (epoch 1) that still believes it is in charge polls the same agents and
+        # sends them directives: its drops are refused.
+        assert old.manager is not None
+        assert old.epoch < c.amm.epoch
+        for agent in c.agents:
+            await old.manager.register(agent.address, agent.address, agent.incarnation)
+        record = await old.manager.run_cycle(wait=True)
+        (rec,) = record.directives.values()
+        assert rec.outcome is not None
+        assert rec.outcome.reason == "STALE_EPOCH"
         assert await c.holders("x") == set(c.addresses)
-        status = await c.control.GetStatus(control_pb2.GetStatusRequest())
-        assert status.recent_refusals[0].reason == types_pb2.REFUSAL_REASON_STALE_EPOCH
+        (refusal,) = old.manager.outcomes.refusals
+        assert refusal.outcome.reason == "STALE_EPOCH"
 
 
 async def test_conflicting_content_is_reported_and_left_alone(tmp_path: Path) -> None:
@@ -246,9 +248,9 @@ async def test_a_fresh_amm_moves_past_the_epoch_its_agents_have_seen(tmp_path: P
         agents(2, amm=fresh.address) as pairs,
     ):
         assert fresh.epoch == 1
-        for _, stub in pairs:
+        for agent, stub in pairs:
             await put(stub, "y", DATA)
-            await stub.Poll(agent_pb2.PollRequest(epoch=7))  # they served the old AMM
+            agent.node.observe_epoch(7)  # the old AMM had confirmed its epoch to them
         assert fresh.manager is not None
         for agent, _ in pairs:
             await fresh.manager.register(agent.address, "", agent.incarnation, epoch=7)

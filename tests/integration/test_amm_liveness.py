@@ -180,7 +180,8 @@ class Restarted:
 
 @asynccontextmanager
 async def restarted(tmp_path: Path, **overrides: Any) -> AsyncIterator[Restarted]:
-    config = amm_config(tmp_path, **overrides)
+    # Back at the same address: agents take epochs only from the AMM they are configured with.
+    config = amm_config(tmp_path, listen=f"127.0.0.1:{free_port()}", **overrides)
     gone = f"127.0.0.1:{free_port()}"
     async with AsyncExitStack() as stack, AsyncExitStack() as b_stack:
         async with AmmServer(config) as first:
@@ -189,11 +190,11 @@ async def restarted(tmp_path: Path, **overrides: Any) -> AsyncIterator[Restarted
                 await stack.enter_async_context(running_agent(amm=first.address)) for _ in "ac"
             ]
             await wait_for(lambda: all(x.registered for x in [b, *holders]), what="registered")
+            for agent in holders:  # the restarted AMM learns of them only from polls
+                async with dial(agent.address) as stub:
+                    await put(stub, "x", DATA)
         # b stops after the AMM: it cannot unregister, and stays a known worker.
         await b_stack.aclose()
-        for agent in holders:
-            async with dial(agent.address) as stub:
-                await put(stub, "x", DATA)
         second = await stack.enter_async_context(AmmServer(config))
         assert second.manager is not None
         yield Restarted(second, second.manager, holders, gone)

@@ -20,7 +20,7 @@ from amm import AmmError, AsyncClient, Client
 from amm.cli import main as cli_main
 from amm.v1 import agent_pb2, control_pb2
 from amm_service.api.server import AmmServer
-from tests.conftest import amm_config
+from tests.conftest import amm_config, free_port
 from tests.support.agent import dial, put, running_agent
 from tests.support.processes import local_cluster
 from tests.support.waiting import poll_until, wait_for
@@ -239,7 +239,8 @@ async def test_a_caller_that_hangs_up_leaves_the_retirement_to_later_cycles(
 
 
 async def test_an_amm_restarted_mid_retirement_resumes_it(tmp_path: Path) -> None:
-    config = amm_config(tmp_path, measure="managed", interval="50ms")
+    listen = f"127.0.0.1:{free_port()}"  # back at the same address, as its agents expect
+    config = amm_config(tmp_path, measure="managed", interval="50ms", listen=listen)
     async with AsyncExitStack() as stack:
         first = AmmServer(config)
         await first.start()

@@ -77,13 +77,13 @@ async def test_unknown_policy_refuses_to_start(tmp_path: Path) -> None:
             "RegisterWorker",
             control_pb2.RegisterWorkerRequest(address="nohost"),
             "INVALID_ARGUMENT",
-            "expected HOST:PORT",
+            "must be HOST:PORT",
         ),
         (
             "RegisterWorker",
             control_pb2.RegisterWorkerRequest(address="h:99999"),
             "INVALID_ARGUMENT",
-            "expected HOST:PORT",
+            "must be HOST:PORT",
         ),
         (
             "UnregisterWorker",

@@ -50,14 +50,26 @@ def status_of(err: pytest.ExceptionInfo[grpc.aio.AioRpcError]) -> tuple[grpc.Sta
 C = "/amm.v1.ActiveMemoryManager/"
 A = "/amm.v1.WorkerAgent/"
 #: Issue 9's table, written out again rather than read from RULES: what each role may call.
-READS = {C + m for m in ("Running", "GetStatus", "ListWorkers", "WhoHas", "HasWhat", "ListGoals")}
+READS = {
+    C + m
+    for m in ("Running", "GetStatus", "ListWorkers", "WhoHas", "HasWhat", "ListGoals", "ListLost")
+}
 ALLOWED = {
     Role.READER: READS,
     Role.OPERATOR: READS
     | {C + m for m in ("Start", "Stop", "RunOnce", "RetireWorkers", "Replicate", "Forget")}
     | {A + m for m in ("Put", "PutMany", "Get", "Pin", "Unpin")},
-    # WhoHas: an agent asked for a key it lacks asks the AMM who holds it (read-through Get).
-    Role.AGENT: {C + "RegisterWorker", C + "UnregisterWorker", C + "WhoHas"}
+    # Agents confirm epochs and peers, and look keys up before they store or delete them.
+    Role.AGENT: {
+        C + m
+        for m in (
+            "RegisterWorker",
+            "UnregisterWorker",
+            "DrainWorker",
+            "GetMembership",
+            "LookupKeys",
+        )
+    }
     | {A + m for m in ("Fetch", "PromiseKeep", "PromiseKeepBatch")},
     Role.AMM: {A + m for m in ("Poll", "Directives", "Close", "Delete")},
 }

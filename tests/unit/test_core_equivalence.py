@@ -252,3 +252,28 @@ def test_copies_below_one_is_a_policy_error() -> None:
     assert result.policy_errors == (
         "policy Zero failed: ValueError: a suggestion's copies must be 1 or more, not 0",
     )
+
+
+@pytest.mark.parametrize("block", range(4))
+def test_directives_name_only_registered_holders_of_the_keys_content(block: int) -> None:
+    """The AMM's half of "a drop's keeper must be a registered worker that holds the key" (issue
+    9): every DROP names as keepers only other registered workers that hold the key with the
+    content it drops, and every REPLICATE fetches only from such holders, on views with every
+    complication drawn at random (conflicting content included)."""
+    checked = 0
+    for seed in range(block * 100, block * 100 + 100):
+        rng = random.Random(seed)
+        state, keys = random_state(rng)
+        view = state.snapshot(goals=random_goals(rng, keys), now=1.0)
+        config, policy_seed = random_config(rng), rng.random()
+        made = plan(view, policies(random.Random(policy_seed), False), Ledger(), config, new_ids())
+        for d in made.directives:
+            kv = view.keys[d.key]
+            assert not kv.conflicting, f"seed {seed}: {d}"
+            assert d.checksum == kv.checksum
+            named = d.holders if d.op is Op.DROP else d.sources
+            assert named, f"seed {seed}: {d}"
+            assert set(named) <= kv.holders & set(view.workers), f"seed {seed}: {d}"
+            assert d.worker not in named
+            checked += 1
+    assert checked > 0

@@ -63,7 +63,7 @@ def test_certificate_identities(folder: Path) -> None:
     )
     assert authorizer.decide(WHO_HAS, peer_cert(folder, "amm"), []) == Denial(
         grpc.StatusCode.PERMISSION_DENIED,
-        f"{WHO_HAS} needs role reader or operator or agent; you are amm 'amm'",
+        f"{WHO_HAS} needs role reader or operator; you are amm 'amm'",
     )
 
 

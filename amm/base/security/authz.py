@@ -51,8 +51,10 @@ RULES: Mapping[str, frozenset[Role]] = MappingProxyType(
             CONTROL + m: _READ
             for m in ("Running", "GetStatus", "ListWorkers", "HasWhat", "ListGoals", "ListLost")
         },
-        # Agents ask the AMM who holds a key they are asked for and lack (read-through Get).
-        CONTROL + "WhoHas": _READ | _AGENT,
+        CONTROL + "WhoHas": _READ,
+        # Agents confirm epochs and peers, and the content of keys before they store or delete.
+        CONTROL + "GetMembership": _AGENT,
+        CONTROL + "LookupKeys": _AGENT,
         **{
             CONTROL + m: _OPERATE
             for m in ("Start", "Stop", "RunOnce", "RetireWorkers", "Replicate", "Forget")

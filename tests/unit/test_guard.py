@@ -1,0 +1,42 @@
+"""How undecodable requests are reported (``amm.base.guard``): one line per client per interval."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from amm.base.guard import Complaints, client_host
+
+
+def test_a_client_is_logged_once_per_interval_with_what_it_sent_meanwhile(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    now = [0.0]
+    complaints = Complaints(logging.getLogger("guard-test"), interval=10, clock=lambda: now[0])
+    with caplog.at_level(logging.WARNING, "guard-test"):
+        for _ in range(400):
+            complaints.note("ipv4:10.0.0.1:5000", "Poll request", "bad UTF-8")
+        complaints.note("ipv6:[::1]:6000", "Poll request", "bad UTF-8")
+        now[0] = 10.5
+        complaints.note("ipv4:10.0.0.1:5001", "Put request", "truncated")
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == [
+        "undecodable Poll request from 10.0.0.1: bad UTF-8",
+        "undecodable Poll request from [::1]: bad UTF-8",
+        "undecodable Put request from 10.0.0.1: truncated (399 more from it since the last such "
+        "line)",
+    ]
+
+
+def test_clients_remembered_are_bounded() -> None:
+    complaints = Complaints(logging.getLogger("guard-test"), max_clients=3)
+    for n in range(10):
+        complaints.note(f"ipv4:10.0.0.{n}:1", "Poll request", "bad")
+    assert len(complaints._clients) == 3
+
+
+def test_client_hosts() -> None:
+    assert client_host("ipv4:127.0.0.1:45678") == "127.0.0.1"
+    assert client_host("ipv6:[::1]:45678") == "[::1]"
+    assert client_host("unix:/tmp/sock") == "unix:/tmp/sock"
