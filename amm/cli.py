@@ -11,6 +11,7 @@ health checks. Failures print ``error: <STATUS>: <message>`` and exit 1, never a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -276,9 +277,18 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
+#: What stops ``amm cluster`` cleanly: Ctrl-C, a SIGTERM, a closed terminal.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 def run_cluster(args: argparse.Namespace) -> int:
-    """``amm cluster``: start, print the addresses, wait for Ctrl-C or SIGTERM, stop."""
-    previous = signal.signal(signal.SIGTERM, _interrupt)
+    """``amm cluster``: start, print the addresses, wait for Ctrl-C, SIGTERM or SIGHUP, stop.
+
+    The handlers are installed whatever was inherited: ``amm cluster &`` in a script starts
+    with SIGINT ignored, and a closed terminal's SIGHUP would kill us without stopping anything
+    (the children, in their own sessions, would then stop by their lifeline alone).
+    """
+    previous = {sig: signal.signal(sig, _interrupt) for sig in STOP_SIGNALS}
     cluster: LocalCluster | None = None
     try:
         cluster = LocalCluster(
@@ -293,23 +303,29 @@ def run_cluster(args: argparse.Namespace) -> int:
         while True:
             # A worker retired and closed by the AMM leaves; the others and their data stay.
             for name in cluster.forget_departed_workers():
-                print(f"{name} exited cleanly and left the cluster", file=sys.stderr, flush=True)
+                _tell(f"{name} exited cleanly and left the cluster")
             if ended := cluster.exited():
                 break
             time.sleep(0.5)
         names = ", ".join(f"{name} (exit code {code})" for name, code in ended.items())
-        print(f"error: {names} ended unexpectedly; stopping the cluster", file=sys.stderr)
+        _tell(f"error: {names} ended unexpectedly; stopping the cluster")
         return 1
     except KeyboardInterrupt:
         return 0
     finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
         if cluster is not None:
             cluster.stop()
-            print("cluster stopped", file=sys.stderr)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.signal(signal.SIGTERM, previous)
+            _tell("cluster stopped")
+        for sig, handler in previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+
+
+def _tell(line: str) -> None:
+    """A line on stderr, which may be gone with its terminal (SIGHUP): then nobody to tell."""
+    with contextlib.suppress(OSError):
+        print(line, file=sys.stderr, flush=True)
 
 
 def run_health(args: argparse.Namespace) -> int:
@@ -321,7 +337,27 @@ def run_health(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``amm``; returns the exit code."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        code = _main(list(sys.argv[1:] if argv is None else argv))
+        sys.stdout.flush()  # here, where a reader that went away can still be handled
+    except BrokenPipeError:
+        # The reader of our output left (``amm status --json | head``): it read what it wanted.
+        # No message and exit 0, as ``head`` asked for no more; stdout now goes nowhere, so the
+        # interpreter's own flush at exit cannot fail either.
+        _discard_stdout()
+        return 0
+    return code
+
+
+def _discard_stdout() -> None:
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    finally:
+        os.close(devnull)
+
+
+def _main(argv: list[str]) -> int:
     if argv and argv[0] in EXEC_COMMANDS:
         exec_module(EXEC_COMMANDS[argv[0]], argv[1:])
     args = build_parser().parse_args(argv)
@@ -336,6 +372,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_verb(client, args)
     except AmmError as err:
         print(f"error: {err.status.name}: {err.message}", file=sys.stderr)
+    except BrokenPipeError:
+        raise
     except (ClusterError, OSError, TraceError, ReplayError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
     except KeyboardInterrupt:

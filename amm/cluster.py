@@ -19,9 +19,11 @@ modes handled while starting:
 Stopping sends SIGTERM to the agents first (so they unregister while the AMM still listens), then
 to the AMM, and SIGKILLs whatever outlives the deadline, or whatever is left if the stop itself is
 interrupted. Children get their own session, so a terminal's Ctrl-C reaches only the owner, which
-then stops them in that order. Since nothing else would ever stop them, each child is registered
-for stopping the moment it is spawned: an interrupt or a failure at any point of the start stops
-the children already running.
+then stops them in that order; should the owner die without stopping them (``kill -9``, a closed
+terminal), each stops by itself once its lifeline, a pipe only the owner writes to, reads
+end-of-file (``amm.base.lifeline``). Since nothing else would ever stop them, each child is
+registered for stopping the moment it is spawned: an interrupt or a failure at any point of the
+start stops the children already running.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from typing import IO, Self
 
 import grpc
 
+from amm.base.lifeline import Lifeline
 from amm.client import Client
 from amm.errors import AmmError
 
@@ -79,6 +82,7 @@ class LocalProcess:
         ready_prefix: str,
         env: Mapping[str, str],
         echo: IO[str] | None,
+        pass_fds: Sequence[int] = (),
     ) -> None:
         self.name = name
         self.argv = argv
@@ -99,6 +103,7 @@ class LocalProcess:
             errors="replace",
             bufsize=1,
             start_new_session=True,
+            pass_fds=tuple(pass_fds),
         )
         try:
             self._start_readers()
@@ -210,11 +215,14 @@ def _stop_all(processes: list[LocalProcess], timeout: float) -> None:
         process.wait(deadline - time.monotonic())
 
 
-def _stop_cluster(agents: list[LocalProcess], service: list[LocalProcess], timeout: float) -> None:
+def _stop_cluster(
+    agents: list[LocalProcess], service: list[LocalProcess], timeout: float, line: Lifeline
+) -> None:
     """Agents first, then the AMM; anything that interrupts the waits kills what is left.
 
     ``stop()`` runs once, so a second Ctrl-C while it waits would otherwise leave the AMM (and
-    any agent not yet signalled) running in its own session, beyond anyone's reach.
+    any agent not yet signalled) running in its own session, beyond anyone's reach. The lifeline
+    is cut last, once nothing is left to hear it.
     """
     try:
         _stop_all(agents, timeout)
@@ -225,6 +233,8 @@ def _stop_cluster(agents: list[LocalProcess], service: list[LocalProcess], timeo
         for process in [*agents, *service]:
             process.popen.wait()
         raise
+    finally:
+        line.cut()
 
 
 class LocalCluster:
@@ -263,8 +273,10 @@ class LocalCluster:
         self._service: list[LocalProcess] = []
         self._agents: list[LocalProcess] = []
         self._count = 0
+        # Children stop by themselves should this process die without stopping them.
+        self._lifeline = Lifeline()
         self._finalizer = weakref.finalize(
-            self, _stop_cluster, self._agents, self._service, stop_timeout
+            self, _stop_cluster, self._agents, self._service, stop_timeout, self._lifeline
         )
         argv = ["--listen", listen]
         if interval is not None:
@@ -304,7 +316,8 @@ class LocalCluster:
     def _spawn(self, name: str, module: str, args: Sequence[str]) -> LocalProcess:
         argv = [sys.executable, "-m", module, *args]
         prefix = SERVICE_READY if module == SERVICE_MODULE else AGENT_READY
-        return LocalProcess(name, argv, prefix, self._env, self._echo)
+        env = {**self._env, **self._lifeline.child_env()}
+        return LocalProcess(name, argv, prefix, env, self._echo, self._lifeline.fds)
 
     def _start_agents(self, n: int, deadline: float) -> list[str]:
         """Spawn ``n`` agents and wait until the AMM lists them.
