@@ -256,7 +256,9 @@ class ControlServicer(control_pb2_grpc.ActiveMemoryManagerServicer):
     async def ListGoals(
         self, request: control_pb2.ListGoalsRequest, context: Any
     ) -> control_pb2.ListGoalsResponse:
-        statuses = await self._amm.queries.goal_statuses(_check_keys(request.keys))
+        statuses = await self._amm.queries.goal_statuses(
+            _check_keys(request.keys), fresh=request.fresh
+        )
         return control_pb2.ListGoalsResponse(
             goals=[
                 control_pb2.ReplicationGoal(key=s.key, n=s.n, target=s.target, live_copies=s.live)

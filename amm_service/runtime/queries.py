@@ -137,9 +137,10 @@ class Queries:
             self._events.record("goal-removed", f"goal removed for {removed} key(s)", keys=keys)
         return changed, removed
 
-    async def goal_statuses(self, keys: Sequence[str]) -> list[GoalStatus]:
-        """The goals of ``keys`` (every goal when empty) and how far each key is from it."""
-        self._check_open()
+    async def goal_statuses(self, keys: Sequence[str], *, fresh: bool = False) -> list[GoalStatus]:
+        """The goals of ``keys`` (every goal when empty) and how far each key is from it; with
+        ``fresh``, live copies as of a poll now, so that it agrees with a fresh ``who_has``."""
+        await self.refresh(fresh)
         return self._goals.statuses(keys, self._state)
 
     def _known(self, keys: Sequence[str]) -> list[KeyView]:
