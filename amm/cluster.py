@@ -365,13 +365,18 @@ class LocalCluster:
         return self._start_agents(1, time.monotonic() + self.timeout)[0]
 
     def wait_for_workers(self, addresses: Sequence[str], timeout: float) -> None:
-        """Block until the AMM lists every address in ``addresses`` as registered."""
+        """Block until the AMM lists every address in ``addresses`` as registered, and has
+        polled each once (or tried to): ``amm workers`` then shows their status and memory."""
         deadline = time.monotonic() + timeout
         missing = set(addresses)
         with Client(self.address, timeout=max(1.0, timeout)) as client:
             while True:
                 try:
-                    missing = set(addresses) - {w.address for w in client.workers()}
+                    missing = set(addresses) - {
+                        w.address
+                        for w in client.workers()
+                        if w.last_poll is not None or w.missed_polls
+                    }
                 except AmmError as err:
                     if err.status != grpc.StatusCode.UNAVAILABLE:
                         raise

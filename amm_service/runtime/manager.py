@@ -517,6 +517,9 @@ class ActiveMemoryManager:
             self._store.remember_worker(worker, name or worker)
             self.retirements.apply_flags()
             log.info("worker %s registered (%s)", worker, name or worker)
+            # Its status, memory and keys now, not at the next cycle: until then a new worker
+            # showed as unspecified, 0 B and never polled (and an AMM that is stopped has none).
+            await self._poller.poll(worker)
         self._fence.adopt_newer(epoch)
 
     async def unregister(self, address: str) -> bool:

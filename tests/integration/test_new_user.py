@@ -19,6 +19,7 @@ import pytest
 
 from amm.client import AsyncClient, Client
 from amm.cluster import LocalCluster
+from amm.tables import render_workers
 from amm.v1 import agent_pb2, agent_pb2_grpc, control_pb2
 from tests.integration.test_goals import DATA, goals_cluster
 from tests.support.agent import put
@@ -55,6 +56,17 @@ def test_the_readme_example_runs_on_the_readme_cluster(cluster: LocalCluster) ->
             client.amm.stop()
             client.forget("x")
             client.close()
+
+
+def test_a_fresh_cluster_shows_each_workers_status_and_memory_before_any_cycle() -> None:
+    with local_cluster(2) as fresh, Client(fresh.address) as client:
+        assert client.status().cycles == 0
+        workers = client.workers()
+        assert [w.status for w in workers] == ["running", "running"]
+        assert all(w.process_bytes > 0 and w.last_poll is not None for w in workers), workers
+        table = render_workers(workers)
+        assert "unspecified" not in table
+        assert "never" not in table
 
 
 def test_the_amm_proxy_keeps_a_temporary_client_alive(cluster: LocalCluster) -> None:
