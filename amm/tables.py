@@ -58,7 +58,10 @@ def _size(n: int) -> str:
 
 def _worker_status(w: WorkerInfo) -> str:
     """The AMM's verdict (stale, retiring, ...), or ``unreachable (N)`` over what the agent
-    reported while it misses polls."""
+    reported while it misses polls; ``unconfirmed`` for a worker of an earlier run of the AMM
+    that has not shown up in this one."""
+    if w.unconfirmed:
+        return f"unconfirmed ({w.missed_polls} missed)" if w.missed_polls else "unconfirmed"
     if not w.missed_polls:
         return w.status
     if w.status in _REPORTED:

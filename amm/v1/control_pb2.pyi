@@ -605,6 +605,7 @@ class WorkerInfo(_message.Message):
     ZONE_FIELD_NUMBER: _builtins.int
     REPORTED_STATUS_FIELD_NUMBER: _builtins.int
     STATUS_SINCE_FIELD_NUMBER: _builtins.int
+    UNCONFIRMED_FIELD_NUMBER: _builtins.int
     address: _builtins.str
     """The worker's address."""
     name: _builtins.str
@@ -622,6 +623,11 @@ class WorkerInfo(_message.Message):
     reported_status: _types_pb2.WorkerStatus.ValueType
     """The status the agent itself last reported (RUNNING, PAUSED or CLOSING); `status` is what the
     AMM makes of it (RETIRING, RETIRED or STALE override it).
+    """
+    unconfirmed: _builtins.bool
+    """Set for a worker the AMM knows only from its state file (an earlier run registered it) and
+    whose agent has neither registered nor answered a poll since this AMM started: it may be
+    long dead. HasWhat leaves such workers out unless asked for them by address.
     """
     @_builtins.property
     def memory(self) -> _types_pb2.MemoryReport:
@@ -654,10 +660,11 @@ class WorkerInfo(_message.Message):
         zone: _builtins.str = ...,
         reported_status: _types_pb2.WorkerStatus.ValueType = ...,
         status_since: _timestamp_pb2.Timestamp | None = ...,
+        unconfirmed: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["last_poll", b"last_poll", "memory", b"memory", "registered_at", b"registered_at", "status_since", b"status_since"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "key_count", b"key_count", "last_poll", b"last_poll", "memory", b"memory", "memory_bytes", b"memory_bytes", "missed_polls", b"missed_polls", "name", b"name", "registered_at", b"registered_at", "reported_status", b"reported_status", "status", b"status", "status_since", b"status_since", "zone", b"zone"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "key_count", b"key_count", "last_poll", b"last_poll", "memory", b"memory", "memory_bytes", b"memory_bytes", "missed_polls", b"missed_polls", "name", b"name", "registered_at", b"registered_at", "reported_status", b"reported_status", "status", b"status", "status_since", b"status_since", "unconfirmed", b"unconfirmed", "zone", b"zone"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -779,7 +786,9 @@ class HasWhatRequest(_message.Message):
     """Poll every agent before answering, so the answer reflects the workers' state at call time."""
     @_builtins.property
     def workers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """The workers to look up; empty means every worker."""
+        """The workers to look up; empty means every worker, except those not heard from since the AMM
+        started (WorkerInfo.unconfirmed).
+        """
 
     def __init__(
         self,

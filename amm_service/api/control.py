@@ -280,6 +280,7 @@ def worker_to_pb(w: WorkerView, measure: Measure) -> control_pb2.WorkerInfo:
         key_count=w.nkeys,
         registered_at=wire.timestamp(w.registered_at),
         missed_polls=w.missed_polls,
+        unconfirmed=not w.confirmed,
     )
     if w.last_poll is not None:
         info.last_poll.CopyFrom(wire.timestamp(w.last_poll))

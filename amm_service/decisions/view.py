@@ -93,6 +93,12 @@ class WorkerView:
         return self.status
 
     @property
+    def confirmed(self) -> bool:
+        """Whether its agent registered or answered a poll since this AMM started: a worker
+        taken back from the state file has no incarnation until then, and may be long dead."""
+        return bool(self.incarnation)
+
+    @property
     def last_seen(self) -> float:
         """When it last answered a poll, or registered if it never did."""
         return self.last_poll if self.last_poll is not None else self.registered_at

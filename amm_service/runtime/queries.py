@@ -79,7 +79,13 @@ class Queries:
             raise InvalidArgument("worker addresses must not be empty strings")
         await self.refresh(fresh)
         known = set(self._state.worker_ids)
-        wanted = [WorkerId(w) for w in workers] if workers else sorted(known, key=address_order)
+        if workers:
+            wanted = [WorkerId(w) for w in workers]
+        else:
+            # Not the workers of an earlier run that have not shown up in this one: listed as
+            # holding nothing, they read as live workers until the liveness rules remove them.
+            confirmed = {w.address for w in self._state.workers if w.confirmed}
+            wanted = sorted(confirmed, key=address_order)
         unknown = [w for w in wanted if w not in known]
         if unknown:
             raise NotFound(f"unknown worker(s): {listing(unknown)}")

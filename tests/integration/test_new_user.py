@@ -21,10 +21,11 @@ from amm.client import AsyncClient, Client
 from amm.cluster import LocalCluster
 from amm.tables import render_workers
 from amm.v1 import agent_pb2, agent_pb2_grpc, control_pb2
+from tests.integration.test_amm_liveness import restarted
 from tests.integration.test_goals import DATA, goals_cluster
-from tests.support.agent import put
+from tests.support.agent import put, running_agent
 from tests.support.processes import local_cluster
-from tests.support.waiting import poll_until
+from tests.support.waiting import poll_until, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -161,3 +162,21 @@ async def test_goals_count_the_copies_who_has_shows(tmp_path: Path) -> None:
         async with AsyncClient(c.amm.address) as client:
             (goal,) = await client.goals("x")
         assert goal.live_copies == 2
+
+
+async def test_an_amm_restarted_in_the_same_directory_leaves_the_dead_workers_of_its_last_run_out(
+    tmp_path: Path,
+) -> None:
+    """The workers of the previous run that have not shown up are not listed as live."""
+    async with restarted(tmp_path) as r, AsyncClient(r.amm.address) as client:
+        live = sorted(agent.address for agent in r.holders)
+        assert sorted(await client.has_what()) == live
+        workers = {w.address: w for w in await client.workers()}
+        assert workers[r.gone].unconfirmed
+        assert not any(workers[address].unconfirmed for address in live)
+        assert "unconfirmed" in render_workers([workers[r.gone]])
+        assert await client.has_what(r.gone) == {r.gone: ()}  # asked for by address: listed
+        # Once it shows up again it is a worker like any other.
+        async with running_agent(amm=r.amm.address, listen=r.gone) as back:
+            await wait_for(lambda: back.registered, what="re-registration")
+            assert sorted(await client.has_what()) == sorted([*live, r.gone])
