@@ -173,8 +173,10 @@ class ActiveMemoryManager:
         self.retirements.load()
         await self._restore_workers()
         self.retirements.apply_flags()
-        if self.config.start or self._store.running:
-            await self.start()
+        # An operator's Start or Stop persists and wins; the start setting decides until then.
+        chosen = self._store.running_choice
+        if self.config.start if chosen is None else chosen:
+            self._start_loop()
 
     async def _restore_workers(self) -> None:
         """Take back the workers the previous run knew, and hold drops until they report.
@@ -239,12 +241,17 @@ class ActiveMemoryManager:
         return self._loop_task is not None and not self._loop_task.done()
 
     async def start(self) -> None:
+        """Run cycles, and from now on at every start of the AMM (until a ``stop``)."""
         self._check_open()
         self._store.set_running(True)
+        self._start_loop()
+
+    def _start_loop(self) -> None:
         if not self.running:
             self._loop_task = asyncio.create_task(self._loop(), name="amm-cycle-loop")
 
     async def stop(self) -> None:
+        """Stop cycling, and from now on at every start of the AMM (until a ``start``)."""
         self._check_open()
         self._store.set_running(False)
         await self._stop_loop()

@@ -4,7 +4,9 @@ What is kept and why:
 
 1. The epoch, incremented at every start: agents refuse directives from an older epoch, so a stale
    AMM (one replaced by a newer start) cannot act.
-2. The running flag: an AMM that was cycling before a restart cycles again after it.
+2. The running flag, once an operator chose it with Start or Stop: an AMM that was cycling
+   before a restart cycles again after it, and one that was stopped stays stopped, whatever its
+   ``start`` setting (which decides only until the first Start or Stop).
 3. The workers it knew: a restarted AMM takes them back and drops nothing until they have
    reported (the start-up grace, ``amm_service.decisions.grace``).
 4. The replication goals set with ``Replicate``: a goal is a promise kept across AMM restarts.
@@ -57,6 +59,13 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         " deadline REAL,"
         " reason TEXT NOT NULL,"
         " retired INTEGER NOT NULL DEFAULT 0)",
+    ),
+    (
+        # Whether `running` records an operator's Start or Stop (which then wins over the start
+        # setting at every later start) or nothing yet. A flag set before this column existed
+        # counts as chosen: an AMM with it set started whatever its settings said.
+        "ALTER TABLE service ADD COLUMN running_chosen INTEGER NOT NULL DEFAULT 0",
+        "UPDATE service SET running_chosen = running",
     ),
 )
 
@@ -189,12 +198,19 @@ class StateStore:
 
     @property
     def running(self) -> bool:
-        """Whether the AMM was cycling; restored at start."""
+        """Whether the AMM was cycling by an operator's choice (False when none was made)."""
         return bool(self._run("SELECT running FROM service")[0][0])
 
+    @property
+    def running_choice(self) -> bool | None:
+        """The operator's last Start (True) or Stop (False), restored at start; None when
+        neither was ever recorded, and the ``start`` setting decides."""
+        running, chosen = self._run("SELECT running, running_chosen FROM service")[0]
+        return bool(running) if chosen else None
+
     def set_running(self, running: bool) -> None:
-        """Persist whether the AMM is cycling."""
-        self._run("UPDATE service SET running = ?", int(running))
+        """Persist an operator's Start or Stop."""
+        self._run("UPDATE service SET running = ?, running_chosen = 1", int(running))
 
     def remember_worker(self, address: str, name: str) -> None:
         """Record that ``address`` was seen now (first sighting or again; the name may change)."""

@@ -21,6 +21,8 @@ from amm.client import AsyncClient, Client
 from amm.cluster import LocalCluster
 from amm.tables import render_workers
 from amm.v1 import agent_pb2, agent_pb2_grpc, control_pb2
+from amm_service.api.server import AmmServer
+from tests.conftest import amm_config
 from tests.integration.test_amm_liveness import restarted
 from tests.integration.test_goals import DATA, goals_cluster
 from tests.support.agent import put, running_agent
@@ -180,3 +182,25 @@ async def test_an_amm_restarted_in_the_same_directory_leaves_the_dead_workers_of
         async with running_agent(amm=r.amm.address, listen=r.gone) as back:
             await wait_for(lambda: back.registered, what="re-registration")
             assert sorted(await client.has_what()) == sorted([*live, r.gone])
+
+
+async def amm_call(amm: AmmServer, verb: str) -> None:
+    async with AsyncClient(amm.address) as client:
+        await (client.amm.start() if verb == "start" else client.amm.stop())
+
+
+async def test_stop_survives_a_restart_of_an_amm_set_to_start_from_boot(tmp_path: Path) -> None:
+    """As under compose (AMM_START=true): an operator's Stop, then Start, persist and win."""
+
+    async def running_after_boot(start: bool) -> bool:
+        async with AmmServer(amm_config(tmp_path, start=start)) as amm:
+            assert amm.manager is not None
+            return amm.manager.running
+
+    assert await running_after_boot(True)  # nothing chosen yet: the setting decides
+    async with AmmServer(amm_config(tmp_path, start=True)) as amm:
+        await amm_call(amm, "stop")
+    assert not await running_after_boot(True)
+    async with AmmServer(amm_config(tmp_path, start=True)) as amm:
+        await amm_call(amm, "start")
+    assert await running_after_boot(False)
