@@ -24,11 +24,14 @@ from pathlib import Path
 from types import FrameType
 from typing import NoReturn
 
+import grpc
+
 from amm import health, tables
 from amm.base.units import format_bytes, parse_duration
 from amm.client import DEFAULT_ADDRESS, Client
 from amm.cluster import AGENT_MODULE, SERVICE_MODULE, ClusterError, LocalCluster
 from amm.errors import AmmError
+from amm.models import Unpinned
 from amm.replay import command as replay_command
 from amm.replay.runner import ReplayError
 from amm.replay.trace import TraceError
@@ -140,6 +143,22 @@ def build_parser() -> argparse.ArgumentParser:
     has_what.add_argument("workers", nargs="*", metavar="WORKER")
     forget = sub.add_parser("forget", parents=[output], help="delete keys on every worker")
     forget.add_argument("keys", nargs="+", metavar="KEY")
+    unpin = sub.add_parser(
+        "unpin",
+        parents=[output],
+        help="release pins: one per key and worker, or --all (those of a client that died)",
+    )
+    unpin.add_argument("keys", nargs="+", metavar="KEY")
+    unpin.add_argument(
+        "--worker",
+        action="append",
+        dest="workers",
+        metavar="ADDR",
+        help="on this worker (repeatable; default: every worker holding the key)",
+    )
+    unpin.add_argument(
+        "--all", dest="every", action="store_true", help="release every pin, not one"
+    )
     replicate = sub.add_parser(
         "replicate", parents=[output], help="keep N copies of keys (a tracked goal)"
     )
@@ -241,8 +260,17 @@ def run_verb(client: Client, args: argparse.Namespace) -> int:
         keys = client.has_what(args.workers or None)
         _emit(args, keys, lambda: tables.render_mapping(("WORKER", "KEYS"), keys))
     elif command == "forget":
-        deleted = client.forget(args.keys)
+        try:
+            deleted = client.forget(args.keys)
+        except AmmError as err:
+            if err.status == grpc.StatusCode.FAILED_PRECONDITION and "pinned" in err.message:
+                hint = "pins outlive the client that took them: amm unpin --all KEY... frees them"
+                raise AmmError(err.status, f"{err.message} ({hint})") from None
+            raise
         _emit(args, {"replicas_deleted": deleted}, lambda: f"deleted {deleted} replica(s)")
+    elif command == "unpin":
+        released = unpin(client, args.keys, args.workers, every=args.every)
+        _emit(args, released, lambda: tables.render_unpinned(released))
     elif command == "replicate":
         change = client.replicate(args.keys, n=args.n)
         _emit(args, change, lambda: tables.render_goal_change(change, args.n))
@@ -271,6 +299,40 @@ def run_verb(client: Client, args: argparse.Namespace) -> int:
         else:
             args.output.write_bytes(data)
     return 0
+
+
+#: The most pins ``unpin --all`` releases of one key on one worker: a bound, should some reader
+#: keep pinning it meanwhile.
+MAX_UNPINS = 1_000_000
+
+
+def unpin(
+    client: Client, keys: Sequence[str], workers: Sequence[str] | None, *, every: bool
+) -> list[Unpinned]:
+    """Release one pin (``every``: all of them) of each key on ``workers``, or on every worker
+    holding it. A worker where the key is not pinned counts as nothing released.
+
+    Pins are not leases: an agent cannot tell a client that died from one still reading, so
+    the pins of a client that died (a replay killed with ``kill -9``) stay until released here.
+    """
+    holders = {key: list(workers) for key in keys} if workers else client.who_has(list(keys))
+    released: list[Unpinned] = []
+    for key in keys:
+        for worker in holders.get(key, ()):
+            count, left = 0, 0
+            while count < MAX_UNPINS:
+                try:
+                    left = client.unpin(key, worker)
+                except AmmError as err:
+                    if err.status != grpc.StatusCode.FAILED_PRECONDITION:  # not pinned
+                        raise
+                    left = 0
+                    break
+                count += 1
+                if not every or left == 0:
+                    break
+            released.append(Unpinned(key, worker, count, left))
+    return released
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:

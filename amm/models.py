@@ -52,6 +52,16 @@ class WorkerInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class Unpinned:
+    """Pins released of ``key`` on ``worker`` (``amm unpin``), and ``pins`` still held there."""
+
+    key: str
+    worker: str
+    released: int
+    pins: int
+
+
+@dataclass(frozen=True, slots=True)
 class Prefetched:
     """A worker holds a key after ``prefetch``; ``fetched`` when it copied it from a peer for it."""
 

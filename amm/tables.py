@@ -17,6 +17,7 @@ from amm.models import (
     ReplicationGoal,
     RetirementResult,
     Status,
+    Unpinned,
     WorkerInfo,
 )
 
@@ -91,6 +92,14 @@ def render_workers(workers: Sequence[WorkerInfo], now: datetime | None = None) -
     ]
     headers = ("ADDRESS", "NAME", "ZONE", "STATUS", "KEYS", "MEMORY", "MANAGED", "PROCESS")
     return render_table((*headers, "LIMIT", "LAST POLL"), rows, right=range(4, 9))
+
+
+def render_unpinned(released: Sequence[Unpinned]) -> str:
+    """``amm unpin``: one row per key and worker, the pins released and those left."""
+    if not released:
+        return "no pin released"
+    rows = [(u.key, u.worker, u.released, u.pins) for u in released]
+    return render_table(("KEY", "WORKER", "RELEASED", "PINS LEFT"), rows, right=(2, 3))
 
 
 def render_mapping(headers: tuple[str, str], mapping: Mapping[str, Sequence[str]]) -> str:

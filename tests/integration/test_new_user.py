@@ -6,6 +6,7 @@ Real processes throughout (a ``LocalCluster`` of 4 agents, as ``amm cluster --wo
 from __future__ import annotations
 
 import gc
+import json
 import re
 import signal
 import subprocess
@@ -17,6 +18,7 @@ import grpc
 import psutil
 import pytest
 
+from amm.cli import main as cli_main
 from amm.client import AsyncClient, Client
 from amm.cluster import LocalCluster
 from amm.tables import render_workers
@@ -204,3 +206,27 @@ async def test_stop_survives_a_restart_of_an_amm_set_to_start_from_boot(tmp_path
     async with AmmServer(amm_config(tmp_path, start=True)) as amm:
         await amm_call(amm, "start")
     assert await running_after_boot(False)
+
+
+def test_amm_unpin_frees_the_pins_of_a_client_that_died_so_forget_can_delete(
+    cluster: LocalCluster, capsys: pytest.CaptureFixture[str]
+) -> None:
+    amm = ["--amm", cluster.address]
+    w1, w2 = cluster.workers[:2]
+    with Client(cluster.address) as client:
+        client.put("pinned", b"v", workers=[w1, w2])
+        for _ in range(3):
+            client.pin("pinned", w1)  # a client that dies holding them
+        client.pin("pinned", w2)
+    assert cli_main([*amm, "forget", "pinned"]) == 1
+    assert "amm unpin --all KEY" in capsys.readouterr().err
+    assert cli_main([*amm, "unpin", "pinned", "--worker", w1]) == 0
+    assert capsys.readouterr().out.split("\n")[1].split()[-2:] == ["1", "2"]
+    assert cli_main([*amm, "unpin", "pinned", "--all", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == [
+        {"key": "pinned", "worker": w, "released": n, "pins": 0}
+        for w, n in sorted([(w1, 2), (w2, 1)])
+    ]
+    assert cli_main([*amm, "unpin", "pinned", "--all"]) == 0  # nothing left: nothing released
+    assert cli_main([*amm, "forget", "pinned"]) == 0
+    assert "deleted 2 replica(s)" in capsys.readouterr().out
