@@ -87,6 +87,10 @@ class AgentConfig:
     register_warning_interval: float = 30.0
     #: How long ``stop`` lets in-flight calls finish before cancelling them, in seconds.
     stop_grace: float = 0.5
+    #: How long a tombstone of a forgotten key is kept, in seconds: well beyond any transfer
+    #: that was under way when it arrived, and beyond the AMM's own (10 minutes by default), so
+    #: that a tombstone an AMM sends again after a restart is still known and deletes nothing.
+    tombstone_ttl: float = 3600.0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -130,6 +134,7 @@ class AgentConfig:
             "promise_timeout",
             "register_backoff_max",
             "register_warning_interval",
+            "tombstone_ttl",
         ):
             value = getattr(self, field)
             if not (value > 0 and math.isfinite(value)):

@@ -188,6 +188,10 @@ class _RefusalReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Refusal
     """This worker is dropping the key itself."""
     REFUSAL_REASON_CLOSING: _RefusalReason.ValueType  # 13
     """This worker is shutting down."""
+    REFUSAL_REASON_FORGOTTEN: _RefusalReason.ValueType  # 14
+    """The key was forgotten cluster-wide (a tombstone, PollRequest.forgotten) and not put again
+    since: no copy of it is taken, and one whose transfer was under way is discarded.
+    """
 
 class RefusalReason(_RefusalReason, metaclass=_RefusalReasonEnumTypeWrapper):
     """Why an agent refused or failed a directive, or refused to promise to keep a key."""
@@ -220,6 +224,10 @@ REFUSAL_REASON_DROPPING: RefusalReason.ValueType  # 12
 """This worker is dropping the key itself."""
 REFUSAL_REASON_CLOSING: RefusalReason.ValueType  # 13
 """This worker is shutting down."""
+REFUSAL_REASON_FORGOTTEN: RefusalReason.ValueType  # 14
+"""The key was forgotten cluster-wide (a tombstone, PollRequest.forgotten) and not put again
+since: no copy of it is taken, and one whose transfer was under way is discarded.
+"""
 Global___RefusalReason: _TypeAlias = RefusalReason  # noqa: Y015
 
 @_typing.final

@@ -178,6 +178,9 @@ class ClusterView:
     """The keys each worker holds (the inverse of ``KeyView.holders``)."""
     taken_at: float = 0.0
     """When the snapshot was taken (wall clock), for policies that reason about durations."""
+    forgotten: frozenset[Key] = frozenset()
+    """Keys an operator forgot (and nobody put again since): never copied, whatever a policy
+    asks; copies of them still under way are discarded by the agents."""
 
     def held_by(self, worker: WorkerId) -> frozenset[Key]:
         return self.holdings.get(worker, frozenset())
@@ -412,7 +415,13 @@ class ClusterState:
 
     # -- snapshots -------------------------------------------------------------------------
 
-    def snapshot(self, *, goals: Mapping[Key, Goal] = _NO_GOALS, now: float = 0.0) -> ClusterView:
+    def snapshot(
+        self,
+        *,
+        goals: Mapping[Key, Goal] = _NO_GOALS,
+        now: float = 0.0,
+        forgotten: frozenset[Key] = frozenset(),
+    ) -> ClusterView:
         holdings = {}
         for worker, held in self._held.items():
             frozen = self._frozen_held.get(worker)
@@ -426,6 +435,7 @@ class ClusterState:
             goals=MappingProxyType(dict(goals)) if goals else _NO_GOALS,
             holdings=MappingProxyType(holdings),
             taken_at=now,
+            forgotten=forgotten,
         )
 
     def set_flags(

@@ -43,6 +43,7 @@ from amm_service.runtime.queries import Queries
 from amm_service.runtime.retirement import Retirements
 from amm_service.runtime.retirement_driver import RetirementDriver
 from amm_service.runtime.state import StateStore
+from amm_service.runtime.tombstones import TombstoneBook
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +98,7 @@ class ActiveMemoryManager:
             self.state, self.ledger, max_refusals=config.max_refusals_kept, clock=clock
         )
         self._links = AgentLinks()
+        self.tombstones = TombstoneBook(store, ttl=config.tombstone_ttl, clock=clock)
         self._dispatcher = Dispatcher(
             self._links, self.outcomes.on_outcomes, takes_batches=self._takes_batches
         )
@@ -107,6 +109,7 @@ class ActiveMemoryManager:
             timeout=config.poll_timeout,
             on_restart=self.outcomes.forget_in_flight,
             clock=clock,
+            tombstones=self.tombstones,
         )
         self._fence = EpochFence(store, self._poller)
         self._cycle_lock = asyncio.Lock()
@@ -127,6 +130,8 @@ class ActiveMemoryManager:
             poll_timeout=config.poll_timeout,
             check_open=self._check_open,
             wake=self.wake,
+            tombstones=self.tombstones,
+            cycle_lock=self._cycle_lock,
         )
         self._grace = StartupGrace((), until=0.0)
         self.retirements = Retirements(self.state, store, self.events, self.policies, clock=clock)
@@ -156,6 +161,7 @@ class ActiveMemoryManager:
         self._opened = True
         self._fence.begin()
         self.goals.load()
+        self.tombstones.load()
         if self.config.directive_timeout < 2 * self.config.interval:
             log.warning(
                 "directive-timeout (%.1f s) is under two intervals (%.1f s): directives may be "
@@ -355,7 +361,10 @@ class ActiveMemoryManager:
         self.retirements.apply_flags()
         for _ in self.ledger.observing(self._version_of):
             await breathe()
-        view = self.state.snapshot(goals=self.goals.mapping, now=self._clock())
+        self.tombstones.expire()
+        view = self.state.snapshot(
+            goals=self.goals.mapping, now=self._clock(), forgotten=self.tombstones.live
+        )
         t1 = time.perf_counter()
         steps = core.planning(
             view,
@@ -541,6 +550,7 @@ class ActiveMemoryManager:
         self.retirements.left(worker)
         self.outcomes.forget_in_flight(worker)
         self._poller.forget(worker)
+        self.tombstones.forget_worker(worker)
         self._store.forget_worker(worker)
         await self._dispatcher.close_worker(worker)
         await self._links.close(worker)

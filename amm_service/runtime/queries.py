@@ -2,8 +2,9 @@
 
 ``workers``, ``who_has`` and ``has_what`` answer from the live cluster state (after a poll of
 every agent when asked for fresh answers); ``forget`` deletes every replica of keys through the
-agents; ``replicate`` and ``goal_statuses`` set and report replication goals. None of them runs
-a cycle or sends a directive: they read what the cycles keep up to date, or act directly.
+agents and leaves tombstones so that copies under way do not bring them back; ``replicate`` and
+``goal_statuses`` set and report replication goals. None of them runs a cycle or sends a
+directive: they read what the cycles keep up to date, or act directly.
 
 Not covered: the worker registry and the cycles (``manager``), retiring workers
 (``retirement_driver``).
@@ -12,6 +13,7 @@ Not covered: the worker registry and the cycles (``manager``), retiring workers
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Callable, Sequence
 
 import grpc
@@ -26,6 +28,7 @@ from amm_service.runtime.addresses import address_order
 from amm_service.runtime.agents import AgentLinks
 from amm_service.runtime.goals import GoalBook, check_goal
 from amm_service.runtime.poller import Poller
+from amm_service.runtime.tombstones import PUSH_KEYS, TombstoneBook
 
 
 class Queries:
@@ -43,8 +46,12 @@ class Queries:
         poll_timeout: float,
         check_open: Callable[[], None],
         wake: Callable[[], None] = lambda: None,
+        tombstones: TombstoneBook | None = None,
+        cycle_lock: asyncio.Lock | None = None,
     ) -> None:
         self._wake = wake
+        self._tombstones = tombstones
+        self._cycle_lock = cycle_lock or asyncio.Lock()
         self._state = state
         self._poller = poller
         self._links = links
@@ -94,7 +101,12 @@ class Queries:
     async def forget(self, keys: Sequence[str]) -> int:
         """Delete every replica of ``keys``; fails listing the replicas that could not go.
 
-        Their goals go first: a cycle between two deletes must not copy the key back."""
+        Their goals go first: a cycle between two deletes must not copy the key back. Then a
+        tombstone per key (``tombstones``), entered between two cycles so that no later one
+        plans a copy, and taken by every agent at a poll before anything else: each deletes its
+        copy, unless pinned, and discards the copies it had under way. Copies left (pinned, on
+        an agent that cannot be reached or does not take tombstones) are deleted one by one, as
+        before tombstones, and those that cannot be are listed in the error."""
         if not keys:
             raise InvalidArgument("no keys given")
         await self.refresh(True)
@@ -104,18 +116,34 @@ class Queries:
         known = self._known(remaining) if remaining else []
         self._lost.discard(Key(k) for k in lost)
         self._goals.remove(keys)
-        if not known:
+        forgotten = [Key(k) for k in dict.fromkeys(keys)]
+        before = self._replicas(forgotten)
+        if self._tombstones is not None:
+            async with self._cycle_lock:
+                self._tombstones.bury(forgotten)
+            for _ in range(math.ceil(len(forgotten) / PUSH_KEYS)):  # a poll carries so many
+                await self._poller.poll_all()
+        elif not known:
             return 0
-        targets = [(kv.key, w) for kv in known for w in sorted(kv.holders)]
-        results = await asyncio.gather(*(self._delete(k, w) for k, w in targets))
+        left = sorted(self._replicas(forgotten))
+        results = await asyncio.gather(*(self._delete(k, w) for k, w in left))
         failures = [r for r in results if isinstance(r, str)]
-        deleted = sum(1 for r in results if r is True)
-        await self._poller.poll_all({w for _, w in targets})
+        if left:
+            await self._poller.poll_all({w for _, w in left})
+        still = self._replicas(forgotten)
+        deleted = len(before - still) + sum(
+            1 for pair, r in zip(left, results, strict=True) if r is True and pair not in before
+        )
         if failures:
             raise FailedPrecondition(
                 f"deleted {deleted} replica(s) but not: " + "; ".join(failures[:10])
             )
         return deleted
+
+    def _replicas(self, keys: Sequence[Key]) -> set[tuple[Key, WorkerId]]:
+        """The (key, worker) of every copy of ``keys`` the state knows of."""
+        found = self._state.keys
+        return {(k, w) for k in keys if (kv := found.get(k)) is not None for w in kv.holders}
 
     async def replicate(self, keys: Sequence[str], n: Goal) -> tuple[int, int]:
         """Set the replication goal of ``keys`` (1 removes it); returns (set, removed).

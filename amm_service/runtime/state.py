@@ -12,6 +12,8 @@ What is kept and why:
 4. The replication goals set with ``Replicate``: a goal is a promise kept across AMM restarts.
 5. The retirements under way (and workers retired but not closed), so that a restarted AMM
    resumes them: see ``amm_service.runtime.retirement``.
+6. The tombstones of forgotten keys, so that a restart in the middle of a race between a Forget
+   and the copies under way does not let the key back: see ``amm_service.runtime.tombstones``.
 
 The schema is versioned with ``PRAGMA user_version``; :data:`_MIGRATIONS` is the ordered list of
 steps, step ``i`` taking version ``i`` to ``i + 1``. Add a step, never edit a released one.
@@ -24,7 +26,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,6 +69,16 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE service ADD COLUMN running_chosen INTEGER NOT NULL DEFAULT 0",
         "UPDATE service SET running_chosen = running",
     ),
+    (
+        # The tombstones of forgotten keys (see ``runtime.tombstones``), and the last id given to
+        # one: ids never repeat, so an agent can tell a new Forget of a key from an old one.
+        "CREATE TABLE tombstones ("
+        " key TEXT PRIMARY KEY,"
+        " id INTEGER NOT NULL,"
+        " at REAL NOT NULL,"
+        " put_again INTEGER NOT NULL DEFAULT 0)",
+        "ALTER TABLE service ADD COLUMN last_tombstone INTEGER NOT NULL DEFAULT 0",
+    ),
 )
 
 
@@ -85,6 +97,17 @@ class RetirementRecord:
     deadline: float | None
     reason: str
     retired: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class TombstoneRecord:
+    """A key forgotten at ``at`` (Unix seconds) by the Forget numbered ``id``; ``put_again``
+    once it was put again since (``at`` is then when that was seen)."""
+
+    key: str
+    id: int
+    at: float
+    put_again: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -268,6 +291,44 @@ class StateStore:
                 tx.executemany(sql, rows)
         except sqlite3.Error as exc:
             raise StateError(f"the AMM state {self.path!r} failed: {exc}") from exc
+
+    def bury(self, keys: Sequence[str], at: float) -> list[TombstoneRecord]:
+        """Record a tombstone for each key (replacing an earlier one), each under a new id, in
+        one transaction; returns them in the order of ``keys``."""
+        if not keys:
+            return []
+        try:
+            with self._transaction() as tx:
+                (last,) = tx.execute(
+                    "UPDATE service SET last_tombstone = last_tombstone + ?"
+                    " RETURNING last_tombstone",
+                    (len(keys),),
+                ).fetchone()
+                records = [
+                    TombstoneRecord(key, int(last) - len(keys) + 1 + i, at)
+                    for i, key in enumerate(keys)
+                ]
+                tx.executemany(
+                    "INSERT OR REPLACE INTO tombstones (key, id, at, put_again)"
+                    " VALUES (?, ?, ?, 0)",
+                    [(r.key, r.id, r.at) for r in records],
+                )
+        except sqlite3.Error as exc:
+            raise StateError(f"the AMM state {self.path!r} failed: {exc}") from exc
+        return records
+
+    def mark_put_again(self, key: str, at: float) -> None:
+        """Record that ``key`` was put again after its Forget."""
+        self._run("UPDATE tombstones SET put_again = 1, at = ? WHERE key = ?", at, key)
+
+    def unbury(self, keys: Iterable[str]) -> None:
+        """Drop the tombstones of ``keys`` (expired), in one transaction."""
+        self._many("DELETE FROM tombstones WHERE key = ?", [(key,) for key in keys])
+
+    def tombstones(self) -> list[TombstoneRecord]:
+        """Every tombstone, oldest first."""
+        rows = self._run("SELECT key, id, at, put_again FROM tombstones ORDER BY at, id")
+        return [TombstoneRecord(str(k), int(i), float(a), bool(p)) for k, i, a, p in rows]
 
     def save_retirement(self, record: RetirementRecord) -> None:
         """Record a retirement (replacing any earlier one of the same worker)."""
