@@ -119,7 +119,9 @@ class Poller:
             if known is None:
                 return True
             book = self._tombstones
-            push = book.pending(worker, known.incarnation) if book is not None else NOTHING
+            push = NOTHING
+            if book is not None:
+                push = book.pending(worker, known.incarnation, known.features)
             seen = _Tombstoned(book)
             try:
                 await self._poll(worker, known.incarnation, known.version, push, seen)

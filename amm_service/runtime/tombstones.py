@@ -159,9 +159,12 @@ class TombstoneBook:
 
     # -- telling the agents ----------------------------------------------------------------
 
-    def pending(self, worker: WorkerId, incarnation: str) -> Push:
-        """The tombstones to send with the next poll of ``worker``, oldest change first."""
-        if not self._stones:
+    def pending(
+        self, worker: WorkerId, incarnation: str, features: frozenset[str] | None = None
+    ) -> Push:
+        """The tombstones to send with the next poll of ``worker``, oldest change first; none
+        to an agent whose ``features`` (once known) show that it ignores them."""
+        if not self._stones or (features and FEATURE not in features):
             return NOTHING
         taken_by, taken = self._taken.get(worker, ("", 0))
         since = taken if incarnation and taken_by == incarnation else 0

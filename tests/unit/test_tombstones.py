@@ -263,3 +263,12 @@ def test_tombstones_persist_and_expire(store: StateStore) -> None:
     book.expire()
     assert book.live == frozenset()
     assert store.tombstones() == []
+
+
+def test_an_agent_that_does_not_take_tombstones_is_not_sent_them_again_and_again(
+    store: StateStore,
+) -> None:
+    book, _ = book_of(store)
+    book.bury(["k"])
+    assert book.pending(A, "i1").items  # its features are not known yet
+    assert book.pending(A, "i1", frozenset({"put-batches"})) == NOTHING
