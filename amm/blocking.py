@@ -77,6 +77,11 @@ def forward(
 
     @functools.wraps(method)
     def call(self: Blocking[A], /, *args: P.args, **kwargs: P.kwargs) -> T:
-        return self._portal.run(method(self._target, *args, **kwargs))
+        try:
+            return self._portal.run(method(self._target, *args, **kwargs))
+        except AmmError as err:
+            # Raised afresh here: an uncaught one shows the caller's frames and its one-line
+            # message, not the event loop thread's and the futures' machinery in between.
+            raise err.with_traceback(None) from None
 
     return call

@@ -11,6 +11,7 @@ health checks. Failures print ``error: <STATUS>: <message>`` and exit 1, never a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -23,12 +24,15 @@ from pathlib import Path
 from types import FrameType
 from typing import NoReturn
 
+import grpc
+
 from amm import certs as certs_command
 from amm import health, tables
 from amm.base.units import format_bytes, parse_duration
 from amm.client import DEFAULT_ADDRESS, Client
 from amm.cluster import AGENT_MODULE, SERVICE_MODULE, ClusterError, LocalCluster
 from amm.errors import AmmError
+from amm.models import Unpinned
 from amm.replay import command as replay_command
 from amm.replay.runner import ReplayError
 from amm.replay.trace import TraceError
@@ -147,6 +151,22 @@ def build_parser() -> argparse.ArgumentParser:
     has_what.add_argument("workers", nargs="*", metavar="WORKER")
     forget = sub.add_parser("forget", parents=[output], help="delete keys on every worker")
     forget.add_argument("keys", nargs="+", metavar="KEY")
+    unpin = sub.add_parser(
+        "unpin",
+        parents=[output],
+        help="release pins: one per key and worker, or --all (those of a client that died)",
+    )
+    unpin.add_argument("keys", nargs="+", metavar="KEY")
+    unpin.add_argument(
+        "--worker",
+        action="append",
+        dest="workers",
+        metavar="ADDR",
+        help="on this worker (repeatable; default: every worker holding the key)",
+    )
+    unpin.add_argument(
+        "--all", dest="every", action="store_true", help="release every pin, not one"
+    )
     replicate = sub.add_parser(
         "replicate", parents=[output], help="keep N copies of keys (a tracked goal)"
     )
@@ -255,8 +275,17 @@ def run_verb(client: Client, args: argparse.Namespace) -> int:
         keys = client.has_what(args.workers or None)
         _emit(args, keys, lambda: tables.render_mapping(("WORKER", "KEYS"), keys))
     elif command == "forget":
-        deleted = client.forget(args.keys)
+        try:
+            deleted = client.forget(args.keys)
+        except AmmError as err:
+            if err.status == grpc.StatusCode.FAILED_PRECONDITION and "pinned" in err.message:
+                hint = "pins outlive the client that took them: amm unpin --all KEY... frees them"
+                raise AmmError(err.status, f"{err.message} ({hint})") from None
+            raise
         _emit(args, {"replicas_deleted": deleted}, lambda: f"deleted {deleted} replica(s)")
+    elif command == "unpin":
+        released = unpin(client, args.keys, args.workers, every=args.every)
+        _emit(args, released, lambda: tables.render_unpinned(released))
     elif command == "replicate":
         change = client.replicate(args.keys, n=args.n)
         _emit(args, change, lambda: tables.render_goal_change(change, args.n))
@@ -294,13 +323,56 @@ def run_verb(client: Client, args: argparse.Namespace) -> int:
     return 0
 
 
+#: The most pins ``unpin --all`` releases of one key on one worker: a bound, should some reader
+#: keep pinning it meanwhile.
+MAX_UNPINS = 1_000_000
+
+
+def unpin(
+    client: Client, keys: Sequence[str], workers: Sequence[str] | None, *, every: bool
+) -> list[Unpinned]:
+    """Release one pin (``every``: all of them) of each key on ``workers``, or on every worker
+    holding it. A worker where the key is not pinned counts as nothing released.
+
+    Pins are not leases: an agent cannot tell a client that died from one still reading, so
+    the pins of a client that died (a replay killed with ``kill -9``) stay until released here.
+    """
+    holders = {key: list(workers) for key in keys} if workers else client.who_has(list(keys))
+    released: list[Unpinned] = []
+    for key in keys:
+        for worker in holders.get(key, ()):
+            count, left = 0, 0
+            while count < MAX_UNPINS:
+                try:
+                    left = client.unpin(key, worker)
+                except AmmError as err:
+                    if err.status != grpc.StatusCode.FAILED_PRECONDITION:  # not pinned
+                        raise
+                    left = 0
+                    break
+                count += 1
+                if not every or left == 0:
+                    break
+            released.append(Unpinned(key, worker, count, left))
+    return released
+
+
 def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
+#: What stops ``amm cluster`` cleanly: Ctrl-C, a SIGTERM, a closed terminal.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 def run_cluster(args: argparse.Namespace) -> int:
-    """``amm cluster``: start, print the addresses, wait for Ctrl-C or SIGTERM, stop."""
-    previous = signal.signal(signal.SIGTERM, _interrupt)
+    """``amm cluster``: start, print the addresses, wait for Ctrl-C, SIGTERM or SIGHUP, stop.
+
+    The handlers are installed whatever was inherited: ``amm cluster &`` in a script starts
+    with SIGINT ignored, and a closed terminal's SIGHUP would kill us without stopping anything
+    (the children, in their own sessions, would then stop by their lifeline alone).
+    """
+    previous = {sig: signal.signal(sig, _interrupt) for sig in STOP_SIGNALS}
     cluster: LocalCluster | None = None
     try:
         cluster = LocalCluster(
@@ -315,23 +387,29 @@ def run_cluster(args: argparse.Namespace) -> int:
         while True:
             # A worker retired and closed by the AMM leaves; the others and their data stay.
             for name in cluster.forget_departed_workers():
-                print(f"{name} exited cleanly and left the cluster", file=sys.stderr, flush=True)
+                _tell(f"{name} exited cleanly and left the cluster")
             if ended := cluster.exited():
                 break
             time.sleep(0.5)
         names = ", ".join(f"{name} (exit code {code})" for name, code in ended.items())
-        print(f"error: {names} ended unexpectedly; stopping the cluster", file=sys.stderr)
+        _tell(f"error: {names} ended unexpectedly; stopping the cluster")
         return 1
     except KeyboardInterrupt:
         return 0
     finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
         if cluster is not None:
             cluster.stop()
-            print("cluster stopped", file=sys.stderr)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.signal(signal.SIGTERM, previous)
+            _tell("cluster stopped")
+        for sig, handler in previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+
+
+def _tell(line: str) -> None:
+    """A line on stderr, which may be gone with its terminal (SIGHUP): then nobody to tell."""
+    with contextlib.suppress(OSError):
+        print(line, file=sys.stderr, flush=True)
 
 
 def run_health(args: argparse.Namespace) -> int:
@@ -343,7 +421,27 @@ def run_health(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``amm``; returns the exit code."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        code = _main(list(sys.argv[1:] if argv is None else argv))
+        sys.stdout.flush()  # here, where a reader that went away can still be handled
+    except BrokenPipeError:
+        # The reader of our output left (``amm status --json | head``): it read what it wanted.
+        # No message and exit 0, as ``head`` asked for no more; stdout now goes nowhere, so the
+        # interpreter's own flush at exit cannot fail either.
+        _discard_stdout()
+        return 0
+    return code
+
+
+def _discard_stdout() -> None:
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    finally:
+        os.close(devnull)
+
+
+def _main(argv: list[str]) -> int:
     if argv and argv[0] in EXEC_COMMANDS:
         exec_module(EXEC_COMMANDS[argv[0]], argv[1:])
     args = build_parser().parse_args(argv)
@@ -360,6 +458,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_verb(client, args)
     except AmmError as err:
         print(f"error: {err.status.name}: {err.message}", file=sys.stderr)
+    except BrokenPipeError:
+        raise
     except (ClusterError, OSError, TraceError, ReplayError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
     except KeyboardInterrupt:

@@ -114,7 +114,8 @@ def _rpc(role: str, address: str) -> Iterator[None]:
             details = f"{role} at {address} did not answer in time ({details})"
         elif code == grpc.StatusCode.UNAVAILABLE or role != AMM_ROLE:
             details = f"{role} at {address}: {details}"
-        raise AmmError(code, details) from err
+        # The gRPC error says nothing more than the message; it stays as ``__context__``.
+        raise AmmError(code, details) from None
 
 
 class AsyncAmmControl:
@@ -309,13 +310,17 @@ class AsyncClient:
             )
         return GoalChange(goals_set=reply.goals_set, goals_removed=reply.goals_removed)
 
-    async def goals(self, keys: str | Sequence[str] | None = None) -> list[ReplicationGoal]:
+    async def goals(
+        self, keys: str | Sequence[str] | None = None, *, fresh: bool = True
+    ) -> list[ReplicationGoal]:
         """The replication goals of ``keys`` (every goal when None), ordered by key, each with
-        its target and live copies; a key without a goal is ``NOT_FOUND``."""
+        its target and live copies; a key without a goal is ``NOT_FOUND``. Live copies are
+        counted after a poll of every agent (as ``who_has``), unless ``fresh`` is False."""
         stub = self._amm_stub()
         with self._amm_rpc():
             reply = await stub.ListGoals(
-                control_pb2.ListGoalsRequest(keys=_as_list(keys)), timeout=self.timeout
+                control_pb2.ListGoalsRequest(keys=_as_list(keys), fresh=fresh),
+                timeout=self.timeout,
             )
         return [goal_from_proto(g) for g in reply.goals]
 
@@ -616,7 +621,15 @@ class AsyncClient:
 
 
 class AmmControl(Blocking[AsyncAmmControl]):
-    """``client.amm``: start, stop and drive the AMM's cycles."""
+    """``client.amm``: start, stop and drive the AMM's cycles.
+
+    It holds its ``Client``: in ``Client(address).amm.start()`` nothing else does, and a client
+    collected in between would have closed its loop under the call.
+    """
+
+    def __init__(self, target: AsyncAmmControl, portal: LoopThread, client: Client) -> None:
+        super().__init__(target, portal)
+        self._client = client
 
     start = forward(AsyncAmmControl.start)
     stop = forward(AsyncAmmControl.stop)
@@ -637,7 +650,7 @@ class Client(Blocking[AsyncClient]):
         target = AsyncClient(address, timeout=timeout, chunk_size=chunk_size)
         portal = LoopThread()
         super().__init__(target, portal)
-        self.amm = AmmControl(target.amm, portal)
+        self.amm = AmmControl(target.amm, portal, self)
         self._finalizer = weakref.finalize(self, portal.close, target.close)
 
     @property

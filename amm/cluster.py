@@ -21,9 +21,11 @@ SIGTERM, which would have each drain its keys into the others, all on their way 
 SIGTERM to the AMM, and SIGKILLs whatever outlives the deadline, or whatever is left if the stop
 itself is interrupted. ``stop_worker`` sends SIGTERM by default: one agent leaving drains first.
 Children get their own session, so a terminal's Ctrl-C reaches only the owner, which then stops
-them in that order. Since nothing else would ever stop them, each child is registered
-for stopping the moment it is spawned: an interrupt or a failure at any point of the start stops
-the children already running.
+them in that order; should the owner die without stopping them (``kill -9``, a closed terminal),
+each stops by itself once its lifeline, a pipe only the owner writes to, reads end-of-file
+(``amm.base.lifeline``). Since nothing else would ever stop them, each child is registered for
+stopping the moment it is spawned: an interrupt or a failure at any point of the start stops the
+children already running.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from typing import IO, Self
 
 import grpc
 
+from amm.base.lifeline import Lifeline
 from amm.client import Client
 from amm.errors import AmmError
 
@@ -81,6 +84,7 @@ class LocalProcess:
         ready_prefix: str,
         env: Mapping[str, str],
         echo: IO[str] | None,
+        pass_fds: Sequence[int] = (),
     ) -> None:
         self.name = name
         self.argv = argv
@@ -101,6 +105,7 @@ class LocalProcess:
             errors="replace",
             bufsize=1,
             start_new_session=True,
+            pass_fds=tuple(pass_fds),
         )
         try:
             self._start_readers()
@@ -212,11 +217,14 @@ def _stop_all(processes: list[LocalProcess], timeout: float, sig: int = signal.S
         process.wait(deadline - time.monotonic())
 
 
-def _stop_cluster(agents: list[LocalProcess], service: list[LocalProcess], timeout: float) -> None:
+def _stop_cluster(
+    agents: list[LocalProcess], service: list[LocalProcess], timeout: float, line: Lifeline
+) -> None:
     """Agents first, then the AMM; anything that interrupts the waits kills what is left.
 
     ``stop()`` runs once, so a second Ctrl-C while it waits would otherwise leave the AMM (and
-    any agent not yet signalled) running in its own session, beyond anyone's reach.
+    any agent not yet signalled) running in its own session, beyond anyone's reach. The lifeline
+    is cut last, once nothing is left to hear it.
     """
     try:
         _stop_all(agents, timeout, signal.SIGINT)  # stop at once: no point draining
@@ -227,6 +235,8 @@ def _stop_cluster(agents: list[LocalProcess], service: list[LocalProcess], timeo
         for process in [*agents, *service]:
             process.popen.wait()
         raise
+    finally:
+        line.cut()
 
 
 class LocalCluster:
@@ -265,8 +275,10 @@ class LocalCluster:
         self._service: list[LocalProcess] = []
         self._agents: list[LocalProcess] = []
         self._count = 0
+        # Children stop by themselves should this process die without stopping them.
+        self._lifeline = Lifeline()
         self._finalizer = weakref.finalize(
-            self, _stop_cluster, self._agents, self._service, stop_timeout
+            self, _stop_cluster, self._agents, self._service, stop_timeout, self._lifeline
         )
         argv = ["--listen", listen]
         if interval is not None:
@@ -306,7 +318,8 @@ class LocalCluster:
     def _spawn(self, name: str, module: str, args: Sequence[str]) -> LocalProcess:
         argv = [sys.executable, "-m", module, *args]
         prefix = SERVICE_READY if module == SERVICE_MODULE else AGENT_READY
-        return LocalProcess(name, argv, prefix, self._env, self._echo)
+        env = {**self._env, **self._lifeline.child_env()}
+        return LocalProcess(name, argv, prefix, env, self._echo, self._lifeline.fds)
 
     def _start_agents(self, n: int, deadline: float) -> list[str]:
         """Spawn ``n`` agents and wait until the AMM lists them.
@@ -354,13 +367,18 @@ class LocalCluster:
         return self._start_agents(1, time.monotonic() + self.timeout)[0]
 
     def wait_for_workers(self, addresses: Sequence[str], timeout: float) -> None:
-        """Block until the AMM lists every address in ``addresses`` as registered."""
+        """Block until the AMM lists every address in ``addresses`` as registered, and has
+        polled each once (or tried to): ``amm workers`` then shows their status and memory."""
         deadline = time.monotonic() + timeout
         missing = set(addresses)
         with Client(self.address, timeout=max(1.0, timeout)) as client:
             while True:
                 try:
-                    missing = set(addresses) - {w.address for w in client.workers()}
+                    missing = set(addresses) - {
+                        w.address
+                        for w in client.workers()
+                        if w.last_poll is not None or w.missed_polls
+                    }
                 except AmmError as err:
                     if err.status != grpc.StatusCode.UNAVAILABLE:
                         raise

@@ -14,6 +14,7 @@ recorded schedule and change the very memory curve being measured.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -64,6 +65,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         progress=not args.no_progress,
     )
     started = time.monotonic()
+    # Ctrl-C stops the demo even where SIGINT came ignored (``make demo &`` in a script).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         outcome = run_replay(options)
     except AmmError as err:
@@ -72,6 +75,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (TraceError, ReplayError, ClusterError, ImportError, ValueError) as err:
         print(f"\ndemo failed: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        # Ctrl-C is how a user stops a demo: its local cluster is stopped on the way out, and a
+        # traceback of the event loop's cancellation would only hide that.
+        print("\ndemo interrupted; its cluster is stopped", file=sys.stderr)
+        return 130
     summary = headline(outcome.runs, outcome.dask)
     if summary:
         print(f"\n{summary}")

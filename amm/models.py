@@ -46,6 +46,19 @@ class WorkerInfo:
     verdict, which may override it (stale, retiring, retired)."""
     status_since: datetime | None = None
     """Since when it has had its current ``status``."""
+    unconfirmed: bool = False
+    """Known only from the AMM's state file: not heard from since the AMM started (it may be
+    long dead); ``has_what`` leaves it out."""
+
+
+@dataclass(frozen=True, slots=True)
+class Unpinned:
+    """Pins released of ``key`` on ``worker`` (``amm unpin``), and ``pins`` still held there."""
+
+    key: str
+    worker: str
+    released: int
+    pins: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -316,6 +329,7 @@ def worker_from_proto(msg: control_pb2.WorkerInfo) -> WorkerInfo:
             types_pb2.WorkerStatus.DESCRIPTOR, msg.reported_status, "WORKER_STATUS_"
         ),
         status_since=_time(msg, "status_since"),
+        unconfirmed=msg.unconfirmed,
     )
 
 

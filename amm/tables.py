@@ -18,6 +18,7 @@ from amm.models import (
     ReplicationGoal,
     RetirementResult,
     Status,
+    Unpinned,
     WorkerInfo,
 )
 
@@ -59,7 +60,10 @@ def _size(n: int) -> str:
 
 def _worker_status(w: WorkerInfo) -> str:
     """The AMM's verdict (stale, retiring, ...), or ``unreachable (N)`` over what the agent
-    reported while it misses polls."""
+    reported while it misses polls; ``unconfirmed`` for a worker of an earlier run of the AMM
+    that has not shown up in this one."""
+    if w.unconfirmed:
+        return f"unconfirmed ({w.missed_polls} missed)" if w.missed_polls else "unconfirmed"
     if not w.missed_polls:
         return w.status
     if w.status in _REPORTED:
@@ -89,6 +93,14 @@ def render_workers(workers: Sequence[WorkerInfo], now: datetime | None = None) -
     ]
     headers = ("ADDRESS", "NAME", "ZONE", "STATUS", "KEYS", "MEMORY", "MANAGED", "PROCESS")
     return render_table((*headers, "LIMIT", "LAST POLL"), rows, right=range(4, 9))
+
+
+def render_unpinned(released: Sequence[Unpinned]) -> str:
+    """``amm unpin``: one row per key and worker, the pins released and those left."""
+    if not released:
+        return "no pin released"
+    rows = [(u.key, u.worker, u.released, u.pins) for u in released]
+    return render_table(("KEY", "WORKER", "RELEASED", "PINS LEFT"), rows, right=(2, 3))
 
 
 def render_mapping(headers: tuple[str, str], mapping: Mapping[str, Sequence[str]]) -> str:

@@ -43,6 +43,7 @@ ENV_VARS: Mapping[str, str] = MappingProxyType(
         "startup_grace": "AMM_STARTUP_GRACE",
         "max_incoming_transfers": "AMM_MAX_INCOMING_TRANSFERS",
         "max_outgoing_transfers": "AMM_MAX_OUTGOING_TRANSFERS",
+        "tombstone_ttl": "AMM_TOMBSTONE_TTL",
         "log_level": "AMM_LOG_LEVEL",
     }
 )
@@ -119,6 +120,9 @@ class AmmConfig:
     max_outgoing_transfers: int = 50
     """Replications in flight served by one worker (the first source) at most; 0 means no limit.
     Default 50."""
+    tombstone_ttl: float = 600.0
+    """Seconds a forgotten key's tombstone is kept: while it lives, copies of the key that were
+    under way are discarded and none is planned, until the key is put again. Default 10m."""
 
     @property
     def stale_seconds(self) -> float:
@@ -275,6 +279,7 @@ _CONVERTERS: Mapping[str, Callable[[object, str], object]] = {
     "startup_grace": _duration("startup_grace"),
     "max_incoming_transfers": _count("max_incoming_transfers"),
     "max_outgoing_transfers": _count("max_outgoing_transfers"),
+    "tombstone_ttl": _duration("tombstone_ttl"),
 }
 
 

@@ -92,6 +92,10 @@ class AgentConfig:
     #: before it stops anyway, in seconds (0: stop at once). Below Kubernetes' default of 30 s
     #: between SIGTERM and SIGKILL, with room left for the stop itself.
     drain_grace: float = 20.0
+    #: How long a tombstone of a forgotten key is kept, in seconds: well beyond any transfer
+    #: that was under way when it arrived, and beyond the AMM's own (10 minutes by default), so
+    #: that a tombstone an AMM sends again after a restart is still known and deletes nothing.
+    tombstone_ttl: float = 3600.0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -137,6 +141,7 @@ class AgentConfig:
             "promise_timeout",
             "register_backoff_max",
             "register_warning_interval",
+            "tombstone_ttl",
         ):
             value = getattr(self, field)
             if not (value > 0 and math.isfinite(value)):

@@ -571,6 +571,7 @@ class DirectiveRunner:
 
         The key becomes visible only once its data is verified and stored in one step.
         """
+        began = self._store.generation
         result = await self._peers.fetch(
             directive.key,
             list(directive.sources),
@@ -586,7 +587,12 @@ class DirectiveRunner:
             )
             return self._outcome(directive, Refuse(result.reason, result.message), status)
         verdict = integrity.judge_replicate(
-            self._store, directive, self._conditions(), received=len(result.data)
+            self._store,
+            directive,
+            self._conditions(),
+            received=len(result.data),
+            now=self._clock(),
+            since=began,
         )
         if isinstance(verdict, Accept) and not verdict.noop:
             self._store.add(directive.key, result.data, result.checksum)

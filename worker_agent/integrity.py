@@ -50,6 +50,7 @@ class Reason(enum.Enum):
     CLOSING = 13
     UNCONFIRMED_EPOCH = 14
     UNKNOWN_PEER = 15
+    FORGOTTEN = 16
 
 
 class Op(enum.Enum):
@@ -116,7 +117,7 @@ def judge(store: Store, directive: Directive, cond: Conditions, now: float) -> V
         return refused
     if directive.op is Op.DROP:
         return judge_drop(store, directive, cond, now)
-    return judge_replicate(store, directive, cond)
+    return judge_replicate(store, directive, cond, now=now)
 
 
 def validate(directive: Directive) -> Refuse | None:
@@ -202,10 +203,20 @@ def judge_drop_commit(store: Store, key: Key, checksum: str, now: float) -> Verd
 
 
 def judge_replicate(
-    store: Store, directive: Directive, cond: Conditions, *, received: int | None = None
+    store: Store,
+    directive: Directive,
+    cond: Conditions,
+    *,
+    received: int | None = None,
+    now: float | None = None,
+    since: int | None = None,
 ) -> Verdict:
     """May a replica be fetched and kept? Asked again once the data arrived, with the size
-    ``received``: memory is judged on what arrived as well as on what the AMM announced."""
+    ``received``: memory is judged on what arrived as well as on what the AMM announced.
+
+    Never a copy of a key forgotten cluster-wide and not put again since (judged at ``now``),
+    nor, once the data arrived, one whose transfer began (at tombstone generation ``since``)
+    before the key was forgotten: a Forget must not be undone by a copy that was under way."""
     key = directive.key
     held = store.get(key)
     if held is not None:
@@ -216,6 +227,15 @@ def judge_replicate(
                 f"directive expects {directive.checksum[:12]}); keys are immutable",
             )
         return Accept(noop=True, message="already held")
+    if now is not None and (
+        store.forgotten(key, now) if since is None else store.doomed(key, since, now)
+    ):
+        return Refuse(
+            Reason.FORGOTTEN,
+            f"{key!r} was forgotten cluster-wide"
+            + (" while it was being copied" if since is not None else "")
+            + "; it is copied again once it is put again",
+        )
     if cond.closing or cond.draining:
         return Refuse(Reason.CLOSING, "the agent is shutting down")
     if cond.paused:

@@ -100,6 +100,15 @@ class Promise:
     remaining: float
 
 
+@dataclass(frozen=True, slots=True)
+class Forgotten:
+    """A tombstone the AMM sends (``amm.v1.ForgottenKey``)."""
+
+    key: Key
+    tombstone: int
+    put_again: bool = False
+
+
 class Node:
     """One worker's keys, memory and directives; the address is set once the server is bound."""
 
@@ -324,6 +333,7 @@ class Node:
             if isinstance(verdict, Refuse):
                 raise TooLarge(verdict.message)
             self.store.add(key, data, checksum)
+        self.store.put_again(key)  # an explicit Put undoes a Forget
         return KeyInfo(key, len(data), checksum, self.store.pins(key) > 0), held is None
 
     def put_many(self, values: Sequence[tuple[Key, bytes, str]]) -> Stored:
@@ -358,6 +368,7 @@ class Node:
                 raise ContentConflict(f"{key!r} already holds other content; keys are immutable")
             unchanged += 1
         if not new:
+            self._put_again(values)
             return Stored(0, unchanged, 0)
         cond = self.conditions()
         some = next(iter(new))
@@ -369,7 +380,14 @@ class Node:
             verdict = integrity.judge_put(self.store, some, total, whole)
         if isinstance(verdict, Refuse):
             raise TooLarge(verdict.message)
-        return Stored(len(new), unchanged, self.store.add_many(new.values()))
+        stored = self.store.add_many(new.values())
+        self._put_again(values)
+        return Stored(len(new), unchanged, stored)
+
+    def _put_again(self, values: Sequence[tuple[Key, bytes, str]]) -> None:
+        """An explicit Put undoes a Forget: copies of the keys are taken again."""
+        for key, _, _ in values:
+            self.store.put_again(key)
 
     def _refuse_if_closing(self) -> None:
         if self.closing or self.draining:
@@ -446,6 +464,7 @@ class Node:
                     raise UnknownKey(f"no worker holds {key!r}")
         elif not sources:
             raise UnknownKey(f"{key!r} is not held here, and no source or AMM to ask")
+        began = self.store.generation
         result = await self.peers.fetch(
             key,
             candidates,
@@ -472,7 +491,9 @@ class Node:
             return held, False
         cond = self.conditions()
         verdict = integrity.judge_put(self.store, key, value.size, cond)
-        if isinstance(verdict, Refuse):
+        if self.store.doomed(key, began, self.clock()):
+            why = "it was forgotten cluster-wide"  # before or while it was fetched
+        elif isinstance(verdict, Refuse):
             why = verdict.message
         elif cond.closing or cond.draining or cond.paused:
             why = "the worker is paused" if cond.paused else "the worker is shutting down"
@@ -493,6 +514,32 @@ class Node:
         if self.store.pins(key) == 0:
             raise Refused(None, f"{key!r} is not pinned")
         return self.store.unpin(key)
+
+    def bury(self, tombstones: Sequence[Forgotten]) -> int:
+        """Apply the AMM's tombstones (sent with a poll); returns the copies deleted.
+
+        A tombstone new to this agent deletes the copy held, unless a reader pinned it (as
+        ``Delete`` with ``forget``: the AMM reports that copy to the operator), and from then on
+        copies of the key whose transfer was under way are discarded and no REPLICATE of it is
+        carried out, until the key is put again. One taken already changes nothing, so that a
+        value put since stays when an AMM that restarted sends its tombstones again.
+        """
+        now, ttl = self.clock(), self.config.tombstone_ttl
+        deleted = 0
+        for t in tombstones:
+            if t.put_again:
+                self.store.put_again(t.key, t.tombstone)
+                continue
+            if not self.store.bury(t.key, t.tombstone, now, ttl):
+                continue
+            verdict = integrity.judge_delete(self.store, t.key, now, forget=True)
+            if isinstance(verdict, Refuse):
+                log.info("forgotten %r stays here for now: %s", t.key, verdict.message)
+            elif self.store.remove(t.key):
+                deleted += 1
+        if deleted:
+            log.info("deleted %d forgotten key(s)", deleted)
+        return deleted
 
     async def delete(self, key: Key, *, forget: bool = False) -> bool:
         """Delete the local replica; False when it was not held.

@@ -39,7 +39,7 @@ from worker_agent.errors import (
     UnknownKey,
 )
 from worker_agent.integrity import Directive, Op, Reason, Refuse
-from worker_agent.node import Inventory, Node, Promise
+from worker_agent.node import Forgotten, Inventory, Node, Promise
 from worker_agent.store import MAX_KEY_BYTES, Key, Value
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ _OUTCOME_STATUS = {
 }
 _OPS = {types_pb2.DIRECTIVE_OP_REPLICATE: Op.REPLICATE, types_pb2.DIRECTIVE_OP_DROP: Op.DROP}
 #: The optional parts of the contract this agent serves (``PollResponse.features``).
-FEATURES = ("directive-batches", "keep-batches", "put-batches")
+FEATURES = ("directive-batches", "keep-batches", "put-batches", "tombstones")
 #: Most outcomes in one DirectivesResponse batch.
 OUTCOMES_PER_MESSAGE = 2_000
 #: Most items in one PromiseKeepBatch request.
@@ -292,6 +292,8 @@ class WorkerAgentServicer(agent_pb2_grpc.WorkerAgentServicer):
         self, request: agent_pb2.PollRequest, context: Context
     ) -> agent_pb2.PollResponse:
         async with _Edge(context, "Poll"):
+            if request.forgotten:
+                self._bury(request)
             inventory = self._node.poll(
                 since=request.since_version,
                 incarnation=request.incarnation,
@@ -302,6 +304,21 @@ class WorkerAgentServicer(agent_pb2_grpc.WorkerAgentServicer):
                 membership_version=request.membership_version,
             )
             return _poll_response(inventory)
+
+    def _bury(self, request: agent_pb2.PollRequest) -> None:
+        """Apply the tombstones a poll carries, before its inventory is read. Not those of an
+        AMM older than the newest seen (it was replaced, and its Forgets with it), nor a key no
+        Put could have stored (a bug of the sender, not a reason to fail its poll)."""
+        if request.epoch < self._node.newest_epoch:
+            log.debug("ignoring the tombstones of a superseded AMM (epoch %d)", request.epoch)
+            return
+        self._node.bury(
+            [
+                Forgotten(Key(f.key), f.tombstone, f.put_again)
+                for f in request.forgotten
+                if f.key and len(f.key.encode()) <= MAX_KEY_BYTES
+            ]
+        )
 
     async def Directives(
         self,

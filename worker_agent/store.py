@@ -3,7 +3,7 @@
 What it covers: immutable values with their size and checksum; an inventory ``version`` with a
 bounded changelog, so that the AMM's polls carry only what changed; pages of both (a poll answer
 is one message, capped at 16 MiB); pin counts; counters of readers and senders per key; the keys
-this agent is dropping right now; keep-promise leases.
+this agent is dropping right now; keep-promise leases; the tombstones of forgotten keys.
 
 What it does not: deciding whether an operation is allowed (``integrity``), I/O or waiting. It is
 synchronous and never reads a clock: lease expiries are compared with the ``now`` the caller passes.
@@ -12,6 +12,7 @@ A precondition the caller should have checked (pinning a key not held) raises ``
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import NewType
@@ -29,6 +30,20 @@ MAX_KEY_BYTES = 1024
 #: What one key costs in a poll answer besides its own bytes (checksum, size, flags, framing),
 #: rounded up: pages are cut by bytes as well as by count.
 KEY_INFO_OVERHEAD = 96
+#: Tombstones remembered at most (about 250 bytes each); the oldest go first.
+MAX_TOMBSTONES = 200_000
+
+
+@dataclass(slots=True)
+class Tombstone:
+    """A key forgotten cluster-wide: ``id`` names the Forget, ``generation`` orders it among
+    the tombstones this store took (see ``Store.doomed``), ``live`` until the key is put again;
+    kept until ``expires`` (the caller's clock)."""
+
+    id: int
+    generation: int
+    live: bool
+    expires: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +123,10 @@ class Store:
         self._in_use: dict[Key, int] = {}
         self._dropping: set[Key] = set()
         self._leases: dict[Key, float] = {}
+        # Oldest first: every tombstone lives as long, so expiry and eviction take the front.
+        self._tombstones: OrderedDict[Key, Tombstone] = OrderedDict()
+        self._generation = 0
+        self._max_tombstones = MAX_TOMBSTONES
         self._total = 0
         self._version = 0
         self._limit = changelog_limit
@@ -269,6 +288,56 @@ class Store:
         """The expiry of the key's active keep-promise, or None."""
         expires = self._leases.get(key)
         return expires if expires is not None and expires > now else None
+
+    # -- tombstones ----------------------------------------------------------------------------
+
+    @property
+    def generation(self) -> int:
+        """Tombstones taken so far: a transfer notes it when it starts (``doomed``)."""
+        return self._generation
+
+    def bury(self, key: Key, tombstone: int, now: float, ttl: float) -> bool:
+        """Take the tombstone ``tombstone`` of ``key`` until ``now + ttl``; False when it was
+        taken already (the same Forget, sent again), which then changes nothing: a value put
+        since it was taken must stay. Removing the held copy is the caller's decision."""
+        self._expire(now)
+        known = self._tombstones.get(key)
+        if known is not None and known.id == tombstone:
+            return False
+        self._generation += 1
+        self._tombstones.pop(key, None)
+        self._tombstones[key] = Tombstone(tombstone, self._generation, True, now + ttl)
+        while len(self._tombstones) > self._max_tombstones:
+            self._tombstones.popitem(last=False)
+        return True
+
+    def put_again(self, key: Key, tombstone: int | None = None) -> None:
+        """The key was put again (here, or elsewhere after the Forget ``tombstone``): copies of
+        it are taken again. The tombstone stays, to discard transfers begun before it."""
+        known = self._tombstones.get(key)
+        if known is not None and (tombstone is None or known.id == tombstone):
+            known.live = False
+
+    def forgotten(self, key: Key, now: float) -> bool:
+        """Whether ``key`` is forgotten and was not put again since: no copy of it is taken."""
+        known = self._tombstones.get(key)
+        return known is not None and known.live and known.expires > now
+
+    def doomed(self, key: Key, since: int, now: float) -> bool:
+        """Whether a copy of ``key`` whose transfer began at generation ``since`` must be
+        discarded: the key is forgotten, or was forgotten after the transfer began."""
+        known = self._tombstones.get(key)
+        return (
+            known is not None and known.expires > now and (known.live or known.generation > since)
+        )
+
+    def _expire(self, now: float) -> None:
+        tombstones = self._tombstones
+        while tombstones:
+            key, oldest = next(iter(tombstones.items()))
+            if oldest.expires > now:
+                return
+            del tombstones[key]
 
     # -- inventory versioning -----------------------------------------------------------------
 

@@ -18,6 +18,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from amm.base import lifeline
+
 # grpc-stubs does not describe the asyncio health servicer.
 HealthServicer: Any = health.aio.HealthServicer  # type: ignore[attr-defined]
 
@@ -114,15 +116,27 @@ def bound_address(listen: str, port: int) -> str:
 
 @contextlib.contextmanager
 def stop_on_signals(stop: asyncio.Event) -> Iterator[None]:
-    """Set ``stop`` on SIGTERM or SIGINT while inside the block (containers run us as PID 1)."""
+    """Set ``stop`` on SIGTERM or SIGINT while inside the block (containers run us as PID 1),
+    or once the launcher that started us is gone (``amm.base.lifeline``).
+
+    The handlers are installed whatever the signals' inherited disposition: a process started in
+    the background by a non-interactive shell inherits SIGINT ignored, and would never stop on it.
+    """
     loop = asyncio.get_running_loop()
     installed = []
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
             installed.append(sig)
+    unwatch = lifeline.watch(lambda: _launcher_gone(stop))
     try:
         yield
     finally:
+        unwatch()
         for sig in installed:
             loop.remove_signal_handler(sig)
+
+
+def _launcher_gone(stop: asyncio.Event) -> None:
+    log.warning("the process that launched this one is gone: stopping")
+    stop.set()

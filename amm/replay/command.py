@@ -171,7 +171,7 @@ async def _run_once(
                     ),
                 ):
                     stats = await Replayer(client, plan, agents, on_step=bar.advance).run()
-        except Exception:
+        except BaseException:  # Ctrl-C included
             if options.address is not None:
                 # A shared cluster: leave none of our keys behind (pinned ones stay; say so).
                 try:

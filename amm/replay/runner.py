@@ -21,8 +21,12 @@ Races with the AMM, which may drop an unpinned replica at any moment, are handle
 2. a source the replay remembers may have been dropped: the agent skips it, and if every source
    named is gone, the input is read again letting the agent ask the AMM who holds it.
 
-When a step fails, the others are cancelled and every pin the replay still holds is released, so
-that its keys can be forgotten on a cluster that outlives the replay (``--address``).
+When a step fails, or the replay is cancelled (Ctrl-C), the others are cancelled and every pin
+the replay still holds is released, so that its keys can be forgotten on a cluster that outlives
+the replay (``--address``). A pin or unpin call under way when its step is cancelled may still
+reach the agent: it runs on and is counted when it ends, and the release waits for it. Pins are
+not leases: a replay killed outright (``kill -9``) leaves its pins, which ``amm unpin --all``
+releases.
 """
 
 from __future__ import annotations
@@ -32,8 +36,9 @@ import contextlib
 import os
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 
@@ -168,6 +173,7 @@ class Replayer:
         self._produced = {step.key: asyncio.Event() for step in plan.steps}
         self._holders: dict[str, list[str]] = {}
         self._pins: Counter[tuple[str, str]] = Counter()
+        self._pinning: set[asyncio.Task[int]] = set()
         self._payloads = _Payloads()
         self._forgetter = Forgetter(client)
         self._t0 = 0.0
@@ -211,10 +217,18 @@ class Replayer:
         except BaseExceptionGroup as group_error:
             await self.release_pins()
             raise _first_error(group_error) from None
+        except BaseException:  # cancelled (Ctrl-C): the steps are cancelled, their pins stay
+            await self.release_pins()
+            raise
         return wall
 
     async def release_pins(self) -> None:
-        """Unpin what failed or cancelled steps still hold: pinned replicas cannot be forgotten."""
+        """Unpin what failed or cancelled steps still hold: pinned replicas cannot be forgotten.
+
+        Pin and unpin calls still under way are waited for first: the agent may carry out a
+        call whose caller was cancelled, and its pin would be left behind."""
+        while self._pinning:
+            await asyncio.gather(*self._pinning, return_exceptions=True)
         for (key, agent), count in self._pins.items():
             for _ in range(count):
                 with contextlib.suppress(AmmError):
@@ -263,8 +277,7 @@ class Replayer:
             self._holders[step.key] = [agent]
             self._produced[step.key].set()
             for name in step.inputs:
-                await self._client.unpin(name, agent)
-                self._pins[(name, agent)] -= 1
+                await self._counted(self._client.unpin(name, agent), (name, agent), -1)
         except AmmError as err:
             raise ReplayError(
                 f"step {step.recorded_key!r} on {agent}: {err.status.name}: {err.message}"
@@ -274,12 +287,25 @@ class Replayer:
         if self._on_step is not None:
             self._on_step(step)
 
+    async def _counted(self, call: Coroutine[Any, Any, int], pin: tuple[str, str], by: int) -> None:
+        """Await a pin (``by`` +1) or unpin (-1) and count it in ``_pins`` once it succeeded,
+        even if the caller is cancelled meanwhile: the call runs on as a task of its own."""
+        task = asyncio.ensure_future(call)
+        self._pinning.add(task)
+
+        def count(done: asyncio.Task[int]) -> None:
+            self._pinning.discard(done)
+            if not done.cancelled() and done.exception() is None:
+                self._pins[pin] += by
+
+        task.add_done_callback(count)
+        await asyncio.shield(task)
+
     async def _hold(self, key: str, agent: str) -> None:
         """Pin ``key`` on ``agent``, reading it through the agent first when it lacks it."""
         for _ in range(MAX_PIN_ATTEMPTS):
             try:
-                await self._client.pin(key, agent)
-                self._pins[(key, agent)] += 1
+                await self._counted(self._client.pin(key, agent), (key, agent), +1)
                 return
             except AmmError as err:
                 if err.status != grpc.StatusCode.NOT_FOUND:

@@ -36,6 +36,7 @@ class PollRequest(_message.Message):
     MAX_KEYS_FIELD_NUMBER: _builtins.int
     CURSOR_FIELD_NUMBER: _builtins.int
     MEMBERSHIP_VERSION_FIELD_NUMBER: _builtins.int
+    FORGOTTEN_FIELD_NUMBER: _builtins.int
     since_version: _builtins.int
     """The inventory version the caller last saw; 0 asks for everything."""
     incarnation: _builtins.str
@@ -61,6 +62,17 @@ class PollRequest(_message.Message):
     whose copy has another version asks its AMM again before it next relies on the copy (to check
     the peers a directive or a Get names). A wrong value only costs that one call.
     """
+    @_builtins.property
+    def forgotten(self) -> _containers.RepeatedCompositeFieldContainer[Global___ForgottenKey]:
+        """Tombstones of keys the AMM's Forget deleted, which this agent may not know yet, applied
+        before the inventory is read (an AMM sends a bounded number per call, the rest in later
+        polls). For each tombstone new to the agent, it deletes its copy of the key unless it is
+        pinned (as Delete with `forget`), discards a copy whose transfer (a REPLICATE, a read through
+        it) was under way, and refuses REPLICATE directives for the key (REFUSAL_REASON_FORGOTTEN)
+        until the key is put again: by a Put or PutMany here, or elsewhere (`put_again`). Agents that
+        report the feature "tombstones" implement it; others ignore the field.
+        """
+
     def __init__(
         self,
         *,
@@ -71,14 +83,50 @@ class PollRequest(_message.Message):
         max_keys: _builtins.int = ...,
         cursor: _builtins.str = ...,
         membership_version: _builtins.int = ...,
+        forgotten: _abc.Iterable[Global___ForgottenKey] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor", "epoch", b"epoch", "full", b"full", "incarnation", b"incarnation", "max_keys", b"max_keys", "membership_version", b"membership_version", "since_version", b"since_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor", "epoch", b"epoch", "forgotten", b"forgotten", "full", b"full", "incarnation", b"incarnation", "max_keys", b"max_keys", "membership_version", b"membership_version", "since_version", b"since_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PollRequest: _TypeAlias = PollRequest  # noqa: Y015
+
+@_typing.final
+class ForgottenKey(_message.Message):
+    """The tombstone of a key forgotten cluster-wide (PollRequest.forgotten)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    TOMBSTONE_FIELD_NUMBER: _builtins.int
+    PUT_AGAIN_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    """The key."""
+    tombstone: _builtins.int
+    """The tombstone's id, unique to one Forget of the key and increasing over the AMM's life (its
+    restarts included). An agent applies a tombstone once: the same id sent again (an AMM that
+    restarted sends them all) deletes nothing, so a value put since stays.
+    """
+    put_again: _builtins.bool
+    """The key was put again after this Forget: copies of it are taken again. Transfers that began
+    before the tombstone reached the agent are still discarded.
+    """
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        tombstone: _builtins.int = ...,
+        put_again: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "put_again", b"put_again", "tombstone", b"tombstone"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ForgottenKey: _TypeAlias = ForgottenKey  # noqa: Y015
 
 @_typing.final
 class PollResponse(_message.Message):
@@ -138,7 +186,8 @@ class PollResponse(_message.Message):
     def features(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Optional parts of this contract the agent implements, so that an AMM (or a peer) uses them
         only with agents that do: "directive-batches" (DirectivesRequest.batch), "keep-batches"
-        (PromiseKeepBatch), "put-batches" (PutMany). Unknown names are ignored.
+        (PromiseKeepBatch), "put-batches" (PutMany), "tombstones" (PollRequest.forgotten). Unknown
+        names are ignored.
         """
 
     def __init__(

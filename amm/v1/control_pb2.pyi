@@ -790,6 +790,7 @@ class WorkerInfo(_message.Message):
     ZONE_FIELD_NUMBER: _builtins.int
     REPORTED_STATUS_FIELD_NUMBER: _builtins.int
     STATUS_SINCE_FIELD_NUMBER: _builtins.int
+    UNCONFIRMED_FIELD_NUMBER: _builtins.int
     address: _builtins.str
     """The worker's address."""
     name: _builtins.str
@@ -807,6 +808,11 @@ class WorkerInfo(_message.Message):
     reported_status: _types_pb2.WorkerStatus.ValueType
     """The status the agent itself last reported (RUNNING, PAUSED or CLOSING); `status` is what the
     AMM makes of it (RETIRING, RETIRED or STALE override it).
+    """
+    unconfirmed: _builtins.bool
+    """Set for a worker the AMM knows only from its state file (an earlier run registered it) and
+    whose agent has neither registered nor answered a poll since this AMM started: it may be
+    long dead. HasWhat leaves such workers out unless asked for them by address.
     """
     @_builtins.property
     def memory(self) -> _types_pb2.MemoryReport:
@@ -839,10 +845,11 @@ class WorkerInfo(_message.Message):
         zone: _builtins.str = ...,
         reported_status: _types_pb2.WorkerStatus.ValueType = ...,
         status_since: _timestamp_pb2.Timestamp | None = ...,
+        unconfirmed: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["last_poll", b"last_poll", "memory", b"memory", "registered_at", b"registered_at", "status_since", b"status_since"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "key_count", b"key_count", "last_poll", b"last_poll", "memory", b"memory", "memory_bytes", b"memory_bytes", "missed_polls", b"missed_polls", "name", b"name", "registered_at", b"registered_at", "reported_status", b"reported_status", "status", b"status", "status_since", b"status_since", "zone", b"zone"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "key_count", b"key_count", "last_poll", b"last_poll", "memory", b"memory", "memory_bytes", b"memory_bytes", "missed_polls", b"missed_polls", "name", b"name", "registered_at", b"registered_at", "reported_status", b"reported_status", "status", b"status", "status_since", b"status_since", "unconfirmed", b"unconfirmed", "zone", b"zone"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -964,7 +971,9 @@ class HasWhatRequest(_message.Message):
     """Poll every agent before answering, so the answer reflects the workers' state at call time."""
     @_builtins.property
     def workers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """The workers to look up; empty means every worker."""
+        """The workers to look up; empty means every worker, except those not heard from since the AMM
+        started (WorkerInfo.unconfirmed).
+        """
 
     def __init__(
         self,
@@ -1243,6 +1252,11 @@ class ListGoalsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     KEYS_FIELD_NUMBER: _builtins.int
+    FRESH_FIELD_NUMBER: _builtins.int
+    fresh: _builtins.bool
+    """Poll every agent before answering, so live copies are counted as the workers hold them at
+    call time (as WhoHas with `fresh`), not as of the last cycle.
+    """
     @_builtins.property
     def keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The keys to look up; empty means every key with a goal."""
@@ -1251,10 +1265,11 @@ class ListGoalsRequest(_message.Message):
         self,
         *,
         keys: _abc.Iterable[_builtins.str] | None = ...,
+        fresh: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["keys", b"keys"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fresh", b"fresh", "keys", b"keys"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

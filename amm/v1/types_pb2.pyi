@@ -196,6 +196,10 @@ class _RefusalReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Refusal
     """None of the peers the directive names (REPLICATE sources, DROP holders) is a worker registered
     with this agent's AMM. FAILED when the AMM could not be asked.
     """
+    REFUSAL_REASON_FORGOTTEN: _RefusalReason.ValueType  # 16
+    """The key was forgotten cluster-wide (a tombstone, PollRequest.forgotten) and not put again
+    since: no copy of it is taken, and one whose transfer was under way is discarded.
+    """
 
 class RefusalReason(_RefusalReason, metaclass=_RefusalReasonEnumTypeWrapper):
     """Why an agent refused or failed a directive, or refused to promise to keep a key."""
@@ -235,6 +239,10 @@ comes from another AMM, or from someone who is no AMM. FAILED when the AMM could
 REFUSAL_REASON_UNKNOWN_PEER: RefusalReason.ValueType  # 15
 """None of the peers the directive names (REPLICATE sources, DROP holders) is a worker registered
 with this agent's AMM. FAILED when the AMM could not be asked.
+"""
+REFUSAL_REASON_FORGOTTEN: RefusalReason.ValueType  # 16
+"""The key was forgotten cluster-wide (a tombstone, PollRequest.forgotten) and not put again
+since: no copy of it is taken, and one whose transfer was under way is discarded.
 """
 Global___RefusalReason: _TypeAlias = RefusalReason  # noqa: Y015
 

@@ -289,7 +289,9 @@ class ControlServicer(control_pb2_grpc.ActiveMemoryManagerServicer):
     async def ListGoals(
         self, request: control_pb2.ListGoalsRequest, context: Any
     ) -> control_pb2.ListGoalsResponse:
-        statuses = await self._amm.queries.goal_statuses(_check_keys(request.keys))
+        statuses = await self._amm.queries.goal_statuses(
+            _check_keys(request.keys), fresh=request.fresh
+        )
         return control_pb2.ListGoalsResponse(
             goals=[
                 control_pb2.ReplicationGoal(
@@ -354,6 +356,7 @@ def worker_to_pb(w: WorkerView, measure: Measure) -> control_pb2.WorkerInfo:
         key_count=w.nkeys,
         registered_at=wire.timestamp(w.registered_at),
         missed_polls=w.missed_polls,
+        unconfirmed=not w.confirmed,
     )
     if w.last_poll is not None:
         info.last_poll.CopyFrom(wire.timestamp(w.last_poll))

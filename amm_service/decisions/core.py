@@ -24,6 +24,7 @@ Dask's AMM does, with what Dask left out added:
   poll has shown, never by planned ones;
 - a worker that missed its last poll is neither a recipient nor a source, and its copies do not
   count as replicas that survive; a key whose holders hold different content is left alone;
+- a key an operator forgot (a tombstone, until it is put again) is never copied;
 - a rejected suggestion is recorded with its reason; a policy that raises is reported, not fatal.
 
 Pure: no I/O and no clock. The caller supplies directive ids and what is in flight.
@@ -85,6 +86,7 @@ class Why(enum.Enum):
     UNREACHABLE = "unreachable"
     PINNED = "pinned"
     GRACE = "grace"
+    FORGOTTEN = "forgotten"
 
 
 @dataclass(frozen=True, slots=True)
@@ -539,6 +541,10 @@ def planning(
                 reject(policy, suggestion, no, copies - len(picks))
                 return None
             return picks[-1]
+        if kv.key in view.forgotten:
+            forgotten = _No("forgotten: copied again only once it is put again", Why.FORGOTTEN)
+            reject(policy, suggestion, forgotten, copies)
+            return None
         last: WorkerId | None = None
         for made in range(copies):
             choice = decider.recipient(kv, suggestion.candidates)

@@ -93,6 +93,12 @@ class WorkerView:
         return self.status
 
     @property
+    def confirmed(self) -> bool:
+        """Whether its agent registered or answered a poll since this AMM started: a worker
+        taken back from the state file has no incarnation until then, and may be long dead."""
+        return bool(self.incarnation)
+
+    @property
     def last_seen(self) -> float:
         """When it last answered a poll, or registered if it never did."""
         return self.last_poll if self.last_poll is not None else self.registered_at
@@ -172,6 +178,9 @@ class ClusterView:
     """The keys each worker holds (the inverse of ``KeyView.holders``)."""
     taken_at: float = 0.0
     """When the snapshot was taken (wall clock), for policies that reason about durations."""
+    forgotten: frozenset[Key] = frozenset()
+    """Keys an operator forgot (and nobody put again since): never copied, whatever a policy
+    asks; copies of them still under way are discarded by the agents."""
 
     def held_by(self, worker: WorkerId) -> frozenset[Key]:
         return self.holdings.get(worker, frozenset())
@@ -420,7 +429,13 @@ class ClusterState:
 
     # -- snapshots -------------------------------------------------------------------------
 
-    def snapshot(self, *, goals: Mapping[Key, Goal] = _NO_GOALS, now: float = 0.0) -> ClusterView:
+    def snapshot(
+        self,
+        *,
+        goals: Mapping[Key, Goal] = _NO_GOALS,
+        now: float = 0.0,
+        forgotten: frozenset[Key] = frozenset(),
+    ) -> ClusterView:
         holdings = {}
         for worker, held in self._held.items():
             frozen = self._frozen_held.get(worker)
@@ -434,6 +449,7 @@ class ClusterState:
             goals=MappingProxyType(dict(goals)) if goals else _NO_GOALS,
             holdings=MappingProxyType(holdings),
             taken_at=now,
+            forgotten=forgotten,
         )
 
     def set_flags(

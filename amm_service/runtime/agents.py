@@ -22,6 +22,11 @@ from amm_service.decisions.view import WorkerId
 
 log = logging.getLogger(__name__)
 
+#: A channel of its own subchannels: gRPC otherwise shares them process-wide, and the channel
+#: opened for an agent that restarted at an address (``close``, then a poll at once) inherited
+#: the old process's failed connection and its backoff, failing that poll as UNAVAILABLE.
+LINK_OPTIONS: list[tuple[str, int]] = [*CHANNEL_OPTIONS, ("grpc.use_local_subchannel_pool", 1)]
+
 
 def channel_closed() -> bool:
     """Whether a ``CancelledError`` caught now came from a call whose channel was closed, and
@@ -43,7 +48,7 @@ class AgentLinks:
         if stub is None:
             if self._closed:
                 raise RuntimeError("the AMM's agent links are closed")
-            channel = grpc.aio.insecure_channel(worker, options=CHANNEL_OPTIONS)
+            channel = grpc.aio.insecure_channel(worker, options=LINK_OPTIONS)
             self._channels[worker] = channel
             stub = self._stubs[worker] = agent_pb2_grpc.WorkerAgentStub(channel)
         return stub

@@ -53,6 +53,7 @@ from amm_service.runtime.queries import Queries
 from amm_service.runtime.retirement import Retirements
 from amm_service.runtime.retirement_driver import RetirementDriver
 from amm_service.runtime.state import StateStore
+from amm_service.runtime.tombstones import TombstoneBook
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +108,7 @@ class ActiveMemoryManager:
             self.state, self.ledger, max_refusals=config.max_refusals_kept, clock=clock
         )
         self._links = AgentLinks()
+        self.tombstones = TombstoneBook(store, ttl=config.tombstone_ttl, clock=clock)
         self._dispatcher = Dispatcher(
             self._links, self.outcomes.on_outcomes, takes_batches=self._takes_batches
         )
@@ -119,6 +121,7 @@ class ActiveMemoryManager:
             on_replaced=self._replaced,
             on_round=self._polled,
             clock=clock,
+            tombstones=self.tombstones,
         )
         self._fence = EpochFence(store, self._poller)
         self._cycle_lock = asyncio.Lock()
@@ -144,6 +147,8 @@ class ActiveMemoryManager:
             poll_timeout=config.poll_timeout,
             check_open=self._check_open,
             wake=self.wake,
+            tombstones=self.tombstones,
+            cycle_lock=self._cycle_lock,
         )
         self._grace = StartupGrace((), until=0.0)
         self.retirements = Retirements(self.state, store, self.events, self.policies, clock=clock)
@@ -175,6 +180,7 @@ class ActiveMemoryManager:
         self._opened = True
         self._fence.begin()
         self.goals.load()
+        self.tombstones.load()
         if self.config.directive_timeout < 2 * self.config.interval:
             log.warning(
                 "directive-timeout (%.1f s) is under two intervals (%.1f s): directives may be "
@@ -193,8 +199,10 @@ class ActiveMemoryManager:
         self._lost.load()
         await self._restore_workers()
         self.retirements.apply_flags()
-        if self.config.start or self._store.running:
-            await self.start()
+        # An operator's Start or Stop persists and wins; the start setting decides until then.
+        chosen = self._store.running_choice
+        if self.config.start if chosen is None else chosen:
+            self._start_loop()
 
     async def _restore_workers(self) -> None:
         """Take back the workers the previous run knew, and hold drops until they report.
@@ -262,12 +270,17 @@ class ActiveMemoryManager:
         return self._loop_task is not None and not self._loop_task.done()
 
     async def start(self) -> None:
+        """Run cycles, and from now on at every start of the AMM (until a ``stop``)."""
         self._check_open()
         self._store.set_running(True)
+        self._start_loop()
+
+    def _start_loop(self) -> None:
         if not self.running:
             self._loop_task = asyncio.create_task(self._loop(), name="amm-cycle-loop")
 
     async def stop(self) -> None:
+        """Stop cycling, and from now on at every start of the AMM (until a ``start``)."""
         self._check_open()
         self._store.set_running(False)
         await self._stop_loop()
@@ -372,7 +385,10 @@ class ActiveMemoryManager:
         self.retirements.apply_flags()
         for _ in self.ledger.observing(self._version_of):
             await breathe()
-        view = self.state.snapshot(goals=self.goals.mapping, now=self._clock())
+        self.tombstones.expire()
+        view = self.state.snapshot(
+            goals=self.goals.mapping, now=self._clock(), forgotten=self.tombstones.live
+        )
         t1 = time.perf_counter()
         steps = core.planning(
             view,
@@ -616,6 +632,9 @@ class ActiveMemoryManager:
             log.info("worker %s registered (%s)", worker, name or worker)
             if held:  # judged once the new process has reported: it may have some of it back
                 self._replacing[worker] = held | self._replacing.get(worker, frozenset())
+            # Its status, memory and keys now, not at the next cycle: until then a new worker
+            # showed as unspecified, 0 B and never polled (and an AMM that is stopped has none).
+            await self._poller.poll(worker)
         self._fence.adopt_newer(epoch)
 
     async def unregister(self, address: str) -> tuple[bool, list[Key]]:
@@ -655,6 +674,7 @@ class ActiveMemoryManager:
         self.retirements.left(worker)
         self.outcomes.forget_in_flight(worker)
         self._poller.forget(worker)
+        self.tombstones.forget_worker(worker)
         self._store.forget_worker(worker)
         await self._dispatcher.close_worker(worker)
         await self._links.close(worker)

@@ -24,6 +24,9 @@ Failure modes handled:
    gone), never as a cancellation escaping into the cycle or the query that awaited it.
 4. A full snapshot spans several pages while the inventory keeps changing: pages are merged,
    then everything since the first page's version is fetched incrementally.
+
+A poll also carries the tombstones of forgotten keys the agent has not taken yet, and tells the
+tombstone book what came of them (``tombstones``).
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from amm_service import wire
 from amm_service.decisions.view import ClusterState, Key, KeyReport, WorkerId
 from amm_service.runtime.agents import AgentLinks, channel_closed
 from amm_service.runtime.pacing import breathe, gc_paused
+from amm_service.runtime.tombstones import NOTHING, Push, TombstoneBook
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +64,21 @@ class _Gone(Exception):
     """The worker left or re-registered while we polled it."""
 
 
+class _Tombstoned:
+    """What one poll saw of tombstoned keys: reported (``seen``) and removed (``gone``)."""
+
+    def __init__(self, book: TombstoneBook | None) -> None:
+        self.book = book
+        self.seen: list[Key] = []
+        self.gone: list[Key] = []
+
+    def note(self, keys: list[KeyReport], removed: list[Key]) -> None:
+        book = self.book
+        if book:
+            self.seen += [r.key for r in keys if r.key in book]
+            self.gone += [k for k in removed if k in book]
+
+
 class Poller:
     """Polls agents and feeds the cluster state."""
 
@@ -76,6 +95,7 @@ class Poller:
         clock: Callable[[], float] = time.time,
         page: int = PAGE_KEYS,
         max_in_flight: int = MAX_IN_FLIGHT,
+        tombstones: TombstoneBook | None = None,
     ) -> None:
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
@@ -90,6 +110,7 @@ class Poller:
         self._page = page
         self._locks: dict[WorkerId, asyncio.Lock] = {}
         self._slots = asyncio.Semaphore(max_in_flight)
+        self._tombstones = tombstones
         self.newest_agent_epoch = 0
         #: The AMM's membership version, told to every agent polled (``manager.membership``).
         self.membership_version = 0
@@ -111,8 +132,13 @@ class Poller:
             known = self._state.worker(worker)
             if known is None:
                 return True
+            book = self._tombstones
+            push = NOTHING
+            if book is not None:
+                push = book.pending(worker, known.incarnation, known.features)
+            seen = _Tombstoned(book)
             try:
-                await self._poll(worker, known.incarnation, known.version)
+                await self._poll(worker, known.incarnation, known.version, push, seen)
             except _Gone:
                 return True
             except grpc.aio.AioRpcError as err:
@@ -128,11 +154,16 @@ class Poller:
                 log.debug("poll of %s cut short: its channel was closed", worker)
                 self._state.missed_poll(worker)
                 return False
+            if book is not None:
+                book.polled(worker, push, self._state, seen.seen, seen.gone)
             return True
 
-    async def _poll(self, worker: WorkerId, incarnation: str, since: int) -> None:
-        """Follow the agent's answers until its whole inventory is merged (bounded)."""
-        resp = await self._call(worker, incarnation, since_version=since)
+    async def _poll(
+        self, worker: WorkerId, incarnation: str, since: int, push: Push, seen: _Tombstoned
+    ) -> None:
+        """Follow the agent's answers until its whole inventory is merged (bounded); the first
+        call carries the tombstones of ``push``."""
+        resp = await self._call(worker, incarnation, since_version=since, push=push)
         for _ in range(MAX_PAGES):
             if resp.incarnation != incarnation:
                 self._on_restart(worker)
@@ -140,7 +171,7 @@ class Poller:
                 first, last, keys = await self._snapshot(worker, resp)
                 restarted = first.incarnation != incarnation
                 before = self._state.held_by(worker) if restarted else frozenset()
-                await self._apply_snapshot(worker, incarnation, first, last, keys)
+                await self._apply_snapshot(worker, incarnation, first, last, keys, seen)
                 if before:
                     self._on_replaced(worker, before)
                 incarnation = first.incarnation
@@ -149,7 +180,9 @@ class Poller:
                 # Paged: catch what changed while the pages were read.
                 resp = await self._call(worker, incarnation, since_version=first.version)
                 continue
-            self._apply(worker, incarnation, resp, full=False, keys=wire.key_reports(resp.keys))
+            self._apply(
+                worker, incarnation, resp, full=False, keys=wire.key_reports(resp.keys), seen=seen
+            )
             if not resp.more:
                 return
             resp = await self._call(worker, incarnation, since_version=resp.version)
@@ -183,20 +216,29 @@ class Poller:
         first: agent_pb2.PollResponse,
         last: agent_pb2.PollResponse,
         keys: list[KeyReport],
+        seen: _Tombstoned,
     ) -> None:
         """Merge a whole snapshot, ``PAGE_KEYS`` keys at a time with the loop let in between:
         merging a million keys in one go held it for seconds. Meanwhile the state shows part of
         the worker's inventory, as it would a worker still filling up; no call is made in
         between, so the merge cannot stop half-way."""
-        self._apply(worker, incarnation, first, full=True, keys=keys[:PAGE_KEYS], answer=last)
+        self._apply(
+            worker, incarnation, first, full=True, keys=keys[:PAGE_KEYS], answer=last, seen=seen
+        )
         incarnation = first.incarnation
         for start in range(PAGE_KEYS, len(keys), PAGE_KEYS):
             await breathe()
             chunk = keys[start : start + PAGE_KEYS]
-            self._apply(worker, incarnation, first, full=False, keys=chunk, answer=last)
+            self._apply(worker, incarnation, first, full=False, keys=chunk, answer=last, seen=seen)
 
     async def _call(
-        self, worker: WorkerId, incarnation: str, *, since_version: int = 0, cursor: str = ""
+        self,
+        worker: WorkerId,
+        incarnation: str,
+        *,
+        since_version: int = 0,
+        cursor: str = "",
+        push: Push = NOTHING,
     ) -> agent_pb2.PollResponse:
         request = agent_pb2.PollRequest(
             since_version=since_version,
@@ -206,6 +248,9 @@ class Poller:
             cursor=cursor,
             membership_version=self.membership_version,
         )
+        add = request.forgotten.add
+        for key, tombstone, put_again in push.items:
+            add(key=key, tombstone=tombstone, put_again=put_again)
         async with self._slots:  # the deadline starts once a slot is ours
             resp = await self._links.stub(worker).Poll(request, timeout=self._timeout)
         if resp.epoch <= MAX_ADOPTED_EPOCH:  # beyond: no AMM issued it, and nothing moves past it
@@ -221,12 +266,16 @@ class Poller:
         full: bool,
         keys: list[KeyReport],
         answer: agent_pb2.PollResponse | None = None,
+        seen: _Tombstoned | None = None,
     ) -> None:
         """Merge one answer, unless the worker re-registered meanwhile (then raise _Gone)."""
         known = self._state.worker(worker)
         if known is None or known.incarnation != incarnation:
             raise _Gone
         last = answer or resp
+        removed = wire.poll_keys_removed(resp)
+        if seen is not None:
+            seen.note(keys, removed)
         with gc_paused():  # a page of up to 10,000 keys (see ``pacing``)
             self._state.apply_poll(
                 worker,
@@ -234,7 +283,7 @@ class Poller:
                 version=resp.version,
                 full=full,
                 keys=keys,
-                removed=wire.poll_keys_removed(resp),
+                removed=removed,
                 memory=wire.memory_from_pb(last.memory),
                 status=wire.status_from_pb(last.status),
                 name=last.name,

@@ -2,10 +2,10 @@
 
 ``workers``, ``who_has`` and ``has_what`` answer from the live cluster state (after a poll of
 every agent when asked for fresh answers); ``forget`` deletes every replica of keys through the
-agents; ``replicate`` and ``goal_statuses`` set and report replication goals; ``lost`` lists the
-keys lost (a key asked for that is lost is NOT_FOUND, and the message says it is lost). None of
-them runs a cycle or sends a directive: they read what the cycles keep up to date, or act
-directly.
+agents and leaves tombstones so that copies under way do not bring them back; ``replicate`` and
+``goal_statuses`` set and report replication goals; ``lost`` lists the keys lost (a key asked
+for that is lost is NOT_FOUND, and the message says it is lost). None of them runs a cycle or
+sends a directive: they read what the cycles keep up to date, or act directly.
 
 Not covered: the worker registry and the cycles (``manager``), retiring workers
 (``retirement_driver``).
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import math
 from collections.abc import Callable, Sequence
 
 import grpc
@@ -29,6 +30,7 @@ from amm_service.runtime.agents import AgentLinks, channel_closed
 from amm_service.runtime.goals import GoalBook, check_goal
 from amm_service.runtime.lost import LostBook, LostKey
 from amm_service.runtime.poller import Poller
+from amm_service.runtime.tombstones import PUSH_KEYS, TombstoneBook
 
 
 class Queries:
@@ -46,8 +48,12 @@ class Queries:
         poll_timeout: float,
         check_open: Callable[[], None],
         wake: Callable[[], None] = lambda: None,
+        tombstones: TombstoneBook | None = None,
+        cycle_lock: asyncio.Lock | None = None,
     ) -> None:
         self._wake = wake
+        self._tombstones = tombstones
+        self._cycle_lock = cycle_lock or asyncio.Lock()
         self._state = state
         self._poller = poller
         self._links = links
@@ -89,7 +95,13 @@ class Queries:
             raise InvalidArgument("worker addresses must not be empty strings")
         await self.refresh(fresh)
         known = set(self._state.worker_ids)
-        wanted = [WorkerId(w) for w in workers] if workers else sorted(known, key=address_order)
+        if workers:
+            wanted = [WorkerId(w) for w in workers]
+        else:
+            # Not the workers of an earlier run that have not shown up in this one: listed as
+            # holding nothing, they read as live workers until the liveness rules remove them.
+            confirmed = {w.address for w in self._state.workers if w.confirmed}
+            wanted = sorted(confirmed, key=address_order)
         unknown = [w for w in wanted if w not in known]
         if unknown:
             raise NotFound(f"unknown worker(s): {listing(unknown)}")
@@ -98,7 +110,12 @@ class Queries:
     async def forget(self, keys: Sequence[str]) -> int:
         """Delete every replica of ``keys``; fails listing the replicas that could not go.
 
-        Their goals go first: a cycle between two deletes must not copy the key back."""
+        Their goals go first: a cycle between two deletes must not copy the key back. Then a
+        tombstone per key (``tombstones``), entered between two cycles so that no later one
+        plans a copy, and taken by every agent at a poll before anything else: each deletes its
+        copy, unless pinned, and discards the copies it had under way. Copies left (pinned, on
+        an agent that cannot be reached or does not take tombstones) are deleted one by one, as
+        before tombstones, and those that cannot be are listed in the error."""
         if not keys:
             raise InvalidArgument("no keys given")
         await self.refresh(True)
@@ -109,18 +126,34 @@ class Queries:
         known = self._known(remaining) if remaining else []
         self._lost.discard(Key(k) for k in lost)
         self._goals.remove(keys)
-        if not known:
+        forgotten = [Key(k) for k in dict.fromkeys(keys)]
+        before = self._replicas(forgotten)
+        if self._tombstones is not None:
+            async with self._cycle_lock:
+                self._tombstones.bury(forgotten)
+            for _ in range(math.ceil(len(forgotten) / PUSH_KEYS)):  # a poll carries so many
+                await self._poller.poll_all()
+        elif not known:
             return 0
-        targets = [(kv.key, w) for kv in known for w in sorted(kv.holders)]
-        results = await asyncio.gather(*(self._delete(k, w) for k, w in targets))
+        left = sorted(self._replicas(forgotten))
+        results = await asyncio.gather(*(self._delete(k, w) for k, w in left))
         failures = [r for r in results if isinstance(r, str)]
-        deleted = sum(1 for r in results if r is True)
-        await self._poller.poll_all({w for _, w in targets})
+        if left:
+            await self._poller.poll_all({w for _, w in left})
+        still = self._replicas(forgotten)
+        deleted = len(before - still) + sum(
+            1 for pair, r in zip(left, results, strict=True) if r is True and pair not in before
+        )
         if failures:
             raise FailedPrecondition(
                 f"deleted {deleted} replica(s) but not: " + "; ".join(failures[:10])
             )
         return deleted
+
+    def _replicas(self, keys: Sequence[Key]) -> set[tuple[Key, WorkerId]]:
+        """The (key, worker) of every copy of ``keys`` the state knows of."""
+        found = self._state.keys
+        return {(k, w) for k in keys if (kv := found.get(k)) is not None for w in kv.holders}
 
     async def replicate(self, keys: Sequence[str], n: Goal) -> tuple[int, int]:
         """Set the replication goal of ``keys`` (1 removes it); returns (set, removed).
@@ -148,10 +181,12 @@ class Queries:
             self._events.record("goal-removed", f"goal removed for {removed} key(s)", keys=keys)
         return changed, removed
 
-    async def goal_statuses(self, keys: Sequence[str]) -> list[GoalStatus]:
-        """The goals of ``keys`` (every goal when empty) and how far each key is from it, and
-        whether it is lost."""
+    async def goal_statuses(self, keys: Sequence[str], *, fresh: bool = False) -> list[GoalStatus]:
+        """The goals of ``keys`` (every goal when empty), how far each key is from it, and whether
+        it is lost; with ``fresh``, live copies as of a poll now, so that it agrees with a fresh
+        ``who_has``."""
         self._check_open()
+        await self.refresh(fresh)
         present = self._state.keys
         return [
             dataclasses.replace(s, lost=True) if s.key in self._lost and s.key not in present else s

@@ -4,7 +4,9 @@ What is kept and why:
 
 1. The epoch, incremented at every start: agents refuse directives from an older epoch, so a stale
    AMM (one replaced by a newer start) cannot act.
-2. The running flag: an AMM that was cycling before a restart cycles again after it.
+2. The running flag, once an operator chose it with Start or Stop: an AMM that was cycling
+   before a restart cycles again after it, and one that was stopped stays stopped, whatever its
+   ``start`` setting (which decides only until the first Start or Stop).
 3. The workers it knew: a restarted AMM takes them back and drops nothing until they have
    reported (the start-up grace, ``amm_service.decisions.grace``).
 4. The replication goals set with ``Replicate``: a goal is a promise kept across AMM restarts.
@@ -14,6 +16,8 @@ What is kept and why:
    still reported after a restart; and the names of the keys the cluster held, so that a
    restarted AMM can tell which of them no worker holds any more (lost while it was down):
    see ``amm_service.runtime.lost``.
+7. The tombstones of forgotten keys, so that a restart in the middle of a race between a Forget
+   and the copies under way does not let the key back: see ``amm_service.runtime.tombstones``.
 
 The schema is versioned with ``PRAGMA user_version``; :data:`_MIGRATIONS` is the ordered list of
 steps, step ``i`` taking version ``i`` to ``i + 1``. Add a step, never edit a released one.
@@ -26,7 +30,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,6 +76,23 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         " at REAL NOT NULL,"
         " reason TEXT NOT NULL)",
     ),
+    (
+        # Whether `running` records an operator's Start or Stop (which then wins over the start
+        # setting at every later start) or nothing yet. A flag set before this column existed
+        # counts as chosen: an AMM with it set started whatever its settings said.
+        "ALTER TABLE service ADD COLUMN running_chosen INTEGER NOT NULL DEFAULT 0",
+        "UPDATE service SET running_chosen = running",
+    ),
+    (
+        # The tombstones of forgotten keys (see ``runtime.tombstones``), and the last id given to
+        # one: ids never repeat, so an agent can tell a new Forget of a key from an old one.
+        "CREATE TABLE tombstones ("
+        " key TEXT PRIMARY KEY,"
+        " id INTEGER NOT NULL,"
+        " at REAL NOT NULL,"
+        " put_again INTEGER NOT NULL DEFAULT 0)",
+        "ALTER TABLE service ADD COLUMN last_tombstone INTEGER NOT NULL DEFAULT 0",
+    ),
 )
 
 
@@ -101,6 +122,17 @@ class LostRecord:
     worker: str
     at: float
     reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class TombstoneRecord:
+    """A key forgotten at ``at`` (Unix seconds) by the Forget numbered ``id``; ``put_again``
+    once it was put again since (``at`` is then when that was seen)."""
+
+    key: str
+    id: int
+    at: float
+    put_again: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,12 +262,19 @@ class StateStore:
 
     @property
     def running(self) -> bool:
-        """Whether the AMM was cycling; restored at start."""
+        """Whether the AMM was cycling by an operator's choice (False when none was made)."""
         return bool(self._run("SELECT running FROM service")[0][0])
 
+    @property
+    def running_choice(self) -> bool | None:
+        """The operator's last Start (True) or Stop (False), restored at start; None when
+        neither was ever recorded, and the ``start`` setting decides."""
+        running, chosen = self._run("SELECT running, running_chosen FROM service")[0]
+        return bool(running) if chosen else None
+
     def set_running(self, running: bool) -> None:
-        """Persist whether the AMM is cycling."""
-        self._run("UPDATE service SET running = ?", int(running))
+        """Persist an operator's Start or Stop."""
+        self._run("UPDATE service SET running = ?, running_chosen = 1", int(running))
 
     def remember_worker(self, address: str, name: str) -> None:
         """Record that ``address`` was seen now (first sighting or again; the name may change)."""
@@ -293,6 +332,44 @@ class StateStore:
                 tx.executemany(sql, rows)
         except sqlite3.Error as exc:
             raise StateError(f"the AMM state {self.path!r} failed: {exc}") from exc
+
+    def bury(self, keys: Sequence[str], at: float) -> list[TombstoneRecord]:
+        """Record a tombstone for each key (replacing an earlier one), each under a new id, in
+        one transaction; returns them in the order of ``keys``."""
+        if not keys:
+            return []
+        try:
+            with self._transaction() as tx:
+                (last,) = tx.execute(
+                    "UPDATE service SET last_tombstone = last_tombstone + ?"
+                    " RETURNING last_tombstone",
+                    (len(keys),),
+                ).fetchone()
+                records = [
+                    TombstoneRecord(key, int(last) - len(keys) + 1 + i, at)
+                    for i, key in enumerate(keys)
+                ]
+                tx.executemany(
+                    "INSERT OR REPLACE INTO tombstones (key, id, at, put_again)"
+                    " VALUES (?, ?, ?, 0)",
+                    [(r.key, r.id, r.at) for r in records],
+                )
+        except sqlite3.Error as exc:
+            raise StateError(f"the AMM state {self.path!r} failed: {exc}") from exc
+        return records
+
+    def mark_put_again(self, key: str, at: float) -> None:
+        """Record that ``key`` was put again after its Forget."""
+        self._run("UPDATE tombstones SET put_again = 1, at = ? WHERE key = ?", at, key)
+
+    def unbury(self, keys: Iterable[str]) -> None:
+        """Drop the tombstones of ``keys`` (expired), in one transaction."""
+        self._many("DELETE FROM tombstones WHERE key = ?", [(key,) for key in keys])
+
+    def tombstones(self) -> list[TombstoneRecord]:
+        """Every tombstone, oldest first."""
+        rows = self._run("SELECT key, id, at, put_again FROM tombstones ORDER BY at, id")
+        return [TombstoneRecord(str(k), int(i), float(a), bool(p)) for k, i, a, p in rows]
 
     def save_retirement(self, record: RetirementRecord) -> None:
         """Record a retirement (replacing any earlier one of the same worker)."""

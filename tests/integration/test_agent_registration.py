@@ -42,7 +42,8 @@ async def test_registers_learns_the_epoch_and_unregisters_on_stop(tmp_path: Path
     async with AmmServer(amm_config(tmp_path)) as amm:
         async with running_agent(amm=amm.address, name="w1") as agent, dial(agent.address) as stub:
             await wait_for(lambda: listed(amm), lambda ws: ws == [(agent.address, "w1")])
-            assert agent.registered
+            # Listed from the start of its registration, which answers once the AMM polled it.
+            await wait_for(lambda: agent.registered, what="the registration's answer")
             assert (await poll(stub)).epoch == amm.epoch
             address = agent.address
         assert (address, "w1") not in await listed(amm)

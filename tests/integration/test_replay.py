@@ -7,6 +7,7 @@ which to drop one of that root's two idle replicas); and an output that reads th
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import json
 from dataclasses import replace
@@ -26,7 +27,10 @@ from amm.replay.plan import Scale, make_plan
 from amm.replay.report import HONESTY_NOTE
 from amm.replay.runner import Forgetter, Replayer, ReplayError, forget_prefix
 from amm.replay.trace import TRACE_FORMAT, parse_trace
+from amm.v1 import agent_pb2
+from tests.support.agent import dial
 from tests.support.processes import local_cluster
+from tests.support.waiting import wait_for
 
 PLOTTING = all(importlib.util.find_spec(m) for m in ("matplotlib", "pandas"))
 ROOT = 200_000
@@ -220,3 +224,28 @@ async def test_forgetting_skips_keys_already_gone_and_a_prefix_stays_its_own() -
             assert forgetter.deleted == 1
             assert await forget_prefix(client, "pre") == 2
             assert set(await client.who_has(fresh=True)) == {"prefix-other"}
+
+
+async def pinned_keys(workers: list[str]) -> list[tuple[str, str]]:
+    """(worker, key) of every pinned key, as the agents themselves report them."""
+    found = []
+    for worker in workers:
+        async with dial(worker) as stub:
+            reply = await stub.Poll(agent_pb2.PollRequest())
+        found += [(worker, k.key) for k in reply.keys if k.pinned]
+    return found
+
+
+async def test_a_replay_cancelled_mid_run_releases_its_pins(trace_file: Path) -> None:
+    """Ctrl-C cancels the replay: what its queued steps pinned is released, so that its keys
+    can be forgotten (``amm forget`` refuses pinned keys)."""
+    plan = make_plan(parse_trace(DOCUMENT), 3, Scale(time=1.0), "cancelled")
+    with local_cluster(3) as cluster:
+        async with AsyncClient(cluster.address) as client:
+            replay = asyncio.create_task(Replayer(client, plan, cluster.workers).run())
+            await wait_for(lambda: pinned_keys(cluster.workers), what="a step holding pins")
+            replay.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await replay
+            assert await pinned_keys(cluster.workers) == []
+            assert await forget_prefix(client, "cancelled") > 0

@@ -236,3 +236,34 @@ def test_a_state_file_of_the_third_schema_gains_the_lost_tables(tmp_path: Path) 
     with StateStore(path) as store:
         assert store.goals() == {"x": 2}
         assert (store.lost(), store.held_keys()) == ([], set())
+
+
+def test_the_running_choice_is_none_until_a_start_or_stop_is_recorded(tmp_path: Path) -> None:
+    path = str(tmp_path / "state.sqlite3")
+    with StateStore(path) as store:
+        assert store.running_choice is None
+        store.set_running(False)
+        assert store.running_choice is False
+    with StateStore(path) as store:
+        assert store.running_choice is False
+        store.set_running(True)
+    with StateStore(path) as store:
+        assert store.running_choice is True
+
+
+@pytest.mark.parametrize(("running", "choice"), [(1, True), (0, None)])
+def test_a_running_flag_recorded_before_choices_were_counts_as_chosen_when_set(
+    tmp_path: Path, running: int, choice: bool | None
+) -> None:
+    """Such an AMM started whatever its settings said; a flag never set chose nothing."""
+    path = str(tmp_path / "state.sqlite3")
+    db = sqlite3.connect(path, isolation_level=None)
+    for step in _MIGRATIONS[:3]:
+        for statement in step:
+            db.execute(statement)
+    db.execute("UPDATE service SET running = ?", (running,))
+    db.execute(f"PRAGMA application_id = {_APPLICATION_ID}")
+    db.execute("PRAGMA user_version = 3")
+    db.close()
+    with StateStore(path) as store:
+        assert store.running_choice is choice
