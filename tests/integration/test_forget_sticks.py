@@ -20,7 +20,7 @@ from amm.client import AsyncClient
 from amm.cluster import LocalCluster
 from amm.errors import AmmError
 from amm_service.api.server import AmmServer
-from tests.conftest import amm_config
+from tests.conftest import amm_config, free_port
 from tests.support.agent import running_agent
 from tests.support.processes import local_cluster
 from tests.support.waiting import wait_for
@@ -102,9 +102,10 @@ async def test_a_key_put_again_after_a_forget_is_a_key_like_any_other(
         await client.replicate("again", n=2)
         report = await client.amm.run_once()
         assert report.applied == 1
-        assert len((await held(client, ["again"]))["again"]) == 2
+        holders = (await held(client, ["again"]))["again"]
+        assert len(holders) == 2
         # A read through another worker keeps its replica again.
-        third = cluster.workers[2]
+        third = next(w for w in cluster.workers if w not in holders)
         assert (await client.prefetch("again", third)).fetched
         assert third in (await held(client, ["again"]))["again"]
 
@@ -114,7 +115,8 @@ async def test_an_amm_restarted_sends_its_tombstones_again_without_undoing_a_put
 ) -> None:
     """The tombstones are in the state file; every agent gets them again, and one that put the
     key since keeps it (it knows that tombstone by its id): the restarted AMM sees the put."""
-    config = amm_config(tmp_path)
+    # Back at the same address: agents take epochs only from the AMM they are configured with.
+    config = amm_config(tmp_path, listen=f"127.0.0.1:{free_port()}")
     async with AsyncExitStack() as agents:
         async with AmmServer(config) as first, AsyncClient(first.address) as client:
             a, b = [
