@@ -94,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
         "size of the chunks values are sent in (Get, Fetch), at most 8MiB (default 4MiB)",
         type=_typed(parse_size),
     )
+    add(
+        "--metrics-listen",
+        "serve Prometheus metrics over HTTP on HOST:PORT, e.g. 0.0.0.0:9100 (default: none)",
+    )
     add("--log-level", "DEBUG, INFO, WARNING or ERROR", default="INFO", type=_log_level)
     return parser
 
@@ -106,6 +110,7 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         "advertise": args.advertise or None,
         "name": args.name or None,
         "zone": args.zone or "",
+        "metrics_listen": args.metrics_listen or None,
     }
     for field in ("memory_limit", "lease", "chunk_size"):
         value = getattr(args, field)
@@ -132,7 +137,10 @@ async def run(config: AgentConfig) -> int:
             await agent.stop()
             return 1
         try:
-            print(READY_LINE.format(address=agent.address), flush=True)
+            line = READY_LINE.format(address=agent.address)
+            if agent.metrics is not None:
+                line += f" metrics={agent.metrics.address}"
+            print(line, flush=True)
             await _first_of(stop, agent.stopped)
         finally:
             await agent.stop()

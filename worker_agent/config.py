@@ -87,6 +87,8 @@ class AgentConfig:
     register_warning_interval: float = 30.0
     #: How long ``stop`` lets in-flight calls finish before cancelling them, in seconds.
     stop_grace: float = 0.5
+    #: Address (``host:port``) to serve Prometheus metrics on over HTTP; None serves none.
+    metrics_listen: str | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -96,6 +98,8 @@ class AgentConfig:
         _check_address("listen", self.listen)
         if self.amm is not None:
             _check_address("amm", self.amm)
+        if self.metrics_listen is not None:
+            _check_address("metrics_listen", self.metrics_listen)
         if self.advertise is not None and self.advertise != ADVERTISE_AUTO:
             _check_address("advertise", self.advertise)
         if self.name is not None and not self.name.strip():

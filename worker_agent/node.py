@@ -33,6 +33,7 @@ from worker_agent.errors import (
 from worker_agent.integrity import Conditions, Directive, Reason, Refuse
 from worker_agent.memory import MemoryMonitor, MemoryProbe, MemoryReport
 from worker_agent.store import Key, KeyInfo, Page, Store, Value
+from worker_agent.traffic import Traffic
 from worker_agent.transfer import FetchFailure, Peers
 
 log = logging.getLogger(__name__)
@@ -126,10 +127,13 @@ class Node:
         self.close_requested = asyncio.Event()
         self.store = Store()
         self.locks = KeyLocks()
+        #: Bytes in and out and transfer durations, for the metrics.
+        self.traffic = Traffic()
         self.peers = Peers(
             fetch_timeout=config.fetch_timeout,
             max_value_bytes=config.max_value_bytes,
             max_channels=config.max_peer_channels,
+            traffic=self.traffic,
         )
         self.memory = MemoryMonitor(
             probe,
@@ -275,6 +279,7 @@ class Node:
             if isinstance(verdict, Refuse):
                 raise TooLarge(verdict.message)
             self.store.add(key, data, checksum)
+        self.traffic.received["put"] += len(data)
         return KeyInfo(key, len(data), checksum, self.store.pins(key) > 0), held is None
 
     def put_many(self, values: Sequence[tuple[Key, bytes, str]]) -> Stored:
@@ -291,9 +296,10 @@ class Node:
         self._refuse_if_closing()
         held_value = self.store.get
         new: dict[Key, tuple[Key, bytes, str]] = {}
-        unchanged = total = largest = 0
+        unchanged = total = largest = received = 0
         for value in values:
             key, data, checksum = value
+            received += len(data)
             held = held_value(key)
             if held is None:
                 given = new.get(key)
@@ -309,6 +315,7 @@ class Node:
                 raise ContentConflict(f"{key!r} already holds other content; keys are immutable")
             unchanged += 1
         if not new:
+            self.traffic.received["put_many"] += received
             return Stored(0, unchanged, 0)
         cond = self.conditions()
         some = next(iter(new))
@@ -320,7 +327,9 @@ class Node:
             verdict = integrity.judge_put(self.store, some, total, whole)
         if isinstance(verdict, Refuse):
             raise TooLarge(verdict.message)
-        return Stored(len(new), unchanged, self.store.add_many(new.values()))
+        stored = Stored(len(new), unchanged, self.store.add_many(new.values()))
+        self.traffic.received["put_many"] += received
+        return stored
 
     def _refuse_if_closing(self) -> None:
         if self.closing:
