@@ -39,6 +39,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-incoming-transfers", metavar="N", help="per worker, 0: none (10)")
     p.add_argument("--max-outgoing-transfers", metavar="N", help="per worker, 0: none (50)")
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR")
+    p.add_argument(
+        "--metrics-listen", metavar="HOST:PORT", help="serve Prometheus metrics over HTTP (none)"
+    )
     return p
 
 
