@@ -5,6 +5,7 @@ the cluster puts keys, drops and copies replicas, serves reads and retires a wor
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
@@ -286,3 +287,25 @@ async def test_a_retirement_is_counted_by_outcome(tmp_path: Path) -> None:
 def _metrics(agent: Agent) -> str:
     assert agent.metrics is not None
     return agent.metrics.address
+
+
+async def test_a_metrics_port_in_use_fails_the_start_and_frees_the_grpc_port(
+    tmp_path: Path,
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = f"127.0.0.1:{taken.getsockname()[1]}"
+        listen = unused_address()
+        config = amm_config(tmp_path, listen=listen, metrics_listen=busy)
+        with pytest.raises(OSError, match=f"cannot serve metrics on {busy}"):
+            async with AmmServer(config):
+                pass
+        with socket.socket() as again:
+            again.bind(("127.0.0.1", int(listen.rsplit(":", 1)[1])))  # released
+        listen = unused_address()
+        with pytest.raises(OSError, match=f"cannot serve metrics on {busy}"):
+            async with running_agent(listen=listen, metrics_listen=busy):
+                pass
+        with socket.socket() as again:
+            again.bind(("127.0.0.1", int(listen.rsplit(":", 1)[1])))

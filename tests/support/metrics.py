@@ -24,6 +24,9 @@ class Scrape:
             if n == name and all(have.get(k) == want for k, want in labels.items())
         )
 
+    def __repr__(self) -> str:
+        return f"<Scrape of {len(self.samples)} samples>"
+
     def has(self, name: str, **labels: str) -> bool:
         return any(
             n == name and all(have.get(k) == want for k, want in labels.items())
