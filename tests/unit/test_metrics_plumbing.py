@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from amm.base.metrics import (
     LoopCollector,
@@ -99,11 +100,11 @@ def test_listen_addresses_are_host_and_port() -> None:
 def _registry_with(value: float) -> CollectorRegistry:
     registry = CollectorRegistry()
 
-    class One:
+    class One(Collector):
         def collect(self) -> Iterator[GaugeMetricFamily]:
             yield GaugeMetricFamily("amm_test_value", "A test value", value=value)
 
-    registry.register(One())  # type: ignore[arg-type]
+    registry.register(One())
     return registry
 
 
