@@ -2,9 +2,10 @@
 
 Every flag falls back to an ``AMM_AGENT_<FLAG>`` environment variable (``--memory-limit`` to
 ``AMM_AGENT_MEMORY_LIMIT``), then to the ``AgentConfig`` default. Once the server is up, one line
-goes to stdout, ``amm-agent ready address=HOST:PORT``, for launchers to wait on. SIGTERM or SIGINT
-stops the agent gracefully with exit code 0, and so does an accepted ``Close`` call (the AMM makes
-it once the worker is retired); invalid arguments exit 2 with a message.
+goes to stdout, ``amm-agent ready address=HOST:PORT`` (followed by ``metrics=HOST:PORT`` with
+``--metrics-listen``), for launchers to wait on. SIGTERM or SIGINT stops the agent gracefully
+with exit code 0, and so does an accepted ``Close`` call (the AMM makes it once the worker is
+retired); invalid arguments exit 2 with a message.
 """
 
 from __future__ import annotations
