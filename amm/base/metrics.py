@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import inspect
 import logging
 import re
@@ -175,7 +176,7 @@ def _code(context: grpc.aio.ServicerContext[Any, Any], error: BaseException | No
         return code.name
     if error is None:
         return "OK"
-    if isinstance(error, asyncio.CancelledError):
+    if isinstance(error, asyncio.CancelledError | GeneratorExit):
         return "CANCELLED"
     return "UNKNOWN"
 
@@ -197,8 +198,11 @@ def _timed(handler: Handler, observe: Callable[[str, float], None]) -> Handler:
             started = time.perf_counter()
             error: BaseException | None = None
             try:
-                async for response in behaviour(request, context):
-                    yield response
+                # Closed with the wrapper: the handler's own clean-up runs when gRPC ends the
+                # call, as it would without the wrapper, not whenever the garbage is collected.
+                async with contextlib.aclosing(behaviour(request, context)) as responses:
+                    async for response in responses:
+                        yield response
             except BaseException as err:
                 error = err
                 raise
