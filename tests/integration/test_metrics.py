@@ -202,6 +202,8 @@ async def test_an_agent_counts_its_refusals_by_reason() -> None:
             lambda s: s.has("amm_agent_rpc_duration_seconds_count", method="Directives"),
             what="the directive stream observed once it ended",
         )
+        rpc = "amm_agent_rpc_duration_seconds_count"
+        assert got.value(rpc, method="Directives", code="CANCELLED") == 1, "the test hung up"
         directives = "amm_agent_directives_total"
         assert got.value(directives, op="drop", outcome="refused", reason="pinned") == 1
         assert (
