@@ -97,6 +97,7 @@ def test_all_env_vars(tmp_path: Path) -> None:
         "AMM_STARTUP_GRACE": "10s",
         "AMM_MAX_INCOMING_TRANSFERS": "3",
         "AMM_MAX_OUTGOING_TRANSFERS": "0",
+        "AMM_METRICS_LISTEN": "0.0.0.0:9051",
     }
     assert set(env) == set(ENV_VARS.values())
     assert load_config(env=env) == AmmConfig(
@@ -115,6 +116,7 @@ def test_all_env_vars(tmp_path: Path) -> None:
         startup_grace=10.0,
         max_incoming_transfers=3,
         max_outgoing_transfers=0,
+        metrics_listen="0.0.0.0:9051",
     )
 
 
