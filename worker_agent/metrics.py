@@ -71,7 +71,7 @@ def families(node: Node, rpc: RpcDurations | None) -> Iterator[Metric]:
     yield received
     sent = CounterMetricFamily(
         f"{PREFIX}_sent_bytes",
-        "Bytes of values sent, by way: get (clients), fetch (peers)",
+        "Bytes of values written out in full, by way: get (clients), fetch (peers)",
         labels=["via"],
     )
     for via in SENT_VIA:

@@ -485,9 +485,10 @@ class WorkerAgentServicer(agent_pb2_grpc.WorkerAgentServicer):
         if not await self._send(context, messages):
             self._stalled(context, method, value.key)
             return
-        traffic = self._node.traffic
-        traffic.sent[method.lower()] += value.size
-        traffic.transfers["out"].observe(time.perf_counter() - started)
+        if not context.cancelled():  # the reader hung up before the end
+            traffic = self._node.traffic
+            traffic.sent[method.lower()] += value.size
+            traffic.transfers["out"].observe(time.perf_counter() - started)
 
     async def _send(
         self,
