@@ -127,8 +127,8 @@ else:  # generic in grpc-stubs only
 class RpcDurations(_Interceptor):
     """Times every call a server handles: ``series[(service, method, code)]``.
 
-    A streaming call is timed from its start to its end, so a long-lived stream (the AMM's
-    directive streams) is observed once, when it ends. Handlers run on the event loop, and so
+    A streaming call is timed from its start to its end, so a long-lived stream (an agent's
+    Directives stream from the AMM) is observed once, when it ends. Handlers run on the event loop, and so
     do the observations; ``LoopCollector`` reads them there.
     """
 
