@@ -128,8 +128,8 @@ class RpcDurations(_Interceptor):
     """Times every call a server handles: ``series[(service, method, code)]``.
 
     A streaming call is timed from its start to its end, so a long-lived stream (an agent's
-    Directives stream from the AMM) is observed once, when it ends. Handlers run on the event loop, and so
-    do the observations; ``LoopCollector`` reads them there.
+    Directives stream from the AMM) is observed once, when it ends. Handlers run on the event
+    loop, and so do the observations; ``LoopCollector`` reads them there.
     """
 
     def __init__(self, buckets: Sequence[float] = RPC_BUCKETS) -> None:
