@@ -66,5 +66,5 @@ COPY docker/demo.sh /usr/local/bin/amm-demo
 USER amm
 # Both servers stop gracefully on SIGTERM: health NOT_SERVING, agents unregister, exit code 0.
 STOPSIGNAL SIGTERM
-EXPOSE 50051 50061
+EXPOSE 50051 50061 9051 9061
 CMD ["amm", "--help"]

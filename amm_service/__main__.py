@@ -42,6 +42,9 @@ def parser() -> argparse.ArgumentParser:
         "--tombstone-ttl", metavar="DURATION", help="how long a Forget stays enforced (10m)"
     )
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR")
+    p.add_argument(
+        "--metrics-listen", metavar="HOST:PORT", help="serve Prometheus metrics over HTTP (none)"
+    )
     return p
 
 

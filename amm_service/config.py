@@ -45,6 +45,7 @@ ENV_VARS: Mapping[str, str] = MappingProxyType(
         "max_outgoing_transfers": "AMM_MAX_OUTGOING_TRANSFERS",
         "tombstone_ttl": "AMM_TOMBSTONE_TTL",
         "log_level": "AMM_LOG_LEVEL",
+        "metrics_listen": "AMM_METRICS_LISTEN",
     }
 )
 """Field -> the environment variable that sets it. Only these names are read and validated: other
@@ -123,6 +124,8 @@ class AmmConfig:
     tombstone_ttl: float = 600.0
     """Seconds a forgotten key's tombstone is kept: while it lives, copies of the key that were
     under way are discarded and none is planned, until the key is put again. Default 10m."""
+    metrics_listen: str | None = None
+    """``HOST:PORT`` to serve Prometheus metrics on over HTTP; unset serves none. Default unset."""
 
     @property
     def stale_seconds(self) -> float:
@@ -146,11 +149,11 @@ def _choice(name: str, value: object, source: str, allowed: Sequence[str]) -> Co
     return _fail(name, value, source, f"choose one of {', '.join(sorted(allowed))}")
 
 
-def _listen(value: object, source: str) -> str:
+def _listen(value: object, source: str, name: str = "listen") -> str:
     match = _LISTEN.match(value) if isinstance(value, str) else None
     if match is None or int(match["port"]) > 65535:
         raise _fail(
-            "listen",
+            name,
             value,
             source,
             "expected HOST:PORT with port 0-65535, e.g. "
@@ -160,8 +163,12 @@ def _listen(value: object, source: str) -> str:
         try:
             ipaddress.IPv6Address(match["v6"])
         except ValueError as exc:
-            raise _fail("listen", value, source, f"bad IPv6 address in brackets: {exc}") from None
+            raise _fail(name, value, source, f"bad IPv6 address in brackets: {exc}") from None
     return str(value)
+
+
+def _metrics_listen(value: object, source: str) -> str:
+    return _listen(value, source, "metrics_listen")
 
 
 def _duration(name: str) -> Callable[[object, str], float]:
@@ -280,6 +287,7 @@ _CONVERTERS: Mapping[str, Callable[[object, str], object]] = {
     "max_incoming_transfers": _count("max_incoming_transfers"),
     "max_outgoing_transfers": _count("max_outgoing_transfers"),
     "tombstone_ttl": _duration("tombstone_ttl"),
+    "metrics_listen": _metrics_listen,
 }
 
 

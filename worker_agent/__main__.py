@@ -2,8 +2,9 @@
 
 Every flag falls back to an ``AMM_AGENT_<FLAG>`` environment variable (``--memory-limit`` to
 ``AMM_AGENT_MEMORY_LIMIT``), then to the ``AgentConfig`` default. Once the server is up, one line
-goes to stdout, ``amm-agent ready address=HOST:PORT``, for launchers to wait on. Invalid arguments
-exit 2 with a message. Stopping, always with exit code 0:
+goes to stdout, ``amm-agent ready address=HOST:PORT`` (followed by ``metrics=HOST:PORT`` with
+``--metrics-listen``), for launchers to wait on. Invalid arguments exit 2 with a message.
+Stopping, always with exit code 0:
 
 - SIGTERM (``docker stop``, a Kubernetes or compose scale-down): drain first. The agent asks the
   AMM to copy what only it holds elsewhere and waits for that up to ``--drain-grace`` (20 s),
@@ -111,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
         "before stopping anyway (20s; 0: stop at once)",
         type=_typed(parse_duration),
     )
+    add(
+        "--metrics-listen",
+        "serve Prometheus metrics over HTTP on HOST:PORT, e.g. 0.0.0.0:9100 (default: none)",
+    )
     add("--log-level", "DEBUG, INFO, WARNING or ERROR", default="INFO", type=_log_level)
     return parser
 
@@ -123,6 +128,7 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         "advertise": args.advertise or None,
         "name": args.name or None,
         "zone": args.zone or "",
+        "metrics_listen": args.metrics_listen or None,
     }
     for field in ("memory_limit", "lease", "chunk_size", "drain_grace"):
         value = getattr(args, field)
@@ -190,7 +196,10 @@ async def run(config: AgentConfig) -> int:
             await agent.stop()
             return 1
         try:
-            print(READY_LINE.format(address=agent.address), flush=True)
+            line = READY_LINE.format(address=agent.address)
+            if agent.metrics is not None:
+                line += f" metrics={agent.metrics.address}"
+            print(line, flush=True)
             await _first_of(signals.stop, agent.stopped)
             if signals.drain and not signals.now.is_set() and not agent.stopped.is_set():
                 await _drain(agent, signals)

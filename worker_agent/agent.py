@@ -25,9 +25,11 @@ from typing import Any, Self
 import grpc
 from google.protobuf.duration_pb2 import Duration
 
+from amm.base.metrics import MetricsEndpoint
 from amm.base.serving import CHANNEL_OPTIONS, Served, bound_address, serve
 from amm.base.validation import address_problem, epoch_problem
 from amm.v1 import control_pb2, control_pb2_grpc
+from worker_agent import metrics
 from worker_agent.advertise import advertised_address
 from worker_agent.config import AgentConfig
 from worker_agent.confirm import KnownKey, Membership
@@ -135,6 +137,10 @@ class Agent:
                 else None
             ),
         )
+        #: The metrics endpoint, when ``config.metrics_listen`` asks for one.
+        self.metrics: MetricsEndpoint | None = (
+            metrics.endpoint(self.node, config.metrics_listen) if config.metrics_listen else None
+        )
         self._served: Served | None = None
         self._amm: control_pb2_grpc.ActiveMemoryManagerAsyncStub | None = None
         self._amm_channel: grpc.aio.Channel | None = None
@@ -195,7 +201,10 @@ class Agent:
             self.config.listen,
             [lambda server: add_to_server(servicer, server)],
             [SERVICE_NAME],
+            interceptors=self.metrics.interceptors if self.metrics is not None else (),
         )
+        if self.metrics is not None:
+            self.metrics.start()
         self.node.address = await asyncio.to_thread(
             advertised_address,
             bound_address(self.config.listen, self._served.port),
@@ -314,6 +323,12 @@ class Agent:
         self.stopped.set()
 
     async def _stop_server(self) -> None:
+        if self.metrics is not None:
+            await asyncio.gather(self.metrics.stop(), self._stop_grpc())
+        else:
+            await self._stop_grpc()
+
+    async def _stop_grpc(self) -> None:
         if self._served is not None:
             await self._served.stop(self.config.stop_grace)
 

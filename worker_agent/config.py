@@ -96,6 +96,8 @@ class AgentConfig:
     #: that was under way when it arrived, and beyond the AMM's own (10 minutes by default), so
     #: that a tombstone an AMM sends again after a restart is still known and deletes nothing.
     tombstone_ttl: float = 3600.0
+    #: Address (``host:port``) to serve Prometheus metrics on over HTTP; None serves none.
+    metrics_listen: str | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -107,6 +109,8 @@ class AgentConfig:
         _check(address_problem("listen", self.listen, port_zero=True))
         if self.amm is not None:
             _check(address_problem("amm", self.amm))
+        if self.metrics_listen is not None:
+            _check(address_problem("metrics_listen", self.metrics_listen))
         if self.advertise is not None and self.advertise != ADVERTISE_AUTO:
             _check(address_problem("advertise", self.advertise))
         if self.name is not None:

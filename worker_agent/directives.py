@@ -160,6 +160,11 @@ class DirectiveRunner:
         # One batch of drops at a time: they are CPU work on this loop and on the keepers',
         # and run side by side they only slowed each other past their promise deadlines.
         self._dropping = asyncio.Lock()
+        #: Directives carried out (repeated ids not counted again), by (op, status, reason):
+        #: read by the metrics.
+        self.counts: collections.Counter[tuple[Op, OutcomeStatus, Reason | None]] = (
+            collections.Counter()
+        )
 
     async def run(self, directive: Directive) -> Outcome:
         """Carry out ``directive`` once per id; a repeated id gets the same outcome back.
@@ -227,6 +232,7 @@ class DirectiveRunner:
             raise
         except Exception as err:
             log.exception("directive %s failed unexpectedly", directive.id)
+            self.counts[directive.op, OutcomeStatus.FAILED, None] += 1
             outcome = Outcome(
                 directive.id,
                 OutcomeStatus.FAILED,
@@ -316,6 +322,7 @@ class DirectiveRunner:
             message = f"internal error: {type(err).__name__}"
             version = self._store.version
             outcomes = [Outcome(d.id, OutcomeStatus.FAILED, None, message, version) for d in drops]
+            self.counts[Op.DROP, OutcomeStatus.FAILED, None] += len(drops)
         finally:
             for directive in drops:
                 del self._running[directive.id]
@@ -607,7 +614,9 @@ class DirectiveRunner:
     ) -> Outcome:
         version = self._store.version
         if isinstance(verdict, Accept):
+            self.counts[directive.op, OutcomeStatus.APPLIED, None] += 1
             return Outcome(directive.id, OutcomeStatus.APPLIED, None, verdict.message, version)
+        self.counts[directive.op, status, verdict.reason] += 1
         return Outcome(directive.id, status, verdict.reason, verdict.message, version)
 
     def _remember(self, subject: _Subject, outcome: Outcome) -> None:

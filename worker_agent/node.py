@@ -35,6 +35,7 @@ from worker_agent.errors import (
 from worker_agent.integrity import Conditions, Directive, Reason, Refuse
 from worker_agent.memory import MemoryMonitor, MemoryProbe, MemoryReport
 from worker_agent.store import Key, KeyInfo, Page, Store, Value
+from worker_agent.traffic import Traffic
 from worker_agent.transfer import FetchFailure, Peers
 
 log = logging.getLogger(__name__)
@@ -138,11 +139,14 @@ class Node:
         self.close_requested = asyncio.Event()
         self.store = Store()
         self.locks = KeyLocks()
+        #: Bytes in and out and transfer durations, for the metrics.
+        self.traffic = Traffic()
         self.peers = Peers(
             fetch_timeout=config.fetch_timeout,
             source_timeout=config.source_timeout,
             max_value_bytes=config.max_value_bytes,
             max_channels=config.max_peer_channels,
+            traffic=self.traffic,
         )
         self.memory = MemoryMonitor(
             probe,
@@ -334,6 +338,7 @@ class Node:
                 raise TooLarge(verdict.message)
             self.store.add(key, data, checksum)
         self.store.put_again(key)  # an explicit Put undoes a Forget
+        self.traffic.received["put"] += len(data)
         return KeyInfo(key, len(data), checksum, self.store.pins(key) > 0), held is None
 
     def put_many(self, values: Sequence[tuple[Key, bytes, str]]) -> Stored:
@@ -350,9 +355,10 @@ class Node:
         self._refuse_if_closing()
         held_value = self.store.get
         new: dict[Key, tuple[Key, bytes, str]] = {}
-        unchanged = total = largest = 0
+        unchanged = total = largest = received = 0
         for value in values:
             key, data, checksum = value
+            received += len(data)
             held = held_value(key)
             if held is None:
                 given = new.get(key)
@@ -369,6 +375,7 @@ class Node:
             unchanged += 1
         if not new:
             self._put_again(values)
+            self.traffic.received["put_many"] += received
             return Stored(0, unchanged, 0)
         cond = self.conditions()
         some = next(iter(new))
@@ -382,6 +389,7 @@ class Node:
             raise TooLarge(verdict.message)
         stored = self.store.add_many(new.values())
         self._put_again(values)
+        self.traffic.received["put_many"] += received
         return Stored(len(new), unchanged, stored)
 
     def _put_again(self, values: Sequence[tuple[Key, bytes, str]]) -> None:

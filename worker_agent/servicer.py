@@ -527,8 +527,14 @@ class WorkerAgentServicer(agent_pb2_grpc.WorkerAgentServicer):
                 for start in range(0, len(view), size)
             )
         messages = itertools.chain([response(header=header)], chunks)
+        started = time.perf_counter()
         if not await self._send(context, messages):
             self._stalled(context, method, value.key)
+            return
+        if not context.cancelled():  # the reader hung up before the end
+            traffic = self._node.traffic
+            traffic.sent[method.lower()] += value.size
+            traffic.transfers["out"].observe(time.perf_counter() - started)
 
     async def _send(
         self,

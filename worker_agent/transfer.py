@@ -16,6 +16,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -28,6 +29,7 @@ from amm.base.streams import Assembly, Overflow, ValueStreams
 from amm.v1 import agent_pb2, agent_pb2_grpc, types_pb2
 from worker_agent.integrity import Reason, is_peer_address
 from worker_agent.store import Key
+from worker_agent.traffic import Traffic
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -105,7 +107,9 @@ class Peers:
         max_value_bytes: int,
         max_channels: int = MAX_PEER_CHANNELS,
         source_timeout: float | None = None,
+        traffic: Traffic | None = None,
     ) -> None:
+        self._traffic = traffic if traffic is not None else Traffic()
         self._fetch_timeout = fetch_timeout
         self._source_timeout = min(source_timeout or fetch_timeout, fetch_timeout)
         self._max_value_bytes = max_value_bytes
@@ -186,6 +190,7 @@ class Peers:
         answers: list[str] = []
         corrupt = False
         missing = True
+        started = time.perf_counter()
         for source in sources:
             try:
                 data, digest = await self._fetch_one(
@@ -205,6 +210,8 @@ class Peers:
                 answers.append(f"{source}: {err}")
                 log.warning("corrupt transfer of %r from %s: %s", key, source, err)
                 continue
+            self._traffic.received["peer"] += len(data)
+            self._traffic.transfers["in"].observe(time.perf_counter() - started)
             return Fetched(data, digest, source)
         if not sources:
             return FetchFailure(Reason.SOURCE_UNAVAILABLE, f"no source for {key!r}", missing=True)

@@ -12,11 +12,13 @@ import logging
 from types import TracebackType
 
 from amm.base.guard import Complaints, collect, register_guarded
+from amm.base.metrics import MetricsEndpoint
 from amm.base.serving import Served, bound_address, serve, stop_on_signals
 from amm.v1 import control_pb2, control_pb2_grpc
 from amm_service.api.control import ControlServicer
 from amm_service.config import AmmConfig
 from amm_service.policies import Policy, build_all
+from amm_service.runtime import metrics
 from amm_service.runtime.manager import ActiveMemoryManager
 from amm_service.runtime.state import StateStore
 
@@ -41,6 +43,8 @@ class AmmServer:
         self._served: Served | None = None
         self.manager: ActiveMemoryManager | None = None
         self.address = ""
+        #: The metrics endpoint, when ``config.metrics_listen`` asks for one.
+        self.metrics: MetricsEndpoint | None = None
 
     async def start(self) -> None:
         self._store = StateStore(self.config.state_path)
@@ -51,11 +55,16 @@ class AmmServer:
             # Guarded: an undecodable request is INVALID_ARGUMENT, logged once in a while.
             handlers = collect(control_pb2_grpc.add_ActiveMemoryManagerServicer_to_server, servicer)
             complaints = Complaints(log)
+            if self.config.metrics_listen:
+                self.metrics = metrics.endpoint(self.manager, self.config.metrics_listen)
             self._served = await serve(
                 self.config.listen,
                 [lambda server: register_guarded(server, SERVICE_NAME, handlers, complaints)],
                 [SERVICE_NAME],
+                interceptors=self.metrics.interceptors if self.metrics is not None else (),
             )
+            if self.metrics is not None:
+                self.metrics.start()
         except BaseException:
             await self.stop()
             raise
@@ -72,8 +81,10 @@ class AmmServer:
             await self._served.set_serving(False)
         if self.manager is not None:
             await self.manager.close()
+        stops = [self.metrics.stop()] if self.metrics is not None else []
         if self._served is not None:
-            await self._served.stop(self._grace)
+            stops.append(self._served.stop(self._grace))
+        await asyncio.gather(*stops)
         if self._store is not None:
             self._store.close()
 
@@ -94,7 +105,10 @@ async def run(config: AmmConfig) -> None:
     """Serve until SIGTERM or SIGINT; print the ready line once serving."""
     stop = asyncio.Event()
     async with AmmServer(config) as server:
-        print(f"amm-service ready address={server.address} epoch={server.epoch}", flush=True)
+        line = f"amm-service ready address={server.address} epoch={server.epoch}"
+        if server.metrics is not None:
+            line += f" metrics={server.metrics.address}"
+        print(line, flush=True)
         with stop_on_signals(stop):
             await stop.wait()
         log.info("AMM shutting down")

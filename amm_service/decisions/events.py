@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -36,6 +36,8 @@ class EventLog:
     def __init__(self, maxlen: int = 200, *, clock: Callable[[], float] = time.time) -> None:
         self._events: deque[Event] = deque(maxlen=maxlen)
         self._clock = clock
+        #: Events recorded since the start, by kind (the list keeps only the recent ones).
+        self.counts: Counter[str] = Counter()
 
     def record(
         self, kind: str, message: str, *, worker: str = "", keys: Iterable[str] = ()
@@ -43,6 +45,7 @@ class EventLog:
         listed = tuple(sorted(keys))
         event = Event(self._clock(), kind, message, worker, listed[:MAX_KEYS_LISTED])
         self._events.appendleft(event)
+        self.counts[kind] += 1
         level = logging.WARNING if kind in WARNING_KINDS else logging.INFO
         log.log(level, "%s%s: %s", kind, f" {worker}" if worker else "", message)
         return event

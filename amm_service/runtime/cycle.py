@@ -12,6 +12,7 @@ import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from amm.base.tally import Durations
 from amm_service.decisions.core import Plan, Rejection
 from amm_service.decisions.directive import Directive, Outcome, OutcomeStatus
 from amm_service.decisions.view import WorkerId
@@ -39,6 +40,10 @@ class CycleRecord:
     started_at: float
     duration: float = 0.0
     plan_duration: float = 0.0
+    poll_duration: float = 0.0
+    """Polling every agent (and sending overdue directives again first)."""
+    send_duration: float = 0.0
+    """Sending directives, including what was sent while the rest was planned."""
     suggestions: int = 0
     rejected: int = 0
     rejections: tuple[Rejection, ...] = ()
@@ -130,3 +135,24 @@ class CycleRecord:
     def _check_settled(self) -> None:
         if self._settled is not None and self.unsettled == 0:
             self._settled.set()
+
+
+class CycleStats:
+    """Every cycle's duration and its phases' (poll, plan, send), its suggestions and rejections,
+    summed since the AMM started: one observation per phase per cycle, for the metrics."""
+
+    __slots__ = ("duration", "phases", "rejected", "suggestions")
+
+    def __init__(self) -> None:
+        self.duration = Durations()
+        self.phases = {"poll": Durations(), "plan": Durations(), "send": Durations()}
+        self.suggestions = 0
+        self.rejected = 0
+
+    def observe(self, record: CycleRecord) -> None:
+        self.duration.observe(record.duration)
+        self.phases["poll"].observe(record.poll_duration)
+        self.phases["plan"].observe(record.plan_duration)
+        self.phases["send"].observe(record.send_duration)
+        self.suggestions += record.suggestions
+        self.rejected += record.rejected

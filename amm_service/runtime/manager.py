@@ -42,7 +42,7 @@ from amm_service.errors import InvalidArgument, Unavailable
 from amm_service.policies import Policy
 from amm_service.runtime.addresses import check_address
 from amm_service.runtime.agents import AgentLinks
-from amm_service.runtime.cycle import CycleRecord
+from amm_service.runtime.cycle import CycleRecord, CycleStats
 from amm_service.runtime.dispatcher import Dispatcher
 from amm_service.runtime.goals import GoalBook
 from amm_service.runtime.lost import LostBook
@@ -128,6 +128,8 @@ class ActiveMemoryManager:
         self._loop_task: asyncio.Task[None] | None = None
         self._cycles = 0
         self._last: CycleRecord | None = None
+        #: Durations and counts of every cycle run (not dry runs), for the metrics.
+        self.cycle_stats = CycleStats()
         self.events = EventLog(clock=clock)
         self.goals = GoalBook(store)
         self._liveness = Liveness(stale_after=config.stale_seconds, dead_after=config.dead_after)
@@ -373,7 +375,7 @@ class ActiveMemoryManager:
             )
             if overdue:
                 log.info("sending %d overdue directives again, under the same ids", len(overdue))
-                self.outcomes.totals.sent += len(overdue)
+                self.outcomes.totals.sending(overdue)
                 await self._dispatcher.send(overdue)
         record.unreachable = tuple(await self._poller.poll_all())
         polled = time.perf_counter()
@@ -439,6 +441,8 @@ class ActiveMemoryManager:
             log.error("%s", error)
         await self.retirement_driver.supervise(view, plan)
         record.duration = time.perf_counter() - t0
+        record.poll_duration, record.send_duration = polled - t0, sending
+        self.cycle_stats.observe(record)
         self._last = record
         if plan.directives or plan.rejections:
             log.info(
@@ -461,7 +465,7 @@ class ActiveMemoryManager:
         self._fence.acted(True)
         now, number = self._monotonic(), record.number
         record.sending(directives, self._clock())
-        self.outcomes.totals.sent += len(directives)
+        self.outcomes.totals.sending(directives)
         for start in range(0, len(directives), SEND_STEP):
             chunk = directives[start : start + SEND_STEP]
             with gc_paused():

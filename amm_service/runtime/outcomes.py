@@ -14,11 +14,11 @@ is in flight (``pending``), and how long to wait (the manager's ``run_cycle``).
 from __future__ import annotations
 
 import logging
-from collections import deque
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 
-from amm_service.decisions.directive import Directive, Outcome, OutcomeStatus
+from amm_service.decisions.directive import Directive, Op, Outcome, OutcomeStatus
 from amm_service.decisions.pending import Entry, Ledger
 from amm_service.decisions.view import ClusterState, WorkerId
 from amm_service.runtime.cycle import CycleRecord
@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 
 #: Cycle records kept and filled in.
 RECORDS_KEPT = 4
+#: The reason counted for a directive given up on: it expired, or its worker left or restarted.
+UNANSWERED = "UNANSWERED"
 
 
 @dataclass(slots=True)
@@ -38,6 +40,17 @@ class Totals:
     applied: int = 0
     refused: int = 0
     failed: int = 0
+    sent_by_op: Counter[Op] = field(default_factory=Counter)
+    by_outcome: Counter[tuple[Op, OutcomeStatus, str]] = field(default_factory=Counter)
+    """By (op, status, reason): the reason is the wire enum's name, empty when applied,
+    ``UNANSWERED`` for a directive given up on (counted as failed)."""
+
+    def sending(self, directives: Sequence[Directive]) -> None:
+        """Count ``directives`` as sent (again, for an overdue one sent under its id)."""
+        self.sent += len(directives)
+        drops = sum(1 for d in directives if d.op is Op.DROP)
+        self.sent_by_op[Op.DROP] += drops
+        self.sent_by_op[Op.REPLICATE] += len(directives) - drops
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,12 +100,14 @@ class Outcomes:
 
     def on_outcomes(self, worker: WorkerId, outcomes: Iterable[Outcome]) -> None:
         settle, records, totals = self._ledger.settle, self._records, self.totals
+        by_outcome = totals.by_outcome
         refused: list[tuple[Directive, Outcome]] = []
         for outcome in outcomes:
             entry = settle(outcome)
             if entry is None:
                 continue  # expired, or a repeated answer: counted already
             status = outcome.status
+            by_outcome[entry.directive.op, status, outcome.reason] += 1
             if status is OutcomeStatus.APPLIED:
                 totals.applied += 1
             elif status is OutcomeStatus.REFUSED:
@@ -145,7 +160,9 @@ class Outcomes:
 
     def _settle_lost(self, entries: list[Entry]) -> None:
         self.totals.failed += len(entries)
+        by_outcome = self.totals.by_outcome
         for entry in entries:
+            by_outcome[entry.directive.op, OutcomeStatus.FAILED, UNANSWERED] += 1
             record = self._records.get(entry.cycle)
             if record is not None:
                 record.give_up(entry.directive.id)

@@ -98,6 +98,7 @@ def test_all_env_vars(tmp_path: Path) -> None:
         "AMM_MAX_INCOMING_TRANSFERS": "3",
         "AMM_MAX_OUTGOING_TRANSFERS": "0",
         "AMM_TOMBSTONE_TTL": "1h",
+        "AMM_METRICS_LISTEN": "0.0.0.0:9051",
     }
     assert set(env) == set(ENV_VARS.values())
     assert load_config(env=env) == AmmConfig(
@@ -117,6 +118,7 @@ def test_all_env_vars(tmp_path: Path) -> None:
         max_incoming_transfers=3,
         max_outgoing_transfers=0,
         tombstone_ttl=3600.0,
+        metrics_listen="0.0.0.0:9051",
     )
 
 
