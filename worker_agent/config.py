@@ -110,7 +110,7 @@ class AgentConfig:
         if self.amm is not None:
             _check(address_problem("amm", self.amm))
         if self.metrics_listen is not None:
-            _check(address_problem("metrics_listen", self.metrics_listen))
+            _check(address_problem("metrics_listen", self.metrics_listen, port_zero=True))
         if self.advertise is not None and self.advertise != ADVERTISE_AUTO:
             _check(address_problem("advertise", self.advertise))
         if self.name is not None:
