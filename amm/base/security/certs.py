@@ -5,9 +5,9 @@ The folder holds ``ca.pem`` (the CA certificate, given to everyone), ``ca-key.pe
 (0600). Keys are EC P-256: as strong as RSA-3072 for TLS and generated in a millisecond, which
 keeps ``init`` and the tests fast. Every certificate carries its identity's URI SAN
 (``spiffe://amm/<role>/<name>``); certificates of the serving roles (amm, agent) also carry DNS
-and IP SANs, ``localhost``, ``127.0.0.1`` and ``::1`` plus the caller's ``sans``, and
-``Identity.server_name``, and may serve as well as dial (both extended key usages); readers and
-operators only dial.
+and IP SANs, ``localhost``, ``127.0.0.1`` and ``::1`` plus the caller's ``sans``,
+``Identity.server_name`` (``w7.agent.amm``) and ``Role.server_name`` (``agent.amm``), and may
+serve as well as dial (both extended key usages); readers and operators only dial.
 
 Issuing again under the same name replaces the files atomically, key first: that is how a
 certificate is rotated, and servers pick it up on their next handshake.
@@ -226,6 +226,7 @@ class CertificateAuthority:
             usages.insert(0, ExtendedKeyUsageOID.SERVER_AUTH)
             names.extend(_unique(_general_name(s) for s in (*DEFAULT_SANS, *sans)))
             names.append(x509.DNSName(identity.server_name))
+            names.append(x509.DNSName(identity.role.server_name))
         cert = (
             x509.CertificateBuilder()
             .subject_name(
