@@ -11,6 +11,7 @@ import asyncio
 import logging
 from types import TracebackType
 
+from amm.base.security import Role, Security, SecurityError
 from amm.base.serving import Served, bound_address, serve, stop_on_signals
 from amm.v1 import control_pb2, control_pb2_grpc
 from amm_service.api.control import ControlServicer
@@ -22,6 +23,21 @@ from amm_service.runtime.state import StateStore
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = control_pb2.DESCRIPTOR.services_by_name["ActiveMemoryManager"].full_name
+
+
+def build_security(config: AmmConfig) -> Security | None:
+    """The AMM's TLS material, checked now: the files exist and the identity is the AMM's (an
+    agent's or an operator's certificate would be refused by every agent)."""
+    if config.tls is None:
+        return None
+    security = Security.from_dir(config.tls, identity=config.tls_identity)
+    identity = security.identity()
+    if identity is None or identity.role is not Role.AMM:
+        raise SecurityError(
+            f"{security.cert} is {identity or 'no amm identity'}: the AMM needs an amm identity "
+            "(--tls-identity)"
+        )
+    return security
 
 
 def build_policies(config: AmmConfig) -> list[Policy]:
@@ -36,15 +52,20 @@ class AmmServer:
         self.config = config
         self._grace = grace
         self._policies = build_policies(config)
+        self.security = build_security(config)
         self._store: StateStore | None = None
         self._served: Served | None = None
         self.manager: ActiveMemoryManager | None = None
         self.address = ""
+        #: The bearer-token port's address, when ``token_listen`` is set.
+        self.token_address: str | None = None
 
     async def start(self) -> None:
         self._store = StateStore(self.config.state_path)
         try:
-            self.manager = ActiveMemoryManager(self.config, self._policies, self._store)
+            self.manager = ActiveMemoryManager(
+                self.config, self._policies, self._store, security=self.security
+            )
             await self.manager.open()
             servicer = ControlServicer(self.manager)
             self._served = await serve(
@@ -55,12 +76,23 @@ class AmmServer:
                     )
                 ],
                 [SERVICE_NAME],
+                security=self.security,
+                token_listen=self.config.token_listen,
+                insecure=self.config.insecure,
             )
         except BaseException:
             await self.stop()
             raise
         self.address = bound_address(self.config.listen, self._served.port)
-        log.info("AMM serving on %s (epoch %d)", self.address, self.manager.epoch)
+        if self.config.token_listen and self._served.token_port is not None:
+            self.token_address = bound_address(self.config.token_listen, self._served.token_port)
+        log.info(
+            "AMM serving on %s%s (epoch %d)%s",
+            self.address,
+            " with mutual TLS" if self.security else "",
+            self.manager.epoch,
+            f"; bearer tokens on {self.token_address}" if self.token_address else "",
+        )
 
     @property
     def epoch(self) -> int:
@@ -94,7 +126,10 @@ async def run(config: AmmConfig) -> None:
     """Serve until SIGTERM or SIGINT; print the ready line once serving."""
     stop = asyncio.Event()
     async with AmmServer(config) as server:
-        print(f"amm-service ready address={server.address} epoch={server.epoch}", flush=True)
+        tokens = f" token_address={server.token_address}" if server.token_address else ""
+        print(
+            f"amm-service ready address={server.address} epoch={server.epoch}{tokens}", flush=True
+        )
         with stop_on_signals(stop):
             await stop.wait()
         log.info("AMM shutting down")

@@ -1,6 +1,7 @@
 """The AMM's connections to its agents: one channel per worker address, reused by the poller,
 the dispatcher and the queries. Channels are created inside the running loop, on first use, and
-closed when a worker leaves or the AMM stops."""
+closed when a worker leaves or the AMM stops. With TLS the AMM presents its amm identity and
+accepts any agent of the cluster CA at a registered address (``serving.open_channel``)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import logging
 
 import grpc
 
-from amm.base.serving import CHANNEL_OPTIONS
+from amm.base.security import Role, Security
+from amm.base.serving import open_channel
 from amm.v1 import agent_pb2_grpc
 from amm_service.decisions.view import WorkerId
 
@@ -19,7 +21,8 @@ log = logging.getLogger(__name__)
 class AgentLinks:
     """Channels and stubs to agents, keyed by worker address."""
 
-    def __init__(self) -> None:
+    def __init__(self, security: Security | None = None) -> None:
+        self._security = security
         self._channels: dict[WorkerId, grpc.aio.Channel] = {}
         self._stubs: dict[WorkerId, agent_pb2_grpc.WorkerAgentAsyncStub] = {}
         self._closed = False
@@ -29,7 +32,7 @@ class AgentLinks:
         if stub is None:
             if self._closed:
                 raise RuntimeError("the AMM's agent links are closed")
-            channel = grpc.aio.insecure_channel(worker, options=CHANNEL_OPTIONS)
+            channel = open_channel(worker, self._security, expect=Role.AGENT)
             self._channels[worker] = channel
             stub = self._stubs[worker] = agent_pb2_grpc.WorkerAgentStub(channel)
         return stub

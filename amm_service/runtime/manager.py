@@ -20,6 +20,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 
+from amm.base.security import Security
 from amm_service.config import AmmConfig
 from amm_service.decisions import core
 from amm_service.decisions.directive import Directive
@@ -85,6 +86,7 @@ class ActiveMemoryManager:
         *,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
+        security: Security | None = None,
     ) -> None:
         self.config = config
         self.policies = tuple(policies)
@@ -96,7 +98,7 @@ class ActiveMemoryManager:
         self.outcomes = Outcomes(
             self.state, self.ledger, max_refusals=config.max_refusals_kept, clock=clock
         )
-        self._links = AgentLinks()
+        self._links = AgentLinks(security)
         self._dispatcher = Dispatcher(
             self._links, self.outcomes.on_outcomes, takes_batches=self._takes_batches
         )
