@@ -5,6 +5,12 @@ Every flag falls back to an ``AMM_AGENT_<FLAG>`` environment variable (``--memor
 goes to stdout, ``amm-agent ready address=HOST:PORT``, for launchers to wait on. SIGTERM or SIGINT
 stops the agent gracefully with exit code 0, and so does an accepted ``Close`` call (the AMM makes
 it once the worker is retired); invalid arguments exit 2 with a message.
+
+``--tls DIR`` (or ``AMM_AGENT_TLS``, else ``AMM_TLS``) serves mutual TLS and dials the AMM and
+peers with an agent identity of the certs folder: ``--tls-identity``, else the ``--name`` when
+the folder holds a certificate of that name, else the shared ``agent``. The worker's name defaults
+to a named certificate's name (the AMM accepts no other from it); with the shared identity it is
+the advertised address, as without TLS.
 """
 
 from __future__ import annotations
@@ -15,8 +21,13 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
+from amm.base.security import Security, SecurityError
+from amm.base.security.certs import cert_path
+from amm.base.security.credentials import ENV_TLS
+from amm.base.security.identity import SHARED_AGENT_NAME
 from amm.base.serving import stop_on_signals
 from amm.base.units import parse_duration, parse_size
 from worker_agent.agent import Agent
@@ -95,17 +106,70 @@ def build_parser() -> argparse.ArgumentParser:
         type=_typed(parse_size),
     )
     add("--log-level", "DEBUG, INFO, WARNING or ERROR", default="INFO", type=_log_level)
+    add(
+        "--tls",
+        f"certs folder (amm certs init): mutual TLS and roles on every call (else ${ENV_TLS})",
+        metavar="DIR",
+    )
+    add(
+        "--tls-identity",
+        "the agent identity of DIR to present (default: --name if DIR has its certificate, "
+        f"else the shared {SHARED_AGENT_NAME!r})",
+        metavar="NAME",
+    )
+    add(
+        "--insecure",
+        "allow plaintext on an address other than loopback (anyone reaching it reads all data)",
+        action="store_const",
+        const=True,
+        default=False,
+    )
     return parser
 
 
+def _switch(flag: str, value: object) -> bool:
+    """A switch given as a flag (True) or through its variable (``true``/``false``...)."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("", "0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{flag} is a switch: set its variable to true or false, not {value!r}")
+
+
+def _security(args: argparse.Namespace) -> Security | None:
+    """The agent's TLS material, from --tls or $AMM_TLS; None for plaintext."""
+    folder = args.tls or os.environ.get(ENV_TLS)
+    if not folder:
+        if args.tls_identity:
+            raise ValueError("--tls-identity needs --tls DIR")
+        return None
+    identity = args.tls_identity
+    if identity is None:
+        named = args.name and cert_path(Path(folder), args.name).is_file()
+        identity = args.name if named else SHARED_AGENT_NAME
+    return Security.from_dir(folder, identity=identity)
+
+
 def config_from_args(args: argparse.Namespace) -> AgentConfig:
-    """Raises ValueError with the setting named when a value is out of range."""
+    """Raises ValueError with the setting named when a value is out of range, SecurityError
+    when the TLS files are missing or unusable."""
+    security = _security(args)
+    name = args.name or None
+    if name is None and security is not None:
+        identity = security.identity()
+        if identity is not None and identity.name != SHARED_AGENT_NAME:
+            name = identity.name
     overrides: dict[str, Any] = {
         "amm": args.amm or None,
         "listen": args.listen,
         "advertise": args.advertise or None,
-        "name": args.name or None,
+        "name": name,
         "zone": args.zone or "",
+        "security": security,
+        "insecure": _switch("--insecure", args.insecure),
     }
     for field in ("memory_limit", "lease", "chunk_size"):
         value = getattr(args, field)
@@ -121,13 +185,14 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
 
 
 async def run(config: AgentConfig) -> int:
-    """Serve until SIGTERM or SIGINT; 1 when the address cannot be bound."""
+    """Serve until SIGTERM or SIGINT; 1 when the address cannot be bound (or may not be, in
+    plaintext)."""
     stop = asyncio.Event()
     with stop_on_signals(stop):
         agent = Agent(config)
         try:
             await agent.start()
-        except OSError as err:
+        except (OSError, SecurityError) as err:
             print(f"amm-agent: {err}", file=sys.stderr)
             await agent.stop()
             return 1
@@ -155,7 +220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         config = config_from_args(args)
-    except ValueError as err:
+    except (ValueError, SecurityError) as err:
         parser.error(str(err))
     logging.basicConfig(
         level=args.log_level,

@@ -20,7 +20,7 @@ from typing import Any, Self
 
 import grpc
 
-from amm.base.serving import CHANNEL_OPTIONS, Served, bound_address, serve
+from amm.base.serving import Served, bound_address, open_channel, serve
 from amm.v1 import control_pb2, control_pb2_grpc
 from worker_agent.advertise import advertised_address
 from worker_agent.config import AgentConfig
@@ -120,6 +120,8 @@ class Agent:
             self.config.listen,
             [lambda server: add_to_server(servicer, server)],
             [SERVICE_NAME],
+            security=self.config.security,
+            insecure=self.config.insecure,
         )
         self.node.address = await asyncio.to_thread(
             advertised_address,
@@ -131,13 +133,14 @@ class Agent:
         self._spawn(self._sample_memory(), "agent memory sampler")
         self._spawn(self._close_when_asked(), "agent close watcher")
         if self.config.amm:
-            self._amm_channel = grpc.aio.insecure_channel(self.config.amm, options=CHANNEL_OPTIONS)
+            self._amm_channel = open_channel(self.config.amm, self.config.security)
             self._amm = control_pb2_grpc.ActiveMemoryManagerStub(self._amm_channel)
             self._spawn(self._register(self._amm), "agent registration")
         log.info(
-            "agent %s serving on %s (incarnation %s)",
+            "agent %s serving on %s%s (incarnation %s)",
             self.node.name,
             self.address,
+            " with mutual TLS" if self.config.security else "",
             self.incarnation,
         )
 
@@ -226,9 +229,10 @@ class Agent:
                     warned_at = now
                 log.log(
                     logging.WARNING if warn else logging.DEBUG,
-                    "cannot register with %s yet (%s, %d attempts); retrying",
+                    "cannot register with %s yet (%s: %s; %d attempts); retrying",
                     self.config.amm,
                     err.code().name,
+                    err.details(),
                     attempts,
                 )
                 await asyncio.sleep(delay)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from amm.base.security import Role, Security
 from amm.base.serving import MAX_MESSAGE_BYTES
 
 MiB = 1024**2
@@ -87,6 +88,13 @@ class AgentConfig:
     register_warning_interval: float = 30.0
     #: How long ``stop`` lets in-flight calls finish before cancelling them, in seconds.
     stop_grace: float = 0.5
+    #: TLS material (``Security.from_dir(DIR, identity)``, an agent identity): the server is
+    #: mutual TLS with every call authorized by role, and the agent dials the AMM and its peers
+    #: with this identity. None: plaintext, as on loopback.
+    security: Security | None = None
+    #: Serve plaintext on an address other than loopback, where anyone who can reach it may
+    #: read and write values; without it such a ``listen`` refuses to start.
+    insecure: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -143,6 +151,13 @@ class AgentConfig:
             )
         if self.max_peer_channels < 1:
             raise ValueError(f"max_peer_channels must be >= 1, got {self.max_peer_channels}")
+        if self.security is not None:
+            identity = self.security.identity()
+            if identity is None or identity.role is not Role.AGENT:
+                raise ValueError(
+                    f"{self.security.cert} is {identity or 'no identity'}: an agent serves with "
+                    "an agent identity (--tls-identity)"
+                )
         if self.max_concurrent_directives < 1:
             raise ValueError(
                 f"max_concurrent_directives must be >= 1, got {self.max_concurrent_directives}"

@@ -130,6 +130,7 @@ class Node:
             fetch_timeout=config.fetch_timeout,
             max_value_bytes=config.max_value_bytes,
             max_channels=config.max_peer_channels,
+            security=config.security,
         )
         self.memory = MemoryMonitor(
             probe,
