@@ -6,6 +6,9 @@ imports either. ``amm cluster`` runs a ``LocalCluster`` in the foreground. Every
 ``Client`` call whose result is printed as a plain-text table (see ``amm.tables``) or, with
 ``--json``, as JSON; ``amm health`` asks any server's grpc.health.v1 status, for container
 health checks. Failures print ``error: <STATUS>: <message>`` and exit 1, never a traceback.
+
+Client verbs and ``amm health`` speak TLS when ``AMM_TLS`` names a certs folder, presenting
+``AMM_IDENTITY`` (operator) and ``AMM_TOKEN``/``AMM_TOKEN_FILE`` if set (``Security.from_env``).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from typing import NoReturn
 
 from amm import certs as certs_command
 from amm import health, tables
+from amm.base.security import Security, SecurityError
 from amm.base.units import format_bytes, parse_duration
 from amm.client import DEFAULT_ADDRESS, Client
 from amm.cluster import AGENT_MODULE, SERVICE_MODULE, ClusterError, LocalCluster
@@ -113,6 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="give the agents these zones in turn (failure domains)",
     )
     cluster.add_argument("--logs", action="store_true", help="show the processes' output")
+    cluster.add_argument(
+        "--tls",
+        action="store_true",
+        help="mutual TLS everywhere, with a throwaway CA and one identity per agent (deleted on "
+        "stop); prints the AMM_TLS to use",
+    )
 
     certs = sub.add_parser(
         "certs",
@@ -296,8 +306,9 @@ def run_cluster(args: argparse.Namespace) -> int:
             start=args.start,
             zones=args.zones,
             echo=sys.stderr if args.logs else None,
+            tls=args.tls,
         )
-        print(tables.render_cluster(cluster.address, cluster.workers), flush=True)
+        print(tables.render_cluster(cluster.address, cluster.workers, cluster.certs), flush=True)
         while True:
             # A worker retired and closed by the AMM leaves; the others and their data stay.
             for name in cluster.forget_departed_workers():
@@ -322,7 +333,9 @@ def run_cluster(args: argparse.Namespace) -> int:
 
 def run_health(args: argparse.Namespace) -> int:
     """``amm health``: print the status; exit 0 only when SERVING (a container health check)."""
-    status = health.check(args.address or args.amm, args.service, args.health_timeout)
+    status = health.check(
+        args.address or args.amm, args.service, args.health_timeout, Security.from_env()
+    )
     print(status)
     return 0 if status == health.SERVING else 1
 
@@ -342,11 +355,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return replay_command.run_command(args)
         if args.command == "certs":
             return certs_command.run_command(args)
-        with Client(args.amm, timeout=args.timeout) as client:
+        with Client(args.amm, timeout=args.timeout, security=Security.from_env()) as client:
             return run_verb(client, args)
     except AmmError as err:
         print(f"error: {err.status.name}: {err.message}", file=sys.stderr)
-    except (ClusterError, OSError, TraceError, ReplayError, ImportError) as err:
+    except (ClusterError, SecurityError, OSError, TraceError, ReplayError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
     except KeyboardInterrupt:
         return 130
