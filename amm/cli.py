@@ -11,12 +11,19 @@ Client verbs and ``amm health`` speak TLS when ``AMM_TLS`` names a certs folder,
 ``AMM_IDENTITY`` (operator) and ``AMM_TOKEN``/``AMM_TOKEN_FILE`` if set (``Security.from_env``).
 """
 
+# ruff: noqa: E402 - the environment is set before grpc is first imported.
 from __future__ import annotations
+
+import os
+
+#: gRPC's C core reads its log level once, at import: quiet for the CLI, whose failures are one
+#: line of its own (a failed TLS handshake would add gRPC's INFO line), unless the user asked.
+QUIET_GRPC = "GRPC_VERBOSITY" not in os.environ
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 import argparse
 import dataclasses
 import json
-import os
 import signal
 import sys
 import time
@@ -26,9 +33,12 @@ from pathlib import Path
 from types import FrameType
 from typing import NoReturn
 
+import grpc
+
 from amm import certs as certs_command
 from amm import health, tables
 from amm.base.security import Security, SecurityError
+from amm.base.security.credentials import ENV_TLS
 from amm.base.units import format_bytes, parse_duration
 from amm.client import DEFAULT_ADDRESS, Client
 from amm.cluster import AGENT_MODULE, SERVICE_MODULE, ClusterError, LocalCluster
@@ -44,6 +54,8 @@ def exec_module(module: str, args: Sequence[str]) -> NoReturn:
     """Replace this process with ``python -m module args...``."""
     sys.stdout.flush()
     sys.stderr.flush()
+    if QUIET_GRPC:  # servers log as gRPC does by default
+        os.environ.pop("GRPC_VERBOSITY", None)
     os.execv(sys.executable, [sys.executable, "-m", module, *args])
 
 
@@ -340,6 +352,15 @@ def run_health(args: argparse.Namespace) -> int:
     return 0 if status == health.SERVING else 1
 
 
+def _hint(err: AmmError) -> str:
+    """What a plaintext client hitting a TLS server should try: gRPC only says the socket
+    closed."""
+    plaintext = not os.environ.get(ENV_TLS)
+    if plaintext and err.status is grpc.StatusCode.UNAVAILABLE and "Socket closed" in err.message:
+        return f" (if it serves TLS, set {ENV_TLS} to its certs folder)"
+    return ""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``amm``; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -358,7 +379,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with Client(args.amm, timeout=args.timeout, security=Security.from_env()) as client:
             return run_verb(client, args)
     except AmmError as err:
-        print(f"error: {err.status.name}: {err.message}", file=sys.stderr)
+        print(f"error: {err.status.name}: {err.message}{_hint(err)}", file=sys.stderr)
     except (ClusterError, SecurityError, OSError, TraceError, ReplayError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
     except KeyboardInterrupt:

@@ -133,6 +133,8 @@ def test_amm_cluster_tls_and_the_cli_with_amm_tls() -> None:
         plaintext = amm("workers", env={k: v for k, v in env.items() if k != "AMM_TLS"})
         assert plaintext.returncode == 1
         assert plaintext.stderr.startswith("error: UNAVAILABLE: ")
+        assert plaintext.stderr.endswith("(if it serves TLS, set AMM_TLS to its certs folder)\n")
+        assert plaintext.stderr.count("\n") == 1, "one line, gRPC's own logs quiet"
         missing = amm("workers", env={**env, "AMM_TLS": certs + "-nowhere"})
         assert (missing.returncode, missing.stderr.count("\n")) == (1, 1)
         assert missing.stderr.startswith("error: ")
