@@ -156,19 +156,13 @@ def _security(args: argparse.Namespace) -> Security | None:
 def config_from_args(args: argparse.Namespace) -> AgentConfig:
     """Raises ValueError with the setting named when a value is out of range, SecurityError
     when the TLS files are missing or unusable."""
-    security = _security(args)
-    name = args.name or None
-    if name is None and security is not None:
-        identity = security.identity()
-        if identity is not None and identity.name != SHARED_AGENT_NAME:
-            name = identity.name
     overrides: dict[str, Any] = {
         "amm": args.amm or None,
         "listen": args.listen,
         "advertise": args.advertise or None,
-        "name": name,
+        "name": args.name or None,
         "zone": args.zone or "",
-        "security": security,
+        "security": _security(args),
         "insecure": _switch("--insecure", args.insecure),
     }
     for field in ("memory_limit", "lease", "chunk_size"):

@@ -41,7 +41,8 @@ class AgentConfig:
     #: Address peers and the AMM dial; defaults to the bound listen address. ``"auto"``: this
     #: machine's IP on the route to the AMM with the bound port (replicated containers).
     advertise: str | None = None
-    #: Human-readable name reported to the AMM; defaults to the advertised address.
+    #: Human-readable name reported to the AMM; defaults to the name of a named agent certificate
+    #: (``security``), else to the advertised address.
     name: str | None = None
     #: The failure domain (rack, zone, host group) reported to the AMM, which spreads the copies
     #: of a key over zones first; empty: none.

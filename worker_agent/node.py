@@ -18,6 +18,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
+from amm.base.security.identity import SHARED_AGENT_NAME
 from worker_agent import integrity
 from worker_agent.config import AgentConfig
 from worker_agent.directives import DirectiveRunner, KeyLocks, Outcome
@@ -139,6 +140,11 @@ class Node:
             pause_fraction=config.pause_fraction,
         )
         self._who_has = who_has
+        identity = config.security.identity() if config.security is not None else None
+        #: A named agent certificate's name: the only one the AMM lets this agent register as.
+        self._certified_name = (
+            identity.name if identity is not None and identity.name != SHARED_AGENT_NAME else None
+        )
         self.runner = DirectiveRunner(
             config=config,
             store=self.store,
@@ -152,7 +158,8 @@ class Node:
 
     @property
     def name(self) -> str:
-        return self.config.name or self.address
+        """``config.name``, else a named certificate's, else the advertised address."""
+        return self.config.name or self._certified_name or self.address
 
     def observe_epoch(self, epoch: int) -> None:
         """Remember the newest AMM epoch seen; directives from older epochs are refused."""

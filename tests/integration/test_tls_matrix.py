@@ -126,11 +126,11 @@ async def cluster(certs: Security, tmp_path: Path) -> AsyncIterator[Cluster]:
     )
     async with AmmServer(config) as amm:
         assert amm.token_address is not None
-        agent_config = AgentConfig(
-            amm=amm.address, name="w1", security=certs.as_identity("w1"), stop_grace=0
-        )
+        # No name: a named certificate's is the one the AMM accepts, and the default.
+        agent_config = AgentConfig(amm=amm.address, security=certs.as_identity("w1"), stop_grace=0)
         async with Agent(agent_config) as agent:
             await wait_for(lambda: agent.registered, what="the agent's registration over TLS")
+            assert agent.node.name == "w1"
             # A key held: Close is then refused, not obeyed, and the agent lives through the walk.
             async with open_channel(agent.address, certs, expect=Role.AGENT) as channel:
                 await put(agent_pb2_grpc.WorkerAgentStub(channel), "held", b"x")
