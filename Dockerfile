@@ -52,9 +52,11 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PATH=/opt/amm/bin:$PATH \
     MPLBACKEND=Agg
 
+# The mount points of docker-compose.yml's volumes, owned by amm so that new volumes are too.
 RUN useradd --create-home --uid 10001 --user-group amm \
-    && mkdir -p /data /out \
-    && chown amm:amm /data /out
+    && mkdir -p /data /out /certs /ca /client \
+    && chown amm:amm /data /out /certs /ca /client \
+    && chmod 700 /ca
 
 COPY --from=build /opt/amm /opt/amm
 
@@ -62,6 +64,7 @@ COPY --from=build /opt/amm /opt/amm
 WORKDIR /app
 COPY benchmarks/traces /app/benchmarks/traces
 COPY docker/demo.sh /usr/local/bin/amm-demo
+COPY docker/certs.sh /usr/local/bin/amm-compose-certs
 
 USER amm
 # Both servers stop gracefully on SIGTERM: health NOT_SERVING, agents unregister, exit code 0.

@@ -12,6 +12,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from amm.base.security import Security
     from amm.client import AsyncClient, Client
     from amm.cluster import ClusterError, LocalCluster
     from amm.errors import AmmError
@@ -48,6 +49,7 @@ _HOMES = {
     "Rejection": "amm.models",
     "ReplicationGoal": "amm.models",
     "RetirementResult": "amm.models",
+    "Security": "amm.base.security",
     "Status": "amm.models",
     "WorkerInfo": "amm.models",
 }
@@ -69,6 +71,7 @@ __all__ = [
     "Rejection",
     "ReplicationGoal",
     "RetirementResult",
+    "Security",
     "Status",
     "WorkerInfo",
 ]

@@ -3,7 +3,9 @@
 ``init`` makes a CA and the default identities (amm, a shared agent, operator, reader); ``issue``
 adds or re-issues one (rotation: servers pick the new files up at their next handshake);
 ``token`` mints a bearer token, printed once on stdout (so ``T=$(amm certs token ...)`` works)
-with only its hash kept; ``revoke`` stops a name or a certificate serial at its next call. The
+with only its hash kept; ``revoke`` stops a name or a certificate serial at its next call;
+``publish`` copies what the servers (or clients) of some roles need, and never the CA's key, into
+another folder, such as the volume that docker-compose.yml mounts into the AMM and the agents. The
 work is done by ``amm.base.security``; this module is the command line around it.
 """
 
@@ -15,7 +17,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from amm.base.security import Identity, Role, SecurityError, init_directory, mint_token, revoke
-from amm.base.security.certs import CA_CERT, CA_KEY, LEAF_DAYS, CertificateAuthority, Issued
+from amm.base.security.certs import (
+    CA_CERT,
+    CA_KEY,
+    LEAF_DAYS,
+    CertificateAuthority,
+    Issued,
+    publish,
+)
 from amm.base.security.revocation import REVOKED_FILE, parse_serial
 from amm.base.security.tokens import TOKENS_FILE
 
@@ -66,6 +75,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     which = revoke_verb.add_mutually_exclusive_group(required=True)
     which.add_argument("--name", help="every certificate and token of this name")
     which.add_argument("--serial", metavar="HEX", help="one certificate, by its serial")
+    publish_verb = verbs.add_parser(
+        "publish",
+        help="copy what servers (or clients) of some roles need into DEST, never the CA's key",
+    )
+    folder(publish_verb)
+    publish_verb.add_argument("dest", type=Path, metavar="DEST", help="where to copy them")
+    publish_verb.add_argument(
+        "--role",
+        action="append",
+        choices=ROLES,
+        help="copy the identities of this role (repeatable; default: amm and agent)",
+    )
+    publish_verb.add_argument(
+        "--owner", type=_owner, metavar="UID:GID", help="give the copies to this owner"
+    )
+
+
+def _owner(text: str) -> tuple[int, int]:
+    uid, sep, gid = text.partition(":")
+    if not (sep and uid.isdigit() and gid.isdigit()):
+        raise argparse.ArgumentTypeError(f"expected UID:GID in numbers, got {text!r}")
+    return int(uid), int(gid)
 
 
 def _describe(issued: Issued) -> str:
@@ -87,7 +118,7 @@ def run_command(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     directory: Path = args.directory
     verb = args.certs_command
-    if verb in ("token", "revoke") and not (directory / CA_CERT).is_file():
+    if verb in ("token", "revoke", "publish") and not (directory / CA_CERT).is_file():
         raise SecurityError(f"{directory} holds no {CA_CERT}: is it a certs folder?")
     if verb == "init":
         issued = init_directory(directory, sans=_sans(args.san), days=args.days)
@@ -114,4 +145,8 @@ def _run(args: argparse.Namespace) -> int:
             f"revoked {line} in {directory / REVOKED_FILE}: servers reading it refuse it from "
             "its next call on (copy the file to servers that do not share this folder)"
         )
+    elif verb == "publish":
+        roles = [Role.parse(r) for r in args.role or ("amm", "agent")]
+        written = publish(directory, args.dest, roles, owner=args.owner)
+        print(f"{len(written)} files for {', '.join(r.value for r in roles)} in {args.dest}")
     return 0

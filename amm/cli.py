@@ -6,15 +6,25 @@ imports either. ``amm cluster`` runs a ``LocalCluster`` in the foreground. Every
 ``Client`` call whose result is printed as a plain-text table (see ``amm.tables``) or, with
 ``--json``, as JSON; ``amm health`` asks any server's grpc.health.v1 status, for container
 health checks. Failures print ``error: <STATUS>: <message>`` and exit 1, never a traceback.
+
+Client verbs and ``amm health`` speak TLS when ``AMM_TLS`` names a certs folder, presenting
+``AMM_IDENTITY`` (operator) and ``AMM_TOKEN``/``AMM_TOKEN_FILE`` if set (``Security.from_env``).
 """
 
+# ruff: noqa: E402 - the environment is set before grpc is first imported.
 from __future__ import annotations
+
+import os
+
+#: gRPC's C core reads its log level once, at import: quiet for the CLI, whose failures are one
+#: line of its own (a failed TLS handshake would add gRPC's INFO line), unless the user asked.
+QUIET_GRPC = "GRPC_VERBOSITY" not in os.environ
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 import argparse
 import contextlib
 import dataclasses
 import json
-import os
 import signal
 import sys
 import time
@@ -28,6 +38,8 @@ import grpc
 
 from amm import certs as certs_command
 from amm import health, tables
+from amm.base.security import Security, SecurityError
+from amm.base.security.credentials import ENV_TLS
 from amm.base.units import format_bytes, parse_duration
 from amm.client import DEFAULT_ADDRESS, Client
 from amm.cluster import AGENT_MODULE, SERVICE_MODULE, ClusterError, LocalCluster
@@ -44,6 +56,8 @@ def exec_module(module: str, args: Sequence[str]) -> NoReturn:
     """Replace this process with ``python -m module args...``."""
     sys.stdout.flush()
     sys.stderr.flush()
+    if QUIET_GRPC:  # servers log as gRPC does by default
+        os.environ.pop("GRPC_VERBOSITY", None)
     os.execv(sys.executable, [sys.executable, "-m", module, *args])
 
 
@@ -117,6 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="give the agents these zones in turn (failure domains)",
     )
     cluster.add_argument("--logs", action="store_true", help="show the processes' output")
+    cluster.add_argument(
+        "--tls",
+        action="store_true",
+        help="mutual TLS everywhere, with a throwaway CA and one identity per agent (deleted on "
+        "stop); prints the AMM_TLS to use",
+    )
 
     certs = sub.add_parser(
         "certs",
@@ -382,8 +402,9 @@ def run_cluster(args: argparse.Namespace) -> int:
             start=args.start,
             zones=args.zones,
             echo=sys.stderr if args.logs else None,
+            tls=args.tls,
         )
-        print(tables.render_cluster(cluster.address, cluster.workers), flush=True)
+        print(tables.render_cluster(cluster.address, cluster.workers, cluster.certs), flush=True)
         while True:
             # A worker retired and closed by the AMM leaves; the others and their data stay.
             for name in cluster.forget_departed_workers():
@@ -414,9 +435,20 @@ def _tell(line: str) -> None:
 
 def run_health(args: argparse.Namespace) -> int:
     """``amm health``: print the status; exit 0 only when SERVING (a container health check)."""
-    status = health.check(args.address or args.amm, args.service, args.health_timeout)
+    status = health.check(
+        args.address or args.amm, args.service, args.health_timeout, Security.from_env()
+    )
     print(status)
     return 0 if status == health.SERVING else 1
+
+
+def _hint(err: AmmError) -> str:
+    """What a plaintext client hitting a TLS server should try: gRPC only says the socket
+    closed."""
+    plaintext = not os.environ.get(ENV_TLS)
+    if plaintext and err.status is grpc.StatusCode.UNAVAILABLE and "Socket closed" in err.message:
+        return f" (if it serves TLS, set {ENV_TLS} to its certs folder)"
+    return ""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -454,13 +486,13 @@ def _main(argv: list[str]) -> int:
             return replay_command.run_command(args)
         if args.command == "certs":
             return certs_command.run_command(args)
-        with Client(args.amm, timeout=args.timeout) as client:
+        with Client(args.amm, timeout=args.timeout, security=Security.from_env()) as client:
             return run_verb(client, args)
     except AmmError as err:
-        print(f"error: {err.status.name}: {err.message}", file=sys.stderr)
+        print(f"error: {err.status.name}: {err.message}{_hint(err)}", file=sys.stderr)
     except BrokenPipeError:
         raise
-    except (ClusterError, OSError, TraceError, ReplayError, ImportError) as err:
+    except (ClusterError, SecurityError, OSError, TraceError, ReplayError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
     except KeyboardInterrupt:
         return 130

@@ -7,6 +7,11 @@ daemon thread; its methods are generated from the async ones by ``amm.blocking.f
 there is one body per verb. Every failure reaches the caller as ``AmmError`` with a gRPC status
 code; an address that cannot be reached is named in the message. Not covered here: policies,
 directives and agent registration, which belong to the service and the agents.
+
+With ``security`` (``Security.from_dir("certs/")``, an operator by default) every channel is TLS:
+the AMM must hold a certificate for the host dialled, and each agent one of the cluster CA, whatever
+address it advertises. A bearer token (``Security.from_dir(d, identity=None, token=...)``) reaches
+the AMM's token port only: agents take certificates.
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ import grpc
 
 from amm import batches
 from amm.base.checksum import checksum
-from amm.base.serving import CHANNEL_OPTIONS
+from amm.base.security import Role, Security
+from amm.base.serving import open_channel
 from amm.base.streams import Assembly, Overflow, ValueStreams, framed_chunks
 from amm.base.units import parse_duration
 from amm.blocking import Blocking, LoopThread, forward
@@ -172,10 +178,12 @@ class AsyncClient:
         *,
         timeout: float = 30.0,
         chunk_size: int = CHUNK_SIZE,
+        security: Security | None = None,
     ) -> None:
         if chunk_size <= 0:
             raise ValueError(f"chunk_size must be positive, not {chunk_size}")
         self.address = address
+        self.security = security
         self.timeout = timeout
         self.chunk_size = chunk_size
         self.amm = AsyncAmmControl(self)
@@ -185,7 +193,7 @@ class AsyncClient:
         self._closed = False
 
     def __repr__(self) -> str:
-        return f"<AsyncClient amm={self.address}>"
+        return f"<AsyncClient amm={self.address}{' tls' if self.security else ''}>"
 
     async def __aenter__(self) -> Self:
         return self
@@ -216,14 +224,14 @@ class AsyncClient:
     def _amm_stub(self) -> ActiveMemoryManagerAsyncStub:
         self._check_open()
         if self._stub is None:
-            self._channel = grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS)
+            self._channel = open_channel(self.address, self.security)
             self._stub = control_pb2_grpc.ActiveMemoryManagerStub(self._channel)
         return self._stub
 
     def _agent(self, address: str) -> tuple[grpc.aio.Channel, WorkerAgentAsyncStub, ValueStreams]:
         self._check_open()
         if address not in self._agents:
-            channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            channel = open_channel(address, self.security, expect=Role.AGENT)
             self._agents[address] = (
                 channel,
                 agent_pb2_grpc.WorkerAgentStub(channel),
@@ -646,8 +654,9 @@ class Client(Blocking[AsyncClient]):
         *,
         timeout: float = 30.0,
         chunk_size: int = CHUNK_SIZE,
+        security: Security | None = None,
     ) -> None:
-        target = AsyncClient(address, timeout=timeout, chunk_size=chunk_size)
+        target = AsyncClient(address, timeout=timeout, chunk_size=chunk_size, security=security)
         portal = LoopThread()
         super().__init__(target, portal)
         self.amm = AmmControl(target.amm, portal, self)
@@ -657,8 +666,12 @@ class Client(Blocking[AsyncClient]):
     def address(self) -> str:
         return self._target.address
 
+    @property
+    def security(self) -> Security | None:
+        return self._target.security
+
     def __repr__(self) -> str:
-        return f"<Client amm={self.address}>"
+        return f"<Client amm={self.address}{' tls' if self.security else ''}>"
 
     def __enter__(self) -> Self:
         return self

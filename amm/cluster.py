@@ -26,25 +26,37 @@ each stops by itself once its lifeline, a pipe only the owner writes to, reads e
 (``amm.base.lifeline``). Since nothing else would ever stop them, each child is registered for
 stopping the moment it is spawned: an interrupt or a failure at any point of the start stops the
 children already running.
+
+With ``tls=True`` the cluster runs on mutual TLS: a throwaway CA in a private temporary folder
+(``Security.temporary``), the AMM as ``amm``, each agent with its own identity ``worker-N``, and
+``cluster.security`` the operator's, for clients; the folder goes with the cluster. With
+``security=`` an existing certs folder is used instead, its agents sharing the ``agent``
+identity. The children never inherit TLS settings from this process's environment: a cluster is
+plaintext or TLS as asked, whatever ``AMM_TLS`` says.
 """
 
 from __future__ import annotations
 
 import collections
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import weakref
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from types import TracebackType
 from typing import IO, Self
 
 import grpc
 
 from amm.base.lifeline import Lifeline
+from amm.base.security import Role, Security
+from amm.base.security.identity import SHARED_AGENT_NAME
 from amm.client import Client
 from amm.errors import AmmError
 
@@ -53,6 +65,19 @@ AGENT_MODULE = "worker_agent"
 SERVICE_READY = "amm-service ready"
 AGENT_READY = "amm-agent ready"
 TAIL_LINES = 40
+#: What the service (``AMM_*``) and the agents (``AMM_AGENT_*``) read for TLS: left out of the
+#: children's inherited environment, so that only ``tls``/``security`` decide.
+TLS_VARIABLES = frozenset(
+    {
+        "AMM_TLS",
+        "AMM_TLS_IDENTITY",
+        "AMM_TOKEN_LISTEN",
+        "AMM_INSECURE",
+        "AMM_AGENT_TLS",
+        "AMM_AGENT_TLS_IDENTITY",
+        "AMM_AGENT_INSECURE",
+    }
+)
 
 
 class ClusterError(RuntimeError):
@@ -218,9 +243,14 @@ def _stop_all(processes: list[LocalProcess], timeout: float, sig: int = signal.S
 
 
 def _stop_cluster(
-    agents: list[LocalProcess], service: list[LocalProcess], timeout: float, line: Lifeline
+    agents: list[LocalProcess],
+    service: list[LocalProcess],
+    timeout: float,
+    line: Lifeline,
+    scratch: list[str],
 ) -> None:
-    """Agents first, then the AMM; anything that interrupts the waits kills what is left.
+    """Agents first, then the AMM; anything that interrupts the waits kills what is left. Then
+    the ``scratch`` folders (a throwaway CA) go.
 
     ``stop()`` runs once, so a second Ctrl-C while it waits would otherwise leave the AMM (and
     any agent not yet signalled) running in its own session, beyond anyone's reach. The lifeline
@@ -237,6 +267,8 @@ def _stop_cluster(
         raise
     finally:
         line.cut()
+        for folder in scratch:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 class LocalCluster:
@@ -247,7 +279,8 @@ class LocalCluster:
     ``service_args`` and ``agent_args`` are passed through verbatim; ``env`` extends the
     environment. ``zones`` are handed to the agents in turn (``--zone``): agent ``i`` gets
     ``zones[i % len(zones)]``. ``echo`` receives every output line of the children, prefixed by
-    their name.
+    their name. ``tls`` or ``security`` run it on mutual TLS (see the module doc);
+    ``cluster.security`` is then what a client presents.
     """
 
     def __init__(
@@ -265,10 +298,13 @@ class LocalCluster:
         timeout: float = 30.0,
         stop_timeout: float = 10.0,
         echo: IO[str] | None = None,
+        security: Security | None = None,
+        tls: bool = False,
     ) -> None:
         self.timeout = timeout
         self.stop_timeout = stop_timeout
-        self._env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        inherited = {k: v for k, v in os.environ.items() if k not in TLS_VARIABLES}
+        self._env = {**inherited, "PYTHONUNBUFFERED": "1", **(env or {})}
         self._agent_args = list(agent_args)
         self._zones = list(zones)
         self._echo = echo
@@ -277,10 +313,31 @@ class LocalCluster:
         self._count = 0
         # Children stop by themselves should this process die without stopping them.
         self._lifeline = Lifeline()
+        self._scratch: list[str] = []
         self._finalizer = weakref.finalize(
-            self, _stop_cluster, self._agents, self._service, stop_timeout, self._lifeline
+            self,
+            _stop_cluster,
+            self._agents,
+            self._service,
+            stop_timeout,
+            self._lifeline,
+            self._scratch,
         )
+        #: Each agent gets an identity of its own (we own the CA), else the shared one.
+        self._issue_agents = False
+        if security is None and tls:
+            self._scratch.append(tempfile.mkdtemp(prefix="amm-cluster-certs-"))
+            try:
+                security = Security.temporary(self._scratch[0])
+            except BaseException:
+                self.stop()
+                raise
+            self._issue_agents = True
+        #: The operator's TLS material (or the ``security`` given); None for plaintext.
+        self.security = security
         argv = ["--listen", listen]
+        if security is not None:
+            argv += ["--tls", str(security.directory), "--tls-identity", "amm"]
         if interval is not None:
             argv += ["--interval", format_interval(interval)]
         if start is not None:
@@ -332,6 +389,9 @@ class LocalCluster:
             name = f"worker-{self._count}"
             self._count += 1
             args = ["--amm", self.address, "--listen", "127.0.0.1:0", "--name", name]
+            if self.security is not None:
+                identity = self._identity(name)
+                args += ["--tls", str(self.security.directory), "--tls-identity", identity]
             if self._zones:
                 args += ["--zone", self._zones[(self._count - 1) % len(self._zones)]]
             agent = self._spawn(name, AGENT_MODULE, [*args, *self._agent_args])
@@ -340,6 +400,18 @@ class LocalCluster:
         addresses = [agent.wait_ready(deadline) for agent in started]
         self.wait_for_workers(addresses, deadline - time.monotonic())
         return addresses
+
+    def _identity(self, name: str) -> str:
+        if not self._issue_agents:
+            return SHARED_AGENT_NAME
+        assert self.security is not None
+        self.security.issue(Role.AGENT, name)
+        return name
+
+    @property
+    def certs(self) -> Path | None:
+        """The certs folder, for ``AMM_TLS``; None for plaintext."""
+        return self.security.directory if self.security is not None else None
 
     def exited(self) -> dict[str, int]:
         """Exit codes of the processes that ended without being stopped, by process name."""
@@ -371,7 +443,7 @@ class LocalCluster:
         polled each once (or tried to): ``amm workers`` then shows their status and memory."""
         deadline = time.monotonic() + timeout
         missing = set(addresses)
-        with Client(self.address, timeout=max(1.0, timeout)) as client:
+        with Client(self.address, timeout=max(1.0, timeout), security=self.security) as client:
             while True:
                 try:
                     missing = set(addresses) - {

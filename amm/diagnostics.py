@@ -14,7 +14,8 @@ The API is that of ``distributed.diagnostics.MemorySampler``::
     ms.plot(align=True, grid=True)            # matplotlib axes
 
 With an ``AsyncClient``, ``async with ms.sample(...)`` does the same on the running loop. Without
-a client, the sampler connects to ``$AMM_ADDRESS`` (or 127.0.0.1:50051) for the sampling's length.
+a client, the sampler connects to ``$AMM_ADDRESS`` (or 127.0.0.1:50051) for the sampling's length,
+over TLS when ``$AMM_TLS`` names a certs folder.
 
 Each sample asks the AMM for its workers after polling every agent (``ListWorkers`` with
 ``fresh``), so samples are current whether or not the AMM is running cycles, and sums the
@@ -37,6 +38,7 @@ from collections.abc import Callable, Sequence
 from types import ModuleType, TracebackType
 from typing import TYPE_CHECKING, Any, Literal, Self
 
+from amm.base.security import Security
 from amm.client import DEFAULT_ADDRESS, AsyncClient, Client
 from amm.errors import AmmError
 from amm.models import WorkerInfo
@@ -119,7 +121,7 @@ class _Sampling:
         if isinstance(client, AsyncClient):
             raise TypeError("sample() with an AsyncClient is used as `async with`")
         if client is None:
-            client = Client(_default_address())
+            client = Client(_default_address(), security=Security.from_env())
             self._own_client = client
         self._begin()
         try:
@@ -169,7 +171,7 @@ class _Sampling:
         if isinstance(client, Client):
             raise TypeError("sample() with a blocking Client is used as `with`, not `async with`")
         if client is None:
-            client = AsyncClient(_default_address())
+            client = AsyncClient(_default_address(), security=Security.from_env())
             self._own_client = client
         self._begin()
         try:

@@ -2,7 +2,9 @@
 
 The AMM and every agent serve the standard health service (``amm.base.serving``), NOT_SERVING
 from the moment they begin to stop. Asking it from the ``amm`` command means an image needs no
-separate ``grpc_health_probe`` binary. Synchronous: a probe runs once and exits.
+separate ``grpc_health_probe`` binary. Synchronous: a probe runs once and exits. Health is open to
+every caller, but a mutual-TLS port still wants a certificate of the cluster CA in the handshake:
+a probe inside a container presents the server's own (``AMM_TLS``, ``AMM_IDENTITY``).
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from amm.base.security import Security
+from amm.base.serving import open_blocking_channel
 from amm.errors import AmmError
 
 SERVING = "SERVING"
@@ -17,14 +21,19 @@ SERVING = "SERVING"
 DEFAULT_TIMEOUT = 3.0
 
 
-def check(address: str, service: str = "", timeout: float = DEFAULT_TIMEOUT) -> str:
+def check(
+    address: str,
+    service: str = "",
+    timeout: float = DEFAULT_TIMEOUT,
+    security: Security | None = None,
+) -> str:
     """The status the server at ``address`` reports for ``service`` ("" = the server as a whole):
     ``SERVING``, ``NOT_SERVING``, ...
 
     Raises ``AmmError`` when no status can be had: nothing listens, no answer within ``timeout``
     seconds, or the server knows no such service (NOT_FOUND).
     """
-    with grpc.insecure_channel(address) as channel:
+    with open_blocking_channel(address, security) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             response = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 
 from amm.base.units import format_bytes, format_duration
 from amm.models import (
@@ -277,14 +278,17 @@ def render_retirements(results: Sequence[RetirementResult]) -> str:
     return render_table(("WORKER", "RETIRED", "CLOSED", "REASON"), rows)
 
 
-def render_cluster(address: str, workers: Sequence[str]) -> str:
-    """What ``amm cluster`` prints once everything is up."""
+def render_cluster(address: str, workers: Sequence[str], certs: Path | None = None) -> str:
+    """What ``amm cluster`` prints once everything is up; ``certs``: its TLS folder, if any."""
     rows = [("amm", address), *((f"worker-{i}", w) for i, w in enumerate(workers))]
+    exports = [f"export AMM_ADDRESS={address}   # then: amm status, amm workers, ..."]
+    if certs is not None:
+        exports.append(f"export AMM_TLS={certs}   # mutual TLS: the operator's certificate")
     return "\n".join(
         [
             render_table(("PROCESS", "ADDRESS"), rows),
             "",
-            f"export AMM_ADDRESS={address}   # then: amm status, amm workers, ...",
+            *exports,
             "Press Ctrl-C to stop the cluster.",
         ]
     )

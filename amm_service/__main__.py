@@ -13,6 +13,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from amm.base.security import SecurityError
 from amm_service.api.server import run
 from amm_service.config import ConfigError, load_config
 from amm_service.policies import PolicyError
@@ -45,6 +46,24 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--metrics-listen", metavar="HOST:PORT", help="serve Prometheus metrics over HTTP (none)"
     )
+    p.add_argument(
+        "--tls",
+        metavar="DIR",
+        help="certs folder (amm certs init): mutual TLS and roles on every call [env AMM_TLS]",
+    )
+    p.add_argument("--tls-identity", metavar="NAME", help="the identity of DIR to present (amm)")
+    p.add_argument(
+        "--token-listen",
+        metavar="HOST:PORT",
+        help="a second TLS port where bearer tokens authenticate (needs --tls)",
+    )
+    p.add_argument(
+        "--insecure",
+        action="store_const",
+        const=True,
+        default=None,
+        help="allow plaintext on a non-loopback address (anyone reaching it steers the AMM)",
+    )
     return p
 
 
@@ -61,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         asyncio.run(run(config))
-    except (PolicyError, StateError, OSError) as err:
+    except (PolicyError, StateError, SecurityError, OSError) as err:
         print(f"amm service: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

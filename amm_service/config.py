@@ -21,6 +21,8 @@ from typing import Any
 
 import yaml
 
+from amm.base.security import SecurityError
+from amm.base.security.identity import check_name
 from amm.base.units import parse_duration
 from amm_service.decisions.view import MEASURES, Measure
 
@@ -46,6 +48,12 @@ ENV_VARS: Mapping[str, str] = MappingProxyType(
         "tombstone_ttl": "AMM_TOMBSTONE_TTL",
         "log_level": "AMM_LOG_LEVEL",
         "metrics_listen": "AMM_METRICS_LISTEN",
+        # AMM_TLS is also where the CLI finds its certs folder (amm.base.security): one variable
+        # for a machine that runs both.
+        "tls": "AMM_TLS",
+        "tls_identity": "AMM_TLS_IDENTITY",
+        "token_listen": "AMM_TOKEN_LISTEN",
+        "insecure": "AMM_INSECURE",
     }
 )
 """Field -> the environment variable that sets it. Only these names are read and validated: other
@@ -126,6 +134,17 @@ class AmmConfig:
     under way are discarded and none is planned, until the key is put again. Default 10m."""
     metrics_listen: str | None = None
     """``HOST:PORT`` to serve Prometheus metrics on over HTTP; unset serves none. Default unset."""
+    tls: str | None = None
+    """The certs folder (``amm certs init``): serve mutual TLS, authorize every call by role, and
+    dial agents with this identity. Default (unset): plaintext, on loopback only."""
+    tls_identity: str = "amm"
+    """Which identity of the certs folder the AMM presents; it must have the amm role."""
+    token_listen: str | None = None
+    """``HOST:PORT`` of a second, TLS port where bearer tokens (``amm certs token``)
+    authenticate; needs ``tls``. Default (unset): none."""
+    insecure: bool = False
+    """Serve plaintext on an address other than loopback, where anyone who can reach it may
+    steer the AMM. Default off: such a ``listen`` without ``tls`` refuses to start."""
 
     @property
     def stale_seconds(self) -> float:
@@ -149,26 +168,25 @@ def _choice(name: str, value: object, source: str, allowed: Sequence[str]) -> Co
     return _fail(name, value, source, f"choose one of {', '.join(sorted(allowed))}")
 
 
-def _listen(value: object, source: str, name: str = "listen") -> str:
-    match = _LISTEN.match(value) if isinstance(value, str) else None
-    if match is None or int(match["port"]) > 65535:
-        raise _fail(
-            name,
-            value,
-            source,
-            "expected HOST:PORT with port 0-65535, e.g. "
-            "127.0.0.1:50051, 0.0.0.0:50051 or [::1]:50051",
-        )
-    if match["v6"] is not None:
-        try:
-            ipaddress.IPv6Address(match["v6"])
-        except ValueError as exc:
-            raise _fail(name, value, source, f"bad IPv6 address in brackets: {exc}") from None
-    return str(value)
+def _address(name: str) -> Callable[[object, str], str]:
+    def convert(value: object, source: str) -> str:
+        match = _LISTEN.match(value) if isinstance(value, str) else None
+        if match is None or int(match["port"]) > 65535:
+            raise _fail(
+                name,
+                value,
+                source,
+                "expected HOST:PORT with port 0-65535, e.g. "
+                "127.0.0.1:50051, 0.0.0.0:50051 or [::1]:50051",
+            )
+        if match["v6"] is not None:
+            try:
+                ipaddress.IPv6Address(match["v6"])
+            except ValueError as exc:
+                raise _fail(name, value, source, f"bad IPv6 address in brackets: {exc}") from None
+        return str(value)
 
-
-def _metrics_listen(value: object, source: str) -> str:
-    return _listen(value, source, "metrics_listen")
+    return convert
 
 
 def _duration(name: str) -> Callable[[object, str], float]:
@@ -186,13 +204,31 @@ def _duration(name: str) -> Callable[[object, str], float]:
     return convert
 
 
-def _bool(value: object, source: str) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower() if isinstance(value, str | int) else ""
-    if text in _TRUE or text in _FALSE:
-        return text in _TRUE
-    raise _choice("start", value, source, sorted(_TRUE | _FALSE))
+def _bool(name: str) -> Callable[[object, str], bool]:
+    def convert(value: object, source: str) -> bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower() if isinstance(value, str | int) else ""
+        if text in _TRUE or text in _FALSE:
+            return text in _TRUE
+        raise _choice(name, value, source, sorted(_TRUE | _FALSE))
+
+    return convert
+
+
+def _folder(value: object, source: str) -> str:
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if not isinstance(value, str) or not value.strip():
+        raise _fail("tls", value, source, "expected a certs folder (amm certs init DIR)")
+    return value
+
+
+def _identity(value: object, source: str) -> str:
+    try:
+        return check_name(value if isinstance(value, str) else "")
+    except SecurityError as err:
+        raise _fail("tls_identity", value, source, str(err)) from None
 
 
 def _measure(value: object, source: str) -> Measure:
@@ -271,9 +307,9 @@ def _policies(value: object, source: str) -> tuple[PolicySpec, ...]:
 
 
 _CONVERTERS: Mapping[str, Callable[[object, str], object]] = {
-    "listen": _listen,
+    "listen": _address("listen"),
     "interval": _duration("interval"),
-    "start": _bool,
+    "start": _bool("start"),
     "measure": _measure,
     "policies": _policies,
     "state_path": _state_path,
@@ -287,7 +323,11 @@ _CONVERTERS: Mapping[str, Callable[[object, str], object]] = {
     "max_incoming_transfers": _count("max_incoming_transfers"),
     "max_outgoing_transfers": _count("max_outgoing_transfers"),
     "tombstone_ttl": _duration("tombstone_ttl"),
-    "metrics_listen": _metrics_listen,
+    "metrics_listen": _address("metrics_listen"),
+    "tls": _folder,
+    "tls_identity": _identity,
+    "token_listen": _address("token_listen"),
+    "insecure": _bool("insecure"),
 }
 
 
@@ -354,4 +394,6 @@ def load_config(
         name = _field_name(key, "overrides")
         if value is not None:
             values[name] = _CONVERTERS[name](value, f"--{name.replace('_', '-')}")
+    if values.get("token_listen") and not values.get("tls"):
+        raise ConfigError("token_listen needs tls: bearer tokens travel over TLS only (--tls DIR)")
     return replace(AmmConfig(), **values)

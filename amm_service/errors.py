@@ -32,6 +32,12 @@ class Unavailable(AmmServiceError):
     status = grpc.StatusCode.UNAVAILABLE
 
 
+class PermissionDenied(AmmServiceError):
+    """An authenticated caller asked for something its identity may not do (``caller()``)."""
+
+    status = grpc.StatusCode.PERMISSION_DENIED
+
+
 def listing(items: Sequence[str], limit: int = 10) -> str:
     """``a, b, c`` — at most ``limit`` items, then how many more."""
     shown = ", ".join(repr(i) for i in items[:limit])

@@ -15,8 +15,14 @@ per GB moved (medians too): on a machine shared with other work, wall time says 
 sees and CPU time what the code costs, which the neighbours' load barely changes. At most
 ``--concurrency`` values are in flight at once. The load average is printed with the table.
 
+``--tls both`` runs a second pair of agents on mutual TLS (a throwaway CA; the client presents
+the operator's certificate, the Directives and Deletes the AMM's) and alternates the two pairs
+repeat by repeat, so that the machine's load weighs on both alike; the rows say ``plain`` or
+``tls``, and the last lines give each TLS median as a fraction of the plaintext one.
+
     python benchmarks/bench_transfer.py                      # 64MiBx16 1MiBx256 10KiBx10000
     python benchmarks/bench_transfer.py --sizes 64MiBx16 --ops peer --repeat 5 --json out.json
+    python benchmarks/bench_transfer.py --sizes 64MiBx16 --ops peer --tls both   # TLS's cost
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -39,10 +46,11 @@ import grpc
 import psutil
 
 from amm.base.checksum import checksum
-from amm.base.serving import CHANNEL_OPTIONS
+from amm.base.security import Role, Security
+from amm.base.serving import open_channel
 from amm.base.units import parse_size
 from amm.client import AsyncClient
-from amm.cluster import AGENT_MODULE, AGENT_READY, LocalProcess
+from amm.cluster import AGENT_MODULE, AGENT_READY, TLS_VARIABLES, LocalProcess
 from amm.v1 import agent_pb2, agent_pb2_grpc, types_pb2
 
 if TYPE_CHECKING:
@@ -66,6 +74,8 @@ class Row:
     size: int
     count: int
     concurrency: int
+    #: Whether the agents ran on mutual TLS.
+    tls: bool = False
     seconds: list[float] = field(default_factory=list)
     #: CPU seconds of each role per repeat.
     cpu: dict[str, list[float]] = field(default_factory=lambda: {r: [] for r in ROLES})
@@ -89,6 +99,7 @@ class Row:
             "size": self.size,
             "count": self.count,
             "concurrency": self.concurrency,
+            "tls": self.tls,
             "seconds": self.seconds,
             "gbps": [self.total_bytes / s / 1e9 for s in self.seconds],
             "median_gbps": self.median_gbps,
@@ -122,6 +133,13 @@ class Agents:
     a: str
     b: str
     processes: dict[str, psutil.Process]
+    #: The operator's TLS material (the client's); None for plaintext agents.
+    security: Security | None = None
+
+    @property
+    def amm(self) -> Security | None:
+        """What the bench presents when it plays the AMM (Directives, Delete)."""
+        return self.security.as_identity("amm") if self.security is not None else None
 
     def cpu(self) -> dict[str, float]:
         """CPU seconds (user + system, all threads) of each role so far."""
@@ -143,14 +161,20 @@ def minor_faults(pid: int) -> int:
 
 
 @contextlib.contextmanager
-def agent_processes(agent_args: Sequence[str]) -> Iterator[Agents]:
-    """Agents A and B as standalone processes. SIGTERM, then SIGKILL, at exit."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+def agent_processes(
+    agent_args: Sequence[str], security: Security | None = None
+) -> Iterator[Agents]:
+    """Agents A and B as standalone processes, on TLS with ``security``'s folder (the shared
+    agent identity). SIGTERM, then SIGKILL, at exit."""
+    inherited = {k: v for k, v in os.environ.items() if k not in TLS_VARIABLES}
+    env = {**inherited, "PYTHONUNBUFFERED": "1"}
+    tls = ["--tls", str(security.directory)] if security is not None else []
     processes: list[LocalProcess] = []
     try:
         for name in ("A", "B"):
-            argv = [sys.executable, "-m", AGENT_MODULE, "--log-level", "WARNING", *agent_args]
-            processes.append(LocalProcess(f"agent-{name}", argv, AGENT_READY, env, None))
+            argv = [sys.executable, "-m", AGENT_MODULE, "--log-level", "WARNING", *tls, *agent_args]
+            label = f"agent-{name}{'-tls' if security else ''}"
+            processes.append(LocalProcess(label, argv, AGENT_READY, env, None))
         deadline = time.monotonic() + 30
         a, b = (process.wait_ready(deadline) for process in processes)
         yield Agents(
@@ -161,6 +185,7 @@ def agent_processes(agent_args: Sequence[str]) -> Iterator[Agents]:
                 "B": psutil.Process(processes[1].popen.pid),
                 "client": psutil.Process(),
             },
+            security,
         )
     finally:
         for process in processes:
@@ -242,22 +267,33 @@ async def delete_all(stub: WorkerAgentAsyncStub, keys: Sequence[str]) -> None:
 
 
 async def measure_shape(
-    agents: Agents, size: int, count: int, concurrency: int, repeat: int, ops: Sequence[str]
+    agents: Agents,
+    values: Sequence[bytes],
+    concurrency: int,
+    repeat: int,
+    ops: Sequence[str],
 ) -> list[Row]:
-    values = [os.urandom(size) for _ in range(count)]
+    size, count = len(values[0]), len(values)
     digests = [checksum(v) for v in values]
     keys = [f"v-{i}" for i in range(count)]
-    rows = {op: Row(op, size, count, concurrency) for op in OPS if op in ops}
+    tls = agents.security is not None
+    rows = {op: Row(op, size, count, concurrency, tls) for op in OPS if op in ops}
 
     def progress(op: str) -> None:
-        print(f"  {op} {label(size)} x {count} c={concurrency}...", file=sys.stderr, flush=True)
+        print(
+            f"  {op} {label(size)} x {count} c={concurrency} {'tls' if tls else 'plain'}...",
+            file=sys.stderr,
+            flush=True,
+        )
 
     async with contextlib.AsyncExitStack() as stack:
         # The client's AMM address is never dialled: put and get name the worker.
-        client = await stack.enter_async_context(AsyncClient("127.0.0.1:1", timeout=CALL_TIMEOUT))
+        client = await stack.enter_async_context(
+            AsyncClient("127.0.0.1:1", timeout=CALL_TIMEOUT, security=agents.security)
+        )
         stubs: list[WorkerAgentAsyncStub] = []
         for address in (agents.a, agents.b):
-            channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            channel = open_channel(address, agents.amm, expect=Role.AGENT)
             await stack.enter_async_context(channel)
             stubs.append(agent_pb2_grpc.WorkerAgentStub(channel))
         stub_a, stub_b = stubs
@@ -314,27 +350,61 @@ def format_row(row: Row) -> str:
     cpu = " ".join(f"{row.cpu_per_gb(role):>6.2f}" for role in ROLES)
     return (
         f"{row.op:<5} {label(row.size):>6} x {row.count:<6} {row.concurrency:>4} "
+        f"{'tls' if row.tls else 'plain':<5} "
         f"{row.median_gbps:>7.3f} {rates[0]:>7.3f} {rates[-1]:>7.3f}   {cpu}"
     )
 
 
 HEADER = (
-    f"{'op':<5} {'value':>6} x {'count':<6} {'conc':>4} {'median':>7} {'min':>7} {'max':>7}   "
+    f"{'op':<5} {'value':>6} x {'count':<6} {'conc':>4} {'':<5} {'median':>7} {'min':>7} "
+    f"{'max':>7}   "
     + " ".join(f"{role:>6}" for role in ROLES)
     + "\n"
-    + f"{'':<30}{'GB/s':^23}   {'CPU s per GB':^20}"
+    + f"{'':<36}{'GB/s':^23}   {'CPU s per GB':^20}"
 )
 
 
-async def run(args: argparse.Namespace, agents: Agents) -> list[Row]:
-    rows: list[Row] = []
+def merge(into: dict[tuple[object, ...], Row], rows: Sequence[Row]) -> None:
+    """Add one repeat's measures to the rows of the same shape, op and transport."""
+    for row in rows:
+        key = (row.op, row.size, row.count, row.concurrency, row.tls)
+        kept = into.setdefault(key, Row(row.op, row.size, row.count, row.concurrency, row.tls))
+        kept.seconds += row.seconds
+        for role in ROLES:
+            kept.cpu[role] += row.cpu[role]
+            kept.faults[role] += row.faults[role]
+
+
+async def run(args: argparse.Namespace, pairs: Sequence[Agents]) -> list[Row]:
+    """Each shape on each pair of agents, the pairs taking turns repeat by repeat."""
+    rows: dict[tuple[object, ...], Row] = {}
     for size, count in args.sizes:
+        values = [os.urandom(size) for _ in range(count)]
         for concurrency in args.concurrency:
-            shape = await measure_shape(agents, size, count, concurrency, args.repeat, args.ops)
-            for row in shape:
-                print(format_row(row), file=sys.stderr, flush=True)
-            rows.extend(shape)
-    return rows
+            for _ in range(args.repeat):
+                for agents in pairs:
+                    merge(rows, await measure_shape(agents, values, concurrency, 1, args.ops))
+            for row in rows.values():
+                if (row.size, row.count, row.concurrency) == (size, count, concurrency):
+                    print(format_row(row), file=sys.stderr, flush=True)
+    return list(rows.values())
+
+
+def tls_ratios(rows: Sequence[Row]) -> list[str]:
+    """Each TLS median as a fraction of the plaintext one of the same shape and op."""
+    plain = {(r.op, r.size, r.count, r.concurrency): r for r in rows if not r.tls}
+    lines = []
+    for row in rows:
+        base = plain.get((row.op, row.size, row.count, row.concurrency))
+        if row.tls and base is not None:
+            lines.append(
+                f"tls/plain {row.op} {label(row.size)} x {row.count} c={row.concurrency}: "
+                f"{row.median_gbps / base.median_gbps:.2f} of the throughput "
+                f"({row.median_gbps:.3f} vs {base.median_gbps:.3f} GB/s); CPU s/GB "
+                f"A {row.cpu_per_gb('A'):.2f} vs {base.cpu_per_gb('A'):.2f}, "
+                f"B {row.cpu_per_gb('B'):.2f} vs {base.cpu_per_gb('B'):.2f}"
+            )
+    return lines
 
 
 def main() -> None:
@@ -360,15 +430,30 @@ def main() -> None:
         default=[],
         help="passed to both agents (repeatable), e.g. --agent-arg=--log-level=INFO",
     )
+    parser.add_argument(
+        "--tls",
+        choices=("off", "on", "both"),
+        default="off",
+        help="agents on plaintext (off), mutual TLS (on), or both, alternating (default off)",
+    )
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
     args = parser.parse_args()
     load_before = os.getloadavg()
-    with agent_processes(args.agent_arg) as agents:
-        rows = asyncio.run(run(args, agents))
+    with contextlib.ExitStack() as stack:
+        pairs = []
+        if args.tls in ("off", "both"):
+            pairs.append(stack.enter_context(agent_processes(args.agent_arg)))
+        if args.tls in ("on", "both"):
+            folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-certs-"))
+            security = Security.temporary(folder)
+            pairs.append(stack.enter_context(agent_processes(args.agent_arg, security)))
+        rows = asyncio.run(run(args, pairs))
     load_after = os.getloadavg()
     print(HEADER)
     for row in rows:
         print(format_row(row))
+    for line in tls_ratios(rows):
+        print(line)
     print(
         f"load average (1, 5, 15 min): before {' '.join(f'{x:.2f}' for x in load_before)}, "
         f"after {' '.join(f'{x:.2f}' for x in load_after)}; {os.cpu_count()} CPUs"
@@ -379,6 +464,7 @@ def main() -> None:
             "load_before": load_before,
             "load_after": load_after,
             "agent_args": args.agent_arg,
+            "tls": args.tls,
             "repeat": args.repeat,
         }
         args.json.write_text(json.dumps(report, indent=2) + "\n")

@@ -13,6 +13,12 @@ Stopping, always with exit code 0:
 - SIGINT (Ctrl-C), or a second signal while draining: stop at once (the AMM records what only
   this worker held as lost).
 - An accepted ``Close`` call (the AMM makes it once the worker is retired): it holds nothing.
+
+``--tls DIR`` (or ``AMM_AGENT_TLS``, else ``AMM_TLS``) serves mutual TLS and dials the AMM and
+peers with an agent identity of the certs folder: ``--tls-identity``, else the ``--name`` when
+the folder holds a certificate of that name, else the shared ``agent``. The worker's name defaults
+to a named certificate's name (the AMM accepts no other from it); with the shared identity it is
+the advertised address, as without TLS.
 """
 
 from __future__ import annotations
@@ -25,9 +31,14 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 from amm.base import lifeline
+from amm.base.security import Security, SecurityError
+from amm.base.security.certs import cert_path
+from amm.base.security.credentials import ENV_TLS
+from amm.base.security.identity import SHARED_AGENT_NAME
 from amm.base.units import parse_duration, parse_size
 from worker_agent.agent import Agent
 from worker_agent.config import DEFAULT_MAX_LEASE, DEFAULT_PAUSE_FRACTION, AgentConfig
@@ -117,11 +128,56 @@ def build_parser() -> argparse.ArgumentParser:
         "serve Prometheus metrics over HTTP on HOST:PORT, e.g. 0.0.0.0:9100 (default: none)",
     )
     add("--log-level", "DEBUG, INFO, WARNING or ERROR", default="INFO", type=_log_level)
+    add(
+        "--tls",
+        f"certs folder (amm certs init): mutual TLS and roles on every call (else ${ENV_TLS})",
+        metavar="DIR",
+    )
+    add(
+        "--tls-identity",
+        "the agent identity of DIR to present (default: --name if DIR has its certificate, "
+        f"else the shared {SHARED_AGENT_NAME!r})",
+        metavar="NAME",
+    )
+    add(
+        "--insecure",
+        "allow plaintext on an address other than loopback (anyone reaching it reads all data)",
+        action="store_const",
+        const=True,
+        default=False,
+    )
     return parser
 
 
+def _switch(flag: str, value: object) -> bool:
+    """A switch given as a flag (True) or through its variable (``true``/``false``...)."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("", "0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{flag} is a switch: set its variable to true or false, not {value!r}")
+
+
+def _security(args: argparse.Namespace) -> Security | None:
+    """The agent's TLS material, from --tls or $AMM_TLS; None for plaintext."""
+    folder = args.tls or os.environ.get(ENV_TLS)
+    if not folder:
+        if args.tls_identity:
+            raise ValueError("--tls-identity needs --tls DIR")
+        return None
+    identity = args.tls_identity
+    if identity is None:
+        named = args.name and cert_path(Path(folder), args.name).is_file()
+        identity = args.name if named else SHARED_AGENT_NAME
+    return Security.from_dir(folder, identity=identity)
+
+
 def config_from_args(args: argparse.Namespace) -> AgentConfig:
-    """Raises ValueError with the setting named when a value is out of range."""
+    """Raises ValueError with the setting named when a value is out of range, SecurityError
+    when the TLS files are missing or unusable."""
     overrides: dict[str, Any] = {
         "amm": args.amm or None,
         "listen": args.listen,
@@ -129,6 +185,8 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         "name": args.name or None,
         "zone": args.zone or "",
         "metrics_listen": args.metrics_listen or None,
+        "security": _security(args),
+        "insecure": _switch("--insecure", args.insecure),
     }
     for field in ("memory_limit", "lease", "chunk_size", "drain_grace"):
         value = getattr(args, field)
@@ -185,13 +243,14 @@ class _Signals:
 
 
 async def run(config: AgentConfig) -> int:
-    """Serve until a signal (see the module docstring); 1 when the address cannot be bound."""
+    """Serve until a signal (see the module docstring); 1 when the address cannot be bound (or
+    may not be, in plaintext)."""
     signals = _Signals()
     with signals.installed():
         agent = Agent(config)
         try:
             await agent.start()
-        except OSError as err:
+        except (OSError, SecurityError) as err:
             print(f"amm-agent: {err}", file=sys.stderr)
             await agent.stop()
             return 1
@@ -240,7 +299,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         config = config_from_args(args)
-    except ValueError as err:
+    except (ValueError, SecurityError) as err:
         parser.error(str(err))
     logging.basicConfig(
         level=args.log_level,

@@ -26,7 +26,7 @@ import grpc
 from google.protobuf.duration_pb2 import Duration
 
 from amm.base.metrics import MetricsEndpoint
-from amm.base.serving import CHANNEL_OPTIONS, Served, bound_address, serve
+from amm.base.serving import CHANNEL_OPTIONS, Served, bound_address, open_channel, serve
 from amm.base.validation import address_problem, epoch_problem
 from amm.v1 import control_pb2, control_pb2_grpc
 from worker_agent import metrics
@@ -202,6 +202,8 @@ class Agent:
             [lambda server: add_to_server(servicer, server)],
             [SERVICE_NAME],
             interceptors=self.metrics.interceptors if self.metrics is not None else (),
+            security=self.config.security,
+            insecure=self.config.insecure,
         )
         if self.metrics is not None:
             self.metrics.start()
@@ -220,15 +222,18 @@ class Agent:
         if self.config.amm:
             # Its own subchannel pool: a confirmation refused while the AMM starts (it polls
             # before it serves) must not put other channels of this process into backoff.
-            self._amm_channel = grpc.aio.insecure_channel(
-                self.config.amm, options=[*CHANNEL_OPTIONS, ("grpc.use_local_subchannel_pool", 1)]
+            self._amm_channel = open_channel(
+                self.config.amm,
+                self.config.security,
+                options=[*CHANNEL_OPTIONS, ("grpc.use_local_subchannel_pool", 1)],
             )
             self._amm = control_pb2_grpc.ActiveMemoryManagerStub(self._amm_channel)
             self._spawn(self._register(self._amm), "agent registration")
         log.info(
-            "agent %s serving on %s (incarnation %s)",
+            "agent %s serving on %s%s (incarnation %s)",
             self.node.name,
             self.address,
+            " with mutual TLS" if self.config.security else "",
             self.incarnation,
         )
 
@@ -390,9 +395,10 @@ class Agent:
                     warned_at = now
                 log.log(
                     logging.WARNING if warn else logging.DEBUG,
-                    "cannot register with %s yet (%s, %d attempts); retrying",
+                    "cannot register with %s yet (%s: %s; %d attempts); retrying",
                     self.config.amm,
                     err.code().name,
+                    err.details(),
                     attempts,
                 )
                 await asyncio.sleep(delay)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from amm.base.security import Role, Security
 from amm.base.serving import MAX_MESSAGE_BYTES
 from amm.base.validation import address_problem, name_problem, zone_problem
 
@@ -37,7 +38,8 @@ class AgentConfig:
     #: Address peers and the AMM dial; defaults to the bound listen address. ``"auto"``: this
     #: machine's IP on the route to the AMM with the bound port (replicated containers).
     advertise: str | None = None
-    #: Human-readable name reported to the AMM; defaults to the advertised address.
+    #: Human-readable name reported to the AMM; defaults to the name of a named agent certificate
+    #: (``security``), else to the advertised address.
     name: str | None = None
     #: The failure domain (rack, zone, host group) reported to the AMM, which spreads the copies
     #: of a key over zones first; empty: none.
@@ -98,6 +100,13 @@ class AgentConfig:
     tombstone_ttl: float = 3600.0
     #: Address (``host:port``) to serve Prometheus metrics on over HTTP; None serves none.
     metrics_listen: str | None = None
+    #: TLS material (``Security.from_dir(DIR, identity)``, an agent identity): the server is
+    #: mutual TLS with every call authorized by role, and the agent dials the AMM and its peers
+    #: with this identity. None: plaintext, as on loopback.
+    security: Security | None = None
+    #: Serve plaintext on an address other than loopback, where anyone who can reach it may
+    #: read and write values; without it such a ``listen`` refuses to start.
+    insecure: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -163,6 +172,13 @@ class AgentConfig:
             )
         if self.max_peer_channels < 1:
             raise ValueError(f"max_peer_channels must be >= 1, got {self.max_peer_channels}")
+        if self.security is not None:
+            identity = self.security.identity()
+            if identity is None or identity.role is not Role.AGENT:
+                raise ValueError(
+                    f"{self.security.cert} is {identity or 'no identity'}: an agent serves with "
+                    "an agent identity (--tls-identity)"
+                )
         if self.max_concurrent_directives < 1:
             raise ValueError(
                 f"max_concurrent_directives must be >= 1, got {self.max_concurrent_directives}"

@@ -18,6 +18,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
+from amm.base.security.identity import SHARED_AGENT_NAME
 from amm.base.validation import epoch_problem
 from worker_agent import integrity
 from worker_agent.config import AgentConfig
@@ -147,6 +148,7 @@ class Node:
             max_value_bytes=config.max_value_bytes,
             max_channels=config.max_peer_channels,
             traffic=self.traffic,
+            security=config.security,
         )
         self.memory = MemoryMonitor(
             probe,
@@ -160,6 +162,11 @@ class Node:
             None
             if amm is None
             else Confirmations(amm, epoch=lambda: self.newest_epoch, adopt=self.observe_epoch)
+        )
+        identity = config.security.identity() if config.security is not None else None
+        #: A named agent certificate's name: the only one the AMM lets this agent register as.
+        self._certified_name = (
+            identity.name if identity is not None and identity.name != SHARED_AGENT_NAME else None
         )
         self.runner = DirectiveRunner(
             config=config,
@@ -175,7 +182,8 @@ class Node:
 
     @property
     def name(self) -> str:
-        return self.config.name or self.address
+        """``config.name``, else a named certificate's, else the advertised address."""
+        return self.config.name or self._certified_name or self.address
 
     def observe_epoch(self, epoch: int) -> None:
         """Remember the newest AMM epoch seen (with an AMM: confirmed by it); directives from

@@ -3,11 +3,12 @@
 ``Peers`` owns one channel per peer address, created on first use inside the running loop and
 closed by ``close``. Callers name the addresses (Get sources, directives), so only ``HOST:PORT``
 is dialled and the channels are a bounded LRU cache: the least recently used idle channels are
-closed beyond ``max_channels``, never one a call is using. Fetching tries the sources in order,
-gives up on one that sends no header within ``source_timeout``, and verifies size and SHA-256
-before handing bytes back; failures are values (``FetchFailure``)
-naming the reason, because for a directive they are expected outcomes, not errors. Chunks are
-read as ``memoryview`` and hashed while the next arrives (``amm.base.streams``).
+closed beyond ``max_channels``, never one a call is using. With TLS a peer is dialled with this
+agent's identity and must prove to be an agent of the cluster CA, whatever its address. Fetching
+tries the sources in order, gives up on one that sends no header within ``source_timeout``, and
+verifies size and SHA-256 before handing bytes back; failures are values (``FetchFailure``) naming
+the reason, because for a directive they are expected outcomes, not errors. Chunks are read as
+``memoryview`` and hashed while the next arrives (``amm.base.streams``).
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from typing import TypeVar
 import grpc
 from google.protobuf.duration_pb2 import Duration
 
-from amm.base.serving import CHANNEL_OPTIONS
+from amm.base.security import Role, Security
+from amm.base.serving import open_channel
 from amm.base.streams import Assembly, Overflow, ValueStreams
 from amm.v1 import agent_pb2, agent_pb2_grpc, types_pb2
 from worker_agent.integrity import Reason, is_peer_address
@@ -108,8 +110,10 @@ class Peers:
         max_channels: int = MAX_PEER_CHANNELS,
         source_timeout: float | None = None,
         traffic: Traffic | None = None,
+        security: Security | None = None,
     ) -> None:
         self._traffic = traffic if traffic is not None else Traffic()
+        self._security = security
         self._fetch_timeout = fetch_timeout
         self._source_timeout = min(source_timeout or fetch_timeout, fetch_timeout)
         self._max_value_bytes = max_value_bytes
@@ -137,7 +141,7 @@ class Peers:
             raise _NotAnAddress(f"not a HOST:PORT address: {address[:100]!r}")
         channel = self._channels.get(address)
         if channel is None:
-            channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            channel = open_channel(address, self._security, expect=Role.AGENT)
             self._channels[address] = channel
         else:
             self._channels.move_to_end(address)

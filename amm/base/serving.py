@@ -1,8 +1,10 @@
-"""gRPC server plumbing shared by the AMM service and the worker agents.
+"""gRPC plumbing shared by the AMM service, the worker agents and the client.
 
-Both servers offer the same extras (health checking, reflection for grpcurl) and stop the same way
-(health NOT_SERVING first, then ``server.stop(grace)``), so that part lives here once. What each
-server serves is its own business.
+Both servers offer the same extras (health checking, reflection for grpcurl), are secured the
+same way (``amm.base.security``: a mutual-TLS port, an optional bearer-token port, one authorizer)
+and stop the same way (health NOT_SERVING first, then ``server.stop(grace)``), so that part lives
+here once. What each server serves is its own business. Every process dials through
+``open_channel``, so plaintext or TLS is decided in one place.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from amm.base import lifeline
+from amm.base.security import Role, Security, SecurityError, check_listen, expect_role
 
 # grpc-stubs does not describe the asyncio health servicer.
 HealthServicer: Any = health.aio.HealthServicer  # type: ignore[attr-defined]
@@ -27,6 +30,8 @@ log = logging.getLogger(__name__)
 
 #: Upper bound of one gRPC message; values travel in chunks well below it.
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+ChannelOptions = Sequence[tuple[str, str | int]]
 
 CHANNEL_OPTIONS: list[tuple[str, int]] = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -46,7 +51,8 @@ SERVER_OPTIONS: list[tuple[str, int]] = [
 
 
 class Served:
-    """A started server with its health servicer; ``stop`` is idempotent."""
+    """A started server with its health servicer; ``stop`` is idempotent. ``token_port`` is the
+    bearer-token port's, when one was asked for."""
 
     def __init__(
         self,
@@ -54,10 +60,12 @@ class Served:
         health_servicer: Any,
         port: int,
         services: list[str],
+        token_port: int | None = None,
     ) -> None:
         self.server = server
         self.health = health_servicer
         self.port = port
+        self.token_port = token_port
         self._services = services
         self._stopped = False
 
@@ -84,14 +92,36 @@ async def serve(
     service_names: list[str],
     *,
     interceptors: Sequence[grpc.aio.ServerInterceptor[Any, Any]] = (),
+    security: Security | None = None,
+    token_listen: str | None = None,
+    insecure: bool = False,
 ) -> Served:
     """Create, bind and start a server on ``listen`` (``host:port``, port 0 picks one).
 
     ``register`` adds the servicers; ``service_names`` are their full names, for health and
-    reflection; ``interceptors`` see every call (metrics time them). Raises ``OSError`` when the
-    address cannot be bound.
+    reflection; ``interceptors`` see every call (metrics time them). With ``security`` the port is
+    mutual TLS and every call goes through its authorizer; ``token_listen`` adds a TLS port where
+    bearer tokens authenticate (gRPC Python cannot ask for a client certificate without requiring
+    it, hence two ports). Without ``security`` it is plaintext, which only a loopback address or
+    ``insecure`` allows.
+
+    Raises ``SecurityError`` for a plaintext open address or unusable TLS files, ``OSError``
+    when an address cannot be bound; both before anything listens.
     """
-    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=list(interceptors) or None)
+    check_listen(listen, tls=security is not None, insecure=insecure)
+    credentials = token_credentials = None
+    if security is not None:
+        credentials = security.server_credentials()
+        if token_listen:
+            token_credentials = security.token_server_credentials()
+    elif token_listen:
+        raise SecurityError("a token port needs TLS: pass --tls DIR with --token-listen")
+    server = grpc.aio.server(
+        options=SERVER_OPTIONS,
+        # Metrics first, so that refused calls are timed too.
+        interceptors=[*interceptors, *([security.authorizer()] if security is not None else [])]
+        or None,
+    )
     for add in register:
         add(server)
     health_servicer = HealthServicer()
@@ -99,16 +129,65 @@ async def serve(
     reflection.enable_server_reflection(
         [*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
     )
+    port = _bind(server, listen, credentials)
+    token_port = _bind(server, token_listen, token_credentials) if token_listen else None
+    await server.start()
+    served = Served(server, health_servicer, port, service_names, token_port)
+    await served.set_serving(True)
+    return served
+
+
+def _bind(server: grpc.aio.Server, listen: str, credentials: grpc.ServerCredentials | None) -> int:
     try:
-        port = server.add_insecure_port(listen)
+        if credentials is None:
+            port = server.add_insecure_port(listen)
+        else:
+            port = server.add_secure_port(listen, credentials)
     except RuntimeError as err:
         raise OSError(f"cannot listen on {listen}: {err}") from err
     if port == 0:
         raise OSError(f"cannot listen on {listen}: address unavailable")
-    await server.start()
-    served = Served(server, health_servicer, port, service_names)
-    await served.set_serving(True)
-    return served
+    return port
+
+
+def _options(options: ChannelOptions, expect: Role | None) -> list[tuple[str, str | int]]:
+    return [*options, *(expect_role(expect) if expect is not None else ())]
+
+
+def open_channel(
+    address: str,
+    security: Security | None = None,
+    *,
+    expect: Role | None = None,
+    options: ChannelOptions = CHANNEL_OPTIONS,
+) -> grpc.aio.Channel:
+    """A channel to ``address``: plaintext without ``security``, else TLS trusting only the
+    cluster CA and presenting ``security``'s certificate (and token, if any).
+
+    TLS checks that the server's certificate names ``address``'s host, or with ``expect`` that
+    it is any server of that role: agents are dialled by advertised addresses (container IPs)
+    that no certificate lists, so everyone dials them with ``expect=Role.AGENT``.
+    """
+    if security is None:
+        return grpc.aio.insecure_channel(address, options=list(options))
+    return grpc.aio.secure_channel(
+        address, security.channel_credentials(), options=_options(options, expect)
+    )
+
+
+def open_blocking_channel(
+    address: str,
+    security: Security | None = None,
+    *,
+    expect: Role | None = None,
+    options: ChannelOptions = (),
+) -> grpc.Channel:
+    """``open_channel`` for synchronous callers (``amm health``, a probe that runs once)."""
+    if security is None:
+        return grpc.insecure_channel(address, options=list(options))
+    return grpc.secure_channel(
+        address, security.channel_credentials(), options=_options(options, expect)
+    )
 
 
 def bound_address(listen: str, port: int) -> str:

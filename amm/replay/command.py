@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
+from amm.base.security import Security
 from amm.base.units import format_bytes
 from amm.client import AsyncClient
 from amm.cluster import LocalCluster
@@ -146,7 +147,9 @@ async def _run_once(
 ) -> RunFigures:
     """One run against the AMM at ``address``; ``agents`` None: its registered agents."""
     label = _label(amm)
-    async with AsyncClient(address) as client:
+    # A running AMM (--address) is reached as every CLI verb reaches it: AMM_TLS decides.
+    security = Security.from_env() if options.address is not None else None
+    async with AsyncClient(address, security=security) as client:
         if agents is None:
             agents = await _agents(client, options.workers)
         status = await client.status()

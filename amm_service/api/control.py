@@ -15,11 +15,12 @@ from typing import Any, TypeVar
 
 import grpc
 
+from amm.base.security import caller, may_act_as
 from amm.v1 import control_pb2, control_pb2_grpc, types_pb2
 from amm_service import wire
 from amm_service.decisions.directive import OutcomeStatus
-from amm_service.decisions.view import Measure, WorkerView
-from amm_service.errors import AmmServiceError, InvalidArgument
+from amm_service.decisions.view import Measure, WorkerId, WorkerView
+from amm_service.errors import AmmServiceError, InvalidArgument, PermissionDenied
 from amm_service.runtime.addresses import address_order
 from amm_service.runtime.cycle import CycleRecord
 from amm_service.runtime.manager import ActiveMemoryManager
@@ -63,6 +64,18 @@ def _check_keys(keys: Any) -> list[str]:
     if any(not k for k in keys):
         raise InvalidArgument("keys must not be empty strings")
     return list(keys)
+
+
+def _check_acts_as(worker_name: str, what: str) -> None:
+    """Under TLS an agent (un)registers only the worker its certificate names: ``w7`` as
+    ``w7``, the shared ``agent`` identity as any. Without TLS there is no caller: as before."""
+    identity = caller()
+    if identity is None or may_act_as(identity, worker_name):
+        return
+    raise PermissionDenied(
+        f"{identity} may not {what} worker {worker_name or '(unnamed)'!r}: an agent with its own "
+        "certificate acts only under that certificate's name"
+    )
 
 
 class ControlServicer(control_pb2_grpc.ActiveMemoryManagerServicer):
@@ -176,6 +189,11 @@ class ControlServicer(control_pb2_grpc.ActiveMemoryManagerServicer):
     async def RegisterWorker(
         self, request: control_pb2.RegisterWorkerRequest, context: Any
     ) -> control_pb2.RegisterWorkerResponse:
+        _check_acts_as(request.name, "register as")
+        # Nor may it take over an address another worker holds (the same name may: a restart).
+        held = self._amm.state.worker(WorkerId(request.address))
+        if held is not None:
+            _check_acts_as(held.name, "replace")
         await self._amm.register(
             request.address, request.name, request.incarnation, request.epoch, request.zone
         )
@@ -189,6 +207,9 @@ class ControlServicer(control_pb2_grpc.ActiveMemoryManagerServicer):
     ) -> control_pb2.UnregisterWorkerResponse:
         if not request.address:
             raise InvalidArgument("address is required")
+        held = self._amm.state.worker(WorkerId(request.address))
+        if held is not None:
+            _check_acts_as(held.name, "unregister")
         removed, lost = await self._amm.unregister(request.address)
         return control_pb2.UnregisterWorkerResponse(
             removed=removed, lost_keys=lost[:MAX_KEYS_LISTED], lost_key_count=len(lost)
@@ -334,6 +355,9 @@ class ControlServicer(control_pb2_grpc.ActiveMemoryManagerServicer):
             timeout = request.timeout.ToNanoseconds() / 1e9
             if timeout <= 0:
                 raise InvalidArgument("timeout must be positive; leave it unset for no limit")
+        held = self._amm.state.worker(WorkerId(request.address))
+        if held is not None:
+            _check_acts_as(held.name, "drain")
         result = await self._amm.retirement_driver.drain(request.address, timeout=timeout)
         return control_pb2.DrainWorkerResponse(
             drained=result.drained,

@@ -13,6 +13,7 @@ from types import TracebackType
 
 from amm.base.guard import Complaints, collect, register_guarded
 from amm.base.metrics import MetricsEndpoint
+from amm.base.security import Role, Security, SecurityError
 from amm.base.serving import Served, bound_address, serve, stop_on_signals
 from amm.v1 import control_pb2, control_pb2_grpc
 from amm_service.api.control import ControlServicer
@@ -27,6 +28,21 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = control_pb2.DESCRIPTOR.services_by_name["ActiveMemoryManager"].full_name
 
 
+def build_security(config: AmmConfig) -> Security | None:
+    """The AMM's TLS material, checked now: the files exist and the identity is the AMM's (an
+    agent's or an operator's certificate would be refused by every agent)."""
+    if config.tls is None:
+        return None
+    security = Security.from_dir(config.tls, identity=config.tls_identity)
+    identity = security.identity()
+    if identity is None or identity.role is not Role.AMM:
+        raise SecurityError(
+            f"{security.cert} is {identity or 'no amm identity'}: the AMM needs an amm identity "
+            "(--tls-identity)"
+        )
+    return security
+
+
 def build_policies(config: AmmConfig) -> list[Policy]:
     """Instantiate the configured policies; raises PolicyError with a clear message."""
     return build_all([(spec.class_path, spec.kwargs) for spec in config.policies])
@@ -39,17 +55,22 @@ class AmmServer:
         self.config = config
         self._grace = grace
         self._policies = build_policies(config)
+        self.security = build_security(config)
         self._store: StateStore | None = None
         self._served: Served | None = None
         self.manager: ActiveMemoryManager | None = None
         self.address = ""
         #: The metrics endpoint, when ``config.metrics_listen`` asks for one.
         self.metrics: MetricsEndpoint | None = None
+        #: The bearer-token port's address, when ``token_listen`` is set.
+        self.token_address: str | None = None
 
     async def start(self) -> None:
         self._store = StateStore(self.config.state_path)
         try:
-            self.manager = ActiveMemoryManager(self.config, self._policies, self._store)
+            self.manager = ActiveMemoryManager(
+                self.config, self._policies, self._store, security=self.security
+            )
             await self.manager.open()
             servicer = ControlServicer(self.manager)
             # Guarded: an undecodable request is INVALID_ARGUMENT, logged once in a while.
@@ -62,6 +83,9 @@ class AmmServer:
                 [lambda server: register_guarded(server, SERVICE_NAME, handlers, complaints)],
                 [SERVICE_NAME],
                 interceptors=self.metrics.interceptors if self.metrics is not None else (),
+                security=self.security,
+                token_listen=self.config.token_listen,
+                insecure=self.config.insecure,
             )
             if self.metrics is not None:
                 self.metrics.start()
@@ -69,7 +93,15 @@ class AmmServer:
             await self.stop()
             raise
         self.address = bound_address(self.config.listen, self._served.port)
-        log.info("AMM serving on %s (epoch %d)", self.address, self.manager.epoch)
+        if self.config.token_listen and self._served.token_port is not None:
+            self.token_address = bound_address(self.config.token_listen, self._served.token_port)
+        log.info(
+            "AMM serving on %s%s (epoch %d)%s",
+            self.address,
+            " with mutual TLS" if self.security else "",
+            self.manager.epoch,
+            f"; bearer tokens on {self.token_address}" if self.token_address else "",
+        )
 
     @property
     def epoch(self) -> int:
@@ -106,6 +138,8 @@ async def run(config: AmmConfig) -> None:
     stop = asyncio.Event()
     async with AmmServer(config) as server:
         line = f"amm-service ready address={server.address} epoch={server.epoch}"
+        if server.token_address:
+            line += f" token_address={server.token_address}"
         if server.metrics is not None:
             line += f" metrics={server.metrics.address}"
         print(line, flush=True)

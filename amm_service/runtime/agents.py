@@ -1,6 +1,8 @@
 """The AMM's connections to its agents: one channel per worker address, reused by the poller,
 the dispatcher and the queries. Channels are created inside the running loop, on first use, and
-closed when a worker leaves, registers again (a new process) or the AMM stops.
+closed when a worker leaves, registers again (a new process) or the AMM stops. With TLS the AMM
+presents its amm identity and accepts any agent of the cluster CA at a registered address
+(``serving.open_channel``).
 
 Closing a channel cancels the calls under way on it: their awaiter gets ``CancelledError``
 although its own task was not cancelled. ``channel_closed`` tells the two apart, so that a poll
@@ -16,7 +18,8 @@ import logging
 
 import grpc
 
-from amm.base.serving import CHANNEL_OPTIONS
+from amm.base.security import Role, Security
+from amm.base.serving import CHANNEL_OPTIONS, open_channel
 from amm.v1 import agent_pb2_grpc
 from amm_service.decisions.view import WorkerId
 
@@ -38,7 +41,8 @@ def channel_closed() -> bool:
 class AgentLinks:
     """Channels and stubs to agents, keyed by worker address."""
 
-    def __init__(self) -> None:
+    def __init__(self, security: Security | None = None) -> None:
+        self._security = security
         self._channels: dict[WorkerId, grpc.aio.Channel] = {}
         self._stubs: dict[WorkerId, agent_pb2_grpc.WorkerAgentAsyncStub] = {}
         self._closed = False
@@ -48,7 +52,7 @@ class AgentLinks:
         if stub is None:
             if self._closed:
                 raise RuntimeError("the AMM's agent links are closed")
-            channel = grpc.aio.insecure_channel(worker, options=LINK_OPTIONS)
+            channel = open_channel(worker, self._security, expect=Role.AGENT, options=LINK_OPTIONS)
             self._channels[worker] = channel
             stub = self._stubs[worker] = agent_pb2_grpc.WorkerAgentStub(channel)
         return stub

@@ -22,6 +22,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 
+from amm.base.security import Security
 from amm.base.validation import (
     MAX_ADOPTED_EPOCH,
     epoch_problem,
@@ -96,6 +97,7 @@ class ActiveMemoryManager:
         *,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
+        security: Security | None = None,
     ) -> None:
         self.config = config
         self.policies = tuple(policies)
@@ -107,7 +109,7 @@ class ActiveMemoryManager:
         self.outcomes = Outcomes(
             self.state, self.ledger, max_refusals=config.max_refusals_kept, clock=clock
         )
-        self._links = AgentLinks()
+        self._links = AgentLinks(security)
         self.tombstones = TombstoneBook(store, ttl=config.tombstone_ttl, clock=clock)
         self._dispatcher = Dispatcher(
             self._links, self.outcomes.on_outcomes, takes_batches=self._takes_batches

@@ -3,12 +3,17 @@
 The compose file must be valid under the compose specification (check-jsonschema's vendored
 schema; also ``docker compose config`` where a compose CLI is installed) and keep the promises the
 README makes: the AMM cycles from boot on a published port, every server has a grpc.health.v1
-check, workers scale, the demo writes its plot into a mounted folder.
+check, workers scale, the demo writes its plot into a mounted folder, and every server runs on
+mutual TLS with certificates from a one-shot service, the agents reachable only inside the
+network. The certificate script itself runs here, outside any container.
 """
 
 from __future__ import annotations
 
+import os
+import pwd
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +22,8 @@ from typing import Any
 import pytest
 import yaml
 
+from amm.base.security import Identity, Role
+from amm.base.security.certs import certificate_identity, load_certificate
 from amm.demo import BYTE_SCALE
 from amm.replay.command import AGENT_ENV
 from scripts.image_requirements import requirements
@@ -200,3 +207,97 @@ def test_the_image_installs_the_build_system_the_dependencies_and_diagnostics() 
     assert any(line.startswith("setuptools") for line in lines)
     assert any(line.startswith("grpcio-health-checking") for line in lines)
     assert any(line.startswith("matplotlib") for line in lines)
+
+
+def mounts(name: str) -> dict[str, str]:
+    """Container path -> ``source[:options]`` of a service's volumes."""
+    found = {}
+    for volume in service(name).get("volumes", []):
+        # The source may be ${VAR:-default}, whose ":-" is no separator.
+        match = re.fullmatch(r"(.+?):(/[^:]*)(?::(\w+))?", volume)
+        assert match, volume
+        source, target, options = match.groups()
+        found[target] = f"{source}:{options}" if options else source
+    return found
+
+
+def test_a_one_shot_service_makes_the_certificates_before_any_server_starts() -> None:
+    certs = service("certs")
+    assert certs["restart"] == "no"
+    command = certs["command"]
+    assert command[0] == "amm-compose-certs"
+    # Agents dial the AMM as amm:50051: its certificate must name it.
+    assert command[command.index("--san") + 1] == "amm"
+    found = mounts("certs")
+    assert default_of(found.pop("/client")) == "./certs"
+    assert found == {"/ca": "ca", "/certs": "certs"}
+    assert mounts("amm")["/certs"] == "certs:ro"
+    assert mounts("worker")["/certs"] == "certs:ro"
+    # The CA's key is in volume `ca`, which no server mounts.
+    assert {name for name in compose()["services"] if "/ca" in mounts(name)} == {"certs"}
+    assert set(compose()["volumes"]) == {"amm-state", "ca", "certs"}
+    assert service("amm")["depends_on"]["certs"]["condition"] == "service_completed_successfully"
+    dockerfile = DOCKERFILE.read_text()
+    assert "COPY docker/certs.sh /usr/local/bin/amm-compose-certs" in dockerfile
+    assert "/certs /ca /client" in dockerfile, "mount points owned by amm, so new volumes are"
+    assert (ROOT / "certs" / ".gitkeep").exists(), "./certs must exist, owned by the user"
+    assert "certs/*" in (ROOT / ".gitignore").read_text().split()
+
+
+def test_every_server_runs_on_mutual_tls_and_only_the_amm_is_published() -> None:
+    amm, worker = service("amm")["environment"], service("worker")["environment"]
+    assert amm["AMM_TLS"] == "/certs"
+    assert "AMM_INSECURE" not in amm
+    assert worker["AMM_AGENT_TLS"] == "/certs"
+    assert worker["AMM_AGENT_TLS_IDENTITY"] == "agent"
+    assert "AMM_AGENT_INSECURE" not in worker
+    # The health probes present the server's own identity (health is open, the handshake not).
+    assert (amm["AMM_TLS"], amm["AMM_IDENTITY"]) == ("/certs", "amm")
+    assert (worker["AMM_TLS"], worker["AMM_IDENTITY"]) == ("/certs", "agent")
+    assert {name for name, s in compose()["services"].items() if "ports" in s} == {"amm"}
+    demo = service("demo")
+    assert demo["environment"]["AMM_TLS"] == "/client"
+    source, options = mounts("demo")["/client"].rsplit(":", 1)
+    assert (default_of(source), options) == ("./certs", "ro")
+
+
+def test_the_readme_shows_grpcurl_with_the_tls_flags() -> None:
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Run the cluster with docker compose") :]
+    section = section[: section.index("\n## ", 1)]
+    flags = "-cacert certs/ca.pem -cert certs/operator.pem -key certs/operator-key.pem"
+    assert f"grpcurl {flags} 127.0.0.1:50051" in section
+    assert "-plaintext" not in section
+
+
+def test_the_certificate_script_hands_each_side_only_its_own(tmp_path: Path) -> None:
+    """docker/certs.sh as the certs service runs it, in folders here: the servers' volume gets
+    no CA key and no operator key, the host's folder gets the operator and reader, and a second
+    run keeps the CA and re-publishes."""
+    amm_command = shutil.which("amm", path=str(Path(sys.executable).parent))
+    assert amm_command is not None
+    folders = {name: tmp_path / name for name in ("ca", "servers", "clients")}
+    folders["clients"].mkdir()
+    env = {
+        **os.environ,
+        "PATH": f"{Path(amm_command).parent}{os.pathsep}{os.environ['PATH']}",
+        "AMM_CERTS_CA": str(folders["ca"]),
+        "AMM_CERTS_SERVERS": str(folders["servers"]),
+        "AMM_CERTS_CLIENTS": str(folders["clients"]),
+        "AMM_CERTS_USER": pwd.getpwuid(os.getuid()).pw_name,
+    }
+    command = service("certs")["command"]
+    script = ROOT / "docker" / "certs.sh"
+    for _ in range(2):
+        result = subprocess.run(
+            ["sh", str(script), *command[1:]], env=env, capture_output=True, text=True, timeout=60
+        )
+        assert result.returncode == 0, result.stderr
+    servers = {p.name for p in folders["servers"].iterdir()}
+    assert servers == {"ca.pem", "amm.pem", "amm-key.pem", "agent.pem", "agent-key.pem"}
+    clients = {p.name for p in folders["clients"].iterdir()}
+    assert clients == {"ca.pem", "operator.pem", "operator-key.pem", "reader.pem", "reader-key.pem"}
+    assert (folders["ca"] / "ca-key.pem").exists()
+    amm_cert = load_certificate(folders["servers"] / "amm.pem")
+    assert certificate_identity(amm_cert) == Identity(Role.AMM, "amm")
+    assert (folders["servers"] / "ca.pem").read_bytes() == (folders["ca"] / "ca.pem").read_bytes()

@@ -164,10 +164,13 @@ async def test_a_restarted_amm_takes_back_live_workers_and_ghosts_die(tmp_path: 
 
 async def test_auto_advertises_the_ip_on_the_route_to_the_amm(tmp_path: Path) -> None:
     """How replicated containers register (docker-compose.yml): listen on the wildcard address,
-    advertise ``auto``; the AMM lists, and dials, an IP address with the bound port."""
+    advertise ``auto``; the AMM lists, and dials, an IP address with the bound port. (In
+    plaintext, which a wildcard address allows only when told: compose runs it with TLS.)"""
     async with (
         AmmServer(amm_config(tmp_path)) as amm,
-        running_agent(amm=amm.address, listen="0.0.0.0:0", advertise="auto") as agent,
+        running_agent(
+            amm=amm.address, listen="0.0.0.0:0", advertise="auto", insecure=True
+        ) as agent,
     ):
         await wait_for(lambda: agent.registered, what="registration")
         port = agent.address.rpartition(":")[2]

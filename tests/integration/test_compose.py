@@ -1,6 +1,7 @@
 """The docker-compose demo cluster for real: build the image, ``up --scale worker=2``, wait for the
-grpc.health.v1 checks, ask the AMM from the host through grpcurl and the Python client, stop
-(every server must exit 0 on SIGTERM) and tear down.
+grpc.health.v1 checks, ask the AMM from the host through grpcurl and the Python client with the
+operator's certificate the certs service handed out (and fail without it), stop (every server
+must exit 0 on SIGTERM) and tear down.
 
 It runs only where a Docker engine is reachable and the base image is on it or can be pulled, and
 skips with the reason otherwise (see ``tests.support.docker``; ``AMM_COMPOSE_SMOKE=0`` skips it on
@@ -23,7 +24,8 @@ from typing import Any
 
 import pytest
 
-from amm import Client
+from amm import AmmError, Client
+from amm.base.security import Security
 from tests.support.docker import (
     base_image,
     base_image_unavailable,
@@ -41,12 +43,17 @@ AGENT_PORT = 50061
 class Compose:
     """One compose project of docker-compose.yml, under a name of its own."""
 
-    def __init__(self, cli: list[str], project: str) -> None:
+    def __init__(self, cli: list[str], project: str, client_certs: Path) -> None:
         self.cli = cli
         self.project = project
-        # A host port picked by Docker (no clash with a running cluster) and an image tag of
-        # the test's own.
-        self.env = {**os.environ, "AMM_PORT": "0", "AMM_IMAGE": "amm:compose-smoke-test"}
+        # A host port picked by Docker (no clash with a running cluster), an image tag of the
+        # test's own, and a folder of its own for the client certificates (not ./certs).
+        self.env = {
+            **os.environ,
+            "AMM_PORT": "0",
+            "AMM_IMAGE": "amm:compose-smoke-test",
+            "AMM_CLIENT_CERTS": str(client_certs),
+        }
 
     def run(self, *args: str, timeout: float = 120, check: bool = True) -> str:
         result = subprocess.run(
@@ -68,10 +75,13 @@ def docker(*args: str) -> str:
     return result.stdout
 
 
-def grpcurl(address: str, method: str) -> Any:
+def grpcurl(certs: Path, address: str, method: str) -> Any:
+    """grpcurl with the README's flags: the operator's certificate from ``certs``."""
     assert GRPCURL is not None, "grpcurl is installed by the dev extras: make install"
+    flags = ["-cacert", str(certs / "ca.pem")]
+    flags += ["-cert", str(certs / "operator.pem"), "-key", str(certs / "operator-key.pem")]
     result = subprocess.run(
-        [GRPCURL, "-plaintext", "-d", "{}", address, method],
+        [GRPCURL, *flags, "-d", "{}", address, method],
         capture_output=True,
         text=True,
         timeout=30,
@@ -91,18 +101,23 @@ def health(containers: list[str]) -> list[str]:
 
 
 @pytest.mark.timeout(1800)
-def test_the_compose_cluster_serves_the_host_and_stops_gracefully() -> None:
+def test_the_compose_cluster_serves_the_host_and_stops_gracefully(tmp_path: Path) -> None:
     reason = engine_unavailable() or base_image_unavailable(base_image(ROOT / "Dockerfile"))
     if reason is not None:
         pytest.skip(reason)
     cli = compose_cli()
     assert cli is not None
-    compose = Compose(cli, f"amm-smoke-{os.getpid()}")
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    compose = Compose(cli, f"amm-smoke-{os.getpid()}", certs)
     try:
         compose.run("build", timeout=1500)
         compose.run("up", "--detach", "--scale", f"worker={WORKERS}", timeout=300)
-        containers = compose.run("ps", "--quiet").split()
+        # The servers only: the certs service has done its work and exited.
+        containers = compose.run("ps", "--quiet", "amm", "worker").split()
         assert len(containers) == 1 + WORKERS
+        assert {p.name for p in certs.iterdir()} >= {"ca.pem", "operator.pem", "operator-key.pem"}
+        assert not (certs / "ca-key.pem").exists()
         poll_until(
             lambda: all(state == "healthy" for state in health(containers)),
             within=180,
@@ -112,10 +127,11 @@ def test_the_compose_cluster_serves_the_host_and_stops_gracefully() -> None:
 
         published = compose.run("port", "amm", "50051").strip()
         address = published.replace("0.0.0.0:", "127.0.0.1:")
-        assert grpcurl(address, "grpc.health.v1.Health/Check") == {"status": "SERVING"}
+        assert grpcurl(certs, address, "grpc.health.v1.Health/Check") == {"status": "SERVING"}
 
         def registered() -> list[dict[str, Any]] | None:
-            found = grpcurl(address, "amm.v1.ActiveMemoryManager/ListWorkers").get("workers", [])
+            method = "amm.v1.ActiveMemoryManager/ListWorkers"
+            found = grpcurl(certs, address, method).get("workers", [])
             return found if len(found) == WORKERS else None
 
         listed = poll_until(registered, within=60, what=f"{WORKERS} workers", every=0.5)
@@ -126,9 +142,11 @@ def test_the_compose_cluster_serves_the_host_and_stops_gracefully() -> None:
             assert port == str(AGENT_PORT)
         assert len(set(addresses)) == WORKERS
 
-        with Client(address) as client:
+        with Client(address, security=Security.from_dir(certs)) as client:
             assert client.status().running  # AMM_START=true
             assert sorted(worker.address for worker in client.workers()) == addresses
+        with Client(address, timeout=5) as plaintext, pytest.raises(AmmError):
+            plaintext.workers()
 
         compose.run("stop", "--timeout", "20", timeout=120)
         exit_codes = docker("inspect", "--format", "{{.State.ExitCode}}", *containers).split()

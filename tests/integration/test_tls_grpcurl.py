@@ -65,3 +65,15 @@ async def test_list_with_a_token(certs: Security) -> None:
         code, out = await grpcurl(*ca, server.tokens, "list")
         assert code != 0
         assert "Unauthenticated" in out
+
+
+async def test_an_agent_by_its_role_whatever_the_address(certs: Security) -> None:
+    """Agents are dialled at advertised addresses their certificates do not list: grpcurl checks
+    the role's name instead (-servername agent.amm), as the AMM, peers and clients do."""
+    async with guarded_server(certs, identity="agent") as server:
+        flags = identity_flags(certs, "operator")
+        code, out = await grpcurl(*flags, "-servername", "agent.amm", server.mtls, "list")
+        assert code == 0, out
+        assert "amm.v1.WorkerAgent" in out.split()
+        code, out = await grpcurl(*flags, "-servername", "w9.agent.amm", server.mtls, "list")
+        assert code != 0, "another name than the certificate's fails the handshake"

@@ -67,6 +67,7 @@ def test_serving_certificates_carry_addresses_and_client_ones_do_not(folder: Pat
             "10.0.0.7",
             "amm.example",
             f"{name}.{name}.amm",
+            f"{name}.amm",  # the role's name: any server of this role (expect_role)
         }
         assert usages(cert) == {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH}
     for name in ("operator", "reader"):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -86,3 +88,45 @@ def test_tokens_only_for_reader_and_operator(capsys: pytest.CaptureFixture[str])
         ["a", "b"],
         365,
     )
+
+
+def test_publish_copies_what_the_servers_need_and_never_the_ca_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    certs, servers, clients = tmp_path / "certs", tmp_path / "servers", tmp_path / "clients"
+    assert cli.main(["certs", "init", str(certs)]) == 0
+    assert cli.main(["certs", "issue", str(certs), "--role", "agent", "--name", "w7"]) == 0
+    assert cli.main(["certs", "revoke", str(certs), "--name", "w9"]) == 0
+    capsys.readouterr()
+    code, out, _ = run(capsys, "publish", str(certs), str(servers))
+    assert code == 0
+    assert "for amm, agent" in out
+    names = {"amm", "agent", "w7"}
+    assert {p.name for p in servers.iterdir()} == {
+        "ca.pem",
+        "revoked",
+        *(f"{n}.pem" for n in names),
+        *(f"{n}-key.pem" for n in names),
+    }
+    assert stat.S_IMODE((servers / "w7-key.pem").stat().st_mode) == 0o600
+    assert (servers / "amm-key.pem").read_bytes() == (certs / "amm-key.pem").read_bytes()
+    code, _, _ = run(
+        capsys,
+        "publish",
+        str(certs),
+        str(clients),
+        "--role",
+        "operator",
+        "--owner",
+        f"{os.getuid()}:{os.getgid()}",
+    )
+    assert code == 0
+    assert {p.name for p in clients.iterdir()} == {
+        "ca.pem",
+        "revoked",
+        "operator.pem",
+        "operator-key.pem",
+    }
+    code, _, err = run(capsys, "publish", str(tmp_path / "none"), str(clients))
+    assert code == 1
+    assert "is it a certs folder" in err

@@ -9,7 +9,7 @@ import grpc
 import pytest
 
 from amm.base.security import Identity, Role, Security, SecurityError, read_token
-from amm.base.security.credentials import expect_server
+from amm.base.security.credentials import expect_role, expect_server
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +77,7 @@ def test_channel_credentials_with_and_without_a_token(folder: Security) -> None:
     assert expect_server(Identity(Role.AGENT, "w7")) == [
         ("grpc.ssl_target_name_override", "w7.agent.amm")
     ]
+    assert expect_role(Role.AGENT) == [("grpc.ssl_target_name_override", "agent.amm")]
 
 
 def test_from_env(folder: Security, tmp_path: Path) -> None:

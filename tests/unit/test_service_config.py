@@ -99,6 +99,10 @@ def test_all_env_vars(tmp_path: Path) -> None:
         "AMM_MAX_OUTGOING_TRANSFERS": "0",
         "AMM_TOMBSTONE_TTL": "1h",
         "AMM_METRICS_LISTEN": "0.0.0.0:9051",
+        "AMM_TLS": "/etc/amm/certs",
+        "AMM_TLS_IDENTITY": "amm-2",
+        "AMM_TOKEN_LISTEN": "0.0.0.0:50052",
+        "AMM_INSECURE": "off",
     }
     assert set(env) == set(ENV_VARS.values())
     assert load_config(env=env) == AmmConfig(
@@ -119,7 +123,32 @@ def test_all_env_vars(tmp_path: Path) -> None:
         max_outgoing_transfers=0,
         tombstone_ttl=3600.0,
         metrics_listen="0.0.0.0:9051",
+        tls="/etc/amm/certs",
+        tls_identity="amm-2",
+        token_listen="0.0.0.0:50052",
+        insecure=False,
     )
+
+
+def test_tls_keys_from_a_file_and_their_errors(tmp_path: Path) -> None:
+    path = write(tmp_path, "tls: certs\ntoken-listen: 0.0.0.0:50052\ninsecure: true\n")
+    cfg = load_config(file=path, env={})
+    assert (cfg.tls, cfg.tls_identity, cfg.token_listen, cfg.insecure) == (
+        "certs",
+        "amm",
+        "0.0.0.0:50052",
+        True,
+    )
+    assert load_config(env={}) == AmmConfig()
+    assert AmmConfig().tls is None
+    with pytest.raises(ConfigError, match="token_listen needs tls"):
+        load_config(env={}, overrides={"token_listen": "127.0.0.1:0"})
+    with pytest.raises(ConfigError, match=r"invalid token_listen 'nope' \(from --token-listen\)"):
+        load_config(env={}, overrides={"tls": "d", "token_listen": "nope"})
+    with pytest.raises(ConfigError, match=r"invalid tls_identity 'Amm'.*DNS label"):
+        load_config(env={"AMM_TLS_IDENTITY": "Amm"})
+    with pytest.raises(ConfigError, match="invalid insecure 'maybe'"):
+        load_config(env={"AMM_INSECURE": "maybe"})
 
 
 def test_transfer_limits_reject_negative_counts() -> None:

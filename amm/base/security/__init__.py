@@ -9,7 +9,7 @@ honour revocations (``revocation``) and reload rotated files without a restart (
 
 from amm.base.security.authz import RULES, Authorizer, Denial, caller
 from amm.base.security.certs import CertificateAuthority, Issued, init_directory
-from amm.base.security.credentials import Security, expect_server, read_token
+from amm.base.security.credentials import Security, expect_role, expect_server, read_token
 from amm.base.security.errors import SecurityError
 from amm.base.security.identity import Identity, Role, may_act_as, parse_uri
 from amm.base.security.listen import check_listen, is_loopback
@@ -30,6 +30,7 @@ __all__ = [
     "TokenFile",
     "caller",
     "check_listen",
+    "expect_role",
     "expect_server",
     "init_directory",
     "is_loopback",

@@ -5,9 +5,9 @@ The folder holds ``ca.pem`` (the CA certificate, given to everyone), ``ca-key.pe
 (0600). Keys are EC P-256: as strong as RSA-3072 for TLS and generated in a millisecond, which
 keeps ``init`` and the tests fast. Every certificate carries its identity's URI SAN
 (``spiffe://amm/<role>/<name>``); certificates of the serving roles (amm, agent) also carry DNS
-and IP SANs, ``localhost``, ``127.0.0.1`` and ``::1`` plus the caller's ``sans``, and
-``Identity.server_name``, and may serve as well as dial (both extended key usages); readers and
-operators only dial.
+and IP SANs, ``localhost``, ``127.0.0.1`` and ``::1`` plus the caller's ``sans``,
+``Identity.server_name`` (``w7.agent.amm``) and ``Role.server_name`` (``agent.amm``), and may
+serve as well as dial (both extended key usages); readers and operators only dial.
 
 Issuing again under the same name replaces the files atomically, key first: that is how a
 certificate is rotated, and servers pick it up on their next handshake.
@@ -30,6 +30,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from amm.base.security.errors import SecurityError
 from amm.base.security.files import write_atomic
 from amm.base.security.identity import Identity, Role, check_name, parse_uri
+from amm.base.security.revocation import REVOKED_FILE
+from amm.base.security.tokens import TOKENS_FILE
 
 CA_CERT = "ca.pem"
 CA_KEY = "ca-key.pem"
@@ -226,6 +228,7 @@ class CertificateAuthority:
             usages.insert(0, ExtendedKeyUsageOID.SERVER_AUTH)
             names.extend(_unique(_general_name(s) for s in (*DEFAULT_SANS, *sans)))
             names.append(x509.DNSName(identity.server_name))
+            names.append(x509.DNSName(identity.role.server_name))
         cert = (
             x509.CertificateBuilder()
             .subject_name(
@@ -285,6 +288,38 @@ def init_directory(
         ca.issue(ident, sans=sans if ident.role.serves else (), days=days)
         for ident in DEFAULT_IDENTITIES
     ]
+
+
+def publish(
+    directory: Path,
+    dest: Path,
+    roles: Iterable[Role],
+    *,
+    owner: tuple[int, int] | None = None,
+) -> list[Path]:
+    """Copy what servers or clients of ``roles`` need from the certs folder ``directory`` into
+    ``dest``: the CA certificate, the token and revocation lists, and the certificate and key of
+    every identity of those roles; never the CA's key, nor other roles' keys. Each file is
+    replaced atomically with its mode (and ``owner``), so running servers pick the new ones up
+    as they do any rotation. Returns the files written."""
+    wanted = frozenset(roles)
+    ca = directory / CA_CERT
+    load_certificate(ca)  # fails clearly when this is no certs folder
+    lists = (directory / name for name in (TOKENS_FILE, REVOKED_FILE))
+    files = [ca, *(path for path in lists if path.is_file())]
+    for cert in sorted(directory.glob("*.pem")):
+        if cert.name in (CA_CERT, CA_KEY) or cert.name.endswith("-key.pem"):
+            continue
+        identity = certificate_identity(load_certificate(cert))
+        if identity is not None and identity.role in wanted:
+            files += [cert, key_path(directory, identity.name)]
+    dest.mkdir(mode=0o700, parents=True, exist_ok=True)
+    written = []
+    for source in files:
+        mode = source.stat().st_mode & 0o777
+        write_atomic(dest / source.name, source.read_bytes(), mode, owner)
+        written.append(dest / source.name)
+    return written
 
 
 def _check_days(days: int) -> None:

@@ -231,6 +231,13 @@ def expect_server(identity: Identity) -> list[tuple[str, str]]:
     return [("grpc.ssl_target_name_override", identity.server_name)]
 
 
+def expect_role(role: Role) -> list[tuple[str, str]]:
+    """Channel options that make TLS check the server is some ``role`` of the cluster CA (its
+    ``Role.server_name`` SAN), whatever address is dialled: how everyone dials agents, whose
+    advertised addresses (container IPs, ``--advertise auto``) no certificate lists."""
+    return [("grpc.ssl_target_name_override", role.server_name)]
+
+
 def read_token(env: Mapping[str, str]) -> str | None:
     """The bearer token from ``AMM_TOKEN``, else from the file ``AMM_TOKEN_FILE`` names; None if
     neither is set."""

@@ -32,11 +32,16 @@ def stamp(path: Path) -> Stamp | None:
     return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
-def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename; ``mode`` from the start,
-    so a private key is never readable by others, not even for a moment."""
+def write_atomic(
+    path: Path, data: bytes, mode: int = 0o644, owner: tuple[int, int] | None = None
+) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename; ``mode`` (and ``owner``,
+    uid and gid) from the start, so a private key is never readable by others, nor unreadable by
+    the server meant to reload it, not even for a moment."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        if owner is not None:
+            os.fchown(fd, *owner)
         os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as out:
             out.write(data)

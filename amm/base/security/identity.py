@@ -39,6 +39,13 @@ class Role(enum.Enum):
         """Whether certificates of this role run servers (and so carry DNS/IP SANs)."""
         return self in (Role.AGENT, Role.AMM)
 
+    @property
+    def server_name(self) -> str:
+        """A DNS SAN of every serving certificate of this role (``agent.amm``): a client that
+        dials an address no certificate could list (an agent's advertised container IP) checks
+        that some server of this role of the cluster CA answers (``credentials.expect_role``)."""
+        return f"{self.value}.{TRUST_DOMAIN}"
+
     @classmethod
     def parse(cls, text: str) -> Role:
         try:
