@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -20,16 +19,10 @@ from amm.base.checksum import checksum
 from amm.v1 import agent_pb2, control_pb2, control_pb2_grpc
 from amm_service.api.server import AmmServer
 from amm_service.runtime.state import StateStore
-from tests.conftest import amm_config
+from tests.conftest import amm_config, free_port
 from tests.support.agent import dial, poll, running_agent
 from tests.support.faults import fake_amm
 from tests.support.waiting import wait_for
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class ScriptedAmm(control_pb2_grpc.ActiveMemoryManagerServicer):

@@ -4,7 +4,6 @@ Get and unregistration. Both sides run in this process on 127.0.0.1."""
 from __future__ import annotations
 
 import asyncio
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -16,18 +15,12 @@ from amm.base.serving import CHANNEL_OPTIONS
 from amm.v1 import control_pb2, control_pb2_grpc
 from amm_service.api.server import AmmServer
 from amm_service.runtime.state import StateStore
-from tests.conftest import amm_config
+from tests.conftest import amm_config, free_port
 from tests.support.agent import agents, dial, get, poll, put, running_agent
 from tests.support.faults import fake_amm
 from tests.support.waiting import wait_for
 
 DATA = b"payload" * 100
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def listed(amm: AmmServer) -> list[tuple[str, str]]:

@@ -5,7 +5,6 @@ reconciled; a restarted AMM drops nothing until the workers it knew have reporte
 from __future__ import annotations
 
 import signal
-import socket
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ from amm_service.decisions.core import Why
 from amm_service.decisions.view import Key
 from amm_service.runtime.cycle import CycleRecord
 from amm_service.runtime.manager import ActiveMemoryManager
-from tests.conftest import amm_config
+from tests.conftest import amm_config, free_port
 from tests.support.agent import dial, put, running_agent
 from tests.support.faults import fake_peer
 from tests.support.processes import local_cluster
@@ -34,12 +33,6 @@ from worker_agent.agent import Agent
 
 DATA = b"0123456789" * 100
 SOLO = b"only here" * 10
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class _Holder(agent_pb2_grpc.WorkerAgentServicer):

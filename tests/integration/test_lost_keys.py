@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -20,19 +19,13 @@ from amm.base.checksum import checksum
 from amm.v1 import agent_pb2, agent_pb2_grpc, control_pb2, types_pb2
 from amm_service.api.server import AmmServer
 from amm_service.config import AmmConfig
-from tests.conftest import amm_config
+from tests.conftest import amm_config, free_port
 from tests.support.agent import dial, put, running_agent
 from tests.support.faults import fake_peer
 from tests.support.waiting import wait_for
 from worker_agent.agent import Agent
 
 DATA = b"lost and found" * 10
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class _Worker(agent_pb2_grpc.WorkerAgentServicer):
