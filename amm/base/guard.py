@@ -12,7 +12,6 @@ message. Both servers (the AMM's control service and the agent) register their h
 
 from __future__ import annotations
 
-import collections
 import inspect
 import logging
 import time
@@ -21,6 +20,8 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import grpc
+
+from amm.base.throttle import Throttle, client_host
 
 log = logging.getLogger(__name__)
 
@@ -52,26 +53,14 @@ class Complaints:
         max_clients: int = MAX_CLIENTS,
     ) -> None:
         self._log = logger
-        self._interval = interval
-        self._clock = clock
-        self._max_clients = max_clients
-        # host -> [when its last line was logged, requests not logged since]
-        self._clients: collections.OrderedDict[str, list[float]] = collections.OrderedDict()
+        self._throttle = Throttle(interval=interval, clock=clock, max_keys=max_clients)
 
     def note(self, peer: str, what: str, error: str) -> None:
         """A request from ``peer`` (``context.peer()``) was undecodable."""
         host = client_host(peer)
-        now = self._clock()
-        seen = self._clients.get(host)
-        if seen is not None and now - seen[0] < self._interval:
-            seen[1] += 1
-            self._clients.move_to_end(host)
+        more = self._throttle.admit(host)
+        if more is None:
             return
-        more = int(seen[1]) if seen is not None else 0
-        self._clients[host] = [now, 0]
-        self._clients.move_to_end(host)
-        while len(self._clients) > self._max_clients:
-            self._clients.popitem(last=False)
         self._log.warning(
             "undecodable %s from %s: %s%s",
             what,
@@ -79,14 +68,6 @@ class Complaints:
             error[:200],
             f" ({more} more from it since the last such line)" if more else "",
         )
-
-
-def client_host(peer: str) -> str:
-    """The client's host from ``context.peer()`` (``ipv4:10.0.0.1:5000`` -> ``10.0.0.1``)."""
-    kind, _, rest = peer.partition(":")
-    if kind in ("ipv4", "ipv6") and rest:
-        return rest.rpartition(":")[0] or rest
-    return peer
 
 
 def lenient(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:

@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from amm.base.guard import Complaints, client_host
+from amm.base.guard import Complaints
 
 
 def test_a_client_is_logged_once_per_interval_with_what_it_sent_meanwhile(
@@ -27,16 +27,3 @@ def test_a_client_is_logged_once_per_interval_with_what_it_sent_meanwhile(
         "undecodable Put request from 10.0.0.1: truncated (399 more from it since the last such "
         "line)",
     ]
-
-
-def test_clients_remembered_are_bounded() -> None:
-    complaints = Complaints(logging.getLogger("guard-test"), max_clients=3)
-    for n in range(10):
-        complaints.note(f"ipv4:10.0.0.{n}:1", "Poll request", "bad")
-    assert len(complaints._clients) == 3
-
-
-def test_client_hosts() -> None:
-    assert client_host("ipv4:127.0.0.1:45678") == "127.0.0.1"
-    assert client_host("ipv6:[::1]:45678") == "[::1]"
-    assert client_host("unix:/tmp/sock") == "unix:/tmp/sock"

@@ -33,6 +33,7 @@ from amm.base.security.certs import certificate_identity
 from amm.base.security.identity import Identity, Role
 from amm.base.security.revocation import Revocations
 from amm.base.security.tokens import TokenFile
+from amm.base.throttle import Throttle, client_host
 
 CONTROL = "/amm.v1.ActiveMemoryManager/"
 AGENT = "/amm.v1.WorkerAgent/"
@@ -84,7 +85,6 @@ CREDENTIALS_REQUIRED = (
 #: Denials of one peer host and method are logged at most once per this many seconds.
 LOG_INTERVAL = 60.0
 _CACHE_SIZE = 1024
-_LOG_KEYS = 4096
 
 log = logging.getLogger(__name__)
 
@@ -154,11 +154,9 @@ class Authorizer(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         self.revoked = revoked
         self.rules = rules
         self.open_methods = open_methods
-        self._log_interval = log_interval
-        self._clock = clock
         self._now = now
         self._certs: OrderedDict[bytes, _Certified | Denial] = OrderedDict()
-        self._logged: dict[tuple[str, str], float] = {}
+        self._denials = Throttle(interval=log_interval, clock=clock)
 
     # -- deciding (pure but for the watched files) ----------------------------------------------
 
@@ -283,18 +281,13 @@ class Authorizer(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     def _log_denial(self, method: str, peer: str, denial: Denial) -> None:
         """Log a denial, but once per peer host and method per ``log_interval``: a misconfigured
         client retrying in a loop must not flood the log."""
-        key = (peer.rsplit(":", 1)[0], method)
-        now = self._clock()
-        last = self._logged.get(key)
-        if last is not None and now - last < self._log_interval:
+        more = self._denials.admit((client_host(peer), method))
+        if more is None:
             return
-        if len(self._logged) >= _LOG_KEYS:
-            cutoff = now - self._log_interval
-            self._logged = {k: t for k, t in self._logged.items() if t >= cutoff}
-            if len(self._logged) >= _LOG_KEYS:
-                self._logged.clear()
-        self._logged[key] = now
-        log.warning("denied %s to %s: %s %s", method, peer, denial.code.name, denial.message)
+        held_back = f" ({more} more since the last such line)" if more else ""
+        log.warning(
+            "denied %s to %s: %s %s%s", method, peer, denial.code.name, denial.message, held_back
+        )
 
 
 Guard = Callable[["grpc.aio.ServicerContext[Any, Any]"], Awaitable[None]]
