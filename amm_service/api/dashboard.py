@@ -9,7 +9,9 @@ message the control API answers). Only GET and HEAD.
 
 With ``--tls`` it serves HTTPS with the AMM's certificate and requires a client certificate of
 the cluster CA whose identity may call ``GetStatus`` (reader or operator), not revoked. Without
-TLS it refuses a non-loopback address unless ``--insecure``, as the gRPC port does.
+TLS it refuses a non-loopback address unless ``--insecure``, as the gRPC port does. The
+certificates are read at start (the gRPC ports follow a rotation; the dashboard needs a restart),
+the revocation list at every connection.
 """
 
 from __future__ import annotations
@@ -177,6 +179,8 @@ class Dashboard:
                 await _write(writer, response, head=method == "HEAD")
         except (ConnectionError, ssl.SSLError):
             pass
+        except Exception:
+            log.exception("dashboard: a connection failed")
         finally:
             if task is not None:
                 self._connections.discard(task)
@@ -233,8 +237,7 @@ class Dashboard:
             after = float(values[-1])
         except ValueError:
             raise ValueError(f"after must be a number of seconds, not {values[-1]!r}") from None
-        samples = self._history.after(after)
-        return _json({"samples": [s.as_json() for s in samples]})
+        return _Response(200, self._history.json_after(after), "application/json")
 
 
 async def _read_request(reader: asyncio.StreamReader) -> tuple[str, str] | None:

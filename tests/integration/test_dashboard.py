@@ -16,6 +16,7 @@ import pytest
 
 from amm.base.security import Role, Security, SecurityError
 from amm_service.api.server import AmmServer
+from amm_service.runtime.history import WORKER_FIELDS
 from tests.conftest import amm_config
 from tests.support.waiting import wait_for
 from worker_agent.agent import Agent
@@ -64,7 +65,7 @@ async def test_the_page_its_files_and_the_history_of_a_running_cluster(tmp_path:
         assert (await get(base + "/api/history?after=soon"))[0] == 400
 
         def sampled_w1(history: Any) -> bool:
-            return any(w["name"] == "w1" for s in history["samples"] for w in s["workers"])
+            return any(w[0] == "w1" for s in history["samples"] for w in s["workers"])
 
         history = await wait_for(
             lambda: get_json(base + "/api/history?after=0"), sampled_w1, what="w1 sampled"
@@ -75,7 +76,7 @@ async def test_the_page_its_files_and_the_history_of_a_running_cluster(tmp_path:
         last = samples[-1]
         newer = await get_json(f"{base}/api/history?after={last['at']}")
         assert all(s["at"] > last["at"] for s in newer["samples"])
-        [w1] = [w for w in last["workers"] if w["name"] == "w1"]
+        [w1] = [dict(zip(WORKER_FIELDS, w, strict=True)) for w in last["workers"] if w[0] == "w1"]
         assert w1["status"] == "running"
         assert w1["process"] > 0
         status = await get_json(base + "/api/status")

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
 from amm_service.decisions.directive import Op
 from amm_service.decisions.view import Memory, WorkerId, WorkerStatus, WorkerView
-from amm_service.runtime.history import History
+from amm_service.runtime.history import WORKER_FIELDS, History
 from amm_service.runtime.outcomes import Totals
 
 
@@ -60,7 +62,14 @@ def test_workers_are_sampled_with_the_amms_verdict_in_name_order() -> None:
         ("w1", "retiring", 10, 50, 1000),
         ("w2", "stale", 20, 60, 1000),
     ]
-    assert sample.as_json()["workers"][1]["status"] == "stale"
+    assert dict(zip(WORKER_FIELDS, sample.as_json()["workers"][1], strict=True)) == {
+        "name": "w2",
+        "address": str(sample.workers[1].address),
+        "managed": 20,
+        "process": 60,
+        "limit": 1000,
+        "status": "stale",
+    }
     assert (sample.keys, sample.replicas, sample.lost, sample.with_goal, sample.below_goal) == (
         3,
         5,
@@ -88,3 +97,13 @@ def test_a_big_cluster_keeps_fewer_samples_within_the_same_memory() -> None:
     assert [s.at for s in history.after(0)] == [4.0, 5.0]
     record(history, 6.0, Totals(), *(worker(f"v{i}", 1, 2) for i in range(9)))
     assert [s.at for s in history.after(0)] == [6.0], "the newest sample stays, whatever its size"
+
+
+def test_the_json_of_the_newer_samples_is_what_they_hold() -> None:
+    history = History()
+    for at in (1.0, 2.0, 3.0):
+        record(history, at, Totals(), worker("w1", 10, 50))
+    decoded = json.loads(history.json_after(1.0))
+    assert decoded == {"samples": [s.as_json() for s in history.after(1.0)]}
+    assert [s["at"] for s in decoded["samples"]] == [2.0, 3.0]
+    assert json.loads(history.json_after(3.0)) == {"samples": []}

@@ -277,7 +277,12 @@ async function refresh() {
     const [history, status] = await Promise.all([
       getJson("/api/history?after=" + lastAt), getJson("/api/status"),
     ]);
-    for (const s of history.samples) samples.push(s);
+    for (const s of history.samples) {
+      // each worker comes as [name, address, managed, process, limit, status] (WORKER_FIELDS)
+      s.workers = s.workers.map(([name, address, managed, process, limit, status]) => (
+        { name, address, managed, process, limit, status }));
+      samples.push(s);
+    }
     if (samples.length > MAX_SAMPLES) samples.splice(0, samples.length - MAX_SAMPLES);
     if (samples.length) lastAt = samples[samples.length - 1].at;
     drawStatus(status);
