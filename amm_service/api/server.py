@@ -95,7 +95,7 @@ class AmmServer:
             )
             if self.metrics is not None:
                 self.metrics.start()
-            if self.config.dashboard_listen:
+            if self.config.dashboard_listen and self.manager.history is not None:
                 self.dashboard = Dashboard(
                     self.config.dashboard_listen,
                     self.manager.history,

@@ -133,8 +133,8 @@ class ActiveMemoryManager:
         self._last: CycleRecord | None = None
         #: Durations and counts of every cycle run (not dry runs), for the metrics.
         self.cycle_stats = CycleStats()
-        #: One sample per cycle run, for the dashboard.
-        self.history = History()
+        #: One sample per cycle run, for the dashboard; kept only when it is served.
+        self.history = History() if config.dashboard_listen else None
         self.events = EventLog(clock=clock)
         self.goals = GoalBook(store)
         self._liveness = Liveness(stale_after=config.stale_seconds, dead_after=config.dead_after)
@@ -448,17 +448,18 @@ class ActiveMemoryManager:
         record.duration = time.perf_counter() - t0
         record.poll_duration, record.send_duration = polled - t0, sending
         self.cycle_stats.observe(record)
-        self.history.record(
-            at=self._clock(),
-            cycle=record.number,
-            workers=self.state.workers,
-            totals=self.outcomes.totals,
-            rejected=record.rejected,
-            keys=self.state.nkeys,
-            replicas=self.state.nreplicas,
-            lost=self.lost_keys,
-            goals=self.goals.totals(self.state),
-        )
+        if self.history is not None:
+            self.history.record(
+                at=self._clock(),
+                cycle=record.number,
+                workers=self.state.workers,
+                totals=self.outcomes.totals,
+                rejected=record.rejected,
+                keys=self.state.nkeys,
+                replicas=self.state.nreplicas,
+                lost=self.lost_keys,
+                goals=self.goals.totals(self.state),
+            )
         self._last = record
         if plan.directives or plan.rejections:
             log.info(
