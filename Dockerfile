@@ -69,5 +69,5 @@ COPY docker/certs.sh /usr/local/bin/amm-compose-certs
 USER amm
 # Both servers stop gracefully on SIGTERM: health NOT_SERVING, agents unregister, exit code 0.
 STOPSIGNAL SIGTERM
-EXPOSE 50051 50061 9051 9061
+EXPOSE 50051 50061 9051 9061 8787
 CMD ["amm", "--help"]

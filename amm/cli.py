@@ -132,6 +132,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cluster.add_argument("--logs", action="store_true", help="show the processes' output")
     cluster.add_argument(
+        "--dashboard",
+        default=None,
+        metavar="HOST:PORT|off",
+        help="where the AMM serves its dashboard: by default the --listen host on port 8787 "
+        "(as Dask's), or port 0 (any free port) when --listen's port is 0",
+    )
+    cluster.add_argument(
         "--tls",
         action="store_true",
         help="mutual TLS everywhere, with a throwaway CA and one identity per agent (deleted on "
@@ -385,6 +392,20 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
+#: The dashboard's port in ``amm cluster``, as Dask's.
+DASHBOARD_PORT = 8787
+
+
+def dashboard_listen(listen: str, asked: str | None) -> str | None:
+    """Where ``amm cluster`` serves the dashboard: ``asked``, None for ``off``, else ``listen``'s
+    host on port 8787, or on port 0 when ``listen``'s port is 0 (a throwaway cluster's, say a
+    test's, must not contend for a fixed port)."""
+    if asked is not None:
+        return None if asked.strip().lower() == "off" else asked
+    host, _, port = listen.rpartition(":")
+    return f"{host}:{0 if port == '0' else DASHBOARD_PORT}"
+
+
 def run_cluster(args: argparse.Namespace) -> int:
     """``amm cluster``: start, print the addresses, wait for Ctrl-C, SIGTERM or SIGHUP, stop.
 
@@ -403,8 +424,14 @@ def run_cluster(args: argparse.Namespace) -> int:
             zones=args.zones,
             echo=sys.stderr if args.logs else None,
             tls=args.tls,
+            dashboard=dashboard_listen(args.listen, args.dashboard),
         )
-        print(tables.render_cluster(cluster.address, cluster.workers, cluster.certs), flush=True)
+        print(
+            tables.render_cluster(
+                cluster.address, cluster.workers, cluster.certs, dashboard=cluster.dashboard
+            ),
+            flush=True,
+        )
         while True:
             # A worker retired and closed by the AMM leaves; the others and their data stay.
             for name in cluster.forget_departed_workers():

@@ -280,7 +280,8 @@ class LocalCluster:
     environment. ``zones`` are handed to the agents in turn (``--zone``): agent ``i`` gets
     ``zones[i % len(zones)]``. ``echo`` receives every output line of the children, prefixed by
     their name. ``tls`` or ``security`` run it on mutual TLS (see the module doc);
-    ``cluster.security`` is then what a client presents.
+    ``cluster.security`` is then what a client presents. ``dashboard`` (``HOST:PORT``) serves
+    the AMM's dashboard there; ``cluster.dashboard`` is then its bound address.
     """
 
     def __init__(
@@ -300,6 +301,7 @@ class LocalCluster:
         echo: IO[str] | None = None,
         security: Security | None = None,
         tls: bool = False,
+        dashboard: str | None = None,
     ) -> None:
         self.timeout = timeout
         self.stop_timeout = stop_timeout
@@ -344,11 +346,16 @@ class LocalCluster:
             argv.append("--start" if start else "--no-start")
         if state is not None:
             argv += ["--state", state]
+        if dashboard is not None:
+            argv += ["--dashboard-listen", dashboard]
+        #: The dashboard's ``host:port`` once serving (``dashboard`` asked for one), else None.
+        self.dashboard: str | None = None
         try:
             deadline = time.monotonic() + timeout
             service = self._spawn("amm-service", SERVICE_MODULE, [*argv, *service_args])
             self._service.append(service)
             self.address = service.wait_ready(deadline)
+            self.dashboard = (service.ready or {}).get("dashboard")
             self._start_agents(n_workers, deadline)
         except BaseException:
             self.stop()

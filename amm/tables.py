@@ -278,10 +278,16 @@ def render_retirements(results: Sequence[RetirementResult]) -> str:
     return render_table(("WORKER", "RETIRED", "CLOSED", "REASON"), rows)
 
 
-def render_cluster(address: str, workers: Sequence[str], certs: Path | None = None) -> str:
-    """What ``amm cluster`` prints once everything is up; ``certs``: its TLS folder, if any."""
+def render_cluster(
+    address: str, workers: Sequence[str], certs: Path | None = None, dashboard: str | None = None
+) -> str:
+    """What ``amm cluster`` prints once everything is up; ``certs``: its TLS folder, if any;
+    ``dashboard``: the dashboard's address, if served."""
     rows = [("amm", address), *((f"worker-{i}", w) for i, w in enumerate(workers))]
     exports = [f"export AMM_ADDRESS={address}   # then: amm status, amm workers, ..."]
+    if dashboard is not None:
+        scheme = "https" if certs is not None else "http"
+        exports.insert(0, f"dashboard: {scheme}://{dashboard}/")
     if certs is not None:
         exports.append(f"export AMM_TLS={certs}   # mutual TLS: the operator's certificate")
     return "\n".join(

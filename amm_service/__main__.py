@@ -47,6 +47,11 @@ def parser() -> argparse.ArgumentParser:
         "--metrics-listen", metavar="HOST:PORT", help="serve Prometheus metrics over HTTP (none)"
     )
     p.add_argument(
+        "--dashboard-listen",
+        metavar="HOST:PORT",
+        help="serve the dashboard web page, e.g. 127.0.0.1:8787 (none)",
+    )
+    p.add_argument(
         "--tls",
         metavar="DIR",
         help="certs folder (amm certs init): mutual TLS and roles on every call [env AMM_TLS]",

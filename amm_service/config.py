@@ -48,6 +48,7 @@ ENV_VARS: Mapping[str, str] = MappingProxyType(
         "tombstone_ttl": "AMM_TOMBSTONE_TTL",
         "log_level": "AMM_LOG_LEVEL",
         "metrics_listen": "AMM_METRICS_LISTEN",
+        "dashboard_listen": "AMM_DASHBOARD_LISTEN",
         # AMM_TLS is also where the CLI finds its certs folder (amm.base.security): one variable
         # for a machine that runs both.
         "tls": "AMM_TLS",
@@ -134,6 +135,10 @@ class AmmConfig:
     under way are discarded and none is planned, until the key is put again. Default 10m."""
     metrics_listen: str | None = None
     """``HOST:PORT`` to serve Prometheus metrics on over HTTP; unset serves none. Default unset."""
+    dashboard_listen: str | None = None
+    """``HOST:PORT`` to serve the dashboard on (HTTPS with ``tls``; without it, loopback only
+    unless ``insecure``); unset serves none. Default unset (``amm cluster`` and the compose file
+    turn it on, on 8787 as Dask's)."""
     tls: str | None = None
     """The certs folder (``amm certs init``): serve mutual TLS, authorize every call by role, and
     dial agents with this identity. Default (unset): plaintext, on loopback only."""
@@ -324,6 +329,7 @@ _CONVERTERS: Mapping[str, Callable[[object, str], object]] = {
     "max_outgoing_transfers": _count("max_outgoing_transfers"),
     "tombstone_ttl": _duration("tombstone_ttl"),
     "metrics_listen": _address("metrics_listen"),
+    "dashboard_listen": _address("dashboard_listen"),
     "tls": _folder,
     "tls_identity": _identity,
     "token_listen": _address("token_listen"),

@@ -10,6 +10,9 @@ from __future__ import annotations
 import asyncio
 import logging
 from types import TracebackType
+from typing import Any
+
+from google.protobuf.json_format import MessageToDict
 
 from amm.base.guard import Complaints, collect, register_guarded
 from amm.base.metrics import MetricsEndpoint
@@ -17,6 +20,7 @@ from amm.base.security import Role, Security, SecurityError
 from amm.base.serving import Served, bound_address, serve, stop_on_signals
 from amm.v1 import control_pb2, control_pb2_grpc
 from amm_service.api.control import ControlServicer
+from amm_service.api.dashboard import Dashboard
 from amm_service.config import AmmConfig
 from amm_service.policies import Policy, build_all
 from amm_service.runtime import metrics
@@ -62,6 +66,8 @@ class AmmServer:
         self.address = ""
         #: The metrics endpoint, when ``config.metrics_listen`` asks for one.
         self.metrics: MetricsEndpoint | None = None
+        #: The dashboard, when ``config.dashboard_listen`` asks for one.
+        self.dashboard: Dashboard | None = None
         #: The bearer-token port's address, when ``token_listen`` is set.
         self.token_address: str | None = None
 
@@ -89,6 +95,15 @@ class AmmServer:
             )
             if self.metrics is not None:
                 self.metrics.start()
+            if self.config.dashboard_listen and self.manager.history is not None:
+                self.dashboard = Dashboard(
+                    self.config.dashboard_listen,
+                    self.manager.history,
+                    lambda: _status_json(servicer),
+                    security=self.security,
+                    insecure=self.config.insecure,
+                )
+                await self.dashboard.start()
         except BaseException:
             await self.stop()
             raise
@@ -114,6 +129,8 @@ class AmmServer:
         if self.manager is not None:
             await self.manager.close()
         stops = [self.metrics.stop()] if self.metrics is not None else []
+        if self.dashboard is not None:
+            stops.append(self.dashboard.stop())
         if self._served is not None:
             stops.append(self._served.stop(self._grace))
         await asyncio.gather(*stops)
@@ -133,6 +150,20 @@ class AmmServer:
         await self.stop()
 
 
+class _LocalCall:
+    """The context of a control call made in-process (the dashboard's status): an error the
+    servicer would abort the call with is raised instead."""
+
+    async def abort(self, code: Any, details: str) -> None:
+        raise RuntimeError(f"{code}: {details}")
+
+
+async def _status_json(servicer: ControlServicer) -> dict[str, Any]:
+    """``GetStatus`` as its canonical JSON mapping (64-bit integers as strings)."""
+    response = await servicer.GetStatus(control_pb2.GetStatusRequest(), _LocalCall())  # type: ignore[arg-type]
+    return MessageToDict(response, preserving_proto_field_name=True)
+
+
 async def run(config: AmmConfig) -> None:
     """Serve until SIGTERM or SIGINT; print the ready line once serving."""
     stop = asyncio.Event()
@@ -142,6 +173,8 @@ async def run(config: AmmConfig) -> None:
             line += f" token_address={server.token_address}"
         if server.metrics is not None:
             line += f" metrics={server.metrics.address}"
+        if server.dashboard is not None:
+            line += f" dashboard={server.dashboard.address}"
         print(line, flush=True)
         with stop_on_signals(stop):
             await stop.wait()

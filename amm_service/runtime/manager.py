@@ -46,6 +46,7 @@ from amm_service.runtime.agents import AgentLinks
 from amm_service.runtime.cycle import CycleRecord, CycleStats
 from amm_service.runtime.dispatcher import Dispatcher
 from amm_service.runtime.goals import GoalBook
+from amm_service.runtime.history import History
 from amm_service.runtime.lost import LostBook
 from amm_service.runtime.outcomes import Outcomes
 from amm_service.runtime.pacing import breathe, gc_paused
@@ -132,6 +133,8 @@ class ActiveMemoryManager:
         self._last: CycleRecord | None = None
         #: Durations and counts of every cycle run (not dry runs), for the metrics.
         self.cycle_stats = CycleStats()
+        #: One sample per cycle run, for the dashboard; kept only when it is served.
+        self.history = History() if config.dashboard_listen else None
         self.events = EventLog(clock=clock)
         self.goals = GoalBook(store)
         self._liveness = Liveness(stale_after=config.stale_seconds, dead_after=config.dead_after)
@@ -445,6 +448,18 @@ class ActiveMemoryManager:
         record.duration = time.perf_counter() - t0
         record.poll_duration, record.send_duration = polled - t0, sending
         self.cycle_stats.observe(record)
+        if self.history is not None:
+            self.history.record(
+                at=self._clock(),
+                cycle=record.number,
+                workers=self.state.workers,
+                totals=self.outcomes.totals,
+                rejected=record.rejected,
+                keys=self.state.nkeys,
+                replicas=self.state.nreplicas,
+                lost=self.lost_keys,
+                goals=self.goals.totals(self.state),
+            )
         self._last = record
         if plan.directives or plan.rejections:
             log.info(

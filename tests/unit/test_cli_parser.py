@@ -187,3 +187,19 @@ def test_replay_refuses_bad_flags(
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["replay", "t.json", flag, value])
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("listen", "asked", "served"),
+    [
+        ("127.0.0.1:50051", None, "127.0.0.1:8787"),
+        ("[::1]:50051", None, "[::1]:8787"),
+        ("127.0.0.1:0", None, "127.0.0.1:0"),
+        ("127.0.0.1:50051", "127.0.0.1:9999", "127.0.0.1:9999"),
+        ("127.0.0.1:50051", "off", None),
+    ],
+)
+def test_amm_cluster_serves_the_dashboard_on_8787_unless_told(
+    listen: str, asked: str | None, served: str | None
+) -> None:
+    assert cli.dashboard_listen(listen, asked) == served

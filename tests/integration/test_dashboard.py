@@ -1,0 +1,125 @@
+"""The dashboard's HTTP server, in process: its routes, the history it serves, and who may see it
+(loopback only without TLS; with TLS, a client certificate of the cluster CA allowed to read the
+status)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import ssl
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from amm.base.security import Role, Security, SecurityError
+from amm_service.api.server import AmmServer
+from amm_service.runtime.history import WORKER_FIELDS
+from tests.conftest import amm_config
+from tests.support.waiting import wait_for
+from worker_agent.agent import Agent
+from worker_agent.config import AgentConfig
+
+LOOPBACK = "127.0.0.1:0"
+
+
+def fetch(url: str, context: ssl.SSLContext | None = None) -> tuple[int, str, bytes]:
+    """(status, content type, body) of a GET, errors included."""
+    try:
+        with urllib.request.urlopen(url, timeout=10, context=context) as response:
+            return response.status, response.headers["Content-Type"], response.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.headers["Content-Type"], err.read()
+
+
+async def get(url: str, context: ssl.SSLContext | None = None) -> tuple[int, str, bytes]:
+    return await asyncio.to_thread(fetch, url, context)
+
+
+async def get_json(url: str, context: ssl.SSLContext | None = None) -> Any:
+    code, kind, body = await get(url, context)
+    assert (code, kind) == (200, "application/json"), body
+    return json.loads(body)
+
+
+async def test_the_page_its_files_and_the_history_of_a_running_cluster(tmp_path: Path) -> None:
+    config = amm_config(tmp_path, dashboard_listen=LOOPBACK, start=True, interval="100ms")
+    async with (
+        AmmServer(config) as amm,
+        Agent(AgentConfig(amm=amm.address, listen=LOOPBACK, name="w1")),
+    ):
+        assert amm.dashboard is not None
+        base = f"http://{amm.dashboard.address}"
+        code, kind, page = await get(base + "/")
+        assert (code, kind) == (200, "text/html; charset=utf-8")
+        assert b"/static/dashboard.js" in page
+        for name, kind in (("dashboard.js", "text/javascript"), ("dashboard.css", "text/css")):
+            code, got, body = await get(f"{base}/static/{name}")
+            assert code == 200
+            assert got.startswith(kind)
+            assert body
+        assert (await get(base + "/static/../server.py"))[0] == 404
+        assert (await get(base + "/nothing"))[0] == 404
+        assert (await get(base + "/api/history?after=soon"))[0] == 400
+
+        def sampled_w1(history: Any) -> bool:
+            return any(w[0] == "w1" for s in history["samples"] for w in s["workers"])
+
+        history = await wait_for(
+            lambda: get_json(base + "/api/history?after=0"), sampled_w1, what="w1 sampled"
+        )
+        samples = history["samples"]
+        cycles = [s["cycle"] for s in samples]
+        assert cycles == sorted(cycles)
+        last = samples[-1]
+        newer = await get_json(f"{base}/api/history?after={last['at']}")
+        assert all(s["at"] > last["at"] for s in newer["samples"])
+        [w1] = [dict(zip(WORKER_FIELDS, w, strict=True)) for w in last["workers"] if w[0] == "w1"]
+        assert w1["status"] == "running"
+        assert w1["process"] > 0
+        status = await get_json(base + "/api/status")
+        assert status["running"] is True
+        assert int(status["totals"]["workers"]) == 1
+        assert int(status["cycles"]) >= last["cycle"]
+
+
+async def test_without_tls_it_refuses_an_address_other_machines_reach(tmp_path: Path) -> None:
+    config = amm_config(tmp_path, dashboard_listen="0.0.0.0:0")
+    with pytest.raises(SecurityError, match=r"refusing to listen on 0\.0\.0\.0:0 without TLS"):
+        async with AmmServer(config):
+            pass
+
+
+def client_context(certs: Security, identity: str | None) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=str(certs.ca))
+    context.check_hostname = False  # the AMM's certificate names amm.amm, not 127.0.0.1
+    if identity is not None:
+        me = certs.as_identity(identity)
+        assert me.cert is not None
+        assert me.key is not None
+        context.load_cert_chain(me.cert, me.key)
+    return context
+
+
+async def test_with_tls_it_serves_https_to_readers_and_operators_only(tmp_path: Path) -> None:
+    certs = Security.temporary(tmp_path / "certs")
+    certs.issue(Role.AGENT, "w9")
+    config = amm_config(tmp_path, dashboard_listen=LOOPBACK, tls=str(certs.directory))
+    async with AmmServer(config) as amm:
+        assert amm.dashboard is not None
+        url = f"https://{amm.dashboard.address}/api/status"
+        for reader in ("reader", "operator"):
+            assert (await get_json(url, client_context(certs, reader)))["epoch"] == "1"
+        code, _, body = await get(url, client_context(certs, "w9"))
+        assert code == 403
+        assert b"needs role reader or operator; you are agent 'w9'" in body
+        with pytest.raises((urllib.error.URLError, ssl.SSLError, ConnectionError)):
+            await get(url, client_context(certs, None))
+        with pytest.raises((urllib.error.URLError, ConnectionError)):
+            await get(f"http://{amm.dashboard.address}/api/status")
+        (certs.directory / "revoked").write_text("reader\n")
+        code, _, body = await get(url, client_context(certs, "reader"))
+        assert code == 403
+        assert b"revoked" in body
