@@ -24,6 +24,7 @@ import yaml
 
 from amm.base.security import Identity, Role
 from amm.base.security.certs import certificate_identity, load_certificate
+from amm.base.units import parse_duration
 from amm.demo import BYTE_SCALE
 from amm.replay.command import AGENT_ENV
 from scripts.image_requirements import requirements
@@ -120,6 +121,17 @@ def test_servers_have_a_grpc_health_check_on_their_port(name: str, listen: str) 
     check = service(name)["healthcheck"]
     assert check["test"] == ["CMD", "amm", "health", f"127.0.0.1:{port}"]
     assert {"interval", "timeout", "retries", "start_period"} <= set(check)
+
+
+@pytest.mark.parametrize("name", ["amm", "worker"])
+def test_health_checks_leave_room_for_a_loaded_host(name: str) -> None:
+    """Seen on a 2-core host at a load of 14-26: a probe (a Python start and one call) took 12-16 s;
+    with a 10 s timeout five failed in a row, the AMM turned unhealthy and the next ``up`` (which
+    checks depends_on again) refused to scale. The probes also cost CPU: not every few seconds."""
+    check = service(name)["healthcheck"]
+    assert parse_duration(check["timeout"]) >= 30
+    assert parse_duration(check["interval"]) >= 10
+    assert check["retries"] >= 3
 
 
 def test_the_demo_replays_into_a_mounted_folder_under_its_profile() -> None:

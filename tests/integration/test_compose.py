@@ -1,7 +1,8 @@
-"""The docker-compose demo cluster for real: build the image, ``up --scale worker=2``, wait for the
+"""The docker-compose demo cluster for real: build the image, ``up --scale worker=3``, wait for the
 grpc.health.v1 checks, ask the AMM from the host through grpcurl and the Python client with the
-operator's certificate the certs service handed out (and fail without it), stop (every server
-must exit 0 on SIGTERM) and tear down.
+operator's certificate the certs service handed out (and fail without it), put a key on each
+agent, scale down to 2 (the agent leaving drains: no key lost), stop (every server must exit 0 on
+SIGTERM) and tear down. Data calls go to the agents' container IPs: a Linux host reaches them.
 
 It runs only where a Docker engine is reachable and the base image is on it or can be pulled, and
 skips with the reason otherwise (see ``tests.support.docker``; ``AMM_COMPOSE_SMOKE=0`` skips it on
@@ -36,7 +37,7 @@ from tests.support.waiting import poll_until
 
 ROOT = Path(__file__).resolve().parents[2]
 GRPCURL = shutil.which("grpcurl", path=str(Path(sys.executable).parent)) or shutil.which("grpcurl")
-WORKERS = 2
+WORKERS = 3
 AGENT_PORT = 50061
 
 
@@ -147,6 +148,25 @@ def test_the_compose_cluster_serves_the_host_and_stops_gracefully(tmp_path: Path
             assert sorted(worker.address for worker in client.workers()) == addresses
         with Client(address, timeout=5) as plaintext, pytest.raises(AmmError):
             plaintext.workers()
+
+        # A key held by each agent alone; after the scale-down every one is still there.
+        values = {f"drain-{i}": f"held by {worker}".encode() for i, worker in enumerate(addresses)}
+        with Client(address, security=Security.from_dir(certs), timeout=30) as client:
+            for (key, value), worker in zip(values.items(), addresses, strict=True):
+                client.put(key, value, workers=worker)
+            compose.run("up", "--detach", "--scale", f"worker={WORKERS - 1}", timeout=300)
+            containers = compose.run("ps", "--quiet", "amm", "worker").split()
+            assert len(containers) == WORKERS
+            poll_until(
+                lambda: len(client.workers()) == WORKERS - 1,
+                within=60,
+                what="the leaving agent to unregister",
+                every=0.5,
+            )
+            assert client.lost_keys(list(values)) == []
+            holders = client.who_has(list(values))
+            assert all(holders[key] for key in values), holders
+            assert {key: client.get(key) for key in values} == values
 
         compose.run("stop", "--timeout", "20", timeout=120)
         exit_codes = docker("inspect", "--format", "{{.State.ExitCode}}", *containers).split()

@@ -35,18 +35,20 @@ def engine_unavailable() -> str | None:
     docker = shutil.which("docker")
     if docker is None:
         return "no docker CLI on PATH"
+    # `docker version`, not `docker info`: without a daemon, Debian's docker.io 20.10 answers
+    # `info --format` with a template error, `version` with "Cannot connect to the Docker daemon".
     try:
-        info = subprocess.run(
-            [docker, "info", "--format", "{{.ServerVersion}}"],
+        version = subprocess.run(
+            [docker, "version", "--format", "{{.Server.Version}}"],
             capture_output=True,
             text=True,
             timeout=30,
         )
     except subprocess.TimeoutExpired:
-        return "no Docker engine reachable: `docker info` did not answer within 30 s"
-    if info.returncode != 0 or not info.stdout.strip():
-        said = (info.stderr.strip().splitlines() or ["no server version"])[-1]
-        return f"no Docker engine reachable (`docker info`: {said})"
+        return "no Docker engine reachable: `docker version` did not answer within 30 s"
+    if version.returncode != 0 or not version.stdout.strip():
+        said = (version.stderr.strip().splitlines() or ["no server version"])[-1]
+        return f"no Docker engine reachable (`docker version`: {said})"
     if compose_cli() is None:
         return "a Docker engine is reachable but no compose CLI (docker compose or docker-compose)"
     return None
