@@ -30,6 +30,7 @@ from amm.tables import render_table
 EMPTY = "-"
 KEYS_SHOWN = 5
 BAR_WIDTH = 20
+MIN_BAR_WIDTH = 5
 #: Shortest interval ``amm top`` redraws at, in seconds.
 MIN_INTERVAL = 0.1
 _REPORTED = frozenset({"running", "paused", "closing", "unspecified"})
@@ -159,9 +160,9 @@ def render_top(
             colour,
         ),
         f"workers {t.workers} ({t.stale_workers} stale, {t.retiring_workers} retiring, "
-        f"{t.unreachable_workers} unreachable)  keys {t.keys}  replicas {t.replicas}  "
-        f"lost keys {t.lost_keys}  below goal {t.keys_below_goal}  "
-        f"memory {format_bytes(t.memory_bytes)}",
+        f"{t.unreachable_workers} unreachable)  memory {format_bytes(t.memory_bytes)}",
+        f"keys {t.keys}  replicas {t.replicas}  lost keys {t.lost_keys}  "
+        f"below goal {t.keys_below_goal}",
     ]
     last = status.last_cycle
     if last is None:
@@ -176,7 +177,37 @@ def render_top(
         header.append("drops held back: start-up grace")
     largest = max((w.memory_bytes for w in workers), default=0)
     directives = _directives(status)
-    rows, marks = [], []
+    bar_width = BAR_WIDTH
+    lines = _worker_lines(workers, directives, largest, bar_width)
+    widest = max(len(line) for line in lines)
+    if 0 < width < widest:  # a narrow terminal: narrower bars before anything is cut
+        bar_width = max(MIN_BAR_WIDTH, bar_width - (widest - width))
+        lines = _worker_lines(workers, directives, largest, bar_width)
+    if workers:
+        colours = {"!": RED, "~": YELLOW}
+        lines[1:] = [
+            _paint(line, colours.get(worker_state(w)[1], ""), colour)
+            for line, w in zip(lines[1:], workers, strict=True)
+        ]
+    notes = []
+    if any(not w.limit_bytes for w in workers):
+        notes.append("bars without a percentage: against the largest worker (no memory limit)")
+    frame = [*header, "", *lines, *notes]
+    if width > 0:
+        frame = [_cut(line, width) for line in frame]
+    return "\n".join(frame)
+
+
+def _worker_lines(
+    workers: Sequence[WorkerInfo],
+    directives: dict[str, tuple[int, int]],
+    largest: int,
+    bar_width: int,
+) -> list[str]:
+    """The workers' table, uncoloured: header line first."""
+    if not workers:
+        return ["no workers"]
+    rows = []
     for w in workers:
         shown, mark = worker_state(w)
         limit = w.limit_bytes
@@ -188,7 +219,7 @@ def render_top(
                 w.name or w.address,
                 w.address,
                 shown,
-                bar(fraction) + (f" {fraction:4.0%}" if limit else ""),
+                bar(fraction, bar_width) + (f" {fraction:4.0%}" if limit else ""),
                 format_bytes(w.memory_bytes),
                 format_bytes(limit) if limit else EMPTY,
                 w.key_count,
@@ -196,33 +227,8 @@ def render_top(
                 f"+{copies} -{drops}" if copies or drops else EMPTY,
             )
         )
-        marks.append(mark)
-    headers = (
-        "",
-        "NAME",
-        "ADDRESS",
-        "STATUS",
-        "MEMORY",
-        "USED",
-        "LIMIT",
-        "KEYS",
-        "MANAGED",
-        "LAST CYCLE",
-    )
-    lines = render_table(headers, rows, right=(5, 6, 7, 8)).split("\n") if rows else ["no workers"]
-    if rows:
-        colours = {"!": RED, "~": YELLOW}
-        lines[1:] = [
-            _paint(line, colours.get(mark, ""), colour)
-            for line, mark in zip(lines[1:], marks, strict=True)
-        ]
-    notes = []
-    if any(not w.limit_bytes for w in workers):
-        notes.append("bars without a percentage: against the largest worker (no memory limit)")
-    frame = [*header, "", *lines, *notes]
-    if width > 0:
-        frame = [_cut(line, width) for line in frame]
-    return "\n".join(frame)
+    headers = ("", "NAME", "ADDRESS", "STATUS", "MEMORY", "USED", "LIMIT", "KEYS", "MANAGED")
+    return render_table((*headers, "LAST CYCLE"), rows, right=(5, 6, 7, 8)).split("\n")
 
 
 def _cut(line: str, width: int) -> str:

@@ -139,8 +139,9 @@ def test_amm_events_and_amm_top_once_print_what_happened(
         frame = capsys.readouterr().out
         assert "\x1b" not in frame  # not a terminal: no escape codes
         assert f"amm top  {cluster.address}  stopped" in frame
-        assert "workers 2 (0 stale, 0 retiring, 0 unreachable)  keys 1  replicas 1" in frame
-        rows = {w: line for line in frame.splitlines()[4:] for w in (w1, w2) if w in line}
+        assert "workers 2 (0 stale, 0 retiring, 0 unreachable)" in frame
+        assert "keys 1  replicas 1  lost keys 0" in frame
+        rows = {w: line for line in frame.splitlines()[5:] for w in (w1, w2) if w in line}
         assert set(rows) == {w1, w2}
         assert "running" in rows[w2]
         assert "1.00 GiB" in rows[w2]
