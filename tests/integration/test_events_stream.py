@@ -112,6 +112,16 @@ async def test_a_resume_point_older_than_what_is_retained_gets_a_gap(tmp_path: P
         only = [item async for item in client.events(after=5, kinds=["worker-dead"])]
         assert only == [EventGap(missed=oldest - 5 - 1)]
 
+        # A follower that stops reading and leaves takes its place in the feed with it.
+        feed = amm.manager.event_feed
+        follower = client.events(after=newest - 1, follow=True)
+        last = await anext(follower)
+        assert isinstance(last, Event)
+        assert last.seq == newest
+        assert feed.watchers == 1
+        await follower.aclose()
+        await wait_for(lambda: feed.watchers, lambda n: n == 0, what="the follower's slot freed")
+
 
 def test_amm_events_and_amm_top_once_print_what_happened(
     capsys: pytest.CaptureFixture[str],
