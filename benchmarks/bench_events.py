@@ -1,13 +1,15 @@
 """How fast the AMM's events reach their watchers, and what a stuck watcher costs.
 
 An AMM runs in this process (plaintext, 127.0.0.1:0, stopped); W clients follow ``WatchEvents``
-over loopback gRPC while the AMM records E events in bursts. For each watcher count it reports
-the latency from recording an event to its arrival at each watcher (median, p99, max), and the
-events delivered and reported missed. One more watcher opens the stream and reads nothing: the
-most the AMM's feed queues for it stays within the per-watcher bound (1,000) however many events
-come (gRPC's flow-control windows take some first: a small count shows 0).
+over loopback gRPC while the AMM records E events at a given rate (or as fast as it can). For each
+watcher count it reports the latency from recording an event to its arrival at each watcher
+(median, p99, max), and the events delivered and reported missed. One more watcher opens the
+stream and reads nothing: the most the AMM's feed queues for it stays within the per-watcher
+bound (1,000) however many events come (gRPC's flow-control windows take some first: a small
+count shows 0).
 
-    python benchmarks/bench_events.py                      # 1, 8, 32 watchers x 2,000 events
+    python benchmarks/bench_events.py                      # 1, 8, 32 watchers x 2,000 events, 200/s
+    python benchmarks/bench_events.py --rate 0             # a burst: watchers fall behind, gaps
     python benchmarks/bench_events.py --watchers 1 64 --events 5000 --json events.json
 """
 
@@ -46,7 +48,7 @@ async def _follow(
             return
 
 
-async def measure(watchers: int, events: int, state: Path) -> dict[str, Any]:
+async def measure(watchers: int, events: int, rate: float, state: Path) -> dict[str, Any]:
     config = load_config(
         env={}, overrides={"listen": "127.0.0.1:0", "state_path": str(state), "interval": "1h"}
     )
@@ -74,7 +76,9 @@ async def measure(watchers: int, events: int, state: Path) -> dict[str, Any]:
             for i in range(events):
                 event = log.record("bench", f"event {i}")
                 recorded[event.seq] = time.perf_counter()
-                if i % BURST == BURST - 1:
+                if rate > 0:
+                    await asyncio.sleep(max(0.0, began + (i + 1) / rate - time.perf_counter()))
+                elif i % BURST == BURST - 1:
                     await asyncio.sleep(0)
             await asyncio.wait_for(asyncio.gather(*tasks), timeout=120)
             elapsed = time.perf_counter() - began
@@ -90,6 +94,7 @@ async def measure(watchers: int, events: int, state: Path) -> dict[str, Any]:
     return {
         "watchers": watchers,
         "events": events,
+        "rate": rate,
         "delivered": sum(len(a) for a in arrivals),
         "missed": sum(sum(m) for m in missed),
         "median_ms": statistics.median(latencies),
@@ -104,7 +109,8 @@ async def main_async(args: argparse.Namespace) -> list[dict[str, Any]]:
     results = []
     with tempfile.TemporaryDirectory() as folder:
         for i, watchers in enumerate(args.watchers):
-            results.append(await measure(watchers, args.events, Path(folder) / f"amm-{i}.db"))
+            state = Path(folder) / f"amm-{i}.db"
+            results.append(await measure(watchers, args.events, args.rate, state))
     return results
 
 
@@ -113,6 +119,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--watchers", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--events", type=int, default=2000)
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=200.0,
+        help="events recorded per second (%(default)s); 0: as fast as possible, in bursts of "
+        f"{BURST}, which outruns the watchers and shows the bound and the gaps",
+    )
     parser.add_argument("--json", type=Path, metavar="PATH", help="write the figures here too")
     args = parser.parse_args()
     results = asyncio.run(main_async(args))
