@@ -37,7 +37,7 @@ from typing import NoReturn
 import grpc
 
 from amm import certs as certs_command
-from amm import health, tables
+from amm import health, live, tables
 from amm.base.security import Security, SecurityError
 from amm.base.security.credentials import ENV_TLS
 from amm.base.units import format_bytes, parse_duration
@@ -232,6 +232,35 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DURATION",
         help="abandon a retirement not finished after this long (default: no limit)",
     )
+    events = sub.add_parser(
+        "events",
+        parents=[output],
+        help="the AMM's events, one line each; --follow: keep printing new ones (Ctrl-C ends)",
+    )
+    events.add_argument("--follow", "-f", action="store_true", help="print new events as they come")
+    events.add_argument(
+        "--after", type=int, default=None, metavar="SEQ", help="only events after this seq"
+    )
+    events.add_argument(
+        "--incarnation",
+        default="",
+        metavar="ID",
+        help="the AMM run of the --after event: a gap is reported if the AMM restarted since",
+    )
+    events.add_argument(
+        "--kind", action="append", dest="kinds", metavar="KIND", help="only this kind (repeatable)"
+    )
+    top = sub.add_parser(
+        "top", parents=[common], help="a live view of the workers and the cluster (Ctrl-C ends)"
+    )
+    top.add_argument(
+        "--interval",
+        type=_interval,
+        default=None,
+        metavar="DURATION",
+        help="refresh every DURATION (default: the AMM's interval)",
+    )
+    top.add_argument("--once", action="store_true", help="print one frame and exit")
     put = sub.add_parser("put", parents=[common], help="store a value")
     put.add_argument("key")
     source = put.add_mutually_exclusive_group(required=True)
@@ -335,6 +364,10 @@ def run_verb(client: Client, args: argparse.Namespace) -> int:
         )
         _emit(args, results, lambda: tables.render_retirements(results))
         return 0 if all(r.retired for r in results) else 1
+    elif command == "events":
+        return live.run_events(client, args)
+    elif command == "top":
+        return live.run_top(client, args)
     elif command == "put":
         value = _read_value(args)
         client.put(args.key, value, workers=args.workers)

@@ -20,7 +20,15 @@ import asyncio
 import contextlib
 import math
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from types import TracebackType
 from typing import TYPE_CHECKING, Self, TypeVar, cast
 
@@ -36,6 +44,8 @@ from amm.blocking import Blocking, LoopThread, forward
 from amm.errors import AmmError
 from amm.models import (
     CycleReport,
+    Event,
+    EventGap,
     GoalChange,
     LostKey,
     Prefetched,
@@ -46,6 +56,7 @@ from amm.models import (
     WorkerInfo,
     address_key,
     cycle_from_proto,
+    event_from_proto,
     goal_from_proto,
     lost_from_proto,
     retirement_from_proto,
@@ -291,6 +302,43 @@ class AsyncClient:
         with self._amm_rpc():
             reply = await stub.GetStatus(control_pb2.GetStatusRequest(), timeout=self.timeout)
         return status_from_proto(reply)
+
+    async def events(
+        self,
+        after: int | Event | None = None,
+        *,
+        kinds: str | Sequence[str] | None = None,
+        follow: bool = False,
+        incarnation: str = "",
+    ) -> AsyncGenerator[Event | EventGap, None]:
+        """The AMM's events, oldest first: those it retains after ``after`` (the ``seq`` of the
+        last event seen, or that event itself; None: every event retained), then with ``follow``
+        each new one as the AMM records it, until the caller stops iterating.
+
+        An ``EventGap`` stands for events that will never come: older than the AMM retains, or
+        dropped because this reader fell behind; ``restarted`` when ``after`` came from an earlier
+        run of the AMM (pass the event, or its ``incarnation``, to have that noticed). ``kinds``
+        keeps only those kinds. A follower gets ``UNAVAILABLE`` when the AMM shuts down.
+        """
+        seq = after.seq if isinstance(after, Event) else after
+        if isinstance(after, Event):
+            incarnation = after.incarnation
+        if seq is not None and not 0 <= seq < 2**64:
+            raise AmmError(grpc.StatusCode.INVALID_ARGUMENT, f"after out of range: {seq}")
+        request = control_pb2.WatchEventsRequest(
+            after=seq, incarnation=incarnation, kinds=_as_list(kinds), follow=follow
+        )
+        stub = self._amm_stub()
+        call = stub.WatchEvents(request, timeout=None if follow else self.timeout)
+        try:
+            with self._amm_rpc():
+                async for reply in call:
+                    if reply.missed or reply.restarted:
+                        yield EventGap(reply.missed, reply.restarted)
+                    if reply.HasField("event"):
+                        yield event_from_proto(reply.event)
+        finally:
+            call.cancel()
 
     async def forget(self, keys: str | Sequence[str]) -> int:
         """Delete keys on every worker that holds them; returns the number of replicas deleted."""
@@ -628,6 +676,11 @@ class AsyncClient:
         return reply.pins
 
 
+async def _next(stream: AsyncIterator[T]) -> T | None:
+    """The next item of ``stream``, None at its end (a coroutine, for ``LoopThread.run``)."""
+    return await anext(stream, None)
+
+
 class AmmControl(Blocking[AsyncAmmControl]):
     """``client.amm``: start, stop and drive the AMM's cycles.
 
@@ -687,6 +740,30 @@ class Client(Blocking[AsyncClient]):
     def close(self) -> None:
         """Close the channels and stop the private loop; idempotent."""
         self._finalizer()
+
+    def events(
+        self,
+        after: int | Event | None = None,
+        *,
+        kinds: str | Sequence[str] | None = None,
+        follow: bool = False,
+        incarnation: str = "",
+    ) -> Iterator[Event | EventGap]:
+        """``AsyncClient.events`` as a blocking iterator: each item is waited for on the
+        client's loop; leaving the loop early (``break``, Ctrl-C) ends the stream."""
+        stream = self._target.events(after, kinds=kinds, follow=follow, incarnation=incarnation)
+        try:
+            while True:
+                try:
+                    item = self._portal.run(_next(stream))
+                except AmmError as err:
+                    raise err.with_traceback(None) from None
+                if item is None:
+                    return
+                yield item
+        finally:
+            with contextlib.suppress(Exception):
+                self._portal.run(stream.aclose())
 
     has_what = forward(AsyncClient.has_what)
     who_has = forward(AsyncClient.who_has)

@@ -197,6 +197,20 @@ class Event:
     worker: str
     keys: tuple[str, ...]
     message: str
+    seq: int = 0
+    """Its place in the AMM's event stream: from 1, one more per event, per run of the AMM."""
+    incarnation: str = ""
+    """The run of the AMM that recorded it; with ``seq``, a resume point (``events(after=)``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class EventGap:
+    """In ``events()``: ``missed`` events that will never be delivered, before the next one (no
+    longer retained by the AMM, or dropped because the reader fell behind); ``restarted``: the
+    resume point came from an earlier run of the AMM, whose later events are gone, uncounted."""
+
+    missed: int
+    restarted: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -423,17 +437,20 @@ def status_from_proto(msg: control_pb2.GetStatusResponse) -> Status:
             )
             for r in msg.recent_refusals
         ),
-        recent_events=tuple(
-            Event(
-                at=_time(e, "at"),
-                kind=e.kind,
-                worker=e.worker,
-                keys=tuple(e.keys),
-                message=e.message,
-            )
-            for e in msg.recent_events
-        ),
+        recent_events=tuple(event_from_proto(e) for e in msg.recent_events),
         startup_grace=msg.startup_grace,
+    )
+
+
+def event_from_proto(e: types_pb2.Event) -> Event:
+    return Event(
+        at=_time(e, "at"),
+        kind=e.kind,
+        worker=e.worker,
+        keys=tuple(e.keys),
+        message=e.message,
+        seq=e.seq,
+        incarnation=e.incarnation,
     )
 
 

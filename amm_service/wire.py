@@ -152,7 +152,13 @@ def rejection_to_pb(r: Rejection) -> types_pb2.Rejection:
 
 def event_to_pb(e: Event) -> types_pb2.Event:
     return types_pb2.Event(
-        at=timestamp(e.at), kind=e.kind, worker=e.worker, keys=list(e.keys), message=e.message
+        at=timestamp(e.at),
+        kind=e.kind,
+        worker=e.worker,
+        keys=list(e.keys),
+        message=e.message,
+        seq=e.seq,
+        incarnation=e.incarnation,
     )
 
 

@@ -1514,3 +1514,88 @@ class DrainWorkerResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DrainWorkerResponse: _TypeAlias = DrainWorkerResponse  # noqa: Y015
+
+@_typing.final
+class WatchEventsRequest(_message.Message):
+    """WatchEvents arguments."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AFTER_FIELD_NUMBER: _builtins.int
+    INCARNATION_FIELD_NUMBER: _builtins.int
+    KINDS_FIELD_NUMBER: _builtins.int
+    FOLLOW_FIELD_NUMBER: _builtins.int
+    after: _builtins.int
+    """The resume point: the `seq` of the last event the caller has seen. Only newer events are
+    sent. Unset: start with the oldest event the AMM retains (it keeps the most recent 1,000), and
+    report no gap for older ones.
+    """
+    incarnation: _builtins.str
+    """The `incarnation` of the event `after` names. When set and not the AMM's own, the AMM
+    restarted since: the stream starts with the oldest event retained, reports `restarted` and
+    counts as `missed` this run's events no longer retained (what the earlier run recorded after
+    `after` is gone and uncounted). An `after` above the newest event of this run is treated
+    the same way, whatever `incarnation` says.
+    """
+    follow: _builtins.bool
+    """Keep the stream open and send each new event as it is recorded, until the caller cancels or
+    the AMM shuts down. False: send what is retained and end.
+    """
+    @_builtins.property
+    def kinds(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Only events of these kinds (Event.kind); empty: every kind."""
+
+    def __init__(
+        self,
+        *,
+        after: _builtins.int | None = ...,
+        incarnation: _builtins.str = ...,
+        kinds: _abc.Iterable[_builtins.str] | None = ...,
+        follow: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_after", b"_after", "after", b"after"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_after", b"_after", "after", b"after", "follow", b"follow", "incarnation", b"incarnation", "kinds", b"kinds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__after: _TypeAlias = _typing.Literal["after"]  # noqa: Y015
+    _WhichOneofArgType__after: _TypeAlias = _typing.Literal["_after", b"_after"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__after) -> _WhichOneofReturnType__after | None: ...
+
+Global___WatchEventsRequest: _TypeAlias = WatchEventsRequest  # noqa: Y015
+
+@_typing.final
+class WatchEventsResponse(_message.Message):
+    """One message of a WatchEvents stream: an event, a gap, or both (the gap comes first)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENT_FIELD_NUMBER: _builtins.int
+    MISSED_FIELD_NUMBER: _builtins.int
+    RESTARTED_FIELD_NUMBER: _builtins.int
+    missed: _builtins.int
+    """Events this stream will never deliver, skipped before `event` (or before whatever comes
+    next): either the resume point is older than the oldest event retained, or the caller fell
+    behind by more than the AMM buffers for one stream (1,000 events) and the oldest were
+    dropped. Events no longer retained are counted over every kind (the AMM no longer knows
+    theirs); events dropped from a caller that fell behind, over `kinds` only. 0: no gap.
+    """
+    restarted: _builtins.bool
+    """The resume point came from an earlier run of the AMM (see WatchEventsRequest.incarnation)."""
+    @_builtins.property
+    def event(self) -> _types_pb2.Event:
+        """The next event; unset on a message that only reports a gap."""
+
+    def __init__(
+        self,
+        *,
+        event: _types_pb2.Event | None = ...,
+        missed: _builtins.int = ...,
+        restarted: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "missed", b"missed", "restarted", b"restarted"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchEventsResponse: _TypeAlias = WatchEventsResponse  # noqa: Y015

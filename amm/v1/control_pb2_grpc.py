@@ -125,6 +125,11 @@ class ActiveMemoryManagerStub:
                 request_serializer=amm_dot_v1_dot_control__pb2.DrainWorkerRequest.SerializeToString,
                 response_deserializer=amm_dot_v1_dot_control__pb2.DrainWorkerResponse.FromString,
                 _registered_method=True)
+        self.WatchEvents = channel.unary_stream(
+                '/amm.v1.ActiveMemoryManager/WatchEvents',
+                request_serializer=amm_dot_v1_dot_control__pb2.WatchEventsRequest.SerializeToString,
+                response_deserializer=amm_dot_v1_dot_control__pb2.WatchEventsResponse.FromString,
+                _registered_method=True)
 
 
 class ActiveMemoryManagerServicer:
@@ -270,6 +275,16 @@ class ActiveMemoryManagerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchEvents(self, request, context):
+        """The AMM's events (worker stale or dead, keys lost, goals lost, retirements, ...), oldest
+        first: those it still retains after a resume point, then, with `follow`, each new one as it
+        is recorded, pushed without polling. Events it no longer has for the stream are reported as a
+        gap (WatchEventsResponse.missed), never skipped silently.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ActiveMemoryManagerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -362,6 +377,11 @@ def add_ActiveMemoryManagerServicer_to_server(servicer, server):
                     servicer.DrainWorker,
                     request_deserializer=amm_dot_v1_dot_control__pb2.DrainWorkerRequest.FromString,
                     response_serializer=amm_dot_v1_dot_control__pb2.DrainWorkerResponse.SerializeToString,
+            ),
+            'WatchEvents': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchEvents,
+                    request_deserializer=amm_dot_v1_dot_control__pb2.WatchEventsRequest.FromString,
+                    response_serializer=amm_dot_v1_dot_control__pb2.WatchEventsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -851,6 +871,33 @@ class ActiveMemoryManager:
             '/amm.v1.ActiveMemoryManager/DrainWorker',
             amm_dot_v1_dot_control__pb2.DrainWorkerRequest.SerializeToString,
             amm_dot_v1_dot_control__pb2.DrainWorkerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/amm.v1.ActiveMemoryManager/WatchEvents',
+            amm_dot_v1_dot_control__pb2.WatchEventsRequest.SerializeToString,
+            amm_dot_v1_dot_control__pb2.WatchEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,

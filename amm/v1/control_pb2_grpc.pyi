@@ -90,6 +90,12 @@ class ActiveMemoryManagerStub:
     once every key it holds has a copy on a worker that stays, or the retirement was abandoned
     or timed out. The agent unregisters next; what it then still holds alone is recorded lost.
     """
+    WatchEvents: _grpc.UnaryStreamMultiCallable[_control_pb2.WatchEventsRequest, _control_pb2.WatchEventsResponse]
+    """The AMM's events (worker stale or dead, keys lost, goals lost, retirements, ...), oldest
+    first: those it still retains after a resume point, then, with `follow`, each new one as it
+    is recorded, pushed without polling. Events it no longer has for the stream are reported as a
+    gap (WatchEventsResponse.missed), never skipped silently.
+    """
 
 @_typing.type_check_only
 class ActiveMemoryManagerAsyncStub(ActiveMemoryManagerStub):
@@ -150,6 +156,12 @@ class ActiveMemoryManagerAsyncStub(ActiveMemoryManagerStub):
     """Called by an agent that is shutting down (SIGTERM): retire it without closing it, and return
     once every key it holds has a copy on a worker that stays, or the retirement was abandoned
     or timed out. The agent unregisters next; what it then still holds alone is recorded lost.
+    """
+    WatchEvents: _aio.UnaryStreamMultiCallable[_control_pb2.WatchEventsRequest, _control_pb2.WatchEventsResponse]  # type: ignore[assignment]
+    """The AMM's events (worker stale or dead, keys lost, goals lost, retirements, ...), oldest
+    first: those it still retains after a resume point, then, with `follow`, each new one as it
+    is recorded, pushed without polling. Events it no longer has for the stream are reported as a
+    gap (WatchEventsResponse.missed), never skipped silently.
     """
 
 class ActiveMemoryManagerServicer(metaclass=_abc_1.ABCMeta):
@@ -316,6 +328,18 @@ class ActiveMemoryManagerServicer(metaclass=_abc_1.ABCMeta):
         """Called by an agent that is shutting down (SIGTERM): retire it without closing it, and return
         once every key it holds has a copy on a worker that stays, or the retirement was abandoned
         or timed out. The agent unregisters next; what it then still holds alone is recorded lost.
+        """
+
+    @_abc_1.abstractmethod
+    def WatchEvents(
+        self,
+        request: _control_pb2.WatchEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_control_pb2.WatchEventsResponse], _abc.AsyncIterator[_control_pb2.WatchEventsResponse]]:
+        """The AMM's events (worker stale or dead, keys lost, goals lost, retirements, ...), oldest
+        first: those it still retains after a resume point, then, with `follow`, each new one as it
+        is recorded, pushed without polling. Events it no longer has for the stream are reported as a
+        gap (WatchEventsResponse.missed), never skipped silently.
         """
 
 def add_ActiveMemoryManagerServicer_to_server(servicer: ActiveMemoryManagerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -652,16 +652,27 @@ class Event(_message.Message):
     WORKER_FIELD_NUMBER: _builtins.int
     KEYS_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
+    SEQ_FIELD_NUMBER: _builtins.int
+    INCARNATION_FIELD_NUMBER: _builtins.int
     kind: _builtins.str
-    """What kind of event: "worker-stale", "worker-dead", "key-lost", "key-recovered", "goal-set",
-    "goal-removed", "goal-lost", "retire-started", "retired", "retire-abandoned",
-    "pause-to-retire", "pause-to-retire-declined", "startup-grace-ended"; readers must accept
-    kinds added later.
+    """What kind of event: "worker-stale", "worker-dead", "worker-unregistered", "key-lost",
+    "key-recovered", "keys-forgotten", "goal-set", "goal-removed", "goal-lost", "retire-started",
+    "retired", "retire-abandoned", "pause-to-retire", "pause-to-retire-declined",
+    "startup-grace-ended"; readers must accept kinds added later.
     """
     worker: _builtins.str
     """The worker concerned, if any."""
     message: _builtins.str
     """Human-readable detail, including the reason for a decision."""
+    seq: _builtins.int
+    """The event's place in the AMM's event stream (WatchEvents): 1 for the first event a run of the
+    AMM records, one more for each event after it. Counting starts again at 1 when the AMM
+    restarts; `incarnation` tells runs apart.
+    """
+    incarnation: _builtins.str
+    """The run of the AMM that recorded the event: a random id chosen at every start. A resume point
+    is the pair (seq, incarnation).
+    """
     @_builtins.property
     def at(self) -> _timestamp_pb2.Timestamp:
         """When it happened."""
@@ -678,10 +689,12 @@ class Event(_message.Message):
         worker: _builtins.str = ...,
         keys: _abc.Iterable[_builtins.str] | None = ...,
         message: _builtins.str = ...,
+        seq: _builtins.int = ...,
+        incarnation: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "keys", b"keys", "kind", b"kind", "message", b"message", "worker", b"worker"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "incarnation", b"incarnation", "keys", b"keys", "kind", b"kind", "message", b"message", "seq", b"seq", "worker", b"worker"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
@@ -23,6 +23,7 @@ from amm_service.decisions.view import Measure, WorkerId, WorkerView
 from amm_service.errors import AmmServiceError, InvalidArgument, PermissionDenied
 from amm_service.runtime.addresses import address_order
 from amm_service.runtime.cycle import CycleRecord
+from amm_service.runtime.event_feed import Gap
 from amm_service.runtime.manager import ActiveMemoryManager
 
 log = logging.getLogger(__name__)
@@ -365,6 +366,35 @@ class ControlServicer(control_pb2_grpc.ActiveMemoryManagerServicer):
             unique_keys=result.unique[:MAX_KEYS_LISTED],
             unique_key_count=len(result.unique),
         )
+
+    async def WatchEvents(
+        self, request: control_pb2.WatchEventsRequest, context: Any
+    ) -> AsyncIterator[control_pb2.WatchEventsResponse]:
+        """Not under ``_edge``, which wraps coroutines: the same mapping, for a stream."""
+        try:
+            subscription = self._amm.event_feed.subscribe(
+                request.after if request.HasField("after") else None,
+                incarnation=request.incarnation,
+                kinds=list(request.kinds),
+                follow=request.follow,
+            )
+        except AmmServiceError as err:
+            await context.abort(err.status, str(err))
+        if request.follow and not subscription.following:
+            subscription.close()
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the AMM is shutting down")
+        try:
+            async for item in subscription:
+                if isinstance(item, Gap):
+                    yield control_pb2.WatchEventsResponse(
+                        missed=item.missed, restarted=item.restarted
+                    )
+                else:
+                    yield control_pb2.WatchEventsResponse(event=wire.event_to_pb(item))
+        finally:
+            subscription.close()
+        if request.follow:  # the feed closed under a follower: the AMM is going away
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the AMM is shutting down")
 
 
 def worker_to_pb(w: WorkerView, measure: Measure) -> control_pb2.WorkerInfo:

@@ -45,6 +45,7 @@ from amm_service.runtime.addresses import check_address
 from amm_service.runtime.agents import AgentLinks
 from amm_service.runtime.cycle import CycleRecord, CycleStats
 from amm_service.runtime.dispatcher import Dispatcher
+from amm_service.runtime.event_feed import EventFeed
 from amm_service.runtime.goals import GoalBook
 from amm_service.runtime.history import History
 from amm_service.runtime.lost import LostBook
@@ -136,6 +137,8 @@ class ActiveMemoryManager:
         #: One sample per cycle run, for the dashboard; kept only when it is served.
         self.history = History() if config.dashboard_listen else None
         self.events = EventLog(clock=clock)
+        #: The events pushed to watchers (``WatchEvents``).
+        self.event_feed = EventFeed(self.events)
         self.goals = GoalBook(store)
         self._liveness = Liveness(stale_after=config.stale_seconds, dead_after=config.dead_after)
         self._lost = LostBook(store, clock=clock)
@@ -253,6 +256,7 @@ class ActiveMemoryManager:
         if self._closed:
             return
         self._closed = True
+        self.event_feed.close()
         await self._stop_loop()
         await self._lost.save_held(*self.state.take_changes())
         await self.retirement_driver.close()
@@ -669,7 +673,13 @@ class ActiveMemoryManager:
         if known.reachable:
             await self._poller.poll(worker)
         lost = await self._remove(worker, "unregistered")
-        log.info("worker %s unregistered", address)
+        self.events.record(
+            "worker-unregistered",
+            f"its agent left; {len(lost)} key(s) had no copy elsewhere"
+            if lost
+            else "its agent left; every key it held has a copy elsewhere",
+            worker=worker,
+        )
         return True, lost
 
     def membership(self, epoch: int, version: int) -> tuple[int, int, list[WorkerId] | None]:

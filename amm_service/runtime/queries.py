@@ -144,6 +144,12 @@ class Queries:
         deleted = len(before - still) + sum(
             1 for pair, r in zip(left, results, strict=True) if r is True and pair not in before
         )
+        self._events.record(
+            "keys-forgotten",
+            f"{len(forgotten)} key(s) forgotten: {deleted} replica(s) deleted"
+            + (f", {len(failures)} could not be" if failures else ""),
+            keys=forgotten,
+        )
         if failures:
             raise FailedPrecondition(
                 f"deleted {deleted} replica(s) but not: " + "; ".join(failures[:10])

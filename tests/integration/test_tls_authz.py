@@ -52,7 +52,16 @@ A = "/amm.v1.WorkerAgent/"
 #: Issue 9's table, written out again rather than read from RULES: what each role may call.
 READS = {
     C + m
-    for m in ("Running", "GetStatus", "ListWorkers", "WhoHas", "HasWhat", "ListGoals", "ListLost")
+    for m in (
+        "Running",
+        "GetStatus",
+        "ListWorkers",
+        "WhoHas",
+        "HasWhat",
+        "ListGoals",
+        "ListLost",
+        "WatchEvents",
+    )
 }
 ALLOWED = {
     Role.READER: READS,

@@ -52,6 +52,8 @@ RULES: Mapping[str, frozenset[Role]] = MappingProxyType(
             CONTROL + m: _READ
             for m in ("Running", "GetStatus", "ListWorkers", "HasWhat", "ListGoals", "ListLost")
         },
+        # Following the AMM's events is reading: the same roles as GetStatus, which lists them.
+        CONTROL + "WatchEvents": _READ,
         CONTROL + "WhoHas": _READ,
         # Agents confirm epochs and peers, and the content of keys before they store or delete.
         CONTROL + "GetMembership": _AGENT,
