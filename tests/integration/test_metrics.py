@@ -77,7 +77,11 @@ async def cluster(tmp_path: Path, n: int = 2) -> AsyncIterator[Cluster]:
         )
         manager = amm.manager
         assert manager is not None
-        await wait_for(lambda: len(manager.state.workers) == n, what="agents registered")
+        # Registered as the agents see it: their RegisterWorker calls have ended (and are counted).
+        await wait_for(
+            lambda: len(manager.state.workers) == n and all(a.registered for a in agents),
+            what="agents registered",
+        )
         yield Cluster(amm, agents, stubs, control_pb2_grpc.ActiveMemoryManagerStub(channel))
 
 
