@@ -10,6 +10,7 @@ ends by itself when the node shuts down, since ``server.stop`` does not end long
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import time
@@ -434,19 +435,32 @@ class WorkerAgentServicer(agent_pb2_grpc.WorkerAgentServicer):
         request_iterator: AsyncIterator[agent_pb2.PutRequest | memoryview],
         context: Context,
     ) -> agent_pb2.PutResponse:
-        """A header, then chunks, verified before the value is stored."""
+        """A header, then chunks, verified before the value is stored. The declared size is
+        reserved against the memory limit from the header on, until the value is stored or
+        abandoned.
+
+        A Put refused while its client still sends (over the memory limit, say) reads and
+        discards the rest first (``_drain``): answered early, a grpc.aio client whose next write
+        fails reports ``INTERNAL: Internal error from Core`` instead of the status sent
+        (grpc/grpc#36066).
+        """
+        messages = aiter(request_iterator)
         async with _Edge(context, "Put"):
-            messages = aiter(request_iterator)
-            first = await anext(messages, None)
-            if (
-                first is None
-                or isinstance(first, memoryview)
-                or first.WhichOneof("item") != "header"
-            ):
-                raise InvalidRequest("the first message of a Put must be its header")
-            key, size = _key(first.header.key), first.header.size
-            declared = _checksum(first.header.checksum)
-            self._node.check_put(key, size, declared)
+            try:
+                return await self._put(messages)
+            except AgentError:
+                await self._drain(messages)
+                raise
+
+    async def _put(
+        self, messages: AsyncIterator[agent_pb2.PutRequest | memoryview]
+    ) -> agent_pb2.PutResponse:
+        first = await anext(messages, None)
+        if first is None or isinstance(first, memoryview) or first.WhichOneof("item") != "header":
+            raise InvalidRequest("the first message of a Put must be its header")
+        key, size = _key(first.header.key), first.header.size
+        declared = _checksum(first.header.checksum)
+        with self._node.reserve_put(key, size, declared) as reservation:
             if declared:  # judged before a byte of the value is received
                 await self._node.admit([(key, declared)])
             received = Assembly(size)
@@ -472,10 +486,25 @@ class WorkerAgentServicer(agent_pb2_grpc.WorkerAgentServicer):
                 raise InvalidRequest("the value does not match the checksum in the header")
             if not declared:
                 await self._node.admit([(key, actual)])
+            reservation.release()  # judged again without it, and stored, in one step
             info, created = self._node.put(key, data, actual)
-            return agent_pb2.PutResponse(
-                key=info.key, size=info.size, checksum=info.checksum, created=created
-            )
+        return agent_pb2.PutResponse(
+            key=info.key, size=info.size, checksum=info.checksum, created=created
+        )
+
+    async def _drain(self, messages: AsyncIterator[agent_pb2.PutRequest | memoryview]) -> None:
+        """Read and discard what the client still sends of a refused Put: at most
+        ``max_value_bytes`` and ``stream_idle_timeout`` seconds, the most an honest Put sends
+        (beyond, the call is answered anyway)."""
+        config = self._node.config
+        left = config.max_value_bytes + config.chunk_size
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(config.stream_idle_timeout):
+                async for message in messages:
+                    chunk = _put_chunk(message)
+                    left -= len(chunk) if chunk is not None else 0
+                    if left < 0:
+                        break
 
     # Get and Fetch use grpc.aio's writer API (context.write) rather than yielding: a yield
     # cannot be given a deadline, and a reader that stops reading would hold the key in use for
@@ -488,7 +517,10 @@ class WorkerAgentServicer(agent_pb2_grpc.WorkerAgentServicer):
             bad = bad_addresses(request.sources)
             if bad is not None:
                 raise InvalidRequest(f"sources: {bad}")
-            async with self._node.reading(key, fetch=True, sources=request.sources) as reading:
+            async with (
+                self._node.reading(key, fetch=True, sources=request.sources) as reading,
+                self._node.serving(reading.value.size),
+            ):
                 await self._stream(
                     context, "Get", reading.value, agent_pb2.GetResponse, reading.replicated
                 )
@@ -502,7 +534,8 @@ class WorkerAgentServicer(agent_pb2_grpc.WorkerAgentServicer):
             async with self._node.reading(key) as reading:
                 if expected and expected != reading.value.checksum:
                     raise UnknownKey(f"holds other content under {key!r}")
-                await self._stream(context, "Fetch", reading.value, agent_pb2.FetchResponse)
+                async with self._node.serving(reading.value.size):
+                    await self._stream(context, "Fetch", reading.value, agent_pb2.FetchResponse)
 
     async def _stream(
         self,
@@ -635,7 +668,9 @@ class WorkerAgentServicer(agent_pb2_grpc.WorkerAgentServicer):
             created = unchanged = stored = 0
             async for message in request_iterator:
                 items = _put_items(message.items)
-                await self._node.admit([(key, digest) for key, _, digest in items])
+                # Received already: counted against the memory limit while the AMM is asked.
+                with self._node.store.reserve(sum(len(data) for _, data, _ in items)):
+                    await self._node.admit([(key, digest) for key, _, digest in items])
                 batch = self._node.put_many(items)
                 created += batch.created
                 unchanged += batch.unchanged
