@@ -125,16 +125,22 @@ class RunningResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     RUNNING_FIELD_NUMBER: _builtins.int
+    FENCED_FIELD_NUMBER: _builtins.int
     running: _builtins.bool
-    """Whether cycles run every interval."""
+    """Whether cycles run every interval (false once fenced)."""
+    fenced: _builtins.bool
+    """True once agents reported a newer epoch than this AMM's: another AMM took over, agents refuse
+    this one's directives, and it no longer cycles (nor Starts) until it is restarted.
+    """
     def __init__(
         self,
         *,
         running: _builtins.bool = ...,
+        fenced: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["running", b"running"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fenced", b"fenced", "running", b"running"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -394,6 +400,8 @@ class GetStatusResponse(_message.Message):
     CYCLES_FIELD_NUMBER: _builtins.int
     RECENT_EVENTS_FIELD_NUMBER: _builtins.int
     STARTUP_GRACE_FIELD_NUMBER: _builtins.int
+    FENCED_FIELD_NUMBER: _builtins.int
+    FENCED_BY_EPOCH_FIELD_NUMBER: _builtins.int
     running: _builtins.bool
     """Whether cycles run every interval."""
     measure: _types_pb2.MemoryMeasure.ValueType
@@ -406,6 +414,12 @@ class GetStatusResponse(_message.Message):
     """True while the AMM is in its start-up grace period and issues no drops: not every worker it
     knew from its state file has reported yet.
     """
+    fenced: _builtins.bool
+    """True once agents reported a newer epoch than this AMM's: another AMM took over, agents refuse
+    this one's directives, and it no longer cycles (nor Starts) until it is restarted.
+    """
+    fenced_by_epoch: _builtins.int
+    """The newer epoch that fenced this AMM off; 0 while it is not fenced."""
     @_builtins.property
     def interval(self) -> _duration_pb2.Duration:
         """Time between cycles."""
@@ -444,10 +458,12 @@ class GetStatusResponse(_message.Message):
         cycles: _builtins.int = ...,
         recent_events: _abc.Iterable[_types_pb2.Event] | None = ...,
         startup_grace: _builtins.bool = ...,
+        fenced: _builtins.bool = ...,
+        fenced_by_epoch: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["interval", b"interval", "last_cycle", b"last_cycle", "totals", b"totals"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cycles", b"cycles", "epoch", b"epoch", "interval", b"interval", "last_cycle", b"last_cycle", "measure", b"measure", "policies", b"policies", "recent_events", b"recent_events", "recent_refusals", b"recent_refusals", "running", b"running", "startup_grace", b"startup_grace", "totals", b"totals"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cycles", b"cycles", "epoch", b"epoch", "fenced", b"fenced", "fenced_by_epoch", b"fenced_by_epoch", "interval", b"interval", "last_cycle", b"last_cycle", "measure", b"measure", "policies", b"policies", "recent_events", b"recent_events", "recent_refusals", b"recent_refusals", "running", b"running", "startup_grace", b"startup_grace", "totals", b"totals"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -655,8 +655,8 @@ class Event(_message.Message):
     kind: _builtins.str
     """What kind of event: "worker-stale", "worker-dead", "key-lost", "key-recovered", "goal-set",
     "goal-removed", "goal-lost", "retire-started", "retired", "retire-abandoned",
-    "pause-to-retire", "pause-to-retire-declined", "startup-grace-ended"; readers must accept
-    kinds added later.
+    "pause-to-retire", "pause-to-retire-declined", "startup-grace-ended", "epoch-fenced"; readers
+    must accept kinds added later.
     """
     worker: _builtins.str
     """The worker concerned, if any."""

@@ -9,7 +9,7 @@ address acts. The rules:
 2. a fresh AMM (new, or with a reset state file) whose own agents (restored at start-up, or
    registering) have seen a newer epoch moves past it, but only before it has sent anything;
 3. epochs merely seen in polls never move ours: an AMM polling agents registered with another
-   one stays fenced, and says so once;
+   one is fenced, says so once and stops cycling (``check_fenced``);
 4. epochs are bounded (``amm.base.validation``): we move past one only up to
    ``MAX_ADOPTED_EPOCH``, so whatever a registration claims, 2^52 starts remain before
    ``MAX_EPOCH``. Agents registered with us adopt a newer epoch only once we confirm it, so no
@@ -55,7 +55,8 @@ class EpochFence:
         self.epoch = 0
         self._ids = itertools.count(1)
         self._acted = False
-        self._fenced_warned = False
+        #: The newer epoch that fenced this AMM off; 0 while it is not.
+        self.fenced_by = 0
 
     def begin(self) -> None:
         """Begin a new epoch: called once at each start."""
@@ -90,14 +91,18 @@ class EpochFence:
         self._set_epoch(self._store.raise_epoch(seen))
         log.warning("agents had seen AMM epoch %d: this AMM now runs as epoch %d", seen, self.epoch)
 
-    def warn_if_fenced(self) -> None:
-        """Say once that agents have seen a newer epoch: another AMM has taken over."""
+    def check_fenced(self) -> int | None:
+        """The newer epoch agents report, the first time they do: another AMM took over (its
+        agents confirm epochs only with the AMM they are configured with), so this one stops
+        for good; ``fenced_by`` keeps it. None otherwise."""
         seen = self._poller.newest_agent_epoch
-        if seen > self.epoch and not self._fenced_warned:
-            self._fenced_warned = True
-            log.warning(
-                "agents have seen AMM epoch %d, newer than ours (%d): another AMM is in charge "
-                "and agents refuse our directives",
-                seen,
-                self.epoch,
-            )
+        if seen <= self.epoch or self.fenced_by:
+            return None
+        self.fenced_by = seen
+        log.warning(
+            "agents have seen AMM epoch %d, newer than ours (%d): another AMM is in charge, "
+            "agents refuse our directives, and this AMM stops cycling",
+            seen,
+            self.epoch,
+        )
+        return seen

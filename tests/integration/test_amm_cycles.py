@@ -187,6 +187,9 @@ async def test_forget_is_not_held_back_by_keep_promises(tmp_path: Path) -> None:
 
 
 async def test_a_stale_amm_cannot_act(tmp_path: Path) -> None:
+    """An AMM whose agents report a newer epoch is fenced off: it sends nothing, stops cycling,
+    says so once (``epoch-fenced``) and answers Running false, fenced (issue 10: it kept
+    answering running and sending directives the agents refused)."""
     # The agents' AMM runs as epoch 6 (five starts before this one).
     current_state = tmp_path / "current.sqlite3"
     with StateStore(str(current_state)) as store:
@@ -195,21 +198,32 @@ async def test_a_stale_amm_cannot_act(tmp_path: Path) -> None:
     async with (
         cluster(tmp_path, 2, state_path=str(current_state)) as c,
         AmmServer(amm_config(tmp_path, state_path=str(tmp_path / "old.sqlite3"))) as old,
+        grpc.aio.insecure_channel(old.address, options=CHANNEL_OPTIONS) as channel,
     ):
         await c.spread("x")
-        # An older AMM (epoch 1) that still believes it is in charge polls the same agents and
-        # sends them directives: its drops are refused.
-        assert old.manager is not None
+        # An older AMM (epoch 1) that still believes it is in charge polls the same agents.
+        manager = old.manager
+        assert manager is not None
         assert old.epoch < c.amm.epoch
+        control = control_pb2_grpc.ActiveMemoryManagerStub(channel)
         for agent in c.agents:
-            await old.manager.register(agent.address, agent.address, agent.incarnation)
-        record = await old.manager.run_cycle(wait=True)
-        (rec,) = record.directives.values()
-        assert rec.outcome is not None
-        assert rec.outcome.reason == "STALE_EPOCH"
+            await manager.register(agent.address, agent.address, agent.incarnation)
+        await control.Start(control_pb2.StartRequest())
+        await wait_for(lambda: not manager.running, what="the fenced AMM stopped cycling")
+        running = await control.Running(control_pb2.RunningRequest())
+        assert (running.running, running.fenced) == (False, True)
+        status = await control.GetStatus(control_pb2.GetStatusRequest())
+        assert (status.running, status.fenced) == (False, True)
+        assert status.fenced_by_epoch == c.amm.epoch
+        assert [e.kind for e in status.recent_events].count("epoch-fenced") == 1
+        assert manager.outcomes.totals.sent == 0, "nothing sent: the agents would refuse it"
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await control.Start(control_pb2.StartRequest())
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        record = await manager.run_cycle(wait=True)
+        assert not record.directives
+        assert manager.events.counts["epoch-fenced"] == 1, "said once"
         assert await c.holders("x") == set(c.addresses)
-        (refusal,) = old.manager.outcomes.refusals
-        assert refusal.outcome.reason == "STALE_EPOCH"
 
 
 async def test_conflicting_content_is_reported_and_left_alone(tmp_path: Path) -> None:
