@@ -407,7 +407,9 @@ class GetStatusResponse(_message.Message):
     measure: _types_pb2.MemoryMeasure.ValueType
     """The memory measure workers are compared by."""
     epoch: _builtins.int
-    """This AMM's epoch, incremented at every start."""
+    """This AMM's epoch, moved forward by a random step at every start (a fresh one starts at a
+    random epoch), so that no two AMMs share one.
+    """
     cycles: _builtins.int
     """Cycles run since start."""
     startup_grace: _builtins.bool
@@ -493,7 +495,7 @@ class RegisterWorkerRequest(_message.Message):
     """The newest AMM epoch the agent has confirmed with its AMM (RegisterWorkerResponse.epoch,
     GetMembershipResponse.epoch). An AMM that has not run a cycle yet and sees a newer epoch moves
     its own epoch past it: the most recently started AMM is the one in charge. At most 2^52
-    (INVALID_ARGUMENT above it), so that at least 2^52 restarts remain below the largest epoch,
+    (INVALID_ARGUMENT above it), so that at least 2^32 restarts remain below the largest epoch,
     2^53 - 1, whatever a registration claims.
     """
     zone: _builtins.str

@@ -15,7 +15,7 @@ from amm.base.checksum import checksum
 from amm.base.serving import CHANNEL_OPTIONS
 from amm.v1 import agent_pb2, control_pb2, control_pb2_grpc, types_pb2
 from amm_service.api.server import AmmServer
-from amm_service.runtime.state import StateStore
+from amm_service.runtime.state import FIRST_EPOCHS, StateStore
 from tests.conftest import amm_config
 from tests.support.agent import agents, get, put
 from tests.support.waiting import wait_for
@@ -190,18 +190,17 @@ async def test_a_stale_amm_cannot_act(tmp_path: Path) -> None:
     """An AMM whose agents report a newer epoch is fenced off: it sends nothing, stops cycling,
     says so once (``epoch-fenced``) and answers Running false, fenced (issue 10: it kept
     answering running and sending directives the agents refused)."""
-    # The agents' AMM runs as epoch 6 (five starts before this one).
+    # The agents' AMM runs under an epoch above any a fresh AMM begins at.
     current_state = tmp_path / "current.sqlite3"
     with StateStore(str(current_state)) as store:
-        for _ in range(5):
-            store.begin_epoch()
+        store.raise_epoch(FIRST_EPOCHS)
     async with (
         cluster(tmp_path, 2, state_path=str(current_state)) as c,
         AmmServer(amm_config(tmp_path, state_path=str(tmp_path / "old.sqlite3"))) as old,
         grpc.aio.insecure_channel(old.address, options=CHANNEL_OPTIONS) as channel,
     ):
         await c.spread("x")
-        # An older AMM (epoch 1) that still believes it is in charge polls the same agents.
+        # An older AMM (a fresh one) that still believes it is in charge polls the same agents.
         manager = old.manager
         assert manager is not None
         assert old.epoch < c.amm.epoch
@@ -256,19 +255,19 @@ async def test_the_amm_sees_a_large_inventory_through_paged_polls(tmp_path: Path
 
 
 async def test_a_fresh_amm_moves_past_the_epoch_its_agents_have_seen(tmp_path: Path) -> None:
-    """The AMM's state file was lost: it restarts at epoch 1 while its agents served epoch 7."""
+    """The AMM's state file was lost: it restarts afresh while its agents served a newer epoch."""
     async with (
         AmmServer(amm_config(tmp_path)) as fresh,
         agents(2, amm=fresh.address) as pairs,
     ):
-        assert fresh.epoch == 1
+        seen = fresh.epoch + 6
         for agent, stub in pairs:
             await put(stub, "y", DATA)
-            agent.node.observe_epoch(7)  # the old AMM had confirmed its epoch to them
+            agent.node.observe_epoch(seen)  # the old AMM had confirmed its epoch to them
         assert fresh.manager is not None
         for agent, _ in pairs:
-            await fresh.manager.register(agent.address, "", agent.incarnation, epoch=7)
-        assert fresh.epoch == 8
+            await fresh.manager.register(agent.address, "", agent.incarnation, epoch=seen)
+        assert fresh.epoch == seen + 1
         record = await fresh.manager.run_cycle(wait=True)
         outcomes = [r.outcome for r in record.directives.values()]
         assert [o.status.value for o in outcomes if o is not None] == ["applied"]
