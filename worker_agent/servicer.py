@@ -10,7 +10,6 @@ ends by itself when the node shuts down, since ``server.stop`` does not end long
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import time
@@ -24,7 +23,14 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from amm.base.checksum import checksum
 from amm.base.guard import Complaints, collect, register_guarded
-from amm.base.streams import Assembly, Overflow, decoder, framed_chunks, serialize
+from amm.base.streams import (
+    PUT_ACCEPTED_METADATA,
+    Assembly,
+    Overflow,
+    decoder,
+    framed_chunks,
+    serialize,
+)
 from amm.base.validation import bad_addresses
 from amm.v1 import agent_pb2, agent_pb2_grpc, types_pb2
 from worker_agent import garbled, integrity
@@ -66,6 +72,8 @@ _OPS = {types_pb2.DIRECTIVE_OP_REPLICATE: Op.REPLICATE, types_pb2.DIRECTIVE_OP_D
 FEATURES = ("directive-batches", "keep-batches", "put-batches", "tombstones")
 #: Most outcomes in one DirectivesResponse batch.
 OUTCOMES_PER_MESSAGE = 2_000
+#: Refused Puts whose rest is read and discarded at the same time (``WorkerAgentServicer._drain``).
+DRAINS_AT_ONCE = 2
 #: Most items in one PromiseKeepBatch request.
 MAX_KEEP_BATCH = 100_000
 
@@ -288,6 +296,9 @@ class WorkerAgentServicer(agent_pb2_grpc.WorkerAgentServicer):
         #: Set by ``add_to_server``: Get and Fetch may write chunks already serialized. A servicer
         #: registered with the generated function writes protobuf messages, more slowly.
         self.framed = False
+        #: Refused Puts drained at once: the others wait, their clients held back by flow
+        #: control, so that refused values do not pass through memory all at the same time.
+        self._draining = asyncio.Semaphore(DRAINS_AT_ONCE)
 
     async def Poll(
         self, request: agent_pb2.PollRequest, context: Context
@@ -439,72 +450,55 @@ class WorkerAgentServicer(agent_pb2_grpc.WorkerAgentServicer):
         reserved against the memory limit from the header on, until the value is stored or
         abandoned.
 
-        A Put refused while its client still sends (over the memory limit, say) reads and
-        discards the rest first (``_drain``): answered early, a grpc.aio client whose next write
-        fails reports ``INTERNAL: Internal error from Core`` instead of the status sent
-        (grpc/grpc#36066).
+        Once the header is accepted, the agent sends its initial metadata with
+        ``PUT_ACCEPTED_METADATA``: a client that waits for it before sending chunks (``amm``'s)
+        hears a refusal with nothing in flight. Answered while a grpc.aio client is still
+        writing, a refusal reached it as ``INTERNAL: Internal error from Core`` instead of the
+        status sent (grpc/grpc#36066).
         """
-        messages = aiter(request_iterator)
         async with _Edge(context, "Put"):
-            try:
-                return await self._put(messages)
-            except AgentError:
-                await self._drain(messages)
-                raise
-
-    async def _put(
-        self, messages: AsyncIterator[agent_pb2.PutRequest | memoryview]
-    ) -> agent_pb2.PutResponse:
-        first = await anext(messages, None)
-        if first is None or isinstance(first, memoryview) or first.WhichOneof("item") != "header":
-            raise InvalidRequest("the first message of a Put must be its header")
-        key, size = _key(first.header.key), first.header.size
-        declared = _checksum(first.header.checksum)
-        with self._node.reserve_put(key, size, declared) as reservation:
-            if declared:  # judged before a byte of the value is received
-                await self._node.admit([(key, declared)])
-            received = Assembly(size)
-            try:
-                async for message in messages:
-                    chunk = _put_chunk(message)
-                    if chunk is None:
-                        raise InvalidRequest("a Put has one header, then only chunks")
-                    try:
-                        await received.add(chunk)
-                    except Overflow:
+            messages = aiter(request_iterator)
+            first = await anext(messages, None)
+            if (
+                first is None
+                or isinstance(first, memoryview)
+                or first.WhichOneof("item") != "header"
+            ):
+                raise InvalidRequest("the first message of a Put must be its header")
+            key, size = _key(first.header.key), first.header.size
+            declared = _checksum(first.header.checksum)
+            with self._node.reserve_put(key, size, declared) as reservation:
+                if declared:  # judged before a byte of the value is received
+                    await self._node.admit([(key, declared)])
+                await context.send_initial_metadata((PUT_ACCEPTED_METADATA,))
+                received = Assembly(size)
+                try:
+                    async for message in messages:
+                        chunk = _put_chunk(message)
+                        if chunk is None:
+                            raise InvalidRequest("a Put has one header, then only chunks")
+                        try:
+                            await received.add(chunk)
+                        except Overflow:
+                            raise InvalidRequest(
+                                f"more bytes than the {size} declared in the header"
+                            ) from None
+                    if received.received != size:
                         raise InvalidRequest(
-                            f"more bytes than the {size} declared in the header"
-                        ) from None
-                if received.received != size:
-                    raise InvalidRequest(
-                        f"received {received.received} bytes, the header declared {size}"
-                    )
-                data, actual = await received.finish()
-            finally:
-                received.abandon()
-            if declared and declared != actual:
-                raise InvalidRequest("the value does not match the checksum in the header")
-            if not declared:
-                await self._node.admit([(key, actual)])
-            reservation.release()  # judged again without it, and stored, in one step
-            info, created = self._node.put(key, data, actual)
-        return agent_pb2.PutResponse(
-            key=info.key, size=info.size, checksum=info.checksum, created=created
-        )
-
-    async def _drain(self, messages: AsyncIterator[agent_pb2.PutRequest | memoryview]) -> None:
-        """Read and discard what the client still sends of a refused Put: at most
-        ``max_value_bytes`` and ``stream_idle_timeout`` seconds, the most an honest Put sends
-        (beyond, the call is answered anyway)."""
-        config = self._node.config
-        left = config.max_value_bytes + config.chunk_size
-        with contextlib.suppress(Exception):
-            async with asyncio.timeout(config.stream_idle_timeout):
-                async for message in messages:
-                    chunk = _put_chunk(message)
-                    left -= len(chunk) if chunk is not None else 0
-                    if left < 0:
-                        break
+                            f"received {received.received} bytes, the header declared {size}"
+                        )
+                    data, actual = await received.finish()
+                finally:
+                    received.abandon()
+                if declared and declared != actual:
+                    raise InvalidRequest("the value does not match the checksum in the header")
+                if not declared:
+                    await self._node.admit([(key, actual)])
+                reservation.release()  # judged again without it, and stored, in one step
+                info, created = self._node.put(key, data, actual)
+            return agent_pb2.PutResponse(
+                key=info.key, size=info.size, checksum=info.checksum, created=created
+            )
 
     # Get and Fetch use grpc.aio's writer API (context.write) rather than yielding: a yield
     # cannot be given a deadline, and a reader that stops reading would hold the key in use for

@@ -15,7 +15,9 @@ from typing import Any
 import grpc
 import pytest
 
+from amm import AsyncClient
 from amm.base.checksum import checksum
+from amm.errors import AmmError
 from amm.v1 import agent_pb2
 from tests.support.agent import (
     Stub,
@@ -31,6 +33,8 @@ from tests.support.agent import (
 from tests.support.waiting import wait_for
 from worker_agent.memory import ByteBudget
 
+#: The client's AMM: never dialled, since every Put names its worker.
+UNUSED_AMM = "127.0.0.1:1"
 #: More than gRPC and the sockets buffer: a reader that stops reading stalls the sender.
 STALLING = 32 * 1024 * 1024
 
@@ -87,19 +91,40 @@ async def test_an_abandoned_put_releases_its_reservation() -> None:
         await put(stub, "b", data)
 
 
-async def test_a_put_refused_while_the_client_streams_is_resource_exhausted() -> None:
-    """Refused at its header while the client still sends megabytes: the client sees the
-    server's status, never ``INTERNAL: Internal error from Core`` (grpc/grpc#36066)."""
+async def test_a_put_refused_at_its_header_is_resource_exhausted_for_the_client() -> None:
+    """Refused at its header while it would still send megabytes: the client (``amm``) sees the
+    agent's status, never ``INTERNAL: Internal error from Core`` (grpc/grpc#36066), because it
+    sends chunks only once the agent accepted the header."""
     value = os.urandom(8 * 1024 * 1024)
-    async with running_agent(memory_limit=12 * 1024 * 1024) as agent, dial(agent.address) as stub:
-        await put(stub, "held", value)
+    async with (
+        running_agent(memory_limit=12 * 1024 * 1024, pause_fraction=None) as agent,
+        AsyncClient(UNUSED_AMM, timeout=60) as client,
+    ):
+        await client.put("held", value, workers=agent.address)
         results = await asyncio.gather(
-            *(put(stub, f"k{i}", value) for i in range(12)), return_exceptions=True
+            *(client.put(f"k{i}", value, workers=agent.address) for i in range(12)),
+            return_exceptions=True,
         )
-    codes = [r.code() if isinstance(r, grpc.aio.AioRpcError) else None for r in results]
-    assert codes == [grpc.StatusCode.RESOURCE_EXHAUSTED] * 12, [
-        f"{r.code()}: {r.details()}" if isinstance(r, grpc.aio.AioRpcError) else r for r in results
-    ]
+    errors = [r for r in results if isinstance(r, AmmError)]
+    assert len(errors) == len(results), results
+    assert {e.status for e in errors} == {grpc.StatusCode.RESOURCE_EXHAUSTED}, errors
+    assert all("would exceed the memory limit" in e.message for e in errors), errors
+
+
+async def test_a_put_sends_no_chunk_before_its_header_is_accepted() -> None:
+    """The refused Put above leaves nothing of its value in flight: the agent received no chunk
+    (before, every refused Put's client kept streaming its value)."""
+    value = os.urandom(1024 * 1024)
+    async with (
+        running_agent(memory_limit=1024 * 1024 + 1000, pause_fraction=None) as agent,
+        AsyncClient(UNUSED_AMM, timeout=60) as client,
+    ):
+        await client.put("held", value, workers=agent.address)
+        received = agent.node.traffic.received["put"]
+        with pytest.raises(AmmError) as err:
+            await client.put("more", value, workers=agent.address)
+        assert err.value.status == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert agent.node.traffic.received["put"] == received
 
 
 async def test_a_replication_under_way_counts_against_the_memory_limit(
