@@ -290,7 +290,7 @@ class ActiveMemoryManager:
         if self.fenced:
             raise FailedPrecondition(
                 f"fenced off: agents have seen AMM epoch {self._fence.fenced_by}, newer than "
-                f"ours ({self.epoch}); another AMM is in charge (restart this one to take over)"
+                f"ours ({self.epoch}); another AMM is in charge until this one is restarted"
             )
         self._store.set_running(True)
         self._start_loop()
@@ -402,7 +402,7 @@ class ActiveMemoryManager:
             self.events.record(
                 "epoch-fenced",
                 f"agents have seen AMM epoch {newer}, newer than ours ({self.epoch}): another "
-                "AMM is in charge; this one stops cycling (restart it to take over again)",
+                "AMM is in charge; this one stops cycling until it is restarted",
             )
         if self.fenced and not dry_run:
             record.duration = time.perf_counter() - t0
