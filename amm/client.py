@@ -38,7 +38,13 @@ from amm import batches
 from amm.base.checksum import checksum
 from amm.base.security import Role, Security
 from amm.base.serving import open_channel
-from amm.base.streams import Assembly, Overflow, ValueStreams, framed_chunks
+from amm.base.streams import (
+    PUT_ACCEPTED_METADATA,
+    Assembly,
+    Overflow,
+    ValueStreams,
+    framed_chunks,
+)
 from amm.base.units import parse_duration
 from amm.blocking import Blocking, LoopThread, forward
 from amm.errors import AmmError
@@ -133,6 +139,11 @@ def _rpc(role: str, address: str) -> Iterator[None]:
             details = f"{role} at {address}: {details}"
         # The gRPC error says nothing more than the message; it stays as ``__context__``.
         raise AmmError(code, details) from None
+
+
+#: How long a Put waits for the agent to accept its header before sending the chunks anyway (an
+#: agent older than ``PUT_ACCEPTED_METADATA`` does not announce it), in seconds.
+PUT_ACCEPT_WAIT = 5.0
 
 
 class AsyncAmmControl:
@@ -562,16 +573,31 @@ class AsyncClient:
     async def _put_one(
         self, address: str, key: str, value: bytes, digest: str
     ) -> agent_pb2.PutResponse:
+        """The header, then, once the agent accepted it (``PUT_ACCEPTED_METADATA``), the chunks.
+
+        A refusal of the header (over the memory limit, say) is thus heard with no write in
+        flight: grpc.aio reports a write that fails because the call ended as ``INTERNAL:
+        Internal error from Core``, not with the agent's status (grpc/grpc#36066). An agent that
+        does not announce acceptance (an older one) gets the chunks after ``PUT_ACCEPT_WAIT``.
+        """
         header = agent_pb2.PutHeader(key=key, size=len(value), checksum=digest)
-
-        async def requests() -> AsyncIterator[agent_pb2.PutRequest | bytes]:
-            yield agent_pb2.PutRequest(header=header)
-            for chunk in framed_chunks(value, self.chunk_size):
-                yield chunk
-
         streams = self._value_streams(address)
         with _rpc("worker", address):
-            return await streams.put(requests(), timeout=self.timeout)
+            call = streams.put(timeout=self.timeout)  # type: ignore[call-arg]  # written below
+            await call.write(agent_pb2.PutRequest(header=header))
+            accepted = asyncio.ensure_future(call.initial_metadata())
+            try:
+                metadata = await asyncio.wait_for(asyncio.shield(accepted), PUT_ACCEPT_WAIT)
+            except TimeoutError:
+                metadata = None  # an older agent: it answers only at the end
+            finally:
+                accepted.cancel()
+            if metadata is not None and PUT_ACCEPTED_METADATA not in tuple(metadata):
+                return await call  # refused: the agent's status, nothing in flight
+            for chunk in framed_chunks(value, self.chunk_size):
+                await call.write(chunk)
+            await call.done_writing()
+            return await call
 
     async def get(self, key: str, worker: str | None = None) -> bytes:
         """The value of ``key``, read from ``worker`` or, when None, from a current holder.

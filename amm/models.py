@@ -230,6 +230,13 @@ class Status:
     """Newest first."""
     startup_grace: bool = False
     """No drops are issued yet: a worker known before the AMM restarted has not reported."""
+    fenced_by_epoch: int = 0
+    """Nonzero once agents reported this newer epoch: another AMM took over, this one no longer
+    cycles until it is restarted."""
+
+    @property
+    def fenced(self) -> bool:
+        return self.fenced_by_epoch > 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -439,6 +446,7 @@ def status_from_proto(msg: control_pb2.GetStatusResponse) -> Status:
         ),
         recent_events=tuple(event_from_proto(e) for e in msg.recent_events),
         startup_grace=msg.startup_grace,
+        fenced_by_epoch=msg.fenced_by_epoch if msg.fenced else 0,
     )
 
 

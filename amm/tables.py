@@ -173,7 +173,14 @@ def render_status(address: str, status: Status, now: datetime | None = None) -> 
     totals = status.totals
     summary = [
         ("AMM", address),
-        ("running", "yes" if status.running else "no"),
+        (
+            "running",
+            f"no: fenced off by epoch {status.fenced_by_epoch} (another AMM is in charge)"
+            if status.fenced
+            else "yes"
+            if status.running
+            else "no",
+        ),
         ("interval", format_duration(status.interval)),
         ("measure", status.measure),
         ("epoch", status.epoch),

@@ -57,6 +57,10 @@ class AgentConfig:
     chunk_size: int = 4 * MiB
     #: Largest value accepted; a larger Put fails with RESOURCE_EXHAUSTED.
     max_value_bytes: int = 1 * GiB
+    #: Bytes of values served (Get, Fetch) at once, which gRPC may buffer for readers; more
+    #: reads wait (up to ``stream_idle_timeout``, then RESOURCE_EXHAUSTED). None: a quarter of
+    #: ``memory_limit``, and no bound without one. Counted against the memory limit while served.
+    max_serving_bytes: int | None = None
     #: Lease of the keep-promises this agent asks peers for before dropping a key, in seconds.
     lease: float = 5.0
     #: Longest lease this agent grants a peer, whatever the peer asks for, in seconds.
@@ -111,6 +115,13 @@ class AgentConfig:
     def __post_init__(self) -> None:
         self.validate()
 
+    @property
+    def serving_budget(self) -> int:
+        """``max_serving_bytes`` in effect; 0 for no bound."""
+        if self.max_serving_bytes is not None:
+            return self.max_serving_bytes
+        return max(self.memory_limit // 4, 1) if self.memory_limit else 0
+
     def validate(self) -> None:
         """Raise ValueError naming the setting and what would be accepted."""
         # The rules the AMM applies to a registration (amm.base.validation), so that an agent
@@ -141,6 +152,8 @@ class AgentConfig:
                 f"chunk_size must be between 1 byte and {MAX_MESSAGE_BYTES // 2} bytes, "
                 f"got {self.chunk_size}"
             )
+        if self.max_serving_bytes is not None and self.max_serving_bytes < 1:
+            raise ValueError(f"max_serving_bytes must be >= 1, got {self.max_serving_bytes}")
         if self.max_value_bytes < 1:
             raise ValueError(f"max_value_bytes must be >= 1, got {self.max_value_bytes}")
         for field in (

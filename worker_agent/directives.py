@@ -579,13 +579,16 @@ class DirectiveRunner:
         The key becomes visible only once its data is verified and stored in one step.
         """
         began = self._store.generation
-        result = await self._peers.fetch(
-            directive.key,
-            list(directive.sources),
-            expected_size=directive.size,
-            expected_checksum=directive.checksum,
-            requester=self._address(),
-        )
+        # The bytes under way count against the memory limit until they are stored (judged
+        # again below, without them) or abandoned.
+        with self._store.reserve(directive.size):
+            result = await self._peers.fetch(
+                directive.key,
+                list(directive.sources),
+                expected_size=directive.size,
+                expected_checksum=directive.checksum,
+                requester=self._address(),
+            )
         if isinstance(result, FetchFailure):
             status = (
                 OutcomeStatus.REFUSED

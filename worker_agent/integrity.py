@@ -295,11 +295,13 @@ def _fits(store: Store, size: int, cond: Conditions) -> Verdict:
     too_big = _too_big(size, cond)
     if too_big is not None:
         return too_big
-    if cond.memory_limit and store.total_bytes + size > cond.memory_limit:
+    in_flight = store.in_flight_bytes
+    if cond.memory_limit and store.total_bytes + in_flight + size > cond.memory_limit:
         return Refuse(
             Reason.MEMORY_LIMIT,
             f"{size} more bytes would exceed the memory limit: {store.total_bytes} of "
-            f"{cond.memory_limit} bytes managed",
+            f"{cond.memory_limit} bytes managed"
+            + (f", {in_flight} more being received or served" if in_flight else ""),
         )
     return Accept()
 

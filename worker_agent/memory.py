@@ -8,6 +8,7 @@ the worker is paused follows the process memory, which is what an out-of-memory 
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import os
 from dataclasses import dataclass
@@ -85,3 +86,56 @@ class MemoryMonitor:
         if self._pause_fraction is None or not self._limit:
             return False
         return report.process > self._pause_fraction * self._limit
+
+
+class ByteBudget:
+    """Bytes in use out of ``limit`` (0: no limit), taken in amounts that wait for room.
+
+    Bounds what the agent serves at once: gRPC buffers what a reader has not read yet, up to
+    about a value per stream, so a hundred unread reads of one value held a hundred copies. An
+    amount larger than the whole budget is taken alone (charged as the whole budget), so no value
+    is unservable.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._waiters: list[asyncio.Future[None]] = []
+
+    @property
+    def waiting(self) -> int:
+        """Takers waiting for room."""
+        return len(self._waiters)
+
+    def charge(self, nbytes: int) -> int:
+        """What taking ``nbytes`` counts against the budget."""
+        return min(nbytes, self.limit) if self.limit else nbytes
+
+    def _fits(self, charge: int) -> bool:
+        return not self.limit or self.used + charge <= self.limit
+
+    async def take(self, charge: int, patience: float) -> bool:
+        """Take ``charge`` (see ``charge()``) once it fits, waiting up to ``patience`` seconds;
+        False when it did not fit by then."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + patience
+        while not self._fits(charge):
+            waiter: asyncio.Future[None] = loop.create_future()
+            self._waiters.append(waiter)
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await waiter
+            except TimeoutError:
+                return False
+            finally:
+                if waiter in self._waiters:
+                    self._waiters.remove(waiter)
+        self.used += charge
+        return True
+
+    def give_back(self, charge: int) -> None:
+        self.used -= charge
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)

@@ -34,8 +34,8 @@ from worker_agent.errors import (
     UnknownKey,
 )
 from worker_agent.integrity import Conditions, Directive, Reason, Refuse
-from worker_agent.memory import MemoryMonitor, MemoryProbe, MemoryReport
-from worker_agent.store import Key, KeyInfo, Page, Store, Value
+from worker_agent.memory import ByteBudget, MemoryMonitor, MemoryProbe, MemoryReport
+from worker_agent.store import Key, KeyInfo, Page, Reservation, Store, Value
 from worker_agent.traffic import Traffic
 from worker_agent.transfer import FetchFailure, Peers
 
@@ -150,6 +150,8 @@ class Node:
             traffic=self.traffic,
             security=config.security,
         )
+        #: Bytes of values being served (Get, Fetch), bounded: what gRPC buffers for readers.
+        self.serving_budget = ByteBudget(config.serving_budget)
         self.memory = MemoryMonitor(
             probe,
             window=config.unmanaged_window,
@@ -320,6 +322,13 @@ class Node:
                 f"{other.checksum[:12]}, on {where}); keys are immutable cluster-wide"
             )
 
+    def reserve_put(self, key: Key, size: int, checksum: str) -> Reservation:
+        """``check_put``, then count the ``size`` bytes about to be received against the
+        memory limit (in one step: concurrent Puts each see the others' bytes). Release it just
+        before ``put``."""
+        self.check_put(key, size, checksum)
+        return self.store.reserve(size)
+
     def check_put(self, key: Key, size: int, checksum: str) -> None:
         """Fail early, before the value is received, when it cannot be stored."""
         self._refuse_if_closing()
@@ -442,6 +451,23 @@ class Node:
             if using:
                 self.store.end_use(key)
 
+    @contextlib.asynccontextmanager
+    async def serving(self, nbytes: int) -> AsyncIterator[None]:
+        """Count a value of ``nbytes`` being served within ``serving_budget`` and against the
+        memory limit; wait up to ``stream_idle_timeout`` for room, then ``TooLarge``."""
+        budget = self.serving_budget
+        charge = budget.charge(nbytes)
+        if not await budget.take(charge, self.config.stream_idle_timeout):
+            raise TooLarge(
+                f"{budget.used} bytes are being served, the most at once is {budget.limit}; "
+                "try again later"
+            )
+        try:
+            with self.store.reserve(charge):
+                yield
+        finally:
+            budget.give_back(charge)
+
     async def _vet_sources(self, sources: Sequence[str]) -> None:
         """With an AMM, a Get fetches only from workers registered with it: not from a server
         that would hand over other bytes under a real key, and not from any address a caller
@@ -481,13 +507,15 @@ class Node:
         elif not sources:
             raise UnknownKey(f"{key!r} is not held here, and no source or AMM to ask")
         began = self.store.generation
-        result = await self.peers.fetch(
-            key,
-            candidates,
-            expected_size=expected_size,
-            expected_checksum=expected,
-            requester=self.address,
-        )
+        # Counted while it arrives; served anyway when there is no room to keep it (judged below).
+        with self.store.reserve(expected_size or 0):
+            result = await self.peers.fetch(
+                key,
+                candidates,
+                expected_size=expected_size,
+                expected_checksum=expected,
+                requester=self.address,
+            )
         if isinstance(result, FetchFailure):
             if result.reason is Reason.CHECKSUM_MISMATCH:
                 raise DataLoss(result.message)

@@ -23,7 +23,14 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from amm.base.checksum import checksum
 from amm.base.guard import Complaints, collect, register_guarded
-from amm.base.streams import Assembly, Overflow, decoder, framed_chunks, serialize
+from amm.base.streams import (
+    PUT_ACCEPTED_METADATA,
+    Assembly,
+    Overflow,
+    decoder,
+    framed_chunks,
+    serialize,
+)
 from amm.base.validation import bad_addresses
 from amm.v1 import agent_pb2, agent_pb2_grpc, types_pb2
 from worker_agent import garbled, integrity
@@ -65,6 +72,8 @@ _OPS = {types_pb2.DIRECTIVE_OP_REPLICATE: Op.REPLICATE, types_pb2.DIRECTIVE_OP_D
 FEATURES = ("directive-batches", "keep-batches", "put-batches", "tombstones")
 #: Most outcomes in one DirectivesResponse batch.
 OUTCOMES_PER_MESSAGE = 2_000
+#: Refused Puts whose rest is read and discarded at the same time (``WorkerAgentServicer._drain``).
+DRAINS_AT_ONCE = 2
 #: Most items in one PromiseKeepBatch request.
 MAX_KEEP_BATCH = 100_000
 
@@ -287,6 +296,9 @@ class WorkerAgentServicer(agent_pb2_grpc.WorkerAgentServicer):
         #: Set by ``add_to_server``: Get and Fetch may write chunks already serialized. A servicer
         #: registered with the generated function writes protobuf messages, more slowly.
         self.framed = False
+        #: Refused Puts drained at once: the others wait, their clients held back by flow
+        #: control, so that refused values do not pass through memory all at the same time.
+        self._draining = asyncio.Semaphore(DRAINS_AT_ONCE)
 
     async def Poll(
         self, request: agent_pb2.PollRequest, context: Context
@@ -434,7 +446,16 @@ class WorkerAgentServicer(agent_pb2_grpc.WorkerAgentServicer):
         request_iterator: AsyncIterator[agent_pb2.PutRequest | memoryview],
         context: Context,
     ) -> agent_pb2.PutResponse:
-        """A header, then chunks, verified before the value is stored."""
+        """A header, then chunks, verified before the value is stored. The declared size is
+        reserved against the memory limit from the header on, until the value is stored or
+        abandoned.
+
+        Once the header is accepted, the agent sends its initial metadata with
+        ``PUT_ACCEPTED_METADATA``: a client that waits for it before sending chunks (``amm``'s)
+        hears a refusal with nothing in flight. Answered while a grpc.aio client is still
+        writing, a refusal reached it as ``INTERNAL: Internal error from Core`` instead of the
+        status sent (grpc/grpc#36066).
+        """
         async with _Edge(context, "Put"):
             messages = aiter(request_iterator)
             first = await anext(messages, None)
@@ -446,33 +467,35 @@ class WorkerAgentServicer(agent_pb2_grpc.WorkerAgentServicer):
                 raise InvalidRequest("the first message of a Put must be its header")
             key, size = _key(first.header.key), first.header.size
             declared = _checksum(first.header.checksum)
-            self._node.check_put(key, size, declared)
-            if declared:  # judged before a byte of the value is received
-                await self._node.admit([(key, declared)])
-            received = Assembly(size)
-            try:
-                async for message in messages:
-                    chunk = _put_chunk(message)
-                    if chunk is None:
-                        raise InvalidRequest("a Put has one header, then only chunks")
-                    try:
-                        await received.add(chunk)
-                    except Overflow:
+            with self._node.reserve_put(key, size, declared) as reservation:
+                if declared:  # judged before a byte of the value is received
+                    await self._node.admit([(key, declared)])
+                await context.send_initial_metadata((PUT_ACCEPTED_METADATA,))
+                received = Assembly(size)
+                try:
+                    async for message in messages:
+                        chunk = _put_chunk(message)
+                        if chunk is None:
+                            raise InvalidRequest("a Put has one header, then only chunks")
+                        try:
+                            await received.add(chunk)
+                        except Overflow:
+                            raise InvalidRequest(
+                                f"more bytes than the {size} declared in the header"
+                            ) from None
+                    if received.received != size:
                         raise InvalidRequest(
-                            f"more bytes than the {size} declared in the header"
-                        ) from None
-                if received.received != size:
-                    raise InvalidRequest(
-                        f"received {received.received} bytes, the header declared {size}"
-                    )
-                data, actual = await received.finish()
-            finally:
-                received.abandon()
-            if declared and declared != actual:
-                raise InvalidRequest("the value does not match the checksum in the header")
-            if not declared:
-                await self._node.admit([(key, actual)])
-            info, created = self._node.put(key, data, actual)
+                            f"received {received.received} bytes, the header declared {size}"
+                        )
+                    data, actual = await received.finish()
+                finally:
+                    received.abandon()
+                if declared and declared != actual:
+                    raise InvalidRequest("the value does not match the checksum in the header")
+                if not declared:
+                    await self._node.admit([(key, actual)])
+                reservation.release()  # judged again without it, and stored, in one step
+                info, created = self._node.put(key, data, actual)
             return agent_pb2.PutResponse(
                 key=info.key, size=info.size, checksum=info.checksum, created=created
             )
@@ -488,7 +511,10 @@ class WorkerAgentServicer(agent_pb2_grpc.WorkerAgentServicer):
             bad = bad_addresses(request.sources)
             if bad is not None:
                 raise InvalidRequest(f"sources: {bad}")
-            async with self._node.reading(key, fetch=True, sources=request.sources) as reading:
+            async with (
+                self._node.reading(key, fetch=True, sources=request.sources) as reading,
+                self._node.serving(reading.value.size),
+            ):
                 await self._stream(
                     context, "Get", reading.value, agent_pb2.GetResponse, reading.replicated
                 )
@@ -502,7 +528,8 @@ class WorkerAgentServicer(agent_pb2_grpc.WorkerAgentServicer):
             async with self._node.reading(key) as reading:
                 if expected and expected != reading.value.checksum:
                     raise UnknownKey(f"holds other content under {key!r}")
-                await self._stream(context, "Fetch", reading.value, agent_pb2.FetchResponse)
+                async with self._node.serving(reading.value.size):
+                    await self._stream(context, "Fetch", reading.value, agent_pb2.FetchResponse)
 
     async def _stream(
         self,
@@ -635,7 +662,9 @@ class WorkerAgentServicer(agent_pb2_grpc.WorkerAgentServicer):
             created = unchanged = stored = 0
             async for message in request_iterator:
                 items = _put_items(message.items)
-                await self._node.admit([(key, digest) for key, _, digest in items])
+                # Received already: counted against the memory limit while the AMM is asked.
+                with self._node.store.reserve(sum(len(data) for _, data, _ in items)):
+                    await self._node.admit([(key, digest) for key, _, digest in items])
                 batch = self._node.put_many(items)
                 created += batch.created
                 unchanged += batch.unchanged

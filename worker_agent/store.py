@@ -109,6 +109,27 @@ class _Budget:
         return True
 
 
+class Reservation:
+    """Bytes counted in flight by a store until ``release`` (idempotent; also on exit)."""
+
+    __slots__ = ("_store", "nbytes")
+
+    def __init__(self, store: Store, nbytes: int) -> None:
+        self._store = store
+        self.nbytes = nbytes
+        store._in_flight += nbytes
+
+    def release(self) -> None:
+        self._store._in_flight -= self.nbytes
+        self.nbytes = 0
+
+    def __enter__(self) -> Reservation:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
 class Store:
     """Values and their bookkeeping; every change of what a poll reports bumps ``version``."""
 
@@ -128,6 +149,8 @@ class Store:
         self._generation = 0
         self._max_tombstones = MAX_TOMBSTONES
         self._total = 0
+        #: Bytes not stored yet but in this process: values being received, values being served.
+        self._in_flight = 0
         self._version = 0
         self._limit = changelog_limit
         # _log[i] is the key changed by version _base + i + 1.
@@ -144,6 +167,17 @@ class Store:
     def total_bytes(self) -> int:
         """Managed memory: the sum of the sizes of the values held."""
         return self._total
+
+    @property
+    def in_flight_bytes(self) -> int:
+        """Bytes reserved for values being received (Put, PutMany, peer fetches) and served
+        (Get, Fetch): not managed, but memory all the same, so the memory limit counts them."""
+        return self._in_flight
+
+    def reserve(self, nbytes: int) -> Reservation:
+        """Count ``nbytes`` in flight until the reservation is released (judge first: this
+        never refuses)."""
+        return Reservation(self, nbytes)
 
     def __len__(self) -> int:
         return len(self._values)

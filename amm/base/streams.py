@@ -60,6 +60,12 @@ def _varint(value: int) -> bytes:
     return bytes(out)
 
 
+#: The initial metadata an agent sends once it accepted a Put's header: its client sends the
+#: chunks only then, so that a refusal (over the memory limit, say) never meets a write in flight,
+#: which grpc.aio would report as INTERNAL instead of the status sent (grpc/grpc#36066).
+PUT_ACCEPTED_METADATA = ("amm-put", "accepted")
+
+
 def frame_chunk(data: bytes | memoryview) -> bytes:
     """The serialized value message whose chunk is ``data``: one copy of ``data``."""
     return b"".join((bytes((CHUNK_TAG,)), _varint(len(data)), data))

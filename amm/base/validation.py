@@ -12,12 +12,12 @@ import functools
 import re
 from collections.abc import Iterable
 
-#: The largest epoch on the wire. An AMM increments its epoch once per start, so no AMM comes
-#: near it; a Poll, a directive or a registration carrying more is malformed. 2^53 - 1 is also
+#: The largest epoch on the wire. An AMM moves its epoch by at most 2^20 per start, so no AMM
+#: comes near it; a Poll, a directive or a registration carrying more is malformed. 2^53 - 1 is also
 #: the largest integer JSON (grpcurl) carries exactly.
 MAX_EPOCH = 2**53 - 1
 #: The highest epoch a fresh AMM moves past when its agents report one newer than its own. Half
-#: of the range: whatever a registration claims, at least 2^52 restarts remain before
+#: of the range: whatever a registration claims, at least 2^32 restarts remain before
 #: ``MAX_EPOCH``, so no forged call can use the range up and keep the AMM from starting.
 MAX_ADOPTED_EPOCH = 2**52
 #: Longest host name (DNS's limit), worker name, zone and incarnation, in characters.

@@ -125,16 +125,22 @@ class RunningResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     RUNNING_FIELD_NUMBER: _builtins.int
+    FENCED_FIELD_NUMBER: _builtins.int
     running: _builtins.bool
-    """Whether cycles run every interval."""
+    """Whether cycles run every interval (false once fenced)."""
+    fenced: _builtins.bool
+    """True once agents reported a newer epoch than this AMM's: another AMM took over, agents refuse
+    this one's directives, and it no longer cycles (nor Starts) until it is restarted.
+    """
     def __init__(
         self,
         *,
         running: _builtins.bool = ...,
+        fenced: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["running", b"running"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fenced", b"fenced", "running", b"running"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -394,18 +400,28 @@ class GetStatusResponse(_message.Message):
     CYCLES_FIELD_NUMBER: _builtins.int
     RECENT_EVENTS_FIELD_NUMBER: _builtins.int
     STARTUP_GRACE_FIELD_NUMBER: _builtins.int
+    FENCED_FIELD_NUMBER: _builtins.int
+    FENCED_BY_EPOCH_FIELD_NUMBER: _builtins.int
     running: _builtins.bool
     """Whether cycles run every interval."""
     measure: _types_pb2.MemoryMeasure.ValueType
     """The memory measure workers are compared by."""
     epoch: _builtins.int
-    """This AMM's epoch, incremented at every start."""
+    """This AMM's epoch, moved forward by a random step at every start (a fresh one starts at a
+    random epoch), so that no two AMMs share one.
+    """
     cycles: _builtins.int
     """Cycles run since start."""
     startup_grace: _builtins.bool
     """True while the AMM is in its start-up grace period and issues no drops: not every worker it
     knew from its state file has reported yet.
     """
+    fenced: _builtins.bool
+    """True once agents reported a newer epoch than this AMM's: another AMM took over, agents refuse
+    this one's directives, and it no longer cycles (nor Starts) until it is restarted.
+    """
+    fenced_by_epoch: _builtins.int
+    """The newer epoch that fenced this AMM off; 0 while it is not fenced."""
     @_builtins.property
     def interval(self) -> _duration_pb2.Duration:
         """Time between cycles."""
@@ -444,10 +460,12 @@ class GetStatusResponse(_message.Message):
         cycles: _builtins.int = ...,
         recent_events: _abc.Iterable[_types_pb2.Event] | None = ...,
         startup_grace: _builtins.bool = ...,
+        fenced: _builtins.bool = ...,
+        fenced_by_epoch: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["interval", b"interval", "last_cycle", b"last_cycle", "totals", b"totals"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cycles", b"cycles", "epoch", b"epoch", "interval", b"interval", "last_cycle", b"last_cycle", "measure", b"measure", "policies", b"policies", "recent_events", b"recent_events", "recent_refusals", b"recent_refusals", "running", b"running", "startup_grace", b"startup_grace", "totals", b"totals"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cycles", b"cycles", "epoch", b"epoch", "fenced", b"fenced", "fenced_by_epoch", b"fenced_by_epoch", "interval", b"interval", "last_cycle", b"last_cycle", "measure", b"measure", "policies", b"policies", "recent_events", b"recent_events", "recent_refusals", b"recent_refusals", "running", b"running", "startup_grace", b"startup_grace", "totals", b"totals"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -477,7 +495,7 @@ class RegisterWorkerRequest(_message.Message):
     """The newest AMM epoch the agent has confirmed with its AMM (RegisterWorkerResponse.epoch,
     GetMembershipResponse.epoch). An AMM that has not run a cycle yet and sees a newer epoch moves
     its own epoch past it: the most recently started AMM is the one in charge. At most 2^52
-    (INVALID_ARGUMENT above it), so that at least 2^52 restarts remain below the largest epoch,
+    (INVALID_ARGUMENT above it), so that at least 2^32 restarts remain below the largest epoch,
     2^53 - 1, whatever a registration claims.
     """
     zone: _builtins.str

@@ -112,7 +112,7 @@ class ControlServicer(control_pb2_grpc.ActiveMemoryManagerServicer):
     async def Running(
         self, request: control_pb2.RunningRequest, context: Any
     ) -> control_pb2.RunningResponse:
-        return control_pb2.RunningResponse(running=self._amm.running)
+        return control_pb2.RunningResponse(running=self._amm.running, fenced=self._amm.fenced)
 
     @_edge
     async def RunOnce(
@@ -137,6 +137,8 @@ class ControlServicer(control_pb2_grpc.ActiveMemoryManagerServicer):
         with_goal, below_goal = amm.goals.totals(state)
         response = control_pb2.GetStatusResponse(
             running=amm.running,
+            fenced=amm.fenced,
+            fenced_by_epoch=amm.fenced_by_epoch,
             interval=wire.duration(cfg.interval),
             measure=wire.MEASURES_OUT[cfg.measure],
             epoch=amm.epoch,

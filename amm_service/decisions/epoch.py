@@ -5,23 +5,27 @@ they are configured with (and, since they confirm only with it, from a newer one
 issue), so of two AMMs managing the same workers only the most recently started one at that
 address acts. The rules:
 
-1. each start begins a new epoch (persisted), so a restarted AMM fences off its previous run;
+1. each start begins a new epoch (persisted), so a restarted AMM fences off its previous run; a
+   fresh state's first epoch, and each step, is random (``state.StateStore.begin_epoch``), so
+   two fresh AMMs, or two started from copies of one state file, do not share one;
 2. a fresh AMM (new, or with a reset state file) whose own agents (restored at start-up, or
    registering) have seen a newer epoch moves past it, but only before it has sent anything;
 3. epochs merely seen in polls never move ours: an AMM polling agents registered with another
-   one stays fenced, and says so once;
+   one is fenced, says so once and stops cycling (``check_fenced``);
 4. epochs are bounded (``amm.base.validation``): we move past one only up to
-   ``MAX_ADOPTED_EPOCH``, so whatever a registration claims, 2^52 starts remain before
+   ``MAX_ADOPTED_EPOCH``, so whatever a registration claims, 2^32 starts remain before
    ``MAX_EPOCH``. Agents registered with us adopt a newer epoch only once we confirm it, so no
    epoch we did not issue fences us off.
 
-Directive ids carry the epoch they were issued under. Pure: the store and the poller are ports.
+Directive ids carry the epoch they were issued under and a token of the AMM's run, so ids never
+collide between AMMs. Pure: the store and the poller are ports.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import secrets
 from typing import Protocol
 
 from amm.base.validation import MAX_ADOPTED_EPOCH
@@ -54,8 +58,12 @@ class EpochFence:
         self._poller = poller
         self.epoch = 0
         self._ids = itertools.count(1)
+        #: Unique to this run of the AMM: two AMMs that did share an epoch still issue distinct
+        #: directive ids, which agents deduplicate by.
+        self._run = secrets.token_hex(4)
         self._acted = False
-        self._fenced_warned = False
+        #: The newer epoch that fenced this AMM off; 0 while it is not.
+        self.fenced_by = 0
 
     def begin(self) -> None:
         """Begin a new epoch: called once at each start."""
@@ -66,7 +74,7 @@ class EpochFence:
         self._acted = self._acted or sent
 
     def new_id(self) -> str:
-        return f"e{self.epoch}.{next(self._ids)}"
+        return f"e{self.epoch}.{self._run}.{next(self._ids)}"
 
     def _set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -90,14 +98,18 @@ class EpochFence:
         self._set_epoch(self._store.raise_epoch(seen))
         log.warning("agents had seen AMM epoch %d: this AMM now runs as epoch %d", seen, self.epoch)
 
-    def warn_if_fenced(self) -> None:
-        """Say once that agents have seen a newer epoch: another AMM has taken over."""
+    def check_fenced(self) -> int | None:
+        """The newer epoch agents report, the first time they do: another AMM took over (its
+        agents confirm epochs only with the AMM they are configured with), so this one stops
+        for good; ``fenced_by`` keeps it. None otherwise."""
         seen = self._poller.newest_agent_epoch
-        if seen > self.epoch and not self._fenced_warned:
-            self._fenced_warned = True
-            log.warning(
-                "agents have seen AMM epoch %d, newer than ours (%d): another AMM is in charge "
-                "and agents refuse our directives",
-                seen,
-                self.epoch,
-            )
+        if seen <= self.epoch or self.fenced_by:
+            return None
+        self.fenced_by = seen
+        log.warning(
+            "agents have seen AMM epoch %d, newer than ours (%d): another AMM is in charge, "
+            "agents refuse our directives, and this AMM stops cycling",
+            seen,
+            self.epoch,
+        )
+        return seen

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 log = logging.getLogger("amm_service.decisions.events")
 
 MAX_KEYS_LISTED = 100
-WARNING_KINDS = frozenset({"worker-dead", "key-lost", "retire-abandoned"})
+WARNING_KINDS = frozenset({"worker-dead", "key-lost", "retire-abandoned", "epoch-fenced"})
 
 
 @dataclass(frozen=True, slots=True)

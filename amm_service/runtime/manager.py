@@ -39,7 +39,7 @@ from amm_service.decisions.grace import StartupGrace
 from amm_service.decisions.liveness import Liveness, lost_after_removal
 from amm_service.decisions.pending import Ledger
 from amm_service.decisions.view import ClusterState, Key, WorkerId
-from amm_service.errors import InvalidArgument, Unavailable
+from amm_service.errors import FailedPrecondition, InvalidArgument, Unavailable
 from amm_service.policies import Policy
 from amm_service.runtime.addresses import check_address
 from amm_service.runtime.agents import AgentLinks
@@ -278,11 +278,27 @@ class ActiveMemoryManager:
 
     @property
     def running(self) -> bool:
-        return self._loop_task is not None and not self._loop_task.done()
+        return self._loop_task is not None and not self._loop_task.done() and not self.fenced
+
+    @property
+    def fenced(self) -> bool:
+        """Whether agents reported a newer epoch than ours: another AMM took over, and this one
+        no longer cycles (``EpochFence.check_fenced``)."""
+        return self._fence.fenced_by > 0
+
+    @property
+    def fenced_by_epoch(self) -> int:
+        """The newer epoch that fenced this AMM off; 0 while it is not."""
+        return self._fence.fenced_by
 
     async def start(self) -> None:
         """Run cycles, and from now on at every start of the AMM (until a ``stop``)."""
         self._check_open()
+        if self.fenced:
+            raise FailedPrecondition(
+                f"fenced off: agents have seen AMM epoch {self._fence.fenced_by}, newer than "
+                f"ours ({self.epoch}); another AMM is in charge until this one is restarted"
+            )
         self._store.set_running(True)
         self._start_loop()
 
@@ -319,7 +335,7 @@ class ActiveMemoryManager:
         """
         interval = self.config.interval
         follow_up = min(interval, max(FOLLOW_UP, interval / 20))
-        while go_on():
+        while go_on() and not self.fenced:
             started = self._monotonic()
             self._woken.clear()
             record = None
@@ -388,7 +404,17 @@ class ActiveMemoryManager:
                 await self._dispatcher.send(overdue)
         record.unreachable = tuple(await self._poller.poll_all())
         polled = time.perf_counter()
-        self._fence.warn_if_fenced()
+        newer = self._fence.check_fenced()
+        if newer is not None:
+            self.events.record(
+                "epoch-fenced",
+                f"agents have seen AMM epoch {newer}, newer than ours ({self.epoch}): another "
+                "AMM is in charge; this one stops cycling until it is restarted",
+            )
+        if self.fenced and not dry_run:
+            record.duration = time.perf_counter() - t0
+            record.poll_duration = polled - t0
+            return record  # its directives would be refused: send none, judge nothing
         if not dry_run:
             await self._judge_liveness()
             self._settle_lost()

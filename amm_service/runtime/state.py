@@ -2,8 +2,8 @@
 
 What is kept and why:
 
-1. The epoch, incremented at every start: agents refuse directives from an older epoch, so a stale
-   AMM (one replaced by a newer start) cannot act.
+1. The epoch, moved forward at every start: agents refuse directives from an older epoch, so a
+   stale AMM (one replaced by a newer start) cannot act.
 2. The running flag, once an operator chose it with Start or Stop: an AMM that was cycling
    before a restart cycles again after it, and one that was stopped stays stopped, whatever its
    ``start`` setting (which decides only until the first Start or Stop).
@@ -28,6 +28,7 @@ transaction; a store is not thread-safe and is used from the event loop thread o
 
 from __future__ import annotations
 
+import secrets
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -38,6 +39,12 @@ from types import TracebackType
 from typing import Any
 
 from amm.base.validation import MAX_ADOPTED_EPOCH, MAX_EPOCH
+
+#: A fresh state's first epoch is drawn from 1 to this.
+FIRST_EPOCHS = 2**40
+#: Each later start moves the epoch by 1 to this: from ``MAX_ADOPTED_EPOCH``, 2^32 starts remain
+#: before ``MAX_EPOCH``.
+EPOCH_STEP = 2**20
 
 MEMORY = ":memory:"
 """The path of a state that lives as long as its store (for tests and throw-away runs)."""
@@ -151,9 +158,17 @@ class StateStore:
     ``clock`` gives the Unix time stamped on known workers; tests pass a fake one.
     """
 
-    def __init__(self, path: str, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        path: str,
+        *,
+        clock: Callable[[], float] = time.time,
+        draw: Callable[[int], int] = secrets.randbelow,
+    ) -> None:
         self.path = path
         self._clock = clock
+        #: ``draw(n)`` is a random integer from 0 to n - 1: how far each new epoch jumps.
+        self._draw = draw
         self._db: sqlite3.Connection | None = None
         try:
             if path != MEMORY:
@@ -226,20 +241,27 @@ class StateStore:
             raise StateError(f"the AMM state {self.path!r} failed: {exc}") from exc
 
     def begin_epoch(self) -> int:
-        """Increment the epoch and return it: 1 on the first start. Call once at each start.
+        """Move the epoch forward and return it. Call once at each start.
 
-        Never beyond ``MAX_EPOCH``: a state whose epoch is there already (only a hand-edited
-        file, or one written before epochs were bounded, gets there) is a ``StateError`` that
-        says what to do, not an overflow at every start.
+        Not by one: a fresh state begins at a random epoch from 1 to ``FIRST_EPOCHS``, and each
+        later start adds a random step from 1 to ``EPOCH_STEP``. Two fresh AMMs, or two started
+        from copies of one state file, would otherwise run under the same epoch, and agents take
+        directives of their current epoch from either (issue 10); now that takes odds of 1 in
+        2^40 (fresh) or 2^20 (copies), and directive ids differ anyway (``EpochFence.new_id``).
+
+        Never beyond ``MAX_EPOCH``: a state whose epoch is within a step of it (only a
+        hand-edited file, or one that adopted an epoch near ``MAX_ADOPTED_EPOCH`` and then
+        restarted 2^32 times, gets there) is a ``StateError`` that says what to do.
         """
         current = self.epoch
-        if current >= MAX_EPOCH:
+        if current > MAX_EPOCH - EPOCH_STEP:
             raise StateError(
-                f"the AMM state {self.path!r} holds epoch {current}, at or beyond the largest "
+                f"the AMM state {self.path!r} holds epoch {current}, too near the largest "
                 f"epoch ({MAX_EPOCH}): no new epoch can begin. Move it aside to start afresh "
                 "(a fresh AMM moves its epoch past the one its agents report)"
             )
-        rows = self._run("UPDATE service SET epoch = epoch + 1 RETURNING epoch")
+        step = 1 + (self._draw(FIRST_EPOCHS) if current == 0 else self._draw(EPOCH_STEP))
+        rows = self._run("UPDATE service SET epoch = epoch + ? RETURNING epoch", step)
         return int(rows[0][0])
 
     def raise_epoch(self, above: int) -> int:
@@ -247,8 +269,8 @@ class StateStore:
 
         For an AMM that finds its agents have seen a newer epoch than its own before it acted:
         its state was reset or it is new, and the most recently started AMM is the one in charge.
-        ``above`` is at most ``MAX_ADOPTED_EPOCH`` (callers refuse more), which keeps 2^52
-        restarts in hand below ``MAX_EPOCH``.
+        ``above`` is at most ``MAX_ADOPTED_EPOCH`` (callers refuse more), which keeps 2^32
+        restarts (of at most ``EPOCH_STEP`` each) in hand below ``MAX_EPOCH``.
         """
         if not 0 <= above <= MAX_ADOPTED_EPOCH:
             raise ValueError(f"an epoch to move past is 0 to {MAX_ADOPTED_EPOCH}, not {above}")

@@ -18,7 +18,6 @@ from google.protobuf.duration_pb2 import Duration
 from amm.base.checksum import checksum
 from amm.v1 import agent_pb2, control_pb2, control_pb2_grpc
 from amm_service.api.server import AmmServer
-from amm_service.runtime.state import StateStore
 from tests.conftest import amm_config, free_port
 from tests.support.agent import dial, poll, running_agent
 from tests.support.faults import fake_amm
@@ -64,37 +63,33 @@ async def test_registration_tells_a_fresh_amm_the_epoch_to_move_past(tmp_path: P
         running_agent(amm=amm.address) as agent,
     ):
         await wait_for(lambda: agent.registered, what="registration")
-        assert amm.epoch == 1
-        # Its AMM, before the state file was lost, had confirmed epoch 9 to it.
-        agent.node.observe_epoch(9)
+        # Its AMM, before the state file was lost, had confirmed a newer epoch to it.
+        seen = amm.epoch + 8
+        agent.node.observe_epoch(seen)
         async with dial(agent.address) as stub:
-            assert (await poll(stub)).epoch == 9
+            assert (await poll(stub)).epoch == seen
         # Not polled since: the agent registers again, telling the epoch it confirmed.
-        await wait_for(lambda: amm.epoch, lambda e: e == 10, what="the AMM moving past 9")
-        await wait_for(lambda: agent.node.newest_epoch, lambda e: e == 10, what="new epoch")
+        await wait_for(lambda: amm.epoch, lambda e: e == seen + 1, what="the AMM moving past")
+        await wait_for(lambda: agent.node.newest_epoch, lambda e: e == seen + 1, what="new epoch")
 
 
 async def test_polls_from_a_superseded_amm_do_not_postpone_registering_again(
     tmp_path: Path,
 ) -> None:
-    """The AMM at epoch 5 forgot the agent; a superseded one at epoch 4 still polls it. Those
+    """The AMM forgot the agent; a superseded one (an older epoch) still polls it. Those
     polls must not keep the agent from registering again."""
-    state = str(tmp_path / "amm.sqlite3")
-    with StateStore(state) as store:
-        for _ in range(4):
-            store.begin_epoch()
     async with (
-        AmmServer(amm_config(tmp_path, interval="50ms", state_path=state)) as amm,
+        AmmServer(amm_config(tmp_path, interval="50ms")) as amm,
         running_agent(amm=amm.address) as agent,
         dial(agent.address) as stub,
     ):
-        assert amm.epoch == 5
+        superseded = amm.epoch - 1
         await wait_for(lambda: agent.registered, what="registration")
         assert amm.manager is not None
         await amm.manager.unregister(agent.address)
 
         async def stale_poll_then_listed() -> bool:
-            await poll(stub, epoch=4)
+            await poll(stub, epoch=superseded)
             return amm.manager is not None and bool(amm.manager.state.worker_ids)
 
         await wait_for(stale_poll_then_listed, within=3, what="registering again")

@@ -15,7 +15,7 @@ from amm.base.checksum import checksum
 from amm.base.serving import CHANNEL_OPTIONS
 from amm.v1 import agent_pb2, control_pb2, control_pb2_grpc, types_pb2
 from amm_service.api.server import AmmServer
-from amm_service.runtime.state import StateStore
+from amm_service.runtime.state import FIRST_EPOCHS, StateStore
 from tests.conftest import amm_config
 from tests.support.agent import agents, get, put
 from tests.support.waiting import wait_for
@@ -187,29 +187,42 @@ async def test_forget_is_not_held_back_by_keep_promises(tmp_path: Path) -> None:
 
 
 async def test_a_stale_amm_cannot_act(tmp_path: Path) -> None:
-    # The agents' AMM runs as epoch 6 (five starts before this one).
+    """An AMM whose agents report a newer epoch is fenced off: it sends nothing, stops cycling,
+    says so once (``epoch-fenced``) and answers Running false, fenced (issue 10: it kept
+    answering running and sending directives the agents refused)."""
+    # The agents' AMM runs under an epoch above any a fresh AMM begins at.
     current_state = tmp_path / "current.sqlite3"
     with StateStore(str(current_state)) as store:
-        for _ in range(5):
-            store.begin_epoch()
+        store.raise_epoch(FIRST_EPOCHS)
     async with (
         cluster(tmp_path, 2, state_path=str(current_state)) as c,
         AmmServer(amm_config(tmp_path, state_path=str(tmp_path / "old.sqlite3"))) as old,
+        grpc.aio.insecure_channel(old.address, options=CHANNEL_OPTIONS) as channel,
     ):
         await c.spread("x")
-        # An older AMM (epoch 1) that still believes it is in charge polls the same agents and
-        # sends them directives: its drops are refused.
-        assert old.manager is not None
+        # An older AMM (a fresh one) that still believes it is in charge polls the same agents.
+        manager = old.manager
+        assert manager is not None
         assert old.epoch < c.amm.epoch
+        control = control_pb2_grpc.ActiveMemoryManagerStub(channel)
         for agent in c.agents:
-            await old.manager.register(agent.address, agent.address, agent.incarnation)
-        record = await old.manager.run_cycle(wait=True)
-        (rec,) = record.directives.values()
-        assert rec.outcome is not None
-        assert rec.outcome.reason == "STALE_EPOCH"
+            await manager.register(agent.address, agent.address, agent.incarnation)
+        await control.Start(control_pb2.StartRequest())
+        await wait_for(lambda: not manager.running, what="the fenced AMM stopped cycling")
+        running = await control.Running(control_pb2.RunningRequest())
+        assert (running.running, running.fenced) == (False, True)
+        status = await control.GetStatus(control_pb2.GetStatusRequest())
+        assert (status.running, status.fenced) == (False, True)
+        assert status.fenced_by_epoch == c.amm.epoch
+        assert [e.kind for e in status.recent_events].count("epoch-fenced") == 1
+        assert manager.outcomes.totals.sent == 0, "nothing sent: the agents would refuse it"
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await control.Start(control_pb2.StartRequest())
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        record = await manager.run_cycle(wait=True)
+        assert not record.directives
+        assert manager.events.counts["epoch-fenced"] == 1, "said once"
         assert await c.holders("x") == set(c.addresses)
-        (refusal,) = old.manager.outcomes.refusals
-        assert refusal.outcome.reason == "STALE_EPOCH"
 
 
 async def test_conflicting_content_is_reported_and_left_alone(tmp_path: Path) -> None:
@@ -242,19 +255,19 @@ async def test_the_amm_sees_a_large_inventory_through_paged_polls(tmp_path: Path
 
 
 async def test_a_fresh_amm_moves_past_the_epoch_its_agents_have_seen(tmp_path: Path) -> None:
-    """The AMM's state file was lost: it restarts at epoch 1 while its agents served epoch 7."""
+    """The AMM's state file was lost: it restarts afresh while its agents served a newer epoch."""
     async with (
         AmmServer(amm_config(tmp_path)) as fresh,
         agents(2, amm=fresh.address) as pairs,
     ):
-        assert fresh.epoch == 1
+        seen = fresh.epoch + 6
         for agent, stub in pairs:
             await put(stub, "y", DATA)
-            agent.node.observe_epoch(7)  # the old AMM had confirmed its epoch to them
+            agent.node.observe_epoch(seen)  # the old AMM had confirmed its epoch to them
         assert fresh.manager is not None
         for agent, _ in pairs:
-            await fresh.manager.register(agent.address, "", agent.incarnation, epoch=7)
-        assert fresh.epoch == 8
+            await fresh.manager.register(agent.address, "", agent.incarnation, epoch=seen)
+        assert fresh.epoch == seen + 1
         record = await fresh.manager.run_cycle(wait=True)
         outcomes = [r.outcome for r in record.directives.values()]
         assert [o.status.value for o in outcomes if o is not None] == ["applied"]

@@ -185,11 +185,12 @@ async def test_goals_survive_an_amm_restart(tmp_path: Path) -> None:
         await c.run_once()
         assert len(await c.holders("x")) == 3
         addresses = [a.address for a in c.agents]
+        before = c.amm.epoch
         await c.amm.stop()
         async with AmmServer(amm_config(tmp_path, measure="managed")) as again:
             manager = again.manager
             assert manager is not None
-            assert manager.epoch == 2
+            assert manager.epoch > before
             assert set(manager.state.worker_ids) == set(addresses)  # taken back from the state
             (goal,) = await manager.queries.goal_statuses(["x"])
             assert (goal.n, goal.live) == (3, 3)

@@ -47,7 +47,7 @@ async def test_amm_lists_its_services_and_answers_the_control_verbs(tmp_path: Pa
         assert await call(amm.address, "amm.v1.ActiveMemoryManager/Start") == {"running": True}
         status = await call(amm.address, "amm.v1.ActiveMemoryManager/GetStatus")
         assert status["running"] is True
-        assert status["epoch"] == "1"  # uint64 is a JSON string
+        assert status["epoch"] == str(amm.epoch)  # uint64 is a JSON string
         assert status["measure"] == "MEMORY_MEASURE_OPTIMISTIC"
         assert status["interval"] == "0.200s"
         assert await call(amm.address, "amm.v1.ActiveMemoryManager/Stop") == {}

@@ -227,6 +227,9 @@ def test_status_block() -> None:
     assert "unreachable  1 worker" in lines
     assert "conflicts    2 keys left alone" in lines
     assert "goals        3 keys (1 below)" in lines
+    fenced = dataclasses.replace(_status(running=False), fenced_by_epoch=42)
+    words = [" ".join(line.split()) for line in render_status("h:50051", fenced).splitlines()]
+    assert "running no: fenced off by epoch 42 (another AMM is in charge)" in words
 
 
 def test_goals_table_and_changes() -> None:

@@ -11,6 +11,8 @@ import pytest
 from amm_service.runtime.state import (
     _APPLICATION_ID,
     _MIGRATIONS,
+    EPOCH_STEP,
+    FIRST_EPOCHS,
     MEMORY,
     KnownWorker,
     LostRecord,
@@ -31,17 +33,46 @@ def fake_clock(start: float = 1000.0) -> Callable[[], float]:
     return clock
 
 
+def no_jump(n: int) -> int:
+    """``StateStore``'s ``draw`` without randomness: epochs move by one."""
+    return 0
+
+
 def test_epoch_increments_across_reopen(tmp_path: Path) -> None:
     path = str(tmp_path / "state.sqlite3")
-    with StateStore(path) as store:
+    with StateStore(path, draw=no_jump) as store:
         assert store.epoch == 0
         assert store.begin_epoch() == 1
         assert store.epoch == 1
-    with StateStore(path) as store:
+    with StateStore(path, draw=no_jump) as store:
         assert store.epoch == 1
         assert store.begin_epoch() == 2
-    with StateStore(path) as store:
+    with StateStore(path, draw=no_jump) as store:
         assert store.begin_epoch() == 3
+
+
+def test_epochs_start_and_move_at_random_so_no_two_amms_share_one(tmp_path: Path) -> None:
+    """Issue 10: two fresh AMMs both began at epoch 1, and two started from copies of one state
+    file landed on the same number; agents took directives of their epoch from either."""
+    firsts = set()
+    for i in range(20):
+        with StateStore(str(tmp_path / f"fresh-{i}.sqlite3")) as store:
+            first = store.begin_epoch()
+            assert 1 <= first <= FIRST_EPOCHS
+            firsts.add(first)
+    assert len(firsts) == 20
+    original = tmp_path / "original.sqlite3"
+    with StateStore(str(original)) as store:
+        before = store.begin_epoch()
+    copy = tmp_path / "copy.sqlite3"
+    copy.write_bytes(original.read_bytes())
+    nexts = set()
+    for path in (original, copy):
+        with StateStore(str(path)) as store:
+            after = store.begin_epoch()
+            assert before < after <= before + EPOCH_STEP
+            nexts.add(after)
+    assert len(nexts) == 2
 
 
 def test_parent_directory_is_created_and_wal_is_on(tmp_path: Path) -> None:
@@ -91,7 +122,7 @@ def test_workers_remembered_and_forgotten_persist(tmp_path: Path) -> None:
 
 
 def test_memory_store_works_and_keeps_nothing() -> None:
-    with StateStore(MEMORY, clock=fake_clock()) as store:
+    with StateStore(MEMORY, clock=fake_clock(), draw=no_jump) as store:
         assert store.begin_epoch() == 1
         assert store.begin_epoch() == 2
         store.set_running(True)
@@ -148,7 +179,7 @@ def test_close_is_idempotent_and_use_after_close_is_an_error() -> None:
 
 
 def test_raise_epoch_moves_past_a_newer_epoch_only(tmp_path: Path) -> None:
-    with StateStore(str(tmp_path / "s.sqlite3")) as store:
+    with StateStore(str(tmp_path / "s.sqlite3"), draw=no_jump) as store:
         assert store.begin_epoch() == 1
         assert store.raise_epoch(7) == 8
         assert store.raise_epoch(3) == 8
