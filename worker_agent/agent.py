@@ -139,7 +139,11 @@ class Agent:
         )
         #: The metrics endpoint, when ``config.metrics_listen`` asks for one.
         self.metrics: MetricsEndpoint | None = (
-            metrics.endpoint(self.node, config.metrics_listen) if config.metrics_listen else None
+            metrics.endpoint(
+                self.node, config.metrics_listen, config.security, insecure=config.insecure
+            )
+            if config.metrics_listen
+            else None
         )
         self._served: Served | None = None
         self._amm: control_pb2_grpc.ActiveMemoryManagerAsyncStub | None = None

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from amm.base.metrics import MetricsEndpoint, RpcDurations, histogram
+from amm.base.security import Security
 from worker_agent.directives import OutcomeStatus
 from worker_agent.integrity import Op, Reason
 from worker_agent.node import Node, WorkerStatus
@@ -107,6 +108,10 @@ def _order(op: Op, outcome: OutcomeStatus, reason: Reason | None) -> tuple[int, 
     return op.value, outcome.value, 0 if reason is None else reason.value
 
 
-def endpoint(node: Node, listen: str) -> MetricsEndpoint:
-    """The agent's metrics endpoint on ``listen``, once started."""
-    return MetricsEndpoint(listen, lambda rpc: families(node, rpc))
+def endpoint(
+    node: Node, listen: str, security: Security | None = None, *, insecure: bool = False
+) -> MetricsEndpoint:
+    """The agent's metrics endpoint on ``listen``, once started, under its TLS rule."""
+    return MetricsEndpoint.secured(
+        listen, lambda rpc: families(node, rpc), security, insecure=insecure
+    )

@@ -27,6 +27,7 @@ from prometheus_client import CollectorRegistry, ProcessCollector, start_http_se
 from prometheus_client.core import HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from amm.base.security import Security, check_listen
 from amm.base.tally import RPC_BUCKETS, Durations
 
 log = logging.getLogger(__name__)
@@ -297,6 +298,30 @@ class MetricsEndpoint:
         self.rpc = RpcDurations()
         self.registry = new_registry()
         self._server: MetricsServer | None = None
+
+    @classmethod
+    def secured(
+        cls,
+        listen: str,
+        read: Callable[[RpcDurations], Iterable[Metric]],
+        security: Security | None,
+        *,
+        insecure: bool = False,
+    ) -> MetricsEndpoint:
+        """The endpoint of a process that serves gRPC with ``security``: its metrics follow the
+        same rule. With TLS, HTTPS with the process's own certificate, and only clients with a
+        certificate of the cluster CA may scrape (any identity: a scraper needs no role). Without,
+        plaintext, which only a loopback address or ``insecure`` allows (``check_listen``)."""
+        check_listen(listen, tls=security is not None, insecure=insecure)
+        if security is None:
+            return cls(listen, read)
+        return cls(
+            listen,
+            read,
+            certfile=str(security.cert),
+            keyfile=str(security.key),
+            client_cafile=str(security.ca),
+        )
 
     @property
     def interceptors(self) -> list[grpc.aio.ServerInterceptor[Any, Any]]:

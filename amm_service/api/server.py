@@ -83,7 +83,12 @@ class AmmServer:
             handlers = collect(control_pb2_grpc.add_ActiveMemoryManagerServicer_to_server, servicer)
             complaints = Complaints(log)
             if self.config.metrics_listen:
-                self.metrics = metrics.endpoint(self.manager, self.config.metrics_listen)
+                self.metrics = metrics.endpoint(
+                    self.manager,
+                    self.config.metrics_listen,
+                    self.security,
+                    insecure=self.config.insecure,
+                )
             self._served = await serve(
                 self.config.listen,
                 [lambda server: register_guarded(server, SERVICE_NAME, handlers, complaints)],

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from amm.base.metrics import MetricsEndpoint, RpcDurations, histogram
+from amm.base.security import Security
 from amm_service.decisions.directive import Op
 from amm_service.decisions.view import MEASURES, WorkerStatus
 from amm_service.runtime.manager import ActiveMemoryManager
@@ -173,6 +174,14 @@ def _events(amm: ActiveMemoryManager) -> Iterator[Metric]:
     yield events
 
 
-def endpoint(amm: ActiveMemoryManager, listen: str) -> MetricsEndpoint:
-    """The AMM's metrics endpoint on ``listen``, once started."""
-    return MetricsEndpoint(listen, lambda rpc: families(amm, rpc))
+def endpoint(
+    amm: ActiveMemoryManager,
+    listen: str,
+    security: Security | None = None,
+    *,
+    insecure: bool = False,
+) -> MetricsEndpoint:
+    """The AMM's metrics endpoint on ``listen``, once started, under its TLS rule."""
+    return MetricsEndpoint.secured(
+        listen, lambda rpc: families(amm, rpc), security, insecure=insecure
+    )

@@ -5,7 +5,11 @@ the cluster puts keys, drops and copies replicas, serves reads and retires a wor
 from __future__ import annotations
 
 import asyncio
+import http.client
 import socket
+import ssl
+import urllib.error
+import urllib.request
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
@@ -15,6 +19,7 @@ from typing import Any
 import grpc
 import pytest
 
+from amm.base.security import Security, SecurityError
 from amm.base.serving import CHANNEL_OPTIONS
 from amm.v1 import agent_pb2, agent_pb2_grpc, control_pb2, control_pb2_grpc, types_pb2
 from amm_service.api.server import AmmServer
@@ -316,3 +321,34 @@ async def test_a_metrics_port_in_use_fails_the_start_and_frees_the_grpc_port(
                 pass
         with socket.socket() as again:
             again.bind(("127.0.0.1", int(listen.rsplit(":", 1)[1])))
+
+
+def _https_get(url: str, context: ssl.SSLContext) -> str:
+    with urllib.request.urlopen(url, timeout=10, context=context) as response:
+        return str(response.read().decode())
+
+
+async def test_metrics_follow_the_servers_tls_rule(tmp_path: Path) -> None:
+    """With --tls the metrics are HTTPS for holders of a cluster certificate only; without it,
+    an address off loopback refuses to start, as the gRPC port does."""
+    certs = Security.temporary(tmp_path / "certs")
+    config = amm_config(tmp_path, metrics_listen=LOOPBACK, tls=str(certs.directory))
+    async with AmmServer(config) as amm:
+        assert amm.metrics is not None
+        url = f"https://{amm.metrics.address}/metrics"
+        scraper = ssl.create_default_context(cafile=str(certs.ca))
+        scraper.check_hostname = False  # the AMM's certificate names its role, not 127.0.0.1
+        reader = certs.as_identity("reader")
+        assert reader.cert is not None
+        assert reader.key is not None
+        scraper.load_cert_chain(str(reader.cert), str(reader.key))
+        assert "amm_running" in await asyncio.to_thread(_https_get, url, scraper)
+        anonymous = ssl.create_default_context(cafile=str(certs.ca))
+        anonymous.check_hostname = False
+        with pytest.raises((ssl.SSLError, urllib.error.URLError, ConnectionError)):
+            await asyncio.to_thread(_https_get, url, anonymous)
+        with pytest.raises((urllib.error.URLError, ConnectionError, http.client.HTTPException)):
+            await asyncio.to_thread(scrape, amm.metrics.address)
+    with pytest.raises(SecurityError, match="without TLS"):
+        async with AmmServer(amm_config(tmp_path, metrics_listen="0.0.0.0:0")):
+            pass
