@@ -19,9 +19,10 @@ modes handled while starting:
 Stopping sends SIGINT to the agents first (so they unregister while the AMM still listens; not
 SIGTERM, which would have each drain its keys into the others, all on their way out too), then
 SIGTERM to the AMM, and SIGKILLs whatever outlives the deadline, or whatever is left if the stop
-itself is interrupted. ``stop_worker`` sends SIGTERM by default: one agent leaving drains first. For fault injection
-(``benchmarks/chaos.py``), ``add_worker(listen=...)`` restarts an agent on the address it had, and
-``restart_service`` kills the AMM and starts it again on its address, from its ``state`` file.
+itself is interrupted. ``stop_worker`` sends SIGTERM by default: one agent leaving drains first.
+For fault injection (``benchmarks/chaos.py``), ``add_worker(listen=...)`` restarts an agent on
+the address it had, and ``restart_service`` kills the AMM and starts it again on its address,
+from its ``state`` file.
 Children get their own session, so a terminal's Ctrl-C reaches only the owner, which then stops
 them in that order; should the owner die without stopping them (``kill -9``, a closed terminal),
 each stops by itself once its lifeline, a pipe only the owner writes to, reads end-of-file

@@ -26,6 +26,7 @@ episode's faults are seeded, their timing against the AMM's cycles is not: a see
 sequence, not an exact interleaving.
 
     python benchmarks/chaos.py --episodes 200 --seed 1 --json out.json
+    python benchmarks/chaos.py --episodes 200 --jobs 2 --minutes 25   # two clusters at a time
     python benchmarks/chaos.py --seed 1 --first 17 --episodes 1 -v     # rerun episode 17
 """
 
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import concurrent.futures
 import contextlib
 import dataclasses
 import functools
@@ -42,6 +44,7 @@ import random
 import signal
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import TypeVar
@@ -388,16 +391,29 @@ def run(
     *,
     first: int = 0,
     faults: int = 3,
+    jobs: int = 1,
+    budget: float | None = None,
     verbose: bool = False,
-    progress: Callable[[int, Figures], None] | None = None,
+    progress: Callable[[int, Figures, Figures], None] | None = None,
 ) -> Figures:
-    """Episodes ``first`` .. ``first + episodes - 1`` of run ``seed``; the figures of all."""
+    """Episodes ``first`` .. ``first + episodes - 1`` of run ``seed``, ``jobs`` at a time (each
+    its own cluster); the figures of all. None starts once ``budget`` seconds have passed."""
     total = Figures()
-    for i in range(first, first + episodes):
+    lock = threading.Lock()
+    deadline = None if budget is None else time.monotonic() + budget
+
+    def one(i: int) -> None:
+        if deadline is not None and time.monotonic() > deadline:
+            return
         figures = Episode(f"{seed}:{i}", faults, verbose).run()
-        total.add(figures)
-        if progress is not None:
-            progress(i, figures)
+        with lock:
+            total.add(figures)
+            if progress is not None:
+                progress(i, figures, total)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
+        for future in [pool.submit(one, i) for i in range(first, first + episodes)]:
+            future.result()
     return total
 
 
@@ -415,7 +431,7 @@ def table(figures: Figures) -> str:
         ("forgotten", figures.forgotten),
         ("forgotten that came back", figures.forgotten_back),
         ("left out (outcome unknown)", figures.uncertain),
-        ("seconds", f"{figures.seconds:.0f}"),
+        ("episode seconds, summed", f"{figures.seconds:.0f}"),
     ]
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
@@ -427,29 +443,50 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--first", type=int, default=0, help="index of the first episode")
     parser.add_argument("--faults", type=int, default=3, help="faults per episode")
-    parser.add_argument("--json", help="write the figures here")
+    parser.add_argument("--jobs", type=int, default=1, help="episodes at a time")
+    parser.add_argument(
+        "--minutes",
+        type=float,
+        help="start no episode after this long (the table says how many ran)",
+    )
+    parser.add_argument("--json", help="write the figures here (rewritten after each episode)")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
 
-    def progress(i: int, figures: Figures) -> None:
+    began = time.monotonic()
+
+    def save(figures: Figures) -> None:
+        if args.json:
+            with open(args.json, "w") as out:
+                figures_json = figures.as_dict()
+                wall = time.monotonic() - began
+                json.dump(
+                    {"seed": args.seed, "first": args.first, "wall_seconds": wall, **figures_json},
+                    out,
+                    indent=2,
+                )
+
+    def progress(i: int, figures: Figures, total: Figures) -> None:
         status = "ok" if figures.ok else "FAILED"
         kinds = ",".join(sorted(figures.faults.elements()))
         print(f"episode {args.seed}:{i} {status} {figures.seconds:.1f}s [{kinds}]", flush=True)
         for failure in figures.failures:
             print(f"  {failure}", flush=True)
+        save(total)
 
     figures = run(
         args.episodes,
         args.seed,
         first=args.first,
         faults=args.faults,
+        jobs=args.jobs,
+        budget=None if args.minutes is None else args.minutes * 60,
         verbose=args.verbose,
         progress=progress,
     )
     print(table(figures))
-    if args.json:
-        with open(args.json, "w") as out:
-            json.dump({"seed": args.seed, "first": args.first, **figures.as_dict()}, out, indent=2)
+    print(f"wall seconds: {time.monotonic() - began:.0f}, {args.jobs} at a time")
+    save(figures)
     return 0 if figures.ok else 1
 
 

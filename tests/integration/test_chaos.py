@@ -43,3 +43,23 @@ def test_the_check_catches_a_silent_loss_and_a_forgotten_key_back() -> None:
     assert (figures.really_lost, figures.reported_lost, figures.lost_wrongly) == (1, 1, 1)
     assert figures.forgotten_back == 1
     assert not figures.ok
+
+
+@pytest.mark.timeout(120)
+def test_an_agent_sigtermed_just_after_the_amm_restarted_still_drains() -> None:
+    """Found by the chaos run: between an AMM's restart and the agent's next registration, a
+    SIGTERM gave up the drain at once ("not registered") and lost every key held only there.
+    The drain now waits for the registration, within its grace."""
+    episode = Episode("drain-after-restart", ())
+    with episode.cluster() as cluster, Client(cluster.address, timeout=10) as client:
+        victim = cluster.workers[0]
+        for i in range(5):
+            key, value = f"unique-{i}", bytes([i]) * 20_000
+            client.put(key, value, workers=victim)
+            episode.values[key] = value
+        cluster.restart_service(signal.SIGKILL)
+        assert cluster.stop_worker(victim, signal.SIGTERM, timeout=15) == 0
+        episode.check(cluster, client, within=15)
+    figures = episode.figures
+    assert figures.failures == []
+    assert (figures.readable, figures.really_lost) == (5, 0)
