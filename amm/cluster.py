@@ -20,6 +20,9 @@ Stopping sends SIGINT to the agents first (so they unregister while the AMM stil
 SIGTERM, which would have each drain its keys into the others, all on their way out too), then
 SIGTERM to the AMM, and SIGKILLs whatever outlives the deadline, or whatever is left if the stop
 itself is interrupted. ``stop_worker`` sends SIGTERM by default: one agent leaving drains first.
+For fault injection (``benchmarks/chaos.py``), ``add_worker(listen=...)`` restarts an agent on
+the address it had, and ``restart_service`` kills the AMM and starts it again on its address,
+from its ``state`` file.
 Children get their own session, so a terminal's Ctrl-C reaches only the owner, which then stops
 them in that order; should the owner die without stopping them (``kill -9``, a closed terminal),
 each stops by itself once its lifeline, a pipe only the owner writes to, reads end-of-file
@@ -350,9 +353,11 @@ class LocalCluster:
             argv += ["--dashboard-listen", dashboard]
         #: The dashboard's ``host:port`` once serving (``dashboard`` asked for one), else None.
         self.dashboard: str | None = None
+        #: The service's arguments, ``--listen`` first: a restart binds the same address.
+        self._service_argv = [*argv, *service_args]
         try:
             deadline = time.monotonic() + timeout
-            service = self._spawn("amm-service", SERVICE_MODULE, [*argv, *service_args])
+            service = self._spawn("amm-service", SERVICE_MODULE, self._service_argv)
             self._service.append(service)
             self.address = service.wait_ready(deadline)
             self.dashboard = (service.ready or {}).get("dashboard")
@@ -370,6 +375,15 @@ class LocalCluster:
         return self._service[0].popen.pid
 
     @property
+    def worker_pids(self) -> dict[str, int]:
+        """Process ids of the running agents by address, to measure their memory."""
+        return {
+            agent.address: agent.popen.pid
+            for agent in self._agents
+            if agent.ready is not None and agent.popen.poll() is None
+        }
+
+    @property
     def workers(self) -> list[str]:
         """Addresses of the running agents, in start order (not those that exited, such as an
         agent the AMM retired and closed)."""
@@ -385,7 +399,7 @@ class LocalCluster:
         env = {**self._env, **self._lifeline.child_env()}
         return LocalProcess(name, argv, prefix, env, self._echo, self._lifeline.fds)
 
-    def _start_agents(self, n: int, deadline: float) -> list[str]:
+    def _start_agents(self, n: int, deadline: float, listen: str = "127.0.0.1:0") -> list[str]:
         """Spawn ``n`` agents and wait until the AMM lists them.
 
         Each agent joins ``self._agents`` as soon as it is spawned, so that an interrupt or a
@@ -395,7 +409,7 @@ class LocalCluster:
         for _ in range(n):
             name = f"worker-{self._count}"
             self._count += 1
-            args = ["--amm", self.address, "--listen", "127.0.0.1:0", "--name", name]
+            args = ["--amm", self.address, "--listen", listen, "--name", name]
             if self.security is not None:
                 identity = self._identity(name)
                 args += ["--tls", str(self.security.directory), "--tls-identity", identity]
@@ -440,10 +454,32 @@ class LocalCluster:
         if not self._finalizer.alive:
             raise ClusterError("the cluster is stopped")
 
-    def add_worker(self) -> str:
-        """Start one more agent and return its address once the AMM lists it."""
+    def add_worker(self, listen: str = "127.0.0.1:0") -> str:
+        """Start one more agent and return its address once the AMM lists it; ``listen`` the
+        address of an agent stopped before, to restart it there (empty, a new incarnation)."""
         self._check_alive()
-        return self._start_agents(1, time.monotonic() + self.timeout)[0]
+        return self._start_agents(1, time.monotonic() + self.timeout, listen)[0]
+
+    def restart_service(self, sig: int = signal.SIGKILL) -> int:
+        """Send ``sig`` to the AMM, wait for it to exit, start it again on the same address with
+        the same arguments (a ``state`` file carries its state over); its exit code.
+
+        The agents keep running and take their epochs from the AMM at this address only, so
+        they must find the new one here, not elsewhere.
+        """
+        self._check_alive()
+        old = self._service[0]
+        old.signal(sig)
+        code = old.wait(self.stop_timeout)
+        argv = list(self._service_argv)
+        argv[1] = self.address
+        new = self._spawn("amm-service", SERVICE_MODULE, argv)
+        self._service[0] = new
+        address = new.wait_ready(time.monotonic() + self.timeout)
+        if address != self.address:
+            raise ClusterError(f"the AMM restarted on {address}, not {self.address}")
+        self.dashboard = (new.ready or {}).get("dashboard")
+        return code
 
     def wait_for_workers(self, addresses: Sequence[str], timeout: float) -> None:
         """Block until the AMM lists every address in ``addresses`` as registered, and has

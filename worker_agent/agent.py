@@ -150,6 +150,9 @@ class Agent:
         self._amm_channel: grpc.aio.Channel | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._registered = False
+        #: Set while registered: a drain begun between an AMM's restart and the re-registration
+        #: waits for it rather than give up on what only this worker holds.
+        self._registration = asyncio.Event()
         self._started = False
         self._stopping: asyncio.Task[None] | None = None
         #: Set once the agent has stopped, whoever stopped it (``stop`` or a ``Close`` call).
@@ -263,21 +266,28 @@ class Agent:
         if self._amm is None or grace <= 0:
             log.warning("stopping without draining: %d key(s) held here", held)
             return False
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         if not self._registered:
-            log.warning(
-                "not registered with %s: cannot drain; the %d key(s) held here that exist "
-                "nowhere else are lost",
-                self.config.amm,
-                held,
-            )
-            return False
+            # Say the AMM just restarted: registering again takes a retry or two. Half the
+            # grace at most, so that the AMM keeps the other half to copy.
+            try:
+                async with asyncio.timeout(grace / 2):
+                    await self._registration.wait()
+            except TimeoutError:
+                log.warning(
+                    "not registered with %s: cannot drain; the %d key(s) held here that exist "
+                    "nowhere else are lost",
+                    self.config.amm,
+                    held,
+                )
+                return False
+            grace -= loop.time() - started
         # The AMM answers a little before our deadline, with what it knows then.
         limit = grace - min(2.0, grace / 4)
         log.info(
             "draining: asking %s to copy what only this worker holds elsewhere", self.config.amm
         )
-        loop = asyncio.get_running_loop()
-        started = loop.time()
         try:
             answer = await self._amm.DrainWorker(
                 control_pb2.DrainWorkerRequest(address=self.address, timeout=_duration(limit)),
@@ -391,6 +401,7 @@ class Agent:
                 )
             except grpc.aio.AioRpcError as err:
                 self._registered = False
+                self._registration.clear()
                 now = loop.time()
                 warn = attempts in (1, 10) or (
                     attempts > 10 and now - warned_at >= self.config.register_warning_interval
@@ -415,6 +426,7 @@ class Agent:
                 await asyncio.sleep(self.config.register_backoff_max)
                 continue
             self._registered = True
+            self._registration.set()
             attempts, delay = 0, 0.1
             if response.epoch != epoch:
                 log.info("registered with %s (epoch %d)", self.config.amm, response.epoch)

@@ -1,0 +1,214 @@
+"""Churn for a while, forget everything, settle: has the AMM or an agent kept memory it should not?
+
+A ``LocalCluster`` (an AMM and ``--workers`` agents) is churned for ``--minutes``: each round
+puts ``--batch`` keys on random workers, gives half of them a goal of two copies, reads some
+through other workers (which makes replicas), and forgets the keys of the round ``--window``
+rounds back. The resident memory (RSS) of every process is taken
+
+1. at start: once the cluster is up and has been through a full window of rounds, then a forget
+   of all and a settle: the working set was reached once, so the start figure includes what the
+   allocators keep after a peak (``cold`` is before any data: that gap is not a leak);
+2. during the churn: the peak;
+3. at the end: after a forget of everything, once the agents hold nothing, and ``--settle``
+   seconds of cycles after that.
+
+The goal is under 5% growth from start to end per process. Forgets leave tombstones (kept
+``--tombstone-ttl`` by the AMM), so those of the last rounds are still in the AMM at the end.
+
+    python benchmarks/soak.py --minutes 30 --json soak.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+
+from amm.client import Client
+from amm.cluster import LocalCluster
+from amm.errors import AmmError
+
+
+def rss(pid: int) -> int:
+    """Resident set size of ``pid`` in bytes (0 if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def sample(pids: dict[str, int]) -> dict[str, int]:
+    return {name: rss(pid) for name, pid in pids.items()}
+
+
+def wait_empty(client: Client, within: float) -> float:
+    """Seconds until the AMM (asking every agent afresh) sees no key anywhere."""
+    start = time.monotonic()
+    while time.monotonic() - start < within:
+        if not client.who_has(fresh=True):
+            return time.monotonic() - start
+        time.sleep(0.5)
+    raise SystemExit(f"keys still held {within:.0f}s after forgetting everything")
+
+
+class Churn:
+    def __init__(self, client: Client, workers: list[str], args: argparse.Namespace) -> None:
+        self.client = client
+        self.workers = workers
+        self.args = args
+        self.rng = random.Random(args.seed)
+        self.rounds: list[list[str]] = []
+        self.forgotten = 0  # rounds[:forgotten] are forgotten
+        self.counts = {"rounds": 0, "puts": 0, "bytes put": 0, "reads": 0, "forgets": 0}
+        self.errors = 0
+
+    def round(self) -> None:
+        """Put a batch, set goals on half, read some elsewhere, forget an old batch."""
+        n = len(self.rounds)
+        keys = [f"soak-{n}-{i}" for i in range(self.args.batch)]
+        for key in keys:
+            value = self.rng.randbytes(self.rng.randrange(1_000, self.args.max_value))
+            worker = self.rng.choice(self.workers)
+            self.call(functools.partial(self.client.put, key, value, workers=worker))
+            self.counts["puts"] += 1
+            self.counts["bytes put"] += len(value)
+        self.call(lambda: self.client.replicate(keys[: len(keys) // 2], n=2))
+        for key in self.rng.sample(keys, len(keys) // 4):
+            self.call(functools.partial(self.client.get, key, self.rng.choice(self.workers)))
+            self.counts["reads"] += 1
+        self.rounds.append(keys)
+        self.counts["rounds"] += 1
+        self.forget_upto(max(0, len(self.rounds) - self.args.window))
+
+    def forget_upto(self, end: int) -> None:
+        """Forget the rounds before ``end`` not forgotten yet."""
+        keys = [key for keys in self.rounds[self.forgotten : end] for key in keys]
+        self.forgotten = max(self.forgotten, end)
+        if keys:
+            self.call(lambda: self.client.forget(keys))
+            self.counts["forgets"] += len(keys)
+
+    def forget_all(self) -> None:
+        self.forget_upto(len(self.rounds))
+
+    def call(self, what: Callable[[], object]) -> None:
+        """``what()``; a failure is counted and printed, and the churn goes on."""
+        try:
+            what()
+        except AmmError as err:
+            self.errors += 1
+            print(f"  error: {err}", file=sys.stderr)
+
+
+def mib(n: int) -> str:
+    return f"{n / 2**20:.1f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--minutes", type=float, default=30.0)
+    parser.add_argument("--workers", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=40, help="keys put per round")
+    parser.add_argument("--window", type=int, default=5, help="rounds a key lives")
+    parser.add_argument("--max-value", type=int, default=200_000, help="bytes, at most")
+    parser.add_argument("--interval", default="200ms")
+    parser.add_argument("--tombstone-ttl", default="10m")
+    parser.add_argument("--settle", type=float, default=15.0, help="seconds of cycles at the end")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--json")
+    args = parser.parse_args(argv)
+
+    with (
+        tempfile.TemporaryDirectory(prefix="amm-soak-") as scratch,
+        LocalCluster(
+            args.workers,
+            interval=args.interval,
+            start=True,
+            state=os.path.join(scratch, "state.db"),
+            service_args=["--tombstone-ttl", args.tombstone_ttl],
+        ) as cluster,
+    ):
+        pids = {"amm": cluster.service_pid}
+        pids.update({f"agent {i}": pid for i, pid in enumerate(cluster.worker_pids.values())})
+        with Client(cluster.address, timeout=30) as client:
+            churn = Churn(client, cluster.workers, args)
+            cold = sample(pids)
+            for _ in range(args.window + 1):  # warm up: the working set, once
+                churn.round()
+            churn.forget_all()
+            wait_empty(client, 120)
+            time.sleep(args.settle)
+            start = sample(pids)
+            peak = dict(start)
+            began = time.monotonic()
+            next_report = began + 60
+            while time.monotonic() - began < args.minutes * 60:
+                churn.round()
+                now = sample(pids)
+                peak = {name: max(peak[name], now[name]) for name in pids}
+                if time.monotonic() >= next_report:
+                    next_report += 60
+                    minute = (time.monotonic() - began) / 60
+                    line = " ".join(f"{name}={mib(v)}" for name, v in now.items())
+                    print(f"{minute:5.1f} min  rounds={churn.counts['rounds']}  {line} MiB")
+            churned = time.monotonic() - began
+            churn.forget_all()
+            emptied = wait_empty(client, 300)
+            time.sleep(args.settle)
+            end = sample(pids)
+            exited = cluster.exited()
+    rows = []
+    for name in pids:
+        growth = (end[name] - start[name]) / start[name] * 100 if start[name] else 0.0
+        rows.append(
+            {
+                "process": name,
+                "cold_mib": cold[name] / 2**20,
+                "start_mib": start[name] / 2**20,
+                "peak_mib": peak[name] / 2**20,
+                "end_mib": end[name] / 2**20,
+                "growth_pct": growth,
+            }
+        )
+    print(
+        f"\nchurned {churned / 60:.1f} min: "
+        + ", ".join(f"{v} {k}" for k, v in churn.counts.items())
+        + f", {churn.errors} errors; empty {emptied:.1f}s after the last forget,"
+        f" then {args.settle:.0f}s of settling"
+    )
+    print(f"{'process':<10} {'cold':>8} {'start':>8} {'peak':>8} {'end':>8} {'growth':>8}  (MiB)")
+    for row in rows:
+        print(
+            f"{row['process']:<10} {row['cold_mib']:>8.1f} {row['start_mib']:>8.1f}"
+            f" {row['peak_mib']:>8.1f} {row['end_mib']:>8.1f} {row['growth_pct']:>7.1f}%"
+        )
+    if exited:
+        print(f"processes that exited: {exited}")
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump(
+                {
+                    "args": vars(args),
+                    "minutes": churned / 60,
+                    "counts": churn.counts,
+                    "errors": churn.errors,
+                    "rss": rows,
+                },
+                out,
+                indent=2,
+            )
+    return 0 if not exited and not churn.errors else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
