@@ -658,7 +658,8 @@ class Event(_message.Message):
     """What kind of event: "worker-stale", "worker-dead", "worker-unregistered", "key-lost",
     "key-recovered", "keys-forgotten", "goal-set", "goal-removed", "goal-lost", "retire-started",
     "retired", "retire-abandoned", "pause-to-retire", "pause-to-retire-declined",
-    "startup-grace-ended", "epoch-fenced"; readers must accept kinds added later.
+    "startup-grace-ended", "epoch-fenced", "directives-refused" (one per cycle whose directives
+    agents refused or failed, counted by reason); readers must accept kinds added later.
     """
     worker: _builtins.str
     """The worker concerned, if any."""

@@ -9,6 +9,7 @@ directives, so a record counts their outcomes and keeps each one in detail only 
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -62,6 +63,17 @@ class CycleRecord:
     failed: int = 0
     timed_out: int = 0
     """Directives that will get no outcome (expired, or their worker left)."""
+    not_applied: Counter[str] = field(default_factory=Counter)
+    """Refused or failed outcomes by (lowercase) reason, for the cycle's ``directives-refused``
+    event."""
+    refusers: set[WorkerId] = field(default_factory=set)
+    """The workers that refused or failed any of this cycle's directives."""
+    refused_keys: list[str] = field(default_factory=list)
+    """The first keys refused or failed (as many as an event lists)."""
+    all_sent: bool = False
+    """The cycle has sent all its directives: once they are all settled, its outcomes are
+    final."""
+    refusals_reported: bool = False
     _settled: asyncio.Event | None = None
 
     def planned(self, plan: Plan) -> None:

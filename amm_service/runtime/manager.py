@@ -108,8 +108,13 @@ class ActiveMemoryManager:
         self._monotonic = monotonic
         self.state = ClusterState(track_changes=True)
         self.ledger = Ledger()
+        self.events = EventLog(clock=clock)
         self.outcomes = Outcomes(
-            self.state, self.ledger, max_refusals=config.max_refusals_kept, clock=clock
+            self.state,
+            self.ledger,
+            max_refusals=config.max_refusals_kept,
+            clock=clock,
+            events=self.events,
         )
         self._links = AgentLinks(security)
         self.tombstones = TombstoneBook(store, ttl=config.tombstone_ttl, clock=clock)
@@ -136,7 +141,6 @@ class ActiveMemoryManager:
         self.cycle_stats = CycleStats()
         #: One sample per cycle run, for the dashboard; kept only when it is served.
         self.history = History() if config.dashboard_listen else None
-        self.events = EventLog(clock=clock)
         #: The events pushed to watchers (``WatchEvents``).
         self.event_feed = EventFeed(self.events)
         self.goals = GoalBook(store)
@@ -472,6 +476,7 @@ class ActiveMemoryManager:
         started_sending = time.perf_counter()
         await self._send(record, [*ready, *plan.directives[released:]])
         sending += time.perf_counter() - started_sending
+        self.outcomes.all_sent(record)
         for error in plan.policy_errors:
             log.error("%s", error)
         await self.retirement_driver.supervise(view, plan)

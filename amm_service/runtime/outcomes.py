@@ -5,7 +5,9 @@ the record of the cycle that sent it (which releases a ``RunOnce(wait=True)`` ca
 directive of the cycle has one), and is kept as a refusal when the agent did not apply it. A
 directive that will never be answered (it expired in the ledger, or its worker left or
 restarted) is given up on in its record the same way, so no caller waits for the directive
-timeout in vain.
+timeout in vain. Once a cycle's directives are all settled (or its record is no longer kept), a
+cycle with refusals records one ``directives-refused`` event summing them up by reason: one per
+cycle, not one per refusal, which would flood the event log.
 
 Only the most recent cycles' records are filled in. Not covered: sending (``dispatcher``), what
 is in flight (``pending``), and how long to wait (the manager's ``run_cycle``).
@@ -19,6 +21,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from amm_service.decisions.directive import Directive, Op, Outcome, OutcomeStatus
+from amm_service.decisions.events import MAX_KEYS_LISTED, EventLog
 from amm_service.decisions.pending import Entry, Ledger
 from amm_service.decisions.view import ClusterState, WorkerId
 from amm_service.runtime.cycle import CycleRecord
@@ -75,10 +78,12 @@ class Outcomes:
         *,
         max_refusals: int,
         clock: Callable[[], float],
+        events: EventLog | None = None,
     ) -> None:
         self._state = state
         self._ledger = ledger
         self._clock = clock
+        self._events = events
         self._records: dict[int, CycleRecord] = {}
         self.refusals: deque[Refusal] = deque(maxlen=max_refusals)
         """The most recent directives refused or failed, newest first."""
@@ -88,8 +93,15 @@ class Outcomes:
         """Fill in ``record`` as its directives' outcomes arrive (while it is recent)."""
         self._records[record.number] = record
         while len(self._records) > RECORDS_KEPT:
-            oldest = min(self._records)
-            self._records.pop(oldest).release()
+            oldest = self._records.pop(min(self._records))
+            self._report_refusals(oldest)  # later outcomes are not counted in it anyway
+            oldest.release()
+
+    def all_sent(self, record: CycleRecord) -> None:
+        """``record``'s cycle has sent every directive it will: once all are settled, its
+        refusals are reported."""
+        record.all_sent = True
+        self._report_if_settled(record)
 
     async def wait(self, record: CycleRecord, limit: float) -> None:
         """Until every directive of ``record`` has an outcome, or ``limit`` seconds."""
@@ -102,6 +114,7 @@ class Outcomes:
         settle, records, totals = self._ledger.settle, self._records, self.totals
         by_outcome = totals.by_outcome
         refused: list[tuple[Directive, Outcome]] = []
+        touched: dict[int, CycleRecord] = {}
         for outcome in outcomes:
             entry = settle(outcome)
             if entry is None:
@@ -117,10 +130,40 @@ class Outcomes:
             record = records.get(entry.cycle)
             if record is not None:
                 record.settle(outcome)
+                touched[record.number] = record
             if status is not OutcomeStatus.APPLIED:
                 refused.append((entry.directive, outcome))
+                if record is not None:
+                    record.not_applied[outcome.reason.lower() or "unspecified"] += 1
+                    record.refusers.add(worker)
+                    if len(record.refused_keys) < MAX_KEYS_LISTED:
+                        record.refused_keys.append(entry.directive.key)
         if refused:
             self._refused(worker, refused)
+        for record in touched.values():
+            self._report_if_settled(record)
+
+    def _report_if_settled(self, record: CycleRecord) -> None:
+        if record.all_sent and record.unsettled == 0:
+            self._report_refusals(record)
+
+    def _report_refusals(self, record: CycleRecord) -> None:
+        """The ``directives-refused`` event of ``record``'s cycle, once, if it had refusals."""
+        if record.refusals_reported or not record.not_applied or self._events is None:
+            return
+        record.refusals_reported = True
+        counts = ", ".join(f"{reason} {n}" for reason, n in record.not_applied.most_common())
+        tally = ((record.refused, "refused"), (record.failed, "failed"))
+        what = ", ".join(f"{n} {status}" for n, status in tally if n)
+        workers = record.refusers
+        worker = next(iter(workers)) if len(workers) == 1 else ""
+        where = "" if worker else f" by {len(workers)} workers"
+        self._events.record(
+            "directives-refused",
+            f"cycle {record.number}: {what}{where}: {counts}",
+            worker=worker,
+            keys=record.refused_keys,
+        )
 
     def _refused(self, worker: WorkerId, refused: list[tuple[Directive, Outcome]]) -> None:
         """Keep the refusals; log one line per kind (thousands of drops of a batch may be
@@ -161,11 +204,15 @@ class Outcomes:
     def _settle_lost(self, entries: list[Entry]) -> None:
         self.totals.failed += len(entries)
         by_outcome = self.totals.by_outcome
+        touched: dict[int, CycleRecord] = {}
         for entry in entries:
             by_outcome[entry.directive.op, OutcomeStatus.FAILED, UNANSWERED] += 1
             record = self._records.get(entry.cycle)
             if record is not None:
                 record.give_up(entry.directive.id)
+                touched[record.number] = record
+        for record in touched.values():
+            self._report_if_settled(record)
 
     def close(self) -> None:
         """Release every waiter: the AMM is shutting down."""

@@ -11,8 +11,10 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import pytest
 
+from amm import AsyncClient
 from amm.base.checksum import checksum
 from amm.base.serving import CHANNEL_OPTIONS
+from amm.models import Event
 from amm.v1 import agent_pb2, control_pb2, control_pb2_grpc, types_pb2
 from amm_service.api.server import AmmServer
 from amm_service.runtime.state import FIRST_EPOCHS, StateStore
@@ -112,6 +114,43 @@ async def test_keys_pinned_on_several_workers_keep_those_replicas(tmp_path: Path
 
         # The worker that kept x for the first drop refuses to drop it until its lease ends.
         await wait_for(cycle_then_holders, lambda hs: hs == {c.addresses[0]}, within=5.0)
+
+
+async def test_a_cycle_with_refused_drops_records_one_directives_refused_event(
+    tmp_path: Path,
+) -> None:
+    """Two drops refused (each key is being read on every holder, which polls do not show) make
+    one event for their cycle, counted by reason, in WatchEvents and GetStatus alike; a cycle
+    whose drops are applied makes none."""
+    async with cluster(tmp_path, 2) as c:
+        keys = [StoreKey("a"), StoreKey("b")]
+        for key in keys:
+            await c.spread(key)
+            for agent in c.agents:
+                agent.store.begin_use(key)  # a streaming read: drops refused IN_USE
+        report = await c.run_once()
+        assert (report.directives_sent, report.refused) == (2, 2)
+
+        async with AsyncClient(c.amm.address, timeout=20) as client:
+
+            async def refused_events() -> list[Event]:
+                return [e async for e in client.events(kinds="directives-refused")]  # type: ignore[misc]
+
+            (event,) = await wait_for(refused_events, lambda es: len(es) == 1, within=10.0)
+            assert event.message.startswith(f"cycle {report.number}: 2 refused")
+            assert event.message.endswith(": in_use 2")
+            assert event.keys == ("a", "b")
+            assert event.worker in {"", *c.addresses}
+            assert ("by 2 workers" in event.message) == (event.worker == "")
+            status = await client.status()
+            assert [e for e in status.recent_events if e.kind == "directives-refused"] == [event]
+
+            for key in keys:
+                for agent in c.agents:
+                    agent.store.end_use(key)
+            applied = await c.run_once()
+            assert (applied.directives_sent, applied.applied) == (2, 2)
+            assert await refused_events() == [event]
 
 
 async def test_back_to_back_cycles_never_drop_more_than_the_excess(tmp_path: Path) -> None:
