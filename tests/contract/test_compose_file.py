@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 import yaml
+from cryptography import x509
 
 from amm.base.security import Identity, Role
 from amm.base.security.certs import certificate_identity, load_certificate
@@ -72,7 +73,11 @@ def test_a_compose_cli_accepts_the_file() -> None:
     if cli is None:
         pytest.skip("no compose CLI (docker compose or docker-compose) is installed")
     result = subprocess.run(
-        [*cli, "--file", str(COMPOSE_FILE), "--profile", "demo", "config", "--quiet"],
+        [
+            *cli,
+            *("--file", str(COMPOSE_FILE), "--profile", "demo", "--profile", "monitoring"),
+            *("config", "--quiet"),
+        ],
         capture_output=True,
         text=True,
         timeout=60,
@@ -158,14 +163,15 @@ def test_every_service_builds_the_one_image_with_the_dockerfiles_arguments() -> 
     args = dockerfile_args(DOCKERFILE)
     assert args["BASE_IMAGE"] == "python:3.11-slim"
     assert args["WHEELHOUSE"] == "wheels"
-    builds = [service(name)["build"] for name in compose()["services"]]
+    project = [name for name in compose()["services"] if name != "prometheus"]
+    builds = [service(name)["build"] for name in project]
     assert all(build == builds[0] for build in builds)
     assert builds[0]["context"] == "."
     assert {name: default_of(value) for name, value in builds[0]["args"].items()} == {
         "BASE_IMAGE": args["BASE_IMAGE"],
         "WHEELHOUSE": args["WHEELHOUSE"],
     }
-    assert len({service(name)["image"] for name in compose()["services"]}) == 1
+    assert len({service(name)["image"] for name in project}) == 1
 
 
 def test_the_dockerfile_runs_unprivileged_stops_on_sigterm_and_ships_the_traces() -> None:
@@ -248,7 +254,7 @@ def test_a_one_shot_service_makes_the_certificates_before_any_server_starts() ->
     assert mounts("worker")["/certs"] == "certs:ro"
     # The CA's key is in volume `ca`, which no server mounts.
     assert {name for name in compose()["services"] if "/ca" in mounts(name)} == {"certs"}
-    assert set(compose()["volumes"]) == {"amm-state", "ca", "certs"}
+    assert set(compose()["volumes"]) == {"amm-state", "ca", "certs", "prometheus-data"}
     assert service("amm")["depends_on"]["certs"]["condition"] == "service_completed_successfully"
     dockerfile = DOCKERFILE.read_text()
     assert "COPY docker/certs.sh /usr/local/bin/amm-compose-certs" in dockerfile
@@ -267,7 +273,8 @@ def test_every_server_runs_on_mutual_tls_and_only_the_amm_is_published() -> None
     # The health probes present the server's own identity (health is open, the handshake not).
     assert (amm["AMM_TLS"], amm["AMM_IDENTITY"]) == ("/certs", "amm")
     assert (worker["AMM_TLS"], worker["AMM_IDENTITY"]) == ("/certs", "agent")
-    assert {name for name, s in compose()["services"].items() if "ports" in s} == {"amm"}
+    published = {name for name, s in compose()["services"].items() if "ports" in s}
+    assert published == {"amm", "prometheus"}, "prometheus under its profile only"
     demo = service("demo")
     assert demo["environment"]["AMM_TLS"] == "/client"
     source, options = mounts("demo")["/client"].rsplit(":", 1)
@@ -314,3 +321,88 @@ def test_the_certificate_script_hands_each_side_only_its_own(tmp_path: Path) -> 
     amm_cert = load_certificate(folders["servers"] / "amm.pem")
     assert certificate_identity(amm_cert) == Identity(Role.AMM, "amm")
     assert (folders["servers"] / "ca.pem").read_bytes() == (folders["ca"] / "ca.pem").read_bytes()
+
+
+PROMETHEUS_CONFIG = ROOT / "docker" / "prometheus.yml"
+PROMETHEUS_DOCKERFILE = ROOT / "docker" / "prometheus.Dockerfile"
+
+
+def test_prometheus_runs_only_under_its_profile_built_here_on_loopback() -> None:
+    """Not part of the default ``up``; built from Debian's package on the project's base image
+    (nothing else pulled); its UI, which has no authentication, on the host's loopback only."""
+    prometheus = service("prometheus")
+    assert prometheus["profiles"] == ["monitoring"]
+    assert "profiles" not in service("amm")
+    assert "profiles" not in service("worker")
+    build = prometheus["build"]
+    assert (ROOT / build["context"] / build["dockerfile"]) == PROMETHEUS_DOCKERFILE
+    base = dockerfile_args(DOCKERFILE)["BASE_IMAGE"]
+    assert default_of(build["args"]["BASE_IMAGE"]) == base
+    assert dockerfile_args(PROMETHEUS_DOCKERFILE)["BASE_IMAGE"] == base
+    text = PROMETHEUS_DOCKERFILE.read_text()
+    assert re.findall(r"^FROM (.*)$", text, flags=re.MULTILINE) == ["${BASE_IMAGE}"]
+    assert "apt-get install -y --no-install-recommends prometheus" in text
+    assert re.search(r"^USER amm$", text, flags=re.MULTILINE), "uid 10001 reads the certs volume"
+    assert "--uid 10001" in text
+    assert "--uid 10001" in DOCKERFILE.read_text()
+    (port,) = prometheus["ports"]
+    published = re.fullmatch(r"127\.0\.0\.1:(\$\{[^}]+\}):9090", port)
+    assert published, port
+    assert default_of(published.group(1)) == "9090"
+    found = mounts("prometheus")
+    assert found["/certs"] == "certs:ro"
+    assert found["/prometheus"] == "prometheus-data"
+    config_source, options = found["/etc/amm/prometheus.yml"].rsplit(":", 1)
+    assert (ROOT / config_source) == PROMETHEUS_CONFIG
+    assert options == "ro"
+    assert "--config.file=/etc/amm/prometheus.yml" in text
+
+
+def test_prometheus_scrapes_the_amm_and_every_agent_over_mutual_tls() -> None:
+    """Both jobs on the ports the servers' metrics listen on, over HTTPS with a client
+    certificate the certs service publishes into volume ``certs``, checking each server by a
+    name its certificate carries (agents are found at their IPs, which none lists)."""
+    config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    assert set(jobs) == {"amm", "amm-agents"}
+    amm_port = service("amm")["environment"]["AMM_METRICS_LISTEN"].rsplit(":", 1)[1]
+    worker_port = service("worker")["environment"]["AMM_AGENT_METRICS_LISTEN"].rsplit(":", 1)[1]
+    assert jobs["amm"]["static_configs"] == [{"targets": [f"amm:{amm_port}"]}]
+    (sd,) = jobs["amm-agents"]["dns_sd_configs"]
+    assert (sd["names"], sd["type"], sd["port"]) == (["worker"], "A", int(worker_port))
+    published = {"ca.pem", "amm.pem", "amm-key.pem", "agent.pem", "agent-key.pem"}
+    names = {"amm": Role.AMM.server_name, "amm-agents": Role.AGENT.server_name}
+    for name, job in jobs.items():
+        assert job["scheme"] == "https", name
+        tls = job["tls_config"]
+        for field in ("ca_file", "cert_file", "key_file"):
+            folder, file = tls[field].rsplit("/", 1)
+            assert (folder, file in published) == ("/certs", True), (name, field)
+        assert tls["server_name"] == names[name], name
+        assert "insecure_skip_verify" not in tls
+
+
+def test_the_servers_certificates_carry_the_names_prometheus_checks(tmp_path: Path) -> None:
+    amm_command = shutil.which("amm", path=str(Path(sys.executable).parent))
+    assert amm_command is not None
+    sans = service("certs")["command"][1:]
+    subprocess.run(
+        [amm_command, "certs", "init", str(tmp_path), *sans],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
+    for job, identity in (("amm", "amm"), ("amm-agents", "agent")):
+        (tls,) = [j["tls_config"] for j in config["scrape_configs"] if j["job_name"] == job]
+        cert = x509.load_pem_x509_certificate((tmp_path / f"{identity}.pem").read_bytes())
+        dns = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        assert tls["server_name"] in dns.get_values_for_type(x509.DNSName), job
+
+
+def test_the_readme_says_how_to_start_and_open_prometheus() -> None:
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Run the cluster with docker compose") :]
+    section = section[: section.index("\n## ", 1)]
+    assert "docker compose --profile monitoring up -d" in section
+    assert "http://127.0.0.1:9090" in section
