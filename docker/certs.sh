@@ -6,7 +6,8 @@
 # run of the service then publishes from it (`amm certs publish`, each file replaced atomically,
 # so running servers pick up rotations and revocations):
 #   /certs  (volume `certs`, read-only in the AMM and the agents): ca.pem, tokens, revoked and
-#           the amm and agent identities, owned by amm; never the CA's key nor an operator's;
+#           the amm and agent identities, and the reader's (for Prometheus, which needs no
+#           more), owned by amm; never the CA's key nor an operator's;
 #   /client (./certs on the host): ca.pem and the operator and reader identities, given to that
 #           folder's owner, for grpcurl, `AMM_TLS=certs amm ...` and the demo.
 # Arguments go to `amm certs init` the first time (the --san names the AMM is reached by).
@@ -22,5 +23,5 @@ if [ ! -f "$ca/ca.pem" ]; then
 fi
 owner="$(id -u "$user"):$(id -g "$user")"
 chown -R "$owner" "$ca"
-amm certs publish "$ca" "$servers" --role amm --role agent --owner "$owner"
+amm certs publish "$ca" "$servers" --role amm --role agent --role reader --owner "$owner"
 amm certs publish "$ca" "$clients" --role operator --role reader --owner "$(stat -c %u:%g "$clients")"

@@ -314,7 +314,16 @@ def test_the_certificate_script_hands_each_side_only_its_own(tmp_path: Path) -> 
         )
         assert result.returncode == 0, result.stderr
     servers = {p.name for p in folders["servers"].iterdir()}
-    assert servers == {"ca.pem", "amm.pem", "amm-key.pem", "agent.pem", "agent-key.pem"}
+    # The reader's too: Prometheus scrapes with it, and it can steer nothing.
+    assert servers == {
+        "ca.pem",
+        "amm.pem",
+        "amm-key.pem",
+        "agent.pem",
+        "agent-key.pem",
+        "reader.pem",
+        "reader-key.pem",
+    }
     clients = {p.name for p in folders["clients"].iterdir()}
     assert clients == {"ca.pem", "operator.pem", "operator-key.pem", "reader.pem", "reader-key.pem"}
     assert (folders["ca"] / "ca-key.pem").exists()
@@ -370,7 +379,7 @@ def test_prometheus_scrapes_the_amm_and_every_agent_over_mutual_tls() -> None:
     assert jobs["amm"]["static_configs"] == [{"targets": [f"amm:{amm_port}"]}]
     (sd,) = jobs["amm-agents"]["dns_sd_configs"]
     assert (sd["names"], sd["type"], sd["port"]) == (["worker"], "A", int(worker_port))
-    published = {"ca.pem", "amm.pem", "amm-key.pem", "agent.pem", "agent-key.pem"}
+    published = {"ca.pem", "reader.pem", "reader-key.pem"}  # the least it needs: a reader
     names = {"amm": Role.AMM.server_name, "amm-agents": Role.AGENT.server_name}
     for name, job in jobs.items():
         assert job["scheme"] == "https", name
