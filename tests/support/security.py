@@ -143,7 +143,37 @@ async def invoke(
     response_streaming: bool = False,
     deadline: float = 10.0,
 ) -> bytes:
-    """Call one raw-bytes method of the kind given and return its (first) answer."""
+    """Call one raw-bytes method of the kind given and return its (first) answer.
+
+    A request stream's message may still be on its way when the server refuses the call, and
+    grpc.aio then reports INTERNAL "Internal error from Core" instead of the server's status
+    (grpc/grpc#36066): such a call is made again, at most twice, so that the status asserted is
+    the server's.
+    """
+    for _ in range(2):
+        try:
+            return await _invoke(
+                ch, service, method, request_streaming, response_streaming, deadline
+            )
+        except grpc.aio.AioRpcError as err:
+            lost = err.code() == grpc.StatusCode.INTERNAL and err.details() == CORE_INTERNAL
+            if not (request_streaming and lost):
+                raise
+    return await _invoke(ch, service, method, request_streaming, response_streaming, deadline)
+
+
+#: What grpc.aio reports when a request stream's write loses the race with the server's answer.
+CORE_INTERNAL = "Internal error from Core"
+
+
+async def _invoke(
+    ch: grpc.aio.Channel,
+    service: str,
+    method: str,
+    request_streaming: bool,
+    response_streaming: bool,
+    deadline: float,
+) -> bytes:
     name = full_name(service, method)
     raw: dict[str, Any] = {"request_serializer": None, "response_deserializer": None}
     if request_streaming and response_streaming:
