@@ -30,15 +30,15 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from amm.base import lifeline
 from amm.base.security import Security, SecurityError
 from amm.base.security.certs import cert_path
 from amm.base.security.credentials import ENV_TLS
 from amm.base.security.identity import SHARED_AGENT_NAME
+from amm.base.serving import handle_stop_signals
 from amm.base.units import parse_duration, parse_size
 from worker_agent.agent import Agent
 from worker_agent.config import DEFAULT_MAX_LEASE, DEFAULT_PAUSE_FRACTION, AgentConfig
@@ -219,27 +219,13 @@ class _Signals:
     def launcher_gone(self) -> None:
         """The launcher died without stopping us (``amm.base.lifeline``): its whole cluster is
         going, so there is nowhere to drain to."""
-        log.warning("the process that launched this one is gone: stopping")
         self.now.set()
         self.stop.set()
 
-    @contextlib.contextmanager
-    def installed(self) -> Iterator[None]:
+    def installed(self) -> contextlib.AbstractContextManager[None]:
         """Handle both signals while inside the block (containers run us as PID 1), whatever
         their inherited disposition, and a launcher that dies."""
-        loop = asyncio.get_running_loop()
-        installed = []
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.add_signal_handler(sig, self.received, sig)
-                installed.append(sig)
-        unwatch = lifeline.watch(self.launcher_gone)
-        try:
-            yield
-        finally:
-            unwatch()
-            for sig in installed:
-                loop.remove_signal_handler(sig)
+        return handle_stop_signals(self.received, self.launcher_gone)
 
 
 async def run(config: AgentConfig) -> int:

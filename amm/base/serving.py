@@ -199,7 +199,17 @@ def bound_address(listen: str, port: int) -> str:
 @contextlib.contextmanager
 def stop_on_signals(stop: asyncio.Event) -> Iterator[None]:
     """Set ``stop`` on SIGTERM or SIGINT while inside the block (containers run us as PID 1),
-    or once the launcher that started us is gone (``amm.base.lifeline``).
+    or once the launcher that started us is gone (``amm.base.lifeline``)."""
+    with handle_stop_signals(lambda _: stop.set(), stop.set):
+        yield
+
+
+@contextlib.contextmanager
+def handle_stop_signals(
+    on_signal: Callable[[signal.Signals], None], on_launcher_gone: Callable[[], None]
+) -> Iterator[None]:
+    """Call ``on_signal(sig)`` on SIGTERM or SIGINT while inside the block, and
+    ``on_launcher_gone()`` once the launcher that started us is gone (``amm.base.lifeline``).
 
     The handlers are installed whatever the signals' inherited disposition: a process started in
     the background by a non-interactive shell inherits SIGINT ignored, and would never stop on it.
@@ -208,17 +218,17 @@ def stop_on_signals(stop: asyncio.Event) -> Iterator[None]:
     installed = []
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, on_signal, sig)
             installed.append(sig)
-    unwatch = lifeline.watch(lambda: _launcher_gone(stop))
+
+    def launcher_gone() -> None:
+        log.warning("the process that launched this one is gone: stopping")
+        on_launcher_gone()
+
+    unwatch = lifeline.watch(launcher_gone)
     try:
         yield
     finally:
         unwatch()
         for sig in installed:
             loop.remove_signal_handler(sig)
-
-
-def _launcher_gone(stop: asyncio.Event) -> None:
-    log.warning("the process that launched this one is gone: stopping")
-    stop.set()
