@@ -48,6 +48,7 @@ def measure(n: int, repeat: int) -> dict[str, Any]:
             history.record(
                 at=float(cycle),
                 cycle=cycle,
+                running=True,
                 workers=views,
                 totals=totals,
                 rejected=0,
@@ -62,6 +63,7 @@ def measure(n: int, repeat: int) -> dict[str, Any]:
         history.record(
             at=float(cycle),
             cycle=cycle,
+            running=True,
             workers=views,
             totals=totals,
             rejected=0,

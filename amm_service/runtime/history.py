@@ -3,7 +3,11 @@
 One sample per cycle (not dry runs), taken at its end from what the AMM keeps anyway: each
 worker's memory (managed, process, limit) and status, the directive totals (so a sample holds
 what the cycle sent and what was refused since the previous one), keys, replicas, lost keys and
-goals. A ring buffer: the oldest samples go first, so memory stays bounded however long the AMM
+goals. While the AMM is stopped it samples too, after a round of polls every interval and with
+``running`` false (``manager``), so the memory chart covers the AMM's off periods as well: the
+seed's picture is memory with the AMM off against on.
+
+A ring buffer: the oldest samples go first, so memory stays bounded however long the AMM
 runs: ``maxlen`` samples (an hour and a half at the default 2 s interval), and fewer on a big
 cluster, so that the samples hold at most ``max_worker_samples`` worker figures (about 200 bytes
 each with its JSON: 20 MB; 100 cycles of 1,000 workers). Each sample is encoded as JSON once,
@@ -52,6 +56,9 @@ class Sample:
 
     at: float
     cycle: int
+    """The last cycle run when it was taken (a sample of a stopped AMM repeats it)."""
+    running: bool
+    """Whether the AMM was cycling: False for the polls of a stopped AMM (and its ``RunOnce``)."""
     workers: tuple[WorkerSample, ...]
     replicated: int
     """Replications sent since the previous sample (this cycle's, and overdue ones sent again)."""
@@ -72,6 +79,7 @@ class Sample:
         return {
             "at": self.at,
             "cycle": self.cycle,
+            "running": self.running,
             # One array per worker, in WORKER_FIELDS order: a tenth the size of objects.
             "workers": [
                 [w.name, w.address, w.managed, w.process, w.limit, w.status] for w in self.workers
@@ -106,6 +114,7 @@ class History:
         *,
         at: float,
         cycle: int,
+        running: bool,
         workers: Iterable[WorkerView],
         totals: Totals,
         rejected: int,
@@ -114,8 +123,9 @@ class History:
         lost: int,
         goals: tuple[int, int],
     ) -> Sample:
-        """Sample the end of cycle ``cycle``; the directive counts are ``totals`` less what
-        they were at the previous sample."""
+        """Sample the cluster after cycle ``cycle`` (or a stopped AMM's polls, ``running``
+        false); the directive counts are ``totals`` less what they were at the previous
+        sample."""
         seen = (totals.sent_by_op[Op.REPLICATE], totals.sent_by_op[Op.DROP])
         seen_all = (*seen, totals.refused + totals.failed)
         replicated, dropped, refused = (
@@ -125,6 +135,7 @@ class History:
         sample = Sample(
             at=at,
             cycle=cycle,
+            running=running,
             workers=tuple(
                 WorkerSample(
                     name=w.name,
@@ -173,6 +184,11 @@ class History:
             out.append(entry)
         out.reverse()
         return out
+
+    @property
+    def newest(self) -> float:
+        """When the newest sample was taken (wall clock); 0 when there is none."""
+        return self._samples[-1][0].at if self._samples else 0.0
 
     def __len__(self) -> int:
         return len(self._samples)

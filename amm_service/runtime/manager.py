@@ -139,8 +139,10 @@ class ActiveMemoryManager:
         self._last: CycleRecord | None = None
         #: Durations and counts of every cycle run (not dry runs), for the metrics.
         self.cycle_stats = CycleStats()
-        #: One sample per cycle run, for the dashboard; kept only when it is served.
+        #: One sample per cycle run (and per interval while stopped), for the dashboard; kept
+        #: only when it is served.
         self.history = History() if config.dashboard_listen else None
+        self._idle_sampling: asyncio.Task[None] | None = None
         #: The events pushed to watchers (``WatchEvents``).
         self.event_feed = EventFeed(self.events)
         self.goals = GoalBook(store)
@@ -217,6 +219,10 @@ class ActiveMemoryManager:
         chosen = self._store.running_choice
         if self.config.start if chosen is None else chosen:
             self._start_loop()
+        if self.history is not None:
+            self._idle_sampling = asyncio.create_task(
+                self._sample_while_stopped(), name="amm-sampling-while-stopped"
+            )
 
     async def _restore_workers(self) -> None:
         """Take back the workers the previous run knew, and hold drops until they report.
@@ -261,6 +267,11 @@ class ActiveMemoryManager:
             return
         self._closed = True
         self.event_feed.close()
+        sampling, self._idle_sampling = self._idle_sampling, None
+        if sampling is not None:
+            sampling.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sampling
         await self._stop_loop()
         await self._lost.save_held(*self.state.take_changes())
         await self.retirement_driver.close()
@@ -483,18 +494,7 @@ class ActiveMemoryManager:
         record.duration = time.perf_counter() - t0
         record.poll_duration, record.send_duration = polled - t0, sending
         self.cycle_stats.observe(record)
-        if self.history is not None:
-            self.history.record(
-                at=self._clock(),
-                cycle=record.number,
-                workers=self.state.workers,
-                totals=self.outcomes.totals,
-                rejected=record.rejected,
-                keys=self.state.nkeys,
-                replicas=self.state.nreplicas,
-                lost=self.lost_keys,
-                goals=self.goals.totals(self.state),
-            )
+        self._sample(record.number, record.rejected)
         self._last = record
         if plan.directives or plan.rejections:
             log.info(
@@ -509,6 +509,43 @@ class ActiveMemoryManager:
                 sending * 1e3,
             )
         return record
+
+    def _sample(self, cycle: int, rejected: int = 0) -> None:
+        """Add what the AMM sees now to the dashboard's history, if it keeps one."""
+        if self.history is not None:
+            self.history.record(
+                at=self._clock(),
+                cycle=cycle,
+                running=self.running,
+                workers=self.state.workers,
+                totals=self.outcomes.totals,
+                rejected=rejected,
+                keys=self.state.nkeys,
+                replicas=self.state.nreplicas,
+                lost=self.lost_keys,
+                goals=self.goals.totals(self.state),
+            )
+
+    async def _sample_while_stopped(self) -> None:
+        """With the dashboard on, while the AMM does not cycle: poll every agent once an
+        interval and sample, so the memory chart has no gap where the AMM was off. No planning
+        and no directives; a poll changes nothing on an agent (a fresh query polls alike)."""
+        history = self.history
+        if history is None:
+            return
+        interval = self.config.interval
+        while True:
+            started = self._monotonic()
+            # Not while a cycle runs (RunOnce, a retirement's) or right after one: it samples.
+            idle = not self.running and not self._cycle_lock.locked()
+            if idle and history.newest <= self._clock() - interval / 2:
+                try:
+                    await self._poller.poll_all()
+                    if not self.running:  # started meanwhile: its cycles sample
+                        self._sample(self._cycles)
+                except Exception:
+                    log.exception("sampling for the dashboard failed; trying again")
+            await asyncio.sleep(max(0.0, interval - (self._monotonic() - started)))
 
     async def _send(self, record: CycleRecord, directives: Sequence[Directive]) -> None:
         """Enter ``directives`` of ``record``'s cycle in the ledger and send them."""

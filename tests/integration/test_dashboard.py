@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import ssl
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 import pytest
 
 from amm.base.security import Role, Security, SecurityError
+from amm.client import AsyncClient
 from amm_service.api.server import AmmServer
 from amm_service.runtime.history import WORKER_FIELDS
 from tests.conftest import amm_config
@@ -83,6 +85,54 @@ async def test_the_page_its_files_and_the_history_of_a_running_cluster(tmp_path:
         assert status["running"] is True
         assert int(status["totals"]["workers"]) == 1
         assert int(status["cycles"]) >= last["cycle"]
+
+
+async def test_a_stopped_amm_keeps_sampling_memory_and_sends_nothing(tmp_path: Path) -> None:
+    """The AMM-off half of the picture: while the AMM is stopped, the history keeps gaining
+    samples of what the agents hold, marked not running, and the AMM plans and sends nothing
+    (a key held twice, which a cycle would reduce to one copy, keeps both)."""
+    config = amm_config(tmp_path, dashboard_listen=LOOPBACK, start=False, interval="100ms")
+    async with (
+        AmmServer(config) as amm,
+        Agent(AgentConfig(amm=amm.address, listen=LOOPBACK, name="w1")) as w1,
+        Agent(AgentConfig(amm=amm.address, listen=LOOPBACK, name="w2")) as w2,
+        AsyncClient(amm.address, timeout=20) as client,
+    ):
+        assert amm.dashboard is not None
+        base = f"http://{amm.dashboard.address}"
+        agents = {"w1": w1, "w2": w2}
+        await client.put("twice", b"x" * 200_000, [w1.node.address, w2.node.address])
+        put_at = time.time()
+
+        def agrees(sample: dict[str, Any]) -> bool:
+            workers = {w[0]: dict(zip(WORKER_FIELDS, w, strict=True)) for w in sample["workers"]}
+            return set(workers) == set(agents) and all(
+                workers[name]["managed"] == agent.node.sample_memory().managed == 200_000
+                and workers[name]["process"] > 0
+                for name, agent in agents.items()
+            )
+
+        def sampled_after_put(history: Any) -> bool:
+            return any(s["at"] > put_at and agrees(s) for s in history["samples"])
+
+        first = await wait_for(
+            lambda: get_json(f"{base}/api/history?after={put_at}"),
+            sampled_after_put,
+            what="a sample of both agents holding the key",
+        )
+        seen = first["samples"][-1]["at"]
+        later = await wait_for(
+            lambda: get_json(f"{base}/api/history?after={seen}"),
+            lambda history: len(history["samples"]) >= 5,
+            what="five more samples while the AMM is stopped",
+        )
+        samples = first["samples"] + later["samples"]
+        assert all(s["running"] is False for s in samples)
+        assert all(agrees(s) for s in later["samples"])
+        assert all((s["replicated"], s["dropped"], s["refused"]) == (0, 0, 0) for s in samples)
+        status = await client.status()
+        assert (status.running, status.cycles, status.totals.directives_sent) == (False, 0, 0)
+        assert all("twice" in agent.store for agent in agents.values())
 
 
 async def test_without_tls_it_refuses_an_address_other_machines_reach(tmp_path: Path) -> None:

@@ -4,7 +4,9 @@ with the reason, where no chromium is installed (``apt-get install -y chromium``
 
 from __future__ import annotations
 
+import json
 import re
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -44,18 +46,30 @@ def get_status(address: str) -> control_pb2.GetStatusResponse:
         return response
 
 
+def stopped_samples(url: str) -> list[dict[str, object]]:
+    """The dashboard's samples taken while the AMM was stopped."""
+    with urllib.request.urlopen(url + "api/history?after=0", timeout=10) as response:
+        samples: list[dict[str, object]] = json.load(response)["samples"]
+    return [s for s in samples if s["running"] is False]
+
+
 def figures(dom: str) -> dict[str, int]:
     return {m[1]: int(m[2]) for m in re.finditer(r'id="stat-([a-z-]+)" data-value="(\d+)"', dom)}
 
 
 def test_the_page_shows_the_live_cluster_as_getstatus_does(tmp_path: Path) -> None:
-    with LocalCluster(2, interval="500ms", start=True, dashboard="127.0.0.1:0") as cluster:
+    with LocalCluster(2, interval="500ms", start=False, dashboard="127.0.0.1:0") as cluster:
         assert cluster.dashboard is not None
         url = f"http://{cluster.dashboard}/"
         w0, _w1 = cluster.workers
         with Client(cluster.address) as client:
             for key in KEYS:
                 client.put(key, VALUE, w0)
+            # The AMM off for a while first: its memory is sampled, and the page shades it.
+            poll_until(
+                lambda: len(stopped_samples(url)) >= 2, within=30, what="samples of the AMM off"
+            )
+            client.amm.start()
             client.replicate(KEYS, n=2)
 
         def settled() -> control_pb2.GetStatusResponse | None:
@@ -85,6 +99,7 @@ def test_the_page_shows_the_live_cluster_as_getstatus_does(tmp_path: Path) -> No
             layers
         )
         assert 'class="replicated"' in dom
+        assert 'class="amm-off"' in dom, "the AMM-off period is shaded"
 
         png = tmp_path / "dashboard.png"
         browser.screenshot(url, png)

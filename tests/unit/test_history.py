@@ -20,10 +20,13 @@ def worker(name: str, managed: int, process: int, **flags: bool) -> WorkerView:
     )
 
 
-def record(history: History, at: float, totals: Totals, *workers: WorkerView) -> None:
+def record(
+    history: History, at: float, totals: Totals, *workers: WorkerView, running: bool = True
+) -> None:
     history.record(
         at=at,
         cycle=int(at),
+        running=running,
         workers=workers,
         totals=totals,
         rejected=0,
@@ -107,3 +110,13 @@ def test_the_json_of_the_newer_samples_is_what_they_hold() -> None:
     assert decoded == {"samples": [s.as_json() for s in history.after(1.0)]}
     assert [s["at"] for s in decoded["samples"]] == [2.0, 3.0]
     assert json.loads(history.json_after(3.0)) == {"samples": []}
+
+
+def test_a_sample_says_whether_the_amm_was_cycling() -> None:
+    history = History()
+    assert history.newest == 0.0
+    record(history, 1.0, Totals(), worker("w1", 10, 50), running=False)
+    record(history, 2.0, Totals(), worker("w1", 10, 50))
+    assert [s.running for s in history.after(0)] == [False, True]
+    assert [s["running"] for s in json.loads(history.json_after(0))["samples"]] == [False, True]
+    assert history.newest == 2.0

@@ -47,8 +47,9 @@ function parseSeconds(text) {
 
 // -- charts -----------------------------------------------------------------------------------
 
-// Runs of samples without a gap, as [first, last] indexes: while the AMM is stopped it polls no
-// one, and the charts show nothing rather than a line across what nobody saw.
+// Runs of samples without a gap, as [first, last] indexes: where no sample was taken (the AMM was
+// restarting, or its loop was held up), the charts show nothing rather than a line across what
+// nobody saw.
 function runs() {
   const gap = Math.max(5, 3 * intervalMs / 1000);
   const out = [];
@@ -56,6 +57,22 @@ function runs() {
   for (let i = 1; i <= samples.length; i++) {
     if (i === samples.length || samples[i].at - samples[i - 1].at > gap) {
       out.push([first, i - 1]);
+      first = i;
+    }
+  }
+  return out;
+}
+
+// Runs of samples taken with the AMM cycling or stopped, as [first, last, running]: a stopped AMM
+// keeps sampling (running: false), and the memory chart shades those periods, so memory with the
+// AMM off and on reads side by side. Samples of an AMM without the field count as running.
+function periods() {
+  const out = [];
+  let first = 0;
+  const on = (s) => s.running !== false;
+  for (let i = 1; i <= samples.length; i++) {
+    if (i === samples.length || on(samples[i]) !== on(samples[first])) {
+      out.push([first, i - 1, on(samples[first])]);
       first = i;
     }
   }
@@ -107,6 +124,18 @@ function drawMemory() {
   const y = (v) => f.top + (f.h - f.top - f.bottom) * (1 - v / max);
   yAxis(svg, f, max, bytes);
   timeAxis(svg, f, t0, t1);
+  // each period reaches to the next one's first sample: the shading has no seams
+  const spans = periods().map(([first, last, on]) => ({
+    on, x0: x(samples[first].at), x1: x(samples[Math.min(last + 1, samples.length - 1)].at),
+  }));
+  for (const span of spans) {
+    if (!span.on) {
+      el("rect", {
+        x: span.x0.toFixed(1), y: f.top, width: Math.max(1, span.x1 - span.x0).toFixed(1),
+        height: f.h - f.top - f.bottom, class: "amm-off",
+      }, svg);
+    }
+  }
   const base = samples.map(() => 0);
   const parts = runs();
   for (const layer of layers) {
@@ -126,8 +155,20 @@ function drawMemory() {
     }, svg);
     top.forEach((v, i) => { base[i] = v; });
   }
+  for (const span of spans) {
+    if (span.x1 - span.x0 < 50) continue;
+    const label = el("text", { x: (span.x0 + 4).toFixed(1), y: f.top + 10, class: "period" }, svg);
+    label.textContent = span.on ? "AMM on" : "AMM off";
+  }
   const legend = document.getElementById("memory-legend");
   legend.textContent = "";
+  if (spans.some((span) => !span.on)) {
+    const item = document.createElement("span");
+    const swatch = document.createElement("i");
+    swatch.className = "amm-off";
+    item.append(swatch, "AMM off (stopped: memory sampled, nothing done)");
+    legend.append(item);
+  }
   for (const name of names) {
     const item = document.createElement("span");
     const swatch = document.createElement("i");
