@@ -9,9 +9,13 @@ message the control API answers). Only GET and HEAD.
 
 With ``--tls`` it serves HTTPS with the AMM's certificate and requires a client certificate of
 the cluster CA whose identity may call ``GetStatus`` (reader or operator), not revoked. Without
-TLS it refuses a non-loopback address unless ``--insecure``, as the gRPC port does. The
-certificates are read at start (the gRPC ports follow a rotation; the dashboard needs a restart),
-the revocation list at every connection.
+TLS it refuses a non-loopback address unless ``--insecure``, as the gRPC port does. Like the gRPC
+ports, it follows a rotation of the CA, certificate and key files at the next handshake
+(``ReloadingServerContext``), and reads the revocation list at every connection.
+
+At most ``max_connections`` connections are served at once (a browser keeps a few open); one
+beyond gets ``503 Service Unavailable`` with ``Retry-After``, and is closed, so that a crowd of
+clients cannot take the AMM's event loop, which also runs the cycles, for itself.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from amm.base.metrics import split_listen
 from amm.base.security import Security, SecurityError
 from amm.base.security.authz import Denial
 from amm.base.security.listen import check_listen
+from amm.base.security.server_tls import ReloadingServerContext
 from amm_service.runtime.history import History
 
 log = logging.getLogger(__name__)
@@ -40,6 +45,10 @@ STATUS_METHOD = "/amm.v1.ActiveMemoryManager/GetStatus"
 REQUEST_TIMEOUT = 10.0
 MAX_HEADER_LINES = 100
 MAX_LINE = 8192
+#: Connections served at once, at most: a browser holds up to six; a few people and scripts.
+MAX_CONNECTIONS = 32
+#: Seconds a connection beyond the cap has to send its request before its 503.
+REFUSE_TIMEOUT = 2.0
 _TYPES = {
     ".html": "text/html; charset=utf-8",
     ".js": "text/javascript; charset=utf-8",
@@ -53,6 +62,7 @@ _REASONS = {
     404: "Not Found",
     405: "Method Not Allowed",
     500: "Internal Server Error",
+    503: "Service Unavailable",
 }
 _HEADERS = (
     "Cache-Control: no-store\r\n"
@@ -77,12 +87,20 @@ def _content_type(name: str) -> str:
 
 
 class _Response:
-    __slots__ = ("body", "code", "content_type")
+    __slots__ = ("body", "code", "content_type", "headers")
 
-    def __init__(self, code: int, body: bytes, content_type: str = "text/plain; charset=utf-8"):
+    def __init__(
+        self,
+        code: int,
+        body: bytes,
+        content_type: str = "text/plain; charset=utf-8",
+        headers: str = "",
+    ):
         self.code = code
         self.body = body
         self.content_type = content_type
+        self.headers = headers
+        """More header lines, each ending with CRLF."""
 
 
 def _json(value: Any) -> _Response:
@@ -103,7 +121,10 @@ class Dashboard:
         *,
         security: Security | None = None,
         insecure: bool = False,
+        max_connections: int = MAX_CONNECTIONS,
     ) -> None:
+        if max_connections < 1:
+            raise ValueError(f"max_connections must be >= 1, got {max_connections}")
         self._listen = listen
         self._history = history
         self._status = status
@@ -113,6 +134,9 @@ class Dashboard:
         self._server: asyncio.Server | None = None
         self._authorizer = security.authorizer() if security is not None else None
         self._connections: set[asyncio.Task[None]] = set()
+        self._max_connections = max_connections
+        self._refusing = 0
+        """Connections beyond the cap being answered 503 (at most as many again)."""
         self.address = ""
 
     def _ssl_context(self) -> ssl.SSLContext | None:
@@ -121,12 +145,7 @@ class Dashboard:
             return None
         if security.cert is None or security.key is None:
             raise SecurityError("the dashboard needs the AMM's certificate to serve HTTPS")
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
-        context.load_cert_chain(security.cert, security.key)
-        context.load_verify_locations(cafile=security.ca)
-        context.verify_mode = ssl.CERT_REQUIRED
-        return context
+        return ReloadingServerContext(security.ca, security.cert, security.key).context
 
     async def start(self) -> None:
         """Serve; ``SecurityError`` on a non-loopback address without TLS or ``--insecure``,
@@ -135,7 +154,12 @@ class Dashboard:
         host, port = split_listen(self._listen)
         try:
             self._server = await asyncio.start_server(
-                self._connection, host, port, ssl=self._ssl_context(), limit=MAX_LINE
+                self._connection,
+                host,
+                port,
+                ssl=self._ssl_context(),
+                ssl_handshake_timeout=REQUEST_TIMEOUT if self._security is not None else None,
+                limit=MAX_LINE,
             )
         except OSError as err:
             raise OSError(
@@ -156,6 +180,9 @@ class Dashboard:
         await server.wait_closed()
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if len(self._connections) >= self._max_connections:
+            await self._refuse(reader, writer)
+            return
         task = asyncio.current_task()
         if task is not None:
             self._connections.add(task)
@@ -184,6 +211,31 @@ class Dashboard:
         finally:
             if task is not None:
                 self._connections.discard(task)
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    async def _refuse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """A connection beyond the cap: read its request (a client that sent it reads an answer
+        sent before it more reliably), answer 503 and close. Beyond as many again, close."""
+        if self._refusing >= self._max_connections:
+            writer.close()
+            return
+        self._refusing += 1
+        try:
+            async with asyncio.timeout(REFUSE_TIMEOUT):
+                request = await _read_request(reader)
+            if request is not None:
+                body = (
+                    f"the dashboard serves {self._max_connections} connections at once, all in "
+                    "use; try again shortly\n"
+                )
+                response = _Response(503, body.encode(), headers="Retry-After: 1\r\n")
+                await _write(writer, response, head=request[0] == "HEAD", close=True)
+        except (TimeoutError, ValueError, ConnectionError, ssl.SSLError):
+            pass  # it did not ask in time, or asked nothing readable: closed unanswered
+        finally:
+            self._refusing -= 1
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
@@ -258,14 +310,17 @@ async def _read_request(reader: asyncio.StreamReader) -> tuple[str, str] | None:
     raise ValueError("too many headers")
 
 
-async def _write(writer: asyncio.StreamWriter, response: _Response, *, head: bool) -> None:
+async def _write(
+    writer: asyncio.StreamWriter, response: _Response, *, head: bool, close: bool = False
+) -> None:
     reason = _REASONS.get(response.code, "")
+    extra = response.headers + ("Connection: close\r\n" if close else "")
     writer.write(
         (
             f"HTTP/1.1 {response.code} {reason}\r\n"
             f"Content-Type: {response.content_type}\r\n"
             f"Content-Length: {len(response.body)}\r\n"
-            f"{_HEADERS}\r\n"
+            f"{extra}{_HEADERS}\r\n"
         ).encode()
     )
     if not head:

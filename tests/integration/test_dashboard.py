@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import ssl
 import time
 import urllib.error
@@ -14,11 +15,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography import x509
 
 from amm.base.security import Role, Security, SecurityError
+from amm.base.security.files import write_atomic
 from amm.client import AsyncClient
+from amm_service.api import dashboard as dashboard_module
+from amm_service.api.dashboard import Dashboard
 from amm_service.api.server import AmmServer
-from amm_service.runtime.history import WORKER_FIELDS
+from amm_service.runtime.history import WORKER_FIELDS, History
 from tests.conftest import amm_config
 from tests.support.waiting import wait_for
 from worker_agent.agent import Agent
@@ -174,3 +179,108 @@ async def test_with_tls_it_serves_https_to_readers_and_operators_only(tmp_path: 
         code, _, body = await get(url, client_context(certs, "reader"))
         assert code == 403
         assert b"revoked" in body
+
+
+def context_of(ca: Path, cert: Path, key: Path) -> ssl.SSLContext:
+    """A client trusting ``ca`` and presenting ``cert``."""
+    context = ssl.create_default_context(cafile=str(ca))
+    context.check_hostname = False
+    context.load_cert_chain(cert, key)
+    return context
+
+
+def presented_serial(address: str, context: ssl.SSLContext) -> int:
+    """The serial number of the certificate the server at ``address`` presents."""
+    host, port = address.rsplit(":", 1)
+    with (
+        socket.create_connection((host, int(port)), timeout=10) as sock,
+        context.wrap_socket(sock) as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der).serial_number
+
+
+def serial_of(path: Path) -> int:
+    return x509.load_pem_x509_certificate(path.read_bytes()).serial_number
+
+
+async def test_with_tls_it_follows_a_rotation_without_a_restart(tmp_path: Path) -> None:
+    """A re-issued certificate is presented, and a replaced CA trusted, from the next
+    connection on, as the gRPC ports do."""
+    certs = Security.temporary(tmp_path / "certs")
+    folder = certs.directory
+    config = amm_config(tmp_path, dashboard_listen=LOOPBACK, tls=str(folder))
+    async with AmmServer(config) as amm:
+        assert amm.dashboard is not None
+        address = amm.dashboard.address
+        url = f"https://{address}/api/status"
+        reader = client_context(certs, "reader")
+        before = serial_of(folder / "amm.pem")
+        assert await asyncio.to_thread(presented_serial, address, reader) == before
+
+        certs.issue(Role.AMM, "amm")
+        after = serial_of(folder / "amm.pem")
+        assert after != before
+        assert await asyncio.to_thread(presented_serial, address, reader) == after
+        assert (await get_json(url, reader))["epoch"] == str(amm.epoch)
+
+        # A new CA: its reader is let in, the old CA's reader no longer.
+        old = tmp_path / "old"
+        old.mkdir()
+        for name in ("reader.pem", "reader-key.pem"):
+            (old / name).write_bytes((folder / name).read_bytes())
+        fresh = Security.temporary(tmp_path / "fresh").directory
+        for name in ("ca.pem", "amm.pem", "amm-key.pem", "reader.pem", "reader-key.pem"):
+            mode = 0o600 if name.endswith("-key.pem") else 0o644
+            write_atomic(folder / name, (fresh / name).read_bytes(), mode)
+        new_reader = context_of(folder / "ca.pem", folder / "reader.pem", folder / "reader-key.pem")
+        assert (await get_json(url, new_reader))["epoch"] == str(amm.epoch)
+        old_reader = context_of(folder / "ca.pem", old / "reader.pem", old / "reader-key.pem")
+        with pytest.raises((urllib.error.URLError, ssl.SSLError, ConnectionError)):
+            await get(url, old_reader)
+
+
+async def exchange(
+    address: str, request: bytes
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bytes]:
+    """Send ``request`` on a new connection; the connection and the status line answered."""
+    host, port = address.rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(request)
+    await writer.drain()
+    return reader, writer, await reader.readline()
+
+
+async def test_connections_beyond_the_cap_get_a_503_until_one_closes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(dashboard_module, "REQUEST_TIMEOUT", 300.0)  # held idle all along
+
+    async def status() -> dict[str, Any]:
+        return {"running": True}
+
+    dashboard = Dashboard(LOOPBACK, History(), status, max_connections=2)
+    await dashboard.start()
+    held = []
+    try:
+        request = b"GET /api/status HTTP/1.1\r\nHost: amm\r\n\r\n"
+        for _ in range(2):  # both kept alive, as a browser keeps its connections
+            reader, writer, line = await exchange(dashboard.address, request)
+            assert line.startswith(b"HTTP/1.1 200"), line
+            held.append(writer)
+        reader, writer, line = await exchange(dashboard.address, request)
+        assert line == b"HTTP/1.1 503 Service Unavailable\r\n"
+        rest = await asyncio.wait_for(reader.read(), 10)  # and closed
+        writer.close()
+        assert b"\r\nRetry-After: 1\r\n" in rest
+        assert b"Connection: close" in rest
+        assert rest.endswith(b"serves 2 connections at once, all in use; try again shortly\n")
+
+        held.pop().close()
+        url = f"http://{dashboard.address}/api/status"
+        await wait_for(lambda: get(url), lambda r: r[0] == 200, what="served once one closed")
+    finally:
+        for writer in held:
+            writer.close()
+        await dashboard.stop()
