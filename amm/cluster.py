@@ -405,16 +405,22 @@ class LocalCluster:
         Each agent joins ``self._agents`` as soon as it is spawned, so that an interrupt or a
         failed spawn further on leaves it to ``stop()`` rather than running on in its session.
         """
+        numbers = range(self._count, self._count + n)
+        self._count += n
+        return self._spawn_agents([(number, listen) for number in numbers], deadline)
+
+    def _spawn_agents(self, slots: Sequence[tuple[int, str]], deadline: float) -> list[str]:
+        """Spawn agent ``worker-N`` on ``listen`` for each ``(N, listen)`` of ``slots``, and wait
+        until the AMM lists them all (``_start_agents``)."""
         started = []
-        for _ in range(n):
-            name = f"worker-{self._count}"
-            self._count += 1
+        for number, listen in slots:
+            name = f"worker-{number}"
             args = ["--amm", self.address, "--listen", listen, "--name", name]
             if self.security is not None:
                 identity = self._identity(name)
                 args += ["--tls", str(self.security.directory), "--tls-identity", identity]
             if self._zones:
-                args += ["--zone", self._zones[(self._count - 1) % len(self._zones)]]
+                args += ["--zone", self._zones[number % len(self._zones)]]
             agent = self._spawn(name, AGENT_MODULE, [*args, *self._agent_args])
             self._agents.append(agent)
             started.append(agent)
@@ -459,6 +465,19 @@ class LocalCluster:
         address of an agent stopped before, to restart it there (empty, a new incarnation)."""
         self._check_alive()
         return self._start_agents(1, time.monotonic() + self.timeout, listen)[0]
+
+    def restart_workers(self) -> list[str]:
+        """Stop every running agent (SIGTERM: each drains what it holds first) and start a new
+        process in its place, on the same address and under the same name; their addresses, once
+        the AMM lists them. For runs that must not inherit each other's process memory (an agent
+        keeps the heap it grew): ``python -m amm.demo`` between its two replays."""
+        self._check_alive()
+        old = [a for a in self._agents if a.ready is not None and a.popen.poll() is None]
+        slots = [(int(a.name.rsplit("-", 1)[1]), a.address) for a in old]
+        _stop_all(old, self.stop_timeout)  # ours until gone: stop() ends them after an interrupt
+        for agent in old:
+            self._agents.remove(agent)
+        return self._spawn_agents(slots, time.monotonic() + self.timeout)
 
     def restart_service(self, sig: int = signal.SIGKILL) -> int:
         """Send ``sig`` to the AMM, wait for it to exit, start it again on the same address with

@@ -3,9 +3,10 @@
 Without ``--address`` each run gets a fresh ``LocalCluster`` of N agent processes (so the second
 run does not inherit the first one's process memory); with ``--address`` both runs use the
 running AMM there and its registered agents, turning the AMM off or on with Stop/Start and
-restoring its previous state afterwards. Cluster-wide memory is sampled from the AMM with
-``amm.diagnostics.MemorySampler`` (managed and process) while each run lasts; a progress bar on
-stderr shows the replay advancing, the table goes to stdout.
+restoring its previous state afterwards. ``python -m amm.demo`` runs both on one local cluster
+of its own, with the dashboard on (``run_modes`` with ``cluster``). Cluster-wide memory is
+sampled from the AMM with ``amm.diagnostics.MemorySampler`` (managed and process) while each run
+lasts; a progress bar on stderr shows the replay advancing, the table goes to stdout.
 """
 
 from __future__ import annotations
@@ -76,6 +77,8 @@ class ReplayOutcome:
     dask: DaskFigures | None = None
     report: str = ""
     amm_interval: float | None = None
+    shared: str = ""
+    """What the report says of runs that shared their agents; empty when each had its own."""
 
     @property
     def ok(self) -> bool:
@@ -208,15 +211,56 @@ def _figures(label: str, amm: bool, stats: ReplayStats, outcome: ReplayOutcome) 
 
 
 def _run_mode(
-    amm: bool, options: ReplayOptions, outcome: ReplayOutcome, console: Console | None
+    amm: bool,
+    options: ReplayOptions,
+    outcome: ReplayOutcome,
+    console: Console | None,
+    cluster: LocalCluster | None,
 ) -> RunFigures:
-    if options.address is not None:
-        return asyncio.run(_run_once(options.address, None, amm, options, outcome, console))
-    workers = options.workers or len(outcome.trace.workers)
-    with LocalCluster(workers, interval=options.interval, start=False, env=AGENT_ENV) as cluster:
+    if cluster is not None:
         return asyncio.run(
             _run_once(cluster.address, cluster.workers, amm, options, outcome, console)
         )
+    if options.address is not None:
+        return asyncio.run(_run_once(options.address, None, amm, options, outcome, console))
+    with local_cluster(options, outcome.trace) as fresh:
+        return asyncio.run(_run_once(fresh.address, fresh.workers, amm, options, outcome, console))
+
+
+def local_cluster(
+    options: ReplayOptions, trace: Trace, *, dashboard: str | None = None
+) -> LocalCluster:
+    """The local cluster a replay runs on: one agent per recorded worker (or ``--workers``),
+    the AMM stopped, cycling every ``--interval`` once started."""
+    workers = options.workers or len(trace.workers)
+    return LocalCluster(
+        workers, interval=options.interval, start=False, env=AGENT_ENV, dashboard=dashboard
+    )
+
+
+#: Seconds to wait, at most, for the agents to settle between two runs on the same agents.
+SETTLE_SECONDS = 15.0
+#: Process memory that moves by less than this between two looks has settled.
+SETTLED_PROCESS = 0.01
+
+
+async def _settle(address: str, security: Security | None) -> None:
+    """Between two runs on the same agents: wait until what the first left has gone (its keys
+    are forgotten as it ends) and process memory has stopped falling (glibc hands freed memory
+    back, ``AGENT_ENV``), so that the next run starts as a fresh one would, within
+    ``SETTLE_SECONDS``."""
+    async with AsyncClient(address, security=security) as client:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + SETTLE_SECONDS
+        before = (-1, -1)  # (managed, process) at the previous look
+        while loop.time() < deadline:
+            workers = await client.workers(fresh=True)
+            now = (sum(w.managed_bytes for w in workers), sum(w.process_bytes for w in workers))
+            moved = abs(now[1] - before[1])
+            if now[0] == before[0] and moved <= SETTLED_PROCESS * max(before[1], 1):
+                return
+            before = now
+            await asyncio.sleep(0.5)
 
 
 def samples_document(outcome: ReplayOutcome) -> dict[str, Any]:
@@ -234,7 +278,14 @@ def run_replay(
 ) -> ReplayOutcome:
     """Replay ``options.trace`` in each mode, print the report, write the plot and JSON."""
     out = out or sys.stdout
-    err = err or sys.stderr
+    outcome = begin_replay(options, out)
+    run_modes(options, outcome, err=err)
+    finish_replay(options, outcome, out)
+    return outcome
+
+
+def begin_replay(options: ReplayOptions, out: IO[str]) -> ReplayOutcome:
+    """Load the trace and print the honesty note; what the runs then fill in."""
     trace = load_trace(options.trace)
     scale = Scale(options.time_scale, options.byte_scale)
     outcome = ReplayOutcome(
@@ -243,13 +294,53 @@ def run_replay(
         dask=dask_figures(trace.meta),
     )
     print(HONESTY_NOTE, file=out, flush=True)
+    return outcome
+
+
+def run_modes(
+    options: ReplayOptions,
+    outcome: ReplayOutcome,
+    *,
+    err: IO[str] | None = None,
+    cluster: LocalCluster | None = None,
+) -> None:
+    """Run each mode of ``options``: on ``cluster`` if given, else on the AMM at
+    ``--address``, else each on a fresh local cluster.
+
+    On ``cluster``, the agents are restarted between runs (same names and addresses, under the
+    same AMM and dashboard): an agent keeps the heap it grew, so a second run on the same
+    processes started 55-70 MiB higher (8 agents, the demo) and reused that memory, which made
+    its process memory comparable neither as a peak nor as a rise. At ``--address`` the agents
+    are someone else's: the next run waits for what the previous left to settle (``_settle``).
+    """
     console = None
     if options.progress:
         from rich.console import Console
 
-        console = Console(file=err)
-    for amm in options.modes:
-        outcome.runs.append(_run_mode(amm, options, outcome, console))
+        console = Console(file=err or sys.stderr)
+    security = Security.from_env() if cluster is None and options.address is not None else None
+    for i, amm in enumerate(options.modes):
+        if i and cluster is not None:
+            cluster.restart_workers()
+        elif i and options.address is not None:
+            asyncio.run(_settle(options.address, security))
+        outcome.runs.append(_run_mode(amm, options, outcome, console, cluster))
+    if cluster is not None and len(options.modes) > 1:
+        outcome.shared = (
+            "Both runs used one AMM and its dashboard; the agents were restarted between them "
+            "(same names and addresses), so that each run's process memory starts from fresh "
+            "processes, as on separate clusters."
+        )
+    elif options.address is not None and len(options.modes) > 1:
+        outcome.shared = (
+            f"Both runs used the agents at {options.address}: the second run's process memory "
+            "starts where the first one left it."
+        )
+
+
+def finish_replay(options: ReplayOptions, outcome: ReplayOutcome, out: IO[str]) -> None:
+    """Print the report; write the plot and the JSON if asked."""
+    trace = outcome.trace
     largest = max(task.nbytes for task in trace.tasks)
     outcome.report = render_report(
         options.trace.name,
@@ -260,11 +351,8 @@ def run_replay(
         outcome.dask,
         outcome.amm_interval,
     )
-    if options.address is not None and len(outcome.runs) > 1:
-        outcome.report += (
-            f"\nBoth runs used the agents at {options.address}: the second run's process "
-            "memory starts where the first one left it."
-        )
+    if outcome.shared:
+        outcome.report += f"\n{outcome.shared}"
     print(f"\n{outcome.report}", file=out, flush=True)
     if options.plot is not None:
         from amm.replay.figure import write_figure
@@ -278,7 +366,6 @@ def run_replay(
         document["samples"] = samples_document(outcome)
         options.json.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
         print(f"wrote {options.json}", file=out)
-    return outcome
 
 
 def options_from_args(args: argparse.Namespace) -> ReplayOptions:

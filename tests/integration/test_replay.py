@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import io
 import json
+import re
+import urllib.request
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -22,7 +25,8 @@ from amm.cli import main as cli_main
 from amm.client import AsyncClient, Client
 from amm.cluster import LocalCluster
 from amm.errors import AmmError
-from amm.replay.command import ReplayOptions, run_replay
+from amm.replay.command import ReplayOptions, begin_replay, run_modes, run_replay
+from amm.replay.command import local_cluster as local_cluster_for
 from amm.replay.plan import Scale, make_plan
 from amm.replay.report import HONESTY_NOTE
 from amm.replay.runner import Forgetter, Replayer, ReplayError, forget_prefix
@@ -116,6 +120,53 @@ def test_the_demo_says_where_its_trace_is_missing(
     assert demo.main(["--trace", str(tmp_path / "gone.json.gz")]) == 1
     assert "demo failed: no trace at" in capsys.readouterr().err
     assert demo.TRACE.exists()
+
+
+def test_the_demo_runs_off_then_on_on_one_cluster_whose_dashboard_charts_both(
+    trace_file: Path,
+) -> None:
+    """``python -m amm.demo``'s way: one AMM with its dashboard, stopped for the first run and
+    started for the second, the agents restarted in between under the same names and
+    addresses; the dashboard's history holds both runs, the AMM-off one marked so."""
+    options = ReplayOptions(trace=trace_file, modes=(False, True), interval=0.2, progress=False)
+    outcome = begin_replay(options, io.StringIO())
+    with local_cluster_for(options, outcome.trace, dashboard="127.0.0.1:0") as cluster:
+        assert cluster.dashboard is not None
+        before = cluster.worker_pids
+        run_modes(options, outcome, cluster=cluster)
+        assert outcome.ok
+        off, on = outcome.runs
+        assert off.replicas_dropped == 0
+        assert on.replicas_dropped >= 1
+        after = cluster.worker_pids
+        assert set(after) == set(before), "the same addresses"
+        assert not set(after.values()) & set(before.values()), "fresh processes"
+        url = f"http://{cluster.dashboard}/api/history?after=0"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            samples = json.load(response)["samples"]
+    running = [s["running"] for s in samples]
+    assert False in running
+    assert True in running
+    assert running.index(False) < running.index(True), "AMM off first"
+    names = {w[0] for s in samples for w in s["workers"]}
+    assert names == {"worker-0", "worker-1", "worker-2"}, "the same workers all along"
+    assert "the agents were restarted between them" in outcome.shared
+
+
+def test_the_demo_prints_its_dashboard_first(
+    trace_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["--trace", str(trace_file), "--no-progress", "--dashboard", "127.0.0.1:0"]
+    assert demo.main([*argv, "--plot", str(tmp_path / "memory.png")]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert lines[0] == HONESTY_NOTE
+    dashboard = next(line for line in lines if line.startswith("Dashboard: "))
+    assert re.match(r"Dashboard: http://127\.0\.0\.1:\d+/  \(open it now", dashboard)
+    assert lines.index(dashboard) < next(
+        i for i, line in enumerate(lines) if line.startswith("peak cluster memory")
+    )
+    assert "The demo took" in out
 
 
 async def test_the_end_check_catches_a_missing_and_an_unexpected_key(trace_file: Path) -> None:
