@@ -1,9 +1,10 @@
 """Take the README's dashboard screenshot (docs/dashboard.png) during a replay of the demo trace.
 
 Starts an AMM with its dashboard and 8 agents (1 GiB limit each, as docker-compose.yml's),
-replays benchmarks/traces/dot-8000.json.gz against it with the AMM off then on (``amm replay
---address``), then puts keys with a goal of 3 copies (replicas made) and retires a worker that
-holds some (events, a worker retiring and gone), and has headless chromium photograph the page.
+replays benchmarks/traces/dot-8000.json.gz on it as ``make demo`` does (the AMM stopped, then
+started; the agents restarted in between), then puts keys with a goal of 3 copies (replicas
+made) and retires a worker that holds some (events, a worker retiring and gone), and has
+headless chromium photograph the page.
 Needs chromium (``apt-get install -y chromium``).
 
     .venv/bin/python scripts/dashboard_screenshot.py [--out docs/dashboard.png]
@@ -12,13 +13,13 @@ Needs chromium (``apt-get install -y chromium``).
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from amm import Client
+from amm import Client, demo
 from amm.cluster import LocalCluster
+from amm.replay.command import AGENT_ENV, ReplayOptions, begin_replay, finish_replay, run_modes
 from tests.support import browser
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,13 +38,15 @@ def main() -> int:
     with LocalCluster(
         args.workers,
         interval="500ms",
-        start=True,
+        start=False,
         dashboard="127.0.0.1:0",
         agent_args=["--memory-limit", args.memory_limit],
+        env=AGENT_ENV,
     ) as cluster:
-        replay = [sys.executable, "-m", "amm", "replay", str(TRACE), "--address", cluster.address]
-        replay += ["--amm", "both", "--byte-scale", "0.0625", "--no-progress"]
-        subprocess.run(replay, check=True)
+        options = ReplayOptions(trace=TRACE, byte_scale=demo.BYTE_SCALE, progress=False)
+        outcome = begin_replay(options, sys.stdout)
+        run_modes(options, outcome, cluster=cluster)
+        finish_replay(options, outcome, sys.stdout)
         keys = [f"after-the-replay-{i}" for i in range(40)]
         with Client(cluster.address) as client:
             for i, key in enumerate(keys):

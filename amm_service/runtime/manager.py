@@ -9,8 +9,10 @@ closed), the keys it held alone are recorded as lost (``lost``); so are keys no 
 more after an AMM restart. Cycles never overlap: the loop and ``run_once`` share a lock. The
 running flag and the epoch persist in the state store, so a restarted AMM resumes as it was,
 under a new epoch that makes agents ignore the old one, and issues no drops until the workers it
-knew have reported. What becomes of sent directives is ``outcomes``; operators' questions,
-``queries``; RetireWorkers, DrainWorker and their driver task, ``retirement_driver``.
+knew have reported. With the dashboard on, a stopped AMM still polls every interval and samples
+the cluster's memory for it, without planning (``_sample_while_stopped``). What becomes of sent
+directives is ``outcomes``; operators' questions, ``queries``; RetireWorkers, DrainWorker and
+their driver task, ``retirement_driver``.
 """
 
 from __future__ import annotations
