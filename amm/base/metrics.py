@@ -18,8 +18,10 @@ import contextlib
 import inspect
 import logging
 import re
+import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -28,6 +30,7 @@ from prometheus_client.core import HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from amm.base.security import Security, check_listen
+from amm.base.security.server_tls import ReloadingServerContext
 from amm.base.tally import RPC_BUCKETS, Durations
 
 log = logging.getLogger(__name__)
@@ -257,6 +260,11 @@ class MetricsServer:
             )
         except OSError as err:
             raise OSError(f"cannot serve metrics on {listen}: {err.strerror or err}") from err
+        tls = self._httpd.socket
+        if certfile and keyfile and client_cafile and isinstance(tls, ssl.SSLSocket):
+            # Follow a rotation of the files at each handshake, as the gRPC ports do.
+            reloading = ReloadingServerContext(Path(client_cafile), Path(certfile), Path(keyfile))
+            reloading.follow(tls.context)
         bound = self._httpd.server_port
         self.address = f"[{host}]:{bound}" if ":" in host else f"{host}:{bound}"
         self._stopped = False

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cryptography import x509
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -24,7 +25,7 @@ from amm.base.metrics import (
     new_registry,
     split_listen,
 )
-from amm.base.security import init_directory
+from amm.base.security import Role, Security, init_directory
 from amm.base.tally import Durations
 from amm_service.config import ConfigError, load_config
 from worker_agent.__main__ import build_parser, config_from_args
@@ -152,6 +153,45 @@ def test_the_server_can_require_client_certificates(tmp_path: Path) -> None:
         anonymous = ssl.create_default_context(cafile=str(certs / "ca.pem"))
         with pytest.raises((ssl.SSLError, urllib.error.URLError, ConnectionError)):
             _get(url, anonymous)
+    finally:
+        server.stop()
+
+
+def _presented_serial(address: str, context: ssl.SSLContext) -> int:
+    host, port = address.rsplit(":", 1)
+    with (
+        socket.create_connection((host, int(port)), timeout=5) as sock,
+        context.wrap_socket(sock, server_hostname=host) as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der).serial_number
+
+
+def test_the_server_follows_a_rotation_of_its_certificate(tmp_path: Path) -> None:
+    """A re-issued certificate is presented from the next connection on, without a restart."""
+    certs = tmp_path / "certs"
+    init_directory(certs, sans=["127.0.0.1"], days=1)
+    server = MetricsServer(
+        "127.0.0.1:0",
+        _registry_with(1),
+        certfile=str(certs / "amm.pem"),
+        keyfile=str(certs / "amm-key.pem"),
+        client_cafile=str(certs / "ca.pem"),
+    )
+    try:
+        scraper = ssl.create_default_context(cafile=str(certs / "ca.pem"))
+        scraper.load_cert_chain(str(certs / "reader.pem"), str(certs / "reader-key.pem"))
+
+        def serial_of_file() -> int:
+            return x509.load_pem_x509_certificate((certs / "amm.pem").read_bytes()).serial_number
+
+        before = serial_of_file()
+        assert _presented_serial(server.address, scraper) == before
+        Security.from_dir(certs).issue(Role.AMM, "amm", sans=("127.0.0.1",))
+        assert serial_of_file() != before
+        assert _presented_serial(server.address, scraper) == serial_of_file()
+        assert "amm_test_value 1.0" in _get(f"https://{server.address}/metrics", scraper)
     finally:
         server.stop()
 

@@ -1,8 +1,9 @@
-"""HTTPS for a server run on ``asyncio`` streams (the dashboard), following a certificate rotation
-as the gRPC ports do (``credentials.ServerCertificates``).
+"""HTTPS for the servers the project runs itself (the dashboard, the metrics), following a
+certificate rotation as the gRPC ports do (``credentials.ServerCertificates``).
 
-An ``asyncio`` server takes one ``ssl.SSLContext`` for its whole life. The context of
-``ReloadingServerContext`` has an ``sni_callback``, which OpenSSL calls at every handshake
+An ``asyncio`` server, and ``http.server``'s wrapped socket, take one ``ssl.SSLContext`` for
+their whole life. The context of ``ReloadingServerContext`` (or one given to ``follow``) has an
+``sni_callback``, which OpenSSL calls at every handshake
 (whether or not the client names a server): it stats the CA, certificate and key files and, when
 one changed, builds a new context from them and moves the connection to it (``SSLObject.context``,
 Python's documented way to switch certificates), so new connections present the new certificate
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import ssl
+import threading
 from pathlib import Path
 
 from amm.base.security.errors import SecurityError
@@ -40,17 +42,23 @@ def server_context(ca: Path, cert: Path, key: Path) -> ssl.SSLContext:
 class ReloadingServerContext:
     """``context`` for the server; ``current()`` the context of the files as they are now.
 
-    Used from the server's event loop only (the callback runs in its handshakes).
+    Thread-safe: the callback runs in the handshakes, on the server's event loop or threads.
     """
 
     def __init__(self, ca: Path, cert: Path, key: Path) -> None:
         self._paths = (ca, cert, key)
+        self._lock = threading.Lock()
         self._stamp = self._stamps()
         self._current = server_context(ca, cert, key)
         self._failed: tuple[Stamp | None, ...] | None = None
         #: The context to serve with; each handshake moves to ``current()``.
         self.context = self._current
-        self.context.sni_callback = self._handshake
+        self.follow(self.context)
+
+    def follow(self, context: ssl.SSLContext) -> None:
+        """Move each handshake of a server that serves with ``context`` (made elsewhere, with
+        the same files and a required client certificate) to ``current()``."""
+        context.sni_callback = self._handshake
 
     def _stamps(self) -> tuple[Stamp | None, ...]:
         return tuple(stamp(p) for p in self._paths)
@@ -62,6 +70,10 @@ class ReloadingServerContext:
             now = self._stamps()
         except OSError:
             return self._current
+        with self._lock:
+            return self._reload(now)
+
+    def _reload(self, now: tuple[Stamp | None, ...]) -> ssl.SSLContext:
         if now == self._stamp or now == self._failed:
             return self._current
         try:
