@@ -531,7 +531,8 @@ class ActiveMemoryManager:
     async def _sample_while_stopped(self) -> None:
         """With the dashboard on, while the AMM does not cycle: poll every agent once an
         interval and sample, so the memory chart has no gap where the AMM was off. No planning
-        and no directives; a poll changes nothing on an agent (a fresh query polls alike)."""
+        and no directives: a poll reads an agent (handing it the tombstones of keys an operator
+        forgot, as every poll does), as a fresh query's polls do."""
         history = self.history
         if history is None:
             return
