@@ -31,6 +31,7 @@ from amm.base.validation import address_problem, epoch_problem
 from amm.v1 import control_pb2, control_pb2_grpc
 from worker_agent import metrics
 from worker_agent.advertise import advertised_address
+from worker_agent.bulk import BulkServer, host_of
 from worker_agent.config import AgentConfig
 from worker_agent.confirm import KnownKey, Membership
 from worker_agent.errors import Unavailable
@@ -212,6 +213,10 @@ class Agent:
             security=self.config.security,
             insecure=self.config.insecure,
         )
+        if self.config.bulk and self.config.security is None:
+            self.node.bulk = await BulkServer.start(
+                host_of(self.config.listen), self.config.stream_idle_timeout
+            )
         if self.metrics is not None:
             self.metrics.start()
         self.node.address = await asyncio.to_thread(
