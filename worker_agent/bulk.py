@@ -132,6 +132,8 @@ class BulkServer:
         ticket = secrets.token_bytes(TICKET_BYTES)
         loop = asyncio.get_running_loop()
         entry = _Offer(data, loop.create_future(), loop.create_future())
+        # A transfer that fails after its Fetch call ended has nobody to report to.
+        entry.done.add_done_callback(_retrieve)
         self._offers[ticket] = entry
         return Offer(self.port, ticket, self, entry)
 
@@ -195,6 +197,11 @@ class BulkServer:
             finally:
                 if entry is not None and not entry.done.done():  # cancelled: the agent stops
                     entry.done.set_exception(BulkError("the agent is stopping"))
+
+
+def _retrieve(future: asyncio.Future[None]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 async def _read_exactly(connection: socket.socket, size: int) -> bytes:
