@@ -113,16 +113,20 @@ class BulkServer:
         infos = await loop.getaddrinfo(
             host or None, 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )
-        family, kind, proto, _, address = infos[0]
-        listener = socket.socket(family, kind, proto)
-        try:
-            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            listener.bind(address)
-            listener.listen(128)
-            listener.setblocking(False)
-        except OSError:
-            listener.close()
-            raise
+        problems = []
+        for family, kind, proto, _, address in infos:
+            listener = socket.socket(family, kind, proto)
+            try:
+                listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                listener.bind(address)
+                listener.listen(128)
+                listener.setblocking(False)
+                break
+            except OSError as err:
+                listener.close()
+                problems.append(f"{address[0]}: {err.strerror or err}")
+        else:
+            raise OSError(f"cannot listen on {host!r}: {'; '.join(problems) or 'no address'}")
         server = cls(listener, idle_timeout)
         server._accepting = asyncio.create_task(server._accept(), name="bulk port")
         return server
