@@ -66,7 +66,7 @@ def listening_ports(pid: int) -> set[int]:
 @dataclass
 class Endpoints:
     """The metrics addresses of the cluster's processes, found as the port each listens on
-    besides its gRPC one."""
+    besides its gRPC one that answers HTTP."""
 
     amm: str
     agents: list[str]
@@ -78,8 +78,12 @@ class Endpoints:
         children = [p.pid for p in psutil.Process().children() if p.pid != cluster.service_pid]
 
         def metrics(pid: int) -> str:
-            ports = sorted(listening_ports(pid) - grpc_ports)
-            return f"127.0.0.1:{ports[0]}" if ports else ""
+            # An agent also listens on its bulk port: the metrics port is the one that answers.
+            for port in sorted(listening_ports(pid) - grpc_ports):
+                with contextlib.suppress(OSError):
+                    scrape(f"127.0.0.1:{port}")
+                    return f"127.0.0.1:{port}"
+            return ""
 
         return cls(metrics(cluster.service_pid), [metrics(p) for p in children], children)
 

@@ -116,8 +116,12 @@ async def host(
     probe = ShareOfProcess(count)
     value = b"x" * value_bytes
     digest = checksum(value)
+    # No bulk ports: nothing is replicated here, and a thousand agents need no second port each.
     agents = [
-        Agent(AgentConfig(amm=amm, listen="127.0.0.1:0", name=f"bench-{first + i}"), probe=probe)
+        Agent(
+            AgentConfig(amm=amm, listen="127.0.0.1:0", name=f"bench-{first + i}", bulk=False),
+            probe=probe,
+        )
         for i in range(count)
     ]
     for i, agent in enumerate(agents):

@@ -146,6 +146,14 @@ def build_parser() -> argparse.ArgumentParser:
         const=True,
         default=False,
     )
+    add(
+        "--no-bulk",
+        "send and fetch values between plaintext agents over gRPC only, without the bulk port "
+        "(a second, random port on the --listen host; needed where only the gRPC port is open)",
+        action="store_const",
+        const=True,
+        default=False,
+    )
     return parser
 
 
@@ -187,6 +195,7 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         "metrics_listen": args.metrics_listen or None,
         "security": _security(args),
         "insecure": _switch("--insecure", args.insecure),
+        "bulk": not _switch("--no-bulk", args.no_bulk),
     }
     for field in ("memory_limit", "lease", "chunk_size", "drain_grace"):
         value = getattr(args, field)

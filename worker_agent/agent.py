@@ -31,6 +31,7 @@ from amm.base.validation import address_problem, epoch_problem
 from amm.v1 import control_pb2, control_pb2_grpc
 from worker_agent import metrics
 from worker_agent.advertise import advertised_address
+from worker_agent.bulk import BulkServer, host_of
 from worker_agent.config import AgentConfig
 from worker_agent.confirm import KnownKey, Membership
 from worker_agent.errors import Unavailable
@@ -212,6 +213,13 @@ class Agent:
             security=self.config.security,
             insecure=self.config.insecure,
         )
+        if self.config.bulk and self.config.security is None:
+            try:
+                self.node.bulk = await BulkServer.start(
+                    host_of(self.config.listen), self.config.stream_idle_timeout
+                )
+            except OSError as err:  # values then travel over gRPC, as with --no-bulk
+                log.warning("no bulk port: %s", err)
         if self.metrics is not None:
             self.metrics.start()
         self.node.address = await asyncio.to_thread(
@@ -237,10 +245,11 @@ class Agent:
             self._amm = control_pb2_grpc.ActiveMemoryManagerStub(self._amm_channel)
             self._spawn(self._register(self._amm), "agent registration")
         log.info(
-            "agent %s serving on %s%s (incarnation %s)",
+            "agent %s serving on %s%s%s (incarnation %s)",
             self.node.name,
             self.address,
             " with mutual TLS" if self.config.security else "",
+            f", bulk port {self.node.bulk.port}" if self.node.bulk is not None else "",
             self.incarnation,
         )
 

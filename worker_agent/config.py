@@ -55,6 +55,10 @@ class AgentConfig:
     #: a 64 MiB replication cost the receiving agent about 10% less CPU than with 1 MiB chunks
     #: (fewer messages), and larger chunks gained nothing more.
     chunk_size: int = 4 * MiB
+    #: Offer values to peers over a bulk port (``worker_agent.bulk``: raw bytes over TCP, about
+    #: half the CPU of gRPC chunks) and ask peers for it. Plaintext only: with ``security`` set,
+    #: values always travel over gRPC.
+    bulk: bool = True
     #: Largest value accepted; a larger Put fails with RESOURCE_EXHAUSTED.
     max_value_bytes: int = 1 * GiB
     #: Bytes of values served (Get, Fetch) at once, which gRPC may buffer for readers; more

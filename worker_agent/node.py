@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from amm.base.security.identity import SHARED_AGENT_NAME
 from amm.base.validation import epoch_problem
 from worker_agent import integrity
+from worker_agent.bulk import BulkServer
 from worker_agent.config import AgentConfig
 from worker_agent.confirm import AmmPort, Confirmations
 from worker_agent.directives import DirectiveRunner, KeyLocks, Outcome, OutcomeStatus
@@ -142,7 +143,11 @@ class Node:
         self.locks = KeyLocks()
         #: Bytes in and out and transfer durations, for the metrics.
         self.traffic = Traffic()
+        #: The bulk port values are fetched from by peers (set by ``Agent.start``); None: every
+        #: Fetch streams chunks over gRPC.
+        self.bulk: BulkServer | None = None
         self.peers = Peers(
+            bulk=config.bulk and config.security is None,
             fetch_timeout=config.fetch_timeout,
             source_timeout=config.source_timeout,
             max_value_bytes=config.max_value_bytes,
@@ -702,6 +707,8 @@ class Node:
         )
 
     async def close(self) -> None:
+        if self.bulk is not None:
+            await self.bulk.close()
         if self.confirmations is not None:
             await self.confirmations.close()
         await self.peers.close()

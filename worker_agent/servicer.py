@@ -34,6 +34,7 @@ from amm.base.streams import (
 from amm.base.validation import bad_addresses
 from amm.v1 import agent_pb2, agent_pb2_grpc, types_pb2
 from worker_agent import garbled, integrity
+from worker_agent.bulk import BulkError, BulkServer
 from worker_agent.directives import Outcome, OutcomeStatus
 from worker_agent.errors import (
     AgentError,
@@ -529,7 +530,39 @@ class WorkerAgentServicer(agent_pb2_grpc.WorkerAgentServicer):
                 if expected and expected != reading.value.checksum:
                     raise UnknownKey(f"holds other content under {key!r}")
                 async with self._node.serving(reading.value.size):
-                    await self._stream(context, "Fetch", reading.value, agent_pb2.FetchResponse)
+                    bulk = self._node.bulk
+                    if request.bulk and bulk is not None:
+                        await self._offer(context, bulk, reading.value)
+                    else:
+                        await self._stream(context, "Fetch", reading.value, agent_pb2.FetchResponse)
+
+    async def _offer(self, context: Context, bulk: BulkServer, value: Value) -> None:
+        """Send ``value``'s header with a bulk offer, then wait while the requester takes the
+        bytes over the bulk port (``worker_agent.bulk``); the key stays in use until then."""
+        header = types_pb2.ValueHeader(key=value.key, size=value.size, checksum=value.checksum)
+        offer = bulk.offer(value.data)
+        idle = self._node.config.stream_idle_timeout
+        started = time.perf_counter()
+        try:
+            message = agent_pb2.FetchResponse(
+                header=header, bulk=agent_pb2.BulkOffer(port=offer.port, ticket=offer.ticket)
+            )
+            if not await self._send(context, [message]):
+                self._stalled(context, "Fetch", value.key)
+                return
+            if context.cancelled():  # the reader went away
+                return
+            await offer.sent(claim_timeout=idle)
+        except BulkError as err:
+            log.info("Fetch of %r over the bulk port failed: %s", value.key, err)
+            context.set_code(grpc.StatusCode.UNAVAILABLE)
+            context.set_details(f"bulk transfer of {value.key!r} failed: {err}")
+            return
+        finally:
+            offer.revoke()
+        traffic = self._node.traffic
+        traffic.sent["fetch"] += value.size
+        traffic.transfers["out"].observe(time.perf_counter() - started)
 
     async def _stream(
         self,

@@ -8,7 +8,10 @@ agent's identity and must prove to be an agent of the cluster CA, whatever its a
 tries the sources in order, gives up on one that sends no header within ``source_timeout``, and
 verifies size and SHA-256 before handing bytes back; failures are values (``FetchFailure``) naming
 the reason, because for a directive they are expected outcomes, not errors. Chunks are read as
-``memoryview`` and hashed while the next arrives (``amm.base.streams``).
+``memoryview`` and hashed while the next arrives (``amm.base.streams``). Without TLS a Fetch asks
+for the source's bulk port (``worker_agent.bulk``), and a source that offers it sends the bytes
+there, verified alike; a source whose bulk port cannot be reached is asked again for chunks, and
+not offered the bulk port again.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from amm.base.security import Role, Security
 from amm.base.serving import open_channel
 from amm.base.streams import Assembly, Overflow, ValueStreams
 from amm.v1 import agent_pb2, agent_pb2_grpc, types_pb2
+from worker_agent import bulk
 from worker_agent.integrity import Reason, is_peer_address
 from worker_agent.store import Key
 from worker_agent.traffic import Traffic
@@ -83,7 +87,11 @@ class _Corrupt(Exception):
 
 
 class _Silent(Exception):
-    """A source sent no header within ``source_timeout``."""
+    """A source sent no header within ``source_timeout``, or its bulk transfer broke off."""
+
+
+class _NoBulk(Exception):
+    """A source's bulk port could not be reached: ask it for chunks instead."""
 
 
 def reason_from_proto(value: int) -> Reason | None:
@@ -105,6 +113,7 @@ class Peers:
     def __init__(
         self,
         *,
+        bulk: bool = False,
         fetch_timeout: float,
         max_value_bytes: int,
         max_channels: int = MAX_PEER_CHANNELS,
@@ -113,6 +122,9 @@ class Peers:
         security: Security | None = None,
     ) -> None:
         self._traffic = traffic if traffic is not None else Traffic()
+        self._bulk = bulk
+        #: Sources whose bulk port could not be reached: asked for chunks from then on.
+        self._no_bulk: set[str] = set()
         self._security = security
         self._fetch_timeout = fetch_timeout
         self._source_timeout = min(source_timeout or fetch_timeout, fetch_timeout)
@@ -231,14 +243,27 @@ class Peers:
         expected_checksum: str,
         requester: str,
     ) -> tuple[bytes, str]:
+        use_bulk = self._bulk and source not in self._no_bulk
         async with self._channel(source) as channel:
+            streams = ValueStreams(channel)
+            request = agent_pb2.FetchRequest(
+                key=key, checksum=expected_checksum, requester=requester, bulk=use_bulk
+            )
+            try:
+                return await self._receive(
+                    streams.fetch(request, timeout=self._fetch_timeout),
+                    source,
+                    key,
+                    expected_size,
+                    expected_checksum,
+                )
+            except _NoBulk as err:
+                log.info("%s; fetching %r from it in chunks from now on", err, key)
+                self._no_bulk.add(source)
+            request.bulk = False
             return await self._receive(
-                ValueStreams(channel).fetch(
-                    agent_pb2.FetchRequest(
-                        key=key, checksum=expected_checksum, requester=requester
-                    ),
-                    timeout=self._fetch_timeout,
-                ),
+                streams.fetch(request, timeout=self._fetch_timeout),
+                source,
                 key,
                 expected_size,
                 expected_checksum,
@@ -249,6 +274,7 @@ class Peers:
         call: grpc.aio.UnaryStreamCall[
             agent_pb2.FetchRequest, agent_pb2.FetchResponse | memoryview
         ],
+        source: str,
         key: Key,
         expected_size: int | None,
         expected_checksum: str,
@@ -272,6 +298,8 @@ class Peers:
                     _check_header(header, key, expected_size, expected_checksum)
                     if header.size > self._max_value_bytes:
                         raise _Corrupt(f"{header.size} bytes exceed the largest value accepted")
+                    if message.HasField("bulk"):
+                        return await self._receive_bulk(source, message.bulk, header)
                     received = Assembly(header.size)
                     continue
                 if not isinstance(message, memoryview):
@@ -292,6 +320,31 @@ class Peers:
             if received is not None:
                 received.abandon()
             call.cancel()
+
+    async def _receive_bulk(
+        self, source: str, offer: agent_pb2.BulkOffer, header: types_pb2.ValueHeader
+    ) -> tuple[bytes, str]:
+        """The value offered on ``source``'s bulk port, verified against ``header``."""
+        if not self._bulk:
+            raise _Corrupt("offered the bulk port, which was not asked for")
+        if not 0 < offer.port < 65536 or len(offer.ticket) != bulk.TICKET_BYTES:
+            raise _Corrupt("sent a malformed bulk offer")
+        try:
+            async with asyncio.timeout(self._fetch_timeout):
+                data, digest = await bulk.receive(
+                    bulk.host_of(source),
+                    offer.port,
+                    offer.ticket,
+                    header.size,
+                    self._source_timeout,
+                )
+        except bulk.Unreachable as err:
+            raise _NoBulk(f"{source}: bulk port {offer.port} unreachable: {err}") from None
+        except (bulk.BulkError, TimeoutError) as err:
+            raise _Silent(f"the bulk transfer broke off: {err or 'timed out'}") from None
+        if digest != header.checksum:
+            raise _Corrupt("the data does not match its checksum")
+        return data, header.checksum
 
     async def promise_keep(
         self,

@@ -580,50 +580,99 @@ class FetchRequest(_message.Message):
     KEY_FIELD_NUMBER: _builtins.int
     CHECKSUM_FIELD_NUMBER: _builtins.int
     REQUESTER_FIELD_NUMBER: _builtins.int
+    BULK_FIELD_NUMBER: _builtins.int
     key: _builtins.str
     """The key to send."""
     checksum: _builtins.str
     """Expected lowercase hexadecimal SHA-256; when set and different, the call fails with NOT_FOUND."""
     requester: _builtins.str
     """Address of the requesting agent (for logs)."""
+    bulk: _builtins.bool
+    """The requester can take the value over the source's bulk port (FetchResponse.bulk) instead of
+    in chunks. A source that does not offer one (an older agent, or one on TLS) ignores it and
+    streams chunks as always.
+    """
     def __init__(
         self,
         *,
         key: _builtins.str = ...,
         checksum: _builtins.str = ...,
         requester: _builtins.str = ...,
+        bulk: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["checksum", b"checksum", "key", b"key", "requester", b"requester"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bulk", b"bulk", "checksum", b"checksum", "key", b"key", "requester", b"requester"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___FetchRequest: _TypeAlias = FetchRequest  # noqa: Y015
 
 @_typing.final
+class BulkOffer(_message.Message):
+    """A value offered over the source's bulk port: a plain TCP connection that carries nothing but
+    the value's bytes. The requester connects to the host it dialled for Fetch at `port`, sends the
+    32-byte `ticket`, and reads exactly the header's `size` bytes, which it verifies against the
+    header's size and SHA-256 as it would chunks. A ticket is good for one connection, and only
+    until the source gives up waiting for it (its stream idle timeout); the Fetch call ends once
+    the bytes are sent. Offered only on plaintext agents, never with TLS.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PORT_FIELD_NUMBER: _builtins.int
+    TICKET_FIELD_NUMBER: _builtins.int
+    port: _builtins.int
+    """The source's bulk port, on the host of its gRPC address."""
+    ticket: _builtins.bytes
+    """The one-time secret that claims this value on the bulk port (32 random bytes)."""
+    def __init__(
+        self,
+        *,
+        port: _builtins.int = ...,
+        ticket: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["port", b"port", "ticket", b"ticket"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BulkOffer: _TypeAlias = BulkOffer  # noqa: Y015
+
+@_typing.final
 class FetchResponse(_message.Message):
-    """One message of a Fetch stream: the header first, then chunks."""
+    """One message of a Fetch stream: the header first, then chunks, or the header with a bulk offer
+    and nothing more.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     HEADER_FIELD_NUMBER: _builtins.int
     CHUNK_FIELD_NUMBER: _builtins.int
+    BULK_FIELD_NUMBER: _builtins.int
     chunk: _builtins.bytes
     """Next part of the value."""
     @_builtins.property
     def header(self) -> _types_pb2.ValueHeader:
         """First message."""
 
+    @_builtins.property
+    def bulk(self) -> Global___BulkOffer:
+        """Set only beside the header, and only when the request asked for `bulk`: the value's bytes
+        follow over the bulk port instead of in chunks.
+        """
+
     def __init__(
         self,
         *,
         header: _types_pb2.ValueHeader | None = ...,
         chunk: _builtins.bytes = ...,
+        bulk: Global___BulkOffer | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "header", b"header", "item", b"item"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["bulk", b"bulk", "chunk", b"chunk", "header", b"header", "item", b"item"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "header", b"header", "item", b"item"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bulk", b"bulk", "chunk", b"chunk", "header", b"header", "item", b"item"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_item: _TypeAlias = _typing.Literal["header", "chunk"]  # noqa: Y015
     _WhichOneofArgType_item: _TypeAlias = _typing.Literal["item", b"item"]  # noqa: Y015

@@ -122,8 +122,13 @@ def agents_hold_keys(pid: int) -> bool:
                 continue
             with grpc.insecure_channel(f"127.0.0.1:{conn.laddr.port}") as channel:
                 stub = agent_pb2_grpc.WorkerAgentStub(channel)
-                if stub.Poll(agent_pb2.PollRequest(), timeout=5).keys:
-                    return True
+                try:
+                    if stub.Poll(agent_pb2.PollRequest(), timeout=5).keys:
+                        return True
+                except grpc.RpcError as err:
+                    # An agent's bulk port speaks no gRPC: it drops the connection.
+                    if err.code() is not grpc.StatusCode.UNAVAILABLE:
+                        raise
     return False
 
 

@@ -68,6 +68,16 @@ def test_headers_and_other_messages_go_through_protobuf() -> None:
     assert serialize(b"already bytes") == b"already bytes"
 
 
+def test_a_header_with_a_bulk_offer_goes_through_protobuf_whole() -> None:
+    header = types_pb2.ValueHeader(key="k", size=3, checksum=checksum(b"abc"))
+    offer = agent_pb2.BulkOffer(port=4242, ticket=bytes(range(32)))
+    raw = serialize(agent_pb2.FetchResponse(header=header, bulk=offer))
+    assert chunk_of(raw) is None
+    decoded = decoder(agent_pb2.FetchResponse)(raw)
+    assert isinstance(decoded, agent_pb2.FetchResponse)
+    assert (decoded.header, decoded.bulk) == (header, offer)
+
+
 @pytest.mark.parametrize(
     "raw",
     [

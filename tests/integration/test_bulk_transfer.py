@@ -1,0 +1,181 @@
+"""Peer transfers over the bulk port (``worker_agent.bulk``): real agents on loopback, and hostile
+sources whose bulk port sends other bytes, too few, or cannot be reached."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from amm.base.checksum import checksum
+from amm.v1 import agent_pb2, agent_pb2_grpc, types_pb2
+from tests.support.agent import (
+    agents,
+    dial,
+    directive_stream,
+    put,
+    reason,
+    replicate,
+    running_agent,
+    status,
+)
+from tests.support.faults import fake_peer
+from worker_agent import bulk
+from worker_agent.bulk import BulkServer, fresh_bytes
+from worker_agent.store import Key
+from worker_agent.transfer import Fetched, Peers
+
+#: Larger than a send and a hash step, and not a multiple of either.
+DATA = os.urandom(9 * 1024 * 1024 + 123)
+
+
+def _peers(**overrides: Any) -> Peers:
+    return Peers(**{"bulk": True, "fetch_timeout": 10.0, "max_value_bytes": 1 << 30, **overrides})
+
+
+async def test_replication_between_plain_agents_goes_over_the_bulk_port() -> None:
+    async with agents(2) as [(a, stub_a), (b, stub_b)]:
+        await put(stub_a, "k", DATA)
+        async with directive_stream(stub_b) as amm:
+            outcome = await amm.run(replicate("k", DATA, [a.address]))
+        assert status(outcome) == "APPLIED", outcome.message
+        assert a.node.bulk is not None
+        assert a.node.bulk.sent == 1
+        value = b.store.get(Key("k"))
+        assert value is not None
+        assert value.data == DATA
+        assert value.checksum == checksum(DATA)
+        assert a.node.traffic.sent["fetch"] == len(DATA)
+
+
+async def test_an_agent_without_the_bulk_port_streams_chunks_to_one_that_asks() -> None:
+    """An older source (or one that turned it off) ignores ``FetchRequest.bulk``."""
+    async with running_agent(bulk=False) as a, dial(a.address) as stub_a:
+        await put(stub_a, "k", DATA)
+        assert a.node.bulk is None
+        peers = _peers()
+        try:
+            got = await peers.fetch(
+                Key("k"), [a.address], expected_size=None, expected_checksum="", requester="t"
+            )
+        finally:
+            await peers.close()
+        assert isinstance(got, Fetched)
+        assert got.data == DATA
+
+
+async def test_a_bulk_port_that_cannot_be_reached_falls_back_to_chunks() -> None:
+    async with running_agent() as a, dial(a.address) as stub_a:
+        await put(stub_a, "k", DATA)
+        assert a.node.bulk is not None
+        await a.node.bulk.close()  # still offered, nobody listens
+        peers = _peers()
+        try:
+            for _ in range(2):
+                got = await peers.fetch(
+                    Key("k"),
+                    [a.address],
+                    expected_size=len(DATA),
+                    expected_checksum="",
+                    requester="t",
+                )
+                assert isinstance(got, Fetched)
+                assert got.data == DATA
+        finally:
+            await peers.close()
+
+
+class _BulkLiar(agent_pb2_grpc.WorkerAgentServicer):
+    """A source whose header announces ``DATA`` and whose bulk port sends ``sent`` instead."""
+
+    def __init__(self, server: BulkServer, sent: bytes) -> None:
+        self.server = server
+        self.sent = sent
+
+    async def Fetch(self, request: Any, context: Any) -> AsyncIterator[agent_pb2.FetchResponse]:
+        header = types_pb2.ValueHeader(key=request.key, size=len(DATA), checksum=checksum(DATA))
+        offer = self.server.offer(self.sent)
+        offered = agent_pb2.BulkOffer(port=offer.port, ticket=offer.ticket)
+        yield agent_pb2.FetchResponse(header=header, bulk=offered)
+        try:
+            await offer.sent(claim_timeout=5.0)
+        except bulk.BulkError:
+            pass
+        finally:
+            offer.revoke()
+
+
+def _flip(data: bytes, at: int) -> bytes:
+    return data[:at] + bytes([data[at] ^ 1]) + data[at + 1 :]
+
+
+@pytest.mark.parametrize(
+    ("sent", "expected"),
+    [
+        (_flip(DATA, len(DATA) - 1), ("REFUSED", "CHECKSUM_MISMATCH")),
+        (_flip(DATA, 0), ("REFUSED", "CHECKSUM_MISMATCH")),
+        (DATA[:-1], ("FAILED", "SOURCE_UNAVAILABLE")),
+    ],
+    ids=["last-byte-flipped", "first-byte-flipped", "one-byte-short"],
+)
+async def test_bytes_from_a_bulk_port_that_do_not_match_are_never_stored(
+    sent: bytes, expected: tuple[str, str]
+) -> None:
+    server = await BulkServer.start("127.0.0.1", idle_timeout=5.0)
+    try:
+        liar = _BulkLiar(server, sent)  # type: ignore[abstract]
+        async with fake_peer(liar) as source, running_agent() as b, dial(b.address) as stub_b:
+            async with directive_stream(stub_b) as amm:
+                outcome = await amm.run(replicate("k", DATA, [source]))
+            assert (status(outcome), reason(outcome)) == expected, outcome.message
+            assert "k" not in b.store
+    finally:
+        await server.close()
+
+
+async def test_a_ticket_is_good_for_one_connection_only() -> None:
+    server = await BulkServer.start("127.0.0.1", idle_timeout=5.0)
+    try:
+        offer = server.offer(DATA)
+        sent = asyncio.create_task(offer.sent(claim_timeout=5.0))
+        data, digest = await bulk.receive("127.0.0.1", offer.port, offer.ticket, len(DATA), 5.0)
+        await sent
+        assert (data, digest) == (DATA, checksum(DATA))
+        with pytest.raises(bulk.BulkError, match="closed after 0"):
+            await bulk.receive("127.0.0.1", offer.port, offer.ticket, len(DATA), 5.0)
+        assert server.sent == 1
+    finally:
+        await server.close()
+
+
+async def test_an_unclaimed_offer_lapses() -> None:
+    server = await BulkServer.start("127.0.0.1", idle_timeout=5.0)
+    try:
+        offer = server.offer(DATA)
+        with pytest.raises(bulk.BulkError, match="not claimed"):
+            await offer.sent(claim_timeout=0.05)
+        offer.revoke()
+        with pytest.raises(bulk.BulkError):
+            await bulk.receive("127.0.0.1", offer.port, offer.ticket, len(DATA), 5.0)
+    finally:
+        await server.close()
+
+
+def test_fresh_bytes_are_bytes_filled_through_the_view() -> None:
+    data, view = fresh_bytes(5)
+    view[:] = b"hello"
+    view.release()
+    assert type(data) is bytes
+    assert data == b"hello"
+    assert hash(data) == hash(b"hello")
+    empty, view = fresh_bytes(0)
+    assert empty == b""
+    assert len(view) == 0
+
+
+def test_host_of_strips_the_port_and_ipv6_brackets() -> None:
+    assert bulk.host_of("10.0.0.1:5") == "10.0.0.1"
+    assert bulk.host_of("[::1]:5") == "::1"
