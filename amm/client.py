@@ -663,16 +663,20 @@ class AsyncClient:
             if received is not None:
                 received.abandon()
 
-    async def prefetch(self, key: str, worker: str, *, sources: Sequence[str] = ()) -> Prefetched:
+    async def prefetch(
+        self, key: str, worker: str, *, sources: Sequence[str] = (), pin: bool = False
+    ) -> Prefetched:
         """Make ``worker`` hold ``key`` as a read through it would, without receiving the value.
 
         A worker that lacks the key fetches it from ``sources`` (or, when empty, the holders the
         AMM names) and keeps the replica, as a Dask worker gathers a task's input; the value
         itself never travels to this client: the call ends once the worker sent the header.
-        ``fetched`` tells whether the worker copied the key from a peer for this call.
+        ``fetched`` tells whether the worker copied the key from a peer for this call. With
+        ``pin``, the worker pins the key before it answers (no drop can come in between; unpin
+        it later); ``pins`` is then the pin count, 0 from an agent too old to pin on a read.
         """
         stub = self._agent_stub(worker)
-        request = agent_pb2.GetRequest(key=key, sources=list(sources))
+        request = agent_pb2.GetRequest(key=key, sources=list(sources), pin=pin)
         with _rpc("worker", worker):
             call = stub.Get(request, timeout=self.timeout)
             first: agent_pb2.GetResponse | None = None
@@ -685,7 +689,9 @@ class AsyncClient:
         if first is None or not first.HasField("header"):
             raise AmmError(grpc.StatusCode.DATA_LOSS, f"{worker} sent {key!r} without a header")
         header = first.header
-        return Prefetched(key=key, worker=worker, size=header.size, fetched=header.replicated)
+        return Prefetched(
+            key=key, worker=worker, size=header.size, fetched=header.replicated, pins=header.pins
+        )
 
     async def pin(self, key: str, worker: str) -> int:
         """Pin ``key`` on ``worker`` so it is never dropped there; returns the pin count."""

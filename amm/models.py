@@ -63,12 +63,14 @@ class Unpinned:
 
 @dataclass(frozen=True, slots=True)
 class Prefetched:
-    """A worker holds a key after ``prefetch``; ``fetched`` when it copied it from a peer for it."""
+    """A worker holds a key after ``prefetch``; ``fetched`` when it copied it from a peer for it,
+    ``pins`` the key's pins there when the prefetch pinned it."""
 
     key: str
     worker: str
     size: int
     fetched: bool
+    pins: int = 0
 
 
 @dataclass(frozen=True, slots=True)

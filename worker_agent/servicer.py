@@ -516,9 +516,19 @@ class WorkerAgentServicer(agent_pb2_grpc.WorkerAgentServicer):
                 self._node.reading(key, fetch=True, sources=request.sources) as reading,
                 self._node.serving(reading.value.size),
             ):
+                pins = self._pin_for(key) if request.pin else 0
                 await self._stream(
-                    context, "Get", reading.value, agent_pb2.GetResponse, reading.replicated
+                    context, "Get", reading.value, agent_pb2.GetResponse, reading.replicated, pins
                 )
+
+    def _pin_for(self, key: Key) -> int:
+        """Pin ``key`` for a Get that asked to: while the read holds it, so no drop slips in."""
+        if key not in self._node.store:
+            raise TooLarge(
+                f"no room to keep {key!r} here to pin it (memory limit); try again once memory "
+                "is freed"
+            )
+        return self._node.pin(key)
 
     async def Fetch(  # type: ignore[override]
         self, request: agent_pb2.FetchRequest, context: Context
@@ -571,10 +581,15 @@ class WorkerAgentServicer(agent_pb2_grpc.WorkerAgentServicer):
         value: Value,
         response: type[agent_pb2.GetResponse] | type[agent_pb2.FetchResponse],
         replicated: bool = False,
+        pins: int = 0,
     ) -> None:
         """Send ``value`` as a header and chunks; a reader that stops reading is cut off."""
         header = types_pb2.ValueHeader(
-            key=value.key, size=value.size, checksum=value.checksum, replicated=replicated
+            key=value.key,
+            size=value.size,
+            checksum=value.checksum,
+            replicated=replicated,
+            pins=pins,
         )
         size = self._node.config.chunk_size
         chunks: Iterable[Outgoing]

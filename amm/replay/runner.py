@@ -38,15 +38,19 @@ import time
 from collections import Counter
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
 from amm.client import AsyncClient
 from amm.errors import AmmError
+from amm.models import Prefetched
 from amm.replay.plan import EndCheck, Lifetimes, ReplayPlan, Step
 
 MAX_PIN_ATTEMPTS = 5
+PIN_PATIENCE = 30.0
+"""Seconds a step waits for room to pin an input on its worker before the replay fails."""
+T = TypeVar("T")
 FORGET_BATCH_DELAY = 0.05
 """Seconds the forgetter waits for more keys before a Forget, so that keys released together
 (the inputs of one step, the steps finishing in one burst) cost the AMM one call."""
@@ -173,7 +177,7 @@ class Replayer:
         self._produced = {step.key: asyncio.Event() for step in plan.steps}
         self._holders: dict[str, list[str]] = {}
         self._pins: Counter[tuple[str, str]] = Counter()
-        self._pinning: set[asyncio.Task[int]] = set()
+        self._pinning: set[asyncio.Task[Any]] = set()
         self._payloads = _Payloads()
         self._forgetter = Forgetter(client)
         self._t0 = 0.0
@@ -277,7 +281,7 @@ class Replayer:
             self._holders[step.key] = [agent]
             self._produced[step.key].set()
             for name in step.inputs:
-                await self._counted(self._client.unpin(name, agent), (name, agent), -1)
+                await self._counted(self._client.unpin(name, agent), (name, agent), _MINUS_ONE)
         except AmmError as err:
             raise ReplayError(
                 f"step {step.recorded_key!r} on {agent}: {err.status.name}: {err.message}"
@@ -287,46 +291,88 @@ class Replayer:
         if self._on_step is not None:
             self._on_step(step)
 
-    async def _counted(self, call: Coroutine[Any, Any, int], pin: tuple[str, str], by: int) -> None:
-        """Await a pin (``by`` +1) or unpin (-1) and count it in ``_pins`` once it succeeded,
-        even if the caller is cancelled meanwhile: the call runs on as a task of its own."""
+    async def _counted(
+        self, call: Coroutine[Any, Any, T], pin: tuple[str, str], by: Callable[[T], int]
+    ) -> T:
+        """Await a pin, unpin or pinning read and count it in ``_pins`` (``by`` its result) once
+        it succeeded, even if the caller is cancelled meanwhile: the call runs on as a task."""
         task = asyncio.ensure_future(call)
         self._pinning.add(task)
 
-        def count(done: asyncio.Task[int]) -> None:
+        def count(done: asyncio.Task[T]) -> None:
             self._pinning.discard(done)
             if not done.cancelled() and done.exception() is None:
-                self._pins[pin] += by
+                self._pins[pin] += by(done.result())
 
         task.add_done_callback(count)
-        await asyncio.shield(task)
+        return await asyncio.shield(task)
 
     async def _hold(self, key: str, agent: str) -> None:
-        """Pin ``key`` on ``agent``, reading it through the agent first when it lacks it."""
-        for _ in range(MAX_PIN_ATTEMPTS):
+        """Pin ``key`` on ``agent``, reading it through the agent first when it lacks it.
+
+        The read pins as it lands (``prefetch(pin=True)``), so the AMM cannot drop the new
+        replica before the pin; an agent with no room to keep it is asked again, backing off,
+        as a Dask worker waits for memory before it gathers a task's inputs."""
+        deadline = time.monotonic() + PIN_PATIENCE
+        delay = 0.05
+        while True:
             try:
-                await self._counted(self._client.pin(key, agent), (key, agent), +1)
+                await self._counted(self._client.pin(key, agent), (key, agent), _ONE)
                 return
             except AmmError as err:
                 if err.status != grpc.StatusCode.NOT_FOUND:
                     raise
             sources = [h for h in self._holders.get(key, ()) if h != agent]
             try:
-                got = await self._client.prefetch(key, agent, sources=sources)
-            except AmmError as err:
-                if err.status != grpc.StatusCode.NOT_FOUND or not sources:
+                got = await self._pinning_read(key, agent, sources)
+            except AmmError as no_room:
+                if no_room.status != grpc.StatusCode.RESOURCE_EXHAUSTED:
                     raise
-                # Every source we knew of dropped it: let the agent ask the AMM.
-                got = await self._client.prefetch(key, agent)
+                if time.monotonic() + delay > deadline:
+                    raise ReplayError(
+                        f"could not pin {key!r} on {agent} for {PIN_PATIENCE:.0f} s: "
+                        f"{no_room.message}"
+                    ) from no_room
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+                continue
             if got.fetched:
                 self._fetched += 1
                 self._bytes_transferred += got.size
                 self._holders.setdefault(key, []).append(agent)
-        raise ReplayError(
-            f"could not pin {key!r} on {agent}: the replica was gone {MAX_PIN_ATTEMPTS} "
-            "times between its read and the pin (dropped, or not kept by an agent that is "
-            "paused or at its memory limit)"
-        )
+            if got.pins:
+                return
+            if time.monotonic() > deadline:  # an agent that cannot pin on a read, and loses it
+                raise ReplayError(
+                    f"could not pin {key!r} on {agent}: the replica kept going between its "
+                    f"read and the pin for {PIN_PATIENCE:.0f} s"
+                )
+
+    async def _pinning_read(self, key: str, agent: str, sources: list[str]) -> Prefetched:
+        """``prefetch(pin=True)`` from ``sources``, else from the holders the AMM names."""
+        try:
+            return await self._counted(
+                self._client.prefetch(key, agent, sources=sources, pin=True),
+                (key, agent),
+                _PINS,
+            )
+        except AmmError as err:
+            if err.status != grpc.StatusCode.NOT_FOUND or not sources:
+                raise
+        # Every source we knew of dropped it: let the agent ask the AMM.
+        return await self._counted(self._client.prefetch(key, agent, pin=True), (key, agent), _PINS)
+
+
+def _ONE(_: object) -> int:
+    return 1
+
+
+def _MINUS_ONE(_: object) -> int:
+    return -1
+
+
+def _PINS(got: Prefetched) -> int:
+    return 1 if got.pins else 0
 
 
 async def forget_prefix(client: AsyncClient, prefix: str) -> int:

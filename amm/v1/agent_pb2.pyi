@@ -381,8 +381,14 @@ class GetRequest(_message.Message):
 
     KEY_FIELD_NUMBER: _builtins.int
     SOURCES_FIELD_NUMBER: _builtins.int
+    PIN_FIELD_NUMBER: _builtins.int
     key: _builtins.str
     """The key to read."""
+    pin: _builtins.bool
+    """Pin the key here before the header is sent, so that no drop can come between the read and a
+    Pin (the pin outlives the call: Unpin it). A replica fetched for this call that the agent has
+    no room to keep is then refused RESOURCE_EXHAUSTED instead of being served once.
+    """
     @_builtins.property
     def sources(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Holders to fetch from if this agent lacks the key; empty means ask the AMM who has it. With an
@@ -394,10 +400,11 @@ class GetRequest(_message.Message):
         *,
         key: _builtins.str = ...,
         sources: _abc.Iterable[_builtins.str] | None = ...,
+        pin: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "sources", b"sources"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "pin", b"pin", "sources", b"sources"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

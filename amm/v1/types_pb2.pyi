@@ -445,6 +445,7 @@ class ValueHeader(_message.Message):
     SIZE_FIELD_NUMBER: _builtins.int
     CHECKSUM_FIELD_NUMBER: _builtins.int
     REPLICATED_FIELD_NUMBER: _builtins.int
+    PINS_FIELD_NUMBER: _builtins.int
     key: _builtins.str
     """The key."""
     size: _builtins.int
@@ -453,6 +454,10 @@ class ValueHeader(_message.Message):
     """Lowercase hexadecimal SHA-256 of the whole value."""
     replicated: _builtins.bool
     """Get only: true when the agent fetched the key from a peer for this call and now keeps a replica."""
+    pins: _builtins.int
+    """Get with `pin` only: the pins now held on the key on this agent, this call's included. Zero
+    from an agent that predates `GetRequest.pin` (it pinned nothing).
+    """
     def __init__(
         self,
         *,
@@ -460,10 +465,11 @@ class ValueHeader(_message.Message):
         size: _builtins.int = ...,
         checksum: _builtins.str = ...,
         replicated: _builtins.bool = ...,
+        pins: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["checksum", b"checksum", "key", b"key", "replicated", b"replicated", "size", b"size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checksum", b"checksum", "key", b"key", "pins", b"pins", "replicated", b"replicated", "size", b"size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

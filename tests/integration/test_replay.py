@@ -25,6 +25,7 @@ from amm.cli import main as cli_main
 from amm.client import AsyncClient, Client
 from amm.cluster import LocalCluster
 from amm.errors import AmmError
+from amm.replay import runner
 from amm.replay.command import ReplayOptions, begin_replay, run_modes, run_replay
 from amm.replay.command import local_cluster as local_cluster_for
 from amm.replay.plan import Scale, make_plan
@@ -216,10 +217,13 @@ def test_replay_on_a_running_amm_restores_its_state(trace_file: Path, tmp_path: 
             assert client.who_has(fresh=True) == {}
 
 
-def test_a_failed_replay_on_a_running_amm_leaves_no_pin_and_no_key(trace_file: Path) -> None:
+def test_a_failed_replay_on_a_running_amm_leaves_no_pin_and_no_key(
+    trace_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # Each agent holds its root and one more, not two (and never pauses: its process is far
     # above such a limit): a middle task pins one of its inputs, then cannot keep the other
-    # (the agent serves it without a replica), and the replay fails with a pin held.
+    # (no room for a replica), waits in vain for room, and the replay fails with a pin held.
+    monkeypatch.setattr(runner, "PIN_PATIENCE", 1.0)
     limit = str(2 * ROOT + ROOT // 4)
     agent_args = ["--memory-limit", limit, "--pause-fraction", "never"]
     with local_cluster(3, agent_args=agent_args) as cluster:
