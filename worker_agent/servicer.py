@@ -70,12 +70,14 @@ _OUTCOME_STATUS = {
 }
 _OPS = {types_pb2.DIRECTIVE_OP_REPLICATE: Op.REPLICATE, types_pb2.DIRECTIVE_OP_DROP: Op.DROP}
 #: The optional parts of the contract this agent serves (``PollResponse.features``).
-FEATURES = ("directive-batches", "keep-batches", "put-batches", "tombstones")
+FEATURES = ("directive-batches", "keep-batches", "put-batches", "tombstones", "key-lookups")
 #: Most outcomes in one DirectivesResponse batch: each message is built in one step of the loop,
 #: and 500 take a few milliseconds.
 OUTCOMES_PER_MESSAGE = 500
 #: Refused Puts whose rest is read and discarded at the same time (``WorkerAgentServicer._drain``).
 DRAINS_AT_ONCE = 2
+#: Most keys in one HoldsKeys request.
+MAX_HOLDS_KEYS = 10_000
 #: Most items in one PromiseKeepBatch request.
 MAX_KEEP_BATCH = 100_000
 #: Promises of a PromiseKeepBatch made in one step of the loop.
@@ -329,6 +331,23 @@ class WorkerAgentServicer(agent_pb2_grpc.WorkerAgentServicer):
                 membership_version=request.membership_version,
             )
             return _poll_response(inventory)
+
+    async def HoldsKeys(
+        self, request: agent_pb2.HoldsKeysRequest, context: Context
+    ) -> agent_pb2.HoldsKeysResponse:
+        async with _Edge(context, "HoldsKeys"):
+            if len(request.keys) > MAX_HOLDS_KEYS:
+                raise InvalidRequest(
+                    f"{len(request.keys)} keys exceed the {MAX_HOLDS_KEYS} of one request"
+                )
+            held = self._node.holds([_key(key) for key in request.keys])
+            response = agent_pb2.HoldsKeysResponse(
+                incarnation=held.incarnation, version=held.version
+            )
+            add = response.keys.add
+            for k in held.keys:
+                add(key=k.key, size=k.size, checksum=k.checksum, pinned=k.pinned)
+            return response
 
     def _bury(self, request: agent_pb2.PollRequest) -> None:
         """Apply the tombstones a poll carries, before its inventory is read. Not those of an
