@@ -88,6 +88,24 @@ class _Drop:
         )
 
 
+#: A finished directive as the history keeps it: (key, op, id, status, reason, message, inventory
+#: version), plain values in a plain tuple, which the cyclic GC stops tracking. Kept as objects
+#: (a subject and an outcome), the 100,000 entries of a busy agent were most of the objects its
+#: full collections walked, each a stall of the loop of about 100 ms.
+_Done = tuple[str, int, str, int, int | None, str, int]
+
+
+def _outcome_of(done: _Done) -> Outcome:
+    _, _, directive_id, status, reason, message, version = done
+    return Outcome(
+        directive_id,
+        OutcomeStatus(status),
+        None if reason is None else Reason(reason),
+        message,
+        version,
+    )
+
+
 class _Subject(NamedTuple):
     """What a directive id stands for: a repeated id must name the same key and op."""
 
@@ -152,10 +170,8 @@ class DirectiveRunner:
         self._address = address
         self._clock = clock
         self._slots = asyncio.Semaphore(config.max_concurrent_directives)
-        # By id: what the directive was about (key, op) and how it ended.
-        self._history: collections.OrderedDict[str, tuple[_Subject, Outcome]] = (
-            collections.OrderedDict()
-        )
+        # By id: what the directive was about (key, op) and how it ended (``_Done``).
+        self._history: collections.OrderedDict[str, _Done] = collections.OrderedDict()
         self._history_limit = history_limit
         self._running: dict[str, tuple[_Subject, asyncio.Future[Outcome]]] = {}
         # One batch of drops at a time: they are CPU work on this loop and on the keepers',
@@ -210,7 +226,7 @@ class DirectiveRunner:
             done = self._history.get(directive.id)
             if done is not None:
                 self._history.move_to_end(directive.id)
-                return done[1]._replace(duplicate=True)
+                return _outcome_of(done)._replace(duplicate=True)
             entry = self._running.get(directive.id)
             if entry is None:
                 break
@@ -403,7 +419,7 @@ class DirectiveRunner:
         """What a known id stood for (finished or running), or None for a new id."""
         done = self._history.get(directive_id)
         if done is not None:
-            return done[0]
+            return _Subject(Key(done[0]), Op(done[1]))
         running = self._running.get(directive_id)
         return running[0] if running is not None else None
 
@@ -695,6 +711,15 @@ class DirectiveRunner:
         return Outcome(directive.id, status, verdict.reason, verdict.message, version)
 
     def _remember(self, subject: _Subject, outcome: Outcome) -> None:
-        self._history[outcome.directive_id] = (subject, outcome)
+        reason = outcome.reason
+        self._history[outcome.directive_id] = (
+            subject.key,
+            subject.op.value,
+            outcome.directive_id,
+            outcome.status.value,
+            None if reason is None else reason.value,
+            outcome.message,
+            outcome.inventory_version,
+        )
         if len(self._history) > self._history_limit:
             self._history.popitem(last=False)
