@@ -7,7 +7,8 @@ removed keys while a cycle's drops land): seconds at 100k keys. Asking for the k
 read of each agent's store, answered between two steps of whatever the agent is doing. The
 answers are merged into the cluster state for those keys (``ClusterState.apply_lookup``), so that
 what is read next (goals, totals) agrees, without counting as a poll: the next poll brings
-whatever changed since the last one over them.
+whatever changed since the last one over them. Keys with a tombstone are left to the polls, which
+tell the tombstone book what became of them (a key put again after a Forget).
 
 Used only when every registered agent serves "key-lookups" and at most ``MAX_KEYS`` keys are asked
 (beyond, a poll costs less per key); otherwise the caller polls as before. A worker that does not
@@ -26,6 +27,7 @@ from amm.v1 import agent_pb2
 from amm_service import wire
 from amm_service.decisions.view import ClusterState, Key, KeyReport, WorkerId
 from amm_service.runtime.agents import AgentLinks, channel_closed
+from amm_service.runtime.tombstones import TombstoneBook
 
 #: The feature an agent reports when it serves HoldsKeys.
 FEATURE = "key-lookups"
@@ -36,10 +38,18 @@ MAX_KEYS = 1_000
 class KeyLookups:
     """Asks the agents which of a few keys they hold now."""
 
-    def __init__(self, state: ClusterState, links: AgentLinks, *, timeout: float) -> None:
+    def __init__(
+        self,
+        state: ClusterState,
+        links: AgentLinks,
+        *,
+        timeout: float,
+        tombstones: TombstoneBook | None = None,
+    ) -> None:
         self._state = state
         self._links = links
         self._timeout = timeout
+        self._tombstones = tombstones
 
     def usable(self, keys: Sequence[str]) -> bool:
         """Whether ``holders`` can answer for ``keys``: a few keys, and every agent serves it."""
@@ -58,6 +68,8 @@ class KeyLookups:
         answers = await asyncio.gather(*(self._ask(w, wanted) for w in workers))
         found: dict[Key, set[WorkerId]] = {}
         state = self._state
+        book = self._tombstones
+        merged = [k for k in wanted if k not in book] if book else wanted
         for worker, answer in zip(workers, answers, strict=True):
             if answer is None:  # no answer: as the state knows it
                 known = state.keys
@@ -65,7 +77,9 @@ class KeyLookups:
             else:
                 incarnation, reports = answer
                 held = [r.key for r in reports]
-                absent = set(wanted).difference(held)
+                if book:
+                    reports = [r for r in reports if r.key not in book]
+                absent = set(merged).difference(held)
                 state.apply_lookup(worker, incarnation=incarnation, held=reports, absent=absent)
             for key in held:
                 found.setdefault(key, set()).add(worker)

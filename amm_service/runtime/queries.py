@@ -63,7 +63,7 @@ class Queries:
         self._events = events
         self._poll_timeout = poll_timeout
         self._check_open = check_open
-        self._lookups = KeyLookups(state, links, timeout=poll_timeout)
+        self._lookups = KeyLookups(state, links, timeout=poll_timeout, tombstones=tombstones)
 
     async def refresh(self, fresh: bool) -> None:
         """With ``fresh``, poll every agent first. Queries then read the live state directly:
