@@ -147,7 +147,7 @@ def not_done(what: str, seconds: float, detail: str = "") -> str:
 
 async def _amm_probe(address: str, key: str, stop: asyncio.Event, lat: Latencies) -> None:
     """Control calls in a loop, one at a time, on a channel of their own. ``who_has`` is the
-    client's default, fresh: the AMM polls every agent before it answers."""
+    client's default, fresh: the AMM asks every agent for the key before it answers."""
     async with AsyncClient(address, timeout=30) as client:
         calls: dict[str, Callable[[], Awaitable[object]]] = {
             "running": client.amm.running,
@@ -202,12 +202,13 @@ async def _amm_build_and_converge(
             deadline = started + args.timeout
             while time.perf_counter() < deadline:
                 await asyncio.sleep(CHECK_EVERY)
-                # Honest, not the AMM's belief: who_has(fresh=True) makes the AMM poll every
+                # Honest, not the AMM's belief: workers(fresh=True) makes the AMM poll every
                 # agent before it answers, so the totals read right after count what the agents
                 # hold now (drops applied and not yet polled would otherwise be missed, and
-                # drops in flight counted as done).
+                # drops in flight counted as done). (A fresh who_has of one key asks the agents
+                # for that key only.)
                 try:
-                    await client.who_has([probe_key], fresh=True)
+                    await client.workers(fresh=True)
                     last = await client.status()
                 except AmmError as err:
                     print(f"  convergence check failed: {err}", flush=True)
@@ -683,14 +684,14 @@ def _load(load: tuple[float, float, float]) -> str:
 
 def _notes(args: argparse.Namespace, dask_note: str) -> list[str]:
     notes = [
-        "converged: amm: after a fresh poll of every agent (who_has(fresh=True)), GetStatus "
+        "converged: amm: after a fresh poll of every agent (workers(fresh=True)), GetStatus "
         "counts one replica per key; Dask: the scheduler counts one replica per key and the "
         f"workers' stores hold K keys in all; checked every {CHECK_EVERY:g} s.",
         "amm's AMM runs in its own process; Dask's scheduler runs in this one (LocalCluster), so "
         "its CPU and RSS include this script's client and threads.",
-        "latency: one call at a time in a loop while converging; who_has is fresh (amm polls "
-        "every agent first); Dask's status() is scheduler_info(). Dask counts no cycles or "
-        "directives.",
+        "latency: one call at a time in a loop while converging; who_has is fresh (amm asks "
+        "every agent for the key first); Dask's status() is scheduler_info(). Dask counts no "
+        "cycles or directives.",
         "replicate: amm sets a goal n=2 that its running AMM carries out; Dask's "
         "Client.replicate copies with its AMM off (its ReduceReplicas would undo it).",
     ]

@@ -24,6 +24,7 @@ from worker_agent.config import AgentConfig
 from worker_agent.confirm import Confirmations
 from worker_agent.errors import Unavailable
 from worker_agent.integrity import Accept, Conditions, Directive, Op, Reason, Refuse
+from worker_agent.pacing import Pace
 from worker_agent.store import Key, Store
 from worker_agent.transfer import FetchFailure, Peers, PromiseAnswer
 
@@ -85,6 +86,24 @@ class _Drop:
             Reason.NO_CONFIRMED_HOLDER,
             f"no holder promised to keep {self.directive.key!r} ({'; '.join(said)})",
         )
+
+
+#: A finished directive as the history keeps it: (key, op, id, status, reason, message, inventory
+#: version), plain values in a plain tuple, which the cyclic GC stops tracking. Kept as objects
+#: (a subject and an outcome), the 100,000 entries of a busy agent were most of the objects its
+#: full collections walked, each a stall of the loop of about 100 ms.
+_Done = tuple[str, int, str, int, int | None, str, int]
+
+
+def _outcome_of(done: _Done) -> Outcome:
+    _, _, directive_id, status, reason, message, version = done
+    return Outcome(
+        directive_id,
+        OutcomeStatus(status),
+        None if reason is None else Reason(reason),
+        message,
+        version,
+    )
 
 
 class _Subject(NamedTuple):
@@ -151,10 +170,8 @@ class DirectiveRunner:
         self._address = address
         self._clock = clock
         self._slots = asyncio.Semaphore(config.max_concurrent_directives)
-        # By id: what the directive was about (key, op) and how it ended.
-        self._history: collections.OrderedDict[str, tuple[_Subject, Outcome]] = (
-            collections.OrderedDict()
-        )
+        # By id: what the directive was about (key, op) and how it ended (``_Done``).
+        self._history: collections.OrderedDict[str, _Done] = collections.OrderedDict()
         self._history_limit = history_limit
         self._running: dict[str, tuple[_Subject, asyncio.Future[Outcome]]] = {}
         # One batch of drops at a time: they are CPU work on this loop and on the keepers',
@@ -209,7 +226,7 @@ class DirectiveRunner:
             done = self._history.get(directive.id)
             if done is not None:
                 self._history.move_to_end(directive.id)
-                return done[1]._replace(duplicate=True)
+                return _outcome_of(done)._replace(duplicate=True)
             entry = self._running.get(directive.id)
             if entry is None:
                 break
@@ -256,6 +273,10 @@ class DirectiveRunner:
         working on run as one ``_drop_batch`` (each keeper asked once for all its keys);
         everything else (replicates, repeated ids, refusals) runs through ``run``, concurrently.
         A newer epoch is confirmed with the AMM once for the batch, before it is sorted.
+
+        Every loop over the batch lets the event loop in (``pacing``), so polls and reads are
+        answered while a batch of thousands is carried out; which drops form the group (ids and
+        keys nothing else holds) is decided in one step with their registration as running.
         """
         newer = [d.epoch for d in directives if d.epoch <= MAX_EPOCH]
         if newer:
@@ -263,20 +284,18 @@ class DirectiveRunner:
             with contextlib.suppress(Unavailable):
                 await self._confirm_epoch(max(newer))
         cond = self._conditions()
-        grouped: list[Directive] = []
+        pace = Pace()
+        candidates: list[Directive] = []
         alone: list[Directive] = []
-        keys: set[Key] = set()
         for directive in directives:
+            if await pace():
+                cond = self._conditions()
             if (
                 directive.op is Op.DROP
-                and directive.key not in keys
-                and directive.key not in self._locks
-                and self._subject_of(directive.id) is None
                 and integrity.validate(directive) is None
                 and integrity.judge_epoch(directive, cond) is None
             ):
-                keys.add(directive.key)
-                grouped.append(directive)
+                candidates.append(directive)
             else:
                 alone.append(directive)
 
@@ -284,27 +303,57 @@ class DirectiveRunner:
             emit([await self.run(directive)])
 
         tasks = [asyncio.create_task(one(d), name=f"directive {d.id!r}") for d in alone]
+
+        def aside(directive: Directive) -> None:
+            tasks.append(asyncio.create_task(one(directive), name=f"directive {directive.id!r}"))
+
         try:
-            if grouped:
-                emit(await self._run_drops(grouped))
+            if candidates:
+                outcomes = await self._run_drops(candidates, aside, pace)
+                if outcomes:
+                    emit(outcomes)
             await asyncio.gather(*tasks)
         finally:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _run_drops(self, drops: list[Directive]) -> list[Outcome]:
+    async def _run_drops(
+        self, candidates: list[Directive], aside: Callable[[Directive], None], pace: Pace
+    ) -> list[Outcome]:
         """``_drop_batch`` with the bookkeeping ``run`` keeps per id: a repeated id arriving
-        meanwhile waits for this outcome, and each outcome is remembered."""
+        meanwhile waits for this outcome, and each outcome is remembered.
+
+        A candidate joins the batch if its id is new and its key is not taken (by an earlier
+        candidate or a directive in hand), checked and registered as running in one synchronous
+        step; the others are handed to ``aside`` (run alone, as if sent alone). Registration and
+        settling pause between directives, never within one."""
         loop = asyncio.get_running_loop()
+        drops: list[Directive] = []
+        subjects: list[_Subject] = []
         futures: list[asyncio.Future[Outcome]] = []
-        subjects = [_Subject(directive.key, directive.op) for directive in drops]
-        for directive, subject in zip(drops, subjects, strict=True):
-            self._observe_epoch(directive.epoch)
-            future: asyncio.Future[Outcome] = loop.create_future()
-            self._running[directive.id] = (subject, future)
-            futures.append(future)
+        keys: set[Key] = set()
+        outcomes: list[Outcome] = []
         try:
+            for directive in candidates:
+                await pace()
+                if (
+                    directive.key in keys
+                    or directive.key in self._locks
+                    or self._subject_of(directive.id) is not None
+                ):
+                    aside(directive)
+                    continue
+                keys.add(directive.key)
+                self._observe_epoch(directive.epoch)
+                subject = _Subject(directive.key, directive.op)
+                future: asyncio.Future[Outcome] = loop.create_future()
+                self._running[directive.id] = (subject, future)
+                drops.append(directive)
+                subjects.append(subject)
+                futures.append(future)
+            if not drops:
+                return []
             vetted, outcome_of = await self._vet_peers(drops)
             if vetted:
                 async with self._dropping, self._slots:
@@ -314,7 +363,8 @@ class DirectiveRunner:
                     )
             outcomes = [outcome_of[d.id] for d in drops]
         except asyncio.CancelledError:
-            for future in futures:
+            for directive, future in zip(drops, futures, strict=True):
+                del self._running[directive.id]
                 future.cancel()
             raise
         except Exception as err:
@@ -323,12 +373,29 @@ class DirectiveRunner:
             version = self._store.version
             outcomes = [Outcome(d.id, OutcomeStatus.FAILED, None, message, version) for d in drops]
             self.counts[Op.DROP, OutcomeStatus.FAILED, None] += len(drops)
-        finally:
-            for directive in drops:
+        # Each id leaves the running and enters the history in one step: a repeated id finds
+        # one or the other, never neither. Cancelled during a pause, the rest is settled at once.
+        settled = 0
+        try:
+            for directive, subject, future, outcome in zip(
+                drops, subjects, futures, outcomes, strict=True
+            ):
+                await pace()
                 del self._running[directive.id]
-        for subject, future, outcome in zip(subjects, futures, outcomes, strict=True):
-            future.set_result(outcome)
-            self._remember(subject, outcome)
+                future.set_result(outcome)
+                self._remember(subject, outcome)
+                settled += 1
+        finally:
+            for directive, subject, future, outcome in zip(
+                drops[settled:],
+                subjects[settled:],
+                futures[settled:],
+                outcomes[settled:],
+                strict=True,
+            ):
+                del self._running[directive.id]
+                future.set_result(outcome)
+                self._remember(subject, outcome)
         return outcomes
 
     async def drop_for_delete(self, key: Key, checksum: str, keepers: Sequence[str]) -> Outcome:
@@ -352,7 +419,7 @@ class DirectiveRunner:
         """What a known id stood for (finished or running), or None for a new id."""
         done = self._history.get(directive_id)
         if done is not None:
-            return done[0]
+            return _Subject(Key(done[0]), Op(done[1]))
         running = self._running.get(directive_id)
         return running[0] if running is not None else None
 
@@ -458,11 +525,34 @@ class DirectiveRunner:
         since we asked (a stalled loop, a slow answer), the drop is refused rather than trusting
         a promise that may have lapsed.
         """
-        store, me = self._store, self._address()
-        cond, now = self._conditions(), self._clock()
+        store = self._store
         done: dict[str, Outcome] = {}
         waiting: dict[str, _Drop] = {}
+        pace = Pace()
+        try:
+            await self._mark_drops(drops, done, waiting, pace)
+            await self._ask_keepers(waiting, done, pace)
+        finally:
+            for drop in waiting.values():
+                store.unmark_dropping(drop.directive.key)
+                done[drop.directive.id] = self._outcome(drop.directive, drop.refusal())
+        return [done[directive.id] for directive in drops]
+
+    async def _mark_drops(
+        self,
+        drops: Sequence[Directive],
+        done: dict[str, Outcome],
+        waiting: dict[str, _Drop],
+        pace: Pace,
+    ) -> None:
+        """Judge each drop and mark its key DROPPING in one synchronous step (moving it into
+        ``waiting``), or settle it at once (into ``done``); the loop is let in between keys, and
+        conditions and clock are read again after each pause."""
+        store, me = self._store, self._address()
+        cond, now = self._conditions(), self._clock()
         for directive in drops:
+            if await pace():
+                cond, now = self._conditions(), self._clock()
             # Validated and judged for its epoch already (``run_batch``, ``_execute``).
             verdict = integrity.judge_drop(store, directive, cond, now)
             if isinstance(verdict, Refuse) or verdict.noop:
@@ -482,15 +572,10 @@ class DirectiveRunner:
                 continue
             store.mark_dropping(directive.key)
             waiting[directive.id] = _Drop(directive, held.checksum, keepers)
-        try:
-            await self._ask_keepers(waiting, done)
-        finally:
-            for drop in waiting.values():
-                store.unmark_dropping(drop.directive.key)
-                done[drop.directive.id] = self._outcome(drop.directive, drop.refusal())
-        return [done[directive.id] for directive in drops]
 
-    async def _ask_keepers(self, waiting: dict[str, _Drop], done: dict[str, Outcome]) -> None:
+    async def _ask_keepers(
+        self, waiting: dict[str, _Drop], done: dict[str, Outcome], pace: Pace
+    ) -> None:
         """Ask every named keeper for its keys at once; settle each drop at its first usable
         promise (removing it from ``waiting`` into ``done``), or once all its keepers refused."""
         if not waiting:
@@ -527,6 +612,9 @@ class DirectiveRunner:
                     for task in finished:
                         keeper, chunk = asks[task]
                         for drop, answer in zip(chunk, task.result(), strict=True):
+                            # Each drop is settled in one synchronous step (``_settle_drop``
+                            # re-judges and removes together), so pausing between them is safe.
+                            await pace()
                             if drop.directive.id not in waiting:
                                 continue
                             verdict = self._settle_drop(drop, keeper, answer, asked_at, lease)
@@ -623,6 +711,15 @@ class DirectiveRunner:
         return Outcome(directive.id, status, verdict.reason, verdict.message, version)
 
     def _remember(self, subject: _Subject, outcome: Outcome) -> None:
-        self._history[outcome.directive_id] = (subject, outcome)
+        reason = outcome.reason
+        self._history[outcome.directive_id] = (
+            subject.key,
+            subject.op.value,
+            outcome.directive_id,
+            outcome.status.value,
+            None if reason is None else reason.value,
+            outcome.message,
+            outcome.inventory_version,
+        )
         if len(self._history) > self._history_limit:
             self._history.popitem(last=False)

@@ -79,6 +79,15 @@ class Inventory:
 
 
 @dataclass(frozen=True, slots=True)
+class Holdings:
+    """Which of some keys the agent holds (``amm.v1.HoldsKeysResponse``)."""
+
+    incarnation: str
+    version: int
+    keys: tuple[KeyInfo, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class Reading:
     """A value being streamed out; ``replicated`` when it was fetched for this read and kept."""
 
@@ -217,6 +226,13 @@ class Node:
             memory_limit=self.config.memory_limit,
             max_value_bytes=self.config.max_value_bytes,
         )
+
+    def holds(self, keys: Sequence[Key]) -> Holdings:
+        """Which of ``keys`` are held now (each once, in the order asked): a read of the store in
+        one step, so it is answered between two steps of any bulk work under way."""
+        info = self.store.info
+        found = (info(key) for key in dict.fromkeys(keys))
+        return Holdings(self.incarnation, self.store.version, tuple(k for k in found if k))
 
     def poll(
         self,

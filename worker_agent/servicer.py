@@ -13,7 +13,7 @@ import asyncio
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -48,6 +48,7 @@ from worker_agent.errors import (
 )
 from worker_agent.integrity import Directive, Op, Reason, Refuse
 from worker_agent.node import Forgotten, Inventory, Node, Promise
+from worker_agent.pacing import Pace
 from worker_agent.store import MAX_KEY_BYTES, Key, Value
 
 log = logging.getLogger(__name__)
@@ -70,13 +71,18 @@ _OUTCOME_STATUS = {
 }
 _OPS = {types_pb2.DIRECTIVE_OP_REPLICATE: Op.REPLICATE, types_pb2.DIRECTIVE_OP_DROP: Op.DROP}
 #: The optional parts of the contract this agent serves (``PollResponse.features``).
-FEATURES = ("directive-batches", "keep-batches", "put-batches", "tombstones")
-#: Most outcomes in one DirectivesResponse batch.
-OUTCOMES_PER_MESSAGE = 2_000
+FEATURES = ("directive-batches", "keep-batches", "put-batches", "tombstones", "key-lookups")
+#: Most outcomes in one DirectivesResponse batch: each message is built in one step of the loop,
+#: and 500 take a few milliseconds.
+OUTCOMES_PER_MESSAGE = 500
 #: Refused Puts whose rest is read and discarded at the same time (``WorkerAgentServicer._drain``).
 DRAINS_AT_ONCE = 2
+#: Most keys in one HoldsKeys request.
+MAX_HOLDS_KEYS = 10_000
 #: Most items in one PromiseKeepBatch request.
 MAX_KEEP_BATCH = 100_000
+#: Promises of a PromiseKeepBatch made in one step of the loop.
+KEEP_SLICE = 256
 
 Context = grpc.aio.ServicerContext[Any, Any]
 #: What Get and Fetch write: the header message, then chunks already serialized.
@@ -124,6 +130,15 @@ def directive_from_proto(message: types_pb2.Directive) -> Directive:
         sources=tuple(message.sources),
         holders=tuple(message.holders),
     )
+
+
+async def _directives_from_proto(messages: Sequence[types_pb2.Directive]) -> list[Directive]:
+    """``directive_from_proto`` for a batch of thousands, letting the loop in (``pacing``)."""
+    directives, pace = [], Pace()
+    for message in messages:
+        await pace()
+        directives.append(directive_from_proto(message))
+    return directives
 
 
 def outcome_to_proto(outcome: Outcome) -> types_pb2.DirectiveOutcome:
@@ -318,6 +333,23 @@ class WorkerAgentServicer(agent_pb2_grpc.WorkerAgentServicer):
             )
             return _poll_response(inventory)
 
+    async def HoldsKeys(
+        self, request: agent_pb2.HoldsKeysRequest, context: Context
+    ) -> agent_pb2.HoldsKeysResponse:
+        async with _Edge(context, "HoldsKeys"):
+            if len(request.keys) > MAX_HOLDS_KEYS:
+                raise InvalidRequest(
+                    f"{len(request.keys)} keys exceed the {MAX_HOLDS_KEYS} of one request"
+                )
+            held = self._node.holds([_key(key) for key in request.keys])
+            response = agent_pb2.HoldsKeysResponse(
+                incarnation=held.incarnation, version=held.version
+            )
+            add = response.keys.add
+            for k in held.keys:
+                add(key=k.key, size=k.size, checksum=k.checksum, pinned=k.pinned)
+            return response
+
     def _bury(self, request: agent_pb2.PollRequest) -> None:
         """Apply the tombstones a poll carries, before its inventory is read. Not those of an
         AMM older than the newest seen (it was replaced, and its Forgets with it), nor a key no
@@ -363,7 +395,8 @@ class WorkerAgentServicer(agent_pb2_grpc.WorkerAgentServicer):
         async def carry_out(directive: Directive) -> None:
             outcomes.put_nowait(([await node.run_directive(directive)], False, True))
 
-        async def carry_out_batch(directives: list[Directive]) -> None:
+        async def carry_out_batch(messages: Sequence[types_pb2.Directive]) -> None:
+            directives = await _directives_from_proto(messages)
             await node.run_directive_batch(
                 directives, lambda group: outcomes.put_nowait((group, True, False))
             )
@@ -397,12 +430,11 @@ class WorkerAgentServicer(agent_pb2_grpc.WorkerAgentServicer):
                             outcomes.put_nowait((refusals, False, True))
                             continue
                         outcomes.put_nowait((refusals, True, False))
-                        request = agent_pb2.DirectivesRequest(batch=request.directives)
-                        batch = [directive_from_proto(d) for d in request.batch]
+                        batch = agent_pb2.DirectivesRequest(batch=request.directives).batch
                         work = carry_out_batch(batch)
                         name = f"directive batch x{len(batch)} (salvaged)"
                     elif request.batch:
-                        batch = [directive_from_proto(d) for d in request.batch]
+                        batch = request.batch
                         work = carry_out_batch(batch)
                         name = f"directive batch x{len(batch)}"
                     else:
@@ -686,19 +718,28 @@ class WorkerAgentServicer(agent_pb2_grpc.WorkerAgentServicer):
                 raise InvalidRequest(
                     f"{len(request.items)} items exceed the {MAX_KEEP_BATCH} of one request"
                 )
-            items = [(_key(item.key), _checksum(item.checksum)) for item in request.items]
+            pace = Pace()
+            items = []
+            for item in request.items:
+                await pace()
+                items.append((_key(item.key), _checksum(item.checksum)))
             lease = _requested_lease(request, self._node.config.max_lease)
-            answers = self._node.promise_keep_batch(items, lease)
-            now_ns = time.time_ns()
             log.debug("%s asked to keep %d keys", request.requester, len(items))
-            # Most answers of a batch are alike (the same lease granted): build each kind once.
-            kinds: dict[Promise | Refuse, agent_pb2.PromiseKeepResponse] = {}
             response = agent_pb2.PromiseKeepBatchResponse()
-            for answer in answers:
-                kind = kinds.get(answer)
-                if kind is None:
-                    kind = kinds[answer] = _keep_answer(answer, now_ns)
-                response.answers.append(kind)
+            # Promised a slice at a time, the loop let in between: each promise is judged and
+            # recorded in one step, and its expiry is told from a clock read before the slice
+            # (never later than the lease recorded).
+            for start in range(0, len(items), KEEP_SLICE):
+                await pace()
+                now_ns = time.time_ns()
+                answers = self._node.promise_keep_batch(items[start : start + KEEP_SLICE], lease)
+                # Most answers are alike (the same lease granted): build each kind once.
+                kinds: dict[Promise | Refuse, agent_pb2.PromiseKeepResponse] = {}
+                for answer in answers:
+                    kind = kinds.get(answer)
+                    if kind is None:
+                        kind = kinds[answer] = _keep_answer(answer, now_ns)
+                    response.answers.append(kind)
             return response
 
     async def PutMany(

@@ -34,6 +34,7 @@ from amm.base.streams import Assembly, Overflow, ValueStreams
 from amm.v1 import agent_pb2, agent_pb2_grpc, types_pb2
 from worker_agent import bulk
 from worker_agent.integrity import Reason, is_peer_address
+from worker_agent.pacing import Pace
 from worker_agent.store import Key
 from worker_agent.traffic import Traffic
 
@@ -389,11 +390,11 @@ class Peers:
         without "keep-batches") is asked key by key instead. Never raises: an unreachable
         holder refuses every item.
         """
-        request = agent_pb2.PromiseKeepBatchRequest(
-            items=[agent_pb2.KeepItem(key=key, checksum=checksum) for key, checksum in items],
-            lease=_duration(lease),
-            requester=requester,
-        )
+        request = agent_pb2.PromiseKeepBatchRequest(lease=_duration(lease), requester=requester)
+        add, pace = request.items.add, Pace()  # thousands of items: the loop is let in
+        for key, checksum in items:
+            await pace()
+            add(key=key, checksum=checksum)
         try:
             async with self._stub(address) as stub:
                 response = await stub.PromiseKeepBatch(request, timeout=deadline)
@@ -407,7 +408,11 @@ class Peers:
         if len(response.answers) != len(items):
             odd = f"answered {len(response.answers)} of {len(items)} items"
             return [PromiseAnswer(address, False, None, odd)] * len(items)
-        return [_promise_answer(address, answer) for answer in response.answers]
+        answers = []
+        for answer in response.answers:
+            await pace()
+            answers.append(_promise_answer(address, answer))
+        return answers
 
     async def _promise_each(
         self,

@@ -186,8 +186,8 @@ class PollResponse(_message.Message):
     def features(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Optional parts of this contract the agent implements, so that an AMM (or a peer) uses them
         only with agents that do: "directive-batches" (DirectivesRequest.batch), "keep-batches"
-        (PromiseKeepBatch), "put-batches" (PutMany), "tombstones" (PollRequest.forgotten). Unknown
-        names are ignored.
+        (PromiseKeepBatch), "put-batches" (PutMany), "tombstones" (PollRequest.forgotten),
+        "key-lookups" (HoldsKeys). Unknown names are ignored.
         """
 
     def __init__(
@@ -214,6 +214,64 @@ class PollResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PollResponse: _TypeAlias = PollResponse  # noqa: Y015
+
+@_typing.final
+class HoldsKeysRequest(_message.Message):
+    """HoldsKeys arguments."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEYS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The keys asked about: at most 10,000, none empty (INVALID_ARGUMENT otherwise)."""
+
+    def __init__(
+        self,
+        *,
+        keys: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["keys", b"keys"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HoldsKeysRequest: _TypeAlias = HoldsKeysRequest  # noqa: Y015
+
+@_typing.final
+class HoldsKeysResponse(_message.Message):
+    """The keys asked about that the agent holds."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INCARNATION_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    KEYS_FIELD_NUMBER: _builtins.int
+    incarnation: _builtins.str
+    """Random id of this agent process (PollResponse.incarnation)."""
+    version: _builtins.int
+    """The inventory version the answer was read at (PollResponse.version)."""
+    @_builtins.property
+    def keys(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.KeyInfo]:
+        """Each key asked about that the agent holds, once, in the order asked; a key it does not hold
+        is left out.
+        """
+
+    def __init__(
+        self,
+        *,
+        incarnation: _builtins.str = ...,
+        version: _builtins.int = ...,
+        keys: _abc.Iterable[_types_pb2.KeyInfo] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["incarnation", b"incarnation", "keys", b"keys", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HoldsKeysResponse: _TypeAlias = HoldsKeysResponse  # noqa: Y015
 
 @_typing.final
 class DirectivesRequest(_message.Message):

@@ -40,6 +40,11 @@ class WorkerAgentStub:
                 request_serializer=amm_dot_v1_dot_agent__pb2.PollRequest.SerializeToString,
                 response_deserializer=amm_dot_v1_dot_agent__pb2.PollResponse.FromString,
                 _registered_method=True)
+        self.HoldsKeys = channel.unary_unary(
+                '/amm.v1.WorkerAgent/HoldsKeys',
+                request_serializer=amm_dot_v1_dot_agent__pb2.HoldsKeysRequest.SerializeToString,
+                response_deserializer=amm_dot_v1_dot_agent__pb2.HoldsKeysResponse.FromString,
+                _registered_method=True)
         self.Directives = channel.stream_stream(
                 '/amm.v1.WorkerAgent/Directives',
                 request_serializer=amm_dot_v1_dot_agent__pb2.DirectivesRequest.SerializeToString,
@@ -104,6 +109,16 @@ class WorkerAgentServicer:
     def Poll(self, request, context):
         """Report the keys held and memory. Incremental: only the changes since the inventory version the
         caller last saw, or a full snapshot when asked or when the caller is too far behind.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def HoldsKeys(self, request, context):
+        """Which of a few keys the agent holds now, read from its store at once: answered without waiting
+        behind a poll, a batch of directives or a transfer under way. The AMM asks it for a fresh
+        WhoHas of a few keys instead of polling every inventory. Agents that report the feature
+        "key-lookups" (PollResponse.features) serve it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -214,6 +229,11 @@ def add_WorkerAgentServicer_to_server(servicer, server):
                     request_deserializer=amm_dot_v1_dot_agent__pb2.PollRequest.FromString,
                     response_serializer=amm_dot_v1_dot_agent__pb2.PollResponse.SerializeToString,
             ),
+            'HoldsKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.HoldsKeys,
+                    request_deserializer=amm_dot_v1_dot_agent__pb2.HoldsKeysRequest.FromString,
+                    response_serializer=amm_dot_v1_dot_agent__pb2.HoldsKeysResponse.SerializeToString,
+            ),
             'Directives': grpc.stream_stream_rpc_method_handler(
                     servicer.Directives,
                     request_deserializer=amm_dot_v1_dot_agent__pb2.DirectivesRequest.FromString,
@@ -298,6 +318,33 @@ class WorkerAgent:
             '/amm.v1.WorkerAgent/Poll',
             amm_dot_v1_dot_agent__pb2.PollRequest.SerializeToString,
             amm_dot_v1_dot_agent__pb2.PollResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def HoldsKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/amm.v1.WorkerAgent/HoldsKeys',
+            amm_dot_v1_dot_agent__pb2.HoldsKeysRequest.SerializeToString,
+            amm_dot_v1_dot_agent__pb2.HoldsKeysResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -39,6 +39,12 @@ class WorkerAgentStub:
     """Report the keys held and memory. Incremental: only the changes since the inventory version the
     caller last saw, or a full snapshot when asked or when the caller is too far behind.
     """
+    HoldsKeys: _grpc.UnaryUnaryMultiCallable[_agent_pb2.HoldsKeysRequest, _agent_pb2.HoldsKeysResponse]
+    """Which of a few keys the agent holds now, read from its store at once: answered without waiting
+    behind a poll, a batch of directives or a transfer under way. The AMM asks it for a fresh
+    WhoHas of a few keys instead of polling every inventory. Agents that report the feature
+    "key-lookups" (PollResponse.features) serve it.
+    """
     Directives: _grpc.StreamStreamMultiCallable[_agent_pb2.DirectivesRequest, _agent_pb2.DirectivesResponse]
     """One long-lived stream per AMM: directives in, outcomes out (in completion order)."""
     Put: _grpc.StreamUnaryMultiCallable[_agent_pb2.PutRequest, _agent_pb2.PutResponse]
@@ -96,6 +102,12 @@ class WorkerAgentAsyncStub(WorkerAgentStub):
     Poll: _aio.UnaryUnaryMultiCallable[_agent_pb2.PollRequest, _agent_pb2.PollResponse]  # type: ignore[assignment]
     """Report the keys held and memory. Incremental: only the changes since the inventory version the
     caller last saw, or a full snapshot when asked or when the caller is too far behind.
+    """
+    HoldsKeys: _aio.UnaryUnaryMultiCallable[_agent_pb2.HoldsKeysRequest, _agent_pb2.HoldsKeysResponse]  # type: ignore[assignment]
+    """Which of a few keys the agent holds now, read from its store at once: answered without waiting
+    behind a poll, a batch of directives or a transfer under way. The AMM asks it for a fresh
+    WhoHas of a few keys instead of polling every inventory. Agents that report the feature
+    "key-lookups" (PollResponse.features) serve it.
     """
     Directives: _aio.StreamStreamMultiCallable[_agent_pb2.DirectivesRequest, _agent_pb2.DirectivesResponse]  # type: ignore[assignment]
     """One long-lived stream per AMM: directives in, outcomes out (in completion order)."""
@@ -157,6 +169,18 @@ class WorkerAgentServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_agent_pb2.PollResponse, _abc.Awaitable[_agent_pb2.PollResponse]]:
         """Report the keys held and memory. Incremental: only the changes since the inventory version the
         caller last saw, or a full snapshot when asked or when the caller is too far behind.
+        """
+
+    @_abc_1.abstractmethod
+    def HoldsKeys(
+        self,
+        request: _agent_pb2.HoldsKeysRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_pb2.HoldsKeysResponse, _abc.Awaitable[_agent_pb2.HoldsKeysResponse]]:
+        """Which of a few keys the agent holds now, read from its store at once: answered without waiting
+        behind a poll, a batch of directives or a transfer under way. The AMM asks it for a fresh
+        WhoHas of a few keys instead of polling every inventory. Agents that report the feature
+        "key-lookups" (PollResponse.features) serve it.
         """
 
     @_abc_1.abstractmethod

@@ -326,6 +326,36 @@ class ClusterState:
             new = replace(new, status_since=now)
         self._workers[address] = new
 
+    def apply_lookup(
+        self,
+        address: WorkerId,
+        *,
+        incarnation: str,
+        held: Iterable[KeyReport],
+        absent: Iterable[Key],
+    ) -> None:
+        """Merge what a worker said of a few keys (``HoldsKeys``): those it holds, and those asked
+        about that it does not. Not a poll: its inventory version, liveness and memory stay as the
+        last poll left them, so the next poll (since that version) brings whatever changed since,
+        over this. Ignored for an unknown worker or another incarnation."""
+        old = self._workers.get(address)
+        if old is None or incarnation != old.incarnation:
+            return
+        holding = self._held[address]
+        changed = False
+        for report in held:
+            self._set_holding(address, report)
+            holding.add(report.key)
+            changed = True
+        for key in absent:
+            if key in holding:
+                holding.discard(key)
+                self._remove_holding(address, key)
+                changed = True
+        if changed:
+            self._frozen_held.pop(address, None)
+            self._workers[address] = replace(old, nkeys=len(holding))
+
     def missed_poll(self, address: WorkerId) -> None:
         old = self._workers.get(address)
         if old is not None:

@@ -28,6 +28,7 @@ from amm_service.policies.goals import GoalStatus, describe
 from amm_service.runtime.addresses import address_order
 from amm_service.runtime.agents import AgentLinks, channel_closed
 from amm_service.runtime.goals import GoalBook, check_goal
+from amm_service.runtime.lookups import KeyLookups
 from amm_service.runtime.lost import LostBook, LostKey
 from amm_service.runtime.poller import Poller
 from amm_service.runtime.tombstones import PUSH_KEYS, TombstoneBook
@@ -62,6 +63,7 @@ class Queries:
         self._events = events
         self._poll_timeout = poll_timeout
         self._check_open = check_open
+        self._lookups = KeyLookups(state, links, timeout=poll_timeout, tombstones=tombstones)
 
     async def refresh(self, fresh: bool) -> None:
         """With ``fresh``, poll every agent first. Queries then read the live state directly:
@@ -78,6 +80,16 @@ class Queries:
     async def who_has(
         self, keys: Sequence[str], *, fresh: bool
     ) -> list[tuple[Key, tuple[WorkerId, ...]]]:
+        """The holders of ``keys`` (every key when empty). Fresh, for a few keys, each agent is
+        asked which of them it holds (``lookups``) rather than polled: the answer is as of call
+        time all the same, without waiting behind a cycle's polls."""
+        if fresh and self._lookups.usable(keys):
+            self._check_open()
+            found = await self._lookups.holders(keys)
+            unknown = [k for k in keys if Key(k) not in found]
+            if unknown:
+                raise self._unknown(unknown)
+            return [(Key(k), tuple(sorted(found[Key(k)], key=address_order))) for k in keys]
         await self.refresh(fresh)
         return [(kv.key, tuple(sorted(kv.holders, key=address_order))) for kv in self._known(keys)]
 
@@ -219,15 +231,18 @@ class Queries:
         found = [self._state.keys.get(Key(k)) for k in keys]
         unknown = [k for k, kv in zip(keys, found, strict=True) if kv is None]
         if unknown:
-            lost = [k for k in unknown if Key(k) in self._lost]
-            said = (
-                f"; lost: {listing(lost)} (the last worker holding it went away: `amm lost` "
-                "says how)"
-                if lost
-                else ""
-            )
-            raise NotFound(f"unknown key(s): {listing(unknown)}{said}")
+            raise self._unknown(unknown)
         return [kv for kv in found if kv is not None]
+
+    def _unknown(self, unknown: Sequence[str]) -> NotFound:
+        """The error for keys no worker holds, saying which of them are lost."""
+        lost = [k for k in unknown if Key(k) in self._lost]
+        said = (
+            f"; lost: {listing(lost)} (the last worker holding it went away: `amm lost` says how)"
+            if lost
+            else ""
+        )
+        return NotFound(f"unknown key(s): {listing(unknown)}{said}")
 
     async def _delete(self, key: str, worker: WorkerId) -> bool | str:
         try:

@@ -80,7 +80,7 @@ ALLOWED = {
         )
     }
     | {A + m for m in ("Fetch", "PromiseKeep", "PromiseKeepBatch")},
-    Role.AMM: {A + m for m in ("Poll", "Directives", "Close", "Delete")},
+    Role.AMM: {A + m for m in ("Poll", "HoldsKeys", "Directives", "Close", "Delete")},
 }
 
 

@@ -128,6 +128,10 @@ class DirectiveStream:
     async def send_batch(self, directives: list[types_pb2.Directive]) -> None:
         self._requests.put_nowait(agent_pb2.DirectivesRequest(batch=directives))
 
+    def send_message(self, request: agent_pb2.DirectivesRequest) -> None:
+        """Send a message built beforehand (building 5,000 directives is itself slow)."""
+        self._requests.put_nowait(request)
+
     def done_writing(self) -> None:
         self._requests.put_nowait(None)
 

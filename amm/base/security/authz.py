@@ -67,7 +67,7 @@ RULES: Mapping[str, frozenset[Role]] = MappingProxyType(
         # An agent that is shutting down asks to be drained (itself only, checked by the handler).
         CONTROL + "DrainWorker": _AGENT,
         # The agent plane (each agent's port): the AMM steers, operators move data, peers fetch.
-        **{AGENT + m: _AMM for m in ("Poll", "Directives", "Close", "Delete")},
+        **{AGENT + m: _AMM for m in ("Poll", "HoldsKeys", "Directives", "Close", "Delete")},
         **{AGENT + m: _OPERATE for m in ("Put", "PutMany", "Get", "Pin", "Unpin")},
         **{AGENT + m: _AGENT for m in ("Fetch", "PromiseKeep", "PromiseKeepBatch")},
         # grpcurl's `list` and `describe`; Health/List names the services, so it is not open.

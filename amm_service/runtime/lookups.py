@@ -1,0 +1,101 @@
+"""A fresh answer about a few keys without a poll of every inventory: each agent is asked which of
+the keys it holds (``HoldsKeys``), all at once.
+
+A fresh ``who_has`` used to poll every agent, so it waited behind a cycle's poll of the same agent
+(polls are serialised per agent), then merged everything that changed since (tens of thousands of
+removed keys while a cycle's drops land): seconds at 100k keys. Asking for the keys alone costs a
+read of each agent's store, answered between two steps of whatever the agent is doing. The
+answers are merged into the cluster state for those keys (``ClusterState.apply_lookup``), so that
+what is read next (goals, totals) agrees, without counting as a poll: the next poll brings
+whatever changed since the last one over them. Keys with a tombstone are left to the polls, which
+tell the tombstone book what became of them (a key put again after a Forget).
+
+Used only when every registered agent serves "key-lookups" and at most ``MAX_KEYS`` keys are asked
+(beyond, a poll costs less per key); otherwise the caller polls as before. A worker that does not
+answer in time (or has left meanwhile) is taken as the state knows it, as a missed poll would
+leave it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+import grpc
+
+from amm.v1 import agent_pb2
+from amm_service import wire
+from amm_service.decisions.view import ClusterState, Key, KeyReport, WorkerId
+from amm_service.runtime.agents import AgentLinks, channel_closed
+from amm_service.runtime.tombstones import TombstoneBook
+
+#: The feature an agent reports when it serves HoldsKeys.
+FEATURE = "key-lookups"
+#: Most keys asked this way (and HoldsKeysRequest's limit).
+MAX_KEYS = 1_000
+
+
+class KeyLookups:
+    """Asks the agents which of a few keys they hold now."""
+
+    def __init__(
+        self,
+        state: ClusterState,
+        links: AgentLinks,
+        *,
+        timeout: float,
+        tombstones: TombstoneBook | None = None,
+    ) -> None:
+        self._state = state
+        self._links = links
+        self._timeout = timeout
+        self._tombstones = tombstones
+
+    def usable(self, keys: Sequence[str]) -> bool:
+        """Whether ``holders`` can answer for ``keys``: a few keys, and every agent serves it."""
+        workers = self._state.workers
+        return (
+            0 < len(keys) <= MAX_KEYS
+            and bool(workers)
+            and all(FEATURE in w.features for w in workers)
+        )
+
+    async def holders(self, keys: Sequence[str]) -> dict[Key, set[WorkerId]]:
+        """The workers holding each of ``keys`` (absent: none), asked now and merged into the
+        state."""
+        wanted = [Key(k) for k in dict.fromkeys(keys)]
+        workers = list(self._state.worker_ids)
+        answers = await asyncio.gather(*(self._ask(w, wanted) for w in workers))
+        found: dict[Key, set[WorkerId]] = {}
+        state = self._state
+        book = self._tombstones
+        merged = [k for k in wanted if k not in book] if book else wanted
+        for worker, answer in zip(workers, answers, strict=True):
+            if answer is None:  # no answer: as the state knows it
+                known = state.keys
+                held = [k for k in wanted if (kv := known.get(k)) and worker in kv.holders]
+            else:
+                incarnation, reports = answer
+                held = [r.key for r in reports]
+                if book:
+                    reports = [r for r in reports if r.key not in book]
+                absent = set(merged).difference(held)
+                state.apply_lookup(worker, incarnation=incarnation, held=reports, absent=absent)
+            for key in held:
+                found.setdefault(key, set()).add(worker)
+        return found
+
+    async def _ask(self, worker: WorkerId, keys: list[Key]) -> tuple[str, list[KeyReport]] | None:
+        """(its incarnation, the keys ``worker`` holds among ``keys``); None when it did not
+        answer."""
+        try:
+            response = await self._links.stub(worker).HoldsKeys(
+                agent_pb2.HoldsKeysRequest(keys=keys), timeout=self._timeout
+            )
+        except grpc.aio.AioRpcError:
+            return None
+        except asyncio.CancelledError:
+            if not channel_closed():
+                raise
+            return None  # it registered again or left while being asked
+        return response.incarnation, wire.key_reports(response.keys)
