@@ -33,6 +33,7 @@ import math
 import os
 import signal
 import statistics
+import subprocess
 import sys
 import textwrap
 import threading
@@ -191,6 +192,7 @@ async def _amm_build_and_converge(
         lat = Latencies()
         stop = asyncio.Event()
         meter.start()
+        spy = _py_spy(args.py_spy, cluster.service_pid, keys)
         started = time.perf_counter()
         await client.amm.start()
         probe = asyncio.create_task(
@@ -218,6 +220,7 @@ async def _amm_build_and_converge(
         finally:
             stop.set()
             meter.stop()
+            _py_spy_stop(spy)
             with contextlib.suppress(TimeoutError):  # then wait_for cancelled a stuck call
                 await asyncio.wait_for(probe, 10)
             await client.amm.stop()
@@ -237,6 +240,23 @@ async def _amm_build_and_converge(
         figures["peak_rss_bytes"] = meter.peak_rss
         figures.update(lat.figures())
     return figures
+
+
+def _py_spy(path: Path | None, pid: int, keys: int) -> Any:
+    """py-spy recording the AMM while it converges (``--py-spy``), or None."""
+    if path is None:
+        return None
+    out = path.with_name(f"{path.stem}-{keys}{path.suffix or '.txt'}")
+    command = ["py-spy", "record", "--pid", str(pid), "--rate", "200", "--format", "raw"]
+    if os.environ.get("BENCH_PY_SPY_NATIVE"):
+        command.append("--native")
+    return subprocess.Popen([*command, "--output", str(out)], stdout=subprocess.DEVNULL)
+
+
+def _py_spy_stop(spy: Any) -> None:
+    if spy is not None:
+        spy.send_signal(signal.SIGINT)
+        spy.wait(30)
 
 
 async def _amm_throughput(cluster: LocalCluster, args: argparse.Namespace) -> Figures:
@@ -308,8 +328,9 @@ def run_amm(args: argparse.Namespace) -> Figures:
     for keys in args.keys:
         print(f"amm: {keys:,} keys x {args.replicas} on {args.workers} agents ...", flush=True)
         results[str(keys)] = _guarded("amm", functools.partial(shape, keys))
-    print(f"amm: replicate and retire {format_bytes(args.replicate_bytes)} ...", flush=True)
-    results["throughput"] = _guarded("amm", throughput)
+    if not args.skip_throughput:
+        print(f"amm: replicate and retire {format_bytes(args.replicate_bytes)} ...", flush=True)
+        results["throughput"] = _guarded("amm", throughput)
     return results
 
 
@@ -511,8 +532,9 @@ def run_dask(args: argparse.Namespace) -> Figures:
         results[str(keys)] = _guarded(
             "Dask", functools.partial(_dask_build_and_converge, args, keys)
         )
-    print(f"Dask: replicate and retire {format_bytes(args.replicate_bytes)} ...", flush=True)
-    results["throughput"] = _guarded("Dask", lambda: _dask_throughput(args))
+    if not args.skip_throughput:
+        print(f"Dask: replicate and retire {format_bytes(args.replicate_bytes)} ...", flush=True)
+        results["throughput"] = _guarded("Dask", lambda: _dask_throughput(args))
     return results
 
 
@@ -589,11 +611,12 @@ def render(args: argparse.Namespace, amm: Figures, dask: Figures | None) -> str:
 
     for keys in args.keys:
         block(f"{keys:,} keys x {args.replicas} replicas", str(keys), _rows_for_shape())
-    block(
-        f"{format_bytes(args.replicate_bytes)} in {BIG_VALUES} values",
-        "throughput",
-        THROUGHPUT_ROWS,
-    )
+    if not args.skip_throughput:
+        block(
+            f"{format_bytes(args.replicate_bytes)} in {BIG_VALUES} values",
+            "throughput",
+            THROUGHPUT_ROWS,
+        )
     return render_table(headers, rows, right=range(1, len(headers)))
 
 
@@ -621,9 +644,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=120.0, help="deadline of each phase, s")
     parser.add_argument("--skip-dask", action="store_true", help="measure amm alone")
     parser.add_argument(
+        "--skip-throughput",
+        action="store_true",
+        help="measure only the shapes (no replicate, retire)",
+    )
+    parser.add_argument(
         "--quick", action="store_true", help="a small run: 2,000 keys, 64 MiB replicated"
     )
     parser.add_argument("--json", type=Path, default=None, metavar="PATH")
+    parser.add_argument(
+        "--py-spy",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="record the AMM with py-spy while it converges (raw, collapsed stacks; PATH-KEYS)",
+    )
     args = parser.parse_args(argv)
     if args.keys is None:
         args.keys = [2_000] if args.quick else [10_000, 100_000]
