@@ -50,7 +50,7 @@ from amm_service.runtime.goals import GoalBook
 from amm_service.runtime.history import History
 from amm_service.runtime.lost import LostBook
 from amm_service.runtime.outcomes import Outcomes
-from amm_service.runtime.pacing import breathe, gc_paused
+from amm_service.runtime.pacing import HeapFreezer, breathe, gc_paused
 from amm_service.runtime.poller import Poller
 from amm_service.runtime.queries import Queries
 from amm_service.runtime.retirement import Retirements
@@ -85,6 +85,9 @@ SEND_STEP = 20_000
 #: The least time between a cycle and the next when the next follows up on applied work, in
 #: seconds (or a twentieth of the interval, if longer).
 FOLLOW_UP = 0.05
+#: Keys plus directives in flight from which the AMM freezes its heap after each poll round and
+#: cycle (``pacing.HeapFreezer``): below, full collections are short.
+FREEZE_FROM = 10_000
 
 
 class ActiveMemoryManager:
@@ -146,6 +149,7 @@ class ActiveMemoryManager:
         self.goals = GoalBook(store)
         self._liveness = Liveness(stale_after=config.stale_seconds, dead_after=config.dead_after)
         self._lost = LostBook(store, clock=clock)
+        self._heap = HeapFreezer()
         self._restored: set[WorkerId] = set()
         """Workers known from the state file that have neither reported nor left yet."""
         self._replacing: dict[WorkerId, frozenset[Key]] = {}
@@ -496,6 +500,7 @@ class ActiveMemoryManager:
                 goals=self.goals.totals(self.state),
             )
         self._last = record
+        self._freeze_heap()
         if plan.directives or plan.rejections:
             log.info(
                 "cycle %d: %d suggestions, %d directives, %d rejected; poll %.0f ms, plan %.0f "
@@ -617,6 +622,11 @@ class ActiveMemoryManager:
             )
         self._settle_lost()
         await self._lost.save_held(born, gone)
+        self._freeze_heap()
+
+    def _freeze_heap(self) -> None:
+        """Keep a big state out of full garbage collections (``pacing.HeapFreezer``)."""
+        self._heap.freeze(big=self.state.nkeys + len(self.ledger) >= FREEZE_FROM)
 
     def _settle_lost(self) -> None:
         """After a restart: once every worker known from the state file has reported or left,
