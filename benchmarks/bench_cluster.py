@@ -48,6 +48,7 @@ import psutil
 from amm import AmmError, AsyncClient, LocalCluster
 from amm.base.units import format_bytes, parse_size
 from amm.tables import render_table
+from amm_service.runtime.loop_probe import ENV as LOOP_PROBE_ENV
 
 #: Seconds between two convergence checks.
 CHECK_EVERY = 0.5
@@ -193,6 +194,7 @@ async def _amm_build_and_converge(
         stop = asyncio.Event()
         meter.start()
         spy = _py_spy(args.py_spy, cluster.service_pid, keys)
+        window = time.time()
         started = time.perf_counter()
         await client.amm.start()
         probe = asyncio.create_task(
@@ -236,10 +238,32 @@ async def _amm_build_and_converge(
         figures["directives_failed"] = totals.directives_failed - base.directives_failed
         reasons = collections.Counter(r.reason for r in last.recent_refusals)
         figures["recent_refusals"] = ", ".join(f"{r} {n}" for r, n in reasons.most_common(3))
+        if args.loop_probe is not None:
+            figures.update(_loop_holds(args.loop_probe, window, time.time()))
         figures["cpu_s"] = meter.cpu_seconds
         figures["peak_rss_bytes"] = meter.peak_rss
         figures.update(lat.figures())
     return figures
+
+
+def _loop_holds(path: Path, start: float, end: float) -> Figures:
+    """What the AMM's loop probe (``amm_service.runtime.loop_probe``) wrote between ``start``
+    and ``end``: how many holds of the loop over its threshold, the longest, and where the
+    longest ones were."""
+    holds = []
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            record = json.loads(line)
+            if start <= record["at"] <= end:
+                holds.append(record)
+    holds.sort(key=lambda r: -r["cpu_ms"])
+    where = collections.Counter(" < ".join(reversed(r["stack"][-2:])) for r in holds)
+    return {
+        "loop_holds": len(holds),
+        "loop_hold_max_ms": holds[0]["cpu_ms"] if holds else 0.0,
+        "loop_hold_sites": "; ".join(f"{n} x {site}" for site, n in where.most_common(4)),
+        "loop_holds_longest": holds[:10],
+    }
 
 
 def _py_spy(path: Path | None, pid: int, keys: int) -> Any:
@@ -318,6 +342,8 @@ def run_amm(args: argparse.Namespace) -> Figures:
     results: Figures = {}
 
     def shape(keys: int) -> Figures:
+        if args.loop_probe is not None:
+            os.environ[LOOP_PROBE_ENV] = str(args.loop_probe)
         with LocalCluster(args.workers, interval=args.interval, start=False) as cluster:
             return asyncio.run(_amm_build_and_converge(cluster, args, keys))
 
@@ -556,6 +582,9 @@ def _rows_for_shape() -> list[tuple[str, str, str]]:
         ("recent_refusals", "  reasons of the last refusals kept", "t"),
         ("cpu_s", "  AMM CPU while converging", "s"),
         ("peak_rss_bytes", "  AMM peak RSS while converging", "b"),
+        ("loop_holds", "  AMM loop held > 20 ms of CPU (--loop-probe)", "n"),
+        ("loop_hold_max_ms", "  longest hold, CPU", "ms"),
+        ("loop_hold_sites", "  where, most often", "t"),
     ]
     for probe in PROBES:
         for stat in ("p50", "p99", "max"):
@@ -652,6 +681,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--quick", action="store_true", help="a small run: 2,000 keys, 64 MiB replicated"
     )
     parser.add_argument("--json", type=Path, default=None, metavar="PATH")
+    parser.add_argument(
+        "--loop-probe",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="have the AMM note each hold of its event loop over 20 ms of CPU in PATH, and\n"
+        "count them in the table (amm_service.runtime.loop_probe)",
+    )
     parser.add_argument(
         "--py-spy",
         type=Path,

@@ -162,7 +162,15 @@ class Ledger:
         Applied entries whose effect no poll has shown yet are expired too: the worker stopped
         answering polls, so the view cannot be trusted to catch up.
         """
-        old = [e for e in self._older(now, timeout) if not answering(e.directive.worker)]
+        verdicts: dict[WorkerId, bool] = {}  # asked once per worker, not once per entry
+        old = []
+        for entry in self._older(now, timeout):
+            worker = entry.directive.worker
+            ok = verdicts.get(worker)
+            if ok is None:
+                ok = verdicts[worker] = answering(worker)
+            if not ok:
+                old.append(entry)
         for entry in old:
             self._remove(entry)
         return old

@@ -82,6 +82,8 @@ def _copies(policies: Sequence[Policy]) -> list[Policy]:
 
 #: Directives entered in the ledger and handed to the dispatcher at a time.
 SEND_STEP = 20_000
+#: Directives entered in the ledger between two breaths of the event loop.
+LEDGER_STEP = 2_500
 #: The least time between a cycle and the next when the next follows up on applied work, in
 #: seconds (or a twentieth of the interval, if longer).
 FOLLOW_UP = 0.05
@@ -428,7 +430,7 @@ class ActiveMemoryManager:
             self._settle_lost()
         record.startup_grace = self.in_startup_grace()
         self.retirements.apply_flags()
-        for _ in self.ledger.observing(self._version_of):
+        for _ in self.ledger.observing(self._version_of, step=LEDGER_STEP):
             await breathe()
         self.tombstones.expire()
         view = self.state.snapshot(
@@ -525,9 +527,12 @@ class ActiveMemoryManager:
         self.outcomes.totals.sending(directives)
         for start in range(0, len(directives), SEND_STEP):
             chunk = directives[start : start + SEND_STEP]
-            with gc_paused():
-                for directive in chunk:
-                    self.ledger.add(directive, now, number)
+            for first in range(0, len(chunk), LEDGER_STEP):
+                if first:
+                    await breathe()
+                with gc_paused():
+                    for directive in chunk[first : first + LEDGER_STEP]:
+                        self.ledger.add(directive, now, number)
             await self._dispatcher.send(chunk)
 
     def _version_of(self, worker: WorkerId) -> int | None:
