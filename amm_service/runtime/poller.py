@@ -199,7 +199,7 @@ class Poller:
         If the agent restarts while we page, its answer is the first page of a new snapshot:
         start over from it.
         """
-        keys = wire.key_reports(first.keys)
+        keys = await _reports(first)
         resp = first
         for _ in range(MAX_PAGES):
             if not resp.next_cursor:
@@ -207,7 +207,7 @@ class Poller:
             resp = await self._call(worker, first.incarnation, cursor=resp.next_cursor)
             if resp.incarnation != first.incarnation:
                 first, keys = resp, []
-            keys.extend(wire.key_reports(resp.keys))
+            keys.extend(await _reports(resp))
         return first, resp, keys
 
     async def _apply_changes(
@@ -217,7 +217,7 @@ class Poller:
         between. The worker's version moves to the answer's only with the last step: until
         then the state does not claim to show what the agent had at that version (the ledger
         settles applied directives by it)."""
-        keys = wire.key_reports(resp.keys)
+        keys = await _reports(resp)
         removed = wire.poll_keys_removed(resp)
         if len(keys) + len(removed) <= MERGE_STEP:
             self._apply(
@@ -333,3 +333,17 @@ class Poller:
                 features=frozenset(last.features),
                 now=self._clock(),
             )
+
+
+async def _reports(resp: agent_pb2.PollResponse) -> list[KeyReport]:
+    """The keys of an answer, read ``MERGE_STEP`` at a time with the loop let in between (a
+    page of 10,000 took 15-20 ms to read in one go)."""
+    pb = resp.keys
+    if len(pb) <= MERGE_STEP:
+        return wire.key_reports(pb)
+    keys: list[KeyReport] = []
+    for start in range(0, len(pb), MERGE_STEP):
+        if start:
+            await breathe()
+        keys += wire.key_reports(pb[start : start + MERGE_STEP])
+    return keys
