@@ -483,6 +483,16 @@ class ClusterState:
             forgotten=forgotten,
         )
 
+    def freeze_holdings(self, worker: WorkerId) -> int:
+        """Freeze ``worker``'s holdings for the next snapshot now, if they changed since the
+        last one; returns how many keys that took (0: nothing to do). A snapshot freezes what
+        is not frozen yet all at once: ahead of a big one, the caller may spread that out."""
+        held = self._held.get(worker)
+        if held is None or worker in self._frozen_held:
+            return 0
+        self._frozen_held[worker] = frozenset(held)
+        return len(held)
+
     def set_flags(
         self,
         address: WorkerId,

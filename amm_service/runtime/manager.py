@@ -84,6 +84,8 @@ def _copies(policies: Sequence[Policy]) -> list[Policy]:
 SEND_STEP = 20_000
 #: Directives entered in the ledger between two breaths of the event loop.
 LEDGER_STEP = 2_500
+#: Keys of workers' holdings frozen for a snapshot between two breaths of the event loop.
+FREEZE_STEP = 50_000
 #: The least time between a cycle and the next when the next follows up on applied work, in
 #: seconds (or a twentieth of the interval, if longer).
 FOLLOW_UP = 0.05
@@ -433,6 +435,12 @@ class ActiveMemoryManager:
         for _ in self.ledger.observing(self._version_of, step=LEDGER_STEP):
             await breathe()
         self.tombstones.expire()
+        frozen = 0
+        for worker in self.state.worker_ids:  # the snapshot's biggest part, in steps
+            frozen += self.state.freeze_holdings(worker)
+            if frozen >= FREEZE_STEP:
+                frozen = 0
+                await breathe()
         view = self.state.snapshot(
             goals=self.goals.mapping, now=self._clock(), forgotten=self.tombstones.live
         )
