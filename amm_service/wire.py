@@ -55,10 +55,14 @@ def directive_to_pb(d: Directive) -> types_pb2.Directive:
     return types_pb2.Directive(**_directive_fields(d))
 
 
-def directives_request(directives: Iterable[Directive]) -> agent_pb2.DirectivesRequest:
-    """One batch message; each directive is built in place (building them apart and handing
-    the list over copies every one)."""
-    request = agent_pb2.DirectivesRequest()
+def directives_request(
+    directives: Iterable[Directive], request: agent_pb2.DirectivesRequest | None = None
+) -> agent_pb2.DirectivesRequest:
+    """One batch message (or ``request`` with ``directives`` added to its batch); each
+    directive is built in place (building them apart and handing the list over copies every
+    one)."""
+    if request is None:
+        request = agent_pb2.DirectivesRequest()
     add = request.batch.add
     for d in directives:
         add(**_directive_fields(d))

@@ -33,6 +33,7 @@ import math
 import os
 import signal
 import statistics
+import subprocess
 import sys
 import textwrap
 import threading
@@ -56,6 +57,9 @@ RSS_EVERY = 0.05
 PROBE_PAUSE = 0.1
 #: How many values make up the bytes of the throughput phases.
 BIG_VALUES = 16
+#: The AMM's loop probe is on when this names a file (``amm_service.runtime.loop_probe.ENV``;
+#: not imported, so that the script also measures checkouts without the probe).
+LOOP_PROBE_ENV = "AMM_LOOP_PROBE"
 #: Control calls whose latency is measured while the AMM converges.
 PROBES = ("running", "status", "who_has")
 
@@ -191,6 +195,8 @@ async def _amm_build_and_converge(
         lat = Latencies()
         stop = asyncio.Event()
         meter.start()
+        spy = _py_spy(args.py_spy, cluster.service_pid, keys)
+        window = time.time()
         started = time.perf_counter()
         await client.amm.start()
         probe = asyncio.create_task(
@@ -219,6 +225,7 @@ async def _amm_build_and_converge(
         finally:
             stop.set()
             meter.stop()
+            _py_spy_stop(spy)
             with contextlib.suppress(TimeoutError):  # then wait_for cancelled a stuck call
                 await asyncio.wait_for(probe, 10)
             await client.amm.stop()
@@ -234,10 +241,49 @@ async def _amm_build_and_converge(
         figures["directives_failed"] = totals.directives_failed - base.directives_failed
         reasons = collections.Counter(r.reason for r in last.recent_refusals)
         figures["recent_refusals"] = ", ".join(f"{r} {n}" for r, n in reasons.most_common(3))
+        if args.loop_probe is not None:
+            figures.update(_loop_holds(args.loop_probe, window, time.time()))
         figures["cpu_s"] = meter.cpu_seconds
         figures["peak_rss_bytes"] = meter.peak_rss
         figures.update(lat.figures())
     return figures
+
+
+def _loop_holds(path: Path, start: float, end: float) -> Figures:
+    """What the AMM's loop probe (``amm_service.runtime.loop_probe``) wrote between ``start``
+    and ``end``: how many holds of the loop over its threshold, the longest, and where the
+    longest ones were."""
+    holds = []
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            record = json.loads(line)
+            if start <= record["at"] <= end:
+                holds.append(record)
+    holds.sort(key=lambda r: -r["cpu_ms"])
+    where = collections.Counter(" < ".join(reversed(r["stack"][-2:])) for r in holds)
+    return {
+        "loop_holds": len(holds),
+        "loop_hold_max_ms": holds[0]["cpu_ms"] if holds else 0.0,
+        "loop_hold_sites": "; ".join(f"{n} x {site}" for site, n in where.most_common(4)),
+        "loop_holds_longest": holds[:10],
+    }
+
+
+def _py_spy(path: Path | None, pid: int, keys: int) -> Any:
+    """py-spy recording the AMM while it converges (``--py-spy``), or None."""
+    if path is None:
+        return None
+    out = path.with_name(f"{path.stem}-{keys}{path.suffix or '.txt'}")
+    command = ["py-spy", "record", "--pid", str(pid), "--rate", "200", "--format", "raw"]
+    if os.environ.get("BENCH_PY_SPY_NATIVE"):
+        command.append("--native")
+    return subprocess.Popen([*command, "--output", str(out)], stdout=subprocess.DEVNULL)
+
+
+def _py_spy_stop(spy: Any) -> None:
+    if spy is not None:
+        spy.send_signal(signal.SIGINT)
+        spy.wait(30)
 
 
 async def _amm_throughput(cluster: LocalCluster, args: argparse.Namespace) -> Figures:
@@ -299,6 +345,8 @@ def run_amm(args: argparse.Namespace) -> Figures:
     results: Figures = {}
 
     def shape(keys: int) -> Figures:
+        if args.loop_probe is not None:
+            os.environ[LOOP_PROBE_ENV] = str(args.loop_probe)
         with LocalCluster(args.workers, interval=args.interval, start=False) as cluster:
             return asyncio.run(_amm_build_and_converge(cluster, args, keys))
 
@@ -309,8 +357,9 @@ def run_amm(args: argparse.Namespace) -> Figures:
     for keys in args.keys:
         print(f"amm: {keys:,} keys x {args.replicas} on {args.workers} agents ...", flush=True)
         results[str(keys)] = _guarded("amm", functools.partial(shape, keys))
-    print(f"amm: replicate and retire {format_bytes(args.replicate_bytes)} ...", flush=True)
-    results["throughput"] = _guarded("amm", throughput)
+    if not args.skip_throughput:
+        print(f"amm: replicate and retire {format_bytes(args.replicate_bytes)} ...", flush=True)
+        results["throughput"] = _guarded("amm", throughput)
     return results
 
 
@@ -512,8 +561,9 @@ def run_dask(args: argparse.Namespace) -> Figures:
         results[str(keys)] = _guarded(
             "Dask", functools.partial(_dask_build_and_converge, args, keys)
         )
-    print(f"Dask: replicate and retire {format_bytes(args.replicate_bytes)} ...", flush=True)
-    results["throughput"] = _guarded("Dask", lambda: _dask_throughput(args))
+    if not args.skip_throughput:
+        print(f"Dask: replicate and retire {format_bytes(args.replicate_bytes)} ...", flush=True)
+        results["throughput"] = _guarded("Dask", lambda: _dask_throughput(args))
     return results
 
 
@@ -535,6 +585,9 @@ def _rows_for_shape() -> list[tuple[str, str, str]]:
         ("recent_refusals", "  reasons of the last refusals kept", "t"),
         ("cpu_s", "  AMM CPU while converging", "s"),
         ("peak_rss_bytes", "  AMM peak RSS while converging", "b"),
+        ("loop_holds", "  AMM loop held > 20 ms of CPU (--loop-probe)", "n"),
+        ("loop_hold_max_ms", "  longest hold, CPU", "ms"),
+        ("loop_hold_sites", "  where, most often", "t"),
     ]
     for probe in PROBES:
         for stat in ("p50", "p99", "max"):
@@ -590,11 +643,12 @@ def render(args: argparse.Namespace, amm: Figures, dask: Figures | None) -> str:
 
     for keys in args.keys:
         block(f"{keys:,} keys x {args.replicas} replicas", str(keys), _rows_for_shape())
-    block(
-        f"{format_bytes(args.replicate_bytes)} in {BIG_VALUES} values",
-        "throughput",
-        THROUGHPUT_ROWS,
-    )
+    if not args.skip_throughput:
+        block(
+            f"{format_bytes(args.replicate_bytes)} in {BIG_VALUES} values",
+            "throughput",
+            THROUGHPUT_ROWS,
+        )
     return render_table(headers, rows, right=range(1, len(headers)))
 
 
@@ -622,9 +676,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=120.0, help="deadline of each phase, s")
     parser.add_argument("--skip-dask", action="store_true", help="measure amm alone")
     parser.add_argument(
+        "--skip-throughput",
+        action="store_true",
+        help="measure only the shapes (no replicate, retire)",
+    )
+    parser.add_argument(
         "--quick", action="store_true", help="a small run: 2,000 keys, 64 MiB replicated"
     )
     parser.add_argument("--json", type=Path, default=None, metavar="PATH")
+    parser.add_argument(
+        "--loop-probe",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="have the AMM note each hold of its event loop over 20 ms of CPU in PATH, and\n"
+        "count them in the table (amm_service.runtime.loop_probe)",
+    )
+    parser.add_argument(
+        "--py-spy",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="record the AMM with py-spy while it converges (raw, collapsed stacks; PATH-KEYS)",
+    )
     args = parser.parse_args(argv)
     if args.keys is None:
         args.keys = [2_000] if args.quick else [10_000, 100_000]

@@ -24,6 +24,7 @@ from amm_service.api.dashboard import Dashboard
 from amm_service.config import AmmConfig
 from amm_service.policies import Policy, build_all
 from amm_service.runtime import metrics
+from amm_service.runtime.loop_probe import maybe_probe
 from amm_service.runtime.manager import ActiveMemoryManager
 from amm_service.runtime.state import StateStore
 
@@ -172,7 +173,7 @@ async def _status_json(servicer: ControlServicer) -> dict[str, Any]:
 async def run(config: AmmConfig) -> None:
     """Serve until SIGTERM or SIGINT; print the ready line once serving."""
     stop = asyncio.Event()
-    async with AmmServer(config) as server:
+    async with maybe_probe(), AmmServer(config) as server:
         line = f"amm-service ready address={server.address} epoch={server.epoch}"
         if server.token_address:
             line += f" token_address={server.token_address}"

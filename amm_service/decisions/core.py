@@ -397,6 +397,8 @@ def _drop_rank(ws: WorkerView) -> int:
 #: Units of work (suggestions of one, directives in flight counted) between two yields of
 #: ``planning``: about 10 ms of planning.
 STEP = 2_048
+#: The work a policy's pause stands for (``SCAN_STEP`` keys looked at; see ``PolicyRun``).
+PAUSE_WORK = STEP // 4
 
 
 def plan(
@@ -562,8 +564,10 @@ def planning(
             return retire(policy, suggestion)
         return decide(policy, suggestion)
 
-    def units(suggestion: Suggestion | RetireRequest) -> int:
-        """How many suggestions of one this stands for."""
+    def units(suggestion: Suggestion | RetireRequest | None) -> int:
+        """How many suggestions of one this stands for (a pause: none)."""
+        if suggestion is None:
+            return 0
         if isinstance(suggestion, RetireRequest):
             return 1
         if not isinstance(suggestion.copies, int) or suggestion.copies < 1:
@@ -578,7 +582,7 @@ def planning(
             suggestion = next(run)
             while made + (n := units(suggestion)) <= config.max_suggestions:
                 made += n
-                work += n
+                work += n if suggestion is not None else PAUSE_WORK
                 if work >= STEP:
                     work = 0
                     if stream:
@@ -586,7 +590,9 @@ def planning(
                         released = len(directives)
                     else:
                         yield ()
-                suggestion = run.send(answer(policy.name, suggestion))
+                suggestion = run.send(
+                    None if suggestion is None else answer(policy.name, suggestion)
+                )
             if made < config.max_suggestions:  # decide the copies that fit, as one at a time would
                 assert isinstance(suggestion, Suggestion)
                 answer(policy.name, suggestion._replace(copies=config.max_suggestions - made))

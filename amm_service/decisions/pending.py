@@ -26,9 +26,9 @@ caller supplies the clock.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TypeVar
 
 from amm_service.decisions.directive import Directive, Op, Outcome, OutcomeStatus
 from amm_service.decisions.view import Key, WorkerId
@@ -55,7 +55,7 @@ class InFlight:
 
 
 _NONE = InFlight()
-_K = TypeVar("_K")
+_NOBODY: frozenset[WorkerId] = frozenset()
 
 
 class Ledger:
@@ -63,9 +63,14 @@ class Ledger:
 
     def __init__(self) -> None:
         self._entries: dict[str, Entry] = {}
-        self._by_key: dict[Key, dict[str, Entry]] = {}
-        self._by_worker: dict[WorkerId, dict[str, Entry]] = {}
-        self._applied: dict[str, None] = {}
+        self._by_key: dict[Key, Entry | list[Entry]] = {}
+        """A key's entries: one entry, or a list of them (most keys have one or a few; a dict per
+        key cost 230 bytes each, for 100k keys in a big cycle)."""
+        self._applied: dict[WorkerId, list[tuple[int, str]]] = {}
+        """Per worker, (inventory version, id) of the entries applied, in the order they were
+        answered: nearly always in version order (``_unsorted`` names those that are not), so
+        ``observing`` settles a prefix instead of checking every applied entry each cycle."""
+        self._unsorted: set[WorkerId] = set()
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -87,8 +92,14 @@ class Ledger:
         if entry is None or entry.applied_version is not None:
             return None
         if outcome.status is OutcomeStatus.APPLIED:
-            entry.applied_version = outcome.inventory_version
-            self._applied[outcome.directive_id] = None
+            version = entry.applied_version = outcome.inventory_version
+            worker = entry.directive.worker
+            applied = self._applied.get(worker)
+            if applied is None:
+                applied = self._applied[worker] = []
+            elif version < applied[-1][0]:
+                self._unsorted.add(worker)
+            applied.append((version, outcome.directive_id))
         else:
             self._remove(entry)
         return entry
@@ -103,23 +114,40 @@ class Ledger:
         self, versions: Callable[[WorkerId], int | None], step: int = 5_000
     ) -> Iterator[None]:
         """``observe`` in steps of ``step`` entries, yielding in between (a big cycle has
-        hundreds of thousands applied at once)."""
-        applied = list(self._applied)
-        for start in range(0, len(applied), step):
-            for directive_id in applied[start : start + step]:
-                entry = self._entries.get(directive_id)
-                if entry is None or entry.applied_version is None:
-                    continue
-                seen = versions(entry.directive.worker)
-                if seen is not None and entry.applied_version <= seen:
-                    self._remove(entry)
-            yield
+        hundreds of thousands applied at once).
+
+        Per worker, only the applied entries at or below the version seen are visited; entries
+        that left the ledger meanwhile (expired, or settled by an observation under way) are
+        skipped."""
+        entries = self._entries
+        for worker in list(self._applied):
+            seen = versions(worker)
+            applied = self._applied.get(worker)
+            if seen is None or applied is None:
+                continue
+            if worker in self._unsorted:
+                applied.sort()
+                self._unsorted.discard(worker)
+            done = bisect.bisect_right(applied, seen, key=_version)
+            for start in range(0, done, step):
+                for _, directive_id in applied[start : min(done, start + step)]:
+                    entry = entries.get(directive_id)
+                    if entry is not None and entry.applied_version is not None:
+                        self._remove(entry)
+                yield
+            # Settled: what came after stays (answers that arrived meanwhile were appended).
+            del applied[:done]
+            if not applied and self._applied.get(worker) is applied:
+                del self._applied[worker]
+                self._unsorted.discard(worker)
 
     def forget_worker(self, worker: WorkerId) -> list[Entry]:
         """Drop every entry sent to ``worker`` (it unregistered or restarted)."""
-        gone = list(self._by_worker.get(worker, {}).values())
+        gone = [e for e in self._entries.values() if e.directive.worker == worker]
         for entry in gone:
             self._remove(entry)
+        self._applied.pop(worker, None)
+        self._unsorted.discard(worker)
         return gone
 
     def expire(
@@ -134,7 +162,15 @@ class Ledger:
         Applied entries whose effect no poll has shown yet are expired too: the worker stopped
         answering polls, so the view cannot be trusted to catch up.
         """
-        old = [e for e in self._older(now, timeout) if not answering(e.directive.worker)]
+        verdicts: dict[WorkerId, bool] = {}  # asked once per worker, not once per entry
+        old = []
+        for entry in self._older(now, timeout):
+            worker = entry.directive.worker
+            ok = verdicts.get(worker)
+            if ok is None:
+                ok = verdicts[worker] = answering(worker)
+            if not ok:
+                old.append(entry)
         for entry in old:
             self._remove(entry)
         return old
@@ -161,10 +197,14 @@ class Ledger:
 
     def in_flight(self, key: Key) -> InFlight:
         entries = self._by_key.get(key)
-        if not entries:
+        if entries is None:
             return _NONE
-        repl = [e.directive.worker for e in entries.values() if e.directive.op is Op.REPLICATE]
-        drop = [e.directive.worker for e in entries.values() if e.directive.op is Op.DROP]
+        if isinstance(entries, Entry):
+            d = entries.directive
+            one = frozenset((d.worker,))
+            return InFlight(one, _NOBODY) if d.op is Op.REPLICATE else InFlight(_NOBODY, one)
+        repl = [e.directive.worker for e in entries if e.directive.op is Op.REPLICATE]
+        drop = [e.directive.worker for e in entries if e.directive.op is Op.DROP]
         return InFlight(frozenset(repl), frozenset(drop))
 
     def directives(self) -> Iterator[Directive]:
@@ -172,30 +212,32 @@ class Ledger:
         return (e.directive for e in self._entries.values())
 
     def _put(self, entry: Entry) -> None:
-        # get-or-create by hand: setdefault(k, {}) builds a dict per call, 300k in a big cycle
         directive = entry.directive
-        directive_id = directive.id
-        self._entries[directive_id] = entry
-        of_key = self._by_key.get(directive.key)
+        self._entries[directive.id] = entry
+        key = directive.key
+        of_key = self._by_key.get(key)
         if of_key is None:
-            of_key = self._by_key[directive.key] = {}
-        of_key[directive_id] = entry
-        of_worker = self._by_worker.get(directive.worker)
-        if of_worker is None:
-            of_worker = self._by_worker[directive.worker] = {}
-        of_worker[directive_id] = entry
+            self._by_key[key] = entry
+        elif isinstance(of_key, Entry):
+            self._by_key[key] = [of_key, entry]
+        else:
+            of_key.append(entry)
 
     def _remove(self, entry: Entry) -> None:
+        """Take ``entry`` out of the ledger (applied ones stay in ``_applied`` until
+        ``observing`` or ``forget_worker`` passes them: they are skipped there)."""
         directive = entry.directive
-        self._entries.pop(directive.id, None)
-        self._applied.pop(directive.id, None)
-        _discard(self._by_key, directive.key, directive.id)
-        _discard(self._by_worker, directive.worker, directive.id)
+        if self._entries.pop(directive.id, None) is None:
+            return
+        key = directive.key
+        of_key = self._by_key.get(key)
+        if of_key is entry:
+            del self._by_key[key]
+        elif isinstance(of_key, list):
+            of_key.remove(entry)
+            if len(of_key) == 1:
+                self._by_key[key] = of_key[0]
 
 
-def _discard(index: dict[_K, dict[str, Entry]], group: _K, directive_id: str) -> None:
-    members = index.get(group)
-    if members is not None:
-        members.pop(directive_id, None)
-        if not members:
-            del index[group]
+def _version(applied: tuple[int, str]) -> int:
+    return applied[0]

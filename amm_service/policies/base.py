@@ -45,7 +45,13 @@ class RetireRequest(NamedTuple):
     close: bool = True
 
 
-PolicyRun = Generator[Suggestion | RetireRequest, WorkerId | None, None]
+PolicyRun = Generator[Suggestion | RetireRequest | None, WorkerId | None, None]
+"""What ``Policy.run`` returns. A policy that looks at many keys between two suggestions may
+yield None now and then (ReduceReplicas does, every ``SCAN_STEP`` keys): the core answers None
+and may let the AMM's event loop run before it goes on, so that a long scan does not hold up
+control calls. None counts as no suggestion."""
+#: Keys a policy looks at between two of its ``None`` pauses (see ``PolicyRun``).
+SCAN_STEP = 1_024
 
 DEFAULT_PRIORITY = 50
 """Policies run in ascending ``priority`` (config order among equals); throttled transfer slots go

@@ -18,7 +18,7 @@ A port of Dask's policy of the same name, counting the way the Replicate policy 
 from __future__ import annotations
 
 from amm_service.decisions.view import ClusterView, Measure
-from amm_service.policies.base import PendingView, PolicyRun, drop
+from amm_service.policies.base import SCAN_STEP, PendingView, PolicyRun, drop
 from amm_service.policies.goals import GoalCounter
 
 
@@ -33,7 +33,9 @@ class ReduceReplicas:
         leaving = frozenset(w for w, ws in view.workers.items() if ws.serves and not ws.durable)
         goals = view.goals
         reasons: dict[tuple[int, int], str] = {}
-        for key in sorted(view.replicated):
+        for n, key in enumerate(sorted(view.replicated), 1):
+            if not n % SCAN_STEP:
+                yield None  # a pause (see ``PolicyRun``): most keys may have nothing to drop
             kv = view.keys[key]
             live = counter.live(kv)
             in_flight = pending.in_flight(key)

@@ -119,6 +119,18 @@ class CycleRecord:
             rec.outcome = outcome
         self._check_settled()
 
+    def settle_applied(self, outcomes: Sequence[Outcome]) -> None:
+        """Applied outcomes for this cycle's directives, all at once (``settle`` of each, for
+        the hundreds of thousands of a big cycle)."""
+        self.applied += len(outcomes)
+        kept = self.directives
+        if kept:
+            for outcome in outcomes:
+                rec = kept.get(outcome.directive_id)
+                if rec is not None:
+                    rec.outcome = outcome
+        self._check_settled()
+
     def give_up(self, directive_id: str) -> None:
         """One of this cycle's directives will get no outcome."""
         self.timed_out += 1

@@ -38,6 +38,10 @@ OutcomesHandler = Callable[[WorkerId, Sequence[Outcome]], None]
 _CLOSE = None
 #: Directives in one batch message (about 200 bytes each, far below the message cap).
 BATCH = 5_000
+#: Directives put in a batch message, and outcomes of one taken in, between two breaths of the
+#: event loop: a few milliseconds of work each on a quiet machine.
+BUILD_STEP = 1_000
+OUTCOME_STEP = 1_000
 
 
 class _Stream:
@@ -55,13 +59,19 @@ class _Stream:
         while (item := await self.queue.get()) is not _CLOSE:
             yield item
 
-    def send(self, directives: Sequence[Directive], batch: bool) -> None:
+    async def send(self, directives: Sequence[Directive], batch: bool) -> None:
+        """Queue ``directives`` in one batch message (built ``BUILD_STEP`` at a time, the loop
+        let in between), or one message each."""
         unanswered = self.unanswered
         for directive in directives:
             unanswered[directive.id] = None
         if batch:
-            with gc_paused():
-                request = wire.directives_request(directives)
+            request = agent_pb2.DirectivesRequest()
+            for start in range(0, len(directives), BUILD_STEP):
+                if start:
+                    await breathe()
+                with gc_paused():
+                    wire.directives_request(directives[start : start + BUILD_STEP], request)
             self.queue.put_nowait(request)
         else:
             for directive in directives:
@@ -73,14 +83,19 @@ class _Stream:
         unanswered = self.unanswered
         try:
             async for response in self._call:
-                items = response.batch if response.batch else (response.outcome,)
-                with gc_paused():
-                    outcomes = [wire.outcome_from_pb(item) for item in items]
-                    for outcome in outcomes:
-                        unanswered.pop(outcome.directive_id, None)
-                    self._on_outcomes(self.worker, outcomes)
-                if response.batch:
-                    await breathe()  # let control calls in between big batches
+                if not response.batch:
+                    self._take([wire.outcome_from_pb(response.outcome)])
+                    continue
+                items = response.batch
+                for start in range(0, len(items), OUTCOME_STEP):
+                    with gc_paused():
+                        self._take(
+                            [
+                                wire.outcome_from_pb(item)
+                                for item in items[start : start + OUTCOME_STEP]
+                            ]
+                        )
+                    await breathe()  # let control calls in between
         except grpc.aio.AioRpcError as err:
             why = f"directive stream broke: {err.code().name}"
             if err.code() != grpc.StatusCode.CANCELLED:
@@ -94,6 +109,12 @@ class _Stream:
                 self.worker,
                 [Outcome(directive_id, OutcomeStatus.FAILED, message=why) for directive_id in lost],
             )
+
+    def _take(self, outcomes: list[Outcome]) -> None:
+        unanswered = self.unanswered
+        for outcome in outcomes:
+            unanswered.pop(outcome.directive_id, None)
+        self._on_outcomes(self.worker, outcomes)
 
     @property
     def open(self) -> bool:
@@ -136,7 +157,7 @@ class Dispatcher:
             for start in range(0, len(group), size):
                 if self._closed:
                     raise RuntimeError("dispatcher is closed")
-                self._stream(worker).send(group[start : start + size], batch)
+                await self._stream(worker).send(group[start : start + size], batch)
                 await breathe()
 
     def _stream(self, worker: WorkerId) -> _Stream:

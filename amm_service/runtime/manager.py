@@ -52,7 +52,7 @@ from amm_service.runtime.goals import GoalBook
 from amm_service.runtime.history import History
 from amm_service.runtime.lost import LostBook
 from amm_service.runtime.outcomes import Outcomes
-from amm_service.runtime.pacing import breathe, gc_paused
+from amm_service.runtime.pacing import HeapFreezer, breathe, gc_paused
 from amm_service.runtime.poller import Poller
 from amm_service.runtime.queries import Queries
 from amm_service.runtime.retirement import Retirements
@@ -84,9 +84,16 @@ def _copies(policies: Sequence[Policy]) -> list[Policy]:
 
 #: Directives entered in the ledger and handed to the dispatcher at a time.
 SEND_STEP = 20_000
+#: Directives entered in the ledger between two breaths of the event loop.
+LEDGER_STEP = 2_500
+#: Keys of workers' holdings frozen for a snapshot between two breaths of the event loop.
+FREEZE_STEP = 50_000
 #: The least time between a cycle and the next when the next follows up on applied work, in
 #: seconds (or a twentieth of the interval, if longer).
 FOLLOW_UP = 0.05
+#: Keys plus directives in flight from which the AMM freezes its heap after each poll round and
+#: cycle (``pacing.HeapFreezer``): below, full collections are short.
+FREEZE_FROM = 10_000
 
 
 class ActiveMemoryManager:
@@ -150,6 +157,7 @@ class ActiveMemoryManager:
         self.goals = GoalBook(store)
         self._liveness = Liveness(stale_after=config.stale_seconds, dead_after=config.dead_after)
         self._lost = LostBook(store, clock=clock)
+        self._heap = HeapFreezer()
         self._restored: set[WorkerId] = set()
         """Workers known from the state file that have neither reported nor left yet."""
         self._replacing: dict[WorkerId, frozenset[Key]] = {}
@@ -437,9 +445,15 @@ class ActiveMemoryManager:
             self._settle_lost()
         record.startup_grace = self.in_startup_grace()
         self.retirements.apply_flags()
-        for _ in self.ledger.observing(self._version_of):
+        for _ in self.ledger.observing(self._version_of, step=LEDGER_STEP):
             await breathe()
         self.tombstones.expire()
+        frozen = 0
+        for worker in self.state.worker_ids:  # the snapshot's biggest part, in steps
+            frozen += self.state.freeze_holdings(worker)
+            if frozen >= FREEZE_STEP:
+                frozen = 0
+                await breathe()
         view = self.state.snapshot(
             goals=self.goals.mapping, now=self._clock(), forgotten=self.tombstones.live
         )
@@ -498,6 +512,7 @@ class ActiveMemoryManager:
         self.cycle_stats.observe(record)
         self._sample(record.number, record.rejected)
         self._last = record
+        self._freeze_heap()
         if plan.directives or plan.rejections:
             log.info(
                 "cycle %d: %d suggestions, %d directives, %d rejected; poll %.0f ms, plan %.0f "
@@ -560,9 +575,12 @@ class ActiveMemoryManager:
         self.outcomes.totals.sending(directives)
         for start in range(0, len(directives), SEND_STEP):
             chunk = directives[start : start + SEND_STEP]
-            with gc_paused():
-                for directive in chunk:
-                    self.ledger.add(directive, now, number)
+            for first in range(0, len(chunk), LEDGER_STEP):
+                if first:
+                    await breathe()
+                with gc_paused():
+                    for directive in chunk[first : first + LEDGER_STEP]:
+                        self.ledger.add(directive, now, number)
             await self._dispatcher.send(chunk)
 
     def _version_of(self, worker: WorkerId) -> int | None:
@@ -657,6 +675,11 @@ class ActiveMemoryManager:
             )
         self._settle_lost()
         await self._lost.save_held(born, gone)
+        self._freeze_heap()
+
+    def _freeze_heap(self) -> None:
+        """Keep a big state out of full garbage collections (``pacing.HeapFreezer``)."""
+        self._heap.freeze(big=self.state.nkeys + len(self.ledger) >= FREEZE_FROM)
 
     def _settle_lost(self) -> None:
         """After a restart: once every worker known from the state file has reported or left,

@@ -115,15 +115,25 @@ class Outcomes:
         by_outcome = totals.by_outcome
         refused: list[tuple[Directive, Outcome]] = []
         touched: dict[int, CycleRecord] = {}
+        # Applied outcomes (nearly all of a big cycle's) are counted per group at the end: by
+        # cycle, op and reason.
+        applied: dict[tuple[int, bool, str], list[Outcome]] = {}
+        applied_status = OutcomeStatus.APPLIED
         for outcome in outcomes:
             entry = settle(outcome)
             if entry is None:
                 continue  # expired, or a repeated answer: counted already
             status = outcome.status
+            if status is applied_status:
+                kind = (entry.cycle, entry.directive.op is Op.DROP, outcome.reason)
+                same = applied.get(kind)
+                if same is None:
+                    applied[kind] = [outcome]
+                else:
+                    same.append(outcome)
+                continue
             by_outcome[entry.directive.op, status, outcome.reason] += 1
-            if status is OutcomeStatus.APPLIED:
-                totals.applied += 1
-            elif status is OutcomeStatus.REFUSED:
+            if status is OutcomeStatus.REFUSED:
                 totals.refused += 1
             else:
                 totals.failed += 1
@@ -131,13 +141,19 @@ class Outcomes:
             if record is not None:
                 record.settle(outcome)
                 touched[record.number] = record
-            if status is not OutcomeStatus.APPLIED:
-                refused.append((entry.directive, outcome))
-                if record is not None:
-                    record.not_applied[outcome.reason.lower() or "unspecified"] += 1
-                    record.refusers.add(worker)
-                    if len(record.refused_keys) < MAX_KEYS_LISTED:
-                        record.refused_keys.append(entry.directive.key)
+            refused.append((entry.directive, outcome))
+            if record is not None:
+                record.not_applied[outcome.reason.lower() or "unspecified"] += 1
+                record.refusers.add(worker)
+                if len(record.refused_keys) < MAX_KEYS_LISTED:
+                    record.refused_keys.append(entry.directive.key)
+        for (cycle, drop, reason), group in applied.items():
+            totals.applied += len(group)
+            by_outcome[Op.DROP if drop else Op.REPLICATE, applied_status, reason] += len(group)
+            record = records.get(cycle)
+            if record is not None:
+                record.settle_applied(group)
+                touched[record.number] = record
         if refused:
             self._refused(worker, refused)
         for record in touched.values():

@@ -19,7 +19,7 @@ from amm.base.checksum import checksum
 from amm.v1 import agent_pb2, agent_pb2_grpc, types_pb2
 from amm_service.decisions.view import ClusterState, WorkerId
 from amm_service.runtime.agents import AgentLinks
-from amm_service.runtime.poller import Poller
+from amm_service.runtime.poller import MERGE_STEP, Poller
 from tests.support.agent import running_agent
 from worker_agent.store import Key
 
@@ -182,3 +182,63 @@ async def test_a_snapshot_that_fails_half_way_leaves_what_was_known_whole() -> N
     known = state.worker(worker)
     assert known is not None
     assert known.version == 3
+
+
+class _ManyChanges(agent_pb2_grpc.WorkerAgentServicer):
+    """A whole inventory of ``n`` keys at version 3; then, asked since 3, all of them removed
+    and 1,000 new ones at version 9, in one answer."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    async def Poll(self, request: Any, context: Any) -> agent_pb2.PollResponse:
+        running = types_pb2.WORKER_STATUS_RUNNING
+        if request.since_version != 3:
+            keys = [
+                types_pb2.KeyInfo(key=f"k{i}", size=1, checksum="c" * 64) for i in range(self.n)
+            ]
+            return agent_pb2.PollResponse(
+                incarnation="i", version=3, full=True, keys=keys, status=running
+            )
+        new = [types_pb2.KeyInfo(key=f"n{i}", size=1, checksum="c" * 64) for i in range(1_000)]
+        removed = [f"k{i}" for i in range(self.n)]
+        return agent_pb2.PollResponse(
+            incarnation="i", version=9, keys=new, removed=removed, status=running
+        )
+
+
+async def test_a_big_incremental_answer_is_merged_in_steps_and_its_version_comes_last() -> None:
+    """The loop runs between the steps of a big merge (control calls are answered meanwhile),
+    and the worker's version, by which the ledger settles applied directives, moves to the
+    answer's only once all of it is merged."""
+    n = 4 * MERGE_STEP
+    host = _ManyChanges(n)  # type: ignore[abstract]
+    async with _workers(host, 1) as [worker]:
+        state = ClusterState()
+        state.register(worker, worker, "i", now=0.0)
+        links = AgentLinks()
+        poller = Poller(state, links, epoch=1, timeout=5.0, on_restart=lambda worker: None)
+        seen: list[tuple[int, int]] = []
+        done = asyncio.Event()
+
+        async def watch() -> None:
+            while not done.is_set():
+                known = state.worker(worker)
+                assert known is not None
+                seen.append((known.version, len(state.held_by(worker))))
+                await asyncio.sleep(0)
+
+        try:
+            assert await poller.poll_all() == []
+            assert len(state.held_by(worker)) == n
+            watcher = asyncio.create_task(watch())
+            assert await poller.poll_all() == []
+            done.set()
+            await watcher
+        finally:
+            await links.close_all()
+    assert state.held_by(worker) == {f"n{i}" for i in range(1_000)}
+    assert state.worker(worker).version == 9  # type: ignore[union-attr]
+    partial = {held for version, held in seen if held not in (n, 1_000)}
+    assert len(partial) >= 3, f"merged in one go: the loop saw only {sorted(set(seen))}"
+    assert all(held == 1_000 for version, held in seen if version == 9), seen

@@ -137,7 +137,7 @@ class Expanded:
         try:
             asked = next(inner)
             while True:
-                if isinstance(asked, RetireRequest) or asked.copies == 1:
+                if asked is None or isinstance(asked, RetireRequest) or asked.copies == 1:
                     asked = inner.send((yield asked))
                     continue
                 one = asked._replace(copies=1)

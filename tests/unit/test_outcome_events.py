@@ -88,3 +88,24 @@ def test_a_cycle_never_settled_reports_when_its_record_is_dropped() -> None:
     cycle(outcomes, ledger, RECORDS_KEPT + 1)
     (event,) = events.of_kind("directives-refused")
     assert event.message == "cycle 1: 1 refused: paused 1"
+
+
+def test_outcomes_of_two_cycles_in_one_batch_count_in_each_and_in_the_totals() -> None:
+    """Applied outcomes are counted per cycle, op and reason once per batch; each cycle's record
+    and the totals come out as one at a time would make them."""
+    outcomes, ledger, _ = setup()
+    first, d1 = cycle(outcomes, ledger, 1, W1, W1, W1)
+    second, d2 = cycle(outcomes, ledger, 2, W1, W1)
+    outcomes.all_sent(first)
+    outcomes.all_sent(second)
+    applied = [Outcome(d.id, OutcomeStatus.APPLIED, inventory_version=1) for d in (*d1, *d2)]
+    batch = [applied[0], refuse(d1[1], "PINNED"), applied[2], applied[3], applied[4]]
+    outcomes.on_outcomes(W1, [*batch, applied[0]])  # the last one repeated: counted once
+    assert (first.applied, first.refused, first.unsettled) == (2, 1, 0)
+    assert (second.applied, second.unsettled) == (2, 0)
+    assert first.directives[d1[0].id].outcome == applied[0]
+    assert first.directives[d1[1].id].outcome is not None
+    totals = outcomes.totals
+    assert (totals.applied, totals.refused, totals.failed) == (4, 1, 0)
+    assert totals.by_outcome[Op.DROP, OutcomeStatus.APPLIED, ""] == 4
+    assert totals.by_outcome[Op.DROP, OutcomeStatus.REFUSED, "PINNED"] == 1

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from amm_service.decisions.directive import Directive, Op, Outcome, OutcomeStatus
-from amm_service.decisions.pending import Ledger
+from amm_service.decisions.pending import InFlight, Ledger
 from amm_service.decisions.view import Key, WorkerId
 
 
@@ -100,3 +100,52 @@ def test_a_directive_sent_again_goes_to_the_back_of_the_line() -> None:
     assert ledger.expire(36.0, 30.0, answering) == []
     assert [d.id for d in ledger.overdue(36.0, 30.0)] == ["2"]
     assert [e.directive.id for e in ledger.expire(70.0, 30.0)] == ["1", "2"]
+
+
+def test_applied_directives_answered_out_of_version_order_settle_by_version() -> None:
+    """Answers usually come in version order; those that do not are still settled exactly when
+    the view shows their version, no earlier, no later."""
+    ledger = Ledger()
+    for n, version in enumerate((7, 3, 9, 5)):
+        ledger.add(directive(str(n), key=f"k{n}"), now=0.0)
+        ledger.settle(Outcome(str(n), OutcomeStatus.APPLIED, inventory_version=version))
+    ledger.observe({WorkerId("a"): 5}.get)
+    assert sorted(e.directive.id for e in ledger) == ["0", "2"]
+    ledger.add(directive("4", key="k4"), now=0.0)
+    ledger.settle(Outcome("4", OutcomeStatus.APPLIED, inventory_version=6))
+    ledger.observe({WorkerId("a"): 7}.get)
+    assert [e.directive.id for e in ledger] == ["2"]
+    ledger.observe({WorkerId("a"): 9}.get)
+    assert len(ledger) == 0
+
+
+def test_applied_directives_that_left_the_ledger_are_not_observed_again() -> None:
+    ledger = Ledger()
+    ledger.add(directive("1", worker="a"), now=0.0)
+    ledger.add(directive("2", worker="a", key="y"), now=0.0)
+    ledger.add(directive("3", worker="b", key="z"), now=0.0)
+    for n in ("1", "2", "3"):
+        ledger.settle(Outcome(n, OutcomeStatus.APPLIED, inventory_version=int(n)))
+    assert [e.directive.id for e in ledger.expire(31.0, 30.0, {WorkerId("a")}.__contains__)] == [
+        "3"
+    ]
+    assert [e.directive.id for e in ledger.forget_worker(WorkerId("a"))] == ["1", "2"]
+    ledger.add(directive("4", worker="a"), now=40.0)  # a new process of the same worker
+    ledger.settle(Outcome("4", OutcomeStatus.APPLIED, inventory_version=8))
+    ledger.observe({WorkerId("a"): 2, WorkerId("b"): 9}.get)
+    assert [e.directive.id for e in ledger] == ["4"]
+    assert ledger.in_flight(Key("x")).dropping == {WorkerId("a")}
+
+
+def test_a_key_with_several_directives_in_flight_keeps_each_until_settled() -> None:
+    ledger = Ledger()
+    ledger.add(directive("1", worker="a"), now=0.0)
+    ledger.add(directive("2", worker="b"), now=0.0)
+    ledger.add(directive("3", Op.REPLICATE, worker="c"), now=0.0)
+    a, b, c = WorkerId("a"), WorkerId("b"), WorkerId("c")
+    assert ledger.in_flight(Key("x")) == InFlight(frozenset({c}), frozenset({a, b}))
+    ledger.settle(Outcome("2", OutcomeStatus.REFUSED, "PINNED"))
+    ledger.settle(Outcome("3", OutcomeStatus.FAILED))
+    assert ledger.in_flight(Key("x")) == InFlight(frozenset(), frozenset({a}))
+    ledger.settle(Outcome("1", OutcomeStatus.REFUSED, "PINNED"))
+    assert ledger.in_flight(Key("x")) == InFlight()

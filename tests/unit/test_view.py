@@ -155,3 +155,29 @@ def test_keys_that_appear_and_leave_the_cluster_are_noted_when_tracked() -> None
     poll(state, A, keys=[KeyReport(x, 3, "s")], version=5)
     assert state.take_changes() == ({x}, {y, z})
     assert ClusterState().take_changes() == (set(), set())
+
+
+def test_holding_sets_keep_the_key_records_string_not_one_copy_per_poll() -> None:
+    """Each poll brings its own copy of every key's string; holding 100k keys on 4 workers
+    kept 4 copies of each until the sets kept the record's."""
+    state = ClusterState()
+    for w in (A, B):
+        state.register(w, "", "i1", now=0.0)
+    poll(state, A, full=True, keys=[KeyReport(Key("".join(["x", "y"])), 3, "s")])
+    poll(state, B, full=True, keys=[KeyReport(Key("".join(["x", "y"])), 3, "s")])
+    record = state.keys[Key("xy")].key
+    assert all(next(iter(state.held_by(w))) is record for w in (A, B))
+    assert state.snapshot().keys[Key("xy")].holders == {A, B}
+
+
+def test_holdings_frozen_ahead_are_what_the_snapshot_shows() -> None:
+    state = ClusterState()
+    state.register(A, "", "i1", now=0.0)
+    poll(state, A, full=True, keys=[KeyReport(Key("x"), 3, "s")])
+    assert state.freeze_holdings(A) == 1
+    assert state.freeze_holdings(A) == 0, "frozen already"
+    frozen = state.snapshot().holdings[A]
+    assert state.snapshot().holdings[A] is frozen
+    poll(state, A, version=2, keys=[KeyReport(Key("y"), 1, "t")])  # changed after: frozen again
+    assert state.snapshot().holdings[A] == {"x", "y"}
+    assert state.freeze_holdings(B) == 0, "unknown worker"

@@ -1,0 +1,106 @@
+"""Which steps hold the event loop, for benchmarks: ``AMM_LOOP_PROBE=PATH`` in the service's
+environment writes one JSON line per hold to PATH.
+
+A hold is measured in CPU time of the loop's thread between two heartbeats of a task that
+sleeps ``BEAT`` seconds, not in wall time: on a shared, loaded machine wall time mostly counts
+the scheduler's preemption, which no change to the AMM removes. A watchdog thread reads that
+CPU clock and, once a hold passes ``threshold``, samples the loop thread's stack, so that each
+line says where the loop was held (the AMM's innermost frames) and for how long.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import sys
+import threading
+import time
+import traceback
+from collections.abc import AsyncIterator
+from pathlib import Path
+from types import FrameType
+from typing import TextIO
+
+#: The environment variable naming the file to write, when the probe is wanted.
+ENV = "AMM_LOOP_PROBE"
+#: Seconds between two heartbeats of the loop, and between two looks of the watchdog.
+BEAT = 0.005
+WATCH = 0.002
+#: CPU seconds of one hold from which it is written down.
+THRESHOLD = 0.02
+#: Frames of the stack kept per hold (the innermost of the AMM's own code).
+FRAMES = 6
+
+
+class LoopProbe:
+    """Heartbeat task plus watchdog thread; ``run`` until cancelled."""
+
+    def __init__(self, out: TextIO, threshold: float = THRESHOLD) -> None:
+        self._out = out
+        self._threshold = threshold
+        self._ident = threading.get_ident()
+        self._clock = time.pthread_getcpuclockid(self._ident)
+        self._beat = time.clock_gettime(self._clock)
+        self._beat_wall = time.monotonic()
+        self._stack: list[str] | None = None
+        self._done = threading.Event()
+
+    def _cpu(self) -> float:
+        return time.clock_gettime(self._clock)
+
+    async def run(self) -> None:
+        watchdog = threading.Thread(target=self._watch, name="loop probe", daemon=True)
+        watchdog.start()
+        try:
+            while True:
+                await asyncio.sleep(BEAT)
+                cpu, wall = self._cpu(), time.monotonic()
+                held = cpu - self._beat
+                stack, self._stack = self._stack, None
+                if held >= self._threshold and stack is not None:
+                    record = {
+                        "at": time.time(),
+                        "cpu_ms": round(held * 1e3, 1),
+                        "wall_ms": round((wall - self._beat_wall) * 1e3, 1),
+                        "stack": stack,
+                    }
+                    self._out.write(json.dumps(record) + "\n")
+                    self._out.flush()
+                self._beat, self._beat_wall = cpu, wall
+        finally:
+            self._done.set()
+            watchdog.join(1.0)
+
+    def _watch(self) -> None:
+        while not self._done.wait(WATCH):
+            if self._stack is None and self._cpu() - self._beat >= self._threshold:
+                frame = sys._current_frames().get(self._ident)
+                if frame is not None:
+                    self._stack = _where(frame)
+
+
+def _where(frame: FrameType) -> list[str]:
+    """The innermost frames of the AMM's own code (else of anything) in ``frame``'s stack."""
+    summary = traceback.extract_stack(frame)
+    ours = [f for f in summary if "amm_service" in f.filename or "/amm/" in f.filename]
+    chosen = (ours or summary)[-FRAMES:]
+    return [f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in chosen]
+
+
+@contextlib.asynccontextmanager
+async def maybe_probe() -> AsyncIterator[None]:
+    """Run a ``LoopProbe`` meanwhile when ``AMM_LOOP_PROBE`` names a file; else nothing."""
+    path = os.environ.get(ENV)
+    if not path:
+        yield
+        return
+    with open(path, "a", encoding="utf-8") as out:  # noqa: ASYNC230 (once, at start-up)
+        task = asyncio.create_task(LoopProbe(out).run(), name="loop probe")
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
