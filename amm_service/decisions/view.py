@@ -347,8 +347,7 @@ class ClusterState:
         holding = self._held[address]
         changed = False
         for report in held:
-            self._set_holding(address, report)
-            holding.add(report.key)
+            holding.add(self._set_holding(address, report))
             changed = True
         for key in absent:
             if key in holding:
