@@ -10,6 +10,7 @@ tasks is ``agent``'s job.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import enum
@@ -25,6 +26,7 @@ from worker_agent.config import AgentConfig
 from worker_agent.confirm import AmmPort, Confirmations
 from worker_agent.directives import DirectiveRunner, KeyLocks, Outcome, OutcomeStatus
 from worker_agent.errors import (
+    AgentError,
     ContentConflict,
     DataLoss,
     InvalidRequest,
@@ -41,6 +43,10 @@ from worker_agent.transfer import FetchFailure, Peers
 
 log = logging.getLogger(__name__)
 
+#: Reasons of refused puts besides the integrity rules' (``Node.refusals``): other content
+#: under the key, here or elsewhere in the cluster; the AMM could not be asked.
+CONTENT_CONFLICT = "content_conflict"
+AMM_UNAVAILABLE = "amm_unavailable"
 #: Keys in a poll answer when the caller asks for no particular number (PollRequest.max_keys 0).
 DEFAULT_POLL_KEYS = 10_000
 #: Most keys in a poll answer, whatever the caller asks.
@@ -142,6 +148,10 @@ class Node:
         self.locks = KeyLocks()
         #: Bytes in and out and transfer durations, for the metrics.
         self.traffic = Traffic()
+        #: Requests refused, by (request, reason): ``put`` (a Put or PutMany call, once),
+        #: ``promise_keep`` (each key of PromiseKeep or PromiseKeepBatch); directives are
+        #: counted by the runner.
+        self.refusals: collections.Counter[tuple[str, str]] = collections.Counter()
         self.peers = Peers(
             fetch_timeout=config.fetch_timeout,
             source_timeout=config.source_timeout,
@@ -311,12 +321,17 @@ class Node:
         new = {key: digest for key, digest in values if held(key) is None}
         if not new:
             return
-        known = await self.confirmations.lookup(list(new))
+        try:
+            known = await self.confirmations.lookup(list(new))
+        except Unavailable:
+            self.refusals["put", AMM_UNAVAILABLE] += 1
+            raise
         for key, digest in new.items():
             other = known.get(key)
             if other is None or (other.checksum == digest and other.holders):
                 continue
             where = ", ".join((*other.holders, *other.conflicting)[:3])
+            self.refusals["put", CONTENT_CONFLICT] += 1
             raise ContentConflict(
                 f"{key!r} already exists in the cluster with other content (checksum "
                 f"{other.checksum[:12]}, on {where}); keys are immutable cluster-wide"
@@ -334,10 +349,13 @@ class Node:
         self._refuse_if_closing()
         held = self.store.get(key)
         if held is not None and (held.size != size or (checksum and checksum != held.checksum)):
-            raise ContentConflict(f"{key!r} already holds other content; keys are immutable")
+            raise self._refused(
+                CONTENT_CONFLICT,
+                ContentConflict(f"{key!r} already holds other content; keys are immutable"),
+            )
         verdict = integrity.judge_put(self.store, key, size, self.conditions())
         if isinstance(verdict, Refuse):
-            raise TooLarge(verdict.message)
+            raise self._refused(verdict.reason, TooLarge(verdict.message))
 
     def put(self, key: Key, data: bytes, checksum: str) -> tuple[KeyInfo, bool]:
         """Store a verified value; ``created`` is False when the same content was there.
@@ -348,11 +366,14 @@ class Node:
         held = self.store.get(key)
         if held is not None:
             if held.checksum != checksum:
-                raise ContentConflict(f"{key!r} already holds other content; keys are immutable")
+                raise self._refused(
+                    CONTENT_CONFLICT,
+                    ContentConflict(f"{key!r} already holds other content; keys are immutable"),
+                )
         else:
             verdict = integrity.judge_put(self.store, key, len(data), self.conditions())
             if isinstance(verdict, Refuse):
-                raise TooLarge(verdict.message)
+                raise self._refused(verdict.reason, TooLarge(verdict.message))
             self.store.add(key, data, checksum)
         self.store.put_again(key)  # an explicit Put undoes a Forget
         self.traffic.received["put"] += len(data)
@@ -386,9 +407,15 @@ class Node:
                     largest = max(largest, size)
                     continue
                 if given[2] != checksum:
-                    raise ContentConflict(f"{key!r} is given twice with different content")
+                    raise self._refused(
+                        CONTENT_CONFLICT,
+                        ContentConflict(f"{key!r} is given twice with different content"),
+                    )
             elif held.checksum != checksum:
-                raise ContentConflict(f"{key!r} already holds other content; keys are immutable")
+                raise self._refused(
+                    CONTENT_CONFLICT,
+                    ContentConflict(f"{key!r} already holds other content; keys are immutable"),
+                )
             unchanged += 1
         if not new:
             self._put_again(values)
@@ -403,7 +430,7 @@ class Node:
             whole = dataclasses.replace(cond, max_value_bytes=max(total, cond.max_value_bytes))
             verdict = integrity.judge_put(self.store, some, total, whole)
         if isinstance(verdict, Refuse):
-            raise TooLarge(verdict.message)
+            raise self._refused(verdict.reason, TooLarge(verdict.message))
         stored = self.store.add_many(new.values())
         self._put_again(values)
         self.traffic.received["put_many"] += received
@@ -416,7 +443,13 @@ class Node:
 
     def _refuse_if_closing(self) -> None:
         if self.closing or self.draining:
-            raise Unavailable("agent is shutting down")
+            raise self._refused(Reason.CLOSING, Unavailable("agent is shutting down"))
+
+    def _refused(self, reason: Reason | str, error: AgentError) -> AgentError:
+        """Count a refused put by ``reason`` (``refusals``); the error to raise."""
+        label = reason if isinstance(reason, str) else reason.name.lower()
+        self.refusals["put", label] += 1
+        return error
 
     @contextlib.asynccontextmanager
     async def reading(
@@ -644,6 +677,7 @@ class Node:
         for key, checksum in items:
             verdict = integrity.judge_keep(self.store, key, checksum, cond)
             if isinstance(verdict, Refuse):
+                self.refusals["promise_keep", verdict.reason.name.lower()] += 1
                 answers.append(verdict)
             else:
                 answers.append(Promise(self.store.promise(key, now + seconds) - now))
