@@ -67,6 +67,8 @@ AMM_RECONNECT_WAIT = 5.0
 AMM_RECONNECT_BACKOFF_MS = 1000
 #: The least pause before a refused LookupKeys is sent again, in seconds.
 RECONNECT_PAUSE = 0.05
+#: Seconds between two ``Node.housekeeping`` calls (expired tombstones, memory freed).
+HOUSEKEEPING_INTERVAL = 5.0
 #: Deadline of a call that confirms an epoch or peers with the AMM (GetMembership). Generous:
 #: an AMM planning a cycle of 100k keys answers control calls up to about 1 s late.
 CONFIRM_TIMEOUT = 5.0
@@ -410,10 +412,16 @@ class Agent:
         await self.stop()
 
     async def _sample_memory(self) -> None:
-        """Keep the unmanaged-memory window filled even when nobody polls."""
+        """Keep the unmanaged-memory window filled even when nobody polls; and now and then
+        let go of what the agent no longer needs (``Node.housekeeping``)."""
+        loop = asyncio.get_running_loop()
+        tidied = loop.time()
         while True:
             await asyncio.sleep(self.config.memory_interval)
             self.node.sample_memory()
+            if loop.time() - tidied >= HOUSEKEEPING_INTERVAL:
+                tidied = loop.time()
+                self.node.housekeeping()
 
     async def _register(self, amm: control_pb2_grpc.ActiveMemoryManagerAsyncStub) -> None:
         """Register with the AMM, retrying with backoff, and again after any long silence.

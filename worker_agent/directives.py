@@ -29,8 +29,13 @@ from worker_agent.transfer import FetchFailure, Peers, PromiseAnswer
 
 log = logging.getLogger(__name__)
 
-#: How many directive outcomes are remembered for idempotency.
+#: How many directive outcomes are remembered for idempotency, at most.
 HISTORY_LIMIT = 100_000
+#: How long an outcome is remembered, in seconds: the AMM sends a directive again only while it
+#: waits for its outcome, up to its directive deadline (``--directive-timeout``, 30 s by
+#: default). Each costs about 450 bytes: kept for as long as the count allows, a steady stream
+#: of directives held 45 MB.
+HISTORY_TTL = 120.0
 #: Most keys asked of one keeper in one PromiseKeepBatch call.
 KEEP_BATCH = 10_000
 #: Keys per extra ``promise_timeout`` a batch of promises may take to be answered: a keeper
@@ -151,8 +156,8 @@ class DirectiveRunner:
         self._address = address
         self._clock = clock
         self._slots = asyncio.Semaphore(config.max_concurrent_directives)
-        # By id: what the directive was about (key, op) and how it ended.
-        self._history: collections.OrderedDict[str, tuple[_Subject, Outcome]] = (
+        # By id: what the directive was about (key, op), how it ended and when (the clock).
+        self._history: collections.OrderedDict[str, tuple[_Subject, Outcome, float]] = (
             collections.OrderedDict()
         )
         self._history_limit = history_limit
@@ -623,6 +628,17 @@ class DirectiveRunner:
         return Outcome(directive.id, status, verdict.reason, verdict.message, version)
 
     def _remember(self, subject: _Subject, outcome: Outcome) -> None:
-        self._history[outcome.directive_id] = (subject, outcome)
+        now = self._clock()
+        self._history[outcome.directive_id] = (subject, outcome, now)
         if len(self._history) > self._history_limit:
             self._history.popitem(last=False)
+        self.expire_history(now)
+
+    def expire_history(self, now: float) -> None:
+        """Let go of the outcomes older than ``HISTORY_TTL``, oldest first."""
+        history, cutoff = self._history, now - HISTORY_TTL
+        while history:
+            _, (_, _, at) = next(iter(history.items()))
+            if at > cutoff:
+                return
+            history.popitem(last=False)

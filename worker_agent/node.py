@@ -36,6 +36,7 @@ from worker_agent.errors import (
     UnknownKey,
 )
 from worker_agent.integrity import Conditions, Directive, Reason, Refuse
+from worker_agent.malloc import trim
 from worker_agent.memory import ByteBudget, MemoryMonitor, MemoryProbe, MemoryReport
 from worker_agent.store import Key, KeyInfo, Page, Reservation, Store, Value
 from worker_agent.traffic import Traffic
@@ -47,6 +48,8 @@ log = logging.getLogger(__name__)
 #: under the key, here or elsewhere in the cluster; the AMM could not be asked.
 CONTENT_CONFLICT = "content_conflict"
 AMM_UNAVAILABLE = "amm_unavailable"
+#: Bytes of values removed since the last trim after which ``housekeeping`` trims the heap.
+TRIM_AFTER_BYTES = 1024 * 1024
 #: Keys in a poll answer when the caller asks for no particular number (PollRequest.max_keys 0).
 DEFAULT_POLL_KEYS = 10_000
 #: Most keys in a poll answer, whatever the caller asks.
@@ -152,6 +155,10 @@ class Node:
         #: ``promise_keep`` (each key of PromiseKeep or PromiseKeepBatch); directives are
         #: counted by the runner.
         self.refusals: collections.Counter[tuple[str, str]] = collections.Counter()
+        # The since of the AMM's last incremental poll (``_release_changes``).
+        self._acknowledged = 0
+        # ``store.freed_bytes`` at the last malloc trim (``housekeeping``).
+        self._trimmed_at = 0
         self.peers = Peers(
             fetch_timeout=config.fetch_timeout,
             source_timeout=config.source_timeout,
@@ -268,13 +275,15 @@ class Node:
             confirmed = True
         else:
             confirmed = self.confirmations.note_poll(epoch, membership_version)
+        same = incarnation == self.incarnation
         if confirmed and epoch >= self.registered_epoch:
             # A superseded AMM (or a person with grpcurl) still polling must not keep this
             # agent from registering again with the AMM that forgot it.
             self.polled.set()
+            if same and since > 0 and not full and not cursor:
+                self._release_changes(since)
         limit = min(max_keys or DEFAULT_POLL_KEYS, MAX_POLL_KEYS)
         current = self.store.version
-        same = incarnation == self.incarnation
         changes = None
         if cursor and (same or not incarnation):
             page = self.store.snapshot_page(Key(cursor), max_keys=limit, max_bytes=POLL_BYTES)
@@ -591,6 +600,25 @@ class Node:
         if self.store.pins(key) == 0:
             raise Refused(None, f"{key!r} is not pinned")
         return self.store.unpin(key)
+
+    def _release_changes(self, since: int) -> None:
+        """The AMM polls ``since``: it holds every change up to there, so the changelog lets
+        them go. Up to the ``since`` of the poll before, not this one: a fresh query of the AMM
+        may poll at the same time as its cycle, from a version a little older."""
+        previous, self._acknowledged = self._acknowledged, since
+        self.store.release_changes(min(previous, since))
+
+    def housekeeping(self) -> None:
+        """From time to time: let go of expired tombstones, and give memory freed by values
+        removed since the last call back to the system (``malloc.trim``): freed in the middle of
+        the heap, it stays in the process otherwise."""
+        now = self.clock()
+        self.store.expire_tombstones(now)
+        self.runner.expire_history(now)
+        freed = self.store.freed_bytes
+        if freed - self._trimmed_at >= TRIM_AFTER_BYTES:
+            self._trimmed_at = freed
+            trim()
 
     def bury(self, tombstones: Sequence[Forgotten]) -> int:
         """Apply the AMM's tombstones (sent with a poll); returns the copies deleted.
