@@ -48,8 +48,10 @@ log = logging.getLogger(__name__)
 #: under the key, here or elsewhere in the cluster; the AMM could not be asked.
 CONTENT_CONFLICT = "content_conflict"
 AMM_UNAVAILABLE = "amm_unavailable"
-#: Bytes of values removed since the last trim after which ``housekeeping`` trims the heap.
+#: Bytes of values removed since the last trim after which ``housekeeping`` trims the heap;
+#: it does anyway after ``TRIM_EVERY`` seconds (memory that gRPC and the event loop freed since).
 TRIM_AFTER_BYTES = 1024 * 1024
+TRIM_EVERY = 60.0
 #: Keys in a poll answer when the caller asks for no particular number (PollRequest.max_keys 0).
 DEFAULT_POLL_KEYS = 10_000
 #: Most keys in a poll answer, whatever the caller asks.
@@ -157,8 +159,9 @@ class Node:
         self.refusals: collections.Counter[tuple[str, str]] = collections.Counter()
         # The since of the AMM's last incremental poll (``_release_changes``).
         self._acknowledged = 0
-        # ``store.freed_bytes`` at the last malloc trim (``housekeeping``).
+        # ``store.freed_bytes`` and the clock at the last malloc trim (``housekeeping``).
         self._trimmed_at = 0
+        self._trimmed_when = clock()
         self.peers = Peers(
             fetch_timeout=config.fetch_timeout,
             source_timeout=config.source_timeout,
@@ -609,15 +612,16 @@ class Node:
         self.store.release_changes(min(previous, since))
 
     def housekeeping(self) -> None:
-        """From time to time: let go of expired tombstones, and give memory freed by values
-        removed since the last call back to the system (``malloc.trim``): freed in the middle of
-        the heap, it stays in the process otherwise."""
+        """From time to time: let go of expired tombstones and directive outcomes, and give
+        the heap's free memory back to the system (``malloc.trim``) once values were removed,
+        or a minute after the last time: freed in the middle of the heap, it stays in the
+        process otherwise."""
         now = self.clock()
         self.store.expire_tombstones(now)
         self.runner.expire_history(now)
         freed = self.store.freed_bytes
-        if freed - self._trimmed_at >= TRIM_AFTER_BYTES:
-            self._trimmed_at = freed
+        if freed - self._trimmed_at >= TRIM_AFTER_BYTES or now - self._trimmed_when >= TRIM_EVERY:
+            self._trimmed_at, self._trimmed_when = freed, now
             trim()
 
     def bury(self, tombstones: Sequence[Forgotten]) -> int:

@@ -12,7 +12,7 @@ from worker_agent.config import AgentConfig
 from worker_agent.directives import HISTORY_TTL
 from worker_agent.integrity import Directive, Op
 from worker_agent.memory import PsutilProbe
-from worker_agent.node import TRIM_AFTER_BYTES, Forgotten, Node
+from worker_agent.node import TRIM_AFTER_BYTES, TRIM_EVERY, Forgotten, Node
 from worker_agent.store import Key
 
 K = Key("k")
@@ -67,7 +67,8 @@ async def test_the_heap_is_trimmed_once_enough_bytes_were_removed(
         return True
 
     monkeypatch.setattr(node_module, "trim", trim)
-    node = make_node(Clock())
+    clock = Clock()
+    node = make_node(clock)
     value = b"v" * (TRIM_AFTER_BYTES // 2 + 1)
     for i in range(2):
         node.store.add(Key(f"v{i}"), value, checksum(value))
@@ -78,6 +79,9 @@ async def test_the_heap_is_trimmed_once_enough_bytes_were_removed(
     node.housekeeping()
     node.housekeeping()
     assert len(trims) == 1, "once per batch of frees"
+    clock.now = TRIM_EVERY
+    node.housekeeping()
+    assert len(trims) == 2, "and once a minute whatever was freed"
 
 
 async def test_the_amms_polls_let_go_of_the_changes_it_has_read() -> None:
