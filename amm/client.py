@@ -142,8 +142,10 @@ def _rpc(role: str, address: str) -> Iterator[None]:
 
 
 #: How long a Put waits for the agent to accept its header before sending the chunks anyway (an
-#: agent older than ``PUT_ACCEPTED_METADATA`` does not announce it), in seconds.
-PUT_ACCEPT_WAIT = 5.0
+#: agent older than ``PUT_ACCEPTED_METADATA`` does not announce it), in seconds. Longer than an
+#: agent may take to judge a header (it waits up to 5 s for a restarting AMM), so that a refusal
+#: is never taken for silence; an agent that stayed silent is not waited for again.
+PUT_ACCEPT_WAIT = 15.0
 
 
 class AsyncAmmControl:
@@ -212,6 +214,8 @@ class AsyncClient:
         self._channel: grpc.aio.Channel | None = None
         self._stub: ActiveMemoryManagerAsyncStub | None = None
         self._agents: dict[str, tuple[grpc.aio.Channel, WorkerAgentAsyncStub, ValueStreams]] = {}
+        # Agents that did not announce an accepted Put header (older ones): not waited for again.
+        self._silent: set[str] = set()
         self._closed = False
 
     def __repr__(self) -> str:
@@ -578,7 +582,8 @@ class AsyncClient:
         A refusal of the header (over the memory limit, say) is thus heard with no write in
         flight: grpc.aio reports a write that fails because the call ended as ``INTERNAL:
         Internal error from Core``, not with the agent's status (grpc/grpc#36066). An agent that
-        does not announce acceptance (an older one) gets the chunks after ``PUT_ACCEPT_WAIT``.
+        does not announce acceptance (an older one) gets the chunks after ``PUT_ACCEPT_WAIT``,
+        and at once from then on.
         """
         header = agent_pb2.PutHeader(key=key, size=len(value), checksum=digest)
         streams = self._value_streams(address)
@@ -586,10 +591,12 @@ class AsyncClient:
             call = streams.put(timeout=self.timeout)  # type: ignore[call-arg]  # written below
             await call.write(agent_pb2.PutRequest(header=header))
             accepted = asyncio.ensure_future(call.initial_metadata())
+            wait = 0.0 if address in self._silent else PUT_ACCEPT_WAIT
             try:
-                metadata = await asyncio.wait_for(asyncio.shield(accepted), PUT_ACCEPT_WAIT)
+                metadata = await asyncio.wait_for(asyncio.shield(accepted), wait)
             except TimeoutError:
                 metadata = None  # an older agent: it answers only at the end
+                self._silent.add(address)
             finally:
                 accepted.cancel()
             if metadata is not None and PUT_ACCEPTED_METADATA not in tuple(metadata):

@@ -40,7 +40,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-incoming-transfers", metavar="N", help="per worker, 0: none (10)")
     p.add_argument("--max-outgoing-transfers", metavar="N", help="per worker, 0: none (50)")
     p.add_argument(
-        "--tombstone-ttl", metavar="DURATION", help="how long a Forget stays enforced (10m)"
+        "--tombstone-ttl", metavar="DURATION", help="how long a Forget stays enforced (2m)"
     )
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR")
     p.add_argument(

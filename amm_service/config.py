@@ -130,9 +130,12 @@ class AmmConfig:
     max_outgoing_transfers: int = 50
     """Replications in flight served by one worker (the first source) at most; 0 means no limit.
     Default 50."""
-    tombstone_ttl: float = 600.0
+    tombstone_ttl: float = 120.0
     """Seconds a forgotten key's tombstone is kept: while it lives, copies of the key that were
-    under way are discarded and none is planned, until the key is put again. Default 10m."""
+    under way are discarded and none is planned, until the key is put again. It must outlive
+    every copy under way at the Forget (an agent's fetch gives up after 30 s, a directive after
+    ``directive_timeout``) and reach every live worker (a silent one is dead after
+    ``dead_after``); agents keep theirs longer (3m). Default 2m."""
     metrics_listen: str | None = None
     """``HOST:PORT`` to serve Prometheus metrics on over HTTP; unset serves none. Default unset."""
     dashboard_listen: str | None = None

@@ -124,6 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=_typed(parse_duration),
     )
     add(
+        "--tombstone-ttl",
+        "how long a forgotten key's tombstone is kept: at least the AMM's --tombstone-ttl "
+        "(3m; the AMM's default is 2m)",
+        type=_typed(parse_duration),
+    )
+    add(
         "--metrics-listen",
         "serve Prometheus metrics over HTTP on HOST:PORT, e.g. 0.0.0.0:9100 (default: none)",
     )
@@ -197,7 +203,7 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         "insecure": _switch("--insecure", args.insecure),
         "bulk": not _switch("--no-bulk", args.no_bulk),
     }
-    for field in ("memory_limit", "lease", "chunk_size", "drain_grace"):
+    for field in ("memory_limit", "lease", "chunk_size", "drain_grace", "tombstone_ttl"):
         value = getattr(args, field)
         if value is not None:
             overrides[field] = value

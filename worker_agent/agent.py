@@ -15,6 +15,7 @@ as lost by the AMM, and logged here.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -57,6 +58,18 @@ UNREGISTER_TIMEOUT = 0.5
 UNREGISTER_HEAD_START = 0.25
 #: Keys named in a log line, at most.
 KEYS_LOGGED = 20
+#: How long a Put (or a read that keeps a replica) waits for an AMM that cannot be reached to
+#: come back before it fails UNAVAILABLE: the agent asks the AMM before it stores a key it
+#: lacks, and for a moment after an AMM restarts its channel is still backing off. A restart
+#: takes a second or two (``AMM_RECONNECT_BACKOFF`` more to redial).
+AMM_RECONNECT_WAIT = 5.0
+#: The longest pause between two attempts to dial the AMM, in milliseconds (gRPC's default
+#: grows to 120 s): an AMM back after a long outage is dialled again within a second.
+AMM_RECONNECT_BACKOFF_MS = 1000
+#: The least pause before a refused LookupKeys is sent again, in seconds.
+RECONNECT_PAUSE = 0.05
+#: Seconds between two ``Node.housekeeping`` calls (expired tombstones, memory freed).
+HOUSEKEEPING_INTERVAL = 5.0
 #: Deadline of a call that confirms an epoch or peers with the AMM (GetMembership). Generous:
 #: an AMM planning a cycle of 100k keys answers control calls up to about 1 s late.
 CONFIRM_TIMEOUT = 5.0
@@ -64,18 +77,22 @@ CONFIRM_TIMEOUT = 5.0
 
 class _AmmLink:
     """The calls ``confirm`` makes to the AMM, over the agent's channel to it (``stub`` gives
-    it, None until the agent started)."""
+    it, ``channel`` the channel, both None until the agent started)."""
 
     def __init__(
         self,
         address: str,
         stub: Callable[[], control_pb2_grpc.ActiveMemoryManagerAsyncStub | None],
         *,
+        channel: Callable[[], grpc.aio.Channel | None] = lambda: None,
         lookup_timeout: float,
+        reconnect_wait: float = AMM_RECONNECT_WAIT,
     ) -> None:
         self.address = address
         self._stub = stub
+        self._channel = channel
         self._lookup_timeout = lookup_timeout
+        self._reconnect_wait = reconnect_wait
 
     async def membership(self, epoch: int, version: int) -> Membership | None:
         amm = self._stub()
@@ -101,20 +118,43 @@ class _AmmLink:
         amm = self._stub()
         if amm is None:
             raise Unavailable(f"no channel to the AMM at {self.address} yet")
-        try:
-            response = await amm.LookupKeys(
-                control_pb2.LookupKeysRequest(keys=keys, fresh=fresh),
-                timeout=self._lookup_timeout,
-            )
-        except grpc.aio.AioRpcError as err:
-            raise Unavailable(
-                f"cannot ask the AMM at {self.address} about {len(keys)} key(s): "
-                f"{err.code().name} {err.details() or ''}"
-            ) from err
+        request = control_pb2.LookupKeysRequest(keys=keys, fresh=fresh)
+        loop = asyncio.get_running_loop()
+        until = loop.time() + self._reconnect_wait
+        while True:
+            try:
+                response = await amm.LookupKeys(request, timeout=self._lookup_timeout)
+                break
+            except grpc.aio.AioRpcError as err:
+                left = until - loop.time()
+                if err.code() is not grpc.StatusCode.UNAVAILABLE or left <= 0:
+                    waited = (
+                        f" (waited {self._reconnect_wait:g} s for it to come back)"
+                        if err.code() is grpc.StatusCode.UNAVAILABLE
+                        else ""
+                    )
+                    raise Unavailable(
+                        f"cannot ask the AMM at {self.address} about {len(keys)} key(s): "
+                        f"{err.code().name} {err.details() or ''}{waited}"
+                    ) from err
+            await self._reconnected(left)
         return {
             Key(k.key): KnownKey(k.size, k.checksum, tuple(k.holders), tuple(k.conflicting))
             for k in response.keys
         }
+
+    async def _reconnected(self, within: float) -> None:
+        """Wait up to ``within`` seconds for the channel to the AMM to connect again (a restarted
+        AMM: the channel backs off before it redials); at least a short pause, so that a call
+        refused on a channel that looks connected is not sent again at once."""
+        channel = self._channel()
+        pause = min(RECONNECT_PAUSE, within)
+        if channel is None:
+            await asyncio.sleep(pause)
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(within):
+                await asyncio.gather(channel.channel_ready(), asyncio.sleep(pause))
 
 
 class Agent:
@@ -133,7 +173,12 @@ class Agent:
             probe=probe if probe is not None else PsutilProbe(),
             clock=clock,
             amm=(
-                _AmmLink(config.amm, lambda: self._amm, lookup_timeout=config.fetch_timeout)
+                _AmmLink(
+                    config.amm,
+                    lambda: self._amm,
+                    channel=lambda: self._amm_channel,
+                    lookup_timeout=config.fetch_timeout,
+                )
                 if config.amm
                 else None
             ),
@@ -240,7 +285,11 @@ class Agent:
             self._amm_channel = open_channel(
                 self.config.amm,
                 self.config.security,
-                options=[*CHANNEL_OPTIONS, ("grpc.use_local_subchannel_pool", 1)],
+                options=[
+                    *CHANNEL_OPTIONS,
+                    ("grpc.use_local_subchannel_pool", 1),
+                    ("grpc.max_reconnect_backoff_ms", AMM_RECONNECT_BACKOFF_MS),
+                ],
             )
             self._amm = control_pb2_grpc.ActiveMemoryManagerStub(self._amm_channel)
             self._spawn(self._register(self._amm), "agent registration")
@@ -372,10 +421,16 @@ class Agent:
         await self.stop()
 
     async def _sample_memory(self) -> None:
-        """Keep the unmanaged-memory window filled even when nobody polls."""
+        """Keep the unmanaged-memory window filled even when nobody polls; and now and then
+        let go of what the agent no longer needs (``Node.housekeeping``)."""
+        loop = asyncio.get_running_loop()
+        tidied = loop.time()
         while True:
             await asyncio.sleep(self.config.memory_interval)
             self.node.sample_memory()
+            if loop.time() - tidied >= HOUSEKEEPING_INTERVAL:
+                tidied = loop.time()
+                self.node.housekeeping()
 
     async def _register(self, amm: control_pb2_grpc.ActiveMemoryManagerAsyncStub) -> None:
         """Register with the AMM, retrying with backoff, and again after any long silence.

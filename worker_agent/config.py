@@ -102,10 +102,12 @@ class AgentConfig:
     #: before it stops anyway, in seconds (0: stop at once). Below Kubernetes' default of 30 s
     #: between SIGTERM and SIGKILL, with room left for the stop itself.
     drain_grace: float = 20.0
-    #: How long a tombstone of a forgotten key is kept, in seconds: well beyond any transfer
-    #: that was under way when it arrived, and beyond the AMM's own (10 minutes by default), so
-    #: that a tombstone an AMM sends again after a restart is still known and deletes nothing.
-    tombstone_ttl: float = 3600.0
+    #: How long a tombstone of a forgotten key is kept, in seconds. It must outlive any copy of
+    #: the key under way when it arrived (a fetch gives up after ``fetch_timeout``, 30 s), and
+    #: the AMM's own tombstone (``--tombstone-ttl``, 2 minutes by default), which an AMM that
+    #: restarted sends again: known by its id, it deletes nothing put since. Each costs about
+    #: 300 bytes for as long as it is kept.
+    tombstone_ttl: float = 180.0
     #: Address (``host:port``) to serve Prometheus metrics on over HTTP; None serves none.
     metrics_listen: str | None = None
     #: TLS material (``Security.from_dir(DIR, identity)``, an agent identity): the server is

@@ -30,8 +30,13 @@ from worker_agent.transfer import FetchFailure, Peers, PromiseAnswer
 
 log = logging.getLogger(__name__)
 
-#: How many directive outcomes are remembered for idempotency.
+#: How many directive outcomes are remembered for idempotency, at most.
 HISTORY_LIMIT = 100_000
+#: How long an outcome is remembered, in seconds: the AMM sends a directive again only while it
+#: waits for its outcome, up to its directive deadline (``--directive-timeout``, 30 s by
+#: default). Each costs about 450 bytes: kept for as long as the count allows, a steady stream
+#: of directives held 45 MB.
+HISTORY_TTL = 120.0
 #: Most keys asked of one keeper in one PromiseKeepBatch call.
 KEEP_BATCH = 10_000
 #: Keys per extra ``promise_timeout`` a batch of promises may take to be answered: a keeper
@@ -89,14 +94,14 @@ class _Drop:
 
 
 #: A finished directive as the history keeps it: (key, op, id, status, reason, message, inventory
-#: version), plain values in a plain tuple, which the cyclic GC stops tracking. Kept as objects
-#: (a subject and an outcome), the 100,000 entries of a busy agent were most of the objects its
-#: full collections walked, each a stall of the loop of about 100 ms.
-_Done = tuple[str, int, str, int, int | None, str, int]
+#: version, when it ended by the runner's clock), plain values in a plain tuple, which the cyclic GC
+#: stops tracking. Kept as objects (a subject and an outcome), the 100,000 entries of a busy agent
+#: were most of the objects its full collections walked, each a stall of the loop of about 100 ms.
+_Done = tuple[str, int, str, int, int | None, str, int, float]
 
 
 def _outcome_of(done: _Done) -> Outcome:
-    _, _, directive_id, status, reason, message, version = done
+    _, _, directive_id, status, reason, message, version, _ = done
     return Outcome(
         directive_id,
         OutcomeStatus(status),
@@ -170,7 +175,7 @@ class DirectiveRunner:
         self._address = address
         self._clock = clock
         self._slots = asyncio.Semaphore(config.max_concurrent_directives)
-        # By id: what the directive was about (key, op) and how it ended (``_Done``).
+        # By id: what the directive was about (key, op), how it ended and when (``_Done``).
         self._history: collections.OrderedDict[str, _Done] = collections.OrderedDict()
         self._history_limit = history_limit
         self._running: dict[str, tuple[_Subject, asyncio.Future[Outcome]]] = {}
@@ -711,7 +716,7 @@ class DirectiveRunner:
         return Outcome(directive.id, status, verdict.reason, verdict.message, version)
 
     def _remember(self, subject: _Subject, outcome: Outcome) -> None:
-        reason = outcome.reason
+        reason, now = outcome.reason, self._clock()
         self._history[outcome.directive_id] = (
             subject.key,
             subject.op.value,
@@ -720,6 +725,16 @@ class DirectiveRunner:
             None if reason is None else reason.value,
             outcome.message,
             outcome.inventory_version,
+            now,
         )
         if len(self._history) > self._history_limit:
             self._history.popitem(last=False)
+        self.expire_history(now)
+
+    def expire_history(self, now: float) -> None:
+        """Let go of the outcomes older than ``HISTORY_TTL``, oldest first."""
+        history, cutoff = self._history, now - HISTORY_TTL
+        while history:
+            if next(iter(history.values()))[-1] > cutoff:
+                return
+            history.popitem(last=False)

@@ -96,6 +96,16 @@ def families(node: Node, rpc: RpcDurations | None) -> Iterator[Metric]:
     ):
         directives.add_metric([op.name.lower(), outcome.name.lower(), reason_label(reason)], n)
     yield directives
+    refusals = CounterMetricFamily(
+        f"{PREFIX}_refusals",
+        "Requests refused, by request (put: a Put or PutMany call; promise_keep: each key of "
+        "PromiseKeep or PromiseKeepBatch) and reason; directives are counted under "
+        f"{PREFIX}_directives",
+        labels=["request", "reason"],
+    )
+    for (request, why), n in sorted(node.refusals.items()):
+        refusals.add_metric([request, why], n)
+    yield refusals
     if rpc is not None:
         yield rpc.family(
             f"{PREFIX}_rpc_duration_seconds",

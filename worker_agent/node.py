@@ -10,6 +10,7 @@ tasks is ``agent``'s job.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import enum
@@ -26,6 +27,7 @@ from worker_agent.config import AgentConfig
 from worker_agent.confirm import AmmPort, Confirmations
 from worker_agent.directives import DirectiveRunner, KeyLocks, Outcome, OutcomeStatus
 from worker_agent.errors import (
+    AgentError,
     ContentConflict,
     DataLoss,
     InvalidRequest,
@@ -35,6 +37,7 @@ from worker_agent.errors import (
     UnknownKey,
 )
 from worker_agent.integrity import Conditions, Directive, Reason, Refuse
+from worker_agent.malloc import trim
 from worker_agent.memory import ByteBudget, MemoryMonitor, MemoryProbe, MemoryReport
 from worker_agent.store import Key, KeyInfo, Page, Reservation, Store, Value
 from worker_agent.traffic import Traffic
@@ -42,6 +45,14 @@ from worker_agent.transfer import FetchFailure, Peers
 
 log = logging.getLogger(__name__)
 
+#: Reasons of refused puts besides the integrity rules' (``Node.refusals``): other content
+#: under the key, here or elsewhere in the cluster; the AMM could not be asked.
+CONTENT_CONFLICT = "content_conflict"
+AMM_UNAVAILABLE = "amm_unavailable"
+#: Bytes of values removed since the last trim after which ``housekeeping`` trims the heap;
+#: it does anyway after ``TRIM_EVERY`` seconds (memory that gRPC and the event loop freed since).
+TRIM_AFTER_BYTES = 1024 * 1024
+TRIM_EVERY = 60.0
 #: Keys in a poll answer when the caller asks for no particular number (PollRequest.max_keys 0).
 DEFAULT_POLL_KEYS = 10_000
 #: Most keys in a poll answer, whatever the caller asks.
@@ -155,6 +166,15 @@ class Node:
         #: The bulk port values are fetched from by peers (set by ``Agent.start``); None: every
         #: Fetch streams chunks over gRPC.
         self.bulk: BulkServer | None = None
+        #: Requests refused, by (request, reason): ``put`` (a Put or PutMany call, once),
+        #: ``promise_keep`` (each key of PromiseKeep or PromiseKeepBatch); directives are
+        #: counted by the runner.
+        self.refusals: collections.Counter[tuple[str, str]] = collections.Counter()
+        # The since of the AMM's last incremental poll (``_release_changes``).
+        self._acknowledged = 0
+        # ``store.freed_bytes`` and the clock at the last malloc trim (``housekeeping``).
+        self._trimmed_at = 0
+        self._trimmed_when = clock()
         self.peers = Peers(
             bulk=config.bulk and config.security is None,
             fetch_timeout=config.fetch_timeout,
@@ -279,13 +299,15 @@ class Node:
             confirmed = True
         else:
             confirmed = self.confirmations.note_poll(epoch, membership_version)
+        same = incarnation == self.incarnation
         if confirmed and epoch >= self.registered_epoch:
             # A superseded AMM (or a person with grpcurl) still polling must not keep this
             # agent from registering again with the AMM that forgot it.
             self.polled.set()
+            if same and since > 0 and not full and not cursor:
+                self._release_changes(since)
         limit = min(max_keys or DEFAULT_POLL_KEYS, MAX_POLL_KEYS)
         current = self.store.version
-        same = incarnation == self.incarnation
         changes = None
         if cursor and (same or not incarnation):
             page = self.store.snapshot_page(Key(cursor), max_keys=limit, max_bytes=POLL_BYTES)
@@ -332,12 +354,17 @@ class Node:
         new = {key: digest for key, digest in values if held(key) is None}
         if not new:
             return
-        known = await self.confirmations.lookup(list(new))
+        try:
+            known = await self.confirmations.lookup(list(new))
+        except Unavailable:
+            self.refusals["put", AMM_UNAVAILABLE] += 1
+            raise
         for key, digest in new.items():
             other = known.get(key)
             if other is None or (other.checksum == digest and other.holders):
                 continue
             where = ", ".join((*other.holders, *other.conflicting)[:3])
+            self.refusals["put", CONTENT_CONFLICT] += 1
             raise ContentConflict(
                 f"{key!r} already exists in the cluster with other content (checksum "
                 f"{other.checksum[:12]}, on {where}); keys are immutable cluster-wide"
@@ -355,10 +382,13 @@ class Node:
         self._refuse_if_closing()
         held = self.store.get(key)
         if held is not None and (held.size != size or (checksum and checksum != held.checksum)):
-            raise ContentConflict(f"{key!r} already holds other content; keys are immutable")
+            raise self._refused(
+                CONTENT_CONFLICT,
+                ContentConflict(f"{key!r} already holds other content; keys are immutable"),
+            )
         verdict = integrity.judge_put(self.store, key, size, self.conditions())
         if isinstance(verdict, Refuse):
-            raise TooLarge(verdict.message)
+            raise self._refused(verdict.reason, TooLarge(verdict.message))
 
     def put(self, key: Key, data: bytes, checksum: str) -> tuple[KeyInfo, bool]:
         """Store a verified value; ``created`` is False when the same content was there.
@@ -369,11 +399,14 @@ class Node:
         held = self.store.get(key)
         if held is not None:
             if held.checksum != checksum:
-                raise ContentConflict(f"{key!r} already holds other content; keys are immutable")
+                raise self._refused(
+                    CONTENT_CONFLICT,
+                    ContentConflict(f"{key!r} already holds other content; keys are immutable"),
+                )
         else:
             verdict = integrity.judge_put(self.store, key, len(data), self.conditions())
             if isinstance(verdict, Refuse):
-                raise TooLarge(verdict.message)
+                raise self._refused(verdict.reason, TooLarge(verdict.message))
             self.store.add(key, data, checksum)
         self.store.put_again(key)  # an explicit Put undoes a Forget
         self.traffic.received["put"] += len(data)
@@ -407,9 +440,15 @@ class Node:
                     largest = max(largest, size)
                     continue
                 if given[2] != checksum:
-                    raise ContentConflict(f"{key!r} is given twice with different content")
+                    raise self._refused(
+                        CONTENT_CONFLICT,
+                        ContentConflict(f"{key!r} is given twice with different content"),
+                    )
             elif held.checksum != checksum:
-                raise ContentConflict(f"{key!r} already holds other content; keys are immutable")
+                raise self._refused(
+                    CONTENT_CONFLICT,
+                    ContentConflict(f"{key!r} already holds other content; keys are immutable"),
+                )
             unchanged += 1
         if not new:
             self._put_again(values)
@@ -424,7 +463,7 @@ class Node:
             whole = dataclasses.replace(cond, max_value_bytes=max(total, cond.max_value_bytes))
             verdict = integrity.judge_put(self.store, some, total, whole)
         if isinstance(verdict, Refuse):
-            raise TooLarge(verdict.message)
+            raise self._refused(verdict.reason, TooLarge(verdict.message))
         stored = self.store.add_many(new.values())
         self._put_again(values)
         self.traffic.received["put_many"] += received
@@ -437,7 +476,13 @@ class Node:
 
     def _refuse_if_closing(self) -> None:
         if self.closing or self.draining:
-            raise Unavailable("agent is shutting down")
+            raise self._refused(Reason.CLOSING, Unavailable("agent is shutting down"))
+
+    def _refused(self, reason: Reason | str, error: AgentError) -> AgentError:
+        """Count a refused put by ``reason`` (``refusals``); the error to raise."""
+        label = reason if isinstance(reason, str) else reason.name.lower()
+        self.refusals["put", label] += 1
+        return error
 
     @contextlib.asynccontextmanager
     async def reading(
@@ -580,6 +625,26 @@ class Node:
             raise Refused(None, f"{key!r} is not pinned")
         return self.store.unpin(key)
 
+    def _release_changes(self, since: int) -> None:
+        """The AMM polls ``since``: it holds every change up to there, so the changelog lets
+        them go. Up to the ``since`` of the poll before, not this one: a fresh query of the AMM
+        may poll at the same time as its cycle, from a version a little older."""
+        previous, self._acknowledged = self._acknowledged, since
+        self.store.release_changes(min(previous, since))
+
+    def housekeeping(self) -> None:
+        """From time to time: let go of expired tombstones and directive outcomes, and give
+        the heap's free memory back to the system (``malloc.trim``) once values were removed,
+        or a minute after the last time: freed in the middle of the heap, it stays in the
+        process otherwise."""
+        now = self.clock()
+        self.store.expire_tombstones(now)
+        self.runner.expire_history(now)
+        freed = self.store.freed_bytes
+        if freed - self._trimmed_at >= TRIM_AFTER_BYTES or now - self._trimmed_when >= TRIM_EVERY:
+            self._trimmed_at, self._trimmed_when = freed, now
+            trim()
+
     def bury(self, tombstones: Sequence[Forgotten]) -> int:
         """Apply the AMM's tombstones (sent with a poll); returns the copies deleted.
 
@@ -665,6 +730,7 @@ class Node:
         for key, checksum in items:
             verdict = integrity.judge_keep(self.store, key, checksum, cond)
             if isinstance(verdict, Refuse):
+                self.refusals["promise_keep", verdict.reason.name.lower()] += 1
                 answers.append(verdict)
             else:
                 answers.append(Promise(self.store.promise(key, now + seconds) - now))

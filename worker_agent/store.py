@@ -21,9 +21,11 @@ from sortedcontainers import SortedList
 
 Key = NewType("Key", str)
 
-#: How many inventory changes the changelog remembers; an older poll gets a full snapshot. A
-#: million (8 MB of references): an AMM busy with a big cycle may poll after hundreds of
-#: thousands of drops, and a full snapshot of a big inventory costs far more than the log.
+#: How many inventory changes the changelog remembers at most; an older poll gets a full
+#: snapshot. A million (8 MB of references, and the keys they keep alive): an AMM busy with a big
+#: cycle may poll after hundreds of thousands of drops, and a full snapshot of a big inventory
+#: costs far more than the log. Changes the AMM has acknowledged are let go sooner
+#: (``release_changes``): the log then holds about what changed between two polls.
 CHANGELOG_LIMIT = 1_000_000
 #: Longest key, in bytes of UTF-8.
 MAX_KEY_BYTES = 1024
@@ -149,6 +151,9 @@ class Store:
         self._generation = 0
         self._max_tombstones = MAX_TOMBSTONES
         self._total = 0
+        #: Bytes of the values removed so far (the agent gives memory back to the system after
+        #: large frees).
+        self.freed_bytes = 0
         #: Bytes not stored yet but in this process: values being received, values being served.
         self._in_flight = 0
         self._version = 0
@@ -254,6 +259,7 @@ class Store:
             return False
         self._sorted.remove(key)
         self._total -= value.size
+        self.freed_bytes += value.size
         self._pins.pop(key, None)
         self._leases.pop(key, None)
         self._changed(key)
@@ -365,6 +371,18 @@ class Store:
             known is not None and known.expires > now and (known.live or known.generation > since)
         )
 
+    @property
+    def tombstones(self) -> int:
+        """Tombstones kept (expired ones included until ``expire_tombstones``)."""
+        return len(self._tombstones)
+
+    def expire_tombstones(self, now: float) -> int:
+        """Let go of the tombstones expired at ``now``; how many. Taking a tombstone does this
+        too; an agent that takes none calls it from time to time."""
+        before = len(self._tombstones)
+        self._expire(now)
+        return before - len(self._tombstones)
+
     def _expire(self, now: float) -> None:
         tombstones = self._tombstones
         while tombstones:
@@ -410,6 +428,20 @@ class Store:
             else:
                 upserts.append(info)
         return Changes(tuple(upserts), tuple(removed), version, more)
+
+    def release_changes(self, upto: int) -> None:
+        """Let go of the changes up to version ``upto``: the only caller that asks for changes
+        (the agent's AMM) has acknowledged them by polling since a later version. An older
+        ``since`` then gets a full snapshot (``changes_since`` answers None), as one from before
+        the changelog's limit does."""
+        cut = min(upto, self._version) - self._base
+        if cut > 0:
+            del self._log[:cut]
+            self._base += cut
+
+    @property
+    def changelog_length(self) -> int:
+        return len(self._log)
 
     def _changed(self, key: Key) -> None:
         self._version += 1

@@ -16,10 +16,11 @@ leaves a tombstone per key, with an id no other Forget has (persisted in the sta
    that has not taken the tombstone yet and holds the key (it was unreachable during the Forget,
    or restarted) has a leftover, which the tombstone deletes at its next poll.
 
-Bounded: a tombstone lives ``ttl`` (10 minutes by default: far beyond any transfer, and any
-worker silent that long is dead and gone), at most ``MAX_TOMBSTONES`` are kept, the oldest going
-first. What an agent acknowledged is kept in memory only: an AMM that restarts sends every
-tombstone again, and agents, which keep them longer, recognise them by id.
+Bounded: a tombstone lives ``ttl`` (2 minutes by default: four times the 30 s an agent's fetch
+or a directive may take, and any worker silent that long is dead and gone), at most
+``MAX_TOMBSTONES`` are kept, the oldest going first. What an agent acknowledged is kept in
+memory only: an AMM that restarts sends every tombstone again, and agents, which keep them
+longer (3 minutes by default), recognise them by id.
 
 Not covered: which workers to delete on and how the Forget answers (``queries``), what the agents
 do (``worker_agent.store``).

@@ -223,6 +223,51 @@ async def test_an_agent_counts_its_refusals_by_reason() -> None:
         assert got.value(directives, outcome="applied") == 0
 
 
+async def test_an_agent_counts_refused_puts_and_keep_promises_by_reason() -> None:
+    """Before: only directives were counted; a refused Put, PutMany or PromiseKeep left no
+    trace in the metrics."""
+    async with (
+        running_agent(metrics_listen=LOOPBACK, memory_limit=1_000_000) as agent,
+        dial(agent.address) as stub,
+    ):
+        await put(stub, "k", b"kept")
+        with pytest.raises(grpc.aio.AioRpcError) as conflict:
+            await put(stub, "k", b"KEPT")  # other content under the key
+        assert conflict.value.code() == grpc.StatusCode.ALREADY_EXISTS
+        with pytest.raises(grpc.aio.AioRpcError) as too_big:
+            await put(stub, "big", b"x" * 2_000_000)
+        assert too_big.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        with pytest.raises(grpc.aio.AioRpcError) as too_big_many:
+            await stub.PutMany(
+                iter(
+                    [
+                        agent_pb2.PutManyRequest(
+                            items=[agent_pb2.PutItem(key="many", data=b"y" * 2_000_000)]
+                        )
+                    ]
+                )
+            )
+        assert too_big_many.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        kept = await stub.PromiseKeep(agent_pb2.PromiseKeepRequest(key="absent"))
+        assert not kept.kept
+        batch = await stub.PromiseKeepBatch(
+            agent_pb2.PromiseKeepBatchRequest(
+                items=[
+                    agent_pb2.KeepItem(key="k"),
+                    agent_pb2.KeepItem(key="gone"),
+                    agent_pb2.KeepItem(key="gone-too"),
+                ]
+            )
+        )
+        assert [a.kept for a in batch.answers] == [True, False, False]
+        got = await asyncio.to_thread(scrape, _metrics(agent))
+        refusals = "amm_agent_refusals_total"
+        assert got.value(refusals, request="put", reason="content_conflict") == 1
+        assert got.value(refusals, request="put", reason="memory_limit") == 2
+        assert got.value(refusals, request="promise_keep", reason="not_held") == 3
+        assert got.value(refusals) == 6
+
+
 class _Refuser(agent_pb2_grpc.WorkerAgentServicer):
     """Holds key "x"; refuses every directive as PINNED, at once."""
 

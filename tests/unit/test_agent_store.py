@@ -57,6 +57,38 @@ def test_changes_since_is_none_when_out_of_reach() -> None:
     assert [info.key for info in recent.upserts] == ["k16", "k17", "k18", "k19"]
 
 
+def test_changes_the_poller_acknowledged_are_let_go() -> None:
+    """Before, the changelog kept up to a million changes (and the keys they name, forgotten
+    long ago) whatever the AMM had already read."""
+    store = Store()
+    for i in range(10):
+        add(store, Key(f"k{i}"))
+    store.remove(Key("k0"))
+    store.release_changes(8)
+    assert store.changelog_length == 3
+    assert store.changes_since(7) is None, "released: a snapshot"
+    later = store.changes_since(8)
+    assert later is not None
+    assert [info.key for info in later.upserts] == ["k8", "k9"]
+    assert later.removed == (Key("k0"),)
+    store.release_changes(store.version + 5)  # never past the current version
+    assert store.changelog_length == 0
+    assert store.changes_since(store.version) == Changes((), (), store.version)
+    add(store, Key("new"))
+    after = store.changes_since(store.version - 1)
+    assert after is not None
+    assert [info.key for info in after.upserts] == ["new"]
+
+
+def test_removed_bytes_are_counted_as_freed() -> None:
+    store = Store()
+    add(store, A, b"12345")
+    add(store, B, b"123")
+    store.remove(A)
+    store.remove(Key("absent"))
+    assert store.freed_bytes == 5
+
+
 def test_pins_are_counted_and_bump_the_version_when_the_flag_flips() -> None:
     store = Store()
     add(store, A)

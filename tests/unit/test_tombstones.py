@@ -72,6 +72,18 @@ def test_an_agents_tombstones_expire_and_are_bounded() -> None:
     assert [store.forgotten(AgentKey(k), now=21.0) for k in "xyz"] == [False, True, True]
 
 
+def test_an_agents_expired_tombstones_go_without_a_new_one() -> None:
+    """Before, they went only when a newer tombstone was taken: after the last Forget they were
+    kept for good."""
+    store = Store()
+    for n, key in enumerate("xyz"):
+        store.bury(AgentKey(key), n + 1, now=float(n), ttl=10.0)
+    assert store.expire_tombstones(now=10.5) == 1
+    assert store.tombstones == 2
+    assert store.expire_tombstones(now=100.0) == 2
+    assert store.tombstones == 0
+
+
 # -- the core ---------------------------------------------------------------------------------
 
 
