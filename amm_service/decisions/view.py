@@ -299,18 +299,7 @@ class ClusterState:
         if full or incarnation != old.incarnation:
             self._forget_holdings(address)
         held = self._held[address]
-        changed = False
-        set_holding = self._set_holding
-        for report in keys:
-            held.add(set_holding(address, report))
-            changed = True
-        for key in removed:
-            if key in held:
-                held.discard(key)
-                self._remove_holding(address, key)
-                changed = True
-        if changed:
-            self._frozen_held.pop(address, None)
+        self._merge_holdings(address, keys, removed)
         new = replace(
             old,
             name=name or old.name,
@@ -344,19 +333,28 @@ class ClusterState:
         old = self._workers.get(address)
         if old is None or incarnation != old.incarnation:
             return
+        if self._merge_holdings(address, held, absent):
+            self._workers[address] = replace(old, nkeys=len(self._held[address]))
+
+    def _merge_holdings(
+        self, address: WorkerId, held: Iterable[KeyReport], gone: Iterable[Key]
+    ) -> bool:
+        """Record the keys ``address`` holds and those it no longer holds; whether any
+        changed (its frozen holdings are then let go)."""
         holding = self._held[address]
         changed = False
+        set_holding = self._set_holding
         for report in held:
-            holding.add(self._set_holding(address, report))
+            holding.add(set_holding(address, report))
             changed = True
-        for key in absent:
+        for key in gone:
             if key in holding:
                 holding.discard(key)
                 self._remove_holding(address, key)
                 changed = True
         if changed:
             self._frozen_held.pop(address, None)
-            self._workers[address] = replace(old, nkeys=len(holding))
+        return changed
 
     def missed_poll(self, address: WorkerId) -> None:
         old = self._workers.get(address)
