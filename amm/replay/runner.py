@@ -281,7 +281,7 @@ class Replayer:
             self._holders[step.key] = [agent]
             self._produced[step.key].set()
             for name in step.inputs:
-                await self._counted(self._client.unpin(name, agent), (name, agent), _MINUS_ONE)
+                await self._counted(self._client.unpin(name, agent), (name, agent), _unpinned)
         except AmmError as err:
             raise ReplayError(
                 f"step {step.recorded_key!r} on {agent}: {err.status.name}: {err.message}"
@@ -317,7 +317,7 @@ class Replayer:
         delay = 0.05
         while True:
             try:
-                await self._counted(self._client.pin(key, agent), (key, agent), _ONE)
+                await self._counted(self._client.pin(key, agent), (key, agent), _pinned)
                 return
             except AmmError as err:
                 if err.status != grpc.StatusCode.NOT_FOUND:
@@ -354,24 +354,26 @@ class Replayer:
             return await self._counted(
                 self._client.prefetch(key, agent, sources=sources, pin=True),
                 (key, agent),
-                _PINS,
+                _pinned_by_read,
             )
         except AmmError as err:
             if err.status != grpc.StatusCode.NOT_FOUND or not sources:
                 raise
         # Every source we knew of dropped it: let the agent ask the AMM.
-        return await self._counted(self._client.prefetch(key, agent, pin=True), (key, agent), _PINS)
+        return await self._counted(
+            self._client.prefetch(key, agent, pin=True), (key, agent), _pinned_by_read
+        )
 
 
-def _ONE(_: object) -> int:
+def _pinned(_: object) -> int:
     return 1
 
 
-def _MINUS_ONE(_: object) -> int:
+def _unpinned(_: object) -> int:
     return -1
 
 
-def _PINS(got: Prefetched) -> int:
+def _pinned_by_read(got: Prefetched) -> int:
     return 1 if got.pins else 0
 
 
