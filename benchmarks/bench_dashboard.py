@@ -41,24 +41,10 @@ def measure(n: int, repeat: int) -> dict[str, Any]:
     history = History()
     record_s: list[float] = []
     cycle = 0
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        for _ in range(100):
-            cycle += 1
-            history.record(
-                at=float(cycle),
-                cycle=cycle,
-                running=True,
-                workers=views,
-                totals=totals,
-                rejected=0,
-                keys=0,
-                replicas=0,
-                lost=0,
-                goals=(0, 0),
-            )
-        record_s.append((time.perf_counter() - t0) / 100)
-    while len(history) < 2_700 and (len(history) + 1) * n <= 100_000:
+
+    def record() -> None:
+        """One cycle's sample of the same ``n`` workers."""
+        nonlocal cycle
         cycle += 1
         history.record(
             at=float(cycle),
@@ -72,6 +58,14 @@ def measure(n: int, repeat: int) -> dict[str, Any]:
             lost=0,
             goals=(0, 0),
         )
+
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        for _ in range(100):
+            record()
+        record_s.append((time.perf_counter() - t0) / 100)
+    while len(history) < 2_700 and (len(history) + 1) * n <= 100_000:
+        record()
     read_s, size = [], 0
     for _ in range(repeat):
         t0 = time.perf_counter()

@@ -250,25 +250,21 @@ class Peers:
             request = agent_pb2.FetchRequest(
                 key=key, checksum=expected_checksum, requester=requester, bulk=use_bulk
             )
-            try:
-                return await self._receive(
-                    streams.fetch(request, timeout=self._fetch_timeout),
-                    source,
-                    key,
-                    expected_size,
-                    expected_checksum,
-                )
-            except _NoBulk as err:
-                log.info("%s; fetching %r from it in chunks from now on", err, key)
-                self._no_bulk.add(source)
-            request.bulk = False
-            return await self._receive(
-                streams.fetch(request, timeout=self._fetch_timeout),
-                source,
-                key,
-                expected_size,
-                expected_checksum,
-            )
+            while True:
+                try:
+                    return await self._receive(
+                        streams.fetch(request, timeout=self._fetch_timeout),
+                        source,
+                        key,
+                        expected_size,
+                        expected_checksum,
+                    )
+                except _NoBulk as err:
+                    if not request.bulk:
+                        raise
+                    log.info("%s; fetching %r from it in chunks from now on", err, key)
+                    self._no_bulk.add(source)
+                    request.bulk = False
 
     async def _receive(
         self,

@@ -134,17 +134,22 @@ def test_a_port_in_use_is_an_oserror_that_names_the_address() -> None:
             MetricsServer(address, CollectorRegistry())
 
 
-def test_the_server_can_require_client_certificates(tmp_path: Path) -> None:
-    """Mutual TLS with certificates of ``amm certs init``: the scraper shows one of the CA's."""
-    certs = tmp_path / "certs"
+def _mutual_tls_server(certs: Path) -> MetricsServer:
+    """A server on a fresh ``amm certs init`` directory, asking scrapers for a certificate."""
     init_directory(certs, sans=["127.0.0.1"], days=1)
-    server = MetricsServer(
+    return MetricsServer(
         "127.0.0.1:0",
         _registry_with(1),
         certfile=str(certs / "amm.pem"),
         keyfile=str(certs / "amm-key.pem"),
         client_cafile=str(certs / "ca.pem"),
     )
+
+
+def test_the_server_can_require_client_certificates(tmp_path: Path) -> None:
+    """Mutual TLS with certificates of ``amm certs init``: the scraper shows one of the CA's."""
+    certs = tmp_path / "certs"
+    server = _mutual_tls_server(certs)
     try:
         url = f"https://{server.address}/metrics"
         scraper = ssl.create_default_context(cafile=str(certs / "ca.pem"))
@@ -171,14 +176,7 @@ def _presented_serial(address: str, context: ssl.SSLContext) -> int:
 def test_the_server_follows_a_rotation_of_its_certificate(tmp_path: Path) -> None:
     """A re-issued certificate is presented from the next connection on, without a restart."""
     certs = tmp_path / "certs"
-    init_directory(certs, sans=["127.0.0.1"], days=1)
-    server = MetricsServer(
-        "127.0.0.1:0",
-        _registry_with(1),
-        certfile=str(certs / "amm.pem"),
-        keyfile=str(certs / "amm-key.pem"),
-        client_cafile=str(certs / "ca.pem"),
-    )
+    server = _mutual_tls_server(certs)
     try:
         scraper = ssl.create_default_context(cafile=str(certs / "ca.pem"))
         scraper.load_cert_chain(str(certs / "reader.pem"), str(certs / "reader-key.pem"))
