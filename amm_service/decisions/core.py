@@ -34,12 +34,12 @@ from __future__ import annotations
 
 import enum
 import gc
-from collections.abc import Callable, Generator, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator, Set
 from dataclasses import dataclass
 from typing import Protocol
 
 from amm_service.decisions.directive import Directive, Op
-from amm_service.decisions.pending import InFlight
+from amm_service.decisions.pending import InFlight, Ledger
 from amm_service.decisions.view import (
     ClusterView,
     Key,
@@ -138,12 +138,27 @@ class _No:
 
 
 class _CyclePending:
-    """In flight from earlier cycles (the ledger) plus what this cycle has picked so far."""
+    """In flight from earlier cycles (the ledger) plus what this cycle has picked so far; a
+    ``TrackedPending`` when the ledger journals its changes."""
 
     def __init__(self, earlier: PendingView) -> None:
         self._earlier = earlier
         self._replicating: dict[Key, set[WorkerId]] = {}
         self._dropping: dict[Key, set[WorkerId]] = {}
+        self._ledger = earlier if isinstance(earlier, Ledger) else None
+
+    @property
+    def feed(self) -> tuple[int, int] | None:
+        return self._ledger.feed if self._ledger is not None else None
+
+    def changed_since(self, uid: int, position: int) -> set[Key] | None:
+        return self._ledger.changed_since(uid, position) if self._ledger is not None else None
+
+    def count(self, key: Key) -> int:
+        return self._ledger.count(key) if self._ledger is not None else 0
+
+    def picked(self) -> Set[Key]:
+        return self._replicating.keys() | self._dropping.keys()
 
     def in_flight(self, key: Key) -> InFlight:
         base = self._earlier.in_flight(key)
@@ -460,11 +475,18 @@ def planning(
     as it is then, as the next cycle would; this cycle's own picks are counted once.
     """
     decider = _Decider(view, in_flight, config)
-    flying = list(in_flight.directives())  # the ledger may change while we yield
-    for start in range(0, len(flying), STEP):
-        for directive in flying[start : start + STEP]:
-            decider.count_in_flight(directive)
-        yield ()
+
+    def count_in_flight() -> Generator[tuple[Directive, ...], None, None]:
+        """Count what is in flight in the decider's estimates, in steps: only before the first
+        suggestion is answered (nothing of this cycle is in flight yet), and only if one is (a
+        cycle with nothing to decide does not walk the ledger)."""
+        flying = list(in_flight.directives())  # the ledger may change while we yield
+        for start in range(0, len(flying), STEP):
+            for directive in flying[start : start + STEP]:
+                decider.count_in_flight(directive)
+            yield ()
+
+    counted = False
     directives: list[Directive] = []
     rejections: list[Rejection] = []
     retirements: list[RetireDecision] = []
@@ -590,11 +612,17 @@ def planning(
                         released = len(directives)
                     else:
                         yield ()
+                if suggestion is not None and not counted:
+                    counted = True
+                    yield from count_in_flight()
                 suggestion = run.send(
                     None if suggestion is None else answer(policy.name, suggestion)
                 )
             if made < config.max_suggestions:  # decide the copies that fit, as one at a time would
                 assert isinstance(suggestion, Suggestion)
+                if not counted:
+                    counted = True
+                    yield from count_in_flight()
                 answer(policy.name, suggestion._replace(copies=config.max_suggestions - made))
                 made = config.max_suggestions
             run.close()

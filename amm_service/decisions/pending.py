@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from amm_service.decisions.directive import Directive, Op, Outcome, OutcomeStatus
+from amm_service.decisions.journal import Journal
 from amm_service.decisions.view import Key, WorkerId
 
 
@@ -71,6 +72,10 @@ class Ledger:
         answered: nearly always in version order (``_unsorted`` names those that are not), so
         ``observing`` settles a prefix instead of checking every applied entry each cycle."""
         self._unsorted: set[WorkerId] = set()
+        self.journal: Journal[Key] = Journal()
+        """The keys whose work in flight may ask more of a policy than it did: an entry left
+        the ledger (settled, refused, failed, expired, its worker gone), or a replication was
+        added. A drop added is not noted: it only lessens what is left to do for its key."""
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -207,14 +212,35 @@ class Ledger:
         drop = [e.directive.worker for e in entries if e.directive.op is Op.DROP]
         return InFlight(frozenset(repl), frozenset(drop))
 
+    def count(self, key: Key) -> int:
+        """How many directives of ``key`` are in flight."""
+        entries = self._by_key.get(key)
+        if entries is None:
+            return 0
+        return 1 if isinstance(entries, Entry) else len(entries)
+
+    def changed_since(self, uid: int, position: int) -> set[Key] | None:
+        """The keys ``journal`` noted since ``position`` (None: not known, see ``Journal``)."""
+        return self.journal.since(uid, position)
+
+    @property
+    def feed(self) -> tuple[int, int]:
+        """``(uid, position)`` of ``journal`` now, to hand back to ``changed_since`` later."""
+        return self.journal.uid, self.journal.position
+
     def directives(self) -> Iterator[Directive]:
         """Every directive in flight, for the core's memory estimates."""
         return (e.directive for e in self._entries.values())
 
     def _put(self, entry: Entry) -> None:
         directive = entry.directive
-        self._entries[directive.id] = entry
+        entries = self._entries
+        entries[directive.id] = entry
+        if len(entries) > self.journal.limit // 2:  # room for the removals of all of them
+            self.journal.limit = 2 * len(entries)
         key = directive.key
+        if directive.op is Op.REPLICATE:
+            self.journal.note(key)
         of_key = self._by_key.get(key)
         if of_key is None:
             self._by_key[key] = entry
@@ -230,6 +256,7 @@ class Ledger:
         if self._entries.pop(directive.id, None) is None:
             return
         key = directive.key
+        self.journal.note(key)
         of_key = self._by_key.get(key)
         if of_key is entry:
             del self._by_key[key]
