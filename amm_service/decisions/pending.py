@@ -67,10 +67,11 @@ class Ledger:
         self._by_key: dict[Key, Entry | list[Entry]] = {}
         """A key's entries: one entry, or a list of them (most keys have one or a few; a dict per
         key cost 230 bytes each, for 100k keys in a big cycle)."""
-        self._applied: dict[WorkerId, list[tuple[int, str]]] = {}
-        """Per worker, (inventory version, id) of the entries applied, in the order they were
-        answered: nearly always in version order (``_unsorted`` names those that are not), so
-        ``observing`` settles a prefix instead of checking every applied entry each cycle."""
+        self._applied: dict[WorkerId, list[Entry]] = {}
+        """Per worker, the entries applied, in the order they were answered: nearly always in
+        inventory version order (``_unsorted`` names those that are not), so ``observing``
+        settles a prefix instead of checking every applied entry each cycle. (The entries
+        themselves, not (version, id) pairs: a pair cost 64 bytes more per directive.)"""
         self._unsorted: set[WorkerId] = set()
         self.journal: Journal[Key] = Journal()
         """The keys whose work in flight may ask more of a policy than it did: an entry left
@@ -102,9 +103,9 @@ class Ledger:
             applied = self._applied.get(worker)
             if applied is None:
                 applied = self._applied[worker] = []
-            elif version < applied[-1][0]:
+            elif version < _version(applied[-1]):
                 self._unsorted.add(worker)
-            applied.append((version, outcome.directive_id))
+            applied.append(entry)
         else:
             self._remove(entry)
         return entry
@@ -131,13 +132,12 @@ class Ledger:
             if seen is None or applied is None:
                 continue
             if worker in self._unsorted:
-                applied.sort()
+                applied.sort(key=_version)
                 self._unsorted.discard(worker)
             done = bisect.bisect_right(applied, seen, key=_version)
             for start in range(0, done, step):
-                for _, directive_id in applied[start : min(done, start + step)]:
-                    entry = entries.get(directive_id)
-                    if entry is not None and entry.applied_version is not None:
+                for entry in applied[start : min(done, start + step)]:
+                    if entries.get(entry.directive.id) is entry:
                         self._remove(entry)
                 yield
             # Settled: what came after stays (answers that arrived meanwhile were appended).
@@ -266,5 +266,7 @@ class Ledger:
                 self._by_key[key] = of_key[0]
 
 
-def _version(applied: tuple[int, str]) -> int:
-    return applied[0]
+def _version(entry: Entry) -> int:
+    version = entry.applied_version
+    assert version is not None  # only applied entries are listed
+    return version
