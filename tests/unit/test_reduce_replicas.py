@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from amm_service.decisions.core import STEP, Plan, PlanConfig, Steps, plan, planning, step
+from amm_service.decisions.core import Plan, PlanConfig, Steps, plan, planning, step
 from amm_service.decisions.directive import Op
 from amm_service.decisions.pending import Ledger
 from amm_service.decisions.view import Key, WorkerId
@@ -109,4 +109,3 @@ def _steps(steps: Steps) -> int:
     while not isinstance(step(steps), Plan):
         n += 1
     return n
-
