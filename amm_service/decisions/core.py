@@ -408,6 +408,9 @@ class _Decider:
         return (self.rank[worker], self.memory[worker], worker)
 
 
+_new_directive = tuple.__new__
+"""Builds a ``Directive`` from a tuple of all its fields, in order."""
+
 #: ``_drop_rank`` of a running worker (the last to drop from).
 RUNNING_RANK = 2
 
@@ -573,19 +576,22 @@ def planning(
                 key, size, checksum, reason = kv.key, kv.size, kv.checksum, suggestion.reason
                 epoch = config.epoch
                 directives.extend(
-                    [
-                        Directive(
-                            new_id(),
-                            epoch,
-                            Op.DROP,
-                            key,
-                            chosen,
-                            size,
-                            checksum,
-                            (),
-                            keepers,
-                            policy,
-                            reason,
+                    [  # every field, as a plain tuple: skips the NamedTuple's Python __new__
+                        _new_directive(
+                            Directive,
+                            (
+                                new_id(),
+                                epoch,
+                                Op.DROP,
+                                key,
+                                chosen,
+                                size,
+                                checksum,
+                                (),
+                                keepers,
+                                policy,
+                                reason,
+                            ),
                         )
                         for chosen in picks
                     ]
