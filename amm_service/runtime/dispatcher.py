@@ -9,11 +9,8 @@ for the directive timeout on a dead worker. A broken stream is reopened on the n
 directives are idempotent and agents enforce integrity themselves, so a lost one costs time,
 never data.
 
-Building the messages of a big cycle takes a while, so a batch message is built only when the
-stream is ready to write it (the directives wait in the queue as they are, already held by the
-ledger), a step at a time with the event loop let in between: control calls stay answered while
-hundreds of thousands of directives go out, and only the messages being written exist at once
-(building all of a 300k-directive cycle's up front held about 100 MB of messages).
+Building the messages of a big cycle takes a while, so ``send`` yields to the event loop between
+messages: control calls stay answered while hundreds of thousands of directives go out.
 
 The dispatcher owns one task per stream and ends them itself on ``close`` (a server shutting down
 does not end client streams for us: grpc/grpc#37239).
@@ -52,10 +49,7 @@ class _Stream:
 
     def __init__(self, worker: WorkerId, links: AgentLinks, on_outcomes: OutcomesHandler) -> None:
         self.worker = worker
-        self.queue: asyncio.Queue[agent_pb2.DirectivesRequest | Sequence[Directive] | None] = (
-            asyncio.Queue()
-        )
-        """Messages to write, or directives to build one batch message of when its turn comes."""
+        self.queue: asyncio.Queue[agent_pb2.DirectivesRequest | None] = asyncio.Queue()
         self.unanswered: dict[str, None] = {}
         self._on_outcomes = on_outcomes
         self._call = links.stub(worker).Directives(self._requests())
@@ -63,25 +57,22 @@ class _Stream:
 
     async def _requests(self) -> AsyncIterator[agent_pb2.DirectivesRequest]:
         while (item := await self.queue.get()) is not _CLOSE:
-            if isinstance(item, agent_pb2.DirectivesRequest):
-                yield item
-                continue
-            request = agent_pb2.DirectivesRequest()
-            for start in range(0, len(item), BUILD_STEP):
-                if start:
-                    await breathe()
-                with gc_paused():
-                    wire.directives_request(item[start : start + BUILD_STEP], request)
-            yield request
+            yield item
 
     async def send(self, directives: Sequence[Directive], batch: bool) -> None:
-        """Queue ``directives`` for one batch message (built once the stream is ready to write
-        it, ``BUILD_STEP`` at a time), or one message each."""
+        """Queue ``directives`` in one batch message (built ``BUILD_STEP`` at a time, the loop
+        let in between), or one message each."""
         unanswered = self.unanswered
         for directive in directives:
             unanswered[directive.id] = None
         if batch:
-            self.queue.put_nowait(directives)
+            request = agent_pb2.DirectivesRequest()
+            for start in range(0, len(directives), BUILD_STEP):
+                if start:
+                    await breathe()
+                with gc_paused():
+                    wire.directives_request(directives[start : start + BUILD_STEP], request)
+            self.queue.put_nowait(request)
         else:
             for directive in directives:
                 message = wire.directive_to_pb(directive)
