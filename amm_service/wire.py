@@ -63,9 +63,22 @@ def directives_request(
     one)."""
     if request is None:
         request = agent_pb2.DirectivesRequest()
-    add = request.batch.add
-    for d in directives:
-        add(**_directive_fields(d))
+    add, ops = request.batch.add, _OPS
+    for d in directives:  # fields named here, not through ``_directive_fields``: a dict less each
+        message = add(
+            id=d.id,
+            epoch=d.epoch,
+            op=ops[d.op],
+            key=d.key,
+            size=d.size,
+            checksum=d.checksum,
+            policy=d.policy,
+            reason=d.reason,
+        )
+        if d.sources:
+            message.sources.extend(d.sources)
+        if d.holders:
+            message.holders.extend(d.holders)
     return request
 
 
@@ -86,13 +99,13 @@ def _directive_fields(d: Directive) -> dict[str, Any]:
 
 def outcome_from_pb(pb: types_pb2.DirectiveOutcome) -> Outcome:
     """Unknown statuses count as FAILED: whatever happened, the directive is not applied."""
-    return Outcome(
-        directive_id=pb.directive_id,
-        status=_OUTCOMES.get(pb.status, OutcomeStatus.FAILED),
-        reason=_REASONS.get(pb.reason, ""),
-        message=pb.message,
-        inventory_version=pb.inventory_version,
-        duplicate=pb.duplicate,
+    return Outcome(  # positional: a big cycle reads hundreds of thousands
+        pb.directive_id,
+        _OUTCOMES.get(pb.status, OutcomeStatus.FAILED),
+        _REASONS.get(pb.reason, ""),
+        pb.message,
+        pb.inventory_version,
+        pb.duplicate,
     )
 
 

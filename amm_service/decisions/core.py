@@ -34,12 +34,12 @@ from __future__ import annotations
 
 import enum
 import gc
-from collections.abc import Callable, Generator, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator, Set
 from dataclasses import dataclass
 from typing import Protocol
 
 from amm_service.decisions.directive import Directive, Op
-from amm_service.decisions.pending import InFlight
+from amm_service.decisions.pending import InFlight, Ledger
 from amm_service.decisions.view import (
     ClusterView,
     Key,
@@ -138,12 +138,28 @@ class _No:
 
 
 class _CyclePending:
-    """In flight from earlier cycles (the ledger) plus what this cycle has picked so far."""
+    """In flight from earlier cycles (the ledger) plus what this cycle has picked so far; a
+    ``TrackedPending`` when the ledger journals its changes."""
 
     def __init__(self, earlier: PendingView) -> None:
         self._earlier = earlier
-        self._replicating: dict[Key, set[WorkerId]] = {}
-        self._dropping: dict[Key, set[WorkerId]] = {}
+        # Tuples, not sets: a big cycle picks for 100k keys, and a set of 3 costs 216 bytes.
+        self._replicating: dict[Key, tuple[WorkerId, ...]] = {}
+        self._dropping: dict[Key, tuple[WorkerId, ...]] = {}
+        self._ledger = earlier if isinstance(earlier, Ledger) else None
+
+    @property
+    def feed(self) -> tuple[int, int] | None:
+        return self._ledger.feed if self._ledger is not None else None
+
+    def changed_since(self, uid: int, position: int) -> set[Key] | None:
+        return self._ledger.changed_since(uid, position) if self._ledger is not None else None
+
+    def count(self, key: Key) -> int:
+        return self._ledger.count(key) if self._ledger is not None else 0
+
+    def picked(self) -> Set[Key]:
+        return self._replicating.keys() | self._dropping.keys()
 
     def in_flight(self, key: Key) -> InFlight:
         base = self._earlier.in_flight(key)
@@ -151,11 +167,15 @@ class _CyclePending:
         drop = self._dropping.get(key)
         if repl is None and drop is None:
             return base
-        return InFlight(base.replicating | (repl or set()), base.dropping | (drop or set()))
+        return InFlight(base.replicating.union(repl or ()), base.dropping.union(drop or ()))
 
-    def add(self, op: Op, key: Key, worker: WorkerId) -> None:
+    def add(self, op: Op, key: Key, workers: tuple[WorkerId, ...]) -> None:
         table = self._replicating if op is Op.REPLICATE else self._dropping
-        table.setdefault(key, set()).add(worker)
+        table[key] = table.get(key, ()) + workers
+
+    def dropped(self, key: Key) -> bool:
+        """Whether this cycle picked drops of ``key`` already."""
+        return key in self._dropping
 
 
 class _Decider:
@@ -362,8 +382,15 @@ class _Decider:
             return f"the other workers have no room for its data ({need} bytes, room {room})"
         return None
 
+    def commit_drops(self, kv: KeyView, workers: list[WorkerId]) -> None:
+        """``commit`` of drops of ``kv`` from each of ``workers``, at once."""
+        self.pending.add(Op.DROP, kv.key, tuple(workers))
+        memory, size = self.memory, kv.size
+        for worker in workers:
+            memory[worker] -= size
+
     def commit(self, op: Op, kv: KeyView, worker: WorkerId, sources: tuple[WorkerId, ...]) -> None:
-        self.pending.add(op, kv.key, worker)
+        self.pending.add(op, kv.key, (worker,))
         if op is Op.REPLICATE:
             self.memory[worker] += kv.size
             self.managed[worker] += kv.size
@@ -380,6 +407,9 @@ class _Decider:
     def _preference(self, worker: WorkerId) -> tuple[int, int, str]:
         return (self.rank[worker], self.memory[worker], worker)
 
+
+_new_directive = tuple.__new__
+"""Builds a ``Directive`` from a tuple of all its fields, in order."""
 
 #: ``_drop_rank`` of a running worker (the last to drop from).
 RUNNING_RANK = 2
@@ -460,11 +490,18 @@ def planning(
     as it is then, as the next cycle would; this cycle's own picks are counted once.
     """
     decider = _Decider(view, in_flight, config)
-    flying = list(in_flight.directives())  # the ledger may change while we yield
-    for start in range(0, len(flying), STEP):
-        for directive in flying[start : start + STEP]:
-            decider.count_in_flight(directive)
-        yield ()
+
+    def count_in_flight() -> Generator[tuple[Directive, ...], None, None]:
+        """Count what is in flight in the decider's estimates, in steps: only before the first
+        suggestion is answered (nothing of this cycle is in flight yet), and only if one is (a
+        cycle with nothing to decide does not walk the ledger)."""
+        flying = list(in_flight.directives())  # the ledger may change while we yield
+        for start in range(0, len(flying), STEP):
+            for directive in flying[start : start + STEP]:
+                decider.count_in_flight(directive)
+            yield ()
+
+    counted = False
     directives: list[Directive] = []
     rejections: list[Rejection] = []
     retirements: list[RetireDecision] = []
@@ -473,8 +510,8 @@ def planning(
     count = 0
     # The holders kept once this cycle's drops of a key are done: every drop of the key names
     # them (and only them), so siblings dropping it in the same cycle never ask each other.
+    # Kept only for the keys dropped by several suggestions (earlier drops named more).
     keepers_of: dict[Key, tuple[WorkerId, ...]] = {}
-    renamed: set[Key] = set()  # keys dropped by several suggestions: earlier drops named more
     shared: dict[tuple[WorkerId, ...], tuple[WorkerId, ...]] = {}
 
     def retire(policy: str, request: RetireRequest) -> WorkerId | None:
@@ -505,17 +542,17 @@ def planning(
     ) -> None:
         directives.append(
             Directive(
-                id=new_id(),
-                epoch=config.epoch,
-                op=suggestion.op,
-                key=kv.key,
-                worker=choice,
-                size=kv.size,
-                checksum=kv.checksum,
-                sources=sources,
-                holders=holders,
-                policy=policy,
-                reason=suggestion.reason,
+                new_id(),
+                config.epoch,
+                suggestion.op,
+                kv.key,
+                choice,
+                kv.size,
+                kv.checksum,
+                sources,
+                holders,
+                policy,
+                suggestion.reason,
             )
         )
         decider.commit(suggestion.op, kv, choice, sources)
@@ -534,11 +571,32 @@ def planning(
             picks, keepers, no = decider.droppers(kv, suggestion.candidates, copies)
             keepers = shared.setdefault(keepers, keepers)  # a few distinct tuples for all keys
             if picks:
-                if kv.key in keepers_of:
-                    renamed.add(kv.key)
-                keepers_of[kv.key] = keepers
-            for chosen in picks:
-                emit(policy, suggestion, kv, chosen, holders=keepers)
+                if decider.pending.dropped(kv.key):
+                    keepers_of[kv.key] = keepers
+                key, size, checksum, reason = kv.key, kv.size, kv.checksum, suggestion.reason
+                epoch = config.epoch
+                directives.extend(
+                    [  # every field, as a plain tuple: skips the NamedTuple's Python __new__
+                        _new_directive(
+                            Directive,
+                            (
+                                new_id(),
+                                epoch,
+                                Op.DROP,
+                                key,
+                                chosen,
+                                size,
+                                checksum,
+                                (),
+                                keepers,
+                                policy,
+                                reason,
+                            ),
+                        )
+                        for chosen in picks
+                    ]
+                )
+                decider.commit_drops(kv, picks)
             if no is not None:
                 reject(policy, suggestion, no, copies - len(picks))
                 return None
@@ -590,11 +648,17 @@ def planning(
                         released = len(directives)
                     else:
                         yield ()
+                if suggestion is not None and not counted:
+                    counted = True
+                    yield from count_in_flight()
                 suggestion = run.send(
                     None if suggestion is None else answer(policy.name, suggestion)
                 )
             if made < config.max_suggestions:  # decide the copies that fit, as one at a time would
                 assert isinstance(suggestion, Suggestion)
+                if not counted:
+                    counted = True
+                    yield from count_in_flight()
                 answer(policy.name, suggestion._replace(copies=config.max_suggestions - made))
                 made = config.max_suggestions
             run.close()
@@ -606,9 +670,9 @@ def planning(
         except Exception as err:  # a third-party policy's bug must not stop the others
             errors.append(f"policy {policy.name} failed: {type(err).__name__}: {err}")
         count += made
-    if renamed:
+    if keepers_of:
         directives[released:] = [
-            d._replace(holders=keepers_of[d.key]) if d.op is Op.DROP and d.key in renamed else d
+            d._replace(holders=keepers_of[d.key]) if d.op is Op.DROP and d.key in keepers_of else d
             for d in directives[released:]
         ]
     return Plan(tuple(directives), tuple(rejections), count, tuple(errors), tuple(retirements))

@@ -61,6 +61,8 @@ class EpochFence:
         #: Unique to this run of the AMM: two AMMs that did share an epoch still issue distinct
         #: directive ids, which agents deduplicate by.
         self._run = secrets.token_hex(4)
+        self._prefix, self._prefix_epoch = f"e0.{self._run}.", 0
+        """Of every id: ``e<epoch>.<run>.`` (for ``_prefix_epoch``), then a number."""
         self._acted = False
         #: The newer epoch that fenced this AMM off; 0 while it is not.
         self.fenced_by = 0
@@ -74,7 +76,9 @@ class EpochFence:
         self._acted = self._acted or sent
 
     def new_id(self) -> str:
-        return f"e{self.epoch}.{self._run}.{next(self._ids)}"
+        if self._prefix_epoch != self.epoch:
+            self._prefix, self._prefix_epoch = f"e{self.epoch}.{self._run}.", self.epoch
+        return self._prefix + str(next(self._ids))
 
     def _set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from amm_service.decisions.directive import Directive, Op, Outcome, OutcomeStatus
+from amm_service.decisions.journal import Journal
 from amm_service.decisions.view import Key, WorkerId
 
 
@@ -66,11 +67,16 @@ class Ledger:
         self._by_key: dict[Key, Entry | list[Entry]] = {}
         """A key's entries: one entry, or a list of them (most keys have one or a few; a dict per
         key cost 230 bytes each, for 100k keys in a big cycle)."""
-        self._applied: dict[WorkerId, list[tuple[int, str]]] = {}
-        """Per worker, (inventory version, id) of the entries applied, in the order they were
-        answered: nearly always in version order (``_unsorted`` names those that are not), so
-        ``observing`` settles a prefix instead of checking every applied entry each cycle."""
+        self._applied: dict[WorkerId, list[Entry]] = {}
+        """Per worker, the entries applied, in the order they were answered: nearly always in
+        inventory version order (``_unsorted`` names those that are not), so ``observing``
+        settles a prefix instead of checking every applied entry each cycle. (The entries
+        themselves, not (version, id) pairs: a pair cost 64 bytes more per directive.)"""
         self._unsorted: set[WorkerId] = set()
+        self.journal: Journal[Key] = Journal()
+        """The keys whose work in flight may ask more of a policy than it did: an entry left
+        the ledger (settled, refused, failed, expired, its worker gone), or a replication was
+        added. A drop added is not noted: it only lessens what is left to do for its key."""
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -97,9 +103,9 @@ class Ledger:
             applied = self._applied.get(worker)
             if applied is None:
                 applied = self._applied[worker] = []
-            elif version < applied[-1][0]:
+            elif version < _version(applied[-1]):
                 self._unsorted.add(worker)
-            applied.append((version, outcome.directive_id))
+            applied.append(entry)
         else:
             self._remove(entry)
         return entry
@@ -126,13 +132,12 @@ class Ledger:
             if seen is None or applied is None:
                 continue
             if worker in self._unsorted:
-                applied.sort()
+                applied.sort(key=_version)
                 self._unsorted.discard(worker)
             done = bisect.bisect_right(applied, seen, key=_version)
             for start in range(0, done, step):
-                for _, directive_id in applied[start : min(done, start + step)]:
-                    entry = entries.get(directive_id)
-                    if entry is not None and entry.applied_version is not None:
+                for entry in applied[start : min(done, start + step)]:
+                    if entries.get(entry.directive.id) is entry:
                         self._remove(entry)
                 yield
             # Settled: what came after stays (answers that arrived meanwhile were appended).
@@ -207,14 +212,35 @@ class Ledger:
         drop = [e.directive.worker for e in entries if e.directive.op is Op.DROP]
         return InFlight(frozenset(repl), frozenset(drop))
 
+    def count(self, key: Key) -> int:
+        """How many directives of ``key`` are in flight."""
+        entries = self._by_key.get(key)
+        if entries is None:
+            return 0
+        return 1 if isinstance(entries, Entry) else len(entries)
+
+    def changed_since(self, uid: int, position: int) -> set[Key] | None:
+        """The keys ``journal`` noted since ``position`` (None: not known, see ``Journal``)."""
+        return self.journal.since(uid, position)
+
+    @property
+    def feed(self) -> tuple[int, int]:
+        """``(uid, position)`` of ``journal`` now, to hand back to ``changed_since`` later."""
+        return self.journal.uid, self.journal.position
+
     def directives(self) -> Iterator[Directive]:
         """Every directive in flight, for the core's memory estimates."""
         return (e.directive for e in self._entries.values())
 
     def _put(self, entry: Entry) -> None:
         directive = entry.directive
-        self._entries[directive.id] = entry
+        entries = self._entries
+        entries[directive.id] = entry
+        if len(entries) > self.journal.limit // 2:  # room for the removals of all of them
+            self.journal.limit = 2 * len(entries)
         key = directive.key
+        if directive.op is Op.REPLICATE:
+            self.journal.note(key)
         of_key = self._by_key.get(key)
         if of_key is None:
             self._by_key[key] = entry
@@ -230,6 +256,7 @@ class Ledger:
         if self._entries.pop(directive.id, None) is None:
             return
         key = directive.key
+        self.journal.note(key)
         of_key = self._by_key.get(key)
         if of_key is entry:
             del self._by_key[key]
@@ -239,5 +266,7 @@ class Ledger:
                 self._by_key[key] = of_key[0]
 
 
-def _version(applied: tuple[int, str]) -> int:
-    return applied[0]
+def _version(entry: Entry) -> int:
+    version = entry.applied_version
+    assert version is not None  # only applied entries are listed
+    return version

@@ -8,7 +8,7 @@ alone decides, and it alone enforces that no key loses its last replica.
 
 from __future__ import annotations
 
-from collections.abc import Generator
+from collections.abc import Generator, Set
 from typing import NamedTuple, Protocol, runtime_checkable
 
 from amm_service.decisions.directive import Op
@@ -63,6 +63,28 @@ class PendingView(Protocol):
     """What is under way for a key: in flight from earlier cycles plus this cycle's picks."""
 
     def in_flight(self, key: Key) -> InFlight: ...
+
+
+@runtime_checkable
+class TrackedPending(PendingView, Protocol):
+    """A ``PendingView`` that also tells what changed, for a policy that re-plans only the keys
+    that did (the core's is one, over the ledger; see ``pending.Ledger.journal``)."""
+
+    @property
+    def feed(self) -> tuple[int, int] | None:
+        """Where the ledger's journal is now, for ``changed_since`` next cycle; None when the
+        work in flight is not journaled (then every key must be looked at)."""
+
+    def changed_since(self, uid: int, position: int) -> set[Key] | None:
+        """The keys whose work in flight may ask more than it did since ``feed`` gave
+        ``(uid, position)``: an entry left the ledger or a replication was added (a drop added
+        only lessens what is left to do). None: not known."""
+
+    def count(self, key: Key) -> int:
+        """How many directives of ``key`` the ledger holds (those of this cycle once sent)."""
+
+    def picked(self) -> Set[Key]:
+        """The keys this cycle's earlier suggestions picked workers for, so far."""
 
 
 @runtime_checkable

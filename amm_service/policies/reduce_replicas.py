@@ -17,23 +17,71 @@ A port of Dask's policy of the same name, counting the way the Replicate policy 
 
 from __future__ import annotations
 
-from amm_service.decisions.view import ClusterView, Measure
-from amm_service.policies.base import SCAN_STEP, PendingView, PolicyRun, drop
+from collections.abc import Iterable, Mapping, Set
+from dataclasses import dataclass
+
+from amm_service.decisions.view import ClusterView, Goal, Key, Measure, WorkerId, WorkerView
+from amm_service.policies.base import SCAN_STEP, PendingView, PolicyRun, TrackedPending, drop
 from amm_service.policies.goals import GoalCounter
 
 
+@dataclass(frozen=True, slots=True)
+class _Looked:
+    """What the last complete run looked at, to tell next time which keys may have changed."""
+
+    view_feed: tuple[int, int]
+    ledger_feed: tuple[int, int]
+    workers: frozenset[tuple[WorkerId, bool, bool, bool]]
+    goals: dict[Key, Goal]
+    again: frozenset[Key]
+    """Keys with a suggestion the core turned down: looked at again every run."""
+    asked: dict[Key, int]
+    """Keys whose suggestions were all taken, with the directives of each the ledger holds
+    once their drops are sent: looked at again if it holds fewer (some never reached it, as
+    when the cycle failed part way through sending)."""
+
+
+def _workers(
+    workers: Mapping[WorkerId, WorkerView],
+) -> frozenset[tuple[WorkerId, bool, bool, bool]]:
+    """What this policy reads of the workers: a key's verdict depends on nothing else of them."""
+    return frozenset((w, ws.durable, ws.serves, ws.accepts_replicas) for w, ws in workers.items())
+
+
 class ReduceReplicas:
-    """Suggest dropping every replica beyond what readers and goals need."""
+    """Suggest dropping every replica beyond what readers and goals need.
+
+    Incremental: a key's verdict depends only on its record, its work in flight, its goal and
+    the workers' statuses, so after a complete run the next one looks only at the keys whose
+    record changed (``ClusterView.changed_since``), whose work in flight may ask more
+    (``TrackedPending.changed_since``), that earlier policies of the cycle picked, or whose
+    suggestion was turned down; any change of the workers' statuses or the goals, or a journal
+    that forgot, means every key again. A cycle with no change looks at no key.
+    """
 
     def __init__(self, *, name: str = "ReduceReplicas") -> None:
         self.name = name
+        self._looked: _Looked | None = None
 
     def run(self, view: ClusterView, pending: PendingView, measure: Measure) -> PolicyRun:
+        looked, self._looked = self._looked, None  # a run cut short leaves none: look at all
+        tracked = pending if isinstance(pending, TrackedPending) else None
+        ledger_feed = tracked.feed if tracked is not None else None
+        workers = _workers(view.workers)
+        goals = view.goals
+        keys: Iterable[Key] = sorted(view.replicated)
+        others: Set[Key] = frozenset()
+        if tracked is not None and ledger_feed is not None:
+            others = tracked.picked()  # by earlier policies of this cycle
+            todo = None if looked is None else self._todo(looked, view, tracked, workers)
+            if todo is not None:
+                keys = sorted((todo | others) & view.replicated)
         counter = GoalCounter(view.workers)
         leaving = frozenset(w for w, ws in view.workers.items() if ws.serves and not ws.durable)
-        goals = view.goals
         reasons: dict[tuple[int, int], str] = {}
-        for n, key in enumerate(sorted(view.replicated), 1):
+        again: set[Key] = set(others)  # what lands in the ledger for them is not all ours
+        asked: dict[Key, int] = {}
+        for n, key in enumerate(keys, 1):
             if not n % SCAN_STEP:
                 yield None  # a pause (see ``PolicyRun``): most keys may have nothing to drop
             kv = view.keys[key]
@@ -43,16 +91,53 @@ class ReduceReplicas:
             if key in goals:
                 desired = max(desired, counter.target(goals[key], kv))
             kept = len(live - in_flight.dropping)
-            if kept >= desired:
-                extra = (kv.holders & leaving) - kv.pinned_on - in_flight.dropping
-                for worker in sorted(extra):
-                    yield drop(key, frozenset((worker,)), reason="copy on a retiring worker")
+            extra = (
+                (kv.holders & leaving) - kv.pinned_on - in_flight.dropping
+                if kept >= desired
+                else frozenset()
+            )
             ndrop = kept + len(in_flight.replicating) - desired
+            if not extra and ndrop <= 0:
+                continue
+            # In flight once this key's drops are sent: fewer next cycle means some never were.
+            expected = tracked.count(key) if tracked is not None else 0
+            for worker in sorted(extra):
+                taken = yield drop(key, frozenset((worker,)), reason="copy on a retiring worker")
+                if taken is None:
+                    again.add(key)
+                expected += 1
             if ndrop > 0:  # one suggestion for all of them: the core picks them in one pass
                 reason = reasons.get((kept, desired))
                 if reason is None:  # one string per distinct reason, not one per key
                     reason = reasons[kept, desired] = f"{kept} live copies, {desired} needed"
-                yield drop(key, live, reason, copies=ndrop)
+                if (yield drop(key, live, reason, copies=ndrop)) is None:
+                    again.add(key)
+                expected += ndrop
+            if key not in again:
+                asked[key] = expected
+        if ledger_feed is not None:
+            self._looked = _Looked(
+                view.feed, ledger_feed, workers, dict(goals), frozenset(again), asked
+            )
+
+    @staticmethod
+    def _todo(
+        looked: _Looked,
+        view: ClusterView,
+        pending: TrackedPending,
+        workers: frozenset[tuple[WorkerId, bool, bool, bool]],
+    ) -> set[Key] | None:
+        """The keys that may have changed since ``looked``; None: any may have."""
+        if workers != looked.workers or view.goals != looked.goals:
+            return None
+        changed = view.changed_since(*looked.view_feed)
+        flown = pending.changed_since(*looked.ledger_feed)
+        if changed is None or flown is None:
+            return None
+        todo = changed | flown | looked.again
+        count = pending.count
+        todo.update(key for key, n in looked.asked.items() if count(key) < n)
+        return todo
 
     def __repr__(self) -> str:
         return f"ReduceReplicas(name={self.name!r})"

@@ -1,0 +1,245 @@
+"""Re-planning only what changed: ReduceReplicas after a complete run looks only at the keys whose
+record or work in flight changed since (``decisions.journal``), and the core walks the ledger
+only when a suggestion is to be decided. The randomized test checks that it plans exactly what a
+fresh policy planning every key would, cycle after cycle."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+
+from amm_service.decisions.core import Plan, PlanConfig, plan
+from amm_service.decisions.directive import Directive, Op, Outcome, OutcomeStatus
+from amm_service.decisions.journal import Journal
+from amm_service.decisions.pending import InFlight, Ledger
+from amm_service.decisions.view import (
+    ClusterState,
+    Key,
+    KeyReport,
+    Memory,
+    WorkerId,
+    WorkerStatus,
+)
+from amm_service.policies.reduce_replicas import ReduceReplicas
+from tests.factories import cluster, new_ids
+
+CFG = PlanConfig(measure="managed", epoch=1)
+
+
+class CountingLedger(Ledger):
+    """A ledger that counts the keys a plan asked about and its walks of every directive."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked: list[Key] = []
+        self.walks = 0
+
+    def in_flight(self, key: Key) -> InFlight:
+        self.asked.append(key)
+        return super().in_flight(key)
+
+    def directives(self) -> Iterator[Directive]:
+        self.walks += 1
+        return super().directives()
+
+
+def _send(ledger: Ledger, result: Plan) -> None:
+    for d in result.directives:
+        ledger.add(d, now=0.0)
+
+
+def _keys(n: int) -> list[str]:
+    return [f"k{i:03d}" for i in range(n)]
+
+
+def test_a_cycle_with_no_change_sends_nothing_and_looks_at_no_key() -> None:
+    keys = _keys(50)
+    state = cluster({"a": keys, "b": keys, "c": keys})
+    ledger, policy = CountingLedger(), ReduceReplicas()
+    first = plan(state.snapshot(), [policy], ledger, CFG, new_ids())
+    assert len(first.directives) == 100  # two extra copies of each key
+    _send(ledger, first)
+    ledger.asked.clear()
+    ledger.walks = 0
+    again = plan(state.snapshot(), [policy], ledger, CFG, new_ids("e"))
+    assert again.directives == ()
+    assert again.suggestions == 0
+    assert ledger.asked == []
+    assert ledger.walks == 0, "nothing to decide: the ledger is not walked"
+    # A fresh policy, with no memory of the last run, agrees: nothing to do.
+    assert plan(state.snapshot(), [ReduceReplicas()], ledger, CFG, new_ids("f")).directives == ()
+
+
+def test_a_poll_delta_and_a_refusal_replan_only_their_keys() -> None:
+    keys = _keys(50)
+    state = cluster({"a": keys, "b": keys})
+    ledger, policy = CountingLedger(), ReduceReplicas()
+    first = plan(state.snapshot(), [policy], ledger, CFG, new_ids())
+    _send(ledger, first)
+    refused = first.directives[7]
+    ledger.settle(Outcome(refused.id, OutcomeStatus.REFUSED, reason="PINNED"))
+    new = KeyReport(Key("new"), 100, "sum-new")
+    for worker in ("a", "b"):  # a key put on both workers since: a poll delta of one key
+        state.apply_poll(
+            WorkerId(worker),
+            incarnation=f"inc-{worker}",
+            version=10,
+            full=False,
+            keys=[new],
+            removed=(),
+            memory=Memory(),
+            status=WorkerStatus.RUNNING,
+            name=worker,
+            now=2.0,
+        )
+    ledger.asked.clear()
+    second = plan(state.snapshot(), [policy], ledger, CFG, new_ids("e"))
+    assert sorted(set(ledger.asked)) == sorted([refused.key, Key("new")])
+    assert sorted(d.key for d in second.directives) == sorted([refused.key, Key("new")])
+
+
+def test_drops_that_never_reached_the_ledger_are_planned_again() -> None:
+    """A cycle that failed before sending its drops: the next one plans them again."""
+    keys = _keys(10)
+    state = cluster({"a": keys, "b": keys})
+    policy = ReduceReplicas()
+    first = plan(state.snapshot(), [policy], Ledger(), CFG, new_ids())
+    ledger = Ledger()
+    _send(ledger, Plan(first.directives[:4], (), 4))  # only the first four were sent
+    second = plan(state.snapshot(), [policy], ledger, CFG, new_ids("e"))
+    assert sorted(d.key for d in second.directives) == sorted(d.key for d in first.directives[4:])
+
+
+def test_another_state_or_a_status_change_means_every_key() -> None:
+    keys = _keys(20)
+    ledger, policy = CountingLedger(), ReduceReplicas()
+    state = cluster({"a": keys, "b": keys})
+    _send(ledger, plan(state.snapshot(), [policy], ledger, CFG, new_ids()))
+    other = cluster({"a": keys, "b": keys})  # another state: its journal is another one
+    ledger.asked.clear()
+    plan(other.snapshot(), [policy], ledger, CFG, new_ids("e"))
+    assert len(set(ledger.asked)) == len(keys)
+    state.apply_poll(
+        WorkerId("a"),
+        incarnation="inc-a",
+        version=20,
+        full=False,
+        keys=(),
+        removed=(),
+        memory=Memory(),
+        status=WorkerStatus.CLOSING,  # its copies no longer count as live
+        name="a",
+        now=3.0,
+    )
+    plan(state.snapshot(), [policy], ledger, CFG, new_ids("f"))
+    ledger.asked.clear()
+    plan(state.snapshot(), [policy], ledger, CFG, new_ids("g"))
+    assert ledger.asked == []  # the change was taken in once
+    state.apply_poll(
+        WorkerId("a"),
+        incarnation="inc-a",
+        version=21,
+        full=False,
+        keys=(),
+        removed=(),
+        memory=Memory(),
+        status=WorkerStatus.RUNNING,
+        name="a",
+        now=4.0,
+    )
+    plan(state.snapshot(), [policy], ledger, CFG, new_ids("h"))
+    assert len(set(ledger.asked)) == len(keys)
+
+
+def test_journal_forgets_its_oldest_half_and_says_so() -> None:
+    journal: Journal[str] = Journal(limit=10)
+    uid, start = journal.uid, journal.position
+    for n in range(8):
+        journal.note(f"k{n}")
+    assert journal.since(uid, start) == {f"k{n}" for n in range(8)}
+    middle = journal.position
+    for n in range(8, 12):
+        journal.note(f"k{n}")
+    assert journal.since(uid, start) is None  # forgotten: the reader must look at everything
+    assert journal.since(uid, middle) == {f"k{n}" for n in range(8, 12)}
+    assert journal.since(uid + 1_000_000, middle) is None
+    assert len(journal) <= 10
+
+
+def test_incremental_plans_equal_fresh_plans_through_random_changes() -> None:
+    """Cycle after cycle of random polls (holders added and removed, pins, statuses) and
+    outcomes (applied, refused, failed, expired), the policy that remembers plans exactly the
+    directives a fresh one does."""
+    for seed in range(12):
+        _random_cycles(random.Random(seed))
+
+
+def _random_cycles(rng: random.Random) -> None:
+    workers = [WorkerId(w) for w in "abcde"]
+    keys = [Key(k) for k in _keys(60)]
+    state = ClusterState()
+    versions = dict.fromkeys(workers, 0)
+    statuses = dict.fromkeys(workers, WorkerStatus.RUNNING)
+    for w in workers:
+        state.register(w, w, f"inc-{w}", now=0.0)
+
+    def poll(w: WorkerId, add: list[Key], remove: list[Key], pinned: set[Key]) -> None:
+        versions[w] += 1
+        state.apply_poll(
+            w,
+            incarnation=f"inc-{w}",
+            version=versions[w],
+            full=False,
+            keys=[KeyReport(k, 100, f"sum-{k}", pinned=k in pinned) for k in add],
+            removed=remove,
+            memory=Memory(rng.randrange(1000), rng.randrange(1000), 0, rng.randrange(1000), 0),
+            status=statuses[w],
+            name=w,
+            now=float(versions[w]),
+        )
+
+    for w in workers:
+        poll(w, rng.sample(keys, 30), [], set())
+    ledger, policy = Ledger(), ReduceReplicas()
+    for cycle in range(15):
+        view = state.snapshot(goals={keys[0]: 3, keys[1]: None} if cycle % 5 else {})
+        fresh = plan(view, [ReduceReplicas()], ledger, CFG, new_ids(f"f{cycle}."))
+        kept = plan(view, [policy], ledger, CFG, new_ids(f"k{cycle}."))
+        assert [(d.op, d.key, d.worker) for d in kept.directives] == [
+            (d.op, d.key, d.worker) for d in fresh.directives
+        ], f"cycle {cycle}"
+        assert kept.rejections == fresh.rejections
+        sent = list(kept.directives)
+        if rng.random() < 0.2:
+            sent = sent[: len(sent) // 2]  # the cycle failed part way through sending
+        for d in sent:
+            ledger.add(d, now=float(cycle))
+        # Outcomes: some applied (and polled), some refused or failed, some left in flight.
+        for d in sent:
+            roll = rng.random()
+            if roll < 0.4:
+                ledger.settle(Outcome(d.id, OutcomeStatus.APPLIED, inventory_version=10_000))
+                poll(d.worker, [], [d.key], set())
+            elif roll < 0.55:
+                ledger.settle(Outcome(d.id, OutcomeStatus.REFUSED, reason="PINNED"))
+            elif roll < 0.6:
+                ledger.settle(Outcome(d.id, OutcomeStatus.FAILED))
+        ledger.observe(lambda w: versions[w])
+        if rng.random() < 0.2:
+            ledger.expire(float(cycle) + 100, 1.0)
+        # Random polls: new copies, dropped copies, pins, a worker's status.
+        for w in rng.sample(workers, 2):
+            if rng.random() < 0.3:
+                statuses[w] = rng.choice(
+                    [WorkerStatus.RUNNING, WorkerStatus.PAUSED, WorkerStatus.CLOSING]
+                )
+            held = state.held_by(w)
+            poll(
+                w,
+                rng.sample(keys, 3),
+                rng.sample(sorted(held), min(2, len(held))),
+                set(rng.sample(keys, 2)),
+            )
+        if rng.random() < 0.1:
+            state.missed_poll(rng.choice(workers))
+        assert all(d.op is Op.DROP for d in kept.directives)
