@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import gc
+import weakref
 from collections.abc import Iterator
 
 import pytest
 
-from amm_service.runtime.pacing import HeapFreezer
+from amm_service.runtime.pacing import FREEZE_AFTER, HeapFreezer, gc_paused
 
 
 @pytest.fixture
@@ -18,19 +19,46 @@ def thawed() -> Iterator[None]:
 
 
 @pytest.mark.usefixtures("thawed")
-def test_a_big_heap_is_frozen_and_thawed_now_and_then() -> None:
+def test_a_big_heap_is_frozen_and_its_cyclic_garbage_collected_at_each_thaw() -> None:
     now = [0.0]
     heap = HeapFreezer(thaw_every=300.0, clock=lambda: now[0])
     heap.freeze(big=False)
     assert gc.get_freeze_count() == 0, "a small AMM is left to the collector"
+    cycle = _Cycle()
+    gone = weakref.ref(cycle)
     heap.freeze(big=True)
     assert gc.get_freeze_count() > 0
+    del cycle
+    gc.collect()
+    assert gone() is not None, "frozen garbage in a reference cycle waits for the thaw"
     now[0] = 300.0
     heap.freeze(big=True)
-    assert gc.get_freeze_count() == 0, "thawed, so that a full collection sees everything once"
-    now[0] = 301.0
+    assert gone() is None, "the thaw collected the whole heap once"
+    assert gc.get_freeze_count() > 0, "and froze it again"
+
+
+class _Cycle:
+    def __init__(self) -> None:
+        self.me = self
+
+
+@pytest.mark.usefixtures("thawed")
+def test_what_a_big_bulk_step_leaves_is_frozen_at_its_end() -> None:
+    """No collection of a bulk step's survivors right after it (pacing.gc_paused)."""
+    heap = HeapFreezer(clock=lambda: 0.0)
+    heap.freeze(big=False)
+    with gc_paused():
+        _few: list[list[int]] = [[] for _ in range(100)]
+    assert gc.get_freeze_count() == 0, "a small step is left to the collector"
+    with gc_paused():
+        many: list[list[int]] = [[] for _ in range(2 * FREEZE_AFTER)]
+    assert gc.get_freeze_count() >= len(many)
+    gc.unfreeze()
     heap.freeze(big=True)
-    assert gc.get_freeze_count() > 0
+    frozen = gc.get_freeze_count()
+    with gc_paused():
+        more: list[list[int]] = [[] for _ in range(100)]
+    assert gc.get_freeze_count() >= frozen + len(more), "a frozen heap stays frozen"
 
 
 @pytest.mark.usefixtures("thawed")
