@@ -50,10 +50,13 @@ class Budget:
         return True
 
 
-#: Tracked objects a bulk step may leave behind before they are frozen at its end.
+#: Tracked objects bulk steps may leave behind, in all, before they are frozen.
 FREEZE_AFTER = 10_000
 #: Whether the heap is kept out of collections (``HeapFreezer``).
 _frozen = False
+#: Tracked objects bulk steps left behind since the last freeze (about: what they allocated
+#: and had not freed when they ended).
+_left = 0
 
 
 @contextlib.contextmanager
@@ -65,19 +68,23 @@ def gc_paused() -> Iterator[None]:
     300k directives in the ledger three times slower. Collections resume between steps.
 
     What the step left alive is frozen at once (``gc.freeze`` splices lists: it costs nothing)
-    while the heap is kept frozen (``HeapFreezer``), or when the step left ``FREEZE_AFTER``
-    tracked objects or more (the first poll of a big cluster). Otherwise the first allocation
-    after the step collected every object the step made, 10-25 ms of the loop each time, and the
-    full collections that follow walked all that the steps had added since the last freeze, up
-    to 120 ms each (``loop_probe`` during a 100k-key cycle).
+    while the heap is kept frozen (``HeapFreezer``), or once bulk steps have left
+    ``FREEZE_AFTER`` tracked objects since the last freeze (the first poll of a big cluster,
+    before anyone knows it is big). Otherwise the first allocation after a step collected every
+    object it made, 10-25 ms of the loop each time, and the full collections that follow walked
+    all that the steps had added since the last freeze, up to 120 ms each (``loop_probe``
+    during a 100k-key cycle).
     """
+    global _left
     collecting = gc.isenabled()
     gc.disable()
     try:
         yield
     finally:
-        if _frozen or gc.get_count()[0] >= FREEZE_AFTER:
+        _left += gc.get_count()[0]
+        if _frozen or _left >= FREEZE_AFTER:
             gc.freeze()
+            _left = 0
         if collecting:
             gc.enable()
 
@@ -108,7 +115,7 @@ class HeapFreezer:
         self._thawed = clock()
 
     def freeze(self, big: bool = True) -> None:
-        global _frozen
+        global _frozen, _left
         now = self._clock()
         if now - self._thawed >= self._thaw_every:
             self._thawed = now
@@ -117,3 +124,4 @@ class HeapFreezer:
         if big:
             gc.freeze()
         _frozen = big
+        _left = 0

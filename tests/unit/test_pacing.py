@@ -50,9 +50,11 @@ def test_what_a_big_bulk_step_leaves_is_frozen_at_its_end() -> None:
     with gc_paused():
         _few: list[list[int]] = [[] for _ in range(100)]
     assert gc.get_freeze_count() == 0, "a small step is left to the collector"
-    with gc_paused():
-        many: list[list[int]] = [[] for _ in range(2 * FREEZE_AFTER)]
-    assert gc.get_freeze_count() >= len(many)
+    many: list[list[list[int]]] = []
+    for _ in range(4):  # small steps that leave much, in all
+        with gc_paused():
+            many.append([[] for _ in range(FREEZE_AFTER // 2)])
+    assert gc.get_freeze_count() >= FREEZE_AFTER
     gc.unfreeze()
     heap.freeze(big=True)
     frozen = gc.get_freeze_count()
