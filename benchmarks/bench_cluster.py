@@ -153,22 +153,28 @@ def not_done(what: str, seconds: float, detail: str = "") -> str:
 
 
 async def _amm_probe(
-    address: str, agent: str, key: str, stop: asyncio.Event, lat: Latencies
+    address: str, agents: list[str], key: str, stop: asyncio.Event, lat: Latencies
 ) -> None:
     """Control calls in a loop, one at a time, on a channel of their own. ``who_has`` is the
     client's default, fresh: the AMM asks every agent for the key before it answers.
-    ``holds_keys`` asks one agent directly (HoldsKeys, no AMM): the agents' share of a fresh
-    ``who_has``."""
-    async with (
-        AsyncClient(address, timeout=30) as client,
-        grpc.aio.insecure_channel(agent, options=CHANNEL_OPTIONS) as channel,
-    ):
-        holds = agent_pb2_grpc.WorkerAgentStub(channel).HoldsKeys
+    ``holds_keys`` asks every agent at once directly (HoldsKeys, no AMM): the agents' share of
+    a fresh ``who_has``."""
+    channels = [grpc.aio.insecure_channel(a, options=CHANNEL_OPTIONS) for a in agents]
+    stubs = [agent_pb2_grpc.WorkerAgentStub(channel) for channel in channels]
+    request = agent_pb2.HoldsKeysRequest(keys=[key])
+
+    async def holds_keys() -> None:
+        await asyncio.gather(*(stub.HoldsKeys(request, timeout=30) for stub in stubs))
+
+    async with contextlib.AsyncExitStack() as stack:
+        for channel in channels:
+            stack.push_async_callback(channel.close, None)
+        client = await stack.enter_async_context(AsyncClient(address, timeout=30))
         calls: dict[str, Callable[[], Awaitable[object]]] = {
             "running": client.amm.running,
             "status": client.status,
             "who_has": lambda: client.who_has([key]),
-            "holds_keys": lambda: holds(agent_pb2.HoldsKeysRequest(keys=[key]), timeout=30),
+            "holds_keys": holds_keys,
         }
         while not stop.is_set():
             for name, call in calls.items():
@@ -212,7 +218,7 @@ async def _amm_build_and_converge(
         started = time.perf_counter()
         await client.amm.start()
         probe = asyncio.create_task(
-            _amm_probe(cluster.address, targets[0], probe_key, stop, lat), name="latency probe"
+            _amm_probe(cluster.address, targets, probe_key, stop, lat), name="latency probe"
         )
         converged: float | None = None
         last = before
