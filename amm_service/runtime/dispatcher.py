@@ -30,7 +30,7 @@ from amm_service import wire
 from amm_service.decisions.directive import Directive, Outcome, OutcomeStatus
 from amm_service.decisions.view import WorkerId
 from amm_service.runtime.agents import AgentLinks
-from amm_service.runtime.pacing import Budget, breathe, gc_paused
+from amm_service.runtime.pacing import Budget, gc_paused
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +153,7 @@ class Dispatcher:
         by_worker: dict[WorkerId, list[Directive]] = {}
         for directive in directives:
             by_worker.setdefault(directive.worker, []).append(directive)
+        pace = Budget()
         for worker, group in by_worker.items():
             batch = self._takes_batches(worker)
             size = BATCH if batch else 100
@@ -160,7 +161,7 @@ class Dispatcher:
                 if self._closed:
                     raise RuntimeError("dispatcher is closed")
                 await self._stream(worker).send(group[start : start + size], batch)
-                await breathe()
+                await pace()
 
     def _stream(self, worker: WorkerId) -> _Stream:
         stream = self._streams.get(worker)

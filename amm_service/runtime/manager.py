@@ -483,6 +483,7 @@ class ActiveMemoryManager:
             self.outcomes.track(record)
         sending, released = 0.0, 0
         ready: list[Directive] = []
+        pace = Budget()
         while not isinstance(out := _planned(steps), core.Plan):
             ready += out
             released += len(out)
@@ -492,7 +493,7 @@ class ActiveMemoryManager:
                 sending += time.perf_counter() - started_sending
                 ready = []
             else:
-                await breathe()  # control calls are answered while a big cycle plans
+                await pace()  # control calls are answered while a big cycle plans
         plan = out
         record.plan_duration = time.perf_counter() - t1 - sending
         record.planned(plan)

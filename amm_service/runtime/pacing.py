@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import gc
 import time
+import weakref
 from collections.abc import Callable, Iterator
 
 #: How long a big cycle pauses between two steps, in seconds.
@@ -25,11 +26,35 @@ async def breathe() -> None:
     await asyncio.sleep(PAUSE)
 
 
+class _Turn:
+    """The bulk work done in one turn of an event loop (by every ``Budget`` on it)."""
+
+    __slots__ = ("ending", "spent")
+
+    def __init__(self) -> None:
+        self.spent = 0.0
+        self.ending = False
+
+    def end(self) -> None:
+        """Runs first in the loop's next turn, after its ``select``: a new turn's budget."""
+        self.spent, self.ending = 0.0, False
+
+
+_turns: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Turn] = weakref.WeakKeyDictionary()
+
+
 class Budget:
-    """Breathes between two small slices of bulk work once ``budget`` seconds have passed
-    since the last breath: the loop is held for about ``budget`` at a time, whatever a slice
-    costs on this machine, without paying a pause per slice. Wall time, not CPU: on a loaded
-    machine a slice takes longer, and the loop is let in as often."""
+    """Breathes between two small slices of bulk work once ``budget`` seconds of it were done
+    in this turn of the event loop, by this task and every other one pacing itself so: the loop
+    is held for about ``budget`` at a time, however many bulk tasks run at once (a cycle's
+    polls of every agent, the directive streams' outcomes, planning), whatever a slice costs on
+    this machine, without paying a pause per slice. Budgets of each task alone let a turn of the
+    loop, and so a control call waiting for it, take a budget per bulk task.
+
+    A task's breath ends the turn's budget: ``_Turn.end`` is queued to run first in the next
+    turn (``call_soon`` callbacks run after the next ``select``). Tasks whose breath ends while
+    the turn's budget is spent breathe again (a few times at most, so no one starves). Wall
+    time, not CPU: on a loaded machine a slice takes longer, and the loop is let in as often."""
 
     __slots__ = ("_budget", "_clock", "_since")
 
@@ -41,13 +66,29 @@ class Budget:
         self._since = clock()
 
     async def __call__(self) -> bool:
-        """Breathe if the budget is spent; whether it did (what was read before may be
+        """Breathe if the turn's budget is spent; whether it did (what was read before may be
         stale)."""
-        if self._clock() - self._since < self._budget:
+        loop = asyncio.get_running_loop()
+        turn = _turns.get(loop)
+        if turn is None:
+            turn = _turns[loop] = _Turn()
+        now = self._clock()
+        if turn.spent + (now - self._since) < self._budget:
             return False
-        await breathe()
+        turn.spent += now - self._since
+        for _ in range(WAITS):
+            if not turn.ending:
+                turn.ending = True
+                loop.call_soon(turn.end)
+            await breathe()
+            if turn.spent < self._budget:
+                break
         self._since = self._clock()
         return True
+
+
+#: Breaths a paced task takes at most, in a row, while other tasks spend each turn's budget.
+WAITS = 8
 
 
 #: Tracked objects bulk steps may leave behind, in all, before they are frozen.

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import weakref
 from collections.abc import Iterator
 
 import pytest
 
-from amm_service.runtime.pacing import FREEZE_AFTER, HeapFreezer, gc_paused
+from amm_service.runtime.pacing import FREEZE_AFTER, Budget, HeapFreezer, gc_paused
 
 
 @pytest.fixture
@@ -75,3 +76,33 @@ def test_objects_in_a_frozen_heap_are_still_freed_by_reference_counting() -> Non
     count = gc.get_freeze_count()
     del things
     assert gc.get_freeze_count() <= count - 1_000
+
+
+async def test_paced_tasks_share_one_budget_per_turn_of_the_loop() -> None:
+    """Three bulk tasks, each in slices of 3 ms (a fake clock): a turn of the loop, between two
+    ticks of a task that stands for a control call, runs about one budget of their slices in
+    all, not one budget per task."""
+    now = [0.0]
+    log: list[str] = []
+
+    async def bulk(name: str) -> None:
+        pace = Budget(0.005, clock=lambda: now[0])
+        for _ in range(30):
+            now[0] += 0.003
+            log.append(name)
+            await pace()
+
+    async def control() -> None:
+        while True:
+            log.append("|")
+            await asyncio.sleep(0)
+
+    ticking = asyncio.create_task(control())
+    await asyncio.sleep(0)
+    await asyncio.gather(bulk("a"), bulk("b"), bulk("c"))
+    ticking.cancel()
+    sizes = sorted(len(run) for run in "".join(log).split("|") if run)
+    # A budget is two slices; each task's budget alone made a third of the turns six ("aabbcc").
+    # A task that lost the race for several turns in a row goes anyway (``pacing.WAITS``).
+    assert sizes[len(sizes) * 9 // 10] <= 2, sizes
+    assert sizes[-1] <= 4, sizes
