@@ -580,7 +580,6 @@ class ActiveMemoryManager:
         self._fence.acted(True)
         now, number = self._monotonic(), record.number
         record.sending(directives, self._clock())
-        self.outcomes.totals.sending(directives)
         pace = Budget()
         for start in range(0, len(directives), SEND_STEP):
             chunk = directives[start : start + SEND_STEP]
@@ -588,7 +587,9 @@ class ActiveMemoryManager:
                 if first:
                     await pace()
                 with gc_paused():
-                    for directive in chunk[first : first + LEDGER_STEP]:
+                    some = chunk[first : first + LEDGER_STEP]
+                    self.outcomes.totals.sending(some)
+                    for directive in some:
                         self.ledger.add(directive, now, number)
             await self._dispatcher.send(chunk)
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import gc
 import weakref
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 
 import pytest
 
 from amm_service.runtime.pacing import FREEZE_AFTER, Budget, HeapFreezer, gc_paused
+from worker_agent import pacing as agent_pacing
+from worker_agent.pacing import Pace
 
 
 @pytest.fixture
@@ -78,19 +80,28 @@ def test_objects_in_a_frozen_heap_are_still_freed_by_reference_counting() -> Non
     assert gc.get_freeze_count() <= count - 1_000
 
 
-async def test_paced_tasks_share_one_budget_per_turn_of_the_loop() -> None:
+@pytest.mark.parametrize("side", ["amm", "agent"])
+async def test_paced_tasks_share_one_budget_per_turn_of_the_loop(side: str) -> None:
     """Three bulk tasks, each in slices of 3 ms (a fake clock): a turn of the loop, between two
-    ticks of a task that stands for a control call, runs about one budget of their slices in
-    all, not one budget per task."""
+    ticks of a task that stands for a control call (or a poll of an agent), runs about one
+    budget of their slices in all, not one budget per task."""
     now = [0.0]
     log: list[str] = []
 
+    def clock() -> float:
+        return now[0]
+
     async def bulk(name: str) -> None:
-        pace = Budget(0.005, clock=lambda: now[0])
+        if side == "amm":
+            pace: Callable[[], Awaitable[bool]] = Budget(0.005, clock=clock)
+            items = 1
+        else:
+            pace, items = Pace(0.005, clock=clock), agent_pacing.EVERY
         for _ in range(30):
-            now[0] += 0.003
             log.append(name)
-            await pace()
+            for _ in range(items):  # the agent's reads its clock every EVERY items
+                now[0] += 0.003 / items
+                await pace()
 
     async def control() -> None:
         while True:
