@@ -2,8 +2,9 @@
 directives decoded or outcomes judged), so that a poll or a read is answered within milliseconds
 of arriving instead of behind the whole batch.
 
-A loop over a batch calls ``await pace()`` between two items: it returns at once until ``BUDGET``
-seconds have passed since the loop last let others in, then pauses for ``PAUSE``. A pause, not a
+A loop over a batch calls ``await pace()`` between two items: it returns at once until the bulk
+loops running at once have spent ``BUDGET`` seconds in this turn of the event loop, then pauses
+for ``PAUSE``. A pause, not a
 zero sleep: grpc.aio learns of new calls on a poller thread that needs the GIL, and a zero sleep
 hands the loop back before that thread has had it (as in ``amm_service.runtime.pacing``).
 
