@@ -43,11 +43,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import grpc
 import psutil
 
 from amm import AmmError, AsyncClient, LocalCluster
+from amm.base.serving import CHANNEL_OPTIONS
 from amm.base.units import format_bytes, parse_size
 from amm.tables import render_table
+from amm.v1 import agent_pb2, agent_pb2_grpc
 
 #: Seconds between two convergence checks.
 CHECK_EVERY = 0.5
@@ -61,7 +64,7 @@ BIG_VALUES = 16
 #: not imported, so that the script also measures checkouts without the probe).
 LOOP_PROBE_ENV = "AMM_LOOP_PROBE"
 #: Control calls whose latency is measured while the AMM converges.
-PROBES = ("running", "status", "who_has")
+PROBES = ("running", "status", "who_has", "holds_keys")
 
 Figures = dict[str, Any]
 
@@ -149,21 +152,36 @@ def not_done(what: str, seconds: float, detail: str = "") -> str:
 # -- amm -------------------------------------------------------------------------------------------
 
 
-async def _amm_probe(address: str, key: str, stop: asyncio.Event, lat: Latencies) -> None:
+async def _amm_probe(
+    address: str, agents: list[str], key: str, stop: asyncio.Event, lat: Latencies
+) -> None:
     """Control calls in a loop, one at a time, on a channel of their own. ``who_has`` is the
-    client's default, fresh: the AMM asks every agent for the key before it answers."""
-    async with AsyncClient(address, timeout=30) as client:
+    client's default, fresh: the AMM asks every agent for the key before it answers.
+    ``holds_keys`` asks every agent at once directly (HoldsKeys, no AMM): the agents' share of
+    a fresh ``who_has``."""
+    channels = [grpc.aio.insecure_channel(a, options=CHANNEL_OPTIONS) for a in agents]
+    stubs = [agent_pb2_grpc.WorkerAgentStub(channel) for channel in channels]
+    request = agent_pb2.HoldsKeysRequest(keys=[key])
+
+    async def holds_keys() -> None:
+        await asyncio.gather(*(stub.HoldsKeys(request, timeout=30) for stub in stubs))
+
+    async with contextlib.AsyncExitStack() as stack:
+        for channel in channels:
+            stack.push_async_callback(channel.close, None)
+        client = await stack.enter_async_context(AsyncClient(address, timeout=30))
         calls: dict[str, Callable[[], Awaitable[object]]] = {
             "running": client.amm.running,
             "status": client.status,
             "who_has": lambda: client.who_has([key]),
+            "holds_keys": holds_keys,
         }
         while not stop.is_set():
             for name, call in calls.items():
                 started = time.perf_counter()
                 try:
                     await call()
-                except AmmError:
+                except (AmmError, grpc.aio.AioRpcError):
                     lat.failures += 1
                     continue
                 lat.add(name, time.perf_counter() - started)
@@ -200,7 +218,7 @@ async def _amm_build_and_converge(
         started = time.perf_counter()
         await client.amm.start()
         probe = asyncio.create_task(
-            _amm_probe(cluster.address, probe_key, stop, lat), name="latency probe"
+            _amm_probe(cluster.address, targets, probe_key, stop, lat), name="latency probe"
         )
         converged: float | None = None
         last = before
@@ -253,11 +271,15 @@ def _loop_holds(path: Path, start: float, end: float) -> Figures:
     """What the AMM's loop probe (``amm_service.runtime.loop_probe``) wrote between ``start``
     and ``end``: how many holds of the loop over its threshold, the longest, and where the
     longest ones were."""
-    holds = []
+    holds, collections_ms = [], []
     if path.exists():
         for line in path.read_text(encoding="utf-8").splitlines():
             record = json.loads(line)
-            if start <= record["at"] <= end:
+            if not start <= record["at"] <= end:
+                continue
+            if "gc_ms" in record:  # a garbage collection, noted on its own
+                collections_ms.append(record["gc_ms"])
+            else:
                 holds.append(record)
     holds.sort(key=lambda r: -r["cpu_ms"])
     where = collections.Counter(" < ".join(reversed(r["stack"][-2:])) for r in holds)
@@ -265,6 +287,8 @@ def _loop_holds(path: Path, start: float, end: float) -> Figures:
         "loop_holds": len(holds),
         "loop_hold_max_ms": holds[0]["cpu_ms"] if holds else 0.0,
         "loop_hold_sites": "; ".join(f"{n} x {site}" for site, n in where.most_common(4)),
+        "loop_gcs": len(collections_ms),
+        "loop_gc_max_ms": max(collections_ms, default=0.0),
         "loop_holds_longest": holds[:10],
     }
 
@@ -588,6 +612,8 @@ def _rows_for_shape() -> list[tuple[str, str, str]]:
         ("loop_holds", "  AMM loop held > 20 ms of CPU (--loop-probe)", "n"),
         ("loop_hold_max_ms", "  longest hold, CPU", "ms"),
         ("loop_hold_sites", "  where, most often", "t"),
+        ("loop_gcs", "  garbage collections in the loop > 5 ms of CPU", "n"),
+        ("loop_gc_max_ms", "  longest collection, CPU", "ms"),
     ]
     for probe in PROBES:
         for stat in ("p50", "p99", "max"):

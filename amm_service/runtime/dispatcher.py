@@ -30,7 +30,7 @@ from amm_service import wire
 from amm_service.decisions.directive import Directive, Outcome, OutcomeStatus
 from amm_service.decisions.view import WorkerId
 from amm_service.runtime.agents import AgentLinks
-from amm_service.runtime.pacing import breathe, gc_paused
+from amm_service.runtime.pacing import Budget, gc_paused
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +38,10 @@ OutcomesHandler = Callable[[WorkerId, Sequence[Outcome]], None]
 _CLOSE = None
 #: Directives in one batch message (about 200 bytes each, far below the message cap).
 BATCH = 5_000
-#: Directives put in a batch message, and outcomes of one taken in, between two breaths of the
-#: event loop: a few milliseconds of work each on a quiet machine.
-BUILD_STEP = 1_000
-OUTCOME_STEP = 1_000
+#: Directives put in a batch message, and outcomes of one taken in, in one slice: the event loop
+#: is let in once a slice ends ``pacing.BUDGET`` after the last breath.
+BUILD_STEP = 250
+OUTCOME_STEP = 250
 
 
 class _Stream:
@@ -67,9 +67,10 @@ class _Stream:
             unanswered[directive.id] = None
         if batch:
             request = agent_pb2.DirectivesRequest()
+            pace = Budget()
             for start in range(0, len(directives), BUILD_STEP):
                 if start:
-                    await breathe()
+                    await pace()
                 with gc_paused():
                     wire.directives_request(directives[start : start + BUILD_STEP], request)
             self.queue.put_nowait(request)
@@ -87,6 +88,7 @@ class _Stream:
                     self._take([wire.outcome_from_pb(response.outcome)])
                     continue
                 items = response.batch
+                pace = Budget()
                 for start in range(0, len(items), OUTCOME_STEP):
                     with gc_paused():
                         self._take(
@@ -95,7 +97,7 @@ class _Stream:
                                 for item in items[start : start + OUTCOME_STEP]
                             ]
                         )
-                    await breathe()  # let control calls in between
+                    await pace()  # let control calls in between
         except grpc.aio.AioRpcError as err:
             why = f"directive stream broke: {err.code().name}"
             if err.code() != grpc.StatusCode.CANCELLED:
@@ -151,6 +153,7 @@ class Dispatcher:
         by_worker: dict[WorkerId, list[Directive]] = {}
         for directive in directives:
             by_worker.setdefault(directive.worker, []).append(directive)
+        pace = Budget()
         for worker, group in by_worker.items():
             batch = self._takes_batches(worker)
             size = BATCH if batch else 100
@@ -158,7 +161,7 @@ class Dispatcher:
                 if self._closed:
                     raise RuntimeError("dispatcher is closed")
                 await self._stream(worker).send(group[start : start + size], batch)
-                await breathe()
+                await pace()
 
     def _stream(self, worker: WorkerId) -> _Stream:
         stream = self._streams.get(worker)

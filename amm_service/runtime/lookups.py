@@ -89,7 +89,7 @@ class KeyLookups:
         """(its incarnation, the keys ``worker`` holds among ``keys``); None when it did not
         answer."""
         try:
-            response = await self._links.stub(worker).HoldsKeys(
+            response = await self._links.quick(worker).HoldsKeys(
                 agent_pb2.HoldsKeysRequest(keys=keys), timeout=self._timeout
             )
         except grpc.aio.AioRpcError:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import os
 import sys
@@ -30,6 +31,8 @@ BEAT = 0.005
 WATCH = 0.002
 #: CPU seconds of one hold from which it is written down.
 THRESHOLD = 0.02
+#: CPU seconds of one garbage collection from which it is written down.
+GC_THRESHOLD = 0.005
 #: Frames of the stack kept per hold (the innermost of the AMM's own code).
 FRAMES = 6
 
@@ -46,6 +49,7 @@ class LoopProbe:
         self._beat_wall = time.monotonic()
         self._stack: list[str] | None = None
         self._done = threading.Event()
+        self._gc_started = 0.0
 
     def _cpu(self) -> float:
         return time.clock_gettime(self._clock)
@@ -53,25 +57,48 @@ class LoopProbe:
     async def run(self) -> None:
         watchdog = threading.Thread(target=self._watch, name="loop probe", daemon=True)
         watchdog.start()
+        gc.callbacks.append(self._collected)
         try:
             while True:
                 await asyncio.sleep(BEAT)
                 cpu, wall = self._cpu(), time.monotonic()
                 held = cpu - self._beat
+                # The next beat starts now, before this one is written down: else the watchdog
+                # would take the writing for a hold and blame the next one on it.
+                self._beat, self._beat_wall, beat_wall = cpu, wall, self._beat_wall
                 stack, self._stack = self._stack, None
                 if held >= self._threshold and stack is not None:
                     record = {
                         "at": time.time(),
                         "cpu_ms": round(held * 1e3, 1),
-                        "wall_ms": round((wall - self._beat_wall) * 1e3, 1),
+                        "wall_ms": round((wall - beat_wall) * 1e3, 1),
                         "stack": stack,
                     }
                     self._out.write(json.dumps(record) + "\n")
                     self._out.flush()
-                self._beat, self._beat_wall = cpu, wall
         finally:
+            gc.callbacks.remove(self._collected)
             self._done.set()
             watchdog.join(1.0)
+
+    def _collected(self, phase: str, info: dict[str, int]) -> None:
+        """A garbage collection in the loop's thread taking ``GC_THRESHOLD`` or more is written
+        down on its own: it holds the loop wherever an allocation triggered it, so a hold's
+        stack alone would blame that innocent line."""
+        if threading.get_ident() != self._ident:
+            return
+        if phase == "start":
+            self._gc_started = self._cpu()
+            return
+        took = self._cpu() - self._gc_started
+        if took >= GC_THRESHOLD:
+            record = {
+                "at": time.time(),
+                "gc_ms": round(took * 1e3, 1),
+                "generation": info.get("generation", -1),
+                "collected": info.get("collected", 0),
+            }
+            self._out.write(json.dumps(record) + "\n")
 
     def _watch(self) -> None:
         while not self._done.wait(WATCH):

@@ -96,6 +96,8 @@ class LostBook:
     def recovered(self, appeared: Iterable[Key]) -> list[Key]:
         """Forget and return (sorted) the lost keys among ``appeared``, the keys that are held
         again (a lost key is held by nobody: it can only come back by appearing)."""
+        if not self._lost:  # as usual: no need to look through the keys a big poll brought
+            return []
         back = sorted(k for k in appeared if k in self._lost)
         if back:
             self._store.forget_lost(back)

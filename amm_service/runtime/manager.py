@@ -52,7 +52,7 @@ from amm_service.runtime.goals import GoalBook
 from amm_service.runtime.history import History
 from amm_service.runtime.lost import LostBook
 from amm_service.runtime.outcomes import Outcomes
-from amm_service.runtime.pacing import HeapFreezer, breathe, gc_paused
+from amm_service.runtime.pacing import Budget, HeapFreezer, breathe, gc_paused
 from amm_service.runtime.poller import Poller
 from amm_service.runtime.queries import Queries
 from amm_service.runtime.retirement import Retirements
@@ -84,8 +84,8 @@ def _copies(policies: Sequence[Policy]) -> list[Policy]:
 
 #: Directives entered in the ledger and handed to the dispatcher at a time.
 SEND_STEP = 20_000
-#: Directives entered in the ledger between two breaths of the event loop.
-LEDGER_STEP = 2_500
+#: Directives entered in the ledger in one slice (``pacing.Budget`` breathes between slices).
+LEDGER_STEP = 500
 #: Keys of workers' holdings frozen for a snapshot between two breaths of the event loop.
 FREEZE_STEP = 50_000
 #: The least time between a cycle and the next when the next follows up on applied work, in
@@ -94,6 +94,12 @@ FOLLOW_UP = 0.05
 #: Keys plus directives in flight from which the AMM freezes its heap after each poll round and
 #: cycle (``pacing.HeapFreezer``): below, full collections are short.
 FREEZE_FROM = 10_000
+
+
+def _planned(steps: core.Steps) -> core.Plan | tuple[Directive, ...]:
+    """One step of planning (``core.step``), what it leaves alive frozen with a big heap."""
+    with gc_paused():
+        return core.step(steps)
 
 
 class ActiveMemoryManager:
@@ -445,8 +451,9 @@ class ActiveMemoryManager:
             self._settle_lost()
         record.startup_grace = self.in_startup_grace()
         self.retirements.apply_flags()
+        pace = Budget()
         for _ in self.ledger.observing(self._version_of, step=LEDGER_STEP):
-            await breathe()
+            await pace()
         self.tombstones.expire()
         frozen = 0
         for worker in self.state.worker_ids:  # the snapshot's biggest part, in steps
@@ -476,7 +483,8 @@ class ActiveMemoryManager:
             self.outcomes.track(record)
         sending, released = 0.0, 0
         ready: list[Directive] = []
-        while not isinstance(out := core.step(steps), core.Plan):
+        pace = Budget()
+        while not isinstance(out := _planned(steps), core.Plan):
             ready += out
             released += len(out)
             if len(ready) >= SEND_STEP:  # send what is decided while the rest is planned
@@ -485,7 +493,7 @@ class ActiveMemoryManager:
                 sending += time.perf_counter() - started_sending
                 ready = []
             else:
-                await breathe()  # control calls are answered while a big cycle plans
+                await pace()  # control calls are answered while a big cycle plans
         plan = out
         record.plan_duration = time.perf_counter() - t1 - sending
         record.planned(plan)
@@ -572,14 +580,16 @@ class ActiveMemoryManager:
         self._fence.acted(True)
         now, number = self._monotonic(), record.number
         record.sending(directives, self._clock())
-        self.outcomes.totals.sending(directives)
+        pace = Budget()
         for start in range(0, len(directives), SEND_STEP):
             chunk = directives[start : start + SEND_STEP]
             for first in range(0, len(chunk), LEDGER_STEP):
                 if first:
-                    await breathe()
+                    await pace()
                 with gc_paused():
-                    for directive in chunk[first : first + LEDGER_STEP]:
+                    some = chunk[first : first + LEDGER_STEP]
+                    self.outcomes.totals.sending(some)
+                    for directive in some:
                         self.ledger.add(directive, now, number)
             await self._dispatcher.send(chunk)
 

@@ -43,15 +43,16 @@ from amm.v1 import agent_pb2
 from amm_service import wire
 from amm_service.decisions.view import ClusterState, Key, KeyReport, WorkerId
 from amm_service.runtime.agents import AgentLinks, channel_closed
-from amm_service.runtime.pacing import breathe, gc_paused
+from amm_service.runtime.pacing import Budget, gc_paused
 from amm_service.runtime.tombstones import NOTHING, Push, TombstoneBook
 
 log = logging.getLogger(__name__)
 
 PAGE_KEYS = 10_000
-#: Keys (reported or removed) merged into the state at a time, with the event loop let in
-#: between: about 5 ms of merging on a quiet machine, so control calls wait no longer.
-MERGE_STEP = 2_500
+#: Keys (reported or removed) decoded or merged into the state in one slice; the event loop is
+#: let in once a slice ends ``pacing.BUDGET`` after the last breath. 2,500 at a time held the
+#: loop for 40-120 ms of CPU during a 100k-key cycle on a busy machine (``loop_probe``).
+MERGE_STEP = 500
 MAX_PAGES = 10_000
 #: Poll calls under way at once, at most. Polling 1,000 agents on loopback on 2 busy cores
 #: (``benchmarks/bench_scale.py``, and the same polls in a loop): all at once, hundreds of live
@@ -214,9 +215,9 @@ class Poller:
         self, worker: WorkerId, incarnation: str, resp: agent_pb2.PollResponse, seen: _Tombstoned
     ) -> None:
         """Merge an incremental answer, ``MERGE_STEP`` keys at a time with the loop let in
-        between. The worker's version moves to the answer's only with the last step: until
-        then the state does not claim to show what the agent had at that version (the ledger
-        settles applied directives by it)."""
+        between (``pacing.Budget``). The worker's version moves to the answer's only with the
+        last step: until then the state does not claim to show what the agent had at that
+        version (the ledger settles applied directives by it)."""
         keys = await _reports(resp)
         removed = wire.poll_keys_removed(resp)
         if len(keys) + len(removed) <= MERGE_STEP:
@@ -231,9 +232,10 @@ class Poller:
             ([], removed[start : start + MERGE_STEP])
             for start in range(0, len(removed), MERGE_STEP)
         ]
+        pace = Budget()
         for n, (some_keys, some_removed) in enumerate(steps):
             if n:
-                await breathe()
+                await pace()
             last = n == len(steps) - 1
             known = self._state.worker(worker)
             self._apply(
@@ -256,7 +258,8 @@ class Poller:
         keys: list[KeyReport],
         seen: _Tombstoned,
     ) -> None:
-        """Merge a whole snapshot, ``MERGE_STEP`` keys at a time with the loop let in between:
+        """Merge a whole snapshot, ``MERGE_STEP`` keys at a time with the loop let in between
+        (``pacing.Budget``):
         merging a million keys in one go held it for seconds. Meanwhile the state shows part of
         the worker's inventory, as it would a worker still filling up; no call is made in
         between, so the merge cannot stop half-way."""
@@ -264,8 +267,9 @@ class Poller:
             worker, incarnation, first, full=True, keys=keys[:MERGE_STEP], answer=last, seen=seen
         )
         incarnation = first.incarnation
+        pace = Budget()
         for start in range(MERGE_STEP, len(keys), MERGE_STEP):
-            await breathe()
+            await pace()
             chunk = keys[start : start + MERGE_STEP]
             self._apply(worker, incarnation, first, full=False, keys=chunk, answer=last, seen=seen)
 
@@ -336,14 +340,17 @@ class Poller:
 
 
 async def _reports(resp: agent_pb2.PollResponse) -> list[KeyReport]:
-    """The keys of an answer, read ``MERGE_STEP`` at a time with the loop let in between (a
-    page of 10,000 took 15-20 ms to read in one go)."""
+    """The keys of an answer, read ``MERGE_STEP`` at a time with the loop let in between
+    (``pacing.Budget``; a page of 10,000 took 15-20 ms to read in one go)."""
     pb = resp.keys
     if len(pb) <= MERGE_STEP:
-        return wire.key_reports(pb)
+        with gc_paused():
+            return wire.key_reports(pb)
     keys: list[KeyReport] = []
+    pace = Budget()
     for start in range(0, len(pb), MERGE_STEP):
         if start:
-            await breathe()
-        keys += wire.key_reports(pb[start : start + MERGE_STEP])
+            await pace()
+        with gc_paused():
+            keys += wire.key_reports(pb[start : start + MERGE_STEP])
     return keys

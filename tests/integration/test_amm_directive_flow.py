@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -168,3 +168,87 @@ async def test_control_calls_are_answered_while_a_big_cycle_plans(tmp_path: Path
         assert record.planned_count == 40_000
         during = moments["done"] - moments["first suggestion"]
         assert during >= 2, f"only {during} control calls were answered while planning"
+
+
+class _GrowingAgent(_BigAgent):
+    """Reports nothing at first, then ``keys`` new keys at once, in one incremental answer."""
+
+    def __init__(self, name: str, keys: int, returned: Callable[[], None]) -> None:
+        super().__init__(name, keys)
+        self.returned = returned
+
+    async def Poll(self, request: Any, context: Any) -> agent_pb2.PollResponse:
+        if request.since_version < 1 or request.incarnation != self.name:
+            return agent_pb2.PollResponse(
+                incarnation=self.name,
+                version=1,
+                full=True,
+                status=types_pb2.WORKER_STATUS_RUNNING,
+                features=["directive-batches"],
+            )
+        grown = request.since_version == 1
+        if grown:
+            self.returned()
+        return agent_pb2.PollResponse(
+            incarnation=self.name,
+            version=2,
+            keys=self.inventory if grown else [],
+            status=types_pb2.WORKER_STATUS_RUNNING,
+            features=["directive-batches"],
+        )
+
+
+async def test_control_calls_are_answered_while_a_cycle_merges_big_poll_answers(
+    tmp_path: Path,
+) -> None:
+    """Two agents that each report 40,000 new keys in one answer to a cycle's poll: control
+    calls made meanwhile are answered while the answers are read and merged."""
+    config = amm_config(tmp_path, policies=[{"class": "tests.support.policies.Watched"}])
+    answered: list[float] = []
+    moments: dict[str, int] = {}
+
+    def moment(name: str) -> None:
+        moments.setdefault(name, len(answered))
+
+    def grown() -> None:
+        moment("answered")
+
+    async with (
+        AmmServer(config) as amm,
+        fake_peer(_GrowingAgent("one", 40_000, grown)) as one,  # type: ignore[abstract]
+        fake_peer(_GrowingAgent("two", 40_000, grown)) as two,  # type: ignore[abstract]
+        grpc.aio.insecure_channel(amm.address, options=CHANNEL_OPTIONS) as channel,
+    ):
+        manager = amm.manager
+        assert manager is not None
+        (policy,) = manager.policies
+        assert isinstance(policy, Watched)
+        policy.probe = moment
+        await manager.register(one, "one", "one")
+        await manager.register(two, "two", "two")
+        assert manager.state.nkeys == 0
+        after_round = manager._poller._on_round
+        assert after_round is not None
+
+        async def merged() -> None:  # every answer of the round is merged: what comes after
+            moment("merged")  # (recording the keys held) lets the loop in as well
+            await after_round()
+
+        manager._poller._on_round = merged
+        stub = control_pb2_grpc.ActiveMemoryManagerStub(channel)
+
+        async def ask() -> None:
+            while True:
+                await stub.Running(control_pb2.RunningRequest())
+                answered.append(time.monotonic())
+
+        asking = asyncio.create_task(ask())
+        await wait_for(lambda: len(answered) > 3, what="control calls are answered")
+        try:
+            record = await manager.run_cycle()
+        finally:
+            asking.cancel()
+        assert manager.state.nkeys == 40_000
+        assert record.planned_count == 40_000
+        during = moments["merged"] - moments["answered"]
+        assert during >= 4, f"only {during} control calls were answered while merging"

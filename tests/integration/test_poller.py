@@ -14,10 +14,12 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import grpc
+import pytest
 
 from amm.base.checksum import checksum
 from amm.v1 import agent_pb2, agent_pb2_grpc, types_pb2
 from amm_service.decisions.view import ClusterState, WorkerId
+from amm_service.runtime import pacing
 from amm_service.runtime.agents import AgentLinks
 from amm_service.runtime.poller import MERGE_STEP, Poller
 from tests.support.agent import running_agent
@@ -207,10 +209,13 @@ class _ManyChanges(agent_pb2_grpc.WorkerAgentServicer):
         )
 
 
-async def test_a_big_incremental_answer_is_merged_in_steps_and_its_version_comes_last() -> None:
+async def test_a_big_incremental_answer_is_merged_in_steps_and_its_version_comes_last(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """The loop runs between the steps of a big merge (control calls are answered meanwhile),
     and the worker's version, by which the ledger settles applied directives, moves to the
     answer's only once all of it is merged."""
+    monkeypatch.setattr(pacing, "BUDGET", 0.0)  # a breath after every step, however fast
     n = 4 * MERGE_STEP
     host = _ManyChanges(n)  # type: ignore[abstract]
     async with _workers(host, 1) as [worker]:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
-from collections.abc import Iterator
+import weakref
+from collections.abc import Awaitable, Callable, Iterator
 
 import pytest
 
-from amm_service.runtime.pacing import HeapFreezer
+from amm_service.runtime.pacing import FREEZE_AFTER, Budget, HeapFreezer, gc_paused
+from worker_agent import pacing as agent_pacing
+from worker_agent.pacing import Pace
 
 
 @pytest.fixture
@@ -18,19 +22,48 @@ def thawed() -> Iterator[None]:
 
 
 @pytest.mark.usefixtures("thawed")
-def test_a_big_heap_is_frozen_and_thawed_now_and_then() -> None:
+def test_a_big_heap_is_frozen_and_its_cyclic_garbage_collected_at_each_thaw() -> None:
     now = [0.0]
     heap = HeapFreezer(thaw_every=300.0, clock=lambda: now[0])
     heap.freeze(big=False)
     assert gc.get_freeze_count() == 0, "a small AMM is left to the collector"
+    cycle = _Cycle()
+    gone = weakref.ref(cycle)
     heap.freeze(big=True)
     assert gc.get_freeze_count() > 0
+    del cycle
+    gc.collect()
+    assert gone() is not None, "frozen garbage in a reference cycle waits for the thaw"
     now[0] = 300.0
     heap.freeze(big=True)
-    assert gc.get_freeze_count() == 0, "thawed, so that a full collection sees everything once"
-    now[0] = 301.0
+    assert gone() is None, "the thaw collected the whole heap once"
+    assert gc.get_freeze_count() > 0, "and froze it again"
+
+
+class _Cycle:
+    def __init__(self) -> None:
+        self.me = self
+
+
+@pytest.mark.usefixtures("thawed")
+def test_what_a_big_bulk_step_leaves_is_frozen_at_its_end() -> None:
+    """No collection of a bulk step's survivors right after it (pacing.gc_paused)."""
+    heap = HeapFreezer(clock=lambda: 0.0)
+    heap.freeze(big=False)
+    with gc_paused():
+        _few: list[list[int]] = [[] for _ in range(100)]
+    assert gc.get_freeze_count() == 0, "a small step is left to the collector"
+    many: list[list[list[int]]] = []
+    for _ in range(4):  # small steps that leave much, in all
+        with gc_paused():
+            many.append([[] for _ in range(FREEZE_AFTER // 2)])
+    assert gc.get_freeze_count() >= FREEZE_AFTER
+    gc.unfreeze()
     heap.freeze(big=True)
-    assert gc.get_freeze_count() > 0
+    frozen = gc.get_freeze_count()
+    with gc_paused():
+        more: list[list[int]] = [[] for _ in range(100)]
+    assert gc.get_freeze_count() >= frozen + len(more), "a frozen heap stays frozen"
 
 
 @pytest.mark.usefixtures("thawed")
@@ -45,3 +78,42 @@ def test_objects_in_a_frozen_heap_are_still_freed_by_reference_counting() -> Non
     count = gc.get_freeze_count()
     del things
     assert gc.get_freeze_count() <= count - 1_000
+
+
+@pytest.mark.parametrize("side", ["amm", "agent"])
+async def test_paced_tasks_share_one_budget_per_turn_of_the_loop(side: str) -> None:
+    """Three bulk tasks, each in slices of 3 ms (a fake clock): a turn of the loop, between two
+    ticks of a task that stands for a control call (or a poll of an agent), runs about one
+    budget of their slices in all, not one budget per task."""
+    now = [0.0]
+    log: list[str] = []
+
+    def clock() -> float:
+        return now[0]
+
+    async def bulk(name: str) -> None:
+        if side == "amm":
+            pace: Callable[[], Awaitable[bool]] = Budget(0.005, clock=clock)
+            items = 1
+        else:
+            pace, items = Pace(0.005, clock=clock), agent_pacing.EVERY
+        for _ in range(30):
+            log.append(name)
+            for _ in range(items):  # the agent's reads its clock every EVERY items
+                now[0] += 0.003 / items
+                await pace()
+
+    async def control() -> None:
+        while True:
+            log.append("|")
+            await asyncio.sleep(0)
+
+    ticking = asyncio.create_task(control())
+    await asyncio.sleep(0)
+    await asyncio.gather(bulk("a"), bulk("b"), bulk("c"))
+    ticking.cancel()
+    sizes = sorted(len(run) for run in "".join(log).split("|") if run)
+    # A budget is two slices; each task's budget alone made a third of the turns six ("aabbcc").
+    # A task that lost the race for several turns in a row goes anyway (``pacing.WAITS``).
+    assert sizes[len(sizes) * 9 // 10] <= 2, sizes
+    assert sizes[-1] <= 4, sizes
