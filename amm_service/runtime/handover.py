@@ -19,7 +19,10 @@ agents' own answers instead, as they arrive:
    destination and the other holders that keep copies: the retiring agent drops its replica
    only once a keeper promised to keep that very content (``worker_agent.directives``), so the
    last replica is never dropped even were the AMM's picture wrong.
-3. Once a DROP was applied for every key a retiring worker is known to hold, the worker is
+3. A copy that ends (however it ends) frees a transfer slot: when the last cycle held back
+   copies of a retiring worker's keys for want of one, the next cycle follows at once, so the
+   copies stay in flight back to back rather than in batches an interval apart.
+4. Once a DROP was applied for every key a retiring worker is known to hold, the worker is
    polled alone and, if it holds nothing and nothing is in flight to it, its retirement ends
    (its agent closed, if asked) as a cycle would end it (``finish``).
 
@@ -51,7 +54,8 @@ class Handover:
     ``retiring`` gives the workers being retired; ``may_drop`` whether the AMM may drop now;
     ``epoch`` our epoch and ``new_id`` a fresh directive id; ``enter`` puts directives in the
     ledger (at once: no cycle may plan the same work meanwhile) and ``dispatch`` sends them;
-    ``finish`` polls an emptied worker and ends its retirement if it holds nothing.
+    ``finish`` polls an emptied worker and ends its retirement if it holds nothing;
+    ``throttled`` says whether the last cycle held copies back, ``wake`` runs the next cycle now.
     """
 
     def __init__(
@@ -66,6 +70,8 @@ class Handover:
         enter: Callable[[Sequence[Directive]], None],
         dispatch: Callable[[Sequence[Directive]], Awaitable[None]],
         finish: Callable[[WorkerId], Awaitable[None]],
+        throttled: Callable[[], bool] = lambda: False,
+        wake: Callable[[], None] = lambda: None,
         policy: str = "RetireWorker",
     ) -> None:
         self._state = state
@@ -77,6 +83,8 @@ class Handover:
         self._enter = enter
         self._dispatch = dispatch
         self._finish = finish
+        self._throttled = throttled
+        self._wake = wake
         self._policy = policy
         self._dropped: dict[WorkerId, set[Key]] = {}
         """Per retiring worker, the keys a DROP was applied for."""
@@ -95,8 +103,9 @@ class Handover:
         for gone in set(self._dropped) - set(retiring):
             del self._dropped[gone]
         drops: list[Directive] = []
-        emptied = False
+        emptied = copied = False
         for directive, outcome in settled:
+            copied = copied or directive.op is Op.REPLICATE
             if outcome.status is not OutcomeStatus.APPLIED:
                 continue
             if directive.op is Op.REPLICATE:
@@ -104,6 +113,8 @@ class Handover:
             elif directive.worker in retiring:
                 self._dropped.setdefault(directive.worker, set()).add(directive.key)
                 emptied = True
+        if copied and self._throttled():
+            self._wake()  # a transfer slot is free: copies held back can start now
         if drops:
             self._enter(drops)
             self._spawn(self._send(drops), "amm-handover-drops")

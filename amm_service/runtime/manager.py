@@ -204,6 +204,8 @@ class ActiveMemoryManager:
             enter=self._enter_between_cycles,
             dispatch=self._dispatcher.send,
             finish=self._finish_retirement,
+            throttled=lambda: self.retirements.throttled,
+            wake=self.wake,
             policy=min(self.retirements.retirers, default="RetireWorker"),
         )
         self.outcomes.watcher = self.handover
@@ -373,7 +375,8 @@ class ActiveMemoryManager:
         has an answer and at least one was applied, the next cycle follows after
         ``follow_up`` instead of the rest of the interval, so a retirement or a repair moves
         on as fast as its transfers complete. A cycle that sent nothing, or whose directives
-        were all refused, waits for the interval as usual, unless ``wake`` is called.
+        were all refused, waits for the interval as usual, unless ``wake`` is called (which
+        also cuts short the wait for a cycle's outcomes).
         """
         interval = self.config.interval
         follow_up = min(interval, max(FOLLOW_UP, interval / 20))
@@ -394,12 +397,24 @@ class ActiveMemoryManager:
             rest = max(0.0, interval - (self._monotonic() - started))
             if record is not None and record.planned_count:
                 waited = self._monotonic()
-                await self.outcomes.wait(record, rest)
+                await self._settled_or_woken(record, rest)
                 rest = max(0.0, rest - (self._monotonic() - waited))
                 if record.unsettled == 0 and record.applied:
                     rest = min(rest, max(0.0, follow_up - (self._monotonic() - started)))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._woken.wait(), rest)
+
+    async def _settled_or_woken(self, record: CycleRecord, limit: float) -> None:
+        """Until every directive of ``record`` has an outcome, ``wake`` is called (a
+        retirement began, a transfer slot it waits for freed), or ``limit`` seconds."""
+        settled = asyncio.ensure_future(self.outcomes.wait(record, limit))
+        woken = asyncio.ensure_future(self._woken.wait())
+        try:
+            await asyncio.wait((settled, woken), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiting in (settled, woken):
+                waiting.cancel()
+            await asyncio.gather(settled, woken, return_exceptions=True)
 
     def wake(self) -> None:
         """Run the next cycle now, not at the end of the interval: work arrived that a cycle

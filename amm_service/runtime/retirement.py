@@ -260,6 +260,9 @@ class Retirements:
         abandoning."""
         self._closed = False
         self._closing: asyncio.Future[None] | None = None
+        #: The last cycle held back copies of a retiring worker's keys for want of a free
+        #: transfer slot: the next cycle should follow as soon as a copy ends (``handover``).
+        self.throttled = False
 
     @property
     def active(self) -> Mapping[WorkerId, Retirement]:
@@ -396,6 +399,9 @@ class Retirements:
         retirement goes on; otherwise why it failed); ``remove`` takes a closed worker out of the
         registry.
         """
+        self.throttled = bool(self._active) and any(
+            r.why is Why.THROTTLED and r.policy in self.retirers for r in plan.rejections
+        )
         if self._active:
             verdicts = review(
                 self._active.values(),

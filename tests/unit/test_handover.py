@@ -34,6 +34,8 @@ class Rig:
         self.epoch = EPOCH
         self.sent: list[Directive] = []
         self.finished: list[WorkerId] = []
+        self.throttled = False
+        self.woken = 0
         self.handover = Handover(
             state,
             self.ledger,
@@ -44,6 +46,8 @@ class Rig:
             enter=self._enter,
             dispatch=self._dispatch,
             finish=self._finish,
+            throttled=lambda: self.throttled,
+            wake=self._wake,
         )
         self.outcomes.watcher = self.handover
 
@@ -53,6 +57,9 @@ class Rig:
 
     async def _dispatch(self, directives: Sequence[Directive]) -> None:
         self.sent += directives
+
+    def _wake(self) -> None:
+        self.woken += 1
 
     async def _finish(self, worker: WorkerId) -> None:
         self.finished.append(worker)
@@ -192,3 +199,14 @@ async def test_outcomes_are_not_collected_while_nothing_is_retiring() -> None:
     await rig.answer(A, rig.copy("k", A))
     assert rig.sent == []
     await rig.handover.close()
+
+
+async def test_a_copy_that_ends_wakes_the_loop_only_when_copies_wait_for_a_slot() -> None:
+    rig = Rig(cluster({"r": ["k", "j", "i"], "a": []}))
+    await rig.answer(A, rig.copy("k", A))
+    assert rig.woken == 0
+    rig.throttled = True
+    await rig.answer(A, rig.copy("j", A), OutcomeStatus.FAILED)  # a failed one frees it too
+    assert rig.woken == 1
+    await rig.answer(R, rig.sent[0].id)  # a drop frees no transfer slot
+    assert rig.woken == 1
