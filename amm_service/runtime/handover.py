@@ -119,8 +119,8 @@ class Handover:
             self._enter(drops)
             self._spawn(self._send(drops), "amm-handover-drops")
         if emptied and worker not in self._finishing:
-            held = self._state.held_by(worker)
-            if held <= self._dropped.get(worker, set()):
+            held, dropped = self._state.held_by(worker), self._dropped.get(worker, set())
+            if len(held) <= len(dropped) and held <= dropped:
                 self._finishing.add(worker)
                 self._spawn(self._finish_one(worker), f"amm-handover-finish-{worker}")
 
