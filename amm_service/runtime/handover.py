@@ -15,10 +15,12 @@ agents' own answers instead, as they arrive:
    paused, neither retiring, retired nor closing; missed polls do not count against it, even
    past STALE: its answer has just arrived), and no drop of its copy may be in flight.
    Nothing is dropped while the AMM may not drop (fenced, or in its start-up grace).
-2. Every retiring worker holding the key is then told at once to DROP it, naming the
-   destination and the other holders that keep copies: the retiring agent drops its replica
-   only once a keeper promised to keep that very content (``worker_agent.directives``), so the
-   last replica is never dropped even were the AMM's picture wrong.
+2. Every retiring worker holding the key is then told to DROP it, naming the destination and
+   the other holders that keep copies: the retiring agent drops its replica only once a keeper
+   promised to keep that very content (``worker_agent.directives``), so the last replica is
+   never dropped even were the AMM's picture wrong. The drop is entered in the ledger at once
+   and sent at once, or, while drops sent to that worker await their answers, with the next
+   batch (``_flush``).
 3. A copy that ends (however it ends) frees a transfer slot: when the last cycle held back
    copies of a retiring worker's keys for want of one, the next cycle follows at once, so the
    copies stay in flight back to back rather than in batches an interval apart.
@@ -88,6 +90,10 @@ class Handover:
         self._policy = policy
         self._dropped: dict[WorkerId, set[Key]] = {}
         """Per retiring worker, the keys a DROP was applied for."""
+        self._out: dict[WorkerId, set[str]] = {}
+        """Per retiring worker, the ids of the drops sent to it and not answered yet."""
+        self._queued: dict[WorkerId, list[Directive]] = {}
+        """Per retiring worker, drops entered in the ledger that wait for those to be answered."""
         self._finishing: set[WorkerId] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
@@ -106,6 +112,8 @@ class Handover:
         emptied = copied = False
         for directive, outcome in settled:
             copied = copied or directive.op is Op.REPLICATE
+            if directive.op is Op.DROP and (out := self._out.get(directive.worker)):
+                out.discard(directive.id)
             if outcome.status is not OutcomeStatus.APPLIED:
                 continue
             if directive.op is Op.REPLICATE:
@@ -117,7 +125,9 @@ class Handover:
             self._wake()  # a transfer slot is free: copies held back can start now
         if drops:
             self._enter(drops)
-            self._spawn(self._send(drops), "amm-handover-drops")
+            for drop in drops:
+                self._queued.setdefault(drop.worker, []).append(drop)
+        self._flush()
         if emptied and worker not in self._finishing:
             held, dropped = self._state.held_by(worker), self._dropped.get(worker, set())
             if len(held) <= len(dropped) and held <= dropped:
@@ -164,6 +174,23 @@ class Handover:
                 )
             )
         return drops
+
+    def _flush(self) -> None:
+        """Send each worker's queued drops in one message once none sent to it is waiting
+        for its answer (or was given up on): an agent carries out one batch of drops at a time,
+        each waiting for its keepers' promises, so drops sent one by one as copies land queue
+        up there one behind the other, while a batch asks each keeper once for all its keys."""
+        ledger = self._ledger
+        for worker in list(self._queued):
+            out = self._out.pop(worker, set())
+            out = {i for i in out if i in ledger}
+            if out:
+                self._out[worker] = out
+                continue
+            batch = [d for d in self._queued.pop(worker) if d.id in ledger]
+            if batch:
+                self._out[worker] = {d.id for d in batch}
+                self._spawn(self._send(batch), f"amm-handover-drops-{worker}")
 
     def _keeps(self, worker: WorkerId, *, answered: bool = False) -> bool:
         """Whether copies on ``worker`` may be counted on to stay: registered and confirmed,

@@ -33,6 +33,7 @@ class Rig:
         self.may_drop = True
         self.epoch = EPOCH
         self.sent: list[Directive] = []
+        self.batches: list[list[Directive]] = []
         self.finished: list[WorkerId] = []
         self.throttled = False
         self.woken = 0
@@ -57,6 +58,7 @@ class Rig:
 
     async def _dispatch(self, directives: Sequence[Directive]) -> None:
         self.sent += directives
+        self.batches.append(list(directives))
 
     def _wake(self) -> None:
         self.woken += 1
@@ -103,8 +105,22 @@ async def test_a_confirmed_copy_drops_the_key_from_the_retiring_worker_at_once()
     assert rig.entered_drops() == [drop]  # in the ledger: no cycle plans it again
     assert rig.ledger.in_flight(Key("k")).dropping == {R}
     # Holders that keep copies are named too; the retiring worker never names itself.
+    await rig.answer(R, drop.id)
     await rig.answer(A, rig.copy("j", A))
     assert rig.sent[1].holders == (A, B)
+
+
+async def test_drops_confirmed_while_one_is_out_go_together_once_it_is_answered() -> None:
+    """The agent carries out one batch of drops at a time: one message, not one each."""
+    rig = Rig(cluster({"r": ["k", "j", "i"], "a": []}))
+    await rig.answer(A, rig.copy("k", A))
+    await rig.answer(A, rig.copy("j", A))
+    await rig.answer(A, rig.copy("i", A))
+    assert [d.key for d in rig.sent] == ["k"]
+    assert {d.key for d in rig.entered_drops()} == {"k", "j", "i"}  # no cycle plans them again
+    await rig.answer(R, rig.sent[0].id, OutcomeStatus.REFUSED)
+    assert [d.key for d in rig.sent] == ["k", "j", "i"]
+    assert len(rig.batches) == 2
 
 
 async def test_a_copy_that_failed_or_was_lost_releases_nothing() -> None:
@@ -176,10 +192,9 @@ async def test_a_worker_is_finished_once_every_key_it_holds_was_dropped() -> Non
     rig = Rig(cluster({"r": ["k", "j"], "a": []}))
     await rig.answer(A, rig.copy("k", A))
     await rig.answer(A, rig.copy("j", A))
-    first, second = rig.sent
-    await rig.answer(R, first.id)
+    await rig.answer(R, rig.sent[0].id)
     assert rig.finished == []  # it still holds j
-    await rig.answer(R, second.id, OutcomeStatus.REFUSED)  # pinned meanwhile, say
+    await rig.answer(R, rig.sent[1].id, OutcomeStatus.REFUSED)  # pinned meanwhile, say
     assert rig.finished == []
     assert rig.state.held_by(R) == {"k", "j"}  # the state changes with polls only
 
@@ -188,8 +203,8 @@ async def test_the_last_drop_applied_finishes_the_worker() -> None:
     rig = Rig(cluster({"r": ["k", "j"], "a": []}))
     await rig.answer(A, rig.copy("k", A))
     await rig.answer(A, rig.copy("j", A))
-    for drop in rig.sent:
-        await rig.answer(R, drop.id)
+    await rig.answer(R, rig.sent[0].id)
+    await rig.answer(R, rig.sent[1].id)
     assert rig.finished == [R]
 
 
