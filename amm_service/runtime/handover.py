@@ -117,14 +117,16 @@ class Handover:
             if outcome.status is not OutcomeStatus.APPLIED:
                 continue
             if directive.op is Op.REPLICATE:
-                drops += self._drops_after_copy(directive, retiring)
+                made = self._drops_after_copy(directive, retiring)
+                if made:
+                    self._enter(made)  # in flight now: a second copy of the key drops nothing
+                    drops += made
             elif directive.worker in retiring:
                 self._dropped.setdefault(directive.worker, set()).add(directive.key)
                 emptied = True
         if copied and self._throttled():
             self._wake()  # a transfer slot is free: copies held back can start now
         if drops:
-            self._enter(drops)
             for drop in drops:
                 self._queued.setdefault(drop.worker, []).append(drop)
         self._flush()
