@@ -12,7 +12,8 @@ under a new epoch that makes agents ignore the old one, and issues no drops unti
 knew have reported. With the dashboard on, a stopped AMM still polls every interval and samples
 the cluster's memory for it, without planning (``_sample_while_stopped``). What becomes of sent
 directives is ``outcomes``; operators' questions, ``queries``; RetireWorkers, DrainWorker and
-their driver task, ``retirement_driver``.
+their driver task, ``retirement_driver``; what retirements do between cycles as outcomes
+arrive, ``handover``.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from amm_service.runtime.cycle import CycleRecord, CycleStats
 from amm_service.runtime.dispatcher import Dispatcher
 from amm_service.runtime.event_feed import EventFeed
 from amm_service.runtime.goals import GoalBook
+from amm_service.runtime.handover import Handover
 from amm_service.runtime.history import History
 from amm_service.runtime.lost import LostBook
 from amm_service.runtime.outcomes import Outcomes
@@ -197,6 +199,22 @@ class ActiveMemoryManager:
             remove=self._remove,
             wake=self.wake,
         )
+        #: Drops from retiring workers as soon as agents confirm the copies (``handover``).
+        self.handover = Handover(
+            self.state,
+            self.ledger,
+            retiring=lambda: self.retirements.active,
+            may_drop=lambda: not self.fenced and not self.in_startup_grace(),
+            epoch=lambda: self.epoch,
+            new_id=self._fence.new_id,
+            enter=self._enter_between_cycles,
+            dispatch=self._dispatcher.send,
+            finish=self._finish_retirement,
+            throttled=lambda: self.retirements.throttled,
+            wake=self.wake,
+            policy=min(self.retirements.retirers, default="RetireWorker"),
+        )
+        self.outcomes.watcher = self.handover
         self._woken = asyncio.Event()
         #: Changes whenever the set of registered workers does (``membership``); polls carry it.
         self.membership_version = 0
@@ -291,6 +309,7 @@ class ActiveMemoryManager:
         await self._stop_loop()
         await self._lost.save_held(*self.state.take_changes())
         await self.retirement_driver.close()
+        await self.handover.close()
         self.retirements.close()
         self.outcomes.close()
         await self._dispatcher.close()
@@ -362,7 +381,8 @@ class ActiveMemoryManager:
         has an answer and at least one was applied, the next cycle follows after
         ``follow_up`` instead of the rest of the interval, so a retirement or a repair moves
         on as fast as its transfers complete. A cycle that sent nothing, or whose directives
-        were all refused, waits for the interval as usual, unless ``wake`` is called.
+        were all refused, waits for the interval as usual, unless ``wake`` is called (which
+        also cuts short the wait for a cycle's outcomes).
         """
         interval = self.config.interval
         follow_up = min(interval, max(FOLLOW_UP, interval / 20))
@@ -383,12 +403,24 @@ class ActiveMemoryManager:
             rest = max(0.0, interval - (self._monotonic() - started))
             if record is not None and record.planned_count:
                 waited = self._monotonic()
-                await self.outcomes.wait(record, rest)
+                await self._settled_or_woken(record, rest)
                 rest = max(0.0, rest - (self._monotonic() - waited))
                 if record.unsettled == 0 and record.applied:
                     rest = min(rest, max(0.0, follow_up - (self._monotonic() - started)))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._woken.wait(), rest)
+
+    async def _settled_or_woken(self, record: CycleRecord, limit: float) -> None:
+        """Until every directive of ``record`` has an outcome, ``wake`` is called (a
+        retirement began, a transfer slot it waits for freed), or ``limit`` seconds."""
+        settled = asyncio.ensure_future(self.outcomes.wait(record, limit))
+        woken = asyncio.ensure_future(self._woken.wait())
+        try:
+            await asyncio.wait((settled, woken), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiting in (settled, woken):
+                waiting.cancel()
+            await asyncio.gather(settled, woken, return_exceptions=True)
 
     def wake(self) -> None:
         """Run the next cycle now, not at the end of the interval: work arrived that a cycle
@@ -592,6 +624,28 @@ class ActiveMemoryManager:
                     for directive in some:
                         self.ledger.add(directive, now, number)
             await self._dispatcher.send(chunk)
+
+    def _enter_between_cycles(self, directives: Sequence[Directive]) -> None:
+        """Enter ``directives`` made between cycles (``handover``) in the ledger, under no
+        cycle's record; the caller sends them."""
+        self._fence.acted(True)
+        now = self._monotonic()
+        self.outcomes.totals.sending(directives)
+        for directive in directives:
+            self.ledger.add(directive, now)
+
+    async def _finish_retirement(self, worker: WorkerId) -> None:
+        """Poll a retiring worker the handover emptied and, if it holds nothing, end its
+        retirement now rather than at the next cycle; under the cycle lock, as a cycle would."""
+        async with self._cycle_lock:
+            if self._closed or worker not in self.retirements.active:
+                return
+            if not await self._poller.poll(worker):
+                return
+            seen = self._version_of(worker)
+            for _ in self.ledger.observing(lambda w: seen if w == worker else None):
+                pass
+            await self.retirement_driver.finish_emptied(worker)
 
     def _version_of(self, worker: WorkerId) -> int | None:
         known = self.state.worker(worker)

@@ -19,6 +19,7 @@ import logging
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from amm_service.decisions.directive import Directive, Op, Outcome, OutcomeStatus
 from amm_service.decisions.events import MAX_KEYS_LISTED, EventLog
@@ -65,6 +66,17 @@ class Refusal:
     at: float
 
 
+class Watcher(Protocol):
+    """Who acts on outcomes as they settle, between cycles (``handover.Handover``)."""
+
+    @property
+    def watching(self) -> bool:
+        """Whether it wants outcomes now (collecting them costs a big cycle otherwise)."""
+
+    def on_settled(self, worker: WorkerId, settled: Sequence[tuple[Directive, Outcome]]) -> None:
+        """Outcomes from ``worker`` that settled a directive in flight, with the directive."""
+
+
 class Outcomes:
     """Directive outcomes for the ledger, the cycle records, the refusals and the totals.
 
@@ -88,6 +100,8 @@ class Outcomes:
         self.refusals: deque[Refusal] = deque(maxlen=max_refusals)
         """The most recent directives refused or failed, newest first."""
         self.totals = Totals()
+        #: Told of the outcomes that settle a directive in flight, while it is watching.
+        self.watcher: Watcher | None = None
 
     def track(self, record: CycleRecord) -> None:
         """Fill in ``record`` as its directives' outcomes arrive (while it is recent)."""
@@ -119,10 +133,16 @@ class Outcomes:
         # cycle, op and reason.
         applied: dict[tuple[int, bool, str], list[Outcome]] = {}
         applied_status = OutcomeStatus.APPLIED
+        watcher = self.watcher
+        watched: list[tuple[Directive, Outcome]] | None = (
+            [] if watcher is not None and watcher.watching else None
+        )
         for outcome in outcomes:
             entry = settle(outcome)
             if entry is None:
                 continue  # expired, or a repeated answer: counted already
+            if watched is not None:
+                watched.append((entry.directive, outcome))
             status = outcome.status
             if status is applied_status:
                 kind = (entry.cycle, entry.directive.op is Op.DROP, outcome.reason)
@@ -158,6 +178,8 @@ class Outcomes:
             self._refused(worker, refused)
         for record in touched.values():
             self._report_if_settled(record)
+        if watched and watcher is not None:
+            watcher.on_settled(worker, watched)
 
     def _report_if_settled(self, record: CycleRecord) -> None:
         if record.all_sent and record.unsettled == 0:

@@ -25,7 +25,9 @@ The RetireWorker policy empties the workers flagged RETIRING; this module owns t
   recorded once rather than every cycle;
 - the callers waiting for results.
 
-Which workers are cheapest to retire (``cheapest``) is decided here too.
+Which workers are cheapest to retire (``cheapest``) is decided here too. Between cycles, the
+handover (``handover``) drops keys as copies are confirmed and ends a retirement (``end``) as
+soon as its worker is emptied.
 """
 
 from __future__ import annotations
@@ -258,6 +260,9 @@ class Retirements:
         abandoning."""
         self._closed = False
         self._closing: asyncio.Future[None] | None = None
+        #: The last cycle held back copies of a retiring worker's keys for want of a free
+        #: transfer slot: the next cycle should follow as soon as a copy ends (``handover``).
+        self.throttled = False
 
     @property
     def active(self) -> Mapping[WorkerId, Retirement]:
@@ -394,6 +399,9 @@ class Retirements:
         retirement goes on; otherwise why it failed); ``remove`` takes a closed worker out of the
         registry.
         """
+        self.throttled = bool(self._active) and any(
+            r.why is Why.THROTTLED and r.policy in self.retirers for r in plan.rejections
+        )
         if self._active:
             verdicts = review(
                 self._active.values(),
@@ -405,29 +413,44 @@ class Retirements:
                 pending=pending,
             )
             for verdict in verdicts:
-                worker = verdict.worker
-                if not (verdict.retired and self._active[worker].close):
-                    self.conclude(worker, retired=verdict.retired, reason=verdict.reason)
-                    continue
-                # A closing agent unregisters at once, maybe before its answer is handled here.
-                self._closing_agents.add(worker)
-                try:
-                    failed = await close(worker)
-                finally:
-                    self._closing_agents.discard(worker)
-                if failed is None:
-                    reason = f"{verdict.reason}; its agent is shutting down"
-                    self.conclude(worker, retired=True, reason=reason, closed=True)
-                    await remove(worker)
-                elif self._state.worker(worker) is None:
-                    if failed:  # no answer, but it left holding nothing: as good as closed
-                        reason = f"{verdict.reason}; its agent left ({failed})"
-                        self.conclude(worker, retired=True, reason=reason)
-                    self.left(worker)  # refused (it holds keys again), then left: abandoned
-                elif failed:
-                    reason = f"{verdict.reason}; its agent did not close: {failed}"
-                    self.conclude(worker, retired=True, reason=reason)
+                await self.end(verdict, close=close, remove=remove)
         self.decided(plan.retirements)  # none at all too: it ends the refusals not asked again
+
+    async def end(
+        self,
+        verdict: Verdict,
+        *,
+        close: Callable[[WorkerId], Awaitable[str | None]],
+        remove: Callable[[WorkerId], Awaitable[object]],
+    ) -> None:
+        """Act on ``verdict`` (``supervise``'s arguments): conclude the retirement, or first
+        ask the agent of a worker retired with ``close`` to shut down. A retirement that ended
+        meanwhile, or whose agent is being asked already, is left alone."""
+        worker = verdict.worker
+        retirement = self._active.get(worker)
+        if retirement is None or worker in self._closing_agents:
+            return
+        if not (verdict.retired and retirement.close):
+            self.conclude(worker, retired=verdict.retired, reason=verdict.reason)
+            return
+        # A closing agent unregisters at once, maybe before its answer is handled here.
+        self._closing_agents.add(worker)
+        try:
+            failed = await close(worker)
+        finally:
+            self._closing_agents.discard(worker)
+        if failed is None:
+            reason = f"{verdict.reason}; its agent is shutting down"
+            self.conclude(worker, retired=True, reason=reason, closed=True)
+            await remove(worker)
+        elif self._state.worker(worker) is None:
+            if failed:  # no answer, but it left holding nothing: as good as closed
+                reason = f"{verdict.reason}; its agent left ({failed})"
+                self.conclude(worker, retired=True, reason=reason)
+            self.left(worker)  # refused (it holds keys again), then left: abandoned
+        elif failed:
+            reason = f"{verdict.reason}; its agent did not close: {failed}"
+            self.conclude(worker, retired=True, reason=reason)
 
     def decided(self, decisions: Sequence[RetireDecision]) -> None:
         """Act on the retire requests policies made in a cycle: begin the accepted ones, record

@@ -12,7 +12,8 @@ AMM's I/O and timing around that book:
   AMM's own loop is off (a retirement progresses only when cycles run); it owns that task and
   cancels and awaits it on ``close``;
 - ``supervise``, once per cycle after planning, ends the retirements that are over, asking the
-  agents of workers retired with ``close`` to shut down, and removes those that did.
+  agents of workers retired with ``close`` to shut down, and removes those that did;
+  ``finish_emptied`` does the same for one worker between cycles, once the handover emptied it.
 
 Not covered: which keys leave a retiring worker (the RetireWorker policy), the loop itself
 (``manager``).
@@ -36,7 +37,7 @@ from amm_service.decisions.view import ClusterState, ClusterView, Key, WorkerId
 from amm_service.errors import FailedPrecondition, InvalidArgument, NotFound, listing
 from amm_service.runtime.addresses import address_order
 from amm_service.runtime.agents import AgentLinks
-from amm_service.runtime.retirement import Result, Retirements, cheapest, unique
+from amm_service.runtime.retirement import Result, Retirements, Verdict, cheapest, unique
 
 log = logging.getLogger(__name__)
 
@@ -201,6 +202,26 @@ class RetirementDriver:
             close=self._close_agent,
             remove=self._remove,
             pending=self._ledger,
+        )
+
+    async def finish_emptied(self, worker: WorkerId) -> None:
+        """End the retirement of ``worker`` if the state shows it empty: it answered a poll,
+        holds nothing and has nothing in flight to it. For the handover, which polled it and
+        holds the cycle lock; the verdict is the one a cycle gives (``retirement.review``)."""
+        ws = self._state.worker(worker)
+        if (
+            worker not in self._retirements.active
+            or ws is None
+            or not ws.reachable
+            or ws.last_poll is None
+            or self._state.held_by(worker)
+            or any(entry.directive.worker == worker for entry in self._ledger)
+        ):
+            return
+        await self._retirements.end(
+            Verdict(worker, True, "holds nothing that exists nowhere else"),
+            close=self._close_agent,
+            remove=self._remove,
         )
 
     async def _close_agent(self, worker: WorkerId) -> str | None:

@@ -458,3 +458,50 @@ async def test_a_retirement_moves_on_as_its_transfers_complete_not_an_interval_l
         assert (await c.client.has_what(retiring))[retiring] == ()
         for i in range(6):
             assert len(await c.holders(f"k{i}")) == 1
+
+
+async def test_a_retirement_ends_on_the_agents_answers_without_another_cycle(
+    tmp_path: Path,
+) -> None:
+    """The copies' outcomes release the retiring worker's keys and the drops' outcomes end the
+    retirement: it takes the one cycle that starts the copies, and no later one. Cycles alone
+    take three (copy; drop once a poll shows the copies; retire once a poll shows it empty),
+    here 30 s apart: a 10-minute interval follows up on applied work after a twentieth of it."""
+    async with cluster(tmp_path, 3, start=True, interval="10m") as c:
+        manager = c.amm.manager
+        assert manager is not None
+        retiring = c.addresses[0]
+        keys = [f"k{i}" for i in range(6)]
+        for key in keys:
+            await c.client.put(key, DATA, workers=[retiring])
+        before = manager.cycles
+        (result,) = await asyncio.wait_for(
+            c.client.retire_workers([retiring], close=False), timeout=20
+        )
+        assert result.retired, result.reason
+        assert manager.cycles == before + 1
+        placement = await c.client.who_has(keys, fresh=True)
+        for key in keys:
+            (holder,) = placement[key]
+            assert holder != retiring
+            assert await c.client.get(key, worker=holder) == DATA
+        assert (await c.client.has_what(retiring))[retiring] == ()
+
+
+async def test_copies_held_back_for_a_transfer_slot_start_as_soon_as_one_frees(
+    tmp_path: Path,
+) -> None:
+    """One incoming transfer per worker: two of six copies start in the first cycle, and each
+    ending copy starts the next cycle at once. Batches a follow-up apart (30 s with a 10-minute
+    interval) would need a minute."""
+    async with cluster(tmp_path, 3, start=True, interval="10m", max_incoming_transfers=1) as c:
+        retiring = c.addresses[0]
+        keys = [f"k{i}" for i in range(6)]
+        for key in keys:
+            await c.client.put(key, DATA, workers=[retiring])
+        (result,) = await asyncio.wait_for(
+            c.client.retire_workers([retiring], close=False), timeout=20
+        )
+        assert result.retired, result.reason
+        placement = await c.client.who_has(keys, fresh=True)
+        assert all(len(placement[key]) == 1 and retiring not in placement[key] for key in keys)
