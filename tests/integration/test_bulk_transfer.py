@@ -179,3 +179,53 @@ def test_fresh_bytes_are_bytes_filled_through_the_view() -> None:
 def test_host_of_strips_the_port_and_ipv6_brackets() -> None:
     assert bulk.host_of("10.0.0.1:5") == "10.0.0.1"
     assert bulk.host_of("[::1]:5") == "::1"
+
+
+class _PushyOfferer(agent_pb2_grpc.WorkerAgentServicer):
+    """A source that offers a bulk port nobody listens on, whether the Fetch asked for it or not."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.asked: list[bool] = []
+
+    async def Fetch(self, request: Any, context: Any) -> AsyncIterator[agent_pb2.FetchResponse]:
+        self.asked.append(request.bulk)
+        header = types_pb2.ValueHeader(key=request.key, size=len(DATA), checksum=checksum(DATA))
+        offered = agent_pb2.BulkOffer(port=self.port, ticket=b"t" * bulk.TICKET_BYTES)
+        yield agent_pb2.FetchResponse(header=header, bulk=offered)
+
+
+async def _closed_port() -> int:
+    """A loopback port that refuses connections (it was listened on, then closed)."""
+    server = await BulkServer.start("127.0.0.1", idle_timeout=5.0)
+    await server.close()
+    return server.port
+
+
+async def test_an_unasked_bulk_offer_whose_port_is_unreachable_is_a_corrupt_source() -> None:
+    """Asked for chunks after its bulk port proved unreachable, the source offers the port again:
+    that breaks the protocol, and the fetch refuses the source rather than raise."""
+    pushy = _PushyOfferer(await _closed_port())  # type: ignore[abstract]
+    async with fake_peer(pushy) as source:
+        peers = _peers()
+        try:
+            got = await peers.fetch(
+                Key("k"), [source], expected_size=len(DATA), expected_checksum="", requester="t"
+            )
+        finally:
+            await peers.close()
+    assert not isinstance(got, Fetched)
+    assert got.reason.name == "CHECKSUM_MISMATCH", got.message
+    assert "not asked for" in got.message
+    assert pushy.asked == [True, False]
+
+
+async def test_a_replicate_from_a_source_pushing_an_unreachable_bulk_port_is_refused() -> None:
+    pushy = _PushyOfferer(await _closed_port())  # type: ignore[abstract]
+    async with fake_peer(pushy) as source, running_agent() as b, dial(b.address) as stub_b:
+        async with directive_stream(stub_b) as amm:
+            outcome = await amm.run(replicate("k", DATA, [source]))
+        assert (status(outcome), reason(outcome)) == ("REFUSED", "CHECKSUM_MISMATCH"), (
+            outcome.message
+        )
+        assert "k" not in b.store
