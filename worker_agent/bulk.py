@@ -14,33 +14,22 @@ verifies size and SHA-256 against the header as it would chunks, hashing what ar
 worker thread while more arrives (hashlib releases the GIL), each byte once. The source keeps
 the key in use until the bytes are sent or the ticket lapses, as it would for a chunked Fetch.
 Only plaintext agents offer it: with TLS, values keep travelling over gRPC.
-
-The bytes themselves move in threads, one per transfer, by blocking ``sendall`` and
-``recv_into`` (the GIL released), not on the event loop: the loop only accepts, reads the ticket
-and connects, so the agent's polls and reads are answered while a gigabyte goes through, and
-each side spends less time per byte (the sender 0.25-0.27 CPU s per GB instead of 0.31-0.32 in
-``bench_transfer.py``). A transfer that is cancelled shuts its socket down, which ends the
-blocking call at once, and waits for the thread to let go of socket and buffer.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import ctypes
-import functools
 import logging
 import secrets
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TypeVar
 
 from amm.base.checksum import StreamingChecksum
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 #: Length of a ticket in bytes.
 TICKET_BYTES = 32
@@ -48,11 +37,6 @@ TICKET_BYTES = 32
 TICKET_TIMEOUT = 5.0
 #: Bytes handed to the kernel per send, each within the idle timeout.
 SEND_BYTES = 4 * 1024 * 1024
-#: Most threads that send and receive bulk bytes (blocking calls, the GIL released meanwhile);
-#: as many as transfers under way, which the event loop never bounded either.
-IO_THREADS = 256
-#: Most threads hashing received bytes.
-HASH_THREADS = 32
 #: Bytes received before they are handed to the hashing thread (when it is free).
 HASH_BYTES = 1024 * 1024
 
@@ -191,6 +175,7 @@ class BulkServer:
             task.add_done_callback(self._connections.discard)
 
     async def _serve(self, connection: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
         entry: _Offer | None = None
         with connection:
             connection.setblocking(False)
@@ -202,7 +187,10 @@ class BulkServer:
                     log.debug("bulk port: a connection sent an unknown ticket")
                     return
                 entry.claimed.set_result(None)
-                await _in_thread(connection, _send, connection, entry.data, self._idle_timeout)
+                view = memoryview(entry.data)
+                for start in range(0, len(view), SEND_BYTES):
+                    async with asyncio.timeout(self._idle_timeout):
+                        await loop.sock_sendall(connection, view[start : start + SEND_BYTES])
                 self.sent += 1
                 if not entry.done.done():
                     entry.done.set_result(None)
@@ -213,39 +201,6 @@ class BulkServer:
             finally:
                 if entry is not None and not entry.done.done():  # cancelled: the agent stops
                     entry.done.set_exception(BulkError("the agent is stopping"))
-
-
-def _send(connection: socket.socket, data: bytes, idle_timeout: float) -> None:
-    """Hand ``data`` to the kernel, ``SEND_BYTES`` at a time, each within ``idle_timeout``."""
-    connection.settimeout(idle_timeout)
-    with memoryview(data) as view:
-        for start in range(0, len(view), SEND_BYTES):
-            with _slice(view, start, start + SEND_BYTES) as part:
-                connection.sendall(part)
-
-
-async def _in_thread(connection: socket.socket, work: Callable[..., T], *args: object) -> T:
-    """``work(*args)`` in a bulk I/O thread; cancelled, the connection is shut down so that the
-    thread lets go of it before it is closed."""
-    running = asyncio.get_running_loop().run_in_executor(_io_threads(), work, *args)
-    try:
-        return await asyncio.shield(running)
-    except asyncio.CancelledError:
-        with contextlib.suppress(OSError):
-            connection.shutdown(socket.SHUT_RDWR)
-        await asyncio.wait([running])
-        raise
-
-
-@functools.cache
-def _io_threads() -> concurrent.futures.ThreadPoolExecutor:
-    return concurrent.futures.ThreadPoolExecutor(IO_THREADS, thread_name_prefix="bulk")
-
-
-@functools.cache
-def _hash_threads() -> concurrent.futures.ThreadPoolExecutor:
-    """Separate from the I/O threads, which wait on them: one pool could deadlock."""
-    return concurrent.futures.ThreadPoolExecutor(HASH_THREADS, thread_name_prefix="bulk-hash")
 
 
 def _retrieve(future: asyncio.Future[None]) -> None:
@@ -312,47 +267,34 @@ async def receive(
                 await loop.sock_sendall(connection, ticket)
         except (OSError, TimeoutError) as err:
             raise Unreachable(f"cannot claim the value on port {port}: {err!r}") from None
+        hashing: asyncio.Future[None] | None = None
         try:
-            await _in_thread(connection, _receive, connection, view, digest, idle_timeout)
+            received = hashed = 0
+            while received < size:
+                try:
+                    async with asyncio.timeout(idle_timeout):
+                        count = await loop.sock_recv_into(connection, view[received:])
+                except (OSError, TimeoutError) as err:
+                    raise BulkError(f"{received} of {size} bytes received: {err!r}") from None
+                if count == 0:
+                    raise BulkError(f"the connection closed after {received} of {size} bytes")
+                received += count
+                if received - hashed >= HASH_BYTES and (hashing is None or hashing.done()):
+                    if hashing is not None:
+                        await hashing  # done: raises what the thread raised, if anything
+                    hashing = loop.run_in_executor(None, _hash, digest, view, hashed, received)
+                    hashed = received
+            if hashing is not None:
+                await hashing
+                hashing = None
+            if hashed < size:
+                await loop.run_in_executor(None, _hash, digest, view, hashed, size)
         finally:
+            if hashing is not None:
+                # Let the thread finish with the buffer before it is released.
+                await asyncio.wait([hashing])
             view.release()
     return data, digest.hexdigest()
-
-
-def _receive(
-    connection: socket.socket, view: memoryview, digest: StreamingChecksum, idle_timeout: float
-) -> None:
-    """Fill ``view`` from ``connection``, each piece within ``idle_timeout``, and hash it all
-    into ``digest``: a hashing thread takes what arrived since it last started while receiving
-    goes on, so no byte is hashed twice and receiving never waits for it."""
-    connection.settimeout(idle_timeout)
-    size = len(view)
-    hashing: concurrent.futures.Future[None] | None = None
-    try:
-        received = hashed = 0
-        while received < size:
-            try:
-                with _slice(view, received, size) as rest:
-                    count = connection.recv_into(rest)
-            except OSError as err:  # TimeoutError included
-                raise BulkError(f"{received} of {size} bytes received: {err!r}") from None
-            if count == 0:
-                raise BulkError(f"the connection closed after {received} of {size} bytes")
-            received += count
-            if received - hashed >= HASH_BYTES and (hashing is None or hashing.done()):
-                if hashing is not None:
-                    hashing.result()  # done: raises what the thread raised, if anything
-                hashing = _hash_threads().submit(_hash, digest, view, hashed, received)
-                hashed = received
-        if hashing is not None:
-            hashing.result()
-            hashing = None
-        if hashed < size:
-            _hash(digest, view, hashed, size)
-    finally:
-        if hashing is not None:
-            # Let the thread finish with the buffer before it is released.
-            concurrent.futures.wait([hashing])
 
 
 def _hash(digest: StreamingChecksum, view: memoryview, start: int, end: int) -> None:

@@ -252,8 +252,8 @@ async def test_a_large_value_crosses_the_bulk_port_intact() -> None:
     "at", [bulk.HASH_BYTES - 1, bulk.HASH_BYTES, bulk.SEND_BYTES, 2 * bulk.SEND_BYTES + 1]
 )
 async def test_the_digest_covers_every_byte_once_whatever_the_steps(at: int) -> None:
-    """The receiving thread hashes in steps while it receives: a flipped byte anywhere, at a
-    step boundary too, changes the digest, which is that of the bytes received."""
+    """The receiver hashes in steps while it receives: a flipped byte anywhere, at a step
+    boundary too, changes the digest, which is that of the bytes received."""
     sent = _flip(DATA, at)
     data, digest = await _bulk_round_trip(sent)
     assert data == sent
@@ -299,7 +299,7 @@ async def _stalling_source(payload: bytes) -> AsyncIterator[int]:
 
 
 async def test_a_receive_cancelled_mid_transfer_returns_at_once() -> None:
-    """The bytes arrive in a thread; cancelling the call must not wait out its idle timeout."""
+    """Cancelling the call (its Fetch's deadline) must not wait out the idle timeout."""
     async with _stalling_source(DATA[:1000]) as port:
         started = asyncio.get_running_loop().time()
         with pytest.raises(TimeoutError):
@@ -315,8 +315,8 @@ async def test_a_stalled_receive_ends_with_its_idle_timeout() -> None:
 
 
 async def test_closing_the_bulk_port_ends_a_send_the_requester_does_not_read() -> None:
-    """A send blocked on a full socket is in a thread: closing must not wait out the idle
-    timeout, and the offer reports the transfer as failed."""
+    """A send blocked on a full socket: closing must not wait out the idle timeout, and the
+    offer reports the transfer as failed."""
     data = os.urandom(32 * 1024 * 1024)  # more than the socket buffers hold
     server = await BulkServer.start("127.0.0.1", idle_timeout=60.0)
     offer = server.offer(data)
