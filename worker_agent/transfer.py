@@ -254,14 +254,13 @@ class Peers:
                 try:
                     return await self._receive(
                         streams.fetch(request, timeout=self._fetch_timeout),
+                        request.bulk,
                         source,
                         key,
                         expected_size,
                         expected_checksum,
                     )
-                except _NoBulk as err:
-                    if not request.bulk:
-                        raise
+                except _NoBulk as err:  # only raised when asked: the retry asks for chunks
                     log.info("%s; fetching %r from it in chunks from now on", err, key)
                     self._no_bulk.add(source)
                     request.bulk = False
@@ -271,6 +270,7 @@ class Peers:
         call: grpc.aio.UnaryStreamCall[
             agent_pb2.FetchRequest, agent_pb2.FetchResponse | memoryview
         ],
+        asked_bulk: bool,
         source: str,
         key: Key,
         expected_size: int | None,
@@ -296,6 +296,8 @@ class Peers:
                     if header.size > self._max_value_bytes:
                         raise _Corrupt(f"{header.size} bytes exceed the largest value accepted")
                     if message.HasField("bulk"):
+                        if not asked_bulk:
+                            raise _Corrupt("offered the bulk port, which was not asked for")
                         return await self._receive_bulk(source, message.bulk, header)
                     received = Assembly(header.size)
                     continue
@@ -321,9 +323,8 @@ class Peers:
     async def _receive_bulk(
         self, source: str, offer: agent_pb2.BulkOffer, header: types_pb2.ValueHeader
     ) -> tuple[bytes, str]:
-        """The value offered on ``source``'s bulk port, verified against ``header``."""
-        if not self._bulk:
-            raise _Corrupt("offered the bulk port, which was not asked for")
+        """The value offered on ``source``'s bulk port, verified against ``header``; only
+        when this Fetch asked for it (else a port that proves unreachable would be retried)."""
         if not 0 < offer.port < 65536 or len(offer.ticket) != bulk.TICKET_BYTES:
             raise _Corrupt("sent a malformed bulk offer")
         try:

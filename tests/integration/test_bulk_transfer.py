@@ -4,6 +4,7 @@ sources whose bulk port sends other bytes, too few, or cannot be reached."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from collections.abc import AsyncIterator
 from typing import Any
@@ -179,3 +180,157 @@ def test_fresh_bytes_are_bytes_filled_through_the_view() -> None:
 def test_host_of_strips_the_port_and_ipv6_brackets() -> None:
     assert bulk.host_of("10.0.0.1:5") == "10.0.0.1"
     assert bulk.host_of("[::1]:5") == "::1"
+
+
+class _PushyOfferer(agent_pb2_grpc.WorkerAgentServicer):
+    """A source that offers a bulk port nobody listens on, whether the Fetch asked for it or not."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.asked: list[bool] = []
+
+    async def Fetch(self, request: Any, context: Any) -> AsyncIterator[agent_pb2.FetchResponse]:
+        self.asked.append(request.bulk)
+        header = types_pb2.ValueHeader(key=request.key, size=len(DATA), checksum=checksum(DATA))
+        offered = agent_pb2.BulkOffer(port=self.port, ticket=b"t" * bulk.TICKET_BYTES)
+        yield agent_pb2.FetchResponse(header=header, bulk=offered)
+
+
+async def _closed_port() -> int:
+    """A loopback port that refuses connections (it was listened on, then closed)."""
+    server = await BulkServer.start("127.0.0.1", idle_timeout=5.0)
+    await server.close()
+    return server.port
+
+
+async def test_an_unasked_bulk_offer_whose_port_is_unreachable_is_a_corrupt_source() -> None:
+    """Asked for chunks after its bulk port proved unreachable, the source offers the port again:
+    that breaks the protocol, and the fetch refuses the source rather than raise."""
+    pushy = _PushyOfferer(await _closed_port())  # type: ignore[abstract]
+    async with fake_peer(pushy) as source:
+        peers = _peers()
+        try:
+            got = await peers.fetch(
+                Key("k"), [source], expected_size=len(DATA), expected_checksum="", requester="t"
+            )
+        finally:
+            await peers.close()
+    assert not isinstance(got, Fetched)
+    assert got.reason.name == "CHECKSUM_MISMATCH", got.message
+    assert "not asked for" in got.message
+    assert pushy.asked == [True, False]
+
+
+async def test_a_replicate_from_a_source_pushing_an_unreachable_bulk_port_is_refused() -> None:
+    pushy = _PushyOfferer(await _closed_port())  # type: ignore[abstract]
+    async with fake_peer(pushy) as source, running_agent() as b, dial(b.address) as stub_b:
+        async with directive_stream(stub_b) as amm:
+            outcome = await amm.run(replicate("k", DATA, [source]))
+        assert (status(outcome), reason(outcome)) == ("REFUSED", "CHECKSUM_MISMATCH"), (
+            outcome.message
+        )
+        assert "k" not in b.store
+
+
+async def test_a_large_value_crosses_the_bulk_port_intact() -> None:
+    """Many sends, receives and hash steps, and a size that is a multiple of none of them."""
+    data = os.urandom(64 * 1024 * 1024 + 4097)
+    async with agents(2) as [(a, stub_a), (b, stub_b)]:
+        await put(stub_a, "big", data)
+        async with directive_stream(stub_b) as amm:
+            outcome = await amm.run(replicate("big", data, [a.address]))
+        assert status(outcome) == "APPLIED", outcome.message
+        assert a.node.bulk is not None
+        assert a.node.bulk.sent == 1
+        value = b.store.get(Key("big"))
+        assert value is not None
+        assert value.checksum == checksum(data)
+        assert value.data == data
+
+
+@pytest.mark.parametrize(
+    "at", [bulk.HASH_BYTES - 1, bulk.HASH_BYTES, bulk.SEND_BYTES, 2 * bulk.SEND_BYTES + 1]
+)
+async def test_the_digest_covers_every_byte_once_whatever_the_steps(at: int) -> None:
+    """The receiver hashes in steps while it receives: a flipped byte anywhere, at a step
+    boundary too, changes the digest, which is that of the bytes received."""
+    sent = _flip(DATA, at)
+    data, digest = await _bulk_round_trip(sent)
+    assert data == sent
+    assert digest == checksum(sent) != checksum(DATA)
+
+
+async def _bulk_round_trip(sent: bytes) -> tuple[bytes, str]:
+    """What ``bulk.receive`` makes of ``sent`` offered on a bulk port: its bytes and digest."""
+    server = await BulkServer.start("127.0.0.1", idle_timeout=5.0)
+    try:
+        offer = server.offer(sent)
+        sending = asyncio.create_task(offer.sent(claim_timeout=5.0))
+        got = await bulk.receive("127.0.0.1", offer.port, offer.ticket, len(sent), 5.0)
+        await sending
+        return got
+    finally:
+        await server.close()
+
+
+@contextlib.asynccontextmanager
+async def _stalling_source(payload: bytes) -> AsyncIterator[int]:
+    """A port that takes a ticket, sends ``payload`` and then nothing, keeping the connection
+    open until the end of the block; its port number."""
+    writers: list[asyncio.StreamWriter] = []
+    stop = asyncio.Event()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.append(writer)
+        await reader.readexactly(bulk.TICKET_BYTES)
+        writer.write(payload)
+        await writer.drain()
+        await stop.wait()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        stop.set()
+        for writer in writers:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_a_receive_cancelled_mid_transfer_returns_at_once() -> None:
+    """Cancelling the call (its Fetch's deadline) must not wait out the idle timeout."""
+    async with _stalling_source(DATA[:1000]) as port:
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.3):
+                await bulk.receive("127.0.0.1", port, b"t" * bulk.TICKET_BYTES, len(DATA), 60.0)
+        assert asyncio.get_running_loop().time() - started < 30.0
+
+
+async def test_a_stalled_receive_ends_with_its_idle_timeout() -> None:
+    async with _stalling_source(DATA[:1000]) as port:
+        with pytest.raises(bulk.BulkError, match="1000 of"):
+            await bulk.receive("127.0.0.1", port, b"t" * bulk.TICKET_BYTES, len(DATA), 0.3)
+
+
+async def test_closing_the_bulk_port_ends_a_send_the_requester_does_not_read() -> None:
+    """A send blocked on a full socket: closing must not wait out the idle timeout, and the
+    offer reports the transfer as failed."""
+    data = os.urandom(32 * 1024 * 1024)  # more than the socket buffers hold
+    server = await BulkServer.start("127.0.0.1", idle_timeout=60.0)
+    offer = server.offer(data)
+    sending = asyncio.create_task(offer.sent(claim_timeout=5.0))
+    reader, writer = await asyncio.open_connection("127.0.0.1", offer.port)
+    try:
+        writer.write(offer.ticket)
+        await writer.drain()
+        await reader.readexactly(1024)  # the send has begun; nothing more is read
+        started = asyncio.get_running_loop().time()
+        await server.close()
+        assert asyncio.get_running_loop().time() - started < 30.0
+        with pytest.raises(bulk.BulkError):
+            await sending
+        assert server.sent == 0
+    finally:
+        writer.close()
