@@ -270,7 +270,8 @@ class Episode:
 
     def ensure_workers(self, cluster: LocalCluster, n: int = 3) -> None:
         while len(cluster.workers) < n:
-            self.started[cluster.add_worker()] = time.time()
+            began = time.time()  # before: add_worker returns once the AMM lists it
+            self.started[cluster.add_worker()] = began
 
     def play(self, cluster: LocalCluster, client: Client) -> None:
         self.put(cluster, client, 8)
