@@ -293,7 +293,10 @@ class AsyncClient:
     async def who_has(
         self, keys: str | Sequence[str] | None = None, *, fresh: bool = True
     ) -> dict[str, tuple[str, ...]]:
-        """Workers holding each key (ordered by address); every key when ``keys`` is None."""
+        """Workers holding each key (ordered by address); every key when ``keys`` is None.
+
+        A key no worker holds is ``NOT_FOUND``; ``UNAVAILABLE`` instead when, ``fresh``, a worker
+        asked did not answer in time: it may hold the key, so ask again."""
         stub = self._amm_stub()
         with self._amm_rpc():
             reply = await stub.WhoHas(

@@ -11,7 +11,8 @@ faults between further puts, goals and reads:
 - ``freeze``: an agent SIGSTOPped past ``--dead-after``, then SIGCONTed;
 - ``forget``: keys forgotten while copies of them are under way.
 
-Then the cluster settles and the invariant is checked against the agents' own inventories (asked
+Then the cluster settles (every running agent registered with the AMM since it last started, and
+the lost-key list caught up) and the invariant is checked against the agents' own inventories (asked
 directly, not through the AMM):
 
 1. every acknowledged, unforgotten key that a surviving agent holds is readable with its bytes,
@@ -164,6 +165,8 @@ class Episode:
         #: Of those, keys only a draining agent (SIGTERM) held.
         self.drained: set[str] = set()
         self.count = 0
+        #: When the episode last started an agent, by address (wall clock, as the AMM's).
+        self.started: dict[str, float] = {}
 
     def log(self, message: str) -> None:
         if self.verbose:
@@ -267,7 +270,8 @@ class Episode:
 
     def ensure_workers(self, cluster: LocalCluster, n: int = 3) -> None:
         while len(cluster.workers) < n:
-            cluster.add_worker()
+            began = time.time()  # before: add_worker returns once the AMM lists it
+            self.started[cluster.add_worker()] = began
 
     def play(self, cluster: LocalCluster, client: Client) -> None:
         self.put(cluster, client, 8)
@@ -297,6 +301,7 @@ class Episode:
         elif kind == "restart":
             self.snapshot(victim)
             cluster.stop_worker(victim, signal.SIGKILL)
+            self.started[victim] = time.time()
             cluster.add_worker(listen=victim)
         elif kind == "term":
             self.snapshot(victim, drain=True)  # a drain out of time loses what it did not move
@@ -330,6 +335,23 @@ class Episode:
                 holders[key].add(address)
         return holders
 
+    def registered(self, cluster: LocalCluster, client: Client) -> bool:
+        """Whether the AMM lists every running agent as registered since the episode last
+        started it: an agent that is up but not (yet) registered, just restarted, declared dead
+        while frozen or backing off while the AMM restarted, holds keys the AMM cannot know of.
+        Settling includes its registration."""
+        try:
+            listed = {w.address: w for w in client.workers()}
+        except AmmError:
+            return False
+        for address in cluster.workers:
+            worker = listed.get(address)
+            if worker is None or worker.unconfirmed or worker.registered_at is None:
+                return False
+            if worker.registered_at.timestamp() < self.started.get(address, 0.0):
+                return False
+        return True
+
     def check(self, cluster: LocalCluster, client: Client, within: float = 30.0) -> None:
         tracked = self.live_keys()
         deadline = time.monotonic() + within
@@ -343,7 +365,12 @@ class Episode:
                 held = {k for k in tracked if holders.get(k)}
                 gone = set(tracked) - held
                 back = {k for k in self.forgotten if holders.get(k)}
-                settled = gone <= reported and not (held & reported) and not back
+                settled = (
+                    gone <= reported
+                    and not (held & reported)
+                    and not back
+                    and self.registered(cluster, client)
+                )
                 if settled or time.monotonic() > deadline:
                     break
             elif time.monotonic() > deadline:
@@ -358,17 +385,10 @@ class Episode:
             holder = sorted(holders[key])[0]
             try:
                 ok = client.get(key, worker=holder) == self.values[key]
-                # Through the AMM: it learns of a key at its next successful poll of the holder,
-                # and a poll of an agent just restarted can time out on a loaded machine
-                # (--poll-timeout 500ms). Seen once in 100 episodes at load average 12: NOT_FOUND
-                # for a key put on an agent just restarted, which held it.
-                ok = (
-                    ok
-                    and retrying(
-                        functools.partial(client.get, key), also=(grpc.StatusCode.NOT_FOUND,)
-                    )
-                    == self.values[key]
-                )
+                # Through the AMM's fresh who_has: an agent that does not answer it in time (one
+                # just restarted, on a loaded machine) makes it UNAVAILABLE, retried; NOT_FOUND
+                # for a key an agent holds is a wrong answer and fails the check.
+                ok = ok and retrying(functools.partial(client.get, key)) == self.values[key]
             except AmmError as err:
                 self.fail(f"{key} is held by {sorted(holders[key])} but unreadable: {err}")
                 figures.lost_wrongly += 1

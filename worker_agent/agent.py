@@ -66,6 +66,8 @@ AMM_RECONNECT_WAIT = 5.0
 #: The longest pause between two attempts to dial the AMM, in milliseconds (gRPC's default
 #: grows to 120 s): an AMM back after a long outage is dialled again within a second.
 AMM_RECONNECT_BACKOFF_MS = 1000
+#: The longest pause between two registration attempts while a drain waits for one, in seconds.
+DRAIN_REGISTER_BACKOFF = 0.25
 #: The least pause before a refused LookupKeys is sent again, in seconds.
 RECONNECT_PAUSE = 0.05
 #: Seconds between two ``Node.housekeeping`` calls (expired tombstones, memory freed).
@@ -199,6 +201,9 @@ class Agent:
         #: Set while registered: a drain begun between an AMM's restart and the re-registration
         #: waits for it rather than give up on what only this worker holds.
         self._registration = asyncio.Event()
+        #: Set by a drain that waits for the registration: the next attempt goes at once, not
+        #: after the backoff (seconds by then, when the AMM's restart took a while).
+        self._register_now = asyncio.Event()
         self._started = False
         self._stopping: asyncio.Task[None] | None = None
         #: Set once the agent has stopped, whoever stopped it (``stop`` or a ``Close`` call).
@@ -327,8 +332,10 @@ class Agent:
         loop = asyncio.get_running_loop()
         started = loop.time()
         if not self._registered:
-            # Say the AMM just restarted: registering again takes a retry or two. Half the
-            # grace at most, so that the AMM keeps the other half to copy.
+            # Say the AMM just restarted: registering again takes a retry or two, sent now
+            # rather than after the backoff. Half the grace at most, so that the AMM keeps the
+            # other half to copy.
+            self._register_now.set()
             try:
                 async with asyncio.timeout(grace / 2):
                     await self._registration.wait()
@@ -480,8 +487,10 @@ class Agent:
                     err.details(),
                     attempts,
                 )
-                await asyncio.sleep(delay)
+                await self._backoff(delay)
                 delay = min(delay * 2, self.config.register_backoff_max)
+                if self.node.draining:
+                    delay = min(delay, DRAIN_REGISTER_BACKOFF)
                 continue
             if epoch_problem("epoch", response.epoch) is not None:
                 log.warning(
@@ -502,6 +511,14 @@ class Agent:
             await self._until_silent(SILENCE_INTERVALS * interval)
             # Also routine while the AMM runs no cycles (it polls only then): hence DEBUG.
             log.debug("not polled for %.2f s; registering again", SILENCE_INTERVALS * interval)
+
+    async def _backoff(self, delay: float) -> None:
+        """Wait ``delay`` seconds before the next registration attempt, or less: until a drain
+        wants the registration now."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(delay):
+                await self._register_now.wait()
+        self._register_now.clear()
 
     async def _until_silent(self, silence: float) -> None:
         """Return once ``silence`` seconds pass without a poll."""

@@ -738,3 +738,5 @@ class DirectiveRunner:
             if next(iter(history.values()))[-1] > cutoff:
                 return
             history.popitem(last=False)
+        # A dict keeps its table after deletions (hundreds of KiB after a burst of directives).
+        self._history = collections.OrderedDict()

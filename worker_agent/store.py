@@ -390,6 +390,8 @@ class Store:
             if oldest.expires > now:
                 return
             del tombstones[key]
+        # A dict keeps its table after deletions (hundreds of KiB after a burst of forgets).
+        self._tombstones = OrderedDict()
 
     # -- inventory versioning -----------------------------------------------------------------
 

@@ -13,7 +13,8 @@ tell the tombstone book what became of them (a key put again after a Forget).
 Used only when every registered agent serves "key-lookups" and at most ``MAX_KEYS`` keys are asked
 (beyond, a poll costs less per key); otherwise the caller polls as before. A worker that does not
 answer in time (or has left meanwhile) is taken as the state knows it, as a missed poll would
-leave it.
+leave it, and named to the caller: a key no answering worker holds may be on it (``Queries``
+then answers UNAVAILABLE, not NOT_FOUND).
 """
 
 from __future__ import annotations
@@ -60,18 +61,20 @@ class KeyLookups:
             and all(FEATURE in w.features for w in workers)
         )
 
-    async def holders(self, keys: Sequence[str]) -> dict[Key, set[WorkerId]]:
-        """The workers holding each of ``keys`` (absent: none), asked now and merged into the
-        state."""
+    async def holders(self, keys: Sequence[str]) -> tuple[dict[Key, set[WorkerId]], list[WorkerId]]:
+        """(the workers holding each of ``keys`` (absent: none), asked now and merged into the
+        state; the workers that did not answer, taken as the state knows them)."""
         wanted = [Key(k) for k in dict.fromkeys(keys)]
         workers = list(self._state.worker_ids)
         answers = await asyncio.gather(*(self._ask(w, wanted) for w in workers))
         found: dict[Key, set[WorkerId]] = {}
+        silent: list[WorkerId] = []
         state = self._state
         book = self._tombstones
         merged = [k for k in wanted if k not in book] if book else wanted
         for worker, answer in zip(workers, answers, strict=True):
             if answer is None:  # no answer: as the state knows it
+                silent.append(worker)
                 known = state.keys
                 held = [k for k in wanted if (kv := known.get(k)) and worker in kv.holders]
             else:
@@ -83,7 +86,7 @@ class KeyLookups:
                 state.apply_lookup(worker, incarnation=incarnation, held=reports, absent=absent)
             for key in held:
                 found.setdefault(key, set()).add(worker)
-        return found
+        return found, silent
 
     async def _ask(self, worker: WorkerId, keys: list[Key]) -> tuple[str, list[KeyReport]] | None:
         """(its incarnation, the keys ``worker`` holds among ``keys``); None when it did not

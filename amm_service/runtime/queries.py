@@ -23,7 +23,7 @@ import grpc
 from amm.v1 import agent_pb2
 from amm_service.decisions.events import EventLog
 from amm_service.decisions.view import ClusterState, Goal, Key, KeyView, WorkerId, WorkerView
-from amm_service.errors import FailedPrecondition, InvalidArgument, NotFound, listing
+from amm_service.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable, listing
 from amm_service.policies.goals import GoalStatus, describe
 from amm_service.runtime.addresses import address_order
 from amm_service.runtime.agents import AgentLinks, channel_closed
@@ -65,13 +65,12 @@ class Queries:
         self._check_open = check_open
         self._lookups = KeyLookups(state, links, timeout=poll_timeout, tombstones=tombstones)
 
-    async def refresh(self, fresh: bool) -> None:
-        """With ``fresh``, poll every agent first. Queries then read the live state directly:
-        they do not await while answering, so it cannot change under them, and a snapshot (a
-        copy of every key) per query would be wasted work."""
+    async def refresh(self, fresh: bool) -> list[WorkerId]:
+        """With ``fresh``, poll every agent first; the workers that did not answer. Queries then
+        read the live state directly: they do not await while answering, so it cannot change
+        under them, and a snapshot (a copy of every key) per query would be wasted work."""
         self._check_open()
-        if fresh:
-            await self._poller.poll_all()
+        return await self._poller.poll_all() if fresh else []
 
     async def workers(self, *, fresh: bool = False) -> list[WorkerView]:
         await self.refresh(fresh)
@@ -85,13 +84,14 @@ class Queries:
         time all the same, without waiting behind a cycle's polls."""
         if fresh and self._lookups.usable(keys):
             self._check_open()
-            found = await self._lookups.holders(keys)
+            found, silent = await self._lookups.holders(keys)
             unknown = [k for k in keys if Key(k) not in found]
             if unknown:
-                raise self._unknown(unknown)
+                raise self._unknown(unknown, silent)
             return [(Key(k), tuple(sorted(found[Key(k)], key=address_order))) for k in keys]
-        await self.refresh(fresh)
-        return [(kv.key, tuple(sorted(kv.holders, key=address_order))) for kv in self._known(keys)]
+        silent = await self.refresh(fresh)
+        known = self._known(keys, silent)
+        return [(kv.key, tuple(sorted(kv.holders, key=address_order))) for kv in known]
 
     async def lookup(self, keys: Sequence[str], *, fresh: bool) -> list[KeyView]:
         """What is known of ``keys`` (content, holders, conflicting holders), in the order
@@ -130,12 +130,12 @@ class Queries:
         before tombstones, and those that cannot be are listed in the error."""
         if not keys:
             raise InvalidArgument("no keys given")
-        await self.refresh(True)
+        silent = await self.refresh(True)
         # Forgetting a lost key is how an operator says it is not coming back (and a key not
         # seen since the AMM restarted, that it is not awaited).
         lost = {k for k in keys if Key(k) not in self._state.keys and self._lost.knows(Key(k))}
         remaining = [k for k in keys if k not in lost]
-        known = self._known(remaining) if remaining else []
+        known = self._known(remaining, silent) if remaining else []
         self._lost.discard(Key(k) for k in lost)
         self._goals.remove(keys)
         forgotten = [Key(k) for k in dict.fromkeys(keys)]
@@ -183,10 +183,13 @@ class Queries:
         if not keys:
             raise InvalidArgument("no keys given")
         check_goal(n)
+        silent: list[WorkerId] = []
         if any(Key(k) not in self._state.keys and k not in self._goals for k in keys):
-            await self.refresh(True)
+            silent = await self.refresh(True)
         unknown = [k for k in keys if Key(k) not in self._state.keys and k not in self._goals]
         if unknown:
+            if silent:
+                raise self._unanswered(unknown, silent)
             raise NotFound(f"unknown key(s): {listing(unknown)}")
         changed, removed = self._goals.set(keys, n)
         if changed or removed:
@@ -224,18 +227,35 @@ class Queries:
         )
         return [(r, r.key in self._goals) for r in found], total
 
-    def _known(self, keys: Sequence[str]) -> list[KeyView]:
-        """The state of ``keys`` (every key, ordered, when empty); NotFound lists the unknown."""
+    def _known(self, keys: Sequence[str], silent: Sequence[WorkerId] = ()) -> list[KeyView]:
+        """The state of ``keys`` (every key, ordered, when empty); NotFound lists the unknown
+        (Unavailable if ``silent`` workers, asked just now, did not answer)."""
         if not keys:
             return [kv for _, kv in sorted(self._state.keys.items())]
         found = [self._state.keys.get(Key(k)) for k in keys]
         unknown = [k for k, kv in zip(keys, found, strict=True) if kv is None]
         if unknown:
-            raise self._unknown(unknown)
+            raise self._unknown(unknown, silent)
         return [kv for kv in found if kv is not None]
 
-    def _unknown(self, unknown: Sequence[str]) -> NotFound:
-        """The error for keys no worker holds, saying which of them are lost."""
+    @staticmethod
+    def _unanswered(unknown: Sequence[str], silent: Sequence[WorkerId]) -> Unavailable:
+        """The error for keys no worker that answered holds: a worker that was asked and did not
+        answer (slow, just restarted, or dead but not declared so yet) may hold them, and
+        NOT_FOUND would be a wrong answer; asking again is how to know."""
+        workers = sorted(silent, key=address_order)
+        return Unavailable(
+            f"cannot tell whether any worker holds {listing(unknown)}: {listing(workers)} did"
+            " not answer in time; ask again"
+        )
+
+    def _unknown(
+        self, unknown: Sequence[str], silent: Sequence[WorkerId] = ()
+    ) -> NotFound | Unavailable:
+        """The error for keys no worker holds, saying which of them are lost; Unavailable when
+        ``silent`` workers, asked just now, did not answer."""
+        if silent:
+            return self._unanswered(unknown, silent)
         lost = [k for k in unknown if Key(k) in self._lost]
         said = (
             f"; lost: {listing(lost)} (the last worker holding it went away: `amm lost` says how)"

@@ -70,7 +70,7 @@ class RetirementDriver:
         *,
         poll_timeout: float,
         check_open: Callable[[], None],
-        refresh: Callable[[bool], Awaitable[None]],
+        refresh: Callable[[bool], Awaitable[object]],
         running: Callable[[], bool],
         run_cycles: Callable[[Callable[[], bool], str], Awaitable[None]],
         remove: Callable[[WorkerId], Awaitable[object]],

@@ -156,6 +156,8 @@ class TombstoneBook:
         self._store.unbury(keys)
         for key in keys:
             del self._stones[key]
+        if not self._stones:  # a dict keeps its table after deletions: hundreds of KiB
+            self._stones = OrderedDict()
         self._live = None
 
     # -- telling the agents ----------------------------------------------------------------

@@ -5,6 +5,7 @@ drive ``Agent.drain`` in this process, to look at a draining agent from outside.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import logging
 import os
@@ -12,6 +13,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -19,10 +21,11 @@ from google.protobuf.duration_pb2 import Duration
 
 from amm import AsyncClient, Client, LostKey
 from amm.cluster import AGENT_MODULE, AGENT_READY, LocalProcess
-from amm.v1 import control_pb2
+from amm.v1 import control_pb2, control_pb2_grpc
 from amm_service.api.server import AmmServer
 from tests.conftest import amm_config
 from tests.support.agent import dial, get, put, running_agent
+from tests.support.faults import fake_amm
 from tests.support.processes import local_cluster
 from tests.support.waiting import poll_until, wait_for
 
@@ -170,3 +173,60 @@ async def test_without_retire_worker_an_agent_cannot_drain_and_says_so(
         assert [k.key for k in await client.lost_keys()] == ["solo"]
     messages = [r.getMessage() for r in caplog.records]
     assert any(m.startswith("could not drain (FAILED_PRECONDITION") for m in messages)
+
+
+class _RestartingAmm(control_pb2_grpc.ActiveMemoryManagerServicer):
+    """An AMM that refuses registrations (UNAVAILABLE, as while it restarts) until ``refusals``
+    of them, and is up from the last one on; it knows no key and drains whatever it is asked."""
+
+    def __init__(self, refusals: int) -> None:
+        self.refusals = refusals
+        self.attempts = 0
+        self.up = asyncio.Event()
+        self.drained: list[str] = []
+
+    async def RegisterWorker(
+        self, request: control_pb2.RegisterWorkerRequest, context: Any
+    ) -> control_pb2.RegisterWorkerResponse:
+        self.attempts += 1
+        if self.attempts <= self.refusals:
+            if self.attempts == self.refusals:
+                self.up.set()  # the agent now sleeps its longest backoff yet
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "restarting")
+        return control_pb2.RegisterWorkerResponse(epoch=1, interval=Duration(seconds=100))
+
+    async def LookupKeys(
+        self, request: control_pb2.LookupKeysRequest, context: Any
+    ) -> control_pb2.LookupKeysResponse:
+        return control_pb2.LookupKeysResponse()
+
+    async def DrainWorker(
+        self, request: control_pb2.DrainWorkerRequest, context: Any
+    ) -> control_pb2.DrainWorkerResponse:
+        self.drained.append(request.address)
+        return control_pb2.DrainWorkerResponse(drained=True)
+
+    async def UnregisterWorker(
+        self, request: control_pb2.UnregisterWorkerRequest, context: Any
+    ) -> control_pb2.UnregisterWorkerResponse:
+        return control_pb2.UnregisterWorkerResponse()
+
+
+async def test_a_drain_waiting_for_the_registration_has_it_tried_at_once() -> None:
+    """The AMM comes back while the agent sleeps a long registration backoff (its restart took
+    a while), and a SIGTERM arrives then: the drain has the registration tried at once, rather
+    than wait out the backoff (3.2 s here) past the half of its grace it gives the registration,
+    and lose what only this worker holds. Seen in the chaos run's drain-after-restart test under
+    load: the registration came 2.5 s after the SIGTERM, too late for a 5 s grace."""
+    amm = _RestartingAmm(refusals=6)  # type: ignore[abstract]
+    async with (
+        fake_amm(amm) as address,
+        running_agent(amm=address, register_backoff_max=10.0) as agent,
+        dial(agent.address) as stub,
+    ):
+        await put(stub, "solo", DATA)  # the agent takes data before it registers
+        await asyncio.wait_for(amm.up.wait(), 30)
+        assert not agent.registered
+        assert await agent.drain(grace=2.0)
+        assert amm.drained == [agent.address]
+        assert amm.attempts == 7

@@ -17,7 +17,7 @@ import pytest
 
 from amm.v1 import agent_pb2, agent_pb2_grpc, types_pb2
 from amm_service.api.server import AmmServer
-from amm_service.errors import NotFound
+from amm_service.errors import NotFound, Unavailable
 from amm_service.runtime.addresses import address_order
 from tests.conftest import amm_config
 from tests.support.faults import fake_peer
@@ -36,8 +36,11 @@ class _Agent(agent_pb2_grpc.WorkerAgentServicer):
         self.hold_polls = asyncio.Event()
         self.polls_held = 0
         self.answers_lookups = True
+        self.answers_polls = True
 
     async def Poll(self, request: Any, context: Any) -> agent_pb2.PollResponse:
+        if not self.answers_polls:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "not now")
         if self.holding:
             self.polls_held += 1
             await self.hold_polls.wait()
@@ -105,3 +108,42 @@ async def test_a_fresh_who_has_of_a_few_keys_does_not_wait_behind_polls(tmp_path
             one.hold_polls.set()
             two.hold_polls.set()
             await polling
+
+
+async def test_a_key_only_a_silent_agent_may_hold_is_unavailable_not_not_found(
+    tmp_path: Path,
+) -> None:
+    """An agent that does not answer a fresh query (slow, just restarted on its address, or dead
+    but not declared so yet) may hold a key nobody else does: NOT_FOUND would be a wrong answer
+    about a key that exists (chaos episode 2:41: a key put on an agent just restarted), so the
+    query says it cannot tell, and asking again once the agent answers finds the key."""
+    one = _Agent("one", {"x"})  # type: ignore[abstract]
+    two = _Agent("two", {"x"})  # type: ignore[abstract]
+    async with (
+        AmmServer(amm_config(tmp_path)) as amm,
+        fake_peer(one) as address_one,
+        fake_peer(two) as address_two,
+    ):
+        manager = amm.manager
+        assert manager is not None
+        await manager.register(address_one, "one", "one")
+        await manager.register(address_two, "two", "two")
+        queries = manager.queries
+        await queries.refresh(True)
+        two.held.add("z")  # put a moment ago: no poll has seen it
+        two.answers_lookups = two.answers_polls = False
+        silent = f"cannot tell whether any worker holds 'z': '{address_two}' did not answer"
+        with pytest.raises(Unavailable, match=silent):
+            await asyncio.wait_for(queries.who_has(["z"], fresh=True), 10)
+        with pytest.raises(Unavailable, match="cannot tell"):  # asked through polls
+            await asyncio.wait_for(queries.replicate(["z"], 2), 10)
+        with pytest.raises(Unavailable, match="cannot tell"):
+            await asyncio.wait_for(queries.forget(["z"]), 10)
+        # Keys another agent holds are answered as before; unknown ones, once all answer.
+        assert dict(await queries.who_has(["x"], fresh=True)) == {
+            "x": tuple(sorted([address_one, address_two], key=address_order))
+        }
+        two.answers_lookups = two.answers_polls = True
+        assert await queries.who_has(["z"], fresh=True) == [("z", (address_two,))]
+        with pytest.raises(NotFound, match="unknown key"):
+            await asyncio.wait_for(queries.who_has(["nowhere"], fresh=True), 10)

@@ -3,6 +3,7 @@ and the AMM's book tells each agent in turn and notices a key put again. No netw
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterable
 
 import pytest
@@ -275,6 +276,17 @@ def test_tombstones_persist_and_expire(store: StateStore) -> None:
     book.expire()
     assert book.live == frozenset()
     assert store.tombstones() == []
+
+
+def test_a_burst_of_tombstones_leaves_no_big_table_once_they_expired(store: StateStore) -> None:
+    """A dict keeps its table after deletions: a soak's forgets left about 160 KiB behind."""
+    book, advance = book_of(store, ttl=60.0)
+    empty = sys.getsizeof(book._stones)
+    book.bury([f"k{i}" for i in range(5_000)])
+    advance(61.0)
+    book.expire()
+    assert len(book) == 0
+    assert sys.getsizeof(book._stones) == empty
 
 
 def test_an_agent_that_does_not_take_tombstones_is_not_sent_them_again_and_again(
