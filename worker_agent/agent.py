@@ -116,11 +116,15 @@ class _AmmLink:
             return None
         return Membership(response.epoch, response.version, frozenset(response.workers))
 
-    async def lookup(self, keys: Sequence[Key], *, fresh: bool) -> dict[Key, KnownKey]:
+    async def lookup(
+        self, keys: Sequence[Key], *, fresh: bool, storing: tuple[str, str] | None = None
+    ) -> dict[Key, KnownKey]:
         amm = self._stub()
         if amm is None:
             raise Unavailable(f"no channel to the AMM at {self.address} yet")
         request = control_pb2.LookupKeysRequest(keys=keys, fresh=fresh)
+        if storing is not None:
+            request.storing.worker, request.storing.incarnation = storing
         loop = asyncio.get_running_loop()
         until = loop.time() + self._reconnect_wait
         while True:

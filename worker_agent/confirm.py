@@ -75,8 +75,12 @@ class AmmPort(Protocol):
         """The current membership, or None when (epoch, version) are still current."""
         ...
 
-    async def lookup(self, keys: Sequence[Key], *, fresh: bool) -> dict[Key, KnownKey]:
-        """What the AMM knows of ``keys`` (at most ``LOOKUP_KEYS``); unknown keys are absent."""
+    async def lookup(
+        self, keys: Sequence[Key], *, fresh: bool, storing: tuple[str, str] | None = None
+    ) -> dict[Key, KnownKey]:
+        """What the AMM knows of ``keys`` (at most ``LOOKUP_KEYS``); unknown keys are absent.
+        ``storing``: (address, incarnation) of this agent when it asks before storing them for
+        a Put, so that the AMM reports them lost if it dies before a poll lists them."""
         ...
 
 
@@ -143,11 +147,14 @@ class Confirmations:
             await self._ask()
             asked = True
 
-    async def lookup(self, keys: Sequence[Key], *, fresh: bool = False) -> dict[Key, KnownKey]:
+    async def lookup(
+        self, keys: Sequence[Key], *, fresh: bool = False, storing: tuple[str, str] | None = None
+    ) -> dict[Key, KnownKey]:
         """What the AMM knows of ``keys``, in calls of at most ``LOOKUP_KEYS`` keys."""
         known: dict[Key, KnownKey] = {}
         for start in range(0, len(keys), LOOKUP_KEYS):
-            known.update(await self._port.lookup(keys[start : start + LOOKUP_KEYS], fresh=fresh))
+            part = keys[start : start + LOOKUP_KEYS]
+            known.update(await self._port.lookup(part, fresh=fresh, storing=storing))
         return known
 
     async def close(self) -> None:

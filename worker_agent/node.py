@@ -355,7 +355,9 @@ class Node:
         if not new:
             return
         try:
-            known = await self.confirmations.lookup(list(new))
+            known = await self.confirmations.lookup(
+                list(new), storing=(self.address, self.incarnation)
+            )
         except Unavailable:
             self.refusals["put", AMM_UNAVAILABLE] += 1
             raise

@@ -680,25 +680,62 @@ class LookupKeysRequest(_message.Message):
 
     KEYS_FIELD_NUMBER: _builtins.int
     FRESH_FIELD_NUMBER: _builtins.int
+    STORING_FIELD_NUMBER: _builtins.int
     fresh: _builtins.bool
     """Poll every agent before answering, as WhoHas does: for a key put a moment ago."""
     @_builtins.property
     def keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The keys to look up: at most 100,000, none empty (INVALID_ARGUMENT otherwise)."""
 
+    @_builtins.property
+    def storing(self) -> Global___PutIntent:
+        """Set by an agent that asks before it stores these keys for a Put (agents that leave it
+        unset keep working, with the old gap). The AMM notes the keys as being stored on that agent until one of
+        its polls lists them or shows the Put did not complete: if the agent goes away first, the
+        keys that no other worker holds are reported lost (ListLost, `key-lost`) instead of
+        vanishing unreported. Ignored unless it names a registered worker and its incarnation.
+        """
+
     def __init__(
         self,
         *,
         keys: _abc.Iterable[_builtins.str] | None = ...,
         fresh: _builtins.bool = ...,
+        storing: Global___PutIntent | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["storing", b"storing"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["fresh", b"fresh", "keys", b"keys"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fresh", b"fresh", "keys", b"keys", "storing", b"storing"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___LookupKeysRequest: _TypeAlias = LookupKeysRequest  # noqa: Y015
+
+@_typing.final
+class PutIntent(_message.Message):
+    """Who is about to store the keys of a LookupKeys call."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKER_FIELD_NUMBER: _builtins.int
+    INCARNATION_FIELD_NUMBER: _builtins.int
+    worker: _builtins.str
+    """The storing agent's address, as registered."""
+    incarnation: _builtins.str
+    """Its incarnation (RegisterRequest.incarnation): a restarted process is another holder."""
+    def __init__(
+        self,
+        *,
+        worker: _builtins.str = ...,
+        incarnation: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["incarnation", b"incarnation", "worker", b"worker"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PutIntent: _TypeAlias = PutIntent  # noqa: Y015
 
 @_typing.final
 class KeyContent(_message.Message):

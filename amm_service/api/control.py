@@ -248,7 +248,14 @@ class ControlServicer(control_pb2_grpc.ActiveMemoryManagerServicer):
     async def LookupKeys(
         self, request: control_pb2.LookupKeysRequest, context: Any
     ) -> control_pb2.LookupKeysResponse:
-        known = await self._amm.queries.lookup(_check_keys(request.keys), fresh=request.fresh)
+        keys = _check_keys(request.keys)
+        if request.HasField("storing"):
+            intent = request.storing
+            held = self._amm.state.worker(WorkerId(intent.worker))
+            if held is not None:
+                _check_acts_as(held.name, "note a Put on")
+                self._amm.storing.note(self._amm.state, intent.worker, intent.incarnation, keys)
+        known = await self._amm.queries.lookup(keys, fresh=request.fresh)
         response = control_pb2.LookupKeysResponse()
         add = response.keys.add
         for kv in known:

@@ -60,6 +60,7 @@ from amm_service.runtime.queries import Queries
 from amm_service.runtime.retirement import Retirements
 from amm_service.runtime.retirement_driver import RetirementDriver
 from amm_service.runtime.state import StateStore
+from amm_service.runtime.storing import Storing
 from amm_service.runtime.tombstones import TombstoneBook
 
 log = logging.getLogger(__name__)
@@ -165,6 +166,8 @@ class ActiveMemoryManager:
         self.goals = GoalBook(store)
         self._liveness = Liveness(stale_after=config.stale_seconds, dead_after=config.dead_after)
         self._lost = LostBook(store, clock=clock)
+        #: Keys agents are storing for a Put that no poll listed yet (``LookupKeys.storing``).
+        self.storing = Storing(clock)
         self._heap = HeapFreezer()
         self._restored: set[WorkerId] = set()
         """Workers known from the state file that have neither reported nor left yet."""
@@ -720,7 +723,10 @@ class ActiveMemoryManager:
 
     def _replaced(self, worker: WorkerId, held: frozenset[Key]) -> None:
         """A poll found ``worker`` restarted as a new process, which reported ``held`` no more."""
-        self._losing(worker, held, "restarted (a poll found a new process)")
+        ws = self.state.worker(worker)
+        current = ws.incarnation if ws is not None else None
+        storing = self.storing.take(worker, other_than=current)
+        self._losing(worker, held | storing, "restarted (a poll found a new process)")
 
     async def _polled(self) -> None:
         """After every round of polls: what is lost now that workers registered again as new
@@ -731,6 +737,7 @@ class ActiveMemoryManager:
             if ws is not None and ws.last_poll is not None:
                 held = self._replacing.pop(worker)
                 self._losing(worker, held, "restarted (registered again as a new process)")
+        self.storing.polled(self.state)
         born, gone = self.state.take_changes()
         back = self._lost.recovered(born)
         if back:
@@ -802,7 +809,9 @@ class ActiveMemoryManager:
         known = self.state.worker(worker)
         held = frozenset[Key]()
         if known is not None and known.incarnation != incarnation:
-            held = self.state.held_by(worker)  # by the process registered before
+            held = self.state.held_by(worker) | self.storing.take(  # by the process before
+                worker, incarnation=known.incarnation
+            )
         if self.state.register(worker, name, incarnation, self._clock(), zone=zone):
             self._membership_changed()
             self.outcomes.forget_in_flight(worker)
@@ -856,7 +865,11 @@ class ActiveMemoryManager:
     async def _remove(self, worker: WorkerId, cause: str = "was removed") -> list[Key]:
         """Take ``worker`` out of the registry; the keys lost with it (recorded and reported:
         no path takes a last copy away without a ``key-lost`` record)."""
-        held = self.state.held_by(worker) | self._replacing.pop(worker, frozenset())
+        held = (
+            self.state.held_by(worker)
+            | self._replacing.pop(worker, frozenset())
+            | self.storing.take(worker)
+        )
         removed = self.state.unregister(worker)
         if removed:
             self._membership_changed()

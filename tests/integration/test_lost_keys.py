@@ -159,6 +159,54 @@ async def test_a_worker_restarted_as_a_new_process_loses_what_it_held_on_the_rec
             assert "key-recovered" in await kinds(client)
 
 
+async def _storing(client: AsyncClient, address: str, incarnation: str, *keys: str) -> None:
+    """What an agent asks before it stores ``keys`` for a Put (``Node.admit``)."""
+    await client._amm_stub().LookupKeys(
+        control_pb2.LookupKeysRequest(
+            keys=keys,
+            storing=control_pb2.PutIntent(worker=address, incarnation=incarnation),
+        )
+    )
+
+
+async def test_a_put_acknowledged_before_any_poll_saw_it_is_lost_on_the_record(
+    tmp_path: Path,
+) -> None:
+    """Before: a key put on an agent that went away before the AMM's next poll listed it was
+    lost with no record at all (chaos 2:101 and 2:106: a SIGKILL 30 ms after the Put). The
+    agent's question before it stores the key is noted until a poll lists it."""
+    async with amm_and_client(tmp_path) as (amm, client):
+        assert amm.manager is not None
+        host = _Worker("i1", {})  # type: ignore[abstract]
+        async with fake_peer(host) as address:
+            await amm.manager.register(address, "w", "i1")
+            await _storing(client, address, "i1", "solo", "listed")
+            host.keys = {"solo": DATA, "listed": DATA}  # stored and acknowledged, not polled
+            # Gone as a new process with nothing: both keys had their one copy there.
+            host.incarnation, host.keys = "i2", {}
+            await amm.manager.register(address, "w", "i2")
+            await client.who_has()
+            assert sorted(k.key for k in await client.lost_keys()) == ["listed", "solo"]
+            (lost, _) = await client.lost_keys()
+            assert "restarted (registered again as a new process)" in lost.reason
+            # A note ends when a poll lists the key: once listed, only its holder's record counts.
+            await _storing(client, address, "i2", "kept")
+            host.keys = {"kept": DATA}
+            await client.who_has(fresh=True)
+            assert len(amm.manager.storing) == 0
+            # A question of another incarnation, or of a worker the AMM does not know, is not
+            # noted: its removal would not be that process's.
+            await _storing(client, address, "i1", "stale")
+            await _storing(client, "127.0.0.1:1", "i9", "nobody")
+            assert len(amm.manager.storing) == 0
+            # Unregistered (or declared dead) before a poll: the same record.
+            await _storing(client, address, "i2", "late")
+            reply = await client._amm_stub().UnregisterWorker(
+                control_pb2.UnregisterWorkerRequest(address=address)
+            )
+            assert sorted(reply.lost_keys) == ["kept", "late"]
+
+
 async def test_a_lost_key_with_a_goal_says_so_once_and_forget_clears_both(
     tmp_path: Path,
 ) -> None:

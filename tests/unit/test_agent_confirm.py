@@ -32,7 +32,9 @@ class FakeAmm:
             raise Unavailable("down")
         return None if (epoch, version) == (now.epoch, now.version) else now
 
-    async def lookup(self, keys: Sequence[Key], *, fresh: bool) -> dict[Key, KnownKey]:
+    async def lookup(
+        self, keys: Sequence[Key], *, fresh: bool, storing: tuple[str, str] | None = None
+    ) -> dict[Key, KnownKey]:
         return {}
 
 

@@ -1,0 +1,98 @@
+"""Keys that agents are storing for a Put and that no poll has listed yet.
+
+An agent asks the AMM about a Put's keys (``LookupKeys`` with ``storing``) before it stores
+them, and acknowledges the Put once they are stored; the AMM learns they are there only at that
+agent's next poll. An agent killed in between took acknowledged keys with it that the AMM never
+knew of, so nothing reported them lost. The AMM notes them here, and the removal of a worker
+counts its notes as held (``Manager._losing``): a key no other worker holds is then reported
+lost. A note ends when a poll lists the key, or when a poll answered after the longest a Put
+may take shows the key did not arrive (the Put failed): that key was never acknowledged.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+
+from amm_service.decisions.view import ClusterState, Key, WorkerId
+
+log = logging.getLogger(__name__)
+
+#: How long after its question an agent may still store a Put's keys, in seconds: a note is
+#: kept at least this long (plus a poll) before a poll without the key ends it.
+PUT_WINDOW = 60.0
+#: Most keys noted per worker; beyond it, further keys are not noted (and it is logged): a
+#: bound on what one agent's questions can make the AMM keep.
+MAX_NOTED = 200_000
+
+
+class Storing:
+    """Per worker and incarnation, the keys it is storing and when it said so."""
+
+    def __init__(self, clock: Callable[[], float], *, window: float = PUT_WINDOW) -> None:
+        self._clock = clock
+        self._window = window
+        self._notes: dict[WorkerId, tuple[str, dict[Key, float]]] = {}
+
+    def note(self, state: ClusterState, worker: str, incarnation: str, keys: Iterable[str]) -> int:
+        """``worker`` (as ``incarnation``) is about to store ``keys``; how many were noted. A
+        worker or incarnation the AMM does not know is ignored: its removal would not be seen
+        as this process's."""
+        ws = state.worker(WorkerId(worker))
+        if ws is None or ws.incarnation != incarnation or not incarnation:
+            return 0
+        address = WorkerId(worker)
+        known = self._notes.get(address)
+        if known is None:
+            known = (incarnation, {})
+            self._notes[address] = known
+        elif known[0] != incarnation:
+            return 0  # the replaced process's notes are taken first (``take``)
+        notes = known[1]
+        now = self._clock()
+        noted = 0
+        for key in keys:
+            if len(notes) >= MAX_NOTED and key not in notes:
+                log.warning(
+                    "%s is storing more than %d keys no poll has listed yet: further ones are "
+                    "not noted, and would not be reported lost if it died before a poll",
+                    address,
+                    MAX_NOTED,
+                )
+                break
+            notes[Key(key)] = now
+            noted += 1
+        return noted
+
+    def polled(self, state: ClusterState) -> None:
+        """After a round of polls: end the notes of keys their worker now lists, and of keys
+        whose Put window passed before the worker's last poll without them."""
+        for address in list(self._notes):
+            incarnation, notes = self._notes[address]
+            ws = state.worker(address)
+            if ws is None or ws.incarnation != incarnation:
+                continue  # its removal or restart takes the notes (``take``)
+            if ws.last_poll is None:
+                continue
+            held = state.held_by(address)
+            settled = ws.last_poll - self._window
+            for key in [k for k, t in notes.items() if k in held or t < settled]:
+                del notes[key]
+            if not notes:
+                del self._notes[address]
+
+    def take(
+        self, worker: WorkerId, *, incarnation: str | None = None, other_than: str | None = None
+    ) -> frozenset[Key]:
+        """The keys ``worker`` was storing, now that it went away, or that its ``incarnation``
+        (or any but ``other_than``) was replaced by a new process; the notes end."""
+        known = self._notes.get(worker)
+        if known is None:
+            return frozenset()
+        if (incarnation is not None and known[0] != incarnation) or known[0] == other_than:
+            return frozenset()
+        del self._notes[worker]
+        return frozenset(known[1])
+
+    def __len__(self) -> int:
+        return sum(len(notes) for _, notes in self._notes.values())
