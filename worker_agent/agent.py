@@ -352,6 +352,17 @@ class Agent:
                 )
                 return False
             grace -= loop.time() - started
+        channel = self._amm_channel
+        if channel is not None and channel.get_state() is not grpc.ChannelConnectivity.READY:
+            # An AMM that restarted a moment ago: our registration still stands (its state file
+            # keeps us), but the channel saw the old one go and waits out a reconnect backoff. A
+            # call now would fail UNAVAILABLE at once and lose what only we hold; wait for the
+            # channel, half the grace at most.
+            waited = loop.time()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(grace / 2):
+                    await channel.channel_ready()
+            grace -= loop.time() - waited
         # The AMM answers a little before our deadline, with what it knows then.
         limit = grace - min(2.0, grace / 4)
         log.info(
@@ -361,6 +372,7 @@ class Agent:
             answer = await self._amm.DrainWorker(
                 control_pb2.DrainWorkerRequest(address=self.address, timeout=_duration(limit)),
                 timeout=grace,
+                wait_for_ready=True,
             )
         except grpc.aio.AioRpcError as err:
             log.warning(
