@@ -18,8 +18,11 @@ from typing import Generic, TypeVar
 K = TypeVar("K", bound=Hashable)
 
 _uids = itertools.count(1)
-#: Keys a journal holds at least before it forgets its oldest half.
-MIN_LIMIT = 200_000
+#: Keys a journal holds at least before it forgets its oldest half. Its owner raises the limit
+#: with its size (twice its keys): beyond that, reading the journal costs more than the full
+#: scan that forgetting costs a reader. Kept small, so that a small cluster under churn does not
+#: keep the names of thousands of forgotten keys alive (200,000 held 30 MiB in a soak).
+MIN_LIMIT = 16_384
 
 
 class Journal(Generic[K]):
