@@ -12,11 +12,10 @@ import asyncio
 import contextlib
 import gc
 import time
-import weakref
 from collections.abc import Callable, Iterator
 
-#: How long a big cycle pauses between two steps, in seconds.
-PAUSE = 0.001
+from amm.base.turns import PAUSE, Turns
+
 #: Most seconds of bulk work between two breaths (``Budget``).
 BUDGET = 0.005
 
@@ -26,21 +25,7 @@ async def breathe() -> None:
     await asyncio.sleep(PAUSE)
 
 
-class _Turn:
-    """The bulk work done in one turn of an event loop (by every ``Budget`` on it)."""
-
-    __slots__ = ("ending", "spent")
-
-    def __init__(self) -> None:
-        self.spent = 0.0
-        self.ending = False
-
-    def end(self) -> None:
-        """Runs first in the loop's next turn, after its ``select``: a new turn's budget."""
-        self.spent, self.ending = 0.0, False
-
-
-_turns: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Turn] = weakref.WeakKeyDictionary()
+_turns = Turns()
 
 
 class Budget:
@@ -51,10 +36,9 @@ class Budget:
     this machine, without paying a pause per slice. Budgets of each task alone let a turn of the
     loop, and so a control call waiting for it, take a budget per bulk task.
 
-    A task's breath ends the turn's budget: ``_Turn.end`` is queued to run first in the next
-    turn (``call_soon`` callbacks run after the next ``select``). Tasks whose breath ends while
-    the turn's budget is spent breathe again (a few times at most, so no one starves). Wall
-    time, not CPU: on a loaded machine a slice takes longer, and the loop is let in as often."""
+    A task's breath ends the turn's budget, and tasks whose breath ends while the turn's budget
+    is spent breathe again, a few times at most (``amm.base.turns``). Wall time, not CPU: on a
+    loaded machine a slice takes longer, and the loop is let in as often."""
 
     __slots__ = ("_budget", "_clock", "_since")
 
@@ -68,28 +52,11 @@ class Budget:
     async def __call__(self) -> bool:
         """Breathe if the turn's budget is spent; whether it did (what was read before may be
         stale)."""
-        loop = asyncio.get_running_loop()
-        turn = _turns.get(loop)
-        if turn is None:
-            turn = _turns[loop] = _Turn()
-        now = self._clock()
-        if turn.spent + (now - self._since) < self._budget:
+        since = await _turns.breathe(self._since, self._budget, self._clock)
+        if since is None:
             return False
-        turn.spent += now - self._since
-        for waited in range(WAITS):
-            if not turn.ending:
-                turn.ending = True
-                loop.call_soon(turn.end)
-            # Shorter once it lost a turn to other tasks: it comes before them in the next one.
-            await asyncio.sleep(PAUSE / 2 if waited else PAUSE)
-            if turn.spent < self._budget:
-                break
-        self._since = self._clock()
+        self._since = since
         return True
-
-
-#: Breaths a paced task takes at most, in a row, while other tasks spend each turn's budget.
-WAITS = 8
 
 
 #: Tracked objects bulk steps may leave behind, in all, before they are frozen.
