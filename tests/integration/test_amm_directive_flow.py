@@ -15,6 +15,8 @@ from amm.base.serving import CHANNEL_OPTIONS
 from amm.v1 import agent_pb2, agent_pb2_grpc, control_pb2, control_pb2_grpc, types_pb2
 from amm_service.api.server import AmmServer
 from amm_service.decisions.view import Key, WorkerId
+from amm_service.runtime.cycle import CycleRecord
+from amm_service.runtime.manager import ActiveMemoryManager
 from tests.conftest import amm_config
 from tests.support.faults import fake_peer
 from tests.support.policies import Watched
@@ -64,6 +66,26 @@ class _SlowAgent(agent_pb2_grpc.WorkerAgentServicer):
             await reader
         finally:
             reader.cancel()
+
+
+async def cycle_while_asking(
+    manager: ActiveMemoryManager, channel: grpc.aio.Channel, answered: list[float]
+) -> CycleRecord:
+    """One cycle of ``manager`` while a client calls ``Running`` back to back, noting in
+    ``answered`` when each call is answered; the cycle's record."""
+    stub = control_pb2_grpc.ActiveMemoryManagerStub(channel)
+
+    async def ask() -> None:
+        while True:
+            await stub.Running(control_pb2.RunningRequest())
+            answered.append(time.monotonic())
+
+    asking = asyncio.create_task(ask())
+    await wait_for(lambda: len(answered) > 3, what="control calls are answered")
+    try:
+        return await manager.run_cycle()
+    finally:
+        asking.cancel()
 
 
 async def test_a_directive_the_agent_still_holds_is_sent_again_under_its_id_never_replanned(
@@ -152,19 +174,7 @@ async def test_control_calls_are_answered_while_a_big_cycle_plans(tmp_path: Path
         await manager.register(one, "one", "one")
         await manager.register(two, "two", "two")
         await manager.queries.refresh(True)  # both inventories are in before the cycle
-        stub = control_pb2_grpc.ActiveMemoryManagerStub(channel)
-
-        async def ask() -> None:
-            while True:
-                await stub.Running(control_pb2.RunningRequest())
-                answered.append(time.monotonic())
-
-        asking = asyncio.create_task(ask())
-        await wait_for(lambda: len(answered) > 3, what="control calls are answered")
-        try:
-            record = await manager.run_cycle()
-        finally:
-            asking.cancel()
+        record = await cycle_while_asking(manager, channel, answered)
         assert record.planned_count == 40_000
         during = moments["done"] - moments["first suggestion"]
         assert during >= 2, f"only {during} control calls were answered while planning"
@@ -235,19 +245,7 @@ async def test_control_calls_are_answered_while_a_cycle_merges_big_poll_answers(
             await after_round()
 
         manager._poller._on_round = merged
-        stub = control_pb2_grpc.ActiveMemoryManagerStub(channel)
-
-        async def ask() -> None:
-            while True:
-                await stub.Running(control_pb2.RunningRequest())
-                answered.append(time.monotonic())
-
-        asking = asyncio.create_task(ask())
-        await wait_for(lambda: len(answered) > 3, what="control calls are answered")
-        try:
-            record = await manager.run_cycle()
-        finally:
-            asking.cancel()
+        record = await cycle_while_asking(manager, channel, answered)
         assert manager.state.nkeys == 40_000
         assert record.planned_count == 40_000
         during = moments["merged"] - moments["answered"]
