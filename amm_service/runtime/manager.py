@@ -174,6 +174,8 @@ class ActiveMemoryManager:
         self._replacing: dict[WorkerId, frozenset[Key]] = {}
         """What workers that registered again as a new process held before, until the new
         process has reported (it may have some of it back) or left."""
+        self._leaving: dict[WorkerId, asyncio.Task[tuple[bool, list[Key]]]] = {}
+        """Removals of workers whose agents unregistered; they outlive the call (``unregister``)."""
         self.queries = Queries(
             self.state,
             self._poller,
@@ -303,6 +305,8 @@ class ActiveMemoryManager:
         if self._closed:
             return
         self._closed = True
+        # Removals under way finish first (each bounded by a poll deadline): their agents left.
+        await asyncio.gather(*self._leaving.values(), return_exceptions=True)
         self.event_feed.close()
         sampling, self._idle_sampling = self._idle_sampling, None
         if sampling is not None:
@@ -831,9 +835,31 @@ class ActiveMemoryManager:
 
     async def unregister(self, address: str) -> tuple[bool, list[Key]]:
         """Remove a worker whose agent is leaving: (whether it was registered, the keys lost
-        with it). It is polled once more first, so what it holds at the call is what counts."""
+        with it). It is polled once more first, so what it holds at the call is what counts.
+
+        The removal goes on if the caller stops waiting (its deadline passed, its channel was
+        closed): when many agents stop at once, the last poll of each waits its turn, and a
+        removal given up with the call left hundreds of agents that had said goodbye listed
+        as live until declared dead (``benchmarks/bench_scale.py``, "left").
+        """
         self._check_open()
         worker = WorkerId(address)
+        leaving = self._leaving.get(worker)
+        if leaving is None:
+            leaving = asyncio.create_task(self._unregister(worker), name=f"unregister {worker}")
+            self._leaving[worker] = leaving
+            leaving.add_done_callback(self._left)
+        return await asyncio.shield(leaving)
+
+    def _left(self, task: asyncio.Task[tuple[bool, list[Key]]]) -> None:
+        """A removal ended: forget it, and log a failure nobody waited for."""
+        for worker, leaving in list(self._leaving.items()):
+            if leaving is task:
+                del self._leaving[worker]
+        if not task.cancelled() and (err := task.exception()) is not None:
+            log.warning("unregistering ended with %s: %s", type(err).__name__, err)
+
+    async def _unregister(self, worker: WorkerId) -> tuple[bool, list[Key]]:
         known = self.state.worker(worker)
         if known is None:
             return False, []

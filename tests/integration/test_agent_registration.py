@@ -12,12 +12,12 @@ import pytest
 from google.protobuf.duration_pb2 import Duration
 
 from amm.base.serving import CHANNEL_OPTIONS
-from amm.v1 import control_pb2, control_pb2_grpc
+from amm.v1 import agent_pb2, agent_pb2_grpc, control_pb2, control_pb2_grpc
 from amm_service.api.server import AmmServer
 from amm_service.runtime.state import StateStore
 from tests.conftest import amm_config, free_port
 from tests.support.agent import agents, dial, get, poll, put, running_agent
-from tests.support.faults import fake_amm
+from tests.support.faults import fake_amm, fake_peer
 from tests.support.waiting import wait_for
 
 DATA = b"payload" * 100
@@ -174,3 +174,70 @@ async def test_auto_advertises_the_ip_on_the_route_to_the_amm(tmp_path: Path) ->
         assert await listed(amm) == [(agent.address, agent.address)]
         async with dial(agent.address) as stub:
             assert (await poll(stub)).epoch == amm.epoch
+
+
+class _SlowPollAgent(agent_pb2_grpc.WorkerAgentServicer):
+    """An agent that answers polls ``delay`` seconds late (0 at first), holding nothing: as
+    each of many agents stopping at once is answered by an AMM polling them all."""
+
+    def __init__(self) -> None:
+        self.delay = 0.0
+
+    async def Poll(self, request: agent_pb2.PollRequest, context: Any) -> agent_pb2.PollResponse:
+        await asyncio.sleep(self.delay)
+        return agent_pb2.PollResponse(incarnation="slow-1", version=1, full=True)
+
+
+async def test_an_unregistration_the_caller_stops_waiting_for_still_removes_the_worker(
+    tmp_path: Path,
+) -> None:
+    """The AMM polls a leaving worker once more before removing it; when that took longer than
+    the caller's deadline, the removal was given up with the call, and the worker stayed listed
+    as live until declared dead (hundreds of them when many agents stopped at once)."""
+    agent = _SlowPollAgent()  # type: ignore[abstract]
+    async with (
+        AmmServer(amm_config(tmp_path, interval="10s", poll_timeout="3s")) as amm,
+        fake_peer(agent) as address,
+        grpc.aio.insecure_channel(amm.address, options=CHANNEL_OPTIONS) as channel,
+    ):
+        stub = control_pb2_grpc.ActiveMemoryManagerStub(channel)
+        await stub.RegisterWorker(
+            control_pb2.RegisterWorkerRequest(address=address, name="slow", incarnation="slow-1")
+        )
+        assert await listed(amm) == [(address, "slow")]
+        agent.delay = 1.0
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.UnregisterWorker(
+                control_pb2.UnregisterWorkerRequest(address=address), timeout=0.2
+            )
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        await wait_for(lambda: listed(amm), lambda ws: ws == [], within=5, what="the removal")
+        again = await stub.UnregisterWorker(control_pb2.UnregisterWorkerRequest(address=address))
+        assert not again.removed
+
+
+class _SlowToUnregisterAmm(_BusyAmm):
+    """Registers at once; answers UnregisterWorker after ``delay`` seconds and notes who it
+    unregistered then (a call cancelled meanwhile notes nothing)."""
+
+    def __init__(self, delay: float) -> None:
+        super().__init__(delay=0.0)
+        self.unregister_delay = delay
+        self.unregistered: list[str] = []
+
+    async def UnregisterWorker(
+        self, request: control_pb2.UnregisterWorkerRequest, context: Any
+    ) -> control_pb2.UnregisterWorkerResponse:
+        await asyncio.sleep(self.unregister_delay)
+        self.unregistered.append(request.address)
+        return control_pb2.UnregisterWorkerResponse(removed=True)
+
+
+async def test_a_stopping_agent_waits_for_an_amm_that_answers_its_unregistration_late() -> None:
+    """Many agents stopping at once are answered seconds late; with 0.5 s the agent gave up
+    (and cancelled the call) and the AMM kept listing it as live."""
+    amm = _SlowToUnregisterAmm(delay=1.5)  # type: ignore[abstract]
+    async with fake_amm(amm) as address:
+        async with running_agent(amm=address) as agent:
+            await wait_for(lambda: agent.registered, what="registration")
+        assert amm.unregistered == [agent.address]
