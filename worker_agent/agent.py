@@ -51,10 +51,16 @@ SILENCE_INTERVALS = 3
 #: attempts in ``benchmarks/bench_scale.py``'s set-up, 10 s none). An AMM that is down refuses at
 #: once, whatever the deadline; the stop cancels an attempt under way.
 REGISTER_TIMEOUT = 10.0
-UNREGISTER_TIMEOUT = 0.5
+#: Deadline of the UnregisterWorker call made when the agent stops. Generous for the same
+#: reason: when many agents stop at once, the AMM answers the last of them seconds later (it
+#: polls each once more first), and a call given up on may never reach it. With 0.5 s, 250
+#: agents stopping together in ``benchmarks/bench_scale.py`` lost 100-250 unregistrations, and
+#: those agents stayed listed as live until declared dead. An AMM that is down refuses at once;
+#: only one that accepts the call and never answers holds the stop this long.
+UNREGISTER_TIMEOUT = 5.0
 #: How long the server keeps taking new calls while the agent unregisters: the AMM polls it once
 #: more meanwhile, to record what is lost with it (a few ms when all is well). An AMM slower than
-#: this goes by its last poll, and one that does not answer delays the stop by no more than this.
+#: this goes by its last poll.
 UNREGISTER_HEAD_START = 0.25
 #: Keys named in a log line, at most.
 KEYS_LOGGED = 20

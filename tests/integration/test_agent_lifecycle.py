@@ -22,6 +22,7 @@ from tests.conftest import amm_config, free_port
 from tests.support.agent import dial, poll, running_agent
 from tests.support.faults import fake_amm
 from tests.support.waiting import wait_for
+from worker_agent import agent as agent_module
 
 
 class ScriptedAmm(control_pb2_grpc.ActiveMemoryManagerServicer):
@@ -142,8 +143,12 @@ async def test_failing_registration_keeps_warning_periodically(
     assert "attempts" in caplog.records[-1].getMessage()
 
 
-async def test_stop_takes_well_under_a_second_with_an_amm_that_does_not_answer() -> None:
-    """Unregistering (0.5 s deadline) and the grace for calls in flight (0.5 s) ran in turn."""
+async def test_stop_waits_out_the_unregistration_and_the_grace_side_by_side(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With an AMM that does not answer, unregistering (its deadline, 0.5 s here) and the grace
+    for calls in flight (0.5 s) ran in turn."""
+    monkeypatch.setattr(agent_module, "UNREGISTER_TIMEOUT", 0.5)
     amm = ScriptedAmm(hang=True)  # type: ignore[abstract]
     async with fake_amm(amm) as address, running_agent(amm=address) as agent:
         await wait_for(lambda: agent.registered, what="registration")
