@@ -10,7 +10,13 @@ still relying on. Here a directive stays in flight until
    made while a cycle plans on an older view would let that cycle plan the same work again), or
 3. no outcome arrived within the directive timeout and the worker is not answering (it stopped
    answering polls, or its directive stream is gone), or
-4. the worker left or restarted.
+4. the worker left or restarted, or
+5. it is a copy applied on a worker that is gone before a poll showed it (``forget_copies``):
+   it failed a poll and its directive stream broke (a SIGKILLed agent). Counted in flight until
+   the worker was dropped, such a copy kept the key from being copied again, and let
+   ReduceReplicas drop a real replica in its place. Only copies: an applied DROP stays until a
+   poll or the worker's removal, since its worker is still listed as a holder and would count
+   as a copy again.
 
 A directive is never planned again while its worker may still hold it: re-planning it would send
 a second directive with a new id for the same work, and at scale (hundreds of thousands of
@@ -154,6 +160,20 @@ class Ledger:
         self._applied.pop(worker, None)
         self._unsorted.discard(worker)
         return gone
+
+    def forget_copies(self, gone: Callable[[WorkerId], bool]) -> list[Entry]:
+        """Remove and return the applied REPLICATEs, not yet seen by a poll, of workers that
+        are ``gone`` (see the module doc, 5). Counting fewer copies than exist costs at worst
+        a copy made again; counting one that is gone lets a drop go ahead in its place."""
+        settled = []
+        entries = self._entries
+        for worker in [w for w in self._applied if gone(w)]:
+            for entry in self._applied.get(worker, ()):
+                if entry.directive.op is Op.REPLICATE and entries.get(entry.directive.id) is entry:
+                    settled.append(entry)
+        for entry in settled:
+            self._remove(entry)  # skipped in ``_applied`` from now on (see ``_remove``)
+        return settled
 
     def expire(
         self,

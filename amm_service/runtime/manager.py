@@ -491,6 +491,7 @@ class ActiveMemoryManager:
         record.startup_grace = self.in_startup_grace()
         self.retirements.apply_flags()
         pace = Budget()
+        self._forget_copies_on_gone_workers()
         for _ in self.ledger.observing(self._version_of, step=LEDGER_STEP):
             await pace()
         self.tombstones.expire()
@@ -661,6 +662,27 @@ class ActiveMemoryManager:
     def _takes_batches(self, worker: WorkerId) -> bool:
         known = self.state.worker(worker)
         return known is not None and "directive-batches" in known.features
+
+    def _forget_copies_on_gone_workers(self) -> None:
+        """Copies applied on workers gone before a poll showed them (a failed poll and a broken
+        directive stream: say, SIGKILLed) are no longer counted in flight (``pending``, 5). A
+        slow agent missing a poll keeps its stream, and its copies stay counted."""
+
+        def gone(worker: WorkerId) -> bool:
+            known = self.state.worker(worker)
+            return known is None or (not known.reachable and not self._dispatcher.is_open(worker))
+
+        settled = self.ledger.forget_copies(gone)
+        for worker in {entry.directive.worker for entry in settled}:
+            keys = [e.directive.key for e in settled if e.directive.worker == worker]
+            log.info(
+                "%s is gone before a poll showed %d copy(ies) it applied (%s%s): no longer "
+                "counted as copies in flight",
+                worker,
+                len(keys),
+                ", ".join(keys[:3]),
+                ", ..." if len(keys) > 3 else "",
+            )
 
     def _answering(self, worker: WorkerId) -> bool:
         """Whether ``worker`` answers polls and its directive stream is open: what was sent to

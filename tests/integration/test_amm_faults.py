@@ -47,9 +47,9 @@ def test_a_goal_is_kept_when_a_holder_process_is_killed() -> None:
         client.amm.run_once()
         holders = client.who_has("x")["x"]
         assert len(holders) == 3
-        # A poll settles the copies made (a fresh who_has of a key asks for that key only): an
-        # applied copy on a worker killed before its next poll stays in flight until the worker
-        # is dropped, and would be made again only then.
+        # A poll shows the copies made (a fresh who_has of a key asks for that key only): the
+        # holder killed is one the AMM knows holds x (for a copy only answered as applied, see
+        # the test below).
         client.workers(fresh=True)
         cluster.stop_worker(holders[-1], signal.SIGKILL)
         report = client.amm.run_once()
@@ -59,6 +59,31 @@ def test_a_goal_is_kept_when_a_holder_process_is_killed() -> None:
         for _ in range(3):
             assert client.amm.run_once().suggestions == 0
         assert client.status().totals.keys_below_goal == 0
+
+
+def test_a_copy_applied_on_a_worker_killed_before_its_next_poll_is_made_again() -> None:
+    """The copy counted as in flight until its worker was dropped (dead-after, 30 s here): the
+    key stayed below its goal all that time, with nothing planned for it."""
+    with local_cluster(4) as cluster, Client(cluster.address, timeout=10) as client:
+        client.put("x", b"v" * 1000, workers=[cluster.workers[0]])
+        client.replicate("x", n=3)
+        report = client.amm.run_once()
+        copies = [
+            d.worker for d in report.directives if (d.op, d.outcome) == ("replicate", "applied")
+        ]
+        assert len(copies) == 2
+        # No poll since: the AMM knows the copies only from the agents' answers.
+        cluster.stop_worker(copies[-1], signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while True:
+            report = client.amm.run_once()
+            made = [(d.op, d.outcome) for d in report.directives]
+            if made or time.monotonic() > deadline:
+                break
+        assert made == [("replicate", "applied")]
+        assert client.status().totals.directives_in_flight == 1  # the new copy, until polled
+        client.workers(fresh=True)  # a fresh poll sees the new copy
+        assert client.goals("x")[0].live_copies == 3
 
 
 class _BrokenStream(agent_pb2_grpc.WorkerAgentServicer):

@@ -149,3 +149,27 @@ def test_a_key_with_several_directives_in_flight_keeps_each_until_settled() -> N
     assert ledger.in_flight(Key("x")) == InFlight(frozenset(), frozenset({a}))
     ledger.settle(Outcome("1", OutcomeStatus.REFUSED, "PINNED"))
     assert ledger.in_flight(Key("x")) == InFlight()
+
+
+def test_copies_applied_on_a_worker_gone_before_a_poll_are_no_longer_in_flight() -> None:
+    """A copy whose worker was SIGKILLed before its next poll counted as in flight until the
+    worker was dropped: the key was not copied again meanwhile. Its drops, and what is not
+    applied yet or went to other workers, stay."""
+    ledger = Ledger()
+    ledger.add(directive("copy", Op.REPLICATE, worker="b", key="x"), now=0.0)
+    ledger.add(directive("drop", Op.DROP, worker="b", key="y"), now=0.0)
+    ledger.add(directive("waiting", Op.REPLICATE, worker="b", key="z"), now=0.0)
+    ledger.add(directive("elsewhere", Op.REPLICATE, worker="c", key="x"), now=0.0)
+    for id_, version in (("copy", 3), ("drop", 4), ("elsewhere", 2)):
+        ledger.settle(Outcome(id_, OutcomeStatus.APPLIED, inventory_version=version))
+    assert ledger.forget_copies(lambda worker: False) == []
+    settled = ledger.forget_copies(lambda worker: worker == WorkerId("b"))
+    assert [e.directive.id for e in settled] == ["copy"]
+    assert ledger.in_flight(Key("x")).replicating == {WorkerId("c")}
+    # The drop stays: b is still listed as holding y, and must not count as a copy of it.
+    assert ledger.in_flight(Key("y")).dropping == {WorkerId("b")}
+    assert {e.directive.id for e in ledger} == {"drop", "waiting", "elsewhere"}
+    assert ledger.forget_copies(lambda worker: worker == WorkerId("b")) == []
+    # A later poll of b (it came back) settles the rest as before, the copy skipped.
+    ledger.observe({WorkerId("b"): 9, WorkerId("c"): 9}.get)
+    assert {e.directive.id for e in ledger} == {"waiting"}
