@@ -27,6 +27,7 @@ from tests.support.waiting import poll_until, wait_for
 from worker_agent.agent import Agent
 
 DATA = b"r" * 1000
+RETIREMENT_EVENTS = frozenset({"retire-started", "retired", "retire-abandoned"})
 PAUSED_ALWAYS = {"memory_limit": 1024 * 1024}
 """An agent whose process (this test process, tens of MiB) is always above 0.8 MiB: paused."""
 
@@ -134,8 +135,16 @@ async def test_retiring_a_worker_while_a_client_puts_and_reads_loses_nothing(
         for key, value in values.items():
             assert retiring not in placement[key]
             assert await c.client.get(key, worker=placement[key][0]) == value
-        kinds = [kind for kind, worker, _ in await c.events() if worker == retiring]
-        assert kinds[-2:] == ["retired", "retire-started"]  # newest first
+        # Its retirement started and ended retired, nothing lost meanwhile. Other events may
+        # come between: at load 10+ a drop the retiring agent refused (NO_CONFIRMED_HOLDER: the
+        # keeper's promise came back after half its 0.3 s lease) is sent again by a later
+        # cycle, as it should be (1 run in 8 failed on the order of events alone).
+        # Read in the AMM (1,000 kept), not over GetStatus (the last 100): every refusal is one.
+        assert c.amm.manager is not None
+        events = [(e.kind, e.worker, e.message) for e in c.amm.manager.events.recent()]
+        ends = [k for k, w, _ in events if w == retiring and k in RETIREMENT_EVENTS]
+        assert ends == ["retired", "retire-started"], events  # newest first
+        assert [e for e in events if e[0] == "key-lost"] == []
 
 
 async def test_retirement_with_no_room_elsewhere_is_abandoned_with_the_reason(
