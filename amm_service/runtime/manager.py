@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -870,14 +871,13 @@ class ActiveMemoryManager:
         if leaving is None:
             leaving = asyncio.create_task(self._unregister(worker), name=f"unregister {worker}")
             self._leaving[worker] = leaving
-            leaving.add_done_callback(self._left)
+            leaving.add_done_callback(functools.partial(self._left, worker))
         return await asyncio.shield(leaving)
 
-    def _left(self, task: asyncio.Task[tuple[bool, list[Key]]]) -> None:
-        """A removal ended: forget it, and log a failure nobody waited for."""
-        for worker, leaving in list(self._leaving.items()):
-            if leaving is task:
-                del self._leaving[worker]
+    def _left(self, worker: WorkerId, task: asyncio.Task[tuple[bool, list[Key]]]) -> None:
+        """A removal ended: forget it, and log a failure (its caller may have stopped waiting)."""
+        if self._leaving.get(worker) is task:
+            del self._leaving[worker]
         if not task.cancelled() and (err := task.exception()) is not None:
             log.warning("unregistering ended with %s: %s", type(err).__name__, err)
 
