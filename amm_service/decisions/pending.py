@@ -64,9 +64,10 @@ class Ledger:
 
     def __init__(self) -> None:
         self._entries: dict[str, Entry] = {}
-        self._by_key: dict[Key, Entry | list[Entry]] = {}
-        """A key's entries: one entry, or a list of them (most keys have one or a few; a dict per
-        key cost 230 bytes each, for 100k keys in a big cycle)."""
+        self._by_key: dict[Key, Entry | tuple[Entry, ...]] = {}
+        """A key's entries: one entry, or a tuple of them (most keys have one or a few: a dict per
+        key cost 230 bytes each, for 100k keys in a big cycle, and a list of three 120, a tuple
+        64; a tuple is rebuilt on each change, which costs little for a few entries)."""
         self._applied: dict[WorkerId, list[Entry]] = {}
         """Per worker, the entries applied, in the order they were answered: nearly always in
         inventory version order (``_unsorted`` names those that are not), so ``observing``
@@ -245,9 +246,9 @@ class Ledger:
         if of_key is None:
             self._by_key[key] = entry
         elif isinstance(of_key, Entry):
-            self._by_key[key] = [of_key, entry]
+            self._by_key[key] = (of_key, entry)
         else:
-            of_key.append(entry)
+            self._by_key[key] = (*of_key, entry)
 
     def _remove(self, entry: Entry) -> None:
         """Take ``entry`` out of the ledger (applied ones stay in ``_applied`` until
@@ -260,10 +261,9 @@ class Ledger:
         of_key = self._by_key.get(key)
         if of_key is entry:
             del self._by_key[key]
-        elif isinstance(of_key, list):
-            of_key.remove(entry)
-            if len(of_key) == 1:
-                self._by_key[key] = of_key[0]
+        elif isinstance(of_key, tuple):
+            rest = tuple(e for e in of_key if e is not entry)
+            self._by_key[key] = rest[0] if len(rest) == 1 else rest
 
 
 def _version(entry: Entry) -> int:
