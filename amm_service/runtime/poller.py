@@ -349,9 +349,9 @@ class SharedReports:
 
     A snapshot is merged only once all its pages are in, and at start-up every agent sends its
     whole inventory at the same time: with 100k keys on 4 agents, 400k reports (a tuple and two
-    strings each, 250 bytes) were held at once, 97 MiB, the AMM's biggest peak. Shared, the
-    keys held by several agents cost one report and a list slot per agent. The table lives while
-    any snapshot is read or merged, and is emptied when the last one is done."""
+    strings each, 250 bytes) were held at once, 97 MiB on top of the state being built. Shared,
+    the keys held by several agents cost one report and a list slot per agent. The table lives
+    while any snapshot is read or merged, and is emptied when the last one is done."""
 
     __slots__ = ("_readers", "_table")
 
