@@ -4,7 +4,10 @@ Dask's AMM takes about 35 µs per replicated key (3.5 s for 100k keys with 4 rep
 target here is at least 10x cheaper. This measures the pure part of the cycle (no network):
 building the frozen view from the cluster state, then planning every drop. ``again`` is the
 next cycle's plan, CPU seconds: the same policy, every drop in flight and nothing changed (it
-looks at no key, and does not walk the ledger).
+looks at no key, and does not walk the ledger). ``peak`` is the most Python memory traced
+(``tracemalloc``) from the first poll merged to every directive of the first plan in the ledger,
+in bytes per key: the state, a snapshot and the directives in flight (not the interpreter, gRPC,
+or the messages on the wire; ``bench_cluster.py`` reports the AMM's RSS).
 
     python benchmarks/bench_core.py                    # the default sizes
     python benchmarks/bench_core.py --keys 100000 --replicas 4 --workers 100 --json out.json
@@ -16,6 +19,7 @@ import argparse
 import itertools
 import json
 import time
+import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
 
@@ -56,7 +60,25 @@ def _ids() -> Callable[[], str]:
     return lambda: str(next(counter))
 
 
+def traced_peak(keys: int, replicas: int, workers: int) -> int:
+    """The most memory traced while the state is built, snapshotted and planned on, and the
+    plan's directives are entered in a ledger (what a first cycle holds at once), in bytes."""
+    tracemalloc.start()
+    try:
+        state = build(keys, replicas, workers)
+        ledger = Ledger()
+        result = plan(
+            state.snapshot(), [ReduceReplicas()], ledger, PlanConfig("optimistic", 1), _ids()
+        )
+        for directive in result.directives:
+            ledger.add(directive, 0.0)
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
 def measure(keys: int, replicas: int, workers: int, repeat: int) -> dict[str, float]:
+    peak = traced_peak(keys, replicas, workers)
     state = build(keys, replicas, workers)
     best_snapshot = best_plan = float("inf")
     directives = 0
@@ -97,6 +119,8 @@ def measure(keys: int, replicas: int, workers: int, repeat: int) -> dict[str, fl
         "us_per_replicated_key": total / keys * 1e6,
         "dask_us_per_replicated_key": 35.0,
         "speedup_vs_dask": 35.0 / (total / keys * 1e6),
+        "peak_traced_bytes": peak,
+        "peak_traced_bytes_per_key": peak / keys,
     }
 
 
@@ -113,14 +137,15 @@ def main() -> None:
     rows = [measure(k, args.replicas, args.workers, args.repeat) for k in args.keys]
     print(
         f"{'keys':>8} {'replicas':>8} {'workers':>7} {'drops':>8} {'snapshot':>10} "
-        f"{'plan':>10} {'µs/key':>8} {'vs Dask':>8} {'again':>10}"
+        f"{'plan':>10} {'µs/key':>8} {'vs Dask':>8} {'again':>10} {'peak':>10} {'B/key':>6}"
     )
     for r in rows:
         print(
             f"{r['keys']:>8} {r['replicas']:>8} {r['workers']:>7} {r['directives']:>8} "
             f"{r['snapshot_s'] * 1e3:>8.1f}ms {r['plan_s'] * 1e3:>8.1f}ms "
             f"{r['us_per_replicated_key']:>8.2f} {r['speedup_vs_dask']:>7.1f}x "
-            f"{r['again_cpu_s'] * 1e3:>6.1f}ms cpu"
+            f"{r['again_cpu_s'] * 1e3:>6.1f}ms cpu "
+            f"{r['peak_traced_bytes'] / 2**20:>6.1f}MiB {r['peak_traced_bytes_per_key']:>6.0f}"
         )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))

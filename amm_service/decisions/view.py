@@ -9,7 +9,7 @@ set, cheap even with a million keys. No I/O here.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Literal, NamedTuple, NewType
@@ -165,6 +165,47 @@ Goal = int | None
 
 _NO_GOALS: Mapping[Key, Goal] = MappingProxyType({})
 _NO_HOLDINGS: Mapping[WorkerId, frozenset[Key]] = MappingProxyType({})
+_NO_KEYS: frozenset[Key] = frozenset()
+
+
+class Holdings(Mapping[WorkerId, frozenset[Key]]):
+    """The keys each worker holds, worked out from a snapshot's key records the first time
+    anyone asks (one pass over the keys for every worker).
+
+    Only a retirement and the Rebalance policy read them: frozen at every snapshot, they were a
+    second copy of the state's holding sets (16 MiB for 100k keys x 4 holders) that most cycles
+    never looked at. Read from the snapshot's own records, they are as frozen as the rest."""
+
+    __slots__ = ("_keys", "_sets", "_workers")
+
+    def __init__(self, keys: Mapping[Key, KeyView], workers: Iterable[WorkerId]) -> None:
+        self._keys = keys
+        self._workers = tuple(workers)
+        self._sets: dict[WorkerId, frozenset[Key]] | None = None
+
+    def _all(self) -> dict[WorkerId, frozenset[Key]]:
+        sets = self._sets
+        if sets is None:
+            held: dict[WorkerId, list[Key]] = {w: [] for w in self._workers}
+            for key, kv in self._keys.items():
+                for worker in kv.holders:
+                    of_worker = held.get(worker)
+                    if of_worker is not None:
+                        of_worker.append(key)
+            sets = self._sets = {w: frozenset(keys) for w, keys in held.items()}
+        return sets
+
+    def __getitem__(self, worker: WorkerId) -> frozenset[Key]:
+        return self._all()[worker]
+
+    def __iter__(self) -> Iterator[WorkerId]:
+        return iter(self._workers)
+
+    def __len__(self) -> int:
+        return len(self._workers)
+
+    def __contains__(self, worker: object) -> bool:
+        return worker in self._workers
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,7 +221,8 @@ class ClusterView:
     """Tracked replication goals (the Replicate policy keeps them; ReduceReplicas respects them).
     May name keys that no worker holds any more."""
     holdings: Mapping[WorkerId, frozenset[Key]] = field(default_factory=lambda: _NO_HOLDINGS)
-    """The keys each worker holds (the inverse of ``KeyView.holders``)."""
+    """The keys each worker holds (the inverse of ``KeyView.holders``; a snapshot's are worked
+    out when first read, see ``Holdings``)."""
     taken_at: float = 0.0
     """When the snapshot was taken (wall clock), for policies that reason about durations."""
     forgotten: frozenset[Key] = frozenset()
@@ -233,8 +275,6 @@ class ClusterState:
         self._replicated: set[Key] = set()
         self._odd: dict[Key, dict[WorkerId, KeyReport]] = {}
         """Per key with conflicting content: what each odd holder reported."""
-        self._frozen_held: dict[WorkerId, frozenset[Key]] = {}
-        """Per worker, ``_held`` frozen for snapshots; dropped whenever ``_held`` changes."""
         self._sets: dict[frozenset[WorkerId], frozenset[WorkerId]] = {}
         """One instance of each set of workers the keys' records hold (see ``_one``)."""
         self._plus: dict[tuple[frozenset[WorkerId], WorkerId], frozenset[WorkerId]] = {}
@@ -271,7 +311,6 @@ class ClusterState:
             status_since=now,
         )
         self._held[address] = set()
-        self._frozen_held.pop(address, None)
         return True
 
     def unregister(self, address: WorkerId) -> bool:
@@ -280,7 +319,6 @@ class ClusterState:
         self._forget_holdings(address)
         del self._workers[address]
         del self._held[address]
-        self._frozen_held.pop(address, None)
         return True
 
     def worker(self, address: WorkerId) -> WorkerView | None:
@@ -365,7 +403,7 @@ class ClusterState:
         self, address: WorkerId, held: Iterable[KeyReport], gone: Iterable[Key]
     ) -> bool:
         """Record the keys ``address`` holds and those it no longer holds; whether any
-        changed (its frozen holdings are then let go)."""
+        changed."""
         holding = self._held[address]
         changed = False
         set_holding = self._set_holding
@@ -377,8 +415,6 @@ class ClusterState:
                 holding.discard(key)
                 self._remove_holding(address, key)
                 changed = True
-        if changed:
-            self._frozen_held.pop(address, None)
         return changed
 
     def missed_poll(self, address: WorkerId) -> None:
@@ -528,7 +564,6 @@ class ClusterState:
         for key in self._held.get(worker, set()):
             self._remove_holding(worker, key)
         self._held[worker] = set()
-        self._frozen_held.pop(worker, None)
 
     # -- snapshots -------------------------------------------------------------------------
 
@@ -539,34 +574,19 @@ class ClusterState:
         now: float = 0.0,
         forgotten: frozenset[Key] = frozenset(),
     ) -> ClusterView:
-        holdings = {}
-        for worker, held in self._held.items():
-            frozen = self._frozen_held.get(worker)
-            if frozen is None:
-                frozen = self._frozen_held[worker] = frozenset(held)
-            holdings[worker] = frozen
         self.journal.limit = max(MIN_LIMIT, 2 * len(self._keys))
+        keys = MappingProxyType(dict(self._keys))
         return ClusterView(
             workers=MappingProxyType(dict(self._workers)),
-            keys=MappingProxyType(dict(self._keys)),
+            keys=keys,
             replicated=frozenset(self._replicated),
             goals=MappingProxyType(dict(goals)) if goals else _NO_GOALS,
-            holdings=MappingProxyType(holdings),
+            holdings=Holdings(keys, self._held),
             taken_at=now,
             forgotten=forgotten,
             journal=self.journal,
             position=self.journal.position,
         )
-
-    def freeze_holdings(self, worker: WorkerId) -> int:
-        """Freeze ``worker``'s holdings for the next snapshot now, if they changed since the
-        last one; returns how many keys that took (0: nothing to do). A snapshot freezes what
-        is not frozen yet all at once: ahead of a big one, the caller may spread that out."""
-        held = self._held.get(worker)
-        if held is None or worker in self._frozen_held:
-            return 0
-        self._frozen_held[worker] = frozenset(held)
-        return len(held)
 
     def set_flags(
         self,

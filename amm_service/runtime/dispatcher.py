@@ -49,23 +49,24 @@ class _Stream:
 
     def __init__(self, worker: WorkerId, links: AgentLinks, on_outcomes: OutcomesHandler) -> None:
         self.worker = worker
-        self.queue: asyncio.Queue[agent_pb2.DirectivesRequest | None] = asyncio.Queue()
+        self.queue: asyncio.Queue[tuple[Sequence[Directive], bool] | None] = asyncio.Queue()
         self.unanswered: dict[str, None] = {}
         self._on_outcomes = on_outcomes
         self._call = links.stub(worker).Directives(self._requests())
         self.task = asyncio.create_task(self._read(), name=f"amm-directives-{worker}")
 
     async def _requests(self) -> AsyncIterator[agent_pb2.DirectivesRequest]:
+        """The messages, each built only when gRPC asks for the next one: a message costs about
+        400 bytes per directive, and a big cycle queues its 300,000 drops far faster than the
+        agent reads them (built at ``send``, they held 110 MiB at once; the directives
+        themselves are held by the ledger anyway)."""
         while (item := await self.queue.get()) is not _CLOSE:
-            yield item
-
-    async def send(self, directives: Sequence[Directive], batch: bool) -> None:
-        """Queue ``directives`` in one batch message (built ``BUILD_STEP`` at a time, the loop
-        let in between), or one message each."""
-        unanswered = self.unanswered
-        for directive in directives:
-            unanswered[directive.id] = None
-        if batch:
+            directives, batch = item
+            if not batch:
+                for directive in directives:
+                    message = wire.directive_to_pb(directive)
+                    yield agent_pb2.DirectivesRequest(directive=message)
+                continue
             request = agent_pb2.DirectivesRequest()
             pace = Budget()
             for start in range(0, len(directives), BUILD_STEP):
@@ -73,11 +74,16 @@ class _Stream:
                     await pace()
                 with gc_paused():
                     wire.directives_request(directives[start : start + BUILD_STEP], request)
-            self.queue.put_nowait(request)
-        else:
-            for directive in directives:
-                message = wire.directive_to_pb(directive)
-                self.queue.put_nowait(agent_pb2.DirectivesRequest(directive=message))
+            yield request
+            del request  # not kept while the next one waits in the queue
+
+    def send(self, directives: Sequence[Directive], batch: bool) -> None:
+        """Queue ``directives`` for one batch message (built ``BUILD_STEP`` at a time, the loop
+        let in between, when the stream takes it), or one message each."""
+        unanswered = self.unanswered
+        for directive in directives:
+            unanswered[directive.id] = None
+        self.queue.put_nowait((directives, batch))
 
     async def _read(self) -> None:
         why = "the agent ended the directive stream"
@@ -160,7 +166,7 @@ class Dispatcher:
             for start in range(0, len(group), size):
                 if self._closed:
                     raise RuntimeError("dispatcher is closed")
-                await self._stream(worker).send(group[start : start + size], batch)
+                self._stream(worker).send(group[start : start + size], batch)
                 await pace()
 
     def _stream(self, worker: WorkerId) -> _Stream:

@@ -55,7 +55,7 @@ from amm_service.runtime.handover import Handover
 from amm_service.runtime.history import History
 from amm_service.runtime.lost import LostBook
 from amm_service.runtime.outcomes import Outcomes
-from amm_service.runtime.pacing import Budget, HeapFreezer, breathe, gc_paused
+from amm_service.runtime.pacing import Budget, HeapFreezer, gc_paused
 from amm_service.runtime.poller import Poller
 from amm_service.runtime.queries import Queries
 from amm_service.runtime.retirement import Retirements
@@ -90,8 +90,6 @@ def _copies(policies: Sequence[Policy]) -> list[Policy]:
 SEND_STEP = 20_000
 #: Directives entered in the ledger in one slice (``pacing.Budget`` breathes between slices).
 LEDGER_STEP = 500
-#: Keys of workers' holdings frozen for a snapshot between two breaths of the event loop.
-FREEZE_STEP = 50_000
 #: The least time between a cycle and the next when the next follows up on applied work, in
 #: seconds (or a twentieth of the interval, if longer).
 FOLLOW_UP = 0.05
@@ -496,12 +494,6 @@ class ActiveMemoryManager:
         for _ in self.ledger.observing(self._version_of, step=LEDGER_STEP):
             await pace()
         self.tombstones.expire()
-        frozen = 0
-        for worker in self.state.worker_ids:  # the snapshot's biggest part, in steps
-            frozen += self.state.freeze_holdings(worker)
-            if frozen >= FREEZE_STEP:
-                frozen = 0
-                await breathe()
         view = self.state.snapshot(
             goals=self.goals.mapping, now=self._clock(), forgotten=self.tombstones.live
         )

@@ -32,9 +32,10 @@ tombstone book what came of them (``tombstones``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 
 import grpc
 
@@ -115,6 +116,7 @@ class Poller:
         self._locks: dict[WorkerId, asyncio.Lock] = {}
         self._slots = asyncio.Semaphore(max_in_flight)
         self._tombstones = tombstones
+        self._shared = SharedReports()
         self.newest_agent_epoch = 0
         #: The AMM's membership version, told to every agent polled (``manager.membership``).
         self.membership_version = 0
@@ -172,10 +174,12 @@ class Poller:
             if resp.incarnation != incarnation:
                 self._on_restart(worker)
             if resp.full:
-                first, last, keys = await self._snapshot(worker, resp)
-                restarted = first.incarnation != incarnation
-                before = self._state.held_by(worker) if restarted else frozenset()
-                await self._apply_snapshot(worker, incarnation, first, last, keys, seen)
+                with self._shared.reading():
+                    first, last, keys = await self._snapshot(worker, resp)
+                    restarted = first.incarnation != incarnation
+                    before = self._state.held_by(worker) if restarted else frozenset()
+                    await self._apply_snapshot(worker, incarnation, first, last, keys, seen)
+                del keys
                 if before:
                     self._on_replaced(worker, before)
                 incarnation = first.incarnation
@@ -200,7 +204,8 @@ class Poller:
         If the agent restarts while we page, its answer is the first page of a new snapshot:
         start over from it.
         """
-        keys = await _reports(first)
+        share = self._shared.share
+        keys = share(await _reports(first))
         resp = first
         for _ in range(MAX_PAGES):
             if not resp.next_cursor:
@@ -208,7 +213,7 @@ class Poller:
             resp = await self._call(worker, first.incarnation, cursor=resp.next_cursor)
             if resp.incarnation != first.incarnation:
                 first, keys = resp, []
-            keys.extend(await _reports(resp))
+            keys.extend(share(await _reports(resp)))
         return first, resp, keys
 
     async def _apply_changes(
@@ -337,6 +342,46 @@ class Poller:
                 features=frozenset(last.features),
                 now=self._clock(),
             )
+
+
+class SharedReports:
+    """One ``KeyReport`` object for each key reported alike by the full snapshots read at once.
+
+    A snapshot is merged only once all its pages are in, and at start-up every agent sends its
+    whole inventory at the same time: with 100k keys on 4 agents, 400k reports (a tuple and two
+    strings each, 250 bytes) were held at once, 97 MiB on top of the state being built. Shared,
+    the keys held by several agents cost one report and a list slot per agent. The table lives
+    while any snapshot is read or merged, and is emptied when the last one is done."""
+
+    __slots__ = ("_readers", "_table")
+
+    def __init__(self) -> None:
+        self._table: dict[Key, KeyReport] = {}
+        self._readers = 0
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[None]:
+        """While a snapshot is read and merged (what it shares stays shared until then)."""
+        self._readers += 1
+        try:
+            yield
+        finally:
+            self._readers -= 1
+            if not self._readers:
+                self._table = {}
+
+    def share(self, reports: list[KeyReport]) -> list[KeyReport]:
+        """``reports``, each replaced by the same report seen before, if any (the new copies
+        are let go); only while ``reading``."""
+        if not self._readers:
+            return reports
+        table = self._table
+        shared: list[KeyReport] = []
+        append = shared.append
+        for report in reports:
+            known = table.setdefault(report.key, report)
+            append(known if known is report or known == report else report)
+        return shared
 
 
 async def _reports(resp: agent_pb2.PollResponse) -> list[KeyReport]:

@@ -9,7 +9,7 @@ runs them).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -18,7 +18,7 @@ import pytest
 
 from amm.base.checksum import checksum
 from amm.v1 import agent_pb2, agent_pb2_grpc, types_pb2
-from amm_service.decisions.view import ClusterState, WorkerId
+from amm_service.decisions.view import ClusterState, KeyReport, WorkerId
 from amm_service.runtime import pacing
 from amm_service.runtime.agents import AgentLinks
 from amm_service.runtime.poller import MERGE_STEP, Poller
@@ -247,3 +247,58 @@ async def test_a_big_incremental_answer_is_merged_in_steps_and_its_version_comes
     partial = {held for version, held in seen if held not in (n, 1_000)}
     assert len(partial) >= 3, f"merged in one go: the loop saw only {sorted(set(seen))}"
     assert all(held == 1_000 for version, held in seen if version == 9), seen
+
+
+class _SameInventory(agent_pb2_grpc.WorkerAgentServicer):
+    """Every worker it serves holds the same six keys, sent in two pages of three; the first
+    pages are answered once every worker asked for one, so that the snapshots are read at once
+    (as every agent's is when the AMM starts)."""
+
+    def __init__(self, workers: int) -> None:
+        self._all_asked = asyncio.Barrier(workers)
+
+    async def Poll(self, request: Any, context: Any) -> agent_pb2.PollResponse:
+        keys = [types_pb2.KeyInfo(key=f"k{i}", size=1, checksum="c" * 64) for i in range(6)]
+        running = types_pb2.WORKER_STATUS_RUNNING
+        if request.cursor:
+            return agent_pb2.PollResponse(
+                incarnation="i", version=1, full=True, keys=keys[3:], status=running
+            )
+        if request.since_version:  # nothing changed since
+            return agent_pb2.PollResponse(incarnation="i", version=1, status=running)
+        await self._all_asked.wait()
+        return agent_pb2.PollResponse(
+            incarnation="i", version=1, full=True, keys=keys[:3], next_cursor="k2", status=running
+        )
+
+
+class _Recording(ClusterState):
+    """A cluster state that keeps every key report merged into it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reports: list[KeyReport] = []
+
+    def apply_poll(self, address: WorkerId, *, keys: Iterable[KeyReport], **rest: Any) -> None:
+        keys = list(keys)
+        self.reports += keys
+        super().apply_poll(address, keys=keys, **rest)
+
+
+async def test_snapshots_read_at_once_share_one_report_per_key() -> None:
+    """At start-up every agent sends its whole inventory at once and a snapshot is merged only
+    when all its pages are in: the reports of keys that several agents hold are one object each,
+    not one per agent (400k reports, 97 MiB, with 100k keys on 4 agents)."""
+    async with _workers(_SameInventory(3), 3) as workers:  # type: ignore[abstract]
+        state = _Recording()
+        for worker in workers:
+            state.register(worker, worker, "i", now=0.0)
+        links = AgentLinks()
+        poller = Poller(state, links, epoch=1, timeout=5.0, on_restart=lambda worker: None)
+        try:
+            assert await poller.poll_all() == []
+        finally:
+            await links.close_all()
+    assert len(state.reports) == 18
+    assert len({id(report) for report in state.reports}) == 6
+    assert all(len(state.held_by(worker)) == 6 for worker in workers)

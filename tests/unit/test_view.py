@@ -170,14 +170,17 @@ def test_holding_sets_keep_the_key_records_string_not_one_copy_per_poll() -> Non
     assert state.snapshot().keys[Key("xy")].holders == {A, B}
 
 
-def test_holdings_frozen_ahead_are_what_the_snapshot_shows() -> None:
+def test_a_snapshots_holdings_are_those_of_its_time() -> None:
+    """Worked out when first read, a snapshot's holdings still show the cluster as it was when
+    it was taken, not as later polls left it."""
     state = ClusterState()
-    state.register(A, "", "i1", now=0.0)
+    for w in (A, B):
+        state.register(w, "", "i1", now=0.0)
     poll(state, A, full=True, keys=[KeyReport(Key("x"), 3, "s")])
-    assert state.freeze_holdings(A) == 1
-    assert state.freeze_holdings(A) == 0, "frozen already"
-    frozen = state.snapshot().holdings[A]
-    assert state.snapshot().holdings[A] is frozen
-    poll(state, A, version=2, keys=[KeyReport(Key("y"), 1, "t")])  # changed after: frozen again
-    assert state.snapshot().holdings[A] == {"x", "y"}
-    assert state.freeze_holdings(B) == 0, "unknown worker"
+    view = state.snapshot()
+    poll(state, A, version=2, keys=[KeyReport(Key("y"), 1, "t")])
+    poll(state, B, full=True, keys=[KeyReport(Key("x"), 3, "s")])
+    assert view.holdings == {A: {"x"}, B: set()}
+    assert view.held_by(A) == {"x"}
+    assert view.held_by(WorkerId("c")) == set()
+    assert state.snapshot().holdings == {A: {"x", "y"}, B: {"x"}}

@@ -1,0 +1,47 @@
+"""The reports of full snapshots read at once are shared key by key (``poller.SharedReports``)."""
+
+from __future__ import annotations
+
+from amm.v1 import agent_pb2, types_pb2
+from amm_service import wire
+from amm_service.decisions.view import KeyReport
+from amm_service.runtime.poller import SharedReports
+
+
+def _decoded(pinned: bool = False) -> list[KeyReport]:
+    """Reports decoded from an answer, as the poller does: new objects, strings included."""
+    answer = agent_pb2.PollResponse(
+        keys=[
+            types_pb2.KeyInfo(key=f"k{i}", size=1, checksum="c" * 64, pinned=pinned)
+            for i in range(3)
+        ]
+    )
+    return wire.key_reports(answer.keys)
+
+
+def test_reports_alike_from_two_snapshots_are_one_object() -> None:
+    shared = SharedReports()
+    with shared.reading(), shared.reading():
+        first = shared.share(_decoded())
+        second = shared.share(_decoded())
+    assert all(a is b for a, b in zip(first, second, strict=True))
+
+
+def test_a_report_unlike_the_first_is_kept_as_it_is() -> None:
+    shared = SharedReports()
+    with shared.reading():
+        first = shared.share(_decoded())
+        pinned = shared.share(_decoded(pinned=True))
+    assert all(p.pinned for p in pinned)
+    assert not any(a is b for a, b in zip(first, pinned, strict=True))
+
+
+def test_nothing_is_kept_once_no_snapshot_is_read() -> None:
+    shared = SharedReports()
+    with shared.reading():
+        first = shared.share(_decoded())
+    with shared.reading():
+        again = shared.share(_decoded())
+    outside = shared.share(_decoded())
+    assert not any(a is b for a, b in zip(first, again, strict=True))
+    assert outside == first
