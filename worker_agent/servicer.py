@@ -136,7 +136,8 @@ async def _directives_from_proto(messages: Sequence[types_pb2.Directive]) -> lis
     """``directive_from_proto`` for a batch of thousands, letting the loop in (``pacing``)."""
     directives, pace = [], Pace()
     for message in messages:
-        await pace()
+        if pace.due():
+            await pace.breathe()
         directives.append(directive_from_proto(message))
     return directives
 
@@ -721,7 +722,8 @@ class WorkerAgentServicer(agent_pb2_grpc.WorkerAgentServicer):
             pace = Pace()
             items = []
             for item in request.items:
-                await pace()
+                if pace.due():
+                    await pace.breathe()
                 items.append((_key(item.key), _checksum(item.checksum)))
             lease = _requested_lease(request, self._node.config.max_lease)
             log.debug("%s asked to keep %d keys", request.requester, len(items))

@@ -390,7 +390,8 @@ class Peers:
         request = agent_pb2.PromiseKeepBatchRequest(lease=_duration(lease), requester=requester)
         add, pace = request.items.add, Pace()  # thousands of items: the loop is let in
         for key, checksum in items:
-            await pace()
+            if pace.due():
+                await pace.breathe()
             add(key=key, checksum=checksum)
         try:
             async with self._stub(address) as stub:
@@ -407,7 +408,8 @@ class Peers:
             return [PromiseAnswer(address, False, None, odd)] * len(items)
         answers = []
         for answer in response.answers:
-            await pace()
+            if pace.due():
+                await pace.breathe()
             answers.append(_promise_answer(address, answer))
         return answers
 
