@@ -12,6 +12,7 @@ import asyncio
 import collections
 import contextlib
 import enum
+import functools
 import logging
 import math
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -48,6 +49,8 @@ MAX_KEEP_WAIT = 8.0
 
 
 class OutcomeStatus(enum.Enum):
+    __hash__ = object.__hash__  # by identity, as it compares (see ``integrity.Reason``)
+
     APPLIED = 1
     REFUSED = 2
     FAILED = 3
@@ -63,6 +66,12 @@ class Outcome(NamedTuple):
     message: str
     inventory_version: int
     duplicate: bool = False
+
+
+@functools.lru_cache(maxsize=256)
+def _kept_by(keeper: str) -> Accept:
+    """The verdict of a drop that ``keeper`` promised to keep, made once per keeper."""
+    return Accept(message=f"dropped; {keeper} keeps it")
 
 
 def _describe(answer: PromiseAnswer) -> str:
@@ -672,7 +681,7 @@ class DirectiveRunner:
         verdict = integrity.judge_drop_commit(self._store, key, drop.checksum, self._clock())
         if isinstance(verdict, Accept) and not verdict.noop:
             self._store.remove(key)
-            verdict = Accept(message=f"dropped; {keeper} keeps it")
+            verdict = _kept_by(keeper)
         return verdict
 
     async def _replicate(self, directive: Directive) -> Outcome:
