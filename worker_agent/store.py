@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import NewType
+from typing import NamedTuple, NewType
 
 from sortedcontainers import SortedList
 
@@ -61,9 +61,9 @@ class Value:
         return len(self.data)
 
 
-@dataclass(frozen=True, slots=True)
-class KeyInfo:
-    """What a poll reports about one key."""
+class KeyInfo(NamedTuple):
+    """What a poll reports about one key; a NamedTuple, made for each key of every snapshot
+    page (a frozen dataclass sets each field through ``object.__setattr__``)."""
 
     key: Key
     size: int
