@@ -52,8 +52,8 @@ from amm.base.units import format_bytes, parse_size
 from amm.tables import render_table
 from amm.v1 import agent_pb2, agent_pb2_grpc
 
-#: Seconds between two reads of the manager's belief (amm: GetStatus totals; Dask: the
-#: scheduler's who_has) while waiting for convergence, for both systems alike.
+#: Seconds between two reads of the manager's belief (amm: ListWorkers; Dask: the scheduler's
+#: worker states) while waiting for convergence, for both systems alike.
 CHECK_EVERY = 0.1
 #: Most keys asked of an agent in one HoldsKeys call (``worker_agent.servicer.MAX_HOLDS_KEYS``).
 HOLDS_CHUNK = 10_000
@@ -236,22 +236,24 @@ async def _amm_build_and_converge(
             deadline = started + args.timeout
             while time.perf_counter() < deadline:
                 await asyncio.sleep(CHECK_EVERY)
-                # The AMM's belief first, as Dask's scheduler's below: cheap, and optimistic (a
-                # drop in flight may be counted as done).
+                # The AMM's belief first, as Dask's scheduler's below: cheap (ListWorkers, not
+                # GetStatus, whose report of the last cycle is built again as it progresses),
+                # and optimistic (a drop in flight may be counted as done).
                 try:
-                    last = await client.status()
+                    held = sum(w.key_count for w in await client.workers())
+                    if args.trace:
+                        last = await client.status()
+                        t = last.totals
+                        print(
+                            f"  {time.perf_counter() - started:6.2f} s: cycle {last.cycles}, "
+                            f"{t.replicas:,} replicas, {t.directives_in_flight:,} in flight, "
+                            f"{t.directives_applied:,} applied",
+                            flush=True,
+                        )
                 except AmmError as err:
                     print(f"  convergence check failed: {err}", flush=True)
                     continue
-                if args.trace:
-                    t = last.totals
-                    print(
-                        f"  {time.perf_counter() - started:6.2f} s: cycle {last.cycles}, "
-                        f"{t.replicas:,} replicas, {t.directives_in_flight:,} in flight, "
-                        f"{t.directives_applied:,} applied",
-                        flush=True,
-                    )
-                if not (last.totals.keys == keys and last.totals.replicas == keys):
+                if held != keys:
                     continue
                 # Then the agents' own stores, asked directly (HoldsKeys, every key): converged
                 # when they hold every key exactly once, counted when that answer is in.
@@ -268,6 +270,8 @@ async def _amm_build_and_converge(
             with contextlib.suppress(TimeoutError):  # then wait_for cancelled a stuck call
                 await asyncio.wait_for(probe, 10)
             await client.amm.stop()
+            with contextlib.suppress(AmmError):
+                last = await client.status()
         totals, base = last.totals, before.totals
         figures["converge_s"] = (
             converged if converged is not None else not_done("converged", args.timeout)
@@ -446,9 +450,10 @@ def _guarded(system: str, phase: Callable[[], Figures]) -> Figures:
 # -- Dask ------------------------------------------------------------------------------------------
 
 
-def _scheduler_replicas(dask_scheduler: Any) -> tuple[int, int]:
-    tasks = dask_scheduler.tasks.values()
-    return sum(1 for ts in tasks if ts.who_has), sum(len(ts.who_has) for ts in tasks)
+def _scheduler_replicas(dask_scheduler: Any) -> int:
+    """The replicas the scheduler believes its workers hold, in all: a sum over the workers,
+    not a scan of every task (which, every ``CHECK_EVERY`` s, held the scheduler's loop)."""
+    return sum(len(ws.has_what) for ws in dask_scheduler.workers.values())
 
 
 def _worker_keys(dask_worker: Any) -> int:
@@ -566,14 +571,14 @@ def _dask_build_and_converge(args: argparse.Namespace, keys: int) -> Figures:
         client.amm.start()
         prober.start()
         converged: float | None = None
-        nkeys = nreplicas = held = verified = 0
+        nreplicas = held = verified = 0
         try:
             while time.perf_counter() - started < args.timeout:
                 time.sleep(CHECK_EVERY)
                 # The scheduler forgets a replica as soon as it asks a worker to drop it, so its
                 # who_has alone is optimistic: the workers' own stores must agree.
-                nkeys, nreplicas = client.run_on_scheduler(_scheduler_replicas)
-                if nkeys == keys and nreplicas == keys:
+                nreplicas = client.run_on_scheduler(_scheduler_replicas)
+                if nreplicas == keys:
                     verified += 1
                     held = sum(client.run(_worker_keys).values())
                     if held == keys:
@@ -850,8 +855,9 @@ def _load(load: tuple[float, float, float]) -> str:
 def _notes(args: argparse.Namespace, dask_note: str) -> list[str]:
     notes = [
         f"converged: both systems alike, every {CHECK_EVERY:g} s the manager's belief is read "
-        "(amm: GetStatus totals; Dask: the scheduler's who_has), and once it counts one replica "
-        "per key the workers' own stores are asked (amm: HoldsKeys of every key on every agent, "
+        "(amm: the keys of each worker, ListWorkers; Dask: the keys of each worker state, "
+        "has_what), and once it counts K replicas in all the workers' own stores are asked "
+        "(amm: HoldsKeys of every key on every agent, "
         "directly, each key must be held exactly once; Dask: client.run, the workers' data must "
         "hold K keys in all); converged is the time that answer came in, else the belief is "
         "read again.",
