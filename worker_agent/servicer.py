@@ -120,15 +120,15 @@ def reason_to_proto(reason: Reason | None) -> types_pb2.RefusalReason.ValueType:
 
 
 def directive_from_proto(message: types_pb2.Directive) -> Directive:
-    return Directive(
-        id=message.id,
-        epoch=message.epoch,
-        op=_OPS.get(message.op, Op.UNSPECIFIED),
-        key=Key(message.key),
-        size=message.size,
-        checksum=message.checksum,
-        sources=tuple(message.sources),
-        holders=tuple(message.holders),
+    return Directive(  # positional: a batch brings thousands
+        message.id,
+        message.epoch,
+        _OPS.get(message.op, Op.UNSPECIFIED),
+        Key(message.key),
+        message.size,
+        message.checksum,
+        tuple(message.sources),
+        tuple(message.holders),
     )
 
 
@@ -724,7 +724,13 @@ class WorkerAgentServicer(agent_pb2_grpc.WorkerAgentServicer):
             for item in request.items:
                 if pace.due():
                     await pace.breathe()
-                items.append((_key(item.key), _checksum(item.checksum)))
+                key, digest = item.key, item.checksum
+                # Checked as ``_key`` and ``_checksum`` do, the usual case without a call each.
+                if not key or len(key) * 4 > MAX_KEY_BYTES:
+                    key = _key(key)
+                if digest and not integrity.is_checksum(digest):
+                    digest = _checksum(digest)
+                items.append((Key(key), digest))
             lease = _requested_lease(request, self._node.config.max_lease)
             log.debug("%s asked to keep %d keys", request.requester, len(items))
             response = agent_pb2.PromiseKeepBatchResponse()
