@@ -251,9 +251,8 @@ class Node:
     def holds(self, keys: Sequence[Key]) -> Holdings:
         """Which of ``keys`` are held now (each once, in the order asked): a read of the store in
         one step, so it is answered between two steps of any bulk work under way."""
-        info = self.store.info
-        found = (info(key) for key in dict.fromkeys(keys))
-        return Holdings(self.incarnation, self.store.version, tuple(k for k in found if k))
+        found = self.store.infos(dict.fromkeys(keys))
+        return Holdings(self.incarnation, self.store.version, tuple(found))
 
     def poll(
         self,

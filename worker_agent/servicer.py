@@ -342,7 +342,10 @@ class WorkerAgentServicer(agent_pb2_grpc.WorkerAgentServicer):
                 raise InvalidRequest(
                     f"{len(request.keys)} keys exceed the {MAX_HOLDS_KEYS} of one request"
                 )
-            held = self._node.holds([_key(key) for key in request.keys])
+            held = self._node.holds(
+                # Checked as ``_key`` does, the usual case without a call each.
+                [Key(k) if k and len(k) * 4 <= MAX_KEY_BYTES else _key(k) for k in request.keys]
+            )
             response = agent_pb2.HoldsKeysResponse(
                 incarnation=held.incarnation, version=held.version
             )

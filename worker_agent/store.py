@@ -199,6 +199,17 @@ class Store:
     def info(self, key: Key) -> KeyInfo | None:
         return self._info(key) if key in self._values else None
 
+    def infos(self, keys: Iterable[Key]) -> list[KeyInfo]:
+        """What ``info`` says of each of ``keys`` held, in order (one lookup each: a HoldsKeys
+        call asks for 10,000)."""
+        values, pins = self._values, self._pins
+        found = []
+        for key in keys:
+            value = values.get(key)
+            if value is not None:
+                found.append(KeyInfo(key, len(value.data), value.checksum, pins.get(key, 0) > 0))
+        return found
+
     def _info(self, key: Key) -> KeyInfo:
         value = self._values[key]
         return KeyInfo(key, value.size, value.checksum, self._pins.get(key, 0) > 0)
