@@ -52,8 +52,11 @@ from amm.base.units import format_bytes, parse_size
 from amm.tables import render_table
 from amm.v1 import agent_pb2, agent_pb2_grpc
 
-#: Seconds between two convergence checks.
-CHECK_EVERY = 0.5
+#: Seconds between two reads of the manager's belief (amm: ListWorkers; Dask: the scheduler's
+#: worker states) while waiting for convergence, for both systems alike.
+CHECK_EVERY = 0.1
+#: Most keys asked of an agent in one HoldsKeys call (``worker_agent.servicer.MAX_HOLDS_KEYS``).
+HOLDS_CHUNK = 10_000
 #: Seconds between two RSS samples of the measured process.
 RSS_EVERY = 0.05
 #: Seconds the latency probe rests between two rounds of control calls.
@@ -210,10 +213,16 @@ async def _amm_build_and_converge(
 
         before = await client.status()
         meter = ProcessMeter(cluster.service_pid)
+        agent_meters = [ProcessMeter(pid) for pid in cluster.worker_pids.values()]
         lat = Latencies()
         stop = asyncio.Event()
-        meter.start()
+        for one in (meter, *agent_meters):
+            one.start()
         spy = _py_spy(args.py_spy, cluster.service_pid, keys)
+        agent_spies = [
+            _py_spy(args.py_spy_agents, pid, keys, f"-agent{n}")
+            for n, pid in enumerate(cluster.worker_pids.values())
+        ]
         window = time.time()
         started = time.perf_counter()
         await client.amm.start()
@@ -222,36 +231,55 @@ async def _amm_build_and_converge(
         )
         converged: float | None = None
         last = before
+        verified = 0
         try:
             deadline = started + args.timeout
             while time.perf_counter() < deadline:
                 await asyncio.sleep(CHECK_EVERY)
-                # Honest, not the AMM's belief: workers(fresh=True) makes the AMM poll every
-                # agent before it answers, so the totals read right after count what the agents
-                # hold now (drops applied and not yet polled would otherwise be missed, and
-                # drops in flight counted as done). (A fresh who_has of one key asks the agents
-                # for that key only.)
+                # The AMM's belief first, as Dask's scheduler's below: cheap (ListWorkers, not
+                # GetStatus, whose report of the last cycle is built again as it progresses),
+                # and optimistic (a drop in flight may be counted as done).
                 try:
-                    await client.workers(fresh=True)
-                    last = await client.status()
+                    held = sum(w.key_count for w in await client.workers())
+                    if args.trace:
+                        last = await client.status()
+                        t = last.totals
+                        print(
+                            f"  {time.perf_counter() - started:6.2f} s: cycle {last.cycles}, "
+                            f"{t.replicas:,} replicas, {t.directives_in_flight:,} in flight, "
+                            f"{t.directives_applied:,} applied",
+                            flush=True,
+                        )
                 except AmmError as err:
                     print(f"  convergence check failed: {err}", flush=True)
                     continue
-                if last.totals.keys == keys and last.totals.replicas == keys:
+                if held != keys:
+                    continue
+                # Then the agents' own stores, asked directly (HoldsKeys, every key): converged
+                # when they hold every key exactly once, counted when that answer is in.
+                verified += 1
+                asked = time.perf_counter()
+                if await _agents_hold_once(targets, list(data)):
                     converged = time.perf_counter() - started
+                    figures["verify_s"] = time.perf_counter() - asked
                     break
         finally:
             stop.set()
-            meter.stop()
-            _py_spy_stop(spy)
+            for one in (meter, *agent_meters):
+                one.stop()
+            for one in (spy, *agent_spies):
+                _py_spy_stop(one)
             with contextlib.suppress(TimeoutError):  # then wait_for cancelled a stuck call
                 await asyncio.wait_for(probe, 10)
             await client.amm.stop()
+            with contextlib.suppress(AmmError):
+                last = await client.status()
         totals, base = last.totals, before.totals
         figures["converge_s"] = (
             converged if converged is not None else not_done("converged", args.timeout)
         )
         figures["replicas_at_end"] = totals.replicas
+        figures["verifications"] = verified
         figures["cycles"] = last.cycles - before.cycles
         figures["directives_sent"] = totals.directives_sent - base.directives_sent
         figures["directives_applied"] = totals.directives_applied - base.directives_applied
@@ -263,8 +291,30 @@ async def _amm_build_and_converge(
             figures.update(_loop_holds(args.loop_probe, window, time.time()))
         figures["cpu_s"] = meter.cpu_seconds
         figures["peak_rss_bytes"] = meter.peak_rss
+        figures["workers_cpu_s"] = sum(m.cpu_seconds for m in agent_meters)
         figures.update(lat.figures())
     return figures
+
+
+async def _agents_hold_once(agents: list[str], keys: list[str]) -> bool:
+    """Whether the agents' stores hold each of ``keys`` exactly once between them, asked of each
+    agent directly (HoldsKeys, read-only: no poll state or epoch of the AMM's is touched)."""
+    counts: collections.Counter[str] = collections.Counter()
+
+    async def ask(address: str) -> None:
+        async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
+            stub = agent_pb2_grpc.WorkerAgentStub(channel)
+            for start in range(0, len(keys), HOLDS_CHUNK):
+                request = agent_pb2.HoldsKeysRequest(keys=keys[start : start + HOLDS_CHUNK])
+                answer = await stub.HoldsKeys(request, timeout=60)
+                counts.update(info.key for info in answer.keys)
+
+    try:
+        await asyncio.gather(*(ask(address) for address in agents))
+    except grpc.aio.AioRpcError as err:
+        print(f"  verification failed: {err.code().name}", flush=True)
+        return False
+    return len(counts) == len(keys) and all(n == 1 for n in counts.values())
 
 
 def _loop_holds(path: Path, start: float, end: float) -> Figures:
@@ -293,12 +343,15 @@ def _loop_holds(path: Path, start: float, end: float) -> Figures:
     }
 
 
-def _py_spy(path: Path | None, pid: int, keys: int) -> Any:
-    """py-spy recording the AMM while it converges (``--py-spy``), or None."""
+def _py_spy(path: Path | None, pid: int, keys: int, suffix: str = "") -> Any:
+    """py-spy recording a process (the AMM, ``--py-spy``; each agent, ``--py-spy-agents``)
+    while the AMM converges, or None."""
     if path is None:
         return None
-    out = path.with_name(f"{path.stem}-{keys}{path.suffix or '.txt'}")
-    command = ["py-spy", "record", "--pid", str(pid), "--rate", "200", "--format", "raw"]
+    out = path.with_name(f"{path.stem}-{keys}{suffix}{path.suffix or '.txt'}")
+    beside = Path(sys.executable).with_name("py-spy")  # the venv's, when not on the PATH
+    command = [str(beside) if beside.exists() else "py-spy", "record", "--pid", str(pid)]
+    command += ["--rate", "200", "--format", "raw", "--nonblocking"]
     if os.environ.get("BENCH_PY_SPY_NATIVE"):
         command.append("--native")
     return subprocess.Popen([*command, "--output", str(out)], stdout=subprocess.DEVNULL)
@@ -361,7 +414,7 @@ async def _until(
     while time.perf_counter() - started < limit:
         if await check():
             return time.perf_counter() - started
-        await asyncio.sleep(CHECK_EVERY / 5)
+        await asyncio.sleep(CHECK_EVERY)
     return not_done(what, limit)
 
 
@@ -399,9 +452,10 @@ def _guarded(system: str, phase: Callable[[], Figures]) -> Figures:
 # -- Dask ------------------------------------------------------------------------------------------
 
 
-def _scheduler_replicas(dask_scheduler: Any) -> tuple[int, int]:
-    tasks = dask_scheduler.tasks.values()
-    return sum(1 for ts in tasks if ts.who_has), sum(len(ts.who_has) for ts in tasks)
+def _scheduler_replicas(dask_scheduler: Any) -> int:
+    """The replicas the scheduler believes its workers hold, in all: a sum over the workers,
+    not a scan of every task (which, every ``CHECK_EVERY`` s, held the scheduler's loop)."""
+    return sum(len(ws.has_what) for ws in dask_scheduler.workers.values())
 
 
 def _worker_keys(dask_worker: Any) -> int:
@@ -507,39 +561,47 @@ def _dask_build_and_converge(args: argparse.Namespace, keys: int) -> Figures:
         # The scheduler is in this process (LocalCluster), with this script's client and
         # threads: its CPU and RSS are this process's.
         meter = ProcessMeter(os.getpid())
+        worker_meters = [ProcessMeter(pid) for pid in client.run(os.getpid).values()]
         lat = Latencies()
         stop = threading.Event()
         prober = threading.Thread(
             target=_dask_probe, args=(client, probe_key, stop, lat), daemon=True
         )
-        meter.start()
+        for one in (meter, *worker_meters):
+            one.start()
         started = time.perf_counter()
         client.amm.start()
         prober.start()
         converged: float | None = None
-        nkeys = nreplicas = held = 0
+        nreplicas = held = verified = 0
         try:
             while time.perf_counter() - started < args.timeout:
                 time.sleep(CHECK_EVERY)
                 # The scheduler forgets a replica as soon as it asks a worker to drop it, so its
                 # who_has alone is optimistic: the workers' own stores must agree.
-                nkeys, nreplicas = client.run_on_scheduler(_scheduler_replicas)
-                if nkeys == keys and nreplicas == keys:
+                nreplicas = client.run_on_scheduler(_scheduler_replicas)
+                if nreplicas == keys:
+                    verified += 1
+                    asked = time.perf_counter()
                     held = sum(client.run(_worker_keys).values())
                     if held == keys:
                         converged = time.perf_counter() - started
+                        figures["verify_s"] = time.perf_counter() - asked
                         break
         finally:
             stop.set()
-            meter.stop()
+            for one in (meter, *worker_meters):
+                one.stop()
             prober.join(timeout=30)
             client.amm.stop()
         figures["converge_s"] = (
             converged if converged is not None else not_done("converged", args.timeout)
         )
         figures["replicas_at_end"] = nreplicas  # the scheduler's count
+        figures["verifications"] = verified
         figures["cpu_s"] = meter.cpu_seconds
         figures["peak_rss_bytes"] = meter.peak_rss
+        figures["workers_cpu_s"] = sum(m.cpu_seconds for m in worker_meters)
         figures.update(lat.figures())
         client.cancel(list(futures.values()))
     return figures
@@ -600,6 +662,8 @@ def _rows_for_shape() -> list[tuple[str, str, str]]:
         ("build_s", "build: put K keys on R workers", "s"),
         ("converge_s", "converge: until 1 replica per key", "s"),
         ("replicas_at_end", "  replicas at the last check", "n"),
+        ("verifications", "  checks of the workers' stores", "n"),
+        ("verify_s", "  the last check took (counted in converge)", "s"),
         ("cycles", "  AMM cycles", "n"),
         ("directives_needed", "  directives needed, K x (R-1)", "n"),
         ("directives_sent", "  directives sent", "n"),
@@ -609,6 +673,7 @@ def _rows_for_shape() -> list[tuple[str, str, str]]:
         ("recent_refusals", "  reasons of the last refusals kept", "t"),
         ("cpu_s", "  AMM CPU while converging", "s"),
         ("peak_rss_bytes", "  AMM peak RSS while converging", "b"),
+        ("workers_cpu_s", "  workers' CPU while converging, all", "s"),
         ("loop_holds", "  AMM loop held > 20 ms of CPU (--loop-probe)", "n"),
         ("loop_hold_max_ms", "  longest hold, CPU", "ms"),
         ("loop_hold_sites", "  where, most often", "t"),
@@ -725,6 +790,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="PATH",
         help="record the AMM with py-spy while it converges (raw, collapsed stacks; PATH-KEYS)",
     )
+    parser.add_argument(
+        "--trace", action="store_true", help="print the AMM's totals at each convergence check"
+    )
+    parser.add_argument(
+        "--py-spy-agents",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="record each agent with py-spy while the AMM converges (PATH-KEYS-agentN)",
+    )
     args = parser.parse_args(argv)
     if args.keys is None:
         args.keys = [2_000] if args.quick else [10_000, 100_000]
@@ -784,9 +859,13 @@ def _load(load: tuple[float, float, float]) -> str:
 
 def _notes(args: argparse.Namespace, dask_note: str) -> list[str]:
     notes = [
-        "converged: amm: after a fresh poll of every agent (workers(fresh=True)), GetStatus "
-        "counts one replica per key; Dask: the scheduler counts one replica per key and the "
-        f"workers' stores hold K keys in all; checked every {CHECK_EVERY:g} s.",
+        f"converged: both systems alike, every {CHECK_EVERY:g} s the manager's belief is read "
+        "(amm: the keys of each worker, ListWorkers; Dask: the keys of each worker state, "
+        "has_what), and once it counts K replicas in all the workers' own stores are asked "
+        "(amm: HoldsKeys of every key on every agent, "
+        "directly, each key must be held exactly once; Dask: client.run, the workers' data must "
+        "hold K keys in all); converged is the time that answer came in, else the belief is "
+        "read again.",
         "amm's AMM runs in its own process; Dask's scheduler runs in this one (LocalCluster), so "
         "its CPU and RSS include this script's client and threads.",
         "latency: one call at a time in a loop while converging; who_has is fresh (amm asks "

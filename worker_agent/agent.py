@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import math
 import time
@@ -36,6 +37,7 @@ from worker_agent.bulk import BulkServer, host_of
 from worker_agent.config import AgentConfig
 from worker_agent.confirm import KnownKey, Membership
 from worker_agent.errors import Unavailable
+from worker_agent.heap import Heap
 from worker_agent.memory import MemoryProbe, PsutilProbe
 from worker_agent.node import Node
 from worker_agent.servicer import SERVICE_NAME, WorkerAgentServicer, add_to_server
@@ -450,16 +452,23 @@ class Agent:
         await self.stop()
 
     async def _sample_memory(self) -> None:
-        """Keep the unmanaged-memory window filled even when nobody polls; and now and then
-        let go of what the agent no longer needs (``Node.housekeeping``)."""
+        """Keep the unmanaged-memory window filled even when nobody polls; keep a big store out
+        of full garbage collections (``heap``); and now and then let go of what the agent no
+        longer needs (``Node.housekeeping``)."""
         loop = asyncio.get_running_loop()
         tidied = loop.time()
-        while True:
-            await asyncio.sleep(self.config.memory_interval)
-            self.node.sample_memory()
-            if loop.time() - tidied >= HOUSEKEEPING_INTERVAL:
-                tidied = loop.time()
-                self.node.housekeeping()
+        heap = Heap()
+        try:
+            while True:
+                await asyncio.sleep(self.config.memory_interval)
+                self.node.sample_memory()
+                heap.settle(len(self.node.store))
+                if loop.time() - tidied >= HOUSEKEEPING_INTERVAL:
+                    tidied = loop.time()
+                    self.node.housekeeping()
+        finally:
+            if heap.frozen:  # an agent run in a bigger process leaves it as it found it
+                gc.unfreeze()
 
     async def _register(self, amm: control_pb2_grpc.ActiveMemoryManagerAsyncStub) -> None:
         """Register with the AMM, retrying with backoff, and again after any long silence.

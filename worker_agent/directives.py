@@ -12,6 +12,7 @@ import asyncio
 import collections
 import contextlib
 import enum
+import functools
 import logging
 import math
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -48,6 +49,8 @@ MAX_KEEP_WAIT = 8.0
 
 
 class OutcomeStatus(enum.Enum):
+    __hash__ = object.__hash__  # by identity, as it compares (see ``integrity.Reason``)
+
     APPLIED = 1
     REFUSED = 2
     FAILED = 3
@@ -65,6 +68,12 @@ class Outcome(NamedTuple):
     duplicate: bool = False
 
 
+@functools.lru_cache(maxsize=256)
+def _kept_by(keeper: str) -> Accept:
+    """The verdict of a drop that ``keeper`` promised to keep, made once per keeper."""
+    return Accept(message=f"dropped; {keeper} keeps it")
+
+
 def _describe(answer: PromiseAnswer) -> str:
     if answer.kept:
         return f"{answer.address}: kept but granted no lease (an older agent?), not relied on"
@@ -78,7 +87,7 @@ class _Drop:
 
     directive: Directive
     checksum: str
-    keepers: list[str]
+    keepers: tuple[str, ...]
     answers: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -178,7 +187,9 @@ class DirectiveRunner:
         # By id: what the directive was about (key, op), how it ended and when (``_Done``).
         self._history: collections.OrderedDict[str, _Done] = collections.OrderedDict()
         self._history_limit = history_limit
-        self._running: dict[str, tuple[_Subject, asyncio.Future[Outcome]]] = {}
+        # By id: what the directive is about and the future of its outcome, keyed by id (a
+        # batch of drops shares one future, set once for all its ids).
+        self._running: dict[str, tuple[_Subject, asyncio.Future[dict[str, Outcome]]]] = {}
         # One batch of drops at a time: they are CPU work on this loop and on the keepers',
         # and run side by side they only slowed each other past their promise deadlines.
         self._dropping = asyncio.Lock()
@@ -237,15 +248,15 @@ class DirectiveRunner:
                 break
             running = entry[1]
             try:
-                outcome = await asyncio.shield(running)
+                outcomes = await asyncio.shield(running)
             except asyncio.CancelledError:
                 task = asyncio.current_task()
                 if running.cancelled() and task is not None and not task.cancelling():
                     continue
                 raise
-            return outcome._replace(duplicate=True)
+            return outcomes[directive.id]._replace(duplicate=True)
 
-        future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[dict[str, Outcome]] = asyncio.get_running_loop().create_future()
         self._running[directive.id] = (subject, future)
         try:
             outcome = await self._execute(directive)
@@ -264,7 +275,7 @@ class DirectiveRunner:
             )
         finally:
             del self._running[directive.id]
-        future.set_result(outcome)
+        future.set_result({directive.id: outcome})
         self._remember(subject, outcome)
         return outcome
 
@@ -293,7 +304,7 @@ class DirectiveRunner:
         candidates: list[Directive] = []
         alone: list[Directive] = []
         for directive in directives:
-            if await pace():
+            if pace.due() and await pace.breathe():
                 cond = self._conditions()
             if (
                 directive.op is Op.DROP
@@ -332,16 +343,18 @@ class DirectiveRunner:
         A candidate joins the batch if its id is new and its key is not taken (by an earlier
         candidate or a directive in hand), checked and registered as running in one synchronous
         step; the others are handed to ``aside`` (run alone, as if sent alone). Registration and
-        settling pause between directives, never within one."""
-        loop = asyncio.get_running_loop()
+        settling pause between directives, never within one. The batch's ids share one future of
+        their outcomes (a future per drop was a tenth of the batch's bookkeeping)."""
+        batch: asyncio.Future[dict[str, Outcome]] = asyncio.get_running_loop().create_future()
+        running = self._running
         drops: list[Directive] = []
         subjects: list[_Subject] = []
-        futures: list[asyncio.Future[Outcome]] = []
         keys: set[Key] = set()
         outcomes: list[Outcome] = []
         try:
             for directive in candidates:
-                await pace()
+                if pace.due():
+                    await pace.breathe()
                 if (
                     directive.key in keys
                     or directive.key in self._locks
@@ -352,12 +365,11 @@ class DirectiveRunner:
                 keys.add(directive.key)
                 self._observe_epoch(directive.epoch)
                 subject = _Subject(directive.key, directive.op)
-                future: asyncio.Future[Outcome] = loop.create_future()
-                self._running[directive.id] = (subject, future)
+                running[directive.id] = (subject, batch)
                 drops.append(directive)
                 subjects.append(subject)
-                futures.append(future)
             if not drops:
+                batch.cancel()
                 return []
             vetted, outcome_of = await self._vet_peers(drops)
             if vetted:
@@ -368,9 +380,9 @@ class DirectiveRunner:
                     )
             outcomes = [outcome_of[d.id] for d in drops]
         except asyncio.CancelledError:
-            for directive, future in zip(drops, futures, strict=True):
-                del self._running[directive.id]
-                future.cancel()
+            for directive in drops:
+                del running[directive.id]
+            batch.cancel()
             raise
         except Exception as err:
             log.exception("a batch of %d drops failed unexpectedly", len(drops))
@@ -378,29 +390,28 @@ class DirectiveRunner:
             version = self._store.version
             outcomes = [Outcome(d.id, OutcomeStatus.FAILED, None, message, version) for d in drops]
             self.counts[Op.DROP, OutcomeStatus.FAILED, None] += len(drops)
-        # Each id leaves the running and enters the history in one step: a repeated id finds
-        # one or the other, never neither. Cancelled during a pause, the rest is settled at once.
+        # The outcomes are known to whoever waits on the batch before any id leaves the running;
+        # then each id leaves the running and enters the history in one step: a repeated id
+        # finds one or the other, never neither. Cancelled during a pause, the rest is settled
+        # at once.
+        batch.set_result({d.id: o for d, o in zip(drops, outcomes, strict=True)})
         settled = 0
+        now = self._clock()
         try:
-            for directive, subject, future, outcome in zip(
-                drops, subjects, futures, outcomes, strict=True
-            ):
-                await pace()
-                del self._running[directive.id]
-                future.set_result(outcome)
-                self._remember(subject, outcome)
+            for directive, subject, outcome in zip(drops, subjects, outcomes, strict=True):
+                if pace.due() and await pace.breathe():
+                    now = self._clock()
+                del running[directive.id]
+                self._remember(subject, outcome, now, expire=False)
                 settled += 1
         finally:
-            for directive, subject, future, outcome in zip(
-                drops[settled:],
-                subjects[settled:],
-                futures[settled:],
-                outcomes[settled:],
-                strict=True,
+            now = self._clock()
+            for directive, subject, outcome in zip(
+                drops[settled:], subjects[settled:], outcomes[settled:], strict=True
             ):
-                del self._running[directive.id]
-                future.set_result(outcome)
-                self._remember(subject, outcome)
+                del running[directive.id]
+                self._remember(subject, outcome, now, expire=False)
+            self.expire_history(now)
         return outcomes
 
     async def drop_for_delete(self, key: Key, checksum: str, keepers: Sequence[str]) -> Outcome:
@@ -555,15 +566,21 @@ class DirectiveRunner:
         conditions and clock are read again after each pause."""
         store, me = self._store, self._address()
         cond, now = self._conditions(), self._clock()
+        # The holders named, without this agent, by the tuple named: a batch names few sets.
+        keepers_of: dict[tuple[str, ...], tuple[str, ...]] = {}
         for directive in drops:
-            if await pace():
+            if pace.due() and await pace.breathe():
                 cond, now = self._conditions(), self._clock()
             # Validated and judged for its epoch already (``run_batch``, ``_execute``).
             verdict = integrity.judge_drop(store, directive, cond, now)
             if isinstance(verdict, Refuse) or verdict.noop:
                 done[directive.id] = self._outcome(directive, verdict)
                 continue
-            keepers = [holder for holder in dict.fromkeys(directive.holders) if holder != me]
+            keepers = keepers_of.get(directive.holders)
+            if keepers is None:
+                keepers = keepers_of[directive.holders] = tuple(
+                    holder for holder in dict.fromkeys(directive.holders) if holder != me
+                )
             held = store.get(directive.key)
             if not keepers or held is None:
                 done[directive.id] = self._outcome(
@@ -619,7 +636,8 @@ class DirectiveRunner:
                         for drop, answer in zip(chunk, task.result(), strict=True):
                             # Each drop is settled in one synchronous step (``_settle_drop``
                             # re-judges and removes together), so pausing between them is safe.
-                            await pace()
+                            if pace.due():
+                                await pace.breathe()
                             if drop.directive.id not in waiting:
                                 continue
                             verdict = self._settle_drop(drop, keeper, answer, asked_at, lease)
@@ -663,7 +681,7 @@ class DirectiveRunner:
         verdict = integrity.judge_drop_commit(self._store, key, drop.checksum, self._clock())
         if isinstance(verdict, Accept) and not verdict.noop:
             self._store.remove(key)
-            verdict = Accept(message=f"dropped; {keeper} keeps it")
+            verdict = _kept_by(keeper)
         return verdict
 
     async def _replicate(self, directive: Directive) -> Outcome:
@@ -715,8 +733,14 @@ class DirectiveRunner:
         self.counts[directive.op, status, verdict.reason] += 1
         return Outcome(directive.id, status, verdict.reason, verdict.message, version)
 
-    def _remember(self, subject: _Subject, outcome: Outcome) -> None:
-        reason, now = outcome.reason, self._clock()
+    def _remember(
+        self, subject: _Subject, outcome: Outcome, now: float | None = None, *, expire: bool = True
+    ) -> None:
+        """Note how ``outcome`` ended, at ``now`` (the clock by default); ``expire`` False leaves
+        letting go of old outcomes to the caller (``expire_history``, once for a batch)."""
+        reason = outcome.reason
+        if now is None:
+            now = self._clock()
         self._history[outcome.directive_id] = (
             subject.key,
             subject.op.value,
@@ -729,7 +753,8 @@ class DirectiveRunner:
         )
         if len(self._history) > self._history_limit:
             self._history.popitem(last=False)
-        self.expire_history(now)
+        if expire:
+            self.expire_history(now)
 
     def expire_history(self, now: float) -> None:
         """Let go of the outcomes older than ``HISTORY_TTL``, oldest first."""

@@ -11,19 +11,20 @@ at the gRPC edge (``servicer``).
 from __future__ import annotations
 
 import enum
-import re
 from dataclasses import dataclass
 from typing import NamedTuple
 
 from amm.base.validation import bad_addresses, epoch_problem, is_address
 from worker_agent.store import MAX_KEY_BYTES, Key, Store
 
-_CHECKSUM = re.compile(r"[0-9a-f]{64}")
+_HEX_DIGITS = "0123456789abcdef"
 
 
 def is_checksum(text: str) -> bool:
-    """Lowercase hexadecimal SHA-256, as the contract spells every checksum."""
-    return _CHECKSUM.fullmatch(text) is not None
+    """Lowercase hexadecimal SHA-256, as the contract spells every checksum. (Stripping the
+    digits leaves nothing of one: a third of the cost of a regular expression, judged for every
+    key of every batch of drops and promises.)"""
+    return len(text) == 64 and not text.strip(_HEX_DIGITS)
 
 
 def is_peer_address(text: str) -> bool:
@@ -34,6 +35,10 @@ def is_peer_address(text: str) -> bool:
 
 class Reason(enum.Enum):
     """Why a directive or a request was refused or failed (``amm.v1.RefusalReason``)."""
+
+    # By identity, as they compare: Enum hashes the member's name in Python, and every outcome
+    # of a batch of thousands is counted by (op, status, reason).
+    __hash__ = object.__hash__
 
     STALE_EPOCH = 1
     INVALID = 2
@@ -55,6 +60,10 @@ class Reason(enum.Enum):
 
 class Op(enum.Enum):
     """What a directive asks for; UNSPECIFIED stands for anything this agent does not know."""
+
+    # By identity, as they compare: Enum hashes the member's name in Python, and every outcome
+    # of a batch of thousands is counted by (op, status, reason).
+    __hash__ = object.__hash__
 
     UNSPECIFIED = 0
     REPLICATE = 1
@@ -108,6 +117,9 @@ class Refuse:
 
 
 Verdict = Accept | Refuse
+
+#: The plain go-ahead, made once: judged for every key of a batch of thousands (it is frozen).
+GO = Accept()
 
 
 def judge(store: Store, directive: Directive, cond: Conditions, now: float) -> Verdict:
@@ -184,7 +196,7 @@ def judge_drop(store: Store, directive: Directive, cond: Conditions, now: float)
     if store.is_dropping(key):
         return Refuse(Reason.DROPPING, f"already dropping {key!r}")
     blocked = _local_blockers(store, key, now)
-    return blocked if blocked is not None else Accept()
+    return blocked if blocked is not None else GO
 
 
 def judge_drop_commit(store: Store, key: Key, checksum: str, now: float) -> Verdict:
@@ -199,7 +211,7 @@ def judge_drop_commit(store: Store, key: Key, checksum: str, now: float) -> Verd
     if held.checksum != checksum:
         return Refuse(Reason.NOT_HELD, f"the content under {key!r} changed while dropping")
     blocked = _local_blockers(store, key, now)
-    return blocked if blocked is not None else Accept()
+    return blocked if blocked is not None else GO
 
 
 def judge_replicate(
@@ -255,7 +267,7 @@ def judge_keep(store: Store, key: Key, checksum: str, cond: Conditions) -> Verdi
         return Refuse(Reason.NOT_HELD, f"holds other content under {key!r}")
     if store.is_dropping(key):
         return Refuse(Reason.DROPPING, f"is dropping {key!r} itself")
-    return Accept()
+    return GO
 
 
 def judge_delete(store: Store, key: Key, now: float, *, forget: bool = False) -> Verdict:
@@ -269,7 +281,7 @@ def judge_delete(store: Store, key: Key, now: float, *, forget: bool = False) ->
     if key not in store:
         return Accept(noop=True, message="not held")
     blocked = _local_blockers(store, key, now, promises=not forget, readers=not forget)
-    return blocked if blocked is not None else Accept()
+    return blocked if blocked is not None else GO
 
 
 def judge_put(store: Store, key: Key, size: int, cond: Conditions) -> Verdict:
@@ -303,7 +315,7 @@ def _fits(store: Store, size: int, cond: Conditions) -> Verdict:
             f"{cond.memory_limit} bytes managed"
             + (f", {in_flight} more being received or served" if in_flight else ""),
         )
-    return Accept()
+    return GO
 
 
 def _local_blockers(

@@ -120,15 +120,15 @@ def reason_to_proto(reason: Reason | None) -> types_pb2.RefusalReason.ValueType:
 
 
 def directive_from_proto(message: types_pb2.Directive) -> Directive:
-    return Directive(
-        id=message.id,
-        epoch=message.epoch,
-        op=_OPS.get(message.op, Op.UNSPECIFIED),
-        key=Key(message.key),
-        size=message.size,
-        checksum=message.checksum,
-        sources=tuple(message.sources),
-        holders=tuple(message.holders),
+    return Directive(  # positional: a batch brings thousands
+        message.id,
+        message.epoch,
+        _OPS.get(message.op, Op.UNSPECIFIED),
+        Key(message.key),
+        message.size,
+        message.checksum,
+        tuple(message.sources),
+        tuple(message.holders),
     )
 
 
@@ -136,7 +136,8 @@ async def _directives_from_proto(messages: Sequence[types_pb2.Directive]) -> lis
     """``directive_from_proto`` for a batch of thousands, letting the loop in (``pacing``)."""
     directives, pace = [], Pace()
     for message in messages:
-        await pace()
+        if pace.due():
+            await pace.breathe()
         directives.append(directive_from_proto(message))
     return directives
 
@@ -148,9 +149,16 @@ def outcome_to_proto(outcome: Outcome) -> types_pb2.DirectiveOutcome:
 def outcomes_response(outcomes: Iterable[Outcome]) -> agent_pb2.DirectivesResponse:
     """One batch of outcomes, each built in place (a list handed over is copied)."""
     response = agent_pb2.DirectivesResponse()
-    add = response.batch.add
-    for outcome in outcomes:
-        add(**_outcome_fields(outcome))
+    add, statuses = response.batch.add, _OUTCOME_STATUS
+    for o in outcomes:  # fields named here, not through ``_outcome_fields``: a dict less each
+        add(
+            directive_id=o.directive_id,
+            status=statuses[o.status],
+            reason=reason_to_proto(o.reason),
+            message=o.message,
+            inventory_version=o.inventory_version,
+            duplicate=o.duplicate,
+        )
     return response
 
 
@@ -341,7 +349,10 @@ class WorkerAgentServicer(agent_pb2_grpc.WorkerAgentServicer):
                 raise InvalidRequest(
                     f"{len(request.keys)} keys exceed the {MAX_HOLDS_KEYS} of one request"
                 )
-            held = self._node.holds([_key(key) for key in request.keys])
+            held = self._node.holds(
+                # Checked as ``_key`` does, the usual case without a call each.
+                [Key(k) if k and len(k) * 4 <= MAX_KEY_BYTES else _key(k) for k in request.keys]
+            )
             response = agent_pb2.HoldsKeysResponse(
                 incarnation=held.incarnation, version=held.version
             )
@@ -721,8 +732,15 @@ class WorkerAgentServicer(agent_pb2_grpc.WorkerAgentServicer):
             pace = Pace()
             items = []
             for item in request.items:
-                await pace()
-                items.append((_key(item.key), _checksum(item.checksum)))
+                if pace.due():
+                    await pace.breathe()
+                key, digest = item.key, item.checksum
+                # Checked as ``_key`` and ``_checksum`` do, the usual case without a call each.
+                if not key or len(key) * 4 > MAX_KEY_BYTES:
+                    key = _key(key)
+                if digest and not integrity.is_checksum(digest):
+                    digest = _checksum(digest)
+                items.append((Key(key), digest))
             lease = _requested_lease(request, self._node.config.max_lease)
             log.debug("%s asked to keep %d keys", request.requester, len(items))
             response = agent_pb2.PromiseKeepBatchResponse()

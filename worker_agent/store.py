@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import NewType
+from typing import NamedTuple, NewType
 
 from sortedcontainers import SortedList
 
@@ -61,9 +61,9 @@ class Value:
         return len(self.data)
 
 
-@dataclass(frozen=True, slots=True)
-class KeyInfo:
-    """What a poll reports about one key."""
+class KeyInfo(NamedTuple):
+    """What a poll reports about one key; a NamedTuple, made for each key of every snapshot
+    page (a frozen dataclass sets each field through ``object.__setattr__``)."""
 
     key: Key
     size: int
@@ -100,7 +100,8 @@ class _Budget:
         self._used = 0
 
     def take(self, key: Key) -> bool:
-        cost = len(key.encode()) + KEY_INFO_OVERHEAD
+        # An ASCII key's UTF-8 is as long as it is: most keys, not encoded again for each page.
+        cost = (len(key) if key.isascii() else len(key.encode())) + KEY_INFO_OVERHEAD
         if self._count and (
             (self._keys is not None and self._count >= self._keys)
             or (self._bytes is not None and self._used + cost > self._bytes)
@@ -199,6 +200,17 @@ class Store:
     def info(self, key: Key) -> KeyInfo | None:
         return self._info(key) if key in self._values else None
 
+    def infos(self, keys: Iterable[Key]) -> list[KeyInfo]:
+        """What ``info`` says of each of ``keys`` held, in order (one lookup each: a HoldsKeys
+        call asks for 10,000)."""
+        values, pins = self._values, self._pins
+        found = []
+        for key in keys:
+            value = values.get(key)
+            if value is not None:
+                found.append(KeyInfo(key, len(value.data), value.checksum, pins.get(key, 0) > 0))
+        return found
+
     def _info(self, key: Key) -> KeyInfo:
         value = self._values[key]
         return KeyInfo(key, value.size, value.checksum, self._pins.get(key, 0) > 0)
@@ -212,12 +224,14 @@ class Store:
     ) -> Page:
         """The keys after ``after`` (from the first when None) in key order, within the limits."""
         budget = _Budget(max_keys, max_bytes)
+        take, values, pins = budget.take, self._values, self._pins
         keys: list[KeyInfo] = []
         following = self._sorted.irange(minimum=after, inclusive=(False, True))
         for key in following:
-            if not budget.take(key):
+            if not take(key):
                 return Page(tuple(keys), keys[-1].key)
-            keys.append(self._info(key))
+            value = values[key]  # ``_info``, inline: a page has up to 50,000 keys
+            keys.append(KeyInfo(key, len(value.data), value.checksum, pins.get(key, 0) > 0))
         return Page(tuple(keys), None)
 
     def add(self, key: Key, data: bytes, checksum: str) -> bool:
@@ -423,12 +437,13 @@ class Store:
             changed[key] = None
         upserts: list[KeyInfo] = []
         removed: list[Key] = []
+        values, pins = self._values, self._pins
         for key in changed:
-            info = self.info(key)
-            if info is None:
+            value = values.get(key)  # ``info``, inline: a big batch of drops removes thousands
+            if value is None:
                 removed.append(key)
             else:
-                upserts.append(info)
+                upserts.append(KeyInfo(key, len(value.data), value.checksum, pins.get(key, 0) > 0))
         return Changes(tuple(upserts), tuple(removed), version, more)
 
     def release_changes(self, upto: int) -> None:

@@ -389,12 +389,21 @@ class ActiveMemoryManager:
         on as fast as its transfers complete. A cycle that sent nothing, or whose directives
         were all refused, waits for the interval as usual, unless ``wake`` is called (which
         also cuts short the wait for a cycle's outcomes).
+
+        The same holds for the last cycle that sent directives when a later one polled while
+        some of them were still unanswered (a big cycle's directives take longer than the
+        interval to carry out, and the cycles meanwhile plan nothing new): once they all have an
+        answer and one was applied, the next cycle follows up, so the AMM's view catches up with
+        what was done instead of an interval later.
         """
         interval = self.config.interval
         follow_up = min(interval, max(FOLLOW_UP, interval / 20))
+        sent: CycleRecord | None = None  # the last cycle that sent directives
         while go_on() and not self.fenced:
             started = self._monotonic()
             self._woken.clear()
+            # Some of its directives unanswered as this cycle polls: their effects may be missed.
+            behind = sent is not None and sent.unsettled > 0
             record = None
             try:
                 record = await self.run_cycle()
@@ -408,10 +417,14 @@ class ActiveMemoryManager:
                 log.exception("%s failed; the next one runs as usual", what)
             rest = max(0.0, interval - (self._monotonic() - started))
             if record is not None and record.planned_count:
+                sent = record
+            elif not behind:
+                sent = None  # a poll after every answer saw their effects: nothing to follow
+            if sent is not None:
                 waited = self._monotonic()
-                await self._settled_or_woken(record, rest)
+                await self._settled_or_woken(sent, rest)
                 rest = max(0.0, rest - (self._monotonic() - waited))
-                if record.unsettled == 0 and record.applied:
+                if sent.unsettled == 0 and sent.applied:
                     rest = min(rest, max(0.0, follow_up - (self._monotonic() - started)))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._woken.wait(), rest)

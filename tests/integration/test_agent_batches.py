@@ -167,3 +167,50 @@ async def test_agents_report_their_features() -> None:
         features = set((await poll(again)).features)
         assert {"directive-batches", "keep-batches"} <= features
         assert (await poll(stub)).features == (await poll(again)).features
+
+
+class _GatedKeeper(_CountingKeeper):
+    """A real keeper that answers PromiseKeepBatch only once ``gate`` is set."""
+
+    def __init__(self, target: Stub) -> None:
+        super().__init__(target)
+        self.asked = asyncio.Event()
+        self.gate = asyncio.Event()
+
+    async def PromiseKeepBatch(
+        self, request: Any, context: Any
+    ) -> agent_pb2.PromiseKeepBatchResponse:
+        self.asked.set()
+        await self.gate.wait()
+        return await super().PromiseKeepBatch(request, context)
+
+
+async def test_ids_repeated_while_their_batch_runs_get_the_batch_outcomes() -> None:
+    """The drops of a batch share one future of their outcomes: each repeated id, sent alone
+    while the batch waits for its keeper, gets its own directive's outcome, as a duplicate,
+    and is not carried out again."""
+    async with agents(2) as [(a, stub_a), (_, stub_b)]:
+        keys = [f"shared-{i}" for i in range(50)]
+        for key in keys:
+            await put(stub_a, key, DATA)
+            await put(stub_b, key, DATA)
+        gated = _GatedKeeper(stub_b)  # type: ignore[abstract]
+        async with fake_peer(gated) as keeper, directive_stream(stub_a) as amm:
+            batch = [drop(key, [keeper], checksum=DIGEST) for key in keys]
+            await amm.send_batch(batch)
+            await asyncio.wait_for(gated.asked.wait(), 20)
+            for directive in (batch[7], batch[31]):
+                await amm.send(directive)
+            gated.gate.set()
+            outcomes: list[Any] = []
+            while len(outcomes) < len(batch) + 2:
+                response = await amm.next_response(within=20)
+                assert response is not None, "the stream ended before every outcome"
+                outcomes.extend(response.batch if not response.HasField("outcome") else [])
+                if response.HasField("outcome"):
+                    outcomes.append(response.outcome)
+        repeated = [o for o in outcomes if o.duplicate]
+        assert sorted(o.directive_id for o in repeated) == sorted([batch[7].id, batch[31].id])
+        assert {status(o) for o in outcomes} == {"APPLIED"}
+        assert gated.calls == {"PromiseKeepBatch": 1}, "the repeated ids were not run again"
+        assert not any(key in a.store for key in keys)

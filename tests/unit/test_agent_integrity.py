@@ -203,3 +203,19 @@ def test_forget_is_held_back_by_pins_only() -> None:
     assert integrity.judge_delete(store, K, NOW, forget=True) == Accept()
     store.pin(K)
     assert reason(integrity.judge_delete(store, K, NOW, forget=True)) is Reason.PINNED
+
+
+def test_a_checksum_is_64_lowercase_hexadecimal_digits_and_nothing_else() -> None:
+    digest = checksum(b"x")
+    assert integrity.is_checksum(digest)
+    for wrong in (
+        digest.upper(),
+        digest[:-1],
+        digest + "0",
+        digest[:-1] + "g",
+        digest[:-1] + "\n",
+        " " + digest[1:],
+        "",
+        "\u0663" * 64,  # a digit, but not an ASCII one
+    ):
+        assert not integrity.is_checksum(wrong), wrong

@@ -153,6 +153,18 @@ def test_snapshot_pages_follow_key_order_within_the_limits() -> None:
     assert store.snapshot_page(None).keys == tuple(store.snapshot())
 
 
+def test_pages_count_the_utf8_bytes_of_keys_that_are_not_ascii() -> None:
+    store = Store()
+    for i in range(5):
+        add(store, Key(f"{i}" + "\u00e9" * 500))  # 501 characters, 1,001 bytes
+    cost = 1001 + KEY_INFO_OVERHEAD
+    assert len(store.snapshot_page(None, max_bytes=3 * cost).keys) == 3
+    assert len(store.snapshot_page(None, max_bytes=3 * cost - 1).keys) == 2
+    changes = store.changes_since(0, max_bytes=2 * cost)
+    assert changes is not None
+    assert len(changes.upserts) == 2
+
+
 def test_pages_are_cut_by_bytes_too_but_always_progress() -> None:
     """50,000 keys of 1 KiB would not fit in one 16 MiB message."""
     store = Store()
