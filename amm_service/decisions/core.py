@@ -425,8 +425,10 @@ def _drop_rank(ws: WorkerView) -> int:
 
 
 #: Units of work (suggestions of one, directives in flight counted) between two yields of
-#: ``planning``: about 10 ms of planning.
-STEP = 2_048
+#: ``planning``: about 1-2 ms of planning (a step of 2,048 held the AMM's loop for 30-95 ms of
+#: CPU on a busy machine; the caller's ``pacing.Budget`` lets the loop in every few steps, so
+#: small steps cost no more pauses).
+STEP = 256
 #: The work a policy's pause stands for (``SCAN_STEP`` keys looked at; see ``PolicyRun``).
 PAUSE_WORK = STEP // 4
 

@@ -17,11 +17,18 @@ A port of Dask's policy of the same name, counting the way the Replicate policy 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Set
+from collections.abc import Mapping, Set
 from dataclasses import dataclass
 
 from amm_service.decisions.view import ClusterView, Goal, Key, Measure, WorkerId, WorkerView
-from amm_service.policies.base import SCAN_STEP, PendingView, PolicyRun, TrackedPending, drop
+from amm_service.policies.base import (
+    SCAN_STEP,
+    PendingView,
+    PolicyRun,
+    TrackedPending,
+    drop,
+    sorted_in_steps,
+)
 from amm_service.policies.goals import GoalCounter
 
 
@@ -69,13 +76,15 @@ class ReduceReplicas:
         ledger_feed = tracked.feed if tracked is not None else None
         workers = _workers(view.workers)
         goals = view.goals
-        keys: Iterable[Key] = sorted(view.replicated)
+        keys: list[Key] | None = None
         others: Set[Key] = frozenset()
         if tracked is not None and ledger_feed is not None:
             others = tracked.picked()  # by earlier policies of this cycle
             todo = None if looked is None else self._todo(looked, view, tracked, workers)
             if todo is not None:
-                keys = sorted((todo | others) & view.replicated)
+                keys = yield from sorted_in_steps((todo | others) & view.replicated)
+        if keys is None:
+            keys = yield from sorted_in_steps(view.replicated)
         counter = GoalCounter(view.workers)
         leaving = frozenset(w for w, ws in view.workers.items() if ws.serves and not ws.durable)
         reasons: dict[tuple[int, int], str] = {}
