@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
+
+from amm_service.decisions import pending
 from amm_service.decisions.directive import Directive, Op, Outcome, OutcomeStatus
 from amm_service.decisions.pending import InFlight, Ledger
 from amm_service.decisions.view import Key, WorkerId
@@ -149,3 +152,35 @@ def test_a_key_with_several_directives_in_flight_keeps_each_until_settled() -> N
     assert ledger.in_flight(Key("x")) == InFlight(frozenset(), frozenset({a}))
     ledger.settle(Outcome("1", OutcomeStatus.REFUSED, "PINNED"))
     assert ledger.in_flight(Key("x")) == InFlight()
+
+
+def test_observing_answers_out_of_order_looks_at_one_step_of_entries_at_a_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A worker's answers out of version order are settled a step at a time, not sorted first
+    in one go (75k entries sorted held the AMM's loop for 25-33 ms), and exactly as before."""
+    looked = 0
+    version = pending._version
+
+    def counted(entry: pending.Entry) -> int:
+        nonlocal looked
+        looked += 1
+        return version(entry)
+
+    monkeypatch.setattr(pending, "_version", counted)
+    ledger = Ledger()
+    versions = list(range(1, 1001))
+    versions[0], versions[-1] = versions[-1], versions[0]  # the first answer came last
+    for n, v in enumerate(versions):
+        ledger.add(directive(str(n), key=f"k{n}"), now=0.0)
+        ledger.settle(Outcome(str(n), OutcomeStatus.APPLIED, inventory_version=v))
+    looked = 0
+    most = 0
+    for _ in ledger.observing({WorkerId("a"): 500}.get, step=100):
+        most, looked = max(most, looked), 0
+    assert most <= 100
+    assert sorted(int(e.directive.id) for e in ledger) == [
+        n for n, v in enumerate(versions) if v > 500
+    ]
+    ledger.observe({WorkerId("a"): 1000}.get)
+    assert len(ledger) == 0
