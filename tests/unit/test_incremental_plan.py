@@ -8,7 +8,7 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator
 
-from amm_service.decisions.core import Plan, PlanConfig, plan
+from amm_service.decisions.core import Plan, PlanConfig, plan, planning, step
 from amm_service.decisions.directive import Directive, Op, Outcome, OutcomeStatus
 from amm_service.decisions.journal import Journal
 from amm_service.decisions.pending import InFlight, Ledger
@@ -243,3 +243,21 @@ def _random_cycles(rng: random.Random) -> None:
         if rng.random() < 0.1:
             state.missed_poll(rng.choice(workers))
         assert all(d.op is Op.DROP for d in kept.directives)
+
+
+def test_telling_what_changed_among_many_keys_asked_pauses() -> None:
+    """After a cycle that dropped copies of 5,000 keys, the next one checks each of them (their
+    drops may not all have reached the ledger) with pauses in between: in one go, checking 100k
+    held the AMM's loop for 50 ms."""
+    keys = _keys(5_000)
+    state = cluster({"a": keys, "b": keys})
+    ledger, policy = CountingLedger(), ReduceReplicas()
+    _send(ledger, plan(state.snapshot(), [policy], ledger, CFG, new_ids()))
+    ledger.asked.clear()
+    steps = planning(state.snapshot(), [policy], ledger, CFG, new_ids("e"))
+    pauses = 0
+    while not isinstance(done := step(steps), Plan):
+        pauses += 1
+    assert done.directives == ()
+    assert ledger.asked == []  # nothing changed: no key is looked at
+    assert pauses >= len(keys) // 1_000
