@@ -155,6 +155,9 @@ class _CyclePending:
     def changed_since(self, uid: int, position: int) -> set[Key] | None:
         return self._ledger.changed_since(uid, position) if self._ledger is not None else None
 
+    def noted_since(self, uid: int, position: int) -> list[Key] | None:
+        return self._ledger.noted_since(uid, position) if self._ledger is not None else None
+
     def count(self, key: Key) -> int:
         return self._ledger.count(key) if self._ledger is not None else 0
 

@@ -237,6 +237,10 @@ class Ledger:
         """The keys ``journal`` noted since ``position`` (None: not known, see ``Journal``)."""
         return self.journal.since(uid, position)
 
+    def noted_since(self, uid: int, position: int) -> list[Key] | None:
+        """``changed_since`` as ``journal`` noted it, in order and with repeats (cheap)."""
+        return self.journal.noted(uid, position)
+
     @property
     def feed(self) -> tuple[int, int]:
         """``(uid, position)`` of ``journal`` now, to hand back to ``changed_since`` later."""

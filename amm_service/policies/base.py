@@ -84,6 +84,10 @@ class TrackedPending(PendingView, Protocol):
         ``(uid, position)``: an entry left the ledger or a replication was added (a drop added
         only lessens what is left to do). None: not known."""
 
+    def noted_since(self, uid: int, position: int) -> list[Key] | None:
+        """``changed_since`` as the ledger's journal noted it, in order and with repeats: cheap
+        to get, for a policy that makes a set of it in steps."""
+
     def count(self, key: Key) -> int:
         """How many directives of ``key`` the ledger holds (those of this cycle once sent)."""
 

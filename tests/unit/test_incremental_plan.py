@@ -164,6 +164,12 @@ def test_journal_forgets_its_oldest_half_and_says_so() -> None:
     assert journal.since(uid, middle) == {f"k{n}" for n in range(8, 12)}
     assert journal.since(uid + 1_000_000, middle) is None
     assert len(journal) <= 10
+    # As noted, for a reader that makes the set in steps: the same keys, or None alike.
+    journal.note("k8")
+    assert journal.noted(uid, middle) == ["k8", "k9", "k10", "k11", "k8"]
+    assert journal.noted(uid, middle, middle + 2) == ["k8", "k9"]
+    assert journal.noted(uid, start) is None
+    assert journal.noted(uid + 1_000_000, middle) is None
 
 
 def test_incremental_plans_equal_fresh_plans_through_random_changes() -> None:
