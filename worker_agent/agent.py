@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import math
 import time
@@ -27,6 +26,7 @@ from typing import Any, Self
 import grpc
 from google.protobuf.duration_pb2 import Duration
 
+from amm.base.heap import HeapFreezer
 from amm.base.metrics import MetricsEndpoint
 from amm.base.serving import CHANNEL_OPTIONS, Served, bound_address, open_channel, serve
 from amm.base.validation import address_problem, epoch_problem
@@ -37,7 +37,6 @@ from worker_agent.bulk import BulkServer, host_of
 from worker_agent.config import AgentConfig
 from worker_agent.confirm import KnownKey, Membership
 from worker_agent.errors import Unavailable
-from worker_agent.heap import Heap
 from worker_agent.memory import MemoryProbe, PsutilProbe
 from worker_agent.node import Node
 from worker_agent.servicer import SERVICE_NAME, WorkerAgentServicer, add_to_server
@@ -80,6 +79,10 @@ DRAIN_REGISTER_BACKOFF = 0.25
 RECONNECT_PAUSE = 0.05
 #: Seconds between two ``Node.housekeeping`` calls (expired tombstones, memory freed).
 HOUSEKEEPING_INTERVAL = 5.0
+#: Keys held from which the agent keeps its heap frozen (``amm.base.heap``): a full garbage
+#: collection of an agent holding 100k keys held its loop for 30-40 ms of CPU every second or
+#: so while it dropped them (a HoldsKeys or a poll waited as long); below, collections are short.
+FREEZE_FROM = 10_000
 #: Deadline of a call that confirms an epoch or peers with the AMM (GetMembership). Generous:
 #: an AMM planning a cycle of 100k keys answers control calls up to about 1 s late.
 CONFIRM_TIMEOUT = 5.0
@@ -453,22 +456,21 @@ class Agent:
 
     async def _sample_memory(self) -> None:
         """Keep the unmanaged-memory window filled even when nobody polls; keep a big store out
-        of full garbage collections (``heap``); and now and then let go of what the agent no
-        longer needs (``Node.housekeeping``)."""
+        of full garbage collections (``FREEZE_FROM``); and now and then let go of what the
+        agent no longer needs (``Node.housekeeping``)."""
         loop = asyncio.get_running_loop()
         tidied = loop.time()
-        heap = Heap()
+        heap = HeapFreezer()
         try:
             while True:
                 await asyncio.sleep(self.config.memory_interval)
                 self.node.sample_memory()
-                heap.settle(len(self.node.store))
+                heap.freeze(big=len(self.node.store) >= FREEZE_FROM)
                 if loop.time() - tidied >= HOUSEKEEPING_INTERVAL:
                     tidied = loop.time()
                     self.node.housekeeping()
         finally:
-            if heap.frozen:  # an agent run in a bigger process leaves it as it found it
-                gc.unfreeze()
+            heap.thaw()  # an agent run in a bigger process leaves it as it found it
 
     async def _register(self, amm: control_pb2_grpc.ActiveMemoryManagerAsyncStub) -> None:
         """Register with the AMM, retrying with backoff, and again after any long silence.

@@ -18,11 +18,12 @@ import grpc
 from amm.base.security import caller, may_act_as
 from amm.v1 import control_pb2, control_pb2_grpc, types_pb2
 from amm_service import wire
-from amm_service.decisions.directive import OutcomeStatus
+from amm_service.decisions.core import Rejection
+from amm_service.decisions.directive import Outcome, OutcomeStatus
 from amm_service.decisions.view import Measure, WorkerId, WorkerView
 from amm_service.errors import AmmServiceError, InvalidArgument, PermissionDenied
 from amm_service.runtime.addresses import address_order
-from amm_service.runtime.cycle import CycleRecord
+from amm_service.runtime.cycle import CycleRecord, DirectiveRecord
 from amm_service.runtime.event_feed import Gap
 from amm_service.runtime.manager import ActiveMemoryManager
 
@@ -85,13 +86,16 @@ class ControlServicer(control_pb2_grpc.ActiveMemoryManagerServicer):
     def __init__(self, manager: ActiveMemoryManager) -> None:
         self._amm = manager
         self._reported: tuple[tuple[int, int, int, int, int], types_pb2.CycleReport] | None = None
+        self._parts = ReportParts()
 
     def _last_cycle_pb(self, record: CycleRecord) -> types_pb2.CycleReport:
         """The last cycle's report, built again only when it changed: monitors call GetStatus
-        often, and a report lists up to 1,000 directives."""
+        often, and a report lists up to 1,000 directives. While a big cycle's outcomes come in
+        it changes at every call: only the records of directives answered since are built
+        again (``ReportParts``)."""
         progress = _progress(record)
         if self._reported is None or self._reported[0] != progress:
-            self._reported = (progress, cycle_to_pb(record))
+            self._reported = (progress, cycle_to_pb(record, self._parts))
         return self._reported[1]
 
     @_edge
@@ -431,8 +435,66 @@ def _progress(record: CycleRecord) -> tuple[int, int, int, int, int]:
     return (record.number, record.applied, record.refused, record.failed, record.timed_out)
 
 
-def cycle_to_pb(record: CycleRecord) -> types_pb2.CycleReport:
+class ReportParts:
+    """What the report of one cycle reuses from its last build: the record of each directive
+    whose outcome did not change since, and the rejections (fixed once planned). Building all
+    1,000 records again at each GetStatus while a 100k-key cycle's outcomes came in held the
+    AMM's loop for 27 ms (loop_probe), in the call itself."""
+
+    def __init__(self) -> None:
+        self.number = -1
+        self.records: dict[str, tuple[Outcome | None, bool, float, types_pb2.DirectiveRecord]] = {}
+        self.rejections: tuple[tuple[Rejection, ...], list[types_pb2.Rejection]] | None = None
+
+    def of(self, record: CycleRecord) -> ReportParts:
+        """These parts, for ``record`` (emptied when it is another cycle's)."""
+        if record.number != self.number:
+            self.number, self.rejections = record.number, None
+            self.records.clear()
+        return self
+
+    def directive(self, record: DirectiveRecord, dry_run: bool) -> types_pb2.DirectiveRecord:
+        key = record.directive.id
+        known = self.records.get(key)
+        if (
+            known is not None
+            and known[0] is record.outcome
+            and known[1] == record.timed_out
+            and known[2] == record.sent_at
+        ):
+            return known[3]
+        built = _directive_record_pb(record, dry_run)
+        self.records[key] = (record.outcome, record.timed_out, record.sent_at, built)
+        return built
+
+    def rejected(self, rejections: tuple[Rejection, ...]) -> list[types_pb2.Rejection]:
+        if self.rejections is None or self.rejections[0] is not rejections:
+            self.rejections = (rejections, [wire.rejection_to_pb(r) for r in rejections])
+        return self.rejections[1]
+
+
+def _directive_record_pb(r: DirectiveRecord, dry_run: bool) -> types_pb2.DirectiveRecord:
+    return types_pb2.DirectiveRecord(
+        directive=wire.directive_to_pb(r.directive),
+        worker=r.directive.worker,
+        policy=r.directive.policy,
+        outcome=wire.outcome_to_pb(r.outcome) if r.outcome else None,
+        sent_at=None if dry_run else wire.timestamp(r.sent_at),
+        timed_out=r.timed_out,
+    )
+
+
+def cycle_to_pb(record: CycleRecord, parts: ReportParts | None = None) -> types_pb2.CycleReport:
+    """``record`` as reported; with ``parts``, what did not change since the last report of the
+    same cycle is reused."""
     directives = list(record.directives.values())
+    if parts is None:
+        rejections = [wire.rejection_to_pb(r) for r in record.rejections]
+        records = [_directive_record_pb(r, record.dry_run) for r in directives]
+    else:
+        parts = parts.of(record)
+        rejections = parts.rejected(record.rejections)
+        records = [parts.directive(r, record.dry_run) for r in directives]
     return types_pb2.CycleReport(
         number=record.number,
         started_at=wire.timestamp(record.started_at),
@@ -444,19 +506,9 @@ def cycle_to_pb(record: CycleRecord) -> types_pb2.CycleReport:
         refused=record.count(OutcomeStatus.REFUSED),
         failed=record.count(OutcomeStatus.FAILED),
         rejected=record.rejected,
-        rejections=[wire.rejection_to_pb(r) for r in record.rejections],
+        rejections=rejections,
         unreachable_workers=list(record.unreachable),
-        directives=[
-            types_pb2.DirectiveRecord(
-                directive=wire.directive_to_pb(r.directive),
-                worker=r.directive.worker,
-                policy=r.directive.policy,
-                outcome=wire.outcome_to_pb(r.outcome) if r.outcome else None,
-                sent_at=None if record.dry_run else wire.timestamp(r.sent_at),
-                timed_out=r.timed_out,
-            )
-            for r in directives
-        ],
+        directives=records,
         dry_run=record.dry_run,
         startup_grace=record.startup_grace,
     )

@@ -155,6 +155,9 @@ class _CyclePending:
     def changed_since(self, uid: int, position: int) -> set[Key] | None:
         return self._ledger.changed_since(uid, position) if self._ledger is not None else None
 
+    def noted_since(self, uid: int, position: int) -> list[Key] | None:
+        return self._ledger.noted_since(uid, position) if self._ledger is not None else None
+
     def count(self, key: Key) -> int:
         return self._ledger.count(key) if self._ledger is not None else 0
 
@@ -425,8 +428,10 @@ def _drop_rank(ws: WorkerView) -> int:
 
 
 #: Units of work (suggestions of one, directives in flight counted) between two yields of
-#: ``planning``: about 10 ms of planning.
-STEP = 2_048
+#: ``planning``: about 1-2 ms of planning (a step of 2,048 held the AMM's loop for 30-95 ms of
+#: CPU on a busy machine; the caller's ``pacing.Budget`` lets the loop in every few steps, so
+#: small steps cost no more pauses).
+STEP = 256
 #: The work a policy's pause stands for (``SCAN_STEP`` keys looked at; see ``PolicyRun``).
 PAUSE_WORK = STEP // 4
 

@@ -53,10 +53,17 @@ class Journal(Generic[K]):
     def since(self, uid: int, start: int, end: int | None = None) -> set[K] | None:
         """The keys noted from ``start`` up to ``end`` (now, if None); None when ``uid`` is
         another journal's or the journal has forgotten part of that stretch."""
+        noted = self.noted(uid, start, end)
+        return None if noted is None else set(noted)
+
+    def noted(self, uid: int, start: int, end: int | None = None) -> list[K] | None:
+        """``since`` as noted, in order and with repeats: a copy of part of a list, cheap even
+        for hundreds of thousands of keys, for a caller that makes a set of them in steps (in
+        one go, the set held the AMM's loop for 30-90 ms in a 100k-key cycle)."""
         if uid != self.uid or start < self._base:
             return None
         stop = self.position if end is None else min(end, self.position)
-        return set(self._keys[start - self._base : stop - self._base])
+        return self._keys[start - self._base : stop - self._base]
 
     def __len__(self) -> int:
         return len(self._keys)

@@ -150,10 +150,27 @@ class Ledger:
             if seen is None or applied is None or answered is None:
                 continue
             if worker in self._unsorted:
-                order = sorted(range(len(answered)), key=answered.__getitem__)
-                applied[:] = [applied[i] for i in order]
-                answered[:] = array("q", [answered[i] for i in order])
-                self._unsorted.discard(worker)
+                # Settled in steps too, not sorted first: sorting 75k entries in one go held
+                # the AMM's loop for 25-33 ms. What is left stays unsorted (few entries).
+                n = len(applied)
+                kept: list[Entry] = []
+                kept_versions = array("q")
+                for start in range(0, n, step):
+                    for i in range(start, min(n, start + step)):
+                        entry, version = applied[i], answered[i]
+                        if version > seen:
+                            kept.append(entry)
+                            kept_versions.append(version)
+                        elif entries.get(entry.directive.id) is entry:
+                            self._remove(entry)
+                    yield
+                applied[:n] = kept  # answers that arrived meanwhile were appended
+                answered[:n] = kept_versions
+                if not applied and self._applied.get(worker) is applied:
+                    del self._applied[worker]
+                    self._versions.pop(worker, None)
+                    self._unsorted.discard(worker)
+                continue
             done = bisect.bisect_right(answered, seen)
             for start in range(0, done, step):
                 for entry in applied[start : min(done, start + step)]:
@@ -259,6 +276,10 @@ class Ledger:
     def changed_since(self, uid: int, position: int) -> set[Key] | None:
         """The keys ``journal`` noted since ``position`` (None: not known, see ``Journal``)."""
         return self.journal.since(uid, position)
+
+    def noted_since(self, uid: int, position: int) -> list[Key] | None:
+        """``changed_since`` as ``journal`` noted it, in order and with repeats (cheap)."""
+        return self.journal.noted(uid, position)
 
     @property
     def feed(self) -> tuple[int, int]:

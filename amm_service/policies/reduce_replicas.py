@@ -17,11 +17,19 @@ A port of Dask's policy of the same name, counting the way the Replicate policy 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Set
+from collections.abc import Generator, Mapping, Set
 from dataclasses import dataclass
 
 from amm_service.decisions.view import ClusterView, Goal, Key, Measure, WorkerId, WorkerView
-from amm_service.policies.base import SCAN_STEP, PendingView, PolicyRun, TrackedPending, drop
+from amm_service.policies.base import (
+    SCAN_STEP,
+    SORT_STEP,
+    PendingView,
+    PolicyRun,
+    TrackedPending,
+    drop,
+    sorted_in_steps,
+)
 from amm_service.policies.goals import GoalCounter
 
 
@@ -69,13 +77,17 @@ class ReduceReplicas:
         ledger_feed = tracked.feed if tracked is not None else None
         workers = _workers(view.workers)
         goals = view.goals
-        keys: Iterable[Key] = sorted(view.replicated)
+        keys: list[Key] | None = None
         others: Set[Key] = frozenset()
         if tracked is not None and ledger_feed is not None:
             others = tracked.picked()  # by earlier policies of this cycle
-            todo = None if looked is None else self._todo(looked, view, tracked, workers)
+            todo = (
+                None if looked is None else (yield from self._todo(looked, view, tracked, workers))
+            )
             if todo is not None:
-                keys = sorted((todo | others) & view.replicated)
+                keys = yield from sorted_in_steps((todo | others) & view.replicated)
+        if keys is None:
+            keys = yield from sorted_in_steps(view.replicated)
         counter = GoalCounter(view.workers)
         leaving = frozenset(w for w, ws in view.workers.items() if ws.serves and not ws.durable)
         reasons: dict[tuple[int, int], str] = {}
@@ -126,17 +138,26 @@ class ReduceReplicas:
         view: ClusterView,
         pending: TrackedPending,
         workers: frozenset[tuple[WorkerId, bool, bool, bool]],
-    ) -> set[Key] | None:
-        """The keys that may have changed since ``looked``; None: any may have."""
+    ) -> Generator[None, None, set[Key] | None]:
+        """The keys that may have changed since ``looked``; None: any may have. With pauses
+        (``None``, see ``PolicyRun``): checking the 100k keys asked last time in one go held the
+        AMM's loop for 50 ms."""
         if workers != looked.workers or view.goals != looked.goals:
             return None
-        changed = view.changed_since(*looked.view_feed)
-        flown = pending.changed_since(*looked.ledger_feed)
+        changed = view.noted_since(*looked.view_feed)
+        flown = pending.noted_since(*looked.ledger_feed)
         if changed is None or flown is None:
             return None
-        todo = changed | flown | looked.again
+        todo = set(looked.again)
+        for keys in (changed, flown):  # hundreds of thousands noted in a big cycle
+            for start in range(0, len(keys), SORT_STEP):
+                yield None
+                todo.update(keys[start : start + SORT_STEP])
         count = pending.count
-        todo.update(key for key, n in looked.asked.items() if count(key) < n)
+        asked = list(looked.asked.items())
+        for start in range(0, len(asked), SCAN_STEP):
+            yield None
+            todo.update(key for key, n in asked[start : start + SCAN_STEP] if count(key) < n)
         return todo
 
     def __repr__(self) -> str:

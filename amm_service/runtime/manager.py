@@ -769,7 +769,7 @@ class ActiveMemoryManager:
             if ws is not None and ws.last_poll is not None:
                 held = self._replacing.pop(worker)
                 self._losing(worker, held, "restarted (registered again as a new process)")
-        self.storing.polled(self.state)
+        await self.storing.polled(self.state)
         born, gone = self.state.take_changes()
         back = self._lost.recovered(born)
         if back:

@@ -14,6 +14,7 @@ import gc
 import time
 from collections.abc import Callable, Iterator
 
+from amm.base import heap
 from amm.base.turns import PAUSE, Turns
 
 #: Most seconds of bulk work between two breaths (``Budget``).
@@ -98,39 +99,18 @@ def gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-#: Seconds between two thaws of the frozen heap (see ``HeapFreezer``).
-THAW_EVERY = 300.0
-
-
-class HeapFreezer:
-    """Keeps the AMM's long-lived state out of the cyclic garbage collector's full collections.
+class HeapFreezer(heap.HeapFreezer):
+    """Keeps the AMM's long-lived state out of the cyclic garbage collector's full collections
+    (``amm.base.heap``).
 
     With 100k keys the AMM holds millions of objects (the cluster state, the ledger), nearly
     all acyclic and freed by reference counting. Each full collection walks all of them (100-300
-    ms with the loop held, 12% of the AMM's CPU in a 100k-key cycle, measured with py-spy).
-    ``freeze`` after each poll round and cycle moves what exists into the permanent generation,
-    which the collector skips; objects in it are still freed by reference counting as usual. Only
-    garbage in reference cycles frozen before it was collected waits for the next thaw: every
-    ``thaw_every`` seconds ``freeze`` thaws the heap and collects it whole, once, with the loop
-    held, before it freezes it again. A small AMM (``big`` false) is left to the collector as it
-    is.
-    """
-
-    def __init__(
-        self, thaw_every: float = THAW_EVERY, clock: Callable[[], float] = time.monotonic
-    ) -> None:
-        self._thaw_every = thaw_every
-        self._clock = clock
-        self._thawed = clock()
+    ms with the loop held, 12% of the AMM's CPU in a 100k-key cycle, measured with py-spy): the
+    AMM freezes after each poll round and cycle. A frozen heap also has ``gc_paused`` freeze
+    what each bulk step leaves."""
 
     def freeze(self, big: bool = True) -> None:
         global _frozen, _left
-        now = self._clock()
-        if now - self._thawed >= self._thaw_every:
-            self._thawed = now
-            gc.unfreeze()
-            gc.collect()  # now: bulk steps freeze what they leave, the thawed heap with it
-        if big:
-            gc.freeze()
+        super().freeze(big)
         _frozen = big
         _left = 0

@@ -49,7 +49,10 @@ from amm_service.runtime.tombstones import NOTHING, Push, TombstoneBook
 
 log = logging.getLogger(__name__)
 
-PAGE_KEYS = 10_000
+#: Keys asked for in one poll answer. The agent builds a page in one step of its event loop: pages
+#: of 10,000 held it for about 20 ms of CPU each (a loop probe in the agents while the AMM read
+#: their 100k-key snapshots), what a HoldsKeys (a fresh who_has) then waited for.
+PAGE_KEYS = 4_000
 #: Keys (reported or removed) decoded or merged into the state in one slice; the event loop is
 #: let in once a slice ends ``pacing.BUDGET`` after the last breath. 2,500 at a time held the
 #: loop for 40-120 ms of CPU during a 100k-key cycle on a busy machine (``loop_probe``).

@@ -8,7 +8,7 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator
 
-from amm_service.decisions.core import Plan, PlanConfig, plan
+from amm_service.decisions.core import Plan, PlanConfig, plan, planning, step
 from amm_service.decisions.directive import Directive, Op, Outcome, OutcomeStatus
 from amm_service.decisions.journal import Journal
 from amm_service.decisions.pending import InFlight, Ledger
@@ -164,6 +164,12 @@ def test_journal_forgets_its_oldest_half_and_says_so() -> None:
     assert journal.since(uid, middle) == {f"k{n}" for n in range(8, 12)}
     assert journal.since(uid + 1_000_000, middle) is None
     assert len(journal) <= 10
+    # As noted, for a reader that makes the set in steps: the same keys, or None alike.
+    journal.note("k8")
+    assert journal.noted(uid, middle) == ["k8", "k9", "k10", "k11", "k8"]
+    assert journal.noted(uid, middle, middle + 2) == ["k8", "k9"]
+    assert journal.noted(uid, start) is None
+    assert journal.noted(uid + 1_000_000, middle) is None
 
 
 def test_incremental_plans_equal_fresh_plans_through_random_changes() -> None:
@@ -243,3 +249,21 @@ def _random_cycles(rng: random.Random) -> None:
         if rng.random() < 0.1:
             state.missed_poll(rng.choice(workers))
         assert all(d.op is Op.DROP for d in kept.directives)
+
+
+def test_telling_what_changed_among_many_keys_asked_pauses() -> None:
+    """After a cycle that dropped copies of 5,000 keys, the next one checks each of them (their
+    drops may not all have reached the ledger) with pauses in between: in one go, checking 100k
+    held the AMM's loop for 50 ms."""
+    keys = _keys(5_000)
+    state = cluster({"a": keys, "b": keys})
+    ledger, policy = CountingLedger(), ReduceReplicas()
+    _send(ledger, plan(state.snapshot(), [policy], ledger, CFG, new_ids()))
+    ledger.asked.clear()
+    steps = planning(state.snapshot(), [policy], ledger, CFG, new_ids("e"))
+    pauses = 0
+    while not isinstance(done := step(steps), Plan):
+        pauses += 1
+    assert done.directives == ()
+    assert ledger.asked == []  # nothing changed: no key is looked at
+    assert pauses >= len(keys) // 1_000

@@ -173,3 +173,19 @@ def test_copies_applied_on_a_worker_gone_before_a_poll_are_no_longer_in_flight()
     # A later poll of b (it came back) settles the rest as before, the copy skipped.
     ledger.observe({WorkerId("b"): 9, WorkerId("c"): 9}.get)
     assert {e.directive.id for e in ledger} == {"waiting"}
+
+
+def test_observing_answers_out_of_order_looks_at_one_step_of_entries_at_a_time() -> None:
+    """A worker's answers out of version order are settled a step at a time, not sorted first
+    in one go (75k entries sorted held the AMM's loop for 25-33 ms), and exactly as before."""
+    ledger = Ledger()
+    versions = list(range(1, 1001))
+    versions[0], versions[-1] = versions[-1], versions[0]  # the first answer came last
+    for n, v in enumerate(versions):
+        ledger.add(directive(str(n), key=f"k{n}"), now=0.0)
+        ledger.settle(Outcome(str(n), OutcomeStatus.APPLIED, inventory_version=v))
+    steps = sum(1 for _ in ledger.observing({WorkerId("a"): 500}.get, step=100))
+    assert steps == 10, "every one of the 1,000 entries is looked at, 100 a step"
+    assert sorted(int(e.directive.id) for e in ledger) == [
+        n for n, v in enumerate(versions) if v > 500
+    ]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from amm_service.decisions.core import Plan, PlanConfig, Steps, plan, planning, step
@@ -9,7 +11,7 @@ from amm_service.decisions.directive import Op
 from amm_service.decisions.pending import Ledger
 from amm_service.decisions.view import Key, WorkerId
 from amm_service.policies import PolicyError, build_all
-from amm_service.policies.base import SCAN_STEP
+from amm_service.policies.base import SCAN_STEP, SORT_STEP, sorted_in_steps
 from amm_service.policies.reduce_replicas import ReduceReplicas
 from tests.factories import cluster, new_ids, view
 
@@ -109,3 +111,47 @@ def _steps(steps: Steps) -> int:
     while not isinstance(step(steps), Plan):
         n += 1
     return n
+
+
+def test_sorting_in_steps_pauses_and_sorts_as_sorted_does() -> None:
+    keys = [Key(f"k{random.randrange(10**9):09d}") for _ in range(5 * SORT_STEP + 7)]
+    run = sorted_in_steps(keys)
+    pauses = 0
+    while True:
+        try:
+            assert next(run) is None
+            pauses += 1
+        except StopIteration as done:
+            result = done.value
+            break
+    assert result == sorted(keys)
+    assert pauses >= len(keys) // SORT_STEP
+    assert list(sorted_in_steps(keys[:10])) == []  # a few keys: sorted at once, no pause
+
+
+def test_a_big_scan_pauses_while_it_sorts_its_keys() -> None:
+    """The keys to look at are sorted in slices, with pauses: sorting 100k keys in one go held
+    the AMM's event loop for 25-70 ms."""
+    keys = [f"k{i:06d}" for i in range(3 * SORT_STEP)]
+    run = ReduceReplicas().run(cluster({"a": keys, "b": keys}).snapshot(), Ledger(), "managed")
+    assert next(run) is None, "the first suggestion came before any pause"
+
+
+def test_planning_steps_are_small() -> None:
+    """Each step of planning does a bounded, small amount of work (the event loop runs between
+    steps): at most 512 directives released, and a pause at least every 1,000 keys scanned.
+    Steps of 2,048 units held the AMM's loop for 30-95 ms of CPU at 100k keys."""
+    keys = [f"k{i:05d}" for i in range(10_000)]
+    state = cluster({"a": keys, "b": keys})
+    ledger = Ledger()
+    steps = planning(state.snapshot(), [ReduceReplicas()], ledger, CFG, new_ids(), stream=True)
+    released, nsteps = 0, 0
+    while not isinstance(out := step(steps), Plan):
+        assert len(out) <= 512
+        released += len(out)
+        nsteps += 1
+    assert released + len(out.directives[released:]) == len(keys)
+    for d in out.directives:
+        ledger.add(d, now=0.0)
+    flying = planning(state.snapshot(), [ReduceReplicas()], ledger, CFG, new_ids("f"))
+    assert _steps(flying) >= len(keys) // 1_000

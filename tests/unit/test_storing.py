@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+
+import pytest
+
 from amm_service.decisions.view import ClusterState, Key, KeyReport, Memory, WorkerId, WorkerStatus
-from amm_service.runtime.storing import Storing
+from amm_service.runtime import pacing
+from amm_service.runtime.storing import POLLED_STEP, Storing
 
 W = WorkerId("127.0.0.1:7001")
 
@@ -38,13 +43,13 @@ def test_a_note_ends_when_a_poll_lists_the_key_or_after_the_put_window() -> None
     storing = Storing(clock, window=60.0)
     assert storing.note(state, W, "i1", ["listed", "failed"]) == 2
     polled(state, ["listed"], now=clock.now + 1)
-    storing.polled(state)
+    asyncio.run(storing.polled(state))
     assert len(storing) == 1  # "failed" may still be arriving: a Put can take the window
     polled(state, ["listed"], now=clock.now + 59)
-    storing.polled(state)
+    asyncio.run(storing.polled(state))
     assert len(storing) == 1
     polled(state, ["listed"], now=clock.now + 61)  # answered after the window: the Put failed
-    storing.polled(state)
+    asyncio.run(storing.polled(state))
     assert len(storing) == 0
     assert storing.take(W) == frozenset()
 
@@ -64,3 +69,39 @@ def test_a_removal_or_a_new_process_takes_the_notes_of_the_one_that_asked() -> N
     state.register(W, "w", "i2", now=clock.now)
     storing.note(state, W, "i2", ["c"])
     assert storing.take(W) == {"c"}
+
+
+def test_ending_many_notes_lets_the_event_loop_in_between_slices(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The first poll round after a Put of 100k keys ended that many notes in one step of the
+    AMM's loop (80-100 ms of CPU): other tasks now run between slices of ``POLLED_STEP``."""
+    monkeypatch.setattr(pacing, "BUDGET", 0.0)  # a breath after every slice
+    clock = Clock()
+    state = ClusterState()
+    state.register(W, "w", "i1", now=clock.now)
+    storing = Storing(clock)
+    keys = [f"k{i}" for i in range(5 * POLLED_STEP)]
+    storing.note(state, W, "i1", keys)
+    polled(state, keys[: len(keys) // 2], now=clock.now + 1)
+
+    async def main() -> int:
+        ticks = 0
+        done = asyncio.Event()
+
+        async def tick() -> None:
+            nonlocal ticks
+            while not done.is_set():
+                ticks += 1
+                await asyncio.sleep(0)
+
+        ticker = asyncio.create_task(tick())
+        await asyncio.sleep(0)
+        before = ticks
+        await storing.polled(state)
+        done.set()
+        await ticker
+        return ticks - before
+
+    assert asyncio.run(main()) >= 4
+    assert len(storing) == len(keys) // 2  # the unlisted half may still be arriving
