@@ -87,10 +87,15 @@ def gc_paused() -> Iterator[None]:
     global _left
     collecting = gc.isenabled()
     gc.disable()
+    before = gc.get_count()[0]
     try:
         yield
     finally:
-        _left += gc.get_count()[0]
+        # What this step left, not the young generation's whole count: that includes what was
+        # allocated before the step since the last collection (up to its threshold, 700), so
+        # that 15 steps that left nothing froze a small AMM's whole heap, and its cyclic
+        # garbage with it, until the next thaw (``benchmarks/soak.py --heap``).
+        _left += max(0, gc.get_count()[0] - before)
         if _frozen or _left >= FREEZE_AFTER:
             gc.freeze()
             _left = 0

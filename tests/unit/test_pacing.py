@@ -117,3 +117,18 @@ async def test_paced_tasks_share_one_budget_per_turn_of_the_loop(side: str) -> N
     # A task that lost the race for several turns in a row goes anyway (``amm.base.turns.WAITS``).
     assert sizes[len(sizes) * 9 // 10] <= 2, sizes
     assert sizes[-1] <= 4, sizes
+
+
+@pytest.mark.usefixtures("thawed")
+def test_steps_that_leave_nothing_do_not_freeze_a_small_heap() -> None:
+    """Counted per step, not the young generation's count: many bulk steps of a small AMM under
+    churn (a poll, a dispatch) froze its whole heap, keeping its cyclic garbage for minutes."""
+    heap = HeapFreezer(clock=lambda: 0.0)
+    heap.freeze(big=False)
+    gc.collect()
+    young: list[list[int]] = [[] for _ in range(gc.get_threshold()[0] - 100)]  # before any step
+    assert gc.get_count()[0] >= len(young)
+    for _ in range(3 * FREEZE_AFTER // len(young)):
+        with gc_paused():
+            pass
+    assert gc.get_freeze_count() == 0
