@@ -172,10 +172,13 @@ def mib(n: float) -> str:
 class Probe:
     """The lines the processes' memory probes (``amm.base.memdebug``) write, by pid."""
 
-    def __init__(self, directory: str | None, every: float, trim: bool = False) -> None:
+    def __init__(
+        self, directory: str | None, every: float, trim: bool = False, trace: bool = True
+    ) -> None:
         self.directory = directory
         self.every = every
         self.trim = trim
+        self.trace = trace
 
     def env(self) -> dict[str, str]:
         if self.directory is None:
@@ -183,6 +186,8 @@ class Probe:
         env = {"AMM_MEMDEBUG": self.directory, "AMM_MEMDEBUG_EVERY": f"{self.every:g}"}
         if self.trim:
             env["AMM_MEMDEBUG_TRIM"] = "1"
+        if not self.trace:
+            env["AMM_MEMDEBUG_TRACE"] = "0"
         return env
 
     def last(self, pid: int) -> dict[str, object] | None:
@@ -234,13 +239,16 @@ def split(rss_bytes: int, line: dict[str, object] | None) -> tuple[float, float]
 BREAKDOWN = (
     ("traced", "Python objects alive (tracemalloc)"),
     ("py_arenas", "CPython small-object arenas mapped"),
+    ("py_blocks_in_use", "  of which blocks in use"),
     ("py_blocks_free", "  of which free blocks"),
     ("malloc_in_use", "C heap in use (mallinfo2)"),
     ("malloc_free", "C heap free, kept"),
     ("rss_by.file", "RSS: files (code, libraries)"),
     ("rss_by.brk_heap", "RSS: glibc main arena"),
     ("rss_by.thread_arenas", "RSS: glibc thread arenas"),
+    ("rss_by.thread_stacks", "RSS: thread stacks"),
     ("rss_by.other_anon", "RSS: other anonymous (py arenas, big mallocs, gRPC)"),
+    ("threads", "threads (count, not MiB)"),
 )
 
 
@@ -251,7 +259,7 @@ def figure(line: dict[str, Any] | None, field: str) -> float | None:
         if not isinstance(value, dict) or part not in value:
             return None
         value = value[part]
-    return float(value) / 2**20
+    return float(value) if field == "threads" else float(value) / 2**20
 
 
 def malloc_free(line: dict[str, object] | None) -> float | None:
@@ -330,6 +338,12 @@ def main(argv: list[str] | None = None) -> int:
         " figure into Python heap and native",
     )
     parser.add_argument(
+        "--no-trace",
+        action="store_true",
+        help="with --heap: no tracemalloc (no Python/native split, but CPython's small-object"
+        " arenas are reported and the processes run at full speed)",
+    )
+    parser.add_argument(
         "--trim",
         action="store_true",
         help="with --heap: the probe calls malloc_trim before each line (an experiment: is the"
@@ -376,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
         probe_dir = os.path.join(scratch, "memdebug") if args.heap else None
         if probe_dir:
             os.mkdir(probe_dir)
-        probe = Probe(probe_dir, min(10.0, args.sample_every), args.trim)
+        probe = Probe(probe_dir, min(10.0, args.sample_every), args.trim, not args.no_trace)
         with LocalCluster(
             args.workers,
             interval=args.interval,

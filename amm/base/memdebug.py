@@ -43,12 +43,23 @@ from typing import Any
 ENV = "AMM_MEMDEBUG"
 EVERY_ENV = "AMM_MEMDEBUG_EVERY"
 TRIM_ENV = "AMM_MEMDEBUG_TRIM"
+#: ``0``: no tracemalloc. CPython then reports its small-object arenas (it does not while
+#: tracemalloc hooks the allocator), and the process runs at its normal speed.
+TRACE_ENV = "AMM_MEMDEBUG_TRACE"
 #: How many of the most numerous types, largest containers and heaviest sites a line lists.
 TOP = 25
 #: Containers shorter than this are not worth naming.
 MIN_CONTAINER = 64
 
 _CONTAINERS = (dict, set, list, collections.deque, collections.OrderedDict)
+
+
+def threads() -> int:
+    """Threads of this process (0 where ``/proc`` has none)."""
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        return 0
 
 
 def rss() -> int:
@@ -112,14 +123,19 @@ def malloc_trim() -> None:
 
 #: glibc's non-main arenas are heaps aligned to their largest size (64 MiB on 64-bit).
 _GLIBC_HEAP_ALIGN = 64 * 2**20
+#: A thread's stack (the default ``ulimit -s``), its guard page a mapping of its own.
+_STACK = 8 * 2**20
 
 
 def rss_by_mapping() -> dict[str, int]:
     """Resident bytes by kind of mapping (``/proc/self/smaps``): ``file`` (code, libraries),
-    ``brk_heap`` (glibc's main arena), ``thread_arenas`` (glibc's other arenas), ``stack`` and
-    ``other_anon`` (CPython's small-object arenas, large mallocs, gRPC's own mappings, thread
-    stacks: adjacent ones are one mapping, so they cannot be told apart here)."""
-    out = dict.fromkeys(("file", "brk_heap", "thread_arenas", "stack", "other_anon"), 0)
+    ``brk_heap`` (glibc's main arena), ``thread_arenas`` (glibc's other arenas),
+    ``thread_stacks`` (8 MiB mappings: threads' stacks, live or cached by glibc), ``stack`` and
+    ``other_anon`` (CPython's small-object arenas, large mallocs, gRPC's own mappings:
+    adjacent ones are one mapping, so they cannot be told apart here)."""
+    out = dict.fromkeys(
+        ("file", "brk_heap", "thread_arenas", "thread_stacks", "stack", "other_anon"), 0
+    )
     kind = "other_anon"
     try:
         with open("/proc/self/smaps") as smaps:
@@ -138,6 +154,8 @@ def rss_by_mapping() -> dict[str, int]:
                         kind = "file"
                     elif low % _GLIBC_HEAP_ALIGN == 0 and high - low < _GLIBC_HEAP_ALIGN:
                         kind = "thread_arenas"
+                    elif _STACK - 2**16 <= high - low <= _STACK:
+                        kind = "thread_stacks"
                     else:
                         kind = "other_anon"
                 elif first[0] == "Rss:":
@@ -254,6 +272,7 @@ def snapshot(trim: bool = False) -> dict[str, Any]:
         **({"rss_untrimmed": untrimmed} if trim else {}),
         **malloc_stats(),
         "rss_by": rss_by_mapping(),
+        "threads": threads(),
         **obmalloc_stats(),
         "gc_objects": sum(types.values()),
         "gc_frozen": gc.get_freeze_count(),  # not in gc_objects nor types
@@ -287,7 +306,8 @@ def install_from_env() -> bool:
     directory = os.environ.get(ENV)
     if not directory:
         return False
-    tracemalloc.start(1)
+    if os.environ.get(TRACE_ENV, "1") != "0":
+        tracemalloc.start(1)
     every = float(os.environ.get(EVERY_ENV, "10"))
     path = os.path.join(directory, f"{os.getpid()}.jsonl")
     threading.Thread(
