@@ -14,6 +14,7 @@ import gc
 import time
 from collections.abc import Callable, Iterator
 
+from amm.base import malloc
 from amm.base.turns import PAUSE, Turns
 
 #: Most seconds of bulk work between two breaths (``Budget``).
@@ -105,6 +106,8 @@ def gc_paused() -> Iterator[None]:
 
 #: Seconds between two thaws of the frozen heap (see ``HeapFreezer``).
 THAW_EVERY = 300.0
+#: Seconds between two trims of the C heap (see ``HeapFreezer``).
+TRIM_EVERY = 60.0
 
 
 class HeapFreezer:
@@ -119,18 +122,35 @@ class HeapFreezer:
     ``thaw_every`` seconds ``freeze`` thaws the heap and collects it whole, once, with the loop
     held, before it freezes it again. A small AMM (``big`` false) is left to the collector as it
     is.
+
+    Every ``trim_every`` seconds it also gives the C heap's free memory back to the system
+    (``malloc.trim``): gRPC's threads allocate from arenas of their own, and what they free
+    below a chunk in use stays resident. A 10-minute soak (``benchmarks/soak.py --heap``) saw
+    the AMM's thread arenas go from 2 to 8 MiB resident after one forget of 8,000 keys, and stay
+    there; trimmed, they held 2 MiB.
     """
 
     def __init__(
-        self, thaw_every: float = THAW_EVERY, clock: Callable[[], float] = time.monotonic
+        self,
+        thaw_every: float = THAW_EVERY,
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        trim_every: float = TRIM_EVERY,
+        trim: Callable[[], object] = malloc.trim,
     ) -> None:
         self._thaw_every = thaw_every
         self._clock = clock
         self._thawed = clock()
+        self._trim_every = trim_every
+        self._trim = trim
+        self._trimmed = clock()
 
     def freeze(self, big: bool = True) -> None:
         global _frozen, _left
         now = self._clock()
+        if now - self._trimmed >= self._trim_every:
+            self._trimmed = now
+            self._trim()
         if now - self._thawed >= self._thaw_every:
             self._thawed = now
             gc.unfreeze()
