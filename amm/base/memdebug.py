@@ -10,7 +10,8 @@ one JSON line every ``AMM_MEMDEBUG_EVERY`` seconds (default 10) to ``<dir>/<pid>
   allocator's free-but-resident memory, gRPC's and protobuf's buffers, the interpreter);
 * ``types``: object counts of the most numerous types (``gc``) and ``containers``: the largest
   dicts, sets, lists and deques with the attribute that holds them, so that a structure that
-  grows per key or per round shows up by name;
+  grows per key or per round shows up by name (of the objects not frozen: ``gc.freeze`` hides
+  a big AMM's heap from ``gc.get_objects``; ``gc_frozen`` counts them);
 * ``sites``: the allocation sites holding the most bytes (tracemalloc, by line);
 * ``rss_by``: resident bytes by kind of mapping (``rss_by_mapping``);
 * ``py_arenas``/``py_blocks_in_use``/``py_blocks_free``/``py_unused_pools``: CPython's
