@@ -390,7 +390,8 @@ def main(argv: list[str] | None = None) -> int:
         f"soak: {args.minutes:g} min of churn ({pace}), {args.workers} agents, tombstones kept"
         f" {args.tombstone_ttl} (AMM) and {args.agent_tombstone_ttl} (agents); RSS at the end"
         f" after {args.settle:.0f} s of settling"
-        f"{'; memory probe on' if args.heap else ''}{' (trimming)' if args.trim else ''};"
+        f"{'; memory probe on' if args.heap else ''}{' (trimming)' if args.trim else ''}"
+        f"{' (no tracemalloc)' if args.heap and args.no_trace else ''};"
         f" load average {loadavg()}",
         flush=True,
     )
