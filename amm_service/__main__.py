@@ -13,6 +13,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from amm.base import memdebug
 from amm.base.security import SecurityError
 from amm_service.api.server import run
 from amm_service.config import ConfigError, load_config
@@ -83,6 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    memdebug.install_from_env()
     try:
         asyncio.run(run(config))
     except (PolicyError, StateError, SecurityError, OSError) as err:

@@ -34,6 +34,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from amm.base import memdebug
 from amm.base.security import Security, SecurityError
 from amm.base.security.certs import cert_path
 from amm.base.security.credentials import ENV_TLS
@@ -308,6 +309,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     use_one_arena()  # before gRPC starts its threads
+    memdebug.install_from_env()
     return asyncio.run(run(config))
 
 

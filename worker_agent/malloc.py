@@ -12,7 +12,8 @@ holds. An agent has few threads (the event loop, gRPC's, a hashing thread or two
 share the arena's lock at no measurable cost.
 
 This is the ``MALLOC_ARENA_MAX=1`` environment variable, applied by the agent itself so that it
-holds however the agent is started. Only glibc has ``mallopt``; elsewhere nothing changes.
+holds however the agent is started. Only glibc has ``mallopt``; elsewhere nothing changes. The
+calls themselves are ``amm.base.malloc``'s, which the AMM uses too.
 
 ``trim`` gives the free memory of the heap back to the system. glibc returns only the free top
 of the heap by itself; memory freed below a chunk still in use stays resident. After churn
@@ -22,47 +23,6 @@ free but resident, back to the system with one ``malloc_trim``.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import functools
-import logging
+from amm.base.malloc import trim, use_one_arena
 
-log = logging.getLogger(__name__)
-
-#: ``mallopt``'s parameter number for the most arenas (glibc's ``M_ARENA_MAX``).
-M_ARENA_MAX = -8
-
-
-@functools.cache
-def _libc() -> ctypes.CDLL | None:
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or None)
-    except OSError:
-        return None
-
-
-def trim() -> bool:
-    """Hand the free memory of the C heap back to the system (glibc's ``malloc_trim(0)``);
-    False where there is no such call."""
-    libc = _libc()
-    malloc_trim = getattr(libc, "malloc_trim", None)
-    if malloc_trim is None:
-        return False
-    malloc_trim.argtypes = [ctypes.c_size_t]
-    malloc_trim.restype = ctypes.c_int
-    return bool(malloc_trim(0))
-
-
-def use_one_arena() -> bool:
-    """Make every thread allocate from glibc's main arena; False where that is not possible.
-
-    Call it before any thread starts (arenas are assigned at a thread's first allocation).
-    """
-    libc = _libc()
-    mallopt = getattr(libc, "mallopt", None)
-    if mallopt is None:
-        log.debug("no mallopt (not glibc): allocator left as it is")
-        return False
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    mallopt.restype = ctypes.c_int
-    return bool(mallopt(M_ARENA_MAX, 1))
+__all__ = ["trim", "use_one_arena"]

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import platform
+import subprocess
+import sys
 import weakref
 from collections.abc import Awaitable, Callable, Iterator
 
@@ -117,3 +120,57 @@ async def test_paced_tasks_share_one_budget_per_turn_of_the_loop(side: str) -> N
     # A task that lost the race for several turns in a row goes anyway (``amm.base.turns.WAITS``).
     assert sizes[len(sizes) * 9 // 10] <= 2, sizes
     assert sizes[-1] <= 4, sizes
+
+
+@pytest.mark.usefixtures("thawed")
+def test_steps_that_leave_nothing_do_not_freeze_a_small_heap() -> None:
+    """Counted per step, not the young generation's count: many bulk steps of a small AMM under
+    churn (a poll, a dispatch) froze its whole heap, keeping its cyclic garbage for minutes."""
+    heap = HeapFreezer(clock=lambda: 0.0)
+    heap.freeze(big=False)
+    gc.collect()
+    young: list[list[int]] = [[] for _ in range(gc.get_threshold()[0] - 100)]  # before any step
+    assert gc.get_count()[0] >= len(young)
+    for _ in range(3 * FREEZE_AFTER // len(young)):
+        with gc_paused():
+            pass
+    assert gc.get_freeze_count() == 0
+
+
+def test_the_c_heap_is_trimmed_once_a_period() -> None:
+    """The AMM gives its C heap's free memory back (``malloc.trim``) from time to time: gRPC's
+    thread arenas kept what a forget of thousands of keys freed otherwise."""
+    now, trims = [0.0], []
+    heap = HeapFreezer(clock=lambda: now[0], trim_every=60.0, trim=lambda: trims.append(now[0]))
+    for t in (1.0, 30.0, 59.0, 60.0, 61.0, 119.0, 120.5):
+        now[0] = t
+        heap.freeze(big=False)
+    assert trims == [60.0, 120.5]
+
+
+def test_a_trim_gives_back_what_a_thread_freed() -> None:
+    """In a process of its own: memory freed in a thread's arena below a chunk still in use stays
+    resident until ``malloc.trim``, which the AMM's ``HeapFreezer`` calls."""
+    code = """
+import ctypes, threading
+from amm.base import malloc, memdebug
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+def churn():
+    blocks = [libc.malloc(4000) for _ in range(20000)]
+    for b in blocks[:-1]:
+        libc.free(b)  # the last one stays in use, above all the freed ones
+t = threading.Thread(target=churn); t.start(); t.join()
+before = memdebug.rss()
+print(malloc.trim(), (before - memdebug.rss()) // 2**20)
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    trimmed, given_back_mib = done.stdout.split()
+    if platform.libc_ver()[0] != "glibc":
+        assert trimmed == "False"
+        return
+    assert trimmed == "True"
+    assert int(given_back_mib) >= 40, "20,000 freed chunks of 4 kB were still resident"
