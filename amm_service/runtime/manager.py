@@ -1,4 +1,4 @@
-"""The Active Memory Manager: the cycle loop, the cycles and the worker registry.
+"""The Active Memory Manager: the cycle loop and the cycles, wired to the worker registry.
 
 It wires the pure parts (cluster state, ledger, core, policies, liveness, start-up grace, epoch)
 to the I/O parts (poller, dispatcher) and owns the cycle loop task. A cycle is: expire stale
@@ -13,7 +13,8 @@ knew have reported. With the dashboard on, a stopped AMM still polls every inter
 the cluster's memory for it, without planning (``_sample_while_stopped``). What becomes of sent
 directives is ``outcomes``; operators' questions, ``queries``; RetireWorkers, DrainWorker and
 their driver task, ``retirement_driver``; what retirements do between cycles as outcomes
-arrive, ``handover``.
+arrive, ``handover``; registering and removing workers, ``membership``; recording and reporting
+lost keys, ``lost`` (``Losses``); judging silent workers stale or dead, ``liveness``.
 """
 
 from __future__ import annotations
@@ -21,31 +22,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
-import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
 
 from amm.base.security import Security
-from amm.base.validation import (
-    MAX_ADOPTED_EPOCH,
-    epoch_problem,
-    incarnation_problem,
-    name_problem,
-    zone_problem,
-)
 from amm_service.config import AmmConfig
 from amm_service.decisions import core
 from amm_service.decisions.directive import Directive
 from amm_service.decisions.epoch import EpochFence
 from amm_service.decisions.events import EventLog
 from amm_service.decisions.grace import StartupGrace
-from amm_service.decisions.liveness import Liveness, lost_after_removal
 from amm_service.decisions.pending import Ledger
 from amm_service.decisions.view import ClusterState, Key, WorkerId
-from amm_service.errors import FailedPrecondition, InvalidArgument, Unavailable
+from amm_service.errors import FailedPrecondition, Unavailable
 from amm_service.policies import Policy
-from amm_service.runtime.addresses import check_address
 from amm_service.runtime.agents import AgentLinks
 from amm_service.runtime.cycle import CycleRecord, CycleStats
 from amm_service.runtime.dispatcher import Dispatcher
@@ -53,7 +44,9 @@ from amm_service.runtime.event_feed import EventFeed
 from amm_service.runtime.goals import GoalBook
 from amm_service.runtime.handover import Handover
 from amm_service.runtime.history import History
-from amm_service.runtime.lost import LostBook
+from amm_service.runtime.liveness import LivenessJudge
+from amm_service.runtime.lost import Losses, LostBook
+from amm_service.runtime.membership import Membership
 from amm_service.runtime.outcomes import Outcomes
 from amm_service.runtime.pacing import Budget, HeapFreezer, gc_paused
 from amm_service.runtime.poller import Poller
@@ -135,6 +128,11 @@ class ActiveMemoryManager:
         )
         self._links = AgentLinks(security)
         self.tombstones = TombstoneBook(store, ttl=config.tombstone_ttl, clock=clock)
+        self.goals = GoalBook(store)
+        self._lost = LostBook(store, clock=clock)
+        #: Keys agents are storing for a Put that no poll listed yet (``LookupKeys.storing``).
+        self.storing = Storing(clock)
+        self._losses = Losses(self._lost, self.state, self.events, self.goals, self.storing)
         self._dispatcher = Dispatcher(
             self._links, self.outcomes.on_outcomes, takes_batches=self._takes_batches
         )
@@ -144,7 +142,7 @@ class ActiveMemoryManager:
             epoch=0,
             timeout=config.poll_timeout,
             on_restart=self.outcomes.forget_in_flight,
-            on_replaced=self._replaced,
+            on_replaced=self._losses.replaced,
             on_round=self._polled,
             clock=clock,
             tombstones=self.tombstones,
@@ -162,19 +160,7 @@ class ActiveMemoryManager:
         self._idle_sampling: asyncio.Task[None] | None = None
         #: The events pushed to watchers (``WatchEvents``).
         self.event_feed = EventFeed(self.events)
-        self.goals = GoalBook(store)
-        self._liveness = Liveness(stale_after=config.stale_seconds, dead_after=config.dead_after)
-        self._lost = LostBook(store, clock=clock)
-        #: Keys agents are storing for a Put that no poll listed yet (``LookupKeys.storing``).
-        self.storing = Storing(clock)
         self._heap = HeapFreezer()
-        self._restored: set[WorkerId] = set()
-        """Workers known from the state file that have neither reported nor left yet."""
-        self._replacing: dict[WorkerId, frozenset[Key]] = {}
-        """What workers that registered again as a new process held before, until the new
-        process has reported (it may have some of it back) or left."""
-        self._leaving: dict[WorkerId, asyncio.Task[tuple[bool, list[Key]]]] = {}
-        """Removals of workers whose agents unregistered; they outlive the call (``unregister``)."""
         self.queries = Queries(
             self.state,
             self._poller,
@@ -190,6 +176,34 @@ class ActiveMemoryManager:
         )
         self._grace = StartupGrace((), until=0.0)
         self.retirements = Retirements(self.state, store, self.events, self.policies, clock=clock)
+        self._members = Membership(
+            self.state,
+            store,
+            poller=self._poller,
+            dispatcher=self._dispatcher,
+            links=self._links,
+            outcomes=self.outcomes,
+            retirements=self.retirements,
+            tombstones=self.tombstones,
+            storing=self.storing,
+            events=self.events,
+            losses=self._losses,
+            clock=clock,
+            check_open=self._check_open,
+            adopt_epoch=self._fence.adopt_newer,
+            epoch=lambda: self.epoch,
+        )
+        self._liveness = LivenessJudge(
+            self.state,
+            self.ledger,
+            self.events,
+            stale_after=config.stale_seconds,
+            dead_after=config.dead_after,
+            is_open=self._dispatcher.is_open,
+            remove=self._members.remove,
+            clock=clock,
+            monotonic=monotonic,
+        )
         self.retirement_driver = RetirementDriver(
             self.retirements,
             self.state,
@@ -200,7 +214,7 @@ class ActiveMemoryManager:
             refresh=self.queries.refresh,
             running=lambda: self.running,
             run_cycles=self._cycle_every_interval,
-            remove=self._remove,
+            remove=self._members.remove,
             wake=self.wake,
         )
         #: Drops from retiring workers as soon as agents confirm the copies (``handover``).
@@ -220,8 +234,6 @@ class ActiveMemoryManager:
         )
         self.outcomes.watcher = self.handover
         self._woken = asyncio.Event()
-        #: Changes whenever the set of registered workers does (``membership``); polls carry it.
-        self.membership_version = 0
         self._opened = False
         self._closed = False
 
@@ -271,15 +283,8 @@ class ActiveMemoryManager:
         Until every one has answered or the start-up grace has passed, no drop is issued, so a
         replica whose other copies sit on a worker we cannot see yet is never counted out.
         """
-        now = self._clock()
-        records = self._store.known_workers()
-        known = [WorkerId(record.address) for record in records]
-        for record in records:
-            self.state.register(WorkerId(record.address), record.name, "", now)
-        self._restored = set(known)
-        self._membership_changed()
-        silent = await self._poller.poll_all(known)  # then ``_polled``
-        self._liveness.observe(self.state.workers, self._monotonic())
+        known, silent = await self._members.restore()
+        self._liveness.observe()
         self._grace = StartupGrace(known, until=self._monotonic() + self.config.startup_grace)
         if known:
             log.info(
@@ -304,8 +309,7 @@ class ActiveMemoryManager:
         if self._closed:
             return
         self._closed = True
-        # Removals under way finish first (each bounded by a poll deadline): their agents left.
-        await asyncio.gather(*self._leaving.values(), return_exceptions=True)
+        await self._members.close()
         self.event_feed.close()
         sampling, self._idle_sampling = self._idle_sampling, None
         if sampling is not None:
@@ -478,7 +482,7 @@ class ActiveMemoryManager:
         record = CycleRecord(self._cycles, started, dry_run=dry_run)
         if not dry_run:
             overdue = self.outcomes.expire(
-                self._monotonic(), self.config.directive_timeout, self._answering
+                self._monotonic(), self.config.directive_timeout, self._liveness.answering
             )
             if overdue:
                 log.info("sending %d overdue directives again, under the same ids", len(overdue))
@@ -498,12 +502,12 @@ class ActiveMemoryManager:
             record.poll_duration = polled - t0
             return record  # its directives would be refused: send none, judge nothing
         if not dry_run:
-            await self._judge_liveness()
-            self._settle_lost()
+            await self._liveness.judge()
+            self._losses.settle()
         record.startup_grace = self.in_startup_grace()
         self.retirements.apply_flags()
         pace = Budget()
-        self._forget_copies_on_gone_workers()
+        self._liveness.forget_copies_on_gone_workers()
         for _ in self.ledger.observing(self._version_of, step=LEDGER_STEP):
             await pace()
         self.tombstones.expire()
@@ -669,138 +673,23 @@ class ActiveMemoryManager:
         known = self.state.worker(worker)
         return known is not None and "directive-batches" in known.features
 
-    def _forget_copies_on_gone_workers(self) -> None:
-        """Copies applied on workers gone before a poll showed them (a failed poll and a broken
-        directive stream: say, SIGKILLed) are no longer counted in flight (``pending``, 5). A
-        slow agent missing a poll keeps its stream, and its copies stay counted."""
-
-        def gone(worker: WorkerId) -> bool:
-            known = self.state.worker(worker)
-            return known is None or (not known.reachable and not self._dispatcher.is_open(worker))
-
-        settled = self.ledger.forget_copies(gone)
-        for worker in {entry.directive.worker for entry in settled}:
-            keys = [e.directive.key for e in settled if e.directive.worker == worker]
-            log.info(
-                "%s is gone before a poll showed %d copy(ies) it applied (%s%s): no longer "
-                "counted as copies in flight",
-                worker,
-                len(keys),
-                ", ".join(keys[:3]),
-                ", ..." if len(keys) > 3 else "",
-            )
-
-    def _answering(self, worker: WorkerId) -> bool:
-        """Whether ``worker`` answers polls and its directive stream is open: what was sent to
-        it will be answered (see ``pending``)."""
-        known = self.state.worker(worker)
-        return known is not None and known.reachable and self._dispatcher.is_open(worker)
-
-    async def _judge_liveness(self) -> None:
-        """Flag workers silent for ``stale-after`` STALE; remove those silent for
-        ``dead-after`` and report the keys left without a copy as lost; notice lost keys that
-        are back (their holder re-registered, or someone put them again)."""
-        now, wall = self._monotonic(), self._clock()
-        verdict = self._liveness.judge(self.state.workers, now)
-        for worker in verdict.stale:
-            self.state.set_flags(worker, wall, stale=True)
-            self.events.record(
-                "worker-stale",
-                f"no answer to polls for {self._liveness.silent_for(worker, now):.1f} s: it gets "
-                "no new replicas and its copies do not count as durable",
-                worker=worker,
-            )
-        for worker, silent in verdict.dead:
-            await self._declare_dead(worker, silent)
-
-    async def _declare_dead(self, worker: WorkerId, silent: float) -> None:
-        held = self.state.held_by(worker)
-        self.events.record(
-            "worker-dead",
-            f"no answer to polls for {silent:.1f} s (dead-after {self.config.dead_after:g} s): "
-            f"removed; it held {len(held)} key(s)",
-            worker=worker,
-            keys=held,
-        )
-        await self._remove(worker, f"died (no answer to polls for {silent:.1f} s)")
-        self._liveness.forget(worker)
-
     # -- lost keys -------------------------------------------------------------------------
-
-    def _losing(self, worker: WorkerId, held: frozenset[Key], cause: str) -> list[Key]:
-        """``worker`` went away (``cause``) holding ``held``: record and report the keys no
-        other worker holds as lost; returns them."""
-        lost = lost_after_removal(held, self.state.keys)
-        if lost:
-            new = self._lost.add(
-                lost, worker=worker, reason=f"{worker} {cause} before a copy was made elsewhere"
-            )
-            self._report_lost(new, f"had no copy left when {worker} {cause}", worker)
-        return lost
-
-    def _report_lost(self, keys: list[Key], how: str, worker: str = "") -> None:
-        """The events of newly lost ``keys``: ``key-lost``, and ``goal-lost`` for those with a
-        replication goal (recorded once, when they are lost)."""
-        if not keys:
-            return
-        self.events.record("key-lost", f"{len(keys)} key(s) {how}", worker=worker, keys=keys)
-        with_goal = [k for k in keys if k in self.goals]
-        if with_goal:
-            self.events.record(
-                "goal-lost",
-                f"{len(with_goal)} key(s) with a replication goal are lost: no copy is left to "
-                "make copies from; the goals stay until the keys are put again or forgotten",
-                keys=with_goal,
-            )
-
-    def _replaced(self, worker: WorkerId, held: frozenset[Key]) -> None:
-        """A poll found ``worker`` restarted as a new process, which reported ``held`` no more."""
-        ws = self.state.worker(worker)
-        current = ws.incarnation if ws is not None else None
-        storing = self.storing.take(worker, other_than=current)
-        self._losing(worker, held | storing, "restarted (a poll found a new process)")
 
     async def _polled(self) -> None:
         """After every round of polls: what is lost now that workers registered again as new
         processes have reported, lost keys held again, and the keys the cluster holds recorded
         (``LostBook``)."""
-        for worker in list(self._replacing):
-            ws = self.state.worker(worker)
-            if ws is not None and ws.last_poll is not None:
-                held = self._replacing.pop(worker)
-                self._losing(worker, held, "restarted (registered again as a new process)")
+        self._members.polled()
         await self.storing.polled(self.state)
         born, gone = self.state.take_changes()
-        back = self._lost.recovered(born)
-        if back:
-            self.events.record(
-                "key-recovered", f"{len(back)} lost key(s) are held again", keys=back
-            )
-        self._settle_lost()
+        self._losses.recovered(born)
+        self._losses.settle()
         await self._lost.save_held(born, gone)
         self._freeze_heap()
 
     def _freeze_heap(self) -> None:
         """Keep a big state out of full garbage collections (``pacing.HeapFreezer``)."""
         self._heap.freeze(big=self.state.nkeys + len(self.ledger) >= FREEZE_FROM)
-
-    def _settle_lost(self) -> None:
-        """After a restart: once every worker known from the state file has reported or left,
-        the keys held before the restart that no worker holds now are lost."""
-        if not self._lost.unseen:
-            self._restored.clear()
-            return
-        self._restored = {
-            w
-            for w in self._restored
-            if (ws := self.state.worker(w)) is not None and ws.last_poll is None
-        }
-        missing = self._lost.settle(self.state.keys, all_reported=not self._restored)
-        self._report_lost(
-            missing,
-            "were held before the AMM restarted and no worker holds them now: the workers that "
-            "held them came back without them or never came back",
-        )
 
     @property
     def lost_keys(self) -> int:
@@ -820,117 +709,25 @@ class ActiveMemoryManager:
     def cycles(self) -> int:
         return self._cycles
 
-    # -- registry --------------------------------------------------------------------------
+    # -- registry (``membership``) ----------------------------------------------------------
 
     async def register(
         self, address: str, name: str, incarnation: str, epoch: int = 0, zone: str = ""
     ) -> None:
-        """Register (or refresh) a worker. Every field is judged by the rules an agent's own
-        flags follow (``amm.base.validation``); ``epoch``, the newest the agent confirmed, may
-        not exceed ``MAX_ADOPTED_EPOCH``: a fresh AMM moves past it, and no AMM issued more."""
-        self._check_open()
-        worker = check_address(address)
-        problem = (
-            incarnation_problem(incarnation)
-            or (name_problem(name) if name else None)
-            or zone_problem(zone)
-            or epoch_problem("epoch", epoch, most=MAX_ADOPTED_EPOCH)
-        )
-        if problem is not None:
-            raise InvalidArgument(problem)
-        known = self.state.worker(worker)
-        held = frozenset[Key]()
-        if known is not None and known.incarnation != incarnation:
-            held = self.state.held_by(worker) | self.storing.take(  # by the process before
-                worker, incarnation=known.incarnation
-            )
-        if self.state.register(worker, name, incarnation, self._clock(), zone=zone):
-            self._membership_changed()
-            self.outcomes.forget_in_flight(worker)
-            await self._dispatcher.close_worker(worker)
-            # A channel that failed to reach the old process may be backing off for minutes:
-            # the new one gets a fresh connection.
-            await self._links.close(worker)
-            self._store.remember_worker(worker, name or worker)
-            self.retirements.apply_flags()
-            log.info("worker %s registered (%s)", worker, name or worker)
-            if held:  # judged once the new process has reported: it may have some of it back
-                self._replacing[worker] = held | self._replacing.get(worker, frozenset())
-            # Its status, memory and keys now, not at the next cycle: until then a new worker
-            # showed as unspecified, 0 B and never polled (and an AMM that is stopped has none).
-            await self._poller.poll(worker)
-        self._fence.adopt_newer(epoch)
+        """Register (or refresh) a worker (``Membership.register``)."""
+        await self._members.register(address, name, incarnation, epoch, zone)
 
     async def unregister(self, address: str) -> tuple[bool, list[Key]]:
-        """Remove a worker whose agent is leaving: (whether it was registered, the keys lost
-        with it). It is polled once more first, so what it holds at the call is what counts.
-
-        The removal goes on if the caller stops waiting (its deadline passed, its channel was
-        closed): when many agents stop at once, the last poll of each waits its turn, and a
-        removal given up with the call left hundreds of agents that had said goodbye listed
-        as live until declared dead (``benchmarks/bench_scale.py``, "left").
-        """
-        self._check_open()
-        worker = WorkerId(address)
-        leaving = self._leaving.get(worker)
-        if leaving is None:
-            leaving = asyncio.create_task(self._unregister(worker), name=f"unregister {worker}")
-            self._leaving[worker] = leaving
-            leaving.add_done_callback(functools.partial(self._left, worker))
-        return await asyncio.shield(leaving)
-
-    def _left(self, worker: WorkerId, task: asyncio.Task[tuple[bool, list[Key]]]) -> None:
-        """A removal ended: forget it, and log a failure (its caller may have stopped waiting)."""
-        if self._leaving.get(worker) is task:
-            del self._leaving[worker]
-        if not task.cancelled() and (err := task.exception()) is not None:
-            log.warning("unregistering ended with %s: %s", type(err).__name__, err)
-
-    async def _unregister(self, worker: WorkerId) -> tuple[bool, list[Key]]:
-        known = self.state.worker(worker)
-        if known is None:
-            return False, []
-        if known.reachable:
-            await self._poller.poll(worker)
-        lost = await self._remove(worker, "unregistered")
-        self.events.record(
-            "worker-unregistered",
-            f"its agent left; {len(lost)} key(s) had no copy elsewhere"
-            if lost
-            else "its agent left; every key it held has a copy elsewhere",
-            worker=worker,
-        )
-        return True, lost
+        """Remove a worker whose agent is leaving (``Membership.unregister``): (whether it was
+        registered, the keys lost with it)."""
+        return await self._members.unregister(address)
 
     def membership(self, epoch: int, version: int) -> tuple[int, int, list[WorkerId] | None]:
-        """Our epoch, the membership version and the registered workers' addresses; None for
-        the addresses when the caller's ``epoch`` and ``version`` are current. Agents confirm
-        epochs and peers with it (``GetMembership``)."""
-        self._check_open()
-        if (epoch, version) == (self.epoch, self.membership_version):
-            return self.epoch, self.membership_version, None
-        return self.epoch, self.membership_version, self.state.worker_ids
+        """Our epoch, the membership version and the registered workers' addresses
+        (``Membership.membership``, ``GetMembership``)."""
+        return self._members.membership(epoch, version)
 
-    def _membership_changed(self) -> None:
-        self.membership_version += 1
-        self._poller.membership_version = self.membership_version
-
-    async def _remove(self, worker: WorkerId, cause: str = "was removed") -> list[Key]:
-        """Take ``worker`` out of the registry; the keys lost with it (recorded and reported:
-        no path takes a last copy away without a ``key-lost`` record)."""
-        held = (
-            self.state.held_by(worker)
-            | self._replacing.pop(worker, frozenset())
-            | self.storing.take(worker)
-        )
-        removed = self.state.unregister(worker)
-        if removed:
-            self._membership_changed()
-        self.retirements.left(worker)
-        self.outcomes.forget_in_flight(worker)
-        self._poller.forget(worker)
-        self.tombstones.forget_worker(worker)
-        self._store.forget_worker(worker)
-        await self._dispatcher.close_worker(worker)
-        await self._links.close(worker)
-        return self._losing(worker, held, cause) if removed else []
+    @property
+    def membership_version(self) -> int:
+        """Changes whenever the set of registered workers does; polls carry it."""
+        return self._members.version
