@@ -1,7 +1,8 @@
 """The Active Memory Manager: the cycle loop and the cycles, wired to the worker registry.
 
 It wires the pure parts (cluster state, ledger, core, policies, liveness, start-up grace, epoch)
-to the I/O parts (poller, dispatcher) and owns the cycle loop task. A cycle is: expire stale
+to the I/O parts (poller, dispatcher) and starts and stops the cycle loop (``cycle_loop``, which
+owns its task). A cycle is: expire stale
 ledger entries, poll every agent, judge liveness (flag STALE workers, remove DEAD ones and
 report the keys lost with them), snapshot, plan, send, supervise retirements. A dry run polls
 and plans only. However a worker goes away (dead, unregistered, restarted as a new process,
@@ -10,7 +11,7 @@ more after an AMM restart. Cycles never overlap: the loop and ``run_once`` share
 running flag and the epoch persist in the state store, so a restarted AMM resumes as it was,
 under a new epoch that makes agents ignore the old one, and issues no drops until the workers it
 knew have reported. With the dashboard on, a stopped AMM still polls every interval and samples
-the cluster's memory for it, without planning (``_sample_while_stopped``). What becomes of sent
+the cluster's memory for it, without planning (``sampling``). What becomes of sent
 directives is ``outcomes``; operators' questions, ``queries``; RetireWorkers, DrainWorker and
 their driver task, ``retirement_driver``; what retirements do between cycles as outcomes
 arrive, ``handover``; registering and removing workers, ``membership``; recording and reporting
@@ -20,7 +21,6 @@ lost keys, ``lost`` (``Losses``); judging silent workers stale or dead, ``livene
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import copy
 import logging
 import time
@@ -39,6 +39,7 @@ from amm_service.errors import FailedPrecondition, Unavailable
 from amm_service.policies import Policy
 from amm_service.runtime.agents import AgentLinks
 from amm_service.runtime.cycle import CycleRecord, CycleStats
+from amm_service.runtime.cycle_loop import CycleLoop
 from amm_service.runtime.dispatcher import Dispatcher
 from amm_service.runtime.event_feed import EventFeed
 from amm_service.runtime.goals import GoalBook
@@ -53,6 +54,7 @@ from amm_service.runtime.poller import Poller
 from amm_service.runtime.queries import Queries
 from amm_service.runtime.retirement import Retirements
 from amm_service.runtime.retirement_driver import RetirementDriver
+from amm_service.runtime.sampling import Sampler
 from amm_service.runtime.state import StateStore
 from amm_service.runtime.storing import Storing
 from amm_service.runtime.tombstones import TombstoneBook
@@ -83,9 +85,6 @@ def _copies(policies: Sequence[Policy]) -> list[Policy]:
 SEND_STEP = 20_000
 #: Directives entered in the ledger in one slice (``pacing.Budget`` breathes between slices).
 LEDGER_STEP = 500
-#: The least time between a cycle and the next when the next follows up on applied work, in
-#: seconds (or a twentieth of the interval, if longer).
-FOLLOW_UP = 0.05
 #: Keys plus directives in flight from which the AMM freezes its heap after each poll round and
 #: cycle (``pacing.HeapFreezer``): below, full collections are short.
 FREEZE_FROM = 10_000
@@ -149,7 +148,13 @@ class ActiveMemoryManager:
         )
         self._fence = EpochFence(store, self._poller)
         self._cycle_lock = asyncio.Lock()
-        self._loop_task: asyncio.Task[None] | None = None
+        self._loop = CycleLoop(
+            interval=config.interval,
+            run_cycle=self.run_cycle,
+            settled=self.outcomes.wait,
+            fenced=lambda: self.fenced,
+            monotonic=monotonic,
+        )
         self._cycles = 0
         self._last: CycleRecord | None = None
         #: Durations and counts of every cycle run (not dry runs), for the metrics.
@@ -157,7 +162,20 @@ class ActiveMemoryManager:
         #: One sample per cycle run (and per interval while stopped), for the dashboard; kept
         #: only when it is served.
         self.history = History() if config.dashboard_listen else None
-        self._idle_sampling: asyncio.Task[None] | None = None
+        self._sampler = Sampler(
+            self.history,
+            self.state,
+            self.outcomes,
+            self.goals,
+            self._lost,
+            poll_all=self._poller.poll_all,
+            running=lambda: self.running,
+            busy=self._cycle_lock.locked,
+            cycles=lambda: self._cycles,
+            interval=config.interval,
+            clock=clock,
+            monotonic=monotonic,
+        )
         #: The events pushed to watchers (``WatchEvents``).
         self.event_feed = EventFeed(self.events)
         self._heap = HeapFreezer()
@@ -213,7 +231,7 @@ class ActiveMemoryManager:
             check_open=self._check_open,
             refresh=self.queries.refresh,
             running=lambda: self.running,
-            run_cycles=self._cycle_every_interval,
+            run_cycles=self._loop.every_interval,
             remove=self._members.remove,
             wake=self.wake,
         )
@@ -233,7 +251,6 @@ class ActiveMemoryManager:
             policy=min(self.retirements.retirers, default="RetireWorker"),
         )
         self.outcomes.watcher = self.handover
-        self._woken = asyncio.Event()
         self._opened = False
         self._closed = False
 
@@ -268,11 +285,8 @@ class ActiveMemoryManager:
         # An operator's Start or Stop persists and wins; the start setting decides until then.
         chosen = self._store.running_choice
         if self.config.start if chosen is None else chosen:
-            self._start_loop()
-        if self.history is not None:
-            self._idle_sampling = asyncio.create_task(
-                self._sample_while_stopped(), name="amm-sampling-while-stopped"
-            )
+            self._loop.start()
+        self._sampler.start()
 
     async def _restore_workers(self) -> None:
         """Take back the workers the previous run knew, and hold drops until they report.
@@ -311,12 +325,8 @@ class ActiveMemoryManager:
         self._closed = True
         await self._members.close()
         self.event_feed.close()
-        sampling, self._idle_sampling = self._idle_sampling, None
-        if sampling is not None:
-            sampling.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sampling
-        await self._stop_loop()
+        await self._sampler.close()
+        await self._loop.stop()
         await self._lost.save_held(*self.state.take_changes())
         await self.retirement_driver.close()
         await self.handover.close()
@@ -338,7 +348,7 @@ class ActiveMemoryManager:
 
     @property
     def running(self) -> bool:
-        return self._loop_task is not None and not self._loop_task.done() and not self.fenced
+        return self._loop.running
 
     @property
     def fenced(self) -> bool:
@@ -360,95 +370,20 @@ class ActiveMemoryManager:
                 f"ours ({self.epoch}); another AMM is in charge until this one is restarted"
             )
         self._store.set_running(True)
-        self._start_loop()
-
-    def _start_loop(self) -> None:
-        if not self.running:
-            self._loop_task = asyncio.create_task(self._loop(), name="amm-cycle-loop")
+        self._loop.start()
 
     async def stop(self) -> None:
         """Stop cycling, and from now on at every start of the AMM (until a ``start``)."""
         self._check_open()
         self._store.set_running(False)
-        await self._stop_loop()
+        await self._loop.stop()
         if self.retirements.waiting and self.retirements.active:
             self.retirement_driver.drive()  # a RetireWorkers call begun while we ran waits
 
-    async def _stop_loop(self) -> None:
-        task, self._loop_task = self._loop_task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-
-    async def _loop(self) -> None:
-        await self._cycle_every_interval(lambda: True, "AMM cycle")
-
-    async def _cycle_every_interval(self, go_on: Callable[[], bool], what: str) -> None:
-        """Run cycles an interval apart while ``go_on()``; a failed cycle is logged, not fatal.
-
-        Paced by the work in flight as well as by the clock: once every directive of a cycle
-        has an answer and at least one was applied, the next cycle follows after
-        ``follow_up`` instead of the rest of the interval, so a retirement or a repair moves
-        on as fast as its transfers complete. A cycle that sent nothing, or whose directives
-        were all refused, waits for the interval as usual, unless ``wake`` is called (which
-        also cuts short the wait for a cycle's outcomes).
-
-        The same holds for the last cycle that sent directives when a later one polled while
-        some of them were still unanswered (a big cycle's directives take longer than the
-        interval to carry out, and the cycles meanwhile plan nothing new): once they all have an
-        answer and one was applied, the next cycle follows up, so the AMM's view catches up with
-        what was done instead of an interval later.
-        """
-        interval = self.config.interval
-        follow_up = min(interval, max(FOLLOW_UP, interval / 20))
-        sent: CycleRecord | None = None  # the last cycle that sent directives
-        while go_on() and not self.fenced:
-            started = self._monotonic()
-            self._woken.clear()
-            # Some of its directives unanswered as this cycle polls: their effects may be missed.
-            behind = sent is not None and sent.unsettled > 0
-            record = None
-            try:
-                record = await self.run_cycle()
-            except asyncio.CancelledError:
-                task = asyncio.current_task()
-                if task is None or task.cancelling():
-                    raise
-                # A call awaited inside the cycle was cancelled (its channel closed), not us.
-                log.exception("%s was cut short; the next one runs as usual", what)
-            except Exception:
-                log.exception("%s failed; the next one runs as usual", what)
-            rest = max(0.0, interval - (self._monotonic() - started))
-            if record is not None and record.planned_count:
-                sent = record
-            elif not behind:
-                sent = None  # a poll after every answer saw their effects: nothing to follow
-            if sent is not None:
-                waited = self._monotonic()
-                await self._settled_or_woken(sent, rest)
-                rest = max(0.0, rest - (self._monotonic() - waited))
-                if sent.unsettled == 0 and sent.applied:
-                    rest = min(rest, max(0.0, follow_up - (self._monotonic() - started)))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._woken.wait(), rest)
-
-    async def _settled_or_woken(self, record: CycleRecord, limit: float) -> None:
-        """Until every directive of ``record`` has an outcome, ``wake`` is called (a
-        retirement began, a transfer slot it waits for freed), or ``limit`` seconds."""
-        settled = asyncio.ensure_future(self.outcomes.wait(record, limit))
-        woken = asyncio.ensure_future(self._woken.wait())
-        try:
-            await asyncio.wait((settled, woken), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for waiting in (settled, woken):
-                waiting.cancel()
-            await asyncio.gather(settled, woken, return_exceptions=True)
-
     def wake(self) -> None:
         """Run the next cycle now, not at the end of the interval: work arrived that a cycle
-        should act on (a retirement began, a goal was set)."""
-        self._woken.set()
+        should act on (a retirement began, a goal was set; ``CycleLoop.wake``)."""
+        self._loop.wake()
 
     # -- cycles ----------------------------------------------------------------------------
 
@@ -568,7 +503,7 @@ class ActiveMemoryManager:
         record.duration = time.perf_counter() - t0
         record.poll_duration, record.send_duration = polled - t0, sending
         self.cycle_stats.observe(record)
-        self._sample(record.number, record.rejected)
+        self._sampler.sample(record.number, record.rejected)
         self._last = record
         self._freeze_heap()
         if plan.directives or plan.rejections:
@@ -584,44 +519,6 @@ class ActiveMemoryManager:
                 sending * 1e3,
             )
         return record
-
-    def _sample(self, cycle: int, rejected: int = 0) -> None:
-        """Add what the AMM sees now to the dashboard's history, if it keeps one."""
-        if self.history is not None:
-            self.history.record(
-                at=self._clock(),
-                cycle=cycle,
-                running=self.running,
-                workers=self.state.workers,
-                totals=self.outcomes.totals,
-                rejected=rejected,
-                keys=self.state.nkeys,
-                replicas=self.state.nreplicas,
-                lost=self.lost_keys,
-                goals=self.goals.totals(self.state),
-            )
-
-    async def _sample_while_stopped(self) -> None:
-        """With the dashboard on, while the AMM does not cycle: poll every agent once an
-        interval and sample, so the memory chart has no gap where the AMM was off. No planning
-        and no directives: a poll reads an agent (handing it the tombstones of keys an operator
-        forgot, as every poll does), as a fresh query's polls do."""
-        history = self.history
-        if history is None:
-            return
-        interval = self.config.interval
-        while True:
-            started = self._monotonic()
-            # Not while a cycle runs (RunOnce, a retirement's) or right after one: it samples.
-            idle = not self.running and not self._cycle_lock.locked()
-            if idle and history.newest <= self._clock() - interval / 2:
-                try:
-                    await self._poller.poll_all()
-                    if not self.running:  # started meanwhile: its cycles sample
-                        self._sample(self._cycles)
-                except Exception:
-                    log.exception("sampling for the dashboard failed; trying again")
-            await asyncio.sleep(max(0.0, interval - (self._monotonic() - started)))
 
     async def _send(self, record: CycleRecord, directives: Sequence[Directive]) -> None:
         """Enter ``directives`` of ``record``'s cycle in the ledger and send them."""
