@@ -1,35 +1,32 @@
 """The Active Memory Manager: the cycle loop and the cycles, wired to the worker registry.
 
-It wires the pure parts (cluster state, ledger, core, policies, liveness, start-up grace, epoch)
-to the I/O parts (poller, dispatcher) and starts and stops the cycle loop (``cycle_loop``, which
-owns its task). A cycle is: expire stale
-ledger entries, poll every agent, judge liveness (flag STALE workers, remove DEAD ones and
-report the keys lost with them), snapshot, plan, send, supervise retirements. A dry run polls
-and plans only. However a worker goes away (dead, unregistered, restarted as a new process,
-closed), the keys it held alone are recorded as lost (``lost``); so are keys no worker holds any
-more after an AMM restart. Cycles never overlap: the loop and ``run_once`` share a lock. The
-running flag and the epoch persist in the state store, so a restarted AMM resumes as it was,
-under a new epoch that makes agents ignore the old one, and issues no drops until the workers it
-knew have reported. With the dashboard on, a stopped AMM still polls every interval and samples
-the cluster's memory for it, without planning (``sampling``). What becomes of sent
-directives is ``outcomes``; operators' questions, ``queries``; RetireWorkers, DrainWorker and
-their driver task, ``retirement_driver``; what retirements do between cycles as outcomes
-arrive, ``handover``; registering and removing workers, ``membership``; recording and reporting
-lost keys, ``lost`` (``Losses``); judging silent workers stale or dead, ``liveness``.
+It wires the pure parts (cluster state, ledger, core, policies, liveness, start-up grace, epoch) to
+the I/O parts (poller, dispatcher), and starts and stops the cycle loop (``cycle_loop``, which owns
+its task) that runs the cycles (``cycling``). A cycle is: expire stale ledger entries, poll every
+agent, judge liveness (flag STALE workers, remove DEAD ones and report the keys lost with them),
+snapshot, plan, send, supervise retirements. A dry run polls and plans only. However a worker goes
+away (dead, unregistered, restarted as a new process, closed), the keys it held alone are recorded
+as lost (``lost``); so are keys no worker holds any more after an AMM restart. Cycles never
+overlap: the loop and ``run_once`` share a lock. The running flag and the epoch persist in the
+state store, so a restarted AMM resumes as it was, under a new epoch that makes agents ignore the
+old one, and issues no drops until the workers it knew have reported. With the dashboard on, a
+stopped AMM still polls every interval and samples the cluster's memory for it, without planning
+(``sampling``). What becomes of sent directives is ``outcomes``; operators' questions, ``queries``;
+RetireWorkers, DrainWorker and their driver task, ``retirement_driver``; what retirements do
+between cycles as outcomes arrive, ``handover``; registering and removing workers, ``membership``;
+recording and reporting lost keys, ``lost`` (``Losses``); judging silent workers stale or dead,
+``liveness``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import copy
 import logging
 import time
 from collections.abc import Callable, Sequence
 
 from amm.base.security import Security
 from amm_service.config import AmmConfig
-from amm_service.decisions import core
-from amm_service.decisions.directive import Directive
 from amm_service.decisions.epoch import EpochFence
 from amm_service.decisions.events import EventLog
 from amm_service.decisions.grace import StartupGrace
@@ -40,6 +37,7 @@ from amm_service.policies import Policy
 from amm_service.runtime.agents import AgentLinks
 from amm_service.runtime.cycle import CycleRecord, CycleStats
 from amm_service.runtime.cycle_loop import CycleLoop
+from amm_service.runtime.cycling import Cycles
 from amm_service.runtime.dispatcher import Dispatcher
 from amm_service.runtime.event_feed import EventFeed
 from amm_service.runtime.goals import GoalBook
@@ -49,7 +47,7 @@ from amm_service.runtime.liveness import LivenessJudge
 from amm_service.runtime.lost import Losses, LostBook
 from amm_service.runtime.membership import Membership
 from amm_service.runtime.outcomes import Outcomes
-from amm_service.runtime.pacing import Budget, HeapFreezer, gc_paused
+from amm_service.runtime.pacing import HeapFreezer
 from amm_service.runtime.poller import Poller
 from amm_service.runtime.queries import Queries
 from amm_service.runtime.retirement import Retirements
@@ -61,39 +59,9 @@ from amm_service.runtime.tombstones import TombstoneBook
 
 log = logging.getLogger(__name__)
 
-
-def _copies(policies: Sequence[Policy]) -> list[Policy]:
-    """Deep copies of ``policies`` for a dry run; a policy that cannot be copied (it holds a
-    lock or a connection) plans as itself, and is warned about."""
-    copies = []
-    for policy in policies:
-        try:
-            copies.append(copy.deepcopy(policy))
-        except Exception as err:
-            log.warning(
-                "dry run: policy %s cannot be copied (%s: %s); it plans as itself, and may "
-                "remember what it planned",
-                policy.name,
-                type(err).__name__,
-                err,
-            )
-            copies.append(policy)
-    return copies
-
-
-#: Directives entered in the ledger and handed to the dispatcher at a time.
-SEND_STEP = 20_000
-#: Directives entered in the ledger in one slice (``pacing.Budget`` breathes between slices).
-LEDGER_STEP = 500
 #: Keys plus directives in flight from which the AMM freezes its heap after each poll round and
 #: cycle (``pacing.HeapFreezer``): below, full collections are short.
 FREEZE_FROM = 10_000
-
-
-def _planned(steps: core.Steps) -> core.Plan | tuple[Directive, ...]:
-    """One step of planning (``core.step``), what it leaves alive frozen with a big heap."""
-    with gc_paused():
-        return core.step(steps)
 
 
 class ActiveMemoryManager:
@@ -155,8 +123,6 @@ class ActiveMemoryManager:
             fenced=lambda: self.fenced,
             monotonic=monotonic,
         )
-        self._cycles = 0
-        self._last: CycleRecord | None = None
         #: Durations and counts of every cycle run (not dry runs), for the metrics.
         self.cycle_stats = CycleStats()
         #: One sample per cycle run (and per interval while stopped), for the dashboard; kept
@@ -171,7 +137,7 @@ class ActiveMemoryManager:
             poll_all=self._poller.poll_all,
             running=lambda: self.running,
             busy=self._cycle_lock.locked,
-            cycles=lambda: self._cycles,
+            cycles=lambda: self._cycles.count,
             interval=config.interval,
             clock=clock,
             monotonic=monotonic,
@@ -235,6 +201,30 @@ class ActiveMemoryManager:
             remove=self._members.remove,
             wake=self.wake,
         )
+        self._cycles = Cycles(
+            config,
+            self.policies,
+            self.state,
+            self.ledger,
+            self.events,
+            outcomes=self.outcomes,
+            poller=self._poller,
+            dispatcher=self._dispatcher,
+            fence=self._fence,
+            liveness=self._liveness,
+            losses=self._losses,
+            goals=self.goals,
+            tombstones=self.tombstones,
+            retirements=self.retirements,
+            retirement_driver=self.retirement_driver,
+            stats=self.cycle_stats,
+            fenced=lambda: self.fenced,
+            in_startup_grace=self.in_startup_grace,
+            sample=self._sampler.sample,
+            freeze_heap=self._freeze_heap,
+            clock=clock,
+            monotonic=monotonic,
+        )
         #: Drops from retiring workers as soon as agents confirm the copies (``handover``).
         self.handover = Handover(
             self.state,
@@ -243,7 +233,7 @@ class ActiveMemoryManager:
             may_drop=lambda: not self.fenced and not self.in_startup_grace(),
             epoch=lambda: self.epoch,
             new_id=self._fence.new_id,
-            enter=self._enter_between_cycles,
+            enter=self._cycles.enter_between_cycles,
             dispatch=self._dispatcher.send,
             finish=self._finish_retirement,
             throttled=lambda: self.retirements.throttled,
@@ -401,7 +391,7 @@ class ActiveMemoryManager:
         """
         self._check_open()
         async with self._cycle_lock:
-            record = await self._cycle(wait, dry_run)
+            record = await self._cycles.run(wait, dry_run)
         if dry_run:
             return record
         limit = self.config.directive_timeout
@@ -411,144 +401,6 @@ class ActiveMemoryManager:
             await self.outcomes.wait(record, limit)
         return record
 
-    async def _cycle(self, wait: bool, dry_run: bool = False) -> CycleRecord:
-        self._cycles += 1
-        started, t0 = self._clock(), time.perf_counter()
-        record = CycleRecord(self._cycles, started, dry_run=dry_run)
-        if not dry_run:
-            overdue = self.outcomes.expire(
-                self._monotonic(), self.config.directive_timeout, self._liveness.answering
-            )
-            if overdue:
-                log.info("sending %d overdue directives again, under the same ids", len(overdue))
-                self.outcomes.totals.sending(overdue)
-                await self._dispatcher.send(overdue)
-        record.unreachable = tuple(await self._poller.poll_all())
-        polled = time.perf_counter()
-        newer = self._fence.check_fenced()
-        if newer is not None:
-            self.events.record(
-                "epoch-fenced",
-                f"agents have seen AMM epoch {newer}, newer than ours ({self.epoch}): another "
-                "AMM is in charge; this one stops cycling until it is restarted",
-            )
-        if self.fenced and not dry_run:
-            record.duration = time.perf_counter() - t0
-            record.poll_duration = polled - t0
-            return record  # its directives would be refused: send none, judge nothing
-        if not dry_run:
-            await self._liveness.judge()
-            self._losses.settle()
-        record.startup_grace = self.in_startup_grace()
-        self.retirements.apply_flags()
-        pace = Budget()
-        self._liveness.forget_copies_on_gone_workers()
-        for _ in self.ledger.observing(self._version_of, step=LEDGER_STEP):
-            await pace()
-        self.tombstones.expire()
-        view = self.state.snapshot(
-            goals=self.goals.mapping, now=self._clock(), forgotten=self.tombstones.live
-        )
-        t1 = time.perf_counter()
-        steps = core.planning(
-            view,
-            _copies(self.policies) if dry_run else self.policies,
-            self.ledger,
-            core.PlanConfig(
-                self.config.measure,
-                self.epoch,
-                allow_drops=not record.startup_grace,
-                max_incoming=self.config.max_incoming_transfers,
-                max_outgoing=self.config.max_outgoing_transfers,
-            ),
-            self._fence.new_id,
-            stream=not dry_run,
-        )
-        if not dry_run:
-            self.outcomes.track(record)
-        sending, released = 0.0, 0
-        ready: list[Directive] = []
-        pace = Budget()
-        while not isinstance(out := _planned(steps), core.Plan):
-            ready += out
-            released += len(out)
-            if len(ready) >= SEND_STEP:  # send what is decided while the rest is planned
-                started_sending = time.perf_counter()
-                await self._send(record, ready)
-                sending += time.perf_counter() - started_sending
-                ready = []
-            else:
-                await pace()  # control calls are answered while a big cycle plans
-        plan = out
-        record.plan_duration = time.perf_counter() - t1 - sending
-        record.planned(plan)
-        if dry_run:
-            record.sending(plan.directives, self._clock())
-            record.duration = time.perf_counter() - t0
-            log.info(
-                "dry run %d: %d suggestions, %d directives (not sent), %d rejected",
-                record.number,
-                plan.suggestions,
-                len(plan.directives),
-                len(plan.rejections),
-            )
-            return record
-        started_sending = time.perf_counter()
-        await self._send(record, [*ready, *plan.directives[released:]])
-        sending += time.perf_counter() - started_sending
-        self.outcomes.all_sent(record)
-        for error in plan.policy_errors:
-            log.error("%s", error)
-        await self.retirement_driver.supervise(view, plan)
-        record.duration = time.perf_counter() - t0
-        record.poll_duration, record.send_duration = polled - t0, sending
-        self.cycle_stats.observe(record)
-        self._sampler.sample(record.number, record.rejected)
-        self._last = record
-        self._freeze_heap()
-        if plan.directives or plan.rejections:
-            log.info(
-                "cycle %d: %d suggestions, %d directives, %d rejected; poll %.0f ms, plan %.0f "
-                "ms, send %.0f ms (elapsed, the loop serving calls in between)",
-                record.number,
-                plan.suggestions,
-                len(plan.directives),
-                len(plan.rejections),
-                (polled - t0) * 1e3,
-                record.plan_duration * 1e3,
-                sending * 1e3,
-            )
-        return record
-
-    async def _send(self, record: CycleRecord, directives: Sequence[Directive]) -> None:
-        """Enter ``directives`` of ``record``'s cycle in the ledger and send them."""
-        if not directives:
-            return
-        self._fence.acted(True)
-        now, number = self._monotonic(), record.number
-        record.sending(directives, self._clock())
-        pace = Budget()
-        for start in range(0, len(directives), SEND_STEP):
-            chunk = directives[start : start + SEND_STEP]
-            for first in range(0, len(chunk), LEDGER_STEP):
-                if first:
-                    await pace()
-                with gc_paused():
-                    some = chunk[first : first + LEDGER_STEP]
-                    self.outcomes.totals.sending(some)
-                    for directive in some:
-                        self.ledger.add(directive, now, number)
-            await self._dispatcher.send(chunk)
-
-    def _enter_between_cycles(self, directives: Sequence[Directive]) -> None:
-        """Enter ``directives`` made between cycles (``handover``) in the ledger, under no
-        cycle's record; the caller sends them."""
-        self._fence.acted(True)
-        now = self._monotonic()
-        self.outcomes.totals.sending(directives)
-        for directive in directives:
-            self.ledger.add(directive, now)
-
     async def _finish_retirement(self, worker: WorkerId) -> None:
         """Poll a retiring worker the handover emptied and, if it holds nothing, end its
         retirement now rather than at the next cycle; under the cycle lock, as a cycle would."""
@@ -557,14 +409,10 @@ class ActiveMemoryManager:
                 return
             if not await self._poller.poll(worker):
                 return
-            seen = self._version_of(worker)
+            seen = self._cycles.version_of(worker)
             for _ in self.ledger.observing(lambda w: seen if w == worker else None):
                 pass
             await self.retirement_driver.finish_emptied(worker)
-
-    def _version_of(self, worker: WorkerId) -> int | None:
-        known = self.state.worker(worker)
-        return known.version if known is not None else None
 
     def _takes_batches(self, worker: WorkerId) -> bool:
         known = self.state.worker(worker)
@@ -600,11 +448,11 @@ class ActiveMemoryManager:
 
     @property
     def last_cycle(self) -> CycleRecord | None:
-        return self._last
+        return self._cycles.last
 
     @property
     def cycles(self) -> int:
-        return self._cycles
+        return self._cycles.count
 
     # -- registry (``membership``) ----------------------------------------------------------
 
