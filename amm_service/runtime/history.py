@@ -4,7 +4,7 @@ One sample per cycle (not dry runs), taken at its end from what the AMM keeps an
 worker's memory (managed, process, limit) and status, the directive totals (so a sample holds
 what the cycle sent and what was refused since the previous one), keys, replicas, lost keys and
 goals. While the AMM is stopped it samples too, after a round of polls every interval and with
-``running`` false (``manager``), so the memory chart covers the AMM's off periods as well: the
+``running`` false (``sampling``), so the memory chart covers the AMM's off periods as well: the
 seed's picture is memory with the AMM off against on.
 
 A ring buffer: the oldest samples go first, so memory stays bounded however long the AMM

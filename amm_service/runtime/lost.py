@@ -3,8 +3,8 @@
 A key is lost when the last worker holding it goes away before a copy was made elsewhere, however
 it went: declared dead, unregistered (an agent shut down, drained or not, or closed by force),
 restarted as a new process (a new incarnation, whether it registered again or a poll found it),
-or while the AMM itself was down. The manager calls ``add`` for the first four; this book finds
-the last one itself:
+or while the AMM itself was down. ``Losses`` calls ``add`` for the first four (and reports them);
+this book finds the last one itself:
 
 1. The names of the keys the cluster holds are kept in the state file, brought up to date after
    every round of polls (``save_held``, with ``ClusterState.take_changes``): a key that appears
@@ -21,7 +21,7 @@ too, so an AMM restart does not forget them. A key deleted on purpose straight o
 (not through the AMM's ``Forget``) while the AMM was down cannot be told from a lost one: it is
 reported lost, and ``Forget`` clears it.
 
-Not covered: deciding when a worker is gone (``decisions.liveness`` and the manager).
+Not covered: deciding when a worker is gone (``decisions.liveness`` and ``runtime.liveness``).
 """
 
 from __future__ import annotations
@@ -31,9 +31,13 @@ import logging
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 
-from amm_service.decisions.view import Key
+from amm_service.decisions.events import EventLog
+from amm_service.decisions.liveness import lost_after_removal
+from amm_service.decisions.view import ClusterState, Key, WorkerId
+from amm_service.runtime.goals import GoalBook
 from amm_service.runtime.pacing import breathe
 from amm_service.runtime.state import LostRecord, StateError, StateStore
+from amm_service.runtime.storing import Storing
 
 log = logging.getLogger(__name__)
 
@@ -198,3 +202,87 @@ class LostBook:
 def _chunks(keys: set[Key]) -> list[list[Key]]:
     ordered = list(keys)
     return [ordered[i : i + SAVE_STEP] for i in range(0, len(ordered), SAVE_STEP)]
+
+
+class Losses:
+    """Finds and reports the keys lost as workers go away or after a restart, into ``book``:
+    the ``key-lost``, ``goal-lost`` and ``key-recovered`` events go with every record."""
+
+    def __init__(
+        self,
+        book: LostBook,
+        state: ClusterState,
+        events: EventLog,
+        goals: GoalBook,
+        storing: Storing,
+    ) -> None:
+        self.book = book
+        self._state = state
+        self._events = events
+        self._goals = goals
+        self._storing = storing
+        self._restored: set[WorkerId] = set()
+        """Workers known from the state file that have neither reported nor left yet."""
+
+    def awaiting(self, workers: Iterable[WorkerId]) -> None:
+        """The workers known from the state file, taken back: none has reported yet."""
+        self._restored = set(workers)
+
+    def losing(self, worker: WorkerId, held: frozenset[Key], cause: str) -> list[Key]:
+        """``worker`` went away (``cause``) holding ``held``: record and report the keys no
+        other worker holds as lost; returns them."""
+        lost = lost_after_removal(held, self._state.keys)
+        if lost:
+            new = self.book.add(
+                lost, worker=worker, reason=f"{worker} {cause} before a copy was made elsewhere"
+            )
+            self.report(new, f"had no copy left when {worker} {cause}", worker)
+        return lost
+
+    def report(self, keys: list[Key], how: str, worker: str = "") -> None:
+        """The events of newly lost ``keys``: ``key-lost``, and ``goal-lost`` for those with a
+        replication goal (recorded once, when they are lost)."""
+        if not keys:
+            return
+        self._events.record("key-lost", f"{len(keys)} key(s) {how}", worker=worker, keys=keys)
+        with_goal = [k for k in keys if k in self._goals]
+        if with_goal:
+            self._events.record(
+                "goal-lost",
+                f"{len(with_goal)} key(s) with a replication goal are lost: no copy is left to "
+                "make copies from; the goals stay until the keys are put again or forgotten",
+                keys=with_goal,
+            )
+
+    def replaced(self, worker: WorkerId, held: frozenset[Key]) -> None:
+        """A poll found ``worker`` restarted as a new process, which reported ``held`` no more."""
+        ws = self._state.worker(worker)
+        current = ws.incarnation if ws is not None else None
+        storing = self._storing.take(worker, other_than=current)
+        self.losing(worker, held | storing, "restarted (a poll found a new process)")
+
+    def recovered(self, born: set[Key]) -> None:
+        """Lost keys among ``born`` (held again) are lost no more."""
+        back = self.book.recovered(born)
+        if back:
+            self._events.record(
+                "key-recovered", f"{len(back)} lost key(s) are held again", keys=back
+            )
+
+    def settle(self) -> None:
+        """After a restart: once every worker known from the state file has reported or left,
+        the keys held before the restart that no worker holds now are lost."""
+        if not self.book.unseen:
+            self._restored.clear()
+            return
+        self._restored = {
+            w
+            for w in self._restored
+            if (ws := self._state.worker(w)) is not None and ws.last_poll is None
+        }
+        missing = self.book.settle(self._state.keys, all_reported=not self._restored)
+        self.report(
+            missing,
+            "were held before the AMM restarted and no worker holds them now: the workers that "
+            "held them came back without them or never came back",
+        )

@@ -121,7 +121,7 @@ class Poller:
         self._tombstones = tombstones
         self._shared = SharedReports()
         self.newest_agent_epoch = 0
-        #: The AMM's membership version, told to every agent polled (``manager.membership``).
+        #: The AMM's membership version, told to every agent polled (``Membership``).
         self.membership_version = 0
 
     async def poll_all(self, workers: Iterable[WorkerId] | None = None) -> list[WorkerId]:

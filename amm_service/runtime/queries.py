@@ -7,7 +7,7 @@ agents and leaves tombstones so that copies under way do not bring them back; ``
 for that is lost is NOT_FOUND, and the message says it is lost). None of them runs a cycle or
 sends a directive: they read what the cycles keep up to date, or act directly.
 
-Not covered: the worker registry and the cycles (``manager``), retiring workers
+Not covered: the worker registry (``membership``) and the cycles (``cycling``), retiring workers
 (``retirement_driver``).
 """
 

@@ -16,7 +16,7 @@ AMM's I/O and timing around that book:
   ``finish_emptied`` does the same for one worker between cycles, once the handover emptied it.
 
 Not covered: which keys leave a retiring worker (the RetireWorker policy), the loop itself
-(``manager``).
+(``cycle_loop``).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ An agent asks the AMM about a Put's keys (``LookupKeys`` with ``storing``) befor
 them, and acknowledges the Put once they are stored; the AMM learns they are there only at that
 agent's next poll. An agent killed in between took acknowledged keys with it that the AMM never
 knew of, so nothing reported them lost. The AMM notes them here, and the removal of a worker
-counts its notes as held (``Manager._losing``): a key no other worker holds is then reported
+counts its notes as held (``Losses.losing``): a key no other worker holds is then reported
 lost. A note ends when a poll lists the key, or when a poll answered after the longest a Put
 may take shows the key did not arrive (the Put failed): that key was never acknowledged.
 """

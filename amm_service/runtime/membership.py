@@ -1,0 +1,225 @@
+"""The AMM's registry of workers: who is registered, how they come and go, and the membership
+version agents confirm their peers with (``GetMembership``).
+
+However a worker goes away (dead, unregistered, restarted as a new process, closed), the keys it
+held alone are recorded as lost (``Losses``): no path takes a last copy away without a
+``key-lost`` record. The workers the previous run knew are taken back at start-up (``restore``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import Callable
+
+from amm.base.validation import (
+    MAX_ADOPTED_EPOCH,
+    epoch_problem,
+    incarnation_problem,
+    name_problem,
+    zone_problem,
+)
+from amm_service.decisions.events import EventLog
+from amm_service.decisions.view import ClusterState, Key, WorkerId
+from amm_service.errors import InvalidArgument
+from amm_service.runtime.addresses import check_address
+from amm_service.runtime.agents import AgentLinks
+from amm_service.runtime.dispatcher import Dispatcher
+from amm_service.runtime.lost import Losses
+from amm_service.runtime.outcomes import Outcomes
+from amm_service.runtime.poller import Poller
+from amm_service.runtime.retirement import Retirements
+from amm_service.runtime.state import StateStore
+from amm_service.runtime.storing import Storing
+from amm_service.runtime.tombstones import TombstoneBook
+
+log = logging.getLogger(__name__)
+
+
+class Membership:
+    """Registers and removes workers, and owns the removals of agents that unregistered (tasks
+    that outlive their call; ``close`` awaits them). ``check_open`` raises while the AMM is not
+    open; ``adopt_epoch`` moves our epoch past one an agent confirmed (``EpochFence``);
+    ``epoch`` is ours."""
+
+    def __init__(
+        self,
+        state: ClusterState,
+        store: StateStore,
+        *,
+        poller: Poller,
+        dispatcher: Dispatcher,
+        links: AgentLinks,
+        outcomes: Outcomes,
+        retirements: Retirements,
+        tombstones: TombstoneBook,
+        storing: Storing,
+        events: EventLog,
+        losses: Losses,
+        clock: Callable[[], float],
+        check_open: Callable[[], None],
+        adopt_epoch: Callable[[int], object],
+        epoch: Callable[[], int],
+    ) -> None:
+        self._state = state
+        self._store = store
+        self._poller = poller
+        self._dispatcher = dispatcher
+        self._links = links
+        self._outcomes = outcomes
+        self._retirements = retirements
+        self._tombstones = tombstones
+        self._storing = storing
+        self._events = events
+        self._losses = losses
+        self._clock = clock
+        self._check_open = check_open
+        self._adopt_epoch = adopt_epoch
+        self._epoch = epoch
+        self._replacing: dict[WorkerId, frozenset[Key]] = {}
+        """What workers that registered again as a new process held before, until the new
+        process has reported (it may have some of it back) or left."""
+        self._leaving: dict[WorkerId, asyncio.Task[tuple[bool, list[Key]]]] = {}
+        """Removals of workers whose agents unregistered; they outlive the call (``unregister``)."""
+        #: Changes whenever the set of registered workers does (``membership``); polls carry it.
+        self.version = 0
+
+    async def restore(self) -> tuple[list[WorkerId], list[WorkerId]]:
+        """Register the workers the previous run knew and poll each once: (those workers, those
+        that have not answered)."""
+        now = self._clock()
+        records = self._store.known_workers()
+        known = [WorkerId(record.address) for record in records]
+        for record in records:
+            self._state.register(WorkerId(record.address), record.name, "", now)
+        self._losses.awaiting(known)
+        self._changed()
+        silent = await self._poller.poll_all(known)  # then ``_polled``
+        return known, silent
+
+    async def close(self) -> None:
+        """Removals under way finish first (each bounded by a poll deadline): their agents left."""
+        await asyncio.gather(*self._leaving.values(), return_exceptions=True)
+
+    def polled(self) -> None:
+        """After every round of polls: what is lost now that workers registered again as new
+        processes have reported."""
+        for worker in list(self._replacing):
+            ws = self._state.worker(worker)
+            if ws is not None and ws.last_poll is not None:
+                held = self._replacing.pop(worker)
+                self._losses.losing(worker, held, "restarted (registered again as a new process)")
+
+    async def register(
+        self, address: str, name: str, incarnation: str, epoch: int = 0, zone: str = ""
+    ) -> None:
+        """Register (or refresh) a worker. Every field is judged by the rules an agent's own
+        flags follow (``amm.base.validation``); ``epoch``, the newest the agent confirmed, may
+        not exceed ``MAX_ADOPTED_EPOCH``: a fresh AMM moves past it, and no AMM issued more."""
+        self._check_open()
+        worker = check_address(address)
+        problem = (
+            incarnation_problem(incarnation)
+            or (name_problem(name) if name else None)
+            or zone_problem(zone)
+            or epoch_problem("epoch", epoch, most=MAX_ADOPTED_EPOCH)
+        )
+        if problem is not None:
+            raise InvalidArgument(problem)
+        known = self._state.worker(worker)
+        held = frozenset[Key]()
+        if known is not None and known.incarnation != incarnation:
+            held = self._state.held_by(worker) | self._storing.take(  # by the process before
+                worker, incarnation=known.incarnation
+            )
+        if self._state.register(worker, name, incarnation, self._clock(), zone=zone):
+            self._changed()
+            self._outcomes.forget_in_flight(worker)
+            await self._dispatcher.close_worker(worker)
+            # A channel that failed to reach the old process may be backing off for minutes:
+            # the new one gets a fresh connection.
+            await self._links.close(worker)
+            self._store.remember_worker(worker, name or worker)
+            self._retirements.apply_flags()
+            log.info("worker %s registered (%s)", worker, name or worker)
+            if held:  # judged once the new process has reported: it may have some of it back
+                self._replacing[worker] = held | self._replacing.get(worker, frozenset())
+            # Its status, memory and keys now, not at the next cycle: until then a new worker
+            # showed as unspecified, 0 B and never polled (and an AMM that is stopped has none).
+            await self._poller.poll(worker)
+        self._adopt_epoch(epoch)
+
+    async def unregister(self, address: str) -> tuple[bool, list[Key]]:
+        """Remove a worker whose agent is leaving: (whether it was registered, the keys lost
+        with it). It is polled once more first, so what it holds at the call is what counts.
+
+        The removal goes on if the caller stops waiting (its deadline passed, its channel was
+        closed): when many agents stop at once, the last poll of each waits its turn, and a
+        removal given up with the call left hundreds of agents that had said goodbye listed
+        as live until declared dead (``benchmarks/bench_scale.py``, "left").
+        """
+        self._check_open()
+        worker = WorkerId(address)
+        leaving = self._leaving.get(worker)
+        if leaving is None:
+            leaving = asyncio.create_task(self._unregister(worker), name=f"unregister {worker}")
+            self._leaving[worker] = leaving
+            leaving.add_done_callback(functools.partial(self._left, worker))
+        return await asyncio.shield(leaving)
+
+    def _left(self, worker: WorkerId, task: asyncio.Task[tuple[bool, list[Key]]]) -> None:
+        """A removal ended: forget it, and log a failure (its caller may have stopped waiting)."""
+        if self._leaving.get(worker) is task:
+            del self._leaving[worker]
+        if not task.cancelled() and (err := task.exception()) is not None:
+            log.warning("unregistering ended with %s: %s", type(err).__name__, err)
+
+    async def _unregister(self, worker: WorkerId) -> tuple[bool, list[Key]]:
+        known = self._state.worker(worker)
+        if known is None:
+            return False, []
+        if known.reachable:
+            await self._poller.poll(worker)
+        lost = await self.remove(worker, "unregistered")
+        self._events.record(
+            "worker-unregistered",
+            f"its agent left; {len(lost)} key(s) had no copy elsewhere"
+            if lost
+            else "its agent left; every key it held has a copy elsewhere",
+            worker=worker,
+        )
+        return True, lost
+
+    def membership(self, epoch: int, version: int) -> tuple[int, int, list[WorkerId] | None]:
+        """Our epoch, the membership version and the registered workers' addresses; None for
+        the addresses when the caller's ``epoch`` and ``version`` are current. Agents confirm
+        epochs and peers with it (``GetMembership``)."""
+        self._check_open()
+        if (epoch, version) == (self._epoch(), self.version):
+            return self._epoch(), self.version, None
+        return self._epoch(), self.version, self._state.worker_ids
+
+    def _changed(self) -> None:
+        self.version += 1
+        self._poller.membership_version = self.version
+
+    async def remove(self, worker: WorkerId, cause: str = "was removed") -> list[Key]:
+        """Take ``worker`` out of the registry; the keys lost with it (recorded and reported:
+        no path takes a last copy away without a ``key-lost`` record)."""
+        held = (
+            self._state.held_by(worker)
+            | self._replacing.pop(worker, frozenset())
+            | self._storing.take(worker)
+        )
+        removed = self._state.unregister(worker)
+        if removed:
+            self._changed()
+        self._retirements.left(worker)
+        self._outcomes.forget_in_flight(worker)
+        self._poller.forget(worker)
+        self._tombstones.forget_worker(worker)
+        self._store.forget_worker(worker)
+        await self._dispatcher.close_worker(worker)
+        await self._links.close(worker)
+        return self._losses.losing(worker, held, cause) if removed else []
