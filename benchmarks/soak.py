@@ -55,22 +55,11 @@ from collections.abc import Callable
 from typing import Any
 
 from amm import EventGap
+from amm.base.memdebug import rss
 from amm.base.units import parse_duration
 from amm.client import Client
 from amm.cluster import LocalCluster
 from amm.errors import AmmError
-
-
-def rss(pid: int) -> int:
-    """Resident set size of ``pid`` in bytes (0 if it is gone)."""
-    try:
-        with open(f"/proc/{pid}/status") as status:
-            for line in status:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 def loadavg() -> str:

@@ -19,6 +19,24 @@ log = logging.getLogger(__name__)
 M_ARENA_MAX = -8
 
 
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
+
+
 @functools.cache
 def _libc() -> ctypes.CDLL | None:
     try:
@@ -52,3 +70,17 @@ def use_one_arena() -> bool:
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
     return bool(mallopt(M_ARENA_MAX, 1))
+
+
+def stats() -> dict[str, int]:
+    """The C allocator's bytes in use and free (glibc 2.33+; empty elsewhere)."""
+    mallinfo2 = getattr(_libc(), "mallinfo2", None)
+    if mallinfo2 is None:
+        return {}
+    mallinfo2.restype = _Mallinfo2
+    info = mallinfo2()
+    return {
+        "malloc_in_use": info.uordblks + info.hblkhd,
+        "malloc_free": info.fordblks,
+        "malloc_arena": info.arena,
+    }

@@ -28,9 +28,6 @@ the process (about 1.5-2x on allocation-heavy paths) and is never on in normal r
 from __future__ import annotations
 
 import collections
-import ctypes
-import ctypes.util
-import functools
 import gc
 import json
 import os
@@ -40,6 +37,8 @@ import threading
 import time
 import tracemalloc
 from typing import Any
+
+from amm.base import malloc
 
 ENV = "AMM_MEMDEBUG"
 EVERY_ENV = "AMM_MEMDEBUG_EVERY"
@@ -63,63 +62,17 @@ def threads() -> int:
         return 0
 
 
-def rss() -> int:
-    """This process's resident set size in bytes (0 where ``/proc`` has none)."""
+def rss(pid: int | str = "self") -> int:
+    """The resident set size of ``pid`` (this process by default) in bytes (0 where ``/proc``
+    has none, or the process is gone)."""
     try:
-        with open("/proc/self/status") as status:
+        with open(f"/proc/{pid}/status") as status:
             for line in status:
                 if line.startswith("VmRSS:"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
     return 0
-
-
-class _Mallinfo2(ctypes.Structure):
-    _fields_ = [
-        (name, ctypes.c_size_t)
-        for name in (
-            "arena",
-            "ordblks",
-            "smblks",
-            "hblks",
-            "hblkhd",
-            "usmblks",
-            "fsmblks",
-            "uordblks",
-            "fordblks",
-            "keepcost",
-        )
-    ]
-
-
-@functools.cache
-def _libc() -> ctypes.CDLL | None:
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or None)
-    except OSError:
-        return None
-
-
-def malloc_stats() -> dict[str, int]:
-    """The C allocator's bytes in use and free (glibc 2.33+; empty elsewhere)."""
-    mallinfo2 = getattr(_libc(), "mallinfo2", None)
-    if mallinfo2 is None:
-        return {}
-    mallinfo2.restype = _Mallinfo2
-    info = mallinfo2()
-    return {
-        "malloc_in_use": info.uordblks + info.hblkhd,
-        "malloc_free": info.fordblks,
-        "malloc_arena": info.arena,
-    }
-
-
-def malloc_trim() -> None:
-    trim = getattr(_libc(), "malloc_trim", None)
-    if trim is not None:
-        trim.argtypes = [ctypes.c_size_t]
-        trim(0)
 
 
 #: glibc's non-main arenas are heaps aligned to their largest size (64 MiB on 64-bit).
@@ -258,7 +211,7 @@ def snapshot(trim: bool = False) -> dict[str, Any]:
     """One probe line (see the module's docstring); ``trim``: ``malloc_trim`` first."""
     untrimmed = rss()
     if trim:
-        malloc_trim()
+        malloc.trim()
     objects = gc.get_objects()
     types = collections.Counter(type(o).__qualname__ for o in objects)
     largest = _largest(objects)
@@ -271,7 +224,7 @@ def snapshot(trim: bool = False) -> dict[str, Any]:
         "time": time.time(),
         "rss": rss(),
         **({"rss_untrimmed": untrimmed} if trim else {}),
-        **malloc_stats(),
+        **malloc.stats(),
         "rss_by": rss_by_mapping(),
         "threads": threads(),
         **obmalloc_stats(),
