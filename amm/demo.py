@@ -8,8 +8,8 @@ once with the AMM stopped and once with it started, both on the same cluster, wh
 first run's keys are forgotten, and the agents left to settle, before the second begins. Then it
 prints the table (peak managed and process memory, wall time, bytes transferred, and the ratios,
 next to Dask's own) and writes ``demo-memory.png``. It is ``amm replay`` with settings that fit
-a 2-core machine in about a minute: times as recorded, sizes scaled by 1/16 (a recorded 8 MB
-chunk is put as 500 KB), since moving the recorded 10 GB through Python agents on two cores
+a 2-core machine in about a minute: times as recorded, sizes scaled by 1/4 (a recorded 8 MB
+chunk is put as 2 MB), since moving the recorded 10 GB through Python agents on two cores
 would fall behind the recorded schedule and change the very memory curve being measured. Run
 in a terminal, it keeps the cluster and its dashboard up until Enter is pressed.
 """
@@ -41,7 +41,7 @@ from amm.replay.trace import TraceError
 
 TRACE = Path(__file__).resolve().parent.parent / "benchmarks" / "traces" / "dot-8000.json.gz"
 TIME_SCALE = 1.0
-BYTE_SCALE = 1 / 16
+BYTE_SCALE = 1 / 4
 PLOT = Path("demo-memory.png")
 #: The dashboard's port, as Dask's, when it is free.
 DASHBOARD_PORT = 8787
