@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from amm.base import memdebug
+from amm.base.malloc import use_one_arena
 from amm.base.security import Security, SecurityError
 from amm.base.security.certs import cert_path
 from amm.base.security.credentials import ENV_TLS
@@ -43,7 +44,6 @@ from amm.base.serving import handle_stop_signals
 from amm.base.units import parse_duration, parse_size
 from worker_agent.agent import Agent
 from worker_agent.config import DEFAULT_MAX_LEASE, DEFAULT_PAUSE_FRACTION, AgentConfig
-from worker_agent.malloc import use_one_arena
 
 log = logging.getLogger("worker_agent")
 

@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from amm.base.malloc import trim
 from amm.base.security.identity import SHARED_AGENT_NAME
 from amm.base.validation import epoch_problem
 from worker_agent import integrity
@@ -38,7 +39,6 @@ from worker_agent.errors import (
     UnknownKey,
 )
 from worker_agent.integrity import Conditions, Directive, Reason, Refuse
-from worker_agent.malloc import trim
 from worker_agent.memory import ByteBudget, MemoryMonitor, MemoryProbe, MemoryReport
 from worker_agent.store import Key, KeyInfo, Page, Reservation, Store, Value
 from worker_agent.traffic import Traffic

@@ -53,7 +53,7 @@ def test_paused_above_the_fraction_of_the_limit() -> None:
 
 def test_an_agent_process_can_allocate_from_one_arena() -> None:
     """In a process of its own: the setting lasts for the life of the process."""
-    code = "from worker_agent.malloc import use_one_arena; print(use_one_arena())"
+    code = "from amm.base.malloc import use_one_arena; print(use_one_arena())"
     done = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=30
     )
