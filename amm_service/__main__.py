@@ -18,7 +18,7 @@ from amm.base.security import SecurityError
 from amm_service.api.server import run
 from amm_service.config import ConfigError, load_config
 from amm_service.policies import PolicyError
-from amm_service.runtime.state import StateError
+from amm_service.runtime.records.state import StateError
 
 
 def parser() -> argparse.ArgumentParser:

@@ -63,7 +63,7 @@ RSS_EVERY = 0.05
 PROBE_PAUSE = 0.1
 #: How many values make up the bytes of the throughput phases.
 BIG_VALUES = 16
-#: The AMM's loop probe is on when this names a file (``amm_service.runtime.loop_probe.ENV``;
+#: The AMM's loop probe is on when this names a file (``amm_service.runtime.loop.loop_probe.ENV``;
 #: not imported, so that the script also measures checkouts without the probe).
 LOOP_PROBE_ENV = "AMM_LOOP_PROBE"
 #: Control calls whose latency is measured while the AMM converges.
@@ -318,7 +318,7 @@ async def _agents_hold_once(agents: list[str], keys: list[str]) -> bool:
 
 
 def _loop_holds(path: Path, start: float, end: float) -> Figures:
-    """What the AMM's loop probe (``amm_service.runtime.loop_probe``) wrote between ``start``
+    """What the AMM's loop probe (``amm_service.runtime.loop.loop_probe``) wrote between ``start``
     and ``end``: how many holds of the loop over its threshold, the longest, and where the
     longest ones were."""
     holds, collections_ms = [], []
@@ -781,7 +781,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         metavar="PATH",
         help="have the AMM note each hold of its event loop over 20 ms of CPU in PATH, and\n"
-        "count them in the table (amm_service.runtime.loop_probe)",
+        "count them in the table (amm_service.runtime.loop.loop_probe)",
     )
     parser.add_argument(
         "--py-spy",

@@ -20,8 +20,8 @@ from typing import Any
 
 from amm.tables import render_table
 from amm_service.decisions.view import Memory, WorkerId, WorkerStatus, WorkerView
-from amm_service.runtime.history import History
-from amm_service.runtime.outcomes import Totals
+from amm_service.runtime.observe.history import History
+from amm_service.runtime.records.outcomes import Totals
 
 
 def workers(n: int) -> list[WorkerView]:

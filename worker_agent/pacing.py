@@ -8,7 +8,7 @@ once until the bulk
 loops running at once have spent ``BUDGET`` seconds in this turn of the event loop, then pauses
 for ``amm.base.turns.PAUSE``. A pause, not a
 zero sleep: grpc.aio learns of new calls on a poller thread that needs the GIL, and a zero sleep
-hands the loop back before that thread has had it (as in ``amm_service.runtime.pacing``).
+hands the loop back before that thread has had it (as in ``amm_service.runtime.loop.pacing``).
 
 Whoever paces must not rely on anything staying as it was across a pause: every integrity rule is
 judged per key, in the synchronous step that acts on that key.

@@ -22,10 +22,10 @@ from amm_service.decisions.core import Rejection
 from amm_service.decisions.directive import Outcome, OutcomeStatus
 from amm_service.decisions.view import Measure, WorkerId, WorkerView
 from amm_service.errors import AmmServiceError, InvalidArgument, PermissionDenied
-from amm_service.runtime.addresses import address_order
-from amm_service.runtime.cycle import CycleRecord, DirectiveRecord
-from amm_service.runtime.event_feed import Gap
+from amm_service.runtime.links.addresses import address_order
 from amm_service.runtime.manager import ActiveMemoryManager
+from amm_service.runtime.observe.event_feed import Gap
+from amm_service.runtime.records.cycle import CycleRecord, DirectiveRecord
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """The AMM's dashboard: a web page of the cluster's memory and the AMM's actions, live.
 
 A small HTTP/1.1 server on asyncio streams, on the AMM's own event loop: it reads the history
-(``runtime.history``) and the status where they live, with no thread and no lock, and costs
+(``runtime.observe.history``) and the status where they live, with no thread and no lock, and costs
 nothing while nobody looks. It serves ``/`` (the page), ``/static/<file>`` (the page's script
 and style, from the package: no CDN, machines may be offline), ``/api/history?after=T`` (the
 samples taken after wall-clock time ``T``) and ``/api/status`` (``GetStatus`` as JSON, the very
@@ -35,7 +35,7 @@ from amm.base.security import Security, SecurityError
 from amm.base.security.authz import Denial
 from amm.base.security.listen import check_listen
 from amm.base.security.server_tls import ReloadingServerContext
-from amm_service.runtime.history import History
+from amm_service.runtime.observe.history import History
 
 log = logging.getLogger(__name__)
 

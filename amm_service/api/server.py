@@ -24,9 +24,9 @@ from amm_service.api.dashboard import Dashboard
 from amm_service.config import AmmConfig
 from amm_service.policies import Policy, build_all
 from amm_service.runtime import metrics
-from amm_service.runtime.loop_probe import maybe_probe
+from amm_service.runtime.loop.loop_probe import maybe_probe
 from amm_service.runtime.manager import ActiveMemoryManager
-from amm_service.runtime.state import StateStore
+from amm_service.runtime.records.state import StateStore
 
 log = logging.getLogger(__name__)
 

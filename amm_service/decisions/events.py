@@ -4,7 +4,7 @@ Worker deaths, lost keys, retirements and their outcomes, pause-to-retire decisi
 once and kept in a bounded list that ``GetStatus`` reports newest first, so an operator can see
 *why* the AMM did something without reading its log. Each event gets the next sequence number
 (``seq``, from 1 per run of the AMM) and the run's random ``incarnation``: the resume point of the
-``WatchEvents`` stream, whose fan-out to watchers (``runtime.event_feed``) listens here.
+``WatchEvents`` stream, whose fan-out to watchers (``runtime.observe.event_feed``) listens here.
 """
 
 from __future__ import annotations

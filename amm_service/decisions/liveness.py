@@ -7,7 +7,7 @@ counting on it from its first missed poll) but is judged by how long it has been
    stays in the view, so its keys keep their other holders' counts and nothing is re-replicated
    for a blip.
 2. for ``dead_after``: DEAD. The manager removes it; keys left with no copy anywhere are LOST
-   (``lost_after_removal``; ``runtime.lost`` keeps them).
+   (``lost_after_removal``; ``runtime.records.lost`` keeps them).
 3. it answers again before that: it is forgotten here and counts again at once.
 
 Silence is measured from the first missed poll this tracker observed, not from the worker's last

@@ -32,7 +32,7 @@ class GoalStatus:
     target: int
     live: int
     lost: bool = False
-    """The key is lost: no copy is left to make copies from (``runtime.lost``)."""
+    """The key is lost: no copy is left to make copies from (``runtime.records.lost``)."""
 
     @property
     def below(self) -> bool:

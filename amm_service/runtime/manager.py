@@ -34,28 +34,28 @@ from amm_service.decisions.pending import Ledger
 from amm_service.decisions.view import ClusterState, Key, WorkerId
 from amm_service.errors import FailedPrecondition, Unavailable
 from amm_service.policies import Policy
-from amm_service.runtime.agents import AgentLinks
-from amm_service.runtime.cycle import CycleRecord, CycleStats
-from amm_service.runtime.cycle_loop import CycleLoop
-from amm_service.runtime.cycling import Cycles
-from amm_service.runtime.dispatcher import Dispatcher
-from amm_service.runtime.event_feed import EventFeed
-from amm_service.runtime.goals import GoalBook
-from amm_service.runtime.handover import Handover
-from amm_service.runtime.history import History
-from amm_service.runtime.liveness import LivenessJudge
-from amm_service.runtime.lost import Losses, LostBook
-from amm_service.runtime.membership import Membership
-from amm_service.runtime.outcomes import Outcomes
-from amm_service.runtime.pacing import HeapFreezer
-from amm_service.runtime.poller import Poller
-from amm_service.runtime.queries import Queries
-from amm_service.runtime.retirement import Retirements
-from amm_service.runtime.retirement_driver import RetirementDriver
-from amm_service.runtime.sampling import Sampler
-from amm_service.runtime.state import StateStore
-from amm_service.runtime.storing import Storing
-from amm_service.runtime.tombstones import TombstoneBook
+from amm_service.runtime.cycles.cycle_loop import CycleLoop
+from amm_service.runtime.cycles.cycling import Cycles
+from amm_service.runtime.links.agents import AgentLinks
+from amm_service.runtime.links.dispatcher import Dispatcher
+from amm_service.runtime.links.poller import Poller
+from amm_service.runtime.loop.pacing import HeapFreezer
+from amm_service.runtime.observe.event_feed import EventFeed
+from amm_service.runtime.observe.history import History
+from amm_service.runtime.observe.queries import Queries
+from amm_service.runtime.observe.sampling import Sampler
+from amm_service.runtime.records.cycle import CycleRecord, CycleStats
+from amm_service.runtime.records.goals import GoalBook
+from amm_service.runtime.records.lost import Losses, LostBook
+from amm_service.runtime.records.outcomes import Outcomes
+from amm_service.runtime.records.state import StateStore
+from amm_service.runtime.records.storing import Storing
+from amm_service.runtime.records.tombstones import TombstoneBook
+from amm_service.runtime.workers.handover import Handover
+from amm_service.runtime.workers.liveness import LivenessJudge
+from amm_service.runtime.workers.membership import Membership
+from amm_service.runtime.workers.retirement import Retirements
+from amm_service.runtime.workers.retirement_driver import RetirementDriver
 
 log = logging.getLogger(__name__)
 

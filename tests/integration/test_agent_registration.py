@@ -14,7 +14,7 @@ from google.protobuf.duration_pb2 import Duration
 from amm.base.serving import CHANNEL_OPTIONS
 from amm.v1 import agent_pb2, agent_pb2_grpc, control_pb2, control_pb2_grpc
 from amm_service.api.server import AmmServer
-from amm_service.runtime.state import StateStore
+from amm_service.runtime.records.state import StateStore
 from tests.conftest import amm_config, free_port
 from tests.support.agent import agents, dial, get, poll, put, running_agent
 from tests.support.faults import fake_amm, fake_peer

@@ -17,7 +17,7 @@ from amm.base.serving import CHANNEL_OPTIONS
 from amm.models import Event
 from amm.v1 import agent_pb2, control_pb2, control_pb2_grpc, types_pb2
 from amm_service.api.server import AmmServer
-from amm_service.runtime.state import FIRST_EPOCHS, StateStore
+from amm_service.runtime.records.state import FIRST_EPOCHS, StateStore
 from tests.conftest import amm_config
 from tests.support.agent import agents, get, put
 from tests.support.waiting import wait_for

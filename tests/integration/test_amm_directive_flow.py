@@ -15,8 +15,8 @@ from amm.base.serving import CHANNEL_OPTIONS
 from amm.v1 import agent_pb2, agent_pb2_grpc, control_pb2, control_pb2_grpc, types_pb2
 from amm_service.api.server import AmmServer
 from amm_service.decisions.view import Key, WorkerId
-from amm_service.runtime.cycle import CycleRecord
 from amm_service.runtime.manager import ActiveMemoryManager
+from amm_service.runtime.records.cycle import CycleRecord
 from tests.conftest import amm_config
 from tests.support.faults import fake_peer
 from tests.support.policies import Watched

@@ -22,8 +22,8 @@ from amm.v1 import agent_pb2, agent_pb2_grpc, control_pb2, control_pb2_grpc, typ
 from amm_service.api.server import AmmServer
 from amm_service.decisions.core import Why
 from amm_service.decisions.view import Key
-from amm_service.runtime.cycle import CycleRecord
 from amm_service.runtime.manager import ActiveMemoryManager
+from amm_service.runtime.records.cycle import CycleRecord
 from tests.conftest import amm_config, free_port
 from tests.support.agent import dial, put, running_agent
 from tests.support.faults import fake_peer

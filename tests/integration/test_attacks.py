@@ -21,7 +21,7 @@ from amm.base.serving import CHANNEL_OPTIONS
 from amm.base.validation import MAX_ADOPTED_EPOCH, MAX_EPOCH
 from amm.v1 import agent_pb2, agent_pb2_grpc, control_pb2, control_pb2_grpc, types_pb2
 from amm_service.api.server import AmmServer
-from amm_service.runtime.state import EPOCH_STEP, FIRST_EPOCHS, StateError, StateStore
+from amm_service.runtime.records.state import EPOCH_STEP, FIRST_EPOCHS, StateError, StateStore
 from tests.conftest import amm_config
 from tests.support.agent import (
     Stub,

@@ -23,7 +23,7 @@ from amm.client import AsyncClient
 from amm_service.api import dashboard as dashboard_module
 from amm_service.api.dashboard import Dashboard
 from amm_service.api.server import AmmServer
-from amm_service.runtime.history import WORKER_FIELDS, History
+from amm_service.runtime.observe.history import WORKER_FIELDS, History
 from tests.conftest import amm_config
 from tests.support.waiting import wait_for
 from worker_agent.agent import Agent

@@ -18,7 +18,7 @@ import pytest
 from amm.v1 import agent_pb2, agent_pb2_grpc, types_pb2
 from amm_service.api.server import AmmServer
 from amm_service.errors import NotFound, Unavailable
-from amm_service.runtime.addresses import address_order
+from amm_service.runtime.links.addresses import address_order
 from tests.conftest import amm_config
 from tests.support.faults import fake_peer
 from tests.support.waiting import wait_for

@@ -19,9 +19,9 @@ import pytest
 from amm.base.checksum import checksum
 from amm.v1 import agent_pb2, agent_pb2_grpc, types_pb2
 from amm_service.decisions.view import ClusterState, KeyReport, WorkerId
-from amm_service.runtime import pacing
-from amm_service.runtime.agents import AgentLinks
-from amm_service.runtime.poller import MERGE_STEP, Poller
+from amm_service.runtime.links.agents import AgentLinks
+from amm_service.runtime.links.poller import MERGE_STEP, Poller
+from amm_service.runtime.loop import pacing
 from tests.support.agent import running_agent
 from worker_agent.store import Key
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 from amm_service.api.control import ReportParts, cycle_to_pb
 from amm_service.decisions.directive import Directive, Op, Outcome, OutcomeStatus
 from amm_service.decisions.view import Key, WorkerId
-from amm_service.runtime.cycle import MAX_DIRECTIVES_REPORTED, CycleRecord
+from amm_service.runtime.records.cycle import MAX_DIRECTIVES_REPORTED, CycleRecord
 
 
 def _record(number: int) -> CycleRecord:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from amm_service.decisions.epoch import EpochFence
-from amm_service.runtime.state import MEMORY, StateStore
+from amm_service.runtime.records.state import MEMORY, StateStore
 
 
 class _Poller:

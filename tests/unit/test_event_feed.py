@@ -9,7 +9,7 @@ import pytest
 
 from amm_service.decisions.events import Event, EventLog
 from amm_service.errors import InvalidArgument
-from amm_service.runtime.event_feed import EventFeed, Gap, Subscription, TooManyWatchers
+from amm_service.runtime.observe.event_feed import EventFeed, Gap, Subscription, TooManyWatchers
 
 
 def record(log: EventLog, n: int, kind: str = "key-lost") -> None:

@@ -10,8 +10,8 @@ from amm_service.decisions.directive import Directive, Op, Outcome, OutcomeStatu
 from amm_service.decisions.events import EventLog
 from amm_service.decisions.pending import Ledger
 from amm_service.decisions.view import ClusterState, Key, WorkerId, WorkerStatus
-from amm_service.runtime.handover import Handover
-from amm_service.runtime.outcomes import Outcomes
+from amm_service.runtime.records.outcomes import Outcomes
+from amm_service.runtime.workers.handover import Handover
 from tests.factories import cluster, new_ids
 
 EPOCH = 7

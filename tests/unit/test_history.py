@@ -6,8 +6,8 @@ import json
 
 from amm_service.decisions.directive import Op
 from amm_service.decisions.view import Memory, WorkerId, WorkerStatus, WorkerView
-from amm_service.runtime.history import WORKER_FIELDS, History
-from amm_service.runtime.outcomes import Totals
+from amm_service.runtime.observe.history import WORKER_FIELDS, History
+from amm_service.runtime.records.outcomes import Totals
 
 
 def worker(name: str, managed: int, process: int, **flags: bool) -> WorkerView:

@@ -9,7 +9,7 @@ import io
 import json
 import time
 
-from amm_service.runtime.loop_probe import LoopProbe
+from amm_service.runtime.loop.loop_probe import LoopProbe
 from tests.support.waiting import wait_for
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from amm_service.decisions.view import ClusterState, Key, KeyReport, Memory, WorkerId, WorkerStatus
-from amm_service.runtime.lost import MISSING, LostBook, LostKey
-from amm_service.runtime.state import MEMORY, StateError, StateStore
+from amm_service.runtime.records.lost import MISSING, LostBook, LostKey
+from amm_service.runtime.records.state import MEMORY, StateError, StateStore
 
 
 def K(*keys: str) -> list[Key]:
@@ -121,7 +121,7 @@ async def test_a_failed_save_of_the_keys_held_is_logged_once_and_done_later(
         raise StateError("disk full")
 
     monkeypatch.setattr(store, "add_keys", broken)
-    with caplog.at_level(logging.WARNING, logger="amm_service.runtime.lost"):
+    with caplog.at_level(logging.WARNING, logger="amm_service.runtime.records.lost"):
         await book.save_held(*state.take_changes())
         holding(state, "a", ["x", "y"], version=2)
         await book.save_held(*state.take_changes())

@@ -9,8 +9,8 @@ from amm_service.decisions.directive import Directive, Op, Outcome, OutcomeStatu
 from amm_service.decisions.events import EventLog
 from amm_service.decisions.pending import Ledger
 from amm_service.decisions.view import ClusterState, Key, WorkerId
-from amm_service.runtime.cycle import CycleRecord
-from amm_service.runtime.outcomes import RECORDS_KEPT, Outcomes
+from amm_service.runtime.records.cycle import CycleRecord
+from amm_service.runtime.records.outcomes import RECORDS_KEPT, Outcomes
 
 W1, W2 = WorkerId("w1:1"), WorkerId("w2:1")
 

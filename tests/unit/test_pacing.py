@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable, Iterator
 
 import pytest
 
-from amm_service.runtime.pacing import FREEZE_AFTER, Budget, HeapFreezer, gc_paused
+from amm_service.runtime.loop.pacing import FREEZE_AFTER, Budget, HeapFreezer, gc_paused
 from worker_agent import pacing as agent_pacing
 from worker_agent.pacing import Pace
 

@@ -16,7 +16,8 @@ from amm_service.errors import Unavailable
 from amm_service.policies import Policy
 from amm_service.policies.pause_to_retire import PauseToRetire
 from amm_service.policies.retire_worker import RetireWorker
-from amm_service.runtime.retirement import (
+from amm_service.runtime.records.state import MEMORY, StateStore
+from amm_service.runtime.workers.retirement import (
     Result,
     Retirement,
     Retirements,
@@ -25,7 +26,6 @@ from amm_service.runtime.retirement import (
     review,
     unique,
 )
-from amm_service.runtime.state import MEMORY, StateStore
 from tests.factories import cluster
 
 

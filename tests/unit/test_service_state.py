@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from amm_service.runtime.state import (
+from amm_service.runtime.records.state import (
     _APPLICATION_ID,
     _MIGRATIONS,
     EPOCH_STEP,

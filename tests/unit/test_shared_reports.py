@@ -5,7 +5,7 @@ from __future__ import annotations
 from amm.v1 import agent_pb2, types_pb2
 from amm_service import wire
 from amm_service.decisions.view import KeyReport
-from amm_service.runtime.poller import SharedReports
+from amm_service.runtime.links.poller import SharedReports
 
 
 def _decoded(pinned: bool = False) -> list[KeyReport]:

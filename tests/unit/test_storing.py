@@ -7,8 +7,8 @@ import asyncio
 import pytest
 
 from amm_service.decisions.view import ClusterState, Key, KeyReport, Memory, WorkerId, WorkerStatus
-from amm_service.runtime import pacing
-from amm_service.runtime.storing import POLLED_STEP, Storing
+from amm_service.runtime.loop import pacing
+from amm_service.runtime.records.storing import POLLED_STEP, Storing
 
 W = WorkerId("127.0.0.1:7001")
 

@@ -21,9 +21,9 @@ from amm_service.decisions.view import (
     WorkerStatus,
 )
 from amm_service.policies import PolicyRun, Suggestion, drop, replicate
-from amm_service.runtime import tombstones as tombstones_module
-from amm_service.runtime.state import MEMORY, StateStore
-from amm_service.runtime.tombstones import NOTHING, Push, TombstoneBook
+from amm_service.runtime.records import tombstones as tombstones_module
+from amm_service.runtime.records.state import MEMORY, StateStore
+from amm_service.runtime.records.tombstones import NOTHING, Push, TombstoneBook
 from tests.factories import cluster, new_ids
 from worker_agent.store import Key as AgentKey
 from worker_agent.store import Store

@@ -11,13 +11,14 @@ What is kept and why:
    reported (the start-up grace, ``amm_service.decisions.grace``).
 4. The replication goals set with ``Replicate``: a goal is a promise kept across AMM restarts.
 5. The retirements under way (and workers retired but not closed), so that a restarted AMM
-   resumes them: see ``amm_service.runtime.retirement``.
+   resumes them: see ``amm_service.runtime.workers.retirement``.
 6. The lost keys, with who held them last, when and how they were lost, so that a lost key is
    still reported after a restart; and the names of the keys the cluster held, so that a
    restarted AMM can tell which of them no worker holds any more (lost while it was down):
-   see ``amm_service.runtime.lost``.
+   see ``amm_service.runtime.records.lost``.
 7. The tombstones of forgotten keys, so that a restart in the middle of a race between a Forget
-   and the copies under way does not let the key back: see ``amm_service.runtime.tombstones``.
+   and the copies under way does not let the key back:
+   see ``amm_service.runtime.records.tombstones``.
 
 The schema is versioned with ``PRAGMA user_version``; :data:`_MIGRATIONS` is the ordered list of
 steps, step ``i`` taking version ``i`` to ``i + 1``. Add a step, never edit a released one.
@@ -91,8 +92,9 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "UPDATE service SET running_chosen = running",
     ),
     (
-        # The tombstones of forgotten keys (see ``runtime.tombstones``), and the last id given to
-        # one: ids never repeat, so an agent can tell a new Forget of a key from an old one.
+        # The tombstones of forgotten keys (see ``runtime.records.tombstones``), and the last id
+        # given to one: ids never repeat, so an agent can tell a new Forget of a key from an old
+        # one.
         "CREATE TABLE tombstones ("
         " key TEXT PRIMARY KEY,"
         " id INTEGER NOT NULL,"

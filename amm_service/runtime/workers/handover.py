@@ -42,7 +42,7 @@ from typing import Any
 from amm_service.decisions.directive import Directive, Op, Outcome, OutcomeStatus
 from amm_service.decisions.pending import Ledger
 from amm_service.decisions.view import ClusterState, Key, WorkerId, WorkerStatus
-from amm_service.runtime.addresses import address_order
+from amm_service.runtime.links.addresses import address_order
 
 log = logging.getLogger(__name__)
 

@@ -35,9 +35,9 @@ from amm_service.decisions.core import Plan
 from amm_service.decisions.pending import Ledger
 from amm_service.decisions.view import ClusterState, ClusterView, Key, WorkerId
 from amm_service.errors import FailedPrecondition, InvalidArgument, NotFound, listing
-from amm_service.runtime.addresses import address_order
-from amm_service.runtime.agents import AgentLinks
-from amm_service.runtime.retirement import Result, Retirements, Verdict, cheapest, unique
+from amm_service.runtime.links.addresses import address_order
+from amm_service.runtime.links.agents import AgentLinks
+from amm_service.runtime.workers.retirement import Result, Retirements, Verdict, cheapest, unique
 
 log = logging.getLogger(__name__)
 

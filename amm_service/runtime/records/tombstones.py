@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from amm_service.decisions.view import ClusterState, Key, WorkerId
-from amm_service.runtime.state import StateStore
+from amm_service.runtime.records.state import StateStore
 
 log = logging.getLogger(__name__)
 

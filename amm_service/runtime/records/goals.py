@@ -16,7 +16,7 @@ from types import MappingProxyType
 from amm_service.decisions.view import ClusterState, Goal, Key
 from amm_service.errors import InvalidArgument, NotFound, listing
 from amm_service.policies.goals import GoalCounter, GoalStatus
-from amm_service.runtime.state import StateStore
+from amm_service.runtime.records.state import StateStore
 
 
 def check_goal(n: Goal) -> None:

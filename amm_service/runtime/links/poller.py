@@ -43,9 +43,9 @@ from amm.base.validation import MAX_ADOPTED_EPOCH
 from amm.v1 import agent_pb2
 from amm_service import wire
 from amm_service.decisions.view import ClusterState, Key, KeyReport, WorkerId
-from amm_service.runtime.agents import AgentLinks, channel_closed
-from amm_service.runtime.pacing import Budget, gc_paused
-from amm_service.runtime.tombstones import NOTHING, Push, TombstoneBook
+from amm_service.runtime.links.agents import AgentLinks, channel_closed
+from amm_service.runtime.loop.pacing import Budget, gc_paused
+from amm_service.runtime.records.tombstones import NOTHING, Push, TombstoneBook
 
 log = logging.getLogger(__name__)
 

@@ -20,17 +20,17 @@ from amm_service.decisions.events import EventLog
 from amm_service.decisions.pending import Ledger
 from amm_service.decisions.view import ClusterState, WorkerId
 from amm_service.policies import Policy
-from amm_service.runtime.cycle import CycleRecord, CycleStats
-from amm_service.runtime.dispatcher import Dispatcher
-from amm_service.runtime.goals import GoalBook
-from amm_service.runtime.liveness import LivenessJudge
-from amm_service.runtime.lost import Losses
-from amm_service.runtime.outcomes import Outcomes
-from amm_service.runtime.pacing import Budget, gc_paused
-from amm_service.runtime.poller import Poller
-from amm_service.runtime.retirement import Retirements
-from amm_service.runtime.retirement_driver import RetirementDriver
-from amm_service.runtime.tombstones import TombstoneBook
+from amm_service.runtime.links.dispatcher import Dispatcher
+from amm_service.runtime.links.poller import Poller
+from amm_service.runtime.loop.pacing import Budget, gc_paused
+from amm_service.runtime.records.cycle import CycleRecord, CycleStats
+from amm_service.runtime.records.goals import GoalBook
+from amm_service.runtime.records.lost import Losses
+from amm_service.runtime.records.outcomes import Outcomes
+from amm_service.runtime.records.tombstones import TombstoneBook
+from amm_service.runtime.workers.liveness import LivenessJudge
+from amm_service.runtime.workers.retirement import Retirements
+from amm_service.runtime.workers.retirement_driver import RetirementDriver
 
 log = logging.getLogger(__name__)
 

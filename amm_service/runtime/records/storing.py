@@ -15,7 +15,7 @@ import logging
 from collections.abc import Callable, Iterable
 
 from amm_service.decisions.view import ClusterState, Key, WorkerId
-from amm_service.runtime.pacing import Budget
+from amm_service.runtime.loop.pacing import Budget
 
 log = logging.getLogger(__name__)
 

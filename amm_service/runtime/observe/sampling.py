@@ -10,10 +10,10 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from amm_service.decisions.view import ClusterState
-from amm_service.runtime.goals import GoalBook
-from amm_service.runtime.history import History
-from amm_service.runtime.lost import LostBook
-from amm_service.runtime.outcomes import Outcomes
+from amm_service.runtime.observe.history import History
+from amm_service.runtime.records.goals import GoalBook
+from amm_service.runtime.records.lost import LostBook
+from amm_service.runtime.records.outcomes import Outcomes
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
-from amm_service.runtime.cycle import CycleRecord
+from amm_service.runtime.records.cycle import CycleRecord
 
 log = logging.getLogger(__name__)
 

@@ -23,16 +23,16 @@ from amm.base.validation import (
 from amm_service.decisions.events import EventLog
 from amm_service.decisions.view import ClusterState, Key, WorkerId
 from amm_service.errors import InvalidArgument
-from amm_service.runtime.addresses import check_address
-from amm_service.runtime.agents import AgentLinks
-from amm_service.runtime.dispatcher import Dispatcher
-from amm_service.runtime.lost import Losses
-from amm_service.runtime.outcomes import Outcomes
-from amm_service.runtime.poller import Poller
-from amm_service.runtime.retirement import Retirements
-from amm_service.runtime.state import StateStore
-from amm_service.runtime.storing import Storing
-from amm_service.runtime.tombstones import TombstoneBook
+from amm_service.runtime.links.addresses import check_address
+from amm_service.runtime.links.agents import AgentLinks
+from amm_service.runtime.links.dispatcher import Dispatcher
+from amm_service.runtime.links.poller import Poller
+from amm_service.runtime.records.lost import Losses
+from amm_service.runtime.records.outcomes import Outcomes
+from amm_service.runtime.records.state import StateStore
+from amm_service.runtime.records.storing import Storing
+from amm_service.runtime.records.tombstones import TombstoneBook
+from amm_service.runtime.workers.retirement import Retirements
 
 log = logging.getLogger(__name__)
 

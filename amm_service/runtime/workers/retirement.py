@@ -46,8 +46,8 @@ from amm_service.decisions.view import ClusterState, ClusterView, Key, WorkerId,
 from amm_service.errors import Unavailable
 from amm_service.policies import PendingView, Policy
 from amm_service.policies.retire_worker import RetireWorker
-from amm_service.runtime.addresses import address_order
-from amm_service.runtime.state import RetirementRecord, StateStore
+from amm_service.runtime.links.addresses import address_order
+from amm_service.runtime.records.state import RetirementRecord, StateStore
 
 log = logging.getLogger(__name__)
 

@@ -27,8 +27,8 @@ import grpc
 from amm.v1 import agent_pb2
 from amm_service import wire
 from amm_service.decisions.view import ClusterState, Key, KeyReport, WorkerId
-from amm_service.runtime.agents import AgentLinks, channel_closed
-from amm_service.runtime.tombstones import TombstoneBook
+from amm_service.runtime.links.agents import AgentLinks, channel_closed
+from amm_service.runtime.records.tombstones import TombstoneBook
 
 #: The feature an agent reports when it serves HoldsKeys.
 FEATURE = "key-lookups"

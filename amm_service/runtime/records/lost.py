@@ -21,7 +21,8 @@ too, so an AMM restart does not forget them. A key deleted on purpose straight o
 (not through the AMM's ``Forget``) while the AMM was down cannot be told from a lost one: it is
 reported lost, and ``Forget`` clears it.
 
-Not covered: deciding when a worker is gone (``decisions.liveness`` and ``runtime.liveness``).
+Not covered: deciding when a worker is gone (``decisions.liveness`` and
+``runtime.workers.liveness``).
 """
 
 from __future__ import annotations
@@ -34,10 +35,10 @@ from dataclasses import dataclass
 from amm_service.decisions.events import EventLog
 from amm_service.decisions.liveness import lost_after_removal
 from amm_service.decisions.view import ClusterState, Key, WorkerId
-from amm_service.runtime.goals import GoalBook
-from amm_service.runtime.pacing import breathe
-from amm_service.runtime.state import LostRecord, StateError, StateStore
-from amm_service.runtime.storing import Storing
+from amm_service.runtime.loop.pacing import breathe
+from amm_service.runtime.records.goals import GoalBook
+from amm_service.runtime.records.state import LostRecord, StateError, StateStore
+from amm_service.runtime.records.storing import Storing
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from typing import Any
 
 from amm_service.decisions.directive import Op
 from amm_service.decisions.view import WorkerView
-from amm_service.runtime.outcomes import Totals
+from amm_service.runtime.records.outcomes import Totals
 
 #: Samples kept by default: 2,700 cycles (90 minutes at a 2 s interval).
 DEFAULT_SAMPLES = 2_700

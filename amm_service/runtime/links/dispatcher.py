@@ -29,8 +29,8 @@ from amm.v1 import agent_pb2
 from amm_service import wire
 from amm_service.decisions.directive import Directive, Outcome, OutcomeStatus
 from amm_service.decisions.view import WorkerId
-from amm_service.runtime.agents import AgentLinks
-from amm_service.runtime.pacing import Budget, gc_paused
+from amm_service.runtime.links.agents import AgentLinks
+from amm_service.runtime.loop.pacing import Budget, gc_paused
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from amm_service.decisions.directive import Directive, Op, Outcome, OutcomeStatu
 from amm_service.decisions.events import MAX_KEYS_LISTED, EventLog
 from amm_service.decisions.pending import Entry, Ledger
 from amm_service.decisions.view import ClusterState, WorkerId
-from amm_service.runtime.cycle import CycleRecord
+from amm_service.runtime.records.cycle import CycleRecord
 
 log = logging.getLogger(__name__)
 

@@ -25,13 +25,13 @@ from amm_service.decisions.events import EventLog
 from amm_service.decisions.view import ClusterState, Goal, Key, KeyView, WorkerId, WorkerView
 from amm_service.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable, listing
 from amm_service.policies.goals import GoalStatus, describe
-from amm_service.runtime.addresses import address_order
-from amm_service.runtime.agents import AgentLinks, channel_closed
-from amm_service.runtime.goals import GoalBook, check_goal
-from amm_service.runtime.lookups import KeyLookups
-from amm_service.runtime.lost import LostBook, LostKey
-from amm_service.runtime.poller import Poller
-from amm_service.runtime.tombstones import PUSH_KEYS, TombstoneBook
+from amm_service.runtime.links.addresses import address_order
+from amm_service.runtime.links.agents import AgentLinks, channel_closed
+from amm_service.runtime.links.poller import Poller
+from amm_service.runtime.observe.lookups import KeyLookups
+from amm_service.runtime.records.goals import GoalBook, check_goal
+from amm_service.runtime.records.lost import LostBook, LostKey
+from amm_service.runtime.records.tombstones import PUSH_KEYS, TombstoneBook
 
 
 class Queries:

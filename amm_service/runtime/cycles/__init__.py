@@ -1,0 +1,1 @@
+"""Running the AMM: the cycle loop and what one cycle does, from polling to sending directives."""
