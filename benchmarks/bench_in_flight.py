@@ -172,8 +172,7 @@ def main() -> None:
     for row in rows:
         outcomes = ", ".join(f"{k} {v}" for k, v in sorted(row.get("outcomes", {}).items()))
         print(f"{row['scenario']:<20} {row['peak_above_base'] / mib:>16.0f} MiB  {outcomes}")
-    with open("/proc/loadavg") as load:
-        print(f"load average: {load.read().strip()}")
+    print("load average: " + " ".join(f"{load:.2f}" for load in os.getloadavg()))
     if args.json:
         with open(args.json, "w") as out:
             json.dump(rows, out, indent=2)

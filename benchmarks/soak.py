@@ -63,12 +63,8 @@ from amm.errors import AmmError
 
 
 def loadavg() -> str:
-    """The 1, 5 and 15-minute load averages, as ``/proc/loadavg`` has them."""
-    try:
-        with open("/proc/loadavg") as f:
-            return " ".join(f.read().split()[:3])
-    except OSError:
-        return "?"
+    """The 1, 5 and 15-minute load averages, as every benchmark reads them."""
+    return " ".join(f"{load:.2f}" for load in os.getloadavg())
 
 
 def sample(pids: dict[str, int]) -> dict[str, int]:
