@@ -15,7 +15,7 @@ second thread while more arrives (hashlib releases the GIL), each byte once. The
 the key in use until the bytes are sent or the ticket lapses, as it would for a chunked Fetch.
 Only plaintext agents offer it: with TLS, values keep travelling over gRPC.
 
-Both ends move the bytes in threads of their own (``_in_thread``), never on the event loop: on
+Both ends move a value of ``THREAD_BYTES`` or more in threads of their own (``_in_thread``): on
 loopback the data is nearly always there to read, and ``loop.sock_recv_into`` returns at once
 when it is, without yielding, so one receive used to hold the agent's loop for its whole value
 (polls and HoldsKeys went unanswered for 1.5-2.5 s during a 1 GiB replication, and the values
@@ -52,6 +52,10 @@ TICKET_TIMEOUT = 5.0
 SEND_BYTES = 4 * 1024 * 1024
 #: Bytes received before they are handed to the hashing thread (when it is free).
 HASH_BYTES = 1024 * 1024
+#: Values at least this large move in threads of their own (``_in_thread``); smaller ones on
+#: the event loop, which a send or receive of them holds for a millisecond at most, so that
+#: thousands of small transfers at once do not make thousands of threads.
+THREAD_BYTES = 1024 * 1024
 #: Values at least this large are hashed in a second thread while they arrive; smaller ones by
 #: the receiving thread once they are in (a thread would cost more than it overlaps).
 PIPELINE_BYTES = 4 * HASH_BYTES
@@ -191,6 +195,7 @@ class BulkServer:
             task.add_done_callback(self._connections.discard)
 
     async def _serve(self, connection: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
         entry: _Offer | None = None
         with connection:
             connection.setblocking(False)
@@ -202,12 +207,15 @@ class BulkServer:
                     log.debug("bulk port: a connection sent an unknown ticket")
                     return
                 entry.claimed.set_result(None)
-                # Each send call within the idle timeout (``socket.sendall``: the timeout bounds
-                # the whole call), in a thread of its own: the loop stays free meanwhile.
-                connection.settimeout(self._idle_timeout)
-                await _in_thread(
-                    functools.partial(_send_all, connection, entry.data), connection, "bulk send"
-                )
+                if len(entry.data) < THREAD_BYTES:
+                    async with asyncio.timeout(self._idle_timeout):
+                        await loop.sock_sendall(connection, entry.data)
+                else:
+                    # Each send call within the idle timeout (``socket.sendall``: the timeout
+                    # bounds the whole call), in a thread: the loop stays free meanwhile.
+                    connection.settimeout(self._idle_timeout)
+                    sending = functools.partial(_send_all, connection, entry.data)
+                    await _in_thread(sending, connection, "bulk send")
                 self.sent += 1
                 if not entry.done.done():
                     entry.done.set_result(None)
@@ -318,10 +326,11 @@ async def receive(
     """Claim ``ticket`` on ``host:port`` and read ``size`` bytes: the value and its SHA-256.
 
     The kernel writes the bytes straight into the returned ``bytes`` (``fresh_bytes``), each
-    received piece within ``idle_timeout``, in a thread of its own (``_in_thread``), so the event
-    loop answers calls meanwhile. A large value is hashed in a second thread over what arrived
-    since it last started, while receiving goes on, so no byte is hashed twice and receiving
-    never waits for it. ``BulkError`` when the connection ends early or stalls.
+    received piece within ``idle_timeout``; from ``THREAD_BYTES`` on in a thread of its own
+    (``_in_thread``), so the event loop answers calls meanwhile. A large value is hashed in a
+    second thread over what arrived since it last started, while receiving goes on, so no byte
+    is hashed twice and receiving never waits for it. ``BulkError`` when the connection ends
+    early or stalls.
     """
     loop = asyncio.get_running_loop()
     infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
@@ -337,12 +346,33 @@ async def receive(
                     await loop.sock_sendall(connection, ticket)
             except (OSError, TimeoutError) as err:
                 raise Unreachable(f"cannot claim the value on port {port}: {err!r}") from None
-            connection.settimeout(idle_timeout)  # each recv_into within it
-            receiving = functools.partial(_receive_into, connection, view, size, digest)
-            await _in_thread(receiving, connection, "bulk receive")
+            if size < THREAD_BYTES:
+                await _receive_on_loop(connection, view, size, idle_timeout)
+                digest.update(view)
+            else:
+                connection.settimeout(idle_timeout)  # each recv_into within it
+                receiving = functools.partial(_receive_into, connection, view, size, digest)
+                await _in_thread(receiving, connection, "bulk receive")
     finally:
         view.release()
     return data, digest.hexdigest()
+
+
+async def _receive_on_loop(
+    connection: socket.socket, view: memoryview, size: int, idle_timeout: float
+) -> None:
+    """Fill ``view`` (a small value) from ``connection`` on the event loop."""
+    loop = asyncio.get_running_loop()
+    received = 0
+    while received < size:
+        try:
+            async with asyncio.timeout(idle_timeout):
+                count = await loop.sock_recv_into(connection, view[received:])
+        except (OSError, TimeoutError) as err:
+            raise BulkError(f"{received} of {size} bytes received: {err!r}") from None
+        if count == 0:
+            raise BulkError(f"the connection closed after {received} of {size} bytes")
+        received += count
 
 
 def _receive_into(

@@ -263,6 +263,29 @@ async def test_the_digest_covers_every_byte_once_whatever_the_steps(at: int) -> 
     assert digest == checksum(sent) != checksum(DATA)
 
 
+@pytest.mark.parametrize(
+    "size",
+    [
+        0,
+        1000,
+        bulk.THREAD_BYTES - 1,  # the largest moved on the event loop
+        bulk.THREAD_BYTES,  # the smallest moved in a thread, hashed once in
+        bulk.PIPELINE_BYTES - 1,
+        bulk.PIPELINE_BYTES,  # the smallest hashed by a second thread as it arrives
+    ],
+)
+async def test_every_size_arrives_whole_with_the_digest_of_what_was_sent(size: int) -> None:
+    """Small values move on the loop, larger ones in a thread, the largest hashed as they
+    arrive: each way the bytes arrive whole, and a flipped last byte changes the digest."""
+    sent = os.urandom(size)
+    assert await _bulk_round_trip(sent) == (sent, checksum(sent))
+    if size:
+        flipped = _flip(sent, size - 1)
+        data, digest = await _bulk_round_trip(flipped)
+        assert data == flipped
+        assert digest == checksum(flipped) != checksum(sent)
+
+
 async def _bulk_round_trip(sent: bytes) -> tuple[bytes, str]:
     """What ``bulk.receive`` makes of ``sent`` offered on a bulk port: its bytes and digest."""
     server = await BulkServer.start("127.0.0.1", idle_timeout=5.0)
@@ -301,20 +324,26 @@ async def _stalling_source(payload: bytes) -> AsyncIterator[int]:
         await server.wait_closed()
 
 
-async def test_a_receive_cancelled_mid_transfer_returns_at_once() -> None:
+#: Sizes received on the event loop and in a thread.
+STALLED_SIZES = pytest.mark.parametrize("size", [2000, len(DATA)], ids=["loop", "thread"])
+
+
+@STALLED_SIZES
+async def test_a_receive_cancelled_mid_transfer_returns_at_once(size: int) -> None:
     """Cancelling the call (its Fetch's deadline) must not wait out the idle timeout."""
     async with _stalling_source(DATA[:1000]) as port:
         started = asyncio.get_running_loop().time()
         with pytest.raises(TimeoutError):
             async with asyncio.timeout(0.3):
-                await bulk.receive("127.0.0.1", port, b"t" * bulk.TICKET_BYTES, len(DATA), 60.0)
+                await bulk.receive("127.0.0.1", port, b"t" * bulk.TICKET_BYTES, size, 60.0)
         assert asyncio.get_running_loop().time() - started < 30.0
 
 
-async def test_a_stalled_receive_ends_with_its_idle_timeout() -> None:
+@STALLED_SIZES
+async def test_a_stalled_receive_ends_with_its_idle_timeout(size: int) -> None:
     async with _stalling_source(DATA[:1000]) as port:
         with pytest.raises(bulk.BulkError, match="1000 of"):
-            await bulk.receive("127.0.0.1", port, b"t" * bulk.TICKET_BYTES, len(DATA), 0.3)
+            await bulk.receive("127.0.0.1", port, b"t" * bulk.TICKET_BYTES, size, 0.3)
 
 
 async def test_closing_the_bulk_port_ends_a_send_the_requester_does_not_read() -> None:
