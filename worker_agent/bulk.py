@@ -11,9 +11,18 @@ It carries only what a Fetch already authorized. The requester asks Fetch for ``
 source answers with the value's header and a ``BulkOffer`` (its port and a one-time 32-byte
 ticket), the requester connects, sends the ticket and reads exactly the announced size. It then
 verifies size and SHA-256 against the header as it would chunks, hashing what arrived in a
-worker thread while more arrives (hashlib releases the GIL), each byte once. The source keeps
+second thread while more arrives (hashlib releases the GIL), each byte once. The source keeps
 the key in use until the bytes are sent or the ticket lapses, as it would for a chunked Fetch.
 Only plaintext agents offer it: with TLS, values keep travelling over gRPC.
+
+Both ends move a value of ``THREAD_BYTES`` or more in threads of their own (``_in_thread``): on
+loopback the data is nearly always there to read, and ``loop.sock_recv_into`` returns at once
+when it is, without yielding, so one receive used to hold the agent's loop for its whole value
+(polls and HoldsKeys went unanswered for 1.5-2.5 s during a 1 GiB replication, and the values
+bound for one agent arrived one after the other). ``recv_into`` and ``sendall`` release the GIL
+for the kernel's copy; the loop only learns that a transfer ended. Cancelling a transfer shuts
+its socket down, which ends the thread's blocked call at once, and waits for the thread before
+the buffer is let go.
 """
 
 from __future__ import annotations
@@ -21,15 +30,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import functools
 import logging
 import secrets
 import socket
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from amm.base.checksum import StreamingChecksum
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 #: Length of a ticket in bytes.
 TICKET_BYTES = 32
@@ -39,6 +52,13 @@ TICKET_TIMEOUT = 5.0
 SEND_BYTES = 4 * 1024 * 1024
 #: Bytes received before they are handed to the hashing thread (when it is free).
 HASH_BYTES = 1024 * 1024
+#: Values at least this large move in threads of their own (``_in_thread``); smaller ones on
+#: the event loop, which a send or receive of them holds for a millisecond at most, so that
+#: thousands of small transfers at once do not make thousands of threads.
+THREAD_BYTES = 1024 * 1024
+#: Values at least this large are hashed in a second thread while they arrive; smaller ones by
+#: the receiving thread once they are in (a thread would cost more than it overlaps).
+PIPELINE_BYTES = 4 * HASH_BYTES
 
 # ``PyBytes_FromStringAndSize(NULL, size)``: a bytes object whose data is not initialised.
 _new_bytes = ctypes.pythonapi.PyBytes_FromStringAndSize
@@ -187,10 +207,15 @@ class BulkServer:
                     log.debug("bulk port: a connection sent an unknown ticket")
                     return
                 entry.claimed.set_result(None)
-                view = memoryview(entry.data)
-                for start in range(0, len(view), SEND_BYTES):
+                if len(entry.data) < THREAD_BYTES:
                     async with asyncio.timeout(self._idle_timeout):
-                        await loop.sock_sendall(connection, view[start : start + SEND_BYTES])
+                        await loop.sock_sendall(connection, entry.data)
+                else:
+                    # Each send call within the idle timeout (``socket.sendall``: the timeout
+                    # bounds the whole call), in a thread: the loop stays free meanwhile.
+                    connection.settimeout(self._idle_timeout)
+                    sending = functools.partial(_send_all, connection, entry.data)
+                    await _in_thread(sending, connection, "bulk send")
                 self.sent += 1
                 if not entry.done.done():
                     entry.done.set_result(None)
@@ -201,6 +226,58 @@ class BulkServer:
             finally:
                 if entry is not None and not entry.done.done():  # cancelled: the agent stops
                     entry.done.set_exception(BulkError("the agent is stopping"))
+
+
+def _send_all(connection: socket.socket, data: bytes) -> None:
+    """Hand ``data`` to the kernel, ``SEND_BYTES`` per call (each within the socket's timeout);
+    runs in a thread."""
+    with memoryview(data) as view:
+        for start in range(0, len(view), SEND_BYTES):
+            with view[start : start + SEND_BYTES] as part:
+                connection.sendall(part)
+
+
+async def _in_thread(work: Callable[[], T], connection: socket.socket, name: str) -> T:
+    """``work`` (blocking calls on ``connection``) run in a thread of its own, awaited.
+
+    A cancelled caller shuts the socket down, which ends the thread's blocked ``recv_into`` or
+    ``sendall`` at once, and still waits for the thread to return: it may be writing into a
+    buffer the caller is about to let go. The thread is a daemon: a process that exits does not
+    wait for a peer that stopped reading.
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(result: T | None, error: BaseException | None) -> None:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)  # type: ignore[arg-type]
+
+    def target() -> None:
+        try:
+            result = work()
+        except BaseException as err:  # handed to the loop, raised there
+            outcome: tuple[T | None, BaseException | None] = (None, err)
+        else:
+            outcome = (result, None)
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+            loop.call_soon_threadsafe(settle, *outcome)
+
+    threading.Thread(target=target, name=name, daemon=True).start()
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        with contextlib.suppress(OSError):
+            connection.shutdown(socket.SHUT_RDWR)
+        while not future.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait([future])
+        if not future.cancelled():
+            future.exception()  # retrieved: the cancellation is what the caller sees
+        raise
 
 
 def _retrieve(future: asyncio.Future[None]) -> None:
@@ -249,8 +326,9 @@ async def receive(
     """Claim ``ticket`` on ``host:port`` and read ``size`` bytes: the value and its SHA-256.
 
     The kernel writes the bytes straight into the returned ``bytes`` (``fresh_bytes``), each
-    received piece within ``idle_timeout``. Hashing runs in a
-    worker thread over what arrived since it last started, while receiving goes on, so no byte
+    received piece within ``idle_timeout``; from ``THREAD_BYTES`` on in a thread of its own
+    (``_in_thread``), so the event loop answers calls meanwhile. A large value is hashed in a
+    second thread over what arrived since it last started, while receiving goes on, so no byte
     is hashed twice and receiving never waits for it. ``BulkError`` when the connection ends
     early or stalls.
     """
@@ -259,47 +337,142 @@ async def receive(
     family, kind, proto, _, address = infos[0]
     digest = StreamingChecksum()
     data, view = fresh_bytes(size)
-    with socket.socket(family, kind, proto) as connection:
-        connection.setblocking(False)
-        try:
-            async with asyncio.timeout(idle_timeout):
-                await loop.sock_connect(connection, address)
-                await loop.sock_sendall(connection, ticket)
-        except (OSError, TimeoutError) as err:
-            raise Unreachable(f"cannot claim the value on port {port}: {err!r}") from None
-        hashing: asyncio.Future[None] | None = None
-        try:
-            received = hashed = 0
-            while received < size:
-                try:
-                    async with asyncio.timeout(idle_timeout):
-                        count = await loop.sock_recv_into(connection, view[received:])
-                except (OSError, TimeoutError) as err:
-                    raise BulkError(f"{received} of {size} bytes received: {err!r}") from None
-                if count == 0:
-                    raise BulkError(f"the connection closed after {received} of {size} bytes")
-                received += count
-                if received - hashed >= HASH_BYTES and (hashing is None or hashing.done()):
-                    if hashing is not None:
-                        await hashing  # done: raises what the thread raised, if anything
-                    hashing = loop.run_in_executor(None, _hash, digest, view, hashed, received)
-                    hashed = received
-            if hashing is not None:
-                await hashing
-                hashing = None
-            if hashed < size:
-                await loop.run_in_executor(None, _hash, digest, view, hashed, size)
-        finally:
-            if hashing is not None:
-                # Let the thread finish with the buffer before it is released.
-                await asyncio.wait([hashing])
-            view.release()
+    try:
+        with socket.socket(family, kind, proto) as connection:
+            connection.setblocking(False)
+            try:
+                async with asyncio.timeout(idle_timeout):
+                    await loop.sock_connect(connection, address)
+                    await loop.sock_sendall(connection, ticket)
+            except (OSError, TimeoutError) as err:
+                raise Unreachable(f"cannot claim the value on port {port}: {err!r}") from None
+            if size < THREAD_BYTES:
+                await _receive_on_loop(connection, view, size, idle_timeout)
+                digest.update(view)
+            else:
+                connection.settimeout(idle_timeout)  # each recv_into within it
+                receiving = functools.partial(_receive_into, connection, view, size, digest)
+                await _in_thread(receiving, connection, "bulk receive")
+    finally:
+        view.release()
     return data, digest.hexdigest()
 
 
-def _hash(digest: StreamingChecksum, view: memoryview, start: int, end: int) -> None:
-    with _slice(view, start, end) as part:
-        digest.update(part)
+async def _receive_on_loop(
+    connection: socket.socket, view: memoryview, size: int, idle_timeout: float
+) -> None:
+    """Fill ``view`` (a small value) from ``connection`` on the event loop."""
+    loop = asyncio.get_running_loop()
+    received = 0
+    while received < size:
+        try:
+            async with asyncio.timeout(idle_timeout):
+                count = await loop.sock_recv_into(connection, view[received:])
+        except (OSError, TimeoutError) as err:
+            raise BulkError(f"{received} of {size} bytes received: {err!r}") from None
+        if count == 0:
+            raise BulkError(f"the connection closed after {received} of {size} bytes")
+        received += count
+
+
+def _receive_into(
+    connection: socket.socket, view: memoryview, size: int, digest: StreamingChecksum
+) -> None:
+    """Fill ``view[:size]`` from ``connection`` and hash it into ``digest``; runs in a thread.
+
+    From ``PIPELINE_BYTES`` on, a ``_Hasher`` thread hashes what arrived while more arrives, and
+    has finished with the buffer when this returns, whatever happened.
+    """
+    hasher = _Hasher(digest, view) if size >= PIPELINE_BYTES else None
+    received = told = 0
+    whole = False
+    try:
+        while received < size:
+            try:
+                with view[received:size] as rest:
+                    count = connection.recv_into(rest)
+            except OSError as err:  # TimeoutError included: nothing within the idle timeout
+                raise BulkError(f"{received} of {size} bytes received: {err!r}") from None
+            if count == 0:
+                raise BulkError(f"the connection closed after {received} of {size} bytes")
+            received += count
+            if hasher is not None and received - told >= HASH_BYTES:
+                hasher.advance(received)
+                told = received
+        whole = True
+        if hasher is None:
+            with view[:size] as value:
+                digest.update(value)
+    finally:
+        if hasher is not None:
+            hasher.finish(received, abandon=not whole)
+
+
+class _Hasher:
+    """Hashes ``view`` in order, in a thread of its own, as far as it was told bytes arrived.
+
+    ``finish`` hashes the rest up to the size given, or nothing more when the receive failed
+    (``abandon``), and joins the thread: it is done with the buffer once that returns.
+    """
+
+    __slots__ = (
+        "_abandon",
+        "_arrived",
+        "_digest",
+        "_done",
+        "_error",
+        "_thread",
+        "_view",
+        "_woken",
+    )
+
+    def __init__(self, digest: StreamingChecksum, view: memoryview) -> None:
+        self._digest = digest
+        self._view = view
+        self._woken = threading.Condition()
+        self._arrived = 0
+        self._done = False
+        self._abandon = False
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="bulk hash", daemon=True)
+        self._thread.start()
+
+    def advance(self, arrived: int) -> None:
+        """Bytes up to ``arrived`` are in the buffer."""
+        with self._woken:
+            self._arrived = arrived
+            self._woken.notify()
+
+    def finish(self, arrived: int, *, abandon: bool = False) -> None:
+        """Hash up to ``arrived`` (nothing more if ``abandon``), then end the thread; raises
+        what hashing raised."""
+        with self._woken:
+            self._arrived = arrived
+            self._done = True
+            self._abandon = abandon
+            self._woken.notify()
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+    def _run(self) -> None:
+        hashed = 0
+        try:
+            while True:
+                with self._woken:
+                    while self._arrived - hashed < HASH_BYTES and not self._done:
+                        self._woken.wait()
+                    end, done = self._arrived, self._done
+                    if self._abandon:
+                        return
+                if end > hashed:
+                    with _slice(self._view, hashed, end) as part:
+                        self._digest.update(part)
+                    hashed = end
+                elif done:
+                    return
+        except BaseException as err:  # raised by ``finish``, in the receiving thread
+            self._error = err
 
 
 @contextlib.contextmanager

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
+import socket
+import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -260,6 +263,29 @@ async def test_the_digest_covers_every_byte_once_whatever_the_steps(at: int) -> 
     assert digest == checksum(sent) != checksum(DATA)
 
 
+@pytest.mark.parametrize(
+    "size",
+    [
+        0,
+        1000,
+        bulk.THREAD_BYTES - 1,  # the largest moved on the event loop
+        bulk.THREAD_BYTES,  # the smallest moved in a thread, hashed once in
+        bulk.PIPELINE_BYTES - 1,
+        bulk.PIPELINE_BYTES,  # the smallest hashed by a second thread as it arrives
+    ],
+)
+async def test_every_size_arrives_whole_with_the_digest_of_what_was_sent(size: int) -> None:
+    """Small values move on the loop, larger ones in a thread, the largest hashed as they
+    arrive: each way the bytes arrive whole, and a flipped last byte changes the digest."""
+    sent = os.urandom(size)
+    assert await _bulk_round_trip(sent) == (sent, checksum(sent))
+    if size:
+        flipped = _flip(sent, size - 1)
+        data, digest = await _bulk_round_trip(flipped)
+        assert data == flipped
+        assert digest == checksum(flipped) != checksum(sent)
+
+
 async def _bulk_round_trip(sent: bytes) -> tuple[bytes, str]:
     """What ``bulk.receive`` makes of ``sent`` offered on a bulk port: its bytes and digest."""
     server = await BulkServer.start("127.0.0.1", idle_timeout=5.0)
@@ -298,20 +324,26 @@ async def _stalling_source(payload: bytes) -> AsyncIterator[int]:
         await server.wait_closed()
 
 
-async def test_a_receive_cancelled_mid_transfer_returns_at_once() -> None:
+#: Sizes received on the event loop and in a thread.
+STALLED_SIZES = pytest.mark.parametrize("size", [2000, len(DATA)], ids=["loop", "thread"])
+
+
+@STALLED_SIZES
+async def test_a_receive_cancelled_mid_transfer_returns_at_once(size: int) -> None:
     """Cancelling the call (its Fetch's deadline) must not wait out the idle timeout."""
     async with _stalling_source(DATA[:1000]) as port:
         started = asyncio.get_running_loop().time()
         with pytest.raises(TimeoutError):
             async with asyncio.timeout(0.3):
-                await bulk.receive("127.0.0.1", port, b"t" * bulk.TICKET_BYTES, len(DATA), 60.0)
+                await bulk.receive("127.0.0.1", port, b"t" * bulk.TICKET_BYTES, size, 60.0)
         assert asyncio.get_running_loop().time() - started < 30.0
 
 
-async def test_a_stalled_receive_ends_with_its_idle_timeout() -> None:
+@STALLED_SIZES
+async def test_a_stalled_receive_ends_with_its_idle_timeout(size: int) -> None:
     async with _stalling_source(DATA[:1000]) as port:
         with pytest.raises(bulk.BulkError, match="1000 of"):
-            await bulk.receive("127.0.0.1", port, b"t" * bulk.TICKET_BYTES, len(DATA), 0.3)
+            await bulk.receive("127.0.0.1", port, b"t" * bulk.TICKET_BYTES, size, 0.3)
 
 
 async def test_closing_the_bulk_port_ends_a_send_the_requester_does_not_read() -> None:
@@ -334,3 +366,93 @@ async def test_closing_the_bulk_port_ends_a_send_the_requester_does_not_read() -
         assert server.sent == 0
     finally:
         writer.close()
+
+
+#: Values received at once, and the size of each: an agent takes several copies at a time.
+POURED = (4, 64 * 1024 * 1024)
+
+
+class _Ticks:
+    """Counts the turns the event loop gives a task that only sleeps, and the longest wait
+    between two, over a window: what a poll or HoldsKeys arriving meanwhile would wait."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            self.times.append(loop.time())
+            await asyncio.sleep(0.001)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+    def within(self, start: float, end: float) -> tuple[int, float]:
+        """How many turns fell in ``[start, end]`` and the longest gap without one."""
+        inside = [t for t in self.times if start <= t <= end]
+        edges = [start, *inside, end]
+        return len(inside), max(b - a for a, b in itertools.pairwise(edges))
+
+
+async def test_receives_leave_the_event_loop_free_while_the_bytes_pour_in() -> None:
+    """On loopback the bytes are nearly always there to read, and a receive on the loop did not
+    yield then: a few at once held the agent's loop (its polls, HoldsKeys) for most of their
+    transfer. The loop must keep turning every few milliseconds while they arrive."""
+    count, size = POURED
+    values = [os.urandom(size) for _ in range(count)]
+    listeners = [socket.create_server(("127.0.0.1", 0)) for _ in values]
+
+    def pour(listener: socket.socket, data: bytes) -> None:  # always has the next bytes ready
+        connection, _ = listener.accept()
+        with connection:
+            _read_ticket(connection)
+            connection.sendall(data)
+
+    senders = [
+        threading.Thread(target=pour, args=(listener, data), daemon=True)
+        for listener, data in zip(listeners, values, strict=True)
+    ]
+    for sender in senders:
+        sender.start()
+    ticks = _Ticks()
+    ticks.start()
+    loop = asyncio.get_running_loop()
+    try:
+        await asyncio.sleep(0.01)
+        start = loop.time()
+        got = await asyncio.gather(
+            *(
+                bulk.receive("127.0.0.1", listener.getsockname()[1], b"t" * 32, size, 30.0)
+                for listener in listeners
+            )
+        )
+        end = loop.time()
+    finally:
+        await ticks.stop()
+        for sender in senders:
+            sender.join(30)
+        for listener in listeners:
+            listener.close()
+    assert got == [(data, checksum(data)) for data in values]
+    took = end - start
+    turns, gap = ticks.within(start, end)
+    # Held by the receives, the loop waited 0.2 s and more at a time; free, every few ms
+    # (0.1 s leaves room for a loaded machine).
+    assert turns >= 10, f"the loop turned {turns} times in {took:.2f} s of transfers"
+    assert gap < 0.1, f"the loop waited {gap:.2f} s at once during {took:.2f} s of transfers"
+
+
+def _read_ticket(connection: socket.socket) -> None:
+    received = b""
+    while len(received) < bulk.TICKET_BYTES:
+        part = connection.recv(bulk.TICKET_BYTES - len(received))
+        assert part, "closed before the ticket"
+        received += part
