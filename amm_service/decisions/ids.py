@@ -9,18 +9,29 @@ wire, in an outcome, on a refusal). Any other id (tests, other AMMs) is kept as 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 _DIGITS = "0123456789"
+
+
+_last = [""]
+"""The prefix split off last: nearly every id has it, and handing back that one string object
+saves building (and hashing) a new one per id."""
 
 
 def split_id(directive_id: str) -> tuple[str, int] | None:
     """``(prefix, number)`` such that ``prefix + str(number) == directive_id``, or None when no
     such split exists (no trailing digits, or a leading zero that ``str`` would not give back)."""
+    prefix = _last[0]
+    if prefix and directive_id.startswith(prefix):
+        digits = directive_id[len(prefix) :]
+        if digits.isascii() and digits.isdigit() and (digits[0] != "0" or len(digits) == 1):
+            return prefix, int(digits)
     prefix = directive_id.rstrip(_DIGITS)
     digits = directive_id[len(prefix) :]
     if not digits or (digits[0] == "0" and len(digits) > 1):
         return None
+    _last[0] = prefix
     return prefix, int(digits)
 
 
@@ -123,6 +134,42 @@ class IdSet:
         elif at == numbers.low:
             self._trim(numbers)
         return True
+
+    def discard_all(self, directive_ids: Iterable[str]) -> None:
+        """``discard`` of each of ``directive_ids`` (the answers of a batch: most are numbers
+        under one prefix, taken here without a call each)."""
+        if len(self._numbers) != 1 or self._others:
+            for directive_id in directive_ids:
+                self.discard(directive_id)
+            return
+        ((prefix, numbers),) = self._numbers.items()
+        start, base, flags = len(prefix), numbers.base, numbers.flags
+        end, low, count = len(flags), numbers.low, numbers.count
+        slow = []
+        for directive_id in directive_ids:
+            digits = directive_id[start:]
+            if (
+                directive_id.startswith(prefix)
+                and digits.isascii()
+                and digits.isdigit()
+                and (digits[0] != "0" or len(digits) == 1)
+            ):
+                at = int(digits) - base
+                if 0 <= at < end and flags[at]:
+                    flags[at] = 0
+                    count -= 1
+                    if at == low:
+                        low = flags.find(1, low)
+                        low = end if low < 0 else low
+                continue
+            slow.append(directive_id)
+        numbers.count, numbers.low = count, low
+        if count == 0:
+            del self._numbers[prefix]
+        else:
+            self._trim(numbers)
+        for directive_id in slow:
+            self.discard(directive_id)
 
     def _trim(self, numbers: _Numbers) -> None:
         """Move ``low`` past the cleared front; cut it off once it is half the flags."""

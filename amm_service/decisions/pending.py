@@ -46,6 +46,7 @@ import bisect
 from array import array
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from amm_service.decisions.directive import Directive, Op, Outcome, OutcomeStatus
 from amm_service.decisions.ids import split_id
@@ -53,16 +54,29 @@ from amm_service.decisions.journal import Journal
 from amm_service.decisions.view import Key, WorkerId
 
 
-@dataclass(slots=True)
-class Entry:
-    """A directive in flight as the ledger last knew it (built when asked for: the ledger keeps
-    columns): sent at ``sent_at``; ``applied`` once the agent applied it."""
+class Entry(NamedTuple):
+    """A directive in flight as the ledger knew it when asked: sent at ``sent_at``; ``applied``
+    once the agent applied it. Its ``directive`` is built from the ledger's columns only when
+    read (most outcomes need only ``op`` and ``cycle``); the columns it reads stay as they were
+    after the directive left the ledger. A tuple: a big cycle settles 300,000."""
 
-    directive: Directive
+    ledger: Ledger
+    chunk: _Chunk
+    index: int
+    known_id: str | None
+    """The directive's id if the caller had it (else built from the columns)."""
     sent_at: float
-    applied: bool = False
-    cycle: int = 0
+    applied: bool
+    cycle: int
     """The number of the cycle that sent it (0: none known)."""
+
+    @property
+    def directive(self) -> Directive:
+        return self.ledger.build(self.chunk, self.index, self.known_id)
+
+    @property
+    def op(self) -> Op:
+        return Op.DROP if self.chunk.ops[self.index] else Op.REPLICATE
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +90,7 @@ class InFlight:
 _NONE = InFlight()
 _NOBODY: frozenset[WorkerId] = frozenset()
 _new_directive = tuple.__new__
+_new_entry = tuple.__new__
 
 #: Slots per chunk (a power of two: a slot's chunk is ``slot >> CHUNK_BITS``).
 CHUNK_BITS = 12
@@ -137,12 +152,14 @@ class _Runs:
     from ``slot[i]`` on (``length[i]`` of them). Ids are issued in increasing order and entered
     in that order, so a cycle's directives make one run or a few."""
 
-    __slots__ = ("length", "seq", "slot")
+    __slots__ = ("end", "length", "seq", "slot")
 
     def __init__(self) -> None:
         self.seq = array("q")
         self.slot = array("q")
         self.length = array("q")
+        self.end = 0
+        """Past the last id put on the runs (kept when runs are pruned)."""
 
 
 def _decode(code: int | tuple[int, ...]) -> list[int]:
@@ -188,6 +205,9 @@ class Ledger:
         self._live_of: list[int] = []
         """Directives in flight per worker index."""
         self._notes: dict[tuple[str, str], tuple[str, str]] = {}
+        self._last_notes: tuple[str, str] = ("", "")
+        self._last_shape: tuple[str, int, int] = ("\0", -1, -1)
+        """``(prefix, epoch, shape)`` of the last directive entered (the next is alike)."""
         self._by_key: dict[Key, int | tuple[int, ...]] = {}
         """A key's slots, as runs of consecutive slots (``_encode``): one int for the few drops
         of a key a cycle sends (28 bytes, where a tuple of three entries cost 64 and more)."""
@@ -227,29 +247,33 @@ class Ledger:
         """Record an outcome; returns the entry it concerned, or None if unknown (expired) or
         answered already (a directive sent again is answered again). A refused or failed
         directive leaves the ledger; an applied one stays until ``observe`` sees its effect."""
-        slot = self._find(outcome.directive_id)
+        directive_id = outcome.directive_id
+        slot = self._slot_of(directive_id)
         if slot is None:
             return None
-        chunk = self._chunks[slot >> CHUNK_BITS]
+        chunk = self._chunks.get(slot >> CHUNK_BITS)
         i = slot & _LOW
-        if chunk.state[i] != _PENDING:
+        if chunk is None or chunk.state[i] != _PENDING:
             return None
-        if outcome.status is OutcomeStatus.APPLIED:
-            chunk.state[i] = _APPLIED
-            version = outcome.inventory_version
-            worker = self._worker_ids[chunk.workers[i]]
-            applied = self._applied.get(worker)
-            versions = self._versions.get(worker)
-            if applied is None or versions is None:
-                applied = self._applied[worker] = array("q")
-                versions = self._versions[worker] = array("q")
-            elif versions and version < versions[-1]:
-                self._unsorted.add(worker)
-            applied.append(slot)
-            versions.append(version)
-            return self._entry(slot, outcome.directive_id)
-        entry = self._entry(slot, outcome.directive_id)
-        self._remove(slot)
+        applied = outcome.status is OutcomeStatus.APPLIED
+        entry = _new_entry(
+            Entry, (self, chunk, i, directive_id, chunk.sent[i], applied, chunk.cycles[i])
+        )
+        if not applied:
+            self._kill(slot, note=True)
+            return entry
+        chunk.state[i] = _APPLIED
+        version = outcome.inventory_version
+        worker = self._worker_ids[chunk.workers[i]]
+        slots = self._applied.get(worker)
+        versions = self._versions.get(worker)
+        if slots is None or versions is None:
+            slots = self._applied[worker] = array("q")
+            versions = self._versions[worker] = array("q")
+        elif versions and version < versions[-1]:
+            self._unsorted.add(worker)
+        slots.append(slot)
+        versions.append(version)
         return entry
 
     def observe(self, versions: Callable[[WorkerId], int | None]) -> None:
@@ -478,20 +502,33 @@ class Ledger:
 
     def _find(self, directive_id: str) -> int | None:
         """The slot of ``directive_id`` if it is in flight."""
+        slot = self._slot_of(directive_id)
+        return slot if slot is not None and self._state_at(slot) else None
+
+    def _slot_of(self, directive_id: str) -> int | None:
+        """The slot ``directive_id`` was last given (in flight or not), if any is known."""
         slot = self._moved.get(directive_id) if self._moved else None
-        if slot is None:
-            split = split_id(directive_id)
-            if split is None:
+        if slot is not None:
+            return slot
+        split = split_id(directive_id)
+        if split is None:
+            return None
+        runs = self._runs.get(split[0])
+        if runs is None:
+            return None
+        seq = split[1]
+        starts = runs.seq
+        at = len(starts) - 1
+        if at < 0:
+            return None
+        if seq < starts[at]:  # not on the last run (most answers are)
+            at = bisect.bisect_right(starts, seq) - 1
+            if at < 0:
                 return None
-            runs = self._runs.get(split[0])
-            if runs is None:
-                return None
-            seq = split[1]
-            at = bisect.bisect_right(runs.seq, seq) - 1
-            if at < 0 or seq - runs.seq[at] >= runs.length[at]:
-                return None
-            slot = runs.slot[at] + seq - runs.seq[at]
-        return slot if self._state_at(slot) else None
+        offset = seq - starts[at]
+        if offset >= runs.length[at]:
+            return None
+        return runs.slot[at] + offset
 
     def _id(self, slot: int) -> str:
         chunk = self._chunks[slot >> CHUNK_BITS]
@@ -504,14 +541,22 @@ class Ledger:
     def _directive(self, slot: int, directive_id: str | None = None) -> Directive:
         chunk = self._chunks[slot >> CHUNK_BITS]
         i = slot & _LOW
+        if directive_id is None:
+            directive_id = self._id(slot)
+        return self.build(chunk, i, directive_id)
+
+    def build(self, chunk: _Chunk, i: int, directive_id: str | None) -> Directive:
+        """The directive of slot ``i`` of ``chunk`` (``directive_id`` None: it has a number);
+        for ``Entry``."""
         drop = chunk.ops[i]
         peers = chunk.peers[i]
         policy, reason = chunk.notes[i]
+        prefix, epoch = self._prefixes[chunk.shapes[i]]
         return _new_directive(
             Directive,
             (
-                self._id(slot) if directive_id is None else directive_id,
-                self._prefixes[chunk.shapes[i]][1],
+                prefix + str(chunk.seqs[i]) if directive_id is None else directive_id,
+                epoch,
                 Op.DROP if drop else Op.REPLICATE,
                 chunk.keys[i],
                 self._worker_ids[chunk.workers[i]],
@@ -527,18 +572,36 @@ class Ledger:
     def _entry(self, slot: int, directive_id: str | None = None) -> Entry:
         chunk = self._chunks[slot >> CHUNK_BITS]
         i = slot & _LOW
-        return Entry(
-            self._directive(slot, directive_id),
-            chunk.sent[i],
-            chunk.state[i] == _APPLIED,
-            chunk.cycles[i],
+        if directive_id is None and chunk.seqs[i] < 0:
+            directive_id = self._whole[slot]  # dropped when the directive leaves
+        return _new_entry(
+            Entry,
+            (
+                self,
+                chunk,
+                i,
+                directive_id,
+                chunk.sent[i],
+                chunk.state[i] == _APPLIED,
+                chunk.cycles[i],
+            ),
         )
 
     def _append(self, directive: Directive, now: float, cycle: int, fresh: bool) -> None:
         """Put ``directive`` in a new slot; ``fresh``: newly sent (not sent again)."""
         directive_id = directive.id
         split = split_id(directive_id)
-        if fresh and (split is None or self._runs_end(split) is None):
+        runs = None
+        if split is not None:
+            prefix, seq = split
+            runs = self._runs.get(prefix)
+            if runs is None:
+                runs = self._runs[prefix] = _Runs()
+            elif seq < runs.end:
+                runs = None  # not after every id of its prefix: looked up in ``_moved``
+        else:
+            prefix, seq = "", -1
+        if fresh and runs is None:
             old = self._find(directive_id)  # entered again under the same id: replaces it
             if old is not None:
                 self._remove(old)
@@ -548,35 +611,46 @@ class Ledger:
         chunk = self._chunks.get(number)
         if chunk is None:
             chunk = self._chunks[number] = _Chunk()
-        prefix = split[0] if split is not None else ""
-        shape_key = (prefix, directive.epoch)
-        shape = self._prefix_index.get(shape_key)
-        if shape is None:
-            shape = self._prefix_index[shape_key] = len(self._prefixes)
-            self._prefixes.append(shape_key)
+        epoch = directive.epoch
+        last = self._last_shape
+        if last[0] is prefix and last[1] == epoch:
+            shape = last[2]
+        else:
+            shape_key = (prefix, epoch)
+            found = self._prefix_index.get(shape_key)
+            if found is None:
+                found = self._prefix_index[shape_key] = len(self._prefixes)
+                self._prefixes.append(shape_key)
+            shape = found
+            self._last_shape = (prefix, epoch, shape)
         worker = directive.worker
         index = self._worker_index.get(worker)
         if index is None:
             index = self._worker_index[worker] = len(self._worker_ids)
             self._worker_ids.append(worker)
             self._live_of.append(0)
-        notes = (directive.policy, directive.reason)
-        shared = self._notes.get(notes)
-        if shared is None:
-            if len(self._notes) >= _NOTES_CACHED:
-                self._notes.clear()
-            shared = self._notes[notes] = notes
+        policy, reason = directive.policy, directive.reason
+        shared = self._last_notes
+        if shared[0] is not policy or shared[1] is not reason:
+            notes = (policy, reason)
+            shared = self._notes.get(notes) or notes
+            if shared is notes:
+                if len(self._notes) >= _NOTES_CACHED:
+                    self._notes.clear()
+                self._notes[notes] = notes
+            self._last_notes = shared
         drop = directive.op is Op.DROP
         chunk.state.append(_PENDING)
         chunk.ops.append(drop)
-        chunk.keys.append(directive.key)
+        key = directive.key
+        chunk.keys.append(key)
         chunk.workers.append(index)
         chunk.sizes.append(directive.size)
         chunk.checksums.append(directive.checksum)
         chunk.peers.append(directive.holders if drop else directive.sources)
         chunk.notes.append(shared)
         chunk.shapes.append(shape)
-        chunk.seqs.append(split[1] if split is not None else -1)
+        chunk.seqs.append(seq)
         chunk.sent.append(now)
         chunk.cycles.append(cycle)
         chunk.live += 1
@@ -585,56 +659,36 @@ class Ledger:
         if split is None:
             self._whole[slot] = directive_id
             self._moved[directive_id] = slot
-        elif not fresh or not self._extend_runs(split, slot):
+        elif runs is None or not fresh:
             self._moved[directive_id] = slot
+        else:  # on its prefix's runs
+            n = len(runs.seq) - 1
+            if n >= 0 and seq == runs.end and slot == runs.slot[n] + runs.length[n]:
+                runs.length[n] += 1
+            else:
+                runs.seq.append(seq)
+                runs.slot.append(slot)
+                runs.length.append(1)
+            runs.end = seq + 1
         if self._count > self.journal.limit // 2:  # room for the removals of all of them
             self.journal.limit = 2 * self._count
-        key = directive.key
         if fresh and not drop:
             self.journal.note(key)
-        code = self._by_key.get(key)
+        by_key = self._by_key
+        code = by_key.get(key)
         if code is None:
-            self._by_key[key] = slot << _RUN_BITS | 1
-            self._keys_peak = max(self._keys_peak, len(self._by_key))
+            by_key[key] = slot << _RUN_BITS | 1
+            if len(by_key) > self._keys_peak:
+                self._keys_peak = len(by_key)
         else:
-            last = code if isinstance(code, int) else code[-1]
-            n = last & _RUN_MAX
-            if n < _RUN_MAX and slot == (last >> _RUN_BITS) + n:
-                last += 1
-                self._by_key[key] = last if isinstance(code, int) else (*code[:-1], last)
+            last_code = code if isinstance(code, int) else code[-1]
+            n = last_code & _RUN_MAX
+            if n < _RUN_MAX and slot == (last_code >> _RUN_BITS) + n:
+                last_code += 1
+                by_key[key] = last_code if isinstance(code, int) else (*code[:-1], last_code)
             else:
                 new = slot << _RUN_BITS | 1
-                self._by_key[key] = (code, new) if isinstance(code, int) else (*code, new)
-
-    def _runs_end(self, split: tuple[str, int]) -> int | None:
-        """The slot that ``split``'s id would take on its prefix's runs if it comes after every
-        id of them (None: it does not, or the prefix has none)."""
-        runs = self._runs.get(split[0])
-        if runs is None or not runs.seq:
-            return None
-        last = len(runs.seq) - 1
-        end = runs.seq[last] + runs.length[last]
-        return self._next if split[1] >= end else None
-
-    def _extend_runs(self, split: tuple[str, int], slot: int) -> bool:
-        """Put ``split``'s id on its prefix's runs at ``slot``; False if it cannot be (an id not
-        after every other one of its prefix)."""
-        prefix, seq = split
-        runs = self._runs.get(prefix)
-        if runs is None:
-            runs = self._runs[prefix] = _Runs()
-        if runs.seq:
-            last = len(runs.seq) - 1
-            end = runs.seq[last] + runs.length[last]
-            if seq < end:
-                return False
-            if seq == end and slot == runs.slot[last] + runs.length[last]:
-                runs.length[last] += 1
-                return True
-        runs.seq.append(seq)
-        runs.slot.append(slot)
-        runs.length.append(1)
-        return True
+                by_key[key] = (code, new) if isinstance(code, int) else (*code, new)
 
     def _remove(self, slot: int) -> None:
         """Take ``slot`` out of the ledger (applied ones stay in ``_applied`` until
@@ -662,6 +716,10 @@ class Ledger:
                     # keep their table (~4 MiB) once all settled.
                     self._by_key = dict(self._by_key)
                     self._keys_peak = len(self._by_key)
+            elif isinstance(code, int) and slot == code >> _RUN_BITS:  # the first of a run
+                self._by_key[key] = code + (1 << _RUN_BITS) - 1
+            elif isinstance(code, int) and slot == (code >> _RUN_BITS) + (code & _RUN_MAX) - 1:
+                self._by_key[key] = code - 1  # the last of a run
             else:
                 rest = _encode(s for s in _decode(code) if s != slot)
                 if rest is None:
@@ -682,7 +740,7 @@ class Ledger:
     def _prune(self) -> None:
         """Forget the runs wholly before the first chunk left (their slots are all gone)."""
         first = self._next if not self._chunks else next(iter(self._chunks)) << CHUNK_BITS
-        for prefix, runs in list(self._runs.items()):
+        for runs in self._runs.values():
             drop = 0
             while drop < len(runs.seq) and runs.slot[drop] + runs.length[drop] <= first:
                 drop += 1
@@ -690,5 +748,3 @@ class Ledger:
                 del runs.seq[:drop]
                 del runs.slot[:drop]
                 del runs.length[:drop]
-                if not runs.seq:
-                    del self._runs[prefix]

@@ -128,9 +128,7 @@ class _Stream:
             )
 
     def _take(self, outcomes: list[Outcome]) -> None:
-        unanswered = self.unanswered
-        for outcome in outcomes:
-            unanswered.discard(outcome.directive_id)
+        self.unanswered.discard_all([outcome.directive_id for outcome in outcomes])
         self._on_outcomes(self.worker, outcomes)
 
     @property

@@ -46,6 +46,23 @@ def test_an_id_set_holds_what_was_added_and_not_discarded() -> None:
     assert list(ids) == []
 
 
+def test_answers_taken_in_a_batch_discard_as_one_at_a_time_would() -> None:
+    one, batch = IdSet(), IdSet()
+    sent = [f"e1.ab.{n}" for n in range(1, 30_000)]
+    for ids in (one, batch):
+        for i in sent:
+            ids.add(i)
+    answers = sent[::3] + sent[:10_000] + ["e1.ab.99999", "e1.ab.01", "x", "e1.ab.x"]
+    for i in answers:
+        one.discard(i)
+    batch.discard_all(answers)
+    assert sorted(batch) == sorted(one)
+    assert len(batch) == len(one)
+    batch.discard_all(sent)
+    assert len(batch) == 0
+    assert list(batch) == []
+
+
 def test_an_id_set_costs_about_a_byte_per_id_of_a_stream() -> None:
     """300,000 drops sent to 4 agents in a big cycle: each stream's unanswered ids were a dict
     of strings, about 120 bytes each."""
