@@ -62,7 +62,8 @@ class Entry(NamedTuple):
 
     ledger: Ledger
     chunk: _Chunk
-    index: int
+    at: int
+    """Its slot in ``chunk``."""
     known_id: str | None
     """The directive's id if the caller had it (else built from the columns)."""
     sent_at: float
@@ -72,11 +73,11 @@ class Entry(NamedTuple):
 
     @property
     def directive(self) -> Directive:
-        return self.ledger.build(self.chunk, self.index, self.known_id)
+        return self.ledger.build(self.chunk, self.at, self.known_id)
 
     @property
     def op(self) -> Op:
-        return Op.DROP if self.chunk.ops[self.index] else Op.REPLICATE
+        return Op.DROP if self.chunk.ops[self.at] else Op.REPLICATE
 
 
 @dataclass(frozen=True, slots=True)
