@@ -66,14 +66,24 @@ class DirectivePack:
         drop_op = Op.DROP
         for d in directives:
             at = len(seqs)
-            split = split_id(d.id)
-            if self.prefix is None and split is not None:
-                self.prefix, self.epoch = split[0], d.epoch
-            if split is not None and split[0] == self.prefix:
-                seqs.append(split[1])
+            if at == 0:
+                self.epoch = d.epoch
+            directive_id = d.id
+            number = -1
+            prefix = self.prefix
+            if prefix is not None:
+                if directive_id.startswith(prefix):  # nearly all: no split needed
+                    digits = directive_id[len(prefix) :]
+                    plain = digits.isascii() and digits.isdigit()
+                    if plain and (digits[0] != "0" or digits == "0"):
+                        number = int(digits)
             else:
-                seqs.append(-1)
-                self._ids[at] = d.id
+                split = split_id(directive_id)
+                if split is not None:
+                    self.prefix, number = split
+            seqs.append(number)
+            if number < 0:
+                self._ids[at] = directive_id
             if d.epoch != self.epoch:
                 self._epochs[at] = d.epoch
             drop = d.op is drop_op

@@ -87,9 +87,7 @@ class _Stream:
         unanswered = self.unanswered
         prefix, numbers, others = pack.numbered()
         if prefix is not None:
-            add = unanswered.add_number
-            for number in numbers:
-                add(prefix, number)
+            unanswered.add_numbers(prefix, numbers)
         for directive_id in others:
             unanswered.add(directive_id)
         self.queue.put_nowait((pack, batch))

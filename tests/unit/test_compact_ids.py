@@ -122,3 +122,24 @@ def test_a_packed_directive_costs_a_fraction_of_a_directive() -> None:
         tracemalloc.stop()
     assert len(pack) == 10_000
     assert held / 10_000 <= 64, f"{held / 10_000:.0f} bytes per packed directive"
+
+
+def test_a_pack_of_directives_of_another_epoch_or_unnumbered_first_reads_back() -> None:
+    a = WorkerId("a")
+    directives = [
+        Directive("first", 0, Op.DROP, Key("k"), a, 1, "s", (), (), "", ""),
+        Directive("e5.x.3", 5, Op.DROP, Key("j"), a, 1, "s", (), (), "", ""),
+        Directive("e5.x.4", 5, Op.REPLICATE, Key("i"), a, 1, "s", (a,), (), "", ""),
+    ]
+    assert list(DirectivePack(directives)) == directives
+
+
+def test_an_id_set_takes_a_message_of_numbers_at_once() -> None:
+    one, batch = IdSet(), IdSet()
+    numbers = [7, 3, 3, 12, 5_000_000, 9]  # one far off: kept apart
+    for n in numbers:
+        one.add_number("e1.z.", n)
+    batch.add_numbers("e1.z.", numbers)
+    batch.add_numbers("e1.z.", [])
+    assert sorted(batch) == sorted(one)
+    assert len(batch) == len(one) == 5
