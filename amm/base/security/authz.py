@@ -24,16 +24,22 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import grpc
-from cryptography import x509
 
 from amm.base.security.certs import certificate_identity
 from amm.base.security.identity import Identity, Role
 from amm.base.security.revocation import Revocations
 from amm.base.security.tokens import TokenFile
 from amm.base.throttle import Throttle, client_host
+
+if TYPE_CHECKING:
+    from cryptography import x509
+else:  # imported when first used: see ``lazy``
+    from amm.base.security.lazy import Lazy
+
+    x509 = Lazy("cryptography.x509")
 
 CONTROL = "/amm.v1.ActiveMemoryManager/"
 AGENT = "/amm.v1.WorkerAgent/"

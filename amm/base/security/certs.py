@@ -21,17 +21,28 @@ import secrets
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from typing import TYPE_CHECKING
 
 from amm.base.security.errors import SecurityError
 from amm.base.security.files import write_atomic
 from amm.base.security.identity import Identity, Role, check_name, parse_uri
 from amm.base.security.revocation import REVOKED_FILE
 from amm.base.security.tokens import TOKENS_FILE
+
+if TYPE_CHECKING:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+else:  # imported when first used: see ``lazy``
+    from amm.base.security.lazy import Lazy
+
+    x509 = Lazy("cryptography.x509")
+    hashes = Lazy("cryptography.hazmat.primitives.hashes")
+    serialization = Lazy("cryptography.hazmat.primitives.serialization")
+    ec = Lazy("cryptography.hazmat.primitives.asymmetric.ec")
+    ExtendedKeyUsageOID = Lazy("cryptography.x509.oid", "ExtendedKeyUsageOID")
+    NameOID = Lazy("cryptography.x509.oid", "NameOID")
 
 CA_CERT = "ca.pem"
 CA_KEY = "ca-key.pem"

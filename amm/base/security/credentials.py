@@ -26,12 +26,9 @@ import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Self, cast
+from typing import TYPE_CHECKING, Any, Self, cast
 
 import grpc
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
 from amm.base.security.authz import Authorizer
 from amm.base.security.certs import (
@@ -48,6 +45,16 @@ from amm.base.security.files import Stamp, stamp
 from amm.base.security.identity import Identity, Role, check_name
 from amm.base.security.revocation import REVOKED_FILE, Revocations
 from amm.base.security.tokens import TOKENS_FILE, TokenFile
+
+if TYPE_CHECKING:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
+else:  # imported when first used: see ``lazy``
+    from amm.base.security.lazy import Lazy
+
+    x509 = Lazy("cryptography.x509")
+    serialization = Lazy("cryptography.hazmat.primitives.serialization")
 
 #: The certs folder, for the CLI and the servers' ``--tls`` default.
 ENV_TLS = "AMM_TLS"
