@@ -66,6 +66,10 @@ BIG_VALUES = 16
 #: The AMM's loop probe is on when this names a file (``amm_service.runtime.loop.loop_probe.ENV``;
 #: not imported, so that the script also measures checkouts without the probe).
 LOOP_PROBE_ENV = "AMM_LOOP_PROBE"
+#: Most characters of a text cell of the table.
+TEXT_CELL = 48
+#: Milliseconds between two beats of the loop probe when on time (``loop_probe.BEAT``).
+LOOP_BEAT_MS = 5.0
 #: Control calls whose latency is measured while the AMM converges.
 PROBES = ("running", "status", "who_has", "holds_keys")
 
@@ -122,6 +126,9 @@ class Latencies:
         result: Figures = {"probe_failures": self.failures}
         for name, values in self.samples.items():
             result[f"{name}_calls"] = len(values)
+            # Each call's, for the record: a run makes about a hundred calls, whose p99 is
+            # their max; the p99 of several runs' calls together says more.
+            result[f"{name}_samples_ms"] = [round(v * 1e3, 2) for v in values]
             for label, value in _percentiles(values).items():
                 result[f"{name}_{label}_ms"] = None if value is None else value * 1e3
         return result
@@ -321,7 +328,7 @@ def _loop_holds(path: Path, start: float, end: float) -> Figures:
     """What the AMM's loop probe (``amm_service.runtime.loop.loop_probe``) wrote between ``start``
     and ``end``: how many holds of the loop over its threshold, the longest, and where the
     longest ones were."""
-    holds, collections_ms = [], []
+    holds, collections_ms, lags = [], [], []
     if path.exists():
         for line in path.read_text(encoding="utf-8").splitlines():
             record = json.loads(line)
@@ -329,6 +336,8 @@ def _loop_holds(path: Path, start: float, end: float) -> Figures:
                 continue
             if "gc_ms" in record:  # a garbage collection, noted on its own
                 collections_ms.append(record["gc_ms"])
+            elif "lag_ms" in record:  # a beat that came late, and why
+                lags.append(record)
             else:
                 holds.append(record)
     holds.sort(key=lambda r: -r["cpu_ms"])
@@ -340,6 +349,28 @@ def _loop_holds(path: Path, start: float, end: float) -> Figures:
         "loop_gcs": len(collections_ms),
         "loop_gc_max_ms": max(collections_ms, default=0.0),
         "loop_holds_longest": holds[:10],
+        **_loop_lags(lags),
+    }
+
+
+def _loop_lags(lags: list[dict[str, Any]]) -> Figures:
+    """How late the AMM loop's beats came (a control call waits as long for the loop), p99 over
+    every beat, and what the loop's thread did from the beat before to each late one (20 ms
+    late or more): ran (CPU: its own work), waited for a core (run queue: the machine is busy),
+    or neither (blocked: the GIL held by another of the AMM's threads, or asleep)."""
+    beats = sum(r["beats"] for r in lags)
+    late = sorted(r["lag_ms"] for r in lags)
+    on_time = max(0, beats - len(late))
+    rank = max(0, math.ceil(0.99 * beats) - 1 - on_time)
+    long = [r for r in lags if r["lag_ms"] >= 20]
+    spans = sum(r["lag_ms"] + LOOP_BEAT_MS for r in long) or 1.0
+    return {
+        "loop_beats": beats,
+        "loop_lag_p99_ms": (late[rank] if rank < len(late) else None) if beats else None,
+        "loop_lag_max_ms": late[-1] if late else 0.0,
+        "loop_lags_20ms": len(long),
+        "loop_lag_cpu_share": sum(r["cpu_ms"] for r in long) / spans,
+        "loop_lag_runq_share": sum(r["runq_ms"] for r in long) / spans,
     }
 
 
@@ -679,6 +710,11 @@ def _rows_for_shape() -> list[tuple[str, str, str]]:
         ("loop_hold_sites", "  where, most often", "t"),
         ("loop_gcs", "  garbage collections in the loop > 5 ms of CPU", "n"),
         ("loop_gc_max_ms", "  longest collection, CPU", "ms"),
+        ("loop_lag_p99_ms", "  AMM loop: beats late by, p99 (--loop-probe)", "ms"),
+        ("loop_lag_max_ms", "  beats late by, at most", "ms"),
+        ("loop_lags_20ms", "  beats 20 ms late or more", "n"),
+        ("loop_lag_cpu_share", "  before those: the loop ran its own work", "pct"),
+        ("loop_lag_runq_share", "  before those: it waited for a core (run queue)", "pct"),
     ]
     for probe in PROBES:
         for stat in ("p50", "p99", "max"):
@@ -697,8 +733,8 @@ THROUGHPUT_ROWS = [
 def _cell(value: Any, kind: str) -> str:
     if value is None:
         return "-"
-    if isinstance(value, str):
-        return value
+    if isinstance(value, str):  # long ones in full in --json: here, not wider than the table
+        return value if len(value) <= TEXT_CELL else value[: TEXT_CELL - 3] + "..."
     if kind == "s":
         return f"{value:.2f} s"
     if kind == "ms":
@@ -707,6 +743,8 @@ def _cell(value: Any, kind: str) -> str:
         return format_bytes(value)
     if kind == "gb":
         return f"{value:.3f} GB/s"
+    if kind == "pct":
+        return f"{value:.0%}"
     return f"{value:,}"
 
 

@@ -95,7 +95,8 @@ class ControlServicer(control_pb2_grpc.ActiveMemoryManagerServicer):
         again (``ReportParts``)."""
         progress = _progress(record)
         if self._reported is None or self._reported[0] != progress:
-            self._reported = (progress, cycle_to_pb(record, self._parts))
+            previous = None if self._reported is None else self._reported[1]
+            self._reported = (progress, cycle_to_pb(record, self._parts, previous))
         return self._reported[1]
 
     @_edge
@@ -443,6 +444,8 @@ class ReportParts:
 
     def __init__(self) -> None:
         self.number = -1
+        #: Records built so far (none were when it did not move over a report).
+        self.built = 0
         self.records: dict[str, tuple[Outcome | None, bool, float, types_pb2.DirectiveRecord]] = {}
         self.rejections: tuple[tuple[Rejection, ...], list[types_pb2.Rejection]] | None = None
 
@@ -465,50 +468,75 @@ class ReportParts:
             return known[3]
         built = _directive_record_pb(record, dry_run)
         self.records[key] = (record.outcome, record.timed_out, record.sent_at, built)
+        self.built += 1
         return built
 
     def rejected(self, rejections: tuple[Rejection, ...]) -> list[types_pb2.Rejection]:
         if self.rejections is None or self.rejections[0] is not rejections:
+            self.built += 1
             self.rejections = (rejections, [wire.rejection_to_pb(r) for r in rejections])
         return self.rejections[1]
 
 
 def _directive_record_pb(r: DirectiveRecord, dry_run: bool) -> types_pb2.DirectiveRecord:
-    return types_pb2.DirectiveRecord(
-        directive=wire.directive_to_pb(r.directive),
-        worker=r.directive.worker,
-        policy=r.directive.policy,
-        outcome=wire.outcome_to_pb(r.outcome) if r.outcome else None,
-        sent_at=None if dry_run else wire.timestamp(r.sent_at),
-        timed_out=r.timed_out,
-    )
+    """Built in place (nested messages built apart are copied in, a third of the cost of a
+    report of 1,000 records)."""
+    d, outcome = r.directive, r.outcome
+    pb = types_pb2.DirectiveRecord(worker=d.worker, policy=d.policy, timed_out=r.timed_out)
+    wire.directive_into(d, pb.directive)
+    if outcome is not None:
+        wire.outcome_into(outcome, pb.outcome)
+    if not dry_run:
+        wire.timestamp_into(r.sent_at, pb.sent_at)
+    return pb
 
 
-def cycle_to_pb(record: CycleRecord, parts: ReportParts | None = None) -> types_pb2.CycleReport:
+def cycle_to_pb(
+    record: CycleRecord,
+    parts: ReportParts | None = None,
+    previous: types_pb2.CycleReport | None = None,
+) -> types_pb2.CycleReport:
     """``record`` as reported; with ``parts``, what did not change since the last report of the
-    same cycle is reused."""
+    same cycle is reused, and ``previous`` (that report) itself, its figures updated, when none
+    of the directives it lists changed (a big cycle's outcomes change its counts at every call,
+    rarely the first 1,000 directives it lists)."""
     directives = list(record.directives.values())
     if parts is None:
         rejections = [wire.rejection_to_pb(r) for r in record.rejections]
         records = [_directive_record_pb(r, record.dry_run) for r in directives]
     else:
         parts = parts.of(record)
+        built = parts.built
         rejections = parts.rejected(record.rejections)
         records = [parts.directive(r, record.dry_run) for r in directives]
-    return types_pb2.CycleReport(
-        number=record.number,
-        started_at=wire.timestamp(record.started_at),
-        duration=wire.duration(record.duration),
-        plan_duration=wire.duration(record.plan_duration),
-        suggestions=record.suggestions,
-        directives_sent=0 if record.dry_run else record.planned_count,
-        applied=record.count(OutcomeStatus.APPLIED),
-        refused=record.count(OutcomeStatus.REFUSED),
-        failed=record.count(OutcomeStatus.FAILED),
-        rejected=record.rejected,
-        rejections=rejections,
-        unreachable_workers=list(record.unreachable),
-        directives=records,
-        dry_run=record.dry_run,
-        startup_grace=record.startup_grace,
-    )
+        if (
+            previous is not None
+            and parts.built == built
+            and previous.number == record.number
+            and len(previous.directives) == len(records)
+            and len(previous.rejections) == len(rejections)
+        ):
+            _figures_into(record, previous)
+            return previous
+    report = types_pb2.CycleReport(rejections=rejections, directives=records)
+    _figures_into(record, report)
+    return report
+
+
+def _figures_into(record: CycleRecord, report: types_pb2.CycleReport) -> None:
+    """Every field of ``record``'s report but its directives and rejections, set in place."""
+    report.number = record.number
+    wire.timestamp_into(record.started_at, report.started_at)
+    report.duration.CopyFrom(wire.duration(record.duration))
+    report.plan_duration.CopyFrom(wire.duration(record.plan_duration))
+    report.suggestions = record.suggestions
+    report.directives_sent = 0 if record.dry_run else record.planned_count
+    report.applied = record.count(OutcomeStatus.APPLIED)
+    report.refused = record.count(OutcomeStatus.REFUSED)
+    report.failed = record.count(OutcomeStatus.FAILED)
+    report.rejected = record.rejected
+    if list(report.unreachable_workers) != list(record.unreachable):
+        del report.unreachable_workers[:]
+        report.unreachable_workers.extend(record.unreachable)
+    report.dry_run = record.dry_run
+    report.startup_grace = record.startup_grace

@@ -37,3 +37,24 @@ def test_a_report_builds_again_only_the_records_whose_outcome_changed() -> None:
     other = _record(8)
     assert cycle_to_pb(other, parts) == cycle_to_pb(other)
     assert all(pb is not built[key] for key, (*_, pb) in parts.records.items())
+
+
+def test_a_report_whose_listed_directives_did_not_change_is_updated_in_place() -> None:
+    """A 100k-key cycle's outcomes change its counts at every GetStatus, but the 1,000
+    directives listed are answered early: the report is not built (nor its 1,000 records
+    copied) again, only its figures set; once a listed one changes, it is built again."""
+    record, parts = _record(7), ReportParts()
+    first = cycle_to_pb(record, parts)
+    unlisted = f"d{MAX_DIRECTIVES_REPORTED + 1}"
+    record.settle_applied([Outcome(unlisted, OutcomeStatus.APPLIED)])
+    record.duration = 2.5
+    second = cycle_to_pb(record, parts, first)
+    assert second is first, "reused"
+    assert second == cycle_to_pb(record)  # with the figures of now
+    assert (second.applied, second.duration.seconds) == (1, 2)
+    record.settle(Outcome("d1", OutcomeStatus.REFUSED, "PINNED"))
+    third = cycle_to_pb(record, parts, second)
+    assert third is not second
+    assert third == cycle_to_pb(record)
+    other = _record(8)  # another cycle's
+    assert cycle_to_pb(other, parts, third) == cycle_to_pb(other)

@@ -35,6 +35,10 @@ THRESHOLD = 0.02
 GC_THRESHOLD = 0.005
 #: Frames of the stack kept per hold (the innermost of the AMM's own code).
 FRAMES = 6
+#: Wall seconds a beat may come late before it is written down as a lag, with what the loop's
+#: thread did meanwhile: ran (CPU), waited for a core (the kernel's run queue), or neither
+#: (waited for the GIL, held by another of the AMM's threads).
+LAG_THRESHOLD = 0.005
 
 
 class LoopProbe:
@@ -45,6 +49,7 @@ class LoopProbe:
         self._threshold = threshold
         self._ident = threading.get_ident()
         self._clock = time.pthread_getcpuclockid(self._ident)
+        self._schedstat = f"/proc/self/task/{threading.get_native_id()}/schedstat"
         self._beat = time.clock_gettime(self._clock)
         self._beat_wall = time.monotonic()
         self._stack: list[str] | None = None
@@ -54,10 +59,19 @@ class LoopProbe:
     def _cpu(self) -> float:
         return time.clock_gettime(self._clock)
 
+    def _queued(self) -> float:
+        """Seconds the loop's thread has waited for a core so far (0 where Linux does not say)."""
+        try:
+            with open(self._schedstat, encoding="ascii") as f:
+                return int(f.read().split()[1]) / 1e9
+        except (OSError, IndexError, ValueError):
+            return 0.0
+
     async def run(self) -> None:
         watchdog = threading.Thread(target=self._watch, name="loop probe", daemon=True)
         watchdog.start()
         gc.callbacks.append(self._collected)
+        beats, queued = 0, self._queued()
         try:
             while True:
                 await asyncio.sleep(BEAT)
@@ -67,6 +81,20 @@ class LoopProbe:
                 # would take the writing for a hold and blame the next one on it.
                 self._beat, self._beat_wall, beat_wall = cpu, wall, self._beat_wall
                 stack, self._stack = self._stack, None
+                beats += 1
+                late = wall - beat_wall - BEAT
+                now_queued = self._queued()
+                if late >= LAG_THRESHOLD:
+                    lag = {
+                        "at": time.time(),
+                        "lag_ms": round(late * 1e3, 1),
+                        "cpu_ms": round(held * 1e3, 1),
+                        "runq_ms": round((now_queued - queued) * 1e3, 1),
+                        "beats": beats,
+                    }
+                    self._out.write(json.dumps(lag) + "\n")
+                    beats = 0
+                queued = now_queued
                 if held >= self._threshold and stack is not None:
                     record = {
                         "at": time.time(),

@@ -19,6 +19,25 @@ from amm.base.turns import PAUSE, Turns
 
 #: Most seconds of bulk work between two breaths (``Budget``).
 BUDGET = 0.005
+#: The same while a control call is under way and waits on the loop (``urgent``): about one
+#: slice of bulk work between two breaths.
+URGENT_BUDGET = 0.0005
+#: Control calls under way that wait on the loop (``urgent``).
+_urgent = 0
+
+
+@contextlib.contextmanager
+def urgent() -> Iterator[None]:
+    """While a control call is under way that awaits answers (a fresh ``who_has`` asks every
+    agent): bulk work breathes after about every slice (``URGENT_BUDGET``), not once per
+    ``BUDGET``, so that each answer is taken in at once, not after up to a budget of bulk work
+    each. Bulk work runs as before once no such call is under way."""
+    global _urgent
+    _urgent += 1
+    try:
+        yield
+    finally:
+        _urgent -= 1
 
 
 async def breathe() -> None:
@@ -53,7 +72,8 @@ class Budget:
     async def __call__(self) -> bool:
         """Breathe if the turn's budget is spent; whether it did (what was read before may be
         stale)."""
-        since = await _turns.breathe(self._since, self._budget, self._clock)
+        budget = URGENT_BUDGET if _urgent else self._budget
+        since = await _turns.breathe(self._since, budget, self._clock)
         if since is None:
             return False
         self._since = since

@@ -28,6 +28,7 @@ from amm_service.policies.goals import GoalStatus, describe
 from amm_service.runtime.links.addresses import address_order
 from amm_service.runtime.links.agents import AgentLinks, channel_closed
 from amm_service.runtime.links.poller import Poller
+from amm_service.runtime.loop.pacing import urgent
 from amm_service.runtime.observe.lookups import KeyLookups
 from amm_service.runtime.records.goals import GoalBook, check_goal
 from amm_service.runtime.records.lost import LostBook, LostKey
@@ -84,7 +85,8 @@ class Queries:
         time all the same, without waiting behind a cycle's polls."""
         if fresh and self._lookups.usable(keys):
             self._check_open()
-            found, silent = await self._lookups.holders(keys)
+            with urgent():  # the agents' answers come before the bulk work under way
+                found, silent = await self._lookups.holders(keys)
             unknown = [k for k in keys if Key(k) not in found]
             if unknown:
                 raise self._unknown(unknown, silent)
