@@ -48,7 +48,7 @@ from worker_agent.errors import (
 )
 from worker_agent.integrity import Directive, Op, Reason, Refuse
 from worker_agent.node import Forgotten, Inventory, Node, Promise
-from worker_agent.pacing import Pace
+from worker_agent.pacing import Pace, parts
 from worker_agent.store import MAX_KEY_BYTES, Key, Value
 
 log = logging.getLogger(__name__)
@@ -113,10 +113,15 @@ class _Edge:
         await self._context.abort(grpc.StatusCode.INTERNAL, f"internal error in {self._method}")
 
 
+#: ``RefusalReason`` by reason, looked up once (an outcome of every drop of a batch needs one).
+_REASONS: dict[Reason | None, types_pb2.RefusalReason.ValueType] = {
+    None: types_pb2.REFUSAL_REASON_UNSPECIFIED,
+    **{r: types_pb2.RefusalReason.Value(f"REFUSAL_REASON_{r.name}") for r in Reason},
+}
+
+
 def reason_to_proto(reason: Reason | None) -> types_pb2.RefusalReason.ValueType:
-    if reason is None:
-        return types_pb2.REFUSAL_REASON_UNSPECIFIED
-    return types_pb2.RefusalReason.Value(f"REFUSAL_REASON_{reason.name}")
+    return _REASONS[reason]
 
 
 def directive_from_proto(message: types_pb2.Directive) -> Directive:
@@ -132,13 +137,38 @@ def directive_from_proto(message: types_pb2.Directive) -> Directive:
     )
 
 
+#: ``tuple.__new__``: a NamedTuple from a tuple of all its fields, as ``_make`` does, without
+#: the Python frame of its ``__new__``.
+_new_tuple = tuple.__new__
+
+
 async def _directives_from_proto(messages: Sequence[types_pb2.Directive]) -> list[Directive]:
-    """``directive_from_proto`` for a batch of thousands, letting the loop in (``pacing``)."""
-    directives, pace = [], Pace()
-    for message in messages:
-        if pace.due():
-            await pace.breathe()
-        directives.append(directive_from_proto(message))
+    """``directive_from_proto`` for a batch of thousands, inline, letting the loop in
+    (``pacing``). Directives naming the same holders share one tuple of them (a batch names
+    few sets), so looking them up by it compares by identity first."""
+    directives: list[Directive] = []
+    append, pace, ops, unknown = directives.append, Pace(), _OPS, Op.UNSPECIFIED
+    named: dict[tuple[str, ...], tuple[str, ...]] = {}
+    for part in parts(messages):
+        await pace.breathe()
+        for message in part:
+            holders = tuple(message.holders)
+            holders = named.setdefault(holders, holders)
+            append(
+                _new_tuple(
+                    Directive,
+                    (
+                        message.id,
+                        message.epoch,
+                        ops.get(message.op, unknown),
+                        message.key,
+                        message.size,
+                        message.checksum,
+                        tuple(message.sources),
+                        holders,
+                    ),
+                )
+            )
     return directives
 
 
@@ -149,12 +179,20 @@ def outcome_to_proto(outcome: Outcome) -> types_pb2.DirectiveOutcome:
 def outcomes_response(outcomes: Iterable[Outcome]) -> agent_pb2.DirectivesResponse:
     """One batch of outcomes, each built in place (a list handed over is copied)."""
     response = agent_pb2.DirectivesResponse()
-    add, statuses = response.batch.add, _OUTCOME_STATUS
+    add, statuses, reasons = response.batch.add, _OUTCOME_STATUS, _REASONS
     for o in outcomes:  # fields named here, not through ``_outcome_fields``: a dict less each
+        if o.reason is None and not o.duplicate:  # an applied directive: defaults left unset
+            add(
+                directive_id=o.directive_id,
+                status=statuses[o.status],
+                message=o.message,
+                inventory_version=o.inventory_version,
+            )
+            continue
         add(
             directive_id=o.directive_id,
             status=statuses[o.status],
-            reason=reason_to_proto(o.reason),
+            reason=reasons[o.reason],
             message=o.message,
             inventory_version=o.inventory_version,
             duplicate=o.duplicate,
@@ -730,17 +768,23 @@ class WorkerAgentServicer(agent_pb2_grpc.WorkerAgentServicer):
                     f"{len(request.items)} items exceed the {MAX_KEEP_BATCH} of one request"
                 )
             pace = Pace()
-            items = []
+            items: list[tuple[Key, str]] = []
+            append, held = items.append, self._node.store.get
             for item in request.items:
                 if pace.due():
                     await pace.breathe()
                 key, digest = item.key, item.checksum
-                # Checked as ``_key`` and ``_checksum`` do, the usual case without a call each.
+                # Checked as ``_key`` and ``_checksum`` do, the usual case without a call each:
+                # a checksum equal to the one held is well formed (each was computed here).
                 if not key or len(key) * 4 > MAX_KEY_BYTES:
                     key = _key(key)
-                if digest and not integrity.is_checksum(digest):
-                    digest = _checksum(digest)
-                items.append((Key(key), digest))
+                if digest:
+                    value = held(key)  # type: ignore[arg-type]  # a Key: checked above
+                    if (value is None or value.checksum != digest) and not integrity.is_checksum(
+                        digest
+                    ):
+                        digest = _checksum(digest)
+                append((key, digest))  # type: ignore[arg-type]  # a Key: checked above
             lease = _requested_lease(request, self._node.config.max_lease)
             log.debug("%s asked to keep %d keys", request.requester, len(items))
             response = agent_pb2.PromiseKeepBatchResponse()
@@ -748,7 +792,7 @@ class WorkerAgentServicer(agent_pb2_grpc.WorkerAgentServicer):
             # recorded in one step, and its expiry is told from a clock read before the slice
             # (never later than the lease recorded).
             for start in range(0, len(items), KEEP_SLICE):
-                await pace()
+                await pace.breathe()  # a slice is many items: the clock is read for each
                 now_ns = time.time_ns()
                 answers = self._node.promise_keep_batch(items[start : start + KEEP_SLICE], lease)
                 # Most answers are alike (the same lease granted): build each kind once.
