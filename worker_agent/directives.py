@@ -55,6 +55,11 @@ class OutcomeStatus(enum.Enum):
     FAILED = 3
 
 
+#: ``.value`` of each status and reason, looked up (an Enum's ``value`` is a Python property).
+_STATUS_VALUES = {status: status.value for status in OutcomeStatus}
+_REASON_VALUES = {reason: reason.value for reason in Reason}
+
+
 class Outcome(NamedTuple):
     """How a directive ended (``amm.v1.DirectiveOutcome``); a NamedTuple, as a batch of drops
     ends thousands at once."""
@@ -319,13 +324,13 @@ class DirectiveRunner:
         pace = Pace()
         candidates: list[Directive] = []
         alone: list[Directive] = []
-        current_drop = integrity.current_drop
+        current_drop, held = integrity.current_drop, self._store.held
         peers_checked: dict[tuple[str, ...], bool] = {}
         for part in parts(directives):
             if await pace.breathe():
                 cond = self._conditions()
             for directive in part:
-                if current_drop(directive, cond, peers_checked, self._store):
+                if current_drop(directive, cond, peers_checked, held):
                     candidates.append(directive)
                 else:
                     alone.append(directive)
@@ -430,8 +435,8 @@ class DirectiveRunner:
                         subject.key,
                         _DROP,
                         directive.id,
-                        outcome.status.value,
-                        None if reason is None else reason.value,
+                        _STATUS_VALUES[outcome.status],
+                        None if reason is None else _REASON_VALUES[reason],
                         outcome.message,
                         outcome.inventory_version,
                         now,
@@ -503,7 +508,8 @@ class DirectiveRunner:
         def peers(d: Directive) -> tuple[str, ...]:
             return d.sources if d.op is Op.REPLICATE else d.holders
 
-        named = {peer for d in directives for peer in peers(d)}
+        # The sets of peers named first (a batch of thousands names few), then their peers.
+        named = {peer for group in set(map(peers, directives)) for peer in group}
         try:
             unknown = set(await self._confirmations.strangers(named))
         except Unavailable as err:

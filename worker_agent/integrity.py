@@ -11,11 +11,12 @@ at the gRPC edge (``servicer``).
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import NamedTuple
 
 from amm.base.validation import MAX_EPOCH, bad_addresses, epoch_problem, is_address
-from worker_agent.store import MAX_KEY_BYTES, Key, Store
+from worker_agent.store import MAX_KEY_BYTES, Key, Store, Value
 
 _HEX_DIGITS = "0123456789abcdef"
 
@@ -166,15 +167,15 @@ def current_drop(
     directive: Directive,
     cond: Conditions,
     peers_checked: dict[tuple[str, ...], bool],
-    store: Store | None = None,
+    held: Mapping[Key, Value] | None = None,
 ) -> bool:
     """Whether ``directive`` is a DROP that ``validate`` and ``judge_epoch`` both let through.
 
     The same rules, judged for every directive of a batch of thousands: the usual drop in a few
     comparisons, its holders' addresses checked once per tuple named (``peers_checked``, kept
     by the caller for the batch: a batch names few), its checksum taken as well formed when it
-    is the one ``store`` holds under the key (each stored checksum was computed here); anything
-    unusual is judged by the two functions themselves."""
+    is the one stored under the key (``held``, a store's ``held``: each stored checksum was
+    computed here); anything unusual is judged by the two functions themselves."""
     epoch, key, holders = directive.epoch, directive.key, directive.holders
     digest = directive.checksum
     if (
@@ -185,7 +186,15 @@ def current_drop(
         and not directive.sources
         and 0 <= epoch <= MAX_EPOCH
         and len(key) * 4 <= MAX_KEY_BYTES
-        and (not digest or _held_checksum(store, key, digest) or is_checksum(digest))
+        and (
+            not digest
+            or (
+                held is not None
+                and (value := held.get(key)) is not None
+                and value.checksum == digest
+            )
+            or is_checksum(digest)
+        )
         and cond.newest_epoch <= epoch
         and (epoch == cond.newest_epoch or not cond.confirms_epochs)
     ):
@@ -199,13 +208,6 @@ def current_drop(
         and validate(directive) is None
         and judge_epoch(directive, cond) is None
     )
-
-
-def _held_checksum(store: Store | None, key: Key, checksum: str) -> bool:
-    """Whether ``store`` holds ``key`` with ``checksum`` (a dict lookup and a comparison: a
-    third of ``is_checksum``)."""
-    held = None if store is None else store.get(key)
-    return held is not None and held.checksum == checksum
 
 
 def judge_epoch(directive: Directive, cond: Conditions) -> Refuse | None:

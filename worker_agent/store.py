@@ -13,7 +13,7 @@ A precondition the caller should have checked (pinning a key not held) raises ``
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import NamedTuple, NewType
 
@@ -144,6 +144,9 @@ class Store:
         if changelog_limit < 1:
             raise ValueError(f"changelog_limit must be >= 1, got {changelog_limit}")
         self._values: dict[Key, Value] = {}
+        #: The values held by key, read-only (``held.get``: ``get`` without a Python call, for
+        #: the hottest loops).
+        self.held: Mapping[Key, Value] = self._values
         # The keys held, sorted, for snapshot pages; insertions are O(log n), so dropping a
         # whole batch of keys does not move a list once per key. Removed keys stay listed
         # until enough accumulate (``_stale``, ``STALE_SORTED_MIN``): pages skip them.

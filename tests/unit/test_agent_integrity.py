@@ -270,7 +270,8 @@ def test_current_drop_is_validate_and_judge_epoch_for_every_kind_of_drop() -> No
         for store in stores:
             peers_checked: dict[tuple[str, ...], bool] = {}
             for _ in range(2):  # the second time with the holders' verdict remembered
-                assert integrity.current_drop(directive, cond, peers_checked, store) is expected, (
+                values = None if store is None else store.held
+                assert integrity.current_drop(directive, cond, peers_checked, values) is expected, (
                     directive,
                     cond,
                 )
