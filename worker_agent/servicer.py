@@ -13,9 +13,9 @@ import asyncio
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
 import grpc
 from google.protobuf.duration_pb2 import Duration
@@ -49,7 +49,7 @@ from worker_agent.errors import (
 from worker_agent.integrity import Directive, Op, Reason, Refuse
 from worker_agent.node import Forgotten, Inventory, Node, Promise
 from worker_agent.pacing import Pace, parts
-from worker_agent.store import MAX_KEY_BYTES, Key, Value
+from worker_agent.store import MAX_KEY_BYTES, Key, KeyInfo, Value
 
 log = logging.getLogger(__name__)
 
@@ -235,10 +235,19 @@ def _poll_response(inv: Inventory) -> agent_pb2.PollResponse:
         more=inv.more,
         features=FEATURES,
     )
-    add = response.keys.add  # built in place: a list handed over would be copied
-    for k in inv.keys:
-        add(key=k.key, size=k.size, checksum=k.checksum, pinned=k.pinned)
+    _add_keys(response.keys.add, inv.keys)
     return response
+
+
+def _add_keys(add: Callable[..., Any], keys: Iterable[KeyInfo]) -> None:
+    """Each key's ``amm.v1.KeyInfo``, built in place (a list handed over would be copied): the
+    fields unpacked rather than read by name, ``pinned`` set only when true (a poll page or a
+    HoldsKeys answer holds thousands)."""
+    for key, size, digest, pinned in keys:
+        if pinned:
+            add(key=key, size=size, checksum=digest, pinned=True)
+        else:
+            add(key=key, size=size, checksum=digest)
 
 
 def _key(key: str) -> Key:
@@ -389,16 +398,15 @@ class WorkerAgentServicer(agent_pb2_grpc.WorkerAgentServicer):
                 raise InvalidRequest(
                     f"{len(request.keys)} keys exceed the {MAX_HOLDS_KEYS} of one request"
                 )
-            held = self._node.holds(
-                # Checked as ``_key`` does, the usual case without a call each.
-                [Key(k) if k and len(k) * 4 <= MAX_KEY_BYTES else _key(k) for k in request.keys]
-            )
+            keys = list(request.keys)
+            for k in keys:  # checked as ``_key`` does, the usual case without a call each
+                if not k or len(k) * 4 > MAX_KEY_BYTES:
+                    _key(k)  # raises unless the key is well formed
+            held = self._node.holds(cast(list[Key], keys))
             response = agent_pb2.HoldsKeysResponse(
                 incarnation=held.incarnation, version=held.version
             )
-            add = response.keys.add
-            for k in held.keys:
-                add(key=k.key, size=k.size, checksum=k.checksum, pinned=k.pinned)
+            _add_keys(response.keys.add, held.keys)
             return response
 
     def _bury(self, request: agent_pb2.PollRequest) -> None:

@@ -65,6 +65,12 @@ class Value:
         return len(self.data)
 
 
+#: ``tuple.__new__``: a NamedTuple from a tuple of all its fields, as ``_make`` does, without the
+#: Python frame of its ``__new__`` (a poll page or a HoldsKeys answer holds thousands). A pin
+#: count is never kept at zero, so ``key in pins`` is whether the key is pinned.
+_new_tuple = tuple.__new__
+
+
 class KeyInfo(NamedTuple):
     """What a poll reports about one key; a NamedTuple, made for each key of every snapshot
     page (a frozen dataclass sets each field through ``object.__setattr__``)."""
@@ -219,7 +225,9 @@ class Store:
         for key in keys:
             value = values.get(key)
             if value is not None:
-                found.append(KeyInfo(key, len(value.data), value.checksum, pins.get(key, 0) > 0))
+                found.append(
+                    _new_tuple(KeyInfo, (key, len(value.data), value.checksum, key in pins))
+                )
         return found
 
     def _info(self, key: Key) -> KeyInfo:
@@ -245,7 +253,7 @@ class Store:
                 continue  # removed, still listed (``_stale``)
             if not take(key):
                 return Page(tuple(keys), keys[-1].key)
-            keys.append(KeyInfo(key, len(value.data), value.checksum, pins.get(key, 0) > 0))
+            keys.append(_new_tuple(KeyInfo, (key, len(value.data), value.checksum, key in pins)))
         return Page(tuple(keys), None)
 
     def add(self, key: Key, data: bytes, checksum: str) -> bool:
@@ -505,7 +513,9 @@ class Store:
             if value is None:
                 removed.append(key)
             else:
-                upserts.append(KeyInfo(key, len(value.data), value.checksum, pins.get(key, 0) > 0))
+                upserts.append(
+                    _new_tuple(KeyInfo, (key, len(value.data), value.checksum, key in pins))
+                )
         return Changes(tuple(upserts), tuple(removed), version, more)
 
     def release_changes(self, upto: int) -> None:
