@@ -400,11 +400,13 @@ class DirectiveRunner:
             vetted, outcome_of = await self._vet_peers(drops)
             if vetted:
                 async with self._dropping, self._slots:
-                    outcome_of.update(
-                        (d.id, o)
-                        for d, o in zip(vetted, await self._drop_batch(vetted), strict=True)
-                    )
-            outcomes = [outcome_of[d.id] for d in drops]
+                    results = await self._drop_batch(vetted)
+                if not outcome_of:  # every drop vetted, in order: its outcomes as they are
+                    outcomes = results
+                else:
+                    outcome_of.update(zip([d.id for d in vetted], results, strict=True))
+            if outcome_of:
+                outcomes = [outcome_of[d.id] for d in drops]
         except asyncio.CancelledError:
             for directive in drops:
                 del running[directive.id]
