@@ -45,6 +45,9 @@ KEEP_BATCH = 10_000
 KEYS_PER_TIMEOUT = 500
 #: The longest a batch of promises may take, in seconds.
 MAX_KEEP_WAIT = 8.0
+#: The lease asked of keepers is at least this many times the time their recent answers took
+#: to be settled (within ``2.5 x`` the wait for them): see ``DirectiveRunner._keep_terms``.
+ROUND_TRIPS_PER_LEASE = 4.0
 
 
 class OutcomeStatus(enum.Enum):
@@ -211,6 +214,8 @@ class DirectiveRunner:
         # By id: what the directive is about and the future of its outcome, keyed by id (a
         # batch of drops shares one future, set once for all its ids).
         self._running: dict[str, tuple[_Subject, asyncio.Future[dict[str, Outcome]]]] = {}
+        # How long keepers' answers took to be settled lately, in seconds (``_keep_terms``).
+        self._keep_round_trip = 0.0
         # One batch of drops at a time: they are CPU work on this loop and on the keepers',
         # and run side by side they only slowed each other past their promise deadlines.
         self._dropping = asyncio.Lock()
@@ -684,6 +689,7 @@ class DirectiveRunner:
                         await self._settle_drops(
                             keeper, chunk, task.result(), waiting, done, asked_at, lease, pace
                         )
+                        self._note_keep_round_trip(self._clock() - asked_at)
         except TimeoutError:
             pass
         finally:
@@ -750,9 +756,23 @@ class DirectiveRunner:
         still be relied on (half of it must remain, see ``_settle_drop``)."""
         timeout, lease = self._config.promise_timeout, self._config.lease
         if most <= KEYS_PER_TIMEOUT:
-            return timeout, lease
-        wait = min(timeout * math.ceil(most / KEYS_PER_TIMEOUT), max(timeout, MAX_KEEP_WAIT))
-        return wait, max(lease, 2.5 * wait)
+            wait = timeout
+        else:
+            wait = min(timeout * math.ceil(most / KEYS_PER_TIMEOUT), max(timeout, MAX_KEEP_WAIT))
+            lease = max(lease, 2.5 * wait)
+        # Promises that came back as late as the recent ones must still be usable (half the
+        # lease must remain when one is relied on): a loaded keeper or loop refused every drop
+        # as "too late" under the configured lease while answering well within ``wait``. A
+        # longer lease costs no safety (a promise is relied on only within half of it, counted
+        # from before asking); it only keeps the keeper's copy for longer, hence the bound.
+        adapted = min(ROUND_TRIPS_PER_LEASE * self._keep_round_trip, 2.5 * wait)
+        return wait, max(lease, adapted)
+
+    def _note_keep_round_trip(self, seconds: float) -> None:
+        """Note how long a keeper's answers took to be settled: a slower one is taken at once,
+        a faster one eases the estimate down (``_keep_terms``)."""
+        known = self._keep_round_trip
+        self._keep_round_trip = seconds if seconds > known else 0.8 * known + 0.2 * seconds
 
     def _settle_drop(
         self, drop: _Drop, keeper: str, answer: PromiseAnswer, asked_at: float, lease: float
