@@ -15,8 +15,7 @@ import enum
 import functools
 import logging
 import math
-from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import NamedTuple
 
 from amm.base.validation import MAX_EPOCH
@@ -25,7 +24,7 @@ from worker_agent.config import AgentConfig
 from worker_agent.confirm import Confirmations
 from worker_agent.errors import Unavailable
 from worker_agent.integrity import Accept, Conditions, Directive, Op, Reason, Refuse
-from worker_agent.pacing import Pace
+from worker_agent.pacing import Pace, parts
 from worker_agent.store import Key, Store
 from worker_agent.transfer import FetchFailure, Peers, PromiseAnswer
 
@@ -46,6 +45,9 @@ KEEP_BATCH = 10_000
 KEYS_PER_TIMEOUT = 500
 #: The longest a batch of promises may take, in seconds.
 MAX_KEEP_WAIT = 8.0
+#: The lease asked of keepers is at least this many times the time their recent answers took
+#: to be settled (within ``2.5 x`` the wait for them): see ``DirectiveRunner._keep_terms``.
+ROUND_TRIPS_PER_LEASE = 4.0
 
 
 class OutcomeStatus(enum.Enum):
@@ -54,6 +56,11 @@ class OutcomeStatus(enum.Enum):
     APPLIED = 1
     REFUSED = 2
     FAILED = 3
+
+
+#: ``.value`` of each status and reason, looked up (an Enum's ``value`` is a Python property).
+_STATUS_VALUES = {status: status.value for status in OutcomeStatus}
+_REASON_VALUES = {reason: reason.value for reason in Reason}
 
 
 class Outcome(NamedTuple):
@@ -81,21 +88,28 @@ def _describe(answer: PromiseAnswer) -> str:
     return f"{answer.address}: {reason} {answer.message}".strip()
 
 
-@dataclass(slots=True)
 class _Drop:
-    """A drop waiting for a keep-promise: the holders asked and what each answered so far."""
+    """A drop waiting for a keep-promise: the holders asked and what each answered so far
+    (``answers`` made on the first refusal: most drops are settled by their first answer)."""
 
-    directive: Directive
-    checksum: str
-    keepers: tuple[str, ...]
-    answers: dict[str, str] = field(default_factory=dict)
+    __slots__ = ("answers", "checksum", "directive", "keepers")
 
-    @property
-    def all_answered(self) -> bool:
+    def __init__(self, directive: Directive, checksum: str, keepers: tuple[str, ...]) -> None:
+        self.directive = directive
+        self.checksum = checksum
+        self.keepers = keepers
+        self.answers: dict[str, str] | None = None
+
+    def answered(self, keeper: str, said: str) -> bool:
+        """Note what ``keeper`` said; whether every keeper has answered now."""
+        if self.answers is None:
+            self.answers = {}
+        self.answers[keeper] = said
         return len(self.answers) == len(self.keepers)
 
     def refusal(self) -> Refuse:
-        said = [self.answers.get(k, f"{k}: no answer in time") for k in self.keepers]
+        answers = self.answers or {}
+        said = [answers.get(k, f"{k}: no answer in time") for k in self.keepers]
         return Refuse(
             Reason.NO_CONFIRMED_HOLDER,
             f"no holder promised to keep {self.directive.key!r} ({'; '.join(said)})",
@@ -120,6 +134,13 @@ def _outcome_of(done: _Done) -> Outcome:
     )
 
 
+#: ``tuple.__new__``: makes a NamedTuple from a tuple of all its fields, as ``_make`` does,
+#: without the Python frame of its ``__new__`` (for the thousands of a batch).
+_new_tuple = tuple.__new__
+#: ``Op.DROP.value``, as the history keeps it.
+_DROP = Op.DROP.value
+
+
 class _Subject(NamedTuple):
     """What a directive id stands for: a repeated id must name the same key and op."""
 
@@ -132,6 +153,9 @@ class KeyLocks:
 
     def __init__(self) -> None:
         self._locks: dict[Key, tuple[asyncio.Lock, list[int]]] = {}
+        #: The keys someone holds or awaits the lock of (``in``: ``__contains__`` without a call,
+        #: asked for each drop of a batch).
+        self.held: Mapping[Key, object] = self._locks
 
     @contextlib.asynccontextmanager
     async def hold(self, key: Key) -> AsyncIterator[None]:
@@ -190,6 +214,8 @@ class DirectiveRunner:
         # By id: what the directive is about and the future of its outcome, keyed by id (a
         # batch of drops shares one future, set once for all its ids).
         self._running: dict[str, tuple[_Subject, asyncio.Future[dict[str, Outcome]]]] = {}
+        # How long keepers' answers took to be settled lately, in seconds (``_keep_terms``).
+        self._keep_round_trip = 0.0
         # One batch of drops at a time: they are CPU work on this loop and on the keepers',
         # and run side by side they only slowed each other past their promise deadlines.
         self._dropping = asyncio.Lock()
@@ -303,17 +329,16 @@ class DirectiveRunner:
         pace = Pace()
         candidates: list[Directive] = []
         alone: list[Directive] = []
-        for directive in directives:
-            if pace.due() and await pace.breathe():
+        current_drop, held = integrity.current_drop, self._store.held
+        peers_checked: dict[tuple[str, ...], bool] = {}
+        for part in parts(directives):
+            if await pace.breathe():
                 cond = self._conditions()
-            if (
-                directive.op is Op.DROP
-                and integrity.validate(directive) is None
-                and integrity.judge_epoch(directive, cond) is None
-            ):
-                candidates.append(directive)
-            else:
-                alone.append(directive)
+            for directive in part:
+                if current_drop(directive, cond, peers_checked, held):
+                    candidates.append(directive)
+                else:
+                    alone.append(directive)
 
         async def one(directive: Directive) -> None:
             emit([await self.run(directive)])
@@ -346,39 +371,47 @@ class DirectiveRunner:
         settling pause between directives, never within one. The batch's ids share one future of
         their outcomes (a future per drop was a tenth of the batch's bookkeeping)."""
         batch: asyncio.Future[dict[str, Outcome]] = asyncio.get_running_loop().create_future()
-        running = self._running
+        running, history, locked = self._running, self._history, self._locks.held
         drops: list[Directive] = []
         subjects: list[_Subject] = []
         keys: set[Key] = set()
         outcomes: list[Outcome] = []
+        observed = -1
         try:
-            for directive in candidates:
-                if pace.due():
-                    await pace.breathe()
-                if (
-                    directive.key in keys
-                    or directive.key in self._locks
-                    or self._subject_of(directive.id) is not None
-                ):
-                    aside(directive)
-                    continue
-                keys.add(directive.key)
-                self._observe_epoch(directive.epoch)
-                subject = _Subject(directive.key, directive.op)
-                running[directive.id] = (subject, batch)
-                drops.append(directive)
-                subjects.append(subject)
+            for part in parts(candidates):
+                await pace.breathe()
+                for directive in part:
+                    key, directive_id = directive.key, directive.id
+                    # ``_subject_of`` is None, inline: one lookup each for thousands of ids.
+                    if (
+                        key in keys
+                        or key in locked
+                        or directive_id in history
+                        or directive_id in running
+                    ):
+                        aside(directive)
+                        continue
+                    keys.add(key)
+                    if directive.epoch > observed:  # every drop's epoch is observed, once each
+                        observed = directive.epoch
+                        self._observe_epoch(observed)
+                    subject = _new_tuple(_Subject, (key, Op.DROP))
+                    running[directive_id] = (subject, batch)
+                    drops.append(directive)
+                    subjects.append(subject)
             if not drops:
                 batch.cancel()
                 return []
             vetted, outcome_of = await self._vet_peers(drops)
             if vetted:
                 async with self._dropping, self._slots:
-                    outcome_of.update(
-                        (d.id, o)
-                        for d, o in zip(vetted, await self._drop_batch(vetted), strict=True)
-                    )
-            outcomes = [outcome_of[d.id] for d in drops]
+                    results = await self._drop_batch(vetted)
+                if not outcome_of:  # every drop vetted, in order: its outcomes as they are
+                    outcomes = results
+                else:
+                    outcome_of.update(zip([d.id for d in vetted], results, strict=True))
+            if outcome_of:
+                outcomes = [outcome_of[d.id] for d in drops]
         except asyncio.CancelledError:
             for directive in drops:
                 del running[directive.id]
@@ -398,12 +431,24 @@ class DirectiveRunner:
         settled = 0
         now = self._clock()
         try:
-            for directive, subject, outcome in zip(drops, subjects, outcomes, strict=True):
-                if pace.due() and await pace.breathe():
+            for trio in parts(list(zip(drops, subjects, outcomes, strict=True))):
+                if await pace.breathe():
                     now = self._clock()
-                del running[directive.id]
-                self._remember(subject, outcome, now, expire=False)
-                settled += 1
+                for directive, subject, outcome in trio:
+                    del running[directive.id]
+                    # ``_remember``, inline (the limit and the expiry are seen to once, below).
+                    reason = outcome.reason
+                    history[directive.id] = (
+                        subject.key,
+                        _DROP,
+                        directive.id,
+                        _STATUS_VALUES[outcome.status],
+                        None if reason is None else _REASON_VALUES[reason],
+                        outcome.message,
+                        outcome.inventory_version,
+                        now,
+                    )
+                    settled += 1
         finally:
             now = self._clock()
             for directive, subject, outcome in zip(
@@ -411,6 +456,7 @@ class DirectiveRunner:
             ):
                 del running[directive.id]
                 self._remember(subject, outcome, now, expire=False)
+            self._limit_history()
             self.expire_history(now)
         return outcomes
 
@@ -469,7 +515,8 @@ class DirectiveRunner:
         def peers(d: Directive) -> tuple[str, ...]:
             return d.sources if d.op is Op.REPLICATE else d.holders
 
-        named = {peer for d in directives for peer in peers(d)}
+        # The sets of peers named first (a batch of thousands names few), then their peers.
+        named = {peer for group in set(map(peers, directives)) for peer in group}
         try:
             unknown = set(await self._confirmations.strangers(named))
         except Unavailable as err:
@@ -566,34 +613,40 @@ class DirectiveRunner:
         conditions and clock are read again after each pause."""
         store, me = self._store, self._address()
         cond, now = self._conditions(), self._clock()
+        clear, get, mark = store.clear_to_remove, store.get, store.mark_dropping
         # The holders named, without this agent, by the tuple named: a batch names few sets.
         keepers_of: dict[tuple[str, ...], tuple[str, ...]] = {}
-        for directive in drops:
-            if pace.due() and await pace.breathe():
+        for part in parts(drops):
+            if await pace.breathe():
                 cond, now = self._conditions(), self._clock()
-            # Validated and judged for its epoch already (``run_batch``, ``_execute``).
-            verdict = integrity.judge_drop(store, directive, cond, now)
-            if isinstance(verdict, Refuse) or verdict.noop:
-                done[directive.id] = self._outcome(directive, verdict)
-                continue
-            keepers = keepers_of.get(directive.holders)
-            if keepers is None:
-                keepers = keepers_of[directive.holders] = tuple(
-                    holder for holder in dict.fromkeys(directive.holders) if holder != me
-                )
-            held = store.get(directive.key)
-            if not keepers or held is None:
-                done[directive.id] = self._outcome(
-                    directive,
-                    Refuse(
-                        Reason.NO_CONFIRMED_HOLDER,
-                        f"no holder promised to keep {directive.key!r} "
-                        "(no holder other than this agent was named)",
-                    ),
-                )
-                continue
-            store.mark_dropping(directive.key)
-            waiting[directive.id] = _Drop(directive, held.checksum, keepers)
+            for directive in part:
+                # Validated and judged for its epoch already (``run_batch``, ``_execute``). The
+                # usual drop passes on the store's all-clear; any other is judged in full.
+                key = directive.key
+                held = None if cond.closing else clear(key, directive.checksum, now)
+                if held is None:
+                    verdict = integrity.judge_drop(store, directive, cond, now)
+                    if isinstance(verdict, Refuse) or verdict.noop:
+                        done[directive.id] = self._outcome(directive, verdict)
+                        continue
+                    held = get(key)
+                keepers = keepers_of.get(directive.holders)
+                if keepers is None:
+                    keepers = keepers_of[directive.holders] = tuple(
+                        holder for holder in dict.fromkeys(directive.holders) if holder != me
+                    )
+                if not keepers or held is None:
+                    done[directive.id] = self._outcome(
+                        directive,
+                        Refuse(
+                            Reason.NO_CONFIRMED_HOLDER,
+                            f"no holder promised to keep {directive.key!r} "
+                            "(no holder other than this agent was named)",
+                        ),
+                    )
+                    continue
+                mark(key)
+                waiting[directive.id] = _Drop(directive, held.checksum, keepers)
 
     async def _ask_keepers(
         self, waiting: dict[str, _Drop], done: dict[str, Outcome], pace: Pace
@@ -633,24 +686,67 @@ class DirectiveRunner:
                     )
                     for task in finished:
                         keeper, chunk = asks[task]
-                        for drop, answer in zip(chunk, task.result(), strict=True):
-                            # Each drop is settled in one synchronous step (``_settle_drop``
-                            # re-judges and removes together), so pausing between them is safe.
-                            if pace.due():
-                                await pace.breathe()
-                            if drop.directive.id not in waiting:
-                                continue
-                            verdict = self._settle_drop(drop, keeper, answer, asked_at, lease)
-                            if verdict is not None:
-                                del waiting[drop.directive.id]
-                                self._store.unmark_dropping(drop.directive.key)
-                                done[drop.directive.id] = self._outcome(drop.directive, verdict)
+                        await self._settle_drops(
+                            keeper, chunk, task.result(), waiting, done, asked_at, lease, pace
+                        )
+                        self._note_keep_round_trip(self._clock() - asked_at)
         except TimeoutError:
             pass
         finally:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+
+    async def _settle_drops(
+        self,
+        keeper: str,
+        chunk: list[_Drop],
+        answers: list[PromiseAnswer],
+        waiting: dict[str, _Drop],
+        done: dict[str, Outcome],
+        asked_at: float,
+        lease: float,
+        pace: Pace,
+    ) -> None:
+        """Settle the drops of ``chunk`` still waiting on ``keeper``'s answers: each is
+        re-judged and removed in one synchronous step, so pausing between them is safe.
+
+        The usual case (a promise in time, the store's all-clear) is ``_settle_drop`` inline,
+        counted once for the chunk: a keeper answers thousands at once."""
+        store, clock = self._store, self._clock
+        clear, remove, unmark = store.clear_to_remove, store.remove, store.unmark_dropping
+        status, kept_by = OutcomeStatus.APPLIED, _kept_by(keeper).message
+        count = 0
+        try:
+            for part in parts(list(zip(chunk, answers, strict=True))):
+                await pace.breathe()
+                for drop, answer in part:
+                    directive = drop.directive
+                    directive_id, key = directive.id, directive.key
+                    if directive_id not in waiting:
+                        continue
+                    if (
+                        answer.kept
+                        and answer.lease is not None
+                        and clock() - asked_at < min(lease, answer.lease) / 2
+                        and clear(key, drop.checksum, clock(), mine=True) is not None
+                    ):
+                        del waiting[directive_id]
+                        remove(key)
+                        unmark(key)
+                        # ``Outcome(...)`` without its Python ``__new__``: thousands per chunk.
+                        done[directive_id] = _new_tuple(
+                            Outcome, (directive_id, status, None, kept_by, store.version, False)
+                        )
+                        count += 1
+                        continue
+                    verdict = self._settle_drop(drop, keeper, answer, asked_at, lease)
+                    if verdict is not None:
+                        del waiting[directive_id]
+                        unmark(key)
+                        done[directive_id] = self._outcome(directive, verdict)
+        finally:
+            self.counts[Op.DROP, status, None] += count
 
     def _keep_terms(self, most: int) -> tuple[float, float]:
         """How long to wait for promises when a keeper is asked for ``most`` keys at most, and
@@ -660,9 +756,23 @@ class DirectiveRunner:
         still be relied on (half of it must remain, see ``_settle_drop``)."""
         timeout, lease = self._config.promise_timeout, self._config.lease
         if most <= KEYS_PER_TIMEOUT:
-            return timeout, lease
-        wait = min(timeout * math.ceil(most / KEYS_PER_TIMEOUT), max(timeout, MAX_KEEP_WAIT))
-        return wait, max(lease, 2.5 * wait)
+            wait = timeout
+        else:
+            wait = min(timeout * math.ceil(most / KEYS_PER_TIMEOUT), max(timeout, MAX_KEEP_WAIT))
+            lease = max(lease, 2.5 * wait)
+        # Promises that came back as late as the recent ones must still be usable (half the
+        # lease must remain when one is relied on): a loaded keeper or loop refused every drop
+        # as "too late" under the configured lease while answering well within ``wait``. A
+        # longer lease costs no safety (a promise is relied on only within half of it, counted
+        # from before asking); it only keeps the keeper's copy for longer, hence the bound.
+        adapted = min(ROUND_TRIPS_PER_LEASE * self._keep_round_trip, 2.5 * wait)
+        return wait, max(lease, adapted)
+
+    def _note_keep_round_trip(self, seconds: float) -> None:
+        """Note how long a keeper's answers took to be settled: a slower one is taken at once,
+        a faster one eases the estimate down (``_keep_terms``)."""
+        known = self._keep_round_trip
+        self._keep_round_trip = seconds if seconds > known else 0.8 * known + 0.2 * seconds
 
     def _settle_drop(
         self, drop: _Drop, keeper: str, answer: PromiseAnswer, asked_at: float, lease: float
@@ -670,8 +780,7 @@ class DirectiveRunner:
         """What ``keeper``'s answer decides for ``drop``: None while other keepers may still
         promise."""
         if not (answer.kept and answer.lease is not None):
-            drop.answers[keeper] = _describe(answer)
-            return drop.refusal() if drop.all_answered else None
+            return drop.refusal() if drop.answered(keeper, _describe(answer)) else None
         if self._clock() - asked_at >= min(lease, answer.lease) / 2:
             return Refuse(
                 Reason.NO_CONFIRMED_HOLDER,
@@ -751,10 +860,15 @@ class DirectiveRunner:
             outcome.inventory_version,
             now,
         )
-        if len(self._history) > self._history_limit:
-            self._history.popitem(last=False)
         if expire:
+            self._limit_history()
             self.expire_history(now)
+
+    def _limit_history(self) -> None:
+        """Let go of the oldest outcomes beyond ``history_limit``."""
+        history = self._history
+        while len(history) > self._history_limit:
+            history.popitem(last=False)
 
     def expire_history(self, now: float) -> None:
         """Let go of the outcomes older than ``HISTORY_TTL``, oldest first."""

@@ -11,11 +11,12 @@ at the gRPC edge (``servicer``).
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from amm.base.validation import bad_addresses, epoch_problem, is_address
-from worker_agent.store import MAX_KEY_BYTES, Key, Store
+from amm.base.validation import MAX_EPOCH, bad_addresses, epoch_problem, is_address
+from worker_agent.store import MAX_KEY_BYTES, Key, Store, Value
 
 _HEX_DIGITS = "0123456789abcdef"
 
@@ -160,6 +161,53 @@ def validate(directive: Directive) -> Refuse | None:
             return Refuse(Reason.INVALID, "a checksum is 64 lowercase hexadecimal digits")
     bad = bad_addresses((*directive.sources, *directive.holders))
     return Refuse(Reason.INVALID, bad) if bad is not None else None
+
+
+def current_drop(
+    directive: Directive,
+    cond: Conditions,
+    peers_checked: dict[tuple[str, ...], bool],
+    held: Mapping[Key, Value] | None = None,
+) -> bool:
+    """Whether ``directive`` is a DROP that ``validate`` and ``judge_epoch`` both let through.
+
+    The same rules, judged for every directive of a batch of thousands: the usual drop in a few
+    comparisons, its holders' addresses checked once per tuple named (``peers_checked``, kept
+    by the caller for the batch: a batch names few), its checksum taken as well formed when it
+    is the one stored under the key (``held``, a store's ``held``: each stored checksum was
+    computed here); anything unusual is judged by the two functions themselves."""
+    epoch, key, holders = directive.epoch, directive.key, directive.holders
+    digest = directive.checksum
+    if (
+        directive.op is Op.DROP
+        and directive.id
+        and key
+        and holders
+        and not directive.sources
+        and 0 <= epoch <= MAX_EPOCH
+        and len(key) * 4 <= MAX_KEY_BYTES
+        and (
+            not digest
+            or (
+                held is not None
+                and (value := held.get(key)) is not None
+                and value.checksum == digest
+            )
+            or is_checksum(digest)
+        )
+        and cond.newest_epoch <= epoch
+        and (epoch == cond.newest_epoch or not cond.confirms_epochs)
+    ):
+        good = peers_checked.get(holders)
+        if good is None:
+            good = peers_checked[holders] = bad_addresses(holders) is None
+        if good:
+            return True
+    return (
+        directive.op is Op.DROP
+        and validate(directive) is None
+        and judge_epoch(directive, cond) is None
+    )
 
 
 def judge_epoch(directive: Directive, cond: Conditions) -> Refuse | None:

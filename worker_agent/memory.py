@@ -81,6 +81,11 @@ class MemoryMonitor:
             limit=self._limit,
         )
 
+    @property
+    def may_pause(self) -> bool:
+        """Whether ``paused`` can ever be true (a limit and a pause fraction are set)."""
+        return self._pause_fraction is not None and bool(self._limit)
+
     def paused(self, report: MemoryReport) -> bool:
         """Above the pause threshold: take no new replicas."""
         if self._pause_fraction is None or not self._limit:

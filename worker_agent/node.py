@@ -233,6 +233,8 @@ class Node:
     def status(self, report: MemoryReport | None = None) -> WorkerStatus:
         if self.closing:
             return WorkerStatus.CLOSING
+        if not self.memory.may_pause:  # no sample needed (a read of /proc each)
+            return WorkerStatus.RUNNING
         if self.memory.paused(report or self.sample_memory()):
             return WorkerStatus.PAUSED
         return WorkerStatus.RUNNING
@@ -731,7 +733,14 @@ class Node:
         answers: list[Promise | Refuse] = []
         store, until = self.store, now + seconds
         granted = Promise(until - now)  # the answer of every key not promised longer already
+        # The usual key in one lookup (``Store.promise_held``); any other judged in full.
+        promise_held = None if cond.closing or cond.draining else store.promise_held
         for key, checksum in items:
+            if promise_held is not None:
+                expires = promise_held(key, checksum, until)
+                if expires is not None:
+                    answers.append(granted if expires == until else Promise(expires - now))
+                    continue
             verdict = integrity.judge_keep(store, key, checksum, cond)
             if isinstance(verdict, Refuse):
                 self.refusals["promise_keep", verdict.reason.name.lower()] += 1

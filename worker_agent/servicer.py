@@ -13,9 +13,9 @@ import asyncio
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
 import grpc
 from google.protobuf.duration_pb2 import Duration
@@ -48,8 +48,8 @@ from worker_agent.errors import (
 )
 from worker_agent.integrity import Directive, Op, Reason, Refuse
 from worker_agent.node import Forgotten, Inventory, Node, Promise
-from worker_agent.pacing import Pace
-from worker_agent.store import MAX_KEY_BYTES, Key, Value
+from worker_agent.pacing import Pace, parts
+from worker_agent.store import MAX_KEY_BYTES, Key, KeyInfo, Value
 
 log = logging.getLogger(__name__)
 
@@ -113,10 +113,15 @@ class _Edge:
         await self._context.abort(grpc.StatusCode.INTERNAL, f"internal error in {self._method}")
 
 
+#: ``RefusalReason`` by reason, looked up once (an outcome of every drop of a batch needs one).
+_REASONS: dict[Reason | None, types_pb2.RefusalReason.ValueType] = {
+    None: types_pb2.REFUSAL_REASON_UNSPECIFIED,
+    **{r: types_pb2.RefusalReason.Value(f"REFUSAL_REASON_{r.name}") for r in Reason},
+}
+
+
 def reason_to_proto(reason: Reason | None) -> types_pb2.RefusalReason.ValueType:
-    if reason is None:
-        return types_pb2.REFUSAL_REASON_UNSPECIFIED
-    return types_pb2.RefusalReason.Value(f"REFUSAL_REASON_{reason.name}")
+    return _REASONS[reason]
 
 
 def directive_from_proto(message: types_pb2.Directive) -> Directive:
@@ -132,13 +137,40 @@ def directive_from_proto(message: types_pb2.Directive) -> Directive:
     )
 
 
+#: ``tuple.__new__``: a NamedTuple from a tuple of all its fields, as ``_make`` does, without
+#: the Python frame of its ``__new__``.
+_new_tuple = tuple.__new__
+
+
 async def _directives_from_proto(messages: Sequence[types_pb2.Directive]) -> list[Directive]:
-    """``directive_from_proto`` for a batch of thousands, letting the loop in (``pacing``)."""
-    directives, pace = [], Pace()
-    for message in messages:
-        if pace.due():
-            await pace.breathe()
-        directives.append(directive_from_proto(message))
+    """``directive_from_proto`` for a batch of thousands, inline, letting the loop in
+    (``pacing``). Directives naming the same holders share one tuple of them (a batch names
+    few sets), so looking them up by it compares by identity first."""
+    directives: list[Directive] = []
+    append, pace, ops, unknown = directives.append, Pace(), _OPS, Op.UNSPECIFIED
+    named: dict[tuple[str, ...], tuple[str, ...]] = {}
+    for part in parts(messages):
+        await pace.breathe()
+        for message in part:
+            holders = tuple(message.holders)
+            holders = named.setdefault(holders, holders)
+            append(
+                _new_tuple(
+                    Directive,
+                    (
+                        message.id,
+                        message.epoch,
+                        ops.get(message.op, unknown),
+                        message.key,
+                        message.size,
+                        message.checksum,
+                        # An empty repeated field made into a tuple costs more than the rest
+                        # of the directive: a DROP names no sources.
+                        tuple(message.sources) if message.sources else (),
+                        holders,
+                    ),
+                )
+            )
     return directives
 
 
@@ -149,12 +181,20 @@ def outcome_to_proto(outcome: Outcome) -> types_pb2.DirectiveOutcome:
 def outcomes_response(outcomes: Iterable[Outcome]) -> agent_pb2.DirectivesResponse:
     """One batch of outcomes, each built in place (a list handed over is copied)."""
     response = agent_pb2.DirectivesResponse()
-    add, statuses = response.batch.add, _OUTCOME_STATUS
+    add, statuses, reasons = response.batch.add, _OUTCOME_STATUS, _REASONS
     for o in outcomes:  # fields named here, not through ``_outcome_fields``: a dict less each
+        if o.reason is None and not o.duplicate:  # an applied directive: defaults left unset
+            add(
+                directive_id=o.directive_id,
+                status=statuses[o.status],
+                message=o.message,
+                inventory_version=o.inventory_version,
+            )
+            continue
         add(
             directive_id=o.directive_id,
             status=statuses[o.status],
-            reason=reason_to_proto(o.reason),
+            reason=reasons[o.reason],
             message=o.message,
             inventory_version=o.inventory_version,
             duplicate=o.duplicate,
@@ -195,10 +235,19 @@ def _poll_response(inv: Inventory) -> agent_pb2.PollResponse:
         more=inv.more,
         features=FEATURES,
     )
-    add = response.keys.add  # built in place: a list handed over would be copied
-    for k in inv.keys:
-        add(key=k.key, size=k.size, checksum=k.checksum, pinned=k.pinned)
+    _add_keys(response.keys.add, inv.keys)
     return response
+
+
+def _add_keys(add: Callable[..., Any], keys: Iterable[KeyInfo]) -> None:
+    """Each key's ``amm.v1.KeyInfo``, built in place (a list handed over would be copied): the
+    fields unpacked rather than read by name, ``pinned`` set only when true (a poll page or a
+    HoldsKeys answer holds thousands)."""
+    for key, size, digest, pinned in keys:
+        if pinned:
+            add(key=key, size=size, checksum=digest, pinned=True)
+        else:
+            add(key=key, size=size, checksum=digest)
 
 
 def _key(key: str) -> Key:
@@ -349,16 +398,15 @@ class WorkerAgentServicer(agent_pb2_grpc.WorkerAgentServicer):
                 raise InvalidRequest(
                     f"{len(request.keys)} keys exceed the {MAX_HOLDS_KEYS} of one request"
                 )
-            held = self._node.holds(
-                # Checked as ``_key`` does, the usual case without a call each.
-                [Key(k) if k and len(k) * 4 <= MAX_KEY_BYTES else _key(k) for k in request.keys]
-            )
+            keys = list(request.keys)
+            for k in keys:  # checked as ``_key`` does, the usual case without a call each
+                if not k or len(k) * 4 > MAX_KEY_BYTES:
+                    _key(k)  # raises unless the key is well formed
+            held = self._node.holds(cast(list[Key], keys))
             response = agent_pb2.HoldsKeysResponse(
                 incarnation=held.incarnation, version=held.version
             )
-            add = response.keys.add
-            for k in held.keys:
-                add(key=k.key, size=k.size, checksum=k.checksum, pinned=k.pinned)
+            _add_keys(response.keys.add, held.keys)
             return response
 
     def _bury(self, request: agent_pb2.PollRequest) -> None:
@@ -730,17 +778,24 @@ class WorkerAgentServicer(agent_pb2_grpc.WorkerAgentServicer):
                     f"{len(request.items)} items exceed the {MAX_KEEP_BATCH} of one request"
                 )
             pace = Pace()
-            items = []
-            for item in request.items:
-                if pace.due():
-                    await pace.breathe()
-                key, digest = item.key, item.checksum
-                # Checked as ``_key`` and ``_checksum`` do, the usual case without a call each.
-                if not key or len(key) * 4 > MAX_KEY_BYTES:
-                    key = _key(key)
-                if digest and not integrity.is_checksum(digest):
-                    digest = _checksum(digest)
-                items.append((Key(key), digest))
+            items: list[tuple[Key, str]] = []
+            append, held = items.append, self._node.store.held.get
+            for part in parts(request.items):
+                await pace.breathe()
+                for item in part:
+                    key, digest = item.key, item.checksum
+                    # Checked as ``_key`` and ``_checksum`` do, the usual case without a call
+                    # each: a checksum equal to the one held is well formed (each was computed
+                    # here).
+                    if not key or len(key) * 4 > MAX_KEY_BYTES:
+                        key = _key(key)
+                    if digest:
+                        value = held(key)  # type: ignore[call-overload]  # a Key: checked above
+                        if (
+                            value is None or value.checksum != digest
+                        ) and not integrity.is_checksum(digest):
+                            digest = _checksum(digest)
+                    append((key, digest))  # type: ignore[arg-type]  # a Key: checked above
             lease = _requested_lease(request, self._node.config.max_lease)
             log.debug("%s asked to keep %d keys", request.requester, len(items))
             response = agent_pb2.PromiseKeepBatchResponse()
@@ -748,16 +803,19 @@ class WorkerAgentServicer(agent_pb2_grpc.WorkerAgentServicer):
             # recorded in one step, and its expiry is told from a clock read before the slice
             # (never later than the lease recorded).
             for start in range(0, len(items), KEEP_SLICE):
-                await pace()
+                await pace.breathe()  # a slice is many items: the clock is read for each
                 now_ns = time.time_ns()
                 answers = self._node.promise_keep_batch(items[start : start + KEEP_SLICE], lease)
-                # Most answers are alike (the same lease granted): build each kind once.
+                # Most answers are alike (the same lease granted): build each kind once, and
+                # add the slice's in one call (a call per answer costs twice as much).
                 kinds: dict[Promise | Refuse, agent_pb2.PromiseKeepResponse] = {}
+                built = []
                 for answer in answers:
                     kind = kinds.get(answer)
                     if kind is None:
                         kind = kinds[answer] = _keep_answer(answer, now_ns)
-                    response.answers.append(kind)
+                    built.append(kind)
+                response.answers.extend(built)
             return response
 
     async def PutMany(

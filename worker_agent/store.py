@@ -13,7 +13,7 @@ A precondition the caller should have checked (pinning a key not held) raises ``
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import NamedTuple, NewType
 
@@ -34,6 +34,10 @@ MAX_KEY_BYTES = 1024
 KEY_INFO_OVERHEAD = 96
 #: Tombstones remembered at most (about 250 bytes each); the oldest go first.
 MAX_TOMBSTONES = 200_000
+#: Removed keys the sorted index may still list before it is rebuilt without them (and at least
+#: as many as it lists held keys): removing one from a ``SortedList`` costs microseconds of
+#: Python, rebuilding it a C pass per key, and a batch of drops removes thousands.
+STALE_SORTED_MIN = 4_096
 
 
 @dataclass(slots=True)
@@ -59,6 +63,12 @@ class Value:
     @property
     def size(self) -> int:
         return len(self.data)
+
+
+#: ``tuple.__new__``: a NamedTuple from a tuple of all its fields, as ``_make`` does, without the
+#: Python frame of its ``__new__`` (a poll page or a HoldsKeys answer holds thousands). A pin
+#: count is never kept at zero, so ``key in pins`` is whether the key is pinned.
+_new_tuple = tuple.__new__
 
 
 class KeyInfo(NamedTuple):
@@ -140,9 +150,14 @@ class Store:
         if changelog_limit < 1:
             raise ValueError(f"changelog_limit must be >= 1, got {changelog_limit}")
         self._values: dict[Key, Value] = {}
-        # The keys held, sorted, for snapshot pages; insertions and removals are O(log n), so
-        # dropping a whole batch of keys does not move a list once per key.
+        #: The values held by key, read-only (``held.get``: ``get`` without a Python call, for
+        #: the hottest loops).
+        self.held: Mapping[Key, Value] = self._values
+        # The keys held, sorted, for snapshot pages; insertions are O(log n), so dropping a
+        # whole batch of keys does not move a list once per key. Removed keys stay listed
+        # until enough accumulate (``_stale``, ``STALE_SORTED_MIN``): pages skip them.
         self._sorted: SortedList[Key] = SortedList()
+        self._stale: set[Key] = set()
         self._pins: dict[Key, int] = {}
         self._in_use: dict[Key, int] = {}
         self._dropping: set[Key] = set()
@@ -159,6 +174,8 @@ class Store:
         self._in_flight = 0
         self._version = 0
         self._limit = changelog_limit
+        # Trimming by half the limit at a time keeps appends amortised O(1).
+        self._trim_at = changelog_limit + max(1, changelog_limit // 2)
         # _log[i] is the key changed by version _base + i + 1.
         self._log: list[Key] = []
         self._base = 0
@@ -208,7 +225,9 @@ class Store:
         for key in keys:
             value = values.get(key)
             if value is not None:
-                found.append(KeyInfo(key, len(value.data), value.checksum, pins.get(key, 0) > 0))
+                found.append(
+                    _new_tuple(KeyInfo, (key, len(value.data), value.checksum, key in pins))
+                )
         return found
 
     def _info(self, key: Key) -> KeyInfo:
@@ -217,7 +236,8 @@ class Store:
 
     def snapshot(self) -> list[KeyInfo]:
         """Every key held, ordered by key."""
-        return [self._info(key) for key in self._sorted]
+        values = self._values
+        return [self._info(key) for key in self._sorted if key in values]
 
     def snapshot_page(
         self, after: Key | None, *, max_keys: int | None = None, max_bytes: int | None = None
@@ -228,10 +248,12 @@ class Store:
         keys: list[KeyInfo] = []
         following = self._sorted.irange(minimum=after, inclusive=(False, True))
         for key in following:
+            value = values.get(key)  # ``_info``, inline: a page has up to 50,000 keys
+            if value is None:
+                continue  # removed, still listed (``_stale``)
             if not take(key):
                 return Page(tuple(keys), keys[-1].key)
-            value = values[key]  # ``_info``, inline: a page has up to 50,000 keys
-            keys.append(KeyInfo(key, len(value.data), value.checksum, pins.get(key, 0) > 0))
+            keys.append(_new_tuple(KeyInfo, (key, len(value.data), value.checksum, key in pins)))
         return Page(tuple(keys), None)
 
     def add(self, key: Key, data: bytes, checksum: str) -> bool:
@@ -239,7 +261,10 @@ class Store:
         if key in self._values:
             return False
         self._values[key] = Value(key, data, checksum)
-        self._sorted.add(key)
+        if key in self._stale:
+            self._stale.discard(key)  # still listed
+        else:
+            self._sorted.add(key)
         self._total += len(data)
         self._changed(key)
         return True
@@ -258,7 +283,9 @@ class Store:
             held[key] = Value(key, data, checksum)
             added.append(key)
             stored += len(data)
-        self._sorted.update(added)
+        stale = self._stale
+        self._sorted.update([key for key in added if key not in stale] if stale else added)
+        stale.difference_update(added)
         self._total += stored
         # One version per key, as ``add`` would: _log[i] stays the key changed by _base + i + 1.
         self._version += len(added)
@@ -271,13 +298,56 @@ class Store:
         value = self._values.pop(key, None)
         if value is None:
             return False
-        self._sorted.remove(key)
-        self._total -= value.size
-        self.freed_bytes += value.size
-        self._pins.pop(key, None)
-        self._leases.pop(key, None)
-        self._changed(key)
+        stale = self._stale
+        stale.add(key)
+        if len(stale) >= STALE_SORTED_MIN and len(stale) >= len(self._values):
+            self._compact()
+        size = len(value.data)
+        self._total -= size
+        self.freed_bytes += size
+        if self._pins:
+            self._pins.pop(key, None)
+        if self._leases:
+            self._leases.pop(key, None)
+        self._version += 1  # ``_changed``, inline: a batch of drops removes thousands
+        self._log.append(key)
+        if len(self._log) >= self._trim_at:
+            self._trim()
         return True
+
+    def _compact(self) -> None:
+        """List only the keys held in the sorted index (one pass, sorted input)."""
+        self._sorted = SortedList(filter(self._values.__contains__, self._sorted))
+        self._stale = set()
+
+    def clear_to_remove(
+        self, key: Key, checksum: str, now: float, *, mine: bool = False
+    ) -> Value | None:
+        """The value of ``key`` when it is held with ``checksum`` (any, when empty) and nothing
+        here guards it: no pin, no reader or sender, no active keep-promise, and not being
+        dropped (unless ``mine``: the caller marked it); None otherwise. The all-clear of
+        ``integrity.judge_drop`` and ``judge_drop_commit`` in one lookup each, for a batch of
+        thousands of drops; on None, those judge why."""
+        value = self._values.get(key)
+        if value is None or (checksum and checksum != value.checksum):
+            return None
+        if (not mine and key in self._dropping) or key in self._pins or key in self._in_use:
+            return None
+        lease = self._leases.get(key)
+        return value if lease is None or lease <= now else None
+
+    def promise_held(self, key: Key, checksum: str, until: float) -> float | None:
+        """``promise`` when ``key`` is held with ``checksum`` (any, when empty) and is not
+        being dropped here, in one step (the expiry); None otherwise, and nothing is recorded
+        (``integrity.judge_keep`` says why). A keeper answers thousands of keys at once."""
+        value = self._values.get(key)
+        if value is None or (checksum and checksum != value.checksum) or key in self._dropping:
+            return None
+        leases = self._leases
+        known = leases.get(key)
+        expires = until if known is None or known < until else known
+        leases[key] = expires
+        return expires
 
     # -- pins, readers, drops, leases -------------------------------------------------------------
 
@@ -443,7 +513,9 @@ class Store:
             if value is None:
                 removed.append(key)
             else:
-                upserts.append(KeyInfo(key, len(value.data), value.checksum, pins.get(key, 0) > 0))
+                upserts.append(
+                    _new_tuple(KeyInfo, (key, len(value.data), value.checksum, key in pins))
+                )
         return Changes(tuple(upserts), tuple(removed), version, more)
 
     def release_changes(self, upto: int) -> None:
@@ -463,11 +535,11 @@ class Store:
     def _changed(self, key: Key) -> None:
         self._version += 1
         self._log.append(key)
-        self._trim()
+        if len(self._log) >= self._trim_at:
+            self._trim()
 
     def _trim(self) -> None:
-        # Trimming by half the limit at a time keeps appends amortised O(1).
-        if len(self._log) >= self._limit + max(1, self._limit // 2):
+        if len(self._log) >= self._trim_at:
             cut = len(self._log) - self._limit
             del self._log[:cut]
             self._base += cut

@@ -40,6 +40,9 @@ class Turns:
         self._turns: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Turn] = (
             weakref.WeakKeyDictionary()
         )
+        # The loop asked about last and its turn (a weak reference to the loop): nearly every
+        # call comes from the same loop, and a weak dictionary's lookup costs a microsecond.
+        self._last: tuple[weakref.ref[asyncio.AbstractEventLoop], _Turn] | None = None
 
     async def breathe(
         self, since: float, budget: float, clock: Callable[[], float]
@@ -52,9 +55,15 @@ class Turns:
         the turn's budget is spent breathe again (``WAITS`` times at most, so no one starves),
         shorter once they lost a turn: they come before the others in the next one."""
         loop = asyncio.get_running_loop()
-        turn = self._turns.get(loop)
-        if turn is None:
-            turn = self._turns[loop] = _Turn()
+        last = self._last
+        if last is not None and last[0]() is loop:
+            turn = last[1]
+        else:
+            known = self._turns.get(loop)
+            if known is None:
+                known = self._turns[loop] = _Turn()
+            turn = known
+            self._last = (weakref.ref(loop), turn)
         now = clock()
         if turn.spent + (now - since) < budget:
             return None

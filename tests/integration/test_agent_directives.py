@@ -269,9 +269,12 @@ class _SlowKeeper(agent_pb2_grpc.WorkerAgentServicer):
         self.delay = delay
         self.grant = grant
         self.asked = 0
+        #: The lease asked in each request, in seconds.
+        self.leases: list[float] = []
 
     async def PromiseKeep(self, request: Any, context: Any) -> agent_pb2.PromiseKeepResponse:
         self.asked += 1
+        self.leases.append(request.lease.ToNanoseconds() / 1e9)
         await asyncio.sleep(self.delay)
         if not self.grant:
             return agent_pb2.PromiseKeepResponse(kept=True)
@@ -300,6 +303,32 @@ async def test_a_promise_that_arrives_too_late_is_not_relied_on() -> None:
         assert (status(outcome), reason(outcome)) == ("REFUSED", "NO_CONFIRMED_HOLDER")
         assert "too late" in outcome.message
         assert "k" in a.store
+
+
+async def test_the_lease_asked_grows_with_how_late_promises_come_back() -> None:
+    """A keeper whose promises come back after half the configured lease (a loaded keeper or
+    loop): the first drop is refused as too late, as before, but the agent then asks a lease
+    that fits the round trip it measured, and the next drops are applied. With the configured
+    lease alone, every drop was refused while the keeper answered well within its deadline."""
+    keeper = _SlowKeeper(0.3)  # type: ignore[abstract]
+    async with fake_peer(keeper) as slow, running_agent(lease=0.4) as a, dial(a.address) as stub:
+        keys = [f"k{i}" for i in range(6)]
+        for key in keys:
+            await put(stub, key, DATA)
+        async with directive_stream(stub) as amm:
+            first = await amm.run(drop(keys[0], [slow]))
+            assert (status(first), reason(first)) == ("REFUSED", "NO_CONFIRMED_HOLDER")
+            assert "too late" in first.message
+            assert keys[0] in a.store
+            later = []
+            for key in keys[1:]:  # the round trip may stretch on a loaded machine: a few tries
+                later.append(await amm.run(drop(key, [slow])))
+                if status(later[-1]) == "APPLIED":
+                    break
+        assert status(later[-1]) == "APPLIED", [o.message for o in later]
+        assert keeper.leases[0] == pytest.approx(0.4), "the configured lease at first"
+        assert keeper.leases[-1] >= 4 * 0.3, "then one that fits four round trips"
+        assert keeper.leases[-1] <= 2.5 * a.config.promise_timeout, "within its bound"
 
 
 async def test_a_drop_relies_on_the_lease_granted_not_the_one_asked() -> None:

@@ -219,3 +219,59 @@ def test_a_checksum_is_64_lowercase_hexadecimal_digits_and_nothing_else() -> Non
         "\u0663" * 64,  # a digit, but not an ASCII one
     ):
         assert not integrity.is_checksum(wrong), wrong
+
+
+def _drop_cases() -> list[tuple[Directive, Conditions]]:
+    """Drops valid and not, current and not: each way ``validate`` or ``judge_epoch`` refuses."""
+    long_ascii, long_utf8 = Key("k" * 1024), Key("é" * 300)
+    variants: list[dict[str, object]] = [
+        {},
+        {"id": ""},
+        {"key": Key("")},
+        {"key": long_ascii},
+        {"key": Key("k" * 1025)},
+        {"key": long_utf8},
+        {"key": Key("é" * 600)},
+        {"epoch": -1},
+        {"epoch": 2**53},
+        {"epoch": 2},
+        {"epoch": 4},
+        {"op": Op.UNSPECIFIED},
+        {"op": Op.REPLICATE},
+        {"holders": ()},
+        {"holders": ("not an address",)},
+        {"holders": ("peer:1", "peer:0")},
+        {"holders": ("peer:1", "peer:2")},
+        {"sources": ("peer:2",)},
+        {"sources": ("bad",)},
+        {"checksum": ""},
+        {"checksum": SUM.upper()},
+        {"checksum": "0" * 64},
+        {"checksum": SUM[:-1]},
+    ]
+    conditions = [
+        Conditions(newest_epoch=3),
+        Conditions(newest_epoch=3, confirms_epochs=True),
+        Conditions(newest_epoch=2, confirms_epochs=True),
+        Conditions(newest_epoch=2),
+        Conditions(newest_epoch=5),
+    ]
+    return [(drop(**variant), cond) for variant in variants for cond in conditions]
+
+
+def test_current_drop_is_validate_and_judge_epoch_for_every_kind_of_drop() -> None:
+    """The batch's quick judgement of a drop's form and epoch lets through exactly what the two
+    rules do, with or without the store's checksum (taken as well formed when it is held)."""
+    stores: list[Store | None] = [None, held(), Store()]
+    for directive, cond in _drop_cases():
+        expected = (
+            integrity.validate(directive) is None and integrity.judge_epoch(directive, cond) is None
+        )
+        for store in stores:
+            peers_checked: dict[tuple[str, ...], bool] = {}
+            for _ in range(2):  # the second time with the holders' verdict remembered
+                values = None if store is None else store.held
+                assert integrity.current_drop(directive, cond, peers_checked, values) is expected, (
+                    directive,
+                    cond,
+                )

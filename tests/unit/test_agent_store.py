@@ -5,7 +5,18 @@ from __future__ import annotations
 import pytest
 
 from amm.base.checksum import checksum
-from worker_agent.store import KEY_INFO_OVERHEAD, Changes, Key, KeyInfo, Page, Store, Value
+from worker_agent import integrity
+from worker_agent.integrity import Accept, Conditions, Directive, Op
+from worker_agent.store import (
+    KEY_INFO_OVERHEAD,
+    STALE_SORTED_MIN,
+    Changes,
+    Key,
+    KeyInfo,
+    Page,
+    Store,
+    Value,
+)
 
 A, B, C = Key("a"), Key("b"), Key("c")
 
@@ -210,3 +221,86 @@ def test_add_many_is_add_for_each_value_not_held(count: int) -> None:
     assert batched.total_bytes == one_by_one.total_bytes
     assert batched.version == one_by_one.version
     assert batched.changes_since(2) == one_by_one.changes_since(2)
+
+
+def _guarded(store: Store, key: Key) -> None:
+    """Every way a key can be guarded here, one per key (by its last character)."""
+    kind = key[-1]
+    if kind == "p":
+        store.pin(key)
+    elif kind == "u":
+        store.begin_use(key)
+    elif kind == "d":
+        store.mark_dropping(key)
+    elif kind == "l":
+        store.promise(key, 150.0)
+    elif kind == "e":
+        store.promise(key, 50.0)  # expired by the time asked (100)
+
+
+def test_clear_to_remove_is_the_all_clear_of_judge_drop_and_judge_drop_commit() -> None:
+    """The batch's one-lookup all-clear agrees with the integrity rules on every kind of key:
+    pinned, read, being dropped, promised, promised once, held with other content, not held."""
+    store, now = Store(), 100.0
+    keys = [Key(f"key-{kind}") for kind in "pudlex"]
+    for key in keys:
+        store.add(key, b"data", checksum(b"data"))
+        _guarded(store, key)
+    for key in [*keys, Key("missing")]:
+        for digest in ("", checksum(b"data"), checksum(b"other")):
+            directive = Directive("d", 1, Op.DROP, key, checksum=digest, holders=("peer:1",))
+            verdict = integrity.judge_drop(store, directive, Conditions(), now)
+            go = isinstance(verdict, Accept) and not verdict.noop
+            assert (store.clear_to_remove(key, digest, now) is not None) is go, (key, digest)
+            if digest:
+                commit = integrity.judge_drop_commit(store, key, digest, now)
+                go = isinstance(commit, Accept) and not commit.noop
+                cleared = store.clear_to_remove(key, digest, now, mine=True)
+                assert (cleared is not None) is go, (key, digest)
+
+
+def test_promise_held_promises_exactly_what_judge_keep_accepts() -> None:
+    store, until = Store(), 150.0
+    keys = [Key(f"key-{kind}") for kind in "pudlex"]
+    for key in keys:
+        store.add(key, b"data", checksum(b"data"))
+        _guarded(store, key)
+    for key in [*keys, Key("missing")]:
+        for digest in ("", checksum(b"data"), checksum(b"other")):
+            verdict = integrity.judge_keep(store, key, digest, Conditions())
+            before = store.promised_until(key, 0.0)
+            expires = store.promise_held(key, digest, until)
+            assert (expires is not None) is isinstance(verdict, Accept), (key, digest)
+            if expires is None:
+                assert store.promised_until(key, 0.0) == before, "nothing recorded"
+            else:
+                assert expires == max(until, before or until)
+
+
+def test_snapshots_skip_removed_keys_the_sorted_index_still_lists() -> None:
+    """Removed keys stay in the sorted index until enough accumulate; pages never show them,
+    a key put again shows once, and the index is rebuilt without them past the threshold."""
+    store = Store()
+    keys = [Key(f"k{i:05d}") for i in range(STALE_SORTED_MIN * 3)]
+    store.add_many((key, b"v", checksum(b"v")) for key in keys)
+    removed = keys[::2]
+    for key in removed[: STALE_SORTED_MIN // 2]:
+        store.remove(key)
+    store.add(removed[0], b"v", checksum(b"v"))
+    store.add_many([(removed[1], b"v", checksum(b"v"))])
+    expected = sorted(set(keys) - set(removed[2 : STALE_SORTED_MIN // 2]))
+    assert [info.key for info in store.snapshot()] == expected
+    paged: list[Key] = []
+    after = None
+    while True:
+        page = store.snapshot_page(after, max_keys=1000)
+        paged += [info.key for info in page.keys]
+        if page.last is None:
+            break
+        after = page.last
+    assert paged == expected
+    for key in keys:
+        store.remove(key)
+    assert store.snapshot() == []
+    assert store.snapshot_page(None).keys == ()
+    assert len(store._sorted) < STALE_SORTED_MIN * 2, "rebuilt without the removed keys"

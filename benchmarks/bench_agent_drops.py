@@ -1,0 +1,215 @@
+"""What an agent's CPU pays per drop, in process: the agents' share of a converging cycle.
+
+Two real agents (``worker_agent.agent.Agent``, standalone, on loopback gRPC) run in this process,
+each holding ``--keys`` keys. The script plays the AMM: it sends the dropper every key as DROP
+directives naming the keeper, ``--per-message`` per Directives message as the AMM batches them
+(built and serialized before the clock starts), reads every outcome, then polls the dropper's
+changes in pages of ``--poll-keys`` (as a cycle does) and asks ``HoldsKeys`` of 10,000 keys.
+It prints the CPU seconds of this process for each phase (both agents and the few client calls:
+one process, so wall time on a shared machine does not enter), per 100,000 drops, and with
+``--profile N`` the N functions that cost most (cProfile, which inflates every figure: for the
+shares, not the totals).
+
+    python benchmarks/bench_agent_drops.py                        # 100,000 keys, 5,000 per message
+    python benchmarks/bench_agent_drops.py --repeat 3 --json drops.json
+    python benchmarks/bench_agent_drops.py --keys 20000 --profile 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import io
+import json
+import os
+import pstats
+import statistics
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from amm.base.checksum import checksum
+from amm.base.serving import CHANNEL_OPTIONS
+from amm.v1 import agent_pb2, agent_pb2_grpc, types_pb2
+from worker_agent.agent import Agent
+from worker_agent.config import AgentConfig
+
+#: Keys per PutMany message.
+PUT_PER_MESSAGE = 10_000
+#: Keys per HoldsKeys call (the agent's limit).
+HOLDS_KEYS = 10_000
+#: Longest wait for the outcomes of one run, in seconds.
+DEADLINE = 600.0
+
+
+def _put_messages(keys: list[str], data: bytes) -> Iterator[agent_pb2.PutManyRequest]:
+    for start in range(0, len(keys), PUT_PER_MESSAGE):
+        chunk = keys[start : start + PUT_PER_MESSAGE]
+        yield agent_pb2.PutManyRequest(items=[agent_pb2.PutItem(key=k, data=data) for k in chunk])
+
+
+async def one_run(args: argparse.Namespace, profile: cProfile.Profile | None) -> dict[str, Any]:
+    """One dropper, one keeper, every key dropped once: CPU seconds by phase."""
+    data = b"x" * args.value_bytes
+    digest = checksum(data)
+    keys = [f"key-{i:07d}" for i in range(args.keys)]
+    config = AgentConfig(amm=None, listen="127.0.0.1:0")
+    async with (
+        Agent(config) as dropper,
+        Agent(config) as keeper,
+        grpc.aio.insecure_channel(dropper.address, options=CHANNEL_OPTIONS) as channel,
+        grpc.aio.insecure_channel(keeper.address, options=CHANNEL_OPTIONS) as channel_keeper,
+    ):
+        stub = agent_pb2_grpc.WorkerAgentStub(channel)
+        stub_keeper = agent_pb2_grpc.WorkerAgentStub(channel_keeper)
+        await stub.PutMany(_put_messages(keys, data))
+        await stub_keeper.PutMany(_put_messages(keys, data))
+        start = (await stub.Poll(agent_pb2.PollRequest(max_keys=1))).version
+        incarnation = (await stub.Poll(agent_pb2.PollRequest(max_keys=1))).incarnation
+        messages = [
+            agent_pb2.DirectivesRequest(
+                batch=[
+                    types_pb2.Directive(
+                        id=f"drop-{key}",
+                        epoch=1,
+                        op=types_pb2.DIRECTIVE_OP_DROP,
+                        key=key,
+                        size=len(data),
+                        checksum=digest,
+                        holders=[keeper.address],
+                        policy="reduce-replicas",
+                    )
+                    for key in keys[start_ : start_ + args.per_message]
+                ]
+            ).SerializeToString()
+            for start_ in range(0, len(keys), args.per_message)
+        ]
+        done = asyncio.Event()
+
+        async def requests() -> AsyncIterator[bytes]:
+            for message in messages:
+                yield message
+            await done.wait()  # the stream stays open until every outcome is in
+
+        directives = channel.stream_stream(
+            "/amm.v1.WorkerAgent/Directives",
+            request_serializer=None,
+            response_deserializer=agent_pb2.DirectivesResponse.FromString,
+        )
+        if profile is not None:
+            profile.enable()
+        cpu0, wall0 = time.process_time(), time.perf_counter()
+        applied = answered = 0
+        call = directives(requests())
+        async with asyncio.timeout(DEADLINE):
+            async for response in call:
+                for outcome in response.batch:
+                    answered += 1
+                    applied += outcome.status == types_pb2.OUTCOME_STATUS_APPLIED
+                if answered >= len(keys):
+                    break
+        cpu1, wall1 = time.process_time(), time.perf_counter()
+        done.set()
+        call.cancel()
+        version, pages, removed = start, 0, 0
+        while True:
+            answer = await stub.Poll(
+                agent_pb2.PollRequest(
+                    since_version=version, incarnation=incarnation, max_keys=args.poll_keys
+                )
+            )
+            pages += 1
+            removed += len(answer.removed)
+            version = answer.version
+            if not answer.more:
+                break
+        cpu2 = time.process_time()
+        for start_ in range(0, len(keys), HOLDS_KEYS):
+            await stub_keeper.HoldsKeys(
+                agent_pb2.HoldsKeysRequest(keys=keys[start_ : start_ + HOLDS_KEYS])
+            )
+        cpu3 = time.process_time()
+        if profile is not None:
+            profile.disable()
+    per = 100_000 / len(keys)
+    return {
+        "applied": applied,
+        "not_applied": len(keys) - applied,
+        "drops_wall_s": wall1 - wall0,
+        "drops_cpu_s": cpu1 - cpu0,
+        "drops_cpu_per_100k_s": (cpu1 - cpu0) * per,
+        "poll_pages": pages,
+        "poll_removed": removed,
+        "poll_cpu_per_100k_s": (cpu2 - cpu1) * per,
+        "holds_keys_cpu_per_100k_s": (cpu3 - cpu2) * per,
+    }
+
+
+def _profile_table(profile: cProfile.Profile, top: int) -> str:
+    out = io.StringIO()
+    stats = pstats.Stats(profile, stream=out)
+    stats.sort_stats("tottime").print_stats(top)
+    return out.getvalue()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--keys", type=int, default=100_000)
+    parser.add_argument("--per-message", type=int, default=5_000)
+    parser.add_argument("--poll-keys", type=int, default=4_000, help="keys per poll page")
+    parser.add_argument("--value-bytes", type=int, default=100)
+    parser.add_argument("--repeat", type=int, default=3, help="runs; the table gives medians")
+    parser.add_argument("--profile", type=int, default=0, metavar="N", help="top N by cProfile")
+    parser.add_argument("--json", type=Path, default=None, metavar="PATH")
+    args = parser.parse_args(argv)
+    load_start = os.getloadavg()
+    runs = []
+    for _ in range(args.repeat):
+        profile = cProfile.Profile() if args.profile else None
+        runs.append(asyncio.run(one_run(args, profile)))
+        if profile is not None:
+            print(_profile_table(profile, args.profile))
+    load_end = os.getloadavg()
+    medians = {
+        name: statistics.median(run[name] for run in runs)
+        for name in runs[0]
+        if isinstance(runs[0][name], float)
+    }
+    print(
+        f"{args.keys:,} drops, {args.per_message:,} per message, one dropper and one keeper in "
+        f"this process; {args.repeat} runs (median, then each)"
+    )
+    rows = (
+        ("drops, wall s", "drops_wall_s"),
+        ("drops, CPU s per 100k", "drops_cpu_per_100k_s"),
+        ("poll pages, CPU s per 100k", "poll_cpu_per_100k_s"),
+        ("HoldsKeys, CPU s per 100k", "holds_keys_cpu_per_100k_s"),
+    )
+    for label, name in rows:
+        each = " ".join(f"{run[name]:.2f}" for run in runs)
+        print(f"  {label:<28} {medians[name]:6.2f}   ({each})")
+    print(
+        "  applied / not applied        "
+        + " ".join(f"{r['applied']:,}/{r['not_applied']:,}" for r in runs)
+    )
+    print(
+        "load average at start "
+        + " ".join(f"{x:.2f}" for x in load_start)
+        + ", at end "
+        + " ".join(f"{x:.2f}" for x in load_end)
+    )
+    if args.json is not None:
+        document: dict[str, Any] = {"args": {k: v for k, v in vars(args).items() if k != "json"}}
+        document |= {"load_average": {"start": load_start, "end": load_end}}
+        document |= {"median": medians, "runs": runs}
+        args.json.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
