@@ -16,7 +16,6 @@ from amm.v1 import agent_pb2, types_pb2
 from amm_service.decisions.core import Rejection
 from amm_service.decisions.directive import Directive, Op, Outcome, OutcomeStatus
 from amm_service.decisions.events import Event
-from amm_service.decisions.packed import DirectivePack
 from amm_service.decisions.view import Key, KeyReport, Measure, Memory, WorkerStatus
 
 _OPS = {Op.REPLICATE: types_pb2.DIRECTIVE_OP_REPLICATE, Op.DROP: types_pb2.DIRECTIVE_OP_DROP}
@@ -81,33 +80,6 @@ def directives_request(
         if d.holders:
             message.holders.extend(d.holders)
     return request
-
-
-def pack_request(
-    pack: DirectivePack,
-    start: int,
-    stop: int,
-    request: agent_pb2.DirectivesRequest,
-) -> None:
-    """``directives_request`` of ``pack[start:stop]`` into ``request``, read from its columns
-    (no ``Directive`` is built)."""
-    add = request.batch.add
-    drop_op, replicate_op = _OPS[Op.DROP], _OPS[Op.REPLICATE]
-    for directive_id, epoch, drop, key, size, checksum, peers, policy, reason in pack.fields(
-        start, stop
-    ):
-        message = add(
-            id=directive_id,
-            epoch=epoch,
-            op=drop_op if drop else replicate_op,
-            key=key,
-            size=size,
-            checksum=checksum,
-            policy=policy,
-            reason=reason,
-        )
-        if peers:
-            (message.holders if drop else message.sources).extend(peers)
 
 
 def directive_into(d: Directive, message: types_pb2.Directive) -> None:

@@ -7,8 +7,7 @@ next cycle's plan, CPU seconds: the same policy, every drop in flight and nothin
 looks at no key, and does not walk the ledger). ``peak`` is the most Python memory traced
 (``tracemalloc``) from the first poll merged to every directive of the first plan in the ledger,
 in bytes per key: the state, a snapshot and the directives in flight (not the interpreter, gRPC,
-or the messages on the wire; ``bench_cluster.py`` reports the AMM's RSS). ``held`` is what is
-still traced once the plan is gone: the state and the directives in flight in the ledger.
+or the messages on the wire; ``bench_cluster.py`` reports the AMM's RSS).
 
     python benchmarks/bench_core.py                    # the default sizes
     python benchmarks/bench_core.py --keys 100000 --replicas 4 --workers 100 --json out.json
@@ -17,7 +16,6 @@ still traced once the plan is gone: the state and the directives in flight in th
 from __future__ import annotations
 
 import argparse
-import gc
 import itertools
 import json
 import time
@@ -25,7 +23,7 @@ import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
 
-from amm_service.decisions.core import Plan, PlanConfig, plan, planning, step
+from amm_service.decisions.core import PlanConfig, plan
 from amm_service.decisions.pending import Ledger
 from amm_service.decisions.view import ClusterState, Key, KeyReport, Memory, WorkerId, WorkerStatus
 from amm_service.policies.reduce_replicas import ReduceReplicas
@@ -62,42 +60,25 @@ def _ids() -> Callable[[], str]:
     return lambda: str(next(counter))
 
 
-def traced_peak(keys: int, replicas: int, workers: int) -> tuple[int, int]:
+def traced_peak(keys: int, replicas: int, workers: int) -> int:
     """The most memory traced while the state is built, snapshotted and planned on, and the
-    plan's directives are entered in a ledger as a cycle does (streamed: each step's directives
-    entered, then let go of, where the planner allows it), in bytes; and what is still traced
-    once the plan is gone (the state, the ledger, and whatever the ledger keeps alive)."""
+    plan's directives are entered in a ledger (what a first cycle holds at once), in bytes."""
     tracemalloc.start()
     try:
         state = build(keys, replicas, workers)
         ledger = Ledger()
-        config = PlanConfig("optimistic", 1)
-        view, policies = state.snapshot(), [ReduceReplicas()]
-        try:
-            steps = planning(
-                view, policies, ledger, config, _ids(), stream=True, keep_streamed=False
-            )
-            kept = False
-        except TypeError:  # a planner that keeps every directive till the plan is done
-            steps = planning(view, policies, ledger, config, _ids(), stream=True)
-            kept = True
-        del view
-        sent = 0
-        while not isinstance(out := step(steps), Plan):
-            for directive in out:
-                ledger.add(directive, 0.0)
-            sent += len(out)
-        for directive in out.directives[sent:] if kept else out.directives:
+        result = plan(
+            state.snapshot(), [ReduceReplicas()], ledger, PlanConfig("optimistic", 1), _ids()
+        )
+        for directive in result.directives:
             ledger.add(directive, 0.0)
-        del out, steps
-        gc.collect()
-        return tracemalloc.get_traced_memory()[1], tracemalloc.get_traced_memory()[0]
+        return tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
 
 
 def measure(keys: int, replicas: int, workers: int, repeat: int) -> dict[str, float]:
-    peak, held = traced_peak(keys, replicas, workers)
+    peak = traced_peak(keys, replicas, workers)
     state = build(keys, replicas, workers)
     best_snapshot = best_plan = float("inf")
     directives = 0
@@ -140,8 +121,6 @@ def measure(keys: int, replicas: int, workers: int, repeat: int) -> dict[str, fl
         "speedup_vs_dask": 35.0 / (total / keys * 1e6),
         "peak_traced_bytes": peak,
         "peak_traced_bytes_per_key": peak / keys,
-        "held_traced_bytes": held,
-        "held_traced_bytes_per_key": held / keys,
     }
 
 
@@ -158,8 +137,7 @@ def main() -> None:
     rows = [measure(k, args.replicas, args.workers, args.repeat) for k in args.keys]
     print(
         f"{'keys':>8} {'replicas':>8} {'workers':>7} {'drops':>8} {'snapshot':>10} "
-        f"{'plan':>10} {'µs/key':>8} {'vs Dask':>8} {'again':>10} {'peak':>10} {'B/key':>6} "
-        f"{'held':>10} {'B/key':>6}"
+        f"{'plan':>10} {'µs/key':>8} {'vs Dask':>8} {'again':>10} {'peak':>10} {'B/key':>6}"
     )
     for r in rows:
         print(
@@ -167,8 +145,7 @@ def main() -> None:
             f"{r['snapshot_s'] * 1e3:>8.1f}ms {r['plan_s'] * 1e3:>8.1f}ms "
             f"{r['us_per_replicated_key']:>8.2f} {r['speedup_vs_dask']:>7.1f}x "
             f"{r['again_cpu_s'] * 1e3:>6.1f}ms cpu "
-            f"{r['peak_traced_bytes'] / 2**20:>6.1f}MiB {r['peak_traced_bytes_per_key']:>6.0f} "
-            f"{r['held_traced_bytes'] / 2**20:>6.1f}MiB {r['held_traced_bytes_per_key']:>6.0f}"
+            f"{r['peak_traced_bytes'] / 2**20:>6.1f}MiB {r['peak_traced_bytes_per_key']:>6.0f}"
         )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))

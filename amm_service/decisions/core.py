@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import enum
 import gc
-import itertools
 from collections.abc import Callable, Generator, Iterable, Iterator, Set
 from dataclasses import dataclass
 from typing import Protocol
@@ -482,7 +481,6 @@ def planning(
     new_id: Callable[[], str],
     *,
     stream: bool = False,
-    keep_streamed: bool = True,
 ) -> Steps:
     """``plan`` in steps: it yields every ``STEP`` units of work, so that a caller on an event
     loop can let other work run in between (``step`` drives it); the plan is its return value.
@@ -495,9 +493,6 @@ def planning(
     The view is frozen; what is in flight may change between steps (an outcome settles a
     directive, or one this cycle streamed enters the ledger): later suggestions see the ledger
     as it is then, as the next cycle would; this cycle's own picks are counted once.
-
-    Without ``keep_streamed``, the plan's ``directives`` are only those not yielded already:
-    a big cycle's 300,000 directives are not all held at once (the caller has sent the others).
     """
     decider = _Decider(view, in_flight, config)
 
@@ -505,12 +500,9 @@ def planning(
         """Count what is in flight in the decider's estimates, in steps: only before the first
         suggestion is answered (nothing of this cycle is in flight yet), and only if one is (a
         cycle with nothing to decide does not walk the ledger)."""
-        # The ledger may change while we yield: a ``Ledger`` walks what was in flight when
-        # asked (and builds one directive at a time); any other source is copied first.
-        walk = in_flight.directives()
-        flying = walk if isinstance(in_flight, Ledger) else iter(list(walk))
-        while some := list(itertools.islice(flying, STEP)):
-            for directive in some:
+        flying = list(in_flight.directives())  # the ledger may change while we yield
+        for start in range(0, len(flying), STEP):
+            for directive in flying[start : start + STEP]:
                 decider.count_in_flight(directive)
             yield ()
 
@@ -658,10 +650,7 @@ def planning(
                     work = 0
                     if stream:
                         yield tuple(directives[released:])
-                        if keep_streamed:
-                            released = len(directives)
-                        else:
-                            directives.clear()
+                        released = len(directives)
                     else:
                         yield ()
                 if suggestion is not None and not counted:

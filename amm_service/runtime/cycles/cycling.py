@@ -176,15 +176,15 @@ class Cycles:
             ),
             self._fence.new_id,
             stream=not dry_run,
-            keep_streamed=False,  # what is sent is not held till the cycle ends
         )
         if not dry_run:
             self._outcomes.track(record)
-        sending = 0.0
+        sending, released = 0.0, 0
         ready: list[Directive] = []
         pace = Budget()
         while not isinstance(out := _planned(steps), core.Plan):
             ready += out
+            released += len(out)
             if len(ready) >= SEND_STEP:  # send what is decided while the rest is planned
                 started_sending = time.perf_counter()
                 await self._send(record, ready)
@@ -207,9 +207,7 @@ class Cycles:
             )
             return record
         started_sending = time.perf_counter()
-        rest, ready = [*ready, *plan.directives], []  # those not streamed yet
-        await self._send(record, rest)
-        del rest
+        await self._send(record, [*ready, *plan.directives[released:]])
         sending += time.perf_counter() - started_sending
         self._outcomes.all_sent(record)
         for error in plan.policy_errors:
@@ -221,13 +219,13 @@ class Cycles:
         self._sample(record.number, record.rejected)
         self.last = record
         self._freeze_heap()
-        if record.planned_count or plan.rejections:
+        if plan.directives or plan.rejections:
             log.info(
                 "cycle %d: %d suggestions, %d directives, %d rejected; poll %.0f ms, plan %.0f "
                 "ms, send %.0f ms (elapsed, the loop serving calls in between)",
                 record.number,
                 plan.suggestions,
-                record.planned_count,
+                len(plan.directives),
                 len(plan.rejections),
                 (polled - t0) * 1e3,
                 record.plan_duration * 1e3,
@@ -251,7 +249,8 @@ class Cycles:
                 with gc_paused():
                     some = chunk[first : first + LEDGER_STEP]
                     self._outcomes.totals.sending(some)
-                    self._ledger.add_many(some, now, number)
+                    for directive in some:
+                        self._ledger.add(directive, now, number)
             await self._dispatcher.send(chunk)
 
     def enter_between_cycles(self, directives: Sequence[Directive]) -> None:
@@ -260,7 +259,8 @@ class Cycles:
         self._fence.acted(True)
         now = self._monotonic()
         self._outcomes.totals.sending(directives)
-        self._ledger.add_many(directives, now)
+        for directive in directives:
+            self._ledger.add(directive, now)
 
     def version_of(self, worker: WorkerId) -> int | None:
         known = self._state.worker(worker)

@@ -28,8 +28,6 @@ import grpc
 from amm.v1 import agent_pb2
 from amm_service import wire
 from amm_service.decisions.directive import Directive, Outcome, OutcomeStatus
-from amm_service.decisions.ids import IdSet
-from amm_service.decisions.packed import DirectivePack
 from amm_service.decisions.view import WorkerId
 from amm_service.runtime.links.agents import AgentLinks
 from amm_service.runtime.loop.pacing import Budget, gc_paused
@@ -51,9 +49,8 @@ class _Stream:
 
     def __init__(self, worker: WorkerId, links: AgentLinks, on_outcomes: OutcomesHandler) -> None:
         self.worker = worker
-        self.queue: asyncio.Queue[tuple[DirectivePack, bool] | None] = asyncio.Queue()
-        self.unanswered = IdSet()
-        """The ids sent and not answered yet (about a byte each, see ``IdSet``)."""
+        self.queue: asyncio.Queue[tuple[Sequence[Directive], bool] | None] = asyncio.Queue()
+        self.unanswered: dict[str, None] = {}
         self._on_outcomes = on_outcomes
         self._call = links.stub(worker).Directives(self._requests())
         self.task = asyncio.create_task(self._read(), name=f"amm-directives-{worker}")
@@ -61,36 +58,32 @@ class _Stream:
     async def _requests(self) -> AsyncIterator[agent_pb2.DirectivesRequest]:
         """The messages, each built only when gRPC asks for the next one: a message costs about
         400 bytes per directive, and a big cycle queues its 300,000 drops far faster than the
-        agent reads them (built at ``send``, they held 110 MiB at once). Until then they wait
-        packed in columns (``DirectivePack``: a quarter of what ``Directive`` s cost)."""
+        agent reads them (built at ``send``, they held 110 MiB at once; the directives
+        themselves are held by the ledger anyway)."""
         while (item := await self.queue.get()) is not _CLOSE:
-            pack, batch = item
+            directives, batch = item
             if not batch:
-                for directive in pack:
+                for directive in directives:
                     message = wire.directive_to_pb(directive)
                     yield agent_pb2.DirectivesRequest(directive=message)
                 continue
             request = agent_pb2.DirectivesRequest()
             pace = Budget()
-            for start in range(0, len(pack), BUILD_STEP):
+            for start in range(0, len(directives), BUILD_STEP):
                 if start:
                     await pace()
                 with gc_paused():
-                    wire.pack_request(pack, start, start + BUILD_STEP, request)
+                    wire.directives_request(directives[start : start + BUILD_STEP], request)
             yield request
-            del request, pack, item  # not kept while the next one waits in the queue
+            del request  # not kept while the next one waits in the queue
 
     def send(self, directives: Sequence[Directive], batch: bool) -> None:
         """Queue ``directives`` for one batch message (built ``BUILD_STEP`` at a time, the loop
         let in between, when the stream takes it), or one message each."""
-        pack = DirectivePack(directives)
         unanswered = self.unanswered
-        prefix, numbers, others = pack.numbered()
-        if prefix is not None:
-            unanswered.add_numbers(prefix, numbers)
-        for directive_id in others:
-            unanswered.add(directive_id)
-        self.queue.put_nowait((pack, batch))
+        for directive in directives:
+            unanswered[directive.id] = None
+        self.queue.put_nowait((directives, batch))
 
     async def _read(self) -> None:
         why = "the agent ended the directive stream"
@@ -119,14 +112,16 @@ class _Stream:
             why = "directive stream failed"
             log.exception("directive stream to %s failed", self.worker)
         finally:
-            lost, self.unanswered = list(unanswered), IdSet()
+            lost, self.unanswered = list(unanswered), {}
             self._on_outcomes(
                 self.worker,
                 [Outcome(directive_id, OutcomeStatus.FAILED, message=why) for directive_id in lost],
             )
 
     def _take(self, outcomes: list[Outcome]) -> None:
-        self.unanswered.discard_all([outcome.directive_id for outcome in outcomes])
+        unanswered = self.unanswered
+        for outcome in outcomes:
+            unanswered.pop(outcome.directive_id, None)
         self._on_outcomes(self.worker, outcomes)
 
     @property

@@ -145,7 +145,7 @@ class Outcomes:
                 watched.append((entry.directive, outcome))
             status = outcome.status
             if status is applied_status:
-                kind = (entry.cycle, entry.op is Op.DROP, outcome.reason)
+                kind = (entry.cycle, entry.directive.op is Op.DROP, outcome.reason)
                 same = applied.get(kind)
                 if same is None:
                     applied[kind] = [outcome]

@@ -198,7 +198,7 @@ class RetirementDriver:
         await self._retirements.supervise(
             view,
             plan,
-            busy=self._ledger.workers,
+            busy=lambda: {entry.directive.worker for entry in self._ledger},
             close=self._close_agent,
             remove=self._remove,
             pending=self._ledger,
@@ -215,7 +215,7 @@ class RetirementDriver:
             or not ws.reachable
             or ws.last_poll is None
             or self._state.held_by(worker)
-            or self._ledger.busy(worker)
+            or any(entry.directive.worker == worker for entry in self._ledger)
         ):
             return
         await self._retirements.end(
