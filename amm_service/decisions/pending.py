@@ -293,6 +293,9 @@ class Ledger:
     def _put(self, entry: Entry) -> None:
         directive = entry.directive
         entries = self._entries
+        stale = entries.get(directive.id)
+        if stale is not None:  # an id entered again replaces its entry, in every map
+            self._remove(stale)
         entries[directive.id] = entry
         if len(entries) > self.journal.limit // 2:  # room for the removals of all of them
             self.journal.limit = 2 * len(entries)

@@ -189,3 +189,18 @@ def test_observing_answers_out_of_order_looks_at_one_step_of_entries_at_a_time()
     assert sorted(int(e.directive.id) for e in ledger) == [
         n for n, v in enumerate(versions) if v > 500
     ]
+
+
+def test_an_id_entered_again_replaces_its_entry_in_every_map() -> None:
+    """The ledger once kept the first entry of a repeated id under its key too: the key counted
+    a directive too many, and settling the id left the stale copy in flight for good."""
+    ledger = Ledger()
+    ledger.add(directive("5", worker="a"), now=0.0)
+    ledger.add(directive("6", worker="b"), now=0.0)
+    ledger.add(directive("5", worker="a"), now=1.0)
+    assert len(ledger) == 2
+    assert ledger.count(Key("x")) == 2
+    entry = ledger.settle(Outcome("5", OutcomeStatus.FAILED))
+    assert entry is not None
+    assert entry.sent_at == 1.0
+    assert ledger.in_flight(Key("x")).dropping == {WorkerId("b")}
