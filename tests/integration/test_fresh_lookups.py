@@ -9,8 +9,10 @@ Agents are fakes over real gRPC whose polls can be held at will; the AMM is a re
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
 import pytest
@@ -20,6 +22,7 @@ from amm_service.api.server import AmmServer
 from amm_service.errors import NotFound, Unavailable
 from amm_service.runtime.links.addresses import address_order
 from amm_service.runtime.loop.pacing import BUDGET, Budget
+from amm_service.runtime.observe.queries import Queries
 from tests.conftest import amm_config
 from tests.support.faults import fake_peer
 from tests.support.waiting import wait_for
@@ -75,9 +78,21 @@ class _Agent(agent_pb2_grpc.WorkerAgentServicer):
         )
 
 
-async def test_a_fresh_who_has_of_a_few_keys_does_not_wait_behind_polls(tmp_path: Path) -> None:
-    one = _Agent("one", {"x"})  # type: ignore[abstract]
-    two = _Agent("two", {"x", "y"})  # type: ignore[abstract]
+class _Two(NamedTuple):
+    queries: Queries
+    one: _Agent
+    two: _Agent
+    address_one: str
+    address_two: str
+
+
+@contextlib.asynccontextmanager
+async def _two_agents(
+    tmp_path: Path, held_one: set[str], held_two: set[str]
+) -> AsyncIterator[_Two]:
+    """An AMM with two fake agents registered and polled once (inventories and features in)."""
+    one = _Agent("one", held_one)  # type: ignore[abstract]
+    two = _Agent("two", held_two)  # type: ignore[abstract]
     async with (
         AmmServer(amm_config(tmp_path)) as amm,
         fake_peer(one) as address_one,
@@ -87,8 +102,13 @@ async def test_a_fresh_who_has_of_a_few_keys_does_not_wait_behind_polls(tmp_path
         assert manager is not None
         await manager.register(address_one, "one", "one")
         await manager.register(address_two, "two", "two")
-        await manager.queries.refresh(True)  # both inventories and features are in
-        queries = manager.queries
+        await manager.queries.refresh(True)
+        yield _Two(manager.queries, one, two, address_one, address_two)
+
+
+async def test_a_fresh_who_has_of_a_few_keys_does_not_wait_behind_polls(tmp_path: Path) -> None:
+    async with _two_agents(tmp_path, {"x"}, {"x", "y"}) as cluster:
+        queries, one, two, address_one, address_two = cluster
         both = tuple(sorted([address_one, address_two], key=address_order))
         one.holding = two.holding = True
         polling = asyncio.create_task(queries.refresh(True))  # as a cycle's polls, held
@@ -125,19 +145,8 @@ async def test_a_key_only_a_silent_agent_may_hold_is_unavailable_not_not_found(
     but not declared so yet) may hold a key nobody else does: NOT_FOUND would be a wrong answer
     about a key that exists (chaos episode 2:41: a key put on an agent just restarted), so the
     query says it cannot tell, and asking again once the agent answers finds the key."""
-    one = _Agent("one", {"x"})  # type: ignore[abstract]
-    two = _Agent("two", {"x"})  # type: ignore[abstract]
-    async with (
-        AmmServer(amm_config(tmp_path)) as amm,
-        fake_peer(one) as address_one,
-        fake_peer(two) as address_two,
-    ):
-        manager = amm.manager
-        assert manager is not None
-        await manager.register(address_one, "one", "one")
-        await manager.register(address_two, "two", "two")
-        queries = manager.queries
-        await queries.refresh(True)
+    async with _two_agents(tmp_path, {"x"}, {"x"}) as cluster:
+        queries, _, two, address_one, address_two = cluster
         two.held.add("z")  # put a moment ago: no poll has seen it
         two.answers_lookups = two.answers_polls = False
         silent = f"cannot tell whether any worker holds 'z': '{address_two}' did not answer"
@@ -192,19 +201,8 @@ async def test_bulk_work_makes_way_for_a_fresh_who_has_waiting_for_the_agents(
     loop (a big cycle's planning, sending, outcomes) breathes after every slice, not once per
     ``pacing.BUDGET`` of work: each answer is taken in at once, not after up to a budget of
     bulk work each (4 agents: 4 waits, the fresh who_has p99 during a 100k-key convergence)."""
-    one = _Agent("one", {"x"})  # type: ignore[abstract]
-    two = _Agent("two", {"x"})  # type: ignore[abstract]
-    async with (
-        AmmServer(amm_config(tmp_path)) as amm,
-        fake_peer(one) as address_one,
-        fake_peer(two) as address_two,
-    ):
-        manager = amm.manager
-        assert manager is not None
-        await manager.register(address_one, "one", "one")
-        await manager.register(address_two, "two", "two")
-        queries = manager.queries
-        await queries.refresh(True)
+    async with _two_agents(tmp_path, {"x"}, {"x"}) as cluster:
+        queries, one, _, address_one, address_two = cluster
         bulk = _Bulk()
         work = asyncio.create_task(bulk.run())
         try:
