@@ -374,24 +374,25 @@ class Agent:
                 async with asyncio.timeout(grace / 2):
                     await channel.channel_ready()
             grace -= loop.time() - waited
-        # The AMM answers a little before our deadline, with what it knows then.
-        limit = grace - min(2.0, grace / 4)
         log.info(
             "draining: asking %s to copy what only this worker holds elsewhere", self.config.amm
         )
         try:
-            answer = await self._amm.DrainWorker(
-                control_pb2.DrainWorkerRequest(address=self.address, timeout=_duration(limit)),
-                timeout=grace,
-                wait_for_ready=True,
-            )
+            answer = await self._ask_drain(grace)
         except grpc.aio.AioRpcError as err:
-            log.warning(
-                "could not drain (%s: %s): the keys held only here are lost when it exits",
-                err.code().name,
-                err.details(),
-            )
-            return False
+            if err.code() is not grpc.StatusCode.NOT_FOUND:
+                return _could_not_drain(err)
+            # The AMM no longer knows this worker: it was declared dead while frozen or cut off,
+            # and the SIGTERM came before our registration loop noticed. What we hold may be
+            # known nowhere else (put since the AMM's last poll), so register again now, which
+            # hands the AMM our inventory, and ask once more: half the grace left at most.
+            log.info("the AMM no longer knows this worker (%s): registering again", err.details())
+            left = grace - (loop.time() - started)
+            try:
+                await self._register_once(within=left / 2)
+                answer = await self._ask_drain(grace - (loop.time() - started))
+            except grpc.aio.AioRpcError as again:
+                return _could_not_drain(again)
         took = loop.time() - started
         if answer.drained:
             log.info("drained in %.1f s: every key held here has a copy on another worker", took)
@@ -491,17 +492,10 @@ class Agent:
         epoch: int | None = None
         while True:
             attempts += 1
-            # The newest epoch confirmed lets a freshly started AMM move its epoch past it.
-            request = control_pb2.RegisterWorkerRequest(
-                address=self.address,
-                name=self.node.name,
-                incarnation=self.incarnation,
-                epoch=self.node.newest_epoch,
-                zone=self.config.zone,
-            )
             try:
                 response = await amm.RegisterWorker(
-                    request, timeout=max(REGISTER_TIMEOUT, self.config.register_backoff_max)
+                    self._registration_request(),
+                    timeout=max(REGISTER_TIMEOUT, self.config.register_backoff_max),
                 )
             except grpc.aio.AioRpcError as err:
                 self._registered = False
@@ -563,6 +557,37 @@ class Agent:
             except TimeoutError:
                 return
 
+    async def _ask_drain(self, grace: float) -> control_pb2.DrainWorkerResponse:
+        """The AMM's ``DrainWorker`` for this worker, answered within ``grace`` seconds."""
+        assert self._amm is not None
+        # The AMM answers a little before our deadline, with what it knows then.
+        limit = grace - min(2.0, grace / 4)
+        answer: control_pb2.DrainWorkerResponse = await self._amm.DrainWorker(
+            control_pb2.DrainWorkerRequest(address=self.address, timeout=_duration(limit)),
+            timeout=grace,
+            wait_for_ready=True,
+        )
+        return answer
+
+    def _registration_request(self) -> control_pb2.RegisterWorkerRequest:
+        # The newest epoch confirmed lets a freshly started AMM move its epoch past it.
+        return control_pb2.RegisterWorkerRequest(
+            address=self.address,
+            name=self.node.name,
+            incarnation=self.incarnation,
+            epoch=self.node.newest_epoch,
+            zone=self.config.zone,
+        )
+
+    async def _register_once(self, within: float) -> None:
+        """One ``RegisterWorker`` now, outside the registration loop (which registers again on
+        its own once the AMM's polls stop; a registration repeated is harmless)."""
+        assert self._amm is not None
+        response = await self._amm.RegisterWorker(self._registration_request(), timeout=within)
+        if epoch_problem("epoch", response.epoch) is None:
+            self.node.observe_epoch(response.epoch)
+            self.node.registered_epoch = response.epoch
+
     async def _unregister(self) -> None:
         if self._amm is None or not self._registered:
             return
@@ -581,6 +606,15 @@ class Agent:
                 answer.lost_key_count,
                 _keys(answer.lost_keys, answer.lost_key_count),
             )
+
+
+def _could_not_drain(err: grpc.aio.AioRpcError) -> bool:
+    log.warning(
+        "could not drain (%s: %s): the keys held only here are lost when it exits",
+        err.code().name,
+        err.details(),
+    )
+    return False
 
 
 def _duration(seconds: float) -> Duration:

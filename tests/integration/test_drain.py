@@ -23,6 +23,7 @@ from amm import AsyncClient, Client, LostKey
 from amm.cluster import AGENT_MODULE, AGENT_READY, LocalProcess
 from amm.v1 import control_pb2, control_pb2_grpc
 from amm_service.api.server import AmmServer
+from amm_service.decisions.view import WorkerId
 from tests.conftest import amm_config, free_port
 from tests.support.agent import dial, get, put, running_agent
 from tests.support.faults import fake_amm
@@ -265,3 +266,31 @@ async def test_a_drain_right_after_the_amm_restarted_waits_for_its_channel(
                 assert keeper.address in holders
         finally:
             await amm.stop()
+
+
+async def test_a_drain_the_amm_refuses_as_from_an_unknown_worker_registers_again_first(
+    tmp_path: Path,
+) -> None:
+    """The AMM declared the worker dead while it was frozen (it held a key put since the AMM's
+    last poll), and the SIGTERM comes right after it resumes, before its registration loop
+    notices: the AMM answers the drain NOT_FOUND. Before, the agent gave up and exited with a key
+    nobody knew of, lost and never reported (chaos episode 3:152, one run in ten). Now it
+    registers again and drains."""
+    config = amm_config(tmp_path, start=True)
+    async with (
+        AmmServer(config) as amm,
+        running_agent(amm=amm.address) as keeper,
+        running_agent(amm=amm.address) as leaver,
+    ):
+        await wait_for(lambda: keeper.registered and leaver.registered, what="registered")
+        manager = amm.manager
+        assert manager is not None
+        async with dial(leaver.address) as stub:
+            await put(stub, "solo", DATA)
+        await manager._members.remove(WorkerId(leaver.address), "died (frozen)")
+        assert leaver.registered, "the agent has not noticed"
+        assert await leaver.drain(grace=5)
+        async with AsyncClient(amm.address, timeout=10) as client:
+            holders = (await client.who_has("solo", fresh=True))["solo"]
+            assert keeper.address in holders
+            assert await client.lost_keys() == []
