@@ -18,6 +18,7 @@ import pytest
 
 from amm.base.checksum import checksum
 from amm.v1 import agent_pb2, agent_pb2_grpc, types_pb2
+from amm_service import wire
 from amm_service.decisions.view import ClusterState, KeyReport, WorkerId
 from amm_service.runtime.links.agents import AgentLinks
 from amm_service.runtime.links.poller import MERGE_STEP, Poller
@@ -247,6 +248,52 @@ async def test_a_big_incremental_answer_is_merged_in_steps_and_its_version_comes
     partial = {held for version, held in seen if held not in (n, 1_000)}
     assert len(partial) >= 3, f"merged in one go: the loop saw only {sorted(set(seen))}"
     assert all(held == 1_000 for version, held in seen if version == 9), seen
+
+
+class _Unmerged(ClusterState):
+    """A cluster state that notes, at each merge, how many reports were read from answers and
+    not merged yet besides those it is given (``read`` counts what ``wire.key_reports`` built)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.read = self.merged = 0
+        self.ahead: list[int] = []
+
+    def apply_poll(self, address: WorkerId, *, keys: Iterable[KeyReport], **rest: Any) -> None:
+        keys = list(keys)
+        self.ahead.append(self.read - self.merged - len(keys))
+        self.merged += len(keys)
+        super().apply_poll(address, keys=keys, **rest)
+
+
+async def test_a_big_incremental_answer_is_read_as_it_is_merged(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each step of a big incremental answer's merge reads its own keys: 4 agents' pages of
+    50,000 keys, read whole first, held 200,000 reports at once (35 MB of the AMM's peak)."""
+    state = _Unmerged()
+    key_reports = wire.key_reports
+
+    def counting(keys: Any) -> list[KeyReport]:
+        reports = key_reports(keys)
+        state.read += len(reports)
+        return reports
+
+    monkeypatch.setattr(wire, "key_reports", counting)
+    host = _ManyChanges(0)  # type: ignore[abstract]
+    async with _workers(host, 1) as [worker]:
+        state.register(worker, worker, "i", now=0.0)
+        links = AgentLinks()
+        poller = Poller(state, links, epoch=1, timeout=5.0, on_restart=lambda worker: None)
+        try:
+            assert await poller.poll_all() == []  # the (empty) snapshot
+            assert await poller.poll_all() == []  # 1,000 new keys: two steps
+        finally:
+            await links.close_all()
+    assert state.held_by(worker) == {f"n{i}" for i in range(1_000)}
+    assert state.merged == state.read == 1_000
+    assert len(state.ahead) >= 3, state.ahead  # the snapshot, then two steps
+    assert max(state.ahead) == 0, state.ahead
 
 
 class _SameInventory(agent_pb2_grpc.WorkerAgentServicer):

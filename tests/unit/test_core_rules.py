@@ -362,3 +362,23 @@ def test_a_streamed_plan_releases_its_directives_as_it_goes_and_in_order() -> No
     assert streamed == list(out.directives[: len(streamed)])
     whole = run(v, Scripted([drop(K(f"k{i:05d}"), copies=2) for i in range(STEP)]))
     assert whole.directives == out.directives
+
+
+def test_a_streamed_plan_can_let_go_of_what_it_released() -> None:
+    """Without ``keep_streamed`` the plan holds only what it did not yield: a big cycle's
+    directives are not all alive at once (the AMM sent the others as they came)."""
+    holdings = {w: [f"k{i:05d}" for i in range(STEP)] for w in "abc"}
+    v = view(holdings)
+    suggestions = [drop(K(f"k{i:05d}"), copies=2) for i in range(STEP)]
+    steps = planning(v, [Scripted(suggestions)], Ledger(), CFG, new_ids(), stream=True)
+    lean = planning(
+        v, [Scripted(list(suggestions))], Ledger(), CFG, new_ids(), stream=True, keep_streamed=False
+    )
+    streamed: list[Directive] = []
+    while not isinstance(out := step(lean), Plan):
+        streamed.extend(out)
+    assert streamed, "directives were released before the plan was done"
+    assert len(out.directives) == 2 * STEP - len(streamed)
+    while not isinstance(whole := step(steps), Plan):
+        pass
+    assert [*streamed, *out.directives] == list(whole.directives)

@@ -176,15 +176,15 @@ class Cycles:
             ),
             self._fence.new_id,
             stream=not dry_run,
+            keep_streamed=False,  # what is sent is not held till the cycle ends
         )
         if not dry_run:
             self._outcomes.track(record)
-        sending, released = 0.0, 0
+        sending = 0.0
         ready: list[Directive] = []
         pace = Budget()
         while not isinstance(out := _planned(steps), core.Plan):
             ready += out
-            released += len(out)
             if len(ready) >= SEND_STEP:  # send what is decided while the rest is planned
                 started_sending = time.perf_counter()
                 await self._send(record, ready)
@@ -207,7 +207,9 @@ class Cycles:
             )
             return record
         started_sending = time.perf_counter()
-        await self._send(record, [*ready, *plan.directives[released:]])
+        rest, ready = [*ready, *plan.directives], []  # those not streamed yet
+        await self._send(record, rest)
+        del rest
         sending += time.perf_counter() - started_sending
         self._outcomes.all_sent(record)
         for error in plan.policy_errors:
@@ -219,13 +221,13 @@ class Cycles:
         self._sample(record.number, record.rejected)
         self.last = record
         self._freeze_heap()
-        if plan.directives or plan.rejections:
+        if record.planned_count or plan.rejections:
             log.info(
                 "cycle %d: %d suggestions, %d directives, %d rejected; poll %.0f ms, plan %.0f "
                 "ms, send %.0f ms (elapsed, the loop serving calls in between)",
                 record.number,
                 plan.suggestions,
-                len(plan.directives),
+                record.planned_count,
                 len(plan.rejections),
                 (polled - t0) * 1e3,
                 record.plan_duration * 1e3,
