@@ -7,7 +7,6 @@ servicers never hand-build domain values.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
 
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -52,7 +51,9 @@ _REASONS = {
 
 
 def directive_to_pb(d: Directive) -> types_pb2.Directive:
-    return types_pb2.Directive(**_directive_fields(d))
+    message = types_pb2.Directive()
+    directive_into(d, message)
+    return message
 
 
 def directives_request(
@@ -64,7 +65,7 @@ def directives_request(
     if request is None:
         request = agent_pb2.DirectivesRequest()
     add, ops = request.batch.add, _OPS
-    for d in directives:  # fields named here, not through ``_directive_fields``: a dict less each
+    for d in directives:  # fields named here, not through ``directive_into``: a call less each
         message = add(
             id=d.id,
             epoch=d.epoch,
@@ -98,21 +99,6 @@ def directive_into(d: Directive, message: types_pb2.Directive) -> None:
         message.holders.extend(d.holders)
 
 
-def _directive_fields(d: Directive) -> dict[str, Any]:
-    return {
-        "id": d.id,
-        "epoch": d.epoch,
-        "op": _OPS[d.op],
-        "key": d.key,
-        "size": d.size,
-        "checksum": d.checksum,
-        "sources": d.sources,
-        "holders": d.holders,
-        "policy": d.policy,
-        "reason": d.reason,
-    }
-
-
 #: Each reason's wire value by name (a report of 1,000 outcomes looked each one up in a list of
 #: every name, built again for each).
 _REASONS_OUT = {name: number for number, name in _REASONS.items() if name}
@@ -135,14 +121,9 @@ def reason_to_pb(reason: str) -> types_pb2.RefusalReason.ValueType:
 
 
 def outcome_to_pb(o: Outcome) -> types_pb2.DirectiveOutcome:
-    return types_pb2.DirectiveOutcome(
-        directive_id=o.directive_id,
-        status=_OUTCOMES_OUT[o.status],
-        reason=reason_to_pb(o.reason),
-        message=o.message,
-        inventory_version=o.inventory_version,
-        duplicate=o.duplicate,
-    )
+    message = types_pb2.DirectiveOutcome()
+    outcome_into(o, message)
+    return message
 
 
 def outcome_into(o: Outcome, message: types_pb2.DirectiveOutcome) -> None:
@@ -208,13 +189,14 @@ def event_to_pb(e: Event) -> types_pb2.Event:
 
 
 def timestamp(seconds: float) -> Timestamp:
-    nanos = int(seconds * 1e9)  # as ``Timestamp.FromNanoseconds``, without its Python calls
-    return Timestamp(seconds=nanos // 1_000_000_000, nanos=nanos % 1_000_000_000)
+    ts = Timestamp()
+    timestamp_into(seconds, ts)
+    return ts
 
 
 def timestamp_into(seconds: float, message: Timestamp) -> None:
     """``timestamp(seconds)`` written into ``message`` (a field of another message)."""
-    nanos = int(seconds * 1e9)
+    nanos = int(seconds * 1e9)  # as ``Timestamp.FromNanoseconds``, without its Python calls
     message.seconds, message.nanos = nanos // 1_000_000_000, nanos % 1_000_000_000
 
 
