@@ -519,20 +519,13 @@ class Agent:
                 if self.node.draining:
                     delay = min(delay, DRAIN_REGISTER_BACKOFF)
                 continue
-            if epoch_problem("epoch", response.epoch) is not None:
-                log.warning(
-                    "the AMM at %s answered epoch %d: ignored", self.config.amm, response.epoch
-                )
+            if not self._adopt(response):
                 await asyncio.sleep(self.config.register_backoff_max)
                 continue
-            self._registered = True
-            self._registration.set()
             attempts, delay = 0, 0.1
             if response.epoch != epoch:
                 log.info("registered with %s (epoch %d)", self.config.amm, response.epoch)
                 epoch = response.epoch
-            self.node.observe_epoch(response.epoch)
-            self.node.registered_epoch = response.epoch
             # Clamped: an absurd interval must neither overflow nor silence re-registration.
             interval = min(max(response.interval.ToNanoseconds() / 1e9, 0.05), 3600.0)
             await self._until_silent(SILENCE_INTERVALS * interval)
@@ -583,10 +576,19 @@ class Agent:
         """One ``RegisterWorker`` now, outside the registration loop (which registers again on
         its own once the AMM's polls stop; a registration repeated is harmless)."""
         assert self._amm is not None
-        response = await self._amm.RegisterWorker(self._registration_request(), timeout=within)
-        if epoch_problem("epoch", response.epoch) is None:
-            self.node.observe_epoch(response.epoch)
-            self.node.registered_epoch = response.epoch
+        self._adopt(await self._amm.RegisterWorker(self._registration_request(), timeout=within))
+
+    def _adopt(self, response: control_pb2.RegisterWorkerResponse) -> bool:
+        """Take a registration's answer: registered, under the AMM's epoch; False (and nothing
+        taken) for an epoch out of bounds."""
+        if epoch_problem("epoch", response.epoch) is not None:
+            log.warning("the AMM at %s answered epoch %d: ignored", self.config.amm, response.epoch)
+            return False
+        self._registered = True
+        self._registration.set()
+        self.node.observe_epoch(response.epoch)
+        self.node.registered_epoch = response.epoch
+        return True
 
     async def _unregister(self) -> None:
         if self._amm is None or not self._registered:
