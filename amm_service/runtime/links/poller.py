@@ -40,7 +40,7 @@ from collections.abc import Awaitable, Callable, Iterable, Iterator
 import grpc
 
 from amm.base.validation import MAX_ADOPTED_EPOCH
-from amm.v1 import agent_pb2
+from amm.v1 import agent_pb2, types_pb2
 from amm_service import wire
 from amm_service.decisions.view import ClusterState, Key, KeyReport, WorkerId
 from amm_service.runtime.links.agents import AgentLinks, channel_closed
@@ -233,27 +233,29 @@ class Poller:
         pb = resp.keys
         removed = wire.poll_keys_removed(resp)
         if len(pb) + len(removed) <= MERGE_STEP:
-            with gc_paused():
-                keys = wire.key_reports(pb)
             self._apply(
-                worker, incarnation, resp, full=False, keys=keys, removed=removed, seen=seen
+                worker,
+                incarnation,
+                resp,
+                full=False,
+                keys=_read(pb),
+                removed=removed,
+                seen=seen,
             )
             return
-        steps: list[tuple[int, list[Key]]] = [
-            (start, []) for start in range(0, len(pb), MERGE_STEP)
+        # Slices of the answer's keys (read when merged), then of the keys it removed.
+        steps: list[tuple[slice | None, list[Key]]] = [
+            (slice(start, start + MERGE_STEP), []) for start in range(0, len(pb), MERGE_STEP)
         ]
         steps += [
-            (-1, removed[start : start + MERGE_STEP])
+            (None, removed[start : start + MERGE_STEP])
             for start in range(0, len(removed), MERGE_STEP)
         ]
         pace = Budget()
-        for n, (first_key, some_removed) in enumerate(steps):
+        for n, (some, some_removed) in enumerate(steps):
             if n:
                 await pace()
-            some_keys: list[KeyReport] = []
-            if first_key >= 0:
-                with gc_paused():
-                    some_keys = wire.key_reports(pb[first_key : first_key + MERGE_STEP])
+            some_keys = [] if some is None else _read(pb[some])
             last = n == len(steps) - 1
             known = self._state.worker(worker)
             self._apply(
@@ -402,13 +404,18 @@ async def _reports(resp: agent_pb2.PollResponse) -> list[KeyReport]:
     (``pacing.Budget``; a page of 10,000 took 15-20 ms to read in one go)."""
     pb = resp.keys
     if len(pb) <= MERGE_STEP:
-        with gc_paused():
-            return wire.key_reports(pb)
+        return _read(pb)
     keys: list[KeyReport] = []
     pace = Budget()
     for start in range(0, len(pb), MERGE_STEP):
         if start:
             await pace()
-        with gc_paused():
-            keys += wire.key_reports(pb[start : start + MERGE_STEP])
+        keys += _read(pb[start : start + MERGE_STEP])
     return keys
+
+
+def _read(pb: Iterable[types_pb2.KeyInfo]) -> list[KeyReport]:
+    """Reports of ``pb`` (one step of keys at most), what they leave alive frozen with a big
+    heap (``gc_paused``)."""
+    with gc_paused():
+        return wire.key_reports(pb)
