@@ -725,11 +725,12 @@ class DirectiveRunner:
                     directive_id, key = directive.id, directive.key
                     if directive_id not in waiting:
                         continue
+                    now = clock()
                     if (
                         answer.kept
                         and answer.lease is not None
-                        and clock() - asked_at < min(lease, answer.lease) / 2
-                        and clear(key, drop.checksum, clock(), mine=True) is not None
+                        and now - asked_at < min(lease, answer.lease) / 2
+                        and clear(key, drop.checksum, now, mine=True) is not None
                     ):
                         del waiting[directive_id]
                         remove(key)
