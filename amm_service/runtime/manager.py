@@ -161,36 +161,22 @@ class ActiveMemoryManager:
         self.event_feed = EventFeed(self.events)
         self._heap = HeapFreezer()
         self.queries = Queries(
-            self.state,
-            self._poller,
-            self._links,
-            self.goals,
-            self._lost,
-            self.events,
+            records,
+            links,
             poll_timeout=config.poll_timeout,
             check_open=self._check_open,
             wake=self.wake,
-            tombstones=self.tombstones,
             cycle_lock=self._cycle_lock,
         )
         self._grace = StartupGrace((), until=0.0)
         self.retirements = Retirements(self.state, store, self.events, self.policies, clock=clock)
         self._members = Membership(
-            self.state,
-            store,
-            poller=self._poller,
-            dispatcher=self._dispatcher,
-            links=self._links,
-            outcomes=self.outcomes,
-            retirements=self.retirements,
-            tombstones=self.tombstones,
-            storing=self.storing,
-            events=self.events,
-            losses=self._losses,
+            records,
+            links,
+            self.retirements,
+            fence=self._fence,
             clock=clock,
             check_open=self._check_open,
-            adopt_epoch=self._fence.adopt_newer,
-            epoch=lambda: self.epoch,
         )
         self._liveness = LivenessJudge(
             self.state,
