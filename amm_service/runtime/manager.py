@@ -35,10 +35,11 @@ from amm_service.decisions.view import ClusterState, Key, WorkerId
 from amm_service.errors import FailedPrecondition, Unavailable
 from amm_service.policies import Policy
 from amm_service.runtime.cycles.cycle_loop import CycleLoop
-from amm_service.runtime.cycles.cycling import Cycles
+from amm_service.runtime.cycles.cycling import CycleHooks, Cycles, Judges
 from amm_service.runtime.links.agents import AgentLinks
 from amm_service.runtime.links.dispatcher import Dispatcher
 from amm_service.runtime.links.poller import Poller
+from amm_service.runtime.links.reach import Links
 from amm_service.runtime.loop.pacing import HeapFreezer
 from amm_service.runtime.observe.event_feed import EventFeed
 from amm_service.runtime.observe.history import History
@@ -46,6 +47,7 @@ from amm_service.runtime.observe.queries import Queries
 from amm_service.runtime.observe.sampling import Sampler
 from amm_service.runtime.records.cycle import CycleRecord, CycleStats
 from amm_service.runtime.records.goals import GoalBook
+from amm_service.runtime.records.kept import Records
 from amm_service.runtime.records.lost import Losses, LostBook
 from amm_service.runtime.records.outcomes import Outcomes
 from amm_service.runtime.records.state import StateStore
@@ -114,6 +116,19 @@ class ActiveMemoryManager:
             clock=clock,
             tombstones=self.tombstones,
         )
+        records = Records(
+            state=self.state,
+            ledger=self.ledger,
+            events=self.events,
+            store=store,
+            outcomes=self.outcomes,
+            goals=self.goals,
+            tombstones=self.tombstones,
+            storing=self.storing,
+            lost=self._lost,
+            losses=self._losses,
+        )
+        links = Links(agents=self._links, poller=self._poller, dispatcher=self._dispatcher)
         self._fence = EpochFence(store, self._poller)
         self._cycle_lock = asyncio.Lock()
         self._loop = CycleLoop(
@@ -146,36 +161,22 @@ class ActiveMemoryManager:
         self.event_feed = EventFeed(self.events)
         self._heap = HeapFreezer()
         self.queries = Queries(
-            self.state,
-            self._poller,
-            self._links,
-            self.goals,
-            self._lost,
-            self.events,
+            records,
+            links,
             poll_timeout=config.poll_timeout,
             check_open=self._check_open,
             wake=self.wake,
-            tombstones=self.tombstones,
             cycle_lock=self._cycle_lock,
         )
         self._grace = StartupGrace((), until=0.0)
         self.retirements = Retirements(self.state, store, self.events, self.policies, clock=clock)
         self._members = Membership(
-            self.state,
-            store,
-            poller=self._poller,
-            dispatcher=self._dispatcher,
-            links=self._links,
-            outcomes=self.outcomes,
-            retirements=self.retirements,
-            tombstones=self.tombstones,
-            storing=self.storing,
-            events=self.events,
-            losses=self._losses,
+            records,
+            links,
+            self.retirements,
+            fence=self._fence,
             clock=clock,
             check_open=self._check_open,
-            adopt_epoch=self._fence.adopt_newer,
-            epoch=lambda: self.epoch,
         )
         self._liveness = LivenessJudge(
             self.state,
@@ -204,26 +205,22 @@ class ActiveMemoryManager:
         self._cycles = Cycles(
             config,
             self.policies,
-            self.state,
-            self.ledger,
-            self.events,
-            outcomes=self.outcomes,
-            poller=self._poller,
-            dispatcher=self._dispatcher,
-            fence=self._fence,
-            liveness=self._liveness,
-            losses=self._losses,
-            goals=self.goals,
-            tombstones=self.tombstones,
-            retirements=self.retirements,
-            retirement_driver=self.retirement_driver,
-            stats=self.cycle_stats,
-            fenced=lambda: self.fenced,
-            in_startup_grace=self.in_startup_grace,
-            sample=self._sampler.sample,
-            freeze_heap=self._freeze_heap,
-            clock=clock,
-            monotonic=monotonic,
+            records,
+            links,
+            Judges(
+                fence=self._fence,
+                liveness=self._liveness,
+                fenced=lambda: self.fenced,
+                in_startup_grace=self.in_startup_grace,
+            ),
+            self.retirement_driver,
+            CycleHooks(
+                clock=clock,
+                monotonic=monotonic,
+                stats=self.cycle_stats,
+                sample=self._sampler.sample,
+                freeze_heap=self._freeze_heap,
+            ),
         )
         #: Drops from retiring workers as soon as agents confirm the copies (``handover``).
         self.handover = Handover(

@@ -11,25 +11,19 @@ import copy
 import logging
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from amm_service.config import AmmConfig
 from amm_service.decisions import core
 from amm_service.decisions.directive import Directive
 from amm_service.decisions.epoch import EpochFence
-from amm_service.decisions.events import EventLog
-from amm_service.decisions.pending import Ledger
-from amm_service.decisions.view import ClusterState, WorkerId
+from amm_service.decisions.view import WorkerId
 from amm_service.policies import Policy
-from amm_service.runtime.links.dispatcher import Dispatcher
-from amm_service.runtime.links.poller import Poller
+from amm_service.runtime.links.reach import Links
 from amm_service.runtime.loop.pacing import Budget, gc_paused
 from amm_service.runtime.records.cycle import CycleRecord, CycleStats
-from amm_service.runtime.records.goals import GoalBook
-from amm_service.runtime.records.lost import Losses
-from amm_service.runtime.records.outcomes import Outcomes
-from amm_service.runtime.records.tombstones import TombstoneBook
+from amm_service.runtime.records.kept import Records
 from amm_service.runtime.workers.liveness import LivenessJudge
-from amm_service.runtime.workers.retirement import Retirements
 from amm_service.runtime.workers.retirement_driver import RetirementDriver
 
 log = logging.getLogger(__name__)
@@ -66,60 +60,74 @@ def _planned(steps: core.Steps) -> core.Plan | tuple[Directive, ...]:
         return core.step(steps)
 
 
+@dataclass(frozen=True, slots=True)
+class Judges:
+    """What decides whether a cycle may act, and on which workers."""
+
+    #: Our epoch and the ids issued under it; whether agents have seen a newer one.
+    fence: EpochFence
+    #: Which silent workers are stale or dead.
+    liveness: LivenessJudge
+    #: Whether another AMM took over (no directives are sent).
+    fenced: Callable[[], bool]
+    #: Whether drops are held back until the workers known before a restart report.
+    in_startup_grace: Callable[[], bool]
+
+
+@dataclass(frozen=True, slots=True)
+class CycleHooks:
+    """The clocks a cycle reads, and what it tells once it has run."""
+
+    #: Wall-clock time: the cycle's record and the snapshot.
+    clock: Callable[[], float]
+    #: Monotonic time: ledger entries and directive timeouts.
+    monotonic: Callable[[], float]
+    #: Durations and counts of every cycle run, for the metrics.
+    stats: CycleStats
+    #: Adds a cycle (its number, its rejections) to the dashboard's history.
+    sample: Callable[[int, int], None]
+    #: Keeps a big state out of full garbage collections.
+    freeze_heap: Callable[[], None]
+
+
 class Cycles:
-    """Runs the AMM's cycles and keeps their count and the last one run (not dry runs).
-    ``fenced`` tells whether another AMM took over; ``in_startup_grace`` whether drops are held
-    back; ``sample`` adds a cycle to the dashboard's history; ``freeze_heap`` keeps a big state
-    out of full collections."""
+    """Runs the AMM's cycles and keeps their count and the last one run (not dry runs). It
+    plans with ``config`` and ``policies``, reads and writes ``records``, polls and sends
+    through ``links``, asks ``judges`` whether and on whom to act, has ``retirement_driver``
+    supervise retirements (``retirement_driver.retirements``) and tells ``hooks`` when done."""
 
     def __init__(
         self,
         config: AmmConfig,
         policies: Sequence[Policy],
-        state: ClusterState,
-        ledger: Ledger,
-        events: EventLog,
-        *,
-        outcomes: Outcomes,
-        poller: Poller,
-        dispatcher: Dispatcher,
-        fence: EpochFence,
-        liveness: LivenessJudge,
-        losses: Losses,
-        goals: GoalBook,
-        tombstones: TombstoneBook,
-        retirements: Retirements,
+        records: Records,
+        links: Links,
+        judges: Judges,
         retirement_driver: RetirementDriver,
-        stats: CycleStats,
-        fenced: Callable[[], bool],
-        in_startup_grace: Callable[[], bool],
-        sample: Callable[[int, int], None],
-        freeze_heap: Callable[[], None],
-        clock: Callable[[], float],
-        monotonic: Callable[[], float],
+        hooks: CycleHooks,
     ) -> None:
         self._config = config
         self._policies = policies
-        self._state = state
-        self._ledger = ledger
-        self._events = events
-        self._outcomes = outcomes
-        self._poller = poller
-        self._dispatcher = dispatcher
-        self._fence = fence
-        self._liveness = liveness
-        self._losses = losses
-        self._goals = goals
-        self._tombstones = tombstones
-        self._retirements = retirements
+        self._state = records.state
+        self._ledger = records.ledger
+        self._events = records.events
+        self._outcomes = records.outcomes
+        self._losses = records.losses
+        self._goals = records.goals
+        self._tombstones = records.tombstones
+        self._poller = links.poller
+        self._dispatcher = links.dispatcher
+        self._fence = judges.fence
+        self._liveness = judges.liveness
+        self._fenced = judges.fenced
+        self._in_startup_grace = judges.in_startup_grace
+        self._retirements = retirement_driver.retirements
         self._retirement_driver = retirement_driver
-        self._stats = stats
-        self._fenced = fenced
-        self._in_startup_grace = in_startup_grace
-        self._sample = sample
-        self._freeze_heap = freeze_heap
-        self._clock = clock
-        self._monotonic = monotonic
+        self._stats = hooks.stats
+        self._sample = hooks.sample
+        self._freeze_heap = hooks.freeze_heap
+        self._clock = hooks.clock
+        self._monotonic = hooks.monotonic
         self.count = 0
         self.last: CycleRecord | None = None
 

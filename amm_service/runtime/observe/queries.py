@@ -21,18 +21,18 @@ from collections.abc import Callable, Sequence
 import grpc
 
 from amm.v1 import agent_pb2
-from amm_service.decisions.events import EventLog
-from amm_service.decisions.view import ClusterState, Goal, Key, KeyView, WorkerId, WorkerView
+from amm_service.decisions.view import Goal, Key, KeyView, WorkerId, WorkerView
 from amm_service.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable, listing
 from amm_service.policies.goals import GoalStatus, describe
 from amm_service.runtime.links.addresses import address_order
-from amm_service.runtime.links.agents import AgentLinks, channel_closed
-from amm_service.runtime.links.poller import Poller
+from amm_service.runtime.links.agents import channel_closed
+from amm_service.runtime.links.reach import Links
 from amm_service.runtime.loop.pacing import urgent
 from amm_service.runtime.observe.lookups import KeyLookups
-from amm_service.runtime.records.goals import GoalBook, check_goal
-from amm_service.runtime.records.lost import LostBook, LostKey
-from amm_service.runtime.records.tombstones import PUSH_KEYS, TombstoneBook
+from amm_service.runtime.records.goals import check_goal
+from amm_service.runtime.records.kept import Records
+from amm_service.runtime.records.lost import LostKey
+from amm_service.runtime.records.tombstones import PUSH_KEYS
 
 
 class Queries:
@@ -40,31 +40,28 @@ class Queries:
 
     def __init__(
         self,
-        state: ClusterState,
-        poller: Poller,
-        links: AgentLinks,
-        goals: GoalBook,
-        lost: LostBook,
-        events: EventLog,
+        records: Records,
+        links: Links,
         *,
         poll_timeout: float,
         check_open: Callable[[], None],
         wake: Callable[[], None] = lambda: None,
-        tombstones: TombstoneBook | None = None,
         cycle_lock: asyncio.Lock | None = None,
     ) -> None:
         self._wake = wake
-        self._tombstones = tombstones
+        self._tombstones = records.tombstones
         self._cycle_lock = cycle_lock or asyncio.Lock()
-        self._state = state
-        self._poller = poller
-        self._links = links
-        self._goals = goals
-        self._lost = lost
-        self._events = events
+        self._state = records.state
+        self._poller = links.poller
+        self._links = links.agents
+        self._goals = records.goals
+        self._lost = records.lost
+        self._events = records.events
         self._poll_timeout = poll_timeout
         self._check_open = check_open
-        self._lookups = KeyLookups(state, links, timeout=poll_timeout, tombstones=tombstones)
+        self._lookups = KeyLookups(
+            self._state, self._links, timeout=poll_timeout, tombstones=self._tombstones
+        )
 
     async def refresh(self, fresh: bool) -> list[WorkerId]:
         """With ``fresh``, poll every agent first; the workers that did not answer. Queries then

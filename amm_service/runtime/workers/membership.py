@@ -20,18 +20,12 @@ from amm.base.validation import (
     name_problem,
     zone_problem,
 )
-from amm_service.decisions.events import EventLog
-from amm_service.decisions.view import ClusterState, Key, WorkerId
+from amm_service.decisions.epoch import EpochFence
+from amm_service.decisions.view import Key, WorkerId
 from amm_service.errors import InvalidArgument
 from amm_service.runtime.links.addresses import check_address
-from amm_service.runtime.links.agents import AgentLinks
-from amm_service.runtime.links.dispatcher import Dispatcher
-from amm_service.runtime.links.poller import Poller
-from amm_service.runtime.records.lost import Losses
-from amm_service.runtime.records.outcomes import Outcomes
-from amm_service.runtime.records.state import StateStore
-from amm_service.runtime.records.storing import Storing
-from amm_service.runtime.records.tombstones import TombstoneBook
+from amm_service.runtime.links.reach import Links
+from amm_service.runtime.records.kept import Records
 from amm_service.runtime.workers.retirement import Retirements
 
 log = logging.getLogger(__name__)
@@ -40,43 +34,32 @@ log = logging.getLogger(__name__)
 class Membership:
     """Registers and removes workers, and owns the removals of agents that unregistered (tasks
     that outlive their call; ``close`` awaits them). ``check_open`` raises while the AMM is not
-    open; ``adopt_epoch`` moves our epoch past one an agent confirmed (``EpochFence``);
-    ``epoch`` is ours."""
+    open; ``fence`` holds our epoch, and moves it past one an agent confirmed."""
 
     def __init__(
         self,
-        state: ClusterState,
-        store: StateStore,
-        *,
-        poller: Poller,
-        dispatcher: Dispatcher,
-        links: AgentLinks,
-        outcomes: Outcomes,
+        records: Records,
+        links: Links,
         retirements: Retirements,
-        tombstones: TombstoneBook,
-        storing: Storing,
-        events: EventLog,
-        losses: Losses,
+        *,
+        fence: EpochFence,
         clock: Callable[[], float],
         check_open: Callable[[], None],
-        adopt_epoch: Callable[[int], object],
-        epoch: Callable[[], int],
     ) -> None:
-        self._state = state
-        self._store = store
-        self._poller = poller
-        self._dispatcher = dispatcher
-        self._links = links
-        self._outcomes = outcomes
+        self._state = records.state
+        self._store = records.store
+        self._outcomes = records.outcomes
+        self._tombstones = records.tombstones
+        self._storing = records.storing
+        self._events = records.events
+        self._losses = records.losses
+        self._poller = links.poller
+        self._dispatcher = links.dispatcher
+        self._links = links.agents
         self._retirements = retirements
-        self._tombstones = tombstones
-        self._storing = storing
-        self._events = events
-        self._losses = losses
+        self._fence = fence
         self._clock = clock
         self._check_open = check_open
-        self._adopt_epoch = adopt_epoch
-        self._epoch = epoch
         self._replacing: dict[WorkerId, frozenset[Key]] = {}
         """What workers that registered again as a new process held before, until the new
         process has reported (it may have some of it back) or left."""
@@ -148,7 +131,7 @@ class Membership:
             # Its status, memory and keys now, not at the next cycle: until then a new worker
             # showed as unspecified, 0 B and never polled (and an AMM that is stopped has none).
             await self._poller.poll(worker)
-        self._adopt_epoch(epoch)
+        self._fence.adopt_newer(epoch)
 
     async def unregister(self, address: str) -> tuple[bool, list[Key]]:
         """Remove a worker whose agent is leaving: (whether it was registered, the keys lost
@@ -196,9 +179,10 @@ class Membership:
         the addresses when the caller's ``epoch`` and ``version`` are current. Agents confirm
         epochs and peers with it (``GetMembership``)."""
         self._check_open()
-        if (epoch, version) == (self._epoch(), self.version):
-            return self._epoch(), self.version, None
-        return self._epoch(), self.version, self._state.worker_ids
+        ours = self._fence.epoch
+        if (epoch, version) == (ours, self.version):
+            return ours, self.version, None
+        return ours, self.version, self._state.worker_ids
 
     def _changed(self) -> None:
         self.version += 1

@@ -89,6 +89,11 @@ class RetirementDriver:
         self._wake = wake
         self._driver: asyncio.Task[None] | None = None
 
+    @property
+    def retirements(self) -> Retirements:
+        """The book of the retirements it carries out."""
+        return self._retirements
+
     async def retire_workers(
         self,
         workers: Sequence[str],
