@@ -125,8 +125,8 @@ class Queries:
         tombstone per key (``tombstones``), entered between two cycles so that no later one
         plans a copy, and taken by every agent at a poll before anything else: each deletes its
         copy, unless pinned, and discards the copies it had under way. Copies left (pinned, on
-        an agent that cannot be reached or does not take tombstones) are deleted one by one, as
-        before tombstones, and those that cannot be are listed in the error."""
+        an agent that cannot be reached or does not take tombstones) are deleted one by one, and
+        those that cannot be are listed in the error."""
         if not keys:
             raise InvalidArgument("no keys given")
         silent = await self.refresh(True)
@@ -134,18 +134,16 @@ class Queries:
         # seen since the AMM restarted, that it is not awaited).
         lost = {k for k in keys if Key(k) not in self._state.keys and self._lost.knows(Key(k))}
         remaining = [k for k in keys if k not in lost]
-        known = self._known(remaining, silent) if remaining else []
+        if remaining:
+            self._known(remaining, silent)  # unknown keys fail here, before anything changes
         self._lost.discard(Key(k) for k in lost)
         self._goals.remove(keys)
         forgotten = [Key(k) for k in dict.fromkeys(keys)]
         before = self._replicas(forgotten)
-        if self._tombstones is not None:
-            async with self._cycle_lock:
-                self._tombstones.bury(forgotten)
-            for _ in range(math.ceil(len(forgotten) / PUSH_KEYS)):  # a poll carries so many
-                await self._poller.poll_all()
-        elif not known:
-            return 0
+        async with self._cycle_lock:
+            self._tombstones.bury(forgotten)
+        for _ in range(math.ceil(len(forgotten) / PUSH_KEYS)):  # a poll carries so many
+            await self._poller.poll_all()
         left = sorted(self._replicas(forgotten))
         results = await asyncio.gather(*(self._delete(k, w) for k, w in left))
         failures = [r for r in results if isinstance(r, str)]
