@@ -55,7 +55,7 @@ class _Shift:
     """The bulk work of one event loop since its last pause, and when the pause under way ends
     (by the loop's clock, which its timers follow)."""
 
-    __slots__ = ("last", "pauses", "resume", "spent")
+    __slots__ = ("last", "pauses", "resume", "spent", "turning")
 
     def __init__(self) -> None:
         self.spent = 0.0
@@ -64,6 +64,14 @@ class _Shift:
         self.resume = float("-inf")
         #: Pauses begun so far: whether another began while a loop waited for one to end.
         self.pauses = 0
+        #: Whether the turn of the loop in which the last pause began is still on: a pause lasts
+        #: until a later turn whatever the clock says (a process waiting for a core may see
+        #: ``PAUSE`` pass within the turn, and the loop would have served nothing meanwhile).
+        self.turning = False
+
+    def turned(self) -> None:
+        """Runs in the turn after a pause began (``call_soon``)."""
+        self.turning = False
 
 
 _shifts: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Shift] = weakref.WeakKeyDictionary()
@@ -128,13 +136,15 @@ class Pace:
         shift.spent += now - max(self._since, shift.last)
         shift.last = now
         wait = shift.resume - loop.time()
-        if wait <= 0:
+        if wait <= 0 and not shift.turning:
             if shift.spent < self._budget:
                 self._since = now
                 return False
             shift.resume = loop.time() + PAUSE
             shift.spent = 0.0
             shift.pauses += 1
+            shift.turning = True
+            loop.call_soon(shift.turned)
             wait = PAUSE
         for _ in range(WAITS):
             pause = shift.pauses
