@@ -122,6 +122,17 @@ class _Budget:
         return True
 
 
+def _within(keys: dict[Key, None], max_keys: int | None, max_bytes: int | None) -> bool:
+    """Whether all of ``keys`` fit the limits ``_Budget`` takes one key at a time by."""
+    if max_keys is not None and len(keys) > max_keys:
+        return False
+    if max_bytes is None:
+        return True
+    joined = "".join(keys)
+    size = len(joined) if joined.isascii() else sum(len(key.encode()) for key in keys)
+    return size + KEY_INFO_OVERHEAD * len(keys) <= max_bytes
+
+
 class Reservation:
     """Bytes counted in flight by a store until ``release`` (idempotent; also on exit)."""
 
@@ -493,29 +504,35 @@ class Store:
         """
         if since < self._base or since > self._version:
             return None
-        budget = _Budget(max_keys, max_bytes)
-        changed: dict[Key, None] = {}
         version, more = self._version, False
-        for index in range(since - self._base, len(self._log)):
-            key = self._log[index]
-            if key in changed:
-                continue
-            if not budget.take(key):
-                # _log[index] is the change that made version _base + index + 1.
-                version, more = self._base + index, True
-                break
-            changed[key] = None
-        upserts: list[KeyInfo] = []
-        removed: list[Key] = []
+        # The usual answer holds every change since: deduplicated in C, checked against the
+        # limits as a whole (a poll during a big batch of drops reports thousands of keys).
+        start = since - self._base
+        changed: dict[Key, None] | None = None
+        if max_keys is None or len(self._log) - start <= 2 * max_keys:
+            changed = dict.fromkeys(self._log[start:])
+        if changed is None or not _within(changed, max_keys, max_bytes):
+            budget = _Budget(max_keys, max_bytes)
+            changed = {}
+            for index in range(start, len(self._log)):
+                key = self._log[index]
+                if key in changed:
+                    continue
+                if not budget.take(key):
+                    # _log[index] is the change that made version _base + index + 1.
+                    version, more = self._base + index, True
+                    break
+                changed[key] = None
         values, pins = self._values, self._pins
-        for key in changed:
-            value = values.get(key)  # ``info``, inline: a big batch of drops removes thousands
-            if value is None:
-                removed.append(key)
-            else:
-                upserts.append(
-                    _new_tuple(KeyInfo, (key, len(value.data), value.checksum, key in pins))
-                )
+        removed = [key for key in changed if key not in values]
+        upserts: list[KeyInfo] = []
+        if len(removed) < len(changed):
+            for key in changed:
+                value = values.get(key)  # ``info``, inline
+                if value is not None:
+                    upserts.append(
+                        _new_tuple(KeyInfo, (key, len(value.data), value.checksum, key in pins))
+                    )
         return Changes(tuple(upserts), tuple(removed), version, more)
 
     def release_changes(self, upto: int) -> None:

@@ -304,3 +304,44 @@ def test_snapshots_skip_removed_keys_the_sorted_index_still_lists() -> None:
     assert store.snapshot() == []
     assert store.snapshot_page(None).keys == ()
     assert len(store._sorted) < STALE_SORTED_MIN * 2, "rebuilt without the removed keys"
+
+
+def _changes_one_by_one(store: Store, since: int, max_keys: int, max_bytes: int) -> Changes:
+    """``changes_since`` as it was written before its usual answer was taken whole: each key of
+    the changelog in turn against the limits, as they are now."""
+    log = store._log
+    keys: dict[Key, None] = {}
+    used, version, more = 0, store.version, False
+    for index in range(since - store._base, len(log)):
+        key = log[index]
+        if key in keys:
+            continue
+        cost = len(key.encode()) + KEY_INFO_OVERHEAD
+        if keys and (len(keys) >= max_keys or used + cost > max_bytes):
+            version, more = store._base + index, True
+            break
+        keys[key] = None
+        used += cost
+    upserts = tuple(store.info(k) for k in keys if k in store)
+    return Changes(upserts, tuple(k for k in keys if k not in store), version, more)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("max_keys", [1, 7, 12, 13, 40])
+@pytest.mark.parametrize("max_bytes", [1, 3 * (3 + KEY_INFO_OVERHEAD), 10**6])
+def test_changes_taken_whole_are_those_taken_one_by_one(max_keys: int, max_bytes: int) -> None:
+    """Keys added, removed, re-added and pinned (some not ASCII), read back from every version:
+    the answer taken whole when it fits is the one the limits give key by key."""
+    store = Store()
+    keys = [Key(f"k{i:02}" if i % 3 else f"\u00e9{i}") for i in range(20)]
+    for i, key in enumerate(keys):
+        add(store, key)
+        if i % 4 == 0:
+            store.remove(keys[i // 2])
+        if i % 5 == 0 and key in store:
+            store.pin(key)
+        if i % 6 == 0 and keys[i // 3] not in store:
+            add(store, keys[i // 3])
+    for since in range(store.version + 1):
+        assert store.changes_since(since, max_keys=max_keys, max_bytes=max_bytes) == (
+            _changes_one_by_one(store, since, max_keys, max_bytes)
+        ), since
