@@ -117,6 +117,26 @@ def outcome_from_pb(pb: types_pb2.DirectiveOutcome) -> Outcome:
     )
 
 
+def outcomes_from_pb(pbs: Iterable[types_pb2.DirectiveOutcome]) -> list[Outcome]:
+    """``outcome_from_pb`` of each, without a call each (a big cycle reads 300,000 in
+    batches)."""
+    new, statuses, reasons, failed = tuple.__new__, _OUTCOMES, _REASONS, OutcomeStatus.FAILED
+    return [
+        new(
+            Outcome,
+            (
+                pb.directive_id,
+                statuses.get(pb.status, failed),
+                reasons.get(pb.reason, ""),
+                pb.message,
+                pb.inventory_version,
+                pb.duplicate,
+            ),
+        )
+        for pb in pbs
+    ]
+
+
 def reason_to_pb(reason: str) -> types_pb2.RefusalReason.ValueType:
     return _REASONS_OUT.get(reason, types_pb2.REFUSAL_REASON_UNSPECIFIED)
 
