@@ -185,9 +185,25 @@ def memory_to_pb(m: Memory) -> types_pb2.MemoryReport:
     )
 
 
-def key_reports(keys: Iterable[types_pb2.KeyInfo]) -> list[KeyReport]:
+def key_reports(
+    keys: Iterable[types_pb2.KeyInfo], shared: dict[Key, KeyReport] | None = None
+) -> list[KeyReport]:
+    """A report of each key; with ``shared``, a key reported as a report there already is that
+    report, not a new one (and a key not there yet is added)."""
     new = tuple.__new__  # a KeyReport without its constructor's Python call: 400k in a snapshot
-    return [new(KeyReport, (k.key, k.size, k.checksum, k.pinned)) for k in keys]
+    if shared is None:
+        return [new(KeyReport, (k.key, k.size, k.checksum, k.pinned)) for k in keys]
+    reports: list[KeyReport] = []
+    append, known_as = reports.append, shared.get
+    for k in keys:
+        key = Key(k.key)
+        known = known_as(key)
+        if known is None:
+            known = shared[key] = new(KeyReport, (key, k.size, k.checksum, k.pinned))
+        elif known[2] != k.checksum or known[1] != k.size or known[3] != k.pinned:
+            known = new(KeyReport, (key, k.size, k.checksum, k.pinned))
+        append(known)
+    return reports
 
 
 def poll_keys_removed(resp: agent_pb2.PollResponse) -> list[Key]:
