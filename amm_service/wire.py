@@ -7,6 +7,7 @@ servicers never hand-build domain values.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import cast
 
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -116,6 +117,26 @@ def outcome_from_pb(pb: types_pb2.DirectiveOutcome) -> Outcome:
     )
 
 
+def outcomes_from_pb(pbs: Iterable[types_pb2.DirectiveOutcome]) -> list[Outcome]:
+    """``outcome_from_pb`` of each, without a call each (a big cycle reads 300,000 in
+    batches)."""
+    new, statuses, reasons, failed = tuple.__new__, _OUTCOMES, _REASONS, OutcomeStatus.FAILED
+    return [
+        new(
+            Outcome,
+            (
+                pb.directive_id,
+                statuses.get(pb.status, failed),
+                reasons.get(pb.reason, ""),
+                pb.message,
+                pb.inventory_version,
+                pb.duplicate,
+            ),
+        )
+        for pb in pbs
+    ]
+
+
 def reason_to_pb(reason: str) -> types_pb2.RefusalReason.ValueType:
     return _REASONS_OUT.get(reason, types_pb2.REFUSAL_REASON_UNSPECIFIED)
 
@@ -164,12 +185,29 @@ def memory_to_pb(m: Memory) -> types_pb2.MemoryReport:
     )
 
 
-def key_reports(keys: Iterable[types_pb2.KeyInfo]) -> list[KeyReport]:
-    return [KeyReport(Key(k.key), k.size, k.checksum, k.pinned) for k in keys]
+def key_reports(
+    keys: Iterable[types_pb2.KeyInfo], shared: dict[Key, KeyReport] | None = None
+) -> list[KeyReport]:
+    """A report of each key; with ``shared``, a key reported as a report there already is that
+    report, not a new one (and a key not there yet is added)."""
+    new = tuple.__new__  # a KeyReport without its constructor's Python call: 400k in a snapshot
+    if shared is None:
+        return [new(KeyReport, (k.key, k.size, k.checksum, k.pinned)) for k in keys]
+    reports: list[KeyReport] = []
+    append, known_as = reports.append, shared.get
+    for k in keys:
+        key = Key(k.key)
+        known = known_as(key)
+        if known is None:
+            known = shared[key] = new(KeyReport, (key, k.size, k.checksum, k.pinned))
+        elif known[2] != k.checksum or known[1] != k.size or known[3] != k.pinned:
+            known = new(KeyReport, (key, k.size, k.checksum, k.pinned))
+        append(known)
+    return reports
 
 
 def poll_keys_removed(resp: agent_pb2.PollResponse) -> list[Key]:
-    return [Key(k) for k in resp.removed]
+    return cast("list[Key]", list(resp.removed))  # Key is str at run time: no copy each
 
 
 def rejection_to_pb(r: Rejection) -> types_pb2.Rejection:

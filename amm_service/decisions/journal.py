@@ -50,6 +50,15 @@ class Journal(Generic[K]):
             del keys[:drop]
             self._base += drop
 
+    def extend(self, keys: list[K]) -> None:
+        """``note`` each of ``keys``, in order (a poll step notes hundreds at once)."""
+        kept = self._keys
+        kept += keys
+        if len(kept) > self.limit:
+            drop = len(kept) - self.limit // 2
+            del kept[:drop]
+            self._base += drop
+
     def since(self, uid: int, start: int, end: int | None = None) -> set[K] | None:
         """The keys noted from ``start`` up to ``end`` (now, if None); None when ``uid`` is
         another journal's or the journal has forgotten part of that stretch."""

@@ -274,8 +274,8 @@ async def test_a_big_incremental_answer_is_read_as_it_is_merged(
     state = _Unmerged()
     key_reports = wire.key_reports
 
-    def counting(keys: Any) -> list[KeyReport]:
-        reports = key_reports(keys)
+    def counting(keys: Any, *shared: Any) -> list[KeyReport]:
+        reports = key_reports(keys, *shared)
         state.read += len(reports)
         return reports
 

@@ -97,12 +97,7 @@ class _Stream:
                 pace = Budget()
                 for start in range(0, len(items), OUTCOME_STEP):
                     with gc_paused():
-                        self._take(
-                            [
-                                wire.outcome_from_pb(item)
-                                for item in items[start : start + OUTCOME_STEP]
-                            ]
-                        )
+                        self._take(wire.outcomes_from_pb(items[start : start + OUTCOME_STEP]))
                     await pace()  # let control calls in between
         except grpc.aio.AioRpcError as err:
             why = f"directive stream broke: {err.code().name}"

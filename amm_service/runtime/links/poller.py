@@ -207,8 +207,8 @@ class Poller:
         If the agent restarts while we page, its answer is the first page of a new snapshot:
         start over from it.
         """
-        share = self._shared.share
-        keys = share(await _reports(first))
+        read = self._shared.read
+        keys = await _reports(first, read)
         resp = first
         for _ in range(MAX_PAGES):
             if not resp.next_cursor:
@@ -216,7 +216,7 @@ class Poller:
             resp = await self._call(worker, first.incarnation, cursor=resp.next_cursor)
             if resp.incarnation != first.incarnation:
                 first, keys = resp, []
-            keys.extend(share(await _reports(resp)))
+            keys.extend(await _reports(resp, read))
         return first, resp, keys
 
     async def _apply_changes(
@@ -385,32 +385,29 @@ class SharedReports:
             if not self._readers:
                 self._table = {}
 
-    def share(self, reports: list[KeyReport]) -> list[KeyReport]:
-        """``reports``, each replaced by the same report seen before, if any (the new copies
-        are let go); only while ``reading``."""
-        if not self._readers:
-            return reports
-        table = self._table
-        shared: list[KeyReport] = []
-        append = shared.append
-        for report in reports:
-            known = table.setdefault(report.key, report)
-            append(known if known is report or known == report else report)
-        return shared
+    def read(self, pb: Iterable[types_pb2.KeyInfo]) -> list[KeyReport]:
+        """The reports of ``pb`` (as ``_read``), each key reported alike before being that
+        report, not a new one (only while ``reading``): a snapshot's keys that another agent
+        reported already cost no report of their own, not even for a moment."""
+        with gc_paused():
+            return wire.key_reports(pb, self._table if self._readers else None)
 
 
-async def _reports(resp: agent_pb2.PollResponse) -> list[KeyReport]:
-    """The keys of an answer, read ``MERGE_STEP`` at a time with the loop let in between
+async def _reports(
+    resp: agent_pb2.PollResponse,
+    read: Callable[[Iterable[types_pb2.KeyInfo]], list[KeyReport]],
+) -> list[KeyReport]:
+    """The keys of an answer, ``read`` ``MERGE_STEP`` at a time with the loop let in between
     (``pacing.Budget``; a page of 10,000 took 15-20 ms to read in one go)."""
     pb = resp.keys
     if len(pb) <= MERGE_STEP:
-        return _read(pb)
+        return read(pb)
     keys: list[KeyReport] = []
     pace = Budget()
     for start in range(0, len(pb), MERGE_STEP):
         if start:
             await pace()
-        keys += _read(pb[start : start + MERGE_STEP])
+        keys += read(pb[start : start + MERGE_STEP])
     return keys
 
 

@@ -201,7 +201,10 @@ class LostBook:
 
 
 def _chunks(keys: set[Key]) -> list[list[Key]]:
-    ordered = list(keys)
+    """``keys`` in order, a ``SAVE_STEP`` a transaction: in the order of a set, each of the
+    100 transactions of a 100k-key save touched nearly every page of the table (and wrote it
+    to the WAL again); sorted, each touches its own few (half the CPU, a third of the time)."""
+    ordered = sorted(keys)
     return [ordered[i : i + SAVE_STEP] for i in range(0, len(ordered), SAVE_STEP)]
 
 

@@ -137,6 +137,8 @@ class Outcomes:
         watched: list[tuple[Directive, Outcome]] | None = (
             [] if watcher is not None and watcher.watching else None
         )
+        last_cycle, last_op, last_reason = -1, None, ""
+        same: list[Outcome] = []
         for outcome in outcomes:
             entry = settle(outcome)
             if entry is None:
@@ -145,12 +147,17 @@ class Outcomes:
                 watched.append((entry.directive, outcome))
             status = outcome.status
             if status is applied_status:
-                kind = (entry.cycle, entry.directive.op is Op.DROP, outcome.reason)
-                same = applied.get(kind)
-                if same is None:
-                    applied[kind] = [outcome]
-                else:
-                    same.append(outcome)
+                directive = entry.directive
+                if (
+                    entry.cycle != last_cycle
+                    or directive.op is not last_op
+                    or outcome.reason != last_reason
+                ):
+                    # A batch's outcomes are nearly all of one kind: a tuple and a look-up
+                    # only when the kind changes.
+                    last_cycle, last_op, last_reason = entry.cycle, directive.op, outcome.reason
+                    same = applied.setdefault((last_cycle, last_op is Op.DROP, last_reason), [])
+                same.append(outcome)
                 continue
             by_outcome[entry.directive.op, status, outcome.reason] += 1
             if status is OutcomeStatus.REFUSED:
