@@ -19,9 +19,11 @@ from tests.support.faults import fake_peer
 from tests.support.waiting import wait_for
 
 NKEYS = 100_000
-#: Most CPU seconds the loop may spend at once while the worker leaves (before: 0.15-0.7 s).
-#: CPU, not wall time: on a loaded machine a slice's wall time is mostly other processes'.
-MOST = 0.1
+#: Most CPU seconds the loop's thread may spend between two 1 ms sleeps of a probe while the
+#: worker leaves: 0.2-0.3 s before, 0.05-0.07 s now on the project's 2-core VM under load (the
+#: records taken in at once, and the lost keys looked for). CPU, not wall time: on a loaded
+#: machine a slice's wall time is mostly other processes'.
+MOST = 0.15
 
 
 class _Holder(agent_pb2_grpc.WorkerAgentServicer):
@@ -57,10 +59,9 @@ class _Held:
     async def watch(self) -> None:
         while True:
             before = time.thread_time()
-            await asyncio.sleep(0)
+            await asyncio.sleep(0.001)  # whatever else the loop runs meanwhile, on its thread
             self.most = max(self.most, time.thread_time() - before)
             self.turns += 1
-            await asyncio.sleep(0.001)
 
 
 async def test_the_loop_stays_responsive_while_a_100k_key_worker_unregisters(
