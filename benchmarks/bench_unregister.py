@@ -105,7 +105,8 @@ def main() -> None:
         way = "departure (now)" if paced else "one key at a time (before)"
         hold = statistics.median(r[0] for r in runs)
         step = statistics.median(r[1] for r in runs)
-        print(f"{way:<26}{runs[0][2]:>12}{hold:>10.1f}{step:>10.1f}")
+        steps = f"{step:>10.1f}" if paced else f"{'-':>10}"
+        print(f"{way:<26}{runs[0][2]:>12}{hold:>10.1f}{steps}")
     with open("/proc/loadavg") as f:
         print("load:", f.read().split()[:3])
 
