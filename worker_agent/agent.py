@@ -281,7 +281,9 @@ class Agent:
         if self.config.bulk and self.config.security is None:
             try:
                 self.node.bulk = await BulkServer.start(
-                    host_of(self.config.listen), self.config.stream_idle_timeout
+                    host_of(self.config.listen),
+                    self.config.stream_idle_timeout,
+                    self.config.max_bulk_senders,
                 )
             except OSError as err:  # values then travel over gRPC, as with --no-bulk
                 log.warning("no bulk port: %s", err)

@@ -23,6 +23,11 @@ bound for one agent arrived one after the other). ``recv_into`` and ``sendall`` 
 for the kernel's copy; the loop only learns that a transfer ended. Cancelling a transfer shuts
 its socket down, which ends the thread's blocked call at once, and waits for the thread before
 the buffer is let go.
+
+A source serves several receivers and clients at once, so its sending threads are capped
+(``max_senders``, ``AgentConfig.max_bulk_senders``): more large transfers wait for a sender in
+the order they claimed their tickets, each within the idle timeout (its receiver waits no longer
+for a first byte), and one cancelled while it waits leaves the queue.
 """
 
 from __future__ import annotations
@@ -59,6 +64,8 @@ THREAD_BYTES = 1024 * 1024
 #: Values at least this large are hashed in a second thread while they arrive; smaller ones by
 #: the receiving thread once they are in (a thread would cost more than it overlaps).
 PIPELINE_BYTES = 4 * HASH_BYTES
+#: Sending threads of one bulk port at most, by default (``BulkServer``).
+MAX_SENDERS = 4
 
 # ``PyBytes_FromStringAndSize(NULL, size)``: a bytes object whose data is not initialised.
 _new_bytes = ctypes.pythonapi.PyBytes_FromStringAndSize
@@ -113,20 +120,37 @@ class Offer:
 
 
 class BulkServer:
-    """The bulk port of one agent: accepts connections, each claiming one offered value."""
+    """The bulk port of one agent: accepts connections, each claiming one offered value.
 
-    def __init__(self, listener: socket.socket, idle_timeout: float) -> None:
+    At most ``max_senders`` values of ``THREAD_BYTES`` or more are sent at once, each in a
+    thread: unbounded, every receiver and client reading from this agent at once had a thread
+    of its own, all sharing the same CPUs and link. The others wait their turn, first come
+    first served (``asyncio.Semaphore`` is fair), each within the idle timeout."""
+
+    def __init__(
+        self, listener: socket.socket, idle_timeout: float, max_senders: int = MAX_SENDERS
+    ) -> None:
+        if max_senders < 1:
+            raise ValueError(f"max_senders must be >= 1, got {max_senders}")
         self._listener = listener
         self._idle_timeout = idle_timeout
+        self._senders = asyncio.Semaphore(max_senders)
         self._offers: dict[bytes, _Offer] = {}
         self._connections: set[asyncio.Task[None]] = set()
         self._accepting: asyncio.Task[None] | None = None
         self.port: int = listener.getsockname()[1]
         #: Values sent in full so far.
         self.sent = 0
+        #: Sending threads running now, and the most that ran at once.
+        self.sending = 0
+        self.most_sending = 0
+        #: Large transfers waiting for a sending thread.
+        self.waiting = 0
 
     @classmethod
-    async def start(cls, host: str, idle_timeout: float) -> BulkServer:
+    async def start(
+        cls, host: str, idle_timeout: float, max_senders: int = MAX_SENDERS
+    ) -> BulkServer:
         """Listen on ``host`` (the host of the agent's gRPC listen address), any free port."""
         loop = asyncio.get_running_loop()
         host = host.strip("[]")
@@ -147,7 +171,11 @@ class BulkServer:
                 problems.append(f"{address[0]}: {err.strerror or err}")
         else:
             raise OSError(f"cannot listen on {host!r}: {'; '.join(problems) or 'no address'}")
-        server = cls(listener, idle_timeout)
+        try:
+            server = cls(listener, idle_timeout, max_senders)
+        except ValueError:
+            listener.close()
+            raise
         server._accepting = asyncio.create_task(server._accept(), name="bulk port")
         return server
 
@@ -211,11 +239,7 @@ class BulkServer:
                     async with asyncio.timeout(self._idle_timeout):
                         await loop.sock_sendall(connection, entry.data)
                 else:
-                    # Each send call within the idle timeout (``socket.sendall``: the timeout
-                    # bounds the whole call), in a thread: the loop stays free meanwhile.
-                    connection.settimeout(self._idle_timeout)
-                    sending = functools.partial(_send_all, connection, entry.data)
-                    await _in_thread(sending, connection, "bulk send")
+                    await self._send_in_thread(connection, entry.data)
                 self.sent += 1
                 if not entry.done.done():
                     entry.done.set_result(None)
@@ -226,6 +250,27 @@ class BulkServer:
             finally:
                 if entry is not None and not entry.done.done():  # cancelled: the agent stops
                     entry.done.set_exception(BulkError("the agent is stopping"))
+
+    async def _send_in_thread(self, connection: socket.socket, data: bytes) -> None:
+        """Send ``data`` in a thread once one of the ``max_senders`` is free, waiting for it
+        within the idle timeout (``TimeoutError``)."""
+        self.waiting += 1
+        try:
+            async with asyncio.timeout(self._idle_timeout):
+                await self._senders.acquire()
+        finally:
+            self.waiting -= 1
+        self.sending += 1
+        self.most_sending = max(self.most_sending, self.sending)
+        try:
+            # Each send call within the idle timeout (``socket.sendall``: the timeout bounds
+            # the whole call), in a thread: the loop stays free meanwhile.
+            connection.settimeout(self._idle_timeout)
+            sending = functools.partial(_send_all, connection, data)
+            await _in_thread(sending, connection, "bulk send")
+        finally:
+            self.sending -= 1
+            self._senders.release()
 
 
 def _send_all(connection: socket.socket, data: bytes) -> None:

@@ -77,6 +77,11 @@ class AgentConfig:
     #: Directives carried out at the same time; also how many directives one Directives stream
     #: has in hand (read, outcome not yet sent) before it reads the next.
     max_concurrent_directives: int = 8
+    #: Values of 1 MiB or more sent over the bulk port at once (each by a thread of its own), to
+    #: all receivers and clients together; more wait their turn, each up to
+    #: ``stream_idle_timeout``. A receiver takes ``max_concurrent_directives`` at most, but a
+    #: source may serve many.
+    max_bulk_senders: int = 4
     #: Channels to peers kept open at most; beyond it the least recently used idle ones close.
     max_peer_channels: int = 256
     #: Deadline of one peer transfer (one source), in seconds.
@@ -202,3 +207,5 @@ class AgentConfig:
             raise ValueError(
                 f"max_concurrent_directives must be >= 1, got {self.max_concurrent_directives}"
             )
+        if self.max_bulk_senders < 1:
+            raise ValueError(f"max_bulk_senders must be >= 1, got {self.max_bulk_senders}")
