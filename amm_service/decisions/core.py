@@ -325,6 +325,21 @@ class _Decider:
         nleft, ndurable = len(remaining), len(durable)
         picks: list[WorkerId] = []
         no: _No | None = None
+        if not per_zone and not readers and (not fragile or pool <= durable):
+            # The usual key: every candidate durable, none pinned, no zone to keep. Each pick
+            # then lessens nleft, ndurable and reachable alike, and the loop below would take
+            # the first ``n`` of ``order``: how many, and why it stops, follow from the counts.
+            n = min(copies, ndurable - 1, reachable) if ndurable else 0
+            picks = order[: max(0, n)]
+            if n < copies:
+                if not ndurable or (n == ndurable - 1 and (nleft == ndurable or n < reachable)):
+                    no = _No("last replica", Why.LAST_REPLICA)
+                else:
+                    no = _No(
+                        "no reachable candidate holds the key (or all are already dropping it)",
+                        Why.UNREACHABLE,
+                    )
+            copies = 0  # decided: the loop below is for the other keys
         for _ in range(copies):
             if nleft < 2 or not ndurable:
                 no = _No("last replica", Why.LAST_REPLICA)
