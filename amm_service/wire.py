@@ -17,6 +17,8 @@ from amm_service.decisions.directive import Directive, Op, Outcome, OutcomeStatu
 from amm_service.decisions.events import Event
 from amm_service.decisions.view import Key, KeyReport, Measure, Memory, WorkerStatus
 
+_DROP = Op.DROP
+"""Read once: an Op member is a lookup through ``EnumType`` (ten times a plain attribute)."""
 _OPS = {Op.REPLICATE: types_pb2.DIRECTIVE_OP_REPLICATE, Op.DROP: types_pb2.DIRECTIVE_OP_DROP}
 _STATUSES = {
     types_pb2.WORKER_STATUS_RUNNING: WorkerStatus.RUNNING,
@@ -71,7 +73,9 @@ def directives_request(
     if request is None:
         request = agent_pb2.DirectivesRequest()
     add = request.batch.add
-    shared: dict[tuple[object, ...], bytes] = {}
+    # One table per op, so that no key holds an Op member: its hash is a Python call.
+    drops: dict[tuple[object, ...], bytes] = {}
+    replicas: dict[tuple[object, ...], bytes] = {}
     last: Directive | None = None
     common = b""
     for d in directives:
@@ -84,10 +88,11 @@ def directives_request(
             or d.epoch != last.epoch
             or d.op is not last.op
         ):
-            fields = (d.epoch, d.op, d.sources, d.holders, d.policy, d.reason)
-            found = shared.get(fields)
+            of_op = drops if d.op is _DROP else replicas
+            fields = (d.epoch, d.sources, d.holders, d.policy, d.reason)
+            found = of_op.get(fields)
             if found is None:
-                found = shared[fields] = _shared_fields(d).SerializeToString()
+                found = of_op[fields] = _shared_fields(d).SerializeToString()
             common, last = found, d
         add(id=d.id, key=d.key, size=d.size, checksum=d.checksum).MergeFromString(common)
     return request
