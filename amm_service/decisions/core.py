@@ -57,6 +57,11 @@ from amm_service.policies.base import (
     priority_of,
 )
 
+#: The members read once: ``Op.DROP`` is a lookup through ``EnumType`` (ten times a plain
+#: class attribute on Python 3.11), and the hot loops below read one per key or directive.
+_DROP, _REPLICATE = Op.DROP, Op.REPLICATE
+_NOBODY: frozenset[WorkerId] = frozenset()
+
 
 @dataclass(frozen=True, slots=True)
 class PlanConfig:
@@ -147,6 +152,10 @@ class _CyclePending:
         self._replicating: dict[Key, tuple[WorkerId, ...]] = {}
         self._dropping: dict[Key, tuple[WorkerId, ...]] = {}
         self._ledger = earlier if isinstance(earlier, Ledger) else None
+        self._seen: tuple[Key, InFlight] | None = None
+        """The last ``in_flight`` answer: a policy asks for a key right before it suggests,
+        and the core asks again for the same key to answer it. Forgotten at every pick and
+        whenever the planning yields (what is in flight may change only then)."""
 
     @property
     def feed(self) -> tuple[int, int] | None:
@@ -165,15 +174,24 @@ class _CyclePending:
         return self._replicating.keys() | self._dropping.keys()
 
     def in_flight(self, key: Key) -> InFlight:
+        seen = self._seen
+        if seen is not None and seen[0] == key:
+            return seen[1]
         base = self._earlier.in_flight(key)
         repl = self._replicating.get(key)
         drop = self._dropping.get(key)
-        if repl is None and drop is None:
-            return base
-        return InFlight(base.replicating.union(repl or ()), base.dropping.union(drop or ()))
+        if repl is not None or drop is not None:
+            base = InFlight(base.replicating.union(repl or ()), base.dropping.union(drop or ()))
+        self._seen = (key, base)
+        return base
+
+    def forget(self) -> None:
+        """Forget the last ``in_flight`` answer: the ledger may change from now on."""
+        self._seen = None
 
     def add(self, op: Op, key: Key, workers: tuple[WorkerId, ...]) -> None:
-        table = self._replicating if op is Op.REPLICATE else self._dropping
+        self._seen = None
+        table = self._replicating if op is _REPLICATE else self._dropping
         table[key] = table.get(key, ()) + workers
 
     def dropped(self, key: Key) -> bool:
@@ -209,13 +227,13 @@ class _Decider:
         if d.worker not in self.memory:
             return
         holds = kv is not None and d.worker in kv.holders
-        if d.op is Op.REPLICATE and not holds:
+        if d.op is _REPLICATE and not holds:
             self.memory[d.worker] += d.size
             self.managed[d.worker] += d.size
             self.incoming[d.worker] = self.incoming.get(d.worker, 0) + 1
             if d.sources:
                 self.outgoing[d.sources[0]] = self.outgoing.get(d.sources[0], 0) + 1
-        elif d.op is Op.DROP and holds:
+        elif d.op is _DROP and holds:
             self.memory[d.worker] -= d.size
 
     def recipient(self, kv: KeyView, candidates: frozenset[WorkerId] | None) -> WorkerId | _No:
@@ -276,67 +294,90 @@ class _Decider:
                     Why.GRACE,
                 ),
             )
-        remaining = kv.holders - self.pending.in_flight(kv.key).dropping
-        durable = remaining - self.fragile
+        # Each set taken away only when it holds something (most often none does): a set
+        # operation copies the set even then, and this runs for every key a cycle drops.
+        dropping, fragile, unreachable = (
+            self.pending.in_flight(kv.key).dropping,
+            self.fragile,
+            self.unreachable,
+        )
+        remaining = kv.holders - dropping if dropping else kv.holders
+        durable = remaining - fragile if fragile else remaining
         pool = remaining if candidates is None else candidates & remaining
-        pool = pool - self.unreachable  # a directive it cannot hear is no use
+        if unreachable:
+            pool = pool - unreachable  # a directive it cannot hear is no use
         reachable = len(pool)
-        readers = pool & kv.pinned_on
-        pool = pool - readers
+        readers = pool & kv.pinned_on if kv.pinned_on else _NOBODY
+        if readers:
+            pool = pool - readers
         unpinned = len(pool)
         memory, zone, rank = self.memory, self.zone, self.drop_rank
         # Dask's rule against ping-pong: when the readers' workers are all paused or leaving,
         # the last running candidate keeps its copy (it is where new copies can be made from).
         readers_not_running = bool(readers) and all(rank[w] < RUNNING_RANK for w in readers)
         # Best first (zones aside): retiring, then paused, then the most memory.
-        order = sorted(pool, key=lambda w: (-rank[w], memory[w], w), reverse=True)
+        order = [w for _, _, w in sorted([(-rank[w], memory[w], w) for w in pool], reverse=True)]
         per_zone: dict[str, int] = {}  # durable copies per zone; empty: no zone to keep
         if self.zoned:
             for w in durable:
                 if zone[w]:
                     per_zone[zone[w]] = per_zone.get(zone[w], 0) + 1
-        left = sorted(remaining, key=self._preference)
         nleft, ndurable = len(remaining), len(durable)
         picks: list[WorkerId] = []
-        for _ in range(copies):
-            if nleft < 2 or not ndurable:
-                return picks, tuple(left), _No("last replica", Why.LAST_REPLICA)
-            if not reachable:
-                return (
-                    picks,
-                    tuple(left),
-                    _No(
+        no: _No | None = None
+        if not per_zone and not readers and (not fragile or pool <= durable):
+            # The usual key: every candidate durable, none pinned, no zone to keep. Each pick
+            # then lessens nleft, ndurable and reachable alike, and the loop below would take
+            # the first ``n`` of ``order``: how many, and why it stops, follow from the counts.
+            n = min(copies, ndurable - 1, reachable) if ndurable else 0
+            picks = order[: max(0, n)]
+            if n < copies:
+                if not ndurable or (n == ndurable - 1 and (nleft == ndurable or n < reachable)):
+                    no = _No("last replica", Why.LAST_REPLICA)
+                else:
+                    no = _No(
                         "no reachable candidate holds the key (or all are already dropping it)",
                         Why.UNREACHABLE,
-                    ),
+                    )
+            copies = 0  # decided: the loop below is for the other keys
+        for _ in range(copies):
+            if nleft < 2 or not ndurable:
+                no = _No("last replica", Why.LAST_REPLICA)
+                break
+            if not reachable:
+                no = _No(
+                    "no reachable candidate holds the key (or all are already dropping it)",
+                    Why.UNREACHABLE,
                 )
+                break
             if not unpinned:
-                return picks, tuple(left), _No("pinned on every candidate", Why.PINNED)
+                no = _No("pinned on every candidate", Why.PINNED)
+                break
             if per_zone or ndurable == 1:
                 chosen = self._spare(order, durable, per_zone, ndurable == 1)
                 if chosen is None:
-                    return picks, tuple(left), _No("last replica", Why.LAST_REPLICA)
+                    no = _No("last replica", Why.LAST_REPLICA)
+                    break
             else:
                 chosen = order[0]  # no zone to keep and more than one durable copy left
             if unpinned == 1 and readers_not_running and rank[chosen] == RUNNING_RANK:
-                return (
-                    picks,
-                    tuple(left),
-                    _No(
-                        f"kept on {chosen}, the only running candidate: the workers that pinned "
-                        "it are paused or leaving",
-                        Why.PINNED,
-                    ),
+                no = _No(
+                    f"kept on {chosen}, the only running candidate: the workers that pinned "
+                    "it are paused or leaving",
+                    Why.PINNED,
                 )
+                break
             order.remove(chosen)
-            left.remove(chosen)
             nleft, reachable, unpinned = nleft - 1, reachable - 1, unpinned - 1
             if chosen in durable:
                 ndurable -= 1
                 if per_zone and zone[chosen]:
                     per_zone[zone[chosen]] -= 1
             picks.append(chosen)
-        return picks, tuple(left), None
+        # The keepers, ranked once the picks are made (nothing they are ranked by changed).
+        keep_rank = self.rank
+        left = sorted([(keep_rank[w], memory[w], w) for w in remaining.difference(picks)])
+        return picks, tuple([w for _, _, w in left]), no
 
     def _spare(
         self,
@@ -387,14 +428,14 @@ class _Decider:
 
     def commit_drops(self, kv: KeyView, workers: list[WorkerId]) -> None:
         """``commit`` of drops of ``kv`` from each of ``workers``, at once."""
-        self.pending.add(Op.DROP, kv.key, tuple(workers))
+        self.pending.add(_DROP, kv.key, tuple(workers))
         memory, size = self.memory, kv.size
         for worker in workers:
             memory[worker] -= size
 
     def commit(self, op: Op, kv: KeyView, worker: WorkerId, sources: tuple[WorkerId, ...]) -> None:
         self.pending.add(op, kv.key, (worker,))
-        if op is Op.REPLICATE:
+        if op is _REPLICATE:
             self.memory[worker] += kv.size
             self.managed[worker] += kv.size
             self.incoming[worker] = self.incoming.get(worker, 0) + 1
@@ -510,6 +551,7 @@ def planning(
             for directive in flying[start : start + STEP]:
                 decider.count_in_flight(directive)
             yield ()
+            decider.pending.forget()
 
     counted = False
     directives: list[Directive] = []
@@ -577,7 +619,7 @@ def planning(
             conflict = f"conflicting content on {', '.join(sorted(kv.conflicting))}"
             reject(policy, suggestion, _No(conflict, Why.CONFLICT), copies)
             return None
-        if suggestion.op is Op.DROP:
+        if suggestion.op is _DROP:
             picks, keepers, no = decider.droppers(kv, suggestion.candidates, copies)
             keepers = shared.setdefault(keepers, keepers)  # a few distinct tuples for all keys
             if picks:
@@ -592,7 +634,7 @@ def planning(
                             (
                                 new_id(),
                                 epoch,
-                                Op.DROP,
+                                _DROP,
                                 key,
                                 chosen,
                                 size,
@@ -661,6 +703,7 @@ def planning(
                             directives.clear()
                     else:
                         yield ()
+                    decider.pending.forget()
                 if suggestion is not None and not counted:
                     counted = True
                     yield from count_in_flight()
@@ -685,7 +728,7 @@ def planning(
         count += made
     if keepers_of:
         directives[released:] = [
-            d._replace(holders=keepers_of[d.key]) if d.op is Op.DROP and d.key in keepers_of else d
+            d._replace(holders=keepers_of[d.key]) if d.op is _DROP and d.key in keepers_of else d
             for d in directives[released:]
         ]
     return Plan(tuple(directives), tuple(rejections), count, tuple(errors), tuple(retirements))

@@ -19,6 +19,7 @@ from amm_service.decisions.directive import Directive, Op, Outcome, OutcomeStatu
 from amm_service.decisions.pending import Ledger
 from amm_service.decisions.view import ClusterView, Key, Measure, WorkerId, WorkerStatus
 from amm_service.policies import PolicyRun, RetireRequest, Suggestion, drop, replicate
+from amm_service.policies.base import PendingView
 from tests.factories import cluster, new_ids, view
 
 CFG = PlanConfig(measure="optimistic", epoch=7)
@@ -382,3 +383,29 @@ def test_a_streamed_plan_can_let_go_of_what_it_released() -> None:
     while not isinstance(whole := step(steps), Plan):
         pass
     assert [*streamed, *out.directives] == list(whole.directives)
+
+
+class AskThenDrop:
+    """Asks what is in flight for ``x`` (as ReduceReplicas does right before it suggests), then
+    suggests dropping it, STEP copies at once: the core yields before it answers."""
+
+    name = "ask-then-drop"
+
+    def run(self, view: ClusterView, pending: PendingView, measure: Measure) -> PolicyRun:
+        pending.in_flight(K("x"))
+        yield drop(K("x"), copies=STEP)
+
+
+def test_a_drop_entering_the_ledger_while_the_plan_yields_counts_for_the_next_answer() -> None:
+    """The core remembers the last in-flight answer for the key the policy just asked about;
+    what enters the ledger while the plan has yielded (a directive made between cycles) must
+    still count when the core answers, or it would drop the last replica."""
+    v = view({"a": ["x"], "b": ["x"]})
+    ledger = Ledger()
+    steps = planning(v, [AskThenDrop()], ledger, CFG, new_ids())
+    assert step(steps) == ()  # yielded with the suggestion not answered yet
+    ledger.add(Directive("e7.z.1", 7, Op.DROP, K("x"), W("b"), 1, "c", (), (W("a"),)), 0.0)
+    while not isinstance(out := step(steps), Plan):
+        pass
+    assert out.directives == ()
+    assert {r.why for r in out.rejections} == {Why.LAST_REPLICA}

@@ -204,3 +204,34 @@ def test_an_id_entered_again_replaces_its_entry_in_every_map() -> None:
     assert entry is not None
     assert entry.sent_at == 1.0
     assert ledger.in_flight(Key("x")).dropping == {WorkerId("b")}
+
+
+def test_adding_many_at_once_is_adding_each_in_turn() -> None:
+    """``add_many`` (how a cycle enters its directives) leaves the ledger as ``add`` of each in
+    turn does: entries in order, per key, journaled, an id entered again replacing its entry,
+    and the journal's limit raised so that no change noted is forgotten."""
+    directives = [
+        directive("1", Op.DROP, "a", "x"),
+        directive("2", Op.DROP, "b", "x"),
+        directive("3", Op.REPLICATE, "c", "y"),
+        directive("4", Op.DROP, "a", "z"),
+        directive("2", Op.DROP, "c", "x"),  # the same id again: replaces its entry
+    ] + [directive(f"r{n}", Op.REPLICATE, "d", f"k{n}") for n in range(20_000)]
+    one, many = Ledger(), Ledger()
+    start, one_start = many.feed, one.feed
+    for d in directives:
+        one.add(d, now=1.0, cycle=7)
+    many.add_many(directives, now=1.0, cycle=7)
+    assert [(e.directive, e.sent_at, e.cycle) for e in many] == [
+        (e.directive, e.sent_at, e.cycle) for e in one
+    ]
+    for key in ("x", "y", "z", "k0", "k19999"):
+        assert many.in_flight(Key(key)) == one.in_flight(Key(key))
+        assert many.count(Key(key)) == one.count(Key(key))
+    assert many.in_flight(Key("x")).dropping == {WorkerId("a"), WorkerId("c")}
+    assert many.noted_since(*start) == one.noted_since(*one_start)
+    # y and the k's (replications), x (the entry replaced left): none forgotten
+    assert len(many.changed_since(*start) or ()) == 20_002
+    assert many.forget_worker(WorkerId("b")) == []
+    many.settle(Outcome("1", OutcomeStatus.REFUSED))
+    assert many.count(Key("x")) == 1

@@ -259,8 +259,7 @@ class Cycles:
                 with gc_paused():
                     some = chunk[first : first + LEDGER_STEP]
                     self._outcomes.totals.sending(some)
-                    for directive in some:
-                        self._ledger.add(directive, now, number)
+                    self._ledger.add_many(some, now, number)
             await self._dispatcher.send(chunk)
 
     def enter_between_cycles(self, directives: Sequence[Directive]) -> None:
@@ -269,8 +268,7 @@ class Cycles:
         self._fence.acted(True)
         now = self._monotonic()
         self._outcomes.totals.sending(directives)
-        for directive in directives:
-            self._ledger.add(directive, now)
+        self._ledger.add_many(directives, now)
 
     def version_of(self, worker: WorkerId) -> int | None:
         known = self._state.worker(worker)
