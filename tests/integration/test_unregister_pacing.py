@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from amm import AsyncClient
 from amm.v1 import agent_pb2, agent_pb2_grpc, control_pb2, types_pb2
 from amm_service.api.server import AmmServer
@@ -33,12 +35,19 @@ class _Holder(agent_pb2_grpc.WorkerAgentServicer):
     def __init__(self, keys: list[types_pb2.KeyInfo]) -> None:
         self.keys = keys
         self.names = [k.key for k in keys]
+        self.incarnation = "i1"
+        self.polls = 0
 
     async def Poll(self, request: Any, context: Any) -> agent_pb2.PollResponse:
+        self.polls += 1
         answer = agent_pb2.PollResponse(
-            incarnation="i1", version=1, status=types_pb2.WORKER_STATUS_RUNNING
+            incarnation=self.incarnation, version=1, status=types_pb2.WORKER_STATUS_RUNNING
         )
-        if request.incarnation == "i1" and request.since_version == 1 and not request.cursor:
+        if (
+            request.incarnation == self.incarnation
+            and request.since_version == 1
+            and not request.cursor
+        ):
             return answer
         start = bisect.bisect_right(self.names, request.cursor) if request.cursor else 0
         page = self.keys[start : start + (request.max_keys or 10_000)]
@@ -112,3 +121,54 @@ async def test_the_loop_stays_responsive_while_a_100k_key_worker_unregisters(
         assert state.worker(WorkerId(leaver)) is None
         assert len(answered) > 3, "control calls were answered meanwhile"
         assert held.most < MOST, f"the loop was held {held.most * 1000:.0f} ms at once"
+
+
+@pytest.mark.parametrize("incarnation", ["i1", "i2"], ids=["same-process", "new-process"])
+async def test_a_worker_that_registers_while_it_is_removed_stays_registered(
+    tmp_path: Path, incarnation: str
+) -> None:
+    """The removal works out its records in steps; a registration of the same worker that
+    arrives meanwhile (its agent registering again, or restarted) comes after it: the worker
+    ends registered, holding what it reports (before, a registration of the same process was
+    taken out by the removal a moment after it was made)."""
+    keys = [types_pb2.KeyInfo(key=f"k{i:06d}", size=8, checksum="c") for i in range(NKEYS)]
+    leaving = _Holder(keys)  # type: ignore[abstract]
+    async with (
+        AmmServer(amm_config(tmp_path, interval="1h")) as amm,
+        AsyncClient(amm.address, timeout=10) as client,
+        fake_peer(leaving) as leaver,
+        fake_peer(_Holder(keys)) as keeper,  # type: ignore[abstract]
+    ):
+        stub = client._amm_stub()
+        for address in (leaver, keeper):
+            await stub.RegisterWorker(
+                control_pb2.RegisterWorkerRequest(address=address, incarnation="i1")
+            )
+        assert amm.manager is not None
+        state = amm.manager.state
+        await wait_for(
+            lambda: all(len(state.held_by(WorkerId(w))) == NKEYS for w in (leaver, keeper)),
+            within=60,
+            what="both workers' 100k keys merged",
+        )
+        polls = leaving.polls
+        unregistering = asyncio.ensure_future(
+            stub.UnregisterWorker(control_pb2.UnregisterWorkerRequest(address=leaver))
+        )
+        # The unregistering agent is polled once more, then its 100k records are worked out.
+        await wait_for(lambda: leaving.polls > polls, what="the last poll of the old process")
+        leaving.incarnation = incarnation
+        await stub.RegisterWorker(
+            control_pb2.RegisterWorkerRequest(address=leaver, incarnation=incarnation)
+        )
+        reply = await unregistering
+        assert reply.removed
+        worker = state.worker(WorkerId(leaver))
+        assert worker is not None, "the registration was taken out by the removal"
+        assert worker.incarnation == incarnation
+        await wait_for(
+            lambda: len(state.held_by(WorkerId(leaver))) == NKEYS,
+            within=60,
+            what="the new process's keys merged",
+        )
+        assert state.keys[Key("k054321")].holders == {leaver, keeper}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import weakref
 from collections.abc import Callable
 
 from amm.base.validation import (
@@ -21,7 +22,7 @@ from amm.base.validation import (
     zone_problem,
 )
 from amm_service.decisions.epoch import EpochFence
-from amm_service.decisions.view import Departure, Key, WorkerId
+from amm_service.decisions.view import Departure, Key, WorkerId, WorkerView
 from amm_service.errors import InvalidArgument
 from amm_service.runtime.links.addresses import check_address
 from amm_service.runtime.links.reach import Links
@@ -71,6 +72,10 @@ class Membership:
         """What workers that registered again as a new process held before, until the new
         process has reported (it may have some of it back) or left."""
         self._leaving: dict[WorkerId, asyncio.Task[tuple[bool, list[Key]]]] = {}
+        self._turns: weakref.WeakValueDictionary[WorkerId, asyncio.Lock] = (
+            weakref.WeakValueDictionary()
+        )
+        """One lock per worker that a registration or removal is under way for (``_turn``)."""
         """Removals of workers whose agents unregistered; they outlive the call (``unregister``)."""
         #: Changes whenever the set of registered workers does (``membership``); polls carry it.
         self.version = 0
@@ -117,6 +122,12 @@ class Membership:
         )
         if problem is not None:
             raise InvalidArgument(problem)
+        async with self._turn(worker):
+            await self._register(worker, name, incarnation, epoch, zone)
+
+    async def _register(
+        self, worker: WorkerId, name: str, incarnation: str, epoch: int, zone: str
+    ) -> None:
         known = self._state.worker(worker)
         departure = None
         if known is not None and known.incarnation != incarnation:
@@ -162,7 +173,10 @@ class Membership:
         worker = WorkerId(address)
         leaving = self._leaving.get(worker)
         if leaving is None:
-            leaving = asyncio.create_task(self._unregister(worker), name=f"unregister {worker}")
+            meant = self._state.worker(worker)
+            leaving = asyncio.create_task(
+                self._unregister(worker, meant), name=f"unregister {worker}"
+            )
             self._leaving[worker] = leaving
             leaving.add_done_callback(functools.partial(self._left, worker))
         return await asyncio.shield(leaving)
@@ -174,13 +188,16 @@ class Membership:
         if not task.cancelled() and (err := task.exception()) is not None:
             log.warning("unregistering ended with %s: %s", type(err).__name__, err)
 
-    async def _unregister(self, worker: WorkerId) -> tuple[bool, list[Key]]:
-        known = self._state.worker(worker)
-        if known is None:
-            return False, []
-        if known.reachable:
-            await self._poller.poll(worker)
-        lost = await self.remove(worker, "unregistered")
+    async def _unregister(
+        self, worker: WorkerId, meant: WorkerView | None
+    ) -> tuple[bool, list[Key]]:
+        async with self._turn(worker):
+            known = self._state.worker(worker)
+            if known is None or _replaced(meant, known):
+                return False, []
+            if known.reachable:
+                await self._poller.poll(worker)
+            lost = await self._remove(worker, "unregistered")
         self._events.record(
             "worker-unregistered",
             f"its agent left; {len(lost)} key(s) had no copy elsewhere"
@@ -204,12 +221,30 @@ class Membership:
         self.version += 1
         self._poller.membership_version = self.version
 
+    def _turn(self, worker: WorkerId) -> asyncio.Lock:
+        """The lock that puts the registrations and removals of ``worker`` one after another.
+
+        A removal works out its keys' records in steps, the loop let in between: a worker that
+        registers again meanwhile (an agent restarted, one declared dead that answers again)
+        must register after the removal, not be taken out by it a moment later."""
+        lock = self._turns.get(worker)
+        if lock is None:
+            lock = self._turns[worker] = asyncio.Lock()
+        return lock
+
     async def remove(self, worker: WorkerId, cause: str = "was removed") -> list[Key]:
         """Take ``worker`` out of the registry; the keys lost with it (recorded and reported:
         no path takes a last copy away without a ``key-lost`` record).
 
         The records its keys will have without it are worked out first, in steps, and taken in
         at once: until then it is listed, with all it holds, as before."""
+        meant = self._state.worker(worker)
+        async with self._turn(worker):
+            if _replaced(meant, self._state.worker(worker)):
+                return []
+            return await self._remove(worker, cause)
+
+    async def _remove(self, worker: WorkerId, cause: str) -> list[Key]:
         departure = await self._depart(worker)
         held = self._state.held_by(worker)
         more = self._replacing.pop(worker, frozenset()) | self._storing.take(worker)
@@ -239,6 +274,12 @@ class Membership:
                 if self._state.prepare(departure, DEPART_STEP):
                     return departure
             await pace()
+
+
+def _replaced(meant: WorkerView | None, now: WorkerView | None) -> bool:
+    """Whether a new process of the worker a removal was asked for registered while the removal
+    waited its turn: the removal was meant for the process before."""
+    return meant is not None and now is not None and now.incarnation != meant.incarnation
 
 
 async def _release(departure: Departure) -> None:
