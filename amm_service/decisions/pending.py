@@ -44,6 +44,7 @@ from amm_service.decisions.view import Key, WorkerId
 #: The members read once: ``Op.REPLICATE`` is a lookup through ``EnumType`` (ten times a plain
 #: class attribute on Python 3.11), read for every directive entered or key looked up.
 _DROP, _REPLICATE = Op.DROP, Op.REPLICATE
+_APPLIED = OutcomeStatus.APPLIED
 
 
 @dataclass(slots=True)
@@ -138,7 +139,7 @@ class Ledger:
         entry = self._entries.get(outcome.directive_id)
         if entry is None or entry.applied:
             return None
-        if outcome.status is OutcomeStatus.APPLIED:
+        if outcome.status is _APPLIED:
             entry.applied = True
             version = outcome.inventory_version
             worker = entry.directive.worker
