@@ -608,6 +608,8 @@ class ClusterState:
         )
         if conflicting:
             self._odd.setdefault(report.key, {})[worker] = report
+        else:  # resolved: ``conflicts`` no longer lists it
+            self._odd.pop(report.key, None)
         if (holders, pinned, conflicting) != (kv.holders, kv.pinned_on, kv.conflicting):
             # Built directly: dataclasses.replace costs several times more, per key per poll.
             kv = KeyView(kv.key, kv.size, kv.checksum, holders, pinned, conflicting)

@@ -184,3 +184,18 @@ def test_a_snapshots_holdings_are_those_of_its_time() -> None:
     assert view.held_by(A) == {"x"}
     assert view.held_by(WorkerId("c")) == set()
     assert state.snapshot().holdings == {A: {"x", "y"}, B: {"x"}}
+
+
+def test_a_conflict_resolved_by_a_new_report_is_no_longer_listed() -> None:
+    """The odd holder reporting the key's content again resolves the conflict: ``conflicts``
+    (the status and metrics count) listed the key until a holder of it left."""
+    state = ClusterState()
+    for w in (A, B):
+        state.register(w, "", "i1", now=0.0)
+    poll(state, A, full=True, keys=[KeyReport(Key("x"), 3, "s1")])
+    poll(state, B, full=True, keys=[KeyReport(Key("x"), 5, "s2")])
+    assert state.conflicts == [Key("x")]
+    poll(state, B, version=2, keys=[KeyReport(Key("x"), 3, "s1")])
+    assert state.keys[Key("x")].conflicting == frozenset()
+    assert state.conflicts == []
+    assert Key("x") in state.snapshot().replicated
