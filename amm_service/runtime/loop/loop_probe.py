@@ -18,7 +18,6 @@ import os
 import sys
 import threading
 import time
-import traceback
 from collections.abc import AsyncIterator
 from pathlib import Path
 from types import FrameType
@@ -137,11 +136,22 @@ class LoopProbe:
 
 
 def _where(frame: FrameType) -> list[str]:
-    """The innermost frames of the AMM's own code (else of anything) in ``frame``'s stack."""
-    summary = traceback.extract_stack(frame)
-    ours = [f for f in summary if "amm_service" in f.filename or "/amm/" in f.filename]
+    """The innermost frames of the AMM's own code (else of anything) in ``frame``'s stack.
+
+    Only names and line numbers, walked by hand: the watchdog takes them while the loop's
+    thread holds the GIL but for a switch interval at a time, and reading each frame's source
+    line (``traceback.extract_stack``) took it longer than a 200 ms hold, whose stack was then
+    never written."""
+    summary: list[tuple[str, int, str]] = []
+    current: FrameType | None = frame
+    while current is not None:
+        code = current.f_code
+        summary.append((code.co_filename, current.f_lineno, code.co_name))
+        current = current.f_back
+    summary.reverse()
+    ours = [f for f in summary if "amm_service" in f[0] or "/amm/" in f[0]]
     chosen = (ours or summary)[-FRAMES:]
-    return [f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in chosen]
+    return [f"{Path(filename).name}:{lineno} {name}" for filename, lineno, name in chosen]
 
 
 @contextlib.asynccontextmanager
