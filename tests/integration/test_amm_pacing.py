@@ -29,8 +29,9 @@ TASKS = 3
 SLICE = 0.0002
 #: Most CPU seconds of the loop's thread while one control call is in flight, for 4 calls in 5:
 #: about one budget of bulk work (``pacing.BUDGET``, 5 ms) and the call's own steps: 5-6 ms (four
-#: runs). Paced within each turn of the loop (``amm.base.turns``), the loop ran a budget of bulk
-#: work in every turn, and a call, which takes several turns, waited as many budgets: 32-41 ms.
+#: runs). Paced within each turn of the loop (the former ``amm.base.turns``), the loop ran a
+#: budget of bulk work in every turn, and a call, which takes several turns, waited as many
+#: budgets: 32-51 ms.
 MAX_CALL_CPU = 0.012
 
 
