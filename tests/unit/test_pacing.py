@@ -117,7 +117,7 @@ async def test_paced_tasks_share_one_budget_per_turn_of_the_loop(side: str) -> N
     ticking.cancel()
     sizes = sorted(len(run) for run in "".join(log).split("|") if run)
     # A budget is two slices; each task's budget alone made a third of the turns six ("aabbcc").
-    # A task that lost the race for several turns in a row goes anyway (``amm.base.turns.WAITS``).
+    # A task that lost the race for several turns in a row goes anyway (``amm.base.shifts.WAITS``).
     assert sizes[len(sizes) * 9 // 10] <= 2, sizes
     assert sizes[-1] <= 4, sizes
 

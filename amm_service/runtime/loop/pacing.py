@@ -1,9 +1,10 @@
-"""Letting other work in between the steps of a big cycle (planning, sending, outcomes), and
-keeping the garbage collector out of each step.
+"""Letting other work in between the steps of a big cycle (planning, sending, poll merging,
+outcomes), and keeping the garbage collector out of each step.
 
-``asyncio.sleep(0)`` is not enough: grpc.aio learns of new calls on a poller thread that needs
-the GIL, and a zero sleep hands the loop back before that thread has had it. A pause of a
-millisecond releases the GIL in the loop's ``select``, so calls that arrived are taken in.
+The AMM's bulk loops pace themselves in shifts shared by all of them (``amm.base.shifts``, which
+the agent's pacing shares): once ``BUDGET`` of bulk work is spent, none runs for a pause, so that
+a control call (``Running``, ``GetStatus``, a fresh ``WhoHas``), which takes several turns of
+the loop to be answered, waits for about one budget of bulk work, not one per turn.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 
 from amm.base import heap, malloc
-from amm.base.turns import PAUSE, Turns
+from amm.base.shifts import PAUSE, Paced
 
 #: Most seconds of bulk work between two breaths (``Budget``).
 BUDGET = 0.005
@@ -45,39 +46,30 @@ async def breathe() -> None:
     await asyncio.sleep(PAUSE)
 
 
-_turns = Turns()
-
-
-class Budget:
+class Budget(Paced):
     """Breathes between two small slices of bulk work once ``budget`` seconds of it were done
-    in this turn of the event loop, by this task and every other one pacing itself so: the loop
-    is held for about ``budget`` at a time, however many bulk tasks run at once (a cycle's
-    polls of every agent, the directive streams' outcomes, planning), whatever a slice costs on
-    this machine, without paying a pause per slice. Budgets of each task alone let a turn of the
-    loop, and so a control call waiting for it, take a budget per bulk task.
+    since the last pause by this task and every other one pacing itself so, then pauses with all
+    of them (``amm.base.shifts``): the loop is held for about ``budget`` at a time, however many
+    bulk tasks run at once (a cycle's polls of every agent, the directive streams' outcomes,
+    planning), whatever a slice costs on this machine, without paying a pause per slice. Budgets
+    of each task alone let every turn of the loop, and so each step of a control call, take a
+    budget of bulk work or more.
 
-    A task's breath ends the turn's budget, and tasks whose breath ends while the turn's budget
-    is spent breathe again, a few times at most (``amm.base.turns``). Wall time, not CPU: on a
-    loaded machine a slice takes longer, and the loop is let in as often."""
+    Wall time, not CPU: on a loaded machine a slice takes longer, and the loop is let in as
+    often."""
 
-    __slots__ = ("_budget", "_clock", "_since")
+    __slots__ = ("_budget",)
 
     def __init__(
         self, budget: float | None = None, clock: Callable[[], float] = time.perf_counter
     ) -> None:
+        super().__init__(clock)
         self._budget = BUDGET if budget is None else budget
-        self._clock = clock
-        self._since = clock()
 
     async def __call__(self) -> bool:
-        """Breathe if the turn's budget is spent; whether it did (what was read before may be
-        stale)."""
-        budget = URGENT_BUDGET if _urgent else self._budget
-        since = await _turns.breathe(self._since, budget, self._clock)
-        if since is None:
-            return False
-        self._since = since
-        return True
+        """Breathe if the shift's budget is spent or a pause is under way; whether it did (what
+        was read before may be stale)."""
+        return await self._breathe(URGENT_BUDGET if _urgent else self._budget)
 
 
 #: Tracked objects bulk steps may leave behind, in all, before they are frozen.
