@@ -6,16 +6,18 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from amm import AsyncClient
-from amm.v1 import agent_pb2, agent_pb2_grpc, control_pb2, types_pb2
+from amm.v1 import agent_pb2, agent_pb2_grpc, control_pb2, control_pb2_grpc, types_pb2
 from amm_service.api.server import AmmServer
-from amm_service.decisions.view import Key, WorkerId
+from amm_service.decisions.view import ClusterState, Key, WorkerId
 from tests.conftest import amm_config
 from tests.support.faults import fake_peer
 from tests.support.waiting import wait_for
@@ -58,6 +60,37 @@ class _Holder(agent_pb2_grpc.WorkerAgentServicer):
         return answer
 
 
+def _keys() -> list[types_pb2.KeyInfo]:
+    return [types_pb2.KeyInfo(key=f"k{i:06d}", size=8, checksum="c") for i in range(NKEYS)]
+
+
+@contextlib.asynccontextmanager
+async def _two_holders(
+    tmp_path: Path, leaving: _Holder
+) -> AsyncIterator[tuple[control_pb2_grpc.ActiveMemoryManagerAsyncStub, ClusterState, str, str]]:
+    """A real AMM with two workers registered that hold the same 100k keys, merged: the stub,
+    the AMM's state, the leaver's address (answered by ``leaving``) and the keeper's."""
+    async with (
+        AmmServer(amm_config(tmp_path, interval="1h")) as amm,
+        AsyncClient(amm.address, timeout=10) as client,
+        fake_peer(leaving) as leaver,
+        fake_peer(_Holder(leaving.keys)) as keeper,  # type: ignore[abstract]
+    ):
+        stub = client._amm_stub()
+        for address in (leaver, keeper):
+            await stub.RegisterWorker(
+                control_pb2.RegisterWorkerRequest(address=address, incarnation="i1")
+            )
+        assert amm.manager is not None
+        state = amm.manager.state
+        await wait_for(
+            lambda: all(len(state.held_by(WorkerId(w))) == NKEYS for w in (leaver, keeper)),
+            within=60,
+            what="both workers' 100k keys merged",
+        )
+        yield stub, state, leaver, keeper
+
+
 class _Held:
     """The most CPU time the loop's thread spent between two of its turns while it runs."""
 
@@ -76,25 +109,8 @@ class _Held:
 async def test_the_loop_stays_responsive_while_a_100k_key_worker_unregisters(
     tmp_path: Path,
 ) -> None:
-    keys = [types_pb2.KeyInfo(key=f"k{i:06d}", size=8, checksum="c") for i in range(NKEYS)]
-    async with (
-        AmmServer(amm_config(tmp_path, interval="1h")) as amm,
-        AsyncClient(amm.address, timeout=10) as client,
-        fake_peer(_Holder(keys)) as leaver,  # type: ignore[abstract]
-        fake_peer(_Holder(keys)) as keeper,  # type: ignore[abstract]
-    ):
-        stub = client._amm_stub()
-        for address in (leaver, keeper):
-            await stub.RegisterWorker(
-                control_pb2.RegisterWorkerRequest(address=address, incarnation="i1")
-            )
-        assert amm.manager is not None
-        state = amm.manager.state
-        await wait_for(
-            lambda: all(len(state.held_by(WorkerId(w))) == NKEYS for w in (leaver, keeper)),
-            within=60,
-            what="both workers' 100k keys merged",
-        )
+    leaving = _Holder(_keys())  # type: ignore[abstract]
+    async with _two_holders(tmp_path, leaving) as (stub, state, leaver, keeper):
         held = _Held()
         watching = asyncio.create_task(held.watch())
         answered: list[float] = []
@@ -131,26 +147,8 @@ async def test_a_worker_that_registers_while_it_is_removed_stays_registered(
     arrives meanwhile (its agent registering again, or restarted) comes after it: the worker
     ends registered, holding what it reports (before, a registration of the same process was
     taken out by the removal a moment after it was made)."""
-    keys = [types_pb2.KeyInfo(key=f"k{i:06d}", size=8, checksum="c") for i in range(NKEYS)]
-    leaving = _Holder(keys)  # type: ignore[abstract]
-    async with (
-        AmmServer(amm_config(tmp_path, interval="1h")) as amm,
-        AsyncClient(amm.address, timeout=10) as client,
-        fake_peer(leaving) as leaver,
-        fake_peer(_Holder(keys)) as keeper,  # type: ignore[abstract]
-    ):
-        stub = client._amm_stub()
-        for address in (leaver, keeper):
-            await stub.RegisterWorker(
-                control_pb2.RegisterWorkerRequest(address=address, incarnation="i1")
-            )
-        assert amm.manager is not None
-        state = amm.manager.state
-        await wait_for(
-            lambda: all(len(state.held_by(WorkerId(w))) == NKEYS for w in (leaver, keeper)),
-            within=60,
-            what="both workers' 100k keys merged",
-        )
+    leaving = _Holder(_keys())  # type: ignore[abstract]
+    async with _two_holders(tmp_path, leaving) as (stub, state, leaver, keeper):
         polls = leaving.polls
         unregistering = asyncio.ensure_future(
             stub.UnregisterWorker(control_pb2.UnregisterWorkerRequest(address=leaver))
