@@ -55,25 +55,11 @@ class LoopThread:
                 return
             self._closed = True
         with contextlib.suppress(Exception):
-            asyncio.run_coroutine_threadsafe(_finish(final), self._loop).result(timeout=10)
+            asyncio.run_coroutine_threadsafe(final(), self._loop).result(timeout=10)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)
         if not self._thread.is_alive():
             self._loop.close()
-
-
-async def _finish(final: Callable[[], Coroutine[Any, Any, None]]) -> None:
-    """``final``, then cancel what is left on the loop and wait for it, as ``asyncio.run`` does.
-
-    A call given up by Ctrl-C (its future cancelled from the caller's thread) may still be
-    unwinding, and gRPC's own task of a call closed by ``final`` may not have run its last step:
-    a loop stopped under them printed "Task was destroyed but it is pending!" at exit."""
-    await final()
-    here = asyncio.current_task()
-    left = [task for task in asyncio.all_tasks() if task is not here]
-    for task in left:
-        task.cancel()
-    await asyncio.gather(*left, return_exceptions=True)
 
 
 class Blocking(Generic[A]):

@@ -9,14 +9,12 @@ loses on cue.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import gc
 import json
 import signal
 import socket
 import threading
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -446,37 +444,3 @@ def test_cli_files_tables_json_and_errors(
 def cluster_holders(cluster: LocalCluster, key: str) -> tuple[str, ...]:
     with Client(cluster.address, timeout=10) as client:
         return client.who_has(key)[key]
-
-
-def test_a_client_closed_while_its_loop_still_runs_a_task_leaves_none_pending(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    """A call given up by Ctrl-C may still be unwinding on the client's loop when the client
-    closes (and gRPC's own task of a call may not have run its last step): the loop lets them
-    end before it stops, as ``asyncio.run`` does, instead of leaving them to print "Task was
-    destroyed but it is pending!" at exit (seen in ``amm events --follow`` ended by Ctrl-C)."""
-    client = Client("127.0.0.1:1", timeout=5)
-    portal = client._portal
-    ended = threading.Event()
-
-    async def unwinding() -> None:
-        try:
-            await asyncio.sleep(3600)
-        finally:
-            ended.set()
-
-    asyncio.run_coroutine_threadsafe(_spawn(unwinding()), portal._loop).result(timeout=5)
-    client.close()
-    assert ended.wait(5), "the task was left pending when the loop stopped"
-    del portal
-    gc.collect()
-    assert "Task was destroyed but it is pending" not in caplog.text
-
-
-async def _spawn(coro: Coroutine[Any, Any, None]) -> None:
-    """Start ``coro`` as a task of the running loop, and leave it running."""
-    _tasks.add(asyncio.get_running_loop().create_task(coro))
-
-
-#: Tasks started by ``_spawn`` (the loop keeps only weak references to its tasks).
-_tasks: set[asyncio.Task[None]] = set()
