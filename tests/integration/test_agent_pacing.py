@@ -31,6 +31,7 @@ from tests.support.agent import (
     reason,
     status,
 )
+from tests.support.pacing import call_cpu
 from worker_agent.pacing import Pace
 
 DATA = b"paced" * 20
@@ -41,10 +42,6 @@ KEYS = 20_000
 PER_MESSAGE = 20_000
 #: Most CPU seconds of the loop's thread in one turn of the loop.
 MAX_TURN_CPU = 0.075
-#: Bulk loops at once where lookups are timed, as an agent with a few directive batches in hand.
-BULK_LOOPS = 3
-#: CPU seconds of one slice of bulk work between two breaths.
-SLICE = 0.0002
 #: Most CPU seconds of the loop's thread while one lookup is in flight, for 4 lookups in 5: about
 #: one budget of bulk work (``worker_agent.pacing.BUDGET``, 5 ms) and the call's own steps.
 MAX_LOOKUP_CPU = 0.012
@@ -168,16 +165,6 @@ async def test_holds_keys_answers_the_keys_held_once_in_the_order_asked() -> Non
         assert len(a.store) == 2
 
 
-async def _bulk(stop: asyncio.Event) -> None:
-    """A bulk loop of the agent's kind: slices of ``SLICE`` CPU seconds, paced by ``Pace``."""
-    pace = Pace()
-    while not stop.is_set():
-        end = time.thread_time() + SLICE
-        while time.thread_time() < end:
-            pass
-        await pace.breathe()
-
-
 async def test_a_lookup_waits_for_one_budget_of_bulk_work_not_one_per_step_of_the_call() -> None:
     """A unary call takes several turns of the loop to be answered (its arrival, its request
     read, its handler, each handed over by gRPC's poller thread). Paced each on its own, a few
@@ -190,22 +177,11 @@ async def test_a_lookup_waits_for_one_budget_of_bulk_work_not_one_per_step_of_th
     left too thin a margin under a full run of the suite)."""
     async with agents(1) as [(_, stub)]:
         await put(stub, "k", DATA)
-        stop = asyncio.Event()
-        collecting = gc.isenabled()
-        gc.disable()
-        bulk = [asyncio.create_task(_bulk(stop)) for _ in range(BULK_LOOPS)]
-        spent: list[float] = []
-        try:
-            for _ in range(40):
-                before = time.thread_time()
-                held = await stub.HoldsKeys(agent_pb2.HoldsKeysRequest(keys=["k"]))
-                spent.append(time.thread_time() - before)
-                assert [k.key for k in held.keys] == ["k"]
-                await asyncio.sleep(0.002)
-        finally:
-            stop.set()
-            await asyncio.gather(*bulk)
-            if collecting:
-                gc.enable()
+
+        async def lookup(_: int) -> None:
+            held = await stub.HoldsKeys(agent_pb2.HoldsKeysRequest(keys=["k"]))
+            assert [k.key for k in held.keys] == ["k"]
+
+        spent = await call_cpu(lookup, lambda: Pace().breathe)
         most = statistics.quantiles(spent, n=5)[-1]
         assert most < MAX_LOOKUP_CPU, f"4 lookups in 5 waited up to {most * 1000:.1f} ms of CPU"

@@ -8,10 +8,7 @@ wall time: a loaded machine stretches wall time, not the CPU a step takes.
 
 from __future__ import annotations
 
-import asyncio
-import gc
 import statistics
-import time
 from pathlib import Path
 
 import grpc
@@ -21,27 +18,14 @@ from amm.v1 import control_pb2, control_pb2_grpc
 from amm_service.api.server import AmmServer
 from amm_service.runtime.loop.pacing import Budget
 from tests.conftest import amm_config
+from tests.support.pacing import call_cpu
 
-#: Bulk tasks at once, as a big cycle has (polls of several agents merged, outcomes of several
-#: directive streams judged, planning).
-TASKS = 3
-#: CPU seconds of one slice of bulk work between two ``await pace()``.
-SLICE = 0.0002
 #: Most CPU seconds of the loop's thread while one control call is in flight, for 4 calls in 5:
 #: about one budget of bulk work (``pacing.BUDGET``, 5 ms) and the call's own steps: 5-6 ms (four
 #: runs). Paced within each turn of the loop (the former ``amm.base.turns``), the loop ran a
 #: budget of bulk work in every turn, and a call, which takes several turns, waited as many
 #: budgets: 32-51 ms.
 MAX_CALL_CPU = 0.012
-
-
-async def _bulk(stop: asyncio.Event) -> None:
-    pace = Budget()
-    while not stop.is_set():
-        end = time.thread_time() + SLICE
-        while time.thread_time() < end:
-            pass
-        await pace()
 
 
 async def test_control_calls_wait_for_one_budget_of_bulk_work_not_one_per_turn(
@@ -58,24 +42,13 @@ async def test_control_calls_wait_for_one_budget_of_bulk_work_not_one_per_turn(
     ):
         control = control_pb2_grpc.ActiveMemoryManagerStub(channel)
         await control.Running(control_pb2.RunningRequest())  # connected
-        stop = asyncio.Event()
-        collecting = gc.isenabled()
-        gc.disable()
-        bulk = [asyncio.create_task(_bulk(stop)) for _ in range(TASKS)]
-        spent: list[float] = []
-        try:
-            for i in range(40):
-                before = time.thread_time()
-                if i % 2:
-                    await control.GetStatus(control_pb2.GetStatusRequest())
-                else:
-                    await control.Running(control_pb2.RunningRequest())
-                spent.append(time.thread_time() - before)
-                await asyncio.sleep(0.002)
-        finally:
-            stop.set()
-            await asyncio.gather(*bulk)
-            if collecting:
-                gc.enable()
+
+        async def call(i: int) -> None:
+            if i % 2:
+                await control.GetStatus(control_pb2.GetStatusRequest())
+            else:
+                await control.Running(control_pb2.RunningRequest())
+
+        spent = await call_cpu(call, Budget)
         most = statistics.quantiles(spent, n=5)[-1]
         assert most < MAX_CALL_CPU, f"4 calls in 5 waited up to {most * 1000:.1f} ms of CPU"
