@@ -6,7 +6,8 @@ bulk loops of its event loop have spent ``budget`` seconds since the last pause 
 every one of them pauses for ``PAUSE``: none runs again until the pause is over, and a pause
 lasts until a later turn of the event loop whatever the clock says. Loops woken at the end of a
 pause wait for the next one if the first to run spent the next shift's budget already, ``WAITS``
-times at most (no one starves).
+times at most (no one starves). The loop that began a pause lets those that waited on it go
+first when it ends (they take turns).
 
 One pause for all, not a pause each: a unary call takes several turns of the loop to be answered
 (its arrival, its request read, its handler, its reply; each step is handed over by gRPC's poller
@@ -105,6 +106,7 @@ class Paced:
             shift.clock = clock
         shift.last = now
         wait = shift.resume - loop.time()
+        began = False
         if wait <= 0 and not shift.turning:
             if shift.spent < budget:
                 self._since = now
@@ -115,9 +117,15 @@ class Paced:
             shift.turning = True
             loop.call_soon(shift.turned)
             wait = PAUSE
+            began = True
         for _ in range(WAITS):
             pause = shift.pauses
             await asyncio.sleep(wait)
+            if began:
+                # The loop that began a pause went to sleep first and wakes first: it lets
+                # those that waited on the pause go before it, or it would win every shift.
+                began = False
+                await asyncio.sleep(0)
             # Woken with others at the end of a pause, one of which may have spent the next
             # shift's budget already.
             if shift.pauses == pause:
