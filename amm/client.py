@@ -797,7 +797,7 @@ class Client(Blocking[AsyncClient]):
         try:
             while True:
                 try:
-                    item = self._portal.run(_next(stream))
+                    item = self._portal.call(_next, stream)
                 except AmmError as err:
                     raise err.with_traceback(None) from None
                 if item is None:
@@ -805,7 +805,7 @@ class Client(Blocking[AsyncClient]):
                 yield item
         finally:
             with contextlib.suppress(Exception):
-                self._portal.run(stream.aclose())
+                self._portal.call(stream.aclose)
 
     has_what = forward(AsyncClient.has_what)
     who_has = forward(AsyncClient.who_has)
