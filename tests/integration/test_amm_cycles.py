@@ -17,6 +17,7 @@ from amm.base.serving import CHANNEL_OPTIONS
 from amm.models import Event
 from amm.v1 import agent_pb2, control_pb2, control_pb2_grpc, types_pb2
 from amm_service.api.server import AmmServer
+from amm_service.decisions.view import WorkerId
 from amm_service.runtime.records.state import FIRST_EPOCHS, StateStore
 from tests.conftest import amm_config
 from tests.support.agent import agents, get, put
@@ -346,9 +347,8 @@ async def test_applied_drops_show_in_the_view_before_the_next_poll(tmp_path: Pat
         before = {a.address: a.node.store.version for a in c.agents}
         report = await c.run_once()
         assert (report.directives_sent, report.applied) == (40, 40)
-        polled = {
-            a: known.version for a in c.addresses if (known := manager.state.worker(a)) is not None
-        }
+        views = {a: manager.state.worker(WorkerId(a)) for a in c.addresses}
+        polled = {a: known.version for a, known in views.items() if known is not None}
         assert polled == before, "no poll since the one the cycle planned on"
         assert all(a.node.store.version > before[a.address] for a in c.agents), "all dropped"
         has_what = await c.control.HasWhat(control_pb2.HasWhatRequest())
