@@ -1,6 +1,7 @@
 """The AMM's model of the cluster: who holds which key, and each worker's memory and status.
 
-``ClusterState`` is the one mutable copy, fed by the poller with each agent's inventory changes.
+``ClusterState`` is the one mutable copy, fed by the poller with each agent's inventory changes
+and by the outcomes of applied drops (``apply_drops``).
 ``ClusterView`` is the frozen snapshot a cycle plans on; policies and the core see only views.
 Records are immutable and replaced on change, so a snapshot is a shallow copy of two dicts and a
 set, cheap even with a million keys. No I/O here.
