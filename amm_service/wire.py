@@ -133,8 +133,9 @@ def directive_into(d: Directive, message: types_pb2.Directive) -> None:
 _REASONS_OUT = {name: number for number, name in _REASONS.items() if name}
 
 
-def outcome_from_pb(pb: types_pb2.DirectiveOutcome) -> Outcome:
-    """Unknown statuses count as FAILED: whatever happened, the directive is not applied."""
+def outcome_from_pb(pb: types_pb2.DirectiveOutcome, incarnation: str = "") -> Outcome:
+    """Unknown statuses count as FAILED: whatever happened, the directive is not applied.
+    ``incarnation`` is the answering agent's (``DirectivesResponse.incarnation``)."""
     return Outcome(  # positional: a big cycle reads hundreds of thousands
         pb.directive_id,
         _OUTCOMES.get(pb.status, OutcomeStatus.FAILED),
@@ -142,10 +143,14 @@ def outcome_from_pb(pb: types_pb2.DirectiveOutcome) -> Outcome:
         pb.message,
         pb.inventory_version,
         pb.duplicate,
+        pb.dropped_version,
+        incarnation,
     )
 
 
-def outcomes_from_pb(pbs: Iterable[types_pb2.DirectiveOutcome]) -> list[Outcome]:
+def outcomes_from_pb(
+    pbs: Iterable[types_pb2.DirectiveOutcome], incarnation: str = ""
+) -> list[Outcome]:
     """``outcome_from_pb`` of each, without a call each (a big cycle reads 300,000 in
     batches)."""
     new, statuses, reasons, failed = tuple.__new__, _OUTCOMES, _REASONS, OutcomeStatus.FAILED
@@ -159,6 +164,8 @@ def outcomes_from_pb(pbs: Iterable[types_pb2.DirectiveOutcome]) -> list[Outcome]
                 pb.message,
                 pb.inventory_version,
                 pb.duplicate,
+                pb.dropped_version,
+                incarnation,
             ),
         )
         for pb in pbs
@@ -183,6 +190,7 @@ def outcome_into(o: Outcome, message: types_pb2.DirectiveOutcome) -> None:
     message.message = o.message
     message.inventory_version = o.inventory_version
     message.duplicate = o.duplicate
+    message.dropped_version = o.dropped_version
 
 
 def status_from_pb(status: types_pb2.WorkerStatus.ValueType) -> WorkerStatus:

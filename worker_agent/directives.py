@@ -73,6 +73,10 @@ class Outcome(NamedTuple):
     message: str
     inventory_version: int
     duplicate: bool = False
+    dropped_version: int = 0
+    """An applied DROP: the store's version read in the same step that found the key gone
+    (``DirectiveOutcome.dropped_version``), so the AMM may take it into its view before it
+    polls; 0 otherwise."""
 
 
 @functools.lru_cache(maxsize=256)
@@ -124,13 +128,15 @@ _Done = tuple[str, int, str, int, int | None, str, int, float]
 
 
 def _outcome_of(done: _Done) -> Outcome:
-    _, _, directive_id, status, reason, message, version, _ = done
+    _, op, directive_id, status, reason, message, version, _ = done
+    applied = OutcomeStatus(status)
     return Outcome(
         directive_id,
-        OutcomeStatus(status),
+        applied,
         None if reason is None else Reason(reason),
         message,
         version,
+        dropped_version=version if op == _DROP and applied is OutcomeStatus.APPLIED else 0,
     )
 
 
@@ -736,8 +742,9 @@ class DirectiveRunner:
                         remove(key)
                         unmark(key)
                         # ``Outcome(...)`` without its Python ``__new__``: thousands per chunk.
+                        version = store.version
                         done[directive_id] = _new_tuple(
-                            Outcome, (directive_id, status, None, kept_by, store.version, False)
+                            Outcome, (directive_id, status, None, kept_by, version, False, version)
                         )
                         count += 1
                         continue
@@ -839,7 +846,12 @@ class DirectiveRunner:
         version = self._store.version
         if isinstance(verdict, Accept):
             self.counts[directive.op, OutcomeStatus.APPLIED, None] += 1
-            return Outcome(directive.id, OutcomeStatus.APPLIED, None, verdict.message, version)
+            # A DROP is accepted only once its key is gone (removed, or found not held) in
+            # this very step: the version read above is one at which it was gone.
+            dropped = version if directive.op is Op.DROP else 0
+            return Outcome(
+                directive.id, OutcomeStatus.APPLIED, None, verdict.message, version, False, dropped
+            )
         self.counts[directive.op, status, verdict.reason] += 1
         return Outcome(directive.id, status, verdict.reason, verdict.message, version)
 

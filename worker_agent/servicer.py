@@ -178,9 +178,12 @@ def outcome_to_proto(outcome: Outcome) -> types_pb2.DirectiveOutcome:
     return types_pb2.DirectiveOutcome(**_outcome_fields(outcome))
 
 
-def outcomes_response(outcomes: Iterable[Outcome]) -> agent_pb2.DirectivesResponse:
-    """One batch of outcomes, each built in place (a list handed over is copied)."""
-    response = agent_pb2.DirectivesResponse()
+def outcomes_response(
+    outcomes: Iterable[Outcome], incarnation: str = ""
+) -> agent_pb2.DirectivesResponse:
+    """One batch of outcomes, each built in place (a list handed over is copied), with the
+    ``incarnation`` their versions count in."""
+    response = agent_pb2.DirectivesResponse(incarnation=incarnation)
     add, statuses, reasons = response.batch.add, _OUTCOME_STATUS, _REASONS
     for o in outcomes:  # fields named here, not through ``_outcome_fields``: a dict less each
         if o.reason is None and not o.duplicate:  # an applied directive: defaults left unset
@@ -189,6 +192,7 @@ def outcomes_response(outcomes: Iterable[Outcome]) -> agent_pb2.DirectivesRespon
                 status=statuses[o.status],
                 message=o.message,
                 inventory_version=o.inventory_version,
+                dropped_version=o.dropped_version,
             )
             continue
         add(
@@ -198,6 +202,7 @@ def outcomes_response(outcomes: Iterable[Outcome]) -> agent_pb2.DirectivesRespon
             message=o.message,
             inventory_version=o.inventory_version,
             duplicate=o.duplicate,
+            dropped_version=o.dropped_version,
         )
     return response
 
@@ -210,6 +215,7 @@ def _outcome_fields(outcome: Outcome) -> dict[str, Any]:
         "message": outcome.message,
         "inventory_version": outcome.inventory_version,
         "duplicate": outcome.duplicate,
+        "dropped_version": outcome.dropped_version,
     }
 
 
@@ -525,9 +531,11 @@ class WorkerAgentServicer(agent_pb2_grpc.WorkerAgentServicer):
                     if batch:
                         for start in range(0, len(group), OUTCOMES_PER_MESSAGE):
                             part = group[start : start + OUTCOMES_PER_MESSAGE]
-                            yield outcomes_response(part)
+                            yield outcomes_response(part, node.incarnation)
                     else:
-                        yield agent_pb2.DirectivesResponse(outcome=outcome_to_proto(group[0]))
+                        yield agent_pb2.DirectivesResponse(
+                            outcome=outcome_to_proto(group[0]), incarnation=node.incarnation
+                        )
                     if frees:
                         slots.release()
         finally:

@@ -315,6 +315,12 @@ class DirectivesResponse(_message.Message):
 
     OUTCOME_FIELD_NUMBER: _builtins.int
     BATCH_FIELD_NUMBER: _builtins.int
+    INCARNATION_FIELD_NUMBER: _builtins.int
+    incarnation: _builtins.str
+    """Random id of this agent process (PollResponse.incarnation): the one whose inventory versions
+    the outcomes' dropped_version counts in. Agents that set dropped_version set it; an AMM
+    ignores dropped_version without it.
+    """
     @_builtins.property
     def outcome(self) -> _types_pb2.DirectiveOutcome:
         """The outcome of one directive."""
@@ -328,10 +334,11 @@ class DirectivesResponse(_message.Message):
         *,
         outcome: _types_pb2.DirectiveOutcome | None = ...,
         batch: _abc.Iterable[_types_pb2.DirectiveOutcome] | None = ...,
+        incarnation: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["outcome", b"outcome"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "outcome", b"outcome"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "incarnation", b"incarnation", "outcome", b"outcome"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -403,6 +403,7 @@ class DirectiveOutcome(_message.Message):
     MESSAGE_FIELD_NUMBER: _builtins.int
     INVENTORY_VERSION_FIELD_NUMBER: _builtins.int
     DUPLICATE_FIELD_NUMBER: _builtins.int
+    DROPPED_VERSION_FIELD_NUMBER: _builtins.int
     directive_id: _builtins.str
     """The id of the directive answered."""
     status: Global___OutcomeStatus.ValueType
@@ -417,6 +418,16 @@ class DirectiveOutcome(_message.Message):
     """
     duplicate: _builtins.bool
     """True when this id had been seen before and the stored outcome is repeated."""
+    dropped_version: _builtins.int
+    """An APPLIED DROP only (0 otherwise, and from agents that do not set it): an inventory version
+    at which the key was no longer held here, read in the same step that removed it (or found it
+    absent), so that a Poll since any earlier version reports the key's state after the drop (no
+    later change of the key comes before this version). An AMM whose view of this worker is of the
+    same incarnation (DirectivesResponse.incarnation) and at an older inventory version may take
+    the worker off the key's holders at once, without waiting for that poll; at this version or
+    later, the poll has said it already. Unlike inventory_version, which may be read later (once
+    a whole batch is done, with other changes in between), it bounds the drop from above.
+    """
     def __init__(
         self,
         *,
@@ -426,10 +437,11 @@ class DirectiveOutcome(_message.Message):
         message: _builtins.str = ...,
         inventory_version: _builtins.int = ...,
         duplicate: _builtins.bool = ...,
+        dropped_version: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["directive_id", b"directive_id", "duplicate", b"duplicate", "inventory_version", b"inventory_version", "message", b"message", "reason", b"reason", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["directive_id", b"directive_id", "dropped_version", b"dropped_version", "duplicate", b"duplicate", "inventory_version", b"inventory_version", "message", b"message", "reason", b"reason", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -57,3 +57,9 @@ class Outcome(NamedTuple):
     message: str = ""
     inventory_version: int = 0
     duplicate: bool = False
+    dropped_version: int = 0
+    """An applied DROP: an inventory version at which the key was gone, read with the drop
+    (``DirectiveOutcome.dropped_version``); 0 when the agent did not say."""
+    incarnation: str = ""
+    """The agent process that answered (``DirectivesResponse.incarnation``); empty when the
+    agent did not say: ``dropped_version`` is then not used."""

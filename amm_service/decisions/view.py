@@ -1,6 +1,7 @@
 """The AMM's model of the cluster: who holds which key, and each worker's memory and status.
 
-``ClusterState`` is the one mutable copy, fed by the poller with each agent's inventory changes.
+``ClusterState`` is the one mutable copy, fed by the poller with each agent's inventory changes
+and by the outcomes of applied drops (``apply_drops``).
 ``ClusterView`` is the frozen snapshot a cycle plans on; policies and the core see only views.
 Records are immutable and replaced on change, so a snapshot is a shallow copy of two dicts and a
 set, cheap even with a million keys. No I/O here.
@@ -494,6 +495,57 @@ class ClusterState:
             return
         if self._merge_holdings(address, held, absent):
             self._workers[address] = replace(old, nkeys=len(self._held[address]))
+
+    def apply_drops(
+        self, address: WorkerId, incarnation: str, dropped: Iterable[tuple[Key, int]]
+    ) -> int:
+        """Take ``address`` off the holders of the keys its agent says it dropped, each with a
+        version at which the key was gone there (``Outcome.dropped_version``), instead of
+        waiting for the poll that brings the removal; how many records changed.
+
+        Each one is a poll of one key at that version, merged only where it is news: for the
+        worker's ``incarnation`` (another process counts its versions anew), and only while the
+        worker's poll cursor is older. The next poll, since that cursor, reports the key as it is
+        by then (put again, say), over this; a poll at that version or later said already what
+        the outcome says, or something newer, and is left alone. So a late outcome neither
+        forgets a copy a poll showed since, nor brings one back.
+
+        Only plain copies with another holder left: the last holder of a key (whose removal
+        means a lost key), pinned and conflicting keys are left to the poll, as are keys the
+        view does not list on the worker."""
+        old = self._workers.get(address)
+        if old is None or not incarnation or incarnation != old.incarnation:
+            return 0
+        cursor = old.version
+        holding = self._held[address]
+        keys, replicated, odd, minus = self._keys, self._replicated, self._odd, self._minus
+        noted: list[Key] = []
+        for key, version in dropped:
+            if version <= cursor or key not in holding:
+                continue
+            kv = keys.get(key)
+            if (
+                kv is None
+                or address not in kv.holders
+                or len(kv.holders) < 2
+                or kv.pinned_on
+                or kv.conflicting
+                or key in odd
+            ):
+                continue
+            holding.discard(key)
+            holders = minus.get((kv.holders, address)) or self._without(kv.holders, address)
+            key = kv.key
+            keys[key] = _new(
+                KeyView, (key, kv.size, kv.checksum, holders, kv.pinned_on, kv.conflicting)
+            )
+            noted.append(key)
+            if len(holders) < 2:
+                replicated.discard(key)
+        if noted:
+            self.journal.extend(noted)
+            self._workers[address] = replace(old, nkeys=len(holding))
+        return len(noted)
 
     def _merge_holdings(
         self, address: WorkerId, held: Iterable[KeyReport], gone: Iterable[Key]

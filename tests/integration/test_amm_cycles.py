@@ -17,6 +17,7 @@ from amm.base.serving import CHANNEL_OPTIONS
 from amm.models import Event
 from amm.v1 import agent_pb2, control_pb2, control_pb2_grpc, types_pb2
 from amm_service.api.server import AmmServer
+from amm_service.decisions.view import WorkerId
 from amm_service.runtime.records.state import FIRST_EPOCHS, StateStore
 from tests.conftest import amm_config
 from tests.support.agent import agents, get, put
@@ -331,3 +332,30 @@ async def test_a_cycle_cut_short_by_a_cancelled_call_does_not_end_the_loop(tmp_p
         assert manager.running
     # Stopping still works: a real cancellation of the loop is not swallowed.
     assert not manager.running
+
+
+async def test_applied_drops_show_in_the_view_before_the_next_poll(tmp_path: Path) -> None:
+    """What the AMM answers from its view (HasWhat, WhoHas, ListWorkers without ``fresh``)
+    shows the drops once their outcomes are in, while the view of each worker is still at the
+    inventory version of the poll before them: no poll brought them."""
+    async with cluster(tmp_path, 3) as c:
+        keys = [f"k{i}" for i in range(20)]
+        for key in keys:
+            await c.spread(key)
+        manager = c.amm.manager
+        assert manager is not None
+        before = {a.address: a.node.store.version for a in c.agents}
+        report = await c.run_once()
+        assert (report.directives_sent, report.applied) == (40, 40)
+        views = {a: manager.state.worker(WorkerId(a)) for a in c.addresses}
+        polled = {a: known.version for a, known in views.items() if known is not None}
+        assert polled == before, "no poll since the one the cycle planned on"
+        assert all(a.node.store.version > before[a.address] for a in c.agents), "all dropped"
+        has_what = await c.control.HasWhat(control_pb2.HasWhatRequest())
+        assert sum(len(e.keys) for e in has_what.entries) == len(keys)
+        who_has = await c.control.WhoHas(control_pb2.WhoHasRequest(keys=keys))
+        assert [len(e.workers) for e in who_has.entries] == [1] * len(keys)
+        listed = await c.control.ListWorkers(control_pb2.ListWorkersRequest())
+        assert sum(w.key_count for w in listed.workers) == len(keys)
+        # The next poll agrees, and changes nothing the view shows.
+        assert [len(await c.holders(key)) for key in keys] == [1] * len(keys)

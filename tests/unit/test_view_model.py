@@ -3,7 +3,8 @@
 ``_merge_holdings`` takes the common cases of a poll (a key gaining a holder, a copy dropped, a
 key reported again as it was) in its own loop, beside the general path (``_set_holding``,
 ``_remove_holding``) for new keys, pins, conflicting content and a last holder leaving. The two
-must agree on every record, index and journal note; this model keeps only what each worker
+must agree on every record, index and journal note (and so must ``apply_drops``, which takes
+applied drops into the view ahead of the poll); this model keeps only what each worker
 reported and each key's reference content, and derives the rest the obvious way.
 """
 
@@ -159,6 +160,24 @@ class Model:
         if self.merge(worker, held, absent):
             self.nkeys[worker] = len(self.reports[worker])
 
+    def drops(self, worker: WorkerId, incarnation: str, dropped: list[tuple[Key, int]]) -> None:
+        """Applied drops with the version each key was gone at: news only for the worker's
+        incarnation, past its poll cursor, and only for a plain copy with another holder."""
+        if self.incarnation.get(worker) != incarnation:
+            return
+        cursor, held = self.version[worker], self.reports[worker]
+        changed = False
+        for key, version in dropped:
+            if version <= cursor or key not in held:
+                continue
+            kv = self.view(key)
+            if len(kv.holders) < 2 or kv.pinned_on or kv.conflicting:
+                continue
+            self.drop(worker, key)
+            changed = True
+        if changed:
+            self.nkeys[worker] = len(held)
+
     def take_changes(self) -> tuple[set[Key], set[Key]]:
         events, self.last_event = self.last_event, {}
         return (
@@ -218,8 +237,8 @@ class Driver:
         worker = rng.choice(WORKERS)
         current = model.incarnation.get(worker, "i0")
         op = rng.choices(
-            ["changes", "snapshot", "lookup", "register", "restart", "leave", "take"],
-            weights=[45, 14, 10, 6, 7, 5, 13],
+            ["changes", "snapshot", "lookup", "drops", "register", "restart", "leave", "take"],
+            weights=[45, 14, 10, 15, 6, 7, 5, 13],
         )[0]
         if op in ("changes", "snapshot"):
             full = op == "snapshot"
@@ -252,6 +271,16 @@ class Driver:
             state.apply_lookup(worker, incarnation=incarnation, held=held, absent=absent)
             model.lookup(worker, incarnation, held, absent)
             return f"lookup {worker} {incarnation} held={held} absent={absent}"
+        if op == "drops":
+            incarnation = current if rng.random() < 0.9 else "stale"
+            cursor = model.version.get(worker, 0)
+            dropped = [
+                (key, rng.randint(max(0, cursor - 2), self.versions + 2))
+                for key in self.some_keys(worker, 4)
+            ]
+            state.apply_drops(worker, incarnation, dropped)
+            model.drops(worker, incarnation, dropped)
+            return f"drops {worker} {incarnation} cursor={cursor} dropped={dropped}"
         if op in ("register", "restart"):
             incarnation = current if op == "register" else self.new_incarnation()
             assert state.register(worker, "", incarnation, now=0.0) == model.register(

@@ -91,14 +91,16 @@ class _Stream:
         unanswered = self.unanswered
         try:
             async for response in self._call:
+                incarnation = response.incarnation
                 if not response.batch:
-                    self._take([wire.outcome_from_pb(response.outcome)])
+                    self._take([wire.outcome_from_pb(response.outcome, incarnation)])
                     continue
                 items = response.batch
                 pace = Budget()
                 for start in range(0, len(items), OUTCOME_STEP):
                     with gc_paused():
-                        self._take(wire.outcomes_from_pb(items[start : start + OUTCOME_STEP]))
+                        part = items[start : start + OUTCOME_STEP]
+                        self._take(wire.outcomes_from_pb(part, incarnation))
                     await pace()  # let control calls in between
         except grpc.aio.AioRpcError as err:
             why = f"directive stream broke: {err.code().name}"

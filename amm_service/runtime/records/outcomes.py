@@ -5,9 +5,11 @@ the record of the cycle that sent it (which releases a ``RunOnce(wait=True)`` ca
 directive of the cycle has one), and is kept as a refusal when the agent did not apply it. A
 directive that will never be answered (it expired in the ledger, or its worker left or
 restarted) is given up on in its record the same way, so no caller waits for the directive
-timeout in vain. Once a cycle's directives are all settled (or its record is no longer kept), a
-cycle with refusals records one ``directives-refused`` event summing them up by reason: one per
-cycle, not one per refusal, which would flood the event log.
+timeout in vain. An applied DROP that says at which inventory version its key was gone is
+taken into the cluster view at once (``ClusterState.apply_drops`` fences it against the polls),
+so who holds what shows it before the next poll. Once a cycle's directives are all settled (or
+its record is no longer kept), a cycle with refusals records one ``directives-refused`` event
+summing them up by reason: one per cycle, not one per refusal, which would flood the event log.
 
 Only the most recent cycles' records are filled in. Not covered: sending (``dispatcher``), what
 is in flight (``pending``), and how long to wait (the manager's ``run_cycle``).
@@ -25,7 +27,7 @@ from typing import Protocol
 from amm_service.decisions.directive import Directive, Op, Outcome, OutcomeStatus
 from amm_service.decisions.events import MAX_KEYS_LISTED, EventLog
 from amm_service.decisions.pending import Entry, Ledger
-from amm_service.decisions.view import ClusterState, WorkerId
+from amm_service.decisions.view import ClusterState, Key, WorkerId
 from amm_service.runtime.records.cycle import CycleRecord
 
 log = logging.getLogger(__name__)
@@ -145,6 +147,9 @@ class Outcomes:
         )
         last_cycle, last_op, last_reason = -1, None, ""
         same: list[Outcome] = []
+        # Applied drops that say when the key was gone, by the incarnation that answered: the
+        # view takes them in at once (``ClusterState.apply_drops``) rather than at the next poll.
+        dropped: dict[str, list[tuple[Key, int]]] = {}
         for outcome in outcomes:
             entry = settle(outcome)
             if entry is None:
@@ -154,6 +159,11 @@ class Outcomes:
             status = outcome.status
             if status is applied_status:
                 directive = entry.directive
+                if outcome.dropped_version and directive.op is _DROP:
+                    gone = dropped.get(outcome.incarnation)
+                    if gone is None:
+                        gone = dropped[outcome.incarnation] = []
+                    gone.append((directive.key, outcome.dropped_version))
                 if (
                     entry.cycle != last_cycle
                     or directive.op is not last_op
@@ -187,6 +197,8 @@ class Outcomes:
             if record is not None:
                 record.settle_applied(group)
                 touched[record.number] = record
+        for incarnation, gone in dropped.items():
+            self._state.apply_drops(worker, incarnation, gone)
         if refused:
             self._refused(worker, refused)
         for record in touched.values():
