@@ -278,6 +278,7 @@ def check(state: ClusterState, model: Model, view: ClusterView) -> None:
     for worker in WORKERS:
         held = frozenset(model.reports.get(worker, ()))
         assert state.held_by(worker) == held
+        assert state.holding(worker) == len(held)
         # Holding sets keep the record's string, not each poll's copy.
         assert all(key is state.keys[key].key for key in state.held_by(worker))
         assert view.held_by(worker) == held
