@@ -96,11 +96,15 @@ class _Agent:
             return self._page(int(request.cursor))
         if request.since_version == 0:
             return self._page(0)
-        removed = [] if request.since_version >= self.version else self.removed
+        # Changes since a version, a page at a time (``max_keys``), as the agent's store
+        # answers: the first drop is version len(keys) + 1.
+        start = max(0, request.since_version - len(self.keys))
+        removed = self.removed[start : start + request.max_keys]
         return agent_pb2.PollResponse(
             incarnation=INCARNATION,
-            version=self.version,
+            version=len(self.keys) + start + len(removed),
             removed=removed,
+            more=start + len(removed) < len(self.removed),
             status=types_pb2.WORKER_STATUS_RUNNING,
             features=["directive-batches"],
         )
@@ -298,10 +302,10 @@ async def _run(nkeys: int, replicas: int, attribute: bool, top: int) -> int:
     del ready
     records.all_sent(record)
     drops = nkeys * (replicas - 1)
-    for _ in range(100_000):  # the agents answer as soon as the streams read what was sent
+    for _ in range(60_000):  # the agents answer as the streams read what was sent (10 min)
         if record.applied >= drops:
             break
-        await asyncio.sleep(0)
+        await asyncio.sleep(0.01)
     assert record.applied == drops, (record.applied, drops)
     probe.phase("sent", holders())
 
