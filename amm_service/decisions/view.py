@@ -851,6 +851,18 @@ class ClusterState:
             return _NO_KEYS
         return frozenset([key for key, kv in self._keys.items() if worker in kv.holders])
 
+    def held_by_each(self, workers: Iterable[WorkerId]) -> dict[WorkerId, list[Key]]:
+        """The keys each of ``workers`` holds (an empty list for one unknown or holding
+        nothing), in one pass over every key: ``held_by`` of each would make one per worker."""
+        held: dict[WorkerId, list[Key]] = {w: [] for w in workers}
+        if any(self._held.get(w) for w in held):
+            for key, kv in self._keys.items():
+                for worker in kv.holders:
+                    of_worker = held.get(worker)
+                    if of_worker is not None:
+                        of_worker.append(key)
+        return held
+
     def holding(self, worker: WorkerId) -> int:
         """How many keys ``worker`` holds (without listing them, unlike ``held_by``)."""
         return self._held.get(worker, 0)

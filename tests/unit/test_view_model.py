@@ -275,6 +275,10 @@ def check(state: ClusterState, model: Model, view: ClusterView) -> None:
     assert state.nreplicas == sum(len(held) for held in model.reports.values())
     assert set(state.worker_ids) == set(model.incarnation)
     assert dict(view.holdings) == {w: frozenset(held) for w, held in model.reports.items()}
+    each = state.held_by_each(WORKERS)
+    assert {w: sorted(keys) for w, keys in each.items()} == {
+        w: sorted(model.reports.get(w, ())) for w in WORKERS
+    }
     for worker in WORKERS:
         held = frozenset(model.reports.get(worker, ()))
         assert state.held_by(worker) == held
