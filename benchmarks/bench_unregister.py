@@ -31,9 +31,8 @@ class OneAtATime(ClusterState):
     """The removal as it was."""
 
     def _forget_holdings(self, worker: WorkerId, departure: object = None) -> None:
-        for key in self._held.get(worker, set()):
+        for key in self.held_by(worker):
             self._remove_holding(worker, key)
-        self._held[worker] = set()
 
 
 def build(state: ClusterState, nkeys: int, holders: int, nworkers: int = 4) -> WorkerId:

@@ -27,9 +27,8 @@ class OneAtATime(ClusterState):
     """The state as it was: a leaving worker's keys removed one at a time."""
 
     def _forget_holdings(self, worker: WorkerId, departure: object = None) -> None:
-        for key in self._held.get(worker, set()):
+        for key in self.held_by(worker):
             self._remove_holding(worker, key)
-        self._held[worker] = set()
 
 
 def _poll(
@@ -78,6 +77,7 @@ def _picture(state: ClusterState, since: int) -> dict[str, object]:
         "conflicts": state.conflicts,
         "odd": {k: dict(v) for k, v in state._odd.items()},
         "held": {w: state.held_by(w) for w in state.worker_ids},
+        "holding": {w: state.holding(w) for w in state.worker_ids},
         "holdings": {w: snap.holdings[w] for w in snap.holdings},
         "workers": set(state.worker_ids),
         "changes": state.take_changes(),

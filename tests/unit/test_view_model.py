@@ -304,9 +304,14 @@ def check(state: ClusterState, model: Model, view: ClusterView) -> None:
     assert state.nreplicas == sum(len(held) for held in model.reports.values())
     assert set(state.worker_ids) == set(model.incarnation)
     assert dict(view.holdings) == {w: frozenset(held) for w, held in model.reports.items()}
+    each = state.held_by_each(WORKERS)
+    assert {w: sorted(keys) for w, keys in each.items()} == {
+        w: sorted(model.reports.get(w, ())) for w in WORKERS
+    }
     for worker in WORKERS:
         held = frozenset(model.reports.get(worker, ()))
         assert state.held_by(worker) == held
+        assert state.holding(worker) == len(held)
         # Holding sets keep the record's string, not each poll's copy.
         assert all(key is state.keys[key].key for key in state.held_by(worker))
         assert view.held_by(worker) == held

@@ -116,7 +116,8 @@ class Queries:
         unknown = [w for w in wanted if w not in known]
         if unknown:
             raise NotFound(f"unknown worker(s): {listing(unknown)}")
-        return [(w, tuple(sorted(self._state.held_by(w)))) for w in wanted]
+        held = self._state.held_by_each(wanted)
+        return [(w, tuple(sorted(held[w]))) for w in wanted]
 
     async def forget(self, keys: Sequence[str]) -> int:
         """Delete every replica of ``keys``; fails listing the replicas that could not go.

@@ -131,8 +131,11 @@ class Handover:
                 self._queued.setdefault(drop.worker, []).append(drop)
         self._flush()
         if emptied and worker not in self._finishing:
-            held, dropped = self._state.held_by(worker), self._dropped.get(worker, set())
-            if len(held) <= len(dropped) and held <= dropped:
+            dropped = self._dropped.get(worker, set())
+            # Counted first: listing what it holds is a pass over every key.
+            if self._state.holding(worker) <= len(dropped) and (
+                self._state.held_by(worker) <= dropped
+            ):
                 self._finishing.add(worker)
                 self._spawn(self._finish_one(worker), f"amm-handover-finish-{worker}")
 

@@ -197,14 +197,10 @@ def cheapest(state: ClusterState, n: int) -> list[WorkerId]:
     """The ``n`` workers cheapest to retire: idle (nothing pinned on them) first, then those
     holding the fewest managed bytes, then by address. Only workers that answer and are neither
     retiring, retired nor closing are candidates."""
-    keys = state.keys
-
-    def pinned(worker: WorkerId) -> bool:
-        return any(
-            (kv := keys.get(key)) is not None and worker in kv.pinned_on
-            for key in state.held_by(worker)
-        )
-
+    pinned: set[WorkerId] = set()  # one pass over the keys, not one per worker
+    for kv in state.keys.values():
+        if kv.pinned_on:
+            pinned.update(kv.pinned_on)
     candidates = [
         w
         for w in state.workers
@@ -214,7 +210,7 @@ def cheapest(state: ClusterState, n: int) -> list[WorkerId]:
     ]
     ranked = sorted(
         candidates,
-        key=lambda w: (pinned(w.address), w.memory.managed, address_order(w.address)),
+        key=lambda w: (w.address in pinned, w.memory.managed, address_order(w.address)),
     )
     return [w.address for w in ranked[:n]]
 

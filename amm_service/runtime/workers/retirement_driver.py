@@ -219,7 +219,7 @@ class RetirementDriver:
             or ws is None
             or not ws.reachable
             or ws.last_poll is None
-            or self._state.held_by(worker)
+            or self._state.holding(worker)
             or any(entry.directive.worker == worker for entry in self._ledger)
         ):
             return

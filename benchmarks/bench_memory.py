@@ -1,0 +1,344 @@
+"""The AMM's memory for a big convergence, without a network: peak RSS and what makes it up.
+
+``bench_cluster.py`` samples the AMM's RSS while K keys x R replicas converge to one replica
+each. This replays the AMM's side of that in one process, through the AMM's own code (the
+poller, the core with ReduceReplicas, the ledger, the dispatcher's streams, the outcome records),
+with agents that answer as real ones do, each message built only when it is asked for (so that
+what the fake agents hold does not count):
+
+1. ``snapshot``: the first poll of every agent, a full snapshot of K keys in pages;
+2. ``sent``: one cycle plans the K x (R - 1) drops and sends them (``cycling.Cycles._send``'s
+   steps: the ledger, then the dispatcher); each agent reads its directive stream and answers
+   every batch APPLIED, a batch of outcomes per batch of directives;
+3. ``removed``: the next poll of every agent, naming the keys it dropped, and the ledger
+   settling what that poll shows (``Ledger.observing``);
+4. ``next cycle``: the snapshot and plan of the following cycle (nothing left to do).
+
+It prints the RSS after each phase and the peak (``VmHWM``), as MiB and as bytes per key above
+the RSS before the first poll. With ``--attribute`` (slower: tracemalloc), it also prints the
+Python memory held after each phase by the structures that hold it, and the lines that
+allocated the most of it.
+
+    python benchmarks/bench_memory.py                      # 100k keys x 4 on 4 agents
+    python benchmarks/bench_memory.py --keys 10000 --attribute
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import sys
+import tracemalloc
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from amm.v1 import agent_pb2, types_pb2
+from amm_service.decisions import core
+from amm_service.decisions.pending import Ledger
+from amm_service.decisions.view import ClusterState, ClusterView, WorkerId
+from amm_service.policies.reduce_replicas import ReduceReplicas
+from amm_service.runtime.cycles.cycling import LEDGER_STEP, SEND_STEP
+from amm_service.runtime.links.dispatcher import Dispatcher
+from amm_service.runtime.links.poller import PAGE_KEYS, Poller
+from amm_service.runtime.records.cycle import CycleRecord
+from amm_service.runtime.records.outcomes import Outcomes
+
+INCARNATION = "inc"
+EPOCH = 1_234_567_890
+"""An epoch of the size a fresh state begins with (random), as it shows in directive ids."""
+RUN = "9f3c2a1b"
+"""A run token of the size ``EpochFence`` makes (``secrets.token_hex(4)``)."""
+MiB = 1 << 20
+
+
+def _status(field: str) -> int:
+    """A figure of ``/proc/self/status`` in bytes (``VmRSS``: now; ``VmHWM``: the peak)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+class _Agent:
+    """One agent's side of the AMM's links: polls answered from its inventory (snapshot pages
+    built as they are asked for, then what it dropped), directives answered APPLIED."""
+
+    def __init__(self, number: int, keys: list[str], canonical: dict[str, str]) -> None:
+        self.name = f"w{number}"
+        self.keys = keys
+        self.canonical = canonical
+        """Each key's one string object: what an agent keeps is not the AMM's memory."""
+        self.version = len(keys)
+        self.removed: list[str] = []
+        self.polled_removed = False
+
+    def _page(self, n: int) -> agent_pb2.PollResponse:
+        start = n * PAGE_KEYS
+        resp = agent_pb2.PollResponse(
+            incarnation=INCARNATION,
+            version=len(self.keys),
+            full=True,
+            status=types_pb2.WORKER_STATUS_RUNNING,
+            name=self.name,
+            features=["directive-batches"],
+        )
+        add = resp.keys.add
+        for key in self.keys[start : start + PAGE_KEYS]:
+            add(key=key, size=100, checksum=f"{hash(key) & 0xFFFFFFFF:064x}")
+        if start + PAGE_KEYS < len(self.keys):
+            resp.next_cursor = str(n + 1)
+        return resp
+
+    async def Poll(self, request: agent_pb2.PollRequest, **_: Any) -> agent_pb2.PollResponse:
+        if request.cursor:
+            return self._page(int(request.cursor))
+        if request.since_version == 0:
+            return self._page(0)
+        # Changes since a version, a page at a time (``max_keys``), as the agent's store
+        # answers: the first drop is version len(keys) + 1.
+        start = max(0, request.since_version - len(self.keys))
+        removed = self.removed[start : start + request.max_keys]
+        return agent_pb2.PollResponse(
+            incarnation=INCARNATION,
+            version=len(self.keys) + start + len(removed),
+            removed=removed,
+            more=start + len(removed) < len(self.removed),
+            status=types_pb2.WORKER_STATUS_RUNNING,
+            features=["directive-batches"],
+        )
+
+    def Directives(self, requests: AsyncIterator[agent_pb2.DirectivesRequest]) -> _Call:
+        return _Call(self, requests)
+
+    def apply(self, request: agent_pb2.DirectivesRequest) -> agent_pb2.DirectivesResponse:
+        resp = agent_pb2.DirectivesResponse()
+        add = resp.batch.add
+        for directive in request.batch:
+            self.version += 1
+            self.removed.append(self.canonical[directive.key])
+            add(
+                directive_id=directive.id,
+                status=types_pb2.OUTCOME_STATUS_APPLIED,
+                inventory_version=self.version,
+            )
+        return resp
+
+
+class _Call:
+    """A directive stream: each batch read is answered with a batch of outcomes."""
+
+    def __init__(self, agent: _Agent, requests: AsyncIterator[agent_pb2.DirectivesRequest]):
+        self._agent = agent
+        self._requests = requests
+
+    def __aiter__(self) -> AsyncIterator[agent_pb2.DirectivesResponse]:
+        return self._answers()
+
+    async def _answers(self) -> AsyncIterator[agent_pb2.DirectivesResponse]:
+        async for request in self._requests:
+            yield self._agent.apply(request)
+
+    def cancel(self) -> None:
+        pass
+
+
+class _Links:
+    def __init__(self, agents: dict[WorkerId, _Agent]) -> None:
+        self._agents = agents
+
+    def stub(self, worker: WorkerId) -> _Agent:
+        return self._agents[worker]
+
+
+class _Ids:
+    """Directive ids as ``EpochFence.new_id`` makes them: ``e<epoch>.<run>.<n>``."""
+
+    def __init__(self) -> None:
+        self._n = 0
+
+    def __call__(self) -> str:
+        self._n += 1
+        return f"e{EPOCH}.{RUN}.{self._n}"
+
+
+class _Probe:
+    """RSS after each phase, and (``--attribute``) the Python memory held then."""
+
+    def __init__(self, nkeys: int, attribute: bool, top: int) -> None:
+        self.nkeys = nkeys
+        self.attribute = attribute
+        self.top = top
+        self.base = _status("VmRSS")
+        self.rows: list[tuple[str, int, int]] = []
+        if attribute:
+            tracemalloc.start()
+
+    def phase(self, name: str, holders: dict[str, Callable[[], object]]) -> None:
+        rss = _status("VmRSS")
+        self.rows.append((name, rss, _status("VmHWM")))
+        print(f"{name:12} RSS {rss / MiB:7.1f} MiB  ({(rss - self.base) / self.nkeys:6.0f} B/key)")
+        if not self.attribute:
+            return
+        traced, peak = tracemalloc.get_traced_memory()
+        print(f"  traced now {traced / MiB:.1f} MiB, peak {peak / MiB:.1f} MiB")
+        for what, get in holders.items():
+            size = _deep_size(get())
+            print(f"  {what:34} {size / MiB:7.1f} MiB  {size / self.nkeys:6.0f} B/key")
+        snap = tracemalloc.take_snapshot().filter_traces(
+            [tracemalloc.Filter(False, tracemalloc.__file__)]
+        )
+        for stat in snap.statistics("lineno")[: self.top]:
+            frame = stat.traceback[0]
+            where = frame.filename.split("/amm_service/")[-1].split("/site-packages/")[-1]
+            print(f"    {stat.size / MiB:6.1f} MiB {stat.count:8} blocks  {where}:{frame.lineno}")
+        tracemalloc.reset_peak()
+
+
+def _deep_size(root: object) -> int:
+    """Bytes of ``root`` and everything it reaches that is not a module, class or function,
+    each object counted once (objects shared with others count in the first that reaches
+    them: call in the order of ownership)."""
+    seen: set[int] = _deep_size.seen  # type: ignore[attr-defined]
+    size = 0
+    stack = [root]
+    skip = (type, type(sys), type(_deep_size), type(print))
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen or isinstance(obj, skip):
+            continue
+        seen.add(id(obj))
+        size += sys.getsizeof(obj)
+        stack.extend(gc.get_referents(obj))
+    return size
+
+
+_deep_size.seen = set()  # type: ignore[attr-defined]
+
+
+async def _run(nkeys: int, replicas: int, attribute: bool, top: int) -> int:
+    """Replays the convergence; returns the RSS before it began (the fake agents' data made)."""
+    workers = [WorkerId(f"10.0.0.{n}:7000") for n in range(replicas)]
+    keys = [f"key-{i:07}" for i in range(nkeys)]
+    canonical = {key: key for key in keys}
+    agents = {w: _Agent(n, keys, canonical) for n, w in enumerate(workers)}
+    probe = _Probe(nkeys, attribute, top)
+    links: Any = _Links(agents)
+    state = ClusterState(track_changes=True)
+    for w in workers:
+        state.register(w, str(w), INCARNATION, 0.0)
+    poller = Poller(state, links, epoch=1, timeout=10.0, on_restart=lambda worker: None)
+    ledger = Ledger()
+    records = Outcomes(state, ledger, max_refusals=100, clock=lambda: 0.0)
+    dispatcher = Dispatcher(links, records.on_outcomes, takes_batches=lambda worker: True)
+    policy = ReduceReplicas()
+    views: list[ClusterView] = []
+
+    def holders() -> dict[str, Callable[[], object]]:
+        _deep_size.seen = set(map(id, keys)) | {id(canonical)}  # type: ignore[attr-defined]
+        streams = dispatcher._streams
+        return {
+            "state: key records": lambda: state._keys,
+            "state: holding sets": lambda: state._held,
+            "state: replicated set": lambda: state._replicated,
+            "state: journal": lambda: state.journal,
+            "view (a cycle's snapshot)": lambda: views,
+            "ledger: entries by id": lambda: ledger._entries,
+            "ledger: by key": lambda: ledger._by_key,
+            "ledger: applied": lambda: (ledger._applied, ledger._versions),
+            "ledger: journal": lambda: ledger.journal,
+            "dispatcher: unanswered ids": lambda: [s.unanswered for s in streams.values()],
+            "outcomes: records, refusals": lambda: records,
+            "policy": lambda: policy.__dict__,
+        }
+
+    def plan(number: int) -> Iterator[tuple[core.Plan | tuple[Any, ...], CycleRecord]]:
+        record = CycleRecord(number, 0.0)
+        view = state.snapshot()
+        views[:] = [view]
+        records.track(record)
+        steps = core.planning(
+            view,
+            [policy],
+            ledger,
+            core.PlanConfig("managed", EPOCH),
+            _Ids(),
+            stream=True,
+            keep_streamed=False,
+        )
+        while not isinstance(out := core.step(steps), core.Plan):
+            yield out, record
+        yield out, record
+
+    async def send(record: CycleRecord, directives: list[Any]) -> None:
+        record.sending(directives, 0.0)
+        for start in range(0, len(directives), SEND_STEP):
+            chunk = directives[start : start + SEND_STEP]
+            for first in range(0, len(chunk), LEDGER_STEP):
+                some = chunk[first : first + LEDGER_STEP]
+                records.totals.sending(some)
+                ledger.add_many(some, 0.0, record.number)
+            await dispatcher.send(chunk)
+            await asyncio.sleep(0)
+
+    probe.phase("start", holders())
+    await poller.poll_all()
+    state.take_changes()
+    probe.phase("snapshot", holders())
+
+    ready: list[Any] = []
+    record: CycleRecord | None = None
+    for out, record in plan(1):
+        if isinstance(out, core.Plan):
+            ready += out.directives
+            break
+        ready += out
+        if len(ready) >= SEND_STEP:
+            await send(record, ready)
+            ready = []
+    assert record is not None
+    await send(record, ready)
+    del ready
+    records.all_sent(record)
+    drops = nkeys * (replicas - 1)
+    for _ in range(60_000):  # the agents answer as the streams read what was sent (10 min)
+        if record.applied >= drops:
+            break
+        await asyncio.sleep(0.01)
+    assert record.applied == drops, (record.applied, drops)
+    probe.phase("sent", holders())
+
+    await poller.poll_all()
+    for _ in ledger.observing(lambda worker: v.version if (v := state.worker(worker)) else None):
+        pass
+    probe.phase("removed", holders())
+    for out, _ in plan(2):
+        if isinstance(out, core.Plan):
+            assert not out.directives, len(out.directives)
+    probe.phase("next cycle", holders())
+    assert state.nreplicas == nkeys, state.nreplicas
+    assert len(ledger) == 0, len(ledger)
+    await dispatcher.close()
+    return probe.base
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--keys", type=int, default=100_000)
+    parser.add_argument("--replicas", type=int, default=4)
+    parser.add_argument("--attribute", action="store_true", help="what holds it (tracemalloc)")
+    parser.add_argument("--top", type=int, default=12, help="lines listed with --attribute")
+    args = parser.parse_args()
+    print(f"{args.keys:,} keys x {args.replicas} replicas on {args.replicas} agents")
+    base = asyncio.run(_run(args.keys, args.replicas, args.attribute, args.top))
+    peak = _status("VmHWM")
+    print(
+        f"peak RSS {peak / MiB:.1f} MiB: {(peak - base) / MiB:.1f} MiB above the start, "
+        f"{(peak - base) / args.keys:.0f} B/key"
+        + (" (tracemalloc's own memory included)" if args.attribute else "")
+    )
+
+
+if __name__ == "__main__":
+    main()
