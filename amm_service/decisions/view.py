@@ -529,11 +529,10 @@ class ClusterState:
         if old is None or not incarnation or incarnation != old.incarnation:
             return 0
         cursor = old.version
-        holding = self._held[address]
         keys, replicated, odd, minus = self._keys, self._replicated, self._odd, self._minus
         noted: list[Key] = []
         for key, version in dropped:
-            if version <= cursor or key not in holding:
+            if version <= cursor:
                 continue
             kv = keys.get(key)
             if (
@@ -545,7 +544,6 @@ class ClusterState:
                 or key in odd
             ):
                 continue
-            holding.discard(key)
             holders = minus.get((kv.holders, address)) or self._without(kv.holders, address)
             key = kv.key
             keys[key] = _new(
@@ -556,7 +554,8 @@ class ClusterState:
                 replicated.discard(key)
         if noted:
             self.journal.extend(noted)
-            self._workers[address] = replace(old, nkeys=len(holding))
+            self._held[address] -= len(noted)
+            self._workers[address] = replace(old, nkeys=self._held[address])
         return len(noted)
 
     def _merge_holdings(
