@@ -159,6 +159,7 @@ class ActiveMemoryManager:
             monotonic=monotonic,
             poll_while_stopped=config.poll_while_stopped,
             heard=lambda: self._liveness.heard(),
+            fenced=lambda: self.fenced,
         )
         #: The events pushed to watchers (``WatchEvents``).
         self.event_feed = EventFeed(self.events)

@@ -7,13 +7,19 @@ off brings back the old way: no polls while stopped (without the dashboard).
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import grpc
+
 from amm.client import AsyncClient
+from amm.v1 import agent_pb2, agent_pb2_grpc, types_pb2
 from amm_service.api.server import AmmServer
+from amm_service.decisions.view import WorkerId
 from tests.conftest import amm_config
+from tests.support.faults import fake_peer
 from tests.support.processes import local_cluster
 from tests.support.waiting import wait_for
 from worker_agent.agent import Agent
@@ -131,3 +137,51 @@ async def test_with_polling_while_stopped_off_a_stopped_amm_does_not_poll(tmp_pa
         assert [w.key_count for w in await client.workers(fresh=False)] == [0]
         assert [w.key_count for w in await client.workers(fresh=True)] == [1]
         assert len(answers) == 1  # the fresh query's
+
+
+class _Flaky(agent_pb2_grpc.WorkerAgentServicer):
+    """Answers polls (holding nothing) while ``answering``; refuses them otherwise, as an agent
+    cut off by a partition does."""
+
+    def __init__(self) -> None:
+        self.answering = True
+
+    async def Poll(self, request: Any, context: Any) -> agent_pb2.PollResponse:
+        if not self.answering:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "cut off")
+        return agent_pb2.PollResponse(
+            incarnation="flaky", version=1, full=True, status=types_pb2.WORKER_STATUS_RUNNING
+        )
+
+
+async def test_a_worker_that_answered_while_stopped_is_timed_afresh_when_it_falls_silent(
+    tmp_path: Path,
+) -> None:
+    """A worker a cycle saw silent, that answers the polls made while the AMM is stopped, then
+    falls silent again: its silence counts from the next cycle that misses it, not from the
+    first, so it is not declared dead at once (the AMM heard from it in between)."""
+    config = amm_config(tmp_path, start=False, interval="100ms", stale_after="5s", dead_after="1s")
+    flaky = _Flaky()
+    async with AmmServer(config) as amm, fake_peer(flaky) as address:  # type: ignore[abstract]
+        manager = amm.manager
+        assert manager is not None
+        await manager.register(address, "flaky", "flaky")
+        flaky.answering = False
+        silent_from = time.monotonic()
+        assert (await manager.run_cycle()).unreachable == (address,)  # its silence starts
+
+        def missed() -> int:
+            known = manager.state.worker(WorkerId(address))
+            assert known is not None
+            return known.missed_polls
+
+        flaky.answering = True
+        await wait_for(missed, lambda n: n == 0, what="an answer to a poll made while stopped")
+        flaky.answering = False
+        await wait_for(missed, lambda n: n > 0, what="a poll made while stopped missed")
+        await wait_for(
+            time.monotonic, lambda now: now > silent_from + 1.5, what="dead-after passed"
+        )
+        await manager.run_cycle()
+        assert manager.state.worker(WorkerId(address)) is not None, "declared dead at once"
+        assert manager.events.counts["worker-dead"] == 0

@@ -28,7 +28,8 @@ class Sampler:
     while the AMM is stopped when ``poll_while_stopped`` or the dashboard is on. ``running``
     tells whether the AMM cycles, ``busy`` whether a cycle runs now (the cycle lock),
     ``cycles`` how many ran; ``poll_all`` polls every agent; ``heard`` runs after each round
-    polled while stopped (the liveness judge forgets the silence of workers that answered)."""
+    polled while stopped (the liveness judge forgets the silence of workers that answered);
+    ``fenced`` tells whether another AMM took over (then only the dashboard's samples poll)."""
 
     def __init__(
         self,
@@ -47,6 +48,7 @@ class Sampler:
         monotonic: Callable[[], float],
         poll_while_stopped: bool = True,
         heard: Callable[[], None] = lambda: None,
+        fenced: Callable[[], bool] = lambda: False,
     ) -> None:
         self.history = history
         self._state = state
@@ -62,6 +64,7 @@ class Sampler:
         self._monotonic = monotonic
         self._poll_while_stopped = poll_while_stopped or history is not None
         self._heard = heard
+        self._fenced = fenced
         #: When the last cycle ended or the last round polled while stopped did (monotonic).
         self._last_round = -math.inf
         self._idle_polling: asyncio.Task[None] | None = None
@@ -112,6 +115,8 @@ class Sampler:
         while True:
             started = self._monotonic()
             idle = not self._running() and not self._busy()
+            # Fenced off, the agents are another AMM's: polled for the dashboard only, as before.
+            idle = idle and (self.history is not None or not self._fenced())
             if idle and self._last_round <= started - interval / 2:
                 try:
                     await self._poll_all()
