@@ -161,8 +161,8 @@ async def test_a_worker_that_answered_while_stopped_is_timed_afresh_when_it_fall
     falls silent again: its silence counts from the next cycle that misses it, not from the
     first, so it is not declared dead at once (the AMM heard from it in between)."""
     config = amm_config(tmp_path, start=False, interval="100ms", stale_after="5s", dead_after="1s")
-    flaky = _Flaky()
-    async with AmmServer(config) as amm, fake_peer(flaky) as address:  # type: ignore[abstract]
+    flaky = _Flaky()  # type: ignore[abstract]
+    async with AmmServer(config) as amm, fake_peer(flaky) as address:
         manager = amm.manager
         assert manager is not None
         await manager.register(address, "flaky", "flaky")
