@@ -110,7 +110,12 @@ class Sampler:
         is read and merged in paced steps as in a cycle, so the loop keeps serving calls. Not
         while a cycle runs (RunOnce, a retirement's while stopped) nor within half an interval
         of one: its polls are as recent. Liveness is not judged here: a worker that stops
-        answering is judged from the first cycle that misses it, as before (``liveness``)."""
+        answering is judged from the first cycle that misses it, as before (``liveness``).
+
+        A worker that registered empty is read whole once (a poll since version 0 is a
+        snapshot), and a snapshot is kept only if every page beats the poll deadline: while
+        agents are busy storing a big put on a loaded machine, the view may lag until they
+        are idle."""
         interval = self._interval
         while True:
             started = self._monotonic()
