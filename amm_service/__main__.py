@@ -31,6 +31,18 @@ def parser() -> argparse.ArgumentParser:
     start = p.add_mutually_exclusive_group()
     start.add_argument("--start", dest="start", action="store_const", const=True, default=None)
     start.add_argument("--no-start", dest="start", action="store_const", const=False)
+    polling = p.add_mutually_exclusive_group()
+    polling.add_argument(
+        "--poll-while-stopped",
+        dest="poll_while_stopped",
+        action="store_const",
+        const=True,
+        default=None,
+        help="keep the view current while stopped: poll every agent once an interval (default)",
+    )
+    polling.add_argument(
+        "--no-poll-while-stopped", dest="poll_while_stopped", action="store_const", const=False
+    )
     p.add_argument("--measure", help="memory measure: process, managed or optimistic")
     p.add_argument("--state", dest="state_path", metavar="PATH", help="SQLite state file")
     p.add_argument("--poll-timeout", metavar="DURATION", help="per-agent poll deadline")

@@ -34,6 +34,7 @@ ENV_VARS: Mapping[str, str] = MappingProxyType(
         "listen": "AMM_LISTEN",
         "interval": "AMM_INTERVAL",
         "start": "AMM_START",
+        "poll_while_stopped": "AMM_POLL_WHILE_STOPPED",
         "measure": "AMM_MEASURE",
         "policies": "AMM_POLICIES",
         "state_path": "AMM_STATE",
@@ -98,6 +99,11 @@ class AmmConfig:
     """Seconds between two AMM cycles; > 0. Default 2s."""
     start: bool = False
     """Whether the AMM starts cycling at boot, rather than wait for a start request. Default off."""
+    poll_while_stopped: bool = True
+    """Whether a stopped AMM still polls every agent once an interval (changes only; it plans and
+    sends nothing), so that queries answer from a current view and a start acts at once instead
+    of first reading every inventory whole. Off: no polls while stopped, unless the dashboard
+    is served (it samples memory). Default on."""
     measure: Measure = "optimistic"
     """The memory figure policies use: process (RSS), managed or optimistic. Default optimistic."""
     policies: tuple[PolicySpec, ...] = DEFAULT_POLICIES
@@ -318,6 +324,7 @@ _CONVERTERS: Mapping[str, Callable[[object, str], object]] = {
     "listen": _address("listen"),
     "interval": _duration("interval"),
     "start": _bool("start"),
+    "poll_while_stopped": _bool("poll_while_stopped"),
     "measure": _measure,
     "policies": _policies,
     "state_path": _state_path,

@@ -9,13 +9,14 @@ away (dead, unregistered, restarted as a new process, closed), the keys it held 
 as lost (``lost``); so are keys no worker holds any more after an AMM restart. Cycles never
 overlap: the loop and ``run_once`` share a lock. The running flag and the epoch persist in the
 state store, so a restarted AMM resumes as it was, under a new epoch that makes agents ignore the
-old one, and issues no drops until the workers it knew have reported. With the dashboard on, a
-stopped AMM still polls every interval and samples the cluster's memory for it, without planning
-(``sampling``). What becomes of sent directives is ``outcomes``; operators' questions, ``queries``;
-RetireWorkers, DrainWorker and their driver task, ``retirement_driver``; what retirements do
-between cycles as outcomes arrive, ``handover``; registering and removing workers, ``membership``;
-recording and reporting lost keys, ``lost`` (``Losses``); judging silent workers stale or dead,
-``liveness``.
+old one, and issues no drops until the workers it knew have reported. A stopped AMM still polls
+every agent once an interval, without planning or judging liveness, so its view is current when
+asked and when started (``sampling``, which also samples the cluster's memory for the dashboard;
+with ``poll-while-stopped`` off, only while the dashboard is on). What becomes of sent
+directives is ``outcomes``; operators' questions, ``queries``; RetireWorkers, DrainWorker and
+their driver task, ``retirement_driver``; what retirements do between cycles as outcomes arrive,
+``handover``; registering and removing workers, ``membership``; recording and reporting lost
+keys, ``lost`` (``Losses``); judging silent workers stale or dead, ``liveness``.
 """
 
 from __future__ import annotations
@@ -141,7 +142,7 @@ class ActiveMemoryManager:
         #: Durations and counts of every cycle run (not dry runs), for the metrics.
         self.cycle_stats = CycleStats()
         #: One sample per cycle run (and per interval while stopped), for the dashboard; kept
-        #: only when it is served.
+        #: only when it is served. The sampler also polls while the AMM is stopped.
         self.history = History() if config.dashboard_listen else None
         self._sampler = Sampler(
             self.history,
@@ -156,6 +157,9 @@ class ActiveMemoryManager:
             interval=config.interval,
             clock=clock,
             monotonic=monotonic,
+            poll_while_stopped=config.poll_while_stopped,
+            heard=lambda: self._liveness.heard(),
+            fenced=lambda: self.fenced,
         )
         #: The events pushed to watchers (``WatchEvents``).
         self.event_feed = EventFeed(self.events)

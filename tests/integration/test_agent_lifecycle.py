@@ -58,9 +58,11 @@ class ScriptedAmm(control_pb2_grpc.ActiveMemoryManagerServicer):
 
 
 async def test_registration_tells_a_fresh_amm_the_epoch_to_move_past(tmp_path: Path) -> None:
-    """A freshly started AMM learns from its agents which epoch it must move past."""
+    """A freshly started AMM learns from its agents which epoch it must move past. An agent
+    nobody polls registers again (here: an AMM that does not poll while stopped)."""
+    config = amm_config(tmp_path, interval="50ms", poll_while_stopped=False)
     async with (
-        AmmServer(amm_config(tmp_path, interval="50ms")) as amm,
+        AmmServer(config) as amm,
         running_agent(amm=amm.address) as agent,
     ):
         await wait_for(lambda: agent.registered, what="registration")

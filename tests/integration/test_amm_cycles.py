@@ -3,6 +3,7 @@ stale AMM that cannot act. AMM and agents are real grpc.aio servers in this proc
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
@@ -263,6 +264,10 @@ async def test_a_stale_amm_cannot_act(tmp_path: Path) -> None:
         assert not record.directives
         assert manager.events.counts["epoch-fenced"] == 1, "said once"
         assert await c.holders("x") == set(c.addresses)
+        # Nor does it poll the other AMM's agents while stopped, as an AMM in charge does.
+        polled = [w.last_poll for w in manager.state.workers]
+        await asyncio.sleep(5 * manager.config.interval)  # a poll would have come by now
+        assert [w.last_poll for w in manager.state.workers] == polled
 
 
 async def test_conflicting_content_is_reported_and_left_alone(tmp_path: Path) -> None:

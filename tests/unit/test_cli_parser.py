@@ -79,6 +79,19 @@ def test_the_service_takes_flags_for_liveness_grace_and_limits() -> None:
 
 
 @pytest.mark.parametrize(
+    ("argv", "polls"),
+    [([], True), (["--no-poll-while-stopped"], False), (["--poll-while-stopped"], True)],
+)
+def test_the_service_polls_while_stopped_unless_told(argv: list[str], polls: bool) -> None:
+    from amm_service.__main__ import parser
+    from amm_service.config import load_config
+
+    args = vars(parser().parse_args(argv))
+    args.pop("config")
+    assert load_config(env={}, overrides=args).poll_while_stopped is polls
+
+
+@pytest.mark.parametrize(
     "argv",
     [
         ["put", "k"],

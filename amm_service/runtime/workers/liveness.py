@@ -48,6 +48,14 @@ class LivenessJudge:
         """Start the silence clocks of the workers known now (those taken back at start-up)."""
         self._liveness.observe(self._state.workers, self._monotonic())
 
+    def heard(self) -> None:
+        """Polls made while no cycle judges (the AMM stopped) reached these workers: their
+        silence is over, so a later miss is timed from then, not from a silence before. Those
+        that missed them are left to the next judgement, which starts their clocks."""
+        for worker in self._state.workers:
+            if worker.missed_polls == 0:
+                self._liveness.forget(worker.address)
+
     def forget_copies_on_gone_workers(self) -> None:
         """Copies applied on workers gone before a poll showed them (a failed poll and a broken
         directive stream: say, SIGKILLed) are no longer counted in flight (``pending``, 5). A
