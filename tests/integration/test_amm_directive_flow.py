@@ -1,9 +1,11 @@
 """How directives flow at scale: a directive an agent still holds is never planned again under a
-new id, and the AMM stays responsive while a big cycle plans and sends."""
+new id, agents are fed while a big cycle plans, and the AMM stays responsive while a big cycle
+plans and sends."""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -178,6 +180,65 @@ async def test_control_calls_are_answered_while_a_big_cycle_plans(tmp_path: Path
         assert record.planned_count == 40_000
         during = moments["done"] - moments["first suggestion"]
         assert during >= 2, f"only {during} control calls were answered while planning"
+
+
+class _KeepingUpAgent(_BigAgent):
+    """Holds ``keys`` keys (all of them also on its twin); answers every message at once, all
+    APPLIED, and notes how many suggestions the cycle's policy had made (``made``) when each
+    message came in."""
+
+    def __init__(self, name: str, keys: int, made: Callable[[], int]) -> None:
+        super().__init__(name, keys)
+        self.made = made
+        self.arrivals: list[int] = []
+        self.received = 0
+
+    async def Directives(self, request_iterator: Any, context: Any) -> AsyncIterator[Any]:
+        async for request in request_iterator:
+            self.arrivals.append(self.made())
+            self.received += len(request.batch)
+            yield agent_pb2.DirectivesResponse(
+                batch=[
+                    types_pb2.DirectiveOutcome(
+                        directive_id=directive.id,
+                        status=types_pb2.OUTCOME_STATUS_APPLIED,
+                        inventory_version=2,
+                    )
+                    for directive in request.batch
+                ]
+            )
+
+
+async def test_agents_that_keep_up_are_fed_all_along_a_big_cycle(tmp_path: Path) -> None:
+    """The first drops of a big cycle go out as soon as a slice of them is planned, and an agent
+    that has answered what it got is sent more while the rest is planned: it never waits for
+    a big slice to be planned (sent 20,000 at a time, each agent waited for half of this plan
+    before its first directive, and idled between slices)."""
+    config = amm_config(tmp_path, policies=[{"class": "tests.support.policies.Watched"}])
+    async with AmmServer(config) as amm:
+        manager = amm.manager
+        assert manager is not None
+        (policy,) = manager.policies
+        assert isinstance(policy, Watched)
+        agents = [
+            _KeepingUpAgent(name, 40_000, lambda: policy.made)  # type: ignore[abstract]
+            for name in ("one", "two")
+        ]
+        async with fake_peer(agents[0]) as one, fake_peer(agents[1]) as two:
+            await manager.register(one, "one", "one")
+            await manager.register(two, "two", "two")
+            await manager.queries.refresh(True)  # both inventories are in before the cycle
+            record = await manager.run_cycle()
+            assert record.planned_count == 40_000
+            await wait_for(
+                lambda: sum(agent.received for agent in agents) == 40_000,
+                what="every directive reaches its agent",
+            )
+    for agent in agents:
+        made = agent.arrivals
+        assert made[0] <= 5_000, f"{agent.name}'s first directives came {made[0]:,} drops in"
+        waited = max(later - earlier for earlier, later in itertools.pairwise(made))
+        assert waited <= 10_000, f"{agent.name} waited while {waited:,} drops were planned"
 
 
 class _GrowingAgent(_BigAgent):
