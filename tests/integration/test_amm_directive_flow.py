@@ -16,7 +16,10 @@ import grpc
 from amm.base.serving import CHANNEL_OPTIONS
 from amm.v1 import agent_pb2, agent_pb2_grpc, control_pb2, control_pb2_grpc, types_pb2
 from amm_service.api.server import AmmServer
+from amm_service.decisions.directive import Directive, Op
 from amm_service.decisions.view import Key, WorkerId
+from amm_service.runtime.links.agents import AgentLinks
+from amm_service.runtime.links.dispatcher import BATCH, Dispatcher
 from amm_service.runtime.manager import ActiveMemoryManager
 from amm_service.runtime.records.cycle import CycleRecord
 from tests.conftest import amm_config
@@ -311,3 +314,55 @@ async def test_control_calls_are_answered_while_a_cycle_merges_big_poll_answers(
         assert record.planned_count == 40_000
         during = moments["merged"] - moments["answered"]
         assert during >= 4, f"only {during} control calls were answered while merging"
+
+
+class _BusyAgent(agent_pb2_grpc.WorkerAgentServicer):
+    """Reads no directive until ``release`` is set (its hands are full), then notes the size
+    of each message it reads; answers none."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.sizes: list[int] = []
+
+    async def Directives(self, request_iterator: Any, context: Any) -> AsyncIterator[Any]:
+        await self.release.wait()
+        async for request in request_iterator:
+            self.sizes.append(len(request.batch))
+        yield agent_pb2.DirectivesResponse()  # pragma: no cover
+
+
+async def test_slices_queued_while_an_agent_is_busy_go_out_as_one_message() -> None:
+    """Slices sent to an agent that reads nothing meanwhile (flow control holds the stream)
+    are joined into messages of up to ``BATCH`` when it reads again: small slices that keep an
+    agent fed must not become a message each, a task and a promise per keeper each, once it
+    falls behind."""
+    agent = _BusyAgent()  # type: ignore[abstract]
+    links = AgentLinks()
+    dispatcher = Dispatcher(links, lambda worker, outcomes: None, lambda worker: True)
+    ids = itertools.count()
+
+    def drops(n: int) -> list[Directive]:
+        return [
+            Directive(
+                f"d{next(ids)}", 1, Op.DROP, Key(f"key-{i:06d}-{'x' * 80}"), worker, 100, DIGEST
+            )
+            for i in range(n)
+        ]
+
+    try:
+        async with fake_peer(agent) as address:
+            worker = WorkerId(address)
+            big = drops(8 * BATCH)  # more than the stream's flow-control window holds
+            await dispatcher.send(big)
+            await asyncio.sleep(0.2)  # the stream writes what the window lets through
+            small = [drops(300) for _ in range(10)]
+            for one in small:
+                await dispatcher.send(one)
+            agent.release.set()
+            total = len(big) + 3_000
+            await wait_for(lambda: sum(agent.sizes) == total, what="every directive is read")
+    finally:
+        await dispatcher.close()
+        await links.close_all()
+    assert agent.sizes[:8] == [BATCH] * 8
+    assert agent.sizes[8:] == [3_000], "the ten slices queued meanwhile went out as one message"
