@@ -339,7 +339,7 @@ class Ledger:
 
     def _remove_many(self, run: list[Entry]) -> None:
         """``_remove`` of each of ``run`` still in the ledger (a big cycle's observation settles
-        300,000 applied entries: a call and a note each were half of it)."""
+        300,000 applied entries: a call and a note each were a quarter of it)."""
         entries, by_key, keys = self._entries, self._by_key, []
         for entry in run:
             directive = entry.directive

@@ -10,7 +10,9 @@ directives are idempotent and agents enforce integrity themselves, so a lost one
 never data.
 
 Building the messages of a big cycle takes a while, so ``send`` yields to the event loop between
-messages: control calls stay answered while hundreds of thousands of directives go out.
+messages: control calls stay answered while hundreds of thousands of directives go out. A cycle
+sends in small slices while an agent runs short of work (``in_hand``); slices queued behind a
+message the agent has not taken yet go out joined, up to ``BATCH``.
 
 The dispatcher owns one task per stream and ends them itself on ``close`` (a server shutting down
 does not end client streams for us: grpc/grpc#37239).
