@@ -202,9 +202,7 @@ class Ledger:
                 continue
             done = bisect.bisect_right(answered, seen)
             for start in range(0, done, step):
-                for entry in applied[start : min(done, start + step)]:
-                    if entries.get(entry.directive.id) is entry:
-                        self._remove(entry)
+                self._remove_many(applied[start : min(done, start + step)])
                 yield
             # Settled: what came after stays (answers that arrived meanwhile were appended).
             del applied[:done]
@@ -338,6 +336,25 @@ class Ledger:
             self._by_key[key] = (of_key, entry)
         else:
             self._by_key[key] = (*of_key, entry)
+
+    def _remove_many(self, run: list[Entry]) -> None:
+        """``_remove`` of each of ``run`` still in the ledger (a big cycle's observation settles
+        300,000 applied entries: a call and a note each were a quarter of it)."""
+        entries, by_key, keys = self._entries, self._by_key, []
+        for entry in run:
+            directive = entry.directive
+            if entries.get(directive.id) is not entry:
+                continue  # it left the ledger meanwhile (expired), or was entered again
+            del entries[directive.id]
+            key = directive.key
+            keys.append(key)
+            of_key = by_key.get(key)
+            if of_key is entry:
+                del by_key[key]
+            elif isinstance(of_key, tuple):
+                rest = tuple(e for e in of_key if e is not entry)
+                by_key[key] = rest[0] if len(rest) == 1 else rest
+        self.journal.extend(keys)
 
     def _remove(self, entry: Entry) -> None:
         """Take ``entry`` out of the ledger (applied ones stay in ``_applied`` until

@@ -1,9 +1,11 @@
 """How directives flow at scale: a directive an agent still holds is never planned again under a
-new id, and the AMM stays responsive while a big cycle plans and sends."""
+new id, agents are fed while a big cycle plans, and the AMM stays responsive while a big cycle
+plans and sends."""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -14,7 +16,10 @@ import grpc
 from amm.base.serving import CHANNEL_OPTIONS
 from amm.v1 import agent_pb2, agent_pb2_grpc, control_pb2, control_pb2_grpc, types_pb2
 from amm_service.api.server import AmmServer
+from amm_service.decisions.directive import Directive, Op
 from amm_service.decisions.view import Key, WorkerId
+from amm_service.runtime.links.agents import AgentLinks
+from amm_service.runtime.links.dispatcher import BATCH, Dispatcher
 from amm_service.runtime.manager import ActiveMemoryManager
 from amm_service.runtime.records.cycle import CycleRecord
 from tests.conftest import amm_config
@@ -180,6 +185,65 @@ async def test_control_calls_are_answered_while_a_big_cycle_plans(tmp_path: Path
         assert during >= 2, f"only {during} control calls were answered while planning"
 
 
+class _KeepingUpAgent(_BigAgent):
+    """Holds ``keys`` keys (all of them also on its twin); answers every message at once, all
+    APPLIED, and notes how many suggestions the cycle's policy had made (``made``) when each
+    message came in."""
+
+    def __init__(self, name: str, keys: int, made: Callable[[], int]) -> None:
+        super().__init__(name, keys)
+        self.made = made
+        self.arrivals: list[int] = []
+        self.received = 0
+
+    async def Directives(self, request_iterator: Any, context: Any) -> AsyncIterator[Any]:
+        async for request in request_iterator:
+            self.arrivals.append(self.made())
+            self.received += len(request.batch)
+            yield agent_pb2.DirectivesResponse(
+                batch=[
+                    types_pb2.DirectiveOutcome(
+                        directive_id=directive.id,
+                        status=types_pb2.OUTCOME_STATUS_APPLIED,
+                        inventory_version=2,
+                    )
+                    for directive in request.batch
+                ]
+            )
+
+
+async def test_agents_that_keep_up_are_fed_all_along_a_big_cycle(tmp_path: Path) -> None:
+    """The first drops of a big cycle go out as soon as a slice of them is planned, and an agent
+    that has answered what it got is sent more while the rest is planned: it never waits for
+    a big slice to be planned (sent 20,000 at a time, each agent waited for half of this plan
+    before its first directive, and idled between slices)."""
+    config = amm_config(tmp_path, policies=[{"class": "tests.support.policies.Watched"}])
+    async with AmmServer(config) as amm:
+        manager = amm.manager
+        assert manager is not None
+        (policy,) = manager.policies
+        assert isinstance(policy, Watched)
+        agents = [
+            _KeepingUpAgent(name, 40_000, lambda: policy.made)  # type: ignore[abstract]
+            for name in ("one", "two")
+        ]
+        async with fake_peer(agents[0]) as one, fake_peer(agents[1]) as two:
+            await manager.register(one, "one", "one")
+            await manager.register(two, "two", "two")
+            await manager.queries.refresh(True)  # both inventories are in before the cycle
+            record = await manager.run_cycle()
+            assert record.planned_count == 40_000
+            await wait_for(
+                lambda: sum(agent.received for agent in agents) == 40_000,
+                what="every directive reaches its agent",
+            )
+    for agent in agents:
+        made = agent.arrivals
+        assert made[0] <= 5_000, f"{agent.name}'s first directives came {made[0]:,} drops in"
+        waited = max(later - earlier for earlier, later in itertools.pairwise(made))
+        assert waited <= 10_000, f"{agent.name} waited while {waited:,} drops were planned"
+
+
 class _GrowingAgent(_BigAgent):
     """Reports nothing at first, then ``keys`` new keys at once, in one incremental answer."""
 
@@ -250,3 +314,55 @@ async def test_control_calls_are_answered_while_a_cycle_merges_big_poll_answers(
         assert record.planned_count == 40_000
         during = moments["merged"] - moments["answered"]
         assert during >= 4, f"only {during} control calls were answered while merging"
+
+
+class _BusyAgent(agent_pb2_grpc.WorkerAgentServicer):
+    """Reads no directive until ``release`` is set (its hands are full), then notes the size
+    of each message it reads; answers none."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.sizes: list[int] = []
+
+    async def Directives(self, request_iterator: Any, context: Any) -> AsyncIterator[Any]:
+        await self.release.wait()
+        async for request in request_iterator:
+            self.sizes.append(len(request.batch))
+        yield agent_pb2.DirectivesResponse()  # pragma: no cover
+
+
+async def test_slices_queued_while_an_agent_is_busy_go_out_as_one_message() -> None:
+    """Slices sent to an agent that reads nothing meanwhile (flow control holds the stream)
+    are joined into messages of up to ``BATCH`` when it reads again: small slices that keep an
+    agent fed must not become a message each, a task and a promise per keeper each, once it
+    falls behind."""
+    agent = _BusyAgent()  # type: ignore[abstract]
+    links = AgentLinks()
+    dispatcher = Dispatcher(links, lambda worker, outcomes: None, lambda worker: True)
+    ids = itertools.count()
+
+    def drops(n: int) -> list[Directive]:
+        return [
+            Directive(
+                f"d{next(ids)}", 1, Op.DROP, Key(f"key-{i:06d}-{'x' * 80}"), worker, 100, DIGEST
+            )
+            for i in range(n)
+        ]
+
+    try:
+        async with fake_peer(agent) as address:
+            worker = WorkerId(address)
+            big = drops(8 * BATCH)  # more than the stream's flow-control window holds
+            await dispatcher.send(big)
+            await asyncio.sleep(0.2)  # the stream writes what the window lets through
+            small = [drops(300) for _ in range(10)]
+            for one in small:
+                await dispatcher.send(one)
+            agent.release.set()
+            total = len(big) + 3_000
+            await wait_for(lambda: sum(agent.sizes) == total, what="every directive is read")
+    finally:
+        await dispatcher.close()
+        await links.close_all()
+    assert agent.sizes[:8] == [BATCH] * 8
+    assert agent.sizes[8:] == [3_000], "the ten slices queued meanwhile went out as one message"

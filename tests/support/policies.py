@@ -83,18 +83,23 @@ class CutShortOnce:
 
 class Watched(ReduceReplicas):
     """ReduceReplicas that calls ``probe`` (set by a test) at its first and last suggestion,
-    so a test can see what the event loop did while a cycle planned."""
+    and counts the suggestions it made (``made``), so a test can see what the event loop and
+    the agents did while a cycle planned."""
 
     def __init__(self, *, name: str = "Watched") -> None:
         super().__init__(name=name)
         self.probe: Callable[[str], None] = lambda moment: None
+        self.made = 0
 
     def run(self, view: ClusterView, pending: PendingView, measure: Measure) -> PolicyRun:
         inner = super().run(view, pending, measure)
+        self.made = 0
         try:
             suggestion = next(inner)
             self.probe("first suggestion")
             while True:
+                if suggestion is not None:
+                    self.made += 1
                 suggestion = inner.send((yield suggestion))
         except StopIteration:
             pass

@@ -10,7 +10,9 @@ directives are idempotent and agents enforce integrity themselves, so a lost one
 never data.
 
 Building the messages of a big cycle takes a while, so ``send`` yields to the event loop between
-messages: control calls stay answered while hundreds of thousands of directives go out.
+messages: control calls stay answered while hundreds of thousands of directives go out. A cycle
+sends in small slices while an agent runs short of work (``in_hand``); slices queued behind a
+message the agent has not taken yet go out joined, up to ``BATCH``.
 
 The dispatcher owns one task per stream and ends them itself on ``close`` (a server shutting down
 does not end client streams for us: grpc/grpc#37239).
@@ -22,6 +24,7 @@ import asyncio
 import contextlib
 import logging
 import operator
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 
 import grpc
@@ -52,7 +55,8 @@ class _Stream:
 
     def __init__(self, worker: WorkerId, links: AgentLinks, on_outcomes: OutcomesHandler) -> None:
         self.worker = worker
-        self.queue: asyncio.Queue[tuple[Sequence[Directive], bool] | None] = asyncio.Queue()
+        self._queue: deque[tuple[Sequence[Directive], bool] | None] = deque()
+        self._queued = asyncio.Event()
         self.unanswered: dict[str, None] = {}
         self._on_outcomes = on_outcomes
         self._call = links.stub(worker).Directives(self._requests())
@@ -63,13 +67,21 @@ class _Stream:
         400 bytes per directive, and a big cycle queues its 300,000 drops far faster than the
         agent reads them (built at ``send``, they held 110 MiB at once; the directives
         themselves are held by the ledger anyway)."""
-        while (item := await self.queue.get()) is not _CLOSE:
+        queue = self._queue
+        while True:
+            while not queue:
+                self._queued.clear()
+                await self._queued.wait()
+            item = queue.popleft()
+            if item is _CLOSE:
+                return
             directives, batch = item
             if not batch:
                 for directive in directives:
                     message = wire.directive_to_pb(directive)
                     yield agent_pb2.DirectivesRequest(directive=message)
                 continue
+            directives = self._joined(directives)
             request = agent_pb2.DirectivesRequest()
             pace = Budget()
             for start in range(0, len(directives), BUILD_STEP):
@@ -80,11 +92,33 @@ class _Stream:
             yield request
             del request  # not kept while the next one waits in the queue
 
+    def _joined(self, directives: Sequence[Directive]) -> Sequence[Directive]:
+        """``directives`` with the batches queued right after them, up to ``BATCH`` in all:
+        what piled up while the agent had its hands full goes out as one message, not one per
+        slice sent (each message costs the agent a task, and a promise asked of each keeper)."""
+        queue = self._queue
+        joined: list[Directive] | None = None
+        size = len(directives)
+        while queue and (item := queue[0]) is not _CLOSE:
+            more, batch = item
+            if not batch or size + len(more) > BATCH:
+                break
+            queue.popleft()
+            if joined is None:
+                joined = list(directives)
+            joined += more
+            size += len(more)
+        return directives if joined is None else joined
+
     def send(self, directives: Sequence[Directive], batch: bool) -> None:
         """Queue ``directives`` for one batch message (built ``BUILD_STEP`` at a time, the loop
         let in between, when the stream takes it), or one message each."""
         self.unanswered.update(dict.fromkeys(map(_ID, directives)))
-        self.queue.put_nowait((directives, batch))
+        self._put((directives, batch))
+
+    def _put(self, item: tuple[Sequence[Directive], bool] | None) -> None:
+        self._queue.append(item)
+        self._queued.set()
 
     async def _read(self) -> None:
         why = "the agent ended the directive stream"
@@ -127,7 +161,7 @@ class _Stream:
         return not self.task.done()
 
     async def close(self) -> None:
-        self.queue.put_nowait(_CLOSE)
+        self._put(_CLOSE)
         try:
             await asyncio.wait_for(asyncio.shield(self.task), timeout=1.0)
         except TimeoutError:
@@ -172,6 +206,12 @@ class Dispatcher:
         if stream is None or not stream.open:
             stream = self._streams[worker] = _Stream(worker, self._links, self._on_outcomes)
         return stream
+
+    def in_hand(self, worker: WorkerId) -> int:
+        """Directives sent or queued for ``worker`` and not answered yet (0 without a stream):
+        what it has to do before it waits for more."""
+        stream = self._streams.get(worker)
+        return len(stream.unanswered) if stream is not None and stream.open else 0
 
     def is_open(self, worker: WorkerId) -> bool:
         """Whether a directive stream to ``worker`` is open (what was sent on it will be
