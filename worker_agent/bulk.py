@@ -427,9 +427,9 @@ async def _receive_on_loop(
 
 def _receive_value(connection: socket.socket, size: int, digest: StreamingChecksum) -> bytes:
     """A new value of ``size`` filled from ``connection`` and hashed into ``digest``; runs in a
-    thread. Its memory is mapped here too (``fresh_bytes``), not on the event loop: mapping and
-    advising take the process's memory map lock, which the other transfers' page faults hold
-    in turn, and the loop would wait for them."""
+    thread. Its memory is mapped here too (``fresh_bytes``), not on the event loop: mapping it,
+    reading how many huge pages are free and advising are system calls on the process's memory
+    map (which every change to it takes in turn), none of which the loop needs to wait for."""
     data, view = fresh_bytes(size)
     with view:
         _receive_into(connection, view, size, digest)
