@@ -163,7 +163,12 @@ def not_done(what: str, seconds: float, detail: str = "") -> str:
 
 
 async def _amm_probe(
-    address: str, agents: list[str], key: str, stop: asyncio.Event, lat: Latencies
+    address: str,
+    agents: list[str],
+    key: str,
+    stop: asyncio.Event,
+    lat: Latencies,
+    pause: float = PROBE_PAUSE,
 ) -> None:
     """Control calls in a loop, one at a time, on a channel of their own. ``who_has`` is the
     client's default, fresh: the AMM asks every agent for the key before it answers.
@@ -196,7 +201,7 @@ async def _amm_probe(
                     continue
                 lat.add(name, time.perf_counter() - started)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), PROBE_PAUSE)
+                await asyncio.wait_for(stop.wait(), pause)
 
 
 async def _amm_build_and_converge(
@@ -234,7 +239,8 @@ async def _amm_build_and_converge(
         started = time.perf_counter()
         await client.amm.start()
         probe = asyncio.create_task(
-            _amm_probe(cluster.address, targets, probe_key, stop, lat), name="latency probe"
+            _amm_probe(cluster.address, targets, probe_key, stop, lat, args.probe_pause),
+            name="latency probe",
         )
         converged: float | None = None
         last = before
@@ -559,7 +565,9 @@ def end_children(grace: float = 5.0) -> None:
             child.kill()
 
 
-def _dask_probe(client: Any, key: str, stop: threading.Event, lat: Latencies) -> None:
+def _dask_probe(
+    client: Any, key: str, stop: threading.Event, lat: Latencies, pause: float = PROBE_PAUSE
+) -> None:
     calls: dict[str, Callable[[], object]] = {
         "running": client.amm.running,
         "status": client.scheduler_info,
@@ -574,7 +582,7 @@ def _dask_probe(client: Any, key: str, stop: threading.Event, lat: Latencies) ->
                 lat.failures += 1
                 continue
             lat.add(name, time.perf_counter() - started)
-        stop.wait(PROBE_PAUSE)
+        stop.wait(pause)
 
 
 def _dask_build_and_converge(args: argparse.Namespace, keys: int) -> Figures:
@@ -596,7 +604,7 @@ def _dask_build_and_converge(args: argparse.Namespace, keys: int) -> Figures:
         lat = Latencies()
         stop = threading.Event()
         prober = threading.Thread(
-            target=_dask_probe, args=(client, probe_key, stop, lat), daemon=True
+            target=_dask_probe, args=(client, probe_key, stop, lat, args.probe_pause), daemon=True
         )
         for one in (meter, *worker_meters):
             one.start()
@@ -813,6 +821,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--quick", action="store_true", help="a small run: 2,000 keys, 64 MiB replicated"
     )
     parser.add_argument("--json", type=Path, default=None, metavar="PATH")
+    parser.add_argument(
+        "--probe-pause",
+        type=float,
+        default=PROBE_PAUSE,
+        metavar="SECONDS",
+        help="rest between two rounds of control calls while converging; less makes more calls\n"
+        "(a p99 of 50 calls is their max; pool runs with benchmarks/pool_latency.py)",
+    )
     parser.add_argument(
         "--loop-probe",
         type=Path,
