@@ -7,8 +7,10 @@ not just the max of one run's 50 calls.
     done
     python benchmarks/pool_latency.py out/lat-*.json
 
-Prints, per system, shape and call, the calls pooled and their p50, p90, p99 and max (ms), and
-each run's load average. For A/B pairs, ``--group old='*old*' --group new='*new*'`` pools the
+Prints, per system, shape and call, the calls pooled and their p50, p90, p99 and max (ms) in
+wall time, then the same of the serving loop's CPU while each call was in flight (what the call
+waited behind in that loop, whatever the machine's load; amm only), and each run's load
+average. For A/B pairs, ``--group old='*old*' --group new='*new*'`` pools the
 runs whose file names match each pattern apart.
 """
 
@@ -30,14 +32,17 @@ def _rank(ordered: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
 
 
-def pool(runs: list[dict[str, Any]]) -> dict[tuple[str, str, str], list[float]]:
-    """Each call's latencies (ms) by (system, shape, call), over ``runs`` (``--json`` files)."""
+def pool(
+    runs: list[dict[str, Any]], what: str = "samples_ms"
+) -> dict[tuple[str, str, str], list[float]]:
+    """Each call's latencies (ms) by (system, shape, call), over ``runs`` (``--json`` files);
+    with ``what="loop_cpu_samples_ms"``, the serving loop's CPU while each was in flight."""
     pooled: dict[tuple[str, str, str], list[float]] = {}
     for run in runs:
         for system in ("amm", "dask"):
             for shape, figures in (run.get(system) or {}).items():
                 for call in CALLS:
-                    samples = figures.get(f"{call}_samples_ms")
+                    samples = figures.get(f"{call}_{what}")
                     if samples:
                         pooled.setdefault((system, shape, call), []).extend(samples)
     return pooled
@@ -51,13 +56,14 @@ def report(name: str, paths: list[Path]) -> list[str]:
         if "load_average" in r
     ]
     lines = [f"{name}: {len(runs)} run(s), load average (1 min) {', '.join(loads)}"]
-    for (system, shape, call), values in sorted(pool(runs).items()):
-        ordered = sorted(values)
-        lines.append(
-            f"  {system} {int(shape):,} keys {call:>10}: n={len(ordered):5d}  "
-            f"p50 {statistics.median(ordered):7.1f}  p90 {_rank(ordered, 0.9):7.1f}  "
-            f"p99 {_rank(ordered, 0.99):7.1f}  max {ordered[-1]:7.1f} ms"
-        )
+    for what, label in (("samples_ms", "wall"), ("loop_cpu_samples_ms", "loop CPU")):
+        for (system, shape, call), values in sorted(pool(runs, what).items()):
+            ordered = sorted(values)
+            lines.append(
+                f"  {system} {int(shape):,} keys {call:>10} {label:>8}: n={len(ordered):5d}  "
+                f"p50 {statistics.median(ordered):7.2f}  p90 {_rank(ordered, 0.9):7.2f}  "
+                f"p99 {_rank(ordered, 0.99):7.2f}  max {ordered[-1]:7.2f} ms"
+            )
     return lines
 
 
