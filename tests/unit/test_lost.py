@@ -150,7 +150,7 @@ MAX_HOLD = 0.02
 async def test_a_big_save_of_the_keys_held_lets_the_loop_in(tmp_path: Path) -> None:
     """The keys of a big poll round are sorted (for the state file's pages) in runs with the loop
     let in between, not in one go: the loop is held for a few steps at a time."""
-    with StateStore(tmp_path / "state.db") as store:
+    with StateStore(str(tmp_path / "state.db")) as store:
         book = LostBook(store, clock=clock)
         born = {Key(f"key-{i:07}") for i in range(BIG_SAVE)}
         holds: list[float] = []
