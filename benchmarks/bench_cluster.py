@@ -117,10 +117,15 @@ class Latencies:
     """Seconds each control call took, by call; calls that failed are counted apart."""
 
     samples: dict[str, list[float]] = field(default_factory=lambda: {p: [] for p in PROBES})
+    #: The CPU seconds the serving loop's thread ran while each call was in flight (the AMM's;
+    #: for ``holds_keys``, the busiest agent's), where Linux says (``LoopCpu``).
+    loop_cpu: dict[str, list[float]] = field(default_factory=lambda: {p: [] for p in PROBES})
     failures: int = 0
 
-    def add(self, name: str, seconds: float) -> None:
+    def add(self, name: str, seconds: float, loop_cpu: float | None = None) -> None:
         self.samples[name].append(seconds)
+        if loop_cpu is not None:
+            self.loop_cpu[name].append(loop_cpu)
 
     def figures(self) -> Figures:
         result: Figures = {"probe_failures": self.failures}
@@ -131,7 +136,40 @@ class Latencies:
             result[f"{name}_samples_ms"] = [round(v * 1e3, 2) for v in values]
             for label, value in _percentiles(values).items():
                 result[f"{name}_{label}_ms"] = None if value is None else value * 1e3
+            cpu = self.loop_cpu[name]
+            if cpu:
+                result[f"{name}_loop_cpu_samples_ms"] = [round(v * 1e3, 3) for v in cpu]
+                for label, value in _percentiles(cpu).items():
+                    result[f"{name}_loop_cpu_{label}_ms"] = None if value is None else value * 1e3
         return result
+
+
+class LoopCpu:
+    """CPU seconds the main threads of some processes (their event loops) have run so far, read
+    from ``/proc/PID/task/PID/schedstat`` (nanoseconds). A call's latency in wall time on a
+    loaded 2-core machine mostly counts the kernel's run queue; the CPU the serving loop ran
+    while the call was in flight counts what the call waited behind in that loop (bulk work
+    not paced, or paced too coarsely), whatever the load."""
+
+    def __init__(self, pids: list[int]) -> None:
+        self._paths = [f"/proc/{pid}/task/{pid}/schedstat" for pid in pids]
+
+    def read(self) -> list[float] | None:
+        """Each process's so far; None where Linux does not say (the figure is left out)."""
+        try:
+            values = []
+            for path in self._paths:
+                with open(path, encoding="ascii") as f:
+                    values.append(int(f.read().split()[0]) / 1e9)
+            return values
+        except (OSError, IndexError, ValueError):
+            return None
+
+
+def _most_spent(before: list[float] | None, after: list[float] | None) -> float | None:
+    if before is None or after is None:
+        return None
+    return max(b - a for a, b in zip(before, after, strict=True))
 
 
 def _percentiles(values: list[float]) -> dict[str, float | None]:
@@ -163,12 +201,19 @@ def not_done(what: str, seconds: float, detail: str = "") -> str:
 
 
 async def _amm_probe(
-    address: str, agents: list[str], key: str, stop: asyncio.Event, lat: Latencies
+    address: str,
+    agents: list[str],
+    key: str,
+    stop: asyncio.Event,
+    lat: Latencies,
+    pause: float = PROBE_PAUSE,
+    loops: tuple[LoopCpu, LoopCpu] | None = None,
 ) -> None:
     """Control calls in a loop, one at a time, on a channel of their own. ``who_has`` is the
     client's default, fresh: the AMM asks every agent for the key before it answers.
     ``holds_keys`` asks every agent at once directly (HoldsKeys, no AMM): the agents' share of
-    a fresh ``who_has``."""
+    a fresh ``who_has``. ``loops`` (the AMM's, the agents') also measure the loop CPU each
+    call was in flight for: the AMM's, or the busiest agent's for ``holds_keys``."""
     channels = [grpc.aio.insecure_channel(a, options=CHANNEL_OPTIONS) for a in agents]
     stubs = [agent_pb2_grpc.WorkerAgentStub(channel) for channel in channels]
     request = agent_pb2.HoldsKeysRequest(keys=[key])
@@ -188,15 +233,18 @@ async def _amm_probe(
         }
         while not stop.is_set():
             for name, call in calls.items():
+                loop = None if loops is None else loops[name == "holds_keys"]
+                cpu = None if loop is None else loop.read()
                 started = time.perf_counter()
                 try:
                     await call()
                 except (AmmError, grpc.aio.AioRpcError):
                     lat.failures += 1
                     continue
-                lat.add(name, time.perf_counter() - started)
+                seconds = time.perf_counter() - started
+                lat.add(name, seconds, _most_spent(cpu, None if loop is None else loop.read()))
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), PROBE_PAUSE)
+                await asyncio.wait_for(stop.wait(), pause)
 
 
 async def _amm_build_and_converge(
@@ -234,7 +282,16 @@ async def _amm_build_and_converge(
         started = time.perf_counter()
         await client.amm.start()
         probe = asyncio.create_task(
-            _amm_probe(cluster.address, targets, probe_key, stop, lat), name="latency probe"
+            _amm_probe(
+                cluster.address,
+                targets,
+                probe_key,
+                stop,
+                lat,
+                args.probe_pause,
+                (LoopCpu([cluster.service_pid]), LoopCpu(list(cluster.worker_pids.values()))),
+            ),
+            name="latency probe",
         )
         converged: float | None = None
         last = before
@@ -559,7 +616,9 @@ def end_children(grace: float = 5.0) -> None:
             child.kill()
 
 
-def _dask_probe(client: Any, key: str, stop: threading.Event, lat: Latencies) -> None:
+def _dask_probe(
+    client: Any, key: str, stop: threading.Event, lat: Latencies, pause: float = PROBE_PAUSE
+) -> None:
     calls: dict[str, Callable[[], object]] = {
         "running": client.amm.running,
         "status": client.scheduler_info,
@@ -574,7 +633,7 @@ def _dask_probe(client: Any, key: str, stop: threading.Event, lat: Latencies) ->
                 lat.failures += 1
                 continue
             lat.add(name, time.perf_counter() - started)
-        stop.wait(PROBE_PAUSE)
+        stop.wait(pause)
 
 
 def _dask_build_and_converge(args: argparse.Namespace, keys: int) -> Figures:
@@ -596,7 +655,7 @@ def _dask_build_and_converge(args: argparse.Namespace, keys: int) -> Figures:
         lat = Latencies()
         stop = threading.Event()
         prober = threading.Thread(
-            target=_dask_probe, args=(client, probe_key, stop, lat), daemon=True
+            target=_dask_probe, args=(client, probe_key, stop, lat, args.probe_pause), daemon=True
         )
         for one in (meter, *worker_meters):
             one.start()
@@ -719,6 +778,11 @@ def _rows_for_shape() -> list[tuple[str, str, str]]:
     for probe in PROBES:
         for stat in ("p50", "p99", "max"):
             rows.append((f"{probe}_{stat}_ms", f"  {probe}() latency {stat}", "ms"))
+        whose = "busiest agent's" if probe == "holds_keys" else "AMM's"
+        for stat in ("p50", "p99"):
+            rows.append(
+                (f"{probe}_loop_cpu_{stat}_ms", f"    {whose} loop CPU meanwhile, {stat}", "ms")
+            )
     return rows
 
 
@@ -813,6 +877,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--quick", action="store_true", help="a small run: 2,000 keys, 64 MiB replicated"
     )
     parser.add_argument("--json", type=Path, default=None, metavar="PATH")
+    parser.add_argument(
+        "--probe-pause",
+        type=float,
+        default=PROBE_PAUSE,
+        metavar="SECONDS",
+        help="rest between two rounds of control calls while converging; less makes more calls\n"
+        "(a p99 of 50 calls is their max; pool runs with benchmarks/pool_latency.py)",
+    )
     parser.add_argument(
         "--loop-probe",
         type=Path,

@@ -17,6 +17,7 @@ A port of Dask's policy of the same name, counting the way the Replicate policy 
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Generator, Mapping, Set
 from dataclasses import dataclass
 
@@ -91,7 +92,9 @@ class ReduceReplicas:
                 None if looked is None else (yield from self._todo(looked, view, tracked, workers))
             )
             if todo is not None:
-                keys = yield from sorted_in_steps((todo | others) & view.replicated)
+                # ``(todo | others) & view.replicated``, read in slices (made whole, 20 ms).
+                either = itertools.chain(todo, (k for k in others if k not in todo))
+                keys = yield from sorted_in_steps(either, within=view.replicated)
         if keys is None:
             keys = yield from sorted_in_steps(view.replicated)
         counter = GoalCounter(view.workers)
