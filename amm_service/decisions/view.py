@@ -529,7 +529,7 @@ class ClusterState:
         if old is None or not incarnation or incarnation != old.incarnation:
             return 0
         cursor = old.version
-        keys, replicated, odd, minus = self._keys, self._replicated, self._odd, self._minus
+        keys, odd = self._keys, self._odd
         noted: list[Key] = []
         for key, version in dropped:
             if version <= cursor:
@@ -544,19 +544,24 @@ class ClusterState:
                 or key in odd
             ):
                 continue
-            holders = minus.get((kv.holders, address)) or self._without(kv.holders, address)
-            key = kv.key
-            keys[key] = _new(
-                KeyView, (key, kv.size, kv.checksum, holders, kv.pinned_on, kv.conflicting)
-            )
-            noted.append(key)
-            if len(holders) < 2:
-                replicated.discard(key)
+            noted.append(self._drop_copy(kv, address))
         if noted:
             self.journal.extend(noted)
             self._held[address] -= len(noted)
             self._workers[address] = replace(old, nkeys=self._held[address])
         return len(noted)
+
+    def _drop_copy(self, kv: KeyView, address: WorkerId) -> Key:
+        """``address`` no longer holds a plain copy of ``kv`` (no pin, no conflict, another
+        holder left): its record without it; the key, to note in the journal."""
+        holders = self._minus.get((kv.holders, address)) or self._without(kv.holders, address)
+        key = kv.key
+        self._keys[key] = _new(
+            KeyView, (key, kv.size, kv.checksum, holders, kv.pinned_on, kv.conflicting)
+        )
+        if len(holders) < 2:
+            self._replicated.discard(key)
+        return key
 
     def _merge_holdings(
         self, address: WorkerId, held: Iterable[KeyReport], gone: Iterable[Key]
@@ -574,7 +579,7 @@ class ClusterState:
         counts = self._held
         gained = lost = 0
         keys, replicated, journal = self._keys, self._replicated, self.journal
-        plus, minus, odd = self._plus, self._minus, self._odd
+        plus, odd = self._plus, self._odd
         noted: list[Key] = []
         for report in held:
             changed = True
@@ -617,16 +622,8 @@ class ClusterState:
                     noted = []
                 self._remove_holding(address, key)
                 continue
-            # A plain copy dropped (``_remove_holding``'s common case).
-            holders = minus.get((kv.holders, address)) or self._without(kv.holders, address)
-            key = kv.key
-            keys[key] = _new(
-                KeyView, (key, kv.size, kv.checksum, holders, kv.pinned_on, kv.conflicting)
-            )
-            noted.append(key)
+            noted.append(self._drop_copy(kv, address))  # ``_remove_holding``'s common case
             lost += 1
-            if len(holders) < 2:
-                replicated.discard(key)
         if lost:
             counts[address] -= lost
         if noted:

@@ -3,34 +3,11 @@
 from __future__ import annotations
 
 import tracemalloc
-from collections.abc import Sequence
 
-from amm_service.decisions.view import ClusterState, Key, KeyReport, Memory, WorkerId, WorkerStatus
+from amm_service.decisions.view import ClusterState, Key, KeyReport, WorkerId
+from tests.support.views import poll
 
 A, B = WorkerId("a"), WorkerId("b")
-
-
-def poll(
-    state: ClusterState,
-    worker: WorkerId,
-    *,
-    full: bool = False,
-    version: int = 1,
-    keys: Sequence[KeyReport] = (),
-    removed: Sequence[Key] = (),
-) -> None:
-    state.apply_poll(
-        worker,
-        incarnation="i1",
-        version=version,
-        full=full,
-        keys=keys,
-        removed=removed,
-        memory=Memory(managed=1),
-        status=WorkerStatus.RUNNING,
-        name=str(worker),
-        now=1.0,
-    )
 
 
 def test_incremental_polls_add_and_remove_holdings() -> None:

@@ -11,35 +11,12 @@ from collections.abc import Sequence
 
 from amm_service.decisions.directive import Directive, Op, Outcome, OutcomeStatus
 from amm_service.decisions.pending import Ledger
-from amm_service.decisions.view import ClusterState, Key, KeyReport, Memory, WorkerId, WorkerStatus
+from amm_service.decisions.view import ClusterState, Key, KeyReport, WorkerId
 from amm_service.runtime.records.outcomes import Outcomes
+from tests.support.views import poll
 
 A, B, C = WorkerId("a"), WorkerId("b"), WorkerId("c")
 X, Y, Z = Key("x"), Key("y"), Key("z")
-
-
-def poll(
-    state: ClusterState,
-    worker: WorkerId,
-    version: int,
-    *,
-    incarnation: str = "i1",
-    full: bool = False,
-    keys: Sequence[KeyReport] = (),
-    removed: Sequence[Key] = (),
-) -> None:
-    state.apply_poll(
-        worker,
-        incarnation=incarnation,
-        version=version,
-        full=full,
-        keys=keys,
-        removed=removed,
-        memory=Memory(managed=1),
-        status=WorkerStatus.RUNNING,
-        name=str(worker),
-        now=1.0,
-    )
 
 
 def cluster(*held: tuple[WorkerId, Sequence[KeyReport]]) -> ClusterState:
