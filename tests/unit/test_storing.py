@@ -134,3 +134,32 @@ def test_ending_many_notes_leaves_the_garbage_collector_alone() -> None:
         gc.callbacks.remove(count)
     assert collections < 10, f"{collections} garbage collections"
     assert len(storing) == len(keys) // 2
+
+
+def test_a_note_made_again_while_a_round_judges_waits_for_the_next_round(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Listed keys end in C-level passes over a slice (``Storing.polled``), but not a note
+    made again since the round copied them: that Put may still be storing the key."""
+    monkeypatch.setattr(pacing, "BUDGET", 0.0)  # a breath after every slice
+    clock = Clock()
+    state = ClusterState()
+    state.register(W, "w", "i1", now=clock.now)
+    storing = Storing(clock)
+    keys = [f"k{i}" for i in range(3 * POLLED_STEP)]
+    storing.note(state, W, "i1", keys)
+    polled(state, keys, now=clock.now + 1)
+    again = keys[-3:]
+
+    async def main() -> None:
+        async def note_again() -> None:
+            clock.now += 1
+            storing.note(state, W, "i1", again)
+
+        judging = asyncio.create_task(storing.polled(state))
+        await asyncio.sleep(0)  # the first slice is judged
+        await note_again()
+        await judging
+
+    asyncio.run(main())
+    assert storing.take(W) == set(again)
