@@ -86,6 +86,33 @@ async def test_a_batch_of_drops_asks_its_keeper_once() -> None:
         assert keys[0] in b.store
 
 
+async def _put_many(stub: Stub, keys: list[str]) -> None:
+    items = [agent_pb2.PutItem(key=key, data=DATA) for key in keys]
+    await stub.PutMany(iter([agent_pb2.PutManyRequest(items=items)]))
+
+
+async def test_a_keepers_mixed_answers_settle_each_drop_by_its_own_answer() -> None:
+    """Runs of kept and refused keys, some across the keeper's slices of promises: each drop is
+    applied exactly when the keeper promised its key (its answers are built, and read, a run
+    of alike answers at a time)."""
+    async with agents(2) as [(a, stub_a), (b, stub_b)]:
+        keys = [f"mixed-{i:04d}" for i in range(900)]
+        missing = {*range(100, 110), 255, 256, 511, *range(600, 780), 899}
+        await _put_many(stub_a, keys)
+        await _put_many(stub_b, [key for i, key in enumerate(keys) if i not in missing])
+        directives = [drop(key, [b.address]) for key in keys]
+        outcomes = await _run_batch(stub_a, directives)
+        key_of = {d.id: d.key for d in directives}
+        applied = {key_of[o.directive_id] for o in outcomes if status(o) == "APPLIED"}
+        kept = {key for i, key in enumerate(keys) if i not in missing}
+        assert applied == kept
+        assert {key for key in keys if key not in a.store} == kept
+        assert all(key in a.store for i, key in enumerate(keys) if i in missing), "last copy"
+        refused = [o for o in outcomes if status(o) != "APPLIED"]
+        assert {reason(o) for o in refused} == {"NO_CONFIRMED_HOLDER"}
+        assert all("NOT_HELD" in o.message for o in refused)
+
+
 async def test_siblings_dropping_in_one_batch_each_never_drop_the_last_copies() -> None:
     """Each agent drops its whole inventory in one batch, naming the other as keeper, at the
     same moment: for every key at most one drop applies."""
