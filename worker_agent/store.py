@@ -261,16 +261,19 @@ class Store:
         following = self._sorted.irange(minimum=after, inclusive=(False, True))
         # At least one key (progress), as ``_Budget``; one held key past the limit, if any,
         # tells that more follow. The keys are read a slice at a time, those removed but still
-        # listed (``_stale``) passed over in C.
-        limit = max(1, max_keys) if max_keys is not None else None
+        # listed (``_stale``) passed over in C; no more are read than the limits can take.
+        limit = max(1, len(values) if max_keys is None else max_keys)
+        most_by_bytes = None if max_bytes is None else max_bytes // KEY_INFO_OVERHEAD + 1
         held: list[Key] = []
         more = False
-        while chunk := list(islice(following, PAGE_SLICE)):
+        while chunk := list(islice(following, min(PAGE_SLICE, limit + 1 - len(held)))):
             held += filter(values.__contains__, chunk)
-            if limit is not None and len(held) > limit:
+            if len(held) > limit:
                 del held[limit:]
                 more = True
                 break
+            if most_by_bytes is not None and len(held) > most_by_bytes:
+                break  # they cannot all fit: cut below, by bytes
         if max_bytes is not None and not _within(held, None, max_bytes):
             budget = _Budget(None, max_bytes)
             fit = next((n for n, key in enumerate(held) if not budget.take(key)), len(held))

@@ -9,6 +9,7 @@ from worker_agent import integrity
 from worker_agent.integrity import Accept, Conditions, Directive, Op
 from worker_agent.store import (
     KEY_INFO_OVERHEAD,
+    PAGE_SLICE,
     STALE_SORTED_MIN,
     Changes,
     Key,
@@ -162,6 +163,37 @@ def test_snapshot_pages_follow_key_order_within_the_limits() -> None:
     assert store.snapshot_page(second.last, max_keys=2) == Page((), None)
     assert [k.key for k in store.snapshot_page(Key("k10"), max_keys=9).keys] == ["k2", "k3"]
     assert store.snapshot_page(None).keys == tuple(store.snapshot())
+
+
+def test_pages_pass_over_removed_keys_across_slices_and_end_exactly_at_the_last_key() -> None:
+    """Pages read the index a slice at a time (``PAGE_SLICE``): runs of removed keys still
+    listed, longer than a slice, are passed over; a page that takes the last key held says that
+    none follow, one that stops before another says where it stopped."""
+    store = Store()
+    keys = [Key(f"k{i:05d}") for i in range(3 * PAGE_SLICE)]
+    for key in keys:
+        add(store, key)
+    gone = set(keys[10 : 10 + PAGE_SLICE + 7]) | set(keys[-5:])
+    for key in sorted(gone):
+        store.remove(key)
+    held = [key for key in keys if key not in gone]
+    store.pin(held[3])
+    for limit in (1, 10, 11, PAGE_SLICE, len(held) - 1, len(held), len(held) + 1):
+        pages, after = [], None
+        while True:
+            page = store.snapshot_page(after, max_keys=limit)
+            pages.append(page)
+            if page.last is None:
+                break
+            assert len(page.keys) == limit
+            after = page.last
+        assert [k for page in pages for k in page.keys] == [store.info(key) for key in held]
+        assert pages[-1].keys, f"an empty last page (limit {limit})"
+    assert store.infos([keys[0], keys[10], held[3], keys[-1], held[3]]) == [
+        store.info(keys[0]),
+        KeyInfo(held[3], 3, checksum(b"xyz"), True),
+        KeyInfo(held[3], 3, checksum(b"xyz"), True),
+    ]
 
 
 def test_pages_count_the_utf8_bytes_of_keys_that_are_not_ascii() -> None:
