@@ -329,9 +329,12 @@ class DirectiveRunner:
         alone: list[Directive] = []
         current_drop, held = integrity.current_drop, self._store.held
         peers_checked: dict[tuple[str, ...], bool] = {}
-        for part in parts(directives):
+        for part in parts(directives, BULK):
             if await pace.breathe():
                 cond = self._conditions()
+            if integrity.current_drops(part, cond, peers_checked):  # the usual part, at once
+                candidates += part
+                continue
             for directive in part:
                 if current_drop(directive, cond, peers_checked, held):
                     candidates.append(directive)

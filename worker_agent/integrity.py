@@ -11,8 +11,9 @@ at the gRPC edge (``servicer``).
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import NamedTuple
 
 from amm.base.validation import MAX_EPOCH, bad_addresses, epoch_problem, is_address
@@ -208,6 +209,50 @@ def current_drop(
         and validate(directive) is None
         and judge_epoch(directive, cond) is None
     )
+
+
+_IDS, _EPOCHS, _OPS, _KEYS = (attrgetter(f) for f in ("id", "epoch", "op", "key"))
+_CHECKSUMS, _SOURCES, _HOLDERS = (attrgetter(f) for f in ("checksum", "sources", "holders"))
+
+
+def current_drops(
+    directives: Sequence[Directive],
+    cond: Conditions,
+    peers_checked: dict[tuple[str, ...], bool],
+) -> bool:
+    """Whether every one of ``directives`` is a ``current_drop``: the same rules, judged for the
+    whole of a part of a batch in a few C-level passes over its fields (a call of
+    ``current_drop`` each cost about a microsecond). False when any is not, or when it cannot
+    tell so cheaply (a drop without a checksum): the caller then judges each."""
+    if not directives:
+        return True
+    keys: list[str] = list(map(_KEYS, directives))
+    digests: list[str] = list(map(_CHECKSUMS, directives))
+    if not (
+        set(map(_OPS, directives)) == {Op.DROP}
+        and all(map(_IDS, directives))
+        and all(keys)
+        and max(map(len, keys)) * 4 <= MAX_KEY_BYTES
+        and not any(map(_SOURCES, directives))
+        and set(map(len, digests)) == {64}
+        and not "".join(digests).strip(_HEX_DIGITS)
+    ):
+        return False
+    newest = cond.newest_epoch
+    for epoch in set(map(_EPOCHS, directives)):
+        if not (0 <= epoch <= MAX_EPOCH and newest <= epoch) or (
+            epoch != newest and cond.confirms_epochs
+        ):
+            return False
+    for holders in set(map(_HOLDERS, directives)):
+        if not holders:
+            return False
+        good = peers_checked.get(holders)
+        if good is None:
+            good = peers_checked[holders] = bad_addresses(holders) is None
+        if not good:
+            return False
+    return True
 
 
 def judge_epoch(directive: Directive, cond: Conditions) -> Refuse | None:
