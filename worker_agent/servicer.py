@@ -84,6 +84,8 @@ MAX_HOLDS_KEYS = 10_000
 MAX_KEEP_BATCH = 100_000
 #: Promises of a PromiseKeepBatch made in one step of the loop.
 KEEP_SLICE = 256
+#: Items of a PromiseKeepBatch read and checked in one step.
+KEEP_READ = 1024
 #: ``PromiseKeepBatchResponse.answers``: built from bytes (``runs``).
 _ANSWERS_FIELD = agent_pb2.PromiseKeepBatchResponse.ANSWERS_FIELD_NUMBER
 
@@ -175,6 +177,19 @@ async def _directives_from_proto(messages: Sequence[types_pb2.Directive]) -> lis
                 )
             )
     return directives
+
+
+def _usual_items(pairs: list[tuple[str, str]]) -> bool:
+    """Whether every ``(key, checksum)`` is well formed as ``_key`` and ``_checksum`` check it,
+    judged for the whole in a few C-level passes: keys of 1 to ``MAX_KEY_BYTES // 4``
+    characters, checksums of 64 lowercase hexadecimal digits. False when any is not, or when
+    it cannot tell so cheaply (a longer key, an empty checksum): the caller checks each."""
+    if not pairs:
+        return True
+    keys, digests = zip(*pairs, strict=True)
+    return (
+        all(keys) and max(map(len, keys)) * 4 <= MAX_KEY_BYTES and integrity.all_checksums(digests)
+    )
 
 
 def outcome_to_proto(outcome: Outcome) -> types_pb2.DirectiveOutcome:
@@ -783,10 +798,13 @@ class WorkerAgentServicer(agent_pb2_grpc.WorkerAgentServicer):
             pace = Pace()
             items: list[tuple[Key, str]] = []
             append, held = items.append, self._node.store.held.get
-            for part in parts(request.items):
+            for part in parts(request.items, KEEP_READ):
                 await pace.breathe()
-                for item in part:
-                    key, digest = item.key, item.checksum
+                pairs = [(item.key, item.checksum) for item in part]
+                if _usual_items(pairs):  # checked as a whole, in C
+                    items += pairs  # type: ignore[arg-type]  # Keys: checked
+                    continue
+                for key, digest in pairs:
                     # Checked as ``_key`` and ``_checksum`` do, the usual case without a call
                     # each: a checksum equal to the one held is well formed (each was computed
                     # here).

@@ -395,15 +395,27 @@ class Store:
     def promise_held(self, key: Key, checksum: str, until: float) -> float | None:
         """``promise`` when ``key`` is held with ``checksum`` (any, when empty) and is not
         being dropped here, in one step (the expiry); None otherwise, and nothing is recorded
-        (``integrity.judge_keep`` says why). A keeper answers thousands of keys at once."""
-        value = self._values.get(key)
-        if value is None or (checksum and checksum != value.checksum) or key in self._dropping:
-            return None
-        leases = self._leases
-        known = leases.get(key)
-        expires = until if known is None or known < until else known
-        leases[key] = expires
-        return expires
+        (``integrity.judge_keep`` says why)."""
+        return self.promise_held_many([(key, checksum)], until)[0]
+
+    def promise_held_many(
+        self, items: Iterable[tuple[Key, str]], until: float
+    ) -> list[float | None]:
+        """``promise_held`` for each ``(key, checksum)``, in one step: a keeper answers thousands
+        of keys at once (a call each cost a fifth of a microsecond more)."""
+        values, dropping, leases = self._values, self._dropping, self._leases
+        expiries: list[float | None] = []
+        append = expiries.append
+        for key, checksum in items:
+            value = values.get(key)
+            if value is None or (checksum and checksum != value.checksum) or key in dropping:
+                append(None)
+                continue
+            known = leases.get(key)
+            expires = until if known is None or known < until else known
+            leases[key] = expires
+            append(expires)
+        return expiries
 
     # -- pins, readers, drops, leases -------------------------------------------------------------
 

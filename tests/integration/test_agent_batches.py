@@ -10,6 +10,9 @@ import asyncio
 import collections
 from typing import Any
 
+import grpc
+import pytest
+
 from amm.base.checksum import checksum
 from amm.v1 import agent_pb2, agent_pb2_grpc, types_pb2
 from tests.support.agent import (
@@ -187,6 +190,37 @@ async def test_promise_keep_batch_answers_each_item_in_order() -> None:
         assert [answer.kept for answer in answers] == [True, False, False]
         assert [reason(answer) for answer in answers[1:]] == ["NOT_HELD", "NOT_HELD"]
         assert answers[0].lease.ToNanoseconds() > 0
+
+
+async def test_a_promise_batch_with_one_malformed_item_promises_nothing() -> None:
+    """Items are checked a part at a time as a whole; one malformed item anywhere in thousands
+    (an empty or too long key, a checksum that is not 64 lowercase hex digits) fails the call
+    INVALID_ARGUMENT before anything is promised."""
+    async with agents(1) as [(agent, stub)]:
+        keys = [f"promised-{i:05d}" for i in range(3000)]
+        await _put_many(stub, keys)
+        good = [agent_pb2.KeepItem(key=key, checksum=DIGEST) for key in keys]
+        bad_items = [
+            agent_pb2.KeepItem(key="", checksum=DIGEST),
+            agent_pb2.KeepItem(key="k" * 1025, checksum=DIGEST),
+            agent_pb2.KeepItem(key=keys[0], checksum="g" * 64),
+            agent_pb2.KeepItem(key=keys[0], checksum=DIGEST[:-1]),
+        ]
+        for bad in bad_items:
+            for at in (0, 1500, 3000):
+                request = agent_pb2.PromiseKeepBatchRequest(
+                    items=[*good[:at], bad, *good[at:]], requester="test"
+                )
+                with pytest.raises(grpc.aio.AioRpcError) as failed:
+                    await stub.PromiseKeepBatch(request)
+                assert failed.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+                assert not any(agent.store.promised_until(key, 0.0) for key in keys)
+        # An uppercase checksum is the same checksum (taken in lowercase), in any part.
+        upper = agent_pb2.KeepItem(key=keys[1], checksum=DIGEST.upper())
+        request = agent_pb2.PromiseKeepBatchRequest(items=[*good, upper], requester="test")
+        answers = (await stub.PromiseKeepBatch(request)).answers
+        assert len(answers) == len(keys) + 1
+        assert all(answer.kept for answer in answers)
 
 
 async def test_agents_report_their_features() -> None:

@@ -291,6 +291,34 @@ def test_clear_to_remove_is_the_all_clear_of_judge_drop_and_judge_drop_commit() 
                 assert (cleared is not None) is go, (key, digest)
 
 
+def test_mark_and_remove_if_clear_act_exactly_when_the_all_clear_is_given() -> None:
+    """The batch's fused steps: ``mark_if_clear`` marks, and ``remove_if_clear`` removes (and
+    unmarks, telling the version after), exactly the keys ``clear_to_remove`` clears, and
+    change nothing otherwise."""
+    now = 100.0
+    for key in [*(Key(f"key-{kind}") for kind in "pudlex"), Key("missing")]:
+        for digest in ("", checksum(b"data"), checksum(b"other")):
+            store = Store()
+            if key != "missing":
+                store.add(key, b"data", checksum(b"data"))
+                _guarded(store, key)
+            clear = store.clear_to_remove(key, digest, now) is not None
+            dropping = store.is_dropping(key)
+            assert (store.mark_if_clear(key, digest, now) is not None) is clear, (key, digest)
+            assert store.is_dropping(key) is (dropping or clear)
+            mine = store.clear_to_remove(key, digest, now, mine=True) is not None
+            version = store.version
+            removed = store.remove_if_clear(key, digest, now)
+            assert (removed is not None) is mine, (key, digest)
+            if mine:
+                assert removed == version + 1 == store.version
+                assert key not in store
+                assert not store.is_dropping(key)
+            else:
+                assert store.version == version
+                assert (key in store) is (key != "missing")
+
+
 def test_promise_held_promises_exactly_what_judge_keep_accepts() -> None:
     store, until = Store(), 150.0
     keys = [Key(f"key-{kind}") for kind in "pudlex"]
