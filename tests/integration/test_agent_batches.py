@@ -28,6 +28,7 @@ from tests.support.agent import (
     status,
 )
 from tests.support.faults import fake_peer
+from worker_agent.store import Key
 
 DATA = b"batched" * 100
 DIGEST = checksum(DATA)
@@ -214,7 +215,7 @@ async def test_a_promise_batch_with_one_malformed_item_promises_nothing() -> Non
                 with pytest.raises(grpc.aio.AioRpcError) as failed:
                     await stub.PromiseKeepBatch(request)
                 assert failed.value.code() is grpc.StatusCode.INVALID_ARGUMENT
-                assert not any(agent.store.promised_until(key, 0.0) for key in keys)
+                assert not any(agent.store.promised_until(Key(key), 0.0) for key in keys)
         # An uppercase checksum is the same checksum (taken in lowercase), in any part.
         upper = agent_pb2.KeepItem(key=keys[1], checksum=DIGEST.upper())
         request = agent_pb2.PromiseKeepBatchRequest(items=[*good, upper], requester="test")
