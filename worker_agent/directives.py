@@ -15,6 +15,7 @@ import enum
 import functools
 import logging
 import math
+import operator
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import NamedTuple
 
@@ -135,6 +136,8 @@ def _outcome_of(done: _Done) -> Outcome:
 _new_tuple = tuple.__new__
 #: Drops of a batch registered, and remembered, in one step (C-level bulk operations).
 BULK = 1024
+#: A directive's holders, read in C.
+_HOLDERS = operator.attrgetter("holders")
 #: ``Op.DROP.value``, as the history keeps it.
 _DROP = Op.DROP.value
 
@@ -532,8 +535,13 @@ class DirectiveRunner:
         def peers(d: Directive) -> tuple[str, ...]:
             return d.sources if d.op is Op.REPLICATE else d.holders
 
-        # The sets of peers named first (a batch of thousands names few), then their peers.
-        named = {peer for group in set(map(peers, directives)) for peer in group}
+        # The sets of peers named first (a batch of thousands names few), then their peers; a
+        # batch of drops names its holders (read in C, without a call of ``peers`` each).
+        if all(d.op is Op.DROP for d in directives):
+            groups = set(map(_HOLDERS, directives))
+        else:
+            groups = set(map(peers, directives))
+        named = {peer for group in groups for peer in group}
         try:
             unknown = set(await self._confirmations.strangers(named))
         except Unavailable as err:

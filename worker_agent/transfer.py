@@ -34,7 +34,7 @@ from amm.base.streams import Assembly, Overflow, ValueStreams
 from amm.v1 import agent_pb2, agent_pb2_grpc, types_pb2
 from worker_agent import bulk
 from worker_agent.integrity import Reason, is_peer_address
-from worker_agent.pacing import Pace
+from worker_agent.pacing import Pace, parts
 from worker_agent.runs import runs
 from worker_agent.store import Key
 from worker_agent.traffic import Traffic
@@ -392,10 +392,10 @@ class Peers:
         """
         request = agent_pb2.PromiseKeepBatchRequest(lease=_duration(lease), requester=requester)
         add, pace = request.items.add, Pace()  # thousands of items: the loop is let in
-        for key, checksum in items:
-            if pace.due():
-                await pace.breathe()
-            add(key=key, checksum=checksum)
+        for part in parts(items):
+            await pace.breathe()
+            for key, checksum in part:
+                add(key=key, checksum=checksum)
         try:
             async with self._stub(address) as stub:
                 response = await stub.PromiseKeepBatch(request, timeout=deadline)
