@@ -91,25 +91,34 @@ def _describe(answer: PromiseAnswer) -> str:
 
 
 class _Drop(NamedTuple):
-    """A drop waiting for a keep-promise: the holders asked and what each refused so far (a
-    NamedTuple, made without a Python frame: a batch waits on thousands)."""
+    """A drop waiting for a keep-promise: the holders to ask (a NamedTuple, made without a
+    Python frame: a batch waits on thousands)."""
 
     directive: Directive
     checksum: str
     keepers: tuple[str, ...]
-    answers: dict[str, str]
 
-    def answered(self, keeper: str, said: str) -> bool:
-        """Note what ``keeper`` said; whether every keeper has answered now."""
-        self.answers[keeper] = said
-        return len(self.answers) == len(self.keepers)
 
-    def refusal(self) -> Refuse:
-        answers = self.answers
-        said = [answers.get(k, f"{k}: no answer in time") for k in self.keepers]
+class _Waiting(dict[str, _Drop]):
+    """The drops of a batch waiting for a keep-promise, by directive id, and what their keepers
+    said when they refused (kept apart: most drops are settled by their first answer)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._heard: dict[str, dict[str, str]] = {}
+
+    def answered(self, drop: _Drop, keeper: str, said: str) -> bool:
+        """Note what ``keeper`` said of ``drop``; whether every keeper has answered now."""
+        answers = self._heard.setdefault(drop.directive.id, {})
+        answers[keeper] = said
+        return len(answers) == len(drop.keepers)
+
+    def refusal(self, drop: _Drop) -> Refuse:
+        answers = self._heard.get(drop.directive.id, {})
+        said = [answers.get(k, f"{k}: no answer in time") for k in drop.keepers]
         return Refuse(
             Reason.NO_CONFIRMED_HOLDER,
-            f"no holder promised to keep {self.directive.key!r} ({'; '.join(said)})",
+            f"no holder promised to keep {drop.directive.key!r} ({'; '.join(said)})",
         )
 
 
@@ -615,7 +624,7 @@ class DirectiveRunner:
         """
         store = self._store
         done: dict[str, Outcome] = {}
-        waiting: dict[str, _Drop] = {}
+        waiting = _Waiting()
         pace = Pace()
         try:
             await self._mark_drops(drops, done, waiting, pace)
@@ -623,14 +632,14 @@ class DirectiveRunner:
         finally:
             for drop in waiting.values():
                 store.unmark_dropping(drop.directive.key)
-                done[drop.directive.id] = self._outcome(drop.directive, drop.refusal())
+                done[drop.directive.id] = self._outcome(drop.directive, waiting.refusal(drop))
         return [done[directive.id] for directive in drops]
 
     async def _mark_drops(
         self,
         drops: Sequence[Directive],
         done: dict[str, Outcome],
-        waiting: dict[str, _Drop],
+        waiting: _Waiting,
         pace: Pace,
     ) -> None:
         """Judge each drop and mark its key DROPPING in one synchronous step (moving it into
@@ -677,11 +686,9 @@ class DirectiveRunner:
                     )
                     continue
                 mark(key)
-                waiting[directive.id] = _new_tuple(_Drop, (directive, held.checksum, keepers, {}))
+                waiting[directive.id] = _new_tuple(_Drop, (directive, held.checksum, keepers))
 
-    async def _ask_keepers(
-        self, waiting: dict[str, _Drop], done: dict[str, Outcome], pace: Pace
-    ) -> None:
+    async def _ask_keepers(self, waiting: _Waiting, done: dict[str, Outcome], pace: Pace) -> None:
         """Ask every named keeper for its keys at once; settle each drop at its first usable
         promise (removing it from ``waiting`` into ``done``), or once all its keepers refused."""
         if not waiting:
@@ -733,7 +740,7 @@ class DirectiveRunner:
         keeper: str,
         chunk: list[_Drop],
         answers: list[PromiseAnswer],
-        waiting: dict[str, _Drop],
+        waiting: _Waiting,
         done: dict[str, Outcome],
         asked_at: float,
         lease: float,
@@ -777,7 +784,7 @@ class DirectiveRunner:
                             )
                             count += 1
                             continue
-                    verdict = self._settle_drop(drop, keeper, answer, asked_at, lease)
+                    verdict = self._settle_drop(drop, keeper, answer, waiting, asked_at, lease)
                     if verdict is not None:
                         del waiting[directive_id]
                         unmark(directive.key)
@@ -812,12 +819,20 @@ class DirectiveRunner:
         self._keep_round_trip = seconds if seconds > known else 0.8 * known + 0.2 * seconds
 
     def _settle_drop(
-        self, drop: _Drop, keeper: str, answer: PromiseAnswer, asked_at: float, lease: float
+        self,
+        drop: _Drop,
+        keeper: str,
+        answer: PromiseAnswer,
+        waiting: _Waiting,
+        asked_at: float,
+        lease: float,
     ) -> integrity.Verdict | None:
         """What ``keeper``'s answer decides for ``drop``: None while other keepers may still
         promise."""
         if not (answer.kept and answer.lease is not None):
-            return drop.refusal() if drop.answered(keeper, _describe(answer)) else None
+            if waiting.answered(drop, keeper, _describe(answer)):
+                return waiting.refusal(drop)
+            return None
         if self._clock() - asked_at >= min(lease, answer.lease) / 2:
             return Refuse(
                 Reason.NO_CONFIRMED_HOLDER,
