@@ -667,7 +667,7 @@ class DirectiveRunner:
                     held = mark_if_clear(key, directive.checksum, now)
                     if held is not None:
                         waiting[directive.id] = _new_tuple(
-                            _Drop, (directive, held.checksum, keepers, {})
+                            _Drop, (directive, held.checksum, keepers)
                         )
                         continue
                 verdict = integrity.judge_drop(store, directive, cond, now)
