@@ -15,6 +15,7 @@ import enum
 import functools
 import logging
 import math
+import operator
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import NamedTuple
 
@@ -60,7 +61,8 @@ class OutcomeStatus(enum.Enum):
 
 #: ``.value`` of each status and reason, looked up (an Enum's ``value`` is a Python property).
 _STATUS_VALUES = {status: status.value for status in OutcomeStatus}
-_REASON_VALUES = {reason: reason.value for reason in Reason}
+_REASON_VALUES: dict[Reason | None, int | None] = {reason: reason.value for reason in Reason}
+_REASON_VALUES[None] = None
 
 
 class Outcome(NamedTuple):
@@ -92,31 +94,35 @@ def _describe(answer: PromiseAnswer) -> str:
     return f"{answer.address}: {reason} {answer.message}".strip()
 
 
-class _Drop:
-    """A drop waiting for a keep-promise: the holders asked and what each answered so far
-    (``answers`` made on the first refusal: most drops are settled by their first answer)."""
+class _Drop(NamedTuple):
+    """A drop waiting for a keep-promise: the holders to ask (a NamedTuple, made without a
+    Python frame: a batch waits on thousands)."""
 
-    __slots__ = ("answers", "checksum", "directive", "keepers")
+    directive: Directive
+    checksum: str
+    keepers: tuple[str, ...]
 
-    def __init__(self, directive: Directive, checksum: str, keepers: tuple[str, ...]) -> None:
-        self.directive = directive
-        self.checksum = checksum
-        self.keepers = keepers
-        self.answers: dict[str, str] | None = None
 
-    def answered(self, keeper: str, said: str) -> bool:
-        """Note what ``keeper`` said; whether every keeper has answered now."""
-        if self.answers is None:
-            self.answers = {}
-        self.answers[keeper] = said
-        return len(self.answers) == len(self.keepers)
+class _Waiting(dict[str, _Drop]):
+    """The drops of a batch waiting for a keep-promise, by directive id, and what their keepers
+    said when they refused (kept apart: most drops are settled by their first answer)."""
 
-    def refusal(self) -> Refuse:
-        answers = self.answers or {}
-        said = [answers.get(k, f"{k}: no answer in time") for k in self.keepers]
+    def __init__(self) -> None:
+        super().__init__()
+        self._heard: dict[str, dict[str, str]] = {}
+
+    def answered(self, drop: _Drop, keeper: str, said: str) -> bool:
+        """Note what ``keeper`` said of ``drop``; whether every keeper has answered now."""
+        answers = self._heard.setdefault(drop.directive.id, {})
+        answers[keeper] = said
+        return len(answers) == len(drop.keepers)
+
+    def refusal(self, drop: _Drop) -> Refuse:
+        answers = self._heard.get(drop.directive.id, {})
+        said = [answers.get(k, f"{k}: no answer in time") for k in drop.keepers]
         return Refuse(
             Reason.NO_CONFIRMED_HOLDER,
-            f"no holder promised to keep {self.directive.key!r} ({'; '.join(said)})",
+            f"no holder promised to keep {drop.directive.key!r} ({'; '.join(said)})",
         )
 
 
@@ -143,6 +149,10 @@ def _outcome_of(done: _Done) -> Outcome:
 #: ``tuple.__new__``: makes a NamedTuple from a tuple of all its fields, as ``_make`` does,
 #: without the Python frame of its ``__new__`` (for the thousands of a batch).
 _new_tuple = tuple.__new__
+#: Drops of a batch registered, and remembered, in one step (C-level bulk operations).
+BULK = 1024
+#: A directive's holders, read in C.
+_HOLDERS = operator.attrgetter("holders")
 #: ``Op.DROP.value``, as the history keeps it.
 _DROP = Op.DROP.value
 
@@ -217,9 +227,9 @@ class DirectiveRunner:
         # By id: what the directive was about (key, op), how it ended and when (``_Done``).
         self._history: collections.OrderedDict[str, _Done] = collections.OrderedDict()
         self._history_limit = history_limit
-        # By id: what the directive is about and the future of its outcome, keyed by id (a
+        # By id: the directive (what it is about) and the future of its outcome (a
         # batch of drops shares one future, set once for all its ids).
-        self._running: dict[str, tuple[_Subject, asyncio.Future[dict[str, Outcome]]]] = {}
+        self._running: dict[str, tuple[Directive, asyncio.Future[dict[str, Outcome]]]] = {}
         # How long keepers' answers took to be settled lately, in seconds (``_keep_terms``).
         self._keep_round_trip = 0.0
         # One batch of drops at a time: they are CPU work on this loop and on the keepers',
@@ -289,7 +299,7 @@ class DirectiveRunner:
             return outcomes[directive.id]._replace(duplicate=True)
 
         future: asyncio.Future[dict[str, Outcome]] = asyncio.get_running_loop().create_future()
-        self._running[directive.id] = (subject, future)
+        self._running[directive.id] = (directive, future)
         try:
             outcome = await self._execute(directive)
         except asyncio.CancelledError:
@@ -337,9 +347,12 @@ class DirectiveRunner:
         alone: list[Directive] = []
         current_drop, held = integrity.current_drop, self._store.held
         peers_checked: dict[tuple[str, ...], bool] = {}
-        for part in parts(directives):
+        for part in parts(directives, BULK):
             if await pace.breathe():
                 cond = self._conditions()
+            if integrity.current_drops(part, cond, peers_checked):  # the usual part, at once
+                candidates += part
+                continue
             for directive in part:
                 if current_drop(directive, cond, peers_checked, held):
                     candidates.append(directive)
@@ -379,16 +392,31 @@ class DirectiveRunner:
         batch: asyncio.Future[dict[str, Outcome]] = asyncio.get_running_loop().create_future()
         running, history, locked = self._running, self._history, self._locks.held
         drops: list[Directive] = []
-        subjects: list[_Subject] = []
         keys: set[Key] = set()
         outcomes: list[Outcome] = []
-        observed = -1
         try:
-            for part in parts(candidates):
+            for part in parts(candidates, BULK):
                 await pace.breathe()
+                ids = [d.id for d in part]
+                fresh = {d.key for d in part}
+                # The usual part (ids new, keys distinct and free) is checked and registered
+                # in a few C-level steps; one with any conflict goes directive by directive.
+                if (
+                    len(fresh) == len(part)
+                    and fresh.isdisjoint(keys)
+                    and fresh.isdisjoint(locked)
+                    and history.keys().isdisjoint(ids)
+                    and running.keys().isdisjoint(ids)
+                    and len(set(ids)) == len(ids)
+                ):
+                    keys |= fresh
+                    entries = zip(part, [batch] * len(part), strict=True)
+                    running.update(zip(ids, entries, strict=True))
+                    drops += part
+                    self._observe_epoch(max(d.epoch for d in part))
+                    continue
                 for directive in part:
                     key, directive_id = directive.key, directive.id
-                    # ``_subject_of`` is None, inline: one lookup each for thousands of ids.
                     if (
                         key in keys
                         or key in locked
@@ -398,13 +426,9 @@ class DirectiveRunner:
                         aside(directive)
                         continue
                     keys.add(key)
-                    if directive.epoch > observed:  # every drop's epoch is observed, once each
-                        observed = directive.epoch
-                        self._observe_epoch(observed)
-                    subject = _new_tuple(_Subject, (key, Op.DROP))
-                    running[directive_id] = (subject, batch)
+                    self._observe_epoch(directive.epoch)
+                    running[directive_id] = (directive, batch)
                     drops.append(directive)
-                    subjects.append(subject)
             if not drops:
                 batch.cancel()
                 return []
@@ -430,41 +454,46 @@ class DirectiveRunner:
             outcomes = [Outcome(d.id, OutcomeStatus.FAILED, None, message, version) for d in drops]
             self.counts[Op.DROP, OutcomeStatus.FAILED, None] += len(drops)
         # The outcomes are known to whoever waits on the batch before any id leaves the running;
-        # then each id leaves the running and enters the history in one step: a repeated id
-        # finds one or the other, never neither. Cancelled during a pause, the rest is settled
-        # at once.
-        batch.set_result({d.id: o for d, o in zip(drops, outcomes, strict=True)})
-        settled = 0
+        # then each part's ids enter the history and leave the running in one step: a repeated
+        # id finds one or the other, never neither. Cancelled during a pause, the rest is
+        # settled at once.
+        ids = [d.id for d in drops]
+        batch.set_result(dict(zip(ids, outcomes, strict=True)))
+        settled, remember = 0, self._remember_drops
         now = self._clock()
         try:
-            for trio in parts(list(zip(drops, subjects, outcomes, strict=True))):
-                if await pace.breathe():
+            while settled < len(drops):
+                if settled and await pace.breathe():
                     now = self._clock()
-                for directive, subject, outcome in trio:
-                    del running[directive.id]
-                    # ``_remember``, inline (the limit and the expiry are seen to once, below).
-                    reason = outcome.reason
-                    history[directive.id] = (
-                        subject.key,
-                        _DROP,
-                        directive.id,
-                        _STATUS_VALUES[outcome.status],
-                        None if reason is None else _REASON_VALUES[reason],
-                        outcome.message,
-                        outcome.inventory_version,
-                        now,
-                    )
-                    settled += 1
+                end = settled + BULK
+                remember(drops[settled:end], ids[settled:end], outcomes[settled:end], now)
+                settled = min(end, len(drops))
         finally:
-            now = self._clock()
-            for directive, subject, outcome in zip(
-                drops[settled:], subjects[settled:], outcomes[settled:], strict=True
-            ):
-                del running[directive.id]
-                self._remember(subject, outcome, now, expire=False)
+            if settled < len(drops):
+                remember(drops[settled:], ids[settled:], outcomes[settled:], self._clock())
             self._limit_history()
-            self.expire_history(now)
+            self.expire_history(self._clock())
         return outcomes
+
+    def _remember_drops(
+        self, drops: Sequence[Directive], ids: list[str], outcomes: Sequence[Outcome], now: float
+    ) -> None:
+        """``_remember`` for drops of a batch, then out of the running: the history's entries
+        (``_Done``) made column by column, in C (the limit and the expiry are the caller's)."""
+        count = len(ids)
+        entries = zip(
+            [d.key for d in drops],
+            [_DROP] * count,
+            ids,
+            map(_STATUS_VALUES.__getitem__, [o.status for o in outcomes]),
+            map(_REASON_VALUES.__getitem__, [o.reason for o in outcomes]),
+            [o.message for o in outcomes],
+            [o.inventory_version for o in outcomes],
+            [now] * count,
+            strict=True,
+        )
+        self._history.update(zip(ids, entries, strict=True))
+        collections.deque(map(self._running.__delitem__, ids), maxlen=0)
 
     async def drop_for_delete(self, key: Key, checksum: str, keepers: Sequence[str]) -> Outcome:
         """Drop ``key`` as a DROP naming ``keepers`` would (a user's Delete with the holders
@@ -489,7 +518,7 @@ class DirectiveRunner:
         if done is not None:
             return _Subject(Key(done[0]), Op(done[1]))
         running = self._running.get(directive_id)
-        return running[0] if running is not None else None
+        return None if running is None else _Subject(running[0].key, running[0].op)
 
     def _reused(self, directive: Directive, seen: _Subject) -> Outcome:
         return self._outcome(
@@ -521,8 +550,13 @@ class DirectiveRunner:
         def peers(d: Directive) -> tuple[str, ...]:
             return d.sources if d.op is Op.REPLICATE else d.holders
 
-        # The sets of peers named first (a batch of thousands names few), then their peers.
-        named = {peer for group in set(map(peers, directives)) for peer in group}
+        # The sets of peers named first (a batch of thousands names few), then their peers; a
+        # batch of drops names its holders (read in C, without a call of ``peers`` each).
+        if all(d.op is Op.DROP for d in directives):
+            groups = set(map(_HOLDERS, directives))
+        else:
+            groups = set(map(peers, directives))
+        named = {peer for group in groups for peer in group}
         try:
             unknown = set(await self._confirmations.strangers(named))
         except Unavailable as err:
@@ -596,7 +630,7 @@ class DirectiveRunner:
         """
         store = self._store
         done: dict[str, Outcome] = {}
-        waiting: dict[str, _Drop] = {}
+        waiting = _Waiting()
         pace = Pace()
         try:
             await self._mark_drops(drops, done, waiting, pace)
@@ -604,14 +638,14 @@ class DirectiveRunner:
         finally:
             for drop in waiting.values():
                 store.unmark_dropping(drop.directive.key)
-                done[drop.directive.id] = self._outcome(drop.directive, drop.refusal())
+                done[drop.directive.id] = self._outcome(drop.directive, waiting.refusal(drop))
         return [done[directive.id] for directive in drops]
 
     async def _mark_drops(
         self,
         drops: Sequence[Directive],
         done: dict[str, Outcome],
-        waiting: dict[str, _Drop],
+        waiting: _Waiting,
         pace: Pace,
     ) -> None:
         """Judge each drop and mark its key DROPPING in one synchronous step (moving it into
@@ -619,7 +653,7 @@ class DirectiveRunner:
         conditions and clock are read again after each pause."""
         store, me = self._store, self._address()
         cond, now = self._conditions(), self._clock()
-        clear, get, mark = store.clear_to_remove, store.get, store.mark_dropping
+        mark_if_clear, get, mark = store.mark_if_clear, store.get, store.mark_dropping
         # The holders named, without this agent, by the tuple named: a batch names few sets.
         keepers_of: dict[tuple[str, ...], tuple[str, ...]] = {}
         for part in parts(drops):
@@ -627,20 +661,26 @@ class DirectiveRunner:
                 cond, now = self._conditions(), self._clock()
             for directive in part:
                 # Validated and judged for its epoch already (``run_batch``, ``_execute``). The
-                # usual drop passes on the store's all-clear; any other is judged in full.
-                key = directive.key
-                held = None if cond.closing else clear(key, directive.checksum, now)
-                if held is None:
-                    verdict = integrity.judge_drop(store, directive, cond, now)
-                    if isinstance(verdict, Refuse) or verdict.noop:
-                        done[directive.id] = self._outcome(directive, verdict)
-                        continue
-                    held = get(key)
-                keepers = keepers_of.get(directive.holders)
+                # usual drop (keepers named, the store's all-clear) is judged and marked in one
+                # call; any other is judged in full.
+                key, holders = directive.key, directive.holders
+                keepers = keepers_of.get(holders)
                 if keepers is None:
-                    keepers = keepers_of[directive.holders] = tuple(
-                        holder for holder in dict.fromkeys(directive.holders) if holder != me
+                    keepers = keepers_of[holders] = tuple(
+                        holder for holder in dict.fromkeys(holders) if holder != me
                     )
+                if keepers and not cond.closing:
+                    held = mark_if_clear(key, directive.checksum, now)
+                    if held is not None:
+                        waiting[directive.id] = _new_tuple(
+                            _Drop, (directive, held.checksum, keepers)
+                        )
+                        continue
+                verdict = integrity.judge_drop(store, directive, cond, now)
+                if isinstance(verdict, Refuse) or verdict.noop:
+                    done[directive.id] = self._outcome(directive, verdict)
+                    continue
+                held = get(key)
                 if not keepers or held is None:
                     done[directive.id] = self._outcome(
                         directive,
@@ -652,11 +692,9 @@ class DirectiveRunner:
                     )
                     continue
                 mark(key)
-                waiting[directive.id] = _Drop(directive, held.checksum, keepers)
+                waiting[directive.id] = _new_tuple(_Drop, (directive, held.checksum, keepers))
 
-    async def _ask_keepers(
-        self, waiting: dict[str, _Drop], done: dict[str, Outcome], pace: Pace
-    ) -> None:
+    async def _ask_keepers(self, waiting: _Waiting, done: dict[str, Outcome], pace: Pace) -> None:
         """Ask every named keeper for its keys at once; settle each drop at its first usable
         promise (removing it from ``waiting`` into ``done``), or once all its keepers refused."""
         if not waiting:
@@ -708,7 +746,7 @@ class DirectiveRunner:
         keeper: str,
         chunk: list[_Drop],
         answers: list[PromiseAnswer],
-        waiting: dict[str, _Drop],
+        waiting: _Waiting,
         done: dict[str, Outcome],
         asked_at: float,
         lease: float,
@@ -719,39 +757,44 @@ class DirectiveRunner:
 
         The usual case (a promise in time, the store's all-clear) is ``_settle_drop`` inline,
         counted once for the chunk: a keeper answers thousands at once."""
-        store, clock = self._store, self._clock
-        clear, remove, unmark = store.clear_to_remove, store.remove, store.unmark_dropping
+        clock, unmark = self._clock, self._store.unmark_dropping
+        remove_if_clear = self._store.remove_if_clear
         status, kept_by = OutcomeStatus.APPLIED, _kept_by(keeper).message
+        # How long after asking each kind of answer (alike answers are one object) may be relied
+        # on: within half its lease (``_settle_drop``); never, for a refusal.
+        usable_for: dict[int, float] = {}
         count = 0
         try:
             for part in parts(list(zip(chunk, answers, strict=True))):
                 await pace.breathe()
                 for drop, answer in part:
                     directive = drop.directive
-                    directive_id, key = directive.id, directive.key
+                    directive_id = directive.id
                     if directive_id not in waiting:
                         continue
-                    now = clock()
-                    if (
-                        answer.kept
-                        and answer.lease is not None
-                        and now - asked_at < min(lease, answer.lease) / 2
-                        and clear(key, drop.checksum, now, mine=True) is not None
-                    ):
-                        del waiting[directive_id]
-                        remove(key)
-                        unmark(key)
-                        # ``Outcome(...)`` without its Python ``__new__``: thousands per chunk.
-                        version = store.version
-                        done[directive_id] = _new_tuple(
-                            Outcome, (directive_id, status, None, kept_by, version, False, version)
+                    usable = usable_for.get(id(answer))
+                    if usable is None:
+                        usable = usable_for[id(answer)] = (
+                            min(lease, answer.lease) / 2
+                            if answer.kept and answer.lease is not None
+                            else -math.inf
                         )
-                        count += 1
-                        continue
-                    verdict = self._settle_drop(drop, keeper, answer, asked_at, lease)
+                    now = clock()
+                    if now - asked_at < usable:
+                        version = remove_if_clear(directive.key, drop.checksum, now)
+                        if version is not None:
+                            del waiting[directive_id]
+                            # ``Outcome(...)`` without its Python ``__new__``: thousands a chunk.
+                            done[directive_id] = _new_tuple(
+                                Outcome,
+                                (directive_id, status, None, kept_by, version, False, version),
+                            )
+                            count += 1
+                            continue
+                    verdict = self._settle_drop(drop, keeper, answer, waiting, asked_at, lease)
                     if verdict is not None:
                         del waiting[directive_id]
-                        unmark(key)
+                        unmark(directive.key)
                         done[directive_id] = self._outcome(directive, verdict)
         finally:
             self.counts[Op.DROP, status, None] += count
@@ -783,12 +826,20 @@ class DirectiveRunner:
         self._keep_round_trip = seconds if seconds > known else 0.8 * known + 0.2 * seconds
 
     def _settle_drop(
-        self, drop: _Drop, keeper: str, answer: PromiseAnswer, asked_at: float, lease: float
+        self,
+        drop: _Drop,
+        keeper: str,
+        answer: PromiseAnswer,
+        waiting: _Waiting,
+        asked_at: float,
+        lease: float,
     ) -> integrity.Verdict | None:
         """What ``keeper``'s answer decides for ``drop``: None while other keepers may still
         promise."""
         if not (answer.kept and answer.lease is not None):
-            return drop.refusal() if drop.answered(keeper, _describe(answer)) else None
+            if waiting.answered(drop, keeper, _describe(answer)):
+                return waiting.refusal(drop)
+            return None
         if self._clock() - asked_at >= min(lease, answer.lease) / 2:
             return Refuse(
                 Reason.NO_CONFIRMED_HOLDER,

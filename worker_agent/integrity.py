@@ -11,8 +11,9 @@ at the gRPC edge (``servicer``).
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import NamedTuple
 
 from amm.base.validation import MAX_EPOCH, bad_addresses, epoch_problem, is_address
@@ -26,6 +27,12 @@ def is_checksum(text: str) -> bool:
     digits leaves nothing of one: a third of the cost of a regular expression, judged for every
     key of every batch of drops and promises.)"""
     return len(text) == 64 and not text.strip(_HEX_DIGITS)
+
+
+def all_checksums(texts: Collection[str]) -> bool:
+    """Whether each of ``texts`` is a checksum (``is_checksum``), in two C-level passes for
+    all of them: a batch of drops or promises names thousands."""
+    return set(map(len, texts)) <= {64} and not "".join(texts).strip(_HEX_DIGITS)
 
 
 def is_peer_address(text: str) -> bool:
@@ -208,6 +215,49 @@ def current_drop(
         and validate(directive) is None
         and judge_epoch(directive, cond) is None
     )
+
+
+_IDS, _EPOCHS, _OPS, _KEYS = (attrgetter(f) for f in ("id", "epoch", "op", "key"))
+_CHECKSUMS, _SOURCES, _HOLDERS = (attrgetter(f) for f in ("checksum", "sources", "holders"))
+
+
+def current_drops(
+    directives: Sequence[Directive],
+    cond: Conditions,
+    peers_checked: dict[tuple[str, ...], bool],
+) -> bool:
+    """Whether every one of ``directives`` is a ``current_drop``: the same rules, judged for the
+    whole of a part of a batch in a few C-level passes over its fields (a call of
+    ``current_drop`` each cost about a microsecond). False when any is not, or when it cannot
+    tell so cheaply (a drop without a checksum): the caller then judges each."""
+    if not directives:
+        return True
+    keys: list[str] = list(map(_KEYS, directives))
+    digests: list[str] = list(map(_CHECKSUMS, directives))
+    if not (
+        set(map(_OPS, directives)) == {Op.DROP}
+        and all(map(_IDS, directives))
+        and all(keys)
+        and max(map(len, keys)) * 4 <= MAX_KEY_BYTES
+        and not any(map(_SOURCES, directives))
+        and all_checksums(digests)
+    ):
+        return False
+    newest = cond.newest_epoch
+    for epoch in set(map(_EPOCHS, directives)):
+        if not (0 <= epoch <= MAX_EPOCH and newest <= epoch) or (
+            epoch != newest and cond.confirms_epochs
+        ):
+            return False
+    for holders in set(map(_HOLDERS, directives)):
+        if not holders:
+            return False
+        good = peers_checked.get(holders)
+        if good is None:
+            good = peers_checked[holders] = bad_addresses(holders) is None
+        if not good:
+            return False
+    return True
 
 
 def judge_epoch(directive: Directive, cond: Conditions) -> Refuse | None:

@@ -733,14 +733,17 @@ class Node:
         answers: list[Promise | Refuse] = []
         store, until = self.store, now + seconds
         granted = Promise(until - now)  # the answer of every key not promised longer already
-        # The usual key in one lookup (``Store.promise_held``); any other judged in full.
-        promise_held = None if cond.closing or cond.draining else store.promise_held
-        for key, checksum in items:
-            if promise_held is not None:
-                expires = promise_held(key, checksum, until)
-                if expires is not None:
-                    answers.append(granted if expires == until else Promise(expires - now))
-                    continue
+        # The usual keys in one step (``Store.promise_held_many``); any other judged in full.
+        if cond.closing or cond.draining:
+            expiries: list[float | None] = [None] * len(items)
+        else:
+            expiries = store.promise_held_many(items, until)
+            if expiries.count(until) == len(items):  # each promised for the lease asked
+                return [granted] * len(items)
+        for (key, checksum), expires in zip(items, expiries, strict=True):
+            if expires is not None:
+                answers.append(granted if expires == until else Promise(expires - now))
+                continue
             verdict = integrity.judge_keep(store, key, checksum, cond)
             if isinstance(verdict, Refuse):
                 self.refusals["promise_keep", verdict.reason.name.lower()] += 1

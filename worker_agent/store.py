@@ -13,8 +13,9 @@ A precondition the caller should have checked (pinning a key not held) raises ``
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import islice
 from typing import NamedTuple, NewType
 
 from sortedcontainers import SortedList
@@ -38,6 +39,8 @@ MAX_TOMBSTONES = 200_000
 #: as many as it lists held keys): removing one from a ``SortedList`` costs microseconds of
 #: Python, rebuilding it a C pass per key, and a batch of drops removes thousands.
 STALE_SORTED_MIN = 4_096
+#: Keys of the sorted index read at once for a snapshot page (a few C-level steps each).
+PAGE_SLICE = 4_096
 
 
 @dataclass(slots=True)
@@ -122,7 +125,7 @@ class _Budget:
         return True
 
 
-def _within(keys: dict[Key, None], max_keys: int | None, max_bytes: int | None) -> bool:
+def _within(keys: Collection[Key], max_keys: int | None, max_bytes: int | None) -> bool:
     """Whether all of ``keys`` fit the limits ``_Budget`` takes one key at a time by."""
     if max_keys is not None and len(keys) > max_keys:
         return False
@@ -229,17 +232,17 @@ class Store:
         return self._info(key) if key in self._values else None
 
     def infos(self, keys: Iterable[Key]) -> list[KeyInfo]:
-        """What ``info`` says of each of ``keys`` held, in order (one lookup each: a HoldsKeys
-        call asks for 10,000)."""
+        """What ``info`` says of each of ``keys`` held, in order (a HoldsKeys call asks for
+        10,000, most of them often held elsewhere: those are passed over in C)."""
+        return self._infos(list(filter(self._values.__contains__, keys)))
+
+    def _infos(self, held: Sequence[Key]) -> list[KeyInfo]:
+        """``info`` of each of ``held`` (all held), made without a Python call each."""
         values, pins = self._values, self._pins
-        found = []
-        for key in keys:
-            value = values.get(key)
-            if value is not None:
-                found.append(
-                    _new_tuple(KeyInfo, (key, len(value.data), value.checksum, key in pins))
-                )
-        return found
+        return [
+            _new_tuple(KeyInfo, (key, len(value.data), value.checksum, key in pins))
+            for key, value in zip(held, map(values.__getitem__, held), strict=True)
+        ]
 
     def _info(self, key: Key) -> KeyInfo:
         value = self._values[key]
@@ -254,18 +257,29 @@ class Store:
         self, after: Key | None, *, max_keys: int | None = None, max_bytes: int | None = None
     ) -> Page:
         """The keys after ``after`` (from the first when None) in key order, within the limits."""
-        budget = _Budget(max_keys, max_bytes)
-        take, values, pins = budget.take, self._values, self._pins
-        keys: list[KeyInfo] = []
+        values = self._values
         following = self._sorted.irange(minimum=after, inclusive=(False, True))
-        for key in following:
-            value = values.get(key)  # ``_info``, inline: a page has up to 50,000 keys
-            if value is None:
-                continue  # removed, still listed (``_stale``)
-            if not take(key):
-                return Page(tuple(keys), keys[-1].key)
-            keys.append(_new_tuple(KeyInfo, (key, len(value.data), value.checksum, key in pins)))
-        return Page(tuple(keys), None)
+        # At least one key (progress), as ``_Budget``; one held key past the limit, if any,
+        # tells that more follow. The keys are read a slice at a time, those removed but still
+        # listed (``_stale``) passed over in C; no more are read than the limits can take.
+        limit = max(1, len(values) if max_keys is None else max_keys)
+        most_by_bytes = None if max_bytes is None else max_bytes // KEY_INFO_OVERHEAD + 1
+        held: list[Key] = []
+        more = False
+        while chunk := list(islice(following, min(PAGE_SLICE, limit + 1 - len(held)))):
+            held += filter(values.__contains__, chunk)
+            if len(held) > limit:
+                del held[limit:]
+                more = True
+                break
+            if most_by_bytes is not None and len(held) > most_by_bytes:
+                break  # they cannot all fit: cut below, by bytes
+        if max_bytes is not None and not _within(held, None, max_bytes):
+            budget = _Budget(None, max_bytes)
+            fit = next((n for n, key in enumerate(held) if not budget.take(key)), len(held))
+            more = more or fit < len(held)
+            del held[fit:]
+        return Page(tuple(self._infos(held)), held[-1] if more else None)
 
     def add(self, key: Key, data: bytes, checksum: str) -> bool:
         """Store a verified value; False when the key is already held (the caller compares)."""
@@ -347,18 +361,61 @@ class Store:
         lease = self._leases.get(key)
         return value if lease is None or lease <= now else None
 
+    def mark_if_clear(self, key: Key, checksum: str, now: float) -> Value | None:
+        """``clear_to_remove`` and, when clear, ``mark_dropping`` in one step (one call for
+        each drop of a batch of thousands)."""
+        value = self._values.get(key)
+        if value is None or (checksum and checksum != value.checksum):
+            return None
+        dropping = self._dropping
+        if key in dropping or key in self._pins or key in self._in_use:
+            return None
+        lease = self._leases.get(key)
+        if lease is not None and lease > now:
+            return None
+        dropping.add(key)
+        return value
+
+    def remove_if_clear(self, key: Key, checksum: str, now: float) -> int | None:
+        """When ``clear_to_remove(..., mine=True)``: ``remove`` and ``unmark_dropping`` in one
+        step, and the version after; None otherwise, and nothing is done (one call for each drop
+        of a batch of thousands, instead of four)."""
+        value = self._values.get(key)
+        if value is None or (checksum and checksum != value.checksum):
+            return None
+        if key in self._pins or key in self._in_use:
+            return None
+        lease = self._leases.get(key)
+        if lease is not None and lease > now:
+            return None
+        self.remove(key)
+        self._dropping.discard(key)
+        return self._version
+
     def promise_held(self, key: Key, checksum: str, until: float) -> float | None:
         """``promise`` when ``key`` is held with ``checksum`` (any, when empty) and is not
         being dropped here, in one step (the expiry); None otherwise, and nothing is recorded
-        (``integrity.judge_keep`` says why). A keeper answers thousands of keys at once."""
-        value = self._values.get(key)
-        if value is None or (checksum and checksum != value.checksum) or key in self._dropping:
-            return None
-        leases = self._leases
-        known = leases.get(key)
-        expires = until if known is None or known < until else known
-        leases[key] = expires
-        return expires
+        (``integrity.judge_keep`` says why)."""
+        return self.promise_held_many([(key, checksum)], until)[0]
+
+    def promise_held_many(
+        self, items: Iterable[tuple[Key, str]], until: float
+    ) -> list[float | None]:
+        """``promise_held`` for each ``(key, checksum)``, in one step: a keeper answers thousands
+        of keys at once (a call each cost a fifth of a microsecond more)."""
+        values, dropping, leases = self._values, self._dropping, self._leases
+        expiries: list[float | None] = []
+        append = expiries.append
+        for key, checksum in items:
+            value = values.get(key)
+            if value is None or (checksum and checksum != value.checksum) or key in dropping:
+                append(None)
+                continue
+            known = leases.get(key)
+            expires = until if known is None or known < until else known
+            leases[key] = expires
+            append(expires)
+        return expiries
 
     # -- pins, readers, drops, leases -------------------------------------------------------------
 
@@ -523,16 +580,11 @@ class Store:
                     version, more = self._base + index, True
                     break
                 changed[key] = None
-        values, pins = self._values, self._pins
+        values = self._values
         removed = [key for key in changed if key not in values]
         upserts: list[KeyInfo] = []
         if len(removed) < len(changed):
-            for key in changed:
-                value = values.get(key)  # ``info``, inline
-                if value is not None:
-                    upserts.append(
-                        _new_tuple(KeyInfo, (key, len(value.data), value.checksum, key in pins))
-                    )
+            upserts = self._infos([key for key in changed if key in values])
         return Changes(tuple(upserts), tuple(removed), version, more)
 
     def release_changes(self, upto: int) -> None:

@@ -34,7 +34,8 @@ from amm.base.streams import Assembly, Overflow, ValueStreams
 from amm.v1 import agent_pb2, agent_pb2_grpc, types_pb2
 from worker_agent import bulk
 from worker_agent.integrity import Reason, is_peer_address
-from worker_agent.pacing import Pace
+from worker_agent.pacing import Pace, parts
+from worker_agent.runs import runs
 from worker_agent.store import Key
 from worker_agent.traffic import Traffic
 
@@ -45,6 +46,8 @@ T = TypeVar("T")
 MAX_PEER_CHANNELS = 256
 #: PromiseKeep calls in flight to one peer that serves no PromiseKeepBatch.
 PROMISES_AT_ONCE = 32
+#: ``PromiseKeepBatchResponse.answers``: read as runs of alike bytes (``runs``).
+_ANSWERS_FIELD = agent_pb2.PromiseKeepBatchResponse.ANSWERS_FIELD_NUMBER
 
 
 @dataclass(frozen=True, slots=True)
@@ -389,10 +392,10 @@ class Peers:
         """
         request = agent_pb2.PromiseKeepBatchRequest(lease=_duration(lease), requester=requester)
         add, pace = request.items.add, Pace()  # thousands of items: the loop is let in
-        for key, checksum in items:
-            if pace.due():
-                await pace.breathe()
-            add(key=key, checksum=checksum)
+        for part in parts(items):
+            await pace.breathe()
+            for key, checksum in part:
+                add(key=key, checksum=checksum)
         try:
             async with self._stub(address) as stub:
                 response = await stub.PromiseKeepBatch(request, timeout=deadline)
@@ -406,8 +409,17 @@ class Peers:
         if len(response.answers) != len(items):
             odd = f"answered {len(response.answers)} of {len(items)} items"
             return [PromiseAnswer(address, False, None, odd)] * len(items)
+        # Nearly every answer of a batch is the same promise (the lease asked), in long runs of
+        # alike bytes: each run is read once (reading each answer cost microseconds each).
+        found = runs(response.SerializeToString(), _ANSWERS_FIELD)
+        if found is not None:
+            answers = []
+            for encoded, count in found:
+                answer = agent_pb2.PromiseKeepResponse.FromString(encoded)
+                answers += [_promise_answer(address, answer)] * count
+            if len(answers) == len(items):
+                return answers
         answers = []
-        # Nearly every answer of a batch is the same promise (the lease asked): read once each.
         promised: dict[tuple[int, int, str], PromiseAnswer] = {}
         for answer in response.answers:
             if pace.due():

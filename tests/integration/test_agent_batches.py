@@ -10,6 +10,9 @@ import asyncio
 import collections
 from typing import Any
 
+import grpc
+import pytest
+
 from amm.base.checksum import checksum
 from amm.v1 import agent_pb2, agent_pb2_grpc, types_pb2
 from tests.support.agent import (
@@ -25,6 +28,7 @@ from tests.support.agent import (
     status,
 )
 from tests.support.faults import fake_peer
+from worker_agent.store import Key
 
 DATA = b"batched" * 100
 DIGEST = checksum(DATA)
@@ -84,6 +88,33 @@ async def test_a_batch_of_drops_asks_its_keeper_once() -> None:
         refused = await _run_batch(stub_b, [drop(keys[0], [a.address], checksum=DIGEST)])
         assert reason(refused[0]) in {"KEEP_PROMISED", "NO_CONFIRMED_HOLDER"}
         assert keys[0] in b.store
+
+
+async def _put_many(stub: Stub, keys: list[str]) -> None:
+    items = [agent_pb2.PutItem(key=key, data=DATA) for key in keys]
+    await stub.PutMany(iter([agent_pb2.PutManyRequest(items=items)]))
+
+
+async def test_a_keepers_mixed_answers_settle_each_drop_by_its_own_answer() -> None:
+    """Runs of kept and refused keys, some across the keeper's slices of promises: each drop is
+    applied exactly when the keeper promised its key (its answers are built, and read, a run
+    of alike answers at a time)."""
+    async with agents(2) as [(a, stub_a), (b, stub_b)]:
+        keys = [f"mixed-{i:04d}" for i in range(900)]
+        missing = {*range(100, 110), 255, 256, 511, *range(600, 780), 899}
+        await _put_many(stub_a, keys)
+        await _put_many(stub_b, [key for i, key in enumerate(keys) if i not in missing])
+        directives = [drop(key, [b.address]) for key in keys]
+        outcomes = await _run_batch(stub_a, directives)
+        key_of = {d.id: d.key for d in directives}
+        applied = {key_of[o.directive_id] for o in outcomes if status(o) == "APPLIED"}
+        kept = {key for i, key in enumerate(keys) if i not in missing}
+        assert applied == kept
+        assert {key for key in keys if key not in a.store} == kept
+        assert all(key in a.store for i, key in enumerate(keys) if i in missing), "last copy"
+        refused = [o for o in outcomes if status(o) != "APPLIED"]
+        assert {reason(o) for o in refused} == {"NO_CONFIRMED_HOLDER"}
+        assert all("NOT_HELD" in o.message for o in refused)
 
 
 async def test_siblings_dropping_in_one_batch_each_never_drop_the_last_copies() -> None:
@@ -160,6 +191,37 @@ async def test_promise_keep_batch_answers_each_item_in_order() -> None:
         assert [answer.kept for answer in answers] == [True, False, False]
         assert [reason(answer) for answer in answers[1:]] == ["NOT_HELD", "NOT_HELD"]
         assert answers[0].lease.ToNanoseconds() > 0
+
+
+async def test_a_promise_batch_with_one_malformed_item_promises_nothing() -> None:
+    """Items are checked a part at a time as a whole; one malformed item anywhere in thousands
+    (an empty or too long key, a checksum that is not 64 lowercase hex digits) fails the call
+    INVALID_ARGUMENT before anything is promised."""
+    async with agents(1) as [(agent, stub)]:
+        keys = [f"promised-{i:05d}" for i in range(3000)]
+        await _put_many(stub, keys)
+        good = [agent_pb2.KeepItem(key=key, checksum=DIGEST) for key in keys]
+        bad_items = [
+            agent_pb2.KeepItem(key="", checksum=DIGEST),
+            agent_pb2.KeepItem(key="k" * 1025, checksum=DIGEST),
+            agent_pb2.KeepItem(key=keys[0], checksum="g" * 64),
+            agent_pb2.KeepItem(key=keys[0], checksum=DIGEST[:-1]),
+        ]
+        for bad in bad_items:
+            for at in (0, 1500, 3000):
+                request = agent_pb2.PromiseKeepBatchRequest(
+                    items=[*good[:at], bad, *good[at:]], requester="test"
+                )
+                with pytest.raises(grpc.aio.AioRpcError) as failed:
+                    await stub.PromiseKeepBatch(request)
+                assert failed.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+                assert not any(agent.store.promised_until(Key(key), 0.0) for key in keys)
+        # An uppercase checksum is the same checksum (taken in lowercase), in any part.
+        upper = agent_pb2.KeepItem(key=keys[1], checksum=DIGEST.upper())
+        request = agent_pb2.PromiseKeepBatchRequest(items=[*good, upper], requester="test")
+        answers = (await stub.PromiseKeepBatch(request)).answers
+        assert len(answers) == len(keys) + 1
+        assert all(answer.kept for answer in answers)
 
 
 async def test_agents_report_their_features() -> None:

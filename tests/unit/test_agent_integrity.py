@@ -275,3 +275,20 @@ def test_current_drop_is_validate_and_judge_epoch_for_every_kind_of_drop() -> No
                     directive,
                     cond,
                 )
+
+
+def test_current_drops_lets_a_part_through_only_when_each_drop_would_pass() -> None:
+    """The bulk judgement of a part of a batch (``current_drops``) says yes only when
+    ``current_drop`` says yes to each drop of it, and says yes to the usual part; any drop it
+    cannot judge so cheaply sends the part to be judged drop by drop."""
+    usual = [drop(id=f"usual-{i}", key=Key(f"k{i}")) for i in range(3)]
+    for directive, cond in _drop_cases():
+        for part in ([directive], [*usual, directive], [directive, *usual]):
+            each = all(integrity.current_drop(d, cond, {}) for d in part)
+            peers_checked: dict[tuple[str, ...], bool] = {}
+            for _ in range(2):  # the second time with the holders' verdict remembered
+                bulk = integrity.current_drops(part, cond, peers_checked)
+                assert not bulk or each, (directive, cond)
+        if directive == drop() and integrity.current_drop(directive, cond, {}):
+            assert integrity.current_drops([*usual, directive], cond, {}), cond
+    assert integrity.current_drops([], Conditions(), {})

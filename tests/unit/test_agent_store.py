@@ -9,6 +9,7 @@ from worker_agent import integrity
 from worker_agent.integrity import Accept, Conditions, Directive, Op
 from worker_agent.store import (
     KEY_INFO_OVERHEAD,
+    PAGE_SLICE,
     STALE_SORTED_MIN,
     Changes,
     Key,
@@ -164,6 +165,37 @@ def test_snapshot_pages_follow_key_order_within_the_limits() -> None:
     assert store.snapshot_page(None).keys == tuple(store.snapshot())
 
 
+def test_pages_pass_over_removed_keys_across_slices_and_end_exactly_at_the_last_key() -> None:
+    """Pages read the index a slice at a time (``PAGE_SLICE``): runs of removed keys still
+    listed, longer than a slice, are passed over; a page that takes the last key held says that
+    none follow, one that stops before another says where it stopped."""
+    store = Store()
+    keys = [Key(f"k{i:05d}") for i in range(3 * PAGE_SLICE)]
+    for key in keys:
+        add(store, key)
+    gone = set(keys[10 : 10 + PAGE_SLICE + 7]) | set(keys[-5:])
+    for key in sorted(gone):
+        store.remove(key)
+    held = [key for key in keys if key not in gone]
+    store.pin(held[3])
+    for limit in (1, 10, 11, PAGE_SLICE, len(held) - 1, len(held), len(held) + 1):
+        pages, after = [], None
+        while True:
+            page = store.snapshot_page(after, max_keys=limit)
+            pages.append(page)
+            if page.last is None:
+                break
+            assert len(page.keys) == limit
+            after = page.last
+        assert [k for page in pages for k in page.keys] == [store.info(key) for key in held]
+        assert pages[-1].keys, f"an empty last page (limit {limit})"
+    assert store.infos([keys[0], keys[10], held[3], keys[-1], held[3]]) == [
+        store.info(keys[0]),
+        KeyInfo(held[3], 3, checksum(b"xyz"), True),
+        KeyInfo(held[3], 3, checksum(b"xyz"), True),
+    ]
+
+
 def test_pages_count_the_utf8_bytes_of_keys_that_are_not_ascii() -> None:
     store = Store()
     for i in range(5):
@@ -257,6 +289,34 @@ def test_clear_to_remove_is_the_all_clear_of_judge_drop_and_judge_drop_commit() 
                 go = isinstance(commit, Accept) and not commit.noop
                 cleared = store.clear_to_remove(key, digest, now, mine=True)
                 assert (cleared is not None) is go, (key, digest)
+
+
+def test_mark_and_remove_if_clear_act_exactly_when_the_all_clear_is_given() -> None:
+    """The batch's fused steps: ``mark_if_clear`` marks, and ``remove_if_clear`` removes (and
+    unmarks, telling the version after), exactly the keys ``clear_to_remove`` clears, and
+    change nothing otherwise."""
+    now = 100.0
+    for key in [*(Key(f"key-{kind}") for kind in "pudlex"), Key("missing")]:
+        for digest in ("", checksum(b"data"), checksum(b"other")):
+            store = Store()
+            if key != "missing":
+                store.add(key, b"data", checksum(b"data"))
+                _guarded(store, key)
+            clear = store.clear_to_remove(key, digest, now) is not None
+            dropping = store.is_dropping(key)
+            assert (store.mark_if_clear(key, digest, now) is not None) is clear, (key, digest)
+            assert store.is_dropping(key) is (dropping or clear)
+            mine = store.clear_to_remove(key, digest, now, mine=True) is not None
+            version = store.version
+            removed = store.remove_if_clear(key, digest, now)
+            assert (removed is not None) is mine, (key, digest)
+            if mine:
+                assert removed == version + 1 == store.version
+                assert key not in store
+                assert not store.is_dropping(key)
+            else:
+                assert store.version == version
+                assert (key in store) is (key != "missing")
 
 
 def test_promise_held_promises_exactly_what_judge_keep_accepts() -> None:
