@@ -163,3 +163,28 @@ def test_a_note_made_again_while_a_round_judges_waits_for_the_next_round(
 
     asyncio.run(main())
     assert storing.take(W) == set(again)
+
+
+def test_a_round_that_ends_while_another_judges_leaves_the_notes_to_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two rounds of polls ending together (a cycle's, and one made while the AMM was stopped)
+    judged the same notes twice, side by side."""
+    monkeypatch.setattr(pacing, "BUDGET", 0.0)  # a breath after every slice
+    clock = Clock()
+    state = ClusterState()
+    state.register(W, "w", "i1", now=clock.now)
+    storing = Storing(clock)
+    keys = [f"k{i}" for i in range(5 * POLLED_STEP)]
+    storing.note(state, W, "i1", keys)
+    polled(state, keys, now=clock.now + 1)
+
+    async def main() -> None:
+        first = asyncio.create_task(storing.polled(state))
+        await asyncio.sleep(0)
+        await storing.polled(state)
+        assert not first.done(), "the second round judged the notes too"
+        await first
+
+    asyncio.run(main())
+    assert len(storing) == 0
