@@ -37,6 +37,16 @@ def polled(state: ClusterState, keys: list[str], now: float, incarnation: str = 
     )
 
 
+def _noting(keys: list[str]) -> tuple[Clock, ClusterState, Storing]:
+    """A worker registered and the notes of a Put of ``keys`` to it."""
+    clock = Clock()
+    state = ClusterState()
+    state.register(W, "w", "i1", now=clock.now)
+    storing = Storing(clock)
+    storing.note(state, W, "i1", keys)
+    return clock, state, storing
+
+
 def test_a_note_ends_when_a_poll_lists_the_key_or_after_the_put_window() -> None:
     clock = Clock()
     state = ClusterState()
@@ -78,12 +88,8 @@ def test_ending_many_notes_lets_the_event_loop_in_between_slices(
     """The first poll round after a Put of 100k keys ended that many notes in one step of the
     AMM's loop (80-100 ms of CPU): other tasks now run between slices of ``POLLED_STEP``."""
     monkeypatch.setattr(pacing, "BUDGET", 0.0)  # a breath after every slice
-    clock = Clock()
-    state = ClusterState()
-    state.register(W, "w", "i1", now=clock.now)
-    storing = Storing(clock)
     keys = [f"k{i}" for i in range(5 * POLLED_STEP)]
-    storing.note(state, W, "i1", keys)
+    clock, state, storing = _noting(keys)
     polled(state, keys[: len(keys) // 2], now=clock.now + 1)
 
     async def main() -> int:
@@ -142,12 +148,8 @@ def test_a_note_made_again_while_a_round_judges_waits_for_the_next_round(
     """Listed keys end in C-level passes over a slice (``Storing.polled``), but not a note
     made again since the round copied them: that Put may still be storing the key."""
     monkeypatch.setattr(pacing, "BUDGET", 0.0)  # a breath after every slice
-    clock = Clock()
-    state = ClusterState()
-    state.register(W, "w", "i1", now=clock.now)
-    storing = Storing(clock)
     keys = [f"k{i}" for i in range(3 * POLLED_STEP)]
-    storing.note(state, W, "i1", keys)
+    clock, state, storing = _noting(keys)
     polled(state, keys, now=clock.now + 1)
     again = keys[-3:]
 
@@ -171,12 +173,8 @@ def test_a_round_that_ends_while_another_judges_leaves_the_notes_to_it(
     """Two rounds of polls ending together (a cycle's, and one made while the AMM was stopped)
     judged the same notes twice, side by side."""
     monkeypatch.setattr(pacing, "BUDGET", 0.0)  # a breath after every slice
-    clock = Clock()
-    state = ClusterState()
-    state.register(W, "w", "i1", now=clock.now)
-    storing = Storing(clock)
     keys = [f"k{i}" for i in range(5 * POLLED_STEP)]
-    storing.note(state, W, "i1", keys)
+    clock, state, storing = _noting(keys)
     polled(state, keys, now=clock.now + 1)
 
     async def main() -> None:
