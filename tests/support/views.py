@@ -16,6 +16,7 @@ def poll(
     full: bool = False,
     keys: Sequence[KeyReport] = (),
     removed: Sequence[Key] = (),
+    now: float = 1.0,
 ) -> None:
     state.apply_poll(
         worker,
@@ -27,5 +28,5 @@ def poll(
         memory=Memory(managed=1),
         status=WorkerStatus.RUNNING,
         name=str(worker),
-        now=1.0,
+        now=now,
     )

@@ -22,10 +22,9 @@ from amm_service.decisions.view import (
     Key,
     KeyReport,
     KeyView,
-    Memory,
     WorkerId,
-    WorkerStatus,
 )
+from tests.support.views import poll
 
 WORKERS = [WorkerId(w) for w in "abcd"]
 KEYS = [Key(f"k{i}") for i in range(8)]
@@ -250,16 +249,14 @@ class Driver:
                 keys = [self.report(worker, k) for k in self.some_keys(worker, 4)]
                 removed = self.some_keys(worker, 3)
             self.versions += 1
-            state.apply_poll(
+            poll(
+                state,
                 worker,
+                self.versions,
                 incarnation=incarnation,
-                version=self.versions,
                 full=full,
                 keys=keys,
                 removed=removed,
-                memory=Memory(managed=1),
-                status=WorkerStatus.RUNNING,
-                name=str(worker),
                 now=float(self.versions),
             )
             model.poll(worker, incarnation, self.versions, full, keys, removed)
