@@ -202,6 +202,7 @@ class Ledger:
         (``ClusterState.apply_drops``), rather than at the poll that shows it: at once between
         cycles; while a cycle's snapshot is in use, as the module doc says."""
         live, viewing, stale = self._entries, self._viewing, self._stale
+        settled: list[Entry] = []
         touched: set[WorkerId] = set()
         for entry in entries:
             directive = entry.directive
@@ -214,13 +215,14 @@ class Ledger:
             if viewing is not None and entry.cycle != viewing:
                 self._deferred.append(entry)
                 continue
-            self._remove(entry)
+            settled.append(entry)
             worker = directive.worker
             if viewing is not None:
                 masked = (*self._masked.get(directive.key, ()), worker)
                 self._masked[directive.key] = self._shared.setdefault(masked, masked)
             stale[worker] = stale.get(worker, 0) + 1
             touched.add(worker)
+        self._remove_many(settled)
         for worker in touched:
             self._compact(worker)
 
