@@ -9,7 +9,8 @@ what the fake agents hold does not count):
 1. ``snapshot``: the first poll of every agent, a full snapshot of K keys in pages;
 2. ``sent``: one cycle plans the K x (R - 1) drops and sends them (``cycling.Cycles._send``'s
    steps: the ledger, then the dispatcher); each agent reads its directive stream and answers
-   every batch APPLIED, a batch of outcomes per batch of directives;
+   every batch APPLIED, a batch of outcomes per batch of directives, each saying at which
+   version the key was gone (the view takes them in, and the ledger settles them, at once);
 3. ``removed``: the next poll of every agent, naming the keys it dropped, and the ledger
    settling what that poll shows (``Ledger.observing``);
 4. ``next cycle``: the snapshot and plan of the following cycle (nothing left to do).
@@ -113,7 +114,7 @@ class _Agent:
         return _Call(self, requests)
 
     def apply(self, request: agent_pb2.DirectivesRequest) -> agent_pb2.DirectivesResponse:
-        resp = agent_pb2.DirectivesResponse()
+        resp = agent_pb2.DirectivesResponse(incarnation=INCARNATION)
         add = resp.batch.add
         for directive in request.batch:
             self.version += 1
@@ -122,6 +123,7 @@ class _Agent:
                 directive_id=directive.id,
                 status=types_pb2.OUTCOME_STATUS_APPLIED,
                 inventory_version=self.version,
+                dropped_version=self.version,  # as an agent says when the key was gone
             )
         return resp
 
@@ -257,6 +259,7 @@ async def _run(nkeys: int, replicas: int, attribute: bool, top: int) -> int:
         record = CycleRecord(number, 0.0)
         view = state.snapshot()
         views[:] = [view]
+        ledger.viewing(number)  # as ``Cycles.run`` does, until the cycle ends
         records.track(record)
         steps = core.planning(
             view,
@@ -301,6 +304,7 @@ async def _run(nkeys: int, replicas: int, attribute: bool, top: int) -> int:
     await send(record, ready)
     del ready
     records.all_sent(record)
+    ledger.viewed()  # the cycle ends: its outcomes keep coming
     drops = nkeys * (replicas - 1)
     for _ in range(60_000):  # the agents answer as the streams read what was sent (10 min)
         if record.applied >= drops:
@@ -316,6 +320,7 @@ async def _run(nkeys: int, replicas: int, attribute: bool, top: int) -> int:
     for out, _ in plan(2):
         if isinstance(out, core.Plan):
             assert not out.directives, len(out.directives)
+    ledger.viewed()
     probe.phase("next cycle", holders())
     assert state.nreplicas == nkeys, state.nreplicas
     assert len(ledger) == 0, len(ledger)

@@ -11,12 +11,21 @@ still relying on. Here a directive stays in flight until
 3. no outcome arrived within the directive timeout and the worker is not answering (it stopped
    answering polls, or its directive stream is gone), or
 4. the worker left or restarted, or
-5. it is a copy applied on a worker that is gone before a poll showed it (``forget_copies``):
+5. it is an applied DROP that the cluster view shows already (``drops_shown``: the outcome
+   said when the key was gone, and ``ClusterState.apply_drops`` took it in, or a poll did), or
+6. it is a copy applied on a worker that is gone before a poll showed it (``forget_copies``):
    it failed a poll and its directive stream broke (a SIGKILLed agent). Counted in flight until
    the worker was dropped, such a copy kept the key from being copied again, and let
    ReduceReplicas drop a real replica in its place. Only copies: an applied DROP stays until a
-   poll or the worker's removal, since its worker is still listed as a holder and would count
-   as a copy again.
+   poll, the view taking it in (5) or the worker's removal, since its worker is still listed as
+   a holder and would count as a copy again.
+
+Settling a drop the view shows is safe only where nobody reads the ledger with an older view: a
+cycle plans (and supervises retirements) on the snapshot it took, which may still list the
+holder. While a cycle's snapshot is in use (``viewing`` to ``viewed``), that cycle's own drops
+leave the ledger but go on counting as dropping in ``in_flight`` and ``count`` (``_masked``, a
+key and a worker, not the directive and its entry: 300k drops of a big cycle are applied while
+it still plans), and the drops of other cycles wait for ``viewed``.
 
 A directive is never planned again while its worker may still hold it: re-planning it would send
 a second directive with a new id for the same work, and at scale (hundreds of thousands of
@@ -34,7 +43,7 @@ from __future__ import annotations
 
 import bisect
 from array import array
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from amm_service.decisions.directive import Directive, Op, Outcome, OutcomeStatus
@@ -91,6 +100,20 @@ class Ledger:
         the same order: 8 bytes each in an array, where the int of each outcome kept in its
         entry cost 32 (300k drops are applied before a poll shows them)."""
         self._unsorted: set[WorkerId] = set()
+        self._stale: dict[WorkerId, int] = {}
+        """Per worker, how many entries of ``_applied`` ``drops_shown`` settled since its list
+        was last rebuilt: it is rebuilt once they are half of it, so that settled entries do not
+        stay there till the next poll."""
+        self._viewing: int | None = None
+        """The cycle planning on a snapshot now (``viewing``), None between cycles."""
+        self._masked: dict[Key, tuple[WorkerId, ...]] = {}
+        """The workers of the ``_viewing`` cycle's drops settled by ``drops_shown`` while its
+        snapshot is in use: still dropping for ``in_flight`` and ``count`` until ``viewed``."""
+        self._shared: dict[tuple[WorkerId, ...], tuple[WorkerId, ...]] = {}
+        """One tuple for equal ``_masked`` values (a few distinct ones for all keys)."""
+        self._deferred: list[Entry] = []
+        """Applied drops of other cycles the view showed while a snapshot is in use: settled
+        at ``viewed``."""
         self.journal: Journal[Key] = Journal()
         """The keys whose work in flight may ask more of a policy than it did: an entry left
         the ledger (settled, refused, failed, expired, its worker gone), or a replication was
@@ -156,6 +179,73 @@ class Ledger:
             self._remove(entry)
         return entry
 
+    def viewing(self, cycle: int) -> None:
+        """Cycle ``cycle`` plans on a snapshot taken now, and reads the ledger with it until
+        ``viewed`` (see the module doc)."""
+        self._viewing = cycle
+
+    def viewed(self) -> None:
+        """The snapshot of ``viewing`` is no longer in use: the drops it still listed leave."""
+        self._viewing = None
+        self._masked, self._shared = {}, {}  # new dicts: a big cycle's are freed
+        deferred, self._deferred = self._deferred, []
+        self.drops_shown(deferred)
+        # An empty dict keeps the table of its peak (10 MB after a big cycle's 300k entries):
+        # new ones once empty. Here, as no ``observing`` is under way between cycles.
+        if not self._entries:
+            self._entries = {}
+        if not self._by_key:
+            self._by_key = {}
+
+    def drops_shown(self, entries: Iterable[Entry]) -> None:
+        """Settle the applied DROPs of ``entries`` whose effect the cluster view shows now
+        (``ClusterState.apply_drops``), rather than at the poll that shows it: at once between
+        cycles; while a cycle's snapshot is in use, as the module doc says."""
+        live, viewing, stale = self._entries, self._viewing, self._stale
+        settled: list[Entry] = []
+        touched: set[WorkerId] = set()
+        for entry in entries:
+            directive = entry.directive
+            if (
+                not entry.applied
+                or directive.op is not _DROP
+                or live.get(directive.id) is not entry
+            ):
+                continue
+            if viewing is not None and entry.cycle != viewing:
+                self._deferred.append(entry)
+                continue
+            settled.append(entry)
+            worker = directive.worker
+            if viewing is not None:
+                masked = (*self._masked.get(directive.key, ()), worker)
+                self._masked[directive.key] = self._shared.setdefault(masked, masked)
+            stale[worker] = stale.get(worker, 0) + 1
+            touched.add(worker)
+        self._remove_many(settled)
+        for worker in touched:
+            self._compact(worker)
+
+    def _compact(self, worker: WorkerId) -> None:
+        """Rebuild ``worker``'s applied entries without the settled ones once they are half of
+        them. New lists: an ``observing`` under way goes on with the old ones (what it settles
+        in the new ones is skipped there later, as any entry that left the ledger)."""
+        applied, versions = self._applied.get(worker), self._versions.get(worker)
+        if applied is None or versions is None:
+            self._stale.pop(worker, None)
+            return
+        if 2 * self._stale.get(worker, 0) < len(applied):
+            return
+        self._stale.pop(worker, None)
+        live = self._entries
+        kept = [i for i, entry in enumerate(applied) if live.get(entry.directive.id) is entry]
+        if kept:
+            self._applied[worker] = [applied[i] for i in kept]
+            self._versions[worker] = array("q", [versions[i] for i in kept])
+        else:
+            del self._applied[worker], self._versions[worker]
+            self._unsorted.discard(worker)
+
     def observe(self, versions: Callable[[WorkerId], int | None]) -> None:
         """Settle the applied directives whose effect the cluster view shows: ``versions``
         gives each worker's inventory version in the view (None: not known)."""
@@ -220,6 +310,14 @@ class Ledger:
         self._applied.pop(worker, None)
         self._versions.pop(worker, None)
         self._unsorted.discard(worker)
+        self._stale.pop(worker, None)
+        for key, workers in list(self._masked.items()):
+            if worker in workers:
+                rest = tuple(w for w in workers if w != worker)
+                if rest:
+                    self._masked[key] = rest
+                else:
+                    del self._masked[key]
         return gone
 
     def forget_copies(self, gone: Callable[[WorkerId], bool]) -> list[Entry]:
@@ -282,6 +380,14 @@ class Ledger:
         return old
 
     def in_flight(self, key: Key) -> InFlight:
+        if self._masked:
+            masked = self._masked.get(key)
+            if masked is not None:
+                base = self._in_flight(key)
+                return InFlight(base.replicating, base.dropping.union(masked))
+        return self._in_flight(key)
+
+    def _in_flight(self, key: Key) -> InFlight:
         entries = self._by_key.get(key)
         if entries is None:
             return _NONE
@@ -295,10 +401,11 @@ class Ledger:
 
     def count(self, key: Key) -> int:
         """How many directives of ``key`` are in flight."""
+        masked = len(self._masked.get(key, ())) if self._masked else 0
         entries = self._by_key.get(key)
         if entries is None:
-            return 0
-        return 1 if isinstance(entries, Entry) else len(entries)
+            return masked
+        return masked + (1 if isinstance(entries, Entry) else len(entries))
 
     def changed_since(self, uid: int, position: int) -> set[Key] | None:
         """The keys ``journal`` noted since ``position`` (None: not known, see ``Journal``)."""

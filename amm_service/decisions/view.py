@@ -509,7 +509,11 @@ class ClusterState:
             self._workers[address] = replace(old, nkeys=self._held[address])
 
     def apply_drops(
-        self, address: WorkerId, incarnation: str, dropped: Iterable[tuple[Key, int]]
+        self,
+        address: WorkerId,
+        incarnation: str,
+        dropped: Iterable[tuple[Key, int]],
+        shown: list[int] | None = None,
     ) -> int:
         """Take ``address`` off the holders of the keys its agent says it dropped, each with a
         version at which the key was gone there (``Outcome.dropped_version``), instead of
@@ -524,17 +528,23 @@ class ClusterState:
 
         Only plain copies with another holder left: the last holder of a key (whose removal
         means a lost key), pinned and conflicting keys are left to the poll, as are keys the
-        view does not list on the worker."""
+        view does not list on the worker.
+
+        ``shown`` gets the position in ``dropped`` of each drop the view shows now: taken in
+        here, or not newer than the poll cursor with the worker not listed (a poll showed it),
+        so that the ledger can settle it (``Ledger.drops_shown``)."""
         old = self._workers.get(address)
         if old is None or not incarnation or incarnation != old.incarnation:
             return 0
         cursor = old.version
         keys, odd = self._keys, self._odd
         noted: list[Key] = []
-        for key, version in dropped:
-            if version <= cursor:
-                continue
+        for position, (key, version) in enumerate(dropped):
             kv = keys.get(key)
+            if version <= cursor:
+                if shown is not None and (kv is None or address not in kv.holders):
+                    shown.append(position)
+                continue
             if (
                 kv is None
                 or address not in kv.holders
@@ -545,6 +555,8 @@ class ClusterState:
             ):
                 continue
             noted.append(self._drop_copy(kv, address))
+            if shown is not None:
+                shown.append(position)
         if noted:
             self.journal.extend(noted)
             self._held[address] -= len(noted)

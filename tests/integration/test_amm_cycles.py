@@ -18,7 +18,7 @@ from amm.base.serving import CHANNEL_OPTIONS
 from amm.models import Event
 from amm.v1 import agent_pb2, control_pb2, control_pb2_grpc, types_pb2
 from amm_service.api.server import AmmServer
-from amm_service.decisions.view import WorkerId
+from amm_service.decisions.view import Key, WorkerId
 from amm_service.runtime.records.state import FIRST_EPOCHS, StateStore
 from tests.conftest import amm_config
 from tests.support.agent import agents, get, put
@@ -99,6 +99,25 @@ async def test_reduce_replicas_keeps_exactly_one_replica(tmp_path: Path) -> None
         assert len(await c.holders("y")) == 1
         again = await c.run_once()
         assert again.directives_sent == 0
+
+
+async def test_applied_drops_leave_the_ledger_without_waiting_for_the_next_poll(
+    tmp_path: Path,
+) -> None:
+    """The agents say when each key was gone: the view takes the drops in, and the ledger
+    settles them, as their outcomes arrive (a big cycle's 300k drops held ~880 B each in the
+    ledger till the next cycle's poll)."""
+    async with cluster(tmp_path, 3) as c:
+        await c.spread("x")
+        await c.spread("y")
+        report = await c.run_once()  # waits for the outcomes, polls no more
+        assert (report.directives_sent, report.applied) == (4, 4)
+        status = await c.control.GetStatus(control_pb2.GetStatusRequest())
+        assert status.totals.directives_in_flight == 0
+        manager = c.amm.manager
+        assert manager is not None
+        assert len(manager.ledger) == 0
+        assert manager.ledger.in_flight(Key("x")) == manager.ledger.in_flight(Key("none"))
 
 
 async def test_keys_pinned_on_several_workers_keep_those_replicas(tmp_path: Path) -> None:

@@ -235,3 +235,38 @@ def test_adding_many_at_once_is_adding_each_in_turn() -> None:
     assert many.forget_worker(WorkerId("b")) == []
     many.settle(Outcome("1", OutcomeStatus.REFUSED))
     assert many.count(Key("x")) == 1
+
+
+def test_drops_the_view_shows_settle_at_once_between_cycles() -> None:
+    ledger = Ledger()
+    drops = [directive(str(n), key=f"k{n}") for n in range(4)]
+    copy = directive("c", Op.REPLICATE, worker="b")
+    ledger.add_many([*drops, copy], now=0.0)
+    for n, d in enumerate([*drops, copy]):
+        ledger.settle(Outcome(d.id, OutcomeStatus.APPLIED, inventory_version=n + 1))
+    unanswered = directive("u", key="k9")
+    ledger.add(unanswered, now=0.0)
+    entries = {e.directive.id: e for e in ledger}
+    ledger.drops_shown([entries[i] for i in ("0", "2", "c", "u")])  # only applied drops
+    assert sorted(e.directive.id for e in ledger) == ["1", "3", "c", "u"]
+    assert ledger.in_flight(Key("k0")) == InFlight()
+    assert ledger.in_flight(Key("k1")).dropping == {WorkerId("a")}
+    ledger.drops_shown([entries["1"], entries["3"]])
+    assert not ledger._applied.get(WorkerId("a"))  # not kept till a poll either
+    ledger.observe({WorkerId("a"): 9, WorkerId("b"): 9}.get)
+    assert [e.directive.id for e in ledger] == ["u"]
+
+
+def test_a_cycles_own_drops_settled_while_it_plans_stop_counting_when_its_worker_goes() -> None:
+    ledger = Ledger()
+    ledger.viewing(3)
+    ledger.add_many([directive("1"), directive("2", worker="b")], now=0.0, cycle=3)
+    for d in ("1", "2"):
+        ledger.settle(Outcome(d, OutcomeStatus.APPLIED, inventory_version=5))
+    ledger.drops_shown(list(ledger))
+    assert len(ledger) == 0
+    assert ledger.in_flight(Key("x")).dropping == {WorkerId("a"), WorkerId("b")}
+    ledger.forget_worker(WorkerId("a"))
+    assert ledger.in_flight(Key("x")).dropping == {WorkerId("b")}
+    ledger.viewed()
+    assert ledger.in_flight(Key("x")) == InFlight()

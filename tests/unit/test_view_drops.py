@@ -150,3 +150,64 @@ def test_refused_and_unknown_outcomes_change_no_holder() -> None:
     stray = Outcome("d9", OutcomeStatus.APPLIED, "", "", 7, False, 7, "i1")
     outcomes.on_outcomes(A, [stray])
     assert state.keys[X].holders == {A, B, C}
+
+
+def test_apply_drops_tells_which_drops_the_view_shows() -> None:
+    state = cluster(
+        (A, [KeyReport(X, 3, "s"), KeyReport(Y, 1, "t"), KeyReport(Z, 2, "u")]),
+        (B, [KeyReport(X, 3, "s"), KeyReport(Y, 1, "t")]),
+    )
+    poll(state, A, 8, removed=[Y])  # the poll took y off at 8 already
+    shown: list[int] = []
+    # x taken in; y covered by the poll, which took A off; z: A is its last holder (left to
+    # the poll).
+    state.apply_drops(A, "i1", [(X, 9), (Y, 7), (Z, 9)], shown)
+    assert shown == [0, 1]
+    put_again: list[int] = []
+    poll(state, B, 9, keys=[KeyReport(X, 3, "s")])  # reported held since: put again
+    state.apply_drops(B, "i1", [(X, 7)], put_again)
+    assert put_again == []
+
+
+def test_an_applied_drop_the_view_took_in_leaves_the_ledger_at_once() -> None:
+    state, ledger = x_everywhere(), Ledger()
+    outcomes = Outcomes(state, ledger, max_refusals=10, clock=lambda: 0.0)
+    ledger.add_many([drop(1, X, A), drop(2, X, B)], 0.0, 1)
+    applied = OutcomeStatus.APPLIED
+    outcomes.on_outcomes(
+        A, [Outcome("d1", applied, inventory_version=7, dropped_version=7, incarnation="i1")]
+    )
+    assert "d1" not in ledger
+    assert ledger.in_flight(X).dropping == {B}
+    # Not said when gone: in flight till a poll shows it, as before.
+    outcomes.on_outcomes(B, [Outcome("d2", applied, inventory_version=7)])
+    assert "d2" in ledger
+    assert ledger.in_flight(X).dropping == {B}
+    assert outcomes.totals.applied == 2
+
+
+def test_while_a_cycle_plans_on_its_snapshot_drops_taken_in_still_count_as_dropping() -> None:
+    """The snapshot still lists the holders the view took off: settled at once, the cycle
+    (and its retirement review) would count them as copies that stay."""
+    state, ledger = x_everywhere(), Ledger()
+    outcomes = Outcomes(state, ledger, max_refusals=10, clock=lambda: 0.0)
+    ledger.add(drop(1, X, A), 0.0, cycle=1)  # an earlier cycle's
+    ledger.viewing(2)
+    ledger.add(drop(2, X, B), 0.0, cycle=2)  # this cycle's own
+    applied = OutcomeStatus.APPLIED
+    outcomes.on_outcomes(
+        A, [Outcome("d1", applied, inventory_version=7, dropped_version=7, incarnation="i1")]
+    )
+    outcomes.on_outcomes(
+        B, [Outcome("d2", applied, inventory_version=7, dropped_version=7, incarnation="i1")]
+    )
+    assert state.keys[X].holders == {C}
+    assert "d1" in ledger  # the other cycle's waits for the snapshot to go
+    assert "d2" not in ledger  # this cycle's leaves, but still counts
+    assert len(ledger) == 1
+    assert ledger.in_flight(X).dropping == {A, B}
+    assert ledger.count(X) == 2
+    ledger.viewed()
+    assert len(ledger) == 0
+    assert ledger.in_flight(X) == ledger.in_flight(Y)
+    assert ledger.count(X) == 0

@@ -141,6 +141,12 @@ class Cycles:
 
     async def run(self, wait: bool, dry_run: bool = False) -> CycleRecord:
         """One cycle (``ActiveMemoryManager.run_cycle``, under its cycle lock)."""
+        try:
+            return await self._run(wait, dry_run)
+        finally:
+            self._ledger.viewed()  # the cycle's snapshot is no longer read with the ledger
+
+    async def _run(self, wait: bool, dry_run: bool) -> CycleRecord:
         self.count += 1
         started, t0 = self._clock(), time.perf_counter()
         record = CycleRecord(self.count, started, dry_run=dry_run)
@@ -178,6 +184,7 @@ class Cycles:
         view = self._state.snapshot(
             goals=self._goals.mapping, now=self._clock(), forgotten=self._tombstones.live
         )
+        self._ledger.viewing(record.number)  # until the cycle ends (``Ledger.drops_shown``)
         t1 = time.perf_counter()
         steps = core.planning(
             view,

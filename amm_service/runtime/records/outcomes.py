@@ -7,9 +7,11 @@ directive that will never be answered (it expired in the ledger, or its worker l
 restarted) is given up on in its record the same way, so no caller waits for the directive
 timeout in vain. An applied DROP that says at which inventory version its key was gone is
 taken into the cluster view at once (``ClusterState.apply_drops`` fences it against the polls),
-so who holds what shows it before the next poll. Once a cycle's directives are all settled (or
-its record is no longer kept), a cycle with refusals records one ``directives-refused`` event
-summing them up by reason: one per cycle, not one per refusal, which would flood the event log.
+so who holds what shows it before the next poll, and the ledger settles the drops the view shows
+(``Ledger.drops_shown``) rather than keep them till that poll. Once a cycle's directives are all
+settled (or its record is no longer kept), a cycle with refusals records one
+``directives-refused`` event summing them up by reason: one per cycle, not one per refusal,
+which would flood the event log.
 
 Only the most recent cycles' records are filled in. Not covered: sending (``dispatcher``), what
 is in flight (``pending``), and how long to wait (the manager's ``run_cycle``).
@@ -150,6 +152,7 @@ class Outcomes:
         # Applied drops that say when the key was gone, by the incarnation that answered: the
         # view takes them in at once (``ClusterState.apply_drops``) rather than at the next poll.
         dropped: dict[str, list[tuple[Key, int]]] = {}
+        dropping: dict[str, list[Entry]] = {}  # their entries, in the same order
         for outcome in outcomes:
             entry = settle(outcome)
             if entry is None:
@@ -163,7 +166,9 @@ class Outcomes:
                     gone = dropped.get(outcome.incarnation)
                     if gone is None:
                         gone = dropped[outcome.incarnation] = []
+                        dropping[outcome.incarnation] = []
                     gone.append((directive.key, outcome.dropped_version))
+                    dropping[outcome.incarnation].append(entry)
                 if (
                     entry.cycle != last_cycle
                     or directive.op is not last_op
@@ -198,7 +203,11 @@ class Outcomes:
                 record.settle_applied(group)
                 touched[record.number] = record
         for incarnation, gone in dropped.items():
-            self._state.apply_drops(worker, incarnation, gone)
+            shown: list[int] = []
+            self._state.apply_drops(worker, incarnation, gone, shown)
+            if shown:
+                entries = dropping[incarnation]
+                self._ledger.drops_shown([entries[i] for i in shown])
         if refused:
             self._refused(worker, refused)
         for record in touched.values():
