@@ -38,10 +38,14 @@ def parser() -> argparse.ArgumentParser:
         action="store_const",
         const=True,
         default=None,
-        help="keep the view current while stopped: poll every agent once an interval (default)",
+        help="keep the view current while stopped: poll every agent once an interval",
     )
     polling.add_argument(
-        "--no-poll-while-stopped", dest="poll_while_stopped", action="store_const", const=False
+        "--no-poll-while-stopped",
+        dest="poll_while_stopped",
+        action="store_const",
+        const=False,
+        help="no polls while stopped, unless the dashboard is served (default)",
     )
     p.add_argument("--measure", help="memory measure: process, managed or optimistic")
     p.add_argument("--state", dest="state_path", metavar="PATH", help="SQLite state file")

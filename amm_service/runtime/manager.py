@@ -9,10 +9,10 @@ away (dead, unregistered, restarted as a new process, closed), the keys it held 
 as lost (``lost``); so are keys no worker holds any more after an AMM restart. Cycles never
 overlap: the loop and ``run_once`` share a lock. The running flag and the epoch persist in the
 state store, so a restarted AMM resumes as it was, under a new epoch that makes agents ignore the
-old one, and issues no drops until the workers it knew have reported. A stopped AMM still polls
-every agent once an interval, without planning or judging liveness, so its view is current when
-asked and when started (``sampling``, which also samples the cluster's memory for the dashboard;
-with ``poll-while-stopped`` off, only while the dashboard is on). What becomes of sent
+old one, and issues no drops until the workers it knew have reported. With ``poll-while-stopped``
+or the dashboard on, a stopped AMM still polls every agent once an interval, without planning or
+judging liveness, so its view is current when asked (``sampling``, which also samples the
+cluster's memory for the dashboard). What becomes of sent
 directives is ``outcomes``; operators' questions, ``queries``; RetireWorkers, DrainWorker and
 their driver task, ``retirement_driver``; what retirements do between cycles as outcomes arrive,
 ``handover``; registering and removing workers, ``membership``; recording and reporting lost

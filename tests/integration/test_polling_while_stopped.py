@@ -1,7 +1,7 @@
 """A stopped AMM keeps its view current: it polls every agent once an interval (changes only, no
 planning, no directives), so queries answer without a fresh poll and the first cycle after a
-start has only a change poll to do, not every inventory to read whole. ``poll-while-stopped``
-off brings back the old way: no polls while stopped (without the dashboard).
+start has only a change poll to do, not every inventory to read whole, with
+``poll-while-stopped`` on (off by default: no polls while stopped, without the dashboard).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ async def test_keys_put_while_stopped_show_in_the_view_without_a_start_or_a_fres
     listed by ListWorkers and HasWhat (not fresh) within a few intervals, and the AMM still has
     run no cycle and sent nothing."""
     keys = {f"k{n:04d}": b"v" * 100 for n in range(600)}
-    with local_cluster(2, interval=0.2) as cluster:
+    with local_cluster(2, interval=0.2, service_args=["--poll-while-stopped"]) as cluster:
         async with AsyncClient(cluster.address, timeout=20) as client:
             assert (await client.status()).running is False
             w1, w2 = list(await client.has_what())
@@ -76,7 +76,7 @@ async def test_the_first_cycle_after_a_start_plans_on_a_view_read_while_stopped(
     """Keys held twice are put while the AMM is stopped; once the view shows them (no query
     asked for it), a start's first cycle plans the drops off that view: no agent answers it, or
     any later poll, with a full snapshot."""
-    config = amm_config(tmp_path, start=False, interval="100ms")
+    config = amm_config(tmp_path, start=False, interval="100ms", poll_while_stopped=True)
     keys = {f"k{n:03d}": b"x" * 1000 for n in range(300)}
     async with (
         AmmServer(config) as amm,
@@ -160,7 +160,14 @@ async def test_a_worker_that_answered_while_stopped_is_timed_afresh_when_it_fall
     """A worker a cycle saw silent, that answers the polls made while the AMM is stopped, then
     falls silent again: its silence counts from the next cycle that misses it, not from the
     first, so it is not declared dead at once (the AMM heard from it in between)."""
-    config = amm_config(tmp_path, start=False, interval="100ms", stale_after="5s", dead_after="1s")
+    config = amm_config(
+        tmp_path,
+        start=False,
+        interval="100ms",
+        stale_after="5s",
+        dead_after="1s",
+        poll_while_stopped=True,
+    )
     flaky = _Flaky()  # type: ignore[abstract]
     async with AmmServer(config) as amm, fake_peer(flaky) as address:
         manager = amm.manager

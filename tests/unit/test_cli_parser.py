@@ -80,7 +80,7 @@ def test_the_service_takes_flags_for_liveness_grace_and_limits() -> None:
 
 @pytest.mark.parametrize(
     ("argv", "polls"),
-    [([], True), (["--no-poll-while-stopped"], False), (["--poll-while-stopped"], True)],
+    [([], False), (["--no-poll-while-stopped"], False), (["--poll-while-stopped"], True)],
 )
 def test_the_service_polls_while_stopped_unless_told(argv: list[str], polls: bool) -> None:
     from amm_service.__main__ import parser

@@ -46,7 +46,7 @@ class Sampler:
         interval: float,
         clock: Callable[[], float],
         monotonic: Callable[[], float],
-        poll_while_stopped: bool = True,
+        poll_while_stopped: bool = False,
         heard: Callable[[], None] = lambda: None,
         fenced: Callable[[], bool] = lambda: False,
     ) -> None:
