@@ -364,29 +364,16 @@ class Store:
     def mark_if_clear(self, key: Key, checksum: str, now: float) -> Value | None:
         """``clear_to_remove`` and, when clear, ``mark_dropping`` in one step (one call for
         each drop of a batch of thousands)."""
-        value = self._values.get(key)
-        if value is None or (checksum and checksum != value.checksum):
-            return None
-        dropping = self._dropping
-        if key in dropping or key in self._pins or key in self._in_use:
-            return None
-        lease = self._leases.get(key)
-        if lease is not None and lease > now:
-            return None
-        dropping.add(key)
+        value = self.clear_to_remove(key, checksum, now)
+        if value is not None:
+            self._dropping.add(key)
         return value
 
     def remove_if_clear(self, key: Key, checksum: str, now: float) -> int | None:
         """When ``clear_to_remove(..., mine=True)``: ``remove`` and ``unmark_dropping`` in one
         step, and the version after; None otherwise, and nothing is done (one call for each drop
         of a batch of thousands, instead of four)."""
-        value = self._values.get(key)
-        if value is None or (checksum and checksum != value.checksum):
-            return None
-        if key in self._pins or key in self._in_use:
-            return None
-        lease = self._leases.get(key)
-        if lease is not None and lease > now:
+        if self.clear_to_remove(key, checksum, now, mine=True) is None:
             return None
         self.remove(key)
         self._dropping.discard(key)
