@@ -1,9 +1,9 @@
 """What a stopped AMM still does, and the dashboard's history.
 
-While the AMM does not cycle it polls every agent once an interval (change polls, by the same
-code as a cycle's; no planning, no directives), so queries answer from a current view and the
-first cycle after a start acts at once instead of first reading every inventory whole. With the
-dashboard on, each such round and each cycle run adds a sample to its history (``History``).
+With ``poll_while_stopped`` or the dashboard on, an AMM that does not cycle polls every agent
+once an interval (change polls, by the same code as a cycle's; no planning, no directives), so
+queries answer from a current view without a fresh poll. With the dashboard on, each such round
+and each cycle run adds a sample to its history (``History``).
 The ``Sampler`` owns the one task that polls while stopped (``start``, ``close``)."""
 
 from __future__ import annotations
@@ -131,4 +131,4 @@ class Sampler:
                     self._last_round = self._monotonic()
                 except Exception:
                     log.exception("polling while stopped failed; trying again")
-            await asyncio.sleep(min(interval, max(0.0, interval - (self._monotonic() - started))))
+            await asyncio.sleep(max(0.0, interval - (self._monotonic() - started)))
