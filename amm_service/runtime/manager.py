@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 
 from amm.base.security import Security
@@ -100,6 +101,8 @@ class ActiveMemoryManager:
         self.tombstones = TombstoneBook(store, ttl=config.tombstone_ttl, clock=clock)
         self.goals = GoalBook(store)
         self._lost = LostBook(store, clock=clock)
+        #: What rounds of polls changed (keys that appeared, keys that left), not saved yet.
+        self._unsaved_rounds: deque[tuple[set[Key], set[Key]]] = deque()
         #: Keys agents are storing for a Put that no poll listed yet (``LookupKeys.storing``).
         self.storing = Storing(clock)
         self._losses = Losses(self._lost, self.state, self.events, self.goals, self.storing)
@@ -114,6 +117,7 @@ class ActiveMemoryManager:
             on_restart=self.outcomes.forget_in_flight,
             on_replaced=self._losses.replaced,
             on_round=self._polled,
+            after_round=self._keep_books,
             clock=clock,
             tombstones=self.tombstones,
         )
@@ -318,6 +322,7 @@ class ActiveMemoryManager:
         self.event_feed.close()
         await self._sampler.close()
         await self._loop.stop()
+        await self._poller.caught_up()
         await self._lost.save_held(*self.state.take_changes())
         await self.retirement_driver.close()
         await self.handover.close()
@@ -423,14 +428,24 @@ class ActiveMemoryManager:
 
     async def _polled(self) -> None:
         """After every round of polls: what is lost now that workers registered again as new
-        processes have reported, lost keys held again, and the keys the cluster holds recorded
-        (``LostBook``)."""
+        processes have reported, and lost keys held again; what the round changed is kept for
+        ``_keep_books``."""
         self._members.polled()
-        await self.storing.polled(self.state)
         born, gone = self.state.take_changes()
         self._losses.recovered(born)
         self._losses.settle()
-        await self._lost.save_held(born, gone)
+        self._unsaved_rounds.append((born, gone))
+
+    async def _keep_books(self) -> None:
+        """After ``_polled`` (a cycle's planning goes on meanwhile): notes of keys being stored
+        that polls listed or that did not come (``Storing``), and the keys the cluster holds
+        recorded (``LostBook``). However many of these run at once, the rounds' changes are
+        taken in order and wait for the file in that order (``save_held`` saves one at a
+        time, first come first served), so that the file ends as the state did."""
+        await self.storing.polled(self.state)
+        while self._unsaved_rounds:
+            born, gone = self._unsaved_rounds.popleft()
+            await self._lost.save_held(born, gone)
         self._freeze_heap()
 
     def _freeze_heap(self) -> None:

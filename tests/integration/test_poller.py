@@ -349,3 +349,69 @@ async def test_snapshots_read_at_once_share_one_report_per_key() -> None:
     assert len(state.reports) == 18
     assert len({id(report) for report in state.reports}) == 6
     assert all(len(state.held_by(worker)) == 6 for worker in workers)
+
+
+class _PagedSnapshot(agent_pb2_grpc.WorkerAgentServicer):
+    """A snapshot of ``pages`` pages of ``per_page`` keys (then nothing changed since); notes,
+    as each page is asked for, how many key reports ``state`` says were read."""
+
+    def __init__(self, pages: int, per_page: int, state: _Unmerged) -> None:
+        self._pages = pages
+        self._per_page = per_page
+        self._state = state
+        self.read_when_asked: list[int] = []
+
+    async def Poll(self, request: Any, context: Any) -> agent_pb2.PollResponse:
+        running = types_pb2.WORKER_STATUS_RUNNING
+        if request.since_version:
+            return agent_pb2.PollResponse(incarnation="i", version=1, status=running)
+        self.read_when_asked.append(self._state.read)
+        page = int(request.cursor or 0)
+        first = page * self._per_page
+        keys = [
+            types_pb2.KeyInfo(key=f"k{i:06d}", size=1, checksum="c" * 64)
+            for i in range(first, first + self._per_page)
+        ]
+        last = page + 1 == self._pages
+        return agent_pb2.PollResponse(
+            incarnation="i",
+            version=1,
+            full=True,
+            keys=keys,
+            next_cursor="" if last else str(page + 1),
+            status=running,
+        )
+
+
+async def test_the_next_page_of_a_snapshot_is_asked_for_while_this_one_is_read(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The agent builds a snapshot's next page while the AMM reads the last one: a cold 100k-key
+    snapshot of 4 agents read page after page, each side waiting on the other, left the AMM half
+    idle. Still nothing is merged before every page is in."""
+    monkeypatch.setattr(pacing, "BUDGET", 0.0)  # a breath after every step of reading
+    state = _Unmerged()
+    key_reports = wire.key_reports
+
+    def counting(keys: Any, *shared: Any) -> list[KeyReport]:
+        reports = key_reports(keys, *shared)
+        state.read += len(reports)
+        return reports
+
+    monkeypatch.setattr(wire, "key_reports", counting)
+    per_page = 20 * MERGE_STEP
+    host = _PagedSnapshot(3, per_page, state)  # type: ignore[abstract]
+    async with _workers(host, 1) as [worker]:
+        state.register(worker, worker, "i", now=0.0)
+        links = AgentLinks()
+        poller = Poller(state, links, epoch=1, timeout=5.0, on_restart=lambda worker: None)
+        try:
+            assert await poller.poll_all() == []
+        finally:
+            await links.close_all()
+    assert len(state.held_by(worker)) == 3 * per_page
+    asked = host.read_when_asked
+    assert len(asked) == 3, asked
+    assert asked[1] < per_page, f"asked for page by page: {asked}"
+    assert asked[2] < 2 * per_page, f"asked for page by page: {asked}"
+    assert state.ahead[0] == 3 * per_page - MERGE_STEP, "merged before every page was in"

@@ -145,6 +145,7 @@ class Cycles:
             return await self._run(wait, dry_run)
         finally:
             self._ledger.viewed()  # the cycle's snapshot is no longer read with the ledger
+            await self._poller.caught_up()  # the round's bookkeeping, left to run as it planned
 
     async def _run(self, wait: bool, dry_run: bool) -> CycleRecord:
         self.count += 1
@@ -158,7 +159,8 @@ class Cycles:
                 log.info("sending %d overdue directives again, under the same ids", len(overdue))
                 self._outcomes.totals.sending(overdue)
                 await self._dispatcher.send(overdue)
-        record.unreachable = tuple(await self._poller.poll_all())
+        # The round's bookkeeping (``Poller.poll_all``) runs while this cycle goes on to plan.
+        record.unreachable = tuple(await self._poller.poll_all(later=True))
         polled = time.perf_counter()
         newer = self._fence.check_fenced()
         if newer is not None:
