@@ -593,9 +593,22 @@ class ClusterState:
         keys, replicated, journal = self._keys, self._replicated, self.journal
         plus, odd = self._plus, self._odd
         noted: list[Key] = []
+        alone = self._with(_NOBODY, address)
+        born = self._born if self._track else None
         for report in held:
             changed = True
             kv = keys.get(report[0])
+            if kv is None and not report[3]:
+                # A key new to the cluster, as ``_set_holding`` would take it: the first
+                # snapshot of a cold view brings 100k of them.
+                key = report[0]
+                keys[key] = _new(KeyView, (key, report[1], report[2], alone, _NOBODY, _NOBODY))
+                noted.append(key)
+                gained += 1
+                if born is not None:
+                    born.add(key)
+                    self._gone.discard(key)
+                continue
             if (
                 kv is None
                 or report[3]

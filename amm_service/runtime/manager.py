@@ -435,6 +435,9 @@ class ActiveMemoryManager:
         self._losses.recovered(born)
         self._losses.settle()
         self._unsaved_rounds.append((born, gone))
+        # Now, not once the books are kept: what the planning that follows leaves is frozen
+        # step by step only while the heap is (``pacing.gc_paused``).
+        self._freeze_heap()
 
     async def _keep_books(self) -> None:
         """After ``_polled`` (a cycle's planning goes on meanwhile): notes of keys being stored
