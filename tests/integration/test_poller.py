@@ -415,3 +415,47 @@ async def test_the_next_page_of_a_snapshot_is_asked_for_while_this_one_is_read(
     assert asked[1] < per_page, f"asked for page by page: {asked}"
     assert asked[2] < 2 * per_page, f"asked for page by page: {asked}"
     assert state.ahead[0] == 3 * per_page - MERGE_STEP, "merged before every page was in"
+
+
+class _HangsOnSecondPage(agent_pb2_grpc.WorkerAgentServicer):
+    """A snapshot's first page of 3 keys; the next is never answered: the call hangs until it
+    is cancelled, which ``ended`` tells."""
+
+    def __init__(self) -> None:
+        self.asked_next = asyncio.Event()
+        self.ended = asyncio.Event()
+
+    async def Poll(self, request: Any, context: Any) -> agent_pb2.PollResponse:
+        running = types_pb2.WORKER_STATUS_RUNNING
+        if not request.cursor:
+            keys = [types_pb2.KeyInfo(key=f"k{i}", size=1, checksum="c" * 64) for i in range(3)]
+            return agent_pb2.PollResponse(
+                incarnation="i", version=1, full=True, keys=keys, next_cursor="k2", status=running
+            )
+        self.asked_next.set()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            self.ended.set()
+        raise AssertionError("unreachable")
+
+
+async def test_a_snapshot_read_cut_short_ends_the_page_call_under_way() -> None:
+    """Cancelled while a page it asked for ahead is under way, a poll ends that call too (the
+    next poll of the agent is not raced by it) and merges nothing."""
+    host = _HangsOnSecondPage()  # type: ignore[abstract]
+    async with _workers(host, 1) as [worker]:
+        state = ClusterState()
+        state.register(worker, worker, "i", now=0.0)
+        links = AgentLinks()
+        poller = Poller(state, links, epoch=1, timeout=30.0, on_restart=lambda worker: None)
+        try:
+            polling = asyncio.create_task(poller.poll_all())
+            await asyncio.wait_for(host.asked_next.wait(), 10)
+            polling.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await polling
+            await asyncio.wait_for(host.ended.wait(), 10)
+        finally:
+            await links.close_all()
+    assert state.held_by(worker) == frozenset()

@@ -252,10 +252,12 @@ class Poller:
                 ahead = self._ahead(worker, first.incarnation, resp)
                 keys.extend(await _reports(resp, read))
         finally:
-            if ahead is not None and not ahead.done():
-                ahead.cancel()
-                with contextlib.suppress(BaseException):
-                    await ahead
+            if ahead is not None:
+                if not ahead.done():
+                    ahead.cancel()
+                    await asyncio.wait([ahead])  # ended before the next poll of this agent
+                if not ahead.cancelled():
+                    ahead.exception()  # taken: nobody reads that page now
         return first, resp, keys
 
     def _ahead(
