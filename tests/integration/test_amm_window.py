@@ -45,12 +45,13 @@ def small_window(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 class Window:
-    """What a cycle sent while its agents had what to do, noted at each of its sends: the most
-    it had sent and not had answered, and the sends made although every agent the send before
-    went to had ``FEED`` in hand then (in hand only grows at a send: so they had all along)."""
+    """What a cycle sent while its agents had what to do, noted at each of its sends: the sends
+    made although every agent the send before went to had ``FEED`` in hand then (in hand only
+    grows at a send: so they had had it all along, and the cycle planned ahead of them). An
+    agent that stalls a moment is sent its share while the others are fed: what is in flight
+    is bounded by the window only while the agents keep pace."""
 
     def __init__(self, manager: ActiveMemoryManager) -> None:
-        self.most_in_flight = 0
         self.sends = self.ahead = 0
         dispatcher = manager._dispatcher
         send = dispatcher.send
@@ -63,7 +64,6 @@ class Window:
             before = {d.worker for d in directives}
             self.sends += 1
             await send(directives)
-            self.most_in_flight = max(self.most_in_flight, len(manager.ledger))
 
         dispatcher.send = noted  # type: ignore[method-assign]
 
@@ -118,8 +118,6 @@ async def test_a_big_cycle_keeps_no_more_in_hand_than_the_window(tmp_path: Path)
         assert held(workers) == KEYS
         assert window.sends > DROPS // (AGENTS * FEED), "sent in slices"
         assert window.ahead == 0, "planned further while every agent had enough to do"
-        # An agent that stalls a moment is sent its share while the others are fed.
-        assert window.most_in_flight <= DROPS // 2
 
 
 async def test_a_silent_agent_does_not_stall_the_others(tmp_path: Path) -> None:
