@@ -1,9 +1,9 @@
 """One AMM cycle: send overdue directives again, poll every agent, judge liveness (flag STALE
 workers, remove DEAD ones and report the keys lost with them), settle lost keys, snapshot, plan
 (in steps, sending what is decided while the rest is planned, and no further ahead of the agents
-than keeps them busy), send, supervise retirements. A dry run polls and plans only, on copies of
-the policies. Also what enters directives made
-between cycles (``handover``) in the ledger. The manager runs cycles under its cycle lock.
+than keeps them busy: ``FEED``), send, supervise retirements. A dry run polls and plans only, on
+copies of the policies. Also what enters directives made between cycles (``handover``) in the
+ledger. The manager runs cycles under its cycle lock (``cycle_lock``).
 """
 
 from __future__ import annotations
