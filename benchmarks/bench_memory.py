@@ -7,10 +7,13 @@ with agents that answer as real ones do, each message built only when it is aske
 what the fake agents hold does not count):
 
 1. ``snapshot``: the first poll of every agent, a full snapshot of K keys in pages;
-2. ``sent``: one cycle plans the K x (R - 1) drops and sends them (``cycling.Cycles._send``'s
-   steps: the ledger, then the dispatcher); each agent reads its directive stream and answers
-   every batch APPLIED, a batch of outcomes per batch of directives, each saying at which
-   version the key was gone (the view takes them in, and the ledger settles them, at once);
+2. ``sent``: one cycle plans the K x (R - 1) drops and sends them (``cycling.Cycles._run``'s
+   steps: slices sent as ``SEND_STEP`` or, to agents short of work, ``FEED_STEP`` are planned,
+   each through the ledger, then the dispatcher; no further planned while every agent the last
+   slice went to has ``FEED`` in hand, unless ``--no-window``); each agent reads its directive
+   stream and answers every batch APPLIED, a batch of outcomes per batch of directives, each
+   saying at which version the key was gone (the view takes them in, and the ledger settles
+   them, at once);
 3. ``removed``: the next poll of every agent, naming the keys it dropped, and the ledger
    settling what that poll shows (``Ledger.observing``);
 4. ``next cycle``: the snapshot and plan of the following cycle (nothing left to do).
@@ -22,6 +25,7 @@ allocated the most of it.
 
     python benchmarks/bench_memory.py                      # 100k keys x 4 on 4 agents
     python benchmarks/bench_memory.py --keys 10000 --attribute
+    python benchmarks/bench_memory.py --no-window          # the whole plan sent ahead
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ from amm_service.decisions import core
 from amm_service.decisions.pending import Ledger
 from amm_service.decisions.view import ClusterState, ClusterView, WorkerId
 from amm_service.policies.reduce_replicas import ReduceReplicas
-from amm_service.runtime.cycles.cycling import LEDGER_STEP, SEND_STEP
+from amm_service.runtime.cycles.cycling import FEED, FEED_STEP, LEDGER_STEP, SEND_STEP
 from amm_service.runtime.links.dispatcher import Dispatcher
 from amm_service.runtime.links.poller import PAGE_KEYS, Poller
 from amm_service.runtime.records.cycle import CycleRecord
@@ -219,7 +223,7 @@ def _deep_size(root: object) -> int:
 _deep_size.seen = set()  # type: ignore[attr-defined]
 
 
-async def _run(nkeys: int, replicas: int, attribute: bool, top: int) -> int:
+async def _run(nkeys: int, replicas: int, attribute: bool, top: int, window: bool) -> int:
     """Replays the convergence; returns the RSS before it began (the fake agents' data made)."""
     workers = [WorkerId(f"10.0.0.{n}:7000") for n in range(replicas)]
     keys = [f"key-{i:07}" for i in range(nkeys)]
@@ -291,15 +295,20 @@ async def _run(nkeys: int, replicas: int, attribute: bool, top: int) -> int:
     probe.phase("snapshot", holders())
 
     ready: list[Any] = []
+    bound: set[WorkerId] = set()
     record: CycleRecord | None = None
     for out, record in plan(1):
         if isinstance(out, core.Plan):
             ready += out.directives
             break
         ready += out
-        if len(ready) >= SEND_STEP:
+        bound.update([d.worker for d in out])
+        short = any(dispatcher.in_hand(w) < FEED for w in bound)
+        if len(ready) >= SEND_STEP or (window and len(ready) >= FEED_STEP and short):
             await send(record, ready)
-            ready = []
+            if window:
+                await dispatcher.ran_short(bound, FEED)
+            ready, bound = [], set()
     assert record is not None
     await send(record, ready)
     del ready
@@ -334,9 +343,16 @@ def main() -> None:
     parser.add_argument("--replicas", type=int, default=4)
     parser.add_argument("--attribute", action="store_true", help="what holds it (tracemalloc)")
     parser.add_argument("--top", type=int, default=12, help="lines listed with --attribute")
+    parser.add_argument(
+        "--no-window",
+        action="store_true",
+        help="plan and send the whole cycle ahead of the agents (as before cycling.FEED's window)",
+    )
     args = parser.parse_args()
     print(f"{args.keys:,} keys x {args.replicas} replicas on {args.replicas} agents")
-    base = asyncio.run(_run(args.keys, args.replicas, args.attribute, args.top))
+    base = asyncio.run(
+        _run(args.keys, args.replicas, args.attribute, args.top, window=not args.no_window)
+    )
     peak = _status("VmHWM")
     print(
         f"peak RSS {peak / MiB:.1f} MiB: {(peak - base) / MiB:.1f} MiB above the start, "

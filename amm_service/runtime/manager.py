@@ -21,7 +21,6 @@ keys, ``lost`` (``Losses``); judging silent workers stale or dead, ``liveness``.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections import deque
@@ -36,6 +35,7 @@ from amm_service.decisions.pending import Ledger
 from amm_service.decisions.view import ClusterState, Key, WorkerId
 from amm_service.errors import FailedPrecondition, Unavailable
 from amm_service.policies import Policy
+from amm_service.runtime.cycles.cycle_lock import CycleLock
 from amm_service.runtime.cycles.cycle_loop import CycleLoop
 from amm_service.runtime.cycles.cycling import CycleHooks, Cycles, Judges
 from amm_service.runtime.links.agents import AgentLinks
@@ -135,7 +135,7 @@ class ActiveMemoryManager:
         )
         links = Links(agents=self._links, poller=self._poller, dispatcher=self._dispatcher)
         self._fence = EpochFence(store, self._poller)
-        self._cycle_lock = asyncio.Lock()
+        self._cycle_lock = CycleLock()
         self._loop = CycleLoop(
             interval=config.interval,
             run_cycle=self.run_cycle,
@@ -230,6 +230,7 @@ class ActiveMemoryManager:
                 freeze_heap=self._freeze_heap,
             ),
         )
+        self._cycle_lock.on_wanted = self._cycles.hurry
         #: Drops from retiring workers as soon as agents confirm the copies (``handover``).
         self.handover = Handover(
             self.state,

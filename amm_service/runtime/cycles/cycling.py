@@ -1,12 +1,14 @@
 """One AMM cycle: send overdue directives again, poll every agent, judge liveness (flag STALE
 workers, remove DEAD ones and report the keys lost with them), settle lost keys, snapshot, plan
-(in steps, sending what is decided while the rest is planned), send, supervise retirements. A
-dry run polls and plans only, on copies of the policies. Also what enters directives made
-between cycles (``handover``) in the ledger. The manager runs cycles under its cycle lock.
+(in steps, sending what is decided while the rest is planned, and no further ahead of the agents
+than keeps them busy: ``FEED``), send, supervise retirements. A dry run polls and plans only, on
+copies of the policies. Also what enters directives made between cycles (``handover``) in the
+ledger. The manager runs cycles under its cycle lock (``cycle_lock``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import logging
 import time
@@ -54,10 +56,14 @@ SEND_STEP = 20_000
 #: Directives planned before they are sent when an agent they are for runs short (``FEED``): the
 #: first of a big cycle go out as soon as this many are planned, not after ``SEND_STEP``.
 FEED_STEP = 2_000
-#: Directives sent to an agent and not answered yet below which it runs short: about what it
-#: carries out while the AMM plans, enters and encodes the next ``FEED_STEP`` (an agent drops
-#: about 10k keys a second; 20k at once left each one idle for a third of a big cycle).
-FEED = 5_000
+#: Directives sent to an agent and not answered yet below which it runs short. It is also the
+#: window of a big cycle: the cycle plans no further while each agent its last slice went to
+#: has this many in hand, and goes on as soon as one falls below it (``Dispatcher.ran_short``).
+#: What is planned ahead is held in the ledger and the queues (~330 B a directive): a 100k-key
+#: cycle planned its 300k drops in 2-3 s and held them all for the 10 s the agents took to carry
+#: them out. Two batch messages (``BATCH``): one carried out while the next comes (an agent drops
+#: about 7k keys a second; 20k at once left each one idle for a third of a big cycle).
+FEED = 10_000
 #: Directives entered in the ledger in one slice (``pacing.Budget`` breathes between slices).
 LEDGER_STEP = 500
 
@@ -138,6 +144,13 @@ class Cycles:
         self._monotonic = hooks.monotonic
         self.count = 0
         self.last: CycleRecord | None = None
+        self._hurried = False
+
+    def hurry(self) -> None:
+        """Plan the rest of the running cycle without waiting for the agents (``FEED``):
+        someone waits for the cycle lock, and should wait no longer than the planning."""
+        self._hurried = True
+        self._dispatcher.wake()
 
     async def run(self, wait: bool, dry_run: bool = False) -> CycleRecord:
         """One cycle (``ActiveMemoryManager.run_cycle``, under its cycle lock)."""
@@ -149,6 +162,7 @@ class Cycles:
 
     async def _run(self, wait: bool, dry_run: bool) -> CycleRecord:
         self.count += 1
+        self._hurried = False
         started, t0 = self._clock(), time.perf_counter()
         record = CycleRecord(self.count, started, dry_run=dry_run)
         if not dry_run:
@@ -205,7 +219,7 @@ class Cycles:
         )
         if not dry_run:
             self._outcomes.track(record)
-        sending = 0.0
+        sending = waiting = 0.0
         ready: list[Directive] = []
         bound: set[WorkerId] = set()  # the workers ``ready`` is for
         pace = Budget()
@@ -219,11 +233,14 @@ class Cycles:
                 started_sending = time.perf_counter()
                 await self._send(record, ready)
                 sending += time.perf_counter() - started_sending
+                started_waiting = time.perf_counter()
+                await self._keep_ahead(bound)
+                waiting += time.perf_counter() - started_waiting
                 ready, bound = [], set()
             else:
                 await pace()  # control calls are answered while a big cycle plans
         plan = out
-        record.plan_duration = time.perf_counter() - t1 - sending
+        record.plan_duration = time.perf_counter() - t1 - sending - waiting
         record.planned(plan)
         if dry_run:
             record.sending(plan.directives, self._clock())
@@ -254,7 +271,8 @@ class Cycles:
         if record.planned_count or plan.rejections:
             log.info(
                 "cycle %d: %d suggestions, %d directives, %d rejected; poll %.0f ms, plan %.0f "
-                "ms, send %.0f ms (elapsed, the loop serving calls in between)",
+                "ms, send %.0f ms, waited for the agents %.0f ms (elapsed, the loop serving "
+                "calls in between)",
                 record.number,
                 plan.suggestions,
                 record.planned_count,
@@ -262,6 +280,7 @@ class Cycles:
                 (polled - t0) * 1e3,
                 record.plan_duration * 1e3,
                 sending * 1e3,
+                waiting * 1e3,
             )
         return record
 
@@ -270,6 +289,31 @@ class Cycles:
         wait for work the AMM has planned and not sent."""
         in_hand = self._dispatcher.in_hand
         return any(in_hand(worker) < FEED for worker in workers)
+
+    async def _keep_ahead(self, workers: set[WorkerId]) -> None:
+        """Wait while each of ``workers`` (those a slice just sent went to) has ``FEED``
+        directives in hand: planning further would only hold what is planned till they get to
+        it. It ends when one of them runs low (it answered, or its stream broke and what it
+        had failed), when the cycle is told to ``hurry``, or after the directive timeout: if
+        none of them has answered enough by then (they are stuck, or only slow), the rest of
+        the cycle is planned and sent at once, as without a window, so a cycle always ends.
+        Dry runs send nothing and never wait."""
+        if self._hurried:
+            return
+        timeout = self._config.directive_timeout
+        try:
+            async with asyncio.timeout(timeout):
+                await self._dispatcher.ran_short(workers, FEED)
+        except TimeoutError:
+            log.warning(
+                "cycle %d: %s still had %d directives or more in hand each after %.0f s; the "
+                "rest of the cycle is sent without waiting for them",
+                self.count,
+                ", ".join(sorted(workers)),
+                FEED,
+                timeout,
+            )
+            self._hurried = True
 
     async def _send(self, record: CycleRecord, directives: Sequence[Directive]) -> None:
         """Enter ``directives`` of ``record``'s cycle in the ledger and send them."""

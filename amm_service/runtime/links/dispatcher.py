@@ -12,7 +12,10 @@ never data.
 Building the messages of a big cycle takes a while, so ``send`` yields to the event loop between
 messages: control calls stay answered while hundreds of thousands of directives go out. A cycle
 sends in small slices while an agent runs short of work (``in_hand``); slices queued behind a
-message the agent has not taken yet go out joined, up to ``BATCH``.
+message the agent has not taken yet go out joined, up to ``BATCH``. A cycle that has given
+every agent concerned enough to do waits (``ran_short``) until one of them has fewer than a mark
+in hand before it plans more: what is planned ahead of the agents is held in the ledger and the
+queues, and a big cycle planned far faster than they carry it out.
 
 The dispatcher owns one task per stream and ends them itself on ``close`` (a server shutting down
 does not end client streams for us: grpc/grpc#37239).
@@ -25,7 +28,7 @@ import contextlib
 import logging
 import operator
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
 
 import grpc
 
@@ -50,11 +53,32 @@ _ID = operator.attrgetter("id")
 """A directive's id (through ``map``: no Python call per directive)."""
 
 
+class _Watch:
+    """Who waits for an agent to run short: the workers watched, the mark, and the event set
+    when a watched stream's unanswered count falls below it (or the stream ends)."""
+
+    def __init__(self) -> None:
+        self.workers: Collection[WorkerId] = ()
+        self.mark = 0  # nobody waits
+        self.event = asyncio.Event()
+
+    def note(self, worker: WorkerId, left: int) -> None:
+        if left < self.mark and worker in self.workers:
+            self.event.set()
+
+
 class _Stream:
     """The directive stream to one agent, with the task that reads its outcomes."""
 
-    def __init__(self, worker: WorkerId, links: AgentLinks, on_outcomes: OutcomesHandler) -> None:
+    def __init__(
+        self,
+        worker: WorkerId,
+        links: AgentLinks,
+        on_outcomes: OutcomesHandler,
+        watch: _Watch | None = None,
+    ) -> None:
         self.worker = worker
+        self._watch = watch or _Watch()
         self._queue: deque[tuple[Sequence[Directive], bool] | None] = deque()
         self._queued = asyncio.Event()
         self.unanswered: dict[str, None] = {}
@@ -148,6 +172,7 @@ class _Stream:
                 self.worker,
                 [Outcome(directive_id, OutcomeStatus.FAILED, message=why) for directive_id in lost],
             )
+            self._watch.note(self.worker, 0)
 
     def _take(self, outcomes: list[Outcome]) -> None:
         unanswered = self.unanswered
@@ -156,6 +181,7 @@ class _Stream:
         if not unanswered:
             self.unanswered = {}  # an emptied dict keeps the table of its peak (2 MB for 75k)
         self._on_outcomes(self.worker, outcomes)
+        self._watch.note(self.worker, len(unanswered))
 
     @property
     def open(self) -> bool:
@@ -185,6 +211,7 @@ class Dispatcher:
         self._takes_batches = takes_batches
         self._streams: dict[WorkerId, _Stream] = {}
         self._closed = False
+        self._watch = _Watch()
 
     async def send(self, directives: Sequence[Directive]) -> None:
         """Send ``directives`` on their workers' streams, yielding to the loop between
@@ -205,7 +232,9 @@ class Dispatcher:
     def _stream(self, worker: WorkerId) -> _Stream:
         stream = self._streams.get(worker)
         if stream is None or not stream.open:
-            stream = self._streams[worker] = _Stream(worker, self._links, self._on_outcomes)
+            stream = self._streams[worker] = _Stream(
+                worker, self._links, self._on_outcomes, self._watch
+            )
         return stream
 
     def in_hand(self, worker: WorkerId) -> int:
@@ -213,6 +242,25 @@ class Dispatcher:
         what it has to do before it waits for more."""
         stream = self._streams.get(worker)
         return len(stream.unanswered) if stream is not None and stream.open else 0
+
+    async def ran_short(self, workers: Collection[WorkerId], mark: int) -> None:
+        """Wait until one of ``workers`` has fewer than ``mark`` directives in hand (its stream
+        ended, or never opened), the dispatcher closes or ``wake`` is called. One waiter at a
+        time (the cycle, under its lock); woken by the outcomes as they are taken in, not by
+        polling."""
+        watch = self._watch
+        watch.event.clear()
+        if self._closed or any(self.in_hand(worker) < mark for worker in workers):
+            return
+        watch.workers, watch.mark = workers, mark
+        try:
+            await watch.event.wait()
+        finally:
+            watch.workers, watch.mark = (), 0
+
+    def wake(self) -> None:
+        """End the wait of ``ran_short`` now (the cycle has been asked to hurry)."""
+        self._watch.event.set()
 
     def is_open(self, worker: WorkerId) -> bool:
         """Whether a directive stream to ``worker`` is open (what was sent on it will be
@@ -228,5 +276,6 @@ class Dispatcher:
     async def close(self) -> None:
         """End every stream; idempotent."""
         self._closed = True
+        self._watch.event.set()
         streams, self._streams = list(self._streams.values()), {}
         await asyncio.gather(*(s.close() for s in streams))
