@@ -16,7 +16,10 @@ what the fake agents hold does not count):
 4. ``next cycle``: the snapshot and plan of the following cycle (nothing left to do).
 
 It prints the RSS after each phase and the peak (``VmHWM``), as MiB and as bytes per key above
-the RSS before the first poll. With ``--attribute`` (slower: tracemalloc), it also prints the
+the RSS before the first poll, and the CPU seconds each phase took (``time.process_time``: this
+process), and of that, what the fake agents took to build their answers (``agents``): the rest
+is the AMM's (with the protobuf parsing and the event loop's own), for A/B of its CPU per
+directive. With ``--attribute`` (slower: tracemalloc), it also prints the
 Python memory held after each phase by the structures that hold it, and the lines that
 allocated the most of it.
 
@@ -30,6 +33,7 @@ import argparse
 import asyncio
 import gc
 import sys
+import time
 import tracemalloc
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -52,6 +56,8 @@ EPOCH = 1_234_567_890
 RUN = "9f3c2a1b"
 """A run token of the size ``EpochFence`` makes (``secrets.token_hex(4)``)."""
 MiB = 1 << 20
+_agents_cpu = [0.0]
+"""CPU seconds the fake agents took building answers: not the AMM's."""
 
 
 def _status(field: str) -> int:
@@ -93,6 +99,13 @@ class _Agent:
         return resp
 
     async def Poll(self, request: agent_pb2.PollRequest, **_: Any) -> agent_pb2.PollResponse:
+        began = time.process_time()
+        try:
+            return self._answer(request)
+        finally:
+            _agents_cpu[0] += time.process_time() - began
+
+    def _answer(self, request: agent_pb2.PollRequest) -> agent_pb2.PollResponse:
         if request.cursor:
             return self._page(int(request.cursor))
         if request.since_version == 0:
@@ -114,6 +127,13 @@ class _Agent:
         return _Call(self, requests)
 
     def apply(self, request: agent_pb2.DirectivesRequest) -> agent_pb2.DirectivesResponse:
+        began = time.process_time()
+        try:
+            return self._apply(request)
+        finally:
+            _agents_cpu[0] += time.process_time() - began
+
+    def _apply(self, request: agent_pb2.DirectivesRequest) -> agent_pb2.DirectivesResponse:
         resp = agent_pb2.DirectivesResponse(incarnation=INCARNATION)
         add = resp.batch.add
         for directive in request.batch:
@@ -173,16 +193,26 @@ class _Probe:
         self.attribute = attribute
         self.top = top
         self.base = _status("VmRSS")
+        self.cpu = time.process_time()
         self.rows: list[tuple[str, int, int]] = []
         if attribute:
             tracemalloc.start()
 
     def phase(self, name: str, holders: dict[str, Callable[[], object]]) -> None:
+        cpu, self.cpu = time.process_time() - self.cpu, time.process_time()
+        agents, _agents_cpu[0] = _agents_cpu[0], 0.0
         rss = _status("VmRSS")
         self.rows.append((name, rss, _status("VmHWM")))
-        print(f"{name:12} RSS {rss / MiB:7.1f} MiB  ({(rss - self.base) / self.nkeys:6.0f} B/key)")
-        if not self.attribute:
-            return
+        print(
+            f"{name:12} RSS {rss / MiB:7.1f} MiB  ({(rss - self.base) / self.nkeys:6.0f} B/key)"
+            f"  CPU {cpu:6.2f} s (agents {agents:5.2f})"
+        )
+        if self.attribute:
+            self._attribute(holders)
+        self.cpu = time.process_time()  # what --attribute takes is no phase's
+        _agents_cpu[0] = 0.0
+
+    def _attribute(self, holders: dict[str, Callable[[], object]]) -> None:
         traced, peak = tracemalloc.get_traced_memory()
         print(f"  traced now {traced / MiB:.1f} MiB, peak {peak / MiB:.1f} MiB")
         for what, get in holders.items():
