@@ -20,9 +20,10 @@ the RSS before the first poll, and the CPU seconds each phase took (``time.proce
 process), and of that, what the fake agents took to build their answers (``agents``) and the
 garbage collector (``gc``): the rest is the AMM's (with the protobuf parsing and the event
 loop's own), for A/B of its CPU per directive. As the AMM does, the heap is frozen after each
-poll round (``pacing.HeapFreezer``), and the ledger entered with the collector paused. With ``--attribute`` (slower: tracemalloc), it also prints the
-Python memory held after each phase by the structures that hold it, and the lines that
-allocated the most of it.
+poll round (``pacing.HeapFreezer``), and the ledger entered with the collector paused.
+
+With ``--attribute`` (slower: tracemalloc), it also prints the Python memory held after each
+phase by the structures that hold it, and the lines that allocated the most of it.
 
     python benchmarks/bench_memory.py                      # 100k keys x 4 on 4 agents
     python benchmarks/bench_memory.py --keys 10000 --attribute
