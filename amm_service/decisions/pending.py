@@ -529,7 +529,10 @@ class Ledger:
             if of_key is entry:
                 del by_key[key]
             elif isinstance(of_key, tuple):
-                rest = tuple(e for e in of_key if e is not entry)
+                if len(of_key) == 2 and of_key[0] is entry:  # a key's last two drops, in order
+                    by_key[key] = of_key[1]
+                    continue
+                rest = tuple([e for e in of_key if e is not entry])
                 by_key[key] = rest[0] if len(rest) == 1 else rest
         self.journal.extend(keys)
 
