@@ -12,6 +12,8 @@ import pytest
 from amm_service.decisions.directive import Directive, Op, Outcome, OutcomeStatus
 from amm_service.decisions.pending import Entry, Ledger
 from amm_service.decisions.view import ClusterState, Key, KeyReport, Memory, WorkerId, WorkerStatus
+from amm_service.runtime.records import outcomes as outcomes_module
+from amm_service.runtime.records.cycle import CycleRecord
 from amm_service.runtime.records.outcomes import Outcomes
 
 WORKERS = [WorkerId(w) for w in "abc"]
@@ -168,3 +170,35 @@ def test_drops_the_view_shows_at_once_are_never_listed_for_the_poll(
     assert all(a not in state.keys[key].holders for key in KEYS)
     assert not ledger._applied
     assert compacted == []
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_batches_of_one_kind_count_as_the_loop_does(
+    seed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch whose outcomes are all applied, of one cycle, op and reason is counted without a
+    step per outcome (``_one_kind``): the totals and cycle records are those of the loop."""
+    rng = random.Random(seed)
+
+    def run(fast: bool) -> object:
+        state, ledger, batches, _ = scenario(seed)
+        outcomes = Outcomes(state, ledger, max_refusals=100, clock=lambda: 0.0)
+        cycles = [CycleRecord(n, 0.0) for n in (1, 2)]
+        for record in cycles:
+            outcomes.track(record)
+        with monkeypatch.context() as patch:
+            if not fast:
+                patch.setattr(outcomes_module, "_one_kind", lambda settled: False)
+            for worker, batch in batches:
+                # Applied ones alone too, so that some batches are of one kind.
+                kept = [o for o in batch if o.status is OutcomeStatus.APPLIED]
+                outcomes.on_outcomes(worker, kept if rng.random() < 0.5 else batch)
+                outcomes.on_outcomes(worker, batch)
+        totals = outcomes.totals
+        counts = [(r.applied, r.refused, r.failed, dict(r.not_applied)) for r in cycles]
+        return totals.applied, totals.refused, totals.failed, dict(totals.by_outcome), counts
+
+    rng_state = rng.getstate()
+    fast = run(True)
+    rng.setstate(rng_state)
+    assert fast == run(False)

@@ -23,7 +23,8 @@ import logging
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from operator import attrgetter
+from itertools import repeat
+from operator import attrgetter, is_, itemgetter
 from typing import Protocol
 
 from amm_service.decisions.directive import Directive, Op, Outcome, OutcomeStatus
@@ -38,6 +39,19 @@ log = logging.getLogger(__name__)
 #: directives of a big cycle.
 _DROP, _REPLICATE = Op.DROP, Op.REPLICATE
 _op = attrgetter("op")
+_FIRST, _SECOND = itemgetter(0), itemgetter(1)
+_STATUS, _REASON, _INCARNATION, _DROPPED_VERSION = (
+    attrgetter("status"),
+    attrgetter("reason"),
+    attrgetter("incarnation"),
+    attrgetter("dropped_version"),
+)
+_CYCLE, _OP_OF, _KEY_OF = (
+    attrgetter("cycle"),
+    attrgetter("directive.op"),
+    attrgetter("directive.key"),
+)
+"""Fields read through ``map``: no Python step per outcome of a batch."""
 
 #: Cycle records kept and filled in.
 RECORDS_KEPT = 4
@@ -85,6 +99,23 @@ class Watcher(Protocol):
 
     def on_settled(self, worker: WorkerId, settled: Sequence[tuple[Directive, Outcome]]) -> None:
         """Outcomes from ``worker`` that settled a directive in flight, with the directive."""
+
+
+def _one_kind(settled: list[tuple[Entry, Outcome]]) -> bool:
+    """Whether ``settled`` are all applied, of one cycle, one op and one reason (checked in
+    C passes: an ``Op`` or ``OutcomeStatus`` member's hash is a Python call, so no set)."""
+    if not settled:
+        return False
+    entry, outcome = settled[0]
+    if outcome.status is not OutcomeStatus.APPLIED:
+        return False
+    n, entries, answers = len(settled), list(map(_FIRST, settled)), list(map(_SECOND, settled))
+    return (
+        all(map(is_, map(_STATUS, answers), repeat(OutcomeStatus.APPLIED)))
+        and all(map(is_, map(_OP_OF, entries), repeat(entry.directive.op)))
+        and list(map(_CYCLE, entries)).count(entry.cycle) == n
+        and list(map(_REASON, answers)).count(outcome.reason) == n
+    )
 
 
 class Outcomes:
@@ -150,7 +181,14 @@ class Outcomes:
         # those it shows, never listing them for the poll (``Ledger.settle_many``).
         held: list[tuple[Entry, Outcome]] = []
         settled = self._ledger.settle_many(outcomes, held)
-        for entry, outcome in settled:
+        if _one_kind(settled):  # nearly every batch of a big cycle: no Python step per outcome
+            entry, outcome = settled[0]
+            key = (entry.cycle, entry.directive.op is _DROP, outcome.reason)
+            applied[key] = list(map(_SECOND, settled))
+            settled_here: list[tuple[Entry, Outcome]] = []
+        else:
+            settled_here = settled
+        for entry, outcome in settled_here:
             status = outcome.status
             if status is applied_status:
                 op = entry.directive.op
@@ -197,21 +235,23 @@ class Outcomes:
         """Take the applied drops ``held`` by ``Ledger.settle_many`` into the view, by the
         incarnation that answered (nearly always one); the ledger settles those it shows, and
         lists the others for the poll that will."""
-        incarnation = held[0][1].incarnation
-        if any(outcome.incarnation != incarnation for _, outcome in held):
+        answers = list(map(_SECOND, held))
+        incarnation = answers[0].incarnation
+        if list(map(_INCARNATION, answers)).count(incarnation) < len(answers):
             by_incarnation: dict[str, list[tuple[Entry, Outcome]]] = {}
             for item in held:
                 by_incarnation.setdefault(item[1].incarnation, []).append(item)
             for some in by_incarnation.values():
                 self._take_drops(worker, some)
             return
-        gone = [(entry.directive.key, outcome.dropped_version) for entry, outcome in held]
+        entries = list(map(_FIRST, held))
         shown: list[int] = []
+        gone = zip(map(_KEY_OF, entries), map(_DROPPED_VERSION, answers), strict=True)
         self._state.apply_drops(worker, incarnation, gone, shown)
         if len(shown) == len(held):
-            self._ledger.drops_shown([entry for entry, _ in held], listed=False)
+            self._ledger.drops_shown(entries, listed=False)
             return
-        self._ledger.drops_shown([held[i][0] for i in shown], listed=False)
+        self._ledger.drops_shown([entries[i] for i in shown], listed=False)
         unshown = set(range(len(held))).difference(shown)
         self._ledger.list_applied([held[i] for i in sorted(unshown)])
 
