@@ -222,6 +222,9 @@ class _Decider:
         # ranked by memory and address alone, with no tuple made per holder (``droppers``).
         self.one_rank = len(set(self.rank.values())) < 2
         self.one_drop_rank = len(set(self.drop_rank.values())) < 2
+        self.by_address: dict[frozenset[WorkerId], list[WorkerId]] = {}
+        """Sets of holders to drop from, each sorted by address, highest first: most keys have
+        one of a few sets (the view shares equal sets of holders between keys)."""
         self.incoming: dict[WorkerId, int] = {}
         self.outgoing: dict[WorkerId, int] = {}
 
@@ -307,7 +310,9 @@ class _Decider:
         )
         remaining = kv.holders - dropping if dropping else kv.holders
         durable = remaining - fragile if fragile else remaining
-        pool = remaining if candidates is None else candidates & remaining
+        pool = (
+            remaining if candidates is None or candidates is remaining else candidates & remaining
+        )
         if unreachable:
             pool = pool - unreachable  # a directive it cannot hear is no use
         reachable = len(pool)
@@ -321,7 +326,12 @@ class _Decider:
         readers_not_running = bool(readers) and all(rank[w] < RUNNING_RANK for w in readers)
         # Best first (zones aside): retiring, then paused, then the most memory.
         if self.one_drop_rank:  # the same order: stable sorts, most memory first, then address
-            order = sorted(sorted(pool, reverse=True), key=memory.__getitem__, reverse=True)
+            by_address = self.by_address.get(pool)
+            if by_address is None:
+                if len(self.by_address) >= MAX_SORTED_POOLS:
+                    self.by_address.clear()
+                by_address = self.by_address[pool] = sorted(pool, reverse=True)
+            order = sorted(by_address, key=memory.__getitem__, reverse=True)
         else:
             order = [
                 w for _, _, w in sorted([(-rank[w], memory[w], w) for w in pool], reverse=True)
@@ -469,6 +479,8 @@ class _Decider:
 _new_directive = tuple.__new__
 """Builds a ``Directive`` from a tuple of all its fields, in order."""
 
+#: Sets of holders ``_Decider.by_address`` keeps sorted before it forgets them all.
+MAX_SORTED_POOLS = 4_096
 #: ``_drop_rank`` of a running worker (the last to drop from).
 RUNNING_RANK = 2
 
