@@ -455,6 +455,8 @@ class Ledger:
             if masked is not None:
                 base = self._in_flight(key)
                 return InFlight(base.replicating, base.dropping.union(masked))
+        if key not in self._by_key:  # most keys a policy looks at: no call for them
+            return _NONE
         return self._in_flight(key)
 
     def _in_flight(self, key: Key) -> InFlight:
