@@ -273,6 +273,24 @@ class Ledger:
             # those that left the ledger meanwhile).
             self._remove_many(entries if isinstance(entries, list) else list(entries))
             return
+        if not listed:
+            # While a cycle's snapshot is in use (most of a big cycle's drops are applied while
+            # it still plans and sends): nothing to unlist, so no count per worker.
+            masked_of, shared = self._masked, self._shared
+            for entry in entries:
+                directive = entry.directive
+                if live.get(directive.id) is not entry or not entry.applied:
+                    continue
+                if entry.cycle != viewing or directive.op is not _DROP:
+                    if directive.op is _DROP:
+                        deferred.append(entry)
+                    continue
+                key = directive.key
+                masked = (*masked_of.get(key, ()), directive.worker)
+                masked_of[key] = shared.setdefault(masked, masked)
+                settled.append(entry)
+            self._remove_many(settled)
+            return
         for entry in entries:
             directive = entry.directive
             if (

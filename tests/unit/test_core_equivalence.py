@@ -323,8 +323,9 @@ def test_holders_ranked_by_memory_alone_as_by_rank_tuples(
     block: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """With every worker of one rank, ``droppers`` sorts holders by memory and address with
-    no tuple per holder (each set of holders sorted by address once): the plans are those of the tuples' ranking, directive for directive
-    (keepers in order included), on one-rank clusters and on the mixed ones of ``random_state``."""
+    no tuple per holder (each set of holders sorted by address once): the plans are those of
+    the tuples' ranking, directive for directive (keepers in order included), on one-rank
+    clusters and on the mixed ones of ``random_state``."""
     drops = 0
     for seed in range(block * 100, block * 100 + 100):
         rng = random.Random(seed)
