@@ -12,7 +12,8 @@ still relying on. Here a directive stays in flight until
    answering polls, or its directive stream is gone), or
 4. the worker left or restarted, or
 5. it is an applied DROP that the cluster view shows already (``drops_shown``: the outcome
-   said when the key was gone, and ``ClusterState.apply_drops`` took it in, or a poll did), or
+   said when the key was gone, and ``ClusterState.apply_drops`` took it in, or a poll did; a
+   batch of outcomes, ``settle_many``, never lists such a drop for the poll at all), or
 6. it is a copy applied on a worker that is gone before a poll showed it (``forget_copies``):
    it failed a poll and its directive stream broke (a SIGKILLed agent). Counted in flight until
    the worker was dropped, such a copy kept the key from being copied again, and let
