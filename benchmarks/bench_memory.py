@@ -19,9 +19,14 @@ what the fake agents hold does not count):
 4. ``next cycle``: the snapshot and plan of the following cycle (nothing left to do).
 
 It prints the RSS after each phase and the peak (``VmHWM``), as MiB and as bytes per key above
-the RSS before the first poll. With ``--attribute`` (slower: tracemalloc), it also prints the
-Python memory held after each phase by the structures that hold it, and the lines that
-allocated the most of it.
+the RSS before the first poll, and the CPU seconds each phase took (``time.process_time``: this
+process), and of that, what the fake agents took to build their answers (``agents``) and the
+garbage collector (``gc``): the rest is the AMM's (with the protobuf parsing and the event
+loop's own), for A/B of its CPU per directive. As the AMM does, the heap is frozen after each
+poll round (``pacing.HeapFreezer``), and the ledger entered with the collector paused.
+
+With ``--attribute`` (slower: tracemalloc), it also prints the Python memory held after each
+phase by the structures that hold it, and the lines that allocated the most of it.
 
     python benchmarks/bench_memory.py                      # 100k keys x 4 on 4 agents
     python benchmarks/bench_memory.py --keys 10000 --attribute
@@ -34,6 +39,7 @@ import argparse
 import asyncio
 import gc
 import sys
+import time
 import tracemalloc
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -47,6 +53,7 @@ from amm_service.policies.reduce_replicas import ReduceReplicas
 from amm_service.runtime.cycles.cycling import FEED, FEED_STEP, LEDGER_STEP, SEND_STEP
 from amm_service.runtime.links.dispatcher import Dispatcher
 from amm_service.runtime.links.poller import PAGE_KEYS, Poller
+from amm_service.runtime.loop.pacing import HeapFreezer, gc_paused
 from amm_service.runtime.records.cycle import CycleRecord
 from amm_service.runtime.records.outcomes import Outcomes
 
@@ -56,6 +63,17 @@ EPOCH = 1_234_567_890
 RUN = "9f3c2a1b"
 """A run token of the size ``EpochFence`` makes (``secrets.token_hex(4)``)."""
 MiB = 1 << 20
+_agents_cpu = [0.0]
+"""CPU seconds the fake agents took building answers: not the AMM's."""
+_gc_cpu = [0.0, 0.0]
+"""CPU seconds in garbage collections, and when the one under way began."""
+
+
+def _collecting(phase: str, info: dict[str, int]) -> None:
+    if phase == "start":
+        _gc_cpu[1] = time.process_time()
+    else:
+        _gc_cpu[0] += time.process_time() - _gc_cpu[1]
 
 
 def _status(field: str) -> int:
@@ -97,6 +115,13 @@ class _Agent:
         return resp
 
     async def Poll(self, request: agent_pb2.PollRequest, **_: Any) -> agent_pb2.PollResponse:
+        began = time.process_time()
+        try:
+            return self._answer(request)
+        finally:
+            _agents_cpu[0] += time.process_time() - began
+
+    def _answer(self, request: agent_pb2.PollRequest) -> agent_pb2.PollResponse:
         if request.cursor:
             return self._page(int(request.cursor))
         if request.since_version == 0:
@@ -118,6 +143,13 @@ class _Agent:
         return _Call(self, requests)
 
     def apply(self, request: agent_pb2.DirectivesRequest) -> agent_pb2.DirectivesResponse:
+        began = time.process_time()
+        try:
+            return self._apply(request)
+        finally:
+            _agents_cpu[0] += time.process_time() - began
+
+    def _apply(self, request: agent_pb2.DirectivesRequest) -> agent_pb2.DirectivesResponse:
         resp = agent_pb2.DirectivesResponse(incarnation=INCARNATION)
         add = resp.batch.add
         for directive in request.batch:
@@ -177,16 +209,27 @@ class _Probe:
         self.attribute = attribute
         self.top = top
         self.base = _status("VmRSS")
+        self.cpu = time.process_time()
         self.rows: list[tuple[str, int, int]] = []
         if attribute:
             tracemalloc.start()
 
     def phase(self, name: str, holders: dict[str, Callable[[], object]]) -> None:
+        cpu, self.cpu = time.process_time() - self.cpu, time.process_time()
+        agents, _agents_cpu[0] = _agents_cpu[0], 0.0
+        collecting, _gc_cpu[0] = _gc_cpu[0], 0.0
         rss = _status("VmRSS")
         self.rows.append((name, rss, _status("VmHWM")))
-        print(f"{name:12} RSS {rss / MiB:7.1f} MiB  ({(rss - self.base) / self.nkeys:6.0f} B/key)")
-        if not self.attribute:
-            return
+        print(
+            f"{name:12} RSS {rss / MiB:7.1f} MiB  ({(rss - self.base) / self.nkeys:6.0f} B/key)"
+            f"  CPU {cpu:6.2f} s (agents {agents:5.2f}, gc {collecting:5.2f})"
+        )
+        if self.attribute:
+            self._attribute(holders)
+        self.cpu = time.process_time()  # what --attribute takes is no phase's
+        _agents_cpu[0] = _gc_cpu[0] = 0.0
+
+    def _attribute(self, holders: dict[str, Callable[[], object]]) -> None:
         traced, peak = tracemalloc.get_traced_memory()
         print(f"  traced now {traced / MiB:.1f} MiB, peak {peak / MiB:.1f} MiB")
         for what, get in holders.items():
@@ -284,14 +327,18 @@ async def _run(nkeys: int, replicas: int, attribute: bool, top: int, window: boo
             chunk = directives[start : start + SEND_STEP]
             for first in range(0, len(chunk), LEDGER_STEP):
                 some = chunk[first : first + LEDGER_STEP]
-                records.totals.sending(some)
-                ledger.add_many(some, 0.0, record.number)
+                with gc_paused():
+                    records.totals.sending(some)
+                    ledger.add_many(some, 0.0, record.number)
             await dispatcher.send(chunk)
             await asyncio.sleep(0)
 
+    freezer = HeapFreezer()
+    gc.callbacks.append(_collecting)
     probe.phase("start", holders())
     await poller.poll_all()
     state.take_changes()
+    freezer.freeze()  # after each poll round, as the AMM does with a big state
     probe.phase("snapshot", holders())
 
     ready: list[Any] = []
@@ -322,7 +369,9 @@ async def _run(nkeys: int, replicas: int, attribute: bool, top: int, window: boo
     assert record.applied == drops, (record.applied, drops)
     probe.phase("sent", holders())
 
+    freezer.freeze()  # the cycle ended
     await poller.poll_all()
+    freezer.freeze()
     for _ in ledger.observing(lambda worker: v.version if (v := state.worker(worker)) else None):
         pass
     probe.phase("removed", holders())

@@ -218,6 +218,13 @@ class _Decider:
         self.zoned = any(self.zone.values())
         self.rank = {w: 0 if ws.accepts_replicas else 1 for w, ws in workers.items()}
         self.drop_rank = {w: _drop_rank(ws) for w, ws in workers.items()}
+        # Whether every worker has one rank (the usual cluster: all running): holders are then
+        # ranked by memory and address alone, with no tuple made per holder (``droppers``).
+        self.one_rank = len(set(self.rank.values())) < 2
+        self.one_drop_rank = len(set(self.drop_rank.values())) < 2
+        self.by_address: dict[frozenset[WorkerId], list[WorkerId]] = {}
+        """Sets of holders to drop from, each sorted by address, highest first: most keys have
+        one of a few sets (the view shares equal sets of holders between keys)."""
         self.incoming: dict[WorkerId, int] = {}
         self.outgoing: dict[WorkerId, int] = {}
 
@@ -303,7 +310,9 @@ class _Decider:
         )
         remaining = kv.holders - dropping if dropping else kv.holders
         durable = remaining - fragile if fragile else remaining
-        pool = remaining if candidates is None else candidates & remaining
+        pool = (
+            remaining if candidates is None or candidates is remaining else candidates & remaining
+        )
         if unreachable:
             pool = pool - unreachable  # a directive it cannot hear is no use
         reachable = len(pool)
@@ -316,7 +325,17 @@ class _Decider:
         # the last running candidate keeps its copy (it is where new copies can be made from).
         readers_not_running = bool(readers) and all(rank[w] < RUNNING_RANK for w in readers)
         # Best first (zones aside): retiring, then paused, then the most memory.
-        order = [w for _, _, w in sorted([(-rank[w], memory[w], w) for w in pool], reverse=True)]
+        if self.one_drop_rank:  # the same order: stable sorts, most memory first, then address
+            by_address = self.by_address.get(pool)
+            if by_address is None:
+                if len(self.by_address) >= MAX_SORTED_POOLS:
+                    self.by_address.clear()
+                by_address = self.by_address[pool] = sorted(pool, reverse=True)
+            order = sorted(by_address, key=memory.__getitem__, reverse=True)
+        else:
+            order = [
+                w for _, _, w in sorted([(-rank[w], memory[w], w) for w in pool], reverse=True)
+            ]
         per_zone: dict[str, int] = {}  # durable copies per zone; empty: no zone to keep
         if self.zoned:
             for w in durable:
@@ -375,8 +394,13 @@ class _Decider:
                     per_zone[zone[chosen]] -= 1
             picks.append(chosen)
         # The keepers, ranked once the picks are made (nothing they are ranked by changed).
+        rest = remaining.difference(picks) if picks else remaining
+        if len(rest) < 2:  # the usual key: one keeper
+            return picks, tuple(rest), no
+        if self.one_rank:  # the same order: stable sorts, least memory first, then address
+            return picks, tuple(sorted(sorted(rest), key=memory.__getitem__)), no
         keep_rank = self.rank
-        left = sorted([(keep_rank[w], memory[w], w) for w in remaining.difference(picks)])
+        left = sorted([(keep_rank[w], memory[w], w) for w in rest])
         return picks, tuple([w for _, _, w in left]), no
 
     def _spare(
@@ -455,6 +479,8 @@ class _Decider:
 _new_directive = tuple.__new__
 """Builds a ``Directive`` from a tuple of all its fields, in order."""
 
+#: Sets of holders ``_Decider.by_address`` keeps sorted before it forgets them all.
+MAX_SORTED_POOLS = 4_096
 #: ``_drop_rank`` of a running worker (the last to drop from).
 RUNNING_RANK = 2
 

@@ -12,7 +12,8 @@ still relying on. Here a directive stays in flight until
    answering polls, or its directive stream is gone), or
 4. the worker left or restarted, or
 5. it is an applied DROP that the cluster view shows already (``drops_shown``: the outcome
-   said when the key was gone, and ``ClusterState.apply_drops`` took it in, or a poll did), or
+   said when the key was gone, and ``ClusterState.apply_drops`` took it in, or a poll did; a
+   batch of outcomes, ``settle_many``, never lists such a drop for the poll at all), or
 6. it is a copy applied on a worker that is gone before a poll showed it (``forget_copies``):
    it failed a poll and its directive stream broke (a SIGKILLed agent). Counted in flight until
    the worker was dropped, such a copy kept the key from being copied again, and let
@@ -45,6 +46,8 @@ import bisect
 from array import array
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from itertools import repeat
+from operator import attrgetter
 
 from amm_service.decisions.directive import Directive, Op, Outcome, OutcomeStatus
 from amm_service.decisions.journal import Journal
@@ -54,6 +57,8 @@ from amm_service.decisions.view import Key, WorkerId
 #: class attribute on Python 3.11), read for every directive entered or key looked up.
 _DROP, _REPLICATE = Op.DROP, Op.REPLICATE
 _APPLIED = OutcomeStatus.APPLIED
+_ID, _OP, _KEY = attrgetter("id"), attrgetter("op"), attrgetter("key")
+"""A directive's fields, read through ``map``: no Python step per directive."""
 
 
 @dataclass(slots=True)
@@ -114,6 +119,8 @@ class Ledger:
         self._deferred: list[Entry] = []
         """Applied drops of other cycles the view showed while a snapshot is in use: settled
         at ``viewed``."""
+        self._deferred_unlisted: list[Entry] = []
+        """The same, of those ``settle_many`` held (not in ``_applied``)."""
         self.journal: Journal[Key] = Journal()
         """The keys whose work in flight may ask more of a policy than it did: an entry left
         the ledger (settled, refused, failed, expired, its worker gone), or a replication was
@@ -134,20 +141,26 @@ class Ledger:
     def add_many(self, directives: Sequence[Directive], now: float, cycle: int = 0) -> None:
         """``add`` of each of ``directives``, in order: a big cycle enters 300,000, and one
         ``_put`` call each was a tenth of its sending."""
-        entries, by_key, note = self._entries, self._by_key, self.journal.note
+        entries, by_key = self._entries, self._by_key
         needed = len(entries) + len(directives)
         if needed > self.journal.limit // 2:  # as ``_put`` would have raised it by the end
             self.journal.limit = 2 * needed
-        for directive in directives:
-            entry = Entry(directive, now, False, cycle)
-            if directive.id in entries:  # an id entered again replaces its entry (rare)
-                self._put(entry)
-                continue
-            entries[directive.id] = entry
-            key = directive.key
-            if directive.op is _REPLICATE:
-                note(key)
-            of_key = by_key.get(key)
+        ids = list(map(_ID, directives))
+        if not entries.keys().isdisjoint(ids) or len(set(ids)) < len(ids):
+            for directive in directives:  # an id entered again replaces its entry (rare)
+                self._put(Entry(directive, now, False, cycle))
+            return
+        made = list(map(Entry, directives, repeat(now), repeat(False), repeat(cycle)))
+        entries.update(zip(ids, made, strict=True))
+        ops = list(map(_OP, directives))
+        keys = list(map(_KEY, directives))
+        if _REPLICATE in ops:
+            self.journal.extend(
+                [key for key, op in zip(keys, ops, strict=True) if op is _REPLICATE]
+            )
+        get = by_key.get
+        for key, entry in zip(keys, made, strict=True):
+            of_key = get(key)
             if of_key is None:
                 by_key[key] = entry
             elif isinstance(of_key, Entry):
@@ -164,20 +177,67 @@ class Ledger:
             return None
         if outcome.status is _APPLIED:
             entry.applied = True
-            version = outcome.inventory_version
-            worker = entry.directive.worker
-            applied = self._applied.get(worker)
-            versions = self._versions.get(worker)
-            if applied is None or versions is None:
-                applied = self._applied[worker] = []
-                versions = self._versions[worker] = array("q")
-            elif versions and version < versions[-1]:
-                self._unsorted.add(worker)
-            applied.append(entry)
-            versions.append(version)
+            self._list_applied(entry, outcome.inventory_version)
         else:
             self._remove(entry)
         return entry
+
+    def settle_many(
+        self, outcomes: Iterable[Outcome], held: list[tuple[Entry, Outcome]] | None = None
+    ) -> list[tuple[Entry, Outcome]]:
+        """``settle`` of each of ``outcomes``, in one pass: the entries settled, each with its
+        outcome, in order.
+
+        With ``held``, an applied DROP whose outcome says at which version its key was gone
+        (``dropped_version``, for an ``incarnation``) is marked applied but not listed among the
+        entries a poll settles: it goes to ``held``, and the caller hands each back, before
+        anything else reads the ledger, to ``drops_shown(..., listed=False)`` once the view
+        shows it (``ClusterState.apply_drops``), else to ``list_applied``. The view shows nearly
+        all of a big cycle's at once: listed, they were unlisted again right after
+        (``_compact``), 300,000 times."""
+        live, remove, listed = self._entries, self._remove, self._list_applied
+        settled: list[tuple[Entry, Outcome]] = []
+        append = settled.append
+        for outcome in outcomes:
+            entry = live.get(outcome.directive_id)
+            if entry is None or entry.applied:
+                continue
+            append((entry, outcome))
+            if outcome.status is not _APPLIED:
+                remove(entry)
+                continue
+            entry.applied = True
+            if (
+                held is not None
+                and outcome.dropped_version
+                and outcome.incarnation
+                and entry.directive.op is _DROP
+            ):
+                held.append((entry, outcome))
+            else:
+                listed(entry, outcome.inventory_version)
+        return settled
+
+    def list_applied(self, held: Iterable[tuple[Entry, Outcome]]) -> None:
+        """List the ``held`` entries of ``settle_many`` the view does not show (yet), to be
+        settled by the poll that shows them, at their outcome's inventory version."""
+        live, listed = self._entries, self._list_applied
+        for entry, outcome in held:
+            if live.get(entry.directive.id) is entry:
+                listed(entry, outcome.inventory_version)
+
+    def _list_applied(self, entry: Entry, version: int) -> None:
+        """``entry`` applied at inventory ``version``: settled once a poll shows it."""
+        worker = entry.directive.worker
+        applied = self._applied.get(worker)
+        versions = self._versions.get(worker)
+        if applied is None or versions is None:
+            applied = self._applied[worker] = []
+            versions = self._versions[worker] = array("q")
+        elif versions and version < versions[-1]:
+            self._unsorted.add(worker)
+        applied.append(entry)
+        versions.append(version)
 
     def viewing(self, cycle: int) -> None:
         """Cycle ``cycle`` plans on a snapshot taken now, and reads the ledger with it until
@@ -189,7 +249,9 @@ class Ledger:
         self._viewing = None
         self._masked, self._shared = {}, {}  # new dicts: a big cycle's are freed
         deferred, self._deferred = self._deferred, []
+        unlisted, self._deferred_unlisted = self._deferred_unlisted, []
         self.drops_shown(deferred)
+        self.drops_shown(unlisted, listed=False)
         # An empty dict keeps the table of its peak (10 MB after a big cycle's 300k entries):
         # new ones once empty. Here, as no ``observing`` is under way between cycles.
         if not self._entries:
@@ -197,13 +259,39 @@ class Ledger:
         if not self._by_key:
             self._by_key = {}
 
-    def drops_shown(self, entries: Iterable[Entry]) -> None:
+    def drops_shown(self, entries: Iterable[Entry], listed: bool = True) -> None:
         """Settle the applied DROPs of ``entries`` whose effect the cluster view shows now
         (``ClusterState.apply_drops``), rather than at the poll that shows it: at once between
-        cycles; while a cycle's snapshot is in use, as the module doc says."""
+        cycles; while a cycle's snapshot is in use, as the module doc says. Not ``listed``:
+        entries ``settle_many`` held, not in ``_applied``."""
         live, viewing, stale = self._entries, self._viewing, self._stale
+        deferred = self._deferred if listed else self._deferred_unlisted
         settled: list[Entry] = []
         touched: set[WorkerId] = set()
+        if viewing is None and not listed:
+            # Between cycles, entries held a moment ago (nearly all of a big cycle's drops):
+            # settled as they are, nothing to mask, defer or unlist (``_remove_many`` skips
+            # those that left the ledger meanwhile).
+            self._remove_many(entries if isinstance(entries, list) else list(entries))
+            return
+        if not listed:
+            # While a cycle's snapshot is in use (most of a big cycle's drops are applied while
+            # it still plans and sends): nothing to unlist, so no count per worker.
+            masked_of, shared = self._masked, self._shared
+            for entry in entries:
+                directive = entry.directive
+                if live.get(directive.id) is not entry or not entry.applied:
+                    continue
+                if entry.cycle != viewing or directive.op is not _DROP:
+                    if directive.op is _DROP:
+                        deferred.append(entry)
+                    continue
+                key = directive.key
+                masked = (*masked_of.get(key, ()), directive.worker)
+                masked_of[key] = shared.setdefault(masked, masked)
+                settled.append(entry)
+            self._remove_many(settled)
+            return
         for entry in entries:
             directive = entry.directive
             if (
@@ -213,15 +301,16 @@ class Ledger:
             ):
                 continue
             if viewing is not None and entry.cycle != viewing:
-                self._deferred.append(entry)
+                deferred.append(entry)
                 continue
             settled.append(entry)
             worker = directive.worker
             if viewing is not None:
                 masked = (*self._masked.get(directive.key, ()), worker)
                 self._masked[directive.key] = self._shared.setdefault(masked, masked)
-            stale[worker] = stale.get(worker, 0) + 1
-            touched.add(worker)
+            if listed:
+                stale[worker] = stale.get(worker, 0) + 1
+                touched.add(worker)
         self._remove_many(settled)
         for worker in touched:
             self._compact(worker)
@@ -385,6 +474,8 @@ class Ledger:
             if masked is not None:
                 base = self._in_flight(key)
                 return InFlight(base.replicating, base.dropping.union(masked))
+        if key not in self._by_key:  # most keys a policy looks at: no call for them
+            return _NONE
         return self._in_flight(key)
 
     def _in_flight(self, key: Key) -> InFlight:
@@ -459,7 +550,10 @@ class Ledger:
             if of_key is entry:
                 del by_key[key]
             elif isinstance(of_key, tuple):
-                rest = tuple(e for e in of_key if e is not entry)
+                if len(of_key) == 2 and of_key[0] is entry:  # a key's last two drops, in order
+                    by_key[key] = of_key[1]
+                    continue
+                rest = tuple([e for e in of_key if e is not entry])
                 by_key[key] = rest[0] if len(rest) == 1 else rest
         self.journal.extend(keys)
 

@@ -38,6 +38,7 @@ from amm_service.policies.goals import GoalCounter
 _DROP = Op.DROP
 """Read once (a lookup through ``EnumType`` costs ten times a plain class attribute on 3.11)."""
 _NONE: frozenset[WorkerId] = frozenset()
+_new = tuple.__new__
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,12 +109,15 @@ class ReduceReplicas:
             if not n % SCAN_STEP:
                 yield None  # a pause (see ``PolicyRun``): most keys may have nothing to drop
             kv = records[key]
-            live = kv.holders & durable
+            holders = kv.holders
+            # The holders' own set when all are durable (the usual key): no set made, and the
+            # core's pick of the holders to drop finds it known (``droppers``).
+            live = holders if holders <= durable else holders & durable
             in_flight = in_flight_of(key)
             desired = (len(kv.pinned_on & live) or 1) if kv.pinned_on else 1
             if key in goals:
                 desired = max(desired, counter.target(goals[key], kv))
-            kept = len(live - in_flight.dropping)
+            kept = len(live - in_flight.dropping) if in_flight.dropping else len(live)
             extra = (
                 (kv.holders & leaving) - kv.pinned_on - in_flight.dropping
                 if leaving and kept >= desired
@@ -133,7 +137,9 @@ class ReduceReplicas:
                 reason = reasons.get((kept, desired))
                 if reason is None:  # one string per distinct reason, not one per key
                     reason = reasons[kept, desired] = f"{kept} live copies, {desired} needed"
-                if (yield Suggestion(_DROP, key, live, reason, ndrop)) is None:
+                # Every field, as a plain tuple: skips the NamedTuple's Python ``__new__``.
+                suggestion = _new(Suggestion, (_DROP, key, live, reason, ndrop))
+                if (yield suggestion) is None:
                     again.add(key)
                 expected += ndrop
             if key not in again:

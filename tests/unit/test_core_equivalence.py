@@ -16,7 +16,8 @@ from collections.abc import Callable
 
 import pytest
 
-from amm_service.decisions.core import Plan, PlanConfig, plan
+from amm_service.decisions import core
+from amm_service.decisions.core import InFlightSource, Plan, PlanConfig, plan
 from amm_service.decisions.directive import Directive, Op
 from amm_service.decisions.pending import Ledger
 from amm_service.decisions.view import (
@@ -277,3 +278,68 @@ def test_directives_name_only_registered_holders_of_the_keys_content(block: int)
             assert d.worker not in named
             checked += 1
     assert checked > 0
+
+
+class _RankedByTuples(core._Decider):
+    """The decider ranking holders by (rank, memory, address) tuples always, as it did before
+    it ranked them by memory and address alone when every worker has one rank."""
+
+    def __init__(self, view: ClusterView, earlier: InFlightSource, config: PlanConfig) -> None:
+        super().__init__(view, earlier, config)
+        self.one_rank = self.one_drop_rank = False
+
+
+def one_rank_state(rng: random.Random) -> tuple[ClusterState, list[Key]]:
+    """Running workers only (one rank: ``droppers``' sorts without tuples), with memory figures
+    drawn from a few so that ties between holders are common."""
+    workers = [WorkerId(f"w{n:02d}") for n in range(rng.randint(2, 8))]
+    keys = [Key(f"k{n:03d}") for n in range(rng.randint(1, 60))]
+    held: dict[WorkerId, list[KeyReport]] = {w: [] for w in workers}
+    for key in keys:
+        size = rng.choice([1, 10, 100])
+        for w in rng.sample(workers, rng.randint(1, len(workers))):
+            held[w].append(KeyReport(key, size, f"sum-{key}", pinned=rng.random() < 0.1))
+    state = ClusterState()
+    for n, w in enumerate(workers):
+        state.register(w, str(w), "i", now=0.0)
+        mem = rng.choice([0, 100, 100, 1000])
+        state.apply_poll(
+            w,
+            incarnation="i",
+            version=n + 1,
+            full=True,
+            keys=held[w],
+            removed=(),
+            memory=Memory(mem, mem, 0, mem, 0),
+            status=WorkerStatus.RUNNING,
+            name=str(w),
+            now=1.0,
+        )
+    return state, keys
+
+
+@pytest.mark.parametrize("block", range(4))
+def test_holders_ranked_by_memory_alone_as_by_rank_tuples(
+    block: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With every worker of one rank, ``droppers`` sorts holders by memory and address with
+    no tuple per holder (each set of holders sorted by address once): the plans are those of
+    the tuples' ranking, directive for directive (keepers in order included), on one-rank
+    clusters and on the mixed ones of ``random_state``."""
+    drops = 0
+    for seed in range(block * 100, block * 100 + 100):
+        rng = random.Random(seed)
+        state, keys = (one_rank_state if seed % 2 else random_state)(rng)
+        view = state.snapshot(goals=random_goals(rng, keys), now=1.0)
+        config, policy_seed = random_config(rng), rng.random()
+        # The sorted sets of holders forgotten now and then too.
+        monkeypatch.setattr(core, "MAX_SORTED_POOLS", 4_096 if seed % 3 else 1 + seed % 4)
+        fast = plan(view, policies(random.Random(policy_seed), False), Ledger(), config, new_ids())
+        with monkeypatch.context() as patch:
+            patch.setattr(core, "_Decider", _RankedByTuples)
+            slow = plan(
+                view, policies(random.Random(policy_seed), False), Ledger(), config, new_ids()
+            )
+        assert fast == slow, f"seed {seed}"
+        drops += sum(len(d.holders) > 1 for d in fast.directives if d.op is Op.DROP)
+    assert drops > 0  # keepers ranked, not only the one left

@@ -58,3 +58,22 @@ def test_a_report_whose_listed_directives_did_not_change_is_updated_in_place() -
     assert third == cycle_to_pb(record)
     other = _record(8)  # another cycle's
     assert cycle_to_pb(other, parts, third) == cycle_to_pb(other)
+
+
+def test_applied_outcomes_settle_a_batch_as_one_at_a_time() -> None:
+    """``settle_applied`` finds the kept records a batch answers with one set operation: each
+    kept directive gets its outcome (the last, if answered twice in the batch) as ``settle`` of
+    each outcome would give it, and the ones not kept count alone."""
+    batch, one = _record(1), _record(1)
+    ids = [f"d{i}" for i in range(0, MAX_DIRECTIVES_REPORTED + 5, 3)] + ["d0", "unknown"]
+    outcomes = [
+        Outcome(d, OutcomeStatus.APPLIED, inventory_version=n) for n, d in enumerate(ids, 1)
+    ]
+    batch.settle_applied(outcomes)
+    for outcome in outcomes:
+        one.settle(outcome)
+    assert batch.applied == one.applied == len(outcomes)
+    assert {d: r.outcome for d, r in batch.directives.items()} == {
+        d: r.outcome for d, r in one.directives.items()
+    }
+    assert batch.directives["d0"].outcome == outcomes[-2]

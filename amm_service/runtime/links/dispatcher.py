@@ -29,6 +29,7 @@ import logging
 import operator
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Collection, Sequence
+from itertools import repeat
 
 import grpc
 
@@ -51,6 +52,8 @@ BUILD_STEP = 250
 OUTCOME_STEP = 250
 _ID = operator.attrgetter("id")
 """A directive's id (through ``map``: no Python call per directive)."""
+_OUTCOME_ID = operator.itemgetter(0)
+"""An outcome's ``directive_id`` (its first field)."""
 
 
 class _Watch:
@@ -176,8 +179,8 @@ class _Stream:
 
     def _take(self, outcomes: list[Outcome]) -> None:
         unanswered = self.unanswered
-        for outcome in outcomes:
-            unanswered.pop(outcome.directive_id, None)
+        # ``unanswered.pop(id, None)`` of each, without a Python step each (300,000 of them).
+        deque(map(unanswered.pop, map(_OUTCOME_ID, outcomes), repeat(None)), 0)
         if not unanswered:
             self.unanswered = {}  # an emptied dict keeps the table of its peak (2 MB for 75k)
         self._on_outcomes(self.worker, outcomes)

@@ -12,6 +12,7 @@ import asyncio
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from operator import itemgetter
 
 from amm.base.tally import Durations
 from amm_service.decisions.core import Plan, Rejection
@@ -21,6 +22,8 @@ from amm_service.decisions.view import WorkerId
 MAX_REJECTIONS_REPORTED = 100
 #: Directives a record keeps in detail (with their outcomes), and a report lists.
 MAX_DIRECTIVES_REPORTED = 1_000
+_DIRECTIVE_ID = itemgetter(0)
+"""An outcome's ``directive_id`` (its first field), read through ``map``."""
 
 
 @dataclass(slots=True)
@@ -125,10 +128,11 @@ class CycleRecord:
         self.applied += len(outcomes)
         kept = self.directives
         if kept:
-            for outcome in outcomes:
-                rec = kept.get(outcome.directive_id)
-                if rec is not None:
-                    rec.outcome = outcome
+            # Only the first ``MAX_DIRECTIVES_REPORTED`` are kept: find them in C, not with a
+            # look-up per outcome (each of a big cycle's 300,000).
+            answered = dict(zip(map(_DIRECTIVE_ID, outcomes), outcomes, strict=True))
+            for directive_id in answered.keys() & kept.keys():
+                kept[directive_id].outcome = answered[directive_id]
         self._check_settled()
 
     def give_up(self, directive_id: str) -> None:

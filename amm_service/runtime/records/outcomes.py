@@ -23,13 +23,14 @@ import logging
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from operator import attrgetter
+from itertools import repeat
+from operator import attrgetter, is_, itemgetter
 from typing import Protocol
 
 from amm_service.decisions.directive import Directive, Op, Outcome, OutcomeStatus
 from amm_service.decisions.events import MAX_KEYS_LISTED, EventLog
 from amm_service.decisions.pending import Entry, Ledger
-from amm_service.decisions.view import ClusterState, Key, WorkerId
+from amm_service.decisions.view import ClusterState, WorkerId
 from amm_service.runtime.records.cycle import CycleRecord
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,19 @@ log = logging.getLogger(__name__)
 #: directives of a big cycle.
 _DROP, _REPLICATE = Op.DROP, Op.REPLICATE
 _op = attrgetter("op")
+_FIRST, _SECOND = itemgetter(0), itemgetter(1)
+_STATUS, _REASON, _INCARNATION, _DROPPED_VERSION = (
+    attrgetter("status"),
+    attrgetter("reason"),
+    attrgetter("incarnation"),
+    attrgetter("dropped_version"),
+)
+_CYCLE, _OP_OF, _KEY_OF = (
+    attrgetter("cycle"),
+    attrgetter("directive.op"),
+    attrgetter("directive.key"),
+)
+"""Fields read through ``map``: no Python step per outcome of a batch."""
 
 #: Cycle records kept and filled in.
 RECORDS_KEPT = 4
@@ -85,6 +99,23 @@ class Watcher(Protocol):
 
     def on_settled(self, worker: WorkerId, settled: Sequence[tuple[Directive, Outcome]]) -> None:
         """Outcomes from ``worker`` that settled a directive in flight, with the directive."""
+
+
+def _one_kind(settled: list[tuple[Entry, Outcome]]) -> bool:
+    """Whether ``settled`` are all applied, of one cycle, one op and one reason (checked in
+    C passes: an ``Op`` or ``OutcomeStatus`` member's hash is a Python call, so no set)."""
+    if not settled:
+        return False
+    entry, outcome = settled[0]
+    if outcome.status is not OutcomeStatus.APPLIED:
+        return False
+    n, entries, answers = len(settled), list(map(_FIRST, settled)), list(map(_SECOND, settled))
+    return (
+        all(map(is_, map(_STATUS, answers), repeat(OutcomeStatus.APPLIED)))
+        and all(map(is_, map(_OP_OF, entries), repeat(entry.directive.op)))
+        and list(map(_CYCLE, entries)).count(entry.cycle) == n
+        and list(map(_REASON, answers)).count(outcome.reason) == n
+    )
 
 
 class Outcomes:
@@ -135,7 +166,7 @@ class Outcomes:
         self.on_outcomes(worker, (outcome,))
 
     def on_outcomes(self, worker: WorkerId, outcomes: Iterable[Outcome]) -> None:
-        settle, records, totals = self._ledger.settle, self._records, self.totals
+        records, totals = self._records, self.totals
         by_outcome = totals.by_outcome
         refused: list[tuple[Directive, Outcome]] = []
         touched: dict[int, CycleRecord] = {}
@@ -143,41 +174,29 @@ class Outcomes:
         # cycle, op and reason.
         applied: dict[tuple[int, bool, str], list[Outcome]] = {}
         applied_status = OutcomeStatus.APPLIED
-        watcher = self.watcher
-        watched: list[tuple[Directive, Outcome]] | None = (
-            [] if watcher is not None and watcher.watching else None
-        )
         last_cycle, last_op, last_reason = -1, None, ""
         same: list[Outcome] = []
-        # Applied drops that say when the key was gone, by the incarnation that answered: the
-        # view takes them in at once (``ClusterState.apply_drops``) rather than at the next poll.
-        dropped: dict[str, list[tuple[Key, int]]] = {}
-        dropping: dict[str, list[Entry]] = {}  # their entries, in the same order
-        for outcome in outcomes:
-            entry = settle(outcome)
-            if entry is None:
-                continue  # expired, or a repeated answer: counted already
-            if watched is not None:
-                watched.append((entry.directive, outcome))
+        # Applied drops that say when the key was gone: the view takes them in at once
+        # (``ClusterState.apply_drops``) rather than at the next poll, and the ledger settles
+        # those it shows, never listing them for the poll (``Ledger.settle_many``).
+        held: list[tuple[Entry, Outcome]] = []
+        settled = self._ledger.settle_many(outcomes, held)
+        if _one_kind(settled):  # nearly every batch of a big cycle: no Python step per outcome
+            entry, outcome = settled[0]
+            key = (entry.cycle, entry.directive.op is _DROP, outcome.reason)
+            applied[key] = list(map(_SECOND, settled))
+            settled_here: list[tuple[Entry, Outcome]] = []
+        else:
+            settled_here = settled
+        for entry, outcome in settled_here:
             status = outcome.status
             if status is applied_status:
-                directive = entry.directive
-                if outcome.dropped_version and directive.op is _DROP:
-                    gone = dropped.get(outcome.incarnation)
-                    if gone is None:
-                        gone = dropped[outcome.incarnation] = []
-                        dropping[outcome.incarnation] = []
-                    gone.append((directive.key, outcome.dropped_version))
-                    dropping[outcome.incarnation].append(entry)
-                if (
-                    entry.cycle != last_cycle
-                    or directive.op is not last_op
-                    or outcome.reason != last_reason
-                ):
+                op = entry.directive.op
+                if entry.cycle != last_cycle or op is not last_op or outcome.reason != last_reason:
                     # A batch's outcomes are nearly all of one kind: a tuple and a look-up
                     # only when the kind changes.
-                    last_cycle, last_op, last_reason = entry.cycle, directive.op, outcome.reason
-                    same = applied.setdefault((last_cycle, last_op is Op.DROP, last_reason), [])
+                    last_cycle, last_op, last_reason = entry.cycle, op, outcome.reason
+                    same = applied.setdefault((last_cycle, op is _DROP, last_reason), [])
                 same.append(outcome)
                 continue
             by_outcome[entry.directive.op, status, outcome.reason] += 1
@@ -202,18 +221,39 @@ class Outcomes:
             if record is not None:
                 record.settle_applied(group)
                 touched[record.number] = record
-        for incarnation, gone in dropped.items():
-            shown: list[int] = []
-            self._state.apply_drops(worker, incarnation, gone, shown)
-            if shown:
-                entries = dropping[incarnation]
-                self._ledger.drops_shown([entries[i] for i in shown])
+        if held:
+            self._take_drops(worker, held)
         if refused:
             self._refused(worker, refused)
         for record in touched.values():
             self._report_if_settled(record)
-        if watched and watcher is not None:
-            watcher.on_settled(worker, watched)
+        watcher = self.watcher
+        if settled and watcher is not None and watcher.watching:
+            watcher.on_settled(worker, [(entry.directive, outcome) for entry, outcome in settled])
+
+    def _take_drops(self, worker: WorkerId, held: list[tuple[Entry, Outcome]]) -> None:
+        """Take the applied drops ``held`` by ``Ledger.settle_many`` into the view, by the
+        incarnation that answered (nearly always one); the ledger settles those it shows, and
+        lists the others for the poll that will."""
+        answers = list(map(_SECOND, held))
+        incarnation = answers[0].incarnation
+        if list(map(_INCARNATION, answers)).count(incarnation) < len(answers):
+            by_incarnation: dict[str, list[tuple[Entry, Outcome]]] = {}
+            for item in held:
+                by_incarnation.setdefault(item[1].incarnation, []).append(item)
+            for some in by_incarnation.values():
+                self._take_drops(worker, some)
+            return
+        entries = list(map(_FIRST, held))
+        shown: list[int] = []
+        gone = zip(map(_KEY_OF, entries), map(_DROPPED_VERSION, answers), strict=True)
+        self._state.apply_drops(worker, incarnation, gone, shown)
+        if len(shown) == len(held):
+            self._ledger.drops_shown(entries, listed=False)
+            return
+        self._ledger.drops_shown([entries[i] for i in shown], listed=False)
+        unshown = set(range(len(held))).difference(shown)
+        self._ledger.list_applied([held[i] for i in sorted(unshown)])
 
     def _report_if_settled(self, record: CycleRecord) -> None:
         if record.all_sent and record.unsettled == 0:
