@@ -25,13 +25,17 @@ import io
 import json
 import os
 import pstats
+import socket
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import grpc
+import psutil
 
 from amm.base.checksum import checksum
 from amm.base.serving import CHANNEL_OPTIONS
@@ -126,6 +130,38 @@ async def _poll_all(
             return version, pages, removed
 
 
+def _cpu(processes: list[psutil.Process]) -> float:
+    """CPU seconds so far: of the agents' processes, or of this one when they run in it."""
+    if not processes:
+        return time.process_time()
+    return sum(sum(p.cpu_times()[:2]) for p in processes)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _start_processes(
+    stack: contextlib.AsyncExitStack, count: int
+) -> tuple[list[str], list[psutil.Process]]:
+    """``count`` standalone agents, each in its own process (``python -m worker_agent``), as in
+    a cluster: their addresses and processes (stopped when ``stack`` closes)."""
+    addresses = [f"127.0.0.1:{_free_port()}" for _ in range(count)]
+    processes = []
+    for address in addresses:
+        popen = subprocess.Popen(
+            [sys.executable, "-m", "worker_agent", "--listen", address, "--insecure"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        stack.callback(popen.wait, 30)
+        stack.callback(popen.terminate)
+        processes.append(psutil.Process(popen.pid))
+    return addresses, processes
+
+
 async def one_run(args: argparse.Namespace, profile: cProfile.Profile | None) -> dict[str, Any]:
     """Every key dropped down to one copy: CPU seconds by phase.
 
@@ -138,13 +174,19 @@ async def one_run(args: argparse.Namespace, profile: cProfile.Profile | None) ->
     config = AgentConfig(amm=None, listen="127.0.0.1:0")
     count = args.agents
     async with contextlib.AsyncExitStack() as stack:
-        agents = [await stack.enter_async_context(Agent(config)) for _ in range(count)]
+        if args.processes:
+            addresses, processes = _start_processes(stack, count)
+        else:
+            agents = [await stack.enter_async_context(Agent(config)) for _ in range(count)]
+            addresses, processes = [agent.address for agent in agents], []
         channels = [
             await stack.enter_async_context(
-                grpc.aio.insecure_channel(agent.address, options=CHANNEL_OPTIONS)
+                grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
             )
-            for agent in agents
+            for address in addresses
         ]
+        for channel in channels:
+            await asyncio.wait_for(channel.channel_ready(), 30)
         stubs = [agent_pb2_grpc.WorkerAgentStub(channel) for channel in channels]
         for stub in stubs:
             await stub.PutMany(_put_messages(keys, data))
@@ -153,12 +195,12 @@ async def one_run(args: argparse.Namespace, profile: cProfile.Profile | None) ->
             first = await stub.Poll(agent_pb2.PollRequest(max_keys=1))
             starts.append((first.version, first.incarnation))
         if count == 2:  # the first drops every key, the second keeps them
-            plan = [(keys, [agents[1].address] * len(keys)), ([], [])]
+            plan = [(keys, [addresses[1]] * len(keys)), ([], [])]
         else:
             plan = []
             for me in range(count):
                 mine = [i for i in range(len(keys)) if i % count != me]
-                plan.append(([keys[i] for i in mine], [agents[i % count].address for i in mine]))
+                plan.append(([keys[i] for i in mine], [addresses[i % count] for i in mine]))
         messages = [
             _drop_messages(dropped, keepers, len(data), digest, args.per_message)
             for dropped, keepers in plan
@@ -182,7 +224,7 @@ async def one_run(args: argparse.Namespace, profile: cProfile.Profile | None) ->
 
         if profile is not None:
             profile.enable()
-        cpu0, wall0 = time.process_time(), time.perf_counter()
+        cpu0, wall0 = _cpu(processes), time.perf_counter()
         poller = asyncio.create_task(poll_meanwhile()) if args.poll_every > 0 else None
         applied = sum(
             await asyncio.gather(
@@ -193,7 +235,7 @@ async def one_run(args: argparse.Namespace, profile: cProfile.Profile | None) ->
                 )
             )
         )
-        cpu1, wall1 = time.process_time(), time.perf_counter()
+        cpu1, wall1 = _cpu(processes), time.perf_counter()
         stop_polls.set()
         if poller is not None:
             await poller
@@ -203,12 +245,12 @@ async def one_run(args: argparse.Namespace, profile: cProfile.Profile | None) ->
             )
             polled[0] += pages
             polled[1] += removed
-        cpu2 = time.process_time()
+        cpu2 = _cpu(processes)
         for start_ in range(0, len(keys), HOLDS_KEYS):
             await stubs[-1].HoldsKeys(
                 agent_pb2.HoldsKeysRequest(keys=keys[start_ : start_ + HOLDS_KEYS])
             )
-        cpu3 = time.process_time()
+        cpu3 = _cpu(processes)
         if profile is not None:
             profile.disable()
     per = 100_000 / drops
@@ -240,6 +282,11 @@ def main(argv: list[str] | None = None) -> int:
         "--agents", type=int, default=2, help="2: a dropper and a keeper; more: the cluster's shape"
     )
     parser.add_argument(
+        "--processes",
+        action="store_true",
+        help="each agent in its own process (their CPU counted, not this one's)",
+    )
+    parser.add_argument(
         "--poll-every", type=float, default=0.0, help="s between polls during the drops (0: none)"
     )
     parser.add_argument("--poll-keys", type=int, default=4_000, help="keys per poll page")
@@ -268,7 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     polls = f"every {args.poll_every:g} s" if args.poll_every > 0 else "after"
     print(
-        f"{args.keys:,} keys, {args.per_message:,} drops per message, {shape} in this process, "
+        f"{args.keys:,} keys, {args.per_message:,} drops per message, {shape} "
+        f"{'each in its own process' if args.processes else 'in this process'}, "
         f"polls {polls}; {args.repeat} runs (median, then each)"
     )
     rows = (
