@@ -115,7 +115,7 @@ async def _send_drops(channel: grpc.aio.Channel, messages: list[bytes], count: i
 
 
 async def _poll_all(
-    stub: agent_pb2_grpc.WorkerAgentStub, since: int, incarnation: str, max_keys: int
+    stub: agent_pb2_grpc.WorkerAgentAsyncStub, since: int, incarnation: str, max_keys: int
 ) -> tuple[int, int, int]:
     """Every change of an agent since ``since``, in pages: (version, pages, removed)."""
     version, pages, removed = since, 0, 0
