@@ -1,18 +1,26 @@
-"""What an agent's CPU pays per drop, in process: the agents' share of a converging cycle.
+"""What an agent's CPU pays per drop: the agents' share of a converging cycle.
 
-Two real agents (``worker_agent.agent.Agent``, standalone, on loopback gRPC) run in this process,
-each holding ``--keys`` keys. The script plays the AMM: it sends the dropper every key as DROP
-directives naming the keeper, ``--per-message`` per Directives message as the AMM batches them
-(built and serialized before the clock starts), reads every outcome, then polls the dropper's
-changes in pages of ``--poll-keys`` (as a cycle does) and asks ``HoldsKeys`` of 10,000 keys.
-It prints the CPU seconds of this process for each phase (both agents and the few client calls:
-one process, so wall time on a shared machine does not enter), per 100,000 drops, and with
-``--profile N`` the N functions that cost most (cProfile, which inflates every figure: for the
-shares, not the totals).
+Real agents (``worker_agent.agent.Agent``, standalone, on loopback gRPC) each holding ``--keys``
+keys. The script plays the AMM: it sends DROP directives naming the keeper, ``--per-message`` per
+Directives message (built and serialized before the clock starts), reads every outcome, then
+polls the agents' changes in pages of ``--poll-keys`` (as a cycle does; with ``--poll-every``
+also while they drop) and asks ``HoldsKeys`` of 10,000 keys. It prints the CPU seconds of each
+phase per 100,000 drops, and with ``--profile N`` the N functions that cost most (cProfile,
+which inflates every figure: for the shares, not the totals).
+
+Shapes: ``--agents 2`` (the default), one dropper and one keeper: every key dropped once.
+``--agents 4``, the cluster's: every agent holds every key, key ``i`` is kept by agent
+``i % 4`` and dropped by the three others naming it, so each agent drops and keeps at once and
+asks three keepers per batch. The agents run in this process (the CPU counted is this
+process's, the script's few client calls included) or, with ``--processes``, each in its own
+``python -m worker_agent`` (their CPU counted, not the script's): the cluster's shape, as
+``bench_cluster.py`` measures it, without the AMM. The AMM sends a 100k-key cycle's drops in
+messages of ~500 directives (``--per-message 512``).
 
     python benchmarks/bench_agent_drops.py                        # 100,000 keys, 5,000 per message
     python benchmarks/bench_agent_drops.py --repeat 3 --json drops.json
     python benchmarks/bench_agent_drops.py --keys 20000 --profile 30
+    python benchmarks/bench_agent_drops.py --agents 4 --per-message 512 --poll-every 0.5 --processes
 """
 
 from __future__ import annotations
