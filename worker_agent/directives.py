@@ -40,6 +40,9 @@ HISTORY_LIMIT = 100_000
 HISTORY_TTL = 120.0
 #: Most keys asked of one keeper in one PromiseKeepBatch call.
 KEEP_BATCH = 10_000
+#: Most drops joined into one ``_drop_batch`` from the batches waiting their turn at once
+#: (``DirectiveRunner._drop_joined``).
+JOIN_DROPS = 8_192
 #: Keys per extra ``promise_timeout`` a batch of promises may take to be answered: a keeper
 #: busy with its own work answers thousands of keys later than one, and waiting for it costs
 #: far less than refusing thousands of drops to plan them again.
@@ -157,6 +160,14 @@ _HOLDERS = operator.attrgetter("holders")
 _DROP = Op.DROP.value
 
 
+class _Joinable(NamedTuple):
+    """A batch of drops waiting for its turn (``DirectiveRunner._drop_joined``), and the future
+    of its outcomes (in order) when another batch's turn carries it out."""
+
+    drops: list[Directive]
+    outcomes: asyncio.Future[list[Outcome]]
+
+
 class _Subject(NamedTuple):
     """What a directive id stands for: a repeated id must name the same key and op."""
 
@@ -235,6 +246,9 @@ class DirectiveRunner:
         # One batch of drops at a time: they are CPU work on this loop and on the keepers',
         # and run side by side they only slowed each other past their promise deadlines.
         self._dropping = asyncio.Lock()
+        # The batches of drops waiting for ``_dropping``, in the order they asked: whoever
+        # takes the lock carries out every one it can join to its own (``_drop_joined``).
+        self._joinable: collections.deque[_Joinable] = collections.deque()
         #: Directives carried out (repeated ids not counted again), by (op, status, reason):
         #: read by the metrics.
         self.counts: collections.Counter[tuple[Op, OutcomeStatus, Reason | None]] = (
@@ -434,8 +448,7 @@ class DirectiveRunner:
                 return []
             vetted, outcome_of = await self._vet_peers(drops)
             if vetted:
-                async with self._dropping, self._slots:
-                    results = await self._drop_batch(vetted)
+                results = await self._drop_joined(vetted)
                 if not outcome_of:  # every drop vetted, in order: its outcomes as they are
                     outcomes = results
                 else:
@@ -474,6 +487,62 @@ class DirectiveRunner:
             self._limit_history()
             self.expire_history(self._clock())
         return outcomes
+
+    async def _drop_joined(self, drops: list[Directive]) -> list[Outcome]:
+        """``_drop_batch`` of ``drops`` in turn (one batch at a time), joined with the batches
+        that wait for their turn meanwhile.
+
+        The AMM sends a cycle's drops as messages of a few hundred; while one batch runs the
+        next ones queue here. Carried out as one, they cost one PromiseKeepBatch per keeper
+        instead of one per keeper and message, and the batch's fixed costs once (a tenth of an
+        agent's CPU per drop with messages of 500). Each drop is judged exactly as in a batch of
+        its own: a batch sharing a key with one already taken is left for the next turn (two
+        drops of one key run one after the other, as before), and the joined batch never
+        exceeds ``JOIN_DROPS``. Whoever takes the lock finds its own batch in line (first, as
+        the lock and the line are both first come, first served), or already carried out by an
+        earlier holder. A batch whose owner was cancelled while waiting leaves the line; one
+        already taken is carried out (each drop stays as safe as any: judged, promised and
+        removed in its own steps) and its outcomes are not read. If the holder is cancelled
+        mid-batch, the batches it took for others go back to the head of the line, and their
+        owners carry them out (their drops judged anew: one that went through is found gone).
+        """
+        mine = _Joinable(drops, asyncio.get_running_loop().create_future())
+        line = self._joinable
+        line.append(mine)
+        try:
+            async with self._dropping:
+                if mine.outcomes.done():
+                    return mine.outcomes.result()
+                line.remove(mine)
+                taken = [mine]
+                keys = {d.key for d in drops}
+                count = len(drops)
+                while line and count + len(line[0].drops) <= JOIN_DROPS:
+                    theirs = {d.key for d in line[0].drops}
+                    if not keys.isdisjoint(theirs):
+                        break
+                    keys |= theirs
+                    count += len(line[0].drops)
+                    taken.append(line.popleft())
+                joined = drops if len(taken) == 1 else [d for t in taken for d in t.drops]
+                try:
+                    async with self._slots:
+                        results = await self._drop_batch(joined)
+                except BaseException:
+                    line.extendleft(reversed([t for t in taken[1:] if not t.outcomes.done()]))
+                    raise
+                start = 0
+                for joinable in taken:
+                    end = start + len(joinable.drops)
+                    if not joinable.outcomes.done():
+                        joinable.outcomes.set_result(results[start:end])
+                    start = end
+                return results[: len(drops)]
+        finally:
+            if not mine.outcomes.done():
+                mine.outcomes.cancel()
+                with contextlib.suppress(ValueError):
+                    line.remove(mine)
 
     def _remember_drops(
         self, drops: Sequence[Directive], ids: list[str], outcomes: Sequence[Outcome], now: float

@@ -19,20 +19,22 @@ from typing import NamedTuple
 from amm.base.validation import MAX_EPOCH, bad_addresses, epoch_problem, is_address
 from worker_agent.store import MAX_KEY_BYTES, Key, Store, Value
 
-_HEX_DIGITS = "0123456789abcdef"
+#: ``str.translate`` deleting the lowercase hexadecimal digits: what is left of a text is what
+#: is not one. (Stripping them, as before, cost a microsecond per checksum, a regular
+#: expression half that; deleting them, in CPython's ASCII fast path, about 0.1 us.)
+_NOT_HEX = str.maketrans("", "", "0123456789abcdef")
 
 
 def is_checksum(text: str) -> bool:
-    """Lowercase hexadecimal SHA-256, as the contract spells every checksum. (Stripping the
-    digits leaves nothing of one: a third of the cost of a regular expression, judged for every
-    key of every batch of drops and promises.)"""
-    return len(text) == 64 and not text.strip(_HEX_DIGITS)
+    """Lowercase hexadecimal SHA-256, as the contract spells every checksum (judged for every
+    key of every batch of drops and promises)."""
+    return len(text) == 64 and not text.translate(_NOT_HEX)
 
 
 def all_checksums(texts: Collection[str]) -> bool:
     """Whether each of ``texts`` is a checksum (``is_checksum``), in two C-level passes for
     all of them: a batch of drops or promises names thousands."""
-    return set(map(len, texts)) <= {64} and not "".join(texts).strip(_HEX_DIGITS)
+    return set(map(len, texts)) <= {64} and not "".join(texts).translate(_NOT_HEX)
 
 
 def is_peer_address(text: str) -> bool:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import operator
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from types import TracebackType
@@ -147,6 +148,13 @@ def directive_from_proto(message: types_pb2.Directive) -> Directive:
 _new_tuple = tuple.__new__
 
 
+#: A directive's fields in ``Directive``'s order, read in one C call (eight attribute reads by
+#: the interpreter cost a fifth more per directive of a batch).
+_DIRECTIVE_FIELDS = operator.attrgetter(
+    "id", "epoch", "op", "key", "size", "checksum", "sources", "holders"
+)
+
+
 async def _directives_from_proto(messages: Sequence[types_pb2.Directive]) -> list[Directive]:
     """``directive_from_proto`` for a batch of thousands, inline, letting the loop in
     (``pacing``). Directives naming the same holders share one tuple of them (a batch names
@@ -156,23 +164,22 @@ async def _directives_from_proto(messages: Sequence[types_pb2.Directive]) -> lis
     named: dict[tuple[str, ...], tuple[str, ...]] = {}
     for part in parts(messages):
         await pace.breathe()
-        for message in part:
-            holders = tuple(message.holders)
-            holders = named.setdefault(holders, holders)
+        for id_, epoch, op, key, size, digest, sources, holders in map(_DIRECTIVE_FIELDS, part):
+            holders = tuple(holders)
             append(
                 _new_tuple(
                     Directive,
                     (
-                        message.id,
-                        message.epoch,
-                        ops.get(message.op, unknown),
-                        message.key,
-                        message.size,
-                        message.checksum,
+                        id_,
+                        epoch,
+                        ops.get(op, unknown),
+                        key,
+                        size,
+                        digest,
                         # An empty repeated field made into a tuple costs more than the rest
                         # of the directive: a DROP names no sources.
-                        tuple(message.sources) if message.sources else (),
-                        holders,
+                        tuple(sources) if sources else (),
+                        named.setdefault(holders, holders),
                     ),
                 )
             )

@@ -28,6 +28,7 @@ from tests.support.agent import (
     status,
 )
 from tests.support.faults import fake_peer
+from tests.support.waiting import wait_for
 from worker_agent.store import Key
 
 DATA = b"batched" * 100
@@ -88,6 +89,133 @@ async def test_a_batch_of_drops_asks_its_keeper_once() -> None:
         refused = await _run_batch(stub_b, [drop(keys[0], [a.address], checksum=DIGEST)])
         assert reason(refused[0]) in {"KEEP_PROMISED", "NO_CONFIRMED_HOLDER"}
         assert keys[0] in b.store
+
+
+class _GatedCountingKeeper(_CountingKeeper):
+    """A ``_CountingKeeper`` whose first PromiseKeepBatch is answered once ``opened`` is set."""
+
+    def __init__(self, target: Stub) -> None:
+        super().__init__(target)
+        self.opened = asyncio.Event()
+
+    async def PromiseKeepBatch(
+        self, request: Any, context: Any
+    ) -> agent_pb2.PromiseKeepBatchResponse:
+        if not self.calls:
+            self.calls["PromiseKeepBatch"] += 1
+            self.items += len(request.items)
+            await self.opened.wait()
+            return await self.target.PromiseKeepBatch(request)
+        return await super().PromiseKeepBatch(request, context)
+
+
+async def test_batches_of_drops_waiting_their_turn_ask_their_keeper_once_together() -> None:
+    """The AMM sends a cycle's drops as messages of a few hundred. While one batch waits for
+    its promises, the next messages wait their turn: they are then carried out as one batch
+    (one PromiseKeepBatch for all of them, not one each), each drop with its own outcome; a
+    message repeating a key already taken waits for the next turn, as it would alone."""
+    async with agents(2) as [(a, stub_a), (b, stub_b)]:
+        keys = [f"turn-{i:03d}" for i in range(200)]
+        await _put_many(stub_a, keys)
+        await _put_many(stub_b, keys)
+        gated = _GatedCountingKeeper(stub_b)  # type: ignore[abstract]
+        async with fake_peer(gated) as keeper, directive_stream(stub_a) as amm:
+            messages = [
+                [drop(key, [keeper], checksum=DIGEST) for key in keys[start : start + 50]]
+                for start in range(0, 200, 50)
+            ]
+            again = drop(keys[60], [keeper], checksum=DIGEST)  # a key of the second message
+            for message in [*messages, [again]]:
+                await amm.send_batch(message)
+            runner = a.node.runner
+            await wait_for(lambda: len(runner._running) == 201, what="every message in hand")
+            assert gated.calls == {"PromiseKeepBatch": 1}  # the first batch, waiting
+            gated.opened.set()
+            outcomes: list[types_pb2.DirectiveOutcome] = []
+            while len(outcomes) < 201:
+                response = await amm.next_response(within=20)
+                assert response is not None
+                outcomes.extend(response.batch)
+        by_id = {o.directive_id: o for o in outcomes}
+        assert len(by_id) == 201
+        assert all(status(by_id[d.id]) == "APPLIED" for m in messages for d in m)
+        # Found gone once the first drop of the key went through: a no-op, applied.
+        assert status(by_id[again.id]) == "APPLIED", by_id[again.id].message
+        # The first batch, then the three that waited, together; the repeated key's drop was
+        # left for a turn of its own, and its key was gone by then (nothing to ask).
+        assert gated.calls == {"PromiseKeepBatch": 2}, gated.calls
+        assert gated.items == 200
+        assert not any(key in a.store for key in keys)
+        assert all(key in b.store for key in keys)
+
+
+class _TurnstileKeeper(_CountingKeeper):
+    """A ``_CountingKeeper`` that answers its n-th PromiseKeepBatch (from 0) once ``allowed``
+    exceeds n; notes the items of each call."""
+
+    def __init__(self, target: Stub) -> None:
+        super().__init__(target)
+        self.allowed = 0
+        self.sizes: list[int] = []
+        self._changed = asyncio.Condition()
+
+    async def allow(self, count: int) -> None:
+        async with self._changed:
+            self.allowed = count
+            self._changed.notify_all()
+
+    async def PromiseKeepBatch(
+        self, request: Any, context: Any
+    ) -> agent_pb2.PromiseKeepBatchResponse:
+        turn = len(self.sizes)
+        self.sizes.append(len(request.items))
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.allowed > turn)
+        return await super().PromiseKeepBatch(request, context)
+
+
+async def test_a_joined_batch_whose_stream_ends_hands_the_others_back() -> None:
+    """The batch carrying out others' drops with its own is cancelled (its stream ended) while
+    it waits for promises: the batches it took go back in line and their own streams carry
+    them out, every drop with its outcome; the cancelled stream's keys stay, unmarked."""
+    async with agents(2) as [(a, stub_a), (b, stub_b)]:
+        keys = [f"hand-{i:03d}" for i in range(150)]
+        await _put_many(stub_a, keys)
+        await _put_many(stub_b, keys)
+        turnstile = _TurnstileKeeper(stub_b)  # type: ignore[abstract]
+        first, second, third = keys[:50], keys[50:100], keys[100:]
+
+        def message(part: list[str]) -> list[types_pb2.Directive]:
+            return [drop(key, [keeper], checksum=DIGEST) for key in part]
+
+        async with (
+            fake_peer(turnstile) as keeper,
+            directive_stream(stub_a) as x,
+            directive_stream(stub_a) as y,
+            directive_stream(stub_a) as z,
+        ):
+            await x.send_batch(message(first))
+            await wait_for(lambda: len(turnstile.sizes) == 1, what="the first batch asking")
+            await y.send_batch(message(second))
+            await z.send_batch(message(third))
+            runner = a.node.runner
+            await wait_for(lambda: len(runner._running) == 150, what="every message in hand")
+            await turnstile.allow(1)
+            await wait_for(lambda: len(turnstile.sizes) == 2, what="the joined batch asking")
+            assert turnstile.sizes == [50, 100]
+            await y.close()
+            await turnstile.allow(3)
+            for stream, part in ((x, first), (z, third)):
+                outcomes: list[types_pb2.DirectiveOutcome] = []
+                while len(outcomes) < len(part):
+                    response = await stream.next_response(within=20)
+                    assert response is not None
+                    outcomes.extend(response.batch)
+                assert {status(o) for o in outcomes} == {"APPLIED"}
+        assert turnstile.sizes == [50, 100, 50]
+        assert not any(key in a.store for key in first + third)
+        assert all(key in a.store and not a.store.is_dropping(Key(key)) for key in second)
+        assert all(key in b.store for key in keys)
 
 
 async def _put_many(stub: Stub, keys: list[str]) -> None:

@@ -407,6 +407,26 @@ async def test_peer_channels_are_bounded_and_eviction_spares_calls_in_progress()
         assert status(outcome) == "APPLIED", outcome.message
 
 
+async def test_a_keeper_dialled_again_after_its_channel_was_evicted_is_asked_anew() -> None:
+    """Each channel's stub is kept for the calls that follow (making one per promise call cost
+    a few percent of a dropping agent's CPU); once the channel is evicted, the next call to
+    that keeper dials a new one and asks through it, not through the closed one's stub."""
+    async with (
+        agents(3, max_peer_channels=1) as [(a, stub_a), (b, stub_b), (c, stub_c)],
+        directive_stream(stub_a) as amm,
+    ):
+        for key in ("k1", "k2", "k3"):
+            await put(stub_a, key, DATA)
+        await put(stub_b, "k1", DATA)
+        await put(stub_b, "k3", DATA)
+        await put(stub_c, "k2", DATA)
+        for key, keeper in (("k1", b), ("k2", c), ("k3", b)):
+            outcome = await amm.run(drop(key, [keeper.address]))
+            assert status(outcome) == "APPLIED", (key, outcome.message)
+            assert len(a.node.peers) <= 1
+        assert not {"k1", "k2", "k3"} & set(a.store)
+
+
 async def test_peers_are_named_host_port_only() -> None:
     """Callers name peers: the agent must not dial sockets or resolvers of their choosing."""
     bad = ["unix:/tmp/agent.sock", "dns:///peer:1", "a b:1", "::::", "peer", "peer:0"]

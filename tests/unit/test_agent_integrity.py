@@ -221,6 +221,24 @@ def test_a_checksum_is_64_lowercase_hexadecimal_digits_and_nothing_else() -> Non
         assert not integrity.is_checksum(wrong), wrong
 
 
+def test_all_checksums_judges_a_batch_as_is_checksum_judges_each() -> None:
+    """The batch check (one C-level pass over thousands) is pinned to the check of one: a
+    single bad text anywhere in a batch, in any position of the text, fails the batch."""
+    good = [checksum(str(i).encode()) for i in range(200)]
+    assert integrity.all_checksums(good)
+    assert integrity.all_checksums([])
+    odd = "0123456789abcdefABCDEFgz \n\t\u0663\u00e9\udc80\x00-"
+    for position in (0, 1, 31, 63):
+        for char in odd:
+            text = good[7][:position] + char + good[7][position + 1 :]
+            for batch in ([text], [*good[:50], text, *good[50:]]):
+                expected = all(map(integrity.is_checksum, batch))
+                assert integrity.all_checksums(batch) is expected, (position, char)
+            assert integrity.is_checksum(text) is (char in "0123456789abcdef")
+    for wrong in ("", good[0][:-1], good[0] + "0", good[0][:32] + good[0]):
+        assert not integrity.all_checksums([*good[:3], wrong])
+
+
 def _drop_cases() -> list[tuple[Directive, Conditions]]:
     """Drops valid and not, current and not: each way ``validate`` or ``judge_epoch`` refuses."""
     long_ascii, long_utf8 = Key("k" * 1024), Key("é" * 300)
