@@ -65,25 +65,27 @@ async def _workers(
         await server.stop(None)
 
 
-async def _poll_all(
-    workers: list[WorkerId], *, poll_timeout: float, **kwargs: Any
-) -> list[WorkerId]:
-    state = ClusterState()
+@asynccontextmanager
+async def _polling(
+    state: ClusterState, workers: list[WorkerId], *, poll_timeout: float = 5.0, **kwargs: Any
+) -> AsyncIterator[Poller]:
+    """A poller of ``workers``, registered in ``state`` first; its links closed at the end."""
     for worker in workers:
         state.register(worker, worker, "i", now=0.0)
     links = AgentLinks()
-    poller = Poller(
-        state,
-        links,
-        epoch=1,
-        timeout=poll_timeout,
-        on_restart=lambda worker: None,
-        **kwargs,
-    )
     try:
-        return await poller.poll_all()
+        yield Poller(
+            state, links, epoch=1, timeout=poll_timeout, on_restart=lambda worker: None, **kwargs
+        )
     finally:
         await links.close_all()
+
+
+async def _poll_all(
+    workers: list[WorkerId], *, poll_timeout: float, **kwargs: Any
+) -> list[WorkerId]:
+    async with _polling(ClusterState(), workers, poll_timeout=poll_timeout, **kwargs) as poller:
+        return await poller.poll_all()
 
 
 async def test_at_most_max_in_flight_polls_are_under_way() -> None:
@@ -170,17 +172,11 @@ class _FailsMidSnapshot(agent_pb2_grpc.WorkerAgentServicer):
 
 async def test_a_snapshot_that_fails_half_way_leaves_what_was_known_whole() -> None:
     host = _FailsMidSnapshot()  # type: ignore[abstract]
-    async with _workers(host, 1) as [worker]:
-        state = ClusterState()
-        state.register(worker, worker, "i", now=0.0)
-        links = AgentLinks()
-        poller = Poller(state, links, epoch=1, timeout=5.0, on_restart=lambda worker: None)
-        try:
-            assert await poller.poll_all() == []
-            assert len(state.held_by(worker)) == 3
-            assert await poller.poll_all() == [worker]
-        finally:
-            await links.close_all()
+    state = ClusterState()
+    async with _workers(host, 1) as [worker], _polling(state, [worker]) as poller:
+        assert await poller.poll_all() == []
+        assert len(state.held_by(worker)) == 3
+        assert await poller.poll_all() == [worker]
     assert len(state.held_by(worker)) == 3, "half a snapshot must not replace a whole one"
     known = state.worker(worker)
     assert known is not None
@@ -219,13 +215,10 @@ async def test_a_big_incremental_answer_is_merged_in_steps_and_its_version_comes
     monkeypatch.setattr(pacing, "BUDGET", 0.0)  # a breath after every step, however fast
     n = 4 * MERGE_STEP
     host = _ManyChanges(n)  # type: ignore[abstract]
-    async with _workers(host, 1) as [worker]:
-        state = ClusterState()
-        state.register(worker, worker, "i", now=0.0)
-        links = AgentLinks()
-        poller = Poller(state, links, epoch=1, timeout=5.0, on_restart=lambda worker: None)
-        seen: list[tuple[int, int]] = []
-        done = asyncio.Event()
+    state = ClusterState()
+    seen: list[tuple[int, int]] = []
+    done = asyncio.Event()
+    async with _workers(host, 1) as [worker], _polling(state, [worker]) as poller:
 
         async def watch() -> None:
             while not done.is_set():
@@ -234,15 +227,12 @@ async def test_a_big_incremental_answer_is_merged_in_steps_and_its_version_comes
                 seen.append((known.version, len(state.held_by(worker))))
                 await asyncio.sleep(0)
 
-        try:
-            assert await poller.poll_all() == []
-            assert len(state.held_by(worker)) == n
-            watcher = asyncio.create_task(watch())
-            assert await poller.poll_all() == []
-            done.set()
-            await watcher
-        finally:
-            await links.close_all()
+        assert await poller.poll_all() == []
+        assert len(state.held_by(worker)) == n
+        watcher = asyncio.create_task(watch())
+        assert await poller.poll_all() == []
+        done.set()
+        await watcher
     assert state.held_by(worker) == {f"n{i}" for i in range(1_000)}
     assert state.worker(worker).version == 9  # type: ignore[union-attr]
     partial = {held for version, held in seen if held not in (n, 1_000)}
@@ -266,11 +256,9 @@ class _Unmerged(ClusterState):
         super().apply_poll(address, keys=keys, **rest)
 
 
-async def test_a_big_incremental_answer_is_read_as_it_is_merged(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """Each step of a big incremental answer's merge reads its own keys: 4 agents' pages of
-    50,000 keys, read whole first, held 200,000 reports at once (35 MB of the AMM's peak)."""
+@pytest.fixture
+def unmerged(monkeypatch: pytest.MonkeyPatch) -> _Unmerged:
+    """An ``_Unmerged`` state whose ``read`` counts every key report ``wire.key_reports`` builds."""
     state = _Unmerged()
     key_reports = wire.key_reports
 
@@ -280,16 +268,17 @@ async def test_a_big_incremental_answer_is_read_as_it_is_merged(
         return reports
 
     monkeypatch.setattr(wire, "key_reports", counting)
+    return state
+
+
+async def test_a_big_incremental_answer_is_read_as_it_is_merged(unmerged: _Unmerged) -> None:
+    """Each step of a big incremental answer's merge reads its own keys: 4 agents' pages of
+    50,000 keys, read whole first, held 200,000 reports at once (35 MB of the AMM's peak)."""
+    state = unmerged
     host = _ManyChanges(0)  # type: ignore[abstract]
-    async with _workers(host, 1) as [worker]:
-        state.register(worker, worker, "i", now=0.0)
-        links = AgentLinks()
-        poller = Poller(state, links, epoch=1, timeout=5.0, on_restart=lambda worker: None)
-        try:
-            assert await poller.poll_all() == []  # the (empty) snapshot
-            assert await poller.poll_all() == []  # 1,000 new keys: two steps
-        finally:
-            await links.close_all()
+    async with _workers(host, 1) as [worker], _polling(state, [worker]) as poller:
+        assert await poller.poll_all() == []  # the (empty) snapshot
+        assert await poller.poll_all() == []  # 1,000 new keys: two steps
     assert state.held_by(worker) == {f"n{i}" for i in range(1_000)}
     assert state.merged == state.read == 1_000
     assert len(state.ahead) >= 3, state.ahead  # the snapshot, then two steps
@@ -336,16 +325,10 @@ async def test_snapshots_read_at_once_share_one_report_per_key() -> None:
     """At start-up every agent sends its whole inventory at once and a snapshot is merged only
     when all its pages are in: the reports of keys that several agents hold are one object each,
     not one per agent (400k reports, 97 MiB, with 100k keys on 4 agents)."""
-    async with _workers(_SameInventory(3), 3) as workers:  # type: ignore[abstract]
-        state = _Recording()
-        for worker in workers:
-            state.register(worker, worker, "i", now=0.0)
-        links = AgentLinks()
-        poller = Poller(state, links, epoch=1, timeout=5.0, on_restart=lambda worker: None)
-        try:
-            assert await poller.poll_all() == []
-        finally:
-            await links.close_all()
+    state = _Recording()
+    host = _SameInventory(3)  # type: ignore[abstract]
+    async with _workers(host, 3) as workers, _polling(state, workers) as poller:
+        assert await poller.poll_all() == []
     assert len(state.reports) == 18
     assert len({id(report) for report in state.reports}) == 6
     assert all(len(state.held_by(worker)) == 6 for worker in workers)
@@ -384,31 +367,17 @@ class _PagedSnapshot(agent_pb2_grpc.WorkerAgentServicer):
 
 
 async def test_the_next_page_of_a_snapshot_is_asked_for_while_this_one_is_read(
-    monkeypatch: pytest.MonkeyPatch,
+    unmerged: _Unmerged, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The agent builds a snapshot's next page while the AMM reads the last one: a cold 100k-key
     snapshot of 4 agents read page after page, each side waiting on the other, left the AMM half
     idle. Still nothing is merged before every page is in."""
     monkeypatch.setattr(pacing, "BUDGET", 0.0)  # a breath after every step of reading
-    state = _Unmerged()
-    key_reports = wire.key_reports
-
-    def counting(keys: Any, *shared: Any) -> list[KeyReport]:
-        reports = key_reports(keys, *shared)
-        state.read += len(reports)
-        return reports
-
-    monkeypatch.setattr(wire, "key_reports", counting)
+    state = unmerged
     per_page = 20 * MERGE_STEP
     host = _PagedSnapshot(3, per_page, state)  # type: ignore[abstract]
-    async with _workers(host, 1) as [worker]:
-        state.register(worker, worker, "i", now=0.0)
-        links = AgentLinks()
-        poller = Poller(state, links, epoch=1, timeout=5.0, on_restart=lambda worker: None)
-        try:
-            assert await poller.poll_all() == []
-        finally:
-            await links.close_all()
+    async with _workers(host, 1) as [worker], _polling(state, [worker]) as poller:
+        assert await poller.poll_all() == []
     assert len(state.held_by(worker)) == 3 * per_page
     asked = host.read_when_asked
     assert len(asked) == 3, asked
@@ -444,18 +413,15 @@ async def test_a_snapshot_read_cut_short_ends_the_page_call_under_way() -> None:
     """Cancelled while a page it asked for ahead is under way, a poll ends that call too (the
     next poll of the agent is not raced by it) and merges nothing."""
     host = _HangsOnSecondPage()  # type: ignore[abstract]
-    async with _workers(host, 1) as [worker]:
-        state = ClusterState()
-        state.register(worker, worker, "i", now=0.0)
-        links = AgentLinks()
-        poller = Poller(state, links, epoch=1, timeout=30.0, on_restart=lambda worker: None)
-        try:
-            polling = asyncio.create_task(poller.poll_all())
-            await asyncio.wait_for(host.asked_next.wait(), 10)
-            polling.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await polling
-            await asyncio.wait_for(host.ended.wait(), 10)
-        finally:
-            await links.close_all()
+    state = ClusterState()
+    async with (
+        _workers(host, 1) as [worker],
+        _polling(state, [worker], poll_timeout=30.0) as poller,
+    ):
+        polling = asyncio.create_task(poller.poll_all())
+        await asyncio.wait_for(host.asked_next.wait(), 10)
+        polling.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await polling
+        await asyncio.wait_for(host.ended.wait(), 10)
     assert state.held_by(worker) == frozenset()
