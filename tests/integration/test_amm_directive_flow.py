@@ -24,7 +24,7 @@ from amm_service.runtime.links.dispatcher import BATCH, Dispatcher
 from amm_service.runtime.manager import ActiveMemoryManager
 from amm_service.runtime.records.cycle import CycleRecord
 from tests.conftest import amm_config
-from tests.support.faults import fake_peer
+from tests.support.faults import amm_with_fake_peers, fake_peer
 from tests.support.policies import Watched
 from tests.support.waiting import wait_for
 
@@ -99,15 +99,8 @@ async def test_a_directive_the_agent_still_holds_is_sent_again_under_its_id_neve
 ) -> None:
     one = _SlowAgent("one", batches=True)  # type: ignore[abstract]
     two = _SlowAgent("two", batches=False)  # type: ignore[abstract]
-    async with (
-        AmmServer(amm_config(tmp_path, directive_timeout="300ms")) as amm,
-        fake_peer(one) as address_one,
-        fake_peer(two) as address_two,
-    ):
-        manager = amm.manager
-        assert manager is not None
-        await manager.register(address_one, "one", "one")
-        await manager.register(address_two, "two", "two")
+    config = amm_config(tmp_path, directive_timeout="300ms")
+    async with amm_with_fake_peers(config, {"one": one, "two": two}) as (_, manager, _):
         first = await manager.run_cycle()
         assert first.planned_count == 1  # ReduceReplicas drops one of the two copies of x
         (sent,) = first.directives
@@ -377,15 +370,8 @@ async def test_a_cycle_plans_and_sends_while_the_rounds_bookkeeping_runs(
     agents it held the first drop back by 0.6-0.8 s. The cycle still ends only once it is done."""
     one = _SlowAgent("one", batches=True)  # type: ignore[abstract]
     two = _SlowAgent("two", batches=True)  # type: ignore[abstract]
-    async with (
-        AmmServer(amm_config(tmp_path)) as amm,
-        fake_peer(one) as address_one,
-        fake_peer(two) as address_two,
-    ):
-        manager = amm.manager
-        assert manager is not None
-        await manager.register(address_one, "one", "one")
-        await manager.register(address_two, "two", "two")
+    async with amm_with_fake_peers(amm_config(tmp_path), {"one": one, "two": two}) as cluster:
+        manager = cluster.manager
         books = asyncio.Event()
         judged: list[bool] = []
         judge = manager.storing.polled

@@ -18,13 +18,12 @@ import grpc
 import pytest
 
 from amm.v1 import agent_pb2, agent_pb2_grpc, types_pb2
-from amm_service.api.server import AmmServer
 from amm_service.errors import NotFound, Unavailable
 from amm_service.runtime.links.addresses import address_order
 from amm_service.runtime.loop.pacing import BUDGET, Budget
 from amm_service.runtime.observe.queries import Queries
 from tests.conftest import amm_config
-from tests.support.faults import fake_peer
+from tests.support.faults import amm_with_fake_peers
 from tests.support.waiting import wait_for
 
 DIGEST = "b" * 64
@@ -93,17 +92,10 @@ async def _two_agents(
     """An AMM with two fake agents registered and polled once (inventories and features in)."""
     one = _Agent("one", held_one)  # type: ignore[abstract]
     two = _Agent("two", held_two)  # type: ignore[abstract]
-    async with (
-        AmmServer(amm_config(tmp_path)) as amm,
-        fake_peer(one) as address_one,
-        fake_peer(two) as address_two,
-    ):
-        manager = amm.manager
-        assert manager is not None
-        await manager.register(address_one, "one", "one")
-        await manager.register(address_two, "two", "two")
+    peers = {"one": one, "two": two}
+    async with amm_with_fake_peers(amm_config(tmp_path), peers) as (_, manager, addresses):
         await manager.queries.refresh(True)
-        yield _Two(manager.queries, one, two, address_one, address_two)
+        yield _Two(manager.queries, one, two, *addresses)
 
 
 async def test_a_fresh_who_has_of_a_few_keys_does_not_wait_behind_polls(tmp_path: Path) -> None:

@@ -38,7 +38,7 @@ from tests.support.agent import (
     running_agent,
     status,
 )
-from tests.support.faults import fake_peer
+from tests.support.faults import amm_with_fake_peers
 from tests.support.metrics import Scrape, scrape
 from tests.support.waiting import wait_for
 from worker_agent.agent import Agent
@@ -300,16 +300,9 @@ class _Refuser(agent_pb2_grpc.WorkerAgentServicer):
 
 async def test_the_amm_counts_refusals_by_op_and_reason(tmp_path: Path) -> None:
     one, two = _Refuser("one"), _Refuser("two")  # type: ignore[abstract]
-    async with (
-        AmmServer(amm_config(tmp_path, metrics_listen=LOOPBACK)) as amm,
-        fake_peer(one) as address_one,
-        fake_peer(two) as address_two,
-    ):
-        manager = amm.manager
-        assert manager is not None
+    config = amm_config(tmp_path, metrics_listen=LOOPBACK)
+    async with amm_with_fake_peers(config, {"one": one, "two": two}) as (amm, manager, _):
         assert amm.metrics is not None
-        await manager.register(address_one, "one", "one")
-        await manager.register(address_two, "two", "two")
         record = await manager.run_cycle(wait=True)
         assert record.refused == 1
         got = await asyncio.to_thread(scrape, amm.metrics.address)
