@@ -38,6 +38,7 @@ from amm_service.policies.reduce_replicas import ReduceReplicas
 from amm_service.policies.replication import Replicate
 from amm_service.policies.retire_worker import RetireWorker
 from tests.factories import new_ids
+from tests.support.views import joined
 
 STATUSES = (WorkerStatus.RUNNING,) * 6 + (WorkerStatus.PAUSED, WorkerStatus.CLOSING)
 
@@ -59,22 +60,11 @@ def random_state(rng: random.Random) -> tuple[ClusterState, list[Key]]:
     state = ClusterState()
     for n, w in enumerate(workers):
         zone = rng.choice(zones)
-        state.register(w, str(w), "i", now=0.0, zone=zone)
         mem = rng.choice([0, 100, 500, 1000, 5000])
         limit = rng.choice([0, 0, 2000, 5000, 20000])
-        state.apply_poll(
-            w,
-            incarnation="i",
-            version=n + 1,
-            full=True,
-            keys=held[w],
-            removed=(),
-            memory=Memory(mem, rng.choice([mem, mem // 2]), 0, rng.choice([mem, mem * 2]), limit),
-            status=rng.choice(STATUSES),
-            name=str(w),
-            now=1.0,
-            zone=zone,
-        )
+        memory = Memory(mem, rng.choice([mem, mem // 2]), 0, rng.choice([mem, mem * 2]), limit)
+        status = rng.choice(STATUSES)
+        joined(state, w, n + 1, held[w], incarnation="i", memory=memory, status=status, zone=zone)
         roll = rng.random()
         if roll < 0.08:
             state.set_flags(w, 0.0, retiring=True)
@@ -301,20 +291,8 @@ def one_rank_state(rng: random.Random) -> tuple[ClusterState, list[Key]]:
             held[w].append(KeyReport(key, size, f"sum-{key}", pinned=rng.random() < 0.1))
     state = ClusterState()
     for n, w in enumerate(workers):
-        state.register(w, str(w), "i", now=0.0)
         mem = rng.choice([0, 100, 100, 1000])
-        state.apply_poll(
-            w,
-            incarnation="i",
-            version=n + 1,
-            full=True,
-            keys=held[w],
-            removed=(),
-            memory=Memory(mem, mem, 0, mem, 0),
-            status=WorkerStatus.RUNNING,
-            name=str(w),
-            now=1.0,
-        )
+        joined(state, w, n + 1, held[w], incarnation="i", memory=Memory(mem, mem, 0, mem, 0))
     return state, keys
 
 

@@ -11,10 +11,11 @@ import pytest
 
 from amm_service.decisions.directive import Directive, Op, Outcome, OutcomeStatus
 from amm_service.decisions.pending import Entry, Ledger
-from amm_service.decisions.view import ClusterState, Key, KeyReport, Memory, WorkerId, WorkerStatus
+from amm_service.decisions.view import ClusterState, Key, KeyReport, Memory, WorkerId
 from amm_service.runtime.records import outcomes as outcomes_module
 from amm_service.runtime.records.cycle import CycleRecord
 from amm_service.runtime.records.outcomes import Outcomes
+from tests.support.views import joined
 
 WORKERS = [WorkerId(w) for w in "abc"]
 KEYS = [Key(f"k{n}") for n in range(12)]
@@ -28,19 +29,7 @@ def cluster(rng: random.Random) -> ClusterState:
         for w in rng.sample(WORKERS, rng.randint(1, 3)):
             held[w].append(KeyReport(key, 10, f"sum-{key}", pinned=rng.random() < 0.15))
     for w in WORKERS:
-        state.register(w, str(w), "i1", now=0.0)
-        state.apply_poll(
-            w,
-            incarnation="i1",
-            version=10,
-            full=True,
-            keys=held[w],
-            removed=(),
-            memory=Memory(0, 0, 0, 0, 0),
-            status=WorkerStatus.RUNNING,
-            name=str(w),
-            now=1.0,
-        )
+        joined(state, w, 10, held[w], memory=Memory())
     return state
 
 
@@ -142,19 +131,7 @@ def test_drops_the_view_shows_at_once_are_never_listed_for_the_poll(
     state = ClusterState()
     reports = [KeyReport(key, 10, f"sum-{key}") for key in KEYS]
     for w in WORKERS:
-        state.register(w, str(w), "i1", now=0.0)
-        state.apply_poll(
-            w,
-            incarnation="i1",
-            version=10,
-            full=True,
-            keys=reports,
-            removed=(),
-            memory=Memory(0, 0, 0, 0, 0),
-            status=WorkerStatus.RUNNING,
-            name=str(w),
-            now=1.0,
-        )
+        joined(state, w, 10, reports, memory=Memory())
     ledger = Ledger()
     a = WorkerId("a")
     drops = [Directive(f"d{n}", 1, Op.DROP, key, a, 10, "sum") for n, key in enumerate(KEYS)]
