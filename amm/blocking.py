@@ -79,9 +79,16 @@ class LoopThread:
                 waited += WAKE_EVERY
                 if timeout is not None and waited >= timeout:
                     raise TimeoutError
-        except BaseException:
+        except BaseException as err:
             if future.cancel():
                 self._settle()
+            interrupt = err.__context__
+            if isinstance(err, RuntimeError) and isinstance(interrupt, KeyboardInterrupt):
+                # The Ctrl-C landed while ``Future.result`` let go of its condition's lock,
+                # whose release then failed ("cannot release un-acquired lock"): it is the
+                # Ctrl-C that the caller must see (``amm events --follow`` exited 1 with a
+                # traceback, once in CI).
+                raise interrupt from None
             raise
 
     def _begin(self, make: Callable[[], Coroutine[Any, Any, T]], future: Future[T]) -> None:

@@ -7,6 +7,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future
 
 import pytest
 
@@ -57,3 +58,29 @@ def test_ctrl_c_handed_to_another_thread_still_interrupts_the_wait(portal: LoopT
     with pytest.raises(KeyboardInterrupt):
         portal.call(slow)
     assert time.monotonic() - started < 2.0
+
+
+class _InterruptedInTheLock(Future[None]):
+    """A future whose wait is cut by Ctrl-C as ``threading.Condition`` lets go of its lock:
+    CPython then raises the failed release with the interrupt as its context. The race itself
+    cannot be provoked at will (a signal between two bytecodes of ``Condition.wait``)."""
+
+    def result(self, timeout: float | None = None) -> None:
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise RuntimeError("cannot release un-acquired lock")  # noqa: B904 - as CPython
+
+
+def test_ctrl_c_that_lands_inside_the_futures_lock_is_still_a_ctrl_c(portal: LoopThread) -> None:
+    with pytest.raises(KeyboardInterrupt):
+        portal._wait(_InterruptedInTheLock(), None)
+
+
+def test_other_runtime_errors_of_a_wait_are_not_taken_for_ctrl_c(portal: LoopThread) -> None:
+    class Broken(Future[None]):
+        def result(self, timeout: float | None = None) -> None:
+            raise RuntimeError("something else")
+
+    with pytest.raises(RuntimeError, match="something else"):
+        portal._wait(Broken(), None)
