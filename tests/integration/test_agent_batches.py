@@ -23,8 +23,10 @@ from tests.support.agent import (
     drop,
     poll,
     put,
+    put_everywhere,
     reason,
     replicate,
+    run_batch,
     status,
 )
 from tests.support.faults import fake_peer
@@ -33,20 +35,6 @@ from worker_agent.store import Key
 
 DATA = b"batched" * 100
 DIGEST = checksum(DATA)
-
-
-async def _run_batch(stub: Stub, directives: list[types_pb2.Directive]) -> list[Any]:
-    """Send ``directives`` as one batch message; the outcomes, each once, in arrival order."""
-    outcomes: list[types_pb2.DirectiveOutcome] = []
-    async with directive_stream(stub) as amm:
-        await amm.send_batch(directives)
-        while len(outcomes) < len(directives):
-            response = await amm.next_response(within=20)
-            assert response is not None, "the stream ended before every outcome"
-            assert not response.HasField("outcome"), "a batch is answered with batches"
-            outcomes.extend(response.batch)
-    assert sorted(o.directive_id for o in outcomes) == sorted(d.id for d in directives)
-    return outcomes
 
 
 class _CountingKeeper(agent_pb2_grpc.WorkerAgentServicer):
@@ -72,12 +60,10 @@ class _CountingKeeper(agent_pb2_grpc.WorkerAgentServicer):
 async def test_a_batch_of_drops_asks_its_keeper_once() -> None:
     async with agents(2) as [(a, stub_a), (b, stub_b)]:
         keys = [f"k{i}" for i in range(200)]
-        for key in keys:
-            await put(stub_a, key, DATA)
-            await put(stub_b, key, DATA)
+        await put_everywhere([stub_a, stub_b], keys, DATA)
         counting = _CountingKeeper(stub_b)  # type: ignore[abstract]
         async with fake_peer(counting) as keeper:
-            outcomes = await _run_batch(
+            outcomes = await run_batch(
                 stub_a, [drop(key, [keeper], checksum=DIGEST) for key in keys]
             )
         assert {status(o) for o in outcomes} == {"APPLIED"}
@@ -86,7 +72,7 @@ async def test_a_batch_of_drops_asks_its_keeper_once() -> None:
         assert not any(key in a.store for key in keys)
         assert all(key in b.store for key in keys)
         # The keeper keeps its promise: its copies cannot be dropped during the lease.
-        refused = await _run_batch(stub_b, [drop(keys[0], [a.address], checksum=DIGEST)])
+        refused = await run_batch(stub_b, [drop(keys[0], [a.address], checksum=DIGEST)])
         assert reason(refused[0]) in {"KEEP_PROMISED", "NO_CONFIRMED_HOLDER"}
         assert keys[0] in b.store
 
@@ -233,7 +219,7 @@ async def test_a_keepers_mixed_answers_settle_each_drop_by_its_own_answer() -> N
         await _put_many(stub_a, keys)
         await _put_many(stub_b, [key for i, key in enumerate(keys) if i not in missing])
         directives = [drop(key, [b.address]) for key in keys]
-        outcomes = await _run_batch(stub_a, directives)
+        outcomes = await run_batch(stub_a, directives)
         key_of = {d.id: d.key for d in directives}
         applied = {key_of[o.directive_id] for o in outcomes if status(o) == "APPLIED"}
         kept = {key for i, key in enumerate(keys) if i not in missing}
@@ -250,12 +236,10 @@ async def test_siblings_dropping_in_one_batch_each_never_drop_the_last_copies() 
     same moment: for every key at most one drop applies."""
     async with agents(2) as [(a, stub_a), (b, stub_b)]:
         keys = [f"race-{i}" for i in range(300)]
-        for key in keys:
-            await put(stub_a, key, DATA)
-            await put(stub_b, key, DATA)
+        await put_everywhere([stub_a, stub_b], keys, DATA)
         first, second = await asyncio.gather(
-            _run_batch(stub_a, [drop(key, [b.address], checksum=DIGEST) for key in keys]),
-            _run_batch(stub_b, [drop(key, [a.address], checksum=DIGEST) for key in keys]),
+            run_batch(stub_a, [drop(key, [b.address], checksum=DIGEST) for key in keys]),
+            run_batch(stub_b, [drop(key, [a.address], checksum=DIGEST) for key in keys]),
         )
         by_key = {o.directive_id: o for o in [*first, *second]}
         assert len(by_key) == 2 * len(keys)
@@ -283,7 +267,7 @@ async def test_a_mixed_batch_answers_every_directive_as_if_sent_alone() -> None:
             drop("dropped", [b.address], checksum=DIGEST),  # the same key under another id
             drop("absent", [b.address]),
         ]
-        outcomes = {o.directive_id: o for o in await _run_batch(stub_a, batch)}
+        outcomes = {o.directive_id: o for o in await run_batch(stub_a, batch)}
         assert status(outcomes[batch[0].id]) == "APPLIED"
         assert status(outcomes[batch[1].id]) == "APPLIED"
         assert reason(outcomes[batch[2].id]) == "PINNED"
@@ -299,7 +283,7 @@ async def test_a_mixed_batch_answers_every_directive_as_if_sent_alone() -> None:
             False,
         )
         # Idempotent by id, also across batches: the repeated id is answered, not run again.
-        again = await _run_batch(stub_a, [repeated])
+        again = await run_batch(stub_a, [repeated])
         assert (again[0].duplicate, status(again[0])) == (True, "APPLIED")
         assert [k.key for k in (await poll(stub_c)).keys] == []
 
@@ -381,9 +365,7 @@ async def test_ids_repeated_while_their_batch_runs_get_the_batch_outcomes() -> N
     and is not carried out again."""
     async with agents(2) as [(a, stub_a), (_, stub_b)]:
         keys = [f"shared-{i}" for i in range(50)]
-        for key in keys:
-            await put(stub_a, key, DATA)
-            await put(stub_b, key, DATA)
+        await put_everywhere([stub_a, stub_b], keys, DATA)
         gated = _GatedKeeper(stub_b)  # type: ignore[abstract]
         async with fake_peer(gated) as keeper, directive_stream(stub_a) as amm:
             batch = [drop(key, [keeper], checksum=DIGEST) for key in keys]

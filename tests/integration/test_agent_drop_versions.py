@@ -6,7 +6,7 @@ agents run in process."""
 from __future__ import annotations
 
 from amm.base.checksum import checksum
-from amm.v1 import agent_pb2, types_pb2
+from amm.v1 import agent_pb2
 from tests.support.agent import (
     agents,
     directive_stream,
@@ -14,7 +14,9 @@ from tests.support.agent import (
     new_id,
     poll,
     put,
+    put_everywhere,
     replicate,
+    run_batch,
     status,
 )
 
@@ -23,9 +25,7 @@ DATA = b"the value" * 1000
 
 async def test_a_single_drop_says_when_its_key_was_gone_and_a_repeat_says_the_same() -> None:
     async with agents(2) as [(a, stub_a), (b, stub_b)]:
-        for key in ("k", "pinned"):
-            await put(stub_a, key, DATA)
-            await put(stub_b, key, DATA)
+        await put_everywhere([stub_a, stub_b], ("k", "pinned"), DATA)
         await stub_a.Pin(agent_pb2.PinRequest(key="pinned"))
         async with directive_stream(stub_a) as amm:
             directive = drop("k", [b.address], checksum=checksum(DATA))
@@ -60,19 +60,10 @@ async def test_a_single_drop_says_when_its_key_was_gone_and_a_repeat_says_the_sa
 async def test_each_drop_of_a_batch_says_the_version_its_key_was_gone_at() -> None:
     async with agents(2) as [(a, stub_a), (b, stub_b)]:
         keys = [f"k{i}" for i in range(30)]
-        for key in keys:
-            await put(stub_a, key, DATA)
-            await put(stub_b, key, DATA)
+        await put_everywhere([stub_a, stub_b], keys, DATA)
         before = a.store.version
         batch = [drop(key, [b.address], checksum=checksum(DATA), id=new_id()) for key in keys]
-        outcomes: list[types_pb2.DirectiveOutcome] = []
-        async with directive_stream(stub_a) as amm:
-            await amm.send_batch(batch)
-            while len(outcomes) < len(batch):
-                response = await amm.next_response(within=20)
-                assert response is not None, "the stream ended before every outcome"
-                assert response.incarnation == a.incarnation
-                outcomes.extend(response.batch)
+        outcomes = await run_batch(stub_a, batch, incarnation=a.incarnation)
         assert {status(o) for o in outcomes} == {"APPLIED"}
         versions = sorted(o.dropped_version for o in outcomes)
         # One removal each, in turn: every key gone at the version its own removal made.

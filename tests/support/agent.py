@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any, TypeAlias, TypeVar
 
@@ -68,6 +68,13 @@ async def put(
         for i in range(0, len(data), chunk_size)
     ]
     return await stub.Put(iter(messages))
+
+
+async def put_everywhere(stubs: Sequence[Stub], keys: Iterable[str], data: bytes) -> None:
+    """``data`` put under each of ``keys`` on every agent of ``stubs``: a key held by several."""
+    for key in keys:
+        for stub in stubs:
+            await put(stub, key, data)
 
 
 async def put_raw(stub: Stub, messages: list[agent_pb2.PutRequest]) -> agent_pb2.PutResponse:
@@ -165,6 +172,25 @@ async def directive_stream(stub: Stub) -> AsyncIterator[DirectiveStream]:
         yield stream
     finally:
         await stream.close()
+
+
+async def run_batch(
+    stub: Stub, directives: list[types_pb2.Directive], *, incarnation: str | None = None
+) -> list[types_pb2.DirectiveOutcome]:
+    """Send ``directives`` as one batch message; the outcomes, each once, in arrival order.
+    With ``incarnation``, every answer must say it came from that agent process."""
+    outcomes: list[types_pb2.DirectiveOutcome] = []
+    async with directive_stream(stub) as amm:
+        await amm.send_batch(directives)
+        while len(outcomes) < len(directives):
+            response = await amm.next_response(within=20)
+            assert response is not None, "the stream ended before every outcome"
+            assert not response.HasField("outcome"), "a batch is answered with batches"
+            if incarnation is not None:
+                assert response.incarnation == incarnation
+            outcomes.extend(response.batch)
+    assert sorted(o.directive_id for o in outcomes) == sorted(d.id for d in directives)
+    return outcomes
 
 
 def status(outcome: types_pb2.DirectiveOutcome) -> str:
