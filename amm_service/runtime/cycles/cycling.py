@@ -287,8 +287,7 @@ class Cycles:
     def _short(self, workers: set[WorkerId]) -> bool:
         """Whether one of ``workers`` has fewer than ``FEED`` directives in hand: it would soon
         wait for work the AMM has planned and not sent."""
-        in_hand = self._dispatcher.in_hand
-        return any(in_hand(worker) < FEED for worker in workers)
+        return self._dispatcher.short(workers, FEED)
 
     async def _keep_ahead(self, workers: set[WorkerId]) -> None:
         """Wait while each of ``workers`` (those a slice just sent went to) has ``FEED``

@@ -246,6 +246,10 @@ class Dispatcher:
         stream = self._streams.get(worker)
         return len(stream.unanswered) if stream is not None and stream.open else 0
 
+    def short(self, workers: Collection[WorkerId], mark: int) -> bool:
+        """Whether one of ``workers`` has fewer than ``mark`` directives in hand."""
+        return any(self.in_hand(worker) < mark for worker in workers)
+
     async def ran_short(self, workers: Collection[WorkerId], mark: int) -> None:
         """Wait until one of ``workers`` has fewer than ``mark`` directives in hand (its stream
         ended, or never opened), the dispatcher closes or ``wake`` is called. One waiter at a
@@ -253,7 +257,7 @@ class Dispatcher:
         polling."""
         watch = self._watch
         watch.event.clear()
-        if self._closed or any(self.in_hand(worker) < mark for worker in workers):
+        if self._closed or self.short(workers, mark):
             return
         watch.workers, watch.mark = workers, mark
         try:
