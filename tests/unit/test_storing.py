@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import tracemalloc
 
 import pytest
 
 from amm_service.decisions.view import ClusterState, Key, KeyReport, Memory, WorkerId, WorkerStatus
 from amm_service.runtime.loop import pacing
+from amm_service.runtime.records import storing as storing_module
 from amm_service.runtime.records.storing import POLLED_STEP, Storing
 
 W = WorkerId("127.0.0.1:7001")
@@ -186,3 +188,63 @@ def test_a_round_that_ends_while_another_judges_leaves_the_notes_to_it(
 
     asyncio.run(main())
     assert len(storing) == 0
+
+
+def test_the_notes_of_a_big_put_cost_about_the_bytes_of_its_keys() -> None:
+    """A Put of 100k keys on 4 workers was noted as a dictionary entry per key and worker
+    (and each worker's question brought strings of its own): 43 MiB of the AMM, still held
+    when the first poll after the Put filled the view, the AMM's peak."""
+    keys = [f"key-{i:07}" for i in range(100_000)]  # 11 characters each
+    clock = Clock()
+    state = ClusterState()
+    workers = [WorkerId(f"127.0.0.1:{7001 + n}") for n in range(4)]
+    for w in workers:
+        state.register(w, "w", "i1", now=clock.now)
+    storing = Storing(clock)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for w in workers:
+            assert storing.note(state, w, "i1", keys) == len(keys)
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert held / (len(workers) * len(keys)) < 16, f"{held / 400_000:.1f} bytes per note"
+    assert storing.take(workers[0]) == set(keys)
+
+
+def test_keys_holding_the_separator_are_noted_as_they_came() -> None:
+    odd = ["a\x00b", "\x00", "plain"]
+    clock, state, storing = _noting(odd)
+    assert storing.take(W) == set(odd)
+    clock, state, storing = _noting(odd)
+    polled(state, ["\x00"], now=clock.now + 1)
+    asyncio.run(storing.polled(state))
+    assert storing.take(W) == {"a\x00b", "plain"}
+
+
+def test_notes_beyond_the_most_per_worker_are_not_made(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(storing_module, "MAX_NOTED", 5)
+    clock, state, storing = _noting(["a", "b", "c"])
+    assert storing.note(state, W, "i1", ["d", "e", "f", "g"]) == 2
+    assert storing.note(state, W, "i1", ["h"]) == 0
+    polled(state, ["a", "b"], now=clock.now + 1)
+    asyncio.run(storing.polled(state))  # two notes end: room for two more
+    assert storing.note(state, W, "i1", ["h", "i", "j"]) == 2
+    assert storing.take(W) == {"c", "d", "e", "h", "i"}
+
+
+def test_many_puts_of_one_key_end_in_one_round() -> None:
+    """A Put of one key is a batch of its own: a round ends thousands of them, and keeps
+    those whose keys no poll listed yet."""
+    keys = [f"k{i}" for i in range(3 * POLLED_STEP)]
+    clock = Clock()
+    state = ClusterState()
+    state.register(W, "w", "i1", now=clock.now)
+    storing = Storing(clock)
+    for key in keys:
+        storing.note(state, W, "i1", [key])
+    polled(state, keys[1:], now=clock.now + 1)
+    asyncio.run(storing.polled(state))
+    assert len(storing) == 1
+    assert storing.take(W) == {keys[0]}

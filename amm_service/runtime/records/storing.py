@@ -7,6 +7,11 @@ knew of, so nothing reported them lost. The AMM notes them here, and the removal
 counts its notes as held (``Losses.losing``): a key no other worker holds is then reported
 lost. A note ends when a poll lists the key, or when a poll answered after the longest a Put
 may take shows the key did not arrive (the Put failed): that key was never acknowledged.
+
+The keys of one question are noted together, packed in one string (``_Batch``): a dictionary
+entry and a string object per key and worker made the notes of a Put of 100k keys on 4 workers
+43 MiB of the AMM's memory, as much as its whole view of those keys, and still held when the
+first poll after the Put filled the view (the AMM's peak).
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from __future__ import annotations
 import itertools
 import logging
 import operator
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 from amm_service.decisions.view import ClusterState, Key, KeyView, WorkerId
 from amm_service.runtime.loop.pacing import Budget
@@ -30,9 +35,56 @@ MAX_NOTED = 200_000
 #: Notes judged in one slice of ``Storing.polled``.
 POLLED_STEP = 2_000
 
+#: What separates the keys of a batch packed in one string. A key may hold it (keys are any
+#: UTF-8): a batch with such a key keeps its keys as they came.
+SEP = "\x00"
+
 #: A key the state does not list; whether a worker is among its holders; the holders of one.
 _NOTHING = itertools.repeat(KeyView(Key(""), 0, "", frozenset()))
 _HOLDERS = operator.itemgetter(3)
+
+
+class _Batch:
+    """The keys of one question, noted at one time."""
+
+    __slots__ = ("at", "count", "packed")
+
+    def __init__(self, at: float, keys: Sequence[str]) -> None:
+        self.at = at
+        self.count = 0
+        self.packed: str | tuple[str, ...] = ""
+        self.hold(keys)
+
+    def hold(self, keys: Sequence[str]) -> None:
+        if not keys:
+            self.packed, self.count = "", 0
+            return
+        packed = SEP.join(keys)
+        # One separator fewer than keys, or a key holds one: then the keys as they came.
+        self.packed = packed if packed.count(SEP) == len(keys) - 1 else tuple(keys)
+        self.count = len(keys)
+
+    def keys(self) -> list[Key]:
+        if not self.count:
+            return []
+        if isinstance(self.packed, tuple):
+            return list(map(Key, self.packed))
+        return self.packed.split(SEP)  # type: ignore[return-value]  # Key is a str
+
+
+class _Notes:
+    """One worker process's notes: its batches, oldest first, and how many keys they name (a
+    key noted twice counts twice)."""
+
+    __slots__ = ("batches", "count", "incarnation")
+
+    def __init__(self, incarnation: str) -> None:
+        self.incarnation = incarnation
+        self.batches: list[_Batch] = []
+        self.count = 0
+
+    def keys(self) -> set[Key]:
+        return set().union(*(batch.keys() for batch in self.batches))
 
 
 class Storing:
@@ -41,9 +93,7 @@ class Storing:
     def __init__(self, clock: Callable[[], float], *, window: float = PUT_WINDOW) -> None:
         self._clock = clock
         self._window = window
-        self._notes: dict[WorkerId, tuple[str, dict[Key, float]]] = {}
-        #: Per worker, how many times notes were made: whether any was while a round judged.
-        self._made: dict[WorkerId, int] = {}
+        self._notes: dict[WorkerId, _Notes] = {}
         self._judging = False
 
     def note(self, state: ClusterState, worker: str, incarnation: str, keys: Iterable[str]) -> int:
@@ -56,38 +106,33 @@ class Storing:
         address = WorkerId(worker)
         known = self._notes.get(address)
         if known is None:
-            known = (incarnation, {})
-            self._notes[address] = known
-        elif known[0] != incarnation:
+            known = self._notes[address] = _Notes(incarnation)
+        elif known.incarnation != incarnation:
             return 0  # the replaced process's notes are taken first (``take``)
-        notes = known[1]
-        now = self._clock()
-        noted = 0
-        for key in keys:
-            if len(notes) >= MAX_NOTED and key not in notes:
-                log.warning(
-                    "%s is storing more than %d keys no poll has listed yet: further ones are "
-                    "not noted, and would not be reported lost if it died before a poll",
-                    address,
-                    MAX_NOTED,
-                )
-                break
-            notes[Key(key)] = now
-            noted += 1
-        self._made[address] = self._made.get(address, 0) + 1
-        return noted
+        wanted = list(keys)
+        room = MAX_NOTED - known.count
+        if len(wanted) > room:
+            log.warning(
+                "%s is storing more than %d keys no poll has listed yet: further ones are "
+                "not noted, and would not be reported lost if it died before a poll",
+                address,
+                MAX_NOTED,
+            )
+            wanted = wanted[: max(0, room)]
+        if wanted:
+            known.batches.append(_Batch(self._clock(), wanted))
+            known.count += len(wanted)
+        return len(wanted)
 
     async def polled(self, state: ClusterState) -> None:
         """After a round of polls: end the notes of keys their worker now lists, and of keys
         whose Put window passed before the worker's last poll without them.
 
-        ``POLLED_STEP`` notes at a time, the event loop let in between (``pacing.Budget``):
-        all at once, the first poll round after a Put of 100k keys on 4 workers held the AMM's
-        loop for 80-100 ms of CPU. A note made again meanwhile is judged at the next round.
-
-        The usual slice (no note made meanwhile, none past its window) is judged in C-level
-        passes: a Python step per note took 0.4 CPU-s for the 400k notes of a 100k x 4 Put,
-        every one of them before the first cycle after it could plan.
+        ``POLLED_STEP`` notes at a time, in C-level passes, the event loop let in between
+        (``pacing.Budget``): all at once, the first poll round after a Put of 100k keys on 4
+        workers held the AMM's loop for 80-100 ms of CPU, and a Python step per note took 0.4
+        CPU-s for its 400k notes, every one of them before the first cycle after it could plan.
+        The batches noted while a round judges are judged at the next round.
 
         One round judges at a time: a round that ends while another judges leaves it to that
         one and the next (a cycle's round, ending with a round of polls made while the AMM was
@@ -106,40 +151,42 @@ class Storing:
             known = self._notes.get(address)
             if known is None:
                 continue
-            incarnation, notes = known
             ws = state.worker(address)
-            if ws is None or ws.incarnation != incarnation:
+            if ws is None or ws.incarnation != known.incarnation:
                 continue  # its removal or restart takes the notes (``take``)
             if ws.last_poll is None:
                 continue
             settled = ws.last_poll - self._window
-            # A copy and its keys, not its items: 100k (key, time) pairs made the garbage
-            # collector run a hundred times, holding the AMM's loop for 20 ms (``loop_probe``).
-            noted = notes.copy()
-            keys = list(noted)
-            expiring = bool(noted) and min(noted.values()) < settled
-            made = self._made.get(address, 0)
-            for start in range(0, len(keys), POLLED_STEP):
-                if start:
-                    await pace()
-                    if self._notes.get(address) is not known:
-                        break  # taken meanwhile
-                listed = state.keys
-                chunk = keys[start : start + POLLED_STEP]
-                if not expiring and self._made.get(address, 0) == made:
-                    holders = map(_HOLDERS, map(listed.get, chunk, _NOTHING))
-                    held = map(frozenset.__contains__, holders, itertools.repeat(address))
-                    for key in itertools.compress(chunk, held):
-                        notes.pop(key, None)
+            for batch in list(known.batches):
+                if batch.at < settled:
+                    self._end(known, batch, [])  # the Put's window passed: listed or failed
                     continue
-                for key in chunk:
-                    at = noted[key]
-                    if notes.get(key) != at:
-                        continue
-                    if at < settled or ((kv := listed.get(key)) and address in kv.holders):
-                        del notes[key]
-            if not notes and self._notes.get(address) is known:
+                keys = batch.keys()
+                left: list[Key] = []
+                for start in range(0, len(keys), POLLED_STEP):
+                    if start:
+                        await pace()
+                        if self._notes.get(address) is not known:
+                            return  # taken meanwhile
+                    chunk = keys[start : start + POLLED_STEP]
+                    holders = map(_HOLDERS, map(state.keys.get, chunk, _NOTHING))
+                    held = map(frozenset.__contains__, holders, itertools.repeat(address))
+                    left += itertools.compress(chunk, map(operator.not_, held))
+                self._end(known, batch, left)
+                if await pace() and self._notes.get(address) is not known:
+                    return
+            # Batches noted meanwhile were appended: they stay (a remove each would be a pass
+            # over all the batches, and a Put of one key is a batch).
+            known.batches = [batch for batch in known.batches if batch.count]
+            if not known.batches and self._notes.get(address) is known:
                 del self._notes[address]
+
+    @staticmethod
+    def _end(known: _Notes, batch: _Batch, left: list[Key]) -> None:
+        """End the notes of ``batch`` but those of ``left`` (none left: the batch is empty, and
+        dropped at the end of the round)."""
+        known.count -= batch.count - len(left)
+        batch.hold(left)
 
     def take(
         self, worker: WorkerId, *, incarnation: str | None = None, other_than: str | None = None
@@ -149,11 +196,13 @@ class Storing:
         known = self._notes.get(worker)
         if known is None:
             return frozenset()
-        if (incarnation is not None and known[0] != incarnation) or known[0] == other_than:
+        if (incarnation is not None and known.incarnation != incarnation) or (
+            known.incarnation == other_than
+        ):
             return frozenset()
         del self._notes[worker]
-        self._made.pop(worker, None)
-        return frozenset(known[1])
+        return frozenset(known.keys())
 
     def __len__(self) -> int:
-        return sum(len(notes) for _, notes in self._notes.values())
+        """Keys noted, each once per worker (for tests and reports: it unpacks every batch)."""
+        return sum(len(notes.keys()) for notes in self._notes.values())
