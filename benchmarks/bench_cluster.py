@@ -71,7 +71,10 @@ TEXT_CELL = 48
 #: Milliseconds between two beats of the loop probe when on time (``loop_probe.BEAT``).
 LOOP_BEAT_MS = 5.0
 #: Control calls whose latency is measured while the AMM converges.
-PROBES = ("running", "status", "who_has", "holds_keys")
+#: ``who_has`` is fresh (the client's default: the AMM asks every agent); ``who_has_view`` is
+#: the wire's default (``fresh`` unset: answered from the AMM's view, what grpcurl gets). Added
+#: last, so that the older figures keep their names and places.
+PROBES = ("running", "status", "who_has", "holds_keys", "who_has_view")
 
 Figures = dict[str, Any]
 
@@ -210,7 +213,8 @@ async def _amm_probe(
     loops: tuple[LoopCpu, LoopCpu] | None = None,
 ) -> None:
     """Control calls in a loop, one at a time, on a channel of their own. ``who_has`` is the
-    client's default, fresh: the AMM asks every agent for the key before it answers.
+    client's default, fresh: the AMM asks every agent for the key before it answers;
+    ``who_has_view`` is the wire's default, answered from the AMM's view of the cluster.
     ``holds_keys`` asks every agent at once directly (HoldsKeys, no AMM): the agents' share of
     a fresh ``who_has``. ``loops`` (the AMM's, the agents') also measure the loop CPU each
     call was in flight for: the AMM's, or the busiest agent's for ``holds_keys``."""
@@ -230,6 +234,7 @@ async def _amm_probe(
             "status": client.status,
             "who_has": lambda: client.who_has([key]),
             "holds_keys": holds_keys,
+            "who_has_view": lambda: client.who_has([key], fresh=False),
         }
         while not stop.is_set():
             for name, call in calls.items():
@@ -979,7 +984,8 @@ def _notes(args: argparse.Namespace, dask_note: str) -> list[str]:
         "amm's AMM runs in its own process; Dask's scheduler runs in this one (LocalCluster), so "
         "its CPU and RSS include this script's client and threads.",
         "latency: one call at a time in a loop while converging; who_has is fresh (amm asks "
-        "every agent for the key first); Dask's status() is scheduler_info(). Dask counts no "
+        "every agent for the key first), who_has_view is not (the wire's default: amm answers "
+        "from what it knows); Dask's status() is scheduler_info(). Dask counts no "
         "cycles or directives.",
         "replicate: amm sets a goal n=2 that its running AMM carries out; Dask's "
         "Client.replicate copies with its AMM off (its ReduceReplicas would undo it).",

@@ -23,6 +23,7 @@ from amm_service.decisions.directive import Outcome, OutcomeStatus
 from amm_service.decisions.view import Measure, WorkerId, WorkerView
 from amm_service.errors import AmmServiceError, InvalidArgument, PermissionDenied
 from amm_service.runtime.links.addresses import address_order
+from amm_service.runtime.loop.pacing import arrived
 from amm_service.runtime.manager import ActiveMemoryManager
 from amm_service.runtime.observe.event_feed import Gap
 from amm_service.runtime.records.cycle import CycleRecord, DirectiveRecord
@@ -40,12 +41,14 @@ _Handler = Callable[[Any, Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[_R
 
 
 def _edge(handler: _Handler[_Resp]) -> _Handler[_Resp]:
-    """Map domain errors to statuses; keep tracebacks off the wire."""
+    """Map domain errors to statuses; keep tracebacks off the wire. The call has arrived: bulk
+    work no longer hurries for it (``pacing.watch_arrivals``)."""
 
     @functools.wraps(handler)
     async def wrapped(
         self: Any, request: Any, context: grpc.aio.ServicerContext[Any, Any]
     ) -> _Resp:
+        arrived()
         try:
             return await handler(self, request, context)
         except AmmServiceError as err:

@@ -25,6 +25,7 @@ from amm_service.config import AmmConfig
 from amm_service.policies import Policy, build_all
 from amm_service.runtime import metrics
 from amm_service.runtime.loop.loop_probe import maybe_probe
+from amm_service.runtime.loop.pacing import watch_arrivals
 from amm_service.runtime.manager import ActiveMemoryManager
 from amm_service.runtime.records.state import StateStore
 
@@ -73,6 +74,7 @@ class AmmServer:
         self.token_address: str | None = None
 
     async def start(self) -> None:
+        watch_arrivals(asyncio.get_running_loop())  # control calls arrive before bulk work
         self._store = StateStore(self.config.state_path)
         try:
             self.manager = ActiveMemoryManager(

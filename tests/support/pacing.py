@@ -8,6 +8,9 @@ import gc
 import time
 from collections.abc import Awaitable, Callable
 
+from amm_service.runtime.loop.pacing import Budget
+from tests.support.waiting import wait_for
+
 #: Bulk loops at once, as a big cycle's polls and streams, or an agent's batches in hand.
 BULK_LOOPS = 3
 #: CPU seconds of one slice of bulk work between two breaths.
@@ -49,3 +52,31 @@ async def call_cpu(
         if collecting:
             gc.enable()
     return spent
+
+
+class PacedBulk:
+    """Bulk work in the AMM's loop, paced as a cycle's is (``pacing.Budget``), in slices of a
+    millisecond of work each by its own clock (no real work: the test counts, it does not
+    time): how many slices it did, and how many times it breathed."""
+
+    SLICE = 0.001
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.slices = 0
+        self.breaths = 0
+        self.stop = False
+
+    async def run(self) -> None:
+        pace = Budget(clock=lambda: self.now)
+        while not self.stop:
+            self.now += self.SLICE
+            self.slices += 1
+            if await pace():
+                self.breaths += 1
+
+    async def per_breath(self, slices: int = 50) -> float:
+        """Slices per breath over the next ``slices`` slices."""
+        start = (self.slices, self.breaths)
+        await wait_for(lambda: self.slices - start[0] >= slices, what="bulk slices")
+        return (self.slices - start[0]) / max(1, self.breaths - start[1])

@@ -66,7 +66,17 @@ class KeyLookups:
         state; the workers that did not answer, taken as the state knows them)."""
         wanted = [Key(k) for k in dict.fromkeys(keys)]
         workers = list(self._state.worker_ids)
-        answers = await asyncio.gather(*(self._ask(w, wanted) for w in workers))
+        # Every call is started here, in this turn of the loop, and awaited in turn: wrapped in
+        # tasks (``gather``), each began a turn later, and a turn of the loop is a slice of
+        # bulk work or more.
+        request = agent_pb2.HoldsKeysRequest(keys=wanted)
+        calls = [self._ask(w, request) for w in workers]
+        try:
+            answers = [await self._answer(call) for call in calls]
+        finally:
+            for call in calls:  # those still under way when this was cancelled
+                if call is not None:
+                    call.cancel()
         found: dict[Key, set[WorkerId]] = {}
         silent: list[WorkerId] = []
         state = self._state
@@ -88,13 +98,27 @@ class KeyLookups:
                 found.setdefault(key, set()).add(worker)
         return found, silent
 
-    async def _ask(self, worker: WorkerId, keys: list[Key]) -> tuple[str, list[KeyReport]] | None:
-        """(its incarnation, the keys ``worker`` holds among ``keys``); None when it did not
-        answer."""
+    def _ask(
+        self, worker: WorkerId, request: agent_pb2.HoldsKeysRequest
+    ) -> grpc.aio.UnaryUnaryCall[agent_pb2.HoldsKeysRequest, agent_pb2.HoldsKeysResponse] | None:
+        """The call asking ``worker`` which of the keys of ``request`` it holds, under way; None
+        when it cannot be asked (the links are closing)."""
         try:
-            response = await self._links.quick(worker).HoldsKeys(
-                agent_pb2.HoldsKeysRequest(keys=keys), timeout=self._timeout
-            )
+            return self._links.quick(worker).HoldsKeys(request, timeout=self._timeout)
+        except RuntimeError:
+            return None
+
+    async def _answer(
+        self,
+        call: grpc.aio.UnaryUnaryCall[agent_pb2.HoldsKeysRequest, agent_pb2.HoldsKeysResponse]
+        | None,
+    ) -> tuple[str, list[KeyReport]] | None:
+        """(its incarnation, the keys it holds among those asked); None when it did not
+        answer."""
+        if call is None:
+            return None
+        try:
+            response = await call
         except grpc.aio.AioRpcError:
             return None
         except asyncio.CancelledError:
