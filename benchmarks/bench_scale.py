@@ -222,6 +222,7 @@ class Row:
             and self.cycle_max_s < TARGET_CYCLE_S
             and self.stale_events == 0
             and self.stale_max == 0
+            and self.left_at_end == 0
         )
 
 
@@ -581,7 +582,7 @@ registered: agents the AMM listed / agents started, and seconds from starting th
   stops) and the host processes had exited / {wait:g} s after the stop (their unregistration
   was lost). unreg s: seconds from the stop until the AMM listed no worker.
   load: 1-minute load average before and after. target: every agent registered, every measured
-  cycle under {target:g} s, no worker marked stale."""
+  cycle under {target:g} s, no worker marked stale, no ghost."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
