@@ -72,8 +72,14 @@ class Departing:
             while self._waiting:
                 waiting, self._waiting = self._waiting, {}
                 started = time.perf_counter()
-                with gc_paused():
-                    departures = self._state.depart_each(waiting)
+                try:
+                    with gc_paused():
+                        departures = self._state.depart_each(waiting)
+                except Exception as err:  # a bug: the removals waiting fail with it, not hang
+                    for future in waiting.values():
+                        if not future.done():
+                            future.set_exception(err)
+                    continue
                 took = time.perf_counter() - started
                 for worker, future in waiting.items():
                     if not future.done():
