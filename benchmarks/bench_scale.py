@@ -18,9 +18,10 @@ For each agent count it waits until the AMM lists every agent, then follows ``--
 that start after that, sampling ``GetStatus`` (cycle durations, unreachable and stale workers),
 the AMM process (CPU, RSS) and the latency of a ``running()`` call every ``--probe-interval``.
 The first of them polls most agents for the first time (a new connection and a full inventory
-each), so it is the longest. Then every agent stops at once, and the AMM says how many it still
-lists. Agents share the machine's cores with the AMM here, which a deployment would not do: the
-AMM's CPU per cycle is the figure that travels.
+each), so it is the longest. Then every agent stops at once (each unregisters as it stops), and
+the AMM says how many it still lists once they exited, and how long until it listed none.
+Agents share the machine's cores with the AMM here, which a deployment would not do: the AMM's
+CPU per cycle is the figure that travels.
 
     python benchmarks/bench_scale.py                          # 100, 500 and 1000 agents
     python benchmarks/bench_scale.py --agents 100 --cycles 5 --json scale.json
@@ -61,6 +62,8 @@ from worker_agent.store import Key
 
 HOST_READY = "bench-agents ready"
 STOP_TIMEOUT = 15.0
+#: How long after the SIGTERM to every host the AMM is watched for the last worker to go.
+UNREGISTER_WAIT = 15.0
 TARGET_CYCLE_S = 1.0
 SLOW_CALL_S = 0.1
 SIMULATED = (
@@ -196,8 +199,17 @@ class Row:
     running_errors: int = 0
     running_slow: list[tuple[float, float]] = field(default_factory=list)
     """(Unix time sent, latency) of every running() call slower than 100 ms."""
+    stop_s: float | None = None
+    """From SIGTERM to every host process until the last one exited (its agents stopped)."""
     left_registered: int | None = None
-    """Workers the AMM still listed once every agent had stopped (and tried to unregister)."""
+    """Workers the AMM still listed once every host had exited (every agent had stopped, and
+    its UnregisterWorker call had been answered or given up on)."""
+    unregistered_s: float | None = None
+    """From SIGTERM to every host process until the AMM listed no worker (None: not within
+    ``UNREGISTER_WAIT``)."""
+    left_at_end: int | None = None
+    """Workers the AMM still listed ``UNREGISTER_WAIT`` after the SIGTERM, or once it listed
+    none: ghosts, whose keys only the liveness rules would take out."""
     load_before: float = 0.0
     load_after: float = 0.0
     errors: list[str] = field(default_factory=list)
@@ -210,6 +222,7 @@ class Row:
             and self.cycle_max_s < TARGET_CYCLE_S
             and self.stale_events == 0
             and self.stale_max == 0
+            and self.left_at_end == 0
         )
 
 
@@ -458,10 +471,37 @@ async def measure(n: int, args: argparse.Namespace, procs: Processes, state: str
         row.running_max_s = max(latencies, default=None)
         await _liveness_at_end(client, row)
         row.load_after = os.getloadavg()[0]
-        # Every agent stops at once and unregisters (with the agent's own short deadline).
-        await asyncio.to_thread(procs.stop_hosts)
-        row.left_registered = (await client.status()).totals.workers
+        await _stop_and_watch(client, procs, row)
     return row
+
+
+async def _stop_and_watch(client: AsyncClient, procs: Processes, row: Row) -> None:
+    """Stop every agent at once (each unregisters, under the agent's own deadline) and follow
+    the AMM's list meanwhile: how many it lists once the hosts exited, and when it lists none."""
+    t0 = time.monotonic()
+    deadline = t0 + UNREGISTER_WAIT
+    stopping = asyncio.create_task(asyncio.to_thread(procs.stop_hosts), name="bench stop hosts")
+    listed: int | None = None
+    while True:
+        try:
+            listed = (await client.status()).totals.workers
+        except AmmError as err:
+            row.errors.append(f"GetStatus while the agents stopped: {err}")
+        if listed == 0 and row.unregistered_s is None:
+            row.unregistered_s = time.monotonic() - t0
+        if stopping.done() and row.stop_s is None:
+            await stopping
+            row.stop_s = time.monotonic() - t0
+            row.left_registered = listed
+        if row.stop_s is not None and (listed == 0 or time.monotonic() >= deadline):
+            break
+        await asyncio.sleep(0.05)
+    row.left_at_end = listed
+    if listed:
+        row.errors.append(
+            f"{listed} agents stopped cleanly but the AMM still listed them "
+            f"{time.monotonic() - t0:.1f} s after the stop"
+        )
 
 
 def run_one(n: int, args: argparse.Namespace) -> Row:
@@ -481,6 +521,10 @@ def _s(value: float | None, unit: float = 1.0, digits: int = 2) -> str:
     return "-" if value is None else f"{value * unit:.{digits}f}"
 
 
+def _n(value: int | None) -> str:
+    return "-" if value is None else str(value)
+
+
 def render(rows: Sequence[Row]) -> str:
     columns = (
         ("agents", 6),
@@ -495,7 +539,8 @@ def render(rows: Sequence[Row]) -> str:
         ("missed polls", 12),
         ("stale", 5),
         ("running() ms", 18),
-        ("left", 5),
+        ("left/ghosts", 11),
+        ("unreg s", 7),
         ("load", 9),
         ("target", 6),
     )
@@ -515,7 +560,8 @@ def render(rows: Sequence[Row]) -> str:
             str(max(r.stale_max, r.stale_events)),
             f"{_s(r.running_p50_s, 1e3, 0)}/{_s(r.running_p99_s, 1e3, 0)}/"
             f"{_s(r.running_max_s, 1e3, 0)}",
-            "-" if r.left_registered is None else str(r.left_registered),
+            f"{_n(r.left_registered)}/{_n(r.left_at_end)}",
+            _s(r.unregistered_s),
             f"{r.load_before:.1f}>{r.load_after:.1f}",
             "met" if r.meets_target else "MISSED",
         )
@@ -531,10 +577,12 @@ registered: agents the AMM listed / agents started, and seconds from starting th
   together). missed polls: most workers one measured cycle could not poll / workers that missed
   any poll in them / most one cycle could not poll while the agents registered. stale: most
   workers flagged STALE at once, or worker-stale events, whichever is larger. running(): latency
-  of a running() call every {probe:g} s during the measured cycles, p50/p99/max. left: workers
-  the AMM still listed after every agent stopped at once (their unregistration was lost).
+  of a running() call every {probe:g} s during the measured cycles, p50/p99/max. left/ghosts:
+  workers the AMM still listed once every agent had stopped at once (each unregisters as it
+  stops) and the host processes had exited / {wait:g} s after the stop (their unregistration
+  was lost). unreg s: seconds from the stop until the AMM listed no worker.
   load: 1-minute load average before and after. target: every agent registered, every measured
-  cycle under {target:g} s, no worker marked stale."""
+  cycle under {target:g} s, no worker marked stale, no ghost."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -602,7 +650,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         }
         args.json.write_text(json.dumps(report, indent=2))
     print(render(rows))
-    print(NOTES.format(target=TARGET_CYCLE_S, probe=args.probe_interval))
+    print(NOTES.format(target=TARGET_CYCLE_S, probe=args.probe_interval, wait=UNREGISTER_WAIT))
     print("simulated: " + SIMULATED.format(per=args.agents_per_process))
     return 0
 

@@ -10,7 +10,8 @@ set, cheap even with a million keys. No I/O here.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Iterator, Mapping
+import itertools
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Literal, NamedTuple, NewType
@@ -297,8 +298,8 @@ class Departure:
         """The state's token of the worker's registration: another one means it registered
         again."""
         self._todo = todo
-        """The keys to look at: every key of the state when it began (those the worker does
-        not hold are passed over)."""
+        """The keys to look at: every key of the state when it began, or those the worker held
+        then (others are passed over; a key it was given since is in the journal)."""
         self._next = 0
         self._uid, self._position = journal.uid, journal.position
         self.made: dict[Key, KeyView] = {}
@@ -325,10 +326,20 @@ class Departure:
     def done(self) -> bool:
         return self._next >= len(self._todo)
 
+    @property
+    def keys(self) -> Sequence[Key]:
+        """The keys it looks at: every key of the state when it began, or those its worker
+        held then (``ClusterState.depart_each``)."""
+        return self._todo
+
+    def begun_under(self, registration: object) -> bool:
+        """Whether it began under ``registration`` (the state's token of the worker's)."""
+        return registration is self._registration
+
     def current(self, registration: object, journal: Journal[Key]) -> set[Key] | None:
         """The keys whose records may have changed since it began (to work out again), or None
         when it cannot be used: the worker registered again, or the journal forgot."""
-        if registration is not self._registration:
+        if not self.begun_under(registration):
             return None
         noted = journal.noted(self._uid, self._position)
         return None if noted is None else set(noted)
@@ -815,6 +826,47 @@ class ClusterState:
         todo = list(self._keys) if self._held.get(worker) else []
         return Departure(worker, self._registrations.get(worker), todo, self.journal)
 
+    def depart_each(self, workers: Iterable[WorkerId]) -> dict[WorkerId, Departure]:
+        """``depart`` of each of ``workers``, in one pass over every key (``held_by_each``):
+        each departure looks only at the keys its worker holds now, not at every key (the
+        journal names those it is given later). A thousand workers leaving at once each made
+        two passes over 100k keys, 15 s of the AMM's loop in all."""
+        held = self.held_by_each(workers)
+        return {
+            worker: Departure(worker, self._registrations.get(worker), keys, self.journal)
+            for worker, keys in held.items()
+        }
+
+    def held_through(self, departure: Departure) -> frozenset[Key]:
+        """``held_by(departure.worker)``, from the keys the departure worked out (see
+        ``_overtaken``), not a pass over every key unless it cannot tell."""
+        overtaken = self._overtaken(departure)
+        if overtaken is None:
+            return self.held_by(departure.worker)
+        return frozenset(overtaken[0])
+
+    def _overtaken(self, departure: Departure) -> tuple[list[Key], set[Key]] | None:
+        """(the keys its worker holds now, the keys it worked out whose records changed since),
+        once it is worked out to the end; None when its worker may hold a key it did not look
+        at (it was given one since: it holds more than it counts) or registered again.
+
+        One look at each key it worked out, not at each key the journal noted since it began:
+        a thousand departures begun together each saw every key the others took out, a
+        million keys and more to look at in all."""
+        worker, records = departure.worker, self._keys
+        if not departure.begun_under(self._registrations.get(worker)):
+            return None
+        self.prepare(departure)
+        changed = {kv.key for kv in departure.replaced if records.get(kv.key) is not kv}
+        held = [kv.key for kv in departure.replaced if kv.key not in changed]
+        for key in itertools.chain(changed, departure.tangled):
+            kv = records.get(key)
+            if kv is not None and worker in kv.holders:
+                held.append(key)
+        if len(held) != self._held.get(worker, 0):
+            return None
+        return held, changed
+
     def prepare(self, departure: Departure, count: int | None = None) -> bool:
         """Work out ``count`` more keys of ``departure`` (all that are left if None); whether
         it is done. Nothing in the state changes."""
@@ -847,7 +899,13 @@ class ClusterState:
         each would, through a ``Departure`` (``departure`` if it can still be used, else one
         worked out now): the new records go in with a few bulk operations."""
         registration = self._registrations.get(worker)
-        redo = None if departure is None else departure.current(registration, self.journal)
+        redo = None
+        if departure is not None:
+            overtaken = self._overtaken(departure)
+            if overtaken is not None:
+                redo = overtaken[1]
+            else:
+                redo = departure.current(registration, self.journal)
         if departure is None or redo is None:
             departure, redo = self.depart(worker), set()
         self.prepare(departure)

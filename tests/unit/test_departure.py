@@ -12,6 +12,7 @@ import pytest
 from amm_service.decisions.journal import Journal
 from amm_service.decisions.view import (
     ClusterState,
+    Departure,
     Key,
     KeyReport,
     Memory,
@@ -111,21 +112,38 @@ def _restart(state: ClusterState, departure: object) -> object:
     return state.register(LEAVER, LEAVER, "i2", 2.0, departure=departure)  # type: ignore[arg-type]
 
 
+def _alone(state: ClusterState) -> Departure:
+    return state.depart(LEAVER)
+
+
+def _together(state: ClusterState) -> Departure:
+    """Begun in one pass with another worker's: it looks only at the keys the leaver holds."""
+    departures = state.depart_each([LEAVER, WORKERS[2]])
+    assert set(departures[LEAVER].keys) == state.held_by(LEAVER)
+    return departures[LEAVER]
+
+
 @pytest.mark.parametrize("seed", range(12))
 @pytest.mark.parametrize("leave", [_unregister, _restart], ids=["unregister", "new incarnation"])
 @pytest.mark.parametrize("churn", [False, True], ids=["quiet", "churn"])
+@pytest.mark.parametrize("begin", [_alone, _together], ids=["alone", "together"])
 def test_a_departure_leaves_the_state_as_one_key_at_a_time_did(
-    seed: int, leave: Callable[[ClusterState, object], object], churn: bool
+    seed: int,
+    leave: Callable[[ClusterState, object], object],
+    churn: bool,
+    begin: Callable[[ClusterState], Departure],
 ) -> None:
     """Plain, pinned, conflicting and last-held keys, with other changes between the steps
-    (made to the reference too); the old one-at-a-time removal is the reference."""
+    (made to the reference too) and after them; the old one-at-a-time removal is the
+    reference. What the leaver holds, worked out from its departure (``held_through``), is
+    ``held_by`` whatever changed."""
     nkeys = 60 + 20 * seed
     ref, new = OneAtATime(track_changes=True), ClusterState(track_changes=True)
     _populate(ref, seed, nkeys)
     _populate(new, seed, nkeys)
     assert _picture(ref, 0) == _picture(new, 0)
     meddle = _churn(seed, nkeys)
-    departure = new.depart(LEAVER)
+    departure = begin(new)
     step = 0
     while not new.prepare(departure, 7):
         step += 1
@@ -133,12 +151,36 @@ def test_a_departure_leaves_the_state_as_one_key_at_a_time_did(
             meddle(ref, step)
             meddle(new, step)
     assert step > 3
+    assert new.held_through(departure) == new.held_by(LEAVER)
+    for after in range(step + 1, step + 4 if churn else step + 1):
+        meddle(ref, after)
+        meddle(new, after)
+        assert new.held_through(departure) == new.held_by(LEAVER)
     starts = ref.journal.position, new.journal.position
     leave(ref, None)
     leave(new, departure)
     expected, got = _picture(ref, starts[0]), _picture(new, starts[1])
     assert got == expected
     assert got["noted"]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_workers_leaving_together_leave_as_one_at_a_time_did(seed: int) -> None:
+    """Departures begun in one pass (``depart_each``), taken in one after another: each sees
+    the records the others changed (the keys they shared) and is worked out again for those,
+    without the journal; what each held is ``held_by``, and the state ends as the reference's."""
+    leaving = WORKERS[:3]
+    ref, new = OneAtATime(track_changes=True), ClusterState(track_changes=True)
+    _populate(ref, seed, 150)
+    _populate(new, seed, 150)
+    departures = new.depart_each(leaving)
+    for departure in departures.values():
+        new.prepare(departure)
+    for worker in leaving:
+        start = ref.journal.position, new.journal.position
+        assert new.held_through(departures[worker]) == new.held_by(worker) == ref.held_by(worker)
+        assert ref.unregister(worker) == new.unregister(worker, departures[worker]) is True
+        assert _picture(new, start[1]) == _picture(ref, start[0])
 
 
 def test_every_shape_of_key_leaves_as_before() -> None:
@@ -201,13 +243,16 @@ def test_preparing_changes_nothing_anyone_reads() -> None:
 
 
 @pytest.mark.parametrize("how", ["journal forgot", "registered again", "full poll"])
-def test_a_departure_overtaken_is_worked_out_again(how: str) -> None:
+@pytest.mark.parametrize("begin", [_alone, _together], ids=["alone", "together"])
+def test_a_departure_overtaken_is_worked_out_again(
+    how: str, begin: Callable[[ClusterState], Departure]
+) -> None:
     """The journal forgot what changed since it began, or the worker is another process now,
     or a full poll replaced its holdings: it is not used, and the removal is as before."""
     pictures = []
     for state in (OneAtATime(track_changes=True), ClusterState(track_changes=True)):
         _populate(state, 5, 300)
-        departure = state.depart(LEAVER)
+        departure = begin(state)
         state.prepare(departure)
         if how == "journal forgot":
             state.journal.limit = 8
@@ -225,6 +270,7 @@ def test_a_departure_overtaken_is_worked_out_again(how: str) -> None:
             _poll(state, LEAVER, [_report(random.Random(2), f"k{i}") for i in range(40)], full=True)
         state.take_changes()
         start = state.journal.position
+        assert state.held_through(departure) == state.held_by(LEAVER)
         state.unregister(LEAVER, departure)
         pictures.append(_picture(state, start))
     assert pictures[0] == pictures[1]
