@@ -324,7 +324,8 @@ class Poller:
     ) -> tuple[agent_pb2.PollResponse, agent_pb2.PollResponse, list[KeyReport]]:
         """Read every page of a full snapshot: (first page, last page, all keys). Nothing is
         merged until every page is in: a poll that fails half-way must leave what we knew
-        whole, not replace it with half an inventory.
+        whole, not replace it with half an inventory (a snapshot of a worker the view holds
+        nothing of replaces nothing: it is merged as read, ``_stream``).
 
         If the agent restarts while we page, its answer is the first page of a new snapshot:
         start over from it.
