@@ -26,7 +26,9 @@ loop's own), for A/B of its CPU per directive. As the AMM does, the heap is froz
 poll round (``pacing.HeapFreezer``), and the ledger entered with the collector paused.
 
 With ``--attribute`` (slower: tracemalloc), it also prints the Python memory held after each
-phase by the structures that hold it, and the lines that allocated the most of it.
+phase by the structures that hold it, and the lines that allocated the most of it, then and at
+the highest the phase was seen to hold (what it leaves is not what it peaked with: the ``sent``
+phase peaks with the directives planned and not answered yet, and the cycle's own tables).
 
     python benchmarks/bench_memory.py                      # 100k keys x 4 on 4 agents
     python benchmarks/bench_memory.py --keys 10000 --attribute
@@ -216,8 +218,19 @@ class _Probe:
         self.base = _status("VmRSS")
         self.cpu = time.process_time()
         self.rows: list[tuple[str, int, int]] = []
+        self._highest: tuple[int, tracemalloc.Snapshot] | None = None
         if attribute:
             tracemalloc.start()
+
+    async def watch(self) -> None:
+        """With ``--attribute``, a snapshot of the Python memory held whenever it is 4 MiB over
+        the highest seen yet in the phase (run as a task: it looks each time the loop turns),
+        so that what a phase holds at its highest is told as well as what it leaves."""
+        while self.attribute:
+            traced = tracemalloc.get_traced_memory()[0]
+            if self._highest is None or traced > self._highest[0] + 4 * MiB:
+                self._highest = (traced, tracemalloc.take_snapshot())
+            await asyncio.sleep(0)
 
     def phase(self, name: str, holders: dict[str, Callable[[], object]]) -> None:
         cpu, self.cpu = time.process_time() - self.cpu, time.process_time()
@@ -240,14 +253,19 @@ class _Probe:
         for what, get in holders.items():
             size = _deep_size(get())
             print(f"  {what:34} {size / MiB:7.1f} MiB  {size / self.nkeys:6.0f} B/key")
-        snap = tracemalloc.take_snapshot().filter_traces(
-            [tracemalloc.Filter(False, tracemalloc.__file__)]
-        )
+        self._sites(tracemalloc.take_snapshot())
+        if self._highest is not None:
+            print(f"  at the phase's highest seen, {self._highest[0] / MiB:.1f} MiB:")
+            self._sites(self._highest[1])
+            self._highest = None
+        tracemalloc.reset_peak()
+
+    def _sites(self, snap: tracemalloc.Snapshot) -> None:
+        snap = snap.filter_traces([tracemalloc.Filter(False, tracemalloc.__file__)])
         for stat in snap.statistics("lineno")[: self.top]:
             frame = stat.traceback[0]
             where = frame.filename.split("/amm_service/")[-1].split("/site-packages/")[-1]
             print(f"    {stat.size / MiB:6.1f} MiB {stat.count:8} blocks  {where}:{frame.lineno}")
-        tracemalloc.reset_peak()
 
 
 def _deep_size(root: object) -> int:
@@ -341,6 +359,7 @@ async def _run(nkeys: int, replicas: int, attribute: bool, top: int, window: boo
     freezer = HeapFreezer()
     gc.callbacks.append(_collecting)
     probe.phase("start", holders())
+    watching = asyncio.create_task(probe.watch())
     await poller.poll_all()
     state.take_changes()
     freezer.freeze()  # after each poll round, as the AMM does with a big state
@@ -388,6 +407,7 @@ async def _run(nkeys: int, replicas: int, attribute: bool, top: int, window: boo
     assert state.nreplicas == nkeys, state.nreplicas
     assert len(ledger) == 0, len(ledger)
     await dispatcher.close()
+    watching.cancel()
     return probe.base
 
 

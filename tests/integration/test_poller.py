@@ -20,6 +20,7 @@ from amm.base.checksum import checksum
 from amm.v1 import agent_pb2, agent_pb2_grpc, types_pb2
 from amm_service import wire
 from amm_service.decisions.view import ClusterState, KeyReport, WorkerId
+from amm_service.decisions.view import Key as ViewKey
 from amm_service.runtime.links.agents import AgentLinks
 from amm_service.runtime.links.poller import MERGE_STEP, Poller
 from amm_service.runtime.loop import pacing
@@ -248,10 +249,12 @@ class _Unmerged(ClusterState):
         super().__init__()
         self.read = self.merged = 0
         self.ahead: list[int] = []
+        self.versions: list[int] = []
 
     def apply_poll(self, address: WorkerId, *, keys: Iterable[KeyReport], **rest: Any) -> None:
         keys = list(keys)
         self.ahead.append(self.read - self.merged - len(keys))
+        self.versions.append(rest["version"])
         self.merged += len(keys)
         super().apply_poll(address, keys=keys, **rest)
 
@@ -321,13 +324,24 @@ class _Recording(ClusterState):
         super().apply_poll(address, keys=keys, **rest)
 
 
+def _known_to_hold(state: ClusterState, workers: list[WorkerId], key: str) -> None:
+    """``state`` holds ``key`` on each of ``workers`` (registered as ``_polling`` does): their
+    full snapshots then replace what is known, and are read whole before they are merged."""
+    for worker in workers:
+        state.apply_lookup(
+            worker, incarnation="i", held=[KeyReport(ViewKey(key), 1, "c" * 64)], absent=[]
+        )
+
+
 async def test_snapshots_read_at_once_share_one_report_per_key() -> None:
-    """At start-up every agent sends its whole inventory at once and a snapshot is merged only
-    when all its pages are in: the reports of keys that several agents hold are one object each,
-    not one per agent (400k reports, 97 MiB, with 100k keys on 4 agents)."""
+    """A snapshot that replaces what the view holds of a worker is merged only when all its
+    pages are in, and several can come at once (agents restarted together): the reports of keys
+    that several agents hold are one object each, not one per agent (400k reports, 97 MiB,
+    with 100k keys on 4 agents)."""
     state = _Recording()
     host = _SameInventory(3)  # type: ignore[abstract]
     async with _workers(host, 3) as workers, _polling(state, workers) as poller:
+        _known_to_hold(state, workers, "old")
         assert await poller.poll_all() == []
     assert len(state.reports) == 18
     assert len({id(report) for report in state.reports}) == 6
@@ -371,12 +385,14 @@ async def test_the_next_page_of_a_snapshot_is_asked_for_while_this_one_is_read(
 ) -> None:
     """The agent builds a snapshot's next page while the AMM reads the last one: a cold 100k-key
     snapshot of 4 agents read page after page, each side waiting on the other, left the AMM half
-    idle. Still nothing is merged before every page is in."""
+    idle. Still nothing is merged before every page is in when the snapshot replaces what the
+    view holds of the worker."""
     monkeypatch.setattr(pacing, "BUDGET", 0.0)  # a breath after every step of reading
     state = unmerged
     per_page = 20 * MERGE_STEP
     host = _PagedSnapshot(3, per_page, state)  # type: ignore[abstract]
     async with _workers(host, 1) as [worker], _polling(state, [worker]) as poller:
+        _known_to_hold(state, [worker], "old")
         assert await poller.poll_all() == []
     assert len(state.held_by(worker)) == 3 * per_page
     asked = host.read_when_asked
@@ -409,19 +425,137 @@ class _HangsOnSecondPage(agent_pb2_grpc.WorkerAgentServicer):
         raise AssertionError("unreachable")
 
 
-async def test_a_snapshot_read_cut_short_ends_the_page_call_under_way() -> None:
+@pytest.mark.parametrize("cold", [False, True])
+async def test_a_snapshot_read_cut_short_ends_the_page_call_under_way(cold: bool) -> None:
     """Cancelled while a page it asked for ahead is under way, a poll ends that call too (the
-    next poll of the agent is not raced by it) and merges nothing."""
+    next poll of the agent is not raced by it). A snapshot that replaces what was known merges
+    nothing; a cold one (merged as read) leaves the worker at version 0, so that the next poll
+    asks for a whole snapshot again."""
     host = _HangsOnSecondPage()  # type: ignore[abstract]
     state = ClusterState()
     async with (
         _workers(host, 1) as [worker],
         _polling(state, [worker], poll_timeout=30.0) as poller,
     ):
+        if not cold:
+            _known_to_hold(state, [worker], "old")
         polling = asyncio.create_task(poller.poll_all())
         await asyncio.wait_for(host.asked_next.wait(), 10)
         polling.cancel()
         with pytest.raises(asyncio.CancelledError):
             await polling
         await asyncio.wait_for(host.ended.wait(), 10)
-    assert state.held_by(worker) == frozenset()
+    known = state.worker(worker)
+    assert known is not None
+    assert known.version == 0
+    assert state.held_by(worker) == ({"k0", "k1", "k2"} if cold else {"old"})
+
+
+async def test_a_cold_snapshot_is_merged_as_it_is_read(
+    unmerged: _Unmerged, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A snapshot of a worker the view holds nothing of is merged a step at a time as its pages
+    are read: read whole first, the cold snapshots of 4 agents of 100k keys held a report per
+    key besides the state they were building (17 MiB of the AMM's peak). The next page is still
+    asked for while this one is read, and the worker's version is the snapshot's only once
+    every step is merged."""
+    monkeypatch.setattr(pacing, "BUDGET", 0.0)
+    state = unmerged
+    per_page = 4 * MERGE_STEP
+    host = _PagedSnapshot(3, per_page, state)  # type: ignore[abstract]
+    async with _workers(host, 1) as [worker], _polling(state, [worker]) as poller:
+        assert await poller.poll_all() == []
+    assert len(state.held_by(worker)) == 3 * per_page
+    assert max(state.ahead) == 0, f"reports read and not merged: {state.ahead}"
+    assert host.read_when_asked[1] < per_page, host.read_when_asked
+    assert state.versions[:12] == [0] * 11 + [1], state.versions  # then the catch-up poll
+    known = state.worker(worker)
+    assert known is not None
+    assert known.version == 1
+
+
+class _FailsMidColdSnapshot(agent_pb2_grpc.WorkerAgentServicer):
+    """A snapshot whose second page never comes (the agent fails half-way); asked again, a
+    whole inventory of other keys in one page."""
+
+    def __init__(self) -> None:
+        self.polls = 0
+
+    async def Poll(self, request: Any, context: Any) -> agent_pb2.PollResponse:
+        self.polls += 1
+        if request.cursor:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "gone half-way")
+        running = types_pb2.WORKER_STATUS_RUNNING
+        first = self.polls == 1
+        keys = [
+            types_pb2.KeyInfo(key=f"{'a' if first else 'b'}{i}", size=1, checksum="c" * 64)
+            for i in range(3)
+        ]
+        return agent_pb2.PollResponse(
+            incarnation="i",
+            version=9,
+            full=True,
+            keys=keys,
+            next_cursor="a2" if first else "",
+            status=running,
+        )
+
+
+async def test_a_cold_snapshot_that_fails_half_way_is_asked_for_whole_again() -> None:
+    """What a cold snapshot merged before it failed stays (it is what the worker held), at
+    version 0: the next poll asks for a whole snapshot, which replaces it."""
+    host = _FailsMidColdSnapshot()  # type: ignore[abstract]
+    state = ClusterState()
+    async with _workers(host, 1) as [worker], _polling(state, [worker]) as poller:
+        assert await poller.poll_all() == [worker]
+        known = state.worker(worker)
+        assert known is not None
+        assert known.version == 0
+        assert state.held_by(worker) == {"a0", "a1", "a2"}
+        assert await poller.poll_all() == []
+    assert state.held_by(worker) == {"b0", "b1", "b2"}
+    known = state.worker(worker)
+    assert known is not None
+    assert known.version == 9
+
+
+class _RestartsWhilePaged(agent_pb2_grpc.WorkerAgentServicer):
+    """A snapshot's first page from incarnation ``i``; asked for the next one, the agent has
+    restarted: its answer is the whole (one-page) snapshot of incarnation ``j``."""
+
+    async def Poll(self, request: Any, context: Any) -> agent_pb2.PollResponse:
+        running = types_pb2.WORKER_STATUS_RUNNING
+        if request.since_version:  # nothing changed since
+            return agent_pb2.PollResponse(incarnation="j", version=5, status=running)
+        restarted = bool(request.cursor)
+        keys = [
+            types_pb2.KeyInfo(key=f"{'b' if restarted else 'a'}{i}", size=1, checksum="c" * 64)
+            for i in range(3)
+        ]
+        return agent_pb2.PollResponse(
+            incarnation="j" if restarted else "i",
+            version=5 if restarted else 3,
+            full=True,
+            keys=keys,
+            next_cursor="" if restarted else "a2",
+            status=running,
+        )
+
+
+async def test_a_cold_snapshot_cut_by_a_restart_is_replaced_by_the_new_one() -> None:
+    """The agent restarts while its cold snapshot is paged: the new process's snapshot
+    replaces what was merged of the old one's, which ``on_replaced`` is told of (to find the
+    keys lost with it)."""
+    host = _RestartsWhilePaged()  # type: ignore[abstract]
+    state = ClusterState()
+    replaced: list[tuple[WorkerId, frozenset[str]]] = []
+    async with (
+        _workers(host, 1) as [worker],
+        _polling(state, [worker], on_replaced=lambda w, held: replaced.append((w, held))) as poller,
+    ):
+        assert await poller.poll_all() == []
+    assert state.held_by(worker) == {"b0", "b1", "b2"}
+    known = state.worker(worker)
+    assert known is not None
+    assert (known.incarnation, known.version) == ("j", 5)
+    assert replaced == [(worker, frozenset({"a0", "a1", "a2"}))]

@@ -203,6 +203,13 @@ class Poller:
         for _ in range(MAX_PAGES):
             if resp.incarnation != incarnation:
                 self._on_restart(worker)
+            if resp.full and self._cold(worker, resp):
+                first, last = await self._stream(worker, incarnation, resp, seen)
+                incarnation = first.incarnation
+                if last is first:
+                    return
+                resp = await self._call(worker, incarnation, since_version=first.version)
+                continue
             if resp.full:
                 with self._shared.reading():
                     first, last, keys = await self._snapshot(worker, resp)
@@ -224,12 +231,101 @@ class Poller:
             resp = await self._call(worker, incarnation, since_version=resp.version)
         log.warning("poll of %s stopped after %d answers", worker, MAX_PAGES)
 
+    def _cold(self, worker: WorkerId, first: agent_pb2.PollResponse) -> bool:
+        """Whether the full snapshot that ``first`` begins can be merged page by page as it is
+        read (``_stream``): the view holds nothing of the worker, so that half of it merged
+        replaces nothing, and the agent is the process it knows (not a restart, whose
+        snapshot replaces what the old one held as a whole)."""
+        known = self._state.worker(worker)
+        return (
+            known is not None
+            and known.incarnation == first.incarnation
+            and not self._state.holding(worker)
+        )
+
+    async def _stream(
+        self,
+        worker: WorkerId,
+        incarnation: str,
+        first: agent_pb2.PollResponse,
+        seen: _Tombstoned,
+    ) -> tuple[agent_pb2.PollResponse, agent_pb2.PollResponse]:
+        """Merge the full snapshot ``first`` begins page by page, ``MERGE_STEP`` keys at a
+        time as they are read, for a worker the view holds nothing of (``_cold``); (first
+        page, last page).
+
+        Read whole before any of it was merged (``_snapshot``), the cold snapshots of 4 agents
+        of 100k keys held a report per key, the table that shared them between agents and a
+        list of them per agent besides the state they were building: 17 MiB of the AMM's peak
+        RSS. Merged as read, one step of reports is alive at a time. Until its last step the
+        worker's version is 0 (nothing known yet), and only then the snapshot's: should the
+        poll fail half-way, the view holds part of what the worker holds (as it does while any
+        snapshot is merged), and the next poll's full snapshot replaces it whole.
+
+        The next page is asked for before this one is merged, as ``_snapshot`` does. If the
+        agent restarts while we page, its answer is the first page of a new snapshot: it
+        replaces what was merged of the old one (``full``), and ``on_replaced`` gets that once
+        the new one is merged."""
+        resp, full, before = first, True, frozenset[Key]()
+        ahead = self._ahead(worker, first.incarnation, first)
+        try:
+            for _ in range(MAX_PAGES):
+                await self._merge_page(
+                    worker, incarnation, first, resp, full=full, last=ahead is None, seen=seen
+                )
+                incarnation, full = first.incarnation, False
+                if ahead is None:
+                    break
+                resp = await ahead
+                if resp.incarnation != first.incarnation:
+                    before = before | self._state.held_by(worker)
+                    first, full = resp, True
+                ahead = self._ahead(worker, first.incarnation, resp)
+        finally:
+            await _end(ahead)
+        if before:
+            self._on_replaced(worker, before)
+        return first, resp
+
+    async def _merge_page(
+        self,
+        worker: WorkerId,
+        incarnation: str,
+        first: agent_pb2.PollResponse,
+        page: agent_pb2.PollResponse,
+        *,
+        full: bool,
+        last: bool,
+        seen: _Tombstoned,
+    ) -> None:
+        """Read and merge one page of the snapshot ``first`` begins, a step at a time (see
+        ``_stream``); ``full``: the first step replaces what the view held of the worker;
+        ``last``: the last step moves the worker's version to the snapshot's."""
+        pb = page.keys
+        starts = range(0, max(len(pb), 1), MERGE_STEP)
+        pace = Budget()
+        for start in starts:
+            if start:
+                await pace()
+            self._apply(
+                worker,
+                incarnation,
+                first,
+                full=full and not start,
+                keys=_read(pb[start : start + MERGE_STEP]),
+                answer=page,
+                seen=seen,
+                version=None if last and start == starts[-1] else 0,
+            )
+            incarnation = first.incarnation
+
     async def _snapshot(
         self, worker: WorkerId, first: agent_pb2.PollResponse
     ) -> tuple[agent_pb2.PollResponse, agent_pb2.PollResponse, list[KeyReport]]:
         """Read every page of a full snapshot: (first page, last page, all keys). Nothing is
         merged until every page is in: a poll that fails half-way must leave what we knew
-        whole, not replace it with half an inventory.
+        whole, not replace it with half an inventory (a snapshot of a worker the view holds
+        nothing of replaces nothing: it is merged as read, ``_stream``).
 
         If the agent restarts while we page, its answer is the first page of a new snapshot:
         start over from it.
@@ -252,12 +348,7 @@ class Poller:
                 ahead = self._ahead(worker, first.incarnation, resp)
                 keys.extend(await _reports(resp, read))
         finally:
-            if ahead is not None:
-                if not ahead.done():
-                    ahead.cancel()
-                    await asyncio.wait([ahead])  # ended before the next poll of this agent
-                if not ahead.cancelled():
-                    ahead.exception()  # taken: nobody reads that page now
+            await _end(ahead)
         return first, resp, keys
 
     def _ahead(
@@ -448,6 +539,18 @@ async def _logged(work: Awaitable[None]) -> None:
         await work
     except Exception:
         log.exception("the bookkeeping after a round of polls failed")
+
+
+async def _end(ahead: asyncio.Task[agent_pb2.PollResponse] | None) -> None:
+    """The page call ``ahead`` ended (cancelled if under way) before the next poll of the agent,
+    its outcome taken: nobody reads that page now."""
+    if ahead is None:
+        return
+    if not ahead.done():
+        ahead.cancel()
+        await asyncio.wait([ahead])
+    if not ahead.cancelled():
+        ahead.exception()
 
 
 async def _reports(
