@@ -130,7 +130,8 @@ class _Stream:
                 for start in range(0, len(drops), COLUMN_STEP):
                     if start or directives:
                         await pace()
-                    writer.add(drops[start : start + COLUMN_STEP])
+                    with gc_paused():
+                        writer.add(drops[start : start + COLUMN_STEP])
             yield request
             del request  # not kept while the next one waits in the queue
 
@@ -171,7 +172,8 @@ class _Stream:
                 items = response.batch
                 if response.HasField("applied"):  # applied drops in columns, after the batch
                     await self._take_all(items, incarnation)
-                    applied = wire.outcomes_from_applied(response.applied, incarnation)
+                    with gc_paused():  # hundreds of tuples, made in C: no collection for them
+                        applied = wire.outcomes_from_applied(response.applied, incarnation)
                     pace = Budget()
                     for start in range(0, len(applied), OUTCOME_STEP):
                         with gc_paused():
