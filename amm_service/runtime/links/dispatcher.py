@@ -132,6 +132,7 @@ class _Stream:
                         await pace()
                     with gc_paused():
                         writer.add(drops[start : start + COLUMN_STEP])
+                del writer  # it holds the message (through its columns)
             yield request
             del request  # not kept while the next one waits in the queue
 
