@@ -6,8 +6,11 @@ servicers never hand-build domain values.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import cast
+import functools
+import operator
+from collections.abc import Callable, Iterable, Sequence
+from itertools import repeat
+from typing import TypeVar, cast
 
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -18,6 +21,7 @@ from amm_service.decisions.directive import Directive, Op, Outcome, OutcomeStatu
 from amm_service.decisions.events import Event
 from amm_service.decisions.view import Key, KeyReport, Measure, Memory, WorkerStatus
 
+_T = TypeVar("_T")
 _DROP = Op.DROP
 """Read once: an Op member is a lookup through ``EnumType`` (ten times a plain attribute)."""
 _OPS = {Op.REPLICATE: types_pb2.DIRECTIVE_OP_REPLICATE, Op.DROP: types_pb2.DIRECTIVE_OP_DROP}
@@ -99,6 +103,86 @@ def directives_request(
     return request
 
 
+_OP = operator.attrgetter("op")
+_EPOCH = operator.attrgetter("epoch")
+_POLICY = operator.attrgetter("policy")
+#: The fields a drop has in columns of its own, read in one C call.
+_DROP_COLUMNS = operator.attrgetter("id", "key", "size", "checksum", "holders", "reason")
+
+
+def split_drops(
+    directives: Sequence[Directive],
+) -> tuple[Sequence[Directive], Sequence[Directive]]:
+    """``directives`` parted into the drops that go in columns (``DropColumns``: those of the
+    epoch and policy of the first drop, which the columns hold once) and the rest, which go in
+    ``batch``. A cycle's slice of drops, the usual case, is told in C-level passes."""
+    if (
+        all(map(operator.is_, map(_OP, directives), repeat(_DROP)))
+        and len(set(map(_EPOCH, directives))) <= 1
+        and len(set(map(_POLICY, directives))) <= 1
+    ):
+        return directives, ()
+    first = next((d for d in directives if d.op is _DROP), None)
+    if first is None:
+        return (), directives
+    epoch, policy = first.epoch, first.policy
+    columns: list[Directive] = []
+    rest: list[Directive] = []
+    for d in directives:
+        (columns if d.op is _DROP and d.epoch == epoch and d.policy == policy else rest).append(d)
+    return columns, rest
+
+
+class DropColumnsWriter:
+    """Writes drops into one ``DropColumns``, a slice at a time (the loop let in between), its
+    tables of keepers and reasons shared by every slice. The drops must share an epoch and a
+    policy (``split_drops``)."""
+
+    def __init__(self, columns: agent_pb2.DropColumns) -> None:
+        self._columns = columns
+        self._keepers: dict[tuple[str, ...], int] = {}
+        self._reasons: dict[str, int] = {}
+
+    def add(self, drops: Sequence[Directive]) -> None:
+        """Append ``drops`` to the columns, each in C-level passes over the slice (``zip`` and
+        ``map``): no message per drop."""
+        if not drops:
+            return
+        columns = self._columns
+        columns.epoch, columns.policy = drops[0].epoch, drops[0].policy
+        ids, keys, sizes, checksums, holders, reasons = zip(*map(_DROP_COLUMNS, drops), strict=True)
+        columns.ids.extend(ids)
+        columns.keys.extend(keys)
+        columns.sizes.extend(sizes)
+        columns.checksums.extend(checksums)
+        columns.keepers_index.extend(_indexes(holders, self._keepers, _add_keepers(columns)))
+        columns.reason_index.extend(_indexes(reasons, self._reasons, columns.reasons.append))
+
+    @property
+    def count(self) -> int:
+        return len(self._columns.ids)
+
+
+def _add_keepers(columns: agent_pb2.DropColumns) -> Callable[[tuple[str, ...]], None]:
+    def add(holders: tuple[str, ...]) -> None:
+        columns.keepers.add().holders.extend(holders)
+
+    return add
+
+
+def _indexes(
+    values: tuple[_T, ...], table: dict[_T, int], add: Callable[[_T], object]
+) -> Iterable[int]:
+    """Each value's index in ``table``; values new to it are added, and passed to ``add`` in
+    the order of their indexes. A few distinct values among thousands: each new one is added
+    in Python, the lookups are made in C."""
+    for value in dict.fromkeys(values):
+        if value not in table:
+            table[value] = len(table)
+            add(value)
+    return map(table.__getitem__, values)
+
+
 def _shared_fields(d: Directive) -> types_pb2.Directive:
     """The fields of ``d`` that ``directives_request`` merges in (every one but the id, key,
     size and checksum)."""
@@ -170,6 +254,31 @@ def outcomes_from_pb(
         )
         for pb in pbs
     ]
+
+
+def outcomes_from_applied(applied: agent_pb2.AppliedDrops, incarnation: str = "") -> list[Outcome]:
+    """The outcomes of applied drops answered in columns (``AppliedDrops``), each built in C
+    (a ``map`` over the columns' ``zip``). Columns that do not line up say nothing reliable of
+    any drop: each id is taken as FAILED (not applied; the next poll tells)."""
+    ids = applied.ids
+    if len(applied.inventory_versions) != len(ids) or len(applied.dropped_versions) != len(ids):
+        why = "the agent answered applied drops in columns that do not line up"
+        return [Outcome(i, OutcomeStatus.FAILED, message=why) for i in ids]
+    fields = zip(
+        ids,
+        repeat(OutcomeStatus.APPLIED),
+        repeat(""),
+        repeat(""),
+        applied.inventory_versions,
+        repeat(False),
+        applied.dropped_versions,
+        repeat(incarnation),
+    )
+    return list(map(_new_outcome, fields))
+
+
+#: An Outcome from a tuple of all its fields, in C (``tuple.__new__``, as ``_make`` does).
+_new_outcome = functools.partial(tuple.__new__, Outcome)
 
 
 def reason_to_pb(reason: str) -> types_pb2.RefusalReason.ValueType:

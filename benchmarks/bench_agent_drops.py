@@ -21,6 +21,7 @@ messages of ~500 directives (``--per-message 512``).
     python benchmarks/bench_agent_drops.py --repeat 3 --json drops.json
     python benchmarks/bench_agent_drops.py --keys 20000 --profile 30
     python benchmarks/bench_agent_drops.py --agents 4 --per-message 512 --poll-every 0.5 --processes
+    python benchmarks/bench_agent_drops.py --columns ...          # drops in columns (drop-columns)
 """
 
 from __future__ import annotations
@@ -66,10 +67,26 @@ def _put_messages(keys: list[str], data: bytes) -> Iterator[agent_pb2.PutManyReq
 
 
 def _drop_messages(
-    keys: list[str], keepers: list[str], size: int, digest: str, per_message: int
+    keys: list[str],
+    keepers: list[str],
+    size: int,
+    digest: str,
+    per_message: int,
+    columns: bool = False,
 ) -> list[bytes]:
     """Directives messages of ``per_message`` DROPs of ``keys``, key ``keys[i]`` naming
-    ``keepers[i]`` (built and serialized before the clock starts)."""
+    ``keepers[i]`` (built and serialized before the clock starts); with ``columns``, the drops
+    in columns (``DirectivesRequest.drops``, feature "drop-columns") instead of ``batch``."""
+    if columns:
+        return [
+            _drop_columns(
+                keys[start : start + per_message],
+                keepers[start : start + per_message],
+                size,
+                digest,
+            ).SerializeToString()
+            for start in range(0, len(keys), per_message)
+        ]
     return [
         agent_pb2.DirectivesRequest(
             batch=[
@@ -94,6 +111,27 @@ def _drop_messages(
     ]
 
 
+def _drop_columns(
+    keys: list[str], keepers: list[str], size: int, digest: str
+) -> agent_pb2.DirectivesRequest:
+    table = list(dict.fromkeys(keepers))
+    index = {keeper: n for n, keeper in enumerate(table)}
+    return agent_pb2.DirectivesRequest(
+        drops=agent_pb2.DropColumns(
+            epoch=1,
+            ids=[f"drop-{key}" for key in keys],
+            keys=keys,
+            sizes=[size] * len(keys),
+            checksums=[digest] * len(keys),
+            keepers=[agent_pb2.Keepers(holders=[keeper]) for keeper in table],
+            keepers_index=[index[keeper] for keeper in keepers],
+            policy="reduce-replicas",
+            reasons=[""],
+            reason_index=[0] * len(keys),
+        )
+    )
+
+
 async def _send_drops(channel: grpc.aio.Channel, messages: list[bytes], count: int) -> int:
     """Send ``messages`` on one Directives stream, read ``count`` outcomes; how many applied."""
     done = asyncio.Event()
@@ -115,6 +153,8 @@ async def _send_drops(channel: grpc.aio.Channel, messages: list[bytes], count: i
             for outcome in response.batch:
                 answered += 1
                 applied += outcome.status == types_pb2.OUTCOME_STATUS_APPLIED
+            answered += len(response.applied.ids)
+            applied += len(response.applied.ids)
             if answered >= count:
                 break
     done.set()
@@ -210,7 +250,7 @@ async def one_run(args: argparse.Namespace, profile: cProfile.Profile | None) ->
                 mine = [i for i in range(len(keys)) if i % count != me]
                 plan.append(([keys[i] for i in mine], [addresses[i % count] for i in mine]))
         messages = [
-            _drop_messages(dropped, keepers, len(data), digest, args.per_message)
+            _drop_messages(dropped, keepers, len(data), digest, args.per_message, args.columns)
             for dropped, keepers in plan
         ]
         drops = sum(len(dropped) for dropped, _ in plan)
@@ -298,6 +338,11 @@ def main(argv: list[str] | None = None) -> int:
         "--poll-every", type=float, default=0.0, help="s between polls during the drops (0: none)"
     )
     parser.add_argument("--poll-keys", type=int, default=4_000, help="keys per poll page")
+    parser.add_argument(
+        "--columns",
+        action="store_true",
+        help="send the drops in columns (DirectivesRequest.drops, feature drop-columns)",
+    )
     parser.add_argument("--value-bytes", type=int, default=100)
     parser.add_argument("--repeat", type=int, default=3, help="runs; the table gives medians")
     parser.add_argument("--profile", type=int, default=0, metavar="N", help="top N by cProfile")
@@ -325,7 +370,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"{args.keys:,} keys, {args.per_message:,} drops per message, {shape} "
         f"{'each in its own process' if args.processes else 'in this process'}, "
-        f"polls {polls}; {args.repeat} runs (median, then each)"
+        f"polls {polls}, drops {'in columns' if args.columns else 'as Directive messages'}; "
+        f"{args.repeat} runs (median, then each)"
     )
     rows = (
         ("drops, wall s", "drops_wall_s"),

@@ -168,6 +168,15 @@ class _Agent:
                 inventory_version=self.version,
                 dropped_version=self.version,  # as an agent says when the key was gone
             )
+        if request.HasField("drops"):  # "drop-columns": applied drops answered in columns
+            ids = request.drops.ids
+            first = self.version + 1
+            self.version += len(ids)
+            self.removed += map(self.canonical.__getitem__, request.drops.keys)
+            versions = range(first, self.version + 1)
+            resp.applied.ids.extend(ids)
+            resp.applied.inventory_versions.extend(versions)
+            resp.applied.dropped_versions.extend(versions)
         return resp
 
 
@@ -289,7 +298,9 @@ def _deep_size(root: object) -> int:
 _deep_size.seen = set()  # type: ignore[attr-defined]
 
 
-async def _run(nkeys: int, replicas: int, attribute: bool, top: int, window: bool) -> int:
+async def _run(
+    nkeys: int, replicas: int, attribute: bool, top: int, window: bool, columns: bool = False
+) -> int:
     """Replays the convergence; returns the RSS before it began (the fake agents' data made)."""
     workers = [WorkerId(f"10.0.0.{n}:7000") for n in range(replicas)]
     keys = [f"key-{i:07}" for i in range(nkeys)]
@@ -303,7 +314,12 @@ async def _run(nkeys: int, replicas: int, attribute: bool, top: int, window: boo
     poller = Poller(state, links, epoch=1, timeout=10.0, on_restart=lambda worker: None)
     ledger = Ledger()
     records = Outcomes(state, ledger, max_refusals=100, clock=lambda: 0.0)
-    dispatcher = Dispatcher(links, records.on_outcomes, takes_batches=lambda worker: True)
+    dispatcher = Dispatcher(
+        links,
+        records.on_outcomes,
+        takes_batches=lambda worker: True,
+        takes_columns=lambda worker: columns,
+    )
     policy = ReduceReplicas()
     views: list[ClusterView] = []
 
@@ -422,10 +438,20 @@ def main() -> None:
         action="store_true",
         help="plan and send the whole cycle ahead of the agents (as before cycling.FEED's window)",
     )
+    parser.add_argument(
+        "--columns", action="store_true", help="drops sent in columns (feature drop-columns)"
+    )
     args = parser.parse_args()
     print(f"{args.keys:,} keys x {args.replicas} replicas on {args.replicas} agents")
     base = asyncio.run(
-        _run(args.keys, args.replicas, args.attribute, args.top, window=not args.no_window)
+        _run(
+            args.keys,
+            args.replicas,
+            args.attribute,
+            args.top,
+            window=not args.no_window,
+            columns=args.columns,
+        )
     )
     peak = _status("VmHWM")
     print(

@@ -20,8 +20,9 @@ from google.protobuf.message import DecodeError
 
 from amm.v1 import agent_pb2, types_pb2
 
-#: ``DirectivesRequest`` fields: ``directive = 1``, ``batch = 2``; ``Directive.id = 1``.
-_DIRECTIVE, _BATCH, _ID = 1, 2, 1
+#: ``DirectivesRequest`` fields: ``directive = 1``, ``batch = 2``, ``drops = 3``;
+#: ``Directive.id = 1``; ``DropColumns.ids = 2``.
+_DIRECTIVE, _BATCH, _DROPS, _ID, _COLUMN_IDS = 1, 2, 3, 1, 2
 _LENGTH_DELIMITED = 2
 
 
@@ -39,6 +40,15 @@ class Garbled:
     error: str
     #: Set when the stream must end with INVALID_ARGUMENT: why.
     fatal: str = ""
+    #: The drops in columns (``DirectivesRequest.drops``), when they decode.
+    drops: agent_pb2.DropColumns | None = None
+
+    def request(self) -> agent_pb2.DirectivesRequest:
+        """The batch of what decodes, as a message of its own."""
+        salvaged = agent_pb2.DirectivesRequest(batch=self.directives)
+        if self.drops is not None:
+            salvaged.drops.CopyFrom(self.drops)
+        return salvaged
 
 
 def decode_directives(raw: bytes) -> agent_pb2.DirectivesRequest | Garbled:
@@ -79,7 +89,41 @@ def salvage(raw: bytes, error: str) -> Garbled:
                 f"undecodable directive without a readable id: {why}",
             )
         refused.append((directive_id, why))
-    return Garbled(tuple(good), tuple(refused), bool(batch), error)
+    columns = [value for number, wire, value in fields if number == _DROPS and wire == 2]
+    if not columns:
+        return Garbled(tuple(good), tuple(refused), bool(batch), error)
+    # Occurrences of a message field merge, as their bytes joined do.
+    joined = b"".join(part for part in columns if isinstance(part, bytes))
+    try:
+        drops = agent_pb2.DropColumns.FromString(joined)
+    except DecodeError as err:
+        ids = _readable_column_ids(joined)
+        if ids is None:
+            return Garbled(
+                (), (), True, error, f"undecodable drop columns without readable ids: {err}"
+            )
+        return Garbled(tuple(good), (*refused, *((i, str(err)) for i in ids)), True, error)
+    return Garbled(tuple(good), tuple(refused), True, error, drops=drops)
+
+
+def _readable_column_ids(raw: bytes) -> list[str] | None:
+    """The ids of undecodable ``DropColumns``, when every one reads as non-empty UTF-8."""
+    try:
+        fields = _fields(raw)
+    except ValueError:
+        return None
+    ids: list[str] = []
+    for number, wire, value in fields:
+        if number != _COLUMN_IDS or wire != _LENGTH_DELIMITED or not isinstance(value, bytes):
+            continue
+        try:
+            text = value.decode()
+        except UnicodeDecodeError:
+            return None
+        if not text:
+            return None
+        ids.append(text)
+    return ids
 
 
 def _readable_id(raw: bytes) -> str | None:

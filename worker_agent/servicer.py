@@ -10,6 +10,7 @@ ends by itself when the node shuts down, since ``server.stop`` does not end long
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import operator
@@ -73,7 +74,14 @@ _OUTCOME_STATUS = {
 }
 _OPS = {types_pb2.DIRECTIVE_OP_REPLICATE: Op.REPLICATE, types_pb2.DIRECTIVE_OP_DROP: Op.DROP}
 #: The optional parts of the contract this agent serves (``PollResponse.features``).
-FEATURES = ("directive-batches", "keep-batches", "put-batches", "tombstones", "key-lookups")
+FEATURES = (
+    "directive-batches",
+    "keep-batches",
+    "put-batches",
+    "tombstones",
+    "key-lookups",
+    "drop-columns",
+)
 #: Most outcomes in one DirectivesResponse batch: each message is built in one step of the loop,
 #: and 500 take a few milliseconds.
 OUTCOMES_PER_MESSAGE = 500
@@ -186,6 +194,60 @@ async def _directives_from_proto(messages: Sequence[types_pb2.Directive]) -> lis
     return directives
 
 
+#: A DROP directive from a tuple of its fields, in C (``map`` over the zipped columns).
+_new_directive = functools.partial(_new_tuple, Directive)
+#: Drops decoded from columns in one step of the loop.
+COLUMN_STEP = 4096
+
+
+def columns_problem(columns: agent_pb2.DropColumns) -> str:
+    """Why ``columns`` cannot be read as drops (a column whose length differs from ``ids``', an
+    index beyond its table); empty when they can. Judged in C-level passes (``len``, ``max``)."""
+    count = len(columns.ids)
+    for name, column in (
+        ("keys", columns.keys),
+        ("sizes", columns.sizes),
+        ("checksums", columns.checksums),
+        ("keepers_index", columns.keepers_index),
+        ("reason_index", columns.reason_index),
+    ):
+        if len(column) != count:
+            return f"drop columns: {len(column)} {name} for {count} ids"
+    if count:
+        for name, index, table in (
+            ("keepers_index", columns.keepers_index, len(columns.keepers)),
+            ("reason_index", columns.reason_index, len(columns.reasons)),
+        ):
+            if max(index) >= table:
+                return f"drop columns: {name} {max(index)} beyond the {table} entries of its table"
+    return ""
+
+
+async def drops_from_columns(columns: agent_pb2.DropColumns) -> list[Directive]:
+    """The DROP directives of well-formed ``columns`` (``columns_problem`` is empty), each built
+    straight from the columns in C (a ``map`` over their ``zip``): no message per drop, and one
+    tuple per distinct list of keepers, shared by the drops that name it. The loop is let in
+    every ``COLUMN_STEP`` drops."""
+    keepers = [tuple(k.holders) for k in columns.keepers]
+    fields = zip(
+        columns.ids,
+        itertools.repeat(columns.epoch),
+        itertools.repeat(Op.DROP),
+        columns.keys,
+        columns.sizes,
+        columns.checksums,
+        itertools.repeat(()),
+        map(keepers.__getitem__, columns.keepers_index),
+    )
+    built = map(_new_directive, fields)
+    directives: list[Directive] = []
+    pace = Pace()
+    for _ in range(0, len(columns.ids), COLUMN_STEP):
+        await pace.breathe()
+        directives += itertools.islice(built, COLUMN_STEP)
+    return directives
+
+
 def _usual_items(pairs: list[tuple[str, str]]) -> bool:
     """Whether every ``(key, checksum)`` is well formed as ``_key`` and ``_checksum`` check it,
     judged for the whole in a few C-level passes: keys of 1 to ``MAX_KEY_BYTES // 4``
@@ -204,11 +266,35 @@ def outcome_to_proto(outcome: Outcome) -> types_pb2.DirectiveOutcome:
 
 
 def outcomes_response(
-    outcomes: Iterable[Outcome], incarnation: str = ""
+    outcomes: Sequence[Outcome], incarnation: str = "", columns: bool = False
 ) -> agent_pb2.DirectivesResponse:
     """One batch of outcomes, each built in place (a list handed over is copied), with the
-    ``incarnation`` their versions count in."""
+    ``incarnation`` their versions count in. With ``columns`` (a stream that brought drops in
+    columns, feature "drop-columns"), the applied drops are answered in columns
+    (``DirectivesResponse.applied``), every other outcome in ``batch``."""
     response = agent_pb2.DirectivesResponse(incarnation=incarnation)
+    if columns and outcomes:
+        # The usual group (every drop of a batch applied) is judged and written in C passes.
+        ids, statuses_, reasons_, _, versions, repeated, dropped = zip(*outcomes, strict=True)
+        if (
+            all(dropped)
+            and not any(repeated)
+            and set(statuses_) == _APPLIED
+            and set(reasons_) == _NO_REASON
+        ):
+            applied = response.applied
+            applied.ids.extend(ids)
+            applied.inventory_versions.extend(versions)
+            applied.dropped_versions.extend(dropped)
+            return response
+        mixed = [o for o in outcomes if _applied_drop(o)]
+        if mixed:
+            outcomes = [o for o in outcomes if not _applied_drop(o)]
+            ids, _, _, _, versions, _, dropped = zip(*mixed, strict=True)
+            applied = response.applied
+            applied.ids.extend(ids)
+            applied.inventory_versions.extend(versions)
+            applied.dropped_versions.extend(dropped)
     add, statuses, reasons = response.batch.add, _OUTCOME_STATUS, _REASONS
     for o in outcomes:  # fields named here, not through ``_outcome_fields``: a dict less each
         if o.reason is None and not o.duplicate:  # an applied directive: defaults left unset
@@ -230,6 +316,21 @@ def outcomes_response(
             dropped_version=o.dropped_version,
         )
     return response
+
+
+_APPLIED = {OutcomeStatus.APPLIED}
+_NO_REASON = {None}
+
+
+def _applied_drop(o: Outcome) -> bool:
+    """Whether ``o`` is what ``AppliedDrops`` can say: an applied DROP (the only outcome with a
+    ``dropped_version``), not a repeated id, with nothing else to tell."""
+    return (
+        o.dropped_version != 0
+        and o.status is OutcomeStatus.APPLIED
+        and o.reason is None
+        and not o.duplicate
+    )
 
 
 def _outcome_fields(outcome: Outcome) -> dict[str, Any]:
@@ -462,7 +563,8 @@ class WorkerAgentServicer(agent_pb2_grpc.WorkerAgentServicer):
     ) -> AsyncIterator[agent_pb2.DirectivesResponse]:
         """Directives in, outcomes out in completion order, one owned task per message.
 
-        A message carries one directive or a batch (answered with batches of outcomes). At most
+        A message carries one directive or a batch, its drops perhaps in columns (answered with
+        batches of outcomes, applied drops in columns once the stream has brought some). At most
         ``max_concurrent_directives`` messages of a stream are in hand at once: the next one is
         read only when one has been fully answered, so an AMM that sends faster than directives
         complete (or reads no outcomes) is held back by gRPC flow control instead of piling up
@@ -472,6 +574,7 @@ class WorkerAgentServicer(agent_pb2_grpc.WorkerAgentServicer):
         when the agent shuts down (unfinished directives are cancelled; the AMM times them out).
         A message that does not decode is salvaged (``garbled``): each directive in it whose id
         reads is refused INVALID, and one whose id does not ends the stream INVALID_ARGUMENT.
+        Columns that do not line up (``columns_problem``) are refused INVALID, every id of them.
         """
         node = self._node
         # (outcomes, as a batch, frees a slot once sent); an error ends the stream with its
@@ -481,18 +584,37 @@ class WorkerAgentServicer(agent_pb2_grpc.WorkerAgentServicer):
         )
         running: set[asyncio.Task[None]] = set()
         slots = asyncio.Semaphore(node.config.max_concurrent_directives)
+        # Whether the stream brought drops in columns: only then are applied drops answered in
+        # columns (an AMM that never sends them may not read them).
+        columns = False
 
         async def carry_out(directive: Directive) -> None:
             outcomes.put_nowait(([await node.run_directive(directive)], False, True))
 
-        async def carry_out_batch(messages: Sequence[types_pb2.Directive]) -> None:
+        async def carry_out_batch(
+            messages: Sequence[types_pb2.Directive], drops: agent_pb2.DropColumns | None = None
+        ) -> None:
             directives = await _directives_from_proto(messages)
+            if drops is not None:  # after the batch's directives, as if they were among them
+                directives += await drops_from_columns(drops)
             await node.run_directive_batch(
                 directives, lambda group: outcomes.put_nowait((group, True, False))
             )
             outcomes.put_nowait(([], True, True))
 
+        def refuse_columns(drops: agent_pb2.DropColumns, problem: str) -> None:
+            """Refuse every id of malformed columns INVALID (a column that does not line up
+            with the ids could pair any id with any key: none is carried out)."""
+            self.complaints.note(context.peer(), "Directives message", problem)
+            version, refused = node.store.version, OutcomeStatus.REFUSED
+            group = [
+                Outcome(directive_id, refused, Reason.INVALID, problem, version)
+                for directive_id in drops.ids
+            ]
+            outcomes.put_nowait((group, True, False))
+
         async def read() -> None:
+            nonlocal columns
             ending: AgentError | None = None
             try:
                 requests = aiter(request_iterator)
@@ -501,6 +623,7 @@ class WorkerAgentServicer(agent_pb2_grpc.WorkerAgentServicer):
                     request = await anext(requests, None)
                     if request is None:
                         break
+                    salvaged = ""
                     if isinstance(request, garbled.Garbled):
                         self.complaints.note(context.peer(), "Directives message", request.error)
                         if request.fatal:  # once what is in hand is answered
@@ -520,13 +643,21 @@ class WorkerAgentServicer(agent_pb2_grpc.WorkerAgentServicer):
                             outcomes.put_nowait((refusals, False, True))
                             continue
                         outcomes.put_nowait((refusals, True, False))
-                        batch = agent_pb2.DirectivesRequest(batch=request.directives).batch
-                        work = carry_out_batch(batch)
-                        name = f"directive batch x{len(batch)} (salvaged)"
-                    elif request.batch:
+                        request, salvaged = request.request(), " (salvaged)"
+                    if request.HasField("drops"):
+                        columns = True  # applied drops are answered in columns from now on
+                        batch, drops = request.batch, request.drops
+                        problem = columns_problem(drops)
+                        if problem:
+                            refuse_columns(drops, problem)
+                            work = carry_out_batch(batch)
+                        else:
+                            work = carry_out_batch(batch, drops)
+                        name = f"directive batch x{len(batch)} + {len(drops.ids)} drops{salvaged}"
+                    elif request.batch or salvaged:
                         batch = request.batch
                         work = carry_out_batch(batch)
-                        name = f"directive batch x{len(batch)}"
+                        name = f"directive batch x{len(batch)}{salvaged}"
                     else:
                         directive = directive_from_proto(request.directive)
                         work = carry_out(directive)
@@ -556,7 +687,7 @@ class WorkerAgentServicer(agent_pb2_grpc.WorkerAgentServicer):
                     if batch:
                         for start in range(0, len(group), OUTCOMES_PER_MESSAGE):
                             part = group[start : start + OUTCOMES_PER_MESSAGE]
-                            yield outcomes_response(part, node.incarnation)
+                            yield outcomes_response(part, node.incarnation, columns)
                     else:
                         yield agent_pb2.DirectivesResponse(
                             outcome=outcome_to_proto(group[0]), incarnation=node.incarnation

@@ -187,7 +187,8 @@ class PollResponse(_message.Message):
         """Optional parts of this contract the agent implements, so that an AMM (or a peer) uses them
         only with agents that do: "directive-batches" (DirectivesRequest.batch), "keep-batches"
         (PromiseKeepBatch), "put-batches" (PutMany), "tombstones" (PollRequest.forgotten),
-        "key-lookups" (HoldsKeys). Unknown names are ignored.
+        "key-lookups" (HoldsKeys), "drop-columns" (DirectivesRequest.drops and
+        DirectivesResponse.applied). Unknown names are ignored.
         """
 
     def __init__(
@@ -281,6 +282,7 @@ class DirectivesRequest(_message.Message):
 
     DIRECTIVE_FIELD_NUMBER: _builtins.int
     BATCH_FIELD_NUMBER: _builtins.int
+    DROPS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def directive(self) -> _types_pb2.Directive:
         """The directive to carry out."""
@@ -293,19 +295,133 @@ class DirectivesRequest(_message.Message):
         them with batches of outcomes.
         """
 
+    @_builtins.property
+    def drops(self) -> Global___DropColumns:
+        """DROP directives column by column, carried out after `batch` as if each were a Directive of
+        `batch` (DropColumns says how to read them): a drop costs both sides a few string and integer
+        fields instead of a whole message. The AMM sends them only to agents that report the feature
+        "drop-columns"; such an agent answers the applied ones in DirectivesResponse.applied.
+        """
+
     def __init__(
         self,
         *,
         directive: _types_pb2.Directive | None = ...,
         batch: _abc.Iterable[_types_pb2.Directive] | None = ...,
+        drops: Global___DropColumns | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["directive", b"directive"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["directive", b"directive", "drops", b"drops"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "directive", b"directive"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "directive", b"directive", "drops", b"drops"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DirectivesRequest: _TypeAlias = DirectivesRequest  # noqa: Y015
+
+@_typing.final
+class DropColumns(_message.Message):
+    """DROP directives as columns (DirectivesRequest.drops): the i-th drop is carried out exactly as
+    Directive{op: DROP, id: ids[i], epoch: epoch, key: keys[i], size: sizes[i],
+    checksum: checksums[i], holders: keepers[keepers_index[i]].holders, policy: policy,
+    reason: reasons[reason_index[i]]}. Every column of the drops (keys, sizes, checksums,
+    keepers_index, reason_index) has as many entries as `ids`, and every index points into its
+    table; otherwise the columns are malformed and an agent refuses every id in them INVALID
+    (dropping nothing). Part of the feature "drop-columns".
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EPOCH_FIELD_NUMBER: _builtins.int
+    IDS_FIELD_NUMBER: _builtins.int
+    KEYS_FIELD_NUMBER: _builtins.int
+    SIZES_FIELD_NUMBER: _builtins.int
+    CHECKSUMS_FIELD_NUMBER: _builtins.int
+    KEEPERS_FIELD_NUMBER: _builtins.int
+    KEEPERS_INDEX_FIELD_NUMBER: _builtins.int
+    POLICY_FIELD_NUMBER: _builtins.int
+    REASONS_FIELD_NUMBER: _builtins.int
+    REASON_INDEX_FIELD_NUMBER: _builtins.int
+    epoch: _builtins.int
+    """The AMM's epoch of every drop (Directive.epoch)."""
+    policy: _builtins.str
+    """The policy of every drop (Directive.policy; informational)."""
+    @_builtins.property
+    def ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Each drop's directive id (Directive.id)."""
+
+    @_builtins.property
+    def keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Each drop's key (Directive.key)."""
+
+    @_builtins.property
+    def sizes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Each drop's expected size in bytes (Directive.size)."""
+
+    @_builtins.property
+    def checksums(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Each drop's expected checksum (Directive.checksum)."""
+
+    @_builtins.property
+    def keepers(self) -> _containers.RepeatedCompositeFieldContainer[Global___Keepers]:
+        """The distinct lists of holders that keep a key (Directive.holders), each listed once."""
+
+    @_builtins.property
+    def keepers_index(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Each drop's holders: an index into `keepers`."""
+
+    @_builtins.property
+    def reasons(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The distinct reasons of the drops (Directive.reason; informational), each listed once."""
+
+    @_builtins.property
+    def reason_index(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Each drop's reason: an index into `reasons`."""
+
+    def __init__(
+        self,
+        *,
+        epoch: _builtins.int = ...,
+        ids: _abc.Iterable[_builtins.str] | None = ...,
+        keys: _abc.Iterable[_builtins.str] | None = ...,
+        sizes: _abc.Iterable[_builtins.int] | None = ...,
+        checksums: _abc.Iterable[_builtins.str] | None = ...,
+        keepers: _abc.Iterable[Global___Keepers] | None = ...,
+        keepers_index: _abc.Iterable[_builtins.int] | None = ...,
+        policy: _builtins.str = ...,
+        reasons: _abc.Iterable[_builtins.str] | None = ...,
+        reason_index: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checksums", b"checksums", "epoch", b"epoch", "ids", b"ids", "keepers", b"keepers", "keepers_index", b"keepers_index", "keys", b"keys", "policy", b"policy", "reason_index", b"reason_index", "reasons", b"reasons", "sizes", b"sizes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DropColumns: _TypeAlias = DropColumns  # noqa: Y015
+
+@_typing.final
+class Keepers(_message.Message):
+    """One list of holders that keep a key (DropColumns.keepers)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOLDERS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def holders(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Addresses of the holders, most dependable first (Directive.holders)."""
+
+    def __init__(
+        self,
+        *,
+        holders: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["holders", b"holders"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Keepers: _TypeAlias = Keepers  # noqa: Y015
 
 @_typing.final
 class DirectivesResponse(_message.Message):
@@ -316,6 +432,7 @@ class DirectivesResponse(_message.Message):
     OUTCOME_FIELD_NUMBER: _builtins.int
     BATCH_FIELD_NUMBER: _builtins.int
     INCARNATION_FIELD_NUMBER: _builtins.int
+    APPLIED_FIELD_NUMBER: _builtins.int
     incarnation: _builtins.str
     """Random id of this agent process (PollResponse.incarnation): the one whose inventory versions
     the outcomes' dropped_version counts in. Agents that set dropped_version set it; an AMM
@@ -329,20 +446,70 @@ class DirectivesResponse(_message.Message):
     def batch(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.DirectiveOutcome]:
         """The outcomes of several directives, in completion order."""
 
+    @_builtins.property
+    def applied(self) -> Global___AppliedDrops:
+        """Outcomes of applied drops, column by column (AppliedDrops says how to read them), in
+        completion order after `batch`. Only on a stream on which the agent received
+        DirectivesRequest.drops (part of the feature "drop-columns"), so an AMM that never sends
+        them never receives these.
+        """
+
     def __init__(
         self,
         *,
         outcome: _types_pb2.DirectiveOutcome | None = ...,
         batch: _abc.Iterable[_types_pb2.DirectiveOutcome] | None = ...,
         incarnation: _builtins.str = ...,
+        applied: Global___AppliedDrops | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["outcome", b"outcome"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["applied", b"applied", "outcome", b"outcome"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "incarnation", b"incarnation", "outcome", b"outcome"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied", b"applied", "batch", b"batch", "incarnation", b"incarnation", "outcome", b"outcome"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DirectivesResponse: _TypeAlias = DirectivesResponse  # noqa: Y015
+
+@_typing.final
+class AppliedDrops(_message.Message):
+    """Outcomes of DROP directives that were applied, column by column (DirectivesResponse.applied):
+    the i-th is DirectiveOutcome{directive_id: ids[i], status: APPLIED,
+    inventory_version: inventory_versions[i], dropped_version: dropped_versions[i]}, with no reason
+    or message and not a duplicate. Every other outcome (refusals, failures, repeated ids) comes as
+    a DirectiveOutcome in DirectivesResponse.batch. Part of the feature "drop-columns".
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IDS_FIELD_NUMBER: _builtins.int
+    INVENTORY_VERSIONS_FIELD_NUMBER: _builtins.int
+    DROPPED_VERSIONS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Each outcome's directive id (DirectiveOutcome.directive_id)."""
+
+    @_builtins.property
+    def inventory_versions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Each outcome's inventory version (DirectiveOutcome.inventory_version)."""
+
+    @_builtins.property
+    def dropped_versions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Each outcome's dropped version (DirectiveOutcome.dropped_version)."""
+
+    def __init__(
+        self,
+        *,
+        ids: _abc.Iterable[_builtins.str] | None = ...,
+        inventory_versions: _abc.Iterable[_builtins.int] | None = ...,
+        dropped_versions: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dropped_versions", b"dropped_versions", "ids", b"ids", "inventory_versions", b"inventory_versions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AppliedDrops: _TypeAlias = AppliedDrops  # noqa: Y015
 
 @_typing.final
 class PutHeader(_message.Message):

@@ -107,7 +107,10 @@ class ActiveMemoryManager:
         self.storing = Storing(clock)
         self._losses = Losses(self._lost, self.state, self.events, self.goals, self.storing)
         self._dispatcher = Dispatcher(
-            self._links, self.outcomes.on_outcomes, takes_batches=self._takes_batches
+            self._links,
+            self.outcomes.on_outcomes,
+            takes_batches=self._takes_batches,
+            takes_columns=self._takes_columns,
         )
         self._poller = Poller(
             self.state,
@@ -424,6 +427,11 @@ class ActiveMemoryManager:
     def _takes_batches(self, worker: WorkerId) -> bool:
         known = self.state.worker(worker)
         return known is not None and "directive-batches" in known.features
+
+    def _takes_columns(self, worker: WorkerId) -> bool:
+        """Whether ``worker``'s agent takes drops in columns (``DirectivesRequest.drops``)."""
+        known = self.state.worker(worker)
+        return known is not None and "drop-columns" in known.features
 
     # -- lost keys -------------------------------------------------------------------------
 

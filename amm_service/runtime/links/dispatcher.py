@@ -2,10 +2,13 @@
 
 Directives go out on the worker's stream as soon as the core picks them, in batches of up to
 ``BATCH`` per message to agents that take batches (feature "directive-batches"), one per message
-to the others; outcomes come back in completion order (single or batched) and are handed to
-``on_outcomes``. When a stream ends, every directive sent on it without an answer is reported
-FAILED at once (the agent may or may not have applied it; the next poll tells), so nobody waits
-for the directive timeout on a dead worker. A broken stream is reopened on the next send;
+to the others. To agents that also take drops in columns (feature "drop-columns") the drops of a
+batch go column by column (``wire.DropColumnsWriter``), which costs both sides a fraction of a
+message per drop, and the applied ones are answered in columns too. Outcomes come back in
+completion order (single, batched or in columns) and are handed to ``on_outcomes``. When a
+stream ends, every directive sent on it without an answer is reported FAILED at once (the agent
+may or may not have applied it; the next poll tells), so nobody waits for the directive timeout
+on a dead worker. A broken stream is reopened on the next send;
 directives are idempotent and agents enforce integrity themselves, so a lost one costs time,
 never data.
 
@@ -33,7 +36,7 @@ from itertools import repeat
 
 import grpc
 
-from amm.v1 import agent_pb2
+from amm.v1 import agent_pb2, types_pb2
 from amm_service import wire
 from amm_service.decisions.directive import Directive, Outcome, OutcomeStatus
 from amm_service.decisions.view import WorkerId
@@ -50,6 +53,8 @@ BATCH = 5_000
 #: is let in once a slice ends ``pacing.BUDGET`` after the last breath.
 BUILD_STEP = 250
 OUTCOME_STEP = 250
+#: Drops written into a message's columns in one slice (each a few C-level passes).
+COLUMN_STEP = 2_500
 _ID = operator.attrgetter("id")
 """A directive's id (through ``map``: no Python call per directive)."""
 _OUTCOME_ID = operator.itemgetter(0)
@@ -82,7 +87,8 @@ class _Stream:
     ) -> None:
         self.worker = worker
         self._watch = watch or _Watch()
-        self._queue: deque[tuple[Sequence[Directive], bool] | None] = deque()
+        # (directives, in one batch message, drops in columns); None ends the stream.
+        self._queue: deque[tuple[Sequence[Directive], bool, bool] | None] = deque()
         self._queued = asyncio.Event()
         self.unanswered: dict[str, None] = {}
         self._on_outcomes = on_outcomes
@@ -102,24 +108,35 @@ class _Stream:
             item = queue.popleft()
             if item is _CLOSE:
                 return
-            directives, batch = item
+            directives, batch, columns = item
             if not batch:
                 for directive in directives:
                     message = wire.directive_to_pb(directive)
                     yield agent_pb2.DirectivesRequest(directive=message)
                 continue
-            directives = self._joined(directives)
+            directives = self._joined(directives, columns)
             request = agent_pb2.DirectivesRequest()
+            drops: Sequence[Directive] = ()
+            if columns:
+                drops, directives = wire.split_drops(directives)
             pace = Budget()
             for start in range(0, len(directives), BUILD_STEP):
                 if start:
                     await pace()
                 with gc_paused():
                     wire.directives_request(directives[start : start + BUILD_STEP], request)
+            if drops:
+                writer = wire.DropColumnsWriter(request.drops)
+                for start in range(0, len(drops), COLUMN_STEP):
+                    if start or directives:
+                        await pace()
+                    with gc_paused():
+                        writer.add(drops[start : start + COLUMN_STEP])
+                del writer  # it holds the message (through its columns)
             yield request
             del request  # not kept while the next one waits in the queue
 
-    def _joined(self, directives: Sequence[Directive]) -> Sequence[Directive]:
+    def _joined(self, directives: Sequence[Directive], columns: bool) -> Sequence[Directive]:
         """``directives`` with the batches queued right after them, up to ``BATCH`` in all:
         what piled up while the agent had its hands full goes out as one message, not one per
         slice sent (each message costs the agent a task, and a promise asked of each keeper)."""
@@ -127,8 +144,8 @@ class _Stream:
         joined: list[Directive] | None = None
         size = len(directives)
         while queue and (item := queue[0]) is not _CLOSE:
-            more, batch = item
-            if not batch or size + len(more) > BATCH:
+            more, batch, in_columns = item
+            if not batch or in_columns is not columns or size + len(more) > BATCH:
                 break
             queue.popleft()
             if joined is None:
@@ -137,13 +154,14 @@ class _Stream:
             size += len(more)
         return directives if joined is None else joined
 
-    def send(self, directives: Sequence[Directive], batch: bool) -> None:
+    def send(self, directives: Sequence[Directive], batch: bool, columns: bool = False) -> None:
         """Queue ``directives`` for one batch message (built ``BUILD_STEP`` at a time, the loop
-        let in between, when the stream takes it), or one message each."""
+        let in between, when the stream takes it), its drops in columns with ``columns``, or
+        one message each."""
         self.unanswered.update(dict.fromkeys(map(_ID, directives)))
-        self._put((directives, batch))
+        self._put((directives, batch, columns))
 
-    def _put(self, item: tuple[Sequence[Directive], bool] | None) -> None:
+    def _put(self, item: tuple[Sequence[Directive], bool, bool] | None) -> None:
         self._queue.append(item)
         self._queued.set()
 
@@ -152,16 +170,15 @@ class _Stream:
         try:
             async for response in self._call:
                 incarnation = response.incarnation
-                if not response.batch:
+                items = response.batch
+                if response.HasField("applied"):  # applied drops in columns, after the batch
+                    await self._take_all(items, incarnation)
+                    await self._take_applied(response.applied, incarnation)
+                    continue
+                if not items:
                     self._take([wire.outcome_from_pb(response.outcome, incarnation)])
                     continue
-                items = response.batch
-                pace = Budget()
-                for start in range(0, len(items), OUTCOME_STEP):
-                    with gc_paused():
-                        part = items[start : start + OUTCOME_STEP]
-                        self._take(wire.outcomes_from_pb(part, incarnation))
-                    await pace()  # let control calls in between
+                await self._take_all(items, incarnation)
         except grpc.aio.AioRpcError as err:
             why = f"directive stream broke: {err.code().name}"
             if err.code() != grpc.StatusCode.CANCELLED:
@@ -176,6 +193,32 @@ class _Stream:
                 [Outcome(directive_id, OutcomeStatus.FAILED, message=why) for directive_id in lost],
             )
             self._watch.note(self.worker, 0)
+
+    async def _take_all(
+        self, items: Sequence[types_pb2.DirectiveOutcome], incarnation: str
+    ) -> None:
+        """Take a batch of outcomes in, ``OUTCOME_STEP`` at a time, control calls let in
+        between."""
+        pace = Budget()
+        for start in range(0, len(items), OUTCOME_STEP):
+            with gc_paused():
+                part = items[start : start + OUTCOME_STEP]
+                self._take(wire.outcomes_from_pb(part, incarnation))
+            await pace()
+
+    async def _take_applied(self, applied: agent_pb2.AppliedDrops, incarnation: str) -> None:
+        """Take applied drops in columns in, ``OUTCOME_STEP`` at a time, control calls let in
+        between. Their outcomes are made at once, in C, and let go of on return: left alive
+        until the next message, the last ones of a big cycle held on to the allocator's arenas
+        they were scattered over (20 MiB of RSS kept after a 100k-key cycle,
+        ``bench_memory.py --columns``)."""
+        with gc_paused():  # hundreds of tuples, made in C: no collection for them
+            outcomes = wire.outcomes_from_applied(applied, incarnation)
+        pace = Budget()
+        for start in range(0, len(outcomes), OUTCOME_STEP):
+            with gc_paused():
+                self._take(outcomes[start : start + OUTCOME_STEP])
+            await pace()
 
     def _take(self, outcomes: list[Outcome]) -> None:
         unanswered = self.unanswered
@@ -208,10 +251,14 @@ class Dispatcher:
         links: AgentLinks,
         on_outcomes: OutcomesHandler,
         takes_batches: Callable[[WorkerId], bool] = lambda worker: False,
+        takes_columns: Callable[[WorkerId], bool] = lambda worker: False,
     ) -> None:
         self._links = links
         self._on_outcomes = on_outcomes
         self._takes_batches = takes_batches
+        #: Whether a worker takes drops in columns (``DirectivesRequest.drops``): asked only of
+        #: workers that take batches.
+        self._takes_columns = takes_columns
         self._streams: dict[WorkerId, _Stream] = {}
         self._closed = False
         self._watch = _Watch()
@@ -225,11 +272,12 @@ class Dispatcher:
         pace = Budget()
         for worker, group in by_worker.items():
             batch = self._takes_batches(worker)
+            columns = batch and self._takes_columns(worker)
             size = BATCH if batch else 100
             for start in range(0, len(group), size):
                 if self._closed:
                     raise RuntimeError("dispatcher is closed")
-                self._stream(worker).send(group[start : start + size], batch)
+                self._stream(worker).send(group[start : start + size], batch, columns)
                 await pace()
 
     def _stream(self, worker: WorkerId) -> _Stream:
