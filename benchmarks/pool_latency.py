@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 #: Calls whose latency ``bench_cluster.py`` records (``PROBES``).
-CALLS = ("running", "status", "who_has", "holds_keys")
+CALLS = ("running", "status", "who_has", "holds_keys", "who_has_view")
 
 
 def _rank(ordered: list[float], q: float) -> float:
