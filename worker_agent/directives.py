@@ -826,8 +826,8 @@ class DirectiveRunner:
 
         The usual case (a promise in time, the store's all-clear) is ``_settle_drop`` inline,
         counted once for the chunk: a keeper answers thousands at once."""
-        clock, unmark = self._clock, self._store.unmark_dropping
-        remove_if_clear = self._store.remove_if_clear
+        store = self._store
+        clock, unmark, remove_if_clear = self._clock, store.unmark_dropping, store.remove_if_clear
         status, kept_by = OutcomeStatus.APPLIED, _kept_by(keeper).message
         # How long after asking each kind of answer (alike answers are one object) may be relied
         # on: within half its lease (``_settle_drop``); never, for a refusal.
@@ -836,6 +836,8 @@ class DirectiveRunner:
         try:
             for part in parts(list(zip(chunk, answers, strict=True))):
                 await pace.breathe()
+                if store.compaction_due:
+                    await self._compact(pace)
                 for drop, answer in part:
                     directive = drop.directive
                     directive_id = directive.id
@@ -867,6 +869,13 @@ class DirectiveRunner:
                         done[directive_id] = self._outcome(directive, verdict)
         finally:
             self.counts[Op.DROP, status, None] += count
+
+    async def _compact(self, pace: Pace) -> None:
+        """Rebuild the store's sorted index a slice at a time, paced with the drops that left
+        it stale (``Store.compaction``), before ``remove`` would rebuild it at once."""
+        with contextlib.closing(self._store.compaction()) as steps:
+            for _ in steps:
+                await pace.breathe()
 
     def _keep_terms(self, most: int) -> tuple[float, float]:
         """How long to wait for promises when a keeper is asked for ``most`` keys at most, and

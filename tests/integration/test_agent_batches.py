@@ -31,6 +31,9 @@ from tests.support.agent import (
 )
 from tests.support.faults import fake_peer
 from tests.support.waiting import wait_for
+from worker_agent import directives as directives_module
+from worker_agent import pacing
+from worker_agent import store as store_module
 from worker_agent.store import Key
 
 DATA = b"batched" * 100
@@ -386,3 +389,36 @@ async def test_ids_repeated_while_their_batch_runs_get_the_batch_outcomes() -> N
         assert {status(o) for o in outcomes} == {"APPLIED"}
         assert gated.calls == {"PromiseKeepBatch": 1}, "the repeated ids were not run again"
         assert not any(key in a.store for key in keys)
+
+
+async def test_holds_keys_is_answered_while_a_batch_of_drops_rebuilds_the_index(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A batch of thousands of drops leaves the store's sorted index listing thousands of
+    removed keys; it is rebuilt a slice at a time, paced with the drops, so that a HoldsKeys
+    arriving meanwhile is answered between two slices (rebuilt in one step inside a removal, it
+    held an agent's loop 10-16 ms with 100k keys). Every slice of bulk work breathes here
+    (a budget of 0), so no timing is relied on; the index lists exactly the keys held after."""
+    monkeypatch.setattr(pacing, "BUDGET", 0.0)
+    monkeypatch.setattr(store_module, "COMPACT_SLICE", 256, raising=False)
+    async with agents(2) as [(a, stub_a), (b, _)]:
+        keys = [f"index-{i:05d}" for i in range(store_module.STALE_SORTED_MIN * 3)]
+        for agent in (a, b):
+            agent.store.add_many((Key(key), DATA, DIGEST) for key in keys)
+        dropped, kept = keys[: directives_module.JOIN_DROPS], keys[directives_module.JOIN_DROPS :]
+        batch = asyncio.create_task(
+            run_batch(stub_a, [drop(key, [b.address], checksum=DIGEST) for key in dropped])
+        )
+        request = agent_pb2.HoldsKeysRequest(keys=[kept[0], dropped[0]])
+        answered, while_rebuilding = 0, 0
+        while not batch.done():
+            before = getattr(a.store, "compacting", False)
+            response = await stub_a.HoldsKeys(request)
+            assert kept[0] in {k.key for k in response.keys}
+            answered += 1
+            while_rebuilding += before and getattr(a.store, "compacting", False)
+        outcomes = await batch
+        assert {status(o) for o in outcomes} == {"APPLIED"}
+        assert while_rebuilding >= 1, f"none of {answered} answered while the index was rebuilt"
+        assert [info.key for info in a.store.snapshot()] == kept
+        assert len(a.store._sorted) < len(keys), "rebuilt without the removed keys"

@@ -8,6 +8,7 @@ from amm.base.checksum import checksum
 from worker_agent import integrity
 from worker_agent.integrity import Accept, Conditions, Directive, Op
 from worker_agent.store import (
+    COMPACT_SLICE,
     KEY_INFO_OVERHEAD,
     PAGE_SLICE,
     STALE_SORTED_MIN,
@@ -405,3 +406,79 @@ def test_changes_taken_whole_are_those_taken_one_by_one(max_keys: int, max_bytes
         assert store.changes_since(since, max_keys=max_keys, max_bytes=max_bytes) == (
             _changes_one_by_one(store, since, max_keys, max_bytes)
         ), since
+
+
+def _listed_as_held(store: Store) -> None:
+    """The sorted index lists every key held, and its stale keys are exactly the others."""
+    listed = set(store._sorted)
+    held = set(store.held)
+    assert held <= listed
+    assert store._stale == listed - held
+    assert [info.key for info in store.snapshot()] == sorted(held)
+
+
+def test_a_compaction_in_steps_keeps_every_change_made_between_them() -> None:
+    """The sorted index rebuilt a slice per step (the loop let in between) lists every key held
+    once it is done, whatever was put, removed or put again meanwhile, before or after its
+    slice was filtered; ``remove`` does not rebuild it at once meanwhile."""
+    store = Store()
+    keys = [Key(f"k{i:05d}") for i in range(STALE_SORTED_MIN * 3)]
+    assert len(keys) > COMPACT_SLICE * 2
+    store.add_many((key, b"v", checksum(b"v")) for key in keys)
+    for key in keys[1::3]:
+        store.remove(key)
+    assert store.compaction_due
+    steps = store.compaction()
+    next(steps)
+    assert store.compacting
+    assert not store.compaction_due
+    late = [Key(f"z{i:03d}") for i in range(50)]
+    changes = iter(
+        [
+            lambda: store.remove(keys[0]),  # filtered first: removed after its slice
+            lambda: store.remove(keys[-1]),  # removed before its slice
+            lambda: store.add(keys[1], b"v", checksum(b"v")),  # removed, put back
+            lambda: store.add(late[0], b"v", checksum(b"v")),  # new, after every slice
+            lambda: store.add_many([(late[1], b"v", checksum(b"v"))]),
+            lambda: store.remove(late[0]),  # new, then removed
+            lambda: store.add(keys[0], b"v", checksum(b"v")),  # removed, then put back
+            lambda: store.remove(keys[2]),
+        ]
+    )
+    for _ in steps:
+        change = next(changes, None)
+        if change is not None:
+            change()
+        _listed_as_held(store)  # the old index stays right until the swap
+    for change in changes:
+        change()
+    assert not store.compacting
+    _listed_as_held(store)
+    assert len(store._sorted) <= len(store.held) + 2, "rebuilt without the removed keys"
+    # Many removals while one is under way leave the rebuild to it, not to ``remove``.
+    steps = store.compaction()
+    next(steps)
+    for key in keys[::3]:
+        store.remove(key)
+    assert len(store._stale) >= len(store.held), "past where remove rebuilds it at once"
+    assert len(store._sorted) >= len(keys) * 2 // 3
+    assert list(steps)
+    assert not store.compacting
+    _listed_as_held(store)
+
+
+def test_a_compaction_abandoned_leaves_the_index_as_it_was() -> None:
+    store = Store()
+    keys = [Key(f"k{i:05d}") for i in range(STALE_SORTED_MIN * 3)]
+    store.add_many((key, b"v", checksum(b"v")) for key in keys)
+    for key in keys[1::3]:
+        store.remove(key)
+    steps = store.compaction()
+    next(steps)
+    next(steps)
+    store.remove(keys[0])
+    store.add(keys[1], b"v", checksum(b"v"))
+    steps.close()
+    assert not store.compacting
+    _listed_as_held(store)
+    assert store.compaction_due
