@@ -39,7 +39,6 @@ from worker_agent.confirm import KnownKey, Membership
 from worker_agent.errors import Unavailable
 from worker_agent.memory import MemoryProbe, PsutilProbe
 from worker_agent.node import Node
-from worker_agent.pacing import watch_arrivals
 from worker_agent.servicer import SERVICE_NAME, WorkerAgentServicer, add_to_server
 from worker_agent.store import Key, Store
 
@@ -270,7 +269,6 @@ class Agent:
         if self._started:
             return
         self._started = True
-        watch_arrivals(asyncio.get_running_loop())  # calls arrive before bulk work
         servicer = WorkerAgentServicer(self.node)
         self._served = await serve(
             self.config.listen,

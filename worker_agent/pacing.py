@@ -9,20 +9,15 @@ then every one of them pauses together (``amm.base.shifts``, which the AMM's pac
 pause for all, not one each, so that a HoldsKeys waits for one budget of bulk work, not one per
 step of the call).
 
-While a call is arriving (``watch_arrivals``: from when gRPC hands it to the loop until its
-handler runs), the budget is a slice (``ARRIVING_BUDGET``): a unary call takes several turns of
-the loop to reach its handler, and a budget of bulk work in each was most of a HoldsKeys' wait.
-
 Whoever paces must not rely on anything staying as it was across a pause: every integrity rule is
 judged per key, in the synchronous step that acts on that key.
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from amm.base.shifts import Paced
 
@@ -33,64 +28,7 @@ BUDGET = 0.005
 #: about as much as an item.
 EVERY = 64
 
-#: The budget while a call arrives (``watch_arrivals``): about one slice of bulk work.
-ARRIVING_BUDGET = 0.0005
-#: Wall seconds a call's arrival is hurried at most: a handler that does not say it runs
-#: (``arrived``), or a call cancelled on the way, hurries no longer than that.
-ARRIVAL = 0.02
-#: The coroutine grpc.aio's server schedules for each call it is handed
-#: (``grpc._cython.cygrpc._schedule_rpc_coro``): the first the loop sees of a call.
-SERVER_CALL = "_schedule_rpc_coro"
-#: Calls handed to the loop whose handler has not run yet, and when the last of them stops
-#: being hurried (``time.monotonic``).
-_arriving = 0
-_arrival_ends = 0.0
-
 T = TypeVar("T")
-
-
-def arriving() -> None:
-    """A call was handed to the loop: bulk work breathes after about every slice until its
-    handler runs (``arrived``), or ``ARRIVAL`` seconds at most."""
-    global _arriving, _arrival_ends
-    _arriving += 1
-    _arrival_ends = time.monotonic() + ARRIVAL
-
-
-def arrived() -> None:
-    """A call's handler runs: its arrival no longer hurries bulk work."""
-    global _arriving
-    if _arriving:
-        _arriving -= 1
-
-
-def hurried() -> bool:
-    """Whether a call is arriving, and bulk work breathes after about every slice."""
-    global _arriving
-    if _arriving:
-        if time.monotonic() < _arrival_ends:
-            return True
-        _arriving = 0  # calls that never reached a handler that says so
-    return False
-
-
-def watch_arrivals(loop: asyncio.AbstractEventLoop) -> None:
-    """Hurry bulk work from when gRPC hands a call to ``loop`` until its handler runs (the
-    handlers say so: ``servicer._Edge``). The first the loop sees of a call is the task
-    grpc.aio creates for it; a task factory notes it. Idempotent; a factory found is kept."""
-    previous = loop.get_task_factory()
-    if getattr(previous, "watches_arrivals", False):
-        return
-
-    def factory(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> asyncio.Future[Any]:
-        if getattr(coro, "__name__", None) == SERVER_CALL:
-            arriving()
-        if previous is None:
-            return asyncio.Task(coro, loop=loop, **kwargs)
-        return previous(loop, coro, **kwargs)
-
-    factory.watches_arrivals = True  # type: ignore[attr-defined]
-    loop.set_task_factory(factory)
 
 
 def parts(items: Sequence[T], size: int = EVERY) -> Iterator[Sequence[T]]:
@@ -134,4 +72,4 @@ class Pace(Paced):
         """Pause if the budget is spent or a pause is under way (after ``due``); whether it
         paused."""
         self._count = 0
-        return await self._breathe(ARRIVING_BUDGET if _arriving and hurried() else self._budget)
+        return await self._breathe(self._budget)

@@ -50,7 +50,7 @@ from worker_agent.errors import (
 )
 from worker_agent.integrity import Directive, Op, Reason, Refuse
 from worker_agent.node import Forgotten, Inventory, Node, Promise
-from worker_agent.pacing import Pace, arrived, parts
+from worker_agent.pacing import Pace, parts
 from worker_agent.runs import framed
 from worker_agent.store import MAX_KEY_BYTES, Key, KeyInfo, Value
 
@@ -111,7 +111,7 @@ class _Edge:
         self._method = method
 
     async def __aenter__(self) -> None:
-        arrived()  # bulk work no longer hurries for this call (``pacing.watch_arrivals``)
+        return None
 
     async def __aexit__(
         self,
