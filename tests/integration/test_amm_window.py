@@ -127,7 +127,12 @@ async def test_a_big_cycle_gives_the_c_heap_back_as_its_agents_catch_up(
     """Each time it has waited for its agents, what their answers freed goes back to the system
     (``malloc.trim``); a cycle with nothing to wait for trims nothing."""
     trims: list[int] = []
-    monkeypatch.setattr(malloc, "trim", lambda: trims.append(1) or True)
+
+    def trim() -> bool:
+        trims.append(1)
+        return True
+
+    monkeypatch.setattr(malloc, "trim", trim)
     async with cluster(tmp_path) as (amm, workers):
         manager = amm.manager
         assert manager is not None
