@@ -330,7 +330,6 @@ async def _run(
         return {
             "state: key records": lambda: state._keys,
             "state: holding sets": lambda: state._held,
-            "state: replicated set": lambda: state._replicated,
             "state: journal": lambda: state.journal,
             "view (a cycle's snapshot)": lambda: views,
             "ledger: entries by id": lambda: ledger._entries,

@@ -22,7 +22,16 @@ from collections.abc import Generator, Mapping, Set
 from dataclasses import dataclass
 
 from amm_service.decisions.directive import Op
-from amm_service.decisions.view import ClusterView, Goal, Key, Measure, WorkerId, WorkerView
+from amm_service.decisions.view import (
+    ClusterView,
+    Goal,
+    Key,
+    KeyView,
+    Measure,
+    WorkerId,
+    WorkerView,
+    replicated,
+)
 from amm_service.policies.base import (
     SCAN_STEP,
     SORT_STEP,
@@ -58,6 +67,21 @@ class _Looked:
     counts between 100k keys, and 8 bytes a key instead of the dict's 37."""
 
 
+class _Replicated:
+    """``view.replicated`` as a container, each key looked up in its record: the view keeps no
+    set of them, and making one whole would hold the AMM's loop (``sorted_in_steps`` reads what
+    it filters in slices)."""
+
+    __slots__ = ("_records",)
+
+    def __init__(self, records: Mapping[Key, KeyView]) -> None:
+        self._records = records
+
+    def __contains__(self, key: object) -> bool:
+        kv = self._records.get(Key(key)) if isinstance(key, str) else None
+        return kv is not None and replicated(kv)
+
+
 def _workers(
     workers: Mapping[WorkerId, WorkerView],
 ) -> frozenset[tuple[WorkerId, bool, bool, bool]]:
@@ -87,6 +111,7 @@ class ReduceReplicas:
         workers = _workers(view.workers)
         goals = view.goals
         keys: list[Key] | None = None
+        records = view.keys
         others: Set[Key] = frozenset()
         if tracked is not None and ledger_feed is not None:
             others = tracked.picked()  # by earlier policies of this cycle
@@ -96,19 +121,19 @@ class ReduceReplicas:
             if todo is not None:
                 # ``(todo | others) & view.replicated``, read in slices (made whole, 20 ms).
                 either = itertools.chain(todo, (k for k in others if k not in todo))
-                keys = yield from sorted_in_steps(either, within=view.replicated)
+                keys = yield from sorted_in_steps(either, within=_Replicated(records))
             # Not held while the keys are looked at: the last run's ``asked`` (100k keys after a
             # big cycle) alongside this run's doubled the policy's share of the AMM's peak.
             looked = todo = None
-        if keys is None:
-            keys = yield from sorted_in_steps(view.replicated)
+        if keys is None:  # ``view.replicated``, read in slices
+            keys = yield from sorted_in_steps(records, within=_Replicated(records))
         counter = GoalCounter(view.workers)
         durable = counter.durable  # ``counter.live``, inlined: it runs for every key
         leaving = frozenset(w for w, ws in view.workers.items() if ws.serves and not ws.durable)
         reasons: dict[tuple[int, int], str] = {}
         again: set[Key] = set(others)  # what lands in the ledger for them is not all ours
         asked: dict[int, list[Key]] = {}
-        records, in_flight_of = view.keys, pending.in_flight
+        in_flight_of = pending.in_flight
         for n, key in enumerate(keys, 1):
             if not n % SCAN_STEP:
                 yield None  # a pause (see ``PolicyRun``): most keys may have nothing to drop

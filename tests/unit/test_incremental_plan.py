@@ -5,11 +5,12 @@ fresh policy planning every key would, cycle after cycle."""
 
 from __future__ import annotations
 
+import gc
 import random
 import sys
 from collections.abc import Iterator
 
-from amm_service.decisions.core import Plan, PlanConfig, plan, planning, step
+from amm_service.decisions.core import PAUSE_WORK, STEP, Plan, PlanConfig, plan, planning, step
 from amm_service.decisions.directive import Directive, Op, Outcome, OutcomeStatus
 from amm_service.decisions.journal import Journal
 from amm_service.decisions.pending import InFlight, Ledger
@@ -21,6 +22,7 @@ from amm_service.decisions.view import (
     WorkerId,
     WorkerStatus,
 )
+from amm_service.policies.base import SORT_STEP
 from amm_service.policies.reduce_replicas import ReduceReplicas
 from tests.factories import cluster, new_ids
 
@@ -317,3 +319,32 @@ def test_what_a_run_asked_is_remembered_in_a_few_bytes_a_key() -> None:
     assert containers < 10 * len(keys)
     # Still checked as before: a drop that never reached the ledger is planned again.
     assert plan(state.snapshot(), [policy], Ledger(), CFG, new_ids("e")).directives
+
+
+def test_neither_the_state_nor_a_snapshot_holds_a_set_of_the_replicated_keys() -> None:
+    """They are worked out from the records when read: the state's index of them (4 MiB with
+    100k keys) and each snapshot's copy (as much again, for as long as its cycle runs) held
+    nothing the records do not say."""
+    keys = _keys(2_000)
+    state = cluster({"a": keys, "b": keys, "c": keys[:10]})
+    view = state.snapshot()
+    assert view.replicated == frozenset(keys)
+    held = [*gc.get_referents(view), *vars(state).values()]
+    big = [o for o in held if isinstance(o, (set, frozenset)) and len(o) >= len(keys)]
+    assert big == []
+    # ReduceReplicas still finds every key with a copy to drop.
+    assert len(plan(view, [ReduceReplicas()], Ledger(), CFG, new_ids()).directives) == 2_010
+
+
+def test_looking_at_every_key_of_a_converged_cluster_pauses() -> None:
+    """A run that looks at every key reads their records in slices, pausing in between, even
+    when none has a copy to drop (the AMM's loop is not held for a scan of 100k records)."""
+    keys = [f"k{i:05d}" for i in range(20_000)]
+    state = cluster({"a": keys[::2], "b": keys[1::2]})
+    steps = planning(state.snapshot(), [ReduceReplicas()], Ledger(), CFG, new_ids())
+    pauses = 0
+    while not isinstance(done := step(steps), Plan):
+        pauses += 1
+    assert done.directives == ()
+    # A pause stands for ``PAUSE_WORK`` units of the planning's ``STEP``.
+    assert pauses >= len(keys) // SORT_STEP * PAUSE_WORK // STEP >= 2
