@@ -48,6 +48,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from amm.base import malloc
 from amm.v1 import agent_pb2, types_pb2
 from amm_service.decisions import core
 from amm_service.decisions.pending import Ledger
@@ -329,7 +330,6 @@ async def _run(
         return {
             "state: key records": lambda: state._keys,
             "state: holding sets": lambda: state._held,
-            "state: replicated set": lambda: state._replicated,
             "state: journal": lambda: state.journal,
             "view (a cycle's snapshot)": lambda: views,
             "ledger: entries by id": lambda: ledger._entries,
@@ -395,6 +395,7 @@ async def _run(
             await send(record, ready)
             if window:
                 await dispatcher.ran_short(bound, FEED)
+                malloc.trim()  # as ``Cycles._run`` does after each wait for the agents
             ready, bound = [], set()
     assert record is not None
     await send(record, ready)

@@ -210,15 +210,17 @@ class Holdings(Mapping[WorkerId, frozenset[Key]]):
         return worker in self._workers
 
 
+def replicated(kv: KeyView) -> bool:
+    """Whether a drop can concern ``kv``: two or more workers hold the same content."""
+    return len(kv.holders) > 1 and not kv.conflicting
+
+
 @dataclass(frozen=True, slots=True)
 class ClusterView:
     """A frozen snapshot of the cluster for one cycle."""
 
     workers: Mapping[WorkerId, WorkerView]
     keys: Mapping[Key, KeyView]
-    replicated: frozenset[Key]
-    """Keys held by two or more workers with the same content: the only ones a drop can concern.
-    A set: policies that want a reproducible order sort it."""
     goals: Mapping[Key, Goal] = field(default_factory=lambda: _NO_GOALS)
     """Tracked replication goals (the Replicate policy keeps them; ReduceReplicas respects them).
     May name keys that no worker holds any more."""
@@ -255,6 +257,15 @@ class ClusterView:
         view has no journal)."""
         return (self.journal.uid, self.position) if self.journal is not None else (0, 0)
 
+    @property
+    def replicated(self) -> frozenset[Key]:
+        """Keys held by two or more workers with the same content: the only ones a drop can
+        concern. A set: policies that want a reproducible order sort it. Worked out from
+        ``keys`` at each read (a scan of every record): the state keeps no index of them (4 MiB
+        with 100k keys) and a snapshot no copy of one (as much again, for as long as its cycle
+        runs)."""
+        return frozenset(k for k, kv in self.keys.items() if replicated(kv))
+
     def held_by(self, worker: WorkerId) -> frozenset[Key]:
         return self.holdings.get(worker, frozenset())
 
@@ -283,8 +294,6 @@ class Departure:
         "emptied",
         "made",
         "replaced",
-        "replicated",
-        "single",
         "steps",
         "tangled",
         "worker",
@@ -306,9 +315,6 @@ class Departure:
         """The new record of each key that keeps a holder."""
         self.emptied: list[Key] = []
         """Keys it is the last holder of: they leave the cluster with it."""
-        self.replicated: set[Key] = set()
-        self.single: set[Key] = set()
-        """Keys of ``made`` left with two or more holders, and with one."""
         self.tangled: list[Key] = []
         """Keys with conflicting content (rare): removed one at a time (``_remove_holding``)."""
         self.replaced: list[KeyView] = []
@@ -316,7 +322,7 @@ class Departure:
         the cost of taking the departure in) can wait (``release``)."""
         self.steps: dict[
             tuple[frozenset[WorkerId], frozenset[WorkerId]],
-            tuple[frozenset[WorkerId], frozenset[WorkerId], set[Key]],
+            tuple[frozenset[WorkerId], frozenset[WorkerId]],
         ] = {}
         """(holders, pinned) -> the same without the worker, and the index the key goes to:
         the records share a few such sets (``ClusterState._one``), so each step is worked out
@@ -382,7 +388,6 @@ class ClusterState:
         self._registrations: dict[WorkerId, object] = {}
         """A token per registration of each worker (a ``Departure`` begun under another one
         cannot be used)."""
-        self._replicated: set[Key] = set()
         self._odd: dict[Key, dict[WorkerId, KeyReport]] = {}
         """Per key with conflicting content: what each odd holder reported."""
         self._sets: dict[frozenset[WorkerId], frozenset[WorkerId]] = {}
@@ -548,7 +553,7 @@ class ClusterState:
         if old is None or not incarnation or incarnation != old.incarnation:
             return 0
         cursor = old.version
-        keys, odd, minus, replicated = self._keys, self._odd, self._minus, self._replicated
+        keys, odd, minus = self._keys, self._odd, self._minus
         noted: list[Key] = []
         for position, (key, version) in enumerate(dropped):
             kv = keys.get(key)
@@ -571,8 +576,6 @@ class ClusterState:
             holders = minus.get((holders, address)) or self._without(holders, address)
             key = kv[0]  # the record's string, not the outcome's copy
             keys[key] = _new(KeyView, (key, kv[1], kv[2], holders, kv[4], kv[5]))
-            if len(holders) < 2:
-                replicated.discard(key)
             noted.append(key)
             if shown is not None:
                 shown.append(position)
@@ -590,8 +593,6 @@ class ClusterState:
         self._keys[key] = _new(
             KeyView, (key, kv.size, kv.checksum, holders, kv.pinned_on, kv.conflicting)
         )
-        if len(holders) < 2:
-            self._replicated.discard(key)
         return key
 
     def _merge_holdings(
@@ -609,7 +610,7 @@ class ClusterState:
         changed = False
         counts = self._held
         gained = lost = 0
-        keys, replicated, journal = self._keys, self._replicated, self.journal
+        keys, journal = self._keys, self.journal
         plus, odd = self._plus, self._odd
         noted: list[Key] = []
         alone = self._with(_NOBODY, address)
@@ -649,10 +650,6 @@ class ClusterState:
                 )
                 noted.append(key)
                 gained += 1
-                if len(holders) > 1:
-                    replicated.add(key)
-                else:
-                    replicated.discard(key)
         if gained:
             counts[address] += gained
         for key in gone:
@@ -723,7 +720,6 @@ class ClusterState:
             kv = KeyView(kv.key, kv.size, kv.checksum, holders, pinned, conflicting)
             self._keys[kv.key] = kv
             self.journal.note(kv.key)
-        self._index_replicated(kv)
 
     def _remove_holding(self, worker: WorkerId, key: Key) -> None:
         kv = self._keys.get(key)
@@ -737,10 +733,6 @@ class ClusterState:
             # The common case, in short: a plain copy dropped.
             self.journal.note(kv.key)
             self._keys[key] = KeyView(kv.key, kv.size, kv.checksum, holders, pinned, conflicting)
-            if len(holders) > 1:
-                self._replicated.add(kv.key)
-            else:
-                self._replicated.discard(key)
             return
         odd = self._odd.get(key)
         if odd is not None:
@@ -749,7 +741,6 @@ class ClusterState:
         if not holders:
             del self._keys[key]
             self._odd.pop(key, None)
-            self._replicated.discard(key)
             if self._track:
                 self._born.discard(key)
                 self._gone.add(key)
@@ -768,7 +759,6 @@ class ClusterState:
         if not kv.conflicting:
             self._odd.pop(key, None)
         self._keys[key] = kv
-        self._index_replicated(kv)
 
     def _one(self, workers: frozenset[WorkerId]) -> frozenset[WorkerId]:
         """The one instance kept of the set ``workers``.
@@ -813,12 +803,6 @@ class ClusterState:
         for w in kv.holders - conflicting:
             odd.pop(w, None)
         return kv._replace(size=first.size, checksum=first.checksum, conflicting=conflicting)
-
-    def _index_replicated(self, kv: KeyView) -> None:
-        if len(kv.holders) > 1 and not kv.conflicting:
-            self._replicated.add(kv.key)
-        else:
-            self._replicated.discard(kv.key)
 
     def depart(self, worker: WorkerId) -> Departure:
         """Begin working out the records the keys of ``worker`` will have without it, for
@@ -883,15 +867,12 @@ class ClusterState:
             pair = (kv.holders, kv.pinned_on)
             step = steps.get(pair)
             if step is None:
-                left = remove(kv.holders, worker)
-                index = departure.replicated if len(left) > 1 else departure.single
-                step = steps[pair] = (left, remove(kv.pinned_on, worker), index)
+                step = steps[pair] = (remove(kv.holders, worker), remove(kv.pinned_on, worker))
             replaced.append(kv)
             if not step[0]:
                 emptied.append(key)
                 continue
             made[key] = KeyView(key, kv.size, kv.checksum, step[0], step[1], _NOBODY)
-            step[2].add(key)
         return departure.done
 
     def _forget_holdings(self, worker: WorkerId, departure: Departure | None = None) -> None:
@@ -914,17 +895,12 @@ class ClusterState:
             for key in redo:
                 made.pop(key, None)
             emptied = [key for key in emptied if key not in redo]
-            departure.replicated.difference_update(redo)
-            departure.single.difference_update(redo)
         records = self._keys
         records.update(made)
         for key in emptied:
             del records[key]
         self.journal.extend(made)
         self.journal.extend(emptied)
-        self._replicated.update(departure.replicated)
-        self._replicated.difference_update(departure.single)
-        self._replicated.difference_update(emptied)
         if self._track:
             self._born.difference_update(emptied)
             self._gone.update(emptied)
@@ -949,7 +925,6 @@ class ClusterState:
         return ClusterView(
             workers=MappingProxyType(dict(self._workers)),
             keys=keys,
-            replicated=frozenset(self._replicated),
             goals=MappingProxyType(dict(goals)) if goals else _NO_GOALS,
             holdings=Holdings(keys, self._held),
             taken_at=now,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
-from collections.abc import Generator, Iterable, Set
+from collections.abc import Container, Generator, Iterable, Set
 from typing import NamedTuple, Protocol, runtime_checkable
 
 from amm_service.decisions.directive import Op
@@ -107,7 +107,7 @@ class Policy(Protocol):
 
 
 def sorted_in_steps(
-    keys: Iterable[Key], within: Set[Key] | None = None
+    keys: Iterable[Key], within: Container[Key] | None = None
 ) -> Generator[None, None, list[Key]]:
     """``sorted(keys)`` (only those in ``within``, when given) with ``None`` pauses in between
     (``keys = yield from ...`` in a policy's run): sorting 100k keys in one go held the AMM's

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from amm.base import malloc
 from amm.base.checksum import checksum
 from amm_service.api.server import AmmServer
 from amm_service.decisions import core
@@ -118,6 +119,32 @@ async def test_a_big_cycle_keeps_no_more_in_hand_than_the_window(tmp_path: Path)
         assert held(workers) == KEYS
         assert window.sends > DROPS // (AGENTS * FEED), "sent in slices"
         assert window.ahead == 0, "planned further while every agent had enough to do"
+
+
+async def test_a_big_cycle_gives_the_c_heap_back_as_its_agents_catch_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each time it has waited for its agents, what their answers freed goes back to the system
+    (``malloc.trim``); a cycle with nothing to wait for trims nothing."""
+    trims: list[int] = []
+
+    def trim() -> bool:
+        trims.append(1)
+        return True
+
+    monkeypatch.setattr(malloc, "trim", trim)
+    async with cluster(tmp_path) as (amm, workers):
+        manager = amm.manager
+        assert manager is not None
+        window = Window(manager)
+        record = await manager.run_cycle(wait=True)
+        assert record.applied == DROPS
+        assert held(workers) == KEYS
+        assert window.sends > 2
+        assert len(trims) >= window.sends - 2, "trimmed after each wait for the agents"
+        trims.clear()
+        await manager.run_cycle(wait=True)  # nothing left to do
+        assert trims == []
 
 
 async def test_a_silent_agent_does_not_stall_the_others(tmp_path: Path) -> None:

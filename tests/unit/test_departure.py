@@ -1,5 +1,5 @@
 """A worker leaving through a ``Departure`` (worked out in steps, taken in at once) leaves the
-cluster state exactly as removing its keys one at a time did: records, the replicated index,
+cluster state exactly as removing its keys one at a time did: records, the replicated keys,
 conflicts, the journal, ``take_changes`` and the holdings, whatever changed in between."""
 
 from __future__ import annotations

@@ -5,10 +5,12 @@ fresh policy planning every key would, cycle after cycle."""
 
 from __future__ import annotations
 
+import gc
 import random
+import sys
 from collections.abc import Iterator
 
-from amm_service.decisions.core import Plan, PlanConfig, plan, planning, step
+from amm_service.decisions.core import PAUSE_WORK, STEP, Plan, PlanConfig, plan, planning, step
 from amm_service.decisions.directive import Directive, Op, Outcome, OutcomeStatus
 from amm_service.decisions.journal import Journal
 from amm_service.decisions.pending import InFlight, Ledger
@@ -20,6 +22,7 @@ from amm_service.decisions.view import (
     WorkerId,
     WorkerStatus,
 )
+from amm_service.policies.base import SORT_STEP
 from amm_service.policies.reduce_replicas import ReduceReplicas
 from tests.factories import cluster, new_ids
 
@@ -267,3 +270,81 @@ def test_telling_what_changed_among_many_keys_asked_pauses() -> None:
     assert done.directives == ()
     assert ledger.asked == []  # nothing changed: no key is looked at
     assert pauses >= len(keys) // 1_000
+
+
+def test_the_last_runs_memory_is_let_go_before_the_keys_are_looked_at() -> None:
+    """What the last run looked at (after a big cycle, every key it dropped copies of) is read
+    only to tell what changed: held through the run, it was alive alongside what the run
+    builds, and a big cycle's policy state counted twice in the AMM's peak."""
+    keys = _keys(200)
+    state = cluster({"a": keys, "b": keys})
+    policy = ReduceReplicas()
+    references: list[int] = []
+    watched: list[object] = []
+
+    class Watching(Ledger):
+        def in_flight(self, key: Key) -> InFlight:
+            if watched and not references:  # the first key looked at: what changed is known
+                references.append(sys.getrefcount(watched[0]))
+            return super().in_flight(key)
+
+    ledger = Watching()
+    first = plan(state.snapshot(), [policy], ledger, CFG, new_ids())
+    _send(ledger, first)
+    ledger.settle(Outcome(first.directives[3].id, OutcomeStatus.REFUSED, reason="PINNED"))
+    last = policy._looked
+    assert last is not None
+    watched.append(last)
+    held = sys.getrefcount(last)  # ``last``, ``watched``'s, the policy's and the call's own
+    again = plan(state.snapshot(), [policy], ledger, CFG, new_ids("e"))
+    assert [d.key for d in again.directives] == [first.directives[3].key]
+    assert references == [held - 1], "the policy's, and only it, let go of the last run's"
+
+
+def test_what_a_run_asked_is_remembered_in_a_few_bytes_a_key() -> None:
+    """The keys whose drops a run asked for are remembered till the next run (100k after a big
+    cycle): as lists by count, 8 bytes a key, not a dict of 37."""
+    keys = _keys(10_000)
+    state = cluster({"a": keys, "b": keys, "c": keys})
+    policy = ReduceReplicas()
+    ledger = Ledger()
+    _send(ledger, plan(state.snapshot(), [policy], ledger, CFG, new_ids()))
+    looked = policy._looked
+    assert looked is not None
+    remembered = looked.asked
+    containers = sys.getsizeof(remembered) + sum(
+        sys.getsizeof(value) for value in remembered.values()
+    )
+    assert sum(map(len, remembered.values())) == len(keys)
+    assert containers < 10 * len(keys)
+    # Still checked as before: a drop that never reached the ledger is planned again.
+    assert plan(state.snapshot(), [policy], Ledger(), CFG, new_ids("e")).directives
+
+
+def test_neither_the_state_nor_a_snapshot_holds_a_set_of_the_replicated_keys() -> None:
+    """They are worked out from the records when read: the state's index of them (4 MiB with
+    100k keys) and each snapshot's copy (as much again, for as long as its cycle runs) held
+    nothing the records do not say."""
+    keys = _keys(2_000)
+    state = cluster({"a": keys, "b": keys, "c": keys[:10]})
+    view = state.snapshot()
+    assert view.replicated == frozenset(keys)
+    held = [*gc.get_referents(view), *vars(state).values()]
+    big = [o for o in held if isinstance(o, (set, frozenset)) and len(o) >= len(keys)]
+    assert big == []
+    # ReduceReplicas still finds every key with a copy to drop.
+    assert len(plan(view, [ReduceReplicas()], Ledger(), CFG, new_ids()).directives) == 2_010
+
+
+def test_looking_at_every_key_of_a_converged_cluster_pauses() -> None:
+    """A run that looks at every key reads their records in slices, pausing in between, even
+    when none has a copy to drop (the AMM's loop is not held for a scan of 100k records)."""
+    keys = [f"k{i:05d}" for i in range(20_000)]
+    state = cluster({"a": keys[::2], "b": keys[1::2]})
+    steps = planning(state.snapshot(), [ReduceReplicas()], Ledger(), CFG, new_ids())
+    pauses = 0
+    while not isinstance(done := step(steps), Plan):
+        pauses += 1
+    assert done.directives == ()
+    # A pause stands for ``PAUSE_WORK`` units of the planning's ``STEP``.
+    assert pauses >= len(keys) // SORT_STEP * PAUSE_WORK // STEP >= 2

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from amm.base import malloc
 from amm_service.config import AmmConfig
 from amm_service.decisions import core
 from amm_service.decisions.directive import Directive
@@ -234,7 +235,12 @@ class Cycles:
                 await self._send(record, ready)
                 sending += time.perf_counter() - started_sending
                 started_waiting = time.perf_counter()
-                await self._keep_ahead(bound)
+                if await self._keep_ahead(bound):
+                    # What the agents' answers and the batches sent to them freed (much of it
+                    # gRPC's, in its threads' arenas) stays resident untrimmed; below chunks
+                    # still in use it is not reused by the cycle's Python objects, and a 100k-key
+                    # convergence peaked 10 MiB higher without (0.4 ms a trim, ~70 a cycle).
+                    malloc.trim()
                 waiting += time.perf_counter() - started_waiting
                 ready, bound = [], set()
             else:
@@ -289,16 +295,16 @@ class Cycles:
         wait for work the AMM has planned and not sent."""
         return self._dispatcher.short(workers, FEED)
 
-    async def _keep_ahead(self, workers: set[WorkerId]) -> None:
+    async def _keep_ahead(self, workers: set[WorkerId]) -> bool:
         """Wait while each of ``workers`` (those a slice just sent went to) has ``FEED``
         directives in hand: planning further would only hold what is planned till they get to
         it. It ends when one of them runs low (it answered, or its stream broke and what it
         had failed), when the cycle is told to ``hurry``, or after the directive timeout: if
         none of them has answered enough by then (they are stuck, or only slow), the rest of
         the cycle is planned and sent at once, as without a window, so a cycle always ends.
-        Dry runs send nothing and never wait."""
+        Dry runs send nothing and never wait. Whether it waited."""
         if self._hurried:
-            return
+            return False
         timeout = self._config.directive_timeout
         try:
             async with asyncio.timeout(timeout):
@@ -313,6 +319,7 @@ class Cycles:
                 timeout,
             )
             self._hurried = True
+        return True
 
     async def _send(self, record: CycleRecord, directives: Sequence[Directive]) -> None:
         """Enter ``directives`` of ``record``'s cycle in the ledger and send them."""
