@@ -24,6 +24,7 @@ from amm_service.runtime.links.dispatcher import BATCH, Dispatcher
 from amm_service.runtime.manager import ActiveMemoryManager
 from amm_service.runtime.records.cycle import CycleRecord
 from tests.conftest import amm_config
+from tests.support.agent import inventory_answer
 from tests.support.faults import amm_with_fake_peers, fake_peer
 from tests.support.policies import Watched
 from tests.support.waiting import wait_for
@@ -133,15 +134,7 @@ class _BigAgent(agent_pb2_grpc.WorkerAgentServicer):
         ]
 
     async def Poll(self, request: Any, context: Any) -> agent_pb2.PollResponse:
-        full = request.since_version == 0 or request.incarnation != self.name
-        return agent_pb2.PollResponse(
-            incarnation=self.name,
-            version=1,
-            full=full,
-            keys=self.inventory if full else [],
-            status=types_pb2.WORKER_STATUS_RUNNING,
-            features=["directive-batches"],
-        )
+        return inventory_answer(request, self.name, self.inventory, ["directive-batches"])
 
     async def Directives(self, request_iterator: Any, context: Any) -> AsyncIterator[Any]:
         async for _ in request_iterator:

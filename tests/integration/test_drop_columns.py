@@ -30,6 +30,7 @@ from tests.support.agent import (
     agents,
     directive_stream,
     drop,
+    inventory_answer,
     poll,
     put_everywhere,
     reason,
@@ -297,15 +298,7 @@ class _Agent(agent_pb2_grpc.WorkerAgentServicer):
         self.requests: list[agent_pb2.DirectivesRequest] = []
 
     async def Poll(self, request: Any, context: Any) -> agent_pb2.PollResponse:
-        full = request.since_version == 0 or request.incarnation != self.name
-        return agent_pb2.PollResponse(
-            incarnation=self.name,
-            version=1,
-            full=full,
-            keys=self.inventory if full else [],
-            status=types_pb2.WORKER_STATUS_RUNNING,
-            features=self.features,
-        )
+        return inventory_answer(request, self.name, self.inventory, self.features)
 
     async def Directives(self, request_iterator: Any, context: Any) -> AsyncIterator[Any]:
         async for request in request_iterator:

@@ -200,3 +200,22 @@ def status(outcome: types_pb2.DirectiveOutcome) -> str:
 def reason(value: Any) -> str:
     """The name of a RefusalReason (of an outcome or a PromiseKeep answer) without prefix."""
     return types_pb2.RefusalReason.Name(value.reason).removeprefix("REFUSAL_REASON_")
+
+
+def inventory_answer(
+    request: agent_pb2.PollRequest,
+    name: str,
+    inventory: Sequence[types_pb2.KeyInfo],
+    features: Sequence[str],
+) -> agent_pb2.PollResponse:
+    """A fake agent's Poll answer that never changes: its whole ``inventory`` at version 1 when
+    the AMM asks for a snapshot (or knew another process as ``name``), nothing new after."""
+    full = request.since_version == 0 or request.incarnation != name
+    return agent_pb2.PollResponse(
+        incarnation=name,
+        version=1,
+        full=full,
+        keys=inventory if full else [],
+        status=types_pb2.WORKER_STATUS_RUNNING,
+        features=features,
+    )
