@@ -24,9 +24,11 @@ class Clock:
         return self.now
 
 
-def polled(state: ClusterState, keys: list[str], now: float, incarnation: str = "i1") -> None:
+def polled(
+    state: ClusterState, keys: list[str], now: float, incarnation: str = "i1", worker: WorkerId = W
+) -> None:
     state.apply_poll(
-        W,
+        worker,
         incarnation=incarnation,
         version=1,
         full=True,
@@ -248,3 +250,28 @@ def test_many_puts_of_one_key_end_in_one_round() -> None:
     asyncio.run(storing.polled(state))
     assert len(storing) == 1
     assert storing.take(W) == {keys[0]}
+
+
+def test_notes_taken_while_a_round_judges_them_leave_the_other_workers_judged(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A worker removed while its notes are judged ends their judging, not the round's: the
+    next worker's listed keys still end in the same round."""
+    monkeypatch.setattr(pacing, "BUDGET", 0.0)  # a breath after every slice
+    other = WorkerId("127.0.0.1:7002")
+    keys = [f"k{i}" for i in range(3 * POLLED_STEP)]
+    clock, state, storing = _noting(keys)
+    state.register(other, "o", "i1", now=clock.now)
+    storing.note(state, other, "i1", keys)
+    polled(state, keys, now=clock.now + 1)
+    polled(state, keys, now=clock.now + 1, worker=other)
+
+    async def main() -> frozenset[Key]:
+        judging = asyncio.create_task(storing.polled(state))
+        await asyncio.sleep(0)  # the first slice of W's notes is judged
+        taken = storing.take(W)
+        await judging
+        return taken
+
+    assert asyncio.run(main()) == set(keys)
+    assert len(storing) == 0, "the other worker's listed keys were left noted"

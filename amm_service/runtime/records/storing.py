@@ -156,30 +156,37 @@ class Storing:
                 continue  # its removal or restart takes the notes (``take``)
             if ws.last_poll is None:
                 continue
-            settled = ws.last_poll - self._window
-            for batch in list(known.batches):
-                if batch.at < settled:
-                    self._end(known, batch, [])  # the Put's window passed: listed or failed
-                    continue
-                keys = batch.keys()
-                left: list[Key] = []
-                for start in range(0, len(keys), POLLED_STEP):
-                    if start:
-                        await pace()
-                        if self._notes.get(address) is not known:
-                            return  # taken meanwhile
-                    chunk = keys[start : start + POLLED_STEP]
-                    holders = map(_HOLDERS, map(state.keys.get, chunk, _NOTHING))
-                    held = map(frozenset.__contains__, holders, itertools.repeat(address))
-                    left += itertools.compress(chunk, map(operator.not_, held))
-                self._end(known, batch, left)
-                if await pace() and self._notes.get(address) is not known:
-                    return
+            if not await self._judge_notes(state, address, known, ws.last_poll, pace):
+                continue  # taken meanwhile: the other workers' notes are judged all the same
             # Batches noted meanwhile were appended: they stay (a remove each would be a pass
             # over all the batches, and a Put of one key is a batch).
             known.batches = [batch for batch in known.batches if batch.count]
-            if not known.batches and self._notes.get(address) is known:
+            if not known.batches:
                 del self._notes[address]
+
+    async def _judge_notes(
+        self, state: ClusterState, address: WorkerId, known: _Notes, last_poll: float, pace: Budget
+    ) -> bool:
+        """End the notes of ``known``'s batches whose keys ``address`` now lists, or whose Put
+        window passed before its last poll; False when its notes were taken meanwhile."""
+        settled = last_poll - self._window
+        for batch in list(known.batches):
+            if batch.at < settled:
+                self._end(known, batch, [])  # the Put's window passed: listed or failed
+                continue
+            keys = batch.keys()
+            left: list[Key] = []
+            for start in range(0, len(keys), POLLED_STEP):
+                if start and await pace() and self._notes.get(address) is not known:
+                    return False
+                chunk = keys[start : start + POLLED_STEP]
+                holders = map(_HOLDERS, map(state.keys.get, chunk, _NOTHING))
+                held = map(frozenset.__contains__, holders, itertools.repeat(address))
+                left += itertools.compress(chunk, map(operator.not_, held))
+            self._end(known, batch, left)
+            if await pace() and self._notes.get(address) is not known:
+                return False
+        return True
 
     @staticmethod
     def _end(known: _Notes, batch: _Batch, left: list[Key]) -> None:
