@@ -9,6 +9,7 @@ held alone are recorded as lost (``Losses``): no path takes a last copy away wit
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
@@ -65,6 +66,14 @@ class Departing:
         if self._passes is None:
             self._passes = asyncio.create_task(self._pass_while_waited(), name="departures")
         return await asyncio.shield(waiting)
+
+    async def close(self) -> None:
+        """End the passes' task (after the removals that wait on it: a pass then only rests)."""
+        task = self._passes
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     async def _pass_while_waited(self) -> None:
         try:
@@ -152,6 +161,7 @@ class Membership:
     async def close(self) -> None:
         """Removals under way finish first (each bounded by a poll deadline): their agents left."""
         await asyncio.gather(*self._leaving.values(), return_exceptions=True)
+        await self._departing.close()
 
     def polled(self) -> None:
         """After every round of polls: what is lost now that workers registered again as new
