@@ -28,11 +28,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import operator
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from itertools import repeat
+from typing import TypeVar
 
 import grpc
 
@@ -57,6 +59,7 @@ OUTCOME_STEP = 250
 COLUMN_STEP = 2_500
 _ID = operator.attrgetter("id")
 """A directive's id (through ``map``: no Python call per directive)."""
+_T = TypeVar("_T")
 _OUTCOME_ID = operator.itemgetter(0)
 """An outcome's ``directive_id`` (its first field)."""
 
@@ -197,27 +200,28 @@ class _Stream:
     async def _take_all(
         self, items: Sequence[types_pb2.DirectiveOutcome], incarnation: str
     ) -> None:
-        """Take a batch of outcomes in, ``OUTCOME_STEP`` at a time, control calls let in
-        between."""
+        """Take a batch of outcomes in, ``OUTCOME_STEP`` at a time (``_take_in_slices``)."""
+        read = functools.partial(wire.outcomes_from_pb, incarnation=incarnation)
+        await self._take_in_slices(items, read)
+
+    async def _take_applied(self, applied: agent_pb2.AppliedDrops, incarnation: str) -> None:
+        """Take applied drops in columns in (``_take_in_slices``). Their outcomes are made at
+        once, in C, and let go of on return: left alive until the next message, the last ones
+        of a big cycle held on to the allocator's arenas they were scattered over (20 MiB of
+        RSS kept after a 100k-key cycle, ``bench_memory.py --columns``)."""
+        with gc_paused():  # hundreds of tuples, made in C: no collection for them
+            outcomes = wire.outcomes_from_applied(applied, incarnation)
+        await self._take_in_slices(outcomes, list)
+
+    async def _take_in_slices(
+        self, items: Sequence[_T], outcomes: Callable[[Sequence[_T]], list[Outcome]]
+    ) -> None:
+        """Take ``outcomes`` of ``items`` in, ``OUTCOME_STEP`` at a time, with the collector
+        paused and control calls let in between."""
         pace = Budget()
         for start in range(0, len(items), OUTCOME_STEP):
             with gc_paused():
-                part = items[start : start + OUTCOME_STEP]
-                self._take(wire.outcomes_from_pb(part, incarnation))
-            await pace()
-
-    async def _take_applied(self, applied: agent_pb2.AppliedDrops, incarnation: str) -> None:
-        """Take applied drops in columns in, ``OUTCOME_STEP`` at a time, control calls let in
-        between. Their outcomes are made at once, in C, and let go of on return: left alive
-        until the next message, the last ones of a big cycle held on to the allocator's arenas
-        they were scattered over (20 MiB of RSS kept after a 100k-key cycle,
-        ``bench_memory.py --columns``)."""
-        with gc_paused():  # hundreds of tuples, made in C: no collection for them
-            outcomes = wire.outcomes_from_applied(applied, incarnation)
-        pace = Budget()
-        for start in range(0, len(outcomes), OUTCOME_STEP):
-            with gc_paused():
-                self._take(outcomes[start : start + OUTCOME_STEP])
+                self._take(outcomes(items[start : start + OUTCOME_STEP]))
             await pace()
 
     def _take(self, outcomes: list[Outcome]) -> None:
