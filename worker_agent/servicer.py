@@ -282,19 +282,13 @@ def outcomes_response(
             and set(statuses_) == _APPLIED
             and set(reasons_) == _NO_REASON
         ):
-            applied = response.applied
-            applied.ids.extend(ids)
-            applied.inventory_versions.extend(versions)
-            applied.dropped_versions.extend(dropped)
+            _answer_applied(response.applied, ids, versions, dropped)
             return response
         mixed = [o for o in outcomes if _applied_drop(o)]
         if mixed:
             outcomes = [o for o in outcomes if not _applied_drop(o)]
             ids, _, _, _, versions, _, dropped = zip(*mixed, strict=True)
-            applied = response.applied
-            applied.ids.extend(ids)
-            applied.inventory_versions.extend(versions)
-            applied.dropped_versions.extend(dropped)
+            _answer_applied(response.applied, ids, versions, dropped)
     add, statuses, reasons = response.batch.add, _OUTCOME_STATUS, _REASONS
     for o in outcomes:  # fields named here, not through ``_outcome_fields``: a dict less each
         if o.reason is None and not o.duplicate:  # an applied directive: defaults left unset
@@ -316,6 +310,18 @@ def outcomes_response(
             dropped_version=o.dropped_version,
         )
     return response
+
+
+def _answer_applied(
+    applied: agent_pb2.AppliedDrops,
+    ids: Sequence[str],
+    versions: Sequence[int],
+    dropped: Sequence[int],
+) -> None:
+    """Applied drops written in columns: their ids, inventory and dropped versions."""
+    applied.ids.extend(ids)
+    applied.inventory_versions.extend(versions)
+    applied.dropped_versions.extend(dropped)
 
 
 _APPLIED = {OutcomeStatus.APPLIED}
